@@ -1,0 +1,21 @@
+# Single entry point. Every target sets up (or reuses) the project-local
+# virtual environment first; see tools/setup_env.sh.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo clean-venv
+
+setup:
+	@bash tools/setup_env.sh
+
+# The test command of README.md and .ci/run.
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The main job on the embedded default: tiny COCO / ADE20K / ImageNet sets.
+demo: setup
+	@bash tools/run_demo.sh
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,14 @@
+"""ConvNeur-MM: the ConvNeur backbone for MMDetection, MMSegmentation and MMPretrain.
+
+Importing the package imports no toolbox; ``convneur_mm.models`` registers the
+backbone into ``convneur_mm.registry.MODELS``. It also installs the
+weights-only checkpoint allow-list (``convneur_mm.utils.checkpoint_safety``),
+so that MMEngine Runner checkpoints load under torch >= 2.6 while pickles
+carrying code are refused.
+"""
+from .utils.checkpoint_safety import install as _install_checkpoint_safety
+from .version import __version__, version_info
+
+_install_checkpoint_safety()
+
+__all__ = ['__version__', 'version_info']

@@ -1,0 +1,81 @@
+"""Weights-only checkpoint loading with one explicit allow-list.
+
+torch >= 2.6 loads with ``weights_only=True``; MMEngine 0.10.7 calls
+``torch.load`` without the argument, so its own Runner checkpoints (which
+pickle a ``HistoryBuffer`` of numpy arrays in the message hub) fail to load.
+Turning weights-only loading off would let any checkpoint run arbitrary code,
+so instead we allow exactly the types that Runner checkpoints contain, and
+replace MMEngine's local-file loader with one that names the refused type.
+
+One more thing stands in the way: ``HistoryBuffer.__getstate__`` pickles its
+class-level table of statistics functions, which pickle encodes as
+``builtins.getattr(HistoryBuffer, 'min')``. Allowing ``getattr`` would open
+the weights-only unpickler far beyond our types, so instead a ``copyreg``
+reducer (the standard way to define pickling for a class one does not own)
+writes HistoryBuffers without that table; loading rebuilds it from the class,
+where MMEngine keeps it anyway.
+"""
+import copyreg
+import importlib
+import os.path as osp
+import pickle
+from typing import List
+
+import numpy as np
+import torch
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint wants to unpickle a type outside the allow-list."""
+
+
+def allowed_globals() -> List[object]:
+    """Everything beyond tensors and builtins that our checkpoints pickle."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    multiarray = importlib.import_module(
+        'numpy._core.multiarray' if np.__version__ >= '2' else 'numpy.core.multiarray')
+    return [
+        HistoryBuffer,  # MessageHub.log_scalars
+        multiarray._reconstruct,  # numpy arrays inside it
+        multiarray.scalar,  # numpy scalars
+        np.ndarray,
+        np.dtype,
+        *{type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)},
+    ]
+
+
+def load_from_local(filename: str, map_location=None) -> dict:
+    """MMEngine's loader for local paths (same name, so its log line reads
+    "by local backend"), weights-only, with a clear refusal."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f'Refusing to load {filename}: it contains Python objects outside '
+            'the weights-only allow-list of convneur_mm.utils.checkpoint_safety '
+            f'(a checkpoint from an unknown source may run arbitrary code).\n{err}'
+        ) from None
+
+
+def _reduce_history_buffer(buffer):
+    state = {k: v for k, v in vars(buffer).items() if k != 'statistics_methods'}
+    return type(buffer), (), state
+
+
+_installed = False
+
+
+def install() -> None:
+    """Allow-list our checkpoint types and take over local checkpoint loading."""
+    global _installed
+    if _installed:
+        return
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from mmengine.runner.checkpoint import CheckpointLoader
+    copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
+    torch.serialization.add_safe_globals(allowed_globals())
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
+    _installed = True
