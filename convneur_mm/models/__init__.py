@@ -1,0 +1,4 @@
+"""Models of ConvNeur-MM; importing this registers them."""
+from .backbones import ConvNeur
+
+__all__ = ['ConvNeur']

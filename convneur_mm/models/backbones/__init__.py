@@ -1,0 +1,3 @@
+from .convneur import ConvNeur
+
+__all__ = ['ConvNeur']

@@ -1,0 +1,278 @@
+"""ConvNeur backbone (CVPR 2026, "Efficiency Follows Global-Local Decoupling").
+
+Four stages of ConvNeXt-V2 style blocks; the first block of every stage also
+runs a chunked neural memory whose read-out gates the local features. One
+class serves MMPretrain, MMDetection and MMSegmentation through the
+``convneur_mm`` registry scope (``type='convneur_mm.ConvNeur'``).
+"""
+import copy
+import logging
+from itertools import chain
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+
+from convneur_mm.registry import MODELS
+from ..layers.block import ConvNeurBlock
+from ..layers.neural_memory import UPDATE_MODES, NeuralMemory
+from ..layers.norms import LayerNorm2d
+from ...utils.pretrained import load_pretrained_backbone
+
+PLACEMENTS = ('none', 'stage', 'block')
+NO_CHECKPOINT = (None, '', 'none')
+DEFAULT_INIT_CFG = [
+    dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
+    dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
+]
+MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block')
+
+
+def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero-pad bottom/right so that a stride-``multiple`` conv sees every pixel."""
+    pad_h = -x.shape[-2] % multiple
+    pad_w = -x.shape[-1] % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+class Downsample(nn.Sequential):
+    """Strided patch conv, with an optional LayerNorm before or after it."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
+        layers = [nn.Conv2d(in_channels, out_channels, stride, stride=stride)]
+        if norm == 'after':  # the stem
+            layers.append(LayerNorm2d(out_channels, eps=1e-6))
+        else:
+            layers.insert(0, LayerNorm2d(in_channels, eps=1e-6))
+        super().__init__(*layers)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self:
+            if isinstance(layer, nn.Conv2d):
+                x = _pad_to_multiple(x, self.stride)
+            x = layer(x)
+        return x
+
+
+@MODELS.register_module()
+class ConvNeur(BaseModule):
+    """ConvNeur backbone.
+
+    Args:
+        arch: 'm1' ... 'm4' (case-insensitive) or a dict with ``depths``,
+            ``dims`` and ``memory_dim``.
+        in_channels: input image channels.
+        memory_cfg: overrides of the memory settings: ``dim`` (C_m, the arch's
+            by default), ``chunk_size`` (196 for classification, 4096 for
+            detection), ``max_lr`` (inner step size: 1 or 1e-3), ``update``
+            ('parallel' | 'sequential'), ``heads``, ``scan_block``. None of
+            them but ``dim`` and ``heads`` changes the parameter set.
+        memory_placement: 'stage' (first block of each stage, the paper's
+            default), 'block' (every block) or 'none' (local-only ablation).
+        fusion: 'gate' (default), 'add' or 'concat' (Table 5 ablations).
+        drop_path_rate: stochastic depth rate, linearly increasing per block.
+        out_indices: stages whose (normalized) outputs are returned.
+        frozen_stages: freeze the stem and the first ``frozen_stages`` stages.
+        gap_before_final_norm: pool before the output norm (classification);
+            outputs are then (B, C) vectors instead of maps.
+        with_cp: gradient checkpointing per block (saves memory, costs time).
+        init_cfg: MMEngine init config; ``dict(type='Pretrained', ...)``
+            loads a checkpoint and reports any key mismatch.
+    """
+    arch_settings: Dict[str, dict] = {
+        'm1': dict(depths=[2, 2, 6, 2], dims=[40, 80, 160, 320], memory_dim=80),
+        'm2': dict(depths=[2, 2, 6, 2], dims=[48, 96, 192, 384], memory_dim=96),
+        'm3': dict(depths=[2, 2, 6, 2], dims=[64, 128, 256, 512], memory_dim=128),
+        'm4': dict(depths=[2, 2, 8, 2], dims=[80, 160, 320, 640], memory_dim=160),
+    }
+    default_memory_cfg = dict(chunk_size=196, max_lr=1.0, update='parallel', heads=1)
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'm3',
+                 in_channels: int = 3,
+                 memory_cfg: Optional[dict] = None,
+                 memory_placement: str = 'stage',
+                 fusion: str = 'gate',
+                 drop_path_rate: float = 0.0,
+                 out_indices: Union[int, Sequence[int]] = -1,
+                 frozen_stages: int = 0,
+                 gap_before_final_norm: bool = True,
+                 with_cp: bool = False,
+                 init_cfg: Optional[Union[dict, List[dict]]] = DEFAULT_INIT_CFG):
+        super().__init__(init_cfg=copy.deepcopy(init_cfg))
+        arch = self._parse_arch(arch)
+        self.depths, self.dims = list(arch['depths']), list(arch['dims'])
+        self.num_stages = len(self.depths)
+        self.memory_cfg = self._parse_memory_cfg(memory_cfg, arch['memory_dim'])
+        if memory_placement not in PLACEMENTS:
+            raise ValueError(
+                f'memory_placement must be one of {PLACEMENTS}, got {memory_placement!r}')
+        self.memory_placement = memory_placement
+        self.out_indices = self._parse_out_indices(out_indices, self.num_stages)
+        if not 0 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be in [0, {self.num_stages}], '
+                             f'got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.gap_before_final_norm = gap_before_final_norm
+        self.with_cp = with_cp
+
+        drop_rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        self.downsample_layers = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        block_idx = 0
+        for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+            if i == 0:
+                self.downsample_layers.append(Downsample(in_channels, dim, 4, 'after'))
+            else:
+                self.downsample_layers.append(Downsample(self.dims[i - 1], dim, 2, 'before'))
+            self.stages.append(nn.Sequential(*[
+                ConvNeurBlock(
+                    dim,
+                    drop_path=drop_rates[block_idx + j],
+                    memory_cfg=self.memory_cfg if self._has_memory(j) else None,
+                    fusion=fusion) for j in range(depth)
+            ]))
+            block_idx += depth
+            if i in self.out_indices:
+                self.add_module(f'norm{i}', LayerNorm2d(dim, eps=1e-6))
+        self._freeze_stages()
+
+    # ----------------------------------------------------------- validation
+    @classmethod
+    def _parse_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_settings:
+                raise ValueError(f'Unknown ConvNeur arch {arch!r}; choose one of '
+                                 f'{sorted(cls.arch_settings)} or pass a dict with '
+                                 f'depths, dims and memory_dim.')
+            return cls.arch_settings[key]
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or dict, got {type(arch).__name__}')
+        missing = {'depths', 'dims', 'memory_dim'} - set(arch)
+        if missing:
+            raise ValueError(f'arch dict is missing {sorted(missing)}; got {sorted(arch)}')
+        if len(arch['depths']) != len(arch['dims']) or not arch['depths']:
+            raise ValueError(f'arch depths {arch["depths"]} and dims {arch["dims"]} '
+                             'must be non-empty and of the same length')
+        return arch
+
+    @classmethod
+    def _parse_memory_cfg(cls, memory_cfg: Optional[dict], memory_dim: int) -> dict:
+        memory_cfg = dict(memory_cfg or {})
+        unknown = set(memory_cfg) - set(MEMORY_KEYS)
+        if unknown:
+            raise ValueError(f'unknown memory_cfg keys {sorted(unknown)}; '
+                             f'valid keys are {list(MEMORY_KEYS)}')
+        cfg = dict(cls.default_memory_cfg, dim=memory_dim)
+        cfg.update(memory_cfg)
+        if cfg['update'] not in UPDATE_MODES:
+            raise ValueError(f'memory_cfg.update must be one of {UPDATE_MODES}, '
+                             f'got {cfg["update"]!r}')
+        return cfg
+
+    @staticmethod
+    def _parse_out_indices(out_indices: Union[int, Sequence[int]],
+                           num_stages: int) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        if not isinstance(out_indices, Sequence) or not out_indices:
+            raise ValueError(f'out_indices must be an int or a non-empty sequence, '
+                             f'got {out_indices!r}')
+        parsed = []
+        for index in out_indices:
+            if not isinstance(index, int) or not -num_stages <= index < num_stages:
+                raise ValueError(f'out_indices {list(out_indices)} is invalid: each '
+                                 f'index must be an int in [{-num_stages}, {num_stages - 1}]')
+            parsed.append(index % num_stages)
+        if len(set(parsed)) != len(parsed):
+            raise ValueError(f'out_indices {list(out_indices)} names a stage twice')
+        return tuple(sorted(parsed))
+
+    def _has_memory(self, block_index: int) -> bool:
+        return (self.memory_placement == 'block'
+                or (self.memory_placement == 'stage' and block_index == 0))
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = self.downsample_layers[i](x)
+            x = self._run_stage(stage, x)
+            if i in self.out_indices:
+                norm = getattr(self, f'norm{i}')
+                if self.gap_before_final_norm:
+                    outs.append(norm(x.mean((-2, -1), keepdim=True)).flatten(1))
+                else:
+                    outs.append(norm(x))
+        return tuple(outs)
+
+    def _run_stage(self, stage: nn.Sequential, x: Tensor) -> Tensor:
+        for block in stage:
+            if self.with_cp and self.training and torch.is_grad_enabled():
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    # ------------------------------------------------------------- training
+    def _freeze_stages(self) -> None:
+        for i in range(self.frozen_stages):
+            modules = (self.downsample_layers[i], self.stages[i])
+            for module in modules:
+                module.eval()
+            for param in chain(*(m.parameters() for m in modules)):
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'ConvNeur':
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def init_weights(self) -> None:
+        """Random init, or a strict load for ``init_cfg=dict(type='Pretrained')``.
+
+        A checkpoint of None, '' or 'none' (the configs' default when
+        $CONVNEUR_PRETRAINED is unset) means "train from scratch" and says so.
+        """
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            if cfg.get('checkpoint') not in NO_CHECKPOINT:
+                load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
+                                         strict=cfg.get('strict', True))
+                self._is_init = True
+                return
+            print_log('ConvNeur: no pretrained checkpoint given (init_cfg.checkpoint is '
+                      f'{cfg.get("checkpoint")!r}): the backbone is randomly initialized. Set '
+                      'CONVNEUR_PRETRAINED=PATH or --cfg-options '
+                      'model.backbone.init_cfg.checkpoint=PATH to load weights.',
+                      logger='current', level=logging.WARNING)
+            self.init_cfg = copy.deepcopy(DEFAULT_INIT_CFG)
+        super().init_weights()
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.reset_parameters()
+
+    def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:
+        """Layer-wise depth for layer-wise learning-rate decay.
+
+        The stem is depth 0, every block one more than the previous, a
+        downsample layer shares the depth of the first block after it, and
+        everything else (output norms, the head) is the last depth.
+        """
+        num_layers = sum(self.depths) + 2
+        if not param_name.startswith(prefix):
+            return num_layers - 1, num_layers
+        name = param_name[len(prefix):].split('.')
+        starts = [0] + torch.tensor(self.depths).cumsum(0).tolist()
+        if name[0] == 'downsample_layers':
+            stage = int(name[1])
+            return (0 if stage == 0 else starts[stage] + 1), num_layers
+        if name[0] == 'stages':
+            return starts[int(name[1])] + int(name[2]) + 1, num_layers
+        return num_layers - 1, num_layers

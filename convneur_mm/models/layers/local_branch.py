@@ -1,0 +1,41 @@
+"""Locality-preserving branch: the ConvNeXt-V2 block body (Sec. 3.2)."""
+import torch
+from torch import Tensor, nn
+
+
+class GRN(nn.Module):
+    """Global Response Normalization (ConvNeXt-V2) on channels-last input."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class LocalBranch(nn.Module):
+    """7x7 depthwise conv -> LN -> Linear(C, 4C) -> GELU -> GRN -> Linear(4C, C).
+
+    Returns F_loc in (B, C, H, W) layout; the residual lives in the block.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 7, mlp_ratio: int = 4):
+        super().__init__()
+        hidden = mlp_ratio * channels
+        self.dwconv = nn.Conv2d(channels, channels, kernel_size,
+                                padding=kernel_size // 2, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.pwconv1 = nn.Linear(channels, hidden)
+        self.act = nn.GELU()
+        self.grn = GRN(hidden)
+        self.pwconv2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dwconv(x).permute(0, 2, 3, 1)
+        x = self.pwconv2(self.grn(self.act(self.pwconv1(self.norm(x)))))
+        return x.permute(0, 3, 1, 2)

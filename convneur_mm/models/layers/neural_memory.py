@@ -1,0 +1,256 @@
+"""Chunked neural memory over the tokens of one image (ConvNeur, Sec. 3.3).
+
+Tokens are split into chunks of length L. Chunk t reads the memory state
+W_{t-1} with its queries (the first chunk reads the learned W_0; a trailing
+partial chunk reads the last state) and writes into it with its keys/values:
+
+    G_t = rho_t * grad_W L_t,   S_t = eta_t S_{t-1} - G_t,   W_t = (1 - alpha_t) W_{t-1} + S_t
+
+``update='parallel'`` takes every G_t at W_0 (all chunks at once, as the Titans
+reference does); ``update='sequential'`` takes G_t at W_{t-1} (the paper's
+equations 3-4). Gradients are closed-form and the recursion is a scan, so the
+module is one differentiable graph for the outer training. The inner loop runs
+in float32 (or float64) even under autocast.
+"""
+import math
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .memory_ops import (MemoryWeights, linear_scan, memory_forward,
+                         memory_grads)
+
+UPDATE_MODES = ('parallel', 'sequential')
+RMS_EPS = 1e-6
+
+
+class AttentionPool(nn.Module):
+    """Per-feature softmax pooling of each chunk; starts as mean pooling."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_logits = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.to_logits.weight)
+        nn.init.zeros_(self.to_logits.bias)
+
+    def forward(self, chunks: Tensor) -> Tensor:
+        """(B, T, L, d) -> (B, T, d)."""
+        attn = self.to_logits(chunks).softmax(dim=-2)
+        return (chunks * attn).sum(dim=-2)
+
+
+class NeuralMemory(nn.Module):
+    """Neural memory on a (B, N, d) token sequence, one state per image.
+
+    Args:
+        dim: token width d (the paper's C_m).
+        chunk_size: tokens per chunk L.
+        max_lr: the inner-loop step size; theta_i = max_lr * sigmoid(.).
+        heads: memory heads; d must be divisible by it.
+        update: 'parallel' or 'sequential' (see module docstring).
+        scan_block: chunks solved at once by the momentum/decay scan.
+    """
+
+    def __init__(self,
+                 dim: int,
+                 chunk_size: int = 196,
+                 max_lr: float = 1.0,
+                 heads: int = 1,
+                 update: str = 'parallel',
+                 scan_block: int = 64):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f'memory dim {dim} is not divisible by heads={heads}')
+        if update not in UPDATE_MODES:
+            raise ValueError(f'update must be one of {UPDATE_MODES}, got {update!r}')
+        if chunk_size < 1:
+            raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+        if not max_lr > 0:
+            raise ValueError(f'max_lr must be > 0, got {max_lr}')
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.chunk_size, self.max_lr, self.update = chunk_size, max_lr, update
+        self.scan_block = scan_block
+        hd = self.head_dim
+
+        self.store_norm = nn.RMSNorm(dim, eps=RMS_EPS)
+        self.retrieve_norm = nn.RMSNorm(dim, eps=RMS_EPS)
+        self.to_keys = nn.Linear(dim, dim, bias=False)
+        self.to_values = nn.Linear(dim, dim, bias=False)
+        self.to_queries = nn.Linear(dim, dim, bias=False)
+        self.key_norm = nn.RMSNorm(hd, eps=RMS_EPS, elementwise_affine=False)
+        self.query_norm = nn.RMSNorm(hd, eps=RMS_EPS, elementwise_affine=False)
+        self.key_gamma = nn.Parameter(torch.zeros(heads, hd))
+        self.query_gamma = nn.Parameter(torch.zeros(heads, hd))
+
+        self.to_token_lr = nn.Linear(dim, heads)
+        self.pool = AttentionPool(dim)
+        self.to_decay = nn.Linear(dim, heads)
+        self.to_momentum = nn.Linear(dim, heads)
+        self.to_lr_modulation = nn.Linear(dim, heads * len(MemoryWeights._fields))
+
+        # the learned initial state W_0, one per head
+        self.init_w1 = nn.Parameter(torch.empty(heads, hd, 4 * hd))
+        self.init_w2 = nn.Parameter(torch.empty(heads, 4 * hd, hd))
+        self.init_g = nn.Parameter(torch.zeros(heads, hd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Memory-specific init; the backbone calls it after its generic init."""
+        for w in (self.init_w1, self.init_w2):
+            for per_head in w.data:
+                nn.init.xavier_uniform_(per_head)
+        nn.init.zeros_(self.init_g)
+        nn.init.zeros_(self.key_gamma)
+        nn.init.zeros_(self.query_gamma)
+        self.pool.reset_parameters()
+        # Gates start at: slow forgetting (alpha ~ 0.12), half momentum and
+        # half of the step size per weight tensor.
+        for layer, bias in ((self.to_decay, -2.0), (self.to_momentum, 0.0),
+                            (self.to_lr_modulation, 0.0), (self.to_token_lr, 0.0)):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.constant_(layer.bias, bias)
+
+    @property
+    def initial_state(self) -> MemoryWeights:
+        return MemoryWeights(self.init_w1, self.init_w2, self.init_g)
+
+    def update_parameters(self) -> List[nn.Parameter]:
+        """Parameters that only feed the write path (unused with one chunk)."""
+        modules = (self.store_norm, self.to_keys, self.to_values, self.to_token_lr,
+                   self.pool, self.to_decay, self.to_momentum, self.to_lr_modulation)
+        return [p for m in modules for p in m.parameters()] + [self.key_gamma]
+
+    def num_updates(self, num_tokens: int) -> int:
+        """Chunk updates whose result is read: ceil(N / L) - 1."""
+        return max(math.ceil(num_tokens / self.chunk_size) - 1, 0)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """(B, N, d) -> (H, B, N, d / H): heads lead, as memory weights do."""
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.head_dim).permute(2, 0, 1, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, d) -> (B, N, d)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = self._forward(x.to(dtype))
+        return out.to(x.dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        h, hd = self.heads, self.head_dim
+        queries = self._split_heads(self.to_queries(self.retrieve_norm(x)))
+        queries = self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None])
+        num_updates = self.num_updates(n)
+        if num_updates == 0:  # one chunk: every token reads W_0
+            out = memory_forward(self.initial_state, queries.reshape(h, b * n, hd))
+            if torch.is_grad_enabled():
+                out = out + self._zero_tie()
+        else:
+            states = self._write(x[:, :num_updates * self.chunk_size], num_updates)
+            out = self._read(queries, states)
+        return out.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, self.dim)
+
+    def _zero_tie(self) -> Tensor:
+        """A zero that depends on the write-path parameters.
+
+        With a single chunk the paper's equations read only W_0, so the write
+        path gets no gradient; tying it with weight zero gives it an exact zero
+        gradient instead of none, which keeps DDP (find_unused_parameters=False)
+        and gradient-based tooling working at no measurable cost.
+        """
+        return sum(p.sum() for p in self.update_parameters()
+                   if p.requires_grad) * 0.0
+
+    def _write(self, x: Tensor, num_updates: int) -> MemoryWeights:
+        """States W_0 .. W_U, each of shape (H, B, U + 1, ...)."""
+        b, L, u, h, hd = x.shape[0], self.chunk_size, num_updates, self.heads, self.head_dim
+        s = self.store_norm(x)
+        keys = self._split_heads(self.to_keys(s))
+        keys = self.key_norm(keys) * (1.0 + self.key_gamma[:, None, None])
+        values = self._split_heads(self.to_values(s))
+        token_lr = self.max_lr * torch.sigmoid(self.to_token_lr(s)).permute(2, 0, 1)
+
+        summary = self.pool(s.reshape(b, u, L, self.dim))  # (B, U, d)
+        log_keep = F.logsigmoid(-self.to_decay(summary)).permute(2, 0, 1)  # log(1-alpha)
+        log_momentum = F.logsigmoid(self.to_momentum(summary)).permute(2, 0, 1)
+        lr_mod = torch.sigmoid(self.to_lr_modulation(summary))
+        lr_mod = lr_mod.view(b, u, h, -1).permute(3, 2, 0, 1)  # (3, H, B, U)
+
+        w0 = self.initial_state
+        chunks = (h, b, u, L)
+        if self.update == 'parallel':
+            # all chunks take their gradient at W_0: one batched call
+            grads = memory_grads(w0, keys.reshape(h, b * u, L, hd),
+                                 values.reshape(h, b * u, L, hd),
+                                 token_lr.reshape(h, b * u, L))
+            states = MemoryWeights(*(
+                self._scan(-_bcast(m, g) * g, init, log_keep, log_momentum)
+                for m, g, init in zip(lr_mod, grads.map(
+                    lambda t: t.reshape(h, b, u, *t.shape[2:])), w0)))
+        else:
+            states = self._sequential_states(keys.reshape(*chunks, hd),
+                                             values.reshape(*chunks, hd),
+                                             token_lr.reshape(chunks), log_keep,
+                                             log_momentum, lr_mod)
+        return MemoryWeights(*(
+            torch.cat([init[:, None, None].expand(h, b, 1, *init.shape[1:]), st], dim=2)
+            for init, st in zip(w0, states)))
+
+    def _scan(self, surprise: Tensor, init: Tensor, log_keep: Tensor,
+              log_momentum: Tensor) -> Tensor:
+        """S_t = eta_t S_{t-1} + surprise_t, W_t = (1 - alpha_t) W_{t-1} + S_t."""
+        h, b = surprise.shape[:2]
+        momentum = linear_scan(log_momentum, surprise, block_size=self.scan_block)
+        return linear_scan(log_keep, momentum,
+                           initial=init[:, None].expand(h, b, *init.shape[1:]),
+                           block_size=self.scan_block)
+
+    def _sequential_states(self, keys: Tensor, values: Tensor, token_lr: Tensor,
+                           log_keep: Tensor, log_momentum: Tensor,
+                           lr_mod: Tensor) -> MemoryWeights:
+        """W_1 .. W_U, each chunk's gradient taken at the previous state."""
+        h, b, u, L, hd = keys.shape
+        weights = self.initial_state.map(
+            lambda t: t[:, None].expand(h, b, *t.shape[1:]))
+        keep, eta = log_keep.exp(), log_momentum.exp()
+        # S_0 = 0 explicitly, so that eta_1 is in the graph (with zero gradient)
+        # exactly as in the parallel scan.
+        momentum = [torch.zeros(()).to(w) for w in weights]
+        history: List[MemoryWeights] = []
+        for t in range(u):
+            grads = memory_grads(
+                weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),
+                keys[:, :, t].reshape(h * b, 1, L, hd),
+                values[:, :, t].reshape(h * b, 1, L, hd),
+                token_lr[:, :, t].reshape(h * b, 1, L))
+            surprise = [-_bcast(m[..., t], g) * g.reshape(h, b, *g.shape[2:])
+                        for m, g in zip(lr_mod, grads)]
+            momentum = [_bcast(eta[..., t], s) * s_prev + s
+                        for s_prev, s in zip(momentum, surprise)]
+            weights = MemoryWeights(*(
+                _bcast(keep[..., t], w) * w + s for w, s in zip(weights, momentum)))
+            history.append(weights)
+        return MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
+
+    def _read(self, queries: Tensor, states: MemoryWeights) -> Tensor:
+        """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...)."""
+        h, b, n, hd = queries.shape
+        num_chunks = states.w1.shape[2]
+        padded = num_chunks * self.chunk_size
+        if padded > n:
+            queries = F.pad(queries, (0, 0, 0, padded - n))
+        groups = h * b * num_chunks
+        out = memory_forward(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
+                             queries.reshape(groups, self.chunk_size, hd))
+        return out.reshape(h, b, padded, hd)[:, :, :n]
+
+
+def _bcast(coef: Tensor, like: Tensor) -> Tensor:
+    """Append singleton dims to ``coef`` so that it broadcasts against ``like``."""
+    return coef.reshape(*coef.shape, *([1] * (like.dim() - coef.dim())))

@@ -1,0 +1,174 @@
+"""ConvNeur backbone: API, shapes, training behaviour and bad input."""
+import pytest
+import torch
+
+from convneur_mm.models import ConvNeur
+
+TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
+
+
+def _tiny(**kwargs):
+    kwargs.setdefault('arch', TINY)
+    kwargs.setdefault('memory_cfg', dict(chunk_size=16))
+    torch.manual_seed(0)
+    model = ConvNeur(**kwargs)
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize('out_indices,expected', [
+    ((0, 1, 2, 3), (0, 1, 2, 3)), (-1, (3, )), ([1, -1], (1, 3)), (2, (2, ))])
+def test_dense_outputs_have_channels_and_strides(out_indices, expected):
+    model = _tiny(out_indices=out_indices, gap_before_final_norm=False)
+    outs = model(torch.randn(2, 3, 64, 96))
+    assert len(outs) == len(expected)
+    for out, stage in zip(outs, expected):
+        stride = 4 * 2**stage
+        assert out.shape == (2, TINY['dims'][stage], 64 // stride, 96 // stride)
+
+
+def test_classification_output_is_pooled_vector():
+    outs = _tiny()(torch.randn(2, 3, 64, 64))
+    assert len(outs) == 1 and outs[0].shape == (2, 32)
+
+
+@pytest.mark.parametrize('arch', ['m1', 'M2', 'm3', 'm4'])
+def test_paper_archs_build_and_run(arch):
+    model = ConvNeur(arch=arch, out_indices=(0, 1, 2, 3), gap_before_final_norm=False)
+    setting = ConvNeur.arch_settings[arch.lower()]
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == setting['dims']
+    memories = [m for m in model.modules() if type(m).__name__ == 'NeuralMemory']
+    assert len(memories) == 4 and all(m.dim == setting['memory_dim'] for m in memories)
+
+
+@pytest.mark.parametrize('size', [(97, 131), (1, 1), (33, 7), (224, 224)])
+def test_any_input_size_works(size):
+    model = _tiny(out_indices=(0, 1, 2, 3), gap_before_final_norm=False)
+    outs = model(torch.randn(1, 3, *size))
+    for stage, out in enumerate(outs):
+        stride = 4 * 2**stage
+        # ceil: padding lets every pixel reach the output
+        assert out.shape[-2:] == (-(-size[0] // stride), -(-size[1] // stride))
+        assert torch.isfinite(out).all()
+
+
+def test_features_do_not_depend_on_batch_mates():
+    model = _tiny(out_indices=(0, 1, 2, 3), gap_before_final_norm=False).eval()
+    x = torch.randn(3, 3, 64, 64)
+    batch = model(x)
+    for i in range(3):
+        single = model(x[i:i + 1])
+        for a, b in zip(batch, single):
+            torch.testing.assert_close(a[i:i + 1], b, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_stages_stop_gradients_and_stay_in_eval():
+    model = _tiny(frozen_stages=2, drop_path_rate=0.1)
+    model.train()
+    frozen = [model.downsample_layers[i] for i in range(2)] + [model.stages[i] for i in range(2)]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    assert model.stages[2].training
+    assert all(p.requires_grad for p in model.stages[2].parameters())
+
+
+def test_with_cp_gives_identical_outputs_and_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for with_cp in (False, True):
+        model = _tiny(with_cp=with_cp, out_indices=(0, 1, 2, 3),
+                      gap_before_final_norm=False).train()
+        outs = model(x)
+        sum(o.square().mean() for o in outs).backward()
+        results.append((outs, {n: p.grad for n, p in model.named_parameters()}))
+    (outs_a, grads_a), (outs_b, grads_b) = results
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(a, b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def _grads_after_step(chunk_size, update='parallel'):
+    model = _tiny(memory_cfg=dict(chunk_size=chunk_size, update=update),
+                  out_indices=(0, 1, 2, 3), gap_before_final_norm=False).train()
+    outs = model(torch.randn(2, 3, 128, 128))
+    sum(o.square().mean() for o in outs).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('update', ['parallel', 'sequential'])
+def test_every_parameter_learns_when_each_stage_has_three_chunks(update):
+    # stage 4 of a 128x128 image has 4x4 = 16 tokens: chunk 5 gives 4 chunks
+    grads = _grads_after_step(chunk_size=5, update=update)
+    dead = [n for n, g in grads.items() if g is None or torch.count_nonzero(g) == 0]
+    assert dead == []
+
+
+@pytest.mark.parametrize('update', ['parallel', 'sequential'])
+def test_edge_chunk_counts_give_exact_zero_not_missing_gradients(update):
+    """Two chunks: one write, so the momentum S_1 = eta_1 * S_0 - G_1 with
+    S_0 = 0 ignores eta_1. One chunk: nothing is written, only W_0 is read.
+    Both follow from the paper's equations; the code keeps those parameters in
+    the graph with exact zero gradients so DDP needs no unused-parameter search."""
+    two = _grads_after_step(chunk_size=8, update=update)  # stage 4: 16 tokens
+    one = _grads_after_step(chunk_size=16, update=update)
+    assert all(g is not None for g in list(two.values()) + list(one.values()))
+    stage4 = 'stages.3.0.global_branch.memory.'
+    assert torch.count_nonzero(two[stage4 + 'to_momentum.weight']) == 0
+    assert torch.count_nonzero(two[stage4 + 'to_decay.weight']) > 0
+    for name in ('to_momentum.weight', 'to_decay.weight', 'to_keys.weight', 'pool.to_logits.weight'):
+        assert torch.count_nonzero(one[stage4 + name]) == 0
+    assert torch.count_nonzero(one[stage4 + 'to_queries.weight']) > 0
+
+
+def test_chunk_and_step_size_do_not_change_the_parameter_set():
+    a = _tiny(memory_cfg=dict(chunk_size=196, max_lr=1.0))
+    b = _tiny(memory_cfg=dict(chunk_size=4096, max_lr=1e-3, update='sequential'))
+    result = b.load_state_dict(a.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize('placement,fusion,memories', [
+    ('none', 'gate', 0), ('stage', 'gate', 4), ('block', 'add', 5), ('stage', 'concat', 4)])
+def test_ablation_switches(placement, fusion, memories):
+    model = _tiny(memory_placement=placement, fusion=fusion)
+    found = [m for m in model.modules() if type(m).__name__ == 'NeuralMemory']
+    assert len(found) == memories
+    assert model(torch.randn(1, 3, 64, 64))[0].shape == (1, 32)
+
+
+def test_layer_depths_increase_through_the_network():
+    model = _tiny()
+    depths = [model.get_layer_depth(n)[0] for n, _ in model.named_parameters()]
+    num_layers = model.get_layer_depth('stages.0.0.x')[1]
+    assert num_layers == sum(TINY['depths']) + 2
+    assert depths[0] == 0 and max(depths) == num_layers - 1
+    assert model.get_layer_depth('stages.1.1.local_branch.dwconv.weight')[0] == 3
+    assert model.get_layer_depth('head.fc.weight', prefix='backbone.')[0] == num_layers - 1
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    (dict(arch='m5'), ValueError, "Unknown ConvNeur arch 'm5'"),
+    (dict(arch=dict(depths=[1], dims=[8])), ValueError, 'memory_dim'),
+    (dict(out_indices=4), ValueError, 'out_indices'),
+    (dict(out_indices=(0, -4)), ValueError, 'twice'),
+    (dict(out_indices=()), ValueError, 'out_indices'),
+    (dict(frozen_stages=5), ValueError, 'frozen_stages'),
+    (dict(memory_cfg=dict(chunk=3)), ValueError, 'unknown memory_cfg keys'),
+    (dict(memory_cfg=dict(update='fast')), ValueError, 'update'),
+    (dict(memory_placement='layer'), ValueError, 'memory_placement'),
+    (dict(fusion='mul'), ValueError, 'fusion'),
+])
+def test_bad_arguments_give_clear_errors(kwargs, error, match):
+    kwargs.setdefault('arch', 'm1')
+    with pytest.raises(error, match=match):
+        ConvNeur(**kwargs)
+
+
+def test_registered_in_our_scope():
+    from convneur_mm.registry import MODELS
+    model = MODELS.build(dict(type='ConvNeur', arch=TINY))
+    assert isinstance(model, ConvNeur)

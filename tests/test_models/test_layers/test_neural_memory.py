@@ -1,0 +1,98 @@
+"""The fast neural memory against a plain autograd reference, in float64."""
+import pytest
+import torch
+
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+from .memory_reference import reference_memory
+
+
+def _perturbed_memory(dim, seed, **kwargs):
+    torch.manual_seed(seed)
+    memory = NeuralMemory(dim, **kwargs).double()
+    with torch.no_grad():  # move every parameter off its special init value
+        for p in memory.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return memory
+
+
+# (chunk_size, tokens, heads): N multiple of L, N not a multiple, N < L, N == L
+CASES = [(5, 20, 1), (5, 23, 1), (4, 16, 2), (7, 3, 1), (6, 6, 1), (3, 40, 2)]
+
+
+@pytest.mark.parametrize('update', ['parallel', 'sequential'])
+@pytest.mark.parametrize('chunk,tokens,heads', CASES)
+def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads):
+    memory = _perturbed_memory(12, seed=chunk * 100 + tokens, chunk_size=chunk,
+                               heads=heads, update=update, max_lr=0.7)
+    x = torch.randn(2, tokens, 12, dtype=torch.float64, requires_grad=True)
+    out, ref = memory(x), reference_memory(memory, x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+    probe = torch.randn_like(out)
+    params = [x] + list(memory.parameters())
+    fast = torch.autograd.grad((out * probe).sum(), params)
+    slow = torch.autograd.grad((ref * probe).sum(), params, allow_unused=True)
+    names = ['input'] + [n for n, _ in memory.named_parameters()]
+    for name, f, s in zip(names, fast, slow):
+        s = torch.zeros_like(f) if s is None else s  # unused by the reference
+        torch.testing.assert_close(f, s, rtol=0, atol=1e-6, msg=f'gradient of {name}')
+
+
+def test_memory_changes_with_update_mode_and_reads_earlier_chunks():
+    par = _perturbed_memory(8, seed=1, chunk_size=4, update='parallel')
+    seq = _perturbed_memory(8, seed=1, chunk_size=4, update='sequential')
+    x = torch.randn(1, 16, 8, dtype=torch.float64)
+    assert not torch.allclose(par(x), seq(x))
+    # chunk 1 reads W_0 only, so editing a later chunk leaves it alone, while
+    # the last chunk sees the edit of an earlier chunk through the memory
+    edited = x.clone()
+    edited[:, 4:8] += 1.0
+    a, b = par(x), par(edited)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_memory_state_does_not_leak_between_images():
+    memory = _perturbed_memory(8, seed=2, chunk_size=4)
+    x = torch.randn(3, 14, 8, dtype=torch.float64)
+    together = memory(x)
+    for i in range(3):
+        torch.testing.assert_close(together[i:i + 1], memory(x[i:i + 1]))
+
+
+def test_single_chunk_gives_write_path_exact_zero_gradients():
+    memory = _perturbed_memory(8, seed=3, chunk_size=16)
+    x = torch.randn(2, 10, 8, dtype=torch.float64)
+    memory(x).sum().backward()
+    for name, p in memory.named_parameters():
+        assert p.grad is not None, name
+    write_only = {id(p) for p in memory.update_parameters()}
+    for name, p in memory.named_parameters():
+        if id(p) in write_only:
+            assert torch.count_nonzero(p.grad) == 0, name
+        elif name in ('to_queries.weight', 'init_w1', 'init_w2'):
+            assert torch.count_nonzero(p.grad) > 0, name
+
+
+def test_inner_loop_stays_float32_under_autocast():
+    memory = NeuralMemory(16, chunk_size=8)
+    seen = []
+    handle = memory.to_keys.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(2, 40, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = memory(x.bfloat16())
+    handle.remove()
+    assert seen == [torch.float32]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), memory(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(dim=10, heads=3), 'divisible'),
+    (dict(dim=8, update='fast'), 'update'),
+    (dict(dim=8, chunk_size=0), 'chunk_size'),
+    (dict(dim=8, max_lr=0), 'max_lr'),
+])
+def test_bad_memory_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(**kwargs)
