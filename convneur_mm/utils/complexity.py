@@ -1,0 +1,114 @@
+"""Multiply-accumulate counts in two conventions.
+
+* ``paper``: per-module hooks, the way ptflops-style counters see a model:
+  convolutions, linear layers, normalization layers, activations, pooling and
+  upsampling modules. Functional code inside a module is invisible to it, so
+  the neural memory's read and its inner loop are not counted; the paper's
+  FLOPs follow this convention.
+* ``full``: every matrix product and convolution the forward pass executes
+  (counted at the ATen dispatch level by ``torch.utils.flop_counter``, so the
+  memory read, the closed-form inner gradients and the scans are included),
+  plus the element-wise work of normalization, activation and pooling modules.
+"""
+from contextlib import ExitStack
+from typing import Callable, Dict
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU,
+               nn.Sigmoid, nn.Hardswish)
+POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+         nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+ELEMENTWISE = NORMS + ACTIVATIONS + POOLS + (nn.Upsample, )
+COUNTED = (nn.modules.conv._ConvNd, nn.Linear) + ELEMENTWISE
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _conv_macs(m: nn.modules.conv._ConvNd, inputs, output) -> int:
+    per_position = m.in_channels // m.groups * int(torch.tensor(m.kernel_size).prod())
+    positions = output.numel() // output.shape[1]
+    return positions * m.out_channels * per_position + (output.numel() if m.bias is not None else 0)
+
+
+def _linear_macs(m: nn.Linear, inputs, output) -> int:
+    tokens = inputs.numel() // m.in_features
+    return tokens * m.in_features * m.out_features + (output.numel() if m.bias is not None else 0)
+
+
+def _norm_macs(m: nn.Module, inputs, output) -> int:
+    affine = getattr(m, 'affine', False) or getattr(m, 'elementwise_affine', False)
+    return inputs.numel() * (2 if affine else 1)
+
+
+def module_macs(m: nn.Module, inputs, output) -> int:
+    """MACs that a ptflops-style hook attributes to module ``m`` (0 if unseen)."""
+    inputs, output = _first_tensor(inputs), _first_tensor(output)
+    if inputs is None or output is None:
+        return 0
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return _conv_macs(m, inputs, output)
+    if isinstance(m, nn.Linear):
+        return _linear_macs(m, inputs, output)
+    if isinstance(m, NORMS):
+        return _norm_macs(m, inputs, output)
+    if isinstance(m, ACTIVATIONS):
+        return output.numel()
+    if isinstance(m, POOLS):
+        return inputs.numel()
+    if isinstance(m, nn.Upsample):
+        return output.numel()
+    return 0
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, run: Callable[[], object]) -> Dict[str, int]:
+    """Run ``run()`` once and return ``{'paper': int, 'full': int}`` MACs.
+
+    Hooks are registered on every leaf-level module of ``model``; a module
+    counted by the paper convention is not descended into (ptflops does the
+    same), so no work is counted twice.
+    """
+    paper = [0]
+    elementwise = [0]
+
+    def hook(m, inputs, output):
+        macs = module_macs(m, inputs, output)
+        paper[0] += macs
+        if isinstance(m, ELEMENTWISE):
+            elementwise[0] += macs
+
+    with ExitStack() as stack:
+        for m in _counted_modules(model):
+            stack.callback(m.register_forward_hook(hook).remove)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run()
+    return dict(paper=paper[0], full=counter.get_total_flops() // 2 + elementwise[0])
+
+
+def _counted_modules(model: nn.Module):
+    """Modules the paper convention hooks: the outermost countable ones."""
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, COUNTED):
+            yield m
+            continue
+        stack.extend(m.children())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

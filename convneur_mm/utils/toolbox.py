@@ -1,0 +1,66 @@
+"""Building any of our configs' models, and feeding them a dummy image.
+
+Used by the smoke run, the FLOPs tool and the benchmarks; it imports the
+toolbox named by the config's ``default_scope`` only when asked to.
+"""
+import os.path as osp
+from typing import Optional, Tuple
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from torch import nn
+
+from .paths import config_dir, export_config_dir
+
+SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
+
+
+def load_cfg(config: str) -> Config:
+    """A config by path, or by file name among the shipped configs."""
+    export_config_dir()
+    if not osp.isfile(config) and osp.isfile(osp.join(config_dir(), config)):
+        config = osp.join(config_dir(), config)
+    if not osp.isfile(config):
+        raise FileNotFoundError(f'config not found: {config}')
+    return Config.fromfile(config)
+
+
+def build_model(cfg: Config, init: bool = True) -> nn.Module:
+    """The config's model, built through its toolbox's registry."""
+    scope = cfg.get('default_scope')
+    if scope not in SCOPES:
+        raise ValueError(f'config default_scope must be one of {SCOPES}, got {scope!r}')
+    init_default_scope(scope)
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    model = registry.build(cfg.model)
+    if init:
+        model.init_weights()
+    return model
+
+
+def _data_sample(scope: str, size: Tuple[int, int]):
+    if scope == 'mmdet':
+        from mmdet.structures import DetDataSample
+        return DetDataSample(metainfo=dict(img_shape=size, ori_shape=size,
+                                           scale_factor=(1.0, 1.0)))
+    if scope == 'mmseg':
+        from mmseg.structures import SegDataSample
+        return SegDataSample(metainfo=dict(img_shape=size, ori_shape=size))
+    from mmpretrain.structures import DataSample
+    return DataSample(metainfo=dict(img_shape=size, ori_shape=size))
+
+
+def dummy_batch(model: nn.Module, scope: str, size: Tuple[int, int],
+                batch_size: int = 1, seed: Optional[int] = 0) -> dict:
+    """A preprocessed batch of random images of ``size`` (H, W)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    inputs = [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=gen)
+              for _ in range(batch_size)]
+    samples = [_data_sample(scope, size) for _ in range(batch_size)]
+    return model.data_preprocessor(dict(inputs=inputs, data_samples=samples), training=False)
+
+
+def tensor_forward(model: nn.Module, batch: dict):
+    """The model's raw network outputs (MMEngine's ``mode='tensor'``)."""
+    return model(batch['inputs'], batch['data_samples'], mode='tensor')
