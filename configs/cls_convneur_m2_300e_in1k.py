@@ -1,0 +1,7 @@
+# ConvNeur-M2 on ImageNet-1K at 224x224 (paper Table 2): the M1 recipe.
+_base_ = ['./cls_convneur_m1_300e_in1k.py']
+
+arch, width, drop_path_rate = 'm2', 384, 0.05
+model = dict(
+    backbone=dict(arch=arch, drop_path_rate=drop_path_rate),
+    head=dict(in_channels=width))

@@ -1,0 +1,100 @@
+"""What ``tools/train.py`` and ``tools/test.py`` share: config loading, checks
+that fail early with the offending path, AMP selection and the runner."""
+import os
+import os.path as osp
+from typing import Iterable, List, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import RUNNERS
+
+from convneur_mm.utils.paths import export_config_dir
+
+SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None,
+                launcher: str = 'none', work_dir: Optional[str] = None) -> Config:
+    """Read a config (ours, a toolbox's, or a user's that inherits ours)."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    export_config_dir()  # lets `{{$CONVNEUR_CONFIGS:}}` bases resolve
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
+def _datasets(dataset_cfg) -> Iterable[dict]:
+    """The leaf dataset configs under wrappers such as RepeatDataset."""
+    if dataset_cfg is None:
+        return
+    if 'datasets' in dataset_cfg:
+        for sub in dataset_cfg['datasets']:
+            yield from _datasets(sub)
+    elif 'dataset' in dataset_cfg:
+        yield from _datasets(dataset_cfg['dataset'])
+    else:
+        yield dataset_cfg
+
+
+def missing_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> List[str]:
+    """Data roots, annotation files and image folders named by the config that
+    do not exist (checked before minutes of model building and worker start-up)."""
+    missing = []
+    for split in splits:
+        loader = cfg.get(split)
+        if not loader:
+            continue
+        for ds in _datasets(loader.get('dataset')):
+            root = ds.get('data_root') or ''
+            if root and not osp.isdir(root):
+                missing.append(f'{split}: data_root {root!r} does not exist')
+                continue
+            ann = ds.get('ann_file')
+            if ann and not osp.isfile(osp.join(root, ann)):
+                missing.append(f'{split}: ann_file {osp.join(root, ann)!r} does not exist')
+            prefix = ds.get('data_prefix') or {}
+            prefixes = [prefix] if isinstance(prefix, str) else list(prefix.values())
+            for sub in prefixes:
+                if isinstance(sub, str) and sub and not osp.isdir(osp.join(root, sub)):
+                    missing.append(f'{split}: folder {osp.join(root, sub)!r} does not exist')
+    return missing
+
+
+def check_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> None:
+    missing = missing_data_paths(cfg, splits)
+    if missing:
+        raise FileNotFoundError(
+            'the dataset named by the config is not there:\n  ' + '\n  '.join(missing) +
+            '\nPoint the config at your data (e.g. COCO_ROOT=/path/to/coco/ or '
+            "--cfg-options train_dataloader.dataset.data_root=...).")
+
+
+def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
+    """Mixed precision: MMEngine's AmpOptimWrapper on GPU, bf16 autocast on CPU."""
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.dtype = dtype or 'float16'
+        if cfg.optim_wrapper.dtype == 'float16':
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+    else:
+        if dtype not in (None, 'bfloat16'):
+            raise ValueError(f'--amp on the CPU supports bfloat16 only, got {dtype}')
+        cfg.optim_wrapper.type = 'convneur_mm.CpuAmpOptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
+
+
+def build_runner(cfg: Config):
+    """The config's runner, or ours (MMEngine's Runner plus CPU distributed)."""
+    cfg.setdefault('runner_type', 'convneur_mm.ConvNeurRunner')
+    return RUNNERS.build(cfg)
+
+
+def set_local_rank(local_rank: int) -> None:
+    os.environ.setdefault('LOCAL_RANK', str(local_rank))

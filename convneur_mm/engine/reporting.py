@@ -1,0 +1,56 @@
+"""Evaluation output: a metrics table and the toolboxes' visualization hooks."""
+from typing import List, Optional, Set, Tuple
+
+from mmengine.config import Config
+
+# metric key suffix -> column, in the order of the paper's tables
+COCO_COLUMNS = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
+COCO_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+
+
+def _coco_rows(metrics: dict) -> Tuple[List[str], Set[str]]:
+    """Rows of the COCO table and the metric keys they show."""
+    rows, used = [], set()
+    for task in ('bbox', 'segm'):
+        keys = [f'coco/{task}_{c}' for c in COCO_COLUMNS]
+        if all(k in metrics for k in keys):
+            rows.append(f'| {task} | ' + ' | '.join(
+                f'{100 * metrics[k]:.1f}' for k in keys) + ' |')
+            used.update(keys)
+    return rows, used
+
+
+def format_metrics(metrics: dict, title: str = '') -> str:
+    """A Markdown table of evaluation metrics (COCO gets the paper's layout)."""
+    lines = [f'## {title}'] if title else []
+    rows, used = _coco_rows(metrics)
+    if rows:
+        lines += ['| task | ' + ' | '.join(COCO_NAMES) + ' |',
+                  '|' + '---|' * (len(COCO_NAMES) + 1)] + rows
+    rest = {k: v for k, v in metrics.items()
+            if k not in used and not k.endswith('copypaste')}
+    if rest:
+        lines += ['| metric | value |', '|---|---|']
+        lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |'
+                  for k, v in rest.items()]
+    return '\n'.join(lines)
+
+
+def enable_visualization(cfg: Config, show_dir: Optional[str], show: bool,
+                         wait_time: float) -> None:
+    """Turn on the toolbox's visualization hook the way its own test.py does."""
+    hooks = cfg.get('default_hooks', {})
+    hook = hooks.get('visualization')
+    if hook is None:
+        raise RuntimeError('the config has no default_hooks.visualization to draw with')
+    kind = hook['type'].split('.')[-1]
+    if kind == 'VisualizationHook':  # MMPretrain
+        hook.update(enable=True, show=show, wait_time=wait_time)
+        if show_dir:
+            hook['out_dir'] = show_dir
+    else:  # DetVisualizationHook, SegVisualizationHook
+        hook.update(draw=True, show=show, wait_time=wait_time)
+        if show_dir and kind == 'DetVisualizationHook':
+            hook['test_out_dir'] = show_dir
+        elif show_dir:
+            cfg.visualizer['save_dir'] = show_dir

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# tools/dist_train.sh CONFIG GPUS [ARGS]
+# Starts GPUS processes per node with torchrun: NCCL on CUDA machines, gloo on
+# CPU-only machines (one process per requested "GPU"). Multi-node: set NNODES,
+# NODE_RANK, MASTER_ADDR and PORT on every node.
+set -euo pipefail
+CONFIG=$1
+GPUS=$2
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PORT=${PORT:-29500}
+MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+PYTHON=${PYTHON:-python}
+TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
+
+PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \
+"$PYTHON" -m torch.distributed.run \
+    --nnodes="$NNODES" \
+    --node_rank="$NODE_RANK" \
+    --master_addr="$MASTER_ADDR" \
+    --nproc_per_node="$GPUS" \
+    --master_port="$PORT" \
+    "$TOOLS_DIR/train.py" \
+    "$CONFIG" \
+    --launcher pytorch "${@:3}"

@@ -1,0 +1,63 @@
+"""Evaluate a checkpoint: COCO box/mask AP, ADE20K mIoU or ImageNet top-1/top-5.
+
+    python tools/test.py CONFIG CHECKPOINT [--out results.pkl] [--show-dir DIR]
+    tools/dist_test.sh CONFIG CHECKPOINT GPUS [ARGS]
+"""
+import argparse
+import os.path as osp
+
+from mmengine.config import DictAction
+from mmengine.evaluator import DumpResults
+
+import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
+from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
+                                       set_local_rank)
+from convneur_mm.engine.reporting import format_metrics, enable_visualization
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Evaluate a ConvNeur checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where evaluation logs go')
+    parser.add_argument('--out', help='dump raw predictions to this .pkl file')
+    parser.add_argument('--show', action='store_true', help='display predictions')
+    parser.add_argument('--show-dir', help='save drawn predictions to this directory')
+    parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
+    parser.add_argument('--amp', action='store_true', help='mixed-precision inference')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, key=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    set_local_rank(args.local_rank)
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
+    work_dir = args.work_dir or osp.join(
+        './work_dirs', osp.splitext(osp.basename(args.config))[0], 'test')
+    cfg = load_config(args.config, args.cfg_options, args.launcher, work_dir)
+    check_data_paths(cfg, ['test_dataloader'])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    if args.amp:
+        cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
+    if args.show or args.show_dir:
+        enable_visualization(cfg, args.show_dir, args.show, args.wait_time)
+    runner = build_runner(cfg)
+    if args.out:
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
+        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
+    metrics = runner.test()
+    if runner.rank == 0:
+        print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '
+                                            f'{osp.basename(args.checkpoint)}'))
+
+
+if __name__ == '__main__':
+    main()

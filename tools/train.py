@@ -1,0 +1,64 @@
+"""Train a ConvNeur model (detection, segmentation or classification).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
+    tools/dist_train.sh CONFIG GPUS [ARGS]      # torchrun; gloo on CPU-only machines
+"""
+import argparse
+
+from mmengine.config import DictAction
+
+import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
+from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
+                                       load_config, set_local_rank)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description='Train a ConvNeur model')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='where logs and checkpoints go')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision (fp16 with loss scaling on GPU, bf16 on CPU)')
+    parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'],
+                        help='autocast dtype for --amp (GPU default float16)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate to the actual total batch size')
+    parser.add_argument('--resume', nargs='?', const='auto',
+                        help='resume from CKPT, or from the latest checkpoint '
+                        'in the work dir when no path is given')
+    parser.add_argument('--seed', type=int, help='random seed')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='deterministic algorithms (reproducible, slower)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, key=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    set_local_rank(args.local_rank)
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
+    check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])
+    if args.amp:
+        enable_amp(cfg, args.amp_dtype)
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size '
+                               'in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.seed is not None or args.deterministic:
+        cfg.setdefault('randomness', {})
+        if args.seed is not None:
+            cfg.randomness.seed = args.seed
+        cfg.randomness.deterministic = args.deterministic
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    build_runner(cfg).train()
+
+
+if __name__ == '__main__':
+    main()
