@@ -11,7 +11,7 @@
   plus the element-wise work of normalization, activation and pooling modules.
 """
 from contextlib import ExitStack
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -112,3 +112,29 @@ def _counted_modules(model: nn.Module):
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+DEFAULT_SHAPES = {'mmpretrain': (224, 224), 'mmdet': (800, 1333), 'mmseg': (512, 2048)}
+
+
+def measure_config(config: str, shape: Optional[Sequence[int]] = None,
+                   cfg_options: Optional[dict] = None) -> dict:
+    """Params and MACs (both conventions) of a config's backbone and model.
+
+    ``shape`` defaults to the paper's: 224x224 (classification), 800x1333
+    (detection), 512x2048 (segmentation).
+    """
+    from .toolbox import build_model, dummy_batch, load_cfg, tensor_forward
+    cfg = load_cfg(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    shape = tuple(shape or DEFAULT_SHAPES[cfg.default_scope])
+    if len(shape) == 1:
+        shape = (shape[0], shape[0])
+    model = build_model(cfg, init=False).eval()
+    batch = dummy_batch(model, cfg.default_scope, shape)
+    backbone = count_macs(model.backbone, lambda: model.backbone(batch['inputs']))
+    whole = count_macs(model, lambda: tensor_forward(model, batch))
+    return dict(shape=shape, model=type(model).__name__,
+                backbone=dict(params=count_params(model.backbone), **backbone),
+                whole=dict(params=count_params(model), **whole))

@@ -10,14 +10,10 @@ detection, 512x2048 for segmentation (the paper's tables).
 """
 import argparse
 
-import torch
 from mmengine.config import DictAction
 
 import convneur_mm  # noqa: F401
-from convneur_mm.utils.complexity import count_macs, count_params
-from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg, tensor_forward
-
-DEFAULT_SHAPES = {'mmpretrain': (224, 224), 'mmdet': (800, 1333), 'mmseg': (512, 2048)}
+from convneur_mm.utils.complexity import measure_config
 
 
 def parse_args():
@@ -30,27 +26,9 @@ def parse_args():
     return parser.parse_args()
 
 
-@torch.no_grad()
-def measure(config: str, shape=None, cfg_options=None) -> dict:
-    """Params and MACs (both conventions) of the backbone and the whole model."""
-    cfg = load_cfg(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    shape = tuple(shape or DEFAULT_SHAPES[cfg.default_scope])
-    if len(shape) == 1:
-        shape = (shape[0], shape[0])
-    model = build_model(cfg, init=False).eval()
-    batch = dummy_batch(model, cfg.default_scope, shape)
-    backbone = count_macs(model.backbone, lambda: model.backbone(batch['inputs']))
-    whole = count_macs(model, lambda: tensor_forward(model, batch))
-    return dict(shape=shape, model=type(model).__name__,
-                backbone=dict(params=count_params(model.backbone), **backbone),
-                whole=dict(params=count_params(model), **whole))
-
-
 def main():
     args = parse_args()
-    result = measure(args.config, args.shape, args.cfg_options)
+    result = measure_config(args.config, args.shape, args.cfg_options)
     h, w = result['shape']
     print(f'{args.config}  ({result["model"]}, input 1x3x{h}x{w})')
     print('| part | params (M) | paper MACs (G) | full MACs (G) |')
