@@ -91,39 +91,60 @@ def memory_grads(weights: MemoryWeights, keys: Tensor, values: Tensor,
     return MemoryWeights(per_chunk(keys, d_pre), per_chunk(act, d_hidden), d_g)
 
 
-def linear_scan(log_decay: Tensor,
-                inputs: Tensor,
-                initial: Optional[Tensor] = None,
-                block_size: int = 64) -> Tensor:
-    """All states of ``x_t = exp(log_decay_t) * x_{t-1} + inputs_t``.
+def momentum_decay_states(grads: Tensor, lr_mod: Tensor, log_keep: Tensor,
+                          log_momentum: Tensor, initial: Tensor,
+                          block_size: int = 64) -> Tensor:
+    """All memory states of the momentum/decay recursion, as matrix products.
+
+    ``S_t = eta_t S_{t-1} - rho_t G_t`` (S_0 = 0) and
+    ``W_t = (1 - alpha_t) W_{t-1} + S_t`` unroll to ``W_t = a_t W_0 +
+    sum_s M[t, s] G_s`` with a lower-triangular (U x U) matrix ``M`` built
+    from cumulative log-coefficients (every exponent is <= 0, so nothing
+    overflows). One batched matrix product per block of ``block_size`` steps
+    then yields all states; blocks are chained through (W, S) carries, so the
+    cost stays linear in U.
 
     Args:
-        log_decay: (..., T) log of the per-step decay (<= 0 for stability).
-        inputs: (..., T, *S) additive inputs.
-        initial: (..., *S) state before the first step; zeros if None.
-        block_size: steps solved at once as a masked (T x T) product; blocks are
-            chained sequentially, so cost is linear in T.
+        grads: (N, U, P) flattened gradients G_1..G_U.
+        lr_mod: (N, U) the per-tensor learning-rate modulation rho_t.
+        log_keep: (N, U) log(1 - alpha_t).
+        log_momentum: (N, U) log(eta_t).
+        initial: (N, P) W_0.
 
     Returns:
-        (..., T, *S) states x_1 .. x_T.
+        (N, U + 1, P): W_0, W_1, ..., W_U.
     """
-    lead = log_decay.shape
-    num_steps = lead[-1]
-    state_shape = inputs.shape[len(lead):]
-    flat = inputs.reshape(*lead, -1)
-    carry = None if initial is None else initial.reshape(*lead[:-1], -1)
-    outputs = []
+    num_steps = grads.shape[1]
+    blocks = []
+    weights, momentum = initial, None
     for start in range(0, num_steps, block_size):
         stop = min(start + block_size, num_steps)
-        cum = log_decay[..., start:stop].cumsum(dim=-1)
-        diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)  # (..., t, s) = c_t - c_s
-        causal = torch.ones(
-            stop - start, stop - start, dtype=torch.bool,
-            device=diff.device).tril()
-        mix = torch.exp(diff.masked_fill(~causal, float('-inf')))
-        block = mix @ flat[..., start:stop, :]
-        if carry is not None:
-            block = block + cum.exp().unsqueeze(-1) * carry.unsqueeze(-2)
-        outputs.append(block)
-        carry = block[..., -1, :]
-    return torch.cat(outputs, dim=-2).reshape(*lead, *state_shape)
+        keep_mix = _decay_matrix(log_keep[:, start:stop])  # [t, r]
+        momentum_mix = _decay_matrix(log_momentum[:, start:stop])  # [r, s]
+        scale = -lr_mod[:, None, start:stop]  # surprise = -rho_s G_s
+        coef = keep_mix.bmm(momentum_mix) * scale
+        carry = keep_mix[..., 0:1] * log_keep[:, start:start + 1, None].exp()  # a_t
+        if start == 0:  # a first row that is W_0 itself
+            coef = F.pad(coef, (0, 0, 1, 0))
+            carry = F.pad(carry, (0, 0, 1, 0), value=1.0)
+        states = coef.bmm(grads[:, start:stop]).addcmul_(carry, weights[:, None])
+        if momentum is not None:  # S_prev decays through eta, then through keep
+            from_momentum = keep_mix.bmm(log_momentum[:, start:stop].cumsum(-1).exp()[..., None])
+            states.addcmul_(from_momentum, momentum[:, None])
+        blocks.append(states)
+        if stop < num_steps:
+            last = momentum_mix[:, -1:] * scale  # S at the block's end
+            new_momentum = last.bmm(grads[:, start:stop])[:, 0]
+            if momentum is not None:
+                new_momentum = new_momentum + momentum * log_momentum[
+                    :, start:stop].sum(-1, keepdim=True).exp()
+            weights, momentum = states[:, -1], new_momentum
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+def _decay_matrix(log_decay: Tensor) -> Tensor:
+    """(N, K) log-coefficients -> (N, K, K) with [t, s] = prod_{s<j<=t} decay_j."""
+    cum = log_decay.cumsum(dim=-1)
+    causal = torch.ones(cum.shape[-1], cum.shape[-1], dtype=torch.bool,
+                        device=cum.device).tril()
+    return torch.exp((cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float('-inf')))

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .memory_ops import (MemoryWeights, linear_scan, memory_forward,
-                         memory_grads)
+from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
+                         momentum_decay_states)
 
 UPDATE_MODES = ('parallel', 'sequential')
 RMS_EPS = 1e-6
@@ -53,7 +53,8 @@ class NeuralMemory(nn.Module):
         max_lr: the inner-loop step size; theta_i = max_lr * sigmoid(.).
         heads: memory heads; d must be divisible by it.
         update: 'parallel' or 'sequential' (see module docstring).
-        scan_block: chunks solved at once by the momentum/decay scan.
+        scan_block: chunks whose states come from one matrix product
+            (longer sequences are chained block by block).
     """
 
     def __init__(self,
@@ -189,40 +190,30 @@ class NeuralMemory(nn.Module):
             grads = memory_grads(w0, keys.reshape(h, b * u, L, hd),
                                  values.reshape(h, b * u, L, hd),
                                  token_lr.reshape(h, b * u, L))
-            states = MemoryWeights(*(
-                self._scan(-_bcast(m, g) * g, init, log_keep, log_momentum)
-                for m, g, init in zip(lr_mod, grads.map(
-                    lambda t: t.reshape(h, b, u, *t.shape[2:])), w0)))
-        else:
-            states = self._sequential_states(keys.reshape(*chunks, hd),
-                                             values.reshape(*chunks, hd),
-                                             token_lr.reshape(chunks), log_keep,
-                                             log_momentum, lr_mod)
-        return MemoryWeights(*(
-            torch.cat([init[:, None, None].expand(h, b, 1, *init.shape[1:]), st], dim=2)
-            for init, st in zip(w0, states)))
-
-    def _scan(self, surprise: Tensor, init: Tensor, log_keep: Tensor,
-              log_momentum: Tensor) -> Tensor:
-        """S_t = eta_t S_{t-1} + surprise_t, W_t = (1 - alpha_t) W_{t-1} + S_t."""
-        h, b = surprise.shape[:2]
-        momentum = linear_scan(log_momentum, surprise, block_size=self.scan_block)
-        return linear_scan(log_keep, momentum,
-                           initial=init[:, None].expand(h, b, *init.shape[1:]),
-                           block_size=self.scan_block)
+            return MemoryWeights(*(
+                momentum_decay_states(
+                    g.reshape(h * b, u, -1), m.reshape(h * b, u),
+                    log_keep.reshape(h * b, u), log_momentum.reshape(h * b, u),
+                    init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1),
+                    self.scan_block).reshape(h, b, u + 1, *init.shape[1:])
+                for g, m, init in zip(grads, lr_mod, w0)))
+        return self._sequential_states(keys.reshape(*chunks, hd),
+                                       values.reshape(*chunks, hd),
+                                       token_lr.reshape(chunks), log_keep,
+                                       log_momentum, lr_mod)
 
     def _sequential_states(self, keys: Tensor, values: Tensor, token_lr: Tensor,
                            log_keep: Tensor, log_momentum: Tensor,
                            lr_mod: Tensor) -> MemoryWeights:
-        """W_1 .. W_U, each chunk's gradient taken at the previous state."""
+        """W_0 .. W_U, each chunk's gradient taken at the previous state."""
         h, b, u, L, hd = keys.shape
         weights = self.initial_state.map(
             lambda t: t[:, None].expand(h, b, *t.shape[1:]))
+        history: List[MemoryWeights] = [weights]
         keep, eta = log_keep.exp(), log_momentum.exp()
         # S_0 = 0 explicitly, so that eta_1 is in the graph (with zero gradient)
         # exactly as in the parallel scan.
         momentum = [torch.zeros(()).to(w) for w in weights]
-        history: List[MemoryWeights] = []
         for t in range(u):
             grads = memory_grads(
                 weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),

@@ -1,37 +1,49 @@
 import pytest
 import torch
 
-from convneur_mm.models.layers.memory_ops import (MemoryWeights, linear_scan,
-                                                  memory_forward, memory_grads)
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, memory_forward,
+                                                  memory_grads, momentum_decay_states)
 
 
-def _naive_scan(log_decay, inputs, initial):
-    state, out = initial, []
-    for t in range(inputs.shape[1]):
-        state = log_decay[:, t].exp()[:, None] * state + inputs[:, t]
-        out.append(state)
-    return torch.stack(out, dim=1)
+def _naive_states(grads, lr_mod, log_keep, log_momentum, initial):
+    weights, momentum, states = initial, torch.zeros_like(initial), [initial]
+    for t in range(grads.shape[1]):
+        momentum = log_momentum[:, t, None].exp() * momentum - lr_mod[:, t, None] * grads[:, t]
+        weights = log_keep[:, t, None].exp() * weights + momentum
+        states.append(weights)
+    return torch.stack(states, dim=1)
 
 
-@pytest.mark.parametrize('steps,block', [(1, 64), (7, 3), (16, 64), (130, 64)])
-def test_linear_scan_matches_loop(steps, block):
-    g = torch.Generator().manual_seed(steps)
-    log_decay = torch.nn.functional.logsigmoid(torch.randn(3, steps, generator=g)).double()
-    inputs = torch.randn(3, steps, 5, generator=g).double()
-    initial = torch.randn(3, 5, generator=g).double()
-    fast = linear_scan(log_decay, inputs, initial, block_size=block)
-    torch.testing.assert_close(fast, _naive_scan(log_decay, inputs, initial))
-    no_init = linear_scan(log_decay, inputs, None, block_size=block)
-    torch.testing.assert_close(no_init, _naive_scan(log_decay, inputs, torch.zeros_like(initial)))
+@pytest.mark.parametrize('steps,block', [(1, 64), (7, 3), (16, 64), (130, 64), (9, 4)])
+def test_momentum_decay_states_match_the_recursion(steps, block):
+    gen = torch.Generator().manual_seed(steps)
+    args = (torch.randn(3, steps, 5, generator=gen).double(),
+            torch.rand(3, steps, generator=gen).double(),
+            torch.nn.functional.logsigmoid(torch.randn(3, steps, generator=gen)).double(),
+            torch.nn.functional.logsigmoid(torch.randn(3, steps, generator=gen)).double(),
+            torch.randn(3, 5, generator=gen).double())
+    fast = momentum_decay_states(*args, block_size=block)
+    torch.testing.assert_close(fast, _naive_states(*args))
 
 
-def test_linear_scan_survives_tiny_decays():
+def test_momentum_decay_states_are_differentiable_in_every_input():
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 6, 3, generator=gen).double(), torch.rand(2, 6, generator=gen).double(),
+            -torch.rand(2, 6, generator=gen).double(), -torch.rand(2, 6, generator=gen).double(),
+            torch.randn(2, 3, generator=gen).double()]
+    args = [a.requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(
+        lambda *a: momentum_decay_states(*a, block_size=4), args)
+
+
+def test_momentum_decay_states_survive_tiny_decays():
     # exp(cumsum) underflows over long sequences; the masked form must not NaN
-    log_decay = torch.full((1, 300), -50.0)
-    inputs = torch.ones(1, 300, 2)
-    out = linear_scan(log_decay, inputs, torch.ones(1, 2))
+    steps = 300
+    out = momentum_decay_states(torch.ones(1, steps, 2), torch.ones(1, steps),
+                                torch.full((1, steps), -50.0), torch.full((1, steps), -50.0),
+                                torch.ones(1, 2))
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out[0, -1], torch.ones(2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[0, -1], -torch.ones(2), rtol=0, atol=1e-6)
 
 
 def test_closed_form_grads_match_autograd_per_chunk():

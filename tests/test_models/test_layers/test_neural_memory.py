@@ -15,15 +15,17 @@ def _perturbed_memory(dim, seed, **kwargs):
     return memory
 
 
-# (chunk_size, tokens, heads): N multiple of L, N not a multiple, N < L, N == L
-CASES = [(5, 20, 1), (5, 23, 1), (4, 16, 2), (7, 3, 1), (6, 6, 1), (3, 40, 2)]
+# (chunk_size, tokens, heads, scan_block): N multiple of L, N not a multiple,
+# N < L, N == L, states solved over several blocks
+CASES = [(5, 20, 1, 64), (5, 23, 1, 64), (4, 16, 2, 64), (7, 3, 1, 64), (6, 6, 1, 64),
+         (3, 40, 2, 4)]
 
 
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
-@pytest.mark.parametrize('chunk,tokens,heads', CASES)
-def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads):
+@pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
+def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads, scan_block):
     memory = _perturbed_memory(12, seed=chunk * 100 + tokens, chunk_size=chunk,
-                               heads=heads, update=update, max_lr=0.7)
+                               heads=heads, update=update, max_lr=0.7, scan_block=scan_block)
     x = torch.randn(2, tokens, 12, dtype=torch.float64, requires_grad=True)
     out, ref = memory(x), reference_memory(memory, x)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
