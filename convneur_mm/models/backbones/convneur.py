@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from convneur_mm.registry import MODELS
 from ..layers.block import ConvNeurBlock
+from ..layers.global_branch import MIXERS
 from ..layers.neural_memory import UPDATE_MODES, NeuralMemory
 from ..layers.norms import LayerNorm2d
 from ...utils.pretrained import load_pretrained_backbone
@@ -75,6 +76,8 @@ class ConvNeur(BaseModule):
         memory_placement: 'stage' (first block of each stage, the paper's
             default), 'block' (every block) or 'none' (local-only ablation).
         fusion: 'gate' (default), 'add' or 'concat' (Table 5 ablations).
+        global_mixer: 'memory' (default) or 'attention': global self-attention
+            in the same bottleneck (Table 5, and the scaling comparison).
         drop_path_rate: stochastic depth rate, linearly increasing per block.
         out_indices: stages whose (normalized) outputs are returned.
         frozen_stages: freeze the stem and the first ``frozen_stages`` stages.
@@ -98,6 +101,7 @@ class ConvNeur(BaseModule):
                  memory_cfg: Optional[dict] = None,
                  memory_placement: str = 'stage',
                  fusion: str = 'gate',
+                 global_mixer: str = 'memory',
                  drop_path_rate: float = 0.0,
                  out_indices: Union[int, Sequence[int]] = -1,
                  frozen_stages: int = 0,
@@ -113,6 +117,8 @@ class ConvNeur(BaseModule):
             raise ValueError(
                 f'memory_placement must be one of {PLACEMENTS}, got {memory_placement!r}')
         self.memory_placement = memory_placement
+        if global_mixer not in MIXERS:
+            raise ValueError(f'global_mixer must be one of {MIXERS}, got {global_mixer!r}')
         self.out_indices = self._parse_out_indices(out_indices, self.num_stages)
         if not 0 <= frozen_stages <= self.num_stages:
             raise ValueError(f'frozen_stages must be in [0, {self.num_stages}], '
@@ -135,7 +141,8 @@ class ConvNeur(BaseModule):
                     dim,
                     drop_path=drop_rates[block_idx + j],
                     memory_cfg=self.memory_cfg if self._has_memory(j) else None,
-                    fusion=fusion) for j in range(depth)
+                    fusion=fusion,
+                    global_mixer=global_mixer) for j in range(depth)
             ]))
             block_idx += depth
             if i in self.out_indices:

@@ -5,7 +5,7 @@ import torch
 from mmcv.cnn.bricks import DropPath
 from torch import Tensor, nn
 
-from .global_branch import GlobalMemoryBranch
+from .global_branch import GlobalBranch
 from .local_branch import LocalBranch
 
 FUSIONS = ('gate', 'add', 'concat')
@@ -13,6 +13,9 @@ FUSIONS = ('gate', 'add', 'concat')
 
 class ConvNeurBlock(nn.Module):
     """``X + DropPath(fuse(G, F_loc))``; without memory ``X + DropPath(F_loc)``.
+
+    ``memory_cfg`` (None: no global branch) holds ``dim`` (C_m) and the
+    NeuralMemory settings; ``global_mixer`` picks memory or self-attention.
 
     Fusion (the paper's Table 5): 'gate' sigmoid(G) * F_loc (default), 'add'
     G + F_loc, 'concat' Conv1x1([G, F_loc]) (2C -> C).
@@ -22,7 +25,8 @@ class ConvNeurBlock(nn.Module):
                  channels: int,
                  drop_path: float = 0.0,
                  memory_cfg: Optional[dict] = None,
-                 fusion: str = 'gate'):
+                 fusion: str = 'gate',
+                 global_mixer: str = 'memory'):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
@@ -31,8 +35,8 @@ class ConvNeurBlock(nn.Module):
         self.fusion = fusion
         if memory_cfg is not None:
             memory_cfg = dict(memory_cfg)
-            self.global_branch = GlobalMemoryBranch(
-                channels, memory_cfg.pop('dim'), **memory_cfg)
+            self.global_branch = GlobalBranch(
+                channels, memory_cfg.pop('dim'), global_mixer, **memory_cfg)
             if fusion == 'concat':
                 self.fuse = nn.Conv2d(2 * channels, channels, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -140,6 +140,13 @@ def test_ablation_switches(placement, fusion, memories):
     assert model(torch.randn(1, 3, 64, 64))[0].shape == (1, 32)
 
 
+def test_attention_mixer_replaces_the_memory():
+    model = _tiny(global_mixer='attention')
+    assert not [m for m in model.modules() if type(m).__name__ == 'NeuralMemory']
+    assert len([m for m in model.modules() if type(m).__name__ == 'GlobalSelfAttention']) == 4
+    assert model(torch.randn(1, 3, 64, 64))[0].shape == (1, 32)
+
+
 def test_layer_depths_increase_through_the_network():
     model = _tiny()
     depths = [model.get_layer_depth(n)[0] for n, _ in model.named_parameters()]
@@ -161,6 +168,7 @@ def test_layer_depths_increase_through_the_network():
     (dict(memory_cfg=dict(update='fast')), ValueError, 'update'),
     (dict(memory_placement='layer'), ValueError, 'memory_placement'),
     (dict(fusion='mul'), ValueError, 'fusion'),
+    (dict(global_mixer='rwkv'), ValueError, 'global_mixer'),
 ])
 def test_bad_arguments_give_clear_errors(kwargs, error, match):
     kwargs.setdefault('arch', 'm1')
