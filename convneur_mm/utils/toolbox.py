@@ -3,11 +3,14 @@
 Used by the smoke run, the FLOPs tool and the benchmarks; it imports the
 toolbox named by the config's ``default_scope`` only when asked to.
 """
+import logging
 import os.path as osp
+from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 from torch import nn
 
@@ -17,13 +20,29 @@ SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 def load_cfg(config: str) -> Config:
-    """A config by path, or by file name among the shipped configs."""
+    """A config by path, by file name among the shipped configs, or a
+    toolbox's own as ``mmpretrain::path/to/config.py``."""
     export_config_dir()
+    if '::' in config:
+        from mmengine.hub import get_config
+        return get_config(config)
     if not osp.isfile(config) and osp.isfile(osp.join(config_dir(), config)):
         config = osp.join(config_dir(), config)
     if not osp.isfile(config):
         raise FileNotFoundError(f'config not found: {config}')
     return Config.fromfile(config)
+
+
+@contextmanager
+def quiet_init():
+    """Silence MMEngine's per-parameter INFO lines from ``init_weights``."""
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def build_model(cfg: Config, init: bool = True) -> nn.Module:
@@ -35,7 +54,8 @@ def build_model(cfg: Config, init: bool = True) -> nn.Module:
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     model = registry.build(cfg.model)
     if init:
-        model.init_weights()
+        with quiet_init():
+            model.init_weights()
     return model
 
 

@@ -1,0 +1,228 @@
+"""Throughput, latency, FLOPs, params and peak memory of ConvNeur and peers.
+
+    python tools/analysis_tools/benchmark_speed.py [--device cpu|cuda] [--batch B]
+        [--models NAME ...] [--out results.json]
+
+All models are ImageNet classifiers at 224x224 in eval mode, built in this
+process tree from MMPretrain (ResNet-50, ConvNeXt, Swin-T), MMDetection
+(PVTv2-B1: MMPretrain has no PVT) and our configs. Each model is measured in
+its own subprocess so that peak memory is its own; the ratios come from this
+one run. The protocol follows the OverLoCK paper's speed table: throughput at
+batch 128 on a GPU (``--batch`` on CPU, default 16) and latency at batch 1.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+# name -> (config, cfg_options); 'mmdet-pvtv2-b1' is built by hand below
+MODELS = {
+    'ConvNeur-M1': ('cls_convneur_m1_300e_in1k.py', None),
+    'ConvNeur-M2': ('cls_convneur_m2_300e_in1k.py', None),
+    'ConvNeur-M3': ('cls_convneur_m3_300e_in1k.py', None),
+    'ConvNeur-M4': ('cls_convneur_m4_300e_in1k.py', None),
+    'ConvNeur-M3 local-only': ('cls_convneur_m3_300e_in1k.py',
+                               {'model.backbone.memory_placement': 'none'}),
+    'ResNet-50': ('mmpretrain::resnet/resnet50_8xb32_in1k.py', None),
+    'ConvNeXt-V2-P': ('mmpretrain::convnext_v2/convnext-v2-pico_32xb32_in1k.py', None),
+    'ConvNeXt-T': ('mmpretrain::convnext/convnext-tiny_32xb128_in1k.py', None),
+    'Swin-T': ('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py', None),
+    'PVTv2-B1': ('mmdet-pvtv2-b1', None),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch', type=int, help='throughput batch (CPU 16, CUDA 128)')
+    parser.add_argument('--iters', type=int, default=3, help='timed iterations')
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--out', help='also write the results as JSON here')
+    parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: measure one model
+    return parser.parse_args()
+
+
+class _PVTv2Classifier(nn.Module):
+    """MMDetection's PVTv2-B1 backbone + global pool + linear head."""
+
+    def __init__(self):
+        super().__init__()
+        from mmdet.registry import MODELS as DET_MODELS
+        from mmengine.registry import init_default_scope
+        init_default_scope('mmdet')
+        self.backbone = DET_MODELS.build(dict(
+            type='PyramidVisionTransformerV2', embed_dims=64, num_layers=[2, 2, 2, 2]))
+        self.head = nn.Linear(512, 1000)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[-1].mean((2, 3)))
+
+
+def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
+    """A function images -> logits, and the module holding the parameters."""
+    config, options = MODELS[name]
+    if config == 'mmdet-pvtv2-b1':
+        model = _PVTv2Classifier()
+        return model, model
+    from convneur_mm.utils.toolbox import build_model, load_cfg
+    cfg = load_cfg(config)
+    if options:
+        cfg.merge_from_dict(options)
+    model = build_model(cfg, init=False)
+    return (lambda x: model(x, mode='tensor')), model
+
+
+def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> List[float]:
+    def sync():
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+    fn(x)
+    sync()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn(x)
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)
+
+
+def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor) -> float:
+    """Wall time spent inside ConvNeur's global branches during one forward."""
+    from convneur_mm.models.layers.global_branch import GlobalBranch
+    spent, starts, handles = [0.0], {}, []
+    for m in model.modules():
+        if isinstance(m, GlobalBranch):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, inp: starts.__setitem__(id(mod), time.perf_counter())))
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out: spent.__setitem__(
+                    0, spent[0] + time.perf_counter() - starts[id(mod)])))
+    fn(x)
+    for h in handles:
+        h.remove()
+    return spent[0]
+
+
+@torch.inference_mode()
+def measure(name: str, device: str, batch: int, iters: int) -> Dict:
+    """Run in a fresh process: every number about one model."""
+    import convneur_mm  # noqa: F401
+    from convneur_mm.models.layers.global_branch import GlobalBranch
+    from convneur_mm.utils.complexity import count_macs, count_params
+    torch.manual_seed(0)
+    fn, model = build_classifier(name)
+    model = model.to(device)
+    model.eval()  # some toolbox models' train() returns None
+    one = torch.randn(1, 3, 224, 224, device=device)
+    macs = count_macs(model, lambda: fn(one))
+    branch_macs = 0
+    branches = [m for m in model.modules() if isinstance(m, GlobalBranch)]
+    if branches:  # the branches' own full MACs, counted on their real inputs
+        inputs = []
+        hooks = [b.register_forward_hook(lambda m, i, o: inputs.append((m, i[0])))
+                 for b in branches]
+        fn(one)
+        for h in hooks:
+            h.remove()
+        branch_macs = sum(count_macs(m, lambda m=m, t=t: m(t))['full'] for m, t in inputs)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    through = _timed(fn, x, iters, device)
+    latency = _timed(fn, one, max(iters, 5), device)
+    branch_seconds = _global_branch_seconds(model, fn, x) if branches else 0.0
+    if device.startswith('cuda'):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux; the growth over the model's idle state
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    median = through[len(through) // 2]
+    return dict(name=name, params=count_params(model), paper_macs=macs['paper'],
+                full_macs=macs['full'], throughput=batch / median,
+                latency_ms=latency[len(latency) // 2] * 1e3, peak_mb=peak_mb,
+                branch_time_share=branch_seconds / median if branches else None,
+                branch_mac_share=branch_macs / macs['full'] if branches else None)
+
+
+def device_name(device: str) -> str:
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name()
+    return (f'{platform.machine()} CPU ({os.cpu_count()} cores), '
+            f'{torch.get_num_threads()} torch threads')
+
+
+def run_all(args) -> List[Dict]:
+    batch = args.batch or (128 if args.device.startswith('cuda') else 16)
+    results = []
+    for name in args.models:
+        cmd = [sys.executable, __file__, '--worker', name, '--device', args.device,
+               '--batch', str(batch), '--iters', str(args.iters)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f'{name} failed:\n{out.stderr[-3000:]}')
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f'measured {name}', file=sys.stderr)
+    return results
+
+
+def report(results: List[Dict], device: str, batch: int) -> str:
+    by_name = {r['name']: r for r in results}
+    ref = by_name.get('ResNet-50')
+    lines = [f'Device: {device_name(device)}; throughput at batch {batch}, latency at '
+             'batch 1, 224x224, eval mode, float32.', '',
+             '| model | params (M) | paper GMACs | full GMACs | throughput (img/s) | '
+             'vs ResNet-50 | latency (ms) | peak mem (MB) | global-branch time / MAC share |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in results:
+        share = ('-' if r['branch_time_share'] is None else
+                 f'{100 * r["branch_time_share"]:.0f}% / {100 * r["branch_mac_share"]:.0f}%')
+        ratio = f'{r["throughput"] / ref["throughput"]:.2f}x' if ref else '-'
+        lines.append(
+            f'| {r["name"]} | {r["params"] / 1e6:.2f} | {r["paper_macs"] / 1e9:.2f} | '
+            f'{r["full_macs"] / 1e9:.2f} | {r["throughput"]:.1f} | {ratio} | '
+            f'{r["latency_ms"]:.1f} | {r["peak_mb"]:.0f} | {share} |')
+    m3, local = by_name.get('ConvNeur-M3'), by_name.get('ConvNeur-M3 local-only')
+    if m3 and local:
+        wall = local['throughput'] / m3['throughput'] - 1
+        paper = m3['paper_macs'] / local['paper_macs'] - 1
+        full = m3['full_macs'] / local['full_macs'] - 1
+        lines += ['', f'ConvNeur-M3 over its local-only ablation: wall-time overhead '
+                  f'{100 * wall:.0f}%, paper-FLOPs overhead {100 * paper:.0f}% '
+                  f'(ratio {wall / paper:.2f}; target <= 1.5), full-MAC overhead '
+                  f'{100 * full:.0f}%.']
+    if m3 and ref:
+        lines.append(f'ConvNeur-M3 throughput / ResNet-50: '
+                     f'{m3["throughput"] / ref["throughput"]:.2f}x (target >= 1.5x).')
+    return '\n'.join(lines)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.device, args.batch, args.iters)))
+        return
+    results = run_all(args)
+    batch = args.batch or (128 if args.device.startswith('cuda') else 16)
+    print(report(results, args.device, batch))
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(dict(device=device_name(args.device), batch=batch, results=results), f,
+                      indent=1)
+
+
+if __name__ == '__main__':
+    main()

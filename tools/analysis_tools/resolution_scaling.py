@@ -1,0 +1,192 @@
+"""Backbone forward time and peak memory against input resolution.
+
+    python tools/analysis_tools/resolution_scaling.py [--device cpu|cuda]
+        [--sizes 256 512 1024 2048] [--budget 120] [--out-dir DIR]
+
+Models: ConvNeur-M3 with the dense-prediction memory setting (chunk 4096),
+the same backbone with global self-attention in place of the memory, and
+Swin-T. Each (model, size) runs in its own subprocess (peak memory is its
+own). A run whose time, extrapolated from the smaller sizes, would exceed
+``--budget`` seconds is skipped and reported as such. Prints a Markdown table,
+the fitted exponent of time against pixel count and t(2048^2) / t(1024^2),
+and writes a PNG plot.
+"""
+import argparse
+import json
+import math
+import os.path as osp
+import resource
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
+          gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
+MODELS = {
+    'ConvNeur-M3': ('mmpretrain', M3),
+    'ConvNeur-M3 attention': ('mmpretrain', dict(M3, global_mixer='attention')),
+    'Swin-T': ('mmpretrain', dict(type='SwinTransformer', arch='tiny', pad_small_map=True,
+                                  out_indices=(0, 1, 2, 3))),
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--sizes', type=int, nargs='+', default=[256, 512, 1024, 1536, 2048])
+    parser.add_argument('--budget', type=float, default=120.0,
+                        help='skip runs predicted to take longer (seconds per forward)')
+    parser.add_argument('--iters', type=int, default=2)
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--out-dir', default='work_dirs/resolution_scaling')
+    parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)  # name H W
+    return parser.parse_args()
+
+
+@torch.inference_mode()
+def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
+    """One backbone forward at ``size``, in a fresh process."""
+    import convneur_mm  # noqa: F401
+    from mmengine.registry import init_default_scope
+    scope, cfg = MODELS[name]
+    init_default_scope(scope)
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    model = registry.build(cfg).to(device)
+    model.eval()  # some toolbox backbones' train() returns None
+    x = torch.randn(1, 3, *size, device=device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(iters + 1):  # the first run warms up
+        start = time.perf_counter()
+        model(x)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    return dict(name=name, size=list(size), seconds=min(times), peak_mb=peak)
+
+
+def fit_exponent(points: List[Tuple[float, float]]) -> Optional[float]:
+    """Least-squares slope of log(time) against log(pixels)."""
+    if len(points) < 2:
+        return None
+    xs = [math.log(p) for p, _ in points]
+    ys = [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def run_all(args) -> List[Dict]:
+    shapes = [(s, s) for s in sorted(args.sizes)] + [(800, 1333)]
+    shapes.sort(key=lambda s: s[0] * s[1])
+    results = []
+    for name in args.models:
+        done: List[Tuple[float, float]] = []
+        for shape in shapes:
+            pixels = shape[0] * shape[1]
+            exponent = fit_exponent(done[-2:]) if len(done) >= 2 else None
+            if exponent is not None:  # never assume better than linear
+                exponent = max(exponent, 1.0)
+                predicted = done[-1][1] * (pixels / done[-1][0]) ** exponent
+                if predicted > args.budget:
+                    results.append(dict(name=name, size=list(shape), skipped=predicted))
+                    continue
+            cmd = [sys.executable, __file__, '--worker', name, str(shape[0]), str(shape[1]),
+                   '--device', args.device, '--iters', str(args.iters)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                results.append(dict(name=name, size=list(shape),
+                                    error=out.stderr.strip().splitlines()[-1][:200]))
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(result)
+            done.append((pixels, result['seconds']))
+            print(f'{name} {shape}: {result["seconds"]:.2f}s', file=sys.stderr)
+    return results
+
+
+def summarize(results: List[Dict]) -> Dict[str, Dict]:
+    summary = {}
+    for name in dict.fromkeys(r['name'] for r in results):
+        rows = {tuple(r['size']): r for r in results if r['name'] == name and 'seconds' in r}
+        square = [(s[0] * s[1], r['seconds']) for s, r in rows.items() if s[0] == s[1]]
+        ratio = None
+        if (2048, 2048) in rows and (1024, 1024) in rows:
+            ratio = rows[(2048, 2048)]['seconds'] / rows[(1024, 1024)]['seconds']
+        summary[name] = dict(exponent=fit_exponent(square), ratio_2048_1024=ratio)
+    return summary
+
+
+def table(results: List[Dict], summary: Dict[str, Dict]) -> str:
+    lines = ['| model | input | time (s) | peak mem (MB) |', '|---|---|---|---|']
+    for r in results:
+        size = f'{r["size"][0]}x{r["size"][1]}'
+        if 'seconds' in r:
+            lines.append(f'| {r["name"]} | {size} | {r["seconds"]:.3f} | {r["peak_mb"]:.0f} |')
+        elif 'skipped' in r:
+            lines.append(f'| {r["name"]} | {size} | skipped (predicted {r["skipped"]:.0f} s) | - |')
+        else:
+            lines.append(f'| {r["name"]} | {size} | failed: {r["error"]} | - |')
+    lines += ['', '| model | time ~ pixels^k, k = | t(2048^2) / t(1024^2) |', '|---|---|---|']
+    for name, s in summary.items():
+        k = '-' if s['exponent'] is None else f'{s["exponent"]:.2f}'
+        ratio = '-' if s['ratio_2048_1024'] is None else f'{s["ratio_2048_1024"]:.2f}'
+        lines.append(f'| {name} | {k} | {ratio} |')
+    return '\n'.join(lines)
+
+
+def plot(results: List[Dict], path: str, device: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r['name'] for r in results):
+        rows = sorted((r['size'][0] * r['size'][1] / 1e6, r) for r in results
+                      if r['name'] == name and 'seconds' in r)
+        if not rows:
+            continue
+        mp = [p for p, _ in rows]
+        axes[0].plot(mp, [r['seconds'] for _, r in rows], 'o-', label=name)
+        axes[1].plot(mp, [r['peak_mb'] for _, r in rows], 'o-', label=name)
+    for ax, ylabel in zip(axes, ('forward time (s)', 'peak memory (MB)')):
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('input megapixels')
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend()
+    fig.suptitle(f'Backbone forward, batch 1, {device}')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        name, h, w = args.worker
+        print(json.dumps(measure(name, (int(h), int(w)), args.device, args.iters)))
+        return
+    import os
+    os.makedirs(args.out_dir, exist_ok=True)
+    results = run_all(args)
+    summary = summarize(results)
+    print(table(results, summary))
+    with open(osp.join(args.out_dir, 'results.json'), 'w') as f:
+        json.dump(dict(device=args.device, results=results, summary=summary), f, indent=1)
+    plot(results, osp.join(args.out_dir, 'resolution_scaling.png'), args.device)
+    print(f'\nplot: {osp.join(args.out_dir, "resolution_scaling.png")}')
+
+
+if __name__ == '__main__':
+    main()
