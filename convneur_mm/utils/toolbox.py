@@ -52,7 +52,10 @@ def build_model(cfg: Config, init: bool = True) -> nn.Module:
         raise ValueError(f'config default_scope must be one of {SCOPES}, got {scope!r}')
     init_default_scope(scope)
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    model = registry.build(cfg.model)
+    model_cfg = cfg.model.copy()
+    if 'data_preprocessor' in cfg:  # top level in MMPretrain configs: as the Runner does
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    model = registry.build(model_cfg)
     if init:
         with quiet_init():
             model.init_weights()
