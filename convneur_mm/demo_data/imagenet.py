@@ -17,13 +17,14 @@ Mixup and CutMix. Ten classes keep top-5 meaningful (chance is 10% / 50%).
 
     python -m convneur_mm.demo_data.imagenet data/imagenet_tiny/
 """
-import argparse
 import os
 import os.path as osp
 from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
+
+from .cli import generator_main
 
 # name, shape, RGB colour, texture
 CATEGORIES: Tuple[Tuple[str, str, Tuple[int, int, int], str], ...] = (
@@ -171,16 +172,7 @@ def generate_imagenet_tiny(out_dir: str, train_per_class: int = 48, val_per_clas
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('out_dir', help='dataset root to write, e.g. data/imagenet_tiny/')
-    parser.add_argument('--train-per-class', type=int, default=48)
-    parser.add_argument('--val-per-class', type=int, default=10)
-    parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args(argv)
-    paths = generate_imagenet_tiny(args.out_dir, args.train_per_class,
-                                   args.val_per_class, args.seed)
-    for split, path in paths.items():
-        print(f'{split}: {path}')
+    generator_main(generate_imagenet_tiny, argv)
 
 
 if __name__ == '__main__':

@@ -10,11 +10,13 @@
   memory read, the closed-form inner gradients and the scans are included),
   plus the element-wise work of normalization, activation and pooling modules.
 """
+import math
 from contextlib import ExitStack
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -38,7 +40,7 @@ def _first_tensor(value):
 
 
 def _conv_macs(m: nn.modules.conv._ConvNd, inputs, output) -> int:
-    per_position = m.in_channels // m.groups * int(torch.tensor(m.kernel_size).prod())
+    per_position = m.in_channels // m.groups * math.prod(m.kernel_size)
     positions = output.numel() // output.shape[1]
     return positions * m.out_channels * per_position + (output.numel() if m.bias is not None else 0)
 
@@ -117,6 +119,23 @@ def count_params(model: nn.Module) -> int:
 DEFAULT_SHAPES = {'mmpretrain': (224, 224), 'mmdet': (800, 1333), 'mmseg': (512, 2048)}
 
 
+def _count_shape_only(model: nn.Module, run: Callable[[], object],
+                      inputs: torch.Tensor, rebind: Callable[[torch.Tensor], None]
+                      ) -> Dict[str, int]:
+    """``count_macs`` with fake (shape-only) tensors: seconds instead of minutes
+    at 512x2048. Models whose forward depends on values (e.g. the RPN's box
+    selection in a detector) are run for real instead."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        rebind(mode.from_tensor(inputs))
+        try:
+            return count_macs(model, run)
+        except DataDependentOutputException:
+            pass
+        finally:
+            rebind(inputs)
+    return count_macs(model, run)
+
+
 def measure_config(config: str, shape: Optional[Sequence[int]] = None,
                    cfg_options: Optional[dict] = None) -> dict:
     """Params and MACs (both conventions) of a config's backbone and model.
@@ -133,8 +152,14 @@ def measure_config(config: str, shape: Optional[Sequence[int]] = None,
         shape = (shape[0], shape[0])
     model = build_model(cfg, init=False).eval()
     batch = dummy_batch(model, cfg.default_scope, shape)
-    backbone = count_macs(model.backbone, lambda: model.backbone(batch['inputs']))
-    whole = count_macs(model, lambda: tensor_forward(model, batch))
+    inputs = batch['inputs']
+
+    def rebind(tensor: torch.Tensor) -> None:
+        batch['inputs'] = tensor
+
+    backbone = _count_shape_only(model.backbone, lambda: model.backbone(batch['inputs']),
+                                 inputs, rebind)
+    whole = _count_shape_only(model, lambda: tensor_forward(model, batch), inputs, rebind)
     return dict(shape=shape, model=type(model).__name__,
                 backbone=dict(params=count_params(model.backbone), **backbone),
                 whole=dict(params=count_params(model), **whole))

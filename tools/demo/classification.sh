@@ -11,27 +11,12 @@
 # (data/imagenet_tiny, generated if missing), PORT (torchrun's, a free one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PYTHON=${PYTHON:-.venv/bin/python}
+source tools/demo/common.sh
 export IMAGENET_TINY_ROOT=${IMAGENET_TINY_ROOT:-data/imagenet_tiny}  # read by the config
 WORK_DIR=${1:-work_dirs/demo_classification}
 GPUS=${GPUS:-2}
 CONFIG=configs/demo/cls_convneur_m1_imagenet_tiny.py
-FREE_PORT='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-export PORT=${PORT:-$("$PYTHON" -c "$FREE_PORT")}
 start=$SECONDS
-
-# run LOG PATTERN CMD...: full output to LOG, the lines matching PATTERN to the
-# terminal, and the log's tail if CMD fails
-run() {
-    local log=$1 pattern=$2
-    shift 2
-    mkdir -p "$(dirname "$log")"
-    if ! "$@" 2>&1 | tee "$log" | { grep --line-buffered -E "$pattern" || true; }; then
-        tail -n 40 "$log"
-        echo "[classification demo] failed: $*; full log: $log" >&2
-        exit 1
-    fi
-}
 
 if [ ! -f "$IMAGENET_TINY_ROOT/meta/val.txt" ]; then  # written last by the generator
     echo "[classification demo] generating $IMAGENET_TINY_ROOT"
@@ -40,12 +25,12 @@ fi
 
 # --auto-scale-lr: the config's lr is for 2 x 32 images; other GPUS rescale it
 echo "[classification demo] training on $GPUS processes (log: $WORK_DIR/train.log)"
-run "$WORK_DIR/train.log" 'Epoch\((train|val)\)' \
+run_logged classification "$WORK_DIR/train.log" 'Epoch\((train|val)\)' \
     tools/dist_train.sh "$CONFIG" "$GPUS" --work-dir "$WORK_DIR" --auto-scale-lr
 CHECKPOINT=$(cat "$WORK_DIR/last_checkpoint")
 
 echo "[classification demo] evaluating $CHECKPOINT (log: $WORK_DIR/test.log)"
-run "$WORK_DIR/test.log" '^(##|\|)' \
+run_logged classification "$WORK_DIR/test.log" '^(##|\|)' \
     tools/dist_test.sh "$CONFIG" "$CHECKPOINT" "$GPUS" --work-dir "$WORK_DIR/test"
 echo "[classification demo] wall time: $((SECONDS - start)) s (data, training, evaluation;" \
      "10 classes: chance is 10% top-1, 50% top-5)"

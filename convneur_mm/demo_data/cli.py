@@ -1,0 +1,28 @@
+"""The command line every tiny-dataset generator shares.
+
+    python -m convneur_mm.demo_data.<coco|ade20k|imagenet> OUT_DIR [--<size> N ...] [--seed S]
+
+The options are the generator function's own keyword arguments, so that the
+command line and the Python API cannot drift apart.
+"""
+import argparse
+import inspect
+import os.path as osp
+import sys
+from typing import Callable, List, Optional
+
+
+def generator_main(generate: Callable[..., dict], argv: Optional[List[str]] = None) -> None:
+    """Parse ``argv`` into ``generate(out_dir, **sizes, seed=...)`` and report what it wrote."""
+    doc = sys.modules[generate.__module__].__doc__ or ''
+    parser = argparse.ArgumentParser(description=doc.strip().split('\n')[0])
+    parser.add_argument('out_dir', help='dataset root to write')
+    for name, param in inspect.signature(generate).parameters.items():
+        if name != 'out_dir':
+            parser.add_argument('--' + name.replace('_', '-'), type=int, default=param.default,
+                                help=f'default: {param.default}')
+    written = generate(**vars(parser.parse_args(argv)))
+    for split, what in written.items():
+        if isinstance(what, (list, tuple)):  # image files
+            what = f'{len(what)} images in {osp.dirname(what[0])}'
+        print(f'{split}: {what}')
