@@ -1,0 +1,170 @@
+"""Cascade Mask R-CNN on COCO (issue 4): the paper's recipe in our configs,
+CPU training and prediction with the real config, a train-then-evaluate run
+through the tools that prints COCO tables, and clear errors for bad paths."""
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
+from torch import nn
+
+from convneur_mm.demo_data.coco import CLASSES, ann_file, generate_coco_tiny
+from convneur_mm.engine.launch import load_config
+from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
+from .task_utils import REPO, on_tiny_data, train_and_diff
+
+DEMO = osp.join(REPO, 'configs', 'demo', 'cascade_rcnn_convneur_m3_coco_tiny.py')
+CONFIGS = {'cascade_rcnn_convneur_m2_1x_coco.py': ('m2', [48, 96, 192, 384]),
+           'cascade_rcnn_convneur_m3_1x_coco.py': ('m3', [64, 128, 256, 512])}
+
+
+@pytest.fixture(scope='module')
+def coco_tiny(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp('coco_tiny')) + '/'
+    generate_coco_tiny(root, num_train=8, num_val=6)
+    return root
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+
+
+# ---------------------------------------------------------------- configs
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_config_has_the_paper_recipe_and_builds(name):
+    arch, dims = CONFIGS[name]
+    cfg = load_cfg(name)
+    backbone = cfg.model.backbone
+    assert (backbone.type, backbone.arch) == ('convneur_mm.ConvNeur', arch)
+    assert backbone.memory_cfg == dict(chunk_size=4096, max_lr=1e-3)
+    assert backbone.init_cfg.type == 'Pretrained' and backbone.init_cfg.prefix == 'backbone.'
+    assert cfg.model.type == 'CascadeRCNN' and 'mask_head' in cfg.model.roi_head
+    # 2 images x 4 GPUs, 1333x800 single scale for training and testing
+    assert cfg.train_dataloader.batch_size == 2
+    assert cfg.auto_scale_lr.base_batch_size == 8
+    for loader in ('train_dataloader', 'test_dataloader'):
+        steps = {t.type: t for t in cfg[loader].dataset.pipeline}
+        assert steps['Resize'].scale == (1333, 800)
+        assert cfg[loader].dataset.data_root == 'data/coco/'
+    assert 'TestTimeAug' not in str(cfg.test_dataloader)
+    assert cfg.test_evaluator.metric == ['bbox', 'segm']
+    assert cfg.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9,
+                                               weight_decay=1e-4)
+    assert cfg.train_cfg.max_epochs == 12
+    model = build_model(cfg, init=False).eval()
+    assert model.backbone.dims == dims
+    assert [m.in_channels for m in model.neck.lateral_convs] == dims
+    with torch.no_grad():
+        feats = model.extract_feat(dummy_batch(model, 'mmdet', (96, 128))['inputs'])
+    assert [f.shape[-2:] for f in feats] == [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]
+
+
+def test_schedule_is_warmup_then_steps_at_8_and_11():
+    cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
+    optimizer = build_optim_wrapper(nn.Linear(2, 2), cfg.optim_wrapper)
+    init_default_scope('mmdet')
+    schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=optimizer, epoch_length=100))
+                  if s.get('by_epoch', True) else
+                  PARAM_SCHEDULERS.build(dict(s, optimizer=optimizer))
+                  for s in cfg.param_scheduler]
+    warmup = [s for s in schedulers if not s.by_epoch]
+    epochs = [s for s in schedulers if s.by_epoch]
+    lrs = []
+    for _ in range(500):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        for s in warmup:
+            s.step()
+    assert lrs[0] == pytest.approx(0.02 * 0.001)
+    assert lrs[250] == pytest.approx(0.02 * (0.001 + 0.999 * 0.5), rel=1e-2)  # linear
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(0.02)
+    per_epoch = []
+    for _ in range(12):
+        per_epoch.append(optimizer.param_groups[0]['lr'])
+        for s in epochs:
+            s.step()
+    assert per_epoch == pytest.approx([0.02] * 8 + [0.002] * 3 + [0.0002])
+
+
+def test_missing_pretrained_checkpoint_names_the_path(tmp_path):
+    cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
+    path = str(tmp_path / 'no_such_backbone.pth')
+    cfg.model.backbone.init_cfg.checkpoint = path
+    model = build_model(cfg, init=False)
+    with pytest.raises(FileNotFoundError, match=re.escape(path)):
+        model.init_weights()
+
+
+# --------------------------------------------------- training on the CPU
+def test_real_config_trains_one_iteration_and_predicts_on_cpu(coco_tiny, tmp_path):
+    """The real M3 config (1333x800, 80 classes) in one CPU process."""
+    cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
+                      work_dir=str(tmp_path))
+    on_tiny_data(cfg, coco_tiny, metainfo=dict(classes=CLASSES))
+    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
+        evaluator.ann_file = ann_file(coco_tiny, 'val')
+    cfg.train_dataloader.batch_size = 1
+    cfg.train_dataloader.dataset.indices = 2  # image 0 has no object, image 1 a crowd
+    cfg.train_cfg.update(max_epochs=1, val_begin=2)
+    cfg.default_hooks.checkpoint = None
+    runner, changed = train_and_diff(cfg)
+    model = runner.model
+    loss = runner.message_hub.get_scalar('train/loss').current()
+    assert 0 < loss < float('inf')
+    assert {'backbone', 'neck', 'rpn_head', 'roi_head'} <= changed
+
+    model.eval()
+    data = next(iter(runner.build_dataloader(cfg.test_dataloader)))
+    with torch.no_grad():
+        pred = model.test_step(data)[0]
+    assert pred.img_shape == (800, 1000)  # 128x160 scaled to fit 1333x800
+    instances = pred.pred_instances
+    assert instances.bboxes.shape[1] == 4 and len(instances) <= 100
+    assert instances.masks.shape[-2:] == tuple(pred.ori_shape)
+
+
+def _coco_rows(stdout: str) -> dict:
+    """The bbox / segm rows of tools/test.py's COCO table: {task: [AP, AP50, ...]}."""
+    return {task: [float(v) for v in values.split('|')]
+            for task, values in re.findall(r'^\| (bbox|segm) \|(.*)\|$', stdout, re.M)}
+
+
+def test_train_then_evaluate_prints_coco_tables(coco_tiny, tmp_path, monkeypatch):
+    """tools/train.py on the demo config, then tools/test.py on its checkpoint:
+    a checkpoint is written and both COCO tables are printed."""
+    monkeypatch.setenv('COCO_TINY_ROOT', coco_tiny)
+    work_dir = tmp_path / 'work'
+    train = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(work_dir),
+                 '--cfg-options', 'train_cfg.max_epochs=1', 'param_scheduler.1.end=1',
+                 'default_hooks.checkpoint.interval=1')
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoint = work_dir / 'epoch_1.pth'
+    assert checkpoint.is_file()
+    assert open(work_dir / 'last_checkpoint').read().strip() == str(checkpoint)
+    test = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
+                '--work-dir', str(tmp_path / 'test'))
+    assert test.returncode == 0, test.stderr[-3000:]
+    rows = _coco_rows(test.stdout)
+    assert set(rows) == {'bbox', 'segm'}, test.stdout[-2000:]
+    for values in rows.values():
+        assert len(values) == 6 and all(-100 <= v <= 100 for v in values)
+
+
+# ------------------------------------------------------------- bad input
+def test_missing_data_root_names_the_path(tmp_path):
+    missing = str(tmp_path / 'no_coco') + '/'
+    result = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(tmp_path),
+                  '--cfg-options', f'train_dataloader.dataset.data_root={missing}')
+    assert result.returncode != 0
+    assert 'FileNotFoundError' in result.stderr and missing in result.stderr
+    assert 'COCO_ROOT' in result.stderr  # and says how to point at the data
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    missing = str(tmp_path / 'epoch_12.pth')
+    result = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, missing)
+    assert result.returncode != 0
+    assert f'checkpoint not found: {missing}' in result.stderr
