@@ -22,3 +22,15 @@ def built_wheel(tmp_path_factory):
     wheels = list(out.glob('convneur_mm-*.whl'))
     assert len(wheels) == 1, wheels
     return wheels[0]
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_scope():
+    """Tests that build Runners or call init_default_scope leave MMEngine's
+    current default scope behind (a process-wide singleton); registry lookups
+    in later tests would then go to that toolbox's registry. Restore it."""
+    from mmengine.registry import DefaultScope
+    saved = DefaultScope._instance_dict.copy()
+    yield
+    DefaultScope._instance_dict.clear()
+    DefaultScope._instance_dict.update(saved)

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # tools/dist_train.sh CONFIG GPUS [ARGS]
 # Starts GPUS processes per node with torchrun: NCCL on CUDA machines, gloo on
-# CPU-only machines (one process per requested "GPU"). Multi-node: set NNODES,
-# NODE_RANK, MASTER_ADDR and PORT on every node.
+# CPU-only machines (one process per requested "GPU"). Multi-node: run it on
+# every node with the same NNODES, MASTER_ADDR (node 0's address) and PORT,
+# and NODE_RANK = 0 .. NNODES-1. PYTHON picks the interpreter (default python).
 set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: [NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 PORT=29500] $0 CONFIG GPUS [train.py args]" >&2
+    exit 2
+fi
 CONFIG=$1
 GPUS=$2
 NNODES=${NNODES:-1}

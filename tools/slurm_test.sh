@@ -2,6 +2,10 @@
 # tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [ARGS]
 # Same variables as slurm_train.sh (GPUS defaults to 8).
 set -euo pipefail
+if [ $# -lt 4 ]; then
+    echo "usage: [GPUS=8 GPUS_PER_NODE=8 CPUS_PER_TASK=5 SRUN_ARGS= PORT=] $0 PARTITION JOB_NAME CONFIG CHECKPOINT [test.py args]" >&2
+    exit 2
+fi
 PARTITION=$1
 JOB_NAME=$2
 CONFIG=$3
@@ -11,13 +15,17 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
 PYTHON=${PYTHON:-python}
+GRES=${GRES-gpu:$GPUS_PER_NODE}
+if [ -n "${PORT:-}" ]; then
+    export MASTER_PORT=$PORT  # srun passes the environment on to every task
+fi
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
 
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
 PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \
 srun -p "$PARTITION" \
     --job-name="$JOB_NAME" \
-    --gres=gpu:"$GPUS_PER_NODE" \
+    ${GRES:+--gres="$GRES"} \
     --ntasks="$GPUS" \
     --ntasks-per-node="$GPUS_PER_NODE" \
     --cpus-per-task="$CPUS_PER_TASK" \

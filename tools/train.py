@@ -4,6 +4,7 @@
     tools/dist_train.sh CONFIG GPUS [ARGS]      # torchrun; gloo on CPU-only machines
 """
 import argparse
+import os.path as osp
 
 from mmengine.config import DictAction
 
@@ -56,6 +57,8 @@ def main():
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
+        if '://' not in args.resume and not osp.isfile(args.resume):
+            raise FileNotFoundError(f'checkpoint to resume from not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
     build_runner(cfg).train()
 

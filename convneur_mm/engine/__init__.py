@@ -1,7 +1,7 @@
 """Training-engine pieces: CPU-capable distributed runner, gloo SyncBN, CPU AMP."""
 from .cpu_sync_bn import CpuSyncBatchNorm, convert_to_cpu_sync_bn
 from .optim_wrapper import CpuAmpOptimWrapper
-from .runner import ConvNeurRunner, init_cpu_process_group
+from .runner import ConvNeurRunner, init_cpu_process_group, wrap_cpu_ddp
 
 __all__ = ['CpuSyncBatchNorm', 'convert_to_cpu_sync_bn', 'CpuAmpOptimWrapper',
-           'ConvNeurRunner', 'init_cpu_process_group']
+           'ConvNeurRunner', 'init_cpu_process_group', 'wrap_cpu_ddp']

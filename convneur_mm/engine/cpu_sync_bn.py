@@ -53,11 +53,18 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
 
 
+def _is_sync_bn(module: nn.Module) -> bool:
+    """torch's SyncBatchNorm (a ``_BatchNorm``), or mmcv's ``mmcv.ops.SyncBatchNorm``
+    (``sync_bn='mmcv'``; a plain Module with the same attributes and state)."""
+    if isinstance(module, CpuSyncBatchNorm) or 'SyncBatchNorm' not in type(module).__name__:
+        return False
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or \
+        type(module).__module__.startswith('mmcv.')
+
+
 def convert_to_cpu_sync_bn(module: nn.Module) -> nn.Module:
     """Replace every SyncBatchNorm (torch's or mmcv's) with CpuSyncBatchNorm."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and \
-            'SyncBatchNorm' in type(module).__name__ and \
-            not isinstance(module, CpuSyncBatchNorm):
+    if _is_sync_bn(module):
         new = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum,
                                module.affine, module.track_running_stats)
         new.load_state_dict(module.state_dict())

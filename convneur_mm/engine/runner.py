@@ -5,41 +5,53 @@ MMEngine 0.10.7 cannot start a distributed run on a CPU-only machine: its
 ``Runner.wrap_model`` passes ``device_ids=[LOCAL_RANK]`` to DDP, which DDP
 rejects for CPU modules. On such machines this runner starts the process group
 with gloo itself, wraps the model in DDP without device ids, and makes SyncBN
-layers work over gloo. With a GPU it is MMEngine's Runner unchanged.
+layers work over gloo.
+
+On any machine it also resumes exactly (``convneur_mm.engine.resume``): every
+checkpoint carries the random generators' states, and a run resumed in the
+middle of an epoch skips the batches already trained instead of repeating them.
 """
+import copy
+import datetime
 import os
 import subprocess
 
 import torch
 import torch.distributed as dist
 from mmengine.dist import is_distributed
-from mmengine.registry import MODEL_WRAPPERS
-from mmengine.runner import Runner
+from mmengine.registry import LOOPS, MODEL_WRAPPERS
+from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, Runner
 from mmengine.model.utils import convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.registry import RUNNERS
 from .cpu_sync_bn import convert_to_cpu_sync_bn
+from .resume import RESUMABLE_LOOPS, RngStateHook
 
 
-def _slurm_env_to_torch_env() -> None:
-    """Fill the torch.distributed variables from Slurm's, as MMEngine does."""
+def _slurm_env_to_torch_env(port=None) -> None:
+    """Fill the torch.distributed variables from Slurm's, as MMEngine does
+    (``env_cfg.dist_cfg.port``, then $MASTER_PORT, then 29500)."""
     node_list = os.environ['SLURM_NODELIST']
     os.environ.setdefault('MASTER_ADDR', subprocess.getoutput(
         f'scontrol show hostname {node_list} | head -n1'))
+    if port is not None:
+        os.environ['MASTER_PORT'] = str(port)
     os.environ.setdefault('MASTER_PORT', '29500')
     os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
     os.environ['RANK'] = os.environ['SLURM_PROCID']
     os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
 
 
-def init_cpu_process_group(launcher: str, timeout=None) -> None:
+def init_cpu_process_group(launcher: str, timeout=None, port=None) -> None:
     """Start a gloo process group for the 'pytorch' (torchrun) or 'slurm' launcher."""
     if launcher == 'slurm':
-        _slurm_env_to_torch_env()
+        _slurm_env_to_torch_env(port)
     elif launcher != 'pytorch':
         raise ValueError(f'launcher {launcher!r} is not supported without a GPU; '
                          "use 'pytorch' (tools/dist_train.sh) or 'slurm'")
+    if isinstance(timeout, (int, float)):  # seconds, as MMEngine's init_dist reads it
+        timeout = datetime.timedelta(seconds=timeout)
     kwargs = {} if timeout is None else dict(timeout=timeout)
     dist.init_process_group(backend='gloo', rank=int(os.environ['RANK']),
                             world_size=int(os.environ['WORLD_SIZE']), **kwargs)
@@ -47,7 +59,10 @@ def init_cpu_process_group(launcher: str, timeout=None) -> None:
 
 @RUNNERS.register_module()
 class ConvNeurRunner(Runner):
-    """``mmengine.runner.Runner`` that also runs distributed on CPU (gloo)."""
+    """``mmengine.runner.Runner`` that also runs distributed on CPU (gloo) and
+    resumes exactly."""
+    is_resuming = False
+    resumed_rng_state = None
 
     @property
     def _cpu_distributed(self) -> bool:
@@ -55,20 +70,57 @@ class ConvNeurRunner(Runner):
 
     def setup_env(self, env_cfg: dict) -> None:
         if self._cpu_distributed and not is_distributed():
-            init_cpu_process_group(self.launcher, env_cfg.get('dist_cfg', {}).get('timeout'))
+            dist_cfg = env_cfg.get('dist_cfg') or {}
+            init_cpu_process_group(self.launcher, dist_cfg.get('timeout'), dist_cfg.get('port'))
         super().setup_env(env_cfg)
+
+    def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
+        super().register_hooks(default_hooks, custom_hooks)
+        self.register_hook(RngStateHook())
+
+    def build_train_loop(self, loop):
+        """MMEngine's epoch- and iteration-based loops become their resumable
+        subclasses; other loops are built as configured."""
+        if isinstance(loop, dict):
+            loop = copy.deepcopy(loop)
+            if 'type' in loop:
+                kind = LOOPS.get(loop['type']) if isinstance(loop['type'], str) else loop['type']
+            else:
+                kind = EpochBasedTrainLoop if loop.get('by_epoch') else IterBasedTrainLoop
+            if kind in RESUMABLE_LOOPS:
+                loop.pop('by_epoch', None)
+                loop['type'] = RESUMABLE_LOOPS[kind]
+        return super().build_train_loop(loop)
+
+    def resume(self, filename, *args, **kwargs) -> None:
+        self.is_resuming = True
+        try:
+            super().resume(filename, *args, **kwargs)
+        finally:
+            self.is_resuming = False
 
     def wrap_model(self, model_wrapper_cfg, model):
         if not self._cpu_distributed:
             return super().wrap_model(model_wrapper_cfg, model)
-        model = model.to('cpu')
-        if self.cfg.get('sync_bn'):
-            model = convert_sync_batchnorm(model, self.cfg.sync_bn)
-        model = convert_to_cpu_sync_bn(model)
-        wrapper_cfg = dict(
-            type='MMDistributedDataParallel', broadcast_buffers=False,
-            find_unused_parameters=self.cfg.get('find_unused_parameters', False))
-        wrapper_cfg.update(model_wrapper_cfg or {})
-        if issubclass(MODEL_WRAPPERS.get(wrapper_cfg['type']), DistributedDataParallel):
-            wrapper_cfg['device_ids'] = None  # CPU modules take no device ids
-        return MODEL_WRAPPERS.build(wrapper_cfg, default_args=dict(module=model))
+        return wrap_cpu_ddp(model, model_wrapper_cfg, sync_bn=self.cfg.get('sync_bn'),
+                            find_unused_parameters=self.cfg.get('find_unused_parameters',
+                                                                False))
+
+
+def wrap_cpu_ddp(model, model_wrapper_cfg=None, sync_bn=None,
+                 find_unused_parameters: bool = False):
+    """What ``ConvNeurRunner.wrap_model`` does on a CPU-only distributed run
+    (also usable without a Runner, e.g. by tests): SyncBN (torch's or mmcv's,
+    or every BN with ``sync_bn``) becomes ``CpuSyncBatchNorm``, and the model
+    is wrapped in ``MMDistributedDataParallel`` (or ``model_wrapper_cfg``'s
+    wrapper) without device ids. The process group must already exist."""
+    model = model.to('cpu')
+    if sync_bn:
+        model = convert_sync_batchnorm(model, sync_bn)
+    model = convert_to_cpu_sync_bn(model)
+    wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
+                       find_unused_parameters=find_unused_parameters)
+    wrapper_cfg.update(model_wrapper_cfg or {})
+    if issubclass(MODEL_WRAPPERS.get(wrapper_cfg['type']), DistributedDataParallel):
+        wrapper_cfg['device_ids'] = None  # CPU modules take no device ids
+    return MODEL_WRAPPERS.build(wrapper_cfg, default_args=dict(module=model))

@@ -19,6 +19,7 @@ import copyreg
 import importlib
 import os.path as osp
 import pickle
+import zipfile
 from typing import List
 
 import numpy as np
@@ -27,6 +28,30 @@ import torch
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint wants to unpickle a type outside the allow-list."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that is not a whole torch checkpoint (truncated by a
+    run killed while writing it, or not a checkpoint at all)."""
+
+
+def _corrupt(filename: str, detail: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f'{filename} is not a complete checkpoint ({osp.getsize(filename)} bytes; '
+        f'truncated or corrupt - was its run killed while writing it?): {detail}. '
+        'If it is the newest checkpoint of an interrupted run, resume from the one '
+        'before it (--resume PATH).')
+
+
+def _check_complete(filename: str) -> None:
+    """torch.save writes a zip archive (whose directory is at the end, so a
+    truncated file has none) or, in the legacy format, a pickle."""
+    if zipfile.is_zipfile(filename):
+        return
+    with open(filename, 'rb') as f:
+        head = f.read(2)
+    if head[:1] != b'\x80':  # the legacy format starts with a pickle PROTO opcode
+        raise _corrupt(filename, 'neither a zip archive nor a legacy torch pickle')
 
 
 def allowed_globals() -> List[object]:
@@ -50,8 +75,15 @@ def load_from_local(filename: str, map_location=None) -> dict:
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
+    _check_complete(filename)
     try:
         return torch.load(filename, map_location=map_location, weights_only=True)
+    except (EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise _corrupt(filename, repr(err)) from err
+    except RuntimeError as err:  # torch's words for a damaged zip or legacy file
+        if any(s in str(err) for s in ('PytorchStreamReader', 'unexpected EOF', 'corrupt')):
+            raise _corrupt(filename, str(err).splitlines()[0]) from err
+        raise
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f'Refusing to load {filename}: it contains Python objects outside '

@@ -67,3 +67,23 @@ def test_conversion_replaces_sync_bn_and_keeps_state():
     assert isinstance(converted[2][0], CpuSyncBatchNorm)
     assert torch.all(converted[1].running_mean == 0.5)
     assert not converted[1].weight.requires_grad
+
+
+def _convert_mmcv_sync_bn(rank, world_size):
+    from mmengine.model.utils import convert_sync_batchnorm
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model = convert_sync_batchnorm(model, 'mmcv')
+    assert type(model[1]).__module__.startswith('mmcv.')  # what sync_bn='mmcv' gives
+    model[1].running_mean.fill_(0.25)
+    converted = convert_to_cpu_sync_bn(model)
+    kept = converted[1].running_mean.clone()
+    out = converted.train()(torch.randn(2, 3, 5, 5))  # mmcv's would need CUDA here
+    return type(converted[1]).__name__, kept, out.shape
+
+
+def test_conversion_also_replaces_mmcv_sync_bn():
+    """``sync_bn='mmcv'`` in a config gives mmcv.ops.SyncBatchNorm (CUDA only,
+    and not a torch _BatchNorm): it must become CpuSyncBatchNorm as well."""
+    (name, kept, shape), = run_distributed(_convert_mmcv_sync_bn, 1)
+    assert name == 'CpuSyncBatchNorm' and shape == (2, 4, 5, 5)
+    assert torch.all(kept == 0.25)  # the state carried over

@@ -11,7 +11,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 from mmengine.model import BaseModel
 from torch import nn
 
-from convneur_mm.utils.checkpoint_safety import UnsafeCheckpointError
+from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError, UnsafeCheckpointError
 
 
 class ToyModel(BaseModel):
@@ -95,3 +95,23 @@ def test_malicious_pickle_is_refused_on_resume(tmp_path):
     with pytest.raises(UnsafeCheckpointError):
         _runner(work, max_iters=4, resume=True).train()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'empty', 'garbage', 'overwritten', 'legacy-cut'])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, damage):
+    """What a run killed while writing leaves, or a file that is no checkpoint:
+    one error naming the file, instead of a KeyError, EOFError or miniz message."""
+    whole = tmp_path / 'whole.pth'
+    legacy = damage == 'legacy-cut'
+    torch.save({'state_dict': nn.Linear(32, 32).state_dict(), 'meta': {'iter': 2}}, whole,
+               _use_new_zipfile_serialization=not legacy)
+    data = whole.read_bytes()
+    damaged = {'truncated': data[:len(data) // 2], 'empty': b'', 'garbage': b'not a checkpoint',
+               'overwritten': data[:100] + b'x' * 200 + data[300:],
+               'legacy-cut': data[:len(data) // 2]}[damage]
+    path = tmp_path / 'iter_2.pth'
+    path.write_bytes(damaged)
+    with pytest.raises(CorruptCheckpointError, match=f'{path} is not a complete checkpoint'):
+        _load_checkpoint(str(path))
+    # the whole files, zip and legacy, load
+    assert _load_checkpoint(str(whole))['meta'] == {'iter': 2}

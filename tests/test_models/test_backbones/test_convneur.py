@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from convneur_mm.models import ConvNeur
+from convneur_mm.utils.profiling import SavedTensorMeter
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 
@@ -89,6 +90,26 @@ def test_with_cp_gives_identical_outputs_and_gradients():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+
+
+def test_with_cp_saves_fewer_activations_for_backward():
+    """What autograd keeps between forward and backward: with_cp keeps only
+    each block's input (measured: 11% of the activations here; 6% for M3 at
+    512x512, tools/analysis_tools/benchmark_with_cp.py)."""
+    x = torch.randn(2, 3, 64, 64)
+    saved = {}
+    for with_cp in (False, True):
+        model = _tiny(with_cp=with_cp, out_indices=(0, 1, 2, 3),
+                      gap_before_final_norm=False).train()
+        with SavedTensorMeter(exclude=model.parameters()) as meter:
+            outs = model(x)
+        sum(o.square().mean() for o in outs).backward()  # recomputes the blocks
+        saved[with_cp] = meter.total_bytes
+        # eval and no-grad forwards do not checkpoint (nothing to save anyway)
+        with torch.no_grad(), SavedTensorMeter() as meter:
+            model(x)
+        assert meter.total_bytes == 0
+    assert 0 < saved[True] < 0.2 * saved[False], saved
 
 
 def _grads_after_step(chunk_size, update='parallel'):

@@ -1,0 +1,172 @@
+"""Resuming a run exactly where its checkpoint left off.
+
+MMEngine 0.10.7 resumes weights, optimizer, schedulers, iteration and epoch
+counters, and the message hub, but two things it does not restore:
+
+* the random generators (Python, NumPy, torch, CUDA). The checkpoint has no
+  generator state; the resumed run starts from the seed. Everything random
+  after the resume point - the data pipelines' augmentations, Mixup/CutMix,
+  stochastic depth, dropout, mmdet's RoI samplers - then differs from the run
+  that was interrupted, even with ``--seed`` and ``--deterministic``.
+* the position inside an epoch, for ``EpochBasedTrainLoop`` (the detection and
+  classification configs). Resumed from a checkpoint taken in the middle of an
+  epoch (``CheckpointHook(by_epoch=False)``, the usual choice for long epochs),
+  it replays the epoch from its first batch: the batches trained before the
+  checkpoint are trained twice, and the epoch runs longer than the others.
+  (``IterBasedTrainLoop`` does skip the batches already trained.)
+
+Here every checkpoint also stores the generator states at the moment it was
+taken (``RngStateHook``), and the two train loops below - which
+``ConvNeurRunner`` uses in place of MMEngine's - skip the batches of the
+current epoch that were already trained and then restore those states, just
+before loading the first batch not yet trained. Skipping loads the skipped
+batches (the sampler order and the data workers' generators advance as they
+did), so a resumed run with ``num_workers=0`` or non-persistent workers draws
+the same random numbers as the uninterrupted one, and its losses are equal.
+Only rank 0 writes checkpoints, so in a multi-process run rank 0's states are
+stored and restored; the other ranks continue as MMEngine leaves them.
+"""
+import logging
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+
+RNG_KEY = 'rng_state'
+
+
+def capture_rng_state() -> dict:
+    """The global generators' states, as types a weights-only load accepts."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = dict(python=random.getstate(),
+                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                            has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
+                 torch=torch.get_rng_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy = state['numpy']
+    np.random.set_state(('MT19937', numpy['keys'].numpy().astype(np.uint32), numpy['pos'],
+                         numpy['has_gauss'], numpy['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        cuda = state['cuda']
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # another number of devices: at least this process's own
+            torch.cuda.set_rng_state(cuda[0])
+
+
+class RngStateHook(Hook):
+    """Puts the generator states into every checkpoint's ``meta``, and, when the
+    run resumes, hands the stored states to the train loop."""
+    priority = 'VERY_HIGH'
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint.setdefault('meta', {})[RNG_KEY] = capture_rng_state()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        if getattr(runner, 'is_resuming', False):
+            runner.resumed_rng_state = checkpoint.get('meta', {}).get(RNG_KEY)
+
+
+def _pop_resumed_rng_state(runner) -> Optional[dict]:
+    state = getattr(runner, 'resumed_rng_state', None)
+    runner.resumed_rng_state = None
+    return state
+
+
+class _RestoreRngBeforeBatch:
+    """Iterator proxy that restores ``state`` just before fetching the batch
+    after the first ``skip`` ones."""
+
+    def __init__(self, iterator, skip: int, state: dict):
+        self._iterator, self._skip, self._state = iterator, skip, state
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._state is not None and self._skip <= 0:
+            restore_rng_state(self._state)
+            self._state = None
+        self._skip -= 1
+        return next(self._iterator)
+
+    def __getattr__(self, name):
+        return getattr(self._iterator, name)
+
+
+class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
+    """MMEngine's loop (which skips the batches trained before the checkpoint),
+    with the generators restored to the checkpoint's states after the skip."""
+
+    def run(self):
+        state = _pop_resumed_rng_state(self.runner)
+        if state is not None:
+            self.dataloader_iterator = _RestoreRngBeforeBatch(
+                self.dataloader_iterator, self._iter, state)
+        return super().run()
+
+
+class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
+    """MMEngine's loop; resumed in the middle of an epoch, it skips the batches
+    of that epoch trained before the checkpoint instead of training them again,
+    and restores the checkpoint's generator states after the skip."""
+
+    def run(self):
+        self._resumed_epoch = self._iter > 0  # only the first epoch run may be partial
+        return super().run()
+
+    def run_epoch(self) -> None:
+        state = _pop_resumed_rng_state(self.runner)
+        done = 0
+        if getattr(self, '_resumed_epoch', False):
+            self._resumed_epoch = False
+            done = self._iter - self._epoch * len(self.dataloader)
+            if not 0 <= done <= len(self.dataloader):
+                print_log(f'resumed at iteration {self._iter}, which is not in epoch '
+                          f'{self._epoch + 1} of {len(self.dataloader)} iterations (another '
+                          'batch size or number of processes?): the epoch starts from its '
+                          'first batch', logger='current', level=logging.WARNING)
+                done = 0
+        if state is None and done == 0:
+            return super().run_epoch()
+        self.runner.call_hook('before_train_epoch')
+        self.runner.model.train()
+        if done == 0:  # an epoch checkpoint: taken before this epoch began
+            restore_rng_state(state)
+        if done == len(self.dataloader):  # taken after the epoch's last batch
+            print_log(f'Resuming after the last batch of epoch {self._epoch + 1}',
+                      logger='current', level=logging.WARNING)
+            if state is not None:
+                restore_rng_state(state)
+            batches = iter(())
+        else:
+            # a new DataLoader iterator draws its base seed from torch's generator
+            batches = iter(self.dataloader)
+        if 0 < done < len(self.dataloader):  # taken after batch `done` of this epoch
+            print_log(f'Resuming in the middle of epoch {self._epoch + 1}: skipping its '
+                      f'first {done} batches, trained before the checkpoint',
+                      logger='current', level=logging.WARNING)
+            for _ in range(done):
+                next(batches)
+            if state is not None:
+                restore_rng_state(state)
+        for idx, data_batch in enumerate(batches, start=done):
+            self.run_iter(idx, data_batch)
+        self.runner.call_hook('after_train_epoch')
+        self._epoch += 1
+
+
+RESUMABLE_LOOPS = {EpochBasedTrainLoop: ResumableEpochBasedTrainLoop,
+                   IterBasedTrainLoop: ResumableIterBasedTrainLoop}

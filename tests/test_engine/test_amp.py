@@ -1,0 +1,127 @@
+"""Mixed precision (issue 7): ``tools/train.py --amp`` trains a demo config
+without NaN/inf and ``tools/test.py --amp`` evaluates its checkpoint; under
+``--amp`` (bf16 autocast on the CPU) the backbone's convolutions and linear
+layers run in bf16 while the neural memory's inner loop stays float32.
+
+The memory alone under autocast is tested in
+tests/test_models/test_layers/test_neural_memory.py; here it is the whole
+backbone, inside ``CpuAmpOptimWrapper.optim_context`` as ``--amp`` runs it.
+"""
+import glob
+import json
+import math
+import os
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.optim import build_optim_wrapper
+from torch import nn
+
+import convneur_mm.engine  # noqa: F401  (registers CpuAmpOptimWrapper)
+from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+from convneur_mm.models import ConvNeur
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DEMO = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
+TINY = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
+
+
+def _record_dtypes(model):
+    """Output dtypes of every conv / linear layer, split by whether the layer
+    is inside a NeuralMemory, and of each memory's inner computation."""
+    seen = {'memory': set(), 'other': set(), 'inner': set(), 'memory_out': set()}
+    memory_layers = {id(m) for mem in model.modules() if isinstance(mem, NeuralMemory)
+                     for m in mem.modules()}
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            key = 'memory' if id(module) in memory_layers else 'other'
+            module.register_forward_hook(lambda m, i, o, key=key: seen[key].add(o.dtype))
+        if isinstance(module, NeuralMemory):
+            inner = module._forward  # read and write, on the float32 copy of x
+
+            def recorded(x, inner=inner):
+                out = inner(x)
+                seen['inner'].update({x.dtype, out.dtype})
+                return out
+
+            module._forward = recorded
+            module.register_forward_hook(lambda m, i, o: seen['memory_out'].add(o.dtype))
+    return seen
+
+
+def test_amp_runs_convolutions_in_bf16_and_the_memory_in_float32():
+    torch.manual_seed(0)
+    # chunk 16: stage 1 (16x16 tokens) has 16 chunks and writes, stages 3-4 one
+    model = ConvNeur(arch=TINY, memory_cfg=dict(chunk_size=16), out_indices=(0, 1, 2, 3),
+                     gap_before_final_norm=False).train()
+    model.init_weights()
+    wrapper = build_optim_wrapper(model, dict(type='convneur_mm.CpuAmpOptimWrapper',
+                                              optimizer=dict(type='SGD', lr=0.1)))
+    seen = _record_dtypes(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with wrapper.optim_context(model):
+        outs = model(torch.randn(2, 3, 64, 64))
+    assert seen['other'] == {torch.bfloat16}  # stem, dwconvs, MLPs, memory in/out projections
+    assert seen['memory'] == {torch.float32}  # keys, values, queries, gates
+    assert seen['inner'] == {torch.float32}
+    assert seen['memory_out'] == {torch.bfloat16}  # cast back for the projection
+    loss = sum(o.float().square().mean() for o in outs)
+    wrapper.update_params(loss)
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32, name  # master weights stay float32
+        assert torch.isfinite(param).all(), name
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()
+               if 'memory.init_w' in n)
+
+
+# ------------------------------------------------- the tools, with --amp
+@pytest.fixture(scope='module')
+def tiny_imagenet(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp('imagenet_tiny'))
+    generate_imagenet_tiny(root, train_per_class=2, val_per_class=1)
+    return root
+
+
+def _run(*args, data_root):
+    env = dict(os.environ, IMAGENET_TINY_ROOT=data_root, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+
+
+def test_train_and_test_with_amp(tiny_imagenet, tmp_path):
+    """Two epochs of 3 iterations (20 images, batch 8; the schedule's warm-up
+    takes one epoch) with the demo's full augmentation (RandAugment, Mixup,
+    CutMix, Random Erasing), then evaluation of the checkpoint."""
+    work_dir = tmp_path / 'work'
+    train = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--amp', '--work-dir', str(work_dir),
+                 '--cfg-options', 'train_dataloader.batch_size=8', 'train_cfg.max_epochs=2',
+                 'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None',
+                 'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+                 'log_processor.window_size=1', data_root=tiny_imagenet)
+    assert train.returncode == 0, train.stderr[-3000:]
+    (run_dir, ) = glob.glob(str(work_dir / '2*' / 'vis_data'))
+    config = open(osp.join(run_dir, 'config.py')).read()
+    assert "type='convneur_mm.CpuAmpOptimWrapper'" in config
+    records = [json.loads(line) for line in open(osp.join(run_dir, 'scalars.json'))]
+    losses = [r['loss'] for r in records if 'loss' in r]
+    assert len(losses) == 6
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses), losses
+    checkpoint = work_dir / 'epoch_2.pth'
+    state = torch.load(checkpoint, weights_only=True)['state_dict']
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+    test = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint), '--amp',
+                '--work-dir', str(tmp_path / 'test'), data_root=tiny_imagenet)
+    assert test.returncode == 0, test.stderr[-3000:]
+    metrics = {k: float(v) for k, v in
+               re.findall(r'\| (accuracy/top[15]) \| ([\d.]+) \|', test.stdout)}
+    assert set(metrics) == {'accuracy/top1', 'accuracy/top5'}, test.stdout[-2000:]
+    assert 0 <= metrics['accuracy/top1'] <= metrics['accuracy/top5'] <= 100
+    (test_dir, ) = glob.glob(str(tmp_path / 'test' / '2*' / 'vis_data'))
+    assert re.search(r"test_cfg = dict\(fp16=True", open(osp.join(test_dir, 'config.py')).read())

@@ -1,0 +1,239 @@
+"""Resuming (issue 7): a run killed in the middle of an epoch and resumed with
+``tools/train.py --resume`` continues from its last checkpoint and then trains
+exactly as the run that was never interrupted; a damaged checkpoint is a clear
+error, not a silent restart.
+
+MMEngine 0.10.7 alone gets neither right (both measured below, in the toy runs):
+its epoch-based loop replays a resumed epoch from the first batch, and no
+checkpoint holds the random generators' states, so augmentations, Mixup/CutMix
+and stochastic depth draw other numbers after the resume point.
+``ConvNeurRunner`` fixes both (``convneur_mm/engine/resume.py``).
+"""
+import glob
+import json
+import os
+import os.path as osp
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from mmengine.dataset import default_collate
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch import nn
+
+from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+from convneur_mm.engine.runner import ConvNeurRunner
+from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+DEMO = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
+
+
+# ------------------------------------------------ toy runs, in this process
+class NoisyModel(BaseModel):
+    """A loss with every kind of randomness a real run has: torch (dropout,
+    stochastic depth), NumPy and Python (batch augmentations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, inputs, labels=None, mode='loss'):
+        out = self.linear(inputs * (1 + 0.1 * torch.rand_like(inputs))).squeeze(1)
+        noise = float(np.random.rand()) + 0.01 * random.random()
+        return dict(loss=(out - labels).square().mean() * (1 + noise))
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """A pipeline that draws from NumPy's global generator, as mmcv's do."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return dict(inputs=torch.tensor([i, 1.0]) + float(np.random.randn()),
+                    labels=torch.tensor(i * 0.5))
+
+
+class LossRecorder(Hook):
+    def __init__(self):
+        self.losses = {}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.losses[runner.iter + 1] = float(outputs['loss'])
+
+
+def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run'):
+    recorder = LossRecorder()
+    loop = dict(by_epoch=True, max_epochs=3) if by_epoch else dict(by_epoch=False,
+                                                                    max_iters=18)
+    runner = runner_cls(
+        model=NoisyModel(), work_dir=str(work_dir), experiment_name=f'{name}_{time.time()}',
+        train_dataloader=dict(dataset=NoisyData(), batch_size=2, collate_fn=default_collate,
+                              sampler=dict(type='DefaultSampler' if by_epoch else
+                                           'InfiniteSampler', shuffle=True)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        # the lr halves after every epoch (6 iterations): its scheduler steps in
+        # the end-of-epoch hooks of the epoch-based loop
+        param_scheduler=dict(type='MultiStepLR', by_epoch=by_epoch, gamma=0.5,
+                             milestones=[1, 2] if by_epoch else [6, 12]),
+        train_cfg=loop, custom_hooks=[recorder],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False)),
+        randomness=dict(seed=0), load_from=resume_from, resume=resume_from is not None,
+        default_scope='mmengine')
+    runner.train()
+    return recorder.losses
+
+
+# 18 iterations, 6 per epoch (the iteration-based run, with the InfiniteSampler of
+# the segmentation configs, goes through the data 3 times too), a checkpoint
+# every 3 iterations: iter_6 is taken after the last batch of epoch 1 (before
+# its end-of-epoch hooks, e.g. by-epoch schedulers), iter_9 halfway into epoch 2.
+@pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch-based', 'iter-based'])
+def test_resumed_toy_run_continues_exactly(tmp_path, by_epoch):
+    full = _toy_run(ConvNeurRunner, tmp_path / 'full', by_epoch, name='full')
+    assert sorted(full) == list(range(1, 19))
+    for ckpt in (6, 9):
+        resumed = _toy_run(ConvNeurRunner, tmp_path / f'resumed{ckpt}', by_epoch,
+                           resume_from=str(tmp_path / 'full' / f'iter_{ckpt}.pth'),
+                           name=f'resumed{ckpt}')
+        assert sorted(resumed) == list(range(ckpt + 1, 19))
+        assert resumed == {i: full[i] for i in resumed}
+
+
+@pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch-based', 'iter-based'])
+def test_mmengine_runner_alone_does_not(tmp_path, by_epoch):
+    """The same resume with MMEngine's Runner: the comparison above can fail."""
+    full = _toy_run(ConvNeurRunner, tmp_path / 'full', by_epoch, name='full')
+    resumed = _toy_run(Runner, tmp_path / 'resumed', by_epoch,
+                       resume_from=str(tmp_path / 'full' / 'iter_9.pth'), name='plain')
+    if by_epoch:  # epoch 2 replayed from its first batch: 3 iterations too many
+        assert sorted(resumed) == list(range(10, 22))
+    else:  # the right batches, but the generators restarted from the seed
+        assert sorted(resumed) == list(range(10, 19))
+    assert resumed[10] != pytest.approx(full[10], rel=1e-6)
+
+
+# -------------------------------------- tools/train.py, killed and resumed
+@pytest.fixture(scope='module')
+def tiny_imagenet(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp('imagenet_tiny'))
+    generate_imagenet_tiny(root, train_per_class=2, val_per_class=1)
+    return root
+
+
+# 20 images in batches of 4: epochs of 5 iterations, 2 epochs; a checkpoint
+# every 3 iterations (iter_3: in the middle of epoch 1; iter_6, iter_9: of
+# epoch 2); every iteration's raw loss in vis_data/scalars.json.
+SHORT = ['train_dataloader.batch_size=4', 'train_cfg.max_epochs=2', 'val_cfg=None',
+         'val_dataloader=None', 'val_evaluator=None', 'default_hooks.checkpoint.interval=3',
+         'default_hooks.checkpoint.by_epoch=False', 'default_hooks.checkpoint.max_keep_ckpts=-1',
+         'default_hooks.logger.interval=1', 'log_processor.window_size=1']
+
+
+def _train_cmd(work_dir, *extra):
+    return [sys.executable, osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir',
+            str(work_dir), '--seed', '0', '--deterministic', *extra, '--cfg-options', *SHORT]
+
+
+def _env(data_root):
+    # one intra-op thread: two of these runs share 2 cores
+    return dict(os.environ, IMAGENET_TINY_ROOT=data_root, OMP_NUM_THREADS='1')
+
+
+def _logged_losses(log_dir) -> dict:
+    losses = {}
+    for line in open(osp.join(log_dir, 'vis_data', 'scalars.json')):
+        record = json.loads(line)
+        if 'loss' in record:
+            losses[record['step']] = record['loss']
+    return losses
+
+
+def _run_dirs(work_dir):
+    """The timestamped log folders of the runs into ``work_dir``, oldest first."""
+    return sorted(d for d in glob.glob(osp.join(str(work_dir), '2*')) if osp.isdir(d))
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_imagenet, tmp_path):
+    env = _env(tiny_imagenet)
+    full_dir, work_dir = tmp_path / 'full', tmp_path / 'killed'
+    # the uninterrupted run and the one to be killed, side by side
+    full = subprocess.Popen(_train_cmd(full_dir), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim_log = open(tmp_path / 'victim.log', 'w')
+    victim = subprocess.Popen(_train_cmd(work_dir), cwd=REPO, env=env,
+                              stdout=victim_log, stderr=subprocess.STDOUT)
+    # kill it as soon as its first checkpoint is complete (CheckpointHook names
+    # it in last_checkpoint after writing it), 3 iterations into epoch 1 of 5
+    pointer = work_dir / 'last_checkpoint'
+    deadline = time.time() + 240
+    while victim.poll() is None and time.time() < deadline and not (
+            pointer.is_file() and pointer.read_text().strip()):
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim_log.close()
+    assert victim.wait() == -signal.SIGKILL, (tmp_path / 'victim.log').read_text()[-3000:]
+    assert pointer.read_text().endswith('iter_3.pth')
+    assert sorted(p.name for p in work_dir.glob('iter_*.pth')) == ['iter_3.pth']
+
+    resume = subprocess.run(_train_cmd(work_dir, '--resume'), cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    _, err = full.communicate()
+    assert full.returncode == 0, err[-3000:]
+
+    # (a) it continued from the checkpoint: iteration 3, mid-epoch, skipping
+    # the 3 batches of epoch 1 trained before it
+    assert 'resumed epoch: 0, iter: 3' in resume.stderr + resume.stdout
+    assert 'skipping its first 3 batches' in resume.stderr + resume.stdout
+    reference = _logged_losses(_run_dirs(full_dir)[-1])
+    assert sorted(reference) == list(range(1, 11))
+    resumed = _logged_losses(_run_dirs(work_dir)[-1])
+    assert sorted(resumed) == list(range(4, 11))
+    # (b) ... and trained as the uninterrupted run did: same losses (Mixup/CutMix,
+    # RandAugment, Random Erasing and stochastic depth all draw random numbers)
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    # down to the final weights
+    ours = torch.load(work_dir / 'iter_10.pth', weights_only=True)['state_dict']
+    theirs = torch.load(full_dir / 'iter_10.pth', weights_only=True)['state_dict']
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize('how', ['path', 'auto'])
+def test_damaged_checkpoint_is_a_clear_error_not_a_restart(tiny_imagenet, tmp_path, how):
+    """A checkpoint cut short (the run killed while writing it), named by
+    ``--resume PATH`` or found by ``--resume`` through last_checkpoint."""
+    work_dir = tmp_path / 'work'
+    work_dir.mkdir()
+    whole = tmp_path / 'whole.pth'
+    torch.save(dict(meta=dict(iter=3), state_dict=nn.Linear(64, 64).state_dict()), whole)
+    damaged = work_dir / 'iter_3.pth'
+    damaged.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    (work_dir / 'last_checkpoint').write_text(str(damaged))
+    extra = ['--resume', str(damaged)] if how == 'path' else ['--resume']
+    result = subprocess.run(_train_cmd(work_dir, *extra), cwd=REPO, env=_env(tiny_imagenet),
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert 'CorruptCheckpointError' in result.stderr, result.stderr[-3000:]
+    assert f'{damaged} is not a complete checkpoint' in result.stderr
+    assert 'Epoch(train)' not in result.stdout + result.stderr  # nothing trained
+    assert sorted(p.name for p in work_dir.glob('*.pth')) == ['iter_3.pth']
+
+
+def test_missing_resume_checkpoint_names_the_path(tiny_imagenet, tmp_path):
+    missing = tmp_path / 'nowhere' / 'iter_3.pth'
+    result = subprocess.run(_train_cmd(tmp_path / 'work', '--resume', str(missing)),
+                            cwd=REPO, env=_env(tiny_imagenet), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f'checkpoint to resume from not found: {missing}' in result.stderr
+    assert CorruptCheckpointError.__name__ not in result.stderr

@@ -1,0 +1,138 @@
+"""Training memory and time of the ConvNeur backbone with and without gradient
+checkpointing (``with_cp=True``: each block's activations are recomputed in
+the backward pass instead of kept).
+
+    python tools/analysis_tools/benchmark_with_cp.py [--arch m3] [--batch 2]
+        [--size 512 512] [--chunk-size 1024] [--repeats 3] [--device cpu]
+
+Default: ConvNeur-M3 as in the S-FPN / UperNet configs (chunk 1024, max_lr 0.2,
+drop-path 0.1, all four stages out), batch 2 of 512x512 crops, forward + a
+backward of a loss on every output. Printed as a Markdown table:
+
+* activation memory: the bytes autograd saves for the backward pass, counted
+  with ``convneur_mm.utils.profiling.SavedTensorMeter`` (unique storages,
+  parameters excluded), which works on the CPU too;
+* with checkpointing, the backward pass also holds one recomputed block at a
+  time: "peak estimate" adds the largest block's activations (measured in the
+  run without checkpointing) to the saved bytes;
+* on CUDA, also ``torch.cuda.max_memory_allocated`` over the step, less the
+  memory allocated before it (parameters, input);
+* time: median of ``--repeats`` forward+backward steps after a warm-up.
+"""
+import argparse
+import os.path as osp
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from convneur_mm.models import ConvNeur  # noqa: E402
+from convneur_mm.utils.profiling import SavedTensorMeter  # noqa: E402
+from convneur_mm.utils.toolbox import quiet_init  # noqa: E402
+
+MIB = 2**20
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'))
+    parser.add_argument('--chunk-size', type=int, default=1024)
+    parser.add_argument('--max-lr', type=float, default=0.2)
+    parser.add_argument('--drop-path-rate', type=float, default=0.1)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--threads', type=int, help='torch intra-op threads (CPU)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    return parser.parse_args(argv)
+
+
+def build(args, with_cp: bool) -> ConvNeur:
+    torch.manual_seed(0)
+    model = ConvNeur(arch=args.arch, memory_cfg=dict(chunk_size=args.chunk_size,
+                                                     max_lr=args.max_lr),
+                     drop_path_rate=args.drop_path_rate, out_indices=(0, 1, 2, 3),
+                     gap_before_final_norm=False, with_cp=with_cp)
+    with quiet_init():
+        model.init_weights()
+    return model.to(args.device).train()
+
+
+def loss_of(outs) -> torch.Tensor:
+    return sum(o.float().square().mean() for o in outs)
+
+
+def measure_memory(model: ConvNeur, x: torch.Tensor) -> dict:
+    """Saved-tensor bytes of one step, in total and of the largest block."""
+    blocks = {f'stage{i}.block{j}': block for i, stage in enumerate(model.stages)
+              for j, block in enumerate(stage)}
+    model.zero_grad(set_to_none=True)
+    with SavedTensorMeter(exclude=model.parameters(), scopes=blocks) as meter:
+        loss = loss_of(model(x))
+    saved, largest = meter.total_bytes, max(meter.by_scope.values(), default=0)
+    loss.backward()
+    result = dict(saved=saved, largest_block=largest)
+    if x.is_cuda:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss_of(model(x)).backward()
+        torch.cuda.synchronize()
+        result['cuda_peak'] = torch.cuda.max_memory_allocated() - base
+    return result
+
+
+def measure_time(model: ConvNeur, x: torch.Tensor, repeats: int) -> float:
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_of(model(x)).backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = torch.randn(args.batch, 3, *args.size, device=args.device)
+    rows = {}
+    for with_cp in (False, True):
+        model = build(args, with_cp)
+        rows[with_cp] = dict(measure_memory(model, x),
+                             time=measure_time(model, x, args.repeats))
+        del model
+    plain, cp = rows[False], rows[True]
+    device = (torch.cuda.get_device_name() if args.device.startswith('cuda')
+              else f'{platform.processor() or platform.machine()}, '
+                   f'{torch.get_num_threads()} threads')
+    print(f'ConvNeur-{args.arch.upper()} backbone fwd+bwd, batch {args.batch} x '
+          f'{args.size[0]}x{args.size[1]}, chunk {args.chunk_size}, on {device}')
+    cuda = 'cuda_peak' in plain
+    print('| with_cp | activation memory saved for backward (MiB) | peak estimate (MiB) |'
+          + (' CUDA peak (MiB) |' if cuda else '') + ' time (s) |')
+    print('|---|---|---|' + ('---|' if cuda else '') + '---|')
+    for with_cp, row in rows.items():
+        peak = row['saved'] + (plain['largest_block'] if with_cp else 0)
+        print(f'| {with_cp} | {row["saved"] / MIB:.0f} | {peak / MIB:.0f} |'
+              + (f' {row["cuda_peak"] / MIB:.0f} |' if cuda else '')
+              + f' {row["time"]:.2f} |')
+    saving = 1 - (cp['saved'] + plain['largest_block']) / plain['saved']
+    print(f'\nwith_cp keeps {cp["saved"] / plain["saved"]:.1%} of the saved activations '
+          f'(peak estimate: {saving:.0%} less memory) at {cp["time"] / plain["time"]:.2f}x '
+          'the step time')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
