@@ -95,7 +95,9 @@ def run_all(args) -> List[Dict]:
         done: List[Tuple[float, float]] = []
         for shape in shapes:
             pixels = shape[0] * shape[1]
-            exponent = fit_exponent(done[-2:]) if len(done) >= 2 else None
+            # fit over every size so far: the last two may hold nearly the same
+            # pixel count (1024^2 and 800x1333), whose slope says nothing
+            exponent = fit_exponent(done) if len(done) >= 2 else None
             if exponent is not None:  # never assume better than linear
                 exponent = max(exponent, 1.0)
                 predicted = done[-1][1] * (pixels / done[-1][0]) ** exponent
