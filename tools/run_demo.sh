@@ -3,8 +3,8 @@
 # builds every shipped model, then the three task demos, each trained from
 # scratch on its generated tiny dataset with 2 CPU processes (tools/dist_train.sh)
 # and evaluated from its checkpoint (tools/dist_test.sh):
-#   detection       Cascade Mask R-CNN + ConvNeur-M3, tiny COCO     (~12 min on 2 cores)
-#   segmentation    Semantic FPN + ConvNeur-M2, tiny ADE20K         (~4 min)
+#   detection       Cascade Mask R-CNN + ConvNeur-M3, tiny COCO     (~13 min on 2 cores)
+#   segmentation    Semantic FPN + ConvNeur-M2, tiny ADE20K         (~3 min)
 #   classification  ConvNeur-M1, tiny ImageNet                      (~3 min)
 # DEMOS="segmentation classification" runs a subset.
 set -euo pipefail

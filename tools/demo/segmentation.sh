@@ -29,6 +29,6 @@ run_logged segmentation "$WORK_DIR/train.log" 'Iter\(train\)' \
 CHECKPOINT=$(cat "$WORK_DIR/last_checkpoint")
 
 echo "[segmentation demo] evaluating $CHECKPOINT (log: $WORK_DIR/test.log)"
-run_logged segmentation "$WORK_DIR/test.log" '^(##|\|)' \
+run_logged segmentation "$WORK_DIR/test.log" '^(##|\| (metric|aAcc|mIoU|mAcc) |\|---)' \
     tools/dist_test.sh "$CONFIG" "$CHECKPOINT" "$GPUS" --work-dir "$WORK_DIR/test"
 echo "[segmentation demo] wall time: $((SECONDS - start)) s (data, training, evaluation)"
