@@ -23,7 +23,9 @@ run memory_branch "$PYTHON" tools/analysis_tools/benchmark_memory.py
 run resolution_scaling "$PYTHON" tools/analysis_tools/resolution_scaling.py \
     --sizes 256 512 1024 1536 2048 --budget 60 --out-dir "$OUT"
 run with_cp "$PYTHON" tools/analysis_tools/benchmark_with_cp.py
-run erf "$PYTHON" tools/analysis_tools/effective_receptive_field.py --num-images 8 \
+# ERF of the memory model, its local-only ablation and a ConvNeXt peer
+run erf "$PYTHON" tools/analysis_tools/effective_receptive_field.py \
+    --models ConvNeur-M3 "ConvNeur-M3 local-only" ConvNeXt-V2-P --num-images 8 \
     --out "$OUT/erf.png"
 # Figure 4 panels with the segmentation demo's trained S-FPN M2 (make demo) on
 # a tiny-ADE20K validation image; random weights when the demo has not run.
