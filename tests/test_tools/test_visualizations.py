@@ -20,6 +20,13 @@ import visualize_gates  # noqa: E402
 sys.path.pop(0)
 
 
+def _run_tool(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run tools/analysis_tools/SCRIPT from the repository root."""
+    return subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'analysis_tools', script), *args],
+        cwd=REPO, capture_output=True, text=True)
+
+
 def _backbone(**kwargs) -> ConvNeur:
     torch.manual_seed(0)
     model = ConvNeur('m1', out_indices=(0, 1, 2, 3), gap_before_final_norm=False,
@@ -56,10 +63,8 @@ def test_visualize_gates_writes_panels(tmp_path):
     rng = np.random.default_rng(0)
     cv2.imwrite(str(image), rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))
     out = tmp_path / 'gates.png'
-    result = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'analysis_tools', 'visualize_gates.py'),
-         str(image), 'cls_convneur_m1_300e_in1k.py', '--short-side', '64', '--out', str(out)],
-        cwd=REPO, capture_output=True, text=True)
+    result = _run_tool('visualize_gates.py', str(image), 'cls_convneur_m1_300e_in1k.py',
+                       '--short-side', '64', '--out', str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert '4 stages' in result.stdout
     panels = cv2.imread(str(out))
@@ -92,11 +97,9 @@ def test_area_shares_grow_with_the_fraction():
 
 def test_erf_script_writes_a_figure_and_a_table(tmp_path):
     out = tmp_path / 'erf.png'
-    result = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'analysis_tools', 'effective_receptive_field.py'),
-         '--models', 'ConvNeur-M3', 'ConvNeur-M3 local-only', '--num-images', '1',
-         '--size', '64', '--out', str(out)],
-        cwd=REPO, capture_output=True, text=True)
+    result = _run_tool('effective_receptive_field.py', '--models', 'ConvNeur-M3',
+                       'ConvNeur-M3 local-only', '--num-images', '1', '--size', '64',
+                       '--out', str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert '| ConvNeur-M3 |' in result.stdout and '| ConvNeur-M3 local-only |' in result.stdout
     assert cv2.imread(str(out)) is not None
