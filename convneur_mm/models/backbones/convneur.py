@@ -207,6 +207,13 @@ class ConvNeur(BaseModule):
 
     # -------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Per out index, a (B, C) vector or a contiguous (B, C, H, W) map.
+
+        The maps must be contiguous: the LayerNorms work channels-last and
+        hand back channels-last strides, which convolutions accept but mmcv's
+        RoIAlign does not (it reads raw NCHW memory, on CPU and CUDA alike,
+        and would silently pool scrambled features for the RoI heads).
+        """
         outs = []
         for i, stage in enumerate(self.stages):
             x = self.downsample_layers[i](x)
@@ -216,7 +223,7 @@ class ConvNeur(BaseModule):
                 if self.gap_before_final_norm:
                     outs.append(norm(x.mean((-2, -1), keepdim=True)).flatten(1))
                 else:
-                    outs.append(norm(x))
+                    outs.append(norm(x).contiguous())
         return tuple(outs)
 
     def _run_stage(self, stage: nn.Sequential, x: Tensor) -> Tensor:
