@@ -13,7 +13,7 @@ from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
 from torch import nn
 
 from convneur_mm.demo_data.coco import CLASSES, ann_file, generate_coco_tiny
-from convneur_mm.engine.launch import load_config
+from convneur_mm.engine.launch import build_runner, load_config
 from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
 from .task_utils import REPO, on_tiny_data, train_and_diff
 
@@ -124,6 +124,31 @@ def test_real_config_trains_one_iteration_and_predicts_on_cpu(coco_tiny, tmp_pat
     instances = pred.pred_instances
     assert instances.bboxes.shape[1] == 4 and len(instances) <= 100
     assert instances.masks.shape[-2:] == tuple(pred.ori_shape)
+
+
+def test_roi_heads_learn_to_classify_and_segment(coco_tiny, tmp_path):
+    """The demo's detector memorizes 4 images: within 15 iterations the first
+    stage's classification loss falls from about 1.6 to under 0.5 (measured:
+    0.19) and its mask loss from 0.69 (chance) to under 0.45 (0.23). With the
+    backbone's maps in channels-last memory (which mmcv's RoIAlign misreads)
+    they stayed at 0.90 and 0.62: the RoI heads pooled scrambled features.
+    AdamW (RoI heads x5) rather than the demo's SGD, which needs more than
+    15 steps to settle: the test checks the features, not the recipe."""
+    cfg = load_config(DEMO, work_dir=str(tmp_path))
+    cfg.train_dataloader.batch_size = 4
+    cfg.train_dataloader.dataset.update(data_root=coco_tiny, indices=[2, 3, 4, 5])
+    cfg.train_cfg.update(max_epochs=15)
+    cfg.optim_wrapper = dict(
+        type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
+        paramwise_cfg=dict(custom_keys=dict(roi_head=dict(lr_mult=5.0))))
+    cfg.param_scheduler = [dict(type='LinearLR', start_factor=0.01, by_epoch=False,
+                                begin=0, end=10)]
+    cfg.default_hooks.checkpoint = None
+    runner = build_runner(cfg)
+    runner.train()
+    history = runner.message_hub.log_scalars
+    cls_loss, mask_loss = (history[f'train/s0.loss_{k}'].mean(3) for k in ('cls', 'mask'))
+    assert cls_loss < 0.5 and mask_loss < 0.45, (cls_loss, mask_loss)
 
 
 def _coco_rows(stdout: str) -> dict:
