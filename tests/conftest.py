@@ -1,10 +1,9 @@
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .paths import REPO
 
 
 @pytest.fixture(scope='session')

@@ -25,8 +25,8 @@ import convneur_mm.engine  # noqa: F401  (registers CpuAmpOptimWrapper)
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.neural_memory import NeuralMemory
+from ..paths import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
 TINY = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 

@@ -47,8 +47,8 @@ from convneur_mm.engine.launch import load_config
 from convneur_mm.engine.runner import wrap_cpu_ddp
 from convneur_mm.utils.toolbox import build_model
 from .dist_utils import run_distributed
+from ..paths import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 WORLD = 2
 SGD = dict(lr=0.01, momentum=0.9)
 

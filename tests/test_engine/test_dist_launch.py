@@ -19,8 +19,8 @@ import pytest
 
 from convneur_mm.demo_data.ade20k import generate_ade20k_tiny
 from .dist_utils import free_port
+from ..paths import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(REPO, 'tools')
 DEMO = osp.join(REPO, 'configs', 'demo', 'fpn_convneur_m2_ade20k_tiny.py')
 

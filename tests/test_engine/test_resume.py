@@ -31,8 +31,8 @@ from torch import nn
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from convneur_mm.engine.runner import ConvNeurRunner
 from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
+from ..paths import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DEMO = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
 
 

@@ -1,13 +1,11 @@
 """What the task tests share: a real config on tiny data, trained briefly."""
-import os.path as osp
 from typing import Set, Tuple
 
 import torch
 from mmengine.config import Config
 
 from convneur_mm.engine.launch import SPLITS, build_runner
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from ..paths import REPO
 
 
 def on_tiny_data(cfg: Config, data_root: str, **dataset_options) -> Config:

@@ -15,7 +15,8 @@ from torch import nn
 from convneur_mm.demo_data.coco import CLASSES, ann_file, generate_coco_tiny
 from convneur_mm.engine.launch import build_runner, load_config
 from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
-from .task_utils import REPO, on_tiny_data, train_and_diff
+from ..paths import REPO
+from .task_utils import on_tiny_data, train_and_diff
 
 DEMO = osp.join(REPO, 'configs', 'demo', 'cascade_rcnn_convneur_m3_coco_tiny.py')
 CONFIGS = {'cascade_rcnn_convneur_m2_1x_coco.py': ('m2', [48, 96, 192, 384]),

@@ -18,7 +18,8 @@ from convneur_mm.demo_data.ade20k import CLASSES, OTHER, SCENE_FILE, generate_ad
 from convneur_mm.engine.launch import build_runner, load_config
 from convneur_mm.utils.complexity import measure_config
 from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg, tensor_forward
-from .task_utils import REPO, on_tiny_data, train_and_diff
+from ..paths import REPO
+from .task_utils import on_tiny_data, train_and_diff
 
 DEMO = osp.join(REPO, 'configs', 'demo', 'fpn_convneur_m2_ade20k_tiny.py')
 # config: (arch, backbone dims, modules trained with lr x10)

@@ -11,8 +11,8 @@ import torch
 
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.utils.toolbox import quiet_init
+from ..paths import REPO
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
 import effective_receptive_field as erf_tool  # noqa: E402
 import visualize_gates  # noqa: E402

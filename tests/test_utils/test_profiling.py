@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from convneur_mm.utils.profiling import SavedTensorMeter
-
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from ..paths import REPO
 
 
 def test_meter_counts_unique_saved_storages_without_parameters():
