@@ -212,7 +212,8 @@ class ConvNeur(BaseModule):
         The maps must be contiguous: the LayerNorms work channels-last and
         hand back channels-last strides, which convolutions accept but mmcv's
         RoIAlign does not (it reads raw NCHW memory, on CPU and CUDA alike,
-        and would silently pool scrambled features for the RoI heads).
+        and would silently pool scrambled features for the RoI heads;
+        open-mmlab/mmcv#2203).
         """
         outs = []
         for i, stage in enumerate(self.stages):
