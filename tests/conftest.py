@@ -3,7 +3,14 @@ import sys
 
 import pytest
 
+from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
+
 from .paths import REPO
+
+
+def pytest_configure(config):
+    # what tools/train.py does on CPU; spawned test processes inherit it
+    tune_cpu_malloc()
 
 
 @pytest.fixture(scope='session')

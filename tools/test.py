@@ -8,11 +8,13 @@ import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.evaluator import DumpResults
+from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
                                        set_local_rank)
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
+from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 
 
 def parse_args():
@@ -36,6 +38,7 @@ def parse_args():
 def main():
     args = parse_args()
     set_local_rank(args.local_rank)
+    print_log(tune_cpu_malloc(), logger='current')
     if not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     work_dir = args.work_dir or osp.join(

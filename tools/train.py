@@ -7,10 +7,12 @@ import argparse
 import os.path as osp
 
 from mmengine.config import DictAction
+from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
                                        load_config, set_local_rank)
+from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 
 
 def parse_args():
@@ -40,6 +42,7 @@ def parse_args():
 def main():
     args = parse_args()
     set_local_rank(args.local_rank)
+    print_log(tune_cpu_malloc(), logger='current')
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])
     if args.amp:

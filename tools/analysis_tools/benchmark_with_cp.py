@@ -21,7 +21,6 @@ backward of a loss on every output. Printed as a Markdown table:
 """
 import argparse
 import os.path as osp
-import platform
 import sys
 import time
 
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models import ConvNeur  # noqa: E402
+from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
 from convneur_mm.utils.profiling import SavedTensorMeter  # noqa: E402
 from convneur_mm.utils.toolbox import quiet_init  # noqa: E402
 
@@ -105,6 +105,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = setup_benchmark_device(args.device)
     x = torch.randn(args.batch, 3, *args.size, device=args.device)
     rows = {}
     for with_cp in (False, True):
@@ -113,9 +114,6 @@ def main(argv=None):
                              time=measure_time(model, x, args.repeats))
         del model
     plain, cp = rows[False], rows[True]
-    device = (torch.cuda.get_device_name() if args.device.startswith('cuda')
-              else f'{platform.processor() or platform.machine()}, '
-                   f'{torch.get_num_threads()} threads')
     print(f'ConvNeur-{args.arch.upper()} backbone fwd+bwd, batch {args.batch} x '
           f'{args.size[0]}x{args.size[1]}, chunk {args.chunk_size}, on {device}')
     cuda = 'cuda_peak' in plain

@@ -25,6 +25,7 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
+from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -78,8 +79,11 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
 
 
 def fit_exponent(points: List[Tuple[float, float]]) -> Optional[float]:
-    """Least-squares slope of log(time) against log(pixels)."""
-    if len(points) < 2:
+    """Least-squares slope of log(time) against log(pixels); None unless the
+    points span at least 2x in pixels (1024^2 and 800x1333 alone differ by 2%,
+    and their slope is noise: it once predicted 10^12 s for 2048^2)."""
+    pixels = [p for p, _ in points]
+    if len(points) < 2 or max(pixels) < 2 * min(pixels):
         return None
     xs = [math.log(p) for p, _ in points]
     ys = [math.log(t) for _, t in points]
@@ -175,6 +179,7 @@ def plot(results: List[Dict], path: str, device: str) -> None:
 
 def main():
     args = parse_args()
+    device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.worker:
         name, h, w = args.worker
         print(json.dumps(measure(name, (int(h), int(w)), args.device, args.iters)))
@@ -183,6 +188,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     results = run_all(args)
     summary = summarize(results)
+    print(f'Device: {device}\n')
     print(table(results, summary))
     with open(osp.join(args.out_dir, 'results.json'), 'w') as f:
         json.dump(dict(device=args.device, results=results, summary=summary), f, indent=1)

@@ -18,7 +18,7 @@ run() {  # run NAME CMD...: the output to the terminal and to OUT/NAME.md
     echo "### $name: $*" >&2
     "$@" | tee "$OUT/$name.md"
 }
-run speed "$PYTHON" tools/analysis_tools/benchmark_speed.py --out "$OUT/speed.json"
+run speed "$PYTHON" tools/analysis_tools/benchmark_speed.py --rounds 3 --out "$OUT/speed.json"
 run memory_branch "$PYTHON" tools/analysis_tools/benchmark_memory.py
 run resolution_scaling "$PYTHON" tools/analysis_tools/resolution_scaling.py \
     --sizes 256 512 1024 1536 2048 --budget 60 --out-dir "$OUT"
