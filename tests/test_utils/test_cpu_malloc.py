@@ -31,7 +31,8 @@ needs_glibc = pytest.mark.skipif(not cpu_malloc.glibc_version(), reason='glibc o
 
 
 def _probe(**env):
-    clean = {k: v for k, v in os.environ.items() if k not in GLIBC_ENV + (OPT_OUT_ENV,)}
+    clean = {k: v for k, v in os.environ.items()
+             if k not in GLIBC_ENV + (OPT_OUT_ENV, 'GLIBC_TUNABLES')}
     out = subprocess.run([sys.executable, '-c', PROBE], env={**clean, **env}, cwd=REPO,
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -39,19 +40,21 @@ def _probe(**env):
 
 @needs_glibc
 def test_freed_large_tensors_are_reused_without_page_faults():
-    tuned = _probe()
-    assert 'raised to 1024 MiB' in tuned['message']
-    assert tuned['faults'] < 0.01 * tuned['pages'], tuned
     default = _probe(**{OPT_OUT_ENV: '0'})
     assert '=0' in default['message']
-    # glibc's default maps each 64 MiB tensor afresh: one fault per 4 KiB page
-    # (fewer with transparent huge pages), never fewer than tuned
-    assert default['faults'] >= tuned['faults'], (default, tuned)
+    if default['faults'] < 0.5 * default['pages']:
+        pytest.skip(f'glibc\'s defaults already reuse the pages here (transparent huge '
+                    f'pages?): {default}')
+    tuned = _probe()
+    if 'refused' in tuned['message']:
+        pytest.skip(tuned['message'])
+    assert 'raised to 1024 MiB' in tuned['message']
+    assert tuned['faults'] < 0.1 * default['faults'], (tuned, default)
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in GLIBC_ENV + (OPT_OUT_ENV,):
+    for name in GLIBC_ENV + (OPT_OUT_ENV, 'GLIBC_TUNABLES'):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -60,10 +63,21 @@ def test_opt_out_and_user_settings_win(clean_env):
     clean_env.setenv(OPT_OUT_ENV, '0')
     assert 'kept' in tune_cpu_malloc(force=True)
     assert not any(name in os.environ for name in GLIBC_ENV)
-    clean_env.delenv(OPT_OUT_ENV)
+    # thresholds from the environment (the user's, or a tuned parent's) are
+    # what glibc applied at start-up: reported as such, opted out or not
     clean_env.setenv('MALLOC_MMAP_THRESHOLD_', '4096')
     assert 'as set in the environment' in tune_cpu_malloc(force=True)
     assert os.environ['MALLOC_MMAP_THRESHOLD_'] == '4096'
+    clean_env.delenv('MALLOC_MMAP_THRESHOLD_')
+    clean_env.delenv(OPT_OUT_ENV)
+    clean_env.setenv('GLIBC_TUNABLES', 'glibc.malloc.trim_threshold=65536')
+    assert 'as set in the environment' in tune_cpu_malloc(force=True)
+    assert not any(name in os.environ for name in GLIBC_ENV)
+
+
+def test_thresholds_beyond_a_c_int_are_refused():
+    with pytest.raises(ValueError, match='C int'):
+        tune_cpu_malloc(4 << 30, force=True)  # would reach mallopt as 0
 
 
 def test_other_c_libraries_are_left_alone(clean_env):

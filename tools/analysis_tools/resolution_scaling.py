@@ -191,7 +191,7 @@ def main():
     print(f'Device: {device}\n')
     print(table(results, summary))
     with open(osp.join(args.out_dir, 'results.json'), 'w') as f:
-        json.dump(dict(device=args.device, results=results, summary=summary), f, indent=1)
+        json.dump(dict(device=device, results=results, summary=summary), f, indent=1)
     plot(results, osp.join(args.out_dir, 'resolution_scaling.png'), args.device)
     print(f'\nplot: {osp.join(args.out_dir, "resolution_scaling.png")}')
 
