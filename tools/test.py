@@ -12,7 +12,7 @@ from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
-                                       set_local_rank)
+                                       set_local_rank, shutdown_distributed)
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 
@@ -51,15 +51,16 @@ def main():
         cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
     if args.show or args.show_dir:
         enable_visualization(cfg, args.show_dir, args.show, args.wait_time)
+    if args.out and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
     runner = build_runner(cfg)
     if args.out:
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     metrics = runner.test()
     if runner.rank == 0:
         print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '
                                             f'{osp.basename(args.checkpoint)}'))
+    shutdown_distributed()
 
 
 if __name__ == '__main__':

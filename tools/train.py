@@ -11,7 +11,7 @@ from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
-                                       load_config, set_local_rank)
+                                       load_config, set_local_rank, shutdown_distributed)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 
 
@@ -64,6 +64,7 @@ def main():
             raise FileNotFoundError(f'checkpoint to resume from not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
     build_runner(cfg).train()
+    shutdown_distributed()
 
 
 if __name__ == '__main__':

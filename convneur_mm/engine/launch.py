@@ -1,5 +1,6 @@
 """What ``tools/train.py`` and ``tools/test.py`` share: config loading, checks
-that fail early with the offending path, AMP selection and the runner."""
+that fail early with the offending path, AMP selection, the runner and the
+distributed shut-down."""
 import os
 import os.path as osp
 from typing import Iterable, List, Optional
@@ -98,3 +99,17 @@ def build_runner(cfg: Config):
 
 def set_local_rank(local_rank: int) -> None:
     os.environ.setdefault('LOCAL_RANK', str(local_rank))
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group once the work is done.
+
+    PyTorch asks for it at the end of every distributed program; MMEngine's
+    runner never does it. Without it gloo's worker threads can abort the
+    process at interpreter shut-down ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#190489): we saw that once, after
+    ``tools/test.py`` had printed its metrics, failing the job. Not for error
+    paths: other ranks may still be inside a collective.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
