@@ -1,4 +1,17 @@
 """Where the repository is, for tests that run its tools, configs and scripts."""
+import importlib
 import os.path as osp
+import sys
+from types import ModuleType
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ANALYSIS_TOOLS = osp.join(REPO, 'tools', 'analysis_tools')
+
+
+def import_analysis_tool(name: str) -> ModuleType:
+    """tools/analysis_tools/NAME.py as a module (the scripts are not a package)."""
+    sys.path.insert(0, ANALYSIS_TOOLS)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(ANALYSIS_TOOLS)

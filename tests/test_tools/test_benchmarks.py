@@ -1,30 +1,19 @@
 """Helpers of the benchmark scripts in tools/analysis_tools."""
-import os.path as osp
-import sys
-
-from ..paths import REPO
-
-
-def _tool(name):
-    sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+from ..paths import import_analysis_tool
 
 
 def test_best_round_takes_best_speed_and_largest_peak():
     rounds = [dict(name='M3', throughput=9.0, latency_ms=80.0, peak_mb=900, branch_time_share=0.5),
               dict(name='M3', throughput=11.0, latency_ms=95.0, peak_mb=850, branch_time_share=0.4),
               dict(name='M3', throughput=10.0, latency_ms=85.0, peak_mb=870, branch_time_share=0.6)]
-    best = _tool('benchmark_speed').best_round(rounds)
+    best = import_analysis_tool('benchmark_speed').best_round(rounds)
     assert best['throughput'] == 11.0 and best['branch_time_share'] == 0.4  # one round's
     assert best['latency_ms'] == 80.0 and best['peak_mb'] == 900 and best['rounds'] == 3
     assert rounds[1]['latency_ms'] == 95.0  # inputs untouched
 
 
 def test_scaling_exponent_needs_sizes_that_differ():
-    fit = _tool('resolution_scaling').fit_exponent
+    fit = import_analysis_tool('resolution_scaling').fit_exponent
     assert fit([(1024 * 1024, 1.0)]) is None
     assert fit([(1024 * 1024, 1.78), (800 * 1333, 2.07)]) is None  # 2% apart: noise
     assert abs(fit([(512 ** 2, 0.5), (1024 ** 2, 2.0), (2048 ** 2, 8.0)]) - 1.0) < 1e-9

@@ -11,19 +11,16 @@ import torch
 
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.utils.toolbox import quiet_init
-from ..paths import REPO
+from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
 
-sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
-import effective_receptive_field as erf_tool  # noqa: E402
-import visualize_gates  # noqa: E402
-
-sys.path.pop(0)
+erf_tool = import_analysis_tool('effective_receptive_field')
+visualize_gates = import_analysis_tool('visualize_gates')
 
 
 def _run_tool(script: str, *args: str) -> subprocess.CompletedProcess:
     """Run tools/analysis_tools/SCRIPT from the repository root."""
     return subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'analysis_tools', script), *args],
+        [sys.executable, osp.join(ANALYSIS_TOOLS, script), *args],
         cwd=REPO, capture_output=True, text=True)
 
 

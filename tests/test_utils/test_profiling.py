@@ -1,12 +1,9 @@
 """SavedTensorMeter (activation memory on any device) and the with_cp benchmark."""
-import os.path as osp
-import sys
-
 import torch
 from torch import nn
 
 from convneur_mm.utils.profiling import SavedTensorMeter
-from ..paths import REPO
+from ..paths import import_analysis_tool
 
 
 def test_meter_counts_unique_saved_storages_without_parameters():
@@ -22,11 +19,7 @@ def test_meter_counts_unique_saved_storages_without_parameters():
 
 
 def test_benchmark_with_cp_prints_the_table(capsys):
-    sys.path.insert(0, osp.join(REPO, 'tools', 'analysis_tools'))
-    try:
-        import benchmark_with_cp
-    finally:
-        sys.path.pop(0)
+    benchmark_with_cp = import_analysis_tool('benchmark_with_cp')
     threads = torch.get_num_threads()
     try:
         rows = benchmark_with_cp.main(['--arch', 'm1', '--batch', '1', '--size', '64', '64',
