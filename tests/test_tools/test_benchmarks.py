@@ -18,3 +18,25 @@ def test_scaling_exponent_needs_sizes_that_differ():
     assert fit([(1024 * 1024, 1.78), (800 * 1333, 2.07)]) is None  # 2% apart: noise
     assert abs(fit([(512 ** 2, 0.5), (1024 ** 2, 2.0), (2048 ** 2, 8.0)]) - 1.0) < 1e-9
     assert abs(fit([(512 ** 2, 1.0), (1024 ** 2, 16.0)]) - 2.0) < 1e-9
+
+
+def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
+    """The speed-up bound printed by benchmark_memory rests on this: the
+    closed-form path and the autograd reference run the same GEMM FLOPs."""
+    import torch
+
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    from ..test_models.test_layers.memory_reference import reference_memory
+    bench = import_analysis_tool('benchmark_memory')
+    torch.manual_seed(0)
+    d, chunk, tokens = 16, 32, 128  # 4 chunks: 3 updates that are read
+    memory = NeuralMemory(d, chunk_size=chunk)
+    x = torch.randn(2, tokens, d, requires_grad=True)
+    paths = {'fast': lambda m, t: m(t), 'reference': reference_memory}
+    flops = {name: bench.gemm_flops(lambda: bench._step(memory, fn, x, 'cpu'))
+             for name, fn in paths.items()}
+    # forward alone: 5 (L x d x 4d) products per update, 2 per token read
+    assert flops['fast'] > 2 * 2 * (3 * chunk * 5 + 2 * tokens) * d * 4 * d
+    # the fast path adds only its scan's small products ((U+1) x U per weight)
+    assert abs(flops['fast'] - flops['reference']) <= 0.05 * flops['reference'], flops
+    assert 0 < bench.gemm_seconds(lambda: bench._step(memory, paths['fast'], x, 'cpu'), 'cpu') < 10
