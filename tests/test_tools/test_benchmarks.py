@@ -40,3 +40,22 @@ def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
     # the fast path adds only its scan's small products ((U+1) x U per weight)
     assert abs(flops['fast'] - flops['reference']) <= 0.05 * flops['reference'], flops
     assert 0 < bench.gemm_seconds(lambda: bench._step(memory, paths['fast'], x, 'cpu'), 'cpu') < 10
+
+
+def test_speed_report_bounds_m3_by_its_branches_gemms():
+    bench = import_analysis_tool('benchmark_speed')
+    common = dict(params=1e7, latency_ms=50.0, peak_mb=100)
+    results = [
+        dict(name='ConvNeur-M3 local-only', paper_macs=1.4e9, full_macs=1.4e9, throughput=20.0,
+             branch_time_share=None, branch_mac_share=None, **common),
+        dict(name='ConvNeur-M3', paper_macs=1.8e9, full_macs=3.5e9, throughput=10.0,
+             branch_time_share=0.5, branch_mac_share=0.6, **common),
+        dict(name='ResNet-50', paper_macs=4.1e9, full_macs=4.1e9, throughput=10.0,
+             branch_time_share=None, branch_mac_share=None, **common)]
+    # branches: 0.6 * 3.5 = 2.1 GMACs = 4.2 GFLOP per image; at 84 GFLOP/s 50 ms,
+    # on top of the local network's 50 ms: at most 10 img/s
+    assert abs(bench.m3_throughput_bound(20.0, 2.1e9, 84e9) - 10.0) < 1e-9
+    text = bench.report(results, 'test device', 16, gemm_rate=84e9)
+    assert 'ConvNeur-M3 <= 10.0 img/s = 1.00x ResNet-50' in text
+    assert 'wall-time overhead >= 100%' in text
+    assert 'Bound' not in bench.report(results, 'test device', 16)

@@ -9,6 +9,11 @@ process tree from MMPretrain (ResNet-50, ConvNeXt, Swin-T), MMDetection
 its own subprocess so that peak memory is its own; the ratios come from this
 one run. The protocol follows the OverLoCK paper's speed table: throughput at
 batch 128 on a GPU (``--batch`` on CPU, default 16) and latency at batch 1.
+
+It also times one large matrix product (the device's best GEMM rate, in the
+same run) and prints the throughput ConvNeur-M3 cannot exceed on this device:
+its local network's measured time (the local-only ablation) plus its global
+branches' matrix-product FLOPs at that best rate.
 """
 import argparse
 import json
@@ -17,7 +22,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -160,6 +165,20 @@ def measure(name: str, device: str, batch: int, iters: int) -> Dict:
                 branch_mac_share=branch_macs / macs['full'] if branches else None)
 
 
+def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of ``repeats`` float32 ``size``-cubed matrix products."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = _timed(lambda x: x @ b, a, repeats, device)[0]
+    return 2 * size ** 3 / best
+
+
+def m3_throughput_bound(local_throughput: float, branch_macs: float, gemm_rate: float) -> float:
+    """Images/s that ConvNeur-M3 cannot exceed: its local network's time per
+    image plus its global branches' MACs executed at ``gemm_rate`` FLOP/s."""
+    return 1.0 / (1.0 / local_throughput + 2.0 * branch_macs / gemm_rate)
+
+
 def run_all(args) -> List[Dict]:
     batch = args.batch or (128 if args.device.startswith('cuda') else 16)
     rounds: Dict[str, List[Dict]] = {name: [] for name in args.models}
@@ -184,8 +203,10 @@ def best_round(results: List[Dict]) -> Dict:
     return best
 
 
-def report(results: List[Dict], device: str, batch: int) -> str:
-    """``device``: its description from ``setup_benchmark_device``."""
+def report(results: List[Dict], device: str, batch: int,
+           gemm_rate: Optional[float] = None) -> str:
+    """``device``: its description from ``setup_benchmark_device``;
+    ``gemm_rate``: the device's best GEMM FLOP/s (``peak_gemm_rate``)."""
     by_name = {r['name']: r for r in results}
     ref = by_name.get('ResNet-50')
     rounds = max(r.get('rounds', 1) for r in results)
@@ -214,6 +235,17 @@ def report(results: List[Dict], device: str, batch: int) -> str:
     if m3 and ref:
         lines.append(f'ConvNeur-M3 throughput / ResNet-50: '
                      f'{m3["throughput"] / ref["throughput"]:.2f}x (target >= 1.5x).')
+    if m3 and local and gemm_rate:
+        branch_macs = m3['branch_mac_share'] * m3['full_macs']
+        bound = m3_throughput_bound(local['throughput'], branch_macs, gemm_rate)
+        lines.append(
+            f'Bound: at this device\'s best GEMM rate ({gemm_rate / 1e9:.0f} GFLOP/s, a '
+            f'2048^3 product timed in this run) the global branches\' '
+            f'{branch_macs / 1e9:.2f} GMACs per image add at least '
+            f'{2e3 * branch_macs / gemm_rate:.1f} ms to the local network\'s '
+            f'{1e3 / local["throughput"]:.1f} ms: ConvNeur-M3 <= {bound:.1f} img/s'
+            + (f' = {bound / ref["throughput"]:.2f}x ResNet-50' if ref else '') +
+            f', wall-time overhead >= {100 * (local["throughput"] / bound - 1):.0f}%.')
     return '\n'.join(lines)
 
 
@@ -224,12 +256,13 @@ def main():
         print(json.dumps(measure(args.worker, args.device, args.batch, args.iters)))
         return
     results = run_all(args)
+    gemm_rate = peak_gemm_rate(args.device)
     batch = args.batch or (128 if args.device.startswith('cuda') else 16)
-    print(report(results, device, batch))
+    print(report(results, device, batch, gemm_rate))
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(dict(device=device, batch=batch, results=results), f,
-                      indent=1)
+            json.dump(dict(device=device, batch=batch, gemm_flops_per_s=gemm_rate,
+                           results=results), f, indent=1)
 
 
 if __name__ == '__main__':
