@@ -1,6 +1,8 @@
-"""One set-up and one description of the device for every benchmark tool."""
+"""One set-up, one description and one GEMM-rate probe of the device for every
+benchmark tool."""
 import os
 import platform
+import time
 
 import torch
 
@@ -19,3 +21,24 @@ def setup_benchmark_device(device: str) -> str:
     malloc = tune_cpu_malloc(force=True)
     return (f'{platform.machine()} CPU ({os.cpu_count()} cores), '
             f'{torch.get_num_threads()} torch threads; {malloc}')
+
+
+def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of ``repeats`` float32 ``size``-cubed matrix products.
+
+    The best rate the device's GEMM kernels reach: work that consists of
+    matrix products cannot run faster, which makes it the yardstick for the
+    speed bounds the benchmarks print.
+    """
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float('inf')
+    for _ in range(repeats + 1):  # the first call warms up
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best

@@ -29,7 +29,7 @@ from torch import nn
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.bench_env import peak_gemm_rate, setup_benchmark_device  # noqa: E402
 
 # name -> (config, cfg_options); 'mmdet-pvtv2-b1' is built by hand below
 MODELS = {
@@ -163,14 +163,6 @@ def measure(name: str, device: str, batch: int, iters: int) -> Dict:
                 latency_ms=latency[len(latency) // 2] * 1e3, peak_mb=peak_mb,
                 branch_time_share=branch_seconds / median if branches else None,
                 branch_mac_share=branch_macs / macs['full'] if branches else None)
-
-
-def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of ``repeats`` float32 ``size``-cubed matrix products."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    best = _timed(lambda x: x @ b, a, repeats, device)[0]
-    return 2 * size ** 3 / best
 
 
 def m3_throughput_bound(local_throughput: float, branch_macs: float, gemm_rate: float) -> float:
