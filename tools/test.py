@@ -7,22 +7,25 @@ import argparse
 import os.path as osp
 
 from mmengine.config import DictAction
-from mmengine.evaluator import DumpResults
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
                                        set_local_rank, shutdown_distributed)
+from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
+from convneur_mm.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description='Evaluate a ConvNeur checkpoint')
     parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('checkpoint', help='checkpoint file (or URL); must fit the model exactly')
     parser.add_argument('--work-dir', help='where evaluation logs go')
-    parser.add_argument('--out', help='dump raw predictions to this .pkl file')
+    parser.add_argument('--out', help='dump predictions to this .pkl file (masks as RLE, '
+                        'segmentation as label maps)')
     parser.add_argument('--show', action='store_true', help='display predictions')
     parser.add_argument('--show-dir', help='save drawn predictions to this directory')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
@@ -39,7 +42,7 @@ def main():
     args = parse_args()
     set_local_rank(args.local_rank)
     print_log(tune_cpu_malloc(), logger='current')
-    if not osp.isfile(args.checkpoint):
+    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     work_dir = args.work_dir or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0], 'test')
@@ -54,8 +57,10 @@ def main():
     if args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
     runner = build_runner(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    check_checkpoint_fits(model, args.checkpoint)
     if args.out:
-        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
+        runner.test_evaluator.metrics.append(prediction_dumper(cfg.default_scope, args.out))
     metrics = runner.test()
     if runner.rank == 0:
         print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '

@@ -55,6 +55,18 @@ def compare_state_dicts(model: nn.Module, state: Dict[str, torch.Tensor]) -> Lis
     return problems
 
 
+def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
+    """Raise ``CheckpointMismatchError`` unless the checkpoint's state dict has
+    exactly the keys and shapes of ``model`` (an evaluation must not run on a
+    half-loaded model: MMEngine's ``load_from`` only logs what does not fit)."""
+    state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'))
+    problems = compare_state_dicts(model, state)
+    if problems:
+        raise CheckpointMismatchError(
+            f'checkpoint {checkpoint} does not fit the model of this config:\n  ' +
+            '\n  '.join(problems))
+
+
 def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = '',
                              strict: bool = True) -> None:
     """Load the weights under ``prefix`` of ``checkpoint`` into ``model``.

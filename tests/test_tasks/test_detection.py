@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import mmengine
 import pytest
 import torch
 from mmengine.optim import build_optim_wrapper
@@ -170,13 +171,19 @@ def test_train_then_evaluate_prints_coco_tables(coco_tiny, tmp_path, monkeypatch
     checkpoint = work_dir / 'epoch_1.pth'
     assert checkpoint.is_file()
     assert open(work_dir / 'last_checkpoint').read().strip() == str(checkpoint)
+    dump = tmp_path / 'predictions.pkl'
     test = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
-                '--work-dir', str(tmp_path / 'test'))
+                '--work-dir', str(tmp_path / 'test'), '--out', str(dump))
     assert test.returncode == 0, test.stderr[-3000:]
     rows = _coco_rows(test.stdout)
     assert set(rows) == {'bbox', 'segm'}, test.stdout[-2000:]
     for values in rows.values():
         assert len(values) == 6 and all(-100 <= v <= 100 for v in values)
+    # --out: masks as RLE, no ground truth (MMDetection's DumpDetResults)
+    predictions = mmengine.load(str(dump))
+    assert predictions and all('gt_instances' not in p for p in predictions)
+    masks = [m for p in predictions for m in p['pred_instances']['masks']]
+    assert masks and all(isinstance(m, dict) and 'counts' in m for m in masks)
 
 
 # ------------------------------------------------------------- bad input

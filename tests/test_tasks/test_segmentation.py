@@ -1,12 +1,14 @@
 """Semantic segmentation on ADE20K (issue 5): the paper's recipe in our
 configs, the tiny ADE20K, CPU training and inference with the real config, a
 train-then-evaluate run through the tools, and Table 4's FLOPs."""
+import os
 import os.path as osp
 import re
 import subprocess
 import sys
 
 import cv2
+import mmengine
 import numpy as np
 import pytest
 import torch
@@ -208,13 +210,30 @@ def test_train_then_evaluate_learns(ade20k_tiny, tmp_path, monkeypatch):
         cwd=REPO, capture_output=True, text=True)
     assert train.returncode == 0, train.stderr[-3000:]
     checkpoint = work_dir / f'iter_{iters}.pth'
+    dump = tmp_path / 'predictions.pkl'
     test = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
-         '--work-dir', str(tmp_path / 'test'), '--cfg-options', val_subset],
+         '--work-dir', str(tmp_path / 'test'), '--out', str(dump), '--cfg-options', val_subset],
         cwd=REPO, capture_output=True, text=True)
     assert test.returncode == 0, test.stderr[-3000:]
     trained = _metrics(test.stdout)
     assert {'mIoU', 'mAcc', 'aAcc'} <= set(trained), test.stdout[-2000:]
+    # --out keeps label maps, not the 150-channel logits or the ground truth
+    predictions = mmengine.load(str(dump))
+    assert len(predictions) == 8 and os.path.getsize(dump) < 8 * 256 * 256 + 100_000
+    for pred in predictions:
+        assert 'seg_logits' not in pred and 'gt_sem_seg' not in pred
+        assert pred['pred_sem_seg'].dtype == np.uint8
+        assert pred['pred_sem_seg'].shape == tuple(pred['ori_shape'])
+
+    # a checkpoint that does not fit the config stops the evaluation
+    mismatch = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
+         '--work-dir', str(tmp_path / 'mismatch'), '--cfg-options', val_subset,
+         'model.backbone.arch=m1'], cwd=REPO, capture_output=True, text=True)
+    assert mismatch.returncode != 0
+    assert 'CheckpointMismatchError' in mismatch.stderr and 'shape mismatches' in mismatch.stderr
+    assert not _metrics(mismatch.stdout)  # nothing evaluated
 
     # the same model and evaluation, untrained (it scores about 0)
     cfg = load_config(DEMO, {'test_dataloader.dataset.indices': 8},
