@@ -28,19 +28,26 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 x, self.running_mean, self.running_var, self.weight, self.bias,
                 self.training or not self.track_running_stats,
                 0.0 if self.momentum is None else self.momentum, self.eps)
+        return self._synced_forward(x.float()).to(x.dtype)
+
+    def _synced_forward(self, x: Tensor) -> Tensor:
+        """Statistics in float32 and their reduction in float64, whatever the
+        input dtype (under bf16 autocast E[x^2] - E[x]^2 would keep 8 bits)."""
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
-        count = x.new_tensor([x.numel() // channels])
-        stats = dist_fn.all_reduce(torch.cat([x.sum(dims), x.square().sum(dims), count]))
+        count = x.new_tensor([x.numel() // channels], dtype=torch.float64)
+        sums = torch.cat([x.sum(dims), x.square().sum(dims)]).double()
+        stats = dist_fn.all_reduce(torch.cat([sums, count]))
         total = stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels:2 * channels] / total - mean.square()).clamp_min(0)
+        mean, var = mean.float(), var.float()
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), total.item())
         shape = (1, channels) + (1, ) * (x.dim() - 2)
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            out = out * self.weight.view(shape).float() + self.bias.view(shape).float()
         return out
 
     @torch.no_grad()

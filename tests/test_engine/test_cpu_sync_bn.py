@@ -49,6 +49,29 @@ def test_two_processes_match_one_batch_norm_over_the_full_batch():
         torch.testing.assert_close(r['running_var'], bn.running_var)
 
 
+def _synced_half_bf16(rank, world_size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 30, 30, generator=gen) * 2 + 6  # mean 6: E[x^2] >> var
+    bn = CpuSyncBatchNorm(4).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = bn(x[rank * 4:rank * 4 + 4].bfloat16())
+    return dict(out=out, running_var=bn.running_var)
+
+
+def test_statistics_stay_float32_under_bf16_autocast():
+    results = run_distributed(_synced_half_bf16, 2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 30, 30, generator=gen) * 2 + 6
+    bn = nn.BatchNorm2d(4).train()
+    reference = bn(x.bfloat16().float())
+    out = torch.cat([r['out'] for r in results])
+    assert out.dtype == torch.bfloat16
+    # bf16 rounding of the output alone: ~0.01; bf16 statistics gave 0.25
+    assert (out.float() - reference).abs().max() < 0.05
+    for r in results:
+        torch.testing.assert_close(r['running_var'], bn.running_var, rtol=1e-3, atol=1e-3)
+
+
 def test_single_process_and_eval_behave_like_batch_norm():
     x, _ = _data()
     torch.manual_seed(1)
