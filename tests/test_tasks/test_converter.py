@@ -148,6 +148,38 @@ def test_loader_is_loud_about_unconverted_and_wrong_arch(classifier_checkpoint, 
     assert torch.equal(backbone.norm3.weight, classifier_state['backbone.norm3.weight'])
 
 
+def test_list_form_pretrained_init_cfg_loads_strictly(converted, tmp_path):
+    """init_cfg=[dict(type='Pretrained', ...)] takes the strict loader too, and
+    the memories' own init does not overwrite what it loaded."""
+    state = torch.load(converted, map_location='cpu', weights_only=False)['state_dict']
+    backbone = ConvNeur('m3', out_indices=(0, 1, 2, 3), gap_before_final_norm=False,
+                        init_cfg=[dict(type='Pretrained', checkpoint=converted,
+                                       prefix='backbone.')])
+    backbone.init_weights()
+    own = backbone.state_dict()
+    assert all(torch.equal(own[k], state['backbone.' + k]) for k in own)
+    with pytest.raises(CheckpointMismatchError, match='shape mismatches'):
+        ConvNeur('m2', out_indices=(0, 1, 2, 3), gap_before_final_norm=False,
+                 init_cfg=[dict(type='Pretrained', checkpoint=converted,
+                                prefix='backbone.')]).init_weights()
+
+
+def test_non_strict_load_gives_missing_tensors_the_documented_init(converted, tmp_path):
+    checkpoint = torch.load(converted, map_location='cpu', weights_only=False)
+    for name in ('weight', 'bias'):
+        del checkpoint['state_dict'][f'backbone.stages.0.0.global_branch.proj_in.{name}']
+    partial = str(tmp_path / 'partial.pth')
+    torch.save(checkpoint, partial)
+    torch.manual_seed(0)
+    backbone = _dense_backbone('m3', partial, strict=False)
+    backbone.init_weights()
+    # TruncNormal(std 0.02), bias 0; PyTorch's default would be uniform
+    # with std 1/sqrt(3 * 64) = 0.072 and a non-zero bias
+    proj = backbone.stages[0][0].global_branch.proj_in
+    assert 0.015 < float(proj.weight.std()) < 0.025
+    assert not proj.bias.any()
+
+
 @pytest.mark.parametrize('case, why', [
     ('resnet', 'backbone is not a ConvNeur'),
     ('detector', 'weights of a detector or segmentor'),

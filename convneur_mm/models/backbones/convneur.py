@@ -250,25 +250,45 @@ class ConvNeur(BaseModule):
         return self
 
     def init_weights(self) -> None:
-        """Random init, or a strict load for ``init_cfg=dict(type='Pretrained')``.
+        """Random init, then a strict load if ``init_cfg`` names a Pretrained
+        checkpoint (as a dict or as an entry of a list).
 
-        A checkpoint of None, '' or 'none' (the configs' default when
-        $CONVNEUR_PRETRAINED is unset) means "train from scratch" and says so.
+        The random init runs first in every case, so that with ``strict=False``
+        the tensors the checkpoint lacks get the documented init, not
+        PyTorch's defaults. A checkpoint of None, '' or 'none' (the configs'
+        default when $CONVNEUR_PRETRAINED is unset) means "train from scratch"
+        and says so.
         """
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            if cfg.get('checkpoint') not in NO_CHECKPOINT:
-                load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
-                                         strict=cfg.get('strict', True))
-                self._is_init = True
-                return
+        if self._is_init:  # MMEngine warns and keeps the weights
+            super().init_weights()
+            return
+        entries = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg]
+        pretrained = [c for c in entries if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        if len(pretrained) > 1:
+            raise ValueError(f'init_cfg names {len(pretrained)} Pretrained checkpoints; give one')
+        if not pretrained:
+            super().init_weights()
+            self._reset_memories()
+            return
+        original = self.init_cfg
+        self.init_cfg = [c for c in entries if c not in pretrained] or copy.deepcopy(
+            DEFAULT_INIT_CFG)
+        super().init_weights()
+        self.init_cfg = original
+        self._reset_memories()
+        cfg = pretrained[0]
+        if cfg.get('checkpoint') in NO_CHECKPOINT:
             print_log('ConvNeur: no pretrained checkpoint given (init_cfg.checkpoint is '
                       f'{cfg.get("checkpoint")!r}): the backbone is randomly initialized. Set '
                       'CONVNEUR_PRETRAINED=PATH or --cfg-options '
                       'model.backbone.init_cfg.checkpoint=PATH to load weights.',
                       logger='current', level=logging.WARNING)
-            self.init_cfg = copy.deepcopy(DEFAULT_INIT_CFG)
-        super().init_weights()
+            return
+        load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
+                                 strict=cfg.get('strict', True))
+
+    def _reset_memories(self) -> None:
+        """The memories' own init (learned W_0, gate biases) after the generic one."""
         for module in self.modules():
             if isinstance(module, NeuralMemory):
                 module.reset_parameters()

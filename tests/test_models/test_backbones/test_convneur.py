@@ -214,6 +214,10 @@ def test_bad_arguments_give_clear_errors(kwargs, error, match):
 
 
 def test_registered_in_our_scope():
+    from mmengine.registry import DefaultScope
+
     from convneur_mm.registry import MODELS
-    model = MODELS.build(dict(type='ConvNeur', arch=TINY))
+    # whatever scope an earlier test left as the default (e.g. mmpretrain)
+    with DefaultScope.overwrite_default_scope('convneur_mm'):
+        model = MODELS.build(dict(type='ConvNeur', arch=TINY))
     assert isinstance(model, ConvNeur)
