@@ -37,7 +37,8 @@ model = dict(
 train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))  # x 4 GPUs
 val_dataloader = dict(dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+# rstrip: COCO_ROOT given with or without its trailing slash
+val_evaluator = dict(ann_file=data_root.rstrip('/') + '/annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
 optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-4))

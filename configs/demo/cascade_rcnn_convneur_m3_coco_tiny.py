@@ -56,7 +56,8 @@ train_dataloader = dict(
 test_dataloader = dict(
     **loader,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline))
-test_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+# rstrip: COCO_TINY_ROOT given with or without its trailing slash
+test_evaluator = dict(ann_file=data_root.rstrip('/') + '/annotations/instances_val2017.json')
 # No validation during training: the demo evaluates the final checkpoint with
 # tools/dist_test.sh, and a second pass over the val set would double that time.
 val_dataloader = None

@@ -44,16 +44,38 @@ def _datasets(dataset_cfg) -> Iterable[dict]:
         yield dataset_cfg
 
 
+def _evaluators(evaluator_cfg) -> Iterable[dict]:
+    if isinstance(evaluator_cfg, dict):
+        yield evaluator_cfg
+    elif isinstance(evaluator_cfg, (list, tuple)):
+        for item in evaluator_cfg:
+            yield from _evaluators(item)
+
+
+def _is_remote(path: str) -> bool:
+    """s3://, petrel:// and other backends that ``backend_args`` reach."""
+    return '://' in path
+
+
 def missing_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> List[str]:
     """Data roots, annotation files and image folders named by the config that
-    do not exist (checked before minutes of model building and worker start-up)."""
+    do not exist (checked before minutes of model building and worker start-up),
+    including the split's evaluator's annotation file (COCO's). Remote paths
+    are not checked."""
     missing = []
     for split in splits:
         loader = cfg.get(split)
         if not loader:
             continue
+        evaluator = cfg.get(split.replace('_dataloader', '_evaluator'))
+        for ev in _evaluators(evaluator):
+            ann = ev.get('ann_file')
+            if isinstance(ann, str) and not _is_remote(ann) and not osp.isfile(ann):
+                missing.append(f'{split}: the evaluator\'s ann_file {ann!r} does not exist')
         for ds in _datasets(loader.get('dataset')):
             root = ds.get('data_root') or ''
+            if _is_remote(root):
+                continue
             if root and not osp.isdir(root):
                 missing.append(f'{split}: data_root {root!r} does not exist')
                 continue

@@ -14,7 +14,7 @@ from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
 from torch import nn
 
 from convneur_mm.demo_data.coco import CLASSES, ann_file, generate_coco_tiny
-from convneur_mm.engine.launch import build_runner, load_config
+from convneur_mm.engine.launch import build_runner, load_config, missing_data_paths
 from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
 from ..paths import REPO
 from .task_utils import on_tiny_data, train_and_diff
@@ -194,6 +194,28 @@ def test_missing_data_root_names_the_path(tmp_path):
     assert result.returncode != 0
     assert 'FileNotFoundError' in result.stderr and missing in result.stderr
     assert 'COCO_ROOT' in result.stderr  # and says how to point at the data
+
+
+@pytest.mark.parametrize('name', [DEMO, 'cascade_rcnn_convneur_m3_1x_coco.py'])
+def test_data_root_without_trailing_slash_reaches_the_evaluator(name, coco_tiny, monkeypatch):
+    root = coco_tiny.rstrip('/')
+    for variable in ('COCO_ROOT', 'COCO_TINY_ROOT'):
+        monkeypatch.setenv(variable, root)
+    cfg = load_config(name if osp.isabs(name) else osp.join(REPO, 'configs', name))
+    evaluator = cfg.test_evaluator
+    assert evaluator.ann_file == root + '/annotations/instances_val2017.json'
+    if name == DEMO:  # the tiny set has what the demo names
+        assert missing_data_paths(cfg, ['test_dataloader']) == []
+
+
+def test_missing_evaluator_annotations_are_named_before_the_run(coco_tiny, tmp_path):
+    cfg = load_config(DEMO, {'test_dataloader.dataset.data_root': coco_tiny,
+                             'test_evaluator.ann_file': str(tmp_path / 'none.json')})
+    missing = missing_data_paths(cfg, ['test_dataloader'])
+    assert len(missing) == 1 and 'none.json' in missing[0] and 'evaluator' in missing[0]
+    remote = load_config(DEMO, {'test_dataloader.dataset.data_root': 's3://bucket/coco/',
+                                'test_evaluator.ann_file': 's3://bucket/coco/val.json'})
+    assert missing_data_paths(remote, ['test_dataloader']) == []  # backend_args' business
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
