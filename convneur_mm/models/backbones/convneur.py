@@ -120,10 +120,13 @@ class ConvNeur(BaseModule):
         if global_mixer not in MIXERS:
             raise ValueError(f'global_mixer must be one of {MIXERS}, got {global_mixer!r}')
         self.out_indices = self._parse_out_indices(out_indices, self.num_stages)
-        if not 0 <= frozen_stages <= self.num_stages:
+        if (isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int)
+                or not 0 <= frozen_stages <= self.num_stages):
             raise ValueError(f'frozen_stages must be in [0, {self.num_stages}], '
                              f'got {frozen_stages}')
         self.frozen_stages = frozen_stages
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
         self.gap_before_final_norm = gap_before_final_norm
         self.with_cp = with_cp
 
@@ -193,7 +196,8 @@ class ConvNeur(BaseModule):
                              f'got {out_indices!r}')
         parsed = []
         for index in out_indices:
-            if not isinstance(index, int) or not -num_stages <= index < num_stages:
+            if (isinstance(index, bool) or not isinstance(index, int)
+                    or not -num_stages <= index < num_stages):
                 raise ValueError(f'out_indices {list(out_indices)} is invalid: each '
                                  f'index must be an int in [{-num_stages}, {num_stages - 1}]')
             parsed.append(index % num_stages)

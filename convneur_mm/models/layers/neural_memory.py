@@ -73,6 +73,8 @@ class NeuralMemory(nn.Module):
             raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
         if not max_lr > 0:
             raise ValueError(f'max_lr must be > 0, got {max_lr}')
+        if scan_block < 1:
+            raise ValueError(f'scan_block must be >= 1, got {scan_block}')
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.max_lr, self.update = chunk_size, max_lr, update
         self.scan_block = scan_block

@@ -201,6 +201,11 @@ def test_layer_depths_increase_through_the_network():
     (dict(out_indices=(0, -4)), ValueError, 'twice'),
     (dict(out_indices=()), ValueError, 'out_indices'),
     (dict(frozen_stages=5), ValueError, 'frozen_stages'),
+    (dict(frozen_stages=True), ValueError, 'frozen_stages'),  # bool is an int
+    (dict(out_indices=True), ValueError, 'out_indices'),
+    (dict(out_indices=[0, False]), ValueError, 'out_indices'),
+    (dict(drop_path_rate=-0.1), ValueError, 'drop_path_rate'),
+    (dict(memory_cfg=dict(scan_block=0)), ValueError, 'scan_block'),
     (dict(memory_cfg=dict(chunk=3)), ValueError, 'unknown memory_cfg keys'),
     (dict(memory_cfg=dict(update='fast')), ValueError, 'update'),
     (dict(memory_placement='layer'), ValueError, 'memory_placement'),
