@@ -8,14 +8,18 @@ COCO_COLUMNS = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
 COCO_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
 
+def _coco_cell(value: float) -> str:
+    """pycocotools reports -1 where a size range has no objects: show '-'."""
+    return '-' if value < 0 else f'{100 * value:.1f}'
+
+
 def _coco_rows(metrics: dict) -> Tuple[List[str], Set[str]]:
     """Rows of the COCO table and the metric keys they show."""
     rows, used = [], set()
     for task in ('bbox', 'segm'):
         keys = [f'coco/{task}_{c}' for c in COCO_COLUMNS]
         if all(k in metrics for k in keys):
-            rows.append(f'| {task} | ' + ' | '.join(
-                f'{100 * metrics[k]:.1f}' for k in keys) + ' |')
+            rows.append(f'| {task} | ' + ' | '.join(_coco_cell(metrics[k]) for k in keys) + ' |')
             used.update(keys)
     return rows, used
 

@@ -154,8 +154,9 @@ def test_roi_heads_learn_to_classify_and_segment(coco_tiny, tmp_path):
 
 
 def _coco_rows(stdout: str) -> dict:
-    """The bbox / segm rows of tools/test.py's COCO table: {task: [AP, AP50, ...]}."""
-    return {task: [float(v) for v in values.split('|')]
+    """The bbox / segm rows of tools/test.py's COCO table: {task: [AP, AP50, ...]}
+    ('-', no object of that size, as None)."""
+    return {task: [None if v.strip() == '-' else float(v) for v in values.split('|')]
             for task, values in re.findall(r'^\| (bbox|segm) \|(.*)\|$', stdout, re.M)}
 
 
@@ -178,7 +179,7 @@ def test_train_then_evaluate_prints_coco_tables(coco_tiny, tmp_path, monkeypatch
     rows = _coco_rows(test.stdout)
     assert set(rows) == {'bbox', 'segm'}, test.stdout[-2000:]
     for values in rows.values():
-        assert len(values) == 6 and all(-100 <= v <= 100 for v in values)
+        assert len(values) == 6 and all(v is None or 0 <= v <= 100 for v in values)
     # --out: masks as RLE, no ground truth (MMDetection's DumpDetResults)
     predictions = mmengine.load(str(dump))
     assert predictions and all('gt_instances' not in p for p in predictions)
