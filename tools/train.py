@@ -11,7 +11,8 @@ from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
-                                       load_config, set_local_rank, shutdown_distributed)
+                                       load_config, set_local_rank, set_randomness,
+                                       shutdown_distributed)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 
 
@@ -52,11 +53,7 @@ def main():
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size '
                                'in the config')
         cfg.auto_scale_lr.enable = True
-    if args.seed is not None or args.deterministic:
-        cfg.setdefault('randomness', {})
-        if args.seed is not None:
-            cfg.randomness.seed = args.seed
-        cfg.randomness.deterministic = args.deterministic
+    set_randomness(cfg, args.seed, args.deterministic)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:

@@ -113,6 +113,17 @@ def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
         cfg.optim_wrapper.pop('loss_scale', None)
 
 
+def set_randomness(cfg: Config, seed: Optional[int] = None, deterministic: bool = False) -> None:
+    """``--seed`` / ``--deterministic``: each overrides the config only when given."""
+    if seed is None and not deterministic:
+        return
+    cfg.setdefault('randomness', {})
+    if seed is not None:
+        cfg.randomness.seed = seed
+    if deterministic:
+        cfg.randomness.deterministic = True
+
+
 def build_runner(cfg: Config):
     """The config's runner, or ours (MMEngine's Runner plus CPU distributed)."""
     cfg.setdefault('runner_type', 'convneur_mm.ConvNeurRunner')

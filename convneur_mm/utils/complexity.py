@@ -150,6 +150,8 @@ def measure_config(config: str, shape: Optional[Sequence[int]] = None,
     shape = tuple(shape or DEFAULT_SHAPES[cfg.default_scope])
     if len(shape) == 1:
         shape = (shape[0], shape[0])
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f'shape must be H W (or one size), positive, got {list(shape)}')
     model = build_model(cfg, init=False).eval()
     batch = dummy_batch(model, cfg.default_scope, shape)
     inputs = batch['inputs']

@@ -1,7 +1,8 @@
-"""convneur_mm.engine.launch: the distributed shut-down of tools/train.py and test.py."""
+"""convneur_mm.engine.launch: what tools/train.py and test.py share."""
 import torch.distributed as dist
+from mmengine.config import Config
 
-from convneur_mm.engine.launch import shutdown_distributed
+from convneur_mm.engine.launch import set_randomness, shutdown_distributed
 
 
 def test_shutdown_destroys_the_process_group_once(tmp_path):
@@ -15,3 +16,16 @@ def test_shutdown_destroys_the_process_group_once(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_seed_alone_keeps_the_configs_deterministic_setting():
+    cfg = Config(dict(randomness=dict(seed=1, deterministic=True)))
+    set_randomness(cfg, seed=7)
+    assert cfg.randomness == dict(seed=7, deterministic=True)
+    set_randomness(cfg)
+    assert cfg.randomness == dict(seed=7, deterministic=True)
+    bare = Config(dict())
+    set_randomness(bare, deterministic=True)
+    assert bare.randomness == dict(deterministic=True)
+    set_randomness(bare, seed=3)
+    assert bare.randomness == dict(deterministic=True, seed=3)

@@ -88,3 +88,9 @@ def test_paper_convention_counts_modules_not_functional_code():
     macs = count_macs(net, lambda: net(x))
     assert macs['paper'] == conv + norm + fc
     assert macs['full'] == 2 * 25 * 8 * 27 + 2 * 8 * 4 + 2 * 4 * 4 + norm
+
+
+@pytest.mark.parametrize('shape', [(224, 224, 3), (0, 224), ()])
+def test_a_bad_shape_is_refused(shape):
+    with pytest.raises(ValueError, match='shape must be H W'):
+        measure_config(CLS.format('m1'), shape=shape or [-1])
