@@ -11,7 +11,6 @@ from typing import Sequence
 
 import numpy as np
 from mmengine.evaluator import BaseMetric, DumpResults
-from mmengine.structures import BaseDataElement
 
 # segmentation data-sample keys that are not the prediction's label map
 SEG_HEAVY_KEYS = ('seg_logits', 'gt_sem_seg', 'gt_depth_map', 'gt_edge_map')
@@ -21,9 +20,8 @@ class DumpSegResults(DumpResults):
     """Dump each image's predicted label map (smallest integer dtype) and meta."""
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+        """``data_samples``: the Evaluator's dicts of ``SegDataSample``s."""
         for sample in data_samples:
-            if isinstance(sample, BaseDataElement):
-                sample = sample.to_dict()
             kept = {k: v for k, v in sample.items()
                     if k not in SEG_HEAVY_KEYS and k != 'pred_sem_seg'}
             if 'pred_sem_seg' in sample:

@@ -1,5 +1,5 @@
-"""One set-up, one description and one GEMM-rate probe of the device for every
-benchmark tool."""
+"""One set-up, one description, one synchronization and one GEMM-rate probe of
+the device for every benchmark tool."""
 import os
 import platform
 import time
@@ -23,6 +23,12 @@ def setup_benchmark_device(device: str) -> str:
             f'{torch.get_num_threads()} torch threads; {malloc}')
 
 
+def synchronize(device: str) -> None:
+    """Wait for the work queued on ``device`` (a no-op on CPU), for timers."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
 def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of the fastest of ``repeats`` float32 ``size``-cubed matrix products.
 
@@ -34,11 +40,9 @@ def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
     b = torch.randn(size, size, device=device)
     best = float('inf')
     for _ in range(repeats + 1):  # the first call warms up
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         a @ b
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best

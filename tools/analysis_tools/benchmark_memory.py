@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models.layers.neural_memory import NeuralMemory  # noqa: E402
-from convneur_mm.utils.bench_env import peak_gemm_rate, setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
+                                         synchronize)
 from tests.test_models.test_layers.memory_reference import reference_memory  # noqa: E402
 
 
@@ -71,8 +72,7 @@ def gemm_seconds(step: Callable[[], None], device: str) -> float:
 def _step(memory: NeuralMemory, fn: Callable, x: torch.Tensor, device: str) -> None:
     memory.zero_grad(set_to_none=True)
     fn(memory, x).square().mean().backward()
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
+    synchronize(device)
 
 
 def time_paths(paths: Dict[str, Callable], memory: NeuralMemory, x: torch.Tensor,

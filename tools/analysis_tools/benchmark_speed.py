@@ -29,7 +29,8 @@ from torch import nn
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import peak_gemm_rate, setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
+                                         synchronize)
 
 # name -> (config, cfg_options); 'mmdet-pvtv2-b1' is built by hand below
 MODELS = {
@@ -93,16 +94,13 @@ def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
 
 
 def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> List[float]:
-    def sync():
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
     fn(x)
-    sync()
+    synchronize(device)
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn(x)
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models import ConvNeur  # noqa: E402
-from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
 from convneur_mm.utils.profiling import SavedTensorMeter  # noqa: E402
 from convneur_mm.utils.toolbox import quiet_init  # noqa: E402
 
@@ -90,8 +90,7 @@ def measure_time(model: ConvNeur, x: torch.Tensor, repeats: int) -> float:
     def step():
         model.zero_grad(set_to_none=True)
         loss_of(model(x)).backward()
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(x.device.type)
     step()  # warm-up
     times = []
     for _ in range(repeats):

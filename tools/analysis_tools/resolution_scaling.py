@@ -25,7 +25,7 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -69,8 +69,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
     for i in range(iters + 1):  # the first run warms up
         start = time.perf_counter()
         model(x)
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
+        synchronize(device)
         if i:
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else
