@@ -17,6 +17,7 @@ from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
 from convneur_mm.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
+from convneur_mm.utils.paths import is_remote
 
 
 def parse_args():
@@ -42,7 +43,7 @@ def main():
     args = parse_args()
     set_local_rank(args.local_rank)
     print_log(tune_cpu_malloc(), logger='current')
-    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
+    if not is_remote(args.checkpoint) and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
     work_dir = args.work_dir or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0], 'test')

@@ -14,6 +14,7 @@ from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_am
                                        load_config, set_local_rank, set_randomness,
                                        shutdown_distributed)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
+from convneur_mm.utils.paths import is_remote
 
 
 def parse_args():
@@ -57,7 +58,7 @@ def main():
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
-        if '://' not in args.resume and not osp.isfile(args.resume):
+        if not is_remote(args.resume) and not osp.isfile(args.resume):
             raise FileNotFoundError(f'checkpoint to resume from not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
     build_runner(cfg).train()

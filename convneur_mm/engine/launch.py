@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import RUNNERS
 
-from convneur_mm.utils.paths import export_config_dir
+from convneur_mm.utils.paths import export_config_dir, is_remote
 
 SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
@@ -52,11 +52,6 @@ def _evaluators(evaluator_cfg) -> Iterable[dict]:
             yield from _evaluators(item)
 
 
-def _is_remote(path: str) -> bool:
-    """s3://, petrel:// and other backends that ``backend_args`` reach."""
-    return '://' in path
-
-
 def missing_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> List[str]:
     """Data roots, annotation files and image folders named by the config that
     do not exist (checked before minutes of model building and worker start-up),
@@ -70,11 +65,11 @@ def missing_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> List[str]
         evaluator = cfg.get(split.replace('_dataloader', '_evaluator'))
         for ev in _evaluators(evaluator):
             ann = ev.get('ann_file')
-            if isinstance(ann, str) and not _is_remote(ann) and not osp.isfile(ann):
+            if isinstance(ann, str) and not is_remote(ann) and not osp.isfile(ann):
                 missing.append(f'{split}: the evaluator\'s ann_file {ann!r} does not exist')
         for ds in _datasets(loader.get('dataset')):
             root = ds.get('data_root') or ''
-            if _is_remote(root):
+            if is_remote(root):
                 continue
             if root and not osp.isdir(root):
                 missing.append(f'{split}: data_root {root!r} does not exist')

@@ -38,3 +38,9 @@ def export_config_dir() -> str:
     """Set ``$CONVNEUR_CONFIGS`` (if unset) so that ``{{$CONVNEUR_CONFIGS:}}``
     in ``_base_`` of a user's config resolves to our configs."""
     return os.environ.setdefault(CONFIGS_ENV, config_dir())
+
+
+def is_remote(path: str) -> bool:
+    """A URL or storage-backend path (http://, s3://, petrel://): not checked
+    on the local file system, left to MMEngine's file backends."""
+    return '://' in path

@@ -13,6 +13,8 @@ from mmengine.logging import print_log
 from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 
+from .paths import is_remote
+
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not fit the model it is loaded into."""
@@ -78,7 +80,7 @@ def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = ''
             only the fitting tensors are loaded.
     """
     name = type(model).__name__
-    if '://' not in checkpoint and not osp.isfile(checkpoint):
+    if not is_remote(checkpoint) and not osp.isfile(checkpoint):
         raise FileNotFoundError(f'{name}: pretrained checkpoint not found: {checkpoint}')
     state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'), prefix)
     problems = compare_state_dicts(model, state)

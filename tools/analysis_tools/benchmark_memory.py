@@ -82,15 +82,13 @@ def time_paths(paths: Dict[str, Callable], memory: NeuralMemory, x: torch.Tensor
     The paths take turns, so that a drift in the machine's load (a shared
     VM's neighbours) slows both alike instead of skewing their ratio.
     """
-    def step(fn):
-        _step(memory, fn, x, device)
     times = {name: [] for name in paths}
     for name, fn in paths.items():
-        step(fn)  # warm-up
+        _step(memory, fn, x, device)  # warm-up
     for _ in range(repeats):
         for name, fn in paths.items():
             start = time.perf_counter()
-            step(fn)
+            _step(memory, fn, x, device)
             times[name].append(time.perf_counter() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 

@@ -169,8 +169,13 @@ def m3_throughput_bound(local_throughput: float, branch_macs: float, gemm_rate: 
     return 1.0 / (1.0 / local_throughput + 2.0 * branch_macs / gemm_rate)
 
 
+def throughput_batch(args) -> int:
+    """``--batch``, else the OverLoCK protocol's 128 on a GPU and 16 on a CPU."""
+    return args.batch or (128 if args.device.startswith('cuda') else 16)
+
+
 def run_all(args) -> List[Dict]:
-    batch = args.batch or (128 if args.device.startswith('cuda') else 16)
+    batch = throughput_batch(args)
     rounds: Dict[str, List[Dict]] = {name: [] for name in args.models}
     for _ in range(args.rounds):
         for name in args.models:
@@ -247,7 +252,7 @@ def main():
         return
     results = run_all(args)
     gemm_rate = peak_gemm_rate(args.device)
-    batch = args.batch or (128 if args.device.startswith('cuda') else 16)
+    batch = throughput_batch(args)
     print(report(results, device, batch, gemm_rate))
     if args.out:
         with open(args.out, 'w') as f:
