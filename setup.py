@@ -48,10 +48,10 @@ def add_mim_items(package_dir: str, link: bool) -> None:
     """Put MIM_ITEMS into ``package_dir/.mim``: relative symlinks to the
     repository's files if ``link`` (and the file system allows), else copies."""
     mim_dir = os.path.join(package_dir, '.mim')
-    os.makedirs(mim_dir, exist_ok=True)
+    _remove(mim_dir)  # build/ persists between builds: nothing stale may remain
+    os.makedirs(mim_dir)
     for name in MIM_ITEMS:
         src, dst = os.path.join(HERE, name), os.path.join(mim_dir, name)
-        _remove(dst)
         if link:
             try:
                 os.symlink(os.path.relpath(src, mim_dir), dst)
