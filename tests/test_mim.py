@@ -151,3 +151,15 @@ def test_mim_train_then_test_editable(editable, tiny_imagenet):
                '--work-dir', osp.join(work_dir, 'test'))
     top1 = re.search(r'\| accuracy/top1 \| ([\d.]+) \|', out)
     assert top1 and 0 <= float(top1.group(1)) <= 100, out[-3000:]
+
+
+def test_model_hub_reads_the_wheels_metafile(wheel):
+    """Not MIM, but the same installed layout: MMPretrain's hub gets the
+    classifiers from the wheel's .mim, configs included."""
+    code = ('import convneur_mm, mmpretrain; print(mmpretrain.list_models("convneur")); '
+            'print(mmpretrain.get_model("convneur-m1_8xb512_in1k")._config.filename)')
+    out = _run([sys.executable, '-c', code], cwd=wheel['root'], env=wheel['env'])
+    lines = out.strip().splitlines()
+    assert "['convneur-m1_8xb512_in1k', 'convneur-m2_8xb512_in1k'," in out
+    assert osp.join(wheel['site'], 'convneur_mm', '.mim', 'configs',
+                    'cls_convneur_m1_300e_in1k.py') in lines, out[-2000:]
