@@ -29,6 +29,7 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-ba
 echo "[setup] installing mmengine and compiling mmcv ops (first time: ~25 min on 2 cores)"
 MMCV_WITH_OPS=1 "${pip[@]}" --no-deps --no-build-isolation -r requirements/mmcv.txt
 "${pip[@]}" -r requirements/tests.txt
+"${pip[@]}" --no-deps -r requirements/mim.txt  # its dependencies would downgrade the stack
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
 # Fail here, not in the middle of a training run, if the stack is inconsistent.
