@@ -23,9 +23,10 @@ before loading the first batch not yet trained. Skipping loads the skipped
 batches (the sampler order and the data workers' generators advance as they
 did), so a resumed run with ``num_workers=0`` or non-persistent workers draws
 the same random numbers as the uninterrupted one, and its losses are equal.
-Every rank's states are stored: MMEngine calls ``before_save_checkpoint`` on
-every rank (only rank 0 writes the file), so the hook gathers them to all
-ranks there, and each rank restores its own on resume. The states are stored
+Every rank's states are stored: MMEngine 0.10.7's ``Runner.save_checkpoint``
+(and so ``before_save_checkpoint``) runs on rank 0 only, but every rank calls
+it, so ``ConvNeurRunner.save_checkpoint`` gathers all ranks' states first
+(``gather_rng_states``) and the hook stores them; each rank restores its own. The states are stored
 as bytes, not tensors: MMEngine loads a checkpoint with ``map_location`` set to
 the process's GPU, which moves tensors (torch's RNG setters take CPU byte
 tensors only) but leaves bytes alone.
@@ -79,6 +80,11 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(_cpu_bytes(state['cuda']))  # the current device's generator
 
 
+def gather_rng_states() -> list:
+    """Every rank's states, on every rank (a collective: all ranks call it)."""
+    return all_gather_object(capture_rng_state())
+
+
 def rank_state(stored: Optional[dict], rank: int) -> Optional[dict]:
     """The states rank ``rank`` stored (None if that rank did not exist). A
     checkpoint written before states were stored per rank holds rank 0's."""
@@ -94,9 +100,10 @@ class RngStateHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        # called on every rank: a collective is safe here
-        checkpoint.setdefault('meta', {})[RNG_KEY] = dict(
-            ranks=all_gather_object(capture_rng_state()))
+        # rank 0 only: the states of every rank were gathered just before
+        states = getattr(runner, 'gathered_rng_states', None) or [capture_rng_state()]
+        runner.gathered_rng_states = None
+        checkpoint.setdefault('meta', {})[RNG_KEY] = dict(ranks=states)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if not getattr(runner, 'is_resuming', False):

@@ -29,8 +29,8 @@ from mmengine.runner import Runner
 from torch import nn
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
-from convneur_mm.engine.resume import (RNG_KEY, RngStateHook, capture_rng_state, rank_state,
-                                       restore_rng_state)
+from convneur_mm.engine.resume import (RNG_KEY, RngStateHook, capture_rng_state,
+                                       gather_rng_states, rank_state, restore_rng_state)
 from convneur_mm.engine.runner import ConvNeurRunner
 from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
 from ..paths import REPO
@@ -270,22 +270,23 @@ def _rank_states_worker(rank, world_size, path):
     random.seed(rank)
     np.random.seed(rank)
     torch.manual_seed(rank)
-    checkpoint = {}
-    RngStateHook().before_save_checkpoint(None, checkpoint)  # a collective, on every rank
-    expected = _draws()
-    if rank == 0:
-        torch.save(checkpoint, path)
-    barrier()
-    _draws()  # move on, as training does
-
-    class Runner:
+    class Runner:  # what RngStateHook sees of ConvNeurRunner
         is_resuming = True
     runner = Runner()
+    # ConvNeurRunner.save_checkpoint on every rank; MMEngine's hook call on rank 0 only
+    runner.gathered_rng_states = gather_rng_states()
+    checkpoint = {}
+    if rank == 0:
+        RngStateHook().before_save_checkpoint(runner, checkpoint)
+        torch.save(checkpoint, path)
+    expected = _draws()
+    barrier()
+    _draws()  # move on, as training does
     RngStateHook().after_load_checkpoint(
         runner, torch.load(path, weights_only=True, map_location='meta'))
     restore_rng_state(runner.resumed_rng_state)
-    return dict(expected=expected, restored=_draws(),
-                stored=len(checkpoint['meta'][RNG_KEY]['ranks']))
+    stored = torch.load(path, weights_only=True)['meta'][RNG_KEY]['ranks']
+    return dict(expected=expected, restored=_draws(), stored=len(stored))
 
 
 def test_each_rank_gets_back_its_own_states(tmp_path):
