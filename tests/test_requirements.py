@@ -20,7 +20,10 @@ from packaging.utils import canonicalize_name
 from .paths import REPO
 
 FLAGS = ('--no-deps', '--no-build-isolation', 'MMCV_WITH_OPS=1')
-TARGET = re.compile(r'-r\s+(requirements/[\w.-]+\.txt)|-e\s+(\.)(?=\s|$)')
+# `-r FILE`, `-e .`, or the set-up's torch line: it installs requirements/torch.txt
+# through a copy that may name another torch build (CONVNEUR_TORCH_BUILD)
+TARGET = re.compile(r'(?:-r|torch-requirements\s+\S+)\s+(requirements/[\w.-]+\.txt)'
+                    r'|-e\s+(\.)(?=\s|$)')
 
 
 def _install_lines(path: str, commented: bool):
@@ -36,13 +39,13 @@ def _install_lines(path: str, commented: bool):
 
 
 def _targets(lines) -> Dict[str, Tuple[str, ...]]:
-    """{requirements file or '.': the flags it is installed with}."""
-    targets = {}
+    """{requirements file or '.': every flag it is installed with, over all its lines}."""
+    targets: Dict[str, Set[str]] = {}
     for line in lines:
-        flags = tuple(flag for flag in FLAGS if flag in line.split())
+        flags = {flag for flag in FLAGS if flag in line.split()}
         for match in TARGET.finditer(line):
-            targets[match.group(1) or match.group(2)] = flags
-    return targets
+            targets.setdefault(match.group(1) or match.group(2), set()).update(flags)
+    return {target: tuple(sorted(flags)) for target, flags in targets.items()}
 
 
 def _requirement_lines(path: str):
