@@ -7,8 +7,8 @@ the table, and plot accuracy against GFLOPs.
         [--work-dir work_dirs/ablation_table] [--skip-speed | --speed-only]
 
 Rows: the given configs, by default every config of configs/ablations/ in the
-paper's order. Recipe (default: the tiny-ImageNet demo,
-configs/demo/cls_convneur_m1_imagenet_tiny.py): its data, schedule, head and
+paper's order. Recipe (default: configs/ablations/recipes/imagenet_tiny_m3.py,
+the tiny-ImageNet demo's recipe with M3's learning rate): its data, schedule, head and
 runtime; each row contributes its backbone only (convneur_mm/utils/ablations.py),
 so every row trains with the same recipe and seed. The recipe's dataset is
 generated when missing (``data_generator`` in the recipe, else the tiny
@@ -46,7 +46,7 @@ from typing import Dict, List, Optional
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-DEFAULT_RECIPE = 'demo/cls_convneur_m1_imagenet_tiny.py'
+DEFAULT_RECIPE = 'ablations/recipes/imagenet_tiny_m3.py'
 DEFAULT_GENERATOR = 'convneur_mm.demo_data.imagenet'
 CHILD_MARK = 'ABLATION_CHILD_RESULT '
 
