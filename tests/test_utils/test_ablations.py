@@ -66,3 +66,25 @@ def test_a_row_under_a_recipe_keeps_the_recipe_and_takes_the_backbone():
     assert merged.model.backbone.global_mixer == 'nonlocal'  # the row's switch stays
     assert merged.model.backbone.arch == 'm1' and merged.model.head.in_channels == 320
     assert merged.model.backbone.memory_cfg == dict(chunk_size=64, max_lr=1.0)
+
+
+def test_the_ablation_recipe_is_bounded_and_the_same_for_every_row():
+    """The tool's default recipe: one process of 32 images, 6 epochs of the
+    tiny set at 64x64, no batch augmentation, no stochastic depth, for every
+    row; the rows' backbones still differ by their switch only."""
+    recipe = load_cfg(osp.join('ablations', 'recipes', 'imagenet_tiny_m3.py'))
+    merged = [apply_recipe(load_cfg(p), recipe) for p in ablation_configs()]
+    for cfg in merged:
+        assert cfg.train_cfg.max_epochs == 6 and cfg.train_dataloader.batch_size == 32
+        assert not cfg.model.get('train_cfg')  # no Mixup / CutMix
+        assert [p['type'] for p in cfg.train_dataloader.dataset.pipeline] == [
+            'LoadImageFromFile', 'RandomResizedCrop', 'RandomFlip', 'PackInputs']
+        assert cfg.model.backbone.drop_path_rate == 0.0
+        assert cfg.model.backbone.arch == 'm3' and cfg.randomness.seed == 0
+    rows = {_row(p): cfg.model.backbone for p, cfg in zip(ablation_configs(), merged)}
+    ours = rows['ours']
+    for name, backbone in rows.items():
+        switch = SWITCHES[name]
+        expected = dict(ours, **{k: v for k, v in switch.items() if k != 'memory_cfg'})
+        expected['memory_cfg'] = dict(ours['memory_cfg'], **switch.get('memory_cfg', {}))
+        assert backbone == expected, name
