@@ -81,12 +81,13 @@ def test_table_gives_mean_and_spread_over_seeds_and_names_failures():
     tool = import_analysis_tool('ablation_table')
     cost = dict(params=1e7, paper=1.7e9, paper_matmul=1.7e9, full=3.4e9)
     meta = dict(variant='-', method='Ours', paper_gflops=1.8, paper_top1=80.0)
-    runs = [dict(seed=0, status='ok', top1=60.0, top5=90.0),
-            dict(seed=1, status='ok', top1=70.0, top5=100.0),
-            dict(seed=2, status='timeout')]
+    runs = [dict(seed=0, status='ok', top1=60.0, top5=90.0, wall_s=120, cpu_s=180),
+            dict(seed=1, status='ok', top1=70.0, top5=100.0, wall_s=120, cpu_s=180),
+            dict(seed=2, status='timeout', wall_s=600)]
     rows = tool.summarize([dict(meta=meta, cost=cost, runs=runs, speed=None)])
     text = tool.table(rows, [0, 1, 2])
-    assert '| 65.0 ± 7.1 (seed 2: timeout) | 95.0 ± 7.1 | 1.8, 80.0 |' in text
+    # minutes per row: wall and CPU of the finished runs
+    assert '| 65.0 ± 7.1 (seed 2: timeout) | 95.0 ± 7.1 | 1.8, 80.0 | 2.0 / 3.0 |' in text
 
 
 def test_child_wrapper_keeps_the_exit_code():
@@ -95,4 +96,4 @@ def test_child_wrapper_keeps_the_exit_code():
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 3
     report = json.loads(out.stdout.split('ABLATION_CHILD_RESULT ')[1])
-    assert report['rc'] == 3 and report['maxrss_mb'] > 0
+    assert report['rc'] == 3 and report['maxrss_mb'] > 0 and report['cpu_s'] > 0

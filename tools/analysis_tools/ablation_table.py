@@ -307,6 +307,8 @@ def summarize(rows: List[dict]) -> List[dict]:
         r['top5'] = _mean_std([run.get('top5') for run in ok])
         r['seconds_per_epoch'] = _mean_std([run.get('seconds_per_epoch') for run in ok])
         r['train_peak_mb'] = _mean_std([run.get('train_peak_mb') for run in ok])
+        r['wall_min'] = _mean_std([run['wall_s'] / 60 for run in ok if run.get('wall_s')])
+        r['cpu_min'] = _mean_std([run['cpu_s'] / 60 for run in ok if run.get('cpu_s')])
         r['failed'] = [f'seed {run["seed"]}: {run["status"]}' for run in r['runs']
                        if run['status'] != 'ok']
     return rows
@@ -315,8 +317,8 @@ def summarize(rows: List[dict]) -> List[dict]:
 def table(rows: List[dict], seeds: List[int]) -> str:
     lines = ['| # | variant | params (M) | GFLOPs paper | GFLOPs paper + matmul | GFLOPs full '
              '| img/s | peak MB (inference) | s / epoch | peak MB (training) '
-             f'| top-1 | top-5 | paper: GFLOPs, top-1 |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+             f'| top-1 | top-5 | paper: GFLOPs, top-1 | training min (wall / CPU) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         m, cost, speed = r['meta'], r['cost'], r.get('speed')
         paper = (f'{m.get("paper_gflops")}, {m.get("paper_top1")}'
@@ -331,7 +333,8 @@ def table(rows: List[dict], seeds: List[int]) -> str:
             f'| {"-" if not speed else format(speed["throughput"], ".1f")} '
             f'| {"-" if not speed else format(speed["peak_mb"], ".0f")} '
             f'| {_fmt(r["seconds_per_epoch"], 0)} | {_fmt(r["train_peak_mb"], 0)} '
-            f'| {top1} | {_fmt(r["top5"])} | {paper} |')
+            f'| {top1} | {_fmt(r["top5"])} | {paper} '
+            f'| {_fmt(r["wall_min"])} / {_fmt(r["cpu_min"])} |')
     return '\n'.join(lines)
 
 
