@@ -4,12 +4,11 @@ find_unused_parameters, and the classification / detection / segmentation
 configs."""
 import pytest
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.mixers import MIXERS
 from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
-from ...test_engine.dist_utils import run_distributed
+from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 NEW = ['cbam', 'nonlocal', 'rwkv', 'titans']
@@ -86,17 +85,8 @@ def test_bf16_autocast_trains_close_to_float32(mixer):
 
 
 def _two_ddp_steps(rank, world_size, mixer):
-    model = _tiny(mixer)
-    ddp = DistributedDataParallel(model, device_ids=None, find_unused_parameters=False)
-    optim = torch.optim.SGD(ddp.parameters(), lr=0.1)
     size = (32, 32) if rank == 0 else (48, 32)  # ranks see different token counts
-    torch.manual_seed(rank)
-    for _ in range(2):
-        outs = ddp(torch.randn(2, 3, *size))
-        optim.zero_grad()
-        sum(o.square().mean() for o in outs).backward()
-        optim.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ddp_sgd_steps(_tiny(mixer), rank, size)
 
 
 def _ddp_every_mixer(rank, world_size):
