@@ -8,7 +8,7 @@ the table, and plot accuracy against GFLOPs.
 
 Rows: the given configs, by default every config of configs/ablations/ in the
 paper's order. Recipe (default: configs/ablations/recipes/imagenet_tiny_m3.py,
-6 epochs of the tiny ImageNet at 64x64, light augmentation, one process: the
+4 epochs of the tiny ImageNet at 64x64, light augmentation, one process: the
 whole table in about half an hour on 2 CPU cores): its data, schedule, head and
 runtime; each row contributes its backbone only (convneur_mm/utils/ablations.py),
 so every row trains with the same recipe and seed. The recipe's dataset is
