@@ -9,8 +9,9 @@
 _base_ = ['../../demo/cls_convneur_m1_imagenet_tiny.py']
 
 # Light augmentation: random-resized crop and flip only. RandAugment, Random
-# Erasing, Mixup and CutMix regularize 300 epochs; in a few epochs they keep
-# M3 near chance (measured under the demo's recipe: top-1 25% after 4 epochs).
+# Erasing, Mixup and CutMix regularize 300 epochs; in a few epochs they slow
+# learning (under the demo's recipe, local-only M3: top-1 25% after 4 epochs,
+# chance 10%).
 train_pipeline = [p for p in _base_.train_pipeline
                   if p['type'] not in ('RandAugment', 'RandomErasing')]
 model = dict(train_cfg=dict(_delete_=True))
