@@ -1,23 +1,51 @@
-"""Multiply-accumulate counts in two conventions.
+"""Multiply-accumulate counts in three conventions.
 
 * ``paper``: per-module hooks, the way ptflops-style counters see a model:
   convolutions, linear layers, normalization layers, activations, pooling and
   upsampling modules. Functional code inside a module is invisible to it, so
-  the neural memory's read and its inner loop are not counted; the paper's
-  FLOPs follow this convention.
+  the neural memory's read and its inner loop are not counted, nor are the
+  products inside ``scaled_dot_product_attention``.
+* ``paper_matmul``: ``paper`` plus the matrix products of explicit
+  ``torch.matmul`` / ``mm`` / ``bmm`` / ``addmm`` / ``baddbmm`` calls, which
+  ptflops' PyTorch backend patches (its default): it sees mmcv's Non-local
+  affinities, not SDPA, not the ``@`` operator. Products inside the neural
+  memory are left out by name: every public implementation of the memory
+  runs them through ``torch.func`` and ``@``, so ptflops never saw them; ours
+  spells the same products as ``bmm``. This convention reproduces every row
+  of the paper's Tables 1, 4 and 5 (``paper`` alone all but Non-local's).
 * ``full``: every matrix product and convolution the forward pass executes
   (counted at the ATen dispatch level by ``torch.utils.flop_counter``, so the
-  memory read, the closed-form inner gradients and the scans are included),
-  plus the element-wise work of normalization, activation and pooling modules.
+  memory read, the closed-form inner gradients, the scans and the attention
+  products are included; torch has no formula for the CPU flash-attention
+  kernel, so we register its), plus the element-wise work of normalization,
+  activation and pooling modules.
 """
 import math
+import sys
 from contextlib import ExitStack
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+CONVENTIONS = ('paper', 'paper_matmul', 'full')
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of SDPA's two products (Q K^T and P V), as torch counts its CUDA kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter knows SDPA's CUDA kernels, not the CPU flash kernel
+SDPA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+# the matrix products ptflops' PyTorch backend replaces by counting wrappers;
+# addmm-like ones take (input, mat1, mat2)
+PTFLOPS_PRODUCTS = ((torch, 'matmul'), (torch.Tensor, 'matmul'), (torch, 'mm'),
+                    (torch.Tensor, 'mm'), (torch, 'bmm'), (torch.Tensor, 'bmm'),
+                    (torch, 'addmm'), (torch.Tensor, 'addmm'), (torch, 'baddbmm'))
+ADDMM_LIKE = ('addmm', 'baddbmm')
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU,
@@ -75,14 +103,59 @@ def module_macs(m: nn.Module, inputs, output) -> int:
     return 0
 
 
+class _PtflopsProducts:
+    """MACs of the matrix products ptflops' PyTorch backend sees, counted the
+    way it counts them: while active, ``PTFLOPS_PRODUCTS`` are replaced by
+    counting wrappers. The ``@`` operator calls the C method directly and
+    SDPA runs its own kernels, so neither is seen (as in ptflops). Calls made
+    inside the modules in ``hidden``, and calls from torch's own Python code
+    (the decompositions that shape-only FakeTensor runs go through; eager
+    mode never makes them), are not counted."""
+
+    def __init__(self, hidden: Sequence[nn.Module]):
+        self.macs = 0
+        self._inside = 0
+        self._hidden = hidden
+        self._undo = []
+
+    def _wrap(self, name: str, original: Callable) -> Callable:
+        def counted(*args, **kwargs):
+            out = original(*args, **kwargs)
+            caller = sys._getframe(1).f_globals.get('__name__', '')
+            if not self._inside and caller.split('.')[0] != 'torch':
+                mat1 = args[1] if name in ADDMM_LIKE else args[0]
+                self.macs += out.numel() * mat1.shape[-1]
+            return out
+        return counted
+
+    def _enter(self, step: int) -> None:
+        self._inside += step
+
+    def __enter__(self) -> '_PtflopsProducts':
+        for owner, name in PTFLOPS_PRODUCTS:
+            original = getattr(owner, name)
+            setattr(owner, name, self._wrap(name, original))
+            self._undo.append(lambda owner=owner, name=name, f=original: setattr(owner, name, f))
+        for module in self._hidden:
+            for handle in (module.register_forward_pre_hook(lambda *_: self._enter(1)),
+                           module.register_forward_hook(lambda *_: self._enter(-1))):
+                self._undo.append(handle.remove)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, run: Callable[[], object]) -> Dict[str, int]:
-    """Run ``run()`` once and return ``{'paper': int, 'full': int}`` MACs.
+    """Run ``run()`` once and return MACs in each of ``CONVENTIONS``.
 
     Hooks are registered on every leaf-level module of ``model``; a module
     counted by the paper convention is not descended into (ptflops does the
     same), so no work is counted twice.
     """
+    from ..models.layers.neural_memory import NeuralMemory
     paper = [0]
     elementwise = [0]
 
@@ -92,13 +165,15 @@ def count_macs(model: nn.Module, run: Callable[[], object]) -> Dict[str, int]:
         if isinstance(m, ELEMENTWISE):
             elementwise[0] += macs
 
+    products = _PtflopsProducts([m for m in model.modules() if isinstance(m, NeuralMemory)])
     with ExitStack() as stack:
         for m in _counted_modules(model):
             stack.callback(m.register_forward_hook(hook).remove)
-        counter = FlopCounterMode(display=False)
-        with counter:
+        counter = FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS)
+        with counter, products:
             run()
-    return dict(paper=paper[0], full=counter.get_total_flops() // 2 + elementwise[0])
+    return dict(paper=paper[0], paper_matmul=paper[0] + products.macs,
+                full=counter.get_total_flops() // 2 + elementwise[0])
 
 
 def _counted_modules(model: nn.Module):
@@ -138,7 +213,7 @@ def _count_shape_only(model: nn.Module, run: Callable[[], object],
 
 def measure_config(config: str, shape: Optional[Sequence[int]] = None,
                    cfg_options: Optional[dict] = None) -> dict:
-    """Params and MACs (both conventions) of a config's backbone and model.
+    """Params and MACs (every convention) of a config's backbone and model.
 
     ``shape`` defaults to the paper's: 224x224 (classification), 800x1333
     (detection), 512x2048 (segmentation).

@@ -37,3 +37,19 @@ def run_distributed(fn, world_size: int = 2, *args, backend: str = 'gloo'):
                  nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f'{r}.pt'), weights_only=False)
                 for r in range(world_size)]
+
+
+def ddp_sgd_steps(model: torch.nn.Module, rank: int, size: tuple, steps: int = 2) -> dict:
+    """``steps`` SGD steps of ``model`` under DDP without
+    find_unused_parameters (DDP raises if a parameter gets no gradient), on
+    random (2, 3, *size) inputs seeded by rank; returns the state dict."""
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(model, device_ids=None, find_unused_parameters=False)
+    optim = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    torch.manual_seed(rank)
+    for _ in range(steps):
+        outs = ddp(torch.randn(2, 3, *size))
+        optim.zero_grad()
+        sum(o.square().mean() for o in outs).backward()
+        optim.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

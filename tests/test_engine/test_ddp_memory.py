@@ -1,9 +1,8 @@
 """DDP without find_unused_parameters when some stages hold a single chunk."""
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.models import ConvNeur
-from .dist_utils import run_distributed
+from .dist_utils import ddp_sgd_steps, run_distributed
 
 TINY = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 
@@ -13,17 +12,8 @@ def _train_two_steps(rank, world_size):
     model = ConvNeur(arch=TINY, memory_cfg=dict(chunk_size=64), out_indices=(0, 1, 2, 3),
                      gap_before_final_norm=False)
     model.init_weights()
-    ddp = DistributedDataParallel(model, device_ids=None, find_unused_parameters=False)
-    optim = torch.optim.SGD(ddp.parameters(), lr=0.1)
     # stage 1 has several chunks, stages 2-4 one each; ranks see different sizes
-    size = (64, 64) if rank == 0 else (96, 64)
-    torch.manual_seed(rank)
-    for _ in range(2):
-        outs = ddp(torch.randn(2, 3, *size))
-        optim.zero_grad()
-        sum(o.square().mean() for o in outs).backward()
-        optim.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ddp_sgd_steps(model, rank, (64, 64) if rank == 0 else (96, 64))
 
 
 def test_two_process_ddp_steps_with_single_chunk_stages():

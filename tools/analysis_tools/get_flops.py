@@ -1,14 +1,21 @@
-"""Parameters and MACs of a config's backbone and whole model.
+"""Parameters and MACs of configs' backbones and whole models.
 
-    python tools/analysis_tools/get_flops.py CONFIG [--shape H W]
+    python tools/analysis_tools/get_flops.py CONFIG [CONFIG ...] [--shape H W]
+    python tools/analysis_tools/get_flops.py --table5      # every Table 5 row
 
-Two conventions (see convneur_mm/utils/complexity.py): "paper" counts what
-ptflops-style module hooks see (the paper's FLOPs; the memory read and inner
-loop are invisible to it), "full" counts every executed matrix product and
-convolution too. Default shape: 224x224 for classification, 800x1333 for
-detection, 512x2048 for segmentation (the paper's tables).
+Three conventions (see convneur_mm/utils/complexity.py): "paper" counts what
+ptflops-style module hooks see (the memory read and inner loop and the
+products inside scaled_dot_product_attention are invisible to it); "paper +
+matmul" adds the explicit torch.matmul/bmm products that ptflops' PyTorch
+backend also patches (mmcv-style Non-local affinities); "full" counts every
+executed matrix product and convolution. The paper's FLOPs are MACs.
+Default shape: 224x224 for classification, 800x1333 for detection, 512x2048
+for segmentation (the paper's tables). ``--table5`` prints the rows of
+configs/ablations/ next to the paper's figures.
 """
 import argparse
+import os.path as osp
+import sys
 
 from mmengine.config import DictAction
 
@@ -19,24 +26,64 @@ from convneur_mm.utils.complexity import measure_config
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('config', help='config file (path, or name of a shipped config)')
+    parser.add_argument('configs', nargs='*',
+                        help='config files (paths, or names of shipped configs)')
+    parser.add_argument('--table5', action='store_true',
+                        help='every row config of configs/ablations/, with the paper\'s GFLOPs')
     parser.add_argument('--shape', type=int, nargs='+', help='input H W (or one size)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value')
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.configs and not args.table5:
+        parser.error('give a CONFIG or --table5')
+    return args
+
+
+def _g(macs: float) -> str:
+    return f'{macs / 1e9:.3f}'
+
+
+def print_parts(config: str, result: dict) -> None:
+    """Backbone and whole model of one config."""
+    h, w = result['shape']
+    print(f'{config}  ({result["model"]}, input 1x3x{h}x{w})')
+    print('| part | params (M) | paper MACs (G) | paper + matmul (G) | full MACs (G) |')
+    print('|---|---|---|---|---|')
+    for part in ('backbone', 'whole'):
+        r = result[part]
+        print(f'| {part} | {r["params"] / 1e6:.3f} | {_g(r["paper"])} | '
+              f'{_g(r["paper_matmul"])} | {_g(r["full"])} |')
+
+
+def print_rows(configs: list, results: list) -> None:
+    """One line per config: the whole model, and the paper's figure if known."""
+    from convneur_mm.utils.ablations import row_meta
+    from convneur_mm.utils.toolbox import load_cfg
+    print('| row | config | params (M) | paper GFLOPs | ours: paper | paper + matmul | full |')
+    print('|---|---|---|---|---|---|---|')
+    for config, result in zip(configs, results):
+        meta = row_meta(load_cfg(config))
+        r = result['whole']
+        paper = meta.get('paper_gflops')
+        print(f'| {meta["variant"]} {meta["method"]} | {osp.basename(config)} | '
+              f'{r["params"] / 1e6:.2f} | {"-" if paper is None else paper} | '
+              f'{_g(r["paper"])} | {_g(r["paper_matmul"])} | {_g(r["full"])} |')
 
 
 def main():
     args = parse_args()
-    result = measure_config(args.config, args.shape, args.cfg_options)
-    h, w = result['shape']
-    print(f'{args.config}  ({result["model"]}, input 1x3x{h}x{w})')
-    print('| part | params (M) | paper MACs (G) | full MACs (G) |')
-    print('|---|---|---|---|')
-    for part in ('backbone', 'whole'):
-        r = result[part]
-        print(f'| {part} | {r["params"] / 1e6:.3f} | {r["paper"] / 1e9:.3f} | '
-              f'{r["full"] / 1e9:.3f} |')
+    configs = list(args.configs)
+    if args.table5:
+        from convneur_mm.utils.ablations import ablation_configs
+        configs += ablation_configs()
+    results = [measure_config(c, args.shape, args.cfg_options) for c in configs]
+    if len(configs) == 1:
+        print_parts(configs[0], results[0])
+    else:
+        h, w = results[0]['shape']
+        print(f'Whole models, input 1x3x{h}x{w}; GFLOPs are MACs, as in the paper\n')
+        print_rows(configs, results)
+    sys.stdout.flush()
 
 
 if __name__ == '__main__':

@@ -1,15 +1,18 @@
 """Backbone forward time and peak memory against input resolution.
 
     python tools/analysis_tools/resolution_scaling.py [--device cpu|cuda]
-        [--sizes 256 512 1024 2048] [--budget 120] [--out-dir DIR]
+        [--sizes 224 512 1024 1536 2048] [--budget 120] [--memory-budget 12000]
+        [--models NAME ...] [--out-dir DIR]
 
 Models: ConvNeur-M3 with the dense-prediction memory setting (chunk 4096),
-the same backbone with global self-attention in place of the memory, and
-Swin-T. Each (model, size) runs in its own subprocess (peak memory is its
-own). A run whose time, extrapolated from the smaller sizes, would exceed
-``--budget`` seconds is skipped and reported as such. Prints a Markdown table,
-the fitted exponent of time against pixel count and t(2048^2) / t(1024^2),
-and writes a PNG plot.
+the same backbone with every other global-branch type of Table 5 in place of
+the memory (self-attention, CBAM, Non-local, IR-RWKV, Titans), local-only,
+and Swin-T. Each (model, size) runs in its own subprocess (peak memory is its
+own). A run whose time or peak memory, extrapolated from the smaller sizes,
+would exceed ``--budget`` seconds or ``--memory-budget`` MB is skipped and
+reported with the prediction. Prints a Markdown table, the fitted exponent of
+time and of peak memory against pixel count and t(2048^2) / t(1024^2), and
+writes a PNG plot.
 """
 import argparse
 import json
@@ -31,7 +34,12 @@ M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
 MODELS = {
     'ConvNeur-M3': ('mmpretrain', M3),
+    'ConvNeur-M3 local-only': ('mmpretrain', dict(M3, memory_placement='none')),
     'ConvNeur-M3 attention': ('mmpretrain', dict(M3, global_mixer='attention')),
+    'ConvNeur-M3 CBAM': ('mmpretrain', dict(M3, global_mixer='cbam')),
+    'ConvNeur-M3 Non-local': ('mmpretrain', dict(M3, global_mixer='nonlocal')),
+    'ConvNeur-M3 IR-RWKV': ('mmpretrain', dict(M3, global_mixer='rwkv')),
+    'ConvNeur-M3 Titans': ('mmpretrain', dict(M3, global_mixer='titans')),
     'Swin-T': ('mmpretrain', dict(type='SwinTransformer', arch='tiny', pad_small_map=True,
                                   out_indices=(0, 1, 2, 3))),
 }
@@ -41,9 +49,11 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--sizes', type=int, nargs='+', default=[256, 512, 1024, 1536, 2048])
+    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512, 1024, 1536, 2048])
     parser.add_argument('--budget', type=float, default=120.0,
                         help='skip runs predicted to take longer (seconds per forward)')
+    parser.add_argument('--memory-budget', type=float, default=12000.0,
+                        help='skip runs predicted to need more peak memory (MB)')
     parser.add_argument('--iters', type=int, default=2)
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--out-dir', default='work_dirs/resolution_scaling')
@@ -90,23 +100,33 @@ def fit_exponent(points: List[Tuple[float, float]]) -> Optional[float]:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def predict(done: List[Tuple[float, float]], pixels: float) -> Optional[float]:
+    """Extrapolate a measure to ``pixels`` from the sizes measured so far,
+    never assuming better than linear growth; None before two usable sizes."""
+    exponent = fit_exponent(done) if len(done) >= 2 else None
+    if exponent is None:
+        return None
+    # fit over every size so far: the last two may hold nearly the same
+    # pixel count (1024^2 and 800x1333), whose slope says nothing
+    return done[-1][1] * (pixels / done[-1][0]) ** max(exponent, 1.0)
+
+
 def run_all(args) -> List[Dict]:
     shapes = [(s, s) for s in sorted(args.sizes)] + [(800, 1333)]
     shapes.sort(key=lambda s: s[0] * s[1])
     results = []
     for name in args.models:
-        done: List[Tuple[float, float]] = []
+        times: List[Tuple[float, float]] = []
+        peaks: List[Tuple[float, float]] = []
         for shape in shapes:
             pixels = shape[0] * shape[1]
-            # fit over every size so far: the last two may hold nearly the same
-            # pixel count (1024^2 and 800x1333), whose slope says nothing
-            exponent = fit_exponent(done) if len(done) >= 2 else None
-            if exponent is not None:  # never assume better than linear
-                exponent = max(exponent, 1.0)
-                predicted = done[-1][1] * (pixels / done[-1][0]) ** exponent
-                if predicted > args.budget:
-                    results.append(dict(name=name, size=list(shape), skipped=predicted))
-                    continue
+            seconds, peak = predict(times, pixels), predict(peaks, pixels)
+            if (seconds or 0) > args.budget or (peak or 0) > args.memory_budget:
+                results.append(dict(name=name, size=list(shape), skipped=seconds,
+                                    skipped_mb=peak))
+                print(f'{name} {shape}: skipped (predicted {seconds:.0f} s, {peak:.0f} MB)',
+                      file=sys.stderr)
+                continue
             cmd = [sys.executable, __file__, '--worker', name, str(shape[0]), str(shape[1]),
                    '--device', args.device, '--iters', str(args.iters)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,8 +136,10 @@ def run_all(args) -> List[Dict]:
                 continue
             result = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(result)
-            done.append((pixels, result['seconds']))
-            print(f'{name} {shape}: {result["seconds"]:.2f}s', file=sys.stderr)
+            times.append((pixels, result['seconds']))
+            peaks.append((pixels, max(result['peak_mb'], 1.0)))
+            print(f'{name} {shape}: {result["seconds"]:.2f}s, {result["peak_mb"]:.0f} MB',
+                  file=sys.stderr)
     return results
 
 
@@ -125,11 +147,15 @@ def summarize(results: List[Dict]) -> Dict[str, Dict]:
     summary = {}
     for name in dict.fromkeys(r['name'] for r in results):
         rows = {tuple(r['size']): r for r in results if r['name'] == name and 'seconds' in r}
-        square = [(s[0] * s[1], r['seconds']) for s, r in rows.items() if s[0] == s[1]]
+        square = {s: r for s, r in rows.items() if s[0] == s[1]}
         ratio = None
         if (2048, 2048) in rows and (1024, 1024) in rows:
             ratio = rows[(2048, 2048)]['seconds'] / rows[(1024, 1024)]['seconds']
-        summary[name] = dict(exponent=fit_exponent(square), ratio_2048_1024=ratio)
+        summary[name] = dict(
+            exponent=fit_exponent([(s[0] * s[1], r['seconds']) for s, r in square.items()]),
+            memory_exponent=fit_exponent([(s[0] * s[1], r['peak_mb']) for s, r in square.items()
+                                          if r['peak_mb'] > 0]),
+            ratio_2048_1024=ratio)
     return summary
 
 
@@ -140,38 +166,50 @@ def table(results: List[Dict], summary: Dict[str, Dict]) -> str:
         if 'seconds' in r:
             lines.append(f'| {r["name"]} | {size} | {r["seconds"]:.3f} | {r["peak_mb"]:.0f} |')
         elif 'skipped' in r:
-            lines.append(f'| {r["name"]} | {size} | skipped (predicted {r["skipped"]:.0f} s) | - |')
+            lines.append(f'| {r["name"]} | {size} | skipped (predicted {r["skipped"]:.0f} s) '
+                         f'| (predicted {r["skipped_mb"]:.0f}) |')
         else:
             lines.append(f'| {r["name"]} | {size} | failed: {r["error"]} | - |')
-    lines += ['', '| model | time ~ pixels^k, k = | t(2048^2) / t(1024^2) |', '|---|---|---|']
+    lines += ['', '| model | time ~ pixels^k, k = | peak memory ~ pixels^k, k = '
+              '| t(2048^2) / t(1024^2) |', '|---|---|---|---|']
+
+    def fmt(value):
+        return '-' if value is None else f'{value:.2f}'
+
     for name, s in summary.items():
-        k = '-' if s['exponent'] is None else f'{s["exponent"]:.2f}'
-        ratio = '-' if s['ratio_2048_1024'] is None else f'{s["ratio_2048_1024"]:.2f}'
-        lines.append(f'| {name} | {k} | {ratio} |')
+        lines.append(f'| {name} | {fmt(s["exponent"])} | {fmt(s["memory_exponent"])} '
+                     f'| {fmt(s["ratio_2048_1024"])} |')
     return '\n'.join(lines)
 
 
 def plot(results: List[Dict], path: str, device: str) -> None:
+    """Measured points joined by lines; skipped sizes as hollow markers at
+    their predicted values."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for name in dict.fromkeys(r['name'] for r in results):
-        rows = sorted((r['size'][0] * r['size'][1] / 1e6, r) for r in results
-                      if r['name'] == name and 'seconds' in r)
+        rows = sorted(((r['size'][0] * r['size'][1] / 1e6, r) for r in results
+                       if r['name'] == name and 'seconds' in r), key=lambda t: t[0])
         if not rows:
             continue
         mp = [p for p, _ in rows]
-        axes[0].plot(mp, [r['seconds'] for _, r in rows], 'o-', label=name)
-        axes[1].plot(mp, [r['peak_mb'] for _, r in rows], 'o-', label=name)
+        line, = axes[0].plot(mp, [r['seconds'] for _, r in rows], 'o-', label=name)
+        axes[1].plot(mp, [r['peak_mb'] for _, r in rows], 'o-', color=line.get_color())
+        skipped = [r for r in results if r['name'] == name and r.get('skipped')]
+        for r in skipped:
+            x = r['size'][0] * r['size'][1] / 1e6
+            axes[0].plot(x, r['skipped'], 'o', mfc='none', color=line.get_color())
+            axes[1].plot(x, r['skipped_mb'], 'o', mfc='none', color=line.get_color())
     for ax, ylabel in zip(axes, ('forward time (s)', 'peak memory (MB)')):
         ax.set_xscale('log')
         ax.set_yscale('log')
         ax.set_xlabel('input megapixels')
         ax.set_ylabel(ylabel)
         ax.grid(True, which='both', alpha=0.3)
-        ax.legend()
-    fig.suptitle(f'Backbone forward, batch 1, {device}')
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f'Backbone forward, batch 1, {device} (hollow: predicted, skipped)')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from convneur_mm.registry import MODELS
 from ..layers.block import ConvNeurBlock
-from ..layers.global_branch import MIXERS
-from ..layers.neural_memory import UPDATE_MODES, NeuralMemory
+from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
+from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
 from ...utils.pretrained import load_pretrained_backbone
 
@@ -76,8 +76,17 @@ class ConvNeur(BaseModule):
         memory_placement: 'stage' (first block of each stage, the paper's
             default), 'block' (every block) or 'none' (local-only ablation).
         fusion: 'gate' (default), 'add' or 'concat' (Table 5 ablations).
-        global_mixer: 'memory' (default) or 'attention': global self-attention
-            in the same bottleneck (Table 5, and the scaling comparison).
+        global_mixer: the global branch's type (Table 5): 'memory' (default,
+            ConvNeur), 'attention' (global self-attention), 'cbam',
+            'nonlocal', 'rwkv' (IR-RWKV) or 'titans' (memory as context),
+            each in the same bottleneck scaffold at width C_m.
+        mixer_cfg: settings of a mixer other than the memory (whose settings
+            are ``memory_cfg``; Titans takes both): attention ``heads``
+            (default memory_cfg's); cbam ``reduction`` (16), ``kernel_size``
+            (7); nonlocal ``reduction`` (2), ``use_scale`` (True); rwkv
+            ``expansion`` (1.0), ``kernel_size`` (5), ``shift_gamma`` (0.25);
+            titans ``heads`` (8), ``head_dim`` (64), ``persistent_tokens``
+            (4), ``segment_len`` (the memory's chunk size).
         drop_path_rate: stochastic depth rate, linearly increasing per block.
         out_indices: stages whose (normalized) outputs are returned.
         frozen_stages: freeze the stem and the first ``frozen_stages`` stages.
@@ -102,6 +111,7 @@ class ConvNeur(BaseModule):
                  memory_placement: str = 'stage',
                  fusion: str = 'gate',
                  global_mixer: str = 'memory',
+                 mixer_cfg: Optional[dict] = None,
                  drop_path_rate: float = 0.0,
                  out_indices: Union[int, Sequence[int]] = -1,
                  frozen_stages: int = 0,
@@ -117,8 +127,8 @@ class ConvNeur(BaseModule):
             raise ValueError(
                 f'memory_placement must be one of {PLACEMENTS}, got {memory_placement!r}')
         self.memory_placement = memory_placement
-        if global_mixer not in MIXERS:
-            raise ValueError(f'global_mixer must be one of {MIXERS}, got {global_mixer!r}')
+        self.global_mixer = global_mixer
+        self.mixer_cfg = resolve_mixer_cfg(global_mixer, mixer_cfg)
         self.out_indices = self._parse_out_indices(out_indices, self.num_stages)
         if (isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int)
                 or not 0 <= frozen_stages <= self.num_stages):
@@ -145,7 +155,8 @@ class ConvNeur(BaseModule):
                     drop_path=drop_rates[block_idx + j],
                     memory_cfg=self.memory_cfg if self._has_memory(j) else None,
                     fusion=fusion,
-                    global_mixer=global_mixer) for j in range(depth)
+                    global_mixer=global_mixer,
+                    mixer_cfg=self.mixer_cfg) for j in range(depth)
             ]))
             block_idx += depth
             if i in self.out_indices:
@@ -292,9 +303,10 @@ class ConvNeur(BaseModule):
                                  strict=cfg.get('strict', True))
 
     def _reset_memories(self) -> None:
-        """The memories' own init (learned W_0, gate biases) after the generic one."""
+        """The memories' and mixers' own init (learned W_0, gate biases, a
+        zero output conv, ...) after the generic one."""
         for module in self.modules():
-            if isinstance(module, NeuralMemory):
+            if isinstance(module, SELF_INITIALIZED):
                 module.reset_parameters()
 
     def get_layer_depth(self, param_name: str, prefix: str = '') -> Tuple[int, int]:

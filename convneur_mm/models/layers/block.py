@@ -15,7 +15,9 @@ class ConvNeurBlock(nn.Module):
     """``X + DropPath(fuse(G, F_loc))``; without memory ``X + DropPath(F_loc)``.
 
     ``memory_cfg`` (None: no global branch) holds ``dim`` (C_m) and the
-    NeuralMemory settings; ``global_mixer`` picks memory or self-attention.
+    NeuralMemory settings; ``global_mixer`` picks the branch's mixer (the
+    memory or another global-branch type of Table 5) and ``mixer_cfg`` holds
+    that mixer's own settings.
 
     Fusion (the paper's Table 5): 'gate' sigmoid(G) * F_loc (default), 'add'
     G + F_loc, 'concat' Conv1x1([G, F_loc]) (2C -> C).
@@ -26,7 +28,8 @@ class ConvNeurBlock(nn.Module):
                  drop_path: float = 0.0,
                  memory_cfg: Optional[dict] = None,
                  fusion: str = 'gate',
-                 global_mixer: str = 'memory'):
+                 global_mixer: str = 'memory',
+                 mixer_cfg: Optional[dict] = None):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f'fusion must be one of {FUSIONS}, got {fusion!r}')
@@ -36,7 +39,7 @@ class ConvNeurBlock(nn.Module):
         if memory_cfg is not None:
             memory_cfg = dict(memory_cfg)
             self.global_branch = GlobalBranch(
-                channels, memory_cfg.pop('dim'), global_mixer, **memory_cfg)
+                channels, memory_cfg.pop('dim'), global_mixer, mixer_cfg, **memory_cfg)
             if fusion == 'concat':
                 self.fuse = nn.Conv2d(2 * channels, channels, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -210,7 +210,8 @@ def test_layer_depths_increase_through_the_network():
     (dict(memory_cfg=dict(update='fast')), ValueError, 'update'),
     (dict(memory_placement='layer'), ValueError, 'memory_placement'),
     (dict(fusion='mul'), ValueError, 'fusion'),
-    (dict(global_mixer='rwkv'), ValueError, 'global_mixer'),
+    (dict(global_mixer='lstm'), ValueError, 'global_mixer must be one of'),
+    (dict(global_mixer='cbam', mixer_cfg=dict(ratio=4)), ValueError, 'unknown mixer_cfg keys'),
 ])
 def test_bad_arguments_give_clear_errors(kwargs, error, match):
     kwargs.setdefault('arch', 'm1')

@@ -1,0 +1,29 @@
+"""Global multi-head self-attention over the tokens of an image (Table 5, row 5).
+
+Quadratic in the number of tokens N: its activation memory and attention
+maps are what the paper's resolution argument is about.
+"""
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class GlobalSelfAttention(nn.Module):
+    """Multi-head self-attention over all N tokens of one image, (B, N, d) -> (B, N, d).
+
+    The products run in ``F.scaled_dot_product_attention`` (flash attention
+    on CPU and CUDA), so no N x N map is materialized in memory.
+    """
+
+    def __init__(self, dim: int, heads: int = 1):
+        super().__init__()
+        if heads < 1 or dim % heads != 0:
+            raise ValueError(f'attention dim {dim} is not divisible by heads={heads}')
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))

@@ -1,0 +1,122 @@
+"""Every global-branch type of Table 5 in the backbone: any input size, every
+parameter learns, batch independence, bf16 autocast, 2-process DDP without
+find_unused_parameters, and the classification / detection / segmentation
+configs."""
+import pytest
+import torch
+
+from convneur_mm.models import ConvNeur
+from convneur_mm.models.layers.mixers import MIXERS
+from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
+from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
+
+TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
+NEW = ['cbam', 'nonlocal', 'rwkv', 'titans']
+# narrowed to the tiny width (C_m = 8), the structure is the default one: CBAM's
+# MLP keeps 4 hidden units (1 at r = 16, a ReLU that can be dead for a batch)
+MIXER_CFG = dict(cbam=dict(reduction=2), titans=dict(heads=2, head_dim=4))
+
+
+def _tiny(mixer, **kwargs):
+    torch.manual_seed(0)
+    model = ConvNeur(arch=TINY, global_mixer=mixer, mixer_cfg=MIXER_CFG.get(mixer),
+                     memory_cfg=dict(chunk_size=5), out_indices=(0, 1, 2, 3),
+                     gap_before_final_norm=False, **kwargs)
+    model.init_weights()
+    return model
+
+
+def _perturb(model):
+    """Move every parameter off its init: zero-initialized outputs (Non-local's
+    W_z, Titans' persistent tokens) would otherwise hide their inputs' gradients."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize('mixer', NEW)
+@pytest.mark.parametrize('size', [(37, 53), (7, 3)])
+def test_any_input_size(mixer, size):
+    outs = _tiny(mixer)(torch.randn(1, 3, *size))
+    for stage, out in enumerate(outs):
+        stride = 4 * 2 ** stage
+        assert out.shape[-2:] == (-(-size[0] // stride), -(-size[1] // stride))
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('mixer', NEW)
+def test_every_parameter_learns(mixer):
+    # 128x128: stage 4 has 16 tokens, i.e. four memory chunks of 5 (Titans)
+    model = _perturb(_tiny(mixer)).train()
+    outs = model(torch.randn(2, 3, 128, 128))
+    sum(o.square().mean() for o in outs).backward()
+    dead = [n for n, p in model.named_parameters()
+            if p.grad is None or torch.count_nonzero(p.grad) == 0]
+    assert dead == []
+    assert hasattr(model.stages[0][0].global_branch, MIXERS[mixer].attribute)
+
+
+@pytest.mark.parametrize('mixer', NEW)
+def test_outputs_do_not_depend_on_batch_mates(mixer):
+    model = _perturb(_tiny(mixer)).eval()
+    x = torch.randn(3, 3, 48, 40)
+    with torch.no_grad():
+        batch = model(x)
+        for i in range(3):
+            for a, b in zip(batch, model(x[i:i + 1])):
+                torch.testing.assert_close(a[i:i + 1], b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('mixer', NEW)
+def test_bf16_autocast_trains_close_to_float32(mixer):
+    model = _perturb(_tiny(mixer)).train()
+    x = torch.randn(2, 3, 64, 64)
+    reference = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        outs = model(x)
+    sum(o.float().square().mean() for o in outs).backward()
+    for out, ref in zip(outs, reference):
+        assert out.dtype == torch.bfloat16
+        err = (out.float() - ref).norm() / ref.norm()
+        assert err < 0.05, err
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _two_ddp_steps(rank, world_size, mixer):
+    size = (32, 32) if rank == 0 else (48, 32)  # ranks see different token counts
+    return ddp_sgd_steps(_tiny(mixer), rank, size)
+
+
+def _ddp_every_mixer(rank, world_size):
+    return {mixer: _two_ddp_steps(rank, world_size, mixer) for mixer in NEW}
+
+
+def test_two_process_ddp_without_unused_parameter_search():
+    """Two gloo processes, find_unused_parameters=False: DDP raises if any
+    parameter got no gradient; the replicas must stay identical."""
+    rank0, rank1 = run_distributed(_ddp_every_mixer, 2)
+    for mixer in NEW:
+        for key in rank0[mixer]:
+            torch.testing.assert_close(rank0[mixer][key], rank1[mixer][key],
+                                       msg=f'{mixer}: {key}')
+
+
+@pytest.mark.parametrize('config,scope,size,strides', [
+    ('cls_convneur_m3_300e_in1k.py', 'mmpretrain', (64, 64), None),
+    ('cascade_rcnn_convneur_m3_1x_coco.py', 'mmdet', (96, 128), (4, 8, 16, 32, 64)),
+    ('fpn_convneur_m3_80k_ade20k.py', 'mmseg', (64, 96), (4, 8, 16, 32)),
+])
+def test_every_task_config_builds_and_runs_with_each_mixer(config, scope, size, strides):
+    cfg = load_cfg(config)
+    for mixer in NEW:
+        cfg.model.backbone.global_mixer = mixer
+        model = build_model(cfg, init=False).eval()
+        with torch.no_grad():
+            feats = model.extract_feat(dummy_batch(model, scope, size)['inputs'])
+        if strides is None:  # classification: one pooled vector
+            assert feats[0].shape == (1, 512), mixer
+        else:
+            assert [f.shape[-2:] for f in feats] == [
+                (-(-size[0] // s), -(-size[1] // s)) for s in strides], mixer

@@ -1,0 +1,107 @@
+"""What every global-branch type and every fusion computes (Table 5), against
+the naive references of mixer_reference.py, plus their settings' errors.
+
+Each comparison runs in float64 on a small odd-sized map with every
+parameter drawn at random (zero inits such as Non-local's output conv or
+Titans' persistent tokens would otherwise hide whole terms), with sizes that
+exercise the corner cases: several memory chunks, a last partial attention
+segment, a token shift at every border.
+"""
+import pytest
+import torch
+
+from convneur_mm.models.layers.block import ConvNeurBlock
+from convneur_mm.models.layers.global_branch import GlobalBranch
+from convneur_mm.models.layers.mixers import MIXERS, resolve_mixer_cfg
+from . import mixer_reference as ref
+
+MEMORY = dict(chunk_size=8, max_lr=1.0, update='parallel', heads=2)
+# small settings whose structure is the default one: two attention heads, a
+# 3-persistent-token Titans with 8-token segments (35 tokens: a partial one)
+SMALL = dict(attention=dict(heads=2), cbam=dict(reduction=4),
+             titans=dict(heads=2, head_dim=4, persistent_tokens=3))
+
+
+def _small_cfg(mixer):
+    return SMALL.get(mixer)
+
+
+def _randomize(module, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    return module
+
+
+@pytest.mark.parametrize('mixer', list(MIXERS))
+def test_global_branch_computes_its_mixer(mixer):
+    """G = proj_out(mixer(proj_in(x))) against the mixer's naive reference."""
+    torch.manual_seed(0)
+    branch = GlobalBranch(6, 8, mixer, _small_cfg(mixer), **MEMORY).double()
+    _randomize(branch)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    expected = ref.global_branch(branch, x)  # the memory's reference takes autograd steps
+    out = branch(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('fusion', ['gate', 'add', 'concat'])
+@pytest.mark.parametrize('mixer', ['memory', 'attention'])
+def test_block_fuses_global_and_local_maps_as_defined(mixer, fusion):
+    """X + fuse(G, F_loc): sigmoid(G) F_loc, G + F_loc or Conv1x1([G, F_loc]).
+
+    Catches fusions that compute another one (e.g. 'add' as a gate, or
+    'concat' as a gate plus 0 * fuse(...)), which shape checks cannot."""
+    torch.manual_seed(0)
+    block = ConvNeurBlock(6, memory_cfg=dict(MEMORY, dim=8), fusion=fusion,
+                          global_mixer=mixer).double()
+    _randomize(block)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    local, glob = block.local_branch(x), ref.global_branch(block.global_branch, x)
+    expected = x + ref.fused(fusion, glob, local, getattr(block, 'fuse', None))
+    out = block(x)
+    assert glob.abs().mean() > 0.1 and local.abs().mean() > 0.1
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('mixer', list(MIXERS))
+def test_mixer_parameters_live_under_its_own_name(mixer):
+    """State-dict keys: proj_in, proj_out and the mixer's attribute only
+    ('memory' and 'attention' as before mixer_cfg existed)."""
+    branch = GlobalBranch(6, 8, mixer, _small_cfg(mixer), **MEMORY)
+    prefixes = {key.split('.')[0] for key in branch.state_dict()}
+    assert prefixes == {'proj_in', 'proj_out', MIXERS[mixer].attribute}
+
+
+def test_attention_heads_default_to_the_memory_setting():
+    assert GlobalBranch(6, 8, 'attention', heads=4).attention.heads == 4
+    assert GlobalBranch(6, 8, 'attention', dict(heads=2), heads=4).attention.heads == 2
+
+
+def test_titans_segments_default_to_the_memory_chunk():
+    branch = GlobalBranch(6, 8, 'titans', dict(heads=2, head_dim=4), chunk_size=5)
+    assert branch.titans.attention.segment_len == 5 == branch.titans.memory.chunk_size
+
+
+@pytest.mark.parametrize('mixer,cfg,match', [
+    ('cbam', dict(ratio=4), r"unknown mixer_cfg keys \['ratio'\] for global_mixer='cbam'; "
+                            r"valid keys are \['reduction', 'kernel_size'\]"),
+    ('memory', dict(heads=2), 'it takes none .its settings are in memory_cfg'),
+    ('lstm', None, 'global_mixer must be one of'),
+])
+def test_bad_mixer_settings_give_clear_errors(mixer, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_mixer_cfg(mixer, cfg)
+
+
+@pytest.mark.parametrize('mixer,cfg,match', [
+    ('cbam', dict(kernel_size=4), 'kernel_size must be odd'),
+    ('nonlocal', dict(reduction=0), 'reduction must be >= 1'),
+    ('rwkv', dict(shift_gamma=0.5), 'shift_gamma'),
+    ('titans', dict(persistent_tokens=-1), 'persistent_tokens >= 0'),
+])
+def test_bad_mixer_values_give_clear_errors(mixer, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        GlobalBranch(6, 8, mixer, cfg, **MEMORY)

@@ -1,0 +1,28 @@
+"""tools/analysis_tools/get_flops.py prints Table 5 rows in every convention."""
+import os
+import os.path as osp
+import subprocess
+import sys
+
+from ..paths import ANALYSIS_TOOLS, REPO
+
+TOOL = osp.join(ANALYSIS_TOOLS, 'get_flops.py')
+
+
+def _run(*args):
+    out = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
+                         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_rows_of_table5_with_every_convention():
+    text = _run('ablations/cls_convneur_m3_nonlocal_300e_in1k.py',
+                'ablations/cls_convneur_m3_cbam_300e_in1k.py', '--shape', '224')
+    rows = [line for line in text.splitlines() if line.startswith('| (')]
+    # | row | config | params | paper GFLOPs | ours: paper | paper + matmul | full |
+    nonlocal_, cbam = ([cell.strip() for cell in r.split('|')[1:-1]] for r in rows)
+    assert nonlocal_[0] == '(4) Non-local [68]' and nonlocal_[3] == '3.0'
+    assert float(nonlocal_[4]) < 1.7 < 2.9 < float(nonlocal_[5]) < 3.0  # matmul counted
+    assert cbam[0] == '(3) CBAM [69]' and float(cbam[4]) == float(cbam[5])
+
