@@ -319,7 +319,7 @@ def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
     head = ['model'] + [f'{m} (img/s)' for m in modes]
     head += [f'{m} / eager' for m in modes if m != 'eager'] if 'eager' in modes else []
     head += ['bf16 logits rel. error'] if 'bf16' in modes else []
-    head += ['compile time (s, batch 16)'] if 'compiled' in modes else []
+    head += ['compile time (s, throughput batch)'] if 'compiled' in modes else []
     lines = ['**modes compared** (throughput at the batch above; ratios from this run)', '',
              '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for name, per_mode in table.items():
