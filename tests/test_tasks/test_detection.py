@@ -158,42 +158,20 @@ def _coco_rows(stdout: str) -> dict:
             for task, values in re.findall(r'^\| (bbox|segm) \|(.*)\|$', stdout, re.M)}
 
 
-# A child of the demo config that learns within seconds: 4 images memorized in
-# 15 iterations, with the recipe of test_roi_heads_learn_to_classify_and_segment,
-# and evaluated on those same 4 images.
-MEMORIZE = """
-_base_ = [{demo!r}]
-memorized = [2, 3, 4, 5]  # image 0 has no object, image 1 a crowd
-train_dataloader = dict(batch_size=4, dataset=dict(indices=memorized))
-test_dataloader = dict(dataset=dict(indices=memorized,
-                                    ann_file='annotations/instances_train2017.json',
-                                    data_prefix=dict(img='train2017/')))
-test_evaluator = dict(ann_file={train_ann!r})
-train_cfg = dict(max_epochs=15)
-optim_wrapper = dict(_delete_=True, type='OptimWrapper',
-                     optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
-                     paramwise_cfg=dict(custom_keys=dict(roi_head=dict(lr_mult=5.0))))
-param_scheduler = [dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=10)]
-default_hooks = dict(checkpoint=dict(interval=15))
-"""
-
-
-def test_train_then_evaluate_learns_and_prints_coco_tables(coco_tiny, tmp_path, monkeypatch):
-    """tools/train.py, then tools/test.py on its checkpoint: a checkpoint is
-    written, both COCO tables are printed, and the trained model's AP is far
-    above the untrained model's in the same evaluation (in-process), which
-    is what an evaluation that did not load the checkpoint would score."""
+def test_train_then_evaluate_prints_coco_tables(coco_tiny, tmp_path, monkeypatch):
+    """tools/train.py on the demo config, then tools/test.py on its checkpoint:
+    a checkpoint is written and both COCO tables are printed."""
     monkeypatch.setenv('COCO_TINY_ROOT', coco_tiny)
-    config = tmp_path / 'memorize.py'
-    config.write_text(MEMORIZE.format(demo=DEMO, train_ann=ann_file(coco_tiny, 'train')))
     work_dir = tmp_path / 'work'
-    train = _run(osp.join(REPO, 'tools', 'train.py'), str(config), '--work-dir', str(work_dir))
+    train = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(work_dir),
+                 '--cfg-options', 'train_cfg.max_epochs=1', 'param_scheduler.1.end=1',
+                 'default_hooks.checkpoint.interval=1')
     assert train.returncode == 0, train.stderr[-3000:]
-    checkpoint = work_dir / 'epoch_15.pth'
+    checkpoint = work_dir / 'epoch_1.pth'
     assert checkpoint.is_file()
     assert open(work_dir / 'last_checkpoint').read().strip() == str(checkpoint)
     dump = tmp_path / 'predictions.pkl'
-    test = _run(osp.join(REPO, 'tools', 'test.py'), str(config), str(checkpoint),
+    test = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
                 '--work-dir', str(tmp_path / 'test'), '--out', str(dump))
     assert test.returncode == 0, test.stderr[-3000:]
     rows = _coco_rows(test.stdout)
@@ -202,17 +180,9 @@ def test_train_then_evaluate_learns_and_prints_coco_tables(coco_tiny, tmp_path, 
         assert len(values) == 6 and all(v is None or 0 <= v <= 100 for v in values)
     # --out: masks as RLE, no ground truth (MMDetection's DumpDetResults)
     predictions = mmengine.load(str(dump))
-    assert len(predictions) == 4 and all('gt_instances' not in p for p in predictions)
+    assert predictions and all('gt_instances' not in p for p in predictions)
     masks = [m for p in predictions for m in p['pred_instances']['masks']]
     assert masks and all(isinstance(m, dict) and 'counts' in m for m in masks)
-
-    # the same model and evaluation, untrained
-    cfg = load_config(str(config), work_dir=str(tmp_path / 'untrained'))
-    runner = build_runner(cfg)
-    runner.model.init_weights()
-    untrained = runner.test()
-    for task in ('bbox', 'segm'):  # AP50, in percent as printed
-        assert rows[task][1] > 100 * untrained[f'coco/{task}_mAP_50'] + 30, (rows, untrained)
 
 
 # ------------------------------------------------------------- bad input
