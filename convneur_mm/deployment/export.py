@@ -191,10 +191,20 @@ def export_onnx(module: nn.Module, example: Tensor, path: str,
     onnx_program.save(path)
 
 
-def onnx_outputs(path: str, inputs: Tensor) -> List[Tensor]:
-    """Run the ONNX file (one input) with ONNX Runtime on the CPU."""
+def ort_session(path: str, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session of the file (``threads``: intra-op threads,
+    default ONNX Runtime's choice)."""
     import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def onnx_outputs(path_or_session, inputs: Tensor) -> List[Tensor]:
+    """Run the ONNX file (one input) with ONNX Runtime on the CPU."""
+    session = (ort_session(path_or_session) if isinstance(path_or_session, str)
+               else path_or_session)
     name = session.get_inputs()[0].name
     return [torch.from_numpy(o) for o in session.run(None, {name: inputs.numpy()})]
 
