@@ -77,6 +77,7 @@ if ! "$py" "$HELPER" mmcv-covers "$flavor" "$FLAVOR_FILE" 2>/dev/null; then
 fi
 "${pip[@]}" --no-deps --no-build-isolation -r requirements/mmcv.txt  # mmengine
 "${pip[@]}" -r requirements/tests.txt
+"${pip[@]}" -r requirements/deploy.txt  # ONNX export and its ONNX Runtime check
 "${pip[@]}" --no-deps -r requirements/mim.txt  # its dependencies would downgrade the stack
 "${pip[@]}" --no-deps --no-build-isolation -e .
 

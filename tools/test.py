@@ -11,6 +11,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
+from convneur_mm.engine.compile import MODES as COMPILE_MODES, compile_runner_model
 from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
                                        set_local_rank, shutdown_distributed)
 from convneur_mm.engine.dump import prediction_dumper
@@ -32,6 +33,9 @@ def parse_args():
     parser.add_argument('--show-dir', help='save drawn predictions to this directory')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
     parser.add_argument('--amp', action='store_true', help='mixed-precision inference')
+    parser.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES,
+                        help='torch.compile the backbone, neck and dense heads (optional '
+                        'mode, default "default"; see convneur_mm/engine/compile.py)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -62,6 +66,8 @@ def main():
     runner = build_runner(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     check_checkpoint_fits(model, args.checkpoint)
+    if args.compile:
+        compile_runner_model(runner, args.compile)
     if args.out:
         runner.test_evaluator.metrics.append(prediction_dumper(cfg.default_scope, args.out))
     metrics = runner.test()

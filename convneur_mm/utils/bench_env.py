@@ -1,12 +1,25 @@
-"""One set-up, one description, one synchronization and one GEMM-rate probe of
-the device for every benchmark tool."""
+"""One set-up, one description, one synchronization, one peak-memory reading,
+one region timer and one GEMM-rate probe of the device for every benchmark tool.
+
+Every function takes the device the benchmark runs on. On CUDA that matters:
+``torch.cuda.synchronize()``, ``max_memory_allocated()`` and
+``reset_peak_memory_stats()`` without a device act on the *current* device, so
+``--device cuda:1`` would wait for and measure cuda:0; and kernels run
+asynchronously, so a host clock read right after a call times its launch, not
+its work.
+"""
 import os
 import platform
 import time
+from typing import Dict, List, Tuple
 
 import torch
 
 from .cpu_malloc import tune_cpu_malloc
+
+
+def is_cuda(device) -> bool:
+    return torch.device(device).type == 'cuda'
 
 
 def setup_benchmark_device(device: str) -> str:
@@ -16,17 +29,81 @@ def setup_benchmark_device(device: str) -> str:
     ``cpu_malloc``), so benchmarks time what users run; every model in a
     report shares it. ``CONVNEUR_MALLOC_TUNING=0`` times glibc's defaults.
     """
-    if device.startswith('cuda'):
+    if is_cuda(device):
         return torch.cuda.get_device_name(torch.device(device))
     malloc = tune_cpu_malloc(force=True)
-    return (f'{platform.machine()} CPU ({os.cpu_count()} cores), '
+    return (f'{platform.machine()} CPU ({os.cpu_count()} cores{cpu_isa()}), '
             f'{torch.get_num_threads()} torch threads; {malloc}')
 
 
-def synchronize(device: str) -> None:
+def cpu_isa() -> str:
+    """The vector/matrix extensions that decide CPU GEMM and bf16 speed."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line.split(':', 1)[1].split() for line in f
+                          if line.startswith('flags')), [])
+    except OSError:
+        return ''
+    wanted = ('avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_tile')
+    have = [flag for flag in wanted if flag in flags]
+    return ', ' + ' '.join(have) if have else ''
+
+
+def synchronize(device) -> None:
     """Wait for the work queued on ``device`` (a no-op on CPU), for timers."""
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
+    if is_cuda(device):
+        torch.cuda.synchronize(torch.device(device))
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory window on ``device`` (CUDA; a no-op on CPU)."""
+    if is_cuda(device):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
+def peak_memory_bytes(device) -> int:
+    """Bytes allocated at the peak of the window on ``device`` (CUDA only)."""
+    return torch.cuda.max_memory_allocated(torch.device(device))
+
+
+def memory_allocated_bytes(device) -> int:
+    """Bytes allocated now on ``device`` (CUDA only)."""
+    return torch.cuda.memory_allocated(torch.device(device))
+
+
+class RegionTimer:
+    """Device time spent between ``start(key)`` and ``stop(key)`` calls.
+
+    On CUDA each region is a pair of CUDA events recorded on the device's
+    current stream: they time the kernels, which run after the host has moved
+    on; the events are read once, after one synchronize, in ``seconds()``. On
+    the CPU the host clock is the device clock. Regions may nest or repeat.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._open: Dict[object, object] = {}
+        self._closed: List[Tuple[object, object]] = []
+
+    def _mark(self):
+        if self.device.type == 'cuda':
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            return event
+        return time.perf_counter()
+
+    def start(self, key) -> None:
+        self._open[key] = self._mark()
+
+    def stop(self, key) -> None:
+        self._closed.append((self._open.pop(key), self._mark()))
+
+    def seconds(self) -> float:
+        """Total seconds of the closed regions."""
+        if self.device.type == 'cuda':
+            synchronize(self.device)
+            return sum(start.elapsed_time(end) for start, end in self._closed) / 1e3
+        return sum(end - start for start, end in self._closed)
 
 
 def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:

@@ -1,4 +1,7 @@
 """Helpers of the benchmark scripts in tools/analysis_tools."""
+import pytest
+import torch
+
 from ..paths import import_analysis_tool
 
 
@@ -59,3 +62,49 @@ def test_speed_report_bounds_m3_by_its_branches_gemms():
     assert 'ConvNeur-M3 <= 10.0 img/s = 1.00x ResNet-50' in text
     assert 'wall-time overhead >= 100%' in text
     assert 'Bound' not in bench.report(results, 'test device', 16)
+
+
+def test_speed_report_gives_each_mode_its_own_bound_and_fraction():
+    bench = import_analysis_tool('benchmark_speed')
+
+    def row(name, mode, throughput, **extra):
+        branches = name == 'ConvNeur-M3'
+        return dict(name=name, mode=mode, params=1e7, latency_ms=50.0, peak_mb=100,
+                    paper_macs=1.8e9 if branches else 1.4e9,
+                    full_macs=3.5e9 if branches else 1.4e9, throughput=throughput,
+                    branch_time_share=0.5 if branches and mode == 'eager' else None,
+                    branch_mac_share=0.6 if branches else None, warm_up_s=40.0, **extra)
+    results = [row('ConvNeur-M3 local-only', 'eager', 20.0), row('ConvNeur-M3', 'eager', 9.0),
+               row('ConvNeur-M3 local-only', 'compiled', 25.0),
+               row('ConvNeur-M3', 'compiled', 10.0),
+               row('ConvNeur-M3', 'bf16', 12.0, relative_error=0.005)]
+    text = bench.report(results, 'test device', 16, gemm_rate=84e9)
+    # eager: 1 / (1/20 + 4.2e9/84e9) = 10 img/s; compiled: 1 / (1/25 + 0.05) = 11.1
+    assert 'ConvNeur-M3 measured / bound (eager): 9.0 / 10.0 = 0.90' in text
+    assert 'ConvNeur-M3 measured / bound (compiled): 10.0 / 11.1 = 0.90' in text
+    assert 'bound (bf16)' not in text  # a float32 bound says nothing about bf16
+    assert '| ConvNeur-M3 | 9.0 | 10.0 | 12.0 | 1.11x | 1.33x | 0.50% | 40 |' in text
+
+
+def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch):
+    """On CUDA the branches are timed by events on the device's stream, read
+    after a synchronize of that device (here cuda:1, stubbed)."""
+    from convneur_mm.models.layers.global_branch import GlobalBranch
+    from ..test_utils.test_bench_env import _FakeCuda
+    bench = import_analysis_tool('benchmark_speed')
+    model = torch.nn.Sequential(GlobalBranch(8, 8, chunk_size=4), GlobalBranch(8, 8, chunk_size=4))
+    cuda = _FakeCuda(monkeypatch, [0.0, 1.0, 5.0, 5.25])  # two branches: 1 s and 0.25 s
+    with torch.no_grad():
+        seconds = bench._global_branch_seconds(model, model, torch.randn(1, 8, 4, 4), 'cuda:1')
+    assert seconds == pytest.approx(1.25)
+    second = torch.device('cuda:1')
+    assert cuda.calls == [('record', ('stream', second))] * 4 + [('synchronize', second)]
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # removed
+
+
+def test_memory_benchmark_skips_titans_with_a_message_when_absent(monkeypatch):
+    import sys
+    bench = import_analysis_tool('benchmark_memory')
+    monkeypatch.setitem(sys.modules, 'titans_pytorch', None)  # import fails
+    module, message = bench.titans_memory(16, 4)
+    assert module is None and 'requirements/optional/titans.txt' in message

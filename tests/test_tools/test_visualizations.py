@@ -47,6 +47,9 @@ def test_gate_maps_are_the_first_blocks_branches():
     assert maps[0]['influence'].shape == (24, 20)
     assert torch.allclose(maps[0]['influence'], expected)
     assert torch.allclose(maps[0]['local'], local[0].abs().mean(0))
+    # Figure 4's F_out row: the gated map, which the gate makes differ from F_loc
+    assert torch.allclose(maps[0]['gated'], fused[0].abs().mean(0))
+    assert not torch.allclose(maps[0]['gated'], maps[0]['local'], rtol=0.05)
     assert [m['influence'].shape for m in maps] == [(24, 20), (12, 10), (6, 5), (3, 3)]
 
 
@@ -68,18 +71,25 @@ def test_visualize_gates_writes_panels(tmp_path):
     assert panels is not None and panels.shape[1] > panels.shape[0]  # 4 columns x 3 rows
 
 
-def test_erf_is_the_mean_input_gradient_of_the_centre():
-    model = _backbone()
-    images = [torch.randn(1, 3, 64, 64) for _ in range(2)]
-    score = erf_tool.erf(model, images)
-    assert score.shape == (64, 64) and (score >= 0).all() and score.sum() > 0
-    # by hand for one image: |d relu(centre feature).sum() / d input|, summed over colours
-    image = images[0].clone().requires_grad_()
+def _centre_gradient(model, image: torch.Tensor) -> np.ndarray:
+    """|d relu(centre feature).sum() / d input| of one image, summed over colours."""
+    image = image.clone().requires_grad_()
     feature = model(image)[-1]
     h, w = feature.shape[-2:]
     torch.relu(feature[0, :, h // 2, w // 2]).sum().backward()
-    single = image.grad[0].abs().sum(0).numpy()
-    assert np.allclose(erf_tool.erf(model, images[:1]), single, rtol=1e-5, atol=1e-8)
+    return image.grad[0].abs().sum(0).numpy()
+
+
+def test_erf_is_the_mean_input_gradient_of_the_centre():
+    model = _backbone()
+    # three images of different contrast: their gradient maps differ, so a sum,
+    # one image's map or a mean over the wrong number of images all miss
+    images = [scale * torch.randn(1, 3, 64, 64) for scale in (0.5, 1.0, 3.0)]
+    score = erf_tool.erf(model, images)
+    assert score.shape == (64, 64) and (score >= 0).all() and score.sum() > 0
+    singles = [_centre_gradient(model, image) for image in images]
+    assert not np.allclose(singles[0], singles[2], rtol=0.05)
+    assert np.allclose(score, sum(singles) / len(singles), rtol=1e-5, atol=1e-8)
 
 
 def test_area_shares_grow_with_the_fraction():

@@ -1,11 +1,35 @@
+"""The benchmarks' device helpers: the GEMM-rate yardstick, and CUDA timing
+and memory readings on the device asked for (checked with a stub of
+torch.cuda, since no GPU is available to the test suite)."""
 import time
 
+import pytest
 import torch
 
-from convneur_mm.utils.bench_env import peak_gemm_rate
+from convneur_mm.utils import bench_env
+from convneur_mm.utils.bench_env import (RegionTimer, peak_gemm_rate, peak_memory_bytes,
+                                         reset_peak_memory, synchronize)
 
 
-def test_peak_gemm_rate_is_the_best_of_its_products():
+def _fake_clock(monkeypatch, durations):
+    """perf_counter() as a clock under which the i-th timed call lasts durations[i]."""
+    stamps, now = [], 100.0
+    for duration in durations:
+        stamps += [now, now + duration]
+        now += duration + 1.0
+    monkeypatch.setattr(bench_env.time, 'perf_counter', lambda: stamps.pop(0))
+    return stamps
+
+
+def test_peak_gemm_rate_is_two_flops_per_multiply_add_of_the_best_product(monkeypatch):
+    # a warm-up and 3 timed products; the third is the fastest (0.25 s)
+    stamps = _fake_clock(monkeypatch, [4.0, 1.0, 0.25, 0.5])
+    rate = peak_gemm_rate('cpu', size=64, repeats=3)
+    assert not stamps  # every product timed
+    assert rate == pytest.approx(2 * 64 ** 3 / 0.25, rel=1e-12)
+
+
+def test_peak_gemm_rate_is_a_plausible_rate_in_real_time():
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     a @ b
     start = time.perf_counter()
@@ -14,3 +38,69 @@ def test_peak_gemm_rate_is_the_best_of_its_products():
     rate = peak_gemm_rate('cpu', size=256, repeats=20)
     assert 1e8 < rate < 1e15  # FLOP/s, not seconds
     assert rate > 0.5 * one_product
+
+
+class _FakeCuda:
+    """Records what the helpers ask of torch.cuda, and with which device."""
+
+    def __init__(self, monkeypatch, clock):
+        self.calls, self.clock = [], list(clock)
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing
+                self.stamp = None
+
+            def record(self, stream=None):
+                fake.calls.append(('record', stream))
+                self.stamp = fake.clock.pop(0)
+
+            def elapsed_time(self, end):  # milliseconds, as CUDA events give them
+                assert fake.calls[-1][0] == 'synchronize', 'events read before a sync'
+                return (end.stamp - self.stamp) * 1e3
+
+        def recorder(name, result=None):
+            def call(device=None):
+                fake.calls.append((name, device))
+                return result
+            return call
+
+        monkeypatch.setattr(torch.cuda, 'Event', Event)
+        monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: ('stream', device))
+        monkeypatch.setattr(torch.cuda, 'synchronize', recorder('synchronize'))
+        monkeypatch.setattr(torch.cuda, 'reset_peak_memory_stats', recorder('reset'))
+        monkeypatch.setattr(torch.cuda, 'max_memory_allocated', recorder('peak', 123))
+
+
+def test_cuda_helpers_act_on_the_device_asked_for(monkeypatch):
+    cuda = _FakeCuda(monkeypatch, [])
+    second = torch.device('cuda:1')
+    synchronize('cuda:1')
+    reset_peak_memory('cuda:1')
+    assert peak_memory_bytes('cuda:1') == 123
+    assert cuda.calls == [('synchronize', second), ('reset', second), ('peak', second)]
+    synchronize('cpu')
+    reset_peak_memory('cpu')
+    assert len(cuda.calls) == 3  # no CUDA call for the CPU
+
+
+def test_region_timer_times_cuda_kernels_with_events_on_the_device(monkeypatch):
+    # event stamps in seconds: region a lasts 2 s, region b 0.5 s
+    cuda = _FakeCuda(monkeypatch, [10.0, 12.0, 20.0, 20.5])
+    timer = RegionTimer('cuda:1')
+    for key in ('a', 'b'):
+        timer.start(key)
+        timer.stop(key)
+    assert timer.seconds() == pytest.approx(2.5)
+    second = torch.device('cuda:1')
+    assert cuda.calls == [('record', ('stream', second))] * 4 + [('synchronize', second)]
+
+
+def test_region_timer_uses_the_host_clock_on_cpu(monkeypatch):
+    _fake_clock(monkeypatch, [3.0, 0.5])
+    timer = RegionTimer('cpu')
+    for key in ('a', 'b'):
+        timer.start(key)
+        timer.stop(key)
+    assert timer.seconds() == pytest.approx(3.5)

@@ -1,6 +1,8 @@
-"""Forward+backward time of one memory branch: fast path vs autograd reference.
+"""Forward+backward time of one memory branch: our closed-form path vs the
+autograd reference and titans-pytorch's NeuralMemory.
 
     python tools/analysis_tools/benchmark_memory.py [--device cpu] [--update parallel]
+        [--compile] [--repeats 7]
 
 Default size: ConvNeur-M3 stage 1 at 224x224 (batch 8, 56x56 tokens, C_m 128,
 chunk 196). The reference is the plain per-chunk loop with
@@ -16,14 +18,27 @@ same matrix products at the same rate needs at least that time, so
 ``reference time / fast path's GEMM time`` is the largest speed-up available
 without changing the maths or the GEMM kernels; at the device's best GEMM rate
 (one large product timed in the same run) the bound holds for any kernels.
+
+titans-pytorch (the implementation a user would otherwise reach for) is an
+optional benchmark dependency, not installed by ``tools/setup_env.sh``:
+``pip install --no-deps -r requirements/optional/titans.txt`` (its
+dependencies pinned there, none of which changes torch). When it is installed
+its ``NeuralMemory`` is timed in the same run with the same shapes and the
+same features: one head, momentum, attention-pooled chunks, per-parameter
+learning-rate modulation, a 2-layer MLP memory with 4x expansion, RMS-normed
+queries and keys. Its model is ours (x + LN(gelu(x W1) W2)(1 + g)); it takes
+the inner gradients with ``torch.func`` (vmap of grad) and scans with
+``assoc_scan``. Without it the column is skipped with a message. ``--compile``
+adds our path under ``torch.compile``.
 """
 import argparse
 import os.path as osp
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,7 +59,29 @@ def parse_args():
     parser.add_argument('--update', choices=['parallel', 'sequential'], default='parallel')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--compile', action='store_true',
+                        help='also time our path under torch.compile')
     return parser.parse_args()
+
+
+def titans_memory(dim: int, chunk: int) -> Tuple[Optional[nn.Module], str]:
+    """titans-pytorch's NeuralMemory with our features and its name, or None and why."""
+    try:
+        import titans_pytorch
+        from titans_pytorch import NeuralMemory as TitansMemory
+    except ImportError as error:
+        return None, (f'titans-pytorch is not installed ({error}); install it with '
+                      '`pip install --no-deps -r requirements/optional/titans.txt`')
+    version = getattr(titans_pytorch, '__version__', None) or _dist_version('titans-pytorch')
+    module = TitansMemory(dim, chunk_size=chunk, heads=1, momentum=True, attn_pool_chunks=True,
+                          per_parameter_lr_modulation=True, qk_rmsnorm=True,
+                          default_model_kwargs=dict(depth=2, expansion_factor=4.0))
+    return module, f'titans-pytorch {version}'
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+    return version(name)
 
 
 GEMM_OPS = ('aten::mm', 'aten::bmm', 'aten::addmm', 'aten::baddbmm', 'aten::addbmm')
@@ -69,28 +106,40 @@ def gemm_seconds(step: Callable[[], None], device: str) -> float:
     return sum(getattr(e, attr) for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
 
 
-def _step(memory: NeuralMemory, fn: Callable, x: torch.Tensor, device: str) -> None:
+def _step(memory: nn.Module, fn: Callable, x: torch.Tensor, device: str) -> None:
+    """One forward + backward of ``fn(memory, x)``."""
     memory.zero_grad(set_to_none=True)
+    x.grad = None
     fn(memory, x).square().mean().backward()
     synchronize(device)
 
 
-def time_paths(paths: Dict[str, Callable], memory: NeuralMemory, x: torch.Tensor,
-               repeats: int, device: str) -> Dict[str, float]:
-    """Median seconds of forward + backward per path.
+def _inference(memory: nn.Module, fn: Callable, x: torch.Tensor, device: str) -> None:
+    with torch.no_grad():
+        fn(memory, x)
+    synchronize(device)
+
+
+def time_paths(paths: Dict[str, Tuple[nn.Module, Callable]], x: torch.Tensor,
+               repeats: int, device: str, step: Callable = _step) -> Dict[str, float]:
+    """Median seconds of ``step`` (forward + backward by default) per path.
 
     The paths take turns, so that a drift in the machine's load (a shared
-    VM's neighbours) slows both alike instead of skewing their ratio.
+    VM's neighbours) slows all alike instead of skewing their ratios.
     """
     times = {name: [] for name in paths}
-    for name, fn in paths.items():
-        _step(memory, fn, x, device)  # warm-up
+    for name, (module, fn) in paths.items():
+        step(module, fn, x, device)  # warm-up (and compilation)
     for _ in range(repeats):
-        for name, fn in paths.items():
+        for name, (module, fn) in paths.items():
             start = time.perf_counter()
-            _step(memory, fn, x, device)
+            step(module, fn, x, device)
             times[name].append(time.perf_counter() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def main():
@@ -99,29 +148,50 @@ def main():
     torch.manual_seed(0)
     memory = NeuralMemory(args.dim, chunk_size=args.chunk, update=args.update).to(args.device)
     x = torch.randn(args.batch, args.tokens, args.dim, device=args.device, requires_grad=True)
-    paths = {'fast': lambda m, t: m(t), 'reference': reference_memory}
-    median = time_paths(paths, memory, x, args.repeats, args.device)
-    fast, slow = median['fast'], median['reference']
-    flops = {name: gemm_flops(lambda: _step(memory, fn, x, args.device))
-             for name, fn in paths.items()}
-    fast_gemm = min(gemm_seconds(lambda: _step(memory, paths['fast'], x, args.device),
-                                 args.device) for _ in range(3))
+    paths = {'ours (closed form, scan)': (memory, lambda m, t: m(t)),
+             'autograd reference': (memory, reference_memory)}
+    if args.compile:
+        compiled = torch.compile(memory)
+        paths['ours, torch.compile'] = (memory, lambda m, t: compiled(t))
+    titans, titans_name = titans_memory(args.dim, args.chunk)
+    if titans is None:
+        print(f'skipped the titans-pytorch column: {titans_name}', file=sys.stderr)
+    else:
+        titans = titans.to(args.device)
+        paths[titans_name] = (titans, lambda m, t: m(t)[0])
+    train = time_paths(paths, x, args.repeats, args.device)
+    infer = time_paths(paths, x, args.repeats, args.device, step=_inference)
+    ours, ref = paths['ours (closed form, scan)'], paths['autograd reference']
+    flops = {'ours': gemm_flops(lambda: _step(*ours, x, args.device)),
+             'reference': gemm_flops(lambda: _step(*ref, x, args.device))}
+    fast_gemm = min(gemm_seconds(lambda: _step(*ours, x, args.device), args.device)
+                    for _ in range(3))
     best_rate = peak_gemm_rate(args.device)
-    print(f'memory branch fwd+bwd, batch {args.batch}, {args.tokens} tokens, '
-          f'C_m {args.dim}, chunk {args.chunk}, {args.update} update, on {device}')
-    print(f'median of {args.repeats} interleaved runs per path')
-    print('| path | time (ms) | GEMM GFLOP (fwd+bwd) |\n|---|---|---|')
-    print(f'| fast (closed-form, scan) | {fast * 1e3:.1f} | {flops["fast"] / 1e9:.1f} |')
-    print(f'| autograd reference | {slow * 1e3:.1f} | {flops["reference"] / 1e9:.1f} |')
-    print(f'speed-up: {slow / fast:.2f}x')
-    print(f'fast path in matrix products: {fast_gemm * 1e3:.1f} ms '
+    fast, slow = train['ours (closed form, scan)'], train['autograd reference']
+    print(f'memory branch, batch {args.batch}, {args.tokens} tokens, C_m {args.dim}, chunk '
+          f'{args.chunk}, {args.update} update, on {device}')
+    print(f'median of {args.repeats} interleaved runs per path; ratios: path time / ours')
+    print('| path | params | fwd+bwd (ms) | ours faster by | inference (ms) | ours faster by |')
+    print('|---|---|---|---|---|---|')
+    for name, (module, _) in paths.items():
+        print(f'| {name} | {_params(module) / 1e3:.0f}k | {train[name] * 1e3:.1f} | '
+              f'{train[name] / fast:.2f}x | {infer[name] * 1e3:.1f} | '
+              f'{infer[name] / infer["ours (closed form, scan)"]:.2f}x |')
+    print(f'\nGEMM GFLOP per fwd+bwd: ours {flops["ours"] / 1e9:.1f}, reference '
+          f'{flops["reference"] / 1e9:.1f}')
+    print(f'speed-up over the reference: {slow / fast:.2f}x')
+    print(f'ours in matrix products: {fast_gemm * 1e3:.1f} ms '
           f'({fast_gemm / fast:.0%} of its time, profiled, best of 3)')
-    print(f'speed-up bound at these GEMMs and this GEMM rate (reference time / fast '
-          f'path GEMM time): {slow / fast_gemm:.2f}x')
-    floor = flops['fast'] / best_rate
+    print(f'speed-up bound at these GEMMs and this GEMM rate (reference time / our '
+          f'GEMM time): {slow / fast_gemm:.2f}x')
+    floor = flops['ours'] / best_rate
     print(f'at the device\'s best GEMM rate ({best_rate / 1e9:.0f} GFLOP/s, a 2048^3 '
           f'product) these GEMMs take at least {floor * 1e3:.1f} ms: bound '
-          f'{slow / floor:.2f}x')
+          f'{slow / floor:.2f}x over the reference')
+    if titans is not None:
+        print(f'vs {titans_name}: ours {train[titans_name] / fast:.2f}x faster forward+backward '
+              f'(target >= 2x), {infer[titans_name] / infer["ours (closed form, scan)"]:.2f}x '
+              'inference')
 
 
 if __name__ == '__main__':

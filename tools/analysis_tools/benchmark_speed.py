@@ -1,7 +1,8 @@
 """Throughput, latency, FLOPs, params and peak memory of ConvNeur and peers.
 
     python tools/analysis_tools/benchmark_speed.py [--device cpu|cuda] [--batch B]
-        [--models NAME ...] [--rounds N] [--out results.json]
+        [--models NAME ...] [--modes eager compiled bf16] [--rounds N]
+        [--out results.json]
 
 All models are ImageNet classifiers at 224x224 in eval mode, built in this
 process tree from MMPretrain (ResNet-50, ConvNeXt, Swin-T), MMDetection
@@ -12,8 +13,17 @@ batch 128 on a GPU (``--batch`` on CPU, default 16) and latency at batch 1.
 
 It also times one large matrix product (the device's best GEMM rate, in the
 same run) and prints the throughput ConvNeur-M3 cannot exceed on this device:
-its local network's measured time (the local-only ablation) plus its global
-branches' matrix-product FLOPs at that best rate.
+its local network's measured time (the local-only ablation, in the same mode)
+plus its global branches' matrix-product FLOPs at that best rate, and M3's
+measured throughput as a fraction of that bound.
+
+Modes (``--modes``, each model and mode in its own process): ``eager``
+float32; ``compiled``, the model's backbone, neck and head through
+``torch.compile`` (``convneur_mm.engine.compile``, static shapes: each batch
+size compiles once, in the warm-up call, whose time is reported); ``bf16``,
+eager under bfloat16 autocast (the memory's inner loop stays float32), with
+the relative error of its logits against float32 on the same batch. The
+bound is a float32 bound; bf16 is reported as a speed-up of its own.
 """
 import argparse
 import json
@@ -29,8 +39,11 @@ from torch import nn
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
-                                         synchronize)
+from convneur_mm.utils.bench_env import (RegionTimer, is_cuda, peak_gemm_rate,  # noqa: E402
+                                         peak_memory_bytes, reset_peak_memory,
+                                         setup_benchmark_device, synchronize)
+
+MODES = ('eager', 'compiled', 'bf16')
 
 # name -> (config, cfg_options); 'mmdet-pvtv2-b1' is built by hand below
 MODELS = {
@@ -58,8 +71,10 @@ def parse_args():
                         help='measure every model this many times, in turns, and '
                         'keep each one\'s best round (load on a shared machine only slows)')
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--modes', nargs='+', default=['eager'], choices=MODES)
     parser.add_argument('--out', help='also write the results as JSON here')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: measure one model
+    parser.add_argument('--mode', default='eager', choices=MODES, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -93,74 +108,105 @@ def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
     return (lambda x: model(x, mode='tensor')), model
 
 
-def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> List[float]:
+def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> Tuple[List[float], float]:
+    """Sorted seconds of ``iters`` calls, and the seconds of the warm-up call
+    before them (for a compiled model: its compilation)."""
+    start = time.perf_counter()
     fn(x)
     synchronize(device)
+    warm_up = time.perf_counter() - start
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn(x)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)
+    return sorted(times), warm_up
 
 
-def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor) -> float:
-    """Wall time spent inside ConvNeur's global branches during one forward."""
+def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor,
+                           device: str) -> float:
+    """Device time spent inside ConvNeur's global branches during one forward
+    (on CUDA timed by events around each branch, not by the host clock)."""
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    spent, starts, handles = [0.0], {}, []
+    timer, handles = RegionTimer(device), []
     for m in model.modules():
         if isinstance(m, GlobalBranch):
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, inp: starts.__setitem__(id(mod), time.perf_counter())))
-            handles.append(m.register_forward_hook(
-                lambda mod, inp, out: spent.__setitem__(
-                    0, spent[0] + time.perf_counter() - starts[id(mod)])))
-    fn(x)
-    for h in handles:
-        h.remove()
-    return spent[0]
+            handles.append(m.register_forward_pre_hook(lambda mod, inp: timer.start(id(mod))))
+            handles.append(m.register_forward_hook(lambda mod, inp, out: timer.stop(id(mod))))
+    try:
+        fn(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return timer.seconds()
+
+
+def _in_mode(fn: Callable, mode: str, device: str) -> Callable:
+    if mode != 'bf16':
+        return fn
+    device_type = torch.device(device).type
+
+    def autocast_fn(x):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return fn(x)
+    return autocast_fn
+
+
+def _relative_error(fn: Callable, reference: Callable, x: torch.Tensor) -> float:
+    got, want = fn(x).float(), reference(x).float()
+    return ((got - want).norm() / want.norm()).item()
 
 
 @torch.inference_mode()
-def measure(name: str, device: str, batch: int, iters: int) -> Dict:
-    """Run in a fresh process: every number about one model."""
+def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager') -> Dict:
+    """Run in a fresh process: every number about one model in one mode."""
     import convneur_mm  # noqa: F401
     from convneur_mm.models.layers.global_branch import GlobalBranch
     from convneur_mm.utils.complexity import count_macs, count_params
     torch.manual_seed(0)
-    fn, model = build_classifier(name)
+    eager_fn, model = build_classifier(name)
     model = model.to(device)
     model.eval()  # some toolbox models' train() returns None
     one = torch.randn(1, 3, 224, 224, device=device)
-    macs = count_macs(model, lambda: fn(one))
+    macs = count_macs(model, lambda: eager_fn(one))
     branch_macs = 0
     branches = [m for m in model.modules() if isinstance(m, GlobalBranch)]
     if branches:  # the branches' own full MACs, counted on their real inputs
         inputs = []
         hooks = [b.register_forward_hook(lambda m, i, o: inputs.append((m, i[0])))
                  for b in branches]
-        fn(one)
+        eager_fn(one)
         for h in hooks:
             h.remove()
         branch_macs = sum(count_macs(m, lambda m=m, t=t: m(t))['full'] for m, t in inputs)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.startswith('cuda'):
-        torch.cuda.reset_peak_memory_stats()
     x = torch.randn(batch, 3, 224, 224, device=device)
-    through = _timed(fn, x, iters, device)
-    latency = _timed(fn, one, max(iters, 5), device)
-    branch_seconds = _global_branch_seconds(model, fn, x) if branches else 0.0
-    if device.startswith('cuda'):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    extra = {}
+    if mode == 'bf16':
+        extra['relative_error'] = _relative_error(_in_mode(eager_fn, mode, device), eager_fn, x)
+    if mode == 'compiled':
+        from convneur_mm.engine.compile import compile_model
+        compile_model(model, dynamic=False)  # in place: eager_fn now runs compiled
+    fn = _in_mode(eager_fn, mode, device)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_memory(device)
+    through, warm_up = _timed(fn, x, iters, device)
+    latency, _ = _timed(fn, one, max(iters, 5), device)
+    if is_cuda(device):
+        peak_mb = peak_memory_bytes(device) / 2**20
     else:  # ru_maxrss is in KiB on Linux; the growth over the model's idle state
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
     median = through[len(through) // 2]
-    return dict(name=name, params=count_params(model), paper_macs=macs['paper'],
+    # hooks would make a compiled model recompile with them: eager modes only
+    branch_seconds = (_global_branch_seconds(model, fn, x, device)
+                      if branches and mode != 'compiled' else None)
+    return dict(name=name, mode=mode, params=count_params(model), paper_macs=macs['paper'],
                 full_macs=macs['full'], throughput=batch / median,
                 latency_ms=latency[len(latency) // 2] * 1e3, peak_mb=peak_mb,
-                branch_time_share=branch_seconds / median if branches else None,
-                branch_mac_share=branch_macs / macs['full'] if branches else None)
+                warm_up_s=warm_up,
+                branch_time_share=(branch_seconds / median if branch_seconds is not None
+                                   else None),
+                branch_mac_share=branch_macs / macs['full'] if branches else None, **extra)
 
 
 def m3_throughput_bound(local_throughput: float, branch_macs: float, gemm_rate: float) -> float:
@@ -175,17 +221,19 @@ def throughput_batch(args) -> int:
 
 
 def run_all(args) -> List[Dict]:
+    """Every (model, mode) in its own process, ``--rounds`` times in turns."""
     batch = throughput_batch(args)
-    rounds: Dict[str, List[Dict]] = {name: [] for name in args.models}
+    runs = [(name, mode) for mode in args.modes for name in args.models]
+    rounds: Dict[Tuple[str, str], List[Dict]] = {run: [] for run in runs}
     for _ in range(args.rounds):
-        for name in args.models:
-            cmd = [sys.executable, __file__, '--worker', name, '--device', args.device,
-                   '--batch', str(batch), '--iters', str(args.iters)]
+        for name, mode in runs:
+            cmd = [sys.executable, __file__, '--worker', name, '--mode', mode,
+                   '--device', args.device, '--batch', str(batch), '--iters', str(args.iters)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
-                raise RuntimeError(f'{name} failed:\n{out.stderr[-3000:]}')
-            rounds[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f'measured {name}', file=sys.stderr)
+                raise RuntimeError(f'{name} ({mode}) failed:\n{out.stderr[-3000:]}')
+            rounds[(name, mode)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f'measured {name} ({mode})', file=sys.stderr)
     return [best_round(results) for results in rounds.values()]
 
 
@@ -201,12 +249,28 @@ def best_round(results: List[Dict]) -> Dict:
 def report(results: List[Dict], device: str, batch: int,
            gemm_rate: Optional[float] = None) -> str:
     """``device``: its description from ``setup_benchmark_device``;
-    ``gemm_rate``: the device's best GEMM FLOP/s (``peak_gemm_rate``)."""
-    by_name = {r['name']: r for r in results}
-    ref = by_name.get('ResNet-50')
+    ``gemm_rate``: the device's best GEMM FLOP/s (``peak_gemm_rate``).
+    One table per mode, then a comparison of the modes."""
+    modes = [m for m in MODES if any(r.get('mode', 'eager') == m for r in results)]
     rounds = max(r.get('rounds', 1) for r in results)
     lines = [f'Device: {device}; throughput at batch {batch}, latency at '
-             f'batch 1, 224x224, eval mode, float32; best of {rounds} round(s).', '',
+             f'batch 1, 224x224, eval mode; best of {rounds} round(s).']
+    for mode in modes:
+        lines += [''] + _mode_report([r for r in results if r.get('mode', 'eager') == mode],
+                                     mode, gemm_rate)
+    if len(modes) > 1:
+        lines += [''] + _mode_comparison(results, modes)
+    return '\n'.join(lines)
+
+
+MODE_TITLES = {'eager': 'eager, float32', 'compiled': 'torch.compile, float32',
+               'bf16': 'eager, bfloat16 autocast (memory inner loop float32)'}
+
+
+def _mode_report(results: List[Dict], mode: str, gemm_rate: Optional[float]) -> List[str]:
+    by_name = {r['name']: r for r in results}
+    ref = by_name.get('ResNet-50')
+    lines = [f'**{MODE_TITLES[mode]}**', '',
              '| model | params (M) | paper GMACs | full GMACs | throughput (img/s) | '
              'vs ResNet-50 | latency (ms) | peak mem (MB) | global-branch time / MAC share |',
              '|---|---|---|---|---|---|---|---|---|']
@@ -219,36 +283,67 @@ def report(results: List[Dict], device: str, batch: int,
             f'{r["full_macs"] / 1e9:.2f} | {r["throughput"]:.1f} | {ratio} | '
             f'{r["latency_ms"]:.1f} | {r["peak_mb"]:.0f} | {share} |')
     m3, local = by_name.get('ConvNeur-M3'), by_name.get('ConvNeur-M3 local-only')
+    lines.append('')
     if m3 and local:
         wall = local['throughput'] / m3['throughput'] - 1
         paper = m3['paper_macs'] / local['paper_macs'] - 1
         full = m3['full_macs'] / local['full_macs'] - 1
-        lines += ['', f'ConvNeur-M3 over its local-only ablation: wall-time overhead '
-                  f'{100 * wall:.0f}%, paper-FLOPs overhead {100 * paper:.0f}% '
-                  f'(ratio {wall / paper:.2f}; target <= 1.5), full-MAC overhead '
-                  f'{100 * full:.0f}%.']
+        lines.append(f'ConvNeur-M3 over its local-only ablation: wall-time overhead '
+                     f'{100 * wall:.0f}%, paper-FLOPs overhead {100 * paper:.0f}% '
+                     f'(ratio {wall / paper:.2f}; target <= 1.5), full-MAC overhead '
+                     f'{100 * full:.0f}%.')
     if m3 and ref:
         lines.append(f'ConvNeur-M3 throughput / ResNet-50: '
                      f'{m3["throughput"] / ref["throughput"]:.2f}x (target >= 1.5x).')
-    if m3 and local and gemm_rate:
+    if m3 and local and gemm_rate and mode != 'bf16':
         branch_macs = m3['branch_mac_share'] * m3['full_macs']
         bound = m3_throughput_bound(local['throughput'], branch_macs, gemm_rate)
         lines.append(
             f'Bound: at this device\'s best GEMM rate ({gemm_rate / 1e9:.0f} GFLOP/s, a '
-            f'2048^3 product timed in this run) the global branches\' '
+            f'2048^3 float32 product timed in this run) the global branches\' '
             f'{branch_macs / 1e9:.2f} GMACs per image add at least '
             f'{2e3 * branch_macs / gemm_rate:.1f} ms to the local network\'s '
-            f'{1e3 / local["throughput"]:.1f} ms: ConvNeur-M3 <= {bound:.1f} img/s'
+            f'{1e3 / local["throughput"]:.1f} ms ({mode}): ConvNeur-M3 <= {bound:.1f} img/s'
             + (f' = {bound / ref["throughput"]:.2f}x ResNet-50' if ref else '') +
             f', wall-time overhead >= {100 * (local["throughput"] / bound - 1):.0f}%.')
-    return '\n'.join(lines)
+        lines.append(f'ConvNeur-M3 measured / bound ({mode}): {m3["throughput"]:.1f} / '
+                     f'{bound:.1f} = {m3["throughput"] / bound:.2f} (target >= 0.9).')
+    return lines
+
+
+def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
+    """Throughput per mode, speed-ups over eager, bf16's error, compile time."""
+    table: Dict[str, Dict[str, Dict]] = {}
+    for r in results:
+        table.setdefault(r['name'], {})[r.get('mode', 'eager')] = r
+    head = ['model'] + [f'{m} (img/s)' for m in modes]
+    head += [f'{m} / eager' for m in modes if m != 'eager'] if 'eager' in modes else []
+    head += ['bf16 logits rel. error'] if 'bf16' in modes else []
+    head += ['compile time (s, throughput batch)'] if 'compiled' in modes else []
+    lines = ['**modes compared** (throughput at the batch above; ratios from this run)', '',
+             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for name, per_mode in table.items():
+        cells = [name] + [f'{per_mode[m]["throughput"]:.1f}' if m in per_mode else '-'
+                          for m in modes]
+        if 'eager' in modes:
+            eager = per_mode.get('eager')
+            cells += [f'{per_mode[m]["throughput"] / eager["throughput"]:.2f}x'
+                      if eager and m in per_mode else '-' for m in modes if m != 'eager']
+        if 'bf16' in modes:
+            cells.append(f'{100 * per_mode["bf16"]["relative_error"]:.2f}%'
+                         if 'bf16' in per_mode else '-')
+        if 'compiled' in modes:
+            cells.append(f'{per_mode["compiled"]["warm_up_s"]:.0f}'
+                         if 'compiled' in per_mode else '-')
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines
 
 
 def main():
     args = parse_args()
     device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.worker:
-        print(json.dumps(measure(args.worker, args.device, args.batch, args.iters)))
+        print(json.dumps(measure(args.worker, args.device, args.batch, args.iters, args.mode)))
         return
     results = run_all(args)
     gemm_rate = peak_gemm_rate(args.device)

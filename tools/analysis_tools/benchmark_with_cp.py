@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models import ConvNeur  # noqa: E402
-from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
+from convneur_mm.utils.bench_env import (is_cuda, memory_allocated_bytes,  # noqa: E402
+                                         peak_memory_bytes, reset_peak_memory,
+                                         setup_benchmark_device, synchronize)
 from convneur_mm.utils.profiling import SavedTensorMeter  # noqa: E402
 from convneur_mm.utils.toolbox import quiet_init  # noqa: E402
 
@@ -75,14 +77,14 @@ def measure_memory(model: ConvNeur, x: torch.Tensor) -> dict:
     saved, largest = meter.total_bytes, max(meter.by_scope.values(), default=0)
     loss.backward()
     result = dict(saved=saved, largest_block=largest)
-    if x.is_cuda:
+    if is_cuda(x.device):
         model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        synchronize(x.device)
+        reset_peak_memory(x.device)
+        base = memory_allocated_bytes(x.device)
         loss_of(model(x)).backward()
-        torch.cuda.synchronize()
-        result['cuda_peak'] = torch.cuda.max_memory_allocated() - base
+        synchronize(x.device)
+        result['cuda_peak'] = peak_memory_bytes(x.device) - base
     return result
 
 
@@ -90,7 +92,7 @@ def measure_time(model: ConvNeur, x: torch.Tensor, repeats: int) -> float:
     def step():
         model.zero_grad(set_to_none=True)
         loss_of(model(x)).backward()
-        synchronize(x.device.type)
+        synchronize(x.device)
     step()  # warm-up
     times = []
     for _ in range(repeats):

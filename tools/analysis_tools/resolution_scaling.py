@@ -28,7 +28,9 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
+from convneur_mm.utils.bench_env import (is_cuda, peak_memory_bytes,  # noqa: E402
+                                         reset_peak_memory, setup_benchmark_device,
+                                         synchronize)
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -73,8 +75,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
     model.eval()  # some toolbox backbones' train() returns None
     x = torch.randn(1, 3, *size, device=device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device.startswith('cuda'):
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     times = []
     for i in range(iters + 1):  # the first run warms up
         start = time.perf_counter()
@@ -82,7 +83,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
         synchronize(device)
         if i:
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith('cuda') else
+    peak = (peak_memory_bytes(device) / 2**20 if is_cuda(device) else
             (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     return dict(name=name, size=list(size), seconds=min(times), peak_mb=peak)
 

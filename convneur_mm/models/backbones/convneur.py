@@ -34,10 +34,15 @@ MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block')
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Zero-pad bottom/right so that a stride-``multiple`` conv sees every pixel."""
+    """Zero-pad bottom/right so that a stride-``multiple`` conv sees every pixel.
+
+    Always pads (maybe by zero) under torch.export, so that an exported graph
+    serves every input size instead of the divisibility of the traced one."""
     pad_h = -x.shape[-2] % multiple
     pad_w = -x.shape[-1] % multiple
-    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    if torch.compiler.is_exporting() or pad_h or pad_w:
+        return F.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 class Downsample(nn.Sequential):

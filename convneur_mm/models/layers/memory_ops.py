@@ -10,7 +10,7 @@ with plain differentiable tensor ops, batched over any leading dimensions
 (batch, heads, chunks), so the outer training differentiates through the inner
 update without ``torch.autograd.grad`` in the forward pass.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ def memory_grads(weights: MemoryWeights, keys: Tensor, values: Tensor,
 
 def momentum_decay_states(grads: Tensor, lr_mod: Tensor, log_keep: Tensor,
                           log_momentum: Tensor, initial: Tensor,
-                          block_size: int = 64) -> Tensor:
+                          block_size: Optional[int] = 64) -> Tensor:
     """All memory states of the momentum/decay recursion, as matrix products.
 
     ``S_t = eta_t S_{t-1} - rho_t G_t`` (S_0 = 0) and
@@ -102,7 +102,9 @@ def momentum_decay_states(grads: Tensor, lr_mod: Tensor, log_keep: Tensor,
     from cumulative log-coefficients (every exponent is <= 0, so nothing
     overflows). One batched matrix product per block of ``block_size`` steps
     then yields all states; blocks are chained through (W, S) carries, so the
-    cost stays linear in U.
+    cost stays linear in U. ``block_size=None`` solves all U steps as one
+    block (quadratic in U, but no Python loop over U: one graph for every U
+    under torch.export).
 
     Args:
         grads: (N, U, P) flattened gradients G_1..G_U.
@@ -115,31 +117,47 @@ def momentum_decay_states(grads: Tensor, lr_mod: Tensor, log_keep: Tensor,
         (N, U + 1, P): W_0, W_1, ..., W_U.
     """
     num_steps = grads.shape[1]
+    if block_size is None or num_steps <= block_size:
+        return _block_states(grads, lr_mod, log_keep, log_momentum, initial)[0]
     blocks = []
     weights, momentum = initial, None
     for start in range(0, num_steps, block_size):
-        stop = min(start + block_size, num_steps)
-        keep_mix = _decay_matrix(log_keep[:, start:stop])  # [t, r]
-        momentum_mix = _decay_matrix(log_momentum[:, start:stop])  # [r, s]
-        scale = -lr_mod[:, None, start:stop]  # surprise = -rho_s G_s
-        coef = keep_mix.bmm(momentum_mix) * scale
-        carry = keep_mix[..., 0:1] * log_keep[:, start:start + 1, None].exp()  # a_t
-        if start == 0:  # a first row that is W_0 itself
-            coef = F.pad(coef, (0, 0, 1, 0))
-            carry = F.pad(carry, (0, 0, 1, 0), value=1.0)
-        states = coef.bmm(grads[:, start:stop]).addcmul_(carry, weights[:, None])
-        if momentum is not None:  # S_prev decays through eta, then through keep
-            from_momentum = keep_mix.bmm(log_momentum[:, start:stop].cumsum(-1).exp()[..., None])
-            states.addcmul_(from_momentum, momentum[:, None])
+        steps = slice(start, min(start + block_size, num_steps))
+        states, momentum = _block_states(
+            grads[:, steps], lr_mod[:, steps], log_keep[:, steps], log_momentum[:, steps],
+            weights, momentum, last=steps.stop == num_steps)
         blocks.append(states)
-        if stop < num_steps:
-            last = momentum_mix[:, -1:] * scale  # S at the block's end
-            new_momentum = last.bmm(grads[:, start:stop])[:, 0]
-            if momentum is not None:
-                new_momentum = new_momentum + momentum * log_momentum[
-                    :, start:stop].sum(-1, keepdim=True).exp()
-            weights, momentum = states[:, -1], new_momentum
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        weights = states[:, -1]
+    return torch.cat(blocks, dim=1)
+
+
+def _block_states(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
+                  weights: Tensor, momentum: Optional[Tensor] = None,
+                  last: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """One block of ``momentum_decay_states`` from the carries (W, S).
+
+    ``momentum=None`` is the first block (S = 0): its states then start with
+    a row that is W itself, from the same matrix product. Returns the states
+    and, unless ``last``, the momentum S at the block's end.
+    """
+    keep_mix = _decay_matrix(log_keep)  # [t, r]
+    momentum_mix = _decay_matrix(log_momentum)  # [r, s]
+    scale = -lr_mod[:, None]  # surprise = -rho_s G_s
+    coef = keep_mix.bmm(momentum_mix) * scale
+    carry = keep_mix[..., 0, None] * log_keep[:, 0, None, None].exp()  # a_t
+    if momentum is None:
+        coef = F.pad(coef, (0, 0, 1, 0))
+        carry = F.pad(carry, (0, 0, 1, 0), value=1.0)
+    states = coef.bmm(grads).addcmul_(carry, weights[:, None])
+    if momentum is not None:  # S_prev decays through eta, then through keep
+        from_momentum = keep_mix.bmm(log_momentum.cumsum(-1).exp()[..., None])
+        states.addcmul_(from_momentum, momentum[:, None])
+    if last:
+        return states, None
+    end_momentum = (momentum_mix[:, -1, None] * scale).bmm(grads)[:, 0]
+    if momentum is not None:
+        end_momentum = end_momentum + momentum * log_momentum.sum(-1, keepdim=True).exp()
+    return states, end_momentum
 
 
 def _decay_matrix(log_decay: Tensor) -> Tensor:

@@ -12,8 +12,7 @@ equations 3-4). Gradients are closed-form and the recursion is a scan, so the
 module is one differentiable graph for the outer training. The inner loop runs
 in float32 (or float64) even under autocast.
 """
-import math
-from typing import List, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +128,12 @@ class NeuralMemory(nn.Module):
         return [p for m in modules for p in m.parameters()] + [self.key_gamma]
 
     def num_updates(self, num_tokens: int) -> int:
-        """Chunk updates whose result is read: ceil(N / L) - 1."""
-        return max(math.ceil(num_tokens / self.chunk_size) - 1, 0)
+        """Chunk updates whose result is read: ceil(N / L) - 1 (N >= 1).
+
+        A floor division rather than ``max(ceil(N / L) - 1, 0)``: under
+        symbolic shapes (torch.compile, torch.export) it lets the compiler
+        prove that the U * L written tokens fit in N, without a guard."""
+        return (num_tokens - 1) // self.chunk_size
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (H, B, N, d / H): heads lead, as memory weights do."""
@@ -144,20 +147,45 @@ class NeuralMemory(nn.Module):
             out = self._forward(x.to(dtype))
         return out.to(x.dtype)
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, shape_generic: Optional[bool] = None) -> Tensor:
+        """``shape_generic`` (default: while ``torch.export`` traces, as the
+        ONNX exporter does) builds one graph for every token count: all
+        chunks write (the last state is never read) and the scan is one block,
+        so no Python branch or loop depends on the number of chunks. The
+        maths are the same; the eager path skips the unread last write."""
+        if shape_generic is None:
+            shape_generic = torch.compiler.is_exporting()
         b, n, _ = x.shape
         h, hd = self.heads, self.head_dim
         queries = self._split_heads(self.to_queries(self.retrieve_norm(x)))
         queries = self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None])
+        if shape_generic:
+            num_chunks = (n + self.chunk_size - 1) // self.chunk_size
+            padded = F.pad(x, (0, 0, 0, num_chunks * self.chunk_size - n))
+            states = self._write(padded, num_chunks, scan_block=None)
+            states = states.map(lambda t: _packed(t[:, :, :num_chunks]))  # W_C is unread
+            out = self._read(queries, states, always_pad=True)
+            return self._merge_heads(out, n)
         num_updates = self.num_updates(n)
         if num_updates == 0:  # one chunk: every token reads W_0
             out = memory_forward(self.initial_state, queries.reshape(h, b * n, hd))
             if torch.is_grad_enabled():
                 out = out + self._zero_tie()
+            out = out.reshape(h, b, n, hd)
         else:
-            states = self._write(x[:, :num_updates * self.chunk_size], num_updates)
+            states = self._write(x[:, :num_updates * self.chunk_size], num_updates,
+                                 self.scan_block)
             out = self._read(queries, states)
-        return out.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, self.dim)
+        return self._merge_heads(out, n)
+
+    def _merge_heads(self, out: Tensor, n: int) -> Tensor:
+        """(H, B, P, d / H) read-outs of P >= N (padded) tokens -> (B, N, d).
+
+        The padding is cut last, from the merged tensor: cutting it first
+        would make the merge a copy or a view depending on whether P == N,
+        which symbolic shapes would have to guard on."""
+        h, b, padded, hd = out.shape
+        return out.permute(1, 2, 0, 3).reshape(b, padded, self.dim)[:, :n]
 
     def _zero_tie(self) -> Tensor:
         """A zero that depends on the write-path parameters.
@@ -170,8 +198,10 @@ class NeuralMemory(nn.Module):
         return sum(p.sum() for p in self.update_parameters()
                    if p.requires_grad) * 0.0
 
-    def _write(self, x: Tensor, num_updates: int) -> MemoryWeights:
-        """States W_0 .. W_U, each of shape (H, B, U + 1, ...)."""
+    def _write(self, x: Tensor, num_updates: int,
+               scan_block: Optional[int]) -> MemoryWeights:
+        """States W_0 .. W_U, each of shape (H, B, U + 1, ...), from the U
+        chunks of ``x``; ``scan_block`` as in ``momentum_decay_states``."""
         b, L, u, h, hd = x.shape[0], self.chunk_size, num_updates, self.heads, self.head_dim
         s = self.store_norm(x)
         keys = self._split_heads(self.to_keys(s))
@@ -179,11 +209,15 @@ class NeuralMemory(nn.Module):
         values = self._split_heads(self.to_values(s))
         token_lr = self.max_lr * torch.sigmoid(self.to_token_lr(s)).permute(2, 0, 1)
 
+        # per-chunk gates, stored (H, B, U): flattening them to (H * B, U)
+        # below is then a view for any U, with nothing for symbolic shapes
+        # to guard on
         summary = self.pool(s.reshape(b, u, L, self.dim))  # (B, U, d)
-        log_keep = F.logsigmoid(-self.to_decay(summary)).permute(2, 0, 1)  # log(1-alpha)
-        log_momentum = F.logsigmoid(self.to_momentum(summary)).permute(2, 0, 1)
-        lr_mod = torch.sigmoid(self.to_lr_modulation(summary))
-        lr_mod = lr_mod.view(b, u, h, -1).permute(3, 2, 0, 1)  # (3, H, B, U)
+        log_keep = _packed(F.logsigmoid(-self.to_decay(summary)).permute(2, 0, 1))  # log(1-a)
+        log_momentum = _packed(F.logsigmoid(self.to_momentum(summary)).permute(2, 0, 1))
+        lr_mod = torch.sigmoid(self.to_lr_modulation(summary)).view(
+            b, u, h, len(MemoryWeights._fields))
+        lr_mod = _packed(lr_mod.permute(3, 2, 0, 1))  # (3, H, B, U)
 
         w0 = self.initial_state
         chunks = (h, b, u, L)
@@ -197,7 +231,7 @@ class NeuralMemory(nn.Module):
                     g.reshape(h * b, u, -1), m.reshape(h * b, u),
                     log_keep.reshape(h * b, u), log_momentum.reshape(h * b, u),
                     init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1),
-                    self.scan_block).reshape(h, b, u + 1, *init.shape[1:])
+                    scan_block).reshape(h, b, u + 1, *init.shape[1:])
                 for g, m, init in zip(grads, lr_mod, w0)))
         return self._sequential_states(keys.reshape(*chunks, hd),
                                        values.reshape(*chunks, hd),
@@ -231,17 +265,25 @@ class NeuralMemory(nn.Module):
             history.append(weights)
         return MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
 
-    def _read(self, queries: Tensor, states: MemoryWeights) -> Tensor:
-        """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...)."""
+    def _read(self, queries: Tensor, states: MemoryWeights,
+              always_pad: bool = False) -> Tensor:
+        """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...);
+        the read-outs of the C * L >= N (zero-padded) tokens, (H, B, C * L, hd)."""
         h, b, n, hd = queries.shape
         num_chunks = states.w1.shape[2]
         padded = num_chunks * self.chunk_size
-        if padded > n:
+        if always_pad or padded > n:
             queries = F.pad(queries, (0, 0, 0, padded - n))
         groups = h * b * num_chunks
         out = memory_forward(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
                              queries.reshape(groups, self.chunk_size, hd))
-        return out.reshape(h, b, padded, hd)[:, :, :n]
+        return out.reshape(h, b, padded, hd)
+
+
+def _packed(t: Tensor) -> Tensor:
+    """A contiguous copy (``.contiguous()`` would first ask whether ``t`` is
+    contiguous, a question about its sizes that symbolic shapes guard on)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _bcast(coef: Tensor, like: Tensor) -> Tensor:

@@ -14,7 +14,9 @@ def _naive_states(grads, lr_mod, log_keep, log_momentum, initial):
     return torch.stack(states, dim=1)
 
 
-@pytest.mark.parametrize('steps,block', [(1, 64), (7, 3), (16, 64), (130, 64), (9, 4)])
+# block None: all steps in one block (the shape-generic graph for export)
+@pytest.mark.parametrize('steps,block', [(1, 64), (7, 3), (16, 64), (130, 64), (9, 4),
+                                         (1, None), (130, None)])
 def test_momentum_decay_states_match_the_recursion(steps, block):
     gen = torch.Generator().manual_seed(steps)
     args = (torch.randn(3, steps, 5, generator=gen).double(),

@@ -1,0 +1,106 @@
+"""``torch.compile`` for training and evaluation runs (``--compile``).
+
+MMEngine 0.10.7's own ``compile`` setting (``Runner(compile=...)``,
+``cfg.compile``) is not used, for three reasons:
+
+* it compiles ``model.train_step`` only, in ``Runner.train``: validation and
+  ``tools/test.py`` run eager;
+* ``train_step`` is the whole step: data preprocessing, the loss dict
+  parsing, ``loss.backward()`` and the optimizer update, each of them a graph
+  break; for detectors also the RPN's proposal selection, NMS and RoIAlign
+  (mmcv custom ops), whose output sizes depend on the data;
+* it passes no way to state that input sizes vary (detection), and a
+  compiled function that recompiles more than ``torch._dynamo.config.
+  recompile_limit`` times silently falls back to eager.
+
+Here the parts of the model that are one static network, the feature
+extractor and the dense heads (``COMPILED_PARTS``: backbone, neck, decode
+and auxiliary heads, classification head), have their ``forward`` replaced
+by its compiled version (``compile_forward``): state-dict keys, checkpoints,
+hooks, DDP and the toolboxes' data-dependent detection heads stay as they
+are, and the same compiled modules serve training, validation and testing.
+It is ``forward`` that is compiled, not the module's ``__call__`` (as
+``nn.Module.compile`` would): MMSegmentation's decode heads call
+``self.forward(...)`` from ``loss`` and ``predict``. With
+``dynamic=None`` (the default) a part is first compiled for the shapes it
+meets, and recompiled once with symbolic sizes when they change (PyTorch's
+automatic dynamic shapes), so detection's varying image sizes do not
+recompile on every batch.
+"""
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from torch import nn
+
+COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
+MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+
+
+def compilable_parts(model: nn.Module, parts: Optional[Sequence[str]] = None) -> List[str]:
+    """The names of ``model``'s parts to compile: ``parts`` (each must exist)
+    or those of ``COMPILED_PARTS`` the model has."""
+    if is_model_wrapper(model):
+        model = model.module
+    names = [p for p in (parts or COMPILED_PARTS) if getattr(model, p, None) is not None]
+    if parts is not None and len(names) != len(parts):
+        missing = sorted(set(parts) - set(names))
+        raise ValueError(f'{type(model).__name__} has no part(s) {missing} to compile')
+    if not names:
+        raise ValueError(f'{type(model).__name__} has none of {COMPILED_PARTS} to compile')
+    return names
+
+
+def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
+                  mode: str = 'default', dynamic: Optional[bool] = None,
+                  backend: str = 'inductor') -> List[str]:
+    """Compile ``model``'s parts in place; returns the names compiled.
+
+    Args:
+        model: a toolbox model, or a wrapper (DDP) around one.
+        parts: see ``compilable_parts``; a part that is a ``ModuleList``
+            (UperNet's auxiliary heads) has each entry compiled.
+        mode, dynamic, backend: passed to ``torch.compile``.
+    """
+    if mode not in MODES:
+        raise ValueError(f'compile mode must be one of {MODES}, got {mode!r}')
+    names = compilable_parts(model, parts)
+    if is_model_wrapper(model):
+        model = model.module
+    for name in names:
+        part = getattr(model, name)
+        for module in (part if isinstance(part, nn.ModuleList) else [part]):
+            module.forward = compile_forward(module, mode=mode, dynamic=dynamic,
+                                             backend=backend)
+    return names
+
+
+def compile_forward(module: nn.Module, **compile_kwargs) -> Callable:
+    """``torch.compile`` of the module's own ``forward`` (not of an instance
+    attribute set by an earlier call: compiling twice is refused)."""
+    if 'forward' in vars(module):
+        raise ValueError(f'{type(module).__name__}.forward is already replaced '
+                         '(compiled twice?)')
+    return torch.compile(module.forward, **compile_kwargs)
+
+
+def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] = None,
+                         backend: str = 'inductor') -> None:
+    """``--compile`` of tools/train.py and tools/test.py, after the runner is
+    built (its model exists, maybe wrapped) and before it trains or tests."""
+    if runner.cfg.get('compile'):
+        raise ValueError('--compile replaces MMEngine\'s cfg.compile (which compiles '
+                         'train_step only); remove one of them')
+    names = compile_model(runner.model, mode=mode, dynamic=dynamic, backend=backend)
+    print_log(f'torch.compile ({mode}, dynamic={dynamic}) of the model\'s '
+              f'{", ".join(names)}; the first iterations compile (minutes on a CPU)',
+              logger='current')
+
+
+def graphs_compiled() -> int:
+    """Graphs Dynamo has compiled so far in this process (first compilations
+    and recompilations; ``TORCH_LOGS=recompiles`` names each recompilation's
+    reason)."""
+    from torch._dynamo.utils import counters
+    return counters['stats']['unique_graphs']

@@ -1,0 +1,123 @@
+"""``--compile`` (convneur_mm.engine.compile): compiled and eager ConvNeur agree
+in outputs and gradients, the backbone compiles without graph breaks, and the
+tools' runners get their parts compiled without changing checkpoints."""
+import os.path as osp
+
+import pytest
+import torch
+from torch import nn
+
+from convneur_mm.engine.compile import (compilable_parts, compile_model, compile_runner_model,
+                                        graphs_compiled)
+from convneur_mm.engine.launch import build_runner, load_config
+from convneur_mm.models import ConvNeur
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+from convneur_mm.utils.toolbox import quiet_init
+from ..paths import REPO
+
+# the smallest network that still runs the memory with several chunks: one
+# stage of one block; at 32x48 and chunk 16 it has 8x12 tokens in 6 chunks (5
+# writes that are read). Compiling its forward and backward with Inductor
+# takes most of this file's time (about a minute of CPU on the 2-core VM).
+TINY = dict(depths=[1], dims=[16], memory_dim=16)
+
+
+def _tiny_backbone() -> nn.Module:
+    torch.manual_seed(0)
+    backbone = ConvNeur(arch=TINY, memory_cfg=dict(chunk_size=16), out_indices=(0, ),
+                        gap_before_final_norm=False, drop_path_rate=0.5)
+    with quiet_init():
+        backbone.init_weights()
+    with torch.no_grad():  # off the special init values (zero gammas, gates)
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    holder = nn.Module()  # compiled as a model's .backbone part
+    holder.backbone = backbone
+    return holder
+
+
+def _loss_and_grads(holder: nn.Module, x: torch.Tensor):
+    holder.zero_grad(set_to_none=True)
+    outs = holder.backbone(x)
+    sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+    return [o.detach() for o in outs], {n: p.grad.clone() for n, p in holder.named_parameters()}
+
+
+def test_compiled_backbone_matches_eager_in_outputs_and_gradients():
+    """Inductor-generated kernels, forward and backward, against eager (in
+    training: the memory's write path and the outer gradients through it)."""
+    eager = _tiny_backbone()
+    compiled = _tiny_backbone()
+    assert compile_model(compiled, dynamic=False) == ['backbone']
+    x = torch.randn(2, 3, 32, 48)
+    memory = next(m for m in eager.modules() if isinstance(m, NeuralMemory))
+    assert memory.num_updates(8 * 12) == 5
+    torch.manual_seed(1)  # the same drop-path draws
+    want_out, want_grads = _loss_and_grads(eager, x)
+    torch.manual_seed(1)
+    got_out, got_grads = _loss_and_grads(compiled, x)
+    for got, want in zip(got_out, want_out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-3, atol=1e-5,
+                                   msg=f'gradient of {name}')
+
+
+@pytest.mark.parametrize('training', [True, False])
+def test_backbone_traces_without_graph_breaks(training):
+    """The memory's hot path (write, scan, read) and the blocks are one graph."""
+    holder = _tiny_backbone()
+    holder.backbone.train(training)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.set_grad_enabled(training):
+        explanation = torch._dynamo.explain(holder.backbone)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_parts_and_bad_requests():
+    holder = _tiny_backbone()
+    assert compilable_parts(holder) == ['backbone']
+    with pytest.raises(ValueError, match='no part'):
+        compilable_parts(holder, ['neck'])
+    with pytest.raises(ValueError, match='mode'):
+        compile_model(holder, mode='fastest')
+    compile_model(holder, backend='eager')
+    with pytest.raises(ValueError, match='compiled twice'):
+        compile_model(holder, backend='eager')
+
+
+def test_runner_trains_with_compiled_parts_and_plain_checkpoint_keys(tmp_path):
+    """What tools/train.py --compile does, with Dynamo's tracing but without
+    code generation (backend 'eager'), on the classification demo's model.
+
+    About a minute on the shared 2-core VM (Dynamo traces the backbone and
+    the head in training and in evaluation mode): the only test that runs the
+    tools' runner path end to end with compiled parts, checkpoint included."""
+    from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+    root = str(tmp_path / 'imagenet_tiny')
+    generate_imagenet_tiny(root, train_per_class=1, val_per_class=1)
+    cfg = load_config(osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py'),
+                      work_dir=str(tmp_path / 'work'))
+    for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[split].dataset.data_root = root
+        cfg[split].update(num_workers=0, persistent_workers=False, batch_size=2)
+    # the one-block arch: what is tested is the wiring, and Dynamo traces it faster
+    cfg.model.backbone.update(arch=TINY, out_indices=(0, ))
+    cfg.model.head.in_channels = TINY['dims'][-1]
+    cfg.train_cfg.update(max_epochs=2, val_interval=2)  # validation runs compiled too
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=2)
+    runner = build_runner(cfg)
+    before = graphs_compiled()
+    compile_runner_model(runner, backend='eager')
+    runner.train()
+    assert graphs_compiled() > before  # the compiled forwards ran
+    model = runner.model
+    assert compilable_parts(model) == ['backbone', 'head']  # the classifier has no neck
+    assert all('forward' in vars(getattr(model, p)) for p in ('backbone', 'head'))
+    saved = torch.load(str(tmp_path / 'work' / 'epoch_2.pth'), map_location='cpu')
+    assert set(saved['state_dict']) == set(model.state_dict())
+    assert not any('_orig_mod' in k for k in saved['state_dict'])
+    cfg.compile = True
+    with pytest.raises(ValueError, match='cfg.compile'):
+        compile_runner_model(build_runner(cfg))

@@ -1,0 +1,174 @@
+"""Eager vs ``torch.compile`` (what ``--compile`` compiles), in one run.
+
+    python tools/analysis_tools/benchmark_compile.py [--workloads inference train detector]
+        [--repeats 3] [--device cpu|cuda] [--amp]
+
+Workloads (the issue's three):
+
+* ``inference``: the ConvNeur-M3 ImageNet classifier, eval, 224x224, batch 16
+  on a CPU (128 on CUDA): throughput;
+* ``train``: the ConvNeur-M3 backbone as the S-FPN / UperNet configs set it
+  (chunk 1024, max_lr 0.2, drop path 0.1, four outputs), batch 2 of 512x512,
+  forward + backward of a loss on every output;
+* ``detector``: Cascade Mask R-CNN with ConvNeur-M3 (our COCO config),
+  batch 1 at 800x1333 with 3 boxes and masks, forward with losses +
+  backward: the backbone and FPN compiled, the RoI heads eager.
+
+Each workload builds one model. The compiled variant is ``torch.compile`` of
+the same submodules ``convneur_mm.engine.compile`` compiles for ``--compile``
+(sharing their weights); eager and compiled calls take turns after a warm-up
+(the compiled warm-up is the compilation, reported), and the medians' ratio
+is printed. ``--amp`` runs both under bf16 (CPU) / fp16 (CUDA) autocast.
+"""
+import argparse
+import os.path as osp
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from convneur_mm.engine.compile import (compilable_parts, compile_forward,  # noqa: E402
+                                        graphs_compiled)
+from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
+
+WORKLOADS = ('inference', 'train', 'detector')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--workloads', nargs='+', default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--batch', type=int, help='inference batch (CPU 16, CUDA 128)')
+    return parser.parse_args(argv)
+
+
+class CompiledSwitch:
+    """Switch a model's parts between their eager ``forward`` and the compiled
+    one that ``--compile`` installs (same modules, same weights)."""
+
+    def __init__(self, model: nn.Module, parts: List[str]):
+        self.modules = [getattr(model, p) for p in parts]
+        self.compiled = [compile_forward(m) for m in self.modules]
+
+    def use(self, compiled: bool) -> None:
+        for module, forward in zip(self.modules, self.compiled):
+            if compiled:
+                module.forward = forward
+            else:
+                vars(module).pop('forward', None)
+
+
+def _inference(args):
+    from convneur_mm.utils.toolbox import build_model, load_cfg
+    model = build_model(load_cfg('cls_convneur_m3_300e_in1k.py'), init=False)
+    model = model.to(args.device).eval()
+    batch = args.batch or (128 if args.device.startswith('cuda') else 16)
+    x = torch.randn(batch, 3, 224, 224, device=args.device)
+
+    def step():
+        with torch.no_grad():
+            model(x, mode='tensor')
+    return model, step, f'ConvNeur-M3 classifier, eval, batch {batch} x 224x224', batch
+
+
+def _train(args):
+    from convneur_mm.models import ConvNeur
+    from convneur_mm.utils.toolbox import quiet_init
+    torch.manual_seed(0)
+    backbone = ConvNeur('m3', memory_cfg=dict(chunk_size=1024, max_lr=0.2),
+                        drop_path_rate=0.1, out_indices=(0, 1, 2, 3),
+                        gap_before_final_norm=False)
+    with quiet_init():
+        backbone.init_weights()
+    holder = nn.Module()  # compiled like a model's .backbone part
+    holder.backbone = backbone.to(args.device).train()
+    x = torch.randn(2, 3, 512, 512, device=args.device)
+
+    def step():
+        holder.backbone.zero_grad(set_to_none=True)
+        sum(o.float().square().mean() for o in holder.backbone(x)).backward()
+    return holder, step, 'ConvNeur-M3 backbone (chunk 1024), forward + backward, batch 2 x 512x512', None
+
+
+def _detector(args):
+    from mmdet.testing import demo_mm_inputs
+    from convneur_mm.utils.toolbox import build_model, load_cfg
+    torch.manual_seed(0)
+    cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
+    model = build_model(cfg, init=True).to(args.device).train()
+    raw = demo_mm_inputs(1, (3, 800, 1333), num_items=[3], num_classes=80, with_mask=True,
+                         device=args.device)
+    data = model.data_preprocessor(raw, True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        losses = model.loss(data['inputs'], data['data_samples'])
+        loss, _ = model.parse_losses(losses)
+        loss.backward()
+    return model, step, ('Cascade Mask R-CNN ConvNeur-M3, training step (losses + backward), '
+                         'batch 1 x 800x1333'), None
+
+
+BUILDERS = {'inference': _inference, 'train': _train, 'detector': _detector}
+
+
+def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bool) -> Dict:
+    """Median seconds of ``step`` eager and compiled, taking turns."""
+    parts = compilable_parts(model)
+    switch = CompiledSwitch(model, parts)
+    dtype = torch.float16 if device.startswith('cuda') else torch.bfloat16
+    context = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if amp else nullcontext
+
+    def timed(compiled: bool) -> float:
+        switch.use(compiled)
+        start = time.perf_counter()
+        with context():
+            step()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    timed(False)  # warm-up
+    graphs = graphs_compiled()
+    compile_seconds = timed(True)
+    graphs = graphs_compiled() - graphs
+    times: Dict[bool, List[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for compiled in (False, True):
+            times[compiled].append(timed(compiled))
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return dict(eager=median[False], compiled=median[True], compile_s=compile_seconds,
+                graphs=graphs, parts=parts)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = setup_benchmark_device(args.device)
+    print(f'eager vs torch.compile on {device}' + (', under autocast' if args.amp else '')
+          + f'; median of {args.repeats} interleaved runs')
+    print('| workload | compiled parts | eager | compiled | speed-up | compile time | graphs |')
+    print('|---|---|---|---|---|---|---|')
+    results = {}
+    for name in args.workloads:
+        model, step, title, batch = BUILDERS[name](args)
+        r = compare(model, step, args.repeats, args.device, args.amp)
+        results[name] = r
+        if batch:
+            cells = f'{batch / r["eager"]:.1f} img/s | {batch / r["compiled"]:.1f} img/s'
+        else:
+            cells = f'{r["eager"]:.2f} s | {r["compiled"]:.2f} s'
+        print(f'| {title} | {", ".join(r["parts"])} | {cells} | '
+              f'{r["eager"] / r["compiled"]:.2f}x | {r["compile_s"]:.0f} s | {r["graphs"]} |',
+              flush=True)
+        del model, step
+    return results
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,98 @@
+"""Latency of the exported models: ONNX Runtime vs PyTorch eager vs compiled.
+
+    python tools/analysis_tools/benchmark_onnx.py [--models m1 m2 m3 m4 fpn-m2]
+        [--repeats 5] [--out-dir DIR]
+
+Each model (M1-M4 ImageNet classifiers at 224x224, M2 Semantic FPN at
+512x512, batch 1, random init) is exported as ``tools/deployment/
+pytorch2onnx.py`` exports it (static shape, normalization inside), then the
+same ``DeployableModel`` is timed in PyTorch eager, under ``torch.compile``
+(static shapes; the compile time is the warm-up, reported) and in ONNX Runtime
+on the CPU with as many intra-op threads as torch uses. The three take turns
+after a warm-up; medians are printed with the largest absolute difference of
+ONNX Runtime's and the compiled model's outputs from eager on the timed input.
+"""
+import argparse
+import os.path as osp
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from convneur_mm.deployment import (DeployableModel, export_onnx, onnx_outputs,  # noqa: E402
+                                    ort_session)
+from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.toolbox import build_model, load_cfg  # noqa: E402
+
+MODELS = {'m1': ('cls_convneur_m1_300e_in1k.py', 224),
+          'm2': ('cls_convneur_m2_300e_in1k.py', 224),
+          'm3': ('cls_convneur_m3_300e_in1k.py', 224),
+          'm4': ('cls_convneur_m4_300e_in1k.py', 224),
+          'fpn-m2': ('fpn_convneur_m2_80k_ade20k.py', 512)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--out-dir', help='keep the .onnx files here (default: a temp dir)')
+    return parser.parse_args(argv)
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(name: str, repeats: int, out_dir: str) -> Dict:
+    config, size = MODELS[name]
+    cfg = load_cfg(config)
+    torch.manual_seed(0)
+    module = DeployableModel(build_model(cfg).eval(), 'model', cfg.default_scope).eval()
+    images = torch.rand(1, 3, size, size) * 255
+    path = osp.join(out_dir, f'{name}.onnx')
+    export_s = _seconds(lambda: export_onnx(module, images, path,
+                                            output_names=module.output_names()))
+    session = ort_session(path, threads=torch.get_num_threads())
+    compiled = torch.compile(module, dynamic=False)
+    runs = {'eager': lambda: module(images), 'compiled': lambda: compiled(images),
+            'onnxruntime': lambda: onnx_outputs(session, images)}
+    with torch.no_grad():
+        want = module(images)
+        compile_s = _seconds(runs['compiled'])
+        runs['onnxruntime']()
+        diffs = {'onnxruntime': (onnx_outputs(session, images)[0] - want).abs().max().item(),
+                 'compiled': (compiled(images) - want).abs().max().item()}
+        times: Dict[str, List[float]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for key, fn in runs.items():
+                times[key].append(_seconds(fn))
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return dict(name=name, size=size, export_s=export_s, compile_s=compile_s,
+                diffs=diffs, **median)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = setup_benchmark_device('cpu')
+    print(f'batch-1 latency on {device}; median of {args.repeats} interleaved runs')
+    print('| model | input | eager (ms) | compiled (ms) | ONNX Runtime (ms) | eager / ORT | '
+          'max abs diff ORT, compiled | export, compile (s) |')
+    print('|---|---|---|---|---|---|---|---|')
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            r = measure(name, args.repeats, args.out_dir or tmp)
+            print(f'| {name} | {r["size"]}x{r["size"]} | {1e3 * r["eager"]:.1f} | '
+                  f'{1e3 * r["compiled"]:.1f} | {1e3 * r["onnxruntime"]:.1f} | '
+                  f'{r["eager"] / r["onnxruntime"]:.2f}x | '
+                  f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g} | '
+                  f'{r["export_s"]:.0f}, {r["compile_s"]:.0f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
