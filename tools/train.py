@@ -10,9 +10,9 @@ from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
+from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
-                                       load_config, set_local_rank, set_randomness,
-                                       shutdown_distributed)
+                                       load_config, set_local_rank, set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.paths import is_remote
 
@@ -62,7 +62,9 @@ def main():
             raise FileNotFoundError(f'checkpoint to resume from not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
     build_runner(cfg).train()
-    shutdown_distributed()
+    # the work is done and written: exit 0, never a late abort at interpreter
+    # tear-down (a PyTorch race: convneur_mm/engine/exit.py, issue 17)
+    exit_successfully()
 
 
 if __name__ == '__main__':

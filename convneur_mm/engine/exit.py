@@ -1,0 +1,86 @@
+"""How ``tools/train.py`` and ``tools/test.py`` end: exit status 0 once their
+work is done, non-zero when it failed (issue 17).
+
+The abort this guards against, seen after ``tools/dist_test.sh`` had printed
+its metrics ("terminate called without an active exception", SIGABRT, so
+torchrun reported the run as failed), is a PyTorch race at interpreter
+shut-down (torch 2.13, gloo; pytorch/pytorch#190489, open; the same class as
+#117762). A gloo worker thread (``pt_gloo_runloop``) marks a collective
+complete, which wakes the Python caller, and only afterwards drops its own
+reference to the work. If the caller has dropped the tensors by then (e.g.
+MMEngine's ``broadcast_object_list`` of the metrics), that last reference
+frees Python objects and takes the GIL. When the main thread has meanwhile
+left the tool and started ``Py_FinalizeEx``, CPython's ``take_gil`` ends the
+worker with ``pthread_exit``; the forced unwind meets a ``noexcept``
+destructor (``~AsyncWork``) and the C++ runtime calls ``std::terminate``.
+The worker only loses that race when it is descheduled between the two
+steps, which is why a busy machine makes it frequent.
+
+``torch.distributed.destroy_process_group()`` does not close the window: it
+only unregisters the group. In torch 2.13 a DistributedDataParallel wrapper
+built on the group keeps ``ProcessGroupGloo`` alive (even after the wrapper
+is deleted), so its worker threads are never joined and run on into
+interpreter finalization.
+
+Hence, once a tool's work is done and written, :func:`exit_successfully`
+meets the other ranks at a barrier, destroys the process group, does what a
+normal interpreter exit does that matters (joins non-daemon threads, runs the
+``atexit`` handlers, e.g. logging's flush and close, flushes stdout/stderr),
+and then leaves with ``os._exit``: the interpreter tear-down in which the
+abort happens is skipped. Every failure before that point - an exception, a
+killed rank, a failed collective - still ends the process the usual way,
+with a non-zero status.
+"""
+import atexit
+import os
+import sys
+import threading
+from typing import NoReturn
+
+import torch
+
+# CPython's exit status when flushing stdout/stderr fails at exit
+FLUSH_FAILED = 120
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group, as PyTorch asks at the end of every
+    distributed program (MMEngine's runner never does). Not for error paths:
+    other ranks may still be inside a collective."""
+    if _distributed():
+        torch.distributed.destroy_process_group()
+
+
+def _flush_std_streams() -> bool:
+    """Flush stdout and stderr as CPython does at exit (closed ones skipped);
+    False when the output could not be written (e.g. a closed pipe)."""
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None or getattr(stream, 'closed', False):
+            continue
+        try:
+            stream.flush()
+        except OSError:
+            ok = False
+    return ok
+
+
+def exit_successfully() -> NoReturn:
+    """The last call of a tool whose work is done: exit status 0 (or 120, as
+    CPython does, if the output cannot be flushed), never a late abort.
+
+    The barrier keeps a rank from closing its connections while a peer is
+    still inside the last collective; a failed peer makes it raise instead.
+    """
+    if _distributed():
+        torch.distributed.barrier()
+    shutdown_distributed()
+    for thread in threading.enumerate():  # what Python waits for at exit
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging.shutdown, multiprocessing's clean-up, ...
+    os._exit(0 if _flush_std_streams() else FLUSH_FAILED)
