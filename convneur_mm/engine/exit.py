@@ -14,13 +14,16 @@ left the tool and started ``Py_FinalizeEx``, CPython's ``take_gil`` ends the
 worker with ``pthread_exit``; the forced unwind meets a ``noexcept``
 destructor (``~AsyncWork``) and the C++ runtime calls ``std::terminate``.
 The worker only loses that race when it is descheduled between the two
-steps, which is why a busy machine makes it frequent.
+steps: intermittent (issue 17 saw 2 of 7 evaluations fail beside a busy
+process).
 
 ``torch.distributed.destroy_process_group()`` does not close the window: it
-only unregisters the group. In torch 2.13 a DistributedDataParallel wrapper
-built on the group keeps ``ProcessGroupGloo`` alive (even after the wrapper
-is deleted), so its worker threads are never joined and run on into
-interpreter finalization.
+only unregisters the group. The DistributedDataParallel wrapper of the
+runner's model keeps ``ProcessGroupGloo`` alive, so its worker threads are
+not joined and run on into interpreter finalization. Freeing the wrapper
+first does not help: its ``Reducer`` is deallocated with the GIL held, and
+the group's destructor then joins a worker that waits for the GIL (a
+deadlock; docs/exit_codes.md).
 
 Hence, once a tool's work is done and written, :func:`exit_successfully`
 meets the other ranks at a barrier, destroys the process group, does what a

@@ -9,8 +9,8 @@ table printed by rank 0, then the tool's ending.
 ENDING  ``exit_successfully`` (the tools' ending) or ``shutdown_only`` (the
         ending before issue 17: destroy the group and return).
 --fail  how a run fails before its work is done: ``exception`` on rank 1,
-        ``abort`` (SIGABRT on rank 1), ``kill`` (rank 1 SIGKILLed), or
-        ``peer-dies`` (rank 1 exits inside a collective that rank 0 waits on).
+        ``abort`` (rank 1 dies of SIGABRT), or ``peer-dies`` (rank 1 leaves
+        while rank 0 waits for it in a collective).
 """
 import argparse
 import importlib.util
@@ -43,13 +43,13 @@ def fail(how: str, rank: int) -> None:
     elif rank == 1:
         if how == 'exception':
             raise RuntimeError('a failure inside the run')
-        os.kill(os.getpid(), signal.SIGABRT if how == 'abort' else signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGABRT)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('ending', choices=['exit_successfully', 'shutdown_only'])
-    parser.add_argument('--fail', choices=['exception', 'abort', 'kill', 'peer-dies'])
+    parser.add_argument('--fail', choices=['exception', 'abort', 'peer-dies'])
     args = parser.parse_args()
     dist.init_process_group('gloo')
     rank = dist.get_rank()

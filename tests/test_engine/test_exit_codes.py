@@ -106,8 +106,10 @@ def test_runs_under_load_all_exit_0(cpu_load):
 
 
 # ------------------------------------------------ failures exit non-zero
-@pytest.mark.parametrize('how', ['exception', 'abort', 'kill', 'peer-dies'])
+@pytest.mark.parametrize('how', ['exception', 'abort', 'peer-dies'])
 def test_a_failure_before_the_end_exits_non_zero(how):
+    """An exception, a rank dying of a signal (SIGKILL reads the same to
+    torchrun as the SIGABRT used here), a collective whose peer is gone."""
     run = _torchrun('exit_successfully', '--fail', how, timeout=120)
     assert run.returncode != 0, _log(run)
     assert 'metrics:' not in run.stdout
