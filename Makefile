@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test test-gpu demo clean-venv
 
 setup:
 	@bash tools/setup_env.sh
@@ -12,6 +12,10 @@ setup:
 # The test command of README.md and .ci/run.
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Only the tests marked `gpu` (skipped, with the reason, without enough GPUs).
+test-gpu: setup
+	$(PY) -m pytest -m gpu tests $(PYTEST_ARGS)
 
 # The main job on the embedded default: tiny COCO / ADE20K / ImageNet sets.
 demo: setup

@@ -3,9 +3,14 @@
 # weight decay 0.05, no gradient clipping, no layer decay, 20 warm-up epochs,
 # cosine decay to 1e-6; DeiT-style RandAugment, Mixup, CutMix, Random Erasing
 # and label smoothing (the MMPretrain Swin/DeiT pipeline).
-# This config assumes 8 GPUs x 512 images = 4096 (the paper's 8 GPUs, global
-# batch 4096). With another batch size pass --auto-scale-lr: MMEngine then
-# scales the lr linearly from base_batch_size=4096.
+# The paper's batch of 4096 on its 8 GPUs is 512 images per GPU, which fits no
+# GPU (M3: ~75 GiB of activations under --amp). Here it is 8 GPUs x `batch` x
+# `accumulate` (gradient accumulation): `batch` is the largest power of two
+# that fits a 24 GB GPU with --amp (tools/analysis_tools/imagenet_memory.py,
+# docs/cuda.md). Without --amp halve `batch` and double `accumulate`. On another
+# number of GPUs pass --auto-scale-lr: base_batch_size is the batch of one
+# optimizer step on 8 GPUs divided by `accumulate`, so MMEngine's linear rule
+# (which does not see the accumulation) scales the lr to the effective batch.
 _base_ = [
     'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
     'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
@@ -20,6 +25,9 @@ memory_cfg = dict(chunk_size=196, max_lr=1.0)
 # rather than overfit at 300 epochs, so the rate grows with capacity, as in
 # DeiT-T/S and ConvNeXt-V2 atto..nano: M1 0.05, M2 0.05, M3 0.1, M4 0.15.
 arch, width, drop_path_rate = 'm1', 320, 0.05
+
+# ---- per-GPU batch x gradient accumulation x 8 GPUs = 4096 ----------------------
+batch, accumulate = 128, 4
 
 data_root = '{{$IMAGENET_ROOT:data/imagenet}}'
 
@@ -40,12 +48,13 @@ model = dict(
         init_cfg=dict(type='TruncNormal', layer='Linear', std=.02, bias=0.)),
     train_cfg=dict(augments=[dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]))
 
-train_dataloader = dict(batch_size=512, dataset=dict(data_root=data_root))  # x 8 GPUs
+train_dataloader = dict(batch_size=batch, dataset=dict(data_root=data_root))  # x 8 GPUs
 val_dataloader = dict(batch_size=256, dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader
 
 optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=4e-3, eps=1e-8, betas=(0.9, 0.999), weight_decay=0.05),
+    accumulative_counts=accumulate,
     clip_grad=None,
     # no decay on norms, biases, GRN and the memory's scale offsets
     paramwise_cfg=dict(
@@ -57,4 +66,4 @@ param_scheduler = [
          convert_to_iter_based=True),
 ]
 train_cfg = dict(by_epoch=True, max_epochs=300, val_interval=1)
-auto_scale_lr = dict(base_batch_size=4096)
+auto_scale_lr = dict(base_batch_size=8 * batch)  # x accumulate = 4096

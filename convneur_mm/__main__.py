@@ -1,9 +1,13 @@
-"""``python -m convneur_mm``: print where the installed configs are.
+"""``python -m convneur_mm [configs | tools | env]``.
 
-Use it to inherit our configs from another project::
+``configs`` / ``tools`` print where the installed configs and tools are; use
+them to inherit our configs from another project::
 
     export CONVNEUR_CONFIGS=$(python -m convneur_mm configs)
     # my_config.py:  _base_ = ['{{$CONVNEUR_CONFIGS:}}/fpn_convneur_m2_80k_ade20k.py']
+
+``env`` prints torch, CUDA, the NVIDIA driver, the GPUs, the flavor of mmcv's
+ops and the toolboxes' versions: paste it into every bug report.
 """
 import argparse
 
@@ -13,9 +17,14 @@ from convneur_mm.utils.paths import config_dir, tools_dir
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog='python -m convneur_mm', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('what', choices=['configs', 'tools'], nargs='?', default='configs')
+    parser.add_argument('what', choices=['configs', 'tools', 'env'], nargs='?',
+                        default='configs')
     args = parser.parse_args(argv)
-    print(config_dir() if args.what == 'configs' else tools_dir())
+    if args.what == 'env':
+        from convneur_mm.utils.cuda_env import env_report
+        print(env_report())
+    else:
+        print(config_dir() if args.what == 'configs' else tools_dir())
 
 
 if __name__ == '__main__':

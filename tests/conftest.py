@@ -1,16 +1,103 @@
-import subprocess
-import sys
+"""Test session set-up.
 
-import pytest
+CPU pinning: the tests run on the CPU, and so does every process they start
+(tools/train.py, torchrun, gloo workers), also on a machine with GPUs, where
+`make test` must pass as it does here: CUDA_VISIBLE_DEVICES is emptied before
+anything touches CUDA, and the tools take an emptied CUDA_VISIBLE_DEVICES as
+the CPU chosen on purpose.
 
-from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
+GPU tests: marked ``gpu`` (``gpu(count=2)`` for two GPUs). They are skipped,
+with the reason, where fewer GPUs are visible; where there are enough, each
+runs in a child pytest that sees the GPUs the session was started with.
+"""
+import os
 
-from .paths import REPO
+GPU_CHILD = 'CONVNEUR_TEST_GPU_CHILD'  # set in the child that runs one GPU test
+ORIGINAL_VISIBLE = os.environ.get('CUDA_VISIBLE_DEVICES')
+if os.environ.get(GPU_CHILD) != '1':
+    os.environ['CUDA_VISIBLE_DEVICES'] = ''  # before torch is imported
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+from convneur_mm.utils.cpu_malloc import tune_cpu_malloc  # noqa: E402
+from convneur_mm.utils.cuda_env import detect_nvidia  # noqa: E402
+
+from .paths import REPO  # noqa: E402
+
+_gpu_count = None
 
 
 def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu(count=1): needs CUDA GPUs; runs in a child '
+                            'process that sees them, skipped where there are fewer')
     # what tools/train.py does on CPU; spawned test processes inherit it
     tune_cpu_malloc()
+
+
+def _in_gpu_child() -> bool:
+    return os.environ.get(GPU_CHILD) == '1'
+
+
+def _gpu_env() -> dict:
+    """The session's original environment, GPUs visible."""
+    env = dict(os.environ, **{GPU_CHILD: '1'})
+    if ORIGINAL_VISIBLE is None:
+        env.pop('CUDA_VISIBLE_DEVICES', None)
+    else:
+        env['CUDA_VISIBLE_DEVICES'] = ORIGINAL_VISIBLE
+    return env
+
+
+def visible_gpus() -> int:
+    """CUDA devices the session was started with (asked in a child process:
+    this one must not initialize CUDA)."""
+    global _gpu_count
+    if _gpu_count is None:
+        if _in_gpu_child():
+            import torch
+            _gpu_count = torch.cuda.device_count()
+        elif not detect_nvidia().present:
+            _gpu_count = 0
+        else:
+            probe = subprocess.run([sys.executable, '-c',
+                                    'import torch; print(torch.cuda.device_count())'],
+                                   env=_gpu_env(), capture_output=True, text=True)
+            _gpu_count = int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+    return _gpu_count
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marker = item.get_closest_marker('gpu')
+        if marker is None:
+            continue
+        need = marker.kwargs.get('count', 1)
+        have = visible_gpus()
+        if have < need:
+            item.add_marker(pytest.mark.skip(
+                reason=f'needs {need} CUDA GPU(s); {have} visible' +
+                ('' if have or detect_nvidia().present else ' (no NVIDIA driver)')))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A GPU test runs in a child pytest that sees the GPUs."""
+    if _in_gpu_child() or pyfuncitem.get_closest_marker('gpu') is None:
+        return None
+    child = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                            pyfuncitem.nodeid], cwd=str(pyfuncitem.config.rootpath),
+                           env=_gpu_env(), capture_output=True, text=True)
+    out = child.stdout + child.stderr
+    if child.returncode == 0 and re.search(r'\b1 passed\b', out):
+        return True
+    if child.returncode == 0 and re.search(r'\b1 skipped\b', out):
+        pytest.skip(f'skipped on the GPU: {out[-500:]}')
+    pytest.fail(f'on the GPU (child pytest, exit {child.returncode}):\n{out[-6000:]}',
+                pytrace=False)
 
 
 @pytest.fixture(scope='session')

@@ -1,6 +1,7 @@
-"""The package skeleton: imports, registry scopes and the wheel's contents."""
+"""The package skeleton: imports, registry scopes, the wheel's and the sdist's contents."""
 import subprocess
 import sys
+import tarfile
 import zipfile
 
 import pytest
@@ -31,13 +32,28 @@ def test_backbone_resolves_from_each_toolbox_scope(scope):
         DefaultScope._instance_dict.pop(f'{scope}', None)
 
 
-def test_wheel_carries_configs_and_tools(built_wheel):
+MIM_FILES = ('configs/cascade_rcnn_convneur_m3_1x_coco.py', 'configs/fpn_convneur_m2_80k_ade20k.py',
+             'configs/cls_convneur_m1_300e_in1k.py', 'configs/demo/cls_convneur_m1_imagenet_tiny.py',
+             'configs/metafiles/in1k.yml', 'configs/metafiles/coco.yml',
+             'configs/metafiles/ade20k.yml', 'model-index.yml',
+             'tools/train.py', 'tools/test.py', 'tools/dist_train.sh',
+             'tools/analysis_tools/get_flops.py')
+
+
+def test_wheel_carries_configs_tools_and_model_index(built_wheel):
     names = set(zipfile.ZipFile(built_wheel).namelist())
-    for path in ('convneur_mm/.mim/configs/cascade_rcnn_convneur_m3_1x_coco.py',
-                 'convneur_mm/.mim/configs/fpn_convneur_m2_80k_ade20k.py',
-                 'convneur_mm/.mim/configs/cls_convneur_m1_300e_in1k.py',
-                 'convneur_mm/.mim/tools/train.py',
-                 'convneur_mm/.mim/tools/dist_train.sh',
-                 'convneur_mm/models/backbones/convneur.py'):
-        assert path in names, path
+    expected = [f'convneur_mm/.mim/{path}' for path in MIM_FILES] + [
+        'convneur_mm/models/backbones/convneur.py', 'convneur_mm/model_index.py']
+    missing = [path for path in expected if path not in names]
+    assert not missing, missing
     assert not any('__pycache__' in n for n in names)
+
+
+def test_sdist_carries_what_the_wheel_build_needs(repo_root, tmp_path):
+    subprocess.run([sys.executable, 'setup.py', '-q', 'sdist', '-d', str(tmp_path)],
+                   cwd=repo_root, check=True, capture_output=True)
+    sdist, = tmp_path.glob('convneur_mm-*.tar.gz')
+    names = {n.split('/', 1)[1] for n in tarfile.open(sdist).getnames() if '/' in n}
+    missing = set(MIM_FILES + ('requirements.txt', 'requirements/openmmlab.txt', 'setup.py',
+                               'README.md')) - names
+    assert not missing, missing

@@ -3,7 +3,8 @@
 # Starts GPUS processes per node with torchrun: NCCL on CUDA machines, gloo on
 # CPU-only machines (one process per requested "GPU"). Multi-node: run it on
 # every node with the same NNODES, MASTER_ADDR (node 0's address) and PORT,
-# and NODE_RANK = 0 .. NNODES-1. PYTHON picks the interpreter (default python).
+# and NODE_RANK = 0 .. NNODES-1. PYTHON picks the interpreter (default: the repository's
+# .venv/bin/python if it exists, else python).
 set -euo pipefail
 if [ $# -lt 2 ]; then
     echo "usage: [NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 PORT=29500] $0 CONFIG GPUS [train.py args]" >&2
@@ -15,8 +16,9 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
-PYTHON=${PYTHON:-python}
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tools/launch_env.sh
+source "$TOOLS_DIR/launch_env.sh" "$@"
 
 PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \
 "$PYTHON" -m torch.distributed.run \

@@ -14,12 +14,13 @@ GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
-PYTHON=${PYTHON:-python}
 GRES=${GRES-gpu:$GPUS_PER_NODE}
 if [ -n "${PORT:-}" ]; then
     export MASTER_PORT=$PORT  # srun passes the environment on to every task
 fi
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tools/launch_env.sh
+source "$TOOLS_DIR/launch_env.sh" "$@"
 
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
 PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \

@@ -3,8 +3,9 @@
 # One Slurm task per GPU (GPUS in total, GPUS_PER_NODE per node); each task
 # runs tools/train.py with --launcher slurm. Variables: GPUS (8),
 # GPUS_PER_NODE (8), CPUS_PER_TASK (5), SRUN_ARGS (more srun options),
-# PYTHON (python), PORT (the rendezvous port, exported as MASTER_PORT; 29500 if
-# neither is set; give concurrent jobs sharing a node different ones), GRES
+# PYTHON (the repository's .venv/bin/python if it exists, else python), PORT
+# (the rendezvous port, exported as MASTER_PORT; 29500 if neither is set; give
+# concurrent jobs sharing a node different ones), GRES
 # (gpu:GPUS_PER_NODE; set it empty on a CPU-only partition, where every task is
 # one gloo process).
 set -euo pipefail
@@ -20,12 +21,13 @@ GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-""}
-PYTHON=${PYTHON:-python}
 GRES=${GRES-gpu:$GPUS_PER_NODE}
 if [ -n "${PORT:-}" ]; then
     export MASTER_PORT=$PORT  # srun passes the environment on to every task
 fi
 TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=tools/launch_env.sh
+source "$TOOLS_DIR/launch_env.sh" "$@"
 
 # shellcheck disable=SC2086  # SRUN_ARGS is a list of options
 PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \

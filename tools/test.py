@@ -18,6 +18,7 @@ from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
 from convneur_mm.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
+from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
 
 
@@ -42,6 +43,7 @@ def parse_args():
 
 def main():
     args = parse_args()
+    check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
     set_local_rank(args.local_rank)
     print_log(tune_cpu_malloc(), logger='current')
     if not is_remote(args.checkpoint) and not osp.isfile(args.checkpoint):

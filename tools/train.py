@@ -12,8 +12,10 @@ from mmengine.logging import print_log
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
-                                       load_config, set_local_rank, set_randomness)
+                                       load_config, prepare_deterministic, set_local_rank,
+                                       set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
+from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
 
 
@@ -43,6 +45,9 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.deterministic:
+        prepare_deterministic()  # before CUDA starts
+    check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
     set_local_rank(args.local_rank)
     print_log(tune_cpu_malloc(), logger='current')
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)

@@ -42,7 +42,7 @@ test_dataloader = val_dataloader
 # at batch 64 needs a larger step (4e-3 collapses to chance here, 2e-3 learns).
 # base_batch_size is this run's batch, so that --auto-scale-lr keeps the lr per
 # image when the demo runs with another process count.
-optim_wrapper = dict(optimizer=dict(lr=2e-3))
+optim_wrapper = dict(optimizer=dict(lr=2e-3), accumulative_counts=1)  # one process, no accumulation
 auto_scale_lr = dict(base_batch_size=64)
 
 # 16 epochs (128 iterations) with the paper's warm-up share (20 of 300 epochs

@@ -3,6 +3,7 @@ that fail early with the offending path, AMP selection, the runner and the
 distributed shut-down."""
 import os
 import os.path as osp
+import warnings
 from typing import Iterable, List, Optional
 
 import torch
@@ -117,12 +118,43 @@ def set_randomness(cfg: Config, seed: Optional[int] = None, deterministic: bool 
         cfg.randomness.seed = seed
     if deterministic:
         cfg.randomness.deterministic = True
+        prepare_deterministic()
+
+
+# torch's message for an op without a deterministic kernel, under warn_only
+NONDETERMINISTIC_OP = r'.* does not have a deterministic implementation'
+
+
+def prepare_deterministic() -> None:
+    """What deterministic CUDA needs before CUDA starts. cuBLAS GEMMs are
+    deterministic only with a fixed workspace: without CUBLAS_WORKSPACE_CONFIG
+    the first Linear or bmm raises under ``use_deterministic_algorithms``. A
+    value the user set is kept. Ops without a deterministic kernel warn once
+    per op name (see ``build_runner``)."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    warnings.filterwarnings('once', message=NONDETERMINISTIC_OP, category=UserWarning)
+
+
+def _deterministic(cfg: Config) -> bool:
+    return bool((cfg.get('randomness') or {}).get('deterministic'))
 
 
 def build_runner(cfg: Config):
-    """The config's runner, or ours (MMEngine's Runner plus CPU distributed)."""
+    """The config's runner, or ours (MMEngine's Runner plus CPU distributed).
+
+    With ``randomness.deterministic`` MMEngine calls
+    ``torch.use_deterministic_algorithms(True)``, under which the backward
+    passes of bilinear ``interpolate`` (MMSeg's heads) and adaptive average
+    pooling (UperNet's PPM) raise on CUDA: they have no deterministic kernel.
+    Those ops warn instead (once per op name); everything else stays
+    deterministic."""
     cfg.setdefault('runner_type', 'convneur_mm.ConvNeurRunner')
-    return RUNNERS.build(cfg)
+    if _deterministic(cfg):
+        prepare_deterministic()
+    runner = RUNNERS.build(cfg)
+    if _deterministic(cfg):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return runner
 
 
 def set_local_rank(local_rank: int) -> None:

@@ -23,8 +23,13 @@ before loading the first batch not yet trained. Skipping loads the skipped
 batches (the sampler order and the data workers' generators advance as they
 did), so a resumed run with ``num_workers=0`` or non-persistent workers draws
 the same random numbers as the uninterrupted one, and its losses are equal.
-Only rank 0 writes checkpoints, so in a multi-process run rank 0's states are
-stored and restored; the other ranks continue as MMEngine leaves them.
+Every rank's states are stored: MMEngine 0.10.7's ``Runner.save_checkpoint``
+(and so ``before_save_checkpoint``) runs on rank 0 only, but every rank calls
+it, so ``ConvNeurRunner.save_checkpoint`` gathers all ranks' states first
+(``gather_rng_states``) and the hook stores them; each rank restores its own. The states are stored
+as bytes, not tensors: MMEngine loads a checkpoint with ``map_location`` set to
+the process's GPU, which moves tensors (torch's RNG setters take CPU byte
+tensors only) but leaves bytes alone.
 """
 import logging
 import random
@@ -32,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from mmengine.dist import all_gather_object, get_rank, get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
@@ -40,30 +46,52 @@ RNG_KEY = 'rng_state'
 
 
 def capture_rng_state() -> dict:
-    """The global generators' states, as types a weights-only load accepts."""
+    """This process's generator states, as types a weights-only load accepts
+    and ``map_location`` does not move: bytes, ints, tuples."""
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = dict(python=random.getstate(),
-                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                 numpy=dict(keys=keys.astype(np.uint32).tobytes(), pos=int(pos),
                             has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian)),
-                 torch=torch.get_rng_state())
+                 torch=torch.get_rng_state().numpy().tobytes())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state().numpy().tobytes()  # this rank's device
     return state
+
+
+def _cpu_bytes(value) -> torch.Tensor:
+    """A CPU uint8 tensor from stored bytes (or from a tensor, as checkpoints
+    written before the states were stored as bytes hold, wherever it was mapped)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to('cpu', torch.uint8)
+    return torch.frombuffer(bytearray(value), dtype=torch.uint8)
 
 
 def restore_rng_state(state: dict) -> None:
     version, internal, gauss_next = state['python']
     random.setstate((version, tuple(internal), gauss_next))
     numpy = state['numpy']
-    np.random.set_state(('MT19937', numpy['keys'].numpy().astype(np.uint32), numpy['pos'],
-                         numpy['has_gauss'], numpy['cached_gaussian']))
-    torch.set_rng_state(state['torch'])
+    keys = numpy['keys']
+    keys = (np.frombuffer(keys, dtype=np.uint32) if isinstance(keys, bytes) else
+            keys.detach().cpu().numpy().astype(np.uint32))
+    np.random.set_state(('MT19937', keys, numpy['pos'], numpy['has_gauss'],
+                         numpy['cached_gaussian']))
+    torch.set_rng_state(_cpu_bytes(state['torch']))
     if 'cuda' in state and torch.cuda.is_available():
-        cuda = state['cuda']
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        else:  # another number of devices: at least this process's own
-            torch.cuda.set_rng_state(cuda[0])
+        torch.cuda.set_rng_state(_cpu_bytes(state['cuda']))  # the current device's generator
+
+
+def gather_rng_states() -> list:
+    """Every rank's states, on every rank (a collective: all ranks call it)."""
+    return all_gather_object(capture_rng_state())
+
+
+def rank_state(stored: Optional[dict], rank: int) -> Optional[dict]:
+    """The states rank ``rank`` stored (None if that rank did not exist). A
+    checkpoint written before states were stored per rank holds rank 0's."""
+    if stored is None:
+        return None
+    ranks = stored['ranks'] if 'ranks' in stored else [stored]
+    return ranks[rank] if rank < len(ranks) else None
 
 
 class RngStateHook(Hook):
@@ -72,11 +100,21 @@ class RngStateHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint.setdefault('meta', {})[RNG_KEY] = capture_rng_state()
+        # rank 0 only: the states of every rank were gathered just before
+        states = getattr(runner, 'gathered_rng_states', None) or [capture_rng_state()]
+        runner.gathered_rng_states = None
+        checkpoint.setdefault('meta', {})[RNG_KEY] = dict(ranks=states)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        if getattr(runner, 'is_resuming', False):
-            runner.resumed_rng_state = checkpoint.get('meta', {}).get(RNG_KEY)
+        if not getattr(runner, 'is_resuming', False):
+            return
+        stored = checkpoint.get('meta', {}).get(RNG_KEY)
+        count = len(stored['ranks']) if stored and 'ranks' in stored else 1
+        if stored is not None and count != get_world_size():
+            print_log(f'the checkpoint holds the generator states of {count} processes, this '
+                      f'run has {get_world_size()}: ranks without stored states start from '
+                      'the seed', logger='current', level=logging.WARNING)
+        runner.resumed_rng_state = rank_state(stored, get_rank())
 
 
 def _pop_resumed_rng_state(runner) -> Optional[dict]:

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.registry import RUNNERS
 from .cpu_sync_bn import convert_to_cpu_sync_bn
-from .resume import RESUMABLE_LOOPS, RngStateHook
+from .resume import RESUMABLE_LOOPS, RngStateHook, gather_rng_states
 
 
 def _slurm_env_to_torch_env(port=None) -> None:
@@ -91,6 +91,15 @@ class ConvNeurRunner(Runner):
                 loop.pop('by_epoch', None)
                 loop['type'] = RESUMABLE_LOOPS[kind]
         return super().build_train_loop(loop)
+
+    gathered_rng_states = None
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
+        """MMEngine writes checkpoints on rank 0 only (its ``save_checkpoint``
+        is master-only), but every rank calls this: gather every rank's
+        generator states here, for ``RngStateHook`` to store."""
+        self.gathered_rng_states = gather_rng_states()
+        super().save_checkpoint(*args, **kwargs)
 
     def resume(self, filename, *args, **kwargs) -> None:
         self.is_resuming = True

@@ -1,4 +1,5 @@
-"""Where the configs and tools live: the repository, or ``.mim/`` in a wheel."""
+"""Where the configs and tools live: ``.mim/`` of the installed package (copies in
+a wheel, links to the repository in an editable install), or the repository."""
 import os
 import os.path as osp
 
@@ -9,7 +10,8 @@ CONFIGS_ENV = 'CONVNEUR_CONFIGS'
 def _resource_dir(name: str) -> str:
     installed = osp.join(PACKAGE_DIR, '.mim', name)
     if osp.isdir(installed):
-        return installed
+        # an editable install's .mim links to the repository: name the repository's
+        return osp.realpath(installed) if osp.islink(installed) else installed
     in_repo = osp.join(osp.dirname(PACKAGE_DIR), name)
     if osp.isdir(in_repo):
         return in_repo

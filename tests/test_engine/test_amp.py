@@ -23,6 +23,7 @@ from torch import nn
 
 import convneur_mm.engine  # noqa: F401  (registers CpuAmpOptimWrapper)
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+from convneur_mm.engine.launch import enable_amp, load_config
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from ..paths import REPO
@@ -79,7 +80,28 @@ def test_amp_runs_convolutions_in_bf16_and_the_memory_in_float32():
                if 'memory.init_w' in n)
 
 
+# ------------------------------------------- which wrapper --amp picks, per device
+@pytest.mark.parametrize('cuda,dtype,expect', [
+    (True, None, ('AmpOptimWrapper', 'float16', 'dynamic')),  # fp16 with loss scaling
+    (True, 'bfloat16', ('AmpOptimWrapper', 'bfloat16', None)),
+    (False, None, ('convneur_mm.CpuAmpOptimWrapper', None, None)),
+])
+def test_amp_wrapper_follows_the_device(monkeypatch, cuda, dtype, expect):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    cfg = load_config(DEMO)
+    enable_amp(cfg, dtype)
+    wrapper = cfg.optim_wrapper
+    assert (wrapper.type, wrapper.get('dtype'), wrapper.get('loss_scale')) == expect
+
+
+def test_amp_on_the_cpu_refuses_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match='bfloat16 only'):
+        enable_amp(load_config(DEMO), 'float16')
+
+
 # ------------------------------------------------- the tools, with --amp
+# (on the CPU, also on a GPU host: tests/conftest.py empties CUDA_VISIBLE_DEVICES)
 @pytest.fixture(scope='module')
 def tiny_imagenet(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp('imagenet_tiny'))
@@ -88,7 +110,8 @@ def tiny_imagenet(tmp_path_factory) -> str:
 
 
 def _run(*args, data_root):
-    env = dict(os.environ, IMAGENET_TINY_ROOT=data_root, OMP_NUM_THREADS='1')
+    env = dict(os.environ, IMAGENET_TINY_ROOT=data_root, OMP_NUM_THREADS='1',
+               CUDA_VISIBLE_DEVICES='')  # the CPU path: CpuAmpOptimWrapper below
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True)
 

@@ -151,9 +151,10 @@ def _train(model, batches, optim):
 def _update_errors(model, files):
     """Per floating tensor: (||our update - reference update||, ||reference update||)."""
     start = torch.load(files['start'], weights_only=True)
-    ref = torch.load(files['reference'], weights_only=True)
+    ref = torch.load(files['reference'], weights_only=True, map_location='cpu')
     errors = {}
     for key, value in model.state_dict().items():
+        value = value.cpu()
         if value.is_floating_point():
             ref_update = (ref[key] - start[key]).double()
             errors[key] = (float(((value - start[key]).double() - ref_update).norm()),
@@ -165,8 +166,25 @@ def _build_model(scope, model_cfg):
     return build_model(Config(dict(model=model_cfg, default_scope=scope)), init=False)
 
 
-def _ddp_worker(rank, world_size, scope, model_cfg, clip_grad, iters, files):
+def _wrap_cuda_ddp(model, rank):
+    """What MMEngine's Runner does on GPUs: torch's SyncBatchNorm over NCCL,
+    DDP with this process's device."""
+    from mmengine.model import MMDistributedDataParallel
+    return MMDistributedDataParallel(model.cuda(rank), device_ids=[rank],
+                                     broadcast_buffers=False)
+
+
+def _exact_float32():
+    """No TF32 on GPUs (on by default for convolutions): the comparison's
+    tolerances were measured in float32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _ddp_worker(rank, world_size, scope, model_cfg, clip_grad, iters, files, device='cpu'):
     init_default_scope(scope)
+    if device == 'cuda':
+        _exact_float32()
     if scope == 'mmdet':
         _deterministic_sampler()
     samples = torch.load(files['data'], weights_only=False)
@@ -178,7 +196,8 @@ def _ddp_worker(rank, world_size, scope, model_cfg, clip_grad, iters, files):
         model.load_state_dict(torch.load(files['start'], weights_only=True))
         if not synced:
             model = revert_sync_batchnorm(model)  # per-process BN statistics
-        ddp = wrap_cpu_ddp(model)  # as ConvNeurRunner.wrap_model on CPU
+        # as ConvNeurRunner.wrap_model on CPU / MMEngine's Runner on GPUs
+        ddp = wrap_cpu_ddp(model) if device == 'cpu' else _wrap_cuda_ddp(model, rank)
         optim = _optim_wrapper(ddp, clip_grad)
         started = time.perf_counter()
         losses = _train(ddp, batches, optim)
@@ -191,8 +210,10 @@ def _ddp_worker(rank, world_size, scope, model_cfg, clip_grad, iters, files):
     return result
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu(count=2))])
 @pytest.mark.parametrize('case', sorted(CASES))
-def test_two_processes_with_one_image_match_one_process_with_two(case, tmp_path):
+def test_two_processes_with_one_image_match_one_process_with_two(case, tmp_path, device):
+    """On GPUs: 2 NCCL processes (torch's SyncBatchNorm) x 1 image vs 1 GPU x 2."""
     spec = CASES[case]
     iters = spec.iters
     root = str(tmp_path / 'data') + '/'
@@ -215,23 +236,26 @@ def test_two_processes_with_one_image_match_one_process_with_two(case, tmp_path)
     # reference: one process, batch of 2, SyncBN reverted as the Runner does
     if scope == 'mmdet':
         _deterministic_sampler()
-    model = revert_sync_batchnorm(model)
+    model = revert_sync_batchnorm(model).to(device)
+    if device == 'cuda':
+        _exact_float32()
     clip_grad = cfg.optim_wrapper.get('clip_grad')
     clip_grad = clip_grad.to_dict() if clip_grad else None
     optim = _optim_wrapper(model, clip_grad)
     batches = [samples[i * WORLD:(i + 1) * WORLD] for i in range(iters)]
     with one_thread():  # as each worker; 2 threads on a busy 2-core box: 15x slower
         ref_losses = _train(model, batches, optim)
-    torch.save(model.state_dict(), files['reference'])
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, files['reference'])
     ref_bn = _sync_bn_types(model)
     del model, optim
 
     ranks = run_distributed(_ddp_worker, WORLD, scope, cfg.model.to_dict(), clip_grad,
-                            iters, files)
+                            iters, files, device, backend='gloo' if device == 'cpu' else 'nccl')
 
-    if scope == 'mmseg':  # the decode head's SyncBN: plain BN here, gloo-synced there
+    if scope == 'mmseg':  # the decode head's SyncBN: plain BN here, synced there
+        synced = 'CpuSyncBatchNorm' if device == 'cpu' else 'SyncBatchNorm'
         assert ref_bn == ['_BatchNormXd'], ref_bn
-        assert all(r['bn'] == ['CpuSyncBatchNorm'] for r in ranks), [r['bn'] for r in ranks]
+        assert all(r['bn'] == [synced] for r in ranks), [r['bn'] for r in ranks]
     ddp_losses = [sum(r['losses'][i] for r in ranks) / WORLD for i in range(iters)]
     loss_errors = [abs(a - b) / abs(b) for a, b in zip(ddp_losses, ref_losses)]
     print(f'\n{case}: 1-process losses {ref_losses}, 2-process mean {ddp_losses}, '

@@ -11,6 +11,7 @@ on this machine with the SLURM_* variables a real one sets, and a stand-in
 import os
 import os.path as osp
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -179,7 +180,46 @@ def test_slurm_scripts_build_mmdetection_srun_lines(tmp_path):
     test = subprocess.run([osp.join(TOOLS, 'slurm_test.sh'), 'cpu', 'job', 'cfg.py', 'c.pth'],
                           env=_clean_env(PATH=env['PATH']), capture_output=True, text=True)
     assert test.returncode == 0, test.stderr
+    venv_python = osp.join(REPO, '.venv', 'bin', 'python')
     assert _lines(test.stdout) == [  # defaults: 8 GPUs on one node, 5 CPUs each
         '-p', 'cpu', '--job-name=job', '--gres=gpu:8', '--ntasks=8', '--ntasks-per-node=8',
-        '--cpus-per-task=5', '--kill-on-bad-exit=1', 'python', '-u',
+        '--cpus-per-task=5', '--kill-on-bad-exit=1',
+        venv_python if os.access(venv_python, os.X_OK) else 'python', '-u',
         osp.join(TOOLS, 'test.py'), 'cfg.py', 'c.pth', '--launcher=slurm', 'MASTER_PORT=']
+
+
+# the interpreter that ran, then the cuBLAS workspace it saw
+WHO = '#!/bin/sh\necho "$0"\necho "CUBLAS=${CUBLAS_WORKSPACE_CONFIG:-unset}"\n'
+
+
+@pytest.mark.parametrize('script', ['dist_train.sh', 'slurm_train.sh'])
+def test_scripts_default_to_the_project_venv(tmp_path, script):
+    """No need to activate .venv: the scripts use it when it exists; PYTHON
+    wins; without either, `python` from PATH. --deterministic exports the
+    cuBLAS workspace to every process they start."""
+    repo = tmp_path / 'repo'
+    (repo / 'tools').mkdir(parents=True)
+    for name in (script, 'launch_env.sh'):
+        shutil.copy(osp.join(TOOLS, name), repo / 'tools' / name)
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    path_python = _script(bin_dir / 'python', WHO)
+    _script(bin_dir / 'srun', '#!/bin/bash\nwhile [[ $1 == -* ]]; do [[ $1 == -p ]] && shift; '
+                              'shift; done\nexec "$@"\n')  # runs the task's command
+    args = ['cfg.py', '2'] if script == 'dist_train.sh' else ['p', 'j', 'cfg.py', 'wd']
+    run_script = [str(repo / 'tools' / script), *args, '--deterministic']
+    env = _clean_env(PATH=f'{bin_dir}:{os.environ["PATH"]}')
+    env.pop('PYTHON', None)
+    env.pop('CUBLAS_WORKSPACE_CONFIG', None)
+
+    def who(**extra):
+        out = subprocess.run(run_script, env=dict(env, **extra), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return _lines(out.stdout)
+
+    assert who() == [path_python, 'CUBLAS=:4096:8']
+    (repo / '.venv' / 'bin').mkdir(parents=True)
+    venv_python = _script(repo / '.venv' / 'bin' / 'python', WHO)
+    assert who() == [venv_python, 'CUBLAS=:4096:8']
+    other = _script(tmp_path / 'other-python', WHO)
+    assert who(PYTHON=other, CUBLAS_WORKSPACE_CONFIG=':16:8') == [other, 'CUBLAS=:16:8']

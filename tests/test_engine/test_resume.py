@@ -29,6 +29,8 @@ from mmengine.runner import Runner
 from torch import nn
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+from convneur_mm.engine.resume import (RNG_KEY, RngStateHook, capture_rng_state,
+                                       gather_rng_states, rank_state, restore_rng_state)
 from convneur_mm.engine.runner import ConvNeurRunner
 from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
 from ..paths import REPO
@@ -237,3 +239,73 @@ def test_missing_resume_checkpoint_names_the_path(tiny_imagenet, tmp_path):
     assert result.returncode != 0
     assert f'checkpoint to resume from not found: {missing}' in result.stderr
     assert CorruptCheckpointError.__name__ not in result.stderr
+
+
+# ------------------------------------------- generator states on CUDA machines
+def _draws():
+    return (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+
+def _checkpoint_with_states(path, states):
+    torch.save(dict(meta={RNG_KEY: states}, state_dict={}), path)
+
+
+def test_states_restore_wherever_map_location_put_the_checkpoint(tmp_path):
+    """MMEngine loads with map_location = the process's GPU, which moves every
+    tensor; torch's setters take CPU byte tensors only. Mapped to the meta
+    device here (no data at all): the states must still come back."""
+    torch.manual_seed(3)
+    state = capture_rng_state()
+    expected = _draws()
+    _checkpoint_with_states(tmp_path / 'c.pth', dict(ranks=[state]))
+    loaded = torch.load(tmp_path / 'c.pth', weights_only=True, map_location='meta')
+    restore_rng_state(rank_state(loaded['meta'][RNG_KEY], 0))
+    assert _draws() == expected
+
+
+def _rank_states_worker(rank, world_size, path):
+    """Each rank seeds its own generators, the hook stores everyone's states
+    (rank 0 writes), then each rank restores from the file mapped to meta."""
+    from mmengine.dist import barrier
+    random.seed(rank)
+    np.random.seed(rank)
+    torch.manual_seed(rank)
+    class Runner:  # what RngStateHook sees of ConvNeurRunner
+        is_resuming = True
+    runner = Runner()
+    # ConvNeurRunner.save_checkpoint on every rank; MMEngine's hook call on rank 0 only
+    runner.gathered_rng_states = gather_rng_states()
+    checkpoint = {}
+    if rank == 0:
+        RngStateHook().before_save_checkpoint(runner, checkpoint)
+        torch.save(checkpoint, path)
+    expected = _draws()
+    barrier()
+    _draws()  # move on, as training does
+    RngStateHook().after_load_checkpoint(
+        runner, torch.load(path, weights_only=True, map_location='meta'))
+    restore_rng_state(runner.resumed_rng_state)
+    stored = torch.load(path, weights_only=True)['meta'][RNG_KEY]['ranks']
+    return dict(expected=expected, restored=_draws(), stored=len(stored))
+
+
+def test_each_rank_gets_back_its_own_states(tmp_path):
+    from .dist_utils import run_distributed
+    results = run_distributed(_rank_states_worker, 2, str(tmp_path / 'c.pth'))
+    for rank, result in enumerate(results):
+        assert result['stored'] == 2
+        assert result['restored'] == result['expected'], rank
+    assert results[0]['expected'] != results[1]['expected']  # the ranks' streams differ
+
+
+def test_checkpoints_from_before_per_rank_states_restore_rank_0():
+    """Older checkpoints hold one state, as tensors: rank 0's."""
+    torch.manual_seed(5)
+    old = capture_rng_state()
+    old = dict(old, torch=torch.get_rng_state(),
+               numpy=dict(old['numpy'], keys=torch.from_numpy(
+                   np.frombuffer(old['numpy']['keys'], dtype=np.uint32).astype(np.int64))))
+    expected = _draws()
+    assert rank_state(old, 1) is None
+    restore_rng_state(rank_state(old, 0))
+    assert _draws() == expected

@@ -4,6 +4,7 @@ from typing import Set, Tuple
 import torch
 from mmengine.config import Config
 
+from convneur_mm.demo_data.coco import CLASSES, ann_file
 from convneur_mm.engine.launch import SPLITS, build_runner
 from ..paths import REPO
 
@@ -13,6 +14,15 @@ def on_tiny_data(cfg: Config, data_root: str, **dataset_options) -> Config:
     for split in SPLITS:
         cfg[split].update(num_workers=0, persistent_workers=False)
         cfg[split].dataset.update(data_root=data_root, **dataset_options)
+    return cfg
+
+
+def on_tiny_coco(cfg: Config, data_root: str) -> Config:
+    """A detection config on the tiny COCO set: its classes, its evaluators'
+    annotation file."""
+    on_tiny_data(cfg, data_root, metainfo=dict(classes=CLASSES))
+    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
+        evaluator.ann_file = ann_file(data_root, 'val')
     return cfg
 
 

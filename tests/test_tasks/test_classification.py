@@ -70,7 +70,10 @@ def test_merged_config_is_the_papers_recipe(arch):
     assert (cosine.type, cosine.begin, cosine.eta_min) == ('CosineAnnealingLR', 20, 1e-6)
     assert cosine.get('end') in (None, 300) and cosine.convert_to_iter_based
     assert (cfg.train_cfg.by_epoch, cfg.train_cfg.max_epochs) == (True, 300)
-    assert cfg.auto_scale_lr.base_batch_size == 4096 == cfg.train_dataloader.batch_size * 8
+    # the paper's 4096 = 8 GPUs x per-GPU batch x gradient accumulation (issue 16)
+    batch, accumulate = cfg.train_dataloader.batch_size, optim.accumulative_counts
+    assert 8 * batch * accumulate == 4096 and batch & (batch - 1) == 0
+    assert cfg.auto_scale_lr.base_batch_size == 8 * batch  # --auto-scale-lr sees no accumulation
     transforms = [t.type for t in cfg.train_dataloader.dataset.pipeline]
     assert transforms == ['LoadImageFromFile', 'RandomResizedCrop', 'RandomFlip',
                           'RandAugment', 'RandomErasing', 'PackInputs']
@@ -173,7 +176,7 @@ def test_training_step_with_mixup_cutmix_randaugment(tiny_imagenet, tmp_path):
 
 def test_schedule_and_auto_scale_lr_on_the_real_config(tiny_imagenet, tmp_path):
     """The real 300-epoch config as the Runner builds it with --auto-scale-lr:
-    lr scaled from base batch 4096, 20 warm-up epochs, cosine to 1e-6 at 300."""
+    lr scaled from the paper's batch 4096 to the effective one (x accumulation), 20 warm-up epochs, cosine to 1e-6 at 300."""
     batch_size = 80  # 160 images -> 2 iterations per epoch, 1 process
     cfg = tiny_cls_cfg(tiny_imagenet, str(tmp_path / 'sched'), 'cls_convneur_m1_300e_in1k.py',
                        **{'train_dataloader.batch_size': batch_size,
@@ -182,7 +185,7 @@ def test_schedule_and_auto_scale_lr_on_the_real_config(tiny_imagenet, tmp_path):
     runner = build_runner(cfg)
     runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
     runner.scale_lr(runner.optim_wrapper, runner.auto_scale_lr)
-    peak = 4e-3 * batch_size / 4096
+    peak = 4e-3 * batch_size * cfg.optim_wrapper.accumulative_counts / 4096  # effective batch
     assert runner.optim_wrapper.param_groups[0]['lr'] == pytest.approx(peak)
     assert runner.optim_wrapper.optimizer.defaults['eps'] == 1e-8
     assert not runner.optim_wrapper.clip_grad_kwargs

@@ -13,11 +13,11 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
 from torch import nn
 
-from convneur_mm.demo_data.coco import CLASSES, ann_file, generate_coco_tiny
+from convneur_mm.demo_data.coco import generate_coco_tiny
 from convneur_mm.engine.launch import build_runner, load_config, missing_data_paths
 from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
 from ..paths import REPO
-from .task_utils import on_tiny_data, train_and_diff
+from .task_utils import on_tiny_coco, train_and_diff
 
 DEMO = osp.join(REPO, 'configs', 'demo', 'cascade_rcnn_convneur_m3_coco_tiny.py')
 CONFIGS = {'cascade_rcnn_convneur_m2_1x_coco.py': ('m2', [48, 96, 192, 384]),
@@ -105,9 +105,7 @@ def test_real_config_trains_one_iteration_and_predicts_on_cpu(coco_tiny, tmp_pat
     """The real M3 config (1333x800, 80 classes) in one CPU process."""
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
                       work_dir=str(tmp_path))
-    on_tiny_data(cfg, coco_tiny, metainfo=dict(classes=CLASSES))
-    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
-        evaluator.ann_file = ann_file(coco_tiny, 'val')
+    on_tiny_coco(cfg, coco_tiny)
     cfg.train_dataloader.batch_size = 1
     cfg.train_dataloader.dataset.indices = 2  # image 0 has no object, image 1 a crowd
     cfg.train_cfg.update(max_epochs=1, val_begin=2)

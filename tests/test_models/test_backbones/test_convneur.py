@@ -28,17 +28,17 @@ def test_dense_outputs_have_channels_and_strides(out_indices, expected):
         assert out.shape == (2, TINY['dims'][stage], 64 // stride, 96 // stride)
 
 
-def test_dense_outputs_are_contiguous_for_roi_align():
+def test_dense_outputs_are_contiguous_for_roi_align(device='cpu'):
     """mmcv's RoIAlign reads raw NCHW memory: channels-last strides (what the
     LayerNorms produce) would feed the RoI heads scrambled features. What it
     pools from our maps must equal torchvision's stride-aware RoIAlign."""
     from mmcv.ops import roi_align
     from torchvision.ops import roi_align as strided_roi_align
-    model = _tiny(out_indices=(0, 1, 2, 3), gap_before_final_norm=False).eval()
+    model = _tiny(out_indices=(0, 1, 2, 3), gap_before_final_norm=False).eval().to(device)
     with torch.no_grad():
-        outs = model(torch.randn(2, 3, 64, 96))
-    assert all(out.is_contiguous() for out in outs)
-    rois = torch.tensor([[0, 4., 8., 40., 60.], [1, 30., 2., 90., 50.]])
+        outs = model(torch.randn(2, 3, 64, 96, device=device))
+    assert all(out.is_contiguous() and out.device.type == device for out in outs)
+    rois = torch.tensor([[0, 4., 8., 40., 60.], [1, 30., 2., 90., 50.]], device=device)
     pooled = roi_align(outs[0], rois, (7, 7), 0.25, 0, 'avg', True)
     reference = strided_roi_align(outs[0], rois, (7, 7), 0.25, 0, True)
     torch.testing.assert_close(pooled, reference)

@@ -23,10 +23,12 @@ CASES = [(5, 20, 1, 64), (5, 23, 1, 64), (4, 16, 2, 64), (7, 3, 1, 64), (6, 6, 1
 
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
 @pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
-def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads, scan_block):
+def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads, scan_block,
+                                              device='cpu'):
     memory = _perturbed_memory(12, seed=chunk * 100 + tokens, chunk_size=chunk,
-                               heads=heads, update=update, max_lr=0.7, scan_block=scan_block)
-    x = torch.randn(2, tokens, 12, dtype=torch.float64, requires_grad=True)
+                               heads=heads, update=update, max_lr=0.7,
+                               scan_block=scan_block).to(device)
+    x = torch.randn(2, tokens, 12, dtype=torch.float64, requires_grad=True, device=device)
     out, ref = memory(x), reference_memory(memory, x)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 

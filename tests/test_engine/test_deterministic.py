@@ -1,0 +1,64 @@
+"""``--deterministic`` on CUDA (issue 16): cuBLAS's workspace set before CUDA
+starts, and ops without a deterministic CUDA kernel (the backward passes of
+bilinear interpolate and adaptive average pooling) warn once per op name
+instead of raising. What a CPU can show: the variable, the mode, the warning."""
+import os
+import warnings
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.model import BaseModel
+from mmengine.registry import MODELS
+from torch import nn
+
+from convneur_mm.engine.launch import build_runner, prepare_deterministic
+
+
+@MODELS.register_module(force=True)
+class DeterministicToy(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, *args, **kwargs):
+        return {}
+
+
+@pytest.fixture
+def restore_modes(monkeypatch):
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    filters = warnings.filters[:]
+    yield
+    torch.use_deterministic_algorithms(False)
+    warnings.filters[:] = filters
+
+
+def _runner(tmp_path, deterministic):
+    return build_runner(Config(dict(
+        model=dict(type='DeterministicToy'), work_dir=str(tmp_path), default_scope='mmengine',
+        randomness=dict(seed=0, deterministic=deterministic))))
+
+
+def test_deterministic_runs_warn_only_with_cublas_workspace(tmp_path, restore_modes):
+    _runner(tmp_path, deterministic=True)
+    assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':4096:8'
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()  # MMEngine set it to raise
+    with warnings.catch_warnings(record=True) as caught:
+        prepare_deterministic()  # the filters as the run has them
+        # put_ has no deterministic kernel (on the CPU too): two call sites, one warning
+        torch.zeros(4).put_(torch.tensor([0, 0]), torch.tensor([1., 2.]))
+        torch.ones(4).put_(torch.tensor([1, 1]), torch.tensor([1., 2.]))
+    messages = [str(w.message) for w in caught if 'deterministic' in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith('put_ does not have a deterministic')
+
+
+def test_user_cublas_setting_is_kept_and_plain_runs_untouched(tmp_path, restore_modes,
+                                                              monkeypatch):
+    _runner(tmp_path, deterministic=False)
+    assert 'CUBLAS_WORKSPACE_CONFIG' not in os.environ
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':16:8')
+    prepare_deterministic()
+    assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':16:8'

@@ -1,0 +1,81 @@
+"""The CUDA paths, run where a GPU is (marker ``gpu``; skipped elsewhere, with
+the reason). Each reuses the CPU test of the same behaviour, on the GPU:
+
+* the neural memory's forward and backward against the float64 autograd
+  reference (tests/test_models/test_layers/test_neural_memory.py);
+* mmcv's RoIAlign on the backbone's outputs
+  (tests/test_models/test_backbones/test_convneur.py);
+* a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
+  fp16 ``--amp`` (MMEngine's AmpOptimWrapper, dynamic loss scaling);
+* an exact resume, the checkpoint loaded with ``map_location`` on the GPU and
+  the CUDA generator's state restored (tests/test_engine/test_resume.py).
+
+The 2-GPU NCCL + SyncBN equivalence is the ``cuda`` case of
+tests/test_engine/test_data_parallel_equivalence.py.
+"""
+import math
+import os.path as osp
+
+import pytest
+import torch
+
+from convneur_mm.demo_data.coco import generate_coco_tiny
+from convneur_mm.engine.launch import enable_amp, load_config
+from ..paths import REPO
+from ..test_engine import test_resume
+from ..test_models.test_backbones.test_convneur import \
+    test_dense_outputs_are_contiguous_for_roi_align as roi_align_check
+from ..test_models.test_layers.test_neural_memory import CASES
+from ..test_models.test_layers.test_neural_memory import \
+    test_fast_path_matches_autograd_reference as memory_check
+from ..test_tasks.task_utils import on_tiny_coco, train_and_diff
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize('update', ['parallel', 'sequential'])
+@pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
+def test_memory_matches_float64_reference_on_cuda(update, chunk, tokens, heads, scan_block):
+    memory_check(update, chunk, tokens, heads, scan_block, device='cuda')
+
+
+def test_roi_align_on_backbone_outputs_on_cuda():
+    roi_align_check(device='cuda')
+
+
+@pytest.fixture(scope='module')
+def coco_tiny(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp('coco_tiny')) + '/'
+    generate_coco_tiny(root, num_train=8, num_val=2)
+    return root
+
+
+def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
+    """The real M3 config (1333x800, 80 classes), 2 iterations of batch 2
+    under ``--amp``: finite losses and weights, float32 master weights."""
+    cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
+                      work_dir=str(tmp_path))
+    on_tiny_coco(cfg, coco_tiny)
+    cfg.train_dataloader.batch_size = 2
+    cfg.train_dataloader.dataset.indices = 4
+    cfg.train_cfg.update(max_epochs=1, val_begin=2)
+    cfg.default_hooks.checkpoint = None
+    enable_amp(cfg)
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.dtype) == ('AmpOptimWrapper', 'float16')
+    runner, changed = train_and_diff(cfg)
+    assert next(runner.model.parameters()).is_cuda
+    loss = runner.message_hub.get_scalar('train/loss').current()
+    assert math.isfinite(loss) and loss > 0
+    assert {'backbone', 'neck', 'rpn_head', 'roi_head'} <= changed
+    for name, param in runner.model.named_parameters():
+        assert param.dtype == torch.float32 and torch.isfinite(param).all(), name
+
+
+@pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch-based', 'iter-based'])
+def test_resume_on_cuda_continues_exactly(tmp_path, by_epoch):
+    """The toy runs of test_resume.py on the GPU: the model's noise comes
+    from the CUDA generator, the checkpoint is mapped to the GPU on load."""
+    test_resume.test_resumed_toy_run_continues_exactly(tmp_path, by_epoch)
+    checkpoint = torch.load(tmp_path / 'full' / 'iter_9.pth', weights_only=True)
+    (state, ) = checkpoint['meta']['rng_state']['ranks']
+    assert 'cuda' in state  # the CUDA generator was stored, and so restored

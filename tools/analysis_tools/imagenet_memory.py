@@ -1,0 +1,102 @@
+"""Per-GPU memory of ImageNet training (ConvNeur-M1..M4 at 224x224 with
+``--amp``) and the per-GPU batch that fits a GPU of ``--gpu-gib``, which is
+what the ``cls_convneur_m*_300e_in1k.py`` configs set.
+
+    python tools/analysis_tools/imagenet_memory.py [--archs m1 m2 m3 m4]
+        [--batch 2] [--gpu-gib 24] [--reserve-gib 3] [--gpus 8]
+
+Measured on any device (no GPU needed) with the backbone built from each
+config, in training mode, under bf16 autocast on the CPU: the tensors autograd
+saves are then 2-byte, as under fp16 autocast on CUDA, and the neural memory's
+inner loop is float32 in both. Per GPU:
+
+* activations per image: the saved-tensor bytes of one forward + backward
+  (``benchmark_with_cp.measure_memory``, i.e. ``SavedTensorMeter``), plus the
+  largest block's own activations, held a second time while its backward
+  runs (the transient peak); the head's (a pooled vector) are negligible;
+* weights, gradients and AdamW's two moments, all float32: 16 bytes per
+  parameter (the fp16 weight copies autocast caches are in the activations);
+* ``--reserve-gib`` for the CUDA context, cuDNN / cuBLAS workspaces and the
+  caching allocator's fragmentation (our assumption, not measured).
+
+The per-GPU batch is the largest power of two that fits, and
+``accumulative_counts = 4096 / (GPUS x batch)`` keeps the paper's batch of 4096
+(8 GPUs x 512) and its learning rate.
+"""
+import argparse
+import os.path as osp
+import sys
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from benchmark_with_cp import measure_memory  # noqa: E402
+from convneur_mm.utils.toolbox import build_model, load_cfg, quiet_init  # noqa: E402
+
+GIB = 2**30
+MIB = 2**20
+PAPER_BATCH = 4096
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--archs', nargs='+', default=['m1', 'm2', 'm3', 'm4'])
+    parser.add_argument('--batch', type=int, default=2, help='images per measurement')
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--gpu-gib', type=float, default=24.0)
+    parser.add_argument('--reserve-gib', type=float, default=3.0)
+    parser.add_argument('--gpus', type=int, default=8)
+    return parser.parse_args(argv)
+
+
+def estimate(arch: str, batch: int = 2, size: int = 224) -> dict:
+    """Bytes per image (activations + transient) and fixed bytes (16 per parameter)."""
+    cfg = load_cfg(f'cls_convneur_{arch}_300e_in1k.py')
+    with quiet_init():
+        model = build_model(cfg, init=False)
+    backbone = model.backbone.train()
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        measured = measure_memory(backbone, x)
+    params = sum(p.numel() for p in model.parameters())
+    return dict(per_image=(measured['saved'] + measured['largest_block']) / batch,
+                saved_per_image=measured['saved'] / batch, fixed=16 * params, params=params)
+
+
+def fitting_batch(per_image: float, fixed: float, gpu_bytes: float, reserve: float) -> int:
+    """The largest power of two whose step fits."""
+    batch = 1
+    while fixed + reserve + 2 * batch * per_image <= gpu_bytes:
+        batch *= 2
+    return batch
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    gpu, reserve = args.gpu_gib * GIB, args.reserve_gib * GIB
+    print(f'ImageNet training at {args.size}x{args.size}, --amp (activations measured under '
+          f'bf16 autocast), AdamW; GPU of {args.gpu_gib:g} GiB, {args.reserve_gib:g} GiB '
+          f'reserved; {args.gpus} GPUs, effective batch {PAPER_BATCH}')
+    print('| model | params (M) | saved activations / image (MiB) | with transient (MiB) | '
+          'weights + grads + AdamW (MiB) | per-GPU batch | estimated peak (GiB) | '
+          'accumulative_counts |')
+    print('|---|---|---|---|---|---|---|---|')
+    rows = {}
+    for arch in args.archs:
+        e = estimate(arch, args.batch, args.size)
+        batch = fitting_batch(e['per_image'], e['fixed'], gpu, reserve)
+        accumulate = max(1, PAPER_BATCH // (args.gpus * batch))
+        peak = (e['fixed'] + reserve + batch * e['per_image']) / GIB
+        rows[arch] = dict(e, batch=batch, accumulative_counts=accumulate, peak_gib=peak)
+        print(f'| ConvNeur-{arch.upper()} | {e["params"] / 1e6:.2f} | '
+              f'{e["saved_per_image"] / MIB:.1f} | {e["per_image"] / MIB:.1f} | '
+              f'{e["fixed"] / MIB:.0f} | {batch} | {peak:.1f} | {accumulate} |')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
