@@ -9,7 +9,8 @@
 #
 # Variables: SEG_RUNS (30), CLS_RUNS (10), LOAD (busy processes beside the
 # runs, 1), RUN_TIMEOUT (s per tool run, 1800: a hang counts as a failure),
-# PYTHON (.venv/bin/python), ADE20K_TINY_ROOT / IMAGENET_TINY_ROOT (generated
+# LOAD_LIMIT (s after which a busy process stops even if the soak was killed,
+# 14400), PYTHON (.venv/bin/python), ADE20K_TINY_ROOT / IMAGENET_TINY_ROOT (generated
 # if missing), SEG_CHECKPOINT (the segmentation demo's checkpoint; trained once
 # into WORK_DIR if not given), REPO_UNDER_TEST (the checkout whose tools run,
 # default this one: point it at an older checkout to measure "before").
@@ -27,6 +28,7 @@ SEG_RUNS=${SEG_RUNS:-30}
 CLS_RUNS=${CLS_RUNS:-10}
 LOAD=${LOAD:-1}
 RUN_TIMEOUT=${RUN_TIMEOUT:-1800}
+LOAD_LIMIT=${LOAD_LIMIT:-14400}
 export PYTHON=${PYTHON:-$HERE/.venv/bin/python}
 export ADE20K_TINY_ROOT=${ADE20K_TINY_ROOT:-$WORK/data/ade20k_tiny/}
 export IMAGENET_TINY_ROOT=${IMAGENET_TINY_ROOT:-$WORK/data/imagenet_tiny}
@@ -61,7 +63,7 @@ burners=()
 stop_load() { [ ${#burners[@]} -eq 0 ] || kill "${burners[@]}" 2>/dev/null; }
 trap stop_load EXIT
 for ((i = 0; i < LOAD; i++)); do
-    bash -c 'while :; do :; done' &
+    timeout "$LOAD_LIMIT" bash -c 'while :; do :; done' &
     burners+=($!)
 done
 
