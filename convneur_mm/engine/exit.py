@@ -4,26 +4,32 @@ work is done, non-zero when it failed (issue 17).
 The abort this guards against, seen after ``tools/dist_test.sh`` had printed
 its metrics ("terminate called without an active exception", SIGABRT, so
 torchrun reported the run as failed), is a PyTorch race at interpreter
-shut-down (torch 2.13, gloo; pytorch/pytorch#190489, open; the same class as
-#117762). A gloo worker thread (``pt_gloo_runloop``) marks a collective
-complete, which wakes the Python caller, and only afterwards drops its own
-reference to the work. If the caller has dropped the tensors by then (e.g.
-MMEngine's ``broadcast_object_list`` of the metrics), that last reference
-frees Python objects and takes the GIL. When the main thread has meanwhile
-left the tool and started ``Py_FinalizeEx``, CPython's ``take_gil`` ends the
-worker with ``pthread_exit``; the forced unwind meets a ``noexcept``
-destructor (``~AsyncWork``) and the C++ runtime calls ``std::terminate``.
-The worker only loses that race when it is descheduled between the two
-steps: intermittent (issue 17 saw 2 of 7 evaluations fail beside a busy
-process).
+shut-down (torch 2.13, gloo; upstream: pytorch/pytorch#190489, open).
+
+The thread that is still running - joinable, never joined - when the
+interpreter is torn down is gloo's worker thread (``pt_gloo_runloop``,
+``ProcessGroupGloo::runLoop``) of the default process group. It marks a
+collective complete, which wakes the Python caller, and only afterwards drops
+its own reference to the work. When the caller has already let go of the
+tensors (MMEngine's ``broadcast_object_list`` of the metrics is the last
+collective of an evaluation), that reference is the last one, and freeing the
+tensor's Python object takes the GIL. If the main thread has meanwhile left
+the tool and ``Py_FinalizeEx`` has marked the interpreter as finalizing,
+CPython's ``take_gil`` ends the worker with ``pthread_exit``; the forced unwind
+meets a ``noexcept`` destructor (``~AsyncWork``) and the C++ runtime calls
+``std::terminate``. Only sometimes: the worker loses the race only when it is
+descheduled between its two steps for longer than the main thread takes to
+reach finalization, which a second busy process on a 2-core machine makes
+likely (issue 17: 2 of 7 evaluations; docs/exit_codes.md has our counts and
+a 10-line reproduction).
 
 ``torch.distributed.destroy_process_group()`` does not close the window: it
 only unregisters the group. The DistributedDataParallel wrapper of the
-runner's model keeps ``ProcessGroupGloo`` alive, so its worker threads are
-not joined and run on into interpreter finalization. Freeing the wrapper
-first does not help: its ``Reducer`` is deallocated with the GIL held, and
-the group's destructor then joins a worker that waits for the GIL (a
-deadlock; docs/exit_codes.md).
+runner's model keeps ``ProcessGroupGloo`` alive, so its destructor, which
+would join the worker threads, does not run before interpreter finalization.
+Freeing the wrapper first does not help: its ``Reducer`` is deallocated with
+the GIL held, and the group's destructor then joins a worker that waits for
+the GIL (a deadlock; docs/exit_codes.md).
 
 Hence, once a tool's work is done and written, :func:`exit_successfully`
 meets the other ranks at a barrier, destroys the process group, does what a
@@ -31,8 +37,8 @@ normal interpreter exit does that matters (joins non-daemon threads, runs the
 ``atexit`` handlers, e.g. logging's flush and close, flushes stdout/stderr),
 and then leaves with ``os._exit``: the interpreter tear-down in which the
 abort happens is skipped. Every failure before that point - an exception, a
-killed rank, a failed collective - still ends the process the usual way,
-with a non-zero status.
+killed rank, a failed collective, a peer gone before the final barrier -
+still ends the process the usual way, with a non-zero status.
 """
 import atexit
 import os

@@ -9,8 +9,9 @@ table printed by rank 0, then the tool's ending.
 ENDING  ``exit_successfully`` (the tools' ending) or ``shutdown_only`` (the
         ending before issue 17: destroy the group and return).
 --fail  how a run fails before its work is done: ``exception`` on rank 1,
-        ``abort`` (rank 1 dies of SIGABRT), or ``peer-dies`` (rank 1 leaves
-        while rank 0 waits for it in a collective).
+        ``abort`` (rank 1 dies of SIGABRT), ``peer-dies`` (rank 1 leaves
+        while rank 0 waits for it in a collective), or ``late`` (rank 1 raises
+        after rank 0 has printed the metrics, before the group is destroyed).
 """
 import argparse
 import importlib.util
@@ -49,19 +50,21 @@ def fail(how: str, rank: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('ending', choices=['exit_successfully', 'shutdown_only'])
-    parser.add_argument('--fail', choices=['exception', 'abort', 'peer-dies'])
+    parser.add_argument('--fail', choices=['exception', 'abort', 'peer-dies', 'late'])
     args = parser.parse_args()
     dist.init_process_group('gloo')
     rank = dist.get_rank()
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
     model.cycle = [model]  # like MMEngine's runner: freed by the garbage collector
     model(torch.randn(3, 4)).sum().backward()
-    if args.fail:
+    if args.fail and args.fail != 'late':
         fail(args.fail, rank)
     metrics = [{'mIoU': 88.0} if rank == 0 else None]
     dist.broadcast_object_list(metrics, src=0)  # the Evaluator's last collective
     if rank == 0:
         print(f'metrics: {metrics[0]}', flush=True)
+    if args.fail == 'late' and rank == 1:
+        raise RuntimeError('a failure after the metrics, before the end')
     if args.ending == 'exit_successfully':
         exit_successfully()
     dist.destroy_process_group()  # main's ending before issue 17

@@ -116,6 +116,15 @@ def test_a_failure_before_the_end_exits_non_zero(how):
     assert re.search(r'exit ?code|exitcode|FAILED', run.stderr), _log(run)
 
 
+def test_a_failure_after_the_metrics_before_the_group_is_destroyed_exits_non_zero():
+    """Printed metrics do not make a run successful: rank 1 fails before the
+    final barrier, and the run fails."""
+    run = _torchrun('exit_successfully', '--fail', 'late', timeout=120)
+    assert "metrics: {'mIoU': 88.0}" in run.stdout
+    assert run.returncode != 0, _log(run)
+    assert 'a failure after the metrics' in run.stderr, _log(run)
+
+
 # ------------------------------------------------ the real tool
 def test_dist_test_exits_0_despite_a_late_abort(abort_at_teardown, tmp_path):
     """tools/dist_test.sh, 2 gloo processes, the demo segmentor on 2 tiny
