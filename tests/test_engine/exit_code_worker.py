@@ -67,7 +67,8 @@ def main() -> None:
         raise RuntimeError('a failure after the metrics, before the end')
     if args.ending == 'exit_successfully':
         exit_successfully()
-    dist.destroy_process_group()  # main's ending before issue 17
+    else:
+        dist.destroy_process_group()  # main's ending before issue 17
 
 
 if __name__ == '__main__':

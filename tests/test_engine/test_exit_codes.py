@@ -188,7 +188,7 @@ def test_exit_successfully_keeps_what_a_normal_exit_does(tmp_path):
     one), buffered output is written; the status is 0."""
     out = str(tmp_path / 'out')
     run = subprocess.run([sys.executable, '-c', EXITING, out, '100'], env=_env(),
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, _log(run)
     assert run.stdout == 'x' * 100  # no newline, no flush: still written
     assert open(out + '.thread').read() == 'joined'
@@ -202,6 +202,6 @@ def test_exit_successfully_fails_when_the_output_is_lost(tmp_path):
     reader.wait()  # the pipe's read end is closed
     env = {k: v for k, v in _env().items() if k != 'PYTHONUNBUFFERED'}  # buffered, flushed at exit
     run = subprocess.run([sys.executable, '-c', EXITING, str(tmp_path / 'out'), '100'],
-                         env=env, stdout=reader.stdin, stderr=subprocess.PIPE, timeout=60)
+                         env=env, stdout=reader.stdin, stderr=subprocess.PIPE, timeout=180)
     reader.stdin.close()
     assert run.returncode == 120, run.stderr[-2000:]
