@@ -12,8 +12,9 @@ from mmengine.model import is_model_wrapper
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import MODES as COMPILE_MODES, compile_runner_model
+from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
-                                       set_local_rank, shutdown_distributed)
+                                       set_local_rank)
 from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
 from convneur_mm.utils.pretrained import check_checkpoint_fits
@@ -74,7 +75,9 @@ def main():
     if runner.rank == 0:
         print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '
                                             f'{osp.basename(args.checkpoint)}'))
-    shutdown_distributed()
+    # the work is done and written: exit 0, never a late abort at interpreter
+    # tear-down (a PyTorch race: convneur_mm/engine/exit.py, issue 17)
+    exit_successfully()
 
 
 if __name__ == '__main__':

@@ -11,9 +11,10 @@ from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import MODES as COMPILE_MODES, compile_runner_model
+from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
                                        load_config, prepare_deterministic, set_local_rank,
-                                       set_randomness, shutdown_distributed)
+                                       set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
@@ -73,7 +74,9 @@ def main():
     if args.compile:
         compile_runner_model(runner, args.compile)
     runner.train()
-    shutdown_distributed()
+    # the work is done and written: exit 0, never a late abort at interpreter
+    # tear-down (a PyTorch race: convneur_mm/engine/exit.py, issue 17)
+    exit_successfully()
 
 
 if __name__ == '__main__':

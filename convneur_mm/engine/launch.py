@@ -161,15 +161,6 @@ def set_local_rank(local_rank: int) -> None:
     os.environ.setdefault('LOCAL_RANK', str(local_rank))
 
 
-def shutdown_distributed() -> None:
-    """Destroy the default process group once the work is done.
-
-    PyTorch asks for it at the end of every distributed program; MMEngine's
-    runner never does it. Without it gloo's worker threads can abort the
-    process at interpreter shut-down ("terminate called without an active
-    exception", SIGABRT; pytorch/pytorch#190489): we saw that once, after
-    ``tools/test.py`` had printed its metrics, failing the job. Not for error
-    paths: other ranks may still be inside a collective.
-    """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+# The distributed shut-down lives with the rest of the exit sequence (issue 17);
+# importable from here as before.
+from .exit import shutdown_distributed  # noqa: E402,F401

@@ -6,14 +6,16 @@ export PYTHON=${PYTHON:-.venv/bin/python}
 export PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
 # run_logged NAME LOG PATTERN CMD...: the full output goes to LOG, the lines
-# matching PATTERN to the terminal; on failure, the log's tail and a non-zero exit.
+# matching PATTERN to the terminal; on failure, the log's tail and the command's
+# exit status (the tools exit 0 exactly when their work is done: docs/exit_codes.md).
 run_logged() {
-    local name=$1 log=$2 pattern=$3
+    local name=$1 log=$2 pattern=$3 status
     shift 3
     mkdir -p "$(dirname "$log")"
     if ! "$@" 2>&1 | tee "$log" | { grep --line-buffered -E "$pattern" || true; }; then
+        status=${PIPESTATUS[0]}
         tail -n 40 "$log"
-        echo "[$name demo] failed: $*; full log: $log" >&2
+        echo "[$name demo] failed (exit status $status): $*; full log: $log" >&2
         exit 1
     fi
 }
