@@ -159,8 +159,3 @@ def build_runner(cfg: Config):
 
 def set_local_rank(local_rank: int) -> None:
     os.environ.setdefault('LOCAL_RANK', str(local_rank))
-
-
-# The distributed shut-down lives with the rest of the exit sequence (issue 17);
-# importable from here as before.
-from .exit import shutdown_distributed  # noqa: E402,F401

@@ -2,7 +2,8 @@
 import torch.distributed as dist
 from mmengine.config import Config
 
-from convneur_mm.engine.launch import set_randomness, shutdown_distributed
+from convneur_mm.engine.exit import shutdown_distributed
+from convneur_mm.engine.launch import set_randomness
 
 
 def test_shutdown_destroys_the_process_group_once(tmp_path):
