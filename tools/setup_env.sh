@@ -74,6 +74,9 @@ if ! "$py" "$HELPER" mmcv-covers "$flavor" "$FLAVOR_FILE" 2>/dev/null; then
         MMCV_WITH_OPS=1 "${pip[@]}" --no-deps --no-build-isolation -r requirements/mmcv.txt
     fi
     "$py" "$HELPER" record "$flavor" "$FLAVOR_FILE"
+elif [ ! -f "$FLAVOR_FILE" ]; then
+    # a venv from before the flavor record whose probed mmcv serves this flavor
+    "$py" "$HELPER" record "$flavor" "$FLAVOR_FILE"
 fi
 "${pip[@]}" --no-deps --no-build-isolation -r requirements/mmcv.txt  # mmengine
 "${pip[@]}" -r requirements/tests.txt
