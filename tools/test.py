@@ -11,7 +11,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
-from convneur_mm.engine.compile import MODES as COMPILE_MODES, compile_runner_model
+from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
 from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
                                        set_local_rank)
@@ -34,9 +34,7 @@ def parse_args():
     parser.add_argument('--show-dir', help='save drawn predictions to this directory')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
     parser.add_argument('--amp', action='store_true', help='mixed-precision inference')
-    parser.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES,
-                        help='torch.compile the backbone, neck and dense heads (optional '
-                        'mode, default "default"; see convneur_mm/engine/compile.py)')
+    add_compile_argument(parser)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],

@@ -10,7 +10,7 @@ from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
-from convneur_mm.engine.compile import MODES as COMPILE_MODES, compile_runner_model
+from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
 from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
                                        load_config, prepare_deterministic, set_local_rank,
@@ -28,9 +28,7 @@ def parse_args():
                         help='mixed precision (fp16 with loss scaling on GPU, bf16 on CPU)')
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'],
                         help='autocast dtype for --amp (GPU default float16)')
-    parser.add_argument('--compile', nargs='?', const='default', choices=COMPILE_MODES,
-                        help='torch.compile the backbone, neck and dense heads (optional '
-                        'mode, default "default"; see convneur_mm/engine/compile.py)')
+    add_compile_argument(parser)
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate to the actual total batch size')
     parser.add_argument('--resume', nargs='?', const='auto',

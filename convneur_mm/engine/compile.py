@@ -38,6 +38,13 @@ COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
 MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
+def add_compile_argument(parser) -> None:
+    """The ``--compile [MODE]`` option that tools/train.py and tools/test.py share."""
+    parser.add_argument('--compile', nargs='?', const='default', choices=MODES,
+                        help='torch.compile the backbone, neck and dense heads (optional '
+                        'mode, default "default"; see convneur_mm/engine/compile.py)')
+
+
 def compilable_parts(model: nn.Module, parts: Optional[Sequence[str]] = None) -> List[str]:
     """The names of ``model``'s parts to compile: ``parts`` (each must exist)
     or those of ``COMPILED_PARTS`` the model has."""
