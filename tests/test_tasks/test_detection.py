@@ -184,6 +184,40 @@ def test_train_then_evaluate_prints_coco_tables(coco_tiny, tmp_path, monkeypatch
     masks = [m for p in predictions for m in p['pred_instances']['masks']]
     assert masks and all(isinstance(m, dict) and 'counts' in m for m in masks)
 
+    # tools/test.py evaluated the checkpoint's weights: its first prediction is
+    # the one an in-process model with those weights makes, and not the one of
+    # a model that missed the checkpoint (AP of a model trained 1 epoch on 8
+    # images can't tell the two apart: both are near 0)
+    first = predictions[0]['pred_instances']
+    loaded = _first_prediction(tmp_path / 'loaded', checkpoint=str(checkpoint))
+    unloaded = _first_prediction(tmp_path / 'unloaded', checkpoint=None)
+    assert _same_prediction(first, loaded), (first['scores'][:5], loaded.scores[:5])
+    assert not _same_prediction(first, unloaded), 'the check cannot tell a missed checkpoint'
+
+
+def _first_prediction(work_dir, checkpoint):
+    """The demo detector's prediction for the first test image, in this
+    process: with ``checkpoint`` loaded, or initialized as training starts."""
+    cfg = load_config(DEMO, work_dir=str(work_dir))
+    cfg.load_from = checkpoint
+    runner = build_runner(cfg)
+    if checkpoint:
+        runner.load_or_resume()
+    else:
+        runner.model.init_weights()
+    runner.model.eval()
+    data = next(iter(runner.build_dataloader(cfg.test_dataloader)))
+    with torch.no_grad():
+        return runner.model.test_step(data)[0].pred_instances
+
+
+def _same_prediction(dumped: dict, instances) -> bool:
+    scores = torch.as_tensor(dumped['scores'])
+    return (len(scores) == len(instances.scores)
+            and torch.allclose(scores, instances.scores.cpu(), atol=1e-4)
+            and torch.allclose(torch.as_tensor(dumped['bboxes']), instances.bboxes.cpu(),
+                               atol=1e-2))
+
 
 # ------------------------------------------------------------- bad input
 def test_missing_data_root_names_the_path(tmp_path):
