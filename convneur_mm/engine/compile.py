@@ -30,8 +30,10 @@ recompile on every batch.
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
+from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
@@ -100,9 +102,38 @@ def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] 
         raise ValueError('--compile replaces MMEngine\'s cfg.compile (which compiles '
                          'train_step only); remove one of them')
     names = compile_model(runner.model, mode=mode, dynamic=dynamic, backend=backend)
+    runner.register_hook(CompilationCountHook(), priority='VERY_LOW')
     print_log(f'torch.compile ({mode}, dynamic={dynamic}) of the model\'s '
               f'{", ".join(names)}; the first iterations compile (minutes on a CPU)',
               logger='current')
+
+
+class CompilationCountHook(Hook):
+    """Logs after every epoch how many graphs were compiled during it: after
+    the first epoch a count above zero means recompilations (``TORCH_LOGS=
+    recompiles`` names their reasons), which cost minutes each on a CPU."""
+
+    def __init__(self) -> None:
+        self.seen = graphs_compiled()
+        self.history: List[tuple] = []  # (what, graphs compiled during it)
+
+    def _log(self, runner, what: str) -> None:
+        count = graphs_compiled()
+        self.history.append((what, count - self.seen))
+        print_log(f'torch.compile: {count - self.seen} graph(s) compiled during {what} '
+                  f'({count} in this process)', logger='current')
+        self.seen = count
+
+    def after_train_epoch(self, runner) -> None:
+        # an iteration-based loop ends its one "epoch" with the run
+        by_iter = isinstance(runner.train_loop, IterBasedTrainLoop)
+        self._log(runner, 'training' if by_iter else f'training epoch {runner.epoch + 1}')
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._log(runner, 'validation')
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._log(runner, 'testing')
 
 
 def graphs_compiled() -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from convneur_mm.engine.compile import (compilable_parts, compile_model, compile_runner_model,
-                                        graphs_compiled)
+                                        graphs_compiled, CompilationCountHook)
 from convneur_mm.engine.launch import build_runner, load_config
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.neural_memory import NeuralMemory
@@ -112,6 +112,12 @@ def test_runner_trains_with_compiled_parts_and_plain_checkpoint_keys(tmp_path):
     compile_runner_model(runner, backend='eager')
     runner.train()
     assert graphs_compiled() > before  # the compiled forwards ran
+    # the log of what each epoch compiled: the second training epoch (same
+    # shapes) compiles nothing, validation its eval-mode graphs
+    counts = dict(next(h for h in runner.hooks
+                       if isinstance(h, CompilationCountHook)).history)
+    assert counts['training epoch 1'] > 0 and counts['training epoch 2'] == 0, counts
+    assert counts['validation'] > 0, counts
     model = runner.model
     assert compilable_parts(model) == ['backbone', 'head']  # the classifier has no neck
     assert all('forward' in vars(getattr(model, p)) for p in ('backbone', 'head'))
