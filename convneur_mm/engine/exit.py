@@ -33,7 +33,8 @@ the GIL (a deadlock; docs/exit_codes.md).
 
 Hence, once a tool's work is done and written, :func:`exit_successfully`
 meets the other ranks at a barrier, destroys the process group, does what a
-normal interpreter exit does that matters (joins non-daemon threads, runs the
+normal interpreter exit does that matters (stops idle thread pools and joins
+non-daemon threads, runs the
 ``atexit`` handlers, e.g. logging's flush and close, flushes stdout/stderr),
 and then leaves with ``os._exit``: the interpreter tear-down in which the
 abort happens is skipped. Every failure before that point - an exception, a
@@ -78,6 +79,22 @@ def _flush_std_streams() -> bool:
     return ok
 
 
+def _join_threads() -> None:
+    """What CPython's shut-down does with threads, by the function it calls
+    (``threading._shutdown``): first the hooks registered with
+    ``threading._register_atexit``, which tell idle ``concurrent.futures``
+    pool workers to stop (Inductor keeps such a pool for its C++ builds under
+    ``--compile``: joining its workers without the hook waits forever), then
+    a join of every non-daemon thread."""
+    shutdown = getattr(threading, '_shutdown', None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():  # a Python without it: joins only
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+
+
 def exit_successfully() -> NoReturn:
     """The last call of a tool whose work is done: exit status 0 (or 120, as
     CPython does, if the output cannot be flushed), never a late abort.
@@ -88,8 +105,6 @@ def exit_successfully() -> NoReturn:
     if _distributed():
         torch.distributed.barrier()
     shutdown_distributed()
-    for thread in threading.enumerate():  # what Python waits for at exit
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    _join_threads()
     atexit._run_exitfuncs()  # logging.shutdown, multiprocessing's clean-up, ...
     os._exit(0 if _flush_std_streams() else FLUSH_FAILED)

@@ -177,6 +177,10 @@ def late_writer():
     time.sleep(0.3)
     open(out + '.thread', 'w').write('joined')
 threading.Thread(target=late_writer).start()
+if len(sys.argv) > 3:  # an idle pool kept for later, as Inductor's compile workers
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    pool.submit(int).result()
 atexit.register(lambda: open(out + '.atexit', 'w').write('ran'))
 sys.stdout.write('x' * int(sys.argv[2]))
 exit_successfully()
@@ -193,6 +197,17 @@ def test_exit_successfully_keeps_what_a_normal_exit_does(tmp_path):
     assert run.stdout == 'x' * 100  # no newline, no flush: still written
     assert open(out + '.thread').read() == 'joined'
     assert open(out + '.atexit').read() == 'ran'
+
+
+def test_exit_successfully_stops_idle_thread_pools(tmp_path):
+    """An idle ``concurrent.futures`` pool (Inductor keeps one after a
+    ``--compile`` run) is shut down as at a normal exit, not waited for
+    forever (a join of its workers alone hung)."""
+    out = str(tmp_path / 'out')
+    run = subprocess.run([sys.executable, '-c', EXITING, out, '1', 'pool'], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, _log(run)
+    assert open(out + '.thread').read() == 'joined'
 
 
 def test_exit_successfully_fails_when_the_output_is_lost(tmp_path):
