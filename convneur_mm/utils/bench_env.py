@@ -71,6 +71,33 @@ def memory_allocated_bytes(device) -> int:
     return torch.cuda.memory_allocated(torch.device(device))
 
 
+class PeakMemoryGrowth:
+    """Peak memory a piece of work adds, in MiB, the same on every device:
+    on CUDA the allocator's peak in the window over what was allocated when
+    it opened (weights and inputs excluded); on a CPU the growth of the
+    process's max RSS over its value then (a high-water mark: a window that
+    follows a larger earlier peak, such as a compilation's, reads too low)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        synchronize(device)
+        if is_cuda(device):
+            reset_peak_memory(device)
+            self.base = memory_allocated_bytes(device)
+        else:
+            self.base = _max_rss_bytes()
+
+    def mib(self) -> float:
+        synchronize(self.device)
+        peak = peak_memory_bytes(self.device) if is_cuda(self.device) else _max_rss_bytes()
+        return (peak - self.base) / 2**20
+
+
+def _max_rss_bytes() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 class RegionTimer:
     """Device time spent between ``start(key)`` and ``stop(key)`` calls.
 

@@ -1,6 +1,8 @@
 """The benchmarks' device helpers: the GEMM-rate yardstick, and CUDA timing
 and memory readings on the device asked for (checked with a stub of
 torch.cuda, since no GPU is available to the test suite)."""
+import subprocess
+import sys
 import time
 
 import pytest
@@ -104,3 +106,31 @@ def test_region_timer_uses_the_host_clock_on_cpu(monkeypatch):
         timer.start(key)
         timer.stop(key)
     assert timer.seconds() == pytest.approx(3.5)
+
+
+def test_peak_memory_growth_on_cuda_excludes_what_was_allocated_before(monkeypatch):
+    """Weights and inputs allocated before the window are not its peak: 123
+    bytes at the peak, 23 already there when it opened."""
+    cuda = _FakeCuda(monkeypatch, [])
+    monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda device=None: 23)
+    window = bench_env.PeakMemoryGrowth('cuda:1')
+    assert window.mib() == pytest.approx(100 / 2**20)
+    assert ('reset', torch.device('cuda:1')) in cuda.calls
+
+
+GROWTH = """
+import torch
+from convneur_mm.utils.bench_env import PeakMemoryGrowth
+window = PeakMemoryGrowth('cpu')
+block = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+print(window.mib())
+"""
+
+
+def test_peak_memory_growth_on_cpu_is_what_the_work_added():
+    """In a fresh process: the max RSS is a high-water mark, which an earlier
+    test's larger peak would hide."""
+    out = subprocess.run([sys.executable, '-c', GROWTH], capture_output=True, text=True,
+                         check=True, timeout=120)
+    grown = float(out.stdout.split()[-1])
+    assert 256 - 32 <= grown <= 256 + 32, grown  # the process's own RSS is not counted

@@ -31,6 +31,7 @@ row failed or ran out of time.
 Accuracies on the tiny sets are a smoke test of learning, not ImageNet's.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -95,6 +96,12 @@ def _load(path: str) -> Optional[dict]:
     return None
 
 
+def _matches(cached: Optional[dict], **setting) -> bool:
+    """Whether a cached result was made with ``setting`` (a result is reused
+    only for the same row config, recipe, data and measurement settings)."""
+    return cached is not None and all(cached.get(k) == v for k, v in setting.items())
+
+
 def _save(path: str, data: dict) -> None:
     os.makedirs(osp.dirname(path), exist_ok=True)
     with open(path + '.tmp', 'w') as f:
@@ -119,15 +126,14 @@ def measure_speed(config: str, shape: int, batch: int) -> dict:
     import torch
 
     import convneur_mm  # noqa: F401
-    from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize
+    from convneur_mm.utils.bench_env import (PeakMemoryGrowth, setup_benchmark_device,
+                                             synchronize)
     from convneur_mm.utils.toolbox import build_model, load_cfg
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     description = setup_benchmark_device(device)
     model = build_model(load_cfg(config), init=False).to(device).eval()
     x = torch.randn(batch, 3, shape, shape, device=device)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
+    memory = PeakMemoryGrowth(device)
     times = []
     with torch.inference_mode():
         for i in range(4):  # the first run warms up
@@ -136,9 +142,7 @@ def measure_speed(config: str, shape: int, batch: int) -> dict:
             synchronize(device)
             if i:
                 times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == 'cuda' else
-            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
-    return dict(throughput=batch / sorted(times)[len(times) // 2], peak_mb=peak,
+    return dict(throughput=batch / sorted(times)[len(times) // 2], peak_mb=memory.mib(),
                 device=description, shape=shape, batch=batch)
 
 
@@ -185,6 +189,8 @@ class Row:
         os.makedirs(self.dir, exist_ok=True)
         self.config = osp.join(self.dir, 'config.py')
         cfg.dump(self.config)
+        with open(self.config, 'rb') as f:  # row, recipe and data: what a cache must match
+            self.key = hashlib.sha256(f.read()).hexdigest()[:16]
 
     def run_file(self, seed: int) -> str:
         return osp.join(self.dir, f'seed{seed}', 'result.json')
@@ -259,10 +265,10 @@ class _Killer:
 def measure_row(row: Row, args) -> dict:
     """Params and MACs at --flops-shape; throughput in a fresh process."""
     cached = _load(osp.join(row.dir, 'cost.json'))
-    if cached is None or args.force or cached.get('shape') != args.flops_shape:
+    if args.force or not _matches(cached, key=row.key, shape=args.flops_shape):
         from convneur_mm.utils.complexity import measure_config
         whole = measure_config(row.config, (args.flops_shape, args.flops_shape))['whole']
-        cached = dict(shape=args.flops_shape, **whole)
+        cached = dict(key=row.key, shape=args.flops_shape, **whole)
         _save(osp.join(row.dir, 'cost.json'), cached)
     return cached
 
@@ -270,6 +276,9 @@ def measure_row(row: Row, args) -> dict:
 def speed_row(row: Row, args) -> Optional[dict]:
     path = osp.join(row.dir, 'speed.json')
     cached = _load(path)
+    setting = dict(key=row.key, shape=args.speed_shape, batch=args.speed_batch)
+    if not _matches(cached, **setting):
+        cached = None
     if args.skip_speed or (cached is not None and not args.force and not args.speed_only):
         return cached
     out = subprocess.run([sys.executable, osp.abspath(__file__), '--speed-worker', row.config,
@@ -277,7 +286,7 @@ def speed_row(row: Row, args) -> Optional[dict]:
                          capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise RuntimeError(f'timing {row.name} failed:\n{out.stderr[-2000:]}')
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = dict(setting, **json.loads(out.stdout.strip().splitlines()[-1]))
     _save(path, result)
     return result
 
@@ -317,7 +326,7 @@ def summarize(rows: List[dict]) -> List[dict]:
 def table(rows: List[dict], seeds: List[int]) -> str:
     lines = ['| # | variant | params (M) | GFLOPs paper | GFLOPs paper + matmul | GFLOPs full '
              '| img/s | peak MB (inference) | s / epoch | peak MB (training) '
-             f'| top-1 | top-5 | paper: GFLOPs, top-1 | training min (wall / CPU) |',
+             '| top-1 | top-5 | paper: GFLOPs, top-1 | training min (wall / CPU) |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         m, cost, speed = r['meta'], r['cost'], r.get('speed')
@@ -396,10 +405,13 @@ def main(argv=None) -> int:
                      cost=measure_row(row, args))
         for seed in args.seeds:
             cached = _load(row.run_file(seed))
+            setting = dict(key=row.key, gpus=args.gpus)
+            if not _matches(cached, status='ok', **setting):
+                cached = None  # another row config, recipe or data; or a failed run: again
             label = f'[{index}/{len(rows)} {row.name} seed {seed}]'
             if (cached is None or args.force) and not args.speed_only:
                 print(f'{label} training', flush=True)
-                cached = dict(seed=seed, **train_row(row, seed, args, label))
+                cached = dict(seed=seed, **setting, **train_row(row, seed, args, label))
                 _save(row.run_file(seed), cached)
                 print(f'{label} {cached["status"]}: top-1 {cached.get("top1", "-")}, '
                       f'{cached["wall_s"] / 60:.1f} min '

@@ -28,7 +28,6 @@ bound is a float32 bound; bf16 is reported as a speed-up of its own.
 import argparse
 import json
 import os.path as osp
-import resource
 import subprocess
 import sys
 import time
@@ -39,8 +38,8 @@ from torch import nn
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import (RegionTimer, is_cuda, peak_gemm_rate,  # noqa: E402
-                                         peak_memory_bytes, reset_peak_memory,
+from convneur_mm.utils.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
+                                         is_cuda, peak_gemm_rate,
                                          setup_benchmark_device, synchronize)
 
 MODES = ('eager', 'compiled', 'bf16')
@@ -188,14 +187,18 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
         from convneur_mm.engine.compile import compile_model
         compile_model(model, dynamic=False)  # in place: eager_fn now runs compiled
     fn = _in_mode(eager_fn, mode, device)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset_peak_memory(device)
+    if mode == 'compiled':  # compile first: the window is inference's, not the compiler's
+        start = time.perf_counter()
+        fn(x)
+        synchronize(device)
+        compile_s = time.perf_counter() - start
+    memory = PeakMemoryGrowth(device)
     through, warm_up = _timed(fn, x, iters, device)
     latency, _ = _timed(fn, one, max(iters, 5), device)
-    if is_cuda(device):
-        peak_mb = peak_memory_bytes(device) / 2**20
-    else:  # ru_maxrss is in KiB on Linux; the growth over the model's idle state
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    # on a CPU the max RSS after a compilation holds the compiler's peak: unknown
+    peak_mb = None if mode == 'compiled' and not is_cuda(device) else memory.mib()
+    if mode == 'compiled':
+        warm_up = compile_s
     median = through[len(through) // 2]
     # hooks would make a compiled model recompile with them: eager modes only
     branch_seconds = (_global_branch_seconds(model, fn, x, device)
@@ -237,11 +240,16 @@ def run_all(args) -> List[Dict]:
     return [best_round(results) for results in rounds.values()]
 
 
+def _mib(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.0f}'
+
+
 def best_round(results: List[Dict]) -> Dict:
     """One model's rounds: its best throughput and latency, its largest peak."""
     best = dict(max(results, key=lambda r: r['throughput']))
     best['latency_ms'] = min(r['latency_ms'] for r in results)
-    best['peak_mb'] = max(r['peak_mb'] for r in results)
+    peaks = [r['peak_mb'] for r in results if r['peak_mb'] is not None]
+    best['peak_mb'] = max(peaks) if peaks else None  # not measurable compiled on a CPU
     best['rounds'] = len(results)
     return best
 
@@ -281,7 +289,7 @@ def _mode_report(results: List[Dict], mode: str, gemm_rate: Optional[float]) -> 
         lines.append(
             f'| {r["name"]} | {r["params"] / 1e6:.2f} | {r["paper_macs"] / 1e9:.2f} | '
             f'{r["full_macs"] / 1e9:.2f} | {r["throughput"]:.1f} | {ratio} | '
-            f'{r["latency_ms"]:.1f} | {r["peak_mb"]:.0f} | {share} |')
+            f'{r["latency_ms"]:.1f} | {_mib(r["peak_mb"])} | {share} |')
     m3, local = by_name.get('ConvNeur-M3'), by_name.get('ConvNeur-M3 local-only')
     lines.append('')
     if m3 and local:

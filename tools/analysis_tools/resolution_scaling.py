@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os.path as osp
-import resource
 import subprocess
 import sys
 import time
@@ -28,9 +27,8 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import (is_cuda, peak_memory_bytes,  # noqa: E402
-                                         reset_peak_memory, setup_benchmark_device,
-                                         synchronize)
+from convneur_mm.utils.bench_env import (PeakMemoryGrowth,  # noqa: E402
+                                         setup_benchmark_device, synchronize)
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -74,8 +72,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
     model = registry.build(cfg).to(device)
     model.eval()  # some toolbox backbones' train() returns None
     x = torch.randn(1, 3, *size, device=device)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reset_peak_memory(device)
+    memory = PeakMemoryGrowth(device)
     times = []
     for i in range(iters + 1):  # the first run warms up
         start = time.perf_counter()
@@ -83,9 +80,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
         synchronize(device)
         if i:
             times.append(time.perf_counter() - start)
-    peak = (peak_memory_bytes(device) / 2**20 if is_cuda(device) else
-            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    return dict(name=name, size=list(size), seconds=min(times), peak_mb=peak)
+    return dict(name=name, size=list(size), seconds=min(times), peak_mb=memory.mib())
 
 
 def fit_exponent(points: List[Tuple[float, float]]) -> Optional[float]:
