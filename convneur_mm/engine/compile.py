@@ -75,14 +75,22 @@ def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
     if mode not in MODES:
         raise ValueError(f'compile mode must be one of {MODES}, got {mode!r}')
     names = compilable_parts(model, parts)
+    for module in part_modules(model, names):
+        module.forward = compile_forward(module, mode=mode, dynamic=dynamic, backend=backend)
+    return names
+
+
+def part_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
+    """The modules whose ``forward`` compiling the named parts replaces: each
+    part, or each entry of a part that is a ``ModuleList`` (UperNet's
+    auxiliary heads); a wrapper (DDP) is looked through."""
     if is_model_wrapper(model):
         model = model.module
+    modules = []
     for name in names:
         part = getattr(model, name)
-        for module in (part if isinstance(part, nn.ModuleList) else [part]):
-            module.forward = compile_forward(module, mode=mode, dynamic=dynamic,
-                                             backend=backend)
-    return names
+        modules.extend(part if isinstance(part, nn.ModuleList) else [part])
+    return modules
 
 
 def compile_forward(module: nn.Module, **compile_kwargs) -> Callable:

@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.engine.compile import (compilable_parts, compile_forward,  # noqa: E402
-                                        graphs_compiled)
+                                        graphs_compiled, part_modules)
 from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
 
 WORKLOADS = ('inference', 'train', 'detector')
@@ -54,7 +54,7 @@ class CompiledSwitch:
     one that ``--compile`` installs (same modules, same weights)."""
 
     def __init__(self, model: nn.Module, parts: List[str]):
-        self.modules = [getattr(model, p) for p in parts]
+        self.modules = part_modules(model, parts)
         self.compiled = [compile_forward(m) for m in self.modules]
 
     def use(self, compiled: bool) -> None:

@@ -105,3 +105,20 @@ def test_bad_mixer_settings_give_clear_errors(mixer, cfg, match):
 def test_bad_mixer_values_give_clear_errors(mixer, cfg, match):
     with pytest.raises(ValueError, match=match):
         GlobalBranch(6, 8, mixer, cfg, **MEMORY)
+
+
+def test_non_local_affinities_stay_finite_under_fp16_autocast():
+    """Affinities of 72900 unscaled (above fp16's 65504), 36450 once scaled by
+    1/sqrt(d'): scaling theta before the product keeps fp16 autocast finite
+    where scaling the product after it gives inf, then a NaN softmax."""
+    from convneur_mm.models.layers.mixers.non_local import NonLocal2d
+    block = NonLocal2d(8, reduction=2)  # d' = 4, scale 1/2
+    with torch.no_grad():
+        for conv in (block.theta, block.phi, block.g):
+            conv.weight.zero_()
+            conv.bias.fill_(135.0)
+        block.conv_out.weight.fill_(1e-3)
+    x = torch.randn(1, 8, 4, 4)
+    with torch.autocast('cpu', dtype=torch.float16):
+        out = block(x)
+    assert torch.isfinite(out).all()

@@ -10,8 +10,9 @@ from torch import Tensor, nn
 class GlobalSelfAttention(nn.Module):
     """Multi-head self-attention over all N tokens of one image, (B, N, d) -> (B, N, d).
 
-    The products run in ``F.scaled_dot_product_attention`` (flash attention
-    on CPU and CUDA), so no N x N map is materialized in memory.
+    The products run in ``F.scaled_dot_product_attention``: a fused kernel
+    (flash on a CPU and, for fp16/bf16 inputs, on CUDA; the memory-efficient
+    one for float32 on CUDA), so no N x N map is materialized in memory.
     """
 
     def __init__(self, dim: int, heads: int = 1):

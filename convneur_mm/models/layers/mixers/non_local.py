@@ -16,8 +16,10 @@ class NonLocal2d(nn.Module):
     theta, phi and g are 1x1 convs C -> C / reduction; W_z (``conv_out``)
     maps back and starts at zero, so the block starts as the identity (the
     reference's ``zeros_init``). The affinities are products of
-    ``torch.matmul`` as in the reference; the softmax over all H*W positions
-    runs in float32 under autocast.
+    ``torch.matmul`` as in the reference, with theta scaled before the
+    product rather than the product after it (the same value; under fp16
+    autocast the unscaled product overflows sooner); the softmax over all
+    H*W positions runs in float32.
 
     Args:
         dim: channels C (the branch width C_m).
@@ -50,7 +52,7 @@ class NonLocal2d(nn.Module):
         theta = self.theta(x).flatten(2).transpose(1, 2)  # (B, HW, d')
         phi = self.phi(x).flatten(2)  # (B, d', HW)
         g = self.g(x).flatten(2).transpose(1, 2)  # (B, HW, d')
-        affinity = torch.matmul(theta, phi) * self.scale
+        affinity = torch.matmul(theta * self.scale, phi)
         weights = affinity.to(torch.promote_types(affinity.dtype, torch.float32)).softmax(
             dim=-1).to(g.dtype)
         y = torch.matmul(weights, g).transpose(1, 2).reshape(b, -1, h, w)

@@ -55,8 +55,8 @@ class SegmentedAttention(nn.Module):
         qkv = self.to_qkv(self.norm(x))
         if pad:
             qkv = F.pad(qkv, (0, 0, 0, pad))
-        # (3, B * segments, heads, seg, head_dim): 4-D, so that SDPA takes its
-        # fused (flash) kernel on CPU and CUDA
+        # (3, B * segments, heads, seg, head_dim): 4-D, so that SDPA takes a
+        # fused kernel (on CUDA the memory-efficient one: flash takes no mask)
         q, k, v = qkv.view(b * segments, seg, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         persistent = self.persistent_kv.to(k.dtype)[:, None].expand(
             2, b * segments, *self.persistent_kv.shape[1:])
