@@ -62,6 +62,28 @@ def test_a_run_out_of_time_is_stopped_and_fails_the_tool(tiny, tmp_path):
     assert 'timeout' in out.stdout and 'incomplete rows' in out.stderr
     result = json.loads((tmp_path / 'results.json').read_text())['rows'][0]['runs'][0]
     assert result['status'] == 'timeout' and result['wall_s'] < 30
+    again = _run(tiny, tmp_path, '--skip-speed', '--row-minutes', '0.05')
+    assert '] training' in again.stdout  # a run that did not finish is not reused
+
+
+def test_cached_results_belong_to_one_row_recipe_and_data(tiny, tmp_path):
+    """A result is reused only for the same merged config: another recipe or
+    data root gives the row another key (a rerun into the same work dir with
+    another recipe printed the old accuracies under the new recipe's name)."""
+    tool = import_analysis_tool('ablation_table')
+    from convneur_mm.utils.toolbox import load_cfg
+    recipe = load_cfg(str(tiny / 'recipe.py'))
+    other = load_cfg(str(tiny / 'recipe.py'))
+    other.train_cfg.max_epochs = 3
+    key = tool.Row(ROW, recipe, str(tiny / 'data'), str(tmp_path)).key
+    assert tool.Row(ROW, recipe, str(tiny / 'data'), str(tmp_path)).key == key
+    assert tool.Row(ROW, other, str(tiny / 'data'), str(tmp_path)).key != key
+    assert tool.Row(ROW, recipe, str(tmp_path), str(tmp_path)).key != key
+    ok = dict(status='ok', key=key, gpus=1)
+    assert tool._matches(ok, status='ok', key=key, gpus=1)
+    assert not tool._matches(dict(ok, key='other'), status='ok', key=key, gpus=1)
+    assert not tool._matches(dict(ok, status='timeout'), status='ok', key=key, gpus=1)
+    assert not tool._matches(None, status='ok')
 
 
 def test_last_validation_and_epoch_time_from_scalars(tmp_path):
