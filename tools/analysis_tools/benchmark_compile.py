@@ -156,6 +156,9 @@ def main(argv=None):
     print('|---|---|---|---|---|---|---|')
     results = {}
     for name in args.workloads:
+        # a fresh Dynamo cache: the workloads share code (ConvNeur.forward), and
+        # another workload's shapes would make this one compile dynamic shapes
+        torch._dynamo.reset()
         model, step, title, batch = BUILDERS[name](args)
         r = compare(model, step, args.repeats, args.device, args.amp)
         results[name] = r
