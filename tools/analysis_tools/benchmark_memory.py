@@ -120,6 +120,15 @@ def _inference(memory: nn.Module, fn: Callable, x: torch.Tensor, device: str) ->
     synchronize(device)
 
 
+def _with_grad(fn: Callable) -> Callable:
+    """``fn`` with autograd on: the reference's memory writes are gradient
+    steps (``torch.autograd.grad``), also when the timing is inference."""
+    def call(memory: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            return fn(memory, x)
+    return call
+
+
 def time_paths(paths: Dict[str, Tuple[nn.Module, Callable]], x: torch.Tensor,
                repeats: int, device: str, step: Callable = _step) -> Dict[str, float]:
     """Median seconds of ``step`` (forward + backward by default) per path.
@@ -149,7 +158,7 @@ def main():
     memory = NeuralMemory(args.dim, chunk_size=args.chunk, update=args.update).to(args.device)
     x = torch.randn(args.batch, args.tokens, args.dim, device=args.device, requires_grad=True)
     paths = {'ours (closed form, scan)': (memory, lambda m, t: m(t)),
-             'autograd reference': (memory, reference_memory)}
+             'autograd reference': (memory, _with_grad(reference_memory))}
     if args.compile:
         compiled = torch.compile(memory)
         paths['ours, torch.compile'] = (memory, lambda m, t: compiled(t))

@@ -15,6 +15,7 @@ ONNX Runtime's and the compiled model's outputs from eager on the timed input.
 import argparse
 import os.path as osp
 import sys
+import os
 import tempfile
 import time
 from typing import Callable, Dict, List
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
     print('| model | input | eager (ms) | compiled (ms) | ONNX Runtime (ms) | eager / ORT | '
           'max abs diff ORT, compiled | export, compile (s) |')
     print('|---|---|---|---|---|---|---|---|')
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             r = measure(name, args.repeats, args.out_dir or tmp)
