@@ -22,10 +22,17 @@ are, and the same compiled modules serve training, validation and testing.
 It is ``forward`` that is compiled, not the module's ``__call__`` (as
 ``nn.Module.compile`` would): MMSegmentation's decode heads call
 ``self.forward(...)`` from ``loss`` and ``predict``. With
-``dynamic=None`` (the default) a part is first compiled for the shapes it
-meets, and recompiled once with symbolic sizes when they change (PyTorch's
-automatic dynamic shapes), so detection's varying image sizes do not
-recompile on every batch.
+Shapes are static (``dynamic=False``): a part compiles once per input shape
+it meets, up to ``torch._dynamo.config.recompile_limit`` (8) shapes, and runs
+eager for further shapes (PyTorch warns once). PyTorch's automatic dynamic
+shapes (``dynamic=None``: recompile once with symbolic sizes when a size
+changes) would suit detection's varying image sizes better, but in torch
+2.13 Inductor fails on the second size of a training run: it sorts the
+symbolic strides of a channels-last view that the forward graph saves for
+backward (``LayerNorm2d``'s output: ``16*(W//4) < 16`` has no truth value
+while W may be below 4) with plain comparisons, ``TypeError: cannot
+determine truth value of Relational`` (upstream: pytorch/pytorch#185510,
+open). ``CompilationCountHook`` logs how many graphs each epoch compiled.
 """
 from typing import Callable, List, Optional, Sequence
 
@@ -62,7 +69,7 @@ def compilable_parts(model: nn.Module, parts: Optional[Sequence[str]] = None) ->
 
 
 def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
-                  mode: str = 'default', dynamic: Optional[bool] = None,
+                  mode: str = 'default', dynamic: Optional[bool] = False,
                   backend: str = 'inductor') -> List[str]:
     """Compile ``model``'s parts in place; returns the names compiled.
 
@@ -102,7 +109,7 @@ def compile_forward(module: nn.Module, **compile_kwargs) -> Callable:
     return torch.compile(module.forward, **compile_kwargs)
 
 
-def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] = None,
+def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] = False,
                          backend: str = 'inductor') -> None:
     """``--compile`` of tools/train.py and tools/test.py, after the runner is
     built (its model exists, maybe wrapped) and before it trains or tests."""
