@@ -121,8 +121,14 @@ def run_child(cmd: List[str]) -> None:
     sys.exit(rc)
 
 
+SPEED_RUNS = 10
+
+
 def measure_speed(config: str, shape: int, batch: int) -> dict:
-    """Inference throughput and the peak memory it adds, in this (fresh) process."""
+    """Inference throughput and the peak memory it adds, in this (fresh)
+    process: the fastest of ``SPEED_RUNS`` calls after a warm-up (the median
+    of 3 moved by up to 40% between two runs of the table on a 2-core VM; the
+    fastest call is the one least disturbed)."""
     import torch
 
     import convneur_mm  # noqa: F401
@@ -136,13 +142,13 @@ def measure_speed(config: str, shape: int, batch: int) -> dict:
     memory = PeakMemoryGrowth(device)
     times = []
     with torch.inference_mode():
-        for i in range(4):  # the first run warms up
+        for i in range(SPEED_RUNS + 1):  # the first run warms up
             start = time.perf_counter()
             model(x, mode='tensor')
             synchronize(device)
             if i:
                 times.append(time.perf_counter() - start)
-    return dict(throughput=batch / sorted(times)[len(times) // 2], peak_mb=memory.mib(),
+    return dict(throughput=batch / min(times), runs=len(times), peak_mb=memory.mib(),
                 device=description, shape=shape, batch=batch)
 
 
@@ -424,7 +430,8 @@ def main(argv=None) -> int:
     speed = next((r['speed'] for r in results if r.get('speed')), None)
     header = (f'Recipe {args.recipe} ({len(args.seeds)} seed(s): {args.seeds}); MACs at '
               f'{args.flops_shape}x{args.flops_shape}; throughput: inference, batch '
-              f'{args.speed_batch} at {args.speed_shape}x{args.speed_shape}'
+              f'{args.speed_batch} at {args.speed_shape}x{args.speed_shape}, fastest of '
+              f'{SPEED_RUNS} calls'
               + (f' on {speed["device"]}' if speed else ' (not timed)')
               + '. Accuracies on the recipe\'s tiny set are a smoke test of learning, '
               'not the paper\'s ImageNet numbers.')
