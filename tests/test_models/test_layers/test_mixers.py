@@ -122,3 +122,25 @@ def test_non_local_affinities_stay_finite_under_fp16_autocast():
     with torch.autocast('cpu', dtype=torch.float16):
         out = block(x)
     assert torch.isfinite(out).all()
+
+
+def test_segmented_attention_does_not_pad_a_map_shorter_than_a_segment(monkeypatch):
+    """49 tokens under a 4096-token segment (a dense config's last stage) are
+    one segment of 49: the same output as a 49-token segment, and no
+    4096 x 4096 attention (which made Titans' small stages cost ~1.5 s at
+    224x224 on a CPU)."""
+    import torch.nn.functional as F
+    from convneur_mm.models.layers.mixers.titans import SegmentedAttention
+    torch.manual_seed(0)
+    long = SegmentedAttention(16, segment_len=4096, heads=2, head_dim=8, persistent_tokens=4)
+    exact = SegmentedAttention(16, segment_len=49, heads=2, head_dim=8, persistent_tokens=4)
+    for p in long.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    exact.load_state_dict(long.state_dict())
+    lengths = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention',
+                        lambda q, *a, **k: lengths.append(q.shape[-2]) or sdpa(q, *a, **k))
+    x = torch.randn(2, 49, 16)
+    torch.testing.assert_close(long(x), exact(x))
+    assert lengths == [49, 49]

@@ -49,7 +49,10 @@ class SegmentedAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
-        seg = self.segment_len
+        # a map shorter than one segment is one segment of its own length:
+        # padding it to segment_len (4096 for dense tasks) would make every
+        # small stage pay a 4096^2 attention
+        seg = min(self.segment_len, n)
         segments = -(-n // seg)
         pad = segments * seg - n
         qkv = self.to_qkv(self.norm(x))
