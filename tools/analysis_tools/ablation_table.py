@@ -22,8 +22,9 @@ of a training process. Per row it counts parameters and MACs in the three
 conventions of convneur_mm/utils/complexity.py at ``--flops-shape``, and
 times inference throughput and its peak memory at ``--speed-shape`` in a
 fresh process. Results are cached per row and seed under ``--work-dir``: a
-rerun continues where the last one stopped, so that the training can run
-under a shared lock and the timings under an exclusive one
+rerun continues where the last one stopped (a result is reused only for
+the same merged row config and settings; failed runs are retried), so that
+the training can share the machine and the timings run alone
 (``--skip-speed``, then ``--speed-only``). Prints a Markdown table, writes it
 with the results (JSON) and the plot to ``--work-dir``; exits non-zero if a
 row failed or ran out of time.
