@@ -21,7 +21,8 @@ hooks, DDP and the toolboxes' data-dependent detection heads stay as they
 are, and the same compiled modules serve training, validation and testing.
 It is ``forward`` that is compiled, not the module's ``__call__`` (as
 ``nn.Module.compile`` would): MMSegmentation's decode heads call
-``self.forward(...)`` from ``loss`` and ``predict``. With
+``self.forward(...)`` from ``loss`` and ``predict``.
+
 Shapes are static (``dynamic=False``): a part compiles once per input shape
 it meets, up to ``torch._dynamo.config.recompile_limit`` (8) shapes, and runs
 eager for further shapes (PyTorch warns once). PyTorch's automatic dynamic

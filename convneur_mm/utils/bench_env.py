@@ -74,9 +74,16 @@ def memory_allocated_bytes(device) -> int:
 class PeakMemoryGrowth:
     """Peak memory a piece of work adds, in MiB, the same on every device:
     on CUDA the allocator's peak in the window over what was allocated when
-    it opened (weights and inputs excluded); on a CPU the growth of the
-    process's max RSS over its value then (a high-water mark: a window that
-    follows a larger earlier peak, such as a compilation's, reads too low)."""
+    it opened (weights and inputs excluded); on a CPU the peak resident set
+    in the window over the resident set when it opened.
+
+    On a CPU the window opens by handing malloc's free memory back to the
+    kernel and resetting the kernel's high-water mark (see
+    ``_open_cpu_window``): otherwise freed blocks that malloc keeps (all of
+    them, once ``cpu_malloc`` has raised its thresholds, in this process or a
+    parent) are reused without growing the resident set, and an earlier,
+    larger peak hides this one; both read as no growth at all.
+    """
 
     def __init__(self, device) -> None:
         self.device = device
@@ -85,15 +92,40 @@ class PeakMemoryGrowth:
             reset_peak_memory(device)
             self.base = memory_allocated_bytes(device)
         else:
-            self.base = _max_rss_bytes()
+            self.base = _open_cpu_window()
 
     def mib(self) -> float:
         synchronize(self.device)
-        peak = peak_memory_bytes(self.device) if is_cuda(self.device) else _max_rss_bytes()
+        peak = peak_memory_bytes(self.device) if is_cuda(self.device) else _peak_rss_bytes()
         return (peak - self.base) / 2**20
 
 
-def _max_rss_bytes() -> int:
+def _open_cpu_window() -> int:
+    """Trim malloc's free memory, reset the peak resident set to the current
+    one (Linux: ``/proc/self/clear_refs``), and return it in bytes. Where
+    either is not possible the window still opens, on the process's peak so
+    far (a high-water mark that reads low after a larger earlier peak)."""
+    from .cpu_malloc import glibc_version
+    if glibc_version():
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # 5: reset the peak RSS (VmHWM), Linux >= 4.0
+    except OSError:
+        pass
+    return _peak_rss_bytes()
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident set since start or the last reset."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
