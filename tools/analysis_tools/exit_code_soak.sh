@@ -12,7 +12,7 @@
 # LOAD_LIMIT (s after which a busy process stops even if the soak was killed,
 # 14400), PYTHON (.venv/bin/python), ADE20K_TINY_ROOT / IMAGENET_TINY_ROOT (generated
 # if missing), SEG_CHECKPOINT (the segmentation demo's checkpoint; trained once
-# into WORK_DIR if not given), REPO_UNDER_TEST (the checkout whose tools run,
+# into WORK_DIR if not given and SEG_RUNS > 0), REPO_UNDER_TEST (the checkout whose tools run,
 # default this one: point it at an older checkout to measure "before").
 # Logs of failed runs stay in WORK_DIR; the summary is the last lines.
 set -uo pipefail
@@ -51,7 +51,7 @@ run_tool() {
 [ -f "$IMAGENET_TINY_ROOT/meta/val.txt" ] ||
     "$PYTHON" -m convneur_mm.demo_data.imagenet "$IMAGENET_TINY_ROOT" > /dev/null
 SEG_CHECKPOINT=${SEG_CHECKPOINT:-}
-if [ -z "$SEG_CHECKPOINT" ]; then
+if [ -z "$SEG_CHECKPOINT" ] && [ "$SEG_RUNS" -gt 0 ]; then
     echo "[soak] training the segmentation demo once (no SEG_CHECKPOINT given)"
     rc=$(run_tool "$WORK/seg_train.log" "$REPO/tools/dist_train.sh" "$SEG_CONFIG" 2 \
          --work-dir "$WORK/seg_train")
