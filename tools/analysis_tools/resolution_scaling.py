@@ -20,6 +20,7 @@ import math
 import os.path as osp
 import subprocess
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -205,7 +206,9 @@ def plot(results: List[Dict], path: str, device: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which='both', alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f'Backbone forward, batch 1, {device} (hollow: predicted, skipped)')
+    # the device line is long (CPU flags, malloc tuning): wrapped, not cut off
+    fig.suptitle(textwrap.fill(f'Backbone forward, batch 1, {device} '
+                               '(hollow: predicted, skipped)', 120), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
