@@ -63,6 +63,9 @@ RELATIONS = {
     # and h(red) + h(green) > t contradict) but with no colour-invariant
     # matching to learn
     'pair': lambda a, b: {a, b} == {0, 1},
+    # control, additive: a red target is present. A local network learns it;
+    # if it cannot, the marks are too small to see, not too far apart
+    'has_red': lambda a, b: 0 in (a, b),
 }
 
 
