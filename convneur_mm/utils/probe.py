@@ -125,6 +125,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--relation', default='same')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    import logging
+    from mmengine.logging import MMLogger
+    # not the init report of every parameter, per run
+    MMLogger.get_instance('mmengine').setLevel(logging.WARNING)
     options = dict(size=args.size, kinds=args.kinds, distractors=args.distractors,
                    relation=args.relation)
     for seed in args.seeds:
