@@ -1,6 +1,6 @@
 """The command line every tiny-dataset generator shares.
 
-    python -m convneur_mm.demo_data.<coco|ade20k|imagenet> OUT_DIR [--<size> N ...] [--seed S]
+    python -m convneur_mm.demo_data.<coco|ade20k|imagenet|global_probe> OUT_DIR [--<opt> N ...]
 
 The options are the generator function's own keyword arguments, so that the
 command line and the Python API cannot drift apart.
@@ -19,7 +19,9 @@ def generator_main(generate: Callable[..., dict], argv: Optional[List[str]] = No
     parser.add_argument('out_dir', help='dataset root to write')
     for name, param in inspect.signature(generate).parameters.items():
         if name != 'out_dir':
-            parser.add_argument('--' + name.replace('_', '-'), type=int, default=param.default,
+            # the default's type: ints for the sizes, a str for a choice (e.g. a relation)
+            parser.add_argument('--' + name.replace('_', '-'), type=type(param.default),
+                                default=param.default,
                                 help=f'default: {param.default}')
     written = generate(**vars(parser.parse_args(argv)))
     for split, what in written.items():

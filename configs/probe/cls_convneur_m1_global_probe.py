@@ -1,0 +1,32 @@
+# ConvNeur-M1 on the global-context probe (convneur_mm/demo_data/global_probe.py:
+# are the two ringed marks the same colour?). Also a Table 5 recipe:
+#   python tools/analysis_tools/ablation_table.py \
+#       --recipe configs/probe/cls_convneur_m1_global_probe.py
+# Starts from the tiny-ImageNet ablation recipe (light augmentation, no Mixup /
+# CutMix, 4 epochs, one process); only the data change, and each change says why.
+# Untrained so far: given docs/probe.md, 4 epochs are likely far too few.
+_base_ = ['../ablations/recipes/imagenet_tiny_m3.py']
+
+# the generator's default output; ablation_table.py writes it when missing
+data_root = '{{$GLOBAL_PROBE_ROOT:data/global_probe}}'
+data_generator = 'convneur_mm.demo_data.global_probe'
+classes = ('different', 'same')  # the generator's CLASSES (meta/classes.txt)
+num_classes = len(classes)
+
+# No crop and no resize: the images are already 128 x 128, and a crop can cut a
+# target out (the label would then be wrong). A horizontal flip keeps the label.
+train_pipeline = [p for p in _base_.train_pipeline
+                  if p['type'] in ('LoadImageFromFile', 'RandomFlip', 'PackInputs')]
+test_pipeline = [p for p in _base_.test_pipeline
+                 if p['type'] in ('LoadImageFromFile', 'PackInputs')]
+
+model = dict(head=dict(num_classes=num_classes))
+data_preprocessor = dict(num_classes=num_classes)
+train_dataloader = dict(dataset=dict(data_root=data_root, metainfo=dict(classes=classes),
+                                     pipeline=train_pipeline))
+val_dataloader = dict(dataset=dict(data_root=data_root, metainfo=dict(classes=classes),
+                                   pipeline=test_pipeline))
+test_dataloader = val_dataloader
+# two classes: top-5 is meaningless (and MMPretrain refuses k > num_classes)
+val_evaluator = dict(type='Accuracy', topk=(1, ))
+test_evaluator = val_evaluator

@@ -1,0 +1,216 @@
+"""A global-context probe in ImageNet's layout: are the two ringed marks the same colour?
+
+The paper claims that the memory branch brings global context that a local
+ConvNeXt stack lacks. This task needs exactly that and nothing else: every
+image holds ``2 + distractors`` small coloured discs far apart on a cluttered
+background. Two of them, the *targets*, wear a white ring; the label is
+``same`` if the two targets have the same colour, ``different`` otherwise.
+
+Why a local network fails: a stack of convolutions whose receptive field
+never covers both targets, followed by global average pooling and a linear
+head, scores an image by ``h(A) + h(B) + clutter``. With three or more
+colours no such sum separates "same" from "different" (summing
+``2h(k) > t`` over the colours contradicts ``h(i) + h(j) < t``). Colour
+counts do not help either: the colours of all marks are drawn first and the
+label independently of them, then the targets are picked among the marks as
+the label needs, so the colour histogram of the whole image carries no
+information about the label. (The histogram of the *plain* marks alone does,
+as it is the whole one minus the targets'; reading it takes the same
+non-additive pooling as the targets' own colours.)
+
+Layout (what MMPretrain's ``ImageNet`` dataset reads; see ``imagenet.py``)::
+
+    OUT_DIR/train/<class>/<class>_0001.JPEG ...   OUT_DIR/val/val_00000001.JPEG ...
+    OUT_DIR/meta/train.txt, meta/val.txt, meta/classes.txt
+
+    python -m convneur_mm.demo_data.global_probe data/global_probe/ --size 128
+"""
+import os.path as osp
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from .cli import generator_main
+from .imagenet import _write, _write_lines
+
+CLASSES = ('different', 'same')
+SPLITS = ('train', 'val')
+# colour name, RGB: far apart in hue, none of them grey (the clutter is grey)
+KINDS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
+    ('red', (225, 40, 40)),
+    ('green', (40, 200, 60)),
+    ('blue', (50, 90, 235)),
+    ('yellow', (235, 205, 30)),
+    ('magenta', (215, 50, 205)),
+    ('cyan', (40, 215, 225)),
+)
+# disc radius as a fraction of the image side, drawn per mark: the marks'
+# areas vary 2x, so that a pooled energy (e.g. GRN's L2 norm per channel)
+# does not simply count how many targets share a colour. Smaller marks
+# (0.03-0.05) were not even learned as "is there a red target" by the
+# small test network in 300 steps (58% vs 96% with these).
+RADIUS_RANGE = (0.07, 0.1)
+MIN_RADIUS = 2.5               # pixels
+RING_WIDTH = 0.5               # the targets' white ring, in disc radii
+TARGET_MIN_DIST = 0.6          # the targets' distance, as a fraction of the side
+MARK_GAP = 3.2                 # centre distance of any two marks, in largest radii
+# what makes a pair of target colours positive ('same' / 'pair' below)
+RELATIONS = {
+    # the two targets have the same colour
+    'same': lambda a, b: a == b,
+    # the targets are one red and one green mark (colours 0 and 1): an AND of
+    # two presences, as non-additive as 'same' (2h(red) < t, 2h(green) < t
+    # and h(red) + h(green) > t contradict) but with no colour-invariant
+    # matching to learn
+    'pair': lambda a, b: {a, b} == {0, 1},
+    # control, additive: a red target is present. A local network learns it;
+    # if it cannot, the marks are too small to see, not too far apart
+    'has_red': lambda a, b: 0 in (a, b),
+}
+
+
+class Mark(NamedTuple):
+    """One disc: centre (x, y) and radius in pixels, colour index, target flag."""
+    x: float
+    y: float
+    radius: float
+    kind: int
+    target: bool
+
+
+def _layout(rng: np.random.Generator, size: int, count: int,
+            radius: float) -> np.ndarray:
+    """``count`` centres, the first two at least TARGET_MIN_DIST * size apart and
+    all at least MARK_GAP radii apart (rejection sampling, a few tries)."""
+    margin = radius * (1 + RING_WIDTH) + 1
+    for _ in range(1000):  # dart throwing, restarted when a dart finds no room
+        points = [rng.uniform(margin, size - margin, size=2)]
+        for n in range(1, count):
+            for _ in range(100):
+                p = rng.uniform(margin, size - margin, size=2)
+                far = min(np.hypot(*(p - q)) for q in points) >= MARK_GAP * radius
+                if far and (n > 1 or np.hypot(*(p - points[0])) >= TARGET_MIN_DIST * size):
+                    points.append(p)
+                    break
+            else:
+                break
+        if len(points) == count:
+            return np.stack(points)
+    raise ValueError(f'{count} marks do not fit in {size} x {size} pixels; '
+                     'use fewer distractors')
+
+
+def sample_marks(rng: np.random.Generator, label: int, size: int, kinds: int,
+                 distractors: int, relation: str = 'same') -> List[Mark]:
+    """The marks of one image of class ``label`` (index into CLASSES).
+
+    The colours of all ``2 + distractors`` marks are i.i.d. (redrawn until
+    the image holds both a positive and a negative pair under ``relation``,
+    so that either label is possible); the label does not depend on them.
+    The two targets are then a random pair of the kind the label asks for.
+    """
+    count, positive = 2 + distractors, RELATIONS[relation]
+    while True:
+        colours = rng.integers(kinds, size=count)
+        pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+        wanted = [p for p in pairs if positive(colours[p[0]], colours[p[1]]) == bool(label)]
+        if wanted and len(wanted) < len(pairs):
+            break
+    targets = wanted[int(rng.integers(len(wanted)))]
+    others = [i for i in range(count) if i not in targets]
+    order = list(targets) + [others[i] for i in rng.permutation(len(others))]
+    radii = np.maximum(MIN_RADIUS, rng.uniform(*RADIUS_RANGE, size=count) * size)
+    points = _layout(rng, size, count, float(radii.max()))
+    return [Mark(float(x), float(y), float(r), int(colours[i]), n < 2)
+            for n, (i, (x, y), r) in enumerate(zip(order, points, radii))]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A dim grey gradient with grey clutter strokes: texture, but no colour."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    c0, c1 = rng.uniform(40, 110, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * x + np.sin(angle) * y) / size / 2 + 0.5
+    img = np.repeat((c0 * (1 - t) + c1 * t)[..., None], 3, axis=2)
+    for _ in range(int(rng.integers(3, 7))):  # grey line segments
+        (x0, y0), (x1, y1) = rng.uniform(0, size, size=(2, 2))
+        length = max(np.hypot(x1 - x0, y1 - y0), 1.0)
+        u = np.clip(((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0)) / length ** 2, 0, 1)
+        d = np.hypot(x - x0 - u * (x1 - x0), y - y0 - u * (y1 - y0))
+        img[d < 1.0] = rng.uniform(20, 200)
+    return img
+
+
+def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int = 4,
+               distractors: int = 2, relation: str = 'same') -> Tuple[np.ndarray, List[Mark]]:
+    """One RGB uint8 ``size`` x ``size`` image of class ``label`` and its marks."""
+    if not 3 <= kinds <= len(KINDS):
+        raise ValueError(f'kinds must be in [3, {len(KINDS)}] (with 2 colours either '
+                         f'relation is additive), got {kinds}')
+    if relation not in RELATIONS:
+        raise ValueError(f'relation must be one of {sorted(RELATIONS)}, got {relation!r}')
+    marks = sample_marks(rng, label, size, kinds, distractors, relation)
+    img = _background(rng, size)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    for mark in marks:
+        d = np.hypot(x - mark.x, y - mark.y)
+        if mark.target:
+            img[(d >= mark.radius) & (d < mark.radius * (1 + RING_WIDTH))] = 245
+        shade = np.clip(np.asarray(KINDS[mark.kind][1]) + rng.normal(0, 12, 3), 0, 255)
+        img[d < mark.radius] = shade
+    img = img + rng.normal(0, 5, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), marks
+
+
+def image_rng(seed: int, split: int, label: int, index: int) -> np.random.Generator:
+    """One generator per image: the first N images do not depend on the split size."""
+    return np.random.default_rng([seed, split, label, index])
+
+
+def _write_split(root: str, split: str, per_class: int, seed: int, **options) -> str:
+    """Images and ``meta/{split}.txt`` of one split; returns the list file's path."""
+    items = [(label, index) for label in range(len(CLASSES)) for index in range(per_class)]
+    if split == 'val':  # as ImageNet's val: flat, numbered in no class order
+        order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(items))
+        items = [items[i] for i in order]
+    lines = []
+    for number, (label, index) in enumerate(items, 1):
+        rng = image_rng(seed, SPLITS.index(split), label, index)
+        name = CLASSES[label]
+        rel = (f'{name}/{name}_{index + 1:04d}.JPEG' if split == 'train'
+               else f'val_{number:08d}.JPEG')
+        _write(osp.join(root, split, rel), make_image(rng, label, **options)[0])
+        lines.append(f'{rel} {label}')
+    path = osp.join(root, 'meta', f'{split}.txt')
+    _write_lines(path, lines)
+    return path
+
+
+def generate_global_probe(out_dir: str, train_per_class: int = 500, val_per_class: int = 100,
+                          size: int = 128, kinds: int = 4, distractors: int = 2,
+                          relation: str = 'same', seed: int = 0) -> Dict[str, str]:
+    """Write the probe under ``out_dir``; returns {split: list file}.
+
+    Classes are exactly balanced per split. The same arguments always give
+    the same files (byte-identical lists; the JPEGs as deterministic as the
+    installed libjpeg).
+    """
+    if train_per_class < 1 or val_per_class < 1:
+        raise ValueError(f'need at least 1 image per class and split, got '
+                         f'train={train_per_class}, val={val_per_class}')
+    if distractors < 1:
+        raise ValueError(f'need at least 1 distractor (else the colour histogram '
+                         f'gives the label away), got {distractors}')
+    _write_lines(osp.join(out_dir, 'meta', 'classes.txt'), list(CLASSES))
+    counts = dict(train=train_per_class, val=val_per_class)
+    options = dict(size=size, kinds=kinds, distractors=distractors, relation=relation)
+    return {split: _write_split(out_dir, split, counts[split], seed, **options)
+            for split in SPLITS}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    generator_main(generate_global_probe, argv)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,140 @@
+"""The global-context probe: its files, its labels, and that nothing but the
+targets' joint colours gives the label away."""
+import filecmp
+import os
+import os.path as osp
+from collections import Counter, defaultdict
+
+import cv2
+import numpy as np
+import pytest
+
+from convneur_mm.demo_data.global_probe import (CLASSES, KINDS, RELATIONS, TARGET_MIN_DIST,
+                                                generate_global_probe, main, make_image,
+                                                sample_marks)
+
+
+def _bayes_accuracy(features, labels) -> float:
+    """The best accuracy of any function of ``features`` on these samples."""
+    counts = defaultdict(Counter)
+    for feature, label in zip(features, labels):
+        counts[feature][label] += 1
+    return sum(max(c.values()) for c in counts.values()) / len(labels)
+
+
+def _samples(relation: str, count: int = 4000, kinds: int = 4, distractors: int = 2):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(2, size=count)
+    return [sample_marks(rng, int(label), 128, kinds, distractors, relation)
+            for label in labels], labels
+
+
+@pytest.mark.parametrize('relation', sorted(RELATIONS))
+def test_label_is_the_targets_relation_and_not_a_colour_count(relation):
+    marks, labels = _samples(relation)
+    for image, label in zip(marks, labels):
+        a, b = [m.kind for m in image if m.target]
+        assert RELATIONS[relation](a, b) == bool(label)
+        assert np.hypot(image[0].x - image[1].x, image[0].y - image[1].y) >= (
+            TARGET_MIN_DIST * 128)
+
+    def histogram(image, which=lambda m: True):
+        return tuple(np.bincount([m.kind for m in image if which(m)], minlength=len(KINDS)))
+
+    # the targets' colours decide the label (the statistic is computed right) ...
+    assert _bayes_accuracy([histogram(i, lambda m: m.target) for i in marks], labels) == 1.0
+    # ... but the colour histogram of all marks, or how many colours appear, does not:
+    # on 4000 samples any function of them is right about half the time (sampling
+    # noise over ~30 histograms is ~0.01; i.i.d. distractors beside two targets
+    # would give the histogram ~0.6 for 'same')
+    assert _bayes_accuracy([histogram(i) for i in marks], labels) < 0.54
+    assert _bayes_accuracy([len(set(m.kind for m in i)) for i in marks], labels) < 0.53
+
+
+def test_iid_distractors_would_leak_the_label():
+    """The control that the histogram check can fail: colours drawn for the
+    targets first and i.i.d. for the distractors reveal 'same' in the counts."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(2, size=4000)
+    histograms = []
+    for label in labels:
+        a = int(rng.integers(4))
+        b = a if label else int((a + rng.integers(1, 4)) % 4)
+        kinds = [a, b, *rng.integers(4, size=2)]
+        histograms.append(tuple(np.bincount(kinds, minlength=4)))
+    assert _bayes_accuracy(histograms, labels) > 0.6
+
+
+def test_images_show_the_marks():
+    img, marks = make_image(np.random.default_rng(3), 1, size=96, kinds=3)
+    assert img.shape == (96, 96, 3) and img.dtype == np.uint8
+    for mark in marks:
+        colour = img[int(round(mark.y)), int(round(mark.x))].astype(int)
+        assert np.abs(colour - KINDS[mark.kind][1]).max() < 60
+        ring = img[int(round(mark.y)), int(round(mark.x + mark.radius * 1.25))].astype(int)
+        assert (ring.min() > 200) == mark.target  # only the targets wear a white ring
+    with pytest.raises(ValueError, match='kinds'):
+        make_image(np.random.default_rng(0), 0, kinds=2)
+
+
+def test_dataset_format_balance_and_determinism(tmp_path):
+    first, second = str(tmp_path / 'a'), str(tmp_path / 'b')
+    lists = generate_global_probe(first, train_per_class=6, val_per_class=3, size=64, seed=7)
+    main([second, '--train-per-class', '6', '--val-per-class', '3', '--size', '64',
+          '--seed', '7'])
+    with open(osp.join(first, 'meta', 'classes.txt')) as f:
+        assert f.read().split() == list(CLASSES)
+    for split, per_class in (('train', 6), ('val', 3)):
+        with open(lists[split]) as f:
+            lines = [line.split() for line in f.read().splitlines()]
+        assert Counter(label for _, label in lines) == {'0': per_class, '1': per_class}
+        for rel, label in lines:
+            if split == 'train':
+                assert rel.startswith(f'{CLASSES[int(label)]}/')
+            else:
+                assert '/' not in rel
+            img = cv2.imread(osp.join(first, split, rel))
+            assert img.shape == (64, 64, 3)
+            assert filecmp.cmp(osp.join(first, split, rel), osp.join(second, split, rel),
+                               shallow=False)
+        assert filecmp.cmp(lists[split], osp.join(second, 'meta', f'{split}.txt'),
+                           shallow=False)
+    other = str(tmp_path / 'c')
+    generate_global_probe(other, train_per_class=6, val_per_class=3, size=64, seed=8)
+    name = 'same/same_0001.JPEG'
+    assert not filecmp.cmp(osp.join(first, 'train', name), osp.join(other, 'train', name),
+                           shallow=False)
+    assert sorted(os.listdir(osp.join(first, 'train'))) == sorted(CLASSES)
+
+
+# ------------------------------------------------------------ learning
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores OpenMP's spinning threads are
+    oversubscribed and a training step gets 10x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_local_only_sees_the_marks_but_not_their_relation(one_thread):
+    """The small local-only ConvNeur of the probe runs (convneur_mm.utils.probe)
+    learns the additive control (is a target red?) from the same images, so
+    the marks are visible and the loop trains; the relation stays at chance.
+
+    What this does NOT show (docs/probe.md): that the memory learns the
+    relation. In the CPU-sized budgets tried the memory (up to 1200 steps)
+    and global self-attention (400 steps) stayed at chance on 'same', and
+    the memory's edge on 'pair' is a few points, so there is no
+    ours-vs-local-only check here yet.
+    """
+    from convneur_mm.utils.probe import probe_tensors, train_probe
+    results = {}
+    for relation in ('has_red', 'same'):
+        options = dict(size=64, kinds=3, distractors=1, relation=relation)
+        data = (*probe_tensors(2000, 1000, **options), *probe_tensors(400, 2000, **options))
+        results[relation] = train_probe('local', seed=0, steps=300, batch=64, data=data)
+    assert results['has_red']['val_acc'] > 0.85, results
+    assert results['same']['val_acc'] < 0.62, results
