@@ -1,7 +1,7 @@
 """Eager vs ``torch.compile`` (what ``--compile`` compiles), in one run.
 
     python tools/analysis_tools/benchmark_compile.py [--workloads inference train detector]
-        [--repeats 3] [--device cpu|cuda] [--amp]
+        [--repeats 3] [--device cpu|cuda] [--amp] [--profile [--profile-rows N]]
 
 Workloads (the issue's three):
 
@@ -19,21 +19,32 @@ the same submodules ``convneur_mm.engine.compile`` compiles for ``--compile``
 (sharing their weights); eager and compiled calls take turns after a warm-up
 (the compiled warm-up is the compilation, reported), and the medians' ratio
 is printed. ``--amp`` runs both under bf16 (CPU) / fp16 (CUDA) autocast.
+
+``--profile`` then profiles one eager and one compiled call of each workload
+(``torch.profiler``; on CUDA with the device's kernels, in device time) and
+prints where the time goes, by the self time of the profiler's events
+(``time_breakdown``): convolutions, matrix products, the compiled regions'
+own code (Inductor's fused kernels), mmcv ops (RoIAlign, NMS), other ATen
+ops, the rest, and the wall time no event covers (Python between the ops).
+``--profile-rows N`` also prints the N events with the most self time.
 """
 import argparse
 import os.path as osp
+import re
 import sys
 import time
 from contextlib import nullcontext
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.engine.compile import (compilable_parts, compile_forward,  # noqa: E402
                                         graphs_compiled, part_modules)
-from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
+from convneur_mm.utils.bench_env import is_cuda, setup_benchmark_device, synchronize  # noqa: E402
 
 WORKLOADS = ('inference', 'train', 'detector')
 
@@ -46,6 +57,10 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true')
     parser.add_argument('--batch', type=int, help='inference batch (CPU 16, CUDA 128)')
+    parser.add_argument('--profile', action='store_true',
+                        help='profile one eager and one compiled call: where the time goes')
+    parser.add_argument('--profile-rows', type=int, default=0,
+                        help='with --profile, also print the N events with most self time')
     return parser.parse_args(argv)
 
 
@@ -119,18 +134,99 @@ def _detector(args):
 BUILDERS = {'inference': _inference, 'train': _train, 'detector': _detector}
 
 
-def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bool) -> Dict:
-    """Median seconds of ``step`` eager and compiled, taking turns."""
+# Where the time goes: profiler events by name, the first matching pattern wins.
+# Self times partition the profiled time: an op's self time excludes the ops
+# it calls, so ``aten::conv2d`` -> ``aten::mkldnn_convolution`` counts once.
+PROFILE_CATEGORIES = (
+    ('convolutions', r'^(aten|mkldnn)::\w*conv(olution|_transpose|_depthwise|\dd)'),
+    ('matrix products', r'^aten::(mm|bmm|addmm|baddbmm|addbmm|addmv|mv|dot|matmul|linear|einsum'
+                        r'|_addmm_activation|mkldnn_linear\w*|_?scaled_dot_product\w*'
+                        r'|_flash_attention\w*|_efficient_attention\w*)$|^mkldnn::_linear|^mkl::'),
+    # Inductor's compiled graphs: AOTAutograd's ``CompiledFunction`` (and its
+    # backward) calls ``## Call CompiledFxGraph <hash> ##``, in which the fused
+    # C++ (CPU) or Triton (CUDA) kernels run without events of their own: they
+    # are its self time. The ATen ops a graph calls (oneDNN convolutions,
+    # GEMMs) keep their own names and categories. Also Dynamo's guards.
+    ('compiled regions (fused kernels)',
+     r'CompiledFxGraph|^Torch-Compiled Region|CompiledFunction|^TorchDynamo|^AOTDispatcher'
+     r'|^Pregraph|^cpp_fused|^triton_'),
+    ('mmcv ops (RoIAlign, NMS)', r'^(RoIAlign|NMSop)|^mmcv::|^torchvision::'),
+    ('other ATen ops (element-wise, reductions, copies)', r'^aten::'),
+)
+OTHER_EVENTS = 'other events (autograd engine, Python-level)'
+OUTSIDE_EVENTS = 'in no event (Python between the ops)'
+
+
+def profile_category(name: str) -> str:
+    """The ``PROFILE_CATEGORIES`` entry (or ``OTHER_EVENTS``) of an event name."""
+    return next((category for category, pattern in PROFILE_CATEGORIES
+                 if re.search(pattern, name)), OTHER_EVENTS)
+
+
+def time_breakdown(events, cuda: bool, wall: Optional[float] = None) -> Dict[str, float]:
+    """Seconds of self time per category of ``events`` (``key_averages()``
+    rows), host time on a CPU, device time on CUDA (where a kernel is counted
+    in the self device time of the host op that launched it, so the kernels'
+    own rows are skipped); with the ``wall`` time of the profiled call, also
+    the time no event covers."""
+    seconds = dict.fromkeys([c for c, _ in PROFILE_CATEGORIES] + [OTHER_EVENTS], 0.0)
+    for event in events:
+        if cuda and event.device_type != DeviceType.CPU:
+            continue
+        self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        seconds[profile_category(event.key)] += self_us / 1e6
+    if wall is not None:
+        seconds[OUTSIDE_EVENTS] = wall - sum(seconds.values())
+    return seconds
+
+
+def profile_call(call: Callable, device: str, rows: int = 0) -> Dict[str, float]:
+    """``time_breakdown`` of one call of ``call``, profiled."""
+    cuda = is_cuda(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    if rows:
+        print(events.table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total',
+                           row_limit=rows, max_name_column_width=70))
+    return time_breakdown(events, cuda, None if cuda else wall)
+
+
+def breakdown_table(name: str, eager: Dict[str, float], compiled: Dict[str, float]) -> str:
+    """Markdown: seconds and shares per category, eager vs compiled."""
+    total = {'eager': sum(eager.values()), 'compiled': sum(compiled.values())}
+    lines = [f'| {name}: where the time goes | eager | compiled | compiled - eager |',
+             '|---|---|---|---|']
+    for category in eager:
+        e, c = eager[category], compiled[category]
+        lines.append(f'| {category} | {e:.3f} s ({e / total["eager"]:.0%}) | '
+                     f'{c:.3f} s ({c / total["compiled"]:.0%}) | {c - e:+.3f} s |')
+    lines.append(f'| total (profiled call) | {total["eager"]:.3f} s | {total["compiled"]:.3f} s '
+                 f'| {total["compiled"] - total["eager"]:+.3f} s |')
+    return '\n'.join(lines)
+
+
+def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bool,
+            profile_rows: Optional[int] = None) -> Dict:
+    """Median seconds of ``step`` eager and compiled, taking turns; with
+    ``profile_rows`` (not None) also the ``profile_call`` of each."""
     parts = compilable_parts(model)
     switch = CompiledSwitch(model, parts)
     dtype = torch.float16 if device.startswith('cuda') else torch.bfloat16
     context = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if amp else nullcontext
 
-    def timed(compiled: bool) -> float:
+    def call(compiled: bool) -> None:
         switch.use(compiled)
-        start = time.perf_counter()
         with context():
             step()
+
+    def timed(compiled: bool) -> float:
+        start = time.perf_counter()
+        call(compiled)
         synchronize(device)
         return time.perf_counter() - start
 
@@ -143,8 +239,13 @@ def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bo
         for compiled in (False, True):
             times[compiled].append(timed(compiled))
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return dict(eager=median[False], compiled=median[True], compile_s=compile_seconds,
-                graphs=graphs, parts=parts)
+    result = dict(eager=median[False], compiled=median[True], compile_s=compile_seconds,
+                  graphs=graphs, parts=parts)
+    if profile_rows is not None:
+        result['profile'] = {mode: profile_call(lambda: call(mode == 'compiled'), device,
+                                                profile_rows)
+                             for mode in ('eager', 'compiled')}
+    return result
 
 
 def main(argv=None):
@@ -160,7 +261,8 @@ def main(argv=None):
         # another workload's shapes would make this one compile dynamic shapes
         torch._dynamo.reset()
         model, step, title, batch = BUILDERS[name](args)
-        r = compare(model, step, args.repeats, args.device, args.amp)
+        r = compare(model, step, args.repeats, args.device, args.amp,
+                    args.profile_rows if args.profile else None)
         results[name] = r
         if batch:
             cells = f'{batch / r["eager"]:.1f} img/s | {batch / r["compiled"]:.1f} img/s'
@@ -169,6 +271,8 @@ def main(argv=None):
         print(f'| {title} | {", ".join(r["parts"])} | {cells} | '
               f'{r["eager"] / r["compiled"]:.2f}x | {r["compile_s"]:.0f} s | {r["graphs"]} |',
               flush=True)
+        if args.profile:  # right away: a later workload may take long or fail
+            print(f'\n{breakdown_table(name, **r["profile"])}\n', flush=True)
         del model, step
     return results
 
