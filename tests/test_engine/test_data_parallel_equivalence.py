@@ -29,7 +29,6 @@ statistics must miss, which shows that the comparison does see the sync.
 """
 import os.path as osp
 import time
-from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 import pytest
@@ -48,6 +47,7 @@ from convneur_mm.engine.runner import wrap_cpu_ddp
 from convneur_mm.utils.toolbox import build_model
 from .dist_utils import run_distributed
 from ..paths import REPO
+from ..threads import one_thread
 
 WORLD = 2
 SGD = dict(lr=0.01, momentum=0.9)
@@ -111,16 +111,6 @@ CASES = {
                      _det_config, iters=2, loss_tol=1e-3, update_tol=5e-2,
                      per_tensor='backbone.'),
 }
-
-
-@contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _first_candidates(self, gallery, num):

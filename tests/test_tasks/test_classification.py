@@ -18,6 +18,8 @@ from convneur_mm.engine.launch import build_runner, load_config
 from convneur_mm.utils.paths import config_dir, tools_dir
 from convneur_mm.utils.toolbox import build_model
 
+from ..threads import one_thread
+
 DEMO = 'demo/cls_convneur_m1_imagenet_tiny.py'
 ARCHS = {  # arch: (head in_channels, drop-path rate) as the configs document them
     'm1': (320, 0.05), 'm2': (384, 0.05), 'm3': (512, 0.1), 'm4': (640, 0.15)}
@@ -38,13 +40,9 @@ def tiny_cls_cfg(data_root: str, work_dir: str, name: str = DEMO, **options):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores OpenMP's spinning threads are
-    oversubscribed and a training step gets 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope='module')

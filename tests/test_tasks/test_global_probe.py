@@ -13,6 +13,8 @@ from convneur_mm.demo_data.global_probe import (CLASSES, KINDS, RELATIONS, TARGE
                                                 generate_global_probe, main, make_image,
                                                 sample_marks)
 
+from ..threads import one_thread
+
 
 def _bayes_accuracy(features, labels) -> float:
     """The best accuracy of any function of ``features`` on these samples."""
@@ -109,17 +111,12 @@ def test_dataset_format_balance_and_determinism(tmp_path):
 
 # ------------------------------------------------------------ learning
 @pytest.fixture
-def one_thread():
-    """One intra-op thread: on 2 shared cores OpenMP's spinning threads are
-    oversubscribed and a training step gets 10x slower."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread():
+    with one_thread():
+        yield
 
 
-def test_local_only_sees_the_marks_but_not_their_relation(one_thread):
+def test_local_only_sees_the_marks_but_not_their_relation(single_thread):
     """The small local-only ConvNeur of the probe runs (convneur_mm.utils.probe)
     learns the additive control (is a target red?) from the same images, so
     the marks are visible and the loop trains; the relation stays at chance.
