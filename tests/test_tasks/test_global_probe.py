@@ -124,8 +124,8 @@ def test_local_only_sees_the_marks_but_not_their_relation(single_thread):
     What this does NOT show (docs/probe.md): that the memory learns the
     relation. In the CPU-sized budgets tried the memory (up to 1200 steps)
     and global self-attention (400 steps) stayed at chance on 'same', and
-    the memory's edge on 'pair' is a few points, so there is no
-    ours-vs-local-only check here yet.
+    on 'pair' local-only catches up with longer training (docs/probe.md),
+    so there is no ours-vs-local-only check here yet.
     """
     from convneur_mm.utils.probe import probe_tensors, train_probe
     results = {}
