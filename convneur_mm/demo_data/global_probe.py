@@ -25,16 +25,14 @@ Layout (what MMPretrain's ``ImageNet`` dataset reads; see ``imagenet.py``)::
 
     python -m convneur_mm.demo_data.global_probe data/global_probe/ --size 128
 """
-import os.path as osp
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from .cli import generator_main
-from .imagenet import _write, _write_lines
+from .imagenet import write_imagenet_layout
 
 CLASSES = ('different', 'same')
-SPLITS = ('train', 'val')
 # colour name, RGB: far apart in hue, none of them grey (the clutter is grey)
 KINDS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
     ('red', (225, 40, 40)),
@@ -162,30 +160,6 @@ def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int
     return np.clip(img, 0, 255).astype(np.uint8), marks
 
 
-def image_rng(seed: int, split: int, label: int, index: int) -> np.random.Generator:
-    """One generator per image: the first N images do not depend on the split size."""
-    return np.random.default_rng([seed, split, label, index])
-
-
-def _write_split(root: str, split: str, per_class: int, seed: int, **options) -> str:
-    """Images and ``meta/{split}.txt`` of one split; returns the list file's path."""
-    items = [(label, index) for label in range(len(CLASSES)) for index in range(per_class)]
-    if split == 'val':  # as ImageNet's val: flat, numbered in no class order
-        order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(items))
-        items = [items[i] for i in order]
-    lines = []
-    for number, (label, index) in enumerate(items, 1):
-        rng = image_rng(seed, SPLITS.index(split), label, index)
-        name = CLASSES[label]
-        rel = (f'{name}/{name}_{index + 1:04d}.JPEG' if split == 'train'
-               else f'val_{number:08d}.JPEG')
-        _write(osp.join(root, split, rel), make_image(rng, label, **options)[0])
-        lines.append(f'{rel} {label}')
-    path = osp.join(root, 'meta', f'{split}.txt')
-    _write_lines(path, lines)
-    return path
-
-
 def generate_global_probe(out_dir: str, train_per_class: int = 500, val_per_class: int = 100,
                           size: int = 128, kinds: int = 4, distractors: int = 2,
                           relation: str = 'same', seed: int = 0) -> Dict[str, str]:
@@ -195,17 +169,13 @@ def generate_global_probe(out_dir: str, train_per_class: int = 500, val_per_clas
     the same files (byte-identical lists; the JPEGs as deterministic as the
     installed libjpeg).
     """
-    if train_per_class < 1 or val_per_class < 1:
-        raise ValueError(f'need at least 1 image per class and split, got '
-                         f'train={train_per_class}, val={val_per_class}')
     if distractors < 1:
         raise ValueError(f'need at least 1 distractor (else the colour histogram '
                          f'gives the label away), got {distractors}')
-    _write_lines(osp.join(out_dir, 'meta', 'classes.txt'), list(CLASSES))
-    counts = dict(train=train_per_class, val=val_per_class)
     options = dict(size=size, kinds=kinds, distractors=distractors, relation=relation)
-    return {split: _write_split(out_dir, split, counts[split], seed, **options)
-            for split in SPLITS}
+    return write_imagenet_layout(out_dir, CLASSES,
+                                 lambda rng, label: make_image(rng, label, **options)[0],
+                                 train_per_class, val_per_class, seed)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

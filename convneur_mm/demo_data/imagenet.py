@@ -19,7 +19,7 @@ Mixup and CutMix. Ten classes keep top-5 meaningful (chance is 10% / 50%).
 """
 import os
 import os.path as osp
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -46,6 +46,8 @@ IMAGE_SHAPES = ((128, 160), (160, 128), (144, 144))
 RADIUS_RANGE = (0.30, 0.42)  # object radius as a fraction of the shorter side
 
 Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# draws one RGB uint8 image of a class from its generator: (rng, label) -> image
+Draw = Callable[[np.random.Generator, int], np.ndarray]
 
 
 def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -136,9 +138,10 @@ def _write_lines(path: str, lines: List[str]) -> None:
     os.replace(path + '.tmp', path)
 
 
-def _write_split(root: str, split: str, per_class: int, seed: int) -> str:
+def _write_split(root: str, split: str, classes: Sequence[str], draw: Draw, per_class: int,
+                 seed: int) -> str:
     """Images and ``meta/{split}.txt`` of one split; returns the list file's path."""
-    items = [(label, index) for label in range(len(CLASSES)) for index in range(per_class)]
+    items = [(label, index) for label in range(len(classes)) for index in range(per_class)]
     if split == 'val':  # ImageNet's val images are numbered in no class order
         order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(items))
         items = [items[i] for i in order]
@@ -146,14 +149,30 @@ def _write_split(root: str, split: str, per_class: int, seed: int) -> str:
     for number, (label, index) in enumerate(items, 1):
         # one generator per image: the first N images do not depend on the split size
         rng = np.random.default_rng([seed, SPLITS.index(split), label, index])
-        name = CLASSES[label]
+        name = classes[label]
         rel = (f'{name}/{name}_{index + 1:04d}.JPEG' if split == 'train'
                else f'val_{number:08d}.JPEG')
-        _write(osp.join(root, split, rel), make_image(rng, label))
+        _write(osp.join(root, split, rel), draw(rng, label))
         lines.append(f'{rel} {label}')
     path = osp.join(root, 'meta', f'{split}.txt')
     _write_lines(path, lines)
     return path
+
+
+def write_imagenet_layout(out_dir: str, classes: Sequence[str], draw: Draw,
+                          train_per_class: int, val_per_class: int,
+                          seed: int) -> Dict[str, str]:
+    """Write ``classes`` in ImageNet's layout (above) under ``out_dir``, each
+    image drawn by ``draw(rng, label)`` from its own generator; returns
+    {split: list file}. Every generator of a dataset in this layout (this
+    one, the global-context probe) shares it."""
+    if train_per_class < 1 or val_per_class < 1:
+        raise ValueError(f'need at least 1 image per class and split, got '
+                         f'train={train_per_class}, val={val_per_class}')
+    _write_lines(osp.join(out_dir, 'meta', 'classes.txt'), list(classes))
+    counts = dict(train=train_per_class, val=val_per_class)
+    return {split: _write_split(out_dir, split, classes, draw, counts[split], seed)
+            for split in SPLITS}
 
 
 def generate_imagenet_tiny(out_dir: str, train_per_class: int = 48, val_per_class: int = 10,
@@ -163,12 +182,8 @@ def generate_imagenet_tiny(out_dir: str, train_per_class: int = 48, val_per_clas
     The same arguments always give the same files (byte-identical lists; the
     JPEGs as deterministic as the installed libjpeg).
     """
-    if train_per_class < 1 or val_per_class < 1:
-        raise ValueError(f'need at least 1 image per class and split, got '
-                         f'train={train_per_class}, val={val_per_class}')
-    _write_lines(osp.join(out_dir, 'meta', 'classes.txt'), list(CLASSES))
-    counts = dict(train=train_per_class, val=val_per_class)
-    return {split: _write_split(out_dir, split, counts[split], seed) for split in SPLITS}
+    return write_imagenet_layout(out_dir, CLASSES, make_image, train_per_class,
+                                 val_per_class, seed)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
