@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from ..demo_data.global_probe import make_image
 
-# One stage with one block, so that the local branch sees 4 + 3 * 8 = 28
-# pixels: less than the targets' distance (0.6 x 64 = 38) at the probe's
-# 64-pixel size. With the memory in that block, its chunks are the rows of
-# the 16 x 16 token map: a target reads what the rows above it wrote.
+# Two stages of one block: the local branch sees 4 + 24 + 4 + 48 = 80 pixels
+# (stem, stage-1 7x7 at stride 4, downsampling, stage-2 7x7 at stride 8): less
+# than the targets' distance (0.6 x 256 = 154) at size 256, not always at 128
+# (77; docs/probe.md). The memory reads its chunks in raster order: a target
+# reads what the rows above it wrote.
 ARCH = dict(depths=[1, 1], dims=[16, 32], memory_dim=16)
 MEMORY_CFG = dict(chunk_size=32)
 # backbone switches of each variant: the memory, the local-only row of Table 5,
@@ -43,6 +44,13 @@ def probe_tensors(count: int, seed: int, size: int = 128, kinds: int = 3,
               for i, label in enumerate(labels)]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     return (x - MEAN) / STD, torch.from_numpy(labels)
+
+
+def probe_data(seed: int, train_count: int = 3000, val_count: int = 500,
+               **options) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_val, y_val) of a seed: the same for every variant."""
+    return (*probe_tensors(train_count, seed + 1000, **options),
+            *probe_tensors(val_count, seed + 2000, **options))
 
 
 def build_probe_model(variant: str, arch: Optional[dict] = None) -> nn.Module:
@@ -86,8 +94,7 @@ def train_probe(variant: str, seed: int = 0, steps: int = 300, batch: int = 64,
     change with the variant, so that two variants see the same images.
     """
     if data is None:
-        data = (*probe_tensors(train_count, seed + 1000, **data_options),
-                *probe_tensors(val_count, seed + 2000, **data_options))
+        data = probe_data(seed, train_count, val_count, **data_options)
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
     model = build_probe_model(variant)
@@ -132,8 +139,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     options = dict(size=args.size, kinds=args.kinds, distractors=args.distractors,
                    relation=args.relation)
     for seed in args.seeds:
-        data = (*probe_tensors(args.train_count, seed + 1000, **options),
-                *probe_tensors(500, seed + 2000, **options))
+        data = probe_data(seed, args.train_count, **options)
         for variant in args.variants:
             result = train_probe(variant, seed, args.steps, args.batch, args.lr, data=data)
             print(f'{variant:6s} seed {seed}: val {result["val_acc"]:.3f} train '

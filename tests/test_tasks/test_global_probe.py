@@ -127,11 +127,11 @@ def test_local_only_sees_the_marks_but_not_their_relation(single_thread):
     on 'pair' local-only catches up with longer training (docs/probe.md),
     so there is no ours-vs-local-only check here yet.
     """
-    from convneur_mm.utils.probe import probe_tensors, train_probe
+    from convneur_mm.utils.probe import probe_data, train_probe
     results = {}
     for relation in ('has_red', 'same'):
         options = dict(size=64, kinds=3, distractors=1, relation=relation)
-        data = (*probe_tensors(2000, 1000, **options), *probe_tensors(400, 2000, **options))
+        data = probe_data(0, 2000, 400, **options)
         results[relation] = train_probe('local', seed=0, steps=300, batch=64, data=data)
     assert results['has_red']['val_acc'] > 0.85, results
     assert results['same']['val_acc'] < 0.62, results
