@@ -13,12 +13,21 @@ Importing this module imports nothing but the standard library, so that
 ``tools/setup_env.sh`` can use it before the stack is installed; torch and
 mmcv are imported by the functions that need them.
 """
+import glob
+import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import warnings
 from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+try:
+    from convneur_mm.utils.elf import elf_needed
+except ImportError:  # run by path from tools/setup_env.sh, beside elf.py
+    from elf import elf_needed  # type: ignore[no-redef]
 
 PROC_VERSION = '/proc/driver/nvidia/version'
 ALLOW_CPU = 'CONVNEUR_ALLOW_CPU'
@@ -27,6 +36,20 @@ DOCS = 'docs/cuda.md'
 # Minimum Linux driver for each CUDA major version (NVIDIA's CUDA compatibility
 # table; within a major version a newer runtime runs on the oldest driver).
 MIN_DRIVER = {11: '450.80.02', 12: '525.60.13', 13: '580.65.06'}
+MMCV_WITHOUT_CUDA_OPS = (
+    'mmcv here was compiled without its CUDA ops, so the first RoIAlign would fail. Rebuild '
+    'it on this machine: `bash tools/setup_env.sh` (it sees the GPU and recompiles mmcv; see '
+    f'{DOCS}).')
+# what mmcv's dispatcher raises for a device it has no kernel for:
+# 'nms_impl: implementation for device cuda:0 not found.'
+NO_KERNEL = 'implementation for device cuda'
+# run in a child process: on an H100 (2026-11-24) get_compiling_cuda_version()
+# segfaulted while mmcv's CUDA kernels worked. One answer a line, flushed, so
+# that the first survives a crash of the second.
+VERSION_QUERY = ('from mmcv.ops import get_compiler_version, get_compiling_cuda_version\n'
+                 'print(get_compiling_cuda_version(), flush=True)\n'
+                 'print(get_compiler_version(), flush=True)\n')
+QUERIES = ('mmcv.ops.get_compiling_cuda_version()', 'mmcv.ops.get_compiler_version()')
 
 
 class Gpu(NamedTuple):
@@ -167,13 +190,124 @@ def cuda_problem(info: NvidiaInfo, cuda_available: bool, torch_version: str,
 
 
 def mmcv_problem(compiled_cuda: str) -> Optional[str]:
-    """mmcv's ops compiled without CUDA, on a machine that trains on CUDA:
-    the first RoIAlign would fail ("implementation for device cuda:0 not found")."""
-    if compiled_cuda in ('', 'not available'):
-        return ('mmcv here was compiled without its CUDA ops, so the first RoIAlign would '
-                'fail. Rebuild it on this machine: `bash tools/setup_env.sh` (it sees the '
-                f'GPU and recompiles mmcv; see {DOCS}).')
+    """mmcv's ops compiled without CUDA (as ``get_compiling_cuda_version()``
+    says it), on a machine that trains on CUDA: the first RoIAlign would fail
+    ("implementation for device cuda:0 not found")."""
+    return MMCV_WITHOUT_CUDA_OPS if compiled_cuda in ('', 'not available') else None
+
+
+def _probe_device(env: Mapping[str, str] = os.environ) -> 'torch.device':  # noqa: F821
+    """The GPU this process will train on: the local rank's under torchrun,
+    Slurm or MPI (as MMEngine's launchers pick it), else the current one. Every
+    rank probing the current device would leave a CUDA context on GPU 0."""
+    import torch
+    for var in ('LOCAL_RANK', 'SLURM_LOCALID', 'OMPI_COMM_WORLD_LOCAL_RANK'):
+        if env.get(var, '').isdigit():
+            return torch.device('cuda', int(env[var]) % max(1, torch.cuda.device_count()))
+    return torch.device('cuda')
+
+
+def mmcv_cuda_problem(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """Run mmcv's nms on two boxes on this process's GPU: an mmcv compiled
+    without its CUDA ops raises "implementation for device cuda:0 not found",
+    named here; any other error propagates. The kernel is asked, not
+    ``get_compiling_cuda_version()``, which segfaulted on an H100 whose CUDA
+    kernels worked."""
+    import torch
+    from mmcv.ops import nms
+    device = _probe_device(env)
+    boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 11., 11.]], device=device)
+    try:
+        nms(boxes, torch.tensor([0.9, 0.8], device=device), 0.5)
+    except RuntimeError as exc:
+        if NO_KERNEL in str(exc) and 'not found' in str(exc):
+            return MMCV_WITHOUT_CUDA_OPS
+        raise
     return None
+
+
+class MmcvOpsVersion(NamedTuple):
+    """What mmcv's compiled ops say about themselves, asked in a child process."""
+    cuda: Optional[str]  # '13.0'; the major ('13') when read from the ELF file; None: unknown
+    compiler: Optional[str]  # 'GCC 12.2'; None when the query failed
+    error: Optional[str] = None  # why the query failed, e.g. '... crashed (signal 11: SIGSEGV)'
+    elf: Optional[str] = None  # when it failed: what mmcv's _ext file says instead
+
+
+def _query_child(code: str, timeout: float) -> Tuple[List[str], Optional[str]]:
+    """The lines a child Python running ``code`` printed, and why it failed
+    (None if it printed both answers): a segfault there ends only the child."""
+    try:
+        out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [], f'{QUERIES[0]} timed out after {timeout:g} s'
+    except OSError as exc:
+        return [], f'{QUERIES[0]} could not run in a child process: {exc}'
+    lines = out.stdout.splitlines()
+    if out.returncode == 0 and len(lines) >= len(QUERIES):
+        return lines, None
+    call = QUERIES[min(len(lines), len(QUERIES) - 1)]
+    if out.returncode < 0:
+        try:
+            name = signal.Signals(-out.returncode).name
+        except ValueError:
+            name = 'unknown signal'
+        return lines, f'{call} crashed (signal {-out.returncode}: {name})'
+    last = (out.stderr.strip().splitlines() or ['no output'])[-1]
+    return lines, f'{call} failed (exit status {out.returncode}: {last})'
+
+
+def cudart_major(path: str) -> Optional[str]:
+    """The CUDA major version a library links (its NEEDED libcudart.so.N)."""
+    for name in elf_needed(path):
+        match = re.fullmatch(r'libcudart\.so\.(\d+)', name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def mmcv_ext_path() -> Optional[str]:
+    """mmcv's compiled ops library, found without importing mmcv."""
+    try:
+        spec = importlib.util.find_spec('mmcv')
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(glob.glob(os.path.join(folder, '_ext*.so')))
+        if found:
+            return found[0]
+    return None
+
+
+def _version_from_elf(error: str) -> MmcvOpsVersion:
+    """The CUDA major version mmcv's _ext links, when asking mmcv failed."""
+    path = mmcv_ext_path()
+    if path is None:
+        return MmcvOpsVersion(None, None, error, "mmcv's _ext library was not found")
+    try:
+        major = cudart_major(path)
+    except (OSError, ValueError) as exc:
+        return MmcvOpsVersion(None, None, error, f'{path} could not be read: {exc}')
+    if major is None:
+        return MmcvOpsVersion('not available', None, error,
+                              f'read from {path}: it links no libcudart')
+    return MmcvOpsVersion(major, None, error,
+                          f'major only, read from {path}: NEEDED libcudart.so.{major}')
+
+
+def mmcv_ops_version(code: Optional[str] = None, timeout: float = 120.0) -> MmcvOpsVersion:
+    """mmcv's ``get_compiling_cuda_version()`` and ``get_compiler_version()``,
+    asked in a child process (``code``: ``VERSION_QUERY``). On an H100 they
+    segfaulted while mmcv's CUDA kernels worked: a crash, a failure or a
+    timeout there is returned as ``error``, and the CUDA major version is then
+    read from the ELF file of mmcv's _ext instead (``elf`` says so)."""
+    lines, error = _query_child(VERSION_QUERY if code is None else code, timeout)
+    if error is None:
+        return MmcvOpsVersion(lines[0], lines[1])
+    if lines:  # the CUDA version came before the compiler query failed
+        return MmcvOpsVersion(lines[0], None, error)
+    return _version_from_elf(error)
 
 
 def check_cuda(env: Mapping[str, str] = os.environ, proc_path: str = PROC_VERSION,
@@ -193,14 +327,26 @@ def check_cuda(env: Mapping[str, str] = os.environ, proc_path: str = PROC_VERSIO
     problem = cuda_problem(info, available, torch.__version__, torch.version.cuda,
                            torch.cuda.get_arch_list() if available else [], caps, names)
     if problem is None and available and check_mmcv:
-        from mmcv.ops import get_compiling_cuda_version
-        problem = mmcv_problem(get_compiling_cuda_version())
+        problem = mmcv_cuda_problem(env)
     if problem is None:
         return 'cuda' if available else 'cpu'
     if env.get(ALLOW_CPU) == '1':
         warnings.warn(f'{problem} Running on the CPU ({ALLOW_CPU}=1).')
         return 'cpu'
     raise CudaUnavailableError(f'{problem} To run on the CPU anyway, set {ALLOW_CPU}=1.')
+
+
+def _mmcv_ops_row() -> str:
+    """The 'mmcv ops' row of the report; a crash of mmcv's version query is
+    shown, not suffered."""
+    try:
+        import mmcv.ops  # noqa: F401
+    except ImportError as exc:
+        return f'not importable ({exc})'
+    found = mmcv_ops_version()
+    row = f'compiled with {found.compiler or "unknown"}, CUDA: {found.cuda or "unknown"}'
+    return row + (f' ({found.elf})' if found.elf else '') + \
+        (f'; {found.error}' if found.error else '')
 
 
 def env_report() -> str:
@@ -227,12 +373,7 @@ def env_report() -> str:
     else:
         rows += [(f'GPU (nvidia-smi) {i}', f'{g.name}, sm_{g.capability[0]}{g.capability[1]}')
                  for i, g in enumerate(info.gpus)]
-    try:
-        from mmcv.ops import get_compiler_version, get_compiling_cuda_version
-        cuda_ops = get_compiling_cuda_version()
-        rows.append(('mmcv ops', f'compiled with {get_compiler_version()}, CUDA: {cuda_ops}'))
-    except ImportError as exc:
-        rows.append(('mmcv ops', f'not importable ({exc})'))
+    rows.append(('mmcv ops', _mmcv_ops_row()))
     for name in ('torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'mmpretrain',
                  'convneur-mm', 'numpy', 'opencv-python-headless'):
         try:
@@ -244,5 +385,7 @@ def env_report() -> str:
         rows.append(('CUDA check', 'ok'))
     except CudaUnavailableError as exc:
         rows.append(('CUDA check', str(exc)))
+    except Exception as exc:  # a report for a bug report: say it, do not crash
+        rows.append(('CUDA check', f'{type(exc).__name__}: {exc}'))
     width = max(len(k) for k, _ in rows) + 1
     return '\n'.join(f'{k + ":":<{width}} {v}' for k, v in rows)

@@ -323,16 +323,36 @@ def build_env(flavor: dict, venv: str, env: Mapping[str, str] = os.environ) -> D
 # ------------------------------------------------------- after installing
 def probe_mmcv() -> Optional[dict]:
     """The flavor of the mmcv installed now, as far as it can tell (no arch
-    list: an mmcv built before flavors were recorded is rebuilt for CUDA)."""
+    list: an mmcv built before flavors were recorded is rebuilt for CUDA).
+    Its CUDA version is asked in a child process (``cuda_env.mmcv_ops_version``)."""
     import torch
     try:
-        from mmcv.ops import get_compiling_cuda_version
+        import mmcv.ops  # noqa: F401  (needs the compiled mmcv._ext)
     except ImportError:
         return None
-    cuda = get_compiling_cuda_version()
-    if cuda_env.mmcv_problem(cuda):
+    cuda = cuda_env.mmcv_ops_version().cuda
+    if cuda is None or cuda_env.mmcv_problem(cuda):
         return dict(kind='cpu', torch=torch.__version__)
     return dict(kind='cuda', torch=torch.__version__, cuda=cuda, archs=None)
+
+
+def check_compiled_cuda(flavor: dict) -> List[str]:
+    """mmcv's ops name torch's CUDA version (major.minor; the major only
+    when the query crashed and it was read from mmcv's _ext file). The query
+    runs in a child process: on an H100 it segfaulted while the kernels worked."""
+    found = cuda_env.mmcv_ops_version()
+    lines = [found.error + (f'; CUDA version {found.elf}' if found.elf else '')] \
+        if found.error else []
+    if found.cuda is None:
+        raise SetupError(f'cannot tell whether mmcv has CUDA ops: {found.error}; {found.elf}')
+    source = (f'mmcv\'s CUDA version ({found.elf}; {found.error})' if found.elf else
+              cuda_env.QUERIES[0])
+    want = flavor['cuda'].split('.')[0] if found.elf else flavor['cuda']
+    if found.cuda != want:
+        raise SetupError(f'{source} is {found.cuda!r}, not torch\'s CUDA {want}: the CUDA ops '
+                         'were not compiled')
+    how = ' (major only, read from its _ext file)' if found.elf else ''
+    return lines + [f'mmcv ops compiled with CUDA {found.cuda}{how} for archs {flavor["archs"]}']
 
 
 def check_install(flavor: dict) -> List[str]:
@@ -340,7 +360,7 @@ def check_install(flavor: dict) -> List[str]:
     mmcv's ops exist, a CUDA flavor names torch's CUDA version and, where a GPU
     is visible, runs nms and roi_align on CUDA like on the CPU."""
     import torch
-    from mmcv.ops import get_compiling_cuda_version, nms, roi_align
+    from mmcv.ops import nms, roi_align
     lines = []
     boxes = torch.tensor([[0., 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]])
     scores = torch.tensor([0.9, 0.8, 0.7])
@@ -348,11 +368,7 @@ def check_install(flavor: dict) -> List[str]:
     if keep != [0, 2]:
         raise SetupError(f'mmcv nms on the CPU kept {keep}, not [0, 2]')
     if flavor['kind'] == 'cuda':
-        compiled = get_compiling_cuda_version()
-        if compiled != flavor['cuda']:
-            raise SetupError(f'mmcv.ops.get_compiling_cuda_version() is {compiled!r}, not torch\'s '
-                             f'CUDA {flavor["cuda"]}: the CUDA ops were not compiled')
-        lines.append(f'mmcv ops compiled with CUDA {compiled} for archs {flavor["archs"]}')
+        lines += check_compiled_cuda(flavor)
         if torch.cuda.is_available():
             feats = torch.arange(2 * 64, dtype=torch.float32).reshape(1, 2, 8, 8)
             rois = torch.tensor([[0., 1.5, 0.5, 6.0, 7.0]])

@@ -2,6 +2,7 @@
 /proc driver file, a fake nvidia-smi, capability lists), so every branch runs
 on this machine without a GPU."""
 import os
+import struct
 import subprocess
 import sys
 
@@ -106,3 +107,163 @@ def test_env_report_names_the_stack():
     for key in ('CUDA available', 'mmdet', 'mmsegmentation', 'mmpretrain', 'mmengine',
                 'CUDA check'):
         assert rows[key], key
+
+
+# ---- mmcv's ops: nms on the GPU, and the version query in a child process.
+# On an H100 (2026-11-24) mmcv.ops.get_compiling_cuda_version() segfaulted
+# while mmcv's CUDA kernels worked, and check_cuda asked it before every run.
+SEGFAULT = 'import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n'
+NO_CUDA_OPS = 'nms_impl: implementation for device cuda:0 not found.\n'  # mmcv's own words
+
+
+def fake_elf(path, needed):
+    """A minimal 64-bit little-endian ELF file whose dynamic section names
+    ``needed`` (its string table at an address other than its file offset)."""
+    strtab, offsets = b'\0', []
+    for name in needed:
+        offsets.append(len(strtab))
+        strtab += name.encode() + b'\0'
+    base, dyn_off = 0x1000, 64 + 2 * 56
+    str_off = dyn_off + 16 * (len(needed) + 3)
+    dynamic = b''.join(struct.pack('<qQ', 1, o) for o in offsets)  # DT_NEEDED
+    dynamic += struct.pack('<qQqQqQ', 5, base + str_off, 10, len(strtab), 0, 0)
+    size = str_off + len(strtab)
+    header = b'\x7fELF\x02\x01\x01' + bytes(9) + struct.pack(
+        '<HHIQQQIHHHHHH', 3, 62, 1, 0, 64, 0, 0, 64, 56, 2, 64, 0, 0)
+    load = struct.pack('<IIQQQQQQ', 1, 5, 0, base, base, size, size, 0x1000)
+    dyn = struct.pack('<IIQQQQQQ', 2, 6, dyn_off, base + dyn_off, base + dyn_off, len(dynamic),
+                      len(dynamic), 8)
+    path.write_bytes(header + load + dyn + dynamic + strtab)
+    return str(path)
+
+
+def test_version_query_survives_a_segfault(monkeypatch):
+    monkeypatch.setattr(cuda_env, 'mmcv_ext_path', lambda: None)
+    found = cuda_env.mmcv_ops_version(SEGFAULT)
+    assert found.cuda is None and found.compiler is None
+    assert found.error == 'mmcv.ops.get_compiling_cuda_version() crashed (signal 11: SIGSEGV)'
+    assert "_ext library was not found" in found.elf
+
+
+def test_version_query_answers_from_the_child():
+    assert cuda_env.mmcv_ops_version('print("13.0")\nprint("GCC 12.2")') == \
+        cuda_env.MmcvOpsVersion('13.0', 'GCC 12.2')
+    # the CUDA version answered, then get_compiler_version() crashed: keep the answer
+    found = cuda_env.mmcv_ops_version('print("13.0", flush=True)\n' + SEGFAULT)
+    assert (found.cuda, found.compiler, found.elf) == ('13.0', None, None)
+    assert 'get_compiler_version() crashed (signal 11: SIGSEGV)' in found.error
+
+
+def test_version_query_failure_and_timeout(monkeypatch):
+    monkeypatch.setattr(cuda_env, 'mmcv_ext_path', lambda: None)
+    failed = cuda_env.mmcv_ops_version('raise ImportError("no mmcv._ext")')
+    assert 'failed (exit status 1: ImportError: no mmcv._ext)' in failed.error
+    assert 'timed out after 1 s' in cuda_env.mmcv_ops_version('import time; time.sleep(30)',
+                                                              timeout=1).error
+
+
+def test_version_falls_back_to_the_elf_file(tmp_path, monkeypatch):
+    """The query crashed: the CUDA major comes from _ext's NEEDED libcudart.so.N."""
+    ext = fake_elf(tmp_path / '_ext.so', ['libc10.so', 'libcudart.so.13', 'libc.so.6'])
+    assert cuda_env.elf_needed(ext) == ['libc10.so', 'libcudart.so.13', 'libc.so.6']
+    assert cuda_env.cudart_major(ext) == '13'
+    monkeypatch.setattr(cuda_env, 'mmcv_ext_path', lambda: ext)
+    found = cuda_env.mmcv_ops_version(SEGFAULT)
+    assert found.cuda == '13' and 'SIGSEGV' in found.error
+    assert found.elf == f'major only, read from {ext}: NEEDED libcudart.so.13'
+    cpu = fake_elf(tmp_path / 'cpu.so', ['libc10.so'])  # a CPU build links no libcudart
+    monkeypatch.setattr(cuda_env, 'mmcv_ext_path', lambda: cpu)
+    assert cuda_env.mmcv_ops_version(SEGFAULT).cuda == 'not available'
+    (tmp_path / 'junk.so').write_bytes(b'libcudart.so.13')  # not ELF: unknown, not guessed
+    monkeypatch.setattr(cuda_env, 'mmcv_ext_path', lambda: str(tmp_path / 'junk.so'))
+    found = cuda_env.mmcv_ops_version(SEGFAULT)
+    assert found.cuda is None and 'could not be read' in found.elf
+
+
+def test_elf_reader_on_real_libraries():
+    """What the linker wrote: mmcv's _ext and torch's CUDA library."""
+    assert 'libc10.so' in cuda_env.elf_needed(cuda_env.mmcv_ext_path())
+    c10_cuda = os.path.join(os.path.dirname(torch.__file__), 'lib', 'libc10_cuda.so')
+    if torch.version.cuda and os.path.exists(c10_cuda):
+        assert cuda_env.cudart_major(c10_cuda) == torch.version.cuda.split('.')[0]
+
+
+def test_env_report_shows_a_crashing_version_query(tmp_path, monkeypatch):
+    monkeypatch.setattr(cuda_env, 'VERSION_QUERY', SEGFAULT)
+    monkeypatch.setattr(cuda_env, 'mmcv_ext_path',
+                        lambda: fake_elf(tmp_path / '_ext.so', ['libcudart.so.13']))
+    rows = dict(line.split(':', 1) for line in cuda_env.env_report().splitlines())
+    assert rows['mmcv ops'].strip().startswith('compiled with unknown, CUDA: 13 (major only')
+    assert rows['mmcv ops'].endswith(
+        '; mmcv.ops.get_compiling_cuda_version() crashed (signal 11: SIGSEGV)')
+
+    def broken_check(env):
+        raise RuntimeError('CUDA error: unspecified launch failure')
+    monkeypatch.setattr(cuda_env, 'check_cuda', broken_check)
+    rows = dict(line.split(':', 1) for line in cuda_env.env_report().splitlines())
+    assert rows['CUDA check'].strip() == 'RuntimeError: CUDA error: unspecified launch failure'
+
+
+@pytest.fixture
+def usable_gpu(monkeypatch):
+    """torch sees a supported GPU; nms is faked (the tensors stay on the CPU);
+    get_compiling_cuda_version() fails the test if anything calls it."""
+    import mmcv.ops
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda i=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda i=None: 'NVIDIA H100 80GB HBM3')
+    monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: TORCH_13)
+    monkeypatch.setattr(torch.version, 'cuda', '13.0')
+    monkeypatch.setattr(cuda_env, '_probe_device', lambda env: torch.device('cpu'),
+                        raising=False)
+
+    def crash(*args):
+        pytest.fail('get_compiling_cuda_version() was called (it segfaulted on the H100)')
+    monkeypatch.setattr(mmcv.ops, 'get_compiling_cuda_version', crash)
+    calls = []
+
+    def use_nms(error=None):
+        def nms(boxes, scores, iou_threshold):
+            calls.append(len(boxes))
+            if error:
+                raise error
+            return boxes, torch.arange(len(boxes))
+        monkeypatch.setattr(mmcv.ops, 'nms', nms)
+        return calls
+    return use_nms
+
+
+def test_mmcv_without_cuda_ops_is_found_by_running_nms(tmp_path, usable_gpu):
+    proc = _proc(tmp_path, PROPRIETARY)
+    calls = usable_gpu(RuntimeError(NO_CUDA_OPS))
+    with pytest.raises(CudaUnavailableError, match='compiled without its CUDA ops.*'
+                       r'bash tools/setup_env.sh.*CONVNEUR_ALLOW_CPU=1'):
+        check_cuda(env={}, proc_path=proc, smi=None)
+    assert calls == [2]
+    with pytest.warns(UserWarning, match='compiled without its CUDA ops'):
+        assert check_cuda(env={'CONVNEUR_ALLOW_CPU': '1'}, proc_path=proc, smi=None) == 'cpu'
+
+
+def test_mmcv_with_cuda_ops_passes(tmp_path, usable_gpu):
+    calls = usable_gpu()
+    assert check_cuda(env={}, proc_path=_proc(tmp_path, PROPRIETARY), smi=None) == 'cuda'
+    assert calls == [2]
+
+
+def test_other_cuda_errors_of_the_probe_propagate(tmp_path, usable_gpu):
+    """Only mmcv's "no kernel for cuda" means "rebuild mmcv"; anything else is
+    another problem, shown as it is."""
+    usable_gpu(RuntimeError('CUDA error: an illegal memory access was encountered'))
+    with pytest.raises(RuntimeError, match='illegal memory access') as raised:
+        check_cuda(env={}, proc_path=_proc(tmp_path, PROPRIETARY), smi=None)
+    assert not isinstance(raised.value, CudaUnavailableError)
+
+
+def test_probe_runs_on_the_ranks_own_gpu(monkeypatch):
+    """Under torchrun each rank probes its GPU, not GPU 0 (a CUDA context
+    there per rank for the whole run)."""
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    assert cuda_env._probe_device({'LOCAL_RANK': '2'}) == torch.device('cuda', 2)
+    assert cuda_env._probe_device({'SLURM_LOCALID': '5'}) == torch.device('cuda', 1)
+    assert cuda_env._probe_device({}) == torch.device('cuda')

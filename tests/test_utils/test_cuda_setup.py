@@ -190,3 +190,65 @@ def test_stamp_records_the_flavor(tmp_path, monkeypatch):
 def test_max_jobs():
     assert cuda_setup.max_jobs({'MAX_JOBS': '3'}) == '3'
     assert 1 <= int(cuda_setup.max_jobs({})) <= os.cpu_count()
+
+
+# ---- the version query of mmcv's ops runs in a child process: on an H100
+# (2026-11-24) get_compiling_cuda_version() segfaulted while the kernels worked
+SEGFAULT = 'import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n'
+
+
+@pytest.fixture
+def mmcv_ext(tmp_path, monkeypatch):
+    """Make the version query crash, and mmcv's _ext a fake ELF file that
+    NEEDs these libraries."""
+    from .test_cuda_env import fake_elf
+    monkeypatch.setattr(cuda_setup.cuda_env, 'VERSION_QUERY', SEGFAULT)
+
+    def link(*needed):
+        path = fake_elf(tmp_path / '_ext.so', list(needed))
+        monkeypatch.setattr(cuda_setup.cuda_env, 'mmcv_ext_path', lambda: path)
+        return path
+    return link
+
+
+def test_check_survives_a_crashing_version_query(mmcv_ext, capsys):
+    """The set-up checks the major version read from _ext, says so, and
+    names the crash in a [setup] line."""
+    ext = mmcv_ext('libc10.so', 'libcudart.so.13')
+    assert cuda_setup.main(['check', json.dumps(CUDA)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ('[setup] mmcv.ops.get_compiling_cuda_version() crashed (signal 11: '
+                      f'SIGSEGV); CUDA version major only, read from {ext}: NEEDED '
+                      'libcudart.so.13')
+    assert out[1] == f'[setup] mmcv ops compiled with CUDA 13 (major only, read from its _ext ' \
+                     f'file) for archs {DEFAULT}'
+
+
+@pytest.mark.parametrize('needed,match', [
+    (['libcudart.so.12'], "is '12', not torch's CUDA 13: the CUDA ops were not compiled"),
+    (['libc10.so'], "links no libcudart; .*SIGSEGV.* is 'not available', not torch's CUDA 13"),
+])
+def test_check_still_refuses_an_mmcv_without_torchs_cuda(mmcv_ext, needed, match):
+    mmcv_ext(*needed)
+    with pytest.raises(SetupError, match=match):
+        cuda_setup.check_install(CUDA)
+
+
+@pytest.mark.parametrize('answer,ok', [('13.0', True), ('12.6', False), ('not available', False)])
+def test_check_compares_major_and_minor_when_the_query_works(monkeypatch, answer, ok):
+    monkeypatch.setattr(cuda_setup.cuda_env, 'VERSION_QUERY', f'print({answer!r})\nprint("GCC")')
+    if ok:
+        assert f'mmcv ops compiled with CUDA 13.0 for archs {DEFAULT}' in \
+            cuda_setup.check_install(CUDA)
+    else:
+        with pytest.raises(SetupError, match=f"get_compiling_cuda_version\\(\\) is '{answer}', "
+                                             "not torch's CUDA 13.0"):
+            cuda_setup.check_install(CUDA)
+
+
+def test_probe_survives_a_crashing_version_query(mmcv_ext):
+    mmcv_ext('libcudart.so.13')
+    assert cuda_setup.probe_mmcv() == dict(kind='cuda', torch=torch.__version__, cuda='13',
+                                           archs=None)
+    mmcv_ext('libc10.so')
+    assert cuda_setup.probe_mmcv() == dict(kind='cpu', torch=torch.__version__)
