@@ -13,9 +13,11 @@ setup:
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-# Only the tests marked `gpu` (skipped, with the reason, without enough GPUs).
+# Only the tests marked `gpu`, all in this one process with the GPUs visible
+# (no child pytest per test: that cost about 20 s of imports each on an H100);
+# skipped, with the reason, without enough GPUs.
 test-gpu: setup
-	$(PY) -m pytest -m gpu tests $(PYTEST_ARGS)
+	CONVNEUR_TEST_GPU_CHILD=1 $(PY) -m pytest -m gpu tests $(PYTEST_ARGS)
 
 # The main job on the embedded default: tiny COCO / ADE20K / ImageNet sets.
 demo: setup
