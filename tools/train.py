@@ -10,7 +10,8 @@ from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
-from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
+from convneur_mm.engine.compile import (add_compile_argument, bucket_detection_sizes,
+                                        compile_runner_model)
 from convneur_mm.engine.exit import exit_successfully
 from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
                                        load_config, prepare_deterministic, set_local_rank,
@@ -68,6 +69,8 @@ def main():
         if not is_remote(args.resume) and not osp.isfile(args.resume):
             raise FileNotFoundError(f'checkpoint to resume from not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
+    if args.compile:
+        bucket_detection_sizes(cfg)
     runner = build_runner(cfg)
     if args.compile:
         compile_runner_model(runner, args.compile)

@@ -34,8 +34,13 @@ backward (``LayerNorm2d``'s output: ``16*(W//4) < 16`` has no truth value
 while W may be below 4) with plain comparisons, ``TypeError: cannot
 determine truth value of Relational`` (upstream: pytorch/pytorch#185510,
 open). ``CompilationCountHook`` logs how many graphs each epoch compiled.
+
+So that a detector's training meets few shapes, ``--compile`` pads its
+batches to a few bucket sizes (``bucket_detection_sizes``,
+``convneur_mm.BucketPad``): 3 to 5 shapes instead of COCO's 19 to 83.
 """
-from typing import Callable, List, Optional, Sequence
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.hooks import Hook
@@ -122,6 +127,47 @@ def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] 
     print_log(f'torch.compile ({mode}, dynamic={dynamic}) of the model\'s '
               f'{", ".join(names)}; the first iterations compile (minutes on a CPU)',
               logger='current')
+
+
+def _find_resize_scale(node) -> Optional[Tuple[int, int]]:
+    """The ``scale`` of the first keep-ratio ``Resize`` in a (wrapped) dataset
+    config's pipeline."""
+    if isinstance(node, dict):
+        if str(node.get('type', '')).endswith('Resize') and node.get('keep_ratio') \
+                and isinstance(node.get('scale'), (tuple, list)) and len(node['scale']) == 2:
+            return tuple(node['scale'])
+        children = node.values()
+    elif isinstance(node, (list, tuple)):
+        children = node
+    else:
+        return None
+    return next((found for found in map(_find_resize_scale, children) if found), None)
+
+
+def bucket_detection_sizes(cfg) -> Optional[Tuple[int, ...]]:
+    """For ``--compile`` of a detector: pad its training batches up to three
+    side lengths, the resize's short and long sides and their middle (each a
+    multiple of ``pad_size_divisor``): (800, 1088, 1344) for COCO's 1333x800.
+    Returns the buckets, or None where the config is no detector with a
+    keep-ratio ``Resize``, or has batch augments of its own (left alone)."""
+    preprocessor = cfg.get('model', {}).get('data_preprocessor') or {}
+    if not str(preprocessor.get('type', '')).endswith('DetDataPreprocessor') \
+            or preprocessor.get('batch_augments'):
+        return None
+    scale = _find_resize_scale(cfg.get('train_dataloader', {}).get('dataset'))
+    if scale is None:
+        return None
+    divisor = preprocessor.get('pad_size_divisor', 1) or 1
+    short, long = sorted(scale)
+    buckets = tuple(sorted({divisor * math.ceil(s / divisor)
+                            for s in (short, (short + long) / 2, long)}))
+    preprocessor['batch_augments'] = [dict(
+        type='convneur_mm.BucketPad', buckets=buckets,
+        pad_mask=bool(preprocessor.get('pad_mask', False)),
+        pad_seg=bool(preprocessor.get('pad_seg', False)))]
+    print_log(f'--compile: training batches padded to sides {buckets} (convneur_mm.BucketPad), '
+              'so that the compiled backbone and neck meet few input shapes', logger='current')
+    return buckets
 
 
 class CompilationCountHook(Hook):

@@ -1,4 +1,5 @@
 """Models of ConvNeur-MM; importing this registers them."""
 from .backbones import ConvNeur
+from .data_preprocessors import BucketPad
 
-__all__ = ['ConvNeur']
+__all__ = ['ConvNeur', 'BucketPad']

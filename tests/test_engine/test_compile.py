@@ -129,3 +129,27 @@ def test_runner_trains_with_compiled_parts_and_plain_checkpoint_keys(tmp_path):
     cfg.compile = True
     with pytest.raises(ValueError, match='cfg.compile'):
         compile_runner_model(build_runner(cfg))
+
+
+def test_compile_buckets_a_detectors_training_batches():
+    """``--compile`` on the COCO config: its data preprocessor pads training
+    batches to (800, 1088, 1344); configs that are no detector, or that have
+    batch augments of their own, are left alone."""
+    from convneur_mm.engine.compile import bucket_detection_sizes
+    from convneur_mm.engine.launch import load_config
+    from convneur_mm.utils.toolbox import build_model
+    cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
+                      work_dir='/tmp/unused')
+    assert bucket_detection_sizes(cfg) == (800, 1088, 1344)
+    augment = cfg.model.data_preprocessor.batch_augments[0]
+    assert (augment.type, augment.pad_mask) == ('convneur_mm.BucketPad', True)
+    assert bucket_detection_sizes(cfg) is None  # batch augments of its own: left alone
+    preprocessor = build_model(cfg, init=False).data_preprocessor
+    batch = dict(inputs=[torch.zeros(3, 800, 1000, dtype=torch.uint8)] * 2,
+                 data_samples=None)
+    assert preprocessor(batch, training=True)['inputs'].shape[-2:] == (800, 1088)
+    # mmdet applies batch augments in training only: evaluation pads to 32
+    assert preprocessor(batch, training=False)['inputs'].shape[-2:] == (800, 1024)
+    seg = load_config(osp.join(REPO, 'configs', 'fpn_convneur_m2_80k_ade20k.py'),
+                      work_dir='/tmp/unused')
+    assert bucket_detection_sizes(seg) is None
