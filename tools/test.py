@@ -45,8 +45,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    set_local_rank(args.local_rank)  # first: check_cuda probes mmcv on this rank's GPU
     check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
-    set_local_rank(args.local_rank)
     print_log(tune_cpu_malloc(), logger='current')
     if not is_remote(args.checkpoint) and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')

@@ -50,8 +50,8 @@ def main():
     args = parse_args()
     if args.deterministic:
         prepare_deterministic()  # before CUDA starts
+    set_local_rank(args.local_rank)  # first: check_cuda probes mmcv on this rank's GPU
     check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
-    set_local_rank(args.local_rank)
     print_log(tune_cpu_malloc(), logger='current')
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])

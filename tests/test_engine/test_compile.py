@@ -131,7 +131,7 @@ def test_runner_trains_with_compiled_parts_and_plain_checkpoint_keys(tmp_path):
         compile_runner_model(build_runner(cfg))
 
 
-def test_compile_buckets_a_detectors_training_batches():
+def test_compile_buckets_a_detectors_training_batches(tmp_path):
     """``--compile`` on the COCO config: its data preprocessor pads training
     batches to (800, 1088, 1344); configs that are no detector, or that have
     batch augments of their own, are left alone."""
@@ -139,7 +139,7 @@ def test_compile_buckets_a_detectors_training_batches():
     from convneur_mm.engine.launch import load_config
     from convneur_mm.utils.toolbox import build_model
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
-                      work_dir='/tmp/unused')
+                      work_dir=str(tmp_path))
     assert bucket_detection_sizes(cfg) == (800, 1088, 1344)
     augment = cfg.model.data_preprocessor.batch_augments[0]
     assert (augment.type, augment.pad_mask) == ('convneur_mm.BucketPad', True)
@@ -151,5 +151,5 @@ def test_compile_buckets_a_detectors_training_batches():
     # mmdet applies batch augments in training only: evaluation pads to 32
     assert preprocessor(batch, training=False)['inputs'].shape[-2:] == (800, 1024)
     seg = load_config(osp.join(REPO, 'configs', 'fpn_convneur_m2_80k_ade20k.py'),
-                      work_dir='/tmp/unused')
+                      work_dir=str(tmp_path))
     assert bucket_detection_sizes(seg) is None

@@ -27,6 +27,7 @@ def padded_shapes(buckets, ratio_range):
     of 640 (COCO's) and every short side whose aspect ratio is in range,
     resized keep-ratio to 1333x800 (mmcv's rescale_size, as mmdet's Resize),
     padded to a multiple of 32 (DetDataPreprocessor), then to the buckets."""
+    pad = BucketPad(buckets) if buckets else None
     shapes = set()
     for short in range(1, 641):
         for w, h in ((640, short), (short, 640)):
@@ -34,7 +35,7 @@ def padded_shapes(buckets, ratio_range):
                 continue
             nw, nh = rescale_size((w, h), (1333, 800))
             ph, pw = -(-nh // 32) * 32, -(-nw // 32) * 32
-            shapes.add(BucketPad(buckets).target_shape(ph, pw) if buckets else (ph, pw))
+            shapes.add(pad.target_shape(ph, pw) if pad else (ph, pw))
     return shapes
 
 
