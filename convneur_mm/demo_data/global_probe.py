@@ -76,9 +76,9 @@ class Mark(NamedTuple):
     target: bool
 
 
-def _layout(rng: np.random.Generator, size: int, count: int,
-            radius: float) -> np.ndarray:
-    """``count`` centres, the first two at least TARGET_MIN_DIST * size apart and
+def _layout(rng: np.random.Generator, size: int, count: int, radius: float,
+            target_min_dist: float = TARGET_MIN_DIST) -> np.ndarray:
+    """``count`` centres, the first two at least ``target_min_dist * size`` apart and
     all at least MARK_GAP radii apart (rejection sampling, a few tries)."""
     margin = radius * (1 + RING_WIDTH) + 1
     for _ in range(1000):  # dart throwing, restarted when a dart finds no room
@@ -87,7 +87,7 @@ def _layout(rng: np.random.Generator, size: int, count: int,
             for _ in range(100):
                 p = rng.uniform(margin, size - margin, size=2)
                 far = min(np.hypot(*(p - q)) for q in points) >= MARK_GAP * radius
-                if far and (n > 1 or np.hypot(*(p - points[0])) >= TARGET_MIN_DIST * size):
+                if far and (n > 1 or np.hypot(*(p - points[0])) >= target_min_dist * size):
                     points.append(p)
                     break
             else:
@@ -99,26 +99,39 @@ def _layout(rng: np.random.Generator, size: int, count: int,
 
 
 def sample_marks(rng: np.random.Generator, label: int, size: int, kinds: int,
-                 distractors: int, relation: str = 'same') -> List[Mark]:
+                 distractors: int, relation: str = 'same',
+                 radius_range: Tuple[float, float] = RADIUS_RANGE,
+                 target_min_dist: float = TARGET_MIN_DIST) -> List[Mark]:
     """The marks of one image of class ``label`` (index into CLASSES).
 
     The colours of all ``2 + distractors`` marks are i.i.d. (redrawn until
     the image holds both a positive and a negative pair under ``relation``,
     so that either label is possible); the label does not depend on them.
     The two targets are then a random pair of the kind the label asks for.
+
+    With no distractors the two colours are a uniform pair of the kind the
+    label asks for: each mark's colour alone says nothing, but the colour
+    histogram gives the label away (a probe of pooling, not a dataset).
     """
     count, positive = 2 + distractors, RELATIONS[relation]
-    while True:
-        colours = rng.integers(kinds, size=count)
-        pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
-        wanted = [p for p in pairs if positive(colours[p[0]], colours[p[1]]) == bool(label)]
-        if wanted and len(wanted) < len(pairs):
-            break
-    targets = wanted[int(rng.integers(len(wanted)))]
-    others = [i for i in range(count) if i not in targets]
-    order = list(targets) + [others[i] for i in rng.permutation(len(others))]
-    radii = np.maximum(MIN_RADIUS, rng.uniform(*RADIUS_RANGE, size=count) * size)
-    points = _layout(rng, size, count, float(radii.max()))
+    if distractors == 0:
+        wanted = [(a, b) for a in range(kinds) for b in range(kinds)
+                  if positive(a, b) == bool(label)]
+        colours = np.asarray(wanted[int(rng.integers(len(wanted)))])
+        order = [0, 1]
+    else:
+        while True:
+            colours = rng.integers(kinds, size=count)
+            pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+            wanted = [p for p in pairs
+                      if positive(colours[p[0]], colours[p[1]]) == bool(label)]
+            if wanted and len(wanted) < len(pairs):
+                break
+        targets = wanted[int(rng.integers(len(wanted)))]
+        others = [i for i in range(count) if i not in targets]
+        order = list(targets) + [others[i] for i in rng.permutation(len(others))]
+    radii = np.maximum(MIN_RADIUS, rng.uniform(*radius_range, size=count) * size)
+    points = _layout(rng, size, count, float(radii.max()), target_min_dist)
     return [Mark(float(x), float(y), float(r), int(colours[i]), n < 2)
             for n, (i, (x, y), r) in enumerate(zip(order, points, radii))]
 
@@ -140,14 +153,23 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int = 4,
-               distractors: int = 2, relation: str = 'same') -> Tuple[np.ndarray, List[Mark]]:
-    """One RGB uint8 ``size`` x ``size`` image of class ``label`` and its marks."""
-    if not 3 <= kinds <= len(KINDS):
-        raise ValueError(f'kinds must be in [3, {len(KINDS)}] (with 2 colours either '
-                         f'relation is additive), got {kinds}')
+               distractors: int = 2, relation: str = 'same',
+               radius_range: Tuple[float, float] = RADIUS_RANGE,
+               target_min_dist: float = TARGET_MIN_DIST) -> Tuple[np.ndarray, List[Mark]]:
+    """One RGB uint8 ``size`` x ``size`` image of class ``label`` and its marks.
+
+    ``radius_range`` (disc radii, fractions of the side) and ``target_min_dist``
+    serve the probe's studies (docs/probe.md); the dataset keeps the defaults.
+    """
+    # two colours: additive beside distractors; without any, the two marks'
+    # same/different is the plain XOR (docs/probe.md, "pooling")
+    if not (2 if distractors == 0 else 3) <= kinds <= len(KINDS):
+        raise ValueError(f'kinds must be in [3, {len(KINDS)}] (with 2 colours and '
+                         f'distractors either relation is additive), got {kinds}')
     if relation not in RELATIONS:
         raise ValueError(f'relation must be one of {sorted(RELATIONS)}, got {relation!r}')
-    marks = sample_marks(rng, label, size, kinds, distractors, relation)
+    marks = sample_marks(rng, label, size, kinds, distractors, relation,
+                         radius_range, target_min_dist)
     img = _background(rng, size)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     for mark in marks:

@@ -11,7 +11,7 @@ No MMEngine runner: seconds of start-up matter in a CI-sized run.
 """
 import argparse
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..demo_data.global_probe import make_image
+from .bench_env import PeakMemoryGrowth
 
 # Two stages of one block: the local branch sees 4 + 24 + 4 + 48 = 80 pixels
 # (stem, stage-1 7x7 at stride 4, downsampling, stage-2 7x7 at stride 8): less
@@ -27,20 +28,31 @@ from ..demo_data.global_probe import make_image
 # reads what the rows above it wrote.
 ARCH = dict(depths=[1, 1], dims=[16, 32], memory_dim=16)
 MEMORY_CFG = dict(chunk_size=32)
-# backbone switches of each variant: the memory, the local-only row of Table 5,
-# and global self-attention in the same scaffold (a reference global mixer)
+# backbone switches of each variant: the rows of Table 5 (docs/ablations.md):
+# ours, local-only, per-layer memory, the other global-branch types in the
+# same scaffold, and the two other fusions
 VARIANTS = {'ours': dict(memory_placement='stage'),
             'local': dict(memory_placement='none'),
-            'attention': dict(global_mixer='attention')}
+            'per_layer': dict(memory_placement='block'),
+            'attention': dict(global_mixer='attention'),
+            'nonlocal': dict(global_mixer='nonlocal'),
+            'cbam': dict(global_mixer='cbam'),
+            'rwkv': dict(global_mixer='rwkv'),
+            'titans': dict(global_mixer='titans'),
+            'add': dict(fusion='add'),
+            'concat': dict(fusion='concat')}
 MEAN, STD = 80.0, 60.0  # pixel statistics of the probe, roughly
 
 
 def probe_tensors(count: int, seed: int, size: int = 128, kinds: int = 3,
-                  distractors: int = 2, relation: str = 'same') -> Tuple[Tensor, Tensor]:
-    """``count`` normalized images (half of each class) and their labels."""
+                  distractors: int = 2, relation: str = 'same',
+                  **marks) -> Tuple[Tensor, Tensor]:
+    """``count`` normalized images (half of each class) and their labels;
+    ``marks``: make_image's ``radius_range`` / ``target_min_dist``."""
     labels = np.arange(count) % 2
     images = [make_image(np.random.default_rng([seed, i]), int(label), size=size,
-                         kinds=kinds, distractors=distractors, relation=relation)[0]
+                         kinds=kinds, distractors=distractors, relation=relation,
+                         **marks)[0]
               for i, label in enumerate(labels)]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     return (x - MEAN) / STD, torch.from_numpy(labels)
@@ -53,12 +65,38 @@ def probe_data(seed: int, train_count: int = 3000, val_count: int = 500,
             *probe_tensors(val_count, seed + 2000, **options))
 
 
-def build_probe_model(variant: str, arch: Optional[dict] = None) -> nn.Module:
-    """The backbone of ``variant`` (a key of VARIANTS) and a linear 2-way head."""
+# the local branch's operations that pool over the whole map (docs/probe.md,
+# "Local-only is not local"), removable to measure what they contribute
+GLOBAL_POOLINGS = ('grn', 'final_norm')
+
+
+def build_probe_model(variant: str, arch: Optional[dict] = None,
+                      memory_cfg: Optional[dict] = None, placement: Optional[str] = None,
+                      without: Sequence[str] = ()) -> nn.Module:
+    """The backbone of ``variant`` (a key of VARIANTS) and a linear 2-way head.
+
+    ``placement`` overrides a memory variant's ``memory_placement``;
+    ``without`` (a subset of GLOBAL_POOLINGS) replaces every GRN, or the
+    norm after global average pooling, by the identity.
+    """
     from ..models import ConvNeur
+    from ..models.layers.local_branch import GRN
+    unknown = set(without) - set(GLOBAL_POOLINGS)
+    if unknown:
+        raise ValueError(f'without: {sorted(unknown)} not in {GLOBAL_POOLINGS}')
     arch = dict(arch or ARCH)
-    backbone = ConvNeur(arch=arch, memory_cfg=MEMORY_CFG, **VARIANTS[variant])
+    switches = dict(VARIANTS[variant])
+    if placement is not None and variant != 'local':
+        switches['memory_placement'] = placement
+    backbone = ConvNeur(arch=arch, memory_cfg=memory_cfg or MEMORY_CFG, **switches)
     backbone.init_weights()
+    for name, module in list(backbone.named_modules()):
+        final_norm = name.startswith('norm') and '.' not in name
+        if ('grn' in without and isinstance(module, GRN)) or (
+                'final_norm' in without and final_norm):
+            parent, _, child = name.rpartition('.')
+            setattr(backbone.get_submodule(parent) if parent else backbone, child,
+                    nn.Identity())
     return nn.Sequential(backbone, _First(), nn.Linear(arch['dims'][-1], 2))
 
 
@@ -86,36 +124,48 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 250) -> float:
 def train_probe(variant: str, seed: int = 0, steps: int = 300, batch: int = 64,
                 lr: float = 3e-3, train_count: int = 3000, val_count: int = 500,
                 data: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None,
+                model_options: Optional[dict] = None, log_every: int = 0,
                 **data_options) -> Dict[str, float]:
-    """Train ``variant`` from seed ``seed``; {val_acc, train_acc, seconds}.
+    """Train ``variant`` from seed ``seed``; {val_acc, train_acc, seconds,
+    step_mb}: step_mb is the peak memory that one training step adds.
 
     AdamW with a 10% warm-up and cosine decay; the data (made from
     ``seed + 1000`` unless given as (x_train, y_train, x_val, y_val)) do not
     change with the variant, so that two variants see the same images.
+    ``model_options``: build_probe_model's keywords; ``log_every``: print the
+    validation accuracy every so many steps.
     """
     if data is None:
         data = probe_data(seed, train_count, val_count, **data_options)
     x_train, y_train, x_val, y_val = data
     torch.manual_seed(seed)
-    model = build_probe_model(variant)
+    model = build_probe_model(variant, **(model_options or {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = max(1, steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
         (s + 1) / warmup, 0.5 * (1 + np.cos(np.pi * s / steps))))
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
+    step_mb = 0.0
+    for step in range(1, steps + 1):
+        model.train()
         index = torch.randint(len(x_train), (batch,), generator=generator)
+        if step == 2:  # the optimizer's state exists from step 1 on
+            peak = PeakMemoryGrowth('cpu')
         loss = F.cross_entropy(model(_flip(x_train[index], generator)), y_train[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if step == 2:
+            step_mb = peak.mib()
+        if log_every and step % log_every == 0 and step < steps:
+            print(f'  {variant} step {step}: loss {loss.item():.3f} val '
+                  f'{accuracy(model, x_val, y_val):.3f}', flush=True)
     seconds = time.perf_counter() - start
     return dict(val_acc=accuracy(model, x_val, y_val),
                 train_acc=accuracy(model, x_train[:val_count], y_train[:val_count]),
-                seconds=seconds)
+                seconds=seconds, step_mb=step_mb)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -130,6 +180,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--kinds', type=int, default=3)
     parser.add_argument('--distractors', type=int, default=2)
     parser.add_argument('--relation', default='same')
+    parser.add_argument('--radius', type=float, nargs=2, metavar=('LO', 'HI'),
+                        help='disc radii as fractions of the side (default 0.07 0.1)')
+    parser.add_argument('--min-dist', type=float,
+                        help="the targets' least distance as a fraction of the side (0.6)")
+    parser.add_argument('--depths', type=int, nargs='+', help='blocks per stage (1 1)')
+    parser.add_argument('--dims', type=int, nargs='+', help='widths per stage (16 32)')
+    parser.add_argument('--memory-dim', type=int, help='C_m (16)')
+    parser.add_argument('--chunk-size', type=int, help='memory chunk length (32)')
+    parser.add_argument('--placement', choices=('stage', 'block'),
+                        help="a memory variant's memory_placement (stage)")
+    parser.add_argument('--without', nargs='+', default=[], choices=GLOBAL_POOLINGS,
+                        help='replace every GRN / the final norm by the identity')
+    parser.add_argument('--log-every', type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import logging
@@ -138,12 +201,27 @@ def main(argv: Optional[List[str]] = None) -> None:
     MMLogger.get_instance('mmengine').setLevel(logging.WARNING)
     options = dict(size=args.size, kinds=args.kinds, distractors=args.distractors,
                    relation=args.relation)
+    if args.radius:
+        options['radius_range'] = tuple(args.radius)
+    if args.min_dist:
+        options['target_min_dist'] = args.min_dist
+    arch = dict(ARCH)
+    for key, value in (('depths', args.depths), ('dims', args.dims),
+                       ('memory_dim', args.memory_dim)):
+        if value:
+            arch[key] = value
+    memory_cfg = dict(MEMORY_CFG, **({'chunk_size': args.chunk_size} if args.chunk_size else {}))
+    model_options = dict(arch=arch, memory_cfg=memory_cfg, placement=args.placement,
+                         without=args.without)
     for seed in args.seeds:
         data = probe_data(seed, args.train_count, **options)
         for variant in args.variants:
-            result = train_probe(variant, seed, args.steps, args.batch, args.lr, data=data)
+            result = train_probe(variant, seed, args.steps, args.batch, args.lr, data=data,
+                                 model_options=model_options, log_every=args.log_every)
             print(f'{variant:6s} seed {seed}: val {result["val_acc"]:.3f} train '
-                  f'{result["train_acc"]:.3f} ({result["seconds"]:.0f} s)', flush=True)
+                  f'{result["train_acc"]:.3f} ({result["seconds"]:.0f} s, '
+                  f'{1000 * result["seconds"] / args.steps:.0f} ms/step, step peak '
+                  f'{result["step_mb"]:.0f} MiB)', flush=True)
 
 
 if __name__ == '__main__':

@@ -135,3 +135,45 @@ def test_local_only_sees_the_marks_but_not_their_relation(single_thread):
         results[relation] = train_probe('local', seed=0, steps=300, batch=64, data=data)
     assert results['has_red']['val_acc'] > 0.85, results
     assert results['same']['val_acc'] < 0.62, results
+
+
+# the pooling study of docs/probe.md: two discs, the same colour or not, out of
+# two colours and with no distractors -- the plain XOR of two far-apart marks
+XOR = dict(size=96, kinds=2, distractors=0, relation='same', radius_range=(0.12, 0.15),
+           target_min_dist=0.65)
+# one stage of one block: the local branch sees 4 + 6 * 4 = 28 pixels
+ONE_BLOCK = dict(arch=dict(depths=[1], dims=[32], memory_dim=16),
+                 memory_cfg=dict(chunk_size=64))
+
+
+def test_xor_marks_lie_beyond_one_blocks_field_and_each_colour_is_uninformative():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(2, size=2000)
+    marks = [sample_marks(rng, int(label), XOR['size'], XOR['kinds'], 0, 'same',
+                          XOR['radius_range'], XOR['target_min_dist']) for label in labels]
+    for (a, b), label in zip(marks, labels):
+        gap = np.hypot(a.x - b.x, a.y - b.y) - a.radius - b.radius
+        assert gap > 28  # no window of the local branch sees both colours
+        assert (a.kind == b.kind) == bool(label)
+    # either mark's colour alone says nothing; both together say everything
+    assert _bayes_accuracy([m[0].kind for m in marks], labels) < 0.53
+    assert _bayes_accuracy([m[1].kind for m in marks], labels) < 0.53
+    assert _bayes_accuracy([(m[0].kind, m[1].kind) for m in marks], labels) == 1.0
+
+
+def test_memory_relates_far_marks_that_a_strictly_local_network_cannot(single_thread):
+    """With every GRN and the norm after global pooling removed (both pool
+    over the whole map), the local-only network is strictly local: a sum of
+    windows of 28 pixels, which cannot express the XOR of two marks farther
+    apart. The memory is then the only path across the image, and ConvNeur
+    learns the task; local-only stays at chance. (With its GRN and final norm
+    back, local-only learns it too, given more steps: they count colours;
+    docs/probe.md, "Local-only is not local".)"""
+    from convneur_mm.utils.probe import probe_data, train_probe
+    data = probe_data(0, 1000, 400, **XOR)
+    strict = dict(ONE_BLOCK, without=('grn', 'final_norm'))
+    results = {variant: train_probe(variant, seed=0, steps=150, batch=32, data=data,
+                                    model_options=strict)['val_acc']
+               for variant in ('ours', 'local')}
+    assert results['ours'] > 0.9, results
+    assert results['local'] < 0.65, results
