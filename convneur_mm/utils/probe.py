@@ -10,6 +10,7 @@ No MMEngine runner: seconds of start-up matter in a CI-sized run.
     python -m convneur_mm.utils.probe --variants ours local --seeds 0 1 2
 """
 import argparse
+import re
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -168,6 +169,31 @@ def train_probe(variant: str, seed: int = 0, steps: int = 300, batch: int = 64,
                 seconds=seconds, step_mb=step_mb)
 
 
+RESULT_LINE = re.compile(
+    r'^(?P<variant>\w+)\s+seed (?P<seed>\d+): val (?P<val_acc>[\d.]+) train '
+    r'(?P<train_acc>[\d.]+) \((?P<seconds>[\d.]+) s, (?P<ms_per_step>[\d.]+) ms/step, '
+    r'step peak (?P<step_mb>[\d.]+) MiB\)$')
+
+
+def result_line(variant: str, seed: int, result: Dict[str, float], steps: int) -> str:
+    """What ``main`` prints per run; ``parse_result_line`` reads it back."""
+    return (f'{variant:6s} seed {seed}: val {result["val_acc"]:.3f} train '
+            f'{result["train_acc"]:.3f} ({result["seconds"]:.0f} s, '
+            f'{1000 * result["seconds"] / steps:.0f} ms/step, step peak '
+            f'{result["step_mb"]:.0f} MiB)')
+
+
+def parse_result_line(line: str) -> Optional[dict]:
+    """{variant, seed, val_acc, train_acc, seconds, ms_per_step, step_mb} of a
+    result line, None for any other line (logs hold warnings too)."""
+    match = RESULT_LINE.match(line.strip())
+    if match is None:
+        return None
+    row = {k: float(v) for k, v in match.groupdict().items() if k != 'variant'}
+    row['seed'] = int(row['seed'])
+    return dict(row, variant=match['variant'])
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
@@ -218,10 +244,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for variant in args.variants:
             result = train_probe(variant, seed, args.steps, args.batch, args.lr, data=data,
                                  model_options=model_options, log_every=args.log_every)
-            print(f'{variant:6s} seed {seed}: val {result["val_acc"]:.3f} train '
-                  f'{result["train_acc"]:.3f} ({result["seconds"]:.0f} s, '
-                  f'{1000 * result["seconds"] / args.steps:.0f} ms/step, step peak '
-                  f'{result["step_mb"]:.0f} MiB)', flush=True)
+            print(result_line(variant, seed, result, args.steps), flush=True)
 
 
 if __name__ == '__main__':
