@@ -163,8 +163,9 @@ def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int
     """
     # two colours: additive beside distractors; without any, the two marks'
     # same/different is the plain XOR (docs/probe.md, "pooling")
-    if not (2 if distractors == 0 else 3) <= kinds <= len(KINDS):
-        raise ValueError(f'kinds must be in [3, {len(KINDS)}] (with 2 colours and '
+    fewest = 2 if distractors == 0 else 3
+    if not fewest <= kinds <= len(KINDS):
+        raise ValueError(f'kinds must be in [{fewest}, {len(KINDS)}] (with 2 colours and '
                          f'distractors either relation is additive), got {kinds}')
     if relation not in RELATIONS:
         raise ValueError(f'relation must be one of {sorted(RELATIONS)}, got {relation!r}')

@@ -161,6 +161,25 @@ def test_xor_marks_lie_beyond_one_blocks_field_and_each_colour_is_uninformative(
     assert _bayes_accuracy([(m[0].kind, m[1].kind) for m in marks], labels) == 1.0
 
 
+def test_probe_model_without_its_global_poolings():
+    from torch import nn
+
+    from convneur_mm.models.layers.local_branch import GRN
+    from convneur_mm.utils.probe import build_probe_model
+    full = build_probe_model('local', **ONE_BLOCK)[0]
+    assert any(isinstance(m, GRN) for m in full.modules())
+    assert not isinstance(full.norm0, nn.Identity)
+    strict = build_probe_model('local', **ONE_BLOCK, without=('grn', 'final_norm'))[0]
+    assert not any(isinstance(m, GRN) for m in strict.modules())
+    assert isinstance(strict.norm0, nn.Identity)
+    # the norms inside the network stay: only the one after global pooling goes
+    assert not isinstance(strict.downsample_layers[0][1], nn.Identity)
+    with pytest.raises(ValueError, match='without'):
+        build_probe_model('local', without=('layernorm',))
+    with pytest.raises(ValueError, match=r'kinds must be in \[2, '):
+        make_image(np.random.default_rng(0), 0, kinds=1, distractors=0)
+
+
 def test_memory_relates_far_marks_that_a_strictly_local_network_cannot(single_thread):
     """With every GRN and the norm after global pooling removed (both pool
     over the whole map), the local-only network is strictly local: a sum of
