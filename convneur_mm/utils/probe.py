@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..demo_data.global_probe import make_image
+from ..models.layers.block import FUSIONS
+from ..models.layers.mixers import MIXERS
 from .bench_env import PeakMemoryGrowth
 
 # Two stages of one block: the local branch sees 4 + 24 + 4 + 48 = 80 pixels
@@ -30,18 +32,13 @@ from .bench_env import PeakMemoryGrowth
 ARCH = dict(depths=[1, 1], dims=[16, 32], memory_dim=16)
 MEMORY_CFG = dict(chunk_size=32)
 # backbone switches of each variant: the rows of Table 5 (docs/ablations.md):
-# ours, local-only, per-layer memory, the other global-branch types in the
-# same scaffold, and the two other fusions
+# ours, local-only, per-layer memory, every other global-branch type in the
+# same scaffold, and every other fusion
 VARIANTS = {'ours': dict(memory_placement='stage'),
             'local': dict(memory_placement='none'),
             'per_layer': dict(memory_placement='block'),
-            'attention': dict(global_mixer='attention'),
-            'nonlocal': dict(global_mixer='nonlocal'),
-            'cbam': dict(global_mixer='cbam'),
-            'rwkv': dict(global_mixer='rwkv'),
-            'titans': dict(global_mixer='titans'),
-            'add': dict(fusion='add'),
-            'concat': dict(fusion='concat')}
+            **{mixer: dict(global_mixer=mixer) for mixer in MIXERS if mixer != 'memory'},
+            **{fusion: dict(fusion=fusion) for fusion in FUSIONS if fusion != 'gate'}}
 MEAN, STD = 80.0, 60.0  # pixel statistics of the probe, roughly
 
 

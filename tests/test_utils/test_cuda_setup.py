@@ -194,14 +194,11 @@ def test_max_jobs():
 
 # ---- the version query of mmcv's ops runs in a child process: on an H100
 # (2026-11-24) get_compiling_cuda_version() segfaulted while the kernels worked
-SEGFAULT = 'import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n'
-
-
 @pytest.fixture
 def mmcv_ext(tmp_path, monkeypatch):
     """Make the version query crash, and mmcv's _ext a fake ELF file that
     NEEDs these libraries."""
-    from .test_cuda_env import fake_elf
+    from .test_cuda_env import SEGFAULT, fake_elf
     monkeypatch.setattr(cuda_setup.cuda_env, 'VERSION_QUERY', SEGFAULT)
 
     def link(*needed):
