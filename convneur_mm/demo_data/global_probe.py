@@ -1,4 +1,5 @@
 """A global-context probe in ImageNet's layout: are the two ringed marks the same colour?
+(Or, the order probe: is the red mark the upper one?)
 
 The paper claims that the memory branch brings global context that a local
 ConvNeXt stack lacks. This task needs exactly that and nothing else: every
@@ -18,6 +19,13 @@ information about the label. (The histogram of the *plain* marks alone does,
 as it is the whole one minus the targets'; reading it takes the same
 non-additive pooling as the targets' own colours.)
 
+The *order probe* (``relation='above'``, geometry ``ORDER_PROBE``) asks
+instead whether the red target lies above the other one. Both classes hold
+the same marks; only their places are swapped. A network that sees the map
+as a set of windows, each too small to hold both marks or to see the image's
+edge, cannot tell the classes apart, whatever it pools with (GRN and a
+LayerNorm included); the memory, which reads its chunks in raster order, can.
+
 Layout (what MMPretrain's ``ImageNet`` dataset reads; see ``imagenet.py``)::
 
     OUT_DIR/train/<class>/<class>_0001.JPEG ...   OUT_DIR/val/val_00000001.JPEG ...
@@ -33,6 +41,8 @@ from .cli import generator_main
 from .imagenet import write_imagenet_layout
 
 CLASSES = ('different', 'same')
+# the classes of the order relation 'above': is the red target the upper one?
+ORDER_CLASSES = ('red_below', 'red_above')
 # colour name, RGB: far apart in hue, none of them grey (the clutter is grey)
 KINDS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
     ('red', (225, 40, 40)),
@@ -52,6 +62,13 @@ MIN_RADIUS = 2.5               # pixels
 RING_WIDTH = 0.5               # the targets' white ring, in disc radii
 TARGET_MIN_DIST = 0.6          # the targets' distance, as a fraction of the side
 MARK_GAP = 3.2                 # centre distance of any two marks, in largest radii
+# The order probe (relation 'above'; docs/probe.md and
+# configs/probe/cls_convneur_order_probe.py): two ellipses 10-14 px high and 6x
+# as wide at 144 px. For the one-block network, whose local branch sees 28 px,
+# their edges are >= 28.8 px apart in y (no window sees both) and >= 24 px
+# inside the image (no window that sees the zero padding sees a mark).
+ORDER_PROBE = dict(size=144, kinds=2, distractors=0, relation='above',
+                   radius_range=(0.04, 0.05), aspect=6.0, target_min_dist=0.3, border=0.1667)
 # what makes a pair of target colours positive ('same' / 'pair' below)
 RELATIONS = {
     # the two targets have the same colour
@@ -68,41 +85,53 @@ RELATIONS = {
 
 
 class Mark(NamedTuple):
-    """One disc: centre (x, y) and radius in pixels, colour index, target flag."""
+    """One disc: centre (x, y) and radius in pixels, colour index, target flag;
+    an ellipse ``aspect`` times as wide as high (``radius``: its half-height)."""
     x: float
     y: float
     radius: float
     kind: int
     target: bool
+    aspect: float = 1.0
 
 
 def _layout(rng: np.random.Generator, size: int, count: int, radius: float,
-            target_min_dist: float = TARGET_MIN_DIST) -> np.ndarray:
-    """``count`` centres, the first two at least ``target_min_dist * size`` apart and
-    all at least MARK_GAP radii apart (rejection sampling, a few tries)."""
-    margin = radius * (1 + RING_WIDTH) + 1
+            target_min_dist: float = TARGET_MIN_DIST, ringed: bool = True,
+            border: float = 0.0, vertical: bool = False, aspect: float = 1.0) -> np.ndarray:
+    """``count`` centres, the first two at least ``target_min_dist * size`` apart
+    (in y alone if ``vertical``), all at least MARK_GAP radii apart and every
+    mark's edge (its ring's if ``ringed``; ``aspect`` times wider than high) at
+    least ``border * size`` pixels (and 1) inside the image (rejection
+    sampling, a few tries)."""
+    extent = radius * (1 + RING_WIDTH if ringed else 1)
+    low = np.array([extent * aspect, extent]) + max(1.0, border * size)
+
+    def targets_far(p: np.ndarray, q: np.ndarray) -> bool:
+        gap = abs(p[1] - q[1]) if vertical else np.hypot(*(p - q))
+        return gap >= target_min_dist * size
     for _ in range(1000):  # dart throwing, restarted when a dart finds no room
-        points = [rng.uniform(margin, size - margin, size=2)]
+        points = [rng.uniform(low, size - low)]
         for n in range(1, count):
             for _ in range(100):
-                p = rng.uniform(margin, size - margin, size=2)
+                p = rng.uniform(low, size - low)
                 far = min(np.hypot(*(p - q)) for q in points) >= MARK_GAP * radius
-                if far and (n > 1 or np.hypot(*(p - points[0])) >= target_min_dist * size):
+                if far and (n > 1 or targets_far(p, points[0])):
                     points.append(p)
                     break
             else:
                 break
         if len(points) == count:
             return np.stack(points)
-    raise ValueError(f'{count} marks do not fit in {size} x {size} pixels; '
-                     'use fewer distractors')
+    raise ValueError(f'{count} marks do not fit in {size} x {size} pixels; use fewer '
+                     'distractors, smaller marks, a smaller distance or border')
 
 
 def sample_marks(rng: np.random.Generator, label: int, size: int, kinds: int,
                  distractors: int, relation: str = 'same',
                  radius_range: Tuple[float, float] = RADIUS_RANGE,
-                 target_min_dist: float = TARGET_MIN_DIST) -> List[Mark]:
-    """The marks of one image of class ``label`` (index into CLASSES).
+                 target_min_dist: float = TARGET_MIN_DIST,
+                 border: float = 0.0, aspect: float = 1.0) -> List[Mark]:
+    """The marks of one image of class ``label`` (index into class_names(relation)).
 
     The colours of all ``2 + distractors`` marks are i.i.d. (redrawn until
     the image holds both a positive and a negative pair under ``relation``,
@@ -112,7 +141,20 @@ def sample_marks(rng: np.random.Generator, label: int, size: int, kinds: int,
     With no distractors the two colours are a uniform pair of the kind the
     label asks for: each mark's colour alone says nothing, but the colour
     histogram gives the label away (a probe of pooling, not a dataset).
+
+    ``above``: the targets are red and one other colour, the distractors
+    i.i.d.; the positions are drawn first (the targets at least
+    ``target_min_dist`` apart in y), then red goes to the upper target for
+    ``red_above``, to the lower one for ``red_below``. The colours, and the
+    marks' positions as a set, are thus the same for both classes. Its
+    marks may be ellipses ``aspect`` times wider than high (``radius``: the
+    half-height): more area per mark within the same rows.
     """
+    if relation == 'above':
+        return _sample_above(rng, label, size, kinds, distractors, radius_range,
+                             target_min_dist, border, aspect)
+    if aspect != 1.0:
+        raise ValueError(f"only 'above' draws ellipses, got aspect {aspect} for {relation!r}")
     count, positive = 2 + distractors, RELATIONS[relation]
     if distractors == 0:
         wanted = [(a, b) for a in range(kinds) for b in range(kinds)
@@ -131,9 +173,39 @@ def sample_marks(rng: np.random.Generator, label: int, size: int, kinds: int,
         others = [i for i in range(count) if i not in targets]
         order = list(targets) + [others[i] for i in rng.permutation(len(others))]
     radii = np.maximum(MIN_RADIUS, rng.uniform(*radius_range, size=count) * size)
-    points = _layout(rng, size, count, float(radii.max()), target_min_dist)
+    points = _layout(rng, size, count, float(radii.max()), target_min_dist,
+                     border=border)
     return [Mark(float(x), float(y), float(r), int(colours[i]), n < 2)
             for n, (i, (x, y), r) in enumerate(zip(order, points, radii))]
+
+
+def _sample_above(rng: np.random.Generator, label: int, size: int, kinds: int,
+                  distractors: int, radius_range: Tuple[float, float],
+                  target_min_dist: float, border: float, aspect: float) -> List[Mark]:
+    """sample_marks for ``above``: positions first, then which target is red."""
+    count = 2 + distractors
+    colours = [0, 1 + int(rng.integers(kinds - 1))] + list(rng.integers(kinds, size=distractors))
+    radii = np.maximum(MIN_RADIUS, rng.uniform(*radius_range, size=count) * size)
+    points = _layout(rng, size, count, float(radii.max()), target_min_dist,
+                     ringed=_ringed('above', distractors), border=border, vertical=True,
+                     aspect=aspect)
+    red_is_upper = points[0][1] < points[1][1]
+    if red_is_upper != bool(label):  # swap the targets' places, not their colours
+        points[[0, 1]] = points[[1, 0]]
+    return [Mark(float(x), float(y), float(r), int(c), n < 2, aspect)
+            for n, ((x, y), r, c) in enumerate(zip(points, radii, colours))]
+
+
+def _ringed(relation: str, distractors: int) -> bool:
+    """Whether the targets wear their ring: always for the colour relations
+    (the measurements of docs/probe.md were taken so), for ``above`` only
+    when distractors need telling apart from them."""
+    return relation in RELATIONS or distractors > 0
+
+
+def class_names(relation: str) -> Tuple[str, str]:
+    """The two classes of ``relation``: the label is an index into them."""
+    return ORDER_CLASSES if relation == 'above' else CLASSES
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -155,27 +227,33 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int = 4,
                distractors: int = 2, relation: str = 'same',
                radius_range: Tuple[float, float] = RADIUS_RANGE,
-               target_min_dist: float = TARGET_MIN_DIST) -> Tuple[np.ndarray, List[Mark]]:
+               target_min_dist: float = TARGET_MIN_DIST,
+               border: float = 0.0, aspect: float = 1.0) -> Tuple[np.ndarray, List[Mark]]:
     """One RGB uint8 ``size`` x ``size`` image of class ``label`` and its marks.
 
-    ``radius_range`` (disc radii, fractions of the side) and ``target_min_dist``
-    serve the probe's studies (docs/probe.md); the dataset keeps the defaults.
+    ``radius_range`` (disc radii), ``target_min_dist`` and ``border`` (every
+    mark's least distance from the image's edge), all fractions of the side,
+    and ``aspect`` (``above``'s marks as ellipses) serve the probe's studies
+    (docs/probe.md); the dataset keeps the defaults.
     """
+    if relation not in (*RELATIONS, 'above'):
+        raise ValueError(f"relation must be one of {sorted(RELATIONS) + ['above']}, "
+                         f'got {relation!r}')
     # two colours: additive beside distractors; without any, the two marks'
-    # same/different is the plain XOR (docs/probe.md, "pooling")
-    fewest = 2 if distractors == 0 else 3
+    # same/different is the plain XOR (docs/probe.md, "pooling"). The order
+    # relation needs red and one other colour.
+    fewest = 2 if distractors == 0 or relation == 'above' else 3
     if not fewest <= kinds <= len(KINDS):
         raise ValueError(f'kinds must be in [{fewest}, {len(KINDS)}] (with 2 colours and '
                          f'distractors either relation is additive), got {kinds}')
-    if relation not in RELATIONS:
-        raise ValueError(f'relation must be one of {sorted(RELATIONS)}, got {relation!r}')
     marks = sample_marks(rng, label, size, kinds, distractors, relation,
-                         radius_range, target_min_dist)
+                         radius_range, target_min_dist, border, aspect)
+    ringed = _ringed(relation, distractors)
     img = _background(rng, size)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     for mark in marks:
-        d = np.hypot(x - mark.x, y - mark.y)
-        if mark.target:
+        d = np.hypot((x - mark.x) / mark.aspect, y - mark.y)
+        if mark.target and ringed:
             img[(d >= mark.radius) & (d < mark.radius * (1 + RING_WIDTH))] = 245
         shade = np.clip(np.asarray(KINDS[mark.kind][1]) + rng.normal(0, 12, 3), 0, 255)
         img[d < mark.radius] = shade
@@ -185,18 +263,25 @@ def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int
 
 def generate_global_probe(out_dir: str, train_per_class: int = 500, val_per_class: int = 100,
                           size: int = 128, kinds: int = 4, distractors: int = 2,
-                          relation: str = 'same', seed: int = 0) -> Dict[str, str]:
+                          relation: str = 'same', min_dist: float = TARGET_MIN_DIST,
+                          border: float = 0.0, radius_lo: float = RADIUS_RANGE[0],
+                          radius_hi: float = RADIUS_RANGE[1], aspect: float = 1.0,
+                          seed: int = 0) -> Dict[str, str]:
     """Write the probe under ``out_dir``; returns {split: list file}.
 
     Classes are exactly balanced per split. The same arguments always give
     the same files (byte-identical lists; the JPEGs as deterministic as the
-    installed libjpeg).
+    installed libjpeg). ``min_dist``, ``border``, ``radius_lo`` / ``radius_hi``
+    and ``aspect``: make_image's ``target_min_dist``, ``border``,
+    ``radius_range`` and ``aspect``.
     """
-    if distractors < 1:
+    if distractors < 1 and relation != 'above':
         raise ValueError(f'need at least 1 distractor (else the colour histogram '
                          f'gives the label away), got {distractors}')
-    options = dict(size=size, kinds=kinds, distractors=distractors, relation=relation)
-    return write_imagenet_layout(out_dir, CLASSES,
+    options = dict(size=size, kinds=kinds, distractors=distractors, relation=relation,
+                   target_min_dist=min_dist, border=border,
+                   radius_range=(radius_lo, radius_hi), aspect=aspect)
+    return write_imagenet_layout(out_dir, class_names(relation),
                                  lambda rng, label: make_image(rng, label, **options)[0],
                                  train_per_class, val_per_class, seed)
 

@@ -1,7 +1,8 @@
 """Train a small ConvNeur on the global-context probe, in a plain PyTorch loop.
 
 The probe (``convneur_mm.demo_data.global_probe``) asks whether two ringed
-marks far apart have the same colour. This module trains one tiny backbone,
+marks far apart have the same colour (or, with ``--relation above``, whether
+the red mark is the upper one). This module trains one tiny backbone,
 with its memory (``ours``) or without (``local``, the Table 5 local-only
 row), on images made in memory, and reports validation accuracy: the
 test suite's learning check and the measurements of docs/probe.md share it.
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..demo_data.global_probe import make_image
+from ..demo_data.global_probe import RELATIONS, make_image
 from ..models.layers.block import FUSIONS
 from ..models.layers.mixers import MIXERS
 from .bench_env import PeakMemoryGrowth
@@ -39,6 +40,7 @@ VARIANTS = {'ours': dict(memory_placement='stage'),
             'per_layer': dict(memory_placement='block'),
             **{mixer: dict(global_mixer=mixer) for mixer in MIXERS if mixer != 'memory'},
             **{fusion: dict(fusion=fusion) for fusion in FUSIONS if fusion != 'gate'}}
+RELATION_NAMES = (*RELATIONS, 'above')
 MEAN, STD = 80.0, 60.0  # pixel statistics of the probe, roughly
 
 
@@ -202,11 +204,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--kinds', type=int, default=3)
     parser.add_argument('--distractors', type=int, default=2)
-    parser.add_argument('--relation', default='same')
+    parser.add_argument('--relation', default='same', choices=RELATION_NAMES)
     parser.add_argument('--radius', type=float, nargs=2, metavar=('LO', 'HI'),
                         help='disc radii as fractions of the side (default 0.07 0.1)')
     parser.add_argument('--min-dist', type=float,
-                        help="the targets' least distance as a fraction of the side (0.6)")
+                        help="the targets' least distance (in y for 'above') as a "
+                             'fraction of the side (0.6)')
+    parser.add_argument('--border', type=float,
+                        help="every mark's least distance from the image's edge, as a "
+                             'fraction of the side (0)')
+    parser.add_argument('--aspect', type=float,
+                        help="'above' only: marks as ellipses this many times wider than "
+                             'high (1)')
     parser.add_argument('--depths', type=int, nargs='+', help='blocks per stage (1 1)')
     parser.add_argument('--dims', type=int, nargs='+', help='widths per stage (16 32)')
     parser.add_argument('--memory-dim', type=int, help='C_m (16)')
@@ -228,6 +237,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         options['radius_range'] = tuple(args.radius)
     if args.min_dist:
         options['target_min_dist'] = args.min_dist
+    if args.border:
+        options['border'] = args.border
+    if args.aspect:
+        options['aspect'] = args.aspect
     arch = dict(ARCH)
     for key, value in (('depths', args.depths), ('dims', args.dims),
                        ('memory_dim', args.memory_dim)):

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from convneur_mm.demo_data.global_probe import (CLASSES, KINDS, RELATIONS, TARGET_MIN_DIST,
+from convneur_mm.demo_data.global_probe import (CLASSES, KINDS, ORDER_CLASSES, ORDER_PROBE,
+                                                RELATIONS, TARGET_MIN_DIST,
                                                 generate_global_probe, main, make_image,
                                                 sample_marks)
 
@@ -109,6 +110,79 @@ def test_dataset_format_balance_and_determinism(tmp_path):
     assert sorted(os.listdir(osp.join(first, 'train'))) == sorted(CLASSES)
 
 
+def test_above_is_the_targets_order_with_the_same_marks_in_both_classes():
+    """The order probe: red and green, the red mark above or below; no
+    window of the one-block network (28 px) sees both marks or the padding."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(2, size=4000)
+    options = {k: v for k, v in ORDER_PROBE.items() if k != 'relation'}
+    marks = [sample_marks(rng, int(label), relation='above', **options) for label in labels]
+    size = ORDER_PROBE['size']
+    for (red, other), label in zip(marks, labels):
+        assert red.kind == 0 and other.kind == 1 and red.target and other.target
+        assert (red.y < other.y) == bool(label)
+        assert abs(red.y - other.y) - red.radius - other.radius >= 28
+        for m in (red, other):
+            half_width = m.radius * m.aspect
+            assert m.aspect == 6 and min(m.y - m.radius, m.x - half_width) >= 24
+            assert max(m.y + m.radius, m.x + half_width) <= size - 24
+    # where a mark falls on the stride-4 grid, which a window could tell, says
+    # nothing of the label (4 bins of 1000 samples: noise ~0.01); only the
+    # order does, and the absolute height that no window sees
+    for which in (0, 1):
+        assert _bayes_accuracy([int(m[which].y % 4) for m in marks], labels) < 0.54
+    assert _bayes_accuracy([m[0].y < m[1].y for m in marks], labels) == 1.0
+
+
+def test_above_images_and_dataset(tmp_path):
+    img, (red, green) = make_image(np.random.default_rng(1), 1, **ORDER_PROBE)
+    for m, kind in ((red, 0), (green, 1)):
+        colour = img[int(round(m.y)), int(round(m.x + m.radius * m.aspect * 0.8))].astype(int)
+        assert np.abs(colour - KINDS[kind][1]).max() < 60  # an ellipse, 6x as wide
+        ring = img[int(round(m.y + m.radius * 1.25)), int(round(m.x))].astype(int)
+        assert ring.min() < 200  # no ring: without distractors nothing needs marking
+    assert red.y < green.y
+    lists = generate_global_probe(str(tmp_path), train_per_class=2, val_per_class=1,
+                                  size=64, distractors=0, relation='above', seed=0)
+    assert sorted(os.listdir(tmp_path / 'train')) == sorted(ORDER_CLASSES)
+    with open(lists['val']) as f:
+        assert sorted(line.split()[1] for line in f) == ['0', '1']
+    with pytest.raises(ValueError, match='distractor'):
+        generate_global_probe(str(tmp_path / 'x'), distractors=0, relation='same')
+    with pytest.raises(ValueError, match='relation'):
+        make_image(np.random.default_rng(0), 0, relation='below')
+    with pytest.raises(ValueError, match='only .above. draws ellipses'):
+        make_image(np.random.default_rng(0), 0, aspect=2.0)
+    with pytest.raises(ValueError, match='do not fit'):
+        make_image(np.random.default_rng(0), 0, **dict(ORDER_PROBE, target_min_dist=0.6))
+
+
+def test_the_order_recipe_writes_the_order_probe():
+    """configs/probe/cls_convneur_order_probe.py hands the generator the
+    geometry that ORDER_PROBE names (and the learning test below uses)."""
+    import inspect
+
+    from convneur_mm.demo_data.cli import generator_main
+    from convneur_mm.utils.toolbox import load_cfg
+    recipe = load_cfg(osp.join('probe', 'cls_convneur_order_probe.py'))
+    seen = {}
+
+    def generate(out_dir, **kwargs):
+        seen.update(kwargs)
+        return {}
+    generate.__signature__ = inspect.signature(generate_global_probe)
+    generate.__module__ = generate_global_probe.__module__
+    generator_main(generate, ['out', *recipe.data_generator_args])
+    expected = dict(ORDER_PROBE, min_dist=ORDER_PROBE['target_min_dist'],
+                    radius_lo=ORDER_PROBE['radius_range'][0],
+                    radius_hi=ORDER_PROBE['radius_range'][1])
+    for key in ('target_min_dist', 'radius_range'):
+        del expected[key]
+    assert {k: seen[k] for k in expected} == expected
+    assert tuple(recipe.classes) == ORDER_CLASSES
+    assert recipe.data_generator == generate_global_probe.__module__
+
+
 # ------------------------------------------------------------ learning
 @pytest.fixture
 def single_thread():
@@ -199,3 +273,20 @@ def test_memory_relates_far_marks_that_a_strictly_local_network_cannot(single_th
     # a sum over windows that never see both colours scores u(A) + u(B): the
     # best threshold on it ("same" iff both red) is right 75% of the time
     assert results['local'] < 0.8, results
+
+
+def test_memory_learns_the_order_of_far_marks_where_local_only_stays_at_chance(single_thread):
+    """The order probe, on ConvNeur's own one-block network (GRN and final
+    norm in place): both classes hold the same two marks, so the local-only
+    network, which sees the map as a set of 28 px windows, cannot beat
+    chance; the memory, reading its chunks in raster order, learns which mark
+    came first. Fails when the gate's global input is zeroed (docs/probe.md)."""
+    from convneur_mm.utils.probe import probe_data, train_probe
+    data = probe_data(0, 1000, 400, **ORDER_PROBE)
+    one_block = dict(ONE_BLOCK, memory_cfg=dict(chunk_size=144))  # 9 chunks of 36 x 36
+    results = {variant: train_probe(variant, seed=0, steps=150, batch=32, data=data,
+                                    model_options=one_block)['val_acc']
+               for variant in ('ours', 'local')}
+    assert results['ours'] > 0.9, results
+    # 400 validation images: one standard error at chance is 2.5 points
+    assert results['local'] < 0.6, results

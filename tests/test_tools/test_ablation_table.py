@@ -119,3 +119,20 @@ def test_child_wrapper_keeps_the_exit_code():
     assert out.returncode == 3
     report = json.loads(out.stdout.split('ABLATION_CHILD_RESULT ')[1])
     assert report['rc'] == 3 and report['maxrss_mb'] > 0 and report['cpu_s'] > 0
+
+
+def test_missing_data_is_generated_with_the_recipes_arguments(tmp_path):
+    """A recipe's ``data_generator_args`` reach its generator (the order
+    probe's recipe needs them: its data are not the generator's default)."""
+    from mmengine.config import Config
+    tool = import_analysis_tool('ablation_table')
+    recipe = Config(dict(data_generator_args=[
+        '--relation', 'above', '--distractors', '0', '--kinds', '2', '--size', '48',
+        '--train-per-class', '1', '--val-per-class', '1']))
+    root = str(tmp_path / 'probe')
+    tool.ensure_data(recipe, root, 'convneur_mm.demo_data.global_probe')
+    with open(osp.join(root, 'meta', 'classes.txt')) as f:
+        assert f.read().split() == ['red_below', 'red_above']
+    os.remove(osp.join(root, 'train', 'red_above', 'red_above_0001.JPEG'))
+    tool.ensure_data(recipe, root, 'convneur_mm.demo_data.global_probe')  # present: kept
+    assert not osp.exists(osp.join(root, 'train', 'red_above', 'red_above_0001.JPEG'))

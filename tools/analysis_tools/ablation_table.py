@@ -13,7 +13,7 @@ whole table in about half an hour on 2 CPU cores): its data, schedule, head and
 runtime; each row contributes its backbone only (convneur_mm/utils/ablations.py),
 so every row trains with the same recipe and seed. The recipe's dataset is
 generated when missing (``data_generator`` in the recipe, else the tiny
-ImageNet's generator).
+ImageNet's generator, called with the recipe's ``data_generator_args``).
 
 Per row and seed it runs tools/dist_train.sh (``--gpus`` gloo processes on a
 CPU), bounded by ``--row-minutes``, and reads the last validation's top-1 /
@@ -383,7 +383,8 @@ def ensure_data(recipe, data_root: str, generator: str) -> None:
     if osp.isfile(osp.join(data_root, 'meta', 'val.txt')):  # written last
         return
     print(f'generating {data_root} with {generator}', flush=True)
-    subprocess.run([sys.executable, '-m', generator, data_root], check=True, cwd=REPO)
+    subprocess.run([sys.executable, '-m', generator, data_root,
+                    *recipe.get('data_generator_args', [])], check=True, cwd=REPO)
 
 
 def main(argv=None) -> int:
