@@ -103,7 +103,12 @@ def test_env_report_names_the_stack():
     rows = {k: v.strip() for k, v in (line.split(':', 1) for line in out.stdout.splitlines())}
     assert rows['torch'] == torch.__version__ and rows['torch CUDA'] == str(torch.version.cuda)
     assert rows['NVIDIA driver'] == (detect_nvidia().driver or 'none')
-    assert rows['mmcv ops'].endswith('CUDA: not available')  # this machine's CPU-only mmcv
+    # what mmcv's ops were built with, as this process finds it: on a CPU-only
+    # torch (this machine) 'not available', on the GPU machines a CUDA version
+    found = cuda_env.mmcv_ops_version()
+    assert f'CUDA: {found.cuda or "unknown"}' in rows['mmcv ops']
+    if torch.version.cuda is None:
+        assert found.cuda == 'not available'
     for key in ('CUDA available', 'mmdet', 'mmsegmentation', 'mmpretrain', 'mmengine',
                 'CUDA check'):
         assert rows[key], key
