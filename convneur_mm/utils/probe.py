@@ -169,27 +169,33 @@ def train_probe(variant: str, seed: int = 0, steps: int = 300, batch: int = 64,
 
 
 RESULT_LINE = re.compile(
-    r'^(?P<variant>\w+)\s+seed (?P<seed>\d+): val (?P<val_acc>[\d.]+) train '
-    r'(?P<train_acc>[\d.]+) \((?P<seconds>[\d.]+) s, (?P<ms_per_step>[\d.]+) ms/step, '
+    r'^(?P<variant>\w+)\s+seed (?P<seed>\d+)(?: size (?P<size>\d+))?: '
+    r'val (?P<val_acc>[\d.]+) train (?P<train_acc>[\d.]+) \((?P<seconds>[\d.]+) s, (?P<ms_per_step>[\d.]+) ms/step, '
     r'step peak (?P<step_mb>[\d.]+) MiB\)$')
 
 
-def result_line(variant: str, seed: int, result: Dict[str, float], steps: int) -> str:
-    """What ``main`` prints per run; ``parse_result_line`` reads it back."""
-    return (f'{variant:6s} seed {seed}: val {result["val_acc"]:.3f} train '
+def result_line(variant: str, seed: int, result: Dict[str, float], steps: int,
+                size: Optional[int] = None) -> str:
+    """What ``main`` prints per run (``size``: the image side, when known);
+    ``parse_result_line`` reads it back."""
+    where = f' size {size}' if size is not None else ''
+    return (f'{variant:6s} seed {seed}{where}: val {result["val_acc"]:.3f} train '
             f'{result["train_acc"]:.3f} ({result["seconds"]:.0f} s, '
             f'{1000 * result["seconds"] / steps:.0f} ms/step, step peak '
             f'{result["step_mb"]:.0f} MiB)')
 
 
 def parse_result_line(line: str) -> Optional[dict]:
-    """{variant, seed, val_acc, train_acc, seconds, ms_per_step, step_mb} of a
-    result line, None for any other line (logs hold warnings too)."""
+    """{variant, seed, size, val_acc, train_acc, seconds, ms_per_step, step_mb}
+    of a result line (size None in lines that do not name it), None for any
+    other line (logs hold warnings too)."""
     match = RESULT_LINE.match(line.strip())
     if match is None:
         return None
-    row = {k: float(v) for k, v in match.groupdict().items() if k != 'variant'}
+    row = {k: float(v) for k, v in match.groupdict().items()
+           if k not in ('variant', 'size')}
     row['seed'] = int(row['seed'])
+    row['size'] = int(match['size']) if match['size'] else None
     return dict(row, variant=match['variant'])
 
 
@@ -254,7 +260,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         for variant in args.variants:
             result = train_probe(variant, seed, args.steps, args.batch, args.lr, data=data,
                                  model_options=model_options, log_every=args.log_every)
-            print(result_line(variant, seed, result, args.steps), flush=True)
+            print(result_line(variant, seed, result, args.steps, args.size), flush=True)
 
 
 if __name__ == '__main__':
