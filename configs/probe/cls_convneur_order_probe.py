@@ -2,13 +2,15 @@
 # one above? A Table 5 recipe on which local-only stays at chance and the memory
 # learns:
 #   python tools/analysis_tools/ablation_table.py \
-#       --recipe configs/probe/cls_convneur_order_probe.py --row-minutes 20 \
-#       --seeds 0 1 2 --flops-shape 144 --speed-shape 144
+#       --recipe configs/probe/cls_convneur_order_probe.py --row-minutes 25 \
+#       --seeds 0 1 2 --flops-shape 144 --skip-speed
+#   (then the same with --speed-only --speed-shape 144)
 # Why local-only must fail here: both classes hold the same two bars, only their
 # order differs; every bar stays 24 px inside the image and the two 28 px apart,
 # so no 28 px window of the one-block network below sees both bars or the zero
 # padding, and the average over windows (GRN and the final LayerNorm included,
-# which see the map as a set) is the same for both classes. The memory reads its
+# which see the map as a set) is the same for both classes (in the drawn image;
+# docs/probe.md on what JPEG and the background's gradient add). The memory reads its
 # chunks in raster order: the lower bar reads what the upper one wrote.
 # Only the data, the network's size and the schedule change from the global probe
 # recipe; each change says why.
@@ -16,7 +18,7 @@ _base_ = ['./cls_convneur_m1_global_probe.py']
 
 data_root = '{{$ORDER_PROBE_ROOT:data/order_probe}}'
 data_generator = 'convneur_mm.demo_data.global_probe'
-# 144 px, ellipses 10-14 px high and 6x as wide (more area per chunk than a
+# 144 px, ellipses 11.5-14.4 px high and 6x as wide (more area per chunk than a
 # disc in the same rows), at least 24 px (0.1667 x 144) inside the image and
 # 43 px apart in y; 500 training and 250 validation images per class
 size = 144

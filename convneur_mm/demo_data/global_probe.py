@@ -41,7 +41,8 @@ from .cli import generator_main
 from .imagenet import write_imagenet_layout
 
 CLASSES = ('different', 'same')
-# the classes of the order relation 'above': is the red target the upper one?
+# the order relation and its classes: is the red target the upper one?
+ORDER_RELATION = 'above'
 ORDER_CLASSES = ('red_below', 'red_above')
 # colour name, RGB: far apart in hue, none of them grey (the clutter is grey)
 KINDS: Tuple[Tuple[str, Tuple[int, int, int]], ...] = (
@@ -63,11 +64,11 @@ RING_WIDTH = 0.5               # the targets' white ring, in disc radii
 TARGET_MIN_DIST = 0.6          # the targets' distance, as a fraction of the side
 MARK_GAP = 3.2                 # centre distance of any two marks, in largest radii
 # The order probe (relation 'above'; docs/probe.md and
-# configs/probe/cls_convneur_order_probe.py): two ellipses 10-14 px high and 6x
-# as wide at 144 px. For the one-block network, whose local branch sees 28 px,
+# configs/probe/cls_convneur_order_probe.py): two ellipses 11.5-14.4 px high
+# and 6x as wide at 144 px. For the one-block network, whose local branch sees 28 px,
 # their edges are >= 28.8 px apart in y (no window sees both) and >= 24 px
 # inside the image (no window that sees the zero padding sees a mark).
-ORDER_PROBE = dict(size=144, kinds=2, distractors=0, relation='above',
+ORDER_PROBE = dict(size=144, kinds=2, distractors=0, relation=ORDER_RELATION,
                    radius_range=(0.04, 0.05), aspect=6.0, target_min_dist=0.3, border=0.1667)
 # what makes a pair of target colours positive ('same' / 'pair' below)
 RELATIONS = {
@@ -82,6 +83,7 @@ RELATIONS = {
     # if it cannot, the marks are too small to see, not too far apart
     'has_red': lambda a, b: 0 in (a, b),
 }
+ALL_RELATIONS = (*sorted(RELATIONS), ORDER_RELATION)
 
 
 class Mark(NamedTuple):
@@ -99,7 +101,8 @@ def _layout(rng: np.random.Generator, size: int, count: int, radius: float,
             target_min_dist: float = TARGET_MIN_DIST, ringed: bool = True,
             border: float = 0.0, vertical: bool = False, aspect: float = 1.0) -> np.ndarray:
     """``count`` centres, the first two at least ``target_min_dist * size`` apart
-    (in y alone if ``vertical``), all at least MARK_GAP radii apart and every
+    (in y alone if ``vertical``), all at least MARK_GAP radii apart (x
+    distances divided by ``aspect``: ellipses as wide as their x extent) and every
     mark's edge (its ring's if ``ringed``; ``aspect`` times wider than high) at
     least ``border * size`` pixels (and 1) inside the image (rejection
     sampling, a few tries)."""
@@ -114,7 +117,8 @@ def _layout(rng: np.random.Generator, size: int, count: int, radius: float,
         for n in range(1, count):
             for _ in range(100):
                 p = rng.uniform(low, size - low)
-                far = min(np.hypot(*(p - q)) for q in points) >= MARK_GAP * radius
+                far = min(np.hypot((p[0] - q[0]) / aspect, p[1] - q[1])
+                          for q in points) >= MARK_GAP * radius
                 if far and (n > 1 or targets_far(p, points[0])):
                     points.append(p)
                     break
@@ -150,7 +154,7 @@ def sample_marks(rng: np.random.Generator, label: int, size: int, kinds: int,
     marks may be ellipses ``aspect`` times wider than high (``radius``: the
     half-height): more area per mark within the same rows.
     """
-    if relation == 'above':
+    if relation == ORDER_RELATION:
         return _sample_above(rng, label, size, kinds, distractors, radius_range,
                              target_min_dist, border, aspect)
     if aspect != 1.0:
@@ -187,7 +191,7 @@ def _sample_above(rng: np.random.Generator, label: int, size: int, kinds: int,
     colours = [0, 1 + int(rng.integers(kinds - 1))] + list(rng.integers(kinds, size=distractors))
     radii = np.maximum(MIN_RADIUS, rng.uniform(*radius_range, size=count) * size)
     points = _layout(rng, size, count, float(radii.max()), target_min_dist,
-                     ringed=_ringed('above', distractors), border=border, vertical=True,
+                     ringed=_ringed(ORDER_RELATION, distractors), border=border, vertical=True,
                      aspect=aspect)
     red_is_upper = points[0][1] < points[1][1]
     if red_is_upper != bool(label):  # swap the targets' places, not their colours
@@ -205,7 +209,7 @@ def _ringed(relation: str, distractors: int) -> bool:
 
 def class_names(relation: str) -> Tuple[str, str]:
     """The two classes of ``relation``: the label is an index into them."""
-    return ORDER_CLASSES if relation == 'above' else CLASSES
+    return ORDER_CLASSES if relation == ORDER_RELATION else CLASSES
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -236,16 +240,17 @@ def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int
     and ``aspect`` (``above``'s marks as ellipses) serve the probe's studies
     (docs/probe.md); the dataset keeps the defaults.
     """
-    if relation not in (*RELATIONS, 'above'):
-        raise ValueError(f"relation must be one of {sorted(RELATIONS) + ['above']}, "
-                         f'got {relation!r}')
+    if relation not in ALL_RELATIONS:
+        raise ValueError(f'relation must be one of {ALL_RELATIONS}, got {relation!r}')
     # two colours: additive beside distractors; without any, the two marks'
     # same/different is the plain XOR (docs/probe.md, "pooling"). The order
     # relation needs red and one other colour.
-    fewest = 2 if distractors == 0 or relation == 'above' else 3
+    order = relation == ORDER_RELATION
+    fewest = 2 if distractors == 0 or order else 3
     if not fewest <= kinds <= len(KINDS):
-        raise ValueError(f'kinds must be in [{fewest}, {len(KINDS)}] (with 2 colours and '
-                         f'distractors either relation is additive), got {kinds}')
+        why = ('red and one other colour' if order else
+               'with 2 colours and distractors either colour relation is additive')
+        raise ValueError(f'kinds must be in [{fewest}, {len(KINDS)}] ({why}), got {kinds}')
     marks = sample_marks(rng, label, size, kinds, distractors, relation,
                          radius_range, target_min_dist, border, aspect)
     ringed = _ringed(relation, distractors)
@@ -275,7 +280,7 @@ def generate_global_probe(out_dir: str, train_per_class: int = 500, val_per_clas
     and ``aspect``: make_image's ``target_min_dist``, ``border``,
     ``radius_range`` and ``aspect``.
     """
-    if distractors < 1 and relation != 'above':
+    if distractors < 1 and relation != ORDER_RELATION:
         raise ValueError(f'need at least 1 distractor (else the colour histogram '
                          f'gives the label away), got {distractors}')
     options = dict(size=size, kinds=kinds, distractors=distractors, relation=relation,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..demo_data.global_probe import RELATIONS, make_image
+from ..demo_data.global_probe import ALL_RELATIONS, make_image
 from ..models.layers.block import FUSIONS
 from ..models.layers.mixers import MIXERS
 from .bench_env import PeakMemoryGrowth
@@ -40,7 +40,6 @@ VARIANTS = {'ours': dict(memory_placement='stage'),
             'per_layer': dict(memory_placement='block'),
             **{mixer: dict(global_mixer=mixer) for mixer in MIXERS if mixer != 'memory'},
             **{fusion: dict(fusion=fusion) for fusion in FUSIONS if fusion != 'gate'}}
-RELATION_NAMES = (*RELATIONS, 'above')
 MEAN, STD = 80.0, 60.0  # pixel statistics of the probe, roughly
 
 
@@ -48,7 +47,8 @@ def probe_tensors(count: int, seed: int, size: int = 128, kinds: int = 3,
                   distractors: int = 2, relation: str = 'same',
                   **marks) -> Tuple[Tensor, Tensor]:
     """``count`` normalized images (half of each class) and their labels;
-    ``marks``: make_image's ``radius_range`` / ``target_min_dist``."""
+    ``marks``: make_image's ``radius_range``, ``target_min_dist``, ``border``
+    and ``aspect``."""
     labels = np.arange(count) % 2
     images = [make_image(np.random.default_rng([seed, i]), int(label), size=size,
                          kinds=kinds, distractors=distractors, relation=relation,
@@ -170,7 +170,8 @@ def train_probe(variant: str, seed: int = 0, steps: int = 300, batch: int = 64,
 
 RESULT_LINE = re.compile(
     r'^(?P<variant>\w+)\s+seed (?P<seed>\d+)(?: size (?P<size>\d+))?: '
-    r'val (?P<val_acc>[\d.]+) train (?P<train_acc>[\d.]+) \((?P<seconds>[\d.]+) s, (?P<ms_per_step>[\d.]+) ms/step, '
+    r'val (?P<val_acc>[\d.]+) train (?P<train_acc>[\d.]+) '
+    r'\((?P<seconds>[\d.]+) s, (?P<ms_per_step>[\d.]+) ms/step, '
     r'step peak (?P<step_mb>[\d.]+) MiB\)$')
 
 
@@ -210,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--size', type=int, default=128)
     parser.add_argument('--kinds', type=int, default=3)
     parser.add_argument('--distractors', type=int, default=2)
-    parser.add_argument('--relation', default='same', choices=RELATION_NAMES)
+    parser.add_argument('--relation', default='same', choices=ALL_RELATIONS)
     parser.add_argument('--radius', type=float, nargs=2, metavar=('LO', 'HI'),
                         help='disc radii as fractions of the side (default 0.07 0.1)')
     parser.add_argument('--min-dist', type=float,

@@ -109,6 +109,8 @@ def test_env_report_names_the_stack():
     assert f'CUDA: {found.cuda or "unknown"}' in rows['mmcv ops']
     if torch.version.cuda is None:
         assert found.cuda == 'not available'
+    else:  # the set-up builds mmcv against this torch's CUDA
+        assert found.cuda.split('.')[0] == torch.version.cuda.split('.')[0], found
     for key in ('CUDA available', 'mmdet', 'mmsegmentation', 'mmpretrain', 'mmengine',
                 'CUDA check'):
         assert rows[key], key

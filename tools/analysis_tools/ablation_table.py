@@ -12,8 +12,8 @@ paper's order. Recipe (default: configs/ablations/recipes/imagenet_tiny_m3.py,
 whole table in about half an hour on 2 CPU cores): its data, schedule, head and
 runtime; each row contributes its backbone only (convneur_mm/utils/ablations.py),
 so every row trains with the same recipe and seed. The recipe's dataset is
-generated when missing (``data_generator`` in the recipe, else the tiny
-ImageNet's generator, called with the recipe's ``data_generator_args``).
+generated when missing, by the recipe's ``data_generator`` (default: the
+tiny ImageNet's generator) called with its ``data_generator_args``.
 
 Per row and seed it runs tools/dist_train.sh (``--gpus`` gloo processes on a
 CPU), bounded by ``--row-minutes``, and reads the last validation's top-1 /
