@@ -200,6 +200,12 @@ def _sample_above(rng: np.random.Generator, label: int, size: int, kinds: int,
             for n, ((x, y), r, c) in enumerate(zip(points, radii, colours))]
 
 
+def mark_distance(mark: Mark, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Distance of pixels (x, y) from ``mark``'s centre, x shrunk by its aspect:
+    below ``mark.radius`` inside the mark (how make_image draws it)."""
+    return np.hypot((x - mark.x) / mark.aspect, y - mark.y)
+
+
 def _ringed(relation: str, distractors: int) -> bool:
     """Whether the targets wear their ring: always for the colour relations
     (the measurements of docs/probe.md were taken so), for ``above`` only
@@ -257,7 +263,7 @@ def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int
     img = _background(rng, size)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     for mark in marks:
-        d = np.hypot((x - mark.x) / mark.aspect, y - mark.y)
+        d = mark_distance(mark, x, y)
         if mark.target and ringed:
             img[(d >= mark.radius) & (d < mark.radius * (1 + RING_WIDTH))] = 245
         shade = np.clip(np.asarray(KINDS[mark.kind][1]) + rng.normal(0, 12, 3), 0, 255)

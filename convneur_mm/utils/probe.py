@@ -240,14 +240,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     MMLogger.get_instance('mmengine').setLevel(logging.WARNING)
     options = dict(size=args.size, kinds=args.kinds, distractors=args.distractors,
                    relation=args.relation)
-    if args.radius:
-        options['radius_range'] = tuple(args.radius)
-    if args.min_dist:
-        options['target_min_dist'] = args.min_dist
-    if args.border:
-        options['border'] = args.border
-    if args.aspect:
-        options['aspect'] = args.aspect
+    for key, value in (('radius_range', args.radius and tuple(args.radius)),
+                       ('target_min_dist', args.min_dist), ('border', args.border),
+                       ('aspect', args.aspect)):
+        if value:
+            options[key] = value
     arch = dict(ARCH)
     for key, value in (('depths', args.depths), ('dims', args.dims),
                        ('memory_dim', args.memory_dim)):

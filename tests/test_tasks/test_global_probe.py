@@ -12,7 +12,7 @@ import pytest
 from convneur_mm.demo_data.global_probe import (CLASSES, KINDS, ORDER_CLASSES, ORDER_PROBE,
                                                 RELATIONS, TARGET_MIN_DIST,
                                                 generate_global_probe, main, make_image,
-                                                sample_marks)
+                                                mark_distance, sample_marks)
 
 from ..threads import one_thread
 
@@ -146,7 +146,7 @@ def test_order_probe_pixels_stay_out_of_every_window_that_sees_padding_or_both()
         _, marks = make_image(np.random.default_rng(i), i % 2, **ORDER_PROBE)
         spans = []
         for m in marks:
-            drawn = np.hypot((x - m.x) / m.aspect, y - m.y) < m.radius  # as make_image draws
+            drawn = mark_distance(m, x, y) < m.radius
             rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
             assert min(rows[0], cols[0]) >= 24 and max(rows[-1], cols[-1]) < size - 24
             spans.append((rows[0], rows[-1]))
