@@ -3,6 +3,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 
 * the neural memory's forward and backward against the float64 autograd
   reference (tests/test_models/test_layers/test_neural_memory.py);
+* GRN's spatial norm against ``vector_norm``, also under fp16 autocast
+  (tests/test_models/test_layers/test_local_branch.py);
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
 * a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
@@ -25,6 +27,7 @@ from ..paths import REPO
 from ..test_engine import test_resume
 from ..test_models.test_backbones.test_convneur import \
     test_dense_outputs_are_contiguous_for_roi_align as roi_align_check
+from ..test_models.test_layers import test_local_branch
 from ..test_models.test_layers.test_neural_memory import CASES
 from ..test_models.test_layers.test_neural_memory import \
     test_fast_path_matches_autograd_reference as memory_check
@@ -37,6 +40,21 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
 def test_memory_matches_float64_reference_on_cuda(update, chunk, tokens, heads, scan_block):
     memory_check(update, chunk, tokens, heads, scan_block, device='cuda')
+
+
+@pytest.mark.parametrize('shape', test_local_branch.SHAPES)
+def test_grn_norm_equals_vector_norm_on_cuda(shape):
+    test_local_branch.test_spatial_norm_equals_vector_norm(shape, device='cuda')
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_grn_norm_of_16bit_maps_on_cuda(dtype):
+    test_local_branch.test_spatial_norm_of_16bit_maps_does_not_overflow(dtype, device='cuda')
+
+
+def test_grn_norm_under_fp16_autocast_on_cuda():
+    test_local_branch.test_spatial_norm_under_autocast_is_float32(device='cuda')
+    test_local_branch.test_grn_matches_its_definition(device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():
