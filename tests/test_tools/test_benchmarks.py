@@ -86,6 +86,33 @@ def test_speed_report_gives_each_mode_its_own_bound_and_fraction():
     assert '| ConvNeur-M3 | 9.0 | 10.0 | 12.0 | 1.11x | 1.33x | 0.50% | 40 |' in text
 
 
+def test_speed_report_says_where_the_eager_gap_goes():
+    bench = import_analysis_tool('benchmark_speed')
+    common = dict(params=1e7, latency_ms=50.0, peak_mb=100, mode='eager')
+    results = [
+        dict(name='ConvNeur-M3 local-only', paper_macs=1.4e9, full_macs=1.4e9, throughput=20.0,
+             branch_time_share=None, branch_mac_share=None, **common),
+        dict(name='ConvNeur-M3', paper_macs=1.8e9, full_macs=3.5e9, throughput=8.0,
+             branch_time_share=0.6, branch_mac_share=0.6, branch_gemm_s_per_image=0.0625,
+             branch_profiled_s_per_image=0.08, **common)]
+    text = bench.report(results, 'test device', 16, gemm_rate=84e9)
+    # 4.2 GFLOP in 62.5 ms: 67 GFLOP/s; 1 / (1/20 + 0.0625) = 8.89 img/s
+    assert ('take 62.5 ms per image at their own shapes (67 GFLOP/s against the 2048^3 '
+            "product's 84), everything else in them 17.5 ms") in text
+    assert 'ConvNeur-M3 <= 8.9 img/s: measured / that = 0.90.' in text
+
+
+def test_global_branch_profile_finds_the_memorys_products():
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    from convneur_mm.utils.op_profile import CONVOLUTIONS, MATRIX_PRODUCTS
+    bench = import_analysis_tool('benchmark_speed')
+    model = ConvNeur(arch='m1', out_indices=(3,)).eval()
+    with torch.no_grad():
+        seconds = bench._global_branch_profile(model, model, torch.randn(1, 3, 64, 64), 'cpu')
+    assert seconds[MATRIX_PRODUCTS] > 0 and seconds[CONVOLUTIONS] > 0
+    assert 'compiled regions (fused kernels)' in seconds
+
+
 def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch):
     """On CUDA the branches are timed by events on the device's stream, read
     after a synchronize of that device (here cuda:1, stubbed)."""
@@ -110,63 +137,8 @@ def test_memory_benchmark_skips_titans_with_a_message_when_absent(monkeypatch):
     assert module is None and 'requirements/optional/titans.txt' in message
 
 
-def test_compile_profile_assigns_each_event_to_its_category():
-    """benchmark_compile --profile: event names as torch 2.13 gives them."""
+def test_compile_breakdown_table_gives_seconds_and_shares():
     bench = import_analysis_tool('benchmark_compile')
-    conv, mm, compiled, mmcv, aten, other = [c for c, _ in bench.PROFILE_CATEGORIES] + [
-        bench.OTHER_EVENTS]
-    expected = {
-        'aten::mkldnn_convolution': conv, 'aten::convolution_backward': conv,
-        'aten::conv2d': conv, 'mkldnn::_convolution_pointwise': conv,
-        'aten::conv_transpose2d': conv, 'aten::_slow_conv2d_forward': conv,
-        'aten::mm': mm, 'aten::addmm': mm, 'aten::bmm': mm, 'aten::baddbmm': mm,
-        'aten::linear': mm, 'mkldnn::_linear_pointwise': mm,
-        'aten::_scaled_dot_product_flash_attention_for_cpu': mm,
-        '## Call CompiledFxGraph fumxlanmrvjyss65yb25lfd ##': compiled,
-        'CompiledFunction': compiled, 'CompiledFunctionBackward': compiled,
-        'Torch-Compiled Region: 0/0': compiled, 'TorchDynamo Cache Lookup': compiled,
-        'cpp_fused_add_gelu_0': compiled, 'triton_poi_fused_add_0': compiled,
-        'RoIAlignFunction': mmcv, 'RoIAlignFunctionBackward': mmcv, 'NMSop': mmcv,
-        'aten::gelu_backward': aten, 'aten::copy_': aten, 'aten::mean': aten,
-        'aten::_convert_indices_from_coo_to_csr': aten, 'aten::mm_out_placeholder': aten,
-        # the autograd engine's events around a backward op: overhead, not the op
-        'autograd::engine::evaluate_function: ConvolutionBackward0': other,
-        'autograd::engine::evaluate_function: AddmmBackward0': other,
-        'AddmmBackward0': other, 'torch::autograd::AccumulateGrad': other, 'detach': other,
-    }
-    assert {name: bench.profile_category(name) for name in expected} == expected
-
-
-def test_compile_profile_sums_self_times_and_reads_device_time_on_cuda():
-    from types import SimpleNamespace
-
-    from torch.autograd import DeviceType
-    bench = import_analysis_tool('benchmark_compile')
-
-    def event(key, cpu_us, device_us=0.0, device_type=DeviceType.CPU):
-        return SimpleNamespace(key=key, self_cpu_time_total=cpu_us,
-                               self_device_time_total=device_us, device_type=device_type)
-    events = [event('aten::mkldnn_convolution', 3e6, 2e6), event('aten::mm', 1e6, 1e6),
-              event('aten::addmm', 1e6), event('## Call CompiledFxGraph f0 ##', 0.5e6, 4e6),
-              event('aten::add', 0.25e6), event('detach', 0.25e6),
-              event('triton_poi_fused_add_0', 0, 4e6, DeviceType.CUDA)]  # in its launcher's
-    cpu = bench.time_breakdown(events, cuda=False, wall=7.0)
-    assert list(cpu.values()) == [3.0, 2.0, 0.5, 0.0, 0.25, 0.25, 1.0]
-    assert list(cpu)[-1] == bench.OUTSIDE_EVENTS
-    cuda = bench.time_breakdown(events, cuda=True)
-    assert list(cuda.values()) == [2.0, 1.0, 4.0, 0.0, 0.0, 0.0]
-    table = bench.breakdown_table('train', cpu, cpu)
-    assert '| convolutions | 3.000 s (43%) | 3.000 s (43%) | +0.000 s |' in table
-
-
-def test_compile_profile_finds_a_real_eager_steps_convolutions_and_products():
-    """The names above are what the profiler really records (eager: no
-    compilation in a unit test)."""
-    bench = import_analysis_tool('benchmark_compile')
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GELU(), torch.nn.Flatten(),
-                                torch.nn.Linear(8 * 14 * 14, 10))
-    x = torch.randn(2, 3, 16, 16)
-    seconds = bench.profile_call(lambda: model(x).square().mean().backward(), 'cpu')
-    conv, mm, compiled, mmcv, aten = [c for c, _ in bench.PROFILE_CATEGORIES]
-    assert seconds[conv] > 0 and seconds[mm] > 0 and seconds[aten] > 0
-    assert seconds[compiled] == 0 and seconds[mmcv] == 0
+    seconds = {'convolutions': 3.0, 'matrix products': 2.0, 'other': 2.0}
+    table = bench.breakdown_table('train', seconds, dict(seconds, convolutions=1.0))
+    assert '| convolutions | 3.000 s (43%) | 1.000 s (20%) | -2.000 s |' in table

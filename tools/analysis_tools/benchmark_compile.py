@@ -23,14 +23,13 @@ is printed. ``--amp`` runs both under bf16 (CPU) / fp16 (CUDA) autocast.
 ``--profile`` then profiles one eager and one compiled call of each workload
 (``torch.profiler``; on CUDA with the device's kernels, in device time) and
 prints where the time goes, by the self time of the profiler's events
-(``time_breakdown``): convolutions, matrix products, the compiled regions'
+(``convneur_mm.utils.op_profile``): convolutions, matrix products, the compiled regions'
 own code (Inductor's fused kernels), mmcv ops (RoIAlign, NMS), other ATen
 ops, the rest, and the wall time no event covers (Python between the ops).
 ``--profile-rows N`` also prints the N events with the most self time.
 """
 import argparse
 import os.path as osp
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -38,13 +37,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.engine.compile import (compilable_parts, compile_forward,  # noqa: E402
                                         graphs_compiled, part_modules)
-from convneur_mm.utils.bench_env import is_cuda, setup_benchmark_device, synchronize  # noqa: E402
+from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
+from convneur_mm.utils.op_profile import profile_call  # noqa: E402
 
 WORKLOADS = ('inference', 'train', 'detector')
 
@@ -132,68 +130,6 @@ def _detector(args):
 
 
 BUILDERS = {'inference': _inference, 'train': _train, 'detector': _detector}
-
-
-# Where the time goes: profiler events by name, the first matching pattern wins.
-# Self times partition the profiled time: an op's self time excludes the ops
-# it calls, so ``aten::conv2d`` -> ``aten::mkldnn_convolution`` counts once.
-PROFILE_CATEGORIES = (
-    ('convolutions', r'^(aten|mkldnn)::\w*conv(olution|_transpose|_depthwise|\dd)'),
-    ('matrix products', r'^aten::(mm|bmm|addmm|baddbmm|addbmm|addmv|mv|dot|matmul|linear|einsum'
-                        r'|_addmm_activation|mkldnn_linear\w*|_?scaled_dot_product\w*'
-                        r'|_flash_attention\w*|_efficient_attention\w*)$|^mkldnn::_linear|^mkl::'),
-    # Inductor's compiled graphs: AOTAutograd's ``CompiledFunction`` (and its
-    # backward) calls ``## Call CompiledFxGraph <hash> ##``, in which the fused
-    # C++ (CPU) or Triton (CUDA) kernels run without events of their own: they
-    # are its self time. The ATen ops a graph calls (oneDNN convolutions,
-    # GEMMs) keep their own names and categories. Also Dynamo's guards.
-    ('compiled regions (fused kernels)',
-     r'CompiledFxGraph|^Torch-Compiled Region|CompiledFunction|^TorchDynamo|^AOTDispatcher'
-     r'|^Pregraph|^cpp_fused|^triton_'),
-    ('mmcv ops (RoIAlign, NMS)', r'^(RoIAlign|NMSop)|^mmcv::|^torchvision::'),
-    ('other ATen ops (element-wise, reductions, copies)', r'^aten::'),
-)
-OTHER_EVENTS = 'other events (autograd engine, Python-level)'
-OUTSIDE_EVENTS = 'in no event (Python between the ops)'
-
-
-def profile_category(name: str) -> str:
-    """The ``PROFILE_CATEGORIES`` entry (or ``OTHER_EVENTS``) of an event name."""
-    return next((category for category, pattern in PROFILE_CATEGORIES
-                 if re.search(pattern, name)), OTHER_EVENTS)
-
-
-def time_breakdown(events, cuda: bool, wall: Optional[float] = None) -> Dict[str, float]:
-    """Seconds of self time per category of ``events`` (``key_averages()``
-    rows), host time on a CPU, device time on CUDA (where a kernel is counted
-    in the self device time of the host op that launched it, so the kernels'
-    own rows are skipped); with the ``wall`` time of the profiled call, also
-    the time no event covers."""
-    seconds = dict.fromkeys([c for c, _ in PROFILE_CATEGORIES] + [OTHER_EVENTS], 0.0)
-    for event in events:
-        if cuda and event.device_type != DeviceType.CPU:
-            continue
-        self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
-        seconds[profile_category(event.key)] += self_us / 1e6
-    if wall is not None:
-        seconds[OUTSIDE_EVENTS] = wall - sum(seconds.values())
-    return seconds
-
-
-def profile_call(call: Callable, device: str, rows: int = 0) -> Dict[str, float]:
-    """``time_breakdown`` of one call of ``call``, profiled."""
-    cuda = is_cuda(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        wall = time.perf_counter() - start
-    events = prof.key_averages()
-    if rows:
-        print(events.table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total',
-                           row_limit=rows, max_name_column_width=70))
-    return time_breakdown(events, cuda, None if cuda else wall)
 
 
 def breakdown_table(name: str, eager: Dict[str, float], compiled: Dict[str, float]) -> str:

@@ -39,13 +39,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models.layers.neural_memory import NeuralMemory  # noqa: E402
 from convneur_mm.utils.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
                                          synchronize)
+from convneur_mm.utils.op_profile import MATRIX_PRODUCTS, profile_call  # noqa: E402
 from tests.test_models.test_layers.memory_reference import reference_memory  # noqa: E402
 
 
@@ -84,9 +84,6 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-GEMM_OPS = ('aten::mm', 'aten::bmm', 'aten::addmm', 'aten::baddbmm', 'aten::addbmm')
-
-
 def gemm_flops(step: Callable[[], None]) -> int:
     """FLOPs of the matrix products (and convolutions) one call of ``step`` runs."""
     counter = FlopCounterMode(display=False)
@@ -97,13 +94,7 @@ def gemm_flops(step: Callable[[], None]) -> int:
 
 def gemm_seconds(step: Callable[[], None], device: str) -> float:
     """Seconds one call of ``step`` spends inside matrix-product kernels."""
-    activities = [ProfilerActivity.CPU]
-    if device.startswith('cuda'):
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        step()
-    attr = 'self_device_time_total' if device.startswith('cuda') else 'self_cpu_time_total'
-    return sum(getattr(e, attr) for e in prof.key_averages() if e.key in GEMM_OPS) / 1e6
+    return profile_call(step, device)[MATRIX_PRODUCTS]
 
 
 def _step(memory: nn.Module, fn: Callable, x: torch.Tensor, device: str) -> None:

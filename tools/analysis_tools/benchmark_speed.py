@@ -141,6 +141,24 @@ def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor,
     return timer.seconds()
 
 
+def _global_branch_profile(model: nn.Module, fn: Callable, x: torch.Tensor,
+                           device: str) -> Dict[str, float]:
+    """Seconds per category (``op_profile``) of one call of ConvNeur's global
+    branches on the inputs they get from ``fn(x)``: what their matrix
+    products take at their own shapes, and what the rest takes."""
+    from convneur_mm.models.layers.global_branch import GlobalBranch
+    from convneur_mm.utils.op_profile import profile_call
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
+             for m in model.modules() if isinstance(m, GlobalBranch)]
+    try:
+        fn(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return profile_call(lambda: [mod(t) for mod, t in inputs], device)
+
+
 def _in_mode(fn: Callable, mode: str, device: str) -> Callable:
     if mode != 'bf16':
         return fn
@@ -202,6 +220,13 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
     # hooks would make a compiled model recompile with them: eager modes only
     branch_seconds = (_global_branch_seconds(model, fn, x, device)
                       if branches and mode != 'compiled' else None)
+    if branches and mode == 'eager':
+        from convneur_mm.utils.op_profile import CONVOLUTIONS, MATRIX_PRODUCTS
+        seconds = _global_branch_profile(model, fn, x, device)
+        # the branches' 1x1 projections run as (oneDNN) convolutions
+        extra['branch_gemm_s_per_image'] = (
+            seconds[MATRIX_PRODUCTS] + seconds[CONVOLUTIONS]) / batch
+        extra['branch_profiled_s_per_image'] = sum(seconds.values()) / batch
     return dict(name=name, mode=mode, params=count_params(model), paper_macs=macs['paper'],
                 full_macs=macs['full'], throughput=batch / median,
                 latency_ms=latency[len(latency) // 2] * 1e3, peak_mb=peak_mb,
@@ -315,7 +340,24 @@ def _mode_report(results: List[Dict], mode: str, gemm_rate: Optional[float]) -> 
             f', wall-time overhead >= {100 * (local["throughput"] / bound - 1):.0f}%.')
         lines.append(f'ConvNeur-M3 measured / bound ({mode}): {m3["throughput"]:.1f} / '
                      f'{bound:.1f} = {m3["throughput"] / bound:.2f} (target >= 0.9).')
+        if m3.get('branch_gemm_s_per_image'):
+            lines.append(_gemm_shape_bound(m3, local, branch_macs, gemm_rate))
     return lines
+
+
+def _gemm_shape_bound(m3: Dict, local: Dict, branch_macs: float, gemm_rate: float) -> str:
+    """Where the eager gap to the bound goes: the global branches' matrix
+    products at their own shapes (profiled), against the rest of their time."""
+    gemm = m3['branch_gemm_s_per_image']
+    rest = m3['branch_profiled_s_per_image'] - gemm
+    own_bound = 1.0 / (1.0 / local['throughput'] + gemm)
+    return (f'Where the gap goes (the global branches profiled in one call): their matrix '
+            f'products and 1x1 projections take {1e3 * gemm:.1f} ms per image at their own '
+            f'shapes ({2 * branch_macs / gemm / 1e9:.0f} GFLOP/s against the 2048^3 '
+            f'product\'s {gemm_rate / 1e9:.0f}), everything else in them '
+            f'{1e3 * rest:.1f} ms. With those products at their own rate and nothing else, '
+            f'ConvNeur-M3 <= {own_bound:.1f} img/s: measured / that = '
+            f'{m3["throughput"] / own_bound:.2f}.')
 
 
 def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
