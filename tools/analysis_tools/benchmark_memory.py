@@ -29,7 +29,9 @@ learning-rate modulation, a 2-layer MLP memory with 4x expansion, RMS-normed
 queries and keys. Its model is ours (x + LN(gelu(x W1) W2)(1 + g)); it takes
 the inner gradients with ``torch.func`` (vmap of grad) and scans with
 ``assoc_scan``. Without it the column is skipped with a message. ``--compile``
-adds our path under ``torch.compile``.
+adds our path and titans-pytorch's under ``torch.compile`` (compiled
+against compiled: titans-pytorch compiles without graph breaks in torch
+2.13).
 """
 import argparse
 import os.path as osp
@@ -60,7 +62,7 @@ def parse_args():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--compile', action='store_true',
-                        help='also time our path under torch.compile')
+                        help='also time our path (and titans-pytorch) under torch.compile')
     return parser.parse_args()
 
 
@@ -159,11 +161,17 @@ def main():
     else:
         titans = titans.to(args.device)
         paths[titans_name] = (titans, lambda m, t: m(t)[0])
+        if args.compile:  # the peer compiled too: compiled against compiled
+            compiled_titans = torch.compile(titans)
+            paths[f'{titans_name}, torch.compile'] = (titans,
+                                                      lambda m, t: compiled_titans(t)[0])
     train = time_paths(paths, x, args.repeats, args.device)
     infer = time_paths(paths, x, args.repeats, args.device, step=_inference)
     ours, ref = paths['ours (closed form, scan)'], paths['autograd reference']
     flops = {'ours': gemm_flops(lambda: _step(*ours, x, args.device)),
              'reference': gemm_flops(lambda: _step(*ref, x, args.device))}
+    if titans is not None:
+        flops['titans'] = gemm_flops(lambda: _step(*paths[titans_name], x, args.device))
     fast_gemm = min(gemm_seconds(lambda: _step(*ours, x, args.device), args.device)
                     for _ in range(3))
     best_rate = peak_gemm_rate(args.device)
@@ -177,8 +185,8 @@ def main():
         print(f'| {name} | {_params(module) / 1e3:.0f}k | {train[name] * 1e3:.1f} | '
               f'{train[name] / fast:.2f}x | {infer[name] * 1e3:.1f} | '
               f'{infer[name] / infer["ours (closed form, scan)"]:.2f}x |')
-    print(f'\nGEMM GFLOP per fwd+bwd: ours {flops["ours"] / 1e9:.1f}, reference '
-          f'{flops["reference"] / 1e9:.1f}')
+    print('\nGEMM GFLOP per fwd+bwd: ' + ', '.join(
+        f'{name} {count / 1e9:.1f}' for name, count in flops.items()))
     print(f'speed-up over the reference: {slow / fast:.2f}x')
     print(f'ours in matrix products: {fast_gemm * 1e3:.1f} ms '
           f'({fast_gemm / fast:.0%} of its time, profiled, best of 3)')
@@ -192,6 +200,14 @@ def main():
         print(f'vs {titans_name}: ours {train[titans_name] / fast:.2f}x faster forward+backward '
               f'(target >= 2x), {infer[titans_name] / infer["ours (closed form, scan)"]:.2f}x '
               'inference')
+        print(f'{titans_name} runs {flops["titans"] / flops["ours"]:.2f}x our matrix-product '
+              'FLOPs: at one GEMM rate, with no other work, ours could be at most that much '
+              'faster')
+        if args.compile:
+            ours_c, titans_c = train['ours, torch.compile'], train[f'{titans_name}, torch.compile']
+            print(f'both compiled: ours {titans_c / ours_c:.2f}x faster forward+backward, '
+                  f'{infer[f"{titans_name}, torch.compile"] / infer["ours, torch.compile"]:.2f}x '
+                  'inference')
 
 
 if __name__ == '__main__':
