@@ -3,7 +3,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 
 * the neural memory's forward and backward against the float64 autograd
   reference (tests/test_models/test_layers/test_neural_memory.py);
-* GRN's spatial norm against ``vector_norm``, also under fp16 autocast
+* GRN's spatial norm against ``vector_norm``: values, float64, 16-bit
+  maps, a zero channel's gradient, GRN under float16 autocast
   (tests/test_models/test_layers/test_local_branch.py);
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
@@ -52,9 +53,14 @@ def test_grn_norm_of_16bit_maps_on_cuda(dtype):
     test_local_branch.test_spatial_norm_of_16bit_maps_does_not_overflow(dtype, device='cuda')
 
 
-def test_grn_norm_under_fp16_autocast_on_cuda():
-    test_local_branch.test_spatial_norm_under_autocast_is_float32(device='cuda')
-    test_local_branch.test_grn_matches_its_definition(device='cuda')
+@pytest.mark.parametrize('check', [
+    test_local_branch.test_spatial_norm_in_float64_is_float64,
+    test_local_branch.test_zero_channel_has_the_gradient_vector_norm_gives,
+    test_local_branch.test_grn_under_autocast_matches_vector_norm,  # float16 autocast
+    test_local_branch.test_grn_matches_its_definition,
+], ids=lambda check: check.__name__)
+def test_grn_on_cuda(check):
+    check(device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():

@@ -7,14 +7,27 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
     """The L2 norm over H and W of a (B, H, W, C) map, (B, 1, 1, C).
 
     What ``torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)`` computes,
-    2-18x faster on CPU (measured at M3's GRN shapes; docs/speed.md): ATen's
-    norm kernel does not vectorize a reduction over outer dims, ``sum``
-    does. Squares are summed in float32 (a 16-bit square overflows from
-    |x| = 256); the result is float32 under autocast, as ``vector_norm``
-    gives it there on CUDA, and ``x``'s dtype otherwise.
+    2.4-18x faster on CPU at M3's four GRN shapes (docs/changelog.md): ATen's norm
+    kernel does not vectorize a reduction over outer dims, ``sum`` does.
+
+    * Accumulated in float32 (float64 stays float64). float16 is squared in
+      float32 (its squares overflow from |x| = 256); bfloat16, which has
+      float32's range, is squared in bfloat16, so that autograd saves the
+      bfloat16 map and not a float32 copy of it (CPU ``--amp`` training).
+    * A channel that is zero everywhere has a zero gradient, as with
+      ``vector_norm`` (the sum is clamped to the smallest normal number
+      before the square root, whose derivative at 0 is infinite).
+    * The result is in the accumulation dtype under autocast, as
+      ``vector_norm`` is on CUDA (on CPU, where it has no autocast rule, it
+      was bfloat16; GRN's output is float32 either way), else in ``x``'s.
     """
-    norm = x.float().pow(2).sum(dim=(1, 2), keepdim=True).sqrt()
-    return norm if torch.is_autocast_enabled(x.device.type) else norm.to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    squares = (x if x.dtype == torch.bfloat16 else x.to(acc)).pow(2)
+    total = squares.sum(dim=(1, 2), keepdim=True, dtype=acc)
+    norm = total.clamp_min(torch.finfo(acc).tiny).sqrt()
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return norm if autocast else norm.to(x.dtype)
 
 
 class GRN(nn.Module):
