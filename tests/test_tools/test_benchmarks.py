@@ -102,15 +102,32 @@ def test_speed_report_says_where_the_eager_gap_goes():
     assert 'ConvNeur-M3 <= 8.9 img/s: measured / that = 0.90.' in text
 
 
-def test_global_branch_profile_finds_the_memorys_products():
+def test_global_branch_times_profile_the_branches_alone(monkeypatch):
+    """One profiled call of the global branches only (no local branch runs
+    in it), their products counted with the 1x1 projections' convolutions."""
     from convneur_mm.models.backbones.convneur import ConvNeur
-    from convneur_mm.utils.op_profile import CONVOLUTIONS, MATRIX_PRODUCTS
+    from convneur_mm.models.layers.local_branch import LocalBranch
+    from convneur_mm.utils import op_profile
     bench = import_analysis_tool('benchmark_speed')
     model = ConvNeur(arch='m1', out_indices=(3,)).eval()
+    local_calls = []
+    for m in model.modules():
+        if isinstance(m, LocalBranch):
+            m.register_forward_hook(lambda *args: local_calls.append(1))
     with torch.no_grad():
-        seconds = bench._global_branch_profile(model, model, torch.randn(1, 3, 64, 64), 'cpu')
-    assert seconds[MATRIX_PRODUCTS] > 0 and seconds[CONVOLUTIONS] > 0
-    assert 'compiled regions (fused kernels)' in seconds
+        products, total = bench._global_branch_times(model, model, torch.randn(1, 3, 64, 64),
+                                                     'cpu')
+    assert 0 < products < total
+    # the local branches ran in the forward that collects the inputs only
+    assert len(local_calls) == sum(isinstance(m, LocalBranch) for m in model.modules())
+
+    def fake_profile(call, device):
+        call()
+        return {op_profile.MATRIX_PRODUCTS: 2.0, op_profile.CONVOLUTIONS: 1.0, 'rest': 0.5}
+    monkeypatch.setattr(op_profile, 'profile_call', fake_profile)
+    with torch.no_grad():
+        assert bench._global_branch_times(model, model, torch.randn(1, 3, 64, 64),
+                                          'cpu') == (3.0, 3.5)
 
 
 def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch):
@@ -135,6 +152,22 @@ def test_memory_benchmark_skips_titans_with_a_message_when_absent(monkeypatch):
     monkeypatch.setitem(sys.modules, 'titans_pytorch', None)  # import fails
     module, message = bench.titans_memory(16, 4)
     assert module is None and 'requirements/optional/titans.txt' in message
+
+
+def test_memory_benchmark_reports_titans_eager_and_both_compiled():
+    bench = import_analysis_tool('benchmark_memory')
+    name = 'titans-pytorch 0.5.5'
+    ours, ours_c = 'ours (closed form, scan)', 'ours, torch.compile'
+    titans_c = name + ', torch.compile'
+    train = {ours: 0.7, name: 1.4, ours_c: 0.5, titans_c: 0.6}
+    infer = {ours: 0.2, name: 0.3, ours_c: 0.1, titans_c: 0.25}
+    lines = bench.titans_report(name, {'ours': 80e9, 'titans': 100e9}, train, infer)
+    assert lines == [
+        f'vs {name}: ours 2.00x faster forward+backward (target >= 2x), 1.50x inference',
+        f'{name} runs 1.25x our matrix-product FLOPs (forward+backward)',
+        'both compiled: ours 1.20x faster forward+backward, 2.50x inference']
+    eager_only = {k: v for k, v in train.items() if 'compile' not in k}
+    assert len(bench.titans_report(name, {'ours': 1, 'titans': 1}, eager_only, infer)) == 2
 
 
 def test_compile_breakdown_table_gives_seconds_and_shares():

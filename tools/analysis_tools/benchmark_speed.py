@@ -141,13 +141,14 @@ def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor,
     return timer.seconds()
 
 
-def _global_branch_profile(model: nn.Module, fn: Callable, x: torch.Tensor,
-                           device: str) -> Dict[str, float]:
-    """Seconds per category (``op_profile``) of one call of ConvNeur's global
-    branches on the inputs they get from ``fn(x)``: what their matrix
-    products take at their own shapes, and what the rest takes."""
+def _global_branch_times(model: nn.Module, fn: Callable, x: torch.Tensor,
+                         device: str) -> Tuple[float, float]:
+    """Seconds of one profiled call of ConvNeur's global branches on the
+    inputs they get from ``fn(x)``: in their matrix products (the 1x1
+    projections run as oneDNN convolutions, so convolutions count too), and
+    in all (``op_profile``'s categories summed)."""
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    from convneur_mm.utils.op_profile import profile_call
+    from convneur_mm.utils import op_profile
     inputs = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
              for m in model.modules() if isinstance(m, GlobalBranch)]
@@ -156,7 +157,9 @@ def _global_branch_profile(model: nn.Module, fn: Callable, x: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
-    return profile_call(lambda: [mod(t) for mod, t in inputs], device)
+    seconds = op_profile.profile_call(lambda: [mod(t) for mod, t in inputs], device)
+    products = seconds[op_profile.MATRIX_PRODUCTS] + seconds[op_profile.CONVOLUTIONS]
+    return products, sum(seconds.values())
 
 
 def _in_mode(fn: Callable, mode: str, device: str) -> Callable:
@@ -221,12 +224,9 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
     branch_seconds = (_global_branch_seconds(model, fn, x, device)
                       if branches and mode != 'compiled' else None)
     if branches and mode == 'eager':
-        from convneur_mm.utils.op_profile import CONVOLUTIONS, MATRIX_PRODUCTS
-        seconds = _global_branch_profile(model, fn, x, device)
-        # the branches' 1x1 projections run as (oneDNN) convolutions
-        extra['branch_gemm_s_per_image'] = (
-            seconds[MATRIX_PRODUCTS] + seconds[CONVOLUTIONS]) / batch
-        extra['branch_profiled_s_per_image'] = sum(seconds.values()) / batch
+        products, total = _global_branch_times(model, fn, x, device)
+        extra['branch_gemm_s_per_image'] = products / batch
+        extra['branch_profiled_s_per_image'] = total / batch
     return dict(name=name, mode=mode, params=count_params(model), paper_macs=macs['paper'],
                 full_macs=macs['full'], throughput=batch / median,
                 latency_ms=latency[len(latency) // 2] * 1e3, peak_mb=peak_mb,
