@@ -76,6 +76,24 @@ def test_exported_write_path_is_live(memory_onnx):
         torch.testing.assert_close(after, module(edited), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('spinning', [True, False])
+def test_ort_session_spins_only_when_asked(memory_onnx, spinning):
+    """benchmark_onnx times ONNX Runtime between PyTorch calls: its threads
+    must not spin after a run there, and the answers must not change."""
+    from convneur_mm.deployment import ort_session
+    module, path = memory_onnx
+    session = ort_session(path, threads=2, spinning=spinning)
+    entries = session.get_session_options().get_session_config_entry
+    if spinning:
+        with pytest.raises(Exception):  # not set: ONNX Runtime's default (spin)
+            entries('session.intra_op.allow_spinning')
+    else:
+        assert entries('session.intra_op.allow_spinning') == '0'
+    x = torch.randn(2, 24, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(onnx_outputs(session, x)[0], module(x), rtol=0, atol=1e-5)
+
+
 def test_check_fails_loudly_on_a_different_model(memory_onnx):
     module, path = memory_onnx
     other = _Memory().eval()

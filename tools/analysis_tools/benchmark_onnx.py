@@ -8,8 +8,10 @@ Each model (M1-M4 ImageNet classifiers at 224x224, M2 Semantic FPN at
 pytorch2onnx.py`` exports it (static shape, normalization inside), then the
 same ``DeployableModel`` is timed in PyTorch eager, under ``torch.compile``
 (static shapes; the compile time is the warm-up, reported) and in ONNX Runtime
-on the CPU with as many intra-op threads as torch uses. The three take turns
-after a warm-up; medians are printed with the largest absolute difference of
+on the CPU with as many intra-op threads as torch uses, which do not spin
+after a run (ONNX Runtime's default spinning slowed the next PyTorch call by
+half: ``convneur_mm.deployment.ort_session``). The three take turns after a
+warm-up; medians are printed with the largest absolute difference of
 ONNX Runtime's and the compiled model's outputs from eager on the timed input.
 """
 import argparse
@@ -59,7 +61,8 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
     path = osp.join(out_dir, f'{name}.onnx')
     export_s = _seconds(lambda: export_onnx(module, images, path,
                                             output_names=module.output_names()))
-    session = ort_session(path, threads=torch.get_num_threads())
+    # no spinning: ONNX Runtime's idle threads would slow the next variant's call
+    session = ort_session(path, threads=torch.get_num_threads(), spinning=False)
     compiled = torch.compile(module, dynamic=False)
     runs = {'eager': lambda: module(images), 'compiled': lambda: compiled(images),
             'onnxruntime': lambda: onnx_outputs(session, images)}
