@@ -8,10 +8,12 @@ Each model (M1-M4 ImageNet classifiers at 224x224, M2 Semantic FPN at
 pytorch2onnx.py`` exports it (static shape, normalization inside), then the
 same ``DeployableModel`` is timed in PyTorch eager, under ``torch.compile``
 (static shapes; the compile time is the warm-up, reported) and in ONNX Runtime
-on the CPU with as many intra-op threads as torch uses, which do not spin
-after a run (ONNX Runtime's default spinning slowed the next PyTorch call by
-half: ``convneur_mm.deployment.ort_session``). The three take turns after a
-warm-up; medians are printed with the largest absolute difference of
+on the CPU with as many intra-op threads as torch uses, twice: as ONNX
+Runtime runs by default, its threads spinning for work after a run, and
+with ``spinning=False`` (``convneur_mm.deployment.ort_session``). The
+variants take turns after a warm-up, the spinning session last in each round
+and each round after a rest, since spinning threads slowed the next PyTorch
+call by half; medians are printed with the largest absolute difference of
 ONNX Runtime's and the compiled model's outputs from eager on the timed input.
 """
 import argparse
@@ -29,6 +31,11 @@ from convneur_mm.deployment import (DeployableModel, export_onnx, onnx_outputs, 
                                     ort_session)
 from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
 from convneur_mm.utils.toolbox import build_model, load_cfg  # noqa: E402
+
+# ONNX Runtime's intra-op threads spin for tens of milliseconds after a run;
+# the next call waits this long (0.5 s brought M3's eager call after a run
+# from 114 ms back to 72-80 ms; 67-70 ms alone, 2 cores)
+SPIN_SETTLE_S = 0.5
 
 MODELS = {'m1': ('cls_convneur_m1_300e_in1k.py', 224),
           'm2': ('cls_convneur_m2_300e_in1k.py', 224),
@@ -61,19 +68,24 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
     path = osp.join(out_dir, f'{name}.onnx')
     export_s = _seconds(lambda: export_onnx(module, images, path,
                                             output_names=module.output_names()))
-    # no spinning: ONNX Runtime's idle threads would slow the next variant's call
-    session = ort_session(path, threads=torch.get_num_threads(), spinning=False)
+    threads = torch.get_num_threads()
+    session = ort_session(path, threads=threads)  # ONNX Runtime's default: spinning
+    quiet_session = ort_session(path, threads=threads, spinning=False)
     compiled = torch.compile(module, dynamic=False)
+    # in this order each round, then SPIN_SETTLE_S of rest: the spinning
+    # session runs last, so that its idle threads slow no other variant
     runs = {'eager': lambda: module(images), 'compiled': lambda: compiled(images),
+            'onnxruntime, no spinning': lambda: onnx_outputs(quiet_session, images),
             'onnxruntime': lambda: onnx_outputs(session, images)}
     with torch.no_grad():
         want = module(images)
         compile_s = _seconds(runs['compiled'])
         runs['onnxruntime']()
-        diffs = {'onnxruntime': (onnx_outputs(session, images)[0] - want).abs().max().item(),
+        diffs = {'onnxruntime': (onnx_outputs(quiet_session, images)[0] - want).abs().max().item(),
                  'compiled': (compiled(images) - want).abs().max().item()}
         times: Dict[str, List[float]] = {k: [] for k in runs}
         for _ in range(repeats):
+            time.sleep(SPIN_SETTLE_S)
             for key, fn in runs.items():
                 times[key].append(_seconds(fn))
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
@@ -85,9 +97,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_benchmark_device('cpu')
     print(f'batch-1 latency on {device}; median of {args.repeats} interleaved runs')
-    print('| model | input | eager (ms) | compiled (ms) | ONNX Runtime (ms) | eager / ORT | '
-          'max abs diff ORT, compiled | export, compile (s) |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| model | input | eager (ms) | compiled (ms) | ONNX Runtime (ms) | ORT, no spinning '
+          '(ms) | eager / ORT | max abs diff ORT, compiled | export, compile (s) |')
+    print('|---|---|---|---|---|---|---|---|---|')
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +107,7 @@ def main(argv=None) -> None:
             r = measure(name, args.repeats, args.out_dir or tmp)
             print(f'| {name} | {r["size"]}x{r["size"]} | {1e3 * r["eager"]:.1f} | '
                   f'{1e3 * r["compiled"]:.1f} | {1e3 * r["onnxruntime"]:.1f} | '
+                  f'{1e3 * r["onnxruntime, no spinning"]:.1f} | '
                   f'{r["eager"] / r["onnxruntime"]:.2f}x | '
                   f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g} | '
                   f'{r["export_s"]:.0f}, {r["compile_s"]:.0f} |', flush=True)
