@@ -6,6 +6,9 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 * GRN's spatial norm against ``vector_norm``: values, float64, 16-bit
   maps, a zero channel's gradient, GRN under float16 autocast
   (tests/test_models/test_layers/test_local_branch.py);
+* ``torch.compile`` (Inductor's Triton kernels) against eager, outputs and
+  gradients, in float32 and under fp16 autocast
+  (tests/test_engine/test_compile.py);
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
 * a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
@@ -25,7 +28,7 @@ import torch
 from convneur_mm.demo_data.coco import generate_coco_tiny
 from convneur_mm.engine.launch import enable_amp, load_config
 from ..paths import REPO
-from ..test_engine import test_resume
+from ..test_engine import test_compile, test_resume
 from ..test_models.test_backbones.test_convneur import \
     test_dense_outputs_are_contiguous_for_roi_align as roi_align_check
 from ..test_models.test_layers import test_local_branch
@@ -61,6 +64,12 @@ def test_grn_norm_of_16bit_maps_on_cuda(dtype):
 ], ids=lambda check: check.__name__)
 def test_grn_on_cuda(check):
     check(device='cuda')
+
+
+@pytest.mark.parametrize('amp', [None, torch.float16], ids=['float32', 'fp16-autocast'])
+def test_compiled_backbone_matches_eager_on_cuda(amp):
+    test_compile.test_compiled_backbone_matches_eager_in_outputs_and_gradients(
+        amp, device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():
