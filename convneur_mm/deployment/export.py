@@ -198,7 +198,7 @@ def ort_session(path: str, threads: Optional[int] = None, spinning: bool = True)
     ``spinning=False`` stops the intra-op threads from busy-waiting for
     work after each run (ONNX Runtime's default lets them spin for tens of
     milliseconds): on a machine where PyTorch runs next, the spinning
-    threads slowed its next call by half (ConvNeur-M3, batch 1, 2 cores:
+    threads made its next call 1.7x slower (ConvNeur-M3, batch 1, 2 cores:
     114 ms right after a run against 67 ms)."""
     import onnxruntime as ort
     options = ort.SessionOptions()

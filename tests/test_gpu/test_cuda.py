@@ -40,6 +40,16 @@ from ..test_tasks.task_utils import on_tiny_coco, train_and_diff
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """The CPU tests' tolerances assume float32 products: cuDNN's TF32 (on by
+    default for convolutions) is turned off here, and restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
 @pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
 def test_memory_matches_float64_reference_on_cuda(update, chunk, tokens, heads, scan_block):

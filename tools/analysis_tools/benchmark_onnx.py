@@ -12,8 +12,8 @@ on the CPU with as many intra-op threads as torch uses, twice: as ONNX
 Runtime runs by default, its threads spinning for work after a run, and
 with ``spinning=False`` (``convneur_mm.deployment.ort_session``). The
 variants take turns after a warm-up, the spinning session last in each round
-and each round after a rest, since spinning threads slowed the next PyTorch
-call by half; medians are printed with the largest absolute difference of
+and each round after a rest, since spinning threads made the next PyTorch
+call 1.7x slower; medians are printed with the largest absolute difference of
 ONNX Runtime's and the compiled model's outputs from eager on the timed input.
 """
 import argparse
