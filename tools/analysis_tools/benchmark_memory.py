@@ -94,9 +94,10 @@ def gemm_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-def gemm_seconds(step: Callable[[], None], device: str) -> float:
-    """Seconds one call of ``step`` spends inside matrix-product kernels."""
-    return profile_call(step, device)[MATRIX_PRODUCTS]
+def gemm_seconds(step: Callable[[], None], device: str, calls: int = 3) -> float:
+    """Seconds one call of ``step`` spends inside matrix-product kernels, the
+    least of ``calls`` profiled calls."""
+    return min(profile_call(step, device)[MATRIX_PRODUCTS] for _ in range(calls))
 
 
 def _step(memory: nn.Module, fn: Callable, x: torch.Tensor, device: str) -> None:
@@ -188,10 +189,9 @@ def main():
              'reference': gemm_flops(lambda: _step(*ref, x, args.device))}
     if titans is not None:
         flops['titans'] = gemm_flops(lambda: _step(*paths[titans_name], x, args.device))
-        titans_gemm = min(gemm_seconds(lambda: _step(*paths[titans_name], x, args.device),
-                                       args.device) for _ in range(3))
-    fast_gemm = min(gemm_seconds(lambda: _step(*ours, x, args.device), args.device)
-                    for _ in range(3))
+        titans_gemm = gemm_seconds(lambda: _step(*paths[titans_name], x, args.device),
+                                   args.device)
+    fast_gemm = gemm_seconds(lambda: _step(*ours, x, args.device), args.device)
     best_rate = peak_gemm_rate(args.device)
     fast, slow = train['ours (closed form, scan)'], train['autograd reference']
     print(f'memory branch, batch {args.batch}, {args.tokens} tokens, C_m {args.dim}, chunk '

@@ -141,14 +141,10 @@ def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor,
     return timer.seconds()
 
 
-def _global_branch_times(model: nn.Module, fn: Callable, x: torch.Tensor,
-                         device: str) -> Tuple[float, float]:
-    """Seconds of one profiled call of ConvNeur's global branches on the
-    inputs they get from ``fn(x)``: in their matrix products (the 1x1
-    projections run as oneDNN convolutions, so convolutions count too), and
-    in all (``op_profile``'s categories summed)."""
+def _global_branch_inputs(model: nn.Module, fn: Callable,
+                          x: torch.Tensor) -> List[Tuple[nn.Module, torch.Tensor]]:
+    """Each of ConvNeur's global branches with the input it gets from ``fn(x)``."""
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    from convneur_mm.utils import op_profile
     inputs = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append((mod, args[0])))
              for m in model.modules() if isinstance(m, GlobalBranch)]
@@ -157,6 +153,17 @@ def _global_branch_times(model: nn.Module, fn: Callable, x: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
+    return inputs
+
+
+def _global_branch_times(model: nn.Module, fn: Callable, x: torch.Tensor,
+                         device: str) -> Tuple[float, float]:
+    """Seconds of one profiled call of ConvNeur's global branches on the
+    inputs they get from ``fn(x)``: in their matrix products (the 1x1
+    projections run as oneDNN convolutions, so convolutions count too), and
+    in all (``op_profile``'s categories summed)."""
+    from convneur_mm.utils import op_profile
+    inputs = _global_branch_inputs(model, fn, x)
     seconds = op_profile.profile_call(lambda: [mod(t) for mod, t in inputs], device)
     products = seconds[op_profile.MATRIX_PRODUCTS] + seconds[op_profile.CONVOLUTIONS]
     return products, sum(seconds.values())
@@ -193,13 +200,8 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
     branch_macs = 0
     branches = [m for m in model.modules() if isinstance(m, GlobalBranch)]
     if branches:  # the branches' own full MACs, counted on their real inputs
-        inputs = []
-        hooks = [b.register_forward_hook(lambda m, i, o: inputs.append((m, i[0])))
-                 for b in branches]
-        eager_fn(one)
-        for h in hooks:
-            h.remove()
-        branch_macs = sum(count_macs(m, lambda m=m, t=t: m(t))['full'] for m, t in inputs)
+        branch_macs = sum(count_macs(m, lambda m=m, t=t: m(t))['full']
+                          for m, t in _global_branch_inputs(model, eager_fn, one))
     x = torch.randn(batch, 3, 224, 224, device=device)
     extra = {}
     if mode == 'bf16':
