@@ -23,22 +23,28 @@ It is ``forward`` that is compiled, not the module's ``__call__`` (as
 ``nn.Module.compile`` would): MMSegmentation's decode heads call
 ``self.forward(...)`` from ``loss`` and ``predict``.
 
-Shapes are static (``dynamic=False``): a part compiles once per input shape
-it meets, up to ``torch._dynamo.config.recompile_limit`` (8) shapes, and runs
-eager for further shapes (PyTorch warns once). PyTorch's automatic dynamic
-shapes (``dynamic=None``: recompile once with symbolic sizes when a size
-changes) would suit detection's varying image sizes better, but in torch
-2.13 Inductor fails on the second size of a training run: it sorts the
-symbolic strides of a channels-last view that the forward graph saves for
-backward (``LayerNorm2d``'s output: ``16*(W//4) < 16`` has no truth value
-while W may be below 4) with plain comparisons, ``TypeError: cannot
-determine truth value of Relational`` (upstream: pytorch/pytorch#185510,
-open). ``CompilationCountHook`` logs how many graphs each epoch compiled.
+In training (autograd recording) shapes are static (``dynamic=False``): a
+part compiles once per input shape it meets, up to ``torch._dynamo.config.
+recompile_limit`` graphs (``RECOMPILE_LIMIT``, 16; torch's default is 8),
+and runs eager for further shapes (PyTorch warns once). PyTorch's automatic dynamic shapes (``dynamic=None``: recompile
+once with symbolic sizes when a size changes) would suit detection's varying
+image sizes better, but in torch 2.13 Inductor fails on the second size of a
+training run: it sorts the symbolic strides of a channels-last view that the
+forward graph saves for backward (``LayerNorm2d``'s output: ``16*(W//4) <
+16`` has no truth value while W may be below 4) with plain comparisons,
+``TypeError: cannot determine truth value of Relational`` (upstream:
+pytorch/pytorch#185510, open). Without gradients (validation, testing)
+nothing is saved for backward, and ``compile_forward`` uses automatic dynamic
+shapes: evaluation's images, which mmdet pads to 32 only and mmseg not at
+all, share one graph with symbolic sizes after the first (the backbone pads
+unconditionally when compiled, so nothing guards on divisibility).
+``CompilationCountHook`` logs how many graphs each epoch compiled.
 
 So that a detector's training meets few shapes, ``--compile`` pads its
 batches to a few bucket sizes (``bucket_detection_sizes``,
 ``convneur_mm.BucketPad``): 3 to 5 shapes instead of COCO's 19 to 83.
 """
+import functools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -50,6 +56,10 @@ from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
+# graphs a compiled forward may hold (torch's default: 8): a detector's
+# training buckets (3-5 shapes) and its evaluation's graphs (up to 3 a part
+# for COCO's test shapes: count_compilations.py) count against one limit
+RECOMPILE_LIMIT = 16
 MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
@@ -76,20 +86,30 @@ def compilable_parts(model: nn.Module, parts: Optional[Sequence[str]] = None) ->
 
 def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
                   mode: str = 'default', dynamic: Optional[bool] = False,
-                  backend: str = 'inductor') -> List[str]:
+                  backend: str = 'inductor',
+                  inference_dynamic: Optional[bool] = None) -> List[str]:
     """Compile ``model``'s parts in place; returns the names compiled.
 
     Args:
         model: a toolbox model, or a wrapper (DDP) around one.
         parts: see ``compilable_parts``; a part that is a ``ModuleList``
             (UperNet's auxiliary heads) has each entry compiled.
-        mode, dynamic, backend: passed to ``torch.compile``.
+        mode, backend: passed to ``torch.compile``.
+        dynamic, inference_dynamic: ``torch.compile``'s ``dynamic`` with and
+            without gradients (``compile_forward``).
+
+    Raises the process's ``torch._dynamo.config.recompile_limit`` to
+    ``RECOMPILE_LIMIT`` (never lowers it): training and evaluation graphs
+    of a part count against the same limit.
     """
     if mode not in MODES:
         raise ValueError(f'compile mode must be one of {MODES}, got {mode!r}')
     names = compilable_parts(model, parts)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     for module in part_modules(model, names):
-        module.forward = compile_forward(module, mode=mode, dynamic=dynamic, backend=backend)
+        module.forward = compile_forward(module, mode=mode, dynamic=dynamic, backend=backend,
+                                         inference_dynamic=inference_dynamic)
     return names
 
 
@@ -106,13 +126,23 @@ def part_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
     return modules
 
 
-def compile_forward(module: nn.Module, **compile_kwargs) -> Callable:
+def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
+                    inference_dynamic: Optional[bool] = None, **compile_kwargs) -> Callable:
     """``torch.compile`` of the module's own ``forward`` (not of an instance
-    attribute set by an earlier call: compiling twice is refused)."""
+    attribute set by an earlier call: compiling twice is refused), with
+    ``dynamic`` where autograd records (training) and ``inference_dynamic``
+    where it does not (validation, testing: automatic dynamic shapes by
+    default, so that evaluation's unpadded sizes share a graph)."""
     if 'forward' in vars(module):
         raise ValueError(f'{type(module).__name__}.forward is already replaced '
                          '(compiled twice?)')
-    return torch.compile(module.forward, **compile_kwargs)
+    training = torch.compile(module.forward, dynamic=dynamic, **compile_kwargs)
+    inference = torch.compile(module.forward, dynamic=inference_dynamic, **compile_kwargs)
+
+    @functools.wraps(module.forward)
+    def forward(*args, **kwargs):
+        return (training if torch.is_grad_enabled() else inference)(*args, **kwargs)
+    return forward
 
 
 def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] = False,
@@ -124,12 +154,13 @@ def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] 
                          'train_step only); remove one of them')
     names = compile_model(runner.model, mode=mode, dynamic=dynamic, backend=backend)
     runner.register_hook(CompilationCountHook(), priority='VERY_LOW')
-    print_log(f'torch.compile ({mode}, dynamic={dynamic}) of the model\'s '
+    print_log(f'torch.compile ({mode}; dynamic={dynamic} in training, automatic dynamic '
+              'shapes in evaluation) of the model\'s '
               f'{", ".join(names)}; the first iterations compile (minutes on a CPU)',
               logger='current')
 
 
-def _find_resize_scale(node) -> Optional[Tuple[int, int]]:
+def find_resize_scale(node) -> Optional[Tuple[int, int]]:
     """The ``scale`` of the first keep-ratio ``Resize`` in a (wrapped) dataset
     config's pipeline."""
     if isinstance(node, dict):
@@ -141,7 +172,7 @@ def _find_resize_scale(node) -> Optional[Tuple[int, int]]:
         children = node
     else:
         return None
-    return next((found for found in map(_find_resize_scale, children) if found), None)
+    return next((found for found in map(find_resize_scale, children) if found), None)
 
 
 def bucket_detection_sizes(cfg) -> Optional[Tuple[int, ...]]:
@@ -154,7 +185,7 @@ def bucket_detection_sizes(cfg) -> Optional[Tuple[int, ...]]:
     if not str(preprocessor.get('type', '')).endswith('DetDataPreprocessor') \
             or preprocessor.get('batch_augments'):
         return None
-    scale = _find_resize_scale(cfg.get('train_dataloader', {}).get('dataset'))
+    scale = find_resize_scale(cfg.get('train_dataloader', {}).get('dataset'))
     if scale is None:
         return None
     divisor = preprocessor.get('pad_size_divisor', 1) or 1

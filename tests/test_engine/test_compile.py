@@ -20,11 +20,13 @@ from ..paths import REPO
 # writes that are read). Compiling its forward and backward with Inductor
 # takes most of this file's time (about a minute of CPU on the 2-core VM).
 TINY = dict(depths=[1], dims=[16], memory_dim=16)
+TWO_STAGES = dict(depths=[1, 1], dims=[16, 16], memory_dim=16)  # a strided downsample too
 
 
-def _tiny_backbone() -> nn.Module:
+def _tiny_backbone(arch: dict = TINY) -> nn.Module:
     torch.manual_seed(0)
-    backbone = ConvNeur(arch=TINY, memory_cfg=dict(chunk_size=16), out_indices=(0, ),
+    backbone = ConvNeur(arch=arch, memory_cfg=dict(chunk_size=16),
+                        out_indices=tuple(range(len(arch['depths']))),
                         gap_before_final_norm=False, drop_path_rate=0.5)
     with quiet_init():
         backbone.init_weights()
@@ -93,6 +95,57 @@ def test_compiled_backbone_matches_eager_in_outputs_and_gradients(amp, device='c
         for name, exact in exact_grads.items():
             bound = 2 * _dist(want_grads[name], exact) + 1e-2 * exact.norm() + 1e-6
             assert _dist(got_grads[name], exact) <= bound, name
+
+
+# evaluation's input sizes: the first compiles with static shapes, the second
+# with symbolic ones, which the rest reuse; they differ in their remainders
+# modulo the stem's stride 4 and stage 2's stride 2 (the pads) and in their
+# chunk counts (2 stages of 1 block, chunk 16: 12-45 and 2-11 updates)
+EVAL_SIZES = ((64, 96), (72, 104), (70, 90), (66, 99), (97, 61), (128, 40))
+
+
+def test_evaluation_compiles_two_graphs_for_any_number_of_sizes():
+    """Without gradients (validation, tools/test.py) the compiled parts use
+    automatic dynamic shapes: six input sizes, none of them padded to a
+    common multiple (ADE20K's test images are not), cost two graphs, not
+    one each, and nothing about the sizes is guarded on (no graph per
+    divisibility). With gradients (training) shapes stay static: a new size
+    is a new graph. Dynamo's tracing only (backend 'eager'); Inductor's code
+    for symbolic sizes is checked against eager below."""
+    torch._dynamo.reset()
+    holder = _tiny_backbone(arch=TWO_STAGES)
+    eager = _tiny_backbone(arch=TWO_STAGES)
+    compile_model(holder, backend='eager')
+    holder.eval()
+    eager.eval()
+    before = graphs_compiled()
+    for h, w in EVAL_SIZES:
+        x = torch.randn(1, 3, h, w)
+        with torch.no_grad():
+            for got, want in zip(holder.backbone(x), eager.backbone(x)):
+                torch.testing.assert_close(got, want)
+    assert graphs_compiled() - before == 2
+    before = graphs_compiled()
+    holder.train()
+    for h, w in EVAL_SIZES[:2]:
+        holder.backbone(torch.randn(1, 3, h, w))
+    assert graphs_compiled() - before == 2  # static: one graph per size
+
+
+def test_compiled_inference_with_symbolic_sizes_matches_eager(device='cpu'):
+    """Inductor's kernels for symbolic sizes, at three evaluation sizes (the
+    second and third share one graph), against eager."""
+    torch._dynamo.reset()
+    holder = _tiny_backbone(arch=TWO_STAGES).to(device).eval()
+    eager = _tiny_backbone(arch=TWO_STAGES).to(device).eval()
+    compile_model(holder)
+    before = graphs_compiled()
+    for h, w in EVAL_SIZES[:3]:
+        x = torch.randn(1, 3, h, w, device=device)
+        with torch.no_grad():
+            for got, want in zip(holder.backbone(x), eager.backbone(x)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert graphs_compiled() - before == 2
 
 
 @pytest.mark.parametrize('training', [True, False])

@@ -7,8 +7,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
   maps, a zero channel's gradient, GRN under float16 autocast
   (tests/test_models/test_layers/test_local_branch.py);
 * ``torch.compile`` (Inductor's Triton kernels) against eager, outputs and
-  gradients, in float32 and under fp16 autocast
-  (tests/test_engine/test_compile.py);
+  gradients, in float32 and under fp16 autocast, and evaluation's kernels
+  for symbolic sizes (tests/test_engine/test_compile.py);
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
 * a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
@@ -80,6 +80,10 @@ def test_grn_on_cuda(check):
 def test_compiled_backbone_matches_eager_on_cuda(amp):
     test_compile.test_compiled_backbone_matches_eager_in_outputs_and_gradients(
         amp, device='cuda')
+
+
+def test_compiled_inference_with_symbolic_sizes_on_cuda():
+    test_compile.test_compiled_inference_with_symbolic_sizes_matches_eager(device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():
