@@ -25,8 +25,8 @@ It is ``forward`` that is compiled, not the module's ``__call__`` (as
 
 In training (autograd recording) shapes are static (``dynamic=False``): a
 part compiles once per input shape it meets, up to ``torch._dynamo.config.
-recompile_limit`` graphs (``RECOMPILE_LIMIT``, 16; torch's default is 8),
-and runs eager for further shapes (PyTorch warns once). PyTorch's automatic dynamic shapes (``dynamic=None``: recompile
+recompile_limit`` (8) shapes, and runs eager for further shapes (PyTorch
+warns once). PyTorch's automatic dynamic shapes (``dynamic=None``: recompile
 once with symbolic sizes when a size changes) would suit detection's varying
 image sizes better, but in torch 2.13 Inductor fails on the second size of a
 training run: it sorts the symbolic strides of a channels-last view that the
@@ -36,8 +36,10 @@ forward graph saves for backward (``LayerNorm2d``'s output: ``16*(W//4) <
 pytorch/pytorch#185510, open). Without gradients (validation, testing)
 nothing is saved for backward, and ``compile_forward`` uses automatic dynamic
 shapes: evaluation's images, which mmdet pads to 32 only and mmseg not at
-all, share one graph with symbolic sizes after the first (the backbone pads
-unconditionally when compiled, so nothing guards on divisibility).
+all, mostly share one graph with symbolic sizes after the first (5 graphs
+for 17-24 shapes of the COCO and ADE20K configs: docs/speed.md); the
+backbone pads unconditionally where sizes are symbolic, so nothing guards
+on divisibility.
 ``CompilationCountHook`` logs how many graphs each epoch compiled.
 
 So that a detector's training meets few shapes, ``--compile`` pads its
@@ -56,11 +58,11 @@ from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
-# graphs a compiled forward may hold (torch's default: 8): a detector's
-# training buckets (3-5 shapes) and its evaluation's graphs (up to 3 a part
-# for COCO's test shapes: count_compilations.py) count against one limit
-RECOMPILE_LIMIT = 16
 MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+# modes that record CUDA graphs: one per concrete input size, also for a graph
+# with symbolic sizes, and without a limit (PyTorch only warns); evaluation
+# stays static in these, bounded by the recompile limit
+CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
 
 
 def add_compile_argument(parser) -> None:
@@ -96,17 +98,15 @@ def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
             (UperNet's auxiliary heads) has each entry compiled.
         mode, backend: passed to ``torch.compile``.
         dynamic, inference_dynamic: ``torch.compile``'s ``dynamic`` with and
-            without gradients (``compile_forward``).
-
-    Raises the process's ``torch._dynamo.config.recompile_limit`` to
-    ``RECOMPILE_LIMIT`` (never lowers it): training and evaluation graphs
-    of a part count against the same limit.
+            without gradients (``compile_forward``); ``inference_dynamic``
+            None means automatic dynamic shapes, but for the modes that
+            record CUDA graphs (``CUDAGRAPH_MODES``): static there.
     """
     if mode not in MODES:
         raise ValueError(f'compile mode must be one of {MODES}, got {mode!r}')
     names = compilable_parts(model, parts)
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    if inference_dynamic is None and mode in CUDAGRAPH_MODES:
+        inference_dynamic = False
     for module in part_modules(model, names):
         module.forward = compile_forward(module, mode=mode, dynamic=dynamic, backend=backend,
                                          inference_dynamic=inference_dynamic)
@@ -132,12 +132,18 @@ def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
     attribute set by an earlier call: compiling twice is refused), with
     ``dynamic`` where autograd records (training) and ``inference_dynamic``
     where it does not (validation, testing: automatic dynamic shapes by
-    default, so that evaluation's unpadded sizes share a graph)."""
+    default, so that evaluation's varying sizes mostly share a graph).
+
+    The two keep their graphs apart (``isolate_recompiles``): each has its
+    own ``recompile_limit`` (8), so a detector's training buckets and its
+    evaluation's graphs do not use up each other's, and one of them running
+    out does not send the other to eager."""
     if 'forward' in vars(module):
         raise ValueError(f'{type(module).__name__}.forward is already replaced '
                          '(compiled twice?)')
-    training = torch.compile(module.forward, dynamic=dynamic, **compile_kwargs)
-    inference = torch.compile(module.forward, dynamic=inference_dynamic, **compile_kwargs)
+    training, inference = (torch.compile(module.forward, dynamic=d, isolate_recompiles=True,
+                                         **compile_kwargs)
+                           for d in (dynamic, inference_dynamic))
 
     @functools.wraps(module.forward)
     def forward(*args, **kwargs):

@@ -68,7 +68,7 @@ class CompiledSwitch:
 
     def __init__(self, model: nn.Module, parts: List[str]):
         self.modules = part_modules(model, parts)
-        self.compiled = [compile_forward(m, dynamic=False) for m in self.modules]  # as --compile
+        self.compiled = [compile_forward(m) for m in self.modules]  # as --compile
 
     def use(self, compiled: bool) -> None:
         for module, forward in zip(self.modules, self.compiled):

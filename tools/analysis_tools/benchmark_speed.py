@@ -208,7 +208,7 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
         extra['relative_error'] = _relative_error(_in_mode(eager_fn, mode, device), eager_fn, x)
     if mode == 'compiled':
         from convneur_mm.engine.compile import compile_model
-        compile_model(model, dynamic=False)  # in place: eager_fn now runs compiled
+        compile_model(model)  # as --compile, in place: eager_fn now runs compiled
     fn = _in_mode(eager_fn, mode, device)
     if mode == 'compiled':  # compile first: the window is inference's, not the compiler's
         start = time.perf_counter()

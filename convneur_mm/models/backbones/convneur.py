@@ -22,6 +22,7 @@ from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
 from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
+from ..layers.shapes import ceil_to, known_zero
 from ...utils.pretrained import load_pretrained_backbone
 
 PLACEMENTS = ('none', 'stage', 'block')
@@ -36,18 +37,16 @@ MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block')
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad bottom/right so that a stride-``multiple`` conv sees every pixel.
 
-    Always pads (maybe by zero) under torch.export and torch.compile, so that
-    an exported graph, or a compiled graph with symbolic sizes, serves every
-    input size instead of the divisibility of the traced one. The padded
-    size is written as ceil(h / m) * m, not h + (-h) % m: under symbolic
-    sizes the four stages' nested remainders made Inductor's compilation
-    3x slower (sympy), ceilings stay small."""
+    Always pads (maybe by zero) under torch.export or where a size is
+    symbolic (``torch.compile``'s dynamic shapes), so that one graph serves
+    every input size instead of the divisibility of the traced one (with
+    ``ceil_to``: under symbolic sizes the four stages' nested remainders,
+    (-h) % m, made Inductor's compilation 3x slower)."""
     h, w = x.shape[-2:]
-    pad_h = (h + multiple - 1) // multiple * multiple - h
-    pad_w = (w + multiple - 1) // multiple * multiple - w
-    if torch.compiler.is_compiling() or pad_h or pad_w:
-        return F.pad(x, (0, pad_w, 0, pad_h))
-    return x
+    pad_h, pad_w = (ceil_to(size, multiple) - size for size in (h, w))
+    if known_zero(pad_h, pad_w) and not torch.compiler.is_exporting():
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h))
 
 
 class Downsample(nn.Sequential):

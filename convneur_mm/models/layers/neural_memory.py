@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
                          momentum_decay_states)
+from .shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
 RMS_EPS = 1e-6
@@ -269,12 +270,12 @@ class NeuralMemory(nn.Module):
               always_pad: bool = False) -> Tensor:
         """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...);
         the read-outs of the C * L >= N (zero-padded) tokens, (H, B, C * L, hd).
-        Compiled, it always pads (maybe by zero): no guard on whether N is a
-        multiple of L, so one graph with symbolic sizes serves both."""
+        With a symbolic N it always pads (maybe by zero): no guard on whether
+        N is a multiple of L, so one graph serves both."""
         h, b, n, hd = queries.shape
         num_chunks = states.w1.shape[2]
         padded = num_chunks * self.chunk_size
-        if always_pad or torch.compiler.is_compiling() or padded > n:
+        if always_pad or not known_zero(padded - n):
             queries = F.pad(queries, (0, 0, 0, padded - n))
         groups = h * b * num_chunks
         out = memory_forward(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
