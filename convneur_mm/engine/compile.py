@@ -98,15 +98,11 @@ def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
             (UperNet's auxiliary heads) has each entry compiled.
         mode, backend: passed to ``torch.compile``.
         dynamic, inference_dynamic: ``torch.compile``'s ``dynamic`` with and
-            without gradients (``compile_forward``); ``inference_dynamic``
-            None means automatic dynamic shapes, but for the modes that
-            record CUDA graphs (``CUDAGRAPH_MODES``): static there.
+            without gradients (``compile_forward``).
     """
     if mode not in MODES:
         raise ValueError(f'compile mode must be one of {MODES}, got {mode!r}')
     names = compilable_parts(model, parts)
-    if inference_dynamic is None and mode in CUDAGRAPH_MODES:
-        inference_dynamic = False
     for module in part_modules(model, names):
         module.forward = compile_forward(module, mode=mode, dynamic=dynamic, backend=backend,
                                          inference_dynamic=inference_dynamic)
@@ -132,7 +128,8 @@ def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
     attribute set by an earlier call: compiling twice is refused), with
     ``dynamic`` where autograd records (training) and ``inference_dynamic``
     where it does not (validation, testing: automatic dynamic shapes by
-    default, so that evaluation's varying sizes mostly share a graph).
+    default, so that evaluation's varying sizes mostly share a graph; static
+    in the modes that record CUDA graphs, ``CUDAGRAPH_MODES``).
 
     The two keep their graphs apart (``isolate_recompiles``): each has its
     own ``recompile_limit`` (8), so a detector's training buckets and its
@@ -141,6 +138,8 @@ def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
     if 'forward' in vars(module):
         raise ValueError(f'{type(module).__name__}.forward is already replaced '
                          '(compiled twice?)')
+    if inference_dynamic is None and compile_kwargs.get('mode') in CUDAGRAPH_MODES:
+        inference_dynamic = False
     training, inference = (torch.compile(module.forward, dynamic=d, isolate_recompiles=True,
                                          **compile_kwargs)
                            for d in (dynamic, inference_dynamic))

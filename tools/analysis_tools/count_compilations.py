@@ -18,7 +18,7 @@ In evaluation ``--compile`` uses automatic dynamic shapes (a part's second
 shape compiles a graph with symbolic sizes that later shapes reuse);
 ``--static`` compiles evaluation with static shapes instead, as training is:
 one graph per shape and part, up to ``torch._dynamo.config.recompile_limit``
-(16 under ``--compile``), after which a part runs eager. The default backend, ``eager``, is
+(8), after which a part runs eager. The default backend, ``eager``, is
 Dynamo's tracing without code generation: the graphs and their guards are
 Dynamo's, it takes seconds a graph instead of minutes on a CPU;
 ``--backend inductor`` generates the code too.
