@@ -47,6 +47,8 @@ batches to a few bucket sizes (``bucket_detection_sizes``,
 ``convneur_mm.BucketPad``): 3 to 5 shapes instead of COCO's 19 to 83.
 """
 import functools
+import inspect
+import logging
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -63,6 +65,10 @@ MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagrap
 # with symbolic sizes, and without a limit (PyTorch only warns); evaluation
 # stays static in these, bounded by the recompile limit
 CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
+# torch >= 2.13 keeps a compiled function's graphs and recompile limit apart
+# from other compilations of the same code; older torch (2.11 on an H100
+# image, 2026-11-25) raises TypeError for the keyword, and compiles without it
+ISOLATE_RECOMPILES = 'isolate_recompiles' in inspect.signature(torch.compile).parameters
 
 
 def add_compile_argument(parser) -> None:
@@ -140,14 +146,28 @@ def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
                          '(compiled twice?)')
     if inference_dynamic is None and compile_kwargs.get('mode') in CUDAGRAPH_MODES:
         inference_dynamic = False
-    training, inference = (torch.compile(module.forward, dynamic=d, isolate_recompiles=True,
-                                         **compile_kwargs)
+    if ISOLATE_RECOMPILES:
+        compile_kwargs['isolate_recompiles'] = True
+    else:
+        _warn_shared_recompile_limit()
+    training, inference = (torch.compile(module.forward, dynamic=d, **compile_kwargs)
                            for d in (dynamic, inference_dynamic))
 
     @functools.wraps(module.forward)
     def forward(*args, **kwargs):
         return (training if torch.is_grad_enabled() else inference)(*args, **kwargs)
     return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_shared_recompile_limit() -> None:
+    """Once a process: without ``isolate_recompiles`` training and
+    evaluation share one recompile limit (guards on grad mode still keep their
+    graphs apart)."""
+    print_log(f'torch {torch.__version__} has no torch.compile(isolate_recompiles=...) '
+              '(torch >= 2.13): training and evaluation share one recompile limit of '
+              f'{torch._dynamo.config.recompile_limit} graphs', logger='current',
+              level=logging.WARNING)
 
 
 def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] = False,

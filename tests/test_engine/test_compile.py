@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from convneur_mm.engine import compile as compile_mod
 from convneur_mm.engine.compile import (compilable_parts, compile_model, compile_runner_model,
                                         graphs_compiled, CompilationCountHook)
 from convneur_mm.engine.launch import build_runner, load_config
@@ -157,15 +158,38 @@ def test_each_part_compiles_two_isolated_regions(monkeypatch, mode, inference_dy
     """Training (static) and evaluation (automatic dynamic shapes, but static
     where CUDA graphs are recorded: one per concrete size, unlimited) are
     separate torch.compile regions, each with its own recompile limit."""
+    calls = _record_compile_calls(monkeypatch)
+    compile_model(_tiny_backbone(), mode=mode)
+    assert [c['dynamic'] for c in calls] == [False, inference_dynamic]
+    assert all(c['isolate_recompiles'] and c['mode'] == mode for c in calls)
+
+
+def _record_compile_calls(monkeypatch) -> list:
+    """torch.compile replaced by a recorder of its keyword arguments."""
     calls = []
 
     def fake_compile(fn, **kwargs):
         calls.append(kwargs)
         return fn
     monkeypatch.setattr(torch, 'compile', fake_compile)
-    compile_model(_tiny_backbone(), mode=mode)
-    assert [c['dynamic'] for c in calls] == [False, inference_dynamic]
-    assert all(c['isolate_recompiles'] and c['mode'] == mode for c in calls)
+    return calls
+
+
+def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
+    """torch < 2.13 has no ``isolate_recompiles`` (a TypeError on the H100's
+    torch 2.11): the regions are compiled without it, and a warning says that
+    they share one recompile limit."""
+    monkeypatch.setattr(compile_mod, 'ISOLATE_RECOMPILES', False)
+    compile_mod._warn_shared_recompile_limit.cache_clear()
+    warnings = []
+    monkeypatch.setattr(compile_mod, 'print_log', lambda msg, **kwargs: warnings.append(msg))
+    calls = _record_compile_calls(monkeypatch)
+    compile_model(_tiny_backbone())
+    compile_model(_tiny_backbone())
+    assert [c['dynamic'] for c in calls] == [False, None] * 2
+    assert not any('isolate_recompiles' in c for c in calls)
+    assert len(warnings) == 1 and 'share one recompile limit' in warnings[0]
+    compile_mod._warn_shared_recompile_limit.cache_clear()
 
 
 @pytest.mark.parametrize('training', [True, False])
