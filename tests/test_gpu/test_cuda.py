@@ -31,6 +31,8 @@ from ..paths import REPO
 from ..test_engine import test_compile, test_resume
 from ..test_models.test_backbones.test_convneur import \
     test_dense_outputs_are_contiguous_for_roi_align as roi_align_check
+from ..test_models.test_backbones.test_convneur import \
+    test_stem_gradients_do_not_overflow_under_autocast as stem_check
 from ..test_models.test_layers import test_local_branch
 from ..test_models.test_layers.test_neural_memory import CASES
 from ..test_models.test_layers.test_neural_memory import \
@@ -84,6 +86,11 @@ def test_compiled_backbone_matches_eager_on_cuda(amp):
 
 def test_compiled_inference_with_symbolic_sizes_on_cuda():
     test_compile.test_compiled_inference_with_symbolic_sizes_matches_eager(device='cuda')
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_stem_gradients_do_not_overflow_under_autocast_on_cuda(dtype):
+    stem_check(dtype, device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():

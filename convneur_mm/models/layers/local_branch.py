@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor, nn
 
+from .precision import autocast_dtype
+
 
 def spatial_l2_norm(x: Tensor) -> Tensor:
     """The L2 norm over H and W of a (B, H, W, C) map, (B, 1, 1, C).
@@ -25,9 +27,7 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
     squares = (x if x.dtype == torch.bfloat16 else x.to(acc)).pow(2)
     total = squares.sum(dim=(1, 2), keepdim=True, dtype=acc)
     norm = total.clamp_min(torch.finfo(acc).tiny).sqrt()
-    device = x.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    return norm if autocast else norm.to(x.dtype)
+    return norm if autocast_dtype(x.device.type) else norm.to(x.dtype)
 
 
 class GRN(nn.Module):

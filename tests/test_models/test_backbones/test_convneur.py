@@ -227,3 +227,32 @@ def test_registered_in_our_scope():
     with DefaultScope.overwrite_default_scope('convneur_mm'):
         model = MODELS.build(dict(type='ConvNeur', arch=TINY))
     assert isinstance(model, ConvNeur)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_stem_gradients_do_not_overflow_under_autocast(dtype, device='cpu'):
+    """The stem's weight and bias gradients sum over every pixel: where that
+    sum exceeds float16's 65504 (a 1333x800 detector on an H100 did, at loss
+    scale 1) they must still be finite and match float32's, so the stem runs
+    in float32 under autocast (in float16 they were ``inf``); its output is
+    in autocast's dtype, as the first stage expects."""
+    model = _tiny(out_indices=(0, ), gap_before_final_norm=False).to(device)
+    stem = model.downsample_layers[0]
+    x = torch.randn(2, 3, 64, 96, device=device)
+    upstream = torch.randn(2, TINY['dims'][0], 16, 24, device=device) + 1
+
+    def stem_grads(dtype=None):
+        stem.zero_grad()
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = stem(x)
+        (out.float() * upstream).sum().backward()
+        return out.dtype, [p.grad.clone() for p in stem.parameters()]
+
+    upstream *= 2e5 / stem_grads()[1][1].abs().max()  # the conv's bias gradient: 2e5
+    out_dtype, want = stem_grads()
+    got_dtype, got = stem_grads(dtype)
+    assert (out_dtype, got_dtype) == (torch.float32, dtype)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        # the 16-bit upstream gradient's rounding, summed over 768 pixels
+        torch.testing.assert_close(g, w, rtol=0, atol=0.01 * w.abs().max().item())
