@@ -21,6 +21,7 @@ from convneur_mm.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
+from convneur_mm.utils.toolbox import check_toolbox
 
 
 def parse_args():
@@ -53,6 +54,7 @@ def main():
     work_dir = args.work_dir or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0], 'test')
     cfg = load_config(args.config, args.cfg_options, args.launcher, work_dir)
+    check_toolbox(cfg)  # a toolbox that cannot import: a clear error, not a deep one
     check_data_paths(cfg, ['test_dataloader'])
     cfg.load_from = args.checkpoint
     cfg.resume = False

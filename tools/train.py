@@ -19,6 +19,7 @@ from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_am
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
+from convneur_mm.utils.toolbox import check_toolbox
 
 
 def parse_args():
@@ -54,6 +55,7 @@ def main():
     check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
     print_log(tune_cpu_malloc(), logger='current')
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
+    check_toolbox(cfg)  # a toolbox that cannot import: a clear error, not a deep one
     check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])
     if args.amp:
         enable_amp(cfg, args.amp_dtype)

@@ -3,10 +3,13 @@
 Used by the smoke run, the FLOPs tool and the benchmarks; it imports the
 toolbox named by the config's ``default_scope`` only when asked to.
 """
+import importlib
 import logging
 import os.path as osp
 from contextlib import contextmanager
-from typing import Optional, Tuple
+from importlib import metadata
+from types import ModuleType
+from typing import Callable, Optional, Tuple
 
 import torch
 from mmengine.config import Config
@@ -45,13 +48,54 @@ def quiet_init():
         logger.setLevel(level)
 
 
+class ToolboxImportError(ImportError):
+    """A toolbox fails to import for a reason outside this project."""
+
+
+def _installed_version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def import_toolbox(scope: str, importer: Callable[[str], ModuleType] = importlib.import_module,
+                   version: Callable[[str], Optional[str]] = _installed_version) -> ModuleType:
+    """The toolbox's registry module, its models imported (as building a
+    model would); a clear error where a known conflict stops the toolbox from
+    importing: mmpretrain 1.2 imports its multimodal models whenever
+    transformers >= 4.28 is installed, and beside transformers 5 that import
+    fails deep inside (``TypeError: NoneType takes no arguments``; the H100
+    image's transformers 5.17, 2026-11-24)."""
+    try:
+        registry = importer(f'{scope}.registry')
+        registry.MODELS.import_from_location()
+        return registry
+    except Exception as exc:
+        transformers = version('transformers')
+        if scope == 'mmpretrain' and transformers and int(transformers.split('.')[0]) >= 5:
+            raise ToolboxImportError(
+                f'mmpretrain {version("mmpretrain")} cannot be imported beside transformers '
+                f'{transformers} ({type(exc).__name__}: {exc}): it imports its multimodal '
+                'models whenever transformers is installed, and they need transformers < 5. '
+                'Uninstall transformers or install "transformers<5" in this environment '
+                '(docs/get_started.md).') from exc
+        raise
+
+
+def check_toolbox(cfg: Config) -> None:
+    """Fail before a run starts if the config's toolbox cannot be imported."""
+    if cfg.get('default_scope') in SCOPES:
+        import_toolbox(cfg.default_scope)
+
+
 def build_model(cfg: Config, init: bool = True) -> nn.Module:
     """The config's model, built through its toolbox's registry."""
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
         raise ValueError(f'config default_scope must be one of {SCOPES}, got {scope!r}')
+    registry = import_toolbox(scope).MODELS
     init_default_scope(scope)
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     model_cfg = cfg.model.copy()
     if 'data_preprocessor' in cfg:  # top level in MMPretrain configs: as the Runner does
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
