@@ -22,7 +22,7 @@ from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
 from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
-from ..layers.precision import autocast_dtype
+from ..layers.precision import autocast_output_dtype, in_float32
 from ..layers.shapes import ceil_to, known_zero
 from ...utils.pretrained import load_pretrained_backbone
 
@@ -53,13 +53,13 @@ def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 class Downsample(nn.Sequential):
     """Strided patch conv, with an optional LayerNorm before or after it.
 
-    The stem (``norm='after'``) runs in float32 under autocast: its weight and
-    bias gradients sum over every pixel of the image (1333x800: 67k a
-    quarter-resolution map), and in float16 that sum overflowed on an H100
-    (2026-11-25: ``inf`` bias gradient at loss scale 1, so dynamic loss
-    scaling skipped every step of the COCO detector and fell below 1). A
-    3-channel conv at stride 4 costs little in float32; its output is cast
-    to autocast's dtype, so the first stage runs as before."""
+    The stem's conv (``norm='after'``) runs in float32 under autocast: its
+    weight and bias gradients sum over every pixel of the image (1333x800:
+    67k a quarter-resolution map), and in float16 that sum overflowed on an
+    H100 (2026-11-25: an ``inf`` bias gradient at loss scale 1, so dynamic
+    loss scaling skipped every step of the COCO detector and fell below 1).
+    Its output is cast to the dtype autocast would have given it, so the
+    rest runs as before; a 3-channel conv at stride 4 costs little in float32."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
         layers = [nn.Conv2d(in_channels, out_channels, stride, stride=stride)]
@@ -69,22 +69,15 @@ class Downsample(nn.Sequential):
             layers.insert(0, LayerNorm2d(in_channels, eps=1e-6))
         super().__init__(*layers)
         self.stride = stride
-        self.float32 = norm == 'after'
+        self.float32_conv = norm == 'after'
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.float32:
-            return self._downsample(x)
-        device = x.device.type
-        with torch.autocast(device_type=device, enabled=False):
-            out = self._downsample(x.to(torch.promote_types(x.dtype, torch.float32)))
-        dtype = autocast_dtype(device)
-        return out if dtype is None else out.to(dtype)
-
-    def _downsample(self, x: Tensor) -> Tensor:
         for layer in self:
-            if isinstance(layer, nn.Conv2d):
-                x = _pad_to_multiple(x, self.stride)
-            x = layer(x)
+            if not isinstance(layer, nn.Conv2d):
+                x = layer(x)
+                continue
+            x = _pad_to_multiple(x, self.stride)
+            x = in_float32(layer, x, autocast_output_dtype(x)) if self.float32_conv else layer(x)
         return x
 
 

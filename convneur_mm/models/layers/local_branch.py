@@ -27,7 +27,7 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
     squares = (x if x.dtype == torch.bfloat16 else x.to(acc)).pow(2)
     total = squares.sum(dim=(1, 2), keepdim=True, dtype=acc)
     norm = total.clamp_min(torch.finfo(acc).tiny).sqrt()
-    return norm if autocast_dtype(x.device.type) else norm.to(x.dtype)
+    return norm if autocast_dtype(x.device.type) is not None else norm.to(x.dtype)
 
 
 class GRN(nn.Module):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
                          momentum_decay_states)
+from .precision import in_float32
 from .shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
@@ -143,10 +144,7 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (B, N, d)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = self._forward(x.to(dtype))
-        return out.to(x.dtype)
+        return in_float32(self._forward, x)
 
     def _forward(self, x: Tensor, shape_generic: Optional[bool] = None) -> Tensor:
         """``shape_generic`` (default: while ``torch.export`` traces, as the

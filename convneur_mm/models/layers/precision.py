@@ -1,8 +1,10 @@
-"""Which autocast is in force: the layers that compute in float32 under it
-(GRN's norm, the stem) hand back what the rest of the network expects."""
-from typing import Optional
+"""Autocast-aware precision: which autocast is in force, and running a
+function in float32 under it (sums that 16-bit types overflow or round away).
+"""
+from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 # device types with autocast in every torch we meet: no availability query
 # for them (torch 2.11's Dynamo broke the graph at this query in GRN's norm on
@@ -19,3 +21,23 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def autocast_output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matrix product or convolution of ``x`` gives under the
+    autocast in force: autocast's, except that float64 is left alone."""
+    dtype = autocast_dtype(x.device.type)
+    return x.dtype if dtype is None or x.dtype == torch.float64 else dtype
+
+
+def in_float32(fn: Callable[[Tensor], Tensor], x: Tensor,
+               out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``fn(x)`` computed in float32 (float64 stays float64) with autocast
+    off, the result cast to ``out_dtype`` (default: ``x``'s dtype)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if autocast_dtype(x.device.type) is None:  # no context: meta has no autocast
+        out = fn(x.to(dtype))
+    else:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = fn(x.to(dtype))
+    return out.to(out_dtype or x.dtype)

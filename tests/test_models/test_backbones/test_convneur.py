@@ -231,28 +231,44 @@ def test_registered_in_our_scope():
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_stem_gradients_do_not_overflow_under_autocast(dtype, device='cpu'):
-    """The stem's weight and bias gradients sum over every pixel: where that
-    sum exceeds float16's 65504 (a 1333x800 detector on an H100 did, at loss
-    scale 1) they must still be finite and match float32's, so the stem runs
-    in float32 under autocast (in float16 they were ``inf``); its output is
-    in autocast's dtype, as the first stage expects."""
+    """The stem conv's weight and bias gradients sum over every pixel: where
+    that sum exceeds float16's 65504 (a 1333x800 detector's on an H100 did,
+    at loss scale 1) they must still be finite and match float32's, so the
+    conv runs in float32 under autocast (in float16 they were ``inf``). Its
+    output keeps the dtype autocast gives a conv, so the stem's output dtype
+    is what it was (the LayerNorm after it runs as autocast says: float32 on
+    CUDA, the input's dtype on the CPU)."""
     model = _tiny(out_indices=(0, ), gap_before_final_norm=False).to(device)
     stem = model.downsample_layers[0]
+    conv = stem[0]
     x = torch.randn(2, 3, 64, 96, device=device)
     upstream = torch.randn(2, TINY['dims'][0], 16, 24, device=device) + 1
+    conv_dtypes = []
+    conv.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
 
-    def stem_grads(dtype=None):
-        stem.zero_grad()
+    def conv_grads(dtype=None):
+        conv.zero_grad()
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = stem(x)
         (out.float() * upstream).sum().backward()
-        return out.dtype, [p.grad.clone() for p in stem.parameters()]
+        return out.dtype, [conv.weight.grad.clone(), conv.bias.grad.clone()]
 
-    upstream *= 2e5 / stem_grads()[1][1].abs().max()  # the conv's bias gradient: 2e5
-    out_dtype, want = stem_grads()
-    got_dtype, got = stem_grads(dtype)
-    assert (out_dtype, got_dtype) == (torch.float32, dtype)
+    upstream *= 2e5 / conv_grads()[1][1].abs().max()  # the conv's bias gradient: 2e5
+    _, want = conv_grads()
+    with torch.autocast(device, dtype=dtype):
+        conv_dtype, norm_dtype = conv(x).dtype, stem[1](conv(x)).dtype
+    got_dtype, got = conv_grads(dtype)
+    assert conv_dtypes[-1] == torch.float32 and got_dtype == norm_dtype  # as before
+    assert conv_dtype == dtype
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
         # the 16-bit upstream gradient's rounding, summed over 768 pixels
         torch.testing.assert_close(g, w, rtol=0, atol=0.01 * w.abs().max().item())
+
+
+def test_a_float64_stem_stays_float64_under_autocast():
+    """Autocast leaves float64 alone: so does the stem's float32 conv."""
+    model = _tiny(out_indices=(0, ), gap_before_final_norm=False).double()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 32, 32, dtype=torch.float64))[0]
+    assert out.dtype == torch.float64
