@@ -6,6 +6,7 @@ toolbox named by the config's ``default_scope`` only when asked to.
 import importlib
 import logging
 import os.path as osp
+import traceback
 from contextlib import contextmanager
 from importlib import metadata
 from types import ModuleType
@@ -73,7 +74,8 @@ def import_toolbox(scope: str, importer: Callable[[str], ModuleType] = importlib
         return registry
     except Exception as exc:
         transformers = version('transformers')
-        if scope == 'mmpretrain' and transformers and int(transformers.split('.')[0]) >= 5:
+        if (scope == 'mmpretrain' and transformers and int(transformers.split('.')[0]) >= 5
+                and _from_transformers(exc)):
             raise ToolboxImportError(
                 f'mmpretrain {version("mmpretrain")} cannot be imported beside transformers '
                 f'{transformers} ({type(exc).__name__}: {exc}): it imports its multimodal '
@@ -81,6 +83,15 @@ def import_toolbox(scope: str, importer: Callable[[str], ModuleType] = importlib
                 'Uninstall transformers or install "transformers<5" in this environment '
                 '(docs/get_started.md).') from exc
         raise
+
+
+def _from_transformers(exc: BaseException) -> bool:
+    """Whether a failed import comes from transformers: raised inside it, or
+    mmpretrain's subclassing of a transformers name it set to None when the
+    import failed (``class BlipTokenizer(BertTokenizerFast)``)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return ('NoneType takes no arguments' in str(exc)
+            or any(f'{osp.sep}transformers{osp.sep}' in frame.filename for frame in frames))
 
 
 def check_toolbox(cfg: Config) -> None:

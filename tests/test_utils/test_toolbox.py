@@ -21,10 +21,22 @@ def _versions(**installed):
 
 
 def test_mmpretrain_beside_transformers_5_says_what_to_do():
-    with pytest.raises(ToolboxImportError, match=r'transformers 5\.17\.0.*"transformers<5"') as info:
+    fix = r'transformers 5\.17\.0.*"transformers<5"'
+    with pytest.raises(ToolboxImportError, match=fix) as info:
         import_toolbox('mmpretrain', _failing_import,
                        _versions(transformers='5.17.0', mmpretrain='1.2.0'))
     assert info.value.__cause__ is DEEP and 'mmpretrain 1.2.0' in str(info.value)
+
+
+def test_an_unrelated_failure_beside_transformers_5_is_not_blamed_on_it():
+    """A broken mmcv (say) is not the transformers conflict."""
+    broken = ImportError('libcudart.so.13: cannot open shared object file')
+
+    def failing(name):
+        raise broken
+    with pytest.raises(ImportError) as info:
+        import_toolbox('mmpretrain', failing, _versions(transformers='5.17.0'))
+    assert info.value is broken
 
 
 @pytest.mark.parametrize('scope,transformers', [
@@ -51,10 +63,11 @@ def __getattr__(name):
 """
 
 
-def test_train_stops_with_the_fix_before_anything_else(tmp_path):
-    """tools/train.py on the classification demo beside a transformers 5
-    stand-in (a package and its distribution metadata): exit 1, the message
-    names the conflict and the fix, no work dir is made."""
+@pytest.mark.parametrize('tool', ['train.py', 'test.py'])
+def test_tools_stop_with_the_fix_before_anything_else(tmp_path, tool):
+    """tools/train.py and tools/test.py on the classification demo beside a
+    transformers 5 stand-in (a package and its distribution metadata): exit
+    1, the message names the conflict and the fix, no work dir is made."""
     site = tmp_path / 'site'
     package = site / 'transformers'
     for sub in ('', 'models', 'models/auto'):
@@ -67,10 +80,12 @@ def test_train_stops_with_the_fix_before_anything_else(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(site), REPO, os.environ.get('PYTHONPATH')) if p))
     work_dir = tmp_path / 'work'
+    checkpoint = tmp_path / 'epoch_1.pth'
+    checkpoint.write_bytes(b'not read: the toolbox check comes first')
     run = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'train.py'),
+        [sys.executable, osp.join(REPO, 'tools', tool),
          osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py'),
-         '--work-dir', str(work_dir)],
+         *([str(checkpoint)] if tool == 'test.py' else []), '--work-dir', str(work_dir)],
         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]
     assert 'ToolboxImportError: mmpretrain 1.2.0 cannot be imported beside transformers ' \
