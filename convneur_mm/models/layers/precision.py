@@ -1,7 +1,8 @@
 """Autocast-aware precision: which autocast is in force, and running a
 function in float32 under it (sums that 16-bit types overflow or round away).
 """
-from typing import Callable, Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor
@@ -30,14 +31,18 @@ def autocast_output_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if dtype is None or x.dtype == torch.float64 else dtype
 
 
+def autocast_off(device_type: str) -> ContextManager:
+    """A context with this device type's autocast off: none where it is off
+    already or the device type has none (``torch.autocast`` refuses ``meta``)."""
+    if autocast_dtype(device_type) is None:
+        return nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
 def in_float32(fn: Callable[[Tensor], Tensor], x: Tensor,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``fn(x)`` computed in float32 (float64 stays float64) with autocast
     off, the result cast to ``out_dtype`` (default: ``x``'s dtype)."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    if autocast_dtype(x.device.type) is None:  # no context: meta has no autocast
-        out = fn(x.to(dtype))
-    else:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = fn(x.to(dtype))
+    with autocast_off(x.device.type):
+        out = fn(x.to(torch.promote_types(x.dtype, torch.float32)))
     return out.to(out_dtype or x.dtype)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from convneur_mm.models.layers.precision import autocast_dtype
+from convneur_mm.models.layers.precision import autocast_dtype, autocast_off
 
 
 def test_none_without_autocast_and_on_devices_without_it():
@@ -23,3 +23,12 @@ def test_traced_without_graph_breaks():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         explanation = torch._dynamo.explain(cast)(torch.randn(3))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_autocast_off_turns_the_devices_autocast_off_and_accepts_meta():
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with autocast_off('cpu'):
+            assert not torch.is_autocast_enabled('cpu')
+        assert torch.is_autocast_enabled('cpu')
+    with autocast_off('meta'):  # torch.autocast refuses meta
+        pass

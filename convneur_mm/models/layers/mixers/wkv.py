@@ -26,6 +26,8 @@ tests/test_models/test_layers/test_wkv.py, to 8192 tokens.
 import torch
 from torch import Tensor
 
+from ..precision import autocast_off
+
 
 def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
     """sum_{i < t} x_i along ``dim`` (a shift, never a subtraction)."""
@@ -45,7 +47,7 @@ def bi_wkv(decay: Tensor, first: Tensor, k: Tensor, v: Tensor) -> Tensor:
                          f'{tuple(v.shape)}')
     n, out_dtype = k.shape[1], v.dtype
     dtype = torch.promote_types(v.dtype, torch.float32)
-    with torch.autocast(device_type=k.device.type, enabled=False):
+    with autocast_off(k.device.type):
         k, v = k.to(dtype), v.to(dtype)
         w, u = decay.to(dtype) / n, first.to(dtype) / n
         k = k - k.amax(dim=1, keepdim=True).detach()  # <= 0; cancels in the ratio
