@@ -34,17 +34,18 @@ TINY = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 
 def _record_dtypes(model):
     """Output dtypes of every conv / linear layer, split by whether the layer
-    is the stem's conv or inside a NeuralMemory, and of each memory's inner
-    computation and of the stem."""
+    is the stem's conv, a global branch's input projection or inside a
+    NeuralMemory, and of each memory's inner computation and of the stem."""
     seen = {'memory': set(), 'other': set(), 'inner': set(), 'memory_out': set(),
-            'stem_conv': set(), 'stem_out': set()}
+            'stem_conv': set(), 'stem_out': set(), 'proj_in': set()}
     stem = model.downsample_layers[0]
     stem.register_forward_hook(lambda m, i, o: seen['stem_out'].add(o.dtype))
     memory_layers = {id(m) for mem in model.modules() if isinstance(mem, NeuralMemory)
                      for m in mem.modules()}
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             key = ('stem_conv' if module is stem[0] else
+                   'proj_in' if name.endswith('global_branch.proj_in') else
                    'memory' if id(module) in memory_layers else 'other')
             module.register_forward_hook(lambda m, i, o, key=key: seen[key].add(o.dtype))
         if isinstance(module, NeuralMemory):
@@ -72,12 +73,14 @@ def test_amp_runs_convolutions_in_bf16_and_the_memory_in_float32():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with wrapper.optim_context(model):
         outs = model(torch.randn(2, 3, 64, 64))
-    assert seen['other'] == {torch.bfloat16}  # dwconvs, MLPs, memory in/out projections
-    assert seen['stem_conv'] == {torch.float32}  # its gradients sum over every pixel
-    assert seen['stem_out'] == {torch.bfloat16}  # cast back for the first stage
+    assert seen['other'] == {torch.bfloat16}  # dwconvs, MLPs, downsampling, proj_out
+    # float32 where float16 gradients overflowed (the COCO detector, fp16):
+    # the stem (its output too, as CUDA's float32 LayerNorm leaves it) and
+    # the global branches' input projections
+    assert seen['stem_conv'] == seen['stem_out'] == seen['proj_in'] == {torch.float32}
     assert seen['memory'] == {torch.float32}  # keys, values, queries, gates
     assert seen['inner'] == {torch.float32}
-    assert seen['memory_out'] == {torch.bfloat16}  # cast back for the projection
+    assert seen['memory_out'] == {torch.float32}  # proj_out casts it, as autocast does
     loss = sum(o.float().square().mean() for o in outs)
     wrapper.update_params(loss)
     for name, param in model.named_parameters():

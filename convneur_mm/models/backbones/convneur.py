@@ -22,7 +22,7 @@ from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
 from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
-from ..layers.precision import autocast_output_dtype, in_float32
+from ..layers.precision import in_float32
 from ..layers.shapes import ceil_to, known_zero
 from ...utils.pretrained import load_pretrained_backbone
 
@@ -53,13 +53,16 @@ def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
 class Downsample(nn.Sequential):
     """Strided patch conv, with an optional LayerNorm before or after it.
 
-    The stem's conv (``norm='after'``) runs in float32 under autocast: its
-    weight and bias gradients sum over every pixel of the image (1333x800:
-    67k a quarter-resolution map), and in float16 that sum overflowed on an
-    H100 (2026-11-25: an ``inf`` bias gradient at loss scale 1, so dynamic
-    loss scaling skipped every step of the COCO detector and fell below 1).
-    Its output is cast to the dtype autocast would have given it, so the
-    rest runs as before; a 3-channel conv at stride 4 costs little in float32."""
+    The stem's conv (``norm='after'``) runs in float32 under autocast and
+    keeps a float32 output: its weight and bias gradients sum over every
+    pixel of the image (1333x800: 67k a quarter-resolution map), and its
+    output's gradient is the stage-0 gradient times the LayerNorm's 1/sigma
+    (its output is small at init). In float16 the first overflowed on an H100
+    (2026-11-25: an ``inf`` bias gradient at loss scale 1, so dynamic loss
+    scaling skipped every step of the COCO detector and fell below 1), and
+    the second came within 1.3x of 65504 at loss scale 1. The LayerNorm runs
+    in float32 on CUDA under autocast anyway, so only the conv's dtype
+    changes there; a 3-channel conv at stride 4 costs little in float32."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
         layers = [nn.Conv2d(in_channels, out_channels, stride, stride=stride)]
@@ -77,7 +80,7 @@ class Downsample(nn.Sequential):
                 x = layer(x)
                 continue
             x = _pad_to_multiple(x, self.stride)
-            x = in_float32(layer, x, autocast_output_dtype(x)) if self.float32_conv else layer(x)
+            x = in_float32(layer, x) if self.float32_conv else layer(x)
         return x
 
 

@@ -24,13 +24,6 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def autocast_output_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a matrix product or convolution of ``x`` gives under the
-    autocast in force: autocast's, except that float64 is left alone."""
-    dtype = autocast_dtype(x.device.type)
-    return x.dtype if dtype is None or x.dtype == torch.float64 else dtype
-
-
 def autocast_off(device_type: str) -> ContextManager:
     """A context with this device type's autocast off: none where it is off
     already or the device type has none (``torch.autocast`` refuses ``meta``)."""
