@@ -16,7 +16,6 @@ from typing import List
 from mmengine.config import Config
 
 from .paths import config_dir
-from .toolbox import load_cfg
 
 ABLATION_DIR = 'ablations'
 
