@@ -140,14 +140,36 @@ def unsupported_capabilities(capabilities: Sequence[Tuple[int, int]],
     return missing
 
 
-def _builds_for(capability: Tuple[int, int]) -> List[str]:
-    """PyTorch's CUDA builds (cuXYZ) that have kernels for this GPU."""
+def torch_cuda_archs() -> List[str]:
+    """The CUDA archs (``sm_XY``) torch was compiled for, GPU or not: before
+    torch 2.13 ``torch.cuda.get_arch_list()`` is empty where no GPU is usable,
+    as on a build host (``FORCE_CUDA=1``)."""
+    import torch
+    arch_flags = getattr(torch._C, '_cuda_getArchFlags', None)
+    if torch.version.cuda is None or arch_flags is None or torch.cuda.is_available():
+        return torch.cuda.get_arch_list()
+    return (arch_flags() or '').split()
+
+
+def _builds_for(capability: Tuple[int, int], machine: Optional[str] = None) -> List[str]:
+    """PyTorch's CUDA builds (cuXYZ) that have kernels for this GPU on this
+    machine's architecture (torch's table is ``{cuda: {machine: codes}}``
+    since 2.13, ``{cuda: codes}`` for x86_64 before)."""
+    import platform
+
     import torch.cuda
+    machine = machine or platform.machine()
     cc = 10 * capability[0] + capability[1]
     releases = getattr(torch.cuda, 'PYTORCH_RELEASES_CODE_CC', {})
+
+    def codes(by_arch) -> set:
+        if isinstance(by_arch, dict):
+            return by_arch.get(machine, set())
+        return by_arch if machine == 'x86_64' else set()
+
     return ['cu' + cuda.replace('.', '') for cuda, by_arch in releases.items()
             if any(torch.cuda._code_compatible_with_device(cc, code)
-                   for code in by_arch.get('x86_64', ()))]
+                   for code in codes(by_arch))]
 
 
 def cuda_problem(info: NvidiaInfo, cuda_available: bool, torch_version: str,
@@ -360,7 +382,7 @@ def env_report() -> str:
     rows = [('python', sys.version.split()[0]), ('platform', platform.platform())]
     info = detect_nvidia()
     rows += [('torch', torch.__version__), ('torch CUDA', str(torch.version.cuda)),
-             ('torch archs', ' '.join(torch.cuda.get_arch_list()) or '-'),
+             ('torch archs', ' '.join(torch_cuda_archs()) or '-'),
              ('NVIDIA driver', info.driver or 'none')]
     available = torch.cuda.is_available()
     rows.append(('CUDA available', f'{available}' + (' (CUDA_VISIBLE_DEVICES hides the GPUs)'

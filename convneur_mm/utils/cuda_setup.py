@@ -275,12 +275,12 @@ def wanted_flavor(env: Mapping[str, str] = os.environ, info=None) -> dict:
     if env.get('TORCH_CUDA_ARCH_LIST'):
         flavor.update(archs=env['TORCH_CUDA_ARCH_LIST'], arch_source='TORCH_CUDA_ARCH_LIST')
     elif devices:
-        top = max(_codes(default_arch_list(torch.cuda.get_arch_list()))[0])
+        top = max(_codes(default_arch_list(cuda_env.torch_cuda_archs()))[0])
         caps = sorted({min(10 * a + b, top) for a, b in devices})  # as torch clamps
         flavor.update(devices=[f'{c // 10}.{c % 10}' for c in caps], arch_source='visible GPUs')
         flavor['archs'] = ';'.join(flavor['devices'])
     else:
-        flavor.update(archs=default_arch_list(torch.cuda.get_arch_list()),
+        flavor.update(archs=default_arch_list(cuda_env.torch_cuda_archs()),
                       arch_source="default: torch's archs")
     return flavor
 

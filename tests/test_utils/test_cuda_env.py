@@ -80,6 +80,41 @@ def test_gpus_older_than_the_wheel_are_named(capability, supported):
         assert 'CONVNEUR_TORCH_BUILD=cu126' in problem  # PyTorch's cu126 build has sm_70
 
 
+# torch.cuda.PYTORCH_RELEASES_CODE_CC, the table behind the fix above: keyed
+# by machine since torch 2.13, x86_64 codes only before
+RELEASES_2_11 = {'12.6': {50, 60, 70, 80, 86, 90}, '12.8': {70, 80, 86, 90, 100, 120}}
+RELEASES_2_13 = {'12.6': {'x86_64': {50, 60, 70, 75, 80, 86, 90}, 'aarch64': {80, 90}},
+                 '12.9': {'x86_64': {75, 80, 86, 90, 100, 120}, 'aarch64': {80, 90, 100, 120}}}
+
+
+@pytest.mark.parametrize('releases,machine,capability,builds', [
+    (RELEASES_2_11, 'x86_64', (7, 0), ['cu126', 'cu128']),
+    (RELEASES_2_11, 'x86_64', (6, 1), ['cu126']),  # runs sm_60 code
+    (RELEASES_2_11, 'aarch64', (7, 0), []),  # that table knows x86_64 only
+    (RELEASES_2_13, 'x86_64', (7, 0), ['cu126']),
+    (RELEASES_2_13, 'aarch64', (9, 0), ['cu126', 'cu129']),  # GH200
+    (RELEASES_2_13, 'aarch64', (7, 0), []),
+])
+def test_builds_for_a_gpu_read_either_table(monkeypatch, releases, machine, capability,
+                                            builds):
+    """torch 2.11's table (a set per CUDA version) raised AttributeError where
+    the message for a GPU older than the wheel was built."""
+    monkeypatch.setattr(torch.cuda, 'PYTORCH_RELEASES_CODE_CC', releases, raising=False)
+    assert cuda_env._builds_for(capability, machine) == builds
+
+
+def test_torch_archs_without_a_gpu(monkeypatch):
+    """Before torch 2.13 get_arch_list() is empty without a usable GPU (a
+    build host): the archs still come from torch's compiled flags."""
+    if getattr(torch._C, '_cuda_getArchFlags', None) is None or torch.version.cuda is None:
+        pytest.skip('torch without CUDA archs')
+    compiled = torch._C._cuda_getArchFlags().split()
+    assert compiled and all(a.startswith(('sm_', 'compute_')) for a in compiled)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: [])  # torch 2.11, no GPU
+    assert cuda_env.torch_cuda_archs() == compiled
+
+
 def test_mmcv_without_cuda_ops_is_named():
     assert 'compiled without its CUDA ops' in mmcv_problem('not available')
     assert mmcv_problem('13.0') is None

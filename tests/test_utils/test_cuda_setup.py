@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convneur_mm.utils import cuda_setup
-from convneur_mm.utils.cuda_env import NvidiaInfo
+from convneur_mm.utils.cuda_env import NvidiaInfo, torch_cuda_archs
 from convneur_mm.utils.cuda_setup import (SetupError, assemble_cuda_home, compiler_requirements,
                                           covers, default_arch_list, read_pins,
                                           toolkit_problems, torch_requirements, wanted_flavor)
@@ -131,7 +131,7 @@ def test_default_arch_list_avoids_the_index_error(monkeypatch):
     monkeypatch.delenv('TORCH_CUDA_ARCH_LIST', raising=False)
     with pytest.raises(IndexError):
         _get_cuda_arch_flags()
-    monkeypatch.setenv('TORCH_CUDA_ARCH_LIST', default_arch_list(torch.cuda.get_arch_list()))
+    monkeypatch.setenv('TORCH_CUDA_ARCH_LIST', default_arch_list(torch_cuda_archs()))
     flags = _get_cuda_arch_flags()
     assert '-gencode=arch=compute_75,code=sm_75' in flags
     assert '-gencode=arch=compute_120,code=compute_120' in flags  # PTX for newer GPUs
@@ -160,12 +160,18 @@ def test_when_an_installed_mmcv_serves_the_wanted_flavor(built, wanted, ok):
     assert covers(built, wanted) == ok
 
 
-def test_wanted_flavor_on_this_machine():
+@pytest.mark.parametrize('torch_2_11', [False, True], ids=['torch', 'torch-2.11-arch-list'])
+def test_wanted_flavor_on_this_machine(monkeypatch, torch_2_11):
+    """``torch_2_11``: get_arch_list() as torch < 2.13 answers without a GPU
+    (empty), which stopped FORCE_CUDA=1 with "is it a CUDA build?"."""
+    archs = torch_cuda_archs()
+    if torch_2_11:
+        monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: [])
     none = NvidiaInfo(None, [])
     assert wanted_flavor({}, none) == dict(kind='cpu', torch=metadata.version('torch'))
     forced = wanted_flavor({'FORCE_CUDA': '1'}, none)
     assert forced['kind'] == 'cuda' and forced['cuda'] == torch.version.cuda
-    assert forced['archs'] == default_arch_list(torch.cuda.get_arch_list())
+    assert forced['archs'] == default_arch_list(archs)
     assert wanted_flavor({'FORCE_CUDA': '1', 'TORCH_CUDA_ARCH_LIST': '9.0'}, none)['archs'] == '9.0'
     driver = NvidiaInfo('550.54.15', [])  # a driver torch cannot use: stop, or the CPU on request
     with pytest.raises(SetupError, match='550.54.15.*CONVNEUR_ALLOW_CPU=1'):
