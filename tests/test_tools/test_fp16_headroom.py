@@ -1,0 +1,90 @@
+"""tools/analysis_tools/fp16_headroom.py and convneur_mm/utils/fp16_headroom.py:
+the largest float16 gradients of a step, and the loss scale they allow."""
+import math
+import os.path as osp
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+from convneur_mm.utils.fp16_headroom import (Float16Gradients, cuda_layer_norm_rule,
+                                             loss_scale_bound)
+from ..paths import REPO, import_analysis_tool
+
+
+def test_loss_scale_bound():
+    assert loss_scale_bound(1.0) == 2 ** 15  # 65504 / 1 = 2**15.999
+    assert loss_scale_bound(7.64) == 2 ** 13
+    assert loss_scale_bound(65504.0) == 1
+    assert loss_scale_bound(4e4) == 1
+    assert loss_scale_bound(7e4) == loss_scale_bound(math.inf) == 0
+    assert loss_scale_bound(0.0) == math.inf
+
+
+def test_records_the_float16_gradients_of_tensors_and_parameters():
+    """Under fp16 autocast: both linear layers' outputs and GELU's are
+    float16, their gradients recorded under module:op; both linear layers'
+    parameters are float16-computed, the LayerNorm's (float32 under autocast)
+    are not. The values are the float32 gradients, to float16 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), nn.LayerNorm(4))
+    x = torch.randn(32, 8)
+    upstream = torch.randn(32, 4) * 100
+
+    def step(amp: bool):
+        model.zero_grad()
+        recorder = Float16Gradients(model)
+        with recorder.recording(), cuda_layer_norm_rule(), \
+                torch.autocast('cpu', dtype=torch.float16, enabled=amp):
+            hidden = model[:3](x)
+            out = model[3](hidden)
+        assert out.dtype == torch.float32  # the LayerNorm rule of CUDA's autocast
+        hidden.retain_grad()
+        (out * upstream).sum().backward()
+        return recorder.headroom(top=10), hidden.grad
+
+    want_params = {f'{name}': p for name, p in model.named_parameters()}
+    _, want_hidden = step(amp=False)
+    want = {name: p.grad.abs().max().item() for name, p in want_params.items()}
+    headroom, _ = step(amp=True)
+    params = dict(headroom.parameters)
+    assert set(params) == {'0.weight', '0.bias', '2.weight', '2.bias'}
+    for name, value in params.items():
+        assert value == pytest.approx(want[name], rel=1e-2)
+    tensors = dict(headroom.tensors)
+    assert {'0:linear', '1:gelu', '2:linear'} <= set(tensors)
+    assert tensors['2:linear'] == pytest.approx(want_hidden.abs().max().item(), rel=1e-2)
+    name, value = headroom.largest
+    assert value == max(max(tensors.values()), max(params.values()))
+    assert headroom.bound == loss_scale_bound(value)
+
+
+def test_nothing_is_recorded_in_float32():
+    model = nn.Linear(4, 4)
+    recorder = Float16Gradients(model)
+    with recorder.recording():
+        model(torch.randn(2, 4)).sum().backward()
+    assert recorder.headroom() == ([], []) and recorder.headroom().bound == math.inf
+
+
+def test_the_tool_on_the_classification_demo(tmp_path, capsys):
+    """The CPU stand-in on ConvNeur-M1's demo config: a bound is printed, and
+    neither the stem nor a global branch's input projection (float32 under
+    autocast since they held the COCO detector's loss scale near 1) has a
+    float16 gradient."""
+    root = str(tmp_path / 'imagenet_tiny')
+    generate_imagenet_tiny(root, train_per_class=1, val_per_class=1)
+    tool = import_analysis_tool('fp16_headroom')
+    config = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
+    assert tool.main([config, '--iters', '1', '--batch', '2', '--top', '1000', '--cfg-options',
+                      f'train_dataloader.dataset.data_root={root}']) == 0
+    out = capsys.readouterr().out
+    assert 'CPU stand-in' in out
+    bound = re.search(r'loss scale bound over 1 iteration\(s\): (\S+)', out)
+    assert bound and float(bound.group(1)) >= 1, out
+    listed = re.findall(r'^ +\S+  (\S+)$', out, re.M)
+    assert any(name.startswith('backbone.stages.0') for name in listed), out
+    assert not [name for name in listed
+                if name.startswith('backbone.downsample_layers.0') or 'proj_in' in name]
