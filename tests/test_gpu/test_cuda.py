@@ -123,7 +123,7 @@ def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
     iterations were all skipped (scale 65536 -> 16), so the 2 (then 12)
     iterations this test first ran changed nothing. With the stem and the
     global branches' input projections in float32, the CPU stand-in of
-    fp16_headroom.py bounds the backbone's scale at 4096 on this config:
+    fp16_headroom.py bounds the backbone's scale at 4096-16384 on this config:
     2**8 leaves the heads a factor of 16."""
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
                       work_dir=str(tmp_path))
