@@ -4,8 +4,9 @@
 # installs the stack into /tmp/site beside the machine's own torch and puts
 # it and the repository on PYTHONPATH. mmcv is built from its source (about
 # 5 minutes on 16 cores) unless .whl holds the parts of an earlier build
-# (mmcvcuda.part*): a build leaves its wheel in $OUT in 15 MB parts, to be
-# copied into .whl for the next call (a fresh machine each time).
+# (mmcvcuda.part*): a build leaves its wheel in $OUT in 15 MB parts and its
+# file name in mmcvcuda.name, to be copied into .whl for the next call (a
+# fresh machine each time).
 REPO=$PWD
 export PYTHONUNBUFFERED=1
 # mmpretrain 1.2 imports its multimodal models whenever the transformers
@@ -20,9 +21,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$REPO:/tmp/site
 if ! python3 -c "import mmcv.ops" 2>/dev/null; then
     if ls .whl/mmcvcuda.part* >/dev/null 2>&1; then
-        cat .whl/mmcvcuda.part* > /tmp/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl
+        # the wheel's file name (pip reads its tags from it) beside the parts
+        wheel=/tmp/$(cat .whl/mmcvcuda.name 2>/dev/null || echo mmcv-2.1.0-cp312-cp312-linux_x86_64.whl)
+        cat .whl/mmcvcuda.part* > "$wheel"
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-            /tmp/mmcv-2.1.0-cp312-cp312-linux_x86_64.whl || return 1
+            "$wheel" || return 1
     else
         start=$(date +%s)
         arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
@@ -34,7 +37,8 @@ if ! python3 -c "import mmcv.ops" 2>/dev/null; then
         echo "[device_env] mmcv built for $arch in $(( $(date +%s) - start )) s"
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
             /tmp/mmcvwheel/*.whl || return 1
-        [ -n "${OUT:-}" ] && (cd "$OUT" && split -b 15M /tmp/mmcvwheel/*.whl mmcvcuda.part)
+        [ -n "${OUT:-}" ] && (cd "$OUT" && split -b 15M /tmp/mmcvwheel/*.whl mmcvcuda.part &&
+                               basename /tmp/mmcvwheel/*.whl > mmcvcuda.name)
     fi
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
