@@ -36,6 +36,13 @@ def loss_scale_bound(largest_gradient: float) -> float:
     return 2.0 ** math.floor(math.log2(FP16_MAX / largest_gradient))
 
 
+def _magnitude(t: Tensor) -> float:
+    """max |t|; ``inf`` where any element is not finite (NaN included, which
+    would otherwise sort anywhere)."""
+    value = t.detach().abs().max().item()
+    return value if math.isfinite(value) else math.inf
+
+
 class Headroom(NamedTuple):
     """The largest float16 gradients of a step, largest first."""
     tensors: List[Tuple[str, float]]     # (module:op, max |gradient|)
@@ -86,8 +93,7 @@ class Float16Gradients:
         where = f'{self._modules[-1] if self._modules else "<top>"}:{op}'
 
         def record(grad: Tensor) -> None:
-            self.tensor_grads[where] = max(self.tensor_grads[where],
-                                           grad.detach().abs().max().item())
+            self.tensor_grads[where] = max(self.tensor_grads[where], _magnitude(grad))
 
         tensor.register_hook(record)
 
@@ -120,7 +126,7 @@ class Float16Gradients:
 
     def headroom(self, top: int = 5) -> Headroom:
         """The ``top`` largest tensor and parameter gradients (after backward)."""
-        params = {name: p.grad.detach().abs().max().item()
+        params = {name: _magnitude(p.grad)
                   for name, p in self.float16_params.items() if p.grad is not None}
 
         def largest(found: Dict[str, float]) -> List[Tuple[str, float]]:

@@ -61,6 +61,20 @@ def test_records_the_float16_gradients_of_tensors_and_parameters():
     assert headroom.bound == loss_scale_bound(value)
 
 
+def test_non_finite_gradients_come_first():
+    """An overflow (inf) or a NaN is the largest gradient, whatever else is."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    recorder = Float16Gradients(model)
+    with recorder.recording(), torch.autocast('cpu', dtype=torch.float16):
+        out = model(torch.randn(2, 4))
+    upstream = torch.ones(2, 4)
+    upstream[0, 0] = float('nan')
+    (out.float() * upstream).sum().backward()
+    headroom = recorder.headroom()
+    assert headroom.tensors[0] == ('1:linear', math.inf)
+    assert headroom.largest[1] == math.inf and headroom.bound == 0
+
+
 def test_nothing_is_recorded_in_float32():
     model = nn.Linear(4, 4)
     recorder = Float16Gradients(model)
