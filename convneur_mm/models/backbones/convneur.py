@@ -33,6 +33,7 @@ DEFAULT_INIT_CFG = [
     dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
 ]
 MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block')
+STEM_BIAS_STD = .02  # not zero: see ConvNeur._own_init
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -307,14 +308,14 @@ class ConvNeur(BaseModule):
             raise ValueError(f'init_cfg names {len(pretrained)} Pretrained checkpoints; give one')
         if not pretrained:
             super().init_weights()
-            self._reset_memories()
+            self._own_init()
             return
         original = self.init_cfg
         self.init_cfg = [c for c in entries if c not in pretrained] or copy.deepcopy(
             DEFAULT_INIT_CFG)
         super().init_weights()
         self.init_cfg = original
-        self._reset_memories()
+        self._own_init()
         cfg = pretrained[0]
         if cfg.get('checkpoint') in NO_CHECKPOINT:
             print_log('ConvNeur: no pretrained checkpoint given (init_cfg.checkpoint is '
@@ -326,9 +327,18 @@ class ConvNeur(BaseModule):
         load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
                                  strict=cfg.get('strict', True))
 
-    def _reset_memories(self) -> None:
-        """The memories' and mixers' own init (learned W_0, gate biases, a
-        zero output conv, ...) after the generic one."""
+    def _own_init(self) -> None:
+        """What follows the generic init: a random stem bias, and the
+        memories' and mixers' own init (learned W_0, gate biases, a zero
+        output conv, ...).
+
+        With the generic zero bias the stem's output is exactly zero wherever
+        the toolboxes zero-pad (mmdet to a multiple of 32, mmseg's crops), and
+        every LayerNorm and RMSNorm after it normalizes a zero vector there,
+        each multiplying the gradient by 1/sqrt(eps): at init, parameter
+        gradients of 1e14 in float32 (M4, half the input padded) and fp16
+        loss scaling that could never step (docs/cuda.md)."""
+        nn.init.trunc_normal_(self.downsample_layers[0][0].bias, std=STEM_BIAS_STD)
         for module in self.modules():
             if isinstance(module, SELF_INITIALIZED):
                 module.reset_parameters()

@@ -265,6 +265,30 @@ def test_stem_gradients_do_not_overflow_under_autocast(dtype, device='cpu'):
     assert conv_outputs[0].dtype == got_dtype == torch.float32
 
 
+@pytest.mark.parametrize('placement', ['stage', 'none'])
+def test_zero_padding_is_not_a_singular_point_at_init(placement):
+    """mmdet and mmseg zero-pad their batches. With a zero stem bias (the
+    generic init) the padded area's features are exactly zero and every
+    LayerNorm and RMSNorm after the stem multiplies the gradient there by
+    1/sqrt(eps): parameter gradients grew 1e5-fold (local-only) to 1e14-fold
+    (with the memory; M4, half the input padded). With the stem's bias drawn
+    at random, padding changes the largest gradient by a small factor."""
+    model = _tiny(out_indices=(0, 1, 2, 3), memory_placement=placement).train()
+    assert model.downsample_layers[0][0].bias.abs().max() > 0
+
+    def largest_gradient(padded: bool) -> float:
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 128, 128)
+        if padded:
+            x[:, :, 64:] = 0  # the pad value, after the data preprocessor's normalization
+        model.zero_grad()
+        outs = model(x)
+        sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+        return max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+
+    assert largest_gradient(padded=True) < 10 * largest_gradient(padded=False)
+
+
 def test_a_float64_stem_stays_float64_under_autocast():
     """Autocast leaves float64 alone: so does the stem's float32 conv."""
     model = _tiny(out_indices=(0, ), gap_before_final_norm=False).double()
