@@ -121,10 +121,13 @@ def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
     the weights updated. Dynamic loss scaling starts at 2**16 and skips each
     step whose gradients overflow: on an H100 (2026-11-24) the first 12
     iterations were all skipped (scale 65536 -> 16), so the 2 (then 12)
-    iterations this test first ran changed nothing. With the stem and the
-    global branches' input projections in float32, the CPU stand-in of
-    fp16_headroom.py bounds the backbone's scale at 4096-16384 on this config:
-    2**8 leaves the heads a factor of 16."""
+    iterations this test first ran changed nothing. The cause was found on
+    a CPU stand-in (fp16_headroom.py): zero padding met zero biases, and
+    every norm after the stem amplified the gradient there by 1/sqrt(eps).
+    With a random stem bias (and the stem and the global branches' input
+    projections in float32) the stand-in bounds the backbone's scale at
+    131072 on this config (16384 without the bias, 0 before both): 2**8
+    leaves the heads room."""
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
                       work_dir=str(tmp_path))
     on_tiny_coco(cfg, coco_tiny)
@@ -139,7 +142,7 @@ def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
     loss = runner.message_hub.get_scalar('train/loss').current()
     assert math.isfinite(loss) and loss > 0
     scale = runner.optim_wrapper.loss_scaler.get_scale()
-    assert 2**8 <= scale < 2**16  # it found its level and did not collapse
+    assert 2**8 <= scale <= 2**16  # it did not collapse (and may never overflow)
     assert {'backbone', 'neck', 'rpn_head', 'roi_head'} <= changed, f'loss scale {scale}'
     for name, param in runner.model.named_parameters():
         assert param.dtype == torch.float32 and torch.isfinite(param).all(), name
