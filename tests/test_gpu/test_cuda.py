@@ -126,8 +126,9 @@ def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
     every norm after the stem amplified the gradient there by 1/sqrt(eps).
     With a random stem bias (and the stem and the global branches' input
     projections in float32) the stand-in bounds the backbone's scale at
-    131072 on this config (16384 without the bias, 0 before both): 2**8
-    leaves the heads room."""
+    131072 on this config (16384 without the bias, 0 before both). A scale
+    of 2**10 or more after 24 iterations means at most 6 skipped steps; it
+    leaves the heads (not seen by the stand-in) a factor of 128."""
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
                       work_dir=str(tmp_path))
     on_tiny_coco(cfg, coco_tiny)
@@ -142,7 +143,7 @@ def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
     loss = runner.message_hub.get_scalar('train/loss').current()
     assert math.isfinite(loss) and loss > 0
     scale = runner.optim_wrapper.loss_scaler.get_scale()
-    assert 2**8 <= scale <= 2**16  # it did not collapse (and may never overflow)
+    assert scale >= 2**10, scale  # at most 6 of 24 steps skipped (2**16: none)
     assert {'backbone', 'neck', 'rpn_head', 'roi_head'} <= changed, f'loss scale {scale}'
     for name, param in runner.model.named_parameters():
         assert param.dtype == torch.float32 and torch.isfinite(param).all(), name

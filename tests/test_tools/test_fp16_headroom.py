@@ -62,16 +62,23 @@ def test_records_the_float16_gradients_of_tensors_and_parameters():
 
 
 def test_non_finite_gradients_come_first():
-    """An overflow (inf) or a NaN is the largest gradient, whatever else is."""
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    recorder = Float16Gradients(model)
+    """A NaN gradient ranks as inf, above a large finite one elsewhere (NaN
+    compares false with everything, so it had sorted anywhere)."""
+    branches = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+    recorder = Float16Gradients(branches)
+    x = torch.randn(2, 4)
     with recorder.recording(), torch.autocast('cpu', dtype=torch.float16):
-        out = model(torch.randn(2, 4))
-    upstream = torch.ones(2, 4)
-    upstream[0, 0] = float('nan')
-    (out.float() * upstream).sum().backward()
+        outs = [branch(x) for branch in branches]
+    nan_upstream = torch.ones(2, 4)
+    nan_upstream[0, 0] = float('nan')
+    ((outs[0].float() * nan_upstream).sum() + (outs[1].float() * 1e3).sum()).backward()
     headroom = recorder.headroom()
-    assert headroom.tensors[0] == ('1:linear', math.inf)
+    tensors, params = dict(headroom.tensors), dict(headroom.parameters)
+    assert set(tensors) == {'0:linear', '1:linear'}
+    assert tensors['1:linear'] == pytest.approx(1e3)  # finite, and large
+    assert headroom.tensors[0] == ('0:linear', math.inf)
+    assert headroom.parameters[0][1] == math.inf and headroom.parameters[0][0].startswith('0.')
+    assert math.isfinite(params['1.weight']) and params['1.weight'] > 1
     assert headroom.largest[1] == math.inf and headroom.bound == 0
 
 

@@ -57,11 +57,12 @@ class Downsample(nn.Sequential):
     The stem's conv (``norm='after'``) runs in float32 under autocast and
     keeps a float32 output: its weight and bias gradients sum over every
     pixel of the image (1333x800: 67k a quarter-resolution map), and its
-    output's gradient is the stage-0 gradient times the LayerNorm's 1/sigma
-    (its output is small at init). In float16 the first overflowed on an H100
-    (2026-11-25: an ``inf`` bias gradient at loss scale 1, so dynamic loss
-    scaling skipped every step of the COCO detector and fell below 1), and
-    the second came within 1.3x of 65504 at loss scale 1. The LayerNorm runs
+    output's gradient is the stage-0 gradient times the LayerNorm's 1/sigma.
+    In float16 the bias gradient was ``inf`` at loss scale 1 on an H100
+    (2026-11-25: dynamic loss scaling skipped every step of the COCO detector
+    and fell below 1), and a CPU stand-in found the output's gradient ``inf``
+    too, at the zero-padded pixels (see ``ConvNeur._own_init``, the cause,
+    and docs/cuda.md). The LayerNorm runs
     in float32 on CUDA under autocast anyway, so only the conv's dtype
     changes there; a 3-channel conv at stride 4 costs little in float32."""
 
@@ -336,8 +337,8 @@ class ConvNeur(BaseModule):
         the toolboxes zero-pad (mmdet to a multiple of 32, mmseg's crops), and
         every LayerNorm and RMSNorm after it normalizes a zero vector there,
         each multiplying the gradient by 1/sqrt(eps): at init, parameter
-        gradients of 1e14 in float32 (M4, half the input padded) and fp16
-        loss scaling that could never step (docs/cuda.md)."""
+        gradients of 2e14 in float32 (M4, half the input padded; 1.5 without
+        padding) and fp16 loss scaling that could never step (docs/cuda.md)."""
         nn.init.trunc_normal_(self.downsample_layers[0][0].bias, std=STEM_BIAS_STD)
         for module in self.modules():
             if isinstance(module, SELF_INITIALIZED):

@@ -261,7 +261,8 @@ def test_stem_gradients_do_not_overflow_under_autocast(dtype, device='cpu'):
     got_dtype, got = stem_grads(dtype)
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
-        torch.testing.assert_close(g, w)
+        # float32 both ways; cuDNN may pick other (atomic) kernels on a GPU
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
     assert conv_outputs[0].dtype == got_dtype == torch.float32
 
 
@@ -270,9 +271,10 @@ def test_zero_padding_is_not_a_singular_point_at_init(placement):
     """mmdet and mmseg zero-pad their batches. With a zero stem bias (the
     generic init) the padded area's features are exactly zero and every
     LayerNorm and RMSNorm after the stem multiplies the gradient there by
-    1/sqrt(eps): parameter gradients grew 1e5-fold (local-only) to 1e14-fold
-    (with the memory; M4, half the input padded). With the stem's bias drawn
-    at random, padding changes the largest gradient by a small factor."""
+    1/sqrt(eps): M4's largest parameter gradient grew from 1.5 to 2e14 with
+    half its input padded (this tiny one's, local-only, from 967 to 6.8e8).
+    With the stem's bias drawn at random, padding changes the largest
+    gradient by a small factor."""
     model = _tiny(out_indices=(0, 1, 2, 3), memory_placement=placement).train()
     assert model.downsample_layers[0][0].bias.abs().max() > 0
 
