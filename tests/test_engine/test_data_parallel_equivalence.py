@@ -90,7 +90,9 @@ class Case(NamedTuple):
 #   1.3e-5 for the worst tensor (a BN running mean): float rounding. BN over the
 #   batch is exact with CpuSyncBatchNorm, and the loss is a mean over the same
 #   number of pixels (the padded 128x128 crop) per image. The control run
-#   without SyncBN is off by 6e-4 .. 4e-3 in the losses (> 100x loss_tol).
+#   without SyncBN is off by 6e-4 .. 4e-3 in the losses; after the stem's
+#   bias became random (an init change), by 9e-5 .. 4.3e-4 (the synced run:
+#   1e-7). It must miss loss_tol by 10x.
 # * detector, 2 iterations: losses 1.9e-5, 4.3e-5; updates 9.5e-3 overall,
 #   1.8e-2 for the worst backbone tensor, up to 0.35 for a mask-head tensor.
 #   Two effects, both measured: (1) RPN and box losses are means over a fixed
@@ -257,7 +259,7 @@ def test_two_processes_with_one_image_match_one_process_with_two(case, tmp_path,
         unsynced = [sum(r['unsynced_losses'][i] for r in ranks) / WORLD for i in range(iters)]
         unsynced_errors = [abs(a - b) / abs(b) for a, b in zip(unsynced, ref_losses)]
         print(f'{case}: without SyncBN: relative errors {unsynced_errors}')
-        assert max(unsynced_errors) > 100 * spec.loss_tol, unsynced_errors
+        assert max(unsynced_errors) > 10 * spec.loss_tol, unsynced_errors
     # the losses moved: the later iterations test the updates, not only the start
     assert len(set(ref_losses)) == iters, ref_losses
 
