@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..models.layers.precision import autocast_off
+
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FLOAT16_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -144,7 +146,7 @@ def cuda_layer_norm_rule() -> Iterator[None]:
 
     def float32_layer_norm(x: Tensor, *args, **kwargs) -> Tensor:
         if x.dtype == torch.float16 and torch.is_autocast_enabled('cpu'):
-            with torch.autocast('cpu', enabled=False):
+            with autocast_off('cpu'):
                 args = [a.float() if isinstance(a, Tensor) else a for a in args]
                 return layer_norm(x.float(), *args, **kwargs)
         return layer_norm(x, *args, **kwargs)

@@ -62,9 +62,9 @@ class Downsample(nn.Sequential):
     (2026-11-25: dynamic loss scaling skipped every step of the COCO detector
     and fell below 1), and a CPU stand-in found the output's gradient ``inf``
     too, at the zero-padded pixels (see ``ConvNeur._own_init``, the cause,
-    and docs/cuda.md). The LayerNorm runs
-    in float32 on CUDA under autocast anyway, so only the conv's dtype
-    changes there; a 3-channel conv at stride 4 costs little in float32."""
+    and docs/cuda.md). The LayerNorm runs in float32 on CUDA under autocast
+    anyway, so only the conv's dtype changes there; a 3-channel conv at
+    stride 4 costs little in float32."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
         layers = [nn.Conv2d(in_channels, out_channels, stride, stride=stride)]

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 # device types with autocast in every torch we meet: no availability query
-# for them (torch 2.11's Dynamo broke the graph at this query in GRN's norm on
-# an H100, 2026-11-25; which of its calls it could not trace is not
-# established, and torch 2.13 traces them all)
+# for them (torch 2.11's Dynamo cannot trace `torch._C._is_autocast_available`
+# and broke the graph there, in GRN's norm: on an H100, then reproduced on a
+# CPU, 2026-11-25; torch 2.13 traces it)
 ALWAYS_AUTOCAST = ('cpu', 'cuda')
 
 
