@@ -12,6 +12,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 * the stem's and the global branch's input projection's gradients under
   fp16 and bf16 autocast, where float16 would overflow
   (test_convneur.py, tests/test_models/test_layers/test_global_branch.py);
+* a model cast to 16 bits (``.half()``, ``.bfloat16()``) without autocast
+  (test_global_mixers.py);
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
 * a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
@@ -36,6 +38,8 @@ from ..test_models.test_backbones.test_convneur import \
     test_dense_outputs_are_contiguous_for_roi_align as roi_align_check
 from ..test_models.test_backbones.test_convneur import \
     test_stem_gradients_do_not_overflow_under_autocast as stem_check
+from ..test_models.test_backbones.test_global_mixers import \
+    test_a_model_cast_to_16_bits_runs_and_trains as cast_check
 from ..test_models.test_layers import test_local_branch
 from ..test_models.test_layers.test_global_branch import \
     test_input_projection_gradients_do_not_overflow_under_autocast as proj_in_check
@@ -102,6 +106,13 @@ def test_stem_gradients_do_not_overflow_under_autocast_on_cuda(dtype):
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_input_projection_gradients_do_not_overflow_under_autocast_on_cuda(mixer, dtype):
     proj_in_check(mixer, dtype, device='cuda')
+
+
+@pytest.mark.parametrize('mixer', ['memory', 'attention', 'rwkv'])
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)],
+                         ids=['half', 'bfloat16'])
+def test_a_model_cast_to_16_bits_runs_and_trains_on_cuda(mixer, dtype, tol):
+    cast_check(mixer, dtype, tol, device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():

@@ -22,7 +22,7 @@ from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
 from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
-from ..layers.precision import in_float32
+from ..layers.precision import Float32Conv2d, in_float32
 from ..layers.shapes import ceil_to, known_zero
 from ...utils.pretrained import load_pretrained_backbone
 
@@ -67,14 +67,14 @@ class Downsample(nn.Sequential):
     stride 4 costs little in float32."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
-        layers = [nn.Conv2d(in_channels, out_channels, stride, stride=stride)]
         if norm == 'after':  # the stem
-            layers.append(LayerNorm2d(out_channels, eps=1e-6))
+            layers = [Float32Conv2d(in_channels, out_channels, stride, stride=stride),
+                      LayerNorm2d(out_channels, eps=1e-6)]
         else:
-            layers.insert(0, LayerNorm2d(in_channels, eps=1e-6))
+            layers = [LayerNorm2d(in_channels, eps=1e-6),
+                      nn.Conv2d(in_channels, out_channels, stride, stride=stride)]
         super().__init__(*layers)
         self.stride = stride
-        self.float32_conv = norm == 'after'
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self:
@@ -82,7 +82,7 @@ class Downsample(nn.Sequential):
                 x = layer(x)
                 continue
             x = _pad_to_multiple(x, self.stride)
-            x = in_float32(layer, x) if self.float32_conv else layer(x)
+            x = in_float32(layer, x) if isinstance(layer, Float32Conv2d) else layer(x)
         return x
 
 

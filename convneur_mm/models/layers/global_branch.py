@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .mixers import MIXERS, GlobalSelfAttention, build_mixer, resolve_mixer_cfg
-from .precision import in_float32
+from .precision import Float32Conv2d, autocast_dtype, in_float32
 
 __all__ = ['GlobalBranch', 'GlobalSelfAttention', 'MIXERS']
 
@@ -33,7 +33,7 @@ class GlobalBranch(nn.Module):
                  mixer_cfg: Optional[dict] = None, **memory_cfg):
         super().__init__()
         mixer_cfg = resolve_mixer_cfg(mixer, mixer_cfg)  # a clear error first
-        self.proj_in = nn.Conv2d(channels, memory_dim, 1)
+        self.proj_in = Float32Conv2d(channels, memory_dim, 1)
         # under the mixer's own name: 'memory', 'attention', ... (state-dict keys)
         self.add_module(MIXERS[mixer].attribute,
                         build_mixer(mixer, memory_dim, memory_cfg, mixer_cfg))
@@ -44,8 +44,10 @@ class GlobalBranch(nn.Module):
         # float32 under autocast: the memory computes in float32 anyway, and
         # this projection's bias gradient, a sum over every token of
         # gradients the memory's RMSNorms scale by 1/rms, was the network's
-        # largest in float16 (4e3 at loss scale 1 on the COCO detector)
-        mixed = in_float32(self.proj_in, x, torch.promote_types(x.dtype, torch.float32))
+        # largest in float16 (4e3 at loss scale 1 on the COCO detector). A
+        # model cast to 16 bits (no autocast) keeps its dtype between layers.
+        wide = torch.promote_types(x.dtype, torch.float32)
+        mixed = in_float32(self.proj_in, x, wide if autocast_dtype(x.device.type) else x.dtype)
         spec = MIXERS[self.mixer]
         mixer = getattr(self, spec.attribute)
         if spec.tokens:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
                          momentum_decay_states)
-from .precision import in_float32
+from .precision import KeepsFloat32, in_float32
 from .shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
@@ -45,7 +45,7 @@ class AttentionPool(nn.Module):
         return (chunks * attn).sum(dim=-2)
 
 
-class NeuralMemory(nn.Module):
+class NeuralMemory(KeepsFloat32, nn.Module):
     """Neural memory on a (B, N, d) token sequence, one state per image.
 
     Args:

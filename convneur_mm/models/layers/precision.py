@@ -1,11 +1,12 @@
-"""Autocast-aware precision: which autocast is in force, and running a
-function in float32 under it (sums that 16-bit types overflow or round away).
+"""Autocast-aware precision: which autocast is in force, running a function
+in float32 under it (sums that 16-bit types overflow or round away), and the
+modules that keep float32 weights when the model is cast to 16 bits.
 """
 from contextlib import nullcontext
 from typing import Callable, ContextManager, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # device types with autocast in every torch we meet: no availability query
 # for them (torch 2.11's Dynamo cannot trace `torch._C._is_autocast_available`
@@ -39,3 +40,54 @@ def in_float32(fn: Callable[[Tensor], Tensor], x: Tensor,
     with autocast_off(x.device.type):
         out = fn(x.to(torch.promote_types(x.dtype, torch.float32)))
     return out.to(out_dtype or x.dtype)
+
+
+class KeepsFloat32:
+    """Mixin for a module that computes in float32 (``in_float32``): casting
+    the model to 16 bits (``.half()``, ``.bfloat16()``, ``.to(torch.float16)``)
+    leaves its floating parameters, gradients and buffers float32, as
+    autocast would run them, so that a 16-bit model runs (inputs are cast to
+    float32 on the way in, outputs back on the way out) instead of failing
+    with a dtype mismatch in float32 maths on 16-bit weights. Casts to float64
+    and moves between devices apply as usual."""
+
+    def _apply(self, fn, recurse=True):
+        # the float32 originals, re-placed after the cast (not cast back from
+        # 16 bits, which would round them)
+        wide = {(id(module), key): (t.detach(), _detached(t.grad))
+                for module in self.modules() for key, t in _floating(module)
+                if t.dtype.itemsize >= 4}
+        super()._apply(fn, recurse)
+        for module in self.modules():
+            for key, t in _floating(module):
+                if (id(module), key) in wide and t.dtype.itemsize < 4:
+                    _restore(module, key, *wide[id(module), key])
+        return self
+
+
+def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach()
+
+
+def _floating(module: nn.Module):
+    """(key, tensor) for the module's own floating parameters and buffers."""
+    for key, t in (*module._parameters.items(), *module._buffers.items()):
+        if t is not None and t.is_floating_point():
+            yield key, t
+
+
+def _restore(module: nn.Module, key: str, original: Tensor, grad: Optional[Tensor]) -> None:
+    """Put the float32 ``original`` back, on the device the cast moved it to."""
+    if key not in module._parameters:
+        module._buffers[key] = original.to(module._buffers[key].device)
+        return
+    param = module._parameters[key]
+    param.data = original.to(param.device)
+    if grad is not None:
+        param.grad = grad.to(param.device)
+
+
+class Float32Conv2d(KeepsFloat32, nn.Conv2d):
+    """A Conv2d that its caller runs in float32 (``in_float32``): the stem's
+    conv, a global branch's input projection. Its weights stay float32 when
+    the model is cast to 16 bits."""

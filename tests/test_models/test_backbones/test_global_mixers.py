@@ -86,6 +86,32 @@ def test_bf16_autocast_trains_close_to_float32(mixer):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize('mixer', list(MIXERS))
+@pytest.mark.parametrize('dtype,tol', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)],
+                         ids=['half', 'bfloat16'])
+def test_a_model_cast_to_16_bits_runs_and_trains(mixer, dtype, tol, device='cpu'):
+    """``model.half()`` / ``.bfloat16()`` without autocast (16-bit inference):
+    the float32 pieces (stem conv, input projection, memory) keep float32
+    weights and cast at their borders; the rest runs in the model's dtype.
+    It crashed with a dtype mismatch in the stem before 2026-11-25."""
+    model = _perturb(_tiny(mixer)).to(device)
+    x = torch.randn(2, 3, 64, 48, device=device)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    model.to(dtype)
+    with torch.no_grad():
+        outs = model(x.to(dtype))
+    for out, ref in zip(outs, reference):
+        assert out.dtype == dtype
+        err = (out.float() - ref).abs().max() / ref.abs().max()
+        assert err < tol, err
+    outs = model.train()(x.to(dtype))
+    sum(o.float().square().mean() for o in outs).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype, name
+        assert torch.isfinite(p.grad).all(), name
+
+
 def _two_ddp_steps(rank, world_size, mixer):
     size = (32, 32) if rank == 0 else (48, 32)  # ranks see different token counts
     return ddp_sgd_steps(_tiny(mixer), rank, size)
