@@ -10,6 +10,9 @@ layers work over gloo.
 On any machine it also resumes exactly (``convneur_mm.engine.resume``): every
 checkpoint carries the random generators' states, and a run resumed in the
 middle of an epoch skips the batches already trained instead of repeating them.
+And it removes an old checkpoint only after the new one is written
+(``convneur_mm.engine.checkpoint_hook``), so a run killed while writing one
+can always resume.
 """
 import copy
 import datetime
@@ -19,12 +22,14 @@ import subprocess
 import torch
 import torch.distributed as dist
 from mmengine.dist import is_distributed
-from mmengine.registry import LOOPS, MODEL_WRAPPERS
+from mmengine.hooks import CheckpointHook
+from mmengine.registry import HOOKS, LOOPS, MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, Runner
 from mmengine.model.utils import convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.registry import RUNNERS
+from .checkpoint_hook import SafeCheckpointHook
 from .cpu_sync_bn import convert_to_cpu_sync_bn
 from .resume import RESUMABLE_LOOPS, RngStateHook, gather_rng_states
 
@@ -77,6 +82,15 @@ class ConvNeurRunner(Runner):
     def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
         super().register_hooks(default_hooks, custom_hooks)
         self.register_hook(RngStateHook())
+
+    def register_hook(self, hook, priority=None) -> None:
+        """MMEngine's ``CheckpointHook`` (exactly, by config) is built as
+        ``SafeCheckpointHook``."""
+        if isinstance(hook, dict):
+            kind = hook.get('type')
+            if (HOOKS.get(kind) if isinstance(kind, str) else kind) is CheckpointHook:
+                hook = {**hook, 'type': SafeCheckpointHook}
+        super().register_hook(hook, priority)
 
     def build_train_loop(self, loop):
         """MMEngine's epoch- and iteration-based loops become their resumable

@@ -1,0 +1,72 @@
+"""Checkpoints removed only after their successor is written.
+
+MMEngine 0.10.7's ``CheckpointHook`` removes the checkpoint that
+``max_keep_ckpts`` pushes out, and the previous best one (``save_best``),
+*before* it writes the new one. A run killed while writing (the minutes a
+large checkpoint takes, on a busy shared file system) loses both: with
+``max_keep_ckpts=1`` nothing is left to resume from, and ``last_checkpoint``
+names a removed file. ``SafeCheckpointHook`` runs MMEngine's own logic with
+the removals held back until the new checkpoint and ``last_checkpoint`` are
+written; a save that raises removes nothing. The cost is disk space for one
+more checkpoint while one is written.
+
+``ConvNeurRunner`` builds it wherever a config asks for MMEngine's
+``CheckpointHook`` (subclasses of it are built as configured).
+"""
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Tuple
+
+from mmengine.hooks import CheckpointHook
+
+
+class _DeferredRemovals:
+    """A file backend whose ``remove`` and ``rmtree`` wait for ``flush``."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.pending: List[Tuple[Callable[[str], None], str]] = []
+
+    def remove(self, path: str) -> None:
+        self.pending.append((self.backend.remove, path))
+
+    def rmtree(self, path: str) -> None:
+        self.pending.append((self.backend.rmtree, path))
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def flush(self, keep: set) -> None:
+        """Remove what was asked, except a path written since (a name reused)."""
+        for remove, path in self.pending:
+            if path not in keep:
+                remove(path)
+
+
+class SafeCheckpointHook(CheckpointHook):
+    """MMEngine's ``CheckpointHook``, removing old checkpoints only after the
+    new one is written."""
+
+    @contextmanager
+    def _removals_last(self) -> Iterator[None]:
+        if isinstance(self.file_backend, _DeferredRemovals):  # nested: the outer call removes
+            yield
+            return
+        backend = self.file_backend
+        self.file_backend = deferred = _DeferredRemovals(backend)
+        try:
+            yield
+        finally:
+            self.file_backend = backend
+        deferred.flush(keep=self._current_paths())  # not reached if the save raised
+
+    def _current_paths(self) -> set:
+        best = getattr(self, 'best_ckpt_path_dict', None) or {}
+        return {self.last_ckpt, getattr(self, 'best_ckpt_path', None), *best.values()}
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        with self._removals_last():
+            super()._save_checkpoint_with_step(runner, step, meta)
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        with self._removals_last():
+            super()._save_best_checkpoint(runner, metrics)

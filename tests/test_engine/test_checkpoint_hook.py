@@ -1,0 +1,127 @@
+"""SafeCheckpointHook: a run that dies while writing a checkpoint keeps the
+one before it (MMEngine's CheckpointHook has removed it by then, measured
+below as the control), and old checkpoints are still removed after a save."""
+import os.path as osp
+import time
+
+import pytest
+import torch
+from mmengine.dataset import default_collate
+from mmengine.evaluator import BaseMetric
+from mmengine.hooks import CheckpointHook
+from mmengine.runner import Runner
+
+from convneur_mm.engine.checkpoint_hook import SafeCheckpointHook
+from convneur_mm.engine.launch import build_runner, load_config
+from convneur_mm.engine.runner import ConvNeurRunner
+from ..paths import REPO
+from .test_resume import NoisyData, NoisyModel
+
+
+class ToyModel(NoisyModel):
+    def forward(self, inputs, labels=None, mode='loss'):
+        loss = super().forward(inputs, labels)
+        return loss if mode == 'loss' else [loss['loss']]
+
+
+class RisingScore(BaseMetric):
+    """Every evaluation is a new best: each one replaces the best checkpoint."""
+    default_prefix = 'toy'
+
+    def __init__(self):
+        super().__init__()
+        self.evaluations = 0
+
+    def process(self, data_batch, data_samples):
+        self.results.append(0)
+
+    def compute_metrics(self, results):
+        self.evaluations += 1
+        return dict(score=float(self.evaluations))
+
+
+def _dies_writing(runner_cls, nth: int, prefix: str):
+    """``runner_cls`` whose ``nth`` save of a file named ``prefix...`` writes
+    part of the file and raises, as a run killed while writing would stop."""
+
+    class DiesWriting(runner_cls):
+        saves = 0
+
+        def save_checkpoint(self, out_dir, filename, *args, **kwargs):
+            if filename.startswith(prefix):
+                self.saves += 1
+                if self.saves == nth:
+                    with open(osp.join(out_dir, filename), 'wb') as f:
+                        f.write(b'PK\x03\x04 the first bytes of a zip archive')
+                    raise RuntimeError('killed while writing a checkpoint')
+            super().save_checkpoint(out_dir, filename, *args, **kwargs)
+
+    return DiesWriting
+
+
+def _toy_run(runner_cls, work_dir, resume=False, **checkpoint):
+    data = dict(dataset=NoisyData(), batch_size=2, collate_fn=default_collate,
+                sampler=dict(type='InfiniteSampler', shuffle=True))
+    runner = runner_cls(
+        model=ToyModel(), work_dir=str(work_dir), experiment_name=f'run_{time.time()}',
+        train_dataloader=data, optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        train_cfg=dict(by_epoch=False, max_iters=18, val_interval=3),
+        val_dataloader={**data, 'sampler': dict(type='DefaultSampler', shuffle=False)},
+        val_cfg=dict(), val_evaluator=[RisingScore()],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False,
+                                           **checkpoint)),
+        randomness=dict(seed=0), resume=resume, default_scope='mmengine')
+    runner.train()
+    return runner
+
+
+def _files(work_dir):
+    return sorted(osp.basename(p) for p in map(str, work_dir.glob('*.pth')))
+
+
+def _last_checkpoint(work_dir):
+    return osp.basename((work_dir / 'last_checkpoint').read_text().strip())
+
+
+@pytest.mark.parametrize('runner_cls,kept', [(ConvNeurRunner, True), (Runner, False)],
+                         ids=['ours', 'mmengine'])
+def test_dying_while_writing_keeps_the_last_checkpoint(tmp_path, runner_cls, kept):
+    """max_keep_ckpts=1, killed while writing the second checkpoint."""
+    with pytest.raises(RuntimeError, match='killed while writing'):
+        _toy_run(_dies_writing(runner_cls, 2, 'iter_'), tmp_path, max_keep_ckpts=1)
+    assert _last_checkpoint(tmp_path) == 'iter_3.pth'
+    assert osp.isfile(tmp_path / 'iter_3.pth') == kept
+    if not kept:  # MMEngine removed it before writing iter_6.pth
+        return
+    assert torch.load(tmp_path / 'iter_3.pth', weights_only=False)['meta']['iter'] == 3
+    resumed = _toy_run(ConvNeurRunner, tmp_path, resume=True, max_keep_ckpts=1)
+    assert resumed.iter == 18
+    assert _files(tmp_path) == ['iter_18.pth']
+
+
+@pytest.mark.parametrize('runner_cls,kept', [(ConvNeurRunner, True), (Runner, False)],
+                         ids=['ours', 'mmengine'])
+def test_dying_while_writing_the_best_keeps_the_previous_best(tmp_path, runner_cls, kept):
+    with pytest.raises(RuntimeError, match='killed while writing'):
+        _toy_run(_dies_writing(runner_cls, 2, 'best_'), tmp_path, save_best='toy/score',
+                 rule='greater')
+    assert osp.isfile(tmp_path / 'best_toy_score_iter_3.pth') == kept
+
+
+def test_old_checkpoints_are_removed_after_each_save(tmp_path):
+    runner = _toy_run(ConvNeurRunner, tmp_path, max_keep_ckpts=2, save_best='toy/score',
+                      rule='greater')
+    assert SafeCheckpointHook in [type(h) for h in runner._hooks]
+    assert _files(tmp_path) == ['best_toy_score_iter_18.pth', 'iter_15.pth', 'iter_18.pth']
+    assert _last_checkpoint(tmp_path) == 'iter_18.pth'
+
+
+@pytest.mark.parametrize('config', ['cascade_rcnn_convneur_m3_coco_tiny.py',
+                                    'fpn_convneur_m2_ade20k_tiny.py',
+                                    'cls_convneur_m1_imagenet_tiny.py'])
+def test_every_toolbox_config_gets_it(tmp_path, config):
+    """Their CheckpointHook is named in mmdet's, mmseg's, mmpretrain's scope."""
+    cfg = load_config(osp.join(REPO, 'configs', 'demo', config))
+    cfg.work_dir = str(tmp_path)
+    hooks = [type(h) for h in build_runner(cfg)._hooks]
+    assert SafeCheckpointHook in hooks and CheckpointHook not in hooks
