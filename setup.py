@@ -27,6 +27,8 @@ from setuptools.command.develop import develop
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = 'convneur_mm'
 MIM_ITEMS = ('configs', 'tools', 'model-index.yml')
+# the repository's own development scripts (GPU-machine helpers): not for MIM users
+DEV_ONLY = (os.path.join('tools', 'dev'), )
 
 
 def _remove(path: str) -> None:
@@ -37,9 +39,15 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
+def _ignored(directory: str, names: list) -> set:
+    rel = os.path.relpath(directory, HERE)
+    return ({n for n in names if os.path.join(rel, n) in DEV_ONLY}
+            | set(shutil.ignore_patterns('__pycache__', '*.pyc')(directory, names)))
+
+
 def _copy(src: str, dst: str) -> None:
     if os.path.isdir(src):
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+        shutil.copytree(src, dst, ignore=_ignored)
     else:
         shutil.copy2(src, dst)
 
