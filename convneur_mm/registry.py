@@ -7,6 +7,7 @@ when it meets the scope prefix, and ``locations`` makes each registry import
 the modules that register into it. No toolbox is imported here.
 """
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_CONSTRUCTORS
 from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import RUNNERS as MMENGINE_RUNNERS
 from mmengine.registry import Registry
@@ -16,6 +17,9 @@ MODELS = Registry(
     locations=['convneur_mm.models'])
 OPTIM_WRAPPERS = Registry(
     'optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS, scope='convneur_mm',
+    locations=['convneur_mm.engine'])
+OPTIM_WRAPPER_CONSTRUCTORS = Registry(
+    'optimizer wrapper constructor', parent=MMENGINE_CONSTRUCTORS, scope='convneur_mm',
     locations=['convneur_mm.engine'])
 RUNNERS = Registry(
     'runner', parent=MMENGINE_RUNNERS, scope='convneur_mm',

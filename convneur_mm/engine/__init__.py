@@ -1,7 +1,10 @@
-"""Training-engine pieces: CPU-capable distributed runner, gloo SyncBN, CPU AMP."""
+"""Training-engine pieces: CPU-capable distributed runner, gloo SyncBN, CPU AMP,
+layer-wise learning-rate decay."""
 from .cpu_sync_bn import CpuSyncBatchNorm, convert_to_cpu_sync_bn
+from .layer_decay import LayerDecayOptimWrapperConstructor
 from .optim_wrapper import CpuAmpOptimWrapper
 from .runner import ConvNeurRunner, init_cpu_process_group, wrap_cpu_ddp
 
 __all__ = ['CpuSyncBatchNorm', 'convert_to_cpu_sync_bn', 'CpuAmpOptimWrapper',
+           'LayerDecayOptimWrapperConstructor',
            'ConvNeurRunner', 'init_cpu_process_group', 'wrap_cpu_ddp']
