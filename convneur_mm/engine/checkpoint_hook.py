@@ -1,22 +1,42 @@
-"""Checkpoints removed only after their successor is written.
+"""Checkpoints that survive a run killed while writing one.
 
-MMEngine 0.10.7's ``CheckpointHook`` removes the checkpoint that
-``max_keep_ckpts`` pushes out, and the previous best one (``save_best``),
-*before* it writes the new one. A run killed while writing (the minutes a
-large checkpoint takes, on a busy shared file system) loses both: with
-``max_keep_ckpts=1`` nothing is left to resume from, and ``last_checkpoint``
-names a removed file. ``SafeCheckpointHook`` runs MMEngine's own logic with
-the removals held back until the new checkpoint and ``last_checkpoint`` are
-written; a save that raises removes nothing. The cost is disk space for one
-more checkpoint while one is written.
+MMEngine 0.10.7 writes a checkpoint in place (``open(path, 'wb')``), and its
+``CheckpointHook`` removes the checkpoint that ``max_keep_ckpts`` pushes out,
+and the previous best one (``save_best``), *before* it writes the new one. A
+run killed while writing (the minutes a large checkpoint takes on a busy
+shared file system) could lose its resume point: with ``max_keep_ckpts=1``
+nothing was left, and a checkpoint rewritten in place (MMEngine saves
+``iter_N.pth`` again after a new best) was cut short under the name that
+``last_checkpoint`` gives. Here:
 
-``ConvNeurRunner`` builds it wherever a config asks for MMEngine's
+* ``ConvNeurRunner.save_checkpoint`` writes to ``NAME.part`` and renames it
+  to ``NAME`` when it is complete (local directories; a rename is atomic),
+  so a checkpoint file is whole or absent;
+* ``SafeCheckpointHook`` runs MMEngine's own logic with the removals held back
+  until the new checkpoint and ``last_checkpoint`` are written; a save that
+  raises removes nothing. The cost is disk space for one more checkpoint
+  while one is written; a run killed between the write and the removal
+  leaves the old checkpoint on disk, unlisted (MMEngine has already dropped
+  it from ``keep_ckpt_ids``).
+
+``ConvNeurRunner`` builds the hook wherever a config asks for MMEngine's
 ``CheckpointHook`` (subclasses of it are built as configured).
 """
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
+from mmengine.fileio import LocalBackend, get_file_backend
 from mmengine.hooks import CheckpointHook
+
+PART_SUFFIX = '.part'
+
+
+def writes_locally(out_dir: str, file_client_args: Optional[dict] = None,
+                   backend_args: Optional[dict] = None) -> bool:
+    """Whether MMEngine saves into ``out_dir`` on a local file system (where
+    ``os.replace`` is atomic); not for ``file_client_args`` or remote backends."""
+    return (file_client_args is None
+            and isinstance(get_file_backend(out_dir, backend_args=backend_args), LocalBackend))
 
 
 class _DeferredRemovals:

@@ -10,18 +10,21 @@ layers work over gloo.
 On any machine it also resumes exactly (``convneur_mm.engine.resume``): every
 checkpoint carries the random generators' states, and a run resumed in the
 middle of an epoch skips the batches already trained instead of repeating them.
-And it removes an old checkpoint only after the new one is written
-(``convneur_mm.engine.checkpoint_hook``), so a run killed while writing one
-can always resume.
+And a run killed while writing a checkpoint keeps the one before it
+(``convneur_mm.engine.checkpoint_hook``): checkpoints are written under a
+temporary name and renamed when complete, and old ones are removed only after
+the new one is written.
 """
 import copy
 import datetime
+import inspect
 import os
+import os.path as osp
 import subprocess
 
 import torch
 import torch.distributed as dist
-from mmengine.dist import is_distributed
+from mmengine.dist import is_distributed, is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS, LOOPS, MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, Runner
@@ -29,7 +32,7 @@ from mmengine.model.utils import convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.registry import RUNNERS
-from .checkpoint_hook import SafeCheckpointHook
+from .checkpoint_hook import PART_SUFFIX, SafeCheckpointHook, writes_locally
 from .cpu_sync_bn import convert_to_cpu_sync_bn
 from .resume import RESUMABLE_LOOPS, RngStateHook, gather_rng_states
 
@@ -62,6 +65,9 @@ def init_cpu_process_group(launcher: str, timeout=None, port=None) -> None:
                             world_size=int(os.environ['WORLD_SIZE']), **kwargs)
 
 
+_SAVE_SIGNATURE = inspect.signature(Runner.save_checkpoint)
+
+
 @RUNNERS.register_module()
 class ConvNeurRunner(Runner):
     """``mmengine.runner.Runner`` that also runs distributed on CPU (gloo) and
@@ -88,7 +94,10 @@ class ConvNeurRunner(Runner):
         ``SafeCheckpointHook``."""
         if isinstance(hook, dict):
             kind = hook.get('type')
-            if (HOOKS.get(kind) if isinstance(kind, str) else kind) is CheckpointHook:
+            if isinstance(kind, str):
+                with HOOKS.switch_scope_and_registry(None) as registry:  # as build looks it up
+                    kind = registry.get(kind)
+            if kind is CheckpointHook:
                 hook = {**hook, 'type': SafeCheckpointHook}
         super().register_hook(hook, priority)
 
@@ -108,12 +117,20 @@ class ConvNeurRunner(Runner):
 
     gathered_rng_states = None
 
-    def save_checkpoint(self, *args, **kwargs) -> None:
+    def save_checkpoint(self, out_dir, filename, *args, **kwargs) -> None:
         """MMEngine writes checkpoints on rank 0 only (its ``save_checkpoint``
         is master-only), but every rank calls this: gather every rank's
-        generator states here, for ``RngStateHook`` to store."""
+        generator states here, for ``RngStateHook`` to store. In a local
+        directory the checkpoint is written as ``filename.part`` and renamed
+        when complete: a kill while writing never leaves a cut-short file
+        under a checkpoint's name."""
         self.gathered_rng_states = gather_rng_states()
-        super().save_checkpoint(*args, **kwargs)
+        call = _SAVE_SIGNATURE.bind(self, out_dir, filename, *args, **kwargs).arguments
+        if not writes_locally(out_dir, call.get('file_client_args'), call.get('backend_args')):
+            return super().save_checkpoint(out_dir, filename, *args, **kwargs)
+        super().save_checkpoint(out_dir, filename + PART_SUFFIX, *args, **kwargs)
+        if is_main_process():
+            os.replace(osp.join(out_dir, filename + PART_SUFFIX), osp.join(out_dir, filename))
 
     def resume(self, filename, *args, **kwargs) -> None:
         self.is_resuming = True

@@ -14,6 +14,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
   (test_convneur.py, tests/test_models/test_layers/test_global_branch.py);
 * a model cast to 16 bits (``.half()``, ``.bfloat16()``) without autocast
   (test_global_mixers.py);
+* the attention mixers in deterministic mode: the math kernel only, and
+  identical gradients twice (tests/test_models/test_layers/test_mixers.py);
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
 * a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
@@ -41,6 +43,8 @@ from ..test_models.test_backbones.test_convneur import \
 from ..test_models.test_backbones.test_global_mixers import \
     test_a_model_cast_to_16_bits_runs_and_trains as cast_check
 from ..test_models.test_layers import test_local_branch
+from ..test_models.test_layers.test_mixers import \
+    test_attention_mixers_repeat_exactly_in_deterministic_mode as deterministic_attention_check
 from ..test_models.test_layers.test_global_branch import \
     test_input_projection_gradients_do_not_overflow_under_autocast as proj_in_check
 from ..test_models.test_layers.test_neural_memory import CASES
@@ -113,6 +117,11 @@ def test_input_projection_gradients_do_not_overflow_under_autocast_on_cuda(mixer
                          ids=['half', 'bfloat16'])
 def test_a_model_cast_to_16_bits_runs_and_trains_on_cuda(mixer, dtype, tol):
     cast_check(mixer, dtype, tol, device='cuda')
+
+
+@pytest.mark.parametrize('mixer', ['attention', 'titans'])
+def test_attention_mixers_repeat_exactly_in_deterministic_mode_on_cuda(mixer, monkeypatch):
+    deterministic_attention_check(mixer, monkeypatch, device='cuda')
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():

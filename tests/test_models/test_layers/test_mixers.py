@@ -144,3 +144,47 @@ def test_segmented_attention_does_not_pad_a_map_shorter_than_a_segment(monkeypat
     x = torch.randn(2, 49, 16)
     torch.testing.assert_close(long(x), exact(x))
     assert lengths == [49, 49]
+
+
+def test_deterministic_mode_allows_cuda_only_the_math_attention_kernel():
+    """CUDA's fused attention backward kernels stay non-deterministic under
+    ``warn_only`` (what ``--deterministic`` sets); the math one is not."""
+    from convneur_mm.models.layers.mixers.attention import deterministic_kernel
+    fused = (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+             torch.backends.cuda.cudnn_sdp_enabled)
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with deterministic_kernel('cuda'):
+            assert not any(f() for f in fused) and torch.backends.cuda.math_sdp_enabled()
+        with deterministic_kernel('cpu'):  # the CPU's flash kernel is deterministic
+            assert all(f() for f in fused)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with deterministic_kernel('cuda'):  # not asked for: the fast kernels
+        assert all(f() for f in fused)
+
+
+@pytest.mark.parametrize('mixer', ['attention', 'titans'])
+def test_attention_mixers_repeat_exactly_in_deterministic_mode(mixer, monkeypatch, device='cpu'):
+    """Two backward passes in deterministic mode give identical gradients,
+    through the kernels ``deterministic_kernel`` allows on the device."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    branch = _randomize(GlobalBranch(6, 8, mixer, _small_cfg(mixer), **MEMORY)).to(device)
+    x = torch.randn(2, 6, 9, 11, device=device)  # 99 tokens: Titans pads a segment
+    kernels = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: kernels.append(
+        torch.backends.cuda.flash_sdp_enabled()) or sdpa(*a, **k))
+    grads = []
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        for _ in range(2):
+            branch.zero_grad()
+            branch(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in branch.parameters() if p.grad is not None])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert kernels and all(flash == (device != 'cuda') for flash in kernels)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

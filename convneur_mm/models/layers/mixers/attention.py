@@ -3,8 +3,32 @@
 Quadratic in the number of tokens N: its activation memory and attention
 maps are what the paper's resolution argument is about.
 """
+from contextlib import nullcontext
+from typing import ContextManager, Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def deterministic_kernel(device_type: str) -> ContextManager:
+    """The attention kernels to allow: on CUDA under
+    ``torch.use_deterministic_algorithms`` the plain-math one only. CUDA's
+    flash, memory-efficient and cuDNN backward kernels choose their
+    deterministic variant only when that mode raises; under ``warn_only``
+    (``tools/train.py --deterministic``) they warn and run the
+    non-deterministic one. The math kernel is deterministic and materializes
+    the N x N map (memory quadratic in N)."""
+    if device_type == 'cuda' and torch.are_deterministic_algorithms_enabled():
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """``F.scaled_dot_product_attention``, deterministic where asked."""
+    with deterministic_kernel(q.device.type):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class GlobalSelfAttention(nn.Module):
@@ -12,7 +36,8 @@ class GlobalSelfAttention(nn.Module):
 
     The products run in ``F.scaled_dot_product_attention``: a fused kernel
     (flash on a CPU and, for fp16/bf16 inputs, on CUDA; the memory-efficient
-    one for float32 on CUDA), so no N x N map is materialized in memory.
+    one for float32 on CUDA), so no N x N map is materialized in memory
+    (except in deterministic mode on CUDA, see ``deterministic_kernel``).
     """
 
     def __init__(self, dim: int, heads: int = 1):
@@ -26,5 +51,5 @@ class GlobalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))

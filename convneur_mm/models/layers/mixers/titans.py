@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..neural_memory import NeuralMemory
+from .attention import attention
 
 
 class SegmentedAttention(nn.Module):
@@ -70,7 +71,7 @@ class SegmentedAttention(nn.Module):
             valid = torch.ones(segments, k.shape[-2], dtype=torch.bool, device=x.device)
             valid[-1, k.shape[-2] - pad:] = False
             mask = valid.repeat(b, 1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, segments * seg, -1)[:, :n]
         return self.to_out(out)
 
