@@ -28,9 +28,17 @@ def setup_benchmark_device(device: str) -> str:
     CPU runs get the malloc tuning that training and tests use (see
     ``cpu_malloc``), so benchmarks time what users run; every model in a
     report shares it. ``CONVNEUR_MALLOC_TUNING=0`` times glibc's defaults.
+
+    CUDA runs get TF32 off for convolutions and matrix products alike. torch's
+    defaults differ between the two (cuDNN convolutions in TF32, matrix
+    products not), which would time a convolutional peer (ResNet-50) on
+    tensor cores and ConvNeur's pointwise layers and memory products in true
+    float32 under the same "float32" heading. Autocast rows are unaffected.
     """
     if is_cuda(device):
-        return torch.cuda.get_device_name(torch.device(device))
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        return (f'{torch.cuda.get_device_name(torch.device(device))}, '
+                'TF32 off (convolutions and matrix products)')
     malloc = tune_cpu_malloc(force=True)
     return (f'{platform.machine()} CPU ({os.cpu_count()} cores{cpu_isa()}), '
             f'{torch.get_num_threads()} torch threads; {malloc}')

@@ -88,6 +88,20 @@ def test_cuda_helpers_act_on_the_device_asked_for(monkeypatch):
     assert len(cuda.calls) == 3  # no CUDA call for the CPU
 
 
+def test_cuda_benchmarks_time_convolutions_and_products_in_the_same_precision(monkeypatch):
+    """torch's defaults: cuDNN convolutions in TF32, matrix products not."""
+    from convneur_mm.utils.bench_env import setup_benchmark_device
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: f'GPU {device}')
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        description = setup_benchmark_device('cuda:1')
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert description == 'GPU cuda:1, TF32 off (convolutions and matrix products)'
+
+
 def test_region_timer_times_cuda_kernels_with_events_on_the_device(monkeypatch):
     # event stamps in seconds: region a lasts 2 s, region b 0.5 s
     cuda = _FakeCuda(monkeypatch, [10.0, 12.0, 20.0, 20.5])
