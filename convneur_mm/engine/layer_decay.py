@@ -10,7 +10,7 @@ the backbone, and composes with MMEngine's paramwise options.
 """
 from typing import List
 
-from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from torch import nn
 
 from convneur_mm.registry import OPTIM_WRAPPER_CONSTRUCTORS
@@ -28,17 +28,21 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     In a config: ``optim_wrapper = dict(constructor=
     'convneur_mm.LayerDecayOptimWrapperConstructor', paramwise_cfg=dict(
-    layer_decay_rate=0.8))``.
+    layer_decay_rate=0.8))``. MMEngine logs the first group's learning rate,
+    which is the stem's: the configured rate times r ** (D - 1).
     """
 
-    def add_params(self, params: List[dict], module: nn.Module, prefix: str = '',
-                   **kwargs) -> None:
-        super().add_params(params, module, prefix, **kwargs)
-        if prefix == '':  # the model: every parameter has its group now
-            self._decay_by_depth(params, module)
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        optim_wrapper = super().__call__(model)
+        if 'layer_decay_rate' in self.paramwise_cfg:
+            self._decay_by_depth(optim_wrapper.optimizer.param_groups,
+                                 getattr(model, 'module', model))  # DDP: the model inside
+        return optim_wrapper
 
-    def _decay_by_depth(self, params: List[dict], model: nn.Module) -> None:
-        rate = self.paramwise_cfg.get('layer_decay_rate', 1.0)
+    def _decay_by_depth(self, groups: List[dict], model: nn.Module) -> None:
+        """Scale each parameter's group (MMEngine's paramwise groups hold one
+        parameter each); the optimizer has filled in every group's ``lr``."""
+        rate = self.paramwise_cfg['layer_decay_rate']
         backbone = getattr(model, 'backbone', None)
         if not hasattr(backbone, 'get_layer_depth'):
             raise TypeError(
@@ -46,7 +50,7 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 f'get_layer_depth(param_name, prefix); {type(model).__name__}.backbone '
                 f'is {type(backbone).__name__}')
         names = {id(p): name for name, p in model.named_parameters()}
-        for group in params:
-            depth, num_layers = backbone.get_layer_depth(names[id(group['params'][0])],
-                                                         'backbone.')
-            group['lr'] = group.get('lr', self.base_lr) * rate**(num_layers - 1 - depth)
+        for group in groups:
+            param, = group['params']
+            depth, num_layers = backbone.get_layer_depth(names[id(param)], 'backbone.')
+            group['lr'] *= rate**(num_layers - 1 - depth)

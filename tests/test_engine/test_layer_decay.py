@@ -84,3 +84,19 @@ def test_the_toolboxes_own_constructors_know_convnext_only(config, theirs):
         build_optim_wrapper(build_model(cfg, init=False), dict(
             cfg.optim_wrapper, constructor=theirs,
             paramwise_cfg=dict(decay_rate=0.7, decay_type='layer_wise', num_layers=12)))
+
+
+def test_an_optimizer_without_lr_and_paramwise_settings_without_the_rate():
+    """lr from the optimizer's default; no rate: MMEngine's constructor as is."""
+    model = nn.Module()
+    model.backbone, model.head = nn.Linear(2, 2), nn.Linear(2, 2)
+    model.backbone.get_layer_depth = lambda name, prefix: (
+        (0, 3) if name.startswith(prefix) else (2, 3))
+    optimizer = build_optim_wrapper(model, dict(
+        optimizer=dict(type='Adam'), constructor=CONSTRUCTOR,
+        paramwise_cfg=dict(layer_decay_rate=0.5))).optimizer
+    assert [g['lr'] for g in optimizer.param_groups] == [2.5e-4] * 2 + [1e-3] * 2
+    plain = nn.Module()
+    plain.backbone = nn.Linear(2, 2)  # no depths, none asked for
+    build_optim_wrapper(plain, dict(optimizer=dict(type='SGD', lr=0.1), constructor=CONSTRUCTOR,
+                                    paramwise_cfg=dict(custom_keys={'bias': dict(lr_mult=2.0)})))

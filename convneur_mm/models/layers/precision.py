@@ -48,8 +48,10 @@ class KeepsFloat32:
     leaves its floating parameters, gradients and buffers float32, as
     autocast would run them, so that a 16-bit model runs (inputs are cast to
     float32 on the way in, outputs back on the way out) instead of failing
-    with a dtype mismatch in float32 maths on 16-bit weights. Casts to float64
-    and moves between devices apply as usual."""
+    with a dtype mismatch in float32 maths on 16-bit weights (a float64
+    module cast to 16 bits becomes float32). Casts to float64 and moves
+    between devices apply as usual. A parameter shared with a module outside
+    (ConvNeur ties none) is cast with that module."""
 
     def _apply(self, fn, recurse=True):
         # the float32 originals, re-placed after the cast (not cast back from
@@ -77,14 +79,14 @@ def _floating(module: nn.Module):
 
 
 def _restore(module: nn.Module, key: str, original: Tensor, grad: Optional[Tensor]) -> None:
-    """Put the float32 ``original`` back, on the device the cast moved it to."""
+    """Put ``original`` back in float32, on the device the cast moved it to."""
     if key not in module._parameters:
-        module._buffers[key] = original.to(module._buffers[key].device)
+        module._buffers[key] = original.to(module._buffers[key].device, torch.float32)
         return
     param = module._parameters[key]
-    param.data = original.to(param.device)
+    param.data = original.to(param.device, torch.float32)
     if grad is not None:
-        param.grad = grad.to(param.device)
+        param.grad = grad.to(param.device, torch.float32)
 
 
 class Float32Conv2d(KeepsFloat32, nn.Conv2d):

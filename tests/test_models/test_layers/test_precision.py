@@ -62,6 +62,8 @@ def test_16_bit_casts_leave_float32_modules_float32(cast):
 def test_wider_casts_and_moves_apply_as_usual():
     model = _Float32Sum().double()
     assert all(t.dtype == torch.float64 for t in (*model.parameters(), *model.buffers()))
+    model.half()  # float64 cast to 16 bits: float32, what in_float32 computes in
+    assert all(t.dtype == torch.float32 for t in (*model.parameters(), *model.buffers()))
     model.float().to('meta')
     assert all(t.dtype == torch.float32 and t.is_meta for t in model.parameters())
 
