@@ -1,6 +1,8 @@
-"""SafeCheckpointHook: a run that dies while writing a checkpoint keeps the
-one before it (MMEngine's CheckpointHook has removed it by then, measured
-below as the control), and old checkpoints are still removed after a save."""
+"""A run that dies while writing a checkpoint keeps a whole one to resume
+from: ConvNeurRunner writes under a temporary name and renames, and
+SafeCheckpointHook removes old checkpoints only after the new one is written
+(MMEngine's Runner and CheckpointHook, the controls, lose it); old
+checkpoints are still removed after each save."""
 import os.path as osp
 import time
 
@@ -14,6 +16,7 @@ from mmengine.runner import Runner
 from convneur_mm.engine.checkpoint_hook import SafeCheckpointHook
 from convneur_mm.engine.launch import build_runner, load_config
 from convneur_mm.engine.runner import ConvNeurRunner
+from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
 from ..paths import REPO
 from .test_resume import NoisyData, NoisyModel
 
@@ -40,23 +43,24 @@ class RisingScore(BaseMetric):
         return dict(score=float(self.evaluations))
 
 
-def _dies_writing(runner_cls, nth: int, prefix: str):
-    """``runner_cls`` whose ``nth`` save of a file named ``prefix...`` writes
-    part of the file and raises, as a run killed while writing would stop."""
+def _dies_writing(monkeypatch, nth: int, prefix: str) -> None:
+    """The ``nth`` checkpoint file named ``prefix...`` that MMEngine writes
+    gets its first bytes, then the write raises: a run killed while writing
+    (the file is opened and written in place, as MMEngine's LocalBackend does)."""
+    import mmengine.runner.runner as mmengine_runner
+    save = mmengine_runner.save_checkpoint
+    saves = []
 
-    class DiesWriting(runner_cls):
-        saves = 0
+    def dies_writing(checkpoint, filename, *args, **kwargs):
+        if osp.basename(filename).startswith(prefix):
+            saves.append(filename)
+            if len(saves) == nth:
+                with open(filename, 'wb') as f:
+                    f.write(b'PK\x03\x04 the first bytes of a zip archive')
+                raise RuntimeError('killed while writing a checkpoint')
+        save(checkpoint, filename, *args, **kwargs)
 
-        def save_checkpoint(self, out_dir, filename, *args, **kwargs):
-            if filename.startswith(prefix):
-                self.saves += 1
-                if self.saves == nth:
-                    with open(osp.join(out_dir, filename), 'wb') as f:
-                        f.write(b'PK\x03\x04 the first bytes of a zip archive')
-                    raise RuntimeError('killed while writing a checkpoint')
-            super().save_checkpoint(out_dir, filename, *args, **kwargs)
-
-    return DiesWriting
+    monkeypatch.setattr(mmengine_runner, 'save_checkpoint', dies_writing)
 
 
 def _toy_run(runner_cls, work_dir, resume=False, **checkpoint):
@@ -83,28 +87,54 @@ def _last_checkpoint(work_dir):
     return osp.basename((work_dir / 'last_checkpoint').read_text().strip())
 
 
+def _resumes_to_the_end(work_dir, **checkpoint):
+    assert _toy_run(ConvNeurRunner, work_dir, resume=True, **checkpoint).iter == 18
+
+
 @pytest.mark.parametrize('runner_cls,kept', [(ConvNeurRunner, True), (Runner, False)],
                          ids=['ours', 'mmengine'])
-def test_dying_while_writing_keeps_the_last_checkpoint(tmp_path, runner_cls, kept):
+def test_dying_while_writing_keeps_the_last_checkpoint(tmp_path, monkeypatch, runner_cls, kept):
     """max_keep_ckpts=1, killed while writing the second checkpoint."""
+    _dies_writing(monkeypatch, 2, 'iter_')
     with pytest.raises(RuntimeError, match='killed while writing'):
-        _toy_run(_dies_writing(runner_cls, 2, 'iter_'), tmp_path, max_keep_ckpts=1)
+        _toy_run(runner_cls, tmp_path, max_keep_ckpts=1)
     assert _last_checkpoint(tmp_path) == 'iter_3.pth'
     assert osp.isfile(tmp_path / 'iter_3.pth') == kept
     if not kept:  # MMEngine removed it before writing iter_6.pth
         return
+    assert not osp.exists(tmp_path / 'iter_6.pth')  # only its .part was begun
     assert torch.load(tmp_path / 'iter_3.pth', weights_only=False)['meta']['iter'] == 3
-    resumed = _toy_run(ConvNeurRunner, tmp_path, resume=True, max_keep_ckpts=1)
-    assert resumed.iter == 18
+    monkeypatch.undo()
+    _resumes_to_the_end(tmp_path, max_keep_ckpts=1)
     assert _files(tmp_path) == ['iter_18.pth']
+
+
+@pytest.mark.parametrize('runner_cls,whole', [(ConvNeurRunner, True), (Runner, False)],
+                         ids=['ours', 'mmengine'])
+def test_dying_while_rewriting_a_checkpoint_in_place(tmp_path, monkeypatch, runner_cls, whole):
+    """After a new best MMEngine saves ``iter_6.pth`` again, the file that
+    last_checkpoint names: killed during that second write."""
+    _dies_writing(monkeypatch, 4, 'iter_')  # iter_3, iter_3 again, iter_6, iter_6 again
+    with pytest.raises(RuntimeError, match='killed while writing'):
+        _toy_run(runner_cls, tmp_path, max_keep_ckpts=1, save_best='toy/score',
+                 rule='greater')
+    assert _last_checkpoint(tmp_path) == 'iter_6.pth'
+    monkeypatch.undo()
+    if not whole:
+        with pytest.raises(CorruptCheckpointError):  # the resume point is gone
+            _toy_run(ConvNeurRunner, tmp_path, resume=True)
+        return
+    assert torch.load(tmp_path / 'iter_6.pth', weights_only=False)['meta']['iter'] == 6
+    _resumes_to_the_end(tmp_path, max_keep_ckpts=1, save_best='toy/score', rule='greater')
 
 
 @pytest.mark.parametrize('runner_cls,kept', [(ConvNeurRunner, True), (Runner, False)],
                          ids=['ours', 'mmengine'])
-def test_dying_while_writing_the_best_keeps_the_previous_best(tmp_path, runner_cls, kept):
+def test_dying_while_writing_the_best_keeps_the_previous_best(tmp_path, monkeypatch, runner_cls,
+                                                              kept):
+    _dies_writing(monkeypatch, 2, 'best_')
     with pytest.raises(RuntimeError, match='killed while writing'):
-        _toy_run(_dies_writing(runner_cls, 2, 'best_'), tmp_path, save_best='toy/score',
-                 rule='greater')
+        _toy_run(runner_cls, tmp_path, save_best='toy/score', rule='greater')
     assert osp.isfile(tmp_path / 'best_toy_score_iter_3.pth') == kept
 
 
