@@ -2,7 +2,7 @@
 _base_ = ['./cls_convneur_m1_300e_in1k.py']
 
 arch, width, drop_path_rate = 'm4', 640, 0.15
-batch, accumulate = 64, 8  # per GPU with --amp, x 8 GPUs = 4096
+batch, accumulate = 32, 16  # per GPU with --amp, x 8 GPUs = 4096
 model = dict(
     backbone=dict(arch=arch, drop_path_rate=drop_path_rate),
     head=dict(in_channels=width))

@@ -24,3 +24,18 @@ def test_estimate_counts_activations_and_adamw_state():
     # activations grow with the pixels: 4x the pixels, more than twice the bytes
     bigger = memory.estimate('m1', batch=1, size=128)
     assert 2 < bigger['saved_per_image'] / small['saved_per_image'] < 5
+
+
+@pytest.mark.parametrize('arch', ['m1', 'm2', 'm3', 'm4'])
+def test_configs_train_the_batch_the_estimate_fits(arch):
+    """Each ImageNet config's per-GPU batch is the tool's for a 24 GiB GPU
+    (measured under the CUDA fp16 stand-in), and 8 GPUs x batch x
+    accumulation is the paper's 4096 (M4's was 64 x 8 until the stand-in
+    put its peak at 25.9 GiB)."""
+    from convneur_mm.utils.toolbox import load_cfg
+    cfg = load_cfg(f'cls_convneur_{arch}_300e_in1k.py')
+    batch = cfg.train_dataloader.batch_size
+    assert 8 * batch * cfg.optim_wrapper.accumulative_counts == memory.PAPER_BATCH
+    assert cfg.auto_scale_lr.base_batch_size == 8 * batch
+    e = memory.estimate(arch)
+    assert memory.fitting_batch(e['per_image'], e['fixed'], 24 * GIB, 3 * GIB) == batch
