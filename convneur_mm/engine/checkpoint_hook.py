@@ -9,9 +9,10 @@ nothing was left, and a checkpoint rewritten in place (MMEngine saves
 ``iter_N.pth`` again after a new best) was cut short under the name that
 ``last_checkpoint`` gives. Here:
 
-* ``ConvNeurRunner.save_checkpoint`` writes to ``NAME.part`` and renames it
-  to ``NAME`` when it is complete (local directories; a rename is atomic),
-  so a checkpoint file is whole or absent;
+* ``ConvNeurRunner.save_checkpoint`` writes to ``NAME.part``, flushes it to
+  disk and renames it to ``NAME`` (local directories; a rename is atomic),
+  so a checkpoint file is whole or absent, also after a machine crash;
+  ``.part`` files a killed run left are removed when the next run starts;
 * ``SafeCheckpointHook`` runs MMEngine's own logic with the removals held back
   until the new checkpoint and ``last_checkpoint`` are written; a save that
   raises removes nothing. The cost is disk space for one more checkpoint
@@ -22,9 +23,13 @@ nothing was left, and a checkpoint rewritten in place (MMEngine saves
 ``ConvNeurRunner`` builds the hook wherever a config asks for MMEngine's
 ``CheckpointHook`` (subclasses of it are built as configured).
 """
+import glob
+import os
+import os.path as osp
 from contextlib import contextmanager
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from mmengine.dist import is_main_process
 from mmengine.fileio import LocalBackend, get_file_backend
 from mmengine.hooks import CheckpointHook
 
@@ -37,6 +42,26 @@ def writes_locally(out_dir: str, file_client_args: Optional[dict] = None,
     ``os.replace`` is atomic); not for ``file_client_args`` or remote backends."""
     return (file_client_args is None
             and isinstance(get_file_backend(out_dir, backend_args=backend_args), LocalBackend))
+
+
+def replace_durably(src: str, dst: str) -> None:
+    """Rename the complete file ``src`` to ``dst``, its data and the rename on
+    disk first: a machine crash right after could otherwise leave ``dst``
+    empty (rename before data on some file systems) with the previous
+    checkpoint already removed."""
+    _fsync(src, os.O_RDONLY)
+    os.replace(src, dst)
+    _fsync(osp.dirname(dst) or '.', os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system without fsync of directories: nothing to wait for
+        pass
+    finally:
+        os.close(fd)
 
 
 class _DeferredRemovals:
@@ -65,6 +90,14 @@ class _DeferredRemovals:
 class SafeCheckpointHook(CheckpointHook):
     """MMEngine's ``CheckpointHook``, removing old checkpoints only after the
     new one is written."""
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        if is_main_process() and writes_locally(self.out_dir, self.file_client_args,
+                                                self.backend_args):
+            for part in sorted(glob.glob(osp.join(glob.escape(self.out_dir), '*' + PART_SUFFIX))):
+                os.remove(part)
+                runner.logger.info(f'Removed {part}, a checkpoint a killed run did not finish')
 
     @contextmanager
     def _removals_last(self) -> Iterator[None]:

@@ -53,4 +53,5 @@ class LayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         for group in groups:
             param, = group['params']
             depth, num_layers = backbone.get_layer_depth(names[id(param)], 'backbone.')
-            group['lr'] *= rate**(num_layers - 1 - depth)
+            # a new value: a tensor lr is shared with optimizer.defaults
+            group['lr'] = group['lr'] * rate**(num_layers - 1 - depth)

@@ -32,7 +32,7 @@ from mmengine.model.utils import convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
 from convneur_mm.registry import RUNNERS
-from .checkpoint_hook import PART_SUFFIX, SafeCheckpointHook, writes_locally
+from .checkpoint_hook import PART_SUFFIX, SafeCheckpointHook, replace_durably, writes_locally
 from .cpu_sync_bn import convert_to_cpu_sync_bn
 from .resume import RESUMABLE_LOOPS, RngStateHook, gather_rng_states
 
@@ -121,18 +121,23 @@ class ConvNeurRunner(Runner):
         """MMEngine writes checkpoints on rank 0 only (its ``save_checkpoint``
         is master-only), but every rank calls this: gather every rank's
         generator states here, for ``RngStateHook`` to store. In a local
-        directory the checkpoint is written as ``filename.part`` and renamed
-        when complete: a kill while writing never leaves a cut-short file
-        under a checkpoint's name."""
+        directory the checkpoint is written as ``filename.part``, flushed and
+        renamed: a kill while writing never leaves a cut-short file under a
+        checkpoint's name."""
         self.gathered_rng_states = gather_rng_states()
         call = _SAVE_SIGNATURE.bind(self, out_dir, filename, *args, **kwargs).arguments
         if not writes_locally(out_dir, call.get('file_client_args'), call.get('backend_args')):
             return super().save_checkpoint(out_dir, filename, *args, **kwargs)
         super().save_checkpoint(out_dir, filename + PART_SUFFIX, *args, **kwargs)
         if is_main_process():
-            os.replace(osp.join(out_dir, filename + PART_SUFFIX), osp.join(out_dir, filename))
+            replace_durably(osp.join(out_dir, filename + PART_SUFFIX), osp.join(out_dir, filename))
 
     def resume(self, filename, *args, **kwargs) -> None:
+        if not filename:  # what MMEngine's find_latest_checkpoint reads from an empty file
+            raise FileNotFoundError(
+                f'{osp.join(self.work_dir, "last_checkpoint")} names no checkpoint (empty: '
+                'was its run killed while writing it?); resume from one by path: '
+                '--resume PATH')
         self.is_resuming = True
         try:
             super().resume(filename, *args, **kwargs)

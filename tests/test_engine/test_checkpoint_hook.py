@@ -155,3 +155,28 @@ def test_every_toolbox_config_gets_it(tmp_path, config):
     cfg.work_dir = str(tmp_path)
     hooks = [type(h) for h in build_runner(cfg)._hooks]
     assert SafeCheckpointHook in hooks and CheckpointHook not in hooks
+
+
+def test_a_new_run_removes_what_a_killed_write_left(tmp_path, monkeypatch):
+    _dies_writing(monkeypatch, 2, 'iter_')
+    with pytest.raises(RuntimeError, match='killed while writing'):
+        _toy_run(ConvNeurRunner, tmp_path, max_keep_ckpts=1)
+    assert osp.isfile(tmp_path / 'iter_6.pth.part')
+    monkeypatch.undo()
+    _resumes_to_the_end(tmp_path, max_keep_ckpts=1)
+    assert not list(tmp_path.glob('*.part'))
+
+
+def test_an_empty_last_checkpoint_is_a_clear_error(tmp_path):
+    """What a kill while MMEngine rewrites last_checkpoint (in place) leaves."""
+    (tmp_path / 'last_checkpoint').write_text('')
+    with pytest.raises(FileNotFoundError, match='last_checkpoint names no checkpoint'):
+        _toy_run(ConvNeurRunner, tmp_path, resume=True)
+
+
+def test_replace_durably_renames_the_whole_file(tmp_path):
+    from convneur_mm.engine.checkpoint_hook import replace_durably
+    (tmp_path / 'a.part').write_bytes(b'whole')
+    (tmp_path / 'a').write_bytes(b'old')
+    replace_durably(str(tmp_path / 'a.part'), str(tmp_path / 'a'))
+    assert (tmp_path / 'a').read_bytes() == b'whole' and not (tmp_path / 'a.part').exists()

@@ -100,3 +100,19 @@ def test_an_optimizer_without_lr_and_paramwise_settings_without_the_rate():
     plain.backbone = nn.Linear(2, 2)  # no depths, none asked for
     build_optim_wrapper(plain, dict(optimizer=dict(type='SGD', lr=0.1), constructor=CONSTRUCTOR,
                                     paramwise_cfg=dict(custom_keys={'bias': dict(lr_mult=2.0)})))
+
+
+def test_a_tensor_learning_rate_is_scaled_per_group_not_shared():
+    """torch keeps a tensor lr of the optimizer's defaults in every group
+    without its own: scaled in place, it would compound over the groups."""
+    import torch
+    model = nn.Module()
+    model.backbone, model.head = nn.Linear(2, 2), nn.Linear(2, 2)
+    model.backbone.get_layer_depth = lambda name, prefix: (
+        (0, 3) if name.startswith(prefix) else (2, 3))
+    optimizer = build_optim_wrapper(model, dict(
+        optimizer=dict(type='AdamW', lr=torch.tensor(1e-3)), constructor=CONSTRUCTOR,
+        paramwise_cfg=dict(layer_decay_rate=0.5))).optimizer
+    assert [float(g['lr']) for g in optimizer.param_groups] == pytest.approx(
+        [2.5e-4] * 2 + [1e-3] * 2)
+    assert float(optimizer.defaults['lr']) == pytest.approx(1e-3)

@@ -158,6 +158,11 @@ def test_deterministic_mode_allows_cuda_only_the_math_attention_kernel():
             assert not any(f() for f in fused) and torch.backends.cuda.math_sdp_enabled()
         with deterministic_kernel('cpu'):  # the CPU's flash kernel is deterministic
             assert all(f() for f in fused)
+        with torch.no_grad(), deterministic_kernel('cuda'):  # forward kernels are
+            assert all(f() for f in fused)
+        torch.use_deterministic_algorithms(True)  # raising: they pick their deterministic variant
+        with deterministic_kernel('cuda'):
+            assert all(f() for f in fused)
     finally:
         torch.use_deterministic_algorithms(False)
     with deterministic_kernel('cuda'):  # not asked for: the fast kernels

@@ -13,14 +13,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def deterministic_kernel(device_type: str) -> ContextManager:
-    """The attention kernels to allow: on CUDA under
-    ``torch.use_deterministic_algorithms`` the plain-math one only. CUDA's
-    flash, memory-efficient and cuDNN backward kernels choose their
-    deterministic variant only when that mode raises; under ``warn_only``
-    (``tools/train.py --deterministic``) they warn and run the
-    non-deterministic one. The math kernel is deterministic and materializes
-    the N x N map (memory quadratic in N)."""
-    if device_type == 'cuda' and torch.are_deterministic_algorithms_enabled():
+    """The attention kernels to allow: the plain-math one only on CUDA when a
+    backward may follow under ``torch.use_deterministic_algorithms(True,
+    warn_only=True)`` (``tools/train.py --deterministic``). CUDA's flash,
+    memory-efficient and cuDNN backward kernels choose their deterministic
+    variant only when that mode raises; under ``warn_only`` they warn and run
+    the non-deterministic one. Their forward passes are deterministic. The
+    math kernel is deterministic and materializes the N x N map (memory
+    quadratic in N)."""
+    if (device_type == 'cuda' and torch.is_grad_enabled()
+            and torch.are_deterministic_algorithms_enabled()
+            and torch.is_deterministic_algorithms_warn_only_enabled()):
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
 
