@@ -8,7 +8,6 @@ import os.path as osp
 
 from mmengine.config import DictAction
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
@@ -17,6 +16,7 @@ from convneur_mm.engine.launch import (build_runner, check_data_paths, load_conf
                                        set_local_rank)
 from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.engine.reporting import format_metrics, enable_visualization
+from convneur_mm.engine.wrapping import enable_tta, inner_model
 from convneur_mm.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
@@ -35,6 +35,8 @@ def parse_args():
     parser.add_argument('--show-dir', help='save drawn predictions to this directory')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
     parser.add_argument('--amp', action='store_true', help='mixed-precision inference')
+    parser.add_argument('--tta', action='store_true',
+                        help="test-time augmentation: the config's tta_model and tta_pipeline")
     add_compile_argument(parser)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, key=value')
@@ -64,9 +66,11 @@ def main():
         enable_visualization(cfg, args.show_dir, args.show, args.wait_time)
     if args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
+    if args.tta:
+        enable_tta(cfg)
+        print_log(f'--tta: {cfg.model.type} on the config\'s tta_pipeline', logger='current')
     runner = build_runner(cfg)
-    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    check_checkpoint_fits(model, args.checkpoint)
+    check_checkpoint_fits(inner_model(runner.model), args.checkpoint)
     if args.compile:
         compile_runner_model(runner, args.compile)
     if args.out:

@@ -25,6 +25,19 @@ test_pipeline = [
     dict(type='LoadAnnotations', reduce_zero_label=True),
     dict(type='PackSegInputs'),
 ]
+# tools/test.py --tta: MMSegmentation's 6 scales x 2 flips, around this test
+# scale (the inherited tta_pipeline scales the original image, ADE20K's size)
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug', transforms=[
+        [dict(type='Resize', scale=(int(scale[0] * r), int(scale[1] * r)), keep_ratio=True)
+         for r in img_ratios],
+        [dict(type='RandomFlip', prob=0., direction='horizontal'),
+         dict(type='RandomFlip', prob=1., direction='horizontal')],
+        [dict(type='LoadAnnotations', reduce_zero_label=True)],
+        [dict(type='PackSegInputs')]]),
+]
 model = dict(data_preprocessor=dict(size=crop_size))
 
 # Two CPU processes x 4 images (batch 8). No loader workers: the processes

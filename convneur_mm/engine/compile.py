@@ -55,10 +55,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
 from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
+from .wrapping import inner_model
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
 MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 # modes that record CUDA graphs: one per concrete input size, also for a graph
@@ -81,8 +81,7 @@ def add_compile_argument(parser) -> None:
 def compilable_parts(model: nn.Module, parts: Optional[Sequence[str]] = None) -> List[str]:
     """The names of ``model``'s parts to compile: ``parts`` (each must exist)
     or those of ``COMPILED_PARTS`` the model has."""
-    if is_model_wrapper(model):
-        model = model.module
+    model = inner_model(model)
     names = [p for p in (parts or COMPILED_PARTS) if getattr(model, p, None) is not None]
     if parts is not None and len(names) != len(parts):
         missing = sorted(set(parts) - set(names))
@@ -118,9 +117,8 @@ def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
 def part_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
     """The modules whose ``forward`` compiling the named parts replaces: each
     part, or each entry of a part that is a ``ModuleList`` (UperNet's
-    auxiliary heads); a wrapper (DDP) is looked through."""
-    if is_model_wrapper(model):
-        model = model.module
+    auxiliary heads); a wrapper (DDP, test-time augmentation) is looked through."""
+    model = inner_model(model)
     modules = []
     for name in names:
         part = getattr(model, name)

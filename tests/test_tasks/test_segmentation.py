@@ -235,6 +235,17 @@ def test_train_then_evaluate_learns(ade20k_tiny, tmp_path, monkeypatch):
     assert 'CheckpointMismatchError' in mismatch.stderr and 'shape mismatches' in mismatch.stderr
     assert not _metrics(mismatch.stdout)  # nothing evaluated
 
+    # test-time augmentation (6 scales x 2 flips, 12 forward passes an image:
+    # 2 images): the checkpoint loads into the model inside SegTTAModel
+    tta = subprocess.run(
+        [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint), '--tta',
+         '--work-dir', str(tmp_path / 'tta'), '--cfg-options',
+         'test_dataloader.dataset.indices=2'],
+        cwd=REPO, capture_output=True, text=True)
+    assert tta.returncode == 0, tta.stderr[-3000:]
+    assert '--tta: SegTTAModel' in tta.stdout + tta.stderr
+    augmented = _metrics(tta.stdout)
+
     # the same model and evaluation, untrained (it scores about 0)
     cfg = load_config(DEMO, {'test_dataloader.dataset.indices': 8},
                       work_dir=str(tmp_path / 'untrained'))
@@ -243,3 +254,4 @@ def test_train_then_evaluate_learns(ade20k_tiny, tmp_path, monkeypatch):
     untrained = runner.test()
     assert trained['mIoU'] > untrained['mIoU'] + 20, (trained, untrained)
     assert trained['aAcc'] > untrained['aAcc'] + 40, (trained, untrained)
+    assert augmented['mIoU'] > untrained['mIoU'] + 20, (augmented, untrained)
