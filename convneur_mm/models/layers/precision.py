@@ -3,7 +3,7 @@ in float32 under it (sums that 16-bit types overflow or round away), and the
 modules that keep float32 weights when the model is cast to 16 bits.
 """
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +89,23 @@ def _restore(module: nn.Module, key: str, original: Tensor, grad: Optional[Tenso
         param.grad = grad.to(param.device, torch.float32)
 
 
+def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
+    """The module's 16-bit parameters. Under a float32 module (``KeepsFloat32``)
+    they come from a cast behind its back: FSDP's mixed precision
+    (``MixedPrecisionPolicy(param_dtype=torch.float16)``) hands every module
+    its parameters in that dtype during the forward."""
+    return {name: p for name, p in module.named_parameters()
+            if p.dtype in (torch.float16, torch.bfloat16)}
+
+
 class Float32Conv2d(KeepsFloat32, nn.Conv2d):
     """A Conv2d that its caller runs in float32 (``in_float32``): the stem's
     conv, a global branch's input projection. Its weights stay float32 when
-    the model is cast to 16 bits."""
+    the model is cast to 16 bits, and are computed with in its input's dtype
+    when FSDP's mixed precision hands them over in 16 bits."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == x.dtype:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self._conv_forward(x, self.weight.to(x.dtype), bias)
