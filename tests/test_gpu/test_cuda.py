@@ -12,8 +12,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 * the stem's and the global branch's input projection's gradients under
   fp16 and bf16 autocast, where float16 would overflow
   (test_convneur.py, tests/test_models/test_layers/test_global_branch.py);
-* a model cast to 16 bits (``.half()``, ``.bfloat16()``) without autocast
-  (test_global_mixers.py);
+* a model cast to 16 bits (``.half()``, ``.bfloat16()``) without autocast,
+  and FSDP2's mixed precision on one NCCL process (test_global_mixers.py);
 * the attention mixers in deterministic mode: the math kernel only, and
   identical gradients twice (tests/test_models/test_layers/test_mixers.py);
 * mmcv's RoIAlign on the backbone's outputs
@@ -42,6 +42,8 @@ from ..test_models.test_backbones.test_convneur import \
     test_stem_gradients_do_not_overflow_under_autocast as stem_check
 from ..test_models.test_backbones.test_global_mixers import \
     test_a_model_cast_to_16_bits_runs_and_trains as cast_check
+from ..test_models.test_backbones.test_global_mixers import \
+    test_fsdp_mixed_precision_runs_and_trains as fsdp_check
 from ..test_models.test_layers import test_local_branch
 from ..test_models.test_layers.test_mixers import \
     test_attention_mixers_repeat_exactly_in_deterministic_mode as deterministic_attention_check
@@ -117,6 +119,10 @@ def test_input_projection_gradients_do_not_overflow_under_autocast_on_cuda(mixer
                          ids=['half', 'bfloat16'])
 def test_a_model_cast_to_16_bits_runs_and_trains_on_cuda(mixer, dtype, tol):
     cast_check(mixer, dtype, tol, device='cuda')
+
+
+def test_fsdp_mixed_precision_runs_and_trains_on_cuda():
+    fsdp_check(world_size=1, backend='nccl')
 
 
 @pytest.mark.parametrize('mixer', ['attention', 'titans'])

@@ -7,7 +7,7 @@
 # Steps, in the order to run them:
 #   tests    the GPU tests of the latest fixes (fp16 detector, stem, input
 #            projection, evaluation's graph count, a model cast to 16 bits,
-#            deterministic attention)
+#            FSDP mixed precision, deterministic attention)
 #   speed    benchmark_speed.py eager vs compiled, M3 against three peers
 #   compile  benchmark_compile.py, float32 and --amp
 #   demo     the detection demo trained and evaluated with --compile --amp
@@ -48,7 +48,7 @@ for todo in "$@"; do
         tests)
             CONVNEUR_TEST_GPU_CHILD=1 step tests "${BUDGET_TESTS:-300}" "$PYTHON" -m pytest \
                 -m gpu tests/test_gpu -p no:cacheprovider -rA \
-                -k "fp16_amp or stem or input_projection or symbolic or 16_bits or deterministic" ;;
+                -k "fp16_amp or stem or input_projection or symbolic or 16_bits or fsdp or deterministic" ;;
         speed)
             step speed "${BUDGET_SPEED:-500}" "$PYTHON" tools/analysis_tools/benchmark_speed.py \
                 --device cuda --modes eager compiled --out "$OUT/speed.json" --models \

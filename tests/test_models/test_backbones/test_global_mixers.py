@@ -112,7 +112,7 @@ def test_a_model_cast_to_16_bits_runs_and_trains(mixer, dtype, tol, device='cpu'
         assert torch.isfinite(p.grad).all(), name
 
 
-def _fsdp_mixed_precision_step(rank, world_size):
+def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
     """Each mixer and 16-bit dtype: the float32 model's outputs, then one
     step of the same weights under FSDP2 with ``param_dtype`` 16-bit, which
     hands every module its parameters in that dtype during the forward."""
@@ -120,8 +120,10 @@ def _fsdp_mixed_precision_step(rank, world_size):
     errors = {}
     for mixer in MIXERS:
         for dtype in (torch.float16, torch.bfloat16):
-            model = _perturb(_tiny(mixer))
+            device = f'cuda:{rank}' if cuda else 'cpu'
+            model = _perturb(_tiny(mixer)).to(device)
             x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(rank))
+            x = x.to(device)
             with torch.no_grad():
                 reference = model(x)
             fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype,
@@ -136,11 +138,13 @@ def _fsdp_mixed_precision_step(rank, world_size):
     return errors
 
 
-def test_fsdp_mixed_precision_runs_and_trains():
+def test_fsdp_mixed_precision_runs_and_trains(world_size=2, backend='gloo'):
     """The float32 pieces (stem conv, input projection, memory) get 16-bit
     parameters from FSDP2's mixed precision and still compute in float32; it
     crashed in the stem as ``.half()`` did. Two gloo processes."""
-    for errors in run_distributed(_fsdp_mixed_precision_step, 2):
+    results = run_distributed(_fsdp_mixed_precision_step, world_size, backend == 'nccl',
+                              backend=backend)
+    for errors in results:
         for (mixer, dtype), err in errors.items():
             assert err < (5e-3 if dtype == torch.float16 else 4e-2), (mixer, dtype, err)
 
