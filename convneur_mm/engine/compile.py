@@ -59,6 +59,7 @@ from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
 from .wrapping import inner_model
+
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
 MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 # modes that record CUDA graphs: one per concrete input size, also for a graph

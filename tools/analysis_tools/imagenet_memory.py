@@ -11,8 +11,8 @@ config, in training mode, under a CPU stand-in for CUDA's fp16 autocast
 as CUDA's autocast runs it): the tensors autograd saves are then what a CUDA
 ``--amp`` step saves, 2-byte where CUDA casts to float16, 4-byte where it
 keeps float32 (the LayerNorms' inputs, GRN's squares, the neural memory's
-inner loop). CPU bf16 autocast, which runs LayerNorm in bfloat16, saved 8%
-less for M1. Per GPU:
+inner loop). CPU bf16 autocast, which runs LayerNorm in bfloat16, saved
+about 10% less (M1 93.3 vs 103.7 MiB per image, 2026-11-25). Per GPU:
 
 * activations per image: the saved-tensor bytes of one forward + backward
   (``benchmark_with_cp.measure_memory``, i.e. ``SavedTensorMeter``), plus the

@@ -58,13 +58,18 @@ class KeepsFloat32:
         # 16 bits, which would round them)
         wide = {(id(module), key): (t.detach(), _detached(t.grad))
                 for module in self.modules() for key, t in _floating(module)
-                if t.dtype.itemsize >= 4}
+                if not _narrow(t)}
         super()._apply(fn, recurse)
         for module in self.modules():
             for key, t in _floating(module):
-                if (id(module), key) in wide and t.dtype.itemsize < 4:
+                if (id(module), key) in wide and _narrow(t):
                     _restore(module, key, *wide[id(module), key])
         return self
+
+
+def _narrow(t: Tensor) -> bool:
+    """A floating tensor narrower than float32 (float16, bfloat16, ...)."""
+    return t.is_floating_point() and t.dtype.itemsize < 4
 
 
 def _detached(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -94,8 +99,7 @@ def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
     they come from a cast behind its back: FSDP's mixed precision
     (``MixedPrecisionPolicy(param_dtype=torch.float16)``) hands every module
     its parameters in that dtype during the forward."""
-    return {name: p for name, p in module.named_parameters()
-            if p.dtype in (torch.float16, torch.bfloat16)}
+    return {name: p for name, p in module.named_parameters() if _narrow(p)}
 
 
 class Float32Conv2d(KeepsFloat32, nn.Conv2d):
