@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..models.backbones.convneur import ConvNeur
 from ..models.layers.neural_memory import NeuralMemory
+from ..models.layers.shapes import ceil_div
 
 PARTS = ('model', 'backbone')
 SUPPORTED_SCOPES = ('mmpretrain', 'mmseg')
@@ -257,8 +258,8 @@ def memory_chunk_counts(backbone: nn.Module, size: Tuple[int, int]) -> List[int]
     h, w = size
     for i, stage in enumerate(backbone.stages):
         stride = 4 * 2 ** i
-        tokens = -(-h // stride) * -(-w // stride)
-        counts += [-(-tokens // m.chunk_size) for m in stage.modules()
+        tokens = ceil_div(h, stride) * ceil_div(w, stride)
+        counts += [ceil_div(tokens, m.chunk_size) for m in stage.modules()
                    if isinstance(m, NeuralMemory)]
     return counts
 

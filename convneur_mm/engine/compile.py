@@ -58,6 +58,7 @@ from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
+from ..models.layers.shapes import ceil_to
 from .wrapping import inner_model
 
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
@@ -214,7 +215,7 @@ def bucket_detection_sizes(cfg) -> Optional[Tuple[int, ...]]:
         return None
     divisor = preprocessor.get('pad_size_divisor', 1) or 1
     short, long = sorted(scale)
-    buckets = tuple(sorted({divisor * math.ceil(s / divisor)
+    buckets = tuple(sorted({ceil_to(math.ceil(s), divisor)
                             for s in (short, (short + long) / 2, long)}))
     preprocessor['batch_augments'] = [dict(
         type='convneur_mm.BucketPad', buckets=buckets,

@@ -6,11 +6,10 @@ runs in the same bottleneck scaffold at the same width C_m (``mixers``).
 """
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .mixers import MIXERS, GlobalSelfAttention, build_mixer, resolve_mixer_cfg
-from .precision import Float32Conv2d, autocast_dtype, in_float32
+from .precision import Float32Conv2d, at_least_float32, autocast_dtype, in_float32
 
 __all__ = ['GlobalBranch', 'GlobalSelfAttention', 'MIXERS']
 
@@ -46,8 +45,8 @@ class GlobalBranch(nn.Module):
         # gradients the memory's RMSNorms scale by 1/rms, was the network's
         # largest in float16 (4e3 at loss scale 1 on the COCO detector). A
         # model cast to 16 bits (no autocast) keeps its dtype between layers.
-        wide = torch.promote_types(x.dtype, torch.float32)
-        mixed = in_float32(self.proj_in, x, wide if autocast_dtype(x.device.type) else x.dtype)
+        out_dtype = at_least_float32(x.dtype) if autocast_dtype(x.device.type) else x.dtype
+        mixed = in_float32(self.proj_in, x, out_dtype)
         spec = MIXERS[self.mixer]
         mixer = getattr(self, spec.attribute)
         if spec.tokens:

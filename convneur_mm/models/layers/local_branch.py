@@ -2,7 +2,7 @@
 import torch
 from torch import Tensor, nn
 
-from .precision import autocast_dtype
+from .precision import at_least_float32, autocast_dtype
 
 
 def spatial_l2_norm(x: Tensor) -> Tensor:
@@ -23,7 +23,7 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
       ``vector_norm`` is on CUDA (on CPU, where it has no autocast rule, it
       was bfloat16; GRN's output is float32 either way), else in ``x``'s.
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = at_least_float32(x.dtype)
     squares = (x if x.dtype == torch.bfloat16 else x.to(acc)).pow(2)
     total = squares.sum(dim=(1, 2), keepdim=True, dtype=acc)
     norm = total.clamp_min(torch.finfo(acc).tiny).sqrt()

@@ -33,12 +33,17 @@ def autocast_off(device_type: str) -> ContextManager:
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16-bit floating dtypes, the dtype itself for float32 and float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def in_float32(fn: Callable[[Tensor], Tensor], x: Tensor,
                out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``fn(x)`` computed in float32 (float64 stays float64) with autocast
     off, the result cast to ``out_dtype`` (default: ``x``'s dtype)."""
     with autocast_off(x.device.type):
-        out = fn(x.to(torch.promote_types(x.dtype, torch.float32)))
+        out = fn(x.to(at_least_float32(x.dtype)))
     return out.to(out_dtype or x.dtype)
 
 

@@ -11,8 +11,13 @@ def known_zero(*sizes) -> bool:
     return all(statically_known_true(s == 0) for s in sizes)
 
 
+def ceil_div(size: int, divisor: int) -> int:
+    """``ceil(size / divisor)`` in integers (exact for any size, symbolic too)."""
+    return (size + divisor - 1) // divisor
+
+
 def ceil_to(size: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is >= ``size``, written as
     a ceiling: under symbolic sizes nested ceilings stay small expressions,
     nested remainders (size + (-size) % multiple) do not."""
-    return (size + multiple - 1) // multiple * multiple
+    return ceil_div(size, multiple) * multiple

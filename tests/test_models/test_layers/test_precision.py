@@ -5,8 +5,16 @@ import torch
 
 from torch import nn
 
-from convneur_mm.models.layers.precision import (Float32Conv2d, autocast_dtype, autocast_off,
-                                               in_float32)
+from convneur_mm.models.layers.precision import (Float32Conv2d, at_least_float32, autocast_dtype,
+                                               autocast_off, in_float32)
+
+
+@pytest.mark.parametrize('dtype, wide', [(torch.float16, torch.float32),
+                                         (torch.bfloat16, torch.float32),
+                                         (torch.float32, torch.float32),
+                                         (torch.float64, torch.float64)])
+def test_at_least_float32_widens_16_bits_only(dtype, wide):
+    assert at_least_float32(dtype) == wide
 
 
 def test_none_without_autocast_and_on_devices_without_it():

@@ -8,6 +8,8 @@ is why the paper finds it barely above local-only.
 import torch
 from torch import Tensor, nn
 
+from ..precision import at_least_float32
+
 
 class CBAM(nn.Module):
     """``x * Mc(x)``, then ``* Ms(.)``; (B, C, H, W) -> (B, C, H, W).
@@ -38,7 +40,7 @@ class CBAM(nn.Module):
         self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        stats = x.to(torch.promote_types(x.dtype, torch.float32))
+        stats = x.to(at_least_float32(x.dtype))
         pooled = torch.cat([stats.mean((2, 3), keepdim=True),
                             stats.amax((2, 3), keepdim=True)]).to(x.dtype)
         avg_logit, max_logit = self.channel_mlp(pooled).chunk(2)

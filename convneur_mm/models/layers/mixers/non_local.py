@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..precision import at_least_float32
+
 
 class NonLocal2d(nn.Module):
     """``x + W_z(softmax(theta(x)^T phi(x) / sqrt(d')) g(x))``; (B, C, H, W) -> same.
@@ -53,7 +55,7 @@ class NonLocal2d(nn.Module):
         phi = self.phi(x).flatten(2)  # (B, d', HW)
         g = self.g(x).flatten(2).transpose(1, 2)  # (B, HW, d')
         affinity = torch.matmul(theta * self.scale, phi)
-        weights = affinity.to(torch.promote_types(affinity.dtype, torch.float32)).softmax(
+        weights = affinity.to(at_least_float32(affinity.dtype)).softmax(
             dim=-1).to(g.dtype)
         y = torch.matmul(weights, g).transpose(1, 2).reshape(b, -1, h, w)
         return x + self.conv_out(y)

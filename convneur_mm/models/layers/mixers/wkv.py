@@ -26,7 +26,7 @@ tests/test_models/test_layers/test_wkv.py, to 8192 tokens.
 import torch
 from torch import Tensor
 
-from ..precision import autocast_off
+from ..precision import at_least_float32, autocast_off
 
 
 def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:
@@ -46,7 +46,7 @@ def bi_wkv(decay: Tensor, first: Tensor, k: Tensor, v: Tensor) -> Tensor:
         raise ValueError(f'k and v must both be (B, N, C), got {tuple(k.shape)} and '
                          f'{tuple(v.shape)}')
     n, out_dtype = k.shape[1], v.dtype
-    dtype = torch.promote_types(v.dtype, torch.float32)
+    dtype = at_least_float32(v.dtype)
     with autocast_off(k.device.type):
         k, v = k.to(dtype), v.to(dtype)
         w, u = decay.to(dtype) / n, first.to(dtype) / n
