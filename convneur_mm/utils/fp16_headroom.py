@@ -156,3 +156,11 @@ def cuda_layer_norm_rule() -> Iterator[None]:
         yield
     finally:
         F.layer_norm = layer_norm
+
+
+@contextmanager
+def cuda_fp16_stand_in() -> Iterator[None]:
+    """The CPU's float16 autocast with CUDA's LayerNorm rule: what a CUDA
+    fp16 (``--amp``) step computes, on a CPU."""
+    with torch.autocast('cpu', dtype=torch.float16), cuda_layer_norm_rule():
+        yield

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
-from convneur_mm.utils.fp16_headroom import (Float16Gradients, cuda_layer_norm_rule,
-                                             loss_scale_bound)
+from convneur_mm.utils.fp16_headroom import (Float16Gradients, cuda_fp16_stand_in,
+                                             cuda_layer_norm_rule, loss_scale_bound)
 from ..paths import REPO, import_analysis_tool
 
 
@@ -21,6 +21,15 @@ def test_loss_scale_bound():
     assert loss_scale_bound(4e4) == 1
     assert loss_scale_bound(7e4) == loss_scale_bound(math.inf) == 0
     assert loss_scale_bound(0.0) == math.inf
+
+
+def test_the_stand_in_runs_products_in_float16_and_layer_norm_in_float32():
+    linear, norm = nn.Linear(8, 8), nn.LayerNorm(8)
+    with cuda_fp16_stand_in():
+        hidden = linear(torch.randn(2, 8))
+        out = norm(hidden)
+    assert (hidden.dtype, out.dtype) == (torch.float16, torch.float32)
+    assert norm(hidden.float()).dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
 
 
 def test_records_the_float16_gradients_of_tensors_and_parameters():

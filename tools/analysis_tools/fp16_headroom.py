@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.engine.launch import build_runner, load_config  # noqa: E402
 from convneur_mm.utils.fp16_headroom import (Float16Gradients,  # noqa: E402
-                                             cuda_layer_norm_rule)
+                                             cuda_fp16_stand_in)
 from mmengine.config import DictAction  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def _fp16_backbone(model: torch.nn.Module) -> None:
     forward = model.backbone.forward
 
     def forward_in_fp16(*args, **kwargs):
-        with torch.autocast('cpu', dtype=torch.float16):
+        with cuda_fp16_stand_in():
             outs = forward(*args, **kwargs)
         return type(outs)(o.float() for o in outs) if isinstance(outs, (tuple, list)) \
             else outs.float()
@@ -88,8 +88,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             stack.enter_context(recorder.recording())
             if cuda:
                 stack.enter_context(torch.autocast('cuda', dtype=torch.float16))
-            else:
-                stack.enter_context(cuda_layer_norm_rule())
             loss, _ = model.parse_losses(model(**data, mode='loss'))
         loss.backward()
         headroom = recorder.headroom(args.top)

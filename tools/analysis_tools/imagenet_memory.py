@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from benchmark_with_cp import measure_memory  # noqa: E402
-from convneur_mm.utils.fp16_headroom import cuda_layer_norm_rule  # noqa: E402
+from convneur_mm.utils.fp16_headroom import cuda_fp16_stand_in  # noqa: E402
 from convneur_mm.utils.toolbox import build_model, load_cfg, quiet_init  # noqa: E402
 
 GIB = 2**30
@@ -64,7 +64,7 @@ def estimate(arch: str, batch: int = 2, size: int = 224) -> dict:
     backbone = model.backbone.train()
     torch.manual_seed(0)
     x = torch.randn(batch, 3, size, size)
-    with torch.autocast('cpu', dtype=torch.float16), cuda_layer_norm_rule():
+    with cuda_fp16_stand_in():
         measured = measure_memory(backbone, x)
     params = sum(p.numel() for p in model.parameters())
     return dict(per_image=(measured['saved'] + measured['largest_block']) / batch,
