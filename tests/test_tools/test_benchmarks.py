@@ -104,8 +104,10 @@ def test_speed_report_says_where_the_eager_gap_goes():
 
 def test_global_branch_times_profile_the_branches_alone(monkeypatch):
     """One profiled call of the global branches only (no local branch runs
-    in it), their products counted with the 1x1 projections' convolutions."""
+    in it), on the inputs the timed forward recorded, their products counted
+    with the 1x1 projections' convolutions."""
     from convneur_mm.models.backbones.convneur import ConvNeur
+    from convneur_mm.models.layers.global_branch import GlobalBranch
     from convneur_mm.models.layers.local_branch import LocalBranch
     from convneur_mm.utils import op_profile
     bench = import_analysis_tool('benchmark_speed')
@@ -115,19 +117,21 @@ def test_global_branch_times_profile_the_branches_alone(monkeypatch):
         if isinstance(m, LocalBranch):
             m.register_forward_hook(lambda *args: local_calls.append(1))
     with torch.no_grad():
-        products, total = bench._global_branch_times(model, model, torch.randn(1, 3, 64, 64),
-                                                     'cpu')
+        _, inputs = bench._global_branch_seconds(model, model, torch.randn(1, 3, 64, 64), 'cpu')
+        assert [m for m, _ in inputs] == [m for m in model.modules() if isinstance(m, GlobalBranch)]
+        assert [tuple(t.shape[2:]) for _, t in inputs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+        assert local_calls  # the timed forward ran the whole network
+        local_calls.clear()
+        products, total = bench._global_branch_times(inputs, 'cpu')
     assert 0 < products < total
-    # the local branches ran in the forward that collects the inputs only
-    assert len(local_calls) == sum(isinstance(m, LocalBranch) for m in model.modules())
+    assert not local_calls
 
     def fake_profile(call, device):
         call()
         return {op_profile.MATRIX_PRODUCTS: 2.0, op_profile.CONVOLUTIONS: 1.0, 'rest': 0.5}
     monkeypatch.setattr(op_profile, 'profile_call', fake_profile)
     with torch.no_grad():
-        assert bench._global_branch_times(model, model, torch.randn(1, 3, 64, 64),
-                                          'cpu') == (3.0, 3.5)
+        assert bench._global_branch_times(inputs, 'cpu') == (3.0, 3.5)
 
 
 def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch):
@@ -139,8 +143,9 @@ def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch)
     model = torch.nn.Sequential(GlobalBranch(8, 8, chunk_size=4), GlobalBranch(8, 8, chunk_size=4))
     cuda = _FakeCuda(monkeypatch, [0.0, 1.0, 5.0, 5.25])  # two branches: 1 s and 0.25 s
     with torch.no_grad():
-        seconds = bench._global_branch_seconds(model, model, torch.randn(1, 8, 4, 4), 'cuda:1')
-    assert seconds == pytest.approx(1.25)
+        seconds, inputs = bench._global_branch_seconds(model, model, torch.randn(1, 8, 4, 4),
+                                                       'cuda:1')
+    assert seconds == pytest.approx(1.25) and [m for m, _ in inputs] == list(model)
     second = torch.device('cuda:1')
     assert cuda.calls == [('record', ('stream', second))] * 4 + [('synchronize', second)]
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # removed

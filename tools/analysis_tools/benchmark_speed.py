@@ -123,22 +123,28 @@ def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> Tuple[List
     return sorted(times), warm_up
 
 
-def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor,
-                           device: str) -> float:
+def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor, device: str
+                           ) -> Tuple[float, List[Tuple[nn.Module, torch.Tensor]]]:
     """Device time spent inside ConvNeur's global branches during one forward
-    (on CUDA timed by events around each branch, not by the host clock)."""
+    (on CUDA timed by events around each branch, not by the host clock), and
+    each branch with the input it got."""
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    timer, handles = RegionTimer(device), []
+    timer, handles, inputs = RegionTimer(device), [], []
+
+    def start(mod, args):
+        inputs.append((mod, args[0]))
+        timer.start(id(mod))
+
     for m in model.modules():
         if isinstance(m, GlobalBranch):
-            handles.append(m.register_forward_pre_hook(lambda mod, inp: timer.start(id(mod))))
+            handles.append(m.register_forward_pre_hook(start))
             handles.append(m.register_forward_hook(lambda mod, inp, out: timer.stop(id(mod))))
     try:
         fn(x)
     finally:
         for h in handles:
             h.remove()
-    return timer.seconds()
+    return timer.seconds(), inputs
 
 
 def _global_branch_inputs(model: nn.Module, fn: Callable,
@@ -156,14 +162,13 @@ def _global_branch_inputs(model: nn.Module, fn: Callable,
     return inputs
 
 
-def _global_branch_times(model: nn.Module, fn: Callable, x: torch.Tensor,
+def _global_branch_times(inputs: List[Tuple[nn.Module, torch.Tensor]],
                          device: str) -> Tuple[float, float]:
-    """Seconds of one profiled call of ConvNeur's global branches on the
-    inputs they get from ``fn(x)``: in their matrix products (the 1x1
-    projections run as oneDNN convolutions, so convolutions count too), and
-    in all (``op_profile``'s categories summed)."""
+    """Seconds of one profiled call of ConvNeur's global branches on their
+    ``inputs``: in their matrix products (the 1x1 projections run as oneDNN
+    convolutions, so convolutions count too), and in all (``op_profile``'s
+    categories summed)."""
     from convneur_mm.utils import op_profile
-    inputs = _global_branch_inputs(model, fn, x)
     seconds = op_profile.profile_call(lambda: [mod(t) for mod, t in inputs], device)
     products = seconds[op_profile.MATRIX_PRODUCTS] + seconds[op_profile.CONVOLUTIONS]
     return products, sum(seconds.values())
@@ -223,10 +228,10 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
         warm_up = compile_s
     median = through[len(through) // 2]
     # hooks would make a compiled model recompile with them: eager modes only
-    branch_seconds = (_global_branch_seconds(model, fn, x, device)
-                      if branches and mode != 'compiled' else None)
+    branch_seconds, inputs = (_global_branch_seconds(model, fn, x, device)
+                              if branches and mode != 'compiled' else (None, []))
     if branches and mode == 'eager':
-        products, total = _global_branch_times(model, fn, x, device)
+        products, total = _global_branch_times(inputs, device)
         extra['branch_gemm_s_per_image'] = products / batch
         extra['branch_profiled_s_per_image'] = total / batch
     return dict(name=name, mode=mode, params=count_params(model), paper_macs=macs['paper'],
