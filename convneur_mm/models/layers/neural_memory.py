@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
                          momentum_decay_states)
-from .precision import KeepsFloat32, in_float32, narrowed_parameters
+from .precision import KeepsFloat32, in_float32, narrowed_parameters, widened
 from .shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
@@ -146,8 +146,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """(B, N, d) -> (B, N, d)."""
         narrowed = narrowed_parameters(self)
         if narrowed:  # FSDP's mixed precision: the maths in float32 all the same
-            return torch.func.functional_call(
-                self, {name: p.float() for name, p in narrowed.items()}, (x, ))
+            with widened(self, narrowed):
+                return in_float32(self._forward, x)
         return in_float32(self._forward, x)
 
     def _forward(self, x: Tensor, shape_generic: Optional[bool] = None) -> Tensor:

@@ -2,8 +2,8 @@
 in float32 under it (sums that 16-bit types overflow or round away), and the
 modules that keep float32 weights when the model is cast to 16 bits.
 """
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Dict, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Dict, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -101,10 +101,39 @@ def _restore(module: nn.Module, key: str, original: Tensor, grad: Optional[Tenso
 
 def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
     """The module's 16-bit parameters. Under a float32 module (``KeepsFloat32``)
-    they come from a cast behind its back: FSDP's mixed precision
-    (``MixedPrecisionPolicy(param_dtype=torch.float16)``) hands every module
-    its parameters in that dtype during the forward."""
-    return {name: p for name, p in module.named_parameters() if _narrow(p)}
+    they come from a cast behind its back: FSDP's mixed precision hands every
+    module its parameters in that dtype during the forward, registered
+    parameters under FSDP2 (``MixedPrecisionPolicy``), plain tensor
+    attributes under FSDP1 (``MixedPrecision``, MMEngine's
+    ``MMFullyShardedDataParallel`` and ``FSDPStrategy``)."""
+    found = {}
+    for prefix, m in module.named_modules():
+        attributes = ((k, v) for k, v in vars(m).items() if isinstance(v, Tensor))
+        for key, t in (*m._parameters.items(), *attributes):
+            # not FSDP1's own flat parameter (``_flat_param``), the others' storage
+            if t is not None and _narrow(t) and not key.startswith('_'):
+                found[f'{prefix}.{key}' if prefix else key] = t
+    return found
+
+
+@contextmanager
+def widened(module: nn.Module, narrowed: Dict[str, Tensor]) -> Iterator[None]:
+    """The ``narrowed`` tensors (``narrowed_parameters``) replaced by float32
+    copies (gradients flow back to them) inside the context, where the
+    module's code finds them: a plain attribute shadows a registered
+    parameter of the same name (FSDP1 with ``use_orig_params``)."""
+    swapped = []
+    try:
+        for name, t in narrowed.items():
+            owner_name, _, key = name.rpartition('.')
+            owner = module.get_submodule(owner_name)
+            table = vars(owner) if key in vars(owner) else owner._parameters
+            swapped.append((table, key, table[key]))
+            table[key] = t.float()
+        yield
+    finally:
+        for table, key, original in reversed(swapped):
+            table[key] = original
 
 
 class Float32Conv2d(KeepsFloat32, nn.Conv2d):

@@ -112,41 +112,61 @@ def test_a_model_cast_to_16_bits_runs_and_trains(mixer, dtype, tol, device='cpu'
         assert torch.isfinite(p.grad).all(), name
 
 
+FSDP_KINDS = ['fully_shard', 'FSDP1', 'FSDP1 orig params']
+
+
+def _sharded(model, kind, dtype, device):
+    """``model`` under FSDP2 (``fully_shard``) or FSDP1 (MMEngine's
+    ``MMFullyShardedDataParallel`` and ``FSDPStrategy``), 16-bit ``param_dtype``."""
+    from torch.distributed import fsdp
+    if kind == 'fully_shard':
+        return fsdp.fully_shard(model, mp_policy=fsdp.MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32))
+    return fsdp.FullyShardedDataParallel(
+        model, device_id=torch.device(device), use_orig_params=kind == 'FSDP1 orig params',
+        mixed_precision=fsdp.MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32))
+
+
 def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
-    """Each mixer and 16-bit dtype: the float32 model's outputs, then one
-    step of the same weights under FSDP2 with ``param_dtype`` 16-bit, which
-    hands every module its parameters in that dtype during the forward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """Each FSDP kind, mixer and 16-bit dtype: the float32 model's outputs,
+    then one step of the same weights under FSDP with ``param_dtype``
+    16-bit, which hands every module its parameters in that dtype during the
+    forward (FSDP2 as registered parameters, FSDP1 as plain attributes)."""
     errors = {}
-    for mixer in MIXERS:
-        for dtype in (torch.float16, torch.bfloat16):
-            device = f'cuda:{rank}' if cuda else 'cpu'
-            model = _perturb(_tiny(mixer)).to(device)
-            x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(rank))
-            x = x.to(device)
-            with torch.no_grad():
-                reference = model(x)
-            fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype,
-                                                              reduce_dtype=torch.float32))
-            outs = model(x)
-            sum(o.float().square().mean() for o in outs).backward()
-            grads = [p.grad.full_tensor() for p in model.parameters() if p.grad is not None]
-            assert len(grads) == len(list(model.parameters()))
-            assert all(torch.isfinite(g).all() for g in grads), (mixer, dtype)
-            errors[mixer, dtype] = max(((o.float() - r).abs().max() / r.abs().max()).item()
-                                       for o, r in zip(outs, reference))
+    for kind in FSDP_KINDS:
+        for mixer in MIXERS:
+            for dtype in (torch.float16, torch.bfloat16):
+                device = f'cuda:{rank}' if cuda else 'cpu'
+                model = _perturb(_tiny(mixer)).to(device)
+                x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(rank))
+                x = x.to(device)
+                with torch.no_grad():
+                    reference = model(x)
+                model = _sharded(model, kind, dtype, device)
+                outs = model(x)
+                sum(o.float().square().mean() for o in outs).backward()
+                # (FSDP1's original parameters are this rank's shard of each: some empty)
+                grads = [p.grad for p in model.parameters() if p.numel()]
+                assert all(g is not None and torch.isfinite(g.full_tensor() if kind ==
+                           'fully_shard' else g).all() for g in grads), (kind, mixer, dtype)
+                errors[kind, mixer, dtype] = max(
+                    ((o.float() - r).abs().max() / r.abs().max()).item()
+                    for o, r in zip(outs, reference))
     return errors
 
 
 def test_fsdp_mixed_precision_runs_and_trains(world_size=2, backend='gloo'):
     """The float32 pieces (stem conv, input projection, memory) get 16-bit
-    parameters from FSDP2's mixed precision and still compute in float32; it
-    crashed in the stem as ``.half()`` did. Two gloo processes."""
+    parameters from FSDP's mixed precision and still compute in float32; it
+    crashed in the stem as ``.half()`` did, and under FSDP1 in the memory
+    (its parameters, plain attributes there, went unseen). Two gloo
+    processes."""
     results = run_distributed(_fsdp_mixed_precision_step, world_size, backend == 'nccl',
                               backend=backend)
     for errors in results:
-        for (mixer, dtype), err in errors.items():
-            assert err < (5e-3 if dtype == torch.float16 else 4e-2), (mixer, dtype, err)
+        assert len(errors) == len(FSDP_KINDS) * len(MIXERS) * 2
+        for (kind, mixer, dtype), err in errors.items():
+            assert err < (5e-3 if dtype == torch.float16 else 4e-2), (kind, mixer, dtype, err)
 
 
 def _two_ddp_steps(rank, world_size, mixer):
