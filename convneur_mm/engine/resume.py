@@ -23,6 +23,12 @@ before loading the first batch not yet trained. Skipping loads the skipped
 batches (the sampler order and the data workers' generators advance as they
 did), so a resumed run with ``num_workers=0`` or non-persistent workers draws
 the same random numbers as the uninterrupted one, and its losses are equal.
+Validation draws from the generators too (a new DataLoader iterator draws its
+base seed from torch's; pipelines draw from NumPy's), and runs after the
+checkpoint of the same iteration is taken: ``RngStateHook`` puts training's
+states back after it, and checkpoints saved during it (the best one) store
+them, so that the training after a validation draws what a run resumed from
+that checkpoint draws.
 Every rank's states are stored: MMEngine 0.10.7's ``Runner.save_checkpoint``
 (and so ``before_save_checkpoint``) runs on rank 0 only, but every rank calls
 it, so ``ConvNeurRunner.save_checkpoint`` gathers all ranks' states first
@@ -80,9 +86,10 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(_cpu_bytes(state['cuda']))  # the current device's generator
 
 
-def gather_rng_states() -> list:
-    """Every rank's states, on every rank (a collective: all ranks call it)."""
-    return all_gather_object(capture_rng_state())
+def gather_rng_states(state: Optional[dict] = None) -> list:
+    """Every rank's states (``state``, default: its current ones), on every
+    rank (a collective: all ranks call it)."""
+    return all_gather_object(state or capture_rng_state())
 
 
 def rank_state(stored: Optional[dict], rank: int) -> Optional[dict]:
@@ -104,6 +111,14 @@ class RngStateHook(Hook):
         states = getattr(runner, 'gathered_rng_states', None) or [capture_rng_state()]
         runner.gathered_rng_states = None
         checkpoint.setdefault('meta', {})[RNG_KEY] = dict(ranks=states)
+
+    def before_val(self, runner) -> None:
+        runner.training_rng_state = capture_rng_state()
+
+    def after_val(self, runner) -> None:
+        state, runner.training_rng_state = runner.training_rng_state, None
+        if state is not None:
+            restore_rng_state(state)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if not getattr(runner, 'is_resuming', False):

@@ -116,6 +116,7 @@ class ConvNeurRunner(Runner):
         return super().build_train_loop(loop)
 
     gathered_rng_states = None
+    training_rng_state = None  # while validating: training's states (RngStateHook)
 
     def save_checkpoint(self, out_dir, filename, *args, **kwargs) -> None:
         """MMEngine writes checkpoints on rank 0 only (its ``save_checkpoint``
@@ -124,7 +125,7 @@ class ConvNeurRunner(Runner):
         directory the checkpoint is written as ``filename.part``, flushed and
         renamed: a kill while writing never leaves a cut-short file under a
         checkpoint's name."""
-        self.gathered_rng_states = gather_rng_states()
+        self.gathered_rng_states = gather_rng_states(self.training_rng_state)
         call = _SAVE_SIGNATURE.bind(self, out_dir, filename, *args, **kwargs).arguments
         if not writes_locally(out_dir, call.get('file_client_args'), call.get('backend_args')):
             return super().save_checkpoint(out_dir, filename, *args, **kwargs)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.dataset import default_collate
+from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.runner import Runner
@@ -48,6 +49,8 @@ class NoisyModel(BaseModel):
         self.linear = nn.Linear(2, 1)
 
     def forward(self, inputs, labels=None, mode='loss'):
+        if mode == 'predict':
+            return [dict(pred=p) for p in self.linear(inputs).squeeze(1)]
         out = self.linear(inputs * (1 + 0.1 * torch.rand_like(inputs))).squeeze(1)
         noise = float(np.random.rand()) + 0.01 * random.random()
         return dict(loss=(out - labels).square().mean() * (1 + noise))
@@ -64,6 +67,14 @@ class NoisyData(torch.utils.data.Dataset):
                     labels=torch.tensor(i * 0.5))
 
 
+class PredictionCount(BaseMetric):
+    def process(self, data_batch, data_samples):
+        self.results += [1] * len(data_samples)
+
+    def compute_metrics(self, results):
+        return dict(count=len(results))
+
+
 class LossRecorder(Hook):
     def __init__(self):
         self.losses = {}
@@ -72,10 +83,21 @@ class LossRecorder(Hook):
         self.losses[runner.iter + 1] = float(outputs['loss'])
 
 
-def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run'):
+def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run', validate=False,
+             randomness=dict(seed=0), checkpoint=dict(interval=3, by_epoch=False)):
+    """18 iterations, a checkpoint every 3; ``validate``: a validation after
+    each epoch (every 3 iterations when iteration-based), its data as
+    random as the training's."""
     recorder = LossRecorder()
     loop = dict(by_epoch=True, max_epochs=3) if by_epoch else dict(by_epoch=False,
                                                                     max_iters=18)
+    val = {}
+    if validate:
+        loop['val_interval'] = 1 if by_epoch else 3
+        val = dict(val_dataloader=dict(dataset=NoisyData(), batch_size=4,
+                                       collate_fn=default_collate,
+                                       sampler=dict(type='DefaultSampler', shuffle=True)),
+                   val_cfg=dict(), val_evaluator=[PredictionCount()])
     runner = runner_cls(
         model=NoisyModel(), work_dir=str(work_dir), experiment_name=f'{name}_{time.time()}',
         train_dataloader=dict(dataset=NoisyData(), batch_size=2, collate_fn=default_collate,
@@ -87,9 +109,9 @@ def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run'):
         param_scheduler=dict(type='MultiStepLR', by_epoch=by_epoch, gamma=0.5,
                              milestones=[1, 2] if by_epoch else [6, 12]),
         train_cfg=loop, custom_hooks=[recorder],
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False)),
-        randomness=dict(seed=0), load_from=resume_from, resume=resume_from is not None,
-        default_scope='mmengine')
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', **checkpoint)),
+        randomness=randomness, load_from=resume_from, resume=resume_from is not None,
+        default_scope='mmengine', **val)
     runner.train()
     return recorder.losses
 
@@ -107,6 +129,31 @@ def test_resumed_toy_run_continues_exactly(tmp_path, by_epoch):
                            resume_from=str(tmp_path / 'full' / f'iter_{ckpt}.pth'),
                            name=f'resumed{ckpt}')
         assert sorted(resumed) == list(range(ckpt + 1, 19))
+        assert resumed == {i: full[i] for i in resumed}
+
+
+@pytest.mark.parametrize('by_epoch, checkpoints', [
+    (True, [(6, 'epoch_1.pth'), (12, 'epoch_2.pth')]),  # per epoch, saving the best
+    (False, [(6, 'iter_6.pth'), (9, 'iter_9.pth')]),  # per 3 iterations, as the ADE20K ones
+], ids=['epoch-based', 'iter-based'])
+def test_validation_after_the_checkpoint_changes_nothing(tmp_path, by_epoch, checkpoints):
+    """Validation runs after the checkpoint of its iteration (or epoch) and
+    draws from the generators (the DataLoader iterator's base seed, the
+    pipeline's NumPy draws): the training after it draws as the run resumed
+    from that checkpoint does. With ``save_best``, MMEngine writes the best
+    checkpoint and, after a new best, ``epoch_N.pth`` again, during
+    validation: they hold training's states too. (Without ``RngStateHook``'s
+    restore after validation, or with the states of the moment stored, the
+    losses after the first validation differ.)"""
+    checkpoint = (dict(interval=1, by_epoch=True, save_best='count', rule='greater')
+                  if by_epoch else dict(interval=3, by_epoch=False))
+    full = _toy_run(ConvNeurRunner, tmp_path / 'full', by_epoch, name='full', validate=True,
+                    checkpoint=checkpoint)
+    for at, filename in checkpoints:
+        resumed = _toy_run(ConvNeurRunner, tmp_path / f'resumed{at}', by_epoch,
+                           resume_from=str(tmp_path / 'full' / filename),
+                           name=f'resumed{at}', validate=True, checkpoint=checkpoint)
+        assert sorted(resumed) == list(range(at + 1, 19))
         assert resumed == {i: full[i] for i in resumed}
 
 
