@@ -114,6 +114,7 @@ def set_randomness(cfg: Config, seed: Optional[int] = None, deterministic: bool 
     if seed is None and not deterministic:
         return
     cfg.setdefault('randomness', {})
+    cfg.randomness.setdefault('seed', None)  # MMEngine's set_randomness requires one
     if seed is not None:
         cfg.randomness.seed = seed
     if deterministic:
@@ -147,7 +148,8 @@ def build_runner(cfg: Config):
     passes of bilinear ``interpolate`` (MMSeg's heads) and adaptive average
     pooling (UperNet's PPM) raise on CUDA: they have no deterministic kernel.
     Those ops warn instead (once per op name); everything else stays
-    deterministic."""
+    deterministic. (``ConvNeurRunner`` keeps it so when MMEngine sets the
+    randomness again, as ``resume`` does for a checkpoint of another seed.)"""
     cfg.setdefault('runner_type', 'convneur_mm.ConvNeurRunner')
     if _deterministic(cfg):
         prepare_deterministic()

@@ -133,6 +133,16 @@ class ConvNeurRunner(Runner):
         if is_main_process():
             replace_durably(osp.join(out_dir, filename + PART_SUFFIX), osp.join(out_dir, filename))
 
+    def set_randomness(self, seed, diff_rank_seed: bool = False,
+                       deterministic: bool = False) -> None:
+        """MMEngine's, with ops that have no deterministic CUDA kernel warning
+        instead of raising (``launch.build_runner``), also when MMEngine sets
+        the randomness again: ``resume`` does for a checkpoint of another seed
+        (a config without one, such as the ImageNet ones, draws it)."""
+        super().set_randomness(seed, diff_rank_seed, deterministic)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
     def resume(self, filename, *args, **kwargs) -> None:
         if not filename:  # what MMEngine's find_latest_checkpoint reads from an empty file
             raise FileNotFoundError(

@@ -10,9 +10,12 @@ import torch
 from mmengine.config import Config
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
+from mmengine.runner import Runner
 from torch import nn
 
-from convneur_mm.engine.launch import build_runner, prepare_deterministic
+from convneur_mm.engine.launch import build_runner, prepare_deterministic, set_randomness
+from convneur_mm.engine.runner import ConvNeurRunner
+from .test_resume import _toy_run
 
 
 @MODELS.register_module(force=True)
@@ -62,3 +65,30 @@ def test_user_cublas_setting_is_kept_and_plain_runs_untouched(tmp_path, restore_
     monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':16:8')
     prepare_deterministic()
     assert os.environ['CUBLAS_WORKSPACE_CONFIG'] == ':16:8'
+
+
+def test_deterministic_without_a_seed_builds(tmp_path, restore_modes):
+    """``--deterministic`` alone on a config without ``randomness`` (the COCO
+    and ADE20K ones): MMEngine's ``set_randomness`` requires a seed, and the
+    runner failed to build before 2026-11-25."""
+    cfg = Config(dict(model=dict(type='DeterministicToy'), work_dir=str(tmp_path),
+                      default_scope='mmengine'))
+    set_randomness(cfg, deterministic=True)
+    runner = build_runner(cfg)
+    assert runner.seed is not None  # drawn by MMEngine
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+
+
+@pytest.mark.parametrize('runner_cls', [ConvNeurRunner, Runner], ids=['ours', 'mmengine'])
+def test_resuming_with_another_seed_keeps_warn_only(tmp_path, restore_modes, runner_cls):
+    """MMEngine's ``resume`` sets the randomness again when the checkpoint's
+    seed differs (always, for a config without a seed): its
+    ``use_deterministic_algorithms(True)`` made the ops without a
+    deterministic CUDA kernel raise for the rest of the run. Ours keeps
+    warn_only; MMEngine's runner, the control, does not."""
+    _toy_run(ConvNeurRunner, tmp_path / 'first', by_epoch=False, name='first')
+    _toy_run(runner_cls, tmp_path / 'resumed', by_epoch=False, name='resumed',
+             resume_from=str(tmp_path / 'first' / 'iter_9.pth'),
+             randomness=dict(seed=None, deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled() == (runner_cls is ConvNeurRunner)

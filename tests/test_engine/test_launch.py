@@ -27,6 +27,6 @@ def test_seed_alone_keeps_the_configs_deterministic_setting():
     assert cfg.randomness == dict(seed=7, deterministic=True)
     bare = Config(dict())
     set_randomness(bare, deterministic=True)
-    assert bare.randomness == dict(deterministic=True)
+    assert bare.randomness == dict(seed=None, deterministic=True)  # a seed MMEngine draws
     set_randomness(bare, seed=3)
     assert bare.randomness == dict(deterministic=True, seed=3)
