@@ -1,5 +1,6 @@
 """Where the repository is, for tests that run its tools, configs and scripts."""
 import importlib
+import importlib.util
 import os.path as osp
 import sys
 from types import ModuleType
@@ -15,3 +16,13 @@ def import_analysis_tool(name: str) -> ModuleType:
         return importlib.import_module(name)
     finally:
         sys.path.remove(ANALYSIS_TOOLS)
+
+
+def import_tool(name: str) -> ModuleType:
+    """tools/NAME.py as a module, under another name ('test' is the standard
+    library's package)."""
+    spec = importlib.util.spec_from_file_location(f'convneur_tools_{name}',
+                                                  osp.join(REPO, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -159,5 +159,10 @@ def build_runner(cfg: Config):
     return runner
 
 
-def set_local_rank(local_rank: int) -> None:
-    os.environ.setdefault('LOCAL_RANK', str(local_rank))
+def set_local_rank(local_rank: Optional[int]) -> None:
+    """``--local_rank`` (``torch.distributed.launch``) as ``LOCAL_RANK``, when
+    given: a default of 0 would send Slurm's and MPI's ranks, whose local
+    rank is in ``SLURM_LOCALID`` / ``OMPI_COMM_WORLD_LOCAL_RANK``, to GPU 0
+    for ``check_cuda``'s probe."""
+    if local_rank is not None:
+        os.environ.setdefault('LOCAL_RANK', str(local_rank))

@@ -1,9 +1,14 @@
 """convneur_mm.engine.launch: what tools/train.py and test.py share."""
+import os
+import sys
+
+import pytest
 import torch.distributed as dist
 from mmengine.config import Config
 
 from convneur_mm.engine.exit import shutdown_distributed
-from convneur_mm.engine.launch import set_randomness
+from convneur_mm.engine.launch import set_local_rank, set_randomness
+from ..paths import import_tool
 
 
 def test_shutdown_destroys_the_process_group_once(tmp_path):
@@ -30,3 +35,26 @@ def test_seed_alone_keeps_the_configs_deterministic_setting():
     assert bare.randomness == dict(seed=None, deterministic=True)  # a seed MMEngine draws
     set_randomness(bare, seed=3)
     assert bare.randomness == dict(deterministic=True, seed=3)
+
+
+def test_local_rank_is_set_only_when_given(monkeypatch):
+    """Slurm's and MPI's ranks keep their own local rank for the probe of
+    ``check_cuda`` (a default of 0 sent every rank's probe to GPU 0)."""
+    import torch
+    from convneur_mm.utils import cuda_env
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    monkeypatch.setenv('SLURM_LOCALID', '3')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
+    set_local_rank(None)  # tools/train.py and test.py without --local_rank
+    assert 'LOCAL_RANK' not in os.environ
+    assert cuda_env._probe_device() == torch.device('cuda', 3)
+    set_local_rank(5)  # torch.distributed.launch's --local_rank
+    assert os.environ['LOCAL_RANK'] == '5'
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_the_tools_local_rank_defaults_to_none(tool, monkeypatch):
+    module = import_tool(tool)
+    positional = {'train': ['config.py'], 'test': ['config.py', 'checkpoint.pth']}[tool]
+    monkeypatch.setattr(sys, 'argv', [f'{tool}.py', *positional])
+    assert module.parse_args().local_rank is None
