@@ -3,6 +3,7 @@ that fail early with the offending path, AMP selection, the runner and the
 distributed shut-down."""
 import os
 import os.path as osp
+import re
 import warnings
 from typing import Iterable, List, Optional
 
@@ -89,10 +90,39 @@ def missing_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> List[str]
 def check_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> None:
     missing = missing_data_paths(cfg, splits)
     if missing:
+        split = missing[0].split(':')[0]
+        ways = [f'{name}=/path/to/data/' for name in data_root_variables(cfg.filename)]
+        ways.append(f'--cfg-options {split}.dataset.data_root=...')
         raise FileNotFoundError(
             'the dataset named by the config is not there:\n  ' + '\n  '.join(missing) +
-            '\nPoint the config at your data (e.g. COCO_ROOT=/path/to/coco/ or '
-            "--cfg-options train_dataloader.dataset.data_root=...).")
+            f'\nPoint the config at your data: {" or ".join(ways)}')
+
+
+_VARIABLE = re.compile(r'\{\{\s*\$(\w+)\s*(?::([^}]*))?\}\}')
+
+
+def data_root_variables(filename: Optional[str]) -> List[str]:
+    """The environment variables that set data roots (``{{$COCO_ROOT:...}}``)
+    in a config file, else in the nearest local files it inherits from (a
+    file's own roots override its bases')."""
+    seen, level = set(), [filename] if filename else []
+    while level:
+        names, bases = [], []
+        for path in level:
+            if path in seen or not osp.isfile(path):
+                continue
+            seen.add(path)
+            with open(path) as f:
+                names += [name for name, _ in _VARIABLE.findall(f.read())
+                          if name.endswith('_ROOT') and name not in names]
+            for base in Config._get_base_files(path):
+                base = _VARIABLE.sub(lambda m: os.environ.get(m[1], m[2] or ''), base)
+                if '::' not in base:
+                    bases.append(osp.join(osp.dirname(path), base))
+        if names:
+            return names
+        level = bases
+    return []
 
 
 def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:

@@ -1,5 +1,6 @@
 """convneur_mm.engine.launch: what tools/train.py and test.py share."""
 import os
+import os.path as osp
 import sys
 
 import pytest
@@ -7,8 +8,9 @@ import torch.distributed as dist
 from mmengine.config import Config
 
 from convneur_mm.engine.exit import shutdown_distributed
-from convneur_mm.engine.launch import set_local_rank, set_randomness
-from ..paths import import_tool
+from convneur_mm.engine.launch import (check_data_paths, load_config, set_local_rank,
+                                       set_randomness)
+from ..paths import REPO, import_tool
 
 
 def test_shutdown_destroys_the_process_group_once(tmp_path):
@@ -58,3 +60,20 @@ def test_the_tools_local_rank_defaults_to_none(tool, monkeypatch):
     positional = {'train': ['config.py'], 'test': ['config.py', 'checkpoint.pth']}[tool]
     monkeypatch.setattr(sys, 'argv', [f'{tool}.py', *positional])
     assert module.parse_args().local_rank is None
+
+
+@pytest.mark.parametrize('config, variable', [
+    ('cls_convneur_m2_300e_in1k.py', 'IMAGENET_ROOT'),  # set in the M1 config it inherits
+    ('upernet_convneur_m2_80k_ade20k.py', 'ADE20K_ROOT'),
+    ('demo/cascade_rcnn_convneur_m3_coco_tiny.py', 'COCO_TINY_ROOT'),  # not its base's COCO_ROOT
+])
+def test_missing_data_names_the_configs_variable_and_split(config, variable, tmp_path):
+    """The hint names the variable that sets this config's data root and the
+    split that failed (it named COCO_ROOT and train_dataloader for any config)."""
+    cfg = load_config(osp.join(REPO, 'configs', config),
+                      {'test_dataloader.dataset.data_root': str(tmp_path / 'none')})
+    with pytest.raises(FileNotFoundError) as error:
+        check_data_paths(cfg, ['test_dataloader'])
+    hint = str(error.value).splitlines()[-1]
+    assert hint == (f'Point the config at your data: {variable}=/path/to/data/ or '
+                    '--cfg-options test_dataloader.dataset.data_root=...')
