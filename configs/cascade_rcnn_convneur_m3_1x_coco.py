@@ -9,6 +9,11 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 
+# Read anywhere (MMEngine's inferencers load the weights before they build the
+# model), this config imports convneur_mm: the backbone's registration and the
+# checkpoint allow-list that lets torch's weights-only load read our checkpoints.
+custom_imports = dict(imports=['convneur_mm'], allow_failed_imports=False)
+
 # ---- per-task memory settings (paper Sec. 4.2) --------------------------------
 # Higher resolution: larger chunks (4096 tokens) and a small inner step size
 # (1e-3) so that sparse box/mask supervision does not cause frequent writes.

@@ -17,6 +17,11 @@ _base_ = [
     'mmpretrain::_base_/default_runtime.py',
 ]
 
+# Read anywhere (MMEngine's inferencers load the weights before they build the
+# model), this config imports convneur_mm: the backbone's registration and the
+# checkpoint allow-list that lets torch's weights-only load read our checkpoints.
+custom_imports = dict(imports=['convneur_mm'], allow_failed_imports=False)
+
 # ---- per-task memory settings (paper Table 1): chunk 196, inner step size 1 ----
 memory_cfg = dict(chunk_size=196, max_lr=1.0)
 

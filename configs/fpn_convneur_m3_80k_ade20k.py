@@ -10,6 +10,11 @@ _base_ = [
     'mmseg::_base_/schedules/schedule_80k.py',
 ]
 
+# Read anywhere (MMEngine's inferencers load the weights before they build the
+# model), this config imports convneur_mm: the backbone's registration and the
+# checkpoint allow-list that lets torch's weights-only load read our checkpoints.
+custom_imports = dict(imports=['convneur_mm'], allow_failed_imports=False)
+
 # ---- per-task memory settings (our choice; the paper gives none) --------------
 # chunk_size 1024: a 512x512 crop then has 16 / 4 / 1 / 1 chunks in stages 1-4,
 # the profile the memory saw in ImageNet pre-training (224x224, chunk 196), so
