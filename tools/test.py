@@ -34,6 +34,9 @@ def parse_args():
     parser.add_argument('--show', action='store_true', help='display predictions')
     parser.add_argument('--show-dir', help='save drawn predictions to this directory')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
+    parser.add_argument('--show-interval', type=int, default=1, metavar='N',
+                        help='--show / --show-dir: every N-th image (segmentation, '
+                        'classification; detection draws every image)')
     parser.add_argument('--amp', action='store_true', help='mixed-precision inference')
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation: the config's tta_model and tta_pipeline")
@@ -63,7 +66,7 @@ def main():
     if args.amp:
         cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
     if args.show or args.show_dir:
-        enable_visualization(cfg, args.show_dir, args.show, args.wait_time)
+        enable_visualization(cfg, args.show_dir, args.show, args.wait_time, args.show_interval)
     if args.out and not args.out.endswith(('.pkl', '.pickle')):
         raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
     if args.tta:

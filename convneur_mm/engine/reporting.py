@@ -41,19 +41,24 @@ def format_metrics(metrics: dict, title: str = '') -> str:
 
 
 def enable_visualization(cfg: Config, show_dir: Optional[str], show: bool,
-                         wait_time: float) -> None:
-    """Turn on the toolbox's visualization hook the way its own test.py does."""
+                         wait_time: float, interval: int = 1) -> None:
+    """Turn on the toolbox's visualization hook the way its own test.py does,
+    drawing every ``interval``-th test image: MMSegmentation's hook draws
+    every 50th by default and MMPretrain's every 5000th, so that ``--show-dir``
+    on a small set wrote nothing (MMDetection's draws every test image)."""
     hooks = cfg.get('default_hooks', {})
     hook = hooks.get('visualization')
     if hook is None:
         raise RuntimeError('the config has no default_hooks.visualization to draw with')
     kind = hook['type'].split('.')[-1]
     if kind == 'VisualizationHook':  # MMPretrain
-        hook.update(enable=True, show=show, wait_time=wait_time)
+        hook.update(enable=True, show=show, wait_time=wait_time, interval=interval)
         if show_dir:
             hook['out_dir'] = show_dir
     else:  # DetVisualizationHook, SegVisualizationHook
         hook.update(draw=True, show=show, wait_time=wait_time)
+        if kind == 'SegVisualizationHook':  # per batch: of one image in test configs
+            hook['interval'] = interval
         if show_dir and kind == 'DetVisualizationHook':
             hook['test_out_dir'] = show_dir
         elif show_dir:

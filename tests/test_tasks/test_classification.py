@@ -2,6 +2,7 @@
 tiny dataset, a training step with the full augmentation, the learning-rate
 schedule with --auto-scale-lr, and top-1/top-5 through tools/test.py."""
 import filecmp
+import glob
 import os
 import os.path as osp
 import re
@@ -268,10 +269,13 @@ def test_test_py_reports_top1_top5_of_a_trained_checkpoint(trained_checkpoint, t
                                                            tmp_path):
     config_path = config(DEMO)
     out = _run_tool(sys.executable, 'tools/test.py', config_path, trained_checkpoint,
-                    '--work-dir', str(tmp_path / 'test'), '--cfg-options',
+                    '--work-dir', str(tmp_path / 'test'), '--show-dir', str(tmp_path / 'drawn'),
+                    '--show-interval', '5', '--cfg-options',
                     f'test_dataloader.dataset.data_root={tiny_imagenet}',
                     *(f'{k}={v}' for k, v in EVAL_32.items()))
     metrics = _table_metrics(out)
+    # every 5th of the 50 images drawn (MMPretrain's hook alone: the first only)
+    assert len(glob.glob(str(tmp_path / 'drawn' / '**' / '*.png'), recursive=True)) == 10
     assert set(metrics) == {'accuracy/top1', 'accuracy/top5'}, out
     expected = _manual_accuracy(trained_checkpoint, tiny_imagenet, tmp_path)
     assert metrics == pytest.approx(expected, abs=1e-3)

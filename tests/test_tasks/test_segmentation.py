@@ -1,6 +1,7 @@
 """Semantic segmentation on ADE20K (issue 5): the paper's recipe in our
 configs, the tiny ADE20K, CPU training and inference with the real config, a
 train-then-evaluate run through the tools, and Table 4's FLOPs."""
+import glob
 import os
 import os.path as osp
 import re
@@ -213,10 +214,13 @@ def test_train_then_evaluate_learns(ade20k_tiny, tmp_path, monkeypatch):
     dump = tmp_path / 'predictions.pkl'
     test = subprocess.run(
         [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
-         '--work-dir', str(tmp_path / 'test'), '--out', str(dump), '--cfg-options', val_subset],
+         '--work-dir', str(tmp_path / 'test'), '--out', str(dump),
+         '--show-dir', str(tmp_path / 'drawn'), '--cfg-options', val_subset],
         cwd=REPO, capture_output=True, text=True)
     assert test.returncode == 0, test.stderr[-3000:]
     trained = _metrics(test.stdout)
+    # --show-dir draws every image (MMSegmentation's hook alone: every 50th, none of 8)
+    assert len(glob.glob(str(tmp_path / 'drawn' / '**' / '*.png'), recursive=True)) == 8
     assert {'mIoU', 'mAcc', 'aAcc'} <= set(trained), test.stdout[-2000:]
     # --out keeps label maps, not the 150-channel logits or the ground truth
     predictions = mmengine.load(str(dump))
