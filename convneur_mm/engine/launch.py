@@ -21,6 +21,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     """Read a config (ours, a toolbox's, or a user's that inherits ours)."""
     if not osp.isfile(path):
         raise FileNotFoundError(f'config file not found: {path}')
+    check_launcher(launcher)
     export_config_dir()  # lets `{{$CONVNEUR_CONFIGS:}}` bases resolve
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
@@ -31,6 +32,20 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
     return cfg
+
+
+TORCHRUN_VARIABLES = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def check_launcher(launcher: str) -> None:
+    """``--launcher pytorch`` outside torchrun: a clear error, not MMEngine's
+    ``KeyError: 'RANK'`` from deep inside the runner."""
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if launcher == 'pytorch' and missing:
+        raise RuntimeError(
+            f'--launcher pytorch runs under torchrun, which sets {", ".join(missing)}: '
+            'start it with tools/dist_train.sh / dist_test.sh CONFIG [CKPT] GPUS, or drop '
+            '--launcher for one process')
 
 
 def _datasets(dataset_cfg) -> Iterable[dict]:

@@ -77,3 +77,16 @@ def test_missing_data_names_the_configs_variable_and_split(config, variable, tmp
     hint = str(error.value).splitlines()[-1]
     assert hint == (f'Point the config at your data: {variable}=/path/to/data/ or '
                     '--cfg-options test_dataloader.dataset.data_root=...')
+
+
+def test_pytorch_launcher_outside_torchrun_is_a_clear_error(monkeypatch):
+    for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+    config = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
+    with pytest.raises(RuntimeError, match='--launcher pytorch runs under torchrun, which sets '
+                       'RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT'):
+        load_config(config, launcher='pytorch')
+    for name, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT='29500').items():
+        monkeypatch.setenv(name, value)
+    assert load_config(config, launcher='pytorch').launcher == 'pytorch'
