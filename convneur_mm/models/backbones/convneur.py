@@ -75,15 +75,14 @@ class Downsample(nn.Sequential):
                       nn.Conv2d(in_channels, out_channels, stride, stride=stride)]
         super().__init__(*layers)
         self.stride = stride
+        self.is_stem = norm == 'after'
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in self:
-            if not isinstance(layer, nn.Conv2d):
-                x = layer(x)
-                continue
-            x = _pad_to_multiple(x, self.stride)
-            x = in_float32(layer, x) if isinstance(layer, Float32Conv2d) else layer(x)
-        return x
+        # by position, not by the layers' types: FSDP1's auto-wrap replaces
+        # layers with wrappers (a type test skipped the padding under them)
+        if self.is_stem:
+            return self[1](in_float32(self[0], _pad_to_multiple(x, self.stride)))
+        return self[1](_pad_to_multiple(self[0](x), self.stride))
 
 
 @MODELS.register_module()

@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
                          momentum_decay_states)
-from .precision import KeepsFloat32, in_float32, narrowed_parameters, widened
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    class DTensor:  # noqa: D101  (nothing is one)
+        pass
+
+from .precision import (Float32Linear, Float32RMSNorm, KeepsFloat32, in_float32,
+                        narrowed_parameters, widened)
 from .shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
@@ -32,7 +39,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.to_logits = nn.Linear(dim, dim)
+        self.to_logits = Float32Linear(dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,21 +88,21 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         self.scan_block = scan_block
         hd = self.head_dim
 
-        self.store_norm = nn.RMSNorm(dim, eps=RMS_EPS)
-        self.retrieve_norm = nn.RMSNorm(dim, eps=RMS_EPS)
-        self.to_keys = nn.Linear(dim, dim, bias=False)
-        self.to_values = nn.Linear(dim, dim, bias=False)
-        self.to_queries = nn.Linear(dim, dim, bias=False)
+        self.store_norm = Float32RMSNorm(dim, eps=RMS_EPS)
+        self.retrieve_norm = Float32RMSNorm(dim, eps=RMS_EPS)
+        self.to_keys = Float32Linear(dim, dim, bias=False)
+        self.to_values = Float32Linear(dim, dim, bias=False)
+        self.to_queries = Float32Linear(dim, dim, bias=False)
         self.key_norm = nn.RMSNorm(hd, eps=RMS_EPS, elementwise_affine=False)
         self.query_norm = nn.RMSNorm(hd, eps=RMS_EPS, elementwise_affine=False)
         self.key_gamma = nn.Parameter(torch.zeros(heads, hd))
         self.query_gamma = nn.Parameter(torch.zeros(heads, hd))
 
-        self.to_token_lr = nn.Linear(dim, heads)
+        self.to_token_lr = Float32Linear(dim, heads)
         self.pool = AttentionPool(dim)
-        self.to_decay = nn.Linear(dim, heads)
-        self.to_momentum = nn.Linear(dim, heads)
-        self.to_lr_modulation = nn.Linear(dim, heads * len(MemoryWeights._fields))
+        self.to_decay = Float32Linear(dim, heads)
+        self.to_momentum = Float32Linear(dim, heads)
+        self.to_lr_modulation = Float32Linear(dim, heads * len(MemoryWeights._fields))
 
         # the learned initial state W_0, one per head
         self.init_w1 = nn.Parameter(torch.empty(heads, hd, 4 * hd))
@@ -196,10 +203,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         With a single chunk the paper's equations read only W_0, so the write
         path gets no gradient; tying it with weight zero gives it an exact zero
         gradient instead of none, which keeps DDP (find_unused_parameters=False)
-        and gradient-based tooling working at no measurable cost.
+        and gradient-based tooling working at no measurable cost. Parameters
+        of FSDP2 units of their own are skipped: sharded (``DTensor``) outside
+        their unit's forward, they cannot meet plain tensors, and FSDP needs
+        no tie.
         """
         return sum(p.sum() for p in self.update_parameters()
-                   if p.requires_grad) * 0.0
+                   if p.requires_grad and not isinstance(p, DTensor)) * 0.0
 
     def _write(self, x: Tensor, num_updates: int,
                scan_block: Optional[int]) -> MemoryWeights:

@@ -3,9 +3,10 @@ in float32 under it (sums that 16-bit types overflow or round away), and the
 modules that keep float32 weights when the model is cast to 16 bits.
 """
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Dict, Iterator, Optional
+from typing import Callable, ContextManager, Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # device types with autocast in every torch we meet: no availability query
@@ -136,14 +137,38 @@ def widened(module: nn.Module, narrowed: Dict[str, Tensor]) -> Iterator[None]:
             table[key] = original
 
 
+def float32_operands(x: Tensor, *weights: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """``x`` in float32 (float64 stays) and ``weights`` in its dtype, for a
+    layer of float32 maths whose operands FSDP's mixed precision may hand
+    over in 16 bits: its weights (``param_dtype``), and under FSDP2 its input
+    too when the layer is a unit of its own (``cast_forward_inputs``)."""
+    x = x.to(at_least_float32(x.dtype))
+    return (x, *(w if w is None or w.dtype == x.dtype else w.to(x.dtype) for w in weights))
+
+
 class Float32Conv2d(KeepsFloat32, nn.Conv2d):
-    """A Conv2d that its caller runs in float32 (``in_float32``): the stem's
-    conv, a global branch's input projection. Its weights stay float32 when
-    the model is cast to 16 bits, and are computed with in its input's dtype
-    when FSDP's mixed precision hands them over in 16 bits."""
+    """A Conv2d that computes in float32: the stem's conv, a global branch's
+    input projection (their callers run them ``in_float32``). Its weights
+    stay float32 when the model is cast to 16 bits, and 16-bit operands from
+    FSDP's mixed precision are widened (``float32_operands``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.dtype == x.dtype:
-            return super().forward(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return self._conv_forward(x, self.weight.to(x.dtype), bias)
+        return self._conv_forward(*float32_operands(x, self.weight, self.bias))
+
+
+class Float32Linear(nn.Linear):
+    """A Linear that computes in float32, inside float32 maths (the memory's,
+    a ``KeepsFloat32`` module), also when FSDP's mixed precision makes it a
+    unit of its own (an auto-wrap policy that wraps Linear layers) and hands
+    over 16-bit operands only when it is called (``float32_operands``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(*float32_operands(x, self.weight, self.bias))
+
+
+class Float32RMSNorm(nn.RMSNorm):
+    """An RMSNorm that computes in float32, as ``Float32Linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, weight = float32_operands(x, self.weight)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)

@@ -4,6 +4,7 @@ find_unused_parameters, and the classification / detection / segmentation
 configs."""
 import pytest
 import torch
+from torch import nn
 
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.mixers import MIXERS
@@ -112,19 +113,37 @@ def test_a_model_cast_to_16_bits_runs_and_trains(mixer, dtype, tol, device='cpu'
         assert torch.isfinite(p.grad).all(), name
 
 
-FSDP_KINDS = ['fully_shard', 'FSDP1', 'FSDP1 orig params']
+FSDP_KINDS = ['fully_shard', 'fully_shard per layer', 'FSDP1', 'FSDP1 orig params',
+              'FSDP1 per layer']
+LAYERS = (nn.Linear, nn.Conv2d, nn.RMSNorm)  # units of their own, 'per layer'
 
 
 def _sharded(model, kind, dtype, device):
     """``model`` under FSDP2 (``fully_shard``) or FSDP1 (MMEngine's
-    ``MMFullyShardedDataParallel`` and ``FSDPStrategy``), 16-bit ``param_dtype``."""
+    ``MMFullyShardedDataParallel`` and ``FSDPStrategy``), 16-bit
+    ``param_dtype``; 'per layer': every Linear, Conv2d and RMSNorm its own
+    unit (as an auto-wrap policy makes them), handing over its 16-bit weights
+    only when it is called, inside the float32 pieces' forward."""
     from torch.distributed import fsdp
-    if kind == 'fully_shard':
-        return fsdp.fully_shard(model, mp_policy=fsdp.MixedPrecisionPolicy(
-            param_dtype=dtype, reduce_dtype=torch.float32))
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    if kind.startswith('fully_shard'):
+        policy = fsdp.MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        if kind.endswith('per layer'):
+            for m in list(model.modules()):
+                if isinstance(m, LAYERS) and any(True for _ in m.parameters()):
+                    fsdp.fully_shard(m, mp_policy=policy)
+        return fsdp.fully_shard(model, mp_policy=policy)
     return fsdp.FullyShardedDataParallel(
         model, device_id=torch.device(device), use_orig_params=kind == 'FSDP1 orig params',
+        auto_wrap_policy=ModuleWrapPolicy(set(LAYERS)) if kind.endswith('per layer') else None,
         mixed_precision=fsdp.MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32))
+
+
+def _write_path_names(model) -> set:
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    return {f'{prefix}.{name}' for prefix, m in model.named_modules()
+            if isinstance(m, NeuralMemory) for name, p in m.named_parameters()
+            if any(p is q for q in m.update_parameters())}
 
 
 def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
@@ -142,13 +161,20 @@ def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
                 x = x.to(device)
                 with torch.no_grad():
                     reference = model(x)
+                write_path = _write_path_names(model)
                 model = _sharded(model, kind, dtype, device)
                 outs = model(x)
                 sum(o.float().square().mean() for o in outs).backward()
-                # (FSDP1's original parameters are this rank's shard of each: some empty)
-                grads = [p.grad for p in model.parameters() if p.numel()]
-                assert all(g is not None and torch.isfinite(g.full_tensor() if kind ==
-                           'fully_shard' else g).all() for g in grads), (kind, mixer, dtype)
+                for name, p in model.named_parameters():
+                    if not p.numel():  # FSDP1's original parameters: this rank's shard
+                        continue
+                    # no zero tie for FSDP2 units of their own: a one-chunk
+                    # memory's write path may get no gradient there
+                    assert p.grad is not None or (kind == 'fully_shard per layer'
+                                                  and name in write_path), (kind, mixer, name)
+                    if p.grad is not None:
+                        grad = p.grad.full_tensor() if kind.startswith('fully_shard') else p.grad
+                        assert torch.isfinite(grad).all(), (kind, mixer, dtype, name)
                 errors[kind, mixer, dtype] = max(
                     ((o.float() - r).abs().max() / r.abs().max()).item()
                     for o, r in zip(outs, reference))
