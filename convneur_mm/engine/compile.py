@@ -185,13 +185,24 @@ def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] 
               logger='current')
 
 
+def _is_size(value) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) for v in value))
+
+
 def find_resize_scale(node) -> Optional[Tuple[int, int]]:
     """The ``scale`` of the first keep-ratio ``Resize`` in a (wrapped) dataset
-    config's pipeline."""
+    config's pipeline; for a multi-scale ``RandomResize`` (``scale`` a range
+    of two sizes, mmdet's ``[(1333, 640), (1333, 800)]``), the longest and
+    shortest side of the range."""
     if isinstance(node, dict):
-        if str(node.get('type', '')).endswith('Resize') and node.get('keep_ratio') \
-                and isinstance(node.get('scale'), (tuple, list)) and len(node['scale']) == 2:
-            return tuple(node['scale'])
+        scale = node.get('scale')
+        if str(node.get('type', '')).endswith('Resize') and node.get('keep_ratio'):
+            if _is_size(scale):
+                return tuple(scale)
+            if isinstance(scale, (tuple, list)) and len(scale) == 2 and all(map(_is_size, scale)):
+                sides = [side for size in scale for side in size]
+                return max(sides), min(sides)
         children = node.values()
     elif isinstance(node, (list, tuple)):
         children = node

@@ -46,6 +46,8 @@ def enable_visualization(cfg: Config, show_dir: Optional[str], show: bool,
     drawing every ``interval``-th test image: MMSegmentation's hook draws
     every 50th by default and MMPretrain's every 5000th, so that ``--show-dir``
     on a small set wrote nothing (MMDetection's draws every test image)."""
+    if interval < 1:  # MMSegmentation's hook would draw nothing, MMPretrain's divide by 0
+        raise ValueError(f'--show-interval must be at least 1, got {interval}')
     hooks = cfg.get('default_hooks', {})
     hook = hooks.get('visualization')
     if hook is None:

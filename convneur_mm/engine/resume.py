@@ -112,6 +112,9 @@ class RngStateHook(Hook):
         runner.gathered_rng_states = None
         checkpoint.setdefault('meta', {})[RNG_KEY] = dict(ranks=states)
 
+    def before_train(self, runner) -> None:
+        runner.training_rng_state = None  # left by a validation that raised
+
     def before_val(self, runner) -> None:
         runner.training_rng_state = capture_rng_state()
 

@@ -281,3 +281,10 @@ def test_compile_buckets_a_detectors_training_batches(tmp_path):
     seg = load_config(osp.join(REPO, 'configs', 'fpn_convneur_m2_80k_ade20k.py'),
                       work_dir=str(tmp_path))
     assert bucket_detection_sizes(seg) is None
+    # mmdet's multi-scale training (RandomResize over a range of two sizes): the
+    # buckets span the range (it stopped --compile with a TypeError)
+    multi = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
+                        work_dir=str(tmp_path))
+    resize = next(t for t in multi.train_dataloader.dataset.pipeline if t.type == 'Resize')
+    resize.update(type='RandomResize', scale=[(1333, 640), (1333, 800)])
+    assert bucket_detection_sizes(multi) == (640, 992, 1344)

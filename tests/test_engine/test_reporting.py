@@ -1,4 +1,10 @@
-from convneur_mm.engine.reporting import format_metrics
+import os.path as osp
+
+import pytest
+
+from convneur_mm.engine.launch import load_config
+from convneur_mm.engine.reporting import enable_visualization, format_metrics
+from ..paths import REPO
 
 
 def test_coco_table_in_the_papers_layout_with_empty_size_ranges_as_dashes():
@@ -11,3 +17,19 @@ def test_coco_table_in_the_papers_layout_with_empty_size_ranges_as_dashes():
     assert '| bbox | 50.0 | 75.0 | 50.0 | 25.0 | 60.0 | - |' in table
     assert '| coco/segm_mAP | 0.4000 |' in table
     assert 'copypaste' not in table and '-100' not in table
+
+
+@pytest.mark.parametrize('config, hook, interval_key', [
+    ('demo/fpn_convneur_m2_ade20k_tiny.py', 'SegVisualizationHook', 'interval'),
+    ('demo/cls_convneur_m1_imagenet_tiny.py', 'VisualizationHook', 'interval'),
+    ('demo/cascade_rcnn_convneur_m3_coco_tiny.py', 'DetVisualizationHook', None),
+])
+def test_show_dir_draws_every_nth_image(config, hook, interval_key, tmp_path):
+    cfg = load_config(osp.join(REPO, 'configs', config), work_dir=str(tmp_path))
+    enable_visualization(cfg, str(tmp_path / 'drawn'), show=False, wait_time=0, interval=3)
+    settings = cfg.default_hooks.visualization
+    assert settings.type.endswith(hook)
+    if interval_key:  # MMDetection's hook draws every test image whatever its interval
+        assert settings[interval_key] == 3
+    with pytest.raises(ValueError, match='--show-interval must be at least 1, got 0'):
+        enable_visualization(cfg, None, show=True, wait_time=0, interval=0)

@@ -356,3 +356,14 @@ def test_checkpoints_from_before_per_rank_states_restore_rank_0():
     assert rank_state(old, 1) is None
     restore_rng_state(rank_state(old, 0))
     assert _draws() == expected
+
+
+def test_a_validation_that_raised_leaves_no_training_states_behind():
+    """``after_val`` does not run when validation raises: the next training
+    must not store the states captured before it in its checkpoints."""
+    from types import SimpleNamespace
+    hook, runner = RngStateHook(), SimpleNamespace(training_rng_state=None)
+    hook.before_val(runner)
+    assert runner.training_rng_state is not None
+    hook.before_train(runner)  # runner.train() again, in the same process
+    assert runner.training_rng_state is None
