@@ -70,8 +70,10 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
 
 
 def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = '',
-                             strict: bool = True) -> None:
-    """Load the weights under ``prefix`` of ``checkpoint`` into ``model``.
+                             strict: bool = True, skip_unexpected: bool = False) -> None:
+    """Load the weights under ``prefix`` of ``checkpoint`` into ``model``;
+    ``skip_unexpected``: keys the model has no place for (the output norms of
+    other ``out_indices``) are left out, missing keys and shapes still checked.
 
     Raises:
         FileNotFoundError: the checkpoint path does not exist.
@@ -83,6 +85,9 @@ def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = ''
     if not is_remote(checkpoint) and not osp.isfile(checkpoint):
         raise FileNotFoundError(f'{name}: pretrained checkpoint not found: {checkpoint}')
     state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'), prefix)
+    if skip_unexpected:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
     problems = compare_state_dicts(model, state)
     if problems:
         message = (f'{name}: checkpoint {checkpoint} does not fit the model:\n  ' +

@@ -110,3 +110,24 @@ def test_erf_script_writes_a_figure_and_a_table(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert '| ConvNeur-M3 |' in result.stdout and '| ConvNeur-M3 local-only |' in result.stdout
     assert cv2.imread(str(out)) is not None
+
+
+def test_erf_loads_a_dense_task_checkpoint_and_refuses_another_model(tmp_path):
+    """A detector's backbone (the norms of all four outputs) loads; another
+    model's weights stop the tool (they were loaded "where they fit" and the
+    random-weight figures printed, exit 0)."""
+    from convneur_mm.utils.pretrained import CheckpointMismatchError
+
+    def checkpoint(arch):
+        path = str(tmp_path / f'{arch}.pth')
+        backbone = ConvNeur(arch=arch, out_indices=(0, 1, 2, 3))
+        torch.save(dict(state_dict={f'backbone.{k}': v for k, v in
+                                    backbone.state_dict().items()}), path)
+        return path, backbone
+
+    path, detector_backbone = checkpoint('m3')
+    model = erf_tool.build_backbone('ConvNeur-M3', path)
+    torch.testing.assert_close(model.stages[2][0].global_branch.proj_in.weight,
+                               detector_backbone.stages[2][0].global_branch.proj_in.weight)
+    with pytest.raises(CheckpointMismatchError, match='shape mismatches'):
+        erf_tool.build_backbone('ConvNeur-M3', checkpoint('m2')[0])

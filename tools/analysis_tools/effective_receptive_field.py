@@ -63,7 +63,9 @@ def build_backbone(name: str, checkpoint: Optional[str]) -> torch.nn.Module:
         model.init_weights()
     if checkpoint:
         from convneur_mm.utils.pretrained import load_pretrained_backbone
-        load_pretrained_backbone(model, checkpoint, prefix='backbone.', strict=False)
+        # a detector's or segmentor's checkpoint has the norms of its other
+        # outputs too; anything else that does not fit is an error
+        load_pretrained_backbone(model, checkpoint, prefix='backbone.', skip_unexpected=True)
     model.eval()
     return model
 
