@@ -26,3 +26,18 @@ def test_rows_of_table5_with_every_convention():
     assert float(nonlocal_[4]) < 1.7 < 2.9 < float(nonlocal_[5]) < 3.0  # matmul counted
     assert cbam[0] == '(3) CBAM [69]' and float(cbam[4]) == float(cbam[5])
 
+
+
+def test_other_configs_each_at_their_own_shape_beside_the_rows():
+    """A segmentor and a classifier (no Table 5 row): each its backbone and
+    whole model at its task's shape (one header at the first's shape, and
+    the Table 5 names, labelled them all before); a row config beside them
+    still goes to the rows table."""
+    text = _run('fpn_convneur_m2_80k_ade20k.py', 'cls_convneur_m4_300e_in1k.py',
+                'ablations/cls_convneur_m3_cbam_300e_in1k.py')
+    assert 'fpn_convneur_m2_80k_ade20k.py  (' in text and 'input 1x3x512x2048)' in text
+    assert 'cls_convneur_m4_300e_in1k.py  (' in text and 'input 1x3x224x224)' in text
+    assert text.count('| backbone |') == 2 and text.count('| whole |') == 2
+    rows = [line for line in text.splitlines() if line.startswith('| (')]
+    assert len(rows) == 1 and rows[0].startswith('| (3) CBAM [69] |')
+    assert 'Table 5 rows, whole models, input 1x3x224x224' in text

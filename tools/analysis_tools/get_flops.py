@@ -71,18 +71,25 @@ def print_rows(configs: list, results: list) -> None:
 
 
 def main():
+    from convneur_mm.utils.ablations import ablation_configs
+    from convneur_mm.utils.toolbox import load_cfg
     args = parse_args()
-    configs = list(args.configs)
-    if args.table5:
-        from convneur_mm.utils.ablations import ablation_configs
-        configs += ablation_configs()
-    results = [measure_config(c, args.shape, args.cfg_options) for c in configs]
-    if len(configs) == 1:
-        print_parts(configs[0], results[0])
-    else:
+    # Table 5 rows (configs with a `table5` entry, all classifiers) in one
+    # table; any other config as its backbone and whole model, at its shape
+    cfgs = {c: load_cfg(c) for c in args.configs}
+    rows = [c for c in args.configs if cfgs[c].get('table5')]
+    parts = [c for c in args.configs if c not in rows]
+    given = {osp.realpath(cfgs[c].filename) for c in rows}
+    rows += [c for c in ablation_configs() if args.table5 and osp.realpath(c) not in given]
+    for i, config in enumerate(parts):
+        print('\n' * bool(i), end='')
+        print_parts(config, measure_config(config, args.shape, args.cfg_options))
+    if rows:
+        results = [measure_config(c, args.shape, args.cfg_options) for c in rows]
         h, w = results[0]['shape']
-        print(f'Whole models, input 1x3x{h}x{w}; GFLOPs are MACs, as in the paper\n')
-        print_rows(configs, results)
+        print('\n' * bool(parts) + f'Table 5 rows, whole models, input 1x3x{h}x{w}; '
+              'GFLOPs are MACs, as in the paper\n')
+        print_rows(rows, results)
     sys.stdout.flush()
 
 
