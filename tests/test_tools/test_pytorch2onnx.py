@@ -149,6 +149,34 @@ def test_tool_exits_non_zero_when_the_check_fails(monkeypatch, tmp_path, capsys)
     assert 'CHECK FAILED' in err and 'do not deploy it' in err
 
 
+@pytest.mark.parametrize('options, message', [
+    (['--check-shape', '96', '96'], '--check-shape is the second check size of a --dynamic'),
+    (['--batch', '0'], '--batch must be at least 1, got 0'),
+    (['--out', '/nonexistent/folder/m1.onnx'], '--out: no writable folder /nonexistent/folder'),
+])
+def test_impossible_options_stop_before_the_export(options, message, monkeypatch, tmp_path,
+                                                   capsys):
+    """They were ignored (--check-shape without --dynamic) or failed after
+    the export's minutes (a missing --out folder)."""
+    tool = _tool()
+    monkeypatch.setattr(tool, 'export_onnx', lambda *a, **k: pytest.fail('exported'))
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(['cls_convneur_m1_300e_in1k.py', '--out', str(tmp_path / 'm1.onnx'),
+                   *options])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_opset_the_exporter_did_not_write_fails(monkeypatch, tmp_path, capsys):
+    """torch's exporter writes opset 18 when asked for an older one, with a
+    warning in the log: the tool said "check passed" and exited 0."""
+    tool = _tool()
+    monkeypatch.setattr(tool, 'export_onnx', lambda *a, **k: None)
+    monkeypatch.setattr(tool, 'written_opset', lambda path: 18)
+    status = tool.main(['cls_convneur_m1_300e_in1k.py', '--out', str(tmp_path / 'm1.onnx'),
+                        '--opset', '11'])
+    assert status == 1 and 'has opset 18, not the --opset 11' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('size', [(16, 16), (25, 21), (7, 5), (1, 3)])
 @pytest.mark.parametrize('output_size', [1, 2, 3, 6, (2, None)])
 def test_shape_generic_adaptive_pooling_is_torchs(size, output_size):

@@ -20,6 +20,7 @@ are random (the config's init), which exports and checks the graph alike.
 Whole detectors are not exported (see convneur_mm/deployment/export.py).
 """
 import argparse
+import os
 import os.path as osp
 import sys
 
@@ -48,7 +49,23 @@ def parse_args(argv=None):
                         'some memory gets another number of chunks)')
     parser.add_argument('--atol', type=float, default=1e-4)
     parser.add_argument('--opset', type=int, help='ONNX opset (default: the exporter\'s)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.check_shape and not args.dynamic:
+        parser.error('--check-shape is the second check size of a --dynamic export')
+    if args.batch < 1:
+        parser.error(f'--batch must be at least 1, got {args.batch}')
+    if not args.out.endswith('.onnx'):
+        parser.error(f'--out must end with .onnx, got {args.out}')
+    folder = osp.dirname(osp.abspath(args.out))
+    if not osp.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f'--out: no writable folder {folder}')  # before the export's minutes
+    return args
+
+
+def written_opset(path: str) -> int:
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx'))
 
 
 def default_shape(cfg) -> tuple:
@@ -72,8 +89,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.checkpoint and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-    if not args.out.endswith('.onnx'):
-        raise ValueError(f'--out must end with .onnx, got {args.out}')
     cfg = load_cfg(args.config)
     scope = cfg.get('default_scope')
     model = build(cfg, args.checkpoint)
@@ -92,6 +107,10 @@ def main(argv=None) -> int:
           f'of {osp.basename(args.config)} at {shape}, dynamic={args.dynamic}')
     export_onnx(module, example, args.out, dynamic_dims=(2, 3) if args.dynamic else (),
                 output_names=module.output_names(), opset=args.opset)
+    if args.opset and written_opset(args.out) != args.opset:  # torch's exporter may raise it
+        print(f'{args.out} has opset {written_opset(args.out)}, not the --opset {args.opset} '
+              'asked for: torch\'s exporter does not write that opset', file=sys.stderr)
+        return 1
     inputs = [example]
     if args.dynamic:
         other = tuple(args.check_shape or check_size_for(model.backbone, shape))
