@@ -24,6 +24,7 @@ from ..demo_data.global_probe import ALL_RELATIONS, make_image
 from ..models.layers.block import FUSIONS
 from ..models.layers.mixers import MIXERS
 from .bench_env import PeakMemoryGrowth
+from .cli import positive_float, positive_int
 
 # Two stages of one block: the local branch sees 4 + 24 + 4 + 48 = 80 pixels
 # (stem, stage-1 7x7 at stride 4, downsampling, stage-2 7x7 at stride 8): less
@@ -204,12 +205,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split('\n')[0])
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument('--seeds', nargs='+', type=int, default=[0])
-    parser.add_argument('--steps', type=int, default=300)
-    parser.add_argument('--batch', type=int, default=64)
-    parser.add_argument('--lr', type=float, default=3e-3)
-    parser.add_argument('--train-count', type=int, default=3000)
-    parser.add_argument('--size', type=int, default=128)
-    parser.add_argument('--kinds', type=int, default=3)
+    parser.add_argument('--steps', type=positive_int, default=300)
+    parser.add_argument('--batch', type=positive_int, default=64)
+    parser.add_argument('--lr', type=positive_float, default=3e-3)
+    parser.add_argument('--train-count', type=positive_int, default=3000)
+    parser.add_argument('--size', type=positive_int, default=128)
+    parser.add_argument('--kinds', type=positive_int, default=3)
     parser.add_argument('--distractors', type=int, default=2)
     parser.add_argument('--relation', default='same', choices=ALL_RELATIONS)
     parser.add_argument('--radius', type=float, nargs=2, metavar=('LO', 'HI'),
@@ -223,10 +224,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--aspect', type=float,
                         help="'above' only: marks as ellipses this many times wider than "
                              'high (1)')
-    parser.add_argument('--depths', type=int, nargs='+', help='blocks per stage (1 1)')
-    parser.add_argument('--dims', type=int, nargs='+', help='widths per stage (16 32)')
-    parser.add_argument('--memory-dim', type=int, help='C_m (16)')
-    parser.add_argument('--chunk-size', type=int, help='memory chunk length (32)')
+    parser.add_argument('--depths', type=positive_int, nargs='+', help='blocks per stage (1 1)')
+    parser.add_argument('--dims', type=positive_int, nargs='+', help='widths per stage (16 32)')
+    parser.add_argument('--memory-dim', type=positive_int, help='C_m (16)')
+    parser.add_argument('--chunk-size', type=positive_int, help='memory chunk length (32)')
     parser.add_argument('--placement', choices=('stage', 'block'),
                         help="a memory variant's memory_placement (stage)")
     parser.add_argument('--without', nargs='+', default=[], choices=GLOBAL_POOLINGS,

@@ -47,23 +47,24 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models.layers.neural_memory import NeuralMemory  # noqa: E402
 from convneur_mm.utils.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
                                          synchronize)
+from convneur_mm.utils.cli import positive_int  # noqa: E402
 from convneur_mm.utils.op_profile import MATRIX_PRODUCTS, profile_call  # noqa: E402
 from tests.test_models.test_layers.memory_reference import reference_memory  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--tokens', type=int, default=56 * 56)
-    parser.add_argument('--dim', type=int, default=128)
-    parser.add_argument('--chunk', type=int, default=196)
+    parser.add_argument('--batch', type=positive_int, default=8)
+    parser.add_argument('--tokens', type=positive_int, default=56 * 56)
+    parser.add_argument('--dim', type=positive_int, default=128)
+    parser.add_argument('--chunk', type=positive_int, default=196)
     parser.add_argument('--update', choices=['parallel', 'sequential'], default='parallel')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--repeats', type=positive_int, default=7)
     parser.add_argument('--compile', action='store_true',
                         help='also time our path (and titans-pytorch) under torch.compile')
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def titans_memory(dim: int, chunk: int) -> Tuple[Optional[nn.Module], str]:
@@ -161,8 +162,8 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main():
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
     device = setup_benchmark_device(args.device)
     torch.manual_seed(0)
     memory = NeuralMemory(args.dim, chunk_size=args.chunk, update=args.update).to(args.device)

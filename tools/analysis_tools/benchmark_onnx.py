@@ -30,6 +30,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.deployment import (DeployableModel, export_onnx, onnx_outputs,  # noqa: E402
                                     ort_session)
 from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
+from convneur_mm.utils.cli import positive_int, writable_dir  # noqa: E402
 from convneur_mm.utils.toolbox import build_model, load_cfg  # noqa: E402
 
 # ONNX Runtime's intra-op threads spin for tens of milliseconds after a run;
@@ -48,8 +49,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--out-dir', help='keep the .onnx files here (default: a temp dir)')
+    parser.add_argument('--repeats', type=positive_int, default=5)
+    parser.add_argument('--out-dir', type=writable_dir,
+                        help='keep the .onnx files here (default: a temp dir)')
     return parser.parse_args(argv)
 
 

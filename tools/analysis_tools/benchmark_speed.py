@@ -41,6 +41,7 @@ sys.path.insert(0, REPO)
 from convneur_mm.utils.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
                                          peak_gemm_rate, setup_benchmark_device,
                                          synchronize)
+from convneur_mm.utils.cli import positive_int, writable_file  # noqa: E402
 
 MODES = ('eager', 'compiled', 'bf16')
 
@@ -60,21 +61,23 @@ MODELS = {
 }
 
 
-def parse_args():
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, help='throughput batch (CPU 16, CUDA 128)')
-    parser.add_argument('--iters', type=int, default=3, help='timed iterations')
-    parser.add_argument('--rounds', type=int, default=1,
+    parser.add_argument('--batch', type=positive_int,
+                        help='throughput batch (CPU 16, CUDA 128)')
+    parser.add_argument('--iters', type=positive_int, default=3, help='timed iterations')
+    parser.add_argument('--rounds', type=positive_int, default=1,
                         help='measure every model this many times, in turns, and '
                         'keep each one\'s best round (load on a shared machine only slows)')
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--modes', nargs='+', default=['eager'], choices=MODES)
-    parser.add_argument('--out', help='also write the results as JSON here')
+    parser.add_argument('--out', type=writable_file,
+                        help='also write the results as JSON here (checked at start)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: measure one model
     parser.add_argument('--mode', default='eager', choices=MODES, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 class _PVTv2Classifier(nn.Module):
@@ -251,7 +254,9 @@ def m3_throughput_bound(local_throughput: float, branch_macs: float, gemm_rate: 
 
 def throughput_batch(args) -> int:
     """``--batch``, else the OverLoCK protocol's 128 on a GPU and 16 on a CPU."""
-    return args.batch or (128 if args.device.startswith('cuda') else 16)
+    if args.batch is not None:
+        return args.batch
+    return 128 if args.device.startswith('cuda') else 16
 
 
 def run_all(args) -> List[Dict]:
@@ -395,8 +400,8 @@ def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
     return lines
 
 
-def main():
-    args = parse_args()
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
     device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.worker:
         print(json.dumps(measure(args.worker, args.device, args.batch, args.iters, args.mode)))

@@ -31,6 +31,7 @@ from convneur_mm.models import ConvNeur  # noqa: E402
 from convneur_mm.utils.bench_env import (is_cuda, memory_allocated_bytes,  # noqa: E402
                                          peak_memory_bytes, reset_peak_memory,
                                          setup_benchmark_device, synchronize)
+from convneur_mm.utils.cli import positive_int  # noqa: E402
 from convneur_mm.utils.profiling import SavedTensorMeter  # noqa: E402
 from convneur_mm.utils.toolbox import quiet_init  # noqa: E402
 
@@ -41,13 +42,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--arch', default='m3')
-    parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--size', type=int, nargs=2, default=[512, 512], metavar=('H', 'W'))
-    parser.add_argument('--chunk-size', type=int, default=1024)
+    parser.add_argument('--batch', type=positive_int, default=2)
+    parser.add_argument('--size', type=positive_int, nargs=2, default=[512, 512],
+                        metavar=('H', 'W'))
+    parser.add_argument('--chunk-size', type=positive_int, default=1024)
     parser.add_argument('--max-lr', type=float, default=0.2)
     parser.add_argument('--drop-path-rate', type=float, default=0.1)
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--threads', type=int, help='torch intra-op threads (CPU)')
+    parser.add_argument('--repeats', type=positive_int, default=3)
+    parser.add_argument('--threads', type=positive_int, help='torch intra-op threads (CPU)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return parser.parse_args(argv)
 
