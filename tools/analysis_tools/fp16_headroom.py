@@ -18,6 +18,7 @@ neck's and heads' own float16 gradients are not seen there.
 """
 import argparse
 import os.path as osp
+import shutil
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -26,7 +27,9 @@ from typing import List, Optional
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.engine.launch import build_runner, load_config  # noqa: E402
+from convneur_mm.engine.launch import (build_runner, check_data_paths,  # noqa: E402
+                                       load_config)
+from convneur_mm.utils.cli import positive_int  # noqa: E402
 from convneur_mm.utils.fp16_headroom import (Float16Gradients,  # noqa: E402
                                              cuda_fp16_stand_in)
 from mmengine.config import DictAction  # noqa: E402
@@ -35,10 +38,12 @@ from mmengine.config import DictAction  # noqa: E402
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config')
-    parser.add_argument('--iters', type=int, default=2)
+    parser.add_argument('--iters', type=positive_int, default=2)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=int, help="the training batch (default: the config's)")
-    parser.add_argument('--top', type=int, default=5, help='gradients listed of each kind')
+    parser.add_argument('--batch', type=positive_int,
+                        help="the training batch (default: the config's)")
+    parser.add_argument('--top', type=positive_int, default=5,
+                        help='gradients listed of each kind')
     parser.add_argument('--seed', type=int, default=0,
                         help='initial weights and data order (the gradients depend on both)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
@@ -60,10 +65,21 @@ def _fp16_backbone(model: torch.nn.Module) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    cuda = torch.device(args.device).type == 'cuda'
+    # the runner's logs go to a directory of its own, removed after the run
     work_dir = tempfile.mkdtemp(prefix='fp16_headroom_')
+    try:
+        return headroom_report(args, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def headroom_report(args: argparse.Namespace, work_dir: str) -> int:
+    """Print the largest float16 gradients of ``args.iters`` steps and the
+    loss scale bound; the runner works in ``work_dir``."""
+    cuda = torch.device(args.device).type == 'cuda'
     cfg = load_config(args.config, args.cfg_options, work_dir=work_dir)
-    if args.batch:
+    check_data_paths(cfg, ['train_dataloader'])  # a clear error, not os.scandir's
+    if args.batch is not None:
         cfg.train_dataloader.batch_size = args.batch
     cfg.train_dataloader.update(num_workers=0, persistent_workers=False)
     cfg.default_hooks.checkpoint = None

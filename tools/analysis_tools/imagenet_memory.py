@@ -25,7 +25,9 @@ about 10% less (M1 93.3 vs 103.7 MiB per image, 2026-11-25). Per GPU:
 
 The per-GPU batch is the largest power of two that fits, and
 ``accumulative_counts = 4096 / (GPUS x batch)`` keeps the paper's batch of 4096
-(8 GPUs x 512) and its learning rate.
+(8 GPUs x 512) and its learning rate. A GPU count that does not divide 4096
+into such a product gets a warning naming the global batch it gives instead;
+a model whose batch of 1 does not fit is reported and the tool exits 1.
 """
 import argparse
 import os.path as osp
@@ -36,6 +38,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from benchmark_with_cp import measure_memory  # noqa: E402
+from convneur_mm.utils.cli import non_negative_float, positive_float, positive_int  # noqa: E402
 from convneur_mm.utils.fp16_headroom import cuda_fp16_stand_in  # noqa: E402
 from convneur_mm.utils.toolbox import build_model, load_cfg, quiet_init  # noqa: E402
 
@@ -48,11 +51,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--archs', nargs='+', default=['m1', 'm2', 'm3', 'm4'])
-    parser.add_argument('--batch', type=int, default=2, help='images per measurement')
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--gpu-gib', type=float, default=24.0)
-    parser.add_argument('--reserve-gib', type=float, default=3.0)
-    parser.add_argument('--gpus', type=int, default=8)
+    parser.add_argument('--batch', type=positive_int, default=2, help='images per measurement')
+    parser.add_argument('--size', type=positive_int, default=224)
+    parser.add_argument('--gpu-gib', type=positive_float, default=24.0)
+    parser.add_argument('--reserve-gib', type=non_negative_float, default=3.0)
+    parser.add_argument('--gpus', type=positive_int, default=8)
     return parser.parse_args(argv)
 
 
@@ -72,7 +75,9 @@ def estimate(arch: str, batch: int = 2, size: int = 224) -> dict:
 
 
 def fitting_batch(per_image: float, fixed: float, gpu_bytes: float, reserve: float) -> int:
-    """The largest power of two whose step fits."""
+    """The largest power of two whose step fits; 0 when not even a batch of 1 does."""
+    if fixed + reserve + per_image > gpu_bytes:
+        return 0
     batch = 1
     while fixed + reserve + 2 * batch * per_image <= gpu_bytes:
         batch *= 2
@@ -91,16 +96,37 @@ def main(argv=None):
           'weights + grads + AdamW (MiB) | per-GPU batch | estimated peak (GiB) | '
           'accumulative_counts |')
     print('|---|---|---|---|---|---|---|---|')
-    rows = {}
+    rows, notes = {}, []
     for arch in args.archs:
         e = estimate(arch, args.batch, args.size)
         batch = fitting_batch(e['per_image'], e['fixed'], gpu, reserve)
+        name = f'ConvNeur-{arch.upper()}'
+        peak = (e['fixed'] + reserve + max(batch, 1) * e['per_image']) / GIB
+        cells = (f'| {name} | {e["params"] / 1e6:.2f} | {e["saved_per_image"] / MIB:.1f} | '
+                 f'{e["per_image"] / MIB:.1f} | {e["fixed"] / MIB:.0f} | ')
+        if not batch:  # the peak of a batch of 1 is over the GPU
+            rows[arch] = dict(e, batch=0, accumulative_counts=None, global_batch=None,
+                              peak_gib=peak)
+            print(cells + f'none fits (batch 1: {peak:.1f} GiB) | {peak:.1f} | - |')
+            continue
         accumulate = max(1, PAPER_BATCH // (args.gpus * batch))
-        peak = (e['fixed'] + reserve + batch * e['per_image']) / GIB
-        rows[arch] = dict(e, batch=batch, accumulative_counts=accumulate, peak_gib=peak)
-        print(f'| ConvNeur-{arch.upper()} | {e["params"] / 1e6:.2f} | '
-              f'{e["saved_per_image"] / MIB:.1f} | {e["per_image"] / MIB:.1f} | '
-              f'{e["fixed"] / MIB:.0f} | {batch} | {peak:.1f} | {accumulate} |')
+        global_batch = args.gpus * batch * accumulate
+        rows[arch] = dict(e, batch=batch, accumulative_counts=accumulate,
+                          global_batch=global_batch, peak_gib=peak)
+        print(cells + f'{batch} | {peak:.1f} | {accumulate} |')
+        if global_batch != PAPER_BATCH:
+            notes.append(f'warning: {name}: {args.gpus} GPUs x batch {batch} x '
+                         f'accumulative_counts {accumulate} = global batch {global_batch}, '
+                         f'not {PAPER_BATCH} (the batch the configs\' learning rate is '
+                         f'for): scale the learning rate by {global_batch}/{PAPER_BATCH} '
+                         'or use a GPU count whose product with the batch divides it')
+    for note in notes:
+        print(note)
+    too_small = [f'ConvNeur-{arch.upper()}' for arch, row in rows.items() if not row['batch']]
+    if too_small:
+        print(f'error: not even a batch of 1 fits a GPU of {args.gpu_gib:g} GiB '
+              f'({args.reserve_gib:g} GiB reserved): {", ".join(too_small)}', file=sys.stderr)
+        raise SystemExit(1)
     return rows
 
 
