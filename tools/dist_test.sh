@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # tools/dist_test.sh CONFIG CHECKPOINT GPUS [ARGS]   (same variables as dist_train.sh)
 set -euo pipefail
+USAGE="usage: [NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 PORT=29500] $0 CONFIG CHECKPOINT GPUS [test.py args]"
 if [ $# -lt 3 ]; then
-    echo "usage: [NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 PORT=29500] $0 CONFIG CHECKPOINT GPUS [test.py args]" >&2
+    echo "$USAGE" >&2
     exit 2
 fi
 CONFIG=$1
 CHECKPOINT=$2
 GPUS=$3
+if ! [[ $GPUS =~ ^[1-9][0-9]*$ ]]; then  # torchrun's own check is a bare AssertionError
+    echo "$0: GPUS (processes per node) must be a positive integer, got '$GPUS'" >&2
+    echo "$USAGE" >&2
+    exit 2
+fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}

@@ -6,12 +6,18 @@
 # and NODE_RANK = 0 .. NNODES-1. PYTHON picks the interpreter (default: the repository's
 # .venv/bin/python if it exists, else python).
 set -euo pipefail
+USAGE="usage: [NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 PORT=29500] $0 CONFIG GPUS [train.py args]"
 if [ $# -lt 2 ]; then
-    echo "usage: [NNODES=1 NODE_RANK=0 MASTER_ADDR=127.0.0.1 PORT=29500] $0 CONFIG GPUS [train.py args]" >&2
+    echo "$USAGE" >&2
     exit 2
 fi
 CONFIG=$1
 GPUS=$2
+if ! [[ $GPUS =~ ^[1-9][0-9]*$ ]]; then  # torchrun's own check is a bare AssertionError
+    echo "$0: GPUS (processes per node) must be a positive integer, got '$GPUS'" >&2
+    echo "$USAGE" >&2
+    exit 2
+fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}

@@ -16,14 +16,23 @@
 # default this one: point it at an older checkout to measure "before").
 # Logs of failed runs stay in WORK_DIR; the summary is the last lines.
 set -uo pipefail
-if [ $# -ne 1 ]; then
-    echo "usage: [SEG_RUNS=30 CLS_RUNS=10 LOAD=1 REPO_UNDER_TEST=.] $0 WORK_DIR" >&2
+USAGE="usage: [SEG_RUNS=30 CLS_RUNS=10 LOAD=1 REPO_UNDER_TEST=.] $0 WORK_DIR"
+if [ $# -eq 1 ] && { [ "$1" = -h ] || [ "$1" = --help ]; }; then
+    echo "$USAGE"
+    echo "(what it runs and every variable: the comment at the top of $0)"
+    exit 0
+fi
+if [ $# -ne 1 ] || [[ $1 == -* ]]; then  # an option is no WORK_DIR
+    echo "$USAGE" >&2
     exit 2
 fi
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
-REPO=$(cd "${REPO_UNDER_TEST:-$HERE}" && pwd)
-mkdir -p "$1"
-WORK=$(cd "$1" && pwd)
+# no errexit here (the runs' exit codes are counted): an unusable directory
+# stops the soak before it writes anywhere else
+REPO=$(cd "${REPO_UNDER_TEST:-$HERE}" && pwd) ||
+    { echo "$0: REPO_UNDER_TEST is not a directory: $REPO_UNDER_TEST" >&2; exit 2; }
+WORK=$(mkdir -p -- "$1" && cd -- "$1" && pwd) ||
+    { echo "$0: cannot make or enter WORK_DIR $1" >&2; exit 2; }
 SEG_RUNS=${SEG_RUNS:-30}
 CLS_RUNS=${CLS_RUNS:-10}
 LOAD=${LOAD:-1}

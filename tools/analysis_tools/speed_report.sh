@@ -8,10 +8,23 @@
 # other load skews them. On a CUDA machine the speed and scaling benchmarks run
 # on the GPU (batch 128 for throughput, as in the OverLoCK paper's table).
 set -euo pipefail
+USAGE="usage: [PYTHON=.venv/bin/python] $0 [OUT_DIR]   (default OUT_DIR: docs/speed, \
+relative to the repository)"
+if [ $# -eq 1 ] && { [ "$1" = -h ] || [ "$1" = --help ]; }; then
+    echo "$USAGE"
+    exit 0
+fi
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then  # an option is no OUT_DIR
+    echo "$USAGE" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${1:-docs/speed}
-mkdir -p "$OUT"
+if ! mkdir -p -- "$OUT" || ! [ -w "$OUT" ]; then
+    echo "$0: cannot write in OUT_DIR $OUT" >&2
+    exit 2
+fi
 run() {  # run NAME CMD...: the output to the terminal and to OUT/NAME.md
     local name=$1
     shift
