@@ -20,7 +20,6 @@ are random (the config's init), which exports and checks the graph alike.
 Whole detectors are not exported (see convneur_mm/deployment/export.py).
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.deployment import (DeployableModel, ExportCheckError, check_onnx,  # noqa: E402
                                     check_size_for, export_onnx, memory_chunk_counts)
+from convneur_mm.utils.cli import positive_int, writable_file  # noqa: E402
 from convneur_mm.utils.toolbox import build_model, load_cfg  # noqa: E402
 
 
@@ -37,11 +37,12 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config')
     parser.add_argument('checkpoint', nargs='?', help='weights (default: random init)')
-    parser.add_argument('--out', required=True, help='the .onnx file to write')
+    parser.add_argument('--out', required=True, type=writable_file,
+                        help='the .onnx file to write')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                         help='export input size (classification 224 224, segmentation '
                         'the crop size)')
-    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--batch', type=positive_int, default=1)
     parser.add_argument('--dynamic', action='store_true', help='symbolic height and width')
     parser.add_argument('--backbone-only', action='store_true')
     parser.add_argument('--check-shape', type=int, nargs=2, metavar=('H', 'W'),
@@ -52,13 +53,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.check_shape and not args.dynamic:
         parser.error('--check-shape is the second check size of a --dynamic export')
-    if args.batch < 1:
-        parser.error(f'--batch must be at least 1, got {args.batch}')
     if not args.out.endswith('.onnx'):
         parser.error(f'--out must end with .onnx, got {args.out}')
-    folder = osp.dirname(osp.abspath(args.out))
-    if not osp.isdir(folder) or not os.access(folder, os.W_OK):
-        parser.error(f'--out: no writable folder {folder}')  # before the export's minutes
     return args
 
 
