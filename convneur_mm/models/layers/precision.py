@@ -106,9 +106,19 @@ def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
     module its parameters in that dtype during the forward, registered
     parameters under FSDP2 (``MixedPrecisionPolicy``), plain tensor
     attributes under FSDP1 (``MixedPrecision``, MMEngine's
-    ``MMFullyShardedDataParallel`` and ``FSDPStrategy``)."""
+    ``MMFullyShardedDataParallel`` and ``FSDPStrategy``).
+
+    Layers that widen their own operands (``widens_own_operands``: the
+    ``Float32*`` layers) are left to do so: where FSDP1 makes them units of
+    their own, the 16-bit views it left on them after their last call have
+    no storage until it calls them again (``.float()`` of one raised "data
+    is not allocated yet" at the second forward)."""
     found = {}
+    own = [prefix for prefix, m in module.named_modules()
+           if getattr(m, 'widens_own_operands', False)]
     for prefix, m in module.named_modules():
+        if any(prefix == p or prefix.startswith(p + '.') for p in own):
+            continue
         attributes = ((k, v) for k, v in vars(m).items() if isinstance(v, Tensor))
         for key, t in (*m._parameters.items(), *attributes):
             # not FSDP1's own flat parameter (``_flat_param``), the others' storage
@@ -151,6 +161,7 @@ class Float32Conv2d(KeepsFloat32, nn.Conv2d):
     input projection (their callers run them ``in_float32``). Its weights
     stay float32 when the model is cast to 16 bits, and 16-bit operands from
     FSDP's mixed precision are widened (``float32_operands``)."""
+    widens_own_operands = True
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(*float32_operands(x, self.weight, self.bias))
@@ -161,6 +172,7 @@ class Float32Linear(nn.Linear):
     a ``KeepsFloat32`` module), also when FSDP's mixed precision makes it a
     unit of its own (an auto-wrap policy that wraps Linear layers) and hands
     over 16-bit operands only when it is called (``float32_operands``)."""
+    widens_own_operands = True
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(*float32_operands(x, self.weight, self.bias))
@@ -168,6 +180,7 @@ class Float32Linear(nn.Linear):
 
 class Float32RMSNorm(nn.RMSNorm):
     """An RMSNorm that computes in float32, as ``Float32Linear``."""
+    widens_own_operands = True
 
     def forward(self, x: Tensor) -> Tensor:
         x, weight = float32_operands(x, self.weight)

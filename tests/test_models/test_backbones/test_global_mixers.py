@@ -148,9 +148,11 @@ def _write_path_names(model) -> set:
 
 def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
     """Each FSDP kind, mixer and 16-bit dtype: the float32 model's outputs,
-    then one step of the same weights under FSDP with ``param_dtype``
-    16-bit, which hands every module its parameters in that dtype during the
-    forward (FSDP2 as registered parameters, FSDP1 as plain attributes)."""
+    then two forward and backward passes of the same weights under FSDP with
+    ``param_dtype`` 16-bit, which hands every module its parameters in that
+    dtype during the forward (FSDP2 as registered parameters, FSDP1 as plain
+    attributes; FSDP1 frees a unit's after its call: the second pass of
+    'FSDP1 per layer' crashed in the memory)."""
     errors = {}
     for kind in FSDP_KINDS:
         for mixer in MIXERS:
@@ -163,8 +165,9 @@ def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
                     reference = model(x)
                 write_path = _write_path_names(model)
                 model = _sharded(model, kind, dtype, device)
-                outs = model(x)
-                sum(o.float().square().mean() for o in outs).backward()
+                for _ in range(2):
+                    outs = model(x)
+                    sum(o.float().square().mean() for o in outs).backward()
                 for name, p in model.named_parameters():
                     if not p.numel():  # FSDP1's original parameters: this rank's shard
                         continue
