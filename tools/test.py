@@ -75,7 +75,7 @@ def main():
     runner = build_runner(cfg)
     check_checkpoint_fits(inner_model(runner.model), args.checkpoint)
     if args.compile:
-        compile_runner_model(runner, args.compile)
+        compile_runner_model(runner, args.compile, training=False)
     if args.out:
         runner.test_evaluator.metrics.append(prediction_dumper(cfg.default_scope, args.out))
     metrics = runner.test()

@@ -67,6 +67,11 @@ MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagrap
 # with symbolic sizes, and without a limit (PyTorch only warns); evaluation
 # stays static in these, bounded by the recompile limit
 CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
+# each of those without its CUDA graphs: what training compiles with when the
+# optimizer accumulates gradients, which a CUDA graph's replay overwrites
+# (torch raises "accessing gradient tensor output of CUDAGraphs that has been
+# overwritten"; pytorch/pytorch#169545, open)
+WITHOUT_CUDAGRAPHS = {'reduce-overhead': 'default', 'max-autotune': 'max-autotune-no-cudagraphs'}
 # torch >= 2.13 keeps a compiled function's graphs and recompile limit apart
 # from other compilations of the same code; older torch (2.11 on an H100
 # image, 2026-11-25) raises TypeError for the keyword, and compiles without it
@@ -96,7 +101,8 @@ def compilable_parts(model: nn.Module, parts: Optional[Sequence[str]] = None) ->
 def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
                   mode: str = 'default', dynamic: Optional[bool] = False,
                   backend: str = 'inductor',
-                  inference_dynamic: Optional[bool] = None) -> List[str]:
+                  inference_dynamic: Optional[bool] = None,
+                  training_mode: Optional[str] = None) -> List[str]:
     """Compile ``model``'s parts in place; returns the names compiled.
 
     Args:
@@ -106,14 +112,38 @@ def compile_model(model: nn.Module, parts: Optional[Sequence[str]] = None,
         mode, backend: passed to ``torch.compile``.
         dynamic, inference_dynamic: ``torch.compile``'s ``dynamic`` with and
             without gradients (``compile_forward``).
+        training_mode: the mode with gradients, where it is not ``mode``
+            (``training_compile_mode``).
     """
-    if mode not in MODES:
-        raise ValueError(f'compile mode must be one of {MODES}, got {mode!r}')
+    for name in (mode, training_mode or mode):
+        if name not in MODES:
+            raise ValueError(f'compile mode must be one of {MODES}, got {name!r}')
     names = compilable_parts(model, parts)
     for module in part_modules(model, names):
         module.forward = compile_forward(module, mode=mode, dynamic=dynamic, backend=backend,
-                                         inference_dynamic=inference_dynamic)
+                                         inference_dynamic=inference_dynamic,
+                                         training_mode=training_mode)
     return names
+
+
+def accumulative_counts(cfg) -> int:
+    """The most iterations a config's optimizer wrapper (or any of an
+    ``OptimWrapperDict``'s) accumulates gradients over before a step."""
+    wrapper = cfg.get('optim_wrapper') or {}
+    wrappers = [wrapper] + [w for w in wrapper.values() if isinstance(w, dict)]
+    return max(int(w.get('accumulative_counts', 1) or 1) for w in wrappers)
+
+
+def training_compile_mode(mode: str, accumulation: int) -> str:
+    """The mode training compiles with: ``mode``, without its CUDA graphs
+    when gradients accumulate over several iterations (the ImageNet configs:
+    4-16). A CUDA graph's replay overwrites the gradients that the previous
+    replay handed to ``param.grad``: on CUDA, ``reduce-overhead`` and
+    ``max-autotune`` stop at the second iteration (torch 2.13; older torch
+    summed wrong gradients silently). Evaluation keeps ``mode``."""
+    if accumulation > 1 and mode in WITHOUT_CUDAGRAPHS:
+        return WITHOUT_CUDAGRAPHS[mode]
+    return mode
 
 
 def part_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
@@ -129,7 +159,8 @@ def part_modules(model: nn.Module, names: Sequence[str]) -> List[nn.Module]:
 
 
 def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
-                    inference_dynamic: Optional[bool] = None, **compile_kwargs) -> Callable:
+                    inference_dynamic: Optional[bool] = None,
+                    training_mode: Optional[str] = None, **compile_kwargs) -> Callable:
     """``torch.compile`` of the module's own ``forward`` (not of an instance
     attribute set by an earlier call: compiling twice is refused), with
     ``dynamic`` where autograd records (training) and ``inference_dynamic``
@@ -140,7 +171,8 @@ def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
     The two keep their graphs apart (``isolate_recompiles``): each has its
     own ``recompile_limit`` (8), so a detector's training buckets and its
     evaluation's graphs do not use up each other's, and one of them running
-    out does not send the other to eager."""
+    out does not send the other to eager. ``training_mode``, where given,
+    replaces ``mode`` where autograd records."""
     if 'forward' in vars(module):
         raise ValueError(f'{type(module).__name__}.forward is already replaced '
                          '(compiled twice?)')
@@ -150,8 +182,9 @@ def compile_forward(module: nn.Module, dynamic: Optional[bool] = False,
         compile_kwargs['isolate_recompiles'] = True
     else:
         _warn_shared_recompile_limit()
-    training, inference = (torch.compile(module.forward, dynamic=d, **compile_kwargs)
-                           for d in (dynamic, inference_dynamic))
+    training_kwargs = dict(compile_kwargs, mode=training_mode) if training_mode else compile_kwargs
+    training = torch.compile(module.forward, dynamic=dynamic, **training_kwargs)
+    inference = torch.compile(module.forward, dynamic=inference_dynamic, **compile_kwargs)
 
     @functools.wraps(module.forward)
     def forward(*args, **kwargs):
@@ -171,15 +204,25 @@ def _warn_shared_recompile_limit() -> None:
 
 
 def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] = False,
-                         backend: str = 'inductor') -> None:
-    """``--compile`` of tools/train.py and tools/test.py, after the runner is
-    built (its model exists, maybe wrapped) and before it trains or tests."""
+                         backend: str = 'inductor', training: bool = True) -> None:
+    """``--compile`` of tools/train.py and tools/test.py (``training=False``),
+    after the runner is built (its model exists, maybe wrapped) and before it
+    trains or tests."""
     if runner.cfg.get('compile'):
         raise ValueError('--compile replaces MMEngine\'s cfg.compile (which compiles '
                          'train_step only); remove one of them')
-    names = compile_model(runner.model, mode=mode, dynamic=dynamic, backend=backend)
+    accumulation = accumulative_counts(runner.cfg) if training else 1
+    training_mode = training_compile_mode(mode, accumulation)
+    if training_mode != mode:
+        print_log(f'--compile {mode}: training compiles as {training_mode!r} (no CUDA graphs), '
+                  f'since the optimizer accumulates gradients over {accumulation} iterations '
+                  'and a CUDA graph\'s replay overwrites them; evaluation keeps '
+                  f'{mode!r}', logger='current', level=logging.WARNING)
+    names = compile_model(runner.model, mode=mode, dynamic=dynamic, backend=backend,
+                          training_mode=training_mode)
     runner.register_hook(CompilationCountHook(), priority='VERY_LOW')
-    print_log(f'torch.compile ({mode}; dynamic={dynamic} in training, automatic dynamic '
+    print_log(f'torch.compile ({training_mode} in training, {mode} in evaluation; '
+              f'dynamic={dynamic} in training, automatic dynamic '
               'shapes in evaluation) of the model\'s '
               f'{", ".join(names)}; the first iterations compile (minutes on a CPU)',
               logger='current')

@@ -165,6 +165,42 @@ def test_each_part_compiles_two_isolated_regions(monkeypatch, mode, inference_dy
                and c['mode'] == mode for c in calls)
 
 
+@pytest.mark.parametrize('mode, accumulation, training, want', [
+    ('reduce-overhead', 4, True, 'default'),
+    ('max-autotune', 16, True, 'max-autotune-no-cudagraphs'),
+    ('reduce-overhead', 1, True, 'reduce-overhead'),   # no accumulation: CUDA graphs kept
+    ('reduce-overhead', 4, False, 'reduce-overhead'),  # tools/test.py: nothing accumulates
+    ('max-autotune-no-cudagraphs', 4, True, 'max-autotune-no-cudagraphs'),
+    ('default', 8, True, 'default')])
+def test_gradient_accumulation_trains_without_cuda_graphs(monkeypatch, mode, accumulation,
+                                                          training, want):
+    """A CUDA graph's replay overwrites the gradients the previous replay handed
+    to ``param.grad``: with ``accumulative_counts > 1`` (the ImageNet configs)
+    ``reduce-overhead`` and ``max-autotune`` stopped at the second iteration
+    on CUDA. Training compiles without CUDA graphs there; evaluation keeps the
+    mode asked for."""
+    from types import SimpleNamespace
+
+    from mmengine.config import Config
+    cfg = Config(dict(optim_wrapper=dict(type='AmpOptimWrapper', accumulative_counts=accumulation,
+                                         optimizer=dict(type='AdamW', lr=1e-3))))
+    runner = SimpleNamespace(cfg=cfg, model=_tiny_backbone(),
+                             register_hook=lambda *args, **kwargs: None)
+    calls = _record_compile_calls(monkeypatch)
+    compile_runner_model(runner, mode, training=training)
+    assert [c['mode'] for c in calls] == [want, mode]
+    assert [c['dynamic'] for c in calls][0] is False
+
+
+def test_imagenet_configs_accumulate_gradients():
+    """What the test above guards: every ImageNet config accumulates."""
+    from mmengine.config import Config
+    from convneur_mm.engine.compile import accumulative_counts
+    for arch in ('m1', 'm2', 'm3', 'm4'):
+        cfg = Config.fromfile(osp.join(REPO, 'configs', f'cls_convneur_{arch}_300e_in1k.py'))
+        assert accumulative_counts(cfg) > 1, arch
+
+
 def _record_compile_calls(monkeypatch) -> list:
     """torch.compile replaced by a recorder of its keyword arguments."""
     calls = []
