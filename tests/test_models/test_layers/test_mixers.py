@@ -169,6 +169,31 @@ def test_deterministic_mode_allows_cuda_only_the_math_attention_kernel():
         assert all(f() for f in fused)
 
 
+def test_deterministic_kernel_compiles_without_a_graph_break():
+    """Under ``--compile --deterministic`` on CUDA the kernel choice is traced:
+    Dynamo cannot call ``is_deterministic_algorithms_warn_only_enabled`` and
+    broke the graph at every attention call. The device is passed as a
+    string, so the CUDA branch runs here on CPU tensors."""
+    import torch.nn.functional as F
+
+    from convneur_mm.models.layers.mixers.attention import deterministic_kernel
+
+    def attend(q):
+        with deterministic_kernel('cuda'):
+            return F.scaled_dot_product_attention(q, q, q)
+
+    q = torch.randn(2, 1, 16, 8, requires_grad=True)
+    torch._dynamo.reset()
+    try:
+        for warn_only in (True, False, True):  # a changed flag recompiles, no stale choice
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+            compiled = torch.compile(attend, backend='eager', fullgraph=True)
+            torch.testing.assert_close(compiled(q), attend(q))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize('mixer', ['attention', 'titans'])
 def test_attention_mixers_repeat_exactly_in_deterministic_mode(mixer, monkeypatch, device='cpu'):
     """Two backward passes in deterministic mode give identical gradients,

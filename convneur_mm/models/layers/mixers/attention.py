@@ -12,6 +12,18 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+@torch.compiler.assume_constant_result
+def _deterministic_warn_only() -> bool:
+    """``use_deterministic_algorithms(True, warn_only=True)`` is in force.
+
+    A constant to the compiler: Dynamo cannot trace
+    ``is_deterministic_algorithms_warn_only_enabled`` (a graph break at every
+    attention call under ``--compile --deterministic`` on CUDA), and its
+    global-state guard already recompiles when either flag changes."""
+    return (torch.are_deterministic_algorithms_enabled()
+            and torch.is_deterministic_algorithms_warn_only_enabled())
+
+
 def deterministic_kernel(device_type: str) -> ContextManager:
     """The attention kernels to allow: the plain-math one only on CUDA when a
     backward may follow under ``torch.use_deterministic_algorithms(True,
@@ -21,9 +33,7 @@ def deterministic_kernel(device_type: str) -> ContextManager:
     the non-deterministic one. Their forward passes are deterministic. The
     math kernel is deterministic and materializes the N x N map (memory
     quadratic in N)."""
-    if (device_type == 'cuda' and torch.is_grad_enabled()
-            and torch.are_deterministic_algorithms_enabled()
-            and torch.is_deterministic_algorithms_warn_only_enabled()):
+    if device_type == 'cuda' and torch.is_grad_enabled() and _deterministic_warn_only():
         return sdpa_kernel(SDPBackend.MATH)
     return nullcontext()
 
