@@ -15,7 +15,9 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
     * Accumulated in float32 (float64 stays float64). float16 is squared in
       float32 (its squares overflow from |x| = 256); bfloat16, which has
       float32's range, is squared in bfloat16, so that autograd saves the
-      bfloat16 map and not a float32 copy of it (CPU ``--amp`` training).
+      bfloat16 map and not a float32 copy of it (``--amp`` training). The
+      square is ``x * x``: CUDA's autocast runs ``pow`` in float32 (and would
+      save that copy); ``mul`` it leaves alone.
     * A channel that is zero everywhere has a zero gradient, as with
       ``vector_norm`` (the sum is clamped to the smallest normal number
       before the square root, whose derivative at 0 is infinite).
@@ -24,7 +26,8 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
       was bfloat16; GRN's output is float32 either way), else in ``x``'s.
     """
     acc = at_least_float32(x.dtype)
-    squares = (x if x.dtype == torch.bfloat16 else x.to(acc)).pow(2)
+    base = x if x.dtype == torch.bfloat16 else x.to(acc)
+    squares = base * base
     total = squares.sum(dim=(1, 2), keepdim=True, dtype=acc)
     norm = total.clamp_min(torch.finfo(acc).tiny).sqrt()
     return norm if autocast_dtype(x.device.type) is not None else norm.to(x.dtype)

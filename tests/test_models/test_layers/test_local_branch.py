@@ -85,6 +85,31 @@ def test_bfloat16_maps_are_saved_for_backward_in_bfloat16(device='cpu'):
     assert full_maps and all(dtype == torch.bfloat16 for dtype in full_maps)
 
 
+def test_bfloat16_map_meets_no_op_that_cuda_autocast_widens():
+    """The same under CUDA ``--amp --amp-dtype bfloat16``: an op on CUDA
+    autocast's float32 list (``pow`` is; CPU autocast has no rule for it)
+    would receive, and save, a float32 copy of the map. Read from the
+    dispatcher's table, so it runs without a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.randn(2, 14, 14, 64).to(torch.bfloat16).requires_grad_(True)
+    on_map = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(a, torch.Tensor) and a.shape == x.shape for a in args):
+                overload = func._overloadname
+                on_map.append(func._schema.name + ('' if overload == 'default' else f'.{overload}'))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        spatial_l2_norm(x)
+    widened = [op for op in on_map
+               if torch._C._dispatch_has_kernel_for_dispatch_key(op, 'AutocastCUDA')
+               and not op.startswith('aten::sum')]  # sum saves no input: its copy is transient
+    assert on_map and not widened, on_map
+
+
 def test_zero_channel_has_the_gradient_vector_norm_gives(device='cpu'):
     """sqrt's derivative at 0 is infinite: without care a channel that is
     zero everywhere (fp16 GELU of inputs below about -6 rounds to 0) gets a
