@@ -1,6 +1,7 @@
 """What ``tools/train.py`` and ``tools/test.py`` share: config loading, checks
 that fail early with the offending path, AMP selection, the runner and the
 distributed shut-down."""
+import logging
 import os
 import os.path as osp
 import re
@@ -181,6 +182,39 @@ def prepare_deterministic() -> None:
     warnings.filterwarnings('once', message=NONDETERMINISTIC_OP, category=UserWarning)
 
 
+# mmcv ops whose CUDA backward accumulates with atomicAdd without telling
+# torch's deterministic mode (no alert: no warning, no error): RoIAlign's
+# (``roi_align_backward_cuda_kernel``) in every RoI head of our detectors
+SILENTLY_NONDETERMINISTIC = ('RoIAlign', )
+
+
+def silently_nondeterministic_ops(node) -> List[str]:
+    """The ``SILENTLY_NONDETERMINISTIC`` op types a (model) config uses."""
+    if isinstance(node, dict):
+        found = [node['type']] if node.get('type') in SILENTLY_NONDETERMINISTIC else []
+        children = node.values()
+    elif isinstance(node, (list, tuple)):
+        found, children = [], node
+    else:
+        return []
+    found += [op for child in children for op in silently_nondeterministic_ops(child)]
+    return sorted(set(found))
+
+
+def warn_silent_nondeterminism(cfg: Config, cuda: bool) -> List[str]:
+    """Deterministic mode cannot vouch for ops that never report to it: on
+    CUDA, say which the model uses (a detector's training is then not
+    bit-exact from run to run; on a CPU these kernels are serial and it is)."""
+    ops = silently_nondeterministic_ops(cfg.get('model')) if cuda else []
+    if ops:
+        from mmengine.logging import print_log
+        print_log(f'--deterministic: mmcv\'s {", ".join(ops)} backward accumulates with '
+                  'atomicAdd on CUDA and does not report it to torch\'s deterministic mode: '
+                  'training is not bit-exact from run to run (docs/cuda.md)',
+                  logger='current', level=logging.WARNING)
+    return ops
+
+
 def _deterministic(cfg: Config) -> bool:
     return bool((cfg.get('randomness') or {}).get('deterministic'))
 
@@ -194,13 +228,15 @@ def build_runner(cfg: Config):
     pooling (UperNet's PPM) raise on CUDA: they have no deterministic kernel.
     Those ops warn instead (once per op name); everything else stays
     deterministic. (``ConvNeurRunner`` keeps it so when MMEngine sets the
-    randomness again, as ``resume`` does for a checkpoint of another seed.)"""
+    randomness again, as ``resume`` does for a checkpoint of another seed.)
+    mmcv's RoIAlign never reports (``warn_silent_nondeterminism``)."""
     cfg.setdefault('runner_type', 'convneur_mm.ConvNeurRunner')
     if _deterministic(cfg):
         prepare_deterministic()
     runner = RUNNERS.build(cfg)
     if _deterministic(cfg):
         torch.use_deterministic_algorithms(True, warn_only=True)
+        warn_silent_nondeterminism(cfg, cuda=torch.cuda.is_available())
     return runner
 
 

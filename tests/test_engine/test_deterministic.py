@@ -92,3 +92,32 @@ def test_resuming_with_another_seed_keeps_warn_only(tmp_path, restore_modes, run
              randomness=dict(seed=None, deterministic=True))
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.is_deterministic_algorithms_warn_only_enabled() == (runner_cls is ConvNeurRunner)
+
+
+def test_detectors_say_that_roi_align_is_not_deterministic_on_cuda(tmp_path, restore_modes,
+                                                                   monkeypatch):
+    """mmcv's RoIAlign backward accumulates with atomicAdd on CUDA and never
+    reports it to torch's deterministic mode, so a deterministic detector run
+    warned of nothing and was not bit-exact. On CUDA the run now says so; the
+    segmentors and classifiers use no such op, and a CPU runs it serially."""
+    import os.path as osp
+
+    from convneur_mm.engine import launch
+    from ..paths import REPO
+    detector = Config.fromfile(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'))
+    warned = []
+    monkeypatch.setattr('mmengine.logging.print_log', lambda msg, **kw: warned.append(msg))
+    assert launch.warn_silent_nondeterminism(detector, cuda=True) == ['RoIAlign']
+    assert len(warned) == 1 and 'RoIAlign' in warned[0] and 'not bit-exact' in warned[0]
+    assert launch.warn_silent_nondeterminism(detector, cuda=False) == []
+    for name in ('upernet_convneur_m4_80k_ade20k.py', 'cls_convneur_m3_300e_in1k.py'):
+        cfg = Config.fromfile(osp.join(REPO, 'configs', name))
+        assert launch.warn_silent_nondeterminism(cfg, cuda=True) == [], name
+    assert len(warned) == 1
+    # build_runner asks, with the device it will train on
+    asked = []
+    monkeypatch.setattr(launch, 'warn_silent_nondeterminism',
+                        lambda cfg, cuda: asked.append(cuda) or [])
+    _runner(tmp_path, deterministic=True)
+    _runner(tmp_path, deterministic=False)
+    assert asked == [torch.cuda.is_available()]
