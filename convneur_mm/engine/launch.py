@@ -130,13 +130,13 @@ def data_root_variables(filename: Optional[str]) -> List[str]:
             seen.add(path)
             with open(path) as f:
                 names += [name for name, _ in _VARIABLE.findall(f.read())
-                          if name.endswith('_ROOT') and name not in names]
+                          if name.endswith('_ROOT')]
             for base in Config._get_base_files(path):
                 base = _VARIABLE.sub(lambda m: os.environ.get(m[1], m[2] or ''), base)
                 if '::' not in base:
                     bases.append(osp.join(osp.dirname(path), base))
         if names:
-            return names
+            return list(dict.fromkeys(names))  # a variable used twice is named once
         level = bases
     return []
 

@@ -79,6 +79,15 @@ def test_missing_data_names_the_configs_variable_and_split(config, variable, tmp
                     '--cfg-options test_dataloader.dataset.data_root=...')
 
 
+def test_a_data_root_variable_used_twice_is_named_once(tmp_path):
+    """A user's config that sets two splits' roots from one variable."""
+    from convneur_mm.engine.launch import data_root_variables
+    config = tmp_path / 'mine.py'
+    config.write_text("train_root = '{{$MY_ROOT:data/}}train'\n"
+                      "val_root = '{{$MY_ROOT:data/}}val'\nother = '{{$OTHER_ROOT:x}}'\n")
+    assert data_root_variables(str(config)) == ['MY_ROOT', 'OTHER_ROOT']
+
+
 def test_pytorch_launcher_outside_torchrun_is_a_clear_error(monkeypatch):
     for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         monkeypatch.delenv(name, raising=False)
