@@ -24,5 +24,17 @@ class CpuAmpOptimWrapper(OptimWrapper):
 
     @contextmanager
     def optim_context(self, model: nn.Module):
+        check_on_cpu(model)
         with super().optim_context(model), torch.autocast('cpu', dtype=self.cast_dtype):
             yield
+
+
+def check_on_cpu(model: nn.Module) -> None:
+    """CPU autocast leaves a GPU's tensors alone: a config dumped by a CPU
+    ``--amp`` run (this wrapper's type in it) would train on a GPU in float32
+    without a word."""
+    devices = {p.device.type for p in model.parameters()} - {'cpu'}
+    if devices:
+        raise ValueError(f'convneur_mm.CpuAmpOptimWrapper autocasts on the CPU only, but the '
+                         f'model is on {sorted(devices)}: drop optim_wrapper.type from the '
+                         'config (a CPU --amp run dumped it) and pass --amp on this machine')

@@ -17,3 +17,17 @@ def test_cpu_amp_wrapper_autocasts_forward_and_updates_fp32_weights():
     wrapper.update_params(out.float().square().mean())
     assert model[0].weight.dtype == torch.float32
     assert not torch.equal(before, model[0].weight)
+
+
+def test_cpu_amp_wrapper_refuses_a_model_off_the_cpu():
+    """A config dumped by a CPU ``--amp`` run names this wrapper; on a GPU its
+    CPU autocast would do nothing (float32 training, silently). The meta
+    device stands in for CUDA."""
+    import pytest
+    model = nn.Linear(8, 1)
+    wrapper = build_optim_wrapper(model, dict(
+        type='convneur_mm.CpuAmpOptimWrapper', optimizer=dict(type='SGD', lr=0.1)))
+    model.to('meta')
+    with pytest.raises(ValueError, match=r"autocasts on the CPU only.*\['meta'\]"):
+        with wrapper.optim_context(model):
+            pass
