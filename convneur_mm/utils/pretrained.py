@@ -6,6 +6,7 @@ repositories; here every missing, unexpected or mis-shaped key is an error
 """
 import logging
 import os.path as osp
+import re
 from typing import Dict, Iterable, List
 
 import torch
@@ -14,6 +15,11 @@ from mmengine.runner.checkpoint import _load_checkpoint
 from torch import nn
 
 from .paths import is_remote
+
+
+# a backbone's output norms (``norm0``..``norm3``): a dense task's checkpoint
+# has one per output, a model built with fewer ``out_indices`` fewer
+OUTPUT_NORM = re.compile(r'norm\d+\.')
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -72,8 +78,10 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
 def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = '',
                              strict: bool = True, skip_unexpected: bool = False) -> None:
     """Load the weights under ``prefix`` of ``checkpoint`` into ``model``;
-    ``skip_unexpected``: keys the model has no place for (the output norms of
-    other ``out_indices``) are left out, missing keys and shapes still checked.
+    ``skip_unexpected``: the output norms the model has no place for (those
+    of other ``out_indices``, ``OUTPUT_NORM``) are left out; any other key,
+    missing or unexpected, and every shape are still checked (another
+    model's weights must not load where they happen to fit).
 
     Raises:
         FileNotFoundError: the checkpoint path does not exist.
@@ -87,7 +95,7 @@ def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = ''
     state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'), prefix)
     if skip_unexpected:
         own = model.state_dict()
-        state = {k: v for k, v in state.items() if k in own}
+        state = {k: v for k, v in state.items() if k in own or not OUTPUT_NORM.match(k)}
     problems = compare_state_dicts(model, state)
     if problems:
         message = (f'{name}: checkpoint {checkpoint} does not fit the model:\n  ' +

@@ -131,3 +131,7 @@ def test_erf_loads_a_dense_task_checkpoint_and_refuses_another_model(tmp_path):
                                detector_backbone.stages[2][0].global_branch.proj_in.weight)
     with pytest.raises(CheckpointMismatchError, match='shape mismatches'):
         erf_tool.build_backbone('ConvNeur-M3', checkpoint('m2')[0])
+    # the same blocks without the global branches: every key it has fits, the
+    # memory's are extra (they were dropped, and the local-only ERF printed)
+    with pytest.raises(CheckpointMismatchError, match='unexpected keys: .*global_branch'):
+        erf_tool.build_backbone('ConvNeur-M3 local-only', path)
