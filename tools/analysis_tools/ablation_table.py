@@ -18,13 +18,14 @@ tiny ImageNet's generator) called with its ``data_generator_args``.
 Per row and seed it runs tools/dist_train.sh (``--gpus`` gloo processes on a
 CPU), bounded by ``--row-minutes``, and reads the last validation's top-1 /
 top-5; it records the training time per epoch and the peak memory (max RSS)
-of a training process. Per row it counts parameters and MACs in the three
-conventions of convneur_mm/utils/complexity.py at ``--flops-shape``, and
-times inference throughput and its peak memory at ``--speed-shape`` in a
-fresh process. Results are cached per row and seed under ``--work-dir``: a
-rerun continues where the last one stopped (a result is reused only for
-the same merged row config and settings; failed runs are retried), so that
-the training can share the machine and the timings run alone
+of a training process (the host's, also on a GPU). Per row it counts
+parameters and MACs in the three conventions of
+convneur_mm/utils/complexity.py at ``--flops-shape``, and times inference
+throughput and its peak memory at ``--speed-shape`` in a fresh process.
+Results are cached per row and seed under ``--work-dir``: a rerun continues
+where the last one stopped (a result is reused only for the same merged row
+config and settings; failed runs are retried), so that the training can
+share the machine and the timings run alone
 (``--skip-speed``, then ``--speed-only``). Prints a Markdown table, writes it
 with the results (JSON) and the plot to ``--work-dir``; exits non-zero if a
 row failed or ran out of time.
@@ -332,7 +333,7 @@ def summarize(rows: List[dict]) -> List[dict]:
 
 def table(rows: List[dict], seeds: List[int]) -> str:
     lines = ['| # | variant | params (M) | GFLOPs paper | GFLOPs paper + matmul | GFLOPs full '
-             '| img/s | peak MB (inference) | s / epoch | peak MB (training) '
+             '| img/s | peak MB (inference) | s / epoch | peak MB (training, host RSS) '
              '| top-1 | top-5 | paper: GFLOPs, top-1 | training min (wall / CPU) |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
