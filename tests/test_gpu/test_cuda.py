@@ -15,7 +15,11 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 * a model cast to 16 bits (``.half()``, ``.bfloat16()``) without autocast,
   and FSDP2's mixed precision on one NCCL process (test_global_mixers.py);
 * the attention mixers in deterministic mode: the math kernel only, and
-  identical gradients twice (tests/test_models/test_layers/test_mixers.py);
+  identical gradients twice (tests/test_models/test_layers/test_mixers.py),
+  and compiled there without a graph break;
+* ``--compile reduce-overhead`` training with gradient accumulation (CUDA
+  graphs left out of training: ``training_compile_mode``): gradients summed
+  over two passes as eager sums them;
 * mmcv's RoIAlign on the backbone's outputs
   (tests/test_models/test_backbones/test_convneur.py);
 * a training step of the real Cascade Mask R-CNN M3 config at 1333x800 under
@@ -128,6 +132,43 @@ def test_fsdp_mixed_precision_runs_and_trains_on_cuda():
 @pytest.mark.parametrize('mixer', ['attention', 'titans'])
 def test_attention_mixers_repeat_exactly_in_deterministic_mode_on_cuda(mixer, monkeypatch):
     deterministic_attention_check(mixer, monkeypatch, device='cuda')
+
+
+def test_compiled_attention_has_no_graph_break_in_deterministic_mode_on_cuda():
+    from convneur_mm.models.layers.mixers.attention import GlobalSelfAttention
+    attention = GlobalSelfAttention(16, heads=2).cuda()
+    x = torch.randn(2, 49, 16, device='cuda', requires_grad=True)
+    torch._dynamo.reset()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        explanation = torch._dynamo.explain(attention)(x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_reduce_overhead_training_accumulates_gradients_on_cuda():
+    """Two accumulated passes through the compiled backbone (the mode
+    ``compile_runner_model`` picks for ``reduce-overhead`` with
+    ``accumulative_counts`` 2) sum the gradients eager sums."""
+    from convneur_mm.engine.compile import compile_model, training_compile_mode
+    x = [torch.randn(2, 3, 32, 48, device='cuda', generator=torch.Generator('cuda').manual_seed(i))
+         for i in range(2)]
+
+    def accumulated(holder):
+        holder.zero_grad(set_to_none=True)
+        for batch in x:
+            sum(o.square().mean() for o in holder.backbone(batch)).backward()
+        return {n: p.grad.clone() for n, p in holder.named_parameters()}
+
+    eager = accumulated(test_compile._tiny_backbone().cuda())
+    holder = test_compile._tiny_backbone().cuda()
+    compile_model(holder, mode='reduce-overhead',
+                  training_mode=training_compile_mode('reduce-overhead', 2))
+    compiled = accumulated(holder)
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_roi_align_on_backbone_outputs_on_cuda():
