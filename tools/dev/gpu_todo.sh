@@ -48,7 +48,7 @@ for todo in "$@"; do
         tests)
             CONVNEUR_TEST_GPU_CHILD=1 step tests "${BUDGET_TESTS:-300}" "$PYTHON" -m pytest \
                 -m gpu tests/test_gpu -p no:cacheprovider -rA \
-                -k "fp16_amp or stem or input_projection or symbolic or 16_bits or fsdp or deterministic" ;;
+                -k "fp16_amp or stem or input_projection or symbolic or 16_bits or fsdp or deterministic or reduce_overhead or grn" ;;
         speed)
             step speed "${BUDGET_SPEED:-500}" "$PYTHON" tools/analysis_tools/benchmark_speed.py \
                 --device cuda --modes eager compiled --out "$OUT/speed.json" --models \
