@@ -72,7 +72,7 @@ def main():
     if args.tta:
         enable_tta(cfg)
         print_log(f'--tta: {cfg.model.type} on the config\'s tta_pipeline', logger='current')
-    runner = build_runner(cfg)
+    runner = build_runner(cfg, training=False)
     check_checkpoint_fits(inner_model(runner.model), args.checkpoint)
     if args.compile:
         compile_runner_model(runner, args.compile, training=False)

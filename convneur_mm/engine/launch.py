@@ -189,9 +189,12 @@ SILENTLY_NONDETERMINISTIC = ('RoIAlign', )
 
 
 def silently_nondeterministic_ops(node) -> List[str]:
-    """The ``SILENTLY_NONDETERMINISTIC`` op types a (model) config uses."""
+    """The ``SILENTLY_NONDETERMINISTIC`` op types a (model) config uses, named
+    as a string (``'RoIAlign'``, ``'mmcv.RoIAlign'``) or by the class."""
     if isinstance(node, dict):
-        found = [node['type']] if node.get('type') in SILENTLY_NONDETERMINISTIC else []
+        op = node.get('type')
+        op = getattr(op, '__name__', str(op)).rsplit('.', 1)[-1] if op is not None else None
+        found = [op] if op in SILENTLY_NONDETERMINISTIC else []
         children = node.values()
     elif isinstance(node, (list, tuple)):
         found, children = [], node
@@ -219,7 +222,7 @@ def _deterministic(cfg: Config) -> bool:
     return bool((cfg.get('randomness') or {}).get('deterministic'))
 
 
-def build_runner(cfg: Config):
+def build_runner(cfg: Config, training: bool = True):
     """The config's runner, or ours (MMEngine's Runner plus CPU distributed).
 
     With ``randomness.deterministic`` MMEngine calls
@@ -229,14 +232,16 @@ def build_runner(cfg: Config):
     Those ops warn instead (once per op name); everything else stays
     deterministic. (``ConvNeurRunner`` keeps it so when MMEngine sets the
     randomness again, as ``resume`` does for a checkpoint of another seed.)
-    mmcv's RoIAlign never reports (``warn_silent_nondeterminism``)."""
+    mmcv's RoIAlign never reports (``warn_silent_nondeterminism``, said where
+    the runner will train: ``tools/test.py`` passes ``training=False``)."""
     cfg.setdefault('runner_type', 'convneur_mm.ConvNeurRunner')
     if _deterministic(cfg):
         prepare_deterministic()
     runner = RUNNERS.build(cfg)
     if _deterministic(cfg):
         torch.use_deterministic_algorithms(True, warn_only=True)
-        warn_silent_nondeterminism(cfg, cuda=torch.cuda.is_available())
+        if training:
+            warn_silent_nondeterminism(cfg, cuda=torch.cuda.is_available())
     return runner
 
 

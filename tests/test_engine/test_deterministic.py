@@ -121,3 +121,12 @@ def test_detectors_say_that_roi_align_is_not_deterministic_on_cuda(tmp_path, res
     _runner(tmp_path, deterministic=True)
     _runner(tmp_path, deterministic=False)
     assert asked == [torch.cuda.is_available()]
+    build_runner(Config(dict(  # tools/test.py: no backward runs
+        model=dict(type='DeterministicToy'), work_dir=str(tmp_path), default_scope='mmengine',
+        randomness=dict(seed=0, deterministic=True))), training=False)
+    assert len(asked) == 1
+    # scoped names and classes (mmdet's Python-style configs) are found too
+    from mmcv.ops import RoIAlign
+    for op in ('mmcv.RoIAlign', RoIAlign):
+        model = dict(roi_head=dict(roi_extractor=[dict(roi_layer=dict(type=op))]))
+        assert launch.silently_nondeterministic_ops(model) == ['RoIAlign']
