@@ -182,13 +182,21 @@ def test_deterministic_kernel_compiles_without_a_graph_break():
         with deterministic_kernel('cuda'):
             return F.scaled_dot_product_attention(q, q, q)
 
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
     q = torch.randn(2, 1, 16, 8, requires_grad=True)
     torch._dynamo.reset()
+    compiled = torch.compile(attend, backend=record, fullgraph=True)
     try:
         for warn_only in (True, False, True):  # a changed flag recompiles, no stale choice
             torch.use_deterministic_algorithms(True, warn_only=warn_only)
-            compiled = torch.compile(attend, backend='eager', fullgraph=True)
             torch.testing.assert_close(compiled(q), attend(q))
+        assert len(graphs) == 2  # the third call reuses the first graph
+        assert 'sdpa_kernel' in graphs[0] and 'sdpa_kernel' not in graphs[1], graphs
     finally:
         torch.use_deterministic_algorithms(False)
         torch._dynamo.reset()
