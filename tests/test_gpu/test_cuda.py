@@ -4,7 +4,8 @@ the reason). Each reuses the CPU test of the same behaviour, on the GPU:
 * the neural memory's forward and backward against the float64 autograd
   reference (tests/test_models/test_layers/test_neural_memory.py);
 * GRN's spatial norm against ``vector_norm``: values, float64, 16-bit
-  maps, a zero channel's gradient, GRN under float16 autocast
+  maps, a zero channel's gradient, GRN under float16 autocast, the bfloat16
+  map saved as such under bf16 autocast
   (tests/test_models/test_layers/test_local_branch.py);
 * ``torch.compile`` (Inductor's Triton kernels) against eager, outputs and
   gradients, in float32 and under fp16 autocast, and evaluation's kernels
@@ -95,6 +96,10 @@ def test_grn_norm_of_16bit_maps_on_cuda(dtype):
 ], ids=lambda check: check.__name__)
 def test_grn_on_cuda(check):
     check(device='cuda')
+
+
+def test_grn_saves_the_bfloat16_map_under_cuda_autocast():
+    test_local_branch.test_bfloat16_maps_are_saved_for_backward_in_bfloat16(device='cuda')
 
 
 @pytest.mark.parametrize('amp', [None, torch.float16], ids=['float32', 'fp16-autocast'])

@@ -71,15 +71,17 @@ def test_spatial_norm_of_16bit_maps_does_not_overflow(dtype, device='cpu'):
 
 
 def test_bfloat16_maps_are_saved_for_backward_in_bfloat16(device='cpu'):
-    """CPU ``--amp`` training: autograd keeps the bfloat16 map, not a float32
-    copy of GRN's largest activation."""
+    """bf16 ``--amp`` training: autograd keeps the bfloat16 map, not a float32
+    copy of GRN's largest activation (on CUDA, where autocast runs ``pow`` in
+    float32, it kept one: the GPU suite runs this with ``device='cuda'``)."""
     x = torch.randn(2, 14, 14, 64, device=device).to(torch.bfloat16).requires_grad_(True)
     saved = []
 
     def pack(t):
         saved.append((tuple(t.shape), t.dtype))
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast(device, dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         spatial_l2_norm(x)
     full_maps = [dtype for shape, dtype in saved if shape == (2, 14, 14, 64)]
     assert full_maps and all(dtype == torch.bfloat16 for dtype in full_maps)
