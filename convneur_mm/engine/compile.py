@@ -221,8 +221,9 @@ def compile_runner_model(runner, mode: str = 'default', dynamic: Optional[bool] 
     names = compile_model(runner.model, mode=mode, dynamic=dynamic, backend=backend,
                           training_mode=training_mode)
     runner.register_hook(CompilationCountHook(), priority='VERY_LOW')
+    evaluation_shapes = 'static' if mode in CUDAGRAPH_MODES else 'automatic dynamic'
     print_log(f'torch.compile ({training_mode} in training, {mode} in evaluation; '
-              f'dynamic={dynamic} in training, automatic dynamic '
+              f'dynamic={dynamic} in training, {evaluation_shapes} '
               'shapes in evaluation) of the model\'s '
               f'{", ".join(names)}; the first iterations compile (minutes on a CPU)',
               logger='current')
