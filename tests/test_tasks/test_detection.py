@@ -226,7 +226,8 @@ def test_missing_data_root_names_the_path(tmp_path):
                   '--cfg-options', f'train_dataloader.dataset.data_root={missing}')
     assert result.returncode != 0
     assert 'FileNotFoundError' in result.stderr and missing in result.stderr
-    assert 'COCO_ROOT' in result.stderr  # and says how to point at the data
+    # and says how to point at the data: the demo's own variable, not its base's COCO_ROOT
+    assert 'COCO_TINY_ROOT=/path/to/data/' in result.stderr
 
 
 @pytest.mark.parametrize('name', [DEMO, 'cascade_rcnn_convneur_m3_1x_coco.py'])
