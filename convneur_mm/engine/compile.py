@@ -63,15 +63,16 @@ from .wrapping import inner_model
 
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')
 MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-# modes that record CUDA graphs: one per concrete input size, also for a graph
-# with symbolic sizes, and without a limit (PyTorch only warns); evaluation
-# stays static in these, bounded by the recompile limit
-CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
-# each of those without its CUDA graphs: what training compiles with when the
-# optimizer accumulates gradients, which a CUDA graph's replay overwrites
-# (torch raises "accessing gradient tensor output of CUDAGraphs that has been
-# overwritten"; pytorch/pytorch#169545, open)
+# the modes that record CUDA graphs, each with its twin without them: what
+# training compiles with when the optimizer accumulates gradients, which a
+# CUDA graph's replay overwrites (torch raises "accessing gradient tensor
+# output of CUDAGraphs that has been overwritten"; pytorch/pytorch#169545,
+# open)
 WITHOUT_CUDAGRAPHS = {'reduce-overhead': 'default', 'max-autotune': 'max-autotune-no-cudagraphs'}
+# CUDA graphs are recorded one per concrete input size, also for a graph with
+# symbolic sizes, and without a limit (PyTorch only warns); evaluation stays
+# static in these modes, bounded by the recompile limit
+CUDAGRAPH_MODES = tuple(WITHOUT_CUDAGRAPHS)
 # torch >= 2.13 keeps a compiled function's graphs and recompile limit apart
 # from other compilations of the same code; older torch (2.11 on an H100
 # image, 2026-11-25) raises TypeError for the keyword, and compiles without it
