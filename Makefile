@@ -1,5 +1,5 @@
 # Single entry point. Every target sets up (or reuses) the project-local
-# virtual environment first; see tools/setup_env.sh.
+# virtual environment first; see tools/setup/setup_env.sh.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -7,21 +7,21 @@ PYTEST_ARGS ?=
 .PHONY: setup test test-gpu demo clean-venv
 
 setup:
-	@bash tools/setup_env.sh
+	@bash tools/setup/setup_env.sh
 
 # The test command of README.md and .ci/run.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests projects $(PYTEST_ARGS)
 
 # Only the tests marked `gpu`, all in this one process with the GPUs visible
 # (no child pytest per test: that cost about 20 s of imports each on an H100);
 # skipped, with the reason, without enough GPUs.
 test-gpu: setup
-	CONVNEUR_TEST_GPU_CHILD=1 $(PY) -m pytest -m gpu tests $(PYTEST_ARGS)
+	CONVNEUR_TEST_GPU_CHILD=1 $(PY) -m pytest -m gpu tests projects $(PYTEST_ARGS)
 
 # The main job on the embedded default: tiny COCO / ADE20K / ImageNet sets.
 demo: setup
-	@bash tools/run_demo.sh
+	@bash tools/setup/run_demo.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = 'convneur_mm'
 MIM_ITEMS = ('configs', 'tools', 'model-index.yml')
 # the repository's own development scripts (GPU-machine helpers): not for MIM users
-DEV_ONLY = (os.path.join('tools', 'dev'), )
+DEV_ONLY = (os.path.join('tools', 'setup'), )  # run from a checkout only
 
 
 def _remove(path: str) -> None:
@@ -130,7 +130,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=[PACKAGE, f'{PACKAGE}.*']),
     cmdclass={'build_py': BuildPyWithMim, 'develop': DevelopWithMim},
-    # The stack is installed by tools/setup_env.sh (or requirements.txt plus
+    # The stack is installed by tools/setup/setup_env.sh (or requirements.txt plus
     # the two commands in its header) in the order its builds need. mmcv is
     # deliberately not listed: pip would build it in an isolated environment,
     # silently without its C++ ops.

@@ -26,3 +26,12 @@ def import_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def import_setup_helper() -> ModuleType:
+    """tools/setup/cuda_setup.py, the installer's helper (run by path, never shipped)."""
+    spec = importlib.util.spec_from_file_location(
+        'convneur_cuda_setup', osp.join(REPO, 'tools', 'setup', 'cuda_setup.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

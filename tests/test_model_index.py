@@ -15,7 +15,7 @@ import pytest
 from modelindex.load_model_index import load
 
 from convneur_mm.model_index import NoPretrainedWeightsError
-from convneur_mm.utils.complexity import measure_config
+from convneur_mm.analysis.complexity import measure_config
 
 from .paths import REPO
 

@@ -47,7 +47,7 @@ def test_wheel_carries_configs_tools_and_model_index(built_wheel):
     missing = [path for path in expected if path not in names]
     assert not missing, missing
     assert not any('__pycache__' in n for n in names)
-    assert not any(n.startswith('convneur_mm/.mim/tools/dev/') for n in names)  # DEV_ONLY
+    assert not any(n.startswith('convneur_mm/.mim/tools/setup/') for n in names)  # DEV_ONLY
 
 
 def test_sdist_carries_what_the_wheel_build_needs(repo_root, tmp_path):

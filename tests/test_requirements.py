@@ -1,9 +1,9 @@
-"""requirements.txt installs the stack of tools/setup_env.sh (issue 20).
+"""requirements.txt installs the stack of tools/setup/setup_env.sh (issue 20).
 
 requirements.txt includes what pip can install from a requirements file and
 names, in its header, the commands for the rest (flags pip takes only on its
 command line). These tests compare it with whatever requirements/ holds and
-tools/setup_env.sh installs, so a new requirements file, a changed pin or a
+tools/setup/setup_env.sh installs, so a new requirements file, a changed pin or a
 changed build flag in one place and not the other fails here.
 """
 import glob

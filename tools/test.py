@@ -11,17 +11,17 @@ from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
-from convneur_mm.engine.exit import exit_successfully
-from convneur_mm.engine.launch import (build_runner, check_data_paths, load_config,
+from convneur_mm.apis.exit import exit_successfully
+from convneur_mm.apis.launch import (build_runner, check_data_paths, load_config,
                                        set_local_rank)
 from convneur_mm.engine.dump import prediction_dumper
-from convneur_mm.engine.reporting import format_metrics, enable_visualization
+from convneur_mm.apis.reporting import format_metrics, enable_visualization
 from convneur_mm.engine.wrapping import enable_tta, inner_model
-from convneur_mm.utils.pretrained import check_checkpoint_fits
+from convneur_mm.models.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
-from convneur_mm.utils.toolbox import check_toolbox
+from convneur_mm.apis.toolbox import check_toolbox
 
 
 def parse_args():
@@ -83,7 +83,7 @@ def main():
         print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '
                                             f'{osp.basename(args.checkpoint)}'))
     # the work is done and written: exit 0, never a late abort at interpreter
-    # tear-down (a PyTorch race: convneur_mm/engine/exit.py, issue 17)
+    # tear-down (a PyTorch race: convneur_mm/apis/exit.py, issue 17)
     exit_successfully()
 
 

@@ -12,14 +12,14 @@ from mmengine.logging import print_log
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import (add_compile_argument, bucket_detection_sizes,
                                         compile_runner_model)
-from convneur_mm.engine.exit import exit_successfully
-from convneur_mm.engine.launch import (build_runner, check_data_paths, enable_amp,
+from convneur_mm.apis.exit import exit_successfully
+from convneur_mm.apis.launch import (build_runner, check_data_paths, enable_amp,
                                        load_config, prepare_deterministic, set_local_rank,
                                        set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
-from convneur_mm.utils.toolbox import check_toolbox
+from convneur_mm.apis.toolbox import check_toolbox
 
 
 def parse_args():
@@ -78,7 +78,7 @@ def main():
         compile_runner_model(runner, args.compile)
     runner.train()
     # the work is done and written: exit 0, never a late abort at interpreter
-    # tear-down (a PyTorch race: convneur_mm/engine/exit.py, issue 17)
+    # tear-down (a PyTorch race: convneur_mm/apis/exit.py, issue 17)
     exit_successfully()
 
 

@@ -4,7 +4,7 @@
 #       --recipe configs/probe/cls_convneur_m1_global_probe.py
 # Starts from the tiny-ImageNet ablation recipe (light augmentation, no Mixup /
 # CutMix, 4 epochs, one process); only the data change, and each change says why.
-# Untrained so far: given docs/probe.md, 4 epochs are likely far too few.
+# Untrained so far: given projects/global_probe/README.md, 4 epochs are likely far too few.
 _base_ = ['../ablations/recipes/imagenet_tiny_m3.py']
 
 # the generator's default output; ablation_table.py writes it when missing

@@ -1,4 +1,4 @@
-# The order probe (docs/probe.md): a red and a green bar far apart; is the red
+# The order probe (projects/global_probe/README.md): a red and a green bar far apart; is the red
 # one above? A Table 5 recipe on which local-only stays at chance and the memory
 # learns:
 #   python tools/analysis_tools/ablation_table.py \
@@ -10,7 +10,7 @@
 # so no 28 px window of the one-block network below sees both bars or the zero
 # padding, and the average over windows (GRN and the final LayerNorm included,
 # which see the map as a set) is the same for both classes (in the drawn image;
-# docs/probe.md on what JPEG and the background's gradient add). The memory reads its
+# projects/global_probe/README.md on what JPEG and the background's gradient add). The memory reads its
 # chunks in raster order: the lower bar reads what the upper one wrote.
 # Only the data, the network's size and the schedule change from the global probe
 # recipe; each change says why.
@@ -34,12 +34,12 @@ test_dataloader = val_dataloader
 
 # One stage of one block (C = 32, C_m = 16): the local branch sees 4 + 6 x 4 = 28
 # pixels. Chunks of 144 tokens: 9 per image of 36 x 36 tokens, as many as the
-# probe's XOR needed (docs/probe.md, "Resolution"). Rows that set their own C_m
+# probe's XOR needed (projects/global_probe/README.md, "Resolution"). Rows that set their own C_m
 # (Table 5's C_m rows) keep it: memory_cfg.dim overrides arch.memory_dim.
 backbone_overrides = dict(arch=dict(depths=[1], dims=[32], memory_dim=16), out_indices=(0, ),
                           memory_cfg=dict(chunk_size=144))
 
-# 6 epochs of 32 steps: the probe loop (convneur_mm/utils/probe.py) learned the
+# 6 epochs of 32 steps: the probe loop (projects/global_probe/probe/train.py) learned the
 # task in about 100 steps at this learning rate
 optim_wrapper = dict(optimizer=dict(lr=3e-3))
 max_epochs = 6

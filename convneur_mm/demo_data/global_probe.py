@@ -63,7 +63,7 @@ MIN_RADIUS = 2.5               # pixels
 RING_WIDTH = 0.5               # the targets' white ring, in disc radii
 TARGET_MIN_DIST = 0.6          # the targets' distance, as a fraction of the side
 MARK_GAP = 3.2                 # centre distance of any two marks, in largest radii
-# The order probe (relation 'above'; docs/probe.md and
+# The order probe (relation 'above'; projects/global_probe/README.md and
 # configs/probe/cls_convneur_order_probe.py): two ellipses 11.5-14.4 px high
 # and 6x as wide at 144 px. For the one-block network, whose local branch sees 28 px,
 # their edges are >= 28.8 px apart in y (no window sees both) and >= 24 px
@@ -208,7 +208,7 @@ def mark_distance(mark: Mark, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _ringed(relation: str, distractors: int) -> bool:
     """Whether the targets wear their ring: always for the colour relations
-    (the measurements of docs/probe.md were taken so), for ``above`` only
+    (the measurements of projects/global_probe/README.md were taken so), for ``above`` only
     when distractors need telling apart from them."""
     return relation in RELATIONS or distractors > 0
 
@@ -244,12 +244,12 @@ def make_image(rng: np.random.Generator, label: int, size: int = 128, kinds: int
     ``radius_range`` (disc radii), ``target_min_dist`` and ``border`` (every
     mark's least distance from the image's edge), all fractions of the side,
     and ``aspect`` (``above``'s marks as ellipses) serve the probe's studies
-    (docs/probe.md); the dataset keeps the defaults.
+    (projects/global_probe/README.md); the dataset keeps the defaults.
     """
     if relation not in ALL_RELATIONS:
         raise ValueError(f'relation must be one of {ALL_RELATIONS}, got {relation!r}')
     # two colours: additive beside distractors; without any, the two marks'
-    # same/different is the plain XOR (docs/probe.md, "pooling"). The order
+    # same/different is the plain XOR (projects/global_probe/README.md, "pooling"). The order
     # relation needs red and one other colour.
     order = relation == ORDER_RELATION
     fewest = 2 if distractors == 0 or order else 3

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..models.backbones.convneur import ConvNeur
 from ..models.layers.neural_memory import NeuralMemory
-from ..models.layers.shapes import ceil_div
+from convneur_mm.models.utils.shapes import ceil_div
 
 PARTS = ('model', 'backbone')
 SUPPORTED_SCOPES = ('mmpretrain', 'mmseg')

@@ -58,7 +58,7 @@ from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
-from ..models.layers.shapes import ceil_to
+from convneur_mm.models.utils.shapes import ceil_to
 from .wrapping import inner_model
 
 COMPILED_PARTS = ('backbone', 'neck', 'decode_head', 'auxiliary_head', 'head')

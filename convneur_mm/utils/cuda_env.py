@@ -10,7 +10,7 @@ NVIDIA hardware, and runs that hide the GPUs on purpose
 keeps it on a machine whose GPUs cannot be used.
 
 Importing this module imports nothing but the standard library, so that
-``tools/setup_env.sh`` can use it before the stack is installed; torch and
+``tools/setup/setup_env.sh`` can use it before the stack is installed; torch and
 mmcv are imported by the functions that need them.
 """
 import glob
@@ -26,7 +26,7 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 try:
     from convneur_mm.utils.elf import elf_needed
-except ImportError:  # run by path from tools/setup_env.sh, beside elf.py
+except ImportError:  # run by path from tools/setup/setup_env.sh, beside elf.py
     from elf import elf_needed  # type: ignore[no-redef]
 
 PROC_VERSION = '/proc/driver/nvidia/version'
@@ -38,7 +38,7 @@ DOCS = 'docs/cuda.md'
 MIN_DRIVER = {11: '450.80.02', 12: '525.60.13', 13: '580.65.06'}
 MMCV_WITHOUT_CUDA_OPS = (
     'mmcv here was compiled without its CUDA ops, so the first RoIAlign would fail. Rebuild '
-    'it on this machine: `bash tools/setup_env.sh` (it sees the GPU and recompiles mmcv; see '
+    'it on this machine: `bash tools/setup/setup_env.sh` (it sees the GPU and recompiles mmcv; see '
     f'{DOCS}).')
 # what mmcv's dispatcher raises for a device it has no kernel for:
 # 'nms_impl: implementation for device cuda:0 not found.'
@@ -184,7 +184,7 @@ def cuda_problem(info: NvidiaInfo, cuda_available: bool, torch_version: str,
     if cuda_version is None:
         return (f'An NVIDIA driver ({driver}) is installed, but torch {torch_version} '
                 'is a CPU-only build. Reinstall the pinned CUDA build: '
-                f'`bash tools/setup_env.sh` (see {DOCS}).')
+                f'`bash tools/setup/setup_env.sh` (see {DOCS}).')
     if not cuda_available:
         need = required_driver(cuda_version)
         older = ''
@@ -196,7 +196,7 @@ def cuda_problem(info: NvidiaInfo, cuda_available: bool, torch_version: str,
                 f'{cuda_version}, needs driver >= {need}) cannot use it: '
                 'torch.cuda.is_available() is False.' + older +
                 ' Update the NVIDIA driver, or install the same torch built for CUDA 12.x '
-                f'(`{TORCH_BUILD}=cu126 bash tools/setup_env.sh`, driver >= '
+                f'(`{TORCH_BUILD}=cu126 bash tools/setup/setup_env.sh`, driver >= '
                 f'{MIN_DRIVER[12]}; see {DOCS}).')
     bad = unsupported_capabilities(device_capabilities, arch_list)
     if bad:
@@ -204,7 +204,7 @@ def cuda_problem(info: NvidiaInfo, cuda_available: bool, torch_version: str,
         gpus = ', '.join(f'{names.get(cap, "GPU")} (sm_{cap[0]}{cap[1]})' for cap in bad)
         builds = sorted({b for cap in bad for b in _builds_for(cap)})
         fix = (f'install the same torch built for CUDA 12.x: `{TORCH_BUILD}={builds[0]} '
-               f'bash tools/setup_env.sh` (see {DOCS})' if builds else
+               f'bash tools/setup/setup_env.sh` (see {DOCS})' if builds else
                'no PyTorch build of this version supports these GPUs')
         return (f'torch {torch_version} (CUDA {cuda_version}) has kernels for '
                 f'{" ".join(arch_list)} only, not for {gpus}: {fix}.')

@@ -3,7 +3,7 @@
 Why: mmcv's ``get_compiling_cuda_version()`` can crash the process (it
 segfaulted on an H100 whose CUDA kernels worked); the libcudart.so.N that
 mmcv's ``_ext`` links then still tells which CUDA it was built for, and
-``readelf`` need not be installed. Standard library only (``tools/setup_env.sh``
+``readelf`` need not be installed. Standard library only (``tools/setup/setup_env.sh``
 uses it before the stack is installed). 64-bit little-endian files only
 (x86-64, aarch64).
 """

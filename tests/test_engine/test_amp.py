@@ -23,7 +23,7 @@ from torch import nn
 
 import convneur_mm.engine  # noqa: F401  (registers CpuAmpOptimWrapper)
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
-from convneur_mm.engine.launch import enable_amp, load_config
+from convneur_mm.apis.launch import enable_amp, load_config
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from ..paths import REPO

@@ -14,7 +14,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.runner import Runner
 
 from convneur_mm.engine.checkpoint_hook import SafeCheckpointHook
-from convneur_mm.engine.launch import build_runner, load_config
+from convneur_mm.apis.launch import build_runner, load_config
 from convneur_mm.engine.runner import ConvNeurRunner
 from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
 from ..paths import REPO

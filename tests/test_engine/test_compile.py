@@ -10,10 +10,10 @@ from torch import nn
 from convneur_mm.engine import compile as compile_mod
 from convneur_mm.engine.compile import (compilable_parts, compile_model, compile_runner_model,
                                         graphs_compiled, CompilationCountHook)
-from convneur_mm.engine.launch import build_runner, load_config
+from convneur_mm.apis.launch import build_runner, load_config
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.neural_memory import NeuralMemory
-from convneur_mm.utils.toolbox import quiet_init
+from convneur_mm.apis.toolbox import quiet_init
 from ..paths import REPO
 
 # the smallest network that still runs the memory with several chunks: one
@@ -300,8 +300,8 @@ def test_compile_buckets_a_detectors_training_batches(tmp_path):
     batches to (800, 1088, 1344); configs that are no detector, or that have
     batch augments of their own, are left alone."""
     from convneur_mm.engine.compile import bucket_detection_sizes
-    from convneur_mm.engine.launch import load_config
-    from convneur_mm.utils.toolbox import build_model
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
                       work_dir=str(tmp_path))
     assert bucket_detection_sizes(cfg) == (800, 1088, 1344)

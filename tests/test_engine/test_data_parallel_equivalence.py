@@ -42,9 +42,9 @@ from mmengine.runner import set_random_seed
 
 from convneur_mm.demo_data.ade20k import generate_ade20k_tiny
 from convneur_mm.demo_data.coco import generate_coco_tiny
-from convneur_mm.engine.launch import load_config
+from convneur_mm.apis.launch import load_config
 from convneur_mm.engine.runner import wrap_cpu_ddp
-from convneur_mm.utils.toolbox import build_model
+from convneur_mm.apis.toolbox import build_model
 from .dist_utils import run_distributed
 from ..paths import REPO
 from ..threads import one_thread

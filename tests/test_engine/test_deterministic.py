@@ -13,7 +13,7 @@ from mmengine.registry import MODELS
 from mmengine.runner import Runner
 from torch import nn
 
-from convneur_mm.engine.launch import build_runner, prepare_deterministic, set_randomness
+from convneur_mm.apis.launch import build_runner, prepare_deterministic, set_randomness
 from convneur_mm.engine.runner import ConvNeurRunner
 from .test_resume import _toy_run
 
@@ -102,7 +102,7 @@ def test_detectors_say_that_roi_align_is_not_deterministic_on_cuda(tmp_path, res
     segmentors and classifiers use no such op, and a CPU runs it serially."""
     import os.path as osp
 
-    from convneur_mm.engine import launch
+    from convneur_mm.apis import launch
     from ..paths import REPO
     detector = Config.fromfile(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'))
     warned = []

@@ -109,8 +109,8 @@ def test_slurm_test_with_two_tasks(ade20k_tiny, tmp_path, fake_slurm):
     """tools/slurm_test.sh on a CPU partition (GRES empty): 2 tasks, one gloo
     process group through ``--launcher slurm``, one metrics table."""
     from mmengine.runner import save_checkpoint
-    from convneur_mm.engine.launch import load_config
-    from convneur_mm.utils.toolbox import build_model
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
     checkpoint = str(tmp_path / 'init.pth')
     save_checkpoint(dict(meta={}, state_dict=build_model(load_config(DEMO)).state_dict()),
                     checkpoint)

@@ -7,7 +7,7 @@ import pytest
 from mmengine.optim import build_optim_wrapper
 from torch import nn
 
-from convneur_mm.utils.toolbox import build_model, load_cfg
+from convneur_mm.apis.toolbox import build_model, load_cfg
 
 CONSTRUCTOR = 'convneur_mm.LayerDecayOptimWrapperConstructor'
 CONFIGS = ['cascade_rcnn_convneur_m2_1x_coco.py', 'upernet_convneur_m2_80k_ade20k.py',

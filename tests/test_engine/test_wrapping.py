@@ -5,7 +5,7 @@ import torch
 from mmengine.model import BaseModel, BaseTTAModel
 
 from convneur_mm.engine.wrapping import enable_tta, inner_model
-from convneur_mm.utils.toolbox import load_cfg
+from convneur_mm.apis.toolbox import load_cfg
 
 
 class _TTA(BaseTTAModel):

@@ -38,7 +38,7 @@ import pytest
 import torch
 
 from convneur_mm.demo_data.coco import generate_coco_tiny
-from convneur_mm.engine.launch import enable_amp, load_config
+from convneur_mm.apis.launch import enable_amp, load_config
 from ..paths import REPO
 from ..test_engine import test_compile, test_resume
 from ..test_models.test_backbones.test_convneur import \

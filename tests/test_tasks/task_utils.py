@@ -5,7 +5,7 @@ import torch
 from mmengine.config import Config
 
 from convneur_mm.demo_data.coco import CLASSES, ann_file
-from convneur_mm.engine.launch import SPLITS, build_runner
+from convneur_mm.apis.launch import SPLITS, build_runner
 from ..paths import REPO
 
 

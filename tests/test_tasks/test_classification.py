@@ -15,9 +15,9 @@ import torch
 
 import convneur_mm  # noqa: F401
 from convneur_mm.demo_data.imagenet import CLASSES, generate_imagenet_tiny
-from convneur_mm.engine.launch import build_runner, load_config
+from convneur_mm.apis.launch import build_runner, load_config
 from convneur_mm.utils.paths import config_dir, tools_dir
-from convneur_mm.utils.toolbox import build_model
+from convneur_mm.apis.toolbox import build_model
 
 from ..threads import one_thread
 

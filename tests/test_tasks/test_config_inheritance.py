@@ -76,7 +76,7 @@ import json, os, sys
 import convneur_mm
 from mmengine.config import Config
 from convneur_mm.utils.paths import config_dir
-from convneur_mm.utils.toolbox import build_model
+from convneur_mm.apis.toolbox import build_model
 
 seg, det = Config.fromfile('seg_child.py'), Config.fromfile('det_child.py')
 seg_model, det_model = build_model(seg, init=False), build_model(det, init=False)

@@ -16,11 +16,11 @@ from mmengine.logging import MMLogger
 from mmengine.runner.checkpoint import _load_checkpoint
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
-from convneur_mm.engine.launch import build_runner
+from convneur_mm.apis.launch import build_runner
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.utils.paths import tools_dir
-from convneur_mm.utils.pretrained import CheckpointMismatchError
-from convneur_mm.utils.toolbox import build_model, load_cfg
+from convneur_mm.models.utils.pretrained import CheckpointMismatchError
+from convneur_mm.apis.toolbox import build_model, load_cfg
 from .test_classification import one_thread, tiny_cls_cfg  # noqa: F401 (autouse fixture)
 
 CONVERTER = osp.join(tools_dir(), 'model_converters', 'cls_to_backbone.py')

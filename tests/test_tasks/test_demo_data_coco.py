@@ -118,7 +118,7 @@ def test_mmdet_coco_dataset_loads_it_with_the_demo_metainfo(tiny_coco):
     from mmengine.registry import init_default_scope
     from mmdet.registry import DATASETS
 
-    from convneur_mm.engine.launch import load_config
+    from convneur_mm.apis.launch import load_config
     from convneur_mm.utils.paths import config_path
     cfg = load_config(config_path('demo/cascade_rcnn_convneur_m3_coco_tiny.py'))
     assert tuple(cfg.metainfo['classes']) == CLASSES

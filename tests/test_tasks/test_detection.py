@@ -14,8 +14,8 @@ from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
 from torch import nn
 
 from convneur_mm.demo_data.coco import generate_coco_tiny
-from convneur_mm.engine.launch import build_runner, load_config, missing_data_paths
-from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
+from convneur_mm.apis.launch import build_runner, load_config, missing_data_paths
+from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg
 from ..paths import REPO
 from .task_utils import on_tiny_coco, train_and_diff
 

@@ -17,7 +17,7 @@ from mmengine.config import Config
 from mmengine.logging import MessageHub
 from mmengine.runner.checkpoint import weights_to_cpu
 
-from convneur_mm.utils.toolbox import build_model, load_cfg
+from convneur_mm.apis.toolbox import build_model, load_cfg
 from ..paths import REPO
 
 CONFIGS = sorted(p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)

@@ -18,9 +18,9 @@ from mmengine.registry import PARAM_SCHEDULERS, init_default_scope
 from torch import nn
 
 from convneur_mm.demo_data.ade20k import CLASSES, OTHER, SCENE_FILE, generate_ade20k_tiny
-from convneur_mm.engine.launch import build_runner, load_config
-from convneur_mm.utils.complexity import measure_config
-from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg, tensor_forward
+from convneur_mm.apis.launch import build_runner, load_config
+from convneur_mm.analysis.complexity import measure_config
+from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg, tensor_forward
 from ..paths import REPO
 from .task_utils import on_tiny_data, train_and_diff
 

@@ -71,7 +71,7 @@ def test_cached_results_belong_to_one_row_recipe_and_data(tiny, tmp_path):
     data root gives the row another key (a rerun into the same work dir with
     another recipe printed the old accuracies under the new recipe's name)."""
     tool = import_analysis_tool('ablation_table')
-    from convneur_mm.utils.toolbox import load_cfg
+    from convneur_mm.apis.toolbox import load_cfg
     recipe = load_cfg(str(tiny / 'recipe.py'))
     other = load_cfg(str(tiny / 'recipe.py'))
     other.train_cfg.max_epochs = 3

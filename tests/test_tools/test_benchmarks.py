@@ -29,7 +29,7 @@ def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
     import torch
 
     from convneur_mm.models.layers.neural_memory import NeuralMemory
-    from ..test_models.test_layers.memory_reference import reference_memory
+    from convneur_mm.testing.memory_reference import reference_memory
     bench = import_analysis_tool('benchmark_memory')
     torch.manual_seed(0)
     d, chunk, tokens = 16, 32, 128  # 4 chunks: 3 updates that are read
@@ -109,7 +109,7 @@ def test_global_branch_times_profile_the_branches_alone(monkeypatch):
     from convneur_mm.models.backbones.convneur import ConvNeur
     from convneur_mm.models.layers.global_branch import GlobalBranch
     from convneur_mm.models.layers.local_branch import LocalBranch
-    from convneur_mm.utils import op_profile
+    from convneur_mm.analysis import op_profile
     bench = import_analysis_tool('benchmark_speed')
     model = ConvNeur(arch='m1', out_indices=(3,)).eval()
     local_calls = []
@@ -138,7 +138,7 @@ def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch)
     """On CUDA the branches are timed by events on the device's stream, read
     after a synchronize of that device (here cuda:1, stubbed)."""
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    from ..test_utils.test_bench_env import _FakeCuda
+    from tests.test_analysis.test_bench_env import _FakeCuda
     bench = import_analysis_tool('benchmark_speed')
     model = torch.nn.Sequential(GlobalBranch(8, 8, chunk_size=4), GlobalBranch(8, 8, chunk_size=4))
     cuda = _FakeCuda(monkeypatch, [0.0, 1.0, 5.0, 5.25])  # two branches: 1 s and 0.25 s

@@ -1,4 +1,4 @@
-"""tools/analysis_tools/fp16_headroom.py and convneur_mm/utils/fp16_headroom.py:
+"""tools/analysis_tools/fp16_headroom.py and convneur_mm/analysis/fp16_headroom.py:
 the largest float16 gradients of a step, and the loss scale they allow."""
 import math
 import os.path as osp
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
-from convneur_mm.utils.fp16_headroom import (Float16Gradients, cuda_fp16_stand_in,
+from convneur_mm.analysis.fp16_headroom import (Float16Gradients, cuda_fp16_stand_in,
                                              cuda_layer_norm_rule, loss_scale_bound)
 from ..paths import REPO, import_analysis_tool
 

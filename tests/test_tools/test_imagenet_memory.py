@@ -32,7 +32,7 @@ def test_configs_train_the_batch_the_estimate_fits(arch):
     (measured under the CUDA fp16 stand-in), and 8 GPUs x batch x
     accumulation is the paper's 4096 (M4's was 64 x 8 until the stand-in
     put its peak at 25.9 GiB)."""
-    from convneur_mm.utils.toolbox import load_cfg
+    from convneur_mm.apis.toolbox import load_cfg
     cfg = load_cfg(f'cls_convneur_{arch}_300e_in1k.py')
     batch = cfg.train_dataloader.batch_size
     assert 8 * batch * cfg.optim_wrapper.accumulative_counts == memory.PAPER_BATCH

@@ -13,7 +13,7 @@ from convneur_mm.deployment import (DeployableModel, ExportCheckError, check_onn
                                     export_onnx, memory_chunk_counts, onnx_outputs)
 from convneur_mm.deployment.export import adaptive_avg_pool2d, shape_generic_patches
 from convneur_mm.models.layers.neural_memory import NeuralMemory
-from convneur_mm.utils.toolbox import build_model, load_cfg
+from convneur_mm.apis.toolbox import build_model, load_cfg
 from ..paths import REPO
 
 TOOL = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')

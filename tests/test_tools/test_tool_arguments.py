@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
-from convneur_mm.utils import probe
+from projects.global_probe.probe import train as probe
 from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
 
 DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convneur_mm.models.backbones.convneur import ConvNeur
-from convneur_mm.utils.toolbox import quiet_init
+from convneur_mm.apis.toolbox import quiet_init
 from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
 
 erf_tool = import_analysis_tool('effective_receptive_field')
@@ -116,7 +116,7 @@ def test_erf_loads_a_dense_task_checkpoint_and_refuses_another_model(tmp_path):
     """A detector's backbone (the norms of all four outputs) loads; another
     model's weights stop the tool (they were loaded "where they fit" and the
     random-weight figures printed, exit 0)."""
-    from convneur_mm.utils.pretrained import CheckpointMismatchError
+    from convneur_mm.models.utils.pretrained import CheckpointMismatchError
 
     def checkpoint(arch):
         path = str(tmp_path / f'{arch}.pth')

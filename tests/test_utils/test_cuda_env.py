@@ -140,7 +140,7 @@ def test_env_report_names_the_stack():
     assert rows['torch'] == torch.__version__ and rows['torch CUDA'] == str(torch.version.cuda)
     assert rows['NVIDIA driver'] == (detect_nvidia().driver or 'none')
     # what mmcv's ops were built with, as this process finds it, and as the
-    # set-up recorded building them (tools/setup_env.sh; absent in an
+    # set-up recorded building them (tools/setup/setup_env.sh; absent in an
     # environment of one's own): 'cpu' (this machine, whatever CUDA torch was
     # built for) or CUDA ops for torch's CUDA (the GPU machines)
     found = cuda_env.mmcv_ops_version()
@@ -287,7 +287,7 @@ def test_mmcv_without_cuda_ops_is_found_by_running_nms(tmp_path, usable_gpu):
     proc = _proc(tmp_path, PROPRIETARY)
     calls = usable_gpu(RuntimeError(NO_CUDA_OPS))
     with pytest.raises(CudaUnavailableError, match='compiled without its CUDA ops.*'
-                       r'bash tools/setup_env.sh.*CONVNEUR_ALLOW_CPU=1'):
+                       r'bash tools/setup/setup_env.sh.*CONVNEUR_ALLOW_CPU=1'):
         check_cuda(env={}, proc_path=proc, smi=None)
     assert calls == [2]
     with pytest.warns(UserWarning, match='compiled without its CUDA ops'):

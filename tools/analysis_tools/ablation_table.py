@@ -10,7 +10,7 @@ Rows: the given configs, by default every config of configs/ablations/ in the
 paper's order. Recipe (default: configs/ablations/recipes/imagenet_tiny_m3.py,
 4 epochs of the tiny ImageNet at 64x64, light augmentation, one process: the
 whole table in about half an hour on 2 CPU cores): its data, schedule, head and
-runtime; each row contributes its backbone only (convneur_mm/utils/ablations.py),
+runtime; each row contributes its backbone only (convneur_mm/analysis/ablations.py),
 so every row trains with the same recipe and seed. The recipe's dataset is
 generated when missing, by the recipe's ``data_generator`` (default: the
 tiny ImageNet's generator) called with its ``data_generator_args``.
@@ -20,7 +20,7 @@ CPU), bounded by ``--row-minutes``, and reads the last validation's top-1 /
 top-5; it records the training time per epoch and the peak memory (max RSS)
 of a training process (the host's, also on a GPU). Per row it counts
 parameters and MACs in the three conventions of
-convneur_mm/utils/complexity.py at ``--flops-shape``, and times inference
+convneur_mm/analysis/complexity.py at ``--flops-shape``, and times inference
 throughput and its peak memory at ``--speed-shape`` in a fresh process.
 Results are cached per row and seed under ``--work-dir``: a rerun continues
 where the last one stopped (a result is reused only for the same merged row
@@ -134,9 +134,9 @@ def measure_speed(config: str, shape: int, batch: int) -> dict:
     import torch
 
     import convneur_mm  # noqa: F401
-    from convneur_mm.utils.bench_env import (PeakMemoryGrowth, setup_benchmark_device,
+    from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, setup_benchmark_device,
                                              synchronize)
-    from convneur_mm.utils.toolbox import build_model, load_cfg
+    from convneur_mm.apis.toolbox import build_model, load_cfg
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     description = setup_benchmark_device(device)
     model = build_model(load_cfg(config), init=False).to(device).eval()
@@ -185,8 +185,8 @@ class Row:
     """One Table 5 row under the recipe: its merged config and results."""
 
     def __init__(self, config: str, recipe, data_root: str, work_dir: str):
-        from convneur_mm.utils.ablations import apply_recipe
-        from convneur_mm.utils.toolbox import load_cfg
+        from convneur_mm.analysis.ablations import apply_recipe
+        from convneur_mm.apis.toolbox import load_cfg
         self.name = osp.splitext(osp.basename(config))[0]
         self.dir = osp.join(work_dir, self.name)
         cfg = apply_recipe(load_cfg(config), recipe)
@@ -274,7 +274,7 @@ def measure_row(row: Row, args) -> dict:
     """Params and MACs at --flops-shape; throughput in a fresh process."""
     cached = _load(osp.join(row.dir, 'cost.json'))
     if args.force or not _matches(cached, key=row.key, shape=args.flops_shape):
-        from convneur_mm.utils.complexity import measure_config
+        from convneur_mm.analysis.complexity import measure_config
         whole = measure_config(row.config, (args.flops_shape, args.flops_shape))['whole']
         cached = dict(key=row.key, shape=args.flops_shape, **whole)
         _save(osp.join(row.dir, 'cost.json'), cached)
@@ -397,8 +397,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure_speed(config, int(shape), int(batch))))
         return 0
     import convneur_mm  # noqa: F401
-    from convneur_mm.utils.ablations import ablation_configs
-    from convneur_mm.utils.toolbox import load_cfg
+    from convneur_mm.analysis.ablations import ablation_configs
+    from convneur_mm.apis.toolbox import load_cfg
     recipe = load_cfg(args.recipe)
     data_root = osp.abspath(args.data_root or recipe.train_dataloader.dataset.data_root)
     if not args.speed_only:

@@ -23,7 +23,7 @@ is printed. ``--amp`` runs both under bf16 (CPU) / fp16 (CUDA) autocast.
 ``--profile`` then profiles one eager and one compiled call of each workload
 (``torch.profiler``; on CUDA with the device's kernels, in device time) and
 prints where the time goes, by the self time of the profiler's events
-(``convneur_mm.utils.op_profile``): convolutions, matrix products, the compiled regions'
+(``convneur_mm.analysis.op_profile``): convolutions, matrix products, the compiled regions'
 own code (Inductor's fused kernels), mmcv ops (RoIAlign, NMS), other ATen
 ops, the rest, and the wall time no event covers (Python between the ops).
 ``--profile-rows N`` also prints the N events with the most self time.
@@ -41,8 +41,8 @@ from torch import nn
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.engine.compile import (compilable_parts, compile_forward,  # noqa: E402
                                         graphs_compiled, part_modules)
-from convneur_mm.utils.bench_env import setup_benchmark_device, synchronize  # noqa: E402
-from convneur_mm.utils.op_profile import profile_call  # noqa: E402
+from convneur_mm.analysis.bench_env import setup_benchmark_device, synchronize  # noqa: E402
+from convneur_mm.analysis.op_profile import profile_call  # noqa: E402
 
 WORKLOADS = ('inference', 'train', 'detector')
 
@@ -79,7 +79,7 @@ class CompiledSwitch:
 
 
 def _inference(args):
-    from convneur_mm.utils.toolbox import build_model, load_cfg
+    from convneur_mm.apis.toolbox import build_model, load_cfg
     model = build_model(load_cfg('cls_convneur_m3_300e_in1k.py'), init=False)
     model = model.to(args.device).eval()
     batch = args.batch or (128 if args.device.startswith('cuda') else 16)
@@ -93,7 +93,7 @@ def _inference(args):
 
 def _train(args):
     from convneur_mm.models import ConvNeur
-    from convneur_mm.utils.toolbox import quiet_init
+    from convneur_mm.apis.toolbox import quiet_init
     torch.manual_seed(0)
     backbone = ConvNeur('m3', memory_cfg=dict(chunk_size=1024, max_lr=0.2),
                         drop_path_rate=0.1, out_indices=(0, 1, 2, 3),
@@ -112,7 +112,7 @@ def _train(args):
 
 def _detector(args):
     from mmdet.testing import demo_mm_inputs
-    from convneur_mm.utils.toolbox import build_model, load_cfg
+    from convneur_mm.apis.toolbox import build_model, load_cfg
     torch.manual_seed(0)
     cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
     model = build_model(cfg, init=True).to(args.device).train()

@@ -20,7 +20,7 @@ without changing the maths or the GEMM kernels; at the device's best GEMM rate
 (one large product timed in the same run) the bound holds for any kernels.
 
 titans-pytorch (the implementation a user would otherwise reach for) is an
-optional benchmark dependency, not installed by ``tools/setup_env.sh``:
+optional benchmark dependency, not installed by ``tools/setup/setup_env.sh``:
 ``pip install --no-deps -r requirements/optional/titans.txt`` (its
 dependencies pinned there, none of which changes torch). When it is installed
 its ``NeuralMemory`` is timed in the same run with the same shapes and the
@@ -45,11 +45,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models.layers.neural_memory import NeuralMemory  # noqa: E402
-from convneur_mm.utils.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
+from convneur_mm.analysis.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
                                          synchronize)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
-from convneur_mm.utils.op_profile import MATRIX_PRODUCTS, profile_call  # noqa: E402
-from tests.test_models.test_layers.memory_reference import reference_memory  # noqa: E402
+from convneur_mm.analysis.op_profile import MATRIX_PRODUCTS, profile_call  # noqa: E402
+from convneur_mm.testing.memory_reference import reference_memory  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.deployment import (DeployableModel, export_onnx, onnx_outputs,  # noqa: E402
                                     ort_session)
-from convneur_mm.utils.bench_env import setup_benchmark_device  # noqa: E402
+from convneur_mm.analysis.bench_env import setup_benchmark_device  # noqa: E402
 from convneur_mm.utils.cli import positive_int, writable_dir  # noqa: E402
-from convneur_mm.utils.toolbox import build_model, load_cfg  # noqa: E402
+from convneur_mm.apis.toolbox import build_model, load_cfg  # noqa: E402
 
 # ONNX Runtime's intra-op threads spin for tens of milliseconds after a run;
 # the next call waits this long (0.5 s brought M3's eager call after a run

@@ -38,7 +38,7 @@ from torch import nn
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
+from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
                                          peak_gemm_rate, setup_benchmark_device,
                                          synchronize)
 from convneur_mm.utils.cli import positive_int, writable_file  # noqa: E402
@@ -102,7 +102,7 @@ def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
     if config == 'mmdet-pvtv2-b1':
         model = _PVTv2Classifier()
         return model, model
-    from convneur_mm.utils.toolbox import build_model, load_cfg
+    from convneur_mm.apis.toolbox import build_model, load_cfg
     cfg = load_cfg(config)
     if options:
         cfg.merge_from_dict(options)
@@ -171,7 +171,7 @@ def _global_branch_times(inputs: List[Tuple[nn.Module, torch.Tensor]],
     ``inputs``: in their matrix products (the 1x1 projections run as oneDNN
     convolutions, so convolutions count too), and in all (``op_profile``'s
     categories summed)."""
-    from convneur_mm.utils import op_profile
+    from convneur_mm.analysis import op_profile
     seconds = op_profile.profile_call(lambda: [mod(t) for mod, t in inputs], device)
     products = seconds[op_profile.MATRIX_PRODUCTS] + seconds[op_profile.CONVOLUTIONS]
     return products, sum(seconds.values())
@@ -198,7 +198,7 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
     """Run in a fresh process: every number about one model in one mode."""
     import convneur_mm  # noqa: F401
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    from convneur_mm.utils.complexity import count_macs, count_params
+    from convneur_mm.analysis.complexity import count_macs, count_params
     torch.manual_seed(0)
     eager_fn, model = build_classifier(name)
     model = model.to(device)

@@ -10,7 +10,7 @@ drop-path 0.1, all four stages out), batch 2 of 512x512 crops, forward + a
 backward of a loss on every output. Printed as a Markdown table:
 
 * activation memory: the bytes autograd saves for the backward pass, counted
-  with ``convneur_mm.utils.profiling.SavedTensorMeter`` (unique storages,
+  with ``convneur_mm.analysis.profiling.SavedTensorMeter`` (unique storages,
   parameters excluded), which works on the CPU too;
 * with checkpointing, the backward pass also holds one recomputed block at a
   time: "peak estimate" adds the largest block's activations (measured in the
@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models import ConvNeur  # noqa: E402
-from convneur_mm.utils.bench_env import (is_cuda, memory_allocated_bytes,  # noqa: E402
+from convneur_mm.analysis.bench_env import (is_cuda, memory_allocated_bytes,  # noqa: E402
                                          peak_memory_bytes, reset_peak_memory,
                                          setup_benchmark_device, synchronize)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
-from convneur_mm.utils.profiling import SavedTensorMeter  # noqa: E402
-from convneur_mm.utils.toolbox import quiet_init  # noqa: E402
+from convneur_mm.analysis.profiling import SavedTensorMeter  # noqa: E402
+from convneur_mm.apis.toolbox import quiet_init  # noqa: E402
 
 MIB = 2**20
 

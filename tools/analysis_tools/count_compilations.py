@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.engine.compile import (compile_model, find_resize_scale,  # noqa: E402
                                         graphs_compiled)
-from convneur_mm.utils.toolbox import (build_model, dummy_batch, load_cfg,  # noqa: E402
+from convneur_mm.apis.toolbox import (build_model, dummy_batch, load_cfg,  # noqa: E402
                                        tensor_forward)
 
 

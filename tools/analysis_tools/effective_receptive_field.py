@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import convneur_mm  # noqa: F401
-from convneur_mm.utils.toolbox import quiet_init
+from convneur_mm.apis.toolbox import quiet_init
 
 BACKBONES = {
     'ConvNeur-M3': ('mmpretrain', dict(type='convneur_mm.ConvNeur', arch='m3')),
@@ -62,7 +62,7 @@ def build_backbone(name: str, checkpoint: Optional[str]) -> torch.nn.Module:
     with quiet_init():
         model.init_weights()
     if checkpoint:
-        from convneur_mm.utils.pretrained import load_pretrained_backbone
+        from convneur_mm.models.utils.pretrained import load_pretrained_backbone
         # a detector's or segmentor's checkpoint has the norms of its other
         # outputs too; anything else that does not fit is an error
         load_pretrained_backbone(model, checkpoint, prefix='backbone.', skip_unexpected=True)

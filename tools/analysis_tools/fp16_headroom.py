@@ -27,10 +27,10 @@ from typing import List, Optional
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.engine.launch import (build_runner, check_data_paths,  # noqa: E402
+from convneur_mm.apis.launch import (build_runner, check_data_paths,  # noqa: E402
                                        load_config)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
-from convneur_mm.utils.fp16_headroom import (Float16Gradients,  # noqa: E402
+from convneur_mm.analysis.fp16_headroom import (Float16Gradients,  # noqa: E402
                                              cuda_fp16_stand_in)
 from mmengine.config import DictAction  # noqa: E402
 

@@ -3,7 +3,7 @@
     python tools/analysis_tools/get_flops.py CONFIG [CONFIG ...] [--shape H W]
     python tools/analysis_tools/get_flops.py --table5      # every Table 5 row
 
-Three conventions (see convneur_mm/utils/complexity.py): "paper" counts what
+Three conventions (see convneur_mm/analysis/complexity.py): "paper" counts what
 ptflops-style module hooks see (the memory read and inner loop and the
 products inside scaled_dot_product_attention are invisible to it); "paper +
 matmul" adds the explicit torch.matmul/bmm products that ptflops' PyTorch
@@ -20,7 +20,7 @@ import sys
 from mmengine.config import DictAction
 
 import convneur_mm  # noqa: F401
-from convneur_mm.utils.complexity import measure_config
+from convneur_mm.analysis.complexity import measure_config
 
 
 def parse_args():
@@ -57,8 +57,8 @@ def print_parts(config: str, result: dict) -> None:
 
 def print_rows(configs: list, results: list) -> None:
     """One line per config: the whole model, and the paper's figure if known."""
-    from convneur_mm.utils.ablations import row_meta
-    from convneur_mm.utils.toolbox import load_cfg
+    from convneur_mm.analysis.ablations import row_meta
+    from convneur_mm.apis.toolbox import load_cfg
     print('| row | config | params (M) | paper GFLOPs | ours: paper | paper + matmul | full |')
     print('|---|---|---|---|---|---|---|')
     for config, result in zip(configs, results):
@@ -71,8 +71,8 @@ def print_rows(configs: list, results: list) -> None:
 
 
 def main():
-    from convneur_mm.utils.ablations import ablation_configs
-    from convneur_mm.utils.toolbox import load_cfg
+    from convneur_mm.analysis.ablations import ablation_configs
+    from convneur_mm.apis.toolbox import load_cfg
     args = parse_args()
     # Table 5 rows (configs with a `table5` entry, all classifiers) in one
     # table; any other config as its backbone and whole model, at its shape

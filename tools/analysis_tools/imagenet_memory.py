@@ -39,8 +39,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from benchmark_with_cp import measure_memory  # noqa: E402
 from convneur_mm.utils.cli import non_negative_float, positive_float, positive_int  # noqa: E402
-from convneur_mm.utils.fp16_headroom import cuda_fp16_stand_in  # noqa: E402
-from convneur_mm.utils.toolbox import build_model, load_cfg, quiet_init  # noqa: E402
+from convneur_mm.analysis.fp16_headroom import cuda_fp16_stand_in  # noqa: E402
+from convneur_mm.apis.toolbox import build_model, load_cfg, quiet_init  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20

@@ -28,7 +28,7 @@ import torch
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, REPO)
-from convneur_mm.utils.bench_env import (PeakMemoryGrowth,  # noqa: E402
+from convneur_mm.analysis.bench_env import (PeakMemoryGrowth,  # noqa: E402
                                          setup_benchmark_device, synchronize)
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),

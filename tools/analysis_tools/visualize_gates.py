@@ -20,7 +20,7 @@ import torch
 
 import convneur_mm  # noqa: F401
 from convneur_mm.models.layers.block import ConvNeurBlock
-from convneur_mm.utils.toolbox import build_model, load_cfg
+from convneur_mm.apis.toolbox import build_model, load_cfg
 
 
 def parse_args():

@@ -5,7 +5,7 @@ import time
 import torch
 
 import convneur_mm  # noqa: F401
-from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
+from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg
 
 CONFIGS = ('cascade_rcnn_convneur_m3_1x_coco.py', 'fpn_convneur_m2_80k_ade20k.py',
            'cls_convneur_m1_300e_in1k.py')

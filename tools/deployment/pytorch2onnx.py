@@ -29,7 +29,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.deployment import (DeployableModel, ExportCheckError, check_onnx,  # noqa: E402
                                     check_size_for, export_onnx, memory_chunk_counts)
 from convneur_mm.utils.cli import positive_int, writable_file  # noqa: E402
-from convneur_mm.utils.toolbox import build_model, load_cfg  # noqa: E402
+from convneur_mm.apis.toolbox import build_model, load_cfg  # noqa: E402
 
 
 def parse_args(argv=None):

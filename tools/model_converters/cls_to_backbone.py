@@ -38,7 +38,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 import convneur_mm
 from convneur_mm.models.backbones.convneur import ConvNeur
-from convneur_mm.utils.pretrained import (CheckpointMismatchError, compare_state_dicts,
+from convneur_mm.models.utils.pretrained import (CheckpointMismatchError, compare_state_dicts,
                                           extract_state_dict)
 
 PREFIX = 'backbone.'

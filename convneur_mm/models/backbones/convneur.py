@@ -22,9 +22,9 @@ from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
 from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
-from ..layers.precision import Float32Conv2d, in_float32
-from ..layers.shapes import ceil_to, known_zero
-from ...utils.pretrained import load_pretrained_backbone
+from convneur_mm.models.utils.precision import Float32Conv2d, in_float32
+from convneur_mm.models.utils.shapes import ceil_to, known_zero
+from convneur_mm.models.utils.pretrained import load_pretrained_backbone
 
 PLACEMENTS = ('none', 'stage', 'block')
 NO_CHECKPOINT = (None, '', 'none')

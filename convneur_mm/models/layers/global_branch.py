@@ -9,7 +9,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .mixers import MIXERS, GlobalSelfAttention, build_mixer, resolve_mixer_cfg
-from .precision import Float32Conv2d, at_least_float32, autocast_dtype, in_float32
+from convneur_mm.models.utils.precision import Float32Conv2d, at_least_float32, autocast_dtype, in_float32
 
 __all__ = ['GlobalBranch', 'GlobalSelfAttention', 'MIXERS']
 

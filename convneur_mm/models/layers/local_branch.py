@@ -2,7 +2,7 @@
 import torch
 from torch import Tensor, nn
 
-from .precision import at_least_float32, autocast_dtype
+from convneur_mm.models.utils.precision import at_least_float32, autocast_dtype
 
 
 def spatial_l2_norm(x: Tensor) -> Tensor:

@@ -26,9 +26,9 @@ except ImportError:  # a torch built without distributed support
     class DTensor:  # noqa: D101  (nothing is one)
         pass
 
-from .precision import (Float32Linear, Float32RMSNorm, KeepsFloat32, in_float32,
+from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, KeepsFloat32, in_float32,
                         narrowed_parameters, widened)
-from .shapes import known_zero
+from convneur_mm.models.utils.shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
 RMS_EPS = 1e-6

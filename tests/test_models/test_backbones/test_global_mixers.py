@@ -8,7 +8,7 @@ from torch import nn
 
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.mixers import MIXERS
-from convneur_mm.utils.toolbox import build_model, dummy_batch, load_cfg
+from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg
 from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)

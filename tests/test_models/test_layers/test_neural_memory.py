@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from convneur_mm.models.layers.neural_memory import NeuralMemory
-from .memory_reference import reference_memory
+from convneur_mm.testing.memory_reference import reference_memory
 
 
 def _perturbed_memory(dim, seed, **kwargs):

@@ -8,7 +8,7 @@ is why the paper finds it barely above local-only.
 import torch
 from torch import Tensor, nn
 
-from ..precision import at_least_float32
+from convneur_mm.models.utils.precision import at_least_float32
 
 
 class CBAM(nn.Module):

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..precision import at_least_float32
+from convneur_mm.models.utils.precision import at_least_float32
 
 
 class NonLocal2d(nn.Module):

@@ -26,7 +26,7 @@ tests/test_models/test_layers/test_wkv.py, to 8192 tokens.
 import torch
 from torch import Tensor
 
-from ..precision import at_least_float32, autocast_off
+from convneur_mm.models.utils.precision import at_least_float32, autocast_off
 
 
 def _exclusive_cumsum(x: Tensor, dim: int) -> Tensor:

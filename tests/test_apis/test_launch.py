@@ -1,0 +1,101 @@
+"""convneur_mm.apis.launch: what tools/train.py and test.py share."""
+import os
+import os.path as osp
+import sys
+
+import pytest
+import torch.distributed as dist
+from mmengine.config import Config
+
+from convneur_mm.apis.exit import shutdown_distributed
+from convneur_mm.apis.launch import (check_data_paths, load_config, set_local_rank,
+                                       set_randomness)
+from tests.paths import REPO, import_tool
+
+
+def test_shutdown_destroys_the_process_group_once(tmp_path):
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0,
+                            world_size=1)
+    try:
+        assert dist.is_initialized()
+        shutdown_distributed()
+        assert not dist.is_initialized()
+        shutdown_distributed()  # nothing left to destroy: a no-op, not an error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_seed_alone_keeps_the_configs_deterministic_setting():
+    cfg = Config(dict(randomness=dict(seed=1, deterministic=True)))
+    set_randomness(cfg, seed=7)
+    assert cfg.randomness == dict(seed=7, deterministic=True)
+    set_randomness(cfg)
+    assert cfg.randomness == dict(seed=7, deterministic=True)
+    bare = Config(dict())
+    set_randomness(bare, deterministic=True)
+    assert bare.randomness == dict(seed=None, deterministic=True)  # a seed MMEngine draws
+    set_randomness(bare, seed=3)
+    assert bare.randomness == dict(deterministic=True, seed=3)
+
+
+def test_local_rank_is_set_only_when_given(monkeypatch):
+    """Slurm's and MPI's ranks keep their own local rank for the probe of
+    ``check_cuda`` (a default of 0 sent every rank's probe to GPU 0)."""
+    import torch
+    from convneur_mm.utils import cuda_env
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    monkeypatch.setenv('SLURM_LOCALID', '3')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
+    set_local_rank(None)  # tools/train.py and test.py without --local_rank
+    assert 'LOCAL_RANK' not in os.environ
+    assert cuda_env._probe_device() == torch.device('cuda', 3)
+    set_local_rank(5)  # torch.distributed.launch's --local_rank
+    assert os.environ['LOCAL_RANK'] == '5'
+
+
+@pytest.mark.parametrize('tool', ['train', 'test'])
+def test_the_tools_local_rank_defaults_to_none(tool, monkeypatch):
+    module = import_tool(tool)
+    positional = {'train': ['config.py'], 'test': ['config.py', 'checkpoint.pth']}[tool]
+    monkeypatch.setattr(sys, 'argv', [f'{tool}.py', *positional])
+    assert module.parse_args().local_rank is None
+
+
+@pytest.mark.parametrize('config, variable', [
+    ('cls_convneur_m2_300e_in1k.py', 'IMAGENET_ROOT'),  # set in the M1 config it inherits
+    ('upernet_convneur_m2_80k_ade20k.py', 'ADE20K_ROOT'),
+    ('demo/cascade_rcnn_convneur_m3_coco_tiny.py', 'COCO_TINY_ROOT'),  # not its base's COCO_ROOT
+])
+def test_missing_data_names_the_configs_variable_and_split(config, variable, tmp_path):
+    """The hint names the variable that sets this config's data root and the
+    split that failed (it named COCO_ROOT and train_dataloader for any config)."""
+    cfg = load_config(osp.join(REPO, 'configs', config),
+                      {'test_dataloader.dataset.data_root': str(tmp_path / 'none')})
+    with pytest.raises(FileNotFoundError) as error:
+        check_data_paths(cfg, ['test_dataloader'])
+    hint = str(error.value).splitlines()[-1]
+    assert hint == (f'Point the config at your data: {variable}=/path/to/data/ or '
+                    '--cfg-options test_dataloader.dataset.data_root=...')
+
+
+def test_a_data_root_variable_used_twice_is_named_once(tmp_path):
+    """A user's config that sets two splits' roots from one variable."""
+    from convneur_mm.apis.launch import data_root_variables
+    config = tmp_path / 'mine.py'
+    config.write_text("train_root = '{{$MY_ROOT:data/}}train'\n"
+                      "val_root = '{{$MY_ROOT:data/}}val'\nother = '{{$OTHER_ROOT:x}}'\n")
+    assert data_root_variables(str(config)) == ['MY_ROOT', 'OTHER_ROOT']
+
+
+def test_pytorch_launcher_outside_torchrun_is_a_clear_error(monkeypatch):
+    for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(name, raising=False)
+    config = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
+    with pytest.raises(RuntimeError, match='--launcher pytorch runs under torchrun, which sets '
+                       'RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT'):
+        load_config(config, launcher='pytorch')
+    for name, value in dict(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                            MASTER_PORT='29500').items():
+        monkeypatch.setenv(name, value)
+    assert load_config(config, launcher='pytorch').launcher == 'pytorch'
