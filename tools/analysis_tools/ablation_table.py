@@ -359,20 +359,23 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    # Rows are named in one legend, not beside their points: rows often tie in
+    # accuracy and cost, and labels in the plot then overlap.
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    markers = 'osD^vP*Xhp<>'
     for ax, key, label in ((axes[0], 'paper_matmul',
                             'GFLOPs, paper + matmul (the convention of Table 5)'),
                            (axes[1], 'full', 'GFLOPs, full (every executed product)')):
         for i, r in enumerate(r for r in rows if r['top1'] is not None):
-            x = r['cost'][key] / 1e9
             mean, std = r['top1']
-            ax.errorbar(x, mean, yerr=std or None, fmt='o', capsize=3)
-            # labels above and below in turn: rows often tie on the tiny set
-            ax.annotate(r['meta']['method'].split(' (')[0], (x, mean), fontsize=7,
-                        xytext=(4, 4 if i % 2 else -10), textcoords='offset points')
+            ax.errorbar(r['cost'][key] / 1e9, mean, yerr=std or None, capsize=3,
+                        fmt=markers[i % len(markers)], ms=6, alpha=0.85,
+                        color=f'C{i % 10}', label=r['meta']['method'].split(' (')[0])
         ax.set_xlabel(label)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel('top-1 (%)')
+    axes[1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5),
+                   frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

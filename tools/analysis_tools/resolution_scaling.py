@@ -198,7 +198,8 @@ def plot(results: List[Dict], path: str, device: str) -> None:
         for r in skipped:
             x = r['size'][0] * r['size'][1] / 1e6
             axes[0].plot(x, r['skipped'], 'o', mfc='none', color=line.get_color())
-            axes[1].plot(x, r['skipped_mb'], 'o', mfc='none', color=line.get_color())
+            if r.get('skipped_mb') is not None:  # results saved before it was predicted
+                axes[1].plot(x, r['skipped_mb'], 'o', mfc='none', color=line.get_color())
     for ax, ylabel in zip(axes, ('forward time (s)', 'peak memory (MB)')):
         ax.set_xscale('log')
         ax.set_yscale('log')
@@ -206,11 +207,13 @@ def plot(results: List[Dict], path: str, device: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which='both', alpha=0.3)
     axes[0].legend(fontsize=7)
-    # the device line is long (CPU flags, malloc tuning): wrapped, not cut off
-    fig.suptitle(textwrap.fill(f'Backbone forward, batch 1, {device} '
-                               '(hollow: predicted, skipped)', 120), fontsize=10)
+    # The device line is long (CPU flags, malloc tuning): wrapped to the figure's
+    # width (tight_layout leaves the suptitle's lines their room).
+    fig.suptitle(textwrap.fill(f'Backbone forward, batch 1 (hollow: predicted, skipped). '
+                               f'{device}', 110), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main():
@@ -228,7 +231,7 @@ def main():
     print(table(results, summary))
     with open(osp.join(args.out_dir, 'results.json'), 'w') as f:
         json.dump(dict(device=device, results=results, summary=summary), f, indent=1)
-    plot(results, osp.join(args.out_dir, 'resolution_scaling.png'), args.device)
+    plot(results, osp.join(args.out_dir, 'resolution_scaling.png'), device)
     print(f'\nplot: {osp.join(args.out_dir, "resolution_scaling.png")}')
 
 

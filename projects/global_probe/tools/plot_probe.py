@@ -58,29 +58,33 @@ def plot(groups: Dict[Group, List[dict]], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    # Variants are named in a legend beside the axes, not next to their points:
+    # rows often tie in accuracy or cost, and labels in the plot then overlap.
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     variants: Dict[str, List[Tuple[Optional[int], dict]]] = {}
     for (variant, size), runs in groups.items():
         variants.setdefault(variant, []).append((size, summarize(runs)))
+    markers = 'osD^vP*Xhp<>'
     for i, (variant, points) in enumerate(variants.items()):
         points.sort(key=lambda p: p[0] or 0)
         x = [s['ms_per_step'] for _, s in points]
         y = [s['mean'] for _, s in points]
-        ax.errorbar(x, y, fmt='o-' if len(points) > 1 else 'o', capsize=3,
+        style = markers[i % len(markers)] + ('-' if len(points) > 1 else '')
+        ax.errorbar(x, y, fmt=style, capsize=3, label=variant, ms=6, alpha=0.9,
                     yerr=[[s['mean'] - s['low'] for _, s in points],
                           [s['high'] - s['mean'] for _, s in points]])
-        ax.annotate(variant, (x[0], y[0]), fontsize=8,  # at the smallest size
-                    xytext=(5, 6 if i % 2 else -12), textcoords='offset points')
-        for (size, s) in points if len(points) > 1 else ():
-            ax.annotate(f'{size} px', (s['ms_per_step'], s['mean']), fontsize=7,
-                        color='grey', xytext=(-12, -13), textcoords='offset points')
-    ax.axhline(50, color='grey', lw=0.8, ls=':')
-    ax.axhline(75, color='grey', lw=0.8, ls='--')
+        if len(points) > 1:  # the size at each point, beside it
+            for size, s in points:
+                ax.annotate(f'{size} px', (s['ms_per_step'], s['mean']), fontsize=7,
+                            color='grey', xytext=(6, 4), textcoords='offset points')
+    ax.axhline(50, color='grey', lw=0.8, ls=':', label='chance')
+    ax.axhline(75, color='grey', lw=0.8, ls='--', label='additive bound')
     ax.set_xscale('log')
     ax.set_xlabel('training step (ms, batch 32, one thread)')
-    ax.set_ylabel('validation top-1 (%): mean, bars min-max over seeds')
+    ax.set_ylabel('validation top-1 (%)\nmean, bars min-max over seeds')
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
