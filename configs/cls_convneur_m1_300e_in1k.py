@@ -7,7 +7,7 @@
 # GPU (M3: ~75 GiB of activations under --amp). Here it is 8 GPUs x `batch` x
 # `accumulate` (gradient accumulation): `batch` is the largest power of two
 # that fits a 24 GB GPU with --amp (tools/analysis_tools/imagenet_memory.py,
-# docs/cuda.md). Without --amp halve `batch` and double `accumulate`. On another
+# docs/user_guides/cuda.md). Without --amp halve `batch` and double `accumulate`. On another
 # number of GPUs pass --auto-scale-lr: base_batch_size is the batch of one
 # optimizer step on 8 GPUs divided by `accumulate`, so MMEngine's linear rule
 # (which does not see the accumulation) scales the lr to the effective batch.

@@ -7,7 +7,7 @@ export PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind((
 
 # run_logged NAME LOG PATTERN CMD...: the full output goes to LOG, the lines
 # matching PATTERN to the terminal; on failure, the log's tail and the command's
-# exit status (the tools exit 0 exactly when their work is done: docs/exit_codes.md).
+# exit status (the tools exit 0 exactly when their work is done: docs/advanced_guides/exit_codes.md).
 run_logged() {
     local name=$1 log=$2 pattern=$3 status
     shift 3

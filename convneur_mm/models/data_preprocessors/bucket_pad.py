@@ -4,7 +4,7 @@ few input shapes.
 A compiled backbone and FPN compile once per input shape, up to
 ``torch._dynamo.config.recompile_limit`` (8), and run eager for every other
 shape. COCO's keep-ratio resize to 1333x800 and padding to a multiple of 32
-give 19 to 83 distinct batch shapes (docs/speed.md), so most batches would run
+give 19 to 83 distinct batch shapes (docs/notes/investigations.md), so most batches would run
 eager. Padding each side up to the next of a few bucket sizes bounds the
 count: with buckets (800, 1088, 1344), 3 to 5 shapes for COCO's aspect
 ratios. The price is padding: more pixels per batch, and zero tokens that

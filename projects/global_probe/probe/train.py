@@ -33,7 +33,7 @@ from convneur_mm.utils.cli import positive_float, positive_int
 # reads what the rows above it wrote.
 ARCH = dict(depths=[1, 1], dims=[16, 32], memory_dim=16)
 MEMORY_CFG = dict(chunk_size=32)
-# backbone switches of each variant: the rows of Table 5 (docs/ablations.md):
+# backbone switches of each variant: the rows of Table 5 (docs/advanced_guides/ablations.md):
 # ours, local-only, per-layer memory, every other global-branch type in the
 # same scaffold, and every other fusion
 VARIANTS = {'ours': dict(memory_placement='stage'),

@@ -1,5 +1,5 @@
 """BucketPad: a detection batch padded up to a few sizes, so that a compiled
-backbone meets few shapes (docs/speed.md, "Recompilations")."""
+backbone meets few shapes (docs/notes/investigations.md)."""
 import numpy as np
 import pytest
 import torch
@@ -41,7 +41,7 @@ def padded_shapes(buckets, ratio_range):
 
 @pytest.mark.parametrize('ratio_range,unbucketed', [(4 / 3, 19), (16 / 9, 37), (3, 57)])
 def test_coco_sizes_fit_the_recompile_limit(ratio_range, unbucketed):
-    assert len(padded_shapes(None, ratio_range)) == unbucketed  # docs/speed.md's counts
+    assert len(padded_shapes(None, ratio_range)) == unbucketed  # docs/notes/investigations.md counts
     shapes = padded_shapes(COCO_BUCKETS, ratio_range)
     assert len(shapes) <= 5 < torch._dynamo.config.recompile_limit
     assert all(h in COCO_BUCKETS and w in COCO_BUCKETS for h, w in shapes)
