@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the README's "Speed" section on this machine: every table and
-# figure goes to OUT_DIR (default docs/speed/), each command's output beside it.
+# Run the speed benchmarks of docs/notes/benchmarks.md on this machine: every
+# table and figure goes to OUT_DIR (default work_dirs/speed_report/), each
+# command's output beside it.
 #
 #   tools/analysis_tools/speed_report.sh [OUT_DIR]
 #
@@ -8,8 +9,8 @@
 # other load skews them. On a CUDA machine the speed and scaling benchmarks run
 # on the GPU (batch 128 for throughput, as in the OverLoCK paper's table).
 set -euo pipefail
-USAGE="usage: [PYTHON=.venv/bin/python] $0 [OUT_DIR]   (default OUT_DIR: docs/speed, \
-relative to the repository)"
+USAGE="usage: [PYTHON=.venv/bin/python] $0 [OUT_DIR]   (default OUT_DIR: \
+work_dirs/speed_report, relative to the repository)"
 if [ $# -eq 1 ] && { [ "$1" = -h ] || [ "$1" = --help ]; }; then
     echo "$USAGE"
     exit 0
@@ -20,7 +21,7 @@ if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then  # an option is no OUT_DIR
 fi
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
-OUT=${1:-docs/speed}
+OUT=${1:-work_dirs/speed_report}
 if ! mkdir -p -- "$OUT" || ! [ -w "$OUT" ]; then
     echo "$0: cannot write in OUT_DIR $OUT" >&2
     exit 2
