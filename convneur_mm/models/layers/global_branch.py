@@ -6,10 +6,13 @@ runs in the same bottleneck scaffold at the same width C_m (``mixers``).
 """
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .mixers import MIXERS, GlobalSelfAttention, build_mixer, resolve_mixer_cfg
-from convneur_mm.models.utils.precision import Float32Conv2d, at_least_float32, autocast_dtype, in_float32
+from .neural_memory import plain_layers
+from convneur_mm.models.utils.precision import (Float32Conv2d, at_least_float32, autocast_dtype,
+                                                float32_operands, in_float32)
 
 __all__ = ['GlobalBranch', 'GlobalSelfAttention', 'MIXERS']
 
@@ -46,12 +49,41 @@ class GlobalBranch(nn.Module):
         # largest in float16 (4e3 at loss scale 1 on the COCO detector). A
         # model cast to 16 bits (no autocast) keeps its dtype between layers.
         out_dtype = at_least_float32(x.dtype) if autocast_dtype(x.device.type) else x.dtype
-        mixed = in_float32(self.proj_in, x, out_dtype)
         spec = MIXERS[self.mixer]
         mixer = getattr(self, spec.attribute)
+        if spec.tokens and plain_layers((self.proj_in, Float32Conv2d),
+                                        (self.proj_out, nn.Conv2d)):
+            return self._forward_channels_last(x, mixer, out_dtype)
+        mixed = in_float32(self.proj_in, x, out_dtype)
         if spec.tokens:
             b, c, h, w = mixed.shape
             mixed = mixer(mixed.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
         else:
             mixed = mixer(mixed)
         return self.proj_out(mixed)
+
+    def _forward_channels_last(self, x: Tensor, mixer: nn.Module,
+                               out_dtype: torch.dtype) -> Tensor:
+        """The token mixers' path without layout copies: the 1x1 projections
+        are batched products on the (B, N, C) token view of ``x`` (a
+        transposed operand, which GEMMs read in place), and G is returned as
+        the (B, C, H, W) view of the (B, N, C) result: channels-last strides,
+        as the local branch's F_loc has. Same maths as the convolutions."""
+        b, c, h, w = x.shape
+
+        def project_in(t: Tensor) -> Tensor:
+            weight, bias = float32_operands(t, self.proj_in.weight, self.proj_in.bias)[1:]
+            return _linear(t, weight.flatten(1), bias)
+
+        mixed = mixer(in_float32(project_in, x.flatten(2).transpose(1, 2), out_dtype))
+        out = _linear(mixed, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return out.transpose(1, 2).view(b, c, h, w)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x @ weight.T + bias`` for (B, N, K) ``x`` of any strides, one
+    batched product (``F.linear`` would copy a transposed ``x`` first)."""
+    weight = weight.t().expand(x.shape[0], *weight.t().shape)
+    if bias is None:
+        return torch.bmm(x, weight)
+    return torch.baddbmm(bias, x, weight)

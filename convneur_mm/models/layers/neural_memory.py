@@ -10,28 +10,39 @@ partial chunk reads the last state) and writes into it with its keys/values:
 reference does); ``update='sequential'`` takes G_t at W_{t-1} (the paper's
 equations 3-4). Gradients are closed-form and the recursion is a scan, so the
 module is one differentiable graph for the outer training. The inner loop runs
-in float32 (or float64) even under autocast.
+in float32 (or float64) even under autocast; its matrix products may take
+16-bit operands (``matmul_dtype``) with float32 accumulation.
 """
-from typing import List, Optional
+from functools import partial
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .memory_ops import (MemoryWeights, memory_forward, memory_grads,
-                         momentum_decay_states)
+from .memory_ops import (MemoryWeights, decay_carry, memory_forward, memory_grads, product,
+                         scan_states)
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support
     class DTensor:  # noqa: D101  (nothing is one)
         pass
 
-from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, KeepsFloat32, in_float32,
-                        narrowed_parameters, widened)
+from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, KeepsFloat32,
+                                                autocast_dtype, in_float32,
+                                                narrowed_parameters, widened)
 from convneur_mm.models.utils.shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
 RMS_EPS = 1e-6
+# memory_cfg['matmul_dtype'] -> the products' operand dtype (None: float32)
+MATMUL_DTYPES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
+                 'float16': torch.float16}
+KERNELS = ('auto', 'torch', 'triton')
+# Below this max_lr a 16-bit read keeps W_0's part apart (memory_forward): at
+# 1e-3 the update is ~0.2% of the state, under bfloat16's rounding of it.
+DECOMPOSE_BELOW_MAX_LR = 0.5
 
 
 class AttentionPool(nn.Module):
@@ -52,6 +63,21 @@ class AttentionPool(nn.Module):
         return (chunks * attn).sum(dim=-2)
 
 
+class _Projections(NamedTuple):
+    """The memory's token projections and chunk gates, heads leading.
+
+    queries (H, B, N, hd); keys, values (H, B, T, hd); token_lr (H, B, T);
+    log_keep, log_momentum (H, B, U); lr_mod (3, H, B, U). Without writes
+    (``U = 0``) only ``queries`` is set."""
+    queries: Tensor
+    keys: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+    token_lr: Optional[Tensor] = None
+    log_keep: Optional[Tensor] = None
+    log_momentum: Optional[Tensor] = None
+    lr_mod: Optional[Tensor] = None
+
+
 class NeuralMemory(KeepsFloat32, nn.Module):
     """Neural memory on a (B, N, d) token sequence, one state per image.
 
@@ -63,6 +89,18 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         update: 'parallel' or 'sequential' (see module docstring).
         scan_block: chunks whose states come from one matrix product
             (longer sequences are chained block by block).
+        matmul_dtype: the dtype of the matrix products' operands: 'auto'
+            (bfloat16 under CUDA bfloat16 autocast, else float32), 'float32',
+            'bfloat16' or 'float16'. Accumulation, states, momentum, the scan,
+            LayerNorm statistics and backward, theta, the gates and the
+            residual stay float32 (docs/advanced_guides/memory_paths.md).
+        kernels: 'auto' (fused kernels where they apply, else PyTorch),
+            'torch' or 'triton' (an error where the kernels cannot run).
+        working_set_mib: under ``no_grad`` (eager), process slices of images
+            whose estimated working set fits this many MiB; the results are
+            the same. None: the whole batch at once.
+        recompute: in training, save only the memory's input and recompute
+            its inner forward in the backward pass.
     """
 
     def __init__(self,
@@ -71,7 +109,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  max_lr: float = 1.0,
                  heads: int = 1,
                  update: str = 'parallel',
-                 scan_block: int = 64):
+                 scan_block: int = 64,
+                 matmul_dtype: str = 'auto',
+                 kernels: str = 'auto',
+                 working_set_mib: Optional[int] = None,
+                 recompute: bool = False):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f'memory dim {dim} is not divisible by heads={heads}')
@@ -83,9 +125,23 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             raise ValueError(f'max_lr must be > 0, got {max_lr}')
         if scan_block < 1:
             raise ValueError(f'scan_block must be >= 1, got {scan_block}')
+        if matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f'matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, '
+                             f'got {matmul_dtype!r}')
+        if kernels not in KERNELS:
+            raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
+        if working_set_mib is not None and (isinstance(working_set_mib, bool) or
+                                            not isinstance(working_set_mib, int) or
+                                            working_set_mib < 1):
+            raise ValueError(f'working_set_mib must be a positive int or None, '
+                             f'got {working_set_mib!r}')
+        if not isinstance(recompute, bool):
+            raise ValueError(f'recompute must be a bool, got {recompute!r}')
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.max_lr, self.update = chunk_size, max_lr, update
         self.scan_block = scan_block
+        self.matmul_dtype, self.kernels = matmul_dtype, kernels
+        self.working_set_mib, self.recompute = working_set_mib, recompute
         hd = self.head_dim
 
         self.store_norm = Float32RMSNorm(dim, eps=RMS_EPS)
@@ -144,6 +200,22 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         prove that the U * L written tokens fit in N, without a guard."""
         return (num_tokens - 1) // self.chunk_size
 
+    def operand_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+        """The products' operand dtype for input ``x`` (None: the compute
+        dtype, float32 or float64), read before autocast is turned off.
+
+        'auto' takes bfloat16 under CUDA bfloat16 autocast only. Under
+        float16 autocast it stays float32: the inner gradients' operands
+        (theta * 2 / d times a residual, 1.6e-5 per unit residual at max_lr
+        1e-3 and d 128) fall below float16's normal range, and the outer
+        backward through 16-bit products would put loss-scaled gradients in
+        float16, which the loss-scale headroom was never measured for. On the
+        CPU float32 products are faster than bfloat16 ones without AMX."""
+        if self.matmul_dtype == 'auto':
+            amp = autocast_dtype('cuda') if x.device.type == 'cuda' else None
+            return torch.bfloat16 if amp == torch.bfloat16 else None
+        return MATMUL_DTYPES[self.matmul_dtype]
+
     def _split_heads(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (H, B, N, d / H): heads lead, as memory weights do."""
         b, n, _ = x.shape
@@ -151,13 +223,26 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (B, N, d)."""
+        mm = self.operand_dtype(x)
+        if self.kernels == 'triton':
+            raise RuntimeError("memory_cfg kernels='triton': the fused Triton kernels "
+                               'are not available to this memory (they need CUDA, '
+                               "triton and their package); use 'auto' or 'torch'")
+        if self.recompute and self.training and torch.is_grad_enabled():
+            # saves x alone; the backward reruns the forward (same maths)
+            return checkpoint(self._run, x, mm, use_reentrant=False)
+        return self._run(x, mm)
+
+    def _run(self, x: Tensor, mm: Optional[torch.dtype]) -> Tensor:
         narrowed = narrowed_parameters(self)
+        fn = partial(self._forward, operand_dtype=mm)
         if narrowed:  # FSDP's mixed precision: the maths in float32 all the same
             with widened(self, narrowed):
-                return in_float32(self._forward, x)
-        return in_float32(self._forward, x)
+                return in_float32(fn, x)
+        return in_float32(fn, x)
 
-    def _forward(self, x: Tensor, shape_generic: Optional[bool] = None) -> Tensor:
+    def _forward(self, x: Tensor, shape_generic: Optional[bool] = None,
+                 operand_dtype: Optional[torch.dtype] = None) -> Tensor:
         """``shape_generic`` (default: while ``torch.export`` traces, as the
         ONNX exporter does) builds one graph for every token count: all
         chunks write (the last state is never read) and the scan is one block,
@@ -166,27 +251,54 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         if shape_generic is None:
             shape_generic = torch.compiler.is_exporting()
         b, n, _ = x.shape
-        h, hd = self.heads, self.head_dim
-        queries = self._split_heads(self.to_queries(self.retrieve_norm(x)))
-        queries = self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None])
+        h, hd, mm = self.heads, self.head_dim, operand_dtype
         if shape_generic:
             num_chunks = (n + self.chunk_size - 1) // self.chunk_size
             padded = F.pad(x, (0, 0, 0, num_chunks * self.chunk_size - n))
-            states = self._write(padded, num_chunks, scan_block=None)
+            proj = self._project(padded, num_chunks, self._projection_dtype(mm))
+            states, carry = self._write(proj, scan_block=None, operand_dtype=mm)
             states = states.map(lambda t: _packed(t[:, :, :num_chunks]))  # W_C is unread
-            out = self._read(queries, states, always_pad=True)
+            carry = None if carry is None else _packed(carry[:, :, :num_chunks])
+            out = self._read(proj.queries, states, carry, mm, always_pad=True)
             return self._merge_heads(out, n)
+        slices = self._image_slices(x)
+        if slices < b:
+            return torch.cat([self._forward(part, False, mm) for part in x.split(slices)])
         num_updates = self.num_updates(n)
+        proj = self._project(x, num_updates, self._projection_dtype(mm))
         if num_updates == 0:  # one chunk: every token reads W_0
-            out = memory_forward(self.initial_state, queries.reshape(h, b * n, hd))
+            out = memory_forward(self.initial_state, proj.queries.reshape(h, b * n, hd), mm)
             if torch.is_grad_enabled():
                 out = out + self._zero_tie()
             out = out.reshape(h, b, n, hd)
         else:
-            states = self._write(x[:, :num_updates * self.chunk_size], num_updates,
-                                 self.scan_block)
-            out = self._read(queries, states)
+            states, carry = self._write(proj, self.scan_block, mm)
+            out = self._read(proj.queries, states, carry, mm)
         return self._merge_heads(out, n)
+
+    def _image_slices(self, x: Tensor) -> int:
+        """Images per slice for ``working_set_mib`` (the batch when unsliced).
+
+        Only eager inference slices: traced graphs (compile, export) keep one
+        path, and autograd would keep every slice's tensors anyway."""
+        b, n, _ = x.shape
+        if (self.working_set_mib is None or torch.is_grad_enabled() or b == 1 or
+                torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return b
+        per_image = self.working_set_bytes(n, x.element_size())
+        return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
+
+    def working_set_bytes(self, num_tokens: int, element_size: int = 4) -> int:
+        """Estimated transient bytes of one image's inference at ``num_tokens``:
+        the projections, the write path (two (T, 4d) tensors at once),
+        per-chunk gradients and states, and the read's two (N, 4d) tensors."""
+        d, n = self.dim, num_tokens
+        u = self.num_updates(n)
+        written = u * self.chunk_size
+        weights = 8 * d * d // self.heads + d
+        elements = ((4 * d + self.heads) * n + 4 * d * n + 2 * 4 * d * written +
+                    8 * d * written + (3 * u + 2) * weights + 2 * 4 * d * n + 2 * d * n)
+        return elements * element_size
 
     def _merge_heads(self, out: Tensor, n: int) -> Tensor:
         """(H, B, P, d / H) read-outs of P >= N (padded) tokens -> (B, N, d).
@@ -211,50 +323,170 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         return sum(p.sum() for p in self.update_parameters()
                    if p.requires_grad and not isinstance(p, DTensor)) * 0.0
 
-    def _write(self, x: Tensor, num_updates: int,
-               scan_block: Optional[int]) -> MemoryWeights:
-        """States W_0 .. W_U, each of shape (H, B, U + 1, ...), from the U
-        chunks of ``x``; ``scan_block`` as in ``momentum_decay_states``."""
-        b, L, u, h, hd = x.shape[0], self.chunk_size, num_updates, self.heads, self.head_dim
-        s = self.store_norm(x)
+    # ------------------------------------------------------------------ projections
+    def _projection_dtype(self, operand_dtype: Optional[torch.dtype]
+                          ) -> Optional[torch.dtype]:
+        """The projections' operand dtype: full precision for a decomposed
+        read, whose W_0 part needs queries at float32 accuracy."""
+        return None if self._decomposed_read(operand_dtype) else operand_dtype
+
+    def _project(self, x: Tensor, num_updates: int,
+                 operand_dtype: Optional[torch.dtype] = None,
+                 fused: Optional[bool] = None) -> _Projections:
+        """Queries of every token of ``x`` (B, N, d); keys, values, token
+        learning rates and gates of its first ``num_updates`` chunks.
+
+        ``fused`` (default: where the layers are plain, see ``_fusable``)
+        folds the two RMSNorms' weights into one product of every projection,
+        computed at run time from the unchanged parameters: the same maths
+        in fewer kernels. Otherwise each layer is called."""
+        if fused is None:
+            fused = self._fusable()
+        if fused:
+            return self._project_fused(x, num_updates, operand_dtype)
+        return self._project_layers(x, num_updates)
+
+    def _fusable(self) -> bool:
+        """The projection layers are this module's own plain layers
+        (``plain_layers``), so their weights may be folded together."""
+        return plain_layers(
+            (self.store_norm, Float32RMSNorm), (self.retrieve_norm, Float32RMSNorm),
+            (self.to_queries, Float32Linear), (self.to_keys, Float32Linear),
+            (self.to_values, Float32Linear), (self.to_token_lr, Float32Linear),
+            (self.pool, AttentionPool), (self.pool.to_logits, Float32Linear),
+            (self.to_decay, Float32Linear), (self.to_momentum, Float32Linear),
+            (self.to_lr_modulation, Float32Linear))
+
+    def _project_layers(self, x: Tensor, u: int) -> _Projections:
+        """``_project`` by calling each layer (the reference for the fused path)."""
+        queries = self._split_heads(self.to_queries(self.retrieve_norm(x)))
+        queries = self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None])
+        if u == 0:
+            return _Projections(queries)
+        b, L, h = x.shape[0], self.chunk_size, self.heads
+        s = self.store_norm(x[:, :u * L])
         keys = self._split_heads(self.to_keys(s))
         keys = self.key_norm(keys) * (1.0 + self.key_gamma[:, None, None])
         values = self._split_heads(self.to_values(s))
         token_lr = self.max_lr * torch.sigmoid(self.to_token_lr(s)).permute(2, 0, 1)
-
-        # per-chunk gates, stored (H, B, U): flattening them to (H * B, U)
-        # below is then a view for any U, with nothing for symbolic shapes
-        # to guard on
         summary = self.pool(s.reshape(b, u, L, self.dim))  # (B, U, d)
-        log_keep = _packed(F.logsigmoid(-self.to_decay(summary)).permute(2, 0, 1))  # log(1-a)
-        log_momentum = _packed(F.logsigmoid(self.to_momentum(summary)).permute(2, 0, 1))
-        lr_mod = torch.sigmoid(self.to_lr_modulation(summary)).view(
-            b, u, h, len(MemoryWeights._fields))
-        lr_mod = _packed(lr_mod.permute(3, 2, 0, 1))  # (3, H, B, U)
+        gates = torch.cat([self.to_decay(summary), self.to_momentum(summary),
+                           self.to_lr_modulation(summary)], dim=-1)
+        return _Projections(queries, keys, values, token_lr, *self._gates(gates, b, u))
 
+    def _project_fused(self, x: Tensor, u: int,
+                       operand_dtype: Optional[torch.dtype] = None) -> _Projections:
+        """``_project`` as one product of x / rms(x) by every projection's
+        weight (the norms' weights folded in), one RMSNorm of queries and
+        keys together, and one product for the three gates."""
+        b, n, d = x.shape
+        h, hd, L = self.heads, self.head_dim, self.chunk_size
+
+        def w(t: Tensor) -> Tensor:  # FSDP's mixed precision may hand 16-bit weights
+            return t if t.dtype == x.dtype else t.to(x.dtype)
+
+        retrieve, store = w(self.retrieve_norm.weight), w(self.store_norm.weight)
+        # x / rms(x): shared by both norms, whose weights fold into the product
+        normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+
+        def linear(weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+            """normed @ weight.T (+ bias) as one product."""
+            flat, weight = normed.reshape(1, b * n, d), weight.t().unsqueeze(0)
+            if bias is not None and operand_dtype is None:
+                return torch.baddbmm(bias, flat, weight).view(b, n, -1)
+            out = product(flat, weight, operand_dtype).view(b, n, -1)
+            return out if bias is None else out + bias
+
+        if u == 0:
+            queries = self._split_heads(linear(w(self.to_queries.weight) * retrieve))
+            return _Projections(
+                self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None]))
+        weight = torch.cat([w(self.to_queries.weight) * retrieve, torch.cat([
+            w(self.to_keys.weight), w(self.to_values.weight), w(self.pool.to_logits.weight),
+            w(self.to_token_lr.weight)]) * store])
+        bias = F.pad(torch.cat([w(self.pool.to_logits.bias), w(self.to_token_lr.bias)]),
+                     (3 * d, 0))
+        proj = linear(weight, bias)  # (B, N, 4d + H): queries, keys, values, logits, lr
+        qk = proj[..., :2 * d].reshape(b, n, 2 * h, hd)
+        gamma = torch.cat([self.query_gamma, self.key_gamma])  # (2H, hd)
+        qk = F.rms_norm(qk, (hd,), eps=RMS_EPS) * (1.0 + gamma)
+        queries = qk[..., :h, :].permute(2, 0, 1, 3)
+        written = slice(0, u * L)
+        keys = qk[:, written, h:].permute(2, 0, 1, 3)
+        values = self._split_heads(proj[:, written, 2 * d:3 * d])
+        token_lr = self.max_lr * torch.sigmoid(proj[:, written, 4 * d:]).permute(2, 0, 1)
+        # the pool: softmax over each chunk of the logits, the weighted sum of
+        # the store-normed tokens (their norm weight applied after the sum)
+        attn = proj[:, written, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
+        summary = (normed[:, written].reshape(b, u, L, d) * attn).sum(dim=-2) * store
+        gate_layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
+        gates = F.linear(summary, torch.cat([w(m.weight) for m in gate_layers]),
+                         torch.cat([w(m.bias) for m in gate_layers]))
+        return _Projections(queries, keys, values, token_lr, *self._gates(gates, b, u))
+
+    def _gates(self, gates: Tensor, b: int, u: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """(B, U, 5H) decay, momentum and lr-modulation logits -> log(1 - alpha)
+        and log(eta), (H, B, U), and rho, (3, H, B, U).
+
+        Stored (H, B, U): flattening them to (H * B, U) is then a view for any
+        U, with nothing for symbolic shapes to guard on."""
+        h = self.heads
+        log_keep = _packed(F.logsigmoid(-gates[..., :h]).permute(2, 0, 1))
+        log_momentum = _packed(F.logsigmoid(gates[..., h:2 * h]).permute(2, 0, 1))
+        lr_mod = torch.sigmoid(gates[..., 2 * h:]).view(b, u, h, len(MemoryWeights._fields))
+        return log_keep, log_momentum, _packed(lr_mod.permute(3, 2, 0, 1))
+
+    # ------------------------------------------------------------------ write and read
+    def _decomposed_read(self, operand_dtype: Optional[torch.dtype]) -> bool:
+        """Read ``a_t * (q @ W_0)`` at full precision plus ``q @ dW_t`` in 16
+        bits, for 16-bit operands at a small step size, whose updates the
+        rounding of the whole state would erase."""
+        return operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR
+
+    def _write(self, proj: _Projections, scan_block: Optional[int],
+               operand_dtype: Optional[torch.dtype] = None
+               ) -> Tuple[MemoryWeights, Optional[Tensor]]:
+        """States W_0 .. W_U, each of shape (H, B, U + 1, ...), from the
+        projections' U chunks, and None; for a decomposed read, dW_t in place
+        of W_t for ``w1`` and ``w2`` and a_t, (H, B, U + 1).
+        ``scan_block`` as in ``momentum_decay_states``."""
+        h, b, t, hd = proj.keys.shape
+        u = proj.log_keep.shape[-1]
+        L = t // u
+        decomposed = self._decomposed_read(operand_dtype)
         w0 = self.initial_state
-        chunks = (h, b, u, L)
-        if self.update == 'parallel':
-            # all chunks take their gradient at W_0: one batched call
-            grads = memory_grads(w0, keys.reshape(h, b * u, L, hd),
-                                 values.reshape(h, b * u, L, hd),
-                                 token_lr.reshape(h, b * u, L))
-            return MemoryWeights(*(
-                momentum_decay_states(
-                    g.reshape(h * b, u, -1), m.reshape(h * b, u),
-                    log_keep.reshape(h * b, u), log_momentum.reshape(h * b, u),
-                    init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1),
-                    scan_block).reshape(h, b, u + 1, *init.shape[1:])
-                for g, m, init in zip(grads, lr_mod, w0)))
-        return self._sequential_states(keys.reshape(*chunks, hd),
-                                       values.reshape(*chunks, hd),
-                                       token_lr.reshape(chunks), log_keep,
-                                       log_momentum, lr_mod)
+        if self.update == 'sequential':
+            states, carry = self._sequential_states(
+                proj.keys.reshape(h, b, u, L, hd), proj.values.reshape(h, b, u, L, hd),
+                proj.token_lr.reshape(h, b, u, L), proj.log_keep, proj.log_momentum,
+                proj.lr_mod, operand_dtype)
+            if not decomposed:
+                return states, None
+            delta = [w - _bcast(carry, w) * w0[i][:, None, None] for i, w in
+                     enumerate(states[:2])]
+            return MemoryWeights(*delta, states.g), carry
+        # all chunks take their gradient at W_0: one batched call
+        grads = list(memory_grads(w0, proj.keys.reshape(h, b * u, L, hd),
+                                  proj.values.reshape(h, b * u, L, hd),
+                                  proj.token_lr.reshape(h, b * u, L), operand_dtype))
+        log_keep = proj.log_keep.reshape(h * b, u)
+        starts = [None if decomposed and i < 2 else
+                  init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1)
+                  for i, init in enumerate(w0)]
+        flat = [g.reshape(h * b, u, -1) for g in grads]
+        del grads  # scan_states frees each gradient once scanned
+        states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(
+            scan_states(flat, proj.lr_mod.reshape(-1, h * b, u), log_keep,
+                        proj.log_momentum.reshape(h * b, u), starts, scan_block), w0)]
+        carry = decay_carry(log_keep).reshape(h, b, u + 1) if decomposed else None
+        return MemoryWeights(*states), carry
 
     def _sequential_states(self, keys: Tensor, values: Tensor, token_lr: Tensor,
-                           log_keep: Tensor, log_momentum: Tensor,
-                           lr_mod: Tensor) -> MemoryWeights:
-        """W_0 .. W_U, each chunk's gradient taken at the previous state."""
+                           log_keep: Tensor, log_momentum: Tensor, lr_mod: Tensor,
+                           operand_dtype: Optional[torch.dtype] = None
+                           ) -> Tuple[MemoryWeights, Tensor]:
+        """W_0 .. W_U, each chunk's gradient taken at the previous state, and
+        a_t (H, B, U + 1)."""
         h, b, u, L, hd = keys.shape
         weights = self.initial_state.map(
             lambda t: t[:, None].expand(h, b, *t.shape[1:]))
@@ -268,7 +500,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                 weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),
                 keys[:, :, t].reshape(h * b, 1, L, hd),
                 values[:, :, t].reshape(h * b, 1, L, hd),
-                token_lr[:, :, t].reshape(h * b, 1, L))
+                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype)
             surprise = [-_bcast(m[..., t], g) * g.reshape(h, b, *g.shape[2:])
                         for m, g in zip(lr_mod, grads)]
             momentum = [_bcast(eta[..., t], s) * s_prev + s
@@ -276,12 +508,16 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             weights = MemoryWeights(*(
                 _bcast(keep[..., t], w) * w + s for w, s in zip(weights, momentum)))
             history.append(weights)
-        return MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
+        states = MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
+        return states, decay_carry(log_keep)
 
     def _read(self, queries: Tensor, states: MemoryWeights,
+              carry: Optional[Tensor] = None,
+              operand_dtype: Optional[torch.dtype] = None,
               always_pad: bool = False) -> Tensor:
-        """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...);
-        the read-outs of the C * L >= N (zero-padded) tokens, (H, B, C * L, hd).
+        """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...)
+        (with ``carry`` (H, B, C): dW and a_t, see ``memory_forward``); the
+        read-outs of the C * L >= N (zero-padded) tokens, (H, B, C * L, hd).
         With a symbolic N it always pads (maybe by zero): no guard on whether
         N is a multiple of L, so one graph serves both."""
         h, b, n, hd = queries.shape
@@ -291,8 +527,26 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             queries = F.pad(queries, (0, 0, 0, padded - n))
         groups = h * b * num_chunks
         out = memory_forward(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
-                             queries.reshape(groups, self.chunk_size, hd))
+                             queries.reshape(groups, self.chunk_size, hd), operand_dtype,
+                             base=None if carry is None else self.initial_state,
+                             carry=None if carry is None else carry.reshape(groups))
         return out.reshape(h, b, padded, hd)
+
+
+def plain_layers(*layers: Tuple[nn.Module, type]) -> bool:
+    """Each ``(layer, cls)``: the layer is exactly a ``cls``, not wrapped or
+    sharded (FSDP), and no forward hook, its own or global (a FLOP counter's,
+    a user's), waits to see it called. Only then may a caller compute with
+    its weights directly instead of calling it."""
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    for layer, cls in layers:
+        if type(layer) is not cls or layer._forward_hooks or layer._forward_pre_hooks:
+            return False
+        if any(isinstance(p, DTensor) for p in layer.parameters()):
+            return False
+    return True
 
 
 def _packed(t: Tensor) -> Tensor:

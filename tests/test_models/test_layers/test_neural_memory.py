@@ -103,3 +103,33 @@ def test_inner_loop_stays_float32_under_autocast():
 def test_bad_memory_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NeuralMemory(**kwargs)
+
+
+@pytest.mark.parametrize('shape_generic', [False, True])
+@pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
+def test_folded_projections_equal_the_layers(chunk, tokens, heads, scan_block, shape_generic):
+    """One product with the norms' weights folded in (the default path) against
+    each layer called; parameters and state-dict keys are the layers' own."""
+    memory = _perturbed_memory(12, seed=tokens, chunk_size=chunk, heads=heads,
+                               scan_block=scan_block)
+    x = torch.randn(2, tokens, 12, dtype=torch.float64)
+    u = memory.num_updates(tokens)
+    if shape_generic:  # every chunk writes, zero-padded to a whole chunk
+        u = -(-tokens // chunk)
+        x = torch.nn.functional.pad(x, (0, 0, 0, u * chunk - tokens))
+    fused, layers = memory._project(x, u, fused=True), memory._project(x, u, fused=False)
+    for name, f, s in zip(fused._fields, fused, layers):
+        if s is None:
+            assert f is None, name
+            continue
+        torch.testing.assert_close(f, s, rtol=0, atol=1e-12, msg=name)
+
+
+def test_memory_state_dict_keys_are_unchanged():
+    keys = set(NeuralMemory(8, heads=2).state_dict())
+    assert keys == {
+        'store_norm.weight', 'retrieve_norm.weight', 'to_keys.weight', 'to_values.weight',
+        'to_queries.weight', 'key_gamma', 'query_gamma', 'to_token_lr.weight',
+        'to_token_lr.bias', 'pool.to_logits.weight', 'pool.to_logits.bias',
+        'to_decay.weight', 'to_decay.bias', 'to_momentum.weight', 'to_momentum.bias',
+        'to_lr_modulation.weight', 'to_lr_modulation.bias', 'init_w1', 'init_w2', 'init_g'}

@@ -1,0 +1,134 @@
+"""The memory's 16-bit products (``matmul_dtype``), emulated in float64.
+
+``product`` on float64 operands rounds them to the 16-bit dtype and
+accumulates the exact products in float64: what a bfloat16 GEMM with a
+float32 accumulator computes, up to summation order. Errors are measured
+against the same memory in float64 and, for the memory's update, against the
+size of the update's contribution to the output (output minus the output of
+W_0 alone), which small step sizes make tiny.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convneur_mm.models.layers import neural_memory
+from convneur_mm.models.layers.memory_ops import product
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+
+
+def _memory(max_lr, update='parallel', matmul_dtype='bfloat16', dim=16, chunk=8, heads=1):
+    torch.manual_seed(0)
+    memory = NeuralMemory(dim, chunk_size=chunk, max_lr=max_lr, update=update, heads=heads,
+                          matmul_dtype=matmul_dtype).double()
+    with torch.no_grad():  # move every parameter off its special init value
+        for p in memory.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return memory
+
+
+def _errors(memory, tokens=40):
+    """(output error, update-contribution error) of the 16-bit path, relative."""
+    x = torch.randn(2, tokens, memory.dim, dtype=torch.float64)
+    with torch.no_grad():
+        exact = memory._forward(x)  # float64 products
+        chunk = memory.chunk_size
+        memory.chunk_size = tokens  # one chunk: every token reads W_0
+        w0_only = memory._forward(x)
+        memory.chunk_size = chunk
+        low = memory(x)
+    update = (exact - w0_only).norm()
+    return ((low - exact).norm() / exact.norm()).item(), ((low - exact).norm() / update).item()
+
+
+@pytest.mark.parametrize('update', ['parallel', 'sequential'])
+@pytest.mark.parametrize('max_lr', [1.0, 0.2, 1e-3])
+def test_bf16_operands_keep_outputs_and_the_update_within_1e_2(max_lr, update):
+    output_error, update_error = _errors(_memory(max_lr, update))
+    assert output_error < 1e-2
+    assert update_error < 1e-2
+
+
+def test_a_naive_bf16_read_loses_a_small_update(monkeypatch):
+    """The read of the whole state in bfloat16 rounds a_t W_0 by more than
+    the update dW at max_lr 1e-3; reading a_t (q W_0) at full precision plus
+    q dW in bfloat16 keeps it (the test above)."""
+    monkeypatch.setattr(neural_memory, 'DECOMPOSE_BELOW_MAX_LR', 0.0)
+    _, update_error = _errors(_memory(1e-3))
+    assert update_error > 1e-2
+
+
+def test_fp16_operands_emulated():
+    output_error, update_error = _errors(_memory(1e-3, matmul_dtype='float16', heads=2))
+    assert output_error < 1e-3 and update_error < 1e-2
+
+
+def test_product_rounds_operands_and_accumulates_wide():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 7, 3, generator=gen, dtype=torch.float64)
+    rounded = [t.to(torch.bfloat16).to(torch.float64) for t in (a, b)]
+    assert torch.equal(product(a, b, torch.bfloat16), rounded[0] @ rounded[1])
+    assert torch.equal(product(a, b), a @ b)
+    out = product(a.float(), b.float(), torch.bfloat16)  # a real bfloat16 product
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), rounded[0] @ rounded[1], rtol=1e-2, atol=1e-2)
+
+
+class _ProductDtypes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.bmm, torch.ops.aten.baddbmm,
+                                   torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.seen.add(args[-1].dtype if func.overloadpacket is torch.ops.aten.bmm
+                          else args[1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_training_step_under_cpu_autocast_has_finite_gradients():
+    """Real bfloat16 products (oneDNN), float32 state, under CPU autocast."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').train()
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    dtypes = _ProductDtypes()
+    with torch.autocast('cpu', dtype=torch.bfloat16), dtypes:
+        out = memory(x.bfloat16())
+    out.float().square().mean().backward()
+    assert torch.bfloat16 in dtypes.seen
+    assert out.dtype == torch.bfloat16
+    for name, p in memory.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert torch.isfinite(x.grad).all()
+    memory.matmul_dtype = 'float32'
+    with torch.no_grad():
+        want = memory(x)
+    assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_auto_operands_are_float32_off_cuda_and_explicit_ones_hold():
+    x = torch.randn(1, 4, 8)
+    assert NeuralMemory(8).operand_dtype(x) is None
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # CPU autocast: float32 products
+        assert NeuralMemory(8).operand_dtype(x) is None
+    assert NeuralMemory(8, matmul_dtype='float16').operand_dtype(x) is torch.float16
+    assert NeuralMemory(8, matmul_dtype='float32').operand_dtype(x) is None
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(matmul_dtype='fp8'), 'matmul_dtype'),
+    (dict(kernels='cuda'), 'kernels'),
+    (dict(working_set_mib=0), 'working_set_mib'),
+    (dict(working_set_mib=1.5), 'working_set_mib'),
+    (dict(recompute='yes'), 'recompute'),
+])
+def test_bad_new_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuralMemory(8, **kwargs)
+
+
+def test_triton_kernels_where_they_cannot_run_are_a_clear_error():
+    memory = NeuralMemory(8, chunk_size=4, kernels='triton')
+    with pytest.raises(RuntimeError, match='triton'):
+        memory(torch.randn(1, 8, 8))
