@@ -32,7 +32,8 @@ DEFAULT_INIT_CFG = [
     dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
     dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
 ]
-MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block')
+MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block',
+               'matmul_dtype', 'kernels', 'working_set_mib', 'recompute')
 STEM_BIAS_STD = .02  # not zero: see ConvNeur._own_init
 
 
@@ -96,8 +97,10 @@ class ConvNeur(BaseModule):
         memory_cfg: overrides of the memory settings: ``dim`` (C_m, the arch's
             by default), ``chunk_size`` (196 for classification, 4096 for
             detection), ``max_lr`` (inner step size: 1 or 1e-3), ``update``
-            ('parallel' | 'sequential'), ``heads``, ``scan_block``. None of
-            them but ``dim`` and ``heads`` changes the parameter set.
+            ('parallel' | 'sequential'), ``heads``, ``scan_block``,
+            ``matmul_dtype``, ``kernels``, ``working_set_mib``, ``recompute``
+            (``NeuralMemory``). None of them but ``dim`` and ``heads``
+            changes the parameter set.
         memory_placement: 'stage' (first block of each stage, the paper's
             default), 'block' (every block) or 'none' (local-only ablation).
         fusion: 'gate' (default), 'add' or 'concat' (Table 5 ablations).
