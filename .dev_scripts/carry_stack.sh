@@ -3,11 +3,11 @@
 # but no package index (the lent H100 / H200: Python 3.12, torch 2.11+cu130):
 # downloads the rest of the pinned stack as wheels, and mmcv's source
 # distribution, into DIR (default .whl, which .git/info/exclude should name).
-# .dev_scripts/device_env.sh installs them there. docs/cuda.md tells the story.
+# .dev_scripts/device_env.sh installs them there. docs/notes/gpu_runs.md tells the story.
 set -euo pipefail
 DIR=${1:-.whl}
 PY=${DEVICE_PYTHON:-3.12}
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 mkdir -p "$DIR"
 pin() {  # the version requirements/*.txt pins NAME to
     grep -h -i -E "^$1==" requirements/*.txt | head -1

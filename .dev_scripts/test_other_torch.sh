@@ -14,7 +14,7 @@ set -euo pipefail
 [ $# -ge 3 ] || { sed -n 2,12p "$0"; exit 2; }
 TORCH=$1 VISION=$2 TRITON=$3
 shift 3
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 DIR=${OTHER_TORCH_DIR:-/tmp/torch-$TORCH}
 mkdir -p "$DIR/wheels"
