@@ -1,4 +1,4 @@
-"""requirements.txt installs the stack of tools/setup/setup_env.sh (issue 20).
+"""requirements.txt installs the stack of tools/setup/setup_env.sh.
 
 requirements.txt includes what pip can install from a requirements file and
 names, in its header, the commands for the rest (flags pip takes only on its
@@ -57,7 +57,7 @@ def _requirement_lines(path: str):
 
 
 def test_requirements_txt_and_setup_env_install_the_same_files_the_same_way():
-    setup_env = _targets(_install_lines(osp.join(REPO, 'tools', 'setup_env.sh'), False))
+    setup_env = _targets(_install_lines(osp.join(REPO, 'tools', 'setup', 'setup_env.sh'), False))
     assert {'requirements/torch.txt', 'requirements/mmcv.txt', '.'} <= set(setup_env), setup_env
     requirements_txt = osp.join(REPO, 'requirements.txt')
     with open(requirements_txt) as f:

@@ -1,4 +1,4 @@
-"""Exit codes of distributed runs are true (issue 17): a run whose work is done
+"""Exit codes of distributed runs are true: a run whose work is done
 exits 0, even when something aborts while the interpreter is torn down; a run
 that failed before that exits non-zero.
 
@@ -157,7 +157,7 @@ def test_main_job_runs_every_demo_and_fails_if_one_failed(tmp_path):
     python = tmp_path / 'python'
     python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexit 1\n')
     python.chmod(0o755)
-    run = subprocess.run([osp.join(REPO, 'tools', 'run_demo.sh')], cwd=REPO,
+    run = subprocess.run([osp.join(REPO, 'tools', 'setup', 'run_demo.sh')], cwd=REPO,
                          env=_env(PYTHON=str(python), DEMOS='smoke segmentation',
                                   ADE20K_TINY_ROOT=str(tmp_path / 'no_data')),
                          capture_output=True, text=True, timeout=60)
