@@ -1,0 +1,244 @@
+"""Triton kernels of the neural memory's parallel mode (imports triton).
+
+Import this module only through ``memory_kernels.ops``: ``triton.jit`` picks
+the interpreter when a kernel is decorated, so ``TRITON_INTERPRET=1`` must be
+set before this module is first imported.
+
+Every kernel is plain pointer arithmetic with masks (no block pointers, so the
+same source runs on triton 3.6 to 3.9). Products take operands of the
+``DTYPE`` constexpr (float32, float16 or bfloat16) and accumulate in float32;
+LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
+Feature widths are padded to the power-of-two block ``BD`` and the hidden
+width is walked in ``BH`` blocks, both masked, so any width works.
+
+Addressing: each program's base offset is an int64 scalar (tensors may pass
+2**31 elements); offsets inside a tile are int32 (the wrappers bound a tile's
+span), which keeps the per-element address arithmetic out of 64 bits.
+"""
+import triton
+import triton.language as tl
+
+# module-level values a jit function reads must be constexpr
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _gelu(x):
+    # exact (erf) GELU, as F.gelu's default
+    return 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
+    return cdf + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
+
+
+@triton.jit
+def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
+              b1_ptr, b2_ptr, sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID,
+              BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+              DTYPE: tl.constexpr, PREC: tl.constexpr,
+              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+    """gelu(x @ w1) @ w2 for a float32 (BM, BD) block of rows; the (BM, BH)
+    hidden block lives only in registers. DECOMPOSED: the weights are
+    ``carry * base + delta`` (``w1``/``w2`` hold delta) and each product is
+    ``carry * (x @ base)`` with float32 operands (BASE_PREC) plus
+    ``x @ delta`` in DTYPE, so a small update survives 16-bit operands."""
+    cols = tl.arange(0, BD)
+    hcols = tl.arange(0, BH)
+    cmask = cols < D
+    xo = x_tile.to(DTYPE)
+    y = tl.zeros((BM, BD), dtype=tl.float32)
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        mask1 = cmask[:, None] & (hid < HID)[None, :]
+        mask2 = (hid < HID)[:, None] & cmask[None, :]
+        w1 = tl.load(w1_ptr + cols[:, None] * s1_d + hid[None, :] * s1_k, mask=mask1, other=0.0)
+        pre = tl.dot(xo, w1.to(DTYPE), input_precision=PREC)
+        if DECOMPOSED:
+            b1 = tl.load(b1_ptr + cols[:, None] * sb1_d + hid[None, :] * sb1_k, mask=mask1,
+                         other=0.0).to(tl.float32)
+            pre += carry * tl.dot(x_tile, b1, input_precision=BASE_PREC)
+        act = _gelu(pre)
+        w2 = tl.load(w2_ptr + hid[:, None] * s2_k + cols[None, :] * s2_d, mask=mask2, other=0.0)
+        y = tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=y, input_precision=PREC)
+        if DECOMPOSED:
+            b2 = tl.load(b2_ptr + hid[:, None] * sb2_k + cols[None, :] * sb2_d, mask=mask2,
+                         other=0.0).to(tl.float32)
+            y += carry * tl.dot(act, b2, input_precision=BASE_PREC)
+    return y
+
+
+@triton.jit
+def _layer_norm_rows(y, cmask, D, eps):
+    """LayerNorm without affine over the D valid columns; padded columns 0."""
+    mean = tl.sum(y, axis=1) / D
+    centered = tl.where(cmask[None, :], y - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(centered * centered, axis=1) / D + eps)
+    return centered * rstd[:, None], rstd
+
+
+@triton.jit
+def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr,
+                B, C, N, L, D, HID, row_blocks,
+                sx_h, sx_b, sx_n, sx_d,
+                s1_h, s1_b, s1_c, s1_d, s1_k,
+                s2_h, s2_b, s2_c, s2_k, s2_d,
+                sg_h, sg_b, sg_c, sg_d,
+                so_h, so_b, so_n, so_d,
+                sb1_h, sb1_d, sb1_k,
+                sb2_h, sb2_k, sb2_d,
+                sc_h, sc_b, sc_c,
+                eps,
+                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                DTYPE: tl.constexpr, PREC: tl.constexpr,
+                DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+    """out = x + LN(gelu(x @ w1) @ w2) * (1 + g), token n of (head h, image b)
+    reading the weights of chunk n // L. One program per (h, b, chunk, block
+    of BM rows of the chunk); x, weights and out are addressed by strides, so
+    the caller's layouts (heads split or merged) need no copy. DECOMPOSED:
+    see ``_mlp_rows``; base weights per head, carry per (h, b, chunk)."""
+    pid = tl.program_id(0)
+    rb = pid % row_blocks
+    group = pid // row_blocks
+    c = group % C
+    hb = group // C
+    b = (hb % B).to(tl.int64)
+    h = (hb // B).to(tl.int64)
+    c64 = c.to(tl.int64)
+
+    rows = rb * BM + tl.arange(0, BM)  # within the chunk
+    rmask = (rows < L) & (c * L + rows < N)
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    first = c64 * L  # the chunk's first token
+
+    x_ptrs = (x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
+              (rows[:, None] * sx_n + cols[None, :] * sx_d))
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    carry = 1.0
+    if DECOMPOSED:
+        carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
+    y = _mlp_rows(x, w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c),
+                  w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c), s1_d, s1_k, s2_k, s2_d,
+                  b1_ptr + h * sb1_h, b2_ptr + h * sb2_h, sb1_d, sb1_k, sb2_k, sb2_d, carry,
+                  D, HID, BM, BD, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+    normed, _ = _layer_norm_rows(y, cmask, D, eps)
+    g = tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
+                other=0.0).to(tl.float32)
+    out = x + normed * (1.0 + g[None, :])
+    tl.store(out_ptr + (h * so_h + b * so_b + first * so_n) +
+             (rows[:, None] * so_n + cols[None, :] * so_d), out, mask=mask)
+
+
+@triton.jit
+def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr,
+                      C, L, D, HID, row_blocks,
+                      sk_g, sk_c, sk_l, sk_d,
+                      sv_g, sv_c, sv_l, sv_d,
+                      slr_g, slr_c, slr_l,
+                      s1_g, s1_d, s1_k,
+                      s2_g, s2_k, s2_d,
+                      sg_g, sg_d,
+                      loss_scale, eps,
+                      BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                      DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
+    shared weights, the LayerNorm backward, and
+
+    * ``dh`` (G, C, L, D) float32: d loss / d (act @ w2) WITHOUT the constant
+      ``loss_scale`` (= 2 / d), which pass 2 applies to its float32 sums: it
+      keeps small-step products further above float16's subnormal range;
+    * ``dg`` (G * C, row_blocks, D): this block's share of d loss / d g
+      (summed over blocks by the caller: a fixed order, so deterministic).
+    """
+    pid = tl.program_id(0)
+    rb = pid % row_blocks
+    chunk = pid // row_blocks
+    c = (chunk % C).to(tl.int64)
+    gi = (chunk // C).to(tl.int64)
+
+    rows = rb * BM + tl.arange(0, BM)
+    rmask = rows < L
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+
+    k = tl.load(k_ptr + (gi * sk_g + c * sk_c) + (rows[:, None] * sk_l + cols[None, :] * sk_d),
+                mask=mask, other=0.0).to(tl.float32)
+    y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
+                  w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
+                  False, PREC)
+    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+    v = tl.load(v_ptr + (gi * sv_g + c * sv_c) + (rows[:, None] * sv_l + cols[None, :] * sv_d),
+                mask=mask, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + (gi * slr_g + c * slr_c) + rows * slr_l, mask=rmask,
+                 other=0.0).to(tl.float32)
+    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+
+    d_out = (k + normed * scale[None, :] - v) * lr[:, None]
+    d_normed = d_out * scale[None, :]
+    mean_d = tl.sum(d_normed, axis=1) / D
+    mean_dn = tl.sum(d_normed * normed, axis=1) / D
+    d_hidden = rstd[:, None] * (d_normed - mean_d[:, None] - normed * mean_dn[:, None])
+    d_hidden = tl.where(mask, d_hidden, 0.0)
+    tl.store(dh_ptr + chunk.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]),
+             d_hidden, mask=mask)
+    dg = tl.sum(tl.where(mask, d_out * normed, 0.0), axis=0) * loss_scale
+    tl.store(dg_ptr + pid.to(tl.int64) * D + cols, dg, mask=cmask)
+
+
+@triton.jit
+def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
+                      C, L, D, HID, hidden_blocks,
+                      sk_g, sk_c, sk_l, sk_d,
+                      s1_g, s1_d, s1_k,
+                      s2_g, s2_k, s2_d,
+                      loss_scale,
+                      BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                      DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """Pass 2, per (chunk, block of BH hidden units j): walks the chunk's rows,
+    recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
+    and accumulates in float32 registers
+
+        G1[:, j] = k^T (gelu'(pre_j) * (dh @ w2[j]^T)),   G2[j] = gelu(pre_j)^T dh.
+    """
+    pid = tl.program_id(0)
+    j = pid % hidden_blocks
+    chunk = pid // hidden_blocks
+    c = (chunk % C).to(tl.int64)
+    gi = (chunk // C).to(tl.int64)
+
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    hid = j * BH + tl.arange(0, BH)
+    hmask = hid < HID
+    w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
+                 mask=cmask[:, None] & hmask[None, :], other=0.0).to(DTYPE)
+    w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
+                  mask=hmask[None, :] & cmask[:, None], other=0.0).to(DTYPE)  # (BD, BH)
+
+    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    k_base = k_ptr + (gi * sk_g + c * sk_c)
+    dh_base = dh_ptr + chunk.to(tl.int64) * L * D
+    for r0 in range(0, L, BM):
+        rows = r0 + tl.arange(0, BM)
+        mask = (rows < L)[:, None] & cmask[None, :]
+        k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
+                    other=0.0).to(DTYPE)
+        dh = tl.load(dh_base + (rows[:, None] * D + cols[None, :]), mask=mask,
+                     other=0.0).to(DTYPE)
+        pre = tl.dot(k, w1, input_precision=PREC)
+        d_pre = tl.dot(dh, w2t, input_precision=PREC) * _gelu_grad(pre)
+        acc1 = tl.dot(tl.trans(k), d_pre.to(DTYPE), acc=acc1, input_precision=PREC)
+        acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
+
+    out = chunk.to(tl.int64) * D * HID
+    tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
+             mask=cmask[:, None] & hmask[None, :])
+    tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
+             mask=hmask[:, None] & cmask[None, :])

@@ -1,0 +1,392 @@
+"""The fused Triton memory kernels against the PyTorch path in float64.
+
+On a CPU the kernels run in Triton's interpreter, which must be chosen before
+the kernel module is imported: one subprocess with TRITON_INTERPRET=1 runs
+every interpreter case at tiny shapes and reports its errors as JSON; the tests
+below assert on them.
+
+Tolerances, per output:
+* float32 operands: max|kernel - ref| <= 1e-5 max|ref| against float64 (the
+  kernels multiply in IEEE float32).
+* float16 operands: ||kernel - ref|| <= 5e-5 ||ref|| against a float64
+  emulation that rounds the same operands to float16 (it checks where the
+  kernels round and that they sum in float32; a norm, because an operand that
+  falls on the other side of a float16 rounding boundary moves single entries
+  by up to 4e-5 of the max), and max|kernel - ref| <= 1e-2 max|ref| against
+  exact float64 (float16's own error here is 3e-4 to 1e-3).
+* bfloat16: the interpreter multiplies bfloat16 bit patterns, so bfloat16 is
+  checked on a GPU only (3e-2 against float64, 2 to 3 bf16 roundings deep).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convneur_mm.models.layers import memory_kernels
+from convneur_mm.models.layers.memory_ops import MemoryWeights, memory_forward, memory_grads
+
+from ...paths import REPO
+
+F32_TOL = 1e-5
+F16_EMULATED_TOL = 5e-5
+F16_TOL = 1e-2
+BF16_TOL = 3e-2
+
+
+def _rel_err(out, ref) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _norm_err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _weights(groups: int, d: int, gen: torch.Generator) -> MemoryWeights:
+    hidden = 4 * d
+    return MemoryWeights(torch.randn(groups, d, hidden, generator=gen) * d ** -0.5,
+                         torch.randn(groups, hidden, d, generator=gen) * hidden ** -0.5,
+                         torch.randn(groups, d, generator=gen) * 0.1)
+
+
+def _write_inputs(groups: int, chunks: int, length: int, d: int, max_lr: float, seed: int):
+    """Weights, keys (a strided view: the kernels take any strides), values, lr."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(groups, length, chunks, d, generator=gen).transpose(1, 2)
+    values = torch.randn(groups, chunks, length, d, generator=gen)
+    token_lr = max_lr * torch.rand(groups, chunks, length, generator=gen)
+    return _weights(groups, d, gen), keys, values, token_lr
+
+
+def _grads64(w: MemoryWeights, keys, values, token_lr, rnd):
+    """The kernels' gradient maths in float64, ``rnd`` applied to every
+    product operand where the kernels cast to their operand dtype (the
+    identity gives the exact gradient). The kernels round the gradient at the
+    MLP's output before its constant factor 2 / d, and so does this."""
+    w1, w2, g = (t.double() for t in w)
+    k, v, lr = keys.double(), values.double(), token_lr.double()
+    d = k.shape[-1]
+    w1r, w2r = rnd(w1)[:, None], rnd(w2)[:, None]
+    pre = rnd(k) @ w1r
+    act = F.gelu(pre)
+    y = rnd(act) @ w2r
+    normed = F.layer_norm(y, (d,), eps=1e-5)
+    rstd = torch.rsqrt(y.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    scale = 1 + g[:, None, None]
+    d_out = (k + normed * scale - v) * lr[..., None]
+    d_normed = d_out * scale
+    d_hidden = rstd * (d_normed - d_normed.mean(-1, keepdim=True) -
+                       normed * (d_normed * normed).mean(-1, keepdim=True))
+    d_pre = torch.ops.aten.gelu_backward(rnd(d_hidden) @ w2r.transpose(-1, -2), pre)
+    return MemoryWeights(rnd(k).transpose(-1, -2) @ rnd(d_pre) * (2 / d),
+                         rnd(act).transpose(-1, -2) @ rnd(d_hidden) * (2 / d),
+                         (d_out * normed).sum(-2) * (2 / d))
+
+
+def _forward64(w: MemoryWeights, x, rnd):
+    """``memory_forward`` in float64 with ``rnd`` at the kernels' operand casts."""
+    w1, w2, g = (t.double() for t in w)
+    x = x.double()
+    hidden = rnd(F.gelu(rnd(x) @ rnd(w1))) @ rnd(w2)
+    return x + F.layer_norm(hidden, hidden.shape[-1:], eps=1e-5) * (1 + g[:, None])
+
+
+def _identity(t):
+    return t
+
+
+def _half(t):
+    return t.half().double()
+
+
+def _grads_errors(fused: MemoryWeights, w, keys, values, token_lr) -> dict:
+    exact = memory_grads(w.map(torch.Tensor.double), keys.double(), values.double(),
+                         token_lr.double())
+    half = _grads64(w, keys, values, token_lr, _half)
+    return dict(exact=max(_rel_err(a, b) for a, b in zip(fused, exact)),
+                emulated=max(_norm_err(a, b) for a, b in zip(fused, half)),
+                shapes=[list(t.shape) for t in fused])
+
+
+def _decomposed_results(gen: torch.Generator, device: str = 'cpu',
+                        dtypes=(('f32', torch.float32), ('f16', torch.float16))) -> dict:
+    """A read of states ``a * W_0 + dW`` with dW 0.2% of them (what max_lr
+    1e-3 makes): the update's contribution (the output minus the output of
+    ``a * W_0`` alone), 16-bit operands with and without the decomposition."""
+    heads, per_head, m, d = 2, 3, 20, 24
+    tiles = dict(block_rows=32, block_hidden=32)  # fewer programs for the interpreter
+    groups = heads * per_head
+    base = _weights(heads, d, gen)
+    delta = _weights(groups, d, gen).map(lambda t: t * 2e-3)
+    carry = 0.5 + 0.5 * torch.rand(groups, generator=gen)
+    x = torch.randn(groups, m, d, generator=gen)
+    scaled = base.map(lambda t: t.repeat_interleave(per_head, 0) *
+                      carry.view(-1, *[1] * (t.dim() - 1)))
+    full = MemoryWeights(scaled.w1 + delta.w1, scaled.w2 + delta.w2, delta.g)
+    exact = memory_forward(full.map(torch.Tensor.double), x.double())
+    update = exact - memory_forward(MemoryWeights(scaled.w1, scaled.w2, delta.g).map(
+        torch.Tensor.double), x.double())
+    results = {}
+    on = lambda t: t.to(device)  # noqa: E731
+    for tag, dtype in dtypes:
+        out = memory_kernels.memory_forward_fused(delta.map(on), on(x), dtype, base=base.map(on),
+                                                  carry=on(carry), **tiles).cpu()
+        naive = memory_kernels.memory_forward_fused(full.map(on), on(x), dtype, **tiles).cpu()
+        results[f'decomposed_{tag}'] = dict(
+            exact=_rel_err(out, exact), update=_norm_err(out - exact + update, update),
+            naive_update=_norm_err(naive - exact + update, update))
+    # the same through the chunk read: (H, B, C) states of 16-token chunks
+    states = MemoryWeights(*(t.view(heads, per_head, 1, *t.shape[1:]) for t in delta))
+    queries = x[:, :16].reshape(heads, per_head, 16, d)
+    out = memory_kernels.read_chunks_fused(states.map(on), on(queries), 16, torch.float32,
+                                           base=base.map(on),
+                                           carry=on(carry.view(heads, per_head, 1)),
+                                           **tiles).cpu()
+    ref = exact[:, :16].reshape(heads, per_head, 16, d).permute(1, 2, 0, 3).reshape(
+        per_head, 16, heads * d)
+    results['decomposed_read_chunks_f32'] = dict(exact=_rel_err(out, ref))
+    return results
+
+
+def interpreter_results() -> dict:
+    """Every interpreter case: {name: errors}. Runs in the subprocess."""
+    assert os.environ.get('TRITON_INTERPRET') == '1'
+    results = {'interpreter_bf16': dict(
+        reason=memory_kernels.unavailable_reason('cpu', operand_dtype=torch.bfloat16),
+        float32_reason=memory_kernels.unavailable_reason('cpu', 16, torch.float32))}
+    dtypes = {'f32': torch.float32, 'f16': torch.float16}
+    # (groups, chunks, L, d, max_lr, blocks): d = 24 and 20 pad to 32, their
+    # hidden widths 96 and 80 leave a masked hidden block of 64, and L = 24
+    # or 8 leaves a masked row block
+    write_cases = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block_hidden=64)),
+                   'd16_L8_default_blocks': (1, 2, 8, 16, 1.0, {}),
+                   'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16))}
+    with torch.no_grad():
+        for name, (groups, chunks, length, d, max_lr, blocks) in write_cases.items():
+            w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
+            for tag, dtype in dtypes.items():
+                fused = memory_kernels.memory_grads_fused(w, keys, values, token_lr, dtype,
+                                                          **blocks)
+                results[f'grads_{tag}_{name}'] = _grads_errors(fused, w, keys, values, token_lr)
+
+        gen = torch.Generator().manual_seed(0)
+        w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
+        for tag, dtype in dtypes.items():
+            fused = memory_kernels.memory_forward_fused(w, x, dtype, block_rows=16)
+            results[f'forward_{tag}_d24'] = dict(
+                exact=_rel_err(fused, memory_forward(w.map(torch.Tensor.double), x.double())),
+                emulated=_norm_err(fused, _forward64(w, x, _half)),
+                shapes=[list(fused.shape)])
+
+        results.update(_decomposed_results(gen))
+
+        # chunk t of each (head, image) reads its own state; 40 tokens in
+        # chunks of 16: the last chunk is partial; output heads merged
+        heads, batch, chunks, length, n, d = 2, 2, 3, 16, 40, 16
+        states = _weights(heads * batch * chunks, d, gen).map(
+            lambda t: t.view(heads, batch, chunks, *t.shape[1:]))
+        queries = torch.randn(batch, n, heads, d, generator=gen).permute(2, 0, 1, 3)
+        padded = F.pad(queries, (0, 0, 0, chunks * length - n)).double()
+        per_chunk = memory_forward(
+            states.map(lambda t: t.reshape(-1, *t.shape[3:]).double()),
+            padded.reshape(-1, length, d))
+        ref = per_chunk.view(heads, batch, -1, d)[:, :, :n].permute(1, 2, 0, 3).reshape(
+            batch, n, heads * d)
+        for tag, dtype in dtypes.items():
+            fused = memory_kernels.read_chunks_fused(states, queries, length, dtype)
+            results[f'read_chunks_{tag}'] = dict(exact=_rel_err(fused, ref),
+                                                 shapes=[list(fused.shape)])
+    return results
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1',
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+    child = subprocess.run([sys.executable, '-m', 'tests.test_models.test_layers.'
+                            'test_memory_kernels'], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-4000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr']
+
+
+@pytest.mark.parametrize('case', GRAD_CASES)
+def test_fused_grads_float32_match_float64(interpreted, case):
+    assert interpreted[f'grads_f32_{case}']['exact'] < F32_TOL
+
+
+@pytest.mark.parametrize('case', GRAD_CASES)
+def test_fused_grads_float16_operands(interpreted, case):
+    errors = interpreted[f'grads_f16_{case}']
+    assert errors['emulated'] < F16_EMULATED_TOL
+    assert errors['exact'] < F16_TOL
+
+
+def test_fused_forward(interpreted):
+    assert interpreted['forward_f32_d24']['exact'] < F32_TOL
+    assert interpreted['forward_f32_d24']['shapes'] == [[2, 40, 24]]
+    assert interpreted['forward_f16_d24']['emulated'] < F16_EMULATED_TOL
+    assert interpreted['forward_f16_d24']['exact'] < F16_TOL
+
+
+def test_fused_chunk_read_merges_heads(interpreted):
+    assert interpreted['read_chunks_f32']['shapes'] == [[2, 40, 32]]
+    assert interpreted['read_chunks_f32']['exact'] < F32_TOL
+    assert interpreted['read_chunks_f16']['exact'] < F16_TOL
+
+
+def test_interpreter_refuses_bfloat16(interpreted):
+    # it would multiply bfloat16 bit patterns: a clear refusal, not garbage
+    assert 'bfloat16' in interpreted['interpreter_bf16']['reason']
+    assert interpreted['interpreter_bf16']['float32_reason'] is None
+
+
+def test_fused_decomposed_read_keeps_small_updates(interpreted):
+    # W_t = a_t W_0 + dW_t with dW 0.2% of the state: 16-bit operands on the
+    # whole state lose ~10% of the update's contribution; a_t (x @ W_0) at
+    # float32 accuracy plus x @ dW in 16 bits keeps it
+    assert interpreted['decomposed_f32']['exact'] < F32_TOL
+    assert interpreted['decomposed_read_chunks_f32']['exact'] < F32_TOL
+    f16 = interpreted['decomposed_f16']
+    assert f16['update'] < 1e-2 < f16['naive_update']
+
+
+def test_float16_emulation_tells_operand_rounding_apart():
+    # the emulated check is only worth its tolerance if float16 rounding moves
+    # the result far more than it: exact and emulated references must differ
+    w, keys, values, token_lr = _write_inputs(2, 3, 24, 24, 1.0, seed=24)
+    exact = _grads64(w, keys, values, token_lr, _identity)
+    half = _grads64(w, keys, values, token_lr, _half)
+    assert min(_norm_err(a, b) for a, b in zip(half[:2], exact[:2])) > 5 * F16_EMULATED_TOL
+    ref = memory_grads(w.map(torch.Tensor.double), keys.double(), values.double(),
+                       token_lr.double())
+    for a, b in zip(exact, ref):  # the emulation's maths is memory_grads'
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+def test_kernels_refuse_a_cpu_without_the_interpreter():
+    assert not memory_kernels.kernels_available('cpu')
+    reason = memory_kernels.unavailable_reason('cpu')
+    assert 'TRITON_INTERPRET' in reason or 'triton' in reason
+    w, keys, values, token_lr = _write_inputs(1, 2, 8, 16, 1.0, seed=0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='cannot run'):
+        memory_kernels.memory_grads_fused(w, keys, values, token_lr)
+
+
+def test_kernels_check_their_inputs():
+    w, keys, values, token_lr = _write_inputs(1, 2, 8, 16, 1.0, seed=0)
+    fused = memory_kernels.memory_grads_fused
+    with pytest.raises(ValueError, match='values has size 7'):
+        fused(w, keys, values[:, :, :7], token_lr)
+    with pytest.raises(ValueError, match='weights.w2'):
+        fused(w._replace(w2=w.w2[:, :32]), keys, values, token_lr)
+    with pytest.raises(TypeError, match='float32 tensors; keys is torch.float64'):
+        fused(w, keys.double(), values, token_lr)
+    with pytest.raises(ValueError, match='operand_dtype'):
+        fused(w, keys, values, token_lr, torch.float64)
+    with pytest.raises(RuntimeError, match='forward-only'):
+        fused(w.map(lambda t: t.detach().requires_grad_()), keys, values, token_lr)
+    with pytest.raises(ValueError, match='power of two'):
+        memory_kernels.memory_forward_fused(w, keys[:, 0], block_rows=24)
+    with pytest.raises(ValueError, match='both base and carry'):
+        memory_kernels.memory_forward_fused(w, keys[:, 0], base=w)
+    states = w.map(lambda t: t[None, :, None])  # (H=1, B=1, C=1, ...)
+    with pytest.raises(ValueError, match='need 2 chunk states'):
+        memory_kernels.read_chunks_fused(states, torch.randn(1, 1, 9, 16), 8)
+    assert 'range' in memory_kernels.unavailable_reason('cpu', head_dim=512)
+    assert not memory_kernels.kernels_available('cpu', head_dim=512)
+
+
+def _compile_for_gpu(kernel_name: str, d: int, operand_dtype: torch.dtype, arch: int,
+                     decomposed: bool = False):
+    """Compile one kernel to a cubin for sm_``arch`` with the tiles its
+    wrapper would launch, without a GPU (triton ships ptxas): the GPU code
+    path, which the interpreter never sees, must at least compile."""
+    pytest.importorskip('triton')
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        pytest.skip('this process runs Triton in its interpreter')
+    import triton
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        pytest.skip(f'no ahead-of-time compiler API in this triton: {err}')
+    from convneur_mm.models.layers.memory_kernels import kernels, ops
+    fn = getattr(kernels, kernel_name)
+    tiles = ops._blocks(d, 196, None, None, operand_dtype, decomposed)
+    options = {k: tiles.pop(k) for k in ('num_warps', 'num_stages')}
+    import triton.language as tl
+    consts = dict(tiles, DTYPE={torch.float32: tl.float32, torch.float16: tl.float16,
+                                torch.bfloat16: tl.bfloat16}[operand_dtype],
+                  PREC='ieee', DECOMPOSED=decomposed, BASE_PREC='tf32x3')
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    signature = {name: 'constexpr' if name in consts else '*fp32' if name.endswith('_ptr')
+                 else 'fp32' if name in ('eps', 'loss_scale') else 'i32'
+                 for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
+                              target=GPUTarget('cuda', arch, 32), options=options)
+    assert compiled.asm.get('cubin')
+    # an A100's limit per block (an H100 allows 227 KiB)
+    assert compiled.metadata.shared <= 163 * 1024, compiled.metadata.shared
+    return compiled
+
+
+KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel']
+
+
+@pytest.mark.parametrize('kernel_name', KERNEL_NAMES)
+def test_kernels_compile_for_hopper_in_bfloat16(kernel_name):
+    _compile_for_gpu(kernel_name, 128, torch.bfloat16, 90)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('d', [80, 160])
+@pytest.mark.parametrize('operand_dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
+    for name in KERNEL_NAMES:
+        _compile_for_gpu(name, d, operand_dtype, arch)
+    if operand_dtype != torch.float32:
+        _compile_for_gpu('read_kernel', d, operand_dtype, arch, decomposed=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('d', [80, 128, 160])
+def test_fused_kernels_on_cuda_at_model_widths(d):
+    """The compiled kernels at M1..M4 widths, L = 196, every operand dtype."""
+    torch.manual_seed(d)
+    w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
+    exact_grads = memory_grads(w.map(torch.Tensor.double), keys.double(), values.double(),
+                               token_lr.double())
+    x = torch.randn(2, 300, d)
+    exact_read = memory_forward(w.map(torch.Tensor.double), x.double())
+    cuda = torch.device('cuda')
+    w_cuda = w.map(lambda t: t.to(cuda))
+    tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    with torch.no_grad():
+        for dtype, tol in tolerances.items():
+            grads = memory_kernels.memory_grads_fused(
+                w_cuda, keys.to(cuda), values.to(cuda), token_lr.to(cuda), dtype)
+            for a, b in zip(grads, exact_grads):
+                assert _rel_err(a.cpu(), b) < tol, (dtype, a.shape)
+            read = memory_kernels.memory_forward_fused(w_cuda, x.to(cuda), dtype)
+            assert _rel_err(read.cpu(), exact_read) < tol, dtype
+        decomposed = _decomposed_results(torch.Generator().manual_seed(d), 'cuda',
+                                         (('f32', torch.float32), ('bf16', torch.bfloat16)))
+    assert decomposed['decomposed_f32']['exact'] < F32_TOL
+    assert decomposed['decomposed_read_chunks_f32']['exact'] < F32_TOL
+    bf16 = decomposed['decomposed_bf16']
+    assert bf16['update'] < 2e-2 < bf16['naive_update']
+
+
+if __name__ == '__main__':  # the interpreter subprocess of ``interpreted``
+    print(json.dumps(interpreter_results()))
