@@ -4,14 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-gpu demo clean-venv
+.PHONY: setup test test-slow test-gpu demo clean-venv
 
 setup:
 	@bash tools/setup/setup_env.sh
 
-# The test command of README.md and .ci/run.
+# The test command of README.md and .ci/run: all but the tests marked `slow`
+# (pytest.ini's addopts deselects them).
 test: setup
 	$(PY) -m pytest tests projects $(PYTEST_ARGS)
+
+# Only the tests marked `slow`: probe trainings, soaks, compiled variants.
+test-slow: setup
+	$(PY) -m pytest -m slow tests projects $(PYTEST_ARGS)
 
 # Only the tests marked `gpu`, all in this one process with the GPUs visible
 # (no child pytest per test: that cost about 20 s of imports each on an H100);

@@ -8,7 +8,8 @@ the CPU chosen on purpose.
 
 GPU tests: marked ``gpu`` (``gpu(count=2)`` for two GPUs). They are skipped,
 with the reason, where fewer GPUs are visible; where there are enough, each
-runs in a child pytest that sees the GPUs the session was started with.
+runs in a child pytest that sees the GPUs the session was started with. A
+test that runs on both takes a ``device`` parameter (tests/devices.py).
 """
 import os
 
@@ -32,8 +33,7 @@ _gpu_count = None
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'gpu(count=1): needs CUDA GPUs; runs in a child '
-                            'process that sees them, skipped where there are fewer')
+    # the markers (gpu, slow, torch_pinned) are registered in pytest.ini
     # what tools/train.py does on CPU; spawned test processes inherit it
     tune_cpu_malloc()
 
@@ -88,8 +88,10 @@ def pytest_pyfunc_call(pyfuncitem):
     """A GPU test runs in a child pytest that sees the GPUs."""
     if _in_gpu_child() or pyfuncitem.get_closest_marker('gpu') is None:
         return None
+    # -m '': the test was selected here; pytest.ini's `-m "not slow"` must not
+    # deselect it in the child
     child = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                            pyfuncitem.nodeid], cwd=str(pyfuncitem.config.rootpath),
+                            '-m', '', pyfuncitem.nodeid], cwd=str(pyfuncitem.config.rootpath),
                            env=_gpu_env(), capture_output=True, text=True)
     out = child.stdout + child.stderr
     if child.returncode == 0 and re.search(r'\b1 passed\b', out):
@@ -98,6 +100,21 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.skip(f'skipped on the GPU: {out[-500:]}')
     pytest.fail(f'on the GPU (child pytest, exit {child.returncode}):\n{out[-6000:]}',
                 pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32_on_gpu(request):
+    """The CPU tests' tolerances assume float32 products: for a test marked
+    ``gpu``, cuDNN's and cuBLAS's TF32 (on by default for convolutions) is
+    turned off, and restored after."""
+    if not _in_gpu_child() or request.node.get_closest_marker('gpu') is None:
+        yield
+        return
+    import torch
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,310 @@
+"""The package's layers, read from the source with ``ast`` (nothing is imported):
+
+* ``convneur_mm/utils`` is the ground floor: it imports nothing else from
+  ``convneur_mm``;
+* ``convneur_mm/models`` imports only ``convneur_mm.models``,
+  ``convneur_mm.registry`` and ``convneur_mm.utils``, so that a config's
+  model builds without the engine, the tools or the analysis library;
+* nothing in ``convneur_mm/``, ``tools/`` or a project's code imports
+  ``tests`` (a wheel does not carry it);
+* no tool puts the repository root on ``sys.path``: tools import the
+  installed package.
+
+Every import counts, also one inside a function and
+``importlib.import_module('...')`` with a literal name.
+"""
+import ast
+import os
+import os.path as osp
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import pytest
+
+from .paths import REPO
+
+PACKAGE = 'convneur_mm'
+# (folder, the modules its files may import from the package, why)
+LAYERS = [
+    ('convneur_mm/utils', ('convneur_mm.utils', ),
+     'convneur_mm/utils is the ground floor: it imports nothing else from convneur_mm'),
+    ('convneur_mm/models', ('convneur_mm.models', 'convneur_mm.registry', 'convneur_mm.utils'),
+     'convneur_mm/models imports only convneur_mm.models, convneur_mm.registry and '
+     'convneur_mm.utils'),
+]
+NO_TESTS_IMPORT = ('convneur_mm', 'tools', '.dev_scripts', 'projects')
+# Tools that still put the repository root on sys.path. The list may only
+# shrink: a tool not on it that does so fails the test.
+KNOWN_SYS_PATH_ROOT: Tuple[str, ...] = tuple(f'tools/{p}.py' for p in (
+    'analysis_tools/ablation_table', 'analysis_tools/benchmark_compile',
+    'analysis_tools/benchmark_memory', 'analysis_tools/benchmark_onnx',
+    'analysis_tools/benchmark_speed', 'analysis_tools/benchmark_with_cp',
+    'analysis_tools/count_compilations', 'analysis_tools/fp16_headroom',
+    'analysis_tools/imagenet_memory', 'analysis_tools/resolution_scaling',
+    'deployment/pytorch2onnx'))
+
+
+class Import(NamedTuple):
+    """One imported name: ``module`` is absolute (``from . import x`` in
+    package ``a.b`` gives ``a.b.x``); ``statement`` is how the file says it."""
+    path: Path
+    line: int
+    module: str
+    statement: str
+
+
+def python_files(root: Path, folder: str) -> List[Path]:
+    """The ``.py`` files under ``root/folder``, tests' own folders left out
+    (they may import their helpers from ``tests``)."""
+    return sorted(p for p in (root / folder).rglob('*.py')
+                  if 'tests' not in p.relative_to(root).parts[1:]
+                  and '__pycache__' not in p.parts)
+
+
+def module_name(path: Path, root: Path) -> str:
+    """``convneur_mm/models/__init__.py`` -> ``convneur_mm.models``."""
+    parts = list(path.relative_to(root).with_suffix('').parts)
+    if parts[-1] == '__init__':
+        parts.pop()
+    return '.'.join(parts)
+
+
+def _absolute(path: Path, root: Path, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module
+    name = module_name(path, root)
+    package = name.split('.') if path.name == '__init__.py' else name.split('.')[:-1]
+    if node.level - 1 >= len(package):
+        raise ValueError(f'{path}:{node.lineno}: relative import beyond the top package')
+    base = package[:len(package) - node.level + 1]
+    return '.'.join(base + ([node.module] if node.module else []))
+
+
+def imports_of(path: Path, root: Path) -> Iterator[Import]:
+    """Every import in ``path``: statements anywhere in the file, and
+    ``importlib.import_module`` / ``__import__`` called with a literal name."""
+    tree = ast.parse(path.read_text(encoding='utf-8'), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Import(path, node.lineno, alias.name, f'import {alias.name}')
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(path, root, node)
+            written = '.' * node.level + (node.module or '')
+            for alias in node.names:
+                module = base if alias.name == '*' else f'{base}.{alias.name}'
+                yield Import(path, node.lineno, module, f'from {written} import {alias.name}')
+        elif (isinstance(node, ast.Call) and _dotted(node.func) in
+              ('importlib.import_module', 'import_module', '__import__') and node.args
+              and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and not node.args[0].value.startswith('.')):
+            name = node.args[0].value
+            yield Import(path, node.lineno, name, f'{_dotted(node.func)}({name!r})')
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f'{_dotted(node.value)}.{node.attr}'
+    return ''
+
+
+def _within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + '.')
+
+
+def layer_violations(root: Path, folder: str, allowed: Iterable[str], why: str) -> List[str]:
+    """Imports from the package, by files under ``folder``, of modules outside
+    ``allowed``: one line each, ``path:line: statement -- why``."""
+    allowed = tuple(allowed)
+    return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- {why}'
+            for path in python_files(root, folder) for i in imports_of(path, root)
+            if _within(i.module, PACKAGE) and not any(_within(i.module, a) for a in allowed)]
+
+
+def find_tests_imports(root: Path, folders: Iterable[str]) -> List[str]:
+    """Imports of the ``tests`` package by files under ``folders``."""
+    return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- the wheel does not '
+            'carry tests/; shared references live in convneur_mm.testing'
+            for folder in folders if (root / folder).is_dir()
+            for path in python_files(root, folder) for i in imports_of(path, root)
+            if _within(i.module, 'tests')]
+
+
+class Unresolved(Exception):
+    """A path expression the checker cannot evaluate."""
+
+
+def _assignments(tree: ast.Module) -> Dict[str, ast.AST]:
+    """Module-level ``NAME = expr`` (the last one wins)."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    found[target.id] = node.value
+    return found
+
+
+def _evaluate(node: ast.AST, file: Path, names: Dict[str, ast.AST], depth: int = 0) -> str:
+    """The path a ``sys.path`` entry names: ``__file__``, string literals,
+    ``os.pardir``, module-level names and ``os.path`` / ``pathlib`` calls."""
+    if depth > 20:
+        raise Unresolved(ast.dump(node))
+
+    def value(n):
+        return _evaluate(n, file, names, depth + 1)
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id == '__file__':
+            return str(file)
+        if node.id in names:
+            return value(names[node.id])
+        raise Unresolved(node.id)
+    if isinstance(node, ast.Attribute):
+        if node.attr == 'pardir':
+            return os.pardir
+        if node.attr == 'parent':
+            return osp.dirname(value(node.value))
+        raise Unresolved(_dotted(node))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):  # Path / 'x'
+        return osp.join(value(node.left), value(node.right))
+    if isinstance(node, ast.Call):
+        func = _dotted(node.func)
+        last = func.rsplit('.', 1)[-1]
+        if last == 'dirname' and len(node.args) == 1:
+            return osp.dirname(value(node.args[0]))
+        if last in ('abspath', 'realpath', 'normpath', 'str', 'Path', 'fspath') \
+                and len(node.args) == 1:
+            return osp.normpath(value(node.args[0]))
+        if last == 'join' and node.args:
+            return osp.join(*map(value, node.args))
+        if last in ('resolve', 'absolute') and isinstance(node.func, ast.Attribute):
+            return osp.normpath(value(node.func.value))
+        raise Unresolved(func)
+    raise Unresolved(ast.dump(node))
+
+
+def _sys_path_entries(path: Path) -> Iterator[Tuple[int, Optional[str]]]:
+    """(line, the path added or None where it cannot be resolved) for each
+    ``sys.path.insert`` / ``append`` / ``extend`` in ``path``."""
+    tree = ast.parse(path.read_text(encoding='utf-8'), filename=str(path))
+    names = _assignments(tree)
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and _dotted(node.func.value) == 'sys.path'
+                and node.func.attr in ('insert', 'append', 'extend') and node.args):
+            continue
+        entries = node.args[-1]
+        for entry in (entries.elts if node.func.attr == 'extend'
+                      and isinstance(entries, (ast.List, ast.Tuple)) else [entries]):
+            try:
+                yield node.lineno, osp.normpath(_evaluate(entry, path.resolve(), names))
+            except Unresolved:
+                yield node.lineno, None
+
+
+def sys_path_root(root: Path, folder: str) -> Dict[str, List[str]]:
+    """Files under ``folder`` that put ``root`` on ``sys.path`` (or a path the
+    checker cannot resolve): {file: [why, ...]}."""
+    found: Dict[str, List[str]] = {}
+    top = osp.normpath(str(root.resolve()))
+    for path in python_files(root, folder):
+        for line, entry in _sys_path_entries(path):
+            if entry is None or entry == top:
+                what = ('an entry the checker cannot resolve' if entry is None else
+                        'the repository root')
+                found.setdefault(str(path.relative_to(root).as_posix()), []).append(
+                    f'{path.relative_to(root)}:{line}: puts {what} on sys.path -- tools '
+                    'import the installed package (pip install -e .)')
+    return found
+
+
+# ------------------------------------------------------------ the repository
+ROOT = Path(REPO)
+
+
+@pytest.mark.parametrize('folder,allowed,why', LAYERS, ids=[f for f, _, _ in LAYERS])
+def test_layer_imports_only_what_it_may(folder, allowed, why):
+    found = layer_violations(ROOT, folder, allowed, why)
+    assert not found, '\n'.join(found)
+
+
+def test_nothing_shipped_or_run_imports_tests():
+    found = find_tests_imports(ROOT, NO_TESTS_IMPORT)
+    assert not found, '\n'.join(found)
+
+
+def test_no_new_tool_puts_the_repository_root_on_sys_path():
+    found = sys_path_root(ROOT, 'tools')
+    new = {path: why for path, why in found.items() if path not in KNOWN_SYS_PATH_ROOT}
+    assert not new, '\n'.join(line for lines in new.values() for line in lines)
+
+
+# ------------------------------------------------- the checker on bad files
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def bad_tree(tmp_path) -> Path:
+    """A small repository with one violation of each rule, beside files that
+    keep them."""
+    for package in ('convneur_mm', 'convneur_mm/utils', 'convneur_mm/models',
+                    'convneur_mm/models/layers'):
+        _write(tmp_path, f'{package}/__init__.py', '')
+    _write(tmp_path, 'convneur_mm/utils/good.py', 'from .paths import x\n'
+           'from convneur_mm.utils import cli\nimport os\n')
+    _write(tmp_path, 'convneur_mm/utils/bad.py',
+           'def lazy():\n    from ..models import ConvNeur\n')
+    _write(tmp_path, 'convneur_mm/models/layers/good.py',
+           'from ...registry import MODELS\nfrom ..utils.shapes import s\n'
+           'from convneur_mm.utils.paths import p\nfrom . import norms\n')
+    _write(tmp_path, 'convneur_mm/models/layers/bad.py',
+           'import importlib\nengine = importlib.import_module("convneur_mm.engine.compile")\n')
+    _write(tmp_path, 'convneur_mm/models/worse.py', 'from convneur_mm import apis\n')
+    _write(tmp_path, 'tools/good.py', 'import sys, os.path as osp\n'
+           'sys.path.insert(0, osp.dirname(osp.abspath(__file__)))\n')
+    _write(tmp_path, 'tools/sub/bad_import.py', 'from tests.paths import REPO\n')
+    _write(tmp_path, 'tools/sub/bad_path.py',
+           'import os.path as osp, sys\n'
+           'ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))\n'
+           'sys.path.insert(0, ROOT)\n')
+    _write(tmp_path, 'tools/bad_pathlib.py', 'import sys\nfrom pathlib import Path\n'
+           'sys.path.append(str(Path(__file__).resolve().parent.parent))\n')
+    _write(tmp_path, 'tools/unresolved.py', 'import sys\nsys.path.insert(0, where())\n')
+    return tmp_path
+
+
+def test_checker_names_each_bad_import(bad_tree):
+    (utils_folder, utils_allowed, utils_why), (models_folder, models_allowed, models_why) = LAYERS
+    utils = layer_violations(bad_tree, utils_folder, utils_allowed, utils_why)
+    assert utils == ['convneur_mm/utils/bad.py:2: from ..models import ConvNeur -- '
+                     + utils_why]
+    models = layer_violations(bad_tree, models_folder, models_allowed, models_why)
+    assert [line.split(' -- ')[0] for line in models] == [
+        "convneur_mm/models/layers/bad.py:2: importlib.import_module('convneur_mm.engine."
+        "compile')", 'convneur_mm/models/worse.py:1: from convneur_mm import apis']
+    assert find_tests_imports(bad_tree, NO_TESTS_IMPORT) == [
+        'tools/sub/bad_import.py:1: from tests.paths import REPO -- the wheel does not '
+        'carry tests/; shared references live in convneur_mm.testing']
+
+
+def test_checker_finds_the_repository_root_on_sys_path(bad_tree):
+    found = sys_path_root(bad_tree, 'tools')
+    assert sorted(found) == ['tools/bad_pathlib.py', 'tools/sub/bad_path.py',
+                             'tools/unresolved.py']
+    assert 'puts the repository root on sys.path' in found['tools/sub/bad_path.py'][0]
+    assert 'cannot resolve' in found['tools/unresolved.py'][0]
+
+
+def test_relative_import_beyond_the_package_is_an_error(tmp_path):
+    _write(tmp_path, 'convneur_mm/__init__.py', '')
+    _write(tmp_path, 'convneur_mm/x.py', 'from ... import y\n')
+    with pytest.raises(ValueError, match='beyond the top package'):
+        list(imports_of(tmp_path / 'convneur_mm' / 'x.py', tmp_path))
