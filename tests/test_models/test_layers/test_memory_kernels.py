@@ -14,8 +14,13 @@ Tolerances, per output:
   falls on the other side of a float16 rounding boundary moves single entries
   by up to 4e-5 of the max), and max|kernel - ref| <= 1e-2 max|ref| against
   exact float64 (float16's own error here is 3e-4 to 1e-3).
+  At the models' widths (a slow test) longer sums flip more roundings: 1e-4.
 * bfloat16: the interpreter multiplies bfloat16 bit patterns, so bfloat16 is
-  checked on a GPU only (3e-2 against float64, 2 to 3 bf16 roundings deep).
+  checked on a GPU only (3e-2 against float64: bfloat16 keeps 8 bits, and a
+  gradient's operands are rounded up to three times along its path).
+
+The interpreter never sees the GPU code path; the kernels are also compiled
+ahead of time for sm_80 and sm_90 (triton ships ptxas), which needs no GPU.
 """
 import json
 import os
@@ -202,16 +207,47 @@ def interpreter_results() -> dict:
     return results
 
 
-@pytest.fixture(scope='module')
-def interpreted():
+def model_width_results() -> dict:
+    """The kernels' default tiles at the models' memory widths (M1 80, M2 96,
+    M3 128, M4 160) and L = 196, in the interpreter (seconds per case)."""
+    results = {}
+    with torch.no_grad():
+        for d in (80, 96, 128, 160):
+            w, keys, values, token_lr = _write_inputs(1, 2, 196, d, 1.0, seed=d)
+            x = torch.randn(1, 196, d, generator=torch.Generator().manual_seed(d))
+            exact = memory_forward(w.map(torch.Tensor.double), x.double())
+            for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
+                fused = memory_kernels.memory_grads_fused(w, keys, values, token_lr, dtype)
+                errors = _grads_errors(fused, w, keys, values, token_lr)
+                read = memory_kernels.memory_forward_fused(w, x, dtype)
+                errors['read'] = _rel_err(read, exact)
+                results[f'{tag}_d{d}'] = errors
+    return results
+
+
+def _run_interpreted(what: str) -> dict:
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1',
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
     child = subprocess.run([sys.executable, '-m', 'tests.test_models.test_layers.'
-                            'test_memory_kernels'], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
+                            'test_memory_kernels', what], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
     assert child.returncode == 0, child.stderr[-4000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    return _run_interpreted('interpreter_results')
+
+
+@pytest.mark.slow
+def test_fused_kernels_at_model_widths_in_the_interpreter():
+    for case, errors in _run_interpreted('model_width_results').items():
+        tol = F32_TOL if case.startswith('f32') else F16_TOL
+        assert errors['exact'] < tol and errors['read'] < tol, (case, errors)
+        if case.startswith('f16'):  # more float16 rounding-boundary flips in longer sums
+            assert errors['emulated'] < 2 * F16_EMULATED_TOL, (case, errors)
 
 
 GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr']
@@ -388,5 +424,5 @@ def test_fused_kernels_on_cuda_at_model_widths(d):
     assert bf16['update'] < 2e-2 < bf16['naive_update']
 
 
-if __name__ == '__main__':  # the interpreter subprocess of ``interpreted``
-    print(json.dumps(interpreter_results()))
+if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
+    print(json.dumps(globals()[sys.argv[1]]()))
