@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from mmengine.runner.checkpoint import _load_checkpoint
 from torch import Tensor, nn
 
 from convneur_mm.registry import MODELS
@@ -25,8 +26,10 @@ from ..layers.norms import LayerNorm2d
 from convneur_mm.models.utils.precision import Float32Conv2d, in_float32
 from convneur_mm.models.utils.shapes import ceil_to, known_zero
 from convneur_mm.models.utils.pretrained import load_pretrained_backbone
+from convneur_mm.models.utils.convnextv2 import ConvNeXtV2CheckpointError, warm_start_blocks
 
 PLACEMENTS = ('none', 'stage', 'block')
+GLOBAL_INITS = ('paper', 'warm')
 NO_CHECKPOINT = (None, '', 'none')
 DEFAULT_INIT_CFG = [
     dict(type='TruncNormal', layer=['Conv2d', 'Linear'], std=.02, bias=0.),
@@ -121,6 +124,15 @@ class ConvNeur(BaseModule):
         gap_before_final_norm: pool before the output norm (classification);
             outputs are then (B, C) vectors instead of maps.
         with_cp: gradient checkpointing per block (saves memory, costs time).
+        global_init: 'paper' (default): the global branches keep the paper's
+            random init, whose gate sigmoid(G) ~ 0.5 halves every gated
+            block's local update. 'warm': after a checkpoint converted from
+            ConvNeXt-V2 (tools/model_converters/convnextv2_to_convneur.py) is
+            loaded, each global branch's out-projection is zeroed (G = 0, a
+            gate of exactly 0.5) and that block's local out-projection
+            (pwconv2) doubled, so the network computes ConvNeXt-V2's function
+            at step 0 (docs/user_guides/warm_start.md). Needs fusion 'gate' or
+            'add'; refused for checkpoints whose global branches were trained.
         init_cfg: MMEngine init config; ``dict(type='Pretrained', ...)``
             loads a checkpoint and reports any key mismatch.
     """
@@ -145,6 +157,7 @@ class ConvNeur(BaseModule):
                  frozen_stages: int = 0,
                  gap_before_final_norm: bool = True,
                  with_cp: bool = False,
+                 global_init: str = 'paper',
                  init_cfg: Optional[Union[dict, List[dict]]] = DEFAULT_INIT_CFG):
         super().__init__(init_cfg=copy.deepcopy(init_cfg))
         arch = self._parse_arch(arch)
@@ -167,6 +180,12 @@ class ConvNeur(BaseModule):
             raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
         self.gap_before_final_norm = gap_before_final_norm
         self.with_cp = with_cp
+        if global_init not in GLOBAL_INITS:
+            raise ValueError(f'global_init must be one of {GLOBAL_INITS}, got {global_init!r}')
+        if global_init == 'warm' and fusion == 'concat':
+            raise ValueError("global_init='warm' needs fusion 'gate' or 'add': the 'concat' "
+                             'fusion mixes the local update through a learned conv')
+        self.global_init = global_init
 
         drop_rates = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         self.downsample_layers = nn.ModuleList()
@@ -312,6 +331,10 @@ class ConvNeur(BaseModule):
         if not pretrained:
             super().init_weights()
             self._own_init()
+            if self.global_init == 'warm':
+                print_log("ConvNeur: global_init='warm' without a Pretrained init_cfg has no "
+                          "weights to keep: the paper's init is used", logger='current',
+                          level=logging.WARNING)
             return
         original = self.init_cfg
         self.init_cfg = [c for c in entries if c not in pretrained] or copy.deepcopy(
@@ -329,6 +352,36 @@ class ConvNeur(BaseModule):
             return
         load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
                                  strict=cfg.get('strict', True))
+        if self.global_init == 'warm':
+            self._warm_start(cfg['checkpoint'], cfg.get('prefix', ''))
+
+    def _warm_start(self, checkpoint: str, prefix: str) -> None:
+        """``global_init='warm'``: G = 0 (out-projection weight and bias
+        zero), so the gate is sigmoid(0) = 0.5 exactly, and pwconv2 doubled:
+        0.5 * 2 F_loc = F_loc bit for bit (scaling by 2 is exact). The gate
+        sits where sigmoid's slope is largest and the zero out-projection gets
+        gradient (its input, the mixer's output, is not zero), so the branch
+        trains from the first step; the mixer from the second."""
+        blocks = set(warm_start_blocks(
+            _load_checkpoint(checkpoint, map_location='cpu').get('meta'), prefix))
+        started = []
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage):
+                if block.global_branch is None:
+                    continue
+                if f'stages.{i}.{j}' not in blocks:
+                    raise ConvNeXtV2CheckpointError(
+                        f"global_init='warm': stages.{i}.{j}'s global branch was not left at "
+                        f'its initialization by the conversion of {checkpoint}')
+                with torch.no_grad():
+                    block.global_branch.proj_out.weight.zero_()
+                    block.global_branch.proj_out.bias.zero_()
+                    if block.fusion == 'gate':  # 1 / sigmoid(0)
+                        block.local_branch.pwconv2.weight.mul_(2.0)
+                        block.local_branch.pwconv2.bias.mul_(2.0)
+                started.append(f'stages.{i}.{j}')
+        print_log(f'ConvNeur: warm start of {len(started)} global branches (G = 0, pwconv2 x2 '
+                  f'under the gate): {", ".join(started)}', logger='current')
 
     def _own_init(self) -> None:
         """What follows the generic init: a random stem bias, and the
