@@ -6,14 +6,13 @@
 import argparse
 import os.path as osp
 
-from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
 from convneur_mm.apis.exit import exit_successfully
-from convneur_mm.apis.launch import (build_runner, check_data_paths, load_config,
-                                       set_local_rank)
+from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_data_paths,
+                                     load_config, set_local_rank)
 from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.apis.reporting import format_metrics, enable_visualization
 from convneur_mm.engine.wrapping import enable_tta, inner_model
@@ -41,11 +40,7 @@ def parse_args():
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation: the config's tta_model and tta_pipeline")
     add_compile_argument(parser)
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, key=value')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int)
+    add_launch_arguments(parser)
     return parser.parse_args()
 
 
@@ -83,7 +78,7 @@ def main():
         print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '
                                             f'{osp.basename(args.checkpoint)}'))
     # the work is done and written: exit 0, never a late abort at interpreter
-    # tear-down (a PyTorch race: convneur_mm/apis/exit.py, issue 17)
+    # tear-down (a PyTorch race: convneur_mm/apis/exit.py)
     exit_successfully()
 
 

@@ -6,16 +6,15 @@
 import argparse
 import os.path as osp
 
-from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import (add_compile_argument, bucket_detection_sizes,
                                         compile_runner_model)
 from convneur_mm.apis.exit import exit_successfully
-from convneur_mm.apis.launch import (build_runner, check_data_paths, enable_amp,
-                                       load_config, prepare_deterministic, set_local_rank,
-                                       set_randomness)
+from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_data_paths,
+                                     enable_amp, load_config, prepare_deterministic,
+                                     set_local_rank, set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
@@ -39,11 +38,7 @@ def parse_args():
     parser.add_argument('--seed', type=int, help='random seed')
     parser.add_argument('--deterministic', action='store_true',
                         help='deterministic algorithms (reproducible, slower)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, key=value')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int)
+    add_launch_arguments(parser)
     return parser.parse_args()
 
 
@@ -78,7 +73,7 @@ def main():
         compile_runner_model(runner, args.compile)
     runner.train()
     # the work is done and written: exit 0, never a late abort at interpreter
-    # tear-down (a PyTorch race: convneur_mm/apis/exit.py, issue 17)
+    # tear-down (a PyTorch race: convneur_mm/apis/exit.py)
     exit_successfully()
 
 

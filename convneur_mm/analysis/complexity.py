@@ -223,8 +223,9 @@ def measure_config(config: str, shape: Optional[Sequence[int]] = None,
     ``shape`` defaults to the paper's: 224x224 (classification), 800x1333
     (detection), 512x2048 (segmentation).
     """
-    from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg, tensor_forward
-    cfg = load_cfg(config)
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model, dummy_batch, tensor_forward
+    cfg = load_config(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     shape = tuple(shape or DEFAULT_SHAPES[cfg.default_scope])

@@ -1,6 +1,8 @@
-"""What ``tools/train.py`` and ``tools/test.py`` share: config loading, checks
-that fail early with the offending path, AMP selection, the runner and the
-distributed shut-down."""
+"""The package's one config loader (``load_config``, for every tool, the
+analysis library and the tests), and what ``tools/train.py`` and
+``tools/test.py`` share around the runner: their launch options, checks that
+fail early with the offending path, AMP selection and the runner."""
+import argparse
 import logging
 import os
 import os.path as osp
@@ -9,30 +11,62 @@ import warnings
 from typing import Iterable, List, Optional
 
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 
-from convneur_mm.utils.paths import export_config_dir, is_remote
+from convneur_mm.utils.paths import config_dir, export_config_dir, is_remote
 
 SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 
 
-def load_config(path: str, cfg_options: Optional[dict] = None,
+def load_config(config: str, cfg_options: Optional[dict] = None,
                 launcher: str = 'none', work_dir: Optional[str] = None) -> Config:
-    """Read a config (ours, a toolbox's, or a user's that inherits ours)."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file not found: {path}')
+    """The one config loader of the tools, the analysis library and the tests.
+
+    Args:
+        config: a config file's path; else a file name under the shipped
+            configs (``cls_convneur_m3_300e_in1k.py``, ``demo/...``); or a
+            toolbox's own config as ``mmpretrain::path/to/config.py``.
+        cfg_options: ``--cfg-options`` overrides, merged last.
+        launcher: ``--launcher``; ``pytorch`` outside torchrun is refused.
+        work_dir: ``--work-dir``; else the config's, else
+            ``./work_dirs/<config name>`` (MMDetection's default).
+
+    Returns:
+        The config, with ``launcher`` and ``work_dir`` set.
+    """
     check_launcher(launcher)
     export_config_dir()  # lets `{{$CONVNEUR_CONFIGS:}}` bases resolve
-    cfg = Config.fromfile(path)
+    if '::' in config:
+        from mmengine.hub import get_config
+        cfg = get_config(config)
+    else:
+        if not osp.isfile(config) and osp.isfile(osp.join(config_dir(), config)):
+            config = osp.join(config_dir(), config)
+        if not osp.isfile(config):
+            raise FileNotFoundError(f'config file not found: {config} (neither a path nor '
+                                    f'a file under the shipped configs, {config_dir()})')
+        cfg = Config.fromfile(config)
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+        name = osp.splitext(osp.basename(config.split('::')[-1]))[0]
+        cfg.work_dir = osp.join('./work_dirs', name)
     return cfg
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cfg-options``, ``--launcher`` and ``--local_rank``, as tools/train.py
+    and tools/test.py share them (``load_config`` and ``set_local_rank`` take
+    their values)."""
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, key=value')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int)
 
 
 TORCHRUN_VARIABLES = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')

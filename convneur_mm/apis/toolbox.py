@@ -18,23 +18,8 @@ from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 from torch import nn
 
-from convneur_mm.utils.paths import config_dir, export_config_dir
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
-
-
-def load_cfg(config: str) -> Config:
-    """A config by path, by file name among the shipped configs, or a
-    toolbox's own as ``mmpretrain::path/to/config.py``."""
-    export_config_dir()
-    if '::' in config:
-        from mmengine.hub import get_config
-        return get_config(config)
-    if not osp.isfile(config) and osp.isfile(osp.join(config_dir(), config)):
-        config = osp.join(config_dir(), config)
-    if not osp.isfile(config):
-        raise FileNotFoundError(f'config not found: {config}')
-    return Config.fromfile(config)
 
 
 @contextmanager
@@ -66,8 +51,7 @@ def import_toolbox(scope: str, importer: Callable[[str], ModuleType] = importlib
     model would); a clear error where a known conflict stops the toolbox from
     importing: mmpretrain 1.2 imports its multimodal models whenever
     transformers >= 4.28 is installed, and beside transformers 5 that import
-    fails deep inside (``TypeError: NoneType takes no arguments``; the H100
-    image's transformers 5.17, 2026-11-24)."""
+    fails deep inside (``TypeError: NoneType takes no arguments``)."""
     try:
         registry = importer(f'{scope}.registry')
         registry.MODELS.import_from_location()

@@ -6,7 +6,7 @@ import pytest
 
 from convneur_mm.analysis.ablations import (_literal_table5, ablation_configs, apply_recipe,
                                          row_meta)
-from convneur_mm.apis.toolbox import load_cfg
+from convneur_mm.apis.launch import load_config
 
 BASE = 'cls_convneur_m3_300e_in1k.py'
 RECIPE = 'demo/cls_convneur_m1_imagenet_tiny.py'
@@ -22,7 +22,7 @@ SWITCHES = {
 
 @pytest.fixture(scope='module')
 def base():
-    return load_cfg(BASE).to_dict()
+    return load_config(BASE).to_dict()
 
 
 def _row(path):
@@ -41,8 +41,10 @@ def test_one_config_per_row_in_the_papers_order():
 
 @pytest.mark.parametrize('path', ablation_configs(), ids=_row)
 def test_each_row_changes_only_its_switch(path, base):
-    base, row = dict(base, model=dict(base['model'])), load_cfg(path).to_dict()
+    base, row = dict(base, model=dict(base['model'])), load_config(path).to_dict()
     assert row.pop('table5') == _literal_table5(path)
+    assert row.pop('work_dir') == f'./work_dirs/{osp.splitext(osp.basename(path))[0]}'
+    base.pop('work_dir')  # each config's own default, named after its file
     row_backbone, base_backbone = row['model'].pop('backbone'), base['model'].pop('backbone')
     assert row == base  # data, schedule, head, runtime: M3's
     switch = SWITCHES[_row(path)]
@@ -52,8 +54,8 @@ def test_each_row_changes_only_its_switch(path, base):
 
 
 def test_a_row_under_a_recipe_keeps_the_recipe_and_takes_the_backbone():
-    row = load_cfg(osp.join('ablations', 'cls_convneur_m3_nonlocal_300e_in1k.py'))
-    recipe = load_cfg(RECIPE)
+    row = load_config(osp.join('ablations', 'cls_convneur_m3_nonlocal_300e_in1k.py'))
+    recipe = load_config(RECIPE)
     merged = apply_recipe(row, recipe)
     assert merged.model.backbone == row.model.backbone
     assert merged.model.head.in_channels == 512 and merged.model.head.num_classes == 10
@@ -72,8 +74,8 @@ def test_the_ablation_recipe_is_bounded_and_the_same_for_every_row():
     """The tool's default recipe: one process of 32 images, 4 epochs of the
     tiny set at 64x64, no batch augmentation, no stochastic depth, for every
     row; the rows' backbones still differ by their switch only."""
-    recipe = load_cfg(osp.join('ablations', 'recipes', 'imagenet_tiny_m3.py'))
-    merged = [apply_recipe(load_cfg(p), recipe) for p in ablation_configs()]
+    recipe = load_config(osp.join('ablations', 'recipes', 'imagenet_tiny_m3.py'))
+    merged = [apply_recipe(load_config(p), recipe) for p in ablation_configs()]
     for cfg in merged:
         assert cfg.train_cfg.max_epochs == 4 and cfg.train_dataloader.batch_size == 32
         assert not cfg.model.get('train_cfg')  # no Mixup / CutMix

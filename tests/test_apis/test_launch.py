@@ -99,3 +99,23 @@ def test_pytorch_launcher_outside_torchrun_is_a_clear_error(monkeypatch):
                             MASTER_PORT='29500').items():
         monkeypatch.setenv(name, value)
     assert load_config(config, launcher='pytorch').launcher == 'pytorch'
+
+
+def test_one_loader_for_paths_shipped_names_and_toolbox_configs(tmp_path, monkeypatch):
+    """What the tools' and the analysis library's loaders did, in one: a
+    shipped config by name or by path, a toolbox's own ``scope::`` config,
+    ``--cfg-options``, ``--work-dir`` and its default, a clear error."""
+    monkeypatch.chdir(tmp_path)  # a shipped name resolves from any directory
+    by_name = load_config('demo/cls_convneur_m1_imagenet_tiny.py',
+                          {'train_cfg.max_epochs': 7})
+    by_path = load_config(osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py'))
+    assert osp.samefile(by_name.filename, by_path.filename)
+    assert by_name.train_cfg.max_epochs == 7 != by_path.train_cfg.max_epochs
+    assert by_name.work_dir == by_path.work_dir == './work_dirs/cls_convneur_m1_imagenet_tiny'
+    assert by_name.launcher == 'none'
+    assert load_config('cls_convneur_m1_300e_in1k.py', work_dir='out').work_dir == 'out'
+    toolbox = load_config('mmpretrain::resnet/resnet18_8xb32_in1k.py')
+    assert toolbox.model.backbone.type == 'ResNet' and toolbox.model.backbone.depth == 18
+    assert toolbox.work_dir == './work_dirs/resnet18_8xb32_in1k'
+    with pytest.raises(FileNotFoundError, match='no_such.py .neither a path nor a file under'):
+        load_config('no_such.py')

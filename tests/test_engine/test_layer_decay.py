@@ -7,7 +7,8 @@ import pytest
 from mmengine.optim import build_optim_wrapper
 from torch import nn
 
-from convneur_mm.apis.toolbox import build_model, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
 
 CONSTRUCTOR = 'convneur_mm.LayerDecayOptimWrapperConstructor'
 CONFIGS = ['cascade_rcnn_convneur_m2_1x_coco.py', 'upernet_convneur_m2_80k_ade20k.py',
@@ -23,7 +24,7 @@ def _groups(model, optim_cfg):
 
 @pytest.fixture(scope='module', params=CONFIGS)
 def model_and_cfg(request):
-    cfg = load_cfg(request.param)
+    cfg = load_config(request.param)
     return build_model(cfg, init=False), cfg.optim_wrapper
 
 
@@ -79,7 +80,7 @@ def test_a_backbone_without_depths_is_a_clear_error():
     ('upernet_convneur_m2_80k_ade20k.py', 'mmseg.LearningRateDecayOptimizerConstructor')])
 def test_the_toolboxes_own_constructors_know_convnext_only(config, theirs):
     """Why ours exists (docs/training.md says so): theirs check the class name."""
-    cfg = load_cfg(config)
+    cfg = load_config(config)
     with pytest.raises(NotImplementedError):
         build_optim_wrapper(build_model(cfg, init=False), dict(
             cfg.optim_wrapper, constructor=theirs,

@@ -5,7 +5,7 @@ import torch
 from mmengine.model import BaseModel, BaseTTAModel
 
 from convneur_mm.engine.wrapping import enable_tta, inner_model
-from convneur_mm.apis.toolbox import load_cfg
+from convneur_mm.apis.launch import load_config
 
 
 class _TTA(BaseTTAModel):
@@ -25,7 +25,7 @@ def test_inner_model_looks_through_data_parallel_and_tta():
 
 
 def test_tta_wraps_the_model_and_swaps_the_test_pipeline():
-    cfg = load_cfg('fpn_convneur_m2_80k_ade20k.py')
+    cfg = load_config('fpn_convneur_m2_80k_ade20k.py')
     model = cfg.model
     enable_tta(cfg)
     assert cfg.model.type == 'SegTTAModel' and cfg.model.module == model
@@ -36,4 +36,4 @@ def test_tta_wraps_the_model_and_swaps_the_test_pipeline():
                                     'cls_convneur_m1_300e_in1k.py'])
 def test_tta_without_its_settings_is_a_clear_error(config):
     with pytest.raises(ValueError, match='--tta needs tta_model and tta_pipeline'):
-        enable_tta(load_cfg(config))
+        enable_tta(load_config(config))

@@ -20,7 +20,8 @@ from convneur_mm.apis.launch import build_runner
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.utils.paths import tools_dir
 from convneur_mm.models.utils.pretrained import CheckpointMismatchError
-from convneur_mm.apis.toolbox import build_model, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
 from .test_classification import one_thread, tiny_cls_cfg  # noqa: F401 (autouse fixture)
 
 CONVERTER = osp.join(tools_dir(), 'model_converters', 'cls_to_backbone.py')
@@ -91,7 +92,7 @@ def test_output_is_self_describing(converted, classifier_checkpoint, classifier_
 def test_detector_and_segmentor_load_every_tensor(name, converted, classifier_state,
                                                   monkeypatch):
     monkeypatch.setenv('CONVNEUR_PRETRAINED', converted)  # the configs' documented switch
-    cfg = load_cfg(name)
+    cfg = load_config(name)
     assert cfg.model.backbone.init_cfg.checkpoint == converted
     # other memory settings than classification's (chunk 196, step 1): weights still fit
     assert cfg.model.backbone.memory_cfg != dict(chunk_size=196, max_lr=1.0)

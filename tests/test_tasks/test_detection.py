@@ -1,4 +1,4 @@
-"""Cascade Mask R-CNN on COCO (issue 4): the paper's recipe in our configs,
+"""Cascade Mask R-CNN on COCO: the paper's recipe in our configs,
 CPU training and prediction with the real config, a train-then-evaluate run
 through the tools that prints COCO tables, and clear errors for bad paths."""
 import os.path as osp
@@ -15,7 +15,7 @@ from torch import nn
 
 from convneur_mm.demo_data.coco import generate_coco_tiny
 from convneur_mm.apis.launch import build_runner, load_config, missing_data_paths
-from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg
+from convneur_mm.apis.toolbox import build_model, dummy_batch
 from ..paths import REPO
 from .task_utils import on_tiny_coco, train_and_diff
 
@@ -39,7 +39,7 @@ def _run(*args):
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_config_has_the_paper_recipe_and_builds(name):
     arch, dims = CONFIGS[name]
-    cfg = load_cfg(name)
+    cfg = load_config(name)
     backbone = cfg.model.backbone
     assert (backbone.type, backbone.arch) == ('convneur_mm.ConvNeur', arch)
     assert backbone.memory_cfg == dict(chunk_size=4096, max_lr=1e-3)
@@ -66,7 +66,7 @@ def test_config_has_the_paper_recipe_and_builds(name):
 
 
 def test_schedule_is_warmup_then_steps_at_8_and_11():
-    cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
+    cfg = load_config('cascade_rcnn_convneur_m3_1x_coco.py')
     optimizer = build_optim_wrapper(nn.Linear(2, 2), cfg.optim_wrapper)
     init_default_scope('mmdet')
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=optimizer, epoch_length=100))
@@ -92,7 +92,7 @@ def test_schedule_is_warmup_then_steps_at_8_and_11():
 
 
 def test_missing_pretrained_checkpoint_names_the_path(tmp_path):
-    cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
+    cfg = load_config('cascade_rcnn_convneur_m3_1x_coco.py')
     path = str(tmp_path / 'no_such_backbone.pth')
     cfg.model.backbone.init_cfg.checkpoint = path
     model = build_model(cfg, init=False)

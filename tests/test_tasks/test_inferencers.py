@@ -17,7 +17,8 @@ from mmengine.config import Config
 from mmengine.logging import MessageHub
 from mmengine.runner.checkpoint import weights_to_cpu
 
-from convneur_mm.apis.toolbox import build_model, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
 from ..paths import REPO
 
 CONFIGS = sorted(p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
@@ -37,7 +38,7 @@ def test_every_config_imports_convneur_mm(path):
 def _runner_like_checkpoint(config: str, path: str) -> None:
     """Weights plus what MMEngine's runner puts beside them (the message hub's
     history buffers, meta)."""
-    model = build_model(load_cfg(config), init=False)
+    model = build_model(load_config(config), init=False)
     hub = MessageHub.get_instance('inferencer_test')
     hub.update_scalar('train/loss', 1.0)
     torch.save(dict(meta=dict(epoch=1, iter=8), state_dict=weights_to_cpu(model.state_dict()),

@@ -1,4 +1,4 @@
-"""Semantic segmentation on ADE20K (issue 5): the paper's recipe in our
+"""Semantic segmentation on ADE20K: the paper's recipe in our
 configs, the tiny ADE20K, CPU training and inference with the real config, a
 train-then-evaluate run through the tools, and Table 4's FLOPs."""
 import glob
@@ -20,7 +20,7 @@ from torch import nn
 from convneur_mm.demo_data.ade20k import CLASSES, OTHER, SCENE_FILE, generate_ade20k_tiny
 from convneur_mm.apis.launch import build_runner, load_config
 from convneur_mm.analysis.complexity import measure_config
-from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg, tensor_forward
+from convneur_mm.apis.toolbox import build_model, dummy_batch, tensor_forward
 from ..paths import REPO
 from .task_utils import on_tiny_data, train_and_diff
 
@@ -53,7 +53,7 @@ def ade20k_tiny(tmp_path_factory) -> str:
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_config_has_the_paper_recipe_and_builds(name):
     arch, dims, _ = CONFIGS[name]
-    cfg = load_cfg(name)
+    cfg = load_config(name)
     backbone = cfg.model.backbone
     assert (backbone.type, backbone.arch) == ('convneur_mm.ConvNeur', arch)
     assert backbone.memory_cfg == dict(chunk_size=1024, max_lr=0.2)
@@ -88,7 +88,7 @@ def test_config_has_the_paper_recipe_and_builds(name):
                                   'upernet_convneur_m4_80k_ade20k.py'])
 def test_lr_x10_applies_to_neck_and_heads_only(name):
     _, _, boosted = CONFIGS[name]
-    cfg = load_cfg(name)
+    cfg = load_config(name)
     model = build_model(cfg, init=False)
     optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
     group_of = {id(p): g for g in optimizer.param_groups for p in g['params']}
@@ -104,7 +104,7 @@ def test_lr_x10_applies_to_neck_and_heads_only(name):
 
 
 def test_schedule_is_linear_warmup_then_polynomial_decay():
-    cfg = load_cfg('fpn_convneur_m2_80k_ade20k.py')
+    cfg = load_config('fpn_convneur_m2_80k_ade20k.py')
     optimizer = build_optim_wrapper(nn.Linear(2, 2), cfg.optim_wrapper)
     init_default_scope('mmseg')
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=optimizer))

@@ -183,8 +183,8 @@ def test_the_order_recipe_writes_the_order_probe():
     import inspect
 
     from convneur_mm.demo_data.cli import generator_main
-    from convneur_mm.apis.toolbox import load_cfg
-    recipe = load_cfg(osp.join('probe', 'cls_convneur_order_probe.py'))
+    from convneur_mm.apis.launch import load_config
+    recipe = load_config(osp.join('probe', 'cls_convneur_order_probe.py'))
     seen = {}
 
     def generate(out_dir, **kwargs):

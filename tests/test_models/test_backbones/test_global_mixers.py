@@ -8,7 +8,8 @@ from torch import nn
 
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.mixers import MIXERS
-from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model, dummy_batch
 from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
@@ -223,7 +224,7 @@ def test_two_process_ddp_without_unused_parameter_search():
     ('fpn_convneur_m3_80k_ade20k.py', 'mmseg', (64, 96), (4, 8, 16, 32)),
 ])
 def test_every_task_config_builds_and_runs_with_each_mixer(config, scope, size, strides):
-    cfg = load_cfg(config)
+    cfg = load_config(config)
     for mixer in NEW:
         cfg.model.backbone.global_mixer = mixer
         model = build_model(cfg, init=False).eval()
