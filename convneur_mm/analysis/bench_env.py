@@ -1,5 +1,6 @@
 """One set-up, one description, one synchronization, one peak-memory reading,
-one region timer and one GEMM-rate probe of the device for every benchmark tool.
+one call timer, one region timer and one GEMM-rate probe of the device for
+every benchmark tool.
 
 Every function takes the device the benchmark runs on. On CUDA that matters:
 ``torch.cuda.synchronize()``, ``max_memory_allocated()`` and
@@ -11,7 +12,7 @@ its work.
 import os
 import platform
 import time
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -173,6 +174,51 @@ class RegionTimer:
         return sum(end - start for start, end in self._closed)
 
 
+def time_call(fn: Callable[[], object], device='cpu') -> float:
+    """Seconds of one call of ``fn``, its queued work on ``device`` included.
+
+    Args:
+        fn: the work to time, called without arguments.
+        device: the device ``fn`` queues work on; waited for before the clock
+            starts and before it stops (CUDA kernels run after the call returns).
+
+    Returns:
+        The host-clock seconds of the call.
+    """
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_calls(fn: Callable[[], object], repeats: int, device='cpu',
+               warmup: int = 0) -> List[float]:
+    """Seconds of ``repeats`` timed calls of ``fn`` after ``warmup`` untimed ones.
+
+    Args:
+        fn: the work to time, called without arguments.
+        repeats: how many calls to time (at least 1).
+        device: see ``time_call``.
+        warmup: calls before the timed ones (compilation, caches, autotuning).
+
+    Returns:
+        The seconds of each timed call, in call order.
+    """
+    if repeats < 1:
+        raise ValueError(f'repeats must be at least 1, got {repeats}')
+    for _ in range(warmup):
+        fn()
+    return [time_call(fn, device) for _ in range(repeats)]
+
+
+def median(values: List[float]) -> float:
+    """The middle value (the upper one of an even count), as the tools report."""
+    if not values:
+        raise ValueError('median of no values')
+    return sorted(values)[len(values) // 2]
+
+
 def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of the fastest of ``repeats`` float32 ``size``-cubed matrix products.
 
@@ -182,11 +228,5 @@ def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:
     """
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    best = float('inf')
-    for _ in range(repeats + 1):  # the first call warms up
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    best = min(time_calls(lambda: a @ b, repeats, device, warmup=1))
     return 2 * size ** 3 / best

@@ -7,13 +7,12 @@ the rest. Self times partition the profiled time, so the categories add up
 to the call.
 """
 import re
-import time
 from typing import Callable, Dict, Optional
 
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from convneur_mm.analysis.bench_env import is_cuda, synchronize
+from convneur_mm.analysis.bench_env import is_cuda, time_call
 
 # Where the time goes: profiler events by name, the first matching pattern wins.
 # Self times partition the profiled time: an op's self time excludes the ops
@@ -67,10 +66,7 @@ def profile_call(call: Callable, device: str, rows: int = 0) -> Dict[str, float]
     cuda = is_cuda(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        call()
-        synchronize(device)
-        wall = time.perf_counter() - start
+        wall = time_call(call, device)
     events = prof.key_averages()
     if rows:
         print(events.table(sort_by='self_device_time_total' if cuda else 'self_cpu_time_total',

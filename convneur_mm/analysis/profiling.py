@@ -15,10 +15,13 @@ are saved through the hooks and counted, its inner activations are not (they
 are recomputed in the backward pass).
 """
 from collections import defaultdict
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+
+from convneur_mm.analysis.bench_env import (is_cuda, memory_allocated_bytes, peak_memory_bytes,
+                                            reset_peak_memory, synchronize)
 
 
 class SavedTensorMeter:
@@ -73,3 +76,41 @@ class SavedTensorMeter:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def outputs_loss(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A loss on every output of a backbone, so that backward reaches all stages."""
+    return sum(o.float().square().mean() for o in outs)
+
+
+def measure_memory(backbone: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """Activation memory of one forward + backward step of a ConvNeur backbone.
+
+    Args:
+        backbone: a ConvNeur (``stages`` of blocks) in training mode.
+        x: the input batch, on the backbone's device.
+
+    Returns:
+        ``saved``: bytes autograd saves for the backward pass (parameters
+        excluded); ``largest_block``: the most of them saved by one block, held
+        a second time while that block's backward runs (or recomputes it, with
+        ``with_cp``); on CUDA also ``cuda_peak``: the allocator's peak over the
+        step, less what was allocated before it.
+    """
+    blocks = {f'stage{i}.block{j}': block for i, stage in enumerate(backbone.stages)
+              for j, block in enumerate(stage)}
+    backbone.zero_grad(set_to_none=True)
+    with SavedTensorMeter(exclude=backbone.parameters(), scopes=blocks) as meter:
+        loss = outputs_loss(backbone(x))
+    saved, largest = meter.total_bytes, max(meter.by_scope.values(), default=0)
+    loss.backward()
+    result = dict(saved=saved, largest_block=largest)
+    if is_cuda(x.device):
+        backbone.zero_grad(set_to_none=True)
+        synchronize(x.device)
+        reset_peak_memory(x.device)
+        base = memory_allocated_bytes(x.device)
+        outputs_loss(backbone(x)).backward()
+        synchronize(x.device)
+        result['cuda_peak'] = peak_memory_bytes(x.device) - base
+    return result

@@ -3,6 +3,8 @@ from typing import List, Optional, Set, Tuple
 
 from mmengine.config import Config
 
+from convneur_mm.utils.tables import markdown_table
+
 # metric key suffix -> column, in the order of the paper's tables
 COCO_COLUMNS = ('mAP', 'mAP_50', 'mAP_75', 'mAP_s', 'mAP_m', 'mAP_l')
 COCO_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
@@ -13,31 +15,29 @@ def _coco_cell(value: float) -> str:
     return '-' if value < 0 else f'{100 * value:.1f}'
 
 
-def _coco_rows(metrics: dict) -> Tuple[List[str], Set[str]]:
+def _coco_rows(metrics: dict) -> Tuple[List[List[str]], Set[str]]:
     """Rows of the COCO table and the metric keys they show."""
     rows, used = [], set()
     for task in ('bbox', 'segm'):
         keys = [f'coco/{task}_{c}' for c in COCO_COLUMNS]
         if all(k in metrics for k in keys):
-            rows.append(f'| {task} | ' + ' | '.join(_coco_cell(metrics[k]) for k in keys) + ' |')
+            rows.append([task] + [_coco_cell(metrics[k]) for k in keys])
             used.update(keys)
     return rows, used
 
 
 def format_metrics(metrics: dict, title: str = '') -> str:
     """A Markdown table of evaluation metrics (COCO gets the paper's layout)."""
-    lines = [f'## {title}'] if title else []
+    tables = [f'## {title}'] if title else []
     rows, used = _coco_rows(metrics)
     if rows:
-        lines += ['| task | ' + ' | '.join(COCO_NAMES) + ' |',
-                  '|' + '---|' * (len(COCO_NAMES) + 1)] + rows
+        tables.append(markdown_table(('task', ) + COCO_NAMES, rows))
     rest = {k: v for k, v in metrics.items()
             if k not in used and not k.endswith('copypaste')}
     if rest:
-        lines += ['| metric | value |', '|---|---|']
-        lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |'
-                  for k, v in rest.items()]
-    return '\n'.join(lines)
+        tables.append(markdown_table(('metric', 'value'), [
+            (k, f'{v:.4f}' if isinstance(v, float) else v) for k, v in rest.items()]))
+    return '\n\n'.join(tables)
 
 
 def enable_visualization(cfg: Config, show_dir: Optional[str], show: bool,

@@ -25,11 +25,30 @@ def _fake_clock(monkeypatch, durations):
 
 
 def test_peak_gemm_rate_is_two_flops_per_multiply_add_of_the_best_product(monkeypatch):
-    # a warm-up and 3 timed products; the third is the fastest (0.25 s)
-    stamps = _fake_clock(monkeypatch, [4.0, 1.0, 0.25, 0.5])
+    # an untimed warm-up, then 3 timed products; the second is the fastest (0.25 s)
+    stamps = _fake_clock(monkeypatch, [1.0, 0.25, 0.5])
     rate = peak_gemm_rate('cpu', size=64, repeats=3)
-    assert not stamps  # every product timed
+    assert not stamps  # every timed product read the clock twice, the warm-up never
     assert rate == pytest.approx(2 * 64 ** 3 / 0.25, rel=1e-12)
+
+
+def test_time_calls_waits_for_the_device_and_times_only_after_the_warm_up(monkeypatch):
+    """The one timer of the tools: the device is synchronized before the clock
+    starts and before it stops (kernels run after a CUDA call returns)."""
+    cuda = _FakeCuda(monkeypatch, [])
+    clock = _fake_clock(monkeypatch, [2.0, 0.5])
+    done = []
+
+    def work():
+        done.append(len(cuda.calls))
+    seconds = bench_env.time_calls(work, 2, 'cuda:1', warmup=1)
+    assert seconds == pytest.approx([2.0, 0.5]) and not clock
+    second = torch.device('cuda:1')
+    # warm-up without syncs; then sync, work, sync for each timed call
+    assert done == [0, 1, 3] and cuda.calls == [('synchronize', second)] * 4
+    assert bench_env.median([3.0, 1.0, 2.0]) == 2.0
+    with pytest.raises(ValueError, match='repeats must be at least 1'):
+        bench_env.time_calls(work, 0)
 
 
 def test_peak_gemm_rate_is_a_plausible_rate_in_real_time():

@@ -4,6 +4,7 @@ import os.path as osp
 import subprocess
 import sys
 
+from ..markdown import table_rows
 from ..paths import ANALYSIS_TOOLS, REPO
 
 TOOL = osp.join(ANALYSIS_TOOLS, 'get_flops.py')
@@ -19,9 +20,8 @@ def _run(*args):
 def test_rows_of_table5_with_every_convention():
     text = _run('ablations/cls_convneur_m3_nonlocal_300e_in1k.py',
                 'ablations/cls_convneur_m3_cbam_300e_in1k.py', '--shape', '224')
-    rows = [line for line in text.splitlines() if line.startswith('| (')]
     # | row | config | params | paper GFLOPs | ours: paper | paper + matmul | full |
-    nonlocal_, cbam = ([cell.strip() for cell in r.split('|')[1:-1]] for r in rows)
+    nonlocal_, cbam = (row for row in table_rows(text) if row[0].startswith('('))
     assert nonlocal_[0] == '(4) Non-local [68]' and nonlocal_[3] == '3.0'
     assert float(nonlocal_[4]) < 1.7 < 2.9 < float(nonlocal_[5]) < 3.0  # matmul counted
     assert cbam[0] == '(3) CBAM [69]' and float(cbam[4]) == float(cbam[5])
@@ -37,7 +37,8 @@ def test_other_configs_each_at_their_own_shape_beside_the_rows():
                 'ablations/cls_convneur_m3_cbam_300e_in1k.py')
     assert 'fpn_convneur_m2_80k_ade20k.py  (' in text and 'input 1x3x512x2048)' in text
     assert 'cls_convneur_m4_300e_in1k.py  (' in text and 'input 1x3x224x224)' in text
-    assert text.count('| backbone |') == 2 and text.count('| whole |') == 2
-    rows = [line for line in text.splitlines() if line.startswith('| (')]
-    assert len(rows) == 1 and rows[0].startswith('| (3) CBAM [69] |')
+    parts = [row[0] for row in table_rows(text)]
+    assert parts.count('backbone') == 2 and parts.count('whole') == 2
+    rows = [row for row in table_rows(text) if row[0].startswith('(')]
+    assert len(rows) == 1 and rows[0][0] == '(3) CBAM [69]'
     assert 'Table 5 rows, whole models, input 1x3x224x224' in text

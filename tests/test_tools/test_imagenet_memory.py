@@ -1,4 +1,4 @@
-"""The ImageNet per-GPU memory estimate (issue 16) that sets the configs'
+"""The ImageNet per-GPU memory estimate that sets the configs'
 per-GPU batch: its arithmetic, and one measurement at a small size."""
 import pytest
 
@@ -30,10 +30,9 @@ def test_estimate_counts_activations_and_adamw_state():
 def test_configs_train_the_batch_the_estimate_fits(arch):
     """Each ImageNet config's per-GPU batch is the tool's for a 24 GiB GPU
     (measured under the CUDA fp16 stand-in), and 8 GPUs x batch x
-    accumulation is the paper's 4096 (M4's was 64 x 8 until the stand-in
-    put its peak at 25.9 GiB)."""
-    from convneur_mm.apis.toolbox import load_cfg
-    cfg = load_cfg(f'cls_convneur_{arch}_300e_in1k.py')
+    accumulation is the paper's 4096."""
+    from convneur_mm.apis.launch import load_config
+    cfg = load_config(f'cls_convneur_{arch}_300e_in1k.py')
     batch = cfg.train_dataloader.batch_size
     assert 8 * batch * cfg.optim_wrapper.accumulative_counts == memory.PAPER_BATCH
     assert cfg.auto_scale_lr.base_batch_size == 8 * batch

@@ -13,7 +13,8 @@ from convneur_mm.deployment import (DeployableModel, ExportCheckError, check_onn
                                     export_onnx, memory_chunk_counts, onnx_outputs)
 from convneur_mm.deployment.export import adaptive_avg_pool2d, shape_generic_patches
 from convneur_mm.models.layers.neural_memory import NeuralMemory
-from convneur_mm.apis.toolbox import build_model, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
 from ..paths import REPO
 
 TOOL = osp.join(REPO, 'tools', 'deployment', 'pytorch2onnx.py')
@@ -108,7 +109,7 @@ def test_check_fails_loudly_on_a_different_model(memory_onnx):
 def test_exported_preprocessing_is_the_toolboxes(config, size):
     """Raw BGR pixels through DeployableModel = the data preprocessor, then
     the network in tensor mode."""
-    cfg = load_cfg(config)
+    cfg = load_config(config)
     model = build_model(cfg).eval()
     torch.manual_seed(0)
     raw = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
@@ -125,7 +126,7 @@ def test_whole_detectors_are_refused_with_the_reason():
 
 
 def test_chunk_counts_follow_the_stage_sizes():
-    model = build_model(load_cfg('cls_convneur_m1_300e_in1k.py'), init=False)
+    model = build_model(load_config('cls_convneur_m1_300e_in1k.py'), init=False)
     # 224: stages 56^2, 28^2, 14^2, 7^2 tokens in chunks of 196
     assert memory_chunk_counts(model.backbone, (224, 224)) == [16, 4, 1, 1]
     assert memory_chunk_counts(model.backbone, (339, 285)) == [32, 8, 3, 1]

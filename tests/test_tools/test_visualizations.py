@@ -1,5 +1,5 @@
-"""Figure 4 gate panels and effective-receptive-field maps (issue 8's
-visualizations): what the maps measure, and that the scripts write PNGs."""
+"""Figure 4 gate panels and effective-receptive-field maps: what the maps
+measure, and that the scripts write PNGs."""
 import os.path as osp
 import subprocess
 import sys
@@ -11,6 +11,7 @@ import torch
 
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.apis.toolbox import quiet_init
+from ..markdown import table_rows
 from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
 
 erf_tool = import_analysis_tool('effective_receptive_field')
@@ -108,7 +109,9 @@ def test_erf_script_writes_a_figure_and_a_table(tmp_path):
                        'ConvNeur-M3 local-only', '--num-images', '1', '--size', '64',
                        '--out', str(out))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert '| ConvNeur-M3 |' in result.stdout and '| ConvNeur-M3 local-only |' in result.stdout
+    names = [row[0] for row in table_rows(result.stdout)]
+    assert names == ['model', 'ConvNeur-M3', 'ConvNeur-M3 local-only']
+    assert f'wrote {out}' in result.stdout
     assert cv2.imread(str(out)) is not None
 
 

@@ -47,8 +47,7 @@ import sys
 import time
 from typing import List, Optional
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, REPO)
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))  # where dist_train.sh is
 
 DEFAULT_RECIPE = 'ablations/recipes/imagenet_tiny_m3.py'
 DEFAULT_GENERATOR = 'convneur_mm.demo_data.imagenet'
@@ -128,28 +127,23 @@ SPEED_RUNS = 10
 
 def measure_speed(config: str, shape: int, batch: int) -> dict:
     """Inference throughput and the peak memory it adds, in this (fresh)
-    process: the fastest of ``SPEED_RUNS`` calls after a warm-up (the median
-    of 3 moved by up to 40% between two runs of the table on a 2-core VM; the
-    fastest call is the one least disturbed)."""
+    process: the fastest of ``SPEED_RUNS`` calls after a warm-up, the call
+    least disturbed by a shared machine (medians moved by up to 40% between
+    two runs of the table)."""
     import torch
 
     import convneur_mm  # noqa: F401
     from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, setup_benchmark_device,
-                                             synchronize)
-    from convneur_mm.apis.toolbox import build_model, load_cfg
+                                                time_calls)
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     description = setup_benchmark_device(device)
-    model = build_model(load_cfg(config), init=False).to(device).eval()
+    model = build_model(load_config(config), init=False).to(device).eval()
     x = torch.randn(batch, 3, shape, shape, device=device)
     memory = PeakMemoryGrowth(device)
-    times = []
     with torch.inference_mode():
-        for i in range(SPEED_RUNS + 1):  # the first run warms up
-            start = time.perf_counter()
-            model(x, mode='tensor')
-            synchronize(device)
-            if i:
-                times.append(time.perf_counter() - start)
+        times = time_calls(lambda: model(x, mode='tensor'), SPEED_RUNS, device, warmup=1)
     return dict(throughput=batch / min(times), runs=len(times), peak_mb=memory.mib(),
                 device=description, shape=shape, batch=batch)
 
@@ -186,10 +180,10 @@ class Row:
 
     def __init__(self, config: str, recipe, data_root: str, work_dir: str):
         from convneur_mm.analysis.ablations import apply_recipe
-        from convneur_mm.apis.toolbox import load_cfg
+        from convneur_mm.apis.launch import load_config
         self.name = osp.splitext(osp.basename(config))[0]
         self.dir = osp.join(work_dir, self.name)
-        cfg = apply_recipe(load_cfg(config), recipe)
+        cfg = apply_recipe(load_config(config), recipe)
         for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
             cfg[split].dataset.data_root = data_root
         self.meta = dict(cfg.table5)
@@ -332,10 +326,8 @@ def summarize(rows: List[dict]) -> List[dict]:
 
 
 def table(rows: List[dict], seeds: List[int]) -> str:
-    lines = ['| # | variant | params (M) | GFLOPs paper | GFLOPs paper + matmul | GFLOPs full '
-             '| img/s | peak MB (inference) | s / epoch | peak MB (training, host RSS) '
-             '| top-1 | top-5 | paper: GFLOPs, top-1 | training min (wall / CPU) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    from convneur_mm.utils.tables import markdown_table
+    body = []
     for r in rows:
         m, cost, speed = r['meta'], r['cost'], r.get('speed')
         paper = (f'{m.get("paper_gflops")}, {m.get("paper_top1")}'
@@ -343,16 +335,17 @@ def table(rows: List[dict], seeds: List[int]) -> str:
         top1 = _fmt(r['top1'])
         if r['failed']:
             top1 += ' (' + '; '.join(r['failed']) + ')'
-        lines.append(
-            f'| {m["variant"]} | {m["method"]} | {cost["params"] / 1e6:.2f} '
-            f'| {cost["paper"] / 1e9:.2f} | {cost["paper_matmul"] / 1e9:.2f} '
-            f'| {cost["full"] / 1e9:.2f} '
-            f'| {"-" if not speed else format(speed["throughput"], ".1f")} '
-            f'| {"-" if not speed else format(speed["peak_mb"], ".0f")} '
-            f'| {_fmt(r["seconds_per_epoch"], 0)} | {_fmt(r["train_peak_mb"], 0)} '
-            f'| {top1} | {_fmt(r["top5"])} | {paper} '
-            f'| {_fmt(r["wall_min"])} / {_fmt(r["cpu_min"])} |')
-    return '\n'.join(lines)
+        body.append((m['variant'], m['method'], f'{cost["params"] / 1e6:.2f}',
+                     f'{cost["paper"] / 1e9:.2f}', f'{cost["paper_matmul"] / 1e9:.2f}',
+                     f'{cost["full"] / 1e9:.2f}',
+                     '-' if not speed else format(speed['throughput'], '.1f'),
+                     '-' if not speed else format(speed['peak_mb'], '.0f'),
+                     _fmt(r['seconds_per_epoch'], 0), _fmt(r['train_peak_mb'], 0), top1,
+                     _fmt(r['top5']), paper, f'{_fmt(r["wall_min"])} / {_fmt(r["cpu_min"])}'))
+    return markdown_table(
+        ('#', 'variant', 'params (M)', 'GFLOPs paper', 'GFLOPs paper + matmul', 'GFLOPs full',
+         'img/s', 'peak MB (inference)', 's / epoch', 'peak MB (training, host RSS)', 'top-1',
+         'top-5', 'paper: GFLOPs, top-1', 'training min (wall / CPU)'), body)
 
 
 def plot(rows: List[dict], path: str, title: str) -> None:
@@ -401,8 +394,8 @@ def main(argv=None) -> int:
         return 0
     import convneur_mm  # noqa: F401
     from convneur_mm.analysis.ablations import ablation_configs
-    from convneur_mm.apis.toolbox import load_cfg
-    recipe = load_cfg(args.recipe)
+    from convneur_mm.apis.launch import load_config
+    recipe = load_config(args.recipe)
     data_root = osp.abspath(args.data_root or recipe.train_dataloader.dataset.data_root)
     if not args.speed_only:
         ensure_data(recipe, data_root, recipe.get('data_generator', DEFAULT_GENERATOR))

@@ -3,7 +3,7 @@
     python tools/analysis_tools/benchmark_compile.py [--workloads inference train detector]
         [--repeats 3] [--device cpu|cuda] [--amp] [--profile [--profile-rows N]]
 
-Workloads (the issue's three):
+Workloads:
 
 * ``inference``: the ConvNeur-M3 ImageNet classifier, eval, 224x224, batch 16
   on a CPU (128 on CUDA): throughput;
@@ -29,20 +29,18 @@ ops, the rest, and the wall time no event covers (Python between the ops).
 ``--profile-rows N`` also prints the N events with the most self time.
 """
 import argparse
-import os.path as osp
 import sys
-import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.engine.compile import (compilable_parts, compile_forward,  # noqa: E402
-                                        graphs_compiled, part_modules)
-from convneur_mm.analysis.bench_env import setup_benchmark_device, synchronize  # noqa: E402
-from convneur_mm.analysis.op_profile import profile_call  # noqa: E402
+from convneur_mm.analysis.bench_env import median, setup_benchmark_device, time_call
+from convneur_mm.analysis.op_profile import profile_call
+from convneur_mm.engine.compile import (compilable_parts, compile_forward, graphs_compiled,
+                                        part_modules)
+from convneur_mm.utils.tables import markdown_table
 
 WORKLOADS = ('inference', 'train', 'detector')
 
@@ -79,8 +77,9 @@ class CompiledSwitch:
 
 
 def _inference(args):
-    from convneur_mm.apis.toolbox import build_model, load_cfg
-    model = build_model(load_cfg('cls_convneur_m3_300e_in1k.py'), init=False)
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
+    model = build_model(load_config('cls_convneur_m3_300e_in1k.py'), init=False)
     model = model.to(args.device).eval()
     batch = args.batch or (128 if args.device.startswith('cuda') else 16)
     x = torch.randn(batch, 3, 224, 224, device=args.device)
@@ -112,9 +111,10 @@ def _train(args):
 
 def _detector(args):
     from mmdet.testing import demo_mm_inputs
-    from convneur_mm.apis.toolbox import build_model, load_cfg
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
     torch.manual_seed(0)
-    cfg = load_cfg('cascade_rcnn_convneur_m3_1x_coco.py')
+    cfg = load_config('cascade_rcnn_convneur_m3_1x_coco.py')
     model = build_model(cfg, init=True).to(args.device).train()
     raw = demo_mm_inputs(1, (3, 800, 1333), num_items=[3], num_classes=80, with_mask=True,
                          device=args.device)
@@ -135,15 +135,15 @@ BUILDERS = {'inference': _inference, 'train': _train, 'detector': _detector}
 def breakdown_table(name: str, eager: Dict[str, float], compiled: Dict[str, float]) -> str:
     """Markdown: seconds and shares per category, eager vs compiled."""
     total = {'eager': sum(eager.values()), 'compiled': sum(compiled.values())}
-    lines = [f'| {name}: where the time goes | eager | compiled | compiled - eager |',
-             '|---|---|---|---|']
+    rows = []
     for category in eager:
         e, c = eager[category], compiled[category]
-        lines.append(f'| {category} | {e:.3f} s ({e / total["eager"]:.0%}) | '
-                     f'{c:.3f} s ({c / total["compiled"]:.0%}) | {c - e:+.3f} s |')
-    lines.append(f'| total (profiled call) | {total["eager"]:.3f} s | {total["compiled"]:.3f} s '
-                 f'| {total["compiled"] - total["eager"]:+.3f} s |')
-    return '\n'.join(lines)
+        rows.append((category, f'{e:.3f} s ({e / total["eager"]:.0%})',
+                     f'{c:.3f} s ({c / total["compiled"]:.0%})', f'{c - e:+.3f} s'))
+    rows.append(('total (profiled call)', f'{total["eager"]:.3f} s',
+                 f'{total["compiled"]:.3f} s', f'{total["compiled"] - total["eager"]:+.3f} s'))
+    return markdown_table((f'{name}: where the time goes', 'eager', 'compiled',
+                           'compiled - eager'), rows)
 
 
 def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bool,
@@ -161,10 +161,7 @@ def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bo
             step()
 
     def timed(compiled: bool) -> float:
-        start = time.perf_counter()
-        call(compiled)
-        synchronize(device)
-        return time.perf_counter() - start
+        return time_call(lambda: call(compiled), device)
 
     timed(False)  # warm-up
     graphs = graphs_compiled()
@@ -174,9 +171,8 @@ def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bo
     for _ in range(repeats):
         for compiled in (False, True):
             times[compiled].append(timed(compiled))
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    result = dict(eager=median[False], compiled=median[True], compile_s=compile_seconds,
-                  graphs=graphs, parts=parts)
+    result = dict(eager=median(times[False]), compiled=median(times[True]),
+                  compile_s=compile_seconds, graphs=graphs, parts=parts)
     if profile_rows is not None:
         result['profile'] = {mode: profile_call(lambda: call(mode == 'compiled'), device,
                                                 profile_rows)
@@ -189,9 +185,7 @@ def main(argv=None):
     device = setup_benchmark_device(args.device)
     print(f'eager vs torch.compile on {device}' + (', under autocast' if args.amp else '')
           + f'; median of {args.repeats} interleaved runs')
-    print('| workload | compiled parts | eager | compiled | speed-up | compile time | graphs |')
-    print('|---|---|---|---|---|---|---|')
-    results = {}
+    rows, results = [], {}
     for name in args.workloads:
         # a fresh Dynamo cache: the workloads share code (ConvNeur.forward), and
         # another workload's shapes would make this one compile dynamic shapes
@@ -201,15 +195,17 @@ def main(argv=None):
                     args.profile_rows if args.profile else None)
         results[name] = r
         if batch:
-            cells = f'{batch / r["eager"]:.1f} img/s | {batch / r["compiled"]:.1f} img/s'
+            cells = (f'{batch / r["eager"]:.1f} img/s', f'{batch / r["compiled"]:.1f} img/s')
         else:
-            cells = f'{r["eager"]:.2f} s | {r["compiled"]:.2f} s'
-        print(f'| {title} | {", ".join(r["parts"])} | {cells} | '
-              f'{r["eager"] / r["compiled"]:.2f}x | {r["compile_s"]:.0f} s | {r["graphs"]} |',
-              flush=True)
+            cells = (f'{r["eager"]:.2f} s', f'{r["compiled"]:.2f} s')
+        rows.append((title, ', '.join(r['parts']), *cells, f'{r["eager"] / r["compiled"]:.2f}x',
+                     f'{r["compile_s"]:.0f} s', r['graphs']))
+        print(f'measured {name}', file=sys.stderr, flush=True)
         if args.profile:  # right away: a later workload may take long or fail
             print(f'\n{breakdown_table(name, **r["profile"])}\n', flush=True)
         del model, step
+    print(markdown_table(('workload', 'compiled parts', 'eager', 'compiled', 'speed-up',
+                          'compile time', 'graphs'), rows))
     return results
 
 

@@ -17,25 +17,24 @@ call 1.7x slower; medians are printed with the largest absolute difference of
 ONNX Runtime's and the compiled model's outputs from eager on the timed input.
 """
 import argparse
+import os
 import os.path as osp
 import sys
-import os
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.deployment import (DeployableModel, export_onnx, onnx_outputs,  # noqa: E402
-                                    ort_session)
-from convneur_mm.analysis.bench_env import setup_benchmark_device  # noqa: E402
-from convneur_mm.utils.cli import positive_int, writable_dir  # noqa: E402
-from convneur_mm.apis.toolbox import build_model, load_cfg  # noqa: E402
+from convneur_mm.analysis.bench_env import median, setup_benchmark_device, time_call
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
+from convneur_mm.deployment import DeployableModel, export_onnx, onnx_outputs, ort_session
+from convneur_mm.utils.cli import positive_int, writable_dir
+from convneur_mm.utils.tables import markdown_table
 
-# ONNX Runtime's intra-op threads spin for tens of milliseconds after a run;
-# the next call waits this long (0.5 s brought M3's eager call after a run
-# from 114 ms back to 72-80 ms; 67-70 ms alone, 2 cores)
+# ONNX Runtime's intra-op threads spin for tens of milliseconds after a run and
+# slow the next call of any variant: each round starts after this rest.
 SPIN_SETTLE_S = 0.5
 
 MODELS = {'m1': ('cls_convneur_m1_300e_in1k.py', 224),
@@ -55,21 +54,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def measure(name: str, repeats: int, out_dir: str) -> Dict:
     config, size = MODELS[name]
-    cfg = load_cfg(config)
+    cfg = load_config(config)
     torch.manual_seed(0)
     module = DeployableModel(build_model(cfg).eval(), 'model', cfg.default_scope).eval()
     images = torch.rand(1, 3, size, size) * 255
     path = osp.join(out_dir, f'{name}.onnx')
-    export_s = _seconds(lambda: export_onnx(module, images, path,
-                                            output_names=module.output_names()))
+    export_s = time_call(lambda: export_onnx(module, images, path,
+                                             output_names=module.output_names()))
     threads = torch.get_num_threads()
     session = ort_session(path, threads=threads)  # ONNX Runtime's default: spinning
     quiet_session = ort_session(path, threads=threads, spinning=False)
@@ -81,7 +74,7 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
             'onnxruntime': lambda: onnx_outputs(session, images)}
     with torch.no_grad():
         want = module(images)
-        compile_s = _seconds(runs['compiled'])
+        compile_s = time_call(runs['compiled'])
         runs['onnxruntime']()
         diffs = {'onnxruntime': (onnx_outputs(quiet_session, images)[0] - want).abs().max().item(),
                  'compiled': (compiled(images) - want).abs().max().item()}
@@ -89,31 +82,31 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
         for _ in range(repeats):
             time.sleep(SPIN_SETTLE_S)
             for key, fn in runs.items():
-                times[key].append(_seconds(fn))
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+                times[key].append(time_call(fn))
     return dict(name=name, size=size, export_s=export_s, compile_s=compile_s,
-                diffs=diffs, **median)
+                diffs=diffs, **{k: median(v) for k, v in times.items()})
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = setup_benchmark_device('cpu')
     print(f'batch-1 latency on {device}; median of {args.repeats} interleaved runs')
-    print('| model | input | eager (ms) | compiled (ms) | ONNX Runtime (ms) | ORT, no spinning '
-          '(ms) | eager / ORT | max abs diff ORT, compiled | export, compile (s) |')
-    print('|---|---|---|---|---|---|---|---|---|')
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             r = measure(name, args.repeats, args.out_dir or tmp)
-            print(f'| {name} | {r["size"]}x{r["size"]} | {1e3 * r["eager"]:.1f} | '
-                  f'{1e3 * r["compiled"]:.1f} | {1e3 * r["onnxruntime"]:.1f} | '
-                  f'{1e3 * r["onnxruntime, no spinning"]:.1f} | '
-                  f'{r["eager"] / r["onnxruntime"]:.2f}x | '
-                  f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g} | '
-                  f'{r["export_s"]:.0f}, {r["compile_s"]:.0f} |', flush=True)
-
+            rows.append((name, f'{r["size"]}x{r["size"]}', f'{1e3 * r["eager"]:.1f}',
+                         f'{1e3 * r["compiled"]:.1f}', f'{1e3 * r["onnxruntime"]:.1f}',
+                         f'{1e3 * r["onnxruntime, no spinning"]:.1f}',
+                         f'{r["eager"] / r["onnxruntime"]:.2f}x',
+                         f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g}',
+                         f'{r["export_s"]:.0f}, {r["compile_s"]:.0f}'))
+            print(f'measured {name}', file=sys.stderr, flush=True)
+    print(markdown_table(('model', 'input', 'eager (ms)', 'compiled (ms)', 'ONNX Runtime (ms)',
+                          'ORT, no spinning (ms)', 'eager / ORT', 'max abs diff ORT, compiled',
+                          'export, compile (s)'), rows))
 
 if __name__ == '__main__':
     main()

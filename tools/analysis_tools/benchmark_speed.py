@@ -27,21 +27,18 @@ bound is a float32 bound; bf16 is reported as a speed-up of its own.
 """
 import argparse
 import json
-import os.path as osp
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, REPO)
-from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
-                                         peak_gemm_rate, setup_benchmark_device,
-                                         synchronize)
-from convneur_mm.utils.cli import positive_int, writable_file  # noqa: E402
+from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer, median,
+                                            peak_gemm_rate, setup_benchmark_device, time_call,
+                                            time_calls)
+from convneur_mm.utils.cli import positive_int, writable_file
+from convneur_mm.utils.tables import markdown_table
 
 MODES = ('eager', 'compiled', 'bf16')
 
@@ -102,8 +99,9 @@ def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
     if config == 'mmdet-pvtv2-b1':
         model = _PVTv2Classifier()
         return model, model
-    from convneur_mm.apis.toolbox import build_model, load_cfg
-    cfg = load_cfg(config)
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
+    cfg = load_config(config)
     if options:
         cfg.merge_from_dict(options)
     model = build_model(cfg, init=False)
@@ -111,19 +109,10 @@ def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
 
 
 def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> Tuple[List[float], float]:
-    """Sorted seconds of ``iters`` calls, and the seconds of the warm-up call
-    before them (for a compiled model: its compilation)."""
-    start = time.perf_counter()
-    fn(x)
-    synchronize(device)
-    warm_up = time.perf_counter() - start
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn(x)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times), warm_up
+    """Seconds of ``iters`` calls, and the seconds of the warm-up call before
+    them (for a compiled model: its compilation)."""
+    warm_up = time_call(lambda: fn(x), device)
+    return time_calls(lambda: fn(x), iters, device), warm_up
 
 
 def _global_branch_seconds(model: nn.Module, fn: Callable, x: torch.Tensor, device: str
@@ -219,17 +208,14 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
         compile_model(model)  # as --compile, in place: eager_fn now runs compiled
     fn = _in_mode(eager_fn, mode, device)
     if mode == 'compiled':  # compile first: the window is inference's, not the compiler's
-        start = time.perf_counter()
-        fn(x)
-        synchronize(device)
-        compile_s = time.perf_counter() - start
+        compile_s = time_call(lambda: fn(x), device)
     memory = PeakMemoryGrowth(device)
     through, warm_up = _timed(fn, x, iters, device)
     latency, _ = _timed(fn, one, max(iters, 5), device)
     peak_mb = memory.mib()  # the window opened after compiling: not the compiler's peak
     if mode == 'compiled':
         warm_up = compile_s
-    median = through[len(through) // 2]
+    seconds = median(through)
     # hooks would make a compiled model recompile with them: eager modes only
     branch_seconds, inputs = (_global_branch_seconds(model, fn, x, device)
                               if branches and mode != 'compiled' else (None, []))
@@ -238,10 +224,10 @@ def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager')
         extra['branch_gemm_s_per_image'] = products / batch
         extra['branch_profiled_s_per_image'] = total / batch
     return dict(name=name, mode=mode, params=count_params(model), paper_macs=macs['paper'],
-                full_macs=macs['full'], throughput=batch / median,
-                latency_ms=latency[len(latency) // 2] * 1e3, peak_mb=peak_mb,
+                full_macs=macs['full'], throughput=batch / seconds,
+                latency_ms=median(latency) * 1e3, peak_mb=peak_mb,
                 warm_up_s=warm_up,
-                branch_time_share=(branch_seconds / median if branch_seconds is not None
+                branch_time_share=(branch_seconds / seconds if branch_seconds is not None
                                    else None),
                 branch_mac_share=branch_macs / macs['full'] if branches else None, **extra)
 
@@ -314,18 +300,18 @@ MODE_TITLES = {'eager': 'eager, float32', 'compiled': 'torch.compile, float32',
 def _mode_report(results: List[Dict], mode: str, gemm_rate: Optional[float]) -> List[str]:
     by_name = {r['name']: r for r in results}
     ref = by_name.get('ResNet-50')
-    lines = [f'**{MODE_TITLES[mode]}**', '',
-             '| model | params (M) | paper GMACs | full GMACs | throughput (img/s) | '
-             'vs ResNet-50 | latency (ms) | peak mem (MB) | global-branch time / MAC share |',
-             '|---|---|---|---|---|---|---|---|---|']
+    rows = []
     for r in results:
         share = ('-' if r['branch_time_share'] is None else
                  f'{100 * r["branch_time_share"]:.0f}% / {100 * r["branch_mac_share"]:.0f}%')
         ratio = f'{r["throughput"] / ref["throughput"]:.2f}x' if ref else '-'
-        lines.append(
-            f'| {r["name"]} | {r["params"] / 1e6:.2f} | {r["paper_macs"] / 1e9:.2f} | '
-            f'{r["full_macs"] / 1e9:.2f} | {r["throughput"]:.1f} | {ratio} | '
-            f'{r["latency_ms"]:.1f} | {_mib(r["peak_mb"])} | {share} |')
+        rows.append((r['name'], f'{r["params"] / 1e6:.2f}', f'{r["paper_macs"] / 1e9:.2f}',
+                     f'{r["full_macs"] / 1e9:.2f}', f'{r["throughput"]:.1f}', ratio,
+                     f'{r["latency_ms"]:.1f}', _mib(r['peak_mb']), share))
+    lines = [f'**{MODE_TITLES[mode]}**', '', markdown_table(
+        ('model', 'params (M)', 'paper GMACs', 'full GMACs', 'throughput (img/s)',
+         'vs ResNet-50', 'latency (ms)', 'peak mem (MB)', 'global-branch time / MAC share'),
+        rows)]
     m3, local = by_name.get('ConvNeur-M3'), by_name.get('ConvNeur-M3 local-only')
     lines.append('')
     if m3 and local:
@@ -381,8 +367,7 @@ def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
     head += [f'{m} / eager' for m in modes if m != 'eager'] if 'eager' in modes else []
     head += ['bf16 logits rel. error'] if 'bf16' in modes else []
     head += ['compile time (s, throughput batch)'] if 'compiled' in modes else []
-    lines = ['**modes compared** (throughput at the batch above; ratios from this run)', '',
-             '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    rows = []
     for name, per_mode in table.items():
         cells = [name] + [f'{per_mode[m]["throughput"]:.1f}' if m in per_mode else '-'
                           for m in modes]
@@ -396,8 +381,9 @@ def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
         if 'compiled' in modes:
             cells.append(f'{per_mode["compiled"]["warm_up_s"]:.0f}'
                          if 'compiled' in per_mode else '-')
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return lines
+        rows.append(cells)
+    return ['**modes compared** (throughput at the batch above; ratios from this run)', '',
+            markdown_table(head, rows)]
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -31,11 +31,9 @@ from typing import List, Tuple
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.engine.compile import (compile_model, find_resize_scale,  # noqa: E402
-                                        graphs_compiled)
-from convneur_mm.apis.toolbox import (build_model, dummy_batch, load_cfg,  # noqa: E402
-                                       tensor_forward)
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model, dummy_batch, tensor_forward
+from convneur_mm.engine.compile import compile_model, find_resize_scale, graphs_compiled
 
 
 def parse_args(argv=None):
@@ -83,7 +81,7 @@ def compiled_network(model: torch.nn.Module, batch: dict):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_cfg(args.config)
+    cfg = load_config(args.config)
     scale = find_resize_scale(cfg.get('test_dataloader', {}).get('dataset'))
     if scale is None:
         raise SystemExit(f'{args.config}: its test pipeline has no keep-ratio Resize')

@@ -23,6 +23,7 @@ import torch
 
 import convneur_mm  # noqa: F401
 from convneur_mm.apis.toolbox import quiet_init
+from convneur_mm.utils.tables import markdown_table
 
 BACKBONES = {
     'ConvNeur-M3': ('mmpretrain', dict(type='convneur_mm.ConvNeur', arch='m3')),
@@ -131,15 +132,14 @@ def main():
         raise ValueError('give one checkpoint per model, or none')
     torch.manual_seed(0)
     images = load_images(args.images, args.num_images, args.size)
-    maps = {}
-    print('| model | area for 20% | 50% | 90% of the contribution |\n|---|---|---|---|')
+    maps, rows = {}, []
     for i, name in enumerate(args.models):
         ckpt = args.checkpoints[i] if args.checkpoints else None
         maps[name] = erf(build_backbone(name, ckpt), images)
-        shares = area_shares(maps[name])
-        print(f'| {name} | ' + ' | '.join(f'{100 * s:.3g}%' for s in shares.values()) + ' |')
+        rows.append([name] + [f'{100 * s:.3g}%' for s in area_shares(maps[name]).values()])
+    print(markdown_table(('model', 'area for 20%', '50%', '90% of the contribution'), rows))
     render(maps, args.out)
-    print(f'wrote {osp.abspath(args.out)}')
+    print(f'wrote {args.out}')  # as given: a report must not carry this machine's paths
 
 
 if __name__ == '__main__':

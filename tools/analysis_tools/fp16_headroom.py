@@ -17,7 +17,6 @@ take no float16), with LayerNorm in float32 as CUDA's autocast runs it; the
 neck's and heads' own float16 gradients are not seen there.
 """
 import argparse
-import os.path as osp
 import shutil
 import sys
 import tempfile
@@ -25,14 +24,11 @@ from contextlib import ExitStack
 from typing import List, Optional
 
 import torch
+from mmengine.config import DictAction
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.apis.launch import (build_runner, check_data_paths,  # noqa: E402
-                                       load_config)
-from convneur_mm.utils.cli import positive_int  # noqa: E402
-from convneur_mm.analysis.fp16_headroom import (Float16Gradients,  # noqa: E402
-                                             cuda_fp16_stand_in)
-from mmengine.config import DictAction  # noqa: E402
+from convneur_mm.analysis.fp16_headroom import Float16Gradients, cuda_fp16_stand_in
+from convneur_mm.apis.launch import build_runner, check_data_paths, load_config
+from convneur_mm.utils.cli import positive_int
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

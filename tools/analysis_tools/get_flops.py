@@ -21,6 +21,8 @@ from mmengine.config import DictAction
 
 import convneur_mm  # noqa: F401
 from convneur_mm.analysis.complexity import measure_config
+from convneur_mm.apis.launch import load_config
+from convneur_mm.utils.tables import markdown_table
 
 
 def parse_args():
@@ -47,36 +49,34 @@ def print_parts(config: str, result: dict) -> None:
     """Backbone and whole model of one config."""
     h, w = result['shape']
     print(f'{config}  ({result["model"]}, input 1x3x{h}x{w})')
-    print('| part | params (M) | paper MACs (G) | paper + matmul (G) | full MACs (G) |')
-    print('|---|---|---|---|---|')
-    for part in ('backbone', 'whole'):
-        r = result[part]
-        print(f'| {part} | {r["params"] / 1e6:.3f} | {_g(r["paper"])} | '
-              f'{_g(r["paper_matmul"])} | {_g(r["full"])} |')
+    rows = [(part, f'{result[part]["params"] / 1e6:.3f}', _g(result[part]['paper']),
+             _g(result[part]['paper_matmul']), _g(result[part]['full']))
+            for part in ('backbone', 'whole')]
+    print(markdown_table(('part', 'params (M)', 'paper MACs (G)', 'paper + matmul (G)',
+                          'full MACs (G)'), rows))
 
 
 def print_rows(configs: list, results: list) -> None:
     """One line per config: the whole model, and the paper's figure if known."""
     from convneur_mm.analysis.ablations import row_meta
-    from convneur_mm.apis.toolbox import load_cfg
-    print('| row | config | params (M) | paper GFLOPs | ours: paper | paper + matmul | full |')
-    print('|---|---|---|---|---|---|---|')
+    rows = []
     for config, result in zip(configs, results):
-        meta = row_meta(load_cfg(config))
+        meta = row_meta(load_config(config))
         r = result['whole']
         paper = meta.get('paper_gflops')
-        print(f'| {meta["variant"]} {meta["method"]} | {osp.basename(config)} | '
-              f'{r["params"] / 1e6:.2f} | {"-" if paper is None else paper} | '
-              f'{_g(r["paper"])} | {_g(r["paper_matmul"])} | {_g(r["full"])} |')
+        rows.append((f'{meta["variant"]} {meta["method"]}', osp.basename(config),
+                     f'{r["params"] / 1e6:.2f}', '-' if paper is None else paper,
+                     _g(r['paper']), _g(r['paper_matmul']), _g(r['full'])))
+    print(markdown_table(('row', 'config', 'params (M)', 'paper GFLOPs', 'ours: paper',
+                          'paper + matmul', 'full'), rows))
 
 
 def main():
     from convneur_mm.analysis.ablations import ablation_configs
-    from convneur_mm.apis.toolbox import load_cfg
     args = parse_args()
     # Table 5 rows (configs with a `table5` entry, all classifiers) in one
     # table; any other config as its backbone and whole model, at its shape
-    cfgs = {c: load_cfg(c) for c in args.configs}
+    cfgs = {c: load_config(c) for c in args.configs}
     rows = [c for c in args.configs if cfgs[c].get('table5')]
     parts = [c for c in args.configs if c not in rows]
     given = {osp.realpath(cfgs[c].filename) for c in rows}

@@ -11,11 +11,11 @@ config, in training mode, under a CPU stand-in for CUDA's fp16 autocast
 as CUDA's autocast runs it): the tensors autograd saves are then what a CUDA
 ``--amp`` step saves, 2-byte where CUDA casts to float16, 4-byte where it
 keeps float32 (the LayerNorms' inputs, GRN's squares, the neural memory's
-inner loop). CPU bf16 autocast, which runs LayerNorm in bfloat16, saved
-about 10% less (M1 93.3 vs 103.7 MiB per image, 2026-11-25). Per GPU:
+inner loop). CPU bf16 autocast, which runs LayerNorm in bfloat16, would
+save about 10% less and underestimate the GPU's need. Per GPU:
 
 * activations per image: the saved-tensor bytes of one forward + backward
-  (``benchmark_with_cp.measure_memory``, i.e. ``SavedTensorMeter``), plus the
+  (``convneur_mm.analysis.profiling.measure_memory``), plus the
   largest block's own activations, held a second time while its backward
   runs (the transient peak); the head's (a pooled vector) are negligible;
 * weights, gradients and AdamW's two moments, all float32: 16 bytes per
@@ -30,17 +30,16 @@ into such a product gets a warning naming the global batch it gives instead;
 a model whose batch of 1 does not fit is reported and the tool exits 1.
 """
 import argparse
-import os.path as osp
 import sys
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from benchmark_with_cp import measure_memory  # noqa: E402
-from convneur_mm.utils.cli import non_negative_float, positive_float, positive_int  # noqa: E402
-from convneur_mm.analysis.fp16_headroom import cuda_fp16_stand_in  # noqa: E402
-from convneur_mm.apis.toolbox import build_model, load_cfg, quiet_init  # noqa: E402
+from convneur_mm.analysis.fp16_headroom import cuda_fp16_stand_in
+from convneur_mm.analysis.profiling import measure_memory
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model, quiet_init
+from convneur_mm.utils.cli import non_negative_float, positive_float, positive_int
+from convneur_mm.utils.tables import markdown_table
 
 GIB = 2**30
 MIB = 2**20
@@ -61,7 +60,7 @@ def parse_args(argv=None):
 
 def estimate(arch: str, batch: int = 2, size: int = 224) -> dict:
     """Bytes per image (activations + transient) and fixed bytes (16 per parameter)."""
-    cfg = load_cfg(f'cls_convneur_{arch}_300e_in1k.py')
+    cfg = load_config(f'cls_convneur_{arch}_300e_in1k.py')
     with quiet_init():
         model = build_model(cfg, init=False)
     backbone = model.backbone.train()
@@ -92,34 +91,34 @@ def main(argv=None):
           f'a CPU stand-in for CUDA fp16 autocast), AdamW; GPU of {args.gpu_gib:g} GiB, '
           f'{args.reserve_gib:g} GiB '
           f'reserved; {args.gpus} GPUs, effective batch {PAPER_BATCH}')
-    print('| model | params (M) | saved activations / image (MiB) | with transient (MiB) | '
-          'weights + grads + AdamW (MiB) | per-GPU batch | estimated peak (GiB) | '
-          'accumulative_counts |')
-    print('|---|---|---|---|---|---|---|---|')
-    rows, notes = {}, []
+    rows, notes, table = {}, [], []
     for arch in args.archs:
         e = estimate(arch, args.batch, args.size)
         batch = fitting_batch(e['per_image'], e['fixed'], gpu, reserve)
         name = f'ConvNeur-{arch.upper()}'
         peak = (e['fixed'] + reserve + max(batch, 1) * e['per_image']) / GIB
-        cells = (f'| {name} | {e["params"] / 1e6:.2f} | {e["saved_per_image"] / MIB:.1f} | '
-                 f'{e["per_image"] / MIB:.1f} | {e["fixed"] / MIB:.0f} | ')
+        cells = [name, f'{e["params"] / 1e6:.2f}', f'{e["saved_per_image"] / MIB:.1f}',
+                 f'{e["per_image"] / MIB:.1f}', f'{e["fixed"] / MIB:.0f}']
         if not batch:  # the peak of a batch of 1 is over the GPU
             rows[arch] = dict(e, batch=0, accumulative_counts=None, global_batch=None,
                               peak_gib=peak)
-            print(cells + f'none fits (batch 1: {peak:.1f} GiB) | {peak:.1f} | - |')
+            table.append(cells + [f'none fits (batch 1: {peak:.1f} GiB)', f'{peak:.1f}', '-'])
             continue
         accumulate = max(1, PAPER_BATCH // (args.gpus * batch))
         global_batch = args.gpus * batch * accumulate
         rows[arch] = dict(e, batch=batch, accumulative_counts=accumulate,
                           global_batch=global_batch, peak_gib=peak)
-        print(cells + f'{batch} | {peak:.1f} | {accumulate} |')
+        table.append(cells + [batch, f'{peak:.1f}', accumulate])
         if global_batch != PAPER_BATCH:
             notes.append(f'warning: {name}: {args.gpus} GPUs x batch {batch} x '
                          f'accumulative_counts {accumulate} = global batch {global_batch}, '
                          f'not {PAPER_BATCH} (the batch the configs\' learning rate is '
                          f'for): scale the learning rate by {global_batch}/{PAPER_BATCH} '
                          'or use a GPU count whose product with the batch divides it')
+    print(markdown_table(('model', 'params (M)', 'saved activations / image (MiB)',
+                          'with transient (MiB)', 'weights + grads + AdamW (MiB)',
+                          'per-GPU batch', 'estimated peak (GiB)', 'accumulative_counts'),
+                         table))
     for note in notes:
         print(note)
     too_small = [f'ConvNeur-{arch.upper()}' for arch, row in rows.items() if not row['batch']]

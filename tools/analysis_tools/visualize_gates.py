@@ -20,7 +20,8 @@ import torch
 
 import convneur_mm  # noqa: F401
 from convneur_mm.models.layers.block import ConvNeurBlock
-from convneur_mm.apis.toolbox import build_model, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
 
 
 def parse_args():
@@ -97,7 +98,7 @@ def render(image: np.ndarray, maps: List[Dict[str, torch.Tensor]], path: str) ->
 
 def main():
     args = parse_args()
-    cfg = load_cfg(args.config)
+    cfg = load_config(args.config)
     model = build_model(cfg, init=args.checkpoint is None)
     if args.checkpoint:
         from mmengine.runner import load_checkpoint

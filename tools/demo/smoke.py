@@ -5,7 +5,8 @@ import time
 import torch
 
 import convneur_mm  # noqa: F401
-from convneur_mm.apis.toolbox import build_model, dummy_batch, load_cfg
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model, dummy_batch
 
 CONFIGS = ('cascade_rcnn_convneur_m3_1x_coco.py', 'fpn_convneur_m2_80k_ade20k.py',
            'cls_convneur_m1_300e_in1k.py')
@@ -25,7 +26,7 @@ def main():
     torch.manual_seed(0)
     for name in CONFIGS:
         start = time.perf_counter()
-        cfg = load_cfg(name)
+        cfg = load_config(name)
         model = build_model(cfg).eval()
         batch = dummy_batch(model, cfg.default_scope, (320, 480))
         sample = model(batch['inputs'], batch['data_samples'], mode='predict')[0]

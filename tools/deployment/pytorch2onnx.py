@@ -25,11 +25,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.deployment import (DeployableModel, ExportCheckError, check_onnx,  # noqa: E402
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
+from convneur_mm.deployment import (DeployableModel, ExportCheckError, check_onnx,
                                     check_size_for, export_onnx, memory_chunk_counts)
-from convneur_mm.utils.cli import positive_int, writable_file  # noqa: E402
-from convneur_mm.apis.toolbox import build_model, load_cfg  # noqa: E402
+from convneur_mm.utils.cli import positive_int, writable_file
 
 
 def parse_args(argv=None):
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.checkpoint and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-    cfg = load_cfg(args.config)
+    cfg = load_config(args.config)
     scope = cfg.get('default_scope')
     model = build(cfg, args.checkpoint)
     module = DeployableModel(model, 'backbone' if args.backbone_only else 'model', scope).eval()
