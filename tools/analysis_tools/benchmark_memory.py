@@ -1,8 +1,20 @@
 """Forward+backward time of one memory branch: our closed-form path vs the
-autograd reference and titans-pytorch's NeuralMemory.
+autograd reference and titans-pytorch's NeuralMemory; or, with ``--model``,
+a whole backbone's inference memory and throughput on the CPU.
 
     python tools/analysis_tools/benchmark_memory.py [--device cpu] [--update parallel]
         [--compile] [--repeats 7]
+    python tools/analysis_tools/benchmark_memory.py --model m3 --batch 16
+        [--working-set-mib 64] [--before PATH] [--rounds 3] [--repeats 3]
+
+``--model ARCH`` (float32, CPU): the peak resident-set growth of one
+inference forward pass (``bench_env.PeakMemoryGrowth``, after a warm-up
+pass) of the arch's local-only network, of the arch, and of the arch with
+``memory_cfg.working_set_mib`` (image slices); then its throughput
+(``bench_env.RegionTimer``), against the package of the checkout at
+``--before`` if given (e.g. ``git worktree add /tmp/before <commit>``): each
+measurement runs in a fresh process and the two codes take turns, round by
+round, so that a drift of a shared machine's load slows both alike.
 
 Default size: ConvNeur-M3 stage 1 at 224x224 (batch 8, 56x56 tokens, C_m 128,
 chunk 196). The reference is the plain per-chunk loop with
@@ -34,7 +46,10 @@ against compiled: titans-pytorch compiles without graph breaks in torch
 2.13).
 """
 import argparse
+import json
+import os
 import os.path as osp
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -43,18 +58,29 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-from convneur_mm.models.layers.neural_memory import NeuralMemory  # noqa: E402
-from convneur_mm.analysis.bench_env import (peak_gemm_rate, setup_benchmark_device,  # noqa: E402
-                                         synchronize)
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+if '--model-child' not in sys.argv:  # a child imports the checkout on its PYTHONPATH
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
+                                            peak_gemm_rate, setup_benchmark_device,
+                                            synchronize)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
-from convneur_mm.analysis.op_profile import MATRIX_PRODUCTS, profile_call  # noqa: E402
-from convneur_mm.testing.memory_reference import reference_memory  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', metavar='ARCH',
+                        help='whole-model mode: inference peak memory growth and throughput '
+                        'of this arch (e.g. m3) against its local-only network (see above)')
+    parser.add_argument('--size', type=positive_int, default=224)
+    parser.add_argument('--working-set-mib', type=positive_int, default=64,
+                        help='--model: the sliced variant\'s memory_cfg working_set_mib')
+    parser.add_argument('--before', metavar='PATH',
+                        help='--model: also time the package of the checkout at PATH')
+    parser.add_argument('--rounds', type=positive_int, default=3,
+                        help='--model: interleaved rounds of timing processes')
+    parser.add_argument('--model-child', help=argparse.SUPPRESS)
     parser.add_argument('--batch', type=positive_int, default=8)
     parser.add_argument('--tokens', type=positive_int, default=56 * 56)
     parser.add_argument('--dim', type=positive_int, default=128)
@@ -98,6 +124,7 @@ def gemm_flops(step: Callable[[], None]) -> int:
 def gemm_seconds(step: Callable[[], None], device: str, calls: int = 3) -> float:
     """Seconds one call of ``step`` spends inside matrix-product kernels, the
     least of ``calls`` profiled calls."""
+    from convneur_mm.analysis.op_profile import MATRIX_PRODUCTS, profile_call
     return min(profile_call(step, device)[MATRIX_PRODUCTS] for _ in range(calls))
 
 
@@ -162,12 +189,106 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def model_child(spec: dict) -> dict:
+    """One measurement of a whole backbone in inference, in this process
+    (the package of ``spec['root']``): ``peak`` (MiB of resident-set growth
+    over a forward pass after a warm-up one) or ``time`` (seconds of each of
+    ``repeats`` forward passes)."""
+    from convneur_mm.models import ConvNeur
+    setup_benchmark_device('cpu')
+    kwargs = dict(arch=spec['arch'])
+    if spec['variant'] == 'local-only':
+        kwargs['memory_placement'] = 'none'
+    if spec.get('working_set_mib'):
+        kwargs['memory_cfg'] = dict(working_set_mib=spec['working_set_mib'])
+    torch.manual_seed(0)
+    model = ConvNeur(**kwargs).eval()
+    x = torch.randn(spec['batch'], 3, spec['size'], spec['size'])
+    with torch.no_grad():
+        model(x)  # warm-up
+        if spec['measure'] == 'peak':
+            window = PeakMemoryGrowth('cpu')
+            model(x)
+            return dict(mib=window.mib())
+        times = []
+        for _ in range(spec['repeats']):
+            timer = RegionTimer('cpu')
+            timer.start('forward')
+            model(x)
+            timer.stop('forward')
+            times.append(timer.seconds())
+    return dict(seconds=times)
+
+
+def _run_child(spec: dict) -> dict:
+    """``model_child(spec)`` in a fresh process that imports the package of
+    ``spec['root']``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [spec['root']] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+    out = subprocess.run([sys.executable, osp.abspath(__file__), '--model-child',
+                          json.dumps(spec)], check=True, capture_output=True, text=True,
+                         env=env)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def model_report(args: argparse.Namespace) -> dict:
+    """Whole-model figures, each measurement in a fresh process (its own
+    allocator and peak): peak growth of local-only, of the model and of the
+    model with ``working_set_mib``; then throughput of this tree's model
+    against ``--before``'s, the processes taking turns round by round."""
+    base = dict(arch=args.model, batch=args.batch, size=args.size, root=ROOT)
+    variants = {'local-only': dict(variant='local-only'),
+                args.model: dict(variant='model'),
+                f'{args.model}, working_set_mib {args.working_set_mib}':
+                    dict(variant='model', working_set_mib=args.working_set_mib)}
+    if args.before:
+        variants[f'{args.model}, before ({args.before})'] = dict(
+            variant='model', root=osp.abspath(args.before))
+    peaks = {name: _run_child(dict(base, **v, measure='peak'))['mib']
+             for name, v in variants.items()}
+    timed = {args.model: dict(base, variant='model')}
+    if args.before:
+        timed[f'{args.model}, before'] = dict(base, variant='model',
+                                              root=osp.abspath(args.before))
+    seconds = {name: [] for name in timed}
+    for _ in range(args.rounds):
+        for name, spec in timed.items():
+            seconds[name] += _run_child(dict(spec, measure='time',
+                                             repeats=args.repeats))['seconds']
+    medians = {name: sorted(t)[len(t) // 2] for name, t in seconds.items()}
+    print(f'ConvNeur-{args.model.upper()} inference, batch {args.batch} at '
+          f'{args.size}x{args.size}, float32, on {setup_benchmark_device("cpu")}, '
+          f'torch {torch.__version__}')
+    print('| variant | peak memory growth (MiB) | / local-only |')
+    print('|---|---|---|')
+    for name, mib in peaks.items():
+        print(f'| {name} | {mib:.0f} | {mib / peaks["local-only"]:.2f}x |')
+    print(f'\nthroughput: median of {args.rounds} interleaved rounds x {args.repeats} '
+          'forward passes, one process per round and variant')
+    print('| code | s / batch | img/s |')
+    print('|---|---|---|')
+    for name, sec in medians.items():
+        print(f'| {name} | {sec:.3f} | {args.batch / sec:.1f} |')
+    if args.before:
+        print(f'this tree / before: {medians[f"{args.model}, before"] / medians[args.model]:.3f}x '
+              'the throughput')
+    return dict(peaks=peaks, seconds=seconds)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    if args.model_child:
+        print(json.dumps(model_child(json.loads(args.model_child))))
+        return
+    if args.model:
+        model_report(args)
+        return
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
     device = setup_benchmark_device(args.device)
     torch.manual_seed(0)
     memory = NeuralMemory(args.dim, chunk_size=args.chunk, update=args.update).to(args.device)
     x = torch.randn(args.batch, args.tokens, args.dim, device=args.device, requires_grad=True)
+    from convneur_mm.testing.memory_reference import reference_memory
     paths = {'ours (closed form, scan)': (memory, lambda m, t: m(t)),
              'autograd reference': (memory, _with_grad(reference_memory))}
     if args.compile:

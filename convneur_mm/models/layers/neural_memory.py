@@ -235,7 +235,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def _run(self, x: Tensor, mm: Optional[torch.dtype]) -> Tensor:
         narrowed = narrowed_parameters(self)
-        fn = partial(self._forward, operand_dtype=mm)
+        # float32 products: the plain one-argument call (wrappers of _forward keep working)
+        fn = self._forward if mm is None else partial(self._forward, operand_dtype=mm)
         if narrowed:  # FSDP's mixed precision: the maths in float32 all the same
             with widened(self, narrowed):
                 return in_float32(fn, x)

@@ -1,0 +1,109 @@
+"""ATen ops that one global branch dispatches in eager mode: the kernels a
+GPU launches for it.
+
+    python tools/analysis_tools/count_ops.py [--arch m3] [--stage 0] [--size 224]
+        [--batch 1] [--before PATH]
+
+Counts, on the CPU, with a ``TorchDispatchMode`` (``AtenOpCounter`` of
+``convneur_mm.testing.memory_reference``), the ops that the first global
+branch of stage ``--stage`` dispatches in one forward pass at ``--size``
+(stage 0 of M3 at 224x224: 3136 tokens, 16 chunks, 15 writes), without and
+with autograd. Ops that return no tensor are left out, and views (which
+launch nothing) are counted apart. ``--before PATH`` counts the same branch
+of the package at PATH (e.g. ``git worktree add /tmp/before <commit>``) in a
+child process that imports it (PATH first on its ``PYTHONPATH``), with this
+tree's counter, and prints the reduction.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+from typing import List, Optional
+
+import torch
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--stage', type=int, default=0)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--before', help='a checkout of the package to count too')
+    parser.add_argument('--json', action='store_true', help='print the counts as JSON')
+    return parser.parse_args(argv)
+
+
+def _counter_class():
+    """``AtenOpCounter`` from this tree, loaded by path (it needs torch only),
+    so that a child counting another checkout uses the same counter."""
+    path = osp.join(ROOT, 'convneur_mm', 'testing', 'memory_reference.py')
+    spec = importlib.util.spec_from_file_location('_memory_reference_counter', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.AtenOpCounter
+
+
+def count(arch: str, stage: int, size: int, batch: int) -> dict:
+    """Kernels and views of the stage's first global branch (the package
+    this process imports)."""
+    from convneur_mm.models import ConvNeur
+    counter_cls = _counter_class()
+    torch.manual_seed(0)
+    model = ConvNeur(arch=arch).eval()
+    block = next(b for b in model.stages[stage] if b.global_branch is not None)
+    channels = block.local_branch.dwconv.in_channels
+    side = size // 4 // 2**stage
+    x = torch.randn(batch, channels, side, side)
+    result = {}
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), counter_cls() as counter:
+            block.global_branch(x)
+        result['autograd' if grad else 'inference'] = dict(
+            kernels=counter.num_kernels, views=counter.num_views,
+            by_op=dict(counter.kernels.most_common()))
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    here = count(args.arch, args.stage, args.size, args.batch)
+    if args.json:
+        print(json.dumps(here))
+        return here
+    counts = {'this tree': here}
+    if args.before:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [osp.abspath(args.before)] +
+            [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+        child = subprocess.run(
+            [sys.executable, osp.abspath(__file__), '--arch', args.arch,
+             '--stage', str(args.stage), '--size', str(args.size),
+             '--batch', str(args.batch), '--json'],
+            check=True, capture_output=True, text=True, env=env)
+        counts = {f'before ({args.before})': json.loads(child.stdout.splitlines()[-1]),
+                  **counts}
+    print(f'ATen ops of the first global branch of stage {args.stage}, ConvNeur-'
+          f'{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}, eager, '
+          f'torch {torch.__version__}')
+    print('| code | inference: kernels | views | with autograd: kernels | views |')
+    print('|---|---|---|---|---|')
+    for name, c in counts.items():
+        print(f'| {name} | {c["inference"]["kernels"]} | {c["inference"]["views"]} | '
+              f'{c["autograd"]["kernels"]} | {c["autograd"]["views"]} |')
+    if args.before:
+        old, new = counts[f'before ({args.before})'], here
+        for mode in ('inference', 'autograd'):
+            cut = 1 - new[mode]['kernels'] / old[mode]['kernels']
+            print(f'{mode}: {cut:.0%} fewer kernels (target >= 30%)')
+    return counts
+
+
+if __name__ == '__main__':
+    main()
