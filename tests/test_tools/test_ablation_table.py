@@ -42,7 +42,7 @@ def test_trains_a_row_prints_its_line_and_reuses_the_result(tiny, tmp_path):
     out = _run(tiny, tmp_path, '--skip-speed')
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert 'epoch 2/2' in out.stdout  # progress
-    cells = next(row for row in table_rows(out.stdout) if 'Local-only' in row)
+    cells = list(next(row for row in table_rows(out.stdout) if 'Local-only' in row))
     assert cells[3:6] == ['1.38', '1.38', '1.37']  # MACs of the trained model at 224
     assert 0 <= float(cells[10]) <= 100 and cells[12] == '1.4, 78.2'
     assert 'smoke test of learning' in out.stdout
