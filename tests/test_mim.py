@@ -1,4 +1,4 @@
-"""OpenMMLab's launcher, openmim 0.3.9, on our package (issue 20).
+"""OpenMMLab's launcher, openmim 0.3.9, on our package.
 
 MIM finds a package's tools, configs and model-index.yml in
 ``<package>/.mim/``, the package being ``<pkg_resources location>/convneur_mm``.

@@ -1,4 +1,4 @@
-"""model-index.yml and its metafiles (issue 20), and MMPretrain's model hub.
+"""model-index.yml and its metafiles, and MMPretrain's model hub.
 
 The files are checked with the `model-index` package (the OpenMMLab format
 and what MIM and MMPretrain parse them with), against the configs, the

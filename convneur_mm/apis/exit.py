@@ -1,45 +1,16 @@
 """How ``tools/train.py`` and ``tools/test.py`` end: exit status 0 once their
-work is done, non-zero when it failed (issue 17).
+work is done, non-zero when it failed.
 
-The abort this guards against, seen after ``tools/dist_test.sh`` had printed
-its metrics ("terminate called without an active exception", SIGABRT, so
-torchrun reported the run as failed), is a PyTorch race at interpreter
-shut-down (torch 2.13, gloo; upstream: pytorch/pytorch#190489, open).
-
-The thread that is still running - joinable, never joined - when the
-interpreter is torn down is gloo's worker thread (``pt_gloo_runloop``,
-``ProcessGroupGloo::runLoop``) of the default process group. It marks a
-collective complete, which wakes the Python caller, and only afterwards drops
-its own reference to the work. When the caller has already let go of the
-tensors (MMEngine's ``broadcast_object_list`` of the metrics is the last
-collective of an evaluation), that reference is the last one, and freeing the
-tensor's Python object takes the GIL. If the main thread has meanwhile left
-the tool and ``Py_FinalizeEx`` has marked the interpreter as finalizing,
-CPython's ``take_gil`` ends the worker with ``pthread_exit``; the forced unwind
-meets a ``noexcept`` destructor (``~AsyncWork``) and the C++ runtime calls
-``std::terminate``. Only sometimes: the worker loses the race only when it is
-descheduled between its two steps for longer than the main thread takes to
-reach finalization, which a second busy process on a 2-core machine makes
-likely (issue 17: 2 of 7 evaluations; docs/exit_codes.md has our counts and
-a 10-line reproduction).
-
-``torch.distributed.destroy_process_group()`` does not close the window: it
-only unregisters the group. The DistributedDataParallel wrapper of the
-runner's model keeps ``ProcessGroupGloo`` alive, so its destructor, which
-would join the worker threads, does not run before interpreter finalization.
-Freeing the wrapper first does not help: its ``Reducer`` is deallocated with
-the GIL held, and the group's destructor then joins a worker that waits for
-the GIL (a deadlock; docs/exit_codes.md).
-
-Hence, once a tool's work is done and written, :func:`exit_successfully`
-meets the other ranks at a barrier, destroys the process group, does what a
-normal interpreter exit does that matters (stops idle thread pools and joins
-non-daemon threads, runs the
-``atexit`` handlers, e.g. logging's flush and close, flushes stdout/stderr),
-and then leaves with ``os._exit``: the interpreter tear-down in which the
-abort happens is skipped. Every failure before that point - an exception, a
-killed rank, a failed collective, a peer gone before the final barrier -
-still ends the process the usual way, with a non-zero status.
+A PyTorch race at interpreter shut-down (gloo's worker thread freeing its
+last work object while the interpreter finalizes; pytorch/pytorch#190489)
+can abort a finished distributed run with SIGABRT, which torchrun reports as
+a failure. ``destroy_process_group`` does not close that window. So, once a
+tool's work is done and written, :func:`exit_successfully` meets the other
+ranks at a barrier, destroys the process group, joins threads, runs the
+``atexit`` handlers, flushes stdout/stderr and leaves with ``os._exit``,
+skipping the tear-down in which the abort happens. Every failure before that
+point still ends the process the usual way, with a non-zero status.
+docs/advanced_guides/exit_codes.md tells the investigation.
 """
 import atexit
 import os

@@ -247,7 +247,7 @@ def warn_silent_nondeterminism(cfg: Config, cuda: bool) -> List[str]:
         from mmengine.logging import print_log
         print_log(f'--deterministic: mmcv\'s {", ".join(ops)} backward accumulates with '
                   'atomicAdd on CUDA and does not report it to torch\'s deterministic mode: '
-                  'training is not bit-exact from run to run (docs/cuda.md)',
+                  'training is not bit-exact from run to run (docs/user_guides/cuda.md)',
                   logger='current', level=logging.WARNING)
     return ops
 

@@ -1,50 +1,20 @@
 """``torch.compile`` for training and evaluation runs (``--compile``).
 
-MMEngine 0.10.7's own ``compile`` setting (``Runner(compile=...)``,
-``cfg.compile``) is not used, for three reasons:
+MMEngine's own ``compile`` setting is not used: it compiles the whole
+``train_step`` (preprocessing, loss parsing, backward and optimizer step, each
+a graph break), in training only, and cannot say that input sizes vary.
+Instead the parts that are one static network (``COMPILED_PARTS``) get their
+``forward`` replaced by a compiled one (``compile_forward``): checkpoints,
+hooks, DDP and the data-dependent detection heads stay as they are, and the
+same compiled modules serve training and evaluation. ``forward`` is compiled,
+not ``__call__``, because MMSegmentation's heads call ``self.forward``.
 
-* it compiles ``model.train_step`` only, in ``Runner.train``: validation and
-  ``tools/test.py`` run eager;
-* ``train_step`` is the whole step: data preprocessing, the loss dict
-  parsing, ``loss.backward()`` and the optimizer update, each of them a graph
-  break; for detectors also the RPN's proposal selection, NMS and RoIAlign
-  (mmcv custom ops), whose output sizes depend on the data;
-* it passes no way to state that input sizes vary (detection), and a
-  compiled function that recompiles more than ``torch._dynamo.config.
-  recompile_limit`` times silently falls back to eager.
-
-Here the parts of the model that are one static network, the feature
-extractor and the dense heads (``COMPILED_PARTS``: backbone, neck, decode
-and auxiliary heads, classification head), have their ``forward`` replaced
-by its compiled version (``compile_forward``): state-dict keys, checkpoints,
-hooks, DDP and the toolboxes' data-dependent detection heads stay as they
-are, and the same compiled modules serve training, validation and testing.
-It is ``forward`` that is compiled, not the module's ``__call__`` (as
-``nn.Module.compile`` would): MMSegmentation's decode heads call
-``self.forward(...)`` from ``loss`` and ``predict``.
-
-In training (autograd recording) shapes are static (``dynamic=False``): a
-part compiles once per input shape it meets, up to ``torch._dynamo.config.
-recompile_limit`` (8) shapes, and runs eager for further shapes (PyTorch
-warns once). PyTorch's automatic dynamic shapes (``dynamic=None``: recompile
-once with symbolic sizes when a size changes) would suit detection's varying
-image sizes better, but in torch 2.13 Inductor fails on the second size of a
-training run: it sorts the symbolic strides of a channels-last view that the
-forward graph saves for backward (``LayerNorm2d``'s output: ``16*(W//4) <
-16`` has no truth value while W may be below 4) with plain comparisons,
-``TypeError: cannot determine truth value of Relational`` (upstream:
-pytorch/pytorch#185510, open). Without gradients (validation, testing)
-nothing is saved for backward, and ``compile_forward`` uses automatic dynamic
-shapes: evaluation's images, which mmdet pads to 32 only and mmseg not at
-all, mostly share one graph with symbolic sizes after the first (5 graphs
-for 17-24 shapes of the COCO and ADE20K configs: docs/speed.md); the
-backbone pads unconditionally where sizes are symbolic, so nothing guards
-on divisibility.
-``CompilationCountHook`` logs how many graphs each epoch compiled.
-
-So that a detector's training meets few shapes, ``--compile`` pads its
-batches to a few bucket sizes (``bucket_detection_sizes``,
-``convneur_mm.BucketPad``): 3 to 5 shapes instead of COCO's 19 to 83.
+Training compiles static shapes (a graph per shape up to the recompile limit,
+then eager): automatic dynamic shapes fail in Inductor on a training run's
+second size (pytorch/pytorch#185510). Evaluation saves nothing for backward
+and uses automatic dynamic shapes. ``bucket_detection_sizes`` pads detection
+batches to a few sizes so that training meets few shapes;
+``CompilationCountHook`` logs the graphs compiled per epoch.
 """
 import functools
 import inspect
@@ -74,8 +44,8 @@ WITHOUT_CUDAGRAPHS = {'reduce-overhead': 'default', 'max-autotune': 'max-autotun
 # static in these modes, bounded by the recompile limit
 CUDAGRAPH_MODES = tuple(WITHOUT_CUDAGRAPHS)
 # torch >= 2.13 keeps a compiled function's graphs and recompile limit apart
-# from other compilations of the same code; older torch (2.11 on an H100
-# image, 2026-11-25) raises TypeError for the keyword, and compiles without it
+# from other compilations of the same code; older torch has no such keyword
+# and compiles without it
 ISOLATE_RECOMPILES = 'isolate_recompiles' in inspect.signature(torch.compile).parameters
 
 

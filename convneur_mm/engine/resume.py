@@ -1,41 +1,19 @@
 """Resuming a run exactly where its checkpoint left off.
 
-MMEngine 0.10.7 resumes weights, optimizer, schedulers, iteration and epoch
-counters, and the message hub, but two things it does not restore:
+MMEngine 0.10.7 does not restore two things: the random generators (a resumed
+run restarts from the seed, so augmentations, Mixup/CutMix, stochastic depth
+and RoI sampling differ from the interrupted run), and, in
+``EpochBasedTrainLoop``, the position inside an epoch (a mid-epoch checkpoint
+replays the epoch from its first batch).
 
-* the random generators (Python, NumPy, torch, CUDA). The checkpoint has no
-  generator state; the resumed run starts from the seed. Everything random
-  after the resume point - the data pipelines' augmentations, Mixup/CutMix,
-  stochastic depth, dropout, mmdet's RoI samplers - then differs from the run
-  that was interrupted, even with ``--seed`` and ``--deterministic``.
-* the position inside an epoch, for ``EpochBasedTrainLoop`` (the detection and
-  classification configs). Resumed from a checkpoint taken in the middle of an
-  epoch (``CheckpointHook(by_epoch=False)``, the usual choice for long epochs),
-  it replays the epoch from its first batch: the batches trained before the
-  checkpoint are trained twice, and the epoch runs longer than the others.
-  (``IterBasedTrainLoop`` does skip the batches already trained.)
-
-Here every checkpoint also stores the generator states at the moment it was
-taken (``RngStateHook``), and the two train loops below - which
-``ConvNeurRunner`` uses in place of MMEngine's - skip the batches of the
-current epoch that were already trained and then restore those states, just
-before loading the first batch not yet trained. Skipping loads the skipped
-batches (the sampler order and the data workers' generators advance as they
-did), so a resumed run with ``num_workers=0`` or non-persistent workers draws
-the same random numbers as the uninterrupted one, and its losses are equal.
-Validation draws from the generators too (a new DataLoader iterator draws its
-base seed from torch's; pipelines draw from NumPy's), and runs after the
-checkpoint of the same iteration is taken: ``RngStateHook`` puts training's
-states back after it, and checkpoints saved during it (the best one) store
-them, so that the training after a validation draws what a run resumed from
-that checkpoint draws.
-Every rank's states are stored: MMEngine 0.10.7's ``Runner.save_checkpoint``
-(and so ``before_save_checkpoint``) runs on rank 0 only, but every rank calls
-it, so ``ConvNeurRunner.save_checkpoint`` gathers all ranks' states first
-(``gather_rng_states``) and the hook stores them; each rank restores its own. The states are stored
-as bytes, not tensors: MMEngine loads a checkpoint with ``map_location`` set to
-the process's GPU, which moves tensors (torch's RNG setters take CPU byte
-tensors only) but leaves bytes alone.
+So every checkpoint stores every rank's generator states (``RngStateHook``;
+``ConvNeurRunner.save_checkpoint`` gathers them, as only rank 0 saves), and
+the train loops below skip the batches already trained, loading them so that
+samplers and workers advance as before, then restore the states before the
+first batch not yet trained. ``RngStateHook`` also puts training's states
+back after a validation, which draws from the generators too. The states are
+stored as bytes: ``map_location`` moves tensors to the GPU, and torch's RNG
+setters take CPU tensors only.
 """
 import logging
 import random

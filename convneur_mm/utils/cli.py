@@ -1,9 +1,8 @@
 """Argument checks shared by the command-line tools.
 
 An impossible option (a count of 0, an output nobody can write) is a usage
-error at start: argparse prints the usage and exits 2. Checked late it was a
-traceback after minutes of measuring, or a silent default (``--batch 0`` ran
-batch 16).
+error at start: argparse prints the usage and exits 2, instead of a traceback
+after minutes of measuring or a silent default (``--batch 0`` meaning 16).
 """
 import argparse
 import os

@@ -32,7 +32,7 @@ except ImportError:  # run by path from tools/setup/setup_env.sh, beside elf.py
 PROC_VERSION = '/proc/driver/nvidia/version'
 ALLOW_CPU = 'CONVNEUR_ALLOW_CPU'
 TORCH_BUILD = 'CONVNEUR_TORCH_BUILD'
-DOCS = 'docs/cuda.md'
+DOCS = 'docs/user_guides/cuda.md'
 # Minimum Linux driver for each CUDA major version (NVIDIA's CUDA compatibility
 # table; within a major version a newer runtime runs on the oldest driver).
 MIN_DRIVER = {11: '450.80.02', 12: '525.60.13', 13: '580.65.06'}
@@ -43,9 +43,9 @@ MMCV_WITHOUT_CUDA_OPS = (
 # what mmcv's dispatcher raises for a device it has no kernel for:
 # 'nms_impl: implementation for device cuda:0 not found.'
 NO_KERNEL = 'implementation for device cuda'
-# run in a child process: on an H100 (2026-11-24) get_compiling_cuda_version()
-# segfaulted while mmcv's CUDA kernels worked. One answer a line, flushed, so
-# that the first survives a crash of the second.
+# run in a child process: get_compiling_cuda_version() can segfault while
+# mmcv's CUDA kernels work. One answer a line, flushed, so that the first
+# survives a crash of the second.
 VERSION_QUERY = ('from mmcv.ops import get_compiler_version, get_compiling_cuda_version\n'
                  'print(get_compiling_cuda_version(), flush=True)\n'
                  'print(get_compiler_version(), flush=True)\n')
@@ -233,8 +233,8 @@ def mmcv_cuda_problem(env: Mapping[str, str] = os.environ) -> Optional[str]:
     """Run mmcv's nms on two boxes on this process's GPU: an mmcv compiled
     without its CUDA ops raises "implementation for device cuda:0 not found",
     named here; any other error propagates. The kernel is asked, not
-    ``get_compiling_cuda_version()``, which segfaulted on an H100 whose CUDA
-    kernels worked."""
+    ``get_compiling_cuda_version()``, which can segfault while the CUDA
+    kernels work."""
     import torch
     from mmcv.ops import nms
     device = _probe_device(env)
@@ -320,8 +320,8 @@ def _version_from_elf(error: str) -> MmcvOpsVersion:
 
 def mmcv_ops_version(code: Optional[str] = None, timeout: float = 120.0) -> MmcvOpsVersion:
     """mmcv's ``get_compiling_cuda_version()`` and ``get_compiler_version()``,
-    asked in a child process (``code``: ``VERSION_QUERY``). On an H100 they
-    segfaulted while mmcv's CUDA kernels worked: a crash, a failure or a
+    asked in a child process (``code``: ``VERSION_QUERY``), since they can
+    segfault while mmcv's CUDA kernels work: a crash, a failure or a
     timeout there is returned as ``error``, and the CUDA major version is then
     read from the ELF file of mmcv's _ext instead (``elf`` says so)."""
     lines, error = _query_child(VERSION_QUERY if code is None else code, timeout)

@@ -1,7 +1,7 @@
 """The NEEDED libraries of an ELF shared object, read in pure Python.
 
-Why: mmcv's ``get_compiling_cuda_version()`` can crash the process (it
-segfaulted on an H100 whose CUDA kernels worked); the libcudart.so.N that
+Why: mmcv's ``get_compiling_cuda_version()`` can crash the process while its
+CUDA kernels work; the libcudart.so.N that
 mmcv's ``_ext`` links then still tells which CUDA it was built for, and
 ``readelf`` need not be installed. Standard library only (``tools/setup/setup_env.sh``
 uses it before the stack is installed). 64-bit little-endian files only

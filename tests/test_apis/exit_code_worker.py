@@ -7,7 +7,7 @@ table printed by rank 0, then the tool's ending.
     torchrun --nproc_per_node=2 exit_code_worker.py ENDING [--fail F]
 
 ENDING  ``exit_successfully`` (the tools' ending) or ``shutdown_only`` (the
-        ending before issue 17: destroy the group and return).
+        ending before ``exit_successfully``: destroy the group and return).
 --fail  how a run fails before its work is done: ``exception`` on rank 1,
         ``abort`` (rank 1 dies of SIGABRT), ``peer-dies`` (rank 1 leaves
         while rank 0 waits for it in a collective), or ``late`` (rank 1 raises
@@ -68,7 +68,7 @@ def main() -> None:
     if args.ending == 'exit_successfully':
         exit_successfully()
     else:
-        dist.destroy_process_group()  # main's ending before issue 17
+        dist.destroy_process_group()  # the tools' ending before exit_successfully
 
 
 if __name__ == '__main__':

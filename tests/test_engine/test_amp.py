@@ -1,4 +1,4 @@
-"""Mixed precision (issue 7): ``tools/train.py --amp`` trains a demo config
+"""Mixed precision: ``tools/train.py --amp`` trains a demo config
 without NaN/inf and ``tools/test.py --amp`` evaluates its checkpoint; under
 ``--amp`` (bf16 autocast on the CPU) the backbone's convolutions and linear
 layers run in bf16 while the neural memory's inner loop stays float32.

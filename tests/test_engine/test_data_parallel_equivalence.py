@@ -1,5 +1,5 @@
 """Data parallelism changes nothing but the split: 2 gloo processes x 1 image
-train like 1 process x 2 images (issue 7).
+train like 1 process x 2 images.
 
 Both runs start from the same weights, see the same images in the same order,
 and take the model's own ``train_step`` with SGD (momentum 0.9; gradient

@@ -1,4 +1,4 @@
-"""``--deterministic`` on CUDA (issue 16): cuBLAS's workspace set before CUDA
+"""``--deterministic`` on CUDA: cuBLAS's workspace set before CUDA
 starts, and ops without a deterministic CUDA kernel (the backward passes of
 bilinear interpolate and adaptive average pooling) warn once per op name
 instead of raising. What a CPU can show: the variable, the mode, the warning."""

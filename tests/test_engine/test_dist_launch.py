@@ -1,4 +1,4 @@
-"""The launch scripts (issue 7): tools/dist_train.sh and tools/slurm_test.sh
+"""The launch scripts: tools/dist_train.sh and tools/slurm_test.sh
 start real 2-process gloo runs on this CPU-only machine, and all four scripts
 build the command lines of MMDetection's conventions from NNODES, NODE_RANK,
 MASTER_ADDR, PORT, GPUS, GPUS_PER_NODE, CPUS_PER_TASK, SRUN_ARGS and PYTHON.

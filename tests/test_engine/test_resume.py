@@ -1,4 +1,4 @@
-"""Resuming (issue 7): a run killed in the middle of an epoch and resumed with
+"""Resuming: a run killed in the middle of an epoch and resumed with
 ``tools/train.py --resume`` continues from its last checkpoint and then trains
 exactly as the run that was never interrupted; a damaged checkpoint is a clear
 error, not a silent restart.

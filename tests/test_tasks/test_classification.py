@@ -69,7 +69,7 @@ def test_merged_config_is_the_papers_recipe(arch):
     assert (cosine.type, cosine.begin, cosine.eta_min) == ('CosineAnnealingLR', 20, 1e-6)
     assert cosine.get('end') in (None, 300) and cosine.convert_to_iter_based
     assert (cfg.train_cfg.by_epoch, cfg.train_cfg.max_epochs) == (True, 300)
-    # the paper's 4096 = 8 GPUs x per-GPU batch x gradient accumulation (issue 16)
+    # the paper's 4096 = 8 GPUs x per-GPU batch x gradient accumulation
     batch, accumulate = cfg.train_dataloader.batch_size, optim.accumulative_counts
     assert 8 * batch * accumulate == 4096 and batch & (batch - 1) == 0
     assert cfg.auto_scale_lr.base_batch_size == 8 * batch  # --auto-scale-lr sees no accumulation

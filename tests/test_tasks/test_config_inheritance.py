@@ -1,4 +1,4 @@
-"""Other projects inherit our configs from the installed wheel (issue 5).
+"""Other projects inherit our configs from the installed wheel.
 
 MMEngine's ``package::path`` bases accept only OpenMMLab's own package names,
 so a user's config names ours through an environment variable::

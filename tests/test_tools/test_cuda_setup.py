@@ -1,4 +1,4 @@
-"""The set-up's decisions (issue 16), without network or GPU: which torch
+"""The set-up's decisions, without network or GPU: which torch
 build, which CUDA compiler pieces, the CUDA_HOME made of the venv's CUDA
 tree, the arch list, and when an installed mmcv must be rebuilt."""
 import json

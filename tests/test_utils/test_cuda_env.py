@@ -1,4 +1,4 @@
-"""No silent CPU fallback (issue 16): the checks' inputs are stubbed (a fake
+"""No silent CPU fallback: the checks' inputs are stubbed (a fake
 /proc driver file, a fake nvidia-smi, capability lists), so every branch runs
 on this machine without a GPU."""
 import json

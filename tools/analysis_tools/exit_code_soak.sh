@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Exit-code soak (issue 17): the distributed tools must exit 0 every time they
+# Exit-code soak: the distributed tools must exit 0 every time they
 # have done their work, also on a busy machine. Runs, beside LOAD busy
 # processes, SEG_RUNS times the segmentation demo's evaluation
 # (tools/dist_test.sh, 2 gloo processes) and CLS_RUNS times the classification

@@ -25,8 +25,8 @@ if [ ! -f "$COCO_TINY_ROOT/annotations/instances_val2017.json" ]; then
 fi
 
 echo "[detection demo] training on $GPUS processes (log: $WORK_DIR/train.log)"
-# --auto-scale-lr: the config's lr is for 2 x 2 images; on 1 GPU lr 0.01 diverged
-# (an H100, fp16; and single-process CPU runs went NaN)
+# --auto-scale-lr: the config's lr is for 2 x 2 images; unscaled on one process
+# it diverges (NaN losses on a GPU under fp16 and on the CPU)
 run_logged detection "$WORK_DIR/train.log" 'Epoch\(train\) +\[[0-9]+\]\[([0-9]+)/\1\]' \
     tools/dist_train.sh "$CONFIG" "$GPUS" --work-dir "$WORK_DIR" --auto-scale-lr
 CHECKPOINT=$(cat "$WORK_DIR/last_checkpoint")

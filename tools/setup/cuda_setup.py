@@ -6,7 +6,7 @@ Run by path (``python tools/setup/cuda_setup.py COMMAND``) inside the
 virtual environment being set up, before the package is installed: it imports
 only the standard library and ``cuda_env`` at import time.
 
-Why each step exists (docs/cuda.md has the long form):
+Why each step exists (docs/user_guides/cuda.md has the long form):
 
 * mmcv compiles its CUDA ops when torch sees a GPU or ``FORCE_CUDA=1``, with
   nvcc from ``CUDA_HOME``. PyPI's torch already installs a CUDA tree into the
@@ -341,7 +341,7 @@ def probe_mmcv() -> Optional[dict]:
 def check_compiled_cuda(flavor: dict) -> List[str]:
     """mmcv's ops name torch's CUDA version (major.minor; the major only
     when the query crashed and it was read from mmcv's _ext file). The query
-    runs in a child process: on an H100 it segfaulted while the kernels worked."""
+    runs in a child process: it can segfault while the kernels work."""
     found = cuda_env.mmcv_ops_version()
     lines = [found.error + (f'; CUDA version {found.elf}' if found.elf else '')] \
         if found.error else []

@@ -7,7 +7,7 @@
 # wheel cache makes later runs take seconds), or with its CUDA ops when torch
 # sees a GPU or FORCE_CUDA=1 (a build host without one): then the CUDA
 # compiler comes from PyPI, pinned to torch's CUDA version, and nothing needs
-# to be installed by hand. docs/cuda.md explains every variable:
+# to be installed by hand. docs/user_guides/cuda.md explains every variable:
 #   VENV, PYTHON                 where and with which interpreter
 #   FORCE_CUDA=1                 build the CUDA ops without a GPU
 #   TORCH_CUDA_ARCH_LIST         archs to compile (default: the visible GPUs', or torch's + PTX)

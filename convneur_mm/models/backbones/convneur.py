@@ -60,15 +60,11 @@ class Downsample(nn.Sequential):
 
     The stem's conv (``norm='after'``) runs in float32 under autocast and
     keeps a float32 output: its weight and bias gradients sum over every
-    pixel of the image (1333x800: 67k a quarter-resolution map), and its
-    output's gradient is the stage-0 gradient times the LayerNorm's 1/sigma.
-    In float16 the bias gradient was ``inf`` at loss scale 1 on an H100
-    (2026-11-25: dynamic loss scaling skipped every step of the COCO detector
-    and fell below 1), and a CPU stand-in found the output's gradient ``inf``
-    too, at the zero-padded pixels (see ``ConvNeur._own_init``, the cause,
-    and docs/cuda.md). The LayerNorm runs in float32 on CUDA under autocast
-    anyway, so only the conv's dtype changes there; a 3-channel conv at
-    stride 4 costs little in float32."""
+    pixel of the image, and its output's gradient is the stage-0 gradient
+    times the LayerNorm's 1/sigma, both of which overflow float16 at loss
+    scale 1 on detection-sized images (see ``ConvNeur._own_init`` and
+    docs/user_guides/cuda.md). A 3-channel conv at stride 4 costs little in
+    float32."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str):
         if norm == 'after':  # the stem
@@ -393,7 +389,8 @@ class ConvNeur(BaseModule):
         every LayerNorm and RMSNorm after it normalizes a zero vector there,
         each multiplying the gradient by 1/sqrt(eps): at init, parameter
         gradients of 2e14 in float32 (M4, half the input padded; 1.5 without
-        padding) and fp16 loss scaling that could never step (docs/cuda.md)."""
+        padding) and fp16 loss scaling that could never step
+        (docs/user_guides/cuda.md)."""
         nn.init.trunc_normal_(self.downsample_layers[0][0].bias, std=STEM_BIAS_STD)
         for module in self.modules():
             if isinstance(module, SELF_INITIALIZED):
