@@ -21,5 +21,6 @@ model = dict(
         gap_before_final_norm=True,
         global_init='warm',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='backbone.')),
-    head=dict(init_cfg=dict(type='Pretrained', checkpoint=pretrained, prefix='head.')
-              if _loads else None))
+    # the source's head (the base has none: _delete_ so that the dict may replace it)
+    head=dict(init_cfg=dict(_delete_=True, type='Pretrained', checkpoint=pretrained,
+                            prefix='head.') if _loads else None))
