@@ -1,7 +1,10 @@
 """The one Markdown table printer of the package and its tools.
 
 Cells are printed as given: callers format their numbers (precision, units,
-'-' for a missing value), so tabulate's number parsing is off.
+'-' for a missing value), so tabulate's number parsing is off. Cells are not
+padded to a column width: each row reads ``| a | b |`` whatever the other
+rows hold, which keeps the output stable for the scripts and tests that read
+it (the demos, CI logs) and renders the same.
 """
 from typing import Iterable, List, Sequence
 
@@ -16,7 +19,7 @@ def _cell(value: object) -> str:
 
 
 def markdown_table(headers: Sequence[object], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub-flavoured Markdown table, columns padded to their widest cell.
+    """A GitHub-flavoured Markdown table, one ``| a | b |`` line per row.
 
     Args:
         headers: the column names.
@@ -34,4 +37,7 @@ def markdown_table(headers: Sequence[object], rows: Iterable[Sequence[object]]) 
             raise ValueError(f'table row {i} has {len(row)} cells for {len(headers)} '
                              f'columns: {row}')
         body.append(row)
-    return tabulate(body, headers=headers, tablefmt='github', disable_numparse=True)
+    lines = tabulate(body, headers=headers, tablefmt='github', stralign=None,
+                     disable_numparse=True).split('\n')
+    lines[1] = '|' + '---|' * len(headers)  # tabulate's is as wide as padded columns
+    return '\n'.join(lines)
