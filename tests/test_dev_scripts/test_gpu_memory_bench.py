@@ -1,0 +1,137 @@
+""".dev_scripts/gpu_memory_bench.py in its CPU dry run: the script the next
+lent GPU runs without edits, so its set-up, sections and JSON are checked
+here (its figures only mean something on the GPU)."""
+import importlib.util
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+
+from ..paths import REPO
+from ..threads import one_thread
+
+SCRIPT = osp.join(REPO, '.dev_scripts', 'gpu_memory_bench.py')
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location('gpu_memory_bench', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args, timeout=300):
+    # one intra-op thread: on 2 shared cores OpenMP's spinning threads made
+    # the dry run 3x slower (tests/threads.py)
+    return subprocess.run([sys.executable, SCRIPT, '--dry-run', *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+@pytest.fixture(scope='module')
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench') / 'bench.json'
+    done = _run('--out', str(out))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_dry_run_writes_a_result_of_the_schema_with_no_failure(dry_run):
+    result, stdout = dry_run
+    bench = _bench_module()
+    assert bench.check_schema(result) == []
+    assert result['dry_run'] and result['setup'] == 'ok'
+    failed = [(p, s) for p, s in bench.statuses(result['sections']) if s.startswith('error')]
+    assert not failed
+    assert 'targets' in stdout and 'wrote' in stdout
+
+
+def test_dry_run_measures_what_a_cpu_can_and_skips_the_cuda_items(dry_run):
+    result, _ = dry_run
+    sections = result['sections']
+    gemm = {(r['product'], r['precision']): r for r in sections['gemm']['rows']}
+    assert all(r['tflops'] > 0 for (_, p), r in gemm.items() if p in ('float32', 'bf16'))
+    assert all(r['status'] == 'skipped: needs CUDA' for (_, p), r in gemm.items()
+               if p == 'tf32')
+    assert any(name.startswith('write ') for name, _ in gemm)  # stage 1 writes at 64x64
+    for mode in ('float32', 'bf16_autocast'):
+        row = sections['model']['modes'][mode]
+        assert row['status'] == 'ok'
+        assert row['models']['M3']['ms'] > 0 and row['models']['M3 local-only']['ms'] > 0
+    assert sections['compiled']['backend'] == 'eager'
+    assert sections['compiled']['modes']['float32']['status'] == 'ok'
+    assert sections['latency']['status'] == 'skipped: needs CUDA'
+    branch = sections['branch']['rows']
+    assert branch['float32']['status'] == 'ok' and branch['float32']['error_vs_float32'] == 0
+    assert branch['tf32']['status'] == 'skipped: needs CUDA'
+    assert branch['train_float32']['status'] == 'ok'
+
+
+def test_memory_variants_run_exactly_where_the_installed_memory_takes_their_keys(dry_run):
+    """Whatever this commit's NeuralMemory takes runs (or needs CUDA);
+    the rest is skipped with the reason, never a crash."""
+    result, _ = dry_run
+    bench = _bench_module()
+    keys = result['environment']['memory_keys']
+    for name, row in result['sections']['branch']['rows'].items():
+        cfg, _, _, cuda_only = bench.BRANCH_VARIANTS[name]
+        if cuda_only:
+            assert row['status'] == 'skipped: needs CUDA', name
+        elif keys is not None and not set(cfg) <= set(keys):
+            assert row['status'].startswith('skipped: NeuralMemory here takes no'), name
+        else:
+            assert row['status'] == 'ok', (name, row['status'])
+
+
+def test_dry_run_numerics_against_float64(dry_run):
+    numerics = dry_run[0]['sections']['numerics']
+    logits = numerics['logits']['rows']
+    assert logits['float32']['error_vs_float64'] < 1e-4
+    assert 0 < logits['bf16_autocast']['error_vs_float32'] < 0.2
+    memory = numerics['memory']['rows']
+    for max_lr in ('1', '0.2', '0.001'):
+        row = memory[f'max_lr={max_lr}']
+        assert row['update_over_output'] > 0  # a chunk was written and read
+        assert row['float32']['output_error'] < 1e-5
+        assert row['float32']['update_error'] < 1e-2, row['float32']
+
+
+def test_budget_guard_records_what_it_skipped(tmp_path):
+    out = tmp_path / 'bench.json'
+    with one_thread():
+        code = _bench_module().main(['--dry-run', '--out', str(out), '--budget-s', '0',
+                                     '--sections', 'gemm', 'branch'])
+    assert code == 0
+    sections = json.loads(out.read_text())['sections']
+    assert sections['model']['status'] == 'skipped: not asked for (--sections)'
+    rows = sections['branch']['rows']
+    assert rows['float32']['status'].startswith('skipped: budget')
+    assert rows['tf32']['status'] == 'skipped: needs CUDA'
+
+
+def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    assert _bench_module().main(['--dry-run', '--out', str(blocker / 'bench.json')]) == 2
+    assert 'cannot write' in capsys.readouterr().err
+    assert not (blocker / 'bench.json').exists()
+
+
+def test_schema_check_and_key_detection_catch_what_they_should():
+    bench = _bench_module()
+    assert bench.unsupported({'recompute': True}, ['dim', 'chunk_size']).startswith(
+        "skipped: NeuralMemory here takes no 'recompute'")
+    assert bench.unsupported({'recompute': True}, ['recompute']) is None
+    assert bench.unsupported({'anything': 1}, None) is None  # **kwargs: try it
+    good = dict(schema=bench.SCHEMA, dry_run=True, sizes={}, budget_s=None, environment={},
+                elapsed_s=1.0, sections={name: dict(status='ok', seconds=1.0)
+                                         for name in bench.SECTIONS})
+    assert bench.check_schema(good) == []
+    bad = json.loads(json.dumps(good))
+    bad['sections']['gemm']['rows'] = [dict(status='fine')]
+    del bad['sections']['latency']
+    problems = bench.check_schema(bad)
+    assert any("'fine'" in p for p in problems) and any('latency' in p for p in problems)
