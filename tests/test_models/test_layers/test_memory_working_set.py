@@ -134,3 +134,16 @@ def test_recompute_saves_only_the_input_and_trains_the_same(update):
     got = torch.autograd.grad((out_r * probe).sum(), [x, *again.parameters()])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_backbone_memory_cfg_reaches_every_memory():
+    from convneur_mm.models import ConvNeur
+    cfg = dict(matmul_dtype='bfloat16', kernels='torch', working_set_mib=64, recompute=True)
+    model = ConvNeur(arch=dict(depths=[1, 1], dims=[8, 16], memory_dim=8), memory_cfg=cfg)
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    assert memories
+    for memory in memories:
+        assert {k: getattr(memory, k) for k in cfg} == cfg
+    with pytest.raises(ValueError, match='matmul_dtype'):
+        ConvNeur(arch=dict(depths=[1], dims=[8], memory_dim=8),
+                 memory_cfg=dict(matmul_dtype='half'))
