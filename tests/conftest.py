@@ -134,6 +134,16 @@ def built_wheel(tmp_path_factory):
     return wheels[0]
 
 
+@pytest.fixture(scope='session')
+def installed_wheel(built_wheel, tmp_path_factory) -> str:
+    """``built_wheel`` installed (``pip install --target``) into a fresh
+    directory, once per session: put it on PYTHONPATH, read it, don't write."""
+    site = tmp_path_factory.mktemp('wheel_install') / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q',
+                    '--target', str(site), str(built_wheel)], check=True, cwd=str(site.parent))
+    return str(site)
+
+
 @pytest.fixture(autouse=True)
 def _restore_default_scope():
     """Tests that build Runners or call init_default_scope leave MMEngine's

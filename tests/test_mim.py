@@ -63,14 +63,11 @@ def editable(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope='module')
-def wheel(built_wheel, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp('wheel_install')
-    site = root / 'site'
-    _run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q',
-          '--target', str(site), str(built_wheel)], cwd=str(root))
+def wheel(installed_wheel, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp('wheel_mim')
     env = {k: v for k, v in os.environ.items() if k != 'CONVNEUR_CONFIGS'}
-    env['PYTHONPATH'] = str(site)
-    return dict(root=str(root), site=str(site), python=sys.executable, env=env)
+    env['PYTHONPATH'] = installed_wheel
+    return dict(root=str(root), site=installed_wheel, python=sys.executable, env=env)
 
 
 def _mim(install: dict, *args: str, **kwargs) -> str:

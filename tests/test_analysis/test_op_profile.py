@@ -1,9 +1,11 @@
 """The profile categories every benchmark tool sums its time by."""
+import pytest
 import torch
 
 from convneur_mm.analysis import op_profile
 
 
+@pytest.mark.torch_pinned
 def test_profile_assigns_each_event_to_its_category():
     """Event names as torch 2.13 gives them."""
     conv, mm, compiled, mmcv, aten, other = [c for c, _ in op_profile.PROFILE_CATEGORIES] + [

@@ -100,6 +100,7 @@ def cpu_load():
     burner.wait()
 
 
+@pytest.mark.slow
 def test_runs_under_load_all_exit_0(cpu_load):
     codes = [_torchrun('exit_successfully').returncode for _ in range(3)]
     assert codes == [0, 0, 0]

@@ -14,6 +14,7 @@ from convneur_mm.apis.launch import build_runner, load_config
 from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.apis.toolbox import quiet_init
+from ..devices import DEVICES, on_cuda
 from ..paths import REPO
 
 # the smallest network that still runs the memory with several chunks: one
@@ -54,8 +55,13 @@ def _dist(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).norm().item()
 
 
-@pytest.mark.parametrize('amp', [None, torch.bfloat16], ids=['float32', 'bf16-autocast'])
-def test_compiled_backbone_matches_eager_in_outputs_and_gradients(amp, device='cpu'):
+# --amp's autocast dtype per device: bfloat16 on the CPU, float16 on CUDA
+@pytest.mark.parametrize('device,amp', [
+    pytest.param('cpu', None, id='cpu-float32'),
+    pytest.param('cpu', torch.bfloat16, id='cpu-bf16-autocast', marks=pytest.mark.slow),
+    on_cuda('cuda', None, id='cuda-float32'),
+    on_cuda('cuda', torch.float16, id='cuda-fp16-autocast')])
+def test_compiled_backbone_matches_eager_in_outputs_and_gradients(device, amp):
     """Inductor-generated kernels, forward and backward, against eager (in
     training: the memory's write path and the outer gradients through it), at
     two input sizes with the default settings: a second size once crashed
@@ -107,6 +113,7 @@ def test_compiled_backbone_matches_eager_in_outputs_and_gradients(amp, device='c
 EVAL_SIZES = ((64, 96), (72, 104), (70, 90), (66, 99), (97, 61), (128, 40))
 
 
+@pytest.mark.torch_pinned
 def test_evaluation_compiles_two_graphs_for_any_number_of_sizes():
     """Without gradients (validation, tools/test.py) the compiled parts use
     automatic dynamic shapes: six input sizes, none of them padded to a
@@ -135,7 +142,10 @@ def test_evaluation_compiles_two_graphs_for_any_number_of_sizes():
     assert graphs_compiled() - before == 3  # static: one graph per size
 
 
-def test_compiled_inference_with_symbolic_sizes_matches_eager(device='cpu'):
+@pytest.mark.slow
+@pytest.mark.torch_pinned
+@pytest.mark.parametrize('device', DEVICES)
+def test_compiled_inference_with_symbolic_sizes_matches_eager(device):
     """Inductor's kernels for symbolic sizes against eager, at the six
     evaluation sizes (two graphs: the last five share one)."""
     torch._dynamo.reset()
@@ -151,6 +161,31 @@ def test_compiled_inference_with_symbolic_sizes_matches_eager(device='cpu'):
     assert graphs_compiled() - before == 2
 
 
+@pytest.mark.gpu
+def test_reduce_overhead_training_accumulates_gradients_on_cuda():
+    """Two accumulated passes through the compiled backbone (the mode
+    ``compile_runner_model`` picks for ``reduce-overhead`` with
+    ``accumulative_counts`` 2) sum the gradients eager sums."""
+    from convneur_mm.engine.compile import training_compile_mode
+    x = [torch.randn(2, 3, 32, 48, device='cuda', generator=torch.Generator('cuda').manual_seed(i))
+         for i in range(2)]
+
+    def accumulated(holder):
+        holder.zero_grad(set_to_none=True)
+        for batch in x:
+            sum(o.square().mean() for o in holder.backbone(batch)).backward()
+        return {n: p.grad.clone() for n, p in holder.named_parameters()}
+
+    eager = accumulated(_tiny_backbone().cuda())
+    holder = _tiny_backbone().cuda()
+    compile_model(holder, mode='reduce-overhead',
+                  training_mode=training_compile_mode('reduce-overhead', 2))
+    compiled = accumulated(holder)
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.torch_pinned
 @pytest.mark.parametrize('mode, inference_dynamic', [
     ('default', None), ('max-autotune-no-cudagraphs', None),
     ('reduce-overhead', False), ('max-autotune', False)])
@@ -212,6 +247,7 @@ def _record_compile_calls(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.torch_pinned
 def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
     """torch < 2.13 has no ``isolate_recompiles`` (a TypeError on the H100's
     torch 2.11): the regions are compiled without it, and a warning says that
@@ -229,6 +265,7 @@ def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
     compile_mod._warn_shared_recompile_limit.cache_clear()
 
 
+@pytest.mark.torch_pinned
 @pytest.mark.parametrize('training', [True, False])
 def test_backbone_traces_without_graph_breaks(training):
     """The memory's hot path (write, scan, read) and the blocks are one graph."""
@@ -253,6 +290,7 @@ def test_compiled_parts_and_bad_requests():
         compile_model(holder, backend='eager')
 
 
+@pytest.mark.slow
 def test_runner_trains_with_compiled_parts_and_plain_checkpoint_keys(tmp_path):
     """What tools/train.py --compile does, with Dynamo's tracing but without
     code generation (backend 'eager'), on the classification demo's model.

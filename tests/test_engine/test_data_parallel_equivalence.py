@@ -203,7 +203,9 @@ def _ddp_worker(rank, world_size, scope, model_cfg, clip_grad, iters, files, dev
 
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu(count=2))])
-@pytest.mark.parametrize('case', sorted(CASES))
+# the detector's case (three R-CNN stages on 2 processes) is a `slow` test
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.slow) if c == 'detector' else c
+                                  for c in sorted(CASES)])
 def test_two_processes_with_one_image_match_one_process_with_two(case, tmp_path, device):
     """On GPUs: 2 NCCL processes (torch's SyncBatchNorm) x 1 image vs 1 GPU x 2."""
     spec = CASES[case]

@@ -105,6 +105,7 @@ def test_dist_train_with_two_gloo_processes(ade20k_tiny, tmp_path):
     assert (work_dir / 'iter_2.pth').is_file()
 
 
+@pytest.mark.slow
 def test_slurm_test_with_two_tasks(ade20k_tiny, tmp_path, fake_slurm):
     """tools/slurm_test.sh on a CPU partition (GRES empty): 2 tasks, one gloo
     process group through ``--launcher slurm``, one metrics table."""

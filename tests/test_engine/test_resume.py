@@ -34,6 +34,7 @@ from convneur_mm.engine.resume import (RNG_KEY, RngStateHook, capture_rng_state,
                                        gather_rng_states, rank_state, restore_rng_state)
 from convneur_mm.engine.runner import ConvNeurRunner
 from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
+from ..devices import DEVICES
 from ..paths import REPO
 
 DEMO = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
@@ -121,7 +122,10 @@ def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run', valid
 # every 3 iterations: iter_6 is taken after the last batch of epoch 1 (before
 # its end-of-epoch hooks, e.g. by-epoch schedulers), iter_9 halfway into epoch 2.
 @pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch-based', 'iter-based'])
-def test_resumed_toy_run_continues_exactly(tmp_path, by_epoch):
+@pytest.mark.parametrize('device', DEVICES)
+def test_resumed_toy_run_continues_exactly(tmp_path, by_epoch, device):
+    """On CUDA (a process that sees the GPU) the CUDA generator's state is
+    stored too, and the checkpoint is mapped to the GPU on load."""
     full = _toy_run(ConvNeurRunner, tmp_path / 'full', by_epoch, name='full')
     assert sorted(full) == list(range(1, 19))
     for ckpt in (6, 9):
@@ -130,6 +134,10 @@ def test_resumed_toy_run_continues_exactly(tmp_path, by_epoch):
                            name=f'resumed{ckpt}')
         assert sorted(resumed) == list(range(ckpt + 1, 19))
         assert resumed == {i: full[i] for i in resumed}
+    if device == 'cuda':
+        checkpoint = torch.load(tmp_path / 'full' / 'iter_9.pth', weights_only=True)
+        (state, ) = checkpoint['meta']['rng_state']['ranks']
+        assert 'cuda' in state  # the CUDA generator was stored, and so restored
 
 
 @pytest.mark.parametrize('by_epoch, checkpoints', [
@@ -211,6 +219,7 @@ def _run_dirs(work_dir):
     return sorted(d for d in glob.glob(osp.join(str(work_dir), '2*')) if osp.isdir(d))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_imagenet, tmp_path):
     env = _env(tiny_imagenet)
     full_dir, work_dir = tmp_path / 'full', tmp_path / 'killed'

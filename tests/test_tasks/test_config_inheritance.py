@@ -101,12 +101,10 @@ print(json.dumps(dict(
 
 
 @pytest.fixture(scope='module')
-def installed(built_wheel, tmp_path_factory) -> dict:
+def installed(installed_wheel, tmp_path_factory) -> dict:
     """The wheel installed into a fresh directory, and a user's project beside it."""
     root = tmp_path_factory.mktemp('inherit')
-    site, project = root / 'site', root / 'project'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q',
-                    '--target', str(site), str(built_wheel)], check=True, cwd=str(root))
+    site, project = installed_wheel, root / 'project'
     data_root = str(root / 'my_ade')
     generate_ade20k_tiny(data_root, num_train=4, num_val=2)
     project.mkdir()

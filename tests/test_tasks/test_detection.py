@@ -101,6 +101,7 @@ def test_missing_pretrained_checkpoint_names_the_path(tmp_path):
 
 
 # --------------------------------------------------- training on the CPU
+@pytest.mark.slow
 def test_real_config_trains_one_iteration_and_predicts_on_cpu(coco_tiny, tmp_path):
     """The real M3 config (1333x800, 80 classes) in one CPU process."""
     cfg = load_config(osp.join(REPO, 'configs', 'cascade_rcnn_convneur_m3_1x_coco.py'),
@@ -126,6 +127,7 @@ def test_real_config_trains_one_iteration_and_predicts_on_cpu(coco_tiny, tmp_pat
     assert instances.masks.shape[-2:] == tuple(pred.ori_shape)
 
 
+@pytest.mark.slow
 def test_roi_heads_learn_to_classify_and_segment(coco_tiny, tmp_path):
     """The demo's detector memorizes 4 images: within 15 iterations the first
     stage's classification loss falls from about 1.6 to under 0.5 (measured:
@@ -158,38 +160,51 @@ def _coco_rows(stdout: str) -> dict:
             for task, values in re.findall(r'^\| (bbox|segm) \|(.*)\|$', stdout, re.M)}
 
 
-def test_train_then_evaluate_prints_coco_tables(coco_tiny, tmp_path, monkeypatch):
+@pytest.fixture(scope='module')
+def demo_run(coco_tiny, tmp_path_factory) -> dict:
+    """tools/train.py on the demo config for one epoch, then tools/test.py on
+    its checkpoint with ``--out``: what the two tests below read."""
+    root = tmp_path_factory.mktemp('demo_run')
+    work_dir, dump = root / 'work', root / 'predictions.pkl'
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv('COCO_TINY_ROOT', coco_tiny)
+        train = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(work_dir),
+                     '--cfg-options', 'train_cfg.max_epochs=1', 'param_scheduler.1.end=1',
+                     'default_hooks.checkpoint.interval=1')
+        assert train.returncode == 0, train.stderr[-3000:]
+        checkpoint = work_dir / 'epoch_1.pth'
+        test = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
+                    '--work-dir', str(root / 'test'), '--out', str(dump))
+    return dict(work_dir=work_dir, checkpoint=checkpoint, dump=dump, test=test)
+
+
+def test_train_then_evaluate_prints_coco_tables(demo_run):
     """tools/train.py on the demo config, then tools/test.py on its checkpoint:
     a checkpoint is written and both COCO tables are printed."""
-    monkeypatch.setenv('COCO_TINY_ROOT', coco_tiny)
-    work_dir = tmp_path / 'work'
-    train = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(work_dir),
-                 '--cfg-options', 'train_cfg.max_epochs=1', 'param_scheduler.1.end=1',
-                 'default_hooks.checkpoint.interval=1')
-    assert train.returncode == 0, train.stderr[-3000:]
-    checkpoint = work_dir / 'epoch_1.pth'
+    work_dir, checkpoint, test = demo_run['work_dir'], demo_run['checkpoint'], demo_run['test']
     assert checkpoint.is_file()
     assert open(work_dir / 'last_checkpoint').read().strip() == str(checkpoint)
-    dump = tmp_path / 'predictions.pkl'
-    test = _run(osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
-                '--work-dir', str(tmp_path / 'test'), '--out', str(dump))
     assert test.returncode == 0, test.stderr[-3000:]
     rows = _coco_rows(test.stdout)
     assert set(rows) == {'bbox', 'segm'}, test.stdout[-2000:]
     for values in rows.values():
         assert len(values) == 6 and all(v is None or 0 <= v <= 100 for v in values)
     # --out: masks as RLE, no ground truth (MMDetection's DumpDetResults)
-    predictions = mmengine.load(str(dump))
+    predictions = mmengine.load(str(demo_run['dump']))
     assert predictions and all('gt_instances' not in p for p in predictions)
     masks = [m for p in predictions for m in p['pred_instances']['masks']]
     assert masks and all(isinstance(m, dict) and 'counts' in m for m in masks)
 
-    # tools/test.py evaluated the checkpoint's weights: its first prediction is
-    # the one an in-process model with those weights makes, and not the one of
-    # a model that missed the checkpoint (AP of a model trained 1 epoch on 8
-    # images can't tell the two apart: both are near 0)
-    first = predictions[0]['pred_instances']
-    loaded = _first_prediction(tmp_path / 'loaded', checkpoint=str(checkpoint))
+
+def test_test_py_evaluates_the_checkpoints_weights(demo_run, coco_tiny, tmp_path, monkeypatch):
+    """tools/test.py evaluated the checkpoint's weights: its first prediction
+    is the one an in-process model with those weights makes, and not the one
+    of a model that missed the checkpoint (AP of a model trained 1 epoch on 8
+    images can't tell the two apart: both are near 0)."""
+    monkeypatch.setenv('COCO_TINY_ROOT', coco_tiny)
+    assert demo_run['test'].returncode == 0, demo_run['test'].stderr[-3000:]
+    first = mmengine.load(str(demo_run['dump']))[0]['pred_instances']
+    loaded = _first_prediction(tmp_path / 'loaded', checkpoint=str(demo_run['checkpoint']))
     unloaded = _first_prediction(tmp_path / 'unloaded', checkpoint=None)
     assert _same_prediction(first, loaded), (first['scores'][:5], loaded.scores[:5])
     assert not _same_prediction(first, unloaded), 'the check cannot tell a missed checkpoint'

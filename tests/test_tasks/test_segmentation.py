@@ -198,25 +198,57 @@ def _metrics(stdout: str) -> dict:
     return {k: float(v) for k, v in re.findall(r'^\| (\w+) \| ([\d.]+) \|$', stdout, re.M)}
 
 
-def test_train_then_evaluate_learns(ade20k_tiny, tmp_path, monkeypatch):
+ITERS = 20
+VAL_SUBSET = 'test_dataloader.dataset.indices=8'  # the first 8 validation images
+
+
+def _tool(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope='module')
+def demo_checkpoint(ade20k_tiny, tmp_path_factory) -> str:
+    """tools/train.py on the demo config, 20 iterations: the checkpoint the
+    evaluation tests below share."""
+    work_dir = tmp_path_factory.mktemp('demo_train') / 'work'
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv('ADE20K_TINY_ROOT', ade20k_tiny)
+        train = _tool(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(work_dir),
+                      '--cfg-options', f'train_cfg.max_iters={ITERS}',
+                      f'train_cfg.val_begin={ITERS + 1}',
+                      f'default_hooks.checkpoint.interval={ITERS}',
+                      'train_dataloader.batch_size=2')
+    assert train.returncode == 0, train.stderr[-3000:]
+    return str(work_dir / f'iter_{ITERS}.pth')
+
+
+@pytest.fixture(scope='module')
+def untrained_scores(ade20k_tiny, tmp_path_factory) -> dict:
+    """The same model and evaluation, untrained (it scores about 0)."""
+    from mmengine.registry import DefaultScope
+    saved = DefaultScope._instance_dict.copy()  # as conftest's per-test restore does
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv('ADE20K_TINY_ROOT', ade20k_tiny)
+            cfg = load_config(DEMO, {'test_dataloader.dataset.indices': 8},
+                              work_dir=str(tmp_path_factory.mktemp('untrained')))
+            runner = build_runner(cfg)
+            runner.model.init_weights()
+            return runner.test()
+    finally:
+        DefaultScope._instance_dict.clear()
+        DefaultScope._instance_dict.update(saved)
+
+
+def test_train_then_evaluate_learns(demo_checkpoint, untrained_scores, ade20k_tiny, tmp_path,
+                                    monkeypatch):
     """tools/train.py on the demo config, then tools/test.py on its checkpoint:
     the table shows mIoU / mAcc / aAcc far above an untrained model's."""
     monkeypatch.setenv('ADE20K_TINY_ROOT', ade20k_tiny)
-    iters, work_dir = 20, tmp_path / 'work'
-    val_subset = 'test_dataloader.dataset.indices=8'  # the first 8 validation images
-    train = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(work_dir),
-         '--cfg-options', f'train_cfg.max_iters={iters}', f'train_cfg.val_begin={iters + 1}',
-         f'default_hooks.checkpoint.interval={iters}', 'train_dataloader.batch_size=2'],
-        cwd=REPO, capture_output=True, text=True)
-    assert train.returncode == 0, train.stderr[-3000:]
-    checkpoint = work_dir / f'iter_{iters}.pth'
     dump = tmp_path / 'predictions.pkl'
-    test = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
-         '--work-dir', str(tmp_path / 'test'), '--out', str(dump),
-         '--show-dir', str(tmp_path / 'drawn'), '--cfg-options', val_subset],
-        cwd=REPO, capture_output=True, text=True)
+    test = _tool(osp.join(REPO, 'tools', 'test.py'), DEMO, demo_checkpoint,
+                 '--work-dir', str(tmp_path / 'test'), '--out', str(dump),
+                 '--show-dir', str(tmp_path / 'drawn'), '--cfg-options', VAL_SUBSET)
     assert test.returncode == 0, test.stderr[-3000:]
     trained = _metrics(test.stdout)
     # --show-dir draws every image (MMSegmentation's hook alone: every 50th, none of 8)
@@ -229,33 +261,32 @@ def test_train_then_evaluate_learns(ade20k_tiny, tmp_path, monkeypatch):
         assert 'seg_logits' not in pred and 'gt_sem_seg' not in pred
         assert pred['pred_sem_seg'].dtype == np.uint8
         assert pred['pred_sem_seg'].shape == tuple(pred['ori_shape'])
+    untrained = untrained_scores
+    assert trained['mIoU'] > untrained['mIoU'] + 20, (trained, untrained)
+    assert trained['aAcc'] > untrained['aAcc'] + 40, (trained, untrained)
 
-    # a checkpoint that does not fit the config stops the evaluation
-    mismatch = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint),
-         '--work-dir', str(tmp_path / 'mismatch'), '--cfg-options', val_subset,
-         'model.backbone.arch=m1'], cwd=REPO, capture_output=True, text=True)
+
+def test_a_checkpoint_that_does_not_fit_stops_the_evaluation(demo_checkpoint, ade20k_tiny,
+                                                             tmp_path, monkeypatch):
+    monkeypatch.setenv('ADE20K_TINY_ROOT', ade20k_tiny)
+    mismatch = _tool(osp.join(REPO, 'tools', 'test.py'), DEMO, demo_checkpoint,
+                     '--work-dir', str(tmp_path / 'mismatch'), '--cfg-options', VAL_SUBSET,
+                     'model.backbone.arch=m1')
     assert mismatch.returncode != 0
     assert 'CheckpointMismatchError' in mismatch.stderr and 'shape mismatches' in mismatch.stderr
     assert not _metrics(mismatch.stdout)  # nothing evaluated
 
-    # test-time augmentation (6 scales x 2 flips, 12 forward passes an image:
-    # 2 images): the checkpoint loads into the model inside SegTTAModel
-    tta = subprocess.run(
-        [sys.executable, osp.join(REPO, 'tools', 'test.py'), DEMO, str(checkpoint), '--tta',
-         '--work-dir', str(tmp_path / 'tta'), '--cfg-options',
-         'test_dataloader.dataset.indices=2'],
-        cwd=REPO, capture_output=True, text=True)
+
+def test_tta_loads_the_checkpoint_into_the_tta_model(demo_checkpoint, untrained_scores,
+                                                     ade20k_tiny, tmp_path, monkeypatch):
+    """Test-time augmentation (6 scales x 2 flips, 12 forward passes an image:
+    2 images): the checkpoint loads into the model inside SegTTAModel."""
+    monkeypatch.setenv('ADE20K_TINY_ROOT', ade20k_tiny)
+    tta = _tool(osp.join(REPO, 'tools', 'test.py'), DEMO, demo_checkpoint, '--tta',
+                '--work-dir', str(tmp_path / 'tta'), '--cfg-options',
+                'test_dataloader.dataset.indices=2')
     assert tta.returncode == 0, tta.stderr[-3000:]
     assert '--tta: SegTTAModel' in tta.stdout + tta.stderr
     augmented = _metrics(tta.stdout)
-
-    # the same model and evaluation, untrained (it scores about 0)
-    cfg = load_config(DEMO, {'test_dataloader.dataset.indices': 8},
-                      work_dir=str(tmp_path / 'untrained'))
-    runner = build_runner(cfg)
-    runner.model.init_weights()
-    untrained = runner.test()
-    assert trained['mIoU'] > untrained['mIoU'] + 20, (trained, untrained)
-    assert trained['aAcc'] > untrained['aAcc'] + 40, (trained, untrained)
+    untrained = untrained_scores
     assert augmented['mIoU'] > untrained['mIoU'] + 20, (augmented, untrained)

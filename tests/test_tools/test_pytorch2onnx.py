@@ -55,6 +55,7 @@ def memory_onnx(tmp_path_factory):
     return module, path
 
 
+@pytest.mark.slow
 def test_exported_memory_matches_pytorch_at_any_number_of_chunks(memory_onnx):
     module, path = memory_onnx
     # 4 chunks (traced), 1 chunk (reads W_0 only), 1 partial chunk, 3 chunks
@@ -64,6 +65,7 @@ def test_exported_memory_matches_pytorch_at_any_number_of_chunks(memory_onnx):
     assert [r['shape'][1] for r in results] == [32, 8, 5, 21, 72]
 
 
+@pytest.mark.slow
 def test_exported_write_path_is_live(memory_onnx):
     """The last chunk reads what the first one wrote, in ONNX Runtime too:
     the closed-form gradients (gelu_backward included) are in the graph."""
@@ -77,6 +79,7 @@ def test_exported_write_path_is_live(memory_onnx):
         torch.testing.assert_close(after, module(edited), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('spinning', [True, False])
 def test_ort_session_spins_only_when_asked(memory_onnx, spinning):
     """benchmark_onnx times ONNX Runtime between PyTorch calls: its threads
@@ -95,6 +98,7 @@ def test_ort_session_spins_only_when_asked(memory_onnx, spinning):
         torch.testing.assert_close(onnx_outputs(session, x)[0], module(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_check_fails_loudly_on_a_different_model(memory_onnx):
     module, path = memory_onnx
     other = _Memory().eval()

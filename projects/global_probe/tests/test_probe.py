@@ -210,6 +210,7 @@ def single_thread():
         yield
 
 
+@pytest.mark.slow
 def test_local_only_sees_the_marks_but_not_their_relation(single_thread):
     """The small local-only ConvNeur of the probe runs (projects.global_probe.probe.train)
     learns the additive control (is a target red?) from the same images, so
@@ -274,6 +275,7 @@ def test_probe_model_without_its_global_poolings():
         make_image(np.random.default_rng(0), 0, kinds=1, distractors=0)
 
 
+@pytest.mark.slow
 def test_memory_relates_far_marks_that_a_strictly_local_network_cannot(single_thread):
     """With every GRN and the norm after global pooling removed (both pool
     over the whole map), the local-only network is strictly local: a sum of
@@ -307,18 +309,32 @@ def test_memory_relates_far_marks_that_a_strictly_local_network_cannot(single_th
     assert results['local'] < 0.8, results
 
 
-def test_memory_learns_the_order_of_far_marks_where_local_only_stays_at_chance(single_thread):
-    """The order probe, on ConvNeur's own one-block network (GRN and final
-    norm in place): both classes hold the same two marks, so the local-only
-    network, which sees the map as a set of 28 px windows, cannot beat
-    chance; the memory, reading its chunks in raster order, learns which mark
-    came first. Fails when the gate's global input is zeroed (projects/global_probe/README.md)."""
-    from projects.global_probe.probe.train import probe_data, train_probe
-    data = probe_data(0, 1000, 400, **ORDER_PROBE)
+@pytest.fixture(scope='module')
+def order_probe_data():
+    """The order probe's images, made once for both variants below."""
+    from projects.global_probe.probe.train import probe_data
+    return probe_data(0, 1000, 400, **ORDER_PROBE)
+
+
+def _order_probe_val_acc(variant: str, data) -> float:
+    from projects.global_probe.probe.train import train_probe
     one_block = dict(ONE_BLOCK, memory_cfg=dict(chunk_size=144))  # 9 chunks of 36 x 36
-    results = {variant: train_probe(variant, seed=0, steps=150, batch=32, data=data,
-                                    model_options=one_block)['val_acc']
-               for variant in ('ours', 'local')}
-    assert results['ours'] > 0.9, results
+    return train_probe(variant, seed=0, steps=150, batch=32, data=data,
+                       model_options=one_block)['val_acc']
+
+
+# The order probe, on ConvNeur's own one-block network (GRN and final norm in
+# place): both classes hold the same two marks, so the local-only network,
+# which sees the map as a set of 28 px windows, cannot beat chance; the
+# memory, reading its chunks in raster order, learns which mark came first.
+# One check in two tests (a training each) that share the images.
+def test_memory_learns_the_order_of_far_marks(order_probe_data, single_thread):
+    """Fails when the gate's global input is zeroed (projects/global_probe/README.md)."""
+    ours = _order_probe_val_acc('ours', order_probe_data)
+    assert ours > 0.9, ours
+
+
+def test_local_only_stays_at_chance_on_the_order_of_far_marks(order_probe_data, single_thread):
+    local = _order_probe_val_acc('local', order_probe_data)
     # 400 validation images: one standard error at chance is 2.5 points
-    assert results['local'] < 0.6, results
+    assert local < 0.6, local

@@ -4,6 +4,7 @@ import torch
 
 from convneur_mm.models import ConvNeur
 from convneur_mm.analysis.profiling import SavedTensorMeter
+from ...devices import DEVICES
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 
@@ -28,7 +29,8 @@ def test_dense_outputs_have_channels_and_strides(out_indices, expected):
         assert out.shape == (2, TINY['dims'][stage], 64 // stride, 96 // stride)
 
 
-def test_dense_outputs_are_contiguous_for_roi_align(device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_dense_outputs_are_contiguous_for_roi_align(device):
     """mmcv's RoIAlign reads raw NCHW memory: channels-last strides (what the
     LayerNorms produce) would feed the RoI heads scrambled features. What it
     pools from our maps must equal torchvision's stride-aware RoIAlign."""
@@ -230,7 +232,8 @@ def test_registered_in_our_scope():
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_stem_gradients_do_not_overflow_under_autocast(dtype, device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_stem_gradients_do_not_overflow_under_autocast(dtype, device):
     """The gradient of the stem conv's output is stage 0's times the
     LayerNorm's 1/sigma, and its weight and bias gradients sum that over
     every pixel: on the COCO detector at loss scale 1 the first came within

@@ -11,6 +11,7 @@ from convneur_mm.models.layers.mixers import MIXERS
 from convneur_mm.apis.launch import load_config
 from convneur_mm.apis.toolbox import build_model, dummy_batch
 from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
+from ...devices import DEVICES, on_cuda
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 NEW = ['cbam', 'nonlocal', 'rwkv', 'titans']
@@ -91,7 +92,8 @@ def test_bf16_autocast_trains_close_to_float32(mixer):
 @pytest.mark.parametrize('mixer', list(MIXERS))
 @pytest.mark.parametrize('dtype,tol', [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)],
                          ids=['half', 'bfloat16'])
-def test_a_model_cast_to_16_bits_runs_and_trains(mixer, dtype, tol, device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_a_model_cast_to_16_bits_runs_and_trains(mixer, dtype, tol, device):
     """``model.half()`` / ``.bfloat16()`` without autocast (16-bit inference):
     the float32 pieces (stem conv, input projection, memory) keep float32
     weights and cast at their borders; the rest runs in the model's dtype.
@@ -185,7 +187,9 @@ def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
     return errors
 
 
-def test_fsdp_mixed_precision_runs_and_trains(world_size=2, backend='gloo'):
+@pytest.mark.parametrize('world_size,backend', [
+    pytest.param(2, 'gloo', id='cpu-gloo', marks=pytest.mark.slow), on_cuda(1, 'nccl', id='cuda-nccl')])
+def test_fsdp_mixed_precision_runs_and_trains(world_size, backend):
     """The float32 pieces (stem conv, input projection, memory) get 16-bit
     parameters from FSDP's mixed precision and still compute in float32; it
     crashed in the stem as ``.half()`` did, and under FSDP1 in the memory

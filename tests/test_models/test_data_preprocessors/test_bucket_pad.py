@@ -39,6 +39,7 @@ def padded_shapes(buckets, ratio_range):
     return shapes
 
 
+@pytest.mark.torch_pinned
 @pytest.mark.parametrize('ratio_range,unbucketed', [(4 / 3, 19), (16 / 9, 37), (3, 57)])
 def test_coco_sizes_fit_the_recompile_limit(ratio_range, unbucketed):
     assert len(padded_shapes(None, ratio_range)) == unbucketed  # docs/notes/investigations.md counts

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from convneur_mm.models.layers.local_branch import GRN, spatial_l2_norm
+from ...devices import DEVICES
 
 SHAPES = [(2, 7, 5, 16), (3, 1, 9, 8), (1, 56, 56, 64)]
 
@@ -30,7 +31,8 @@ def random_grn(channels: int, device: str) -> GRN:
 
 
 @pytest.mark.parametrize('shape', SHAPES)
-def test_spatial_norm_equals_vector_norm(shape, device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_spatial_norm_equals_vector_norm(shape, device):
     torch.manual_seed(0)
     x = torch.randn(shape, device=device) * 3
     norm = spatial_l2_norm(x)
@@ -43,7 +45,8 @@ def test_spatial_norm_equals_vector_norm(shape, device='cpu'):
     assert changed == [[1 % shape[0], 0, 0, 3]]
 
 
-def test_spatial_norm_in_float64_is_float64(device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_spatial_norm_in_float64_is_float64(device):
     """No round trip through float32: float64 values and a gradcheck."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
@@ -54,7 +57,8 @@ def test_spatial_norm_in_float64_is_float64(device='cpu'):
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_spatial_norm_of_16bit_maps_does_not_overflow(dtype, device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_spatial_norm_of_16bit_maps_does_not_overflow(dtype, device):
     """|x| = 300 squares to 9e4, beyond float16's 65504: squaring in float16
     would give inf. The result keeps the input's dtype, as ``vector_norm``
     does, and agrees with the float32 norm to the dtype's rounding, also
@@ -70,10 +74,11 @@ def test_spatial_norm_of_16bit_maps_does_not_overflow(dtype, device='cpu'):
                                rtol=2 ** -8, atol=0)
 
 
-def test_bfloat16_maps_are_saved_for_backward_in_bfloat16(device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_bfloat16_maps_are_saved_for_backward_in_bfloat16(device):
     """bf16 ``--amp`` training: autograd keeps the bfloat16 map, not a float32
     copy of GRN's largest activation (on CUDA, where autocast runs ``pow`` in
-    float32, it kept one: the GPU suite runs this with ``device='cuda'``)."""
+    float32, it kept one: the ``cuda`` case checks that)."""
     x = torch.randn(2, 14, 14, 64, device=device).to(torch.bfloat16).requires_grad_(True)
     saved = []
 
@@ -87,6 +92,7 @@ def test_bfloat16_maps_are_saved_for_backward_in_bfloat16(device='cpu'):
     assert full_maps and all(dtype == torch.bfloat16 for dtype in full_maps)
 
 
+@pytest.mark.torch_pinned
 def test_bfloat16_map_meets_no_op_that_cuda_autocast_widens():
     """The same under CUDA ``--amp --amp-dtype bfloat16``: an op on CUDA
     autocast's float32 list (``pow`` is; CPU autocast has no rule for it)
@@ -112,7 +118,8 @@ def test_bfloat16_map_meets_no_op_that_cuda_autocast_widens():
     assert on_map and not widened, on_map
 
 
-def test_zero_channel_has_the_gradient_vector_norm_gives(device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_zero_channel_has_the_gradient_vector_norm_gives(device):
     """sqrt's derivative at 0 is infinite: without care a channel that is
     zero everywhere (fp16 GELU of inputs below about -6 rounds to 0) gets a
     NaN gradient, and a NaN weight update."""
@@ -141,7 +148,8 @@ def test_spatial_norm_on_meta_tensors():
     assert norm.shape == (2, 1, 1, 16) and norm.device.type == 'meta'
 
 
-def test_grn_under_autocast_matches_vector_norm(device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_grn_under_autocast_matches_vector_norm(device):
     """GRN on a 16-bit map under autocast (bfloat16 on CPU, float16 on CUDA),
     as ``--amp`` runs it: a float32 output, as with ``vector_norm`` under the
     same autocast, and at least as close as that to the float32 definition
@@ -163,7 +171,8 @@ def test_grn_under_autocast_matches_vector_norm(device='cpu'):
     assert (out - exact).abs().max() <= (want - exact).abs().max() + slack
 
 
-def test_grn_matches_its_definition(device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_grn_matches_its_definition(device):
     """ConvNeXt-V2's GRN: gamma * (x * N(x)) + beta + x with
     N(x) = ||x||_HW / mean_C ||x||_HW, forward and backward."""
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from convneur_mm.models.layers.block import ConvNeurBlock
 from convneur_mm.models.layers.global_branch import GlobalBranch
 from convneur_mm.models.layers.mixers import MIXERS, resolve_mixer_cfg
 from convneur_mm.testing import mixer_reference as ref
+from ...devices import DEVICES
 
 MEMORY = dict(chunk_size=8, max_lr=1.0, update='parallel', heads=2)
 # small settings whose structure is the default one: two attention heads, a
@@ -146,6 +147,7 @@ def test_segmented_attention_does_not_pad_a_map_shorter_than_a_segment(monkeypat
     assert lengths == [49, 49]
 
 
+@pytest.mark.torch_pinned
 def test_deterministic_mode_allows_cuda_only_the_math_attention_kernel():
     """CUDA's fused attention backward kernels stay non-deterministic under
     ``warn_only`` (what ``--deterministic`` sets); the math one is not."""
@@ -169,6 +171,7 @@ def test_deterministic_mode_allows_cuda_only_the_math_attention_kernel():
         assert all(f() for f in fused)
 
 
+@pytest.mark.torch_pinned
 def test_deterministic_kernel_compiles_without_a_graph_break():
     """Under ``--compile --deterministic`` on CUDA the kernel choice is traced:
     Dynamo cannot call ``is_deterministic_algorithms_warn_only_enabled`` and
@@ -203,7 +206,8 @@ def test_deterministic_kernel_compiles_without_a_graph_break():
 
 
 @pytest.mark.parametrize('mixer', ['attention', 'titans'])
-def test_attention_mixers_repeat_exactly_in_deterministic_mode(mixer, monkeypatch, device='cpu'):
+@pytest.mark.parametrize('device', DEVICES)
+def test_attention_mixers_repeat_exactly_in_deterministic_mode(mixer, monkeypatch, device):
     """Two backward passes in deterministic mode give identical gradients,
     through the kernels ``deterministic_kernel`` allows on the device."""
     import torch.nn.functional as F

@@ -28,6 +28,7 @@ def test_the_dtype_of_the_device_whose_autocast_is_on(dtype):
         assert autocast_dtype('cuda') is None  # another device type's autocast is off
 
 
+@pytest.mark.torch_pinned
 def test_traced_without_graph_breaks():
     def cast(x):
         dtype = autocast_dtype(x.device.type)
