@@ -234,8 +234,9 @@ def _run_child(spec: dict) -> dict:
 def model_report(args: argparse.Namespace) -> dict:
     """Whole-model figures, each measurement in a fresh process (its own
     allocator and peak): peak growth of local-only, of the model and of the
-    model with ``working_set_mib``; then throughput of this tree's model
-    against ``--before``'s, the processes taking turns round by round."""
+    model with ``working_set_mib``; then throughput of this tree's model,
+    sliced and not, against ``--before``'s, the processes taking turns round
+    by round."""
     base = dict(arch=args.model, batch=args.batch, size=args.size, root=ROOT)
     variants = {'local-only': dict(variant='local-only'),
                 args.model: dict(variant='model'),
@@ -246,7 +247,9 @@ def model_report(args: argparse.Namespace) -> dict:
             variant='model', root=osp.abspath(args.before))
     peaks = {name: _run_child(dict(base, **v, measure='peak'))['mib']
              for name, v in variants.items()}
-    timed = {args.model: dict(base, variant='model')}
+    sliced = f'{args.model}, working_set_mib {args.working_set_mib}'
+    timed = {args.model: dict(base, variant='model'),
+             sliced: dict(base, variant='model', working_set_mib=args.working_set_mib)}
     if args.before:
         timed[f'{args.model}, before'] = dict(base, variant='model',
                                               root=osp.abspath(args.before))
