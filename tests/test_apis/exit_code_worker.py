@@ -23,10 +23,10 @@ import torch.distributed as dist
 
 
 def _load_exit_module():
-    """convneur_mm/apis/exit.py by its path: importing the package's engine
-    would import MMEngine, seconds of CPU per rank for nothing used here."""
+    """convneur_mm/apis/exit.py by its path: importing the package would
+    import MMEngine, seconds of CPU per rank for nothing used here."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
-                        'convneur_mm', 'engine', 'exit.py')
+                        'convneur_mm', 'apis', 'exit.py')
     spec = importlib.util.spec_from_file_location('convneur_exit', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
