@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import memory_kernels
 from .memory_ops import (MemoryWeights, decay_carry, memory_forward, memory_grads, product,
                          scan_states)
 try:
@@ -94,8 +95,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             'bfloat16' or 'float16'. Accumulation, states, momentum, the scan,
             LayerNorm statistics and backward, theta, the gates and the
             residual stay float32 (docs/advanced_guides/memory_paths.md).
-        kernels: 'auto' (fused kernels where they apply, else PyTorch),
-            'torch' or 'triton' (an error where the kernels cannot run).
+        kernels: 'auto' (the fused Triton kernels of ``memory_kernels`` in
+            eager CUDA inference with 16-bit product operands, else PyTorch),
+            'torch' or 'triton' (the kernels for every operand dtype; an
+            error where they cannot run).
         working_set_mib: under ``no_grad`` (eager), process slices of images
             whose estimated working set fits this many MiB; the results are
             the same. None: the whole batch at once.
@@ -224,10 +227,6 @@ class NeuralMemory(KeepsFloat32, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (B, N, d)."""
         mm = self.operand_dtype(x)
-        if self.kernels == 'triton':
-            raise RuntimeError("memory_cfg kernels='triton': the fused Triton kernels "
-                               'are not available to this memory (they need CUDA, '
-                               "triton and their package); use 'auto' or 'torch'")
         if self.recompute and self.training and torch.is_grad_enabled():
             # saves x alone; the backward reruns the forward (same maths)
             return checkpoint(self._run, x, mm, use_reentrant=False)
@@ -253,6 +252,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             shape_generic = torch.compiler.is_exporting()
         b, n, _ = x.shape
         h, hd, mm = self.heads, self.head_dim, operand_dtype
+        fused = self._fused_kernels(x, mm)  # never under export: shape_generic's graph
         if shape_generic:
             num_chunks = (n + self.chunk_size - 1) // self.chunk_size
             padded = F.pad(x, (0, 0, 0, num_chunks * self.chunk_size - n))
@@ -268,14 +268,47 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         num_updates = self.num_updates(n)
         proj = self._project(x, num_updates, self._projection_dtype(mm))
         if num_updates == 0:  # one chunk: every token reads W_0
-            out = memory_forward(self.initial_state, proj.queries.reshape(h, b * n, hd), mm)
+            read = memory_kernels.memory_forward_fused if fused else memory_forward
+            out = read(self.initial_state, proj.queries.reshape(h, b * n, hd), mm)
             if torch.is_grad_enabled():
                 out = out + self._zero_tie()
             out = out.reshape(h, b, n, hd)
         else:
-            states, carry = self._write(proj, self.scan_block, mm)
-            out = self._read(proj.queries, states, carry, mm)
+            states, carry = self._write(proj, self.scan_block, mm, fused)
+            out = self._read(proj.queries, states, carry, mm, fused=fused)
         return self._merge_heads(out, n)
+
+    def _fused_kernels(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:
+        """Whether this call runs the fused Triton kernels (``kernels``):
+        'torch' never; 'auto' where ``_kernels_unavailable`` finds no reason
+        not to; 'triton' likewise, and an error naming the reason otherwise."""
+        if self.kernels == 'torch':
+            return False
+        why = self._kernels_unavailable(x, operand_dtype)
+        if why is not None and self.kernels == 'triton':
+            raise RuntimeError(f"memory_cfg kernels='triton', but the fused Triton kernels "
+                               f'cannot run here: {why}')
+        return why is None
+
+    def _kernels_unavailable(self, x: Tensor, operand_dtype: Optional[torch.dtype]
+                             ) -> Optional[str]:
+        """Why the fused kernels cannot serve this call, or None.
+
+        They are forward-only and eager: traced graphs keep the PyTorch path.
+        'auto' takes them on CUDA for 16-bit operands only: their float32
+        products run on CUDA cores in small tiles, untimed against cuBLAS, so
+        float32 inference stays on cuBLAS unless 'triton' asks for them
+        ('triton' also runs them in Triton's CPU interpreter)."""
+        if torch.is_grad_enabled():
+            return 'they are forward-only: run inference under torch.no_grad()'
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return 'traced graphs (torch.compile, torch.export) keep the PyTorch path'
+        if x.dtype != torch.float32:
+            return f'they compute float32 memories, not {x.dtype}'
+        if self.kernels == 'auto' and (x.device.type != 'cuda' or operand_dtype is None):
+            return "'auto' takes them on CUDA with 16-bit product operands only"
+        return memory_kernels.unavailable_reason(x.device, self.head_dim,
+                                                 operand_dtype or torch.float32)
 
     def _image_slices(self, x: Tensor) -> int:
         """Images per slice for ``working_set_mib`` (the batch when unsliced).
@@ -445,12 +478,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         return operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR
 
     def _write(self, proj: _Projections, scan_block: Optional[int],
-               operand_dtype: Optional[torch.dtype] = None
+               operand_dtype: Optional[torch.dtype] = None, fused: bool = False
                ) -> Tuple[MemoryWeights, Optional[Tensor]]:
         """States W_0 .. W_U, each of shape (H, B, U + 1, ...), from the
         projections' U chunks, and None; for a decomposed read, dW_t in place
         of W_t for ``w1`` and ``w2`` and a_t, (H, B, U + 1).
-        ``scan_block`` as in ``momentum_decay_states``."""
+        ``scan_block`` as in ``momentum_decay_states``; ``fused``: the
+        parallel mode's gradients by the fused kernels."""
         h, b, t, hd = proj.keys.shape
         u = proj.log_keep.shape[-1]
         L = t // u
@@ -467,9 +501,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                      enumerate(states[:2])]
             return MemoryWeights(*delta, states.g), carry
         # all chunks take their gradient at W_0: one batched call
-        grads = list(memory_grads(w0, proj.keys.reshape(h, b * u, L, hd),
-                                  proj.values.reshape(h, b * u, L, hd),
-                                  proj.token_lr.reshape(h, b * u, L), operand_dtype))
+        grads_fn = memory_kernels.memory_grads_fused if fused else memory_grads
+        grads = list(grads_fn(w0, proj.keys.reshape(h, b * u, L, hd),
+                              proj.values.reshape(h, b * u, L, hd),
+                              proj.token_lr.reshape(h, b * u, L), operand_dtype))
         log_keep = proj.log_keep.reshape(h * b, u)
         starts = [None if decomposed and i < 2 else
                   init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1)
@@ -515,13 +550,20 @@ class NeuralMemory(KeepsFloat32, nn.Module):
     def _read(self, queries: Tensor, states: MemoryWeights,
               carry: Optional[Tensor] = None,
               operand_dtype: Optional[torch.dtype] = None,
-              always_pad: bool = False) -> Tensor:
+              always_pad: bool = False, fused: bool = False) -> Tensor:
         """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...)
         (with ``carry`` (H, B, C): dW and a_t, see ``memory_forward``); the
         read-outs of the C * L >= N (zero-padded) tokens, (H, B, C * L, hd).
         With a symbolic N it always pads (maybe by zero): no guard on whether
-        N is a multiple of L, so one graph serves both."""
+        N is a multiple of L, so one graph serves both. ``fused``: by the fused
+        kernel, which reads no padding and writes the heads merged: the N
+        read-outs as a view that ``_merge_heads`` turns back without a copy."""
         h, b, n, hd = queries.shape
+        if fused:
+            out = memory_kernels.read_chunks_fused(
+                states, queries, self.chunk_size, operand_dtype,
+                base=None if carry is None else self.initial_state, carry=carry)
+            return out.view(b, n, h, hd).permute(2, 0, 1, 3)
         num_chunks = states.w1.shape[2]
         padded = num_chunks * self.chunk_size
         if always_pad or not known_zero(padded - n):

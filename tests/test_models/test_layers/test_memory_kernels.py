@@ -204,6 +204,7 @@ def interpreter_results() -> dict:
             fused = memory_kernels.read_chunks_fused(states, queries, length, dtype)
             results[f'read_chunks_{tag}'] = dict(exact=_rel_err(fused, ref),
                                                  shapes=[list(fused.shape)])
+    results['modules'] = module_results()  # one subprocess: imports are most of its time
     return results
 
 
@@ -222,6 +223,36 @@ def model_width_results() -> dict:
                 read = memory_kernels.memory_forward_fused(w, x, dtype)
                 errors['read'] = _rel_err(read, exact)
                 results[f'{tag}_d{d}'] = errors
+    return results
+
+
+def module_results() -> dict:
+    """``NeuralMemory(kernels='triton')`` against ``kernels='torch'`` and
+    float64, end to end on the CPU in the interpreter: {case: errors}."""
+    import copy
+
+    from convneur_mm.models.layers import NeuralMemory
+    cases = {  # 20 tokens in chunks of 8: two writes, a partial last chunk
+        'two_heads': dict(dim=32, heads=2, chunk_size=8, tokens=20),
+        'one_chunk': dict(dim=16, chunk_size=8, tokens=6),
+        'sequential': dict(dim=16, chunk_size=8, tokens=20, update='sequential'),
+        'decomposed_f16': dict(dim=16, chunk_size=8, tokens=20, max_lr=1e-3,
+                               matmul_dtype='float16'),
+    }
+    results = {}
+    for name, cfg in cases.items():
+        tokens = cfg.pop('tokens')
+        torch.manual_seed(0)
+        ref = NeuralMemory(**cfg, kernels='torch').eval()
+        fused = copy.deepcopy(ref)
+        fused.kernels = 'triton'
+        exact = copy.deepcopy(ref).double()
+        exact.matmul_dtype = 'float32'
+        x = torch.randn(2, tokens, cfg['dim'])
+        with torch.no_grad():
+            out = fused(x)
+            results[name] = dict(vs_torch=_rel_err(out, ref(x).double()),
+                                 exact=_rel_err(out, exact(x.double())))
     return results
 
 
@@ -282,6 +313,54 @@ def test_interpreter_refuses_bfloat16(interpreted):
     # it would multiply bfloat16 bit patterns: a clear refusal, not garbage
     assert 'bfloat16' in interpreted['interpreter_bf16']['reason']
     assert interpreted['interpreter_bf16']['float32_reason'] is None
+
+
+@pytest.fixture(scope='module')
+def interpreted_modules(interpreted):
+    return interpreted['modules']
+
+
+@pytest.mark.parametrize('case', ['two_heads', 'one_chunk', 'sequential'])
+def test_memory_with_triton_kernels_matches_the_pytorch_path(interpreted_modules, case):
+    # kernels='triton' runs them in the interpreter on a CPU: the whole
+    # module, written chunks, merged heads and the single-chunk read
+    errors = interpreted_modules[case]
+    assert errors['vs_torch'] < F32_TOL and errors['exact'] < F32_TOL, errors
+
+
+def test_memory_with_triton_kernels_in_float16_decomposed(interpreted_modules):
+    # max_lr 1e-3 and float16 operands: the decomposed read; the update is a
+    # small part of the output, whose error is then mostly float32's (1e-6)
+    errors = interpreted_modules['decomposed_f16']
+    assert errors['vs_torch'] < 1e-4 and errors['exact'] < 1e-4, errors
+
+
+def test_auto_kernels_on_a_cpu_take_the_pytorch_path(monkeypatch):
+    from convneur_mm.models.layers import NeuralMemory
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a fused kernel ran')
+
+    for name in ('memory_grads_fused', 'memory_forward_fused', 'read_chunks_fused'):
+        monkeypatch.setattr(memory_kernels, name, refuse)
+    torch.manual_seed(0)
+    auto = NeuralMemory(16, chunk_size=8, kernels='auto', matmul_dtype='float16').eval()
+    x = torch.randn(2, 20, 16)
+    with torch.no_grad():
+        out = auto(x)
+        auto.kernels = 'torch'
+        torch.testing.assert_close(out, auto(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_an_error():
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
+        memory(torch.randn(2, 20, 16))
+    with pytest.raises(RuntimeError, match='forward-only'):
+        memory(torch.randn(2, 20, 16))
 
 
 def test_fused_decomposed_read_keeps_small_updates(interpreted):
@@ -393,6 +472,30 @@ def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
         _compile_for_gpu(name, d, operand_dtype, arch)
     if operand_dtype != torch.float32:
         _compile_for_gpu('read_kernel', d, operand_dtype, arch, decomposed=True)
+
+
+@pytest.mark.gpu
+def test_auto_kernels_serve_cuda_inference_in_bfloat16(monkeypatch):
+    from convneur_mm.models.layers import NeuralMemory
+    calls = []
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ('memory_grads_fused', 'memory_forward_fused', 'read_chunks_fused'):
+        monkeypatch.setattr(memory_kernels, name, counted(name, getattr(memory_kernels, name)))
+    torch.manual_seed(0)
+    memory = NeuralMemory(128, chunk_size=196, kernels='auto').cuda().eval()
+    x = torch.randn(4, 784, 128, device='cuda')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        out = memory(x)
+        memory.kernels = 'torch'
+        ref = memory(x)
+    assert sorted(set(calls)) == ['memory_grads_fused', 'read_chunks_fused']
+    assert _rel_err(out.cpu(), ref.double().cpu()) < BF16_TOL
 
 
 @pytest.mark.gpu
