@@ -24,6 +24,7 @@ import torch
 from mmengine.runner.checkpoint import _load_checkpoint
 
 import convneur_mm  # noqa: F401  (the weights-only loader)
+from convneur_mm.apis.toolbox import quiet_init
 from convneur_mm.models.utils.convnextv2 import (TASKS, ConvNeXtV2CheckpointError, convert)
 
 
@@ -58,8 +59,9 @@ def read_checkpoint(src: str) -> dict:
 def convert_file(src: str, dst: str, task: str = 'dense', arch: Optional[str] = None,
                  memory_placement: str = 'stage') -> dict:
     """Convert the file ``src``, save the result to ``dst``; returns its meta."""
-    converted = convert(read_checkpoint(src), task=task, arch=arch,
-                        memory_placement=memory_placement, source=osp.basename(src))
+    with quiet_init():  # the global branches' init, not a line per parameter
+        converted = convert(read_checkpoint(src), task=task, arch=arch,
+                            memory_placement=memory_placement, source=osp.basename(src))
     converted['meta']['source_sha256'] = _sha256(src)
     if osp.dirname(dst):
         os.makedirs(osp.dirname(dst), exist_ok=True)
