@@ -51,7 +51,6 @@ import os
 import os.path as osp
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -59,11 +58,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-if '--model-child' not in sys.argv:  # a child imports the checkout on its PYTHONPATH
-    sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
-                                            peak_gemm_rate, setup_benchmark_device,
-                                            synchronize)
+                                            median, peak_gemm_rate, setup_benchmark_device,
+                                            synchronize, time_call)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
 
 
@@ -163,10 +160,8 @@ def time_paths(paths: Dict[str, Tuple[nn.Module, Callable]], x: torch.Tensor,
         step(module, fn, x, device)  # warm-up (and compilation)
     for _ in range(repeats):
         for name, (module, fn) in paths.items():
-            start = time.perf_counter()
-            step(module, fn, x, device)
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name].append(time_call(lambda: step(module, fn, x, device), device))
+    return {name: median(t) for name, t in times.items()}
 
 
 def titans_report(name: str, flops: Dict[str, float], train: Dict[str, float],

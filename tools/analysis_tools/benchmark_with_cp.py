@@ -24,17 +24,14 @@ backward of a loss on every output. Printed as a Markdown table:
 * time: median of ``--repeats`` forward+backward steps after a warm-up.
 """
 import argparse
-import os.path as osp
-import sys
-import time
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from convneur_mm.models import ConvNeur  # noqa: E402
 from convneur_mm.analysis.bench_env import (is_cuda, memory_allocated_bytes,  # noqa: E402
                                          peak_memory_bytes, reset_peak_memory,
-                                         setup_benchmark_device, synchronize)
+                                         median, setup_benchmark_device, synchronize,
+                                         time_calls)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
 from convneur_mm.analysis.profiling import SavedTensorMeter  # noqa: E402
 from convneur_mm.apis.toolbox import quiet_init  # noqa: E402
@@ -107,13 +104,7 @@ def measure_time(model: ConvNeur, x: torch.Tensor, repeats: int) -> float:
         model.zero_grad(set_to_none=True)
         loss_of(model(x)).backward()
         synchronize(x.device)
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median(time_calls(step, repeats, x.device, warmup=1))
 
 
 def main(argv=None):
