@@ -79,7 +79,7 @@ def test_a_backbone_without_depths_is_a_clear_error():
     ('cascade_rcnn_convneur_m2_1x_coco.py', 'mmdet.LearningRateDecayOptimizerConstructor'),
     ('upernet_convneur_m2_80k_ade20k.py', 'mmseg.LearningRateDecayOptimizerConstructor')])
 def test_the_toolboxes_own_constructors_know_convnext_only(config, theirs):
-    """Why ours exists (docs/training.md says so): theirs check the class name."""
+    """Why ours exists (docs/user_guides/train_and_test.md says so): theirs check the class name."""
     cfg = load_config(config)
     with pytest.raises(NotImplementedError):
         build_optim_wrapper(build_model(cfg, init=False), dict(
