@@ -26,8 +26,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, REPO)
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth,  # noqa: E402
                                          setup_benchmark_device, synchronize)
 
