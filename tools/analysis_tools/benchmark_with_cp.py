@@ -27,14 +27,12 @@ import argparse
 
 import torch
 
-from convneur_mm.models import ConvNeur  # noqa: E402
-from convneur_mm.analysis.bench_env import (is_cuda, memory_allocated_bytes,  # noqa: E402
-                                         peak_memory_bytes, reset_peak_memory,
-                                         median, setup_benchmark_device, synchronize,
-                                         time_calls)
-from convneur_mm.utils.cli import positive_int  # noqa: E402
-from convneur_mm.analysis.profiling import SavedTensorMeter  # noqa: E402
-from convneur_mm.apis.toolbox import quiet_init  # noqa: E402
+from convneur_mm.analysis.bench_env import (median, setup_benchmark_device, synchronize,
+                                            time_calls)
+from convneur_mm.analysis.profiling import measure_memory, outputs_loss
+from convneur_mm.apis.toolbox import quiet_init
+from convneur_mm.models import ConvNeur
+from convneur_mm.utils.cli import positive_int
 
 MIB = 2**20
 # plain, block checkpointing, the memory's own recomputation
@@ -74,35 +72,10 @@ def build(args, with_cp: bool, recompute: bool = False) -> ConvNeur:
     return model.to(args.device).train()
 
 
-def loss_of(outs) -> torch.Tensor:
-    return sum(o.float().square().mean() for o in outs)
-
-
-def measure_memory(model: ConvNeur, x: torch.Tensor) -> dict:
-    """Saved-tensor bytes of one step, in total and of the largest block."""
-    blocks = {f'stage{i}.block{j}': block for i, stage in enumerate(model.stages)
-              for j, block in enumerate(stage)}
-    model.zero_grad(set_to_none=True)
-    with SavedTensorMeter(exclude=model.parameters(), scopes=blocks) as meter:
-        loss = loss_of(model(x))
-    saved, largest = meter.total_bytes, max(meter.by_scope.values(), default=0)
-    loss.backward()
-    result = dict(saved=saved, largest_block=largest)
-    if is_cuda(x.device):
-        model.zero_grad(set_to_none=True)
-        synchronize(x.device)
-        reset_peak_memory(x.device)
-        base = memory_allocated_bytes(x.device)
-        loss_of(model(x)).backward()
-        synchronize(x.device)
-        result['cuda_peak'] = peak_memory_bytes(x.device) - base
-    return result
-
-
 def measure_time(model: ConvNeur, x: torch.Tensor, repeats: int) -> float:
     def step():
         model.zero_grad(set_to_none=True)
-        loss_of(model(x)).backward()
+        outputs_loss(model(x)).backward()
         synchronize(x.device)
     return median(time_calls(step, repeats, x.device, warmup=1))
 
