@@ -16,6 +16,7 @@ writes HistoryBuffers without that table; loading rebuilds it from the class,
 where MMEngine keeps it anyway.
 """
 import copyreg
+import hashlib
 import importlib
 import os.path as osp
 import pickle
@@ -52,6 +53,15 @@ def _check_complete(filename: str) -> None:
         head = f.read(2)
     if head[:1] != b'\x80':  # the legacy format starts with a pickle PROTO opcode
         raise _corrupt(filename, 'neither a zip archive nor a legacy torch pickle')
+
+
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks (converters record their source's)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def allowed_globals() -> List[object]:

@@ -27,7 +27,6 @@ inferred from the tensor shapes and checked against a ``ConvNeur`` built
 from it; any other input is refused with :class:`NotConvNeurClassifierError`.
 """
 import argparse
-import hashlib
 import os
 import os.path as osp
 import re
@@ -40,6 +39,7 @@ import convneur_mm
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.models.utils.pretrained import (CheckpointMismatchError, compare_state_dicts,
                                           extract_state_dict)
+from convneur_mm.utils.checkpoint_safety import file_sha256
 
 PREFIX = 'backbone.'
 CONVERTER = 'tools/model_converters/cls_to_backbone.py'
@@ -188,14 +188,6 @@ def convert(checkpoint: dict, out_indices: Sequence[int] = DENSE_OUT_INDICES,
     return dict(meta=meta, state_dict=state)
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_file(src: str, dst: str,
                  out_indices: Sequence[int] = DENSE_OUT_INDICES) -> dict:
     """Convert the checkpoint file ``src`` and save it to ``dst``; returns its meta."""
@@ -207,7 +199,7 @@ def convert_file(src: str, dst: str,
         raise _refuse(src, f'it cannot be read as a checkpoint ({type(err).__name__}: '
                       f'{str(err).splitlines()[0] if str(err) else ""})') from None
     converted = convert(checkpoint, out_indices, source=src)
-    converted['meta']['source_sha256'] = _sha256(src)
+    converted['meta']['source_sha256'] = file_sha256(src)
     if osp.dirname(dst):
         os.makedirs(osp.dirname(dst), exist_ok=True)
     torch.save(converted, dst)

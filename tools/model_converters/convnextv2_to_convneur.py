@@ -15,7 +15,6 @@ with the four output norms of the detection and segmentation configs;
 ``convneur_mm.models.utils.convnextv2.KEY_TABLE``.
 """
 import argparse
-import hashlib
 import os
 import os.path as osp
 from typing import Optional, Sequence
@@ -26,14 +25,7 @@ from mmengine.runner.checkpoint import _load_checkpoint
 import convneur_mm  # noqa: F401  (the weights-only loader)
 from convneur_mm.apis.toolbox import quiet_init
 from convneur_mm.models.utils.convnextv2 import (TASKS, ConvNeXtV2CheckpointError, convert)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+from convneur_mm.utils.checkpoint_safety import file_sha256
 
 
 def read_checkpoint(src: str) -> dict:
@@ -62,7 +54,7 @@ def convert_file(src: str, dst: str, task: str = 'dense', arch: Optional[str] = 
     with quiet_init():  # the global branches' init, not a line per parameter
         converted = convert(read_checkpoint(src), task=task, arch=arch,
                             memory_placement=memory_placement, source=osp.basename(src))
-    converted['meta']['source_sha256'] = _sha256(src)
+    converted['meta']['source_sha256'] = file_sha256(src)
     if osp.dirname(dst):
         os.makedirs(osp.dirname(dst), exist_ok=True)
     torch.save(converted, dst)
