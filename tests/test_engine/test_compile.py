@@ -113,6 +113,7 @@ def test_compiled_backbone_matches_eager_in_outputs_and_gradients(device, amp):
 EVAL_SIZES = ((64, 96), (72, 104), (70, 90), (66, 99), (97, 61), (128, 40))
 
 
+@pytest.mark.slow
 @pytest.mark.torch_pinned
 def test_evaluation_compiles_two_graphs_for_any_number_of_sizes():
     """Without gradients (validation, tools/test.py) the compiled parts use

@@ -32,8 +32,8 @@ def _summary(capsys) -> dict:
 
 
 @pytest.mark.torch_pinned
-@pytest.mark.parametrize('static', [False, pytest.param(True, marks=pytest.mark.slow)],
-                         ids=['automatic-dynamic', 'static'])
+@pytest.mark.slow
+@pytest.mark.parametrize('static', [False, True], ids=['automatic-dynamic', 'static'])
 def test_evaluation_graphs_of_the_ade20k_config(static, capsys):
     """Semantic FPN M2 (backbone, neck, decode head) on six images that its
     test pipeline resizes to six unpadded shapes, 512 by 564 to 760: static
