@@ -122,7 +122,7 @@ def render(maps: Dict[str, np.ndarray], path: str) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches='tight', pad_inches=0.1)  # titles inside the canvas
     plt.close(fig)
 
 
