@@ -301,7 +301,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         ('triton' also runs them in Triton's CPU interpreter)."""
         if torch.is_grad_enabled():
             return 'they are forward-only: run inference under torch.no_grad()'
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if _traced():
             return 'traced graphs (torch.compile, torch.export) keep the PyTorch path'
         if x.dtype != torch.float32:
             return f'they compute float32 memories, not {x.dtype}'
@@ -316,8 +316,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         Only eager inference slices: traced graphs (compile, export) keep one
         path, and autograd would keep every slice's tensors anyway."""
         b, n, _ = x.shape
-        if (self.working_set_mib is None or torch.is_grad_enabled() or b == 1 or
-                torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        if self.working_set_mib is None or torch.is_grad_enabled() or b == 1 or _traced():
             return b
         per_image = self.working_set_bytes(n, x.element_size())
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
@@ -590,6 +589,11 @@ def plain_layers(*layers: Tuple[nn.Module, type]) -> bool:
         if any(isinstance(p, DTensor) for p in layer.parameters()):
             return False
     return True
+
+
+def _traced() -> bool:
+    """Inside torch.compile or torch.export: such graphs keep one eager-equivalent path."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _packed(t: Tensor) -> Tensor:
