@@ -18,20 +18,21 @@ def import_analysis_tool(name: str) -> ModuleType:
         sys.path.remove(ANALYSIS_TOOLS)
 
 
-def import_tool(name: str) -> ModuleType:
-    """tools/NAME.py as a module, under another name ('test' is the standard
-    library's package)."""
-    spec = importlib.util.spec_from_file_location(f'convneur_tools_{name}',
-                                                  osp.join(REPO, 'tools', f'{name}.py'))
+def import_file(name: str, path: str) -> ModuleType:
+    """The Python file at ``path`` as a module called ``name`` (tools are scripts,
+    not packages)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def import_tool(name: str) -> ModuleType:
+    """tools/NAME.py as a module, under another name ('test' is the standard
+    library's package)."""
+    return import_file(f'convneur_tools_{name}', osp.join(REPO, 'tools', f'{name}.py'))
 
 
 def import_setup_helper() -> ModuleType:
     """tools/setup/cuda_setup.py, the installer's helper (run by path, never shipped)."""
-    spec = importlib.util.spec_from_file_location(
-        'convneur_cuda_setup', osp.join(REPO, 'tools', 'setup', 'cuda_setup.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file('convneur_cuda_setup', osp.join(REPO, 'tools', 'setup', 'cuda_setup.py'))

@@ -3,7 +3,6 @@ classifier for two iterations, convert its checkpoint, load it strictly into
 the detector and the segmentor, and compare every tensor."""
 import contextlib
 import hashlib
-import importlib.util
 import logging
 import os.path as osp
 import subprocess
@@ -19,6 +18,7 @@ from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from convneur_mm.apis.launch import build_runner
 from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.utils.paths import tools_dir
+from ..paths import import_file
 from convneur_mm.models.utils.pretrained import CheckpointMismatchError
 from convneur_mm.apis.launch import load_config
 from convneur_mm.apis.toolbox import build_model
@@ -29,14 +29,7 @@ DENSE_M3 = ('cascade_rcnn_convneur_m3_1x_coco.py', 'fpn_convneur_m3_80k_ade20k.p
 NEW_NORMS = [f'norm{i}.{p}' for i in range(3) for p in ('bias', 'weight')]
 
 
-def _load_converter():
-    spec = importlib.util.spec_from_file_location('cls_to_backbone', CONVERTER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-converter = _load_converter()
+converter = import_file('cls_to_backbone', CONVERTER)
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,6 @@ its published definition (``OfficialConvNeXtV2``). Each is saved in its own
 format, converted, loaded through ConvNeur's ``init_cfg`` and compared on the
 same images: the four stage outputs and the logits.
 """
-import importlib.util
 import os
 import os.path as osp
 from typing import Dict, List, Tuple
@@ -20,6 +19,7 @@ import convneur_mm  # noqa: F401  (registry, weights-only loader)
 from convneur_mm.models.utils.convnextv2 import (KEY_TABLE, ConvNeXtV2CheckpointError, SIZES,
                                                  convert, to_convneur_keys)
 from convneur_mm.utils.paths import tools_dir
+from ..paths import import_file
 
 TOOL = osp.join(tools_dir(), 'model_converters', 'convnextv2_to_convneur.py')
 ARCH = {'atto': 'm1', 'femto': 'm2', 'pico': 'm3', 'nano': 'm4'}
@@ -27,14 +27,7 @@ NUM_CLASSES = 10
 TOLERANCE = 1e-5  # relative L2 error, local-only and warm start alike
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('convnextv2_to_convneur', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = import_file('convnextv2_to_convneur', TOOL)
 
 
 def rel_err(ours: Tensor, ref: Tensor) -> float:
