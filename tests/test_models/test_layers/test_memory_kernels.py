@@ -421,6 +421,25 @@ def test_kernels_check_their_inputs():
     assert not memory_kernels.kernels_available('cpu', head_dim=512)
 
 
+def test_tile_span_check_bounds_the_rows_not_the_outer_dims():
+    """Outer dims are addressed by int64 base offsets: a batch of 128 images at
+    stage 1 (a group stride of 48M elements) must pass; a chunk whose rows
+    alone span 2**31 elements must not. Meta tensors: no memory is allocated."""
+    from convneur_mm.models.layers.memory_kernels.ops import _check_span
+
+    def meta(shape, strides):
+        return torch.empty_strided(shape, strides, device='meta')
+
+    keys = meta((2, 1920, 196, 128), (48168960, 25088, 128, 1))
+    _check_span('keys', 196, keys)
+    _check_span('token_lr', 196, meta((2, 1920, 196), (376320, 196, 1)), row_dim=-1)
+    _check_span('x', 4096, meta((1, 128, 50176, 128), (2**33, 6422528, 128, 1)))
+    with pytest.raises(ValueError, match='x: a chunk of 4096 rows .* spans more than 2\\*\\*31'):
+        _check_span('x', 4096, meta((1, 2, 4096, 8), (2**32, 2**30, 2**19, 1)))
+    with pytest.raises(ValueError, match='token_lr'):
+        _check_span('token_lr', 196, meta((1, 2, 196), (2**40, 2**32, 2**24)), row_dim=-1)
+
+
 def _compile_for_gpu(kernel_name: str, d: int, operand_dtype: torch.dtype, arch: int,
                      decomposed: bool = False):
     """Compile one kernel to a cubin for sm_``arch`` with the tiles its

@@ -182,9 +182,14 @@ def _launch_config(operand_dtype: torch.dtype, device: torch.device):
     return kernels, dict(DTYPE=dtype, PREC='ieee', BASE_PREC=base)
 
 
-def _check_span(name: str, rows: int, t: Tensor) -> None:
-    """Offsets inside a tile are int32: a chunk's rows must span < 2**31."""
-    if rows * max(t.stride()) >= 2**31:
+def _check_span(name: str, rows: int, t: Tensor, row_dim: int = -2) -> None:
+    """Offsets inside a tile are int32: a chunk's ``rows`` along ``row_dim``,
+    with the features of the last dim (unless that is the row dim), must span
+    < 2**31 elements. The outer dims are addressed by int64 base offsets."""
+    span = rows * abs(t.stride(row_dim))
+    if row_dim % t.dim() != t.dim() - 1:
+        span += t.shape[-1] * abs(t.stride(-1))
+    if span >= 2**31:
         raise ValueError(f'{name}: a chunk of {rows} rows with strides {t.stride()} spans '
                          'more than 2**31 elements, beyond the kernels\' int32 tile offsets')
 
@@ -233,7 +238,7 @@ def memory_grads_fused(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
         return MemoryWeights(g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts))
     _check_span('keys', length, keys)
     _check_span('values', length, values)
-    _check_span('token_lr', length, token_lr)
+    _check_span('token_lr', length, token_lr, row_dim=-1)
     _check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
     tiles = _blocks(d, length, block_rows, block_hidden, operand_dtype)
     kernels, cfg = _launch_config(operand_dtype, keys.device)
