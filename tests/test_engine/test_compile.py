@@ -268,12 +268,20 @@ def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
 
 @pytest.mark.torch_pinned
 @pytest.mark.parametrize('training', [True, False])
-def test_backbone_traces_without_graph_breaks(training):
-    """The memory's hot path (write, scan, read) and the blocks are one graph."""
-    holder = _tiny_backbone()
+@pytest.mark.parametrize('device,amp', [
+    pytest.param('cpu', None, id='cpu-float32'),
+    pytest.param('cpu', torch.bfloat16, id='cpu-bf16-autocast'),
+    # bf16 operands ('auto'), bmm with a float32 output in inference
+    on_cuda('cuda', torch.bfloat16, id='cuda-bf16-autocast')])
+def test_backbone_traces_without_graph_breaks(training, device, amp):
+    """The memory's hot path (write, scan, read) and the blocks are one graph:
+    a break makes every block's ``branches`` a frame of its own, one graph per
+    block, and past the recompile limit (8) the rest of the blocks run eager."""
+    holder = _tiny_backbone().to(device)
     holder.backbone.train(training)
-    x = torch.randn(2, 3, 32, 48)
-    with torch.set_grad_enabled(training):
+    x = torch.randn(2, 3, 32, 48, device=device)
+    with torch.set_grad_enabled(training), torch.autocast(device, dtype=amp or torch.float32,
+                                                          enabled=amp is not None):
         explanation = torch._dynamo.explain(holder.backbone)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1

@@ -119,7 +119,13 @@ def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
     for prefix, m in module.named_modules():
         if any(prefix == p or prefix.startswith(p + '.') for p in own):
             continue
-        attributes = ((k, v) for k, v in vars(m).items() if isinstance(v, Tensor))
+        if torch.compiler.is_compiling():
+            # Dynamo (torch 2.11) breaks the graph at vars(module); compiled
+            # FSDP1 needs use_orig_params, whose plain attributes shadow the
+            # registered parameters of the same names: getattr finds them
+            attributes = ((k, getattr(m, k)) for k in m._parameters)
+        else:
+            attributes = ((k, v) for k, v in vars(m).items() if isinstance(v, Tensor))
         for key, t in (*m._parameters.items(), *attributes):
             # not FSDP1's own flat parameter (``_flat_param``), the others' storage
             if t is not None and _narrow(t) and not key.startswith('_'):
