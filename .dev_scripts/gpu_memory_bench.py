@@ -564,24 +564,53 @@ def section_model(ctx: 'Run') -> Dict:
 
 
 def section_compiled(ctx: 'Run') -> Dict:
-    from convneur_mm.engine.compile import compile_model
+    from convneur_mm.engine.compile import compile_model, graphs_compiled
     backend = 'inductor' if ctx.cuda else 'eager'
     why = ctx.budget.why_not(ctx.needs('compiled_mode'))
     if why:
         return dict(status=why)
-    models = {'M3': copy.deepcopy(ctx.m3), 'M3 local-only': copy.deepcopy(ctx.local_only)}
-    for model in models.values():
-        compile_model(model, backend=backend)
     # bf16 first: the targets are bf16's, and the budget may end before float32.
     # A dry run traces one mode: tracing M3 takes most of its time on a CPU
     modes = ('float32', ) if ctx.dry else ('bf16_autocast', 'float32')
-    rows = _model_rows(ctx, models, modes, compiled=True,
-                       checkpoint=lambda rows: ctx.checkpoint(dict(backend=backend, modes=rows)))
+    rows: Dict = {}
+    for mode in modes:
+        # a run compiles for one precision: an empty Dynamo cache and fresh
+        # copies per mode, so that one mode's graphs do not use up the other's
+        # recompile limit (then the rest runs eager)
+        torch._dynamo.reset()
+        models = {'M3': copy.deepcopy(ctx.m3), 'M3 local-only': copy.deepcopy(ctx.local_only)}
+        for model in models.values():
+            compile_model(model, backend=backend)
+        before = graphs_compiled()
+        rows.update(_model_rows(ctx, models, (mode, ), compiled=True, checkpoint=lambda part:
+                                ctx.checkpoint(dict(backend=backend, modes={**rows, **part}))))
+        if rows[mode]['status'] == 'ok':
+            rows[mode]['graphs'] = graphs_compiled() - before
+            rows[mode]['graph_breaks'] = _graph_breaks(ctx, mode)
+        del models
+        free(ctx.device)
     if ctx.dry:
         rows['bf16_autocast'] = dict(status='skipped: dry run (one traced mode checks the path)')
     return dict(backend=backend, mode='default', batch=ctx.sizes['batch'], modes=rows,
-                note='convneur_mm.engine.compile.compile_model (backbone and head); '
-                'first_call_s includes the compilation')
+                note='convneur_mm.engine.compile.compile_model (backbone and head), compiled '
+                'anew per mode; first_call_s includes the compilation; graphs: Dynamo graphs '
+                'of both models (two each without breaks: backbone and head)')
+
+
+def _graph_breaks(ctx: 'Run', mode: str) -> Dict:
+    """M3's backbone under ``torch._dynamo.explain`` at batch 2: the number of
+    graph breaks and their first reasons (a break costs a graph per block)."""
+    context = 'bf16' if mode == 'bf16_autocast' else None
+    x = torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'], device=ctx.device)
+    try:
+        with torch.inference_mode(), precision(context, ctx.device):
+            explanation = torch._dynamo.explain(ctx.m3.backbone)(x)
+    except Exception as exc:  # noqa: BLE001
+        return dict(status=describe_error(exc))
+    finally:
+        torch._dynamo.reset()
+    return dict(status='ok', count=explanation.graph_break_count,
+                reasons=[str(r.reason)[:300] for r in explanation.break_reasons[:3]])
 
 
 def section_latency(ctx: 'Run') -> Dict:
