@@ -9,11 +9,10 @@
 #   bench    gpu_memory_bench.py: the neural memory's products, its variants,
 #            M3 against local-only eager and compiled, numerics, batch 1
 #            under CUDA graphs; JSON in $OUT/gpu_memory_bench.json
-#   tests    the GPU tests that never ran on a GPU: a model cast to 16 bits,
-#            FSDP mixed precision, deterministic attention, the stem's and
-#            input projection's autocast gradients, and the fp16 detector
-#            step where mmcv has its CUDA ops (not with MMCV_OPS=0: then it
-#            is left out, and said so)
+#   tests    the GPU tests still to run on a GPU: the backbone's graph-break
+#            check under CUDA bf16 autocast, and where mmcv has its CUDA ops
+#            the fp16 detector step and RoIAlign on the backbone's outputs
+#            (not with MMCV_OPS=0: then they are left out, and said so)
 #   speed, compile, demo, headroom: each fills a session of its own
 #            (benchmark_speed.py, benchmark_compile.py, the detection demo,
 #            fp16_headroom.py; docs/notes/gpu_runs.md)
@@ -57,12 +56,12 @@ bench() {  # the script's own budget ends 30 s before the step's limit: its JSON
 }
 
 gpu_tests() {
-    local keys=${TESTS_K:-"16_bits or fsdp or deterministic or stem or input_projection"}
+    local keys=${TESTS_K:-"graph_breaks"}
     if "$PYTHON" -c "import mmcv.ops" 2>/dev/null; then
-        keys="fp16_amp or $keys"
+        keys="fp16_amp or roi_align or $keys"
     else
         echo "[gpu_todo] tests: mmcv has no CUDA ops here (MMCV_OPS=0): the fp16 detector" \
-             "test (fp16_amp) is left out"
+             "step (fp16_amp) and RoIAlign (roi_align) are left out"
     fi
     local per_test=()
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 150)
