@@ -24,6 +24,18 @@ def test_scaling_exponent_needs_sizes_that_differ():
     assert abs(fit([(512 ** 2, 1.0), (1024 ** 2, 16.0)]) - 2.0) < 1e-9
 
 
+def test_resolution_measure_reports_the_fastest_timed_forward(monkeypatch):
+    """One forward warms up and is not timed; the fastest timed one counts."""
+    tool = import_analysis_tool('resolution_scaling')
+    calls = []
+    monkeypatch.setattr(tool, 'time_calls', lambda fn, repeats, device, warmup: (
+        calls.append((repeats, device, warmup)), fn(), [0.3, 0.2, 0.4])[-1])
+    result = tool.measure('ConvNeur-M3 local-only', (64, 96), 'cpu', 3)
+    assert calls == [(3, 'cpu', 1)]
+    assert result['name'] == 'ConvNeur-M3 local-only' and result['size'] == [64, 96]
+    assert result['seconds'] == 0.2 and result['peak_mb'] >= 0
+
+
 def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
     """The speed-up bound printed by benchmark_memory rests on this: the
     closed-form path and the autograd reference run the same GEMM FLOPs."""

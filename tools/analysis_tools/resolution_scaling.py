@@ -21,13 +21,12 @@ import os.path as osp
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth,  # noqa: E402
-                                         setup_benchmark_device, synchronize)
+                                         setup_benchmark_device, time_calls)
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -72,13 +71,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
     model.eval()  # some toolbox backbones' train() returns None
     x = torch.randn(1, 3, *size, device=device)
     memory = PeakMemoryGrowth(device)
-    times = []
-    for i in range(iters + 1):  # the first run warms up
-        start = time.perf_counter()
-        model(x)
-        synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
+    times = time_calls(lambda: model(x), iters, device, warmup=1)
     return dict(name=name, size=list(size), seconds=min(times), peak_mb=memory.mib())
 
 
