@@ -74,6 +74,8 @@ class AtenOpCounter(TorchDispatchMode):
     """Counts the ATen ops dispatched inside the context (eager mode), by
     name: ``kernels`` those that return a tensor and compute (what a GPU launches), ``views``
     the aliasing ones (views, reshapes, detach), which launch nothing.
+    ``bytes``: per kernel op, the bytes of its tensor arguments and results,
+    each read or written once: the least memory traffic of an unfused op.
 
     Used by the tests and ``tools/analysis_tools/count_ops.py`` to compare
     one path of the memory against another by the kernels it launches."""
@@ -82,14 +84,23 @@ class AtenOpCounter(TorchDispatchMode):
         super().__init__()
         self.kernels: Counter = Counter()
         self.views: Counter = Counter()
+        self.bytes: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         # ops that return no tensor (``promote_types``) compute nothing on a device
-        if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+        if outs:
             name = str(func.overloadpacket.__name__)
             (self.views if func.is_view else self.kernels)[name] += 1
+            if not func.is_view:
+                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                self.bytes[name] += sum(t.numel() * t.element_size() for t in ins + outs)
         return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
 
     @property
     def num_kernels(self) -> int:

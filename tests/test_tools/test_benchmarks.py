@@ -36,6 +36,29 @@ def test_resolution_measure_reports_the_fastest_timed_forward(monkeypatch):
     assert result['seconds'] == 0.2 and result['peak_mb'] >= 0
 
 
+def test_op_counter_sums_each_kernels_arguments_and_results_in_bytes():
+    from convneur_mm.testing.memory_reference import AtenOpCounter
+    a, b = torch.randn(3, 4), torch.randn(4, 5, dtype=torch.float64)
+    with AtenOpCounter() as counter:
+        a.t()  # a view: no bytes
+        a.mm(b.float())  # a cast (4x5 float64 in, float32 out), then a product
+        a.mul_(2)  # in place: read and written
+    assert counter.bytes == {'_to_copy': 20 * 8 + 20 * 4, 'mm': (12 + 20 + 15) * 4,
+                             'mul_': 2 * 12 * 4}
+    assert counter.total_bytes == sum(counter.bytes.values()) and counter.num_views == 1
+
+
+def test_count_ops_on_meta_tensors_equals_the_cpu_count():
+    """``--device meta`` (no data: a batch of 128 in seconds) dispatches the
+    same ops with the same shapes as the CPU."""
+    count = import_analysis_tool('count_ops').count
+    on_cpu, on_meta = (count('m1', 0, 64, 2, device) for device in ('cpu', 'meta'))
+    assert on_meta == on_cpu
+    inference = on_meta['inference']
+    assert inference['bytes'] == sum(inference['bytes_by_op'].values()) > 0
+    assert set(inference['bytes_by_op']) <= set(inference['by_op'])
+
+
 def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
     """The speed-up bound printed by benchmark_memory rests on this: the
     closed-form path and the autograd reference run the same GEMM FLOPs."""

@@ -2,14 +2,20 @@
 GPU launches for it.
 
     python tools/analysis_tools/count_ops.py [--arch m3] [--stage 0] [--size 224]
-        [--batch 1] [--before PATH]
+        [--batch 1] [--device cpu|meta] [--before PATH]
 
 Counts, on the CPU, with a ``TorchDispatchMode`` (``AtenOpCounter`` of
 ``convneur_mm.testing.memory_reference``), the ops that the first global
 branch of stage ``--stage`` dispatches in one forward pass at ``--size``
 (stage 0 of M3 at 224x224: 3136 tokens, 16 chunks, 15 writes), without and
 with autograd. Ops that return no tensor are left out, and views (which
-launch nothing) are counted apart. ``--before PATH`` counts the same branch
+launch nothing) are counted apart. Each kernel's tensor arguments and results
+are also summed in bytes, as if each were read or written once: the least
+memory traffic of the unfused ops, which bounds their time by the device's
+bandwidth. ``--device meta`` runs on tensors without data, so that a
+training-sized batch (128) counts in seconds; it dispatches as a CPU does (on
+CUDA, inference products write float32 directly instead of a widening cast).
+``--before PATH`` counts the same branch
 of the package at PATH (e.g. ``git worktree add /tmp/before <commit>``) in a
 child process that imports it (PATH first on its ``PYTHONPATH``), with this
 tree's counter, and prints the reduction.
@@ -35,6 +41,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--stage', type=int, default=0)
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--device', choices=('cpu', 'meta'), default='cpu',
+                        help="'meta': shapes and dtypes only, no data (any batch, in seconds)")
+    parser.add_argument('--top', type=int, default=8,
+                        help='ops listed by their bytes (this tree)')
     parser.add_argument('--before', help='a checkout of the package to count too')
     parser.add_argument('--json', action='store_true', help='print the counts as JSON')
     return parser.parse_args(argv)
@@ -50,30 +60,33 @@ def _counter_class():
     return module.AtenOpCounter
 
 
-def count(arch: str, stage: int, size: int, batch: int) -> dict:
-    """Kernels and views of the stage's first global branch (the package
-    this process imports)."""
+def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu') -> dict:
+    """Kernels, views and bytes of the stage's first global branch (the
+    package this process imports)."""
     from convneur_mm.models import ConvNeur
     counter_cls = _counter_class()
     torch.manual_seed(0)
-    model = ConvNeur(arch=arch).eval()
+    model = ConvNeur(arch=arch).eval().to(device)
     block = next(b for b in model.stages[stage] if b.global_branch is not None)
     channels = block.local_branch.dwconv.in_channels
     side = size // 4 // 2**stage
-    x = torch.randn(batch, channels, side, side)
+    x = torch.randn(batch, channels, side, side, device=device)
     result = {}
     for grad in (False, True):
         with torch.set_grad_enabled(grad), counter_cls() as counter:
             block.global_branch(x)
+        bytes_by_op = getattr(counter, 'bytes', {})  # an older counter has none
         result['autograd' if grad else 'inference'] = dict(
             kernels=counter.num_kernels, views=counter.num_views,
-            by_op=dict(counter.kernels.most_common()))
+            by_op=dict(counter.kernels.most_common()),
+            bytes=sum(bytes_by_op.values()), bytes_by_op=dict(
+                sorted(bytes_by_op.items(), key=lambda kv: -kv[1])))
     return result
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    here = count(args.arch, args.stage, args.size, args.batch)
+    here = count(args.arch, args.stage, args.size, args.batch, args.device)
     if args.json:
         print(json.dumps(here))
         return here
@@ -85,18 +98,27 @@ def main(argv: Optional[List[str]] = None) -> dict:
         child = subprocess.run(
             [sys.executable, osp.abspath(__file__), '--arch', args.arch,
              '--stage', str(args.stage), '--size', str(args.size),
-             '--batch', str(args.batch), '--json'],
+             '--batch', str(args.batch), '--device', args.device, '--json'],
             check=True, capture_output=True, text=True, env=env)
         counts = {f'before ({args.before})': json.loads(child.stdout.splitlines()[-1]),
                   **counts}
     print(f'ATen ops of the first global branch of stage {args.stage}, ConvNeur-'
           f'{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}, eager, '
-          f'torch {torch.__version__}')
-    print('| code | inference: kernels | views | with autograd: kernels | views |')
-    print('|---|---|---|---|---|')
+          f'{args.device}, torch {torch.__version__}')
+    print('| code | inference: kernels | views | GB moved | with autograd: kernels | views '
+          '| GB moved |')
+    print('|---|---|---|---|---|---|---|')
     for name, c in counts.items():
-        print(f'| {name} | {c["inference"]["kernels"]} | {c["inference"]["views"]} | '
-              f'{c["autograd"]["kernels"]} | {c["autograd"]["views"]} |')
+        inf, grad = c['inference'], c['autograd']
+        print(f'| {name} | {inf["kernels"]} | {inf["views"]} | {inf["bytes"] / 1e9:.3g} | '
+              f'{grad["kernels"]} | {grad["views"]} | {grad["bytes"] / 1e9:.3g} |')
+    print(f'\nThis tree, inference: the {args.top} ops that move the most bytes')
+    print('| op | calls | GB moved | share |')
+    print('|---|---|---|---|')
+    inference = here['inference']
+    for op, nbytes in list(inference['bytes_by_op'].items())[:args.top]:
+        print(f'| {op} | {inference["by_op"][op]} | {nbytes / 1e9:.3g} | '
+              f'{nbytes / max(inference["bytes"], 1):.0%} |')
     if args.before:
         old, new = counts[f'before ({args.before})'], here
         for mode in ('inference', 'autograd'):
