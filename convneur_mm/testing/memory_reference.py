@@ -1,15 +1,11 @@
 """A plain autograd reference of the neural memory, written independently of
 the fast path: a per-chunk loop that takes inner gradients with
 ``torch.autograd.grad(create_graph=True)``. Used by tests and the benchmark.
-Also an ATen op counter, the yardstick of the memory's kernel count.
 """
 import math
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 def _rms(x, eps=1e-6):
@@ -68,44 +64,3 @@ def reference_memory(mem, x):
         weights = [bc(1 - alpha, w) * w + m for w, m in zip(weights, momentum)]
     out = torch.cat(outputs, dim=2)
     return out.transpose(1, 2).reshape(b, n, d)
-
-
-class AtenOpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside the context (eager mode), by
-    name: ``kernels`` those that return a tensor and compute (what a GPU launches), ``views``
-    the aliasing ones (views, reshapes, detach), which launch nothing.
-    ``bytes``: per kernel op, the bytes of its tensor arguments and results,
-    each read or written once: the least memory traffic of an unfused op.
-
-    Used by the tests and ``tools/analysis_tools/count_ops.py`` to compare
-    one path of the memory against another by the kernels it launches."""
-
-    def __init__(self):
-        super().__init__()
-        self.kernels: Counter = Counter()
-        self.views: Counter = Counter()
-        self.bytes: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        # ops that return no tensor (``promote_types``) compute nothing on a device
-        if outs:
-            name = str(func.overloadpacket.__name__)
-            (self.views if func.is_view else self.kernels)[name] += 1
-            if not func.is_view:
-                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-                self.bytes[name] += sum(t.numel() * t.element_size() for t in ins + outs)
-        return out
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes.values())
-
-    @property
-    def num_kernels(self) -> int:
-        return sum(self.kernels.values())
-
-    @property
-    def num_views(self) -> int:
-        return sum(self.views.values())

@@ -37,7 +37,7 @@ def test_resolution_measure_reports_the_fastest_timed_forward(monkeypatch):
 
 
 def test_op_counter_sums_each_kernels_arguments_and_results_in_bytes():
-    from convneur_mm.testing.memory_reference import AtenOpCounter
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
     a, b = torch.randn(3, 4), torch.randn(4, 5, dtype=torch.float64)
     with AtenOpCounter() as counter:
         a.t()  # a view: no bytes

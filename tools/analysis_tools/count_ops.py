@@ -5,14 +5,15 @@ GPU launches for it.
         [--batch 1] [--device cpu|meta] [--before PATH]
 
 Counts, on the CPU, with a ``TorchDispatchMode`` (``AtenOpCounter`` of
-``convneur_mm.testing.memory_reference``), the ops that the first global
+``convneur_mm.testing.dispatch_probes``), the ops that the first global
 branch of stage ``--stage`` dispatches in one forward pass at ``--size``
 (stage 0 of M3 at 224x224: 3136 tokens, 16 chunks, 15 writes), without and
 with autograd. Ops that return no tensor are left out, and views (which
 launch nothing) are counted apart. Each kernel's tensor arguments and results
 are also summed in bytes, as if each were read or written once: the least
 memory traffic of the unfused ops, which bounds their time by the device's
-bandwidth. ``--device meta`` runs on tensors without data, so that a
+bandwidth; and the most bytes of tensors the branch holds at once in
+inference (``LiveTensorBytes``), its working set beyond the input. ``--device meta`` runs on tensors without data, so that a
 training-sized batch (128) counts in seconds; it dispatches as a CPU does (on
 CUDA, inference products write float32 directly instead of a widening cast).
 ``--before PATH`` counts the same branch
@@ -50,21 +51,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _counter_class():
-    """``AtenOpCounter`` from this tree, loaded by path (it needs torch only),
-    so that a child counting another checkout uses the same counter."""
-    path = osp.join(ROOT, 'convneur_mm', 'testing', 'memory_reference.py')
-    spec = importlib.util.spec_from_file_location('_memory_reference_counter', path)
+def _probes():
+    """``dispatch_probes`` from this tree, loaded by path (it needs torch
+    only), so that a child counting another checkout uses the same probes."""
+    path = osp.join(ROOT, 'convneur_mm', 'testing', 'dispatch_probes.py')
+    spec = importlib.util.spec_from_file_location('_dispatch_probes', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.AtenOpCounter
+    return module
 
 
 def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu') -> dict:
     """Kernels, views and bytes of the stage's first global branch (the
     package this process imports)."""
     from convneur_mm.models import ConvNeur
-    counter_cls = _counter_class()
+    probes = _probes()
     torch.manual_seed(0)
     model = ConvNeur(arch=arch).eval().to(device)
     block = next(b for b in model.stages[stage] if b.global_branch is not None)
@@ -73,13 +74,14 @@ def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu') -> 
     x = torch.randn(batch, channels, side, side, device=device)
     result = {}
     for grad in (False, True):
-        with torch.set_grad_enabled(grad), counter_cls() as counter:
+        with torch.set_grad_enabled(grad), probes.AtenOpCounter() as counter, \
+                probes.LiveTensorBytes() as live:
             block.global_branch(x)
-        bytes_by_op = getattr(counter, 'bytes', {})  # an older counter has none
+        bytes_by_op = counter.bytes
         result['autograd' if grad else 'inference'] = dict(
             kernels=counter.num_kernels, views=counter.num_views,
             by_op=dict(counter.kernels.most_common()),
-            bytes=sum(bytes_by_op.values()), bytes_by_op=dict(
+            peak_live_bytes=live.peak, bytes=sum(bytes_by_op.values()), bytes_by_op=dict(
                 sorted(bytes_by_op.items(), key=lambda kv: -kv[1])))
     return result
 
@@ -105,13 +107,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     print(f'ATen ops of the first global branch of stage {args.stage}, ConvNeur-'
           f'{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}, eager, '
           f'{args.device}, torch {torch.__version__}')
-    print('| code | inference: kernels | views | GB moved | with autograd: kernels | views '
-          '| GB moved |')
-    print('|---|---|---|---|---|---|---|')
+    print('| code | inference: kernels | views | GB moved | MiB held at most | '
+          'with autograd: kernels | views | GB moved |')
+    print('|---|---|---|---|---|---|---|---|')
     for name, c in counts.items():
         inf, grad = c['inference'], c['autograd']
         print(f'| {name} | {inf["kernels"]} | {inf["views"]} | {inf["bytes"] / 1e9:.3g} | '
-              f'{grad["kernels"]} | {grad["views"]} | {grad["bytes"] / 1e9:.3g} |')
+              f'{inf["peak_live_bytes"] / 2**20:.1f} | {grad["kernels"]} | {grad["views"]} | '
+              f'{grad["bytes"] / 1e9:.3g} |')
     print(f'\nThis tree, inference: the {args.top} ops that move the most bytes')
     print('| op | calls | GB moved | share |')
     print('|---|---|---|---|')

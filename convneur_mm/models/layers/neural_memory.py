@@ -322,16 +322,31 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
 
     def working_set_bytes(self, num_tokens: int, element_size: int = 4) -> int:
-        """Estimated transient bytes of one image's inference at ``num_tokens``:
-        the projections, the write path (two (T, 4d) tensors at once),
-        per-chunk gradients and states, and the read's two (N, 4d) tensors."""
-        d, n = self.dim, num_tokens
+        """Estimated peak bytes of one image's inference at ``num_tokens``
+        (the PyTorch path): the projections, alive throughout, plus the larger
+        of the write (its (T, d)-wide and two (T, 4d) tensors, then the
+        chunks' gradients and states during the scan) and the read (the
+        states and two (N, 4d) tensors). Each phase counts the tensors that
+        are alive together, measured by ``testing.LiveTensorBytes``; 10% on
+        top covers 16-bit operand copies. Per image: constants (the folded
+        projection weights) do not grow with the batch."""
+        d, h, n, L = self.dim, self.heads, num_tokens, self.chunk_size
         u = self.num_updates(n)
-        written = u * self.chunk_size
-        weights = 8 * d * d // self.heads + d
-        elements = ((4 * d + self.heads) * n + 4 * d * n + 2 * 4 * d * written +
-                    8 * d * written + (3 * u + 2) * weights + 2 * 4 * d * n + 2 * d * n)
-        return elements * element_size
+        if u == 0:  # every token reads W_0: queries, the read's wide tensors
+            return int(1.1 * 10 * d * n) * element_size
+        written = u * L
+        state = 8 * d * d // h + d  # one chunk's w1, w2 and g, all heads
+        projections = (6 * d + h) * n
+        # the scan frees each tensor's gradients once its states exist, but
+        # over several blocks only at the end
+        held_grads = u if u > self.scan_block else (u + 1) // 2
+        if self.update == 'sequential':  # the states' history, then their stack
+            write = (2 * u + 4) * state + 13 * d * L
+        else:
+            write = max((15 * d + h) * written, 10 * d * written + u * state,
+                        (u + 2 + held_grads) * state)
+        read = (u + 1) * state + 10 * d * (u + 1) * L
+        return int(1.1 * (projections + max(write, read))) * element_size
 
     def _merge_heads(self, out: Tensor, n: int) -> Tensor:
         """(H, B, P, d / H) read-outs of P >= N (padded) tokens -> (B, N, d).

@@ -95,7 +95,7 @@ def test_a_writing_branch_dispatches_fewer_ops_than_layer_by_layer(grad):
     """The folded projections, the channels-last branch and the shared scan
     coefficients cut the ATen ops (kernel launches on a GPU) of one writing
     branch; the layer-by-layer path (hooks on every layer) is the reference."""
-    from convneur_mm.testing.memory_reference import AtenOpCounter
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
     branch = GlobalBranch(16, 8, 'memory', **MEMORY)
     x = torch.randn(2, 16, 8, 8)  # 64 tokens, 8 chunks: 7 writes
     counts = []
@@ -112,7 +112,7 @@ def test_a_writing_branch_dispatches_fewer_ops_than_layer_by_layer(grad):
 
 def test_scan_of_three_tensors_shares_its_coefficients():
     from convneur_mm.models.layers.memory_ops import momentum_decay_states, scan_states
-    from convneur_mm.testing.memory_reference import AtenOpCounter
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(4, 7, p, generator=gen, dtype=torch.float64) for p in (6, 6, 2)]
     lr_mod = torch.rand(3, 4, 7, generator=gen, dtype=torch.float64)
