@@ -273,6 +273,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             if torch.is_grad_enabled():
                 out = out + self._zero_tie()
             out = out.reshape(h, b, n, hd)
+        elif self.update == 'parallel':
+            grads = self._chunk_grads(proj, mm, fused)
+            # the (B, N, 4d + H) projection goes before the scan and the read:
+            # only the queries and the gates are read from here on
+            proj = proj._replace(keys=None, values=None, token_lr=None)
+            states, carry = self._scan(grads, proj, self.scan_block, mm)
+            out = self._read(proj.queries, states, carry, mm, fused=fused)
         else:
             states, carry = self._write(proj, self.scan_block, mm, fused)
             out = self._read(proj.queries, states, carry, mm, fused=fused)
@@ -514,17 +521,35 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             delta = [w - _bcast(carry, w) * w0[i][:, None, None] for i, w in
                      enumerate(states[:2])]
             return MemoryWeights(*delta, states.g), carry
-        # all chunks take their gradient at W_0: one batched call
+        return self._scan(self._chunk_grads(proj, operand_dtype, fused), proj, scan_block,
+                          operand_dtype)
+
+    def _chunk_grads(self, proj: _Projections, operand_dtype: Optional[torch.dtype],
+                     fused: bool = False) -> List[Tensor]:
+        """The parallel mode's chunk gradients, all taken at W_0 in one
+        batched call: w1, w2, g, each (H, B * U, ...)."""
+        h, b, t, hd = proj.keys.shape
+        u = proj.log_keep.shape[-1]
+        L = t // u
         grads_fn = memory_kernels.memory_grads_fused if fused else memory_grads
-        grads = list(grads_fn(w0, proj.keys.reshape(h, b * u, L, hd),
-                              proj.values.reshape(h, b * u, L, hd),
-                              proj.token_lr.reshape(h, b * u, L), operand_dtype))
+        return list(grads_fn(self.initial_state, proj.keys.reshape(h, b * u, L, hd),
+                             proj.values.reshape(h, b * u, L, hd),
+                             proj.token_lr.reshape(h, b * u, L), operand_dtype))
+
+    def _scan(self, grads: List[Tensor], proj: _Projections, scan_block: Optional[int],
+              operand_dtype: Optional[torch.dtype] = None
+              ) -> Tuple[MemoryWeights, Optional[Tensor]]:
+        """``_write``'s states from the chunk gradients (consumed: each goes
+        once scanned) and the projections' gates."""
+        h, b, u = proj.log_keep.shape
+        decomposed = self._decomposed_read(operand_dtype)
+        w0 = self.initial_state
         log_keep = proj.log_keep.reshape(h * b, u)
         starts = [None if decomposed and i < 2 else
                   init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1)
                   for i, init in enumerate(w0)]
         flat = [g.reshape(h * b, u, -1) for g in grads]
-        del grads  # scan_states frees each gradient once scanned
+        grads.clear()  # the caller's list too: scan_states frees each gradient once scanned
         states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(
             scan_states(flat, proj.lr_mod.reshape(-1, h * b, u), log_keep,
                         proj.log_momentum.reshape(h * b, u), starts, scan_block), w0)]
