@@ -59,6 +59,18 @@ def test_count_ops_on_meta_tensors_equals_the_cpu_count():
     assert set(inference['bytes_by_op']) <= set(inference['by_op'])
 
 
+def test_count_ops_counts_the_fused_kernels_allocations_on_meta_tensors():
+    """``--kernels triton`` on meta: the wrappers allocate, nothing launches;
+    the fused path holds less than the PyTorch path and has no autograd."""
+    count = import_analysis_tool('count_ops').count
+    cfg = dict(matmul_dtype='bfloat16')
+    fused = count('m1', 0, 64, 2, 'meta', dict(cfg, kernels='triton'))
+    eager = count('m1', 0, 64, 2, 'meta', dict(cfg, kernels='torch'))
+    assert set(fused) == {'inference'}
+    assert 0 < fused['inference']['peak_live_bytes'] < eager['inference']['peak_live_bytes']
+    assert fused['inference']['kernels'] < eager['inference']['kernels']
+
+
 def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
     """The speed-up bound printed by benchmark_memory rests on this: the
     closed-form path and the autograd reference run the same GEMM FLOPs."""

@@ -2,7 +2,7 @@
 GPU launches for it.
 
     python tools/analysis_tools/count_ops.py [--arch m3] [--stage 0] [--size 224]
-        [--batch 1] [--device cpu|meta] [--before PATH]
+        [--batch 1] [--device cpu|meta] [--matmul-dtype D] [--kernels K] [--before PATH]
 
 Counts, on the CPU, with a ``TorchDispatchMode`` (``AtenOpCounter`` of
 ``convneur_mm.testing.dispatch_probes``), the ops that the first global
@@ -13,22 +13,30 @@ launch nothing) are counted apart. Each kernel's tensor arguments and results
 are also summed in bytes, as if each were read or written once: the least
 memory traffic of the unfused ops, which bounds their time by the device's
 bandwidth; and the most bytes of tensors the branch holds at once in
-inference (``LiveTensorBytes``), its working set beyond the input. ``--device meta`` runs on tensors without data, so that a
-training-sized batch (128) counts in seconds; it dispatches as a CPU does (on
-CUDA, inference products write float32 directly instead of a widening cast).
+inference (``LiveTensorBytes``), its working set beyond the input.
+``--device meta`` runs on tensors without data, so that a training-sized batch
+(128) counts in seconds; it dispatches as a CPU does (on CUDA, inference
+products write float32 directly instead of a widening cast). With ``--kernels
+triton`` on ``meta`` the fused kernels' wrappers allocate what they would on a
+GPU and their launches do nothing: the inference count of CUDA's fused path
+(the kernels are forward-only: no autograd count; their own traffic is not in
+the bytes moved). ``--matmul-dtype`` and
+``--kernels`` set the memory's ``memory_cfg``.
 ``--before PATH`` counts the same branch
 of the package at PATH (e.g. ``git worktree add /tmp/before <commit>``) in a
 child process that imports it (PATH first on its ``PYTHONPATH``), with this
 tree's counter, and prints the reduction.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import os.path as osp
 import subprocess
 import sys
-from typing import List, Optional
+from typing import Dict, Iterator, List, Optional
+from unittest import mock
 
 import torch
 
@@ -44,6 +52,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, default=1)
     parser.add_argument('--device', choices=('cpu', 'meta'), default='cpu',
                         help="'meta': shapes and dtypes only, no data (any batch, in seconds)")
+    parser.add_argument('--matmul-dtype', choices=('auto', 'float32', 'bfloat16', 'float16'),
+                        default='auto', help="memory_cfg.matmul_dtype")
+    parser.add_argument('--kernels', choices=('auto', 'torch', 'triton'), default='auto',
+                        help="memory_cfg.kernels ('triton' on meta: launches left out)")
     parser.add_argument('--top', type=int, default=8,
                         help='ops listed by their bytes (this tree)')
     parser.add_argument('--before', help='a checkout of the package to count too')
@@ -61,21 +73,48 @@ def _probes():
     return module
 
 
-def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu') -> dict:
+@contextlib.contextmanager
+def _kernels_without_launches() -> Iterator[None]:
+    """The fused kernels on meta tensors: their wrappers check and allocate
+    as on a GPU, the launches do nothing."""
+    from convneur_mm.models.layers.memory_kernels import ops
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    class Kernels:  # kernels.<name>[grid](...) does nothing
+        def __getattr__(self, name):
+            return NoLaunch()
+
+    with mock.patch.object(ops, '_launch_config', lambda dtype, device: (Kernels(), dict(
+            DTYPE=None, PREC='ieee', BASE_PREC='ieee'))), \
+            mock.patch.object(ops, '_check_runnable', lambda *args: None), \
+            mock.patch.object(NeuralMemory, '_kernels_unavailable', lambda self, x, dtype: None):
+        yield
+
+
+def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu',
+          memory_cfg: Optional[Dict] = None) -> dict:
     """Kernels, views and bytes of the stage's first global branch (the
-    package this process imports)."""
+    package this process imports); ``memory_cfg`` overrides the memory's."""
     from convneur_mm.models import ConvNeur
     probes = _probes()
+    memory_cfg = memory_cfg or {}
+    stubbed = device == 'meta' and memory_cfg.get('kernels') == 'triton'
     torch.manual_seed(0)
-    model = ConvNeur(arch=arch).eval().to(device)
+    model = ConvNeur(arch=arch, **({'memory_cfg': memory_cfg} if memory_cfg else {}))
+    model = model.eval().to(device)
     block = next(b for b in model.stages[stage] if b.global_branch is not None)
     channels = block.local_branch.dwconv.in_channels
     side = size // 4 // 2**stage
     x = torch.randn(batch, channels, side, side, device=device)
     result = {}
-    for grad in (False, True):
+    for grad in (False, ) if stubbed else (False, True):
         with torch.set_grad_enabled(grad), probes.AtenOpCounter() as counter, \
-                probes.LiveTensorBytes() as live:
+                probes.LiveTensorBytes() as live, \
+                _kernels_without_launches() if stubbed else contextlib.nullcontext():
             block.global_branch(x)
         bytes_by_op = counter.bytes
         result['autograd' if grad else 'inference'] = dict(
@@ -88,7 +127,9 @@ def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu') -> 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
-    here = count(args.arch, args.stage, args.size, args.batch, args.device)
+    memory_cfg = {key: value for key, value in (('matmul_dtype', args.matmul_dtype),
+                                                ('kernels', args.kernels)) if value != 'auto'}
+    here = count(args.arch, args.stage, args.size, args.batch, args.device, memory_cfg)
     if args.json:
         print(json.dumps(here))
         return here
@@ -100,7 +141,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         child = subprocess.run(
             [sys.executable, osp.abspath(__file__), '--arch', args.arch,
              '--stage', str(args.stage), '--size', str(args.size),
-             '--batch', str(args.batch), '--device', args.device, '--json'],
+             '--batch', str(args.batch), '--device', args.device,
+             '--matmul-dtype', args.matmul_dtype, '--kernels', args.kernels, '--json'],
             check=True, capture_output=True, text=True, env=env)
         counts = {f'before ({args.before})': json.loads(child.stdout.splitlines()[-1]),
                   **counts}
@@ -111,10 +153,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
           'with autograd: kernels | views | GB moved |')
     print('|---|---|---|---|---|---|---|---|')
     for name, c in counts.items():
-        inf, grad = c['inference'], c['autograd']
+        inf = c['inference']
+        grad = c.get('autograd')  # none for the stubbed fused kernels
+        autograd = (f'{grad["kernels"]} | {grad["views"]} | {grad["bytes"] / 1e9:.3g}'
+                    if grad else '- | - | -')
         print(f'| {name} | {inf["kernels"]} | {inf["views"]} | {inf["bytes"] / 1e9:.3g} | '
-              f'{inf["peak_live_bytes"] / 2**20:.1f} | {grad["kernels"]} | {grad["views"]} | '
-              f'{grad["bytes"] / 1e9:.3g} |')
+              f'{inf["peak_live_bytes"] / 2**20:.1f} | {autograd} |')
     print(f'\nThis tree, inference: the {args.top} ops that move the most bytes')
     print('| op | calls | GB moved | share |')
     print('|---|---|---|---|')
@@ -124,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f'{nbytes / max(inference["bytes"], 1):.0%} |')
     if args.before:
         old, new = counts[f'before ({args.before})'], here
-        for mode in ('inference', 'autograd'):
+        for mode in ('inference', 'autograd')[:len(here)]:
             cut = 1 - new[mode]['kernels'] / old[mode]['kernels']
             print(f'{mode}: {cut:.0%} fewer kernels (target >= 30%)')
     return counts

@@ -531,10 +531,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         h, b, t, hd = proj.keys.shape
         u = proj.log_keep.shape[-1]
         L = t // u
-        grads_fn = memory_kernels.memory_grads_fused if fused else memory_grads
-        return list(grads_fn(self.initial_state, proj.keys.reshape(h, b * u, L, hd),
-                             proj.values.reshape(h, b * u, L, hd),
-                             proj.token_lr.reshape(h, b * u, L), operand_dtype))
+        if fused:  # the kernels read the projections' views per image: no copy
+            chunks = (proj.keys.unflatten(2, (u, L)), proj.values.unflatten(2, (u, L)),
+                      proj.token_lr.unflatten(2, (u, L)))
+            return list(memory_kernels.memory_grads_fused(self.initial_state, *chunks,
+                                                          operand_dtype))
+        return list(memory_grads(self.initial_state, proj.keys.reshape(h, b * u, L, hd),
+                                 proj.values.reshape(h, b * u, L, hd),
+                                 proj.token_lr.reshape(h, b * u, L), operand_dtype))
 
     def _scan(self, grads: List[Tensor], proj: _Projections, scan_block: Optional[int],
               operand_dtype: Optional[torch.dtype] = None

@@ -178,6 +178,23 @@ def interpreter_results() -> dict:
                 results[f'grads_{tag}_{name}'] = _grads_errors(fused, w, keys, values, token_lr)
 
         gen = torch.Generator().manual_seed(0)
+        # the projections' views of B images, cut to their U written chunks:
+        # (G, B, U, L, d) in the kernels equals their (G, B * U, L, d) copy
+        groups, images, chunks, length, n, d = 2, 3, 2, 8, 21, 16
+        proj = torch.randn(images, n, groups, 2 * d, generator=gen)
+        written = proj[:, :chunks * length].permute(2, 0, 1, 3).unflatten(2, (chunks, length))
+        keys, values = written[..., :d], written[..., d:]
+        token_lr = torch.rand(images, n, groups, generator=gen)[:, :chunks * length].permute(
+            2, 0, 1).unflatten(2, (chunks, length))
+        w = _weights(groups, d, gen)
+        views = memory_kernels.memory_grads_fused(w, keys, values, token_lr, torch.float32)
+        copies = memory_kernels.memory_grads_fused(
+            w, keys.reshape(groups, -1, length, d), values.reshape(groups, -1, length, d),
+            token_lr.reshape(groups, -1, length), torch.float32)
+        results['grads_per_image_views'] = dict(
+            difference=max((a - b).abs().max().item() for a, b in zip(views, copies)),
+            shapes=[list(t.shape) for t in views])
+
         w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
         for tag, dtype in dtypes.items():
             fused = memory_kernels.memory_forward_fused(w, x, dtype, block_rows=16)
@@ -307,6 +324,12 @@ def test_fused_chunk_read_merges_heads(interpreted):
     assert interpreted['read_chunks_f32']['shapes'] == [[2, 40, 32]]
     assert interpreted['read_chunks_f32']['exact'] < F32_TOL
     assert interpreted['read_chunks_f16']['exact'] < F16_TOL
+
+
+def test_fused_grads_read_per_image_chunk_views_without_a_copy(interpreted):
+    result = interpreted['grads_per_image_views']
+    assert result['difference'] == 0
+    assert result['shapes'] == [[2, 6, 16, 64], [2, 6, 64, 16], [2, 6, 16]]
 
 
 def test_interpreter_refuses_bfloat16(interpreted):

@@ -136,10 +136,10 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
 
 @triton.jit
 def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr,
-                      C, L, D, HID, row_blocks,
-                      sk_g, sk_c, sk_l, sk_d,
-                      sv_g, sv_c, sv_l, sv_d,
-                      slr_g, slr_c, slr_l,
+                      C, U, L, D, HID, row_blocks,
+                      sk_g, sk_b, sk_c, sk_l, sk_d,
+                      sv_g, sv_b, sv_c, sv_l, sv_d,
+                      slr_g, slr_b, slr_c, slr_l,
                       s1_g, s1_d, s1_k,
                       s2_g, s2_k, s2_d,
                       sg_g, sg_d,
@@ -160,6 +160,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     chunk = pid // row_blocks
     c = (chunk % C).to(tl.int64)
     gi = (chunk // C).to(tl.int64)
+    bi, ci = c // U, c % U  # chunk c of the group: chunk ci of image bi
 
     rows = rb * BM + tl.arange(0, BM)
     rmask = rows < L
@@ -167,15 +168,17 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
 
-    k = tl.load(k_ptr + (gi * sk_g + c * sk_c) + (rows[:, None] * sk_l + cols[None, :] * sk_d),
+    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
+                (rows[:, None] * sk_l + cols[None, :] * sk_d),
                 mask=mask, other=0.0).to(tl.float32)
     y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
                   w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
                   False, PREC)
     normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-    v = tl.load(v_ptr + (gi * sv_g + c * sv_c) + (rows[:, None] * sv_l + cols[None, :] * sv_d),
+    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
+                (rows[:, None] * sv_l + cols[None, :] * sv_d),
                 mask=mask, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + (gi * slr_g + c * slr_c) + rows * slr_l, mask=rmask,
+    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
                  other=0.0).to(tl.float32)
     scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
 
@@ -193,8 +196,8 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
 
 @triton.jit
 def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
-                      C, L, D, HID, hidden_blocks,
-                      sk_g, sk_c, sk_l, sk_d,
+                      C, U, L, D, HID, hidden_blocks,
+                      sk_g, sk_b, sk_c, sk_l, sk_d,
                       s1_g, s1_d, s1_k,
                       s2_g, s2_k, s2_d,
                       loss_scale,
@@ -211,6 +214,7 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
     chunk = pid // hidden_blocks
     c = (chunk % C).to(tl.int64)
     gi = (chunk // C).to(tl.int64)
+    bi, ci = c // U, c % U
 
     cols = tl.arange(0, BD)
     cmask = cols < D
@@ -223,7 +227,7 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
 
     acc1 = tl.zeros((BD, BH), dtype=tl.float32)
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
-    k_base = k_ptr + (gi * sk_g + c * sk_c)
+    k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
     dh_base = dh_ptr + chunk.to(tl.int64) * L * D
     for r0 in range(0, L, BM):
         rows = r0 + tl.arange(0, BM)

@@ -211,8 +211,10 @@ def memory_grads_fused(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     Args:
         weights: fast weights shared by all chunks of a group: ``w1`` (G, d, 4d),
             ``w2`` (G, 4d, d), ``g`` (G, d); float32.
-        keys, values: (G, C, L, d) float32: C chunks of L tokens per group.
-        token_lr: (G, C, L) float32 per-token step sizes theta_i.
+        keys, values: (G, C, L, d) float32: C chunks of L tokens per group;
+            or (G, B, U, L, d), the C = B * U chunks as U per image, in any
+            strides (the projections' views of B images, without a copy).
+        token_lr: (G, C, L) or (G, B, U, L) float32 per-token step sizes theta_i.
         operand_dtype: dtype of the products' operands (float32, float16,
             bfloat16; None: float32); sums, LayerNorm and GELU stay float32.
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
@@ -224,12 +226,20 @@ def memory_grads_fused(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     """
     w1, w2, g = weights
     operand_dtype = operand_dtype or torch.float32
-    _check([('keys', keys, ('G', 'C', 'L', 'd')), ('values', values, ('G', 'C', 'L', 'd')),
-            ('token_lr', token_lr, ('G', 'C', 'L')), ('weights.w1', w1, ('G', 'd', 'h')),
+    per_image_chunks = keys.dim() == 5
+    lead = ('G', 'B', 'U') if per_image_chunks else ('G', 'C')
+    _check([('keys', keys, (*lead, 'L', 'd')), ('values', values, (*lead, 'L', 'd')),
+            ('token_lr', token_lr, (*lead, 'L')), ('weights.w1', w1, ('G', 'd', 'h')),
             ('weights.w2', w2, ('G', 'h', 'd')), ('weights.g', g, ('G', 'd'))], operand_dtype,
            (block_rows, block_hidden))
     _check_runnable(keys, operand_dtype)
-    groups, chunks, length, d = keys.shape
+    groups, length, d = keys.shape[0], keys.shape[-2], keys.shape[-1]
+    per_image = keys.shape[2] if per_image_chunks else keys.shape[1]
+    chunks = keys.shape[1] * per_image if per_image_chunks else per_image
+
+    def strides(t: Tensor) -> Tuple[int, ...]:
+        """(group, image, chunk, rows...) strides; one image of C chunks for 4-D."""
+        return t.stride() if per_image_chunks else (t.stride(0), 0, *t.stride()[1:])
     hidden = w1.shape[-1]
     opts = dict(device=keys.device, dtype=torch.float32)
     g1 = torch.empty(groups, chunks, d, hidden, **opts)
@@ -249,14 +259,14 @@ def memory_grads_fused(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     loss_scale = 2.0 / d
     kernels.grads_rows_kernel[(groups * chunks * row_blocks,)](
         keys, values, token_lr, w1, w2, g, d_hidden, d_g,
-        chunks, length, d, hidden, row_blocks,
-        *keys.stride(), *values.stride(), *token_lr.stride(),
+        chunks, per_image, length, d, hidden, row_blocks,
+        *strides(keys), *strides(values), *strides(token_lr),
         *w1.stride(), *w2.stride(), *g.stride(),
         loss_scale, LN_EPS, **tiles, **cfg)
     kernels.grads_cols_kernel[(groups * chunks * hidden_blocks,)](
         keys, d_hidden, w1, w2, g1, g2,
-        chunks, length, d, hidden, hidden_blocks,
-        *keys.stride(), *w1.stride(), *w2.stride(),
+        chunks, per_image, length, d, hidden, hidden_blocks,
+        *strides(keys), *w1.stride(), *w2.stride(),
         loss_scale, **tiles, **cfg)
     return MemoryWeights(g1, g2, d_g.sum(dim=1).view(groups, chunks, d))
 
