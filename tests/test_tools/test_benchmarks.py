@@ -71,6 +71,15 @@ def test_count_ops_counts_the_fused_kernels_allocations_on_meta_tensors():
     assert fused['inference']['kernels'] < eager['inference']['kernels']
 
 
+def test_count_ops_counts_the_backbone_with_and_without_global_branches():
+    count = import_analysis_tool('count_ops').count
+    backbone, local = (count('m1', 0, 64, 2, 'meta', part=part)['inference']
+                       for part in ('backbone', 'local-only'))
+    branch = count('m1', 0, 64, 2, 'meta')['inference']
+    assert local['peak_live_bytes'] < backbone['peak_live_bytes']
+    assert local['kernels'] + branch['kernels'] < backbone['kernels']
+
+
 def test_memory_benchmark_counts_the_same_matrix_products_on_both_paths():
     """The speed-up bound printed by benchmark_memory rests on this: the
     closed-form path and the autograd reference run the same GEMM FLOPs."""

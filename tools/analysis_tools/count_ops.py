@@ -2,7 +2,8 @@
 GPU launches for it.
 
     python tools/analysis_tools/count_ops.py [--arch m3] [--stage 0] [--size 224]
-        [--batch 1] [--device cpu|meta] [--matmul-dtype D] [--kernels K] [--before PATH]
+        [--batch 1] [--device cpu|meta] [--matmul-dtype D] [--kernels K]
+        [--part branch|backbone|local-only] [--before PATH]
 
 Counts, on the CPU, with a ``TorchDispatchMode`` (``AtenOpCounter`` of
 ``convneur_mm.testing.dispatch_probes``), the ops that the first global
@@ -56,6 +57,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         default='auto', help="memory_cfg.matmul_dtype")
     parser.add_argument('--kernels', choices=('auto', 'torch', 'triton'), default='auto',
                         help="memory_cfg.kernels ('triton' on meta: launches left out)")
+    parser.add_argument('--part', choices=('branch', 'backbone', 'local-only'),
+                        default='branch', help="the stage's first global branch, the whole "
+                        "backbone, or the backbone without global branches")
     parser.add_argument('--top', type=int, default=8,
                         help='ops listed by their bytes (this tree)')
     parser.add_argument('--before', help='a checkout of the package to count too')
@@ -96,26 +100,32 @@ def _kernels_without_launches() -> Iterator[None]:
 
 
 def count(arch: str, stage: int, size: int, batch: int, device: str = 'cpu',
-          memory_cfg: Optional[Dict] = None) -> dict:
-    """Kernels, views and bytes of the stage's first global branch (the
-    package this process imports); ``memory_cfg`` overrides the memory's."""
+          memory_cfg: Optional[Dict] = None, part: str = 'branch') -> dict:
+    """Kernels, views and bytes of the stage's first global branch, or of the
+    whole backbone (``part``; 'local-only': without global branches), in
+    the package this process imports; ``memory_cfg`` overrides the memory's."""
     from convneur_mm.models import ConvNeur
     probes = _probes()
     memory_cfg = memory_cfg or {}
     stubbed = device == 'meta' and memory_cfg.get('kernels') == 'triton'
     torch.manual_seed(0)
-    model = ConvNeur(arch=arch, **({'memory_cfg': memory_cfg} if memory_cfg else {}))
-    model = model.eval().to(device)
-    block = next(b for b in model.stages[stage] if b.global_branch is not None)
-    channels = block.local_branch.dwconv.in_channels
-    side = size // 4 // 2**stage
-    x = torch.randn(batch, channels, side, side, device=device)
+    options = dict(memory_placement='none') if part == 'local-only' else {}
+    if memory_cfg:
+        options['memory_cfg'] = memory_cfg
+    model = ConvNeur(arch=arch, **options).eval().to(device)
+    if part == 'branch':
+        block = next(b for b in model.stages[stage] if b.global_branch is not None)
+        channels = block.local_branch.dwconv.in_channels
+        side = size // 4 // 2**stage
+        module, x = block.global_branch, torch.randn(batch, channels, side, side, device=device)
+    else:
+        module, x = model, torch.randn(batch, 3, size, size, device=device)
     result = {}
     for grad in (False, ) if stubbed else (False, True):
         with torch.set_grad_enabled(grad), probes.AtenOpCounter() as counter, \
                 probes.LiveTensorBytes() as live, \
                 _kernels_without_launches() if stubbed else contextlib.nullcontext():
-            block.global_branch(x)
+            module(x)
         bytes_by_op = counter.bytes
         result['autograd' if grad else 'inference'] = dict(
             kernels=counter.num_kernels, views=counter.num_views,
@@ -129,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     memory_cfg = {key: value for key, value in (('matmul_dtype', args.matmul_dtype),
                                                 ('kernels', args.kernels)) if value != 'auto'}
-    here = count(args.arch, args.stage, args.size, args.batch, args.device, memory_cfg)
+    here = count(args.arch, args.stage, args.size, args.batch, args.device, memory_cfg,
+                 args.part)
     if args.json:
         print(json.dumps(here))
         return here
@@ -142,13 +153,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
             [sys.executable, osp.abspath(__file__), '--arch', args.arch,
              '--stage', str(args.stage), '--size', str(args.size),
              '--batch', str(args.batch), '--device', args.device,
-             '--matmul-dtype', args.matmul_dtype, '--kernels', args.kernels, '--json'],
+             '--matmul-dtype', args.matmul_dtype, '--kernels', args.kernels,
+             '--part', args.part, '--json'],
             check=True, capture_output=True, text=True, env=env)
         counts = {f'before ({args.before})': json.loads(child.stdout.splitlines()[-1]),
                   **counts}
-    print(f'ATen ops of the first global branch of stage {args.stage}, ConvNeur-'
-          f'{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}, eager, '
-          f'{args.device}, torch {torch.__version__}')
+    what = {'branch': f'the first global branch of stage {args.stage}',
+            'backbone': 'the backbone', 'local-only': 'the local-only backbone'}[args.part]
+    print(f'ATen ops of {what}, ConvNeur-{args.arch.upper()}, batch {args.batch} at '
+          f'{args.size}x{args.size}, eager, {args.device}, torch {torch.__version__}')
     print('| code | inference: kernels | views | GB moved | MiB held at most | '
           'with autograd: kernels | views | GB moved |')
     print('|---|---|---|---|---|---|---|---|')

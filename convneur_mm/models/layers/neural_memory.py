@@ -330,12 +330,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def working_set_bytes(self, num_tokens: int, element_size: int = 4) -> int:
         """Estimated peak bytes of one image's inference at ``num_tokens``
-        (the PyTorch path): the projections, alive throughout, plus the larger
-        of the write (its (T, d)-wide and two (T, 4d) tensors, then the
-        chunks' gradients and states during the scan) and the read (the
-        states and two (N, 4d) tensors). Each phase counts the tensors that
-        are alive together, measured by ``testing.LiveTensorBytes``; 10% on
-        top covers 16-bit operand copies. Per image: constants (the folded
+        (the PyTorch path): the largest of its phases, each counting the
+        tensors alive together, as ``testing.LiveTensorBytes`` measures them:
+        the projections (with the pool's temporaries), the write (queries,
+        keys, values and step sizes kept; its (T, d)-wide and two (T, 4d)
+        tensors, then the chunks' gradients), the scan (gradients and
+        states), the read (states and two (N, 4d) tensors). 10% on top
+        covers 16-bit operand copies. Per image: constants (the folded
         projection weights) do not grow with the batch."""
         d, h, n, L = self.dim, self.heads, num_tokens, self.chunk_size
         u = self.num_updates(n)
@@ -343,17 +344,19 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             return int(1.1 * 10 * d * n) * element_size
         written = u * L
         state = 8 * d * d // h + d  # one chunk's w1, w2 and g, all heads
-        projections = (6 * d + h) * n
-        # the scan frees each tensor's gradients once its states exist, but
-        # over several blocks only at the end
-        held_grads = u if u > self.scan_block else (u + 1) // 2
+        queries_keys = 2 * d * n
+        project = (7 * d + h) * n + 2 * d * written
+        kept = queries_keys + (d + h) * written  # and the values, the step sizes
         if self.update == 'sequential':  # the states' history, then their stack
-            write = (2 * u + 4) * state + 13 * d * L
+            write = kept + (2 * u + 4) * state + 13 * d * L
         else:
-            write = max((15 * d + h) * written, 10 * d * written + u * state,
-                        (u + 2 + held_grads) * state)
-        read = (u + 1) * state + 10 * d * (u + 1) * L
-        return int(1.1 * (projections + max(write, read))) * element_size
+            # the scan frees each tensor's gradients once its states exist,
+            # but over several blocks only at the end
+            held_grads = u if u > self.scan_block else (u + 1) // 2
+            write = max(kept + max(15 * d * written, 10 * d * written + u * state),
+                        queries_keys + (u + 2 + held_grads) * state)
+        read = queries_keys + (u + 1) * state + 10 * d * (u + 1) * L
+        return int(1.1 * max(project, write, read)) * element_size
 
     def _merge_heads(self, out: Tensor, n: int) -> Tensor:
         """(H, B, P, d / H) read-outs of P >= N (padded) tokens -> (B, N, d).
@@ -444,16 +447,17 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         # x / rms(x): shared by both norms, whose weights fold into the product
         normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
 
-        def linear(weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-            """normed @ weight.T (+ bias) as one product."""
-            flat, weight = normed.reshape(1, b * n, d), weight.t().unsqueeze(0)
+        def linear(inputs: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+            """inputs @ weight.T (+ bias) as one product (``inputs`` an argument,
+            not a closure's: Dynamo cannot trace a ``del`` of a closure's variable)."""
+            flat, weight = inputs.reshape(1, b * n, d), weight.t().unsqueeze(0)
             if bias is not None and operand_dtype is None:
                 return torch.baddbmm(bias, flat, weight).view(b, n, -1)
             out = product(flat, weight, operand_dtype).view(b, n, -1)
             return out if bias is None else out + bias
 
         if u == 0:
-            queries = self._split_heads(linear(w(self.to_queries.weight) * retrieve))
+            queries = self._split_heads(linear(normed, w(self.to_queries.weight) * retrieve))
             return _Projections(
                 self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None]))
         weight = torch.cat([w(self.to_queries.weight) * retrieve, torch.cat([
@@ -461,19 +465,25 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             w(self.to_token_lr.weight)]) * store])
         bias = F.pad(torch.cat([w(self.pool.to_logits.bias), w(self.to_token_lr.bias)]),
                      (3 * d, 0))
-        proj = linear(weight, bias)  # (B, N, 4d + H): queries, keys, values, logits, lr
+        proj = linear(normed, weight, bias)  # (B, N, 4d + H): queries, keys, values, logits, lr
         qk = proj[..., :2 * d].reshape(b, n, 2 * h, hd)
         gamma = torch.cat([self.query_gamma, self.key_gamma])  # (2H, hd)
         qk = F.rms_norm(qk, (hd,), eps=RMS_EPS) * (1.0 + gamma)
         queries = qk[..., :h, :].permute(2, 0, 1, 3)
         written = slice(0, u * L)
         keys = qk[:, written, h:].permute(2, 0, 1, 3)
-        values = self._split_heads(proj[:, written, 2 * d:3 * d])
         token_lr = self.max_lr * torch.sigmoid(proj[:, written, 4 * d:]).permute(2, 0, 1)
         # the pool: softmax over each chunk of the logits, the weighted sum of
         # the store-normed tokens (their norm weight applied after the sum)
         attn = proj[:, written, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
         summary = (normed[:, written].reshape(b, u, L, d) * attn).sum(dim=-2) * store
+        del attn, normed  # before the values' copy below
+        values = proj[:, written, 2 * d:3 * d]
+        if not torch.is_grad_enabled():
+            # a copy of the values frees proj (B, N, 4d + H) when this returns
+            # (its other columns are read here only): 3.3x their size held less
+            values = values.contiguous()
+        values = self._split_heads(values)
         gate_layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
         gates = F.linear(summary, torch.cat([w(m.weight) for m in gate_layers]),
                          torch.cat([w(m.bias) for m in gate_layers]))
