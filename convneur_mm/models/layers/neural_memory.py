@@ -275,8 +275,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             out = out.reshape(h, b, n, hd)
         elif self.update == 'parallel':
             grads = self._chunk_grads(proj, mm, fused)
-            # the (B, N, 4d + H) projection goes before the scan and the read:
-            # only the queries and the gates are read from here on
+            # keys' half of qk stays (queries share it); the values and step
+            # sizes go before the scan: only queries and gates are read on
             proj = proj._replace(keys=None, values=None, token_lr=None)
             states, carry = self._scan(grads, proj, self.scan_block, mm)
             out = self._read(proj.queries, states, carry, mm, fused=fused)
@@ -480,8 +480,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         del attn, normed  # before the values' copy below
         values = proj[:, written, 2 * d:3 * d]
         if not torch.is_grad_enabled():
-            # a copy of the values frees proj (B, N, 4d + H) when this returns
-            # (its other columns are read here only): 3.3x their size held less
+            # a copy of the values frees proj (B, N, 4d + H), about four times
+            # their size, when this returns: its other columns are read here only
             values = values.contiguous()
         values = self._split_heads(values)
         gate_layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
