@@ -347,22 +347,6 @@ def branch_like(branch: torch.nn.Module, cfg: Dict) -> torch.nn.Module:
     return twin
 
 
-def time_in_turns(fns: Dict[str, Callable[[], object]], rounds: int, device: str,
-                  warmup: int) -> Dict[str, List[float]]:
-    """Seconds of each function's calls (``bench_env.time_call``), called in
-    turns, a b a b ..., after ``warmup`` untimed turns: a clock or load that
-    drifts during the run reaches every function alike."""
-    from convneur_mm.analysis.bench_env import time_call
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_call(fn, device))
-    return times
-
-
 # ------------------------------------------------------------------ sections
 
 def gemm_shapes(memory: torch.nn.Module, batch: int, tokens: int) -> Dict[str, Tuple]:
@@ -489,7 +473,7 @@ def _model_rows(ctx: 'Run', models: Dict[str, torch.nn.Module], modes: Sequence[
                 compiled: bool, checkpoint: Callable[[Dict], None]) -> Dict:
     """Each mode's figures of ``models`` (M3 and local-only, called in turns);
     ``checkpoint(rows)`` after each mode saves what is done so far."""
-    from convneur_mm.analysis.bench_env import PeakMemoryGrowth, time_call
+    from convneur_mm.analysis.bench_env import PeakMemoryGrowth, time_call, time_in_turns
     batch = ctx.sizes['batch']
     x = torch.randn(batch, 3, ctx.sizes['image'], ctx.sizes['image'], device=ctx.device)
     out: Dict = {}

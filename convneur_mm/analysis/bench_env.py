@@ -12,7 +12,7 @@ its work.
 import os
 import platform
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 import torch
 
@@ -210,6 +210,37 @@ def time_calls(fn: Callable[[], object], repeats: int, device='cpu',
     for _ in range(warmup):
         fn()
     return [time_call(fn, device) for _ in range(repeats)]
+
+
+def time_in_turns(fns: Dict[Hashable, Callable[[], object]], rounds: int, device='cpu',
+                  warmup: int = 0,
+                  before_round: Optional[Callable[[], object]] = None
+                  ) -> Dict[Hashable, List[float]]:
+    """Seconds of each function's calls (``time_call``), the functions taking
+    turns (a b a b ...), so that a drift in load or clock reaches all alike.
+
+    Args:
+        fns: the work to compare, by name, each called without arguments.
+        rounds: how many timed turns (at least 1).
+        device: see ``time_call``.
+        warmup: untimed turns first (compilation, caches, autotuning).
+        before_round: called untimed before each timed turn (a pause).
+
+    Returns:
+        Each name's seconds, in call order.
+    """
+    if rounds < 1:
+        raise ValueError(f'rounds must be at least 1, got {rounds}')
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[Hashable, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        if before_round is not None:
+            before_round()
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, device))
+    return times
 
 
 def median(values: List[float]) -> float:

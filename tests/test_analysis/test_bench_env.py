@@ -51,6 +51,20 @@ def test_time_calls_waits_for_the_device_and_times_only_after_the_warm_up(monkey
         bench_env.time_calls(work, 0)
 
 
+def test_time_in_turns_alternates_the_functions_after_untimed_turns(monkeypatch):
+    """Compared work takes turns (a b a b), warm-up turns untimed, a pause
+    before each timed turn: what every benchmark that compares variants uses."""
+    clock = _fake_clock(monkeypatch, [1.0, 2.0, 3.0, 4.0])
+    calls = []
+    fns = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
+    times = bench_env.time_in_turns(fns, 2, warmup=1, before_round=lambda: calls.append('|'))
+    assert times['a'] == pytest.approx([1.0, 3.0]) and times['b'] == pytest.approx([2.0, 4.0])
+    assert not clock
+    assert calls == ['a', 'b', '|', 'a', 'b', '|', 'a', 'b']
+    with pytest.raises(ValueError, match='rounds must be at least 1'):
+        bench_env.time_in_turns(fns, 0)
+
+
 def test_peak_gemm_rate_is_a_plausible_rate_in_real_time():
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     a @ b

@@ -36,7 +36,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from convneur_mm.analysis.bench_env import median, setup_benchmark_device, time_call
+from convneur_mm.analysis.bench_env import (median, setup_benchmark_device, time_call,
+                                             time_in_turns)
 from convneur_mm.analysis.op_profile import profile_call
 from convneur_mm.engine.compile import (compilable_parts, compile_forward, graphs_compiled,
                                         part_modules)
@@ -167,10 +168,8 @@ def compare(model: nn.Module, step: Callable, repeats: int, device: str, amp: bo
     graphs = graphs_compiled()
     compile_seconds = timed(True)
     graphs = graphs_compiled() - graphs
-    times: Dict[bool, List[float]] = {False: [], True: []}
-    for _ in range(repeats):
-        for compiled in (False, True):
-            times[compiled].append(timed(compiled))
+    times = time_in_turns({False: lambda: call(False), True: lambda: call(True)}, repeats,
+                          device)
     result = dict(eager=median(times[False]), compiled=median(times[True]),
                   compile_s=compile_seconds, graphs=graphs, parts=parts)
     if profile_rows is not None:

@@ -46,6 +46,7 @@ against compiled: titans-pytorch compiles without graph breaks in torch
 2.13).
 """
 import argparse
+import functools
 import json
 import os
 import os.path as osp
@@ -60,7 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer,  # noqa: E402
                                             median, peak_gemm_rate, setup_benchmark_device,
-                                            synchronize, time_call)
+                                            synchronize, time_in_turns)
 from convneur_mm.utils.cli import positive_int  # noqa: E402
 
 
@@ -155,12 +156,10 @@ def time_paths(paths: Dict[str, Tuple[nn.Module, Callable]], x: torch.Tensor,
     The paths take turns, so that a drift in the machine's load (a shared
     VM's neighbours) slows all alike instead of skewing their ratios.
     """
-    times = {name: [] for name in paths}
-    for name, (module, fn) in paths.items():
-        step(module, fn, x, device)  # warm-up (and compilation)
-    for _ in range(repeats):
-        for name, (module, fn) in paths.items():
-            times[name].append(time_call(lambda: step(module, fn, x, device), device))
+    calls = {name: functools.partial(step, module, fn, x, device)
+             for name, (module, fn) in paths.items()}
+    # one untimed turn first: warm-up (and compilation)
+    times = time_in_turns(calls, repeats, device, warmup=1)
     return {name: median(t) for name, t in times.items()}
 
 

@@ -22,11 +22,12 @@ import os.path as osp
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
-from convneur_mm.analysis.bench_env import median, setup_benchmark_device, time_call
+from convneur_mm.analysis.bench_env import (median, setup_benchmark_device, time_call,
+                                             time_in_turns)
 from convneur_mm.apis.launch import load_config
 from convneur_mm.apis.toolbox import build_model
 from convneur_mm.deployment import DeployableModel, export_onnx, onnx_outputs, ort_session
@@ -78,11 +79,7 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
         runs['onnxruntime']()
         diffs = {'onnxruntime': (onnx_outputs(quiet_session, images)[0] - want).abs().max().item(),
                  'compiled': (compiled(images) - want).abs().max().item()}
-        times: Dict[str, List[float]] = {k: [] for k in runs}
-        for _ in range(repeats):
-            time.sleep(SPIN_SETTLE_S)
-            for key, fn in runs.items():
-                times[key].append(time_call(fn))
+        times = time_in_turns(runs, repeats, before_round=lambda: time.sleep(SPIN_SETTLE_S))
     return dict(name=name, size=size, export_s=export_s, compile_s=compile_s,
                 diffs=diffs, **{k: median(v) for k, v in times.items()})
 
