@@ -516,23 +516,22 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         of W_t for ``w1`` and ``w2`` and a_t, (H, B, U + 1).
         ``scan_block`` as in ``momentum_decay_states``; ``fused``: the
         parallel mode's gradients by the fused kernels."""
+        if self.update == 'parallel':
+            return self._scan(self._chunk_grads(proj, operand_dtype, fused), proj, scan_block,
+                              operand_dtype)
         h, b, t, hd = proj.keys.shape
         u = proj.log_keep.shape[-1]
         L = t // u
-        decomposed = self._decomposed_read(operand_dtype)
+        states, carry = self._sequential_states(
+            proj.keys.reshape(h, b, u, L, hd), proj.values.reshape(h, b, u, L, hd),
+            proj.token_lr.reshape(h, b, u, L), proj.log_keep, proj.log_momentum,
+            proj.lr_mod, operand_dtype)
+        if not self._decomposed_read(operand_dtype):
+            return states, None
         w0 = self.initial_state
-        if self.update == 'sequential':
-            states, carry = self._sequential_states(
-                proj.keys.reshape(h, b, u, L, hd), proj.values.reshape(h, b, u, L, hd),
-                proj.token_lr.reshape(h, b, u, L), proj.log_keep, proj.log_momentum,
-                proj.lr_mod, operand_dtype)
-            if not decomposed:
-                return states, None
-            delta = [w - _bcast(carry, w) * w0[i][:, None, None] for i, w in
-                     enumerate(states[:2])]
-            return MemoryWeights(*delta, states.g), carry
-        return self._scan(self._chunk_grads(proj, operand_dtype, fused), proj, scan_block,
-                          operand_dtype)
+        delta = [w - _bcast(carry, w) * w0[i][:, None, None] for i, w in
+                 enumerate(states[:2])]
+        return MemoryWeights(*delta, states.g), carry
 
     def _chunk_grads(self, proj: _Projections, operand_dtype: Optional[torch.dtype],
                      fused: bool = False) -> List[Tensor]:
