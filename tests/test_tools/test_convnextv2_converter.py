@@ -404,6 +404,22 @@ def test_warm_start_refuses_trained_global_branches(tmp_path):
         _m1(plain, global_init='warm')
 
 
+def test_warm_start_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """The converter's record of untouched global branches comes with the
+    weights: one read of the file, not a second one for its ``meta``."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    converted = _converted_m1(tmp_path)
+    reads = []
+    load = CheckpointLoader.load_checkpoint  # what every checkpoint read goes through
+
+    def counted(filename, *args, **kwargs):
+        reads.append(filename)
+        return load(filename, *args, **kwargs)
+    monkeypatch.setattr(CheckpointLoader, 'load_checkpoint', counted)
+    _m1(converted, global_init='warm')
+    assert reads == [converted]
+
+
 def test_warm_start_arguments():
     from convneur_mm.models.backbones.convneur import ConvNeur
     with pytest.raises(ValueError, match='global_init must be one of'):

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from mmengine.runner.checkpoint import _load_checkpoint
 from torch import Tensor, nn
 
 from convneur_mm.registry import MODELS
@@ -346,20 +345,19 @@ class ConvNeur(BaseModule):
                       'model.backbone.init_cfg.checkpoint=PATH to load weights.',
                       logger='current', level=logging.WARNING)
             return
-        load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
-                                 strict=cfg.get('strict', True))
+        meta = load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
+                                        strict=cfg.get('strict', True))
         if self.global_init == 'warm':
-            self._warm_start(cfg['checkpoint'], cfg.get('prefix', ''))
+            self._warm_start(cfg['checkpoint'], meta, cfg.get('prefix', ''))
 
-    def _warm_start(self, checkpoint: str, prefix: str) -> None:
+    def _warm_start(self, checkpoint: str, meta: Optional[dict], prefix: str) -> None:
         """``global_init='warm'``: G = 0 (out-projection weight and bias
         zero), so the gate is sigmoid(0) = 0.5 exactly, and pwconv2 doubled:
         0.5 * 2 F_loc = F_loc bit for bit (scaling by 2 is exact). The gate
         sits where sigmoid's slope is largest and the zero out-projection gets
         gradient (its input, the mixer's output, is not zero), so the branch
         trains from the first step; the mixer from the second."""
-        blocks = set(warm_start_blocks(
-            _load_checkpoint(checkpoint, map_location='cpu').get('meta'), prefix))
+        blocks = set(warm_start_blocks(meta, prefix))
         started = []
         for i, stage in enumerate(self.stages):
             for j, block in enumerate(stage):

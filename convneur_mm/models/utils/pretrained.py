@@ -7,7 +7,7 @@ repositories; here every missing, unexpected or mis-shaped key is an error
 import logging
 import os.path as osp
 import re
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from mmengine.logging import print_log
@@ -76,12 +76,17 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
 
 
 def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = '',
-                             strict: bool = True, skip_unexpected: bool = False) -> None:
+                             strict: bool = True, skip_unexpected: bool = False
+                             ) -> Optional[dict]:
     """Load the weights under ``prefix`` of ``checkpoint`` into ``model``;
     ``skip_unexpected``: the output norms the model has no place for (those
     of other ``out_indices``, ``OUTPUT_NORM``) are left out; any other key,
     missing or unexpected, and every shape are still checked (another
     model's weights must not load where they happen to fit).
+
+    Returns:
+        The checkpoint's ``meta`` (None without one), so that a caller needs
+        not read the file again.
 
     Raises:
         FileNotFoundError: the checkpoint path does not exist.
@@ -92,7 +97,8 @@ def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = ''
     name = type(model).__name__
     if not is_remote(checkpoint) and not osp.isfile(checkpoint):
         raise FileNotFoundError(f'{name}: pretrained checkpoint not found: {checkpoint}')
-    state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'), prefix)
+    loaded = _load_checkpoint(checkpoint, map_location='cpu')
+    state = extract_state_dict(loaded, prefix)
     if skip_unexpected:
         own = model.state_dict()
         state = {k: v for k, v in state.items() if k in own or not OUTPUT_NORM.match(k)}
@@ -111,3 +117,4 @@ def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = ''
         state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(state, strict=False)
     print_log(f'{name}: loaded {len(state)} tensors from {checkpoint}', logger='current')
+    return loaded.get('meta') if isinstance(loaded, dict) else None
