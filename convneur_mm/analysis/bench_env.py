@@ -103,10 +103,13 @@ class PeakMemoryGrowth:
         else:
             self.base = _open_cpu_window()
 
-    def mib(self) -> float:
+    def bytes(self) -> int:
         synchronize(self.device)
         peak = peak_memory_bytes(self.device) if is_cuda(self.device) else _peak_rss_bytes()
-        return (peak - self.base) / 2**20
+        return peak - self.base
+
+    def mib(self) -> float:
+        return self.bytes() / 2**20
 
 
 def _open_cpu_window() -> int:

@@ -20,8 +20,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from convneur_mm.analysis.bench_env import (is_cuda, memory_allocated_bytes, peak_memory_bytes,
-                                            reset_peak_memory, synchronize)
+from convneur_mm.analysis.bench_env import PeakMemoryGrowth, is_cuda
 
 
 class SavedTensorMeter:
@@ -107,10 +106,7 @@ def measure_memory(backbone: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     result = dict(saved=saved, largest_block=largest)
     if is_cuda(x.device):
         backbone.zero_grad(set_to_none=True)
-        synchronize(x.device)
-        reset_peak_memory(x.device)
-        base = memory_allocated_bytes(x.device)
+        window = PeakMemoryGrowth(x.device)
         outputs_loss(backbone(x)).backward()
-        synchronize(x.device)
-        result['cuda_peak'] = peak_memory_bytes(x.device) - base
+        result['cuda_peak'] = window.bytes()
     return result
