@@ -44,7 +44,7 @@ model = dict(
         dict(stage, sampler=dict(stage['sampler'], num=16))
         for stage in _base_.model.train_cfg.rcnn]),
     # Keep 20 detections per image, not 100 (which a crowded COCO image needs):
-    # the three mask heads run on every kept box and took 3/4 of the test time.
+    # the three mask heads run on every kept box, at 100 about 3/4 of the test time.
     test_cfg=dict(rcnn=dict(max_per_img=20)))
 
 # Two CPU processes x 2 images (batch 4; the paper's 8 on 4 GPUs). No loader

@@ -10,7 +10,7 @@ ranks at a barrier, destroys the process group, joins threads, runs the
 ``atexit`` handlers, flushes stdout/stderr and leaves with ``os._exit``,
 skipping the tear-down in which the abort happens. Every failure before that
 point still ends the process the usual way, with a non-zero status.
-docs/advanced_guides/exit_codes.md tells the investigation.
+docs/advanced_guides/exit_codes.md explains the ending.
 """
 import atexit
 import os

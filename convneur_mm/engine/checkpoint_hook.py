@@ -4,9 +4,9 @@ MMEngine 0.10.7 writes a checkpoint in place (``open(path, 'wb')``), and its
 ``CheckpointHook`` removes the checkpoint that ``max_keep_ckpts`` pushes out,
 and the previous best one (``save_best``), *before* it writes the new one. A
 run killed while writing (the minutes a large checkpoint takes on a busy
-shared file system) could lose its resume point: with ``max_keep_ckpts=1``
-nothing was left, and a checkpoint rewritten in place (MMEngine saves
-``iter_N.pth`` again after a new best) was cut short under the name that
+shared file system) can lose its resume point: with ``max_keep_ckpts=1``
+nothing is left, and a checkpoint rewritten in place (MMEngine saves
+``iter_N.pth`` again after a new best) is cut short under the name that
 ``last_checkpoint`` gives. Here:
 
 * ``ConvNeurRunner.save_checkpoint`` writes to ``NAME.part``, flushes it to

@@ -43,8 +43,8 @@ def capture_rng_state() -> dict:
 
 
 def _cpu_bytes(value) -> torch.Tensor:
-    """A CPU uint8 tensor from stored bytes (or from a tensor, as checkpoints
-    written before the states were stored as bytes hold, wherever it was mapped)."""
+    """A CPU uint8 tensor from stored bytes (or from a tensor, the older
+    checkpoint format, wherever it was mapped)."""
     if isinstance(value, torch.Tensor):
         return value.detach().to('cpu', torch.uint8)
     return torch.frombuffer(bytearray(value), dtype=torch.uint8)
@@ -72,7 +72,7 @@ def gather_rng_states(state: Optional[dict] = None) -> list:
 
 def rank_state(stored: Optional[dict], rank: int) -> Optional[dict]:
     """The states rank ``rank`` stored (None if that rank did not exist). A
-    checkpoint written before states were stored per rank holds rank 0's."""
+    checkpoint in the older single-rank format holds rank 0's."""
     if stored is None:
         return None
     ranks = stored['ranks'] if 'ranks' in stored else [stored]

@@ -2,9 +2,9 @@
 exits 0, even when something aborts while the interpreter is torn down; a run
 that failed before that exits non-zero.
 
-The abort we saw (gloo's worker thread taking the GIL during interpreter
-finalization, pytorch/pytorch#190489; see convneur_mm/apis/exit.py) is a
-race. Two kinds of test cover it:
+The abort guarded against (gloo's worker thread taking the GIL during
+interpreter finalization, pytorch/pytorch#190489; see convneur_mm/apis/exit.py)
+is a race. Two kinds of test cover it:
 
 * a planted abort at interpreter tear-down (a ``sitecustomize`` on the ranks'
   PYTHONPATH whose object calls ``os.abort()`` when it is deleted, late in
@@ -15,6 +15,17 @@ race. Two kinds of test cover it:
   exit 0. On the old ending it aborts at a rate that depends on the load
   (docs/advanced_guides/exit_codes.md; tools/analysis_tools/exit_code_soak.sh measures it on
   the demos).
+
+The rest:
+
+* failures exit non-zero: an exception on rank 1, rank 1 dying of SIGABRT,
+  rank 0 in a collective whose peer left, and rank 1 failing after rank 0 has
+  printed the metrics but before the final barrier;
+* what a normal exit does is kept: a non-daemon thread is joined, an idle
+  thread pool is stopped, ``atexit`` handlers run, unflushed output is written;
+  exit 120 when stdout is a closed pipe;
+* ``tools/setup/run_demo.sh`` runs every demo after a failure and exits 1 with
+  the list.
 """
 import os
 import os.path as osp

@@ -30,7 +30,7 @@ optim_wrapper = dict(optimizer=dict(lr=1e-3))
 # Measured work of one step (32 images, forward + backward, one thread) is
 # 0.9 (local-only) to 4.7 (C_m = 256) CPU seconds, 2.3 on average over the
 # rows: 60 steps x 12 rows is about 28 CPU minutes, plus start-up, FLOP
-# counts and validation (docs/advanced_guides/ablations.md)
+# counts and validation (docs/notes/benchmarks.md, Table 5 rows)
 max_epochs = 4
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-2, by_epoch=True, end=0.5, convert_to_iter_based=True),

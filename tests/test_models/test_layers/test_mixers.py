@@ -5,7 +5,29 @@ Each comparison runs in float64 on a small odd-sized map with every
 parameter drawn at random (zero inits such as Non-local's output conv or
 Titans' persistent tokens would otherwise hide whole terms), with sizes that
 exercise the corner cases: several memory chunks, a last partial attention
-segment, a token shift at every border.
+segment, a token shift at every border. test_wkv.py checks the WKV itself.
+
+Mutants checked by hand (each applied alone; each fails the tests named):
+
+=====================================================  ==============================================
+mutant                                                 caught by
+=====================================================  ==============================================
+'add' computed as a sigmoid gate                       the 'add' fusion test (memory and attention)
+'concat' as a gate plus ``0 * fuse([G, F_loc])``       the 'concat' fusion test
+'gate' without its sigmoid (G * F_loc)                 the 'gate' fusion test
+CBAM channel gate from the average pool only           CBAM branch test
+CBAM spatial statistics swapped (mean, max)            CBAM branch test
+Non-local softmax over the query axis                  Non-local branch test
+Non-local without its residual                         Non-local branch test
+WKV forward direction only                             WKV definition and recurrence tests, IR-RWKV
+WKV without the current-token bonus e^u                WKV definition and recurrence tests, IR-RWKV
+IR-RWKV without the sigmoid(r) gate                    IR-RWKV branch test
+IR-RWKV without its depthwise-conv step                IR-RWKV branch test
+Titans' last partial segment attends to padding        Titans branch test
+Titans without the memory's residual                   Titans branch test
+Titans' persistent keys zeroed                         Titans branch test
+attention without the 1/sqrt(d) scale                  attention branch test, the three fusion tests
+=====================================================  ==============================================
 """
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """The bidirectional WKV's prefix-sum form against RWKV's step-by-step
-recurrence (float64) and against the O(N^2) definition; lengths far beyond
-the reference CUDA kernel's 1024 tokens; float32 under bf16 autocast."""
+recurrence in both directions (float64) and against the O(N^2) definition;
+lengths to 8192 tokens, far beyond the reference CUDA kernel's 1024; float32
+under bf16 autocast."""
 import pytest
 import torch
 
