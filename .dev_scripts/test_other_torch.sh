@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The test suite on another torch than our pin, without touching .venv: the
-# torch a borrowed GPU machine brings (the lent H100's is 2.11), tried here
-# first on the CPU. Its wheels go into DIR/site (pip --target, no deps: the
-# CUDA libraries of .venv serve any torch built for the same CUDA major), mmcv
-# is compiled against it into DIR/mmcv (about 25 minutes on 2 cores, once),
-# and pytest runs with both first on PYTHONPATH:
+# torch a GPU host brings, tried here first on the CPU. Its wheels go into
+# DIR/site (pip --target, no deps: the CUDA libraries of .venv serve any torch
+# built for the same CUDA major), mmcv is compiled against it into DIR/mmcv
+# (about 25 minutes on 2 cores, once), and pytest runs with both first on
+# PYTHONPATH:
 #
-#   .dev_scripts/test_other_torch.sh 2.11.0 0.26.0 3.6.0 [PYTEST_ARGS (default: tests)]
-#       (torch, torchvision, triton; DIR: $OTHER_TORCH_DIR or /tmp/torch-VERSION)
+#   .dev_scripts/test_other_torch.sh TORCH TORCHVISION TRITON [PYTEST_ARGS (default: tests)]
+#       e.g. 2.11.0 0.26.0 3.6.0 (DIR: $OTHER_TORCH_DIR or /tmp/torch-TORCH)
 #
 # Expect test_requirements.py to fail: it checks the pin.
 set -euo pipefail

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The one GPU run: ConvNeur-MM's GPU figures and GPU tests on a CUDA host,
+# results in one folder. Run it from the repository root on the GPU host
+# (.dev_scripts/README.md says what to copy there first):
+#
+#   bash .dev_scripts/gpu_run.sh [--out DIR] [--limit-s S] [--dry-run] [--no-mmcv-ops] [SECTION...]
+#
+# First the stack is installed from .dev_scripts/wheels beside the host's
+# torch (install_stack.sh; without that folder the host's Python is used as
+# it is) and mmcv's CUDA ops are checked: nms and RoIAlign on CUDA tensors.
+# A failure there ends the run at once with exit status 3, before any section.
+#
+# Sections (default: all four, in this order), with their estimated seconds:
+#   bench    the neural memory's figures: gpu_memory_bench.py -> bench.json
+#   profile  the memory's kernels under torch.profiler: gpu_memory_bench.py
+#            --sections profile -> profile.json
+#   train    training iterations of the real configs beside their peers, and
+#            evaluation: tools/analysis_tools/benchmark.py --task train -> train.json
+#            (its options: TRAIN_ARGS, default "--amp --eval")
+#   tests    the GPU tests of `make test-gpu` still to confirm: the backbone's
+#            graph-break check under CUDA bf16 autocast, and with mmcv's CUDA
+#            ops the fp16 --amp detector step and RoIAlign (pytest -k TESTS_K)
+#            -> tests.xml
+#
+# One time limit, --limit-s (default 480), covers the whole run. Each section
+# runs under a timeout of what is left of it less the estimates of the
+# sections after it (never less than its own estimate), and is skipped when
+# less than its estimate is left. A section that fails, runs out of time or is
+# skipped is recorded and the next one runs; the exit status is then 0.
+# Results: DIR/<section>.log, the files above, DIR/summary.tsv (one line per
+# step: name, status, seconds, limit, command), the table printed at the end.
+# --dry-run writes the same plan, logs and summary without running a section
+# or installing anything (on any machine, GPU or not).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SECTIONS=(bench profile train tests)
+# estimated seconds on an H100 / H200 (the install takes about 20 more): with
+# the install they fill the default limit, and train + tests fit 6 minutes
+declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150)
+
+usage() { sed -n 2,33p "$0" | sed 's/^# \{0,1\}//'; }
+
+RESULTS=gpu_results
+LIMIT_S=480
+DRY_RUN=0
+MMCV_OPS=1
+chosen=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --out) RESULTS=${2:?--out needs a directory}; shift 2 ;;
+        --limit-s) LIMIT_S=${2:?--limit-s needs seconds}; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --no-mmcv-ops) MMCV_OPS=0; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "gpu_run.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
+        *) [ -n "${ESTIMATE_S[$1]:-}" ] || {
+               echo "gpu_run.sh: unknown section '$1' (sections: ${SECTIONS[*]})" >&2; exit 2; }
+           chosen+=("$1"); shift ;;
+    esac
+done
+[[ $LIMIT_S =~ ^[0-9]+$ ]] || { echo "gpu_run.sh: --limit-s takes whole seconds, not '$LIMIT_S'" >&2; exit 2; }
+[ ${#chosen[@]} -gt 0 ] || chosen=("${SECTIONS[@]}")
+
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+PYTHON=${PYTHON:-python3}
+export PYTHON PYTHONUNBUFFERED=1 DRY_RUN MMCV_OPS
+SUMMARY=$RESULTS/summary.tsv
+printf 'step\tstatus\tseconds\tlimit_s\tcommand\n' > "$SUMMARY"
+
+record() {  # NAME STATUS SECONDS LIMIT COMMAND
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$SUMMARY"
+    printf '[gpu_run] %-8s %s in %s s (limit %s s)\n' "$1" "$2" "$3" "$4"
+}
+
+section_command() {  # NAME LIMIT: sets cmd
+    # the bench gets the section's limit, less a margin to write its JSON: it
+    # skips, and records, what no longer fits instead of being cut off
+    local budget=$(($2 > 30 ? $2 - 15 : $2))
+    case $1 in
+        bench) cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --budget-s "$budget"
+                    --out "$RESULTS/bench.json") ;;
+        profile) cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --sections profile
+                      --budget-s "$budget" --out "$RESULTS/profile.json") ;;
+        train)
+            local extra
+            read -ra extra <<< "${TRAIN_ARGS:---amp --eval}"
+            cmd=("$PYTHON" tools/analysis_tools/benchmark.py --task train --device cuda
+                 "${extra[@]}" --json "$RESULTS/train.json") ;;
+        tests)
+            # the fp16 detector step and RoIAlign need mmcv's CUDA ops
+            local keys=${TESTS_K:-graph_breaks}
+            [ "$MMCV_OPS" = 1 ] && [ -z "${TESTS_K:-}" ] && keys="fp16_amp or roi_align or $keys"
+            cmd=(env CONVNEUR_TEST_GPU_CHILD=1 "$PYTHON" -m pytest -m gpu tests projects
+                 -k "$keys" -p no:cacheprovider -rA --continue-on-collection-errors
+                 --junitxml "$RESULTS/tests.xml") ;;
+    esac
+}
+
+# ---------------------------------------------------------------- install
+start=$SECONDS
+if ! source .dev_scripts/install_stack.sh > "$RESULTS/install.log" 2>&1; then
+    record install failed $((SECONDS - start)) - 'source .dev_scripts/install_stack.sh'
+    echo "[gpu_run] ================================================================" >&2
+    echo "[gpu_run] INSTALL FAILED: the stack or mmcv's CUDA ops do not work here;" >&2
+    echo "[gpu_run] no section ran. $RESULTS/install.log ends:" >&2
+    tail -n 30 "$RESULTS/install.log" >&2
+    echo "[gpu_run] ================================================================" >&2
+    exit 3
+fi
+tail -n 8 "$RESULTS/install.log"
+record install "$([ "$DRY_RUN" = 1 ] && echo dry-run || echo ok)" $((SECONDS - start)) - \
+    'source .dev_scripts/install_stack.sh'
+
+# --------------------------------------------------------------- sections
+deadline=$((start + LIMIT_S))
+for i in "${!chosen[@]}"; do
+    name=${chosen[$i]}
+    need=${ESTIMATE_S[$name]}
+    later=0
+    for next in "${chosen[@]:$((i + 1))}"; do later=$((later + ESTIMATE_S[$next])); done
+    left=$((deadline - SECONDS))
+    limit=$((left - later))
+    [ "$limit" -lt "$need" ] && limit=$need
+    [ "$limit" -gt "$left" ] && limit=$left
+    section_command "$name" "$limit"
+    shown=$(printf '%q ' "${cmd[@]}")
+    if [ "$left" -lt "$need" ]; then
+        record "$name" "skipped: ${left} s left, needs about ${need} s" 0 - "$shown"
+        continue
+    fi
+    echo "[gpu_run] $name: $shown"
+    begin=$SECONDS
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "dry run: $shown" > "$RESULTS/$name.log"
+        record "$name" dry-run 0 "$limit" "$shown"
+        continue
+    fi
+    timeout --kill-after=5 "$limit" "${cmd[@]}" > "$RESULTS/$name.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|137) status="timed out" ;;
+        *) status="failed (exit $rc)" ;;
+    esac
+    tail -n "${TAIL:-25}" "$RESULTS/$name.log"
+    record "$name" "$status" $((SECONDS - begin)) "$limit" "$shown"
+done
+
+echo "[gpu_run] done in $SECONDS s (limit $LIMIT_S s); results in $RESULTS"
+awk -F'\t' '{printf "%-8s %-36s %8s %8s\n", $1, $2, $3, $4}' "$SUMMARY"
+exit 0
