@@ -32,7 +32,3 @@ def import_tool(name: str) -> ModuleType:
     library's package)."""
     return import_file(f'convneur_tools_{name}', osp.join(REPO, 'tools', f'{name}.py'))
 
-
-def import_setup_helper() -> ModuleType:
-    """tools/setup/cuda_setup.py, the installer's helper (run by path, never shipped)."""
-    return import_file('convneur_cuda_setup', osp.join(REPO, 'tools', 'setup', 'cuda_setup.py'))

@@ -5,6 +5,13 @@
 * ``convneur_mm/models`` imports only ``convneur_mm.models``,
   ``convneur_mm.registry`` and ``convneur_mm.utils``, so that a config's
   model builds without the engine, the tools or the analysis library;
+* ``convneur_mm/models/utils`` imports nothing from the models' backbones,
+  layers or converters (no circle through a module that builds a model);
+* ``convneur_mm/models/converters`` maps state dicts and builds no model: it
+  imports no backbone or layer (the tool that calls it builds the target);
+* ``tools/setup`` (the installer) imports nothing from ``convneur_mm``, and at
+  module level only the standard library and its own files: it runs before
+  the package and the stack are installed;
 * nothing in ``convneur_mm/``, ``tools/`` or a project's code imports
   ``tests`` (a wheel does not carry it);
 * no tool puts the repository root on ``sys.path``: tools import the
@@ -16,6 +23,7 @@ Every import counts, also one inside a function and
 import ast
 import os
 import os.path as osp
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -31,7 +39,17 @@ LAYERS = [
     ('convneur_mm/models', ('convneur_mm.models', 'convneur_mm.registry', 'convneur_mm.utils'),
      'convneur_mm/models imports only convneur_mm.models, convneur_mm.registry and '
      'convneur_mm.utils'),
+    ('convneur_mm/models/utils', ('convneur_mm.models.utils', 'convneur_mm.registry',
+                                  'convneur_mm.utils'),
+     'convneur_mm/models/utils imports nothing from backbones, layers or converters'),
+    ('convneur_mm/models/converters', ('convneur_mm.models.converters',
+                                       'convneur_mm.models.utils', 'convneur_mm.utils'),
+     'a conversion maps state dicts; the tool that calls it builds the model'),
+    ('tools/setup', (),
+     'tools/setup runs before the package is installed: it imports nothing from convneur_mm'),
 ]
+LAYER = {folder: (folder, allowed, why) for folder, allowed, why in LAYERS}
+INSTALLER = 'tools/setup'
 NO_TESTS_IMPORT = ('convneur_mm', 'tools', '.dev_scripts', 'projects')
 
 
@@ -112,6 +130,36 @@ def layer_violations(root: Path, folder: str, allowed: Iterable[str], why: str) 
     return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- {why}'
             for path in python_files(root, folder) for i in imports_of(path, root)
             if _within(i.module, PACKAGE) and not any(_within(i.module, a) for a in allowed)]
+
+
+def non_stdlib_module_imports(root: Path, folder: str) -> List[str]:
+    """Module-level imports, by files under ``folder``, of anything but the
+    standard library and the folder's own modules (imports inside functions
+    may name what the program installed by then, e.g. torch)."""
+    own = {p.stem for p in (root / folder).glob('*.py')}
+    found = []
+    for path in python_files(root, folder):
+        tree = ast.parse(path.read_text(encoding='utf-8'), filename=str(path))
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ['.'] if node.level else [node.module]
+            else:
+                continue
+            found += [f'{path.relative_to(root)}:{node.lineno}: imports {name} at module level '
+                      '-- the installer runs on the standard library alone'
+                      for name in names if name.split('.')[0] not in own
+                      and name.split('.')[0] not in sys.stdlib_module_names]
+    return found
+
+
+def installer_sys_path(root: Path) -> List[str]:
+    """``sys.path`` changes in the installer: an import by path is a way
+    around the rule that it imports nothing from the package."""
+    return [f'{path.relative_to(root)}:{line}: changes sys.path -- the installer imports its '
+            'own files, run by path, and the standard library only'
+            for path in python_files(root, INSTALLER) for line, _ in _sys_path_entries(path)]
 
 
 def find_tests_imports(root: Path, folders: Iterable[str]) -> List[str]:
@@ -224,6 +272,11 @@ def test_layer_imports_only_what_it_may(folder, allowed, why):
     assert not found, '\n'.join(found)
 
 
+def test_the_installer_runs_on_the_standard_library():
+    found = non_stdlib_module_imports(ROOT, INSTALLER) + installer_sys_path(ROOT)
+    assert not found, '\n'.join(found)
+
+
 def test_nothing_shipped_or_run_imports_tests():
     found = find_tests_imports(ROOT, NO_TESTS_IMPORT)
     assert not found, '\n'.join(found)
@@ -246,7 +299,8 @@ def bad_tree(tmp_path) -> Path:
     """A small repository with one violation of each rule, beside files that
     keep them."""
     for package in ('convneur_mm', 'convneur_mm/utils', 'convneur_mm/models',
-                    'convneur_mm/models/layers'):
+                    'convneur_mm/models/layers', 'convneur_mm/models/utils',
+                    'convneur_mm/models/converters'):
         _write(tmp_path, f'{package}/__init__.py', '')
     _write(tmp_path, 'convneur_mm/utils/good.py', 'from .paths import x\n'
            'from convneur_mm.utils import cli\nimport os\n')
@@ -258,6 +312,19 @@ def bad_tree(tmp_path) -> Path:
     _write(tmp_path, 'convneur_mm/models/layers/bad.py',
            'import importlib\nengine = importlib.import_module("convneur_mm.engine.compile")\n')
     _write(tmp_path, 'convneur_mm/models/worse.py', 'from convneur_mm import apis\n')
+    _write(tmp_path, 'convneur_mm/models/utils/good.py', 'from .shapes import s\n'
+           'from ...registry import MODELS\nfrom convneur_mm.utils import paths\n')
+    _write(tmp_path, 'convneur_mm/models/utils/bad.py',
+           'def build():\n    from ..backbones.convneur import ConvNeur\n')
+    _write(tmp_path, 'convneur_mm/models/converters/good.py',
+           'from ..utils.warm_start import CONVERTER\n')
+    _write(tmp_path, 'convneur_mm/models/converters/bad.py', 'from ..layers import block\n')
+    _write(tmp_path, 'tools/setup/good.py', 'import json\nimport elf_reader\n'
+           'def f():\n    import torch\n')
+    _write(tmp_path, 'tools/setup/elf_reader.py', 'import struct\n')
+    _write(tmp_path, 'tools/setup/bad.py', 'import torch\ntry:\n'
+           '    from convneur_mm.utils import cuda_env\nexcept ImportError:\n'
+           '    import sys\n    sys.path.insert(0, "convneur_mm/utils")\n')
     _write(tmp_path, 'tools/good.py', 'import sys, os.path as osp\n'
            'sys.path.insert(0, osp.dirname(osp.abspath(__file__)))\n')
     _write(tmp_path, 'tools/sub/bad_import.py', 'from tests.paths import REPO\n')
@@ -272,14 +339,27 @@ def bad_tree(tmp_path) -> Path:
 
 
 def test_checker_names_each_bad_import(bad_tree):
-    (utils_folder, utils_allowed, utils_why), (models_folder, models_allowed, models_why) = LAYERS
-    utils = layer_violations(bad_tree, utils_folder, utils_allowed, utils_why)
+    utils_why = LAYER['convneur_mm/utils'][2]
+    utils = layer_violations(bad_tree, *LAYER['convneur_mm/utils'])
     assert utils == ['convneur_mm/utils/bad.py:2: from ..models import ConvNeur -- '
                      + utils_why]
-    models = layer_violations(bad_tree, models_folder, models_allowed, models_why)
+    models = layer_violations(bad_tree, *LAYER['convneur_mm/models'])
     assert [line.split(' -- ')[0] for line in models] == [
         "convneur_mm/models/layers/bad.py:2: importlib.import_module('convneur_mm.engine."
         "compile')", 'convneur_mm/models/worse.py:1: from convneur_mm import apis']
+    model_utils = layer_violations(bad_tree, *LAYER['convneur_mm/models/utils'])
+    assert [line.split(' -- ')[0] for line in model_utils] == [
+        'convneur_mm/models/utils/bad.py:2: from ..backbones.convneur import ConvNeur']
+    converters = layer_violations(bad_tree, *LAYER['convneur_mm/models/converters'])
+    assert [line.split(' -- ')[0] for line in converters] == [
+        'convneur_mm/models/converters/bad.py:1: from ..layers import block']
+    installer = layer_violations(bad_tree, *LAYER[INSTALLER])
+    assert [line.split(' -- ')[0] for line in installer] == [
+        'tools/setup/bad.py:3: from convneur_mm.utils import cuda_env']
+    assert [line.split(' -- ')[0] for line in non_stdlib_module_imports(bad_tree, INSTALLER)] \
+        == ['tools/setup/bad.py:1: imports torch at module level']
+    assert [line.split(' -- ')[0] for line in installer_sys_path(bad_tree)] == [
+        'tools/setup/bad.py:6: changes sys.path']
     assert find_tests_imports(bad_tree, NO_TESTS_IMPORT) == [
         'tools/sub/bad_import.py:1: from tests.paths import REPO -- the wheel does not '
         'carry tests/; shared references live in convneur_mm.testing']

@@ -20,6 +20,7 @@ from convneur_mm.models.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
+from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 from convneur_mm.apis.toolbox import check_toolbox
 
 
@@ -45,6 +46,7 @@ def parse_args():
 
 
 def main():
+    silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     args = parse_args()
     set_local_rank(args.local_rank)  # first: check_cuda probes mmcv on this rank's GPU
     check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU

@@ -18,6 +18,7 @@ from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_d
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import check_cuda
 from convneur_mm.utils.paths import is_remote
+from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 from convneur_mm.apis.toolbox import check_toolbox
 
 
@@ -43,6 +44,7 @@ def parse_args():
 
 
 def main():
+    silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     args = parse_args()
     if args.deterministic:
         prepare_deterministic()  # before CUDA starts

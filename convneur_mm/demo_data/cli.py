@@ -1,6 +1,6 @@
 """The command line every tiny-dataset generator shares.
 
-    python -m convneur_mm.demo_data.<coco|ade20k|imagenet|global_probe> OUT_DIR [--<opt> N ...]
+    python -m convneur_mm.demo_data.<coco|ade20k|imagenet> OUT_DIR [--<opt> N ...]
 
 The options are the generator function's own keyword arguments, so that the
 command line and the Python API cannot drift apart.

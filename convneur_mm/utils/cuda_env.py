@@ -9,25 +9,15 @@ NVIDIA hardware, and runs that hide the GPUs on purpose
 (``CUDA_VISIBLE_DEVICES=``), keep the CPU path; ``CONVNEUR_ALLOW_CPU=1``
 keeps it on a machine whose GPUs cannot be used.
 
-Importing this module imports nothing but the standard library, so that
-``tools/setup/setup_env.sh`` can use it before the stack is installed; torch and
-mmcv are imported by the functions that need them.
+torch and mmcv are imported by the functions that need them. The installer
+(``tools/setup/``) decides its own way, before the package is installed.
 """
-import glob
-import importlib.util
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import warnings
 from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
-
-try:
-    from convneur_mm.utils.elf import elf_needed
-except ImportError:  # run by path from tools/setup/setup_env.sh, beside elf.py
-    from elf import elf_needed  # type: ignore[no-redef]
 
 PROC_VERSION = '/proc/driver/nvidia/version'
 ALLOW_CPU = 'CONVNEUR_ALLOW_CPU'
@@ -43,13 +33,6 @@ MMCV_WITHOUT_CUDA_OPS = (
 # what mmcv's dispatcher raises for a device it has no kernel for:
 # 'nms_impl: implementation for device cuda:0 not found.'
 NO_KERNEL = 'implementation for device cuda'
-# run in a child process: get_compiling_cuda_version() can segfault while
-# mmcv's CUDA kernels work. One answer a line, flushed, so that the first
-# survives a crash of the second.
-VERSION_QUERY = ('from mmcv.ops import get_compiler_version, get_compiling_cuda_version\n'
-                 'print(get_compiling_cuda_version(), flush=True)\n'
-                 'print(get_compiler_version(), flush=True)\n')
-QUERIES = ('mmcv.ops.get_compiling_cuda_version()', 'mmcv.ops.get_compiler_version()')
 
 
 class Gpu(NamedTuple):
@@ -140,17 +123,6 @@ def unsupported_capabilities(capabilities: Sequence[Tuple[int, int]],
     return missing
 
 
-def torch_cuda_archs() -> List[str]:
-    """The CUDA archs (``sm_XY``) torch was compiled for, GPU or not: before
-    torch 2.13 ``torch.cuda.get_arch_list()`` is empty where no GPU is usable,
-    as on a build host (``FORCE_CUDA=1``)."""
-    import torch
-    arch_flags = getattr(torch._C, '_cuda_getArchFlags', None)
-    if torch.version.cuda is None or arch_flags is None or torch.cuda.is_available():
-        return torch.cuda.get_arch_list()
-    return (arch_flags() or '').split()
-
-
 def _builds_for(capability: Tuple[int, int], machine: Optional[str] = None) -> List[str]:
     """PyTorch's CUDA builds (cuXYZ) that have kernels for this GPU on this
     machine's architecture (torch's table is ``{cuda: {machine: codes}}``
@@ -211,13 +183,6 @@ def cuda_problem(info: NvidiaInfo, cuda_available: bool, torch_version: str,
     return None
 
 
-def mmcv_problem(compiled_cuda: str) -> Optional[str]:
-    """mmcv's ops compiled without CUDA (as ``get_compiling_cuda_version()``
-    says it), on a machine that trains on CUDA: the first RoIAlign would fail
-    ("implementation for device cuda:0 not found")."""
-    return MMCV_WITHOUT_CUDA_OPS if compiled_cuda in ('', 'not available') else None
-
-
 def _probe_device(env: Mapping[str, str] = os.environ) -> 'torch.device':  # noqa: F821
     """The GPU this process will train on: the local rank's under torchrun,
     Slurm or MPI (as MMEngine's launchers pick it), else the current one. Every
@@ -248,90 +213,6 @@ def mmcv_cuda_problem(env: Mapping[str, str] = os.environ) -> Optional[str]:
     return None
 
 
-class MmcvOpsVersion(NamedTuple):
-    """What mmcv's compiled ops say about themselves, asked in a child process."""
-    cuda: Optional[str]  # '13.0'; the major ('13') when read from the ELF file; None: unknown
-    compiler: Optional[str]  # 'GCC 12.2'; None when the query failed
-    error: Optional[str] = None  # why the query failed, e.g. '... crashed (signal 11: SIGSEGV)'
-    elf: Optional[str] = None  # when it failed: what mmcv's _ext file says instead
-
-
-def _query_child(code: str, timeout: float) -> Tuple[List[str], Optional[str]]:
-    """The lines a child Python running ``code`` printed, and why it failed
-    (None if it printed both answers): a segfault there ends only the child."""
-    try:
-        out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                             timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [], f'{QUERIES[0]} timed out after {timeout:g} s'
-    except OSError as exc:
-        return [], f'{QUERIES[0]} could not run in a child process: {exc}'
-    lines = out.stdout.splitlines()
-    if out.returncode == 0 and len(lines) >= len(QUERIES):
-        return lines, None
-    call = QUERIES[min(len(lines), len(QUERIES) - 1)]
-    if out.returncode < 0:
-        try:
-            name = signal.Signals(-out.returncode).name
-        except ValueError:
-            name = 'unknown signal'
-        return lines, f'{call} crashed (signal {-out.returncode}: {name})'
-    last = (out.stderr.strip().splitlines() or ['no output'])[-1]
-    return lines, f'{call} failed (exit status {out.returncode}: {last})'
-
-
-def cudart_major(path: str) -> Optional[str]:
-    """The CUDA major version a library links (its NEEDED libcudart.so.N)."""
-    for name in elf_needed(path):
-        match = re.fullmatch(r'libcudart\.so\.(\d+)', name)
-        if match:
-            return match.group(1)
-    return None
-
-
-def mmcv_ext_path() -> Optional[str]:
-    """mmcv's compiled ops library, found without importing mmcv."""
-    try:
-        spec = importlib.util.find_spec('mmcv')
-    except (ImportError, ValueError):
-        return None
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        found = sorted(glob.glob(os.path.join(folder, '_ext*.so')))
-        if found:
-            return found[0]
-    return None
-
-
-def _version_from_elf(error: str) -> MmcvOpsVersion:
-    """The CUDA major version mmcv's _ext links, when asking mmcv failed."""
-    path = mmcv_ext_path()
-    if path is None:
-        return MmcvOpsVersion(None, None, error, "mmcv's _ext library was not found")
-    try:
-        major = cudart_major(path)
-    except (OSError, ValueError) as exc:
-        return MmcvOpsVersion(None, None, error, f'{path} could not be read: {exc}')
-    if major is None:
-        return MmcvOpsVersion('not available', None, error,
-                              f'read from {path}: it links no libcudart')
-    return MmcvOpsVersion(major, None, error,
-                          f'major only, read from {path}: NEEDED libcudart.so.{major}')
-
-
-def mmcv_ops_version(code: Optional[str] = None, timeout: float = 120.0) -> MmcvOpsVersion:
-    """mmcv's ``get_compiling_cuda_version()`` and ``get_compiler_version()``,
-    asked in a child process (``code``: ``VERSION_QUERY``), since they can
-    segfault while mmcv's CUDA kernels work: a crash, a failure or a
-    timeout there is returned as ``error``, and the CUDA major version is then
-    read from the ELF file of mmcv's _ext instead (``elf`` says so)."""
-    lines, error = _query_child(VERSION_QUERY if code is None else code, timeout)
-    if error is None:
-        return MmcvOpsVersion(lines[0], lines[1])
-    if lines:  # the CUDA version came before the compiler query failed
-        return MmcvOpsVersion(lines[0], None, error)
-    return _version_from_elf(error)
-
-
 def check_cuda(env: Mapping[str, str] = os.environ, proc_path: str = PROC_VERSION,
                smi: Optional[str] = 'nvidia-smi', check_mmcv: bool = True) -> str:
     """Raise ``CudaUnavailableError`` if this machine's NVIDIA GPUs cannot be
@@ -356,58 +237,3 @@ def check_cuda(env: Mapping[str, str] = os.environ, proc_path: str = PROC_VERSIO
         warnings.warn(f'{problem} Running on the CPU ({ALLOW_CPU}=1).')
         return 'cpu'
     raise CudaUnavailableError(f'{problem} To run on the CPU anyway, set {ALLOW_CPU}=1.')
-
-
-def _mmcv_ops_row() -> str:
-    """The 'mmcv ops' row of the report; a crash of mmcv's version query is
-    shown, not suffered."""
-    try:
-        import mmcv.ops  # noqa: F401
-    except ImportError as exc:
-        return f'not importable ({exc})'
-    found = mmcv_ops_version()
-    row = f'compiled with {found.compiler or "unknown"}, CUDA: {found.cuda or "unknown"}'
-    return row + (f' ({found.elf})' if found.elf else '') + \
-        (f'; {found.error}' if found.error else '')
-
-
-def env_report() -> str:
-    """torch, CUDA, the driver, the GPUs, mmcv's ops and the toolboxes: the
-    first thing a bug report needs (``python -m convneur_mm env``)."""
-    import platform
-    import sys
-    from importlib import metadata
-
-    import torch
-    rows = [('python', sys.version.split()[0]), ('platform', platform.platform())]
-    info = detect_nvidia()
-    rows += [('torch', torch.__version__), ('torch CUDA', str(torch.version.cuda)),
-             ('torch archs', ' '.join(torch_cuda_archs()) or '-'),
-             ('NVIDIA driver', info.driver or 'none')]
-    available = torch.cuda.is_available()
-    rows.append(('CUDA available', f'{available}' + (' (CUDA_VISIBLE_DEVICES hides the GPUs)'
-                                                     if gpus_hidden(os.environ) else '')))
-    if available:
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            rows.append((f'GPU {i}', f'{props.name}, sm_{props.major}{props.minor}, '
-                                     f'{props.total_memory / 2**30:.1f} GiB'))
-    else:
-        rows += [(f'GPU (nvidia-smi) {i}', f'{g.name}, sm_{g.capability[0]}{g.capability[1]}')
-                 for i, g in enumerate(info.gpus)]
-    rows.append(('mmcv ops', _mmcv_ops_row()))
-    for name in ('torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'mmpretrain',
-                 'convneur-mm', 'numpy', 'opencv-python-headless'):
-        try:
-            rows.append((name, metadata.version(name)))
-        except metadata.PackageNotFoundError:
-            rows.append((name, 'not installed'))
-    try:
-        check_cuda(env={k: v for k, v in os.environ.items() if k != ALLOW_CPU})
-        rows.append(('CUDA check', 'ok'))
-    except CudaUnavailableError as exc:
-        rows.append(('CUDA check', str(exc)))
-    except Exception as exc:  # a report for a bug report: say it, do not crash
-        rows.append(('CUDA check', f'{type(exc).__name__}: {exc}'))
-    width = max(len(k) for k, _ in rows) + 1
-    return '\n'.join(f'{k + ":":<{width}} {v}' for k, v in rows)

@@ -5,7 +5,13 @@ The sources are the real models with random weights: MMPretrain's ``ConvNeXt``
 (``pretrained=False``), and the official repository's layout, built here from
 its published definition (``OfficialConvNeXtV2``). Each is saved in its own
 format, converted, loaded through ConvNeur's ``init_cfg`` and compared on the
-same images: the four stage outputs and the logits.
+same images: the four stage outputs and the logits. Random weights: PyTorch's
+init plus N(0, 0.1) on every tensor, GRN's zeros included. The default suite
+runs atto in every format and MMPretrain's pico; the other sizes are ``slow``.
+Also: the warm start keeps every key and trains every global parameter from
+step 1 on, refuses trained global branches, and reads the checkpoint once; the
+converter refuses other sizes, the wrong arch, ConvNeXt-V1, crafted pickles and
+unknown layouts.
 """
 import os
 import os.path as osp
@@ -16,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 import convneur_mm  # noqa: F401  (registry, weights-only loader)
-from convneur_mm.models.utils.convnextv2 import (KEY_TABLE, ConvNeXtV2CheckpointError, SIZES,
-                                                 convert, to_convneur_keys)
+from convneur_mm.models.converters.convnextv2 import (KEY_TABLE, ConvNeXtV2CheckpointError, SIZES,
+                                                      backbone_cfg, convert, source_arch,
+                                                      to_convneur_keys)
 from convneur_mm.utils.paths import tools_dir
 from ..paths import import_file
 
@@ -333,12 +340,34 @@ def test_refuses_a_crafted_pickle(tmp_path, monkeypatch):
 
 def test_refuses_an_unknown_layout_and_unknown_tensors(tmp_path):
     with pytest.raises(ConvNeXtV2CheckpointError, match='not a ConvNeXt-V2 checkpoint'):
-        convert({'state_dict': {'conv1.weight': torch.zeros(1)}})
+        source_arch({'state_dict': {'conv1.weight': torch.zeros(1)}})
     torch.manual_seed(0)
     checkpoint = build_source('official', 'atto')[2]
     checkpoint['model']['decoder.pred.weight'] = torch.zeros(3)
     with pytest.raises(ConvNeXtV2CheckpointError, match='decoder.pred.weight'):
-        convert(checkpoint)
+        source_arch(checkpoint)
+
+
+def test_conversion_fills_the_target_it_is_given():
+    """The conversion maps tensors onto a state dict the caller built: the
+    local network from the source, everything else exactly as the target
+    holds it; a target of another arch is refused."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    torch.manual_seed(0)
+    checkpoint = build_source('timm', 'atto')[2]
+    cfg = backbone_cfg(source_arch(checkpoint), 'dense')
+    target = ConvNeur(**cfg).state_dict()
+    converted = convert(checkpoint, target, cfg)
+    state, meta = converted['state_dict'], converted['meta']
+    assert sorted(state) == sorted('backbone.' + k for k in target)
+    assert torch.equal(state['backbone.downsample_layers.0.0.weight'], checkpoint['stem.0.weight'])
+    kept = [k for k in target if '.global_branch.' in k]
+    assert kept and all(torch.equal(state['backbone.' + k], target[k]) for k in kept)
+    assert meta['backbone'] == dict(type='convneur_mm.ConvNeur', **cfg)
+    with pytest.raises(ConvNeXtV2CheckpointError, match="ConvNeur-M1.*built as 'm2'"):
+        convert(checkpoint, target, backbone_cfg('m2'))
+    with pytest.raises(ValueError, match='task must be one of'):
+        backbone_cfg('m1', task='seg')
 
 
 # ------------------------------------------------------------ warm start

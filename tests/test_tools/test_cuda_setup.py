@@ -1,22 +1,43 @@
 """The set-up's decisions, without network or GPU: which torch
 build, which CUDA compiler pieces, the CUDA_HOME made of the venv's CUDA
-tree, the arch list, and when an installed mmcv must be rebuilt."""
+tree, the arch list, when an installed mmcv must be rebuilt, and what mmcv's
+ops were built with (asked in a child process, else read from their ELF file).
+
+The installer's modules are scripts beside each other in ``tools/setup/``,
+imported here as the script run by path sees them."""
+import importlib
 import json
 import os
+import os.path as osp
+import struct
+import sys
 from importlib import metadata
 
 import pytest
 import torch
 
-from convneur_mm.utils.cuda_env import NvidiaInfo, torch_cuda_archs
-from tests.paths import REPO, import_setup_helper
+from tests.paths import REPO
 
-cuda_setup = import_setup_helper()
+SETUP = osp.join(REPO, 'tools', 'setup')
+
+
+def _import_installer(*names):
+    sys.path.insert(0, SETUP)
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(SETUP)
+
+
+cuda_setup, cuda_archs, cuda_toolkit, mmcv_check, elf_reader = _import_installer(
+    'cuda_setup', 'cuda_archs', 'cuda_toolkit', 'mmcv_check', 'elf_reader')
 SetupError = cuda_setup.SetupError
-assemble_cuda_home, compiler_requirements = cuda_setup.assemble_cuda_home, cuda_setup.compiler_requirements
-covers, default_arch_list, read_pins = cuda_setup.covers, cuda_setup.default_arch_list, cuda_setup.read_pins
-toolkit_problems, torch_requirements = cuda_setup.toolkit_problems, cuda_setup.torch_requirements
-wanted_flavor = cuda_setup.wanted_flavor
+assemble_cuda_home, compiler_requirements = (cuda_toolkit.assemble_cuda_home,
+                                             cuda_toolkit.compiler_requirements)
+covers, read_pins, torch_requirements = (cuda_setup.covers, cuda_setup.read_pins,
+                                         cuda_setup.torch_requirements)
+default_arch_list, torch_cuda_archs = cuda_archs.default_arch_list, cuda_archs.torch_cuda_archs
+toolkit_problems, wanted_flavor = cuda_toolkit.toolkit_problems, cuda_setup.wanted_flavor
 
 PINS = read_pins(os.path.join(REPO, 'requirements', 'torch.txt'))
 TORCH_13 = ['sm_75', 'sm_80', 'sm_86', 'sm_90', 'sm_100', 'sm_120']
@@ -93,12 +114,12 @@ HEADERS = ['include/cuda_runtime.h', 'include/cusparse.h', 'include/cublas_v2.h'
 def test_cuda_home_from_one_tree_gets_the_link_libcudart(tmp_path):
     tree = _fake_tree(tmp_path / 'nvidia' / 'cu13',
                       ['bin/nvcc', 'lib/libcudart.so.13', 'nvvm/bin/cicc'] + HEADERS)
-    home = assemble_cuda_home(cuda_setup.cuda_trees(str(tmp_path), '13.0'),
+    home = assemble_cuda_home(cuda_toolkit.cuda_trees(str(tmp_path), '13.0'),
                               str(tmp_path / 'venv' / 'cuda'))
     assert os.path.realpath(os.path.join(home, 'lib64', 'libcudart.so')) == \
         os.path.join(tree, 'lib', 'libcudart.so.13')
     assert not os.path.exists(os.path.join(tree, 'lib', 'libcudart.so'))  # site-packages untouched
-    assert cuda_setup.nvcc_version(home) == '13.0'
+    assert cuda_toolkit.nvcc_version(home) == '13.0'
     assert toolkit_problems(home, '13.0', '13.0') == []
 
 
@@ -111,9 +132,9 @@ def test_cuda_home_from_one_folder_per_library(tmp_path):
     _fake_tree(tmp_path / 'nvidia' / 'cusparse', ['include/cusparse.h', 'lib/libcusparse.so.12'])
     _fake_tree(tmp_path / 'nvidia' / 'cublas', ['include/cublas_v2.h'])
     _fake_tree(tmp_path / 'nvidia' / 'cusolver', ['include/cusolverDn.h'])
-    home = assemble_cuda_home(cuda_setup.cuda_trees(str(tmp_path), '12.6'),
+    home = assemble_cuda_home(cuda_toolkit.cuda_trees(str(tmp_path), '12.6'),
                               str(tmp_path / 'cuda'))
-    assert toolkit_problems(home, '12.6', cuda_setup.nvcc_version(home)) == []
+    assert toolkit_problems(home, '12.6', cuda_toolkit.nvcc_version(home)) == []
     assert os.path.exists(os.path.join(home, 'include', 'crt', 'host_config.h'))
     assert os.path.exists(os.path.join(home, 'lib', 'libcusparse.so.12'))
 
@@ -170,22 +191,23 @@ def test_wanted_flavor_on_this_machine(monkeypatch, torch_2_11):
     archs = torch_cuda_archs()
     if torch_2_11:
         monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: [])
-    none = NvidiaInfo(None, [])
-    assert wanted_flavor({}, none) == dict(kind='cpu', torch=metadata.version('torch'))
-    forced = wanted_flavor({'FORCE_CUDA': '1'}, none)
+    assert wanted_flavor({}, nvidia=False) == dict(kind='cpu', torch=metadata.version('torch'))
+    forced = wanted_flavor({'FORCE_CUDA': '1'}, nvidia=False)
     assert forced['kind'] == 'cuda' and forced['cuda'] == torch.version.cuda
     assert forced['archs'] == default_arch_list(archs)
-    assert wanted_flavor({'FORCE_CUDA': '1', 'TORCH_CUDA_ARCH_LIST': '9.0'}, none)['archs'] == '9.0'
-    driver = NvidiaInfo('550.54.15', [])  # a driver torch cannot use: stop, or the CPU on request
-    with pytest.raises(SetupError, match='550.54.15.*CONVNEUR_ALLOW_CPU=1'):
-        wanted_flavor({}, driver)
-    assert wanted_flavor({'CONVNEUR_ALLOW_CPU': '1'}, driver)['kind'] == 'cpu'
-    assert wanted_flavor({'CUDA_VISIBLE_DEVICES': ''}, driver)['kind'] == 'cpu'
+    assert wanted_flavor({'FORCE_CUDA': '1', 'TORCH_CUDA_ARCH_LIST': '9.0'},
+                         nvidia=False)['archs'] == '9.0'
+    # NVIDIA hardware this torch cannot use (it sees no GPU here): stop, or the CPU on request
+    with pytest.raises(SetupError, match='cannot use it.*CONVNEUR_TORCH_BUILD=cu126.*'
+                                         'CONVNEUR_ALLOW_CPU=1'):
+        wanted_flavor({}, nvidia=True)
+    assert wanted_flavor({'CONVNEUR_ALLOW_CPU': '1'}, nvidia=True)['kind'] == 'cpu'
+    assert wanted_flavor({'CUDA_VISIBLE_DEVICES': ''}, nvidia=True)['kind'] == 'cpu'
 
 
 def test_stamp_records_the_flavor(tmp_path, monkeypatch):
     """A second set-up is a no-op only if the requirements and the flavor match."""
-    monkeypatch.setattr(cuda_setup.cuda_env, 'detect_nvidia', lambda *a: NvidiaInfo(None, []))
+    monkeypatch.setattr(cuda_setup, 'nvidia_present', lambda *a: False)
     for var in ('FORCE_CUDA', 'TORCH_CUDA_ARCH_LIST'):
         monkeypatch.delenv(var, raising=False)
     stamp = tmp_path / 'stamp'
@@ -197,22 +219,96 @@ def test_stamp_records_the_flavor(tmp_path, monkeypatch):
 
 
 def test_max_jobs():
-    assert cuda_setup.max_jobs({'MAX_JOBS': '3'}) == '3'
-    assert 1 <= int(cuda_setup.max_jobs({})) <= os.cpu_count()
+    assert cuda_toolkit.max_jobs({'MAX_JOBS': '3'}) == '3'
+    assert 1 <= int(cuda_toolkit.max_jobs({})) <= os.cpu_count()
 
 
-# ---- the version query of mmcv's ops runs in a child process: on an H100
-# (2026-11-24) get_compiling_cuda_version() segfaulted while the kernels worked
+# ---- the version query of mmcv's ops runs in a child process: it can
+# segfault while mmcv's CUDA kernels work
+SEGFAULT = 'import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n'
+
+
+def fake_elf(path, needed):
+    """A minimal 64-bit little-endian ELF file whose dynamic section names
+    ``needed`` (its string table at an address other than its file offset)."""
+    strtab, offsets = b'\0', []
+    for name in needed:
+        offsets.append(len(strtab))
+        strtab += name.encode() + b'\0'
+    base, dyn_off = 0x1000, 64 + 2 * 56
+    str_off = dyn_off + 16 * (len(needed) + 3)
+    dynamic = b''.join(struct.pack('<qQ', 1, o) for o in offsets)  # DT_NEEDED
+    dynamic += struct.pack('<qQqQqQ', 5, base + str_off, 10, len(strtab), 0, 0)
+    size = str_off + len(strtab)
+    header = b'\x7fELF\x02\x01\x01' + bytes(9) + struct.pack(
+        '<HHIQQQIHHHHHH', 3, 62, 1, 0, 64, 0, 0, 64, 56, 2, 64, 0, 0)
+    load = struct.pack('<IIQQQQQQ', 1, 5, 0, base, base, size, size, 0x1000)
+    dyn = struct.pack('<IIQQQQQQ', 2, 6, dyn_off, base + dyn_off, base + dyn_off, len(dynamic),
+                      len(dynamic), 8)
+    path.write_bytes(header + load + dyn + dynamic + strtab)
+    return str(path)
+
+
+def test_version_query_survives_a_segfault(monkeypatch):
+    monkeypatch.setattr(mmcv_check, 'mmcv_ext_path', lambda: None)
+    found = mmcv_check.mmcv_ops_version(SEGFAULT)
+    assert found.cuda is None and found.compiler is None
+    assert found.error == 'mmcv.ops.get_compiling_cuda_version() crashed (signal 11: SIGSEGV)'
+    assert "_ext library was not found" in found.elf
+
+
+def test_version_query_answers_from_the_child():
+    assert mmcv_check.mmcv_ops_version('print("13.0")\nprint("GCC 12.2")') == \
+        mmcv_check.MmcvOpsVersion('13.0', 'GCC 12.2')
+    # the CUDA version answered, then get_compiler_version() crashed: keep the answer
+    found = mmcv_check.mmcv_ops_version('print("13.0", flush=True)\n' + SEGFAULT)
+    assert (found.cuda, found.compiler, found.elf) == ('13.0', None, None)
+    assert 'get_compiler_version() crashed (signal 11: SIGSEGV)' in found.error
+
+
+def test_version_query_failure_and_timeout(monkeypatch):
+    monkeypatch.setattr(mmcv_check, 'mmcv_ext_path', lambda: None)
+    failed = mmcv_check.mmcv_ops_version('raise ImportError("no mmcv._ext")')
+    assert 'failed (exit status 1: ImportError: no mmcv._ext)' in failed.error
+    assert 'timed out after 1 s' in mmcv_check.mmcv_ops_version('import time; time.sleep(30)',
+                                                                timeout=1).error
+
+
+def test_version_falls_back_to_the_elf_file(tmp_path, monkeypatch):
+    """The query crashed: the CUDA major comes from _ext's NEEDED libcudart.so.N."""
+    ext = fake_elf(tmp_path / '_ext.so', ['libc10.so', 'libcudart.so.13', 'libc.so.6'])
+    assert elf_reader.elf_needed(ext) == ['libc10.so', 'libcudart.so.13', 'libc.so.6']
+    assert elf_reader.cudart_major(ext) == '13'
+    monkeypatch.setattr(mmcv_check, 'mmcv_ext_path', lambda: ext)
+    found = mmcv_check.mmcv_ops_version(SEGFAULT)
+    assert found.cuda == '13' and 'SIGSEGV' in found.error
+    assert found.elf == f'major only, read from {ext}: NEEDED libcudart.so.13'
+    cpu = fake_elf(tmp_path / 'cpu.so', ['libc10.so'])  # a CPU build links no libcudart
+    monkeypatch.setattr(mmcv_check, 'mmcv_ext_path', lambda: cpu)
+    assert mmcv_check.mmcv_ops_version(SEGFAULT).cuda == 'not available'
+    (tmp_path / 'junk.so').write_bytes(b'libcudart.so.13')  # not ELF: unknown, not guessed
+    monkeypatch.setattr(mmcv_check, 'mmcv_ext_path', lambda: str(tmp_path / 'junk.so'))
+    found = mmcv_check.mmcv_ops_version(SEGFAULT)
+    assert found.cuda is None and 'could not be read' in found.elf
+
+
+def test_elf_reader_on_real_libraries():
+    """What the linker wrote: mmcv's _ext and torch's CUDA library."""
+    assert 'libc10.so' in elf_reader.elf_needed(mmcv_check.mmcv_ext_path())
+    c10_cuda = os.path.join(os.path.dirname(torch.__file__), 'lib', 'libc10_cuda.so')
+    if torch.version.cuda and os.path.exists(c10_cuda):
+        assert elf_reader.cudart_major(c10_cuda) == torch.version.cuda.split('.')[0]
+
+
 @pytest.fixture
 def mmcv_ext(tmp_path, monkeypatch):
     """Make the version query crash, and mmcv's _ext a fake ELF file that
     NEEDs these libraries."""
-    from tests.test_utils.test_cuda_env import SEGFAULT, fake_elf
-    monkeypatch.setattr(cuda_setup.cuda_env, 'VERSION_QUERY', SEGFAULT)
+    monkeypatch.setattr(mmcv_check, 'VERSION_QUERY', SEGFAULT)
 
     def link(*needed):
         path = fake_elf(tmp_path / '_ext.so', list(needed))
-        monkeypatch.setattr(cuda_setup.cuda_env, 'mmcv_ext_path', lambda: path)
+        monkeypatch.setattr(mmcv_check, 'mmcv_ext_path', lambda: path)
         return path
     return link
 
@@ -237,24 +333,70 @@ def test_check_survives_a_crashing_version_query(mmcv_ext, capsys):
 def test_check_still_refuses_an_mmcv_without_torchs_cuda(mmcv_ext, needed, match):
     mmcv_ext(*needed)
     with pytest.raises(SetupError, match=match):
-        cuda_setup.check_install(CUDA)
+        mmcv_check.check_install(CUDA)
 
 
 @pytest.mark.parametrize('answer,ok', [('13.0', True), ('12.6', False), ('not available', False)])
 def test_check_compares_major_and_minor_when_the_query_works(monkeypatch, answer, ok):
-    monkeypatch.setattr(cuda_setup.cuda_env, 'VERSION_QUERY', f'print({answer!r})\nprint("GCC")')
+    monkeypatch.setattr(mmcv_check, 'VERSION_QUERY', f'print({answer!r})\nprint("GCC")')
     if ok:
         assert f'mmcv ops compiled with CUDA 13.0 for archs {DEFAULT}' in \
-            cuda_setup.check_install(CUDA)
+            mmcv_check.check_install(CUDA)
     else:
         with pytest.raises(SetupError, match=f"get_compiling_cuda_version\\(\\) is '{answer}', "
                                              "not torch's CUDA 13.0"):
-            cuda_setup.check_install(CUDA)
+            mmcv_check.check_install(CUDA)
 
 
 def test_probe_survives_a_crashing_version_query(mmcv_ext):
     mmcv_ext('libcudart.so.13')
-    assert cuda_setup.probe_mmcv() == dict(kind='cuda', torch=torch.__version__, cuda='13',
+    assert mmcv_check.probe_mmcv() == dict(kind='cuda', torch=torch.__version__, cuda='13',
                                            archs=None)
     mmcv_ext('libc10.so')
-    assert cuda_setup.probe_mmcv() == dict(kind='cpu', torch=torch.__version__)
+    assert mmcv_check.probe_mmcv() == dict(kind='cpu', torch=torch.__version__)
+
+
+def test_torch_archs_without_a_gpu(monkeypatch):
+    """Before torch 2.13 get_arch_list() is empty without a usable GPU (a
+    build host): the archs still come from torch's compiled flags."""
+    if getattr(torch._C, '_cuda_getArchFlags', None) is None or torch.version.cuda is None:
+        pytest.skip('torch without CUDA archs')
+    compiled = torch._C._cuda_getArchFlags().split()
+    assert compiled and all(a.startswith(('sm_', 'compute_')) for a in compiled)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: [])
+    assert torch_cuda_archs() == compiled
+
+
+@pytest.mark.parametrize('capability,runs', [
+    ((7, 0), False),  # V100: below CUDA 13's sm_75
+    ((7, 5), True), ((8, 9), True),  # L40 / RTX 4090: runs sm_86 code
+    ((12, 1), True),  # runs sm_120 code
+])
+def test_gpus_torch_has_no_kernels_for_stop_the_setup(monkeypatch, capability, runs):
+    monkeypatch.setattr(torch.cuda, 'get_arch_list', lambda: TORCH_13)
+    monkeypatch.setattr(torch.version, 'cuda', '13.0')
+    problem = cuda_setup.torch_cannot_use_gpus([capability])
+    if runs:
+        assert problem is None
+    else:
+        assert f'not for sm_{capability[0]}{capability[1]}' in problem
+        assert 'CONVNEUR_TORCH_BUILD=cu126' in problem
+
+
+def test_a_cpu_only_torch_beside_nvidia_hardware(monkeypatch):
+    monkeypatch.setattr(torch.version, 'cuda', None)
+    assert 'CPU-only build' in cuda_setup.torch_cannot_use_gpus([])
+
+
+def test_nvidia_hardware_is_found_by_its_driver_or_nvidia_smi(tmp_path):
+    proc = tmp_path / 'version'
+    assert not cuda_setup.nvidia_present(str(proc), None)
+    proc.write_text('NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15\n')
+    assert cuda_setup.nvidia_present(str(proc), None)
+    smi = tmp_path / 'nvidia-smi'
+    smi.write_text('#!/bin/sh\nexit 9\n')  # installed, but no driver to ask
+    smi.chmod(0o755)
+    assert not cuda_setup.nvidia_present(str(tmp_path / 'missing'), str(smi))
+    smi.write_text('#!/bin/sh\necho "NVIDIA H100 80GB HBM3"\n')
+    assert cuda_setup.nvidia_present(str(tmp_path / 'missing'), str(smi))

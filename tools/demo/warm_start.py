@@ -23,6 +23,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 SOURCE_CFG = osp.join(REPO, 'configs', 'demo', 'cls_convnextv2_pico_imagenet_tiny.py')
 M3_CFG = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m3_convnextv2_imagenet_tiny.py')
@@ -220,6 +222,7 @@ def plot(curves: Dict[str, List[Tuple[int, float]]], figure: str, title: str) ->
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--work-dir', default='work_dirs/warm_start')
     parser.add_argument('--figure', default='docs/figures/warm_start_tiny.png')

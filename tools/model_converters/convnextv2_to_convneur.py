@@ -1,7 +1,7 @@
 """Turn a published ConvNeXt-V2 checkpoint into ConvNeur weights.
 
     python tools/model_converters/convnextv2_to_convneur.py SRC DST [--arch m3] [--task dense|cls]
-    CONVNEUR_PRETRAINED=DST tools/dist_train.sh configs/cascade_rcnn_convneur_m3_warm_1x_coco.py 4
+    CONVNEUR_PRETRAINED=DST tools/dist_train.sh configs/convnextv2/cascade_rcnn_convneur_m3_convnextv2_1x_coco.py 4
 
 SRC is a ConvNeXt-V2 atto, femto, pico or nano checkpoint in the official,
 MMPretrain or timm layout (found by its keys; ``.safetensors`` too), read by
@@ -12,7 +12,8 @@ with the four output norms of the detection and segmentation configs;
 ``--task cls`` the MMPretrain classifier, head included. Load it with
 ``global_init='warm'`` to start from ConvNeXt-V2's function
 (docs/user_guides/warm_start.md). The mapping is
-``convneur_mm.models.utils.convnextv2.KEY_TABLE``.
+``convneur_mm.models.converters.convnextv2.KEY_TABLE``; this tool builds the
+target ConvNeur and the conversion fills its state dict.
 """
 import argparse
 import os
@@ -24,7 +25,9 @@ from mmengine.runner.checkpoint import _load_checkpoint
 
 import convneur_mm  # noqa: F401  (the weights-only loader)
 from convneur_mm.apis.toolbox import quiet_init
-from convneur_mm.models.utils.convnextv2 import (TASKS, ConvNeXtV2CheckpointError, convert)
+from convneur_mm.models import ConvNeur
+from convneur_mm.models.converters.convnextv2 import (TASKS, ConvNeXtV2CheckpointError,
+                                                      backbone_cfg, convert, source_arch)
 from convneur_mm.utils.checkpoint_safety import file_sha256
 
 
@@ -48,12 +51,33 @@ def read_checkpoint(src: str) -> dict:
             f'{src} cannot be read as a checkpoint ({type(err).__name__}: {first})') from None
 
 
+def initialized_target(cfg: dict, seed: int = 0) -> dict:
+    """The state dict of ``ConvNeur(**cfg)`` after its own init, seeded
+    without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]), quiet_init():  # not a line per parameter
+        torch.manual_seed(seed)
+        model = ConvNeur(**cfg)
+        model.init_weights()
+    return model.state_dict()
+
+
 def convert_file(src: str, dst: str, task: str = 'dense', arch: Optional[str] = None,
-                 memory_placement: str = 'stage') -> dict:
-    """Convert the file ``src``, save the result to ``dst``; returns its meta."""
-    with quiet_init():  # the global branches' init, not a line per parameter
-        converted = convert(read_checkpoint(src), task=task, arch=arch,
-                            memory_placement=memory_placement, source=osp.basename(src))
+                 memory_placement: str = 'stage', seed: int = 0) -> dict:
+    """Convert the file ``src``, save the result to ``dst``; returns its meta.
+
+    Args:
+        src: the ConvNeXt-V2 checkpoint.
+        dst: where to write the ConvNeur checkpoint.
+        task: 'dense' or 'cls' (see ``backbone_cfg``).
+        arch: the expected ConvNeur arch (default: the one the shapes give).
+        memory_placement: the target's.
+        seed: the seed of the initialization written for the global branches.
+    """
+    checkpoint, source = read_checkpoint(src), osp.basename(src)
+    cfg = backbone_cfg(source_arch(checkpoint, arch, source), task, memory_placement)
+    converted = convert(checkpoint, initialized_target(cfg, seed), cfg, task, source,
+                        initialization=f'ConvNeur.init_weights() with seed {seed} '
+                        "(the paper's init)")
     converted['meta']['source_sha256'] = file_sha256(src)
     if osp.dirname(dst):
         os.makedirs(osp.dirname(dst), exist_ok=True)

@@ -23,8 +23,8 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 STAMP="$VENV/.convneur-setup-stamp"
 FLAVOR_FILE="$VENV/.convneur-mmcv-flavor"
-HELPER=tools/setup/cuda_setup.py
-want=$(cat requirements/*.txt setup.py tools/setup/setup_env.sh "$HELPER" convneur_mm/utils/cuda_env.py \
+HELPER=tools/setup/cuda_setup.py  # with the standard-library modules beside it
+want=$(cat requirements/*.txt setup.py tools/setup/setup_env.sh tools/setup/*.py \
        | sha256sum | cut -d' ' -f1)
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ]; then

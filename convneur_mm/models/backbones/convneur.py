@@ -17,15 +17,15 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from torch import Tensor, nn
 
-from convneur_mm.registry import MODELS
+from ...registry import MODELS
 from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
 from ..layers.neural_memory import UPDATE_MODES
 from ..layers.norms import LayerNorm2d
-from convneur_mm.models.utils.precision import Float32Conv2d, in_float32
-from convneur_mm.models.utils.shapes import ceil_to, known_zero
-from convneur_mm.models.utils.pretrained import load_pretrained_backbone
-from convneur_mm.models.utils.convnextv2 import ConvNeXtV2CheckpointError, warm_start_blocks
+from ..utils.precision import Float32Conv2d, in_float32
+from ..utils.pretrained import load_pretrained_backbone
+from ..utils.shapes import ceil_to, known_zero
+from ..utils.warm_start import ConvNeXtV2CheckpointError, warm_start_blocks
 
 PLACEMENTS = ('none', 'stage', 'block')
 GLOBAL_INITS = ('paper', 'warm')
@@ -78,7 +78,7 @@ class Downsample(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         # by position, not by the layers' types: FSDP1's auto-wrap replaces
-        # layers with wrappers (a type test skipped the padding under them)
+        # layers with wrappers (a type test would skip the padding under them)
         if self.is_stem:
             return self[1](in_float32(self[0], _pad_to_multiple(x, self.stride)))
         return self[1](_pad_to_multiple(self[0](x), self.stride))

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# device types with autocast in every torch we meet: no availability query
+# device types with autocast in every supported torch: no availability query
 # for them (torch 2.11's Dynamo cannot trace `torch._C._is_autocast_available`
-# and broke the graph there, in GRN's norm: on an H100, then reproduced on a
-# CPU, 2026-11-25; torch 2.13 traces it)
+# and would break the graph in GRN's norm; 2.13's can)
 ALWAYS_AUTOCAST = ('cpu', 'cuda')
 
 
@@ -120,7 +119,7 @@ def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
         if any(prefix == p or prefix.startswith(p + '.') for p in own):
             continue
         if torch.compiler.is_compiling():
-            # Dynamo (torch 2.11) breaks the graph at vars(module); compiled
+            # torch 2.11's Dynamo cannot trace vars(module); compiled
             # FSDP1 needs use_orig_params, whose plain attributes shadow the
             # registered parameters of the same names: getattr finds them
             attributes = ((k, getattr(m, k)) for k in m._parameters)

@@ -1,6 +1,6 @@
 """Train a small ConvNeur on the global-context probe, in a plain PyTorch loop.
 
-The probe (``convneur_mm.demo_data.global_probe``) asks whether two ringed
+The probe (``projects.global_probe.probe.data``) asks whether two ringed
 marks far apart have the same colour (or, with ``--relation above``, whether
 the red mark is the upper one). This module trains one tiny backbone,
 with its memory (``ours``) or without (``local``, the Table 5 local-only
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convneur_mm.demo_data.global_probe import ALL_RELATIONS, make_image
+from .data import ALL_RELATIONS, make_image
 from convneur_mm.models.layers.block import FUSIONS
 from convneur_mm.models.layers.mixers import MIXERS
 from convneur_mm.analysis.bench_env import PeakMemoryGrowth

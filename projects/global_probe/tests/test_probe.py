@@ -9,12 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from convneur_mm.demo_data.global_probe import (CLASSES, KINDS, ORDER_CLASSES, ORDER_PROBE,
-                                                RELATIONS, TARGET_MIN_DIST,
-                                                generate_global_probe, main, make_image,
-                                                mark_distance, sample_marks)
+from projects.global_probe.probe.data import (CLASSES, KINDS, ORDER_CLASSES, ORDER_PROBE,
+                                              RELATIONS, TARGET_MIN_DIST, generate_global_probe,
+                                              main, make_image, mark_distance, sample_marks)
 
 from tests.threads import one_thread
+
+CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
 
 
 def _bayes_accuracy(features, labels) -> float:
@@ -178,13 +179,13 @@ def test_above_images_and_dataset(tmp_path):
 
 
 def test_the_order_recipe_writes_the_order_probe():
-    """configs/probe/cls_convneur_order_probe.py hands the generator the
+    """configs/cls_convneur_order_probe.py hands the generator the
     geometry that ORDER_PROBE names (and the learning test below uses)."""
     import inspect
 
     from convneur_mm.demo_data.cli import generator_main
     from convneur_mm.apis.launch import load_config
-    recipe = load_config(osp.join('probe', 'cls_convneur_order_probe.py'))
+    recipe = load_config(osp.join(CONFIGS, 'cls_convneur_order_probe.py'))
     seen = {}
 
     def generate(out_dir, **kwargs):
@@ -201,6 +202,19 @@ def test_the_order_recipe_writes_the_order_probe():
     assert {k: seen[k] for k in expected} == expected
     assert tuple(recipe.classes) == ORDER_CLASSES
     assert recipe.data_generator == generate_global_probe.__module__
+
+
+@pytest.mark.parametrize('name', ['cls_convneur_m1_global_probe.py',
+                                  'cls_convneur_order_probe.py'])
+def test_the_projects_recipes_load_and_build(name):
+    """The recipes live in the project (configs/), based on the package's
+    tiny-ImageNet recipe; each names this project's generator and builds."""
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
+    recipe = load_config(osp.join(CONFIGS, name))
+    assert recipe.data_generator == generate_global_probe.__module__
+    model = build_model(recipe, init=False)
+    assert model.head.fc.out_features == len(recipe.classes)
 
 
 # ------------------------------------------------------------ learning

@@ -17,16 +17,25 @@ The global branches have no counterpart in any of them: the converter writes
 them at ConvNeur's own initialization and lists them in the checkpoint's meta,
 and ``ConvNeur(global_init='warm')`` (``warm_start_blocks``) may then start them
 so that the network computes what ConvNeXt-V2 computed.
+
+``convert(checkpoint, target, backbone_cfg)`` fills the state dict of a
+ConvNeur the caller built (``backbone_cfg(arch, task)``'s arguments, the arch
+from ``source_arch(checkpoint)``): the tool builds the model, this module only
+maps tensors, so it imports nothing from the backbone.
 """
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
+
+from ..utils.warm_start import CONVERTER, ConvNeXtV2CheckpointError, global_branch_modules
+
+__all__ = ['ConvNeXtV2CheckpointError', 'KEY_TABLE', 'SIZES', 'TASKS', 'backbone_cfg', 'convert',
+           'source_arch', 'to_convneur_keys', 'unwrap']
 
 Tensors = Dict[str, torch.Tensor]
 
 FORMATS = ('official', 'mmpretrain', 'timm')
-CONVERTER = 'tools/model_converters/convnextv2_to_convneur.py'
 
 # One row per tensor family: ConvNeur's classifier key (backbone and MMPretrain
 # head), then the official, mmpretrain and timm keys. Fields: {i} a stage,
@@ -73,10 +82,6 @@ SIZES = {
     'huge': ([3, 3, 27, 3], [352, 704, 1408, 2816]),
 }
 CONVNEUR_ARCH = {'atto': 'm1', 'femto': 'm2', 'pico': 'm3', 'nano': 'm4'}
-
-
-class ConvNeXtV2CheckpointError(ValueError):
-    """The input is not a ConvNeXt-V2 checkpoint ConvNeur can take."""
 
 
 def _pattern(template: str) -> 're.Pattern':
@@ -210,80 +215,87 @@ def fit_shape(tensor: torch.Tensor, shape: Sequence[int], key: str) -> torch.Ten
                                     f'fit ConvNeur\'s {tuple(shape)}')
 
 
-def global_branch_modules(keys: Iterable[str]) -> List[str]:
-    """The global branches (``...stages.<i>.<j>.global_branch``) among ``keys``."""
-    return sorted({m[1] for k in keys for m in [re.match(r'(.*\.global_branch)\.', k)] if m})
-
-
-def warm_start_blocks(meta: Optional[dict], prefix: str = '') -> List[str]:
-    """The blocks (``stages.<i>.<j>``, without ``prefix``) whose global
-    branches a checkpoint written by the converter left at initialization;
-    a checkpoint from anywhere else is refused, as a warm start there would
-    overwrite trained global branches.
-
-    Args:
-        meta: the checkpoint's ``meta``.
-        prefix: the prefix the backbone is loaded from (``'backbone.'``).
-    """
-    meta = meta if isinstance(meta, dict) else {}
-    if meta.get('converter') != CONVERTER:
-        raise ConvNeXtV2CheckpointError(
-            "global_init='warm' starts the global branches of a checkpoint converted from "
-            f'ConvNeXt-V2 by {CONVERTER}; this checkpoint was written by '
-            f"{meta.get('converter') or 'something else'} and its global branches may be "
-            "trained: load it with global_init='paper' (the default)")
-    prefix = prefix if not prefix or prefix.endswith('.') else prefix + '.'
-    return [name[len(prefix):-len('.global_branch')]
-            for name in meta.get('left_at_init', []) if name.startswith(prefix)]
-
-
 TASKS = ('dense', 'cls')
 
 
-def convert(checkpoint: dict, task: str = 'dense', arch: Optional[str] = None,
-            memory_placement: str = 'stage', source: str = 'the checkpoint',
-            seed: int = 0) -> dict:
-    """A ConvNeur checkpoint (``{'meta', 'state_dict'}``) from a ConvNeXt-V2 one.
+def _inspect(checkpoint: dict) -> Tuple[Tensors, str, str, str]:
+    """(renamed state, format, ConvNeXt-V2 size, ConvNeur arch) of a source."""
+    renamed, fmt = to_convneur_keys(unwrap(checkpoint))
+    return (renamed, fmt) + infer_size(renamed)
 
-    Every key of the target ConvNeur is written, so that the strict loader
-    sees nothing missing: the local network (and the head) from the source,
-    the rest (the global branches; a detector's norm0..norm2) at ConvNeur's
-    own initialization (seeded), each listed in ``meta['initialized_keys']``
-    and the global branches by module in ``meta['left_at_init']``.
+
+def source_arch(checkpoint: dict, arch: Optional[str] = None,
+                source: str = 'the checkpoint') -> str:
+    """The ConvNeur arch ('m1'..'m4') whose local network a ConvNeXt-V2
+    checkpoint holds, found from its shapes.
 
     Args:
         checkpoint: the loaded source checkpoint (any of the three layouts).
-        task: 'dense': ``backbone.*`` with the four output norms of the
-            detection and segmentation configs (``prefix='backbone.'``);
-            'cls': an MMPretrain classifier's ``backbone.*`` (one output norm,
-            after pooling) and ``head.fc.*`` when the source has a head.
-        arch: ConvNeur's arch ('m1'..'m4'); checked against the one the
-            shapes give when set.
-        memory_placement: the target's (``ConvNeur``'s argument).
-        source: the source's name for messages and meta.
-        seed: the seed of the initialization written for the global branches.
+        arch: the arch the caller expects; a different one is refused.
+        source: the source's name for messages.
     """
-    from ..backbones.convneur import ConvNeur  # the backbone imports this module
-    if task not in TASKS:
-        raise ValueError(f'task must be one of {TASKS}, got {task!r}')
-    renamed, fmt = to_convneur_keys(unwrap(checkpoint))
-    size, inferred = infer_size(renamed)
+    _, _, size, inferred = _inspect(checkpoint)
     if arch is not None and arch.lower() != inferred:
         raise ConvNeXtV2CheckpointError(
             f'{source} is ConvNeXt-V2-{size}, whose local network is ConvNeur-'
             f'{inferred.upper()}\'s, not {arch.upper()}\'s')
-    last = len(SIZES[size][0]) - 1
-    cfg = dict(arch=inferred, memory_placement=memory_placement)
+    return inferred
+
+
+def backbone_cfg(arch: str, task: str = 'dense', memory_placement: str = 'stage') -> dict:
+    """``ConvNeur``'s arguments for the target of a conversion.
+
+    Args:
+        arch: ConvNeur's arch ('m1'..'m4').
+        task: 'dense': the four output norms of the detection and segmentation
+            configs; 'cls': an MMPretrain classifier's backbone (one output
+            norm, after pooling).
+        memory_placement: the target's (``ConvNeur``'s argument).
+    """
+    if task not in TASKS:
+        raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+    sizes = {a: s for s, a in CONVNEUR_ARCH.items()}
+    if arch not in sizes:
+        raise ValueError(f'arch must be one of {sorted(sizes)}, got {arch!r}')
+    last = len(SIZES[sizes[arch]][0]) - 1
+    cfg = dict(arch=arch, memory_placement=memory_placement)
     if task == 'dense':
         cfg.update(out_indices=tuple(range(last + 1)), gap_before_final_norm=False)
     else:
         cfg.update(out_indices=(last, ), gap_before_final_norm=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ConvNeur(**cfg)
-        model.init_weights()
-    target = {'backbone.' + k: v for k, v in model.state_dict().items()}
-    head = {k: v for k, v in renamed.items() if k.startswith('head.')}
+    return cfg
+
+
+def convert(checkpoint: dict, target: Tensors, cfg: dict, task: str = 'dense',
+            source: str = 'the checkpoint', initialization: str = 'ConvNeur.init_weights()'
+            ) -> dict:
+    """A ConvNeur checkpoint (``{'meta', 'state_dict'}``) from a ConvNeXt-V2 one.
+
+    Every key of ``target`` is written, so that the strict loader sees nothing
+    missing: the local network (and the head) from the source, the rest (the
+    global branches; a detector's norm0..norm2) as ``target`` holds them,
+    each listed in ``meta['initialized_keys']`` and the global branches by
+    module in ``meta['left_at_init']``.
+
+    Args:
+        checkpoint: the loaded source checkpoint (any of the three layouts).
+        target: the state dict of the ConvNeur built from ``cfg`` and
+            initialized (keys without ``backbone.``).
+        cfg: ``backbone_cfg(...)``, the target's arguments (recorded in meta).
+        task: 'dense' (``backbone.*``) or 'cls' (``backbone.*`` and
+            ``head.fc.*`` when the source has a head); as given to ``cfg``.
+        source: the source's name for messages and meta.
+        initialization: how ``target`` was initialized, for meta.
+    """
+    if task not in TASKS:
+        raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+    renamed, fmt, size, inferred = _inspect(checkpoint)
+    if cfg.get('arch') != inferred:
+        raise ConvNeXtV2CheckpointError(
+            f'{source} is ConvNeXt-V2-{size} (ConvNeur-{inferred.upper()}), but the target '
+            f'is built as {cfg.get("arch")!r}')
+    last = len(SIZES[size][0]) - 1
+    target = {'backbone.' + k: v for k, v in target.items()}
     required = [k for k in target if '.global_branch.' not in k
                 and not re.match(rf'backbone\.norm(?!{last}\.)\d+\.', k)]
     missing = [k for k in required if k not in renamed]
@@ -294,7 +306,8 @@ def convert(checkpoint: dict, task: str = 'dense', arch: Optional[str] = None,
     state = {k: (fit_shape(renamed[k], v.shape, k) if k in renamed else v).detach().clone()
              for k, v in target.items()}
     if task == 'cls':
-        state.update({k: v.detach().clone() for k, v in head.items()})
+        state.update({k: v.detach().clone() for k, v in renamed.items()
+                      if k.startswith('head.')})
     initialized = sorted(k for k in target if k not in renamed)
     src_meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
     meta = dict(
@@ -308,7 +321,7 @@ def convert(checkpoint: dict, task: str = 'dense', arch: Optional[str] = None,
         prefix='backbone.',
         copied_keys=len(state) - len(initialized),
         initialized_keys=initialized,
-        initialization=f'ConvNeur.init_weights() with seed {seed} (the paper\'s init)',
+        initialization=initialization,
         left_at_init=global_branch_modules(target),
         dropped_keys=sorted(k for k in renamed if k not in state),
     )

@@ -2,7 +2,7 @@
 # one above? A Table 5 recipe on which local-only stays at chance and the memory
 # learns:
 #   python tools/analysis_tools/ablation_table.py \
-#       --recipe configs/probe/cls_convneur_order_probe.py --row-minutes 25 \
+#       --recipe projects/global_probe/configs/cls_convneur_order_probe.py --row-minutes 25 \
 #       --seeds 0 1 2 --flops-shape 144 --skip-speed
 #   (then the same with --speed-only --speed-shape 144)
 # Why local-only must fail here: both classes hold the same two bars, only their
@@ -17,7 +17,7 @@
 _base_ = ['./cls_convneur_m1_global_probe.py']
 
 data_root = '{{$ORDER_PROBE_ROOT:data/order_probe}}'
-data_generator = 'convneur_mm.demo_data.global_probe'
+data_generator = 'projects.global_probe.probe.data'
 # 144 px, ellipses 11.5-14.4 px high and 6x as wide (more area per chunk than a
 # disc in the same rows), at least 24 px (0.1667 x 144) inside the image and
 # 43 px apart in y; 500 training and 250 validation images per class

@@ -26,19 +26,19 @@ as a set of windows, each too small to hold both marks or to see the image's
 edge, cannot tell the classes apart, whatever it pools with (GRN and a
 LayerNorm included); the memory, which reads its chunks in raster order, can.
 
-Layout (what MMPretrain's ``ImageNet`` dataset reads; see ``imagenet.py``)::
+Layout (what MMPretrain's ``ImageNet`` dataset reads; see ``convneur_mm.demo_data.imagenet``)::
 
     OUT_DIR/train/<class>/<class>_0001.JPEG ...   OUT_DIR/val/val_00000001.JPEG ...
     OUT_DIR/meta/train.txt, meta/val.txt, meta/classes.txt
 
-    python -m convneur_mm.demo_data.global_probe data/global_probe/ --size 128
+    python -m projects.global_probe.probe.data data/global_probe/ --size 128
 """
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from .cli import generator_main
-from .imagenet import write_imagenet_layout
+from convneur_mm.demo_data.cli import generator_main
+from convneur_mm.demo_data.imagenet import write_imagenet_layout
 
 CLASSES = ('different', 'same')
 # the order relation and its classes: is the red target the upper one?
@@ -64,7 +64,7 @@ RING_WIDTH = 0.5               # the targets' white ring, in disc radii
 TARGET_MIN_DIST = 0.6          # the targets' distance, as a fraction of the side
 MARK_GAP = 3.2                 # centre distance of any two marks, in largest radii
 # The order probe (relation 'above'; projects/global_probe/README.md and
-# configs/probe/cls_convneur_order_probe.py): two ellipses 11.5-14.4 px high
+# projects/global_probe/configs/cls_convneur_order_probe.py): two ellipses 11.5-14.4 px high
 # and 6x as wide at 144 px. For the one-block network, whose local branch sees 28 px,
 # their edges are >= 28.8 px apart in y (no window sees both) and >= 24 px
 # inside the image (no window that sees the zero padding sees a mark).

@@ -1,15 +1,15 @@
-# ConvNeur-M1 on the global-context probe (convneur_mm/demo_data/global_probe.py:
+# ConvNeur-M1 on the global-context probe (projects/global_probe/probe/data.py:
 # are the two ringed marks the same colour?). Also a Table 5 recipe:
 #   python tools/analysis_tools/ablation_table.py \
-#       --recipe configs/probe/cls_convneur_m1_global_probe.py
+#       --recipe projects/global_probe/configs/cls_convneur_m1_global_probe.py
 # Starts from the tiny-ImageNet ablation recipe (light augmentation, no Mixup /
 # CutMix, 4 epochs, one process); only the data change, and each change says why.
 # Untrained so far: given projects/global_probe/README.md, 4 epochs are likely far too few.
-_base_ = ['../ablations/recipes/imagenet_tiny_m3.py']
+_base_ = ['../../../configs/ablations/recipes/imagenet_tiny_m3.py']
 
 # the generator's default output; ablation_table.py writes it when missing
 data_root = '{{$GLOBAL_PROBE_ROOT:data/global_probe}}'
-data_generator = 'convneur_mm.demo_data.global_probe'
+data_generator = 'projects.global_probe.probe.data'  # run from the repository root
 classes = ('different', 'same')  # the generator's CLASSES (meta/classes.txt)
 num_classes = len(classes)
 

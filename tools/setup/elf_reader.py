@@ -1,14 +1,13 @@
 """The NEEDED libraries of an ELF shared object, read in pure Python.
 
 Why: mmcv's ``get_compiling_cuda_version()`` can crash the process while its
-CUDA kernels work; the libcudart.so.N that
-mmcv's ``_ext`` links then still tells which CUDA it was built for, and
-``readelf`` need not be installed. Standard library only (``tools/setup/setup_env.sh``
-uses it before the stack is installed). 64-bit little-endian files only
-(x86-64, aarch64).
+CUDA kernels work; the libcudart.so.N that mmcv's ``_ext`` links then still
+tells which CUDA it was built for, and ``readelf`` need not be installed.
+64-bit little-endian files only (x86-64, aarch64).
 """
+import re
 import struct
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 PT_LOAD, PT_DYNAMIC = 1, 2
 DT_NULL, DT_NEEDED, DT_STRTAB = 0, 1, 5
@@ -65,3 +64,16 @@ def elf_needed(path: str) -> List[str]:
 def _read_cstring(f, offset: int, limit: int = 4096) -> str:
     f.seek(offset)
     return f.read(limit).split(b'\0', 1)[0].decode('utf-8', 'replace')
+
+
+def cudart_major(path: str) -> Optional[str]:
+    """The CUDA major version a library links (its NEEDED libcudart.so.N).
+
+    Args:
+        path: an ELF shared object.
+    """
+    for name in elf_needed(path):
+        match = re.fullmatch(r'libcudart\.so\.(\d+)', name)
+        if match:
+            return match.group(1)
+    return None
