@@ -1,11 +1,13 @@
 """A plain autograd reference of the neural memory, written independently of
 the fast path: a per-chunk loop that takes inner gradients with
-``torch.autograd.grad(create_graph=True)``. Used by tests and the benchmark.
+``torch.autograd.grad(create_graph=True)`` of the memory model's plain read
+(``memory_ops.read_naive``). Used by tests and the benchmark.
 """
 import math
 
 import torch
-import torch.nn.functional as F
+
+from convneur_mm.models.layers.memory_ops import MemoryWeights, read_naive
 
 
 def _rms(x, eps=1e-6):
@@ -13,8 +15,7 @@ def _rms(x, eps=1e-6):
 
 
 def _memory_model(w1, w2, g, x):
-    hidden = F.gelu(x @ w1) @ w2
-    return x + F.layer_norm(hidden, hidden.shape[-1:], eps=1e-5) * (1 + g.unsqueeze(-2))
+    return read_naive(MemoryWeights(w1, w2, g), x)
 
 
 def reference_memory(mem, x):

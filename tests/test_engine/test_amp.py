@@ -49,14 +49,14 @@ def _record_dtypes(model):
                    'memory' if id(module) in memory_layers else 'other')
             module.register_forward_hook(lambda m, i, o, key=key: seen[key].add(o.dtype))
         if isinstance(module, NeuralMemory):
-            inner = module._forward  # read and write, on the float32 copy of x
+            project = module.project  # the inner computation's start, on its copy of x
 
-            def recorded(x, inner=inner):
-                out = inner(x)
-                seen['inner'].update({x.dtype, out.dtype})
-                return out
+            def recorded(x, num_updates, plan, project=project):
+                proj = project(x, num_updates, plan)
+                seen['inner'].update({x.dtype} | {t.dtype for t in proj if t is not None})
+                return proj
 
-            module._forward = recorded
+            module.project = recorded
             module.register_forward_hook(lambda m, i, o: seen['memory_out'].add(o.dtype))
     return seen
 

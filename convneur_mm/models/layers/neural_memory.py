@@ -12,8 +12,13 @@ equations 3-4). Gradients are closed-form and the recursion is a scan, so the
 module is one differentiable graph for the outer training. The inner loop runs
 in float32 (or float64) even under autocast; its matrix products may take
 16-bit operands (``matmul_dtype``) with float32 accumulation.
+
+A call is decided once (``NeuralMemory.plan``: a ``MemoryPlan``) and then
+executed on one path (``NeuralMemory.execute``) through the operations of
+``memory_ops``: projections, ``chunk_grads``, ``scan_states``, ``chunk_read``
+(``read`` for a single chunk), each by the plan's implementation.
 """
-from functools import partial
+import dataclasses
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -21,9 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import memory_kernels
-from .memory_ops import (MemoryWeights, decay_carry, memory_forward, memory_grads, product,
-                         scan_states)
+from .memory_ops import MemoryWeights, chunk_grads_torch, decay_carry, product, scan_states
+from .memory_ops.chunk_grads import chunk_grads
+from .memory_ops.chunk_read import chunk_read
+from .memory_ops.kernels import unavailable_reason
+from .memory_ops.read import read
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support
@@ -31,9 +38,8 @@ except ImportError:  # a torch built without distributed support
         pass
 
 from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, KeepsFloat32,
-                                                autocast_dtype, in_float32,
+                                                at_least_float32, autocast_dtype, in_float32,
                                                 narrowed_parameters, widened)
-from convneur_mm.models.utils.shapes import known_zero
 
 UPDATE_MODES = ('parallel', 'sequential')
 RMS_EPS = 1e-6
@@ -41,9 +47,51 @@ RMS_EPS = 1e-6
 MATMUL_DTYPES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
                  'float16': torch.float16}
 KERNELS = ('auto', 'torch', 'triton')
-# Below this max_lr a 16-bit read keeps W_0's part apart (memory_forward): at
-# 1e-3 the update is ~0.2% of the state, under bfloat16's rounding of it.
+# Below this max_lr a 16-bit read keeps W_0's part apart (the decomposed read,
+# memory_ops.read_torch): at 1e-3 the update is ~0.2% of the state, under
+# bfloat16's rounding of it.
 DECOMPOSE_BELOW_MAX_LR = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How one call of ``NeuralMemory`` computes (``NeuralMemory.plan``).
+
+    Attributes:
+        operand_dtype: the matrix products' operand dtype; None: the compute
+            dtype (float32, or float64 for a float64 module).
+        decomposed_read: the states are read as ``a_t * (q @ W_0)`` at full
+            precision plus ``q @ dW_t`` in ``operand_dtype`` (16-bit operands
+            at a small ``max_lr``); the projections then keep full precision.
+        implementation: 'torch' or 'triton', of the chunk gradients and the
+            reads (the sequential mode's gradients at each image's state are
+            PyTorch's in both).
+        reason: why that implementation.
+        images_per_slice: images computed together (``working_set_mib``); the
+            batch when unsliced.
+        shape_generic: one graph for every token count (``torch.export``):
+            the input is padded to whole chunks, every chunk writes and the
+            scan is one block; the same maths.
+        recompute: training saves only the input and recomputes the forward
+            in the backward pass (``torch.utils.checkpoint``).
+        folded_projections: the projections as one product with the norms'
+            weights folded in (their layers are plain: ``plain_layers``);
+            otherwise each layer is called.
+    """
+    operand_dtype: Optional[torch.dtype]
+    decomposed_read: bool
+    implementation: str
+    reason: str
+    images_per_slice: int
+    shape_generic: bool
+    recompute: bool
+    folded_projections: bool
+
+    @property
+    def projection_dtype(self) -> Optional[torch.dtype]:
+        """The projections' operand dtype: full precision for a decomposed
+        read, whose W_0 part needs queries at full accuracy."""
+        return None if self.decomposed_read else self.operand_dtype
 
 
 class AttentionPool(nn.Module):
@@ -64,7 +112,7 @@ class AttentionPool(nn.Module):
         return (chunks * attn).sum(dim=-2)
 
 
-class _Projections(NamedTuple):
+class MemoryProjections(NamedTuple):
     """The memory's token projections and chunk gates, heads leading.
 
     queries (H, B, N, hd); keys, values (H, B, T, hd); token_lr (H, B, T);
@@ -95,10 +143,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             'bfloat16' or 'float16'. Accumulation, states, momentum, the scan,
             LayerNorm statistics and backward, theta, the gates and the
             residual stay float32 (docs/advanced_guides/memory_paths.md).
-        kernels: 'auto' (the fused Triton kernels of ``memory_kernels`` in
-            eager CUDA inference with 16-bit product operands, else PyTorch),
-            'torch' or 'triton' (the kernels for every operand dtype; an
-            error where they cannot run).
+        kernels: the implementation of the memory's operations (``memory_ops``):
+            'auto' (the Triton kernels in eager CUDA inference with 16-bit
+            product operands, else PyTorch), 'torch' or 'triton' (the Triton
+            kernels for every operand dtype; an error where they cannot run).
         working_set_mib: under ``no_grad`` (eager), process slices of images
             whose estimated working set fits this many MiB; the results are
             the same. None: the whole batch at once.
@@ -224,82 +272,47 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).permute(2, 0, 1, 3)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, N, d) -> (B, N, d)."""
-        mm = self.operand_dtype(x)
-        if self.recompute and self.training and torch.is_grad_enabled():
-            # saves x alone; the backward reruns the forward (same maths)
-            return checkpoint(self._run, x, mm, use_reentrant=False)
-        return self._run(x, mm)
+    # ------------------------------------------------------------------ the plan
+    def plan(self, x: Tensor) -> MemoryPlan:
+        """How ``forward(x)`` computes here and now: decided once per call,
+        before autocast is turned off (``operand_dtype`` reads it).
 
-    def _run(self, x: Tensor, mm: Optional[torch.dtype]) -> Tensor:
-        narrowed = narrowed_parameters(self)
-        # float32 products: the plain one-argument call (wrappers of _forward keep working)
-        fn = self._forward if mm is None else partial(self._forward, operand_dtype=mm)
-        if narrowed:  # FSDP's mixed precision: the maths in float32 all the same
-            with widened(self, narrowed):
-                return in_float32(fn, x)
-        return in_float32(fn, x)
+        Args:
+            x: the (B, N, d) input, as ``forward`` gets it.
 
-    def _forward(self, x: Tensor, shape_generic: Optional[bool] = None,
-                 operand_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """``shape_generic`` (default: while ``torch.export`` traces, as the
-        ONNX exporter does) builds one graph for every token count: all
-        chunks write (the last state is never read) and the scan is one block,
-        so no Python branch or loop depends on the number of chunks. The
-        maths are the same; the eager path skips the unread last write."""
-        if shape_generic is None:
-            shape_generic = torch.compiler.is_exporting()
-        b, n, _ = x.shape
-        h, hd, mm = self.heads, self.head_dim, operand_dtype
-        fused = self._fused_kernels(x, mm)  # never under export: shape_generic's graph
-        if shape_generic:
-            num_chunks = (n + self.chunk_size - 1) // self.chunk_size
-            padded = F.pad(x, (0, 0, 0, num_chunks * self.chunk_size - n))
-            proj = self._project(padded, num_chunks, self._projection_dtype(mm))
-            states, carry = self._write(proj, scan_block=None, operand_dtype=mm)
-            states = states.map(lambda t: _packed(t[:, :, :num_chunks]))  # W_C is unread
-            carry = None if carry is None else _packed(carry[:, :, :num_chunks])
-            out = self._read(proj.queries, states, carry, mm, always_pad=True)
-            return self._merge_heads(out, n)
-        slices = self._image_slices(x)
-        if slices < b:
-            return torch.cat([self._forward(part, False, mm) for part in x.split(slices)])
-        num_updates = self.num_updates(n)
-        proj = self._project(x, num_updates, self._projection_dtype(mm))
-        if num_updates == 0:  # one chunk: every token reads W_0
-            read = memory_kernels.memory_forward_fused if fused else memory_forward
-            out = read(self.initial_state, proj.queries.reshape(h, b * n, hd), mm)
-            if torch.is_grad_enabled():
-                out = out + self._zero_tie()
-            out = out.reshape(h, b, n, hd)
-        elif self.update == 'parallel':
-            grads = self._chunk_grads(proj, mm, fused)
-            # keys' half of qk stays (queries share it); the values and step
-            # sizes go before the scan: only queries and gates are read on
-            proj = proj._replace(keys=None, values=None, token_lr=None)
-            states, carry = self._scan(grads, proj, self.scan_block, mm)
-            out = self._read(proj.queries, states, carry, mm, fused=fused)
-        else:
-            states, carry = self._write(proj, self.scan_block, mm, fused)
-            out = self._read(proj.queries, states, carry, mm, fused=fused)
-        return self._merge_heads(out, n)
+        Raises:
+            RuntimeError: ``kernels='triton'`` where the Triton kernels cannot
+                serve this call (the error names why).
+        """
+        operand_dtype = self.operand_dtype(x)
+        implementation, reason = self._implementation(x, operand_dtype)
+        return MemoryPlan(
+            operand_dtype=operand_dtype,
+            decomposed_read=operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR,
+            implementation=implementation, reason=reason,
+            images_per_slice=self._images_per_slice(x),
+            shape_generic=torch.compiler.is_exporting(),
+            recompute=self.recompute and self.training and torch.is_grad_enabled(),
+            folded_projections=self._plain_projections())
 
-    def _fused_kernels(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:
-        """Whether this call runs the fused Triton kernels (``kernels``):
-        'torch' never; 'auto' where ``_kernels_unavailable`` finds no reason
+    def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
+                        ) -> Tuple[str, str]:
+        """('torch' or 'triton', why) by ``kernels``: 'torch' always PyTorch;
+        'auto' the Triton kernels where ``_triton_unavailable`` finds no reason
         not to; 'triton' likewise, and an error naming the reason otherwise."""
         if self.kernels == 'torch':
-            return False
-        why = self._kernels_unavailable(x, operand_dtype)
-        if why is not None and self.kernels == 'triton':
+            return 'torch', "kernels='torch'"
+        why = self._triton_unavailable(x, operand_dtype)
+        if why is None:
+            return 'triton', f'kernels={self.kernels!r} and the Triton kernels can run here'
+        if self.kernels == 'triton':
             raise RuntimeError(f"memory_cfg kernels='triton', but the fused Triton kernels "
                                f'cannot run here: {why}')
-        return why is None
+        return 'torch', why
 
-    def _kernels_unavailable(self, x: Tensor, operand_dtype: Optional[torch.dtype]
-                             ) -> Optional[str]:
-        """Why the fused kernels cannot serve this call, or None.
+    def _triton_unavailable(self, x: Tensor, operand_dtype: Optional[torch.dtype]
+                            ) -> Optional[str]:
+        """Why the Triton kernels cannot serve this call, or None.
 
         They are forward-only and eager: traced graphs keep the PyTorch path.
         'auto' takes them on CUDA for 16-bit operands only: their float32
@@ -310,14 +323,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             return 'they are forward-only: run inference under torch.no_grad()'
         if _traced():
             return 'traced graphs (torch.compile, torch.export) keep the PyTorch path'
-        if x.dtype != torch.float32:
-            return f'they compute float32 memories, not {x.dtype}'
+        compute_dtype = at_least_float32(x.dtype)
+        if compute_dtype != torch.float32:
+            return f'they compute float32 memories, not {compute_dtype}'
         if self.kernels == 'auto' and (x.device.type != 'cuda' or operand_dtype is None):
             return "'auto' takes them on CUDA with 16-bit product operands only"
-        return memory_kernels.unavailable_reason(x.device, self.head_dim,
-                                                 operand_dtype or torch.float32)
+        return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
 
-    def _image_slices(self, x: Tensor) -> int:
+    def _images_per_slice(self, x: Tensor) -> int:
         """Images per slice for ``working_set_mib`` (the batch when unsliced).
 
         Only eager inference slices: traced graphs (compile, export) keep one
@@ -325,8 +338,162 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         b, n, _ = x.shape
         if self.working_set_mib is None or torch.is_grad_enabled() or b == 1 or _traced():
             return b
-        per_image = self.working_set_bytes(n, x.element_size())
+        per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
+
+    def _plain_projections(self) -> bool:
+        """The projection layers are this module's own plain layers
+        (``plain_layers``), so their weights may be folded together."""
+        return plain_layers(
+            (self.store_norm, Float32RMSNorm), (self.retrieve_norm, Float32RMSNorm),
+            (self.to_queries, Float32Linear), (self.to_keys, Float32Linear),
+            (self.to_values, Float32Linear), (self.to_token_lr, Float32Linear),
+            (self.pool, AttentionPool), (self.pool.to_logits, Float32Linear),
+            (self.to_decay, Float32Linear), (self.to_momentum, Float32Linear),
+            (self.to_lr_modulation, Float32Linear))
+
+    # ------------------------------------------------------------------ the path
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, d) -> (B, N, d): ``execute(x, plan(x))``."""
+        return self.execute(x, self.plan(x))
+
+    def execute(self, x: Tensor, plan: MemoryPlan) -> Tensor:
+        """(B, N, d) -> (B, N, d) as ``plan`` says (``plan(x)``, or a variant
+        of it made with ``dataclasses.replace``: the same maths in another
+        precision or graph). The plan is taken as given: a 'triton' plan
+        under autograd fails in the kernels' own checks.
+
+        Args:
+            x: the input.
+            plan: how to compute it.
+        """
+        if plan.recompute:
+            # saves x alone; the backward reruns the forward (same maths)
+            return checkpoint(self._in_float32, x, plan, use_reentrant=False)
+        return self._in_float32(x, plan)
+
+    def _in_float32(self, x: Tensor, plan: MemoryPlan) -> Tensor:
+        narrowed = narrowed_parameters(self)
+        if narrowed:  # FSDP's mixed precision: the maths in float32 all the same
+            with widened(self, narrowed):
+                return in_float32(lambda t: self._sliced(t, plan), x)
+        return in_float32(lambda t: self._sliced(t, plan), x)
+
+    def _sliced(self, x: Tensor, plan: MemoryPlan) -> Tensor:
+        if plan.images_per_slice < x.shape[0]:
+            return torch.cat([self._compute(part, plan)
+                              for part in x.split(plan.images_per_slice)])
+        return self._compute(x, plan)
+
+    def _compute(self, x: Tensor, plan: MemoryPlan) -> Tensor:
+        """The memory on whole images: project, write (chunk gradients and
+        scan, or the sequential loop), read."""
+        b, n, _ = x.shape
+        h, hd, L, mm = self.heads, self.head_dim, self.chunk_size, plan.operand_dtype
+        if plan.shape_generic:
+            # all chunks write (the last state is never read): no Python
+            # branch or loop depends on the number of chunks
+            num_updates = (n + L - 1) // L
+            x = F.pad(x, (0, 0, 0, num_updates * L - n))
+        else:
+            num_updates = self.num_updates(n)
+        proj = self.project(x, num_updates, plan)
+        if num_updates == 0:  # one chunk: every token reads W_0
+            out = read(self.initial_state, proj.queries.reshape(h, b * n, hd), mm,
+                       implementation=plan.implementation)
+            if torch.is_grad_enabled():
+                out = out + self._zero_tie()
+            return out.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, self.dim)
+        if self.update == 'parallel':
+            grads = self._chunk_grads(proj, plan)
+            # keys' half of qk stays (queries share it); the values and step
+            # sizes go before the scan: only queries and gates are read on
+            proj = proj._replace(keys=None, values=None, token_lr=None)
+            states, carry = self._scan(grads, proj, plan)
+        else:
+            states, carry = self._sequential_write(proj, plan)
+        if plan.shape_generic:  # W_C is unread
+            states = states.map(lambda t: _packed(t[:, :, :num_updates]))
+            carry = None if carry is None else _packed(carry[:, :, :num_updates])
+        out = chunk_read(states, proj.queries, L, mm,
+                         base=None if carry is None else self.initial_state, carry=carry,
+                         implementation=plan.implementation)
+        return out[:, :n] if plan.shape_generic else out
+
+    def _chunk_grads(self, proj: MemoryProjections, plan: MemoryPlan) -> List[Tensor]:
+        """The parallel mode's chunk gradients, all taken at W_0 in one call,
+        from the projections' views of each image's U chunks: w1, w2, g,
+        each (H, B * U, ...)."""
+        return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
+                                plan.operand_dtype, implementation=plan.implementation))
+
+    def _sequential_write(self, proj: MemoryProjections, plan: MemoryPlan
+                          ) -> Tuple[MemoryWeights, Optional[Tensor]]:
+        """The sequential mode's states (as ``_scan``'s): each chunk's
+        gradient taken at the previous state."""
+        states, carry = self._sequential_states(*_per_image_chunks(proj), proj.log_keep,
+                                                proj.log_momentum, proj.lr_mod,
+                                                plan.operand_dtype)
+        if not plan.decomposed_read:
+            return states, None
+        w0 = self.initial_state
+        delta = [w - _bcast(carry, w) * w0[i][:, None, None] for i, w in
+                 enumerate(states[:2])]
+        return MemoryWeights(*delta, states.g), carry
+
+    def _scan(self, grads: List[Tensor], proj: MemoryProjections, plan: MemoryPlan
+              ) -> Tuple[MemoryWeights, Optional[Tensor]]:
+        """States W_0 .. W_U, each of shape (H, B, U + 1, ...), from the chunk
+        gradients (consumed: each goes once scanned) and the projections'
+        gates, and None; for a decomposed read, dW_t in place of W_t for
+        ``w1`` and ``w2`` and a_t, (H, B, U + 1). The shape-generic graph
+        scans in one block."""
+        h, b, u = proj.log_keep.shape
+        decomposed = plan.decomposed_read
+        scan_block = None if plan.shape_generic else self.scan_block
+        w0 = self.initial_state
+        log_keep = proj.log_keep.reshape(h * b, u)
+        starts = [None if decomposed and i < 2 else
+                  init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1)
+                  for i, init in enumerate(w0)]
+        flat = [g.reshape(h * b, u, -1) for g in grads]
+        grads.clear()  # the caller's list too: scan_states frees each gradient once scanned
+        states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(
+            scan_states(flat, proj.lr_mod.reshape(-1, h * b, u), log_keep,
+                        proj.log_momentum.reshape(h * b, u), starts, scan_block), w0)]
+        carry = decay_carry(log_keep).reshape(h, b, u + 1) if decomposed else None
+        return MemoryWeights(*states), carry
+
+    def _sequential_states(self, keys: Tensor, values: Tensor, token_lr: Tensor,
+                           log_keep: Tensor, log_momentum: Tensor, lr_mod: Tensor,
+                           operand_dtype: Optional[torch.dtype] = None
+                           ) -> Tuple[MemoryWeights, Tensor]:
+        """W_0 .. W_U, each chunk's gradient taken at the previous state, and
+        a_t (H, B, U + 1). Keys and values (H, B, U, L, hd). The gradients at
+        each image's own state are PyTorch's for every implementation."""
+        h, b, u, L, hd = keys.shape
+        weights = self.initial_state.map(
+            lambda t: t[:, None].expand(h, b, *t.shape[1:]))
+        history: List[MemoryWeights] = [weights]
+        keep, eta = log_keep.exp(), log_momentum.exp()
+        # S_0 = 0 explicitly, so that eta_1 is in the graph (with zero gradient)
+        # exactly as in the parallel scan.
+        momentum = [torch.zeros(()).to(w) for w in weights]
+        for t in range(u):
+            grads = chunk_grads_torch(
+                weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),
+                keys[:, :, t].reshape(h * b, 1, L, hd),
+                values[:, :, t].reshape(h * b, 1, L, hd),
+                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype)
+            surprise = [-_bcast(m[..., t], g) * g.reshape(h, b, *g.shape[2:])
+                        for m, g in zip(lr_mod, grads)]
+            momentum = [_bcast(eta[..., t], s) * s_prev + s
+                        for s_prev, s in zip(momentum, surprise)]
+            weights = MemoryWeights(*(
+                _bcast(keep[..., t], w) * w + s for w, s in zip(weights, momentum)))
+            history.append(weights)
+        states = MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
+        return states, decay_carry(log_keep)
 
     def working_set_bytes(self, num_tokens: int, element_size: int = 4) -> int:
         """Estimated peak bytes of one image's inference at ``num_tokens``
@@ -358,15 +525,6 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         read = queries_keys + (u + 1) * state + 10 * d * (u + 1) * L
         return int(1.1 * max(project, write, read)) * element_size
 
-    def _merge_heads(self, out: Tensor, n: int) -> Tensor:
-        """(H, B, P, d / H) read-outs of P >= N (padded) tokens -> (B, N, d).
-
-        The padding is cut last, from the merged tensor: cutting it first
-        would make the merge a copy or a view depending on whether P == N,
-        which symbolic shapes would have to guard on."""
-        h, b, padded, hd = out.shape
-        return out.permute(1, 2, 0, 3).reshape(b, padded, self.dim)[:, :n]
-
     def _zero_tie(self) -> Tensor:
         """A zero that depends on the write-path parameters.
 
@@ -382,46 +540,31 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                    if p.requires_grad and not isinstance(p, DTensor)) * 0.0
 
     # ------------------------------------------------------------------ projections
-    def _projection_dtype(self, operand_dtype: Optional[torch.dtype]
-                          ) -> Optional[torch.dtype]:
-        """The projections' operand dtype: full precision for a decomposed
-        read, whose W_0 part needs queries at float32 accuracy."""
-        return None if self._decomposed_read(operand_dtype) else operand_dtype
-
-    def _project(self, x: Tensor, num_updates: int,
-                 operand_dtype: Optional[torch.dtype] = None,
-                 fused: Optional[bool] = None) -> _Projections:
+    def project(self, x: Tensor, num_updates: int, plan: MemoryPlan) -> MemoryProjections:
         """Queries of every token of ``x`` (B, N, d); keys, values, token
         learning rates and gates of its first ``num_updates`` chunks.
 
-        ``fused`` (default: where the layers are plain, see ``_fusable``)
-        folds the two RMSNorms' weights into one product of every projection,
-        computed at run time from the unchanged parameters: the same maths
-        in fewer kernels. Otherwise each layer is called."""
-        if fused is None:
-            fused = self._fusable()
-        if fused:
-            return self._project_fused(x, num_updates, operand_dtype)
+        With ``plan.folded_projections`` the two RMSNorms' weights are folded
+        into one product of every projection, computed at run time from the
+        unchanged parameters: the same maths in fewer kernels. Otherwise each
+        layer is called.
+
+        Args:
+            x: (B, N, d) in the compute dtype.
+            num_updates: the chunks that write.
+            plan: the call's plan (``folded_projections``, ``projection_dtype``).
+        """
+        if plan.folded_projections:
+            return self._project_folded(x, num_updates, plan.projection_dtype)
         return self._project_layers(x, num_updates)
 
-    def _fusable(self) -> bool:
-        """The projection layers are this module's own plain layers
-        (``plain_layers``), so their weights may be folded together."""
-        return plain_layers(
-            (self.store_norm, Float32RMSNorm), (self.retrieve_norm, Float32RMSNorm),
-            (self.to_queries, Float32Linear), (self.to_keys, Float32Linear),
-            (self.to_values, Float32Linear), (self.to_token_lr, Float32Linear),
-            (self.pool, AttentionPool), (self.pool.to_logits, Float32Linear),
-            (self.to_decay, Float32Linear), (self.to_momentum, Float32Linear),
-            (self.to_lr_modulation, Float32Linear))
-
-    def _project_layers(self, x: Tensor, u: int) -> _Projections:
-        """``_project`` by calling each layer (the reference for the fused path)."""
+    def _project_layers(self, x: Tensor, u: int) -> MemoryProjections:
+        """``project`` by calling each layer (the reference of the folded one)."""
         queries = self._split_heads(self.to_queries(self.retrieve_norm(x)))
         queries = self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None])
         if u == 0:
-            return _Projections(queries)
-        b, L, h = x.shape[0], self.chunk_size, self.heads
+            return MemoryProjections(queries)
+        b, L = x.shape[0], self.chunk_size
         s = self.store_norm(x[:, :u * L])
         keys = self._split_heads(self.to_keys(s))
         keys = self.key_norm(keys) * (1.0 + self.key_gamma[:, None, None])
@@ -430,11 +573,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         summary = self.pool(s.reshape(b, u, L, self.dim))  # (B, U, d)
         gates = torch.cat([self.to_decay(summary), self.to_momentum(summary),
                            self.to_lr_modulation(summary)], dim=-1)
-        return _Projections(queries, keys, values, token_lr, *self._gates(gates, b, u))
+        return MemoryProjections(queries, keys, values, token_lr, *self._gates(gates, b, u))
 
-    def _project_fused(self, x: Tensor, u: int,
-                       operand_dtype: Optional[torch.dtype] = None) -> _Projections:
-        """``_project`` as one product of x / rms(x) by every projection's
+    def _project_folded(self, x: Tensor, u: int,
+                        operand_dtype: Optional[torch.dtype] = None) -> MemoryProjections:
+        """``project`` as one product of x / rms(x) by every projection's
         weight (the norms' weights folded in), one RMSNorm of queries and
         keys together, and one product for the three gates."""
         b, n, d = x.shape
@@ -458,7 +601,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
         if u == 0:
             queries = self._split_heads(linear(normed, w(self.to_queries.weight) * retrieve))
-            return _Projections(
+            return MemoryProjections(
                 self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None]))
         weight = torch.cat([w(self.to_queries.weight) * retrieve, torch.cat([
             w(self.to_keys.weight), w(self.to_values.weight), w(self.pool.to_logits.weight),
@@ -487,7 +630,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         gate_layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
         gates = F.linear(summary, torch.cat([w(m.weight) for m in gate_layers]),
                          torch.cat([w(m.bias) for m in gate_layers]))
-        return _Projections(queries, keys, values, token_lr, *self._gates(gates, b, u))
+        return MemoryProjections(queries, keys, values, token_lr, *self._gates(gates, b, u))
 
     def _gates(self, gates: Tensor, b: int, u: int) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, U, 5H) decay, momentum and lr-modulation logits -> log(1 - alpha)
@@ -501,138 +644,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         lr_mod = torch.sigmoid(gates[..., 2 * h:]).view(b, u, h, len(MemoryWeights._fields))
         return log_keep, log_momentum, _packed(lr_mod.permute(3, 2, 0, 1))
 
-    # ------------------------------------------------------------------ write and read
-    def _decomposed_read(self, operand_dtype: Optional[torch.dtype]) -> bool:
-        """Read ``a_t * (q @ W_0)`` at full precision plus ``q @ dW_t`` in 16
-        bits, for 16-bit operands at a small step size, whose updates the
-        rounding of the whole state would erase."""
-        return operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR
-
-    def _write(self, proj: _Projections, scan_block: Optional[int],
-               operand_dtype: Optional[torch.dtype] = None, fused: bool = False
-               ) -> Tuple[MemoryWeights, Optional[Tensor]]:
-        """States W_0 .. W_U, each of shape (H, B, U + 1, ...), from the
-        projections' U chunks, and None; for a decomposed read, dW_t in place
-        of W_t for ``w1`` and ``w2`` and a_t, (H, B, U + 1).
-        ``scan_block`` as in ``momentum_decay_states``; ``fused``: the
-        parallel mode's gradients by the fused kernels."""
-        if self.update == 'parallel':
-            return self._scan(self._chunk_grads(proj, operand_dtype, fused), proj, scan_block,
-                              operand_dtype)
-        h, b, t, hd = proj.keys.shape
-        u = proj.log_keep.shape[-1]
-        L = t // u
-        states, carry = self._sequential_states(
-            proj.keys.reshape(h, b, u, L, hd), proj.values.reshape(h, b, u, L, hd),
-            proj.token_lr.reshape(h, b, u, L), proj.log_keep, proj.log_momentum,
-            proj.lr_mod, operand_dtype)
-        if not self._decomposed_read(operand_dtype):
-            return states, None
-        w0 = self.initial_state
-        delta = [w - _bcast(carry, w) * w0[i][:, None, None] for i, w in
-                 enumerate(states[:2])]
-        return MemoryWeights(*delta, states.g), carry
-
-    def _chunk_grads(self, proj: _Projections, operand_dtype: Optional[torch.dtype],
-                     fused: bool = False) -> List[Tensor]:
-        """The parallel mode's chunk gradients, all taken at W_0 in one
-        batched call: w1, w2, g, each (H, B * U, ...)."""
-        h, b, t, hd = proj.keys.shape
-        u = proj.log_keep.shape[-1]
-        L = t // u
-        if fused:  # the kernels read the projections' views per image: no copy
-            chunks = (proj.keys.unflatten(2, (u, L)), proj.values.unflatten(2, (u, L)),
-                      proj.token_lr.unflatten(2, (u, L)))
-            return list(memory_kernels.memory_grads_fused(self.initial_state, *chunks,
-                                                          operand_dtype))
-        return list(memory_grads(self.initial_state, proj.keys.reshape(h, b * u, L, hd),
-                                 proj.values.reshape(h, b * u, L, hd),
-                                 proj.token_lr.reshape(h, b * u, L), operand_dtype))
-
-    def _scan(self, grads: List[Tensor], proj: _Projections, scan_block: Optional[int],
-              operand_dtype: Optional[torch.dtype] = None
-              ) -> Tuple[MemoryWeights, Optional[Tensor]]:
-        """``_write``'s states from the chunk gradients (consumed: each goes
-        once scanned) and the projections' gates."""
-        h, b, u = proj.log_keep.shape
-        decomposed = self._decomposed_read(operand_dtype)
-        w0 = self.initial_state
-        log_keep = proj.log_keep.reshape(h * b, u)
-        starts = [None if decomposed and i < 2 else
-                  init.reshape(h, 1, -1).expand(h, b, -1).reshape(h * b, -1)
-                  for i, init in enumerate(w0)]
-        flat = [g.reshape(h * b, u, -1) for g in grads]
-        grads.clear()  # the caller's list too: scan_states frees each gradient once scanned
-        states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(
-            scan_states(flat, proj.lr_mod.reshape(-1, h * b, u), log_keep,
-                        proj.log_momentum.reshape(h * b, u), starts, scan_block), w0)]
-        carry = decay_carry(log_keep).reshape(h, b, u + 1) if decomposed else None
-        return MemoryWeights(*states), carry
-
-    def _sequential_states(self, keys: Tensor, values: Tensor, token_lr: Tensor,
-                           log_keep: Tensor, log_momentum: Tensor, lr_mod: Tensor,
-                           operand_dtype: Optional[torch.dtype] = None
-                           ) -> Tuple[MemoryWeights, Tensor]:
-        """W_0 .. W_U, each chunk's gradient taken at the previous state, and
-        a_t (H, B, U + 1)."""
-        h, b, u, L, hd = keys.shape
-        weights = self.initial_state.map(
-            lambda t: t[:, None].expand(h, b, *t.shape[1:]))
-        history: List[MemoryWeights] = [weights]
-        keep, eta = log_keep.exp(), log_momentum.exp()
-        # S_0 = 0 explicitly, so that eta_1 is in the graph (with zero gradient)
-        # exactly as in the parallel scan.
-        momentum = [torch.zeros(()).to(w) for w in weights]
-        for t in range(u):
-            grads = memory_grads(
-                weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),
-                keys[:, :, t].reshape(h * b, 1, L, hd),
-                values[:, :, t].reshape(h * b, 1, L, hd),
-                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype)
-            surprise = [-_bcast(m[..., t], g) * g.reshape(h, b, *g.shape[2:])
-                        for m, g in zip(lr_mod, grads)]
-            momentum = [_bcast(eta[..., t], s) * s_prev + s
-                        for s_prev, s in zip(momentum, surprise)]
-            weights = MemoryWeights(*(
-                _bcast(keep[..., t], w) * w + s for w, s in zip(weights, momentum)))
-            history.append(weights)
-        states = MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
-        return states, decay_carry(log_keep)
-
-    def _read(self, queries: Tensor, states: MemoryWeights,
-              carry: Optional[Tensor] = None,
-              operand_dtype: Optional[torch.dtype] = None,
-              always_pad: bool = False, fused: bool = False) -> Tensor:
-        """Chunk t reads W_{t-1}: queries (H, B, N, hd), states (H, B, C, ...)
-        (with ``carry`` (H, B, C): dW and a_t, see ``memory_forward``); the
-        read-outs of the C * L >= N (zero-padded) tokens, (H, B, C * L, hd).
-        With a symbolic N it always pads (maybe by zero): no guard on whether
-        N is a multiple of L, so one graph serves both. ``fused``: by the fused
-        kernel, which reads no padding and writes the heads merged: the N
-        read-outs as a view that ``_merge_heads`` turns back without a copy."""
-        h, b, n, hd = queries.shape
-        if fused:
-            out = memory_kernels.read_chunks_fused(
-                states, queries, self.chunk_size, operand_dtype,
-                base=None if carry is None else self.initial_state, carry=carry)
-            return out.view(b, n, h, hd).permute(2, 0, 1, 3)
-        num_chunks = states.w1.shape[2]
-        padded = num_chunks * self.chunk_size
-        if always_pad or not known_zero(padded - n):
-            queries = F.pad(queries, (0, 0, 0, padded - n))
-        groups = h * b * num_chunks
-        out = memory_forward(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
-                             queries.reshape(groups, self.chunk_size, hd), operand_dtype,
-                             base=None if carry is None else self.initial_state,
-                             carry=None if carry is None else carry.reshape(groups))
-        return out.reshape(h, b, padded, hd)
-
 
 def plain_layers(*layers: Tuple[nn.Module, type]) -> bool:
     """Each ``(layer, cls)``: the layer is exactly a ``cls``, not wrapped or
     sharded (FSDP), and no forward hook, its own or global (a FLOP counter's,
     a user's), waits to see it called. Only then may a caller compute with
     its weights directly instead of calling it."""
+    # torch has no public getter of forward hooks, global or per module: only register_*
     hooks = torch.nn.modules.module
     if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
         return False
@@ -647,6 +665,15 @@ def plain_layers(*layers: Tuple[nn.Module, type]) -> bool:
 def _traced() -> bool:
     """Inside torch.compile or torch.export: such graphs keep one eager-equivalent path."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _per_image_chunks(proj: MemoryProjections) -> Tuple[Tensor, Tensor, Tensor]:
+    """Keys, values (H, B, U, L, hd) and step sizes (H, B, U, L): views of
+    the projections, each image's written chunks where they lie."""
+    u = proj.log_keep.shape[-1]
+    L = proj.keys.shape[2] // u
+    return (proj.keys.unflatten(2, (u, L)), proj.values.unflatten(2, (u, L)),
+            proj.token_lr.unflatten(2, (u, L)))
 
 
 def _packed(t: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""The fused Triton memory kernels against the PyTorch path in float64.
+"""The Triton implementations of the memory's operations against the PyTorch
+ones and the references in float64.
 
 On a CPU the kernels run in Triton's interpreter, which must be chosen before
 the kernel module is imported: one subprocess with TRITON_INTERPRET=1 runs
@@ -31,8 +32,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convneur_mm.models.layers import memory_kernels
-from convneur_mm.models.layers.memory_ops import MemoryWeights, memory_forward, memory_grads
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_torch,
+                                                  chunk_grads_triton, chunk_read_naive,
+                                                  chunk_read_triton, kernels, read_torch,
+                                                  read_triton)
+from convneur_mm.models.layers.memory_ops.kernels import launch
+from convneur_mm.testing.dispatch_probes import LiveTensorBytes
 
 from ...paths import REPO
 
@@ -107,13 +112,13 @@ def _half(t):
     return t.half().double()
 
 
-def _grads_errors(fused: MemoryWeights, w, keys, values, token_lr) -> dict:
-    exact = memory_grads(w.map(torch.Tensor.double), keys.double(), values.double(),
+def _grads_errors(got: MemoryWeights, w, keys, values, token_lr) -> dict:
+    exact = chunk_grads_torch(w.map(torch.Tensor.double), keys.double(), values.double(),
                          token_lr.double())
     half = _grads64(w, keys, values, token_lr, _half)
-    return dict(exact=max(_rel_err(a, b) for a, b in zip(fused, exact)),
-                emulated=max(_norm_err(a, b) for a, b in zip(fused, half)),
-                shapes=[list(t.shape) for t in fused])
+    return dict(exact=max(_rel_err(a, b) for a, b in zip(got, exact)),
+                emulated=max(_norm_err(a, b) for a, b in zip(got, half)),
+                shapes=[list(t.shape) for t in got])
 
 
 def _decomposed_results(gen: torch.Generator, device: str = 'cpu',
@@ -131,22 +136,22 @@ def _decomposed_results(gen: torch.Generator, device: str = 'cpu',
     scaled = base.map(lambda t: t.repeat_interleave(per_head, 0) *
                       carry.view(-1, *[1] * (t.dim() - 1)))
     full = MemoryWeights(scaled.w1 + delta.w1, scaled.w2 + delta.w2, delta.g)
-    exact = memory_forward(full.map(torch.Tensor.double), x.double())
-    update = exact - memory_forward(MemoryWeights(scaled.w1, scaled.w2, delta.g).map(
+    exact = read_torch(full.map(torch.Tensor.double), x.double())
+    update = exact - read_torch(MemoryWeights(scaled.w1, scaled.w2, delta.g).map(
         torch.Tensor.double), x.double())
     results = {}
     on = lambda t: t.to(device)  # noqa: E731
     for tag, dtype in dtypes:
-        out = memory_kernels.memory_forward_fused(delta.map(on), on(x), dtype, base=base.map(on),
+        out = read_triton(delta.map(on), on(x), dtype, base=base.map(on),
                                                   carry=on(carry), **tiles).cpu()
-        naive = memory_kernels.memory_forward_fused(full.map(on), on(x), dtype, **tiles).cpu()
+        naive = read_triton(full.map(on), on(x), dtype, **tiles).cpu()
         results[f'decomposed_{tag}'] = dict(
             exact=_rel_err(out, exact), update=_norm_err(out - exact + update, update),
             naive_update=_norm_err(naive - exact + update, update))
     # the same through the chunk read: (H, B, C) states of 16-token chunks
     states = MemoryWeights(*(t.view(heads, per_head, 1, *t.shape[1:]) for t in delta))
     queries = x[:, :16].reshape(heads, per_head, 16, d)
-    out = memory_kernels.read_chunks_fused(states.map(on), on(queries), 16, torch.float32,
+    out = chunk_read_triton(states.map(on), on(queries), 16, torch.float32,
                                            base=base.map(on),
                                            carry=on(carry.view(heads, per_head, 1)),
                                            **tiles).cpu()
@@ -160,8 +165,8 @@ def interpreter_results() -> dict:
     """Every interpreter case: {name: errors}. Runs in the subprocess."""
     assert os.environ.get('TRITON_INTERPRET') == '1'
     results = {'interpreter_bf16': dict(
-        reason=memory_kernels.unavailable_reason('cpu', operand_dtype=torch.bfloat16),
-        float32_reason=memory_kernels.unavailable_reason('cpu', 16, torch.float32))}
+        reason=kernels.unavailable_reason('cpu', operand_dtype=torch.bfloat16),
+        float32_reason=kernels.unavailable_reason('cpu', 16, torch.float32))}
     dtypes = {'f32': torch.float32, 'f16': torch.float16}
     # (groups, chunks, L, d, max_lr, blocks): d = 24 and 20 pad to 32, their
     # hidden widths 96 and 80 leave a masked hidden block of 64, and L = 24
@@ -173,9 +178,9 @@ def interpreter_results() -> dict:
         for name, (groups, chunks, length, d, max_lr, blocks) in write_cases.items():
             w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
             for tag, dtype in dtypes.items():
-                fused = memory_kernels.memory_grads_fused(w, keys, values, token_lr, dtype,
+                got = chunk_grads_triton(w, keys, values, token_lr, dtype,
                                                           **blocks)
-                results[f'grads_{tag}_{name}'] = _grads_errors(fused, w, keys, values, token_lr)
+                results[f'grads_{tag}_{name}'] = _grads_errors(got, w, keys, values, token_lr)
 
         gen = torch.Generator().manual_seed(0)
         # the projections' views of B images, cut to their U written chunks:
@@ -187,8 +192,8 @@ def interpreter_results() -> dict:
         token_lr = torch.rand(images, n, groups, generator=gen)[:, :chunks * length].permute(
             2, 0, 1).unflatten(2, (chunks, length))
         w = _weights(groups, d, gen)
-        views = memory_kernels.memory_grads_fused(w, keys, values, token_lr, torch.float32)
-        copies = memory_kernels.memory_grads_fused(
+        views = chunk_grads_triton(w, keys, values, token_lr, torch.float32)
+        copies = chunk_grads_triton(
             w, keys.reshape(groups, -1, length, d), values.reshape(groups, -1, length, d),
             token_lr.reshape(groups, -1, length), torch.float32)
         results['grads_per_image_views'] = dict(
@@ -197,11 +202,11 @@ def interpreter_results() -> dict:
 
         w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
         for tag, dtype in dtypes.items():
-            fused = memory_kernels.memory_forward_fused(w, x, dtype, block_rows=16)
+            got = read_triton(w, x, dtype, block_rows=16)
             results[f'forward_{tag}_d24'] = dict(
-                exact=_rel_err(fused, memory_forward(w.map(torch.Tensor.double), x.double())),
-                emulated=_norm_err(fused, _forward64(w, x, _half)),
-                shapes=[list(fused.shape)])
+                exact=_rel_err(got, read_torch(w.map(torch.Tensor.double), x.double())),
+                emulated=_norm_err(got, _forward64(w, x, _half)),
+                shapes=[list(got.shape)])
 
         results.update(_decomposed_results(gen))
 
@@ -211,16 +216,18 @@ def interpreter_results() -> dict:
         states = _weights(heads * batch * chunks, d, gen).map(
             lambda t: t.view(heads, batch, chunks, *t.shape[1:]))
         queries = torch.randn(batch, n, heads, d, generator=gen).permute(2, 0, 1, 3)
-        padded = F.pad(queries, (0, 0, 0, chunks * length - n)).double()
-        per_chunk = memory_forward(
-            states.map(lambda t: t.reshape(-1, *t.shape[3:]).double()),
-            padded.reshape(-1, length, d))
-        ref = per_chunk.view(heads, batch, -1, d)[:, :, :n].permute(1, 2, 0, 3).reshape(
-            batch, n, heads * d)
+        ref = chunk_read_naive(states.map(torch.Tensor.double), queries.double(), length)
         for tag, dtype in dtypes.items():
-            fused = memory_kernels.read_chunks_fused(states, queries, length, dtype)
-            results[f'read_chunks_{tag}'] = dict(exact=_rel_err(fused, ref),
-                                                 shapes=[list(fused.shape)])
+            got = chunk_read_triton(states, queries, length, dtype)
+            results[f'read_chunks_{tag}'] = dict(exact=_rel_err(got, ref),
+                                                 shapes=[list(got.shape)])
+        # a single-chunk read of more than 4096 rows per group is cut into
+        # pseudo-chunks of 4096 (read_triton): the tail rows must be read too
+        w, x = _weights(2, 16, gen), torch.randn(2, 4096 + 40, 16, generator=gen)
+        out = read_triton(w, x, torch.float32, block_rows=64)
+        results['read_past_4096_rows'] = dict(
+            exact=_rel_err(out, read_torch(w.map(torch.Tensor.double), x.double())),
+            finite=bool(torch.isfinite(out).all()))
     results['modules'] = module_results()  # one subprocess: imports are most of its time
     return results
 
@@ -233,11 +240,11 @@ def model_width_results() -> dict:
         for d in (80, 96, 128, 160):
             w, keys, values, token_lr = _write_inputs(1, 2, 196, d, 1.0, seed=d)
             x = torch.randn(1, 196, d, generator=torch.Generator().manual_seed(d))
-            exact = memory_forward(w.map(torch.Tensor.double), x.double())
+            exact = read_torch(w.map(torch.Tensor.double), x.double())
             for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
-                fused = memory_kernels.memory_grads_fused(w, keys, values, token_lr, dtype)
-                errors = _grads_errors(fused, w, keys, values, token_lr)
-                read = memory_kernels.memory_forward_fused(w, x, dtype)
+                got = chunk_grads_triton(w, keys, values, token_lr, dtype)
+                errors = _grads_errors(got, w, keys, values, token_lr)
+                read = read_triton(w, x, dtype)
                 errors['read'] = _rel_err(read, exact)
                 results[f'{tag}_d{d}'] = errors
     return results
@@ -261,13 +268,13 @@ def module_results() -> dict:
         tokens = cfg.pop('tokens')
         torch.manual_seed(0)
         ref = NeuralMemory(**cfg, kernels='torch').eval()
-        fused = copy.deepcopy(ref)
-        fused.kernels = 'triton'
+        triton = copy.deepcopy(ref)
+        triton.kernels = 'triton'
         exact = copy.deepcopy(ref).double()
         exact.matmul_dtype = 'float32'
         x = torch.randn(2, tokens, cfg['dim'])
         with torch.no_grad():
-            out = fused(x)
+            out = triton(x)
             results[name] = dict(vs_torch=_rel_err(out, ref(x).double()),
                                  exact=_rel_err(out, exact(x.double())))
     return results
@@ -290,7 +297,7 @@ def interpreted():
 
 
 @pytest.mark.slow
-def test_fused_kernels_at_model_widths_in_the_interpreter():
+def test_triton_kernels_at_model_widths_in_the_interpreter():
     for case, errors in _run_interpreted('model_width_results').items():
         tol = F32_TOL if case.startswith('f32') else F16_TOL
         assert errors['exact'] < tol and errors['read'] < tol, (case, errors)
@@ -302,31 +309,31 @@ GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr']
 
 
 @pytest.mark.parametrize('case', GRAD_CASES)
-def test_fused_grads_float32_match_float64(interpreted, case):
+def test_triton_grads_float32_match_float64(interpreted, case):
     assert interpreted[f'grads_f32_{case}']['exact'] < F32_TOL
 
 
 @pytest.mark.parametrize('case', GRAD_CASES)
-def test_fused_grads_float16_operands(interpreted, case):
+def test_triton_grads_float16_operands(interpreted, case):
     errors = interpreted[f'grads_f16_{case}']
     assert errors['emulated'] < F16_EMULATED_TOL
     assert errors['exact'] < F16_TOL
 
 
-def test_fused_forward(interpreted):
+def test_triton_forward(interpreted):
     assert interpreted['forward_f32_d24']['exact'] < F32_TOL
     assert interpreted['forward_f32_d24']['shapes'] == [[2, 40, 24]]
     assert interpreted['forward_f16_d24']['emulated'] < F16_EMULATED_TOL
     assert interpreted['forward_f16_d24']['exact'] < F16_TOL
 
 
-def test_fused_chunk_read_merges_heads(interpreted):
+def test_triton_chunk_read_merges_heads(interpreted):
     assert interpreted['read_chunks_f32']['shapes'] == [[2, 40, 32]]
     assert interpreted['read_chunks_f32']['exact'] < F32_TOL
     assert interpreted['read_chunks_f16']['exact'] < F16_TOL
 
 
-def test_fused_grads_read_per_image_chunk_views_without_a_copy(interpreted):
+def test_triton_grads_read_per_image_chunk_views_without_a_copy(interpreted):
     result = interpreted['grads_per_image_views']
     assert result['difference'] == 0
     assert result['shapes'] == [[2, 6, 16, 64], [2, 6, 64, 16], [2, 6, 16]]
@@ -358,18 +365,14 @@ def test_memory_with_triton_kernels_in_float16_decomposed(interpreted_modules):
     assert errors['vs_torch'] < 1e-4 and errors['exact'] < 1e-4, errors
 
 
-def test_auto_kernels_on_a_cpu_take_the_pytorch_path(monkeypatch):
+def test_auto_kernels_on_a_cpu_take_the_pytorch_path():
     from convneur_mm.models.layers import NeuralMemory
-
-    def refuse(*args, **kwargs):
-        raise AssertionError('a fused kernel ran')
-
-    for name in ('memory_grads_fused', 'memory_forward_fused', 'read_chunks_fused'):
-        monkeypatch.setattr(memory_kernels, name, refuse)
     torch.manual_seed(0)
     auto = NeuralMemory(16, chunk_size=8, kernels='auto', matmul_dtype='float16').eval()
     x = torch.randn(2, 20, 16)
     with torch.no_grad():
+        plan = auto.plan(x)
+        assert plan.implementation == 'torch' and 'CUDA' in plan.reason, plan
         out = auto(x)
         auto.kernels = 'torch'
         torch.testing.assert_close(out, auto(x), rtol=0, atol=0)
@@ -386,7 +389,12 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_are_an_error():
         memory(torch.randn(2, 20, 16))
 
 
-def test_fused_decomposed_read_keeps_small_updates(interpreted):
+def test_read_past_4096_rows_reads_every_row(interpreted):
+    result = interpreted['read_past_4096_rows']
+    assert result['finite'] and result['exact'] < F32_TOL, result
+
+
+def test_triton_decomposed_read_keeps_small_updates(interpreted):
     # W_t = a_t W_0 + dW_t with dW 0.2% of the state: 16-bit operands on the
     # whole state lose ~10% of the update's contribution; a_t (x @ W_0) at
     # float32 accuracy plus x @ dW in 16 bits keeps it
@@ -403,64 +411,121 @@ def test_float16_emulation_tells_operand_rounding_apart():
     exact = _grads64(w, keys, values, token_lr, _identity)
     half = _grads64(w, keys, values, token_lr, _half)
     assert min(_norm_err(a, b) for a, b in zip(half[:2], exact[:2])) > 5 * F16_EMULATED_TOL
-    ref = memory_grads(w.map(torch.Tensor.double), keys.double(), values.double(),
+    ref = chunk_grads_torch(w.map(torch.Tensor.double), keys.double(), values.double(),
                        token_lr.double())
     for a, b in zip(exact, ref):  # the emulation's maths is memory_grads'
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _meta_projections(groups=2, images=3, chunks=2, length=24, d=16):
+    """Keys, values and step sizes as views of one (B, N, groups, 2d + 1)
+    projection of B images, cut to their U written chunks, on tensors
+    without data; and weights."""
+    n = chunks * length + 5
+    proj = torch.empty(images, n, groups, 2 * d + 1, device='meta')
+    written = proj[:, :chunks * length].permute(2, 0, 1, 3).unflatten(2, (chunks, length))
+    w = MemoryWeights(torch.empty(groups, d, 4 * d, device='meta'),
+                      torch.empty(groups, 4 * d, d, device='meta'),
+                      torch.empty(groups, d, device='meta'))
+    return w, written[..., :d], written[..., d:2 * d], written[..., 2 * d]
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_triton_implementations_allocate_their_results_and_scratch_only():
+    """The wrappers read their arguments where they lie: what they allocate
+    (counted on meta tensors, launches skipped) is their results and the
+    gradients' documented scratch, the (tokens, d) gradient at the MLP's
+    output and the per-row-block sums of d_g; a copy of an argument would
+    add its bytes."""
+    w, keys, values, token_lr = _meta_projections()
+    groups, images, chunks, length, d = keys.shape
+    with torch.no_grad(), kernels.without_launches():
+        with LiveTensorBytes() as live:
+            grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16)
+        row_blocks = -(-length // launch.tile_config(d, length, None, None,
+                                                     torch.float16)['BM'])
+        scratch = groups * images * chunks * (length + row_blocks) * d * 4
+        assert [list(t.shape) for t in grads] == [[groups, images * chunks, d, 4 * d],
+                                                  [groups, images * chunks, 4 * d, d],
+                                                  [groups, images * chunks, d]]
+        assert live.peak == _nbytes(*grads) + scratch
+
+        states = MemoryWeights(*(t[:, None, None].expand(groups, images, chunks, *t.shape[1:])
+                                 for t in w))
+        queries = keys.flatten(2, 3)[:, :, :chunks * length - 3]  # a partial last chunk
+        with LiveTensorBytes() as live:
+            out = chunk_read_triton(states, queries, length, torch.float16)
+        assert live.peak == _nbytes(out)
+        with LiveTensorBytes() as live:
+            out = read_triton(w, keys[:, 0, 0], torch.float16)
+        assert live.peak == _nbytes(out)
+
+
+def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval().to('meta')
+    x = torch.empty(2, 20, 16, device='meta')
+    with torch.no_grad(), kernels.without_launches():
+        assert memory.plan(x).implementation == 'triton'
+        assert memory(x).shape == x.shape
+    assert not kernels.availability.launches_skipped()  # the context is closed
+
+
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
                     reason='this process runs Triton in its interpreter')
 def test_kernels_refuse_a_cpu_without_the_interpreter():
-    assert not memory_kernels.kernels_available('cpu')
-    reason = memory_kernels.unavailable_reason('cpu')
+    assert not kernels.kernels_available('cpu')
+    reason = kernels.unavailable_reason('cpu')
     assert 'TRITON_INTERPRET' in reason or 'triton' in reason
     w, keys, values, token_lr = _write_inputs(1, 2, 8, 16, 1.0, seed=0)
     with torch.no_grad(), pytest.raises(RuntimeError, match='cannot run'):
-        memory_kernels.memory_grads_fused(w, keys, values, token_lr)
+        chunk_grads_triton(w, keys, values, token_lr)
 
 
 def test_kernels_check_their_inputs():
     w, keys, values, token_lr = _write_inputs(1, 2, 8, 16, 1.0, seed=0)
-    fused = memory_kernels.memory_grads_fused
+    got = chunk_grads_triton
     with pytest.raises(ValueError, match='values has size 7'):
-        fused(w, keys, values[:, :, :7], token_lr)
+        got(w, keys, values[:, :, :7], token_lr)
     with pytest.raises(ValueError, match='weights.w2'):
-        fused(w._replace(w2=w.w2[:, :32]), keys, values, token_lr)
+        got(w._replace(w2=w.w2[:, :32]), keys, values, token_lr)
     with pytest.raises(TypeError, match='float32 tensors; keys is torch.float64'):
-        fused(w, keys.double(), values, token_lr)
+        got(w, keys.double(), values, token_lr)
     with pytest.raises(ValueError, match='operand_dtype'):
-        fused(w, keys, values, token_lr, torch.float64)
+        got(w, keys, values, token_lr, torch.float64)
     with pytest.raises(RuntimeError, match='forward-only'):
-        fused(w.map(lambda t: t.detach().requires_grad_()), keys, values, token_lr)
+        got(w.map(lambda t: t.detach().requires_grad_()), keys, values, token_lr)
     with pytest.raises(ValueError, match='power of two'):
-        memory_kernels.memory_forward_fused(w, keys[:, 0], block_rows=24)
+        read_triton(w, keys[:, 0], block_rows=24)
     with pytest.raises(ValueError, match='both base and carry'):
-        memory_kernels.memory_forward_fused(w, keys[:, 0], base=w)
+        read_triton(w, keys[:, 0], base=w)
     states = w.map(lambda t: t[None, :, None])  # (H=1, B=1, C=1, ...)
     with pytest.raises(ValueError, match='need 2 chunk states'):
-        memory_kernels.read_chunks_fused(states, torch.randn(1, 1, 9, 16), 8)
-    assert 'range' in memory_kernels.unavailable_reason('cpu', head_dim=512)
-    assert not memory_kernels.kernels_available('cpu', head_dim=512)
+        chunk_read_triton(states, torch.randn(1, 1, 9, 16), 8)
+    assert 'range' in kernels.unavailable_reason('cpu', head_dim=512)
+    assert not kernels.kernels_available('cpu', head_dim=512)
 
 
 def test_tile_span_check_bounds_the_rows_not_the_outer_dims():
     """Outer dims are addressed by int64 base offsets: a batch of 128 images at
     stage 1 (a group stride of 48M elements) must pass; a chunk whose rows
     alone span 2**31 elements must not. Meta tensors: no memory is allocated."""
-    from convneur_mm.models.layers.memory_kernels.ops import _check_span
+    check_span = launch.check_span
 
     def meta(shape, strides):
         return torch.empty_strided(shape, strides, device='meta')
 
     keys = meta((2, 1920, 196, 128), (48168960, 25088, 128, 1))
-    _check_span('keys', 196, keys)
-    _check_span('token_lr', 196, meta((2, 1920, 196), (376320, 196, 1)), row_dim=-1)
-    _check_span('x', 4096, meta((1, 128, 50176, 128), (2**33, 6422528, 128, 1)))
+    check_span('keys', 196, keys)
+    check_span('token_lr', 196, meta((2, 1920, 196), (376320, 196, 1)), row_dim=-1)
+    check_span('x', 4096, meta((1, 128, 50176, 128), (2**33, 6422528, 128, 1)))
     with pytest.raises(ValueError, match='x: a chunk of 4096 rows .* spans more than 2\\*\\*31'):
-        _check_span('x', 4096, meta((1, 2, 4096, 8), (2**32, 2**30, 2**19, 1)))
+        check_span('x', 4096, meta((1, 2, 4096, 8), (2**32, 2**30, 2**19, 1)))
     with pytest.raises(ValueError, match='token_lr'):
-        _check_span('token_lr', 196, meta((1, 2, 196), (2**40, 2**32, 2**24)), row_dim=-1)
+        check_span('token_lr', 196, meta((1, 2, 196), (2**40, 2**32, 2**24)), row_dim=-1)
 
 
 def _compile_for_gpu(kernel_name: str, d: int, operand_dtype: torch.dtype, arch: int,
@@ -480,9 +545,9 @@ def _compile_for_gpu(kernel_name: str, d: int, operand_dtype: torch.dtype, arch:
         pytest.skip(f'no ahead-of-time compiler API in this triton: {err}')
     if 'nvidia' not in backends:
         pytest.skip('this triton has no NVIDIA backend')
-    from convneur_mm.models.layers.memory_kernels import kernels, ops
-    fn = getattr(kernels, kernel_name)
-    tiles = ops._blocks(d, 196, None, None, operand_dtype, decomposed)
+    from convneur_mm.models.layers.memory_ops.kernels import jit
+    fn = getattr(jit, kernel_name)
+    tiles = launch.tile_config(d, 196, None, None, operand_dtype, decomposed)
     options = {k: tiles.pop(k) for k in ('num_warps', 'num_stages')}
     import triton.language as tl
     consts = dict(tiles, DTYPE={torch.float32: tl.float32, torch.float16: tl.float16,
@@ -520,49 +585,40 @@ def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
 
 
 @pytest.mark.gpu
-def test_auto_kernels_serve_cuda_inference_in_bfloat16(monkeypatch):
+def test_auto_kernels_serve_cuda_inference_in_bfloat16():
     from convneur_mm.models.layers import NeuralMemory
-    calls = []
-
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            calls.append(name)
-            return fn(*args, **kwargs)
-        return call
-
-    for name in ('memory_grads_fused', 'memory_forward_fused', 'read_chunks_fused'):
-        monkeypatch.setattr(memory_kernels, name, counted(name, getattr(memory_kernels, name)))
     torch.manual_seed(0)
     memory = NeuralMemory(128, chunk_size=196, kernels='auto').cuda().eval()
     x = torch.randn(4, 784, 128, device='cuda')
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        plan = memory.plan(x)
         out = memory(x)
         memory.kernels = 'torch'
         ref = memory(x)
-    assert sorted(set(calls)) == ['memory_grads_fused', 'read_chunks_fused']
+    assert plan.implementation == 'triton' and plan.operand_dtype == torch.bfloat16, plan
     assert _rel_err(out.cpu(), ref.double().cpu()) < BF16_TOL
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('d', [80, 128, 160])
-def test_fused_kernels_on_cuda_at_model_widths(d):
+def test_triton_kernels_on_cuda_at_model_widths(d):
     """The compiled kernels at M1..M4 widths, L = 196, every operand dtype."""
     torch.manual_seed(d)
     w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
-    exact_grads = memory_grads(w.map(torch.Tensor.double), keys.double(), values.double(),
+    exact_grads = chunk_grads_torch(w.map(torch.Tensor.double), keys.double(), values.double(),
                                token_lr.double())
     x = torch.randn(2, 300, d)
-    exact_read = memory_forward(w.map(torch.Tensor.double), x.double())
+    exact_read = read_torch(w.map(torch.Tensor.double), x.double())
     cuda = torch.device('cuda')
     w_cuda = w.map(lambda t: t.to(cuda))
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
     with torch.no_grad():
         for dtype, tol in tolerances.items():
-            grads = memory_kernels.memory_grads_fused(
+            grads = chunk_grads_triton(
                 w_cuda, keys.to(cuda), values.to(cuda), token_lr.to(cuda), dtype)
             for a, b in zip(grads, exact_grads):
                 assert _rel_err(a.cpu(), b) < tol, (dtype, a.shape)
-            read = memory_kernels.memory_forward_fused(w_cuda, x.to(cuda), dtype)
+            read = read_triton(w_cuda, x.to(cuda), dtype)
             assert _rel_err(read.cpu(), exact_read) < tol, dtype
         decomposed = _decomposed_results(torch.Generator().manual_seed(d), 'cuda',
                                          (('f32', torch.float32), ('bf16', torch.bfloat16)))

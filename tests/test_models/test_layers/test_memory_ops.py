@@ -1,17 +1,12 @@
+"""The memory's PyTorch operations against their plain references, in float64."""
 import pytest
 import torch
 
-from convneur_mm.models.layers.memory_ops import (MemoryWeights, memory_forward,
-                                                  memory_grads, momentum_decay_states)
-
-
-def _naive_states(grads, lr_mod, log_keep, log_momentum, initial):
-    weights, momentum, states = initial, torch.zeros_like(initial), [initial]
-    for t in range(grads.shape[1]):
-        momentum = log_momentum[:, t, None].exp() * momentum - lr_mod[:, t, None] * grads[:, t]
-        weights = log_keep[:, t, None].exp() * weights + momentum
-        states.append(weights)
-    return torch.stack(states, dim=1)
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_naive,
+                                                  chunk_grads_torch, chunk_read_naive,
+                                                  chunk_read_torch, momentum_decay_states,
+                                                  read_naive, read_torch, scan_states_naive)
+from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads
 
 
 # block None: all steps in one block (the shape-generic graph for export)
@@ -25,7 +20,9 @@ def test_momentum_decay_states_match_the_recursion(steps, block):
             torch.nn.functional.logsigmoid(torch.randn(3, steps, generator=gen)).double(),
             torch.randn(3, 5, generator=gen).double())
     fast = momentum_decay_states(*args, block_size=block)
-    torch.testing.assert_close(fast, _naive_states(*args))
+    grads, lr_mod, log_keep, log_momentum, initial = args
+    naive = scan_states_naive([grads], lr_mod[None], log_keep, log_momentum, [initial])[0]
+    torch.testing.assert_close(fast, naive)
 
 
 def test_momentum_decay_states_are_differentiable_in_every_input():
@@ -48,19 +45,50 @@ def test_momentum_decay_states_survive_tiny_decays():
     torch.testing.assert_close(out[0, -1], -torch.ones(2), rtol=0, atol=1e-6)
 
 
+def _weights(groups, d, gen):
+    return MemoryWeights(torch.randn(groups, d, 4 * d, generator=gen).double() * 0.3,
+                         torch.randn(groups, 4 * d, d, generator=gen).double() * 0.3,
+                         torch.randn(groups, d, generator=gen).double() * 0.1)
+
+
 def test_closed_form_grads_match_autograd_per_chunk():
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     groups, chunks, length, d = 2, 3, 5, 6
-    w = MemoryWeights(torch.randn(groups, d, 4 * d).double() * 0.3,
-                      torch.randn(groups, 4 * d, d).double() * 0.3,
-                      torch.randn(groups, d).double() * 0.1)
-    keys = torch.randn(groups, chunks, length, d).double()
-    values = torch.randn(groups, chunks, length, d).double()
-    lr = torch.rand(groups, chunks, length).double()
-    fast = memory_grads(w, keys, values, lr)
-    for c in range(chunks):
-        leaf = w.map(lambda t: t.clone().requires_grad_())
-        pred = memory_forward(leaf, keys[:, c])
-        loss = (lr[:, c] * (pred - values[:, c]).pow(2).mean(-1)).sum()
-        for got, want in zip(fast, torch.autograd.grad(loss, list(leaf))):
-            torch.testing.assert_close(got[:, c], want)
+    w = _weights(groups, d, gen)
+    keys = torch.randn(groups, chunks, length, d, generator=gen).double()
+    values = torch.randn(groups, chunks, length, d, generator=gen).double()
+    lr = torch.rand(groups, chunks, length, generator=gen).double()
+    fast = chunk_grads_torch(w, keys, values, lr)
+    for got, want in zip(fast, chunk_grads_naive(w, keys, values, lr)):
+        torch.testing.assert_close(got, want)
+    # (G, B, U, L, d): U chunks per image, the same gradients as (G, B * U, L, d)
+    per_image = chunk_grads(w, keys.unflatten(1, (1, chunks)), values.unflatten(1, (1, chunks)),
+                            lr.unflatten(1, (1, chunks)), implementation='torch')
+    for got, want in zip(per_image, fast):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="chunk_grads has the implementations .* got 'cuda'"):
+        chunk_grads(w, keys, values, lr, implementation='cuda')
+
+
+@pytest.mark.parametrize('decomposed', [False, True])
+def test_chunk_read_matches_its_reference(decomposed):
+    """Token n reads state n // L (a partial last chunk), heads merged; the
+    decomposed read (dW with W_0 and a_t) equals the read of a_t W_0 + dW."""
+    gen = torch.Generator().manual_seed(1)
+    heads, batch, chunks, length, n, d = 2, 3, 3, 4, 10, 6
+    states = _weights(heads * batch * chunks, d, gen).map(
+        lambda t: t.view(heads, batch, chunks, *t.shape[1:]))
+    queries = torch.randn(heads, batch, n, d, generator=gen).double()
+    base = carry = None
+    if decomposed:
+        base = _weights(heads, d, gen)
+        carry = torch.rand(heads, batch, chunks, generator=gen).double()
+    got = chunk_read_torch(states, queries, length, None, base, carry)
+    assert got.shape == (batch, n, heads * d)
+    torch.testing.assert_close(got, chunk_read_naive(states, queries, length, base, carry))
+    if decomposed:  # read_torch's decomposed products against the whole state's
+        x = queries.reshape(heads * batch, n, d)
+        delta = states.map(lambda t: t[:, :, 0].reshape(heads * batch, *t.shape[3:]))
+        a = carry[:, :, 0].reshape(-1)
+        torch.testing.assert_close(read_torch(delta, x, None, base, a),
+                                   read_naive(delta, x, base, a))

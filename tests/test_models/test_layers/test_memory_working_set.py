@@ -1,8 +1,10 @@
 """The memory's bounded working set: early frees, image slices, recomputation."""
+import dataclasses
+
 import pytest
 import torch
 
-from convneur_mm.models.layers.memory_ops import MemoryWeights, memory_grads
+from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_torch
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.dispatch_probes import LiveTensorBytes
 from .test_neural_memory import CASES, _perturbed_memory
@@ -25,15 +27,15 @@ def test_inference_write_holds_at_most_two_wide_tensors():
     w, keys, values, lr = _grads_inputs()
     wide = keys.shape[0] * keys.shape[1] * keys.shape[2] * 4 * keys.shape[3]
     with torch.no_grad():
-        want = memory_grads(w, keys, values, lr)
+        want = chunk_grads_torch(w, keys, values, lr)
         with LiveTensorBytes(min_bytes=wide * keys.element_size()) as live:
-            got = memory_grads(w, keys, values, lr)
+            got = chunk_grads_torch(w, keys, values, lr)
     assert live.most_storages == 2
     for g, v in zip(got, want):
         torch.testing.assert_close(g, v, rtol=0, atol=0)
     # with autograd the same function is differentiable (and keeps what it needs)
     leaf = w.map(lambda t: t.clone().requires_grad_())
-    grads = memory_grads(leaf, keys, values, lr)
+    grads = chunk_grads_torch(leaf, keys, values, lr)
     sum(g.sum() for g in grads).backward()
     assert all(torch.isfinite(t.grad).all() for t in leaf)
 
@@ -64,7 +66,7 @@ def test_image_slices_give_the_unsliced_result(chunk, tokens, heads, scan_block,
             memory.working_set_mib = None
             whole = memory(x)
             memory.working_set_mib = slices
-            assert memory._image_slices(x) == slices
+            assert memory.plan(x).images_per_slice == slices
             results[dtype] = whole, memory(x)
     whole64, sliced64 = results[torch.float64]
     torch.testing.assert_close(sliced64, whole64, rtol=0, atol=1e-12)
@@ -74,13 +76,35 @@ def test_image_slices_give_the_unsliced_result(chunk, tokens, heads, scan_block,
     torch.testing.assert_close(sliced32, whole32, rtol=0, atol=bound)
 
 
+@pytest.mark.parametrize('update', ['parallel', 'sequential'])
+@pytest.mark.parametrize('max_lr', [0.7, 1e-3])  # 1e-3: the decomposed read
+def test_image_slices_keep_16_bit_operands(max_lr, update, monkeypatch):
+    """bfloat16 operands, emulated in float64 (exact to the summation order):
+    each slice computes with them, so sliced equals unsliced, and both
+    differ from the exact products by more than the comparison's bound."""
+    memory = _perturbed_memory(12, seed=5, chunk_size=5, heads=2, update=update,
+                               max_lr=max_lr, matmul_dtype='bfloat16')
+    x = torch.randn(4, 23, 12, dtype=torch.float64)
+    monkeypatch.setattr(NeuralMemory, 'working_set_bytes', lambda self, n, e=4: 2**20)
+    with torch.no_grad():
+        whole = memory(x)
+        exact = memory.execute(x, dataclasses.replace(
+            memory.plan(x), operand_dtype=None, decomposed_read=False))
+        memory.working_set_mib = 1
+        plan = memory.plan(x)
+        assert plan.images_per_slice == 1 and plan.operand_dtype == torch.bfloat16
+        sliced = memory(x)
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-12)
+    assert (whole - exact).abs().max() > 1e-8
+
+
 def test_slices_only_in_eager_inference():
     memory = NeuralMemory(8, chunk_size=4, working_set_mib=1)
     x = torch.randn(3, 16, 8)
     memory.working_set_bytes = lambda n, e=4: 2**20
     with torch.no_grad():
-        assert memory._image_slices(x) == 1
-    assert memory._image_slices(x) == 3  # autograd on: one pass
+        assert memory.plan(x).images_per_slice == 1
+    assert memory.plan(x).images_per_slice == 3  # autograd on: one pass
     # the budget estimate grows with the written tokens
     fresh = NeuralMemory(8, chunk_size=4)
     assert fresh.working_set_bytes(64) < fresh.working_set_bytes(640)
@@ -97,11 +121,14 @@ def _saved_bytes(fn):
     return out, sum(saved)
 
 
+@pytest.mark.parametrize('matmul_dtype', ['auto', 'bfloat16'])
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
-def test_recompute_saves_only_the_input_and_trains_the_same(update):
-    plain = _perturbed_memory(12, seed=4, chunk_size=5, heads=2, update=update).train()
-    again = _perturbed_memory(12, seed=4, chunk_size=5, heads=2, update=update,
-                              recompute=True).train()
+def test_recompute_saves_only_the_input_and_trains_the_same(update, matmul_dtype):
+    """Also with bfloat16 operands (emulated in float64): the recomputed
+    forward keeps them, where float32 ones would change every gradient."""
+    cfg = dict(chunk_size=5, heads=2, update=update, matmul_dtype=matmul_dtype)
+    plain = _perturbed_memory(12, seed=4, **cfg).train()
+    again = _perturbed_memory(12, seed=4, recompute=True, **cfg).train()
     x = torch.randn(2, 23, 12, dtype=torch.float64, requires_grad=True)
     out, plain_bytes = _saved_bytes(lambda: plain(x))
     out_r, recompute_bytes = _saved_bytes(lambda: again(x))

@@ -1,4 +1,6 @@
 """The fast neural memory against a plain autograd reference, in float64."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,7 +33,10 @@ def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads, scan
                                heads=heads, update=update.split('-')[0], max_lr=0.7,
                                scan_block=scan_block).to(device)
     x = torch.randn(2, tokens, 12, dtype=torch.float64, requires_grad=True, device=device)
-    out = memory._forward(x, shape_generic=True) if update.endswith('generic') else memory(x)
+    if update.endswith('generic'):
+        out = memory.execute(x, dataclasses.replace(memory.plan(x), shape_generic=True))
+    else:
+        out = memory(x)
     ref = reference_memory(memory, x)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
@@ -117,8 +122,11 @@ def test_folded_projections_equal_the_layers(chunk, tokens, heads, scan_block, s
     if shape_generic:  # every chunk writes, zero-padded to a whole chunk
         u = -(-tokens // chunk)
         x = torch.nn.functional.pad(x, (0, 0, 0, u * chunk - tokens))
-    fused, layers = memory._project(x, u, fused=True), memory._project(x, u, fused=False)
-    for name, f, s in zip(fused._fields, fused, layers):
+    plan = memory.plan(x)
+    assert plan.folded_projections  # plain layers: the default
+    folded = memory.project(x, u, plan)
+    layers = memory.project(x, u, dataclasses.replace(plan, folded_projections=False))
+    for name, f, s in zip(folded._fields, folded, layers):
         if s is None:
             assert f is None, name
             continue
@@ -133,3 +141,26 @@ def test_memory_state_dict_keys_are_unchanged():
         'to_token_lr.bias', 'pool.to_logits.weight', 'pool.to_logits.bias',
         'to_decay.weight', 'to_decay.bias', 'to_momentum.weight', 'to_momentum.bias',
         'to_lr_modulation.weight', 'to_lr_modulation.bias', 'init_w1', 'init_w2', 'init_g'}
+
+
+def test_plan_is_decided_once_from_the_settings_and_the_call():
+    memory = NeuralMemory(8, chunk_size=4, max_lr=1e-3, matmul_dtype='bfloat16',
+                          kernels='torch', working_set_mib=1, recompute=True).eval()
+    memory.working_set_bytes = lambda n, e=4: 2**20  # one image per MiB
+    x = torch.randn(3, 16, 8)
+    with torch.no_grad():
+        plan = memory.plan(x)
+    assert plan.operand_dtype == torch.bfloat16
+    assert plan.decomposed_read and plan.projection_dtype is None  # max_lr < 0.5
+    assert (plan.implementation, plan.reason) == ('torch', "kernels='torch'")
+    assert plan.images_per_slice == 1 and plan.folded_projections
+    assert not plan.recompute and not plan.shape_generic
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.recompute = True
+    memory.train()
+    plan = memory.plan(x)  # autograd on: recomputed, never sliced
+    assert plan.recompute and plan.images_per_slice == 3
+    handle = memory.to_keys.register_forward_hook(lambda *args: None)
+    assert not memory.plan(x).folded_projections  # the hook must see its layer called
+    handle.remove()
+    assert memory.plan(x).folded_projections

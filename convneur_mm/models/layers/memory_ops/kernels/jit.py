@@ -1,8 +1,8 @@
-"""Triton kernels of the neural memory's parallel mode (imports triton).
+"""The Triton kernels of the memory's operations (imports triton).
 
-Import this module only through ``memory_kernels.ops``: ``triton.jit`` picks
-the interpreter when a kernel is decorated, so ``TRITON_INTERPRET=1`` must be
-set before this module is first imported.
+Import this module only through ``kernels.availability.load_kernels``:
+``triton.jit`` picks the interpreter when a kernel is decorated, so
+``TRITON_INTERPRET=1`` must be set before this module is first imported.
 
 Every kernel is plain pointer arithmetic with masks (no block pointers, so the
 same source runs on triton 3.6 to 3.9). Products take operands of the

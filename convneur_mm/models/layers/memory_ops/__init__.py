@@ -1,0 +1,38 @@
+"""The neural memory's operations, each with one signature and several
+implementations (the layout of flash-linear-attention's ``ops``):
+
+* ``read`` (one state per group): ``read_torch``, ``read_triton``, ``read_naive``;
+* ``chunk_grads`` (every chunk's write gradient at shared weights):
+  ``chunk_grads_torch``, ``chunk_grads_triton``, ``chunk_grads_naive``;
+* ``scan`` (the states of the momentum/decay recursion): ``scan_states``
+  (PyTorch only), ``scan_states_naive``;
+* ``chunk_read`` (chunk t reads state t; the decomposed read by its ``base``
+  and ``carry`` arguments): ``chunk_read_torch``, ``chunk_read_triton``,
+  ``chunk_read_naive``.
+
+Each operation is a subpackage; ``read.read``, ``chunk_grads.chunk_grads``
+and ``chunk_read.chunk_read`` call the implementation named by their
+``implementation`` argument ('torch' or 'triton'). The PyTorch
+implementations are plain differentiable tensor ops, batched over any leading
+dimensions, so the outer training differentiates through the inner update
+without ``torch.autograd.grad`` in the forward pass; the Triton ones are
+forward-only (``kernels`` says where they run); the references take exact
+products in their inputs' dtype (float64 in the tests). ``common`` holds what
+they share: ``MemoryWeights``, ``product`` (the products' operand dtype) and
+``LN_EPS``.
+"""
+from .chunk_grads import (CHUNK_GRADS_IMPLEMENTATIONS, chunk_grads_naive, chunk_grads_torch,
+                          chunk_grads_triton)
+from .chunk_read import (CHUNK_READ_IMPLEMENTATIONS, chunk_read_naive, chunk_read_torch,
+                         chunk_read_triton)
+from .common import LN_EPS, MemoryWeights, product
+from .read import READ_IMPLEMENTATIONS, read_naive, read_torch, read_triton
+from .scan import decay_carry, momentum_decay_states, scan_states, scan_states_naive
+
+# the operations' dispatchers are their subpackages' own (``read.read``):
+# exported here, they would shadow the subpackages of the same names
+__all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'CHUNK_READ_IMPLEMENTATIONS', 'LN_EPS', 'MemoryWeights',
+           'READ_IMPLEMENTATIONS', 'chunk_grads_naive', 'chunk_grads_torch', 'chunk_grads_triton',
+           'chunk_read_naive', 'chunk_read_torch', 'chunk_read_triton', 'decay_carry',
+           'momentum_decay_states', 'product', 'read_naive', 'read_torch', 'read_triton',
+           'scan_states', 'scan_states_naive']

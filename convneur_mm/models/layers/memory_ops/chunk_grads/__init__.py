@@ -1,0 +1,28 @@
+"""Every chunk's closed-form write gradient at shared weights:
+``chunk_grads(weights, keys, values, token_lr, operand_dtype)`` in PyTorch
+(``chunk_grads_torch``), Triton (``chunk_grads_triton``) and by autograd
+(``chunk_grads_naive``, the reference)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..common import MemoryWeights, implementation_of
+from .naive import chunk_grads_naive
+from .pytorch import chunk_grads_torch
+from .triton import chunk_grads_triton
+
+CHUNK_GRADS_IMPLEMENTATIONS = {'torch': chunk_grads_torch, 'triton': chunk_grads_triton}
+
+
+def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
+                operand_dtype: Optional[torch.dtype] = None, *,
+                implementation: str = 'torch') -> MemoryWeights:
+    """The chunks' gradients by ``implementation`` ('torch' or 'triton'); the
+    arguments as in ``chunk_grads_torch``."""
+    return implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)(
+        weights, keys, values, token_lr, operand_dtype)
+
+
+__all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'chunk_grads', 'chunk_grads_naive',
+           'chunk_grads_torch', 'chunk_grads_triton']

@@ -1,0 +1,59 @@
+"""The chunk read as one Triton kernel (forward only)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..common import MemoryWeights
+from ..kernels.launch import cdiv, check_arguments, check_decomposed, check_runnable, launch_read
+
+
+def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
+                      operand_dtype: Optional[torch.dtype] = None,
+                      base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None,
+                      *, block_rows: Optional[int] = None,
+                      block_hidden: Optional[int] = None) -> Tensor:
+    """``chunk_read_torch`` as one kernel (forward only, for inference: no
+    autograd graph is recorded). The output is written straight into the
+    merged (B, N, H * d) layout, so neither the queries' padding to whole
+    chunks nor the heads' merge copies.
+
+    Args:
+        states: per-chunk fast weights ``w1`` (H, B, C, d, 4d),
+            ``w2`` (H, B, C, 4d, d), ``g`` (H, B, C, d); float32, any strides
+            (expanded views work); with ``base``: dW_t for ``w1`` and ``w2``.
+        queries: (H, B, N, d) float32, any strides; N <= C * chunk_size.
+        chunk_size: tokens per chunk L.
+        operand_dtype: dtype of the products' operands (float32, float16,
+            bfloat16; None: float32); sums, LayerNorm, GELU and the residual
+            stay float32.
+        base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d): the read is
+            then ``carry * (q @ W_0)`` at float32 accuracy plus ``q @ dW`` in
+            ``operand_dtype``.
+        carry: (H, B, C) a_t of each state, with ``base``.
+        block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
+            the defaults, for tuning and tests.
+
+    Returns:
+        (B, N, H * d) float32 read-outs, heads merged.
+    """
+    w1, w2, g = states
+    operand_dtype = operand_dtype or torch.float32
+    check_arguments([('queries', queries, ('H', 'B', 'N', 'd')),
+                     ('states.w1', w1, ('H', 'B', 'C', 'd', 'h')),
+                     ('states.w2', w2, ('H', 'B', 'C', 'h', 'd')),
+                     ('states.g', g, ('H', 'B', 'C', 'd'))] +
+                    check_decomposed(base, carry, 'H', ('H', 'B', 'C')), operand_dtype,
+                    (block_rows, block_hidden))
+    heads, batch, n, d = queries.shape
+    chunks = w1.shape[2]
+    if chunk_size < 1:
+        raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+    if n > chunks * chunk_size:
+        raise ValueError(f'{n} tokens need {cdiv(n, chunk_size)} chunk states of '
+                         f'{chunk_size} tokens, got {chunks}')
+    check_runnable(queries, operand_dtype)
+    out = torch.empty(batch, n, heads * d, device=queries.device, dtype=torch.float32)
+    launch_read(states, queries, out.view(batch, n, heads, d).permute(2, 0, 1, 3), chunk_size,
+                operand_dtype, base, carry, block_rows, block_hidden)
+    return out

@@ -1,0 +1,77 @@
+"""What every memory operation shares: the fast weights, the product, LN's epsilon.
+
+The memory model with fast weights ``W = (w1, w2, g)`` is
+
+    f_W(x) = x + LN(gelu(x @ w1) @ w2) * (1 + g)          (LN without affine)
+
+and a chunk writes into it by one step on the loss
+``sum_i theta_i / d * ||f_W(k_i) - v_i||^2``.
+"""
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+LN_EPS = 1e-5
+
+
+class MemoryWeights(NamedTuple):
+    """Fast weights: ``w1`` (..., d, 4d), ``w2`` (..., 4d, d), ``g`` (..., d)."""
+    w1: Tensor
+    w2: Tensor
+    g: Tensor
+
+    def map(self, fn) -> 'MemoryWeights':
+        return MemoryWeights(*(fn(t) for t in self))
+
+
+# torch >= 2.8 on CUDA: a 16-bit product with a float32 output, no rounding of
+# the accumulator to 16 bits (the overload has no autograd formula: inference only)
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
+
+
+def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The batched product ``a @ b`` with its operands in ``operand_dtype``,
+    accumulated and returned in ``a``'s dtype (float32 or float64).
+
+    Every matrix product of the memory's PyTorch implementations runs through
+    here, so one argument decides its precision:
+
+    * ``None`` (or ``a``'s own dtype): the plain product;
+    * float32 inputs: 16-bit operands on tensor cores (CUDA) or oneDNN (CPU),
+      float32 accumulation; the output is float32 (on CUDA in inference,
+      ``bmm(..., out_dtype=float32)``; otherwise the 16-bit output, widened);
+    * float64 inputs: the exact products of the operands rounded to
+      ``operand_dtype``, accumulated in float64: what a 16-bit GEMM with a
+      wide accumulator computes, up to summation order (the CPU tests'
+      emulation of the GPU path).
+
+    Args:
+        a: (G, M, K).
+        b: (G, K, N).
+        operand_dtype: the operands' dtype, or None.
+    """
+    if operand_dtype is None or operand_dtype == a.dtype:
+        return torch.bmm(a, b)
+    if a.dtype == torch.float64:
+        return torch.bmm(a.to(operand_dtype).to(a.dtype), b.to(operand_dtype).to(a.dtype))
+    a16, b16 = a.to(operand_dtype), b.to(operand_dtype)
+    if (_BMM_OUT_DTYPE and a.is_cuda and a.dtype == torch.float32 and not (
+            torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+        return torch.ops.aten.bmm.dtype(a16, b16, torch.float32)
+    return torch.bmm(a16, b16).to(a.dtype)
+
+
+def implementation_of(operation: str, implementations: Dict[str, Callable],
+                      name: str) -> Callable:
+    """``implementations[name]``, or an error naming the operation's choices.
+
+    Args:
+        operation: the operation's name, for the error.
+        implementations: its implementations by name ('torch', 'triton').
+        name: the one asked for.
+    """
+    if name not in implementations:
+        raise ValueError(f'{operation} has the implementations {tuple(implementations)}, '
+                         f'got {name!r}')
+    return implementations[name]

@@ -1,0 +1,15 @@
+"""The Triton kernels of the memory's operations: availability and launches.
+
+Importing this package does not import triton; the kernels (``jit``) load on
+first use (``TRITON_INTERPRET=1`` must be set before then to run them on a
+CPU in Triton's interpreter). ``kernels_available``/``unavailable_reason`` say
+whether they can run for a device, head width and operand dtype;
+``without_launches`` runs their wrappers without launching them. The
+operations' Triton implementations are ``read_triton``, ``chunk_grads_triton``
+and ``chunk_read_triton`` (``memory_ops``).
+"""
+from .availability import (MAX_HEAD_DIM, OPERAND_DTYPES, kernels_available, unavailable_reason,
+                           without_launches)
+
+__all__ = ['MAX_HEAD_DIM', 'OPERAND_DTYPES', 'kernels_available', 'unavailable_reason',
+           'without_launches']

@@ -1,0 +1,113 @@
+"""Whether the memory's Triton kernels can run, and why not (imports no triton)."""
+import contextlib
+import functools
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# a program holds whole rows: 256 is the widest row whose tiles compile
+# without register spills (16 rows x 256 float32 accumulators, 8 warps)
+MAX_HEAD_DIM = 256
+JIT_MODULE = 'convneur_mm.models.layers.memory_ops.kernels.jit'
+_INTERPRETER_HINT = ('on a CPU they run only in Triton\'s interpreter: set TRITON_INTERPRET=1 '
+                     f'before {JIT_MODULE} is imported')
+_skipping = [0]  # depth of ``without_launches`` contexts
+
+
+@contextlib.contextmanager
+def without_launches() -> Iterator[None]:
+    """Inside, the Triton implementations check their arguments and allocate
+    their results as on a GPU, on any device (``meta`` included), and launch
+    nothing; ``unavailable_reason`` gives no reason of the device or of
+    triton. For counting what they allocate and move without a GPU
+    (``testing.dispatch_probes``); their results hold no values."""
+    _skipping[0] += 1
+    try:
+        yield
+    finally:
+        _skipping[0] -= 1
+
+
+def launches_skipped() -> bool:
+    """Whether a ``without_launches`` context is open."""
+    return _skipping[0] > 0
+
+
+@functools.lru_cache(maxsize=None)
+def load_kernels() -> Tuple[object, Optional[str], bool]:
+    """(the ``jit`` kernels module or None, why not, whether it runs in the
+    interpreter); imported once, on first use."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return None, f'triton is not installed ({err})', False
+    try:
+        from . import jit
+    except Exception as err:  # a triton too old or broken: say so, never crash 'auto'
+        return None, f'the Triton memory kernels failed to import: {err!r}', False
+    interpreted = type(jit.read_kernel).__name__ == 'InterpretedFunction'
+    return jit, None, interpreted
+
+
+def _shape_reason(head_dim: Optional[int], operand_dtype: Optional[torch.dtype]
+                  ) -> Optional[str]:
+    if head_dim is not None and not 1 <= head_dim <= MAX_HEAD_DIM:
+        return (f'memory head dim {head_dim} is outside the kernels\' range 1..{MAX_HEAD_DIM} '
+                '(their register tiles hold whole rows)')
+    if operand_dtype is not None and operand_dtype not in OPERAND_DTYPES:
+        return f'operand dtype {operand_dtype} is not one of {OPERAND_DTYPES}'
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_reason(device: torch.device, operand_dtype: Optional[torch.dtype]) -> Optional[str]:
+    kernels, why, interpreted = load_kernels()
+    if kernels is None:
+        return why
+    if interpreted:
+        if operand_dtype == torch.bfloat16:
+            return 'Triton\'s interpreter cannot compute in bfloat16 (it multiplies bit patterns)'
+        return None
+    if device.type != 'cuda':
+        return f'the memory kernels run on CUDA devices, not on {device.type} ({_INTERPRETER_HINT})'
+    if not torch.cuda.is_available():
+        return 'CUDA is not available'
+    if torch.version.hip is None:
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (7, 0):
+            return f'Triton needs compute capability 7.0 or newer; this GPU has {capability}'
+        if operand_dtype == torch.bfloat16 and capability < (8, 0):
+            return ('bfloat16 products need compute capability 8.0 or newer; '
+                    f'this GPU has {capability}')
+    return None
+
+
+def unavailable_reason(device, head_dim: Optional[int] = None,
+                       operand_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why the memory's Triton kernels cannot run here, or None when they can.
+
+    Args:
+        device: where the memory's tensors live (``torch.device`` or str).
+        head_dim: the memory's head width d, if the shape is to be checked.
+        operand_dtype: the products' operand dtype, if it is to be checked.
+    """
+    why = _shape_reason(head_dim, operand_dtype)
+    if why is not None or launches_skipped():
+        return why
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None and torch.cuda.is_available():
+        device = torch.device('cuda', torch.cuda.current_device())
+    return _device_reason(device, operand_dtype)
+
+
+def kernels_available(device, head_dim: Optional[int] = None,
+                      operand_dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the memory's Triton kernels can run here (``unavailable_reason``).
+
+    Args:
+        device: where the memory's tensors live (``torch.device`` or str).
+        head_dim: the memory's head width d, if the shape is to be checked.
+        operand_dtype: the products' operand dtype, if it is to be checked.
+    """
+    return unavailable_reason(device, head_dim, operand_dtype) is None

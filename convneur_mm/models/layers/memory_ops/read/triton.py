@@ -1,0 +1,63 @@
+"""The memory's read ``f_W(x)`` as one Triton kernel (forward only)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..common import MemoryWeights
+from ..kernels.launch import cdiv, check_arguments, check_decomposed, check_runnable, launch_read
+
+# rows of one launch "chunk" when a read has no chunks of its own: bounds
+# the int32 offsets inside a tile
+ROWS_PER_PSEUDO_CHUNK = 4096
+
+
+def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.dtype] = None,
+                base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None, *,
+                block_rows: Optional[int] = None, block_hidden: Optional[int] = None) -> Tensor:
+    """``read_torch`` as one kernel (forward only, for inference: no autograd
+    graph is recorded): the (tokens, 4d) hidden activations and the LayerNorm
+    stay in registers.
+
+    Args:
+        weights: per-group fast weights, ``w1`` (G, d, 4d), ``w2`` (G, 4d, d),
+            ``g`` (G, d); float32 (with ``base``: dW_t for ``w1`` and ``w2``).
+        x: (G, M, d) float32 tokens of each group.
+        operand_dtype: dtype of the products' operands (float32, float16,
+            bfloat16; None: float32); sums, LayerNorm, GELU and the residual
+            stay float32.
+        base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d), the G groups
+            being H heads of G / H groups each, head-major: the read is then
+            ``carry * (x @ W_0)`` at float32 accuracy plus ``x @ dW`` in
+            ``operand_dtype``, as in ``read_torch``.
+        carry: (G,) a_t of each group's state, with ``base``.
+        block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
+            the defaults, for tuning and tests.
+
+    Returns:
+        (G, M, d) float32: ``x + LN(gelu(x @ w1) @ w2) * (1 + g)``.
+    """
+    w1, w2, g = weights
+    operand_dtype = operand_dtype or torch.float32
+    check_arguments([('x', x, ('G', 'M', 'd')), ('weights.w1', w1, ('G', 'd', 'h')),
+                     ('weights.w2', w2, ('G', 'h', 'd')), ('weights.g', g, ('G', 'd'))] +
+                    check_decomposed(base, carry, 'H', ('G',)), operand_dtype,
+                    (block_rows, block_hidden))
+    groups, m, d = x.shape
+    heads = 1 if base is None else base.w1.shape[0]
+    if groups % heads:
+        raise ValueError(f'{groups} groups are not a whole number per head of {heads} heads')
+    check_runnable(x, operand_dtype)
+    out = torch.empty(groups, m, d, device=x.device, dtype=torch.float32)
+    # groups as (head, image) pairs, M tokens cut into pseudo-chunks that all
+    # read the group's weights (chunk stride 0)
+    length = min(max(m, 1), ROWS_PER_PSEUDO_CHUNK)
+    chunks = cdiv(m, length)
+    split = lambda t: t.unflatten(0, (heads, groups // heads))  # noqa: E731
+    per_chunk = lambda t: split(t)[:, :, None].expand(  # noqa: E731
+        heads, groups // heads, chunks, *t.shape[1:])
+    launch_read(MemoryWeights(per_chunk(w1), per_chunk(w2), per_chunk(g)), split(x), split(out),
+                length, operand_dtype, base,
+                None if carry is None else split(carry)[:, :, None].expand(-1, -1, chunks),
+                block_rows, block_hidden)
+    return out
