@@ -14,7 +14,7 @@ exporter. The neural memory's write path is its closed-form gradient
 that it runs but that ONNX Runtime computes what PyTorch does, which
 ``check_onnx`` measures on given inputs. With ``dynamic=True`` height and
 width are symbolic: under ``torch.export`` the memory builds one graph for
-every number of chunks (``NeuralMemory._forward``), and the backbone pads
+every number of chunks (``MemoryPlan.shape_generic``), and the backbone pads
 every stage input (maybe by zero), so the graph holds no branch taken for
 the traced size; the check then also runs a size with other chunk counts.
 Two toolbox modules compute sizes in Python, which tracing would freeze into

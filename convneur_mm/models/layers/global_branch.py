@@ -45,7 +45,7 @@ class GlobalBranch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # float32 under autocast: the memory computes in float32 anyway, and
         # this projection's bias gradient, a sum over every token of
-        # gradients the memory's RMSNorms scale by 1/rms, was the network's
+        # gradients the memory's RMSNorms scale by 1/rms, is the network's
         # largest in float16 (4e3 at loss scale 1 on the COCO detector). A
         # model cast to 16 bits (no autocast) keeps its dtype between layers.
         out_dtype = at_least_float32(x.dtype) if autocast_dtype(x.device.type) else x.dtype
