@@ -26,6 +26,7 @@
   1.471 G full, 1.478 G paper).
 """
 import math
+import os.path as osp
 import sys
 from contextlib import ExitStack
 from typing import Callable, Dict, Optional, Sequence
@@ -246,3 +247,65 @@ def measure_config(config: str, shape: Optional[Sequence[int]] = None,
     return dict(shape=shape, model=type(model).__name__,
                 backbone=dict(params=count_params(model.backbone), **backbone),
                 whole=dict(params=count_params(model), **whole))
+
+
+def _g(macs: float) -> str:
+    return f'{macs / 1e9:.3f}'
+
+
+def complexity_report(configs: Sequence[str], shape: Optional[Sequence[int]] = None,
+                      cfg_options: Optional[dict] = None, table5: bool = False) -> dict:
+    """``measure_config`` of every config: Table 5 rows (configs with a
+    ``table5`` entry) as whole models in one table, any other config as its
+    backbone and whole model at its own shape.
+
+    Args:
+        configs: config files (paths, or names of shipped configs).
+        shape: input H W (or one size); default: each task's paper shape.
+        cfg_options: config overrides.
+        table5: add every row config of ``configs/ablations/``.
+
+    Returns:
+        ``{'parts': {config: result}, 'rows': {config: dict(result, meta=...)}}``.
+    """
+    from convneur_mm.analysis.ablations import ablation_configs, row_meta
+    from convneur_mm.apis.launch import load_config
+    if not configs and not table5:
+        raise ValueError('give a config or ask for the Table 5 rows')
+    cfgs = {c: load_config(c) for c in configs}
+    rows = [c for c in configs if cfgs[c].get('table5')]
+    given = {osp.realpath(cfgs[c].filename) for c in rows}
+    rows += [c for c in ablation_configs() if table5 and osp.realpath(c) not in given]
+    parts = {c: measure_config(c, shape, cfg_options) for c in configs if c not in rows}
+    measured = {c: measure_config(c, shape, cfg_options) for c in rows}
+    return dict(parts=parts, rows={c: dict(r, meta=row_meta(cfgs.get(c) or load_config(c)))
+                                   for c, r in measured.items()})
+
+
+def format_complexity(report: dict) -> str:
+    """Markdown tables of a ``complexity_report``: each other config's parts,
+    then the Table 5 rows beside the paper's GFLOPs."""
+    from convneur_mm.utils.tables import markdown_table
+    blocks = []
+    for config, result in report['parts'].items():
+        h, w = result['shape']
+        rows = [(part, f'{result[part]["params"] / 1e6:.3f}', _g(result[part]['paper']),
+                 _g(result[part]['paper_matmul']), _g(result[part]['full']))
+                for part in ('backbone', 'whole')]
+        blocks.append(f'{config}  ({result["model"]}, input 1x3x{h}x{w})\n' + markdown_table(
+            ('part', 'params (M)', 'paper MACs (G)', 'paper + matmul (G)', 'full MACs (G)'),
+            rows))
+    if report['rows']:
+        h, w = next(iter(report['rows'].values()))['shape']
+        rows = []
+        for config, result in report['rows'].items():
+            meta, r = result['meta'], result['whole']
+            paper = meta.get('paper_gflops')
+            rows.append((f'{meta["variant"]} {meta["method"]}', osp.basename(config),
+                         f'{r["params"] / 1e6:.2f}', '-' if paper is None else paper,
+                         _g(r['paper']), _g(r['paper_matmul']), _g(r['full'])))
+        blocks.append(f'Table 5 rows, whole models, input 1x3x{h}x{w}; GFLOPs are MACs, as '
+                      'in the paper\n\n' + markdown_table(
+                          ('row', 'config', 'params (M)', 'paper GFLOPs', 'ours: paper',
+                           'paper + matmul', 'full'), rows))
+    return '\n\n'.join(blocks)

@@ -11,11 +11,15 @@ and the small gradients of the rest of the network round to zero.
 it, the largest |gradient| of every float16 tensor the forward made (named by
 the module and the op that made it) and of every parameter of a convolution or
 linear layer that ran in float16 (its gradient was computed in float16).
+``measure_headroom`` records a config's training steps with it (``analyze_model.py
+--tasks fp16-headroom``).
 """
 import math
+import shutil
+import tempfile
 from collections import defaultdict
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, NamedTuple, Tuple
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +168,100 @@ def cuda_fp16_stand_in() -> Iterator[None]:
     fp16 (``--amp``) step computes, on a CPU."""
     with torch.autocast('cpu', dtype=torch.float16), cuda_layer_norm_rule():
         yield
+
+
+def _fp16_backbone(model: nn.Module) -> None:
+    """The CPU stand-in: the backbone under fp16 autocast, its outputs float32."""
+    forward = model.backbone.forward
+
+    def forward_in_fp16(*args, **kwargs):
+        with cuda_fp16_stand_in():
+            outs = forward(*args, **kwargs)
+        return type(outs)(o.float() for o in outs) if isinstance(outs, (tuple, list)) \
+            else outs.float()
+
+    model.backbone.forward = forward_in_fp16
+
+
+def measure_headroom(config: str, iters: int = 2, device: Optional[str] = None,
+                     batch: Optional[int] = None, top: int = 5, seed: int = 0,
+                     cfg_options: Optional[dict] = None,
+                     log: Callable[[str], None] = print) -> dict:
+    """The largest float16 gradients of ``iters`` training steps of a config
+    (forward and backward at loss scale 1, no optimizer step) and the loss
+    scale bound they allow.
+
+    On CUDA the whole model runs under fp16 autocast, as ``--amp`` runs it.
+    On a CPU, a stand-in: only the backbone runs under fp16 autocast (mmcv's
+    CPU ops take no float16), with LayerNorm in float32 as CUDA's autocast
+    runs it; the neck's and heads' own float16 gradients are not seen there.
+
+    Args:
+        config: a training config whose training data are there.
+        iters: training steps measured.
+        device: where to run (default: CUDA where available, else the CPU).
+        batch: the training batch (default: the config's).
+        top: gradients listed of each kind.
+        seed: initial weights and data order (the gradients depend on both).
+        cfg_options: config overrides.
+        log: called with each line of the report as it is measured.
+
+    Returns:
+        ``bound`` (the least over the steps) and ``steps``: per step its
+        input shape, loss, largest gradients and bound.
+    """
+    from convneur_mm.apis.launch import build_runner, check_data_paths, load_config
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    cuda = torch.device(device).type == 'cuda'
+    # the runner's logs go to a directory of its own, removed after the run
+    work_dir = tempfile.mkdtemp(prefix='fp16_headroom_')
+    try:
+        cfg = load_config(config, cfg_options or {}, work_dir=work_dir)
+        check_data_paths(cfg, ['train_dataloader'])  # a clear error, not os.scandir's
+        if batch is not None:
+            cfg.train_dataloader.batch_size = batch
+        cfg.train_dataloader.update(num_workers=0, persistent_workers=False)
+        cfg.default_hooks.checkpoint = None
+        cfg.randomness = dict(seed=seed)
+        runner = build_runner(cfg)
+        model = runner.model.to(device)
+        model.init_weights()
+        model.train()
+        if cuda:
+            log(f'[fp16_headroom] the whole model under fp16 autocast on {device}')
+        else:
+            log('[fp16_headroom] CPU stand-in: the backbone under fp16 autocast (LayerNorm in '
+                'float32, as on CUDA), neck and heads in float32')
+            _fp16_backbone(model)
+        recorder = Float16Gradients(model)
+        steps = []
+        batches = iter(runner.train_dataloader)
+        for it in range(iters):
+            data = model.data_preprocessor(next(batches), True)
+            model.zero_grad(set_to_none=True)
+            with ExitStack() as stack:
+                stack.enter_context(recorder.recording())
+                if cuda:
+                    stack.enter_context(torch.autocast('cuda', dtype=torch.float16))
+                loss, _ = model.parse_losses(model(**data, mode='loss'))
+            loss.backward()
+            headroom = recorder.headroom(top)
+            steps.append(dict(input=list(data['inputs'].shape), loss=loss.item(),
+                              tensors=headroom.tensors, parameters=headroom.parameters,
+                              largest=headroom.largest, bound=headroom.bound))
+            log(format_step(it, steps[-1]))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return dict(config=config, device=device, bound=min(s['bound'] for s in steps),
+                steps=steps)
+
+
+def format_step(index: int, step: dict) -> str:
+    """The report of one step of ``measure_headroom``."""
+    lines = [f'iteration {index}: input {tuple(step["input"])}, loss {step["loss"]:.4g}']
+    for kind in ('tensors', 'parameters'):
+        lines.append(f'  largest float16 gradients of {kind}:')
+        lines += [f'    {value:10.3g}  {name}' for name, value in step[kind]]
+    name, value = step['largest']
+    lines.append(f'  largest {value:.3g} ({name}): loss scale bound {step["bound"]:g}')
+    return '\n'.join(lines)

@@ -1,7 +1,7 @@
 """Where a call's time goes: the self time of its profiler events, by category.
 
-One categorization for every benchmark tool (``benchmark_compile --profile``,
-the GEMM time of ``benchmark_memory`` and ``benchmark_speed``): convolutions,
+One categorization for every benchmark (``compiled.compare``'s profile,
+the GEMM time of ``memory_cost`` and ``speed``): convolutions,
 matrix products, Inductor's compiled regions, mmcv ops, other ATen ops, and
 the rest. Self times partition the profiled time, so the categories add up
 to the call.

@@ -1,9 +1,8 @@
-"""SavedTensorMeter (activation memory on any device) and the with_cp benchmark."""
+"""SavedTensorMeter: activation memory on any device."""
 import torch
 from torch import nn
 
 from convneur_mm.analysis.profiling import SavedTensorMeter
-from tests.paths import import_analysis_tool
 
 
 def test_meter_counts_unique_saved_storages_without_parameters():
@@ -17,17 +16,3 @@ def test_meter_counts_unique_saved_storages_without_parameters():
     out.backward()
     assert x.grad is not None  # the hooks pass tensors through unchanged
 
-
-def test_benchmark_with_cp_prints_the_table(capsys):
-    benchmark_with_cp = import_analysis_tool('benchmark_with_cp')
-    threads = torch.get_num_threads()
-    try:
-        rows = benchmark_with_cp.main(['--arch', 'm1', '--batch', '1', '--size', '64', '64',
-                                       '--repeats', '1', '--chunk-size', '64', '--threads', '1'])
-    finally:
-        torch.set_num_threads(threads)
-    assert rows[True]['saved'] < rows[False]['saved']
-    assert 0 < rows[False]['largest_block'] < rows[False]['saved']
-    out = capsys.readouterr().out
-    assert '| with_cp |' in out and '| False |' in out and '| True |' in out
-    assert 'with_cp keeps' in out

@@ -1,7 +1,7 @@
-""".dev_scripts/gpu_memory_bench.py in its CPU dry run: the script the next
-lent GPU runs without edits, so its set-up, sections and JSON are checked
-here (its figures only mean something on the GPU)."""
-import importlib.util
+""".dev_scripts/gpu_memory_bench.py in its CPU dry run: the script a GPU host
+runs without edits, so its set-up, sections and JSON are checked here (its
+figures only mean something on the GPU). The sections are
+``convneur_mm.analysis.memory_suite``'s; the script only calls it."""
 import json
 import os
 import os.path as osp
@@ -10,17 +10,16 @@ import sys
 
 import pytest
 
-from ..paths import REPO
+from convneur_mm.analysis import memory_suite
+from convneur_mm.analysis.memory_variants import BRANCH_VARIANTS, unsupported
+from ..paths import REPO, import_file
 from ..threads import one_thread
 
 SCRIPT = osp.join(REPO, '.dev_scripts', 'gpu_memory_bench.py')
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location('gpu_memory_bench', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _script():
+    return import_file('gpu_memory_bench', SCRIPT)
 
 
 def _run(*args, timeout=300):
@@ -41,10 +40,10 @@ def dry_run(tmp_path_factory):
 
 def test_dry_run_writes_a_result_of_the_schema_with_no_failure(dry_run):
     result, stdout = dry_run
-    bench = _bench_module()
-    assert bench.check_schema(result) == []
+    assert memory_suite.check_schema(result) == []
     assert result['dry_run'] and result['setup'] == 'ok'
-    failed = [(p, s) for p, s in bench.statuses(result['sections']) if s.startswith('error')]
+    failed = [(p, s) for p, s in memory_suite.statuses(result['sections'])
+              if s.startswith('error')]
     assert not failed
     assert 'targets' in stdout and 'wrote' in stdout
 
@@ -65,19 +64,29 @@ def test_dry_run_measures_what_a_cpu_can_and_skips_the_cuda_items(dry_run):
     assert sections['compiled']['modes']['float32']['status'] == 'ok'
     assert sections['latency']['status'] == 'skipped: needs CUDA'
     branch = sections['branch']['rows']
-    assert branch['float32']['status'] == 'ok' and branch['float32']['error_vs_float32'] == 0
     assert branch['tf32']['status'] == 'skipped: needs CUDA'
     assert branch['train_float32']['status'] == 'ok'
+
+
+def test_variants_that_run_the_float32_path_on_a_cpu_match_it_exactly(dry_run):
+    """On a CPU the defaults are the PyTorch path in float32 ('auto'), so the
+    variants that name it explicitly compute the same products in the same
+    order: their error against the float32 row is 0. A variant that rounds
+    (bf16 operands or autocast) is not 0."""
+    branch = dry_run[0]['sections']['branch']['rows']
+    for name in ('torch_float32', 'matmul_float32'):
+        assert branch[name]['status'] == 'ok' and branch[name]['error_vs_float32'] == 0, name
+    for name in ('matmul_bfloat16', 'bf16_autocast'):
+        assert branch[name]['status'] == 'ok' and branch[name]['error_vs_float32'] > 0, name
 
 
 def test_memory_variants_run_exactly_where_the_installed_memory_takes_their_keys(dry_run):
     """Whatever this commit's NeuralMemory takes runs (or needs CUDA);
     the rest is skipped with the reason, never a crash."""
     result, _ = dry_run
-    bench = _bench_module()
     keys = result['environment']['memory_keys']
     for name, row in result['sections']['branch']['rows'].items():
-        cfg, _, _, cuda_only = bench.BRANCH_VARIANTS[name]
+        cfg, _, _, cuda_only = BRANCH_VARIANTS[name]
         if cuda_only:
             assert row['status'] == 'skipped: needs CUDA', name
         elif keys is not None and not set(cfg) <= set(keys):
@@ -102,8 +111,8 @@ def test_dry_run_numerics_against_float64(dry_run):
 def test_budget_guard_records_what_it_skipped(tmp_path):
     out = tmp_path / 'bench.json'
     with one_thread():
-        code = _bench_module().main(['--dry-run', '--out', str(out), '--budget-s', '0',
-                                     '--sections', 'gemm', 'branch'])
+        code = _script().main(['--dry-run', '--out', str(out), '--budget-s', '0',
+                               '--sections', 'gemm', 'branch'])
     assert code == 0
     sections = json.loads(out.read_text())['sections']
     assert sections['model']['status'] == 'skipped: not asked for (--sections)'
@@ -112,26 +121,34 @@ def test_budget_guard_records_what_it_skipped(tmp_path):
     assert rows['tf32']['status'] == 'skipped: needs CUDA'
 
 
+def test_budget_estimates_an_item_by_the_last_of_its_kind():
+    suite = memory_suite.MemorySuite(None, dry_run=True, budget_s=1000.0)
+    assert suite.why_not('model') is None  # nothing measured yet
+    suite.last_s['model'] = 5000.0
+    assert suite.why_not('model').startswith('skipped: budget')
+    assert suite.why_not('branch_variant') is None
+
+
 def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('')
-    assert _bench_module().main(['--dry-run', '--out', str(blocker / 'bench.json')]) == 2
+    assert _script().main(['--dry-run', '--out', str(blocker / 'bench.json')]) == 2
     assert 'cannot write' in capsys.readouterr().err
     assert not (blocker / 'bench.json').exists()
 
 
 def test_schema_check_and_key_detection_catch_what_they_should():
-    bench = _bench_module()
-    assert bench.unsupported({'recompute': True}, ['dim', 'chunk_size']).startswith(
+    assert unsupported({'recompute': True}, ['dim', 'chunk_size']).startswith(
         "skipped: NeuralMemory here takes no 'recompute'")
-    assert bench.unsupported({'recompute': True}, ['recompute']) is None
-    assert bench.unsupported({'anything': 1}, None) is None  # **kwargs: try it
-    good = dict(schema=bench.SCHEMA, dry_run=True, sizes={}, budget_s=None, environment={},
-                elapsed_s=1.0, sections={name: dict(status='ok', seconds=1.0)
-                                         for name in bench.SECTIONS})
-    assert bench.check_schema(good) == []
+    assert unsupported({'recompute': True}, ['recompute']) is None
+    assert unsupported({'anything': 1}, None) is None  # **kwargs: try it
+    good = dict(schema=memory_suite.SCHEMA, dry_run=True, sizes={}, budget_s=None,
+                environment={}, elapsed_s=1.0,
+                sections={name: dict(status='ok', seconds=1.0)
+                          for name in memory_suite.SECTIONS})
+    assert memory_suite.check_schema(good) == []
     bad = json.loads(json.dumps(good))
     bad['sections']['gemm']['rows'] = [dict(status='fine')]
     del bad['sections']['latency']
-    problems = bench.check_schema(bad)
+    problems = memory_suite.check_schema(bad)
     assert any("'fine'" in p for p in problems) and any('latency' in p for p in problems)

@@ -1,4 +1,5 @@
-"""tools/analysis_tools/ablation_table.py: a row trained end to end under a
+"""``analyze_model.py --tasks ablation-table`` and
+convneur_mm/analysis/ablation_table.py: a row trained end to end under a
 shrunken recipe, its cache, time bound and exit codes, and the report."""
 import json
 import os
@@ -8,11 +9,12 @@ import sys
 
 import pytest
 
+from convneur_mm.analysis import ablation_table
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from ..markdown import table_rows
-from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
+from ..paths import ANALYSIS_TOOLS, REPO
 
-TOOL = osp.join(ANALYSIS_TOOLS, 'ablation_table.py')
+TOOL = osp.join(ANALYSIS_TOOLS, 'analyze_model.py')
 ROW = osp.join(REPO, 'configs', 'ablations', 'cls_convneur_m3_local_only_300e_in1k.py')
 
 
@@ -32,7 +34,7 @@ def tiny(tmp_path_factory):
 
 
 def _run(tiny, work_dir, *args):
-    cmd = [sys.executable, TOOL, ROW, '--recipe', str(tiny / 'recipe.py'), '--data-root',
+    cmd = [sys.executable, TOOL, '--tasks', 'ablation-table', ROW, '--recipe', str(tiny / 'recipe.py'), '--data-root',
            str(tiny / 'data'), '--gpus', '1', '--work-dir', str(work_dir), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=REPO))
@@ -71,24 +73,22 @@ def test_cached_results_belong_to_one_row_recipe_and_data(tiny, tmp_path):
     """A result is reused only for the same merged config: another recipe or
     data root gives the row another key (a rerun into the same work dir with
     another recipe printed the old accuracies under the new recipe's name)."""
-    tool = import_analysis_tool('ablation_table')
     from convneur_mm.apis.launch import load_config
     recipe = load_config(str(tiny / 'recipe.py'))
     other = load_config(str(tiny / 'recipe.py'))
     other.train_cfg.max_epochs = 3
-    key = tool.Row(ROW, recipe, str(tiny / 'data'), str(tmp_path)).key
-    assert tool.Row(ROW, recipe, str(tiny / 'data'), str(tmp_path)).key == key
-    assert tool.Row(ROW, other, str(tiny / 'data'), str(tmp_path)).key != key
-    assert tool.Row(ROW, recipe, str(tmp_path), str(tmp_path)).key != key
+    key = ablation_table.Row(ROW, recipe, str(tiny / 'data'), str(tmp_path)).key
+    assert ablation_table.Row(ROW, recipe, str(tiny / 'data'), str(tmp_path)).key == key
+    assert ablation_table.Row(ROW, other, str(tiny / 'data'), str(tmp_path)).key != key
+    assert ablation_table.Row(ROW, recipe, str(tmp_path), str(tmp_path)).key != key
     ok = dict(status='ok', key=key, gpus=1)
-    assert tool._matches(ok, status='ok', key=key, gpus=1)
-    assert not tool._matches(dict(ok, key='other'), status='ok', key=key, gpus=1)
-    assert not tool._matches(dict(ok, status='timeout'), status='ok', key=key, gpus=1)
-    assert not tool._matches(None, status='ok')
+    assert ablation_table._matches(ok, status='ok', key=key, gpus=1)
+    assert not ablation_table._matches(dict(ok, key='other'), status='ok', key=key, gpus=1)
+    assert not ablation_table._matches(dict(ok, status='timeout'), status='ok', key=key, gpus=1)
+    assert not ablation_table._matches(None, status='ok')
 
 
 def test_last_validation_and_epoch_time_from_scalars(tmp_path):
-    tool = import_analysis_tool('ablation_table')
     vis = tmp_path / '20260101_000000' / 'vis_data'
     vis.mkdir(parents=True)
     entries = [dict(loss=2.0, time=0.5, epoch=1, iter=4, step=4),
@@ -96,26 +96,25 @@ def test_last_validation_and_epoch_time_from_scalars(tmp_path):
                dict(loss=1.0, time=0.7, epoch=2, iter=8, step=8),
                {'accuracy/top1': 60.0, 'step': 2}]
     (vis / 'scalars.json').write_text('\n'.join(json.dumps(e) for e in entries))
-    result = tool.last_validation(str(tmp_path))
+    result = ablation_table.last_validation(str(tmp_path))
     assert result == dict(top1=60.0, top5=None, seconds_per_epoch=0.6 * 4, final_loss=1.0)
 
 
 def test_table_gives_mean_and_spread_over_seeds_and_names_failures():
-    tool = import_analysis_tool('ablation_table')
     cost = dict(params=1e7, paper=1.7e9, paper_matmul=1.7e9, full=3.4e9)
     meta = dict(variant='-', method='Ours', paper_gflops=1.8, paper_top1=80.0)
     runs = [dict(seed=0, status='ok', top1=60.0, top5=90.0, wall_s=120, cpu_s=180),
             dict(seed=1, status='ok', top1=70.0, top5=100.0, wall_s=120, cpu_s=180),
             dict(seed=2, status='timeout', wall_s=600)]
-    rows = tool.summarize([dict(meta=meta, cost=cost, runs=runs, speed=None)])
-    text = tool.table(rows, [0, 1, 2])
+    rows = ablation_table.summarize([dict(meta=meta, cost=cost, runs=runs, speed=None)])
+    text = ablation_table.table(rows)
     # minutes per row: wall and CPU of the finished runs
     assert table_rows(text)[1][-4:] == ('65.0 ± 7.1 (seed 2: timeout)', '95.0 ± 7.1',
                                         '1.8, 80.0', '2.0 / 3.0')
 
 
 def test_child_wrapper_keeps_the_exit_code():
-    out = subprocess.run([sys.executable, TOOL, '--child', sys.executable, '-c',
+    out = subprocess.run([sys.executable, '-c', ablation_table.CHILD_CODE, sys.executable, '-c',
                           'import sys; sys.exit(3)'], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 3
@@ -127,14 +126,13 @@ def test_missing_data_is_generated_with_the_recipes_arguments(tmp_path):
     """A recipe's ``data_generator_args`` reach its generator (the order
     probe's recipe needs them: its data are not the generator's default)."""
     from mmengine.config import Config
-    tool = import_analysis_tool('ablation_table')
     recipe = Config(dict(data_generator_args=[
         '--relation', 'above', '--distractors', '0', '--kinds', '2', '--size', '48',
         '--train-per-class', '1', '--val-per-class', '1']))
     root = str(tmp_path / 'probe')
-    tool.ensure_data(recipe, root, 'convneur_mm.demo_data.global_probe')
+    ablation_table.ensure_data(recipe, root, 'projects.global_probe.probe.data')
     with open(osp.join(root, 'meta', 'classes.txt')) as f:
         assert f.read().split() == ['red_below', 'red_above']
     os.remove(osp.join(root, 'train', 'red_above', 'red_above_0001.JPEG'))
-    tool.ensure_data(recipe, root, 'convneur_mm.demo_data.global_probe')  # present: kept
+    ablation_table.ensure_data(recipe, root, 'projects.global_probe.probe.data')  # present: kept
     assert not osp.exists(osp.join(root, 'train', 'red_above', 'red_above_0001.JPEG'))

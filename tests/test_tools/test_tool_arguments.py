@@ -10,21 +10,22 @@ import pytest
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from projects.global_probe.probe import train as probe
-from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
+from ..paths import REPO, import_analysis_tool
 
 DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
-MIB, GIB = 2**20, 2**30
 
 # (tool, arguments before the bad option, the option): every count these tools take
-COUNTS = [('benchmark_speed', [], opt) for opt in ('--batch', '--iters', '--rounds')]
-COUNTS += [('benchmark_memory', [], opt)
-           for opt in ('--batch', '--tokens', '--dim', '--chunk', '--repeats')]
-COUNTS += [('benchmark_with_cp', [], opt)
-           for opt in ('--batch', '--chunk-size', '--repeats', '--threads')]
-COUNTS += [('benchmark_onnx', [], '--repeats'),
-           ('imagenet_memory', [], '--batch'), ('imagenet_memory', [], '--size'),
-           ('imagenet_memory', [], '--gpus')]
-COUNTS += [('fp16_headroom', [DEMO_CONFIG], opt) for opt in ('--iters', '--batch', '--top')]
+COUNTS = [('benchmark', ['--task', 'speed'], opt)
+          for opt in ('--batch', '--iters', '--rounds', '--size')]
+COUNTS += [('benchmark', ['--task', 'memory'], opt)
+           for opt in ('--batch', '--tokens', '--dim', '--chunk', '--repeats', '--rounds')]
+COUNTS += [('benchmark', ['--task', 'checkpointing'], opt)
+           for opt in ('--batch', '--chunk-size', '--repeats', '--threads', '--gpus')]
+COUNTS += [('benchmark', ['--task', 'onnx'], '--repeats'),
+           ('benchmark', ['--task', 'compile'], '--repeats'),
+           ('benchmark', ['--task', 'resolution'], '--iters')]
+COUNTS += [('analyze_model', ['--tasks', 'fp16-headroom', DEMO_CONFIG], opt)
+           for opt in ('--iters', '--batch', '--top')]
 
 
 def _usage_error(parse, argv, capsys) -> str:
@@ -44,14 +45,15 @@ def test_counts_below_one_are_usage_errors(tool, before, option, value, capsys):
     assert getattr(parse(before + [option, '2']), option[2:].replace('-', '_')) == 2
 
 
-def test_with_cp_sizes_and_imagenet_memory_gpu_sizes(capsys):
-    with_cp = import_analysis_tool('benchmark_with_cp').parse_args
-    assert 'must be a positive integer' in _usage_error(with_cp, ['--size', '512', '0'], capsys)
-    memory = import_analysis_tool('imagenet_memory').parse_args
-    err = _usage_error(memory, ['--gpu-gib', '0'], capsys)
+def test_checkpointing_sizes_and_gpu_sizes(capsys):
+    parse = import_analysis_tool('benchmark').parse_args
+    task = ['--task', 'checkpointing']
+    assert 'must be a positive integer' in _usage_error(parse, task + ['--size', '512', '0'],
+                                                        capsys)
+    err = _usage_error(parse, task + ['--gpu-gib', '0'], capsys)
     assert 'argument --gpu-gib: must be a number above 0' in err
-    assert 'must be a number >= 0' in _usage_error(memory, ['--reserve-gib', '-1'], capsys)
-    assert memory(['--reserve-gib', '0']).reserve_gib == 0
+    assert 'must be a number >= 0' in _usage_error(parse, task + ['--reserve-gib', '-1'], capsys)
+    assert parse(task + ['--reserve-gib', '0']).reserve_gib == 0
 
 
 def _accepted(*args, **kwargs):
@@ -72,70 +74,35 @@ def test_probe_learning_rate_is_positive(capsys, monkeypatch):
     assert 'must be a number above 0' in _usage_error(probe.main, ['--lr', '0'], capsys)
 
 
-def test_benchmark_speed_out_is_checked_before_measuring(tmp_path, capsys):
-    """The JSON was written after every model had been measured: a missing
-    directory lost them all."""
-    bench = import_analysis_tool('benchmark_speed')
-    err = _usage_error(bench.parse_args, ['--out', '/nonexistent/x.json'], capsys)
-    assert 'argument --out: the directory /nonexistent does not exist' in err
-    err = _usage_error(bench.parse_args, ['--out', str(tmp_path)], capsys)
-    assert 'is a directory' in err
+def test_benchmark_json_is_checked_before_measuring(tmp_path, capsys):
+    """The JSON is written after every model has been measured: a missing
+    directory would lose them all."""
+    parse = import_analysis_tool('benchmark').parse_args
+    task = ['--task', 'speed']
+    err = _usage_error(parse, task + ['--json', '/nonexistent/x.json'], capsys)
+    assert 'argument --json: the directory /nonexistent does not exist' in err
+    assert 'is a directory' in _usage_error(parse, task + ['--json', str(tmp_path)], capsys)
     out = str(tmp_path / 'speed.json')
-    assert bench.parse_args(['--out', out]).out == out and not osp.exists(out)
-    # no --batch: the protocol's batch of the device, never a silent default for 0
-    assert bench.throughput_batch(bench.parse_args(['--device', 'cpu'])) == 16
+    assert parse(task + ['--json', out]).json == out and not osp.exists(out)
 
 
 def test_benchmark_onnx_out_dir_is_checked_before_exporting(tmp_path, capsys):
-    onnx = import_analysis_tool('benchmark_onnx').parse_args
+    parse = import_analysis_tool('benchmark').parse_args
+    task = ['--task', 'onnx']
     (tmp_path / 'file').write_text('')
-    err = _usage_error(onnx, ['--out-dir', str(tmp_path / 'file' / 'onnx')], capsys)
+    err = _usage_error(parse, task + ['--out-dir', str(tmp_path / 'file' / 'onnx')], capsys)
     assert 'argument --out-dir: cannot make' in err and 'is not a directory' in err
     new = str(tmp_path / 'a' / 'b')  # made by the tool later, not by the check
-    assert onnx(['--out-dir', new]).out_dir == new and not osp.exists(new)
-
-
-@pytest.fixture
-def imagenet_memory(monkeypatch):
-    """The tool with a fixed estimate (300 MiB of weights and optimizer
-    state, 100 MiB per image) instead of a measurement."""
-    tool = import_analysis_tool('imagenet_memory')
-    monkeypatch.setattr(tool, 'estimate', lambda arch, batch, size: dict(
-        per_image=100 * MIB, saved_per_image=90 * MIB, fixed=300 * MIB, params=300 * MIB / 16))
-    return tool
-
-
-def test_imagenet_memory_exits_1_when_no_batch_fits(imagenet_memory, capsys):
-    """A GPU of 1 GiB with 3 GiB reserved: it printed a per-GPU batch of 1
-    with a peak above the GPU, and exited 0."""
-    assert imagenet_memory.fitting_batch(100 * MIB, 300 * MIB, 1 * GIB, 3 * GIB) == 0
-    with pytest.raises(SystemExit) as exit_info:
-        imagenet_memory.main(['--archs', 'm1', '--gpu-gib', '1'])
-    assert exit_info.value.code == 1
-    out, err = capsys.readouterr()
-    assert 'none fits' in out
-    assert 'not even a batch of 1 fits a GPU of 1 GiB' in err and 'ConvNeur-M1' in err
-
-
-def test_imagenet_memory_warns_when_the_global_batch_is_not_4096(imagenet_memory, capsys):
-    """3 GPUs x 128 x 10 is 3840: the table's accumulative_counts said nothing."""
-    rows = imagenet_memory.main(['--archs', 'm1', '--gpus', '3'])
-    assert rows['m1']['batch'] == 128 and rows['m1']['accumulative_counts'] == 10
-    assert rows['m1']['global_batch'] == 3840
-    out = capsys.readouterr().out
-    assert 'warning: ConvNeur-M1: 3 GPUs x batch 128 x accumulative_counts 10 = global ' \
-           'batch 3840, not 4096' in out
-    rows = imagenet_memory.main(['--archs', 'm1', '--gpus', '8'])
-    assert rows['m1']['global_batch'] == 4096 and 'warning' not in capsys.readouterr().out
+    assert parse(task + ['--out-dir', new]).out_dir == new and not osp.exists(new)
 
 
 def test_fp16_headroom_missing_data_is_a_clear_error_and_leaves_no_temp_dir(
         tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
-    tool = import_analysis_tool('fp16_headroom')
+    tool = import_analysis_tool('analyze_model')
     missing = str(tmp_path / 'no_imagenet')
     with pytest.raises(FileNotFoundError, match='the dataset named by the config is not there'):
-        tool.main([DEMO_CONFIG, '--iters', '1', '--cfg-options',
+        tool.main(['--tasks', 'fp16-headroom', DEMO_CONFIG, '--iters', '1', '--cfg-options',
                    f'train_dataloader.dataset.data_root={missing}'])
     assert not list(tmp_path.glob('fp16_headroom_*'))
 
@@ -146,8 +113,9 @@ def test_fp16_headroom_removes_its_work_dir(tmp_path, monkeypatch, capsys):
     temp = tmp_path / 'temp'
     temp.mkdir()
     monkeypatch.setattr(tempfile, 'tempdir', str(temp))
-    tool = import_analysis_tool('fp16_headroom')
-    assert tool.main([DEMO_CONFIG, '--iters', '1', '--batch', '2', '--cfg-options',
+    tool = import_analysis_tool('analyze_model')
+    assert tool.main(['--tasks', 'fp16-headroom', DEMO_CONFIG, '--iters', '1', '--batch', '2',
+                      '--cfg-options',
                       f'train_dataloader.dataset.data_root={root}']) == 0
     assert 'loss scale bound over 1 iteration(s)' in capsys.readouterr().out
     assert not list(temp.glob('fp16_headroom_*'))  # (torch's compile cache may be there)
@@ -162,14 +130,12 @@ def _run(script, *args, cwd, timeout=60):
                           text=True, timeout=timeout)
 
 
-SOAK = osp.join(ANALYSIS_TOOLS, 'exit_code_soak.sh')
-SPEED_REPORT = osp.join(ANALYSIS_TOOLS, 'speed_report.sh')
+SOAK = osp.join(REPO, '.dev_scripts', 'exit_code_soak.sh')
 
 
-@pytest.mark.parametrize('script,starts', [(SOAK, '[soak]'), (SPEED_REPORT, '### ')])
+@pytest.mark.parametrize('script,starts', [(SOAK, '[soak]')])
 def test_shell_tools_help(script, starts, tmp_path):
-    """``--help`` was the soak's WORK_DIR (mkdir's help, then a soak) and the
-    report's OUT_DIR (mkdir's help, then tee's and argparse's errors)."""
+    """``--help`` is no WORK_DIR (mkdir's help, then a soak)."""
     for flag in ('--help', '-h'):
         result = _run(script, flag, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
@@ -178,10 +144,10 @@ def test_shell_tools_help(script, starts, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize('script,starts', [(SOAK, '[soak]'), (SPEED_REPORT, '### ')])
+@pytest.mark.parametrize('script,starts', [(SOAK, '[soak]')])
 def test_shell_tools_stop_on_a_directory_they_cannot_make(script, starts, tmp_path):
-    """The soak went on with an empty WORK (its files at /); the report
-    stopped with mkdir's status and no word of its own."""
+    """A WORK_DIR that cannot be made stops the soak with a word of its own
+    (not an empty WORK, its files at /)."""
     (tmp_path / 'file').write_text('')
     result = _run(script, str(tmp_path / 'file' / 'out'), cwd=tmp_path)
     assert result.returncode == 2

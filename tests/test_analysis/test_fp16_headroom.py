@@ -1,8 +1,7 @@
-"""tools/analysis_tools/fp16_headroom.py and convneur_mm/analysis/fp16_headroom.py:
-the largest float16 gradients of a step, and the loss scale they allow."""
+"""convneur_mm/analysis/fp16_headroom.py: the largest float16 gradients of a
+step, and the loss scale they allow."""
 import math
 import os.path as osp
-import re
 
 import pytest
 import torch
@@ -10,8 +9,9 @@ from torch import nn
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from convneur_mm.analysis.fp16_headroom import (Float16Gradients, cuda_fp16_stand_in,
-                                             cuda_layer_norm_rule, loss_scale_bound)
-from ..paths import REPO, import_analysis_tool
+                                                cuda_layer_norm_rule, format_step,
+                                                loss_scale_bound, measure_headroom)
+from ..paths import REPO
 
 
 def test_loss_scale_bound():
@@ -99,22 +99,21 @@ def test_nothing_is_recorded_in_float32():
     assert recorder.headroom() == ([], []) and recorder.headroom().bound == math.inf
 
 
-def test_the_tool_on_the_classification_demo(tmp_path, capsys):
-    """The CPU stand-in on ConvNeur-M1's demo config: a bound is printed, and
+def test_the_classification_demo(tmp_path):
+    """The CPU stand-in on ConvNeur-M1's demo config: a bound is found, and
     neither the stem nor a global branch's input projection (float32 under
     autocast since they held the COCO detector's loss scale near 1) has a
     float16 gradient."""
     root = str(tmp_path / 'imagenet_tiny')
     generate_imagenet_tiny(root, train_per_class=1, val_per_class=1)
-    tool = import_analysis_tool('fp16_headroom')
     config = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
-    assert tool.main([config, '--iters', '1', '--batch', '2', '--top', '1000', '--cfg-options',
-                      f'train_dataloader.dataset.data_root={root}']) == 0
-    out = capsys.readouterr().out
-    assert 'CPU stand-in' in out
-    bound = re.search(r'loss scale bound over 1 iteration\(s\): (\S+)', out)
-    assert bound and float(bound.group(1)) >= 1, out
-    listed = re.findall(r'^ +\S+  (\S+)$', out, re.M)
-    assert any(name.startswith('backbone.stages.0') for name in listed), out
+    lines = []
+    result = measure_headroom(config, iters=1, device='cpu', batch=2, top=1000, cfg_options={
+        'train_dataloader.dataset.data_root': root}, log=lines.append)
+    assert 'CPU stand-in' in lines[0] and lines[1] == format_step(0, result['steps'][0])
+    step = result['steps'][0]
+    assert result['bound'] == step['bound'] == loss_scale_bound(step['largest'][1]) >= 1
+    listed = [name for kind in ('tensors', 'parameters') for name, _ in step[kind]]
+    assert any(name.startswith('backbone.stages.0') for name in listed), listed
     assert not [name for name in listed
                 if name.startswith('backbone.downsample_layers.0') or 'proj_in' in name]

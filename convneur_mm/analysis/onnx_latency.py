@@ -1,7 +1,4 @@
-"""Latency of the exported models: ONNX Runtime vs PyTorch eager vs compiled.
-
-    python tools/analysis_tools/benchmark_onnx.py [--models m1 m2 m3 m4 fpn-m2]
-        [--repeats 5] [--out-dir DIR]
+"""Batch-1 latency of the exported models: ONNX Runtime vs PyTorch eager vs compiled.
 
 Each model (M1-M4 ImageNet classifiers at 224x224, M2 Semantic FPN at
 512x512, batch 1, random init) is exported as ``tools/deployment/
@@ -12,26 +9,20 @@ on the CPU with as many intra-op threads as torch uses, twice: as ONNX
 Runtime runs by default, its threads spinning for work after a run, and
 with ``spinning=False`` (``convneur_mm.deployment.ort_session``). The
 variants take turns after a warm-up, the spinning session last in each round
-and each round after a rest, since spinning threads made the next PyTorch
-call 1.7x slower; medians are printed with the largest absolute difference of
-ONNX Runtime's and the compiled model's outputs from eager on the timed input.
+and each round after a rest (spinning threads slow the next PyTorch call);
+medians, with the largest absolute difference of ONNX Runtime's and the
+compiled model's outputs from eager on the timed input.
 """
-import argparse
-import os
 import os.path as osp
-import sys
-import tempfile
 import time
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
-from convneur_mm.analysis.bench_env import (median, setup_benchmark_device, time_call,
-                                             time_in_turns)
+from convneur_mm.analysis.bench_env import median, time_call, time_in_turns
 from convneur_mm.apis.launch import load_config
 from convneur_mm.apis.toolbox import build_model
 from convneur_mm.deployment import DeployableModel, export_onnx, onnx_outputs, ort_session
-from convneur_mm.utils.cli import positive_int, writable_dir
 from convneur_mm.utils.tables import markdown_table
 
 # ONNX Runtime's intra-op threads spin for tens of milliseconds after a run and
@@ -45,18 +36,23 @@ MODELS = {'m1': ('cls_convneur_m1_300e_in1k.py', 224),
           'fpn-m2': ('fpn_convneur_m2_80k_ade20k.py', 512)}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    parser.add_argument('--repeats', type=positive_int, default=5)
-    parser.add_argument('--out-dir', type=writable_dir,
-                        help='keep the .onnx files here (default: a temp dir)')
-    return parser.parse_args(argv)
+def measure(name: str, repeats: int, out_dir: str, size: Optional[int] = None,
+            backend: str = 'inductor') -> Dict:
+    """Export ``MODELS[name]`` into ``out_dir`` and time its four variants.
 
+    Args:
+        name: a key of ``MODELS``.
+        repeats: timed turns.
+        out_dir: where the ``.onnx`` file is written.
+        size: the input's side, instead of the model's own.
+        backend: ``torch.compile``'s backend for the compiled variant.
 
-def measure(name: str, repeats: int, out_dir: str) -> Dict:
-    config, size = MODELS[name]
+    Returns:
+        ``export_s``, ``compile_s``, ``diffs`` (largest absolute difference
+        from eager), and each variant's median seconds.
+    """
+    config, own_size = MODELS[name]
+    size = size or own_size
     cfg = load_config(config)
     torch.manual_seed(0)
     module = DeployableModel(build_model(cfg).eval(), 'model', cfg.default_scope).eval()
@@ -67,7 +63,7 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
     threads = torch.get_num_threads()
     session = ort_session(path, threads=threads)  # ONNX Runtime's default: spinning
     quiet_session = ort_session(path, threads=threads, spinning=False)
-    compiled = torch.compile(module, dynamic=False)
+    compiled = torch.compile(module, dynamic=False, backend=backend)
     # in this order each round, then SPIN_SETTLE_S of rest: the spinning
     # session runs last, so that its idle threads slow no other variant
     runs = {'eager': lambda: module(images), 'compiled': lambda: compiled(images),
@@ -84,26 +80,14 @@ def measure(name: str, repeats: int, out_dir: str) -> Dict:
                 diffs=diffs, **{k: median(v) for k, v in times.items()})
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    device = setup_benchmark_device('cpu')
-    print(f'batch-1 latency on {device}; median of {args.repeats} interleaved runs')
-    if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            r = measure(name, args.repeats, args.out_dir or tmp)
-            rows.append((name, f'{r["size"]}x{r["size"]}', f'{1e3 * r["eager"]:.1f}',
-                         f'{1e3 * r["compiled"]:.1f}', f'{1e3 * r["onnxruntime"]:.1f}',
-                         f'{1e3 * r["onnxruntime, no spinning"]:.1f}',
-                         f'{r["eager"] / r["onnxruntime"]:.2f}x',
-                         f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g}',
-                         f'{r["export_s"]:.0f}, {r["compile_s"]:.0f}'))
-            print(f'measured {name}', file=sys.stderr, flush=True)
-    print(markdown_table(('model', 'input', 'eager (ms)', 'compiled (ms)', 'ONNX Runtime (ms)',
-                          'ORT, no spinning (ms)', 'eager / ORT', 'max abs diff ORT, compiled',
-                          'export, compile (s)'), rows))
-
-if __name__ == '__main__':
-    main()
+def table(results: List[Dict]) -> str:
+    """Markdown: each model's medians in ms, eager / ORT, differences, set-up times."""
+    rows = [(r['name'], f'{r["size"]}x{r["size"]}', f'{1e3 * r["eager"]:.1f}',
+             f'{1e3 * r["compiled"]:.1f}', f'{1e3 * r["onnxruntime"]:.1f}',
+             f'{1e3 * r["onnxruntime, no spinning"]:.1f}',
+             f'{r["eager"] / r["onnxruntime"]:.2f}x',
+             f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g}',
+             f'{r["export_s"]:.0f}, {r["compile_s"]:.0f}') for r in results]
+    return markdown_table(('model', 'input', 'eager (ms)', 'compiled (ms)', 'ONNX Runtime (ms)',
+                           'ORT, no spinning (ms)', 'eager / ORT', 'max abs diff ORT, compiled',
+                           'export, compile (s)'), rows)

@@ -1,29 +1,23 @@
-"""Effective receptive field maps (the OverLoCK paper's Figure 2 protocol).
-
-    python tools/analysis_tools/effective_receptive_field.py
-        [--models ConvNeur-M3 ConvNeXt-V2-P] [--checkpoints CKPT ...]
-        [--images DIR] [--num-images 16] [--size 512] [--out erf.png]
+"""Effective receptive fields (the OverLoCK paper's Figure 2 protocol).
 
 Following RepLKNet / OverLoCK: for each image, the central point of the last
-stage's feature map (ReLU, summed over channels) is back-propagated to the input;
-the absolute input gradients, summed over colour channels, are averaged over
-the images, then shown as log10(1 + x) normalized to [0, 1]. We also print
-the share of the image area that holds 20/50/90% of the total contribution
-(larger = the model reaches further). Without checkpoints the weights are
-random: the map then shows what the architecture can reach at initialization.
+stage's feature map (ReLU, summed over channels) is back-propagated to the
+input; the absolute input gradients, summed over colour channels, are
+averaged over the images, then shown as log10(1 + x) normalized to [0, 1].
+``area_shares`` gives the share of the image area that holds 20/50/90% of the
+total contribution (larger = the model reaches further). Without checkpoints
+the weights are random: the map then shows what the architecture can reach at
+initialization.
 """
-import argparse
 import glob
 import os.path as osp
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
 
-import convneur_mm  # noqa: F401
 from convneur_mm.apis.toolbox import quiet_init
-from convneur_mm.utils.tables import markdown_table
 
 BACKBONES = {
     'ConvNeur-M3': ('mmpretrain', dict(type='convneur_mm.ConvNeur', arch='m3')),
@@ -37,21 +31,9 @@ MEAN = np.array([123.675, 116.28, 103.53])
 STD = np.array([58.395, 57.12, 57.375])
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--models', nargs='+', default=['ConvNeur-M3', 'ConvNeXt-V2-P'],
-                        choices=list(BACKBONES))
-    parser.add_argument('--checkpoints', nargs='*', default=[],
-                        help='one per model (backbone. keys are used), or none')
-    parser.add_argument('--images', help='directory of images (default: random images)')
-    parser.add_argument('--num-images', type=int, default=16)
-    parser.add_argument('--size', type=int, default=512)
-    parser.add_argument('--out', default='erf.png')
-    return parser.parse_args()
-
-
 def build_backbone(name: str, checkpoint: Optional[str]) -> torch.nn.Module:
+    """The backbone ``BACKBONES[name]`` in eval mode, its last stage's map as
+    output, with the ``backbone.`` weights of ``checkpoint`` if given."""
     from mmengine.registry import init_default_scope
     scope, cfg = BACKBONES[name]
     init_default_scope(scope)
@@ -109,7 +91,8 @@ def area_shares(score: np.ndarray, fractions=(0.2, 0.5, 0.9)) -> Dict[float, flo
     return {f: float(np.searchsorted(cum, f) + 1) / flat.size for f in fractions}
 
 
-def render(maps: Dict[str, np.ndarray], path: str) -> None:
+def plot_receptive_fields(maps: Dict[str, np.ndarray], path: str) -> None:
+    """One panel per model: log10(1 + ERF), normalized to [0, 1]."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -126,21 +109,24 @@ def render(maps: Dict[str, np.ndarray], path: str) -> None:
     plt.close(fig)
 
 
-def main():
-    args = parse_args()
-    if args.checkpoints and len(args.checkpoints) != len(args.models):
+def receptive_fields(models: Sequence[str], checkpoints: Sequence[str] = (),
+                     image_dir: Optional[str] = None, num_images: int = 16,
+                     size: int = 512) -> Dict[str, np.ndarray]:
+    """ERF maps, (size, size), of the named backbones over the same images.
+
+    Args:
+        models: names in ``BACKBONES``.
+        checkpoints: one per model (their ``backbone.`` keys are used), or none.
+        image_dir: a directory of .jpg/.png images (default: smooth random ones).
+        num_images: how many images.
+        size: the images' side.
+    """
+    unknown = [m for m in models if m not in BACKBONES]
+    if unknown:
+        raise ValueError(f'unknown models {unknown}; known: {list(BACKBONES)}')
+    if checkpoints and len(checkpoints) != len(models):
         raise ValueError('give one checkpoint per model, or none')
     torch.manual_seed(0)
-    images = load_images(args.images, args.num_images, args.size)
-    maps, rows = {}, []
-    for i, name in enumerate(args.models):
-        ckpt = args.checkpoints[i] if args.checkpoints else None
-        maps[name] = erf(build_backbone(name, ckpt), images)
-        rows.append([name] + [f'{100 * s:.3g}%' for s in area_shares(maps[name]).values()])
-    print(markdown_table(('model', 'area for 20%', '50%', '90% of the contribution'), rows))
-    render(maps, args.out)
-    print(f'wrote {args.out}')  # as given: a report must not carry this machine's paths
-
-
-if __name__ == '__main__':
-    main()
+    images = load_images(image_dir, num_images, size)
+    return {name: erf(build_backbone(name, checkpoints[i] if checkpoints else None), images)
+            for i, name in enumerate(models)}

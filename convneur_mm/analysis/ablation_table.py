@@ -1,38 +1,29 @@
-"""Train and evaluate every row of the paper's Table 5 under one recipe, print
-the table, and plot accuracy against GFLOPs.
-
-    python tools/analysis_tools/ablation_table.py [ROW_CONFIG ...]
-        [--recipe CONFIG] [--seeds 0 1 2] [--gpus 1] [--row-minutes 6]
-        [--flops-shape 224] [--speed-shape 224] [--speed-batch 16]
-        [--work-dir work_dirs/ablation_table] [--skip-speed | --speed-only]
+"""Train and evaluate every row of the paper's Table 5 under one recipe,
+tabulate them, and plot accuracy against GFLOPs.
 
 Rows: the given configs, by default every config of configs/ablations/ in the
 paper's order. Recipe (default: configs/ablations/recipes/imagenet_tiny_m3.py,
 4 epochs of the tiny ImageNet at 64x64, light augmentation, one process: the
 whole table in about half an hour on 2 CPU cores): its data, schedule, head and
-runtime; each row contributes its backbone only (convneur_mm/analysis/ablations.py),
+runtime; each row contributes its backbone only (``ablations.apply_recipe``),
 so every row trains with the same recipe and seed. The recipe's dataset is
 generated when missing, by the recipe's ``data_generator`` (default: the
 tiny ImageNet's generator) called with its ``data_generator_args``.
 
-Per row and seed it runs tools/dist_train.sh (``--gpus`` gloo processes on a
-CPU), bounded by ``--row-minutes``, and reads the last validation's top-1 /
+Per row and seed it runs tools/dist_train.sh (``gpus`` gloo processes on a
+CPU), bounded by ``row_minutes``, and reads the last validation's top-1 /
 top-5; it records the training time per epoch and the peak memory (max RSS)
 of a training process (the host's, also on a GPU). Per row it counts
-parameters and MACs in the three conventions of
-convneur_mm/analysis/complexity.py at ``--flops-shape``, and times inference
-throughput and its peak memory at ``--speed-shape`` in a fresh process.
-Results are cached per row and seed under ``--work-dir``: a rerun continues
-where the last one stopped (a result is reused only for the same merged row
-config and settings; failed runs are retried), so that the training can
-share the machine and the timings run alone
-(``--skip-speed``, then ``--speed-only``). Prints a Markdown table, writes it
-with the results (JSON) and the plot to ``--work-dir``; exits non-zero if a
-row failed or ran out of time.
+parameters and MACs in the three conventions of ``complexity`` at
+``flops_shape``, and times inference throughput and its peak memory at
+``speed_shape`` in a fresh process. Results are cached per row and seed under
+``work_dir``: a rerun continues where the last one stopped (a result is
+reused only for the same merged row config and settings; failed runs are
+retried), so that the training can share the machine and the timings run
+alone (``skip_speed``, then ``speed_only``).
 
 Accuracies on the tiny sets are a smoke test of learning, not ImageNet's.
 """
-import argparse
 import hashlib
 import json
 import math
@@ -45,45 +36,63 @@ import socket
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))  # where dist_train.sh is
+from convneur_mm.utils.paths import tools_dir
 
 DEFAULT_RECIPE = 'ablations/recipes/imagenet_tiny_m3.py'
 DEFAULT_GENERATOR = 'convneur_mm.demo_data.imagenet'
 CHILD_MARK = 'ABLATION_CHILD_RESULT '
+# children run by ``python -c``: a training wrapped to report its resources,
+# and one row's timing in a fresh process
+CHILD_CODE = ('import sys; from convneur_mm.analysis.ablation_table import run_child; '
+              'run_child(sys.argv[1:])')
+SPEED_CODE = ('import json, sys; from convneur_mm.analysis.ablation_table import measure_speed; '
+              'print(json.dumps(measure_speed(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))')
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('rows', nargs='*', help='row configs (default: configs/ablations/)')
-    parser.add_argument('--recipe', default=DEFAULT_RECIPE,
-                        help='classification config whose data and schedule every row uses')
-    parser.add_argument('--data-root', help='dataset root (default: the recipe\'s)')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
-    parser.add_argument('--gpus', type=int, default=1, help='training processes')
-    parser.add_argument('--row-minutes', type=float, default=6.0,
-                        help='time limit of one training run')
-    parser.add_argument('--flops-shape', type=int, default=224, help='input size for MACs')
-    parser.add_argument('--speed-shape', type=int, default=224,
-                        help='input size of the throughput measurement')
-    parser.add_argument('--speed-batch', type=int, default=16)
-    parser.add_argument('--work-dir', default='work_dirs/ablation_table')
-    parser.add_argument('--title', default='Table 5 rows',
-                        help='heading of the plot')
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument('--skip-speed', action='store_true', help='train only')
-    group.add_argument('--speed-only', action='store_true',
-                       help='time the rows only (training results come from the cache)')
-    parser.add_argument('--force', action='store_true', help='ignore cached results')
-    parser.add_argument('--speed-worker', nargs=3, metavar=('CONFIG', 'SHAPE', 'BATCH'),
-                        help=argparse.SUPPRESS)
-    parser.add_argument('--child', nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+@dataclass
+class AblationSettings:
+    """What ``run_ablation_table`` trains and measures.
+
+    Args:
+        rows: row configs (default: every config of configs/ablations/).
+        recipe: the classification config whose data and schedule every row uses.
+        data_root: the dataset root (default: the recipe's).
+        seeds: one training per row and seed.
+        gpus: training processes.
+        row_minutes: time limit of one training run.
+        flops_shape: input size of the MAC counts.
+        speed_shape: input size of the throughput measurement.
+        speed_batch: its batch.
+        work_dir: where the cache, the table and the plot go.
+        title: heading of the plot.
+        skip_speed: train only.
+        speed_only: time the rows only (training results come from the cache).
+        force: ignore cached results.
+    """
+    rows: Sequence[str] = ()
+    recipe: str = DEFAULT_RECIPE
+    data_root: Optional[str] = None
+    seeds: Sequence[int] = (0, )
+    gpus: int = 1
+    row_minutes: float = 6.0
+    flops_shape: int = 224
+    speed_shape: int = 224
+    speed_batch: int = 16
+    work_dir: str = 'work_dirs/ablation_table'
+    title: str = 'Table 5 rows'
+    skip_speed: bool = False
+    speed_only: bool = False
+    force: bool = False
 
 
-# ---------------------------------------------------------------- helpers
+def _repo() -> str:
+    """Where tools/dist_train.sh is: the repository, or the package's .mim."""
+    return osp.dirname(tools_dir())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -110,12 +119,12 @@ def _save(path: str, data: dict) -> None:
     os.replace(path + '.tmp', path)
 
 
-def run_child(cmd: List[str]) -> None:
+def run_child(cmd: Sequence[str]) -> None:
     """Run ``cmd`` and report its exit code, the largest RSS of any of its
     processes and the CPU time of them all (RUSAGE_CHILDREN covers every
     waited-for descendant): CPU seconds, unlike wall time, do not depend on
     what else the machine runs."""
-    rc = subprocess.call(cmd)
+    rc = subprocess.call(list(cmd))
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(CHILD_MARK + json.dumps(dict(rc=rc, maxrss_mb=usage.ru_maxrss / 1024,
                                        cpu_s=usage.ru_utime + usage.ru_stime)), flush=True)
@@ -132,7 +141,6 @@ def measure_speed(config: str, shape: int, batch: int) -> dict:
     two runs of the table)."""
     import torch
 
-    import convneur_mm  # noqa: F401
     from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, setup_benchmark_device,
                                                 time_calls)
     from convneur_mm.apis.launch import load_config
@@ -170,11 +178,11 @@ def last_validation(work_dir: str) -> dict:
 
 
 def glob_scalars(work_dir: str) -> List[str]:
+    """The scalars.json of every run under ``work_dir``."""
     import glob
     return glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json'))
 
 
-# ---------------------------------------------------------------- rows
 class Row:
     """One Table 5 row under the recipe: its merged config and results."""
 
@@ -198,36 +206,37 @@ class Row:
         return osp.join(self.dir, f'seed{seed}', 'result.json')
 
 
-def train_row(row: Row, seed: int, args, label: str) -> dict:
+def train_row(row: Row, seed: int, settings: AblationSettings, label: str,
+              log: Callable[[str], None] = print) -> dict:
     """tools/dist_train.sh on the row's config, bounded in time, with progress."""
     work_dir = osp.join(row.dir, f'seed{seed}')
-    cmd = [sys.executable, osp.abspath(__file__), '--child', 'bash',
-           osp.join(REPO, 'tools', 'dist_train.sh'), row.config, str(args.gpus),
+    cmd = [sys.executable, '-c', CHILD_CODE, 'bash',
+           osp.join(tools_dir(), 'dist_train.sh'), row.config, str(settings.gpus),
            '--work-dir', work_dir, '--seed', str(seed), '--auto-scale-lr']
     env = dict(os.environ, PORT=str(_free_port()), PYTHON=sys.executable)
     os.makedirs(work_dir, exist_ok=True)
     log_path = osp.join(work_dir, 'train.log')
     start = time.time()
-    deadline = start + args.row_minutes * 60
+    deadline = start + settings.row_minutes * 60
     child = None
     epoch_re = re.compile(r'Epoch\(train\)\s+\[(\d+)\]\[\s*(\d+)/(\d+)\].*?loss: ([\d.]+)')
     val_re = re.compile(r'Epoch\(val\)\s+\[(\d+)\].*?accuracy/top1: ([\d.]+)')
-    with open(log_path, 'w') as log:
+    with open(log_path, 'w') as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env, cwd=REPO, start_new_session=True)
+                                text=True, env=env, cwd=_repo(), start_new_session=True)
         timer = _Killer(proc, deadline)
         for line in proc.stdout:
-            log.write(line)
+            log_file.write(line)
             if line.startswith(CHILD_MARK):
                 child = json.loads(line[len(CHILD_MARK):])
                 continue
             match = epoch_re.search(line)
             if match and match[2] == match[3]:
-                print(f'{label} epoch {match[1]}/{row.epochs}  loss {match[4]}  '
-                      f'({time.time() - start:.0f} s)', flush=True)
+                log(f'{label} epoch {match[1]}/{row.epochs}  loss {match[4]}  '
+                    f'({time.time() - start:.0f} s)')
             match = val_re.search(line)
             if match:
-                print(f'{label} val after epoch {match[1]}: top-1 {match[2]}', flush=True)
+                log(f'{label} val after epoch {match[1]}: top-1 {match[2]}')
         proc.wait()
         timer.cancel()
     wall = time.time() - start
@@ -264,28 +273,30 @@ class _Killer:
         self._timer.cancel()
 
 
-def measure_row(row: Row, args) -> dict:
+def measure_row(row: Row, settings: AblationSettings) -> dict:
     """Params and MACs at --flops-shape; throughput in a fresh process."""
     cached = _load(osp.join(row.dir, 'cost.json'))
-    if args.force or not _matches(cached, key=row.key, shape=args.flops_shape):
+    if settings.force or not _matches(cached, key=row.key, shape=settings.flops_shape):
         from convneur_mm.analysis.complexity import measure_config
-        whole = measure_config(row.config, (args.flops_shape, args.flops_shape))['whole']
-        cached = dict(key=row.key, shape=args.flops_shape, **whole)
+        whole = measure_config(row.config, (settings.flops_shape, settings.flops_shape))['whole']
+        cached = dict(key=row.key, shape=settings.flops_shape, **whole)
         _save(osp.join(row.dir, 'cost.json'), cached)
     return cached
 
 
-def speed_row(row: Row, args) -> Optional[dict]:
+def speed_row(row: Row, settings: AblationSettings) -> Optional[dict]:
+    """The row's cached timing, or (unless ``skip_speed``) a new one."""
     path = osp.join(row.dir, 'speed.json')
     cached = _load(path)
-    setting = dict(key=row.key, shape=args.speed_shape, batch=args.speed_batch)
+    setting = dict(key=row.key, shape=settings.speed_shape, batch=settings.speed_batch)
     if not _matches(cached, **setting):
         cached = None
-    if args.skip_speed or (cached is not None and not args.force and not args.speed_only):
+    if settings.skip_speed or (cached is not None and not settings.force
+                               and not settings.speed_only):
         return cached
-    out = subprocess.run([sys.executable, osp.abspath(__file__), '--speed-worker', row.config,
-                          str(args.speed_shape), str(args.speed_batch)],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, '-c', SPEED_CODE, row.config,
+                          str(settings.speed_shape), str(settings.speed_batch)],
+                         capture_output=True, text=True, cwd=_repo())
     if out.returncode != 0:
         raise RuntimeError(f'timing {row.name} failed:\n{out.stderr[-2000:]}')
     result = dict(setting, **json.loads(out.stdout.strip().splitlines()[-1]))
@@ -293,7 +304,6 @@ def speed_row(row: Row, args) -> Optional[dict]:
     return result
 
 
-# ---------------------------------------------------------------- report
 def _mean_std(values: List[float]) -> Optional[tuple]:
     values = [v for v in values if v is not None]
     if not values:
@@ -312,6 +322,7 @@ def _fmt(stat: Optional[tuple], digits: int = 1) -> str:
 
 
 def summarize(rows: List[dict]) -> List[dict]:
+    """Mean and spread over the seeds of each row's finished runs, in place."""
     for r in rows:
         ok = [run for run in r['runs'] if run['status'] == 'ok']
         r['top1'] = _mean_std([run['top1'] for run in ok])
@@ -325,7 +336,8 @@ def summarize(rows: List[dict]) -> List[dict]:
     return rows
 
 
-def table(rows: List[dict], seeds: List[int]) -> str:
+def table(rows: List[dict]) -> str:
+    """The rows as a Markdown table (``summarize`` first)."""
     from convneur_mm.utils.tables import markdown_table
     body = []
     for r in rows:
@@ -349,6 +361,7 @@ def table(rows: List[dict], seeds: List[int]) -> str:
 
 
 def plot(rows: List[dict], path: str, title: str) -> None:
+    """Top-1 against GFLOPs in two conventions, one marker per row."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -375,78 +388,84 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- main
-def ensure_data(recipe, data_root: str, generator: str) -> None:
+def ensure_data(recipe, data_root: str, generator: str,
+                log: Callable[[str], None] = print) -> None:
+    """Generate the recipe's dataset at ``data_root`` unless it is there."""
     if osp.isfile(osp.join(data_root, 'meta', 'val.txt')):  # written last
         return
-    print(f'generating {data_root} with {generator}', flush=True)
+    log(f'generating {data_root} with {generator}')
     subprocess.run([sys.executable, '-m', generator, data_root,
-                    *recipe.get('data_generator_args', [])], check=True, cwd=REPO)
+                    *recipe.get('data_generator_args', [])], check=True, cwd=_repo())
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.child:
-        run_child(args.child)
-    if args.speed_worker:
-        config, shape, batch = args.speed_worker
-        print(json.dumps(measure_speed(config, int(shape), int(batch))))
-        return 0
-    import convneur_mm  # noqa: F401
+
+
+def run_ablation_table(settings: AblationSettings,
+                       log: Callable[[str], None] = print) -> Tuple[dict, int]:
+    """Train, measure and tabulate the rows; write ``table.md``,
+    ``results.json`` and ``accuracy_vs_gflops.png`` to ``settings.work_dir``.
+
+    Args:
+        settings: the rows, recipe and measurements.
+        log: called with each line of progress and, last, the report.
+
+    Returns:
+        The results (``recipe``, ``seeds``, ``rows``, ``table``) and an exit
+        code: 1 where a row failed or ran out of time (unless ``speed_only``).
+    """
     from convneur_mm.analysis.ablations import ablation_configs
     from convneur_mm.apis.launch import load_config
-    recipe = load_config(args.recipe)
-    data_root = osp.abspath(args.data_root or recipe.train_dataloader.dataset.data_root)
-    if not args.speed_only:
-        ensure_data(recipe, data_root, recipe.get('data_generator', DEFAULT_GENERATOR))
-    configs = args.rows or ablation_configs()
-    rows = [Row(c, recipe, data_root, args.work_dir) for c in configs]
-    print(f'{len(rows)} rows x {len(args.seeds)} seeds, recipe {args.recipe}, '
-          f'data {data_root}, {args.gpus} processes, at most {args.row_minutes:g} min per run',
-          flush=True)
+    if settings.skip_speed and settings.speed_only:
+        raise ValueError('skip_speed and speed_only exclude each other')
+    work_dir = osp.abspath(settings.work_dir)
+    recipe = load_config(settings.recipe)
+    data_root = osp.abspath(settings.data_root or recipe.train_dataloader.dataset.data_root)
+    if not settings.speed_only:
+        ensure_data(recipe, data_root, recipe.get('data_generator', DEFAULT_GENERATOR), log)
+    configs = list(settings.rows) or ablation_configs()
+    rows = [Row(c, recipe, data_root, work_dir) for c in configs]
+    log(f'{len(rows)} rows x {len(settings.seeds)} seeds, recipe {settings.recipe}, '
+        f'data {data_root}, {settings.gpus} processes, at most {settings.row_minutes:g} min '
+        'per run')
     results, start = [], time.time()
     for index, row in enumerate(rows, 1):
         entry = dict(name=row.name, config=row.config, meta=row.meta, runs=[],
-                     cost=measure_row(row, args))
-        for seed in args.seeds:
+                     cost=measure_row(row, settings))
+        for seed in settings.seeds:
             cached = _load(row.run_file(seed))
-            setting = dict(key=row.key, gpus=args.gpus)
+            setting = dict(key=row.key, gpus=settings.gpus)
             if not _matches(cached, status='ok', **setting):
                 cached = None  # another row config, recipe or data; or a failed run: again
             label = f'[{index}/{len(rows)} {row.name} seed {seed}]'
-            if (cached is None or args.force) and not args.speed_only:
-                print(f'{label} training', flush=True)
-                cached = dict(seed=seed, **setting, **train_row(row, seed, args, label))
+            if (cached is None or settings.force) and not settings.speed_only:
+                log(f'{label} training')
+                cached = dict(seed=seed, **setting, **train_row(row, seed, settings, label, log))
                 _save(row.run_file(seed), cached)
-                print(f'{label} {cached["status"]}: top-1 {cached.get("top1", "-")}, '
-                      f'{cached["wall_s"] / 60:.1f} min '
-                      f'({(time.time() - start) / 60:.1f} min since the start)', flush=True)
+                log(f'{label} {cached["status"]}: top-1 {cached.get("top1", "-")}, '
+                    f'{cached["wall_s"] / 60:.1f} min '
+                    f'({(time.time() - start) / 60:.1f} min since the start)')
             entry['runs'].append(cached or dict(seed=seed, status='not run'))
-        entry['speed'] = speed_row(row, args)
+        entry['speed'] = speed_row(row, settings)
         results.append(entry)
     summarize(results)
-    text = table(results, args.seeds)
+    text = table(results)
     speed = next((r['speed'] for r in results if r.get('speed')), None)
-    header = (f'Recipe {args.recipe} ({len(args.seeds)} seed(s): {args.seeds}); MACs at '
-              f'{args.flops_shape}x{args.flops_shape}; throughput: inference, batch '
-              f'{args.speed_batch} at {args.speed_shape}x{args.speed_shape}, fastest of '
-              f'{SPEED_RUNS} calls'
+    header = (f'Recipe {settings.recipe} ({len(settings.seeds)} seed(s): '
+              f'{list(settings.seeds)}); MACs at {settings.flops_shape}x{settings.flops_shape}; '
+              f'throughput: inference, batch {settings.speed_batch} at '
+              f'{settings.speed_shape}x{settings.speed_shape}, fastest of {SPEED_RUNS} calls'
               + (f' on {speed["device"]}' if speed else ' (not timed)')
               + '. Accuracies on the recipe\'s tiny set are a smoke test of learning, '
               'not the paper\'s ImageNet numbers.')
-    print('\n' + header + '\n\n' + text)
-    with open(osp.join(args.work_dir, 'table.md'), 'w') as f:
+    log('\n' + header + '\n\n' + text)
+    with open(osp.join(work_dir, 'table.md'), 'w') as f:
         f.write(header + '\n\n' + text + '\n')
-    _save(osp.join(args.work_dir, 'results.json'), dict(
-        recipe=args.recipe, seeds=args.seeds, rows=results))
-    plot(results, osp.join(args.work_dir, 'accuracy_vs_gflops.png'), args.title)
-    print(f'\nplot: {osp.join(args.work_dir, "accuracy_vs_gflops.png")}')
+    report = dict(recipe=settings.recipe, seeds=list(settings.seeds), rows=results)
+    _save(osp.join(work_dir, 'results.json'), report)
+    plot(results, osp.join(work_dir, 'accuracy_vs_gflops.png'), settings.title)
+    log(f'\nplot: {osp.join(settings.work_dir, "accuracy_vs_gflops.png")}')
     incomplete = [r['name'] for r in results if r['failed'] or r['top1'] is None]
-    if incomplete and not args.speed_only:
+    if incomplete and not settings.speed_only:
         print(f'incomplete rows: {incomplete}', file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+        return dict(report, table=text), 1
+    return dict(report, table=text), 0

@@ -1,32 +1,22 @@
 """Backbone forward time and peak memory against input resolution.
 
-    python tools/analysis_tools/resolution_scaling.py [--device cpu|cuda]
-        [--sizes 224 512 1024 1536 2048] [--budget 120] [--memory-budget 12000]
-        [--models NAME ...] [--out-dir DIR]
-
 Models: ConvNeur-M3 with the dense-prediction memory setting (chunk 4096),
 the same backbone with every other global-branch type of Table 5 in place of
 the memory (self-attention, CBAM, Non-local, IR-RWKV, Titans), local-only,
-and Swin-T. Each (model, size) runs in its own subprocess (peak memory is its
+and Swin-T. Each (model, size) runs in its own process (peak memory is its
 own). A run whose time or peak memory, extrapolated from the smaller sizes,
-would exceed ``--budget`` seconds or ``--memory-budget`` MB is skipped and
-reported with the prediction. Prints a Markdown table, the fitted exponent of
-time and of peak memory against pixel count and t(2048^2) / t(1024^2), and
-writes a PNG plot.
+would exceed a limit is skipped and reported with the prediction. The report
+gives the fitted exponent of time and of peak memory against pixel count and
+t(2048^2) / t(1024^2), and a figure.
 """
-import argparse
-import json
 import math
-import os.path as osp
-import subprocess
-import sys
 import textwrap
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from convneur_mm.analysis.bench_env import (PeakMemoryGrowth,  # noqa: E402
-                                         setup_benchmark_device, time_calls)
+from convneur_mm.analysis.bench_env import PeakMemoryGrowth, setup_benchmark_device, time_calls
+from convneur_mm.analysis.isolated import run_isolated
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -43,27 +33,13 @@ MODELS = {
 }
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 512, 1024, 1536, 2048])
-    parser.add_argument('--budget', type=float, default=120.0,
-                        help='skip runs predicted to take longer (seconds per forward)')
-    parser.add_argument('--memory-budget', type=float, default=12000.0,
-                        help='skip runs predicted to need more peak memory (MB)')
-    parser.add_argument('--iters', type=int, default=2)
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    parser.add_argument('--out-dir', default='work_dirs/resolution_scaling')
-    parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)  # name H W
-    return parser.parse_args()
-
-
 @torch.inference_mode()
-def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
-    """One backbone forward at ``size``, in a fresh process."""
+def measure(name: str, size: Sequence[int], device: str, iters: int) -> Dict:
+    """The fastest of ``iters`` backbone forwards at ``size`` (H, W) after a
+    warm-up one, and the peak memory they add (run it in a fresh process)."""
     import convneur_mm  # noqa: F401
     from mmengine.registry import init_default_scope
+    setup_benchmark_device(device)
     scope, cfg = MODELS[name]
     init_default_scope(scope)
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
@@ -78,7 +54,7 @@ def measure(name: str, size: Tuple[int, int], device: str, iters: int) -> Dict:
 def fit_exponent(points: List[Tuple[float, float]]) -> Optional[float]:
     """Least-squares slope of log(time) against log(pixels); None unless the
     points span at least 2x in pixels (1024^2 and 800x1333 alone differ by 2%,
-    and their slope is noise: it once predicted 10^12 s for 2048^2)."""
+    and their slope is noise)."""
     pixels = [p for p, _ in points]
     if len(points) < 2 or max(pixels) < 2 * min(pixels):
         return None
@@ -99,39 +75,49 @@ def predict(done: List[Tuple[float, float]], pixels: float) -> Optional[float]:
     return done[-1][1] * (pixels / done[-1][0]) ** max(exponent, 1.0)
 
 
-def run_all(args) -> List[Dict]:
-    shapes = [(s, s) for s in sorted(args.sizes)] + [(800, 1333)]
+def run_all(models: Sequence[str], sizes: Sequence[int], device: str, iters: int = 2,
+            max_seconds: float = 120.0, max_memory_mb: float = 12000.0,
+            detection_size: bool = True, log: Callable[[str], None] = print) -> List[Dict]:
+    """Each model at each square size and (``detection_size``) COCO's
+    800x1333, smallest first, each
+    (model, size) in its own process; a size whose time per forward or peak
+    memory, extrapolated from the smaller ones, exceeds ``max_seconds`` or
+    ``max_memory_mb`` is skipped with its prediction; a size whose process
+    fails is recorded with the error."""
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f'unknown models {unknown}; known: {list(MODELS)}')
+    shapes = [(s, s) for s in sorted(sizes)] + ([(800, 1333)] if detection_size else [])
     shapes.sort(key=lambda s: s[0] * s[1])
     results = []
-    for name in args.models:
+    for name in models:
         times: List[Tuple[float, float]] = []
         peaks: List[Tuple[float, float]] = []
         for shape in shapes:
             pixels = shape[0] * shape[1]
             seconds, peak = predict(times, pixels), predict(peaks, pixels)
-            if (seconds or 0) > args.budget or (peak or 0) > args.memory_budget:
+            if (seconds or 0) > max_seconds or (peak or 0) > max_memory_mb:
                 results.append(dict(name=name, size=list(shape), skipped=seconds,
                                     skipped_mb=peak))
-                print(f'{name} {shape}: skipped (predicted {seconds:.0f} s, {peak:.0f} MB)',
-                      file=sys.stderr)
+                log(f'{name} {shape}: skipped (predicted {seconds or 0:.0f} s, '
+                    f'{peak or 0:.0f} MB)')
                 continue
-            cmd = [sys.executable, __file__, '--worker', name, str(shape[0]), str(shape[1]),
-                   '--device', args.device, '--iters', str(args.iters)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
+            try:
+                result = run_isolated(__file__, 'measure', dict(
+                    name=name, size=list(shape), device=device, iters=iters))
+            except RuntimeError as error:
                 results.append(dict(name=name, size=list(shape),
-                                    error=out.stderr.strip().splitlines()[-1][:200]))
+                                    error=str(error).strip().splitlines()[-1][:200]))
                 continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(result)
             times.append((pixels, result['seconds']))
             peaks.append((pixels, max(result['peak_mb'], 1.0)))
-            print(f'{name} {shape}: {result["seconds"]:.2f}s, {result["peak_mb"]:.0f} MB',
-                  file=sys.stderr)
+            log(f'{name} {shape}: {result["seconds"]:.2f}s, {result["peak_mb"]:.0f} MB')
     return results
 
 
 def summarize(results: List[Dict]) -> Dict[str, Dict]:
+    """Per model: the exponents of time and peak memory in pixels, t(2048^2) / t(1024^2)."""
     summary = {}
     for name in dict.fromkeys(r['name'] for r in results):
         rows = {tuple(r['size']): r for r in results if r['name'] == name and 'seconds' in r}
@@ -148,6 +134,7 @@ def summarize(results: List[Dict]) -> Dict[str, Dict]:
 
 
 def table(results: List[Dict], summary: Dict[str, Dict]) -> str:
+    """Markdown: every (model, size) row, then the fitted exponents."""
     lines = ['| model | input | time (s) | peak mem (MB) |', '|---|---|---|---|']
     for r in results:
         size = f'{r["size"][0]}x{r["size"][1]}'
@@ -205,26 +192,3 @@ def plot(results: List[Dict], path: str, device: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main():
-    args = parse_args()
-    device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
-    if args.worker:
-        name, h, w = args.worker
-        print(json.dumps(measure(name, (int(h), int(w)), args.device, args.iters)))
-        return
-    import os
-    os.makedirs(args.out_dir, exist_ok=True)
-    results = run_all(args)
-    summary = summarize(results)
-    print(f'Device: {device}\n')
-    print(table(results, summary))
-    with open(osp.join(args.out_dir, 'results.json'), 'w') as f:
-        json.dump(dict(device=device, results=results, summary=summary), f, indent=1)
-    plot(results, osp.join(args.out_dir, 'resolution_scaling.png'), device)
-    print(f'\nplot: {osp.join(args.out_dir, "resolution_scaling.png")}')
-
-
-if __name__ == '__main__':
-    main()

@@ -1,8 +1,5 @@
 """Stage-wise global-to-local modulation maps, like the paper's Figure 4.
 
-    python tools/analysis_tools/visualize_gates.py IMAGE CONFIG [CHECKPOINT]
-        [--out gates.png] [--short-side 512]
-
 For the first block of every stage (where the memory sits) the panels show
 the local features F_loc, the gated features F_out = sigmoid(G) * F_loc, and
 the influence map |F_out - F_loc| summed over channels, each upsampled onto
@@ -10,29 +7,13 @@ the image. Works with any of our classification, detection or segmentation
 configs; without a checkpoint the weights are random (the maps then show the
 architecture, not learned behaviour).
 """
-import argparse
-import os.path as osp
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
 import torch
 
-import convneur_mm  # noqa: F401
 from convneur_mm.models.layers.block import ConvNeurBlock
-from convneur_mm.apis.launch import load_config
-from convneur_mm.apis.toolbox import build_model
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('image')
-    parser.add_argument('config')
-    parser.add_argument('checkpoint', nargs='?')
-    parser.add_argument('--out', default='gates.png')
-    parser.add_argument('--short-side', type=int, default=512)
-    return parser.parse_args()
 
 
 def load_image(path: str, short_side: int) -> np.ndarray:
@@ -73,7 +54,8 @@ def _overlay(image: np.ndarray, heat: torch.Tensor) -> np.ndarray:
     return cv2.addWeighted(image, 0.45, colour, 0.55, 0)
 
 
-def render(image: np.ndarray, maps: List[Dict[str, torch.Tensor]], path: str) -> None:
+def plot_gate_maps(image: np.ndarray, maps: List[Dict[str, torch.Tensor]], path: str) -> None:
+    """One column per stage, the rows F_loc, F_out and the influence, over the image."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -96,23 +78,33 @@ def render(image: np.ndarray, maps: List[Dict[str, torch.Tensor]], path: str) ->
     plt.close(fig)
 
 
-def main():
-    args = parse_args()
-    cfg = load_config(args.config)
-    model = build_model(cfg, init=args.checkpoint is None)
-    if args.checkpoint:
+def visualize_gates(image: str, config: str, checkpoint: Optional[str], out: str,
+                    short_side: int = 512) -> int:
+    """Draw the gate panels of ``config``'s backbone on ``image`` into ``out``.
+
+    Args:
+        image: an image file.
+        config: any of our configs (path, or name of a shipped config).
+        checkpoint: the model's weights (strictly loaded), or None: random.
+        out: the figure's path.
+        short_side: the image's short side after resizing.
+
+    Returns:
+        The number of stages drawn.
+    """
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
+    cfg = load_config(config)
+    model = build_model(cfg, init=checkpoint is None)
+    if checkpoint:
         from mmengine.runner import load_checkpoint
-        load_checkpoint(model, args.checkpoint, map_location='cpu', strict=True)
+        load_checkpoint(model, checkpoint, map_location='cpu', strict=True)
     model.eval()
-    image = load_image(args.image, args.short_side)
-    tensor = torch.from_numpy(image).permute(2, 0, 1).contiguous()
+    picture = load_image(image, short_side)
+    tensor = torch.from_numpy(picture).permute(2, 0, 1).contiguous()
     inputs = model.data_preprocessor(dict(inputs=[tensor]), training=False)['inputs']
     maps = gate_maps(model.backbone, inputs)
     if not maps:
-        raise RuntimeError('the backbone has no global branch to visualize')
-    render(image, maps, args.out)
-    print(f'wrote {osp.abspath(args.out)} ({len(maps)} stages)')
-
-
-if __name__ == '__main__':
-    main()
+        raise ValueError(f'{config}: the backbone has no global branch to visualize')
+    plot_gate_maps(picture, maps, out)
+    return len(maps)

@@ -1,46 +1,33 @@
-"""Throughput, latency, FLOPs, params and peak memory of ConvNeur and peers.
+"""Throughput, latency, FLOPs, params and peak memory of ConvNeur and its peers.
 
-    python tools/analysis_tools/benchmark_speed.py [--device cpu|cuda] [--batch B]
-        [--models NAME ...] [--modes eager compiled bf16] [--rounds N]
-        [--out results.json]
+All models are ImageNet classifiers in eval mode, built from MMPretrain
+(ResNet-50, ConvNeXt, Swin-T), MMDetection (PVTv2-B1: MMPretrain has no PVT)
+and our configs. Each model is measured in its own process
+(``isolated.run_isolated``) so that its peak memory is its own; the ratios
+come from one run. The protocol follows the OverLoCK paper's speed table:
+throughput at batch 128 on a GPU (16 on a CPU) and latency at batch 1, 224x224.
 
-All models are ImageNet classifiers at 224x224 in eval mode, built in this
-process tree from MMPretrain (ResNet-50, ConvNeXt, Swin-T), MMDetection
-(PVTv2-B1: MMPretrain has no PVT) and our configs. Each model is measured in
-its own subprocess so that peak memory is its own; the ratios come from this
-one run. The protocol follows the OverLoCK paper's speed table: throughput at
-batch 128 on a GPU (``--batch`` on CPU, default 16) and latency at batch 1.
+The report also bounds ConvNeur-M3 by the device's best GEMM rate (one large
+product timed in the same run): its local network's measured time (the
+local-only ablation, in the same mode) plus its global branches' matrix-product
+FLOPs at that rate, and M3's measured throughput as a fraction of that bound.
 
-It also times one large matrix product (the device's best GEMM rate, in the
-same run) and prints the throughput ConvNeur-M3 cannot exceed on this device:
-its local network's measured time (the local-only ablation, in the same mode)
-plus its global branches' matrix-product FLOPs at that best rate, and M3's
-measured throughput as a fraction of that bound.
-
-Modes (``--modes``, each model and mode in its own process): ``eager``
-float32; ``compiled``, the model's backbone, neck and head through
-``torch.compile`` (``convneur_mm.engine.compile``, static shapes: each batch
-size compiles once, in the warm-up call, whose time is reported); ``bf16``,
-eager under bfloat16 autocast (the memory's inner loop stays float32), with
-the relative error of its logits against float32 on the same batch. The
-bound is a float32 bound; bf16 is reported as a speed-up of its own.
+Modes: ``eager`` float32; ``bf16``, eager under bfloat16 autocast (the
+memory's inner loop stays float32), with the relative error of its logits
+against float32 on the same batch. The bound is a float32 bound. Compiled
+throughput, measured against eager in turns, is ``compiled``'s.
 """
-import argparse
-import json
-import subprocess
-import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer, median,
-                                            peak_gemm_rate, setup_benchmark_device, time_call,
-                                            time_calls)
-from convneur_mm.utils.cli import positive_int, writable_file
+                                            setup_benchmark_device, time_call, time_calls)
+from convneur_mm.analysis.isolated import run_isolated
 from convneur_mm.utils.tables import markdown_table
 
-MODES = ('eager', 'compiled', 'bf16')
+MODES = ('eager', 'bf16')
 
 # name -> (config, cfg_options); 'mmdet-pvtv2-b1' is built by hand below
 MODELS = {
@@ -56,25 +43,6 @@ MODELS = {
     'Swin-T': ('mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py', None),
     'PVTv2-B1': ('mmdet-pvtv2-b1', None),
 }
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--batch', type=positive_int,
-                        help='throughput batch (CPU 16, CUDA 128)')
-    parser.add_argument('--iters', type=positive_int, default=3, help='timed iterations')
-    parser.add_argument('--rounds', type=positive_int, default=1,
-                        help='measure every model this many times, in turns, and '
-                        'keep each one\'s best round (load on a shared machine only slows)')
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
-    parser.add_argument('--modes', nargs='+', default=['eager'], choices=MODES)
-    parser.add_argument('--out', type=writable_file,
-                        help='also write the results as JSON here (checked at start)')
-    parser.add_argument('--worker', help=argparse.SUPPRESS)  # internal: measure one model
-    parser.add_argument('--mode', default='eager', choices=MODES, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
 
 
 class _PVTv2Classifier(nn.Module):
@@ -109,8 +77,7 @@ def build_classifier(name: str) -> Tuple[Callable, nn.Module]:
 
 
 def _timed(fn: Callable, x: torch.Tensor, iters: int, device: str) -> Tuple[List[float], float]:
-    """Seconds of ``iters`` calls, and the seconds of the warm-up call before
-    them (for a compiled model: its compilation)."""
+    """Seconds of ``iters`` calls, and the seconds of the warm-up call before them."""
     warm_up = time_call(lambda: fn(x), device)
     return time_calls(lambda: fn(x), iters, device), warm_up
 
@@ -183,42 +150,37 @@ def _relative_error(fn: Callable, reference: Callable, x: torch.Tensor) -> float
 
 
 @torch.inference_mode()
-def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager') -> Dict:
-    """Run in a fresh process: every number about one model in one mode."""
+def measure(name: str, device: str, batch: int, iters: int, mode: str = 'eager',
+            size: int = 224) -> Dict:
+    """Every number about one model in one mode (run it in a fresh process:
+    ``run_all``), at ``size`` x ``size``."""
     import convneur_mm  # noqa: F401
     from convneur_mm.models.layers.global_branch import GlobalBranch
     from convneur_mm.analysis.complexity import count_macs, count_params
+    setup_benchmark_device(device)  # TF32 off on CUDA, in this process too
     torch.manual_seed(0)
     eager_fn, model = build_classifier(name)
     model = model.to(device)
     model.eval()  # some toolbox models' train() returns None
-    one = torch.randn(1, 3, 224, 224, device=device)
+    one = torch.randn(1, 3, size, size, device=device)
     macs = count_macs(model, lambda: eager_fn(one))
     branch_macs = 0
     branches = [m for m in model.modules() if isinstance(m, GlobalBranch)]
     if branches:  # the branches' own full MACs, counted on their real inputs
         branch_macs = sum(count_macs(m, lambda m=m, t=t: m(t))['full']
                           for m, t in _global_branch_inputs(model, eager_fn, one))
-    x = torch.randn(batch, 3, 224, 224, device=device)
+    x = torch.randn(batch, 3, size, size, device=device)
     extra = {}
     if mode == 'bf16':
         extra['relative_error'] = _relative_error(_in_mode(eager_fn, mode, device), eager_fn, x)
-    if mode == 'compiled':
-        from convneur_mm.engine.compile import compile_model
-        compile_model(model)  # as --compile, in place: eager_fn now runs compiled
     fn = _in_mode(eager_fn, mode, device)
-    if mode == 'compiled':  # compile first: the window is inference's, not the compiler's
-        compile_s = time_call(lambda: fn(x), device)
     memory = PeakMemoryGrowth(device)
     through, warm_up = _timed(fn, x, iters, device)
     latency, _ = _timed(fn, one, max(iters, 5), device)
-    peak_mb = memory.mib()  # the window opened after compiling: not the compiler's peak
-    if mode == 'compiled':
-        warm_up = compile_s
+    peak_mb = memory.mib()
     seconds = median(through)
-    # hooks would make a compiled model recompile with them: eager modes only
     branch_seconds, inputs = (_global_branch_seconds(model, fn, x, device)
-                              if branches and mode != 'compiled' else (None, []))
+                              if branches else (None, []))
     if branches and mode == 'eager':
         products, total = _global_branch_times(inputs, device)
         extra['branch_gemm_s_per_image'] = products / batch
@@ -238,28 +200,29 @@ def m3_throughput_bound(local_throughput: float, branch_macs: float, gemm_rate: 
     return 1.0 / (1.0 / local_throughput + 2.0 * branch_macs / gemm_rate)
 
 
-def throughput_batch(args) -> int:
-    """``--batch``, else the OverLoCK protocol's 128 on a GPU and 16 on a CPU."""
-    if args.batch is not None:
-        return args.batch
-    return 128 if args.device.startswith('cuda') else 16
+def throughput_batch(device: str, batch: Optional[int] = None) -> int:
+    """``batch``, else the OverLoCK protocol's 128 on a GPU and 16 on a CPU."""
+    if batch is not None:
+        return batch
+    return 128 if device.startswith('cuda') else 16
 
 
-def run_all(args) -> List[Dict]:
-    """Every (model, mode) in its own process, ``--rounds`` times in turns."""
-    batch = throughput_batch(args)
-    runs = [(name, mode) for mode in args.modes for name in args.models]
-    rounds: Dict[Tuple[str, str], List[Dict]] = {run: [] for run in runs}
-    for _ in range(args.rounds):
+def run_all(models: Sequence[str], modes: Sequence[str], device: str, batch: int, iters: int,
+            rounds: int = 1, size: int = 224, log: Callable[[str], None] = print) -> List[Dict]:
+    """Every (model, mode) in its own process, ``rounds`` times in turns; each
+    one's best round (``best_round``)."""
+    unknown = [m for m in models if m not in MODELS] + [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f'unknown models or modes {unknown}; models: {list(MODELS)}, '
+                         f'modes: {list(MODES)}')
+    runs = [(name, mode) for mode in modes for name in models]
+    results: Dict[Tuple[str, str], List[Dict]] = {run: [] for run in runs}
+    for _ in range(rounds):
         for name, mode in runs:
-            cmd = [sys.executable, __file__, '--worker', name, '--mode', mode,
-                   '--device', args.device, '--batch', str(batch), '--iters', str(args.iters)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f'{name} ({mode}) failed:\n{out.stderr[-3000:]}')
-            rounds[(name, mode)].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f'measured {name} ({mode})', file=sys.stderr)
-    return [best_round(results) for results in rounds.values()]
+            results[(name, mode)].append(run_isolated(__file__, 'measure', dict(
+                name=name, device=device, batch=batch, iters=iters, mode=mode, size=size)))
+            log(f'measured {name} ({mode})')
+    return [best_round(r) for r in results.values()]
 
 
 def _mib(value: Optional[float]) -> str:
@@ -277,14 +240,14 @@ def best_round(results: List[Dict]) -> Dict:
 
 
 def report(results: List[Dict], device: str, batch: int,
-           gemm_rate: Optional[float] = None) -> str:
+           gemm_rate: Optional[float] = None, size: int = 224) -> str:
     """``device``: its description from ``setup_benchmark_device``;
     ``gemm_rate``: the device's best GEMM FLOP/s (``peak_gemm_rate``).
     One table per mode, then a comparison of the modes."""
     modes = [m for m in MODES if any(r.get('mode', 'eager') == m for r in results)]
     rounds = max(r.get('rounds', 1) for r in results)
     lines = [f'Device: {device}; throughput at batch {batch}, latency at '
-             f'batch 1, 224x224, eval mode; best of {rounds} round(s).']
+             f'batch 1, {size}x{size}, eval mode; best of {rounds} round(s).']
     for mode in modes:
         lines += [''] + _mode_report([r for r in results if r.get('mode', 'eager') == mode],
                                      mode, gemm_rate)
@@ -293,7 +256,7 @@ def report(results: List[Dict], device: str, batch: int,
     return '\n'.join(lines)
 
 
-MODE_TITLES = {'eager': 'eager, float32', 'compiled': 'torch.compile, float32',
+MODE_TITLES = {'eager': 'eager, float32',
                'bf16': 'eager, bfloat16 autocast (memory inner loop float32)'}
 
 
@@ -325,7 +288,7 @@ def _mode_report(results: List[Dict], mode: str, gemm_rate: Optional[float]) -> 
     if m3 and ref:
         lines.append(f'ConvNeur-M3 throughput / ResNet-50: '
                      f'{m3["throughput"] / ref["throughput"]:.2f}x (target >= 1.5x).')
-    if m3 and local and gemm_rate and mode != 'bf16':
+    if m3 and local and gemm_rate and mode == 'eager':
         branch_macs = m3['branch_mac_share'] * m3['full_macs']
         bound = m3_throughput_bound(local['throughput'], branch_macs, gemm_rate)
         lines.append(
@@ -359,14 +322,13 @@ def _gemm_shape_bound(m3: Dict, local: Dict, branch_macs: float, gemm_rate: floa
 
 
 def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
-    """Throughput per mode, speed-ups over eager, bf16's error, compile time."""
+    """Throughput per mode, speed-ups over eager, bf16's error."""
     table: Dict[str, Dict[str, Dict]] = {}
     for r in results:
         table.setdefault(r['name'], {})[r.get('mode', 'eager')] = r
     head = ['model'] + [f'{m} (img/s)' for m in modes]
     head += [f'{m} / eager' for m in modes if m != 'eager'] if 'eager' in modes else []
     head += ['bf16 logits rel. error'] if 'bf16' in modes else []
-    head += ['compile time (s, throughput batch)'] if 'compiled' in modes else []
     rows = []
     for name, per_mode in table.items():
         cells = [name] + [f'{per_mode[m]["throughput"]:.1f}' if m in per_mode else '-'
@@ -378,29 +340,6 @@ def _mode_comparison(results: List[Dict], modes: List[str]) -> List[str]:
         if 'bf16' in modes:
             cells.append(f'{100 * per_mode["bf16"]["relative_error"]:.2f}%'
                          if 'bf16' in per_mode else '-')
-        if 'compiled' in modes:
-            cells.append(f'{per_mode["compiled"]["warm_up_s"]:.0f}'
-                         if 'compiled' in per_mode else '-')
         rows.append(cells)
     return ['**modes compared** (throughput at the batch above; ratios from this run)', '',
             markdown_table(head, rows)]
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    args = parse_args(argv)
-    device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
-    if args.worker:
-        print(json.dumps(measure(args.worker, args.device, args.batch, args.iters, args.mode)))
-        return
-    results = run_all(args)
-    gemm_rate = peak_gemm_rate(args.device)
-    batch = throughput_batch(args)
-    print(report(results, device, batch, gemm_rate))
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(device=device, batch=batch, gemm_flops_per_s=gemm_rate,
-                           results=results), f, indent=1)
-
-
-if __name__ == '__main__':
-    main()

@@ -5,7 +5,7 @@
 # (tools/dist_test.sh, 2 gloo processes) and CLS_RUNS times the classification
 # demo (tools/dist_train.sh + tools/dist_test.sh), and counts non-zero exits.
 #
-#   tools/analysis_tools/exit_code_soak.sh WORK_DIR
+#   .dev_scripts/exit_code_soak.sh WORK_DIR
 #
 # Variables: SEG_RUNS (30), CLS_RUNS (10), LOAD (busy processes beside the
 # runs, 1), RUN_TIMEOUT (s per tool run, 1800: a hang counts as a failure),
@@ -26,7 +26,7 @@ if [ $# -ne 1 ] || [[ $1 == -* ]]; then  # an option is no WORK_DIR
     echo "$USAGE" >&2
     exit 2
 fi
-HERE=$(cd "$(dirname "$0")/../.." && pwd)
+HERE=$(cd "$(dirname "$0")/.." && pwd)
 # no errexit here (the runs' exit codes are counted): an unusable directory
 # stops the soak before it writes anywhere else
 REPO=$(cd "${REPO_UNDER_TEST:-$HERE}" && pwd) ||

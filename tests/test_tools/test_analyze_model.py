@@ -1,0 +1,155 @@
+"""tools/analysis_tools/analyze_model.py: the documented commands parse, and
+the fast tasks run at tiny sizes (several in one call, with ``--json``)."""
+import json
+import os
+import os.path as osp
+import re
+import shlex
+import subprocess
+import sys
+from typing import List
+
+import cv2
+import numpy as np
+import pytest
+
+from ..markdown import table_rows
+from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
+
+TOOL = osp.join(ANALYSIS_TOOLS, 'analyze_model.py')
+DOCS = [osp.join(REPO, 'tools', 'README.md'),
+        osp.join(REPO, 'docs', 'user_guides', 'useful_tools.md')]
+analyze_model = import_analysis_tool('analyze_model')
+
+
+def documented_commands(doc: str, tool: str = 'analyze_model.py') -> List[List[str]]:
+    """The arguments of every ``tool`` command in the fenced code blocks of
+    ``doc`` (continued lines joined, comments dropped)."""
+    with open(doc, encoding='utf-8') as f:
+        blocks = re.findall(r'```[a-z]*\n(.*?)```', f.read(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace('\\\n', ' ').splitlines():
+            words = shlex.split(line, comments=True)
+            found = [i for i, word in enumerate(words) if word.endswith(tool)]
+            if found:
+                commands.append(words[found[0] + 1:])
+    return commands
+
+
+@pytest.mark.parametrize('doc', DOCS, ids=osp.basename)
+def test_every_documented_command_parses(doc):
+    commands = documented_commands(doc)
+    assert commands, f'{doc} shows no analyze_model.py command'
+    for argv in commands:
+        analyze_model.parse_args(argv)  # a usage error exits 2
+
+
+def test_every_task_is_documented_with_a_command():
+    tasks = {task for doc in DOCS for argv in documented_commands(doc)
+             for task in analyze_model.parse_args(argv).tasks}
+    assert tasks == set(analyze_model.TASKS)
+
+
+@pytest.mark.parametrize('argv,error', [
+    (['--tasks', 'flops'], 'needs a CONFIG or --table5'),
+    (['--tasks', 'flops', 'opps'], "give tasks out of flops, ops, "),
+    (['--tasks', 'flops', 'a.py', 'ops'], "got ['flops', 'a.py', 'ops']"),
+    (['--tasks', 'gates', 'cls_convneur_m1_300e_in1k.py'], 'needs --image'),
+    (['--tasks', 'compilations'], '--tasks compilations needs a CONFIG'),
+    (['--tasks', 'ops', '--device', 'cuda'], 'cpu or meta, not cuda'),
+    (['--tasks', 'erf', '--checkpoints', 'a.pth'], 'one per --models entry'),
+    (['--tasks', 'ops', '--size', '0'], 'must be a positive integer'),
+    (['--tasks', 'ops', '--out', 'erf.png'], 'unrecognized arguments: --out'),  # no --out-dir
+    (['--tasks', 'ablation-table', '--skip-speed', '--speed-only'], 'not allowed with'),
+    (['--tasks', 'ops', '--json', '/nonexistent/x.json'], 'does not exist'),
+])
+def test_impossible_options_are_usage_errors(argv, error, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        analyze_model.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+def test_fast_tasks_in_one_call_write_one_json(tmp_path, capsys):
+    """flops, ops, erf and gates at tiny sizes; a shared option not given
+    takes each task's default (ops' batch 1)."""
+    image = tmp_path / 'image.jpg'
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (70, 90, 3),
+                                                              dtype=np.uint8))
+    out = tmp_path / 'out.json'
+    rc = analyze_model.main([
+        '--tasks', 'flops', 'ops', 'erf', 'gates', 'cls_convneur_m1_300e_in1k.py',
+        '--shape', '64', '--size', '64', '--device', 'meta', '--arch', 'm1', '--num-images', '1',
+        '--models', 'ConvNeur-M3 local-only', '--image', str(image),
+        '--out-dir', str(tmp_path / 'figures'), '--json', str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert [line for line in text.splitlines() if line.startswith('## ')] == [
+        '## flops', '## ops', '## erf', '## gates']
+    results = json.loads(out.read_text())
+    assert list(results) == ['flops', 'ops', 'erf', 'gates']
+    part = results['flops']['parts']['cls_convneur_m1_300e_in1k.py']
+    assert part['shape'] == [64, 64] and 0 < part['backbone']['full'] < part['whole']['full']
+    assert 'ConvNeur-M1, batch 1 at 64x64, eager, meta' in text
+    assert results['ops']['this tree']['inference']['kernels'] > 0
+    shares = results['erf']['area_shares']['ConvNeur-M3 local-only']
+    assert list(shares) == ['0.2', '0.5', '0.9'] and shares['0.2'] < shares['0.9'] <= 1
+    assert cv2.imread(results['erf']['figure']) is not None
+    gates = results['gates']['cls_convneur_m1_300e_in1k.py']
+    assert gates['stages'] == 4 and f'wrote {gates["figure"]} (4 stages)' in text
+    panels = cv2.imread(gates['figure'])
+    assert panels is not None and panels.shape[1] > panels.shape[0]  # 4 columns x 3 rows
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, osp.join(ANALYSIS_TOOLS, script), *args],
+                          capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def test_table5_rows_with_every_convention():
+    out = _run('analyze_model.py', '--tasks', 'flops',
+               'ablations/cls_convneur_m3_nonlocal_300e_in1k.py',
+               'ablations/cls_convneur_m3_cbam_300e_in1k.py', '--shape', '224')
+    assert out.returncode == 0, out.stderr[-2000:]
+    # | row | config | params | paper GFLOPs | ours: paper | paper + matmul | full |
+    nonlocal_, cbam = (row for row in table_rows(out.stdout) if row[0].startswith('('))
+    assert nonlocal_[0] == '(4) Non-local [68]' and nonlocal_[3] == '3.0'
+    assert float(nonlocal_[4]) < 1.7 < 2.9 < float(nonlocal_[5]) < 3.0  # matmul counted
+    assert cbam[0] == '(3) CBAM [69]' and float(cbam[4]) == float(cbam[5])
+
+
+def test_other_configs_each_at_their_own_shape_beside_the_rows():
+    """A segmentor and a classifier (no Table 5 row): each its backbone and
+    whole model at its task's shape; a row config beside them still goes to
+    the rows table."""
+    out = _run('analyze_model.py', '--tasks', 'flops', 'fpn_convneur_m2_80k_ade20k.py',
+               'cls_convneur_m4_300e_in1k.py', 'ablations/cls_convneur_m3_cbam_300e_in1k.py')
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert 'fpn_convneur_m2_80k_ade20k.py  (' in text and 'input 1x3x512x2048)' in text
+    assert 'cls_convneur_m4_300e_in1k.py  (' in text and 'input 1x3x224x224)' in text
+    parts = [row[0] for row in table_rows(text)]
+    assert parts.count('backbone') == 2 and parts.count('whole') == 2
+    rows = [row for row in table_rows(text) if row[0].startswith('(')]
+    assert len(rows) == 1 and rows[0][0] == '(3) CBAM [69]'
+    assert 'Table 5 rows, whole models, input 1x3x224x224' in text
+
+
+def test_configs_after_the_tasks_are_configs():
+    args = analyze_model.parse_args(['--tasks', 'flops', 'ops', 'a.py', 'b.py', '--top', '3'])
+    assert args.tasks == ['flops', 'ops'] and args.configs == ['a.py', 'b.py']
+    args = analyze_model.parse_args(['c.py', '--tasks', 'flops', 'a.py'])
+    assert args.configs == ['a.py', 'c.py']
+
+
+@pytest.mark.slow
+def test_compilations_task_prints_each_image_and_the_summary(capsys):
+    """Two images of the Semantic FPN config: Dynamo's tracing (tens of seconds)."""
+    assert analyze_model.main(['--tasks', 'compilations', 'fpn_convneur_m2_80k_ade20k.py',
+                               '--num-images', '2']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith('image ') for line in lines) == 2
+    assert re.fullmatch(r'2 images, \d distinct input shapes, \d+ graph\(s\) compiled for 3 '
+                        r'part\(s\)', lines[-1]), lines[-1]

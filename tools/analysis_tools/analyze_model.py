@@ -1,0 +1,245 @@
+"""Analyses of a model, by task; several tasks in one call.
+
+    python tools/analysis_tools/analyze_model.py --tasks TASK [TASK ...] [CONFIG ...]
+        [options] [--json PATH]
+
+  flops           params and MACs in three conventions (CONFIGs, or --table5)
+  ops             ATen ops, bytes moved and bytes held of a global branch (--before PATH)
+  compilations    graphs that --compile builds while evaluating each CONFIG's image sizes
+  fp16-headroom   the fp16 loss scale each CONFIG's training step can take
+  erf             effective receptive fields of --models
+  gates           the Figure 4 gate panels of each CONFIG on --image
+  ablation-table  trains and evaluates the Table 5 rows (CONFIGs: the rows; default all)
+
+Options shared by tasks take each task's default when not given. The
+library functions are in convneur_mm/analysis/; docs/user_guides/useful_tools.md
+says what each task prints.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+from typing import Callable, Dict, List, Optional
+
+from mmengine.config import DictAction
+
+from convneur_mm.utils.cli import positive_float, positive_int, writable_dir, writable_file
+
+TASKS = ('flops', 'ops', 'compilations', 'fp16-headroom', 'erf', 'gates', 'ablation-table')
+NEEDS_CONFIG = ('compilations', 'fp16-headroom', 'gates')
+# shared options whose default depends on the task
+DEFAULTS = dict(size=dict(ops=224, erf=512), batch=dict(ops=1), device=dict(ops='cpu'),
+                top={'ops': 8, 'fp16-headroom': 5}, num_images=dict(compilations=24, erf=16))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    from convneur_mm.analysis.ablation_table import DEFAULT_RECIPE
+    from convneur_mm.analysis.receptive_field import BACKBONES
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--tasks', nargs='+', required=True, metavar='TASK',
+                   help=f'one or more of {", ".join(TASKS)}')
+    p.add_argument('configs', nargs='*', help='config files (paths, or names of shipped configs)')
+    p.add_argument('--json', type=writable_file, metavar='PATH', help='write every result here')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                   help='config overrides, key=value (flops, fp16-headroom)')
+    p.add_argument('--seed', type=int, default=0, help='compilations, fp16-headroom')
+    p.add_argument('--device', help="ops: cpu or meta (cpu); fp16-headroom: cuda where available")
+    p.add_argument('--batch', type=positive_int, help="ops (1); fp16-headroom (the config's)")
+    p.add_argument('--size', type=positive_int, help='input side: ops (224), erf (512)')
+    p.add_argument('--top', type=positive_int, help='ops listed (8); gradients listed (5)')
+    p.add_argument('--num-images', type=positive_int, help='compilations (24), erf (16)')
+    p.add_argument('--out-dir', type=writable_dir, default='.',
+                   help='where erf.png and gates_CONFIG.png go')
+    g = p.add_argument_group('flops')
+    g.add_argument('--shape', type=positive_int, nargs='+', help="input H W (or one size)")
+    g.add_argument('--table5', action='store_true', help='every row config of configs/ablations/')
+    g = p.add_argument_group('ops')
+    g.add_argument('--arch', default='m3')
+    g.add_argument('--stage', type=int, default=0)
+    g.add_argument('--matmul-dtype', choices=('auto', 'float32', 'bfloat16', 'float16'),
+                   default='auto', help='memory_cfg.matmul_dtype')
+    g.add_argument('--kernels', choices=('auto', 'torch', 'triton'), default='auto',
+                   help="memory_cfg.kernels ('triton' on meta: launches left out)")
+    g.add_argument('--part', choices=('branch', 'backbone', 'local-only'), default='branch')
+    g.add_argument('--before', metavar='PATH', help='an older checkout to count too')
+    g = p.add_argument_group('compilations')
+    g.add_argument('--long-side', type=positive_int, default=640)
+    g.add_argument('--backend', choices=('eager', 'inductor'), default='eager')
+    g.add_argument('--static', action='store_true', help='static shapes in evaluation too')
+    g = p.add_argument_group('fp16-headroom')
+    g.add_argument('--iters', type=positive_int, default=2)
+    g = p.add_argument_group('erf')
+    g.add_argument('--models', nargs='+', default=['ConvNeur-M3', 'ConvNeXt-V2-P'],
+                   choices=list(BACKBONES))
+    g.add_argument('--checkpoints', nargs='*', default=[], help='one per model, or none')
+    g.add_argument('--image-dir', help='images (default: smooth random ones)')
+    g = p.add_argument_group('gates')
+    g.add_argument('--image', help='the image to draw on')
+    g.add_argument('--checkpoint', help="the config's model weights (default: random)")
+    g = p.add_argument_group('ablation-table')
+    g.add_argument('--recipe', default=DEFAULT_RECIPE)
+    g.add_argument('--data-root', help="dataset root (default: the recipe's)")
+    g.add_argument('--seeds', type=int, nargs='+', default=[0])
+    g.add_argument('--gpus', type=positive_int, default=1, help='training processes')
+    g.add_argument('--row-minutes', type=positive_float, default=6.0)
+    g.add_argument('--flops-shape', type=positive_int, default=224)
+    g.add_argument('--speed-shape', type=positive_int, default=224)
+    g.add_argument('--speed-batch', type=positive_int, default=16)
+    g.add_argument('--work-dir', default='work_dirs/ablation_table')
+    g.add_argument('--title', default='Table 5 rows', help='heading of the plot')
+    speed = g.add_mutually_exclusive_group()
+    speed.add_argument('--skip-speed', action='store_true', help='train only')
+    speed.add_argument('--speed-only', action='store_true', help='time the cached rows only')
+    g.add_argument('--force', action='store_true', help='ignore cached results')
+    args = p.parse_args(argv)
+    # ``--tasks flops CONFIG``: argparse gives the config to --tasks
+    n = next((i for i, t in enumerate(args.tasks) if t not in TASKS), len(args.tasks))
+    tasks, rest = args.tasks[:n], args.tasks[n:]
+    if not tasks or not all(t.endswith('.py') for t in rest):
+        p.error(f'argument --tasks: give tasks out of {", ".join(TASKS)}, got {args.tasks}')
+    args.tasks, args.configs = tasks, rest + args.configs
+    if 'flops' in tasks and not args.configs and not args.table5:
+        p.error('--tasks flops needs a CONFIG or --table5')
+    for task in set(NEEDS_CONFIG) & set(tasks):
+        if not args.configs:
+            p.error(f'--tasks {task} needs a CONFIG')
+    if 'gates' in tasks and not args.image:
+        p.error('--tasks gates needs --image')
+    if 'ops' in tasks and (args.device or 'cpu') not in ('cpu', 'meta'):
+        p.error(f"--tasks ops counts on --device cpu or meta, not {args.device}")
+    if args.shape and len(args.shape) > 2:
+        p.error('--shape takes H W or one size')
+    if args.checkpoints and len(args.checkpoints) != len(args.models):
+        p.error('--checkpoints: give one per --models entry, or none')
+    return args
+
+
+def _option(args: argparse.Namespace, name: str, task: str):
+    """A shared option as given, else the task's default."""
+    value = getattr(args, name)
+    return value if value is not None else DEFAULTS[name].get(task)
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def flops(args: argparse.Namespace) -> dict:
+    from convneur_mm.analysis.complexity import complexity_report, format_complexity
+    report = complexity_report(args.configs, args.shape, args.cfg_options, args.table5)
+    print(format_complexity(report))
+    return report
+
+
+def ops(args: argparse.Namespace) -> dict:
+    import torch
+
+    from convneur_mm.analysis.before_checkout import run_in_checkout
+    from convneur_mm.analysis.op_counts import (OWN_MODULES, count_ops, describe_part,
+                                                format_op_counts, kernel_cuts, memory_cfg_of)
+    kwargs = dict(arch=args.arch, stage=args.stage, size=_option(args, 'size', 'ops'),
+                  batch=_option(args, 'batch', 'ops'), device=_option(args, 'device', 'ops'),
+                  memory_cfg=memory_cfg_of(args.matmul_dtype, args.kernels), part=args.part)
+    counts = {}
+    if args.before:
+        counts[f'before ({args.before})'] = run_in_checkout(args.before, count_ops, kwargs,
+                                                            OWN_MODULES)
+    counts['this tree'] = count_ops(**kwargs)
+    print(f'ATen ops of {describe_part(args.part, args.stage)}, ConvNeur-{args.arch.upper()}, '
+          f'batch {kwargs["batch"]} at {kwargs["size"]}x{kwargs["size"]}, eager, '
+          f'{kwargs["device"]}, torch {torch.__version__}')
+    print(format_op_counts(counts, _option(args, 'top', 'ops')))
+    if args.before:
+        cuts = kernel_cuts(counts[f'before ({args.before})'], counts['this tree'])
+        for mode, cut in cuts.items():
+            print(f'{mode}: {cut:.0%} fewer kernels')
+    return counts
+
+
+def compilations(args: argparse.Namespace) -> dict:
+    from convneur_mm.analysis.compilations import count_compilations, format_compilations
+    results = {}
+    for config in args.configs:
+        results[config] = count_compilations(
+            config, _option(args, 'num_images', 'compilations'), args.long_side, args.seed,
+            args.backend, args.static, _log)
+        print(format_compilations(results[config]))
+    return results
+
+
+def fp16_headroom(args: argparse.Namespace) -> dict:
+    from convneur_mm.analysis.fp16_headroom import measure_headroom
+    results = {}
+    for config in args.configs:
+        result = results[config] = measure_headroom(
+            config, args.iters, args.device, args.batch, _option(args, 'top', 'fp16-headroom'),
+            args.seed, args.cfg_options, _log)
+        print(f'loss scale bound over {args.iters} iteration(s): {result["bound"]:g}')
+    return results
+
+
+def erf(args: argparse.Namespace) -> dict:
+    from convneur_mm.analysis.receptive_field import (area_shares, plot_receptive_fields,
+                                                      receptive_fields)
+    from convneur_mm.utils.tables import markdown_table
+    maps = receptive_fields(args.models, args.checkpoints, args.image_dir,
+                            _option(args, 'num_images', 'erf'), _option(args, 'size', 'erf'))
+    shares = {name: area_shares(score) for name, score in maps.items()}
+    print(markdown_table(('model', 'area for 20%', '50%', '90% of the contribution'),
+                         [[name] + [f'{100 * s:.3g}%' for s in found.values()]
+                          for name, found in shares.items()]))
+    figure = osp.join(args.out_dir, 'erf.png')
+    plot_receptive_fields(maps, figure)
+    print(f'wrote {figure}')  # as given: a report must not carry this machine's paths
+    return dict(figure=figure, area_shares=shares)
+
+
+def gates(args: argparse.Namespace) -> dict:
+    from convneur_mm.analysis.gate_maps import visualize_gates
+    results = {}
+    for config in args.configs:
+        name = osp.splitext(osp.basename(config))[0]
+        figure = osp.join(args.out_dir, f'gates_{name}.png')
+        stages = visualize_gates(args.image, config, args.checkpoint, figure)
+        print(f'wrote {figure} ({stages} stages)')
+        results[config] = dict(figure=figure, stages=stages)
+    return results
+
+
+def ablation_table(args: argparse.Namespace) -> dict:
+    from convneur_mm.analysis.ablation_table import AblationSettings, run_ablation_table
+    settings = AblationSettings(
+        rows=args.configs, recipe=args.recipe, data_root=args.data_root, seeds=args.seeds,
+        gpus=args.gpus, row_minutes=args.row_minutes, flops_shape=args.flops_shape,
+        speed_shape=args.speed_shape, speed_batch=args.speed_batch, work_dir=args.work_dir,
+        title=args.title, skip_speed=args.skip_speed, speed_only=args.speed_only,
+        force=args.force)
+    report, rc = run_ablation_table(settings, _log)
+    return dict(report, rc=rc)
+
+
+RUNNERS: Dict[str, Callable[[argparse.Namespace], dict]] = {
+    'flops': flops, 'ops': ops, 'compilations': compilations, 'fp16-headroom': fp16_headroom,
+    'erf': erf, 'gates': gates, 'ablation-table': ablation_table}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if {'erf', 'gates'} & set(args.tasks):
+        os.makedirs(args.out_dir, exist_ok=True)
+    results = {}
+    for i, task in enumerate(dict.fromkeys(args.tasks)):  # each task once, in the given order
+        if len(args.tasks) > 1:
+            print('\n' * bool(i) + f'## {task}', flush=True)
+        results[task] = RUNNERS[task](args)
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=1, default=str)
+    return results.get('ablation-table', {}).get('rc', 0)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
