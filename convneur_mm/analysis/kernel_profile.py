@@ -1,0 +1,344 @@
+"""Where a call's device time goes, kernel by kernel, beside its roofline.
+
+``profile_kernels`` runs a call under ``torch.profiler`` and sums the time of
+each kernel name (CUDA: the kernels' device time; on a CPU, which has no
+kernels, each event's self time), and of each ATen op (the device time of the
+kernels it launched). ``count_costs`` counts the bytes and FLOPs of each ATen
+op of a call (``AtenOpCounter``'s bytes, torch's FLOP formulas), and a card's
+peak (``device_peak``) prices them: the roofline time printed beside the
+measured one, per op and for the whole call.
+
+Three cases profile the four global branches of ConvNeur-M3 (``CASES``): one
+batch-128 call with bf16 operands through the fused Triton kernels
+(``'triton'``), the same through PyTorch (``'torch'``), and one bf16
+training step, forward and backward (``'training'``).
+"""
+from collections import Counter
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import flop_registry
+
+from convneur_mm.analysis.bench_env import is_cuda, synchronize
+from convneur_mm.testing.dispatch_probes import AtenOpCounter, _tensors
+from convneur_mm.utils.tables import markdown_table
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class DevicePeak(NamedTuple):
+    """A card's datasheet ceilings: bytes/s of its memory, FLOP/s of dense
+    16-bit products on tensor cores and of plain float32 arithmetic."""
+    name: str
+    bandwidth: float
+    half_flops: float
+    float_flops: float
+
+
+# datasheet leads (SXM parts); .dev_scripts measure the card's own ceilings
+PEAKS = (
+    DevicePeak('H200', 4.8e12, 989e12, 67e12),
+    DevicePeak('H100 SXM', 3.35e12, 989e12, 67e12),
+)
+
+
+def device_peak(device) -> Optional[DevicePeak]:
+    """The ``PEAKS`` entry of ``device``'s card, read from its name; None for
+    a CPU or a card not in the table (an H100 PCIe or NVL has other ceilings)."""
+    if not is_cuda(device):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    if 'H200' in name:
+        return PEAKS[0]
+    if 'H100' in name and not any(part in name for part in ('PCIe', 'NVL')):
+        return PEAKS[1]
+    return None
+
+
+class OpCost(NamedTuple):
+    """Bytes an op reads and writes (each tensor once) and its FLOPs, of
+    which ``half_flops`` have 16-bit operands (tensor-core rate)."""
+    bytes: int
+    flops: int
+    half_flops: int
+
+    def roofline_s(self, peak: DevicePeak) -> float:
+        """The op's least time on ``peak``'s card: its bytes at the bandwidth
+        or its products at their rate, whichever takes longer."""
+        compute = (self.half_flops / peak.half_flops
+                   + (self.flops - self.half_flops) / peak.float_flops)
+        return max(self.bytes / peak.bandwidth, compute)
+
+
+class AtenCostCounter(AtenOpCounter):
+    """``AtenOpCounter`` that also counts each op's FLOPs with torch's FLOP
+    formulas (``torch.utils.flop_counter``: products, convolutions,
+    attention; element-wise ops count none), apart for 16-bit operands."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops: Counter = Counter()
+        self.half_flops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            name = str(func.overloadpacket.__name__)
+            flops = formula(*args, **(kwargs or {}), out_val=out)
+            self.flops[name] += flops
+            if any(t.dtype in HALF_DTYPES for t in _tensors((args, kwargs))):
+                self.half_flops[name] += flops
+        return out
+
+    def costs(self) -> Dict[str, OpCost]:
+        """Per ATen op, named as the profiler names it (``aten::mm``)."""
+        return {f'aten::{name}': OpCost(self.bytes[name], self.flops[name],
+                                        self.half_flops[name])
+                for name in self.kernels}
+
+
+def count_costs(fn: Callable[[], object]) -> Dict[str, OpCost]:
+    """Bytes and FLOPs of each ATen op of one call of ``fn`` (on any device,
+    ``meta`` included). Work outside ATen (Triton kernels) is not counted."""
+    with AtenCostCounter() as counter:
+        fn()
+    return counter.costs()
+
+
+def total_cost(costs: Dict[str, OpCost]) -> OpCost:
+    return OpCost(*(sum(values) for values in zip(*costs.values()))) if costs else OpCost(0, 0, 0)
+
+
+def _rows(events, names: Callable[[object], bool], cuda: bool, repeats: int) -> List[dict]:
+    """name -> calls and ms per profiled call of the events ``names`` keeps,
+    the largest first."""
+    rows = []
+    for event in events:
+        if not names(event):
+            continue
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        rows.append(dict(name=event.key, count=event.count / repeats, ms=us / 1e3 / repeats))
+    return sorted(rows, key=lambda row: -row['ms'])
+
+
+def _price(rows: List[dict], costs: Dict[str, OpCost], peak: Optional[DevicePeak]) -> None:
+    for row in rows:
+        cost = costs.get(row['name'])
+        row['roofline_ms'] = cost.roofline_s(peak) * 1e3 if cost and peak else None
+
+
+def profile_kernels(fn: Callable[[], object], *, device, warmup: int = 2, top: int = 25,
+                    repeats: int = 1, costs: Optional[Dict[str, OpCost]] = None,
+                    peak: Optional[DevicePeak] = None,
+                    trace_path: Optional[str] = None) -> dict:
+    """Profile ``fn`` and sum its time by kernel name and by ATen op.
+
+    Args:
+        fn: the call, without arguments.
+        device: where ``fn`` runs: on CUDA the profiler records the kernels
+            (CUDA activity); on a CPU each event's self time stands for them.
+        warmup: untimed calls first (Triton's compilation, cuBLAS handles).
+        top: rows kept in each table.
+        repeats: profiled calls; times and counts are per call.
+        costs: bytes and FLOPs by kernel or op name (``count_costs``): each
+            row of that name gets its roofline, and their sum the call's.
+        peak: the card's ceilings; by default ``device_peak(device)``; with
+            none, no roofline is given.
+        trace_path: where to write the Chrome trace, if given.
+
+    Returns:
+        ``kernels``: the ``top`` kernels (name, calls, ms, share, roofline
+        ms); ``ops``: the ``top`` ATen ops by the time of their kernels;
+        ``total_ms``: all kernels; ``listed_ms``: the listed kernels;
+        ``outside_ops_ms``: kernel time no ATen op launched (Triton's);
+        ``call``: the whole call's bytes, FLOPs, roofline ms and measured
+        ms over roofline, where ``costs`` are given.
+    """
+    if top < 1 or repeats < 1:
+        raise ValueError(f'top and repeats must be at least 1, got {top} and {repeats}')
+    cuda = is_cuda(device)
+    peak = peak or device_peak(device)
+    costs = costs or {}
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    events = prof.key_averages()
+    # on CUDA the kernels, copies and sets are the device's own events; on
+    # a CPU every event's self time is host time, which partitions the call
+    kernels = _rows(events, (lambda e: e.device_type != DeviceType.CPU) if cuda
+                    else (lambda e: True), cuda, repeats)
+    ops = _rows(events, lambda e: e.device_type == DeviceType.CPU and e.key.startswith('aten::'),
+                cuda, repeats)
+    ops = [row for row in ops if row['ms'] > 0]
+    total = sum(row['ms'] for row in kernels)
+    for row in kernels:
+        row['share'] = row['ms'] / total if total else 0.0
+    _price(kernels, costs, peak)
+    _price(ops, costs, peak)
+    listed = kernels[:top]
+    summary = dict(
+        device=torch.cuda.get_device_name(torch.device(device)) if cuda else 'cpu',
+        activity='cuda' if cuda else 'cpu', repeats=repeats,
+        peak=peak._asdict() if peak else None,
+        total_ms=total, listed_ms=sum(row['ms'] for row in listed),
+        num_kernel_names=len(kernels), kernels=listed, ops=ops[:top],
+        outside_ops_ms=total - sum(row['ms'] for row in ops) if cuda else 0.0,
+        call=None)
+    if costs:
+        cost = total_cost(costs)
+        roofline = cost.roofline_s(peak) * 1e3 if peak else None
+        summary['call'] = dict(bytes=cost.bytes, flops=cost.flops, half_flops=cost.half_flops,
+                               roofline_ms=roofline,
+                               over_roofline=total / roofline if roofline else None)
+    return summary
+
+
+def _ms(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.3f}'
+
+
+def format_table(summary: dict) -> str:
+    """The summary as Markdown for the benchmark notes: the kernels, then
+    the ATen ops where they carry a roofline, then the whole call."""
+    unit = 'kernel (device time)' if summary['activity'] == 'cuda' else 'event (CPU self time)'
+    lines = [f'{summary["device"]}: {summary["total_ms"]:.3f} ms in '
+             f'{summary["num_kernel_names"]} {unit} names; the top '
+             f'{len(summary["kernels"])} take {summary["listed_ms"]:.3f} ms', '',
+             markdown_table((unit, 'calls', 'ms', 'share', 'roofline ms'),
+                            [(row['name'], f'{row["count"]:g}', _ms(row['ms']),
+                              f'{row["share"]:.1%}', _ms(row['roofline_ms']))
+                             for row in summary['kernels']])]
+    if summary['activity'] == 'cuda' and summary['ops']:
+        lines += ['', markdown_table(('ATen op (its kernels)', 'calls', 'ms', 'roofline ms'),
+                                     [(row['name'], f'{row["count"]:g}', _ms(row['ms']),
+                                       _ms(row['roofline_ms'])) for row in summary['ops']]),
+                  f'\nkernel time outside ATen ops (Triton\'s): '
+                  f'{summary["outside_ops_ms"]:.3f} ms']
+    call = summary['call']
+    if call:
+        peak = summary['peak']
+        at = f' at {peak["name"]}\'s peak' if peak else ' (no peak for this device)'
+        lines.append(f'\nwhole call: {call["bytes"] / 1e9:.3g} GB, {call["flops"] / 1e12:.3g} '
+                     f'TFLOP ({call["half_flops"] / 1e12:.3g} with 16-bit operands); roofline'
+                     f'{at}: {_ms(call["roofline_ms"])} ms; measured / roofline: '
+                     + ('-' if call['over_roofline'] is None else f'{call["over_roofline"]:.1f}x'))
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- the cases
+
+M3_SIZE = 224
+
+
+class Case(NamedTuple):
+    """A call to profile, the bytes and FLOPs to price it by, and what it is."""
+    fn: Callable[[], object]
+    costs: Dict[str, OpCost]
+    note: str
+
+
+def m3_global_branches(device, kernels: str = 'torch', matmul_dtype: str = 'bfloat16'):
+    """The four global branches of ConvNeur-M3 (its public constructor and
+    ``memory_cfg``), on ``device``, with the stage of each."""
+    from convneur_mm.models import ConvNeur
+    torch.manual_seed(0)
+    model = ConvNeur(arch='m3', memory_cfg=dict(kernels=kernels, matmul_dtype=matmul_dtype))
+    branches = [(stage, block.global_branch) for stage, blocks in enumerate(model.stages)
+                for block in blocks if block.global_branch is not None]
+    return [(stage, branch.to(device)) for stage, branch in branches]
+
+
+def branch_inputs(branches, batch: int, size: int = M3_SIZE, device='cpu') -> List[torch.Tensor]:
+    """Random inputs of each branch's shape at ``batch`` images of ``size``
+    (stage s sees ``size / 4 / 2**s`` pixels a side)."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, branch.proj_in.in_channels, size // 4 // 2**stage,
+                        size // 4 // 2**stage, generator=gen).to(device)
+            for stage, branch in branches]
+
+
+def _bf16(device):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
+                            size: int = M3_SIZE) -> Case:
+    """One call of the four branches with bf16 operands, under bf16 autocast,
+    through ``kernels`` ('torch' or 'triton': CUDA only)."""
+    if kernels == 'triton' and not is_cuda(device):
+        raise ValueError("the 'triton' case needs a CUDA device")
+    branches = m3_global_branches(device, kernels)
+    inputs = branch_inputs(branches, batch, size, device)
+
+    def call():
+        with torch.inference_mode(), _bf16(device):
+            for (_, branch), x in zip(branches, inputs):
+                branch(x)
+
+    costs = count_costs(call)
+    note = f'the four global branches of M3, batch {batch} at {size}², bf16 operands, {kernels}'
+    if kernels == 'triton':
+        # the fused kernels run outside ATen: their products' FLOPs are the
+        # PyTorch path's (the same arithmetic); their own bytes are not counted
+        reference = total_cost(branches_inference_case('torch', batch, device, size).costs)
+        costs['fused kernels (the PyTorch path\'s products)'] = OpCost(
+            0, reference.flops, reference.half_flops)
+        note += '; the whole call\'s roofline takes the products\' FLOPs from the PyTorch path'
+    return Case(call, costs, note)
+
+
+def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE) -> Case:
+    """One bf16 training step of the four branches: forward and backward
+    under bf16 autocast, bf16 operands, the PyTorch path (the fused kernels
+    are for inference)."""
+    branches = m3_global_branches(device, 'torch')
+    inputs = branch_inputs(branches, batch, size, device)
+    params = [p for _, branch in branches for p in branch.parameters()]
+
+    def call():
+        for p in params:
+            p.grad = None
+        with _bf16(device):
+            loss = sum(branch(x).float().sum() for (_, branch), x in zip(branches, inputs))
+        loss.backward()
+
+    return Case(call, count_costs(call),
+                f'one training step (forward + backward) of the four global branches of M3, '
+                f'batch {batch} at {size}², bf16 autocast and operands, torch')
+
+
+CASES = {
+    'triton': lambda **kw: branches_inference_case('triton', **kw),
+    'torch': lambda **kw: branches_inference_case('torch', **kw),
+    'training': branches_training_case,
+}
+
+
+def profile_case(name: str, *, device, batch: int = 128, size: int = M3_SIZE,
+                 warmup: int = 2, top: int = 25, trace_path: Optional[str] = None) -> dict:
+    """``profile_kernels`` of one of ``CASES``, with its costs and note.
+
+    Args:
+        name: a key of ``CASES``.
+        device: where it runs ('triton' needs CUDA).
+        batch, size: images and their side (the GPU script: 128 and 224;
+            the dry mode: a tiny batch).
+        warmup, top, trace_path: see ``profile_kernels``.
+    """
+    if name not in CASES:
+        raise ValueError(f'case must be one of {tuple(CASES)}, got {name!r}')
+    case = CASES[name](batch=batch, device=device, size=size)
+    summary = profile_kernels(case.fn, device=device, warmup=warmup, top=top, costs=case.costs,
+                              trace_path=trace_path)
+    summary.update(case=name, note=case.note, batch=batch, size=size)
+    return summary

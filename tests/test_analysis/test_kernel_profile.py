@@ -1,0 +1,100 @@
+"""The kernel profile's summary, its costs and rooflines, and its cases (CPU)."""
+import json
+import math
+
+import pytest
+import torch
+
+from convneur_mm.analysis import kernel_profile as kp
+
+# a made-up card whose ceilings make both bounds easy to tell apart
+PEAK = kp.DevicePeak('test card', bandwidth=1e9, half_flops=4e9, float_flops=1e9)
+
+
+def _matmuls(a, b):
+    return lambda: (a @ b).relu()
+
+
+def test_cost_counter_counts_products_flops_and_their_operand_width():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    costs = kp.count_costs(_matmuls(a, b))
+    mm = costs['aten::mm']
+    assert mm.flops == 2 * 8 * 16 * 4 and mm.half_flops == 0
+    assert mm.bytes == (a.numel() + b.numel() + 8 * 4) * 4  # each tensor once
+    assert costs['aten::relu'].flops == 0 and costs['aten::relu'].bytes > 0
+    half = kp.count_costs(_matmuls(a.bfloat16(), b.bfloat16()))['aten::mm']
+    assert half.half_flops == half.flops == mm.flops
+
+
+def test_roofline_takes_the_slower_of_bytes_and_products():
+    bytes_bound = kp.OpCost(bytes=10**9, flops=10**6, half_flops=0)
+    assert bytes_bound.roofline_s(PEAK) == pytest.approx(1.0)
+    mixed = kp.OpCost(bytes=1, flops=3 * 10**9, half_flops=2 * 10**9)
+    assert mixed.roofline_s(PEAK) == pytest.approx(2e9 / 4e9 + 1e9 / 1e9)
+
+
+def test_device_peak_reads_the_card_name(monkeypatch):
+    for name, expected in (('NVIDIA H200', 'H200'), ('NVIDIA H100 80GB HBM3', 'H100 SXM'),
+                           ('NVIDIA H100 PCIe', None), ('NVIDIA GeForce RTX 3090', None)):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
+        peak = kp.device_peak('cuda')
+        assert (peak.name if peak else None) == expected
+    assert kp.device_peak('cpu') is None
+
+
+def test_profile_summary_adds_up_and_prices_the_named_ops(tmp_path):
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    fn = _matmuls(a, b)
+    costs = kp.count_costs(fn)
+    trace = tmp_path / 'trace.json'
+    summary = kp.profile_kernels(fn, device='cpu', warmup=1, top=2, repeats=2, costs=costs,
+                                 peak=PEAK, trace_path=str(trace))
+    assert summary['activity'] == 'cpu' and len(summary['kernels']) == 2
+    assert 0 < summary['listed_ms'] <= summary['total_ms'] + 1e-9
+    assert summary['listed_ms'] == pytest.approx(sum(r['ms'] for r in summary['kernels']))
+    assert [r['ms'] for r in summary['kernels']] == sorted(
+        (r['ms'] for r in summary['kernels']), reverse=True)
+    assert all(0 <= r['share'] <= 1 for r in summary['kernels'])
+    priced = {r['name']: r['roofline_ms'] for r in summary['ops']}
+    assert priced['aten::mm'] == pytest.approx(costs['aten::mm'].roofline_s(PEAK) * 1e3)
+    call = summary['call']
+    assert call['flops'] == sum(c.flops for c in costs.values())
+    assert call['roofline_ms'] == pytest.approx(kp.total_cost(costs).roofline_s(PEAK) * 1e3)
+    assert call['over_roofline'] == pytest.approx(summary['total_ms'] / call['roofline_ms'])
+    assert json.loads(trace.read_text())  # a Chrome trace
+    json.dumps(summary)  # JSON-able for the GPU script
+    table = kp.format_table(summary)
+    assert '| aten::' in table and 'roofline' in table
+
+
+def test_profile_refuses_bad_counts():
+    with pytest.raises(ValueError, match='at least 1'):
+        kp.profile_kernels(lambda: None, device='cpu', top=0)
+
+
+@pytest.mark.parametrize('case', ['torch', 'training'])
+def test_branch_cases_profile_on_the_cpu(case):
+    summary = kp.profile_case(case, device='cpu', batch=1, size=64, warmup=0, top=25)
+    assert summary['case'] == case and 'M3' in summary['note']
+    assert len(summary['kernels']) <= 25
+    assert summary['listed_ms'] <= summary['total_ms'] + 1e-9
+    assert summary['call']['flops'] > 0 and summary['call']['roofline_ms'] is None  # no peak
+    assert math.isfinite(summary['total_ms']) and summary['total_ms'] > 0
+    if case == 'training':  # the backward's ops are in the profile
+        assert any('backward' in row['name'].lower() for row in summary['kernels'] +
+                   summary['ops'])
+
+
+def test_branch_inputs_follow_the_stages():
+    branches = kp.m3_global_branches('cpu')
+    assert [stage for stage, _ in branches] == [0, 1, 2, 3]
+    inputs = kp.branch_inputs(branches, batch=2, size=224)
+    assert [tuple(x.shape[2:]) for x in inputs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    assert [x.shape[1] for x in inputs] == [b.proj_in.in_channels for _, b in branches]
+
+
+def test_triton_case_needs_cuda_and_unknown_cases_are_refused():
+    with pytest.raises(ValueError, match='CUDA'):
+        kp.profile_case('triton', device='cpu', batch=1)
+    with pytest.raises(ValueError, match='case must be one of'):
+        kp.profile_case('fused', device='cpu', batch=1)
