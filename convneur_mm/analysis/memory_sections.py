@@ -15,6 +15,9 @@ a function of the suite that returns its JSON record:
 * ``latency``: batch 1, eager and replayed from a captured CUDA graph.
 * ``compiled``: ``model`` again with backbone and head through
   ``torch.compile``.
+* ``profile``: ``kernel_profile``'s three cases (the branches' inference with
+  the Triton kernels and with the PyTorch path, their bf16 training step):
+  device time per kernel name beside its roofline. Not a default section.
 
 Every item asks the suite whether it still fits the time budget first and
 records ``skipped: <reason>`` where not; an item that fails records
@@ -395,6 +398,28 @@ def _memory_numerics(ctx: 'MemorySuite', memory: torch.nn.Module, tokens: torch.
     return dict(status='ok', tokens=list(tokens.shape), rows=rows)
 
 
+def section_profile(ctx: 'MemorySuite') -> Dict:
+    """The kernel profile of each of ``kernel_profile.CASES`` at the run's batch."""
+    from convneur_mm.analysis.kernel_profile import CASES, profile_case
+    rows = {}
+    for name in CASES:
+        why = NEEDS_CUDA if name == 'triton' and not ctx.cuda else ctx.why_not('profile')
+        if why:
+            rows[name] = dict(status=why)
+            continue
+        try:
+            start = time.monotonic()
+            rows[name] = dict(profile_case(name, device=ctx.device, batch=ctx.sizes['batch'],
+                                           size=ctx.sizes['image'],
+                                           warmup=max(1, ctx.sizes['warmup'])), status='ok')
+            ctx.measured('profile', start)
+        except Exception as exc:  # noqa: BLE001
+            rows[name] = dict(status=describe_error(exc))
+            ctx.log(traceback.format_exc())
+        free(ctx.device)
+    return dict(rows=rows)
+
+
 SECTION_FNS = dict(gemm=section_gemm, branch=section_branch, model=section_model,
                    numerics=section_numerics, latency=section_latency,
-                   compiled=section_compiled)
+                   compiled=section_compiled, profile=section_profile)

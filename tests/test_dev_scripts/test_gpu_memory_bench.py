@@ -152,3 +152,17 @@ def test_schema_check_and_key_detection_catch_what_they_should():
     del bad['sections']['latency']
     problems = memory_suite.check_schema(bad)
     assert any("'fine'" in p for p in problems) and any('latency' in p for p in problems)
+
+
+def test_profile_section_runs_on_request_only(tmp_path):
+    """Not among the defaults; asked for, its CPU cases hold kernel tables and
+    the Triton case says it needs CUDA."""
+    assert 'profile' in memory_suite.SECTIONS
+    assert 'profile' not in memory_suite.DEFAULT_SECTIONS
+    code, result = memory_suite.run(str(tmp_path / 'p.json'), ['profile'], dry_run=True)
+    rows = result['sections']['profile']['rows']
+    assert rows['triton']['status'] == 'skipped: needs CUDA'
+    for case in ('torch', 'training'):
+        assert rows[case]['status'] == 'ok', rows[case]
+        assert rows[case]['case'] == case and rows[case]['kernels']
+    assert result['sections']['gemm']['status'].startswith('skipped: not asked')

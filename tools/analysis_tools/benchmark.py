@@ -36,7 +36,7 @@ from convneur_mm.utils.cli import (non_negative_float, positive_float, positive_
 
 TASKS = ('speed', 'compile', 'onnx', 'resolution', 'memory', 'checkpointing', 'train')
 MEMORY_SECTIONS = ('paths', 'backbone', 'gemm', 'branch', 'model', 'numerics', 'latency',
-                   'compiled')
+                   'compiled', 'profile')
 
 
 def _device(p: argparse.ArgumentParser) -> None:
