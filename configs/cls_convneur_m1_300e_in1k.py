@@ -6,8 +6,8 @@
 # The paper's batch of 4096 on its 8 GPUs is 512 images per GPU, which fits no
 # GPU (M3: ~75 GiB of activations under --amp). Here it is 8 GPUs x `batch` x
 # `accumulate` (gradient accumulation): `batch` is the largest power of two
-# that fits a 24 GB GPU with --amp (tools/analysis_tools/imagenet_memory.py,
-# docs/user_guides/cuda.md). Without --amp halve `batch` and double `accumulate`. On another
+# that fits a 24 GB GPU with --amp (tools/analysis_tools/benchmark.py --task
+# checkpointing --per-gpu-batch, docs/user_guides/cuda.md). Without --amp halve `batch` and double `accumulate`. On another
 # number of GPUs pass --auto-scale-lr: base_batch_size is the batch of one
 # optimizer step on 8 GPUs divided by `accumulate`, so MMEngine's linear rule
 # (which does not see the accumulation) scales the lr to the effective batch.

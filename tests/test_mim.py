@@ -89,22 +89,26 @@ def test_editable_install_links_mim_items_to_the_repository(editable):
     assert out.strip() == osp.join(editable['root'], 'configs')
 
 
-def _check_get_flops(output: str, mim_root: str) -> None:
-    assert f'{mim_root}/.mim/tools/analysis_tools/get_flops.py' in output
+def _check_analyze_model_flops(output: str, mim_root: str) -> None:
+    """MIM found the tool in the package's tools and passed ``--tasks`` through."""
+    script = f'{mim_root}/.mim/tools/analysis_tools/analyze_model.py'
+    assert f'{script} --tasks flops ' in output, output[-2000:]
     whole = re.search(r'\| whole \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|', output)
     assert whole, output[-2000:]
     assert float(whole.group(1)) == pytest.approx(4.12, abs=0.01)  # M1's params (M)
     assert float(whole.group(2)) == pytest.approx(0.69, abs=0.01)  # paper GMACs
 
 
-def test_mim_run_get_flops_editable(editable):
-    out = _mim(editable, 'run', 'convneur_mm', 'get_flops', 'configs/cls_convneur_m1_300e_in1k.py')
-    _check_get_flops(out, osp.join(editable['root'], 'convneur_mm'))
+def test_mim_run_analyze_model_editable(editable):
+    out = _mim(editable, 'run', 'convneur_mm', 'analyze_model', '--tasks', 'flops',
+               'configs/cls_convneur_m1_300e_in1k.py')
+    _check_analyze_model_flops(out, osp.join(editable['root'], 'convneur_mm'))
 
 
-def test_mim_run_get_flops_wheel(wheel):
-    out = _mim(wheel, 'run', 'convneur_mm', 'get_flops', 'cls_convneur_m1_300e_in1k.py')
-    _check_get_flops(out, osp.join(wheel['site'], 'convneur_mm'))
+def test_mim_run_analyze_model_wheel(wheel):
+    out = _mim(wheel, 'run', 'convneur_mm', 'analyze_model', '--tasks', 'flops',
+               'cls_convneur_m1_300e_in1k.py')
+    _check_analyze_model_flops(out, osp.join(wheel['site'], 'convneur_mm'))
 
 
 @pytest.mark.parametrize('install', ['editable', 'wheel'])

@@ -37,7 +37,7 @@ MIM_FILES = ('configs/cascade_rcnn_convneur_m3_1x_coco.py', 'configs/fpn_convneu
              'configs/metafiles/in1k.yml', 'configs/metafiles/coco.yml',
              'configs/metafiles/ade20k.yml', 'model-index.yml',
              'tools/train.py', 'tools/test.py', 'tools/dist_train.sh',
-             'tools/analysis_tools/get_flops.py')
+             'tools/analysis_tools/analyze_model.py', 'tools/analysis_tools/benchmark.py')
 
 
 def test_wheel_carries_configs_tools_and_model_index(built_wheel):

@@ -5,6 +5,7 @@
 """
 import argparse
 import os.path as osp
+from typing import List, Optional
 
 from mmengine.logging import print_log
 
@@ -24,7 +25,7 @@ from convneur_mm.utils.third_party_warnings import silence_known_third_party_war
 from convneur_mm.apis.toolbox import check_toolbox
 
 
-def parse_args():
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate a ConvNeur checkpoint')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file (or URL); must fit the model exactly')
@@ -42,7 +43,7 @@ def parse_args():
                         help="test-time augmentation: the config's tta_model and tta_pipeline")
     add_compile_argument(parser)
     add_launch_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main():

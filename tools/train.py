@@ -5,6 +5,7 @@
 """
 import argparse
 import os.path as osp
+from typing import List, Optional
 
 from mmengine.logging import print_log
 
@@ -22,7 +23,7 @@ from convneur_mm.utils.third_party_warnings import silence_known_third_party_war
 from convneur_mm.apis.toolbox import check_toolbox
 
 
-def parse_args():
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train a ConvNeur model')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='where logs and checkpoints go')
@@ -40,7 +41,7 @@ def parse_args():
     parser.add_argument('--deterministic', action='store_true',
                         help='deterministic algorithms (reproducible, slower)')
     add_launch_arguments(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main():

@@ -14,7 +14,7 @@
   spells the same products as ``bmm``. This convention reproduces the rows
   of the paper's Tables 1, 4 and 5 within 3% (``paper`` alone all but
   Non-local's), except four that count low for reasons of the paper's
-  design that the text leaves open (docs/advanced_guides/flop_conventions.md):
+  design that the text leaves open (docs/notes/benchmarks.md#flop-counts):
   memory in every block and C_m = 256 (6-8%), IR-RWKV (4.7%), Titans (9.2%).
 * ``full``: every matrix product and convolution the forward pass executes
   (counted at the ATen dispatch level by ``torch.utils.flop_counter``, so the

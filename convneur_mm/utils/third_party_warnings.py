@@ -1,6 +1,6 @@
 """Known third-party warnings that tell our users nothing they can act on,
 silenced where our entry points start (``tools/train.py``, ``tools/test.py``,
-the demo scripts, ``python -m convneur_mm``); never in the library itself.
+the two analysis tools, the demo scripts, ``python -m convneur_mm``); never in the library itself.
 
 Each filter names the message, the category and the third-party module the
 warning is attributed to, so that the same words raised by our own code, or

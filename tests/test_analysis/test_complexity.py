@@ -110,7 +110,7 @@ def test_table5_branch_types_under_the_matmul_convention(mixer, paper_gflops, to
     """Every global-branch type of Table 5 at ConvNeur-M3, 224x224. IR-RWKV
     (1.91) and Titans (2.82) count 5% and 9% low: the WKV kernel and the
     titans-pytorch extras (long-term memory tokens, hyper-connections) are
-    the candidates (docs/advanced_guides/flop_conventions.md)."""
+    the candidates (docs/notes/benchmarks.md#flop-counts)."""
     result = _m3(mixer)
     assert _rel(result['paper_matmul'] / 1e9, paper_gflops) < tolerance, result
     if mixer == 'nonlocal':  # module hooks alone miss the quadratic affinities

@@ -13,7 +13,7 @@ is a race. Two kinds of test cover it:
   skipped by ours. Run through the real ``tools/dist_test.sh`` as well.
 * a few runs of the real race under a deliberate CPU load, which must all
   exit 0. On the old ending it aborts at a rate that depends on the load
-  (docs/advanced_guides/exit_codes.md; tools/analysis_tools/exit_code_soak.sh measures it on
+  (docs/advanced_guides/exit_codes.md; .dev_scripts/exit_code_soak.sh measures it on
   the demos).
 
 The rest:

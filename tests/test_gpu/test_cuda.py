@@ -89,8 +89,9 @@ def test_detector_trains_under_fp16_amp(coco_tiny, tmp_path):
     step whose gradients overflow: on an H100 (2026-11-24) the first 12
     iterations were all skipped (scale 65536 -> 16), so the 2 (then 12)
     iterations this test first ran changed nothing. The cause was found on
-    a CPU stand-in (fp16_headroom.py): zero padding met zero biases, and
-    every norm after the stem amplified the gradient there by 1/sqrt(eps).
+    a CPU stand-in (analyze_model.py --tasks fp16-headroom): zero padding met
+    zero biases, and every norm after the stem amplified the gradient there by
+    1/sqrt(eps).
     With a random stem bias (and the stem and the global branches' input
     projections in float32) the stand-in bounds the backbone's scale at
     131072 on this config (16384 without the bias, 0 before both). A scale

@@ -1,13 +1,12 @@
-"""tools/analysis_tools/analyze_model.py: the documented commands parse, and
-the fast tasks run at tiny sizes (several in one call, with ``--json``)."""
+"""tools/analysis_tools/analyze_model.py: impossible options are usage errors,
+and the fast tasks run at tiny sizes (several in one call, with ``--json``).
+The documented commands are parsed in tests/test_docs_commands.py."""
 import json
 import os
 import os.path as osp
 import re
-import shlex
 import subprocess
 import sys
-from typing import List
 
 import cv2
 import numpy as np
@@ -16,39 +15,7 @@ import pytest
 from ..markdown import table_rows
 from ..paths import ANALYSIS_TOOLS, REPO, import_analysis_tool
 
-TOOL = osp.join(ANALYSIS_TOOLS, 'analyze_model.py')
-DOCS = [osp.join(REPO, 'tools', 'README.md'),
-        osp.join(REPO, 'docs', 'user_guides', 'useful_tools.md')]
 analyze_model = import_analysis_tool('analyze_model')
-
-
-def documented_commands(doc: str, tool: str = 'analyze_model.py') -> List[List[str]]:
-    """The arguments of every ``tool`` command in the fenced code blocks of
-    ``doc`` (continued lines joined, comments dropped)."""
-    with open(doc, encoding='utf-8') as f:
-        blocks = re.findall(r'```[a-z]*\n(.*?)```', f.read(), re.S)
-    commands = []
-    for block in blocks:
-        for line in block.replace('\\\n', ' ').splitlines():
-            words = shlex.split(line, comments=True)
-            found = [i for i, word in enumerate(words) if word.endswith(tool)]
-            if found:
-                commands.append(words[found[0] + 1:])
-    return commands
-
-
-@pytest.mark.parametrize('doc', DOCS, ids=osp.basename)
-def test_every_documented_command_parses(doc):
-    commands = documented_commands(doc)
-    assert commands, f'{doc} shows no analyze_model.py command'
-    for argv in commands:
-        analyze_model.parse_args(argv)  # a usage error exits 2
-
-
-def test_every_task_is_documented_with_a_command():
-    tasks = {task for doc in DOCS for argv in documented_commands(doc)
-             for task in analyze_model.parse_args(argv).tasks}
-    assert tasks == set(analyze_model.TASKS)
 
 
 @pytest.mark.parametrize('argv,error', [
@@ -60,6 +27,7 @@ def test_every_task_is_documented_with_a_command():
     (['--tasks', 'ops', '--device', 'cuda'], 'cpu or meta, not cuda'),
     (['--tasks', 'erf', '--checkpoints', 'a.pth'], 'one per --models entry'),
     (['--tasks', 'ops', '--size', '0'], 'must be a positive integer'),
+    (['--tasks', 'gates', 'a.py', '--image', 'x.jpg', '--short-side', '0'], 'must be a positive'),
     (['--tasks', 'ops', '--out', 'erf.png'], 'unrecognized arguments: --out'),  # no --out-dir
     (['--tasks', 'ablation-table', '--skip-speed', '--speed-only'], 'not allowed with'),
     (['--tasks', 'ops', '--json', '/nonexistent/x.json'], 'does not exist'),
@@ -135,6 +103,16 @@ def test_other_configs_each_at_their_own_shape_beside_the_rows():
     rows = [row for row in table_rows(text) if row[0].startswith('(')]
     assert len(rows) == 1 and rows[0][0] == '(3) CBAM [69]'
     assert 'Table 5 rows, whole models, input 1x3x224x224' in text
+
+
+def test_gates_draw_at_the_given_short_side(tmp_path, monkeypatch):
+    from convneur_mm.analysis import gate_maps
+    calls = []
+    monkeypatch.setattr(gate_maps, 'visualize_gates', lambda *args: calls.append(args) or 4)
+    argv = ['--tasks', 'gates', 'a.py', '--image', 'x.jpg', '--out-dir', str(tmp_path)]
+    analyze_model.gates(analyze_model.parse_args(argv + ['--short-side', '256']))
+    analyze_model.gates(analyze_model.parse_args(argv))
+    assert [call[-1] for call in calls] == [256, 512]
 
 
 def test_configs_after_the_tasks_are_configs():

@@ -1,45 +1,14 @@
-"""tools/analysis_tools/benchmark.py: every command the docs give parses with
-the tool's own options, and every task runs once at tiny sizes on the CPU
-(``--dry-run``; the tasks that start processes or compile are ``slow``)."""
+"""tools/analysis_tools/benchmark.py: bad tasks and options are usage errors,
+and every task runs once at tiny sizes on the CPU (``--dry-run``; the tasks
+that start processes or compile are ``slow``). The documented commands are
+parsed in tests/test_docs_commands.py."""
 import json
 import os.path as osp
-import re
-import shlex
-from typing import List
 
 import pytest
 
-from ..paths import REPO, import_analysis_tool
+from ..paths import import_analysis_tool
 from ..threads import one_thread
-
-DOCS = ('tools/README.md', 'docs/user_guides/useful_tools.md')
-TOOL = 'tools/analysis_tools/benchmark.py'
-
-
-def documented_commands() -> List[List[str]]:
-    """The arguments of every ``benchmark.py`` command in the docs' code blocks
-    (continuation lines joined)."""
-    commands = []
-    for doc in DOCS:
-        with open(osp.join(REPO, doc)) as f:
-            text = f.read()
-        for block in re.findall(r'```[a-z]*\n(.*?)```', text, re.S):
-            for line in block.replace('\\\n', ' ').splitlines():
-                if TOOL in line:
-                    words = shlex.split(line, comments=True)
-                    commands.append(words[words.index(TOOL) + 1:])
-    return commands
-
-
-def test_the_docs_give_a_command_for_every_task():
-    tasks = {args[args.index('--task') + 1] for args in documented_commands()}
-    assert tasks == set(import_analysis_tool('benchmark').TASKS)
-
-
-@pytest.mark.parametrize('args', documented_commands(), ids=' '.join)
-def test_documented_commands_parse(args):
-    parsed = import_analysis_tool('benchmark').parse_args(args)
-    assert parsed.task == args[args.index('--task') + 1]
 
 
 @pytest.mark.parametrize('args', [['--task', 'nosuch'], ['--task', 'speed', '--nosuch', '1'],

@@ -88,7 +88,7 @@ def test_exported_write_path_is_live(memory_onnx):
 @pytest.mark.slow
 @pytest.mark.parametrize('spinning', [True, False])
 def test_ort_session_spins_only_when_asked(memory_onnx, spinning):
-    """benchmark_onnx times ONNX Runtime between PyTorch calls: its threads
+    """``benchmark.py --task onnx`` times ONNX Runtime between PyTorch calls: its threads
     must not spin after a run there, and the answers must not change."""
     from convneur_mm.deployment import ort_session
     module, path = memory_onnx

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 from mmengine.config import DictAction
 
 from convneur_mm.utils.cli import positive_float, positive_int, writable_dir, writable_file
+from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 
 TASKS = ('flops', 'ops', 'compilations', 'fp16-headroom', 'erf', 'gates', 'ablation-table')
 NEEDS_CONFIG = ('compilations', 'fp16-headroom', 'gates')
@@ -78,6 +79,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group('gates')
     g.add_argument('--image', help='the image to draw on')
     g.add_argument('--checkpoint', help="the config's model weights (default: random)")
+    g.add_argument('--short-side', type=positive_int, default=512,
+                   help="the image's short side after resizing")
     g = p.add_argument_group('ablation-table')
     g.add_argument('--recipe', default=DEFAULT_RECIPE)
     g.add_argument('--data-root', help="dataset root (default: the recipe's)")
@@ -202,7 +205,7 @@ def gates(args: argparse.Namespace) -> dict:
     for config in args.configs:
         name = osp.splitext(osp.basename(config))[0]
         figure = osp.join(args.out_dir, f'gates_{name}.png')
-        stages = visualize_gates(args.image, config, args.checkpoint, figure)
+        stages = visualize_gates(args.image, config, args.checkpoint, figure, args.short_side)
         print(f'wrote {figure} ({stages} stages)')
         results[config] = dict(figure=figure, stages=stages)
     return results
@@ -226,6 +229,7 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace], dict]] = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     args = parse_args(argv)
     if {'erf', 'gates'} & set(args.tasks):
         os.makedirs(args.out_dir, exist_ok=True)

@@ -33,6 +33,7 @@ import torch
 
 from convneur_mm.utils.cli import (non_negative_float, positive_float, positive_int,
                                    writable_dir, writable_file)
+from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 
 TASKS = ('speed', 'compile', 'onnx', 'resolution', 'memory', 'checkpointing', 'train')
 MEMORY_SECTIONS = ('paths', 'backbone', 'gemm', 'branch', 'model', 'numerics', 'latency',
@@ -333,6 +334,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
+    silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     args = parse_args(argv)
     result = RUNNERS[args.task][1](args)
     if args.json:

@@ -1,8 +1,8 @@
 # The recipe of the Table 5 ablation run on the embedded tiny ImageNet
-# (tools/analysis_tools/ablation_table.py), bounded so that all 12 rows train
-# and evaluate in about half an hour on an idle 2-core CPU: a smoke test that every
-# row learns, under one recipe and seed, not a reproduction of the paper's
-# ImageNet accuracies. Every row takes its backbone from its own config (the
+# (tools/analysis_tools/analyze_model.py --tasks ablation-table), bounded so
+# that all 12 rows train and evaluate in about half an hour on an idle 2-core
+# CPU: a smoke test that every row learns, under one recipe and seed, not a
+# reproduction of the paper's ImageNet accuracies. Every row takes its backbone from its own config (the
 # full-size ConvNeur-M3 with the row's switch) and everything else from here.
 # Starts from the classification demo (configs/demo/cls_convneur_m1_imagenet_tiny.py:
 # 64x64 crops, AdamW, warm-up + cosine, label smoothing); each change says why.

@@ -1,13 +1,13 @@
 # ConvNeur-M1 on the global-context probe (projects/global_probe/probe/data.py:
 # are the two ringed marks the same colour?). Also a Table 5 recipe:
-#   python tools/analysis_tools/ablation_table.py \
+#   python tools/analysis_tools/analyze_model.py --tasks ablation-table \
 #       --recipe projects/global_probe/configs/cls_convneur_m1_global_probe.py
 # Starts from the tiny-ImageNet ablation recipe (light augmentation, no Mixup /
 # CutMix, 4 epochs, one process); only the data change, and each change says why.
 # Untrained so far: given projects/global_probe/README.md, 4 epochs are likely far too few.
 _base_ = ['../../../configs/ablations/recipes/imagenet_tiny_m3.py']
 
-# the generator's default output; ablation_table.py writes it when missing
+# the generator's default output; --tasks ablation-table writes it when missing
 data_root = '{{$GLOBAL_PROBE_ROOT:data/global_probe}}'
 data_generator = 'projects.global_probe.probe.data'  # run from the repository root
 classes = ('different', 'same')  # the generator's CLASSES (meta/classes.txt)

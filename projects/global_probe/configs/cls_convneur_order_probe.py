@@ -1,7 +1,7 @@
 # The order probe (projects/global_probe/README.md): a red and a green bar far apart; is the red
 # one above? A Table 5 recipe on which local-only stays at chance and the memory
 # learns:
-#   python tools/analysis_tools/ablation_table.py \
+#   python tools/analysis_tools/analyze_model.py --tasks ablation-table \
 #       --recipe projects/global_probe/configs/cls_convneur_order_probe.py --row-minutes 25 \
 #       --seeds 0 1 2 --flops-shape 144 --skip-speed
 #   (then the same with --speed-only --speed-shape 144)

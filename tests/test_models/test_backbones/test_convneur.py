@@ -113,7 +113,7 @@ def test_with_cp_gives_identical_outputs_and_gradients():
 def test_with_cp_saves_fewer_activations_for_backward():
     """What autograd keeps between forward and backward: with_cp keeps only
     each block's input (measured: 11% of the activations here; 6% for M3 at
-    512x512, tools/analysis_tools/benchmark_with_cp.py)."""
+    512x512, benchmark.py --task checkpointing)."""
     x = torch.randn(2, 3, 64, 64)
     saved = {}
     for with_cp in (False, True):
