@@ -276,7 +276,9 @@ def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
 def test_backbone_traces_without_graph_breaks(training, device, amp):
     """The memory's hot path (write, scan, read) and the blocks are one graph:
     a break makes every block's ``branches`` a frame of its own, one graph per
-    block, and past the recompile limit (8) the rest of the blocks run eager."""
+    block, and past the recompile limit (8) the rest of the blocks run eager.
+    In training the chunk gradients and the chunk read are their closed-form
+    ``autograd.Function`` s, traced inside that graph."""
     holder = _tiny_backbone().to(device)
     holder.backbone.train(training)
     x = torch.randn(2, 3, 32, 48, device=device)
@@ -285,6 +287,8 @@ def test_backbone_traces_without_graph_breaks(training, device, amp):
         explanation = torch._dynamo.explain(holder.backbone)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    closed_form = explanation.graphs[0].code.count('autograd_function_apply(')
+    assert closed_form == (2 if training else 0)
 
 
 def test_compiled_parts_and_bad_requests():

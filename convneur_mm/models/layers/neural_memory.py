@@ -9,7 +9,9 @@ partial chunk reads the last state) and writes into it with its keys/values:
 ``update='parallel'`` takes every G_t at W_0 (all chunks at once, as the Titans
 reference does); ``update='sequential'`` takes G_t at W_{t-1} (the paper's
 equations 3-4). Gradients are closed-form and the recursion is a scan, so the
-module is one differentiable graph for the outer training. The inner loop runs
+module is one differentiable graph for the outer training; the chunk
+gradients and reads train through hand-derived backward passes
+(``backward``), with no double backward. The inner loop runs
 in float32 (or float64) even under autocast; its matrix products may take
 16-bit operands (``matmul_dtype``) with float32 accumulation.
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .memory_ops import MemoryWeights, chunk_grads_torch, decay_carry, product, scan_states
+from .memory_ops import MemoryWeights, decay_carry, product, scan_states
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.kernels import unavailable_reason
@@ -47,6 +49,7 @@ RMS_EPS = 1e-6
 MATMUL_DTYPES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
                  'float16': torch.float16}
 KERNELS = ('auto', 'torch', 'triton')
+BACKWARDS = ('closed_form', 'autograd')
 # Below this max_lr a 16-bit read keeps W_0's part apart (the decomposed read,
 # memory_ops.read_torch): at 1e-3 the update is ~0.2% of the state, under
 # bfloat16's rounding of it.
@@ -67,6 +70,10 @@ class MemoryPlan:
             reads (the sequential mode's gradients at each image's state are
             PyTorch's in both).
         reason: why that implementation.
+        backward: how training differentiates the PyTorch chunk gradients
+            and reads: 'closed_form' (their hand-derived backward: no double
+            backward, no (T, 4d) tensor saved) or 'autograd' (through their
+            ops: inference, 'triton', export, ``backward='autograd'``).
         images_per_slice: images computed together (``working_set_mib``); the
             batch when unsliced.
         shape_generic: one graph for every token count (``torch.export``):
@@ -82,6 +89,7 @@ class MemoryPlan:
     decomposed_read: bool
     implementation: str
     reason: str
+    backward: str
     images_per_slice: int
     shape_generic: bool
     recompute: bool
@@ -144,14 +152,20 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             LayerNorm statistics and backward, theta, the gates and the
             residual stay float32 (docs/advanced_guides/memory_paths.md).
         kernels: the implementation of the memory's operations (``memory_ops``):
-            'auto' (the Triton kernels in eager CUDA inference with 16-bit
-            product operands, else PyTorch), 'torch' or 'triton' (the Triton
-            kernels for every operand dtype; an error where they cannot run).
+            'auto' (the Triton kernels in CUDA inference with 16-bit product
+            operands, eager or compiled, else PyTorch), 'torch' or 'triton'
+            (the Triton kernels for every operand dtype; an error where they
+            cannot run).
         working_set_mib: under ``no_grad`` (eager), process slices of images
             whose estimated working set fits this many MiB; the results are
             the same. None: the whole batch at once.
         recompute: in training, save only the memory's input and recompute
             its inner forward in the backward pass.
+        backward: how training differentiates the chunk gradients and reads
+            of the PyTorch path: 'closed_form' (their hand-derived backward,
+            wherever they train except under ``torch.export``) or 'autograd'
+            (autograd through their ops, the double backward of the inner
+            gradient included). The results agree to rounding.
     """
 
     def __init__(self,
@@ -164,7 +178,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  matmul_dtype: str = 'auto',
                  kernels: str = 'auto',
                  working_set_mib: Optional[int] = None,
-                 recompute: bool = False):
+                 recompute: bool = False,
+                 backward: str = 'closed_form'):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f'memory dim {dim} is not divisible by heads={heads}')
@@ -188,11 +203,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                              f'got {working_set_mib!r}')
         if not isinstance(recompute, bool):
             raise ValueError(f'recompute must be a bool, got {recompute!r}')
+        if backward not in BACKWARDS:
+            raise ValueError(f'backward must be one of {BACKWARDS}, got {backward!r}')
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.max_lr, self.update = chunk_size, max_lr, update
         self.scan_block = scan_block
         self.matmul_dtype, self.kernels = matmul_dtype, kernels
         self.working_set_mib, self.recompute = working_set_mib, recompute
+        self.backward = backward
         hd = self.head_dim
 
         self.store_norm = Float32RMSNorm(dim, eps=RMS_EPS)
@@ -290,6 +308,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             operand_dtype=operand_dtype,
             decomposed_read=operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR,
             implementation=implementation, reason=reason,
+            backward=self._backward(implementation),
             images_per_slice=self._images_per_slice(x),
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
@@ -310,19 +329,30 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                                f'cannot run here: {why}')
         return 'torch', why
 
+    def _backward(self, implementation: str) -> str:
+        """The plan's ``backward``: 'closed_form' where the PyTorch path
+        trains (not under ``torch.export``: its graph keeps plain ATen ops,
+        which ONNX has), unless ``backward='autograd'``."""
+        if (self.backward == 'autograd' or implementation != 'torch' or
+                not torch.is_grad_enabled() or torch.compiler.is_exporting()):
+            return 'autograd'
+        return 'closed_form'
+
     def _triton_unavailable(self, x: Tensor, operand_dtype: Optional[torch.dtype]
                             ) -> Optional[str]:
         """Why the Triton kernels cannot serve this call, or None.
 
-        They are forward-only and eager: traced graphs keep the PyTorch path.
-        'auto' takes them on CUDA for 16-bit operands only: their float32
-        products run on CUDA cores in small tiles, untimed against cuBLAS, so
-        float32 inference stays on cuBLAS unless 'triton' asks for them
-        ('triton' also runs them in Triton's CPU interpreter)."""
+        They are forward-only. ``torch.compile`` keeps them whole in its
+        graph (custom operators); ``torch.export`` keeps the shape-generic
+        PyTorch graph, which ONNX needs. 'auto' takes them on CUDA for 16-bit
+        operands only: their float32 products run on CUDA cores in small
+        tiles, untimed against cuBLAS, so float32 inference stays on cuBLAS
+        unless 'triton' asks for them ('triton' also runs them in Triton's
+        CPU interpreter)."""
         if torch.is_grad_enabled():
             return 'they are forward-only: run inference under torch.no_grad()'
-        if _traced():
-            return 'traced graphs (torch.compile, torch.export) keep the PyTorch path'
+        if torch.compiler.is_exporting():
+            return 'torch.export keeps the shape-generic PyTorch graph'
         compute_dtype = at_least_float32(x.dtype)
         if compute_dtype != torch.float32:
             return f'they compute float32 memories, not {compute_dtype}'
@@ -400,7 +430,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         proj = self.project(x, num_updates, plan)
         if num_updates == 0:  # one chunk: every token reads W_0
             out = read(self.initial_state, proj.queries.reshape(h, b * n, hd), mm,
-                       implementation=plan.implementation)
+                       implementation=plan.implementation, backward=plan.backward)
             if torch.is_grad_enabled():
                 out = out + self._zero_tie()
             return out.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, self.dim)
@@ -417,7 +447,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             carry = None if carry is None else _packed(carry[:, :, :num_updates])
         out = chunk_read(states, proj.queries, L, mm,
                          base=None if carry is None else self.initial_state, carry=carry,
-                         implementation=plan.implementation)
+                         implementation=plan.implementation, backward=plan.backward)
         return out[:, :n] if plan.shape_generic else out
 
     def _chunk_grads(self, proj: MemoryProjections, plan: MemoryPlan) -> List[Tensor]:
@@ -425,7 +455,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         from the projections' views of each image's U chunks: w1, w2, g,
         each (H, B * U, ...)."""
         return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
-                                plan.operand_dtype, implementation=plan.implementation))
+                                plan.operand_dtype, implementation=plan.implementation,
+                                backward=plan.backward))
 
     def _sequential_write(self, proj: MemoryProjections, plan: MemoryPlan
                           ) -> Tuple[MemoryWeights, Optional[Tensor]]:
@@ -433,7 +464,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         gradient taken at the previous state."""
         states, carry = self._sequential_states(*_per_image_chunks(proj), proj.log_keep,
                                                 proj.log_momentum, proj.lr_mod,
-                                                plan.operand_dtype)
+                                                plan.operand_dtype, plan.backward)
         if not plan.decomposed_read:
             return states, None
         w0 = self.initial_state
@@ -466,11 +497,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def _sequential_states(self, keys: Tensor, values: Tensor, token_lr: Tensor,
                            log_keep: Tensor, log_momentum: Tensor, lr_mod: Tensor,
-                           operand_dtype: Optional[torch.dtype] = None
-                           ) -> Tuple[MemoryWeights, Tensor]:
+                           operand_dtype: Optional[torch.dtype] = None,
+                           backward: str = 'autograd') -> Tuple[MemoryWeights, Tensor]:
         """W_0 .. W_U, each chunk's gradient taken at the previous state, and
         a_t (H, B, U + 1). Keys and values (H, B, U, L, hd). The gradients at
-        each image's own state are PyTorch's for every implementation."""
+        each image's own state are PyTorch's for every implementation
+        (``backward`` as the plan's)."""
         h, b, u, L, hd = keys.shape
         weights = self.initial_state.map(
             lambda t: t[:, None].expand(h, b, *t.shape[1:]))
@@ -480,11 +512,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         # exactly as in the parallel scan.
         momentum = [torch.zeros(()).to(w) for w in weights]
         for t in range(u):
-            grads = chunk_grads_torch(
+            grads = chunk_grads(
                 weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),
                 keys[:, :, t].reshape(h * b, 1, L, hd),
                 values[:, :, t].reshape(h * b, 1, L, hd),
-                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype)
+                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype, backward=backward)
             surprise = [-_bcast(m[..., t], g) * g.reshape(h, b, *g.shape[2:])
                         for m, g in zip(lr_mod, grads)]
             momentum = [_bcast(eta[..., t], s) * s_prev + s

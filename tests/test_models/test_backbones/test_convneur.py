@@ -170,6 +170,22 @@ def test_chunk_and_step_size_do_not_change_the_parameter_set():
     assert not result.missing_keys and not result.unexpected_keys
 
 
+def test_memory_cfg_backward_reaches_every_memory():
+    """``memory_cfg.backward`` picks the training backward of each memory; both
+    give the same gradients (float64)."""
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    grads = {}
+    for backward in ('closed_form', 'autograd'):
+        torch.manual_seed(0)
+        model = _tiny(memory_cfg=dict(chunk_size=16, backward=backward)).double()
+        memories = [m for m in model.modules() if type(m).__name__ == 'NeuralMemory']
+        assert memories and all(m.backward == backward for m in memories)
+        sum(o.square().mean() for o in model(x)).backward()
+        grads[backward] = torch.cat([p.grad.flatten() for p in model.parameters()
+                                     if p.grad is not None])
+    assert torch.allclose(grads['closed_form'], grads['autograd'], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize('placement,fusion,memories', [
     ('none', 'gate', 0), ('stage', 'gate', 4), ('block', 'add', 5), ('stage', 'concat', 4)])
 def test_ablation_switches(placement, fusion, memories):
@@ -210,6 +226,7 @@ def test_layer_depths_increase_through_the_network():
     (dict(memory_cfg=dict(scan_block=0)), ValueError, 'scan_block'),
     (dict(memory_cfg=dict(chunk=3)), ValueError, 'unknown memory_cfg keys'),
     (dict(memory_cfg=dict(update='fast')), ValueError, 'update'),
+    (dict(memory_cfg=dict(backward='double')), ValueError, 'backward'),
     (dict(memory_placement='layer'), ValueError, 'memory_placement'),
     (dict(fusion='mul'), ValueError, 'fusion'),
     (dict(global_mixer='lstm'), ValueError, 'global_mixer must be one of'),

@@ -280,12 +280,14 @@ def module_results() -> dict:
     return results
 
 
-def _run_interpreted(what: str) -> dict:
+def _run_interpreted(what: str, module: str = 'test_memory_kernels') -> dict:
+    """``module``'s function ``what`` in a subprocess with TRITON_INTERPRET=1;
+    its JSON result (the module prints it when run as a script)."""
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1',
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    child = subprocess.run([sys.executable, '-m', 'tests.test_models.test_layers.'
-                            'test_memory_kernels', what], cwd=REPO, env=env,
+    child = subprocess.run([sys.executable, '-m', f'tests.test_models.test_layers.{module}',
+                            what], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=900)
     assert child.returncode == 0, child.stderr[-4000:]
     return json.loads(child.stdout.strip().splitlines()[-1])

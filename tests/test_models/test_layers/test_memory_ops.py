@@ -92,3 +92,53 @@ def test_chunk_read_matches_its_reference(decomposed):
         a = carry[:, :, 0].reshape(-1)
         torch.testing.assert_close(read_torch(delta, x, None, base, a),
                                    read_naive(delta, x, base, a))
+
+
+def test_dispatchers_train_through_the_closed_form_when_asked():
+    """``backward='closed_form'`` takes the PyTorch operations' training form
+    (the same values); an unknown backward is an error naming the choices."""
+    from convneur_mm.models.layers.memory_ops.chunk_read import chunk_read
+    from convneur_mm.models.layers.memory_ops.read import read
+    gen = torch.Generator().manual_seed(0)
+    d = 4
+    weights = MemoryWeights(*(torch.randn(*s, generator=gen).double().requires_grad_() for s in
+                              ((2, d, 4 * d), (2, 4 * d, d), (2, d))))
+    keys, values = torch.randn(2, 2, 3, 3, d, generator=gen).double().unbind(0)
+    lr = torch.rand(2, 3, 3, generator=gen).double()
+    states = weights.map(lambda t: t.view(1, 1, *t.shape))
+    queries = torch.randn(1, 1, 5, d, generator=gen).double()
+    calls = [lambda **kw: chunk_grads(weights, keys, values, lr, **kw)[0],
+             lambda **kw: read(weights, queries[0].expand(2, 5, d), **kw),
+             lambda **kw: chunk_read(states, queries, 3, **kw)]
+    def nodes(t):  # the names of the autograd graph's nodes
+        seen, todo = {}, [t.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and id(node) not in seen:
+                seen[id(node)] = type(node).__name__
+                todo += [n for n, _ in node.next_functions]
+        return set(seen.values())
+
+    for call, function in zip(calls, ['_ChunkGradsBackward', '_ReadBackward', '_ReadBackward']):
+        plain, closed = call(), call(backward='closed_form')
+        assert function in nodes(closed) and function not in nodes(plain)
+        torch.testing.assert_close(closed, plain)
+        with pytest.raises(ValueError, match='closed_form'):
+            call(backward='manual')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_product_takes_operands_already_cast(dtype):
+    """An operand already in the operand dtype is not cast again: the same
+    product, in the other operand's dtype or in ``out_dtype``."""
+    from convneur_mm.models.layers.memory_ops import product
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, 5, 6, generator=gen).to(dtype),
+            torch.randn(2, 6, 3, generator=gen).to(dtype))
+    want = product(a, b, torch.bfloat16)
+    assert want.dtype == dtype
+    for got in (product(a.bfloat16(), b, torch.bfloat16), product(a, b.bfloat16(), torch.bfloat16),
+                product(a.bfloat16(), b.bfloat16(), torch.bfloat16, dtype)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert product(a.bfloat16(), b.bfloat16(), torch.bfloat16).dtype == torch.bfloat16

@@ -164,3 +164,75 @@ def test_plan_is_decided_once_from_the_settings_and_the_call():
     assert not memory.plan(x).folded_projections  # the hook must see its layer called
     handle.remove()
     assert memory.plan(x).folded_projections
+
+
+def _relative_errors(ours, theirs):
+    """Each tensor's error relative to its norm; for a gradient that is zero
+    up to rounding (the pool's bias: a softmax ignores a shift), relative to
+    1e-4 of the largest norm instead."""
+    floor = 1e-4 * max(b.norm().item() for b in theirs)
+    return [((a - b).norm() / max(b.norm().item(), floor)).item() for a, b in zip(ours, theirs)]
+
+
+def _outputs_and_grads(module, x, forward):
+    """``forward()``'s output and the gradients of x and every parameter from
+    a fixed random output gradient."""
+    out = forward()
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+    params = [x] + [p for p in module.parameters() if p.requires_grad]
+    return [out] + list(torch.autograd.grad((out * probe).sum(), params, allow_unused=True,
+                                            materialize_grads=True))
+
+
+# (update, tokens, settings): chunk 5 and 2 heads; parallel over several
+# chunks, sequential, one chunk (every token reads W_0), recompute, the
+# decomposed read (its plan at a small max_lr, with exact products: 16-bit
+# operands round each backward differently, test_memory_closed_form bounds that)
+BACKWARD_CASES = [('parallel', 23, {}), ('sequential', 23, {}), ('parallel', 4, {}),
+                  ('parallel', 23, dict(recompute=True)),
+                  ('parallel', 20, dict(matmul_dtype='bfloat16', max_lr=1e-3))]
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('update,tokens,settings', BACKWARD_CASES)
+def test_closed_form_backward_equals_autograd(update, tokens, settings, dtype, tol):
+    memory = _perturbed_memory(12, seed=tokens, chunk_size=5, heads=2, update=update,
+                               **settings).to(dtype).train()
+    x = torch.randn(2, tokens, 12, dtype=dtype, requires_grad=True)
+    plan = dataclasses.replace(memory.plan(x), operand_dtype=None)
+    assert plan.backward == 'closed_form'
+    assert plan.decomposed_read == ('max_lr' in settings)
+    ours = _outputs_and_grads(memory, x, lambda: memory.execute(x, plan))
+    theirs = _outputs_and_grads(memory, x, lambda: memory.execute(
+        x, dataclasses.replace(plan, backward='autograd')))
+    assert max(_relative_errors(ours, theirs)) < tol
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_closed_form_backward_equals_autograd_in_a_backbone(dtype, tol):
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    torch.manual_seed(0)
+    model = ConvNeur(arch='m1', memory_cfg=dict(chunk_size=16)).to(dtype).train()
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    assert memories
+    x = torch.randn(1, 3, 64, 64, dtype=dtype, requires_grad=True)
+
+    def run(backward):
+        for m in memories:
+            m.backward = backward
+        return _outputs_and_grads(model, x, lambda: model(x)[-1])
+
+    ours, theirs = run('closed_form'), run('autograd')
+    assert max(_relative_errors(ours, theirs)) < tol
+
+
+def test_plan_backward():
+    memory = NeuralMemory(8, chunk_size=4).train()
+    x = torch.randn(1, 12, 8)
+    assert memory.plan(x).backward == 'closed_form'
+    with torch.no_grad():  # nothing to differentiate: the plain forward
+        assert memory.plan(x).backward == 'autograd'
+    memory.backward = 'autograd'
+    assert memory.plan(x).backward == 'autograd'
+    with pytest.raises(ValueError, match='backward'):
+        NeuralMemory(8, backward='manual')

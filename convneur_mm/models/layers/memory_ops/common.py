@@ -7,7 +7,8 @@ The memory model with fast weights ``W = (w1, w2, g)`` is
 and a chunk writes into it by one step on the loss
 ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2``.
 """
-from typing import Callable, Dict, NamedTuple, Optional
+import contextlib
+from typing import Callable, ContextManager, Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -30,14 +31,15 @@ class MemoryWeights(NamedTuple):
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
 
 
-def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
+            out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """The batched product ``a @ b`` with its operands in ``operand_dtype``,
-    accumulated and returned in ``a``'s dtype (float32 or float64).
+    accumulated and returned in ``out_dtype`` (float32 or float64).
 
     Every matrix product of the memory's PyTorch implementations runs through
     here, so one argument decides its precision:
 
-    * ``None`` (or ``a``'s own dtype): the plain product;
+    * ``None`` (or the output dtype itself): the plain product;
     * float32 inputs: 16-bit operands on tensor cores (CUDA) or oneDNN (CPU),
       float32 accumulation; the output is float32 (on CUDA in inference,
       ``bmm(..., out_dtype=float32)``; otherwise the 16-bit output, widened);
@@ -46,20 +48,65 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None) -
       wide accumulator computes, up to summation order (the CPU tests'
       emulation of the GPU path).
 
+    An operand may already be in ``operand_dtype`` (cast once by a caller
+    that reuses it): it is not cast again.
+
     Args:
         a: (G, M, K).
         b: (G, K, N).
         operand_dtype: the operands' dtype, or None.
+        out_dtype: the accumulation's and the output's dtype; None: the wider
+            of ``a``'s and ``b``'s.
     """
-    if operand_dtype is None or operand_dtype == a.dtype:
+    out_dtype = out_dtype or torch.promote_types(a.dtype, b.dtype)
+    if operand_dtype is None or operand_dtype == out_dtype:
         return torch.bmm(a, b)
-    if a.dtype == torch.float64:
-        return torch.bmm(a.to(operand_dtype).to(a.dtype), b.to(operand_dtype).to(a.dtype))
+    if out_dtype == torch.float64:
+        return torch.bmm(a.to(operand_dtype).to(out_dtype), b.to(operand_dtype).to(out_dtype))
     a16, b16 = a.to(operand_dtype), b.to(operand_dtype)
-    if (_BMM_OUT_DTYPE and a.is_cuda and a.dtype == torch.float32 and not (
+    if (_BMM_OUT_DTYPE and a.is_cuda and out_dtype == torch.float32 and not (
             torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return torch.ops.aten.bmm.dtype(a16, b16, torch.float32)
-    return torch.bmm(a16, b16).to(a.dtype)
+    return torch.bmm(a16, b16).to(out_dtype)
+
+
+def ln_backward(grad: Tensor, hidden: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """LayerNorm's (no affine) input gradient at ``hidden`` with its
+    statistics (``torch.native_layer_norm``'s): one fused ATen kernel, itself
+    differentiable. A linear map of ``grad`` that is its own adjoint."""
+    return torch.ops.aten.native_layer_norm_backward(
+        grad, hidden, (hidden.shape[-1], ), mean, rstd, None, None, [True, False, False])[0]
+
+
+def no_autocast(like: Tensor) -> ContextManager:
+    """Autocast off on ``like``'s device: the products' precision is their
+    ``operand_dtype``'s alone."""
+    kind = like.device.type
+    if not torch.amp.is_autocast_available(kind):  # meta tensors: nothing to turn off
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
+def first_order_only(name: str) -> None:
+    """An error for a closed-form backward differentiated again: autograd
+    runs a backward with gradients enabled only for ``create_graph=True``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f'{name} has a backward of first order only: differentiate it '
+                           'without create_graph=True')
+
+
+def check_float(**tensors: Tensor) -> None:
+    """A TypeError unless the tensors are floating point of one dtype."""
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise TypeError('expected floating tensors of one dtype, got ' +
+                        ', '.join(f'{k} {t.dtype}' for k, t in tensors.items()))
+
+
+# backward -> whether an implementation trains through its closed-form
+# Function: only PyTorch's has one (the Triton kernels are forward-only)
+BACKWARDS = {'autograd': lambda implementation: False,
+             'closed_form': lambda implementation: implementation == 'torch'}
 
 
 def implementation_of(operation: str, implementations: Dict[str, Callable],

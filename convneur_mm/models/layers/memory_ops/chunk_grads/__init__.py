@@ -1,13 +1,15 @@
 """Every chunk's closed-form write gradient at shared weights:
 ``chunk_grads(weights, keys, values, token_lr, operand_dtype)`` in PyTorch
-(``chunk_grads_torch``), Triton (``chunk_grads_triton``) and by autograd
-(``chunk_grads_naive``, the reference)."""
+(``chunk_grads_torch``; for training ``chunk_grads_closed_form``, the same
+forward with a hand-derived backward), Triton (``chunk_grads_triton``,
+forward only) and by autograd (``chunk_grads_naive``, the reference)."""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..common import MemoryWeights, implementation_of
+from ..common import BACKWARDS, MemoryWeights, implementation_of
+from .closed_form import chunk_grads_closed_form
 from .naive import chunk_grads_naive
 from .pytorch import chunk_grads_torch
 from .triton import chunk_grads_triton
@@ -17,12 +19,15 @@ CHUNK_GRADS_IMPLEMENTATIONS = {'torch': chunk_grads_torch, 'triton': chunk_grads
 
 def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
                 operand_dtype: Optional[torch.dtype] = None, *,
-                implementation: str = 'torch') -> MemoryWeights:
+                implementation: str = 'torch', backward: str = 'autograd') -> MemoryWeights:
     """The chunks' gradients by ``implementation`` ('torch' or 'triton'); the
-    arguments as in ``chunk_grads_torch``."""
-    return implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)(
-        weights, keys, values, token_lr, operand_dtype)
+    arguments as in ``chunk_grads_torch``. ``backward='closed_form'`` (with
+    'torch') trains through ``chunk_grads_closed_form``."""
+    fn = implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)
+    if implementation_of('chunk_grads backward', BACKWARDS, backward)(implementation):
+        fn = chunk_grads_closed_form
+    return fn(weights, keys, values, token_lr, operand_dtype)
 
 
-__all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'chunk_grads', 'chunk_grads_naive',
-           'chunk_grads_torch', 'chunk_grads_triton']
+__all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'chunk_grads', 'chunk_grads_closed_form',
+           'chunk_grads_naive', 'chunk_grads_torch', 'chunk_grads_triton']

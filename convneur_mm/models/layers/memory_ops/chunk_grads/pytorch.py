@@ -1,17 +1,60 @@
-"""Every chunk's closed-form write gradient in PyTorch ops (differentiable)."""
-from typing import Optional, Tuple
+"""Every chunk's closed-form write gradient in PyTorch ops (differentiable),
+and the parts of its chain that its closed-form backward (``closed_form``)
+computes again."""
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, product
+from ..common import LN_EPS, MemoryWeights, ln_backward, product
 
 
-def _normalize(h: Tensor) -> Tuple[Tensor, Tensor]:
-    centered = h - h.mean(dim=-1, keepdim=True)
-    rstd = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + LN_EPS)
-    return centered * rstd, rstd
+class OutputRows(NamedTuple):
+    """The chain's (G, T, d) tensors after the MLP's output H, and per-row
+    statistics (``output_rows``): N = LN(H), its mean and rstd, s = 1 + g,
+    c = theta * 2 / d, R = K + N s - V, D = R c, D s and Dh = LNback(D s)."""
+    normed: Tensor
+    mean: Tensor
+    rstd: Tensor
+    scale: Tensor
+    coef: Tensor
+    resid: Tensor
+    d_out: Tensor
+    d_normed: Tensor
+    d_hidden: Tensor
+
+
+def output_rows(hidden: Tensor, flat_keys: Tensor, flat_values: Tensor, g: Tensor,
+                token_lr: Tensor) -> OutputRows:
+    """The loss's gradient at the MLP's output and what leads to it, from the
+    output H (G, T, d) (differentiable).
+
+    Args:
+        hidden: H = gelu(K w1) w2, (G, T, d).
+        flat_keys, flat_values: K and V, (G, T, d).
+        g: (G, d).
+        token_lr: theta, T per group in any shape.
+    """
+    d = hidden.shape[-1]
+    normed, mean, rstd = torch.native_layer_norm(hidden, (d, ), None, None, LN_EPS)
+    scale = 1.0 + g.unsqueeze(-2)
+    coef = token_lr.reshape(hidden.shape[0], -1, 1) * (2.0 / d)
+    resid = torch.addcmul(flat_keys - flat_values, normed, scale)
+    d_out = resid * coef
+    d_normed = d_out * scale
+    d_hidden = ln_backward(d_normed, hidden, mean, rstd)
+    return OutputRows(normed, mean, rstd, scale, coef, resid, d_out, d_normed, d_hidden)
+
+
+def chunk_sums(a: Tensor, b: Tensor, chunks: int, operand_dtype: Optional[torch.dtype]
+               ) -> Tensor:
+    """(G, T, m), (G, T, n) -> (G, C, m, n): ``sum_i a_i^T b_i`` over each of
+    the C chunks' rows."""
+    g_, t, m = a.shape
+    a = a.reshape(g_ * chunks, t // chunks, m)
+    return product(a.transpose(-1, -2), b.reshape(g_ * chunks, t // chunks, -1),
+                   operand_dtype).view(g_, chunks, m, -1)
 
 
 def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -35,8 +78,9 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
 
     The token-wise products run as one GEMM per group (weights are shared by
     the group's C*L tokens); only the per-chunk reductions are batched by chunk.
-    GELU's derivative comes from ATen's fused ``gelu_backward``, which is
-    itself differentiable, so the outer training can differentiate through it.
+    GELU's and LayerNorm's derivatives come from ATen's fused backward
+    kernels, themselves differentiable, so the outer training can
+    differentiate through them (``closed_form`` spares it that).
 
     Of the four (G, C*L, 4d) tensors (``pre``, ``act``, the product before
     GELU's derivative and ``d_pre``) at most two are alive at once when
@@ -51,24 +95,12 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     flat_keys = keys.reshape(g_, c * L, d)
     pre = product(flat_keys, weights.w1, mm)
     act = F.gelu(pre)
-    normed, rstd = _normalize(product(act, weights.w2, mm))
-    scale = 1.0 + weights.g.unsqueeze(-2)
-    d_out = (flat_keys + normed * scale - values.reshape(g_, c * L, d)) * (
-        token_lr.reshape(g_, c * L, 1) * (2.0 / d))
-    d_g = (d_out * normed).reshape(g_, c, L, d).sum(dim=-2)
-    d_normed = d_out * scale
-    del d_out
-    d_hidden = rstd * (
-        d_normed - d_normed.mean(dim=-1, keepdim=True) -
-        normed * (d_normed * normed).mean(dim=-1, keepdim=True))
-    del d_normed, normed, rstd
-
-    def per_chunk(a: Tensor, b: Tensor) -> Tensor:  # sum_i a_i^T b_i per chunk
-        a = a.reshape(g_ * c, L, -1)
-        return product(a.transpose(-1, -2), b.reshape(g_ * c, L, -1), mm).reshape(
-            g_, c, a.shape[-1], -1)
-
-    grad_w2 = per_chunk(act, d_hidden)
+    rows = output_rows(product(act, weights.w2, mm), flat_keys, values.reshape(g_, c * L, d),
+                       weights.g, token_lr)
+    d_g = (rows.d_out * rows.normed).view(g_, c, L, d).sum(dim=-2)
+    d_hidden = rows.d_hidden
+    del rows
+    grad_w2 = chunk_sums(act, d_hidden, c, mm)
     del act
     back = product(d_hidden, weights.w2.transpose(-1, -2), mm)
     del d_hidden
@@ -77,4 +109,4 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     else:  # in place: no third (G, C*L, 4d) tensor
         d_pre = torch.ops.aten.gelu_backward.grad_input(back, pre, grad_input=back)
     del pre, back
-    return MemoryWeights(per_chunk(keys, d_pre), grad_w2, d_g)
+    return MemoryWeights(chunk_sums(flat_keys, d_pre, c, mm), grad_w2, d_g)

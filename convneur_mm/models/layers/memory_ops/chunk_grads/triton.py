@@ -1,12 +1,13 @@
-"""Every chunk's write gradient as two Triton kernels (forward only)."""
+"""Every chunk's write gradient as two Triton kernels (forward only), a
+custom operator ``torch.ops.convneur_mm.memory_chunk_grads``."""
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
-from ..kernels.launch import (cdiv, check_arguments, check_runnable, check_span, launch_config,
-                              tile_config)
+from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_runnable, check_span,
+                              launch_config, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -49,10 +50,25 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
                      ('token_lr', token_lr, (*lead, 'L')), ('weights.w1', w1, ('G', 'd', 'h')),
                      ('weights.w2', w2, ('G', 'h', 'd')), ('weights.g', g, ('G', 'd'))],
                     operand_dtype, (block_rows, block_hidden))
-    check_runnable(keys, operand_dtype)
+    return MemoryWeights(*call_kernel_op(_chunk_grads_op, _chunk_grads, w1, w2, g, keys, values,
+                                         token_lr, operand_dtype, block_rows, block_hidden))
+
+
+def _sizes(keys: Tensor) -> Tuple[int, int, int, int, int]:
+    """(groups, chunks, chunks per image, rows L, width d) of 4-D or 5-D keys."""
     groups, length, d = keys.shape[0], keys.shape[-2], keys.shape[-1]
-    per_image = keys.shape[2] if per_image_chunks else keys.shape[1]
-    chunks = keys.shape[1] * per_image if per_image_chunks else per_image
+    if keys.dim() == 5:
+        return groups, keys.shape[1] * keys.shape[2], keys.shape[2], length, d
+    return groups, keys.shape[1], keys.shape[1], length, d
+
+
+def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
+                 token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
+                 block_hidden: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The operator's implementation: allocate and launch (checked arguments)."""
+    check_runnable(keys, operand_dtype)
+    per_image_chunks = keys.dim() == 5
+    groups, chunks, per_image, length, d = _sizes(keys)
 
     def strides(t: Tensor) -> Tuple[int, ...]:
         """(group, image, chunk, rows...) strides; one image of C chunks for 4-D."""
@@ -62,7 +78,7 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     g1 = torch.empty(groups, chunks, d, hidden, **opts)
     g2 = torch.empty(groups, chunks, hidden, d, **opts)
     if groups * chunks == 0 or length == 0 or hidden == 0 or d == 0:
-        return MemoryWeights(g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts))
+        return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
     check_span('keys', length, keys)
     check_span('values', length, values)
     check_span('token_lr', length, token_lr, row_dim=-1)
@@ -85,4 +101,18 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys), *w1.stride(), *w2.stride(),
         loss_scale, **tiles, **cfg)
-    return MemoryWeights(g1, g2, d_g.sum(dim=1).view(groups, chunks, d))
+    return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
+
+
+_chunk_grads_op = torch.library.custom_op('convneur_mm::memory_chunk_grads', _chunk_grads,
+                                          mutates_args=())
+
+
+@_chunk_grads_op.register_fake
+def _chunk_grads_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
+                      token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
+                      block_hidden: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    groups, chunks, _, _, d = _sizes(keys)
+    hidden = w1.shape[-1]
+    return (keys.new_empty(groups, chunks, d, hidden), keys.new_empty(groups, chunks, hidden, d),
+            keys.new_empty(groups, chunks, d))

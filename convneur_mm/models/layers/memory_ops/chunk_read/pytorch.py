@@ -7,13 +7,14 @@ from torch import Tensor
 
 from convneur_mm.models.utils.shapes import known_zero
 from ..common import MemoryWeights
+from ..read.closed_form import read_closed_form
 from ..read.pytorch import read_torch
 
 
 def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
                      operand_dtype: Optional[torch.dtype] = None,
                      base: Optional[MemoryWeights] = None,
-                     carry: Optional[Tensor] = None) -> Tensor:
+                     carry: Optional[Tensor] = None, *, backward: str = 'autograd') -> Tensor:
     """Token n of head h and image b reads state ``n // chunk_size`` of (h, b);
     the heads merged in the output.
 
@@ -32,6 +33,8 @@ def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
         operand_dtype: the products' operand dtype (``product``).
         base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d).
         carry: (H, B, C) a_t of each state, with ``base``.
+        backward: 'autograd' (``read_torch``) or 'closed_form'
+            (``read_closed_form``: the same read, a hand-derived backward).
 
     Returns:
         (B, N, H * d) read-outs.
@@ -42,7 +45,8 @@ def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
     if not known_zero(padded - n):
         queries = F.pad(queries, (0, 0, 0, padded - n))
     groups = h * b * num_chunks
-    out = read_torch(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
+    read = read_closed_form if backward == 'closed_form' else read_torch
+    out = read(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
                      queries.reshape(groups, chunk_size, hd), operand_dtype, base,
                      None if carry is None else carry.reshape(groups))
     return out.reshape(h, b, padded, hd).permute(1, 2, 0, 3).reshape(b, padded, h * hd)[:, :n]

@@ -1,11 +1,13 @@
-"""The chunk read as one Triton kernel (forward only)."""
+"""The chunk read as one Triton kernel (forward only), a custom operator
+``torch.ops.convneur_mm.memory_chunk_read``."""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
-from ..kernels.launch import cdiv, check_arguments, check_decomposed, check_runnable, launch_read
+from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_decomposed,
+                              check_runnable, launch_read)
 
 
 def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
@@ -45,15 +47,40 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
                      ('states.g', g, ('H', 'B', 'C', 'd'))] +
                     check_decomposed(base, carry, 'H', ('H', 'B', 'C')), operand_dtype,
                     (block_rows, block_hidden))
-    heads, batch, n, d = queries.shape
-    chunks = w1.shape[2]
+    n, chunks = queries.shape[2], w1.shape[2]
     if chunk_size < 1:
         raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
     if n > chunks * chunk_size:
         raise ValueError(f'{n} tokens need {cdiv(n, chunk_size)} chunk states of '
                          f'{chunk_size} tokens, got {chunks}')
+    bases = (None, None) if base is None else (base.w1, base.w2)
+    return call_kernel_op(_chunk_read_op, _chunk_read, w1, w2, g, queries, chunk_size, *bases,
+                          carry, operand_dtype, block_rows, block_hidden)
+
+
+def _chunk_read(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: int,
+                base_w1: Optional[Tensor], base_w2: Optional[Tensor], carry: Optional[Tensor],
+                operand_dtype: torch.dtype, block_rows: Optional[int],
+                block_hidden: Optional[int]) -> Tensor:
+    """The operator's implementation: allocate and launch (checked arguments)."""
     check_runnable(queries, operand_dtype)
+    heads, batch, n, d = queries.shape
+    base = None if base_w1 is None else MemoryWeights(base_w1, base_w2, None)
     out = torch.empty(batch, n, heads * d, device=queries.device, dtype=torch.float32)
-    launch_read(states, queries, out.view(batch, n, heads, d).permute(2, 0, 1, 3), chunk_size,
-                operand_dtype, base, carry, block_rows, block_hidden)
+    launch_read(MemoryWeights(w1, w2, g), queries,
+                out.view(batch, n, heads, d).permute(2, 0, 1, 3), chunk_size, operand_dtype,
+                base, carry, block_rows, block_hidden)
     return out
+
+
+_chunk_read_op = torch.library.custom_op('convneur_mm::memory_chunk_read', _chunk_read,
+                                         mutates_args=())
+
+
+@_chunk_read_op.register_fake
+def _chunk_read_fake(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: int,
+                     base_w1: Optional[Tensor], base_w2: Optional[Tensor],
+                     carry: Optional[Tensor], operand_dtype: torch.dtype,
+                     block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
+    heads, batch, n, d = queries.shape
+    return queries.new_empty(batch, n, heads * d)

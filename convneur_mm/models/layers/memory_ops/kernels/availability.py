@@ -60,7 +60,10 @@ def _shape_reason(head_dim: Optional[int], operand_dtype: Optional[torch.dtype]
     return None
 
 
+# a fact of the process, not of the tensors: torch.compile takes its value
+# while tracing instead of tracing the import of triton
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _device_reason(device: torch.device, operand_dtype: Optional[torch.dtype]) -> Optional[str]:
     kernels, why, interpreted = load_kernels()
     if kernels is None:

@@ -6,13 +6,22 @@ memory's states and features stay float32); ``operand_dtype`` is the dtype of
 the products' operands, with float32 accumulation (float32 operands multiply
 in IEEE float32, not TF32).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
 from .availability import OPERAND_DTYPES, launches_skipped, load_kernels, unavailable_reason
+
+
+def call_kernel_op(op: Callable, implementation: Callable, *args):
+    """``op(*args)``: a kernel's custom operator (``torch.library.custom_op``,
+    which ``torch.compile`` keeps whole and CUDA graphs capture). Inside
+    ``without_launches`` its ``implementation`` itself, so that a count on
+    meta tensors sees what the implementation allocates (an operator on
+    meta tensors runs its fake, which allocates the results only)."""
+    return implementation(*args) if launches_skipped() else op(*args)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -32,22 +32,31 @@ def read_torch(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.
     Returns:
         (G, M, d) in ``x``'s dtype.
     """
-    if base is None:
-        hidden = product(F.gelu(product(x, weights.w1, operand_dtype)), weights.w2,
-                         operand_dtype)
-    else:
-        pre = _decomposed(x, weights.w1, base.w1, carry, operand_dtype)
-        hidden = _decomposed(F.gelu(pre), weights.w2, base.w2, carry, operand_dtype)
+    bases = (None, None) if base is None else (base.w1, base.w2)
+    hidden = mix(F.gelu(mix(x, weights.w1, bases[0], carry, operand_dtype)), weights.w2,
+                 bases[1], carry, operand_dtype)
     return x + F.layer_norm(hidden, hidden.shape[-1:], eps=LN_EPS) * (
         1.0 + weights.g.unsqueeze(-2))
 
 
-def _decomposed(x: Tensor, delta: Tensor, base: Tensor, carry: Tensor,
-                operand_dtype: Optional[torch.dtype]) -> Tensor:
-    """``x @ (carry * base + delta)`` per group, as ``carry * (x @ base)``
-    (one product per head over all its groups' tokens, in ``x``'s precision)
-    plus ``x @ delta`` (per group, in ``operand_dtype``)."""
+def mix(x: Tensor, weight: Tensor, base: Optional[Tensor] = None,
+        carry: Optional[Tensor] = None, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """One of the read's products: ``x @ weight`` per group (``product``), or
+    for the decomposed read ``x @ (carry * base + weight)`` as
+    ``carry * (x @ base)`` (one product per head over all its groups' tokens,
+    in ``x``'s precision) plus ``x @ weight`` (per group, in ``operand_dtype``).
+
+    Args:
+        x: (G, M, k).
+        weight: (G, k, n) (the decomposed read: dW).
+        base: (H, k, n) W_0 per head, the G groups head-major; or None.
+        carry: (G,) a_t, with ``base``.
+        operand_dtype: the products' operand dtype (``product``).
+    """
+    out = product(x, weight, operand_dtype, x.dtype)
+    if base is None:
+        return out
     g_, m, k = x.shape
     h = base.shape[0]
     shared = torch.bmm(x.reshape(h, (g_ // h) * m, k), base).view(g_, m, -1)
-    return product(x, delta, operand_dtype).addcmul_(carry.view(g_, 1, 1), shared)
+    return out.addcmul_(carry.view(g_, 1, 1), shared)

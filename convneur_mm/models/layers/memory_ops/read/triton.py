@@ -1,11 +1,13 @@
-"""The memory's read ``f_W(x)`` as one Triton kernel (forward only)."""
+"""The memory's read ``f_W(x)`` as one Triton kernel (forward only), a
+custom operator ``torch.ops.convneur_mm.memory_read``."""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
-from ..kernels.launch import cdiv, check_arguments, check_decomposed, check_runnable, launch_read
+from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_decomposed,
+                              check_runnable, launch_read)
 
 # rows of one launch "chunk" when a read has no chunks of its own: bounds
 # the int32 offsets inside a tile
@@ -47,7 +49,19 @@ def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch
     heads = 1 if base is None else base.w1.shape[0]
     if groups % heads:
         raise ValueError(f'{groups} groups are not a whole number per head of {heads} heads')
+    bases = (None, None) if base is None else (base.w1, base.w2)
+    return call_kernel_op(_read_op, _read, w1, w2, g, x, *bases, carry, operand_dtype,
+                          block_rows, block_hidden)
+
+
+def _read(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
+          base_w2: Optional[Tensor], carry: Optional[Tensor], operand_dtype: torch.dtype,
+          block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
+    """The operator's implementation: allocate and launch (checked arguments)."""
     check_runnable(x, operand_dtype)
+    groups, m, d = x.shape
+    base = None if base_w1 is None else MemoryWeights(base_w1, base_w2, None)
+    heads = 1 if base is None else base.w1.shape[0]
     out = torch.empty(groups, m, d, device=x.device, dtype=torch.float32)
     # groups as (head, image) pairs, M tokens cut into pseudo-chunks that all
     # read the group's weights (chunk stride 0)
@@ -61,3 +75,13 @@ def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch
                 None if carry is None else split(carry)[:, :, None].expand(-1, -1, chunks),
                 block_rows, block_hidden)
     return out
+
+
+_read_op = torch.library.custom_op('convneur_mm::memory_read', _read, mutates_args=())
+
+
+@_read_op.register_fake
+def _read_fake(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
+               base_w2: Optional[Tensor], carry: Optional[Tensor], operand_dtype: torch.dtype,
+               block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
+    return x.new_empty(x.shape)

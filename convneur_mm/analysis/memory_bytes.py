@@ -1,0 +1,246 @@
+"""The memory's write and read in one training step, at a backbone's shapes:
+the bytes their ATen ops move and their time, autograd's backward against the
+closed-form one (``chunk_grads_closed_form``, ``read_closed_form``).
+
+    python -m convneur_mm.analysis.memory_bytes [--arch m3] [--size 224] [--batch 128]
+        [--time-batch 2] [--step-batch 2] [--rounds 5]
+
+One step is the forward and backward of each stage's chunk gradients (the
+write, ``chunk_grads_torch``) and read (``read_torch``), called directly at
+the shapes the stage's first global branch gives them with the default memory
+settings (no decomposed read); everything else of the branch (projections,
+scan, gates) is left out, its states and queries are inputs. Bytes are counted on meta
+tensors with ``AtenOpCounter`` (each kernel's tensor arguments and results,
+each read or written once), so a training-sized batch counts in seconds.
+``--step-batch`` also times whole training steps of the backbone, both
+backward passes in turns (``time_backbone_steps``).
+"""
+import argparse
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import torch
+
+from convneur_mm.analysis.bench_env import median, time_in_turns
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
+                                                  chunk_grads_torch, read_closed_form, read_torch)
+from convneur_mm.testing.dispatch_probes import AtenOpCounter
+
+PATHS = ('autograd', 'closed form')
+
+
+class MemoryShape(NamedTuple):
+    """One stage's memory at a batch: ``tokens`` N per image in chunks of
+    ``chunk`` L; U = (N - 1) // L chunks write, every chunk reads."""
+    batch: int
+    tokens: int
+    chunk: int
+    heads: int
+    head_dim: int
+
+    @property
+    def writes(self) -> int:
+        return (self.tokens - 1) // self.chunk
+
+
+def backbone_shapes(arch: str = 'm3', size: int = 224, batch: int = 128) -> List[MemoryShape]:
+    """The memory shapes of each stage's global branch of ``ConvNeur(arch)``
+    with its default memory settings, at ``size`` x ``size`` images."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    settings, cfg = ConvNeur.arch_settings[arch], ConvNeur.default_memory_cfg
+    heads = cfg['heads']
+    return [MemoryShape(batch, (size // 4 // 2**stage)**2, cfg['chunk_size'], heads,
+                        settings['memory_dim'] // heads)
+            for stage in range(len(settings['dims']))]
+
+
+def write_read_step(shape: MemoryShape, closed_form: bool,
+                    operand_dtype: Optional[torch.dtype] = None, dtype=torch.float32,
+                    device='cpu', seed: int = 0) -> Callable[[], None]:
+    """One training step of the stage's write and read: their forward and the
+    gradients of every input (W_0, keys, values, step sizes; states, queries)
+    from fixed output gradients, as a call without arguments.
+
+    Args:
+        shape: the stage's memory (``backbone_shapes``).
+        closed_form: the closed-form backward, or autograd through today's ops.
+        operand_dtype: the products' operand dtype (``product``).
+        dtype: the inputs' dtype.
+        device: where the tensors live ('meta' for a count without data).
+        seed: of the random inputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h, hd, L = shape.heads, shape.head_dim, shape.chunk
+
+    def tensor(*size: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
+        if torch.device(device).type == 'meta':  # no data to draw
+            return torch.empty(size, device=device, dtype=dtype)
+        t = torch.rand(size, generator=gen) if positive else torch.randn(size, generator=gen)
+        return (t * scale).to(device, dtype)
+
+    def leaf(*size: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
+        return tensor(*size, scale=scale, positive=positive).requires_grad_()
+
+    def weights(groups: int) -> MemoryWeights:
+        return MemoryWeights(leaf(groups, hd, 4 * hd, scale=hd**-0.5),
+                             leaf(groups, 4 * hd, hd, scale=(4 * hd)**-0.5),
+                             leaf(groups, hd, scale=0.1))
+
+    grads_fn = chunk_grads_closed_form if closed_form else chunk_grads_torch
+    read_fn = read_closed_form if closed_form else read_torch
+    chunks = shape.batch * shape.writes
+    if chunks:  # the chunks' gradients at W_0; chunk t reads state t (one group each)
+        write = (weights(h), leaf(h, chunks, L, hd), leaf(h, chunks, L, hd),
+                 leaf(h, chunks, L, positive=True))
+        groups = h * shape.batch * (shape.writes + 1)
+        read = (weights(groups), leaf(groups, L, hd))
+    else:  # one chunk: no write, every token reads W_0
+        write, read = None, (weights(h), leaf(h, shape.batch * shape.tokens, hd))
+    inputs = [t for part in (write or (), read) for t in _flat(part)]
+    # the outputs' shapes: the write's per-chunk gradients, the read-outs
+    out_shapes = [] if write is None else [(h, chunks, *w.shape[1:]) for w in write[0]]
+    cotangents = [tensor(*size) for size in out_shapes + [read[1].shape]]
+
+    def step() -> None:
+        outputs = _outputs(write, read, grads_fn, read_fn, operand_dtype)
+        torch.autograd.grad(outputs, inputs, cotangents)
+
+    return step
+
+
+def _flat(part) -> List[torch.Tensor]:
+    return [t for item in part for t in (item if isinstance(item, tuple) else (item, ))]
+
+
+def _outputs(write, read, grads_fn, read_fn, operand_dtype) -> List[torch.Tensor]:
+    outputs = [] if write is None else list(grads_fn(*write, operand_dtype=operand_dtype))
+    return outputs + [read_fn(*read, operand_dtype=operand_dtype)]
+
+
+class _Counter(AtenOpCounter):
+    """``AtenOpCounter`` that also sums the bytes of casts from 16 bits to
+    float32 (``widening``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.widening = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if (func.overloadpacket is torch.ops.aten._to_copy and out.dtype == torch.float32
+                and args[0].dtype in (torch.bfloat16, torch.float16)):
+            self.widening += out.numel() * (args[0].element_size() + out.element_size())
+        return out
+
+
+CUDA_PRODUCTS = 'closed form, CUDA products'
+
+
+def count_step_bytes(shapes: List[MemoryShape], operand_dtype: Optional[torch.dtype] = None
+                     ) -> Dict[str, List[int]]:
+    """Bytes the ATen ops of ``write_read_step`` move, per path and stage,
+    counted on meta tensors (float32 inputs), where ``product`` widens each
+    16-bit result in a cast.
+
+    With 16-bit operands also ``CUDA_PRODUCTS``: the closed form as CUDA runs
+    it, whose products (outside autograd) write float32 directly
+    (``bmm(..., out_dtype=float32)``): each widening cast's 6 bytes per element
+    become 2 more bytes of the product's output. Autograd's products widen on
+    CUDA too."""
+    counts: Dict[str, List[int]] = {path: [] for path in PATHS}
+    if operand_dtype is not None:
+        counts[CUDA_PRODUCTS] = []
+    for shape in shapes:
+        for path in PATHS:
+            step = write_read_step(shape, path == 'closed form', operand_dtype, device='meta')
+            with _Counter() as counter:
+                step()
+            counts[path].append(counter.total_bytes)
+            if path == 'closed form' and operand_dtype is not None:
+                counts[CUDA_PRODUCTS].append(counter.total_bytes - counter.widening * 2 // 3)
+    return counts
+
+
+def time_steps(shape: MemoryShape, rounds: int, operand_dtype: Optional[torch.dtype] = None,
+               device='cpu') -> Dict[str, List[float]]:
+    """Seconds of float32 ``write_read_step`` calls per path, in turns."""
+    steps = {path: write_read_step(shape, path == 'closed form', operand_dtype, device=device)
+             for path in PATHS}
+    return time_in_turns(steps, rounds, device, warmup=1)
+
+
+def time_backbone_steps(arch: str = 'm3', batch: int = 2, size: int = 224, rounds: int = 5,
+                        device='cpu') -> Dict[str, List[float]]:
+    """Seconds of training steps (forward, backward, AdamW) of one float32
+    ``ConvNeur(arch)``, its memories' ``backward`` 'closed_form' and
+    'autograd' in turns (``time_in_turns``, one warm-up turn).
+
+    Args:
+        arch: the backbone.
+        batch: images per step.
+        size: their side.
+        rounds: timed turns.
+        device: where to run.
+    """
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    torch.manual_seed(0)
+    model = ConvNeur(arch=arch).to(device).train()
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step(backward: str) -> Callable[[], None]:
+        def run() -> None:
+            for memory in memories:
+                memory.backward = backward
+            optimizer.zero_grad(set_to_none=True)
+            sum(out.mean() for out in model(x)).backward()
+            optimizer.step()
+        return run
+
+    return time_in_turns({path: step(backward) for path, backward in
+                          zip(PATHS, ('autograd', 'closed_form'))}, rounds, device, warmup=1)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--time-batch', type=int, default=2,
+                        help='batch of the CPU timing of stage 1 (0: no timing)')
+    parser.add_argument('--step-batch', type=int, default=0,
+                        help='batch of the CPU timing of whole training steps of the '
+                        'backbone (0: none)')
+    parser.add_argument('--rounds', type=int, default=5)
+    args = parser.parse_args(argv)
+    shapes = backbone_shapes(args.arch, args.size, args.batch)
+    print(f'ConvNeur-{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}: '
+          'GB moved by one training step of the memory\'s write and read (meta count)')
+    print('| operands | path | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
+          ' | total |')
+    print('|---|---|' + '---|' * (len(shapes) + 1))
+    results = {}
+    for name, mm in (('float32', None), ('bfloat16', torch.bfloat16)):
+        results[name] = counts = count_step_bytes(shapes, mm)
+        for path, per_stage in counts.items():
+            print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
+                  f' | {sum(per_stage) / 1e9:.2f} |')
+    if args.time_batch:
+        shape = shapes[0]._replace(batch=args.time_batch)
+        times = time_steps(shape, args.rounds)
+        print(f'\nCPU, float32, stage 1 at batch {args.time_batch}: median ms of '
+              f'{args.rounds} steps in turns: ' +
+              ', '.join(f'{path} {median(t) * 1e3:.1f}' for path, t in times.items()))
+    if args.step_batch:
+        times = time_backbone_steps(args.arch, args.step_batch, args.size, args.rounds)
+        print(f'\nCPU, float32, ConvNeur-{args.arch.upper()} training step (forward, backward, '
+              f'AdamW) at batch {args.step_batch}, {args.size}x{args.size}: median ms of '
+              f'{args.rounds} steps in turns: ' +
+              ', '.join(f'{path} {median(t) * 1e3:.1f}' for path, t in times.items()))
+    return results
+
+
+if __name__ == '__main__':
+    main()

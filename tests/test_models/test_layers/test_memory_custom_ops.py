@@ -1,0 +1,184 @@
+"""The Triton kernels as custom operators (``torch.ops.convneur_mm``):
+``torch.library.opcheck`` (schema, fake tensors, AOT dispatch with dynamic
+shapes), their fakes against their results, ``torch.compile`` with
+``fullgraph=True`` over them and over a memory that plans them, all in
+Triton's interpreter (float32 and float16 operands; one subprocess, as in
+``test_memory_kernels``); and the plan never takes them where grad is needed.
+"""
+import json
+import sys
+from typing import Dict, Tuple
+
+import pytest
+import torch
+
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
+                                                  chunk_read_triton, read_triton)
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+from .test_memory_kernels import _run_interpreted
+
+OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read')
+
+
+def _weights(lead: Tuple[int, ...], d: int, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    return (torch.randn(*lead, d, 4 * d, generator=gen) * d**-0.5,
+            torch.randn(*lead, 4 * d, d, generator=gen) * (4 * d)**-0.5,
+            torch.randn(*lead, d, generator=gen) * 0.1)
+
+
+def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple]]:
+    """{case: (operator, arguments)} at tiny shapes: 4-D and per-image 5-D
+    keys (strided views), plain and decomposed reads, a partial last chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    ops = torch.ops.convneur_mm
+    heads, batch, chunks, length, d = 2, 2, 2, 8, 16
+    keys = torch.randn(heads, length, chunks, d, generator=gen).transpose(1, 2)
+    per_image = torch.randn(heads, batch, chunks, length, d, generator=gen)
+    values = torch.randn(heads, chunks, length, d, generator=gen)
+    token_lr = torch.rand(heads, chunks, length, generator=gen)
+    w = _weights((heads, ), d, gen)
+    groups = heads * batch
+    x = torch.randn(groups, 12, d, generator=gen)
+    delta = tuple(t * 1e-2 for t in _weights((groups, ), d, gen))
+    carry = torch.rand(groups, generator=gen)
+    states = _weights((heads, batch, chunks), d, gen)
+    queries = torch.randn(heads, batch, chunks * length - 3, d, generator=gen)
+    tiles = (16, 32)
+    return {
+        'chunk_grads': (ops.memory_chunk_grads, (*w, keys, values, token_lr, dtype, *tiles)),
+        'chunk_grads_per_image': (ops.memory_chunk_grads, (
+            *w, per_image, per_image * 0.5, token_lr[:, None].expand(heads, batch, chunks, length),
+            dtype, None, None)),
+        'read': (ops.memory_read, (*_weights((groups, ), d, gen), x, None, None, None, dtype,
+                                   *tiles)),
+        'read_decomposed': (ops.memory_read, (*delta, x, *w[:2], carry, dtype, *tiles)),
+        'chunk_read': (ops.memory_chunk_read, (*states, queries, length, None, None, None,
+                                               dtype, *tiles)),
+        'chunk_read_decomposed': (ops.memory_chunk_read, (
+            *(t * 1e-2 for t in states), queries, length, *w[:2],
+            torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
+    }
+
+
+def _layout(outputs) -> list:
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs, )
+    return [[list(t.shape), str(t.dtype)] for t in outputs]
+
+
+def _on_meta(args: tuple) -> tuple:
+    return tuple(a.to('meta') if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _compiled_calls(dtype: torch.dtype) -> dict:
+    """A function calling the three operations' Triton wrappers, eager against
+    ``torch.compile(backend='aot_eager', fullgraph=True)``; its graph breaks
+    and the operators in its graph."""
+    cases = op_cases(dtype)
+    w1, w2, g, keys, values, token_lr = cases['chunk_grads'][1][:6]
+    states, queries, length = cases['chunk_read'][1][:3], *cases['chunk_read'][1][3:5]
+
+    def fn(w1, w2, g, keys, values, token_lr, queries):
+        grads = chunk_grads_triton(MemoryWeights(w1, w2, g), keys, values, token_lr, dtype)
+        read = read_triton(MemoryWeights(w1, w2, g), keys.flatten(1, 2), dtype)
+        chunked = chunk_read_triton(MemoryWeights(*states), queries, length, dtype)
+        return (*grads, read, chunked)
+
+    args = (w1, w2, g, keys, values, token_lr, queries)
+    eager = fn(*args)
+    compiled = torch.compile(fn, backend='aot_eager', fullgraph=True)(*args)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(*args)
+    code = ''.join(graph.code for graph in explanation.graphs)
+    return dict(difference=max((a - b).abs().max().item() for a, b in zip(eager, compiled)),
+                graph_breaks=explanation.graph_break_count,
+                ops=[op for op in OPS if f'convneur_mm.{op}' in code])
+
+
+def _compiled_memory() -> dict:
+    """``NeuralMemory(kernels='triton')`` in inference, compiled with
+    ``fullgraph=True``: the plan takes the kernels inside the graph."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(16, heads=2, chunk_size=8, kernels='triton').eval()
+    x = torch.randn(2, 20, 16)
+    with torch.no_grad():
+        eager = memory(x)
+        compiled = torch.compile(memory, backend='aot_eager', fullgraph=True)(x)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(memory)(x)
+    code = ''.join(graph.code for graph in explanation.graphs)
+    return dict(difference=(eager - compiled).abs().max().item(),
+                graph_breaks=explanation.graph_break_count,
+                ops=[op for op in OPS if f'convneur_mm.{op}' in code])
+
+
+def custom_op_results() -> dict:
+    """Every interpreter case (the subprocess's result)."""
+    results = {}
+    for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
+        for name, (op, args) in op_cases(dtype).items():
+            with torch.no_grad():
+                real = _layout(op(*args))
+                fake = _layout(op(*_on_meta(args)))
+            try:
+                report = torch.library.opcheck(op, args)
+            except Exception as err:  # opcheck's error names the failing check
+                report = {'error': repr(err)[-2000:]}
+            results[f'{name}_{tag}'] = dict(opcheck=report, real=real, fake=fake)
+        results[f'compiled_calls_{tag}'] = _compiled_calls(dtype)
+    results['compiled_memory'] = _compiled_memory()
+    return results
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    return _run_interpreted('custom_op_results', 'test_memory_custom_ops')
+
+
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+@pytest.mark.parametrize('case', list(op_cases(torch.float32)))
+def test_custom_ops_pass_opcheck(interpreted, case, tag):
+    report = interpreted[f'{case}_{tag}']['opcheck']
+    assert report and set(report.values()) == {'SUCCESS'}, report
+
+
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+@pytest.mark.parametrize('case', list(op_cases(torch.float32)))
+def test_fakes_give_the_results_shapes_and_dtypes(interpreted, case, tag):
+    result = interpreted[f'{case}_{tag}']
+    assert result['fake'] == result['real']
+    assert all(dtype == str(torch.float32) for _, dtype in result['real'])
+
+
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+def test_compile_keeps_the_ops_in_one_graph(interpreted, tag):
+    result = interpreted[f'compiled_calls_{tag}']
+    assert result['graph_breaks'] == 0
+    assert result['ops'] == list(OPS)
+    assert result['difference'] == 0
+
+
+def test_a_compiled_memory_runs_the_kernels_inside_its_graph(interpreted):
+    result = interpreted['compiled_memory']
+    assert result['graph_breaks'] == 0
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read']
+    assert result['difference'] < 1e-5
+
+
+def test_fakes_on_meta_tensors_without_triton():
+    """The fakes need no kernel: meta tensors give the results' shapes."""
+    for name, (op, args) in op_cases(torch.float16).items():
+        outputs = op(*_on_meta(args))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs, )
+        assert all(t.device.type == 'meta' and t.dtype == torch.float32 for t in outputs), name
+
+
+def test_the_plan_never_takes_the_kernels_where_grad_is_needed():
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').train()
+    with pytest.raises(RuntimeError, match='forward-only'):
+        memory.plan(torch.randn(1, 20, 16))
+    memory.kernels = 'auto'
+    assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'
+
+
+if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
+    print(json.dumps(globals()[sys.argv[1]]()))
