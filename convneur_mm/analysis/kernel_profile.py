@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import flop_registry
 
 from convneur_mm.analysis.bench_env import is_cuda, synchronize
-from convneur_mm.testing.dispatch_probes import AtenOpCounter, _tensors
+from convneur_mm.testing.dispatch_probes import AtenOpCounter, tensors_in
 from convneur_mm.utils.tables import markdown_table
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -89,7 +89,7 @@ class AtenCostCounter(AtenOpCounter):
             name = str(func.overloadpacket.__name__)
             flops = formula(*args, **(kwargs or {}), out_val=out)
             self.flops[name] += flops
-            if any(t.dtype in HALF_DTYPES for t in _tensors((args, kwargs))):
+            if any(t.dtype in HALF_DTYPES for t in tensors_in((args, kwargs))):
                 self.half_flops[name] += flops
         return out
 

@@ -49,7 +49,7 @@ from torch import nn
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, is_cuda, median,
                                             setup_benchmark_device, time_in_turns)
 from convneur_mm.apis.launch import enable_amp, load_config
-from convneur_mm.apis.toolbox import _data_sample, build_model, import_toolbox, quiet_init
+from convneur_mm.apis.toolbox import data_sample, build_model, import_toolbox, quiet_init
 from convneur_mm.engine.compile import (accumulative_counts, add_compile_argument,
                                         bucket_detection_sizes, compile_model,
                                         find_resize_scale, training_compile_mode)
@@ -249,7 +249,7 @@ def synthetic_batch(cfg: Config, size: Tuple[int, int], batch: int, training: bo
               for _ in range(batch)]
     samples = []
     for _ in range(batch):
-        sample = _data_sample(scope, size)
+        sample = data_sample(scope, size)
         if training:
             _add_ground_truth(sample, cfg, size, gen)
         samples.append(sample.to(device))

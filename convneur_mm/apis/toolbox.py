@@ -101,7 +101,7 @@ def build_model(cfg: Config, init: bool = True) -> nn.Module:
     return model
 
 
-def _data_sample(scope: str, size: Tuple[int, int]):
+def data_sample(scope: str, size: Tuple[int, int]):
     if scope == 'mmdet':
         from mmdet.structures import DetDataSample
         return DetDataSample(metainfo=dict(img_shape=size, ori_shape=size,
@@ -119,7 +119,7 @@ def dummy_batch(model: nn.Module, scope: str, size: Tuple[int, int],
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     inputs = [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=gen)
               for _ in range(batch_size)]
-    samples = [_data_sample(scope, size) for _ in range(batch_size)]
+    samples = [data_sample(scope, size) for _ in range(batch_size)]
     return model.data_preprocessor(dict(inputs=inputs, data_samples=samples), training=False)
 
 

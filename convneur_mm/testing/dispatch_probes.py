@@ -3,8 +3,9 @@
 ``AtenOpCounter`` counts kernels and the bytes they move; ``LiveTensorBytes``
 follows the storages the ops create and records the most alive at once. Both
 run on any device, ``meta`` included (shapes without data: a training-sized
-batch in seconds). They need torch only, so that ``count_ops.py`` can load
-this file by path into a child that imports another checkout.
+batch in seconds). They need torch only, so that
+``convneur_mm.analysis.op_counts`` can load this file by path into a child
+that imports another checkout (``analyze_model.py --tasks ops --before``).
 """
 import weakref
 from collections import Counter
@@ -15,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-def _tensors(tree) -> List[torch.Tensor]:
+def tensors_in(tree) -> List[torch.Tensor]:
+    """The tensors among the leaves of a pytree (an op's arguments or outputs)."""
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -26,8 +28,9 @@ class AtenOpCounter(TorchDispatchMode):
     ``bytes``: per kernel op, the bytes of its tensor arguments and results,
     each read or written once: the least memory traffic of an unfused op.
 
-    Used by the tests and ``tools/analysis_tools/count_ops.py`` to compare
-    one path of the memory against another by the kernels it launches."""
+    Used by the tests and ``convneur_mm.analysis.op_counts`` (``analyze_model.py
+    --tasks ops``) to compare one path of the memory against another by the
+    kernels it launches."""
 
     def __init__(self):
         super().__init__()
@@ -37,13 +40,13 @@ class AtenOpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        outs = _tensors(out)
+        outs = tensors_in(out)
         # ops that return no tensor (``promote_types``) compute nothing on a device
         if outs:
             name = str(func.overloadpacket.__name__)
             (self.views if func.is_view else self.kernels)[name] += 1
             if not func.is_view:
-                ins = _tensors((args, kwargs))
+                ins = tensors_in((args, kwargs))
                 self.bytes[name] += sum(t.numel() * t.element_size() for t in ins + outs)
         return out
 
@@ -72,7 +75,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     Used to check ``NeuralMemory.working_set_bytes`` and the write path's
     early frees against the tensors inference really holds, and by
-    ``count_ops.py``."""
+    ``convneur_mm.analysis.op_counts``."""
 
     def __init__(self, min_bytes: int = 0):
         super().__init__()
@@ -90,12 +93,12 @@ class LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         made_before = None
-        for t in _tensors(out):
+        for t in tensors_in(out):
             key = t.untyped_storage()._cdata
             entry = self._storages.get(key)
             if entry is None:
                 if made_before is None:
-                    made_before = {a.untyped_storage()._cdata for a in _tensors((args, kwargs))}
+                    made_before = {a.untyped_storage()._cdata for a in tensors_in((args, kwargs))}
                 nbytes = t.untyped_storage().nbytes()
                 if key in made_before or nbytes < self.min_bytes:  # made outside, or small
                     continue
