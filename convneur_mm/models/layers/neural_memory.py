@@ -356,6 +356,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         compute_dtype = at_least_float32(x.dtype)
         if compute_dtype != torch.float32:
             return f'they compute float32 memories, not {compute_dtype}'
+        if self.kernels == 'auto' and torch.compiler.is_compiling():
+            # Inductor fuses the PyTorch path's elementwise work: no GPU run has yet
+            # timed the kernels against it, so 'auto' leaves them to 'triton' there
+            return "'auto' keeps the PyTorch path under torch.compile (kernels='triton' asks)"
         if self.kernels == 'auto' and (x.device.type != 'cuda' or operand_dtype is None):
             return "'auto' takes them on CUDA with 16-bit product operands only"
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)

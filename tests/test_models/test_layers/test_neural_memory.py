@@ -166,6 +166,16 @@ def test_plan_is_decided_once_from_the_settings_and_the_call():
     assert memory.plan(x).folded_projections
 
 
+def test_auto_keeps_the_pytorch_path_under_compile(monkeypatch):
+    """'auto' leaves the kernels to 'triton' inside torch.compile (unmeasured
+    there against Inductor's fusion of the PyTorch path)."""
+    memory = NeuralMemory(8, chunk_size=4).eval()
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 8, 8))
+    assert plan.implementation == 'torch' and 'torch.compile' in plan.reason
+
+
 def _relative_errors(ours, theirs):
     """Each tensor's error relative to its norm; for a gradient that is zero
     up to rounding (the pool's bias: a softmax ignores a shift), relative to
