@@ -21,7 +21,10 @@ Tolerances, per output:
   gradient's operands are rounded up to three times along its path).
 
 The interpreter never sees the GPU code path; the kernels are also compiled
-ahead of time for sm_80 and sm_90 (triton ships ptxas), which needs no GPU.
+ahead of time for sm_80 and sm_90 (triton ships ptxas), which needs no GPU,
+each with the specialization of the launch the wrappers make
+(``kernels.inspect``), and ptxas' registers, spills and matrix instructions
+are checked.
 """
 import json
 import os
@@ -438,31 +441,37 @@ def _nbytes(*tensors) -> int:
 
 def test_triton_implementations_allocate_their_results_and_scratch_only():
     """The wrappers read their arguments where they lie: what they allocate
-    (counted on meta tensors, launches skipped) is their results and the
-    gradients' documented scratch, the (tokens, d) gradient at the MLP's
-    output and the per-row-block sums of d_g; a copy of an argument would
-    add its bytes."""
+    (counted on meta tensors, launches skipped) is their results, the
+    gradients' documented scratch (the (tokens, d) gradient at the MLP's
+    output, in the operand dtype, and the per-row-block sums of d_g) and one
+    cast of the weights to 16-bit operands (broadcast states cast once); a
+    copy of an argument would add its bytes."""
     w, keys, values, token_lr = _meta_projections()
     groups, images, chunks, length, d = keys.shape
+    cast = (w.w1.numel() + w.w2.numel()) * 2
     with torch.no_grad(), kernels.without_launches():
         with LiveTensorBytes() as live:
             grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16)
         row_blocks = -(-length // launch.tile_config(d, length, None, None,
                                                      torch.float16)['BM'])
-        scratch = groups * images * chunks * (length + row_blocks) * d * 4
+        # the gradient at the MLP's output in the operand dtype, d_g's sums in float32
+        scratch = groups * images * chunks * (length * 2 + row_blocks * 4) * d
         assert [list(t.shape) for t in grads] == [[groups, images * chunks, d, 4 * d],
                                                   [groups, images * chunks, 4 * d, d],
                                                   [groups, images * chunks, d]]
-        assert live.peak == _nbytes(*grads) + scratch
+        assert live.peak == _nbytes(*grads) + scratch + cast
 
         states = MemoryWeights(*(t[:, None, None].expand(groups, images, chunks, *t.shape[1:])
                                  for t in w))
         queries = keys.flatten(2, 3)[:, :, :chunks * length - 3]  # a partial last chunk
         with LiveTensorBytes() as live:
             out = chunk_read_triton(states, queries, length, torch.float16)
-        assert live.peak == _nbytes(out)
+        assert live.peak == _nbytes(out) + cast
         with LiveTensorBytes() as live:
             out = read_triton(w, keys[:, 0, 0], torch.float16)
+        assert live.peak == _nbytes(out) + cast
+        with LiveTensorBytes() as live:  # float32 operands: nothing to cast
+            out = read_triton(w, keys[:, 0, 0], torch.float32)
         assert live.peak == _nbytes(out)
 
 
@@ -530,49 +539,79 @@ def test_tile_span_check_bounds_the_rows_not_the_outer_dims():
         check_span('token_lr', 196, meta((1, 2, 196), (2**40, 2**32, 2**24)), row_dim=-1)
 
 
-def _compile_for_gpu(kernel_name: str, d: int, operand_dtype: torch.dtype, arch: int,
-                     decomposed: bool = False):
-    """Compile one kernel to a cubin for sm_``arch`` with the tiles its
-    wrapper would launch, without a GPU (triton ships ptxas): the GPU code
-    path, which the interpreter never sees, must at least compile."""
+def _inspect():
+    """``kernels.inspect`` where this process can compile for a GPU ahead of
+    time (triton ships ptxas), else a skip."""
     pytest.importorskip('triton')
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         pytest.skip('this process runs Triton in its interpreter')
-    import triton
+    from convneur_mm.models.layers.memory_ops.kernels import inspect
     try:
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as err:
-        pytest.skip(f'no ahead-of-time compiler API in this triton: {err}')
-    if 'nvidia' not in backends:
-        pytest.skip('this triton has no NVIDIA backend')
-    from convneur_mm.models.layers.memory_ops.kernels import jit
-    fn = getattr(jit, kernel_name)
-    tiles = launch.tile_config(d, 196, None, None, operand_dtype, decomposed)
-    options = {k: tiles.pop(k) for k in ('num_warps', 'num_stages')}
-    import triton.language as tl
-    consts = dict(tiles, DTYPE={torch.float32: tl.float32, torch.float16: tl.float16,
-                                torch.bfloat16: tl.bfloat16}[operand_dtype],
-                  PREC='ieee', DECOMPOSED=decomposed, BASE_PREC='tf32x3')
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    signature = {name: 'constexpr' if name in consts else '*fp32' if name.endswith('_ptr')
-                 else 'fp32' if name in ('eps', 'loss_scale') else 'i32'
-                 for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
-                              target=GPUTarget('cuda', arch, 32), options=options)
-    assert compiled.asm.get('cubin')
-    # an A100's limit per block (an H100 allows 227 KiB)
-    assert compiled.metadata.shared <= 163 * 1024, compiled.metadata.shared
-    return compiled
+        inspect._triton()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    return inspect
+
+
+def _stage_launches(d: int, operand_dtype: torch.dtype, arch: int, batch: int = 128,
+                    tokens: int = 3136, max_lr: float = 1.0):
+    """The launches a ``NeuralMemory`` of width ``d`` makes at a stage of
+    ``tokens`` tokens (M3's stage 1 by default), recorded on meta tensors:
+    the GPU code path, which the interpreter never sees, compiled as it
+    launches."""
+    inspect = _inspect()
+    from convneur_mm.models.layers import NeuralMemory
+    dtype = str(operand_dtype).split('.')[-1]
+    memory = NeuralMemory(d, chunk_size=196, max_lr=max_lr, kernels='triton',
+                          matmul_dtype=dtype).eval().to('meta')
+    with torch.no_grad(), inspect.recording_launches(arch) as launches:
+        memory(torch.empty(batch, tokens, d, device='meta'))
+    return inspect, launches
+
+
+def _compile_stage(d: int, operand_dtype: torch.dtype, arch: int, **stage):
+    inspect, launches = _stage_launches(d, operand_dtype, arch, **stage)
+    reports = inspect.launch_reports(launches, arch)
+    for report in reports:
+        # an A100's limit per block (an H100 allows 227 KiB)
+        assert report.shared <= 163 * 1024, report
+    return reports
 
 
 KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel']
 
 
-@pytest.mark.parametrize('kernel_name', KERNEL_NAMES)
-def test_kernels_compile_for_hopper_in_bfloat16(kernel_name):
-    _compile_for_gpu(kernel_name, 128, torch.bfloat16, 90)
+@pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 90),
+                                                (torch.bfloat16, 80)])
+def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
+    """M3's stage 1 (batch 128, 3136 tokens, C_m 128, chunks of 196) as the
+    wrappers launch it: no spills, and Hopper's wgmma on sm_90."""
+    inspect, launches = _stage_launches(128, operand_dtype, arch)
+    assert sorted(launch.kernel.__name__ for launch in launches) == sorted(KERNEL_NAMES)
+    for launch in launches:
+        signature, constants, attrs, _ = inspect.launch_specialization(launch, arch)
+        # the launch's own specialization: 16-bit W_0 for the gradients (the
+        # chunk read's per-chunk states stay float32), divisibility hints
+        assert attrs, launch.kernel.__name__
+        half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
+        want = '*fp32' if launch.kernel.__name__ == 'read_kernel' else half
+        assert signature['w1_ptr'] == want, launch.kernel.__name__
+    reports = inspect.launch_reports(launches, arch)
+    assert sorted(r.kernel for r in reports) == sorted(KERNEL_NAMES)
+    for report in reports:
+        assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
+        assert (report.wgmma > 0) == (arch >= 90) and report.mma != 'none', report
+
+
+def test_compile_reports_tell_specializations_apart():
+    """A kernel compiled without its launch's hints differs from the launch's:
+    the report sees what a hand-written signature would miss."""
+    inspect, launches = _stage_launches(128, torch.bfloat16, 90)
+    launch = next(x for x in launches if x.kernel.__name__ == 'grads_rows_kernel')
+    signature, constants, attrs, options = inspect.launch_specialization(launch, 90)
+    launched = inspect.compile_for(90, launch.kernel, signature, constants, attrs, options)
+    plain = inspect.compile_for(90, launch.kernel, signature, constants, None, options)
+    assert (launched.registers, launched.spill_stores) != (plain.registers, plain.spill_stores)
 
 
 @pytest.mark.slow
@@ -580,10 +619,11 @@ def test_kernels_compile_for_hopper_in_bfloat16(kernel_name):
 @pytest.mark.parametrize('d', [80, 160])
 @pytest.mark.parametrize('operand_dtype', [torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
-    for name in KERNEL_NAMES:
-        _compile_for_gpu(name, d, operand_dtype, arch)
-    if operand_dtype != torch.float32:
-        _compile_for_gpu('read_kernel', d, operand_dtype, arch, decomposed=True)
+    reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784)
+    assert sorted(r.kernel for r in reports) == sorted(KERNEL_NAMES)
+    if operand_dtype != torch.float32:  # max_lr 1e-3: the decomposed read
+        reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784, max_lr=1e-3)
+        assert 'read_kernel' in [r.kernel for r in reports]
 
 
 @pytest.mark.gpu

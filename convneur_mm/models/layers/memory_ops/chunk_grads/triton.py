@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
-from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_runnable, check_span,
-                              launch_config, tile_config)
+from ..kernels.launch import (as_operands, call_kernel_op, cdiv, check_arguments, check_runnable,
+                              check_span, launch_config, target_arch, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -19,7 +19,8 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
 
     Pass 1 runs per block of a chunk's rows: the MLP at the shared weights, its
     LayerNorm and the closed-form LayerNorm backward in registers, writing
-    only the (tokens, d) gradient at the MLP's output and per-block partial
+    only the (tokens, d) gradient at the MLP's output (in ``operand_dtype``,
+    which pass 2 multiplies it in) and per-block partial
     sums of d_g. Pass 2 runs per (chunk, block of hidden units): it recomputes
     that block of ``keys @ w1`` and accumulates its slices of the chunk's
     G1 and G2 in float32 registers. No (tokens, 4d) tensor reaches memory,
@@ -83,11 +84,14 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     check_span('values', length, values)
     check_span('token_lr', length, token_lr, row_dim=-1)
     check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
-    tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype)
+    arch = target_arch(keys.device)
+    tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch)
     kernels, cfg = launch_config(operand_dtype, keys.device)
     cfg.pop('BASE_PREC')
+    w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     row_blocks, hidden_blocks = cdiv(length, tiles['BM']), cdiv(hidden, tiles['BH'])
-    d_hidden = torch.empty(groups, chunks, length, d, **opts)
+    # pass 2 multiplies it in operand_dtype: stored so, it is read as is
+    d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     d_g = torch.empty(groups * chunks, row_blocks, d, **opts)
     loss_scale = 2.0 / d
     kernels.grads_rows_kernel[(groups * chunks * row_blocks,)](
@@ -100,7 +104,8 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         keys, d_hidden, w1, w2, g1, g2,
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys), *w1.stride(), *w2.stride(),
-        loss_scale, **tiles, **cfg)
+        loss_scale, **tile_config(d, length, block_rows, block_hidden, operand_dtype,
+                                  columns=True, arch=arch), **cfg)
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
 
 

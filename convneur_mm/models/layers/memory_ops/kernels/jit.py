@@ -7,6 +7,8 @@ Import this module only through ``kernels.availability.load_kernels``:
 Every kernel is plain pointer arithmetic with masks (no block pointers, so the
 same source runs on triton 3.6 to 3.9). Products take operands of the
 ``DTYPE`` constexpr (float32, float16 or bfloat16) and accumulate in float32;
+weights arrive in DTYPE (the wrappers cast them once per call, so no program
+converts its weight tiles), W_0 of a decomposed read in float32;
 LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
 Feature widths are padded to the power-of-two block ``BD`` and the hidden
 width is walked in ``BH`` blocks, both masked, so any width works.
@@ -149,7 +151,8 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
     shared weights, the LayerNorm backward, and
 
-    * ``dh`` (G, C, L, D) float32: d loss / d (act @ w2) WITHOUT the constant
+    * ``dh`` (G, C, L, D) in DTYPE (pass 2's operand dtype, so pass 2 reads
+      it as is): d loss / d (act @ w2) WITHOUT the constant
       ``loss_scale`` (= 2 / d), which pass 2 applies to its float32 sums: it
       keeps small-step products further above float16's subnormal range;
     * ``dg`` (G * C, row_blocks, D): this block's share of d loss / d g
@@ -189,7 +192,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     d_hidden = rstd[:, None] * (d_normed - mean_d[:, None] - normed * mean_dn[:, None])
     d_hidden = tl.where(mask, d_hidden, 0.0)
     tl.store(dh_ptr + chunk.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]),
-             d_hidden, mask=mask)
+             d_hidden.to(DTYPE), mask=mask)
     dg = tl.sum(tl.where(mask, d_out * normed, 0.0), axis=0) * loss_scale
     tl.store(dg_ptr + pid.to(tl.int64) * D + cols, dg, mask=cmask)
 

@@ -6,13 +6,46 @@ memory's states and features stay float32); ``operand_dtype`` is the dtype of
 the products' operands, with float32 accumulation (float32 operands multiply
 in IEEE float32, not TF32).
 """
-from typing import Callable, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
-from .availability import OPERAND_DTYPES, launches_skipped, load_kernels, unavailable_reason
+from .availability import (OPERAND_DTYPES, launches_skipped, load_kernels, unavailable_reason,
+                           without_launches)
+
+
+class Launch(NamedTuple):
+    """One kernel launch as a wrapper makes it: ``kernel[grid](*args, **kwargs)``."""
+    kernel: object
+    grid: Tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+
+_recorders: List[Tuple[List[Launch], int]] = []  # (launches, arch) of open recordings
+
+
+@contextlib.contextmanager
+def recording_launches(arch: int = 90) -> Iterator[List[Launch]]:
+    """``without_launches``, where each launch the wrappers would make is
+    appended to the yielded list instead, with the constexprs a CUDA GPU of
+    compute capability ``arch`` (e.g. 90) would get: what an ahead-of-time
+    compile needs to see a launch's own specialization (``kernels.inspect``).
+    Needs triton (not its interpreter, whose kernels do not compile).
+
+    Args:
+        arch: the compute capability as major * 10 + minor.
+    """
+    launches: List[Launch] = []
+    _recorders.append((launches, arch))
+    try:
+        with without_launches():
+            yield launches
+    finally:
+        _recorders.pop()
 
 
 def call_kernel_op(op: Callable, implementation: Callable, *args):
@@ -40,14 +73,18 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int]) -> None:
 
 
 def tile_config(d: int, rows: int, block_rows: Optional[int], block_hidden: Optional[int],
-                operand_dtype: torch.dtype, decomposed: bool = False) -> dict:
+                operand_dtype: torch.dtype, decomposed: bool = False,
+                columns: bool = False, arch: Optional[int] = None) -> dict:
     """Tile sizes and launch options of a kernel.
 
     The defaults are the largest tiles whose float32 accumulators compile
     without register spills for sm_80 and sm_90 (ptxas, triton 3.7) at two
-    pipeline stages, which also keeps shared memory near 100 KB or below;
-    float32 operands (CUDA-core products) and the decomposed read (twice the
-    operand tiles) take smaller tiles. They are not tuned by timing.
+    pipeline stages, as the kernels launch (``kernels.inspect``), with shared
+    memory at 96 KiB or below. 16-bit operands up to 128 wide take 64-row
+    tiles, ``wgmma``'s least on sm_90 (the columns pass only there: before
+    sm_90 it spills at 32 rows and more); float32 operands (CUDA-core
+    products) and the decomposed read (twice the operand tiles) take smaller
+    tiles. They are not tuned by timing.
 
     Args:
         d: the head width (columns, padded to a power of two).
@@ -55,16 +92,39 @@ def tile_config(d: int, rows: int, block_rows: Optional[int], block_hidden: Opti
         block_rows, block_hidden: the caller's tile sizes, or None.
         operand_dtype: the products' operand dtype.
         decomposed: a decomposed read.
+        columns: the gradients' second pass (per block of hidden units).
+        arch: the NVIDIA compute capability compiled for (``target_arch``), or None.
     """
     bd = max(16, _next_pow2(d))
     check_tiles(block_rows, block_hidden)
+    warps = 4 if bd <= 128 else 8
     if operand_dtype == torch.float32 or decomposed:
         bm, bh = 16, 16
+    elif bd <= 128 and columns:
+        # two accumulators: 4 warps fit 80 KiB of shared memory on sm_90
+        bm, bh = (64 if arch is not None and arch >= 90 else 16), 32
+    elif bd <= 128:
+        # 8 warps keep the row passes' 64-row tiles well below 255 registers
+        bm, bh, warps = 64, 32, 8
     else:
-        bm, bh = (32, 32) if bd <= 128 else (16, 32)
+        bm, bh = 16, 32
     bm = block_rows or min(bm, max(16, _next_pow2(rows)))
-    return dict(BM=bm, BD=bd, BH=block_hidden or bh, num_warps=4 if bd <= 128 else 8,
-                num_stages=2)
+    return dict(BM=bm, BD=bd, BH=block_hidden or bh, num_warps=warps, num_stages=2)
+
+
+def as_operands(t: Tensor, operand_dtype: torch.dtype) -> Tensor:
+    """``t`` (weights) in a 16-bit ``operand_dtype``, cast once here so that
+    no program converts its tiles; float32 operands stay ``t``. A broadcast
+    (stride-0) dim is cast once, not per broadcast copy.
+
+    Args:
+        t: weights or states that products read.
+        operand_dtype: the products' operand dtype.
+    """
+    if operand_dtype == torch.float32 or t.dtype == operand_dtype:
+        return t
+    distinct = tuple(slice(0, 1) if stride == 0 else slice(None) for stride in t.stride())
+    return t[distinct].to(operand_dtype).expand(t.shape)
 
 
 def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
@@ -141,6 +201,27 @@ def check_span(name: str, rows: int, t: Tensor, row_dim: int = -2) -> None:
                          'more than 2**31 elements, beyond the kernels\' int32 tile offsets')
 
 
+class _Recorder:
+    """``kernels.<name>[grid](...)`` that records a ``Launch`` (``recording_launches``)."""
+
+    def __init__(self, kernels, launches: List[Launch]):
+        self._kernels, self._launches = kernels, launches
+
+    def __getattr__(self, name):
+        kernel = getattr(self._kernels, name)
+        return _RecordingKernel(kernel, self._launches)
+
+
+class _RecordingKernel:
+
+    def __init__(self, kernel, launches: List[Launch]):
+        self._kernel, self._launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._launches.append(
+            Launch(self._kernel, tuple(grid), args, kwargs))
+
+
 class _NoLaunch:
     """``kernels.<name>[grid](...)`` that launches nothing (``without_launches``)."""
 
@@ -151,6 +232,17 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def target_arch(device: torch.device) -> Optional[int]:
+    """The NVIDIA compute capability (major * 10 + minor) the kernels compile
+    for: a recording's (``recording_launches``), a CUDA device's; else None."""
+    if _recorders:
+        return _recorders[-1][1]
+    if device.type != 'cuda' or torch.version.hip is not None or launches_skipped():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[object, dict]:
     """The kernels module and the constexprs of an operand dtype.
 
@@ -158,17 +250,21 @@ def launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[obj
     off). The W_0 part of a decomposed read needs float32 accuracy at tensor
     core speed: three TF32 products (``tf32x3``) on NVIDIA GPUs that have
     TF32, IEEE float32 elsewhere (and in the interpreter, which ignores it)."""
-    if launches_skipped():
+    recording = _recorders[-1] if _recorders else None
+    if launches_skipped() and recording is None:
         return _NoLaunch(), dict(DTYPE=None, PREC='ieee', BASE_PREC='ieee')
     import triton.language as tl
-    kernels, _, interpreted = load_kernels()
+    kernels, why, interpreted = load_kernels()
     dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
              torch.bfloat16: tl.bfloat16}[operand_dtype]
-    base = 'ieee'
-    if (not interpreted and device.type == 'cuda' and torch.version.hip is None and
-            torch.cuda.get_device_capability(device) >= (8, 0)):
-        base = 'tf32x3'
-    return kernels, dict(DTYPE=dtype, PREC='ieee', BASE_PREC=base)
+    if recording is not None:
+        if kernels is None or interpreted:
+            raise RuntimeError('recording launches needs compiled Triton kernels, not '
+                               f'{why or "its interpreter"}')
+        kernels = _Recorder(kernels, recording[0])
+    arch = None if interpreted else target_arch(device)
+    tf32 = arch is not None and arch >= 80
+    return kernels, dict(DTYPE=dtype, PREC='ieee', BASE_PREC='tf32x3' if tf32 else 'ieee')
 
 
 def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
@@ -179,6 +275,10 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
     base (H, ...) or None, carry (H, B, C) or None; token n reads chunk
     n // length. Returns ``out``."""
     w1, w2, g = weights
+    if w1.shape[2] == 1 or 0 in w1.stride():
+        # W_0 (one state, or broadcast over images) is cast once; per-chunk states stay
+        # float32: a 16-bit copy of them all would add half their bytes to the peak
+        w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     heads, batch, n, d = x.shape
     chunks, hidden = w1.shape[2], w1.shape[-1]
     if out.numel() == 0:
@@ -186,7 +286,8 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
     check_span('x', length, x)
     check_span('out', length, out)
     decomposed = base is not None
-    tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed)
+    tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
+                        arch=target_arch(x.device))
     kernels, cfg = launch_config(operand_dtype, x.device)
     row_blocks = cdiv(length, tiles['BM'])
     if decomposed:
