@@ -1,60 +1,96 @@
-"""One measurement in a fresh process.
+"""One measurement in a fresh process, of this tree or of an older checkout.
 
 Benchmarks that report a peak memory run each measurement in its own process,
 so that the peak is its own (a caching allocator and malloc keep what earlier
-measurements freed). ``run_isolated`` calls a function of a module file in a
-fresh interpreter and returns what it returned (JSON). Against an older
-checkout's package: ``before_checkout.run_in_checkout``.
+measurements freed). ``run_isolated(function, kwargs)`` calls a module-level
+function in a fresh interpreter and returns what it returned (JSON).
 
-    python convneur_mm/analysis/isolated.py MODULE_FILE FUNCTION JSON_KWARGS
+With ``checkout`` (e.g. ``git worktree add /tmp/before <commit>``) the child's
+``convneur_mm`` is the one under ``checkout``, while ``function``'s own module
+(and any of ``own_modules``) comes from this tree: the measurement is this
+tree's, the measured code the checkout's. ``function``'s module must then
+import what it measures inside the function, so that the import finds the
+checkout.
 """
-import importlib.util
+import importlib
+import inspect
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional, Sequence
 
 _RESULT_MARK = '@@isolated-result@@ '
+# The child: imports the package, loads this tree's modules by file under their
+# own names (so that ``import convneur_mm.x`` of those finds them), then calls
+# the function and prints its result after a mark (the function may print too).
+_CHILD = '''
+import importlib, importlib.util, json, sys
+import convneur_mm
+spec = json.loads(sys.argv[1])
+for name, path in spec["modules"]:
+    found = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(found)
+    sys.modules[name] = module
+    found.loader.exec_module(module)
+function = getattr(importlib.import_module(spec["module"]), spec["function"])
+result = function(**spec["kwargs"])
+print(spec["mark"] + json.dumps(dict(result=result, package=convneur_mm.__file__)), flush=True)
+'''
 
 
-def run_isolated(module_file: str, function: str, kwargs: Dict[str, Any]) -> Any:
-    """``function(**kwargs)`` of the module at ``module_file``, in a fresh process.
+def check_checkout(checkout: str) -> str:
+    """The absolute path of ``checkout``; ValueError where it holds no package."""
+    root = osp.abspath(checkout)
+    if not osp.isfile(osp.join(root, 'convneur_mm', '__init__.py')):
+        raise ValueError(f'{checkout} is not a checkout of this project: it has no '
+                         'convneur_mm/__init__.py (make one with `git worktree add PATH COMMIT`)')
+    return root
+
+
+def run_isolated(function: Callable, kwargs: Dict[str, Any], checkout: Optional[str] = None,
+                 own_modules: Sequence[str] = ()) -> Any:
+    """``function(**kwargs)`` in a fresh process.
 
     Args:
-        module_file: path of the Python file that defines ``function``.
-        function: the name of a module-level function returning JSON-able data.
-        kwargs: its keyword arguments (JSON-able).
+        function: a module-level function whose arguments and result are JSON.
+        kwargs: its keyword arguments.
+        checkout: a directory holding an older ``convneur_mm/`` to run against
+            (None: this tree's package).
+        own_modules: with ``checkout``, more modules of this tree (dotted
+            names) that the child takes from this tree rather than from the
+            checkout, loaded first (e.g. the probes that do the measuring).
 
     Returns:
-        The function's return value.
+        What ``function`` returned in the child, decoded from JSON.
 
     Raises:
-        RuntimeError: the child failed; the message ends with its stderr.
+        ValueError: ``checkout`` holds no package.
+        RuntimeError: the child failed (the message ends with its stderr), or
+            it measured another package than ``checkout``'s.
     """
-    cmd = [sys.executable, osp.abspath(__file__), osp.abspath(module_file), function,
-           json.dumps(kwargs)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    results = [line[len(_RESULT_MARK):] for line in done.stdout.splitlines()
+    name = f'{function.__module__}.{function.__name__}'
+    env, cwd, modules, root = None, None, [], None
+    if checkout is not None:
+        root = check_checkout(checkout)
+        names = list(own_modules) + [function.__module__]
+        modules = [(n, inspect.getfile(importlib.import_module(n))) for n in names]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+        cwd = root  # ``python -c`` puts the working directory first on sys.path
+    spec = dict(modules=modules, module=function.__module__, function=function.__name__,
+                kwargs=kwargs, mark=_RESULT_MARK)
+    child = subprocess.run([sys.executable, '-c', _CHILD, json.dumps(spec)], cwd=cwd, env=env,
+                           capture_output=True, text=True)
+    results = [line[len(_RESULT_MARK):] for line in child.stdout.splitlines()
                if line.startswith(_RESULT_MARK)]
-    if done.returncode != 0 or not results:
-        raise RuntimeError(f'{osp.basename(module_file)}:{function}({kwargs}) failed in its '
-                           f'process (exit {done.returncode}):\n{done.stderr[-3000:]}')
-    return json.loads(results[-1])
-
-
-def _main(argv) -> None:
-    module_file, function, kwargs = argv
-    # this file's folder is sys.path[0] when run by path; its module names
-    # (profiling, resolution, ...) must not shadow installed ones
-    here = osp.dirname(osp.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if osp.abspath(p or '.') != here]
-    spec = importlib.util.spec_from_file_location('convneur_isolated_target', module_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = getattr(module, function)(**json.loads(kwargs))
-    print(_RESULT_MARK + json.dumps(result), flush=True)
-
-
-if __name__ == '__main__':
-    _main(sys.argv[1:])
+    if child.returncode != 0 or not results:
+        where = f' against {checkout}' if checkout is not None else ''
+        raise RuntimeError(f'{name}{where} failed in its process (exit {child.returncode}):\n'
+                           f'{child.stderr[-3000:]}')
+    out = json.loads(results[-1])
+    if root is not None and not osp.abspath(out['package']).startswith(root + os.sep):
+        raise RuntimeError(f'{name} measured the package at {out["package"]}, '
+                           f'not the one under {checkout}')
+    return out['result']

@@ -23,8 +23,8 @@ inference forward (``bench_env.PeakMemoryGrowth``, after a warm-up pass) of
 the arch's local-only network, of the arch, and of the arch with
 ``memory_cfg.working_set_mib`` (image slices); then its throughput, against
 the package of an older checkout if given. Each measurement runs in a fresh
-process (``isolated.run_isolated``; ``before_checkout.run_in_checkout`` for
-the older checkout), the codes taking turns round by round.
+process (``isolated.run_isolated``, with ``checkout`` for the older one), the
+codes taking turns round by round.
 """
 import functools
 import os.path as osp
@@ -37,7 +37,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer, median,
                                             peak_gemm_rate, setup_benchmark_device,
                                             synchronize, time_in_turns)
-from convneur_mm.analysis.before_checkout import run_in_checkout
 from convneur_mm.analysis.isolated import run_isolated
 
 OURS, REFERENCE = 'ours (closed form, scan)', 'autograd reference'
@@ -270,7 +269,7 @@ def backbone_benchmark(arch: str, batch: int = 16, size: int = 224, working_set_
         arch: the ConvNeur arch.
         batch, size: the input.
         working_set_mib: the sliced variant's ``memory_cfg.working_set_mib``.
-        before: a checkout whose package is measured too (``run_in_checkout``).
+        before: a checkout whose package is measured too (``isolated.run_isolated``).
         rounds: interleaved rounds of timing processes.
         repeats: forward passes per timing process.
 
@@ -281,9 +280,9 @@ def backbone_benchmark(arch: str, batch: int = 16, size: int = 224, working_set_
     def child(root=None, **spec):
         spec = dict(dict(arch=arch, batch=batch, size=size), **spec)
         if root is None:
-            return run_isolated(__file__, 'backbone_child', spec)
+            return run_isolated(backbone_child, spec)
         # the measuring modules from this tree, the measured package from ``root``
-        return run_in_checkout(root, backbone_child, spec, own_modules=(
+        return run_isolated(backbone_child, spec, checkout=root, own_modules=(
             'convneur_mm.analysis.bench_env', 'convneur_mm.analysis.isolated'))
 
     sliced = f'{arch}, working_set_mib {working_set_mib}'

@@ -12,8 +12,8 @@ With ``kernels='triton'`` on ``meta`` the fused kernels' wrappers allocate
 what they would on a GPU and their launches do nothing: the inference count
 of CUDA's fused path (forward-only kernels: no autograd count).
 
-The model is imported inside ``count_ops``, so that ``before_checkout`` can
-run it against an older checkout's package with this tree's probes.
+The model is imported inside ``count_ops``, so that ``isolated.run_isolated``
+can run it against an older checkout's package with this tree's probes.
 """
 import contextlib
 from typing import ContextManager, Dict, Optional
@@ -32,7 +32,7 @@ def _kernels_without_launches() -> ContextManager:
     any device, launching nothing (the memory's ``without_launches``)."""
     try:
         from convneur_mm.models.layers.memory_ops.kernels import without_launches
-    except ImportError:  # an older checkout's package (``before_checkout``)
+    except ImportError:  # an older checkout's package (``isolated.run_isolated``)
         raise ValueError('this package\'s memory cannot run its kernels without launching '
                          "them: count with kernels='torch'") from None
     return without_launches()

@@ -103,7 +103,7 @@ def run_all(models: Sequence[str], sizes: Sequence[int], device: str, iters: int
                     f'{peak or 0:.0f} MB)')
                 continue
             try:
-                result = run_isolated(__file__, 'measure', dict(
+                result = run_isolated(measure, dict(
                     name=name, size=list(shape), device=device, iters=iters))
             except RuntimeError as error:
                 results.append(dict(name=name, size=list(shape),

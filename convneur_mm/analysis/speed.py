@@ -219,7 +219,7 @@ def run_all(models: Sequence[str], modes: Sequence[str], device: str, batch: int
     results: Dict[Tuple[str, str], List[Dict]] = {run: [] for run in runs}
     for _ in range(rounds):
         for name, mode in runs:
-            results[(name, mode)].append(run_isolated(__file__, 'measure', dict(
+            results[(name, mode)].append(run_isolated(measure, dict(
                 name=name, device=device, batch=batch, iters=iters, mode=mode, size=size)))
             log(f'measured {name} ({mode})')
     return [best_round(r) for r in results.values()]

@@ -1,4 +1,4 @@
-"""Functions that ``run_in_checkout`` runs in its child (standard library at
+"""Functions that ``run_isolated`` runs in its child (standard library at
 the top only: the child loads this file before it imports any package)."""
 import importlib
 
@@ -9,4 +9,12 @@ def module_file(name: str) -> str:
 
 
 def fail() -> None:
+    print("noise on stdout")
     raise RuntimeError('the probe fails on purpose')
+
+
+def where(a: int, b: int) -> dict:
+    """Their sum and the process that computed it (printing on the way)."""
+    import os
+    print('noise on stdout')
+    return dict(sum=a + b, pid=os.getpid())

@@ -139,7 +139,7 @@ def flops(args: argparse.Namespace) -> dict:
 def ops(args: argparse.Namespace) -> dict:
     import torch
 
-    from convneur_mm.analysis.before_checkout import run_in_checkout
+    from convneur_mm.analysis.isolated import run_isolated
     from convneur_mm.analysis.op_counts import (OWN_MODULES, count_ops, describe_part,
                                                 format_op_counts, kernel_cuts, memory_cfg_of)
     kwargs = dict(arch=args.arch, stage=args.stage, size=_option(args, 'size', 'ops'),
@@ -147,7 +147,7 @@ def ops(args: argparse.Namespace) -> dict:
                   memory_cfg=memory_cfg_of(args.matmul_dtype, args.kernels), part=args.part)
     counts = {}
     if args.before:
-        counts[f'before ({args.before})'] = run_in_checkout(args.before, count_ops, kwargs,
+        counts[f'before ({args.before})'] = run_isolated(count_ops, kwargs, args.before,
                                                             OWN_MODULES)
     counts['this tree'] = count_ops(**kwargs)
     print(f'ATen ops of {describe_part(args.part, args.stage)}, ConvNeur-{args.arch.upper()}, '
