@@ -25,9 +25,9 @@ TINY = dict(depths=[1], dims=[16], memory_dim=16)
 TWO_STAGES = dict(depths=[1, 1], dims=[16, 16], memory_dim=16)  # a strided downsample too
 
 
-def _tiny_backbone(arch: dict = TINY) -> nn.Module:
+def _tiny_backbone(arch: dict = TINY, backward: str = 'autograd') -> nn.Module:
     torch.manual_seed(0)
-    backbone = ConvNeur(arch=arch, memory_cfg=dict(chunk_size=16),
+    backbone = ConvNeur(arch=arch, memory_cfg=dict(chunk_size=16, backward=backward),
                         out_indices=tuple(range(len(arch['depths']))),
                         gap_before_final_norm=False, drop_path_rate=0.5)
     with quiet_init():
@@ -279,7 +279,7 @@ def test_backbone_traces_without_graph_breaks(training, device, amp):
     block, and past the recompile limit (8) the rest of the blocks run eager.
     In training the chunk gradients and the chunk read are their closed-form
     ``autograd.Function`` s, traced inside that graph."""
-    holder = _tiny_backbone().to(device)
+    holder = _tiny_backbone(backward='closed_form').to(device)
     holder.backbone.train(training)
     x = torch.randn(2, 3, 32, 48, device=device)
     with torch.set_grad_enabled(training), torch.autocast(device, dtype=amp or torch.float32,

@@ -162,10 +162,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         recompute: in training, save only the memory's input and recompute
             its inner forward in the backward pass.
         backward: how training differentiates the chunk gradients and reads
-            of the PyTorch path: 'closed_form' (their hand-derived backward,
-            wherever they train except under ``torch.export``) or 'autograd'
-            (autograd through their ops, the double backward of the inner
-            gradient included). The results agree to rounding.
+            of the PyTorch path: 'autograd' (through their ops, the double
+            backward of the inner gradient included) or 'closed_form' (their
+            hand-derived backward, wherever they train except under
+            ``torch.export``). The results agree to rounding; 'closed_form'
+            is opt-in until a GPU run has timed it and the demos' bands hold
+            with it (docs/advanced_guides/memory_paths.md).
     """
 
     def __init__(self,
@@ -179,7 +181,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  kernels: str = 'auto',
                  working_set_mib: Optional[int] = None,
                  recompute: bool = False,
-                 backward: str = 'closed_form'):
+                 backward: str = 'autograd'):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f'memory dim {dim} is not divisible by heads={heads}')
@@ -330,9 +332,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         return 'torch', why
 
     def _backward(self, implementation: str) -> str:
-        """The plan's ``backward``: 'closed_form' where the PyTorch path
-        trains (not under ``torch.export``: its graph keeps plain ATen ops,
-        which ONNX has), unless ``backward='autograd'``."""
+        """The plan's ``backward``: 'closed_form' where it is asked for and
+        the PyTorch path trains (not under ``torch.export``: its graph keeps
+        plain ATen ops, which ONNX has); else 'autograd'."""
         if (self.backward == 'autograd' or implementation != 'torch' or
                 not torch.is_grad_enabled() or torch.compiler.is_exporting()):
             return 'autograd'

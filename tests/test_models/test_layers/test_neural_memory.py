@@ -207,7 +207,7 @@ BACKWARD_CASES = [('parallel', 23, {}), ('sequential', 23, {}), ('parallel', 4, 
 @pytest.mark.parametrize('update,tokens,settings', BACKWARD_CASES)
 def test_closed_form_backward_equals_autograd(update, tokens, settings, dtype, tol):
     memory = _perturbed_memory(12, seed=tokens, chunk_size=5, heads=2, update=update,
-                               **settings).to(dtype).train()
+                               backward='closed_form', **settings).to(dtype).train()
     x = torch.randn(2, tokens, 12, dtype=dtype, requires_grad=True)
     plan = dataclasses.replace(memory.plan(x), operand_dtype=None)
     assert plan.backward == 'closed_form'
@@ -239,10 +239,10 @@ def test_closed_form_backward_equals_autograd_in_a_backbone(dtype, tol):
 def test_plan_backward():
     memory = NeuralMemory(8, chunk_size=4).train()
     x = torch.randn(1, 12, 8)
+    assert memory.plan(x).backward == 'autograd'  # the default
+    memory.backward = 'closed_form'
     assert memory.plan(x).backward == 'closed_form'
     with torch.no_grad():  # nothing to differentiate: the plain forward
         assert memory.plan(x).backward == 'autograd'
-    memory.backward = 'autograd'
-    assert memory.plan(x).backward == 'autograd'
     with pytest.raises(ValueError, match='backward'):
         NeuralMemory(8, backward='manual')
