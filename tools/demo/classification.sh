@@ -34,3 +34,4 @@ run_logged classification "$WORK_DIR/test.log" '^(##|\|)' \
     tools/dist_test.sh "$CONFIG" "$CHECKPOINT" "$GPUS" --work-dir "$WORK_DIR/test"
 echo "[classification demo] wall time: $((SECONDS - start)) s (data, training, evaluation;" \
      "10 classes: chance is 10% top-1, 50% top-5)"
+"$PYTHON" tools/demo/check_band.py classification "$WORK_DIR/test.log"

@@ -35,3 +35,4 @@ echo "[detection demo] evaluating $CHECKPOINT (log: $WORK_DIR/test.log)"
 run_logged detection "$WORK_DIR/test.log" '^(##|\|)' \
     tools/dist_test.sh "$CONFIG" "$CHECKPOINT" "$GPUS" --work-dir "$WORK_DIR/test"
 echo "[detection demo] wall time: $((SECONDS - start)) s (data, training, evaluation)"
+"$PYTHON" tools/demo/check_band.py detection "$WORK_DIR/test.log"

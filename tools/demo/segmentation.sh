@@ -32,3 +32,4 @@ echo "[segmentation demo] evaluating $CHECKPOINT (log: $WORK_DIR/test.log)"
 run_logged segmentation "$WORK_DIR/test.log" '^(##|\| (metric|aAcc|mIoU|mAcc) |\|---)' \
     tools/dist_test.sh "$CONFIG" "$CHECKPOINT" "$GPUS" --work-dir "$WORK_DIR/test"
 echo "[segmentation demo] wall time: $((SECONDS - start)) s (data, training, evaluation)"
+"$PYTHON" tools/demo/check_band.py segmentation "$WORK_DIR/test.log"
