@@ -40,6 +40,7 @@ def _run(tiny, work_dir, *args):
                           env=dict(os.environ, PYTHONPATH=REPO))
 
 
+@pytest.mark.slow
 def test_trains_a_row_prints_its_line_and_reuses_the_result(tiny, tmp_path):
     out = _run(tiny, tmp_path, '--skip-speed')
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -59,6 +60,7 @@ def test_trains_a_row_prints_its_line_and_reuses_the_result(tiny, tmp_path):
     assert speed['throughput'] > 0 and speed['shape'] == 64
 
 
+@pytest.mark.slow
 def test_a_run_out_of_time_is_stopped_and_fails_the_tool(tiny, tmp_path):
     out = _run(tiny, tmp_path, '--skip-speed', '--row-minutes', '0.05')
     assert out.returncode == 1

@@ -255,6 +255,7 @@ ONE_BLOCK = dict(arch=dict(depths=[1], dims=[32], memory_dim=16),
                  memory_cfg=dict(chunk_size=64))
 
 
+@pytest.mark.slow
 def test_xor_marks_lie_beyond_one_blocks_field_and_each_colour_is_uninformative():
     rng = np.random.default_rng(0)
     labels = rng.integers(2, size=2000)
@@ -342,12 +343,14 @@ def _order_probe_val_acc(variant: str, data) -> float:
 # which sees the map as a set of 28 px windows, cannot beat chance; the
 # memory, reading its chunks in raster order, learns which mark came first.
 # One check in two tests (a training each) that share the images.
+@pytest.mark.slow
 def test_memory_learns_the_order_of_far_marks(order_probe_data, single_thread):
     """Fails when the gate's global input is zeroed (projects/global_probe/README.md)."""
     ours = _order_probe_val_acc('ours', order_probe_data)
     assert ours > 0.9, ours
 
 
+@pytest.mark.slow
 def test_local_only_stays_at_chance_on_the_order_of_far_marks(order_probe_data, single_thread):
     local = _order_probe_val_acc('local', order_probe_data)
     # 400 validation images: one standard error at chance is 2.5 points
