@@ -48,6 +48,7 @@ from torch import nn
 
 from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, is_cuda, median,
                                             setup_benchmark_device, time_in_turns)
+from convneur_mm.analysis.memory_variants import describe_error
 from convneur_mm.apis.launch import enable_amp, load_config
 from convneur_mm.apis.toolbox import data_sample, build_model, import_toolbox, quiet_init
 from convneur_mm.engine.compile import (accumulative_counts, add_compile_argument,
@@ -353,10 +354,6 @@ def fits_card(peak: Dict[str, Optional[int]], card_bytes: int = CARD_BYTES) -> b
     return used + CONTEXT_BYTES <= card_bytes
 
 
-def _error(exc: BaseException) -> str:
-    return f'error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}'
-
-
 def _refill(device) -> int:
     """Untimed turns after the memory windows: one on CUDA, whose caching
     allocator they emptied (else the first timed turn pays for cudaMalloc)."""
@@ -476,7 +473,7 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
                 prepare_training(cfg, amp, amp_dtype, mode)
                 variants.append(build_variant(label, cfg, device, mode, backend, accumulation))
             except Exception as exc:  # noqa: BLE001  (the other variants still run)
-                result['errors'][label] = _error(exc)
+                result['errors'][label] = describe_error(exc)
     if not variants:
         return result
     if evaluate:
@@ -506,7 +503,7 @@ def _guarded(measure) -> dict:
     try:
         return measure()
     except Exception as exc:  # noqa: BLE001
-        return {'all': dict(status=_error(exc))}
+        return {'all': dict(status=describe_error(exc))}
 
 
 def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
