@@ -128,13 +128,21 @@ else
     echo "[mmcv-cuda] $flavor"
 fi
 
-# 3. mmcv, compiled (kept in BUILD/raw: a later run with the same key reuses it)
+# 3. mmcv, compiled in BUILD/src, where an interrupted build resumes (ninja
+#    skips the objects it has); the wheel is kept in BUILD/raw for later runs
 if [ "$DRY" = 1 ] || ! ls "$BUILD"/raw/mmcv-*.whl > /dev/null 2>&1; then
     run rm -rf "$BUILD/raw"
-    echo "[mmcv-cuda] compiling mmcv's ops (about an hour per arch on 2 cores, 5 minutes on 16)"
+    if [ "$DRY" = 1 ] || ! ls "$BUILD"/src/mmcv-*/setup.py > /dev/null 2>&1; then
+        run "$VPY" -m pip download --disable-pip-version-check --progress-bar off --no-deps \
+            --no-binary :all: --no-build-isolation -d "$BUILD/sdist" "$MMCV"
+        run mkdir -p "$BUILD/src"
+        run tar -xzf "$(ls "$BUILD"/sdist/mmcv-*.tar.gz 2> /dev/null || echo SDIST)" -C "$BUILD/src"
+    fi
+    echo "[mmcv-cuda] compiling mmcv's ops (about two hours per arch on 2 cores, 5 minutes on 16)"
     (eval "$build_vars"
      run "$VPY" -m pip wheel --disable-pip-version-check --progress-bar off --no-deps \
-         --no-build-isolation --no-cache-dir -w "$BUILD/raw" "$MMCV")
+         --no-build-isolation --no-cache-dir -w "$BUILD/raw" \
+         "$(ls -d "$BUILD"/src/mmcv-*/ 2> /dev/null || echo "$BUILD/src/MMCV")")
 fi
 
 # 4. stripped, checked to load against that torch, written with its flavor

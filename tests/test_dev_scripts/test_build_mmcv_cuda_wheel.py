@@ -35,11 +35,13 @@ def test_plan_runs_the_setup_steps_in_order_for_that_python_and_torch(tmp_path):
     version = '%d.%d' % sys.version_info[:2]
     assert f'for Python {version}' in done.stdout
     steps = ['-m venv', 'requirements/build.txt', 'torch==2.11.0', 'compiler-requirements',
-             'cuda_setup.py flavor', 'cuda_setup.py build-env', 'pip wheel', 'cuda_setup.py record']
+             'cuda_setup.py flavor', 'cuda_setup.py build-env', 'pip download', 'pip wheel',
+             'cuda_setup.py record']
     order = [_index(plan, step) for step in steps]
     assert order == sorted(order)
     assert "TORCH_CUDA_ARCH_LIST='9.0'" in plan[_index(plan, 'cuda_setup.py flavor')]
-    assert 'mmcv==2.1.0' in plan[_index(plan, 'pip wheel')]
+    assert 'mmcv==2.1.0' in plan[_index(plan, 'pip download')]
+    assert str(tmp_path / 'build' / 'src') in plan[_index(plan, 'pip wheel')]
     assert str(tmp_path / 'wheels') in plan[-1]
     assert not (tmp_path / 'build').exists() and not (tmp_path / 'wheels').exists()
 

@@ -75,7 +75,7 @@ def test_torch_build_mirror_and_bad_tag():
 
 def test_compiler_is_pinned_to_torchs_cuda():
     assert compiler_requirements('13.0', {'cuda-toolkit': '13.0.3.0'}) == \
-        ['cuda-toolkit[nvcc,cccl]==13.0.3.0']
+        ['cuda-toolkit[nvcc,cccl,crt,nvvm]==13.0.3.0']
     assert compiler_requirements('12.6', {'nvidia-cuda-runtime-cu12': '12.6.77'}) == \
         ['nvidia-cuda-nvcc-cu12==12.6.*', 'nvidia-cuda-cccl-cu12==12.6.*']
     with pytest.raises(SetupError, match='built for CUDA 13.0'):

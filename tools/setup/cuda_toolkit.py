@@ -36,7 +36,9 @@ def compiler_requirements(cuda_version: str, dists: Mapping[str, Optional[str]])
         if toolkit.split('.')[:2] != [major, minor]:
             raise SetupError(f'cuda-toolkit {toolkit} is installed but torch is built for CUDA '
                              f'{cuda_version}: reinstall torch (`bash tools/setup/setup_env.sh`)')
-        return [f'cuda-toolkit[nvcc,cccl]=={toolkit}']
+        # crt and nvvm by name: 13.0.2's nvcc extra leaves them unpinned, and a
+        # newer nvvm emits PTX that this ptxas rejects
+        return [f'cuda-toolkit[nvcc,cccl,crt,nvvm]=={toolkit}']
     if dists.get(f'nvidia-cuda-runtime-cu{major}'):  # the one-package-per-library layout
         return [f'nvidia-cuda-nvcc-cu{major}=={major}.{minor}.*',
                 f'nvidia-cuda-cccl-cu{major}=={major}.{minor}.*']
