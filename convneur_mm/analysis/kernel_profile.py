@@ -8,10 +8,11 @@ op of a call (``AtenOpCounter``'s bytes, torch's FLOP formulas), and a card's
 peak (``device_peak``) prices them: the roofline time printed beside the
 measured one, per op and for the whole call.
 
-Three cases profile the four global branches of ConvNeur-M3 (``CASES``): one
+Four cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
 (``'triton'``), the same through PyTorch (``'torch'``), and one bf16
-training step, forward and backward (``'training'``).
+training step, forward and backward, through PyTorch (``'training'``) and
+with the Triton reads (``'training_triton'``).
 """
 from collections import Counter
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -297,11 +298,15 @@ def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
     return Case(call, costs, note)
 
 
-def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE) -> Case:
+def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,
+                           kernels: str = 'torch') -> Case:
     """One bf16 training step of the four branches: forward and backward
-    under bf16 autocast, bf16 operands, the PyTorch path (the fused kernels
-    are for inference)."""
-    branches = m3_global_branches(device, 'torch')
+    under bf16 autocast, bf16 operands, through ``kernels`` ('torch', or
+    'triton': the Triton reads with their backward kernels beside the
+    PyTorch chunk gradients; CUDA only)."""
+    if kernels == 'triton' and not is_cuda(device):
+        raise ValueError("the 'training_triton' case needs a CUDA device")
+    branches = m3_global_branches(device, kernels)
     inputs = branch_inputs(branches, batch, size, device)
     params = [p for _, branch in branches for p in branch.parameters()]
 
@@ -314,13 +319,14 @@ def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE)
 
     return Case(call, count_costs(call),
                 f'one training step (forward + backward) of the four global branches of M3, '
-                f'batch {batch} at {size}², bf16 autocast and operands, torch')
+                f'batch {batch} at {size}², bf16 autocast and operands, {kernels}')
 
 
 CASES = {
     'triton': lambda **kw: branches_inference_case('triton', **kw),
     'torch': lambda **kw: branches_inference_case('torch', **kw),
     'training': branches_training_case,
+    'training_triton': lambda **kw: branches_training_case(kernels='triton', **kw),
 }
 
 

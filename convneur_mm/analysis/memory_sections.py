@@ -403,7 +403,7 @@ def section_profile(ctx: 'MemorySuite') -> Dict:
     from convneur_mm.analysis.kernel_profile import CASES, profile_case
     rows = {}
     for name in CASES:
-        why = NEEDS_CUDA if name == 'triton' and not ctx.cuda else ctx.why_not('profile')
+        why = NEEDS_CUDA if 'triton' in name and not ctx.cuda else ctx.why_not('profile')
         if why:
             rows[name] = dict(status=why)
             continue

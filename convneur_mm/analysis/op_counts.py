@@ -10,7 +10,8 @@ data: a training-sized batch in seconds) the ops dispatch as on a CPU (on
 CUDA, inference products write float32 directly instead of a widening cast).
 With ``kernels='triton'`` on ``meta`` the fused kernels' wrappers allocate
 what they would on a GPU and their launches do nothing: the inference count
-of CUDA's fused path (forward-only kernels: no autograd count).
+of CUDA's fused path (the wrappers run without their operators' autograd:
+inference counts only).
 
 The model is imported inside ``count_ops``, so that ``isolated.run_isolated``
 can run it against an older checkout's package with this tree's probes.

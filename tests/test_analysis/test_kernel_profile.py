@@ -94,7 +94,8 @@ def test_branch_inputs_follow_the_stages():
 
 
 def test_triton_case_needs_cuda_and_unknown_cases_are_refused():
-    with pytest.raises(ValueError, match='CUDA'):
-        kp.profile_case('triton', device='cpu', batch=1)
+    for case in ('triton', 'training_triton'):
+        with pytest.raises(ValueError, match='CUDA'):
+            kp.profile_case(case, device='cpu', batch=1)
     with pytest.raises(ValueError, match='case must be one of'):
         kp.profile_case('fused', device='cpu', batch=1)

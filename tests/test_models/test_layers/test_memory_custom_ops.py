@@ -3,7 +3,9 @@
 shapes), their fakes against their results, ``torch.compile`` with
 ``fullgraph=True`` over them and over a memory that plans them, all in
 Triton's interpreter (float32 and float16 operands; one subprocess, as in
-``test_memory_kernels``); and the plan never takes them where grad is needed.
+``test_memory_kernels``); the reads' autograd (their backward operators) under
+opcheck; and the plan never takes the chunk gradients' forward-only kernels
+where grad is needed.
 """
 import json
 import sys
@@ -18,6 +20,7 @@ from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import _run_interpreted
 
 OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read')
+DIFFERENTIABLE = ('read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed')
 
 
 def _weights(lead: Tuple[int, ...], d: int, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -44,7 +47,7 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
     states = _weights((heads, batch, chunks), d, gen)
     queries = torch.randn(heads, batch, chunks * length - 3, d, generator=gen)
     tiles = (16, 32)
-    return {
+    cases = {
         'chunk_grads': (ops.memory_chunk_grads, (*w, keys, values, token_lr, dtype, *tiles)),
         'chunk_grads_per_image': (ops.memory_chunk_grads, (
             *w, per_image, per_image * 0.5, token_lr[:, None].expand(heads, batch, chunks, length),
@@ -58,6 +61,25 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
             *(t * 1e-2 for t in states), queries, length, *w[:2],
             torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
     }
+    # the reads' backward operators: the forward's tensors, then the output's cotangent
+    for name in DIFFERENTIABLE:
+        op, args = cases[name]
+        chunked = name.startswith('chunk')
+        tensor_args = 8 if chunked else 7
+        inputs = args[3]  # x (G, M, d) or queries (H, B, N, d), heads merged in the output
+        shape = (*inputs.shape[1:3], inputs.shape[0] * inputs.shape[3]) if chunked else \
+            inputs.shape
+        backward = getattr(ops, f'memory_{name.replace("_decomposed", "")}_backward')
+        cases[f'{name}_backward'] = (backward, (*args[:tensor_args],
+                                                torch.randn(shape, generator=gen),
+                                                *args[tensor_args:]))
+    return cases
+
+
+def _requiring_grad(args: tuple) -> tuple:
+    """The floating tensors of ``args`` as leaves that require grad."""
+    return tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+                 for a in args)
 
 
 def _layout(outputs) -> list:
@@ -124,6 +146,12 @@ def custom_op_results() -> dict:
             except Exception as err:  # opcheck's error names the failing check
                 report = {'error': repr(err)[-2000:]}
             results[f'{name}_{tag}'] = dict(opcheck=report, real=real, fake=fake)
+            if name in DIFFERENTIABLE:  # its autograd: registered, traced with its backward
+                try:
+                    report = torch.library.opcheck(op, _requiring_grad(args))
+                except Exception as err:
+                    report = {'error': repr(err)[-2000:]}
+                results[f'{name}_grad_{tag}'] = dict(opcheck=report)
         results[f'compiled_calls_{tag}'] = _compiled_calls(dtype)
     results['compiled_memory'] = _compiled_memory()
     return results
@@ -164,6 +192,13 @@ def test_a_compiled_memory_runs_the_kernels_inside_its_graph(interpreted):
     assert result['difference'] < 1e-5
 
 
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+@pytest.mark.parametrize('case', DIFFERENTIABLE)
+def test_the_reads_autograd_passes_opcheck(interpreted, case, tag):
+    report = interpreted[f'{case}_grad_{tag}']['opcheck']
+    assert report and set(report.values()) == {'SUCCESS'}, report
+
+
 def test_fakes_on_meta_tensors_without_triton():
     """The fakes need no kernel: meta tensors give the results' shapes."""
     for name, (op, args) in op_cases(torch.float16).items():
@@ -172,12 +207,17 @@ def test_fakes_on_meta_tensors_without_triton():
         assert all(t.device.type == 'meta' and t.dtype == torch.float32 for t in outputs), name
 
 
-def test_the_plan_never_takes_the_kernels_where_grad_is_needed():
+def test_the_plan_never_takes_the_chunk_gradients_kernels_where_grad_is_needed():
+    from convneur_mm.models.layers.memory_ops.kernels import without_launches
     memory = NeuralMemory(16, chunk_size=8, kernels='triton').train()
-    with pytest.raises(RuntimeError, match='forward-only'):
-        memory.plan(torch.randn(1, 20, 16))
+    with without_launches():  # plans the kernels anywhere (no launch)
+        plan = memory.plan(torch.randn(1, 20, 16))
+    assert (plan.implementation, plan.grads_implementation) == ('triton', 'torch')
+    with torch.no_grad(), without_launches():
+        plan = memory.plan(torch.randn(1, 20, 16))
+    assert (plan.implementation, plan.grads_implementation) == ('triton', 'triton')
     memory.kernels = 'auto'
-    assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'
+    assert memory.plan(torch.randn(1, 20, 16)).grads_implementation == 'torch'
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``

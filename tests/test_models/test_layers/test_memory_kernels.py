@@ -390,8 +390,8 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_are_an_error():
     memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
         memory(torch.randn(2, 20, 16))
-    with pytest.raises(RuntimeError, match='forward-only'):
-        memory(torch.randn(2, 20, 16))
+    with pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
+        memory.train()(torch.randn(2, 20, 16))  # training too: the Triton reads
 
 
 def test_read_past_4096_rows_reads_every_row(interpreted):
@@ -598,6 +598,30 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
         assert signature['w1_ptr'] == want, launch.kernel.__name__
     reports = inspect.launch_reports(launches, arch)
     assert sorted(r.kernel for r in reports) == sorted(KERNEL_NAMES)
+    for report in reports:
+        assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
+        assert (report.wgmma > 0) == (arch >= 90) and report.mma != 'none', report
+
+
+@pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 80)])
+def test_read_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
+    """The chunk read's backward at M3's stage 1 (batch 128, 16 chunks of
+    196 tokens, C_m 128) as ``launch_read_backward`` launches it: no
+    spills, and wgmma on sm_90."""
+    inspect = _inspect()
+    heads, batch, chunks, length, d = 1, 128, 16, 196, 128
+    meta = dict(device='meta')
+    states = MemoryWeights(torch.empty(heads, batch, chunks, d, 4 * d, **meta),
+                           torch.empty(heads, batch, chunks, 4 * d, d, **meta),
+                           torch.empty(heads, batch, chunks, d, **meta))
+    merged = lambda: torch.empty(batch, chunks * length, heads * d, **meta).view(  # noqa: E731
+        batch, -1, heads, d).permute(2, 0, 1, 3)
+    with inspect.recording_launches(arch) as launches:
+        launch.launch_read_backward(states, merged(), merged(), merged(), length, operand_dtype,
+                                    None, None, None, None)
+    reports = inspect.launch_reports(launches, arch)
+    assert sorted(r.kernel for r in reports) == ['read_backward_cols_kernel',
+                                                 'read_backward_rows_kernel']
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
         assert (report.wgmma > 0) == (arch >= 90) and report.mma != 'none', report

@@ -21,9 +21,10 @@ without ``torch.autograd.grad`` in the forward pass. Their training form
 (the dispatchers' ``backward='closed_form'``) is the same forward as a
 ``torch.autograd.Function`` whose backward is derived by hand (no double
 backward): ``chunk_grads_closed_form``, ``read_closed_form``, which
-``chunk_read_torch`` reads through. The Triton ones are forward-only
-custom operators (``torch.ops.convneur_mm``, kept whole by ``torch.compile``;
-``kernels`` says where they run); the references take exact products in
+``chunk_read_torch`` reads through. The Triton ones are custom operators
+(``torch.ops.convneur_mm``, kept whole by ``torch.compile``; ``kernels`` says
+where they run), the reads' with backward kernels, the chunk gradients'
+forward-only; the references take exact products in
 their inputs' dtype (float64 in the tests). ``common`` holds what
 they share: ``MemoryWeights``, ``product`` (the products' operand dtype),
 ``LN_EPS``, ``ln_backward`` and the closed forms' checks.

@@ -1,13 +1,15 @@
-"""The chunk read as one Triton kernel (forward only), a custom operator
-``torch.ops.convneur_mm.memory_chunk_read``."""
-from typing import Optional
+"""The chunk read as one Triton kernel, a custom operator
+``torch.ops.convneur_mm.memory_chunk_read`` whose backward is two more
+(``torch.ops.convneur_mm.memory_chunk_read_backward``)."""
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
 from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_decomposed,
-                              check_runnable, launch_read)
+                              check_runnable, ReadGrads, decomposed_read_grads,
+                              launch_read, launch_read_backward)
 
 
 def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
@@ -15,10 +17,11 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
                       base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None,
                       *, block_rows: Optional[int] = None,
                       block_hidden: Optional[int] = None) -> Tensor:
-    """``chunk_read_torch`` as one kernel (forward only, for inference: no
-    autograd graph is recorded). The output is written straight into the
-    merged (B, N, H * d) layout, so neither the queries' padding to whole
-    chunks nor the heads' merge copies.
+    """``chunk_read_torch`` as one kernel. The output is written straight into
+    the merged (B, N, H * d) layout, so neither the queries' padding to whole
+    chunks nor the heads' merge copies. Differentiable: its backward kernels
+    recompute the forward's intermediates (nothing but the inputs is saved),
+    and the queries' gradient is written in the output's merged layout.
 
     Args:
         states: per-chunk fast weights ``w1`` (H, B, C, d, 4d),
@@ -46,7 +49,7 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
                      ('states.w2', w2, ('H', 'B', 'C', 'h', 'd')),
                      ('states.g', g, ('H', 'B', 'C', 'd'))] +
                     check_decomposed(base, carry, 'H', ('H', 'B', 'C')), operand_dtype,
-                    (block_rows, block_hidden))
+                    (block_rows, block_hidden), differentiable=True)
     n, chunks = queries.shape[2], w1.shape[2]
     if chunk_size < 1:
         raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
@@ -73,8 +76,36 @@ def _chunk_read(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: 
     return out
 
 
+def _chunk_read_backward(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: int,
+                         base_w1: Optional[Tensor], base_w2: Optional[Tensor],
+                         carry: Optional[Tensor], grad_out: Tensor, operand_dtype: torch.dtype,
+                         block_rows: Optional[int], block_hidden: Optional[int]
+                         ) -> ReadGrads:
+    """The gradients of (w1, w2, g, queries, base_w1, base_w2, carry); the
+    last three empty for a read that is not decomposed."""
+    heads, batch, n, d = queries.shape
+    base = None if base_w1 is None else MemoryWeights(base_w1, base_w2, None)
+    grad_queries = _merged_queries(queries)
+    grads = launch_read_backward(MemoryWeights(w1, w2, g), queries,
+                                 grad_out.float().unflatten(-1, (heads, d)).permute(2, 0, 1, 3),
+                                 grad_queries, chunk_size, operand_dtype, base, carry,
+                                 block_rows, block_hidden)
+    base_grads = (tuple(queries.new_empty(0) for _ in range(3)) if base is None  # no aliases
+                  else decomposed_read_grads(grads, base, carry))
+    return (*grads, grad_queries, *base_grads)
+
+
+def _merged_queries(queries: Tensor) -> Tensor:
+    """An (H, B, N, d) tensor in the merged (B, N, H * d) layout, as the
+    projections make the queries: their gradient then flows back uncopied."""
+    heads, batch, n, d = queries.shape
+    return queries.new_empty(batch, n, heads, d, dtype=torch.float32).permute(2, 0, 1, 3)
+
+
 _chunk_read_op = torch.library.custom_op('convneur_mm::memory_chunk_read', _chunk_read,
                                          mutates_args=())
+_chunk_read_backward_op = torch.library.custom_op('convneur_mm::memory_chunk_read_backward',
+                                                  _chunk_read_backward, mutates_args=())
 
 
 @_chunk_read_op.register_fake
@@ -84,3 +115,35 @@ def _chunk_read_fake(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_s
                      block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
     heads, batch, n, d = queries.shape
     return queries.new_empty(batch, n, heads * d)
+
+
+@_chunk_read_backward_op.register_fake
+def _chunk_read_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor,
+                              chunk_size: int, base_w1: Optional[Tensor],
+                              base_w2: Optional[Tensor], carry: Optional[Tensor],
+                              grad_out: Tensor, operand_dtype: torch.dtype,
+                              block_rows: Optional[int], block_hidden: Optional[int]
+                              ) -> ReadGrads:
+    like = lambda t: queries.new_empty(0) if t is None else queries.new_empty(t.shape)  # noqa
+    shape = w1.shape[:3]
+    return (queries.new_empty(w1.shape), queries.new_empty(w2.shape),
+            queries.new_empty(*shape, g.shape[-1]), _merged_queries(queries), like(base_w1),
+            like(base_w2), like(carry))
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    w1, w2, g, queries, chunk_size, base_w1, base_w2, carry = inputs[:8]
+    ctx.save_for_backward(w1, w2, g, queries, base_w1, base_w2, carry)
+    ctx.chunk_size, ctx.options = chunk_size, inputs[8:]
+
+
+def _backward(ctx, grad_out: Tensor) -> tuple:
+    w1, w2, g, queries, base_w1, base_w2, carry = ctx.saved_tensors
+    grads = list(_chunk_read_backward_op(w1, w2, g, queries, ctx.chunk_size, base_w1, base_w2,
+                                         carry, grad_out, *ctx.options))
+    if base_w1 is None:
+        grads[4:] = [None] * 3
+    return (*grads[:4], None, *grads[4:], None, None, None)
+
+
+_chunk_read_op.register_autograd(_backward, setup_context=_setup_context)

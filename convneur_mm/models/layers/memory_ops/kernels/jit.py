@@ -38,6 +38,55 @@ def _gelu_grad(x):
 
 
 @triton.jit
+def _pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask, hid,
+               HID, DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
+               BASE_PREC: tl.constexpr):
+    """x @ w1[:, hid] for a (BM, BD) block of rows (``x_tile`` float32, ``xo``
+    the same in DTYPE); DECOMPOSED adds carry * (x @ base1[:, hid]) at float32
+    accuracy (see ``_mlp_rows``)."""
+    mask1 = cmask[:, None] & (hid < HID)[None, :]
+    w1 = tl.load(w1_ptr + cols[:, None] * s1_d + hid[None, :] * s1_k, mask=mask1, other=0.0)
+    pre = tl.dot(xo, w1.to(DTYPE), input_precision=PREC)
+    if DECOMPOSED:
+        b1 = tl.load(b1_ptr + cols[:, None] * sb1_d + hid[None, :] * sb1_k, mask=mask1,
+                     other=0.0).to(tl.float32)
+        pre += carry * tl.dot(x_tile, b1, input_precision=BASE_PREC)
+    return pre
+
+
+@triton.jit
+def _times_w2t(dy, dyo, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, cols, cmask, hid, HID,
+               DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
+               BASE_PREC: tl.constexpr):
+    """dy @ w2[hid, :]^T, (BM, BD) -> (BM, BH): a gradient at the MLP's output
+    carried to its hidden block (``dy`` float32, ``dyo`` in DTYPE)."""
+    mask = cmask[:, None] & (hid < HID)[None, :]
+    w2t = tl.load(w2_ptr + hid[None, :] * s2_k + cols[:, None] * s2_d, mask=mask, other=0.0)
+    out = tl.dot(dyo, w2t.to(DTYPE), input_precision=PREC)
+    if DECOMPOSED:
+        b2t = tl.load(b2_ptr + hid[None, :] * sb2_k + cols[:, None] * sb2_d, mask=mask,
+                      other=0.0).to(tl.float32)
+        out += carry * tl.dot(dy, b2t, input_precision=BASE_PREC)
+    return out
+
+
+@triton.jit
+def _times_w1t(dp, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask, hid, HID,
+               DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
+               BASE_PREC: tl.constexpr):
+    """dp @ w1[:, hid]^T, (BM, BH) float32 -> (BM, BD): a gradient at a hidden
+    block carried to the MLP's input."""
+    mask = (hid < HID)[:, None] & cmask[None, :]
+    w1t = tl.load(w1_ptr + hid[:, None] * s1_k + cols[None, :] * s1_d, mask=mask, other=0.0)
+    out = tl.dot(dp.to(DTYPE), w1t.to(DTYPE), input_precision=PREC)
+    if DECOMPOSED:
+        b1t = tl.load(b1_ptr + hid[:, None] * sb1_k + cols[None, :] * sb1_d, mask=mask,
+                      other=0.0).to(tl.float32)
+        out += carry * tl.dot(dp, b1t, input_precision=BASE_PREC)
+    return out
+
+
+@triton.jit
 def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
               b1_ptr, b2_ptr, sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID,
               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
@@ -55,15 +104,9 @@ def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
     y = tl.zeros((BM, BD), dtype=tl.float32)
     for h0 in range(0, HID, BH):
         hid = h0 + hcols
-        mask1 = cmask[:, None] & (hid < HID)[None, :]
+        act = _gelu(_pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols,
+                               cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC))
         mask2 = (hid < HID)[:, None] & cmask[None, :]
-        w1 = tl.load(w1_ptr + cols[:, None] * s1_d + hid[None, :] * s1_k, mask=mask1, other=0.0)
-        pre = tl.dot(xo, w1.to(DTYPE), input_precision=PREC)
-        if DECOMPOSED:
-            b1 = tl.load(b1_ptr + cols[:, None] * sb1_d + hid[None, :] * sb1_k, mask=mask1,
-                         other=0.0).to(tl.float32)
-            pre += carry * tl.dot(x_tile, b1, input_precision=BASE_PREC)
-        act = _gelu(pre)
         w2 = tl.load(w2_ptr + hid[:, None] * s2_k + cols[None, :] * s2_d, mask=mask2, other=0.0)
         y = tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=y, input_precision=PREC)
         if DECOMPOSED:
@@ -71,6 +114,26 @@ def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
                          other=0.0).to(tl.float32)
             y += carry * tl.dot(act, b2, input_precision=BASE_PREC)
     return y
+
+
+@triton.jit
+def _cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, carry, acc1, acc2,
+               DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
+               BASE_PREC: tl.constexpr):
+    """One block of rows of a weight-gradient pass over a hidden block j:
+    with pre_j = x @ w1[:, j] recomputed and dy the gradient at the MLP's
+    output, ``acc1 += x^T (gelu'(pre_j) * (dy @ w2[j]^T))`` (w1's block) and
+    ``acc2 += gelu(pre_j)^T dy`` (w2's). ``w1`` (BD, BH) and ``w2t`` (BD, BH)
+    in DTYPE; DECOMPOSED: plus carry times float32 ``b1``, ``b2t``."""
+    pre = tl.dot(xo, w1, input_precision=PREC)
+    back = tl.dot(dyo, w2t, input_precision=PREC)
+    if DECOMPOSED:
+        pre += carry * tl.dot(x, b1, input_precision=BASE_PREC)
+        back += carry * tl.dot(dy, b2t, input_precision=BASE_PREC)
+    d_pre = back * _gelu_grad(pre)
+    acc1 = tl.dot(tl.trans(xo), d_pre.to(DTYPE), acc=acc1, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), dyo, acc=acc2, input_precision=PREC)
+    return acc1, acc2
 
 
 @triton.jit
@@ -239,13 +302,167 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                     other=0.0).to(DTYPE)
         dh = tl.load(dh_base + (rows[:, None] * D + cols[None, :]), mask=mask,
                      other=0.0).to(DTYPE)
-        pre = tl.dot(k, w1, input_precision=PREC)
-        d_pre = tl.dot(dh, w2t, input_precision=PREC) * _gelu_grad(pre)
-        acc1 = tl.dot(tl.trans(k), d_pre.to(DTYPE), acc=acc1, input_precision=PREC)
-        acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
+        acc1, acc2 = _cols_step(k, k, dh, dh, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC,
+                                False, PREC)
 
     out = chunk.to(tl.int64) * D * HID
     tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
              mask=cmask[:, None] & hmask[None, :])
     tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
+             mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_ptr, dg_ptr,
+                              b1_ptr, b2_ptr, carry_ptr,
+                              B, C, N, L, D, HID, row_blocks,
+                              sx_h, sx_b, sx_n, sx_d,
+                              s1_h, s1_b, s1_c, s1_d, s1_k,
+                              s2_h, s2_b, s2_c, s2_k, s2_d,
+                              sg_h, sg_b, sg_c, sg_d,
+                              so_h, so_b, so_n, so_d,
+                              sgx_h, sgx_b, sgx_n, sgx_d,
+                              sb1_h, sb1_d, sb1_k,
+                              sb2_h, sb2_k, sb2_d,
+                              sc_h, sc_b, sc_c,
+                              eps,
+                              BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                              DTYPE: tl.constexpr, PREC: tl.constexpr,
+                              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+    """The read's backward, per block of BM rows (``read_kernel``'s programs):
+    from ``go`` = d loss / d out it recomputes the MLP's output Y and N = LN(Y)
+    (nothing was saved), and writes
+
+    * ``gx`` = go + (gelu'(P) * (dY @ w2^T)) @ w1^T, P = x @ w1, walking the
+      hidden blocks again, with dY = LNback(go * (1 + g)) in float32;
+    * ``dy`` (H, B, C, L, D): dY in DTYPE, for the weights' pass
+      (``read_backward_cols_kernel``), which multiplies it in DTYPE;
+    * ``dg`` (H * B * C, row_blocks, D): this block's share of sum(go * N)."""
+    pid = tl.program_id(0)
+    rb = pid % row_blocks
+    group = pid // row_blocks
+    c = group % C
+    hb = group // C
+    b = (hb % B).to(tl.int64)
+    h = (hb // B).to(tl.int64)
+    c64 = c.to(tl.int64)
+
+    rows = rb * BM + tl.arange(0, BM)
+    rmask = (rows < L) & (c * L + rows < N)
+    cols = tl.arange(0, BD)
+    hcols = tl.arange(0, BH)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    first = c64 * L
+
+    x = tl.load(x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
+                (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask, other=0.0).to(tl.float32)
+    carry = 1.0
+    if DECOMPOSED:
+        carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
+    w1_base = w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c)
+    w2_base = w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c)
+    b1_base = b1_ptr + h * sb1_h
+    b2_base = b2_ptr + h * sb2_h
+    y = _mlp_rows(x, w1_base, w2_base, s1_d, s1_k, s2_k, s2_d, b1_base, b2_base,
+                  sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID, BM, BD, BH, DTYPE, PREC,
+                  DECOMPOSED, BASE_PREC)
+    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+    go = tl.load(go_ptr + (h * so_h + b * so_b + first * so_n) +
+                 (rows[:, None] * so_n + cols[None, :] * so_d), mask=mask,
+                 other=0.0).to(tl.float32)
+    tl.store(dg_ptr + pid.to(tl.int64) * D + cols, tl.sum(go * normed, axis=0), mask=cmask)
+    scale = 1.0 + tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
+                          other=0.0).to(tl.float32)
+    d_normed = go * scale[None, :]
+    mean_d = tl.sum(d_normed, axis=1) / D
+    mean_dn = tl.sum(d_normed * normed, axis=1) / D
+    dy = rstd[:, None] * (d_normed - mean_d[:, None] - normed * mean_dn[:, None])
+    dy = tl.where(mask, dy, 0.0)
+    dyo = dy.to(DTYPE)
+    tl.store(dy_ptr + group.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]), dyo,
+             mask=mask)
+
+    xo = x.to(DTYPE)
+    gx = go
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        pre = _pre_block(x, xo, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry, cols, cmask,
+                         hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        back = _times_w2t(dy, dyo, w2_base, s2_k, s2_d, b2_base, sb2_k, sb2_d, carry, cols,
+                          cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        gx += _times_w1t(back * _gelu_grad(pre), w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k,
+                         carry, cols, cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+    tl.store(gx_ptr + (h * sgx_h + b * sgx_b + first * sgx_n) +
+             (rows[:, None] * sgx_n + cols[None, :] * sgx_d), gx, mask=mask)
+
+
+@triton.jit
+def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
+                              b1_ptr, b2_ptr, carry_ptr,
+                              B, C, N, L, D, HID, hidden_blocks,
+                              sx_h, sx_b, sx_n, sx_d,
+                              s1_h, s1_b, s1_c, s1_d, s1_k,
+                              s2_h, s2_b, s2_c, s2_k, s2_d,
+                              sb1_h, sb1_d, sb1_k,
+                              sb2_h, sb2_k, sb2_d,
+                              sc_h, sc_b, sc_c,
+                              BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                              DTYPE: tl.constexpr, PREC: tl.constexpr,
+                              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+    """The read's weight gradients, per (state (h, b, c), block of BH hidden
+    units j): walks the chunk's rows as ``grads_cols_kernel`` does (the same
+    ``_cols_step``) and writes gw1[:, j] = x^T (gelu'(P_j) * (dY @ w2[j]^T))
+    and gw2[j] = gelu(P_j)^T dY, (H, B, C, D, HID) and (H, B, C, HID, D);
+    with DECOMPOSED, the gradients of dW (equal to those of W)."""
+    pid = tl.program_id(0)
+    j = pid % hidden_blocks
+    group = pid // hidden_blocks
+    c = group % C
+    hb = group // C
+    b = (hb % B).to(tl.int64)
+    h = (hb // B).to(tl.int64)
+    c64 = c.to(tl.int64)
+
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    hid = j * BH + tl.arange(0, BH)
+    hmask = hid < HID
+    wmask = cmask[:, None] & hmask[None, :]
+    w1 = tl.load(w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c) +
+                 (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask, other=0.0).to(DTYPE)
+    w2t = tl.load(w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c) +
+                  (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask, other=0.0).to(DTYPE)
+    carry = 1.0
+    b1 = w1
+    b2t = w2t
+    if DECOMPOSED:
+        carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
+        b1 = tl.load(b1_ptr + h * sb1_h + (cols[:, None] * sb1_d + hid[None, :] * sb1_k),
+                     mask=wmask, other=0.0).to(tl.float32)
+        b2t = tl.load(b2_ptr + h * sb2_h + (hid[None, :] * sb2_k + cols[:, None] * sb2_d),
+                      mask=wmask, other=0.0).to(tl.float32)
+
+    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    x_base = x_ptr + (h * sx_h + b * sx_b + c64 * L * sx_n)
+    dy_base = dy_ptr + group.to(tl.int64) * L * D
+    for r0 in range(0, L, BM):
+        rows = r0 + tl.arange(0, BM)
+        mask = ((rows < L) & (c * L + rows < N))[:, None] & cmask[None, :]
+        x = tl.load(x_base + (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask,
+                    other=0.0)
+        dyo = tl.load(dy_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
+        if DECOMPOSED:  # W_0's products take float32 operands
+            acc1, acc2 = _cols_step(x.to(tl.float32), x.to(DTYPE), dyo.to(tl.float32), dyo, w1,
+                                    w2t, b1, b2t, carry, acc1, acc2, DTYPE, PREC, True,
+                                    BASE_PREC)
+        else:
+            xo = x.to(DTYPE)
+            acc1, acc2 = _cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE,
+                                    PREC, False, PREC)
+
+    out = group.to(tl.int64) * D * HID
+    tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
+    tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
              mask=hmask[:, None] & cmask[None, :])

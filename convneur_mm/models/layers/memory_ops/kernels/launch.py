@@ -1,7 +1,7 @@
 """What the Triton implementations share: argument checks, tiles, launches.
 
-Forward only: nothing here records autograd history, so the Triton
-implementations serve inference (``torch.no_grad()``). Inputs are float32 (the
+The reads have backward kernels (``launch_read_backward``); the chunk
+gradients' kernels are forward-only (inference). Inputs are float32 (the
 memory's states and features stay float32); ``operand_dtype`` is the dtype of
 the products' operands, with float32 accumulation (float32 operands multiply
 in IEEE float32, not TF32).
@@ -129,15 +129,17 @@ def as_operands(t: Tensor, operand_dtype: torch.dtype) -> Tensor:
 
 def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
                     operand_dtype: torch.dtype,
-                    tiles: Tuple[Optional[int], Optional[int]]) -> None:
+                    tiles: Tuple[Optional[int], Optional[int]],
+                    differentiable: bool = False) -> None:
     """Tile sizes, shapes (named sizes must agree wherever they appear),
-    float32, one device, no autograd: each failure an error naming the
-    argument.
+    float32, one device, and no autograd unless the operation has a
+    backward: each failure an error naming the argument.
 
     Args:
         tensors: (name, tensor, the names of its sizes) of each argument.
         operand_dtype: the products' operand dtype.
         tiles: the caller's (block_rows, block_hidden).
+        differentiable: the operation has Triton backward kernels (the reads).
     """
     check_tiles(*tiles)
     sizes = {}
@@ -159,9 +161,11 @@ def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
             raise ValueError(f'{name} is on {t.device}, {tensors[0][0]} on {first.device}')
     if operand_dtype not in OPERAND_DTYPES:
         raise ValueError(f'operand_dtype must be one of {OPERAND_DTYPES}, got {operand_dtype}')
-    if torch.is_grad_enabled() and any(t.requires_grad for _, t, _ in tensors):
-        raise RuntimeError('the memory kernels are forward-only (no autograd): call them under '
-                           'torch.no_grad(), or use the PyTorch implementations for training')
+    if (not differentiable and torch.is_grad_enabled() and
+            any(t.requires_grad for _, t, _ in tensors)):
+        raise RuntimeError('the chunk gradients\' kernels are forward-only (no autograd): call '
+                           'them under torch.no_grad(), or use the PyTorch implementations for '
+                           'training')
 
 
 def check_decomposed(base: Optional[MemoryWeights], carry: Optional[Tensor], heads_dim: str,
@@ -301,3 +305,88 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
         *b1.stride(), *b2.stride(), *c_strides,
         LN_EPS, DECOMPOSED=decomposed, **tiles, **cfg)
     return out
+
+
+# a read's gradients, of (w1, w2, g, inputs, base w1, base w2, carry): a
+# custom operator returns a fixed number of tensors (empty where unused)
+ReadGrads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, grad_x: Tensor,
+                         length: int, operand_dtype: torch.dtype, base: Optional[MemoryWeights],
+                         carry: Optional[Tensor], block_rows: Optional[int],
+                         block_hidden: Optional[int]) -> MemoryWeights:
+    """Launch the read's two backward kernels, layouts as ``launch_read``'s
+    (``grad_out`` as ``out``; ``grad_x`` as ``x``, written). The (tokens, 4d)
+    intermediates are recomputed, not saved, as FlashAttention's backward does.
+
+    Returns:
+        The weights' gradients per state, float32 (H, B, C, d, 4d),
+        (H, B, C, 4d, d), (H, B, C, d) (with ``base``: those of dW_t, equal to
+        those of the whole state).
+    """
+    w1, w2, g = weights
+    if w1.shape[2] == 1 or 0 in w1.stride():
+        w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
+    heads, batch, n, d = x.shape
+    chunks, hidden = w1.shape[2], w1.shape[-1]
+    opts = dict(device=x.device, dtype=torch.float32)
+    grads = MemoryWeights(torch.empty(heads, batch, chunks, d, hidden, **opts),
+                          torch.empty(heads, batch, chunks, hidden, d, **opts),
+                          torch.empty(heads, batch, chunks, d, **opts))
+    if grad_x.numel() == 0 or hidden == 0:
+        return grads.map(torch.Tensor.zero_)
+    for name, t in (('x', x), ('grad_out', grad_out), ('grad_x', grad_x)):
+        check_span(name, length, t)
+    check_span('the gradient at the MLP output', length, x.new_empty(0, d))
+    decomposed = base is not None
+    arch = target_arch(x.device)
+    tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
+                        arch=arch)
+    kernels, cfg = launch_config(operand_dtype, x.device)
+    row_blocks = cdiv(length, tiles['BM'])
+    if decomposed:
+        b1, b2, c_strides = base.w1, base.w2, carry.stride()
+    else:  # unread (DECOMPOSED is a constexpr): any pointers and strides
+        b1, b2, c_strides = w1[:, 0, 0], w2[:, 0, 0], (0, 0, 0)
+    states = heads * batch * chunks
+    d_out = torch.empty(heads, batch, chunks, length, d, device=x.device, dtype=operand_dtype)
+    d_g = torch.empty(states, row_blocks, d, **opts)
+    kernels.read_backward_rows_kernel[(states * row_blocks,)](
+        x, grad_out, w1, w2, g, grad_x, d_out, d_g, b1, b2, carry if decomposed else x,
+        batch, chunks, n, length, d, hidden, row_blocks,
+        *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
+        *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
+        LN_EPS, DECOMPOSED=decomposed, **tiles, **cfg)
+    cols = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
+                       columns=True, arch=arch)
+    if not decomposed and operand_dtype != torch.float32 and arch is not None and arch >= 90:
+        # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
+        cols['num_warps'] = 8
+    kernels.read_backward_cols_kernel[(states * cdiv(hidden, cols['BH']),)](
+        x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
+        batch, chunks, n, length, d, hidden, cdiv(hidden, cols['BH']),
+        *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
+        DECOMPOSED=decomposed, **cols, **cfg)
+    torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
+    return grads
+
+
+def decomposed_read_grads(grads: MemoryWeights, base: MemoryWeights, carry: Tensor
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """A decomposed read's gradients of W_0 and a_t from those of its states
+    W_t = a_t W_0 + dW_t (``launch_read_backward``'s, (H, B, C, ...)):
+    W_0's is sum a_t dW-gradient over each head's states, a_t's the inner
+    product of the state's gradient with W_0.
+
+    Returns:
+        base w1 (H, d, 4d), base w2 (H, 4d, d), carry (H, B, C) gradients.
+    """
+    heads = base.w1.shape[0]
+    per_head = lambda t: t.reshape(heads, -1, *t.shape[3:])  # noqa: E731
+    weights = carry.reshape(heads, 1, -1)
+    grad_base = [torch.bmm(weights, per_head(grad).flatten(2)).view(base_t.shape)
+                 for grad, base_t in ((grads.w1, base.w1), (grads.w2, base.w2))]
+    grad_carry = sum(torch.bmm(per_head(grad).flatten(2), base_t.reshape(heads, -1, 1))
+                     for grad, base_t in ((grads.w1, base.w1), (grads.w2, base.w2)))
+    return grad_base[0], grad_base[1], grad_carry.view(carry.shape)

@@ -1,7 +1,7 @@
 """The read ``f_W(x)`` of tokens at one state per group: ``read(weights, x,
 operand_dtype, base, carry)``, in PyTorch (``read_torch``; for training
 ``read_closed_form``, the same forward with a hand-derived backward), Triton
-(``read_triton``, forward only) and plainly (``read_naive``, the reference)."""
+(``read_triton``, with backward kernels) and plainly (``read_naive``, the reference)."""
 from typing import Optional
 
 import torch

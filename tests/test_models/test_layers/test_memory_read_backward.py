@@ -1,0 +1,220 @@
+"""The reads' Triton backward kernels (``read_triton`` and
+``chunk_read_triton`` under autograd) against float64 autograd through
+``read_torch``, in Triton's interpreter (one subprocess, as in
+``test_memory_kernels``, whose tolerances these are: 1e-5 of the largest
+gradient entry with float32 operands, 1e-2 with float16 ones); a memory that
+trains with ``kernels='triton'`` against the PyTorch path; and the operators'
+autograd under ``torch.library.opcheck``."""
+import json
+import sys
+from typing import Dict, List
+
+import pytest
+import torch
+
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_read_torch,
+                                                  chunk_read_triton, read_torch, read_triton)
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+from .test_memory_kernels import F16_TOL, F32_TOL, _rel_err, _run_interpreted, _weights
+
+DTYPES = {'f32': torch.float32, 'f16': torch.float16}
+
+
+def _leaves(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def _grad_errors(names: List[str], got: List[torch.Tensor], exact: List[torch.Tensor]) -> dict:
+    return {name: _rel_err(a.grad, b.grad) for name, a, b in zip(names, got, exact)}
+
+
+def _read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool, m: int = 40,
+               d: int = 24, tiles: dict = None, per_head: int = 3) -> dict:
+    """One read, its outputs' cotangent random: every input's gradient
+    against float64 autograd through ``read_torch``."""
+    tiles = tiles or dict(block_rows=16, block_hidden=64)  # a masked hidden block of 96
+    heads = 2
+    groups = heads * per_head
+    if decomposed:  # states a * W_0 + dW, dW 0.2% of them
+        inputs = [*(t * 2e-3 for t in _weights(groups, d, gen)), *_weights(heads, d, gen)[:2],
+                  0.5 + 0.5 * torch.rand(groups, generator=gen)]
+        names = ['w1', 'w2', 'g', 'base_w1', 'base_w2', 'carry', 'x']
+    else:
+        inputs, names = list(_weights(groups, d, gen)), ['w1', 'w2', 'g', 'x']
+    inputs.append(torch.randn(groups, m, d, generator=gen))
+    cotangent = torch.randn(groups, m, d, generator=gen)
+
+    def call(fn, tensors, operand_dtype, **kwargs):
+        base = dict(base=MemoryWeights(tensors[3], tensors[4], None),
+                    carry=tensors[5]) if decomposed else {}
+        return fn(MemoryWeights(*tensors[:3]), tensors[-1], operand_dtype, **base, **kwargs)
+
+    got, exact = _leaves(inputs), _leaves([t.double() for t in inputs])
+    out = call(read_triton, got, dtype, **tiles)
+    out.backward(cotangent)
+    ref = call(read_torch, exact, None)
+    ref.backward(cotangent.double())
+    return dict(forward=_rel_err(out, ref.detach()), grads=_grad_errors(names, got, exact))
+
+
+def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool) -> dict:
+    """The chunk read of 40 tokens in chunks of 16 (a partial last chunk),
+    heads merged: every input's gradient, and the queries' in the merged layout."""
+    heads, batch, chunks, length, n, d = 2, 2, 3, 16, 40, 16
+    lead = (heads, batch, chunks)
+    states = [t.view(*lead, *t.shape[1:]) for t in _weights(heads * batch * chunks, d, gen)]
+    inputs, names = states, ['w1', 'w2', 'g']
+    if decomposed:
+        inputs = [*(t * 1e-2 for t in states), *_weights(heads, d, gen)[:2],
+                  torch.rand(*lead, generator=gen)]
+        names = names + ['base_w1', 'base_w2', 'carry']
+    queries = torch.randn(batch, n, heads, d, generator=gen).permute(2, 0, 1, 3)
+    cotangent = torch.randn(batch, n, heads * d, generator=gen)
+
+    def call(fn, tensors, operand_dtype):
+        base = dict(base=MemoryWeights(tensors[3], tensors[4], None),
+                    carry=tensors[5]) if decomposed else {}
+        return fn(MemoryWeights(*tensors[:3]), tensors[-1], length, operand_dtype, **base)
+
+    got, exact = _leaves(inputs + [queries]), _leaves([t.double() for t in inputs + [queries]])
+    out = call(chunk_read_triton, got, dtype)
+    out.backward(cotangent)
+    ref = call(chunk_read_torch, exact, None)
+    ref.backward(cotangent.double())
+    return dict(forward=_rel_err(out, ref.detach()),
+                grads=_grad_errors(names + ['queries'], got, exact),
+                queries_grad_merged=got[-1].grad.permute(1, 2, 0, 3).is_contiguous())
+
+
+def _module_case(dtype: str, max_lr: float) -> dict:
+    """``NeuralMemory(kernels='triton')`` in training against ``'torch'``:
+    the plan, the output and every parameter's and the input's gradient."""
+    import copy
+    torch.manual_seed(0)
+    torch_path = NeuralMemory(32, heads=2, chunk_size=8, max_lr=max_lr, kernels='torch',
+                              matmul_dtype=dtype).train()
+    with torch.no_grad():  # W_0 and the gates away from their zero init: all paths matter
+        for p in torch_path.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    triton_path = copy.deepcopy(torch_path)
+    triton_path.kernels = 'triton'
+    x = torch.randn(2, 20, 32)
+    cotangent = torch.randn(2, 20, 32)
+    results = {}
+    outputs, grads = [], []
+    for memory in (triton_path, torch_path):
+        xs = x.clone().requires_grad_()
+        plan = memory.plan(xs)
+        out = memory(xs)
+        out.backward(cotangent)
+        outputs.append(out.detach())
+        grads.append({name: p.grad for name, p in memory.named_parameters()} | {'x': xs.grad})
+        results.setdefault('plans', []).append([plan.implementation, plan.grads_implementation])
+    results['forward'] = _rel_err(outputs[0], outputs[1].double())
+    # the pooling's softmax runs over a chunk's tokens, so a per-feature bias
+    # of its logits has a zero gradient: rounding noise, with no scale to compare
+    results['grads'] = {name: _rel_err(grads[0][name], grads[1][name].double())
+                        for name in grads[1]
+                        if grads[1][name] is not None and name != 'pool.to_logits.bias'}
+    return results
+
+
+def backward_results() -> Dict[str, dict]:
+    """Every interpreter case (the subprocess's result)."""
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    for tag, dtype in DTYPES.items():
+        results[f'read_{tag}'] = _read_case(gen, dtype, decomposed=False)
+        results[f'read_decomposed_{tag}'] = _read_case(gen, dtype, decomposed=True)
+        results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
+        results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
+    # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
+    # weights, and their gradients must add up
+    results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
+                                                tiles=dict(block_rows=512, block_hidden=64),
+                                                per_head=1)
+    results['module_f32'] = _module_case('float32', 1.0)
+    results['module_f16_decomposed'] = _module_case('float16', 1e-3)
+    return results
+
+
+@pytest.fixture(scope='module')
+def interpreted():
+    return _run_interpreted('backward_results', 'test_memory_read_backward')
+
+
+CASES = ['read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_read_backward_kernels_float32_match_float64(interpreted, case):
+    result = interpreted[f'{case}_f32']
+    assert result['forward'] < F32_TOL
+    assert max(result['grads'].values()) < F32_TOL, result['grads']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_read_backward_kernels_float16_operands(interpreted, case):
+    result = interpreted[f'{case}_f16']
+    assert max(result['grads'].values()) < F16_TOL, result['grads']
+    # the residual and the LayerNorm's backward stay float32: x's gradient
+    # and g's are far more accurate than the products' operands
+    for name in ('x', 'queries', 'g'):
+        if name in result['grads'] and 'decomposed' not in case:
+            assert result['grads'][name] < 1e-3, (name, result['grads'])
+
+
+def test_chunk_read_backward_writes_the_queries_gradient_merged(interpreted):
+    # the gradient lands in the (B, N, H * d) layout the projections made the
+    # queries in: it flows back without a copy
+    assert interpreted['chunk_read_f32']['queries_grad_merged']
+    assert set(interpreted['chunk_read_decomposed_f32']['grads']) == {
+        'w1', 'w2', 'g', 'base_w1', 'base_w2', 'carry', 'queries'}
+
+
+def test_read_backward_past_4096_rows_sums_the_pseudo_chunks(interpreted):
+    result = interpreted['read_past_4096_rows']
+    assert max(result['grads'].values()) < F32_TOL, result['grads']
+
+
+@pytest.mark.parametrize('case', ['module_f32', 'module_f16_decomposed'])
+def test_memory_trains_with_the_triton_reads(interpreted, case):
+    result = interpreted[case]
+    # the reads by Triton, the chunk gradients by PyTorch (forward-only kernels)
+    assert result['plans'] == [['triton', 'torch'], ['torch', 'torch']]
+    tol = F32_TOL if case == 'module_f32' else 1e-3
+    assert result['forward'] < tol
+    assert len(result['grads']) > 15
+    assert max(result['grads'].values()) < (1e-4 if case == 'module_f32' else F16_TOL), \
+        result['grads']
+
+
+def test_auto_trains_on_the_pytorch_path():
+    memory = NeuralMemory(16, chunk_size=8, kernels='auto').train()
+    plan = memory.plan(torch.randn(1, 20, 16))
+    assert (plan.implementation, plan.grads_implementation) == ('torch', 'torch')
+    assert 'trains on the PyTorch path' in plan.reason
+
+
+def test_the_triton_read_saves_only_its_inputs():
+    """FlashAttention's way: no (tokens, 4d) intermediate is kept for the
+    backward, which recomputes them. On meta tensors the operators run their
+    fakes (M3's stage-1 shapes at batch 2)."""
+    heads, batch, chunks, length, d = 1, 2, 16, 196, 128
+    meta = dict(device='meta')
+    states = [torch.empty(heads, batch, chunks, *shape, **meta).requires_grad_()
+              for shape in ((d, 4 * d), (4 * d, d), (d, ))]
+    queries = torch.empty(batch, chunks * length, heads * d, **meta).requires_grad_()
+    inputs = states + [queries]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = chunk_read_triton(MemoryWeights(*states),
+                                queries.view(batch, -1, heads, d).permute(2, 0, 1, 3), length,
+                                torch.bfloat16)
+    assert 0 < sum(t.numel() for t in saved) <= sum(t.numel() for t in inputs)
+    out.sum().backward()
+    assert [t.grad.shape for t in inputs] == [t.shape for t in inputs]
+
+
+if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
+    print(json.dumps(globals()[sys.argv[1]]()))
