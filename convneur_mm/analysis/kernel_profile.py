@@ -12,7 +12,7 @@ Four cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
 (``'triton'``), the same through PyTorch (``'torch'``), and one bf16
 training step, forward and backward, through PyTorch (``'training'``) and
-with the Triton reads (``'training_triton'``).
+through the Triton kernels (``'training_triton'``).
 """
 from collections import Counter
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -302,8 +302,7 @@ def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,
                            kernels: str = 'torch') -> Case:
     """One bf16 training step of the four branches: forward and backward
     under bf16 autocast, bf16 operands, through ``kernels`` ('torch', or
-    'triton': the Triton reads with their backward kernels beside the
-    PyTorch chunk gradients; CUDA only)."""
+    'triton': the Triton kernels and their backward kernels; CUDA only)."""
     if kernels == 'triton' and not is_cuda(device):
         raise ValueError("the 'training_triton' case needs a CUDA device")
     branches = m3_global_branches(device, kernels)

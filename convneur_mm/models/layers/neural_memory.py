@@ -66,13 +66,10 @@ class MemoryPlan:
         decomposed_read: the states are read as ``a_t * (q @ W_0)`` at full
             precision plus ``q @ dW_t`` in ``operand_dtype`` (16-bit operands
             at a small ``max_lr``); the projections then keep full precision.
-        implementation: 'torch' or 'triton', of the reads, and of the chunk
-            gradients where ``grads_implementation`` says so.
-        grads_implementation: of the parallel mode's chunk gradients: the
-            plan's ``implementation``, except in training, where they are
-            PyTorch's (their Triton kernels are forward-only; the reads'
-            have a backward). The sequential mode's gradients at each
-            image's state are always PyTorch's.
+        implementation: 'torch' or 'triton', of the chunk gradients and the
+            reads, in inference and training alike (the Triton kernels have
+            backward kernels); the sequential mode's gradients at each
+            image's state are PyTorch's in both.
         reason: why that implementation.
         backward: how training differentiates the PyTorch chunk gradients
             and reads: 'closed_form' (their hand-derived backward: no double
@@ -92,7 +89,6 @@ class MemoryPlan:
     operand_dtype: Optional[torch.dtype]
     decomposed_read: bool
     implementation: str
-    grads_implementation: str
     reason: str
     backward: str
     images_per_slice: int
@@ -159,9 +155,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         kernels: the implementation of the memory's operations (``memory_ops``):
             'auto' (the Triton kernels in CUDA inference with 16-bit product
             operands, eager or compiled, else PyTorch), 'torch' or 'triton'
-            (the Triton kernels for every operand dtype, and in training the
-            Triton reads with their backward kernels beside the PyTorch chunk
-            gradients; an error where they cannot run).
+            (the Triton kernels for every operand dtype, in inference and in
+            training, with their backward kernels; an error where they
+            cannot run).
         working_set_mib: under ``no_grad`` (eager), process slices of images
             whose estimated working set fits this many MiB; the results are
             the same. None: the whole batch at once.
@@ -312,12 +308,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """
         operand_dtype = self.operand_dtype(x)
         implementation, reason = self._implementation(x, operand_dtype)
-        grads_implementation = 'torch' if torch.is_grad_enabled() else implementation
         return MemoryPlan(
             operand_dtype=operand_dtype,
             decomposed_read=operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR,
-            implementation=implementation, grads_implementation=grads_implementation,
-            reason=reason, backward=self._backward(grads_implementation),
+            implementation=implementation, reason=reason,
+            backward=self._backward(implementation),
             images_per_slice=self._images_per_slice(x),
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
@@ -338,12 +333,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                                f'cannot run here: {why}')
         return 'torch', why
 
-    def _backward(self, grads_implementation: str) -> str:
+    def _backward(self, implementation: str) -> str:
         """The plan's ``backward``: 'closed_form' where it is asked for and
-        the PyTorch chunk gradients train (not under ``torch.export``: its
-        graph keeps plain ATen ops, which ONNX has); else 'autograd'. The
-        PyTorch reads follow it; the Triton reads have their own backward."""
-        if (self.backward == 'autograd' or grads_implementation != 'torch' or
+        the PyTorch path trains (not under ``torch.export``: its graph keeps
+        plain ATen ops, which ONNX has); else 'autograd'. The Triton kernels
+        train through their own backward kernels."""
+        if (self.backward == 'autograd' or implementation != 'torch' or
                 not torch.is_grad_enabled() or torch.compiler.is_exporting()):
             return 'autograd'
         return 'closed_form'
@@ -359,10 +354,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         untimed against cuBLAS, so float32 inference stays on cuBLAS unless
         'triton' asks for them ('triton' also runs them in Triton's CPU
         interpreter). 'auto' trains on the PyTorch path: no GPU run has yet
-        timed the reads' backward kernels; 'triton' trains with them."""
+        timed the backward kernels; 'triton' trains with them."""
         if torch.is_grad_enabled() and self.kernels == 'auto':
             return ("'auto' trains on the PyTorch path (kernels='triton' trains with the "
-                    "Triton reads)")
+                    "Triton kernels)")
         if torch.compiler.is_exporting():
             return 'torch.export keeps the shape-generic PyTorch graph'
         compute_dtype = at_least_float32(x.dtype)
@@ -471,7 +466,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         from the projections' views of each image's U chunks: w1, w2, g,
         each (H, B * U, ...)."""
         return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
-                                plan.operand_dtype, implementation=plan.grads_implementation,
+                                plan.operand_dtype, implementation=plan.implementation,
                                 backward=plan.backward))
 
     def _sequential_write(self, proj: MemoryProjections, plan: MemoryPlan

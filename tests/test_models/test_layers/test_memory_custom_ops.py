@@ -3,9 +3,8 @@
 shapes), their fakes against their results, ``torch.compile`` with
 ``fullgraph=True`` over them and over a memory that plans them, all in
 Triton's interpreter (float32 and float16 operands; one subprocess, as in
-``test_memory_kernels``); the reads' autograd (their backward operators) under
-opcheck; and the plan never takes the chunk gradients' forward-only kernels
-where grad is needed.
+``test_memory_kernels``); their autograd (the backward operators) under
+opcheck; and the plan's choice in training.
 """
 import json
 import sys
@@ -20,7 +19,8 @@ from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import _run_interpreted
 
 OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read')
-DIFFERENTIABLE = ('read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed')
+DIFFERENTIABLE = ('chunk_grads', 'chunk_grads_per_image', 'read', 'read_decomposed', 'chunk_read',
+                  'chunk_read_decomposed')
 
 
 def _weights(lead: Tuple[int, ...], d: int, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -61,17 +61,23 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
             *(t * 1e-2 for t in states), queries, length, *w[:2],
             torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
     }
-    # the reads' backward operators: the forward's tensors, then the output's cotangent
+    # the backward operators: the forward's tensors, then the outputs' cotangents
     for name in DIFFERENTIABLE:
         op, args = cases[name]
-        chunked = name.startswith('chunk')
-        tensor_args = 8 if chunked else 7
-        inputs = args[3]  # x (G, M, d) or queries (H, B, N, d), heads merged in the output
-        shape = (*inputs.shape[1:3], inputs.shape[0] * inputs.shape[3]) if chunked else \
-            inputs.shape
-        backward = getattr(ops, f'memory_{name.replace("_decomposed", "")}_backward')
-        cases[f'{name}_backward'] = (backward, (*args[:tensor_args],
-                                                torch.randn(shape, generator=gen),
+        if name.startswith('chunk_grads'):
+            groups, chunks, d = args[0].shape[0], token_lr.shape[1], args[0].shape[1]
+            if name.endswith('per_image'):
+                chunks = batch * chunks
+            shapes = [(groups, chunks, d, 4 * d), (groups, chunks, 4 * d, d), (groups, chunks, d)]
+            tensor_args, backward = 6, ops.memory_chunk_grads_backward
+        elif name.startswith('chunk_read'):
+            q = args[3]  # (H, B, N, d), heads merged in the output
+            shapes = [(*q.shape[1:3], q.shape[0] * q.shape[3])]
+            tensor_args, backward = 8, ops.memory_chunk_read_backward
+        else:
+            shapes, tensor_args, backward = [args[3].shape], 7, ops.memory_read_backward
+        cotangents = [torch.randn(shape, generator=gen) for shape in shapes]
+        cases[f'{name}_backward'] = (backward, (*args[:tensor_args], *cotangents,
                                                 *args[tensor_args:]))
     return cases
 
@@ -133,6 +139,30 @@ def _compiled_memory() -> dict:
                 ops=[op for op in OPS if f'convneur_mm.{op}' in code])
 
 
+def _compiled_training() -> dict:
+    """``NeuralMemory(kernels='triton')`` in training, compiled with
+    ``fullgraph=True``: the kernels and their backward operators inside the
+    graphs, the gradients as eager's."""
+    torch.manual_seed(0)
+    memory = NeuralMemory(16, heads=2, chunk_size=8, kernels='triton').train()
+    x = torch.randn(2, 20, 16)
+
+    def grads(module):
+        module.zero_grad()
+        module(x).square().sum().backward()
+        return [p.grad.clone() for p in memory.parameters() if p.grad is not None]
+
+    eager = grads(memory)
+    compiled = grads(torch.compile(memory, backend='aot_eager', fullgraph=True))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(memory)(x)
+    code = ''.join(graph.code for graph in explanation.graphs)
+    return dict(difference=max((a - b).abs().max().item() for a, b in zip(eager, compiled)),
+                scale=max(a.abs().max().item() for a in eager), grads=len(eager),
+                graph_breaks=explanation.graph_break_count,
+                ops=[op for op in OPS if f'convneur_mm.{op}' in code])
+
+
 def custom_op_results() -> dict:
     """Every interpreter case (the subprocess's result)."""
     results = {}
@@ -154,6 +184,7 @@ def custom_op_results() -> dict:
                 results[f'{name}_grad_{tag}'] = dict(opcheck=report)
         results[f'compiled_calls_{tag}'] = _compiled_calls(dtype)
     results['compiled_memory'] = _compiled_memory()
+    results['compiled_training'] = _compiled_training()
     return results
 
 
@@ -199,6 +230,13 @@ def test_the_reads_autograd_passes_opcheck(interpreted, case, tag):
     assert report and set(report.values()) == {'SUCCESS'}, report
 
 
+def test_a_compiled_training_step_keeps_the_kernels(interpreted):
+    result = interpreted['compiled_training']
+    assert result['graph_breaks'] == 0
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read']
+    assert result['grads'] > 15 and result['difference'] < 1e-5 * result['scale'], result
+
+
 def test_fakes_on_meta_tensors_without_triton():
     """The fakes need no kernel: meta tensors give the results' shapes."""
     for name, (op, args) in op_cases(torch.float16).items():
@@ -207,17 +245,15 @@ def test_fakes_on_meta_tensors_without_triton():
         assert all(t.device.type == 'meta' and t.dtype == torch.float32 for t in outputs), name
 
 
-def test_the_plan_never_takes_the_chunk_gradients_kernels_where_grad_is_needed():
+def test_the_plan_trains_with_the_kernels_on_request_only():
     from convneur_mm.models.layers.memory_ops.kernels import without_launches
-    memory = NeuralMemory(16, chunk_size=8, kernels='triton').train()
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton', backward='closed_form').train()
     with without_launches():  # plans the kernels anywhere (no launch)
         plan = memory.plan(torch.randn(1, 20, 16))
-    assert (plan.implementation, plan.grads_implementation) == ('triton', 'torch')
-    with torch.no_grad(), without_launches():
-        plan = memory.plan(torch.randn(1, 20, 16))
-    assert (plan.implementation, plan.grads_implementation) == ('triton', 'triton')
+    # the kernels' own backward: the closed form is the PyTorch path's
+    assert (plan.implementation, plan.backward) == ('triton', 'autograd')
     memory.kernels = 'auto'
-    assert memory.plan(torch.randn(1, 20, 16)).grads_implementation == 'torch'
+    assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``

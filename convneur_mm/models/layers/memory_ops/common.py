@@ -104,7 +104,7 @@ def check_float(**tensors: Tensor) -> None:
 
 
 # backward -> whether an implementation trains through its closed-form
-# Function: only PyTorch's has one (the Triton reads have their own backward)
+# Function: only PyTorch's has one (the Triton kernels have their own backward)
 BACKWARDS = {'autograd': lambda implementation: False,
              'closed_form': lambda implementation: implementation == 'torch'}
 

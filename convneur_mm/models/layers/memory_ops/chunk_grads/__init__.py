@@ -2,7 +2,7 @@
 ``chunk_grads(weights, keys, values, token_lr, operand_dtype)`` in PyTorch
 (``chunk_grads_torch``; for training ``chunk_grads_closed_form``, the same
 forward with a hand-derived backward), Triton (``chunk_grads_triton``,
-forward only) and by autograd (``chunk_grads_naive``, the reference)."""
+with backward kernels) and by autograd (``chunk_grads_naive``, the reference)."""
 from typing import Optional
 
 import torch

@@ -1,5 +1,6 @@
-"""Every chunk's write gradient as two Triton kernels (forward only), a
-custom operator ``torch.ops.convneur_mm.memory_chunk_grads``."""
+"""Every chunk's write gradient as two Triton kernels, a custom operator
+``torch.ops.convneur_mm.memory_chunk_grads`` whose backward is two more
+(``torch.ops.convneur_mm.memory_chunk_grads_backward``)."""
 from typing import Optional, Tuple
 
 import torch
@@ -14,8 +15,9 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
                        operand_dtype: Optional[torch.dtype] = None, *,
                        block_rows: Optional[int] = None,
                        block_hidden: Optional[int] = None) -> MemoryWeights:
-    """``chunk_grads_torch`` as two kernels (forward only, for inference: no
-    autograd graph is recorded).
+    """``chunk_grads_torch`` as two kernels. Differentiable: its backward
+    kernels recompute the chain (nothing but the inputs is saved; no double
+    backward), as ``chunk_grads_closed_form`` derives it.
 
     Pass 1 runs per block of a chunk's rows: the MLP at the shared weights, its
     LayerNorm and the closed-form LayerNorm backward in registers, writing
@@ -109,15 +111,109 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
 
 
+def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
+                          token_lr: Tensor, bar_w1: Tensor, bar_w2: Tensor, bar_g: Tensor,
+                          operand_dtype: torch.dtype, block_rows: Optional[int],
+                          block_hidden: Optional[int]
+                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of (w1, w2, g, keys, values, token_lr) from the
+    cotangents of the three outputs (checked arguments; keys' gradient
+    in keys' shape, contiguous)."""
+    check_runnable(keys, operand_dtype)
+    per_image_chunks = keys.dim() == 5
+    groups, chunks, per_image, length, d = _sizes(keys)
+
+    def strides(t: Tensor) -> Tuple[int, ...]:
+        return t.stride() if per_image_chunks else (t.stride(0), 0, *t.stride()[1:])
+    hidden = w1.shape[-1]
+    opts = dict(device=keys.device, dtype=torch.float32)
+    grad_keys, grad_values = torch.empty(keys.shape, **opts), torch.empty(values.shape, **opts)
+    grad_lr = torch.empty(token_lr.shape, **opts)
+    if groups * chunks == 0 or length == 0 or hidden == 0 or d == 0:
+        zeros = lambda t: torch.zeros(t.shape, **opts)  # noqa: E731
+        return (zeros(w1), zeros(w2), zeros(g), grad_keys.zero_(), grad_values.zero_(),
+                grad_lr.zero_())
+    for name, t in (('keys', keys), ('values', values)):
+        check_span(name, length, t)
+    check_span('token_lr', length, token_lr, row_dim=-1)
+    check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
+    arch = target_arch(keys.device)
+    tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch,
+                        write_backward=True)
+    kernels, cfg = launch_config(operand_dtype, keys.device)
+    cfg.pop('BASE_PREC')
+    w1_op, w2_op = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
+    bar_w1, bar_w2, bar_g = (t.float() for t in (bar_w1, bar_w2, bar_g))
+    row_blocks = cdiv(length, tiles['BM'])
+    # the weights' pass multiplies them in operand_dtype: stored so, read as is
+    d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
+    bar_hidden = torch.empty_like(d_hidden)
+    grad_scale = torch.empty(groups * chunks, row_blocks, d, **opts)
+    kernels.grads_backward_rows_kernel[(groups * chunks * row_blocks,)](
+        keys, values, token_lr, w1_op, w2_op, g, bar_w1, bar_w2, bar_g,
+        grad_keys, grad_values, grad_lr, grad_scale, d_hidden, bar_hidden,
+        chunks, per_image, length, d, hidden, row_blocks,
+        *strides(keys), *strides(values), *strides(token_lr),
+        *w1_op.stride(), *w2_op.stride(), *g.stride(),
+        *bar_w1.stride(), *bar_w2.stride(), *bar_g.stride(),
+        LN_EPS, **tiles, **cfg)
+    cols = tile_config(d, length, block_rows, block_hidden, operand_dtype, columns=True,
+                       arch=arch, write_backward=True)
+    hidden_blocks = cdiv(hidden, cols['BH'])
+    # per-chunk shares, summed in a fixed order: deterministic
+    grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
+    grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
+    kernels.grads_backward_cols_kernel[(groups * chunks * hidden_blocks,)](
+        keys, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,
+        chunks, per_image, length, d, hidden, hidden_blocks,
+        *strides(keys), *w1_op.stride(), *w2_op.stride(), *bar_w1.stride(),
+        *bar_w2.stride(), **cols, **cfg)
+    return (grad_w1.sum(dim=1), grad_w2.sum(dim=1),
+            grad_scale.view(groups, -1, d).sum(dim=1), grad_keys, grad_values, grad_lr)
+
+
 _chunk_grads_op = torch.library.custom_op('convneur_mm::memory_chunk_grads', _chunk_grads,
                                           mutates_args=())
+_chunk_grads_backward_op = torch.library.custom_op('convneur_mm::memory_chunk_grads_backward',
+                                                   _chunk_grads_backward, mutates_args=())
 
 
 @_chunk_grads_op.register_fake
 def _chunk_grads_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                       token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
                       block_hidden: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(keys.new_empty(shape) for shape in _output_shapes(w1, keys))
+
+
+@_chunk_grads_backward_op.register_fake
+def _chunk_grads_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
+                               token_lr: Tensor, bar_w1: Tensor, bar_w2: Tensor, bar_g: Tensor,
+                               operand_dtype: torch.dtype, block_rows: Optional[int],
+                               block_hidden: Optional[int]
+                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(keys.new_empty(t.shape) for t in (w1, w2, g, keys, values, token_lr))
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs[:6])
+    ctx.options = inputs[6:]
+
+
+def _backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
+              bar_g: Optional[Tensor]) -> tuple:
+    w1, w2, g, keys, values, token_lr = ctx.saved_tensors
+    # an unused output's cotangent may come as None: its zeros
+    bars = [torch.zeros(shape, device=keys.device) if bar is None else bar
+            for bar, shape in zip((bar_w1, bar_w2, bar_g), _output_shapes(w1, keys))]
+    grads = _chunk_grads_backward_op(w1, w2, g, keys, values, token_lr, *bars, *ctx.options)
+    return (*grads, None, None, None)
+
+
+def _output_shapes(w1: Tensor, keys: Tensor) -> Tuple[Tuple[int, ...], ...]:
+    """The three outputs' shapes."""
     groups, chunks, _, _, d = _sizes(keys)
     hidden = w1.shape[-1]
-    return (keys.new_empty(groups, chunks, d, hidden), keys.new_empty(groups, chunks, hidden, d),
-            keys.new_empty(groups, chunks, d))
+    return (groups, chunks, d, hidden), (groups, chunks, hidden, d), (groups, chunks, d)
+
+
+_chunk_grads_op.register_autograd(_backward, setup_context=_setup_context)

@@ -49,7 +49,7 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
                      ('states.w2', w2, ('H', 'B', 'C', 'h', 'd')),
                      ('states.g', g, ('H', 'B', 'C', 'd'))] +
                     check_decomposed(base, carry, 'H', ('H', 'B', 'C')), operand_dtype,
-                    (block_rows, block_hidden), differentiable=True)
+                    (block_rows, block_hidden))
     n, chunks = queries.shape[2], w1.shape[2]
     if chunk_size < 1:
         raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')

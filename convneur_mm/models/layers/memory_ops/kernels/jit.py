@@ -466,3 +466,222 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
     tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
     tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
              mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _times_w2(a, w_ptr, s_k, s_d, cols, cmask, hid, HID, DTYPE: tl.constexpr,
+              PREC: tl.constexpr):
+    """a @ w[hid, :], (BM, BH) float32 -> (BM, BD): a hidden block's share of
+    a product with a (HID, D) matrix."""
+    mask = (hid < HID)[:, None] & cmask[None, :]
+    w = tl.load(w_ptr + hid[:, None] * s_k + cols[None, :] * s_d, mask=mask, other=0.0)
+    return tl.dot(a.to(DTYPE), w.to(DTYPE), input_precision=PREC)
+
+
+@triton.jit
+def _gelu_second(x):
+    # gelu''(x) = phi(x) (2 - x^2)
+    return tl.exp(-0.5 * x * x) * INV_SQRT_2PI * (2.0 - x * x)
+
+
+@triton.jit
+def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
+                               bw1_ptr, bw2_ptr, bg_ptr,
+                               gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr,
+                               C, U, L, D, HID, row_blocks,
+                               sk_g, sk_b, sk_c, sk_l, sk_d,
+                               sv_g, sv_b, sv_c, sv_l, sv_d,
+                               slr_g, slr_b, slr_c, slr_l,
+                               s1_g, s1_d, s1_k,
+                               s2_g, s2_k, s2_d,
+                               sg_g, sg_d,
+                               sb1_g, sb1_c, sb1_d, sb1_k,
+                               sb2_g, sb2_c, sb2_k, sb2_d,
+                               sbg_g, sbg_c, sbg_d,
+                               eps,
+                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                               DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """The chunk gradients' backward, per block of BM rows of a chunk: from
+    the cotangents bW1, bW2, bg of the chunk's outputs (K^T Dp, A^T Dh,
+    sum D N; notation of ``chunk_grads.closed_form``) it recomputes the chain
+    (nothing was saved) and writes the gradients of the keys (``gk``), values
+    (``gv``) and step sizes (``glr``) in the inputs' (G, C, L, ...) order,
+    this block's share of g's gradient (``gs``, (G * C, row_blocks, D)), and
+    for the weights' pass Dh (``dh``) and the gradient at the MLP's output
+    (``bh``), both (G, C, L, D) in DTYPE. Three walks over the hidden blocks:
+    the forward (H), the cotangent at Dh, the cotangent at P."""
+    pid = tl.program_id(0)
+    rb = pid % row_blocks
+    chunk = pid // row_blocks
+    c = (chunk % C).to(tl.int64)
+    gi = (chunk // C).to(tl.int64)
+    bi, ci = c // U, c % U
+
+    rows = rb * BM + tl.arange(0, BM)
+    rmask = rows < L
+    cols = tl.arange(0, BD)
+    hcols = tl.arange(0, BH)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    tile = rows[:, None] * D + cols[None, :]
+    out_rows = chunk.to(tl.int64) * L * D
+
+    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
+                (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
+                (rows[:, None] * sv_l + cols[None, :] * sv_d), mask=mask, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
+                 other=0.0).to(tl.float32)
+    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+    bar_g = tl.load(bg_ptr + gi * sbg_g + c * sbg_c + cols * sbg_d, mask=cmask,
+                    other=0.0).to(tl.float32)
+    w1 = w1_ptr + gi * s1_g
+    w2 = w2_ptr + gi * s2_g
+    bw1 = bw1_ptr + gi * sb1_g + c * sb1_c
+    bw2 = bw2_ptr + gi * sb2_g + c * sb2_c
+
+    # the forward chain, as grads_rows_kernel computes it
+    y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
+                  BH, DTYPE, PREC, False, PREC)
+    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+    coef = lr * (2.0 / D)
+    resid = tl.where(mask, k + normed * scale[None, :] - v, 0.0)
+    d_out = resid * coef[:, None]
+    d_normed = d_out * scale[None, :]
+    ln_y = tl.sum(d_normed * normed, axis=1) / D
+    d_hidden = rstd[:, None] * (d_normed - (tl.sum(d_normed, axis=1) / D)[:, None] -
+                                normed * ln_y[:, None])
+    d_hidden = tl.where(mask, d_hidden, 0.0)
+    dho = d_hidden.to(DTYPE)
+    tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
+
+    # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
+    ko = k.to(DTYPE)
+    gk = tl.zeros((BM, BD), dtype=tl.float32)
+    bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                         PREC, False, PREC)
+        grad = _gelu_grad(pre)
+        back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                          DTYPE, PREC, False, PREC)
+        bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                            DTYPE, PREC, False, PREC)
+        gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                         DTYPE, PREC, False, PREC)
+        bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
+        bar_dh += _times_w2(_gelu(pre), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
+
+    # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
+    # R = K + N s - V, the output sum D N; LNback is its own adjoint
+    ln_bar = tl.sum(bar_dh * normed, axis=1) / D
+    bar_dn = rstd[:, None] * (bar_dh - (tl.sum(bar_dh, axis=1) / D)[:, None] -
+                              normed * ln_bar[:, None])
+    bar_scale = bar_dn * d_out
+    bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
+    bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
+    bar_normed += bar_g[None, :] * d_out
+    rstd_term = rstd * tl.sum(bar_dh * d_hidden, axis=1) / D
+    bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
+    bar_lr = tl.sum(bar_d * resid, axis=1) * (2.0 / D)
+    bar_normed += bar_resid * scale[None, :]
+    bar_scale += bar_resid * normed
+    gk += bar_resid
+    ln_n = tl.sum(bar_normed * normed, axis=1) / D
+    bar_h = rstd[:, None] * (bar_normed - (tl.sum(bar_normed, axis=1) / D)[:, None] -
+                             normed * ln_n[:, None]) - rstd_term[:, None] * normed
+    bar_h = tl.where(mask, bar_h, 0.0)
+    bho = bar_h.to(DTYPE)
+    tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
+    tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
+    tl.store(glr_ptr + chunk.to(tl.int64) * L + rows, bar_lr, mask=rmask)
+    tl.store(gs_ptr + pid.to(tl.int64) * D + cols, tl.sum(tl.where(mask, bar_scale, 0.0), axis=0),
+             mask=cmask)
+
+    # the cotangent at P: gelu'(P) (Dh bW2^T + bH w2^T) + gelu''(P) (Dh w2^T) (K bW1)
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                         PREC, False, PREC)
+        back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                          DTYPE, PREC, False, PREC)
+        bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                            DTYPE, PREC, False, PREC)
+        bar_act = _times_w2t(d_hidden, dho, bw2, sb2_k, sb2_d, bw2, 0, 0, 1.0, cols, cmask, hid,
+                             HID, DTYPE, PREC, False, PREC)
+        bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                              DTYPE, PREC, False, PREC)
+        bar_pre = _gelu_grad(pre) * bar_act + _gelu_second(pre) * back * bar_dp
+        gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                         PREC, False, PREC)
+    tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
+
+
+@triton.jit
+def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr,
+                               gw1_ptr, gw2_ptr,
+                               C, U, L, D, HID, hidden_blocks,
+                               sk_g, sk_b, sk_c, sk_l, sk_d,
+                               s1_g, s1_d, s1_k,
+                               s2_g, s2_k, s2_d,
+                               sb1_g, sb1_c, sb1_d, sb1_k,
+                               sb2_g, sb2_c, sb2_k, sb2_d,
+                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                               DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """The shared weights' gradients, per (chunk, block of BH hidden units
+    j): walks the chunk's rows, recomputes P_j, and writes the chunk's share
+    (summed over chunks by the caller, in a fixed order)
+
+        gw1[:, j] = K^T (gelu'(P_j) (Dh bW2[j]^T + bH w2[j]^T) + gelu''(P_j) B_j (K bW1[:, j]))
+        gw2[j] = (gelu'(P_j) (K bW1[:, j]))^T Dh + gelu(P_j)^T bH,   B_j = Dh w2[j]^T,
+
+    (G, C, D, HID) and (G, C, HID, D) float32."""
+    pid = tl.program_id(0)
+    j = pid % hidden_blocks
+    chunk = pid // hidden_blocks
+    c = (chunk % C).to(tl.int64)
+    gi = (chunk // C).to(tl.int64)
+    bi, ci = c // U, c % U
+
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    hid = j * BH + tl.arange(0, BH)
+    hmask = hid < HID
+    wmask = cmask[:, None] & hmask[None, :]
+    w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
+                 mask=wmask, other=0.0).to(DTYPE)
+    w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
+                  mask=wmask, other=0.0).to(DTYPE)
+    bw1 = tl.load(bw1_ptr + gi * sb1_g + c * sb1_c + (cols[:, None] * sb1_d + hid[None, :] * sb1_k),
+                  mask=wmask, other=0.0).to(DTYPE)
+    bw2t = tl.load(bw2_ptr + gi * sb2_g + c * sb2_c +
+                   (hid[None, :] * sb2_k + cols[:, None] * sb2_d), mask=wmask, other=0.0).to(DTYPE)
+
+    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
+    rows_base = chunk.to(tl.int64) * L * D
+    for r0 in range(0, L, BM):
+        rows = r0 + tl.arange(0, BM)
+        mask = (rows < L)[:, None] & cmask[None, :]
+        k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
+                    other=0.0).to(DTYPE)
+        tile = rows[:, None] * D + cols[None, :]
+        dh = tl.load(dh_ptr + rows_base + tile, mask=mask, other=0.0)
+        bh = tl.load(bh_ptr + rows_base + tile, mask=mask, other=0.0)
+        pre = tl.dot(k, w1, input_precision=PREC)
+        grad = _gelu_grad(pre)
+        back = tl.dot(dh, w2t, input_precision=PREC)
+        bar_dp = tl.dot(k, bw1, input_precision=PREC)
+        bar_act = tl.dot(dh, bw2t, input_precision=PREC)
+        bar_act = tl.dot(bh, w2t, acc=bar_act, input_precision=PREC)
+        bar_pre = grad * bar_act + _gelu_second(pre) * back * bar_dp
+        acc1 = tl.dot(tl.trans(k), bar_pre.to(DTYPE), acc=acc1, input_precision=PREC)
+        acc2 = tl.dot(tl.trans((grad * bar_dp).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
+        acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), bh, acc=acc2, input_precision=PREC)
+
+    out = chunk.to(tl.int64) * D * HID
+    tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
+    tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
+             mask=hmask[:, None] & cmask[None, :])

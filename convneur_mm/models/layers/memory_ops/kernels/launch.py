@@ -1,7 +1,8 @@
 """What the Triton implementations share: argument checks, tiles, launches.
 
-The reads have backward kernels (``launch_read_backward``); the chunk
-gradients' kernels are forward-only (inference). Inputs are float32 (the
+Every kernel has backward kernels (``launch_read_backward`` and the chunk
+gradients' own), which recompute what the forward computed instead of
+saving it. Inputs are float32 (the
 memory's states and features stay float32); ``operand_dtype`` is the dtype of
 the products' operands, with float32 accumulation (float32 operands multiply
 in IEEE float32, not TF32).
@@ -74,7 +75,8 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int]) -> None:
 
 def tile_config(d: int, rows: int, block_rows: Optional[int], block_hidden: Optional[int],
                 operand_dtype: torch.dtype, decomposed: bool = False,
-                columns: bool = False, arch: Optional[int] = None) -> dict:
+                columns: bool = False, arch: Optional[int] = None,
+                write_backward: bool = False) -> dict:
     """Tile sizes and launch options of a kernel.
 
     The defaults are the largest tiles whose float32 accumulators compile
@@ -94,11 +96,16 @@ def tile_config(d: int, rows: int, block_rows: Optional[int], block_hidden: Opti
         decomposed: a decomposed read.
         columns: the gradients' second pass (per block of hidden units).
         arch: the NVIDIA compute capability compiled for (``target_arch``), or None.
+        write_backward: the chunk gradients' backward kernels.
     """
     bd = max(16, _next_pow2(d))
     check_tiles(block_rows, block_hidden)
     warps = 4 if bd <= 128 else 8
-    if operand_dtype == torch.float32 or decomposed:
+    if write_backward and operand_dtype != torch.float32:
+        # its rows pass holds about ten (rows, d) float32 tiles: 16 rows compile
+        # without spills at C_m 80-128 for sm_80 and sm_90 (64 spill 670 B)
+        bm, bh, warps = 16, 32, (4 if columns and bd <= 128 else 8)
+    elif operand_dtype == torch.float32 or decomposed:
         bm, bh = 16, 16
     elif bd <= 128 and columns:
         # two accumulators: 4 warps fit 80 KiB of shared memory on sm_90
@@ -129,17 +136,14 @@ def as_operands(t: Tensor, operand_dtype: torch.dtype) -> Tensor:
 
 def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
                     operand_dtype: torch.dtype,
-                    tiles: Tuple[Optional[int], Optional[int]],
-                    differentiable: bool = False) -> None:
+                    tiles: Tuple[Optional[int], Optional[int]]) -> None:
     """Tile sizes, shapes (named sizes must agree wherever they appear),
-    float32, one device, and no autograd unless the operation has a
-    backward: each failure an error naming the argument.
+    float32 and one device: each failure an error naming the argument.
 
     Args:
         tensors: (name, tensor, the names of its sizes) of each argument.
         operand_dtype: the products' operand dtype.
         tiles: the caller's (block_rows, block_hidden).
-        differentiable: the operation has Triton backward kernels (the reads).
     """
     check_tiles(*tiles)
     sizes = {}
@@ -161,11 +165,6 @@ def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
             raise ValueError(f'{name} is on {t.device}, {tensors[0][0]} on {first.device}')
     if operand_dtype not in OPERAND_DTYPES:
         raise ValueError(f'operand_dtype must be one of {OPERAND_DTYPES}, got {operand_dtype}')
-    if (not differentiable and torch.is_grad_enabled() and
-            any(t.requires_grad for _, t, _ in tensors)):
-        raise RuntimeError('the chunk gradients\' kernels are forward-only (no autograd): call '
-                           'them under torch.no_grad(), or use the PyTorch implementations for '
-                           'training')
 
 
 def check_decomposed(base: Optional[MemoryWeights], carry: Optional[Tensor], heads_dim: str,

@@ -46,7 +46,7 @@ def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch
     check_arguments([('x', x, ('G', 'M', 'd')), ('weights.w1', w1, ('G', 'd', 'h')),
                      ('weights.w2', w2, ('G', 'h', 'd')), ('weights.g', g, ('G', 'd'))] +
                     check_decomposed(base, carry, 'H', ('G',)), operand_dtype,
-                    (block_rows, block_hidden), differentiable=True)
+                    (block_rows, block_hidden))
     groups, m, d = x.shape
     heads = 1 if base is None else base.w1.shape[0]
     if groups % heads:

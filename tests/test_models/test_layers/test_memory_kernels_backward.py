@@ -1,10 +1,11 @@
-"""The reads' Triton backward kernels (``read_triton`` and
-``chunk_read_triton`` under autograd) against float64 autograd through
-``read_torch``, in Triton's interpreter (one subprocess, as in
+"""The Triton backward kernels (``chunk_grads_triton``, ``read_triton`` and
+``chunk_read_triton`` under autograd) against float64 autograd through the
+PyTorch implementations (the double backward of the inner gradient
+included), in Triton's interpreter (one subprocess, as in
 ``test_memory_kernels``, whose tolerances these are: 1e-5 of the largest
 gradient entry with float32 operands, 1e-2 with float16 ones); a memory that
-trains with ``kernels='triton'`` against the PyTorch path; and the operators'
-autograd under ``torch.library.opcheck``."""
+trains with ``kernels='triton'`` against the PyTorch path; and what the
+kernels save for the backward."""
 import json
 import sys
 from typing import Dict, List
@@ -12,10 +13,12 @@ from typing import Dict, List
 import pytest
 import torch
 
-from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_read_torch,
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_torch,
+                                                  chunk_grads_triton, chunk_read_torch,
                                                   chunk_read_triton, read_torch, read_triton)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
-from .test_memory_kernels import F16_TOL, F32_TOL, _rel_err, _run_interpreted, _weights
+from .test_memory_kernels import (F16_TOL, F32_TOL, _rel_err, _run_interpreted, _weights,
+                                  _write_inputs)
 
 DTYPES = {'f32': torch.float32, 'f16': torch.float16}
 
@@ -86,6 +89,41 @@ def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool)
                 queries_grad_merged=got[-1].grad.permute(1, 2, 0, 3).is_contiguous())
 
 
+def _chunk_grads_case(inputs: List[torch.Tensor], dtype: torch.dtype, tiles: dict,
+                      seed: int = 1) -> dict:
+    """The chunk gradients of (w1, w2, g, keys, values, token_lr), their
+    outputs' cotangents random: every input's gradient against float64
+    autograd through ``chunk_grads_torch`` (a double backward)."""
+    gen = torch.Generator().manual_seed(seed)
+    got, exact = _leaves(inputs), _leaves([t.double() for t in inputs])
+    out = chunk_grads_triton(MemoryWeights(*got[:3]), *got[3:], dtype, **tiles)
+    cotangents = [torch.randn(t.shape, generator=gen) for t in out]
+    torch.autograd.backward(out, cotangents)
+    ref = chunk_grads_torch(MemoryWeights(*exact[:3]), *exact[3:])
+    torch.autograd.backward(ref, [t.double() for t in cotangents])
+    return dict(forward=max(_rel_err(a, b.detach()) for a, b in zip(out, ref)),
+                grads=_grad_errors(['w1', 'w2', 'g', 'keys', 'values', 'token_lr'], got, exact),
+                shapes=[list(t.grad.shape) for t in got[3:]])
+
+
+def _per_image_views(gen: torch.Generator) -> List[torch.Tensor]:
+    """Keys, values and step sizes as the projections' views of B images'
+    U written chunks, (G, B, U, L, d), and shared weights."""
+    groups, images, chunks, length, n, d = 2, 3, 2, 8, 21, 16
+    proj = torch.randn(images, n, groups, 2 * d, generator=gen)
+    written = proj[:, :chunks * length].permute(2, 0, 1, 3).unflatten(2, (chunks, length))
+    token_lr = torch.rand(images, n, groups, generator=gen)[:, :chunks * length].permute(
+        2, 0, 1).unflatten(2, (chunks, length))
+    return [*_weights(groups, d, gen), written[..., :d], written[..., d:], token_lr]
+
+
+# (groups, chunks, L, d, max_lr, tiles), as test_memory_kernels' write cases:
+# masked columns, a masked hidden block, a masked row block, a small step
+WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block_hidden=64)),
+               'd16_L8_default_blocks': (1, 2, 8, 16, 1.0, {}),
+               'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16))}
+
+
 def _module_case(dtype: str, max_lr: float) -> dict:
     """``NeuralMemory(kernels='triton')`` in training against ``'torch'``:
     the plan, the output and every parameter's and the input's gradient."""
@@ -109,7 +147,7 @@ def _module_case(dtype: str, max_lr: float) -> dict:
         out.backward(cotangent)
         outputs.append(out.detach())
         grads.append({name: p.grad for name, p in memory.named_parameters()} | {'x': xs.grad})
-        results.setdefault('plans', []).append([plan.implementation, plan.grads_implementation])
+        results.setdefault('plans', []).append(plan.implementation)
     results['forward'] = _rel_err(outputs[0], outputs[1].double())
     # the pooling's softmax runs over a chunk's tokens, so a per-feature bias
     # of its logits has a zero gradient: rounding noise, with no scale to compare
@@ -124,6 +162,12 @@ def backward_results() -> Dict[str, dict]:
     gen = torch.Generator().manual_seed(0)
     results = {}
     for tag, dtype in DTYPES.items():
+        for name, (groups, chunks, length, d, max_lr, tiles) in WRITE_CASES.items():
+            w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
+            results[f'chunk_grads_{tag}_{name}'] = _chunk_grads_case(
+                [*w, keys, values, token_lr], dtype, tiles)
+        results[f'chunk_grads_per_image_{tag}'] = _chunk_grads_case(_per_image_views(gen), dtype,
+                                                                    {})
         results[f'read_{tag}'] = _read_case(gen, dtype, decomposed=False)
         results[f'read_decomposed_{tag}'] = _read_case(gen, dtype, decomposed=True)
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
@@ -140,28 +184,39 @@ def backward_results() -> Dict[str, dict]:
 
 @pytest.fixture(scope='module')
 def interpreted():
-    return _run_interpreted('backward_results', 'test_memory_read_backward')
+    return _run_interpreted('backward_results', 'test_memory_kernels_backward')
 
 
-CASES = ['read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed']
+CASES = ['read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed', 'chunk_grads_per_image',
+         *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES)]
+
+
+def _case(results: dict, case: str, tag: str) -> dict:
+    return results[case.format(tag) if '{}' in case else f'{case}_{tag}']
 
 
 @pytest.mark.parametrize('case', CASES)
-def test_read_backward_kernels_float32_match_float64(interpreted, case):
-    result = interpreted[f'{case}_f32']
+def test_backward_kernels_float32_match_float64(interpreted, case):
+    result = _case(interpreted, case, 'f32')
     assert result['forward'] < F32_TOL
     assert max(result['grads'].values()) < F32_TOL, result['grads']
 
 
 @pytest.mark.parametrize('case', CASES)
-def test_read_backward_kernels_float16_operands(interpreted, case):
-    result = interpreted[f'{case}_f16']
+def test_backward_kernels_float16_operands(interpreted, case):
+    result = _case(interpreted, case, 'f16')
     assert max(result['grads'].values()) < F16_TOL, result['grads']
-    # the residual and the LayerNorm's backward stay float32: x's gradient
+    # the reads' residual and LayerNorm backward stay float32: x's gradient
     # and g's are far more accurate than the products' operands
     for name in ('x', 'queries', 'g'):
-        if name in result['grads'] and 'decomposed' not in case:
+        if name in result['grads'] and case in ('read', 'chunk_read'):
             assert result['grads'][name] < 1e-3, (name, result['grads'])
+
+
+def test_chunk_grads_backward_gives_the_inputs_shapes(interpreted):
+    # per-image views (G, B, U, L, d) get gradients of their own shape
+    assert interpreted['chunk_grads_per_image_f32']['shapes'] == [
+        [2, 3, 2, 8, 16], [2, 3, 2, 8, 16], [2, 3, 2, 8]]
 
 
 def test_chunk_read_backward_writes_the_queries_gradient_merged(interpreted):
@@ -178,10 +233,9 @@ def test_read_backward_past_4096_rows_sums_the_pseudo_chunks(interpreted):
 
 
 @pytest.mark.parametrize('case', ['module_f32', 'module_f16_decomposed'])
-def test_memory_trains_with_the_triton_reads(interpreted, case):
+def test_memory_trains_with_the_triton_kernels(interpreted, case):
     result = interpreted[case]
-    # the reads by Triton, the chunk gradients by PyTorch (forward-only kernels)
-    assert result['plans'] == [['triton', 'torch'], ['torch', 'torch']]
+    assert result['plans'] == ['triton', 'torch']
     tol = F32_TOL if case == 'module_f32' else 1e-3
     assert result['forward'] < tol
     assert len(result['grads']) > 15
@@ -192,28 +246,40 @@ def test_memory_trains_with_the_triton_reads(interpreted, case):
 def test_auto_trains_on_the_pytorch_path():
     memory = NeuralMemory(16, chunk_size=8, kernels='auto').train()
     plan = memory.plan(torch.randn(1, 20, 16))
-    assert (plan.implementation, plan.grads_implementation) == ('torch', 'torch')
-    assert 'trains on the PyTorch path' in plan.reason
+    assert plan.implementation == 'torch' and 'trains on the PyTorch path' in plan.reason
 
 
-def test_the_triton_read_saves_only_its_inputs():
-    """FlashAttention's way: no (tokens, 4d) intermediate is kept for the
-    backward, which recomputes them. On meta tensors the operators run their
-    fakes (M3's stage-1 shapes at batch 2)."""
-    heads, batch, chunks, length, d = 1, 2, 16, 196, 128
-    meta = dict(device='meta')
-    states = [torch.empty(heads, batch, chunks, *shape, **meta).requires_grad_()
-              for shape in ((d, 4 * d), (4 * d, d), (d, ))]
-    queries = torch.empty(batch, chunks * length, heads * d, **meta).requires_grad_()
-    inputs = states + [queries]
+def _saved_numel(fn, *inputs) -> int:
+    """The elements autograd saves for ``fn(*inputs)``'s backward."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = chunk_read_triton(MemoryWeights(*states),
-                                queries.view(batch, -1, heads, d).permute(2, 0, 1, 3), length,
-                                torch.bfloat16)
-    assert 0 < sum(t.numel() for t in saved) <= sum(t.numel() for t in inputs)
-    out.sum().backward()
-    assert [t.grad.shape for t in inputs] == [t.shape for t in inputs]
+        out = fn(*inputs)
+    torch.autograd.backward(out, [torch.ones_like(t) for t in out])
+    return sum(t.numel() for t in saved)
+
+
+def test_the_kernels_save_only_their_inputs():
+    """FlashAttention's way: no (tokens, 4d) intermediate is kept for the
+    backward, which recomputes them. On meta tensors the operators run their
+    fakes; M3's stage-1 shapes at batch 2 (16 chunks of 196 tokens each)."""
+    heads, batch, chunks, length, d = 1, 2, 16, 196, 128
+    meta = dict(device='meta')
+
+    def leaves(*shapes):
+        return [torch.empty(*shape, **meta).requires_grad_() for shape in shapes]
+
+    states = leaves(*((heads, batch, chunks, *shape) for shape in ((d, 4 * d), (4 * d, d), (d, ))))
+    queries = leaves((batch, chunks * length, heads * d))[0]
+    read = _saved_numel(lambda *t: [chunk_read_triton(
+        MemoryWeights(*t[:3]), t[3].view(batch, -1, heads, d).permute(2, 0, 1, 3), length,
+        torch.bfloat16)], *states, queries)
+    assert 0 < read <= sum(t.numel() for t in states + [queries])
+    rows = (heads, batch, chunks, length)
+    write = leaves((heads, d, 4 * d), (heads, 4 * d, d), (heads, d), (*rows, d), (*rows, d), rows)
+    grads = _saved_numel(lambda *t: chunk_grads_triton(MemoryWeights(*t[:3]), *t[3:],
+                                                       torch.bfloat16), *write)
+    assert 0 < grads <= sum(t.numel() for t in write)
+    assert [t.grad.shape for t in write] == [t.shape for t in write]
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
