@@ -17,18 +17,18 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_grads_triton, chunk_read_torch,
                                                   chunk_read_triton, read_torch, read_triton)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
-from .test_memory_kernels import (F16_TOL, F32_TOL, _rel_err, _run_interpreted, _weights,
-                                  _write_inputs)
+from .test_memory_kernels import (BF16_TOL, F16_TOL, F32_TOL, _rel_err, _run_interpreted,
+                                  _weights, _write_inputs)
 
 DTYPES = {'f32': torch.float32, 'f16': torch.float16}
 
 
-def _leaves(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
-    return [t.detach().clone().requires_grad_() for t in tensors]
+def _leaves(tensors: List[torch.Tensor], device: str = 'cpu') -> List[torch.Tensor]:
+    return [t.detach().to(device, copy=True).requires_grad_() for t in tensors]
 
 
 def _grad_errors(names: List[str], got: List[torch.Tensor], exact: List[torch.Tensor]) -> dict:
-    return {name: _rel_err(a.grad, b.grad) for name, a, b in zip(names, got, exact)}
+    return {name: _rel_err(a.grad.cpu(), b.grad) for name, a, b in zip(names, got, exact)}
 
 
 def _read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool, m: int = 40,
@@ -90,18 +90,18 @@ def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool)
 
 
 def _chunk_grads_case(inputs: List[torch.Tensor], dtype: torch.dtype, tiles: dict,
-                      seed: int = 1) -> dict:
+                      seed: int = 1, device: str = 'cpu') -> dict:
     """The chunk gradients of (w1, w2, g, keys, values, token_lr), their
     outputs' cotangents random: every input's gradient against float64
     autograd through ``chunk_grads_torch`` (a double backward)."""
     gen = torch.Generator().manual_seed(seed)
-    got, exact = _leaves(inputs), _leaves([t.double() for t in inputs])
+    got, exact = _leaves(inputs, device), _leaves([t.double() for t in inputs])
     out = chunk_grads_triton(MemoryWeights(*got[:3]), *got[3:], dtype, **tiles)
     cotangents = [torch.randn(t.shape, generator=gen) for t in out]
-    torch.autograd.backward(out, cotangents)
+    torch.autograd.backward(out, [t.to(device) for t in cotangents])
     ref = chunk_grads_torch(MemoryWeights(*exact[:3]), *exact[3:])
     torch.autograd.backward(ref, [t.double() for t in cotangents])
-    return dict(forward=max(_rel_err(a, b.detach()) for a, b in zip(out, ref)),
+    return dict(forward=max(_rel_err(a.cpu(), b.detach()) for a, b in zip(out, ref)),
                 grads=_grad_errors(['w1', 'w2', 'g', 'keys', 'values', 'token_lr'], got, exact),
                 shapes=[list(t.grad.shape) for t in got[3:]])
 
@@ -280,6 +280,42 @@ def test_the_kernels_save_only_their_inputs():
                                                        torch.bfloat16), *write)
     assert 0 < grads <= sum(t.numel() for t in write)
     assert [t.grad.shape for t in write] == [t.shape for t in write]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('d', [80, 128, 160])
+def test_backward_kernels_on_cuda_at_model_widths(d):
+    """The compiled backward kernels at M1..M4 widths, L = 196, every operand
+    dtype (bfloat16 only here: the interpreter cannot), against float64."""
+    tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
+    for dtype, tol in tolerances.items():
+        result = _chunk_grads_case([*w, keys, values, token_lr], dtype, {}, device='cuda')
+        assert max(result['grads'].values()) < tol, (dtype, result['grads'])
+
+
+@pytest.mark.gpu
+def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
+    """M3's memory width under bf16 autocast: ``kernels='triton'`` against
+    the PyTorch path, every gradient within bfloat16's tolerance."""
+    import copy
+    torch.manual_seed(0)
+    ref = NeuralMemory(128, chunk_size=196, kernels='torch').cuda().train()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = copy.deepcopy(ref)
+    fused.kernels = 'triton'
+    x = torch.randn(4, 784, 128, device='cuda')
+    grads = []
+    for memory in (fused, ref):
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            assert memory.plan(x).implementation == memory.kernels
+            memory(x).float().square().mean().backward()
+        grads.append({n: p.grad.double().cpu() for n, p in memory.named_parameters()
+                      if p.grad is not None and n != 'pool.to_logits.bias'})
+    for name, want in grads[1].items():
+        assert _rel_err(grads[0][name], want) < BF16_TOL, name
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
