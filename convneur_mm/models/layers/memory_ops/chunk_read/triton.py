@@ -1,14 +1,14 @@
 """The chunk read as one Triton kernel, a custom operator
 ``torch.ops.convneur_mm.memory_chunk_read`` whose backward is two more
 (``torch.ops.convneur_mm.memory_chunk_read_backward``)."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
-from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_decomposed,
-                              check_runnable, ReadGrads, decomposed_read_grads,
+from ..kernels.launch import (ReadGrads, call_kernel_op, cdiv, check_arguments,
+                              check_decomposed, check_runnable, decomposed_read_grads,
                               launch_read, launch_read_backward)
 
 
@@ -83,6 +83,7 @@ def _chunk_read_backward(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chu
                          ) -> ReadGrads:
     """The gradients of (w1, w2, g, queries, base_w1, base_w2, carry); the
     last three empty for a read that is not decomposed."""
+    check_runnable(queries, operand_dtype)
     heads, batch, n, d = queries.shape
     base = None if base_w1 is None else MemoryWeights(base_w1, base_w2, None)
     grad_queries = _merged_queries(queries)

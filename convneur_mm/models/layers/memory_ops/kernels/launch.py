@@ -1,11 +1,10 @@
 """What the Triton implementations share: argument checks, tiles, launches.
 
 Every kernel has backward kernels (``launch_read_backward`` and the chunk
-gradients' own), which recompute what the forward computed instead of
-saving it. Inputs are float32 (the
-memory's states and features stay float32); ``operand_dtype`` is the dtype of
-the products' operands, with float32 accumulation (float32 operands multiply
-in IEEE float32, not TF32).
+gradients' own), which recompute what the forward computed instead of saving
+it. Inputs are float32 (the memory's states and features stay float32);
+``operand_dtype`` is the dtype of the products' operands, with float32
+accumulation (float32 operands multiply in IEEE float32, not TF32).
 """
 import contextlib
 from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple

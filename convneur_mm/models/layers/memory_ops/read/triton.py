@@ -1,14 +1,14 @@
 """The memory's read ``f_W(x)`` as one Triton kernel, a custom operator
 ``torch.ops.convneur_mm.memory_read`` whose backward is two more
 (``torch.ops.convneur_mm.memory_read_backward``)."""
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
-from ..kernels.launch import (call_kernel_op, cdiv, check_arguments, check_decomposed,
-                              check_runnable, ReadGrads, decomposed_read_grads,
+from ..kernels.launch import (ReadGrads, call_kernel_op, cdiv, check_arguments,
+                              check_decomposed, check_runnable, decomposed_read_grads,
                               launch_read, launch_read_backward)
 
 # rows of one launch "chunk" when a read has no chunks of its own: bounds
@@ -91,6 +91,7 @@ def _read_backward(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Option
                    block_hidden: Optional[int]) -> ReadGrads:
     """The gradients of (w1, w2, g, x, base_w1, base_w2, carry); the last
     three empty for a read that is not decomposed."""
+    check_runnable(x, operand_dtype)
     groups, m, d = x.shape
     base = None if base_w1 is None else MemoryWeights(base_w1, base_w2, None)
     heads = 1 if base is None else base.w1.shape[0]
