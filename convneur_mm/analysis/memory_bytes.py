@@ -1,6 +1,7 @@
 """The memory's write and read in one training step, at a backbone's shapes:
 the bytes their ATen ops move and their time, autograd's backward against the
-closed-form one (``chunk_grads_closed_form``, ``read_closed_form``).
+closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
+bytes of the Triton kernels' operators (``TRITON``), forward and backward.
 
     python -m convneur_mm.analysis.memory_bytes [--arch m3] [--size 224] [--batch 128]
         [--time-batch 2] [--step-batch 2] [--rounds 5]
@@ -11,7 +12,11 @@ the shapes the stage's first global branch gives them with the default memory
 settings (no decomposed read); everything else of the branch (projections,
 scan, gates) is left out, its states and queries are inputs. Bytes are counted on meta
 tensors with ``AtenOpCounter`` (each kernel's tensor arguments and results,
-each read or written once), so a training-sized batch counts in seconds.
+each read or written once), so a training-sized batch counts in seconds. On
+meta tensors the Triton operators run their fakes: each counts as its
+arguments and results, and the scratch its kernels write and read again
+(the (T, d) tensors between two passes, per-chunk shares before their sum)
+is not counted.
 ``--step-batch`` also times whole training steps of the backbone, both
 backward passes in turns (``time_backbone_steps``).
 """
@@ -22,10 +27,15 @@ import torch
 
 from convneur_mm.analysis.bench_env import median, time_in_turns
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
-                                                  chunk_grads_torch, read_closed_form, read_torch)
+                                                  chunk_grads_torch, chunk_grads_triton,
+                                                  read_closed_form, read_torch, read_triton)
 from convneur_mm.testing.dispatch_probes import AtenOpCounter
 
-PATHS = ('autograd', 'closed form')
+PATHS = ('autograd', 'closed form')  # the PyTorch path's, counted and timed
+TRITON = 'Triton kernels (operators)'  # counted only: a CPU runs them in the interpreter
+_FUNCTIONS = {'autograd': (chunk_grads_torch, read_torch),
+              'closed form': (chunk_grads_closed_form, read_closed_form),
+              TRITON: (chunk_grads_triton, read_triton)}
 
 
 class MemoryShape(NamedTuple):
@@ -53,7 +63,7 @@ def backbone_shapes(arch: str = 'm3', size: int = 224, batch: int = 128) -> List
             for stage in range(len(settings['dims']))]
 
 
-def write_read_step(shape: MemoryShape, closed_form: bool,
+def write_read_step(shape: MemoryShape, path: str,
                     operand_dtype: Optional[torch.dtype] = None, dtype=torch.float32,
                     device='cpu', seed: int = 0) -> Callable[[], None]:
     """One training step of the stage's write and read: their forward and the
@@ -62,7 +72,7 @@ def write_read_step(shape: MemoryShape, closed_form: bool,
 
     Args:
         shape: the stage's memory (``backbone_shapes``).
-        closed_form: the closed-form backward, or autograd through today's ops.
+        path: one of ``PATHS`` or ``TRITON``.
         operand_dtype: the products' operand dtype (``product``).
         dtype: the inputs' dtype.
         device: where the tensors live ('meta' for a count without data).
@@ -85,8 +95,7 @@ def write_read_step(shape: MemoryShape, closed_form: bool,
                              leaf(groups, 4 * hd, hd, scale=(4 * hd)**-0.5),
                              leaf(groups, hd, scale=0.1))
 
-    grads_fn = chunk_grads_closed_form if closed_form else chunk_grads_torch
-    read_fn = read_closed_form if closed_form else read_torch
+    grads_fn, read_fn = _FUNCTIONS[path]
     chunks = shape.batch * shape.writes
     if chunks:  # the chunks' gradients at W_0; chunk t reads state t (one group each)
         write = (weights(h), leaf(h, chunks, L, hd), leaf(h, chunks, L, hd),
@@ -149,9 +158,10 @@ def count_step_bytes(shapes: List[MemoryShape], operand_dtype: Optional[torch.dt
     counts: Dict[str, List[int]] = {path: [] for path in PATHS}
     if operand_dtype is not None:
         counts[CUDA_PRODUCTS] = []
+    counts[TRITON] = []
     for shape in shapes:
-        for path in PATHS:
-            step = write_read_step(shape, path == 'closed form', operand_dtype, device='meta')
+        for path in PATHS + (TRITON, ):
+            step = write_read_step(shape, path, operand_dtype, device='meta')
             with _Counter() as counter:
                 step()
             counts[path].append(counter.total_bytes)
@@ -163,8 +173,7 @@ def count_step_bytes(shapes: List[MemoryShape], operand_dtype: Optional[torch.dt
 def time_steps(shape: MemoryShape, rounds: int, operand_dtype: Optional[torch.dtype] = None,
                device='cpu') -> Dict[str, List[float]]:
     """Seconds of float32 ``write_read_step`` calls per path, in turns."""
-    steps = {path: write_read_step(shape, path == 'closed form', operand_dtype, device=device)
-             for path in PATHS}
+    steps = {path: write_read_step(shape, path, operand_dtype, device=device) for path in PATHS}
     return time_in_turns(steps, rounds, device, warmup=1)
 
 

@@ -9,7 +9,8 @@ from typing import List, Optional
 import pytest
 import torch
 
-from convneur_mm.analysis.memory_bytes import CUDA_PRODUCTS, MemoryShape, count_step_bytes
+from convneur_mm.analysis.memory_bytes import (CUDA_PRODUCTS, TRITON, MemoryShape,
+                                               count_step_bytes)
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, read_closed_form, read_torch)
 
@@ -256,6 +257,8 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
               MemoryShape(batch=2, tokens=14 * 14, chunk=196, heads=1, head_dim=128)]
     counts = count_step_bytes(shapes)
     assert 0 < sum(counts['closed form']) < sum(counts['autograd'])
+    # the Triton operators' arguments and results: no (T, 4d) tensor among them
+    assert 0 < sum(counts[TRITON]) < sum(counts['closed form']) / 4
     # 16-bit operands: fewer only where the products write float32 (CUDA)
     counts = count_step_bytes(shapes, torch.bfloat16)
     assert 0 < sum(counts[CUDA_PRODUCTS]) < sum(counts['autograd'])
