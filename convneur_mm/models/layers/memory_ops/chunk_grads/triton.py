@@ -1,7 +1,7 @@
 """Every chunk's write gradient as two Triton kernels, a custom operator
 ``torch.ops.convneur_mm.memory_chunk_grads`` whose backward is two more
 (``torch.ops.convneur_mm.memory_chunk_grads_backward``)."""
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -65,31 +65,46 @@ def _sizes(keys: Tensor) -> Tuple[int, int, int, int, int]:
     return groups, keys.shape[1], keys.shape[1], length, d
 
 
+def _strides_of(keys: Tensor) -> Callable[[Tensor], Tuple[int, ...]]:
+    """(group, image, chunk, rows...) strides of tensors laid out as ``keys``;
+    one image of C chunks for 4-D keys."""
+    if keys.dim() == 5:
+        return lambda t: t.stride()
+    return lambda t: (t.stride(0), 0, *t.stride()[1:])
+
+
+def _check_spans(keys: Tensor, values: Tensor, token_lr: Tensor) -> None:
+    """``check_span`` of every (rows, d) tensor the kernels address."""
+    length, d = keys.shape[-2:]
+    check_span('keys', length, keys)
+    check_span('values', length, values)
+    check_span('token_lr', length, token_lr, row_dim=-1)
+    check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
+
+
+def _launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[object, dict]:
+    """``launch_config`` without the decomposed read's constexpr."""
+    kernels, cfg = launch_config(operand_dtype, device)
+    cfg.pop('BASE_PREC')
+    return kernels, cfg
+
+
 def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                  token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
                  block_hidden: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """The operator's implementation: allocate and launch (checked arguments)."""
     check_runnable(keys, operand_dtype)
-    per_image_chunks = keys.dim() == 5
     groups, chunks, per_image, length, d = _sizes(keys)
-
-    def strides(t: Tensor) -> Tuple[int, ...]:
-        """(group, image, chunk, rows...) strides; one image of C chunks for 4-D."""
-        return t.stride() if per_image_chunks else (t.stride(0), 0, *t.stride()[1:])
+    strides = _strides_of(keys)
     hidden = w1.shape[-1]
     opts = dict(device=keys.device, dtype=torch.float32)
-    g1 = torch.empty(groups, chunks, d, hidden, **opts)
-    g2 = torch.empty(groups, chunks, hidden, d, **opts)
+    g1, g2 = (torch.empty(shape, **opts) for shape in _output_shapes(w1, keys)[:2])
     if groups * chunks == 0 or length == 0 or hidden == 0 or d == 0:
         return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
-    check_span('keys', length, keys)
-    check_span('values', length, values)
-    check_span('token_lr', length, token_lr, row_dim=-1)
-    check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
+    _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
     tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch)
-    kernels, cfg = launch_config(operand_dtype, keys.device)
-    cfg.pop('BASE_PREC')
+    kernels, cfg = _launch_config(operand_dtype, keys.device)
     w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     row_blocks, hidden_blocks = cdiv(length, tiles['BM']), cdiv(hidden, tiles['BH'])
     # pass 2 multiplies it in operand_dtype: stored so, it is read as is
@@ -120,11 +135,8 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     cotangents of the three outputs (checked arguments; keys' gradient
     in keys' shape, contiguous)."""
     check_runnable(keys, operand_dtype)
-    per_image_chunks = keys.dim() == 5
     groups, chunks, per_image, length, d = _sizes(keys)
-
-    def strides(t: Tensor) -> Tuple[int, ...]:
-        return t.stride() if per_image_chunks else (t.stride(0), 0, *t.stride()[1:])
+    strides = _strides_of(keys)
     hidden = w1.shape[-1]
     opts = dict(device=keys.device, dtype=torch.float32)
     grad_keys, grad_values = torch.empty(keys.shape, **opts), torch.empty(values.shape, **opts)
@@ -133,15 +145,11 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
         zeros = lambda t: torch.zeros(t.shape, **opts)  # noqa: E731
         return (zeros(w1), zeros(w2), zeros(g), grad_keys.zero_(), grad_values.zero_(),
                 grad_lr.zero_())
-    for name, t in (('keys', keys), ('values', values)):
-        check_span(name, length, t)
-    check_span('token_lr', length, token_lr, row_dim=-1)
-    check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
+    _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
     tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch,
                         write_backward=True)
-    kernels, cfg = launch_config(operand_dtype, keys.device)
-    cfg.pop('BASE_PREC')
+    kernels, cfg = _launch_config(operand_dtype, keys.device)
     w1_op, w2_op = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     bar_w1, bar_w2, bar_g = (t.float() for t in (bar_w1, bar_w2, bar_g))
     row_blocks = cdiv(length, tiles['BM'])

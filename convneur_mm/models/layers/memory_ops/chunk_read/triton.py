@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
-from ..kernels.launch import (ReadGrads, call_kernel_op, cdiv, check_arguments,
-                              check_decomposed, check_runnable, decomposed_read_grads,
-                              launch_read, launch_read_backward)
+from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv,
+                              check_arguments, check_decomposed, check_runnable,
+                              empty_read_grads, launch_read, launch_read_backward)
 
 
 def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
@@ -91,9 +91,7 @@ def _chunk_read_backward(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chu
                                  grad_out.float().unflatten(-1, (heads, d)).permute(2, 0, 1, 3),
                                  grad_queries, chunk_size, operand_dtype, base, carry,
                                  block_rows, block_hidden)
-    base_grads = (tuple(queries.new_empty(0) for _ in range(3)) if base is None  # no aliases
-                  else decomposed_read_grads(grads, base, carry))
-    return (*grads, grad_queries, *base_grads)
+    return (*grads, grad_queries, *base_read_grads(grads, base, carry, queries))
 
 
 def _merged_queries(queries: Tensor) -> Tensor:
@@ -125,11 +123,7 @@ def _chunk_read_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor
                               grad_out: Tensor, operand_dtype: torch.dtype,
                               block_rows: Optional[int], block_hidden: Optional[int]
                               ) -> ReadGrads:
-    like = lambda t: queries.new_empty(0) if t is None else queries.new_empty(t.shape)  # noqa
-    shape = w1.shape[:3]
-    return (queries.new_empty(w1.shape), queries.new_empty(w2.shape),
-            queries.new_empty(*shape, g.shape[-1]), _merged_queries(queries), like(base_w1),
-            like(base_w2), like(carry))
+    return empty_read_grads(w1, w2, g, _merged_queries(queries), base_w1, base_w2, carry)
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:

@@ -146,6 +146,44 @@ def _layer_norm_rows(y, cmask, D, eps):
 
 
 @triton.jit
+def _ln_backward_rows(y, normed, rstd, D):
+    """LayerNorm's input gradient from the gradient ``y`` at its output N:
+    rstd (y - mean(y) - N mean(y N)) (``common.ln_backward``), and mean(y N)."""
+    mean_yn = tl.sum(y * normed, axis=1) / D
+    grad = rstd[:, None] * (y - (tl.sum(y, axis=1) / D)[:, None] - normed * mean_yn[:, None])
+    return grad, mean_yn
+
+
+@triton.jit
+def _output_rows(k, v, coef, normed, rstd, scale, mask, D):
+    """The write loss's chain after the MLP's output, as ``pytorch.output_rows``:
+    R = K + N s - V, D = R c, D s, mean(D s N) and Dh = LNback(D s), zero
+    outside ``mask``; ``coef`` c per row."""
+    resid = tl.where(mask, k + normed * scale[None, :] - v, 0.0)
+    d_out = resid * coef[:, None]
+    d_normed = d_out * scale[None, :]
+    d_hidden, ln_y = _ln_backward_rows(d_normed, normed, rstd, D)
+    return resid, d_out, d_normed, ln_y, tl.where(mask, d_hidden, 0.0)
+
+
+@triton.jit
+def _state_of(group, B, C):
+    """(c, h, b, c64) of a read's state ``group`` = (h * B + b) * C + c: the
+    chunk c as int32 (for row masks) and the int64 offsets' indices."""
+    c = group % C
+    hb = group // C
+    return c, (hb // B).to(tl.int64), (hb % B).to(tl.int64), c.to(tl.int64)
+
+
+@triton.jit
+def _chunk_of(chunk, C, U):
+    """(gi, c, bi, ci) of a write's ``chunk`` = gi * C + c, int64: chunk c of
+    group gi is chunk ci of image bi (U per image)."""
+    c = (chunk % C).to(tl.int64)
+    return (chunk // C).to(tl.int64), c, c // U, c % U
+
+
+@triton.jit
 def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr,
                 B, C, N, L, D, HID, row_blocks,
                 sx_h, sx_b, sx_n, sx_d,
@@ -168,11 +206,7 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
     pid = tl.program_id(0)
     rb = pid % row_blocks
     group = pid // row_blocks
-    c = group % C
-    hb = group // C
-    b = (hb % B).to(tl.int64)
-    h = (hb // B).to(tl.int64)
-    c64 = c.to(tl.int64)
+    c, h, b, c64 = _state_of(group, B, C)
 
     rows = rb * BM + tl.arange(0, BM)  # within the chunk
     rmask = (rows < L) & (c * L + rows < N)
@@ -224,9 +258,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     pid = tl.program_id(0)
     rb = pid % row_blocks
     chunk = pid // row_blocks
-    c = (chunk % C).to(tl.int64)
-    gi = (chunk // C).to(tl.int64)
-    bi, ci = c // U, c % U  # chunk c of the group: chunk ci of image bi
+    gi, c, bi, ci = _chunk_of(chunk, C, U)
 
     rows = rb * BM + tl.arange(0, BM)
     rmask = rows < L
@@ -248,12 +280,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                  other=0.0).to(tl.float32)
     scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
 
-    d_out = (k + normed * scale[None, :] - v) * lr[:, None]
-    d_normed = d_out * scale[None, :]
-    mean_d = tl.sum(d_normed, axis=1) / D
-    mean_dn = tl.sum(d_normed * normed, axis=1) / D
-    d_hidden = rstd[:, None] * (d_normed - mean_d[:, None] - normed * mean_dn[:, None])
-    d_hidden = tl.where(mask, d_hidden, 0.0)
+    _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
     tl.store(dh_ptr + chunk.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]),
              d_hidden.to(DTYPE), mask=mask)
     dg = tl.sum(tl.where(mask, d_out * normed, 0.0), axis=0) * loss_scale
@@ -278,9 +305,7 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
     pid = tl.program_id(0)
     j = pid % hidden_blocks
     chunk = pid // hidden_blocks
-    c = (chunk % C).to(tl.int64)
-    gi = (chunk // C).to(tl.int64)
-    bi, ci = c // U, c % U
+    gi, c, bi, ci = _chunk_of(chunk, C, U)
 
     cols = tl.arange(0, BD)
     cmask = cols < D
@@ -341,11 +366,7 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
     pid = tl.program_id(0)
     rb = pid % row_blocks
     group = pid // row_blocks
-    c = group % C
-    hb = group // C
-    b = (hb % B).to(tl.int64)
-    h = (hb // B).to(tl.int64)
-    c64 = c.to(tl.int64)
+    c, h, b, c64 = _state_of(group, B, C)
 
     rows = rb * BM + tl.arange(0, BM)
     rmask = (rows < L) & (c * L + rows < N)
@@ -374,10 +395,7 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
     tl.store(dg_ptr + pid.to(tl.int64) * D + cols, tl.sum(go * normed, axis=0), mask=cmask)
     scale = 1.0 + tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
                           other=0.0).to(tl.float32)
-    d_normed = go * scale[None, :]
-    mean_d = tl.sum(d_normed, axis=1) / D
-    mean_dn = tl.sum(d_normed * normed, axis=1) / D
-    dy = rstd[:, None] * (d_normed - mean_d[:, None] - normed * mean_dn[:, None])
+    dy, _ = _ln_backward_rows(go * scale[None, :], normed, rstd, D)
     dy = tl.where(mask, dy, 0.0)
     dyo = dy.to(DTYPE)
     tl.store(dy_ptr + group.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]), dyo,
@@ -418,11 +436,7 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
     pid = tl.program_id(0)
     j = pid % hidden_blocks
     group = pid // hidden_blocks
-    c = group % C
-    hb = group // C
-    b = (hb % B).to(tl.int64)
-    h = (hb // B).to(tl.int64)
-    c64 = c.to(tl.int64)
+    c, h, b, c64 = _state_of(group, B, C)
 
     cols = tl.arange(0, BD)
     cmask = cols < D
@@ -513,9 +527,7 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
     pid = tl.program_id(0)
     rb = pid % row_blocks
     chunk = pid // row_blocks
-    c = (chunk % C).to(tl.int64)
-    gi = (chunk // C).to(tl.int64)
-    bi, ci = c // U, c % U
+    gi, c, bi, ci = _chunk_of(chunk, C, U)
 
     rows = rb * BM + tl.arange(0, BM)
     rmask = rows < L
@@ -545,13 +557,8 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                   BH, DTYPE, PREC, False, PREC)
     normed, rstd = _layer_norm_rows(y, cmask, D, eps)
     coef = lr * (2.0 / D)
-    resid = tl.where(mask, k + normed * scale[None, :] - v, 0.0)
-    d_out = resid * coef[:, None]
-    d_normed = d_out * scale[None, :]
-    ln_y = tl.sum(d_normed * normed, axis=1) / D
-    d_hidden = rstd[:, None] * (d_normed - (tl.sum(d_normed, axis=1) / D)[:, None] -
-                                normed * ln_y[:, None])
-    d_hidden = tl.where(mask, d_hidden, 0.0)
+    resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
+                                                           D)
     dho = d_hidden.to(DTYPE)
     tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
 
@@ -575,9 +582,7 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
 
     # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
     # R = K + N s - V, the output sum D N; LNback is its own adjoint
-    ln_bar = tl.sum(bar_dh * normed, axis=1) / D
-    bar_dn = rstd[:, None] * (bar_dh - (tl.sum(bar_dh, axis=1) / D)[:, None] -
-                              normed * ln_bar[:, None])
+    bar_dn, ln_bar = _ln_backward_rows(bar_dh, normed, rstd, D)
     bar_scale = bar_dn * d_out
     bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
     bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
@@ -588,10 +593,8 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
     bar_normed += bar_resid * scale[None, :]
     bar_scale += bar_resid * normed
     gk += bar_resid
-    ln_n = tl.sum(bar_normed * normed, axis=1) / D
-    bar_h = rstd[:, None] * (bar_normed - (tl.sum(bar_normed, axis=1) / D)[:, None] -
-                             normed * ln_n[:, None]) - rstd_term[:, None] * normed
-    bar_h = tl.where(mask, bar_h, 0.0)
+    bar_h, _ = _ln_backward_rows(bar_normed, normed, rstd, D)
+    bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
     bho = bar_h.to(DTYPE)
     tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
     tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
@@ -640,9 +643,7 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
     pid = tl.program_id(0)
     j = pid % hidden_blocks
     chunk = pid // hidden_blocks
-    c = (chunk % C).to(tl.int64)
-    gi = (chunk // C).to(tl.int64)
-    bi, ci = c // U, c % U
+    gi, c, bi, ci = _chunk_of(chunk, C, U)
 
     cols = tl.arange(0, BD)
     cmask = cols < D

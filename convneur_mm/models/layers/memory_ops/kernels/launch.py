@@ -269,6 +269,31 @@ def launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[obj
     return kernels, dict(DTYPE=dtype, PREC='ieee', BASE_PREC='tf32x3' if tf32 else 'ieee')
 
 
+class _ReadOperands(NamedTuple):
+    """What the read kernels take of the states and of a decomposed read."""
+    w1: Tensor
+    w2: Tensor
+    g: Tensor
+    base_w1: Tensor
+    base_w2: Tensor
+    carry_strides: Tuple[int, ...]
+
+
+def _read_operands(weights: MemoryWeights, base: Optional[MemoryWeights],
+                   carry: Optional[Tensor], operand_dtype: torch.dtype) -> _ReadOperands:
+    """The read kernels' weights, and W_0 and a_t's strides (any pointers
+    and strides where the read is not decomposed: DECOMPOSED is a constexpr,
+    they are never read)."""
+    w1, w2, g = weights
+    if w1.shape[2] == 1 or 0 in w1.stride():
+        # W_0 (one state, or broadcast over images) is cast once; per-chunk states stay
+        # float32: a 16-bit copy of them all would add half their bytes to the peak
+        w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
+    if base is None:
+        return _ReadOperands(w1, w2, g, w1[:, 0, 0], w2[:, 0, 0], (0, 0, 0))
+    return _ReadOperands(w1, w2, g, base.w1, base.w2, carry.stride())
+
+
 def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
                 operand_dtype: torch.dtype, base: Optional[MemoryWeights],
                 carry: Optional[Tensor], block_rows: Optional[int],
@@ -276,11 +301,7 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
     """Launch the read kernel: x and out (H, B, N, d), weights (H, B, C, ...),
     base (H, ...) or None, carry (H, B, C) or None; token n reads chunk
     n // length. Returns ``out``."""
-    w1, w2, g = weights
-    if w1.shape[2] == 1 or 0 in w1.stride():
-        # W_0 (one state, or broadcast over images) is cast once; per-chunk states stay
-        # float32: a 16-bit copy of them all would add half their bytes to the peak
-        w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
+    w1, w2, g, b1, b2, c_strides = _read_operands(weights, base, carry, operand_dtype)
     heads, batch, n, d = x.shape
     chunks, hidden = w1.shape[2], w1.shape[-1]
     if out.numel() == 0:
@@ -292,10 +313,6 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
                         arch=target_arch(x.device))
     kernels, cfg = launch_config(operand_dtype, x.device)
     row_blocks = cdiv(length, tiles['BM'])
-    if decomposed:
-        b1, b2, c_strides = base.w1, base.w2, carry.stride()
-    else:  # unread (DECOMPOSED is a constexpr): any pointers and strides
-        b1, b2, c_strides = w1[:, 0, 0], w2[:, 0, 0], (0, 0, 0)
     kernels.read_kernel[(heads * batch * chunks * row_blocks,)](
         x, w1, w2, g, out, b1, b2, carry if decomposed else x,
         batch, chunks, n, length, d, hidden, row_blocks,
@@ -323,9 +340,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
         (H, B, C, 4d, d), (H, B, C, d) (with ``base``: those of dW_t, equal to
         those of the whole state).
     """
-    w1, w2, g = weights
-    if w1.shape[2] == 1 or 0 in w1.stride():
-        w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
+    w1, w2, g, b1, b2, c_strides = _read_operands(weights, base, carry, operand_dtype)
     heads, batch, n, d = x.shape
     chunks, hidden = w1.shape[2], w1.shape[-1]
     opts = dict(device=x.device, dtype=torch.float32)
@@ -343,10 +358,6 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
                         arch=arch)
     kernels, cfg = launch_config(operand_dtype, x.device)
     row_blocks = cdiv(length, tiles['BM'])
-    if decomposed:
-        b1, b2, c_strides = base.w1, base.w2, carry.stride()
-    else:  # unread (DECOMPOSED is a constexpr): any pointers and strides
-        b1, b2, c_strides = w1[:, 0, 0], w2[:, 0, 0], (0, 0, 0)
     states = heads * batch * chunks
     d_out = torch.empty(heads, batch, chunks, length, d, device=x.device, dtype=operand_dtype)
     d_g = torch.empty(states, row_blocks, d, **opts)
@@ -368,6 +379,27 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
         DECOMPOSED=decomposed, **cols, **cfg)
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
     return grads
+
+
+def base_read_grads(grads: MemoryWeights, base: Optional[MemoryWeights],
+                    carry: Optional[Tensor], like: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """A read operator's gradients of W_0 and a_t: ``decomposed_read_grads``,
+    or three empty tensors like ``like`` where the read is not decomposed
+    (three: an operator's outputs may not alias)."""
+    if base is None:
+        return tuple(like.new_empty(0) for _ in range(3))
+    return decomposed_read_grads(grads, base, carry)
+
+
+def empty_read_grads(w1: Tensor, w2: Tensor, g: Tensor, grad_inputs: Tensor,
+                     base_w1: Optional[Tensor], base_w2: Optional[Tensor],
+                     carry: Optional[Tensor]) -> ReadGrads:
+    """A read backward operator's results, empty, in their shapes (its fake),
+    ``grad_inputs`` the inputs' gradient as the operator lays it out."""
+    new = grad_inputs.new_empty
+    like = lambda t: new(0) if t is None else new(t.shape)  # noqa: E731
+    return (new(w1.shape), new(w2.shape), new(g.shape), grad_inputs, like(base_w1),
+            like(base_w2), like(carry))
 
 
 def decomposed_read_grads(grads: MemoryWeights, base: MemoryWeights, carry: Tensor

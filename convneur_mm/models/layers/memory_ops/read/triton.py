@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from ..common import MemoryWeights
-from ..kernels.launch import (ReadGrads, call_kernel_op, cdiv, check_arguments,
-                              check_decomposed, check_runnable, decomposed_read_grads,
-                              launch_read, launch_read_backward)
+from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv,
+                              check_arguments, check_decomposed, check_runnable,
+                              empty_read_grads, launch_read, launch_read_backward)
 
 # rows of one launch "chunk" when a read has no chunks of its own: bounds
 # the int32 offsets inside a tile
@@ -102,10 +102,8 @@ def _read_backward(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Option
         MemoryWeights(per_chunk(w1), per_chunk(w2), per_chunk(g)), split(x),
         split(grad_out.float()), split(grad_x), length, operand_dtype, base, carries,
         block_rows, block_hidden)
-    if base is None:  # three tensors: an operator's outputs may not alias
-        base_grads = tuple(x.new_empty(0) for _ in range(3))
-    else:
-        base_grads = decomposed_read_grads(grads, base, carries)
+    base_grads = base_read_grads(grads, base, carries, x)
+    if base is not None:  # a_t's gradient: each group's pseudo-chunks add up
         base_grads = (*base_grads[:2], base_grads[2].sum(dim=2).flatten())
     # the pseudo-chunks of a group share its weights: their gradients add up
     grads = grads.map(lambda t: t.sum(dim=2).flatten(0, 1))
@@ -129,9 +127,7 @@ def _read_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: O
                         base_w2: Optional[Tensor], carry: Optional[Tensor], grad_out: Tensor,
                         operand_dtype: torch.dtype, block_rows: Optional[int],
                         block_hidden: Optional[int]) -> ReadGrads:
-    like = lambda t: x.new_empty(0) if t is None else x.new_empty(t.shape)  # noqa: E731
-    return (x.new_empty(w1.shape), x.new_empty(w2.shape), x.new_empty(g.shape),
-            x.new_empty(x.shape), like(base_w1), like(base_w2), like(carry))
+    return empty_read_grads(w1, w2, g, x.new_empty(x.shape), base_w1, base_w2, carry)
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
