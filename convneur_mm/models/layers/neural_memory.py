@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .memory_ops import MemoryWeights, decay_carry, product, scan_states
+from .memory_ops import MemoryWeights, decay_carry, scan_states
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
+from .memory_ops.common import RMS_EPS
 from .memory_ops.kernels import unavailable_reason
+from .memory_ops.project import MAX_PROJECTION_WIDTH, ProjectionWeights, project
 from .memory_ops.read import read
 try:
     from torch.distributed.tensor import DTensor
@@ -44,7 +46,6 @@ from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, K
                                                 narrowed_parameters, widened)
 
 UPDATE_MODES = ('parallel', 'sequential')
-RMS_EPS = 1e-6
 # memory_cfg['matmul_dtype'] -> the products' operand dtype (None: float32)
 MATMUL_DTYPES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
                  'float16': torch.float16}
@@ -82,9 +83,11 @@ class MemoryPlan:
             scan is one block; the same maths.
         recompute: training saves only the input and recomputes the forward
             in the backward pass (``torch.utils.checkpoint``).
-        folded_projections: the projections as one product with the norms'
-            weights folded in (their layers are plain: ``plain_layers``);
-            otherwise each layer is called.
+        projections: how the projections compute: 'torch', one product
+            with the norms' weights folded in (``memory_ops.project``; their
+            layers are plain: ``plain_layers``); 'triton', that as one Triton
+            kernel (inference with ``kernels='triton'``); 'layers', each
+            layer called (a hook or FSDP must see it).
     """
     operand_dtype: Optional[torch.dtype]
     decomposed_read: bool
@@ -94,7 +97,7 @@ class MemoryPlan:
     images_per_slice: int
     shape_generic: bool
     recompute: bool
-    folded_projections: bool
+    projections: str
 
     @property
     def projection_dtype(self) -> Optional[torch.dtype]:
@@ -316,7 +319,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             images_per_slice=self._images_per_slice(x),
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
-            folded_projections=self._plain_projections())
+            projections=self._projections(implementation))
 
     def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
                         ) -> Tuple[str, str]:
@@ -381,6 +384,18 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             return b
         per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
+
+    def _projections(self, implementation: str) -> str:
+        """The plan's ``projections``: 'layers' unless the layers are plain;
+        'triton' in inference where ``kernels='triton'`` took the kernels
+        (the projection kernel has no backward, and no GPU has timed it for
+        'auto'), up to its widest row (``MAX_PROJECTION_WIDTH``); else 'torch'."""
+        if not self._plain_projections():
+            return 'layers'
+        if (implementation == 'triton' and self.kernels == 'triton' and
+                not torch.is_grad_enabled() and self.dim <= MAX_PROJECTION_WIDTH):
+            return 'triton'
+        return 'torch'
 
     def _plain_projections(self) -> bool:
         """The projection layers are this module's own plain layers
@@ -587,19 +602,26 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """Queries of every token of ``x`` (B, N, d); keys, values, token
         learning rates and gates of its first ``num_updates`` chunks.
 
-        With ``plan.folded_projections`` the two RMSNorms' weights are folded
-        into one product of every projection, computed at run time from the
-        unchanged parameters: the same maths in fewer kernels. Otherwise each
-        layer is called.
+        ``plan.projections`` says how: 'torch' folds the two RMSNorms'
+        weights into one product of every projection, computed at run time
+        from the unchanged parameters (the same maths in fewer kernels);
+        'triton' computes that in one kernel (inference); 'layers' calls each
+        layer.
 
         Args:
             x: (B, N, d) in the compute dtype.
             num_updates: the chunks that write.
-            plan: the call's plan (``folded_projections``, ``projection_dtype``).
+            plan: the call's plan (``projections``, ``projection_dtype``).
         """
-        if plan.folded_projections:
-            return self._project_folded(x, num_updates, plan.projection_dtype)
-        return self._project_layers(x, num_updates)
+        if plan.projections == 'layers':
+            return self._project_layers(x, num_updates)
+        out = project(x, self.projection_weights(x.dtype), num_updates, self.chunk_size,
+                      self.max_lr, plan.projection_dtype, implementation=plan.projections)
+        if num_updates == 0:
+            return MemoryProjections(out.queries)
+        return MemoryProjections(out.queries, out.keys, out.values, out.token_lr,
+                                 *self._gates(self._gate_logits(out.summary), x.shape[0],
+                                              num_updates))
 
     def _project_layers(self, x: Tensor, u: int) -> MemoryProjections:
         """``project`` by calling each layer (the reference of the folded one)."""
@@ -618,62 +640,25 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                            self.to_lr_modulation(summary)], dim=-1)
         return MemoryProjections(queries, keys, values, token_lr, *self._gates(gates, b, u))
 
-    def _project_folded(self, x: Tensor, u: int,
-                        operand_dtype: Optional[torch.dtype] = None) -> MemoryProjections:
-        """``project`` as one product of x / rms(x) by every projection's
-        weight (the norms' weights folded in), one RMSNorm of queries and
-        keys together, and one product for the three gates."""
-        b, n, d = x.shape
-        h, hd, L = self.heads, self.head_dim, self.chunk_size
+    def projection_weights(self, dtype: torch.dtype) -> ProjectionWeights:
+        """The projection layers' parameters for ``memory_ops.project``, in
+        ``dtype`` (FSDP's mixed precision may hand 16-bit ones)."""
+        def w(t: Tensor) -> Tensor:
+            return t if t.dtype == dtype else t.to(dtype)
 
-        def w(t: Tensor) -> Tensor:  # FSDP's mixed precision may hand 16-bit weights
-            return t if t.dtype == x.dtype else t.to(x.dtype)
+        return ProjectionWeights(*(w(t) for t in (
+            self.retrieve_norm.weight, self.store_norm.weight, self.to_queries.weight,
+            self.to_keys.weight, self.to_values.weight, self.pool.to_logits.weight,
+            self.pool.to_logits.bias, self.to_token_lr.weight, self.to_token_lr.bias,
+            self.query_gamma, self.key_gamma)))
 
-        retrieve, store = w(self.retrieve_norm.weight), w(self.store_norm.weight)
-        # x / rms(x): shared by both norms, whose weights fold into the product
-        normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
-
-        def linear(inputs: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-            """inputs @ weight.T (+ bias) as one product (``inputs`` an argument,
-            not a closure's: Dynamo cannot trace a ``del`` of a closure's variable)."""
-            flat, weight = inputs.reshape(1, b * n, d), weight.t().unsqueeze(0)
-            if bias is not None and operand_dtype is None:
-                return torch.baddbmm(bias, flat, weight).view(b, n, -1)
-            out = product(flat, weight, operand_dtype).view(b, n, -1)
-            return out if bias is None else out + bias
-
-        if u == 0:
-            queries = self._split_heads(linear(normed, w(self.to_queries.weight) * retrieve))
-            return MemoryProjections(
-                self.query_norm(queries) * (1.0 + self.query_gamma[:, None, None]))
-        weight = torch.cat([w(self.to_queries.weight) * retrieve, torch.cat([
-            w(self.to_keys.weight), w(self.to_values.weight), w(self.pool.to_logits.weight),
-            w(self.to_token_lr.weight)]) * store])
-        bias = F.pad(torch.cat([w(self.pool.to_logits.bias), w(self.to_token_lr.bias)]),
-                     (3 * d, 0))
-        proj = linear(normed, weight, bias)  # (B, N, 4d + H): queries, keys, values, logits, lr
-        qk = proj[..., :2 * d].reshape(b, n, 2 * h, hd)
-        gamma = torch.cat([self.query_gamma, self.key_gamma])  # (2H, hd)
-        qk = F.rms_norm(qk, (hd,), eps=RMS_EPS) * (1.0 + gamma)
-        queries = qk[..., :h, :].permute(2, 0, 1, 3)
-        written = slice(0, u * L)
-        keys = qk[:, written, h:].permute(2, 0, 1, 3)
-        token_lr = self.max_lr * torch.sigmoid(proj[:, written, 4 * d:]).permute(2, 0, 1)
-        # the pool: softmax over each chunk of the logits, the weighted sum of
-        # the store-normed tokens (their norm weight applied after the sum)
-        attn = proj[:, written, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
-        summary = (normed[:, written].reshape(b, u, L, d) * attn).sum(dim=-2) * store
-        del attn, normed  # before the values' copy below
-        values = proj[:, written, 2 * d:3 * d]
-        if not torch.is_grad_enabled():
-            # a copy of the values frees proj (B, N, 4d + H), about four times
-            # their size, when this returns: its other columns are read here only
-            values = values.contiguous()
-        values = self._split_heads(values)
-        gate_layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
-        gates = F.linear(summary, torch.cat([w(m.weight) for m in gate_layers]),
-                         torch.cat([w(m.bias) for m in gate_layers]))
-        return MemoryProjections(queries, keys, values, token_lr, *self._gates(gates, b, u))
+    def _gate_logits(self, summary: Tensor) -> Tensor:
+        """(B, U, d) chunk summaries -> (B, U, 5H) decay, momentum and
+        lr-modulation logits, as one product."""
+        layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
+        w = lambda t: t if t.dtype == summary.dtype else t.to(summary.dtype)  # noqa: E731
+        return F.linear(summary, torch.cat([w(m.weight) for m in layers]),
+                        torch.cat([w(m.bias) for m in layers]))
 
     def _gates(self, gates: Tensor, b: int, u: int) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, U, 5H) decay, momentum and lr-modulation logits -> log(1 - alpha)

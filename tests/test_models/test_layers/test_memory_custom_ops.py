@@ -15,10 +15,11 @@ import torch
 
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
                                                   chunk_read_triton, read_triton)
+from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, fold, project_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import _run_interpreted
 
-OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read')
+OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project')
 # the cases whose autograd and backward operator opcheck runs (the per-image
 # views' backward is checked against float64 in test_memory_kernels_backward)
 DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed')
@@ -48,6 +49,14 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
     states = _weights((heads, batch, chunks), d, gen)
     queries = torch.randn(heads, batch, chunks * length - 3, d, generator=gen)
     tiles = (16, 32)
+    projection = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.3 for shape in (
+        (d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
+        (heads, d // heads), (heads, d // heads))))
+    folded = fold(projection)
+    weight = folded.weight if dtype == torch.float32 else folded.weight.to(dtype)
+    # x a strided view; 20 tokens in chunks of 8: two written, a partial last one
+    x_tokens = torch.randn(batch, d, 20, generator=gen).transpose(1, 2)
+    project_args = (x_tokens, weight, *folded[1:], projection.store_norm)
     cases = {
         'chunk_grads': (ops.memory_chunk_grads, (*w, keys, values, token_lr, dtype, *tiles)),
         'chunk_grads_per_image': (ops.memory_chunk_grads, (
@@ -61,6 +70,8 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         'chunk_read_decomposed': (ops.memory_chunk_read, (
             *(t * 1e-2 for t in states), queries, length, *w[:2],
             torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
+        'project': (ops.memory_project, (*project_args, 2, 8, 0.5, dtype, 16)),
+        'project_one_chunk': (ops.memory_project, (*project_args, 0, 32, 0.5, dtype, None)),
     }
     # the backward operators: the forward's tensors, then the outputs' cotangents
     for name in DIFFERENTIABLE:
@@ -106,11 +117,16 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
     w1, w2, g, keys, values, token_lr = cases['chunk_grads'][1][:6]
     states, queries, length = cases['chunk_read'][1][:3], *cases['chunk_read'][1][3:5]
 
+    x = cases['project'][1][0]
+    projection = ProjectionWeights(*(torch.randn(*shape) for shape in (
+        (16, ), (16, ), (16, 16), (16, 16), (16, 16), (16, 16), (16, ), (1, 16), (1, ),
+        (1, 16), (1, 16))))
+
     def fn(w1, w2, g, keys, values, token_lr, queries):
         grads = chunk_grads_triton(MemoryWeights(w1, w2, g), keys, values, token_lr, dtype)
         read = read_triton(MemoryWeights(w1, w2, g), keys.flatten(1, 2), dtype)
         chunked = chunk_read_triton(MemoryWeights(*states), queries, length, dtype)
-        return (*grads, read, chunked)
+        return (*grads, read, chunked, *project_triton(x, projection, 2, 8, 1.0, dtype))
 
     args = (w1, w2, g, keys, values, token_lr, queries)
     eager = fn(*args)
@@ -226,7 +242,7 @@ def test_compile_keeps_the_ops_in_one_graph(interpreted, tag):
 def test_a_compiled_memory_runs_the_kernels_inside_its_graph(interpreted):
     result = interpreted['compiled_memory']
     assert result['graph_breaks'] == 0
-    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read']
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project']
     assert result['difference'] < 1e-5
 
 
@@ -237,6 +253,7 @@ def test_the_operators_autograd_passes_opcheck(interpreted, case):
 
 
 def test_a_compiled_training_step_keeps_the_kernels(interpreted):
+    # the projection kernel has no backward: training projects in PyTorch
     result = interpreted['compiled_training']
     assert result['graph_breaks'] == 0
     assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read']

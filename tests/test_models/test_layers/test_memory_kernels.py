@@ -231,7 +231,37 @@ def interpreter_results() -> dict:
         results['read_past_4096_rows'] = dict(
             exact=_rel_err(out, read_torch(w.map(torch.Tensor.double), x.double())),
             finite=bool(torch.isfinite(out).all()))
+        results.update(projection_results(gen))
     results['modules'] = module_results()  # one subprocess: imports are most of its time
+    return results
+
+
+# (batch, tokens, d, heads, L, U, block_rows): a partial last chunk; two
+# heads of a padded width (12 -> 16); a masked row block; no write
+PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16), 'd20_L24': (2, 50, 20, 1, 24, 2, None),
+                    'one_chunk': (1, 6, 16, 1, 8, 0, None)}
+
+
+def projection_results(gen: torch.Generator) -> dict:
+    """``project_triton`` against ``project_naive`` in float64 (each layer in
+    turn: also a check of the folding), x a strided view."""
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
+                                                              project_triton)
+    results = {}
+    for name, (b, n, d, heads, length, u, block_rows) in PROJECTION_CASES.items():
+        shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
+                  (heads, d // heads), (heads, d // heads))
+        weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5
+                                      for shape in shapes))
+        x = torch.randn(b, d, n, generator=gen).transpose(1, 2)
+        ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)),
+                            u, length, 0.5)
+        for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
+            got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows)
+            results[f'project_{tag}_{name}'] = dict(
+                exact=max(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
+                shapes=[list(t.shape) for t in got],
+                want=[list(t.shape) for t in ref])
     return results
 
 
@@ -342,6 +372,16 @@ def test_triton_grads_read_per_image_chunk_views_without_a_copy(interpreted):
     result = interpreted['grads_per_image_views']
     assert result['difference'] == 0
     assert result['shapes'] == [[2, 6, 16, 64], [2, 6, 64, 16], [2, 6, 16]]
+
+
+@pytest.mark.parametrize('case', list(PROJECTION_CASES))
+def test_triton_projections_match_the_layers_in_float64(interpreted, case):
+    """One kernel for the RMSNorm, every projection, the per-head norms, the
+    step sizes and the chunk summaries, against each layer in turn."""
+    for tag, tol in (('f32', F32_TOL), ('f16', F16_TOL)):
+        result = interpreted[f'project_{tag}_{case}']
+        assert result['shapes'] == result['want']
+        assert result['exact'] < tol, (tag, result)
 
 
 def test_interpreter_refuses_bfloat16(interpreted):
@@ -485,6 +525,29 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
     assert not kernels.availability.launches_skipped()  # the context is closed
 
 
+def test_the_projection_kernel_serves_triton_inference_only():
+    """kernels='triton' projects with its kernel in inference up to width
+    128; training (no backward), 'auto' (untimed) and wider memories
+    project in PyTorch, and a hook on a layer calls the layers."""
+    from convneur_mm.models.layers import NeuralMemory
+    x = torch.empty(2, 20, 16, device='meta')
+
+    def projections(memory, x=x, grad=False):
+        with torch.set_grad_enabled(grad), kernels.without_launches():
+            return memory.plan(x).projections
+
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').to('meta')
+    assert projections(memory) == 'triton'
+    assert projections(memory, grad=True) == 'torch'
+    memory.kernels = 'auto'
+    assert projections(memory) == 'torch'
+    wide = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
+    assert projections(wide, torch.empty(2, 20, 160, device='meta')) == 'torch'
+    memory.kernels = 'triton'
+    memory.to_values.register_forward_hook(lambda *args: None)
+    assert projections(memory) == 'layers'
+
+
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
                     reason='this process runs Triton in its interpreter')
 def test_kernels_refuse_a_cpu_without_the_interpreter():
@@ -576,14 +639,15 @@ def _compile_stage(d: int, operand_dtype: torch.dtype, arch: int, **stage):
     return reports
 
 
-KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel']
+KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel']
 
 
 @pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 90),
                                                 (torch.bfloat16, 80)])
 def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
     """M3's stage 1 (batch 128, 3136 tokens, C_m 128, chunks of 196) as the
-    wrappers launch it: no spills, and Hopper's wgmma on sm_90."""
+    wrappers launch it: no spills, and Hopper's wgmma on sm_90 (but for the
+    projections)."""
     inspect, launches = _stage_launches(128, operand_dtype, arch)
     assert sorted(launch.kernel.__name__ for launch in launches) == sorted(KERNEL_NAMES)
     for launch in launches:
@@ -592,13 +656,16 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
         # chunk read's per-chunk states stay float32), divisibility hints
         assert attrs, launch.kernel.__name__
         half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
-        want = '*fp32' if launch.kernel.__name__ == 'read_kernel' else half
-        assert signature['w1_ptr'] == want, launch.kernel.__name__
+        name = launch.kernel.__name__
+        want = '*fp32' if name == 'read_kernel' else half
+        assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == want, name
     reports = inspect.launch_reports(launches, arch)
     assert sorted(r.kernel for r in reports) == sorted(KERNEL_NAMES)
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
-        assert (report.wgmma > 0) == (arch >= 90) and report.mma != 'none', report
+        # the projections' 32-row tiles (64 spill) are below wgmma's least
+        wgmma = arch >= 90 and report.kernel != 'project_kernel'
+        assert (report.wgmma > 0) == wgmma and report.mma != 'none', report
 
 
 @pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 80)])
@@ -657,7 +724,9 @@ def test_compile_reports_tell_specializations_apart():
 @pytest.mark.parametrize('operand_dtype', [torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
     reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784)
-    assert sorted(r.kernel for r in reports) == sorted(KERNEL_NAMES)
+    # wider than 128, the projections run in PyTorch (MAX_PROJECTION_WIDTH)
+    assert sorted(r.kernel for r in reports) == sorted(
+        KERNEL_NAMES if d <= 128 else set(KERNEL_NAMES) - {'project_kernel'})
     if operand_dtype != torch.float32:  # max_lr 1e-3: the decomposed read
         reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784, max_lr=1e-3)
         assert 'read_kernel' in [r.kernel for r in reports]

@@ -142,3 +142,75 @@ def test_product_takes_operands_already_cast(dtype):
         assert got.dtype == dtype
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert product(a.bfloat16(), b.bfloat16(), torch.bfloat16).dtype == torch.bfloat16
+
+
+def _projection_weights(d: int, heads: int, gen: torch.Generator, dtype=torch.float64):
+    from convneur_mm.models.layers.memory_ops.project import ProjectionWeights
+    shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
+              (heads, d // heads), (heads, d // heads))
+    return ProjectionWeights(*(torch.randn(*s, generator=gen, dtype=dtype) * 0.5 for s in shapes))
+
+
+@pytest.mark.parametrize('tokens,chunk,heads,updates', [(20, 8, 2, 2), (24, 8, 1, 2),
+                                                        (6, 8, 1, 0), (17, 4, 4, 4)])
+def test_folded_projections_match_the_layers(tokens, chunk, heads, updates):
+    """One product with the norms' weights folded in, against each norm and
+    layer applied in turn (float64), and differentiable in every parameter."""
+    from convneur_mm.models.layers.memory_ops.project import project, project_naive
+    gen = torch.Generator().manual_seed(tokens)
+    weights = _projection_weights(16, heads, gen)
+    x = torch.randn(2, tokens, 16, generator=gen, dtype=torch.float64)
+    got = project(x, weights, updates, chunk, 0.5)
+    ref = project_naive(x, weights, updates, chunk, 0.5)
+    for name, a, b in zip(got._fields, got, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    if updates:
+        leaves = [t.clone().requires_grad_() for t in weights]
+        assert torch.autograd.gradcheck(
+            lambda *w: project(x[:1, :updates * chunk], type(weights)(*w), updates, chunk, 0.5),
+            leaves)
+
+
+def test_projections_refuse_bad_arguments():
+    from convneur_mm.models.layers.memory_ops.project import project, project_triton
+    gen = torch.Generator().manual_seed(0)
+    weights = _projection_weights(16, 2, gen)
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match='written chunks'):
+        project(x, weights, 3, 8, 1.0)  # 24 written tokens of 20
+    with pytest.raises(ValueError, match=r'weights.keys must be \(16, 16\)'):
+        project(x, weights._replace(keys=weights.keys[:8]), 2, 8, 1.0)
+    with pytest.raises(ValueError, match='implementations'):
+        project(x, weights, 2, 8, 1.0, implementation='cuda')
+    with pytest.raises(TypeError, match='float32'):
+        project_triton(x, weights, 2, 8, 1.0)
+    wide = _projection_weights(160, 1, gen, torch.float32)
+    with pytest.raises(ValueError, match='widths up to 128'):
+        project_triton(torch.randn(1, 20, 160), wide, 1, 8, 1.0)
+    weights = type(weights)(*(t.float() for t in weights))
+    with pytest.raises(RuntimeError, match='no backward'):
+        project_triton(x.float().requires_grad_(), weights, 2, 8, 1.0)
+
+
+def test_triton_projections_allocate_their_results_only():
+    """What the kernel's wrapper allocates (meta tensors, launches skipped):
+    its five results, the folded weight and its 16-bit copy, the bias and
+    gains; no copy of x (a strided view) and no (B, N, 4d + H) product."""
+    from convneur_mm.models.layers.memory_ops import kernels
+    from convneur_mm.models.layers.memory_ops.project import project_triton
+    from convneur_mm.testing.dispatch_probes import LiveTensorBytes
+    b, n, d, heads, chunk, updates = 4, 3136, 128, 1, 196, 15
+    weights = _projection_weights(d, heads, torch.Generator().manual_seed(0), torch.float32)
+    weights = type(weights)(*(t.to('meta') for t in weights))
+    x = torch.empty(b, d, n, device='meta').transpose(1, 2)
+    tokens = updates * chunk
+    folded = (4 * d + heads) * d * (4 + 2) + (d + heads) * 4 + 2 * d * 4
+    results = 4 * (b * n * d + 2 * b * tokens * d + b * tokens * heads + b * updates * d)
+    with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
+        out = project_triton(x, weights, updates, chunk, 1.0, torch.bfloat16)
+    assert [list(t.shape) for t in out] == [[heads, b, n, d], [heads, b, tokens, d],
+                                           [heads, b, tokens, d], [heads, b, tokens],
+                                           [b, updates, d]]
+    assert live.peak <= results + folded, (live.peak, results, folded)
+    assert live.peak >= results

@@ -123,9 +123,9 @@ def test_folded_projections_equal_the_layers(chunk, tokens, heads, scan_block, s
         u = -(-tokens // chunk)
         x = torch.nn.functional.pad(x, (0, 0, 0, u * chunk - tokens))
     plan = memory.plan(x)
-    assert plan.folded_projections  # plain layers: the default
+    assert plan.projections == 'torch'  # plain layers: the default
     folded = memory.project(x, u, plan)
-    layers = memory.project(x, u, dataclasses.replace(plan, folded_projections=False))
+    layers = memory.project(x, u, dataclasses.replace(plan, projections='layers'))
     for name, f, s in zip(folded._fields, folded, layers):
         if s is None:
             assert f is None, name
@@ -153,7 +153,7 @@ def test_plan_is_decided_once_from_the_settings_and_the_call():
     assert plan.operand_dtype == torch.bfloat16
     assert plan.decomposed_read and plan.projection_dtype is None  # max_lr < 0.5
     assert (plan.implementation, plan.reason) == ('torch', "kernels='torch'")
-    assert plan.images_per_slice == 1 and plan.folded_projections
+    assert plan.images_per_slice == 1 and plan.projections == 'torch'
     assert not plan.recompute and not plan.shape_generic
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.recompute = True
@@ -161,9 +161,9 @@ def test_plan_is_decided_once_from_the_settings_and_the_call():
     plan = memory.plan(x)  # autograd on: recomputed, never sliced
     assert plan.recompute and plan.images_per_slice == 3
     handle = memory.to_keys.register_forward_hook(lambda *args: None)
-    assert not memory.plan(x).folded_projections  # the hook must see its layer called
+    assert memory.plan(x).projections == 'layers'  # the hook must see its layer called
     handle.remove()
-    assert memory.plan(x).folded_projections
+    assert memory.plan(x).projections == 'torch'
 
 
 def test_auto_keeps_the_pytorch_path_under_compile(monkeypatch):

@@ -10,11 +10,14 @@ implementations (the layout of flash-linear-attention's ``ops``):
   (PyTorch only), ``scan_states_naive``;
 * ``chunk_read`` (chunk t reads state t; the decomposed read by its ``base``
   and ``carry`` arguments): ``chunk_read_torch``, ``chunk_read_triton``,
-  ``chunk_read_naive``.
+  ``chunk_read_naive``;
+* ``project`` (x to queries, keys, values, step sizes and chunk summaries):
+  ``project_torch`` (the norms' weights folded into one product),
+  ``project_triton`` (one kernel; inference only), ``project_naive``.
 
-Each operation is a subpackage; ``read.read``, ``chunk_grads.chunk_grads``
-and ``chunk_read.chunk_read`` call the implementation named by their
-``implementation`` argument ('torch' or 'triton'). The PyTorch
+Each operation is a subpackage; ``read.read``, ``chunk_grads.chunk_grads``,
+``chunk_read.chunk_read`` and ``project.project`` call the implementation
+named by their ``implementation`` argument ('torch' or 'triton'). The PyTorch
 implementations are plain differentiable tensor ops, batched over any leading
 dimensions, so the outer training differentiates through the inner update
 without ``torch.autograd.grad`` in the forward pass. Their training form
@@ -23,23 +26,23 @@ without ``torch.autograd.grad`` in the forward pass. Their training form
 backward): ``chunk_grads_closed_form``, ``read_closed_form``, which
 ``chunk_read_torch`` reads through. The Triton ones are custom operators
 (``torch.ops.convneur_mm``, kept whole by ``torch.compile``; ``kernels`` says
-where they run) with backward kernels of their own; the references take exact products in
-their inputs' dtype (float64 in the tests). ``common`` holds what
+where they run) with backward kernels of their own (but the projections');
+the references take exact products in their inputs' dtype (float64 in the tests). ``common`` holds what
 they share: ``MemoryWeights``, ``product`` (the products' operand dtype),
-``LN_EPS``, ``ln_backward`` and the closed forms' checks.
+``LN_EPS``, ``RMS_EPS``, ``ln_backward`` and the closed forms' checks.
 """
 from .chunk_grads import (CHUNK_GRADS_IMPLEMENTATIONS, chunk_grads_closed_form,
                           chunk_grads_naive, chunk_grads_torch, chunk_grads_triton)
 from .chunk_read import (CHUNK_READ_IMPLEMENTATIONS, chunk_read_naive, chunk_read_torch,
                          chunk_read_triton)
-from .common import LN_EPS, MemoryWeights, product
+from .common import LN_EPS, RMS_EPS, MemoryWeights, product
 from .read import READ_IMPLEMENTATIONS, read_closed_form, read_naive, read_torch, read_triton
 from .scan import decay_carry, momentum_decay_states, scan_states, scan_states_naive
 
 # the operations' dispatchers are their subpackages' own (``read.read``):
 # exported here, they would shadow the subpackages of the same names
-__all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'CHUNK_READ_IMPLEMENTATIONS', 'LN_EPS', 'MemoryWeights',
-           'READ_IMPLEMENTATIONS', 'chunk_grads_closed_form', 'chunk_grads_naive',
+__all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'CHUNK_READ_IMPLEMENTATIONS', 'LN_EPS', 'RMS_EPS',
+           'MemoryWeights', 'READ_IMPLEMENTATIONS', 'chunk_grads_closed_form', 'chunk_grads_naive',
            'chunk_grads_torch', 'chunk_grads_triton', 'chunk_read_naive', 'chunk_read_torch',
            'chunk_read_triton', 'decay_carry', 'momentum_decay_states', 'product',
            'read_closed_form', 'read_naive', 'read_torch', 'read_triton', 'scan_states',

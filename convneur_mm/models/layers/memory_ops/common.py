@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 LN_EPS = 1e-5
+RMS_EPS = 1e-6  # the projections' RMSNorms
 
 
 class MemoryWeights(NamedTuple):

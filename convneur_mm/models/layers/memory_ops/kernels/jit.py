@@ -686,3 +686,104 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
     tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
     tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
              mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _rows_times(xo, w_ptr, sw_o, sw_i, row0, cols, cmask, outs, omask,
+                DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """xo @ w[row0 + outs, :]^T, (BM, BD) in DTYPE -> (BM, len(outs)) float32:
+    the projections' outputs ``outs`` from the rows' normed features."""
+    w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
+                mask=cmask[:, None] & omask[None, :], other=0.0)
+    return tl.dot(xo, w.to(DTYPE), input_precision=PREC)
+
+
+@triton.jit
+def _normed_head(xo, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, row, HD, cols, cmask, hcols,
+                 hmask, eps, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """One head's queries or keys: RMSNorm over its HD columns of
+    xo @ w[row * HD:(row + 1) * HD]^T, times its gain row ``gamma[row]``."""
+    y = _rows_times(xo, w_ptr, sw_o, sw_i, row * HD, cols, cmask, hcols, hmask, DTYPE, PREC)
+    rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / HD + eps)
+    gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
+    return y * rstd[:, None] * gamma[None, :]
+
+
+@triton.jit
+def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
+                   q_ptr, k_ptr, v_ptr, lr_ptr, sum_ptr,
+                   N, L, C, U, D, H, HD, max_lr, eps,
+                   sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d,
+                   sq_b, sq_n, sq_h, sq_d,
+                   sk_b, sk_n, sk_h, sk_d,
+                   sv_b, sv_n, sv_d,
+                   sl_b, sl_n, sl_h,
+                   ss_b, ss_u, ss_d,
+                   BM: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr, BH: tl.constexpr,
+                   DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """The projections of one (image, chunk) of L tokens, C chunks per image
+    (the last partial): x / rms(x) once per block of rows, each head's
+    queries RMS-normed with its gain; for the U written chunks also keys
+    (likewise), values, the step sizes ``max_lr * sigmoid`` and the pool's
+    softmax over the chunk's rows, online (a running max and sum per
+    feature), so the chunk's summary needs no second pass. ``w`` (4D + H, D)
+    is the folded weight (``project.weights.fold``), in DTYPE."""
+    pid = tl.program_id(0)
+    c = pid % C
+    b = (pid // C).to(tl.int64)
+    written = c < U
+    first = c.to(tl.int64) * L
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    hcols = tl.arange(0, BHD)
+    hmask = hcols < HD
+    lcols = tl.arange(0, BH)
+    lmask = lcols < H
+    x_base = x_ptr + b * sx_b + first * sx_n
+    q_base = q_ptr + b * sq_b + first * sq_n
+    k_base = k_ptr + b * sk_b + first * sk_n
+    v_base = v_ptr + b * sv_b + first * sv_n
+    lr_base = lr_ptr + b * sl_b + first * sl_n
+    logits_bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+    lr_bias = tl.load(bias_ptr + D + lcols, mask=lmask, other=0.0)
+    running_max = tl.full((BD,), float('-inf'), tl.float32)
+    running_sum = tl.zeros((BD,), dtype=tl.float32)
+    pooled = tl.zeros((BD,), dtype=tl.float32)
+    for r0 in range(0, L, BM):
+        i = r0 + tl.arange(0, BM)
+        rmask = (i < L) & (first + i < N)
+        x = tl.load(x_base + i[:, None] * sx_n + cols[None, :] * sx_d,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        normed = x * tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        xo = normed.to(DTYPE)
+        hm = rmask[:, None] & hmask[None, :]
+        for head in range(0, H):
+            q = _normed_head(xo, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, head, HD, cols, cmask,
+                             hcols, hmask, eps, DTYPE, PREC)
+            tl.store(q_base + i[:, None] * sq_n + head * sq_h + hcols[None, :] * sq_d, q, mask=hm)
+            if written:
+                k = _normed_head(xo, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, H + head, HD, cols,
+                                 cmask, hcols, hmask, eps, DTYPE, PREC)
+                tl.store(k_base + i[:, None] * sk_n + head * sk_h + hcols[None, :] * sk_d, k,
+                         mask=hm)
+        if written:
+            v = _rows_times(xo, w_ptr, sw_o, sw_i, 2 * D, cols, cmask, cols, cmask, DTYPE, PREC)
+            tl.store(v_base + i[:, None] * sv_n + cols[None, :] * sv_d, v,
+                     mask=rmask[:, None] & cmask[None, :])
+            logits = _rows_times(xo, w_ptr, sw_o, sw_i, 3 * D, cols, cmask, cols, cmask, DTYPE,
+                                 PREC) + logits_bias[None, :]
+            logits = tl.where(rmask[:, None], logits, float('-inf'))
+            new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+            rescale = tl.exp(running_max - new_max)
+            p = tl.exp(logits - new_max[None, :])
+            running_sum = running_sum * rescale + tl.sum(p, axis=0)
+            pooled = pooled * rescale + tl.sum(p * normed, axis=0)
+            running_max = new_max
+            lr = _rows_times(xo, w_ptr, sw_o, sw_i, 4 * D, cols, cmask, lcols, lmask, DTYPE,
+                             PREC) + lr_bias[None, :]
+            tl.store(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
+                     max_lr * tl.sigmoid(lr), mask=rmask[:, None] & lmask[None, :])
+    if written:
+        store = tl.load(store_ptr + cols, mask=cmask, other=0.0)
+        tl.store(sum_ptr + b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d,
+                 pooled / running_sum * store, mask=cmask)

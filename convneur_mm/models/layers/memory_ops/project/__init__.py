@@ -1,0 +1,31 @@
+"""The projections: x (B, N, d) to the memory's queries, keys, values, step
+sizes and chunk summaries, ``project(x, weights, num_updates, chunk_size,
+max_lr, operand_dtype)`` in PyTorch (``project_torch``, one product with the
+norms' weights folded in; differentiable), Triton (``project_triton``, one
+kernel; inference) and plainly, layer by layer (``project_naive``, the
+reference)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..common import implementation_of
+from .naive import project_naive
+from .pytorch import project_torch
+from .triton import MAX_PROJECTION_WIDTH, project_triton
+from .weights import FoldedProjections, Projected, ProjectionWeights, fold
+
+PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
+
+
+def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
+            max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
+            implementation: str = 'torch') -> Projected:
+    """The projections by ``implementation`` ('torch' or 'triton'); the
+    arguments as in ``project_torch``."""
+    fn = implementation_of('project', PROJECT_IMPLEMENTATIONS, implementation)
+    return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
+
+
+__all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights',
+           'fold', 'project', 'project_naive', 'project_torch', 'project_triton']

@@ -1,0 +1,72 @@
+"""The projections in PyTorch: one product for every projection, the norms'
+weights folded in (differentiable; the training path)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..common import RMS_EPS, product
+from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
+
+
+def project_torch(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
+                  max_lr: float, operand_dtype: Optional[torch.dtype] = None) -> Projected:
+    """The memory's projections of ``x``: one RMSNorm statistic shared by both
+    norms, one product of x / rms(x) by every projection's weight, one RMSNorm
+    of the queries' and keys' heads together, the step sizes' sigmoid and the
+    pool's softmax over each written chunk.
+
+    Args:
+        x: (B, N, d) in the compute dtype (float32 or float64).
+        weights: the layers' parameters, in ``x``'s dtype.
+        num_updates: U, the chunks that write (the first U L tokens).
+        chunk_size: tokens per chunk L.
+        max_lr: the step sizes' bound (``max_lr * sigmoid``).
+        operand_dtype: the products' operand dtype (None: ``x``'s).
+
+    Returns:
+        ``Projected``: queries, keys, values and step sizes as views of one
+        (B, N, 4d + H) product (in inference the values are copied out of it,
+        so that it is freed on return), and the chunk summaries.
+    """
+    check_projection_arguments(x, weights, num_updates, chunk_size)
+    b, n, d = x.shape
+    h, hd = weights.query_gamma.shape
+    u, L = num_updates, chunk_size
+    folded = fold(weights)
+    # x / rms(x): shared by both norms, whose weights fold into the product
+    normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+
+    def linear(inputs: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """inputs @ weight.T (+ bias) as one product (``inputs`` an argument,
+        not a closure's: Dynamo cannot trace a ``del`` of a closure's variable)."""
+        flat, weight = inputs.reshape(1, b * n, d), weight.t().unsqueeze(0)
+        if bias is not None and operand_dtype is None:
+            return torch.baddbmm(bias, flat, weight).view(b, n, -1)
+        out = product(flat, weight, operand_dtype).view(b, n, -1)
+        return out if bias is None else out + bias
+
+    if u == 0:
+        queries = linear(normed, folded.weight[:d]).view(b, n, h, hd)
+        queries = F.rms_norm(queries, (hd,), eps=RMS_EPS) * folded.gamma[:h]
+        none = x.new_empty(h, b, 0, hd)
+        return Projected(queries.permute(2, 0, 1, 3), none, none.clone(), x.new_empty(h, b, 0),
+                         x.new_empty(b, 0, d))
+    proj = linear(normed, folded.weight, F.pad(folded.bias, (3 * d, 0)))
+    # proj (B, N, 4d + H): queries, keys, values, logits, step sizes
+    qk = F.rms_norm(proj[..., :2 * d].reshape(b, n, 2 * h, hd), (hd,), eps=RMS_EPS) * folded.gamma
+    written = slice(0, u * L)
+    token_lr = max_lr * torch.sigmoid(proj[:, written, 4 * d:]).permute(2, 0, 1)
+    # the pool: softmax over each chunk of the logits, the weighted sum of
+    # the store-normed tokens (their norm weight applied after the sum)
+    attn = proj[:, written, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
+    summary = (normed[:, written].reshape(b, u, L, d) * attn).sum(dim=-2) * weights.store_norm
+    del attn, normed  # before the values' copy below
+    values = proj[:, written, 2 * d:3 * d]
+    if not torch.is_grad_enabled():
+        # a copy of the values frees proj (B, N, 4d + H), about four times
+        # their size, when this returns: its other columns are read here only
+        values = values.contiguous()
+    return Projected(qk[..., :h, :].permute(2, 0, 1, 3), qk[:, written, h:].permute(2, 0, 1, 3),
+                     values.view(b, u * L, h, hd).permute(2, 0, 1, 3), token_lr, summary)
