@@ -10,7 +10,7 @@
 # it is) and mmcv's CUDA ops are checked: nms and RoIAlign on CUDA tensors.
 # A failure there ends the run at once with exit status 3, before any section.
 #
-# Sections (default: all four, in this order), with their estimated seconds:
+# Sections (default: the first four, in this order), with their estimated seconds:
 #   bench    the neural memory's figures: gpu_memory_bench.py -> bench.json
 #   profile  the memory's kernels under torch.profiler: gpu_memory_bench.py
 #            --sections profile -> profile.json
@@ -21,6 +21,10 @@
 #            graph-break check under CUDA bf16 autocast, and with mmcv's CUDA
 #            ops the fp16 --amp detector step and RoIAlign (pytest -k TESTS_K)
 #            -> tests.xml
+#   kernels  (only when named) the memory's Triton kernels compiled for this
+#            GPU against float64, every operand dtype at the models' widths,
+#            forward, backward and projections, and a memory trained with them
+#            (pytest -m gpu -k KERNELS_K) -> kernels.xml
 #
 # One time limit, --limit-s (default 480), covers the whole run. Each section
 # runs under a timeout of what is left of it less the estimates of the
@@ -37,9 +41,9 @@ cd "$(dirname "$0")/.."
 SECTIONS=(bench profile train tests)
 # estimated seconds on an H100 / H200 (the install takes about 20 more): with
 # the install they fill the default limit, and train + tests fit 6 minutes
-declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150)
+declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150 [kernels]=240)
 
-usage() { sed -n 2,33p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,37p "$0" | sed 's/^# \{0,1\}//'; }
 
 RESULTS=gpu_results
 LIMIT_S=480
@@ -95,6 +99,10 @@ section_command() {  # NAME LIMIT: sets cmd
             cmd=(env CONVNEUR_TEST_GPU_CHILD=1 "$PYTHON" -m pytest -m gpu tests projects
                  -k "$keys" -p no:cacheprovider -rA --continue-on-collection-errors
                  --junitxml "$RESULTS/tests.xml") ;;
+        kernels)
+            cmd=(env CONVNEUR_TEST_GPU_CHILD=1 "$PYTHON" -m pytest -m gpu tests/test_models
+                 -k "${KERNELS_K:-on_cuda or in_bfloat16}" -p no:cacheprovider -rA
+                 --junitxml "$RESULTS/kernels.xml") ;;
     esac
 }
 

@@ -68,6 +68,17 @@ def test_dry_run_plans_every_section_in_order_into_out(tmp_path, host_wheels):
     assert 'mmcv-2.1.0' in (out / 'install.log').read_text()
 
 
+def test_the_kernels_section_runs_only_when_named(tmp_path, host_wheels):
+    out = tmp_path / 'results'
+    done = _run(out, '--dry-run', 'kernels', WHEELS=host_wheels)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _summary(out)
+    assert [r['step'] for r in rows] == ['install', 'kernels']
+    command = rows[1]['command']
+    assert '-m gpu' in command and 'on_cuda' in command
+    assert f'--junitxml {out}/kernels.xml' in command
+
+
 def test_without_mmcv_ops_the_tests_that_need_them_are_left_out(tmp_path, host_wheels):
     out = tmp_path / 'results'
     done = _run(out, '--dry-run', '--no-mmcv-ops', 'tests', WHEELS=host_wheels)

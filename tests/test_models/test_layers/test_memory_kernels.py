@@ -776,5 +776,28 @@ def test_triton_kernels_on_cuda_at_model_widths(d):
     assert bf16['update'] < 2e-2 < bf16['naive_update']
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4)])
+def test_triton_projections_on_cuda(d, heads):
+    """The compiled projection kernel at M1 and M3 widths, 3136 tokens in
+    chunks of 196, every operand dtype, against each layer in float64."""
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
+                                                              project_triton)
+    gen = torch.Generator().manual_seed(d)
+    shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
+              (heads, d // heads), (heads, d // heads))
+    weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5 for shape in shapes))
+    x = torch.randn(2, 3136, d, generator=gen)
+    ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)), 15, 196,
+                        1.0)
+    on_cuda = ProjectionWeights(*(t.cuda() for t in weights))
+    tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    with torch.no_grad():
+        for dtype, tol in tolerances.items():
+            got = project_triton(x.cuda(), on_cuda, 15, 196, 1.0, dtype)
+            for name, a, b in zip(got._fields, got, ref):
+                assert _rel_err(a.cpu(), b) < tol, (dtype, name)
+
+
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
     print(json.dumps(globals()[sys.argv[1]]()))
