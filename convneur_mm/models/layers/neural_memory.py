@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .memory_ops import MemoryWeights, decay_carry, scan_states
+from .memory_ops import MemoryWeights, decay_carry, scan_states, scan_states_triton
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS
@@ -88,6 +88,9 @@ class MemoryPlan:
             layers are plain: ``plain_layers``); 'triton', that as one Triton
             kernel (inference with ``kernels='triton'``); 'layers', each
             layer called (a hook or FSDP must see it).
+        scan: 'triton' (the scan kernel, step by step, ``w1``'s and ``w2``'s
+            states written in ``operand_dtype``: inference with
+            ``kernels='triton'``) or 'torch' (matrix products).
     """
     operand_dtype: Optional[torch.dtype]
     decomposed_read: bool
@@ -98,6 +101,7 @@ class MemoryPlan:
     shape_generic: bool
     recompute: bool
     projections: str
+    scan: str
 
     @property
     def projection_dtype(self) -> Optional[torch.dtype]:
@@ -319,7 +323,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             images_per_slice=self._images_per_slice(x),
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
-            projections=self._projections(implementation))
+            projections=self._projections(implementation),
+            scan='triton' if self._inference_kernels(implementation) else 'torch')
 
     def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
                         ) -> Tuple[str, str]:
@@ -385,15 +390,20 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
 
+    def _inference_kernels(self, implementation: str) -> bool:
+        """Whether the inference-only kernels (projections, scan) serve this
+        call: in inference where ``kernels='triton'`` took the kernels (they
+        have no backward, and no GPU has timed them for 'auto')."""
+        return (implementation == 'triton' and self.kernels == 'triton' and
+                not torch.is_grad_enabled())
+
     def _projections(self, implementation: str) -> str:
         """The plan's ``projections``: 'layers' unless the layers are plain;
-        'triton' in inference where ``kernels='triton'`` took the kernels
-        (the projection kernel has no backward, and no GPU has timed it for
-        'auto'), up to its widest row (``MAX_PROJECTION_WIDTH``); else 'torch'."""
+        'triton' where ``_inference_kernels``, up to the kernel's widest row
+        (``MAX_PROJECTION_WIDTH``); else 'torch'."""
         if not self._plain_projections():
             return 'layers'
-        if (implementation == 'triton' and self.kernels == 'triton' and
-                not torch.is_grad_enabled() and self.dim <= MAX_PROJECTION_WIDTH):
+        if self._inference_kernels(implementation) and self.dim <= MAX_PROJECTION_WIDTH:
             return 'triton'
         return 'torch'
 
@@ -515,9 +525,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                   for i, init in enumerate(w0)]
         flat = [g.reshape(h * b, u, -1) for g in grads]
         grads.clear()  # the caller's list too: scan_states frees each gradient once scanned
-        states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(
-            scan_states(flat, proj.lr_mod.reshape(-1, h * b, u), log_keep,
-                        proj.log_momentum.reshape(h * b, u), starts, scan_block), w0)]
+        gates = (proj.lr_mod.reshape(-1, h * b, u), log_keep, proj.log_momentum.reshape(h * b, u))
+        if plan.scan == 'triton':
+            # w1's and w2's states are read by products only: written in their operand dtype
+            operands = plan.operand_dtype or torch.float32
+            scanned = scan_states_triton(flat, *gates, starts, (operands, operands, torch.float32))
+        else:
+            scanned = scan_states(flat, *gates, starts, scan_block)
+        states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(scanned, w0)]
         carry = decay_carry(log_keep).reshape(h, b, u + 1) if decomposed else None
         return MemoryWeights(*states), carry
 

@@ -16,10 +16,11 @@ import torch
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
                                                   chunk_read_triton, read_triton)
 from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, fold, project_triton
+from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import _run_interpreted
 
-OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project')
+OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project', 'memory_scan')
 # the cases whose autograd and backward operator opcheck runs (the per-image
 # views' backward is checked against float64 in test_memory_kernels_backward)
 DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed')
@@ -72,6 +73,9 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
             torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
         'project': (ops.memory_project, (*project_args, 2, 8, 0.5, dtype, 16)),
         'project_one_chunk': (ops.memory_project, (*project_args, 0, 32, 0.5, dtype, None)),
+        # the states of 3 steps of (N = 4, P = 40) weights, from W_0 and from zero
+        'scan': (ops.memory_scan, (*_scan_args(gen), torch.randn(4, 40, generator=gen), dtype)),
+        'scan_updates': (ops.memory_scan, (*_scan_args(gen), None, torch.float32)),
     }
     # the backward operators: the forward's tensors, then the outputs' cotangents
     for name in DIFFERENTIABLE:
@@ -92,6 +96,13 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         cases[f'{name}_backward'] = (backward, (*args[:tensor_args], *cotangents,
                                                 *args[tensor_args:]))
     return cases
+
+
+def _scan_args(gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
+    """Gradients (4, 3, 40) as a strided view, rho, log(1 - alpha), log(eta)."""
+    gates = torch.nn.functional.logsigmoid(torch.randn(2, 4, 3, generator=gen))
+    return (torch.randn(40, 4, 3, generator=gen).permute(1, 2, 0),
+            torch.rand(4, 3, generator=gen), gates[0], gates[1])
 
 
 def _requiring_grad(args: tuple) -> tuple:
@@ -126,7 +137,10 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
         grads = chunk_grads_triton(MemoryWeights(w1, w2, g), keys, values, token_lr, dtype)
         read = read_triton(MemoryWeights(w1, w2, g), keys.flatten(1, 2), dtype)
         chunked = chunk_read_triton(MemoryWeights(*states), queries, length, dtype)
-        return (*grads, read, chunked, *project_triton(x, projection, 2, 8, 1.0, dtype))
+        scanned = scan_states_triton([grads[0].flatten(2)], token_lr[None, :, :, 0],
+                                     token_lr[..., 1], token_lr[..., 2], [None], [dtype])
+        return (*grads, read, chunked, *project_triton(x, projection, 2, 8, 1.0, dtype),
+                *scanned)
 
     args = (w1, w2, g, keys, values, token_lr, queries)
     eager = fn(*args)
@@ -228,7 +242,8 @@ def test_custom_ops_pass_opcheck(interpreted, case, tag):
 def test_fakes_give_the_results_shapes_and_dtypes(interpreted, case, tag):
     result = interpreted[f'{case}_{tag}']
     assert result['fake'] == result['real']
-    assert all(dtype == str(torch.float32) for _, dtype in result['real'])
+    want = str(torch.float16 if case == 'scan' and tag == 'f16' else torch.float32)
+    assert all(dtype == want for _, dtype in result['real'])
 
 
 @pytest.mark.parametrize('tag', ['f32', 'f16'])
@@ -242,7 +257,8 @@ def test_compile_keeps_the_ops_in_one_graph(interpreted, tag):
 def test_a_compiled_memory_runs_the_kernels_inside_its_graph(interpreted):
     result = interpreted['compiled_memory']
     assert result['graph_breaks'] == 0
-    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project']
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
+                             'memory_scan']
     assert result['difference'] < 1e-5
 
 
@@ -265,7 +281,8 @@ def test_fakes_on_meta_tensors_without_triton():
     for name, (op, args) in op_cases(torch.float16).items():
         outputs = op(*_on_meta(args))
         outputs = outputs if isinstance(outputs, tuple) else (outputs, )
-        assert all(t.device.type == 'meta' and t.dtype == torch.float32 for t in outputs), name
+        want = torch.float16 if name == 'scan' else torch.float32  # the state dtype asked for
+        assert all(t.device.type == 'meta' and t.dtype == want for t in outputs), name
 
 
 def test_the_plan_trains_with_the_kernels_on_request_only():

@@ -232,8 +232,32 @@ def interpreter_results() -> dict:
             exact=_rel_err(out, read_torch(w.map(torch.Tensor.double), x.double())),
             finite=bool(torch.isfinite(out).all()))
         results.update(projection_results(gen))
+        results.update(scan_results(gen))
     results['modules'] = module_results()  # one subprocess: imports are most of its time
     return results
+
+
+def scan_results(gen: torch.Generator) -> dict:
+    """``scan_states_triton`` against the recursion in float64: three tensors
+    (one past a block of 1024 entries, one from zero), strided gradients,
+    16-bit states against the float32 ones cast."""
+    from convneur_mm.models.layers.memory_ops.scan import scan_states_naive, scan_states_triton
+    n, u, widths = 3, 5, (40, 1100, 7)
+    grads = [torch.randn(p, n, u, generator=gen).permute(1, 2, 0) for p in widths]
+    lr_mod = torch.rand(3, n, u, generator=gen)
+    log_keep, log_momentum = F.logsigmoid(torch.randn(2, n, u, generator=gen) + 2)
+    initial = [torch.randn(n, p, generator=gen) for p in widths[:2]] + [None]
+    ref = scan_states_naive([g.double() for g in grads], lr_mod.double(), log_keep.double(),
+                            log_momentum.double(),
+                            [None if w is None else w.double() for w in initial])
+    got = scan_states_triton(list(grads), lr_mod, log_keep, log_momentum, initial)
+    half = scan_states_triton(list(grads), lr_mod, log_keep, log_momentum, initial,
+                              [torch.float16, torch.float16, torch.float32])
+    return {'scan': dict(
+        exact=max(_rel_err(a, b) for a, b in zip(got, ref)),
+        shapes=[list(t.shape) for t in got],
+        dtypes=[str(t.dtype) for t in half],
+        cast_difference=max((a.to(b.dtype) != b).sum().item() for a, b in zip(got, half)))}
 
 
 # (batch, tokens, d, heads, L, U, block_rows): a partial last chunk; two
@@ -384,6 +408,16 @@ def test_triton_projections_match_the_layers_in_float64(interpreted, case):
         assert result['exact'] < tol, (tag, result)
 
 
+def test_triton_scan_matches_the_recursion(interpreted):
+    """Step by step in float32 within 1e-5 of float64; 16-bit states are the
+    float32 states cast (the read would round them the same way)."""
+    result = interpreted['scan']
+    assert result['exact'] < F32_TOL, result
+    assert result['shapes'] == [[3, 6, 40], [3, 6, 1100], [3, 6, 7]]
+    assert result['dtypes'] == ['torch.float16', 'torch.float16', 'torch.float32']
+    assert result['cast_difference'] == 0
+
+
 def test_interpreter_refuses_bfloat16(interpreted):
     # it would multiply bfloat16 bit patterns: a clear refusal, not garbage
     assert 'bfloat16' in interpreted['interpreter_bf16']['reason']
@@ -526,9 +560,9 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
 
 
 def test_the_projection_kernel_serves_triton_inference_only():
-    """kernels='triton' projects with its kernel in inference up to width
-    128; training (no backward), 'auto' (untimed) and wider memories
-    project in PyTorch, and a hook on a layer calls the layers."""
+    """kernels='triton' projects (up to width 128) and scans with its
+    kernels in inference; training (no backward), 'auto' (untimed) and wider
+    memories project in PyTorch, and a hook on a layer calls the layers."""
     from convneur_mm.models.layers import NeuralMemory
     x = torch.empty(2, 20, 16, device='meta')
 
@@ -539,6 +573,10 @@ def test_the_projection_kernel_serves_triton_inference_only():
     memory = NeuralMemory(16, chunk_size=8, kernels='triton').to('meta')
     assert projections(memory) == 'triton'
     assert projections(memory, grad=True) == 'torch'
+    with torch.no_grad(), kernels.without_launches():
+        assert memory.plan(x).scan == 'triton'
+    with kernels.without_launches():
+        assert memory.plan(x).scan == 'torch'  # training scans by autograd's products
     memory.kernels = 'auto'
     assert projections(memory) == 'torch'
     wide = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
@@ -639,7 +677,9 @@ def _compile_stage(d: int, operand_dtype: torch.dtype, arch: int, **stage):
     return reports
 
 
+# the product kernels, launched once each; the scan's runs once per weight tensor
 KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel']
+SCAN_LAUNCHES = ['scan_kernel'] * 3
 
 
 @pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 90),
@@ -647,22 +687,29 @@ KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'projec
 def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
     """M3's stage 1 (batch 128, 3136 tokens, C_m 128, chunks of 196) as the
     wrappers launch it: no spills, and Hopper's wgmma on sm_90 (but for the
-    projections)."""
+    projections); 16-bit weights everywhere, the scan writing w1's and w2's
+    states in 16 bits for the read."""
     inspect, launches = _stage_launches(128, operand_dtype, arch)
-    assert sorted(launch.kernel.__name__ for launch in launches) == sorted(KERNEL_NAMES)
+    assert sorted(launch.kernel.__name__ for launch in launches) == sorted(
+        KERNEL_NAMES + SCAN_LAUNCHES)
+    half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
+    states = []
     for launch in launches:
         signature, constants, attrs, _ = inspect.launch_specialization(launch, arch)
-        # the launch's own specialization: 16-bit W_0 for the gradients (the
-        # chunk read's per-chunk states stay float32), divisibility hints
-        assert attrs, launch.kernel.__name__
-        half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
+        # the launch's own specialization: divisibility hints, 16-bit weights
         name = launch.kernel.__name__
-        want = '*fp32' if name == 'read_kernel' else half
-        assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == want, name
+        assert attrs, name
+        if name == 'scan_kernel':
+            states.append(signature['out_ptr'])
+        else:
+            assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == half, name
+    assert states == [half, half, '*fp32']  # w1, w2, g
     reports = inspect.launch_reports(launches, arch)
-    assert sorted(r.kernel for r in reports) == sorted(KERNEL_NAMES)
+    assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
+        if report.kernel == 'scan_kernel':
+            continue  # element-wise
         # the projections' 32-row tiles (64 spill) are below wgmma's least
         wgmma = arch >= 90 and report.kernel != 'project_kernel'
         assert (report.wgmma > 0) == wgmma and report.mma != 'none', report
@@ -725,8 +772,8 @@ def test_compile_reports_tell_specializations_apart():
 def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
     reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784)
     # wider than 128, the projections run in PyTorch (MAX_PROJECTION_WIDTH)
-    assert sorted(r.kernel for r in reports) == sorted(
-        KERNEL_NAMES if d <= 128 else set(KERNEL_NAMES) - {'project_kernel'})
+    assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES) - (
+        set() if d <= 128 else {'project_kernel'})
     if operand_dtype != torch.float32:  # max_lr 1e-3: the decomposed read
         reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784, max_lr=1e-3)
         assert 'read_kernel' in [r.kernel for r in reports]

@@ -214,3 +214,27 @@ def test_triton_projections_allocate_their_results_only():
                                            [b, updates, d]]
     assert live.peak <= results + folded, (live.peak, results, folded)
     assert live.peak >= results
+
+
+def test_triton_scan_refuses_bad_arguments_and_allocates_its_states_only():
+    from convneur_mm.models.layers.memory_ops import kernels
+    from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
+    from convneur_mm.testing.dispatch_probes import LiveTensorBytes
+    n, u, p = 4, 5, 64
+    grads, gates = torch.zeros(n, u, p), torch.zeros(n, u)
+    with pytest.raises(ValueError, match='as many'):
+        scan_states_triton([grads], torch.zeros(2, n, u), gates, gates, [None])
+    with pytest.raises(ValueError, match=r'grads\[0\] must be \(4, 5, P\)'):
+        scan_states_triton([grads[:, :3]], gates[None], gates, gates, [None])
+    with pytest.raises(TypeError, match='float32 grads'):
+        scan_states_triton([grads.double()], gates[None], gates, gates, [None])
+    with pytest.raises(ValueError, match='state dtypes'):
+        scan_states_triton([grads], gates[None], gates, gates, [None], [torch.int8])
+    meta = lambda *shape: torch.empty(*shape, device='meta')  # noqa: E731
+    # M3's stage 1 at batch 128: w1's states in bf16 cost half their float32 bytes
+    n, u, p = 128, 15, 128 * 512
+    args = ([meta(n, u, p)], meta(1, n, u), meta(n, u), meta(n, u), [meta(n, p)])
+    with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
+        states = scan_states_triton(*args, [torch.bfloat16])
+    assert states[0].shape == (n, u + 1, p) and states[0].dtype == torch.bfloat16
+    assert live.peak == n * (u + 1) * p * 2

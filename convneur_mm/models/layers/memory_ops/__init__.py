@@ -7,7 +7,8 @@ implementations (the layout of flash-linear-attention's ``ops``):
   ``chunk_grads_torch`` (``chunk_grads_closed_form`` for training),
   ``chunk_grads_triton``, ``chunk_grads_naive``;
 * ``scan`` (the states of the momentum/decay recursion): ``scan_states``
-  (PyTorch only), ``scan_states_naive``;
+  (matrix products), ``scan_states_triton`` (step by step, inference),
+  ``scan_states_naive``;
 * ``chunk_read`` (chunk t reads state t; the decomposed read by its ``base``
   and ``carry`` arguments): ``chunk_read_torch``, ``chunk_read_triton``,
   ``chunk_read_naive``;
@@ -26,7 +27,8 @@ without ``torch.autograd.grad`` in the forward pass. Their training form
 backward): ``chunk_grads_closed_form``, ``read_closed_form``, which
 ``chunk_read_torch`` reads through. The Triton ones are custom operators
 (``torch.ops.convneur_mm``, kept whole by ``torch.compile``; ``kernels`` says
-where they run) with backward kernels of their own (but the projections');
+where they run) with backward kernels of their own (but the projections' and
+the scan's, which serve inference);
 the references take exact products in their inputs' dtype (float64 in the tests). ``common`` holds what
 they share: ``MemoryWeights``, ``product`` (the products' operand dtype),
 ``LN_EPS``, ``RMS_EPS``, ``ln_backward`` and the closed forms' checks.
@@ -37,7 +39,8 @@ from .chunk_read import (CHUNK_READ_IMPLEMENTATIONS, chunk_read_naive, chunk_rea
                          chunk_read_triton)
 from .common import LN_EPS, RMS_EPS, MemoryWeights, product
 from .read import READ_IMPLEMENTATIONS, read_closed_form, read_naive, read_torch, read_triton
-from .scan import decay_carry, momentum_decay_states, scan_states, scan_states_naive
+from .scan import (decay_carry, momentum_decay_states, scan_states, scan_states_naive,
+                   scan_states_triton)
 
 # the operations' dispatchers are their subpackages' own (``read.read``):
 # exported here, they would shadow the subpackages of the same names
@@ -46,4 +49,4 @@ __all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'CHUNK_READ_IMPLEMENTATIONS', 'LN_EPS'
            'chunk_grads_torch', 'chunk_grads_triton', 'chunk_read_naive', 'chunk_read_torch',
            'chunk_read_triton', 'decay_carry', 'momentum_decay_states', 'product',
            'read_closed_form', 'read_naive', 'read_torch', 'read_triton', 'scan_states',
-           'scan_states_naive']
+           'scan_states_naive', 'scan_states_triton']

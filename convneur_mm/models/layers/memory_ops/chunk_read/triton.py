@@ -25,8 +25,10 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
 
     Args:
         states: per-chunk fast weights ``w1`` (H, B, C, d, 4d),
-            ``w2`` (H, B, C, 4d, d), ``g`` (H, B, C, d); float32, any strides
-            (expanded views work); with ``base``: dW_t for ``w1`` and ``w2``.
+            ``w2`` (H, B, C, 4d, d), ``g`` (H, B, C, d); float32 (``w1`` and
+            ``w2`` also in ``operand_dtype``, as the scan kernel writes
+            them), any strides (expanded views work); with ``base``: dW_t
+            for ``w1`` and ``w2``.
         queries: (H, B, N, d) float32, any strides; N <= C * chunk_size.
         chunk_size: tokens per chunk L.
         operand_dtype: dtype of the products' operands (float32, float16,
@@ -49,7 +51,7 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
                      ('states.w2', w2, ('H', 'B', 'C', 'h', 'd')),
                      ('states.g', g, ('H', 'B', 'C', 'd'))] +
                     check_decomposed(base, carry, 'H', ('H', 'B', 'C')), operand_dtype,
-                    (block_rows, block_hidden))
+                    (block_rows, block_hidden), operands=('states.w1', 'states.w2'))
     n, chunks = queries.shape[2], w1.shape[2]
     if chunk_size < 1:
         raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')

@@ -787,3 +787,33 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
         store = tl.load(store_ptr + cols, mask=cmask, other=0.0)
         tl.store(sum_ptr + b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d,
                  pooled / running_sum * store, mask=cmask)
+
+
+@triton.jit
+def scan_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w0_ptr, out_ptr, U, P, blocks,
+                sg_n, sg_u, sg_p, sl_n, sl_u, sk_n, sk_u, sm_n, sm_u, sw_n, sw_p,
+                so_n, so_u, so_p,
+                HAS_INITIAL: tl.constexpr, BP: tl.constexpr):
+    """The momentum/decay recursion of one row's block of BP entries, step by
+    step in float32: S_t = eta_t S_{t-1} - rho_t G_t, W_t = keep_t W_{t-1} + S_t
+    (``scan_states_naive``); each W_t is written in the output's dtype, so a
+    16-bit state costs no cast kernel."""
+    pid = tl.program_id(0)
+    n = (pid // blocks).to(tl.int64)
+    p = (pid % blocks) * BP + tl.arange(0, BP)
+    mask = p < P
+    if HAS_INITIAL:
+        w = tl.load(w0_ptr + n * sw_n + p * sw_p, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.zeros((BP,), dtype=tl.float32)
+    s = tl.zeros((BP,), dtype=tl.float32)
+    out = out_ptr + n * so_n + p * so_p
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
+    g_row = g_ptr + n * sg_n + p * sg_p
+    for t in range(0, U):
+        keep = tl.exp(tl.load(keep_ptr + n * sk_n + t * sk_u))
+        eta = tl.exp(tl.load(momentum_ptr + n * sm_n + t * sm_u))
+        rho = tl.load(lr_ptr + n * sl_n + t * sl_u)
+        s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0)
+        w = keep * w + s
+        tl.store(out + (t + 1) * so_u, w.to(out_ptr.dtype.element_ty), mask=mask)

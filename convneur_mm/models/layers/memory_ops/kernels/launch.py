@@ -135,7 +135,8 @@ def as_operands(t: Tensor, operand_dtype: torch.dtype) -> Tensor:
 
 def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
                     operand_dtype: torch.dtype,
-                    tiles: Tuple[Optional[int], Optional[int]]) -> None:
+                    tiles: Tuple[Optional[int], Optional[int]],
+                    operands: Tuple[str, ...] = ()) -> None:
     """Tile sizes, shapes (named sizes must agree wherever they appear),
     float32 and one device: each failure an error naming the argument.
 
@@ -143,6 +144,8 @@ def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
         tensors: (name, tensor, the names of its sizes) of each argument.
         operand_dtype: the products' operand dtype.
         tiles: the caller's (block_rows, block_hidden).
+        operands: the arguments that only products read, which may also
+            come in ``operand_dtype`` (the scan kernel writes them so).
     """
     check_tiles(*tiles)
     sizes = {}
@@ -156,8 +159,10 @@ def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
             if want != got:
                 raise ValueError(f'{name} has size {got} in dim {axis}, but {where} has '
                                  f'{want} in dim {want_axis} for the same quantity')
-        if t.dtype != torch.float32:
-            raise TypeError(f'the memory kernels take float32 tensors; {name} is {t.dtype}')
+        if t.dtype != torch.float32 and not (name in operands and t.dtype == operand_dtype):
+            allowed = f' or {operand_dtype}' if name in operands else ''
+            raise TypeError(f'the memory kernels take float32{allowed} tensors; {name} is '
+                            f'{t.dtype}')
     first = tensors[0][1]
     for name, t, _ in tensors[1:]:
         if t.device != first.device:
