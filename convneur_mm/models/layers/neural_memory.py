@@ -88,9 +88,9 @@ class MemoryPlan:
             layers are plain: ``plain_layers``); 'triton', that as one Triton
             kernel (inference with ``kernels='triton'``); 'layers', each
             layer called (a hook or FSDP must see it).
-        scan: 'triton' (the scan kernel, step by step, ``w1``'s and ``w2``'s
-            states written in ``operand_dtype``: inference with
-            ``kernels='triton'``) or 'torch' (matrix products).
+        scan: 'triton' (the scan kernel, step by step; in inference
+            ``w1``'s and ``w2``'s states written in ``operand_dtype``), where
+            ``kernels='triton'`` took the kernels, or 'torch' (matrix products).
     """
     operand_dtype: Optional[torch.dtype]
     decomposed_read: bool
@@ -324,7 +324,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
             projections=self._projections(implementation),
-            scan='triton' if self._inference_kernels(implementation) else 'torch')
+            scan='triton' if implementation == 'triton' and self.kernels == 'triton' else 'torch')
 
     def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
                         ) -> Tuple[str, str]:
@@ -390,20 +390,15 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
 
-    def _inference_kernels(self, implementation: str) -> bool:
-        """Whether the inference-only kernels (projections, scan) serve this
-        call: in inference where ``kernels='triton'`` took the kernels (they
-        have no backward, and no GPU has timed them for 'auto')."""
-        return (implementation == 'triton' and self.kernels == 'triton' and
-                not torch.is_grad_enabled())
-
     def _projections(self, implementation: str) -> str:
         """The plan's ``projections``: 'layers' unless the layers are plain;
-        'triton' where ``_inference_kernels``, up to the kernel's widest row
-        (``MAX_PROJECTION_WIDTH``); else 'torch'."""
+        'triton' in inference where ``kernels='triton'`` took the kernels (the
+        projection kernel has no backward, and no GPU has timed it for
+        'auto'), up to its widest row (``MAX_PROJECTION_WIDTH``); else 'torch'."""
         if not self._plain_projections():
             return 'layers'
-        if self._inference_kernels(implementation) and self.dim <= MAX_PROJECTION_WIDTH:
+        if (implementation == 'triton' and self.kernels == 'triton' and
+                not torch.is_grad_enabled() and self.dim <= MAX_PROJECTION_WIDTH):
             return 'triton'
         return 'torch'
 
@@ -527,8 +522,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         grads.clear()  # the caller's list too: scan_states frees each gradient once scanned
         gates = (proj.lr_mod.reshape(-1, h * b, u), log_keep, proj.log_momentum.reshape(h * b, u))
         if plan.scan == 'triton':
-            # w1's and w2's states are read by products only: written in their operand dtype
-            operands = plan.operand_dtype or torch.float32
+            # in inference w1's and w2's states, read by products only, are written in
+            # their operand dtype; training keeps them float32 for the read's gradients
+            operands = (plan.operand_dtype or torch.float32) if not torch.is_grad_enabled() \
+                else torch.float32
             scanned = scan_states_triton(flat, *gates, starts, (operands, operands, torch.float32))
         else:
             scanned = scan_states(flat, *gates, starts, scan_block)

@@ -23,7 +23,8 @@ from .test_memory_kernels import _run_interpreted
 OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project', 'memory_scan')
 # the cases whose autograd and backward operator opcheck runs (the per-image
 # views' backward is checked against float64 in test_memory_kernels_backward)
-DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed')
+DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
+                  'scan', 'scan_updates')
 
 
 def _weights(lead: Tuple[int, ...], d: int, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -80,6 +81,11 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
     # the backward operators: the forward's tensors, then the outputs' cotangents
     for name in DIFFERENTIABLE:
         op, args = cases[name]
+        if name.startswith('scan'):  # its backward takes the saved states too (float32)
+            n, u, p = args[0].shape
+            states, bar = (torch.randn(n, u + 1, p, generator=gen) for _ in range(2))
+            cases[f'{name}_backward'] = (ops.memory_scan_backward, (*args[:5], states, bar))
+            continue
         if name.startswith('chunk_grads'):
             groups, chunks, d = args[0].shape[0], token_lr.shape[1], args[0].shape[1]
             if name.endswith('per_image'):
@@ -272,7 +278,7 @@ def test_a_compiled_training_step_keeps_the_kernels(interpreted):
     # the projection kernel has no backward: training projects in PyTorch
     result = interpreted['compiled_training']
     assert result['graph_breaks'] == 0
-    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read']
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_scan']
     assert result['grads'] > 15 and result['difference'] < 1e-5 * result['scale'], result
 
 

@@ -253,11 +253,28 @@ def scan_results(gen: torch.Generator) -> dict:
     got = scan_states_triton(list(grads), lr_mod, log_keep, log_momentum, initial)
     half = scan_states_triton(list(grads), lr_mod, log_keep, log_momentum, initial,
                               [torch.float16, torch.float16, torch.float32])
-    return {'scan': dict(
+    results = {'scan': dict(
         exact=max(_rel_err(a, b) for a, b in zip(got, ref)),
         shapes=[list(t.shape) for t in got],
         dtypes=[str(t.dtype) for t in half],
         cast_difference=max((a.to(b.dtype) != b).sum().item() for a, b in zip(got, half)))}
+
+    # the backward kernel against autograd through the float64 recursion,
+    # every input's gradient, at random cotangents of every state
+    def gradients(dtype, scan):
+        leaves = [t.to(dtype).requires_grad_() for t in (*grads, lr_mod, log_keep, log_momentum,
+                                                       *initial[:2])]
+        with torch.enable_grad():
+            states = scan(list(leaves[:3]), *leaves[3:6], [*leaves[6:], None])
+            sum((s * c.to(dtype)).sum() for s, c in zip(states, cotangents)).backward()
+        return [t.grad for t in leaves]
+
+    cotangents = [torch.randn(n, u + 1, p, generator=gen) for p in widths]
+    exact = gradients(torch.float64, scan_states_naive)
+    kernel = gradients(torch.float32, scan_states_triton)
+    results['scan_backward'] = dict(exact=max(_rel_err(a, b) for a, b in zip(kernel, exact)),
+                                    count=sum(a is not None for a in kernel))
+    return results
 
 
 # (batch, tokens, d, heads, L, U, block_rows): a partial last chunk; two
@@ -410,7 +427,10 @@ def test_triton_projections_match_the_layers_in_float64(interpreted, case):
 
 def test_triton_scan_matches_the_recursion(interpreted):
     """Step by step in float32 within 1e-5 of float64; 16-bit states are the
-    float32 states cast (the read would round them the same way)."""
+    float32 states cast (the read would round them the same way); the
+    backward kernel gives every input's gradient within 1e-5 of float64."""
+    backward = interpreted['scan_backward']
+    assert backward['count'] == 8 and backward['exact'] < F32_TOL, backward
     result = interpreted['scan']
     assert result['exact'] < F32_TOL, result
     assert result['shapes'] == [[3, 6, 40], [3, 6, 1100], [3, 6, 7]]
@@ -560,9 +580,10 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
 
 
 def test_the_projection_kernel_serves_triton_inference_only():
-    """kernels='triton' projects (up to width 128) and scans with its
-    kernels in inference; training (no backward), 'auto' (untimed) and wider
-    memories project in PyTorch, and a hook on a layer calls the layers."""
+    """kernels='triton' projects with its kernel in inference up to width
+    128 and scans with its kernel in inference and training; training (no
+    projection backward), 'auto' (untimed) and wider memories project in
+    PyTorch, and a hook on a layer calls the layers."""
     from convneur_mm.models.layers import NeuralMemory
     x = torch.empty(2, 20, 16, device='meta')
 
@@ -575,9 +596,11 @@ def test_the_projection_kernel_serves_triton_inference_only():
     assert projections(memory, grad=True) == 'torch'
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).scan == 'triton'
-    with kernels.without_launches():
-        assert memory.plan(x).scan == 'torch'  # training scans by autograd's products
+    with kernels.without_launches():  # training: the scan kernel has a backward
+        assert memory.plan(x).scan == 'triton'
     memory.kernels = 'auto'
+    with torch.no_grad(), kernels.without_launches():
+        assert memory.plan(x).scan == 'torch'  # untimed: 'auto' scans by products
     assert projections(memory) == 'torch'
     wide = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
     assert projections(wide, torch.empty(2, 20, 160, device='meta')) == 'torch'
@@ -717,13 +740,14 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
 
 @pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 80)])
 def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
-    """The chunk read's and the chunk gradients' backward at M3's stage 1
-    (batch 128, 16 chunks of 196 tokens, C_m 128; the keys as the
+    """The chunk read's, the chunk gradients' and the scan's backward at M3's
+    stage 1 (batch 128, 16 chunks of 196 tokens, C_m 128; the keys as the
     projections' per-image views) as their wrappers launch them: no spills,
     tensor-core products, and wgmma for the read's on sm_90 (the write's rows
     pass takes 16-row tiles, below wgmma's 64, to hold its tiles without
     spilling)."""
     from convneur_mm.models.layers.memory_ops.chunk_grads.triton import _chunk_grads_backward
+    from convneur_mm.models.layers.memory_ops.scan.triton import _scan_backward
     inspect = _inspect()
     heads, batch, chunks, length, d = 1, 128, 16, 196, 128
     meta = dict(device='meta')
@@ -743,13 +767,19 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
                               proj[..., :d], proj[..., d:], token_lr,
                               empty(*per_chunk, d, 4 * d), empty(*per_chunk, 4 * d, d),
                               empty(*per_chunk, d), operand_dtype, None, None)
+        # w1's scan: (H B, U, d 4d) gradients, U + 1 states
+        rows, size = heads * batch, d * 4 * d
+        _scan_backward(empty(rows, chunks - 1, size), empty(rows, chunks - 1),
+                       empty(rows, chunks - 1), empty(rows, chunks - 1), empty(rows, size),
+                       empty(rows, chunks, size), empty(rows, chunks, size))
     reports = inspect.launch_reports(launches, arch)
     assert sorted(r.kernel for r in reports) == [
         'grads_backward_cols_kernel', 'grads_backward_rows_kernel', 'read_backward_cols_kernel',
-        'read_backward_rows_kernel']
+        'read_backward_rows_kernel', 'scan_backward_kernel']
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
-        assert report.mma != 'none', report
+        if report.kernel != 'scan_backward_kernel':  # element-wise
+            assert report.mma != 'none', report
         if report.kernel.startswith('read'):
             assert (report.wgmma > 0) == (arch >= 90), report
 

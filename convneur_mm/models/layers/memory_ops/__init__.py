@@ -7,7 +7,7 @@ implementations (the layout of flash-linear-attention's ``ops``):
   ``chunk_grads_torch`` (``chunk_grads_closed_form`` for training),
   ``chunk_grads_triton``, ``chunk_grads_naive``;
 * ``scan`` (the states of the momentum/decay recursion): ``scan_states``
-  (matrix products), ``scan_states_triton`` (step by step, inference),
+  (matrix products), ``scan_states_triton`` (step by step),
   ``scan_states_naive``;
 * ``chunk_read`` (chunk t reads state t; the decomposed read by its ``base``
   and ``carry`` arguments): ``chunk_read_torch``, ``chunk_read_triton``,
@@ -27,8 +27,8 @@ without ``torch.autograd.grad`` in the forward pass. Their training form
 backward): ``chunk_grads_closed_form``, ``read_closed_form``, which
 ``chunk_read_torch`` reads through. The Triton ones are custom operators
 (``torch.ops.convneur_mm``, kept whole by ``torch.compile``; ``kernels`` says
-where they run) with backward kernels of their own (but the projections' and
-the scan's, which serve inference);
+where they run) with backward kernels of their own (but the projections',
+which serve inference);
 the references take exact products in their inputs' dtype (float64 in the tests). ``common`` holds what
 they share: ``MemoryWeights``, ``product`` (the products' operand dtype),
 ``LN_EPS``, ``RMS_EPS``, ``ln_backward`` and the closed forms' checks.

@@ -1,7 +1,7 @@
 """The scan as one Triton kernel per weight tensor, a custom operator
-``torch.ops.convneur_mm.memory_scan`` (inference: it has no backward, and
-training scans in PyTorch)."""
-from typing import List, Optional, Sequence
+``torch.ops.convneur_mm.memory_scan`` whose backward is another
+(``torch.ops.convneur_mm.memory_scan_backward``)."""
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -20,7 +20,9 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     reading each gradient once and writing each state once, in its
     ``state_dtypes`` entry: a state that only products read can be written
     straight in their 16-bit operand dtype (the same rounding as a cast of
-    the float32 state). No (U, U) decay matrix is built.
+    the float32 state). No (U, U) decay matrix is built. Differentiable with
+    float32 states: its backward kernel walks the steps backwards from the
+    saved states (nothing else is saved).
 
     Args:
         grads: K gradients (N, U, P_k), float32. The list is consumed as
@@ -69,9 +71,7 @@ def _scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
         raise RuntimeError(f'the scan kernel cannot run: {why}')
     n, u, p = grads.shape
     out = grads.new_empty(n, u + 1, p, dtype=state_dtype)
-    if out.numel() and (u + 1) * max(grads.stride(1), out.stride(1)) >= 2**31:
-        raise ValueError(f'{u} steps of {p} entries span more than 2**31 elements, beyond the '
-                         "scan kernel's int32 offsets")
+    _check_steps_span(u, grads, out)
     if out.numel():
         kernels, _ = launch_config(state_dtype, grads.device)
         blocks = cdiv(p, SCAN_BLOCK)
@@ -84,7 +84,53 @@ def _scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
     return out
 
 
+def _check_steps_span(steps: int, *tensors: Tensor) -> None:
+    """Offsets along the steps are int32: U + 1 steps of each tensor's rows
+    must span < 2**31 elements (rows are addressed by int64 offsets)."""
+    for t in tensors:
+        if t.numel() and (steps + 1) * abs(t.stride(1)) >= 2**31:
+            raise ValueError(f'{steps} steps of {t.shape[-1]} entries span more than 2**31 '
+                             "elements, beyond the scan kernel's int32 offsets")
+
+
+ScanGrads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
+                   initial: Optional[Tensor], states: Tensor, grad_states: Tensor) -> ScanGrads:
+    """The gradients of (grads, lr_mod, log_keep, log_momentum, initial); the
+    last empty without ``initial``. The gates' gradients are per-block shares
+    summed in a fixed order (deterministic)."""
+    why = unavailable_reason(grads.device, operand_dtype=torch.float32)
+    if why is not None:
+        raise RuntimeError(f'the scan kernel cannot run: {why}')
+    if states.dtype != torch.float32:
+        raise RuntimeError(f'the scan kernel trains with float32 states, not {states.dtype}')
+    n, u, p = grads.shape
+    blocks = cdiv(p, SCAN_BLOCK)
+    d_grads = grads.new_empty(n, u, p)
+    shares = grads.new_empty(3, n, blocks, u)
+    d_initial = grads.new_empty(n, p) if initial is not None else grads.new_empty(0)
+    _check_steps_span(u, grads, states, grad_states, d_grads)
+    if d_grads.numel():
+        kernels, _ = launch_config(torch.float32, grads.device)
+        w0 = d_grads if initial is None else d_initial
+        kernels.scan_backward_kernel[(n * blocks,)](
+            grads, lr_mod, log_keep, log_momentum, states, grad_states, d_grads, w0,
+            shares[0], shares[1], shares[2], u, p, blocks,
+            *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
+            *states.stride(), *grad_states.stride(), *d_grads.stride(),
+            w0.stride(0), w0.stride(-1), HAS_INITIAL=initial is not None, BP=SCAN_BLOCK,
+            num_warps=4)
+    elif initial is not None:  # no steps: W_0 is the only state
+        d_initial.copy_(grad_states[:, 0])
+    return (d_grads, shares[0].sum(dim=1), shares[1].sum(dim=1), shares[2].sum(dim=1),
+            d_initial)
+
+
 _scan_op = torch.library.custom_op('convneur_mm::memory_scan', _scan, mutates_args=())
+_scan_backward_op = torch.library.custom_op('convneur_mm::memory_scan_backward', _scan_backward,
+                                            mutates_args=())
 
 
 @_scan_op.register_fake
@@ -92,3 +138,25 @@ def _scan_fake(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Te
                initial: Optional[Tensor], state_dtype: torch.dtype) -> Tensor:
     n, u, p = grads.shape
     return grads.new_empty(n, u + 1, p, dtype=state_dtype)
+
+
+@_scan_backward_op.register_fake
+def _scan_backward_fake(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
+                        initial: Optional[Tensor], states: Tensor, grad_states: Tensor
+                        ) -> ScanGrads:
+    n, u, p = grads.shape
+    new = grads.new_empty
+    return new(n, u, p), new(n, u), new(n, u), new(n, u), new(0) if initial is None else new(n, p)
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs[:5], output)
+
+
+def _backward(ctx, grad_states: Tensor) -> tuple:
+    grads, lr_mod, log_keep, log_momentum, initial, states = ctx.saved_tensors
+    d = _scan_backward_op(grads, lr_mod, log_keep, log_momentum, initial, states, grad_states)
+    return (*d[:4], None if initial is None else d[4], None)
+
+
+_scan_op.register_autograd(_backward, setup_context=_setup_context)
