@@ -72,8 +72,8 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         'chunk_read_decomposed': (ops.memory_chunk_read, (
             *(t * 1e-2 for t in states), queries, length, *w[:2],
             torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
-        'project': (ops.memory_project, (*project_args, 2, 8, 0.5, dtype, 16)),
-        'project_one_chunk': (ops.memory_project, (*project_args, 0, 32, 0.5, dtype, None)),
+        'project': (ops.memory_project, (*project_args, 2, 8, 0.5, dtype, 16, None)),
+        'project_one_chunk': (ops.memory_project, (*project_args, 0, 32, 0.5, dtype, None, None)),
         # the states of 3 steps of (N = 4, P = 40) weights, from W_0 and from zero
         'scan': (ops.memory_scan, (*_scan_args(gen), torch.randn(4, 40, generator=gen), dtype)),
         'scan_updates': (ops.memory_scan, (*_scan_args(gen), None, torch.float32)),
@@ -207,11 +207,13 @@ def _opcheck(op, args) -> dict:
         return {'error': repr(err)[-2000:]}
 
 
-# opcheck's cases: the forward operators in both operand dtypes; the backward
-# operators and the autograd in float32 only (opcheck's checks, of schemas,
-# fakes and registrations, do not depend on it, and each costs interpreter time)
+# opcheck's cases: every operator in float32; the three product operators'
+# forward in float16 too (opcheck's checks, of schemas, fakes and
+# registrations, do not depend on the dtype, and each costs interpreter time)
 OPCHECKED = [(case, tag) for tag in ('f32', 'f16') for case in op_cases(torch.float32)
-             if tag == 'f32' or not case.endswith('_backward')]
+             if tag == 'f32' or case in ('chunk_grads', 'chunk_grads_per_image', 'read',
+                                         'read_decomposed', 'chunk_read',
+                                         'chunk_read_decomposed')]
 
 
 def custom_op_results() -> dict:

@@ -277,10 +277,13 @@ def scan_results(gen: torch.Generator) -> dict:
     return results
 
 
-# (batch, tokens, d, heads, L, U, block_rows): a partial last chunk; two
-# heads of a padded width (12 -> 16); a masked row block; no write
-PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16), 'd20_L24': (2, 50, 20, 1, 24, 2, None),
-                    'one_chunk': (1, 6, 16, 1, 8, 0, None)}
+# (batch, tokens, d, heads, L, U, block_rows, block_features): a partial last
+# chunk; two heads of a padded width (12 -> 16); a masked row block; no
+# write; products over 16-feature steps with a masked last one (M4's path)
+PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16, None),
+                    'd20_L24': (2, 50, 20, 1, 24, 2, None, None),
+                    'one_chunk': (1, 6, 16, 1, 8, 0, None, None),
+                    'heads2_d40_steps16': (2, 20, 40, 2, 8, 2, 16, 16)}
 
 
 def projection_results(gen: torch.Generator) -> dict:
@@ -289,7 +292,7 @@ def projection_results(gen: torch.Generator) -> dict:
     from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
                                                               project_triton)
     results = {}
-    for name, (b, n, d, heads, length, u, block_rows) in PROJECTION_CASES.items():
+    for name, (b, n, d, heads, length, u, block_rows, steps) in PROJECTION_CASES.items():
         shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
                   (heads, d // heads), (heads, d // heads))
         weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5
@@ -298,7 +301,8 @@ def projection_results(gen: torch.Generator) -> dict:
         ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)),
                             u, length, 0.5)
         for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
-            got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows)
+            got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows,
+                                 block_features=steps)
             results[f'project_{tag}_{name}'] = dict(
                 exact=max(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
                 shapes=[list(t.shape) for t in got],
@@ -581,7 +585,7 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
 
 def test_the_projection_kernel_serves_triton_inference_only():
     """kernels='triton' projects with its kernel in inference up to width
-    128 and scans with its kernel in inference and training; training (no
+    256 and scans with its kernel in inference and training; training (no
     projection backward), 'auto' (untimed) and wider memories project in
     PyTorch, and a hook on a layer calls the layers."""
     from convneur_mm.models.layers import NeuralMemory
@@ -602,8 +606,8 @@ def test_the_projection_kernel_serves_triton_inference_only():
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).scan == 'torch'  # untimed: 'auto' scans by products
     assert projections(memory) == 'torch'
-    wide = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
-    assert projections(wide, torch.empty(2, 20, 160, device='meta')) == 'torch'
+    wide = NeuralMemory(512, heads=2, chunk_size=8, kernels='triton').to('meta')
+    assert projections(wide, torch.empty(2, 20, 512, device='meta')) == 'torch'
     memory.kernels = 'triton'
     memory.to_values.register_forward_hook(lambda *args: None)
     assert projections(memory) == 'layers'
@@ -801,9 +805,7 @@ def test_compile_reports_tell_specializations_apart():
 @pytest.mark.parametrize('operand_dtype', [torch.float32, torch.float16, torch.bfloat16])
 def test_kernels_compile_for_every_width_and_dtype(arch, d, operand_dtype):
     reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784)
-    # wider than 128, the projections run in PyTorch (MAX_PROJECTION_WIDTH)
-    assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES) - (
-        set() if d <= 128 else {'project_kernel'})
+    assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)
     if operand_dtype != torch.float32:  # max_lr 1e-3: the decomposed read
         reports = _compile_stage(d, operand_dtype, arch, batch=2, tokens=784, max_lr=1e-3)
         assert 'read_kernel' in [r.kernel for r in reports]
@@ -854,9 +856,9 @@ def test_triton_kernels_on_cuda_at_model_widths(d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4)])
+@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
 def test_triton_projections_on_cuda(d, heads):
-    """The compiled projection kernel at M1 and M3 widths, 3136 tokens in
+    """The compiled projection kernel at M1, M3 and M4 widths, 3136 tokens in
     chunks of 196, every operand dtype, against each layer in float64."""
     from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
                                                               project_triton)

@@ -185,9 +185,12 @@ def test_projections_refuse_bad_arguments():
         project(x, weights, 2, 8, 1.0, implementation='cuda')
     with pytest.raises(TypeError, match='float32'):
         project_triton(x, weights, 2, 8, 1.0)
-    wide = _projection_weights(160, 1, gen, torch.float32)
-    with pytest.raises(ValueError, match='widths up to 128'):
-        project_triton(torch.randn(1, 20, 160), wide, 1, 8, 1.0)
+    wide = _projection_weights(320, 2, gen, torch.float32)
+    with pytest.raises(ValueError, match='widths up to 256'):
+        project_triton(torch.randn(1, 20, 320), wide, 1, 8, 1.0)
+    with pytest.raises(ValueError, match='block_features must be a power of two'):
+        project_triton(x.float(), type(weights)(*(t.float() for t in weights)), 2, 8, 1.0,
+                       block_features=24)
     weights = type(weights)(*(t.float() for t in weights))
     with pytest.raises(RuntimeError, match='no backward'):
         project_triton(x.float().requires_grad_(), weights, 2, 8, 1.0)

@@ -689,24 +689,42 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
 
 
 @triton.jit
-def _rows_times(xo, w_ptr, sw_o, sw_i, row0, cols, cmask, outs, omask,
+def _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols, cmask, outs,
+                omask, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
                 DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """xo @ w[row0 + outs, :]^T, (BM, BD) in DTYPE -> (BM, len(outs)) float32:
-    the projections' outputs ``outs`` from the rows' normed features."""
-    w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
-                mask=cmask[:, None] & omask[None, :], other=0.0)
-    return tl.dot(xo, w.to(DTYPE), input_precision=PREC)
+    """The rows' normed features times w[row0 + outs, :]^T -> (BM, BO)
+    float32: the projections' outputs ``outs``. BK == BD: one product with
+    ``xo``, the (BM, BD) normed rows in DTYPE; else over BK-wide slices of
+    the features, each reloaded from x (``x_rows`` the rows' pointers) and
+    normed by ``rstd``, so that no (BD, BO) weight tile is held at once."""
+    if BK == BD:
+        w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
+                    mask=cmask[:, None] & omask[None, :], other=0.0)
+        acc = tl.dot(xo, w.to(DTYPE), input_precision=PREC)
+    else:
+        acc = tl.zeros((BM, BO), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            k = k0 + tl.arange(0, BK)
+            kmask = k < D
+            xk = tl.load(x_rows[:, None] + k[None, :] * sx_d, mask=rmask[:, None] & kmask[None, :],
+                         other=0.0) * rstd[:, None]
+            w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + k[:, None] * sw_i,
+                        mask=kmask[:, None] & omask[None, :], other=0.0)
+            acc = tl.dot(xk.to(DTYPE), w.to(DTYPE), acc=acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
-def _normed_head(xo, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, row, HD, cols, cmask, hcols,
-                 hmask, eps, DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """One head's queries or keys: RMSNorm over its HD columns of
-    xo @ w[row * HD:(row + 1) * HD]^T, times its gain row ``gamma[row]``."""
-    y = _rows_times(xo, w_ptr, sw_o, sw_i, row * HD, cols, cmask, hcols, hmask, DTYPE, PREC)
-    rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / HD + eps)
+def _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
+                 row, HD, cols, cmask, hcols, hmask, eps, BM: tl.constexpr, BD: tl.constexpr,
+                 BK: tl.constexpr, BHD: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """One head's queries or keys: RMSNorm over its HD columns of the rows
+    times w[row * HD:(row + 1) * HD]^T, times its gain row ``gamma[row]``."""
+    y = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row * HD, cols, cmask,
+                    hcols, hmask, BM, BD, BK, BHD, DTYPE, PREC)
+    y_rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / HD + eps)
     gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
-    return y * rstd[:, None] * gamma[None, :]
+    return y * y_rstd[:, None] * gamma[None, :]
 
 
 @triton.jit
@@ -719,15 +737,16 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
                    sv_b, sv_n, sv_d,
                    sl_b, sl_n, sl_h,
                    ss_b, ss_u, ss_d,
-                   BM: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr, BH: tl.constexpr,
-                   DTYPE: tl.constexpr, PREC: tl.constexpr):
+                   BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr,
+                   BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
     """The projections of one (image, chunk) of L tokens, C chunks per image
     (the last partial): x / rms(x) once per block of rows, each head's
     queries RMS-normed with its gain; for the U written chunks also keys
     (likewise), values, the step sizes ``max_lr * sigmoid`` and the pool's
     softmax over the chunk's rows, online (a running max and sum per
     feature), so the chunk's summary needs no second pass. ``w`` (4D + H, D)
-    is the folded weight (``project.weights.fold``), in DTYPE."""
+    is the folded weight (``project.weights.fold``), in DTYPE; its products
+    take BK features at a time (``_rows_times``)."""
     pid = tl.program_id(0)
     c = pid % C
     b = (pid // C).to(tl.int64)
@@ -752,25 +771,31 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
     for r0 in range(0, L, BM):
         i = r0 + tl.arange(0, BM)
         rmask = (i < L) & (first + i < N)
-        x = tl.load(x_base + i[:, None] * sx_n + cols[None, :] * sx_d,
+        x_rows = x_base + i * sx_n
+        x = tl.load(x_rows[:, None] + cols[None, :] * sx_d,
                     mask=rmask[:, None] & cmask[None, :], other=0.0)
-        normed = x * tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        normed = x * rstd[:, None]
         xo = normed.to(DTYPE)
         hm = rmask[:, None] & hmask[None, :]
         for head in range(0, H):
-            q = _normed_head(xo, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, head, HD, cols, cmask,
-                             hcols, hmask, eps, DTYPE, PREC)
+            q = _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
+                             sg_d, head, HD, cols, cmask, hcols, hmask, eps, BM, BD, BK, BHD,
+                             DTYPE, PREC)
             tl.store(q_base + i[:, None] * sq_n + head * sq_h + hcols[None, :] * sq_d, q, mask=hm)
             if written:
-                k = _normed_head(xo, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, H + head, HD, cols,
-                                 cmask, hcols, hmask, eps, DTYPE, PREC)
+                k = _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr,
+                                 sg_h, sg_d, H + head, HD, cols, cmask, hcols, hmask, eps, BM, BD,
+                                 BK, BHD, DTYPE, PREC)
                 tl.store(k_base + i[:, None] * sk_n + head * sk_h + hcols[None, :] * sk_d, k,
                          mask=hm)
         if written:
-            v = _rows_times(xo, w_ptr, sw_o, sw_i, 2 * D, cols, cmask, cols, cmask, DTYPE, PREC)
+            v = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 2 * D, cols,
+                            cmask, cols, cmask, BM, BD, BK, BD, DTYPE, PREC)
             tl.store(v_base + i[:, None] * sv_n + cols[None, :] * sv_d, v,
                      mask=rmask[:, None] & cmask[None, :])
-            logits = _rows_times(xo, w_ptr, sw_o, sw_i, 3 * D, cols, cmask, cols, cmask, DTYPE,
+            logits = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 3 * D, cols,
+                                 cmask, cols, cmask, BM, BD, BK, BD, DTYPE,
                                  PREC) + logits_bias[None, :]
             logits = tl.where(rmask[:, None], logits, float('-inf'))
             new_max = tl.maximum(running_max, tl.max(logits, axis=0))
@@ -779,8 +804,8 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
             running_sum = running_sum * rescale + tl.sum(p, axis=0)
             pooled = pooled * rescale + tl.sum(p * normed, axis=0)
             running_max = new_max
-            lr = _rows_times(xo, w_ptr, sw_o, sw_i, 4 * D, cols, cmask, lcols, lmask, DTYPE,
-                             PREC) + lr_bias[None, :]
+            lr = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 4 * D, cols,
+                             cmask, lcols, lmask, BM, BD, BK, BH, DTYPE, PREC) + lr_bias[None, :]
             tl.store(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
                      max_lr * tl.sigmoid(lr), mask=rmask[:, None] & lmask[None, :])
     if written:

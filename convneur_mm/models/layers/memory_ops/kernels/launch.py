@@ -65,9 +65,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def check_tiles(block_rows: Optional[int], block_hidden: Optional[int]) -> None:
+def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
+                names: Tuple[str, str] = ('block_rows', 'block_hidden')) -> None:
     """Tile sizes given by a caller are powers of two >= 16 (``tl.dot``'s least)."""
-    for name, value in (('block_rows', block_rows), ('block_hidden', block_hidden)):
+    for name, value in zip(names, (block_rows, block_hidden)):
         if value is not None and (value < 16 or value & (value - 1)):
             raise ValueError(f'{name} must be a power of two >= 16, got {value}')
 
@@ -136,18 +137,19 @@ def as_operands(t: Tensor, operand_dtype: torch.dtype) -> Tensor:
 def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
                     operand_dtype: torch.dtype,
                     tiles: Tuple[Optional[int], Optional[int]],
-                    operands: Tuple[str, ...] = ()) -> None:
+                    operands: Tuple[str, ...] = (),
+                    tile_names: Tuple[str, str] = ('block_rows', 'block_hidden')) -> None:
     """Tile sizes, shapes (named sizes must agree wherever they appear),
     float32 and one device: each failure an error naming the argument.
 
     Args:
         tensors: (name, tensor, the names of its sizes) of each argument.
         operand_dtype: the products' operand dtype.
-        tiles: the caller's (block_rows, block_hidden).
+        tiles: the caller's (block_rows, block_hidden), or the sizes ``tile_names`` names.
         operands: the arguments that only products read, which may also
             come in ``operand_dtype`` (the scan kernel writes them so).
     """
-    check_tiles(*tiles)
+    check_tiles(*tiles, tile_names)
     sizes = {}
     for name, t, shape in tensors:
         if not isinstance(t, Tensor):
