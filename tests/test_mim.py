@@ -105,6 +105,7 @@ def test_mim_run_analyze_model_editable(editable):
     _check_analyze_model_flops(out, osp.join(editable['root'], 'convneur_mm'))
 
 
+@pytest.mark.slow  # the editable install's twin covers `mim run`
 def test_mim_run_analyze_model_wheel(wheel):
     out = _mim(wheel, 'run', 'convneur_mm', 'analyze_model', '--tasks', 'flops',
                'cls_convneur_m1_300e_in1k.py')

@@ -141,6 +141,7 @@ def test_child_configs_inherit_from_the_installed_wheel(installed):
     assert 'CONVNEUR_CONFIGS' in out['unset_error']
 
 
+@pytest.mark.slow  # the child configs' training from the wheel is covered beside it
 def test_child_config_trains_with_the_wheels_train_tool(installed):
     """tools/train.py exports CONVNEUR_CONFIGS itself when it is unset."""
     assert 'CONVNEUR_CONFIGS' not in installed['env']

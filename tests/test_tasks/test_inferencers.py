@@ -67,7 +67,9 @@ print('inferred', kind)
 '''
 
 
-@pytest.mark.parametrize('kind', list(DEMOS))
+# the segmentor's case is a `slow` test: the detector's and the classifier's cover the path
+@pytest.mark.parametrize('kind', [pytest.param(k, marks=pytest.mark.slow) if k == 'seg' else k
+                                  for k in DEMOS])
 def test_inferencers_read_our_checkpoints_in_a_fresh_process(kind, tmp_path):
     config = osp.join(REPO, 'configs', DEMOS[kind])
     checkpoint = str(tmp_path / 'epoch_1.pth')

@@ -88,6 +88,7 @@ def test_table5_rows_with_every_convention():
     assert cbam[0] == '(3) CBAM [69]' and float(cbam[4]) == float(cbam[5])
 
 
+@pytest.mark.slow  # the rows' tests cover the tool; these configs' shapes are a variant
 def test_other_configs_each_at_their_own_shape_beside_the_rows():
     """A segmentor and a classifier (no Table 5 row): each its backbone and
     whole model at its task's shape; a row config beside them still goes to
