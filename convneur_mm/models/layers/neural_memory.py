@@ -90,7 +90,10 @@ class MemoryPlan:
             layer called (a hook or FSDP must see it).
         scan: 'triton' (the scan kernel, step by step; in inference
             ``w1``'s and ``w2``'s states written in ``operand_dtype``), where
-            ``kernels='triton'`` took the kernels, or 'torch' (matrix products).
+            ``kernels='triton'`` took the kernels in the parallel mode, or
+            'torch' (matrix products). ``implementation``, ``projections``
+            and ``scan`` are separate choices: a variant of a plan that
+            changes one keeps the others.
     """
     operand_dtype: Optional[torch.dtype]
     decomposed_read: bool
@@ -324,7 +327,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
             projections=self._projections(implementation),
-            scan='triton' if implementation == 'triton' and self.kernels == 'triton' else 'torch')
+            scan='triton' if (implementation == 'triton' and self.kernels == 'triton' and
+                              self.update == 'parallel') else 'torch')
 
     def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
                         ) -> Tuple[str, str]:
@@ -526,7 +530,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             # their operand dtype; training keeps them float32 for the read's gradients
             operands = (plan.operand_dtype or torch.float32) if not torch.is_grad_enabled() \
                 else torch.float32
-            scanned = scan_states_triton(flat, *gates, starts, (operands, operands, torch.float32))
+            scanned = scan_states_triton(flat, *gates, starts,
+                                         state_dtypes=(operands, operands, torch.float32))
         else:
             scanned = scan_states(flat, *gates, starts, scan_block)
         states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(scanned, w0)]

@@ -144,7 +144,8 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
         read = read_triton(MemoryWeights(w1, w2, g), keys.flatten(1, 2), dtype)
         chunked = chunk_read_triton(MemoryWeights(*states), queries, length, dtype)
         scanned = scan_states_triton([grads[0].flatten(2)], token_lr[None, :, :, 0],
-                                     token_lr[..., 1], token_lr[..., 2], [None], [dtype])
+                                     token_lr[..., 1], token_lr[..., 2], [None],
+                                     state_dtypes=[dtype])
         return (*grads, read, chunked, *project_triton(x, projection, 2, 8, 1.0, dtype),
                 *scanned)
 

@@ -232,12 +232,23 @@ def test_triton_scan_refuses_bad_arguments_and_allocates_its_states_only():
     with pytest.raises(TypeError, match='float32 grads'):
         scan_states_triton([grads.double()], gates[None], gates, gates, [None])
     with pytest.raises(ValueError, match='state dtypes'):
-        scan_states_triton([grads], gates[None], gates, gates, [None], [torch.int8])
+        scan_states_triton([grads], gates[None], gates, gates, [None], state_dtypes=[torch.int8])
+    leaf = grads.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match='trains with float32 states'):
+        scan_states_triton([leaf], gates[None], gates, gates, [None],
+                           state_dtypes=[torch.bfloat16])
+    with pytest.raises(ValueError, match='one device'):
+        scan_states_triton([grads.to('meta')], gates[None], gates, gates, [None])
+    with torch.no_grad(), kernels.without_launches(), pytest.raises(ValueError, match='2\*\*31'):
+        # int32 offsets inside a row: P entries 2**20 elements apart
+        strided = torch.empty_strided((2, 3, 4096), (3, 1, 2**20), device='meta')
+        scan_states_triton([strided], torch.empty(1, 2, 3, device='meta'),
+                           *[torch.empty(2, 3, device='meta')] * 2, [None])
     meta = lambda *shape: torch.empty(*shape, device='meta')  # noqa: E731
     # M3's stage 1 at batch 128: w1's states in bf16 cost half their float32 bytes
     n, u, p = 128, 15, 128 * 512
     args = ([meta(n, u, p)], meta(1, n, u), meta(n, u), meta(n, u), [meta(n, p)])
     with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
-        states = scan_states_triton(*args, [torch.bfloat16])
+        states = scan_states_triton(*args, state_dtypes=[torch.bfloat16])
     assert states[0].shape == (n, u + 1, p) and states[0].dtype == torch.bfloat16
     assert live.peak == n * (u + 1) * p * 2

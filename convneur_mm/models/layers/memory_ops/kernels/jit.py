@@ -731,7 +731,7 @@ def _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr,
 def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
                    q_ptr, k_ptr, v_ptr, lr_ptr, sum_ptr,
                    N, L, C, U, D, H, HD, max_lr, eps,
-                   sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d,
+                   sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d, s_store,
                    sq_b, sq_n, sq_h, sq_d,
                    sk_b, sk_n, sk_h, sk_d,
                    sv_b, sv_n, sv_d,
@@ -809,7 +809,7 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
             tl.store(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
                      max_lr * tl.sigmoid(lr), mask=rmask[:, None] & lmask[None, :])
     if written:
-        store = tl.load(store_ptr + cols, mask=cmask, other=0.0)
+        store = tl.load(store_ptr + cols * s_store, mask=cmask, other=0.0)
         tl.store(sum_ptr + b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d,
                  pooled / running_sum * store, mask=cmask)
 
@@ -851,11 +851,13 @@ def scan_backward_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w_ptr, bar_ptr,
                          sw_n, sw_u, sw_p, sb_n, sb_u, sb_p, sd_n, sd_u, sd_p, s0_n, s0_p,
                          HAS_INITIAL: tl.constexpr, BP: tl.constexpr):
     """``scan_kernel``'s vector-Jacobian product for one row's block of BP
-    entries, walking the steps backwards from the saved states W_0..W_U
-    (S_t = W_t - keep_t W_{t-1} is recomputed): the adjoints
-    A_t = bar_t + keep_{t+1} A_{t+1} of W_t and M_t = A_t + eta_{t+1} M_{t+1}
-    of S_t give dG_t = -rho_t M_t, and the block's shares of the gates'
-    gradients, -<M_t, G_t> (rho_t), keep_t <A_t, W_{t-1}> (log keep_t) and
+    entries. A forward pass reruns the momenta S_t into dG's own storage
+    (S_t from W_t - keep_t W_{t-1} would cancel where the updates are small
+    against W); then, walking the steps backwards with the saved states
+    W_0..W_U, the adjoints A_t = bar_t + keep_{t+1} A_{t+1} of W_t and
+    M_t = A_t + eta_{t+1} M_{t+1} of S_t give dG_t = -rho_t M_t (over S_t,
+    read first) and the block's shares of the gates' gradients,
+    -<M_t, G_t> (rho_t), keep_t <A_t, W_{t-1}> (log keep_t) and
     eta_t <M_t, S_{t-1}> (log eta_t), written per block (summed in a fixed
     order by the wrapper); A_0 is W_0's gradient."""
     pid = tl.program_id(0)
@@ -867,6 +869,12 @@ def scan_backward_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w_ptr, bar_ptr,
     bar_row = bar_ptr + n * sb_n + p * sb_p
     g_row = g_ptr + n * sg_n + p * sg_p
     d_row = d_g_ptr + n * sd_n + p * sd_p
+    s = tl.zeros((BP,), dtype=tl.float32)
+    for t in range(0, U):  # S_{t+1} into d_row[t]
+        eta = tl.exp(tl.load(momentum_ptr + n * sm_n + t * sm_u))
+        rho = tl.load(lr_ptr + n * sl_n + t * sl_u)
+        s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0)
+        tl.store(d_row + t * sd_u, s, mask=mask)
     shares = (n * blocks + block) * U  # (N, blocks, U) gate shares
     adj_w = tl.zeros((BP,), dtype=tl.float32)
     adj_s = tl.zeros((BP,), dtype=tl.float32)
@@ -880,13 +888,11 @@ def scan_backward_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w_ptr, bar_ptr,
         adj_w = tl.load(bar_row + t * sb_u, mask=mask, other=0.0) + keep_next * adj_w
         adj_s = adj_w + eta_next * adj_s
         grad = tl.load(g_row + (t - 1) * sg_u, mask=mask, other=0.0)
-        tl.store(d_row + (t - 1) * sd_u, -rho * adj_s, mask=mask)
         w_prev = tl.load(w_row + (t - 1) * sw_u, mask=mask, other=0.0)
-        # S_{t-1} = W_{t-1} - keep_{t-1} W_{t-2}; S_0 = 0
-        s_prev = tl.zeros((BP,), dtype=tl.float32)
-        if t > 1:
-            keep_prev = tl.exp(tl.load(keep_ptr + n * sk_n + (t - 2) * sk_u))
-            s_prev = w_prev - keep_prev * tl.load(w_row + (t - 2) * sw_u, mask=mask, other=0.0)
+        s_prev = tl.zeros((BP,), dtype=tl.float32)  # S_0 = 0
+        if t > 1:  # S_{t-1}, at d_row[t - 2]: overwritten by dG_{t-1} only at step t - 1
+            s_prev = tl.load(d_row + (t - 2) * sd_u, mask=mask, other=0.0)
+        tl.store(d_row + (t - 1) * sd_u, -rho * adj_s, mask=mask)
         tl.store(d_lr_ptr + shares + t - 1, -tl.sum(adj_s * grad, axis=0))
         tl.store(d_keep_ptr + shares + t - 1, keep * tl.sum(adj_w * w_prev, axis=0))
         tl.store(d_momentum_ptr + shares + t - 1, eta * tl.sum(adj_s * s_prev, axis=0))

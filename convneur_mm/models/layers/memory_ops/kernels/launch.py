@@ -1,8 +1,9 @@
 """What the Triton implementations share: argument checks, tiles, launches.
 
-Every kernel has backward kernels (``launch_read_backward`` and the chunk
-gradients' own), which recompute what the forward computed instead of saving
-it. Inputs are float32 (the memory's states and features stay float32);
+The product kernels have backward kernels (``launch_read_backward`` and the
+chunk gradients' own), which recompute what the forward computed instead of
+saving it. Inputs are float32 (features, and states where they train; the
+scan kernel writes inference states that only products read in 16 bits);
 ``operand_dtype`` is the dtype of the products' operands, with float32
 accumulation (float32 operands multiply in IEEE float32, not TF32).
 """
@@ -293,8 +294,9 @@ def _read_operands(weights: MemoryWeights, base: Optional[MemoryWeights],
     they are never read)."""
     w1, w2, g = weights
     if w1.shape[2] == 1 or 0 in w1.stride():
-        # W_0 (one state, or broadcast over images) is cast once; per-chunk states stay
-        # float32: a 16-bit copy of them all would add half their bytes to the peak
+        # W_0 (one state, or broadcast over images) is cast once; per-chunk states are
+        # not copied (a 16-bit copy would add half their bytes to the peak): the scan
+        # kernel writes them in 16 bits in inference, else they load as float32
         w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     if base is None:
         return _ReadOperands(w1, w2, g, w1[:, 0, 0], w2[:, 0, 0], (0, 0, 0))

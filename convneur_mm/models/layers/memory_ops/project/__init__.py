@@ -22,10 +22,12 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
             max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
             implementation: str = 'torch') -> Projected:
     """The projections by ``implementation`` ('torch' or 'triton'); the
-    arguments as in ``project_torch``."""
+    arguments as in ``project_torch`` (``project_triton`` itself takes the
+    tile sizes, for tuning)."""
     fn = implementation_of('project', PROJECT_IMPLEMENTATIONS, implementation)
     return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
 
 
-__all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights',
-           'fold', 'project', 'project_naive', 'project_torch', 'project_triton']
+__all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected',
+           'ProjectionWeights', 'fold', 'project', 'project_naive', 'project_torch',
+           'project_triton']

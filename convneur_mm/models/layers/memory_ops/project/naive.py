@@ -11,7 +11,8 @@ from .weights import Projected, ProjectionWeights
 def project_naive(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
                   max_lr: float) -> Projected:
     """``project`` with each norm and layer applied in turn and exact products
-    in ``x``'s dtype (float64 for a reference); arguments as ``project_torch``'s."""
+    in ``x``'s dtype (float64 for a reference); arguments as ``project_torch``'s
+    but ``operand_dtype`` (there is none: products are exact)."""
     w = weights
     b, n, d = x.shape
     h, hd = w.query_gamma.shape
@@ -23,7 +24,8 @@ def project_naive(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk
     def rms(t: Tensor, weight=None) -> Tensor:
         return F.rms_norm(t, t.shape[-1:], weight, eps=RMS_EPS)
 
-    queries = rms(heads(rms(x, w.retrieve_norm) @ w.queries.t())) * (1 + w.query_gamma[:, None, None])
+    queries = rms(heads(rms(x, w.retrieve_norm) @ w.queries.t()))
+    queries = queries * (1 + w.query_gamma[:, None, None])
     s = rms(x[:, :T], w.store_norm)
     keys = rms(heads(s @ w.keys.t())) * (1 + w.key_gamma[:, None, None])
     token_lr = max_lr * torch.sigmoid(s @ w.token_lr.t() + w.token_lr_bias).permute(2, 0, 1)

@@ -26,9 +26,10 @@ def project_torch(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk
         operand_dtype: the products' operand dtype (None: ``x``'s).
 
     Returns:
-        ``Projected``: queries, keys, values and step sizes as views of one
-        (B, N, 4d + H) product (in inference the values are copied out of it,
-        so that it is freed on return), and the chunk summaries.
+        ``Projected``: queries and keys as views of one RMS-normed tensor,
+        values a view of the (B, N, 4d + H) product (in inference a copy, so
+        that the product is freed on return), step sizes and the chunk
+        summaries.
     """
     check_projection_arguments(x, weights, num_updates, chunk_size)
     b, n, d = x.shape

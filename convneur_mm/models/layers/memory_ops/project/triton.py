@@ -123,7 +123,7 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, store: Tens
         kernels.project_kernel[(b * chunks,)](
             x, weight, bias, gamma, store, queries, keys, values, token_lr, summary,
             n, L, chunks, u, d, heads, hd, max_lr, RMS_EPS,
-            *x.stride(), *weight.stride(), *gamma.stride(),
+            *x.stride(), *weight.stride(), *gamma.stride(), store.stride(0),
             *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
             *summary.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
     return (*_as_heads(queries, keys, values, token_lr), summary)

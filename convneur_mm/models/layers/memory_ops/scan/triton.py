@@ -13,7 +13,7 @@ SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
 
 
 def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: Tensor,
-                       log_momentum: Tensor, initial: Sequence[Optional[Tensor]],
+                       log_momentum: Tensor, initial: Sequence[Optional[Tensor]], *,
                        state_dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Tensor]:
     """``scan_states`` step by step in one kernel per tensor: each program
     keeps a block of one row's W and S in registers and walks the U steps,
@@ -21,8 +21,9 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     ``state_dtypes`` entry: a state that only products read can be written
     straight in their 16-bit operand dtype (the same rounding as a cast of
     the float32 state). No (U, U) decay matrix is built. Differentiable with
-    float32 states: its backward kernel walks the steps backwards from the
-    saved states (nothing else is saved).
+    float32 states: its backward kernel reruns the momenta and walks the
+    steps backwards from the saved states (nothing else is saved). The
+    arguments as ``scan_states``' (no ``block_size``: no blocks).
 
     Args:
         grads: K gradients (N, U, P_k), float32. The list is consumed as
@@ -31,7 +32,7 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
         log_keep, log_momentum: (N, U) log(1 - alpha_t), log(eta_t).
         initial: K W_0 (N, P_k), or None entries (the updates alone).
         state_dtypes: K dtypes of the states (float32, float16, bfloat16);
-            None: float32.
+            None: float32. 16-bit states serve inference only.
 
     Returns:
         K states (N, U + 1, P_k).
@@ -44,6 +45,14 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     for name, t in (('log_momentum', log_momentum), ('lr_mod', lr_mod[0])):
         if t.shape != (n, u):
             raise ValueError(f'{name} must be {(n, u)} as log_keep, got {tuple(t.shape)}')
+    tensors = [t for t in (*grads, lr_mod, log_keep, log_momentum, *initial) if t is not None]
+    if any(t.device != log_keep.device for t in tensors):
+        raise ValueError('the scan kernel takes tensors on one device, got '
+                         f'{sorted({str(t.device) for t in tensors})}')
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and
+            any(dtype != torch.float32 for dtype in dtypes)):
+        raise RuntimeError('the scan kernel trains with float32 states: 16-bit state_dtypes '
+                           'serve inference')
     states = []
     for i, (rho, w0, dtype) in enumerate(zip(lr_mod, initial, dtypes)):
         g, grads[i] = grads[i], None
@@ -85,10 +94,11 @@ def _scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
 
 
 def _check_steps_span(steps: int, *tensors: Tensor) -> None:
-    """Offsets along the steps are int32: U + 1 steps of each tensor's rows
-    must span < 2**31 elements (rows are addressed by int64 offsets)."""
+    """Offsets inside a row are int32: U + 1 steps of each (N, U, P)
+    tensor's row, with its P entries, must span < 2**31 elements (rows are
+    addressed by int64 offsets)."""
     for t in tensors:
-        if t.numel() and (steps + 1) * abs(t.stride(1)) >= 2**31:
+        if t.numel() and (steps + 1) * abs(t.stride(1)) + t.shape[2] * abs(t.stride(2)) >= 2**31:
             raise ValueError(f'{steps} steps of {t.shape[-1]} entries span more than 2**31 '
                              "elements, beyond the scan kernel's int32 offsets")
 
