@@ -185,9 +185,10 @@ def check_decomposed(base: Optional[MemoryWeights], carry: Optional[Tensor], hea
             ('base.w2', base.w2, (heads_dim, 'h', 'd')), ('carry', carry, carry_shape)]
 
 
-def check_runnable(t: Tensor, operand_dtype: torch.dtype) -> None:
-    """An error naming why the kernels cannot run for ``t``'s device and width."""
-    why = unavailable_reason(t.device, t.shape[-1], operand_dtype)
+def check_runnable(t: Tensor, operand_dtype: torch.dtype, whole_rows: bool = True) -> None:
+    """An error naming why the kernels cannot run for ``t``'s device and, with
+    ``whole_rows`` (its last dim a row the kernel holds whole), its width."""
+    why = unavailable_reason(t.device, t.shape[-1] if whole_rows else None, operand_dtype)
     if why is not None:
         raise RuntimeError(f'the fused memory kernels cannot run: {why}')
 

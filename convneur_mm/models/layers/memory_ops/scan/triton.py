@@ -6,8 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels.availability import unavailable_reason
-from ..kernels.launch import call_kernel_op, cdiv, launch_config
+from ..kernels.launch import call_kernel_op, cdiv, check_runnable, launch_config
 
 SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
 
@@ -75,9 +74,7 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
 def _scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
           initial: Optional[Tensor], state_dtype: torch.dtype) -> Tensor:
     """The operator's implementation: allocate and launch (checked arguments)."""
-    why = unavailable_reason(grads.device, operand_dtype=state_dtype)
-    if why is not None:
-        raise RuntimeError(f'the scan kernel cannot run: {why}')
+    check_runnable(grads, state_dtype, whole_rows=False)  # rows walked in blocks: any width
     n, u, p = grads.shape
     out = grads.new_empty(n, u + 1, p, dtype=state_dtype)
     _check_steps_span(u, grads, out)
@@ -111,9 +108,7 @@ def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum
     """The gradients of (grads, lr_mod, log_keep, log_momentum, initial); the
     last empty without ``initial``. The gates' gradients are per-block shares
     summed in a fixed order (deterministic)."""
-    why = unavailable_reason(grads.device, operand_dtype=torch.float32)
-    if why is not None:
-        raise RuntimeError(f'the scan kernel cannot run: {why}')
+    check_runnable(grads, torch.float32, whole_rows=False)
     if states.dtype != torch.float32:
         raise RuntimeError(f'the scan kernel trains with float32 states, not {states.dtype}')
     n, u, p = grads.shape
