@@ -659,11 +659,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def projection_weights(self, dtype: torch.dtype) -> ProjectionWeights:
         """The projection layers' parameters for ``memory_ops.project``, in
-        ``dtype`` (FSDP's mixed precision may hand 16-bit ones)."""
-        def w(t: Tensor) -> Tensor:
-            return t if t.dtype == dtype else t.to(dtype)
-
-        return ProjectionWeights(*(w(t) for t in (
+        ``dtype`` (FSDP's mixed precision may hand 16-bit ones; ``to`` returns
+        a tensor already in ``dtype`` itself)."""
+        return ProjectionWeights(*(t.to(dtype) for t in (
             self.retrieve_norm.weight, self.store_norm.weight, self.to_queries.weight,
             self.to_keys.weight, self.to_values.weight, self.pool.to_logits.weight,
             self.pool.to_logits.bias, self.to_token_lr.weight, self.to_token_lr.bias,
@@ -673,9 +671,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """(B, U, d) chunk summaries -> (B, U, 5H) decay, momentum and
         lr-modulation logits, as one product."""
         layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
-        w = lambda t: t if t.dtype == summary.dtype else t.to(summary.dtype)  # noqa: E731
-        return F.linear(summary, torch.cat([w(m.weight) for m in layers]),
-                        torch.cat([w(m.bias) for m in layers]))
+        return F.linear(summary, torch.cat([m.weight.to(summary.dtype) for m in layers]),
+                        torch.cat([m.bias.to(summary.dtype) for m in layers]))
 
     def _gates(self, gates: Tensor, b: int, u: int) -> Tuple[Tensor, Tensor, Tensor]:
         """(B, U, 5H) decay, momentum and lr-modulation logits -> log(1 - alpha)
