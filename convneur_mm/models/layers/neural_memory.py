@@ -33,7 +33,8 @@ from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS
 from .memory_ops.kernels import unavailable_reason
-from .memory_ops.project import MAX_PROJECTION_WIDTH, ProjectionWeights, project
+from .memory_ops.project import (MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH,
+                                 ProjectionWeights, project)
 from .memory_ops.read import read
 try:
     from torch.distributed.tensor import DTensor
@@ -86,7 +87,8 @@ class MemoryPlan:
         projections: how the projections compute: 'torch', one product
             with the norms' weights folded in (``memory_ops.project``; their
             layers are plain: ``plain_layers``); 'triton', that as one Triton
-            kernel (inference with ``kernels='triton'``); 'layers', each
+            kernel with one backward kernel (with ``kernels='triton'``);
+            'layers', each
             layer called (a hook or FSDP must see it).
         scan: 'triton' (the scan kernel, step by step; in inference
             ``w1``'s and ``w2``'s states written in ``operand_dtype``), where
@@ -396,13 +398,15 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def _projections(self, implementation: str) -> str:
         """The plan's ``projections``: 'layers' unless the layers are plain;
-        'triton' in inference where ``kernels='triton'`` took the kernels (the
-        projection kernel has no backward, and no GPU has timed it for
-        'auto'), up to its widest row (``MAX_PROJECTION_WIDTH``); else 'torch'."""
+        'triton' where ``kernels='triton'`` took the kernels (no GPU has timed
+        the projection kernels for 'auto'), up to their widest row
+        (``MAX_PROJECTION_WIDTH``; in training ``MAX_PROJECTION_BACKWARD_WIDTH``);
+        else 'torch'."""
         if not self._plain_projections():
             return 'layers'
-        if (implementation == 'triton' and self.kernels == 'triton' and
-                not torch.is_grad_enabled() and self.dim <= MAX_PROJECTION_WIDTH):
+        widest = (MAX_PROJECTION_BACKWARD_WIDTH if torch.is_grad_enabled() else
+                  MAX_PROJECTION_WIDTH)
+        if implementation == 'triton' and self.kernels == 'triton' and self.dim <= widest:
             return 'triton'
         return 'torch'
 

@@ -24,7 +24,7 @@ OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project
 # the cases whose autograd and backward operator opcheck runs (the per-image
 # views' backward is checked against float64 in test_memory_kernels_backward)
 DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
-                  'scan', 'scan_updates')
+                  'project', 'scan', 'scan_updates')
 
 
 def _weights(lead: Tuple[int, ...], d: int, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -54,11 +54,9 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
     projection = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.3 for shape in (
         (d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
         (heads, d // heads), (heads, d // heads))))
-    folded = fold(projection)
-    weight = folded.weight if dtype == torch.float32 else folded.weight.to(dtype)
     # x a strided view; 20 tokens in chunks of 8: two written, a partial last one
     x_tokens = torch.randn(batch, d, 20, generator=gen).transpose(1, 2)
-    project_args = (x_tokens, weight, *folded[1:], projection.store_norm)
+    project_args = (x_tokens, *fold(projection))
     cases = {
         'chunk_grads': (ops.memory_chunk_grads, (*w, keys, values, token_lr, dtype, *tiles)),
         'chunk_grads_per_image': (ops.memory_chunk_grads, (
@@ -85,6 +83,16 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
             n, u, p = args[0].shape
             states, bar = (torch.randn(n, u + 1, p, generator=gen) for _ in range(2))
             cases[f'{name}_backward'] = (ops.memory_scan_backward, (*args[:5], states, bar))
+            continue
+        if name == 'project':  # its backward takes the pooled rows and log-sum-exp too
+            x_, updates, length_ = args[0], args[4], args[5]
+            hd = d // heads
+            pooled, lse, *bars = (torch.randn(shape, generator=gen) for shape in (
+                (batch, updates, d), (batch, updates, d), (heads, batch, x_.shape[1], hd),
+                (heads, batch, updates * length_, hd), (heads, batch, updates * length_, hd),
+                (heads, batch, updates * length_), (batch, updates, d)))
+            cases['project_backward'] = (ops.memory_project_backward,
+                                         (*args[:4], pooled, lse, *bars, *args[4:9]))
             continue
         if name.startswith('chunk_grads'):
             groups, chunks, d = args[0].shape[0], token_lr.shape[1], args[0].shape[1]
@@ -278,10 +286,10 @@ def test_the_operators_autograd_passes_opcheck(interpreted, case):
 
 
 def test_a_compiled_training_step_keeps_the_kernels(interpreted):
-    # the projection kernel has no backward: training projects in PyTorch
     result = interpreted['compiled_training']
     assert result['graph_breaks'] == 0
-    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_scan']
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
+                             'memory_scan']
     assert result['grads'] > 15 and result['difference'] < 1e-5 * result['scale'], result
 
 

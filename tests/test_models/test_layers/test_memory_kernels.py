@@ -593,11 +593,11 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
     assert not kernels.availability.launches_skipped()  # the context is closed
 
 
-def test_the_projection_kernel_serves_triton_inference_only():
-    """kernels='triton' projects with its kernel in inference up to width
-    256 and scans with its kernel in inference and training; training (no
-    projection backward), 'auto' (untimed) and wider memories project in
-    PyTorch, and a hook on a layer calls the layers."""
+def test_the_projection_kernels_serve_kernels_triton():
+    """kernels='triton' projects with its kernel up to width 256 in
+    inference and 128 in training (its backward's widest), and scans with
+    its kernel in inference and training; 'auto' (untimed) and wider
+    memories project in PyTorch, and a hook on a layer calls the layers."""
     from convneur_mm.models.layers import NeuralMemory
     x = torch.empty(2, 20, 16, device='meta')
 
@@ -607,7 +607,11 @@ def test_the_projection_kernel_serves_triton_inference_only():
 
     memory = NeuralMemory(16, chunk_size=8, kernels='triton').to('meta')
     assert projections(memory) == 'triton'
-    assert projections(memory, grad=True) == 'torch'
+    assert projections(memory, grad=True) == 'triton'
+    m4 = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
+    x160 = torch.empty(2, 20, 160, device='meta')
+    assert projections(m4, x160) == 'triton'
+    assert projections(m4, x160, grad=True) == 'torch'
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).scan == 'triton'
     with kernels.without_launches():  # training: the scan kernel has a backward
@@ -759,8 +763,10 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
     projections' per-image views) as their wrappers launch them: no spills,
     tensor-core products, and wgmma for the read's on sm_90 (the write's rows
     pass takes 16-row tiles, below wgmma's 64, to hold its tiles without
-    spilling)."""
+    spilling). The projections' backward spills a few hundred bytes at its
+    least-spilling tiles (``projection_tiles``): bounded here, not zero."""
     from convneur_mm.models.layers.memory_ops.chunk_grads.triton import _chunk_grads_backward
+    from convneur_mm.models.layers.memory_ops.project.triton import _project_backward
     from convneur_mm.models.layers.memory_ops.scan.triton import _scan_backward
     inspect = _inspect()
     heads, batch, chunks, length, d = 1, 128, 16, 196, 128
@@ -786,12 +792,21 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
         _scan_backward(empty(rows, chunks - 1, size), empty(rows, chunks - 1),
                        empty(rows, chunks - 1), empty(rows, chunks - 1), empty(rows, size),
                        empty(rows, chunks, size), empty(rows, chunks, size))
+        # the projections of 15 written chunks of the 16, cotangents as autograd gives them
+        tokens, updates = (chunks - 1) * length, chunks - 1
+        _project_backward(empty(batch, chunks * length, d), empty(4 * d + heads, d),
+                          empty(d + heads), empty(2 * heads, d // heads),
+                          empty(batch, updates, d), empty(batch, updates, d), merged(),
+                          empty(heads, batch, tokens, d), empty(heads, batch, tokens, d),
+                          empty(heads, batch, tokens), empty(batch, updates, d),
+                          updates, length, 1.0, operand_dtype, None)
     reports = inspect.launch_reports(launches, arch)
     assert sorted(r.kernel for r in reports) == [
-        'grads_backward_cols_kernel', 'grads_backward_rows_kernel', 'read_backward_cols_kernel',
-        'read_backward_rows_kernel', 'scan_backward_kernel']
+        'grads_backward_cols_kernel', 'grads_backward_rows_kernel', 'project_backward_kernel',
+        'read_backward_cols_kernel', 'read_backward_rows_kernel', 'scan_backward_kernel']
     for report in reports:
-        assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
+        spills = 512 if report.kernel == 'project_backward_kernel' else 0
+        assert report.shared <= 163 * 1024 and report.spill_stores <= spills, report
         if report.kernel != 'scan_backward_kernel':  # element-wise
             assert report.mma != 'none', report
         if report.kernel.startswith('read'):

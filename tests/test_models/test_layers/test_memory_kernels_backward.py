@@ -1,6 +1,7 @@
-"""The Triton backward kernels (``chunk_grads_triton``, ``read_triton`` and
-``chunk_read_triton`` under autograd) against float64 autograd through the
-PyTorch implementations (the double backward of the inner gradient
+"""The Triton backward kernels (``chunk_grads_triton``, ``read_triton``,
+``chunk_read_triton`` and ``project_triton`` under autograd) against float64
+autograd through the PyTorch implementations (the projections': layer by
+layer) (the double backward of the inner gradient
 included), in Triton's interpreter (one subprocess, as in
 ``test_memory_kernels``, whose tolerances these are: 1e-5 of the largest
 gradient entry with float32 operands, 1e-2 with float16 ones); a memory that
@@ -16,6 +17,8 @@ import torch
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_torch,
                                                   chunk_grads_triton, chunk_read_torch,
                                                   chunk_read_triton, read_torch, read_triton)
+from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
+                                                          project_triton)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import (BF16_TOL, F16_TOL, F32_TOL, _rel_err, _run_interpreted,
                                   _weights, _write_inputs)
@@ -124,6 +127,42 @@ WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block
                'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16))}
 
 
+# (images, tokens, d, heads, L, written chunks, block_rows): masked columns and
+# a masked row block; two heads with a partial chunk that only reads; no writes
+PROJECTION_CASES = {'d20_L24': (2, 50, 20, 1, 24, 2, None),
+                    'heads2_d40': (2, 20, 40, 2, 8, 2, 16),
+                    'no_writes': (1, 12, 16, 1, 8, 0, None)}
+
+
+def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: int, heads: int,
+                  length: int, updates: int, block_rows: int, device: str = 'cpu') -> dict:
+    """The projections of a strided x, every result's cotangent random: x's
+    and every parameter's gradient against float64 autograd through
+    ``project_naive``. The pool's softmax runs over a chunk's tokens, so its
+    logits' bias has a zero gradient: only its size against the logits' is kept."""
+    shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
+              (heads, d // heads), (heads, d // heads))
+    weights = [torch.randn(*shape, generator=gen) * 0.5 for shape in shapes]
+    x = torch.randn(b, d, n, generator=gen).transpose(1, 2)
+    got, exact = _leaves(weights + [x], device), _leaves([t.double() for t in weights + [x]])
+    out = project_triton(got[-1], ProjectionWeights(*got[:-1]), updates, length, 0.5, dtype,
+                         block_rows=block_rows)
+    ref = project_naive(exact[-1], ProjectionWeights(*exact[:-1]), updates, length, 0.5)
+    cotangents = [torch.randn(t.shape, generator=gen) for t in ref]
+    torch.autograd.backward(list(out), [t.to(device) for t in cotangents])
+    torch.autograd.backward(list(ref), [t.double() for t in cotangents])
+    names = [*ProjectionWeights._fields, 'x']
+    grads = _grad_errors(names, got, exact)
+    bias = names.index('logits_bias')
+    grads.pop('logits_bias')
+    if not updates:  # nothing written: only x and the queries' parameters have gradients
+        grads = {k: v for k, v in grads.items() if k in ('x', 'retrieve_norm', 'queries',
+                                                          'query_gamma')}
+    logits = got[names.index('logits')].grad.cpu()
+    return dict(grads=grads, logits_bias=(got[bias].grad.cpu().abs().max() /
+                                          logits.abs().max().clamp_min(1e-30)).item())
+
+
 def _module_case(dtype: str, max_lr: float, **settings) -> dict:
     """``NeuralMemory(kernels='triton')`` in training against ``'torch'``:
     the plan, the output and every parameter's and the input's gradient."""
@@ -172,6 +211,8 @@ def backward_results() -> Dict[str, dict]:
         results[f'read_decomposed_{tag}'] = _read_case(gen, dtype, decomposed=True)
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
+        for name, case in PROJECTION_CASES.items():
+            results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
@@ -190,7 +231,8 @@ def interpreted():
 
 
 CASES = ['read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed', 'chunk_grads_per_image',
-         *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES)]
+         *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES),
+         *(f'project_{{}}_{name}' for name in PROJECTION_CASES)]
 
 
 def _case(results: dict, case: str, tag: str) -> dict:
@@ -200,8 +242,19 @@ def _case(results: dict, case: str, tag: str) -> dict:
 @pytest.mark.parametrize('case', CASES)
 def test_backward_kernels_float32_match_float64(interpreted, case):
     result = _case(interpreted, case, 'f32')
-    assert result['forward'] < F32_TOL
+    assert result.get('forward', 0.0) < F32_TOL  # the projections' forward: test_memory_kernels
     assert max(result['grads'].values()) < F32_TOL, result['grads']
+
+
+@pytest.mark.parametrize('tag', DTYPES)
+def test_projection_backward_gives_every_parameter_a_gradient(interpreted, tag):
+    """Every parameter is checked where it has a gradient (writes: all, and
+    the queries' too without), and the logits' bias, whose gradient is
+    zero, gets rounding noise only."""
+    for name in PROJECTION_CASES:
+        result = interpreted[f'project_{tag}_{name}']
+        assert len(result['grads']) == (4 if name == 'no_writes' else 11), result['grads']
+        assert result['logits_bias'] < (1e-5 if tag == 'f32' else 1e-2)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -281,6 +334,15 @@ def test_the_kernels_save_only_their_inputs():
                                                        torch.bfloat16), *write)
     assert 0 < grads <= sum(t.numel() for t in write)
     assert [t.grad.shape for t in write] == [t.shape for t in write]
+    # the projections: x, weight-sized tensors (the fold's products save their
+    # factors) and the pool's (B, U, d) statistics: no other (B, N, .) tensor
+    x = leaves((batch, chunks * length, d))[0]
+    params = leaves((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
+                    (heads, d), (heads, d))
+    saved = _saved_numel(lambda x, *p: list(project_triton(
+        x, ProjectionWeights(*p), chunks, length, 1.0, torch.bfloat16)), x, *params)
+    folded = (4 * d + heads) * d + d + heads + 2 * heads * d
+    assert 0 < saved <= x.numel() + 2 * folded + 3 * batch * chunks * d + d
 
 
 @pytest.mark.gpu
@@ -292,6 +354,18 @@ def test_backward_kernels_on_cuda_at_model_widths(d):
     w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
     for dtype, tol in tolerances.items():
         result = _chunk_grads_case([*w, keys, values, token_lr], dtype, {}, device='cuda')
+        assert max(result['grads'].values()) < tol, (dtype, result['grads'])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4)])
+def test_projection_backward_on_cuda_at_model_widths(d, heads):
+    """The compiled projection backward at M1's and M3's widths, 3136 tokens
+    in chunks of 196, every operand dtype, against float64 layer by layer."""
+    tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    for dtype, tol in tolerances.items():
+        result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads, 196,
+                               15, None, device='cuda')
         assert max(result['grads'].values()) < tol, (dtype, result['grads'])
 
 

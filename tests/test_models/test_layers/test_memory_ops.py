@@ -191,15 +191,16 @@ def test_projections_refuse_bad_arguments():
     with pytest.raises(ValueError, match='block_features must be a power of two'):
         project_triton(x.float(), type(weights)(*(t.float() for t in weights)), 2, 8, 1.0,
                        block_features=24)
-    weights = type(weights)(*(t.float() for t in weights))
-    with pytest.raises(RuntimeError, match='no backward'):
-        project_triton(x.float().requires_grad_(), weights, 2, 8, 1.0)
+    wider = _projection_weights(160, 1, gen, torch.float32)
+    with pytest.raises(ValueError, match='differentiates widths up to 128'):
+        project_triton(torch.randn(1, 20, 160, requires_grad=True), wider, 1, 8, 1.0)
 
 
 def test_triton_projections_allocate_their_results_only():
     """What the kernel's wrapper allocates (meta tensors, launches skipped):
-    its five results, the folded weight and its 16-bit copy, the bias and
-    gains; no copy of x (a strided view) and no (B, N, 4d + H) product."""
+    its results, the pool's log-sum-exp and the summaries' pooled rows, the
+    folded weight and its 16-bit copy, the bias and gains; no copy of x (a
+    strided view) and no (B, N, 4d + H) product."""
     from convneur_mm.models.layers.memory_ops import kernels
     from convneur_mm.models.layers.memory_ops.project import project_triton
     from convneur_mm.testing.dispatch_probes import LiveTensorBytes
@@ -209,7 +210,7 @@ def test_triton_projections_allocate_their_results_only():
     x = torch.empty(b, d, n, device='meta').transpose(1, 2)
     tokens = updates * chunk
     folded = (4 * d + heads) * d * (4 + 2) + (d + heads) * 4 + 2 * d * 4
-    results = 4 * (b * n * d + 2 * b * tokens * d + b * tokens * heads + b * updates * d)
+    results = 4 * (b * n * d + 2 * b * tokens * d + b * tokens * heads + 3 * b * updates * d)
     with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
         out = project_triton(x, weights, updates, chunk, 1.0, torch.bfloat16)
     assert [list(t.shape) for t in out] == [[heads, b, n, d], [heads, b, tokens, d],

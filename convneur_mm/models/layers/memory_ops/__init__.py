@@ -14,7 +14,7 @@ implementations (the layout of flash-linear-attention's ``ops``):
   ``chunk_read_naive``;
 * ``project`` (x to queries, keys, values, step sizes and chunk summaries):
   ``project_torch`` (the norms' weights folded into one product),
-  ``project_triton`` (one kernel; inference only), ``project_naive``.
+  ``project_triton`` (one kernel; a second for its backward), ``project_naive``.
 
 Each operation is a subpackage; ``read.read``, ``chunk_grads.chunk_grads``,
 ``chunk_read.chunk_read`` and ``project.project`` call the implementation
@@ -27,9 +27,8 @@ without ``torch.autograd.grad`` in the forward pass. Their training form
 backward): ``chunk_grads_closed_form``, ``read_closed_form``, which
 ``chunk_read_torch`` reads through. The Triton ones are custom operators
 (``torch.ops.convneur_mm``, kept whole by ``torch.compile``; ``kernels`` says
-where they run) with backward kernels of their own (but the projections',
-which serve inference);
-the references take exact products in their inputs' dtype (float64 in the tests). ``common`` holds what
+where they run) with backward kernels of their own; the references take
+exact products in their inputs' dtype (float64 in the tests). ``common`` holds what
 they share: ``MemoryWeights``, ``product`` (the products' operand dtype),
 ``LN_EPS``, ``RMS_EPS``, ``ln_backward`` and the closed forms' checks.
 """

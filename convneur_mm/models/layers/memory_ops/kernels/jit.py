@@ -728,10 +728,10 @@ def _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr,
 
 
 @triton.jit
-def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
-                   q_ptr, k_ptr, v_ptr, lr_ptr, sum_ptr,
+def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
+                   q_ptr, k_ptr, v_ptr, lr_ptr, pool_ptr, lse_ptr,
                    N, L, C, U, D, H, HD, max_lr, eps,
-                   sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d, s_store,
+                   sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d,
                    sq_b, sq_n, sq_h, sq_d,
                    sk_b, sk_n, sk_h, sk_d,
                    sv_b, sv_n, sv_d,
@@ -744,7 +744,8 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
     queries RMS-normed with its gain; for the U written chunks also keys
     (likewise), values, the step sizes ``max_lr * sigmoid`` and the pool's
     softmax over the chunk's rows, online (a running max and sum per
-    feature), so the chunk's summary needs no second pass. ``w`` (4D + H, D)
+    feature), so the chunk's pooled rows need no second pass; the pool's
+    log-sum-exp per feature is stored for the backward. ``w`` (4D + H, D)
     is the folded weight (``project.weights.fold``), in DTYPE; its products
     take BK features at a time (``_rows_times``)."""
     pid = tl.program_id(0)
@@ -809,9 +810,150 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, store_ptr,
             tl.store(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
                      max_lr * tl.sigmoid(lr), mask=rmask[:, None] & lmask[None, :])
     if written:
-        store = tl.load(store_ptr + cols * s_store, mask=cmask, other=0.0)
-        tl.store(sum_ptr + b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d,
-                 pooled / running_sum * store, mask=cmask)
+        pool_at = b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d
+        tl.store(pool_ptr + pool_at, pooled / running_sum, mask=cmask)
+        tl.store(lse_ptr + pool_at, running_max + tl.log(running_sum), mask=cmask)
+
+
+@triton.jit
+def _weight_rows(w_ptr, sw_o, sw_i, row0, outs, omask, cols, cmask, DTYPE: tl.constexpr):
+    """Rows ``row0 + outs`` of the folded weight, (BO, BD) in DTYPE: the
+    backward's two products with them (x w^T again, and dy w) share one load."""
+    return tl.load(w_ptr + (row0 + outs)[:, None] * sw_o + cols[None, :] * sw_i,
+                   mask=omask[:, None] & cmask[None, :], other=0.0).to(DTYPE)
+
+
+@triton.jit
+def _head_backward(xo, rstd, rmask, bar_n, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
+                   bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, cols, cmask, hcols,
+                   hmask, eps, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """One head's queries or keys backward: from their cotangent (rows at
+    ``bar_rows``, (BM, 1) pointers) through the gain and the per-head RMSNorm to the product's
+    output; stores it times the rows' rstd into the product-gradient rows
+    ``gp_rows`` and the gain's partial sum at ``gg_ptr``; returns ``bar_n``
+    plus its product with the head's weight rows."""
+    w = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols, hmask, cols, cmask, DTYPE)
+    y = tl.dot(xo, tl.trans(w), input_precision=PREC)
+    y_rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / HD + eps)
+    normed = y * y_rstd[:, None]
+    hm = rmask[:, None] & hmask[None, :]
+    bar = tl.load(bar_rows + hcols[None, :] * sb_d, mask=hm, other=0.0)
+    gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
+    tl.store(gg_ptr + row * HD + hcols, tl.sum(bar * normed, axis=0), mask=hmask)
+    bar = bar * gamma[None, :]
+    bar_y = y_rstd[:, None] * (bar - normed * (tl.sum(bar * normed, axis=1) / HD)[:, None])
+    tl.store(gp_rows[:, None] + (row * HD + hcols)[None, :] * sgp_f,
+             (bar_y * rstd[:, None]).to(DTYPE), mask=hm)
+    return tl.dot(bar_y.to(DTYPE), w, acc=bar_n, input_precision=PREC)
+
+
+@triton.jit
+def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr,
+                            bq_ptr, bk_ptr, bv_ptr, blr_ptr, bpool_ptr,
+                            gx_ptr, gp_ptr, gg_ptr, gb_ptr,
+                            N, L, C, U, D, H, HD, max_lr, eps, row_blocks,
+                            sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d, ss_b, ss_u, ss_d,
+                            sq_b, sq_n, sq_h, sq_d,
+                            sk_b, sk_n, sk_h, sk_d,
+                            sv_b, sv_n, sv_h, sv_d,
+                            sl_b, sl_n, sl_h,
+                            sp_b, sp_u, sp_d,
+                            sgx_b, sgx_n, sgx_d, sgp_b, sgp_n, sgp_f,
+                            BM: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr,
+                            BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """``project_kernel``'s backward for one (image, chunk), whole rows per
+    product (BD wide): recomputes each product, takes the cotangents of the
+    queries, keys, values, step sizes and pooled rows back through the
+    gains, the per-head RMSNorms, the sigmoid and the pool's softmax (from
+    the forward's log-sum-exp and pooled rows) to the product's output
+    ``dy``, and from there to x through the RMSNorm. Writes x's gradient,
+    ``dy`` times the rows' rstd into ``gp`` (B, N, 4D + H) in DTYPE (the
+    weight's gradient is one product of it with x, outside), and per block of
+    rows the gains' and the biases' partial sums (``gg``, ``gb``)."""
+    pid = tl.program_id(0)
+    c = pid % C
+    b = (pid // C).to(tl.int64)
+    written = c < U
+    first = c.to(tl.int64) * L
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    hcols = tl.arange(0, BHD)
+    hmask = hcols < HD
+    lcols = tl.arange(0, BH)
+    lmask = lcols < H
+    pool_at = b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d
+    # int64 bases of the chunk's rows; int32 offsets inside them
+    x_base = x_ptr + b * sx_b + first * sx_n
+    q_base = bq_ptr + b * sq_b + first * sq_n
+    k_base = bk_ptr + b * sk_b + first * sk_n
+    v_base = bv_ptr + b * sv_b + first * sv_n
+    lr_base = blr_ptr + b * sl_b + first * sl_n
+    gp_base = gp_ptr + b * sgp_b + first * sgp_n
+    gx_base = gx_ptr + b * sgx_b + first * sgx_n
+    for r0 in range(0, L, BM):
+        i = r0 + tl.arange(0, BM)
+        rmask = (i < L) & (first + i < N)
+        x = tl.load(x_base + i[:, None] * sx_n + cols[None, :] * sx_d,
+                    mask=rmask[:, None] & cmask[None, :], other=0.0)
+        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        normed = x * rstd[:, None]
+        xo = normed.to(DTYPE)
+        gp_rows = gp_base + i * sgp_n
+        block = (pid * row_blocks + r0 // BM).to(tl.int64)
+        gg_block = gg_ptr + block * 2 * H * HD
+        bar_n = tl.zeros((BM, BD), dtype=tl.float32)
+        for head in range(0, H):
+            bar_n = _head_backward(xo, rstd, rmask, bar_n, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
+                                   sg_d, q_base + i[:, None] * sq_n + head * sq_h,
+                                   sq_d, gp_rows, sgp_f, gg_block, head, HD, cols, cmask,
+                                   hcols, hmask, eps, DTYPE, PREC)
+            if written:
+                bar_n = _head_backward(xo, rstd, rmask, bar_n, w_ptr, sw_o, sw_i, gamma_ptr,
+                                       sg_h, sg_d,
+                                       k_base + i[:, None] * sk_n + head * sk_h,
+                                       sk_d, gp_rows, sgp_f, gg_block, H + head, HD, cols,
+                                       cmask, hcols, hmask, eps, DTYPE, PREC)
+        if written:
+            rc = rmask[:, None] & cmask[None, :]
+            # the values: their cotangent is the product's own
+            bar_v = tl.load(v_base + i[:, None] * sv_n + (cols // HD)[None, :] * sv_h
+                            + (cols % HD)[None, :] * sv_d, mask=rc, other=0.0)
+            w = _weight_rows(w_ptr, sw_o, sw_i, 2 * D, cols, cmask, cols, cmask, DTYPE)
+            tl.store(gp_rows[:, None] + (2 * D + cols)[None, :] * sgp_f,
+                     (bar_v * rstd[:, None]).to(DTYPE), mask=rc)
+            bar_n = tl.dot(bar_v.to(DTYPE), w, acc=bar_n, input_precision=PREC)
+            # the pool: pooled = sum_i a_i n_i with a = softmax over the chunk's rows
+            # (the per-feature vectors loaded here, per block: registers are short)
+            pooled = tl.load(pool_ptr + pool_at, mask=cmask, other=0.0)
+            lse = tl.load(lse_ptr + pool_at, mask=cmask, other=0.0)
+            bar_pool = tl.load(bpool_ptr + b * sp_b + c.to(tl.int64) * sp_u + cols * sp_d,
+                               mask=cmask, other=0.0)
+            logits_bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
+            w = _weight_rows(w_ptr, sw_o, sw_i, 3 * D, cols, cmask, cols, cmask, DTYPE)
+            logits = tl.dot(xo, tl.trans(w), input_precision=PREC) + logits_bias[None, :]
+            a = tl.where(rc, tl.exp(logits - lse[None, :]), 0.0)
+            bar_n += a * bar_pool[None, :]
+            bar_logits = a * bar_pool[None, :] * (normed - pooled[None, :])
+            tl.store(gp_rows[:, None] + (3 * D + cols)[None, :] * sgp_f,
+                     (bar_logits * rstd[:, None]).to(DTYPE), mask=rc)
+            bar_n = tl.dot(bar_logits.to(DTYPE), w, acc=bar_n, input_precision=PREC)
+            # the step sizes: max_lr * sigmoid(z)
+            rl = rmask[:, None] & lmask[None, :]
+            w = _weight_rows(w_ptr, sw_o, sw_i, 4 * D, lcols, lmask, cols, cmask, DTYPE)
+            lr_bias = tl.load(bias_ptr + D + lcols, mask=lmask, other=0.0)
+            lr = tl.sigmoid(tl.dot(xo, tl.trans(w), input_precision=PREC) + lr_bias[None, :])
+            bar_lr = tl.load(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
+                             mask=rl, other=0.0) * (max_lr * lr * (1.0 - lr))
+            tl.store(gp_rows[:, None] + (4 * D + lcols)[None, :] * sgp_f,
+                     (bar_lr * rstd[:, None]).to(DTYPE), mask=rl)
+            bar_n = tl.dot(bar_lr.to(DTYPE), w, acc=bar_n, input_precision=PREC)
+            gb_block = gb_ptr + block * (D + H)
+            tl.store(gb_block + cols, tl.sum(bar_logits, axis=0), mask=cmask)
+            tl.store(gb_block + D + lcols, tl.sum(bar_lr, axis=0), mask=lmask)
+        # x / rms(x): bar_x = rstd (bar_n - n mean(bar_n n))
+        bar_x = rstd[:, None] * (bar_n - normed * (tl.sum(bar_n * normed, axis=1) / D)[:, None])
+        tl.store(gx_base + i[:, None] * sgx_n + cols[None, :] * sgx_d, bar_x,
+                 mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit

@@ -2,7 +2,7 @@
 sizes and chunk summaries, ``project(x, weights, num_updates, chunk_size,
 max_lr, operand_dtype)`` in PyTorch (``project_torch``, one product with the
 norms' weights folded in; differentiable), Triton (``project_triton``, one
-kernel; inference) and plainly, layer by layer (``project_naive``, the
+kernel, and one for its backward) and plainly, layer by layer (``project_naive``, the
 reference)."""
 from typing import Optional
 
@@ -12,7 +12,7 @@ from torch import Tensor
 from ..common import implementation_of
 from .naive import project_naive
 from .pytorch import project_torch
-from .triton import MAX_PROJECTION_WIDTH, project_triton
+from .triton import MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH, project_triton
 from .weights import FoldedProjections, Projected, ProjectionWeights, fold
 
 PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
@@ -28,6 +28,6 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
     return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
 
 
-__all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected',
-           'ProjectionWeights', 'fold', 'project', 'project_naive', 'project_torch',
-           'project_triton']
+__all__ = ['FoldedProjections', 'MAX_PROJECTION_BACKWARD_WIDTH', 'MAX_PROJECTION_WIDTH',
+           'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights', 'fold', 'project',
+           'project_naive', 'project_torch', 'project_triton']

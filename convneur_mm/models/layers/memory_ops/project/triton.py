@@ -1,6 +1,7 @@
 """The projections as one Triton kernel, a custom operator
-``torch.ops.convneur_mm.memory_project`` (inference: it has no backward, and
-training projects in PyTorch)."""
+``torch.ops.convneur_mm.memory_project`` whose backward is one more
+(``torch.ops.convneur_mm.memory_project_backward``) and one product for the
+weight's gradient."""
 from typing import Optional, Tuple
 
 import torch
@@ -16,6 +17,9 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 # a program holds whole rows of x and of each head (register tiles): as the
 # other kernels, widths up to 256
 MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
+# the backward holds whole (d, d) weight tiles (no feature steps): 128 columns
+# keep a 16-bit tile at 32 KiB of shared memory, a float32 one at 64 KiB
+MAX_PROJECTION_BACKWARD_WIDTH = 128
 
 
 def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
@@ -27,7 +31,10 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     sizes' sigmoid and the pool's softmax over each written chunk, so that x
     is read once and nothing but the results is written (no (B, N, 4d + H)
     product, no cast of x). The folded weight is cast to ``operand_dtype``
-    once per call. Inference only: autograd through it is an error.
+    once per call. Differentiable up to ``MAX_PROJECTION_BACKWARD_WIDTH``
+    columns: its backward kernel recomputes the products (only x, the
+    weights and the pool's (B, U, d) statistics are saved) and writes x's
+    gradient and the product's, whose one product with x gives the weight's.
 
     Args:
         x: (B, N, d) float32, any strides.
@@ -54,19 +61,22 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
                     [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
                      for name, t in weights._asdict().items()], operand_dtype,
                     (block_rows, block_features), tile_names=('block_rows', 'block_features'))
-    if torch.is_grad_enabled() and (x.requires_grad or
-                                    any(t.requires_grad for t in weights)):
-        raise RuntimeError('project_triton has no backward (the Triton projections serve '
-                           'inference): train with project_torch')
+    if (x.shape[-1] > MAX_PROJECTION_BACKWARD_WIDTH and torch.is_grad_enabled()
+            and (x.requires_grad or any(t.requires_grad for t in weights))):
+        raise ValueError(f'project_triton differentiates widths up to '
+                         f'{MAX_PROJECTION_BACKWARD_WIDTH}, got {x.shape[-1]}: train with '
+                         'project_torch')
     folded = fold(weights)
-    return Projected(*call_kernel_op(
-        _project_op, _project, x, as_operands(folded.weight, operand_dtype), folded.bias,
-        folded.gamma, weights.store_norm, num_updates, chunk_size, float(max_lr), operand_dtype,
-        block_rows, block_features))
+    *projected, pooled, _ = call_kernel_op(
+        _project_op, _project, x, folded.weight, folded.bias, folded.gamma, num_updates,
+        chunk_size, float(max_lr), operand_dtype, block_rows, block_features)
+    # the store norm's weight applies after the pool's sum: one (B, U, d) product
+    return Projected(*projected, pooled * weights.store_norm)
 
 
 def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
-                     block_features: Optional[int], operand_dtype: torch.dtype) -> dict:
+                     block_features: Optional[int], operand_dtype: torch.dtype,
+                     backward: bool = False) -> dict:
     """The projection kernel's tiles: whole rows of x (BD) and of one head
     (BHD), the step sizes' H columns (BH), BM rows, and BK features per
     product step. 16-bit operands up to 128 columns: one product per output
@@ -75,23 +85,30 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     rows (M4's 160, padded to 256; a (256, 256) weight tile would need about
     300 KiB of shared memory) and float32 operands (whole rows spill 10 KB)
     take 16 rows and 32 features per step: no spills at 128 (float32) and
-    160 (16-bit); float32 at 160 spills 20 to 88 B. Not tuned by timing."""
+    160 (16-bit); float32 at 160 spills 20 to 88 B. The backward
+    (``backward``) takes whole rows at 16 rows, 8 warps and one stage: at C_m
+    128 with 16-bit operands it spills 368 B (sm_90) and 444 B (sm_80), the
+    least found (32 rows: 1 KB; 4 warps: 1.4 KB). Not tuned by timing."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     bd = max(16, _next_pow2(d))
-    whole_rows = bd <= 128 and operand_dtype != torch.float32
+    whole_rows = backward or bd <= 128 and operand_dtype != torch.float32
+    if backward:
+        block_rows = block_rows or 16
     return dict(BM=block_rows or min(32 if whole_rows else 16, max(16, _next_pow2(rows))),
                 BD=bd, BK=min(block_features or (bd if whole_rows else 32), bd),
                 BHD=max(16, _next_pow2(d // heads)), BH=max(16, _next_pow2(heads)),
-                num_warps=8, num_stages=2)
+                num_warps=8, num_stages=1 if backward else 2)
 
 
-def _outputs(x: Tensor, heads: int, tokens: int) -> Tuple[Tensor, ...]:
+def _outputs(x: Tensor, heads: int, updates: int, chunk_size: int) -> Tuple[Tensor, ...]:
     """The results' storage: queries (B, N, H, hd), keys (B, T, H, hd), values
-    (B, T, d), step sizes (B, T, H), summaries (B, U, d) (its fake's too)."""
+    (B, T, d), step sizes (B, T, H), the pooled rows and the pool's
+    log-sum-exp (B, U, d) (its fake's too)."""
     b, n, d = x.shape
+    tokens = updates * chunk_size
     new = lambda *shape: x.new_empty(*shape, dtype=torch.float32)  # noqa: E731
     return new(b, n, heads, d // heads), new(b, tokens, heads, d // heads), new(b, tokens, d), \
-        new(b, tokens, heads)
+        new(b, tokens, heads), new(b, updates, d), new(b, updates, d)
 
 
 def _as_heads(queries: Tensor, keys: Tensor, values: Tensor, token_lr: Tensor
@@ -101,43 +118,147 @@ def _as_heads(queries: Tensor, keys: Tensor, values: Tensor, token_lr: Tensor
             values.unflatten(-1, (heads, -1)).permute(2, 0, 1, 3), token_lr.permute(2, 0, 1))
 
 
-def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, store: Tensor,
-             num_updates: int, chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
-             block_rows: Optional[int], block_features: Optional[int]
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The operator's implementation: allocate and launch (checked arguments)."""
+ProjectResults = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates: int,
+             chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
+             block_rows: Optional[int], block_features: Optional[int]) -> ProjectResults:
+    """The operator's implementation: allocate and launch (checked arguments).
+    Returns the heads-leading queries, keys, values and step sizes, the
+    pooled rows (before the store norm's weight) and the pool's log-sum-exp."""
     check_runnable(x, operand_dtype)
     b, n, d = x.shape
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]
-    u, L = num_updates, chunk_size
-    queries, keys, values, token_lr = _outputs(x, heads, u * L)
-    summary = x.new_empty(b, u, d, dtype=torch.float32)
+    L = chunk_size
+    queries, keys, values, token_lr, pooled, lse = _outputs(x, heads, num_updates, L)
     if x.numel():
-        for name, t in (('x', x), ('queries', queries), ('keys', keys), ('values', values),
-                        ('token_lr', token_lr)):
-            check_span(name, min(L, t.shape[1]) or 1, t, row_dim=1)
+        _check_spans(L, x=x, queries=queries, keys=keys, values=values, token_lr=token_lr)
         tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features,
                                  operand_dtype)
         kernels, cfg = launch_config(operand_dtype, x.device)
-        chunks = cdiv(n, L)
-        kernels.project_kernel[(b * chunks,)](
-            x, weight, bias, gamma, store, queries, keys, values, token_lr, summary,
-            n, L, chunks, u, d, heads, hd, max_lr, RMS_EPS,
-            *x.stride(), *weight.stride(), *gamma.stride(), store.stride(0),
+        weight = as_operands(weight, operand_dtype)
+        kernels.project_kernel[(b * cdiv(n, L),)](
+            x, weight, bias, gamma, queries, keys, values, token_lr, pooled, lse,
+            n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS,
+            *x.stride(), *weight.stride(), *gamma.stride(),
             *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
-            *summary.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
-    return (*_as_heads(queries, keys, values, token_lr), summary)
+            *pooled.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
+    return (*_as_heads(queries, keys, values, token_lr), pooled, lse)
+
+
+def _check_spans(chunk_size: int, **tensors: Tensor) -> None:
+    """``check_span`` of the (rows, ...) tensors a program addresses."""
+    for name, t in tensors.items():
+        check_span(name, min(chunk_size, t.shape[1]) or 1, t, row_dim=1)
+
+
+def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, pooled: Tensor,
+                      lse: Tensor, bar_queries: Tensor, bar_keys: Tensor, bar_values: Tensor,
+                      bar_token_lr: Tensor, bar_pooled: Tensor, num_updates: int,
+                      chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
+                      block_rows: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of (x, weight, bias, gamma) from the cotangents of the
+    operator's results (heads leading, as it returns them). The kernel writes
+    x's and the product's; the weight's is the product's times x, one GEMM
+    per part (every row's queries, the written rows' other columns); the
+    gains' and biases' are per-block partial sums, summed here in a fixed
+    order (deterministic)."""
+    check_runnable(x, operand_dtype)
+    b, n, d = x.shape
+    heads, hd = gamma.shape[0] // 2, gamma.shape[1]
+    L, tokens = chunk_size, num_updates * chunk_size
+    outs = weight.shape[0]
+    grad_x = torch.empty(b, n, d, device=x.device, dtype=torch.float32)
+    # the product's gradient times rstd, (B, N, 4d + H): the weight GEMM's operand
+    grad_proj = x.new_empty(b, n, outs, dtype=operand_dtype)
+    tiles = projection_tiles(d, heads, min(L, n), block_rows, None, operand_dtype,
+                             backward=True)
+    row_blocks = cdiv(L, tiles['BM'])
+    blocks = b * cdiv(n, L) * row_blocks
+    grad_gamma = torch.zeros(blocks, 2 * heads, hd, device=x.device, dtype=torch.float32)
+    grad_bias = torch.zeros(blocks, d + heads, device=x.device, dtype=torch.float32)
+    if x.numel():
+        # the cotangents in the forward's storage layout (views, any strides)
+        bar_q, bar_k = bar_queries.permute(1, 2, 0, 3), bar_keys.permute(1, 2, 0, 3)
+        bar_v, bar_lr = bar_values.permute(1, 2, 0, 3), bar_token_lr.permute(1, 2, 0)
+        _check_spans(L, x=x, bar_queries=bar_q, bar_keys=bar_k, bar_values=bar_v,
+                     bar_token_lr=bar_lr, grad_x=grad_x, grad_proj=grad_proj)
+        kernels, cfg = launch_config(operand_dtype, x.device)
+        tiles.pop('BK')
+        w = as_operands(weight, operand_dtype)
+        kernels.project_backward_kernel[(b * cdiv(n, L),)](
+            x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
+            grad_x, grad_proj, grad_gamma, grad_bias,
+            n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, row_blocks,
+            *x.stride(), *w.stride(), *gamma.stride(), *pooled.stride(),
+            *bar_q.stride(), *bar_k.stride(), *bar_v.stride(), *bar_lr.stride(),
+            *bar_pooled.stride(), *grad_x.stride(), *grad_proj.stride(),
+            DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
+    x_op = x.to(operand_dtype)  # one cast for both GEMMs
+    grad_weight = torch.cat([_rows_product(grad_proj[..., :d], x_op),
+                             _rows_product(grad_proj[:, :tokens, d:], x_op[:, :tokens])])
+    return grad_x, grad_weight, grad_bias.sum(0), grad_gamma.sum(0)
+
+
+def _rows_product(grad: Tensor, x: Tensor) -> Tensor:
+    """sum over images of grad^T x: (B, M, O), (B, M, d) -> (O, d) float32,
+    accumulated in float32 whatever the operands."""
+    if grad.dtype == torch.float32:
+        return torch.bmm(grad.transpose(1, 2), x).sum(0)
+    if not grad.is_cuda:  # the operands' exact products, summed in float32
+        return torch.bmm(grad.transpose(1, 2).float(), x.float()).sum(0)
+    if hasattr(torch.ops.aten.bmm, 'dtype'):
+        return torch.ops.aten.bmm.dtype(grad.transpose(1, 2), x, torch.float32).sum(0)
+    return torch.bmm(grad.transpose(1, 2), x).float().sum(0)
 
 
 _project_op = torch.library.custom_op('convneur_mm::memory_project', _project, mutates_args=())
+_project_backward_op = torch.library.custom_op('convneur_mm::memory_project_backward',
+                                               _project_backward, mutates_args=())
 
 
 @_project_op.register_fake
-def _project_fake(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, store: Tensor,
-                  num_updates: int, chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
+def _project_fake(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates: int,
+                  chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
                   block_rows: Optional[int], block_features: Optional[int]
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    heads = gamma.shape[0] // 2
-    b, _, d = x.shape
-    return (*_as_heads(*_outputs(x, heads, num_updates * chunk_size)),
-            x.new_empty(b, num_updates, d, dtype=torch.float32))
+                  ) -> ProjectResults:
+    outputs = _outputs(x, gamma.shape[0] // 2, num_updates, chunk_size)
+    return (*_as_heads(*outputs[:4]), *outputs[4:])
+
+
+@_project_backward_op.register_fake
+def _project_backward_fake(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
+                           pooled: Tensor, lse: Tensor, bar_queries: Tensor, bar_keys: Tensor,
+                           bar_values: Tensor, bar_token_lr: Tensor, bar_pooled: Tensor,
+                           num_updates: int, chunk_size: int, max_lr: float,
+                           operand_dtype: torch.dtype, block_rows: Optional[int]
+                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    new = lambda t: t.new_empty(t.shape, dtype=torch.float32)  # noqa: E731
+    return new(x), new(weight), new(bias), new(gamma)
+
+
+def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, gamma, *options = inputs
+    ctx.options = options  # num_updates, chunk_size, max_lr, operand_dtype, block_rows, -
+    ctx.save_for_backward(x, weight, bias, gamma, output[4], output[5])
+
+
+def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
+    x, weight, bias, gamma, pooled, lse = ctx.saved_tensors
+    num_updates, chunk_size, max_lr, operand_dtype, block_rows, _ = ctx.options
+    heads, hd = gamma.shape[0] // 2, gamma.shape[1]
+    b, n, d = x.shape
+    tokens = num_updates * chunk_size
+    shapes = ((heads, b, n, hd), (heads, b, tokens, hd), (heads, b, tokens, hd),
+              (heads, b, tokens), (b, num_updates, d))
+    # an unused result's cotangent is None: zeros of its shape
+    bars = [x.new_zeros(shape, dtype=torch.float32) if bar is None else bar
+            for bar, shape in zip(cotangents[:5], shapes)]
+    grads = call_kernel_op(_project_backward_op, _project_backward, x, weight, bias, gamma,
+                           pooled, lse, *bars, num_updates, chunk_size, max_lr, operand_dtype,
+                           block_rows)
+    return (*grads, None, None, None, None, None, None)
+
+
+_project_op.register_autograd(_backward, setup_context=_setup_context)
