@@ -1,7 +1,8 @@
 """The memory's write and read in one training step, at a backbone's shapes:
 the bytes their ATen ops move and their time, autograd's backward against the
 closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
-bytes of the Triton kernels' operators (``TRITON``), forward and backward.
+bytes of the Triton kernels' operators (``TRITON``), forward and backward;
+and the projections' training step, autograd against their Triton operators.
 
     python -m convneur_mm.analysis.memory_bytes [--arch m3] [--size 224] [--batch 128]
         [--time-batch 2] [--step-batch 2] [--rounds 5]
@@ -211,6 +212,34 @@ def time_backbone_steps(arch: str = 'm3', batch: int = 2, size: int = 224, round
                           zip(PATHS, ('autograd', 'closed_form'))}, rounds, device, warmup=1)
 
 
+def count_projection_bytes(shapes: List[MemoryShape],
+                           operand_dtype: Optional[torch.dtype] = None
+                           ) -> Dict[str, List[int]]:
+    """Bytes of one training step of each stage's projections (forward and
+    every input's gradient, on meta tensors): autograd through
+    ``project_torch`` against the Triton operators (``TRITON``: each counts
+    as its arguments and results; the backward's product gradient, which
+    its weight GEMMs read, is not counted)."""
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_torch,
+                                                              project_triton)
+    counts: Dict[str, List[int]] = {'autograd': [], TRITON: []}
+    for shape in shapes:
+        b, n, h = shape.batch, shape.tokens, shape.heads
+        d = h * shape.head_dim
+        for path, fn in (('autograd', project_torch), (TRITON, project_triton)):
+            sizes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (h, d), (h, ), (h, d // h),
+                     (h, d // h))
+            weights = ProjectionWeights(*(torch.empty(*size, device='meta').requires_grad_()
+                                          for size in sizes))
+            x = torch.empty(b, n, d, device='meta', requires_grad=True)
+            with AtenOpCounter() as counter:
+                out = fn(x, weights, shape.writes, shape.chunk, 1.0, operand_dtype)
+                out = [t for t in out if t.requires_grad]  # no writes: empty results
+                torch.autograd.backward(out, [torch.empty_like(t) for t in out])
+            counts[path].append(sum(counter.bytes.values()))
+    return counts
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,6 +262,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     results = {}
     for name, mm in (('float32', None), ('bfloat16', torch.bfloat16)):
         results[name] = counts = count_step_bytes(shapes, mm)
+        for path, per_stage in counts.items():
+            print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
+                  f' | {sum(per_stage) / 1e9:.2f} |')
+    print('\nGB moved by one training step of the projections (meta count)')
+    print('| operands | path | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
+          ' | total |')
+    print('|---|---|' + '---|' * (len(shapes) + 1))
+    for name, mm in (('float32', None), ('bfloat16', torch.bfloat16)):
+        results[f'projections {name}'] = counts = count_projection_bytes(shapes, mm)
         for path, per_stage in counts.items():
             print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
                   f' | {sum(per_stage) / 1e9:.2f} |')

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convneur_mm.analysis.memory_bytes import (CUDA_PRODUCTS, TRITON, MemoryShape,
-                                               count_step_bytes)
+                                               count_projection_bytes, count_step_bytes)
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, read_closed_form, read_torch)
 
@@ -263,3 +263,6 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
     counts = count_step_bytes(shapes, torch.bfloat16)
     assert 0 < sum(counts[CUDA_PRODUCTS]) < sum(counts['autograd'])
     assert sum(counts[CUDA_PRODUCTS]) < sum(counts['closed form'])
+    # the projections' step: the kernels save x only and write no (B, N, 4d + H) product
+    counts = count_projection_bytes(shapes, torch.bfloat16)
+    assert 0 < counts[TRITON][0] < counts['autograd'][0] / 8

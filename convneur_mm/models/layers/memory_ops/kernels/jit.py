@@ -728,6 +728,21 @@ def _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr,
 
 
 @triton.jit
+def _projection_program(C, U, L, D, HD, H, BD: tl.constexpr, BHD: tl.constexpr,
+                        BH: tl.constexpr):
+    """A projection kernel's program: its chunk c of C, image b, whether the
+    chunk writes (c < U), its first row, and the column ranges with their
+    masks of x (BD), of one head (BHD) and of the step sizes (BH)."""
+    pid = tl.program_id(0)
+    c = pid % C
+    cols = tl.arange(0, BD)
+    hcols = tl.arange(0, BHD)
+    lcols = tl.arange(0, BH)
+    return (c, (pid // C).to(tl.int64), c < U, c.to(tl.int64) * L, cols, cols < D, hcols,
+            hcols < HD, lcols, lcols < H)
+
+
+@triton.jit
 def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
                    q_ptr, k_ptr, v_ptr, lr_ptr, pool_ptr, lse_ptr,
                    N, L, C, U, D, H, HD, max_lr, eps,
@@ -748,17 +763,8 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
     log-sum-exp per feature is stored for the backward. ``w`` (4D + H, D)
     is the folded weight (``project.weights.fold``), in DTYPE; its products
     take BK features at a time (``_rows_times``)."""
-    pid = tl.program_id(0)
-    c = pid % C
-    b = (pid // C).to(tl.int64)
-    written = c < U
-    first = c.to(tl.int64) * L
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    hcols = tl.arange(0, BHD)
-    hmask = hcols < HD
-    lcols = tl.arange(0, BH)
-    lmask = lcols < H
+    c, b, written, first, cols, cmask, hcols, hmask, lcols, lmask = _projection_program(
+        C, U, L, D, HD, H, BD, BHD, BH)
     x_base = x_ptr + b * sx_b + first * sx_n
     q_base = q_ptr + b * sq_b + first * sq_n
     k_base = k_ptr + b * sk_b + first * sk_n
@@ -871,16 +877,8 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     weight's gradient is one product of it with x, outside), and per block of
     rows the gains' and the biases' partial sums (``gg``, ``gb``)."""
     pid = tl.program_id(0)
-    c = pid % C
-    b = (pid // C).to(tl.int64)
-    written = c < U
-    first = c.to(tl.int64) * L
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    hcols = tl.arange(0, BHD)
-    hmask = hcols < HD
-    lcols = tl.arange(0, BH)
-    lmask = lcols < H
+    c, b, written, first, cols, cmask, hcols, hmask, lcols, lmask = _projection_program(
+        C, U, L, D, HD, H, BD, BHD, BH)
     pool_at = b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d
     # int64 bases of the chunk's rows; int32 offsets inside them
     x_base = x_ptr + b * sx_b + first * sx_n
