@@ -2,7 +2,8 @@
 the bytes their ATen ops move and their time, autograd's backward against the
 closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
 bytes of the Triton kernels' operators (``TRITON``), forward and backward;
-and the projections' training step, autograd against their Triton operators.
+the projections' training step, autograd against their Triton operators;
+and each stage's whole global branch (``count_branch_step_bytes``).
 
     python -m convneur_mm.analysis.memory_bytes [--arch m3] [--size 224] [--batch 128]
         [--time-batch 2] [--step-batch 2] [--rounds 5]
@@ -240,6 +241,27 @@ def count_projection_bytes(shapes: List[MemoryShape],
     return counts
 
 
+def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
+                            memory_cfg: Optional[dict] = None) -> List[int]:
+    """Bytes of one training step (forward and backward, every input's
+    gradient) of each stage's first global branch of ``ConvNeur(arch)``,
+    whole (projections, write, scan, read, gates, its 1x1 convolutions), on
+    meta tensors."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    model = ConvNeur(arch=arch, memory_cfg=memory_cfg).train().to('meta')
+    counts = []
+    for stage, blocks in enumerate(model.stages):
+        block = next(b for b in blocks if b.global_branch is not None)
+        side = size // 4 // 2**stage
+        x = torch.empty(batch, block.local_branch.dwconv.in_channels, side, side, device='meta',
+                        requires_grad=True)
+        with AtenOpCounter() as counter:
+            out = block.global_branch(x)
+            out.backward(torch.empty_like(out))
+        counts.append(counter.total_bytes)
+    return counts
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -273,6 +295,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
         results[f'projections {name}'] = counts = count_projection_bytes(shapes, mm)
         for path, per_stage in counts.items():
             print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
+                  f' | {sum(per_stage) / 1e9:.2f} |')
+    print('\nGB moved by one training step of the global branches, whole (meta count)')
+    print('| operands | backward | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
+          ' | total |')
+    print('|---|---|' + '---|' * (len(shapes) + 1))
+    for name in ('float32', 'bfloat16'):
+        for backward in ('autograd', 'closed_form'):
+            per_stage = count_branch_step_bytes(args.arch, args.size, args.batch,
+                                                dict(matmul_dtype=name, backward=backward))
+            results[f'branches {name} {backward}'] = {'total': per_stage}
+            print(f'| {name} | {backward} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
                   f' | {sum(per_stage) / 1e9:.2f} |')
     if args.time_batch:
         shape = shapes[0]._replace(batch=args.time_batch)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from convneur_mm.analysis.memory_bytes import (CUDA_PRODUCTS, TRITON, MemoryShape,
-                                               count_projection_bytes, count_step_bytes)
+                                               count_branch_step_bytes, count_projection_bytes,
+                                               count_step_bytes)
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, read_closed_form, read_torch)
 
@@ -266,3 +267,9 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
     # the projections' step: the kernels save x only and write no (B, N, 4d + H) product
     counts = count_projection_bytes(shapes, torch.bfloat16)
     assert 0 < counts[TRITON][0] < counts['autograd'][0] / 8
+    # whole branches, every stage's: the closed form moves fewer in float32
+    steps = {backward: count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
+                                                                   backward=backward))
+             for backward in ('autograd', 'closed_form')}
+    assert len(steps['autograd']) == 4 and min(steps['autograd']) > 0
+    assert sum(steps['closed_form']) < sum(steps['autograd'])

@@ -54,17 +54,21 @@ def project_torch(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk
         none = x.new_empty(h, b, 0, hd)
         return Projected(queries.permute(2, 0, 1, 3), none, none.clone(), x.new_empty(h, b, 0),
                          x.new_empty(b, 0, d))
-    proj = linear(normed, folded.weight, F.pad(folded.bias, (3 * d, 0)))
-    # proj (B, N, 4d + H): queries, keys, values, logits, step sizes
-    qk = F.rms_norm(proj[..., :2 * d].reshape(b, n, 2 * h, hd), (hd,), eps=RMS_EPS) * folded.gamma
+    # proj (B, N, 4d + H): queries, keys, values, logits, step sizes, split
+    # once: autograd then joins their gradients in one cat, where slicing
+    # each would write a zero-padded (B, N, 4d + H) gradient per slice and add them
+    qk, v, logits, lr = linear(normed, folded.weight, F.pad(folded.bias, (3 * d, 0))).split(
+        [2 * d, d, d, h], dim=-1)
+    # the queries' and keys' heads normed together: one norm's ops, not two
+    qk = F.rms_norm(qk.reshape(b, n, 2 * h, hd), (hd,), eps=RMS_EPS) * folded.gamma
     written = slice(0, u * L)
-    token_lr = max_lr * torch.sigmoid(proj[:, written, 4 * d:]).permute(2, 0, 1)
+    token_lr = max_lr * torch.sigmoid(lr[:, written]).permute(2, 0, 1)
     # the pool: softmax over each chunk of the logits, the weighted sum of
     # the store-normed tokens (their norm weight applied after the sum)
-    attn = proj[:, written, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
+    attn = logits[:, written].reshape(b, u, L, d).softmax(dim=-2)
     summary = (normed[:, written].reshape(b, u, L, d) * attn).sum(dim=-2) * weights.store_norm
-    del attn, normed  # before the values' copy below
-    values = proj[:, written, 2 * d:3 * d]
+    del attn, normed, logits, lr  # before the values' copy below
+    values = v[:, written]
     if not torch.is_grad_enabled():
         # a copy of the values frees proj (B, N, 4d + H), about four times
         # their size, when this returns: its other columns are read here only
