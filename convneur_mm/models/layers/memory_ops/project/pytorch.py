@@ -37,7 +37,7 @@ def project_torch(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk
     u, L = num_updates, chunk_size
     folded = fold(weights)
     # x / rms(x): shared by both norms, whose weights fold into the product
-    normed = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+    normed = F.rms_norm(x, (d, ), eps=RMS_EPS)
 
     def linear(inputs: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """inputs @ weight.T (+ bias) as one product (``inputs`` an argument,
