@@ -170,8 +170,9 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
     L, tokens = chunk_size, num_updates * chunk_size
     outs = weight.shape[0]
     grad_x = torch.empty(b, n, d, device=x.device, dtype=torch.float32)
-    # the product's gradient times rstd, (B, N, 4d + H): the weight GEMM's operand
-    grad_proj = x.new_empty(b, n, outs, dtype=operand_dtype)
+    # the product's gradient times rstd, (B, N, 4d + H): the weight GEMMs' operand,
+    # its rows 16-byte aligned for the tensor cores (4d + H is odd for one head)
+    grad_proj = x.new_empty(b, n, cdiv(outs, 8) * 8, dtype=operand_dtype)[..., :outs]
     tiles = projection_tiles(d, heads, min(L, n), block_rows, None, operand_dtype,
                              backward=True)
     row_blocks = cdiv(L, tiles['BM'])
