@@ -11,6 +11,14 @@ from ..kernels.launch import call_kernel_op, cdiv, check_runnable, launch_config
 SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
 
 
+def _block(entries: int) -> Tuple[int, int]:
+    """(entries per program, warps): ``SCAN_BLOCK``, or a narrower row's
+    power of two (g's C_m entries would leave most of 1024 lanes masked),
+    at 256 entries per warp."""
+    bp = min(SCAN_BLOCK, max(32, 1 << max(0, entries - 1).bit_length()))
+    return bp, max(1, bp // 256)
+
+
 def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: Tensor,
                        log_momentum: Tensor, initial: Sequence[Optional[Tensor]], *,
                        state_dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Tensor]:
@@ -80,13 +88,14 @@ def _scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
     _check_steps_span(u, grads, out)
     if out.numel():
         kernels, _ = launch_config(state_dtype, grads.device)
-        blocks = cdiv(p, SCAN_BLOCK)
+        bp, warps = _block(p)
+        blocks = cdiv(p, bp)
         w0 = grads if initial is None else initial
         kernels.scan_kernel[(n * blocks,)](
             grads, lr_mod, log_keep, log_momentum, w0, out, u, p, blocks,
             *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
             w0.stride(0), w0.stride(-1), *out.stride(),
-            HAS_INITIAL=initial is not None, BP=SCAN_BLOCK, num_warps=4)
+            HAS_INITIAL=initial is not None, BP=bp, num_warps=warps)
     return out
 
 
@@ -112,7 +121,8 @@ def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum
     if states.dtype != torch.float32:
         raise RuntimeError(f'the scan kernel trains with float32 states, not {states.dtype}')
     n, u, p = grads.shape
-    blocks = cdiv(p, SCAN_BLOCK)
+    bp, warps = _block(p)
+    blocks = cdiv(p, bp)
     d_grads = grads.new_empty(n, u, p)
     shares = grads.new_empty(3, n, blocks, u)
     d_initial = grads.new_empty(n, p) if initial is not None else grads.new_empty(0)
@@ -125,8 +135,8 @@ def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum
             shares[0], shares[1], shares[2], u, p, blocks,
             *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
             *states.stride(), *grad_states.stride(), *d_grads.stride(),
-            w0.stride(0), w0.stride(-1), HAS_INITIAL=initial is not None, BP=SCAN_BLOCK,
-            num_warps=4)
+            w0.stride(0), w0.stride(-1), HAS_INITIAL=initial is not None, BP=bp,
+            num_warps=warps)
     elif initial is not None:  # no steps: W_0 is the only state
         d_initial.copy_(grad_states[:, 0])
     return (d_grads, shares[0].sum(dim=1), shares[1].sum(dim=1), shares[2].sum(dim=1),
