@@ -246,7 +246,8 @@ def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
     """Bytes of one training step (forward and backward, every input's
     gradient) of each stage's first global branch of ``ConvNeur(arch)``,
     whole (projections, write, scan, read, gates, its 1x1 convolutions), on
-    meta tensors."""
+    meta tensors. With ``kernels='triton'`` in ``memory_cfg`` the memory's
+    operators run their fakes: each counts as its arguments and results."""
     from convneur_mm.models.backbones.convneur import ConvNeur
     model = ConvNeur(arch=arch, memory_cfg=memory_cfg).train().to('meta')
     counts = []
@@ -297,15 +298,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
             print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
                   f' | {sum(per_stage) / 1e9:.2f} |')
     print('\nGB moved by one training step of the global branches, whole (meta count)')
-    print('| operands | backward | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
+    print('| operands | path | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
           ' | total |')
     print('|---|---|' + '---|' * (len(shapes) + 1))
     for name in ('float32', 'bfloat16'):
-        for backward in ('autograd', 'closed_form'):
+        for path, cfg in (('autograd', dict(backward='autograd')),
+                          ('closed form', dict(backward='closed_form')),
+                          (TRITON, dict(kernels='triton'))):
             per_stage = count_branch_step_bytes(args.arch, args.size, args.batch,
-                                                dict(matmul_dtype=name, backward=backward))
-            results[f'branches {name} {backward}'] = {'total': per_stage}
-            print(f'| {name} | {backward} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
+                                                dict(cfg, matmul_dtype=name))
+            results[f'branches {name} {path}'] = {'total': per_stage}
+            print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
                   f' | {sum(per_stage) / 1e9:.2f} |')
     if args.time_batch:
         shape = shapes[0]._replace(batch=args.time_batch)

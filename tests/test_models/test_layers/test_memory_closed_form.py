@@ -273,3 +273,7 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
              for backward in ('autograd', 'closed_form')}
     assert len(steps['autograd']) == 4 and min(steps['autograd']) > 0
     assert sum(steps['closed_form']) < sum(steps['autograd'])
+    # the kernels planned on meta tensors: their operators' fakes, autograd included
+    kernels = count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
+                                                          kernels='triton'))
+    assert 0 < sum(kernels) < sum(steps['autograd']) / 4

@@ -72,6 +72,8 @@ def _device_reason(device: torch.device, operand_dtype: Optional[torch.dtype]) -
         if operand_dtype == torch.bfloat16:
             return 'Triton\'s interpreter cannot compute in bfloat16 (it multiplies bit patterns)'
         return None
+    if device.type == 'meta':  # no data: the custom operators run their fakes (byte counts)
+        return None
     if device.type != 'cuda':
         return f'the memory kernels run on CUDA devices, not on {device.type} ({_INTERPRETER_HINT})'
     if not torch.cuda.is_available():
