@@ -23,7 +23,7 @@ is not counted.
 backward passes in turns (``time_backbone_steps``).
 """
 import argparse
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -263,6 +263,17 @@ def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
     return counts
 
 
+def _print_table(title: str, rows: List[Tuple[str, str, List[int]]]) -> None:
+    """A markdown table of GB per stage: rows of (operands, path, bytes per stage)."""
+    stages = len(rows[0][2])
+    print(f'\n{title}\n| operands | path | ' +
+          ' | '.join(f'stage {i + 1}' for i in range(stages)) + ' | total |')
+    print('|---|---|' + '---|' * (stages + 1))
+    for name, path, per_stage in rows:
+        print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
+              f' | {sum(per_stage) / 1e9:.2f} |')
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,30 +288,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     parser.add_argument('--rounds', type=int, default=5)
     args = parser.parse_args(argv)
     shapes = backbone_shapes(args.arch, args.size, args.batch)
-    print(f'ConvNeur-{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}: '
-          'GB moved by one training step of the memory\'s write and read (meta count)')
-    print('| operands | path | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
-          ' | total |')
-    print('|---|---|' + '---|' * (len(shapes) + 1))
     results = {}
+    write_read, projections, branches = [], [], []
     for name, mm in (('float32', None), ('bfloat16', torch.bfloat16)):
         results[name] = counts = count_step_bytes(shapes, mm)
-        for path, per_stage in counts.items():
-            print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
-                  f' | {sum(per_stage) / 1e9:.2f} |')
-    print('\nGB moved by one training step of the projections (meta count)')
-    print('| operands | path | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
-          ' | total |')
-    print('|---|---|' + '---|' * (len(shapes) + 1))
-    for name, mm in (('float32', None), ('bfloat16', torch.bfloat16)):
+        write_read += [(name, path, per_stage) for path, per_stage in counts.items()]
         results[f'projections {name}'] = counts = count_projection_bytes(shapes, mm)
-        for path, per_stage in counts.items():
-            print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
-                  f' | {sum(per_stage) / 1e9:.2f} |')
-    print('\nGB moved by one training step of the global branches, whole (meta count)')
-    print('| operands | path | ' + ' | '.join(f'stage {i + 1}' for i in range(len(shapes))) +
-          ' | total |')
-    print('|---|---|' + '---|' * (len(shapes) + 1))
+        projections += [(name, path, per_stage) for path, per_stage in counts.items()]
     for name in ('float32', 'bfloat16'):
         for path, cfg in (('autograd', dict(backward='autograd')),
                           ('closed form', dict(backward='closed_form')),
@@ -308,8 +302,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
             per_stage = count_branch_step_bytes(args.arch, args.size, args.batch,
                                                 dict(cfg, matmul_dtype=name))
             results[f'branches {name} {path}'] = {'total': per_stage}
-            print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
-                  f' | {sum(per_stage) / 1e9:.2f} |')
+            branches.append((name, path, per_stage))
+    print(f'ConvNeur-{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}: '
+          'GB moved by one training step (meta count)')
+    _print_table("of the memory's write and read", write_read)
+    _print_table('of the projections', projections)
+    _print_table('of the global branches, whole', branches)
     if args.time_batch:
         shape = shapes[0]._replace(batch=args.time_batch)
         times = time_steps(shape, args.rounds)
