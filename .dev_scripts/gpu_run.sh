@@ -41,7 +41,7 @@ cd "$(dirname "$0")/.."
 SECTIONS=(bench profile train tests)
 # estimated seconds on an H100 / H200 (the install takes about 20 more): with
 # the install they fill the default limit, and train + tests fit 6 minutes
-declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150 [kernels]=240)
+declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150 [kernels]=270)
 
 usage() { sed -n 2,37p "$0" | sed 's/^# \{0,1\}//'; }
 
