@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import RMS_EPS
+from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launch import (_next_pow2, as_operands, call_kernel_op, cdiv, check_arguments,
                               check_runnable, check_span, check_tiles, launch_config)
@@ -203,15 +203,9 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
 
 
 def _rows_product(grad: Tensor, x: Tensor) -> Tensor:
-    """sum over images of grad^T x: (B, M, O), (B, M, d) -> (O, d) float32,
-    accumulated in float32 whatever the operands."""
-    if grad.dtype == torch.float32:
-        return torch.bmm(grad.transpose(1, 2), x).sum(0)
-    if not grad.is_cuda:  # the operands' exact products, summed in float32
-        return torch.bmm(grad.transpose(1, 2).float(), x.float()).sum(0)
-    if hasattr(torch.ops.aten.bmm, 'dtype'):
-        return torch.ops.aten.bmm.dtype(grad.transpose(1, 2), x, torch.float32).sum(0)
-    return torch.bmm(grad.transpose(1, 2), x).float().sum(0)
+    """sum over images of grad^T x: (B, M, O), (B, M, d) in the operand dtype
+    -> (O, d) float32 (``product``: a float32 output on CUDA)."""
+    return product(grad.transpose(1, 2), x, grad.dtype, torch.float32).sum(0)
 
 
 _project_op = torch.library.custom_op('convneur_mm::memory_project', _project, mutates_args=())
