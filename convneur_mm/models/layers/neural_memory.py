@@ -88,8 +88,7 @@ class MemoryPlan:
             with the norms' weights folded in (``memory_ops.project``; their
             layers are plain: ``plain_layers``); 'triton', that as one Triton
             kernel with one backward kernel (with ``kernels='triton'``);
-            'layers', each
-            layer called (a hook or FSDP must see it).
+            'layers', each layer called (a hook or FSDP must see it).
         scan: 'triton' (the scan kernel, step by step; in inference
             ``w1``'s and ``w2``'s states written in ``operand_dtype``), where
             ``kernels='triton'`` took the kernels in the parallel mode, or

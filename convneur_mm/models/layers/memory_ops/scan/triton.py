@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels.launch import call_kernel_op, cdiv, check_runnable, launch_config
+from ..kernels.launch import _next_pow2, call_kernel_op, cdiv, check_runnable, launch_config
 
 SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
 
@@ -15,7 +15,7 @@ def _block(entries: int) -> Tuple[int, int]:
     """(entries per program, warps): ``SCAN_BLOCK``, or a narrower row's
     power of two (g's C_m entries would leave most of 1024 lanes masked),
     at 256 entries per warp."""
-    bp = min(SCAN_BLOCK, max(32, 1 << max(0, entries - 1).bit_length()))
+    bp = min(SCAN_BLOCK, max(32, _next_pow2(entries)))
     return bp, max(1, bp // 256)
 
 
