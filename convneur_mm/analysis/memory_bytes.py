@@ -222,22 +222,20 @@ def count_projection_bytes(shapes: List[MemoryShape],
     as its arguments and results; the backward's product gradient, which
     its weight GEMMs read, is not counted)."""
     from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_torch,
-                                                              project_triton)
+                                                              project_triton, projection_shapes)
     counts: Dict[str, List[int]] = {'autograd': [], TRITON: []}
     for shape in shapes:
         b, n, h = shape.batch, shape.tokens, shape.heads
         d = h * shape.head_dim
         for path, fn in (('autograd', project_torch), (TRITON, project_triton)):
-            sizes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (h, d), (h, ), (h, d // h),
-                     (h, d // h))
             weights = ProjectionWeights(*(torch.empty(*size, device='meta').requires_grad_()
-                                          for size in sizes))
+                                          for size in projection_shapes(d, h)))
             x = torch.empty(b, n, d, device='meta', requires_grad=True)
             with AtenOpCounter() as counter:
                 out = fn(x, weights, shape.writes, shape.chunk, 1.0, operand_dtype)
                 out = [t for t in out if t.requires_grad]  # no writes: empty results
                 torch.autograd.backward(out, [torch.empty_like(t) for t in out])
-            counts[path].append(sum(counter.bytes.values()))
+            counts[path].append(counter.total_bytes)
     return counts
 
 

@@ -15,7 +15,8 @@ import torch
 
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
                                                   chunk_read_triton, read_triton)
-from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, fold, project_triton
+from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fold, project_triton,
+                                                          projection_shapes)
 from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import _run_interpreted
@@ -51,9 +52,8 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
     states = _weights((heads, batch, chunks), d, gen)
     queries = torch.randn(heads, batch, chunks * length - 3, d, generator=gen)
     tiles = (16, 32)
-    projection = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.3 for shape in (
-        (d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
-        (heads, d // heads), (heads, d // heads))))
+    projection = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.3
+                                     for shape in projection_shapes(d, heads)))
     # x a strided view; 20 tokens in chunks of 8: two written, a partial last one
     x_tokens = torch.randn(batch, d, 20, generator=gen).transpose(1, 2)
     project_args = (x_tokens, *fold(projection))
@@ -143,9 +143,7 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
     states, queries, length = cases['chunk_read'][1][:3], *cases['chunk_read'][1][3:5]
 
     x = cases['project'][1][0]
-    projection = ProjectionWeights(*(torch.randn(*shape) for shape in (
-        (16, ), (16, ), (16, 16), (16, 16), (16, 16), (16, 16), (16, ), (1, 16), (1, ),
-        (1, 16), (1, 16))))
+    projection = ProjectionWeights(*(torch.randn(*shape) for shape in projection_shapes(16, 1)))
 
     def fn(w1, w2, g, keys, values, token_lr, queries):
         grads = chunk_grads_triton(MemoryWeights(w1, w2, g), keys, values, token_lr, dtype)

@@ -296,13 +296,11 @@ def projection_results(gen: torch.Generator) -> dict:
     """``project_triton`` against ``project_naive`` in float64 (each layer in
     turn: also a check of the folding), x a strided view."""
     from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
-                                                              project_triton)
+                                                              project_triton, projection_shapes)
     results = {}
     for name, (b, n, d, heads, length, u, block_rows, steps) in PROJECTION_CASES.items():
-        shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
-                  (heads, d // heads), (heads, d // heads))
         weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5
-                                      for shape in shapes))
+                                      for shape in projection_shapes(d, heads)))
         if name == 'd20_L24':  # any strides: the store norm's weight as a strided view
             weights = weights._replace(store_norm=torch.stack(
                 [weights.store_norm, torch.zeros(d)], dim=1)[:, 0])
@@ -886,11 +884,10 @@ def test_triton_projections_on_cuda(d, heads):
     """The compiled projection kernel at M1, M3 and M4 widths, 3136 tokens in
     chunks of 196, every operand dtype, against each layer in float64."""
     from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
-                                                              project_triton)
+                                                              project_triton, projection_shapes)
     gen = torch.Generator().manual_seed(d)
-    shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
-              (heads, d // heads), (heads, d // heads))
-    weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5 for shape in shapes))
+    weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5
+                                  for shape in projection_shapes(d, heads)))
     x = torch.randn(2, 3136, d, generator=gen)
     ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)), 15, 196,
                         1.0)

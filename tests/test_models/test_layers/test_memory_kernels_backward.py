@@ -18,7 +18,7 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_grads_triton, chunk_read_torch,
                                                   chunk_read_triton, read_torch, read_triton)
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
-                                                          project_triton)
+                                                          project_triton, projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from .test_memory_kernels import (BF16_TOL, F16_TOL, F32_TOL, _rel_err, _run_interpreted,
                                   _weights, _write_inputs)
@@ -140,9 +140,7 @@ def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: i
     and every parameter's gradient against float64 autograd through
     ``project_naive``. The pool's softmax runs over a chunk's tokens, so its
     logits' bias has a zero gradient: only its size against the logits' is kept."""
-    shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
-              (heads, d // heads), (heads, d // heads))
-    weights = [torch.randn(*shape, generator=gen) * 0.5 for shape in shapes]
+    weights = [torch.randn(*shape, generator=gen) * 0.5 for shape in projection_shapes(d, heads)]
     x = torch.randn(b, d, n, generator=gen).transpose(1, 2)
     got, exact = _leaves(weights + [x], device), _leaves([t.double() for t in weights + [x]])
     out = project_triton(got[-1], ProjectionWeights(*got[:-1]), updates, length, 0.5, dtype,
@@ -337,8 +335,7 @@ def test_the_kernels_save_only_their_inputs():
     # the projections: x, weight-sized tensors (the fold's products save their
     # factors) and the pool's (B, U, d) statistics: no other (B, N, .) tensor
     x = leaves((batch, chunks * length, d))[0]
-    params = leaves((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
-                    (heads, d), (heads, d))
+    params = leaves(*projection_shapes(d, heads))
     saved = _saved_numel(lambda x, *p: list(project_triton(
         x, ProjectionWeights(*p), chunks, length, 1.0, torch.bfloat16)), x, *params)
     folded = (4 * d + heads) * d + d + heads + 2 * heads * d

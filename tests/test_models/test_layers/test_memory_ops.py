@@ -145,10 +145,9 @@ def test_product_takes_operands_already_cast(dtype):
 
 
 def _projection_weights(d: int, heads: int, gen: torch.Generator, dtype=torch.float64):
-    from convneur_mm.models.layers.memory_ops.project import ProjectionWeights
-    shapes = ((d, ), (d, ), (d, d), (d, d), (d, d), (d, d), (d, ), (heads, d), (heads, ),
-              (heads, d // heads), (heads, d // heads))
-    return ProjectionWeights(*(torch.randn(*s, generator=gen, dtype=dtype) * 0.5 for s in shapes))
+    from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, projection_shapes
+    return ProjectionWeights(*(torch.randn(*s, generator=gen, dtype=dtype) * 0.5
+                               for s in projection_shapes(d, heads)))
 
 
 @pytest.mark.parametrize('tokens,chunk,heads,updates', [(20, 8, 2, 2), (24, 8, 1, 2),

@@ -13,7 +13,7 @@ from ..common import implementation_of
 from .naive import project_naive
 from .pytorch import project_torch
 from .triton import MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH, project_triton
-from .weights import FoldedProjections, Projected, ProjectionWeights, fold
+from .weights import FoldedProjections, Projected, ProjectionWeights, fold, projection_shapes
 
 PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
 
@@ -30,4 +30,4 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
 
 __all__ = ['FoldedProjections', 'MAX_PROJECTION_BACKWARD_WIDTH', 'MAX_PROJECTION_WIDTH',
            'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights', 'fold', 'project',
-           'project_naive', 'project_torch', 'project_triton']
+           'project_naive', 'project_torch', 'project_triton', 'projection_shapes']

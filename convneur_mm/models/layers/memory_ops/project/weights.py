@@ -60,6 +60,15 @@ def fold(weights: ProjectionWeights) -> FoldedProjections:
                              1.0 + torch.cat([w.query_gamma, w.key_gamma]))
 
 
+def projection_shapes(d: int, heads: int) -> ProjectionWeights:
+    """The parameters' shapes for width ``d`` and ``heads`` heads, as a
+    ``ProjectionWeights`` of size tuples."""
+    return ProjectionWeights(
+        retrieve_norm=(d, ), store_norm=(d, ), queries=(d, d), keys=(d, d), values=(d, d),
+        logits=(d, d), logits_bias=(d, ), token_lr=(heads, d), token_lr_bias=(heads, ),
+        query_gamma=(heads, d // heads), key_gamma=(heads, d // heads))
+
+
 def check_projection_arguments(x: Tensor, weights: ProjectionWeights, num_updates: int,
                                chunk_size: int) -> None:
     """Shapes and counts of a ``project`` call: an error naming the argument."""
@@ -67,11 +76,7 @@ def check_projection_arguments(x: Tensor, weights: ProjectionWeights, num_update
         raise ValueError(f'x must be (B, N, d), got shape {tuple(x.shape)}')
     d = x.shape[-1]
     heads = weights.query_gamma.shape[0]
-    want = dict(retrieve_norm=(d,), store_norm=(d,), queries=(d, d), keys=(d, d),
-                values=(d, d), logits=(d, d), logits_bias=(d,), token_lr=(heads, d),
-                token_lr_bias=(heads,), query_gamma=(heads, d // heads),
-                key_gamma=(heads, d // heads))
-    for name, shape in want.items():
+    for name, shape in projection_shapes(d, heads)._asdict().items():
         got = tuple(getattr(weights, name).shape)
         if got != shape:
             raise ValueError(f'weights.{name} must be {shape} for x of width {d} and '
