@@ -127,48 +127,18 @@ def _outputs(write, read, grads_fn, read_fn, operand_dtype) -> List[torch.Tensor
     return outputs + [read_fn(*read, operand_dtype=operand_dtype)]
 
 
-class _Counter(AtenOpCounter):
-    """``AtenOpCounter`` that also sums the bytes of casts from 16 bits to
-    float32 (``widening``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.widening = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if (func.overloadpacket is torch.ops.aten._to_copy and out.dtype == torch.float32
-                and args[0].dtype in (torch.bfloat16, torch.float16)):
-            self.widening += out.numel() * (args[0].element_size() + out.element_size())
-        return out
-
-
-CUDA_PRODUCTS = 'closed form, CUDA products'
-
-
 def count_step_bytes(shapes: List[MemoryShape], operand_dtype: Optional[torch.dtype] = None
                      ) -> Dict[str, List[int]]:
     """Bytes the ATen ops of ``write_read_step`` move, per path and stage,
-    counted on meta tensors (float32 inputs), where ``product`` widens each
-    16-bit result in a cast.
-
-    With 16-bit operands also ``CUDA_PRODUCTS``: the closed form as CUDA runs
-    it, whose products (outside autograd) write float32 directly
-    (``bmm(..., out_dtype=float32)``): each widening cast's 6 bytes per element
-    become 2 more bytes of the product's output. Autograd's products widen on
-    CUDA too."""
-    counts: Dict[str, List[int]] = {path: [] for path in PATHS}
-    if operand_dtype is not None:
-        counts[CUDA_PRODUCTS] = []
-    counts[TRITON] = []
+    counted on meta tensors (float32 inputs), where the products outside
+    autograd write float32 directly as on CUDA (``product``)."""
+    counts: Dict[str, List[int]] = {path: [] for path in PATHS + (TRITON, )}
     for shape in shapes:
         for path in PATHS + (TRITON, ):
             step = write_read_step(shape, path, operand_dtype, device='meta')
-            with _Counter() as counter:
+            with AtenOpCounter() as counter:
                 step()
             counts[path].append(counter.total_bytes)
-            if path == 'closed form' and operand_dtype is not None:
-                counts[CUDA_PRODUCTS].append(counter.total_bytes - counter.widening * 2 // 3)
     return counts
 
 

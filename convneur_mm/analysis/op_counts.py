@@ -6,8 +6,9 @@ Counted with ``AtenOpCounter`` and ``LiveTensorBytes`` of
 out, and views (which launch nothing) are counted apart. Each kernel's tensor
 arguments and results are summed in bytes as if each were read or written
 once: the least memory traffic of the unfused ops. On ``meta`` tensors (no
-data: a training-sized batch in seconds) the ops dispatch as on a CPU (on
-CUDA, inference products write float32 directly instead of a widening cast).
+data: a training-sized batch in seconds) the ops dispatch as on a CPU, but
+16-bit products outside autograd write float32 directly, as on CUDA
+(``memory_ops.product``), instead of a widening cast.
 With ``kernels='triton'`` on ``meta`` the fused kernels' wrappers allocate
 what they would on a GPU and their launches do nothing: the inference count
 of CUDA's fused path (the wrappers run without their operators' autograd:

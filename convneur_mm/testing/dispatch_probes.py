@@ -21,12 +21,19 @@ def tensors_in(tree) -> List[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
+# allocations: they launch no kernel and move no bytes
+_ALLOCATIONS = frozenset(('empty', 'empty_like', 'empty_strided', 'new_empty',
+                          'new_empty_strided'))
+
+
 class AtenOpCounter(TorchDispatchMode):
     """Counts the ATen ops dispatched inside the context (eager mode), by
     name: ``kernels`` those that return a tensor and compute (what a GPU launches), ``views``
-    the aliasing ones (views, reshapes, detach), which launch nothing.
+    the aliasing ones (views, reshapes, detach), which launch nothing;
+    allocations (``empty``) count as neither.
     ``bytes``: per kernel op, the bytes of its tensor arguments and results,
-    each read or written once: the least memory traffic of an unfused op.
+    each read or written once: the least memory traffic of an unfused op (an
+    ``out=`` tensor is written, not read).
 
     Used by the tests and ``convneur_mm.analysis.op_counts`` (``analyze_model.py
     --tasks ops``) to compare one path of the memory against another by the
@@ -41,12 +48,13 @@ class AtenOpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = tensors_in(out)
+        name = str(func.overloadpacket.__name__)
         # ops that return no tensor (``promote_types``) compute nothing on a device
-        if outs:
-            name = str(func.overloadpacket.__name__)
+        if outs and name not in _ALLOCATIONS:
             (self.views if func.is_view else self.kernels)[name] += 1
             if not func.is_view:
-                ins = tensors_in((args, kwargs))
+                written = {id(t) for t in outs}
+                ins = tensors_in(args) + [t for t in tensors_in(kwargs) if id(t) not in written]
                 self.bytes[name] += sum(t.numel() * t.element_size() for t in ins + outs)
         return out
 

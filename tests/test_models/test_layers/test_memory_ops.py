@@ -144,6 +144,52 @@ def test_product_takes_operands_already_cast(dtype):
     assert product(a.bfloat16(), b.bfloat16(), torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_products_on_meta_tensors_write_float32_as_on_cuda():
+    """Byte counts on meta tensors are CUDA's: a 16-bit product outside
+    autograd writes float32 itself (no widening cast); under autograd it
+    widens its 16-bit result, on every device."""
+    from convneur_mm.models.layers.memory_ops import product
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
+    a, b = torch.empty(2, 5, 6, device='meta'), torch.empty(2, 6, 3, device='meta')
+    with AtenOpCounter() as counter:
+        assert product(a, b, torch.bfloat16).dtype == torch.float32
+    assert counter.kernels == {'_to_copy': 2, 'bmm': 1}
+    with AtenOpCounter() as counter:
+        product(a.requires_grad_(), b, torch.bfloat16)
+    assert counter.kernels == {'_to_copy': 3, 'bmm': 1}
+
+
+@pytest.mark.parametrize('dtype', [None, torch.bfloat16, torch.float16])
+def test_gelu_grad_operand_writes_the_cast_values_in_one_kernel(dtype):
+    """``gelu'(pre) * grad`` in the operand dtype: the values of the float32
+    result cast, written by gelu_backward itself; in place without one."""
+    from convneur_mm.models.layers.memory_ops.common import gelu_grad_operand
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
+    gen = torch.Generator().manual_seed(0)
+    grad, pre = (torch.randn(3, 7, 8, generator=gen) * 3 for _ in range(2))
+    want = torch.ops.aten.gelu_backward(grad, pre).to(dtype or torch.float32)
+    given = grad.clone()
+    with AtenOpCounter() as counter:
+        got = gelu_grad_operand(given, pre, dtype)
+    assert counter.kernels == {'gelu_backward': 1}
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got.data_ptr() == given.data_ptr()) == (dtype is None)
+
+
+def test_op_counter_counts_allocations_as_nothing_and_out_tensors_as_written():
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
+    a = torch.empty(10, device='meta')
+    out = torch.empty(10, device='meta', dtype=torch.bfloat16)
+    with AtenOpCounter() as counter:
+        torch.empty_like(a)
+        torch.ops.aten.gelu_backward.grad_input(a, a, grad_input=out)
+        a.add_(a)
+    assert counter.kernels == {'gelu_backward': 1, 'add_': 1}
+    # two float32 arguments read, the bfloat16 result written; add_ reads self twice, writes it
+    assert counter.bytes == {'gelu_backward': 2 * 40 + 20, 'add_': 3 * 40}
+
+
 def _projection_weights(d: int, heads: int, gen: torch.Generator, dtype=torch.float64):
     from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, projection_shapes
     return ProjectionWeights(*(torch.randn(*s, generator=gen, dtype=dtype) * 0.5

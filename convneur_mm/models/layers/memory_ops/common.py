@@ -28,8 +28,10 @@ class MemoryWeights(NamedTuple):
 
 
 # torch >= 2.8 on CUDA: a 16-bit product with a float32 output, no rounding of
-# the accumulator to 16 bits (the overload has no autograd formula: inference only)
+# the accumulator to 16 bits (the overload has no autograd formula: inference only);
+# on meta tensors too, so that byte counts there are CUDA's
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
+_OUT_DTYPE_DEVICES = ('cuda', 'meta')
 
 
 def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
@@ -42,8 +44,9 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
 
     * ``None`` (or the output dtype itself): the plain product;
     * float32 inputs: 16-bit operands on tensor cores (CUDA) or oneDNN (CPU),
-      float32 accumulation; the output is float32 (on CUDA in inference,
-      ``bmm(..., out_dtype=float32)``; otherwise the 16-bit output, widened);
+      float32 accumulation; the output is float32 (on CUDA and meta tensors
+      outside autograd, ``bmm(..., out_dtype=float32)``; otherwise the 16-bit
+      output, widened);
     * float64 inputs: the exact products of the operands rounded to
       ``operand_dtype``, accumulated in float64: what a 16-bit GEMM with a
       wide accumulator computes, up to summation order (the CPU tests'
@@ -65,10 +68,28 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
     if out_dtype == torch.float64:
         return torch.bmm(a.to(operand_dtype).to(out_dtype), b.to(operand_dtype).to(out_dtype))
     a16, b16 = a.to(operand_dtype), b.to(operand_dtype)
-    if (_BMM_OUT_DTYPE and a.is_cuda and out_dtype == torch.float32 and not (
-            torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
+    if (_BMM_OUT_DTYPE and a.device.type in _OUT_DTYPE_DEVICES and out_dtype == torch.float32
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return torch.ops.aten.bmm.dtype(a16, b16, torch.float32)
     return torch.bmm(a16, b16).to(out_dtype)
+
+
+def operand(t: Optional[Tensor], operand_dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """``t`` in the products' operand dtype: for a tensor that several
+    products read, cast once (``product`` casts no operand already in it)."""
+    return t if t is None or operand_dtype is None else t.to(operand_dtype)
+
+
+def gelu_grad_operand(grad: Tensor, pre: Tensor,
+                      operand_dtype: Optional[torch.dtype]) -> Tensor:
+    """``gelu'(pre) * grad`` outside autograd, for products to read: with
+    16-bit operands written in that dtype by the one kernel (computed in
+    ``grad``'s dtype, rounded on store: the cast's values without its pass);
+    else in place into ``grad``."""
+    if operand_dtype is None or operand_dtype == grad.dtype:
+        return torch.ops.aten.gelu_backward.grad_input(grad, pre, grad_input=grad)
+    out = torch.empty(grad.shape, dtype=operand_dtype, device=grad.device)
+    return torch.ops.aten.gelu_backward.grad_input(grad, pre, grad_input=out)
 
 
 def ln_backward(grad: Tensor, hidden: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import (MemoryWeights, check_float, first_order_only, ln_backward, no_autocast,
-                      product)
+from ..common import (MemoryWeights, check_float, first_order_only, gelu_grad_operand,
+                      ln_backward, no_autocast, operand, product)
 from .pytorch import chunk_sums, output_rows
 
 # gelu''(x) = phi(x) (2 - x^2) = 2 / sqrt(2 pi) * exp(h) (1 + h) with h = -x^2 / 2
@@ -55,12 +55,6 @@ def chunk_grads_closed_form(weights: MemoryWeights, keys: Tensor, values: Tensor
         keys, values, token_lr = keys.flatten(1, 2), values.flatten(1, 2), token_lr.flatten(1, 2)
     _check_inputs(weights, keys, values, token_lr)
     return MemoryWeights(*_ChunkGrads.apply(*weights, keys, values, token_lr, operand_dtype))
-
-
-def _operand(t: Optional[Tensor], mm: Optional[torch.dtype]) -> Optional[Tensor]:
-    """``t`` in the products' operand dtype, for a tensor that only products
-    read, or that several read (cast once; ``product`` casts no further)."""
-    return t if t is None or mm is None else t.to(mm)
 
 
 def _add_product(total: Optional[Tensor], a: Tensor, b: Tensor, mm: Optional[torch.dtype],
@@ -100,22 +94,25 @@ class _ChunkGrads(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
         with no_autocast(keys):
             g_, c, L, d = keys.shape
+            dtype = keys.dtype
             flat_keys = keys.reshape(g_, c * L, d)
-            keys_op, w2_op = _operand(flat_keys, mm), _operand(w2, mm)
-            pre = product(keys_op, w1, mm, keys.dtype)
-            act = F.gelu(pre)
-            hidden = product(act, w2_op, mm)
+            keys_op, w2_op = operand(flat_keys, mm), operand(w2, mm)
+            pre = product(keys_op, w1, mm, dtype)
+            act = operand(F.gelu(pre), mm)
+            hidden = product(act, w2_op, mm, dtype)
             # H, as wide as the keys, spares the backward a product (as
             # FlashAttention keeps its row statistics); (G, T, 4d) ones are recomputed
             ctx.save_for_backward(w1, w2, g, keys, values, token_lr, hidden)
             rows = output_rows(hidden, flat_keys, values.reshape(g_, c * L, d), g, token_lr)
             d_g = (rows.d_out * rows.normed).view(g_, c, L, d).sum(dim=-2)
-            grad_w2 = chunk_sums(act, rows.d_hidden, c, mm)
-            del act  # at most two (G, T, 4d) tensors alive
-            back = product(rows.d_hidden, w2_op.transpose(-1, -2), mm)
-            d_pre = torch.ops.aten.gelu_backward.grad_input(back, pre, grad_input=back)
-            del pre
-            return chunk_sums(keys_op, d_pre, c, mm), grad_w2, d_g
+            d_hidden = operand(rows.d_hidden, mm)
+            del rows
+            grad_w2 = chunk_sums(act, d_hidden, c, mm, dtype)
+            del act  # at most two float (G, T, 4d) tensors alive
+            back = product(d_hidden, w2_op.transpose(-1, -2), mm, dtype)
+            d_pre = gelu_grad_operand(back, pre, mm)
+            del pre, back
+            return chunk_sums(keys_op, d_pre, c, mm, dtype), grad_w2, d_g
 
     @staticmethod
     def backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
@@ -137,20 +134,22 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
                           bar_g: Optional[Tensor]) -> List[Tensor]:
     """The VJP of the chunk gradients: cotangents of (w1, w2, g, keys, values,
     token_lr) from those of the three outputs (None: unused), given H.
-    ``bar_x`` is the cotangent of x. With 16-bit operands every tensor that
-    only products read (or several do) is cast once (``_operand``)."""
+    ``bar_x`` is the cotangent of x. With 16-bit operands a tensor that
+    only products read is cast once (``operand``), or written in their
+    operand dtype by the kernel that computes it."""
     g_, c, L, d = keys.shape
     flat_keys = keys.reshape(g_, c * L, d)
     dtype = keys.dtype  # of every result; the operands may be 16-bit
-    keys_op, w1_op, w2_op = (_operand(t, mm) for t in (flat_keys, w1, w2))
+    keys_op, w1_op, w2_op = (operand(t, mm) for t in (flat_keys, w1, w2))
     pre = product(keys_op, w1_op, mm, dtype)
-    act = _operand(F.gelu(pre), mm)
+    act = operand(F.gelu(pre), mm)
     rows = output_rows(hidden, flat_keys, values.reshape(g_, c * L, d), g, token_lr)
     w2_t = w2_op.transpose(-1, -2)
-    bar_w1, bar_w2 = _operand(bar_w1, mm), _operand(bar_w2, mm)
+    bar_w1, bar_w2 = operand(bar_w1, mm), operand(bar_w2, mm)
+    d_hidden = operand(rows.d_hidden, mm)  # three products read it
     bar_dh = bar_w2_total = grad_keys = second = bar_dp = bar_act = None
     if bar_w1 is not None:  # through K^T Dp with Dp = gelu'(P) B, B = Dh w2^T
-        back = product(rows.d_hidden, w2_t, mm)
+        back = product(d_hidden, w2_t, mm, dtype)
         # P's term through gelu'(P): gelu''(P) B bar_Dp, here without bar_Dp
         # and _GELU2_SCALE; gelu''(x) = c exp(h) (1 + h), h = -x^2 / 2
         h = torch.addcmul(torch.zeros((), dtype=pre.dtype, device=pre.device), pre, pre,
@@ -158,17 +157,19 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
         e = h.exp()
         second = torch.addcmul(e, e, h).mul_(back)
         del h, e
-        d_pre = torch.ops.aten.gelu_backward.grad_input(back, pre, grad_input=back)
+        d_pre = gelu_grad_operand(back, pre, mm)
         del back
         grad_keys = _by_chunk(d_pre, bar_w1.transpose(-1, -2), mm, dtype)
         del d_pre
         bar_dp = _by_chunk(keys_op, bar_w1, mm, dtype)
-        bar_back = torch.ops.aten.gelu_backward(bar_dp, pre)  # bar_dp is read again at the end
-        bar_dh = product(bar_back, w2_op, mm)
-        bar_w2_total = product(bar_back.transpose(-1, -2), rows.d_hidden, mm)
+        # bar_dp is read again at the end: a new tensor
+        bar_back = (torch.ops.aten.gelu_backward(bar_dp, pre) if mm is None else
+                    gelu_grad_operand(bar_dp, pre, mm))
+        bar_dh = product(bar_back, w2_op, mm, dtype)
+        bar_w2_total = product(bar_back.transpose(-1, -2), d_hidden, mm, dtype)
         del bar_back
     if bar_w2 is not None:  # through A^T Dh
-        bar_act = _by_chunk(rows.d_hidden, bar_w2.transpose(-1, -2), mm, dtype)
+        bar_act = _by_chunk(d_hidden, bar_w2.transpose(-1, -2), mm, dtype)
         bar_dh = _by_chunk(act, bar_w2, mm, dtype, total=bar_dh)
     # the (G, T, d) rows: Dh = LNback(D s), D = R c, R = K + N s - V, sum_L D N
     normed, rstd, scale = rows.normed, rows.rstd, rows.scale
@@ -206,18 +207,27 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     bar_hidden = ln_backward(bar_normed, hidden, rows.mean, rstd)
     if rstd_term is not None:
         bar_hidden.addcmul_(rstd_term, normed, value=-1.0)
-    del bar_normed, rows, hidden
+    del bar_normed, rows, hidden, d_hidden
+    bar_hidden = operand(bar_hidden, mm)  # two products read it
     # H = A w2, A = gelu(P), P = K w1
     bar_act = _add_product(bar_act, bar_hidden, w2_t, mm, dtype)
     bar_w2_total = _add_product(bar_w2_total, act.transpose(-1, -2), bar_hidden, mm,
                                 dtype)
     del act, bar_hidden
-    bar_pre = torch.ops.aten.gelu_backward.grad_input(bar_act, pre, grad_input=bar_act)
-    if second is not None:
-        bar_pre.addcmul_(second, bar_dp, value=_GELU2_SCALE)
+    if second is None:
+        bar_pre = gelu_grad_operand(bar_act, pre, mm)
+    else:  # the sum written in the operand dtype of the two products that read it
+        bar_pre = torch.ops.aten.gelu_backward.grad_input(bar_act, pre, grad_input=bar_act)
+        if mm is None:
+            bar_pre.addcmul_(second, bar_dp, value=_GELU2_SCALE)
+        else:
+            bar_pre = torch.addcmul(bar_pre, second, bar_dp, value=_GELU2_SCALE,
+                                    out=torch.empty(bar_pre.shape, dtype=mm,
+                                                    device=bar_pre.device))
         del second, bar_dp
+    del pre, bar_act
     grad_keys = _add_product(grad_keys, bar_pre, w1_op.transpose(-1, -2), mm, dtype)
-    grad_w1 = product(keys_op.transpose(-1, -2), bar_pre, mm)
+    grad_w1 = product(keys_op.transpose(-1, -2), bar_pre, mm, dtype)
     return [grad_w1, bar_w2_total, bar_scale, grad_keys.view_as(keys),
             bar_values.view_as(values), bar_token_lr]
 

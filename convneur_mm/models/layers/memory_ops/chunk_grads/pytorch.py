@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, ln_backward, product
+from ..common import LN_EPS, MemoryWeights, gelu_grad_operand, ln_backward, operand, product
 
 
 class OutputRows(NamedTuple):
@@ -47,14 +47,14 @@ def output_rows(hidden: Tensor, flat_keys: Tensor, flat_values: Tensor, g: Tenso
     return OutputRows(normed, mean, rstd, scale, coef, resid, d_out, d_normed, d_hidden)
 
 
-def chunk_sums(a: Tensor, b: Tensor, chunks: int, operand_dtype: Optional[torch.dtype]
-               ) -> Tensor:
-    """(G, T, m), (G, T, n) -> (G, C, m, n): ``sum_i a_i^T b_i`` over each of
-    the C chunks' rows."""
+def chunk_sums(a: Tensor, b: Tensor, chunks: int, operand_dtype: Optional[torch.dtype],
+               out_dtype: torch.dtype) -> Tensor:
+    """(G, T, m), (G, T, n) -> (G, C, m, n) in ``out_dtype``: ``sum_i a_i^T
+    b_i`` over each of the C chunks' rows."""
     g_, t, m = a.shape
     a = a.reshape(g_ * chunks, t // chunks, m)
     return product(a.transpose(-1, -2), b.reshape(g_ * chunks, t // chunks, -1),
-                   operand_dtype).view(g_, chunks, m, -1)
+                   operand_dtype, out_dtype).view(g_, chunks, m, -1)
 
 
 def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -86,27 +86,32 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     GELU's derivative and ``d_pre``) at most two are alive at once when
     autograd keeps none of them (inference): every local is dropped after its
     last use, ``act``'s gradient product runs before ``d_pre`` exists, and
-    ``d_pre`` overwrites the product it is computed from.
+    ``d_pre`` overwrites the product it is computed from (with 16-bit
+    operands, ``act`` and ``d_pre`` are written 16-bit: half a tensor each).
     """
     if keys.dim() == 5:  # U chunks per image: the images' chunks one after another
         keys, values, token_lr = keys.flatten(1, 2), values.flatten(1, 2), token_lr.flatten(1, 2)
     g_, c, L, d = keys.shape
-    mm = operand_dtype
+    mm, dtype = operand_dtype, keys.dtype
     flat_keys = keys.reshape(g_, c * L, d)
-    pre = product(flat_keys, weights.w1, mm)
-    act = F.gelu(pre)
-    rows = output_rows(product(act, weights.w2, mm), flat_keys, values.reshape(g_, c * L, d),
-                       weights.g, token_lr)
+    # K, gelu(P) and Dh are read by two products each: in operand_dtype once,
+    # but not under autograd, which would sum the two products' gradients in 16 bits
+    shared = None if torch.is_grad_enabled() else mm
+    keys_op = operand(flat_keys, shared)
+    pre = product(keys_op, weights.w1, mm, dtype)
+    act = operand(F.gelu(pre), shared)
+    rows = output_rows(product(act, weights.w2, mm, dtype), flat_keys,
+                       values.reshape(g_, c * L, d), weights.g, token_lr)
     d_g = (rows.d_out * rows.normed).view(g_, c, L, d).sum(dim=-2)
-    d_hidden = rows.d_hidden
+    d_hidden = operand(rows.d_hidden, shared)
     del rows
-    grad_w2 = chunk_sums(act, d_hidden, c, mm)
+    grad_w2 = chunk_sums(act, d_hidden, c, mm, dtype)
     del act
-    back = product(d_hidden, weights.w2.transpose(-1, -2), mm)
+    back = product(d_hidden, weights.w2.transpose(-1, -2), mm, dtype)
     del d_hidden
     if torch.is_grad_enabled() and (back.requires_grad or pre.requires_grad):
         d_pre = torch.ops.aten.gelu_backward(back, pre)
-    else:  # in place: no third (G, C*L, 4d) tensor
-        d_pre = torch.ops.aten.gelu_backward.grad_input(back, pre, grad_input=back)
+    else:  # in place, or in operand_dtype: no third float (G, C*L, 4d) tensor
+        d_pre = gelu_grad_operand(back, pre, mm)
     del pre, back
-    return MemoryWeights(chunk_sums(flat_keys, d_pre, c, mm), grad_w2, d_g)
+    return MemoryWeights(chunk_sums(keys_op, d_pre, c, mm, dtype), grad_w2, d_g)

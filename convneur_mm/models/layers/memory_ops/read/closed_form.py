@@ -1,8 +1,9 @@
 """``read_torch`` (the read ``f_W(x)``) as a ``torch.autograd.Function``
 with a hand-derived backward: the form the PyTorch path trains with
-(``backward='closed_form'``). It saves its inputs and H (G, M, d) and
-recomputes the (M, 4d) intermediates in its backward; the decomposed read
-(``base`` and ``carry``) included. First order only: differentiating it with
+(``backward='closed_form'``). It saves its inputs (those only products read
+in their operand dtype) and H (G, M, d) and recomputes the (M, 4d)
+intermediates in its backward; the decomposed read (``base`` and ``carry``)
+included. First order only: differentiating it with
 ``create_graph=True`` raises."""
 from typing import Optional, Sequence, Tuple
 
@@ -10,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import (LN_EPS, MemoryWeights, check_float, first_order_only, ln_backward,
-                      no_autocast, product)
+from ..common import (LN_EPS, MemoryWeights, check_float, first_order_only, gelu_grad_operand,
+                      ln_backward, no_autocast, operand, product)
 from .pytorch import mix
 
 
@@ -40,16 +41,16 @@ def read_closed_form(weights: MemoryWeights, x: Tensor,
 
 def _mix_backward(inputs: Tensor, weight: Tensor, base: Optional[Tensor],
                   carry: Optional[Tensor], grad: Tensor, mm: Optional[torch.dtype],
-                  needs: Sequence[bool]) -> Tuple[Optional[Tensor], ...]:
+                  needs: Sequence[bool], dtype: torch.dtype) -> Tuple[Optional[Tensor], ...]:
     """Cotangents of (inputs, weight, base, carry) of ``mix`` from ``grad``
-    (G, M, n); ``needs`` says which of the four are wanted."""
+    (G, M, n), in ``dtype``; ``needs`` says which of the four are wanted."""
     g_, m, k = inputs.shape
     n = grad.shape[-1]
     bar_inputs = bar_weight = bar_base = bar_carry = None
     if needs[0]:
-        bar_inputs = product(grad, weight.transpose(-1, -2), mm)
+        bar_inputs = product(grad, weight.transpose(-1, -2), mm, dtype)
     if needs[1]:
-        bar_weight = product(inputs.transpose(-1, -2), grad, mm)
+        bar_weight = product(inputs.transpose(-1, -2), grad, mm, dtype)
     if base is None:
         return bar_inputs, bar_weight, bar_base, bar_carry
     h = base.shape[0]
@@ -69,7 +70,9 @@ def _mix_backward(inputs: Tensor, weight: Tensor, base: Optional[Tensor],
 
 
 class _Read(torch.autograd.Function):
-    """Saves its inputs (w1, w2, g, x, base w1, base w2, carry) and H (G, M, d)."""
+    """Saves its inputs (w1, w2, g, x, base w1, base w2, carry), w1, w2 and x
+    in the products' operand dtype (x in its own for a decomposed read, whose
+    W_0 products take it at full precision), and H (G, M, d)."""
 
     @staticmethod
     def forward(ctx, w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
@@ -77,8 +80,14 @@ class _Read(torch.autograd.Function):
                 mm: Optional[torch.dtype]) -> Tensor:
         ctx.mm = mm
         with no_autocast(x):
-            hidden = mix(F.gelu(mix(x, w1, base_w1, carry, mm)), w2, base_w2, carry, mm)
-            ctx.save_for_backward(w1, w2, g, x, base_w1, base_w2, carry, hidden)
+            dtype = x.dtype
+            x_op = x if base_w1 is not None else operand(x, mm)
+            w1, w2 = operand(w1, mm), operand(w2, mm)
+            act = F.gelu(mix(x_op, w1, base_w1, carry, mm, dtype))
+            if base_w1 is None:
+                act = operand(act, mm)
+            hidden = mix(act, w2, base_w2, carry, mm, dtype)
+            ctx.save_for_backward(w1, w2, g, x_op, base_w1, base_w2, carry, hidden)
             normed = F.layer_norm(hidden, hidden.shape[-1:], eps=LN_EPS)
             return torch.addcmul(x, normed, 1.0 + g.unsqueeze(-2))
 
@@ -87,24 +96,31 @@ class _Read(torch.autograd.Function):
         first_order_only('read_closed_form')
         w1, w2, g, x, base_w1, base_w2, carry, hidden = ctx.saved_tensors
         need = ctx.needs_input_grad
-        mm = ctx.mm
+        mm, dtype = ctx.mm, bar_out.dtype
+        # without W_0 apart, the (G, M, 4d) tensors that only products read
+        # are cast once or written in their operand dtype
+        plain = base_w1 is None
         with no_autocast(x):
-            if mm is not None:  # the second operand of two products: cast once
-                w1 = w1.to(mm)
-            pre = mix(x, w1, base_w1, carry, mm)
+            pre = mix(x, w1, base_w1, carry, mm, dtype)
             act = F.gelu(pre)
+            if plain:
+                act = operand(act, mm)
             normed, mean, rstd = torch.native_layer_norm(hidden, hidden.shape[-1:], None, None,
                                                          LN_EPS)
             bar_g = (bar_out * normed).sum(dim=-2) if need[2] else None
             del normed
             bar_hidden = ln_backward(bar_out * (1.0 + g.unsqueeze(-2)), hidden, mean, rstd)
+            if plain:
+                bar_hidden = operand(bar_hidden, mm)
             bar_act, bar_w2, bar_base_w2, bar_carry2 = _mix_backward(
-                act, w2, base_w2, carry, bar_hidden, mm, (True, need[1], need[5], need[6]))
+                act, w2, base_w2, carry, bar_hidden, mm, (True, need[1], need[5], need[6]),
+                dtype)
             del act, bar_hidden
-            bar_pre = torch.ops.aten.gelu_backward.grad_input(bar_act, pre, grad_input=bar_act)
-            del pre
+            bar_pre = (gelu_grad_operand(bar_act, pre, mm) if plain else
+                       torch.ops.aten.gelu_backward.grad_input(bar_act, pre, grad_input=bar_act))
+            del pre, bar_act
             bar_x, bar_w1, bar_base_w1, bar_carry1 = _mix_backward(
-                x, w1, base_w1, carry, bar_pre, mm, (need[3], need[0], need[4], need[6]))
+                x, w1, base_w1, carry, bar_pre, mm, (need[3], need[0], need[4], need[6]), dtype)
             if bar_x is not None:
                 bar_x.add_(bar_out)
             bar_carry = None if bar_carry1 is None else bar_carry1.add_(bar_carry2)

@@ -40,7 +40,8 @@ def read_torch(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.
 
 
 def mix(x: Tensor, weight: Tensor, base: Optional[Tensor] = None,
-        carry: Optional[Tensor] = None, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+        carry: Optional[Tensor] = None, operand_dtype: Optional[torch.dtype] = None,
+        out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """One of the read's products: ``x @ weight`` per group (``product``), or
     for the decomposed read ``x @ (carry * base + weight)`` as
     ``carry * (x @ base)`` (one product per head over all its groups' tokens,
@@ -52,8 +53,10 @@ def mix(x: Tensor, weight: Tensor, base: Optional[Tensor] = None,
         base: (H, k, n) W_0 per head, the G groups head-major; or None.
         carry: (G,) a_t, with ``base``.
         operand_dtype: the products' operand dtype (``product``).
+        out_dtype: the result's dtype; None: ``x``'s (``x`` may come in
+            ``operand_dtype`` without ``base``).
     """
-    out = product(x, weight, operand_dtype, x.dtype)
+    out = product(x, weight, operand_dtype, out_dtype or x.dtype)
     if base is None:
         return out
     g_, m, k = x.shape
