@@ -2,7 +2,7 @@
 the bytes their ATen ops move and their time, autograd's backward against the
 closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
 bytes of the Triton kernels' operators (``TRITON``), forward and backward;
-the projections' training step, autograd against their Triton operators;
+the projections' training step, autograd, closed form and Triton operators;
 and each stage's whole global branch (``count_branch_step_bytes``).
 
     python -m convneur_mm.analysis.memory_bytes [--arch m3] [--size 224] [--batch 128]
@@ -188,16 +188,19 @@ def count_projection_bytes(shapes: List[MemoryShape],
                            ) -> Dict[str, List[int]]:
     """Bytes of one training step of each stage's projections (forward and
     every input's gradient, on meta tensors): autograd through
-    ``project_torch`` against the Triton operators (``TRITON``: each counts
-    as its arguments and results; the backward's product gradient, which
-    its weight GEMMs read, is not counted)."""
-    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_torch,
+    ``project_torch``, its closed-form backward (``project_closed_form``) and
+    the Triton operators (``TRITON``: each counts as its arguments and
+    results; the backward's product gradient, which its weight GEMMs read,
+    is not counted)."""
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights,
+                                                              project_closed_form, project_torch,
                                                               project_triton, projection_shapes)
-    counts: Dict[str, List[int]] = {'autograd': [], TRITON: []}
+    functions = dict(zip(PATHS + (TRITON, ), (project_torch, project_closed_form, project_triton)))
+    counts: Dict[str, List[int]] = {path: [] for path in functions}
     for shape in shapes:
         b, n, h = shape.batch, shape.tokens, shape.heads
         d = h * shape.head_dim
-        for path, fn in (('autograd', project_torch), (TRITON, project_triton)):
+        for path, fn in functions.items():
             weights = ProjectionWeights(*(torch.empty(*size, device='meta').requires_grad_()
                                           for size in projection_shapes(d, h)))
             x = torch.empty(b, n, d, device='meta', requires_grad=True)

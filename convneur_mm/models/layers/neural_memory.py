@@ -624,19 +624,22 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
         ``plan.projections`` says how: 'torch' folds the two RMSNorms'
         weights into one product of every projection, computed at run time
-        from the unchanged parameters (the same maths in fewer kernels);
-        'triton' computes that in one kernel (inference); 'layers' calls each
-        layer.
+        from the unchanged parameters (the same maths in fewer kernels; it
+        trains through its closed-form backward where ``plan.backward`` says
+        so); 'triton' computes that in one kernel, and one for its backward;
+        'layers' calls each layer.
 
         Args:
             x: (B, N, d) in the compute dtype.
             num_updates: the chunks that write.
-            plan: the call's plan (``projections``, ``projection_dtype``).
+            plan: the call's plan (``projections``, ``projection_dtype``,
+                ``backward``).
         """
         if plan.projections == 'layers':
             return self._project_layers(x, num_updates)
         out = project(x, self.projection_weights(x.dtype), num_updates, self.chunk_size,
-                      self.max_lr, plan.projection_dtype, implementation=plan.projections)
+                      self.max_lr, plan.projection_dtype, implementation=plan.projections,
+                      backward=plan.backward)
         if num_updates == 0:
             return MemoryProjections(out.queries)
         return MemoryProjections(out.queries, out.keys, out.values, out.token_lr,

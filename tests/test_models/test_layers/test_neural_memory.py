@@ -178,9 +178,9 @@ def test_auto_keeps_the_pytorch_path_under_compile(monkeypatch):
 
 def _relative_errors(ours, theirs):
     """Each tensor's error relative to its norm; for a gradient that is zero
-    up to rounding (the pool's bias: a softmax ignores a shift), relative to
-    1e-4 of the largest norm instead."""
-    floor = 1e-4 * max(b.norm().item() for b in theirs)
+    up to rounding (the pool's bias: a softmax ignores a shift; the closed
+    form makes it exactly 0), relative to 1e-3 of the largest norm instead."""
+    floor = 1e-3 * max(b.norm().item() for b in theirs)
     return [((a - b).norm() / max(b.norm().item(), floor)).item() for a, b in zip(ours, theirs)]
 
 

@@ -1,7 +1,8 @@
 """The projections: x (B, N, d) to the memory's queries, keys, values, step
 sizes and chunk summaries, ``project(x, weights, num_updates, chunk_size,
 max_lr, operand_dtype)`` in PyTorch (``project_torch``, one product with the
-norms' weights folded in; differentiable), Triton (``project_triton``, one
+norms' weights folded in; differentiable; for training ``project_closed_form``,
+the same forward with a hand-derived backward), Triton (``project_triton``, one
 kernel, and one for its backward) and plainly, layer by layer (``project_naive``, the
 reference)."""
 from typing import Optional
@@ -9,7 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import implementation_of
+from ..common import BACKWARDS, implementation_of
+from .closed_form import project_closed_form
 from .naive import project_naive
 from .pytorch import project_torch
 from .triton import MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH, project_triton
@@ -20,14 +22,17 @@ PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
 
 def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
             max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
-            implementation: str = 'torch') -> Projected:
+            implementation: str = 'torch', backward: str = 'autograd') -> Projected:
     """The projections by ``implementation`` ('torch' or 'triton'); the
     arguments as in ``project_torch`` (``project_triton`` itself takes the
-    tile sizes, for tuning)."""
+    tile sizes, for tuning). ``backward='closed_form'`` (with 'torch') trains
+    through ``project_closed_form``."""
     fn = implementation_of('project', PROJECT_IMPLEMENTATIONS, implementation)
+    if implementation_of('project backward', BACKWARDS, backward)(implementation):
+        fn = project_closed_form
     return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
 
 
 __all__ = ['FoldedProjections', 'MAX_PROJECTION_BACKWARD_WIDTH', 'MAX_PROJECTION_WIDTH',
            'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights', 'fold', 'project',
-           'project_naive', 'project_torch', 'project_triton', 'projection_shapes']
+           'project_closed_form', 'project_naive', 'project_torch', 'project_triton', 'projection_shapes']

@@ -1,0 +1,178 @@
+"""``project_torch`` as a ``torch.autograd.Function`` with a hand-derived
+backward: the form the PyTorch path trains with (``backward='closed_form'``).
+
+Autograd through ``project_torch`` writes a zero-padded (B, N, 4d + H)
+gradient for each slice of the product it reads and joins them. This
+backward writes each column group's gradient straight into one such buffer
+(in the products' operand dtype, the rows past the written chunks zeroed
+once) and takes it through the two products and x's RMSNorm. First order
+only: differentiating it with ``create_graph=True`` raises.
+
+Notation: n = x rstd(x) (``rstd(t) = (mean(t^2) + eps)^-1/2`` per row),
+P = n W^T + b, split into the queries' and keys' heads Z (normed per head,
+times ``gamma``), values, the pool's logits (softmax over each chunk's L
+rows: A) and the step sizes' logits (``max_lr * sigmoid``). The pooled rows
+are ``p = sum_L A n``; their cotangent q gives the logits ``A (n - p) q``
+(whose bias therefore gets none: the sum over L is p - p) and n ``A q``.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..common import RMS_EPS, first_order_only, no_autocast, operand, product
+from .pytorch import project_torch
+from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
+
+
+def project_closed_form(x: Tensor, weights: ProjectionWeights, num_updates: int,
+                        chunk_size: int, max_lr: float,
+                        operand_dtype: Optional[torch.dtype] = None) -> Projected:
+    """``project_torch`` with a closed-form backward; the arguments and
+    results as there. Gradients flow to ``x`` and every weight. Without
+    writes (``num_updates`` 0: queries alone) it is ``project_torch``."""
+    check_projection_arguments(x, weights, num_updates, chunk_size)
+    if num_updates == 0:
+        return project_torch(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
+    heads = weights.query_gamma.shape[0]
+    folded = fold(weights)
+    queries, keys, values, token_lr, pooled = _Project.apply(
+        x, folded.weight, folded.bias, folded.gamma, num_updates, chunk_size, max_lr,
+        operand_dtype)
+    return Projected(queries.permute(2, 0, 1, 3), keys.permute(2, 0, 1, 3),
+                     values.unflatten(-1, (heads, -1)).permute(2, 0, 1, 3),
+                     token_lr.permute(2, 0, 1), pooled * weights.store_norm)
+
+
+def _rstd(t: Tensor) -> Tensor:
+    """(mean(t^2) + eps)^-1/2 over the last dim, kept (``F.rms_norm``'s)."""
+    return t.square().mean(-1, keepdim=True).add_(RMS_EPS).rsqrt_()
+
+
+def _rms_backward(grad: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
+    """The input gradient of ``normed = t rstd(t)`` from ``grad`` at it:
+    ``rstd (grad - normed mean(grad normed))``, into ``grad``."""
+    mean = (grad * normed).mean(-1, keepdim=True)
+    return grad.addcmul_(normed, mean, value=-1.0).mul_(rstd)
+
+
+def _into(out: Tensor, op, *args: Tensor) -> Tensor:
+    """``op(*args)`` written into ``out``, a strided slice of a larger
+    tensor: by ``out=`` in eager mode; under torch.compile, which takes no
+    strided ``out=``, as a copy that Inductor fuses into the op."""
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)
+
+
+def _heads_backward(grad: Tensor, raw: Tensor, rstd: Tensor, gamma: Tensor,
+                    out: Tensor) -> Tensor:
+    """Per-head RMSNorm times ``gamma`` (H, hd), from ``grad`` at its output
+    (B, M, H, hd): the raw heads' gradient into ``out``; returns gamma's."""
+    normed = raw * rstd
+    grad_normed = grad * gamma
+    grad_gamma = (grad * normed).sum((0, 1))
+    mean = (grad_normed * normed).mean(-1, keepdim=True)
+    _into(out, torch.mul, grad_normed.addcmul_(normed, mean, value=-1.0), rstd)
+    return grad_gamma
+
+
+class _Project(torch.autograd.Function):
+    """Saves x, W, gamma, n and rstd(x), the product P (biases added), the
+    heads' rstd, the step sizes and the pooled rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, u: int, L: int,
+                max_lr: float, mm: Optional[torch.dtype]
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
+        ctx.options = (u, L, max_lr, mm)
+        with no_autocast(x):
+            b, n, d = x.shape
+            heads, T = gamma.shape[0] // 2, u * L
+            rstd = _rstd(x)
+            normed = x * rstd
+            proj = product(operand(normed, mm).view(1, b * n, d), weight.t().unsqueeze(0), mm,
+                           x.dtype).view(b, n, -1)
+            proj[..., 3 * d:].add_(bias)  # the logits' and step sizes' biases
+            raw = proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
+            head_rstd = _rstd(raw)
+            qk = (raw * head_rstd).mul_(gamma)
+            token_lr = torch.sigmoid(proj[:, :T, 4 * d:]).mul_(max_lr)
+            attn = proj[:, :T, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
+            pooled = (normed[:, :T].reshape(b, u, L, d) * attn).sum(dim=-2)
+            del attn
+            ctx.save_for_backward(x, weight, gamma, normed, rstd, proj, head_rstd, token_lr,
+                                  pooled)
+            return qk[:, :, :heads], qk[:, :T, heads:], proj[:, :T, 2 * d:3 * d], token_lr, pooled
+
+    @staticmethod
+    def backward(ctx, bar_queries: Optional[Tensor], bar_keys: Optional[Tensor],
+                 bar_values: Optional[Tensor], bar_lr: Optional[Tensor],
+                 bar_pooled: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        first_order_only('project_closed_form')
+        x, weight, gamma, normed, rstd, proj, head_rstd, token_lr, pooled = ctx.saved_tensors
+        u, L, max_lr, mm = ctx.options
+        with no_autocast(x):
+            grads = _project_backward(x, weight, gamma, normed, rstd, proj, head_rstd,
+                                      token_lr, pooled, u, L, max_lr, mm,
+                                      (bar_queries, bar_keys, bar_values, bar_lr, bar_pooled))
+        return tuple(grad if need else None
+                     for grad, need in zip(grads, ctx.needs_input_grad)) + (None, ) * 4
+
+
+def _project_backward(x: Tensor, weight: Tensor, gamma: Tensor, normed: Tensor, rstd: Tensor,
+                      proj: Tensor, head_rstd: Tensor, token_lr: Tensor, pooled: Tensor, u: int,
+                      L: int, max_lr: float, mm: Optional[torch.dtype],
+                      bars: Tuple[Optional[Tensor], ...]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The cotangents of (x, W, b, gamma) from those of the five outputs
+    (None: unused)."""
+    bar_queries, bar_keys, bar_values, bar_lr, bar_pooled = bars
+    b, n, d = x.shape
+    heads, T, dtype = gamma.shape[0] // 2, u * L, x.dtype
+    # P's gradient, read by two products only: in their operand dtype
+    bar_proj = torch.empty(proj.shape, dtype=mm or dtype, device=x.device)
+    bar_proj[:, T:, d:].zero_()  # keys, values and logits exist for the written rows only
+    raw = proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
+    bar_heads = bar_proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
+    grad_gamma = torch.zeros_like(gamma)
+    for rows, half, bar in ((slice(None), slice(None, heads), bar_queries),
+                            (slice(None, T), slice(heads, None), bar_keys)):
+        if bar is None:
+            bar_heads[:, rows, half].zero_()
+        else:
+            grad_gamma[half] = _heads_backward(bar, raw[:, rows, half], head_rstd[:, rows, half],
+                                               gamma[half], bar_heads[:, rows, half])
+    if bar_values is None:
+        bar_proj[:, :T, 2 * d:3 * d].zero_()
+    else:
+        bar_proj[:, :T, 2 * d:3 * d].copy_(bar_values)
+    # the step sizes: d/dz max_lr sigmoid(z) = t (1 - t / max_lr)
+    if bar_lr is None:
+        bar_proj[:, :T, 4 * d:].zero_()
+        grad_lr_bias = token_lr.new_zeros(heads)
+    else:
+        bar_z = torch.mul(token_lr, -1.0 / max_lr).add_(1.0).mul_(token_lr).mul_(bar_lr)
+        bar_proj[:, :T, 4 * d:].copy_(bar_z)
+        grad_lr_bias = bar_z.sum((0, 1))
+    chunks = normed[:, :T].reshape(b, u, L, d)
+    pool_term = None
+    if bar_pooled is None:
+        bar_proj[:, :T, 3 * d:4 * d].zero_()
+    else:
+        attn = proj[:, :T, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
+        bar_p = bar_pooled.unsqueeze(-2)
+        _into(bar_proj[:, :T, 3 * d:4 * d].view(b, u, L, d), torch.mul,
+              (chunks - pooled.unsqueeze(-2)).mul_(bar_p), attn)
+        pool_term = attn.mul_(bar_p)  # n's share from the pool: A q
+    # exactly zero: sum_L A (n - p) = p - p (a softmax does not see a shift)
+    grad_logits_bias = pooled.new_zeros(d)
+    flat = bar_proj.view(1, b * n, -1)
+    grad_weight = product(flat.transpose(1, 2), operand(normed, mm).view(1, b * n, d), mm,
+                          dtype)[0]
+    bar_normed = product(flat, weight.unsqueeze(0), mm, dtype).view(b, n, d)
+    del flat, bar_proj
+    if pool_term is not None:
+        bar_normed[:, :T].view(b, u, L, d).add_(pool_term)
+    grad_x = _rms_backward(bar_normed, normed, rstd)
+    return grad_x, grad_weight, torch.cat([grad_logits_bias, grad_lr_bias]), grad_gamma
