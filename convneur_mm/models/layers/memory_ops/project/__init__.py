@@ -35,4 +35,5 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
 
 __all__ = ['FoldedProjections', 'MAX_PROJECTION_BACKWARD_WIDTH', 'MAX_PROJECTION_WIDTH',
            'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights', 'fold', 'project',
-           'project_closed_form', 'project_naive', 'project_torch', 'project_triton', 'projection_shapes']
+           'project_closed_form', 'project_naive', 'project_torch', 'project_triton',
+           'projection_shapes']
