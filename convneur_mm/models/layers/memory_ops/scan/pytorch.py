@@ -97,10 +97,12 @@ def _block_states(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: Tenso
     for i, weight in enumerate(weights):
         g, grads[i] = grads[i], None
         states = (mix * lr_mod[i][:, None]).bmm(g)
+        # the carries' rank-one terms as products of inner size 1: their
+        # gradients are then two products, not a (N, U + 1, P) mul and sum each
         if weight is not None:
-            states.addcmul_(carry, weight[:, None])
+            states.baddbmm_(carry, weight[:, None])
         if momentum is not None:
-            states.addcmul_(from_momentum, momentum[i][:, None])
+            states.baddbmm_(from_momentum, momentum[i][:, None])
         all_states.append(states)
         if not last:
             end = (momentum_mix[:, -1, None] * -lr_mod[i][:, None]).bmm(g)[:, 0]
