@@ -549,9 +549,10 @@ def test_triton_implementations_allocate_their_results_and_scratch_only():
     """The wrappers read their arguments where they lie: what they allocate
     (counted on meta tensors, launches skipped) is their results, the
     gradients' documented scratch (the (tokens, d) gradient at the MLP's
-    output, in the operand dtype, and the per-row-block sums of d_g) and one
-    cast of the weights to 16-bit operands (broadcast states cast once); a
-    copy of an argument would add its bytes."""
+    output and, with 16-bit operands, the keys, both in the operand dtype,
+    and the per-row-block sums of d_g) and one cast of the weights to 16-bit
+    operands (broadcast states cast once); a copy of an argument would add
+    its bytes."""
     w, keys, values, token_lr = _meta_projections()
     groups, images, chunks, length, d = keys.shape
     cast = (w.w1.numel() + w.w2.numel()) * 2
@@ -560,8 +561,9 @@ def test_triton_implementations_allocate_their_results_and_scratch_only():
             grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16)
         row_blocks = -(-length // launch.tile_config(d, length, None, None,
                                                      torch.float16)['BM'])
-        # the gradient at the MLP's output in the operand dtype, d_g's sums in float32
-        scratch = groups * images * chunks * (length * 2 + row_blocks * 4) * d
+        # the gradient at the MLP's output and the keys in the operand dtype, d_g's
+        # sums in float32
+        scratch = groups * images * chunks * (length * 2 * 2 + row_blocks * 4) * d
         assert [list(t.shape) for t in grads] == [[groups, images * chunks, d, 4 * d],
                                                   [groups, images * chunks, 4 * d, d],
                                                   [groups, images * chunks, d]]
@@ -742,6 +744,8 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
             states.append(signature['out_ptr'])
         else:
             assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == half, name
+        if name == 'grads_cols_kernel':  # the rows pass's 16-bit copy of the keys
+            assert signature['k_ptr'] == half
     assert states == [half, half, '*fp32']  # w1, w2, g
     reports = inspect.launch_reports(launches, arch)
     assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)
@@ -798,6 +802,10 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
                           empty(heads, batch, tokens, d), empty(heads, batch, tokens, d),
                           empty(heads, batch, tokens), empty(batch, updates, d),
                           updates, length, 1.0, operand_dtype, None)
+    cols = next(x for x in launches if x.kernel.__name__ == 'grads_backward_cols_kernel')
+    half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
+    # the rows pass's 16-bit copy of the keys
+    assert inspect.launch_specialization(cols, arch)[0]['k_ptr'] == half
     reports = inspect.launch_reports(launches, arch)
     assert sorted(r.kernel for r in reports) == [
         'grads_backward_cols_kernel', 'grads_backward_rows_kernel', 'project_backward_kernel',

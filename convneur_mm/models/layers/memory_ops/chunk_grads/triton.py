@@ -23,11 +23,11 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     LayerNorm and the closed-form LayerNorm backward in registers, writing
     only the (tokens, d) gradient at the MLP's output (in ``operand_dtype``,
     which pass 2 multiplies it in) and per-block partial
-    sums of d_g. Pass 2 runs per (chunk, block of hidden units): it recomputes
-    that block of ``keys @ w1`` and accumulates its slices of the chunk's
-    G1 and G2 in float32 registers. No (tokens, 4d) tensor reaches memory,
-    and keys, values and step sizes are read where they lie (any strides):
-    no copy of them is made.
+    sums of d_g (and, with 16-bit operands, the keys in that dtype). Pass 2
+    runs per (chunk, block of hidden units): it recomputes that block of
+    ``keys @ w1`` and accumulates its slices of the chunk's G1 and G2 in
+    float32 registers. No (tokens, 4d) tensor reaches memory, and keys,
+    values and step sizes are read where they lie (any strides).
 
     Args:
         weights: fast weights shared by all chunks of a group: ``w1`` (G, d, 4d),
@@ -82,6 +82,16 @@ def _check_spans(keys: Tensor, values: Tensor, token_lr: Tensor) -> None:
     check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
 
 
+def _keys_operand(keys: Tensor, operand_dtype: torch.dtype) -> Tensor:
+    """Where the weights' pass reads the keys: with 16-bit operands a
+    contiguous copy in ``operand_dtype`` that the rows pass writes (the
+    weights' pass reads each chunk's keys once per hidden block: at half the
+    bytes, and without converting a tile each time); else the keys themselves."""
+    if operand_dtype == torch.float32:
+        return keys
+    return torch.empty(keys.shape, device=keys.device, dtype=operand_dtype)
+
+
 def _launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[object, dict]:
     """``launch_config`` without the decomposed read's constexpr."""
     kernels, cfg = launch_config(operand_dtype, device)
@@ -110,17 +120,18 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     # pass 2 multiplies it in operand_dtype: stored so, it is read as is
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     d_g = torch.empty(groups * chunks, row_blocks, d, **opts)
+    keys_op = _keys_operand(keys, operand_dtype)
     loss_scale = 2.0 / d
     kernels.grads_rows_kernel[(groups * chunks * row_blocks,)](
-        keys, values, token_lr, w1, w2, g, d_hidden, d_g,
+        keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op,
         chunks, per_image, length, d, hidden, row_blocks,
         *strides(keys), *strides(values), *strides(token_lr),
         *w1.stride(), *w2.stride(), *g.stride(),
-        loss_scale, LN_EPS, **tiles, **cfg)
+        loss_scale, LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys)
     kernels.grads_cols_kernel[(groups * chunks * hidden_blocks,)](
-        keys, d_hidden, w1, w2, g1, g2,
+        keys_op, d_hidden, w1, w2, g1, g2,
         chunks, per_image, length, d, hidden, hidden_blocks,
-        *strides(keys), *w1.stride(), *w2.stride(),
+        *strides(keys_op), *w1.stride(), *w2.stride(),
         loss_scale, **tile_config(d, length, block_rows, block_hidden, operand_dtype,
                                   columns=True, arch=arch), **cfg)
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
@@ -157,14 +168,15 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     bar_hidden = torch.empty_like(d_hidden)
     grad_scale = torch.empty(groups * chunks, row_blocks, d, **opts)
+    keys_op = _keys_operand(keys, operand_dtype)
     kernels.grads_backward_rows_kernel[(groups * chunks * row_blocks,)](
         keys, values, token_lr, w1_op, w2_op, g, bar_w1, bar_w2, bar_g,
-        grad_keys, grad_values, grad_lr, grad_scale, d_hidden, bar_hidden,
+        grad_keys, grad_values, grad_lr, grad_scale, d_hidden, bar_hidden, keys_op,
         chunks, per_image, length, d, hidden, row_blocks,
         *strides(keys), *strides(values), *strides(token_lr),
         *w1_op.stride(), *w2_op.stride(), *g.stride(),
         *bar_w1.stride(), *bar_w2.stride(), *bar_g.stride(),
-        LN_EPS, **tiles, **cfg)
+        LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys)
     cols = tile_config(d, length, block_rows, block_hidden, operand_dtype, columns=True,
                        arch=arch, write_backward=True)
     hidden_blocks = cdiv(hidden, cols['BH'])
@@ -172,9 +184,9 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
     grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
     kernels.grads_backward_cols_kernel[(groups * chunks * hidden_blocks,)](
-        keys, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,
+        keys_op, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,
         chunks, per_image, length, d, hidden, hidden_blocks,
-        *strides(keys), *w1_op.stride(), *w2_op.stride(), *bar_w1.stride(),
+        *strides(keys_op), *w1_op.stride(), *w2_op.stride(), *bar_w1.stride(),
         *bar_w2.stride(), **cols, **cfg)
     return (grad_w1.sum(dim=1), grad_w2.sum(dim=1),
             grad_scale.view(groups, -1, d).sum(dim=1), grad_keys, grad_values, grad_lr)

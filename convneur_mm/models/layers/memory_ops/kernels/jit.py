@@ -234,7 +234,7 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
 
 
 @triton.jit
-def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr,
+def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr, ko_ptr,
                       C, U, L, D, HID, row_blocks,
                       sk_g, sk_b, sk_c, sk_l, sk_d,
                       sv_g, sv_b, sv_c, sv_l, sv_d,
@@ -244,7 +244,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                       sg_g, sg_d,
                       loss_scale, eps,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                      DTYPE: tl.constexpr, PREC: tl.constexpr):
+                      DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr):
     """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
     shared weights, the LayerNorm backward, and
 
@@ -253,7 +253,9 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
       ``loss_scale`` (= 2 / d), which pass 2 applies to its float32 sums: it
       keeps small-step products further above float16's subnormal range;
     * ``dg`` (G * C, row_blocks, D): this block's share of d loss / d g
-      (summed over blocks by the caller: a fixed order, so deterministic).
+      (summed over blocks by the caller: a fixed order, so deterministic);
+    * COPY_KEYS: ``ko`` (G, C, L, D), the keys in DTYPE, which pass 2 then
+      reads at half the bytes of float32 keys, once per hidden block.
     """
     pid = tl.program_id(0)
     rb = pid % row_blocks
@@ -281,8 +283,10 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
 
     _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
-    tl.store(dh_ptr + chunk.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]),
-             d_hidden.to(DTYPE), mask=mask)
+    tile = chunk.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :])
+    tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
+    if COPY_KEYS:
+        tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
     dg = tl.sum(tl.where(mask, d_out * normed, 0.0), axis=0) * loss_scale
     tl.store(dg_ptr + pid.to(tl.int64) * D + cols, dg, mask=cmask)
 
@@ -501,7 +505,7 @@ def _gelu_second(x):
 @triton.jit
 def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                bw1_ptr, bw2_ptr, bg_ptr,
-                               gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr,
+                               gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr,
                                C, U, L, D, HID, row_blocks,
                                sk_g, sk_b, sk_c, sk_l, sk_d,
                                sv_g, sv_b, sv_c, sv_l, sv_d,
@@ -514,7 +518,8 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                sbg_g, sbg_c, sbg_d,
                                eps,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                               DTYPE: tl.constexpr, PREC: tl.constexpr):
+                               DTYPE: tl.constexpr, PREC: tl.constexpr,
+                               COPY_KEYS: tl.constexpr):
     """The chunk gradients' backward, per block of BM rows of a chunk: from
     the cotangents bW1, bW2, bg of the chunk's outputs (K^T Dp, A^T Dh,
     sum D N; notation of ``chunk_grads.closed_form``) it recomputes the chain
@@ -522,8 +527,9 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
     (``gv``) and step sizes (``glr``) in the inputs' (G, C, L, ...) order,
     this block's share of g's gradient (``gs``, (G * C, row_blocks, D)), and
     for the weights' pass Dh (``dh``) and the gradient at the MLP's output
-    (``bh``), both (G, C, L, D) in DTYPE. Three walks over the hidden blocks:
-    the forward (H), the cotangent at Dh, the cotangent at P."""
+    (``bh``), both (G, C, L, D) in DTYPE, and with COPY_KEYS the keys in
+    DTYPE (``ko``, as ``grads_rows_kernel``'s). Three walks over the hidden
+    blocks: the forward (H), the cotangent at Dh, the cotangent at P."""
     pid = tl.program_id(0)
     rb = pid % row_blocks
     chunk = pid // row_blocks
@@ -564,6 +570,8 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
 
     # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
     ko = k.to(DTYPE)
+    if COPY_KEYS:
+        tl.store(ko_ptr + out_rows + tile, ko, mask=mask)
     gk = tl.zeros((BM, BD), dtype=tl.float32)
     bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
     for h0 in range(0, HID, BH):
