@@ -202,6 +202,18 @@ def interpreter_results() -> dict:
         results['grads_per_image_views'] = dict(
             difference=max((a - b).abs().max().item() for a, b in zip(views, copies)),
             shapes=[list(t.shape) for t in views])
+        # the rows pass over each image's rows in 16-row blocks, two of them meeting
+        # two of an image's 24-row chunks
+        length, d = 24, 16
+        proj = torch.randn(images, chunks * length + 3, groups, 2 * d + 1, generator=gen)
+        written = proj[:, :chunks * length].permute(2, 0, 1, 3).unflatten(2, (chunks, length))
+        keys, values, token_lr = written[..., :d], written[..., d:2 * d], written[..., 2 * d]
+        token_lr = token_lr.sigmoid()
+        w = _weights(groups, d, gen)
+        for tag, dtype in dtypes.items():
+            got = chunk_grads_triton(w, keys, values, token_lr, dtype, block_rows=16)
+            results[f'grads_{tag}_per_image_rows'] = _grads_errors(
+                got, w, *(t.flatten(1, 2) for t in (keys, values, token_lr)))
 
         w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
         for tag, dtype in dtypes.items():
@@ -392,7 +404,10 @@ def test_triton_kernels_at_model_widths_in_the_interpreter():
             assert errors['emulated'] < 2 * F16_EMULATED_TOL, (case, errors)
 
 
-GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr']
+# L 24 in 16-row blocks: over each image's rows, blocks meeting two chunks;
+# L 8: a block per chunk (16 rows, the least, are more than a chunk)
+GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr',
+              'per_image_rows']
 
 
 @pytest.mark.parametrize('case', GRAD_CASES)
@@ -418,6 +433,24 @@ def test_triton_chunk_read_merges_heads(interpreted):
     assert interpreted['read_chunks_f32']['shapes'] == [[2, 40, 32]]
     assert interpreted['read_chunks_f32']['exact'] < F32_TOL
     assert interpreted['read_chunks_f16']['exact'] < F16_TOL
+
+
+def test_the_rows_pass_walks_each_images_rows():
+    """Blocks over each image's U L rows where a block meets at most two
+    chunks: M3's stage 1 takes 46 blocks of 64 rows per image (2944 rows for
+    2940), where a block per chunk takes 60 (3840); a block wider than a
+    chunk, or an image whose rows pass the int32 tile offsets, goes per chunk."""
+    from convneur_mm.models.layers.memory_ops.chunk_grads.triton import _row_blocks
+    meta = dict(device='meta')
+    proj = torch.empty(128, 15 * 196, 1, 257, **meta).permute(2, 0, 1, 3).unflatten(2, (15, 196))
+    keys, values, token_lr = proj[..., :128], proj[..., 128:256], proj[..., 256]
+    rows = _row_blocks(keys, values, token_lr, 64)
+    assert rows == (True, 46, 128 * 46, 5)
+    assert _row_blocks(keys, values, token_lr, 256) == (False, 1, 128 * 15, 1)
+    wide = torch.empty(1, 15, 196, 128, **meta).as_strided((1, 15, 196, 128),
+                                                           (0, 2**28, 128, 1))
+    flat_lr = torch.empty(1, 15, 196, **meta)
+    assert not _row_blocks(wide, wide, flat_lr, 64).flat
 
 
 def test_triton_grads_read_per_image_chunk_views_without_a_copy(interpreted):
@@ -562,7 +595,7 @@ def test_triton_implementations_allocate_their_results_and_scratch_only():
         row_blocks = -(-length // launch.tile_config(d, length, None, None,
                                                      torch.float16)['BM'])
         # the gradient at the MLP's output and the keys in the operand dtype, d_g's
-        # sums in float32
+        # shares in float32 (24-row chunks in 32-row blocks: one block per chunk)
         scratch = groups * images * chunks * (length * 2 * 2 + row_blocks * 4) * d
         assert [list(t.shape) for t in grads] == [[groups, images * chunks, d, 4 * d],
                                                   [groups, images * chunks, 4 * d, d],
@@ -746,6 +779,8 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
             assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == half, name
         if name == 'grads_cols_kernel':  # the rows pass's 16-bit copy of the keys
             assert signature['k_ptr'] == half
+        if name == 'grads_rows_kernel':  # 46 blocks over each image's 2940 written rows
+            assert launch.kwargs['FLAT'] and launch.grid == (128 * 46, )
     assert states == [half, half, '*fp32']  # w1, w2, g
     reports = inspect.launch_reports(launches, arch)
     assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)

@@ -1,7 +1,7 @@
 """Every chunk's write gradient as two Triton kernels, a custom operator
 ``torch.ops.convneur_mm.memory_chunk_grads`` whose backward is two more
 (``torch.ops.convneur_mm.memory_chunk_grads_backward``)."""
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -82,6 +82,38 @@ def _check_spans(keys: Tensor, values: Tensor, token_lr: Tensor) -> None:
     check_span('the gradient at the MLP output', length, keys.new_empty(0, d))
 
 
+class _RowBlocks(NamedTuple):
+    """How the rows pass walks the rows: ``flat``, blocks over each image's
+    U L written rows (else over each chunk's L); ``blocks`` per image (per
+    chunk); ``blocks_per_group``, the grid's share of one group; ``slots``,
+    the most blocks that meet one chunk."""
+    flat: bool
+    blocks: int
+    blocks_per_group: int
+    slots: int
+
+
+def _row_blocks(keys: Tensor, values: Tensor, token_lr: Tensor, block_rows: int) -> _RowBlocks:
+    """Blocks over each image's rows where a block meets at most two chunks
+    (``block_rows`` <= L) and an image's rows stay within the int32 tile
+    offsets; else blocks over each chunk's rows, each chunk padded to whole
+    blocks."""
+    groups, chunks, per_image, length, d = _sizes(keys)
+    images = chunks // per_image
+
+    def span(t: Tensor, row_dim: int) -> int:  # an image's U chunks of L rows in t
+        width = 0 if row_dim == -1 else d * abs(t.stride(-1))
+        return (per_image * abs(t.stride(row_dim - 1)) + length * abs(t.stride(row_dim)) +
+                width)
+
+    spans = (span(keys, -2), span(values, -2), span(token_lr, -1), per_image * length * d)
+    if block_rows <= length and max(spans) < 2**31:
+        blocks = cdiv(per_image * length, block_rows)
+        return _RowBlocks(True, blocks, images * blocks, cdiv(length, block_rows) + 1)
+    blocks = cdiv(length, block_rows)
+    return _RowBlocks(False, blocks, chunks * blocks, blocks)
+
+
 def _keys_operand(keys: Tensor, operand_dtype: torch.dtype) -> Tensor:
     """Where the weights' pass reads the keys: with 16-bit operands a
     contiguous copy in ``operand_dtype`` that the rows pass writes (the
@@ -116,18 +148,20 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch)
     kernels, cfg = _launch_config(operand_dtype, keys.device)
     w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
-    row_blocks, hidden_blocks = cdiv(length, tiles['BM']), cdiv(hidden, tiles['BH'])
+    hidden_blocks = cdiv(hidden, tiles['BH'])
+    rows = _row_blocks(keys, values, token_lr, tiles['BM'])
     # pass 2 multiplies it in operand_dtype: stored so, it is read as is
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
-    d_g = torch.empty(groups * chunks, row_blocks, d, **opts)
+    # d_g's shares, one slot per block that meets a chunk; zeros where none does
+    d_g = torch.zeros(groups * chunks, rows.slots, d, **opts)
     keys_op = _keys_operand(keys, operand_dtype)
     loss_scale = 2.0 / d
-    kernels.grads_rows_kernel[(groups * chunks * row_blocks,)](
+    kernels.grads_rows_kernel[(groups * rows.blocks_per_group,)](
         keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op,
-        chunks, per_image, length, d, hidden, row_blocks,
+        chunks, per_image, length, d, hidden, rows.blocks, rows.slots,
         *strides(keys), *strides(values), *strides(token_lr),
         *w1.stride(), *w2.stride(), *g.stride(),
-        loss_scale, LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys)
+        loss_scale, LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys, FLAT=rows.flat)
     kernels.grads_cols_kernel[(groups * chunks * hidden_blocks,)](
         keys_op, d_hidden, w1, w2, g1, g2,
         chunks, per_image, length, d, hidden, hidden_blocks,

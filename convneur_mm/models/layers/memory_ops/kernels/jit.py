@@ -235,7 +235,7 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
 
 @triton.jit
 def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr, ko_ptr,
-                      C, U, L, D, HID, row_blocks,
+                      C, U, L, D, HID, row_blocks, slots,
                       sk_g, sk_b, sk_c, sk_l, sk_d,
                       sv_g, sv_b, sv_c, sv_l, sv_d,
                       slr_g, slr_b, slr_c, slr_l,
@@ -244,7 +244,8 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                       sg_g, sg_d,
                       loss_scale, eps,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                      DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr):
+                      DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
+                      FLAT: tl.constexpr):
     """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
     shared weights, the LayerNorm backward, and
 
@@ -252,43 +253,75 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
       it as is): d loss / d (act @ w2) WITHOUT the constant
       ``loss_scale`` (= 2 / d), which pass 2 applies to its float32 sums: it
       keeps small-step products further above float16's subnormal range;
-    * ``dg`` (G * C, row_blocks, D): this block's share of d loss / d g
-      (summed over blocks by the caller: a fixed order, so deterministic);
+    * ``dg`` (G * C, slots, D): this block's shares of d loss / d g, one
+      slot per block that meets a chunk (summed by the caller over the slots,
+      zeros where none wrote: a fixed order, so deterministic);
     * COPY_KEYS: ``ko`` (G, C, L, D), the keys in DTYPE, which pass 2 then
       reads at half the bytes of float32 keys, once per hidden block.
+
+    The rows share the weights, so a block need not stay in one chunk: FLAT
+    (BM <= L) walks each image's U L rows in blocks that may meet two
+    chunks, where a block per chunk would pad each chunk to whole blocks
+    (196 rows to 256 in 64-row blocks); else one chunk's rows per block.
     """
     pid = tl.program_id(0)
     rb = pid % row_blocks
-    chunk = pid // row_blocks
-    gi, c, bi, ci = _chunk_of(chunk, C, U)
-
-    rows = rb * BM + tl.arange(0, BM)
-    rmask = rows < L
+    if FLAT:
+        image = pid // row_blocks  # gi * B + bi, B = C // U images per group
+        gi = (image // (C // U)).to(tl.int64)
+        bi = (image % (C // U)).to(tl.int64)
+        flat = rb * BM + tl.arange(0, BM)  # among the image's U L rows
+        rmask = flat < U * L
+        crow = flat // L  # each row's chunk after `first`, and its row in it
+        lrow = flat - crow * L
+        first = image.to(tl.int64) * U  # the image's first chunk, within all G C
+        ci = first * 0  # the loads' chunk offset: in crow
+    else:
+        chunk = pid // row_blocks
+        gi, c, bi, ci = _chunk_of(chunk, C, U)
+        lrow = rb * BM + tl.arange(0, BM)
+        rmask = lrow < L
+        crow = lrow * 0
+        first = chunk.to(tl.int64)
     cols = tl.arange(0, BD)
     cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
 
     k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                (rows[:, None] * sk_l + cols[None, :] * sk_d),
+                ((crow * sk_c + lrow * sk_l)[:, None] + cols[None, :] * sk_d),
                 mask=mask, other=0.0).to(tl.float32)
     y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
                   w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
                   False, PREC)
     normed, rstd = _layer_norm_rows(y, cmask, D, eps)
     v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                (rows[:, None] * sv_l + cols[None, :] * sv_d),
+                ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
                 mask=mask, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
-                 other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + (crow * slr_c + lrow * slr_l),
+                 mask=rmask, other=0.0).to(tl.float32)
     scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
 
     _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
-    tile = chunk.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :])
+    # rows of (G, C, L, D) tensors: chunk first + crow, row lrow
+    tile = first * L * D + ((crow * L + lrow)[:, None] * D + cols[None, :])
     tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
     if COPY_KEYS:
         tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
-    dg = tl.sum(tl.where(mask, d_out * normed, 0.0), axis=0) * loss_scale
-    tl.store(dg_ptr + pid.to(tl.int64) * D + cols, dg, mask=cmask)
+    share = tl.where(mask, d_out * normed, 0.0)
+    if FLAT:
+        # the chunk c0 of the block's first row, and the next if the block reaches it;
+        # slot: the block's place among those that meet the chunk
+        c0 = rb * BM // L
+        in_first = crow == c0
+        dg = tl.sum(tl.where(in_first[:, None], share, 0.0), axis=0) * loss_scale
+        tl.store(dg_ptr + ((first + c0) * slots + (rb - c0 * L // BM)) * D + cols, dg,
+                 mask=cmask)
+        dg = tl.sum(tl.where(in_first[:, None], 0.0, share), axis=0) * loss_scale
+        tl.store(dg_ptr + (first + c0 + 1) * slots * D + cols, dg,
+                 mask=cmask & ((c0 + 1) * L < (rb + 1) * BM) & (c0 + 1 < U))
+    else:
+        dg = tl.sum(share, axis=0) * loss_scale
+        tl.store(dg_ptr + (chunk.to(tl.int64) * slots + rb) * D + cols, dg, mask=cmask)
 
 
 @triton.jit
