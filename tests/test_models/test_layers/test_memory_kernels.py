@@ -176,7 +176,9 @@ def interpreter_results() -> dict:
     # or 8 leaves a masked row block
     write_cases = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block_hidden=64)),
                    'd16_L8_default_blocks': (1, 2, 8, 16, 1.0, {}),
-                   'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16))}
+                   'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16)),
+                   # the weights' pass: one 32-row block, then 8 rows in a 16-row step
+                   'd16_L40_blocks32': (1, 3, 40, 16, 1.0, dict(block_rows=32))}
     with torch.no_grad():
         for name, (groups, chunks, length, d, max_lr, blocks) in write_cases.items():
             w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
@@ -407,7 +409,7 @@ def test_triton_kernels_at_model_widths_in_the_interpreter():
 # L 24 in 16-row blocks: over each image's rows, blocks meeting two chunks;
 # L 8: a block per chunk (16 rows, the least, are more than a chunk)
 GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr',
-              'per_image_rows']
+              'd16_L40_blocks32', 'per_image_rows']
 
 
 @pytest.mark.parametrize('case', GRAD_CASES)

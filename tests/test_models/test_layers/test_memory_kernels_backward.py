@@ -124,7 +124,9 @@ def _per_image_views(gen: torch.Generator) -> List[torch.Tensor]:
 # masked columns, a masked hidden block, a masked row block, a small step
 WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block_hidden=64)),
                'd16_L8_default_blocks': (1, 2, 8, 16, 1.0, {}),
-               'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16))}
+               'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16)),
+               # the weights' pass: one 32-row block, then 8 rows in a 16-row step
+               'd16_L40_blocks32': (1, 3, 40, 16, 1.0, dict(block_rows=32))}
 
 
 # (images, tokens, d, heads, L, written chunks, block_rows): masked columns and
@@ -206,6 +208,9 @@ def backward_results() -> Dict[str, dict]:
         results[f'chunk_grads_per_image_{tag}'] = _chunk_grads_case(_per_image_views(gen), dtype,
                                                                     {})
         results[f'read_{tag}'] = _read_case(gen, dtype, decomposed=False)
+        # 40 rows: one 32-row block, then 8 rows in a 16-row step
+        results[f'read_rows32_{tag}'] = _read_case(gen, dtype, decomposed=False,
+                                                   tiles=dict(block_rows=32, block_hidden=64))
         results[f'read_decomposed_{tag}'] = _read_case(gen, dtype, decomposed=True)
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
@@ -228,7 +233,8 @@ def interpreted():
     return _run_interpreted('backward_results', 'test_memory_kernels_backward')
 
 
-CASES = ['read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed', 'chunk_grads_per_image',
+CASES = ['read', 'read_rows32', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
+         'chunk_grads_per_image',
          *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES),
          *(f'project_{{}}_{name}' for name in PROJECTION_CASES)]
 

@@ -7,8 +7,9 @@ import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
-from ..kernels.launch import (as_operands, call_kernel_op, cdiv, check_arguments, check_runnable,
-                              check_span, launch_config, target_arch, tile_config)
+from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
+                              check_runnable, check_span, launch_config, target_arch,
+                              tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -167,7 +168,7 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys_op), *w1.stride(), *w2.stride(),
         loss_scale, **tile_config(d, length, block_rows, block_hidden, operand_dtype,
-                                  columns=True, arch=arch), **cfg)
+                                  columns=True, arch=arch), **cfg, TAIL=TAIL_ROWS)
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
 
 
@@ -221,7 +222,7 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
         keys_op, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys_op), *w1_op.stride(), *w2_op.stride(), *bar_w1.stride(),
-        *bar_w2.stride(), **cols, **cfg)
+        *bar_w2.stride(), **cols, **cfg, TAIL=TAIL_ROWS)
     return (grad_w1.sum(dim=1), grad_w2.sum(dim=1),
             grad_scale.view(groups, -1, d).sum(dim=1), grad_keys, grad_values, grad_lr)
 

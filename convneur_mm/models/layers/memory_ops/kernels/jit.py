@@ -325,6 +325,19 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
 
 
 @triton.jit
+def _cols_rows(k_base, dh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t, acc1, acc2,
+               ROWS: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """``_cols_step`` over ROWS rows of a chunk from row ``r0``: its keys
+    (strided) and the gradient at the MLP's output ((L, D) rows)."""
+    rows = r0 + tl.arange(0, ROWS)
+    mask = (rows < L)[:, None] & cmask[None, :]
+    k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
+                other=0.0).to(DTYPE)
+    dh = tl.load(dh_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0).to(DTYPE)
+    return _cols_step(k, k, dh, dh, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC, False, PREC)
+
+
+@triton.jit
 def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       C, U, L, D, HID, hidden_blocks,
                       sk_g, sk_b, sk_c, sk_l, sk_d,
@@ -332,8 +345,9 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       s2_g, s2_k, s2_d,
                       loss_scale,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                      DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """Pass 2, per (chunk, block of BH hidden units j): walks the chunk's rows,
+                      DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr):
+    """Pass 2, per (chunk, block of BH hidden units j): walks the chunk's rows
+    (BM at a time, the rest TAIL at a time),
     recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
     and accumulates in float32 registers
 
@@ -357,15 +371,14 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
     k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
     dh_base = dh_ptr + chunk.to(tl.int64) * L * D
-    for r0 in range(0, L, BM):
-        rows = r0 + tl.arange(0, BM)
-        mask = (rows < L)[:, None] & cmask[None, :]
-        k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
-                    other=0.0).to(DTYPE)
-        dh = tl.load(dh_base + (rows[:, None] * D + cols[None, :]), mask=mask,
-                     other=0.0).to(DTYPE)
-        acc1, acc2 = _cols_step(k, k, dh, dh, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC,
-                                False, PREC)
+    whole = L // BM * BM if TAIL < BM else L
+    for r0 in range(0, whole, BM):
+        acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t,
+                                acc1, acc2, BM, DTYPE, PREC)
+    if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
+        for r0 in range(whole, L, TAIL):
+            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1,
+                                    w2t, acc1, acc2, TAIL, DTYPE, PREC)
 
     out = chunk.to(tl.int64) * D * HID
     tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
@@ -453,6 +466,24 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
 
 
 @triton.jit
+def _read_cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, w1, w2t, b1, b2t,
+                    carry, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
+                    PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+    """``_cols_step`` over ROWS rows of chunk c of a read from row ``r0``: its
+    tokens x (strided) and the gradient at the MLP's output ((L, D) rows)."""
+    rows = r0 + tl.arange(0, ROWS)
+    mask = ((rows < L) & (c * L + rows < N))[:, None] & cmask[None, :]
+    x = tl.load(x_base + (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask, other=0.0)
+    dyo = tl.load(dy_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
+    if DECOMPOSED:  # W_0's products take float32 operands
+        return _cols_step(x.to(tl.float32), x.to(DTYPE), dyo.to(tl.float32), dyo, w1, w2t, b1,
+                          b2t, carry, acc1, acc2, DTYPE, PREC, True, BASE_PREC)
+    xo = x.to(DTYPE)
+    return _cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC, False,
+                      PREC)
+
+
+@triton.jit
 def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
                               b1_ptr, b2_ptr, carry_ptr,
                               B, C, N, L, D, HID, hidden_blocks,
@@ -464,7 +495,8 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
                               sc_h, sc_b, sc_c,
                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
-                              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+                              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
+                              TAIL: tl.constexpr):
     """The read's weight gradients, per (state (h, b, c), block of BH hidden
     units j): walks the chunk's rows as ``grads_cols_kernel`` does (the same
     ``_cols_step``) and writes gw1[:, j] = x^T (gelu'(P_j) * (dY @ w2[j]^T))
@@ -498,20 +530,16 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
     x_base = x_ptr + (h * sx_h + b * sx_b + c64 * L * sx_n)
     dy_base = dy_ptr + group.to(tl.int64) * L * D
-    for r0 in range(0, L, BM):
-        rows = r0 + tl.arange(0, BM)
-        mask = ((rows < L) & (c * L + rows < N))[:, None] & cmask[None, :]
-        x = tl.load(x_base + (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask,
-                    other=0.0)
-        dyo = tl.load(dy_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
-        if DECOMPOSED:  # W_0's products take float32 operands
-            acc1, acc2 = _cols_step(x.to(tl.float32), x.to(DTYPE), dyo.to(tl.float32), dyo, w1,
-                                    w2t, b1, b2t, carry, acc1, acc2, DTYPE, PREC, True,
-                                    BASE_PREC)
-        else:
-            xo = x.to(DTYPE)
-            acc1, acc2 = _cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE,
-                                    PREC, False, PREC)
+    whole = L // BM * BM if TAIL < BM else L
+    for r0 in range(0, whole, BM):
+        acc1, acc2 = _read_cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
+                                     w1, w2t, b1, b2t, carry, acc1, acc2, BM, DTYPE, PREC,
+                                     DECOMPOSED, BASE_PREC)
+    if TAIL < BM:  # as grads_cols_kernel's
+        for r0 in range(whole, L, TAIL):
+            acc1, acc2 = _read_cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
+                                         cmask, w1, w2t, b1, b2t, carry, acc1, acc2, TAIL,
+                                         DTYPE, PREC, DECOMPOSED, BASE_PREC)
 
     out = group.to(tl.int64) * D * HID
     tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
@@ -663,6 +691,31 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
 
 
 @triton.jit
+def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t,
+                        bw1, bw2t, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
+                        PREC: tl.constexpr):
+    """``grads_backward_cols_kernel``'s sums over ROWS rows of a chunk from row ``r0``."""
+    rows = r0 + tl.arange(0, ROWS)
+    mask = (rows < L)[:, None] & cmask[None, :]
+    k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
+                other=0.0).to(DTYPE)
+    tile = rows[:, None] * D + cols[None, :]
+    dh = tl.load(dh_base + tile, mask=mask, other=0.0)
+    bh = tl.load(bh_base + tile, mask=mask, other=0.0)
+    pre = tl.dot(k, w1, input_precision=PREC)
+    grad = _gelu_grad(pre)
+    back = tl.dot(dh, w2t, input_precision=PREC)
+    bar_dp = tl.dot(k, bw1, input_precision=PREC)
+    bar_act = tl.dot(dh, bw2t, input_precision=PREC)
+    bar_act = tl.dot(bh, w2t, acc=bar_act, input_precision=PREC)
+    bar_pre = grad * bar_act + _gelu_second(pre) * back * bar_dp
+    acc1 = tl.dot(tl.trans(k), bar_pre.to(DTYPE), acc=acc1, input_precision=PREC)
+    acc2 = tl.dot(tl.trans((grad * bar_dp).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), bh, acc=acc2, input_precision=PREC)
+    return acc1, acc2
+
+
+@triton.jit
 def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr,
                                gw1_ptr, gw2_ptr,
                                C, U, L, D, HID, hidden_blocks,
@@ -672,7 +725,7 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
                                sb1_g, sb1_c, sb1_d, sb1_k,
                                sb2_g, sb2_c, sb2_k, sb2_d,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                               DTYPE: tl.constexpr, PREC: tl.constexpr):
+                               DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr):
     """The shared weights' gradients, per (chunk, block of BH hidden units
     j): walks the chunk's rows, recomputes P_j, and writes the chunk's share
     (summed over chunks by the caller, in a fixed order)
@@ -703,25 +756,17 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
     acc1 = tl.zeros((BD, BH), dtype=tl.float32)
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
     k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
-    rows_base = chunk.to(tl.int64) * L * D
-    for r0 in range(0, L, BM):
-        rows = r0 + tl.arange(0, BM)
-        mask = (rows < L)[:, None] & cmask[None, :]
-        k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
-                    other=0.0).to(DTYPE)
-        tile = rows[:, None] * D + cols[None, :]
-        dh = tl.load(dh_ptr + rows_base + tile, mask=mask, other=0.0)
-        bh = tl.load(bh_ptr + rows_base + tile, mask=mask, other=0.0)
-        pre = tl.dot(k, w1, input_precision=PREC)
-        grad = _gelu_grad(pre)
-        back = tl.dot(dh, w2t, input_precision=PREC)
-        bar_dp = tl.dot(k, bw1, input_precision=PREC)
-        bar_act = tl.dot(dh, bw2t, input_precision=PREC)
-        bar_act = tl.dot(bh, w2t, acc=bar_act, input_precision=PREC)
-        bar_pre = grad * bar_act + _gelu_second(pre) * back * bar_dp
-        acc1 = tl.dot(tl.trans(k), bar_pre.to(DTYPE), acc=acc1, input_precision=PREC)
-        acc2 = tl.dot(tl.trans((grad * bar_dp).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
-        acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), bh, acc=acc2, input_precision=PREC)
+    dh_base = dh_ptr + chunk.to(tl.int64) * L * D
+    bh_base = bh_ptr + chunk.to(tl.int64) * L * D
+    whole = L // BM * BM if TAIL < BM else L
+    for r0 in range(0, whole, BM):
+        acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
+                                         cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC)
+    if TAIL < BM:  # as grads_cols_kernel's
+        for r0 in range(whole, L, TAIL):
+            acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
+                                             cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
+                                             DTYPE, PREC)
 
     out = chunk.to(tl.int64) * D * HID
     tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)

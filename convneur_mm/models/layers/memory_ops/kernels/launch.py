@@ -18,6 +18,11 @@ from .availability import (OPERAND_DTYPES, launches_skipped, load_kernels, unava
                            without_launches)
 
 
+# the weights' passes walk a chunk's rows past its whole blocks in steps of
+# tl.dot's least rows: 196 rows in 64-row blocks multiply 208 rows, not 256
+TAIL_ROWS = 16
+
+
 class Launch(NamedTuple):
     """One kernel launch as a wrapper makes it: ``kernel[grid](*args, **kwargs)``."""
     kernel: object
@@ -386,7 +391,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
         x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
         batch, chunks, n, length, d, hidden, cdiv(hidden, cols['BH']),
         *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
-        DECOMPOSED=decomposed, **cols, **cfg)
+        DECOMPOSED=decomposed, **cols, **cfg, TAIL=TAIL_ROWS)
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
     return grads
 
