@@ -218,12 +218,14 @@ def interpreter_results() -> dict:
                 got, w, *(t.flatten(1, 2) for t in (keys, values, token_lr)))
 
         w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
-        for tag, dtype in dtypes.items():
-            got = read_triton(w, x, dtype, block_rows=16)
-            results[f'forward_{tag}_d24'] = dict(
-                exact=_rel_err(got, read_torch(w.map(torch.Tensor.double), x.double())),
-                emulated=_norm_err(got, _forward64(w, x, _half)),
-                shapes=[list(got.shape)])
+        # 40 rows in 16-row blocks; in one 32-row block and then 8 in a 16-row one
+        for rows in (16, 32):
+            for tag, dtype in dtypes.items():
+                got = read_triton(w, x, dtype, block_rows=rows)
+                results[f'forward_{tag}_d24' + ('' if rows == 16 else f'_rows{rows}')] = dict(
+                    exact=_rel_err(got, read_torch(w.map(torch.Tensor.double), x.double())),
+                    emulated=_norm_err(got, _forward64(w, x, _half)),
+                    shapes=[list(got.shape)])
 
         results.update(_decomposed_results(gen))
 
@@ -424,11 +426,12 @@ def test_triton_grads_float16_operands(interpreted, case):
     assert errors['exact'] < F16_TOL
 
 
-def test_triton_forward(interpreted):
-    assert interpreted['forward_f32_d24']['exact'] < F32_TOL
-    assert interpreted['forward_f32_d24']['shapes'] == [[2, 40, 24]]
-    assert interpreted['forward_f16_d24']['emulated'] < F16_EMULATED_TOL
-    assert interpreted['forward_f16_d24']['exact'] < F16_TOL
+@pytest.mark.parametrize('rows', ['', '_rows32'])
+def test_triton_forward(interpreted, rows):
+    assert interpreted[f'forward_f32_d24{rows}']['exact'] < F32_TOL
+    assert interpreted[f'forward_f32_d24{rows}']['shapes'] == [[2, 40, 24]]
+    assert interpreted[f'forward_f16_d24{rows}']['emulated'] < F16_EMULATED_TOL
+    assert interpreted[f'forward_f16_d24{rows}']['exact'] < F16_TOL
 
 
 def test_triton_chunk_read_merges_heads(interpreted):
@@ -767,7 +770,11 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
     states in 16 bits for the read."""
     inspect, launches = _stage_launches(128, operand_dtype, arch)
     assert sorted(launch.kernel.__name__ for launch in launches) == sorted(
-        KERNEL_NAMES + SCAN_LAUNCHES)
+        KERNEL_NAMES + SCAN_LAUNCHES + ['read_kernel'])
+    # 16 chunks of 196 rows: three 64-row blocks each, then 16 rows for their last 4
+    reads = [x for x in launches if x.kernel.__name__ == 'read_kernel']
+    assert [(x.kwargs['BM'], x.grid) for x in reads] == [(64, (128 * 16 * 3, )),
+                                                         (16, (128 * 16, ))]
     half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
     states = []
     for launch in launches:
@@ -788,11 +795,14 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
     assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
-        if report.kernel == 'scan_kernel':
-            continue  # element-wise
+        if report.kernel in ('scan_kernel', 'read_kernel'):
+            continue  # element-wise; the reads below
         # the projections' 32-row tiles (64 spill) are below wgmma's least
         wgmma = arch >= 90 and report.kernel != 'project_kernel'
         assert (report.wgmma > 0) == wgmma and report.mma != 'none', report
+    # the read's 16-row blocks are below wgmma's least
+    assert sorted(r.wgmma > 0 for r in reports if r.kernel == 'read_kernel') == [False,
+                                                                                 arch >= 90]
 
 
 @pytest.mark.parametrize('operand_dtype,arch', [(torch.bfloat16, 90), (torch.float16, 80)])

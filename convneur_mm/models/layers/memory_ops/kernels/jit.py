@@ -185,7 +185,7 @@ def _chunk_of(chunk, C, U):
 
 @triton.jit
 def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr,
-                B, C, N, L, D, HID, row_blocks,
+                B, C, N, L, D, HID, row_blocks, r0,
                 sx_h, sx_b, sx_n, sx_d,
                 s1_h, s1_b, s1_c, s1_d, s1_k,
                 s2_h, s2_b, s2_c, s2_k, s2_d,
@@ -200,15 +200,16 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
                 DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
     """out = x + LN(gelu(x @ w1) @ w2) * (1 + g), token n of (head h, image b)
     reading the weights of chunk n // L. One program per (h, b, chunk, block
-    of BM rows of the chunk); x, weights and out are addressed by strides, so
-    the caller's layouts (heads split or merged) need no copy. DECOMPOSED:
-    see ``_mlp_rows``; base weights per head, carry per (h, b, chunk)."""
+    of BM rows of the chunk from its row ``r0``); x, weights and out are
+    addressed by strides, so the caller's layouts (heads split or merged) need
+    no copy. DECOMPOSED: see ``_mlp_rows``; base weights per head, carry per
+    (h, b, chunk)."""
     pid = tl.program_id(0)
     rb = pid % row_blocks
     group = pid // row_blocks
     c, h, b, c64 = _state_of(group, B, C)
 
-    rows = rb * BM + tl.arange(0, BM)  # within the chunk
+    rows = r0 + rb * BM + tl.arange(0, BM)  # within the chunk
     rmask = (rows < L) & (c * L + rows < N)
     cols = tl.arange(0, BD)
     cmask = cols < D

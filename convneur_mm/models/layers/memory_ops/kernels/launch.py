@@ -327,14 +327,28 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
     tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
                         arch=target_arch(x.device))
     kernels, cfg = launch_config(operand_dtype, x.device)
-    row_blocks = cdiv(length, tiles['BM'])
-    kernels.read_kernel[(heads * batch * chunks * row_blocks,)](
-        x, w1, w2, g, out, b1, b2, carry if decomposed else x,
-        batch, chunks, n, length, d, hidden, row_blocks,
-        *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *out.stride(),
-        *b1.stride(), *b2.stride(), *c_strides,
-        LN_EPS, DECOMPOSED=decomposed, **tiles, **cfg)
+    for r0, row_blocks, part in row_parts(min(length, n), tiles):
+        kernels.read_kernel[(heads * batch * chunks * row_blocks,)](
+            x, w1, w2, g, out, b1, b2, carry if decomposed else x,
+            batch, chunks, n, length, d, hidden, row_blocks, r0,
+            *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *out.stride(),
+            *b1.stride(), *b2.stride(), *c_strides,
+            LN_EPS, DECOMPOSED=decomposed, **part, **cfg)
     return out
+
+
+def row_parts(length: int, tiles: dict) -> List[Tuple[int, int, dict]]:
+    """A chunk's ``length`` rows as launches of a kernel that runs a program
+    per block of rows: (first row, blocks, tiles) each. Past the whole blocks
+    of ``tiles['BM']`` rows the rest takes blocks of ``TAIL_ROWS`` (4 warps) in a
+    second launch: 196 rows in 64-row blocks multiply 208 rows, not 256."""
+    bm = tiles['BM']
+    whole = length // bm
+    if bm <= TAIL_ROWS or length % bm == 0:
+        return [(0, cdiv(length, bm), tiles)]
+    tail = (whole * bm, cdiv(length - whole * bm, TAIL_ROWS),
+            dict(tiles, BM=TAIL_ROWS, num_warps=4))
+    return ([(0, whole, tiles)] if whole else []) + [tail]
 
 
 # a read's gradients, of (w1, w2, g, inputs, base w1, base w2, carry): a
