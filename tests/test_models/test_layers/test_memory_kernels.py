@@ -853,17 +853,25 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
     half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
     # the rows pass's 16-bit copy of the keys
     assert inspect.launch_specialization(cols, arch)[0]['k_ptr'] == half
+    # the read's rows pass as the read: 64-row blocks, then 16 rows for each chunk's last 4
+    rows = [x for x in launches if x.kernel.__name__ == 'read_backward_rows_kernel']
+    assert [(x.kwargs['BM'], x.grid) for x in rows] == [(64, (128 * 16 * 3, )),
+                                                        (16, (128 * 16, ))]
     reports = inspect.launch_reports(launches, arch)
     assert sorted(r.kernel for r in reports) == [
         'grads_backward_cols_kernel', 'grads_backward_rows_kernel', 'project_backward_kernel',
-        'read_backward_cols_kernel', 'read_backward_rows_kernel', 'scan_backward_kernel']
+        'read_backward_cols_kernel', 'read_backward_rows_kernel', 'read_backward_rows_kernel',
+        'scan_backward_kernel']
     for report in reports:
         spills = 512 if report.kernel == 'project_backward_kernel' else 0
         assert report.shared <= 163 * 1024 and report.spill_stores <= spills, report
         if report.kernel != 'scan_backward_kernel':  # element-wise
             assert report.mma != 'none', report
-        if report.kernel.startswith('read'):
+        if report.kernel == 'read_backward_cols_kernel':
             assert (report.wgmma > 0) == (arch >= 90), report
+    # the 16-row blocks are below wgmma's least
+    assert sorted(r.wgmma > 0 for r in reports
+                  if r.kernel == 'read_backward_rows_kernel') == [False, arch >= 90]
 
 
 def test_compile_reports_tell_specializations_apart():

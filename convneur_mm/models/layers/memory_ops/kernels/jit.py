@@ -391,7 +391,7 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
 @triton.jit
 def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_ptr, dg_ptr,
                               b1_ptr, b2_ptr, carry_ptr,
-                              B, C, N, L, D, HID, row_blocks,
+                              B, C, N, L, D, HID, row_blocks, r0, slot0, slots,
                               sx_h, sx_b, sx_n, sx_d,
                               s1_h, s1_b, s1_c, s1_d, s1_k,
                               s2_h, s2_b, s2_c, s2_k, s2_d,
@@ -413,13 +413,14 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
       hidden blocks again, with dY = LNback(go * (1 + g)) in float32;
     * ``dy`` (H, B, C, L, D): dY in DTYPE, for the weights' pass
       (``read_backward_cols_kernel``), which multiplies it in DTYPE;
-    * ``dg`` (H * B * C, row_blocks, D): this block's share of sum(go * N)."""
+    * ``dg`` (H * B * C, slots, D): this block's share of sum(go * N), at
+      slot ``slot0`` + its block (the blocks from row ``r0`` of each chunk)."""
     pid = tl.program_id(0)
     rb = pid % row_blocks
     group = pid // row_blocks
     c, h, b, c64 = _state_of(group, B, C)
 
-    rows = rb * BM + tl.arange(0, BM)
+    rows = r0 + rb * BM + tl.arange(0, BM)
     rmask = (rows < L) & (c * L + rows < N)
     cols = tl.arange(0, BD)
     hcols = tl.arange(0, BH)
@@ -443,7 +444,8 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
     go = tl.load(go_ptr + (h * so_h + b * so_b + first * so_n) +
                  (rows[:, None] * so_n + cols[None, :] * so_d), mask=mask,
                  other=0.0).to(tl.float32)
-    tl.store(dg_ptr + pid.to(tl.int64) * D + cols, tl.sum(go * normed, axis=0), mask=cmask)
+    tl.store(dg_ptr + (group.to(tl.int64) * slots + slot0 + rb) * D + cols,
+             tl.sum(go * normed, axis=0), mask=cmask)
     scale = 1.0 + tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
                           other=0.0).to(tl.float32)
     dy, _ = _ln_backward_rows(go * scale[None, :], normed, rstd, D)

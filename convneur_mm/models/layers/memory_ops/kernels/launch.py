@@ -386,16 +386,21 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
                         arch=arch)
     kernels, cfg = launch_config(operand_dtype, x.device)
-    row_blocks = cdiv(length, tiles['BM'])
+    parts = row_parts(min(length, n), tiles)
     states = heads * batch * chunks
     d_out = torch.empty(heads, batch, chunks, length, d, device=x.device, dtype=operand_dtype)
+    # each block's share of g's gradient, summed in a fixed order below
+    row_blocks = sum(blocks for _, blocks, _ in parts)
     d_g = torch.empty(states, row_blocks, d, **opts)
-    kernels.read_backward_rows_kernel[(states * row_blocks,)](
-        x, grad_out, w1, w2, g, grad_x, d_out, d_g, b1, b2, carry if decomposed else x,
-        batch, chunks, n, length, d, hidden, row_blocks,
-        *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
-        *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
-        LN_EPS, DECOMPOSED=decomposed, **tiles, **cfg)
+    slot0 = 0
+    for r0, blocks, part in parts:
+        kernels.read_backward_rows_kernel[(states * blocks,)](
+            x, grad_out, w1, w2, g, grad_x, d_out, d_g, b1, b2, carry if decomposed else x,
+            batch, chunks, n, length, d, hidden, blocks, r0, slot0, row_blocks,
+            *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
+            *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
+            LN_EPS, DECOMPOSED=decomposed, **part, **cfg)
+        slot0 += blocks
     cols = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
                        columns=True, arch=arch)
     if not decomposed and operand_dtype != torch.float32 and arch is not None and arch >= 90:
