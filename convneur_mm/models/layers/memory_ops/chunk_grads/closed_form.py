@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..common import (MemoryWeights, check_float, first_order_only, gelu_grad_operand,
                       ln_backward, no_autocast, operand, product)
-from .pytorch import chunk_sums, output_rows
+from .pytorch import chunk_grads_chain, output_rows
 
 # gelu''(x) = phi(x) (2 - x^2) = 2 / sqrt(2 pi) * exp(h) (1 + h) with h = -x^2 / 2
 _GELU2_SCALE = 2.0 / math.sqrt(2.0 * math.pi)
@@ -93,26 +93,11 @@ class _ChunkGrads(torch.autograd.Function):
         ctx.mm = mm
         ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
         with no_autocast(keys):
-            g_, c, L, d = keys.shape
-            dtype = keys.dtype
-            flat_keys = keys.reshape(g_, c * L, d)
-            keys_op, w2_op = operand(flat_keys, mm), operand(w2, mm)
-            pre = product(keys_op, w1, mm, dtype)
-            act = operand(F.gelu(pre), mm)
-            hidden = product(act, w2_op, mm, dtype)
             # H, as wide as the keys, spares the backward a product (as
             # FlashAttention keeps its row statistics); (G, T, 4d) ones are recomputed
-            ctx.save_for_backward(w1, w2, g, keys, values, token_lr, hidden)
-            rows = output_rows(hidden, flat_keys, values.reshape(g_, c * L, d), g, token_lr)
-            d_g = (rows.d_out * rows.normed).view(g_, c, L, d).sum(dim=-2)
-            d_hidden = operand(rows.d_hidden, mm)
-            del rows
-            grad_w2 = chunk_sums(act, d_hidden, c, mm, dtype)
-            del act  # at most two float (G, T, 4d) tensors alive
-            back = product(d_hidden, w2_op.transpose(-1, -2), mm, dtype)
-            d_pre = gelu_grad_operand(back, pre, mm)
-            del pre, back
-            return chunk_sums(keys_op, d_pre, c, mm, dtype), grad_w2, d_g
+            return tuple(chunk_grads_chain(
+                MemoryWeights(w1, w2, g), keys, values, token_lr, mm,
+                lambda hidden: ctx.save_for_backward(w1, w2, g, keys, values, token_lr, hidden)))
 
     @staticmethod
     def backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],

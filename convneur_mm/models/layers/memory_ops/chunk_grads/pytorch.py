@@ -1,7 +1,7 @@
 """Every chunk's closed-form write gradient in PyTorch ops (differentiable),
 and the parts of its chain that its closed-form backward (``closed_form``)
 computes again."""
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,23 +91,35 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     """
     if keys.dim() == 5:  # U chunks per image: the images' chunks one after another
         keys, values, token_lr = keys.flatten(1, 2), values.flatten(1, 2), token_lr.flatten(1, 2)
+    return chunk_grads_chain(weights, keys, values, token_lr, operand_dtype)
+
+
+def chunk_grads_chain(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
+                      operand_dtype: Optional[torch.dtype],
+                      on_hidden: Optional[Callable[[Tensor], None]] = None) -> MemoryWeights:
+    """``chunk_grads_torch`` on (G, C, L, d) keys and values; ``on_hidden``
+    gets the MLP's output H (G, C * L, d) as it is computed (the closed
+    form's forward saves it), which is otherwise freed as soon as it is read."""
     g_, c, L, d = keys.shape
     mm, dtype = operand_dtype, keys.dtype
     flat_keys = keys.reshape(g_, c * L, d)
-    # K, gelu(P) and Dh are read by two products each: in operand_dtype once,
+    # K, gelu(P), Dh and w2 are read by two products each: in operand_dtype once,
     # but not under autograd, which would sum the two products' gradients in 16 bits
     shared = None if torch.is_grad_enabled() else mm
-    keys_op = operand(flat_keys, shared)
+    keys_op, w2 = operand(flat_keys, shared), operand(weights.w2, shared)
     pre = product(keys_op, weights.w1, mm, dtype)
     act = operand(F.gelu(pre), shared)
-    rows = output_rows(product(act, weights.w2, mm, dtype), flat_keys,
-                       values.reshape(g_, c * L, d), weights.g, token_lr)
+    hidden = product(act, w2, mm, dtype)
+    if on_hidden is not None:
+        on_hidden(hidden)
+    rows = output_rows(hidden, flat_keys, values.reshape(g_, c * L, d), weights.g, token_lr)
+    del hidden
     d_g = (rows.d_out * rows.normed).view(g_, c, L, d).sum(dim=-2)
     d_hidden = operand(rows.d_hidden, shared)
     del rows
     grad_w2 = chunk_sums(act, d_hidden, c, mm, dtype)
     del act
-    back = product(d_hidden, weights.w2.transpose(-1, -2), mm, dtype)
+    back = product(d_hidden, w2.transpose(-1, -2), mm, dtype)
     del d_hidden
     if torch.is_grad_enabled() and (back.requires_grad or pre.requires_grad):
         d_pre = torch.ops.aten.gelu_backward(back, pre)
