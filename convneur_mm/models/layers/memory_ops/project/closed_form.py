@@ -49,11 +49,15 @@ def _rstd(t: Tensor) -> Tensor:
     return t.square().mean(-1, keepdim=True).add_(RMS_EPS).rsqrt_()
 
 
-def _rms_backward(grad: Tensor, normed: Tensor, rstd: Tensor) -> Tensor:
+def _rms_backward(grad: Tensor, normed: Tensor, rstd: Tensor,
+                  out: Optional[Tensor] = None) -> Tensor:
     """The input gradient of ``normed = t rstd(t)`` from ``grad`` at it:
-    ``rstd (grad - normed mean(grad normed))``, into ``grad``."""
+    ``rstd (grad - normed mean(grad normed))``, computed in ``grad``'s
+    storage and multiplied into ``out`` (a strided slice: ``_into``), else
+    into ``grad``."""
     mean = (grad * normed).mean(-1, keepdim=True)
-    return grad.addcmul_(normed, mean, value=-1.0).mul_(rstd)
+    grad.addcmul_(normed, mean, value=-1.0)
+    return grad.mul_(rstd) if out is None else _into(out, torch.mul, grad, rstd)
 
 
 def _into(out: Tensor, op, *args: Tensor) -> Tensor:
@@ -70,10 +74,8 @@ def _heads_backward(grad: Tensor, raw: Tensor, rstd: Tensor, gamma: Tensor,
     """Per-head RMSNorm times ``gamma`` (H, hd), from ``grad`` at its output
     (B, M, H, hd): the raw heads' gradient into ``out``; returns gamma's."""
     normed = raw * rstd
-    grad_normed = grad * gamma
     grad_gamma = (grad * normed).sum((0, 1))
-    mean = (grad_normed * normed).mean(-1, keepdim=True)
-    _into(out, torch.mul, grad_normed.addcmul_(normed, mean, value=-1.0), rstd)
+    _rms_backward(grad * gamma, normed, rstd, out)
     return grad_gamma
 
 
