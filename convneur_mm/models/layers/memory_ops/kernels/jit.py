@@ -326,19 +326,6 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
 
 
 @triton.jit
-def _cols_rows(k_base, dh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t, acc1, acc2,
-               ROWS: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """``_cols_step`` over ROWS rows of a chunk from row ``r0``: its keys
-    (strided) and the gradient at the MLP's output ((L, D) rows)."""
-    rows = r0 + tl.arange(0, ROWS)
-    mask = (rows < L)[:, None] & cmask[None, :]
-    k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
-                other=0.0).to(DTYPE)
-    dh = tl.load(dh_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0).to(DTYPE)
-    return _cols_step(k, k, dh, dh, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC, False, PREC)
-
-
-@triton.jit
 def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       C, U, L, D, HID, hidden_blocks,
                       sk_g, sk_b, sk_c, sk_l, sk_d,
@@ -374,12 +361,13 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
     dh_base = dh_ptr + chunk.to(tl.int64) * L * D
     whole = L // BM * BM if TAIL < BM else L
     for r0 in range(0, whole, BM):
-        acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t,
-                                acc1, acc2, BM, DTYPE, PREC)
+        acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
+                                w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC)
     if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
         for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1,
-                                    w2t, acc1, acc2, TAIL, DTYPE, PREC)
+            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
+                                    w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
+                                    False, PREC)
 
     out = chunk.to(tl.int64) * D * HID
     tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
@@ -469,11 +457,12 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
 
 
 @triton.jit
-def _read_cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, w1, w2t, b1, b2t,
-                    carry, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
-                    PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
-    """``_cols_step`` over ROWS rows of chunk c of a read from row ``r0``: its
-    tokens x (strided) and the gradient at the MLP's output ((L, D) rows)."""
+def _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, w1, w2t, b1, b2t,
+               carry, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
+               PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+    """``_cols_step`` over ROWS rows of chunk c (of N tokens) from row ``r0``:
+    its inputs x (a read's tokens, a write's keys; strided) and the gradient
+    at the MLP's output ((L, D) rows)."""
     rows = r0 + tl.arange(0, ROWS)
     mask = ((rows < L) & (c * L + rows < N))[:, None] & cmask[None, :]
     x = tl.load(x_base + (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask, other=0.0)
@@ -535,12 +524,12 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
     dy_base = dy_ptr + group.to(tl.int64) * L * D
     whole = L // BM * BM if TAIL < BM else L
     for r0 in range(0, whole, BM):
-        acc1, acc2 = _read_cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
+        acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
                                      w1, w2t, b1, b2t, carry, acc1, acc2, BM, DTYPE, PREC,
                                      DECOMPOSED, BASE_PREC)
     if TAIL < BM:  # as grads_cols_kernel's
         for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _read_cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
+            acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
                                          cmask, w1, w2t, b1, b2t, carry, acc1, acc2, TAIL,
                                          DTYPE, PREC, DECOMPOSED, BASE_PREC)
 
