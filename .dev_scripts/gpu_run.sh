@@ -25,6 +25,9 @@
 #            GPU against float64, every operand dtype at the models' widths,
 #            forward, backward and projections, and a memory trained with them
 #            (pytest -m gpu -k KERNELS_K) -> kernels.xml
+#   tune     (only when named) the kernels' launch options chosen by timing at
+#            M3's stage 1, bf16, beside the PyTorch path:
+#            python -m convneur_mm.analysis.kernel_tuning (options: TUNE_ARGS) -> tune.json
 #
 # One time limit, --limit-s (default 480), covers the whole run. Each section
 # runs under a timeout of what is left of it less the estimates of the
@@ -41,9 +44,10 @@ cd "$(dirname "$0")/.."
 SECTIONS=(bench profile train tests)
 # estimated seconds on an H100 / H200 (the install takes about 20 more): with
 # the install they fill the default limit, and train + tests fit 6 minutes
-declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150 [kernels]=270)
+declare -A ESTIMATE_S=([bench]=80 [profile]=20 [train]=210 [tests]=150 [kernels]=270
+                     [tune]=300)
 
-usage() { sed -n 2,37p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,40p "$0" | sed 's/^# \{0,1\}//'; }
 
 RESULTS=gpu_results
 LIMIT_S=480
@@ -103,6 +107,13 @@ section_command() {  # NAME LIMIT: sets cmd
             cmd=(env CONVNEUR_TEST_GPU_CHILD=1 "$PYTHON" -m pytest -m gpu tests/test_models
                  -k "${KERNELS_K:-on_cuda or in_bfloat16}" -p no:cacheprovider -rA
                  --junitxml "$RESULTS/kernels.xml") ;;
+        tune)
+            # it stops trying candidates at its --limit-s, then times the calls once more
+            local extra
+            read -ra extra <<< "${TUNE_ARGS:-}"
+            cmd=("$PYTHON" -m convneur_mm.analysis.kernel_tuning
+                 --limit-s $(($2 > 60 ? $2 - 45 : $2 / 2)) "${extra[@]}"
+                 --json "$RESULTS/tune.json") ;;
     esac
 }
 

@@ -65,17 +65,25 @@ def backbone_shapes(arch: str = 'm3', size: int = 224, batch: int = 128) -> List
             for stage in range(len(settings['dims']))]
 
 
-def write_read_step(shape: MemoryShape, path: str,
-                    operand_dtype: Optional[torch.dtype] = None, dtype=torch.float32,
-                    device='cpu', seed: int = 0) -> Callable[[], None]:
-    """One training step of the stage's write and read: their forward and the
-    gradients of every input (W_0, keys, values, step sizes; states, queries)
-    from fixed output gradients, as a call without arguments.
+class StepInputs(NamedTuple):
+    """A stage's write and read inputs and the cotangents of their outputs.
+
+    ``write``: (W_0, keys, values, token_lr), keys (H, chunks, L, hd), or None
+    where the stage writes nothing; ``read``: (states, queries), states per
+    group (one chunk of L queries each); ``cotangents``: of the write's three
+    per-chunk gradients (if any) and of the read-out, in that order."""
+    write: Optional[tuple]
+    read: tuple
+    cotangents: List[torch.Tensor]
+
+
+def write_read_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
+                      seed: int = 0) -> StepInputs:
+    """Random inputs of a stage's write and read (leaves that require grad),
+    scaled as the memory's: the weights at 1/sqrt(fan-in), positive step sizes.
 
     Args:
         shape: the stage's memory (``backbone_shapes``).
-        path: one of ``PATHS`` or ``TRITON``.
-        operand_dtype: the products' operand dtype (``product``).
         dtype: the inputs' dtype.
         device: where the tensors live ('meta' for a count without data).
         seed: of the random inputs.
@@ -97,7 +105,6 @@ def write_read_step(shape: MemoryShape, path: str,
                              leaf(groups, 4 * hd, hd, scale=(4 * hd)**-0.5),
                              leaf(groups, hd, scale=0.1))
 
-    grads_fn, read_fn = _FUNCTIONS[path]
     chunks = shape.batch * shape.writes
     if chunks:  # the chunks' gradients at W_0; chunk t reads state t (one group each)
         write = (weights(h), leaf(h, chunks, L, hd), leaf(h, chunks, L, hd),
@@ -106,10 +113,27 @@ def write_read_step(shape: MemoryShape, path: str,
         read = (weights(groups), leaf(groups, L, hd))
     else:  # one chunk: no write, every token reads W_0
         write, read = None, (weights(h), leaf(h, shape.batch * shape.tokens, hd))
-    inputs = [t for part in (write or (), read) for t in _flat(part)]
     # the outputs' shapes: the write's per-chunk gradients, the read-outs
     out_shapes = [] if write is None else [(h, chunks, *w.shape[1:]) for w in write[0]]
-    cotangents = [tensor(*size) for size in out_shapes + [read[1].shape]]
+    return StepInputs(write, read, [tensor(*size) for size in out_shapes + [read[1].shape]])
+
+
+def write_read_step(shape: MemoryShape, path: str,
+                    operand_dtype: Optional[torch.dtype] = None, dtype=torch.float32,
+                    device='cpu', seed: int = 0) -> Callable[[], None]:
+    """One training step of the stage's write and read: their forward and the
+    gradients of every input (W_0, keys, values, step sizes; states, queries)
+    from fixed output gradients, as a call without arguments.
+
+    Args:
+        shape: the stage's memory (``backbone_shapes``).
+        path: one of ``PATHS`` or ``TRITON``.
+        operand_dtype: the products' operand dtype (``product``).
+        dtype, device, seed: of the inputs (``write_read_inputs``).
+    """
+    write, read, cotangents = write_read_inputs(shape, dtype, device, seed)
+    grads_fn, read_fn = _FUNCTIONS[path]
+    inputs = [t for part in (write or (), read) for t in _flat(part)]
 
     def step() -> None:
         outputs = _outputs(write, read, grads_fn, read_fn, operand_dtype)

@@ -79,6 +79,21 @@ def test_the_kernels_section_runs_only_when_named(tmp_path, host_wheels):
     assert f'--junitxml {out}/kernels.xml' in command
 
 
+def test_the_tune_section_runs_only_when_named_within_its_limit(tmp_path, host_wheels):
+    out = tmp_path / 'results'
+    done = _run(out, '--dry-run', '--limit-s', '400', 'tune', WHEELS=host_wheels,
+                TUNE_ARGS='--stage 1')
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = _summary(out)
+    assert [r['step'] for r in rows] == ['install', 'tune']
+    command = rows[1]['command']
+    assert '-m convneur_mm.analysis.kernel_tuning' in command and '--stage 1' in command
+    assert f'--json {out}/tune.json' in command
+    # it stops trying candidates early enough to time the calls within the section's limit
+    limit = int(rows[1]['limit_s'])
+    assert f'--limit-s {limit - 45} ' in command
+
+
 def test_without_mmcv_ops_the_tests_that_need_them_are_left_out(tmp_path, host_wheels):
     out = tmp_path / 'results'
     done = _run(out, '--dry-run', '--no-mmcv-ops', 'tests', WHEELS=host_wheels)

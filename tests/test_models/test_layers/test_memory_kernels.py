@@ -597,7 +597,7 @@ def test_triton_implementations_allocate_their_results_and_scratch_only():
     with torch.no_grad(), kernels.without_launches():
         with LiveTensorBytes() as live:
             grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16)
-        row_blocks = -(-length // launch.tile_config(d, length, None, None,
+        row_blocks = -(-length // launch.tile_config('grads_rows', d, length, None, None,
                                                      torch.float16)['BM'])
         # the gradient at the MLP's output and the keys in the operand dtype, d_g's
         # shares in float32 (24-row chunks in 32-row blocks: one block per chunk)

@@ -146,7 +146,8 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
     _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
-    tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch)
+    tiles = tile_config('grads_rows', d, length, block_rows, block_hidden, operand_dtype,
+                        arch=arch)
     kernels, cfg = _launch_config(operand_dtype, keys.device)
     w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     hidden_blocks = cdiv(hidden, tiles['BH'])
@@ -167,8 +168,8 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         keys_op, d_hidden, w1, w2, g1, g2,
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys_op), *w1.stride(), *w2.stride(),
-        loss_scale, **tile_config(d, length, block_rows, block_hidden, operand_dtype,
-                                  columns=True, arch=arch), **cfg, TAIL=TAIL_ROWS)
+        loss_scale, **tile_config('grads_cols', d, length, block_rows, block_hidden,
+                                  operand_dtype, arch=arch), **cfg, TAIL=TAIL_ROWS)
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
 
 
@@ -193,8 +194,8 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
                 grad_lr.zero_())
     _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
-    tiles = tile_config(d, length, block_rows, block_hidden, operand_dtype, arch=arch,
-                        write_backward=True)
+    tiles = tile_config('grads_backward_rows', d, length, block_rows, block_hidden,
+                        operand_dtype, arch=arch)
     kernels, cfg = _launch_config(operand_dtype, keys.device)
     w1_op, w2_op = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     bar_w1, bar_w2, bar_g = (t.float() for t in (bar_w1, bar_w2, bar_g))
@@ -212,8 +213,8 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
         *w1_op.stride(), *w2_op.stride(), *g.stride(),
         *bar_w1.stride(), *bar_w2.stride(), *bar_g.stride(),
         LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys)
-    cols = tile_config(d, length, block_rows, block_hidden, operand_dtype, columns=True,
-                       arch=arch, write_backward=True)
+    cols = tile_config('grads_backward_cols', d, length, block_rows, block_hidden,
+                       operand_dtype, arch=arch)
     hidden_blocks = cdiv(hidden, cols['BH'])
     # per-chunk shares, summed in a fixed order: deterministic
     grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)

@@ -79,31 +79,64 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
             raise ValueError(f'{name} must be a power of two >= 16, got {value}')
 
 
-def tile_config(d: int, rows: int, block_rows: Optional[int], block_hidden: Optional[int],
-                operand_dtype: torch.dtype, decomposed: bool = False,
-                columns: bool = False, arch: Optional[int] = None,
-                write_backward: bool = False) -> dict:
+# the kernels whose tiles ``tile_config`` decides, by the name a tuned tile names
+KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows', 'grads_cols',
+                'grads_backward_rows', 'grads_backward_cols')
+_LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages')
+_forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
+
+
+@contextlib.contextmanager
+def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
+    """Launch ``kernel`` with ``options`` (some of BM, BH, num_warps,
+    num_stages) instead of its default or tuned tiles, inside the block: how
+    a tuning run tries a configuration. A caller's ``block_rows`` and
+    ``block_hidden`` still take precedence."""
+    _check_kernel(kernel)
+    unknown = set(options) - set(_LAUNCH_OPTIONS)
+    if unknown:
+        raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
+    check_tiles(options.get('BM'), options.get('BH'), ('BM', 'BH'))
+    _forced.append((kernel, options))
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNEL_NAMES:
+        raise ValueError(f'kernel must be one of {KERNEL_NAMES}, got {kernel!r}')
+
+
+def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
+                block_hidden: Optional[int], operand_dtype: torch.dtype,
+                decomposed: bool = False, arch: Optional[int] = None) -> dict:
     """Tile sizes and launch options of a kernel.
 
-    The defaults are the largest tiles whose float32 accumulators compile
-    without register spills for sm_80 and sm_90 (ptxas, triton 3.7) at two
-    pipeline stages, as the kernels launch (``kernels.inspect``), with shared
-    memory at 96 KiB or below. 16-bit operands up to 128 wide take 64-row
-    tiles, ``wgmma``'s least on sm_90 (the columns pass only there: before
-    sm_90 it spills at 32 rows and more); float32 operands (CUDA-core
-    products) and the decomposed read (twice the operand tiles) take smaller
-    tiles. They are not tuned by timing.
+    Precedence: the caller's ``block_rows``/``block_hidden``, then
+    ``forced_tiles``, then a measured entry of ``tuned.TUNED_TILES`` for this
+    GPU (compiled kernels only), then the defaults. The defaults are the
+    largest tiles whose float32 accumulators compile without register spills
+    for sm_80 and sm_90 (ptxas, triton 3.7) at two pipeline stages, as the
+    kernels launch (``kernels.inspect``), with shared memory at 96 KiB or
+    below. 16-bit operands up to 128 wide take 64-row tiles, ``wgmma``'s least
+    on sm_90 (the columns passes only there: before sm_90 they spill at 32
+    rows and more); float32 operands (CUDA-core products) and the decomposed
+    read (twice the operand tiles) take smaller tiles.
 
     Args:
+        kernel: one of ``KERNEL_NAMES``.
         d: the head width (columns, padded to a power of two).
         rows: the rows of one chunk.
         block_rows, block_hidden: the caller's tile sizes, or None.
         operand_dtype: the products' operand dtype.
         decomposed: a decomposed read.
-        columns: the gradients' second pass (per block of hidden units).
         arch: the NVIDIA compute capability compiled for (``target_arch``), or None.
-        write_backward: the chunk gradients' backward kernels.
     """
+    _check_kernel(kernel)
+    columns = kernel.endswith('_cols')  # a weights' pass, per block of hidden units
+    write_backward = kernel.startswith('grads_backward')
     bd = max(16, _next_pow2(d))
     check_tiles(block_rows, block_hidden)
     warps = 4 if bd <= 128 else 8
@@ -121,8 +154,33 @@ def tile_config(d: int, rows: int, block_rows: Optional[int], block_hidden: Opti
         bm, bh, warps = 64, 32, 8
     else:
         bm, bh = 16, 32
-    bm = block_rows or min(bm, max(16, _next_pow2(rows)))
-    return dict(BM=bm, BD=bd, BH=block_hidden or bh, num_warps=warps, num_stages=2)
+    if (kernel == 'read_backward_cols' and not decomposed and operand_dtype != torch.float32
+            and arch is not None and arch >= 90):
+        # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
+        warps = 8
+    config = dict(BM=min(bm, max(16, _next_pow2(rows))), BD=bd, BH=bh, num_warps=warps,
+                  num_stages=2)
+    chosen = next((options for name, options in reversed(_forced) if name == kernel), None)
+    if chosen is None and arch is not None:
+        chosen = tuned_tiles(kernel, arch, operand_dtype, bd, decomposed)
+    config.update(chosen or {})
+    config['BM'] = min(config['BM'], max(16, _next_pow2(rows)))  # no block past a chunk's rows
+    config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
+                   if value is not None})
+    return config
+
+
+def tuned_tiles(kernel: str, arch: int, operand_dtype: torch.dtype, block_d: int,
+                decomposed: bool) -> Optional[dict]:
+    """The launch options ``tuned.TUNED_TILES`` records for a kernel on a
+    GPU of compute capability ``arch``, or None where none was measured."""
+    from .tuned import TUNED_TILES
+    name = str(operand_dtype).replace('torch.', '')
+    for entry in TUNED_TILES:
+        if (entry.kernel, entry.arch, entry.operand_dtype, entry.block_d,
+                entry.decomposed) == (kernel, arch, name, block_d, decomposed):
+            return entry.options()
+    return None
 
 
 def as_operands(t: Tensor, operand_dtype: torch.dtype) -> Tensor:
@@ -324,8 +382,8 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
     check_span('x', length, x)
     check_span('out', length, out)
     decomposed = base is not None
-    tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
-                        arch=target_arch(x.device))
+    tiles = tile_config('read', d, min(length, n), block_rows, block_hidden, operand_dtype,
+                        decomposed, arch=target_arch(x.device))
     kernels, cfg = launch_config(operand_dtype, x.device)
     for r0, row_blocks, part in row_parts(min(length, n), tiles):
         kernels.read_kernel[(heads * batch * chunks * row_blocks,)](
@@ -383,8 +441,8 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     check_span('the gradient at the MLP output', length, x.new_empty(0, d))
     decomposed = base is not None
     arch = target_arch(x.device)
-    tiles = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
-                        arch=arch)
+    tiles = tile_config('read_backward_rows', d, min(length, n), block_rows, block_hidden,
+                        operand_dtype, decomposed, arch=arch)
     kernels, cfg = launch_config(operand_dtype, x.device)
     parts = row_parts(min(length, n), tiles)
     states = heads * batch * chunks
@@ -401,11 +459,8 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
             *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
             LN_EPS, DECOMPOSED=decomposed, **part, **cfg)
         slot0 += blocks
-    cols = tile_config(d, min(length, n), block_rows, block_hidden, operand_dtype, decomposed,
-                       columns=True, arch=arch)
-    if not decomposed and operand_dtype != torch.float32 and arch is not None and arch >= 90:
-        # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
-        cols['num_warps'] = 8
+    cols = tile_config('read_backward_cols', d, min(length, n), block_rows, block_hidden,
+                       operand_dtype, decomposed, arch=arch)
     kernels.read_backward_cols_kernel[(states * cdiv(hidden, cols['BH']),)](
         x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
         batch, chunks, n, length, d, hidden, cdiv(hidden, cols['BH']),

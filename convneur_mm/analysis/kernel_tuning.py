@@ -1,0 +1,326 @@
+"""Choose the memory kernels' launch options by timing them on the GPU they
+run on, and say where they beat the PyTorch path.
+
+For one stage's shapes (``memory_bytes.backbone_shapes``) each kernel of
+``launch.KERNEL_NAMES`` is tuned by coordinate descent from the options it
+launches with now: one option at a time (BM, BH, num_warps, num_stages) takes
+each value of ``AXES`` while the others stay, the fastest is kept when it
+gains at least ``MIN_GAIN``, and the axes are walked again until a round gains
+nothing (or ``rounds`` end). A kernel is timed through the call that launches
+it (``OP_OF``): the forward kernels through the operation's forward, the
+backward kernels through a training step of it (forward and backward), the
+kernels tuned before it launching with their chosen options. Each candidate's
+outputs must agree with the start's (``agrees``): a configuration
+that compiles but computes something else is refused, as is one that fails to
+compile (shared memory, registers). The PyTorch path of each call is timed
+beside it (``torch_ms``), the evidence ``kernels='auto'`` needs per operation.
+
+    python -m convneur_mm.analysis.kernel_tuning [--arch m3] [--stage 0]
+        [--batch 128] [--operand-dtype bfloat16] [--json FILE] [--limit-s 300]
+    TRITON_INTERPRET=1 python -m convneur_mm.analysis.kernel_tuning --dry-run  # a CPU
+
+It prints each kernel's default and chosen options with their times, and the
+chosen ones as ``kernels.tuned.TunedTile`` entries to record in
+``TUNED_TILES``. ``--dry-run`` runs the same search on a CPU in Triton's
+interpreter at tiny shapes over two values per axis: it checks the search,
+not the options (the interpreter ignores warps and stages).
+"""
+import argparse
+import json
+import os
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+
+from convneur_mm.analysis.bench_env import time_kernel
+from convneur_mm.analysis.memory_bytes import MemoryShape, backbone_shapes, write_read_inputs
+
+AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
+        'num_stages': (1, 2, 3, 4)}
+DRY_AXES = {'BM': (16, 32), 'BH': (16, 32), 'num_warps': (4, ), 'num_stages': (2, )}
+DRY_SHAPE = MemoryShape(batch=2, tokens=41, chunk=20, heads=1, head_dim=16)
+MIN_GAIN = 0.03  # a smaller gain is within do_bench's spread between compiles
+# the call that launches each kernel: an operation's forward or its training step
+OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols': 'read step',
+         'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
+         'grads_backward_cols': 'write step'}
+OPERAND_DTYPES = {'float32': torch.float32, 'float16': torch.float16,
+                  'bfloat16': torch.bfloat16}
+
+
+def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], tol: float) -> bool:
+    """Whether each result is within ``tol`` of its reference's largest
+    entry (max-relative), finite, and of the same shape."""
+    for a, b in zip(got, want):
+        if a.shape != b.shape or not torch.isfinite(a).all():
+            return False
+        scale = b.abs().max().clamp_min(1e-30)
+        if ((a.double() - b.double()).abs().max() / scale).item() > tol:
+            return False
+    return len(got) == len(want)
+
+
+class Calls(NamedTuple):
+    """The calls of one stage: each returns its results (outputs, gradients)."""
+    triton: Dict[str, Callable[[], List[torch.Tensor]]]
+    torch: Dict[str, Callable[[], List[torch.Tensor]]]
+
+
+def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
+                seed: int = 0) -> Calls:
+    """The write's and the read's forward ('write', 'read') and training
+    steps ('write step', 'read step') at ``shape``, through the Triton
+    kernels and through the PyTorch path (the steps with the closed-form
+    backward), on the same inputs."""
+    from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form,
+                                                      chunk_grads_triton, read_closed_form,
+                                                      read_triton)
+    write, read, cotangents = write_read_inputs(shape, device=device, seed=seed)
+    if write is None:
+        raise ValueError(f'{shape} writes no chunk: pick a stage with more tokens than a chunk')
+
+    def calls(grads_fn, read_fn) -> Dict[str, Callable[[], List[torch.Tensor]]]:
+        def forward(fn, args) -> Callable[[], List[torch.Tensor]]:
+            def call():
+                with torch.no_grad():
+                    out = fn(*args, operand_dtype=operand_dtype)
+                return list(out) if isinstance(out, tuple) else [out]
+            return call
+
+        def step(fn, args, grads_of: List[torch.Tensor], bars) -> Callable[[], List[torch.Tensor]]:
+            def call():
+                out = fn(*args, operand_dtype=operand_dtype)
+                outs = list(out) if isinstance(out, tuple) else [out]
+                return list(torch.autograd.grad(outs, grads_of, bars))
+            return call
+
+        write_leaves = [*write[0], *write[1:]]
+        read_leaves = [*read[0], read[1]]
+        return {'write': forward(grads_fn, write), 'read': forward(read_fn, read),
+                'write step': step(grads_fn, write, write_leaves, cotangents[:3]),
+                'read step': step(read_fn, read, read_leaves, cotangents[3:])}
+
+    return Calls(calls(chunk_grads_triton, read_triton),
+                 calls(chunk_grads_closed_form, read_closed_form))
+
+
+class Trial(NamedTuple):
+    options: Dict[str, int]
+    seconds: Optional[float]  # None: refused
+    error: Optional[str] = None
+
+
+def _forced(chosen: Dict[str, Dict[str, int]]):
+    """One context forcing every kernel's chosen options."""
+    import contextlib
+
+    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_tiles
+    stack = contextlib.ExitStack()
+    for kernel, options in chosen.items():
+        stack.enter_context(forced_tiles(kernel, **options))
+    return stack
+
+
+def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict[str, int],
+                chosen: Dict[str, Dict[str, int]], device, tol: float,
+                axes: Dict[str, Sequence[int]] = AXES, rounds: int = 2,
+                deadline: Optional[float] = None, repeats: int = 5) -> List[Trial]:
+    """The trials of one kernel's coordinate descent from ``start``, the
+    start first; the others' ``chosen`` options forced throughout. Each
+    candidate's results are compared with the start's. Stops early at ``deadline`` (a
+    ``time.monotonic`` value). ``repeats``: timed calls off CUDA."""
+    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_tiles
+
+    trials: List[Trial] = []
+    with _forced({k: v for k, v in chosen.items() if k != kernel}):
+        try:
+            with forced_tiles(kernel, **start):
+                want = [t.detach().clone() for t in call()]
+        except Exception as error:  # noqa: B902 - reported, the next kernel is tuned
+            return [Trial(dict(start), None, f'{type(error).__name__}: {str(error)[:200]}')]
+
+        def trial(options: Dict[str, int]) -> Trial:
+            try:
+                with forced_tiles(kernel, **options):
+                    got = call()
+                    if not agrees(got, want, tol):
+                        return Trial(options, None, 'results differ from the start\'s')
+                    return Trial(options, time_kernel(call, device, repeats))
+            except Exception as error:  # noqa: B902 - a compile failure refuses a candidate
+                return Trial(options, None, f'{type(error).__name__}: {str(error)[:200]}')
+
+        best = trial(dict(start))
+        trials.append(best)
+        if best.seconds is None:
+            return trials
+        for _ in range(rounds):
+            gained = False
+            for axis, values in axes.items():
+                for value in values:
+                    if deadline is not None and time.monotonic() > deadline:
+                        return trials
+                    options = dict(best.options, **{axis: value})
+                    if any(t.options == options for t in trials):
+                        continue
+                    result = trial(options)
+                    trials.append(result)
+                    if (result.seconds is not None
+                            and result.seconds < best.seconds * (1 - MIN_GAIN)):
+                        best, gained = result, True
+            if not gained:
+                break
+    return trials
+
+
+def best_trial(trials: List[Trial]) -> Trial:
+    """The fastest accepted trial that beats the first (the start) by
+    ``MIN_GAIN``, else the first."""
+    start = trials[0]
+    timed = [t for t in trials if t.seconds is not None]
+    fastest = min(timed, key=lambda t: t.seconds) if timed else start
+    if start.seconds is None or fastest.seconds < start.seconds * (1 - MIN_GAIN):
+        return fastest
+    return start
+
+
+def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
+               kernels: Sequence[str] = tuple(OP_OF), axes: Dict[str, Sequence[int]] = AXES,
+               rounds: int = 2, limit_s: Optional[float] = None, repeats: int = 5) -> Dict:
+    """Tune ``kernels`` in order at ``shape`` (see the module docstring).
+
+    Args:
+        shape: the stage's memory.
+        operand_dtype: the products' operand dtype.
+        device: where to run (CUDA; a CPU runs the interpreter).
+        kernels: the kernels to tune, in order.
+        axes: the values each option may take.
+        rounds: walks over the axes at most.
+        limit_s: seconds after which no further candidate is tried.
+        repeats: timed calls per candidate off CUDA (``time_kernel``).
+
+    Returns:
+        A JSON-able dict: ``kernels`` (per kernel: ``start``, ``chosen``,
+        their ms, ``trials``), ``calls`` (per call: the Triton kernels' ms at
+        the default and at the chosen options, and the PyTorch path's ms) and
+        ``entries`` (the chosen options as ``TunedTile`` source lines, where
+        they differ from the start).
+    """
+    from convneur_mm.models.layers.memory_ops.kernels.launch import (target_arch,
+                                                                     tile_config)
+    device = torch.device(device)
+    deadline = None if limit_s is None else time.monotonic() + limit_s
+    calls = stage_calls(shape, operand_dtype, device)
+    tol = 1e-5 if operand_dtype == torch.float32 else 2e-3
+    arch = target_arch(device)
+    result: Dict = {'kernels': {}, 'calls': {}, 'entries': []}
+    default_ms = {name: time_kernel(call, device, repeats) * 1e3
+                  for name, call in calls.triton.items()}
+    chosen: Dict[str, Dict[str, int]] = {}
+    for kernel in kernels:
+        config = tile_config(kernel, shape.head_dim, shape.chunk, None, None, operand_dtype,
+                             arch=arch)
+        start = {key: config[key] for key in AXES}
+        trials = tune_kernel(kernel, calls.triton[OP_OF[kernel]], start, chosen, device, tol,
+                             axes, rounds, deadline, repeats)
+        best = best_trial(trials)
+        chosen[kernel] = best.options
+        result['kernels'][kernel] = {
+            'call': OP_OF[kernel], 'start': start, 'chosen': best.options,
+            'start_ms': _ms(trials[0].seconds), 'chosen_ms': _ms(best.seconds),
+            'trials': [dict(t.options, ms=_ms(t.seconds), error=t.error) for t in trials]}
+        if best.options != start and arch is not None:
+            result['entries'].append(
+                f"TunedTile('{kernel}', {arch}, '{str(operand_dtype)[6:]}', {config['BD']}, "
+                f"False, {best.options['BM']}, {best.options['BH']}, "
+                f"{best.options['num_warps']}, {best.options['num_stages']}),")
+    with _forced(chosen):
+        tuned_ms = {name: time_kernel(call, device, repeats) * 1e3
+                  for name, call in calls.triton.items()}
+    for name in calls.triton:
+        result['calls'][name] = {'triton_default_ms': default_ms[name],
+                                 'triton_tuned_ms': tuned_ms[name],
+                                 'torch_ms': time_kernel(calls.torch[name], device,
+                                                         repeats) * 1e3}
+    return result
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1e3
+
+
+def format_report(result: Dict) -> str:
+    """The kernels' and calls' tables, then the entries to record."""
+    from convneur_mm.utils.tables import markdown_table
+
+    def options(o: Dict[str, int]) -> str:
+        return f"BM {o['BM']}, BH {o['BH']}, {o['num_warps']} warps, {o['num_stages']} stages"
+
+    def ms(value: Optional[float]) -> str:
+        return 'refused' if value is None else f'{value:.3f}'
+
+    kernels = [[name, k['call'], options(k['start']), ms(k['start_ms']), options(k['chosen']),
+                ms(k['chosen_ms']), str(len(k['trials']))]
+               for name, k in result['kernels'].items()]
+    calls = [[name, ms(c['triton_default_ms']), ms(c['triton_tuned_ms']), ms(c['torch_ms'])]
+             for name, c in result['calls'].items()]
+    lines = [markdown_table(['kernel', 'timed through', 'default', 'ms', 'chosen', 'ms', 'tried'],
+                            kernels), '',
+             markdown_table(['call', 'Triton, default ms', 'Triton, tuned ms', 'PyTorch ms'],
+                            calls), '']
+    lines += (['TUNED_TILES entries:'] + ['    ' + e for e in result['entries']]
+              if result['entries'] else ['No entry: the default options stay.'])
+    return '\n'.join(lines)
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to tune')
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--operand-dtype', default='bfloat16', choices=sorted(OPERAND_DTYPES))
+    parser.add_argument('--kernels', nargs='+', default=list(OP_OF), choices=list(OP_OF))
+    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--limit-s', type=float, default=None,
+                        help='stop trying candidates after this many seconds')
+    parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--dry-run', action='store_true',
+                        help='a CPU run in Triton\'s interpreter at tiny shapes, float16')
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        if os.environ.get('TRITON_INTERPRET') != '1':  # read once, when triton is imported
+            parser.error('--dry-run runs the kernels in Triton\'s interpreter: start it with '
+                         'TRITON_INTERPRET=1 in the environment')
+        shape, dtype, device, axes, repeats = DRY_SHAPE, torch.float16, 'cpu', DRY_AXES, 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error('tuning times the kernels on a CUDA GPU; --dry-run checks it on a CPU')
+        shapes = backbone_shapes(args.arch, batch=args.batch)
+        if not 0 <= args.stage < len(shapes):
+            parser.error(f'--stage must be in [0, {len(shapes) - 1}]')
+        shape, dtype, device, axes, repeats = (
+            shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda', AXES, 5)
+    result = tune_stage(shape, dtype, device, args.kernels, axes, args.rounds, args.limit_s,
+                        repeats)
+    result['settings'] = {'shape': shape._asdict(), 'operand_dtype': str(dtype)[6:],
+                          'device': (torch.cuda.get_device_name() if device == 'cuda'
+                                     else 'cpu (Triton interpreter)'),
+                          'torch': torch.__version__, 'triton': _triton_version(),
+                          'dry_run': args.dry_run}
+    print(format_report(result))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,124 @@
+"""The kernels' tuning search: which candidates it refuses, which it keeps,
+and a dry run of the whole search in Triton's interpreter."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from convneur_mm.analysis import kernel_tuning
+from convneur_mm.analysis.kernel_tuning import Trial, agrees, best_trial, tune_kernel
+from convneur_mm.models.layers.memory_ops.kernels import launch
+
+from ..paths import REPO
+
+START = dict(BM=32, BH=32, num_warps=4, num_stages=2)
+
+
+def _current(option: str) -> int:
+    """The option the read kernel would launch with now (forced or default)."""
+    return launch.tile_config('read', 32, 64, None, None, torch.float16)[option]
+
+
+def test_agrees_bounds_the_max_relative_difference_and_refuses_non_finite_or_missing():
+    want = [torch.tensor([1.0, -2.0]), torch.ones(3)]
+    assert agrees([t.clone() for t in want], want, 1e-5)
+    assert agrees([want[0] + 1e-6, want[1]], want, 1e-5)
+    assert not agrees([want[0] + 1e-4, want[1]], want, 1e-5)
+    assert not agrees([torch.tensor([1.0, float('nan')]), want[1]], want, 1e-5)
+    assert not agrees([want[0], torch.ones(4)], want, 1e-5)
+    assert not agrees(want[:1], want, 1e-5)
+
+
+def test_a_candidate_that_computes_otherwise_or_fails_is_refused_and_the_start_kept():
+    def call():  # its result depends on BM; BH 64 fails as a compile would
+        if _current('BH') == 64:
+            raise RuntimeError('out of resources: shared memory')
+        return [torch.tensor([float(_current('BM'))])]
+
+    axes = dict(BM=(16, 32), BH=(32, 64), num_warps=(4, ), num_stages=(2, ))
+    trials = tune_kernel('read', call, START, {}, 'cpu', 1e-5, axes, repeats=1)
+    assert trials[0].options == START and trials[0].seconds is not None
+    refused = {t.options['BM'] if t.options['BM'] != 32 else 'BH': t.error
+               for t in trials[1:]}
+    assert 'results differ' in refused[16]
+    assert 'RuntimeError: out of resources' in refused['BH']
+    assert best_trial(trials) == trials[0]
+
+
+def test_a_start_that_fails_is_reported_as_the_only_trial():
+    def call():
+        raise RuntimeError('out of resources')
+
+    trials = tune_kernel('read', call, START, {}, 'cpu', 1e-5, repeats=1)
+    assert len(trials) == 1 and 'out of resources' in trials[0].error
+    assert best_trial(trials) == trials[0]
+
+
+def test_the_other_kernels_chosen_options_are_forced_while_one_is_tuned():
+    seen = []
+
+    def call():
+        seen.append(launch.tile_config('grads_rows', 32, 64, None, None, torch.float16)['BM'])
+        return [torch.zeros(1)]
+
+    axes = dict(BM=(32, ), BH=(32, ), num_warps=(4, ), num_stages=(2, ))
+    tune_kernel('read', call, START, {'grads_rows': dict(BM=16), 'read': dict(BM=64)}, 'cpu',
+                1e-5, axes, repeats=1)
+    assert seen and set(seen) == {16}
+
+
+def test_best_trial_needs_the_minimum_gain_over_the_start():
+    start = Trial(START, 1.0)
+    slightly = Trial(dict(START, BM=64), 1.0 - kernel_tuning.MIN_GAIN / 2)
+    clearly = Trial(dict(START, BM=128), 0.8)
+    assert best_trial([start, slightly]) == start
+    assert best_trial([start, slightly, clearly, Trial(dict(START, BH=16), None, 'x')]) == clearly
+    # a refused start (its options fail to compile) gives way to any timed one
+    assert best_trial([Trial(START, None, 'x'), slightly]) == slightly
+
+
+def test_a_run_past_its_deadline_tries_the_start_only():
+    calls = []
+    trials = tune_kernel('read', lambda: calls.append(1) or [torch.zeros(1)], START, {}, 'cpu',
+                         1e-5, dict(BM=(16, 32, 64)), repeats=1, deadline=0.0)
+    assert [t.options for t in trials] == [START]
+
+
+def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_it(capsys):
+    env = dict(os.environ)
+    env.pop('TRITON_INTERPRET', None)
+    done = subprocess.run([sys.executable, '-m', 'convneur_mm.analysis.kernel_tuning',
+                           '--dry-run'], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=120)
+    assert done.returncode == 2 and 'TRITON_INTERPRET=1' in done.stderr
+
+
+def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
+    """Two kernels, one forward and one backward, at tiny shapes: each
+    starts from the options it launches with, every candidate computes the
+    start's results, and the four calls are timed through both paths."""
+    out = tmp_path / 'tune.json'
+    done = subprocess.run(
+        [sys.executable, '-m', 'convneur_mm.analysis.kernel_tuning', '--dry-run', '--kernels',
+         'read', 'grads_backward_cols', '--rounds', '1', '--json', str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert list(result['kernels']) == ['read', 'grads_backward_cols']
+    shape = kernel_tuning.DRY_SHAPE
+    for name, kernel in result['kernels'].items():
+        default = launch.tile_config(name, shape.head_dim, shape.chunk, None, None,
+                                     torch.float16)
+        assert kernel['start'] == {k: default[k] for k in kernel_tuning.AXES}
+        assert kernel['trials'][0] == dict(kernel['start'], ms=kernel['start_ms'], error=None)
+        assert len(kernel['trials']) > 1
+        assert all(t['error'] is None and t['ms'] > 0 for t in kernel['trials'])
+    assert result['kernels']['grads_backward_cols']['call'] == 'write step'
+    assert set(result['calls']) == {'write', 'read', 'write step', 'read step'}
+    assert all(v > 0 for c in result['calls'].values() for v in c.values())
+    assert result['entries'] == []  # the interpreter compiles for no GPU: nothing to record
+    assert result['settings']['dry_run'] and result['settings']['operand_dtype'] == 'float16'
+    assert '| read | read |' in done.stdout and 'No entry' in done.stdout

@@ -1,0 +1,82 @@
+"""How the memory's kernels get their launch options: the defaults, a tuned
+entry for the GPU compiled for, a tuning run's forced options, the caller's
+tile sizes (``kernels.launch.tile_config``, ``kernels.tuned``)."""
+import pytest
+import torch
+
+from convneur_mm.models.layers.memory_ops.kernels import launch, tuned
+from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile, check_tuned_tiles
+
+BF16 = torch.bfloat16
+
+
+def _entry(**changes) -> TunedTile:
+    fields = dict(kernel='grads_cols', arch=90, operand_dtype='bfloat16', block_d=128,
+                  decomposed=False, BM=128, BH=64, num_warps=8, num_stages=3)
+    fields.update(changes)
+    return TunedTile(**fields)
+
+
+def test_the_shipped_table_is_valid():
+    check_tuned_tiles(tuned.TUNED_TILES)
+
+
+def test_a_tuned_entry_applies_to_its_kernel_gpu_dtype_and_width_only(monkeypatch):
+    default = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
+    chosen = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
+    assert chosen == dict(default, BM=128, BH=64, num_warps=8, num_stages=3)
+    # another kernel, GPU, dtype, width or read kind; the interpreter (no arch)
+    assert launch.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90) != chosen
+    for other in (dict(kernel='grads_backward_cols'), dict(arch=80),
+                  dict(operand_dtype=torch.float16), dict(d=80 * 2 + 1)):
+        args = dict(kernel='grads_cols', d=128, operand_dtype=BF16, arch=90)
+        args.update({k: v for k, v in other.items()})
+        config = launch.tile_config(args['kernel'], args['d'], 196, None, None,
+                                    args['operand_dtype'], arch=args['arch'])
+        assert (config['BM'], config['num_stages']) != (128, 3), other
+    assert launch.tile_config('grads_cols', 128, 196, None, None, BF16)['num_stages'] == 2
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='read', decomposed=True), ))
+    assert launch.tile_config('read', 128, 196, None, None, BF16, arch=90)['BM'] == 64
+    assert launch.tile_config('read', 128, 196, None, None, BF16, True, arch=90)['BM'] == 128
+
+
+def test_precedence_caller_then_forced_then_tuned_and_no_block_past_the_rows(monkeypatch):
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
+    with launch.forced_tiles('grads_cols', BM=32, num_warps=2):
+        config = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
+        assert (config['BM'], config['num_warps'], config['BH']) == (32, 2, 32)
+        # only the kernel named
+        assert launch.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90)['BM'] == 64
+        with launch.forced_tiles('grads_cols', BM=16):  # the innermost wins
+            assert launch.tile_config('grads_cols', 128, 196, None, None, BF16)['BM'] == 16
+        caller = launch.tile_config('grads_cols', 128, 196, 16, 128, BF16, arch=90)
+        assert (caller['BM'], caller['BH']) == (16, 128)
+    assert launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)['BM'] == 128
+    # a chunk of 20 rows takes 32-row blocks, whatever the table says
+    assert launch.tile_config('grads_cols', 128, 20, None, None, BF16, arch=90)['BM'] == 32
+
+
+@pytest.mark.parametrize('kernel, options, match', [
+    ('grads', {}, 'kernel must be one of'),
+    ('read', dict(BK=32), 'forced_tiles takes'),
+    ('read', dict(BM=48), 'BM must be a power of two'),
+])
+def test_forced_tiles_refuses_what_no_launch_takes(kernel, options, match):
+    with pytest.raises(ValueError, match=match):
+        with launch.forced_tiles(kernel, **options):
+            pass
+
+
+@pytest.mark.parametrize('changes, match', [
+    (dict(kernel='grads'), 'kernel must be one of'),
+    (dict(operand_dtype='half'), 'operand_dtype must be one of'),
+    (dict(BH=96), 'BH must be a power of two'),
+    (dict(block_d=8), 'block_d must be a power of two >= 16'),
+    (dict(num_warps=3), 'num_warps must be a power of two'),
+])
+def test_a_bad_tuned_entry_is_refused(changes, match):
+    with pytest.raises(ValueError, match=match):
+        check_tuned_tiles([_entry(**changes)])
+    with pytest.raises(ValueError, match='two entries for'):
+        check_tuned_tiles([_entry(), _entry(BM=16)])
