@@ -6,7 +6,9 @@ kernels, each event's self time), and of each ATen op (the device time of the
 kernels it launched). ``count_costs`` counts the bytes and FLOPs of each ATen
 op of a call (``AtenOpCounter``'s bytes, torch's FLOP formulas), and a card's
 peak (``device_peak``) prices them: the roofline time printed beside the
-measured one, per op and for the whole call.
+measured one, per op and for the whole call. The memory's Triton kernels are
+priced one by one (``with_kernel_costs``: their launches' bytes and FLOPs,
+``kernels.costs``), so each kernel's time stands beside its own roofline.
 
 Four cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
@@ -27,6 +29,7 @@ from convneur_mm.testing.dispatch_probes import AtenOpCounter, tensors_in
 from convneur_mm.utils.tables import markdown_table
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+CUSTOM_OPS_PREFIX = 'convneur_mm::'  # the memory's operators: their kernels are priced instead
 
 
 class DevicePeak(NamedTuple):
@@ -82,9 +85,11 @@ class AtenCostCounter(AtenOpCounter):
         super().__init__()
         self.flops: Counter = Counter()
         self.half_flops: Counter = Counter()
+        self.namespaces: Dict[str, str] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.namespaces[str(func.overloadpacket.__name__)] = func.namespace
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
             name = str(func.overloadpacket.__name__)
@@ -95,18 +100,40 @@ class AtenCostCounter(AtenOpCounter):
         return out
 
     def costs(self) -> Dict[str, OpCost]:
-        """Per ATen op, named as the profiler names it (``aten::mm``)."""
-        return {f'aten::{name}': OpCost(self.bytes[name], self.flops[name],
-                                        self.half_flops[name])
+        """Per op, named as the profiler names it (``aten::mm``; the memory's
+        custom operators ``convneur_mm::memory_read``)."""
+        return {f'{self.namespaces[name]}::{name}': OpCost(self.bytes[name], self.flops[name],
+                                                          self.half_flops[name])
                 for name in self.kernels}
 
 
 def count_costs(fn: Callable[[], object]) -> Dict[str, OpCost]:
-    """Bytes and FLOPs of each ATen op of one call of ``fn`` (on any device,
-    ``meta`` included). Work outside ATen (Triton kernels) is not counted."""
+    """Bytes and FLOPs of each op of one call of ``fn`` (on any device,
+    ``meta`` included). A custom operator counts as its arguments and
+    results, without FLOPs: ``with_kernel_costs`` prices its kernels."""
     with AtenCostCounter() as counter:
         fn()
     return counter.costs()
+
+
+def with_kernel_costs(fn: Callable[[], object], costs: Dict[str, OpCost],
+                      device) -> Dict[str, OpCost]:
+    """``costs`` (``count_costs``) with the memory's custom operators
+    replaced by the kernels they launch, each priced by its own bytes and
+    FLOPs (``kernels.costs``), from one more call of ``fn``: run as usual
+    (``observing_launches``), or on meta tensors recorded for sm_90 without
+    running (``recording_launches``; forward only, as no operator runs
+    autograd there)."""
+    from convneur_mm.models.layers.memory_ops.kernels.costs import kernel_costs
+    from convneur_mm.models.layers.memory_ops.kernels.launch import (observing_launches,
+                                                                     recording_launches)
+    meta = torch.device(device).type == 'meta'
+    with (recording_launches(90) if meta else observing_launches()) as launches:
+        fn()
+    priced = {name: cost for name, cost in costs.items()
+              if not name.startswith(CUSTOM_OPS_PREFIX)}
+    priced.update({name: OpCost(*cost) for name, cost in kernel_costs(launches).items()})
+    return priced
 
 
 def total_cost(costs: Dict[str, OpCost]) -> OpCost:
@@ -125,9 +152,17 @@ def _rows(events, names: Callable[[object], bool], cuda: bool, repeats: int) -> 
     return sorted(rows, key=lambda row: -row['ms'])
 
 
+def _cost_of(name: str, costs: Dict[str, OpCost]) -> Optional[OpCost]:
+    """The cost of a profiled name: its own, or that of the kernel it names
+    with a suffix (a compiler may append the specialization to a kernel's name)."""
+    if name in costs:
+        return costs[name]
+    return next((cost for key, cost in costs.items() if name.startswith(key + '_')), None)
+
+
 def _price(rows: List[dict], costs: Dict[str, OpCost], peak: Optional[DevicePeak]) -> None:
     for row in rows:
-        cost = costs.get(row['name'])
+        cost = _cost_of(row['name'], costs)
         row['roofline_ms'] = cost.roofline_s(peak) * 1e3 if cost and peak else None
 
 
@@ -287,14 +322,9 @@ def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
                 branch(x)
 
     costs = count_costs(call)
-    note = f'the four global branches of M3, batch {batch} at {size}², bf16 operands, {kernels}'
     if kernels == 'triton':
-        # the fused kernels run outside ATen: their products' FLOPs are the
-        # PyTorch path's (the same arithmetic); their own bytes are not counted
-        reference = total_cost(branches_inference_case('torch', batch, device, size).costs)
-        costs['fused kernels (the PyTorch path\'s products)'] = OpCost(
-            0, reference.flops, reference.half_flops)
-        note += '; the whole call\'s roofline takes the products\' FLOPs from the PyTorch path'
+        costs = with_kernel_costs(call, costs, device)
+    note = f'the four global branches of M3, batch {batch} at {size}², bf16 operands, {kernels}'
     return Case(call, costs, note)
 
 
@@ -316,7 +346,10 @@ def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,
             loss = sum(branch(x).float().sum() for (_, branch), x in zip(branches, inputs))
         loss.backward()
 
-    return Case(call, count_costs(call),
+    costs = count_costs(call)
+    if kernels == 'triton':
+        costs = with_kernel_costs(call, costs, device)
+    return Case(call, costs,
                 f'one training step (forward + backward) of the four global branches of M3, '
                 f'batch {batch} at {size}², bf16 autocast and operands, {kernels}')
 
@@ -347,3 +380,50 @@ def profile_case(name: str, *, device, batch: int = 128, size: int = M3_SIZE,
                               trace_path=trace_path)
     summary.update(case=name, note=case.note, batch=batch, size=size)
     return summary
+
+
+def kernel_rooflines(batch: int = 128, size: int = M3_SIZE,
+                     peak: DevicePeak = PEAKS[0]) -> List[dict]:
+    """The Triton kernels one bf16 inference call of M3's four global
+    branches launches, per stage: GB, GFLOP and roofline ms on ``peak``.
+    Recorded on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs,
+    and none is needed; triton must not be in its interpreter."""
+    branches = m3_global_branches('meta', kernels='triton')
+    rows = []
+    for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
+        def call(branch=branch, x=x):
+            with torch.inference_mode():  # as the 'triton' case calls them
+                branch(x)
+        costs = with_kernel_costs(call, {}, 'meta')
+        rows += [dict(stage=stage + 1, kernel=name, gb=cost.bytes / 1e9, gflop=cost.flops / 1e9,
+                      roofline_ms=cost.roofline_s(peak) * 1e3, bound=_bound(cost, peak))
+                 for name, cost in costs.items()]
+    return rows
+
+
+def _bound(cost: OpCost, peak: DevicePeak) -> str:
+    return 'bytes' if cost.bytes / peak.bandwidth >= cost.roofline_s(peak) else 'products'
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    """``--rooflines``: print ``kernel_rooflines`` as a table."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        description='The memory kernels\' rooflines at M3\'s shapes (no GPU needed); the '
+        'profile itself runs in the GPU script (gpu_memory_bench.py --sections profile).')
+    parser.add_argument('--rooflines', action='store_true', required=True)
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--size', type=int, default=M3_SIZE)
+    parser.add_argument('--peak', choices=[p.name for p in PEAKS], default=PEAKS[0].name)
+    args = parser.parse_args(argv)
+    peak = next(p for p in PEAKS if p.name == args.peak)
+    rows = kernel_rooflines(args.batch, args.size, peak)
+    print(markdown_table(('stage', 'kernel', 'GB', 'GFLOP', f'roofline ms ({peak.name})', 'bound'),
+                         [(r['stage'], r['kernel'], f'{r["gb"]:.3f}', f'{r["gflop"]:.1f}',
+                           f'{r["roofline_ms"]:.3f}', r['bound']) for r in rows]))
+    print(f'\nall kernels: {sum(r["roofline_ms"] for r in rows):.3f} ms at {peak.name}\'s peak')
+    return rows
+
+
+if __name__ == '__main__':
+    main()

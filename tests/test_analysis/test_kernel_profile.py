@@ -1,5 +1,6 @@
 """The kernel profile's summary, its costs and rooflines, and its cases (CPU)."""
 import json
+import os
 import math
 
 import pytest
@@ -99,3 +100,57 @@ def test_triton_case_needs_cuda_and_unknown_cases_are_refused():
             kp.profile_case(case, device='cpu', batch=1)
     with pytest.raises(ValueError, match='case must be one of'):
         kp.profile_case('fused', device='cpu', batch=1)
+
+
+def test_the_memory_operators_are_priced_by_the_kernels_they_launch():
+    """Counted as an operator, a kernel call has bytes but no FLOPs:
+    ``with_kernel_costs`` puts each of its kernels in its place, by the name
+    the profiler gives it (a compiler's suffix allowed)."""
+    pytest.importorskip('triton')
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+    from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
+    meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
+    weights = MemoryWeights(meta(1, 32, 128), meta(1, 128, 32), meta(1, 32))
+    keys = meta(1, 4, 40, 32)
+
+    def call():
+        with torch.no_grad():
+            chunk_grads_triton(weights, keys, keys, keys[..., 0], torch.bfloat16)
+
+    costs = kp.count_costs(call)
+    operator = costs['convneur_mm::memory_chunk_grads']
+    assert operator.bytes > 0 and operator.flops == 0
+    priced = kp.with_kernel_costs(call, costs, 'meta')
+    assert not any(name.startswith(kp.CUSTOM_OPS_PREFIX) for name in priced)
+    assert {'grads_rows_kernel', 'grads_cols_kernel'} <= set(priced)
+    assert priced['grads_cols_kernel'].half_flops == 4 * 2 * 32 * 128 * 4 * 40
+    assert {k: v for k, v in priced.items() if k.startswith('aten::')} == {
+        k: v for k, v in costs.items() if k.startswith('aten::')}
+    rows = [dict(name='grads_cols_kernel'), dict(name='grads_rows_kernel_0d1d2d'),
+            dict(name='grads_backward_rows_kernel')]
+    kp._price(rows, priced, PEAK)
+    assert rows[0]['roofline_ms'] == pytest.approx(
+        priced['grads_cols_kernel'].roofline_s(PEAK) * 1e3)
+    assert rows[1]['roofline_ms'] == pytest.approx(
+        priced['grads_rows_kernel'].roofline_s(PEAK) * 1e3)
+    assert rows[2]['roofline_ms'] is None  # not the rows kernel's cost
+
+
+def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
+    pytest.importorskip('triton')
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+    rows = kp.main(['--rooflines', '--batch', '2', '--peak', 'H100 SXM'])
+    by_stage = {}
+    for row in rows:
+        by_stage.setdefault(row['stage'], set()).add(row['kernel'])
+        assert row['roofline_ms'] > 0 and row['bound'] in ('bytes', 'products')
+    # stages 1 and 2 write chunks; 3 and 4 (one chunk each) only read W_0
+    assert by_stage[1] == by_stage[2] == {'project_kernel', 'grads_rows_kernel',
+                                          'grads_cols_kernel', 'scan_kernel', 'read_kernel'}
+    assert by_stage[3] == by_stage[4] == {'project_kernel', 'read_kernel'}
+    out = capsys.readouterr().out
+    assert '| 1 | grads_cols_kernel |' in out and "at H100 SXM's peak" in out
+    with pytest.raises(SystemExit):
+        kp.main([])  # the one task is named

@@ -32,6 +32,7 @@ class Launch(NamedTuple):
 
 
 _recorders: List[Tuple[List[Launch], int]] = []  # (launches, arch) of open recordings
+_observers: List[List[Launch]] = []  # the launches of open observations
 
 
 @contextlib.contextmanager
@@ -52,6 +53,19 @@ def recording_launches(arch: int = 90) -> Iterator[List[Launch]]:
             yield launches
     finally:
         _recorders.pop()
+
+
+@contextlib.contextmanager
+def observing_launches() -> Iterator[List[Launch]]:
+    """Launch the kernels as usual, and append each launch the wrappers make
+    to the yielded list: what a call's kernels cost (``kernels.costs``) where
+    it really runs (a GPU; a CPU in Triton's interpreter), training included."""
+    launches: List[Launch] = []
+    _observers.append(launches)
+    try:
+        yield launches
+    finally:
+        _observers.pop()
 
 
 def call_kernel_op(op: Callable, implementation: Callable, *args):
@@ -276,24 +290,28 @@ def check_span(name: str, rows: int, t: Tensor, row_dim: int = -2) -> None:
 
 
 class _Recorder:
-    """``kernels.<name>[grid](...)`` that records a ``Launch`` (``recording_launches``)."""
+    """``kernels.<name>[grid](...)`` that records a ``Launch`` (``recording_launches``),
+    and with ``launch`` also launches it (``observing_launches``)."""
 
-    def __init__(self, kernels, launches: List[Launch]):
-        self._kernels, self._launches = kernels, launches
+    def __init__(self, kernels, launches: List[Launch], launch: bool = False):
+        self._kernels, self._launches, self._launch = kernels, launches, launch
 
     def __getattr__(self, name):
         kernel = getattr(self._kernels, name)
-        return _RecordingKernel(kernel, self._launches)
+        return _RecordingKernel(kernel, self._launches, self._launch)
 
 
 class _RecordingKernel:
 
-    def __init__(self, kernel, launches: List[Launch]):
-        self._kernel, self._launches = kernel, launches
+    def __init__(self, kernel, launches: List[Launch], launch: bool):
+        self._kernel, self._launches, self._launch = kernel, launches, launch
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self._launches.append(
-            Launch(self._kernel, tuple(grid), args, kwargs))
+        def record(*args, **kwargs):
+            self._launches.append(Launch(self._kernel, tuple(grid), args, kwargs))
+            if self._launch:
+                self._kernel[grid](*args, **kwargs)
+        return record
 
 
 class _NoLaunch:
@@ -336,6 +354,8 @@ def launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[obj
             raise RuntimeError('recording launches needs compiled Triton kernels, not '
                                f'{why or "its interpreter"}')
         kernels = _Recorder(kernels, recording[0])
+    elif _observers:
+        kernels = _Recorder(kernels, _observers[-1], launch=True)
     arch = None if interpreted else target_arch(device)
     tf32 = arch is not None and arch >= 80
     return kernels, dict(DTYPE=dtype, PREC='ieee', BASE_PREC='tf32x3' if tf32 else 'ieee')

@@ -1,0 +1,143 @@
+"""The memory kernels' roofline costs (``kernels.costs``): FLOPs over the
+rows each launch serves, each tensor's bytes once per kernel, whatever the
+tiles; launches recorded on meta tensors (the GPU code path's arguments,
+nothing runs) or observed around a real call."""
+import os
+
+import pytest
+import torch
+
+from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
+from convneur_mm.models.layers.memory_ops.kernels import costs, launch
+
+D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial fourth
+PER_ROW = 2 * D * 4 * D  # one product's FLOPs per row
+
+
+@pytest.fixture(autouse=True)
+def _compiled_triton():
+    pytest.importorskip('triton')
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+
+
+def _memory_costs(dtype: str = 'bfloat16', launched: list = None, **tiles):
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(D, chunk_size=L, kernels='triton', matmul_dtype=dtype).eval()
+    with torch.no_grad(), launch.recording_launches(90) as launches:
+        for kernel, options in tiles.items():
+            launch._forced.append((kernel, options))
+        try:
+            memory.to('meta')(torch.empty(BATCH, TOKENS, D, device='meta'))
+        finally:
+            del launch._forced[len(launch._forced) - len(tiles):]
+    if launched is not None:
+        launched += launches
+    return costs.kernel_costs(launches)
+
+
+def test_inference_kernels_cost_their_products_over_the_rows_they_serve():
+    got = _memory_costs()
+    written, read = BATCH * 3 * L, BATCH * TOKENS
+    assert got['grads_rows_kernel'].flops == 2 * PER_ROW * written
+    assert got['grads_cols_kernel'].flops == 4 * PER_ROW * written
+    assert got['read_kernel'].flops == 2 * PER_ROW * read  # the partial chunk's rows only
+    for name in ('grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel'):
+        assert got[name].half_flops == got[name].flops > 0, name
+        assert got[name].bytes > 0
+    assert got['scan_kernel'].flops == 0 and got['scan_kernel'].bytes > 0
+    float32 = _memory_costs('float32')
+    assert float32['read_kernel'].flops == got['read_kernel'].flops
+    assert float32['read_kernel'].half_flops == 0
+
+
+def test_costs_do_not_depend_on_the_tiles_but_for_per_block_shares():
+    """A chunk's 40 rows as a 32-row block and a 16-row tail (two launches
+    of one kernel) or as 16-row blocks (one launch): the same rows, the same
+    tensors. Only the rows pass's per-block shares of d_g grow with its blocks."""
+    launched = []
+    small = _memory_costs(read=dict(BM=16), grads_rows=dict(BM=16), grads_cols=dict(BH=64))
+    large = _memory_costs(launched=launched, read=dict(BM=32), grads_rows=dict(BM=32),
+                          grads_cols=dict(BH=16))
+    assert sum(costs.kernel_name(l) == 'read_kernel' for l in launched) == 2
+    assert {k: v.flops for k, v in small.items()} == {k: v.flops for k, v in large.items()}
+    assert small['read_kernel'] == large['read_kernel']
+    assert small['grads_cols_kernel'] == large['grads_cols_kernel']
+    assert small['grads_rows_kernel'].bytes > large['grads_rows_kernel'].bytes
+
+
+def test_each_tensor_counts_once_and_a_broadcast_dim_once():
+    w = torch.empty(4, D, 4 * D, device='meta')
+    assert costs._distinct_bytes(w) == w.numel() * 4
+    assert costs._distinct_bytes(w[:1].expand(4, D, 4 * D)) == w.numel()  # one head's, once
+    keys = torch.empty(1, 3, L, D, device='meta')
+    weights = MemoryWeights(torch.empty(1, D, 4 * D, device='meta'),
+                            torch.empty(1, 4 * D, D, device='meta'),
+                            torch.empty(1, D, device='meta'))
+    with torch.no_grad(), launch.recording_launches(90) as launches:
+        chunk_grads_triton(weights, keys, keys, keys[..., 0], torch.float32)
+    # keys and values are one tensor here: read once
+    rows = launches[0]
+    expected = sum(costs._distinct_bytes(t) for t in
+                   {id(t): t for t in rows.args if isinstance(t, torch.Tensor)}.values())
+    assert costs.kernel_costs(launches[:1])['grads_rows_kernel'].bytes == expected
+    assert expected < sum(costs._distinct_bytes(t) for t in rows.args
+                          if isinstance(t, torch.Tensor))
+
+
+def _backward_costs(decomposed: bool = False):
+    from convneur_mm.models.layers.memory_ops.chunk_grads import triton as grads_triton
+    meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
+    weights = [meta(1, D, 4 * D), meta(1, 4 * D, D), meta(1, D)]
+    keys = meta(1, 6, L, D)
+    states = MemoryWeights(meta(1, 2, 4, D, 4 * D), meta(1, 2, 4, 4 * D, D), meta(1, 2, 4, D))
+    x = meta(1, 2, TOKENS, D)
+    base = MemoryWeights(meta(1, D, 4 * D), meta(1, 4 * D, D), None) if decomposed else None
+    with torch.no_grad(), launch.recording_launches(90) as launches:
+        if not decomposed:
+            grads_triton._chunk_grads_backward(*weights, keys, keys, keys[..., 0],
+                                               *(torch.empty_like(w) for w in weights[:2]),
+                                               meta(1, 6, D), torch.bfloat16, None, None)
+        launch.launch_read_backward(states, x, x, torch.empty_like(x), L, torch.bfloat16, base,
+                                    meta(1, 2, 4) if decomposed else None, None, None)
+    return costs.kernel_costs(launches)
+
+
+def test_backward_kernels_cost_the_products_their_code_runs():
+    got = _backward_costs()
+    written, read = 6 * L, 2 * TOKENS
+    assert got['grads_backward_rows_kernel'].flops == 14 * PER_ROW * written
+    assert got['grads_backward_cols_kernel'].flops == 8 * PER_ROW * written
+    assert got['read_backward_rows_kernel'].flops == 5 * PER_ROW * read
+    assert got['read_backward_cols_kernel'].flops == 4 * PER_ROW * read
+    assert all(cost.half_flops == cost.flops for cost in got.values())
+
+
+def test_the_decomposed_reads_base_products_count_as_six_16_bit_ones():
+    plain, decomposed = _backward_costs(), _backward_costs(decomposed=True)
+    for name in ('read_backward_rows_kernel', 'read_backward_cols_kernel'):
+        base = costs.BASE_PRODUCTS[name] * PER_ROW * 2 * TOKENS
+        assert decomposed[name].flops == plain[name].flops + base
+        assert decomposed[name].half_flops == plain[name].half_flops + 6 * base
+
+
+def test_observed_launches_run_and_are_recorded(monkeypatch):
+    ran = []
+
+    class FakeKernel:
+        __name__ = 'read_kernel'
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: ran.append((grid, args, kwargs))
+
+    class FakeModule:
+        read_kernel = FakeKernel()
+
+    monkeypatch.setattr(launch, 'load_kernels', lambda: (FakeModule(), None, True))
+    with launch.observing_launches() as launches:
+        kernels, _ = launch.launch_config(torch.float16, torch.device('cpu'))
+        kernels.read_kernel[(3, )](1, 2, BM=16)
+    assert ran == [((3, ), (1, 2), dict(BM=16))]
+    assert [(l.grid, l.args, l.kwargs) for l in launches] == [((3, ), (1, 2), dict(BM=16))]
+    kernels, _ = launch.launch_config(torch.float16, torch.device('cpu'))
+    assert kernels is FakeModule or isinstance(kernels, FakeModule)  # none observing: as is
