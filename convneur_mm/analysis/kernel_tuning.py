@@ -19,9 +19,12 @@ beside it (``torch_ms``), the evidence ``kernels='auto'`` needs per operation.
         [--batch 128] [--operand-dtype bfloat16] [--json FILE] [--limit-s 300]
     TRITON_INTERPRET=1 python -m convneur_mm.analysis.kernel_tuning --dry-run  # a CPU
 
-It prints each kernel's default and chosen options with their times, and the
+It prints each kernel's default and chosen options with their times, the
 chosen ones as ``kernels.tuned.TunedTile`` entries to record in
-``TUNED_TILES``. ``--dry-run`` runs the same search on a CPU in Triton's
+``TUNED_TILES``, and the write and read's times through either path as
+``MeasuredPath`` entries, by which ``kernels='auto'`` decides
+(``MEASURED_PATHS``); the PyTorch steps use the closed-form backward (the
+one that moves fewer bytes). ``--dry-run`` runs the same search on a CPU in Triton's
 interpreter at tiny shapes over two values per axis: it checks the search,
 not the options (the interpreter ignores warps and stages).
 """
@@ -202,9 +205,12 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     Returns:
         A JSON-able dict: ``kernels`` (per kernel: ``start``, ``chosen``,
         their ms, ``trials``), ``calls`` (per call: the Triton kernels' ms at
-        the default and at the chosen options, and the PyTorch path's ms) and
+        the default and at the chosen options, and the PyTorch path's ms),
         ``entries`` (the chosen options as ``TunedTile`` source lines, where
-        they differ from the start).
+        they differ from the start) and ``paths`` (the write and read's
+        inference and training times through either path, as
+        ``MeasuredPath`` source lines). On a CPU (the interpreter) the last
+        two stay empty: they describe a GPU.
     """
     from convneur_mm.models.layers.memory_ops.kernels.launch import (target_arch,
                                                                      tile_config)
@@ -213,7 +219,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     calls = stage_calls(shape, operand_dtype, device)
     tol = 1e-5 if operand_dtype == torch.float32 else 2e-3
     arch = target_arch(device)
-    result: Dict = {'kernels': {}, 'calls': {}, 'entries': []}
+    result: Dict = {'kernels': {}, 'calls': {}, 'entries': [], 'paths': []}
     default_ms = {name: time_kernel(call, device, repeats) * 1e3
                   for name, call in calls.triton.items()}
     chosen: Dict[str, Dict[str, int]] = {}
@@ -242,7 +248,25 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                                  'triton_tuned_ms': tuned_ms[name],
                                  'torch_ms': time_kernel(calls.torch[name], device,
                                                          repeats) * 1e3}
+    if arch is not None:  # what kernels='auto' decides by
+        result['paths'] = path_entries(result['calls'], arch, operand_dtype,
+                                       torch.cuda.get_device_name(device), shape)
     return result
+
+
+def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
+                 shape: MemoryShape) -> List[str]:
+    """``MeasuredPath`` source lines from ``tune_stage``'s ``calls``: the
+    write and read together, in inference and in a training step, through
+    the tuned kernels and through PyTorch."""
+    lines = []
+    for training, names in ((False, ('write', 'read')), (True, ('write step', 'read step'))):
+        triton_ms, torch_ms = (sum(calls[name][key] for name in names)
+                               for key in ('triton_tuned_ms', 'torch_ms'))
+        lines.append(f"MeasuredPath({arch}, '{str(operand_dtype)[6:]}', {training}, "
+                     f"{triton_ms:.3f}, {torch_ms:.3f}, 'an {card}, the write and read at "
+                     f"batch {shape.batch}, {shape.tokens} tokens'),")
+    return lines
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:
@@ -270,6 +294,8 @@ def format_report(result: Dict) -> str:
                             calls), '']
     lines += (['TUNED_TILES entries:'] + ['    ' + e for e in result['entries']]
               if result['entries'] else ['No entry: the default options stay.'])
+    if result['paths']:
+        lines += ['', 'MEASURED_PATHS entries:'] + ['    ' + e for e in result['paths']]
     return '\n'.join(lines)
 
 

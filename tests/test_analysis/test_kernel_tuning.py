@@ -86,6 +86,19 @@ def test_a_run_past_its_deadline_tries_the_start_only():
     assert [t.options for t in trials] == [START]
 
 
+def test_path_entries_sum_the_write_and_read_per_mode_as_auto_reads_them():
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    calls = {name: dict(triton_default_ms=9.0, triton_tuned_ms=ms, torch_ms=2 * ms)
+             for name, ms in (('write', 1.0), ('read', 2.0), ('write step', 4.0),
+                              ('read step', 8.0))}
+    lines = kernel_tuning.path_entries(calls, 90, torch.bfloat16, 'NVIDIA H200',
+                                       kernel_tuning.DRY_SHAPE)
+    entries = [eval(line.rstrip(','), {'MeasuredPath': tuned.MeasuredPath}) for line in lines]
+    assert [(e.arch, e.operand_dtype, e.training, e.triton_ms, e.torch_ms) for e in entries] == [
+        (90, 'bfloat16', False, 3.0, 6.0), (90, 'bfloat16', True, 12.0, 24.0)]
+    assert 'NVIDIA H200' in entries[0].measured
+
+
 def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_it(capsys):
     env = dict(os.environ)
     env.pop('TRITON_INTERPRET', None)
@@ -119,6 +132,7 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert result['kernels']['grads_backward_cols']['call'] == 'write step'
     assert set(result['calls']) == {'write', 'read', 'write step', 'read step'}
     assert all(v > 0 for c in result['calls'].values() for v in c.values())
-    assert result['entries'] == []  # the interpreter compiles for no GPU: nothing to record
+    # the interpreter compiles for no GPU: nothing to record
+    assert result['entries'] == [] and result['paths'] == []
     assert result['settings']['dry_run'] and result['settings']['operand_dtype'] == 'float16'
     assert '| read | read |' in done.stdout and 'No entry' in done.stdout

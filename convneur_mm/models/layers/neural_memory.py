@@ -33,6 +33,7 @@ from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS
 from .memory_ops.kernels import unavailable_reason
+from .memory_ops.kernels.tuned import auto_path
 from .memory_ops.project import (MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH,
                                  ProjectionWeights, project)
 from .memory_ops.read import read
@@ -132,6 +133,14 @@ class AttentionPool(nn.Module):
         return (chunks * attn).sum(dim=-2)
 
 
+def _cuda_arch(device: torch.device) -> Optional[int]:
+    """An NVIDIA GPU's compute capability (major * 10 + minor); None elsewhere."""
+    if device.type != 'cuda' or torch.version.hip is not None:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 class MemoryProjections(NamedTuple):
     """The memory's token projections and chunk gates, heads leading.
 
@@ -164,8 +173,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             LayerNorm statistics and backward, theta, the gates and the
             residual stay float32 (docs/advanced_guides/memory_paths.md).
         kernels: the implementation of the memory's operations (``memory_ops``):
-            'auto' (the Triton kernels in CUDA inference with 16-bit product
-            operands, eager or compiled, else PyTorch), 'torch' or 'triton'
+            'auto' (the Triton kernels in eager CUDA inference where a GPU of
+            the same kind measured them faster, ``kernels.tuned.MEASURED_PATHS``:
+            bf16 operands on sm_90; else PyTorch), 'torch' or 'triton'
             (the Triton kernels for every operand dtype, in inference and in
             training, with their backward kernels; an error where they
             cannot run).
@@ -362,15 +372,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
         ``torch.compile`` keeps them whole in its graph (custom operators);
         ``torch.export`` keeps the shape-generic PyTorch graph, which ONNX
-        needs. 'auto' takes them in inference on CUDA for 16-bit operands
-        only: their float32 products run on CUDA cores in small tiles,
-        untimed against cuBLAS, so float32 inference stays on cuBLAS unless
-        'triton' asks for them ('triton' also runs them in Triton's CPU
-        interpreter). 'auto' trains on the PyTorch path: no GPU run has yet
-        timed the backward kernels; 'triton' trains with them."""
-        if torch.is_grad_enabled() and self.kernels == 'auto':
-            return ("'auto' trains on the PyTorch path (kernels='triton' trains with the "
-                    "Triton kernels)")
+        needs. 'auto' takes them only where a GPU measured them faster than
+        the PyTorch path for its compute capability, operand dtype and mode
+        (``kernels.tuned.auto_path``): on sm_90 for bf16 inference; float32
+        products stay on cuBLAS, and training on the PyTorch path ('triton'
+        takes the kernels wherever they run, Triton's CPU interpreter
+        included, and trains with their backward kernels)."""
         if torch.compiler.is_exporting():
             return 'torch.export keeps the shape-generic PyTorch graph'
         compute_dtype = at_least_float32(x.dtype)
@@ -380,8 +387,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             # Inductor fuses the PyTorch path's elementwise work: no GPU run has yet
             # timed the kernels against it, so 'auto' leaves them to 'triton' there
             return "'auto' keeps the PyTorch path under torch.compile (kernels='triton' asks)"
-        if self.kernels == 'auto' and (x.device.type != 'cuda' or operand_dtype is None):
-            return "'auto' takes them on CUDA with 16-bit product operands only"
+        if self.kernels == 'auto':
+            path, why = auto_path(_cuda_arch(x.device),
+                                  str(operand_dtype or torch.float32).split('.')[-1],
+                                  torch.is_grad_enabled())
+            if path == 'torch':
+                return why
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
 
     def _images_per_slice(self, x: Tensor) -> int:

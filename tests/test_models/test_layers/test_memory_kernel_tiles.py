@@ -80,3 +80,34 @@ def test_a_bad_tuned_entry_is_refused(changes, match):
         check_tuned_tiles([_entry(**changes)])
     with pytest.raises(ValueError, match='two entries for'):
         check_tuned_tiles([_entry(), _entry(BM=16)])
+
+
+@pytest.mark.parametrize('arch, dtype, training, path, words', [
+    (None, 'bfloat16', False, 'torch', "off NVIDIA's CUDA GPUs"),
+    (None, 'float32', True, 'torch', 'trains on the PyTorch path'),
+    (90, 'bfloat16', False, 'triton', '17.96 ms through the kernels against 20.36 ms'),
+    (90, 'float32', False, 'torch', '49.67 ms through the kernels against 27.82 ms'),
+    (90, 'float16', False, 'torch', 'no GPU has timed'),
+    (80, 'bfloat16', False, 'torch', 'on sm_80 with bfloat16 operands'),
+    (90, 'bfloat16', True, 'torch', 'trains on the PyTorch path: no GPU has timed'),
+])
+def test_auto_takes_the_kernels_only_where_a_gpu_measured_them_faster(arch, dtype, training,
+                                                                      path, words):
+    got, why = tuned.auto_path(arch, dtype, training)
+    assert got == path and words in why, why
+
+
+def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
+    monkeypatch.setattr(tuned, 'MEASURED_PATHS', tuned.MEASURED_PATHS + (
+        tuned.MeasuredPath(80, 'bfloat16', True, 9.0, 10.0, 'a test'), ))
+    assert tuned.auto_path(80, 'bfloat16', True)[0] == 'triton'
+    assert tuned.auto_path(80, 'bfloat16', False)[0] == 'torch'
+
+
+def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
+    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    monkeypatch.setattr(neural_memory, '_cuda_arch', lambda device: 80)
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 20, 16))
+    assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason

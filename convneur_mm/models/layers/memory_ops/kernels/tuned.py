@@ -1,12 +1,16 @@
-"""Launch options of the memory's kernels chosen by timing on a GPU.
+"""What timing the memory's kernels on GPUs decided: their launch options,
+and where ``kernels='auto'`` takes them.
 
-``tile_config`` takes an entry's options for the kernel, compute capability,
-operand dtype, padded head width and read kind it names, in place of its
-defaults. Entries come from ``python -m convneur_mm.analysis.kernel_tuning``
-run on that GPU (it prints them in this form); a kernel without an entry keeps
-the defaults, which were chosen by compiling (no spills), not by timing.
+``tile_config`` takes a ``TUNED_TILES`` entry's options for the kernel,
+compute capability, operand dtype, padded head width and read kind it names,
+in place of its defaults; a kernel without an entry keeps the defaults, which
+were chosen by compiling (no spills), not by timing. ``kernels='auto'`` takes
+the kernels only where a ``MEASURED_PATHS`` entry shows them faster than the
+PyTorch path (``auto_path``). Entries come from
+``python -m convneur_mm.analysis.kernel_tuning`` run on that GPU, which prints
+both kinds in this form, or from the benchmark notes' measurements.
 """
-from typing import Dict, Iterable, NamedTuple, Tuple
+from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 from .launch import KERNEL_NAMES, check_tiles
 
@@ -62,3 +66,61 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
         if key in seen:
             raise ValueError(f'two entries for {key}')
         seen.add(key)
+
+
+class MeasuredPath(NamedTuple):
+    """The memory's write and read (its chunk gradients and chunk reads)
+    timed through the Triton kernels and through the PyTorch path, in one
+    run on one kind of GPU.
+
+    Args:
+        arch: the compute capability, major * 10 + minor.
+        operand_dtype: 'float32', 'float16' or 'bfloat16'.
+        training: a training step (forward and backward), else inference.
+        triton_ms, torch_ms: the two paths' times.
+        measured: what was timed, on which card.
+    """
+    arch: int
+    operand_dtype: str
+    training: bool
+    triton_ms: float
+    torch_ms: float
+    measured: str
+
+
+# docs/notes/benchmarks.md, "The memory on a GPU": the four global branches
+# of M3 at batch 128, 224², eager
+MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
+    MeasuredPath(90, 'bfloat16', False, 17.96, 20.36,
+                 'an H200, M3\'s four global branches in inference at batch 128'),
+    MeasuredPath(90, 'float32', False, 49.67, 27.82,
+                 'an H200, M3\'s four global branches in inference at batch 128'),
+)
+
+
+def auto_path(arch: Optional[int], operand_dtype: str, training: bool
+              ) -> Tuple[str, str]:
+    """('triton' or 'torch', why) for ``kernels='auto'``: the kernels where
+    an entry of ``MEASURED_PATHS`` for this GPU, operand dtype and mode
+    timed them faster, else the PyTorch path.
+
+    Args:
+        arch: the CUDA GPU's compute capability, or None (no CUDA GPU).
+        operand_dtype: the products' operand dtype, by name.
+        training: a training call.
+    """
+    mode = 'trains' if training else 'runs'
+    if arch is None:
+        return 'torch', (f"'auto' {mode} on the PyTorch path off NVIDIA's CUDA GPUs "
+                         "(kernels='triton' takes the Triton kernels)")
+    entry = next((e for e in MEASURED_PATHS if (e.arch, e.operand_dtype, e.training) ==
+                  (arch, operand_dtype, training)), None)
+    what = f'sm_{arch} with {operand_dtype} operands'
+    if entry is None:
+        return 'torch', (f"'auto' {mode} on the PyTorch path: no GPU has timed the Triton "
+                         f"kernels against it on {what} (kernels='triton' takes them)")
+    timing = (f'{entry.triton_ms:g} ms through the kernels against {entry.torch_ms:g} ms '
+              f'through PyTorch, on {entry.measured}')
+    if entry.triton_ms < entry.torch_ms:
+        return 'triton', f"'auto' takes the Triton kernels on {what}: {timing}"
+    return 'torch', f"'auto' {mode} on the PyTorch path on {what}: {timing}"
