@@ -122,14 +122,13 @@ def with_kernel_costs(fn: Callable[[], object], costs: Dict[str, OpCost],
     replaced by the kernels they launch, each priced by its own bytes and
     FLOPs (``kernels.costs``), from one more call of ``fn``: run as usual
     (``observing_launches``), or on meta tensors recorded for sm_90 without
-    running (``recording_launches``; forward only, as no operator runs
-    autograd there)."""
+    running (``recording_launches``)."""
     from convneur_mm.models.layers.memory_ops.kernels.costs import kernel_costs
     from convneur_mm.models.layers.memory_ops.kernels.launch import (observing_launches,
                                                                      recording_launches)
     meta = torch.device(device).type == 'meta'
     with (recording_launches(90) if meta else observing_launches()) as launches:
-        fn()
+        fn()  # on meta tensors a training step records its backward's launches too
     priced = {name: cost for name, cost in costs.items()
               if not name.startswith(CUSTOM_OPS_PREFIX)}
     priced.update({name: OpCost(*cost) for name, cost in kernel_costs(launches).items()})
@@ -382,16 +381,20 @@ def profile_case(name: str, *, device, batch: int = 128, size: int = M3_SIZE,
     return summary
 
 
-def kernel_rooflines(batch: int = 128, size: int = M3_SIZE,
-                     peak: DevicePeak = PEAKS[0]) -> List[dict]:
-    """The Triton kernels one bf16 inference call of M3's four global
-    branches launches, per stage: GB, GFLOP and roofline ms on ``peak``.
-    Recorded on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs,
-    and none is needed; triton must not be in its interpreter."""
+def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = PEAKS[0],
+                     training: bool = False) -> List[dict]:
+    """The Triton kernels that M3's four global branches launch with bf16
+    operands, in one inference call or (``training``) one training step, per
+    stage: GB, GFLOP and roofline ms on ``peak``. Recorded on meta tensors for
+    sm_90 (``with_kernel_costs``): no GPU runs, and none is needed; triton
+    must not be in its interpreter."""
     branches = m3_global_branches('meta', kernels='triton')
     rows = []
     for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
         def call(branch=branch, x=x):
+            if training:  # the forward and backward kernels
+                branch(x.requires_grad_()).float().sum().backward()
+                return
             with torch.inference_mode():  # as the 'triton' case calls them
                 branch(x)
         costs = with_kernel_costs(call, {}, 'meta')
@@ -415,9 +418,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--size', type=int, default=M3_SIZE)
     parser.add_argument('--peak', choices=[p.name for p in PEAKS], default=PEAKS[0].name)
+    parser.add_argument('--training', action='store_true',
+                        help='a training step\'s kernels (forward and backward)')
     args = parser.parse_args(argv)
     peak = next(p for p in PEAKS if p.name == args.peak)
-    rows = kernel_rooflines(args.batch, args.size, peak)
+    rows = kernel_rooflines(args.batch, args.size, peak, args.training)
     print(markdown_table(('stage', 'kernel', 'GB', 'GFLOP', f'roofline ms ({peak.name})', 'bound'),
                          [(r['stage'], r['kernel'], f'{r["gb"]:.3f}', f'{r["gflop"]:.1f}',
                            f'{r["roofline_ms"]:.3f}', r['bound']) for r in rows]))

@@ -152,5 +152,16 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
     assert by_stage[3] == by_stage[4] == {'project_kernel', 'read_kernel'}
     out = capsys.readouterr().out
     assert '| 1 | grads_cols_kernel |' in out and "at H100 SXM's peak" in out
+    # a training step records its backward kernels too, on meta tensors
+    training = kp.main(['--rooflines', '--training', '--batch', '2'])
+    stage1 = {r['kernel']: r for r in training if r['stage'] == 1}
+    assert set(stage1) == by_stage[1] | {
+        'project_backward_kernel', 'grads_backward_rows_kernel', 'grads_backward_cols_kernel',
+        'scan_backward_kernel', 'read_backward_rows_kernel', 'read_backward_cols_kernel'}
+    # 14 products per written row against the forward's 2
+    rows_pass = [r for r in rows if r['stage'] == 1 and r['kernel'] == 'grads_rows_kernel'][0]
+    assert stage1['grads_backward_rows_kernel']['gflop'] == pytest.approx(
+        7 * rows_pass['gflop'])
+    assert stage1['grads_rows_kernel']['gflop'] == rows_pass['gflop']  # recorded once
     with pytest.raises(SystemExit):
         kp.main([])  # the one task is named

@@ -261,7 +261,8 @@ def _backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
     # an unused output's cotangent may come as None: its zeros
     bars = [torch.zeros(shape, device=keys.device) if bar is None else bar
             for bar, shape in zip((bar_w1, bar_w2, bar_g), _output_shapes(w1, keys))]
-    grads = _chunk_grads_backward_op(w1, w2, g, keys, values, token_lr, *bars, *ctx.options)
+    grads = call_kernel_op(_chunk_grads_backward_op, _chunk_grads_backward, w1, w2, g, keys,
+                           values, token_lr, *bars, *ctx.options)
     return (*grads, None, None, None)
 
 

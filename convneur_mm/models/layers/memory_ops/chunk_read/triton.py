@@ -136,8 +136,9 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
     w1, w2, g, queries, base_w1, base_w2, carry = ctx.saved_tensors
-    grads = list(_chunk_read_backward_op(w1, w2, g, queries, ctx.chunk_size, base_w1, base_w2,
-                                         carry, grad_out, *ctx.options))
+    grads = list(call_kernel_op(_chunk_read_backward_op, _chunk_read_backward, w1, w2, g,
+                                queries, ctx.chunk_size, base_w1, base_w2, carry, grad_out,
+                                *ctx.options))
     if base_w1 is None:
         grads[4:] = [None] * 3
     return (*grads[:4], None, *grads[4:], None, None, None)

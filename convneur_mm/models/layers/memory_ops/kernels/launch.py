@@ -73,8 +73,16 @@ def call_kernel_op(op: Callable, implementation: Callable, *args):
     which ``torch.compile`` keeps whole and CUDA graphs capture). Inside
     ``without_launches`` its ``implementation`` itself, so that a count on
     meta tensors sees what the implementation allocates (an operator on
-    meta tensors runs its fake, which allocates the results only)."""
-    return implementation(*args) if launches_skipped() else op(*args)
+    meta tensors runs its fake, which allocates the results only). Recording
+    a training step on meta tensors, both: the implementation records the
+    launches, the operator (its fake) carries autograd to the backward's."""
+    if not launches_skipped():
+        return op(*args)
+    if _recorders and torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad and a.is_meta for a in args):
+        implementation(*args)
+        return op(*args)
+    return implementation(*args)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -137,7 +137,8 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
     saved = ctx.saved_tensors
-    grads = list(_read_backward_op(*saved, grad_out, *ctx.options))
+    grads = list(call_kernel_op(_read_backward_op, _read_backward, *saved, grad_out,
+                                *ctx.options))
     if saved[4] is None:  # not decomposed
         grads[4:] = [None] * 3
     return (*grads, None, None, None)

@@ -170,7 +170,8 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 def _backward(ctx, grad_states: Tensor) -> tuple:
     grads, lr_mod, log_keep, log_momentum, initial, states = ctx.saved_tensors
-    d = _scan_backward_op(grads, lr_mod, log_keep, log_momentum, initial, states, grad_states)
+    d = call_kernel_op(_scan_backward_op, _scan_backward, grads, lr_mod, log_keep, log_momentum,
+                       initial, states, grad_states)
     return (*d[:4], None if initial is None else d[4], None)
 
 
