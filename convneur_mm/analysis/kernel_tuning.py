@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from convneur_mm.analysis.bench_env import time_kernel
+from convneur_mm.analysis.kernel_profile import device_peak, total_cost, with_kernel_costs
 from convneur_mm.analysis.memory_bytes import MemoryShape, backbone_shapes, write_read_inputs
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
@@ -205,7 +206,9 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     Returns:
         A JSON-able dict: ``kernels`` (per kernel: ``start``, ``chosen``,
         their ms, ``trials``), ``calls`` (per call: the Triton kernels' ms at
-        the default and at the chosen options, and the PyTorch path's ms),
+        the default and at the chosen options, the PyTorch path's ms, and
+        the kernels' GB, GFLOP and roofline ms at the card's peak,
+        ``kernel_profile.device_peak``; None for a card it does not know),
         ``entries`` (the chosen options as ``TunedTile`` source lines, where
         they differ from the start) and ``paths`` (the write and read's
         inference and training times through either path, as
@@ -243,11 +246,15 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     with _forced(chosen):
         tuned_ms = {name: time_kernel(call, device, repeats) * 1e3
                   for name, call in calls.triton.items()}
-    for name in calls.triton:
-        result['calls'][name] = {'triton_default_ms': default_ms[name],
-                                 'triton_tuned_ms': tuned_ms[name],
-                                 'torch_ms': time_kernel(calls.torch[name], device,
-                                                         repeats) * 1e3}
+    peak = device_peak(device)
+    for name, call in calls.triton.items():
+        with _forced(chosen):  # its kernels' bytes and FLOPs, from one more call
+            cost = total_cost(with_kernel_costs(call, {}, device))
+        result['calls'][name] = {
+            'triton_default_ms': default_ms[name], 'triton_tuned_ms': tuned_ms[name],
+            'torch_ms': time_kernel(calls.torch[name], device, repeats) * 1e3,
+            'kernels_gb': cost.bytes / 1e9, 'kernels_gflop': cost.flops / 1e9,
+            'roofline_ms': cost.roofline_s(peak) * 1e3 if peak else None}
     if arch is not None:  # what kernels='auto' decides by
         result['paths'] = path_entries(result['calls'], arch, operand_dtype,
                                        torch.cuda.get_device_name(device), shape)
@@ -286,12 +293,13 @@ def format_report(result: Dict) -> str:
     kernels = [[name, k['call'], options(k['start']), ms(k['start_ms']), options(k['chosen']),
                 ms(k['chosen_ms']), str(len(k['trials']))]
                for name, k in result['kernels'].items()]
-    calls = [[name, ms(c['triton_default_ms']), ms(c['triton_tuned_ms']), ms(c['torch_ms'])]
+    calls = [[name, ms(c['triton_default_ms']), ms(c['triton_tuned_ms']), ms(c['torch_ms']),
+              '-' if c['roofline_ms'] is None else ms(c['roofline_ms'])]
              for name, c in result['calls'].items()]
     lines = [markdown_table(['kernel', 'timed through', 'default', 'ms', 'chosen', 'ms', 'tried'],
                             kernels), '',
-             markdown_table(['call', 'Triton, default ms', 'Triton, tuned ms', 'PyTorch ms'],
-                            calls), '']
+             markdown_table(['call', 'Triton, default ms', 'Triton, tuned ms', 'PyTorch ms',
+                             'kernels\' roofline ms'], calls), '']
     lines += (['TUNED_TILES entries:'] + ['    ' + e for e in result['entries']]
               if result['entries'] else ['No entry: the default options stay.'])
     if result['paths']:
