@@ -122,7 +122,8 @@ def with_kernel_costs(fn: Callable[[], object], costs: Dict[str, OpCost],
     replaced by the kernels they launch, each priced by its own bytes and
     FLOPs (``kernels.costs``), from one more call of ``fn``: run as usual
     (``observing_launches``), or on meta tensors recorded for sm_90 without
-    running (``recording_launches``)."""
+    running (``recording_launches``). The few ATen ops inside the operators
+    (the sums of per-block shares, the weights' casts) stay unpriced."""
     from convneur_mm.models.layers.memory_ops.kernels.costs import kernel_costs
     from convneur_mm.models.layers.memory_ops.kernels.launch import (observing_launches,
                                                                      recording_launches)

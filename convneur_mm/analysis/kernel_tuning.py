@@ -6,10 +6,11 @@ For one stage's shapes (``memory_bytes.backbone_shapes``) each kernel of
 launches with now: one option at a time (BM, BH, num_warps, num_stages) takes
 each value of ``AXES`` while the others stay, the fastest is kept when it
 gains at least ``MIN_GAIN``, and the axes are walked again until a round gains
-nothing (or ``rounds`` end). A kernel is timed through the call that launches
-it (``OP_OF``): the forward kernels through the operation's forward, the
-backward kernels through a training step of it (forward and backward), the
-kernels tuned before it launching with their chosen options. Each candidate's
+nothing (or ``rounds`` end). A kernel runs in the call that launches it
+(``OP_OF``): the forward kernels in the operation's forward, the backward
+kernels in a training step of it, the kernels tuned before it launching with
+their chosen options; on CUDA its own launches are timed, by the profiler
+(``kernel_seconds``). Each candidate's
 outputs must agree with the start's (``agrees``): a configuration
 that compiles but computes something else is refused, as is one that fails to
 compile (shared memory, registers). The PyTorch path of each call is timed
@@ -30,21 +31,21 @@ not the options (the interpreter ignores warps and stages).
 """
 import argparse
 import json
-import os
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from convneur_mm.analysis.bench_env import time_kernel
-from convneur_mm.analysis.kernel_profile import device_peak, total_cost, with_kernel_costs
+from convneur_mm.analysis.bench_env import is_cuda, time_kernel
+from convneur_mm.analysis.kernel_profile import (device_peak, profile_kernels, total_cost,
+                                                 with_kernel_costs)
 from convneur_mm.analysis.memory_bytes import MemoryShape, backbone_shapes, write_read_inputs
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
         'num_stages': (1, 2, 3, 4)}
 DRY_AXES = {'BM': (16, 32), 'BH': (16, 32), 'num_warps': (4, ), 'num_stages': (2, )}
 DRY_SHAPE = MemoryShape(batch=2, tokens=41, chunk=20, heads=1, head_dim=16)
-MIN_GAIN = 0.03  # a smaller gain is within do_bench's spread between compiles
+MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card measured
 # the call that launches each kernel: an operation's forward or its training step
 OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols': 'read step',
          'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
@@ -126,6 +127,21 @@ def _forced(chosen: Dict[str, Dict[str, int]]):
     return stack
 
 
+def kernel_seconds(kernel: str, call: Callable[[], object], device, repeats: int = 5) -> float:
+    """Seconds of ``kernel``'s own launches in one ``call``: on CUDA their
+    device time under ``torch.profiler`` (so a kernel that is a small part of
+    its call is timed alone), elsewhere, or where the profile names no such
+    kernel, the whole call's (``time_kernel``)."""
+    if is_cuda(device):
+        name = f'{kernel}_kernel'
+        summary = profile_kernels(call, device=device, warmup=1, top=10**6, repeats=repeats)
+        ms = sum(row['ms'] for row in summary['kernels']
+                 if row['name'] == name or row['name'].startswith(name + '_'))
+        if ms > 0:
+            return ms / 1e3
+    return time_kernel(call, device, repeats)
+
+
 def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict[str, int],
                 chosen: Dict[str, Dict[str, int]], device, tol: float,
                 axes: Dict[str, Sequence[int]] = AXES, rounds: int = 2,
@@ -150,7 +166,7 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
                     got = call()
                     if not agrees(got, want, tol):
                         return Trial(options, None, 'results differ from the start\'s')
-                    return Trial(options, time_kernel(call, device, repeats))
+                    return Trial(options, kernel_seconds(kernel, call, device, repeats))
             except Exception as error:  # noqa: B902 - a compile failure refuses a candidate
                 return Trial(options, None, f'{type(error).__name__}: {str(error)[:200]}')
 
@@ -190,7 +206,8 @@ def best_trial(trials: List[Trial]) -> Trial:
 
 def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                kernels: Sequence[str] = tuple(OP_OF), axes: Dict[str, Sequence[int]] = AXES,
-               rounds: int = 2, limit_s: Optional[float] = None, repeats: int = 5) -> Dict:
+               rounds: int = 2, limit_s: Optional[float] = None, repeats: int = 5,
+               on_progress: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Tune ``kernels`` in order at ``shape`` (see the module docstring).
 
     Args:
@@ -202,6 +219,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         rounds: walks over the axes at most.
         limit_s: seconds after which no further candidate is tried.
         repeats: timed calls per candidate off CUDA (``time_kernel``).
+        on_progress: called with the results so far after each kernel (a
+            run that fails later keeps what it found).
 
     Returns:
         A JSON-able dict: ``kernels`` (per kernel: ``start``, ``chosen``,
@@ -213,7 +232,9 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         they differ from the start) and ``paths`` (the write and read's
         inference and training times through either path, as
         ``MeasuredPath`` source lines). On a CPU (the interpreter) the last
-        two stay empty: they describe a GPU.
+        two stay empty: they describe a GPU. ``stopped_at`` names the kernel
+        whose search the time limit ended, if any; ``error`` an error of the
+        final timings.
     """
     from convneur_mm.models.layers.memory_ops.kernels.launch import (target_arch,
                                                                      tile_config)
@@ -222,7 +243,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     calls = stage_calls(shape, operand_dtype, device)
     tol = 1e-5 if operand_dtype == torch.float32 else 2e-3
     arch = target_arch(device)
-    result: Dict = {'kernels': {}, 'calls': {}, 'entries': [], 'paths': []}
+    result: Dict = {'arch': arch, 'kernels': {}, 'calls': {}, 'entries': [], 'paths': [],
+                    'stopped_at': None, 'error': None}
     default_ms = {name: time_kernel(call, device, repeats) * 1e3
                   for name, call in calls.triton.items()}
     chosen: Dict[str, Dict[str, int]] = {}
@@ -243,9 +265,28 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                 f"TunedTile('{kernel}', {arch}, '{str(operand_dtype)[6:]}', {config['BD']}, "
                 f"False, {best.options['BM']}, {best.options['BH']}, "
                 f"{best.options['num_warps']}, {best.options['num_stages']}),")
+        if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
+            result['stopped_at'] = kernel
+        if on_progress is not None:
+            on_progress(result)
+    try:
+        _time_calls(result, calls, chosen, default_ms, device, repeats)
+    except Exception as error:  # noqa: B902 - a broken CUDA context: keep the search's results
+        result['error'] = f'{type(error).__name__}: {str(error)[:300]}'
+        return result
+    if arch is not None:  # what kernels='auto' decides by
+        result['paths'] = path_entries(result['calls'], arch, operand_dtype,
+                                       torch.cuda.get_device_name(device), shape)
+    return result
+
+
+def _time_calls(result: Dict, calls: Calls, chosen: Dict[str, Dict[str, int]],
+                default_ms: Dict[str, float], device, repeats: int) -> None:
+    """``result['calls']``: each call through the chosen and the default
+    options, through PyTorch, and its kernels' roofline."""
     with _forced(chosen):
         tuned_ms = {name: time_kernel(call, device, repeats) * 1e3
-                  for name, call in calls.triton.items()}
+                    for name, call in calls.triton.items()}
     peak = device_peak(device)
     for name, call in calls.triton.items():
         with _forced(chosen):  # its kernels' bytes and FLOPs, from one more call
@@ -255,10 +296,6 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             'torch_ms': time_kernel(calls.torch[name], device, repeats) * 1e3,
             'kernels_gb': cost.bytes / 1e9, 'kernels_gflop': cost.flops / 1e9,
             'roofline_ms': cost.roofline_s(peak) * 1e3 if peak else None}
-    if arch is not None:  # what kernels='auto' decides by
-        result['paths'] = path_entries(result['calls'], arch, operand_dtype,
-                                       torch.cuda.get_device_name(device), shape)
-    return result
 
 
 def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
@@ -300,8 +337,17 @@ def format_report(result: Dict) -> str:
                             kernels), '',
              markdown_table(['call', 'Triton, default ms', 'Triton, tuned ms', 'PyTorch ms',
                              'kernels\' roofline ms'], calls), '']
-    lines += (['TUNED_TILES entries:'] + ['    ' + e for e in result['entries']]
-              if result['entries'] else ['No entry: the default options stay.'])
+    if result['entries']:
+        lines += ['TUNED_TILES entries:'] + ['    ' + e for e in result['entries']]
+    elif result.get('arch') is None:
+        lines.append('No entry: entries describe a GPU, and this run had none.')
+    else:
+        lines.append(f'No new entry: no candidate beat its start by {MIN_GAIN:.0%}.')
+    if result['stopped_at']:
+        lines.append(f'The time limit ended the search at {result["stopped_at"]}: the kernels '
+                     'after it kept their start.')
+    if result['error']:
+        lines.append(f'The final timings failed: {result["error"]}')
     if result['paths']:
         lines += ['', 'MEASURED_PATHS entries:'] + ['    ' + e for e in result['paths']]
     return '\n'.join(lines)
@@ -330,7 +376,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                         help='a CPU run in Triton\'s interpreter at tiny shapes, float16')
     args = parser.parse_args(argv)
     if args.dry_run:
-        if os.environ.get('TRITON_INTERPRET') != '1':  # read once, when triton is imported
+        from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
+        if not load_kernels()[2]:  # triton reads TRITON_INTERPRET once, when it is imported
             parser.error('--dry-run runs the kernels in Triton\'s interpreter: start it with '
                          'TRITON_INTERPRET=1 in the environment')
         shape, dtype, device, axes, repeats = DRY_SHAPE, torch.float16, 'cpu', DRY_AXES, 1
@@ -342,18 +389,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             parser.error(f'--stage must be in [0, {len(shapes) - 1}]')
         shape, dtype, device, axes, repeats = (
             shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda', AXES, 5)
+    settings = {'shape': shape._asdict(), 'operand_dtype': str(dtype)[6:],
+                'device': (torch.cuda.get_device_name() if device == 'cuda'
+                           else 'cpu (Triton interpreter)'),
+                'torch': torch.__version__, 'triton': _triton_version(), 'dry_run': args.dry_run}
+
+    def write(result: Dict) -> None:
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(dict(result, settings=settings), f, indent=1)
+
     result = tune_stage(shape, dtype, device, args.kernels, axes, args.rounds, args.limit_s,
-                        repeats)
-    result['settings'] = {'shape': shape._asdict(), 'operand_dtype': str(dtype)[6:],
-                          'device': (torch.cuda.get_device_name() if device == 'cuda'
-                                     else 'cpu (Triton interpreter)'),
-                          'torch': torch.__version__, 'triton': _triton_version(),
-                          'dry_run': args.dry_run}
+                        repeats, on_progress=write)
+    write(result)
     print(format_report(result))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=1)
-    return result
+    return dict(result, settings=settings)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from convneur_mm.analysis import kernel_tuning
@@ -99,6 +100,30 @@ def test_path_entries_sum_the_write_and_read_per_mode_as_auto_reads_them():
     assert 'NVIDIA H200' in entries[0].measured
 
 
+def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
+    rows = [dict(name='read_kernel', ms=2.0), dict(name='read_backward_rows_kernel', ms=5.0),
+            dict(name='read_kernel_0d1d2', ms=1.0), dict(name='void at::reduce', ms=7.0)]
+    monkeypatch.setattr(kernel_tuning, 'is_cuda', lambda device: True)
+    monkeypatch.setattr(kernel_tuning, 'profile_kernels',
+                        lambda call, **kw: dict(kernels=rows))
+    monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda call, device, repeats: 42.0)
+    assert kernel_tuning.kernel_seconds('read', None, 'cuda') == pytest.approx(3e-3)
+    # a kernel the profile does not name: the whole call
+    assert kernel_tuning.kernel_seconds('grads_rows', None, 'cuda') == 42.0
+
+
+def test_the_report_says_where_the_time_limit_or_an_error_ended_the_run():
+    trial = dict(START, ms=1.0, error=None)
+    result = dict(arch=90, kernels={'read': dict(call='read', start=START, chosen=START, start_ms=1.0,
+                                        chosen_ms=1.0, trials=[trial])},
+                  calls={}, entries=[], paths=[], stopped_at='read',
+                  error='RuntimeError: CUDA error: an illegal memory access')
+    report = kernel_tuning.format_report(result)
+    assert 'No new entry: no candidate beat its start by 3%' in report
+    assert 'The time limit ended the search at read' in report
+    assert 'The final timings failed: RuntimeError: CUDA error' in report
+
+
 def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_it(capsys):
     env = dict(os.environ)
     env.pop('TRITON_INTERPRET', None)
@@ -139,5 +164,6 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert calls['write step']['kernels_gflop'] > calls['write']['kernels_gflop']
     # the interpreter compiles for no GPU: nothing to record
     assert result['entries'] == [] and result['paths'] == []
+    assert result['stopped_at'] is None and result['error'] is None
     assert result['settings']['dry_run'] and result['settings']['operand_dtype'] == 'float16'
-    assert '| read | read |' in done.stdout and 'No entry' in done.stdout
+    assert '| read | read |' in done.stdout and 'this run had none' in done.stdout

@@ -349,6 +349,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         if self.kernels == 'torch':
             return 'torch', "kernels='torch'"
         why = self._triton_unavailable(x, operand_dtype)
+        if why is None and self.kernels == 'auto':  # the measurement it took them by
+            return 'triton', self._auto_path(x, operand_dtype)[1]
         if why is None:
             return 'triton', f'kernels={self.kernels!r} and the Triton kernels can run here'
         if self.kernels == 'triton':
@@ -388,12 +390,16 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             # timed the kernels against it, so 'auto' leaves them to 'triton' there
             return "'auto' keeps the PyTorch path under torch.compile (kernels='triton' asks)"
         if self.kernels == 'auto':
-            path, why = auto_path(_cuda_arch(x.device),
-                                  str(operand_dtype or torch.float32).split('.')[-1],
-                                  torch.is_grad_enabled())
+            path, why = self._auto_path(x, operand_dtype)
             if path == 'torch':
                 return why
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
+
+    @staticmethod
+    def _auto_path(x: Tensor, operand_dtype: Optional[torch.dtype]) -> Tuple[str, str]:
+        """``auto_path`` for this call's GPU, operand dtype and mode."""
+        return auto_path(_cuda_arch(x.device), str(operand_dtype or torch.float32).split('.')[-1],
+                         torch.is_grad_enabled())
 
     def _images_per_slice(self, x: Tensor) -> int:
         """Images per slice for ``working_set_mib`` (the batch when unsliced).

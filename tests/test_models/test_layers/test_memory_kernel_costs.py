@@ -51,6 +51,15 @@ def test_inference_kernels_cost_their_products_over_the_rows_they_serve():
     assert float32['read_kernel'].half_flops == 0
 
 
+def test_a_chunk_read_costs_the_tokens_it_has_whatever_its_states():
+    from convneur_mm.models.layers.memory_ops import chunk_read_triton
+    meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
+    states = MemoryWeights(meta(1, 2, 5, D, 4 * D), meta(1, 2, 5, 4 * D, D), meta(1, 2, 5, D))
+    with torch.no_grad(), launch.recording_launches(90) as launches:
+        chunk_read_triton(states, meta(1, 2, 2 * L + 5, D), L, torch.bfloat16)  # 5 states, 3 used
+    assert costs.kernel_costs(launches)['read_kernel'].flops == 2 * PER_ROW * 2 * (2 * L + 5)
+
+
 def test_costs_do_not_depend_on_the_tiles_but_for_per_block_shares():
     """A chunk's 40 rows as a 32-row block and a 16-row tail (two launches
     of one kernel) or as 16-row blocks (one launch): the same rows, the same
@@ -117,8 +126,32 @@ def test_the_decomposed_reads_base_products_count_as_six_16_bit_ones():
     plain, decomposed = _backward_costs(), _backward_costs(decomposed=True)
     for name in ('read_backward_rows_kernel', 'read_backward_cols_kernel'):
         base = costs.BASE_PRODUCTS[name] * PER_ROW * 2 * TOKENS
-        assert decomposed[name].flops == plain[name].flops + base
+        assert decomposed[name].flops == plain[name].flops + 6 * base
         assert decomposed[name].half_flops == plain[name].half_flops + 6 * base
+        # all at the 16-bit rate: a roofline's compute time is never negative
+        assert decomposed[name].half_flops == decomposed[name].flops
+
+
+def test_the_projections_backward_recomputes_every_product_but_the_values():
+    from convneur_mm.models.layers.memory_ops.project import triton as project_triton
+    meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
+    images, heads, written = 2, 1, 3 * L
+    x, weight = meta(images, TOKENS, D), meta(4 * D + heads, D)
+    gamma, bias = meta(2 * heads, D), meta(D + heads)
+    with torch.no_grad(), launch.recording_launches(90) as launches:
+        pooled, lse = project_triton._project(x, weight, bias, gamma, 3, L, 1.0,
+                                              torch.bfloat16, None, None)[4:]
+        project_triton._project_backward(
+            x, weight, bias, gamma, pooled, lse, meta(heads, images, TOKENS, D),
+            meta(heads, images, written, D), meta(heads, images, written, D),
+            meta(heads, images, written), meta(images, 3, D), 3, L, 1.0, torch.bfloat16, None)
+    got = costs.kernel_costs(launches)
+    # forward: every row's queries, the written rows' keys, values, logits, step sizes
+    forward = 2 * D * images * (TOKENS * D + written * (3 * D + heads))
+    assert got['project_kernel'].flops == forward
+    # backward: those products again but the values', and the gradient times the weight
+    assert got['project_backward_kernel'].flops == (
+        forward - 2 * D * images * written * D + forward)
 
 
 def test_observed_launches_run_and_are_recorded(monkeypatch):

@@ -17,8 +17,16 @@ def _entry(**changes) -> TunedTile:
     return TunedTile(**fields)
 
 
-def test_the_shipped_table_is_valid():
+def test_the_shipped_tables_are_valid():
     check_tuned_tiles(tuned.TUNED_TILES)
+    tuned.check_measured_paths(tuned.MEASURED_PATHS)
+    entry = tuned.MEASURED_PATHS[0]
+    with pytest.raises(ValueError, match='two measured paths'):
+        tuned.check_measured_paths([entry, entry._replace(triton_ms=1.0)])
+    with pytest.raises(ValueError, match='must be positive'):
+        tuned.check_measured_paths([entry._replace(torch_ms=0.0)])
+    with pytest.raises(ValueError, match='operand_dtype must be one of'):
+        tuned.check_measured_paths([entry._replace(operand_dtype='bf16')])
 
 
 def test_a_tuned_entry_applies_to_its_kernel_gpu_dtype_and_width_only(monkeypatch):
@@ -45,7 +53,9 @@ def test_precedence_caller_then_forced_then_tuned_and_no_block_past_the_rows(mon
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
     with launch.forced_tiles('grads_cols', BM=32, num_warps=2):
         config = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
-        assert (config['BM'], config['num_warps'], config['BH']) == (32, 2, 32)
+        # the options not forced come from the tuned entry
+        assert (config['BM'], config['num_warps'], config['BH'], config['num_stages']) == (
+            32, 2, 64, 3)
         # only the kernel named
         assert launch.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90)['BM'] == 64
         with launch.forced_tiles('grads_cols', BM=16):  # the innermost wins
@@ -111,3 +121,14 @@ def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
     assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason
+
+
+def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):
+    """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
+    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    monkeypatch.setattr(neural_memory, '_cuda_arch', lambda device: 90)
+    monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 20, 16))
+    assert plan.implementation == 'triton' and '17.96 ms through the kernels' in plan.reason

@@ -11,8 +11,8 @@ call or ``launch.recording_launches`` around one on meta tensors) costs
   ``PRODUCTS[kernel]`` products of 2·d·4d FLOPs per row (2·d·outs for the
   projections), at the 16-bit tensor-core rate where the operands are
   16-bit. The decomposed read's W_0 products (``tf32x3``: three TF32
-  products, each at half the 16-bit rate) count as six 16-bit ones. The
-  scan is elementwise: bytes only.
+  products, each at half the 16-bit rate) count as six 16-bit ones, in both
+  totals. The scan is elementwise: bytes only.
 """
 from typing import Dict, Iterable, NamedTuple, Tuple
 
@@ -63,7 +63,7 @@ def _read_rows(a: dict, grid: int, columns: bool) -> int:
     blocks = a['hidden_blocks'] if columns else a['row_blocks']
     states = grid // blocks
     first, end = (0, L) if columns else (a['r0'], a['r0'] + a['row_blocks'] * a['BM'])
-    valid = [L] * (C - 1) + [N - (C - 1) * L]
+    valid = [max(0, min(L, N - c * L)) for c in range(C)]  # a chunk past N reads nothing
     return states // C * sum(max(0, min(v, end) - first) for v in valid)
 
 
@@ -81,22 +81,27 @@ def launch_flops(launch: Launch) -> Tuple[int, int]:
     if name in PRODUCTS:
         per_row = 2 * a['D'] * a['HID']
         flops = PRODUCTS[name] * per_row * _rows_of(name, a, launch.grid[0])
-        base = (BASE_PRODUCTS.get(name, 0) * per_row * _rows_of(name, a, launch.grid[0])
-                if a.get('DECOMPOSED') else 0)
-        return flops + base, (flops if half else 0) + TF32X3_AS_HALF * base
+        base = TF32X3_AS_HALF * (BASE_PRODUCTS.get(name, 0) * per_row *
+                                 _rows_of(name, a, launch.grid[0]) if a.get('DECOMPOSED') else 0)
+        return flops + base, (flops if half else 0) + base
     if name in ('project_kernel', 'project_backward_kernel'):
-        flops = _projection_flops(a) * (2 if name == 'project_backward_kernel' else 1)
+        flops = _projection_flops(a, backward=name == 'project_backward_kernel')
         return flops, flops if half else 0
     return 0, 0  # the scan: elementwise
 
 
-def _projection_flops(a: dict) -> int:
-    """x times the folded weight: every row's queries (d columns), the written
-    rows' other columns (keys, values, step sizes)."""
+def _projection_flops(a: dict, backward: bool) -> int:
+    """x times the folded weight's (outs, d): every row's queries (d
+    columns), the written rows' other columns (keys, values, pool logits,
+    step sizes). The backward recomputes each product but the values' (their
+    cotangent is the product's own) and multiplies the product's gradient by
+    the weight."""
     x, w = a['x_ptr'], a['w_ptr']
     images, tokens, d = x.shape
-    written = a['U'] * a['L']
-    return 2 * d * images * (tokens * d + written * (w.shape[0] - d))
+    written, others = a['U'] * a['L'], w.shape[0] - d
+    if backward:
+        return 2 * d * images * (2 * tokens * d + written * (2 * others - d))
+    return 2 * d * images * (tokens * d + written * others)
 
 
 def kernel_costs(launches: Iterable[Launch]) -> Dict[str, KernelCost]:

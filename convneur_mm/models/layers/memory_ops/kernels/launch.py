@@ -136,9 +136,9 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
                 decomposed: bool = False, arch: Optional[int] = None) -> dict:
     """Tile sizes and launch options of a kernel.
 
-    Precedence: the caller's ``block_rows``/``block_hidden``, then
-    ``forced_tiles``, then a measured entry of ``tuned.TUNED_TILES`` for this
-    GPU (compiled kernels only), then the defaults. The defaults are the
+    Each option comes from the first of: the caller's ``block_rows`` and
+    ``block_hidden``, ``forced_tiles``, a measured entry of
+    ``tuned.TUNED_TILES`` for this GPU (compiled kernels only), the defaults. The defaults are the
     largest tiles whose float32 accumulators compile without register spills
     for sm_80 and sm_90 (ptxas, triton 3.7) at two pipeline stages, as the
     kernels launch (``kernels.inspect``), with shared memory at 96 KiB or
@@ -182,10 +182,9 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         warps = 8
     config = dict(BM=min(bm, max(16, _next_pow2(rows))), BD=bd, BH=bh, num_warps=warps,
                   num_stages=2)
-    chosen = next((options for name, options in reversed(_forced) if name == kernel), None)
-    if chosen is None and arch is not None:
-        chosen = tuned_tiles(kernel, arch, operand_dtype, bd, decomposed)
-    config.update(chosen or {})
+    if arch is not None:
+        config.update(tuned_tiles(kernel, arch, operand_dtype, bd, decomposed) or {})
+    config.update(next((options for name, options in reversed(_forced) if name == kernel), {}))
     config['BM'] = min(config['BM'], max(16, _next_pow2(rows)))  # no block past a chunk's rows
     config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
                    if value is not None})

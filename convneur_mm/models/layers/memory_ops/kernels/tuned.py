@@ -69,9 +69,11 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
 
 
 class MeasuredPath(NamedTuple):
-    """The memory's write and read (its chunk gradients and chunk reads)
-    timed through the Triton kernels and through the PyTorch path, in one
-    run on one kind of GPU.
+    """The memory timed through the Triton kernels and through the PyTorch
+    path, on the same work in one run on one kind of GPU: its write and read
+    (the tuning tool's), or whole global branches whose other ops run alike
+    on both paths (the benchmark's). The comparison decides, not the ms. An
+    entry speaks for its compute capability: an H100 shares sm_90 with an H200.
 
     Args:
         arch: the compute capability, major * 10 + minor.
@@ -89,13 +91,29 @@ class MeasuredPath(NamedTuple):
 
 
 # docs/notes/benchmarks.md, "The memory on a GPU": the four global branches
-# of M3 at batch 128, 224², eager
+# of M3 at batch 128, 224², eager; timed before the kernels' latest changes
+# (fewer padded rows, 16-bit keys), which the next tuning run re-measures
 MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
     MeasuredPath(90, 'bfloat16', False, 17.96, 20.36,
                  'an H200, M3\'s four global branches in inference at batch 128'),
     MeasuredPath(90, 'float32', False, 49.67, 27.82,
                  'an H200, M3\'s four global branches in inference at batch 128'),
 )
+
+
+def check_measured_paths(entries: Iterable[MeasuredPath]) -> None:
+    """A clear error for an entry with an unknown dtype or a time that is
+    not positive, and for two entries of the same GPU, dtype and mode."""
+    seen = set()
+    for entry in entries:
+        if entry.operand_dtype not in OPERAND_DTYPE_NAMES:
+            raise ValueError(f'{entry}: operand_dtype must be one of {OPERAND_DTYPE_NAMES}')
+        if not (entry.triton_ms > 0 and entry.torch_ms > 0):
+            raise ValueError(f'{entry}: the times must be positive')
+        key = entry[:3]
+        if key in seen:
+            raise ValueError(f'two measured paths for {key}')
+        seen.add(key)
 
 
 def auto_path(arch: Optional[int], operand_dtype: str, training: bool
