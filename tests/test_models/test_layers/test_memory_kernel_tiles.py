@@ -132,3 +132,44 @@ def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatc
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
     assert plan.implementation == 'triton' and '17.96 ms through the kernels' in plan.reason
+
+
+OWN_TILES_SCRIPT = r'''
+import json, torch
+from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
+from convneur_mm.models.layers.memory_ops.kernels import launch
+
+gen = torch.Generator().manual_seed(0)
+d, L = 16, 20
+weights = MemoryWeights(torch.randn(1, d, 4 * d, generator=gen) / 4,
+                        torch.randn(1, 4 * d, d, generator=gen) / 8,
+                        torch.randn(1, d, generator=gen) / 10)
+keys, values = torch.randn(1, 3, L, d, generator=gen), torch.randn(1, 3, L, d, generator=gen)
+lr = torch.rand(1, 3, L, generator=gen)
+with torch.no_grad():
+    base = chunk_grads_triton(weights, keys, values, lr, torch.float16)
+    errors = {}
+    for bh in (16, 64):
+        with launch.forced_tiles('grads_cols', BH=bh):
+            got = chunk_grads_triton(weights, keys, values, lr, torch.float16)
+        errors[bh] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, base))
+print(json.dumps(errors))
+'''
+
+
+def test_the_weights_pass_launches_by_its_own_tiles():
+    """The chunk gradients' weights pass with hidden blocks of its own (16
+    or 64 units while the rows pass takes 32): its grid counts its own
+    blocks, and every block of every chunk is computed (interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ...paths import REPO
+    done = subprocess.run([sys.executable, '-c', OWN_TILES_SCRIPT], capture_output=True,
+                          text=True, cwd=REPO, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert max(errors.values()) < 1e-6, errors

@@ -149,8 +149,11 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     tiles = tile_config('grads_rows', d, length, block_rows, block_hidden, operand_dtype,
                         arch=arch)
     kernels, cfg = _launch_config(operand_dtype, keys.device)
+    # the weights' pass has tiles of its own: its grid counts its hidden blocks
+    cols = tile_config('grads_cols', d, length, block_rows, block_hidden, operand_dtype,
+                       arch=arch)
     w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
-    hidden_blocks = cdiv(hidden, tiles['BH'])
+    hidden_blocks = cdiv(hidden, cols['BH'])
     rows = _row_blocks(keys, values, token_lr, tiles['BM'])
     # pass 2 multiplies it in operand_dtype: stored so, it is read as is
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
@@ -168,8 +171,7 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         keys_op, d_hidden, w1, w2, g1, g2,
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys_op), *w1.stride(), *w2.stride(),
-        loss_scale, **tile_config('grads_cols', d, length, block_rows, block_hidden,
-                                  operand_dtype, arch=arch), **cfg, TAIL=TAIL_ROWS)
+        loss_scale, **cols, **cfg, TAIL=TAIL_ROWS)
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
 
 
