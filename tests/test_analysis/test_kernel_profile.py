@@ -165,3 +165,13 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
     assert stage1['grads_rows_kernel']['gflop'] == rows_pass['gflop']  # recorded once
     with pytest.raises(SystemExit):
         kp.main([])  # the one task is named
+
+
+def test_a_failure_to_price_the_kernels_leaves_the_profile_running(monkeypatch):
+    def broken(call, costs, device):
+        raise AttributeError("'JITFunction' object has no attribute 'arg_names'")
+
+    monkeypatch.setattr(kp, 'with_kernel_costs', broken)
+    costs = {'aten::mm': kp.OpCost(1, 2, 0)}
+    got, note = kp._priced_kernels(lambda: None, costs, 'cuda', 'the case')
+    assert got == costs and note.startswith('the case; kernels not priced (AttributeError')
