@@ -3,7 +3,8 @@ run on, and say where they beat the PyTorch path.
 
 For one stage's shapes (``memory_bytes.backbone_shapes``) each kernel of
 ``launch.KERNEL_NAMES`` is tuned by coordinate descent from the options it
-launches with now: one option at a time (BM, BH, num_warps, num_stages) takes
+launches with now: one option at a time (BM, BH, num_warps, num_stages and
+programs_per_sm, persistent programs) takes
 each value of ``AXES`` while the others stay, the fastest is kept when it
 gains at least ``MIN_GAIN``, and the axes are walked again until a round gains
 nothing (or ``rounds`` end). A kernel runs in the call that launches it
@@ -42,8 +43,9 @@ from convneur_mm.analysis.kernel_profile import (device_peak, profile_kernels, t
 from convneur_mm.analysis.memory_bytes import MemoryShape, backbone_shapes, write_read_inputs
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
-        'num_stages': (1, 2, 3, 4)}
-DRY_AXES = {'BM': (16, 32), 'BH': (16, 32), 'num_warps': (4, ), 'num_stages': (2, )}
+        'num_stages': (1, 2, 3, 4), 'programs_per_sm': (0, 1, 2, 4)}
+DRY_AXES = {'BM': (16, 32), 'BH': (16, 32), 'num_warps': (4, ), 'num_stages': (2, ),
+            'programs_per_sm': (0, 2)}
 DRY_SHAPE = MemoryShape(batch=2, tokens=41, chunk=20, heads=1, head_dim=16)
 MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card measured
 # the call that launches each kernel: an operation's forward or its training step
@@ -268,7 +270,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             result['entries'].append(
                 f"TunedTile('{kernel}', {arch}, '{str(operand_dtype)[6:]}', {config['BD']}, "
                 f"False, {best.options['BM']}, {best.options['BH']}, "
-                f"{best.options['num_warps']}, {best.options['num_stages']}),")
+                f"{best.options['num_warps']}, {best.options['num_stages']}, "
+                f"{best.options['programs_per_sm']}),")
         if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
             result['stopped_at'] = kernel
         if on_progress is not None:
@@ -326,7 +329,10 @@ def format_report(result: Dict) -> str:
     from convneur_mm.utils.tables import markdown_table
 
     def options(o: Dict[str, int]) -> str:
-        return f"BM {o['BM']}, BH {o['BH']}, {o['num_warps']} warps, {o['num_stages']} stages"
+        persistent = (f", {o['programs_per_sm']} programs/SM" if o.get('programs_per_sm')
+                      else '')
+        return (f"BM {o['BM']}, BH {o['BH']}, {o['num_warps']} warps, {o['num_stages']} stages"
+                + persistent)
 
     def ms(value: Optional[float]) -> str:
         return 'refused' if value is None else f'{value:.3f}'

@@ -62,10 +62,13 @@ def test_a_chunk_read_costs_the_tokens_it_has_whatever_its_states():
 
 def test_costs_do_not_depend_on_the_tiles_but_for_per_block_shares():
     """A chunk's 40 rows as a 32-row block and a 16-row tail (two launches
-    of one kernel) or as 16-row blocks (one launch): the same rows, the same
-    tensors. Only the rows pass's per-block shares of d_g grow with its blocks."""
+    of one kernel) or as 16-row blocks (one launch, persistent programs): the
+    same rows, the same tensors. Only the rows pass's per-block shares of d_g
+    grow with its blocks."""
     launched = []
-    small = _memory_costs(read=dict(BM=16), grads_rows=dict(BM=16), grads_cols=dict(BH=64))
+    # and persistent programs: fewer programs, each serving several tiles
+    small = _memory_costs(read=dict(BM=16, programs_per_sm=2), grads_rows=dict(BM=16),
+                          grads_cols=dict(BH=64, programs_per_sm=2))
     large = _memory_costs(launched=launched, read=dict(BM=32), grads_rows=dict(BM=32),
                           grads_cols=dict(BH=16))
     assert sum(costs.kernel_name(l) == 'read_kernel' for l in launched) == 2

@@ -1,6 +1,8 @@
 """How the memory's kernels get their launch options: the defaults, a tuned
 entry for the GPU compiled for, a tuning run's forced options, the caller's
 tile sizes (``kernels.launch.tile_config``, ``kernels.tuned``)."""
+import os
+
 import pytest
 import torch
 
@@ -173,3 +175,116 @@ def test_the_weights_pass_launches_by_its_own_tiles():
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert max(errors.values()) < 1e-6, errors
+
+
+PERSISTENT_SCRIPT = r'''
+import contextlib, json, torch
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
+                                                  chunk_read_triton)
+from convneur_mm.models.layers.memory_ops.kernels import launch
+
+gen = torch.Generator().manual_seed(0)
+d, L = 16, 20
+rand = lambda *shape, scale=1.0: torch.randn(shape, generator=gen) * scale
+weights = [rand(1, d, 4 * d, scale=0.25), rand(1, 4 * d, d, scale=0.125), rand(1, d, scale=0.1)]
+keys, values, lr = rand(1, 4, L, d), rand(1, 4, L, d), torch.rand(1, 4, L, generator=gen)
+states = [rand(1, 2, 3, d, 4 * d, scale=0.25), rand(1, 2, 3, 4 * d, d, scale=0.125),
+          rand(1, 2, 3, d, scale=0.1)]
+queries = rand(1, 2, 3 * L - 4, d)
+inputs = weights + [keys, values, lr] + states + [queries]
+cotangents = [rand(1, 4, d, 4 * d), rand(1, 4, 4 * d, d), rand(1, 4, d),
+              rand(2, 3 * L - 4, d)]  # the read merges the heads: (B, N, H d)
+
+
+def run():
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    grads = chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:6], torch.float16)
+    read = chunk_read_triton(MemoryWeights(*leaves[6:9]), leaves[9], L, torch.float16)
+    outputs = list(grads) + [read]
+    return outputs + list(torch.autograd.grad(outputs, leaves, cotangents))
+
+
+with launch.observing_launches() as plain_launches:
+    base = run()
+with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
+    for kernel in launch.KERNEL_NAMES:
+        stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=2))
+    persistent = run()
+print(json.dumps(dict(
+    max_diff=max((a - b).abs().max().item() for a, b in zip(base, persistent)),
+    launches=[[p.kernel.__name__, p.grid[0], l.grid[0], l.kwargs.get('ITERS', 1)]
+              for p, l in zip(plain_launches, launches)])))
+'''
+
+
+def test_persistent_programs_compute_what_a_program_per_tile_computes():
+    """Programs that serve several tiles each (two per multiprocessor; one
+    multiprocessor in Triton's interpreter, which checks the arithmetic, not
+    the occupancy) against one program per tile: the same results and
+    gradients, bit for bit, from every product kernel."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ...paths import REPO
+    done = subprocess.run([sys.executable, '-c', PERSISTENT_SCRIPT], capture_output=True,
+                          text=True, cwd=REPO, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result['max_diff'] == 0.0
+    launched = result['launches']
+    assert {name for name, *_ in launched} == {f'{k}_kernel' for k in launch.KERNEL_NAMES}
+    for name, tiles, grid, iters in launched:
+        assert grid * iters == tiles and grid <= max(2, tiles // 2 + 1), (name, tiles, grid)
+    assert sum(iters > 1 for *_, iters in launched) >= 6
+
+
+def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
+    assert launch.tiles_per_program(100, 0, 132) == 1  # not persistent
+    assert launch.tiles_per_program(100, 2, 132) == 1  # fewer tiles than programs
+    assert launch.tiles_per_program(30720, 2, 132) == 120  # 256 programs of 120 tiles
+    assert launch.tiles_per_program(12, 2, 1) == 6
+    assert launch.tiles_per_program(7919, 2, 132) == 1  # a prime: no even split
+    with pytest.raises(ValueError, match='programs_per_sm must be an int >= 0'):
+        with launch.forced_tiles('read', programs_per_sm=-1):
+            pass
+
+
+def _stage1_reports(arch: int, per_sm: int) -> dict:
+    """Registers, spills and shared memory of every kernel a bf16 training
+    step of C_m 128 at M3's stage 1 launches, compiled as launched (ptxas)."""
+    import contextlib
+    from convneur_mm.models.layers import NeuralMemory
+    inspect = pytest.importorskip('convneur_mm.models.layers.memory_ops.kernels.inspect')
+    try:
+        inspect._triton()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    memory = NeuralMemory(128, chunk_size=196, kernels='triton',
+                          matmul_dtype='bfloat16').to('meta')
+    x = torch.empty(2, 3136, 128, device='meta', requires_grad=True)
+    with contextlib.ExitStack() as stack, launch.recording_launches(arch) as launches:
+        for kernel in launch.KERNEL_NAMES:
+            stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
+        memory.train()(x).sum().backward()
+    iters = {l.kernel.__name__: l.kwargs.get('ITERS', 1) for l in launches}
+    return iters, {(r.kernel, r.num_warps): (r.registers, r.spill_stores, r.shared)
+                   for r in inspect.launch_reports(launches, arch)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+def test_persistent_programs_compile_within_the_shared_memory_and_a_spill_bound():
+    """The loop over a program's tiles costs registers: at the default tiles
+    some kernels spill (up to 204 B on sm_90), which only timing can weigh
+    against the fewer programs; the shared memory stays the same."""
+    _, plain = _stage1_reports(90, 0)
+    iters, persistent = _stage1_reports(90, 2)
+    assert all(iters[f'{kernel}_kernel'] > 1 for kernel in launch.KERNEL_NAMES), iters
+    assert persistent.keys() == plain.keys()
+    for key, (registers, spills, shared) in persistent.items():
+        assert shared == plain[key][2] and spills <= max(plain[key][1], 256), (
+            key, persistent[key], plain[key])

@@ -8,8 +8,8 @@ from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
 from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
-                              check_runnable, check_span, launch_config, target_arch,
-                              tile_config)
+                              check_runnable, check_span, launch_config, launch_kernel,
+                              target_arch, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -161,17 +161,19 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     d_g = torch.zeros(groups * chunks, rows.slots, d, **opts)
     keys_op = _keys_operand(keys, operand_dtype)
     loss_scale = 2.0 / d
-    kernels.grads_rows_kernel[(groups * rows.blocks_per_group,)](
+    launch_kernel(
+        kernels.grads_rows_kernel, groups * rows.blocks_per_group, tiles, keys.device,
         keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op,
         chunks, per_image, length, d, hidden, rows.blocks, rows.slots,
         *strides(keys), *strides(values), *strides(token_lr),
         *w1.stride(), *w2.stride(), *g.stride(),
-        loss_scale, LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys, FLAT=rows.flat)
-    kernels.grads_cols_kernel[(groups * chunks * hidden_blocks,)](
+        loss_scale, LN_EPS, **cfg, COPY_KEYS=keys_op is not keys, FLAT=rows.flat)
+    launch_kernel(
+        kernels.grads_cols_kernel, groups * chunks * hidden_blocks, cols, keys.device,
         keys_op, d_hidden, w1, w2, g1, g2,
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys_op), *w1.stride(), *w2.stride(),
-        loss_scale, **cols, **cfg, TAIL=TAIL_ROWS)
+        loss_scale, **cfg, TAIL=TAIL_ROWS)
     return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
 
 
@@ -207,25 +209,27 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     bar_hidden = torch.empty_like(d_hidden)
     grad_scale = torch.empty(groups * chunks, row_blocks, d, **opts)
     keys_op = _keys_operand(keys, operand_dtype)
-    kernels.grads_backward_rows_kernel[(groups * chunks * row_blocks,)](
+    launch_kernel(
+        kernels.grads_backward_rows_kernel, groups * chunks * row_blocks, tiles, keys.device,
         keys, values, token_lr, w1_op, w2_op, g, bar_w1, bar_w2, bar_g,
         grad_keys, grad_values, grad_lr, grad_scale, d_hidden, bar_hidden, keys_op,
         chunks, per_image, length, d, hidden, row_blocks,
         *strides(keys), *strides(values), *strides(token_lr),
         *w1_op.stride(), *w2_op.stride(), *g.stride(),
         *bar_w1.stride(), *bar_w2.stride(), *bar_g.stride(),
-        LN_EPS, **tiles, **cfg, COPY_KEYS=keys_op is not keys)
+        LN_EPS, **cfg, COPY_KEYS=keys_op is not keys)
     cols = tile_config('grads_backward_cols', d, length, block_rows, block_hidden,
                        operand_dtype, arch=arch)
     hidden_blocks = cdiv(hidden, cols['BH'])
     # per-chunk shares, summed in a fixed order: deterministic
     grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
     grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
-    kernels.grads_backward_cols_kernel[(groups * chunks * hidden_blocks,)](
+    launch_kernel(
+        kernels.grads_backward_cols_kernel, groups * chunks * hidden_blocks, cols, keys.device,
         keys_op, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,
         chunks, per_image, length, d, hidden, hidden_blocks,
         *strides(keys_op), *w1_op.stride(), *w2_op.stride(), *bar_w1.stride(),
-        *bar_w2.stride(), **cols, **cfg, TAIL=TAIL_ROWS)
+        *bar_w2.stride(), **cfg, TAIL=TAIL_ROWS)
     return (grad_w1.sum(dim=1), grad_w2.sum(dim=1),
             grad_scale.view(groups, -1, d).sum(dim=1), grad_keys, grad_values, grad_lr)
 

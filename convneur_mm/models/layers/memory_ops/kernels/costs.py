@@ -55,21 +55,21 @@ def _arguments(launch: Launch) -> dict:
     return dict(zip(launch.kernel.arg_names, launch.args), **launch.kwargs)
 
 
-def _read_rows(a: dict, grid: int, columns: bool) -> int:
+def _read_rows(a: dict, tiles: int, columns: bool) -> int:
     """The token rows a read kernel's launch serves: per (head, image) and
     chunk, those of its rows from ``r0`` on that its row blocks cover
     (every row for the columns pass)."""
     C, N, L = a['C'], a['N'], a['L']
     blocks = a['hidden_blocks'] if columns else a['row_blocks']
-    states = grid // blocks
+    states = tiles // blocks
     first, end = (0, L) if columns else (a['r0'], a['r0'] + a['row_blocks'] * a['BM'])
     valid = [max(0, min(L, N - c * L)) for c in range(C)]  # a chunk past N reads nothing
     return states // C * sum(max(0, min(v, end) - first) for v in valid)
 
 
 def _rows_of(name: str, a: dict, grid: int) -> int:
-    if name in _READS:
-        return _read_rows(a, grid, columns=name == 'read_backward_cols_kernel')
+    if name in _READS:  # a program serves ITERS tiles (persistent programs)
+        return _read_rows(a, grid * a.get('ITERS', 1), name == 'read_backward_cols_kernel')
     keys = a['k_ptr']  # the chunk gradients: every key row, once per launch
     return keys.numel() // keys.shape[-1]
 

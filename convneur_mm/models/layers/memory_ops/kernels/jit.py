@@ -13,6 +13,10 @@ LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
 Feature widths are padded to the power-of-two block ``BD`` and the hidden
 width is walked in ``BH`` blocks, both masked, so any width works.
 
+Tiles: a product kernel's program serves the ``ITERS`` tiles
+``program_id * ITERS ...`` in turn (persistent programs, ``launch.launch_kernel``);
+by default one. ptxas compiles ``ITERS=1`` to the code of a kernel without the loop.
+
 Addressing: each program's base offset is an int64 scalar (tensors may pass
 2**31 elements); offsets inside a tile are int32 (the wrappers bound a tile's
 span), which keeps the per-element address arithmetic out of 64 bits.
@@ -184,6 +188,15 @@ def _chunk_of(chunk, C, U):
 
 
 @triton.jit
+def _hidden_block(pid, hidden_blocks, D, HID, BD: tl.constexpr, BH: tl.constexpr):
+    """A weights' pass tile: its group of rows (``pid // hidden_blocks``), the
+    feature columns and the hidden units of its block, with their masks."""
+    cols = tl.arange(0, BD)
+    hid = (pid % hidden_blocks) * BH + tl.arange(0, BH)
+    return pid // hidden_blocks, cols, cols < D, hid, hid < HID
+
+
+@triton.jit
 def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr,
                 B, C, N, L, D, HID, row_blocks, r0,
                 sx_h, sx_b, sx_n, sx_d,
@@ -197,41 +210,42 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
                 eps,
                 BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                 DTYPE: tl.constexpr, PREC: tl.constexpr,
-                DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+                DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, ITERS: tl.constexpr = 1):
     """out = x + LN(gelu(x @ w1) @ w2) * (1 + g), token n of (head h, image b)
     reading the weights of chunk n // L. One program per (h, b, chunk, block
     of BM rows of the chunk from its row ``r0``); x, weights and out are
     addressed by strides, so the caller's layouts (heads split or merged) need
     no copy. DECOMPOSED: see ``_mlp_rows``; base weights per head, carry per
     (h, b, chunk)."""
-    pid = tl.program_id(0)
-    rb = pid % row_blocks
-    group = pid // row_blocks
-    c, h, b, c64 = _state_of(group, B, C)
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        rb = pid % row_blocks
+        group = pid // row_blocks
+        c, h, b, c64 = _state_of(group, B, C)
 
-    rows = r0 + rb * BM + tl.arange(0, BM)  # within the chunk
-    rmask = (rows < L) & (c * L + rows < N)
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    first = c64 * L  # the chunk's first token
+        rows = r0 + rb * BM + tl.arange(0, BM)  # within the chunk
+        rmask = (rows < L) & (c * L + rows < N)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        first = c64 * L  # the chunk's first token
 
-    x_ptrs = (x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
-              (rows[:, None] * sx_n + cols[None, :] * sx_d))
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    carry = 1.0
-    if DECOMPOSED:
-        carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
-    y = _mlp_rows(x, w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c),
-                  w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c), s1_d, s1_k, s2_k, s2_d,
-                  b1_ptr + h * sb1_h, b2_ptr + h * sb2_h, sb1_d, sb1_k, sb2_k, sb2_d, carry,
-                  D, HID, BM, BD, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC)
-    normed, _ = _layer_norm_rows(y, cmask, D, eps)
-    g = tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
-                other=0.0).to(tl.float32)
-    out = x + normed * (1.0 + g[None, :])
-    tl.store(out_ptr + (h * so_h + b * so_b + first * so_n) +
-             (rows[:, None] * so_n + cols[None, :] * so_d), out, mask=mask)
+        x_ptrs = (x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
+                  (rows[:, None] * sx_n + cols[None, :] * sx_d))
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        carry = 1.0
+        if DECOMPOSED:
+            carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
+        y = _mlp_rows(x, w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c),
+                      w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c), s1_d, s1_k, s2_k, s2_d,
+                      b1_ptr + h * sb1_h, b2_ptr + h * sb2_h, sb1_d, sb1_k, sb2_k, sb2_d, carry,
+                      D, HID, BM, BD, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        normed, _ = _layer_norm_rows(y, cmask, D, eps)
+        g = tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
+                    other=0.0).to(tl.float32)
+        out = x + normed * (1.0 + g[None, :])
+        tl.store(out_ptr + (h * so_h + b * so_b + first * so_n) +
+                 (rows[:, None] * so_n + cols[None, :] * so_d), out, mask=mask)
 
 
 @triton.jit
@@ -246,7 +260,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                       loss_scale, eps,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
-                      FLAT: tl.constexpr):
+                      FLAT: tl.constexpr, ITERS: tl.constexpr = 1):
     """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
     shared weights, the LayerNorm backward, and
 
@@ -265,64 +279,65 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     chunks, where a block per chunk would pad each chunk to whole blocks
     (196 rows to 256 in 64-row blocks); else one chunk's rows per block.
     """
-    pid = tl.program_id(0)
-    rb = pid % row_blocks
-    if FLAT:
-        image = pid // row_blocks  # gi * B + bi, B = C // U images per group
-        gi = (image // (C // U)).to(tl.int64)
-        bi = (image % (C // U)).to(tl.int64)
-        flat = rb * BM + tl.arange(0, BM)  # among the image's U L rows
-        rmask = flat < U * L
-        crow = flat // L  # each row's chunk after `first`, and its row in it
-        lrow = flat - crow * L
-        first = image.to(tl.int64) * U  # the image's first chunk, within all G C
-        ci = first * 0  # the loads' chunk offset: in crow
-    else:
-        chunk = pid // row_blocks
-        gi, c, bi, ci = _chunk_of(chunk, C, U)
-        lrow = rb * BM + tl.arange(0, BM)
-        rmask = lrow < L
-        crow = lrow * 0
-        first = chunk.to(tl.int64)
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        rb = pid % row_blocks
+        if FLAT:
+            image = pid // row_blocks  # gi * B + bi, B = C // U images per group
+            gi = (image // (C // U)).to(tl.int64)
+            bi = (image % (C // U)).to(tl.int64)
+            flat = rb * BM + tl.arange(0, BM)  # among the image's U L rows
+            rmask = flat < U * L
+            crow = flat // L  # each row's chunk after `first`, and its row in it
+            lrow = flat - crow * L
+            first = image.to(tl.int64) * U  # the image's first chunk, within all G C
+            ci = first * 0  # the loads' chunk offset: in crow
+        else:
+            chunk = pid // row_blocks
+            gi, c, bi, ci = _chunk_of(chunk, C, U)
+            lrow = rb * BM + tl.arange(0, BM)
+            rmask = lrow < L
+            crow = lrow * 0
+            first = chunk.to(tl.int64)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
 
-    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                ((crow * sk_c + lrow * sk_l)[:, None] + cols[None, :] * sk_d),
-                mask=mask, other=0.0).to(tl.float32)
-    y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
-                  w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
-                  False, PREC)
-    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
-                mask=mask, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + (crow * slr_c + lrow * slr_l),
-                 mask=rmask, other=0.0).to(tl.float32)
-    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
+                    ((crow * sk_c + lrow * sk_l)[:, None] + cols[None, :] * sk_d),
+                    mask=mask, other=0.0).to(tl.float32)
+        y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
+                      w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
+                      False, PREC)
+        normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+        v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
+                    ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
+                    mask=mask, other=0.0).to(tl.float32)
+        lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) +
+                     (crow * slr_c + lrow * slr_l), mask=rmask, other=0.0).to(tl.float32)
+        scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
 
-    _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
-    # rows of (G, C, L, D) tensors: chunk first + crow, row lrow
-    tile = first * L * D + ((crow * L + lrow)[:, None] * D + cols[None, :])
-    tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
-    if COPY_KEYS:
-        tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
-    share = tl.where(mask, d_out * normed, 0.0)
-    if FLAT:
-        # the chunk c0 of the block's first row, and the next if the block reaches it;
-        # slot: the block's place among those that meet the chunk
-        c0 = rb * BM // L
-        in_first = crow == c0
-        dg = tl.sum(tl.where(in_first[:, None], share, 0.0), axis=0) * loss_scale
-        tl.store(dg_ptr + ((first + c0) * slots + (rb - c0 * L // BM)) * D + cols, dg,
-                 mask=cmask)
-        dg = tl.sum(tl.where(in_first[:, None], 0.0, share), axis=0) * loss_scale
-        tl.store(dg_ptr + (first + c0 + 1) * slots * D + cols, dg,
-                 mask=cmask & ((c0 + 1) * L < (rb + 1) * BM) & (c0 + 1 < U))
-    else:
-        dg = tl.sum(share, axis=0) * loss_scale
-        tl.store(dg_ptr + (chunk.to(tl.int64) * slots + rb) * D + cols, dg, mask=cmask)
+        _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
+        # rows of (G, C, L, D) tensors: chunk first + crow, row lrow
+        tile = first * L * D + ((crow * L + lrow)[:, None] * D + cols[None, :])
+        tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
+        if COPY_KEYS:
+            tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
+        share = tl.where(mask, d_out * normed, 0.0)
+        if FLAT:
+            # the chunk c0 of the block's first row, and the next if the block reaches it;
+            # slot: the block's place among those that meet the chunk
+            c0 = rb * BM // L
+            in_first = crow == c0
+            dg = tl.sum(tl.where(in_first[:, None], share, 0.0), axis=0) * loss_scale
+            tl.store(dg_ptr + ((first + c0) * slots + (rb - c0 * L // BM)) * D + cols, dg,
+                     mask=cmask)
+            dg = tl.sum(tl.where(in_first[:, None], 0.0, share), axis=0) * loss_scale
+            tl.store(dg_ptr + (first + c0 + 1) * slots * D + cols, dg,
+                     mask=cmask & ((c0 + 1) * L < (rb + 1) * BM) & (c0 + 1 < U))
+        else:
+            dg = tl.sum(share, axis=0) * loss_scale
+            tl.store(dg_ptr + (chunk.to(tl.int64) * slots + rb) * D + cols, dg, mask=cmask)
 
 
 @triton.jit
@@ -333,7 +348,8 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       s2_g, s2_k, s2_d,
                       loss_scale,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                      DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr):
+                      DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
+                      ITERS: tl.constexpr = 1):
     """Pass 2, per (chunk, block of BH hidden units j): walks the chunk's rows
     (BM at a time, the rest TAIL at a time),
     recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
@@ -341,39 +357,34 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
 
         G1[:, j] = k^T (gelu'(pre_j) * (dh @ w2[j]^T)),   G2[j] = gelu(pre_j)^T dh.
     """
-    pid = tl.program_id(0)
-    j = pid % hidden_blocks
-    chunk = pid // hidden_blocks
-    gi, c, bi, ci = _chunk_of(chunk, C, U)
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        chunk, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        gi, c, bi, ci = _chunk_of(chunk, C, U)
+        w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
+                     mask=cmask[:, None] & hmask[None, :], other=0.0).to(DTYPE)
+        w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
+                      mask=hmask[None, :] & cmask[:, None], other=0.0).to(DTYPE)  # (BD, BH)
 
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    hid = j * BH + tl.arange(0, BH)
-    hmask = hid < HID
-    w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
-                 mask=cmask[:, None] & hmask[None, :], other=0.0).to(DTYPE)
-    w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
-                  mask=hmask[None, :] & cmask[:, None], other=0.0).to(DTYPE)  # (BD, BH)
+        acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+        acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+        k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
+        dh_base = dh_ptr + chunk.to(tl.int64) * L * D
+        whole = L // BM * BM if TAIL < BM else L
+        for r0 in range(0, whole, BM):
+            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
+                                    w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC)
+        if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
+            for r0 in range(whole, L, TAIL):
+                acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
+                                        w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
+                                        False, PREC)
 
-    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
-    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
-    k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
-    dh_base = dh_ptr + chunk.to(tl.int64) * L * D
-    whole = L // BM * BM if TAIL < BM else L
-    for r0 in range(0, whole, BM):
-        acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
-                                w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC)
-    if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
-        for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
-                                    w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
-                                    False, PREC)
-
-    out = chunk.to(tl.int64) * D * HID
-    tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
-             mask=cmask[:, None] & hmask[None, :])
-    tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
-             mask=hmask[:, None] & cmask[None, :])
+        out = chunk.to(tl.int64) * D * HID
+        tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
+                 mask=cmask[:, None] & hmask[None, :])
+        tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
+                 mask=hmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -392,7 +403,8 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
                               eps,
                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
-                              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+                              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
+                              ITERS: tl.constexpr = 1):
     """The read's backward, per block of BM rows (``read_kernel``'s programs):
     from ``go`` = d loss / d out it recomputes the MLP's output Y and N = LN(Y)
     (nothing was saved), and writes
@@ -403,57 +415,59 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
       (``read_backward_cols_kernel``), which multiplies it in DTYPE;
     * ``dg`` (H * B * C, slots, D): this block's share of sum(go * N), at
       slot ``slot0`` + its block (the blocks from row ``r0`` of each chunk)."""
-    pid = tl.program_id(0)
-    rb = pid % row_blocks
-    group = pid // row_blocks
-    c, h, b, c64 = _state_of(group, B, C)
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        rb = pid % row_blocks
+        group = pid // row_blocks
+        c, h, b, c64 = _state_of(group, B, C)
 
-    rows = r0 + rb * BM + tl.arange(0, BM)
-    rmask = (rows < L) & (c * L + rows < N)
-    cols = tl.arange(0, BD)
-    hcols = tl.arange(0, BH)
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    first = c64 * L
+        rows = r0 + rb * BM + tl.arange(0, BM)
+        rmask = (rows < L) & (c * L + rows < N)
+        cols = tl.arange(0, BD)
+        hcols = tl.arange(0, BH)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        first = c64 * L
 
-    x = tl.load(x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
-                (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask, other=0.0).to(tl.float32)
-    carry = 1.0
-    if DECOMPOSED:
-        carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
-    w1_base = w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c)
-    w2_base = w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c)
-    b1_base = b1_ptr + h * sb1_h
-    b2_base = b2_ptr + h * sb2_h
-    y = _mlp_rows(x, w1_base, w2_base, s1_d, s1_k, s2_k, s2_d, b1_base, b2_base,
-                  sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID, BM, BD, BH, DTYPE, PREC,
-                  DECOMPOSED, BASE_PREC)
-    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-    go = tl.load(go_ptr + (h * so_h + b * so_b + first * so_n) +
-                 (rows[:, None] * so_n + cols[None, :] * so_d), mask=mask,
-                 other=0.0).to(tl.float32)
-    tl.store(dg_ptr + (group.to(tl.int64) * slots + slot0 + rb) * D + cols,
-             tl.sum(go * normed, axis=0), mask=cmask)
-    scale = 1.0 + tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
-                          other=0.0).to(tl.float32)
-    dy, _ = _ln_backward_rows(go * scale[None, :], normed, rstd, D)
-    dy = tl.where(mask, dy, 0.0)
-    dyo = dy.to(DTYPE)
-    tl.store(dy_ptr + group.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]), dyo,
-             mask=mask)
+        x = tl.load(x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
+                    (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask,
+                    other=0.0).to(tl.float32)
+        carry = 1.0
+        if DECOMPOSED:
+            carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
+        w1_base = w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c)
+        w2_base = w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c)
+        b1_base = b1_ptr + h * sb1_h
+        b2_base = b2_ptr + h * sb2_h
+        y = _mlp_rows(x, w1_base, w2_base, s1_d, s1_k, s2_k, s2_d, b1_base, b2_base,
+                      sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID, BM, BD, BH, DTYPE, PREC,
+                      DECOMPOSED, BASE_PREC)
+        normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+        go = tl.load(go_ptr + (h * so_h + b * so_b + first * so_n) +
+                     (rows[:, None] * so_n + cols[None, :] * so_d), mask=mask,
+                     other=0.0).to(tl.float32)
+        tl.store(dg_ptr + (group.to(tl.int64) * slots + slot0 + rb) * D + cols,
+                 tl.sum(go * normed, axis=0), mask=cmask)
+        scale = 1.0 + tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
+                              other=0.0).to(tl.float32)
+        dy, _ = _ln_backward_rows(go * scale[None, :], normed, rstd, D)
+        dy = tl.where(mask, dy, 0.0)
+        dyo = dy.to(DTYPE)
+        tl.store(dy_ptr + group.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]), dyo,
+                 mask=mask)
 
-    xo = x.to(DTYPE)
-    gx = go
-    for h0 in range(0, HID, BH):
-        hid = h0 + hcols
-        pre = _pre_block(x, xo, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry, cols, cmask,
-                         hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
-        back = _times_w2t(dy, dyo, w2_base, s2_k, s2_d, b2_base, sb2_k, sb2_d, carry, cols,
-                          cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
-        gx += _times_w1t(back * _gelu_grad(pre), w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k,
-                         carry, cols, cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
-    tl.store(gx_ptr + (h * sgx_h + b * sgx_b + first * sgx_n) +
-             (rows[:, None] * sgx_n + cols[None, :] * sgx_d), gx, mask=mask)
+        xo = x.to(DTYPE)
+        gx = go
+        for h0 in range(0, HID, BH):
+            hid = h0 + hcols
+            pre = _pre_block(x, xo, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry, cols, cmask,
+                             hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+            back = _times_w2t(dy, dyo, w2_base, s2_k, s2_d, b2_base, sb2_k, sb2_d, carry, cols,
+                              cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+            gx += _times_w1t(back * _gelu_grad(pre), w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k,
+                             carry, cols, cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        tl.store(gx_ptr + (h * sgx_h + b * sgx_b + first * sgx_n) +
+                 (rows[:, None] * sgx_n + cols[None, :] * sgx_d), gx, mask=mask)
 
 
 @triton.jit
@@ -488,55 +502,50 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
                               DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
-                              TAIL: tl.constexpr):
+                              TAIL: tl.constexpr, ITERS: tl.constexpr = 1):
     """The read's weight gradients, per (state (h, b, c), block of BH hidden
     units j): walks the chunk's rows as ``grads_cols_kernel`` does (the same
     ``_cols_step``) and writes gw1[:, j] = x^T (gelu'(P_j) * (dY @ w2[j]^T))
     and gw2[j] = gelu(P_j)^T dY, (H, B, C, D, HID) and (H, B, C, HID, D);
     with DECOMPOSED, the gradients of dW (equal to those of W)."""
-    pid = tl.program_id(0)
-    j = pid % hidden_blocks
-    group = pid // hidden_blocks
-    c, h, b, c64 = _state_of(group, B, C)
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        group, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        c, h, b, c64 = _state_of(group, B, C)
+        wmask = cmask[:, None] & hmask[None, :]
+        w1 = tl.load(w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c) +
+                     (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask, other=0.0).to(DTYPE)
+        w2t = tl.load(w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c) +
+                      (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask, other=0.0).to(DTYPE)
+        carry = 1.0
+        b1 = w1
+        b2t = w2t
+        if DECOMPOSED:
+            carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
+            b1 = tl.load(b1_ptr + h * sb1_h + (cols[:, None] * sb1_d + hid[None, :] * sb1_k),
+                         mask=wmask, other=0.0).to(tl.float32)
+            b2t = tl.load(b2_ptr + h * sb2_h + (hid[None, :] * sb2_k + cols[:, None] * sb2_d),
+                          mask=wmask, other=0.0).to(tl.float32)
 
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    hid = j * BH + tl.arange(0, BH)
-    hmask = hid < HID
-    wmask = cmask[:, None] & hmask[None, :]
-    w1 = tl.load(w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c) +
-                 (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask, other=0.0).to(DTYPE)
-    w2t = tl.load(w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c) +
-                  (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask, other=0.0).to(DTYPE)
-    carry = 1.0
-    b1 = w1
-    b2t = w2t
-    if DECOMPOSED:
-        carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
-        b1 = tl.load(b1_ptr + h * sb1_h + (cols[:, None] * sb1_d + hid[None, :] * sb1_k),
-                     mask=wmask, other=0.0).to(tl.float32)
-        b2t = tl.load(b2_ptr + h * sb2_h + (hid[None, :] * sb2_k + cols[:, None] * sb2_d),
-                      mask=wmask, other=0.0).to(tl.float32)
+        acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+        acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+        x_base = x_ptr + (h * sx_h + b * sx_b + c64 * L * sx_n)
+        dy_base = dy_ptr + group.to(tl.int64) * L * D
+        whole = L // BM * BM if TAIL < BM else L
+        for r0 in range(0, whole, BM):
+            acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
+                                         w1, w2t, b1, b2t, carry, acc1, acc2, BM, DTYPE, PREC,
+                                         DECOMPOSED, BASE_PREC)
+        if TAIL < BM:  # as grads_cols_kernel's
+            for r0 in range(whole, L, TAIL):
+                acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
+                                             cmask, w1, w2t, b1, b2t, carry, acc1, acc2, TAIL,
+                                             DTYPE, PREC, DECOMPOSED, BASE_PREC)
 
-    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
-    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
-    x_base = x_ptr + (h * sx_h + b * sx_b + c64 * L * sx_n)
-    dy_base = dy_ptr + group.to(tl.int64) * L * D
-    whole = L // BM * BM if TAIL < BM else L
-    for r0 in range(0, whole, BM):
-        acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
-                                     w1, w2t, b1, b2t, carry, acc1, acc2, BM, DTYPE, PREC,
-                                     DECOMPOSED, BASE_PREC)
-    if TAIL < BM:  # as grads_cols_kernel's
-        for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
-                                         cmask, w1, w2t, b1, b2t, carry, acc1, acc2, TAIL,
-                                         DTYPE, PREC, DECOMPOSED, BASE_PREC)
-
-    out = group.to(tl.int64) * D * HID
-    tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
-    tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
-             mask=hmask[:, None] & cmask[None, :])
+        out = group.to(tl.int64) * D * HID
+        tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
+        tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
+                 mask=hmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -572,7 +581,7 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                eps,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                DTYPE: tl.constexpr, PREC: tl.constexpr,
-                               COPY_KEYS: tl.constexpr):
+                               COPY_KEYS: tl.constexpr, ITERS: tl.constexpr = 1):
     """The chunk gradients' backward, per block of BM rows of a chunk: from
     the cotangents bW1, bW2, bg of the chunk's outputs (K^T Dp, A^T Dh,
     sum D N; notation of ``chunk_grads.closed_form``) it recomputes the chain
@@ -583,103 +592,106 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
     (``bh``), both (G, C, L, D) in DTYPE, and with COPY_KEYS the keys in
     DTYPE (``ko``, as ``grads_rows_kernel``'s). Three walks over the hidden
     blocks: the forward (H), the cotangent at Dh, the cotangent at P."""
-    pid = tl.program_id(0)
-    rb = pid % row_blocks
-    chunk = pid // row_blocks
-    gi, c, bi, ci = _chunk_of(chunk, C, U)
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        rb = pid % row_blocks
+        chunk = pid // row_blocks
+        gi, c, bi, ci = _chunk_of(chunk, C, U)
 
-    rows = rb * BM + tl.arange(0, BM)
-    rmask = rows < L
-    cols = tl.arange(0, BD)
-    hcols = tl.arange(0, BH)
-    cmask = cols < D
-    mask = rmask[:, None] & cmask[None, :]
-    tile = rows[:, None] * D + cols[None, :]
-    out_rows = chunk.to(tl.int64) * L * D
+        rows = rb * BM + tl.arange(0, BM)
+        rmask = rows < L
+        cols = tl.arange(0, BD)
+        hcols = tl.arange(0, BH)
+        cmask = cols < D
+        mask = rmask[:, None] & cmask[None, :]
+        tile = rows[:, None] * D + cols[None, :]
+        out_rows = chunk.to(tl.int64) * L * D
 
-    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                (rows[:, None] * sv_l + cols[None, :] * sv_d), mask=mask, other=0.0).to(tl.float32)
-    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
-                 other=0.0).to(tl.float32)
-    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
-    bar_g = tl.load(bg_ptr + gi * sbg_g + c * sbg_c + cols * sbg_d, mask=cmask,
+        k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
+                    (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
                     other=0.0).to(tl.float32)
-    w1 = w1_ptr + gi * s1_g
-    w2 = w2_ptr + gi * s2_g
-    bw1 = bw1_ptr + gi * sb1_g + c * sb1_c
-    bw2 = bw2_ptr + gi * sb2_g + c * sb2_c
+        v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
+                    (rows[:, None] * sv_l + cols[None, :] * sv_d), mask=mask,
+                    other=0.0).to(tl.float32)
+        lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
+                     other=0.0).to(tl.float32)
+        scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+        bar_g = tl.load(bg_ptr + gi * sbg_g + c * sbg_c + cols * sbg_d, mask=cmask,
+                        other=0.0).to(tl.float32)
+        w1 = w1_ptr + gi * s1_g
+        w2 = w2_ptr + gi * s2_g
+        bw1 = bw1_ptr + gi * sb1_g + c * sb1_c
+        bw2 = bw2_ptr + gi * sb2_g + c * sb2_c
 
-    # the forward chain, as grads_rows_kernel computes it
-    y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
-                  BH, DTYPE, PREC, False, PREC)
-    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-    coef = lr * (2.0 / D)
-    resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
-                                                           D)
-    dho = d_hidden.to(DTYPE)
-    tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
+        # the forward chain, as grads_rows_kernel computes it
+        y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
+                      BH, DTYPE, PREC, False, PREC)
+        normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+        coef = lr * (2.0 / D)
+        resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
+                                                               D)
+        dho = d_hidden.to(DTYPE)
+        tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
 
-    # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
-    ko = k.to(DTYPE)
-    if COPY_KEYS:
-        tl.store(ko_ptr + out_rows + tile, ko, mask=mask)
-    gk = tl.zeros((BM, BD), dtype=tl.float32)
-    bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
-    for h0 in range(0, HID, BH):
-        hid = h0 + hcols
-        pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
-                         PREC, False, PREC)
-        grad = _gelu_grad(pre)
-        back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
-                          DTYPE, PREC, False, PREC)
-        bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
-                            DTYPE, PREC, False, PREC)
-        gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
-                         DTYPE, PREC, False, PREC)
-        bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
-        bar_dh += _times_w2(_gelu(pre), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
-
-    # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
-    # R = K + N s - V, the output sum D N; LNback is its own adjoint
-    bar_dn, ln_bar = _ln_backward_rows(bar_dh, normed, rstd, D)
-    bar_scale = bar_dn * d_out
-    bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
-    bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
-    bar_normed += bar_g[None, :] * d_out
-    rstd_term = rstd * tl.sum(bar_dh * d_hidden, axis=1) / D
-    bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
-    bar_lr = tl.sum(bar_d * resid, axis=1) * (2.0 / D)
-    bar_normed += bar_resid * scale[None, :]
-    bar_scale += bar_resid * normed
-    gk += bar_resid
-    bar_h, _ = _ln_backward_rows(bar_normed, normed, rstd, D)
-    bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
-    bho = bar_h.to(DTYPE)
-    tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
-    tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
-    tl.store(glr_ptr + chunk.to(tl.int64) * L + rows, bar_lr, mask=rmask)
-    tl.store(gs_ptr + pid.to(tl.int64) * D + cols, tl.sum(tl.where(mask, bar_scale, 0.0), axis=0),
-             mask=cmask)
-
-    # the cotangent at P: gelu'(P) (Dh bW2^T + bH w2^T) + gelu''(P) (Dh w2^T) (K bW1)
-    for h0 in range(0, HID, BH):
-        hid = h0 + hcols
-        pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
-                         PREC, False, PREC)
-        back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
-                          DTYPE, PREC, False, PREC)
-        bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
-                            DTYPE, PREC, False, PREC)
-        bar_act = _times_w2t(d_hidden, dho, bw2, sb2_k, sb2_d, bw2, 0, 0, 1.0, cols, cmask, hid,
-                             HID, DTYPE, PREC, False, PREC)
-        bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+        # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
+        ko = k.to(DTYPE)
+        if COPY_KEYS:
+            tl.store(ko_ptr + out_rows + tile, ko, mask=mask)
+        gk = tl.zeros((BM, BD), dtype=tl.float32)
+        bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
+        for h0 in range(0, HID, BH):
+            hid = h0 + hcols
+            pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                             PREC, False, PREC)
+            grad = _gelu_grad(pre)
+            back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
                               DTYPE, PREC, False, PREC)
-        bar_pre = _gelu_grad(pre) * bar_act + _gelu_second(pre) * back * bar_dp
-        gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
-                         PREC, False, PREC)
-    tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
+            bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                                DTYPE, PREC, False, PREC)
+            gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                             DTYPE, PREC, False, PREC)
+            bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
+            bar_dh += _times_w2(_gelu(pre), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
+
+        # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
+        # R = K + N s - V, the output sum D N; LNback is its own adjoint
+        bar_dn, ln_bar = _ln_backward_rows(bar_dh, normed, rstd, D)
+        bar_scale = bar_dn * d_out
+        bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
+        bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
+        bar_normed += bar_g[None, :] * d_out
+        rstd_term = rstd * tl.sum(bar_dh * d_hidden, axis=1) / D
+        bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
+        bar_lr = tl.sum(bar_d * resid, axis=1) * (2.0 / D)
+        bar_normed += bar_resid * scale[None, :]
+        bar_scale += bar_resid * normed
+        gk += bar_resid
+        bar_h, _ = _ln_backward_rows(bar_normed, normed, rstd, D)
+        bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
+        bho = bar_h.to(DTYPE)
+        tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
+        tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
+        tl.store(glr_ptr + chunk.to(tl.int64) * L + rows, bar_lr, mask=rmask)
+        tl.store(gs_ptr + pid.to(tl.int64) * D + cols,
+                 tl.sum(tl.where(mask, bar_scale, 0.0), axis=0), mask=cmask)
+
+        # the cotangent at P: gelu'(P) (Dh bW2^T + bH w2^T) + gelu''(P) (Dh w2^T) (K bW1)
+        for h0 in range(0, HID, BH):
+            hid = h0 + hcols
+            pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                             PREC, False, PREC)
+            back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                              DTYPE, PREC, False, PREC)
+            bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                                DTYPE, PREC, False, PREC)
+            bar_act = _times_w2t(d_hidden, dho, bw2, sb2_k, sb2_d, bw2, 0, 0, 1.0, cols, cmask, hid,
+                                 HID, DTYPE, PREC, False, PREC)
+            bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                                  DTYPE, PREC, False, PREC)
+            bar_pre = _gelu_grad(pre) * bar_act + _gelu_second(pre) * back * bar_dp
+            gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                             PREC, False, PREC)
+        tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
 
 
 @triton.jit
@@ -717,7 +729,8 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
                                sb1_g, sb1_c, sb1_d, sb1_k,
                                sb2_g, sb2_c, sb2_k, sb2_d,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                               DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr):
+                               DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
+                               ITERS: tl.constexpr = 1):
     """The shared weights' gradients, per (chunk, block of BH hidden units
     j): walks the chunk's rows, recomputes P_j, and writes the chunk's share
     (summed over chunks by the caller, in a fixed order)
@@ -726,44 +739,41 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
         gw2[j] = (gelu'(P_j) (K bW1[:, j]))^T Dh + gelu(P_j)^T bH,   B_j = Dh w2[j]^T,
 
     (G, C, D, HID) and (G, C, HID, D) float32."""
-    pid = tl.program_id(0)
-    j = pid % hidden_blocks
-    chunk = pid // hidden_blocks
-    gi, c, bi, ci = _chunk_of(chunk, C, U)
+    for it in range(ITERS):
+        pid = tl.program_id(0) * ITERS + it
+        chunk, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        gi, c, bi, ci = _chunk_of(chunk, C, U)
+        wmask = cmask[:, None] & hmask[None, :]
+        w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
+                     mask=wmask, other=0.0).to(DTYPE)
+        w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
+                      mask=wmask, other=0.0).to(DTYPE)
+        bw1 = tl.load(bw1_ptr + gi * sb1_g + c * sb1_c +
+                      (cols[:, None] * sb1_d + hid[None, :] * sb1_k), mask=wmask,
+                      other=0.0).to(DTYPE)
+        bw2t = tl.load(bw2_ptr + gi * sb2_g + c * sb2_c +
+                       (hid[None, :] * sb2_k + cols[:, None] * sb2_d), mask=wmask,
+                       other=0.0).to(DTYPE)
 
-    cols = tl.arange(0, BD)
-    cmask = cols < D
-    hid = j * BH + tl.arange(0, BH)
-    hmask = hid < HID
-    wmask = cmask[:, None] & hmask[None, :]
-    w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
-                 mask=wmask, other=0.0).to(DTYPE)
-    w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
-                  mask=wmask, other=0.0).to(DTYPE)
-    bw1 = tl.load(bw1_ptr + gi * sb1_g + c * sb1_c + (cols[:, None] * sb1_d + hid[None, :] * sb1_k),
-                  mask=wmask, other=0.0).to(DTYPE)
-    bw2t = tl.load(bw2_ptr + gi * sb2_g + c * sb2_c +
-                   (hid[None, :] * sb2_k + cols[:, None] * sb2_d), mask=wmask, other=0.0).to(DTYPE)
+        acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+        acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+        k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
+        dh_base = dh_ptr + chunk.to(tl.int64) * L * D
+        bh_base = bh_ptr + chunk.to(tl.int64) * L * D
+        whole = L // BM * BM if TAIL < BM else L
+        for r0 in range(0, whole, BM):
+            acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
+                                             cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC)
+        if TAIL < BM:  # as grads_cols_kernel's
+            for r0 in range(whole, L, TAIL):
+                acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
+                                                 cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
+                                                 DTYPE, PREC)
 
-    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
-    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
-    k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
-    dh_base = dh_ptr + chunk.to(tl.int64) * L * D
-    bh_base = bh_ptr + chunk.to(tl.int64) * L * D
-    whole = L // BM * BM if TAIL < BM else L
-    for r0 in range(0, whole, BM):
-        acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
-                                         cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC)
-    if TAIL < BM:  # as grads_cols_kernel's
-        for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
-                                             cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
-                                             DTYPE, PREC)
-
-    out = chunk.to(tl.int64) * D * HID
-    tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
-    tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
-             mask=hmask[:, None] & cmask[None, :])
+        out = chunk.to(tl.int64) * D * HID
+        tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
+        tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
+                 mask=hmask[:, None] & cmask[None, :])
 
 
 @triton.jit

@@ -104,26 +104,33 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
 # the kernels whose tiles ``tile_config`` decides, by the name a tuned tile names
 KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows', 'grads_cols',
                 'grads_backward_rows', 'grads_backward_cols')
-_LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages')
+_LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm')
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
 
 @contextlib.contextmanager
 def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     """Launch ``kernel`` with ``options`` (some of BM, BH, num_warps,
-    num_stages) instead of its default or tuned tiles, inside the block: how
-    a tuning run tries a configuration. A caller's ``block_rows`` and
-    ``block_hidden`` still take precedence."""
+    num_stages, programs_per_sm) instead of its default or tuned tiles,
+    inside the block: how a tuning run tries a configuration. A caller's
+    ``block_rows`` and ``block_hidden`` still take precedence."""
     _check_kernel(kernel)
     unknown = set(options) - set(_LAUNCH_OPTIONS)
     if unknown:
         raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
     check_tiles(options.get('BM'), options.get('BH'), ('BM', 'BH'))
+    check_programs_per_sm(options.get('programs_per_sm', 0))
     _forced.append((kernel, options))
     try:
         yield
     finally:
         _forced.pop()
+
+
+def check_programs_per_sm(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f'programs_per_sm must be an int >= 0 (0: a program per tile), '
+                         f'got {value!r}')
 
 
 def _check_kernel(kernel: str) -> None:
@@ -155,6 +162,10 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         operand_dtype: the products' operand dtype.
         decomposed: a decomposed read.
         arch: the NVIDIA compute capability compiled for (``target_arch``), or None.
+
+    Returns:
+        BM, BD, BH, num_warps, num_stages, and programs_per_sm (0: a program
+        per tile; else persistent programs, ``launch_kernel``).
     """
     _check_kernel(kernel)
     columns = kernel.endswith('_cols')  # a weights' pass, per block of hidden units
@@ -181,7 +192,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
         warps = 8
     config = dict(BM=min(bm, max(16, _next_pow2(rows))), BD=bd, BH=bh, num_warps=warps,
-                  num_stages=2)
+                  num_stages=2, programs_per_sm=0)
     if arch is not None:
         config.update(tuned_tiles(kernel, arch, operand_dtype, bd, decomposed) or {})
     config.update(next((options for name, options in reversed(_forced) if name == kernel), {}))
@@ -189,6 +200,38 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
                    if value is not None})
     return config
+
+
+def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:
+    """How many of a kernel's ``programs`` tiles each program serves: 1, or
+    with ``per_sm`` persistent programs per multiprocessor the least divisor
+    of ``programs`` that leaves at most ``per_sm * processors`` programs. A
+    divisor past twice that share would idle most multiprocessors (few
+    divisors: a prime count of tiles), and gives 1."""
+    if per_sm <= 0 or programs <= per_sm * processors:
+        return 1
+    share = -(-programs // (per_sm * processors))
+    for iters in range(share, 2 * share + 1):
+        if programs % iters == 0:
+            return iters
+    return 1
+
+
+def launch_kernel(kernel, programs: int, tiles: dict, device: torch.device, *args,
+                  **kwargs) -> None:
+    """``kernel[grid](*args, **tiles, **kwargs)`` for a kernel of
+    ``programs`` tiles: a program per tile, or with ``tiles['programs_per_sm']``
+    persistent programs, each serving ``ITERS`` consecutive tiles
+    (``tiles_per_program``; the multiprocessors of ``device``, one off CUDA,
+    where only the arithmetic is checked)."""
+    options = {key: value for key, value in tiles.items() if key != 'programs_per_sm'}
+    processors = 1
+    if tiles.get('programs_per_sm') and device.type == 'cuda' and not launches_skipped():
+        processors = torch.cuda.get_device_properties(device).multi_processor_count
+    iters = tiles_per_program(programs, tiles.get('programs_per_sm', 0), processors)
+    if iters > 1:  # else the kernels' default, which compiles without the loop
+        options['ITERS'] = iters
+    kernel[(programs // iters, )](*args, **options, **kwargs)
 
 
 def tuned_tiles(kernel: str, arch: int, operand_dtype: torch.dtype, block_d: int,
@@ -413,12 +456,13 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
                         decomposed, arch=target_arch(x.device))
     kernels, cfg = launch_config(operand_dtype, x.device)
     for r0, row_blocks, part in row_parts(min(length, n), tiles):
-        kernels.read_kernel[(heads * batch * chunks * row_blocks,)](
+        launch_kernel(
+            kernels.read_kernel, heads * batch * chunks * row_blocks, part, x.device,
             x, w1, w2, g, out, b1, b2, carry if decomposed else x,
             batch, chunks, n, length, d, hidden, row_blocks, r0,
             *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *out.stride(),
             *b1.stride(), *b2.stride(), *c_strides,
-            LN_EPS, DECOMPOSED=decomposed, **part, **cfg)
+            LN_EPS, DECOMPOSED=decomposed, **cfg)
     return out
 
 
@@ -479,20 +523,22 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     d_g = torch.empty(states, row_blocks, d, **opts)
     slot0 = 0
     for r0, blocks, part in parts:
-        kernels.read_backward_rows_kernel[(states * blocks,)](
+        launch_kernel(
+            kernels.read_backward_rows_kernel, states * blocks, part, x.device,
             x, grad_out, w1, w2, g, grad_x, d_out, d_g, b1, b2, carry if decomposed else x,
             batch, chunks, n, length, d, hidden, blocks, r0, slot0, row_blocks,
             *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
             *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
-            LN_EPS, DECOMPOSED=decomposed, **part, **cfg)
+            LN_EPS, DECOMPOSED=decomposed, **cfg)
         slot0 += blocks
     cols = tile_config('read_backward_cols', d, min(length, n), block_rows, block_hidden,
                        operand_dtype, decomposed, arch=arch)
-    kernels.read_backward_cols_kernel[(states * cdiv(hidden, cols['BH']),)](
+    launch_kernel(
+        kernels.read_backward_cols_kernel, states * cdiv(hidden, cols['BH']), cols, x.device,
         x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
         batch, chunks, n, length, d, hidden, cdiv(hidden, cols['BH']),
         *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
-        DECOMPOSED=decomposed, **cols, **cfg, TAIL=TAIL_ROWS)
+        DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS)
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
     return grads
 

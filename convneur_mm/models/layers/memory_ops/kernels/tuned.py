@@ -12,7 +12,7 @@ both kinds in this form, or from the benchmark notes' measurements.
 """
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
-from .launch import KERNEL_NAMES, check_tiles
+from .launch import KERNEL_NAMES, check_programs_per_sm, check_tiles
 
 OPERAND_DTYPE_NAMES = ('float32', 'float16', 'bfloat16')
 
@@ -28,6 +28,8 @@ class TunedTile(NamedTuple):
         decomposed: a decomposed read's (only the read kernels have one).
         BM, BH: rows and hidden units per tile (powers of two >= 16).
         num_warps, num_stages: Triton's launch options.
+        programs_per_sm: persistent programs per multiprocessor (0: a
+            program per tile).
     """
     kernel: str
     arch: int
@@ -38,10 +40,11 @@ class TunedTile(NamedTuple):
     BH: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 0
 
     def options(self) -> Dict[str, int]:
         return dict(BM=self.BM, BH=self.BH, num_warps=self.num_warps,
-                    num_stages=self.num_stages)
+                    num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
 
 
 # none measured yet: no GPU has run the tuning since the kernels last changed
@@ -62,6 +65,7 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
         if entry.num_warps not in (1, 2, 4, 8, 16) or entry.num_stages < 1:
             raise ValueError(f'{entry}: num_warps must be a power of two up to 16 and '
                              'num_stages at least 1')
+        check_programs_per_sm(entry.programs_per_sm)
         key = entry[:5]
         if key in seen:
             raise ValueError(f'two entries for {key}')
