@@ -335,7 +335,7 @@ def _priced_kernels(call: Callable[[], object], costs: Dict[str, OpCost], device
     try:
         return with_kernel_costs(call, costs, device), note
     except Exception as error:  # noqa: B902 - a GPU run's time is worth more than its pricing
-        return costs, f'{note}; kernels not priced ({type(error).__name__}: {error})'
+        return costs, f'{note}; kernels not priced ({type(error).__name__}: {str(error)[:200]})'
 
 
 def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,

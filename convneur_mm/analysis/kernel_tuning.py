@@ -129,23 +129,19 @@ def _forced(chosen: Dict[str, Dict[str, int]]):
     return stack
 
 
-def kernel_seconds(kernel: str, call: Callable[[], object], device, repeats: int = 5) -> float:
-    """Seconds of ``kernel``'s own launches in one ``call``: on CUDA their
-    device time under ``torch.profiler`` (so a kernel that is a small part of
-    its call is timed alone), elsewhere, or where the profile names no such
-    kernel, the whole call's (``time_kernel``)."""
-    if is_cuda(device):
-        name = f'{kernel}_kernel'
-        try:
-            summary = profile_kernels(call, device=device, warmup=1, top=10**6,
-                                      repeats=repeats)
-        except RuntimeError:  # a profiler another tool holds: time the call
-            summary = dict(kernels=[])
-        ms = sum(row['ms'] for row in summary['kernels']
-                 if row['name'] == name or row['name'].startswith(name + '_'))
-        if ms > 0:
-            return ms / 1e3
-    return time_kernel(call, device, repeats)
+def kernel_seconds(kernel: str, call: Callable[[], object], device, repeats: int = 5,
+                   by_kernel: bool = True) -> Optional[float]:
+    """Seconds of ``kernel``'s own launches in one ``call``, their device
+    time under ``torch.profiler`` (so a kernel that is a small part of its
+    call is timed alone; None where the profile names no such kernel); with
+    ``by_kernel`` False, or off CUDA, the whole call's (``time_kernel``)."""
+    if not (by_kernel and is_cuda(device)):
+        return time_kernel(call, device, repeats)
+    name = f'{kernel}_kernel'
+    summary = profile_kernels(call, device=device, warmup=1, top=10**6, repeats=repeats)
+    ms = sum(row['ms'] for row in summary['kernels']
+             if row['name'] == name or row['name'].startswith(name + '_'))
+    return ms / 1e3 if ms > 0 else None
 
 
 def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict[str, int],
@@ -166,13 +162,25 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
         except Exception as error:  # noqa: B902 - reported, the next kernel is tuned
             return [Trial(dict(start), None, f'{type(error).__name__}: {str(error)[:200]}')]
 
+        # one measure for every candidate: the kernel's own launches where the
+        # start's profile names them, else the whole call
+        try:
+            with forced_tiles(kernel, **start):
+                by_kernel = (not is_cuda(device) or
+                             kernel_seconds(kernel, call, device, 1) is not None)
+        except Exception:  # noqa: B902 - a profiler that cannot run: the whole call for all
+            by_kernel = False
+
         def trial(options: Dict[str, int]) -> Trial:
             try:
                 with forced_tiles(kernel, **options):
                     got = call()
                     if not agrees(got, want, tol):
                         return Trial(options, None, 'results differ from the start\'s')
-                    return Trial(options, kernel_seconds(kernel, call, device, repeats))
+                    seconds = kernel_seconds(kernel, call, device, repeats, by_kernel)
+                    if seconds is None:
+                        return Trial(options, None, 'the profile named none of its launches')
+                    return Trial(options, seconds)
             except Exception as error:  # noqa: B902 - a compile failure refuses a candidate
                 return Trial(options, None, f'{type(error).__name__}: {str(error)[:200]}')
 

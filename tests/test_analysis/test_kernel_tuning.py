@@ -108,8 +108,9 @@ def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
                         lambda call, **kw: dict(kernels=rows))
     monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda call, device, repeats: 42.0)
     assert kernel_tuning.kernel_seconds('read', None, 'cuda') == pytest.approx(3e-3)
-    # a kernel the profile does not name: the whole call
-    assert kernel_tuning.kernel_seconds('grads_rows', None, 'cuda') == 42.0
+    # a kernel the profile does not name: none (a tuning run then times whole calls)
+    assert kernel_tuning.kernel_seconds('grads_rows', None, 'cuda') is None
+    assert kernel_tuning.kernel_seconds('read', None, 'cuda', by_kernel=False) == 42.0
 
 
 def test_the_report_says_where_the_time_limit_or_an_error_ended_the_run():

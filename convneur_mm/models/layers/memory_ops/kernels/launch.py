@@ -217,18 +217,30 @@ def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:
     return 1
 
 
+# multiprocessors of the GPUs a recording compiles for: an A100's 108, an H100's or H200's 132
+_RECORDED_PROCESSORS = {80: 108, 90: 132}
+
+
+def _processors(device: torch.device) -> int:
+    """The multiprocessors persistent programs spread over: the CUDA
+    device's, a recording's GPU's, else one (the interpreter, where only the
+    arithmetic is checked)."""
+    if _recorders:
+        return _RECORDED_PROCESSORS.get(_recorders[-1][1], 1)
+    if device.type == 'cuda' and not launches_skipped():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
 def launch_kernel(kernel, programs: int, tiles: dict, device: torch.device, *args,
                   **kwargs) -> None:
     """``kernel[grid](*args, **tiles, **kwargs)`` for a kernel of
     ``programs`` tiles: a program per tile, or with ``tiles['programs_per_sm']``
     persistent programs, each serving ``ITERS`` consecutive tiles
-    (``tiles_per_program``; the multiprocessors of ``device``, one off CUDA,
-    where only the arithmetic is checked)."""
+    (``tiles_per_program`` over ``_processors``). ``ITERS`` is a compile-time
+    constant: a persistent kernel compiles once per count of tiles per program."""
     options = {key: value for key, value in tiles.items() if key != 'programs_per_sm'}
-    processors = 1
-    if tiles.get('programs_per_sm') and device.type == 'cuda' and not launches_skipped():
-        processors = torch.cuda.get_device_properties(device).multi_processor_count
-    iters = tiles_per_program(programs, tiles.get('programs_per_sm', 0), processors)
+    iters = tiles_per_program(programs, tiles.get('programs_per_sm', 0), _processors(device))
     if iters > 1:  # else the kernels' default, which compiles without the loop
         options['ITERS'] = iters
     kernel[(programs // iters, )](*args, **options, **kwargs)
