@@ -134,6 +134,7 @@ def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_
     assert done.returncode == 2 and 'TRITON_INTERPRET=1' in done.stderr
 
 
+@pytest.mark.slow  # about 30 s: the interpreter runs every call of the search
 def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     """Two kernels, one forward and one backward, at tiny shapes: each
     starts from the options it launches with, every candidate computes the
