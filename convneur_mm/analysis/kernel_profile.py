@@ -89,10 +89,10 @@ class AtenCostCounter(AtenOpCounter):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.namespaces[str(func.overloadpacket.__name__)] = func.namespace
+        name = str(func.overloadpacket.__name__)
+        self.namespaces[name] = func.namespace
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
-            name = str(func.overloadpacket.__name__)
             flops = formula(*args, **(kwargs or {}), out_val=out)
             self.flops[name] += flops
             if any(t.dtype in HALF_DTYPES for t in tensors_in((args, kwargs))):
@@ -134,6 +134,11 @@ def with_kernel_costs(fn: Callable[[], object], costs: Dict[str, OpCost],
               if not name.startswith(CUSTOM_OPS_PREFIX)}
     priced.update({name: OpCost(*cost) for name, cost in kernel_costs(launches).items()})
     return priced
+
+
+def error_text(error: BaseException, limit: int = 200) -> str:
+    """An error as a report line: its type and the start of its message."""
+    return f'{type(error).__name__}: {str(error)[:limit]}'
 
 
 def total_cost(costs: Dict[str, OpCost]) -> OpCost:
@@ -335,7 +340,7 @@ def _priced_kernels(call: Callable[[], object], costs: Dict[str, OpCost], device
     try:
         return with_kernel_costs(call, costs, device), note
     except Exception as error:  # noqa: B902 - a GPU run's time is worth more than its pricing
-        return costs, f'{note}; kernels not priced ({type(error).__name__}: {str(error)[:200]})'
+        return costs, f'{note}; kernels not priced ({error_text(error)})'
 
 
 def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,

@@ -38,9 +38,13 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from convneur_mm.analysis.bench_env import is_cuda, time_kernel
-from convneur_mm.analysis.kernel_profile import (device_peak, profile_kernels, total_cost,
-                                                 with_kernel_costs)
-from convneur_mm.analysis.memory_bytes import MemoryShape, backbone_shapes, write_read_inputs
+from convneur_mm.analysis.kernel_profile import (device_peak, error_text, profile_kernels,
+                                                 total_cost, with_kernel_costs)
+from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, flat_inputs,
+                                               write_read_inputs)
+from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
+                                                                MeasuredPath, TunedTile,
+                                                                dtype_name)
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
         'num_stages': (1, 2, 3, 4), 'programs_per_sm': (0, 1, 2, 4)}
@@ -52,8 +56,7 @@ MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card meas
 OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols': 'read step',
          'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
          'grads_backward_cols': 'write step'}
-OPERAND_DTYPES = {'float32': torch.float32, 'float16': torch.float16,
-                  'bfloat16': torch.bfloat16}
+OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
 
 
 def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], tol: float) -> bool:
@@ -102,11 +105,9 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
                 return list(torch.autograd.grad(outs, grads_of, bars))
             return call
 
-        write_leaves = [*write[0], *write[1:]]
-        read_leaves = [*read[0], read[1]]
         return {'write': forward(grads_fn, write), 'read': forward(read_fn, read),
-                'write step': step(grads_fn, write, write_leaves, cotangents[:3]),
-                'read step': step(read_fn, read, read_leaves, cotangents[3:])}
+                'write step': step(grads_fn, write, flat_inputs(write), cotangents[:3]),
+                'read step': step(read_fn, read, flat_inputs(read), cotangents[3:])}
 
     return Calls(calls(chunk_grads_triton, read_triton),
                  calls(chunk_grads_closed_form, read_closed_form))
@@ -160,18 +161,9 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
             with forced_tiles(kernel, **start):
                 want = [t.detach().clone() for t in call()]
         except Exception as error:  # noqa: B902 - reported, the next kernel is tuned
-            return [Trial(dict(start), None, f'{type(error).__name__}: {str(error)[:200]}')]
+            return [Trial(dict(start), None, error_text(error))]
 
-        # one measure for every candidate: the kernel's own launches where the
-        # start's profile names them, else the whole call
-        try:
-            with forced_tiles(kernel, **start):
-                by_kernel = (not is_cuda(device) or
-                             kernel_seconds(kernel, call, device, 1) is not None)
-        except Exception:  # noqa: B902 - a profiler that cannot run: the whole call for all
-            by_kernel = False
-
-        def trial(options: Dict[str, int]) -> Trial:
+        def trial(options: Dict[str, int], by_kernel: bool) -> Trial:
             try:
                 with forced_tiles(kernel, **options):
                     got = call()
@@ -182,9 +174,16 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
                         return Trial(options, None, 'the profile named none of its launches')
                     return Trial(options, seconds)
             except Exception as error:  # noqa: B902 - a compile failure refuses a candidate
-                return Trial(options, None, f'{type(error).__name__}: {str(error)[:200]}')
+                return Trial(options, None, error_text(error))
 
-        best = trial(dict(start))
+        # one measure for every candidate: the kernel's own launches where the
+        # start's profile names them (a profiler that cannot run, or names none:
+        # the whole call)
+        by_kernel = is_cuda(device)
+        best = trial(dict(start), by_kernel)
+        if by_kernel and best.seconds is None:
+            by_kernel = False
+            best = trial(dict(start), by_kernel)
         trials.append(best)
         if best.seconds is None:
             return trials
@@ -197,7 +196,7 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
                     options = dict(best.options, **{axis: value})
                     if any(t.options == options for t in trials):
                         continue
-                    result = trial(options)
+                    result = trial(options, by_kernel)
                     trials.append(result)
                     if (result.seconds is not None
                             and result.seconds < best.seconds * (1 - MIN_GAIN)):
@@ -275,11 +274,9 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             'start_ms': _ms(trials[0].seconds), 'chosen_ms': _ms(best.seconds),
             'trials': [dict(t.options, ms=_ms(t.seconds), error=t.error) for t in trials]}
         if best.options != start and arch is not None:
-            result['entries'].append(
-                f"TunedTile('{kernel}', {arch}, '{str(operand_dtype)[6:]}', {config['BD']}, "
-                f"False, {best.options['BM']}, {best.options['BH']}, "
-                f"{best.options['num_warps']}, {best.options['num_stages']}, "
-                f"{best.options['programs_per_sm']}),")
+            entry = TunedTile(kernel, arch, dtype_name(operand_dtype), config['BD'], False,
+                              **best.options)
+            result['entries'].append(f'{entry!r},')
         if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
             result['stopped_at'] = kernel
         if on_progress is not None:
@@ -287,7 +284,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     try:
         _time_calls(result, calls, chosen, default_ms, device, repeats)
     except Exception as error:  # noqa: B902 - a broken CUDA context: keep the search's results
-        result['error'] = f'{type(error).__name__}: {str(error)[:300]}'
+        result['error'] = error_text(error, 300)
         return result
     if arch is not None:  # what kernels='auto' decides by
         result['paths'] = path_entries(result['calls'], arch, operand_dtype,
@@ -322,9 +319,10 @@ def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
     for training, names in ((False, ('write', 'read')), (True, ('write step', 'read step'))):
         triton_ms, torch_ms = (sum(calls[name][key] for name in names)
                                for key in ('triton_tuned_ms', 'torch_ms'))
-        lines.append(f"MeasuredPath({arch}, '{str(operand_dtype)[6:]}', {training}, "
-                     f"{triton_ms:.3f}, {torch_ms:.3f}, 'an {card}, the write and read at "
-                     f"batch {shape.batch}, {shape.tokens} tokens'),")
+        entry = MeasuredPath(arch, dtype_name(operand_dtype), training, round(triton_ms, 3),
+                             round(torch_ms, 3), f'an {card}, the write and read at batch '
+                             f'{shape.batch}, {shape.tokens} tokens')
+        lines.append(f'{entry!r},')
     return lines
 
 
@@ -407,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             parser.error(f'--stage must be in [0, {len(shapes) - 1}]')
         shape, dtype, device, axes, repeats = (
             shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda', AXES, 5)
-    settings = {'shape': shape._asdict(), 'operand_dtype': str(dtype)[6:],
+    settings = {'shape': shape._asdict(), 'operand_dtype': dtype_name(dtype),
                 'device': (torch.cuda.get_device_name() if device == 'cuda'
                            else 'cpu (Triton interpreter)'),
                 'torch': torch.__version__, 'triton': _triton_version(), 'dry_run': args.dry_run}

@@ -133,7 +133,7 @@ def write_read_step(shape: MemoryShape, path: str,
     """
     write, read, cotangents = write_read_inputs(shape, dtype, device, seed)
     grads_fn, read_fn = _FUNCTIONS[path]
-    inputs = [t for part in (write or (), read) for t in _flat(part)]
+    inputs = [t for part in (write or (), read) for t in flat_inputs(part)]
 
     def step() -> None:
         outputs = _outputs(write, read, grads_fn, read_fn, operand_dtype)
@@ -142,7 +142,8 @@ def write_read_step(shape: MemoryShape, path: str,
     return step
 
 
-def _flat(part) -> List[torch.Tensor]:
+def flat_inputs(part) -> List[torch.Tensor]:
+    """A write's or read's inputs as one list, the weights' tensors first."""
     return [t for item in part for t in (item if isinstance(item, tuple) else (item, ))]
 
 

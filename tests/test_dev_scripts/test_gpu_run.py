@@ -68,29 +68,31 @@ def test_dry_run_plans_every_section_in_order_into_out(tmp_path, host_wheels):
     assert 'mmcv-2.1.0' in (out / 'install.log').read_text()
 
 
-def test_the_kernels_section_runs_only_when_named(tmp_path, host_wheels):
+def _only_section(tmp_path, wheels: str, name: str, *args: str, **env: str):
+    """A dry run of the one section ``name``: the results folder and its summary row."""
     out = tmp_path / 'results'
-    done = _run(out, '--dry-run', 'kernels', WHEELS=host_wheels)
+    done = _run(out, '--dry-run', *args, name, WHEELS=wheels, **env)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = _summary(out)
-    assert [r['step'] for r in rows] == ['install', 'kernels']
-    command = rows[1]['command']
+    assert [r['step'] for r in rows] == ['install', name]
+    return out, rows[1]
+
+
+def test_the_kernels_section_runs_only_when_named(tmp_path, host_wheels):
+    out, row = _only_section(tmp_path, host_wheels, 'kernels')
+    command = row['command']
     assert '-m gpu' in command and 'on_cuda' in command
     assert f'--junitxml {out}/kernels.xml' in command
 
 
 def test_the_tune_section_runs_only_when_named_within_its_limit(tmp_path, host_wheels):
-    out = tmp_path / 'results'
-    done = _run(out, '--dry-run', '--limit-s', '400', 'tune', WHEELS=host_wheels,
-                TUNE_ARGS='--stage 1')
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = _summary(out)
-    assert [r['step'] for r in rows] == ['install', 'tune']
-    command = rows[1]['command']
+    out, row = _only_section(tmp_path, host_wheels, 'tune', '--limit-s', '400',
+                             TUNE_ARGS='--stage 1')
+    command = row['command']
     assert '-m convneur_mm.analysis.kernel_tuning' in command and '--stage 1' in command
     assert f'--json {out}/tune.json' in command
     # it stops trying candidates early enough to time the calls within the section's limit
-    limit = int(rows[1]['limit_s'])
+    limit = int(row['limit_s'])
     assert f'--limit-s {limit - 45} ' in command
 
 

@@ -33,7 +33,8 @@ from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS
 from .memory_ops.kernels import unavailable_reason
-from .memory_ops.kernels.tuned import auto_path
+from .memory_ops.kernels.launch import cuda_capability
+from .memory_ops.kernels.tuned import auto_path, dtype_name
 from .memory_ops.project import (MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH,
                                  ProjectionWeights, project)
 from .memory_ops.read import read
@@ -131,14 +132,6 @@ class AttentionPool(nn.Module):
         """(B, T, L, d) -> (B, T, d)."""
         attn = self.to_logits(chunks).softmax(dim=-2)
         return (chunks * attn).sum(dim=-2)
-
-
-def _cuda_arch(device: torch.device) -> Optional[int]:
-    """An NVIDIA GPU's compute capability (major * 10 + minor); None elsewhere."""
-    if device.type != 'cuda' or torch.version.hip is not None:
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
 
 
 class MemoryProjections(NamedTuple):
@@ -398,7 +391,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
     @staticmethod
     def _auto_path(x: Tensor, operand_dtype: Optional[torch.dtype]) -> Tuple[str, str]:
         """``auto_path`` for this call's GPU, operand dtype and mode."""
-        return auto_path(_cuda_arch(x.device), str(operand_dtype or torch.float32).split('.')[-1],
+        return auto_path(cuda_capability(x.device), dtype_name(operand_dtype or torch.float32),
                          torch.is_grad_enabled())
 
     def _images_per_slice(self, x: Tensor) -> int:

@@ -9,6 +9,8 @@ import torch
 from convneur_mm.models.layers.memory_ops.kernels import launch, tuned
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile, check_tuned_tiles
 
+from .test_memory_kernels import _run_interpreted
+
 BF16 = torch.bfloat16
 
 
@@ -119,7 +121,7 @@ def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
 def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
     from convneur_mm.models.layers import NeuralMemory, neural_memory
     memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
-    monkeypatch.setattr(neural_memory, '_cuda_arch', lambda device: 80)
+    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 80)
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
     assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason
@@ -129,92 +131,86 @@ def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatc
     """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
     from convneur_mm.models.layers import NeuralMemory, neural_memory
     memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
-    monkeypatch.setattr(neural_memory, '_cuda_arch', lambda device: 90)
+    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
     assert plan.implementation == 'triton' and '17.96 ms through the kernels' in plan.reason
 
 
-OWN_TILES_SCRIPT = r'''
-import json, torch
-from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
-from convneur_mm.models.layers.memory_ops.kernels import launch
-
-gen = torch.Generator().manual_seed(0)
-d, L = 16, 20
-weights = MemoryWeights(torch.randn(1, d, 4 * d, generator=gen) / 4,
-                        torch.randn(1, 4 * d, d, generator=gen) / 8,
-                        torch.randn(1, d, generator=gen) / 10)
-keys, values = torch.randn(1, 3, L, d, generator=gen), torch.randn(1, 3, L, d, generator=gen)
-lr = torch.rand(1, 3, L, generator=gen)
-with torch.no_grad():
-    base = chunk_grads_triton(weights, keys, values, lr, torch.float16)
-    errors = {}
-    for bh in (16, 64):
-        with launch.forced_tiles('grads_cols', BH=bh):
-            got = chunk_grads_triton(weights, keys, values, lr, torch.float16)
-        errors[bh] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, base))
-print(json.dumps(errors))
-'''
+def own_tiles_results() -> dict:
+    """(Interpreter) the chunk gradients with the weights' pass at 16 and 64
+    hidden units per block, against its default of 32 (the rows pass's):
+    the max-relative error of each."""
+    from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
+    gen = torch.Generator().manual_seed(0)
+    d, L = 16, 20
+    weights = MemoryWeights(torch.randn(1, d, 4 * d, generator=gen) / 4,
+                            torch.randn(1, 4 * d, d, generator=gen) / 8,
+                            torch.randn(1, d, generator=gen) / 10)
+    keys = torch.randn(1, 3, L, d, generator=gen)
+    values = torch.randn(1, 3, L, d, generator=gen)
+    lr = torch.rand(1, 3, L, generator=gen)
+    with torch.no_grad():
+        base = chunk_grads_triton(weights, keys, values, lr, torch.float16)
+        errors = {}
+        for bh in (16, 64):
+            with launch.forced_tiles('grads_cols', BH=bh):
+                got = chunk_grads_triton(weights, keys, values, lr, torch.float16)
+            errors[bh] = max(((a - b).abs().max() / b.abs().max()).item()
+                             for a, b in zip(got, base))
+    return errors
 
 
 def test_the_weights_pass_launches_by_its_own_tiles():
     """The chunk gradients' weights pass with hidden blocks of its own (16
     or 64 units while the rows pass takes 32): its grid counts its own
     blocks, and every block of every chunk is computed (interpreter)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from ...paths import REPO
-    done = subprocess.run([sys.executable, '-c', OWN_TILES_SCRIPT], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env=dict(os.environ, TRITON_INTERPRET='1'))
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = _run_interpreted('own_tiles_results', 'test_memory_kernel_tiles')
     assert max(errors.values()) < 1e-6, errors
 
 
-PERSISTENT_SCRIPT = r'''
-import contextlib, json, torch
-from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
-                                                  chunk_read_triton)
-from convneur_mm.models.layers.memory_ops.kernels import launch
+def persistent_results() -> dict:
+    """(Interpreter) the chunk gradients and a chunk read, forward and
+    backward, with one program per tile and with two programs in all
+    (``programs_per_sm=2`` on one multiprocessor): the largest difference,
+    and each launch's tiles, grid and tiles per program."""
+    import contextlib
+    from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
+                                                      chunk_read_triton)
+    gen = torch.Generator().manual_seed(0)
+    d, L = 16, 20
 
-gen = torch.Generator().manual_seed(0)
-d, L = 16, 20
-rand = lambda *shape, scale=1.0: torch.randn(shape, generator=gen) * scale
-weights = [rand(1, d, 4 * d, scale=0.25), rand(1, 4 * d, d, scale=0.125), rand(1, d, scale=0.1)]
-keys, values, lr = rand(1, 4, L, d), rand(1, 4, L, d), torch.rand(1, 4, L, generator=gen)
-states = [rand(1, 2, 3, d, 4 * d, scale=0.25), rand(1, 2, 3, 4 * d, d, scale=0.125),
-          rand(1, 2, 3, d, scale=0.1)]
-queries = rand(1, 2, 3 * L - 4, d)
-inputs = weights + [keys, values, lr] + states + [queries]
-cotangents = [rand(1, 4, d, 4 * d), rand(1, 4, 4 * d, d), rand(1, 4, d),
-              rand(2, 3 * L - 4, d)]  # the read merges the heads: (B, N, H d)
+    def rand(*shape, scale=1.0):
+        return torch.randn(shape, generator=gen) * scale
 
+    weights = [rand(1, d, 4 * d, scale=0.25), rand(1, 4 * d, d, scale=0.125),
+               rand(1, d, scale=0.1)]
+    keys, values, lr = rand(1, 4, L, d), rand(1, 4, L, d), torch.rand(1, 4, L, generator=gen)
+    states = [rand(1, 2, 3, d, 4 * d, scale=0.25), rand(1, 2, 3, 4 * d, d, scale=0.125),
+              rand(1, 2, 3, d, scale=0.1)]
+    queries = rand(1, 2, 3 * L - 4, d)
+    inputs = weights + [keys, values, lr] + states + [queries]
+    cotangents = [rand(1, 4, d, 4 * d), rand(1, 4, 4 * d, d), rand(1, 4, d),
+                  rand(2, 3 * L - 4, d)]  # the read merges the heads: (B, N, H d)
 
-def run():
-    leaves = [t.clone().requires_grad_() for t in inputs]
-    grads = chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:6], torch.float16)
-    read = chunk_read_triton(MemoryWeights(*leaves[6:9]), leaves[9], L, torch.float16)
-    outputs = list(grads) + [read]
-    return outputs + list(torch.autograd.grad(outputs, leaves, cotangents))
+    def run():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        grads = chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:6], torch.float16)
+        read = chunk_read_triton(MemoryWeights(*leaves[6:9]), leaves[9], L, torch.float16)
+        outputs = list(grads) + [read]
+        return outputs + list(torch.autograd.grad(outputs, leaves, cotangents))
 
-
-with launch.observing_launches() as plain_launches:
-    base = run()
-with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
-    for kernel in launch.KERNEL_NAMES:
-        stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=2))
-    persistent = run()
-print(json.dumps(dict(
-    max_diff=max((a - b).abs().max().item() for a, b in zip(base, persistent)),
-    launches=[[p.kernel.__name__, p.grid[0], l.grid[0], l.kwargs.get('ITERS', 1)]
-              for p, l in zip(plain_launches, launches)])))
-'''
+    with launch.observing_launches() as plain_launches:
+        base = run()
+    with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
+        for kernel in launch.KERNEL_NAMES:
+            stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=2))
+        persistent = run()
+    return dict(
+        max_diff=max((a - b).abs().max().item() for a, b in zip(base, persistent)),
+        launches=[[p.kernel.__name__, p.grid[0], l.grid[0], l.kwargs.get('ITERS', 1)]
+                  for p, l in zip(plain_launches, launches)])
 
 
 def test_persistent_programs_compute_what_a_program_per_tile_computes():
@@ -222,17 +218,7 @@ def test_persistent_programs_compute_what_a_program_per_tile_computes():
     multiprocessor in Triton's interpreter, which checks the arithmetic, not
     the occupancy) against one program per tile: the same results and
     gradients, bit for bit, from every product kernel."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from ...paths import REPO
-    done = subprocess.run([sys.executable, '-c', PERSISTENT_SCRIPT], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env=dict(os.environ, TRITON_INTERPRET='1'))
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_interpreted('persistent_results', 'test_memory_kernel_tiles')
     assert result['max_diff'] == 0.0
     launched = result['launches']
     assert {name for name, *_ in launched} == {f'{k}_kernel' for k in launch.KERNEL_NAMES}
@@ -293,3 +279,9 @@ def test_persistent_programs_compile_within_the_shared_memory_and_a_spill_bound(
     for key, (registers, spills, shared) in persistent.items():
         assert shared == plain[key][2] and spills <= max(plain[key][1], 256), (
             key, persistent[key], plain[key])
+
+
+if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
+    import json
+    import sys
+    print(json.dumps(globals()[sys.argv[1]]()))

@@ -79,10 +79,10 @@ def launch_flops(launch: Launch) -> Tuple[int, int]:
     name, a = kernel_name(launch), _arguments(launch)
     half = str(a.get('DTYPE')) != 'fp32'
     if name in PRODUCTS:
-        per_row = 2 * a['D'] * a['HID']
-        flops = PRODUCTS[name] * per_row * _rows_of(name, a, launch.grid[0])
-        base = TF32X3_AS_HALF * (BASE_PRODUCTS.get(name, 0) * per_row *
-                                 _rows_of(name, a, launch.grid[0]) if a.get('DECOMPOSED') else 0)
+        per_row = 2 * a['D'] * a['HID'] * _rows_of(name, a, launch.grid[0])
+        flops = PRODUCTS[name] * per_row
+        base = (TF32X3_AS_HALF * BASE_PRODUCTS.get(name, 0) * per_row
+                if a.get('DECOMPOSED') else 0)
         return flops + base, (flops if half else 0) + base
     if name in ('project_kernel', 'project_backward_kernel'):
         flops = _projection_flops(a, backward=name == 'project_backward_kernel')

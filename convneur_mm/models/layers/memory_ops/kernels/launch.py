@@ -191,8 +191,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
             and arch is not None and arch >= 90):
         # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
         warps = 8
-    config = dict(BM=min(bm, max(16, _next_pow2(rows))), BD=bd, BH=bh, num_warps=warps,
-                  num_stages=2, programs_per_sm=0)
+    config = dict(BM=bm, BD=bd, BH=bh, num_warps=warps, num_stages=2, programs_per_sm=0)
     if arch is not None:
         config.update(tuned_tiles(kernel, arch, operand_dtype, bd, decomposed) or {})
     config.update(next((options for name, options in reversed(_forced) if name == kernel), {}))
@@ -250,11 +249,11 @@ def tuned_tiles(kernel: str, arch: int, operand_dtype: torch.dtype, block_d: int
                 decomposed: bool) -> Optional[dict]:
     """The launch options ``tuned.TUNED_TILES`` records for a kernel on a
     GPU of compute capability ``arch``, or None where none was measured."""
-    from .tuned import TUNED_TILES
-    name = str(operand_dtype).replace('torch.', '')
+    from .tuned import TUNED_TILES, dtype_name
     for entry in TUNED_TILES:
         if (entry.kernel, entry.arch, entry.operand_dtype, entry.block_d,
-                entry.decomposed) == (kernel, arch, name, block_d, decomposed):
+                entry.decomposed) == (kernel, arch, dtype_name(operand_dtype), block_d,
+                                      decomposed):
             return entry.options()
     return None
 
@@ -386,15 +385,21 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def cuda_capability(device: torch.device) -> Optional[int]:
+    """An NVIDIA GPU's compute capability (major * 10 + minor); None for
+    any other device."""
+    if device.type != 'cuda' or torch.version.hip is not None:
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def target_arch(device: torch.device) -> Optional[int]:
     """The NVIDIA compute capability (major * 10 + minor) the kernels compile
     for: a recording's (``recording_launches``), a CUDA device's; else None."""
     if _recorders:
         return _recorders[-1][1]
-    if device.type != 'cuda' or torch.version.hip is not None or launches_skipped():
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    return None if launches_skipped() else cuda_capability(device)
 
 
 def launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[object, dict]:
@@ -545,10 +550,11 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
         slot0 += blocks
     cols = tile_config('read_backward_cols', d, min(length, n), block_rows, block_hidden,
                        operand_dtype, decomposed, arch=arch)
+    hidden_blocks = cdiv(hidden, cols['BH'])
     launch_kernel(
-        kernels.read_backward_cols_kernel, states * cdiv(hidden, cols['BH']), cols, x.device,
+        kernels.read_backward_cols_kernel, states * hidden_blocks, cols, x.device,
         x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
-        batch, chunks, n, length, d, hidden, cdiv(hidden, cols['BH']),
+        batch, chunks, n, length, d, hidden, hidden_blocks,
         *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
         DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS)
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)

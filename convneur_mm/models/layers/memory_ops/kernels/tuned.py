@@ -12,9 +12,16 @@ both kinds in this form, or from the benchmark notes' measurements.
 """
 from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
+import torch
+
 from .launch import KERNEL_NAMES, check_programs_per_sm, check_tiles
 
 OPERAND_DTYPE_NAMES = ('float32', 'float16', 'bfloat16')
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for ``torch.bfloat16``: how the tables name a dtype."""
+    return str(dtype).replace('torch.', '')
 
 
 class TunedTile(NamedTuple):
