@@ -136,11 +136,6 @@ def with_kernel_costs(fn: Callable[[], object], costs: Dict[str, OpCost],
     return priced
 
 
-def error_text(error: BaseException, limit: int = 200) -> str:
-    """An error as a report line: its type and the start of its message."""
-    return f'{type(error).__name__}: {str(error)[:limit]}'
-
-
 def total_cost(costs: Dict[str, OpCost]) -> OpCost:
     return OpCost(*(sum(values) for values in zip(*costs.values()))) if costs else OpCost(0, 0, 0)
 
@@ -340,7 +335,7 @@ def _priced_kernels(call: Callable[[], object], costs: Dict[str, OpCost], device
     try:
         return with_kernel_costs(call, costs, device), note
     except Exception as error:  # noqa: B902 - a GPU run's time is worth more than its pricing
-        return costs, f'{note}; kernels not priced ({error_text(error)})'
+        return costs, f'{note}; kernels not priced ({type(error).__name__}: {str(error)[:200]})'
 
 
 def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,

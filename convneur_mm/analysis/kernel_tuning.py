@@ -38,10 +38,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 
 from convneur_mm.analysis.bench_env import is_cuda, time_kernel
-from convneur_mm.analysis.kernel_profile import (device_peak, error_text, profile_kernels,
-                                                 total_cost, with_kernel_costs)
+from convneur_mm.analysis.kernel_profile import (device_peak, profile_kernels, total_cost,
+                                                 with_kernel_costs)
 from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, flat_inputs,
                                                write_read_inputs)
+from convneur_mm.analysis.memory_variants import describe_error
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
                                                                 MeasuredPath, TunedTile,
                                                                 dtype_name)
@@ -161,7 +162,7 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
             with forced_tiles(kernel, **start):
                 want = [t.detach().clone() for t in call()]
         except Exception as error:  # noqa: B902 - reported, the next kernel is tuned
-            return [Trial(dict(start), None, error_text(error))]
+            return [Trial(dict(start), None, describe_error(error))]
 
         def trial(options: Dict[str, int], by_kernel: bool) -> Trial:
             try:
@@ -174,7 +175,7 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
                         return Trial(options, None, 'the profile named none of its launches')
                     return Trial(options, seconds)
             except Exception as error:  # noqa: B902 - a compile failure refuses a candidate
-                return Trial(options, None, error_text(error))
+                return Trial(options, None, describe_error(error))
 
         # one measure for every candidate: the kernel's own launches where the
         # start's profile names them (a profiler that cannot run, or names none:
@@ -284,7 +285,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     try:
         _time_calls(result, calls, chosen, default_ms, device, repeats)
     except Exception as error:  # noqa: B902 - a broken CUDA context: keep the search's results
-        result['error'] = error_text(error, 300)
+        result['error'] = describe_error(error)
         return result
     if arch is not None:  # what kernels='auto' decides by
         result['paths'] = path_entries(result['calls'], arch, operand_dtype,
