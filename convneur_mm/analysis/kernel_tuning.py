@@ -56,7 +56,7 @@ MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card meas
 # the call that launches each kernel: an operation's forward or its training step
 OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols': 'read step',
          'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
-         'grads_backward_cols': 'write step'}
+         'grads_backward_cols': 'write step', 'grads_chunk': 'write'}
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
 
 
@@ -207,6 +207,21 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
     return trials
 
 
+def replaced_seconds(kernel: str, call: Callable[[], object],
+                     chosen: Dict[str, Dict[str, int]], device,
+                     repeats: int = 5) -> Optional[float]:
+    """Seconds of the kernels that ``kernel`` replaces
+    (``launch.REPLACES``), at their ``chosen`` options: their own launches
+    summed on CUDA (None where the profile names one of them not), else the
+    whole call's, as ``kernel`` itself is timed."""
+    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES
+    with _forced({k: v for k, v in chosen.items() if k != kernel}):
+        if not is_cuda(device):
+            return time_kernel(call, device, repeats)
+        times = [kernel_seconds(name, call, device, repeats) for name in REPLACES[kernel]]
+    return None if None in times else sum(times)
+
+
 def best_trial(trials: List[Trial]) -> Trial:
     """The fastest accepted trial that beats the first (the start) by
     ``MIN_GAIN``, else the first."""
@@ -250,7 +265,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         whose search the time limit ended, if any; ``error`` an error of the
         final timings.
     """
-    from convneur_mm.models.layers.memory_ops.kernels.launch import (target_arch,
+    from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, target_arch,
                                                                      tile_config)
     device = torch.device(device)
     deadline = None if limit_s is None else time.monotonic() + limit_s
@@ -269,12 +284,21 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         trials = tune_kernel(kernel, calls.triton[OP_OF[kernel]], start, chosen, device, tol,
                              axes, rounds, deadline, repeats)
         best = best_trial(trials)
-        chosen[kernel] = best.options
-        result['kernels'][kernel] = {
+        record = result['kernels'][kernel] = {
             'call': OP_OF[kernel], 'start': start, 'chosen': best.options,
             'start_ms': _ms(trials[0].seconds), 'chosen_ms': _ms(best.seconds),
             'trials': [dict(t.options, ms=_ms(t.seconds), error=t.error) for t in trials]}
-        if best.options != start and arch is not None:
+        record_entry = best.options != start
+        if kernel in REPLACES:  # it runs, and gets an entry, only where it beats those it replaces
+            replaced = replaced_seconds(kernel, calls.triton[OP_OF[kernel]], chosen, device,
+                                        repeats)
+            record['replaced_ms'] = _ms(replaced)
+            record_entry = record['replaces'] = (
+                best.seconds is not None and replaced is not None
+                and best.seconds < replaced * (1 - MIN_GAIN))
+        if kernel not in REPLACES or record_entry:
+            chosen[kernel] = best.options
+        if record_entry and arch is not None:
             entry = TunedTile(kernel, arch, dtype_name(operand_dtype), config['BD'], False,
                               **best.options)
             result['entries'].append(f'{entry!r},')
@@ -347,13 +371,17 @@ def format_report(result: Dict) -> str:
     kernels = [[name, k['call'], options(k['start']), ms(k['start_ms']), options(k['chosen']),
                 ms(k['chosen_ms']), str(len(k['trials']))]
                for name, k in result['kernels'].items()]
+    replacing = [f"{name}: {ms(k['chosen_ms'])} ms against {ms(k['replaced_ms'])} ms for "
+                 'the kernels it replaces: ' + ('it replaces them' if k['replaces'] else
+                                                'they stay')
+                 for name, k in result['kernels'].items() if 'replaces' in k]
     calls = [[name, ms(c['triton_default_ms']), ms(c['triton_tuned_ms']), ms(c['torch_ms']),
               '-' if c['roofline_ms'] is None else ms(c['roofline_ms'])]
              for name, c in result['calls'].items()]
     lines = [markdown_table(['kernel', 'timed through', 'default', 'ms', 'chosen', 'ms', 'tried'],
                             kernels), '',
              markdown_table(['call', 'Triton, default ms', 'Triton, tuned ms', 'PyTorch ms',
-                             'kernels\' roofline ms'], calls), '']
+                             'kernels\' roofline ms'], calls), ''] + replacing
     if result['entries']:
         lines += ['TUNED_TILES entries:'] + ['    ' + e for e in result['entries']]
     elif result.get('arch') is None:

@@ -113,6 +113,38 @@ def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
     assert kernel_tuning.kernel_seconds('read', None, 'cuda', by_kernel=False) == 42.0
 
 
+def test_a_kernel_that_replaces_others_is_timed_against_their_sum(monkeypatch):
+    """The chunk gradients' one program per chunk against its rows and
+    columns passes at their chosen options (itself not chosen meanwhile):
+    their own launches summed; none where the profile misses one."""
+    seen = {}
+
+    def seconds(kernel, call, device, repeats):
+        seen[kernel] = (launch.chosen_kernel('grads_chunk', 32, torch.float16, None),
+                        launch.tile_config('grads_rows', 32, 64, None, None,
+                                           torch.float16)['BM'])
+        return times[kernel]
+
+    monkeypatch.setattr(kernel_tuning, 'is_cuda', lambda device: True)
+    monkeypatch.setattr(kernel_tuning, 'kernel_seconds', seconds)
+    chosen = {'grads_chunk': dict(BM=32), 'grads_rows': dict(BM=16)}
+    times = {'grads_rows': 1.0, 'grads_cols': 2.0}
+    assert kernel_tuning.replaced_seconds('grads_chunk', None, chosen, 'cuda') == 3.0
+    assert seen == {'grads_rows': (False, 16), 'grads_cols': (False, 16)}
+    times['grads_cols'] = None
+    assert kernel_tuning.replaced_seconds('grads_chunk', None, chosen, 'cuda') is None
+
+
+def test_the_report_says_whether_a_replacing_kernel_replaces():
+    record = dict(call='write', start=START, chosen=START, start_ms=1.0, chosen_ms=1.0,
+                  trials=[dict(START, ms=1.0, error=None)], replaced_ms=2.0)
+    for replaces, verdict in ((True, 'it replaces them'), (False, 'they stay')):
+        result = dict(arch=None, kernels={'grads_chunk': dict(record, replaces=replaces)},
+                      calls={}, entries=[], paths=[], stopped_at=None, error=None)
+        assert (f'grads_chunk: 1.000 ms against 2.000 ms for the kernels it replaces: '
+                f'{verdict}') in kernel_tuning.format_report(result)
+
+
 def test_the_report_says_where_the_time_limit_or_an_error_ended_the_run():
     trial = dict(START, ms=1.0, error=None)
     result = dict(arch=90, kernels={'read': dict(call='read', start=START, chosen=START, start_ms=1.0,
@@ -136,18 +168,21 @@ def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_
 
 @pytest.mark.slow  # about 30 s: the interpreter runs every call of the search
 def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
-    """Two kernels, one forward and one backward, at tiny shapes: each
+    """Three kernels, two forward and one backward, at tiny shapes: each
     starts from the options it launches with, every candidate computes the
     start's results, and the four calls are timed through both paths."""
     out = tmp_path / 'tune.json'
     done = subprocess.run(
         [sys.executable, '-m', 'convneur_mm.analysis.kernel_tuning', '--dry-run', '--kernels',
-         'read', 'grads_backward_cols', '--rounds', '1', '--json', str(out)],
+         'read', 'grads_backward_cols', 'grads_chunk', '--rounds', '1', '--json', str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=600,
         env=dict(os.environ, TRITON_INTERPRET='1'))
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
-    assert list(result['kernels']) == ['read', 'grads_backward_cols']
+    assert list(result['kernels']) == ['read', 'grads_backward_cols', 'grads_chunk']
+    # the one program per chunk, timed against the two passes it would replace
+    assert result['kernels']['grads_chunk']['replaced_ms'] > 0
+    assert isinstance(result['kernels']['grads_chunk']['replaces'], bool)
     shape = kernel_tuning.DRY_SHAPE
     for name, kernel in result['kernels'].items():
         default = launch.tile_config(name, shape.head_dim, shape.chunk, None, None,

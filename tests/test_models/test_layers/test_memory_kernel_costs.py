@@ -51,6 +51,20 @@ def test_inference_kernels_cost_their_products_over_the_rows_they_serve():
     assert float32['read_kernel'].half_flops == 0
 
 
+def test_one_program_per_chunk_costs_both_passes_products_and_fewer_bytes():
+    """The chunk gradients as one program per chunk: the rows and columns
+    passes' six products per written row; its scratch (Dh, 16-bit keys)
+    counted once where the two passes count it in each, and one d_g per
+    chunk in place of per-block shares."""
+    two = _memory_costs()
+    one = _memory_costs(grads_chunk={})
+    assert 'grads_rows_kernel' not in one and 'grads_cols_kernel' not in one
+    merged = one['grads_chunk_kernel']
+    assert merged.flops == merged.half_flops == (two['grads_rows_kernel'].flops +
+                                                 two['grads_cols_kernel'].flops)
+    assert merged.bytes < two['grads_rows_kernel'].bytes + two['grads_cols_kernel'].bytes
+
+
 def test_a_chunk_read_costs_the_tokens_it_has_whatever_its_states():
     from convneur_mm.models.layers.memory_ops import chunk_read_triton
     meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731

@@ -12,6 +12,8 @@ from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile, check_
 from .test_memory_kernels import _run_interpreted
 
 BF16 = torch.bfloat16
+# the kernels a call launches unless a kernel that replaces some is chosen
+_TWO_PASSES = [k for k in launch.KERNEL_NAMES if k not in launch.REPLACES]
 
 
 def _entry(**changes) -> TunedTile:
@@ -201,16 +203,27 @@ def persistent_results() -> dict:
         outputs = list(grads) + [read]
         return outputs + list(torch.autograd.grad(outputs, leaves, cotangents))
 
-    with launch.observing_launches() as plain_launches:
-        base = run()
-    with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
-        for kernel in launch.KERNEL_NAMES:
-            stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=2))
-        persistent = run()
-    return dict(
-        max_diff=max((a - b).abs().max().item() for a, b in zip(base, persistent)),
-        launches=[[p.kernel.__name__, p.grid[0], l.grid[0], l.kwargs.get('ITERS', 1)]
-                  for p, l in zip(plain_launches, launches)])
+    def runs(one_program: bool):
+        # (results, launches) with a program per tile, then with persistent programs
+        kernels = launch.KERNEL_NAMES if one_program else _TWO_PASSES
+        chosen = ['grads_chunk'] if one_program else []
+        out = []
+        for per_sm in (0, 2):
+            with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
+                for kernel in kernels if per_sm else chosen:
+                    stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
+                out.append((run(), launches))
+        return out
+
+    result = {}
+    for tag, one_program in (('', False), ('_one_program', True)):
+        (base, plain_launches), (persistent, launches) = runs(one_program)
+        result['max_diff' + tag] = max((a - b).abs().max().item()
+                                       for a, b in zip(base, persistent))
+        result['launches' + tag] = [
+            [p.kernel.__name__, p.grid[0], l.grid[0], l.kwargs.get('ITERS', 1)]
+            for p, l in zip(plain_launches, launches)]
+    return result
 
 
 def test_persistent_programs_compute_what_a_program_per_tile_computes():
@@ -219,12 +232,17 @@ def test_persistent_programs_compute_what_a_program_per_tile_computes():
     the occupancy) against one program per tile: the same results and
     gradients, bit for bit, from every product kernel."""
     result = _run_interpreted('persistent_results', 'test_memory_kernel_tiles')
-    assert result['max_diff'] == 0.0
-    launched = result['launches']
-    assert {name for name, *_ in launched} == {f'{k}_kernel' for k in launch.KERNEL_NAMES}
-    for name, tiles, grid, iters in launched:
+    assert result['max_diff'] == result['max_diff_one_program'] == 0.0
+    launched, one_program = result['launches'], result['launches_one_program']
+    assert {name for name, *_ in launched} == {f'{k}_kernel' for k in launch.KERNEL_NAMES
+                                               if k not in launch.REPLACES}
+    # one program per chunk in place of the rows and columns passes
+    assert {name for name, *_ in one_program} == {name for name, *_ in launched} - {
+        'grads_rows_kernel', 'grads_cols_kernel'} | {'grads_chunk_kernel'}
+    for name, tiles, grid, iters in launched + one_program:
         assert grid * iters == tiles and grid <= max(2, tiles // 2 + 1), (name, tiles, grid)
     assert sum(iters > 1 for *_, iters in launched) >= 6
+    assert [iters for name, *_, iters in one_program if name == 'grads_chunk_kernel'] == [2]
 
 
 def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
@@ -236,6 +254,38 @@ def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
     with pytest.raises(ValueError, match='programs_per_sm must be an int >= 0'):
         with launch.forced_tiles('read', programs_per_sm=-1):
             pass
+
+
+def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
+    """The chunk gradients' one program per chunk runs inside its
+    ``forced_tiles`` or where a tuned entry names it for the GPU, in place of
+    the rows and columns passes; elsewhere the two passes run (recorded on
+    meta tensors for sm_90)."""
+    pytest.importorskip('triton')
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        pytest.skip('recording compiles no kernel, but needs triton outside its interpreter')
+    from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
+    meta = dict(device='meta')
+    weights = MemoryWeights(torch.empty(1, 128, 512, **meta), torch.empty(1, 512, 128, **meta),
+                            torch.empty(1, 128, **meta))
+    keys = torch.empty(1, 6, 196, 128, **meta)
+    lr = torch.empty(1, 6, 196, **meta)
+
+    def launched(arch: int = 90):
+        with torch.no_grad(), launch.recording_launches(arch) as launches:
+            out = chunk_grads_triton(weights, keys, keys, lr, BF16)
+        assert [tuple(t.shape) for t in out] == [(1, 6, 128, 512), (1, 6, 512, 128), (1, 6, 128)]
+        return [(x.kernel.__name__, x.grid, x.kwargs['BM'], x.kwargs['num_warps'])
+                for x in launches]
+
+    assert [name for name, *_ in launched()] == ['grads_rows_kernel', 'grads_cols_kernel']
+    with launch.forced_tiles('grads_chunk'):
+        assert launched() == [('grads_chunk_kernel', (6, ), 32, 8)]
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='grads_chunk', BM=64), ))
+    assert launched() == [('grads_chunk_kernel', (6, ), 64, 8)]
+    assert [name for name, *_ in launched(80)] == ['grads_rows_kernel', 'grads_cols_kernel']
+    with pytest.raises(ValueError, match='kernel must be one of'):
+        launch.chosen_kernel('grads_rows', 128, BF16, 90)
 
 
 def _stage1_reports(arch: int, per_sm: int) -> dict:
@@ -253,7 +303,7 @@ def _stage1_reports(arch: int, per_sm: int) -> dict:
                           matmul_dtype='bfloat16').to('meta')
     x = torch.empty(128, 3136, 128, device='meta', requires_grad=True)
     with contextlib.ExitStack() as stack, launch.recording_launches(arch) as launches:
-        for kernel in launch.KERNEL_NAMES:
+        for kernel in _TWO_PASSES:
             stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
         memory.train()(x).sum().backward()
     iters = {}  # the most tiles per program of each kernel's launches (132 multiprocessors)
@@ -274,7 +324,7 @@ def test_persistent_programs_compile_within_the_shared_memory_and_a_spill_bound(
     memory stays the same."""
     _, plain = _stage1_reports(90, 0)
     iters, persistent = _stage1_reports(90, 2)
-    assert all(iters[f'{kernel}_kernel'] > 1 for kernel in launch.KERNEL_NAMES), iters
+    assert all(iters[f'{kernel}_kernel'] > 1 for kernel in _TWO_PASSES), iters
     assert persistent.keys() == plain.keys()
     for key, (registers, spills, shared) in persistent.items():
         assert shared == plain[key][2] and spills <= max(plain[key][1], 256), (

@@ -26,6 +26,8 @@ each with the specialization of the launch the wrappers make
 (``kernels.inspect``), and ptxas' registers, spills and matrix instructions
 are checked.
 """
+import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -164,6 +166,11 @@ def _decomposed_results(gen: torch.Generator, device: str = 'cpu',
     return results
 
 
+# the chunk gradients' two passes (the default), and one program per chunk
+LAYOUTS = [('', contextlib.nullcontext),
+           ('_one_program', lambda: launch.forced_tiles('grads_chunk'))]
+
+
 def interpreter_results() -> dict:
     """Every interpreter case: {name: errors}. Runs in the subprocess."""
     assert os.environ.get('TRITON_INTERPRET') == '1'
@@ -182,10 +189,11 @@ def interpreter_results() -> dict:
     with torch.no_grad():
         for name, (groups, chunks, length, d, max_lr, blocks) in write_cases.items():
             w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
-            for tag, dtype in dtypes.items():
-                got = chunk_grads_triton(w, keys, values, token_lr, dtype,
-                                                          **blocks)
-                results[f'grads_{tag}_{name}'] = _grads_errors(got, w, keys, values, token_lr)
+            for (tag, dtype), (layout, chosen) in itertools.product(dtypes.items(), LAYOUTS):
+                with chosen():
+                    got = chunk_grads_triton(w, keys, values, token_lr, dtype, **blocks)
+                results[f'grads{layout}_{tag}_{name}'] = _grads_errors(got, w, keys, values,
+                                                                       token_lr)
 
         gen = torch.Generator().manual_seed(0)
         # the projections' views of B images, cut to their U written chunks:
@@ -212,9 +220,10 @@ def interpreter_results() -> dict:
         keys, values, token_lr = written[..., :d], written[..., d:2 * d], written[..., 2 * d]
         token_lr = token_lr.sigmoid()
         w = _weights(groups, d, gen)
-        for tag, dtype in dtypes.items():
-            got = chunk_grads_triton(w, keys, values, token_lr, dtype, block_rows=16)
-            results[f'grads_{tag}_per_image_rows'] = _grads_errors(
+        for (tag, dtype), (layout, chosen) in itertools.product(dtypes.items(), LAYOUTS):
+            with chosen():
+                got = chunk_grads_triton(w, keys, values, token_lr, dtype, block_rows=16)
+            results[f'grads{layout}_{tag}_per_image_rows'] = _grads_errors(
                 got, w, *(t.flatten(1, 2) for t in (keys, values, token_lr)))
 
         w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
@@ -414,14 +423,16 @@ GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr',
               'd16_L40_blocks32', 'per_image_rows']
 
 
+@pytest.mark.parametrize('layout', [name for name, _ in LAYOUTS])
 @pytest.mark.parametrize('case', GRAD_CASES)
-def test_triton_grads_float32_match_float64(interpreted, case):
-    assert interpreted[f'grads_f32_{case}']['exact'] < F32_TOL
+def test_triton_grads_float32_match_float64(interpreted, case, layout):
+    assert interpreted[f'grads{layout}_f32_{case}']['exact'] < F32_TOL
 
 
+@pytest.mark.parametrize('layout', [name for name, _ in LAYOUTS])
 @pytest.mark.parametrize('case', GRAD_CASES)
-def test_triton_grads_float16_operands(interpreted, case):
-    errors = interpreted[f'grads_f16_{case}']
+def test_triton_grads_float16_operands(interpreted, case, layout):
+    errors = interpreted[f'grads{layout}_f16_{case}']
     assert errors['emulated'] < F16_EMULATED_TOL
     assert errors['exact'] < F16_TOL
 
@@ -919,7 +930,8 @@ def test_auto_kernels_serve_cuda_inference_in_bfloat16_where_measured():
 @pytest.mark.gpu
 @pytest.mark.parametrize('d', [80, 128, 160])
 def test_triton_kernels_on_cuda_at_model_widths(d):
-    """The compiled kernels at M1..M4 widths, L = 196, every operand dtype."""
+    """The compiled kernels at M1..M4 widths, L = 196, every operand dtype,
+    the chunk gradients in both layouts."""
     torch.manual_seed(d)
     w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
     exact_grads = chunk_grads_torch(w.map(torch.Tensor.double), keys.double(), values.double(),
@@ -930,11 +942,12 @@ def test_triton_kernels_on_cuda_at_model_widths(d):
     w_cuda = w.map(lambda t: t.to(cuda))
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
     with torch.no_grad():
-        for dtype, tol in tolerances.items():
-            grads = chunk_grads_triton(
-                w_cuda, keys.to(cuda), values.to(cuda), token_lr.to(cuda), dtype)
+        for (dtype, tol), (layout, chosen) in itertools.product(tolerances.items(), LAYOUTS):
+            with chosen():  # one program per chunk: its own stores read back past a barrier
+                grads = chunk_grads_triton(
+                    w_cuda, keys.to(cuda), values.to(cuda), token_lr.to(cuda), dtype)
             for a, b in zip(grads, exact_grads):
-                assert _rel_err(a.cpu(), b) < tol, (dtype, a.shape)
+                assert _rel_err(a.cpu(), b) < tol, (dtype, layout, a.shape)
             read = read_triton(w_cuda, x.to(cuda), dtype)
             assert _rel_err(read.cpu(), exact_read) < tol, dtype
         decomposed = _decomposed_results(torch.Generator().manual_seed(d), 'cuda',

@@ -1,4 +1,5 @@
-"""Every chunk's write gradient as two Triton kernels, a custom operator
+"""Every chunk's write gradient as two Triton kernels (or, where chosen, one
+program per chunk that runs both), a custom operator
 ``torch.ops.convneur_mm.memory_chunk_grads`` whose backward is two more
 (``torch.ops.convneur_mm.memory_chunk_grads_backward``)."""
 from typing import Callable, NamedTuple, Optional, Tuple
@@ -8,8 +9,8 @@ from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights
 from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
-                              check_runnable, check_span, launch_config, launch_kernel,
-                              target_arch, tile_config)
+                              check_runnable, check_span, chosen_kernel, launch_config,
+                              launch_kernel, target_arch, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -28,7 +29,10 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     runs per (chunk, block of hidden units): it recomputes that block of
     ``keys @ w1`` and accumulates its slices of the chunk's G1 and G2 in
     float32 registers. No (tokens, 4d) tensor reaches memory, and keys,
-    values and step sizes are read where they lie (any strides).
+    values and step sizes are read where they lie (any strides). Where
+    ``launch.chosen_kernel('grads_chunk', ...)`` (a tuned entry, or
+    ``forced_tiles('grads_chunk')``), one program per chunk runs both passes
+    instead, reading back its own pass-1 results while they are in L2.
 
     Args:
         weights: fast weights shared by all chunks of a group: ``w1`` (G, d, 4d),
@@ -146,21 +150,33 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
     _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
+    kernels, cfg = _launch_config(operand_dtype, keys.device)
+    w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
+    # pass 2 multiplies it in operand_dtype: stored so, it is read as is
+    d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
+    keys_op = _keys_operand(keys, operand_dtype)
+    loss_scale = 2.0 / d
+    if chosen_kernel('grads_chunk', d, operand_dtype, arch):  # both passes, a program per chunk
+        tiles = tile_config('grads_chunk', d, length, block_rows, block_hidden, operand_dtype,
+                            arch=arch)
+        d_g = torch.empty(groups * chunks, d, **opts)
+        launch_kernel(
+            kernels.grads_chunk_kernel, groups * chunks, tiles, keys.device,
+            keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op, g1, g2,
+            chunks, per_image, length, d, hidden,
+            *strides(keys), *strides(values), *strides(token_lr), *strides(keys_op),
+            *w1.stride(), *w2.stride(), *g.stride(),
+            loss_scale, LN_EPS, **cfg, COPY_KEYS=keys_op is not keys, TAIL=TAIL_ROWS)
+        return g1, g2, d_g.view(groups, chunks, d)
     tiles = tile_config('grads_rows', d, length, block_rows, block_hidden, operand_dtype,
                         arch=arch)
-    kernels, cfg = _launch_config(operand_dtype, keys.device)
     # the weights' pass has tiles of its own: its grid counts its hidden blocks
     cols = tile_config('grads_cols', d, length, block_rows, block_hidden, operand_dtype,
                        arch=arch)
-    w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     hidden_blocks = cdiv(hidden, cols['BH'])
     rows = _row_blocks(keys, values, token_lr, tiles['BM'])
-    # pass 2 multiplies it in operand_dtype: stored so, it is read as is
-    d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     # d_g's shares, one slot per block that meets a chunk; zeros where none does
     d_g = torch.zeros(groups * chunks, rows.slots, d, **opts)
-    keys_op = _keys_operand(keys, operand_dtype)
-    loss_scale = 2.0 / d
     launch_kernel(
         kernels.grads_rows_kernel, groups * rows.blocks_per_group, tiles, keys.device,
         keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op,

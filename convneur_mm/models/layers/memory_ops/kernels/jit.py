@@ -249,6 +249,44 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
 
 
 @triton.jit
+def _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
+                gi, bi, ci, crow, lrow, rmask, first, L, D, HID,
+                sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
+                slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, eps,
+                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
+                PREC: tl.constexpr, COPY_KEYS: tl.constexpr):
+    """The write's chain over a block of BM rows, row i being row ``lrow[i]``
+    of chunk ``crow[i]`` after the chunk ``first`` (of image ``bi``, chunk
+    ``ci`` of group ``gi`` in the inputs' strides): stores Dh and (COPY_KEYS)
+    the keys in DTYPE to (G, C, L, D) rows, and returns the rows' D N (zero
+    outside ``rmask``), d_g's terms before ``loss_scale``."""
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
+                ((crow * sk_c + lrow * sk_l)[:, None] + cols[None, :] * sk_d),
+                mask=mask, other=0.0).to(tl.float32)
+    y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
+                  w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
+                  False, PREC)
+    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
+                ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
+                mask=mask, other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) +
+                 (crow * slr_c + lrow * slr_l), mask=rmask, other=0.0).to(tl.float32)
+    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+
+    _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
+    # rows of (G, C, L, D) tensors: chunk first + crow, row lrow
+    tile = first * L * D + ((crow * L + lrow)[:, None] * D + cols[None, :])
+    tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
+    if COPY_KEYS:
+        tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
+    return tl.where(mask, d_out * normed, 0.0)
+
+
+@triton.jit
 def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr, ko_ptr,
                       C, U, L, D, HID, row_blocks, slots,
                       sk_g, sk_b, sk_c, sk_l, sk_d,
@@ -299,31 +337,13 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
             rmask = lrow < L
             crow = lrow * 0
             first = chunk.to(tl.int64)
+        share = _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
+                            gi, bi, ci, crow, lrow, rmask, first, L, D, HID,
+                            sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
+                            slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
+                            sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS)
         cols = tl.arange(0, BD)
         cmask = cols < D
-        mask = rmask[:, None] & cmask[None, :]
-
-        k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                    ((crow * sk_c + lrow * sk_l)[:, None] + cols[None, :] * sk_d),
-                    mask=mask, other=0.0).to(tl.float32)
-        y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
-                      w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
-                      False, PREC)
-        normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-        v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                    ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
-                    mask=mask, other=0.0).to(tl.float32)
-        lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) +
-                     (crow * slr_c + lrow * slr_l), mask=rmask, other=0.0).to(tl.float32)
-        scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
-
-        _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
-        # rows of (G, C, L, D) tensors: chunk first + crow, row lrow
-        tile = first * L * D + ((crow * L + lrow)[:, None] * D + cols[None, :])
-        tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
-        if COPY_KEYS:
-            tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
-        share = tl.where(mask, d_out * normed, 0.0)
         if FLAT:
             # the chunk c0 of the block's first row, and the next if the block reaches it;
             # slot: the block's place among those that meet the chunk
@@ -350,41 +370,111 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
                       ITERS: tl.constexpr = 1):
-    """Pass 2, per (chunk, block of BH hidden units j): walks the chunk's rows
-    (BM at a time, the rest TAIL at a time),
-    recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
-    and accumulates in float32 registers
-
-        G1[:, j] = k^T (gelu'(pre_j) * (dh @ w2[j]^T)),   G2[j] = gelu(pre_j)^T dh.
-    """
+    """Pass 2, per (chunk, block of BH hidden units j): that block's slices
+    of the chunk's G1 and G2 (``_write_cols``)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
         chunk, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
         gi, c, bi, ci = _chunk_of(chunk, C, U)
-        w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
-                     mask=cmask[:, None] & hmask[None, :], other=0.0).to(DTYPE)
-        w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
-                      mask=hmask[None, :] & cmask[:, None], other=0.0).to(DTYPE)  # (BD, BH)
+        _write_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, w1_ptr + gi * s1_g,
+                    w2_ptr + gi * s2_g, g1_ptr, g2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k,
+                    s2_k, s2_d, cols, cmask, hid, hmask, L, D, HID, loss_scale, BM, BD, BH,
+                    DTYPE, PREC, TAIL)
 
-        acc1 = tl.zeros((BD, BH), dtype=tl.float32)
-        acc2 = tl.zeros((BH, BD), dtype=tl.float32)
-        k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
-        dh_base = dh_ptr + chunk.to(tl.int64) * L * D
+
+@triton.jit
+def _write_cols(k_base, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr, chunk, sk_l, sk_d, s1_d, s1_k,
+                s2_k, s2_d, cols, cmask, hid, hmask, L, D, HID, loss_scale, BM: tl.constexpr,
+                BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                TAIL: tl.constexpr):
+    """A chunk's (``k_base``: its keys) slices of G1 and G2 at the hidden
+    units ``hid``: walks its rows (BM at a time, the rest TAIL at a time),
+    recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
+    accumulates in float32 registers and stores
+
+        G1[:, j] = k^T (gelu'(pre_j) * (dh @ w2[j]^T)),   G2[j] = gelu(pre_j)^T dh.
+    """
+    w1 = tl.load(w1_ptr + (cols[:, None] * s1_d + hid[None, :] * s1_k),
+                 mask=cmask[:, None] & hmask[None, :], other=0.0).to(DTYPE)
+    w2t = tl.load(w2_ptr + (hid[None, :] * s2_k + cols[:, None] * s2_d),
+                  mask=hmask[None, :] & cmask[:, None], other=0.0).to(DTYPE)  # (BD, BH)
+
+    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    dh_base = dh_ptr + chunk * L * D
+    whole = L // BM * BM if TAIL < BM else L
+    for r0 in range(0, whole, BM):
+        acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
+                                w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC)
+    if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
+        for r0 in range(whole, L, TAIL):
+            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
+                                    w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
+                                    False, PREC)
+
+    out = chunk * D * HID
+    tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
+             mask=cmask[:, None] & hmask[None, :])
+    tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
+             mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_ptr, ko_ptr,
+                       g1_ptr, g2_ptr,
+                       C, U, L, D, HID,
+                       sk_g, sk_b, sk_c, sk_l, sk_d,
+                       sv_g, sv_b, sv_c, sv_l, sv_d,
+                       slr_g, slr_b, slr_c, slr_l,
+                       sko_g, sko_b, sko_c, sko_l, sko_d,
+                       s1_g, s1_d, s1_k,
+                       s2_g, s2_k, s2_d,
+                       sg_g, sg_d,
+                       loss_scale, eps,
+                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                       DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
+                       TAIL: tl.constexpr, ITERS: tl.constexpr = 1):
+    """Both passes of a chunk's gradient in one program per chunk (FlashAttention's
+    backward's layout): ``grads_rows_kernel``'s chain over the chunk's rows
+    (BM at a time, the rest TAIL at a time), its Dh and 16-bit keys stored
+    for this program alone to read back while they are in L2, then
+    ``grads_cols_kernel``'s products for each block of BH hidden units in
+    turn. ``dg`` (G * C, D) is the chunk's own sum: no per-block shares."""
+    for it in range(ITERS):
+        chunk = tl.program_id(0) * ITERS + it
+        gi, c, bi, ci = _chunk_of(chunk, C, U)
+        first = chunk.to(tl.int64)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
+        dg = tl.zeros((BD, ), dtype=tl.float32)
         whole = L // BM * BM if TAIL < BM else L
         for r0 in range(0, whole, BM):
-            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
-                                    w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC)
-        if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
+            lrow = r0 + tl.arange(0, BM)
+            dg += tl.sum(_write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
+                                     gi, bi, ci, lrow * 0, lrow, lrow < L, first, L, D, HID,
+                                     sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
+                                     slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k,
+                                     s2_d, sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS),
+                         axis=0)
+        if TAIL < BM:
             for r0 in range(whole, L, TAIL):
-                acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
-                                        w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
-                                        False, PREC)
-
-        out = chunk.to(tl.int64) * D * HID
-        tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
-                 mask=cmask[:, None] & hmask[None, :])
-        tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
-                 mask=hmask[:, None] & cmask[None, :])
+                lrow = r0 + tl.arange(0, TAIL)
+                dg += tl.sum(_write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr,
+                                         ko_ptr, gi, bi, ci, lrow * 0, lrow, lrow < L, first, L,
+                                         D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c,
+                                         sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d,
+                                         s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, eps, TAIL, BD, BH,
+                                         DTYPE, PREC, COPY_KEYS), axis=0)
+        tl.store(dg_ptr + first * D + cols, dg * loss_scale, mask=cmask)
+        # the chunk's Dh and keys, stored by all of this program's threads, are read back
+        tl.debug_barrier()
+        k_base = ko_ptr + (gi * sko_g + bi * sko_b + ci * sko_c)
+        for h0 in range(0, HID, BH):
+            hid = h0 + tl.arange(0, BH)
+            _write_cols(k_base, dh_ptr, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, g1_ptr, g2_ptr,
+                        first, sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, cols, cmask, hid,
+                        hid < HID, L, D, HID, loss_scale, BM, BD, BH, DTYPE, PREC, TAIL)
+        # the next chunk's rows overwrite nothing this one reads: no second barrier
 
 
 @triton.jit

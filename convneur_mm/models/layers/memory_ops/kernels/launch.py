@@ -103,7 +103,10 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
 
 # the kernels whose tiles ``tile_config`` decides, by the name a tuned tile names
 KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows', 'grads_cols',
-                'grads_backward_rows', 'grads_backward_cols')
+                'grads_backward_rows', 'grads_backward_cols', 'grads_chunk')
+# kernels that replace others only where chosen (``chosen_kernel``): the chunk
+# gradients' one program per chunk, for its rows and columns passes
+REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm')
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
@@ -179,6 +182,9 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         bm, bh, warps = 16, 32, (4 if columns and bd <= 128 else 8)
     elif operand_dtype == torch.float32 or decomposed:
         bm, bh = 16, 16
+    elif bd <= 128 and kernel == 'grads_chunk':
+        # both passes in one program: 64-row tiles spill (44 B on sm_90, 224 B on sm_80)
+        bm, bh, warps = 32, 32, 8
     elif bd <= 128 and columns:
         # two accumulators: 4 warps fit 80 KiB of shared memory on sm_90
         bm, bh = (64 if arch is not None and arch >= 90 else 16), 32
@@ -199,6 +205,20 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
                    if value is not None})
     return config
+
+
+def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
+                  arch: Optional[int]) -> bool:
+    """Whether ``kernel`` (one of ``REPLACES``) runs in place of the kernels
+    it replaces: inside its ``forced_tiles``, or where ``tuned.TUNED_TILES``
+    has an entry for it on this GPU (a tuning run records one only where it
+    timed the kernel faster than those it replaces)."""
+    if kernel not in REPLACES:
+        raise ValueError(f'kernel must be one of {tuple(REPLACES)}, got {kernel!r}')
+    if any(name == kernel for name, _ in _forced):
+        return True
+    return arch is not None and tuned_tiles(kernel, arch, operand_dtype, max(16, _next_pow2(d)),
+                                            False) is not None
 
 
 def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:
