@@ -56,7 +56,8 @@ MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card meas
 # the call that launches each kernel: an operation's forward or its training step
 OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols': 'read step',
          'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
-         'grads_backward_cols': 'write step', 'grads_chunk': 'write'}
+         'grads_backward_cols': 'write step', 'grads_chunk': 'write',
+         'grads_backward_chunk': 'write step'}
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
 
 
@@ -215,7 +216,11 @@ def replaced_seconds(kernel: str, call: Callable[[], object],
     summed on CUDA (None where the profile names one of them not), else the
     whole call's, as ``kernel`` itself is timed."""
     from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES
-    with _forced({k: v for k, v in chosen.items() if k != kernel}):
+    # the replaced kernels forced (their chosen options, or none): they run even
+    # where a tuned entry already runs ``kernel`` in their place
+    others = {k: v for k, v in chosen.items() if k != kernel}
+    others.update({name: chosen.get(name, {}) for name in REPLACES[kernel]})
+    with _forced(others):
         if not is_cuda(device):
             return time_kernel(call, device, repeats)
         times = [kernel_seconds(name, call, device, repeats) for name in REPLACES[kernel]]
@@ -243,7 +248,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         shape: the stage's memory.
         operand_dtype: the products' operand dtype.
         device: where to run (CUDA; a CPU runs the interpreter).
-        kernels: the kernels to tune, in order.
+        kernels: the kernels to tune, in order (but those that replace
+            others, ``launch.REPLACES``, last).
         axes: the values each option may take.
         rounds: walks over the axes at most.
         limit_s: seconds after which no further candidate is tried.
@@ -268,6 +274,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, target_arch,
                                                                      tile_config)
     device = torch.device(device)
+    # a kernel that replaces others is compared with them at their chosen options
+    kernels = sorted(kernels, key=lambda kernel: kernel in REPLACES)
     deadline = None if limit_s is None else time.monotonic() + limit_s
     calls = stage_calls(shape, operand_dtype, device)
     tol = 1e-5 if operand_dtype == torch.float32 else 2e-3

@@ -115,16 +115,21 @@ def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
 
 def test_a_kernel_that_replaces_others_is_timed_against_their_sum(monkeypatch):
     """The chunk gradients' one program per chunk against its rows and
-    columns passes at their chosen options (itself not chosen meanwhile):
-    their own launches summed; none where the profile misses one."""
+    columns passes at their chosen options (itself not chosen meanwhile, not
+    even where a tuned entry runs it on this GPU): their own launches
+    summed; none where the profile misses one."""
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
     seen = {}
 
     def seconds(kernel, call, device, repeats):
-        seen[kernel] = (launch.chosen_kernel('grads_chunk', 32, torch.float16, None),
+        seen[kernel] = (launch.chosen_kernel('grads_chunk', 32, torch.float16, 90),
                         launch.tile_config('grads_rows', 32, 64, None, None,
                                            torch.float16)['BM'])
         return times[kernel]
 
+    entry = tuned.TunedTile('grads_chunk', 90, 'float16', 32, False, 32, 32, 8, 2)
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (entry, ))
+    assert launch.chosen_kernel('grads_chunk', 32, torch.float16, 90)
     monkeypatch.setattr(kernel_tuning, 'is_cuda', lambda device: True)
     monkeypatch.setattr(kernel_tuning, 'kernel_seconds', seconds)
     chosen = {'grads_chunk': dict(BM=32), 'grads_rows': dict(BM=16)}

@@ -139,6 +139,17 @@ def test_backward_kernels_cost_the_products_their_code_runs():
     assert all(cost.half_flops == cost.flops for cost in got.values())
 
 
+def test_one_program_per_chunk_backward_costs_both_passes_products_and_fewer_bytes():
+    two = _backward_costs()
+    with launch.forced_tiles('grads_backward_chunk'):
+        one = _backward_costs()
+    merged = one['grads_backward_chunk_kernel']
+    assert 'grads_backward_rows_kernel' not in one and 'grads_backward_cols_kernel' not in one
+    assert merged.flops == merged.half_flops == 22 * PER_ROW * 6 * L
+    assert merged.bytes < (two['grads_backward_rows_kernel'].bytes +
+                           two['grads_backward_cols_kernel'].bytes)
+
+
 def test_the_decomposed_reads_base_products_count_as_six_16_bit_ones():
     plain, decomposed = _backward_costs(), _backward_costs(decomposed=True)
     for name in ('read_backward_rows_kernel', 'read_backward_cols_kernel'):

@@ -206,7 +206,7 @@ def persistent_results() -> dict:
     def runs(one_program: bool):
         # (results, launches) with a program per tile, then with persistent programs
         kernels = launch.KERNEL_NAMES if one_program else _TWO_PASSES
-        chosen = ['grads_chunk'] if one_program else []
+        chosen = list(launch.REPLACES) if one_program else []
         out = []
         for per_sm in (0, 2):
             with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
@@ -236,13 +236,14 @@ def test_persistent_programs_compute_what_a_program_per_tile_computes():
     launched, one_program = result['launches'], result['launches_one_program']
     assert {name for name, *_ in launched} == {f'{k}_kernel' for k in launch.KERNEL_NAMES
                                                if k not in launch.REPLACES}
-    # one program per chunk in place of the rows and columns passes
-    assert {name for name, *_ in one_program} == {name for name, *_ in launched} - {
-        'grads_rows_kernel', 'grads_cols_kernel'} | {'grads_chunk_kernel'}
+    # one program per chunk in place of the rows and columns passes, forward and backward
+    replaced = {f'{k}_kernel' for kernels in launch.REPLACES.values() for k in kernels}
+    assert {name for name, *_ in one_program} == {name for name, *_ in launched} - replaced | {
+        f'{k}_kernel' for k in launch.REPLACES}
     for name, tiles, grid, iters in launched + one_program:
         assert grid * iters == tiles and grid <= max(2, tiles // 2 + 1), (name, tiles, grid)
     assert sum(iters > 1 for *_, iters in launched) >= 6
-    assert [iters for name, *_, iters in one_program if name == 'grads_chunk_kernel'] == [2]
+    assert [iters for name, *_, iters in one_program if name.endswith('chunk_kernel')] == [2, 2]
 
 
 def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
@@ -257,10 +258,10 @@ def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
 
 
 def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
-    """The chunk gradients' one program per chunk runs inside its
-    ``forced_tiles`` or where a tuned entry names it for the GPU, in place of
-    the rows and columns passes; elsewhere the two passes run (recorded on
-    meta tensors for sm_90)."""
+    """The chunk gradients' one program per chunk, forward and backward, runs
+    inside its ``forced_tiles`` or where a tuned entry names it for the GPU,
+    in place of the rows and columns passes; elsewhere the two passes run
+    (recorded on meta tensors for sm_90, a training step)."""
     pytest.importorskip('triton')
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         pytest.skip('recording compiles no kernel, but needs triton outside its interpreter')
@@ -272,23 +273,31 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
     lr = torch.empty(1, 6, 196, **meta)
 
     def launched(arch: int = 90):
-        with torch.no_grad(), launch.recording_launches(arch) as launches:
-            out = chunk_grads_triton(weights, keys, keys, lr, BF16)
+        leaves = [t.requires_grad_() for t in (*weights, keys)]
+        with launch.recording_launches(arch) as launches:
+            out = chunk_grads_triton(MemoryWeights(*leaves[:3]), leaves[3], keys, lr, BF16)
+            torch.autograd.grad(out, leaves, [torch.ones_like(t) for t in out])
         assert [tuple(t.shape) for t in out] == [(1, 6, 128, 512), (1, 6, 512, 128), (1, 6, 128)]
         return [(x.kernel.__name__, x.grid, x.kwargs['BM'], x.kwargs['num_warps'])
                 for x in launches]
 
-    assert [name for name, *_ in launched()] == ['grads_rows_kernel', 'grads_cols_kernel']
+    two_passes = ['grads_rows_kernel', 'grads_cols_kernel', 'grads_backward_rows_kernel',
+                  'grads_backward_cols_kernel']
+    assert [name for name, *_ in launched()] == two_passes
     with launch.forced_tiles('grads_chunk'):
-        assert launched() == [('grads_chunk_kernel', (6, ), 32, 8)]
+        assert launched()[0] == ('grads_chunk_kernel', (6, ), 32, 8)
+    with launch.forced_tiles('grads_backward_chunk'):
+        assert launched()[2:] == [('grads_backward_chunk_kernel', (6, ), 16, 8)]
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='grads_chunk', BM=64), ))
-    assert launched() == [('grads_chunk_kernel', (6, ), 64, 8)]
-    assert [name for name, *_ in launched(80)] == ['grads_rows_kernel', 'grads_cols_kernel']
+    assert launched()[0] == ('grads_chunk_kernel', (6, ), 64, 8)
+    assert [name for name, *_ in launched(80)] == two_passes
+    with launch.forced_tiles('grads_cols'):  # a tuning run timing a replaced kernel
+        assert [name for name, *_ in launched()] == two_passes
     with pytest.raises(ValueError, match='kernel must be one of'):
         launch.chosen_kernel('grads_rows', 128, BF16, 90)
 
 
-def _stage1_reports(arch: int, per_sm: int) -> dict:
+def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
     """Registers, spills and shared memory of every kernel a bf16 training
     step of C_m 128 at M3's stage 1 (batch 128) launches, compiled as
     launched (ptxas)."""
@@ -303,7 +312,7 @@ def _stage1_reports(arch: int, per_sm: int) -> dict:
                           matmul_dtype='bfloat16').to('meta')
     x = torch.empty(128, 3136, 128, device='meta', requires_grad=True)
     with contextlib.ExitStack() as stack, launch.recording_launches(arch) as launches:
-        for kernel in _TWO_PASSES:
+        for kernel in chosen or _TWO_PASSES:
             stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
         memory.train()(x).sum().backward()
     iters = {}  # the most tiles per program of each kernel's launches (132 multiprocessors)
@@ -312,6 +321,21 @@ def _stage1_reports(arch: int, per_sm: int) -> dict:
         iters[name] = max(iters.get(name, 1), l.kwargs.get('ITERS', 1))
     return iters, {(r.kernel, r.num_warps): (r.registers, r.spill_stores, r.shared)
                    for r in inspect.launch_reports(launches, arch)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+@pytest.mark.parametrize('arch', [80, 90])
+def test_one_program_per_chunk_compiles_without_spills_at_its_default_tiles(arch):
+    """The chunk gradients' one program per chunk, forward and backward, in
+    a bf16 training step at M3's stage 1, compiled as launched."""
+    _, reports = _stage1_reports(arch, 0, chosen=tuple(launch.REPLACES))
+    merged = {kernel: report for (kernel, _), report in reports.items()
+              if kernel.endswith('chunk_kernel')}
+    assert set(merged) == {'grads_chunk_kernel', 'grads_backward_chunk_kernel'}
+    for kernel, (registers, spills, shared) in merged.items():
+        assert spills == 0 and shared <= 163 * 1024, (kernel, registers, spills, shared)
 
 
 @pytest.mark.slow
@@ -329,6 +353,41 @@ def test_persistent_programs_compile_within_the_shared_memory_and_a_spill_bound(
     for key, (registers, spills, shared) in persistent.items():
         assert shared == plain[key][2] and spills <= max(plain[key][1], 256), (
             key, persistent[key], plain[key])
+
+
+@pytest.mark.gpu
+def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
+    """On the GPU, with several tiles per program (600 chunks, two programs
+    per multiprocessor): the chunk gradients and their gradients, bf16
+    operands, through the two passes and through one program per chunk,
+    whose programs read back their own stores past a barrier, each against
+    the two passes with a program per tile."""
+    import contextlib
+    from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
+    from .test_memory_kernels import _write_inputs
+    weights, keys, values, lr = _write_inputs(2, 300, 196, 128, 1.0, seed=0)
+    inputs = [t.cuda() for t in (*weights, keys, values, lr)]
+    gen = torch.Generator().manual_seed(1)
+
+    def run(kernels, per_sm):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
+            for kernel in kernels:
+                stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
+            out = chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:], BF16)
+            bars = [torch.randn(t.shape, generator=gen).cuda() for t in out]
+            grads = torch.autograd.grad(out, leaves, bars)
+        return [t.float() for t in (*out, *grads)], max(x.kwargs.get('ITERS', 1)
+                                                      for x in launches)
+
+    gen.manual_seed(1)
+    base, _ = run((), 0)
+    for kernels in (_TWO_PASSES, tuple(launch.REPLACES)):
+        gen.manual_seed(1)
+        got, iters = run(kernels, 2)
+        assert iters > 1, kernels
+        for a, b in zip(got, base):
+            assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4, kernels
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``

@@ -190,10 +190,11 @@ def interpreter_results() -> dict:
         for name, (groups, chunks, length, d, max_lr, blocks) in write_cases.items():
             w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
             for (tag, dtype), (layout, chosen) in itertools.product(dtypes.items(), LAYOUTS):
-                with chosen():
+                with chosen(), launch.observing_launches() as launches:
                     got = chunk_grads_triton(w, keys, values, token_lr, dtype, **blocks)
-                results[f'grads{layout}_{tag}_{name}'] = _grads_errors(got, w, keys, values,
-                                                                       token_lr)
+                results[f'grads{layout}_{tag}_{name}'] = dict(
+                    _grads_errors(got, w, keys, values, token_lr),
+                    kernels=[x.kernel.__name__ for x in launches])
 
         gen = torch.Generator().manual_seed(0)
         # the projections' views of B images, cut to their U written chunks:
@@ -427,6 +428,13 @@ GRAD_CASES = ['d24_L24_blocks16', 'd16_L8_default_blocks', 'd20_L24_small_lr',
 @pytest.mark.parametrize('case', GRAD_CASES)
 def test_triton_grads_float32_match_float64(interpreted, case, layout):
     assert interpreted[f'grads{layout}_f32_{case}']['exact'] < F32_TOL
+
+
+def test_one_program_per_chunk_ran_in_its_cases(interpreted):
+    for case in GRAD_CASES[:4]:
+        assert interpreted[f'grads_f16_{case}']['kernels'] == ['grads_rows_kernel',
+                                                               'grads_cols_kernel']
+        assert interpreted[f'grads_one_program_f16_{case}']['kernels'] == ['grads_chunk_kernel']
 
 
 @pytest.mark.parametrize('layout', [name for name, _ in LAYOUTS])

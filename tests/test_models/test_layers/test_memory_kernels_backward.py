@@ -7,6 +7,7 @@ included), in Triton's interpreter (one subprocess, as in
 gradient entry with float32 operands, 1e-2 with float16 ones); a memory that
 trains with ``kernels='triton'`` against the PyTorch path; and what the
 kernels save for the backward."""
+import contextlib
 import json
 import sys
 from typing import Dict, List
@@ -17,6 +18,7 @@ import torch
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_torch,
                                                   chunk_grads_triton, chunk_read_torch,
                                                   chunk_read_triton, read_torch, read_triton)
+from convneur_mm.models.layers.memory_ops.kernels import launch
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
@@ -196,17 +198,38 @@ def _module_case(dtype: str, max_lr: float, **settings) -> dict:
     return results
 
 
+# the write cases that also run as one program per chunk, forward and backward
+# (masked columns and hidden block, a 32-row block and a tail, the projections' views)
+ONE_PROGRAM_CASES = ['d24_L24_blocks16', 'd16_L40_blocks32', 'per_image']
+
+
+def _one_program_per_chunk():
+    stack = contextlib.ExitStack()
+    for kernel in launch.REPLACES:
+        stack.enter_context(launch.forced_tiles(kernel))
+    return stack
+
+
 def backward_results() -> Dict[str, dict]:
     """Every interpreter case (the subprocess's result)."""
     gen = torch.Generator().manual_seed(0)
     results = {}
     for tag, dtype in DTYPES.items():
+        per_image = _per_image_views(gen)
         for name, (groups, chunks, length, d, max_lr, tiles) in WRITE_CASES.items():
             w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
             results[f'chunk_grads_{tag}_{name}'] = _chunk_grads_case(
                 [*w, keys, values, token_lr], dtype, tiles)
-        results[f'chunk_grads_per_image_{tag}'] = _chunk_grads_case(_per_image_views(gen), dtype,
-                                                                    {})
+            if name in ONE_PROGRAM_CASES:
+                with _one_program_per_chunk(), launch.observing_launches() as launches:
+                    results[f'chunk_grads_one_program_{tag}_{name}'] = _chunk_grads_case(
+                        [*w, keys, values, token_lr], dtype, tiles)
+                results[f'chunk_grads_one_program_{tag}_{name}']['kernels'] = sorted(
+                    {x.kernel.__name__ for x in launches})
+        results[f'chunk_grads_per_image_{tag}'] = _chunk_grads_case(per_image, dtype, {})
+        with _one_program_per_chunk():
+            results[f'chunk_grads_one_program_{tag}_per_image'] = _chunk_grads_case(
+                per_image, dtype, {})
         results[f'read_{tag}'] = _read_case(gen, dtype, decomposed=False)
         # 40 rows: one 32-row block, then 8 rows in a 16-row step
         results[f'read_rows32_{tag}'] = _read_case(gen, dtype, decomposed=False,
@@ -236,6 +259,7 @@ def interpreted():
 CASES = ['read', 'read_rows32', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
          'chunk_grads_per_image',
          *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES),
+         *(f'chunk_grads_one_program_{{}}_{name}' for name in ONE_PROGRAM_CASES),
          *(f'project_{{}}_{name}' for name in PROJECTION_CASES)]
 
 
@@ -270,6 +294,11 @@ def test_backward_kernels_float16_operands(interpreted, case):
     for name in ('x', 'queries', 'g'):
         if name in result['grads'] and case in ('read', 'chunk_read'):
             assert result['grads'][name] < 1e-3, (name, result['grads'])
+
+
+def test_one_program_per_chunk_runs_in_place_of_both_passes(interpreted):
+    kernels = interpreted['chunk_grads_one_program_f32_d24_L24_blocks16']['kernels']
+    assert kernels == ['grads_backward_chunk_kernel', 'grads_chunk_kernel']
 
 
 def test_chunk_grads_backward_gives_the_inputs_shapes(interpreted):
@@ -352,12 +381,17 @@ def test_the_kernels_save_only_their_inputs():
 @pytest.mark.parametrize('d', [80, 128, 160])
 def test_backward_kernels_on_cuda_at_model_widths(d):
     """The compiled backward kernels at M1..M4 widths, L = 196, every operand
-    dtype (bfloat16 only here: the interpreter cannot), against float64."""
+    dtype (bfloat16 only here: the interpreter cannot), against float64; the
+    chunk gradients also as one program per chunk, whose programs read back
+    their own stores past a barrier."""
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
     w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
     for dtype, tol in tolerances.items():
-        result = _chunk_grads_case([*w, keys, values, token_lr], dtype, {}, device='cuda')
-        assert max(result['grads'].values()) < tol, (dtype, result['grads'])
+        for layout in (contextlib.nullcontext, _one_program_per_chunk):
+            with layout():
+                result = _chunk_grads_case([*w, keys, values, token_lr], dtype, {},
+                                           device='cuda')
+            assert max(result['grads'].values()) < tol, (dtype, layout, result['grads'])
 
 
 @pytest.mark.gpu

@@ -32,7 +32,8 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     values and step sizes are read where they lie (any strides). Where
     ``launch.chosen_kernel('grads_chunk', ...)`` (a tuned entry, or
     ``forced_tiles('grads_chunk')``), one program per chunk runs both passes
-    instead, reading back its own pass-1 results while they are in L2.
+    instead, reading back its own pass-1 results (likely from L2); and for
+    the backward ``'grads_backward_chunk'`` likewise.
 
     Args:
         weights: fast weights shared by all chunks of a group: ``w1`` (G, d, 4d),
@@ -214,17 +215,39 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
                 grad_lr.zero_())
     _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
-    tiles = tile_config('grads_backward_rows', d, length, block_rows, block_hidden,
-                        operand_dtype, arch=arch)
     kernels, cfg = _launch_config(operand_dtype, keys.device)
     w1_op, w2_op = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     bar_w1, bar_w2, bar_g = (t.float() for t in (bar_w1, bar_w2, bar_g))
-    row_blocks = cdiv(length, tiles['BM'])
     # the weights' pass multiplies them in operand_dtype: stored so, read as is
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     bar_hidden = torch.empty_like(d_hidden)
-    grad_scale = torch.empty(groups * chunks, row_blocks, d, **opts)
     keys_op = _keys_operand(keys, operand_dtype)
+    # per-chunk shares of the weights' gradients, summed in a fixed order: deterministic
+    grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
+    grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
+    if chosen_kernel('grads_backward_chunk', d, operand_dtype, arch):  # a program per chunk
+        tiles = tile_config('grads_backward_chunk', d, length, block_rows, block_hidden,
+                            operand_dtype, arch=arch)
+        # a share of g's gradient per block of rows: whole blocks, then TAIL_ROWS at a time
+        whole = length // tiles['BM']
+        slots = (whole + cdiv(length - whole * tiles['BM'], TAIL_ROWS)
+                 if TAIL_ROWS < tiles['BM'] else cdiv(length, tiles['BM']))
+        grad_scale = torch.empty(groups * chunks, slots, d, **opts)
+        launch_kernel(
+            kernels.grads_backward_chunk_kernel, groups * chunks, tiles, keys.device,
+            keys, values, token_lr, w1_op, w2_op, g, bar_w1, bar_w2, bar_g,
+            grad_keys, grad_values, grad_lr, grad_scale, d_hidden, bar_hidden, keys_op,
+            grad_w1, grad_w2, chunks, per_image, length, d, hidden, slots,
+            *strides(keys), *strides(values), *strides(token_lr), *strides(keys_op),
+            *w1_op.stride(), *w2_op.stride(), *g.stride(),
+            *bar_w1.stride(), *bar_w2.stride(), *bar_g.stride(),
+            LN_EPS, **cfg, COPY_KEYS=keys_op is not keys, TAIL=TAIL_ROWS)
+        return (grad_w1.sum(dim=1), grad_w2.sum(dim=1), grad_scale.view(groups, -1, d).sum(1),
+                grad_keys, grad_values, grad_lr)
+    tiles = tile_config('grads_backward_rows', d, length, block_rows, block_hidden,
+                        operand_dtype, arch=arch)
+    row_blocks = cdiv(length, tiles['BM'])
+    grad_scale = torch.empty(groups * chunks, row_blocks, d, **opts)
     launch_kernel(
         kernels.grads_backward_rows_kernel, groups * chunks * row_blocks, tiles, keys.device,
         keys, values, token_lr, w1_op, w2_op, g, bar_w1, bar_w2, bar_g,
@@ -237,9 +260,6 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     cols = tile_config('grads_backward_cols', d, length, block_rows, block_hidden,
                        operand_dtype, arch=arch)
     hidden_blocks = cdiv(hidden, cols['BH'])
-    # per-chunk shares, summed in a fixed order: deterministic
-    grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
-    grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
     launch_kernel(
         kernels.grads_backward_cols_kernel, groups * chunks * hidden_blocks, cols, keys.device,
         keys_op, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,

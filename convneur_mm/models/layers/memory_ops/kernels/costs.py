@@ -24,7 +24,8 @@ from .launch import Launch
 # decomposed read's W_0 products apart: ``BASE_PRODUCTS``)
 PRODUCTS = {'read_kernel': 2, 'read_backward_rows_kernel': 5, 'read_backward_cols_kernel': 4,
             'grads_rows_kernel': 2, 'grads_cols_kernel': 4, 'grads_backward_rows_kernel': 14,
-            'grads_backward_cols_kernel': 8, 'grads_chunk_kernel': 6}
+            'grads_backward_cols_kernel': 8, 'grads_chunk_kernel': 6,
+            'grads_backward_chunk_kernel': 22}
 BASE_PRODUCTS = {'read_kernel': 2, 'read_backward_rows_kernel': 5,
                  'read_backward_cols_kernel': 2}
 TF32X3_AS_HALF = 6

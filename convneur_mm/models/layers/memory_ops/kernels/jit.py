@@ -434,10 +434,10 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
                        BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                        DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
                        TAIL: tl.constexpr, ITERS: tl.constexpr = 1):
-    """Both passes of a chunk's gradient in one program per chunk (FlashAttention's
-    backward's layout): ``grads_rows_kernel``'s chain over the chunk's rows
-    (BM at a time, the rest TAIL at a time), its Dh and 16-bit keys stored
-    for this program alone to read back while they are in L2, then
+    """Both passes of a chunk's gradient in one program per chunk:
+    ``grads_rows_kernel``'s chain over the chunk's rows (BM at a time, the
+    rest TAIL at a time), its Dh and 16-bit keys stored for this program
+    alone to read back (likely from L2: a chunk's are about 100 KB), then
     ``grads_cols_kernel``'s products for each block of BH hidden units in
     turn. ``dg`` (G * C, D) is the chunk's own sum: no per-block shares."""
     for it in range(ITERS):
@@ -655,6 +655,116 @@ def _gelu_second(x):
 
 
 @triton.jit
+def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, bw2_ptr, bg_ptr,
+                         gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr,
+                         gi, c, bi, ci, chunk, r0, slot, L, D, HID,
+                         sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
+                         slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
+                         sg_g, sg_d, sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d,
+                         sbg_g, sbg_c, sbg_d, eps,
+                         BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                         DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr):
+    """``grads_backward_rows_kernel``'s work on the BM rows from row ``r0`` of
+    chunk ``chunk`` (int64; chunk c of group gi, image bi's chunk ci): stores
+    their gradients, their share of g's at ``gs``'s row ``slot``, Dh, the
+    cotangent at the MLP's output and (COPY_KEYS) the 16-bit keys."""
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < L
+    cols = tl.arange(0, BD)
+    hcols = tl.arange(0, BH)
+    cmask = cols < D
+    mask = rmask[:, None] & cmask[None, :]
+    tile = rows[:, None] * D + cols[None, :]
+    out_rows = chunk * L * D
+
+    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
+                (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
+                other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
+                (rows[:, None] * sv_l + cols[None, :] * sv_d), mask=mask,
+                other=0.0).to(tl.float32)
+    lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
+                 other=0.0).to(tl.float32)
+    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+    bar_g = tl.load(bg_ptr + gi * sbg_g + c * sbg_c + cols * sbg_d, mask=cmask,
+                    other=0.0).to(tl.float32)
+    w1 = w1_ptr + gi * s1_g
+    w2 = w2_ptr + gi * s2_g
+    bw1 = bw1_ptr + gi * sb1_g + c * sb1_c
+    bw2 = bw2_ptr + gi * sb2_g + c * sb2_c
+
+    # the forward chain, as grads_rows_kernel computes it
+    y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
+                  BH, DTYPE, PREC, False, PREC)
+    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+    coef = lr * (2.0 / D)
+    resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
+                                                           D)
+    dho = d_hidden.to(DTYPE)
+    tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
+
+    # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
+    ko = k.to(DTYPE)
+    if COPY_KEYS:
+        tl.store(ko_ptr + out_rows + tile, ko, mask=mask)
+    gk = tl.zeros((BM, BD), dtype=tl.float32)
+    bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                         PREC, False, PREC)
+        grad = _gelu_grad(pre)
+        back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                          DTYPE, PREC, False, PREC)
+        bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                            DTYPE, PREC, False, PREC)
+        gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                         DTYPE, PREC, False, PREC)
+        bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
+        bar_dh += _times_w2(_gelu(pre), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
+
+    # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
+    # R = K + N s - V, the output sum D N; LNback is its own adjoint
+    bar_dn, ln_bar = _ln_backward_rows(bar_dh, normed, rstd, D)
+    bar_scale = bar_dn * d_out
+    bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
+    bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
+    bar_normed += bar_g[None, :] * d_out
+    rstd_term = rstd * tl.sum(bar_dh * d_hidden, axis=1) / D
+    bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
+    bar_lr = tl.sum(bar_d * resid, axis=1) * (2.0 / D)
+    bar_normed += bar_resid * scale[None, :]
+    bar_scale += bar_resid * normed
+    gk += bar_resid
+    bar_h, _ = _ln_backward_rows(bar_normed, normed, rstd, D)
+    bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
+    bho = bar_h.to(DTYPE)
+    tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
+    tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
+    tl.store(glr_ptr + chunk * L + rows, bar_lr, mask=rmask)
+    tl.store(gs_ptr + slot * D + cols, tl.sum(tl.where(mask, bar_scale, 0.0), axis=0),
+             mask=cmask)
+
+    # the cotangent at P: gelu'(P) (Dh bW2^T + bH w2^T) + gelu''(P) (Dh w2^T) (K bW1)
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                         PREC, False, PREC)
+        back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                          DTYPE, PREC, False, PREC)
+        bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
+                            DTYPE, PREC, False, PREC)
+        bar_act = _times_w2t(d_hidden, dho, bw2, sb2_k, sb2_d, bw2, 0, 0, 1.0, cols, cmask, hid,
+                             HID, DTYPE, PREC, False, PREC)
+        bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
+                              DTYPE, PREC, False, PREC)
+        bar_pre = _gelu_grad(pre) * bar_act + _gelu_second(pre) * back * bar_dp
+        gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
+                         PREC, False, PREC)
+    tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
+
+
+@triton.jit
 def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                bw1_ptr, bw2_ptr, bg_ptr,
                                gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr,
@@ -688,100 +798,13 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
         chunk = pid // row_blocks
         gi, c, bi, ci = _chunk_of(chunk, C, U)
 
-        rows = rb * BM + tl.arange(0, BM)
-        rmask = rows < L
-        cols = tl.arange(0, BD)
-        hcols = tl.arange(0, BH)
-        cmask = cols < D
-        mask = rmask[:, None] & cmask[None, :]
-        tile = rows[:, None] * D + cols[None, :]
-        out_rows = chunk.to(tl.int64) * L * D
-
-        k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                    (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
-                    other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                    (rows[:, None] * sv_l + cols[None, :] * sv_d), mask=mask,
-                    other=0.0).to(tl.float32)
-        lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
-                     other=0.0).to(tl.float32)
-        scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
-        bar_g = tl.load(bg_ptr + gi * sbg_g + c * sbg_c + cols * sbg_d, mask=cmask,
-                        other=0.0).to(tl.float32)
-        w1 = w1_ptr + gi * s1_g
-        w2 = w2_ptr + gi * s2_g
-        bw1 = bw1_ptr + gi * sb1_g + c * sb1_c
-        bw2 = bw2_ptr + gi * sb2_g + c * sb2_c
-
-        # the forward chain, as grads_rows_kernel computes it
-        y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
-                      BH, DTYPE, PREC, False, PREC)
-        normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-        coef = lr * (2.0 / D)
-        resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
-                                                               D)
-        dho = d_hidden.to(DTYPE)
-        tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
-
-        # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
-        ko = k.to(DTYPE)
-        if COPY_KEYS:
-            tl.store(ko_ptr + out_rows + tile, ko, mask=mask)
-        gk = tl.zeros((BM, BD), dtype=tl.float32)
-        bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
-        for h0 in range(0, HID, BH):
-            hid = h0 + hcols
-            pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
-                             PREC, False, PREC)
-            grad = _gelu_grad(pre)
-            back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
-                              DTYPE, PREC, False, PREC)
-            bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
-                                DTYPE, PREC, False, PREC)
-            gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
-                             DTYPE, PREC, False, PREC)
-            bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
-            bar_dh += _times_w2(_gelu(pre), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
-
-        # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
-        # R = K + N s - V, the output sum D N; LNback is its own adjoint
-        bar_dn, ln_bar = _ln_backward_rows(bar_dh, normed, rstd, D)
-        bar_scale = bar_dn * d_out
-        bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
-        bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
-        bar_normed += bar_g[None, :] * d_out
-        rstd_term = rstd * tl.sum(bar_dh * d_hidden, axis=1) / D
-        bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
-        bar_lr = tl.sum(bar_d * resid, axis=1) * (2.0 / D)
-        bar_normed += bar_resid * scale[None, :]
-        bar_scale += bar_resid * normed
-        gk += bar_resid
-        bar_h, _ = _ln_backward_rows(bar_normed, normed, rstd, D)
-        bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
-        bho = bar_h.to(DTYPE)
-        tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
-        tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
-        tl.store(glr_ptr + chunk.to(tl.int64) * L + rows, bar_lr, mask=rmask)
-        tl.store(gs_ptr + pid.to(tl.int64) * D + cols,
-                 tl.sum(tl.where(mask, bar_scale, 0.0), axis=0), mask=cmask)
-
-        # the cotangent at P: gelu'(P) (Dh bW2^T + bH w2^T) + gelu''(P) (Dh w2^T) (K bW1)
-        for h0 in range(0, HID, BH):
-            hid = h0 + hcols
-            pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
-                             PREC, False, PREC)
-            back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
-                              DTYPE, PREC, False, PREC)
-            bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
-                                DTYPE, PREC, False, PREC)
-            bar_act = _times_w2t(d_hidden, dho, bw2, sb2_k, sb2_d, bw2, 0, 0, 1.0, cols, cmask, hid,
-                                 HID, DTYPE, PREC, False, PREC)
-            bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
-                                  DTYPE, PREC, False, PREC)
-            bar_pre = _gelu_grad(pre) * bar_act + _gelu_second(pre) * back * bar_dp
-            gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
-                             PREC, False, PREC)
-        tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
+        _write_backward_rows(
+            k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, bw2_ptr, bg_ptr, gk_ptr, gv_ptr,
+            glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr, gi, c, bi, ci, chunk.to(tl.int64), rb * BM,
+            pid.to(tl.int64), L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l,
+            sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d,
+            sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, BM,
+            BD, BH, DTYPE, PREC, COPY_KEYS)
 
 
 @triton.jit
@@ -833,37 +856,116 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
         pid = tl.program_id(0) * ITERS + it
         chunk, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
         gi, c, bi, ci = _chunk_of(chunk, C, U)
-        wmask = cmask[:, None] & hmask[None, :]
-        w1 = tl.load(w1_ptr + gi * s1_g + (cols[:, None] * s1_d + hid[None, :] * s1_k),
-                     mask=wmask, other=0.0).to(DTYPE)
-        w2t = tl.load(w2_ptr + gi * s2_g + (hid[None, :] * s2_k + cols[:, None] * s2_d),
-                      mask=wmask, other=0.0).to(DTYPE)
-        bw1 = tl.load(bw1_ptr + gi * sb1_g + c * sb1_c +
-                      (cols[:, None] * sb1_d + hid[None, :] * sb1_k), mask=wmask,
-                      other=0.0).to(DTYPE)
-        bw2t = tl.load(bw2_ptr + gi * sb2_g + c * sb2_c +
-                       (hid[None, :] * sb2_k + cols[:, None] * sb2_d), mask=wmask,
-                       other=0.0).to(DTYPE)
+        _write_backward_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, bh_ptr,
+                             w1_ptr + gi * s1_g, w2_ptr + gi * s2_g,
+                             bw1_ptr + gi * sb1_g + c * sb1_c, bw2_ptr + gi * sb2_g + c * sb2_c,
+                             gw1_ptr, gw2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k, s2_k,
+                             s2_d, sb1_d, sb1_k, sb2_k, sb2_d, cols, cmask, hid, hmask, L, D, HID,
+                             BM, BD, BH, DTYPE, PREC, TAIL)
 
-        acc1 = tl.zeros((BD, BH), dtype=tl.float32)
-        acc2 = tl.zeros((BH, BD), dtype=tl.float32)
-        k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
-        dh_base = dh_ptr + chunk.to(tl.int64) * L * D
-        bh_base = bh_ptr + chunk.to(tl.int64) * L * D
+
+@triton.jit
+def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, gw1_ptr,
+                         gw2_ptr, chunk, sk_l, sk_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k,
+                         sb2_d, cols, cmask, hid, hmask, L, D, HID, BM: tl.constexpr,
+                         BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
+                         PREC: tl.constexpr, TAIL: tl.constexpr):
+    """``grads_backward_cols_kernel``'s work on the hidden units ``hid`` of
+    chunk ``chunk`` (int64; ``k_base`` its keys, the weight pointers at its
+    group and its cotangents): walks its rows and stores its shares."""
+    wmask = cmask[:, None] & hmask[None, :]
+    w1 = tl.load(w1_ptr + (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask,
+                 other=0.0).to(DTYPE)
+    w2t = tl.load(w2_ptr + (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask,
+                  other=0.0).to(DTYPE)
+    bw1 = tl.load(bw1_ptr + (cols[:, None] * sb1_d + hid[None, :] * sb1_k), mask=wmask,
+                  other=0.0).to(DTYPE)
+    bw2t = tl.load(bw2_ptr + (hid[None, :] * sb2_k + cols[:, None] * sb2_d), mask=wmask,
+                   other=0.0).to(DTYPE)
+
+    acc1 = tl.zeros((BD, BH), dtype=tl.float32)
+    acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    dh_base = dh_ptr + chunk * L * D
+    bh_base = bh_ptr + chunk * L * D
+    whole = L // BM * BM if TAIL < BM else L
+    for r0 in range(0, whole, BM):
+        acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
+                                         cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC)
+    if TAIL < BM:  # as grads_cols_kernel's
+        for r0 in range(whole, L, TAIL):
+            acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
+                                             cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
+                                             DTYPE, PREC)
+
+    out = chunk * D * HID
+    tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
+    tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
+             mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
+                                bw1_ptr, bw2_ptr, bg_ptr,
+                                gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr,
+                                gw1_ptr, gw2_ptr,
+                                C, U, L, D, HID, slots,
+                                sk_g, sk_b, sk_c, sk_l, sk_d,
+                                sv_g, sv_b, sv_c, sv_l, sv_d,
+                                slr_g, slr_b, slr_c, slr_l,
+                                sko_g, sko_b, sko_c, sko_l, sko_d,
+                                s1_g, s1_d, s1_k,
+                                s2_g, s2_k, s2_d,
+                                sg_g, sg_d,
+                                sb1_g, sb1_c, sb1_d, sb1_k,
+                                sb2_g, sb2_c, sb2_k, sb2_d,
+                                sbg_g, sbg_c, sbg_d,
+                                eps,
+                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                                DTYPE: tl.constexpr, PREC: tl.constexpr,
+                                COPY_KEYS: tl.constexpr, TAIL: tl.constexpr,
+                                ITERS: tl.constexpr = 1):
+    """The chunk gradients' backward in one program per chunk, as
+    ``grads_chunk_kernel`` runs the forward: ``grads_backward_rows_kernel``'s
+    work over the chunk's rows (BM at a time, the rest TAIL at a time; a
+    share of g's gradient per block, ``gs`` (G * C, slots, D)), then
+    ``grads_backward_cols_kernel``'s for each block of BH hidden units,
+    reading back the Dh, cotangent and keys this program stored."""
+    for it in range(ITERS):
+        chunk = tl.program_id(0) * ITERS + it
+        gi, c, bi, ci = _chunk_of(chunk, C, U)
+        first = chunk.to(tl.int64)
+        cols = tl.arange(0, BD)
+        cmask = cols < D
         whole = L // BM * BM if TAIL < BM else L
         for r0 in range(0, whole, BM):
-            acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
-                                             cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC)
-        if TAIL < BM:  # as grads_cols_kernel's
+            _write_backward_rows(
+                k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, bw2_ptr, bg_ptr, gk_ptr,
+                gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr, gi, c, bi, ci, first, r0,
+                first * slots + r0 // BM, L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b,
+                sv_c, sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
+                sg_g, sg_d, sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c,
+                sbg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS)
+        if TAIL < BM:
             for r0 in range(whole, L, TAIL):
-                acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
-                                                 cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
-                                                 DTYPE, PREC)
-
-        out = chunk.to(tl.int64) * D * HID
-        tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
-        tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
-                 mask=hmask[:, None] & cmask[None, :])
+                _write_backward_rows(
+                    k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, bw2_ptr, bg_ptr,
+                    gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr, gi, c, bi, ci, first,
+                    r0, first * slots + whole // BM + (r0 - whole) // TAIL, L, D, HID, sk_g,
+                    sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d, slr_g, slr_b, slr_c,
+                    slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, sb1_g, sb1_c, sb1_d,
+                    sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, TAIL, BD, BH,
+                    DTYPE, PREC, COPY_KEYS)
+        # the chunk's Dh, cotangent and keys, stored by all of this program's threads
+        tl.debug_barrier()
+        k_base = ko_ptr + (gi * sko_g + bi * sko_b + ci * sko_c)
+        for h0 in range(0, HID, BH):
+            hid = h0 + tl.arange(0, BH)
+            _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g,
+                                 bw1_ptr + gi * sb1_g + c * sb1_c,
+                                 bw2_ptr + gi * sb2_g + c * sb2_c, gw1_ptr, gw2_ptr, first,
+                                 sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d,
+                                 cols, cmask, hid, hid < HID, L, D, HID, BM, BD, BH, DTYPE, PREC,
+                                 TAIL)
 
 
 @triton.jit

@@ -103,10 +103,12 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
 
 # the kernels whose tiles ``tile_config`` decides, by the name a tuned tile names
 KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows', 'grads_cols',
-                'grads_backward_rows', 'grads_backward_cols', 'grads_chunk')
+                'grads_backward_rows', 'grads_backward_cols', 'grads_chunk',
+                'grads_backward_chunk')
 # kernels that replace others only where chosen (``chosen_kernel``): the chunk
-# gradients' one program per chunk, for its rows and columns passes
-REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols')}
+# gradients' one program per chunk, for its rows and columns passes, forward and backward
+REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
+            'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm')
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
@@ -212,13 +214,16 @@ def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
     """Whether ``kernel`` (one of ``REPLACES``) runs in place of the kernels
     it replaces: inside its ``forced_tiles``, or where ``tuned.TUNED_TILES``
     has an entry for it on this GPU (a tuning run records one only where it
-    timed the kernel faster than those it replaces)."""
+    timed the kernel faster than those it replaces) and no ``forced_tiles``
+    of a replaced kernel is open (a tuning run timing that one)."""
     if kernel not in REPLACES:
         raise ValueError(f'kernel must be one of {tuple(REPLACES)}, got {kernel!r}')
-    if any(name == kernel for name, _ in _forced):
+    forced = {name for name, _ in _forced}
+    if kernel in forced:
         return True
-    return arch is not None and tuned_tiles(kernel, arch, operand_dtype, max(16, _next_pow2(d)),
-                                            False) is not None
+    if forced & set(REPLACES[kernel]) or arch is None:
+        return False
+    return tuned_tiles(kernel, arch, operand_dtype, max(16, _next_pow2(d)), False) is not None
 
 
 def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:
