@@ -14,8 +14,12 @@ their chosen options; on CUDA its own launches are timed, by the profiler
 (``kernel_seconds``). Each candidate's
 outputs must agree with the start's (``agrees``): a configuration
 that compiles but computes something else is refused, as is one that fails to
-compile (shared memory, registers). The PyTorch path of each call is timed
-beside it (``torch_ms``), the evidence ``kernels='auto'`` needs per operation.
+compile (shared memory, registers). A kernel that replaces others
+(``launch.REPLACES``: the chunk gradients' one program per chunk) is tuned
+after them, and kept (``TunedTile`` entries make it run in their place) only
+where its chosen options compute what they compute and beat their time by
+``MIN_GAIN``. The PyTorch path of each call is timed beside it
+(``torch_ms``), the evidence ``kernels='auto'`` needs per operation.
 
     python -m convneur_mm.analysis.kernel_tuning [--arch m3] [--stage 0]
         [--batch 128] [--operand-dtype bfloat16] [--json FILE] [--limit-s 300]
@@ -215,16 +219,38 @@ def replaced_seconds(kernel: str, call: Callable[[], object],
     (``launch.REPLACES``), at their ``chosen`` options: their own launches
     summed on CUDA (None where the profile names one of them not), else the
     whole call's, as ``kernel`` itself is timed."""
-    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES
-    # the replaced kernels forced (their chosen options, or none): they run even
-    # where a tuned entry already runs ``kernel`` in their place
-    others = {k: v for k, v in chosen.items() if k != kernel}
-    others.update({name: chosen.get(name, {}) for name in REPLACES[kernel]})
-    with _forced(others):
+    with _forced(_replaced_forced(kernel, chosen)):
         if not is_cuda(device):
             return time_kernel(call, device, repeats)
-        times = [kernel_seconds(name, call, device, repeats) for name in REPLACES[kernel]]
+        times = [kernel_seconds(name, call, device, repeats) for name in _replaced(kernel)]
     return None if None in times else sum(times)
+
+
+def agrees_with_replaced(kernel: str, call: Callable[[], List[torch.Tensor]],
+                         options: Dict[str, int], chosen: Dict[str, Dict[str, int]],
+                         tol: float) -> bool:
+    """Whether ``kernel`` at ``options`` computes what the kernels it
+    replaces compute at their ``chosen`` options (``agrees``): its own
+    candidates are checked only against its own start."""
+    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_tiles
+    with _forced(_replaced_forced(kernel, chosen)):
+        want = [t.detach().clone() for t in call()]
+        with forced_tiles(kernel, **options):  # a forced replacing kernel runs
+            return agrees(call(), want, tol)
+
+
+def _replaced(kernel: str) -> tuple:
+    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES
+    return REPLACES[kernel]
+
+
+def _replaced_forced(kernel: str, chosen: Dict[str, Dict[str, int]]) -> Dict[str, Dict[str, int]]:
+    """``chosen`` but ``kernel``, with the kernels it replaces forced (their
+    chosen options, or none): they run even where a tuned entry already
+    runs ``kernel`` in their place."""
+    forced = {k: v for k, v in chosen.items() if k != kernel}
+    forced.update({name: chosen.get(name, {}) for name in _replaced(kernel)})
+    return forced
 
 
 def best_trial(trials: List[Trial]) -> Trial:
@@ -298,11 +324,13 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             'trials': [dict(t.options, ms=_ms(t.seconds), error=t.error) for t in trials]}
         record_entry = best.options != start
         if kernel in REPLACES:  # it runs, and gets an entry, only where it beats those it replaces
-            replaced = replaced_seconds(kernel, calls.triton[OP_OF[kernel]], chosen, device,
-                                        repeats)
+            call = calls.triton[OP_OF[kernel]]
+            replaced = replaced_seconds(kernel, call, chosen, device, repeats)
             record['replaced_ms'] = _ms(replaced)
+            record['agrees_with_replaced'] = (best.seconds is not None and agrees_with_replaced(
+                kernel, call, best.options, chosen, tol))
             record_entry = record['replaces'] = (
-                best.seconds is not None and replaced is not None
+                record['agrees_with_replaced'] and replaced is not None
                 and best.seconds < replaced * (1 - MIN_GAIN))
         if kernel not in REPLACES or record_entry:
             chosen[kernel] = best.options
@@ -379,9 +407,15 @@ def format_report(result: Dict) -> str:
     kernels = [[name, k['call'], options(k['start']), ms(k['start_ms']), options(k['chosen']),
                 ms(k['chosen_ms']), str(len(k['trials']))]
                for name, k in result['kernels'].items()]
+    def verdict(k: Dict) -> str:
+        if k['replaces']:
+            return 'it replaces them'
+        if k['chosen_ms'] is not None and not k['agrees_with_replaced']:
+            return 'they stay (its results differ from theirs)'
+        return 'they stay'
+
     replacing = [f"{name}: {ms(k['chosen_ms'])} ms against {ms(k['replaced_ms'])} ms for "
-                 'the kernels it replaces: ' + ('it replaces them' if k['replaces'] else
-                                                'they stay')
+                 f"the kernels it replaces: {verdict(k)}"
                  for name, k in result['kernels'].items() if 'replaces' in k]
     calls = [[name, ms(c['triton_default_ms']), ms(c['triton_tuned_ms']), ms(c['torch_ms']),
               '-' if c['roofline_ms'] is None else ms(c['roofline_ms'])]

@@ -140,11 +140,27 @@ def test_a_kernel_that_replaces_others_is_timed_against_their_sum(monkeypatch):
     assert kernel_tuning.replaced_seconds('grads_chunk', None, chosen, 'cuda') is None
 
 
+def test_a_replacing_kernel_must_compute_what_the_replaced_ones_compute(monkeypatch):
+    """Its candidates are checked against its own start only: the one
+    chosen is then checked against the kernels it replaces."""
+    def call():  # a one-program-per-chunk result off by BM 64
+        one = launch.chosen_kernel('grads_chunk', 32, torch.float16, None)
+        bm = launch.tile_config('grads_chunk', 32, 64, None, None, torch.float16)['BM']
+        return [torch.tensor([1.0 + (one and bm == 64)])]
+
+    chosen = {'grads_rows': dict(BM=16)}
+    assert kernel_tuning.agrees_with_replaced('grads_chunk', call, dict(BM=32), chosen, 1e-5)
+    assert not kernel_tuning.agrees_with_replaced('grads_chunk', call, dict(BM=64), chosen, 1e-5)
+
+
 def test_the_report_says_whether_a_replacing_kernel_replaces():
     record = dict(call='write', start=START, chosen=START, start_ms=1.0, chosen_ms=1.0,
                   trials=[dict(START, ms=1.0, error=None)], replaced_ms=2.0)
-    for replaces, verdict in ((True, 'it replaces them'), (False, 'they stay')):
-        result = dict(arch=None, kernels={'grads_chunk': dict(record, replaces=replaces)},
+    for replaces, agrees, verdict in ((True, True, 'it replaces them'),
+                                      (False, True, 'they stay'),
+                                      (False, False, 'they stay (its results differ')):
+        result = dict(arch=None, kernels={'grads_chunk': dict(
+                          record, replaces=replaces, agrees_with_replaced=agrees)},
                       calls={}, entries=[], paths=[], stopped_at=None, error=None)
         assert (f'grads_chunk: 1.000 ms against 2.000 ms for the kernels it replaces: '
                 f'{verdict}') in kernel_tuning.format_report(result)
@@ -187,6 +203,7 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert list(result['kernels']) == ['read', 'grads_backward_cols', 'grads_chunk']
     # the one program per chunk, timed against the two passes it would replace
     assert result['kernels']['grads_chunk']['replaced_ms'] > 0
+    assert result['kernels']['grads_chunk']['agrees_with_replaced'] is True
     assert isinstance(result['kernels']['grads_chunk']['replaces'], bool)
     shape = kernel_tuning.DRY_SHAPE
     for name, kernel in result['kernels'].items():
