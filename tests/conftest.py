@@ -70,6 +70,22 @@ def visible_gpus() -> int:
     return _gpu_count
 
 
+def pytest_collection_finish(session):
+    """Start the interpreter runs that the selected tests' ``interpreted``
+    fixtures read (a module's ``INTERPRETED``): each goes on beside the
+    tests before them."""
+    from . import interpreted
+    for item in session.items:
+        run = getattr(getattr(item, 'module', None), 'INTERPRETED', None)
+        if run is not None and 'interpreted' in getattr(item, 'fixturenames', ()):
+            interpreted.start(*run)
+
+
+def pytest_sessionfinish(session):
+    from . import interpreted
+    interpreted.stop_all()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         marker = item.get_closest_marker('gpu')

@@ -393,21 +393,28 @@ def profile_case(name: str, *, device, batch: int = 128, size: int = M3_SIZE,
 
 
 def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = PEAKS[0],
-                     training: bool = False) -> List[dict]:
+                     training: bool = False, one_program: bool = False) -> List[dict]:
     """The Triton kernels that M3's four global branches launch with bf16
     operands, in one inference call or (``training``) one training step, per
-    stage: GB, GFLOP and roofline ms on ``peak``. Recorded on meta tensors for
-    sm_90 (``with_kernel_costs``): no GPU runs, and none is needed; triton
-    must not be in its interpreter."""
+    stage: GB, GFLOP and roofline ms on ``peak``; with ``one_program``, the
+    chunk gradients as one program per chunk (``launch.REPLACES``). Recorded
+    on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs, and none
+    is needed; triton must not be in its interpreter."""
+    import contextlib
+
+    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES, forced_tiles
     branches = m3_global_branches('meta', kernels='triton')
     rows = []
     for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
         def call(branch=branch, x=x):
-            if training:  # the forward and backward kernels
-                branch(x.requires_grad_()).float().sum().backward()
-                return
-            with torch.inference_mode():  # as the 'triton' case calls them
-                branch(x)
+            with contextlib.ExitStack() as stack:
+                for kernel in REPLACES if one_program else ():
+                    stack.enter_context(forced_tiles(kernel))
+                if training:  # the forward and backward kernels
+                    branch(x.requires_grad_()).float().sum().backward()
+                    return
+                with torch.inference_mode():  # as the 'triton' case calls them
+                    branch(x)
         costs = with_kernel_costs(call, {}, 'meta')
         rows += [dict(stage=stage + 1, kernel=name, gb=cost.bytes / 1e9, gflop=cost.flops / 1e9,
                       roofline_ms=cost.roofline_s(peak) * 1e3, bound=_bound(cost, peak))
@@ -431,9 +438,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser.add_argument('--peak', choices=[p.name for p in PEAKS], default=PEAKS[0].name)
     parser.add_argument('--training', action='store_true',
                         help='a training step\'s kernels (forward and backward)')
+    parser.add_argument('--one-program', action='store_true',
+                        help='the chunk gradients as one program per chunk, forward and backward')
     args = parser.parse_args(argv)
     peak = next(p for p in PEAKS if p.name == args.peak)
-    rows = kernel_rooflines(args.batch, args.size, peak, args.training)
+    rows = kernel_rooflines(args.batch, args.size, peak, args.training, args.one_program)
     print(markdown_table(('stage', 'kernel', 'GB', 'GFLOP', f'roofline ms ({peak.name})', 'bound'),
                          [(r['stage'], r['kernel'], f'{r["gb"]:.3f}', f'{r["gflop"]:.1f}',
                            f'{r["roofline_ms"]:.3f}', r['bound']) for r in rows]))

@@ -163,6 +163,15 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
     assert stage1['grads_backward_rows_kernel']['gflop'] == pytest.approx(
         7 * rows_pass['gflop'])
     assert stage1['grads_rows_kernel']['gflop'] == rows_pass['gflop']  # recorded once
+    # the chunk gradients as one program per chunk: the two passes' FLOPs, fewer bytes
+    merged = {r['kernel']: r for r in kp.main(['--rooflines', '--training', '--one-program',
+                                               '--batch', '2']) if r['stage'] == 1}
+    for kernel, replaced in (('grads_chunk_kernel', ('grads_rows_kernel', 'grads_cols_kernel')),
+                             ('grads_backward_chunk_kernel', ('grads_backward_rows_kernel',
+                                                              'grads_backward_cols_kernel'))):
+        assert not set(replaced) & set(merged)
+        assert merged[kernel]['gflop'] == pytest.approx(sum(stage1[k]['gflop'] for k in replaced))
+        assert merged[kernel]['gb'] < sum(stage1[k]['gb'] for k in replaced)
     with pytest.raises(SystemExit):
         kp.main([])  # the one task is named
 

@@ -241,9 +241,13 @@ def custom_op_results() -> dict:
     return results
 
 
+# the run of the ``interpreted`` fixture, which the session starts early (tests/interpreted.py)
+INTERPRETED = ('custom_op_results', 'test_memory_custom_ops')
+
+
 @pytest.fixture(scope='module')
 def interpreted():
-    return _run_interpreted('custom_op_results', 'test_memory_custom_ops')
+    return _run_interpreted(*INTERPRETED)
 
 
 @pytest.mark.parametrize('case,tag', OPCHECKED)

@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -44,7 +43,7 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
 from convneur_mm.models.layers.memory_ops.kernels import launch
 from convneur_mm.testing.dispatch_probes import LiveTensorBytes
 
-from ...paths import REPO
+from ... import interpreted as interpreted_runs
 
 F32_TOL = 1e-5
 F16_EMULATED_TOL = 5e-5
@@ -394,19 +393,16 @@ def module_results() -> dict:
 def _run_interpreted(what: str, module: str = 'test_memory_kernels') -> dict:
     """``module``'s function ``what`` in a subprocess with TRITON_INTERPRET=1;
     its JSON result (the module prints it when run as a script)."""
-    pytest.importorskip('triton')
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    child = subprocess.run([sys.executable, '-m', f'tests.test_models.test_layers.{module}',
-                            what], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=900)
-    assert child.returncode == 0, child.stderr[-4000:]
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    return interpreted_runs.result(what, module)
+
+
+# the run of the ``interpreted`` fixture, which the session starts early (tests/interpreted.py)
+INTERPRETED = ('interpreter_results', 'test_memory_kernels')
 
 
 @pytest.fixture(scope='module')
 def interpreted():
-    return _run_interpreted('interpreter_results')
+    return _run_interpreted(*INTERPRETED)
 
 
 @pytest.mark.slow

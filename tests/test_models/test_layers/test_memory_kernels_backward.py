@@ -251,9 +251,13 @@ def backward_results() -> Dict[str, dict]:
     return results
 
 
+# the run of the ``interpreted`` fixture, which the session starts early (tests/interpreted.py)
+INTERPRETED = ('backward_results', 'test_memory_kernels_backward')
+
+
 @pytest.fixture(scope='module')
 def interpreted():
-    return _run_interpreted('backward_results', 'test_memory_kernels_backward')
+    return _run_interpreted(*INTERPRETED)
 
 
 CASES = ['read', 'read_rows32', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
