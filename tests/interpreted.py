@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -20,28 +21,39 @@ import pytest
 from .paths import REPO
 
 Key = Tuple[str, str]  # (function, module)
+Outcome = Tuple[int, str, str]  # returncode, stdout, stderr
+TIMEOUT_S = 900
 _lock = threading.Condition()
 _queue: List[Key] = []
-_done: Dict[Key, Tuple[int, str, str]] = {}  # returncode, stdout, stderr
-_running: Dict[Key, subprocess.Popen] = {}
+_envs: Dict[Key, dict] = {}  # each run's environment, copied where it was queued
+_done: Dict[Key, Outcome] = {}
+_running: Dict[Key, Optional[subprocess.Popen]] = {}  # None: taken, not started yet
+_stopped = [False]
 _worker: Optional[threading.Thread] = None
 
 
-def _run(key: Key) -> Tuple[int, str, str]:
+def _environment() -> dict:
+    # copied in the main thread: tests change os.environ while the worker runs
+    return dict(os.environ, TRITON_INTERPRET='1',
+                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+
+
+def _run(key: Key, env: dict) -> Outcome:
     what, module = key
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    child = subprocess.Popen([sys.executable, '-m', f'tests.test_models.test_layers.{module}',
-                              what], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
     with _lock:
+        if _stopped[0]:
+            return -1, '', 'the session ended before this run started'
+        child = subprocess.Popen([sys.executable, '-m', f'tests.test_models.test_layers.{module}',
+                                  what], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
         _running[key] = child
     try:
-        stdout, stderr = child.communicate(timeout=900)
+        stdout, stderr = child.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         child.kill()
         stdout, stderr = child.communicate()
-    return child.returncode, stdout, stderr
+    return (child.returncode, stdout.decode(errors='replace'),
+            stderr.decode(errors='replace'))
 
 
 def _work() -> None:
@@ -50,12 +62,18 @@ def _work() -> None:
             if not _queue:
                 return
             key = _queue.pop(0)
+            env = _envs.pop(key)
             _running[key] = None  # taken: a test waits for it
-        outcome = _run(key)
-        with _lock:
-            _running.pop(key)
-            _done[key] = outcome
-            _lock.notify_all()
+        outcome = -1, '', 'the run was interrupted'
+        try:
+            outcome = _run(key, env)
+        except Exception:  # noqa: B902 - the waiting test fails with it, never hangs
+            outcome = -1, '', traceback.format_exc()
+        finally:
+            with _lock:
+                _running.pop(key, None)
+                _done[key] = outcome
+                _lock.notify_all()
 
 
 def start(what: str, module: str) -> None:
@@ -71,6 +89,7 @@ def start(what: str, module: str) -> None:
         if key in _queue or key in _running or key in _done:
             return
         _queue.append(key)
+        _envs[key] = _environment()
         if _worker is None or not _worker.is_alive():
             _worker = threading.Thread(target=_work, name='interpreter-runs', daemon=True)
             _worker.start()
@@ -85,13 +104,16 @@ def result(what: str, module: str) -> dict:
     with _lock:
         if key in _queue:
             _queue.remove(key)
+            _envs.pop(key)
         elif key in _running:
-            _lock.wait_for(lambda: key in _done)
+            _lock.wait_for(lambda: key in _done, timeout=TIMEOUT_S + 60)
         outcome = _done.pop(key, None)
     if outcome is None:
-        outcome = _run(key)
+        if key in _running:  # still running past its timeout: the worker is stuck
+            pytest.fail(f'the interpreter run {what} of {module} did not end')
+        outcome = _run(key, _environment())
         with _lock:
-            _running.pop(key)
+            _running.pop(key, None)
     returncode, stdout, stderr = outcome
     assert returncode == 0, stderr[-4000:]
     return json.loads(stdout.strip().splitlines()[-1])
@@ -99,8 +121,9 @@ def result(what: str, module: str) -> dict:
 
 def stop_all() -> None:
     """Drop the queue and end a run that no test will read (an interrupted
-    or failing session)."""
+    or failing session); no run starts after this."""
     with _lock:
+        _stopped[0] = True
         _queue.clear()
         children = [child for child in _running.values() if child is not None]
     for child in children:

@@ -327,8 +327,13 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             call = calls.triton[OP_OF[kernel]]
             replaced = replaced_seconds(kernel, call, chosen, device, repeats)
             record['replaced_ms'] = _ms(replaced)
-            record['agrees_with_replaced'] = (best.seconds is not None and agrees_with_replaced(
-                kernel, call, best.options, chosen, tol))
+            try:
+                record['agrees_with_replaced'] = (best.seconds is not None and
+                                                  agrees_with_replaced(kernel, call, best.options,
+                                                                       chosen, tol))
+            except Exception as error:  # noqa: B902 - reported; the run goes on
+                record['agrees_with_replaced'] = False
+                record['error'] = describe_error(error)
             record_entry = record['replaces'] = (
                 record['agrees_with_replaced'] and replaced is not None
                 and best.seconds < replaced * (1 - MIN_GAIN))
@@ -410,6 +415,8 @@ def format_report(result: Dict) -> str:
     def verdict(k: Dict) -> str:
         if k['replaces']:
             return 'it replaces them'
+        if k.get('error'):
+            return f"they stay (the comparison failed: {k['error']})"
         if k['chosen_ms'] is not None and not k['agrees_with_replaced']:
             return 'they stay (its results differ from theirs)'
         return 'they stay'

@@ -156,11 +156,13 @@ def test_a_replacing_kernel_must_compute_what_the_replaced_ones_compute(monkeypa
 def test_the_report_says_whether_a_replacing_kernel_replaces():
     record = dict(call='write', start=START, chosen=START, start_ms=1.0, chosen_ms=1.0,
                   trials=[dict(START, ms=1.0, error=None)], replaced_ms=2.0)
-    for replaces, agrees, verdict in ((True, True, 'it replaces them'),
-                                      (False, True, 'they stay'),
-                                      (False, False, 'they stay (its results differ')):
+    for replaces, agrees, error, verdict in (
+            (True, True, None, 'it replaces them'), (False, True, None, 'they stay'),
+            (False, False, None, 'they stay (its results differ'),
+            (False, False, 'RuntimeError: CUDA error', 'they stay (the comparison failed: '
+             'RuntimeError: CUDA error)')):
         result = dict(arch=None, kernels={'grads_chunk': dict(
-                          record, replaces=replaces, agrees_with_replaced=agrees)},
+                          record, replaces=replaces, agrees_with_replaced=agrees, error=error)},
                       calls={}, entries=[], paths=[], stopped_at=None, error=None)
         assert (f'grads_chunk: 1.000 ms against 2.000 ms for the kernels it replaces: '
                 f'{verdict}') in kernel_tuning.format_report(result)

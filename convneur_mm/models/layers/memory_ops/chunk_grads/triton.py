@@ -32,7 +32,7 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     values and step sizes are read where they lie (any strides). Where
     ``launch.chosen_kernel('grads_chunk', ...)`` (a tuned entry, or
     ``forced_tiles('grads_chunk')``), one program per chunk runs both passes
-    instead, reading back its own pass-1 results (likely from L2); and for
+    instead, reading back its own pass-1 results (which L2 may keep); and for
     the backward ``'grads_backward_chunk'`` likewise.
 
     Args:

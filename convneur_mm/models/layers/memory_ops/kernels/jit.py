@@ -437,7 +437,7 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
     """Both passes of a chunk's gradient in one program per chunk:
     ``grads_rows_kernel``'s chain over the chunk's rows (BM at a time, the
     rest TAIL at a time), its Dh and 16-bit keys stored for this program
-    alone to read back (likely from L2: a chunk's are about 100 KB), then
+    alone to read back (a chunk's are about 100 KB: L2 may keep them), then
     ``grads_cols_kernel``'s products for each block of BH hidden units in
     turn. ``dg`` (G * C, D) is the chunk's own sum: no per-block shares."""
     for it in range(ITERS):
