@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc  # noqa: E402
 from convneur_mm.utils.cuda_env import detect_nvidia  # noqa: E402
 
+from . import interpreted  # noqa: E402
 from .paths import REPO  # noqa: E402
 
 _gpu_count = None
@@ -74,7 +75,6 @@ def pytest_collection_finish(session):
     """Start the interpreter runs that the selected tests' ``interpreted``
     fixtures read (a module's ``INTERPRETED``): each goes on beside the
     tests before them."""
-    from . import interpreted
     for item in session.items:
         run = getattr(getattr(item, 'module', None), 'INTERPRETED', None)
         if run is not None and 'interpreted' in getattr(item, 'fixturenames', ()):
@@ -82,7 +82,6 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session):
-    from . import interpreted
     interpreted.stop_all()
 
 

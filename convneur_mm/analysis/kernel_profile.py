@@ -400,16 +400,13 @@ def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = P
     chunk gradients as one program per chunk (``launch.REPLACES``). Recorded
     on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs, and none
     is needed; triton must not be in its interpreter."""
-    import contextlib
-
-    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES, forced_tiles
+    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES, forced_tiles_of
+    one_program_options = {kernel: {} for kernel in REPLACES} if one_program else {}
     branches = m3_global_branches('meta', kernels='triton')
     rows = []
     for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
         def call(branch=branch, x=x):
-            with contextlib.ExitStack() as stack:
-                for kernel in REPLACES if one_program else ():
-                    stack.enter_context(forced_tiles(kernel))
+            with forced_tiles_of(one_program_options):
                 if training:  # the forward and backward kernels
                     branch(x.requires_grad_()).float().sum().backward()
                     return

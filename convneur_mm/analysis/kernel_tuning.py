@@ -47,6 +47,9 @@ from convneur_mm.analysis.kernel_profile import (device_peak, profile_kernels, t
 from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, flat_inputs,
                                                write_read_inputs)
 from convneur_mm.analysis.memory_variants import describe_error
+from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, forced_tiles,
+                                                                 forced_tiles_of, target_arch,
+                                                                 tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
                                                                 MeasuredPath, TunedTile,
                                                                 dtype_name)
@@ -125,17 +128,6 @@ class Trial(NamedTuple):
     error: Optional[str] = None
 
 
-def _forced(chosen: Dict[str, Dict[str, int]]):
-    """One context forcing every kernel's chosen options."""
-    import contextlib
-
-    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_tiles
-    stack = contextlib.ExitStack()
-    for kernel, options in chosen.items():
-        stack.enter_context(forced_tiles(kernel, **options))
-    return stack
-
-
 def kernel_seconds(kernel: str, call: Callable[[], object], device, repeats: int = 5,
                    by_kernel: bool = True) -> Optional[float]:
     """Seconds of ``kernel``'s own launches in one ``call``, their device
@@ -159,10 +151,8 @@ def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict
     start first; the others' ``chosen`` options forced throughout. Each
     candidate's results are compared with the start's. Stops early at ``deadline`` (a
     ``time.monotonic`` value). ``repeats``: timed calls off CUDA."""
-    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_tiles
-
     trials: List[Trial] = []
-    with _forced({k: v for k, v in chosen.items() if k != kernel}):
+    with forced_tiles_of({k: v for k, v in chosen.items() if k != kernel}):
         try:
             with forced_tiles(kernel, **start):
                 want = [t.detach().clone() for t in call()]
@@ -219,10 +209,10 @@ def replaced_seconds(kernel: str, call: Callable[[], object],
     (``launch.REPLACES``), at their ``chosen`` options: their own launches
     summed on CUDA (None where the profile names one of them not), else the
     whole call's, as ``kernel`` itself is timed."""
-    with _forced(_replaced_forced(kernel, chosen)):
+    with forced_tiles_of(_replaced_forced(kernel, chosen)):
         if not is_cuda(device):
             return time_kernel(call, device, repeats)
-        times = [kernel_seconds(name, call, device, repeats) for name in _replaced(kernel)]
+        times = [kernel_seconds(name, call, device, repeats) for name in REPLACES[kernel]]
     return None if None in times else sum(times)
 
 
@@ -232,24 +222,19 @@ def agrees_with_replaced(kernel: str, call: Callable[[], List[torch.Tensor]],
     """Whether ``kernel`` at ``options`` computes what the kernels it
     replaces compute at their ``chosen`` options (``agrees``): its own
     candidates are checked only against its own start."""
-    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_tiles
-    with _forced(_replaced_forced(kernel, chosen)):
+    with forced_tiles_of(_replaced_forced(kernel, chosen)):
         want = [t.detach().clone() for t in call()]
         with forced_tiles(kernel, **options):  # a forced replacing kernel runs
             return agrees(call(), want, tol)
 
 
-def _replaced(kernel: str) -> tuple:
-    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES
-    return REPLACES[kernel]
-
-
-def _replaced_forced(kernel: str, chosen: Dict[str, Dict[str, int]]) -> Dict[str, Dict[str, int]]:
+def _replaced_forced(kernel: str, chosen: Dict[str, Dict[str, int]]
+                     ) -> Dict[str, Dict[str, int]]:
     """``chosen`` but ``kernel``, with the kernels it replaces forced (their
     chosen options, or none): they run even where a tuned entry already
     runs ``kernel`` in their place."""
     forced = {k: v for k, v in chosen.items() if k != kernel}
-    forced.update({name: chosen.get(name, {}) for name in _replaced(kernel)})
+    forced.update({name: chosen.get(name, {}) for name in REPLACES[kernel]})
     return forced
 
 
@@ -297,8 +282,6 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         whose search the time limit ended, if any; ``error`` an error of the
         final timings.
     """
-    from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, target_arch,
-                                                                     tile_config)
     device = torch.device(device)
     # a kernel that replaces others is compared with them at their chosen options
     kernels = sorted(kernels, key=lambda kernel: kernel in REPLACES)
@@ -315,8 +298,9 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         config = tile_config(kernel, shape.head_dim, shape.chunk, None, None, operand_dtype,
                              arch=arch)
         start = {key: config[key] for key in AXES}
-        trials = tune_kernel(kernel, calls.triton[OP_OF[kernel]], start, chosen, device, tol,
-                             axes, rounds, deadline, repeats)
+        call = calls.triton[OP_OF[kernel]]
+        trials = tune_kernel(kernel, call, start, chosen, device, tol, axes, rounds, deadline,
+                             repeats)
         best = best_trial(trials)
         record = result['kernels'][kernel] = {
             'call': OP_OF[kernel], 'start': start, 'chosen': best.options,
@@ -324,7 +308,6 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             'trials': [dict(t.options, ms=_ms(t.seconds), error=t.error) for t in trials]}
         record_entry = best.options != start
         if kernel in REPLACES:  # it runs, and gets an entry, only where it beats those it replaces
-            call = calls.triton[OP_OF[kernel]]
             replaced = replaced_seconds(kernel, call, chosen, device, repeats)
             record['replaced_ms'] = _ms(replaced)
             try:
@@ -362,12 +345,12 @@ def _time_calls(result: Dict, calls: Calls, chosen: Dict[str, Dict[str, int]],
                 default_ms: Dict[str, float], device, repeats: int) -> None:
     """``result['calls']``: each call through the chosen and the default
     options, through PyTorch, and its kernels' roofline."""
-    with _forced(chosen):
+    with forced_tiles_of(chosen):
         tuned_ms = {name: time_kernel(call, device, repeats) * 1e3
                     for name, call in calls.triton.items()}
     peak = device_peak(device)
     for name, call in calls.triton.items():
-        with _forced(chosen):  # its kernels' bytes and FLOPs, from one more call
+        with forced_tiles_of(chosen):  # its kernels' bytes and FLOPs, from one more call
             cost = total_cost(with_kernel_costs(call, {}, device))
         result['calls'][name] = {
             'triton_default_ms': default_ms[name], 'triton_tuned_ms': tuned_ms[name],

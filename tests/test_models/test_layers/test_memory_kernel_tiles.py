@@ -177,7 +177,6 @@ def persistent_results() -> dict:
     backward, with one program per tile and with two programs in all
     (``programs_per_sm=2`` on one multiprocessor): the largest difference,
     and each launch's tiles, grid and tiles per program."""
-    import contextlib
     from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_triton,
                                                       chunk_read_triton)
     gen = torch.Generator().manual_seed(0)
@@ -209,9 +208,9 @@ def persistent_results() -> dict:
         chosen = list(launch.REPLACES) if one_program else []
         out = []
         for per_sm in (0, 2):
-            with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
-                for kernel in kernels if per_sm else chosen:
-                    stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
+            forced = {kernel: dict(programs_per_sm=per_sm)
+                      for kernel in (kernels if per_sm else chosen)}
+            with launch.forced_tiles_of(forced), launch.observing_launches() as launches:
                 out.append((run(), launches))
         return out
 
@@ -301,7 +300,6 @@ def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
     """Registers, spills and shared memory of every kernel a bf16 training
     step of C_m 128 at M3's stage 1 (batch 128) launches, compiled as
     launched (ptxas)."""
-    import contextlib
     from convneur_mm.models.layers import NeuralMemory
     inspect = pytest.importorskip('convneur_mm.models.layers.memory_ops.kernels.inspect')
     try:
@@ -311,9 +309,8 @@ def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
     memory = NeuralMemory(128, chunk_size=196, kernels='triton',
                           matmul_dtype='bfloat16').to('meta')
     x = torch.empty(128, 3136, 128, device='meta', requires_grad=True)
-    with contextlib.ExitStack() as stack, launch.recording_launches(arch) as launches:
-        for kernel in chosen or _TWO_PASSES:
-            stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
+    forced = {kernel: dict(programs_per_sm=per_sm) for kernel in chosen or _TWO_PASSES}
+    with launch.forced_tiles_of(forced), launch.recording_launches(arch) as launches:
         memory.train()(x).sum().backward()
     iters = {}  # the most tiles per program of each kernel's launches (132 multiprocessors)
     for l in launches:
@@ -362,7 +359,6 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
     operands, through the two passes and through one program per chunk,
     whose programs read back their own stores past a barrier, each against
     the two passes with a program per tile."""
-    import contextlib
     from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
     from .test_memory_kernels import _write_inputs
     weights, keys, values, lr = _write_inputs(2, 300, 196, 128, 1.0, seed=0)
@@ -371,9 +367,8 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
 
     def run(kernels, per_sm):
         leaves = [t.clone().requires_grad_() for t in inputs]
-        with contextlib.ExitStack() as stack, launch.observing_launches() as launches:
-            for kernel in kernels:
-                stack.enter_context(launch.forced_tiles(kernel, programs_per_sm=per_sm))
+        forced = {kernel: dict(programs_per_sm=per_sm) for kernel in kernels}
+        with launch.forced_tiles_of(forced), launch.observing_launches() as launches:
             out = chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:], BF16)
             bars = [torch.randn(t.shape, generator=gen).cuda() for t in out]
             grads = torch.autograd.grad(out, leaves, bars)

@@ -204,10 +204,7 @@ ONE_PROGRAM_CASES = ['d24_L24_blocks16', 'd16_L40_blocks32', 'per_image']
 
 
 def _one_program_per_chunk():
-    stack = contextlib.ExitStack()
-    for kernel in launch.REPLACES:
-        stack.enter_context(launch.forced_tiles(kernel))
-    return stack
+    return launch.forced_tiles_of({kernel: {} for kernel in launch.REPLACES})
 
 
 def backward_results() -> Dict[str, dict]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..common import LN_EPS, MemoryWeights
 from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
                               check_runnable, check_span, chosen_kernel, launch_config,
-                              launch_kernel, target_arch, tile_config)
+                              launch_kernel, row_parts, target_arch, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -229,9 +229,7 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
         tiles = tile_config('grads_backward_chunk', d, length, block_rows, block_hidden,
                             operand_dtype, arch=arch)
         # a share of g's gradient per block of rows: whole blocks, then TAIL_ROWS at a time
-        whole = length // tiles['BM']
-        slots = (whole + cdiv(length - whole * tiles['BM'], TAIL_ROWS)
-                 if TAIL_ROWS < tiles['BM'] else cdiv(length, tiles['BM']))
+        slots = sum(blocks for _, blocks, _ in row_parts(length, tiles))
         grad_scale = torch.empty(groups * chunks, slots, d, **opts)
         launch_kernel(
             kernels.grads_backward_chunk_kernel, groups * chunks, tiles, keys.device,

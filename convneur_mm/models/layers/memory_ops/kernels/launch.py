@@ -8,7 +8,7 @@ scan kernel writes inference states that only products read in 16 bits);
 accumulation (float32 operands multiply in IEEE float32, not TF32).
 """
 import contextlib
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -130,6 +130,17 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+@contextlib.contextmanager
+def forced_tiles_of(options: Dict[str, Dict[str, int]]) -> Iterator[None]:
+    """``forced_tiles`` of several kernels at once, ``{kernel: options}``
+    (empty options: the kernel forced at its own tiles, which runs a kernel
+    of ``REPLACES`` in place of those it replaces)."""
+    with contextlib.ExitStack() as stack:
+        for kernel, kernel_options in options.items():
+            stack.enter_context(forced_tiles(kernel, **kernel_options))
+        yield
 
 
 def check_programs_per_sm(value: int) -> None:
