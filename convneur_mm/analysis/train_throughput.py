@@ -40,7 +40,8 @@ set's growth plus what the variant holds, and no reserved figure.
 """
 import argparse
 import gc
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+import sys
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -510,13 +511,15 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
         device: Optional[str] = None, amp: bool = False, amp_dtype: Optional[str] = None,
         compile_mode: Optional[str] = None, backend: str = 'inductor',
         iters: Optional[int] = None, warmup: Optional[int] = None, evaluate: bool = False,
-        dry: bool = False) -> dict:
+        dry: bool = False, on_job: Optional[Callable[[dict], None]] = None) -> dict:
     """Every job of ``jobs`` (``run_job``), with the device line.
 
     Args:
         device: default CUDA where there is one, else the CPU; the CPU in
             the dry mode.
         iters, warmup: default 5 and 2; 1 and 0 in the dry mode.
+        on_job: called after each job with the result so far, its last job
+            the one just measured (a run cut short keeps what it printed).
         Others: see ``run_job``.
     """
     device = device or ('cuda' if torch.cuda.is_available() and not dry else 'cpu')
@@ -533,6 +536,8 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
     for name in jobs:
         out['jobs'][name] = run_job(name, peers, device, amp, amp_dtype, compile_mode, backend,
                                     iters, warmup, evaluate, dry)
+        if on_job is not None:
+            on_job(out)
     return out
 
 
@@ -561,9 +566,13 @@ def run_from_args(args: argparse.Namespace) -> dict:
     """``run`` with the parsed options; prints the tables; returns the result."""
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f'--warmup must be >= 0, got {args.warmup}')
+    def print_last_job(out: dict) -> None:
+        name, job = list(out['jobs'].items())[-1]
+        print(format_tables(dict(out, jobs={name: job})), file=sys.stderr, flush=True)
+
     result = run(args.jobs, args.peers, args.device, args.amp, args.amp_dtype, args.compile,
                  'eager' if args.dry_run and args.compile else 'inductor', args.iters,
-                 args.warmup, args.eval, args.dry_run)
+                 args.warmup, args.eval, args.dry_run, print_last_job)
     print(format_tables(result))
     return result
 
