@@ -93,7 +93,10 @@ class AtenCostCounter(AtenOpCounter):
         self.namespaces[name] = func.namespace
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
-            flops = formula(*args, **(kwargs or {}), out_val=out)
+            # torch's formulas take the default overload's arguments: the output
+            # dtype of bmm.dtype (CUDA's bf16 product into float32) is not one
+            shaped = tuple(a for a in args if not isinstance(a, torch.dtype))
+            flops = formula(*shaped, **(kwargs or {}), out_val=out)
             self.flops[name] += flops
             if any(t.dtype in HALF_DTYPES for t in tensors_in((args, kwargs))):
                 self.half_flops[name] += flops

@@ -27,6 +27,16 @@ def test_cost_counter_counts_products_flops_and_their_operand_width():
     assert half.half_flops == half.flops == mm.flops
 
 
+def test_cost_counter_counts_a_16_bit_product_into_float32():
+    """bmm.dtype, which the memory's products run on CUDA in inference: its
+    output dtype is no argument of torch's FLOP formula."""
+    a, b = (torch.empty(3, 8, 16, device='meta', dtype=torch.bfloat16),
+            torch.empty(3, 16, 4, device='meta', dtype=torch.bfloat16))
+    costs = kp.count_costs(lambda: torch.ops.aten.bmm.dtype(a, b, torch.float32))
+    assert costs['aten::bmm'].flops == costs['aten::bmm'].half_flops == 2 * 3 * 8 * 16 * 4
+    assert costs['aten::bmm'].bytes == (a.numel() + b.numel()) * 2 + 3 * 8 * 4 * 4
+
+
 def test_roofline_takes_the_slower_of_bytes_and_products():
     bytes_bound = kp.OpCost(bytes=10**9, flops=10**6, half_flops=0)
     assert bytes_bound.roofline_s(PEAK) == pytest.approx(1.0)

@@ -34,7 +34,7 @@ from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS
 from .memory_ops.kernels import unavailable_reason
 from .memory_ops.kernels.launch import cuda_capability
-from .memory_ops.kernels.tuned import auto_path, dtype_name
+from .memory_ops.kernels.tuned import auto_path, dtype_name, measured_path
 from .memory_ops.project import (MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH,
                                  ProjectionWeights, project)
 from .memory_ops.read import read
@@ -322,6 +322,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """
         operand_dtype = self.operand_dtype(x)
         implementation, reason = self._implementation(x, operand_dtype)
+        every_kernel = implementation == 'triton' and (
+            self.kernels == 'triton' or self._auto_takes_every_kernel(x, operand_dtype))
         return MemoryPlan(
             operand_dtype=operand_dtype,
             decomposed_read=operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR,
@@ -330,9 +332,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             images_per_slice=self._images_per_slice(x),
             shape_generic=torch.compiler.is_exporting(),
             recompute=self.recompute and self.training and torch.is_grad_enabled(),
-            projections=self._projections(implementation),
-            scan='triton' if (implementation == 'triton' and self.kernels == 'triton' and
-                              self.update == 'parallel') else 'torch')
+            projections=self._projections(every_kernel),
+            scan='triton' if every_kernel and self.update == 'parallel' else 'torch')
 
     def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
                         ) -> Tuple[str, str]:
@@ -369,7 +370,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         ``torch.export`` keeps the shape-generic PyTorch graph, which ONNX
         needs. 'auto' takes them only where a GPU measured them faster than
         the PyTorch path for its compute capability, operand dtype and mode
-        (``kernels.tuned.auto_path``): on sm_90 for bf16 inference; float32
+        (``kernels.tuned.auto_path``): on sm_90 for bf16 inference, the
+        projection and scan kernels too (``MeasuredPath.every_kernel``); float32
         products stay on cuBLAS, and training on the PyTorch path ('triton'
         takes the kernels wherever they run, Triton's CPU interpreter
         included, and trains with their backward kernels)."""
@@ -394,6 +396,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         return auto_path(cuda_capability(x.device), dtype_name(operand_dtype or torch.float32),
                          torch.is_grad_enabled())
 
+    @staticmethod
+    def _auto_takes_every_kernel(x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:
+        """Whether the measurement 'auto' took the kernels by timed the
+        projection and scan kernels too (``MeasuredPath.every_kernel``)."""
+        entry = measured_path(cuda_capability(x.device),
+                              dtype_name(operand_dtype or torch.float32), torch.is_grad_enabled())
+        return entry is not None and entry.every_kernel
+
     def _images_per_slice(self, x: Tensor) -> int:
         """Images per slice for ``working_set_mib`` (the batch when unsliced).
 
@@ -405,17 +415,17 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
 
-    def _projections(self, implementation: str) -> str:
+    def _projections(self, every_kernel: bool) -> str:
         """The plan's ``projections``: 'layers' unless the layers are plain;
-        'triton' where ``kernels='triton'`` took the kernels (no GPU has timed
-        the projection kernels for 'auto'), up to their widest row
+        'triton' where the plan takes every kernel (``kernels='triton'``, or
+        'auto' where a GPU timed them all), up to their widest row
         (``MAX_PROJECTION_WIDTH``; in training ``MAX_PROJECTION_BACKWARD_WIDTH``);
         else 'torch'."""
         if not self._plain_projections():
             return 'layers'
         widest = (MAX_PROJECTION_BACKWARD_WIDTH if torch.is_grad_enabled() else
                   MAX_PROJECTION_WIDTH)
-        if implementation == 'triton' and self.kernels == 'triton' and self.dim <= widest:
+        if every_kernel and self.dim <= widest:
             return 'triton'
         return 'torch'
 

@@ -101,8 +101,8 @@ def test_a_bad_tuned_entry_is_refused(changes, match):
 @pytest.mark.parametrize('arch, dtype, training, path, words', [
     (None, 'bfloat16', False, 'torch', "off NVIDIA's CUDA GPUs"),
     (None, 'float32', True, 'torch', 'trains on the PyTorch path'),
-    (90, 'bfloat16', False, 'triton', '17.96 ms through the kernels against 20.36 ms'),
-    (90, 'float32', False, 'torch', '49.67 ms through the kernels against 27.82 ms'),
+    (90, 'bfloat16', False, 'triton', '10.28 ms through the kernels against 20.43 ms'),
+    (90, 'float32', False, 'torch', '54.48 ms through the kernels against 28.31 ms'),
     (90, 'float16', False, 'torch', 'no GPU has timed'),
     (80, 'bfloat16', False, 'torch', 'on sm_80 with bfloat16 operands'),
     (90, 'bfloat16', True, 'torch', 'trains on the PyTorch path: no GPU has timed'),
@@ -137,7 +137,24 @@ def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatc
     monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
-    assert plan.implementation == 'triton' and '17.96 ms through the kernels' in plan.reason
+    assert plan.implementation == 'triton' and '10.28 ms through the kernels' in plan.reason
+    # that measurement timed every kernel: the projections and the scan too
+    assert 'every Triton kernel' in plan.reason
+    assert (plan.projections, plan.scan) == ('triton', 'triton')
+
+
+def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and_read_were_timed(
+        monkeypatch):
+    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
+    monkeypatch.setattr(tuned, 'MEASURED_PATHS', (
+        tuned.MeasuredPath(90, 'bfloat16', False, 9.0, 10.0, 'a tuning run'), ))
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 20, 16))
+    assert plan.implementation == 'triton' and 'the Triton write and read' in plan.reason
+    assert (plan.projections, plan.scan) == ('torch', 'torch')
 
 
 def own_tiles_results() -> dict:
@@ -377,12 +394,15 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
 
     gen.manual_seed(1)
     base, _ = run((), 0)
-    for kernels in (_TWO_PASSES, tuple(launch.REPLACES)):
+    # the same tiles agree to float32's summation order; one program per chunk has
+    # tiles of its own, whose bf16 d_hidden may round one ulp apart (1.3e-3 of the
+    # largest gradient on an H200), where a read before the barrier is off by O(1)
+    for kernels, bound in ((_TWO_PASSES, 1e-4), (tuple(launch.REPLACES), 1e-2)):
         gen.manual_seed(1)
         got, iters = run(kernels, 2)
         assert iters > 1, kernels
         for a, b in zip(got, base):
-            assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4, kernels
+            assert ((a - b).abs().max() / b.abs().max()).item() < bound, kernels
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
