@@ -14,7 +14,7 @@ import pytest
 from ..paths import REPO
 
 SCRIPT = osp.join(REPO, '.dev_scripts', 'gpu_run.sh')
-SECTIONS = ['bench', 'profile', 'train', 'tests']
+SECTIONS = ['profile', 'bench', 'train', 'tests']
 
 
 def _wheels(folder, *names: str) -> str:
@@ -62,7 +62,7 @@ def test_dry_run_plans_every_section_in_order_into_out(tmp_path, host_wheels):
     assert 'graph_breaks' in tests and f'--junitxml {out}/tests.xml' in tests
     # each section's limit leaves the sections after it their estimates
     limits = [int(by_step[s]['limit_s']) for s in SECTIONS]
-    assert limits == sorted(limits) and limits[-1] <= 480
+    assert limits == sorted(limits) and limits[-1] <= 600
     for name in SECTIONS:
         assert by_step[name]['command'] in (out / f'{name}.log').read_text()
     assert 'mmcv-2.1.0' in (out / 'install.log').read_text()
@@ -106,10 +106,10 @@ def test_without_mmcv_ops_the_tests_that_need_them_are_left_out(tmp_path, host_w
 
 def test_sections_run_in_the_order_given_and_are_skipped_past_the_limit(tmp_path, host_wheels):
     out = tmp_path / 'results'
-    done = _run(out, '--dry-run', '--limit-s', '100', 'tests', 'bench', WHEELS=host_wheels)
+    done = _run(out, '--dry-run', '--limit-s', '100', 'tests', 'profile', WHEELS=host_wheels)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = _summary(out)
-    assert [r['step'] for r in rows] == ['install', 'tests', 'bench']
+    assert [r['step'] for r in rows] == ['install', 'tests', 'profile']
     assert rows[1]['status'].startswith('skipped') and rows[2]['status'] == 'dry-run'
 
 

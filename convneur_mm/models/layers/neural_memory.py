@@ -388,6 +388,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             path, why = self._auto_path(x, operand_dtype)
             if path == 'torch':
                 return why
+        if torch.is_grad_enabled() and cuda_capability(x.device) is not None:
+            # refused, not run: the fault kills the process and its training run
+            return ("the read's backward kernel faults on CUDA GPUs (an illegal memory "
+                    "access on an H200, triton 3.6): train with kernels='auto' or 'torch'")
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
 
     @staticmethod

@@ -129,6 +129,23 @@ def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
     assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason
 
 
+def test_the_triton_kernels_refuse_to_train_on_a_cuda_gpu(monkeypatch):
+    """The read's backward kernel faults on an H200: kernels='triton' says so
+    before a training step instead of killing the process; inference keeps
+    the kernels, and 'auto' trains on the PyTorch path."""
+    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
+    x = torch.randn(1, 20, 16)
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16', kernels='triton')
+    with pytest.raises(RuntimeError, match="read's backward kernel faults on CUDA GPUs"):
+        memory.plan(x)
+    with torch.no_grad():
+        assert memory.plan(x).implementation == 'triton'
+    memory.kernels = 'auto'
+    assert memory.plan(x).implementation == 'torch'
+
+
 def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):
     """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
     from convneur_mm.models.layers import NeuralMemory, neural_memory

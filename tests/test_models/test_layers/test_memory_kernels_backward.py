@@ -22,6 +22,7 @@ from convneur_mm.models.layers.memory_ops.kernels import launch
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
+from convneur_mm.testing.triton_bounds import checked_accesses
 from .test_memory_kernels import (BF16_TOL, F16_TOL, F32_TOL, _rel_err, _run_interpreted,
                                   _weights, _write_inputs)
 
@@ -241,10 +242,13 @@ def backward_results() -> Dict[str, dict]:
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
                                                 tiles=dict(block_rows=512, block_hidden=64),
                                                 per_head=1)
-    results['module_f32'] = _module_case('float32', 1.0)
-    results['module_f16_decomposed'] = _module_case('float16', 1e-3)
-    # the backward reruns the forward (torch.utils.checkpoint) through the operators
-    results['module_f32_recompute'] = _module_case('float32', 1.0, recompute=True)
+    # every load and store of a training step inside its tensors: past them the
+    # interpreter reads a neighbour silently, where a GPU faults
+    with checked_accesses():
+        results['module_f32'] = _module_case('float32', 1.0)
+        results['module_f16_decomposed'] = _module_case('float16', 1e-3)
+        # the backward reruns the forward (torch.utils.checkpoint) through the operators
+        results['module_f32_recompute'] = _module_case('float32', 1.0, recompute=True)
     return results
 
 
@@ -408,6 +412,9 @@ def test_projection_backward_on_cuda_at_model_widths(d, heads):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(raises=RuntimeError, strict=True,
+                   reason="the read's backward kernel faults on an H200 (illegal memory access), "
+                          "so kernels='triton' refuses to train on CUDA GPUs")
 def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
     """M3's memory width under bf16 autocast: ``kernels='triton'`` against
     the PyTorch path, every gradient within bfloat16's tolerance."""
