@@ -9,6 +9,8 @@ trains with ``kernels='triton'`` against the PyTorch path; and what the
 kernels save for the backward."""
 import contextlib
 import json
+import os
+import subprocess
 import sys
 from typing import Dict, List
 
@@ -23,6 +25,7 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, pro
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.triton_bounds import checked_accesses
+from ...paths import REPO
 from .test_memory_kernels import (BF16_TOL, F16_TOL, F32_TOL, _rel_err, _run_interpreted,
                                   _weights, _write_inputs)
 
@@ -66,10 +69,12 @@ def _read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool, m: in
     return dict(forward=_rel_err(out, ref.detach()), grads=_grad_errors(names, got, exact))
 
 
-def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool) -> dict:
-    """The chunk read of 40 tokens in chunks of 16 (a partial last chunk),
-    heads merged: every input's gradient, and the queries' in the merged layout."""
-    heads, batch, chunks, length, n, d = 2, 2, 3, 16, 40, 16
+def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool,
+                     sizes: tuple = (2, 2, 3, 16, 40, 16), device: str = 'cpu') -> dict:
+    """The chunk read (``sizes``: heads, batch, chunks, length, tokens, d; by
+    default 40 tokens in chunks of 16, a partial last chunk), heads merged:
+    every input's gradient, and the queries' in the merged layout."""
+    heads, batch, chunks, length, n, d = sizes
     lead = (heads, batch, chunks)
     states = [t.view(*lead, *t.shape[1:]) for t in _weights(heads * batch * chunks, d, gen)]
     inputs, names = states, ['w1', 'w2', 'g']
@@ -85,12 +90,13 @@ def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool)
                     carry=tensors[5]) if decomposed else {}
         return fn(MemoryWeights(*tensors[:3]), tensors[-1], length, operand_dtype, **base)
 
-    got, exact = _leaves(inputs + [queries]), _leaves([t.double() for t in inputs + [queries]])
+    got = _leaves(inputs + [queries], device)
+    exact = _leaves([t.double() for t in inputs + [queries]])
     out = call(chunk_read_triton, got, dtype)
-    out.backward(cotangent)
+    out.backward(cotangent.to(device))
     ref = call(chunk_read_torch, exact, None)
     ref.backward(cotangent.double())
-    return dict(forward=_rel_err(out, ref.detach()),
+    return dict(forward=_rel_err(out.cpu(), ref.detach()),
                 grads=_grad_errors(names + ['queries'], got, exact),
                 queries_grad_merged=got[-1].grad.permute(1, 2, 0, 3).is_contiguous())
 
@@ -252,6 +258,24 @@ def backward_results() -> Dict[str, dict]:
     return results
 
 
+# the read's backward rows pass on an H200 (triton 3.6) faults with an illegal
+# memory access at its default launch; Triton's known Hopper faults in kernels of
+# several tl.dot (triton-lang/triton#10573, #11366) spare unpipelined or 32-row ones
+READ_BACKWARD_VARIANTS = {'default': {}, 'stages1': dict(num_stages=1), 'rows32': dict(BM=32),
+                          'warps4': dict(num_warps=4)}
+
+
+def read_backward_on_cuda_results() -> dict:
+    """(A subprocess: a fault ends it alone) M3's chunk read at stage 1's
+    width on CUDA, bf16 operands, its backward rows pass launched with the
+    options of ``READ_BACKWARD_VARIANTS[$CONVNEUR_READ_VARIANT]``: each
+    input's gradient against float64."""
+    options = READ_BACKWARD_VARIANTS[os.environ['CONVNEUR_READ_VARIANT']]
+    with launch.forced_tiles('read_backward_rows', **options):
+        return _chunk_read_case(torch.Generator().manual_seed(0), torch.bfloat16, False,
+                                sizes=(1, 4, 4, 196, 784, 128), device='cuda')
+
+
 # the run of the ``interpreted`` fixture, which the session starts early (tests/interpreted.py)
 INTERPRETED = ('backward_results', 'test_memory_kernels_backward')
 
@@ -409,6 +433,25 @@ def test_projection_backward_on_cuda_at_model_widths(d, heads):
         result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads, 196,
                                15, None, device='cuda')
         assert max(result['grads'].values()) < tol, (dtype, result['grads'])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('variant', [
+    pytest.param('default', marks=pytest.mark.xfail(
+        strict=True, reason='faults with an illegal memory access on an H200 (triton 3.6)')),
+    'stages1', 'rows32', 'warps4'])
+def test_the_read_backward_on_cuda_at_m3_width(variant):
+    """Each launch variant of the read's backward rows pass in a process of
+    its own (a CUDA fault ends its process): which ones compute the float64
+    gradients within bfloat16's tolerance, synchronously launched so that a
+    fault names its kernel."""
+    env = dict(os.environ, CONVNEUR_READ_VARIANT=variant, CUDA_LAUNCH_BLOCKING='1',
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+    done = subprocess.run([sys.executable, '-m', __name__, 'read_backward_on_cuda_results'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert max(result['grads'].values()) < BF16_TOL, result
 
 
 @pytest.mark.gpu
