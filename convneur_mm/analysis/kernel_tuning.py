@@ -19,7 +19,9 @@ compile (shared memory, registers). A kernel that replaces others
 after them, and kept (``TunedTile`` entries make it run in their place) only
 where its chosen options compute what they compute and beat their time by
 ``MIN_GAIN``. The PyTorch path of each call is timed beside it
-(``torch_ms``), the evidence ``kernels='auto'`` needs per operation.
+(``torch_ms``), the evidence ``kernels='auto'`` needs per operation. On CUDA
+a call that launches a kernel known to fault there (``kernels.CUDA_FAULTS``)
+is left out with its kernels (``faulting_calls``), and said so.
 
     python -m convneur_mm.analysis.kernel_tuning [--arch m3] [--stage 0]
         [--batch 128] [--operand-dtype bfloat16] [--json FILE] [--limit-s 300]
@@ -47,6 +49,7 @@ from convneur_mm.analysis.kernel_profile import (device_peak, profile_kernels, t
 from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, flat_inputs,
                                                write_read_inputs)
 from convneur_mm.analysis.memory_variants import describe_error
+from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
 from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, forced_tiles,
                                                                  forced_tiles_of, target_arch,
                                                                  tile_config)
@@ -66,6 +69,20 @@ OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols'
          'grads_backward_cols': 'write step', 'grads_chunk': 'write',
          'grads_backward_chunk': 'write step'}
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
+
+
+def faulting_calls(on_cuda: bool) -> Dict[str, str]:
+    """The calls (``OP_OF``'s) that launch a kernel known to fault on CUDA
+    GPUs (``kernels.cuda_fault``), with why; none off CUDA. A step launches
+    its forward's kernels too."""
+    if not on_cuda:
+        return {}
+    found = {}
+    for call in dict.fromkeys(OP_OF.values()):
+        why = cuda_fault(k for k, c in OP_OF.items() if call in (c, f'{c} step'))
+        if why is not None:
+            found[call] = why
+    return found
 
 
 def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], tol: float) -> bool:
@@ -287,10 +304,15 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     kernels = sorted(kernels, key=lambda kernel: kernel in REPLACES)
     deadline = None if limit_s is None else time.monotonic() + limit_s
     calls = stage_calls(shape, operand_dtype, device)
+    # a fault ends the process and every result with it: such calls are left out
+    skipped = faulting_calls(is_cuda(device))
+    calls = Calls(*({name: call for name, call in group.items() if name not in skipped}
+                    for group in calls))
+    kernels = [kernel for kernel in kernels if OP_OF[kernel] not in skipped]
     tol = 1e-5 if operand_dtype == torch.float32 else 2e-3
     arch = target_arch(device)
     result: Dict = {'arch': arch, 'kernels': {}, 'calls': {}, 'entries': [], 'paths': [],
-                    'stopped_at': None, 'error': None}
+                    'skipped': skipped, 'stopped_at': None, 'error': None}
     default_ms = {name: time_kernel(call, device, repeats) * 1e3
                   for name, call in calls.triton.items()}
     chosen: Dict[str, Dict[str, int]] = {}
@@ -366,6 +388,8 @@ def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
     the tuned kernels and through PyTorch."""
     lines = []
     for training, names in ((False, ('write', 'read')), (True, ('write step', 'read step'))):
+        if not all(name in calls for name in names):  # a call left out (``faulting_calls``)
+            continue
         triton_ms, torch_ms = (sum(calls[name][key] for name in names)
                                for key in ('triton_tuned_ms', 'torch_ms'))
         entry = MeasuredPath(arch, dtype_name(operand_dtype), training, round(triton_ms, 3),
@@ -420,6 +444,8 @@ def format_report(result: Dict) -> str:
         lines.append('No entry: entries describe a GPU, and this run had none.')
     else:
         lines.append(f'No new entry: no candidate beat its start by {MIN_GAIN:.0%}.')
+    for call, why in result.get('skipped', {}).items():
+        lines.append(f'Left out: the {call} call and its kernels ({why}).')
     if result['stopped_at']:
         lines.append(f'The time limit ended the search at {result["stopped_at"]}: the kernels '
                      'after it kept their start.')

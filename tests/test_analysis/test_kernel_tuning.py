@@ -100,6 +100,38 @@ def test_path_entries_sum_the_write_and_read_per_mode_as_auto_reads_them():
     assert 'NVIDIA H200' in entries[0].measured
 
 
+def test_calls_that_launch_a_kernel_known_to_fault_on_cuda_are_found():
+    """The read's backward rows pass faults on an H200: its training step
+    (and no other call) is left out on CUDA; off CUDA nothing is."""
+    faulty = kernel_tuning.faulting_calls(True)
+    assert list(faulty) == ['read step'] and 'read_backward_rows' in faulty['read step']
+    assert kernel_tuning.faulting_calls(False) == {}
+
+
+def test_a_call_left_out_takes_its_kernels_and_its_path_entry_with_it(monkeypatch):
+    names = ('write', 'read', 'write step', 'read step')
+    timed = []
+    monkeypatch.setattr(kernel_tuning, 'stage_calls', lambda *args: kernel_tuning.Calls(
+        {name: (lambda: [torch.ones(1)]) for name in names},
+        {name: (lambda: [torch.ones(1)]) for name in names}))
+    monkeypatch.setattr(kernel_tuning, 'faulting_calls', lambda on_cuda: {'read step': 'why'})
+    monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda call, device, repeats: 1e-3)
+    monkeypatch.setattr(kernel_tuning, 'tune_kernel',
+                        lambda kernel, call, start, *args: [Trial(start, 1e-3)])
+    monkeypatch.setattr(kernel_tuning, '_time_calls',
+                        lambda result, calls, *args: timed.extend(calls.triton))
+    result = kernel_tuning.tune_stage(kernel_tuning.DRY_SHAPE, torch.float16, 'cpu',
+                                      kernels=['read', 'read_backward_rows', 'grads_rows'])
+    assert list(result['kernels']) == ['read', 'grads_rows']
+    assert timed == ['write', 'read', 'write step'] and result['skipped'] == {'read step': 'why'}
+    assert 'Left out: the read step call and its kernels (why).' in \
+        kernel_tuning.format_report(result)
+    calls = {name: dict(triton_tuned_ms=1.0, torch_ms=2.0) for name in names[:3]}
+    entries = kernel_tuning.path_entries(calls, 90, torch.bfloat16, 'NVIDIA H200',
+                                         kernel_tuning.DRY_SHAPE)
+    assert len(entries) == 1 and 'False' in entries[0]  # inference only
+
+
 def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
     rows = [dict(name='read_kernel', ms=2.0), dict(name='read_backward_rows_kernel', ms=5.0),
             dict(name='read_kernel_0d1d2', ms=1.0), dict(name='void at::reduce', ms=7.0)]

@@ -32,8 +32,8 @@ from .memory_ops import MemoryWeights, decay_carry, scan_states, scan_states_tri
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS
-from .memory_ops.kernels import unavailable_reason
-from .memory_ops.kernels.launch import cuda_capability
+from .memory_ops.kernels import cuda_fault, unavailable_reason
+from .memory_ops.kernels.launch import KERNEL_NAMES, cuda_capability
 from .memory_ops.kernels.tuned import auto_path, dtype_name, measured_path
 from .memory_ops.project import (MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH,
                                  ProjectionWeights, project)
@@ -388,10 +388,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             path, why = self._auto_path(x, operand_dtype)
             if path == 'torch':
                 return why
-        if torch.is_grad_enabled() and cuda_capability(x.device) is not None:
-            # refused, not run: the fault kills the process and its training run
-            return ("the read's backward kernel faults on CUDA GPUs (an illegal memory "
-                    "access on an H200, triton 3.6): train with kernels='auto' or 'torch'")
+        launched = [k for k in KERNEL_NAMES if torch.is_grad_enabled() or 'backward' not in k]
+        fault = cuda_fault(launched)
+        if fault is not None and cuda_capability(x.device) is not None:
+            # refused, not run: a fault kills the process (a training run with it)
+            return f"{fault}: use kernels='auto' or 'torch'"
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
 
     @staticmethod

@@ -138,12 +138,18 @@ def test_the_triton_kernels_refuse_to_train_on_a_cuda_gpu(monkeypatch):
     monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
     x = torch.randn(1, 20, 16)
     memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16', kernels='triton')
-    with pytest.raises(RuntimeError, match="read's backward kernel faults on CUDA GPUs"):
+    with pytest.raises(RuntimeError, match='read_backward_rows kernel faults on CUDA GPUs'):
         memory.plan(x)
     with torch.no_grad():
         assert memory.plan(x).implementation == 'triton'
     memory.kernels = 'auto'
     assert memory.plan(x).implementation == 'torch'
+    # a forward kernel that faulted would refuse inference too
+    from convneur_mm.models.layers.memory_ops.kernels import availability
+    monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read': 'seen somewhere'})
+    memory.kernels = 'triton'
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r'read kernel faults.*seen somewhere'):
+        memory.plan(x)
 
 
 def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):

@@ -1,7 +1,7 @@
 """Whether the memory's Triton kernels can run, and why not (imports no triton)."""
 import contextlib
 import functools
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 
@@ -13,6 +13,18 @@ JIT_MODULE = 'convneur_mm.models.layers.memory_ops.kernels.jit'
 _INTERPRETER_HINT = ('on a CPU they run only in Triton\'s interpreter: set TRITON_INTERPRET=1 '
                      f'before {JIT_MODULE} is imported')
 _skipping = [0]  # depth of ``without_launches`` contexts
+# kernels that fault on CUDA GPUs, and where it was seen: the memory refuses to
+# train through them there, and the tuning tool leaves their calls out
+CUDA_FAULTS = {'read_backward_rows': 'an illegal memory access on an H200, triton 3.6'}
+
+
+def cuda_fault(kernels: Iterable[str]) -> Optional[str]:
+    """Why one of ``kernels`` (``launch.KERNEL_NAMES``) cannot run on a
+    CUDA GPU (``CUDA_FAULTS``), or None."""
+    for kernel in kernels:
+        if kernel in CUDA_FAULTS:
+            return f'the {kernel} kernel faults on CUDA GPUs ({CUDA_FAULTS[kernel]})'
+    return None
 
 
 @contextlib.contextmanager
