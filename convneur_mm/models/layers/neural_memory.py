@@ -396,17 +396,21 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
 
     @staticmethod
-    def _auto_path(x: Tensor, operand_dtype: Optional[torch.dtype]) -> Tuple[str, str]:
-        """``auto_path`` for this call's GPU, operand dtype and mode."""
-        return auto_path(cuda_capability(x.device), dtype_name(operand_dtype or torch.float32),
-                         torch.is_grad_enabled())
+    def _measured_as(x: Tensor, operand_dtype: Optional[torch.dtype]
+                     ) -> Tuple[Optional[int], str, bool]:
+        """(compute capability, operand dtype name, training): the key of this
+        call's ``MEASURED_PATHS`` entry."""
+        return (cuda_capability(x.device), dtype_name(operand_dtype or torch.float32),
+                torch.is_grad_enabled())
 
-    @staticmethod
-    def _auto_takes_every_kernel(x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:
+    def _auto_path(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> Tuple[str, str]:
+        """``auto_path`` for this call's GPU, operand dtype and mode."""
+        return auto_path(*self._measured_as(x, operand_dtype))
+
+    def _auto_takes_every_kernel(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:
         """Whether the measurement 'auto' took the kernels by timed the
         projection and scan kernels too (``MeasuredPath.every_kernel``)."""
-        entry = measured_path(cuda_capability(x.device),
-                              dtype_name(operand_dtype or torch.float32), torch.is_grad_enabled())
+        entry = measured_path(*self._measured_as(x, operand_dtype))
         return entry is not None and entry.every_kernel
 
     def _images_per_slice(self, x: Tensor) -> int:

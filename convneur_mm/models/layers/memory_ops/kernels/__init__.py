@@ -4,7 +4,8 @@ Importing this package does not import triton; the kernels (``jit``) load on
 first use (``TRITON_INTERPRET=1`` must be set before then to run them on a
 CPU in Triton's interpreter). ``kernels_available``/``unavailable_reason`` say
 whether they can run for a device, head width and operand dtype, and
-``cuda_fault`` which kernels are known to fault on CUDA GPUs; ``without_launches`` runs their wrappers without launching them; ``inspect``
+``cuda_fault`` which kernels are known to fault on CUDA GPUs;
+``without_launches`` runs their wrappers without launching them; ``inspect``
 compiles their launches ahead of time for a GPU and reports registers, spills
 and matrix instructions (``launch.recording_launches`` records them). The
 operations' Triton implementations are ``read_triton``, ``chunk_grads_triton``
