@@ -28,6 +28,9 @@
 #   tune     (only when named) the kernels' launch options chosen by timing at
 #            M3's stage 1, bf16, beside the PyTorch path:
 #            python -m convneur_mm.analysis.kernel_tuning (options: TUNE_ARGS) -> tune.json
+#   precision (only when named) bf16 and fp16 against float32 training, M1 on
+#            the tiny ImageNet from three seeds, 300 iterations each: benchmark.py
+#            --task precision (options: PRECISION_ARGS) -> precision.json
 #
 # One time limit, --limit-s (default 600), covers the whole run. Each section
 # runs under a timeout of what is left of it less the estimates of the
@@ -45,9 +48,9 @@ SECTIONS=(profile bench train tests)
 # seconds on an H200 (the install took 67 more): with the install they fill the
 # default limit; the bench records what it had no time for
 declare -A ESTIMATE_S=([profile]=50 [bench]=150 [train]=140 [tests]=150 [kernels]=360
-                     [tune]=300)
+                     [tune]=300 [precision]=360)
 
-usage() { sed -n 2,40p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,43p "$0" | sed 's/^# \{0,1\}//'; }
 
 RESULTS=gpu_results
 LIMIT_S=600
@@ -114,6 +117,12 @@ section_command() {  # NAME LIMIT: sets cmd
             cmd=("$PYTHON" -m convneur_mm.analysis.kernel_tuning
                  --limit-s $(($2 > 60 ? $2 - 45 : $2 / 2)) "${extra[@]}"
                  --json "$RESULTS/tune.json") ;;
+        precision)
+            local extra
+            read -ra extra <<< "${PRECISION_ARGS:---precisions float32 bfloat16 float16}"
+            cmd=("$PYTHON" tools/analysis_tools/benchmark.py --task precision
+                 --work-dir "$RESULTS/precision_runs" "${extra[@]}"
+                 --json "$RESULTS/precision.json") ;;
     esac
 }
 

@@ -96,6 +96,16 @@ def test_the_tune_section_runs_only_when_named_within_its_limit(tmp_path, host_w
     assert f'--limit-s {limit - 45} ' in command
 
 
+def test_the_precision_section_runs_only_when_named_with_its_options(tmp_path, host_wheels):
+    out, row = _only_section(tmp_path, host_wheels, 'precision', PRECISION_ARGS='--seeds 0 1')
+    command = row['command']
+    assert 'benchmark.py --task precision' in command and '--seeds 0 1' in command
+    assert f'--work-dir {out}/precision_runs' in command
+    assert f'--json {out}/precision.json' in command
+    default = _only_section(tmp_path / 'default', host_wheels, 'precision')[1]['command']
+    assert '--precisions float32 bfloat16 float16' in default
+
+
 def test_without_mmcv_ops_the_tests_that_need_them_are_left_out(tmp_path, host_wheels):
     out = tmp_path / 'results'
     done = _run(out, '--dry-run', '--no-mmcv-ops', 'tests', WHEELS=host_wheels)

@@ -23,7 +23,9 @@ COUNTS += [('benchmark', ['--task', 'checkpointing'], opt)
            for opt in ('--batch', '--chunk-size', '--repeats', '--threads', '--gpus')]
 COUNTS += [('benchmark', ['--task', 'onnx'], '--repeats'),
            ('benchmark', ['--task', 'compile'], '--repeats'),
-           ('benchmark', ['--task', 'resolution'], '--iters')]
+           ('benchmark', ['--task', 'resolution'], '--iters'),
+           ('benchmark', ['--task', 'precision'], '--iters'),
+           ('benchmark', ['--task', 'precision'], '--windows')]
 COUNTS += [('analyze_model', ['--tasks', 'fp16-headroom', DEMO_CONFIG], opt)
            for opt in ('--iters', '--batch', '--top')]
 

@@ -17,6 +17,8 @@ Tasks (the measuring code is in convneur_mm/analysis/):
   checkpointing  training memory: with_cp and the memory's recompute, or the
                  per-GPU ImageNet batch that fits a card (training_memory.py)
   train          training iterations of the real configs (train_throughput.py)
+  precision      16-bit against float32 training from the same seeds: loss
+                 curves and top-1 (precision_training.py; exit 1 where they disagree)
 
 Every task prints its report and, with --json, writes its result there.
 --dry-run runs a task at tiny sizes on the CPU (a check, not a measurement).
@@ -35,7 +37,8 @@ from convneur_mm.utils.cli import (non_negative_float, positive_float, positive_
                                    writable_dir, writable_file)
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 
-TASKS = ('speed', 'compile', 'onnx', 'resolution', 'memory', 'checkpointing', 'train')
+TASKS = ('speed', 'compile', 'onnx', 'resolution', 'memory', 'checkpointing', 'train',
+         'precision')
 MEMORY_SECTIONS = ('paths', 'backbone', 'gemm', 'branch', 'model', 'numerics', 'latency',
                    'compiled', 'profile')
 
@@ -302,11 +305,22 @@ def train(args: argparse.Namespace) -> Dict:
     return run_from_args(args)
 
 
+def precision_arguments(p: argparse.ArgumentParser) -> None:
+    from convneur_mm.analysis.precision_training import add_arguments
+    add_arguments(p)
+
+
+def precision(args: argparse.Namespace) -> Dict:
+    from convneur_mm.analysis.precision_training import run_from_args
+    return run_from_args(args)
+
+
 RUNNERS = {'speed': (speed_arguments, speed), 'compile': (compile_arguments, compile_),
            'onnx': (onnx_arguments, onnx), 'resolution': (resolution_arguments, resolution),
            'memory': (memory_arguments, memory),
            'checkpointing': (checkpointing_arguments, checkpointing),
-           'train': (train_arguments, train)}
+           'train': (train_arguments, train),
+           'precision': (precision_arguments, precision)}
 
 
 def _log(text: str) -> None:
