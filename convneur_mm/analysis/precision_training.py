@@ -14,7 +14,8 @@ and data order.
 
 The default config is M1 on the embedded tiny ImageNet
 (``configs/demo/cls_convneur_m1_imagenet_tiny.py``), 300 iterations at one
-process's batch, its schedule (warm-up, cosine) stretched over them.
+process's batch (its learning rate scaled to that batch, as
+``--auto-scale-lr`` does), its schedule (warm-up, cosine) stretched over them.
 
 Each 16-bit precision is judged against float32 on two numbers per run
 (``agreement``): the mean training loss over the last third of the
@@ -66,7 +67,8 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
     """The config of one run: ``config`` trained for ``iters`` iterations
     (rounded up to whole epochs; at least two, the schedule's warm-up epoch
     and its decay) in ``precision`` from ``seed``, validated four times, no
-    checkpoints, the loss logged every iteration.
+    checkpoints, the loss logged every iteration, the learning rate scaled
+    to one process's batch where the config names its base batch.
 
     Raises:
         ValueError: an unknown precision, float16 without a GPU, a config
@@ -87,6 +89,10 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
                          'the schedule needs at least two epochs (warm-up, then decay): '
                          f'ask for at least {per_epoch + 1}')
     cfg.train_cfg.max_epochs = epochs
+    if 'base_batch_size' in cfg.get('auto_scale_lr', {}):
+        # --auto-scale-lr: the lr per image the config was tuned at, whatever
+        # batch one process trains (the tiny demo's is half its base batch)
+        cfg.auto_scale_lr.enable = True
     cfg.train_cfg.val_interval = max(1, epochs // 4)
     cfg.default_hooks.logger.interval = 1
     cfg.default_hooks.checkpoint = None  # the figures are the result, not the weights

@@ -99,6 +99,7 @@ def test_run_configs_train_whole_epochs_in_their_precision(tiny_root, tmp_path, 
     assert (f32.train_cfg.max_epochs, f32.train_cfg.val_interval) == (9, 2)
     assert f32.randomness.seed == 3 and f32.default_hooks.checkpoint is None
     assert f32.default_hooks.logger.interval == 1
+    assert f32.auto_scale_lr == dict(base_batch_size=64, enable=True)  # the demo's 2 x 32
     assert f32.optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapper'
     assert f32.model.backbone.memory_cfg.get('matmul_dtype', 'auto') == 'auto'
     assert f32.work_dir.endswith('float32_seed3') and f32.experiment_name == 'float32_seed3'
