@@ -15,7 +15,8 @@ and data order.
 The default config is M1 on the embedded tiny ImageNet
 (``configs/demo/cls_convneur_m1_imagenet_tiny.py``), 300 iterations at one
 process's batch (its learning rate scaled to that batch, as
-``--auto-scale-lr`` does), its schedule (warm-up, cosine) stretched over them.
+``--auto-scale-lr`` does), its cosine decay stretched over them (the warm-up
+stays one epoch).
 
 Each 16-bit precision is judged against float32 on two numbers per run
 (``agreement``): the mean training loss over the last third of the
@@ -31,15 +32,19 @@ loss curve is also reported in windows, each window with the same comparison.
 """
 import argparse
 import contextlib
+import gc
 import math
 import os
 import os.path as osp
 import sys
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-from convneur_mm.analysis.bench_env import time_call
+import torch
+
+from convneur_mm.analysis.bench_env import setup_benchmark_device, time_call
 from convneur_mm.analysis.memory_variants import describe_error
-from convneur_mm.apis.launch import build_runner, enable_amp, load_config, set_randomness
+from convneur_mm.apis.launch import (build_runner, check_data_paths, enable_amp, load_config,
+                                     missing_data_paths, set_randomness)
 from convneur_mm.utils.cli import positive_int, writable_dir, writable_file
 from convneur_mm.utils.tables import markdown_table
 
@@ -47,6 +52,7 @@ REFERENCE = 'float32'
 PRECISIONS = (REFERENCE, 'bfloat16', 'float16')
 DEFAULT_CONFIG = 'demo/cls_convneur_m1_imagenet_tiny.py'
 DATA_ROOT_VARIABLE = 'IMAGENET_TINY_ROOT'  # the demo config's data root
+DEFAULT_WINDOWS = 10
 LOSS = 'loss'
 TOP1 = 'accuracy/top1'
 # the dry run: a few images per class and one iteration per epoch
@@ -66,8 +72,8 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
                cfg_options: Optional[dict] = None):
     """The config of one run: ``config`` trained for ``iters`` iterations
     (rounded up to whole epochs; at least two, the schedule's warm-up epoch
-    and its decay) in ``precision`` from ``seed``, validated four times, no
-    checkpoints, the loss logged every iteration, the learning rate scaled
+    and its decay) in ``precision`` from ``seed``, validated every quarter
+    of its epochs (rounded down) and at its end, no checkpoints, the loss logged every iteration, the learning rate scaled
     to one process's batch where the config names its base batch.
 
     Raises:
@@ -77,6 +83,7 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
     check_precision(precision)
     name = f'{precision}_seed{seed}'
     cfg = load_config(config, cfg_options, work_dir=osp.join(work_dir, name))
+    check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])  # says how to point at data
     evaluators = cfg.get('val_evaluator') or []
     if not any(e.get('type') in ('Accuracy', 'mmpretrain.Accuracy')
                for e in (evaluators if isinstance(evaluators, list) else [evaluators])):
@@ -89,7 +96,7 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
                          'the schedule needs at least two epochs (warm-up, then decay): '
                          f'ask for at least {per_epoch + 1}')
     cfg.train_cfg.max_epochs = epochs
-    if 'base_batch_size' in cfg.get('auto_scale_lr', {}):
+    if 'base_batch_size' in (cfg.get('auto_scale_lr') or {}):
         # --auto-scale-lr: the lr per image the config was tuned at, whatever
         # batch one process trains (the tiny demo's is half its base batch)
         cfg.auto_scale_lr.enable = True
@@ -101,8 +108,10 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
     cfg.log_level = 'WARNING'
     if precision != REFERENCE:
         enable_amp(cfg, precision)
-    if precision == 'bfloat16':
-        cfg.model.backbone.setdefault('memory_cfg', {})['matmul_dtype'] = 'bfloat16'
+    if precision == 'bfloat16' and 'ConvNeur' in str(cfg.model.backbone.get('type')):
+        # a new dict: ConfigDict.setdefault would store a copy of a given default
+        cfg.model.backbone.memory_cfg = dict(cfg.model.backbone.get('memory_cfg') or {},
+                                             matmul_dtype='bfloat16')
     set_randomness(cfg, seed)
     return cfg
 
@@ -114,6 +123,10 @@ def train_run(cfg, device: str = 'cpu') -> Dict:
     runner = build_runner(cfg)
     seconds = time_call(runner.train, device)
     hub = runner.message_hub
+    del runner  # its model and optimizer state, before the next run builds its own
+    gc.collect()
+    if device == 'cuda':
+        torch.cuda.empty_cache()
     losses = [float(v) for v in hub.get_scalar(f'train/{LOSS}').data[0]]
     top1 = [float(v) for v in hub.get_scalar(f'val/{TOP1}').data[0]]
     per_epoch = len(losses) // cfg.train_cfg.max_epochs
@@ -137,7 +150,7 @@ def _spread_and_gap(values: Dict[str, List[float]]) -> Dict:
     return dict(out, paired=paired, gap=gap, spread=spread, within=gap <= spread)
 
 
-def agreement(runs: Sequence[Dict], windows: int = 10) -> Dict:
+def agreement(runs: Sequence[Dict], windows: int = DEFAULT_WINDOWS) -> Dict:
     """Whether each 16-bit precision trains as float32 does, from
     ``train_run``'s results (each with its ``precision`` and ``seed``).
 
@@ -196,11 +209,21 @@ def agreement(runs: Sequence[Dict], windows: int = 10) -> Dict:
                 agree=all(c['agree'] for c in against.values()))
 
 
-def _dry_data(work_dir: str) -> str:
+def _data_root(config: str, work_dir: str, dry_run: bool) -> Optional[str]:
+    """Where the runs read the tiny ImageNet from, when it is generated here
+    (None: where the config says). The dry run's is a handful of images; the
+    default config's is generated whole into ``work_dir`` when its root is
+    not there, as the classification demo does."""
     from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
+    if dry_run:
+        sizes = dict(train_per_class=DRY_TRAIN_PER_CLASS, val_per_class=DRY_VAL_PER_CLASS)
+    elif (config == DEFAULT_CONFIG and DATA_ROOT_VARIABLE not in os.environ
+          and missing_data_paths(load_config(config), ['train_dataloader', 'val_dataloader'])):
+        sizes = {}
+    else:
+        return None
     root = osp.join(work_dir, 'imagenet_tiny')
-    generate_imagenet_tiny(root, train_per_class=DRY_TRAIN_PER_CLASS,
-                           val_per_class=DRY_VAL_PER_CLASS)
+    generate_imagenet_tiny(root, **sizes)
     return root
 
 
@@ -223,7 +246,6 @@ def _environ(name: str, value: Optional[str]) -> Iterator[None]:
 def check_precision(precision: str) -> None:
     """A known precision; float16 only where a GPU trains (CPU autocast is
     bf16 only)."""
-    import torch
     if precision not in PRECISIONS:
         raise ValueError(f'precision must be one of {PRECISIONS}, got {precision!r}')
     if precision == 'float16' and not torch.cuda.is_available():
@@ -248,7 +270,7 @@ def check_seeds(seeds: Sequence[int]) -> None:
 
 def run(config: str = DEFAULT_CONFIG, precisions: Sequence[str] = (REFERENCE, 'bfloat16'),
         seeds: Sequence[int] = (0, 1, 2), iters: int = 300,
-        work_dir: str = 'work_dirs/precision_training', windows: int = 10,
+        work_dir: str = 'work_dirs/precision_training', windows: Optional[int] = None,
         dry_run: bool = False, on_run: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Every (precision, seed) run of ``config``, then ``agreement``. Runs
     train where MMEngine trains: on the GPU where there is one.
@@ -256,19 +278,23 @@ def run(config: str = DEFAULT_CONFIG, precisions: Sequence[str] = (REFERENCE, 'b
     Every config is built before the first run trains, so that a bad
     config stops the call at its start. A run that raises is recorded
     (``error``) and the next one trains; ``agreement`` is then None.
-    ``dry_run``: a tiny generated copy of the tiny ImageNet (one batch per
-    epoch, its data root in ``IMAGENET_TINY_ROOT`` while the configs load)
-    for ``DRY_ITERS`` iterations: a check, not a result. ``on_run`` gets
-    each run's result as it ends.
+    ``windows``: default ``DEFAULT_WINDOWS``, or one per iteration if fewer.
+    The default config's tiny ImageNet is generated into ``work_dir`` where
+    it is missing (``_data_root``; its root in ``IMAGENET_TINY_ROOT`` while
+    the configs load). ``dry_run``: a handful of its images (one batch per
+    epoch) for ``DRY_ITERS`` iterations: a check, not a result. ``on_run``
+    gets each run's result as it ends.
     """
-    import torch
     check_precisions(precisions)
     check_seeds(seeds)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    data_root = None
+    setup_benchmark_device(device)  # on CUDA float32 is float32: TF32 off
     if dry_run:
-        iters, windows = DRY_ITERS, min(windows, DRY_ITERS)
-        data_root = _dry_data(work_dir)
+        iters, windows = DRY_ITERS, None
+    data_root = _data_root(config, work_dir, dry_run)
+    windows = windows or min(DEFAULT_WINDOWS, iters)
+    if windows > iters:  # a run trains at least ``iters``: refused before any trains
+        raise ValueError(f'windows must be at most the {iters} iterations, got {windows}')
     with _environ(DATA_ROOT_VARIABLE, data_root):
         configs = {(seed, precision): run_config(config, precision, seed, iters, work_dir)
                    for seed in seeds for precision in precisions}
@@ -376,8 +402,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='each precision trains from each seed (two or more)')
     parser.add_argument('--iters', type=positive_int, default=300,
                         help='iterations of each run (rounded up to whole epochs)')
-    parser.add_argument('--windows', type=positive_int, default=10,
-                        help="the loss curve's windows in the report")
+    parser.add_argument('--windows', type=positive_int,
+                        help=f"the loss curve's windows in the report (default "
+                        f"{DEFAULT_WINDOWS}, or one per iteration if fewer)")
     parser.add_argument('--work-dir', type=writable_dir, default='work_dirs/precision_training',
                         help="the runs' logs and scalars, one folder per run")
     parser.add_argument('--figure', type=writable_file, metavar='PATH',

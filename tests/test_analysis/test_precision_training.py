@@ -1,6 +1,8 @@
 """16-bit against float32 training: the runs' configs, the agreement's
 arithmetic and its verdict, and a dry run of the tool (slow)."""
 import argparse
+import os
+import os.path as osp
 
 import pytest
 import torch
@@ -109,6 +111,48 @@ def test_run_configs_train_whole_epochs_in_their_precision(tiny_root, tmp_path, 
     assert bf16.model.backbone.memory_cfg.chunk_size == 196  # the rest of it kept
 
 
+def test_bf16_sets_the_memorys_products_without_memory_cfg_and_spares_other_backbones(
+        tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv(pt.DATA_ROOT_VARIABLE, tiny_root)
+    bare = pt.run_config(pt.DEFAULT_CONFIG, 'bfloat16', 0, 2, str(tmp_path),
+                         {'model.backbone.memory_cfg': None})
+    assert bare.model.backbone.memory_cfg == dict(matmul_dtype='bfloat16')
+    resnet = pt.run_config(pt.DEFAULT_CONFIG, 'bfloat16', 0, 2, str(tmp_path),
+                           {'model.backbone': dict(_delete_=True, type='ResNet', depth=18)})
+    assert 'memory_cfg' not in resnet.model.backbone
+
+
+def test_missing_data_says_how_to_point_at_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(pt.DATA_ROOT_VARIABLE, str(tmp_path / 'nowhere'))
+    with pytest.raises(FileNotFoundError, match='IMAGENET_TINY_ROOT=/path/to/data/'):
+        pt.run_config(pt.DEFAULT_CONFIG, 'float32', 0, 4, str(tmp_path))
+
+
+def test_the_default_configs_missing_data_is_generated_into_the_work_dir(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.delenv(pt.DATA_ROOT_VARIABLE, raising=False)
+    monkeypatch.chdir(tmp_path)  # no data/imagenet_tiny here
+    roots = []
+
+    def fake_train_run(cfg, device):
+        roots.append(cfg.train_dataloader.dataset.data_root)
+        return dict(losses=[1.0] * 30, top1=[50.0], top1_iters=[30], seconds=1.0)
+
+    monkeypatch.setattr(pt, 'train_run', fake_train_run)
+    result = pt.run(seeds=(0, 1), iters=30, work_dir='runs')
+    assert set(roots) == {osp.join('runs', 'imagenet_tiny')} and result['agreement']['agree']
+    assert pt.DATA_ROOT_VARIABLE not in os.environ  # set while the configs load only
+    monkeypatch.setenv(pt.DATA_ROOT_VARIABLE, roots[0])
+    whole = pt.run_config(pt.DEFAULT_CONFIG, 'float32', 0, 30, 'runs')
+    assert pt.iterations_per_epoch(whole) == 15  # the demo's 480 images, 32 a batch
+
+
+def test_windows_past_the_iterations_stop_before_any_run_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(pt, 'train_run', lambda cfg, device: pytest.fail('trained'))
+    with pytest.raises(ValueError, match='windows must be at most the 20 iterations'):
+        pt.run(seeds=(0, 1), iters=20, windows=21, work_dir=str(tmp_path))
+
+
 def test_a_run_of_one_epoch_or_an_unknown_precision_is_refused(tiny_root, tmp_path, monkeypatch):
     monkeypatch.setenv(pt.DATA_ROOT_VARIABLE, tiny_root)
     with pytest.raises(ValueError, match='at least two epochs.*at least 2'):
@@ -187,6 +231,16 @@ def test_disagreement_is_exit_code_1_outside_a_dry_run(monkeypatch, capsys):
     assert pt.run_from_args(parser.parse_args([]))['exit_code'] == 1
     assert 'does NOT agree' in capsys.readouterr().out
     assert 'exit_code' not in pt.run_from_args(parser.parse_args(['--dry-run']))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='float16 trains on a GPU')
+def test_float16_trains_under_amp_on_cuda(tmp_path):
+    """Two iterations per run under fp16 --amp (AmpOptimWrapper, dynamic loss scale)."""
+    result = pt.run(precisions=('float32', 'float16'), seeds=(0, 1), dry_run=True,
+                    work_dir=str(tmp_path))
+    assert result['device'] == 'cuda' and result['agreement'] is not None
+    assert all(len(r['losses']) == pt.DRY_ITERS for r in result['runs'])
 
 
 @pytest.mark.slow
