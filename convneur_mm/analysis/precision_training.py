@@ -83,12 +83,12 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
     check_precision(precision)
     name = f'{precision}_seed{seed}'
     cfg = load_config(config, cfg_options, work_dir=osp.join(work_dir, name))
-    check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])  # says how to point at data
     evaluators = cfg.get('val_evaluator') or []
     if not any(e.get('type') in ('Accuracy', 'mmpretrain.Accuracy')
                for e in (evaluators if isinstance(evaluators, list) else [evaluators])):
         raise ValueError(f'{config} evaluates with {evaluators or "nothing"}: the precision '
                          f'comparison needs a classification config reporting {TOP1}')
+    check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])  # says how to point at data
     per_epoch = iterations_per_epoch(cfg)
     epochs = math.ceil(iters / per_epoch)
     if epochs < 2:
