@@ -31,13 +31,12 @@ loss curve is also reported in windows, each window with the same comparison.
         [--seeds 0 1 2] [--iters 300]
 """
 import argparse
-import contextlib
 import gc
 import math
 import os
 import os.path as osp
 import sys
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -52,6 +51,7 @@ REFERENCE = 'float32'
 PRECISIONS = (REFERENCE, 'bfloat16', 'float16')
 DEFAULT_CONFIG = 'demo/cls_convneur_m1_imagenet_tiny.py'
 DATA_ROOT_VARIABLE = 'IMAGENET_TINY_ROOT'  # the demo config's data root
+DATA_LOADERS = ('train_dataloader', 'val_dataloader')  # what a run reads
 DEFAULT_WINDOWS = 10
 LOSS = 'loss'
 TOP1 = 'accuracy/top1'
@@ -88,7 +88,7 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
                for e in (evaluators if isinstance(evaluators, list) else [evaluators])):
         raise ValueError(f'{config} evaluates with {evaluators or "nothing"}: the precision '
                          f'comparison needs a classification config reporting {TOP1}')
-    check_data_paths(cfg, ['train_dataloader', 'val_dataloader'])  # says how to point at data
+    check_data_paths(cfg, DATA_LOADERS)  # says how to point at data
     per_epoch = iterations_per_epoch(cfg)
     epochs = math.ceil(iters / per_epoch)
     if epochs < 2:
@@ -218,29 +218,13 @@ def _data_root(config: str, work_dir: str, dry_run: bool) -> Optional[str]:
     if dry_run:
         sizes = dict(train_per_class=DRY_TRAIN_PER_CLASS, val_per_class=DRY_VAL_PER_CLASS)
     elif (config == DEFAULT_CONFIG and DATA_ROOT_VARIABLE not in os.environ
-          and missing_data_paths(load_config(config), ['train_dataloader', 'val_dataloader'])):
+          and missing_data_paths(load_config(config), DATA_LOADERS)):
         sizes = {}
     else:
         return None
     root = osp.join(work_dir, 'imagenet_tiny')
     generate_imagenet_tiny(root, **sizes)
     return root
-
-
-@contextlib.contextmanager
-def _environ(name: str, value: Optional[str]) -> Iterator[None]:
-    """``os.environ[name] = value`` inside the context (None: unchanged)."""
-    before = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if before is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = before
 
 
 def check_precision(precision: str) -> None:
@@ -280,10 +264,10 @@ def run(config: str = DEFAULT_CONFIG, precisions: Sequence[str] = (REFERENCE, 'b
     (``error``) and the next one trains; ``agreement`` is then None.
     ``windows``: default ``DEFAULT_WINDOWS``, or one per iteration if fewer.
     The default config's tiny ImageNet is generated into ``work_dir`` where
-    it is missing (``_data_root``; its root in ``IMAGENET_TINY_ROOT`` while
-    the configs load). ``dry_run``: a handful of its images (one batch per
-    epoch) for ``DRY_ITERS`` iterations: a check, not a result. ``on_run``
-    gets each run's result as it ends.
+    it is missing (``_data_root``; the loaders' ``data_root`` set to it).
+    ``dry_run``: a handful of its images (one batch per epoch) for
+    ``DRY_ITERS`` iterations: a check, not a result. ``on_run`` gets each
+    run's result as it ends.
     """
     check_precisions(precisions)
     check_seeds(seeds)
@@ -295,9 +279,10 @@ def run(config: str = DEFAULT_CONFIG, precisions: Sequence[str] = (REFERENCE, 'b
     windows = windows or min(DEFAULT_WINDOWS, iters)
     if windows > iters:  # a run trains at least ``iters``: refused before any trains
         raise ValueError(f'windows must be at most the {iters} iterations, got {windows}')
-    with _environ(DATA_ROOT_VARIABLE, data_root):
-        configs = {(seed, precision): run_config(config, precision, seed, iters, work_dir)
-                   for seed in seeds for precision in precisions}
+    roots = None if data_root is None else {f'{loader}.dataset.data_root': data_root
+                                            for loader in DATA_LOADERS}
+    configs = {(seed, precision): run_config(config, precision, seed, iters, work_dir, roots)
+               for seed in seeds for precision in precisions}
     runs = []
     for (seed, precision), cfg in configs.items():
         result = dict(precision=precision, seed=seed)
