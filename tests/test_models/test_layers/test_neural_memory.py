@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from convneur_mm.models.layers.neural_memory import NeuralMemory
+from convneur_mm.models.layers.neural_memory import AttentionPool, NeuralMemory, plain_layers
 from convneur_mm.testing.memory_reference import reference_memory
 
 
@@ -164,6 +164,27 @@ def test_plan_is_decided_once_from_the_settings_and_the_call():
     assert memory.plan(x).projections == 'layers'  # the hook must see its layer called
     handle.remove()
     assert memory.plan(x).projections == 'torch'
+
+
+def test_a_sharded_parameter_keeps_the_projections_as_layers(tmp_path):
+    """A DTensor parameter (FSDP2's shards), even in a nested layer, leaves
+    the projections to the layers: their weights cannot be folded directly."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+    memory = NeuralMemory(8, chunk_size=4, kernels='torch').eval()
+    x = torch.randn(1, 16, 8)
+    assert memory.plan(x).projections == 'torch'
+    dist.init_process_group('gloo', store=dist.FileStore(str(tmp_path / 'store'), 1),
+                            rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh('cpu', (1, ))
+        weight = memory.pool.to_logits.weight  # AttentionPool's own layer
+        memory.pool.to_logits.weight = torch.nn.Parameter(
+            distribute_tensor(weight.detach(), mesh, [Replicate()]))
+        assert memory.plan(x).projections == 'layers'
+        assert not plain_layers((memory.pool, AttentionPool))  # found through its child
+    finally:
+        dist.destroy_process_group()
 
 
 def test_auto_keeps_the_pytorch_path_under_compile(monkeypatch):
