@@ -112,24 +112,31 @@ def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
     their own, the 16-bit views it left on them after their last call have
     no storage until it calls them again (``.float()`` of one raised "data
     is not allocated yet" at the second forward)."""
-    found = {}
-    own = [prefix for prefix, m in module.named_modules()
-           if getattr(m, 'widens_own_operands', False)]
-    for prefix, m in module.named_modules():
-        if any(prefix == p or prefix.startswith(p + '.') for p in own):
-            continue
-        if torch.compiler.is_compiling():
-            # torch 2.11's Dynamo cannot trace vars(module); compiled
-            # FSDP1 needs use_orig_params, whose plain attributes shadow the
-            # registered parameters of the same names: getattr finds them
-            attributes = ((k, getattr(m, k)) for k in m._parameters)
-        else:
-            attributes = ((k, v) for k, v in vars(m).items() if isinstance(v, Tensor))
-        for key, t in (*m._parameters.items(), *attributes):
-            # not FSDP1's own flat parameter (``_flat_param``), the others' storage
-            if t is not None and _narrow(t) and not key.startswith('_'):
-                found[f'{prefix}.{key}' if prefix else key] = t
+    found: Dict[str, Tensor] = {}
+    _collect_narrowed(module, '', found)
     return found
+
+
+def _collect_narrowed(m: nn.Module, prefix: str, found: Dict[str, Tensor]) -> None:
+    """``narrowed_parameters`` of ``m`` (named under ``prefix``) into ``found``,
+    pruned at the layers that widen their own: one visit per module on every
+    forward, where a prefix test against each such layer cost about 0.2 ms."""
+    if getattr(m, 'widens_own_operands', False):
+        return
+    if torch.compiler.is_compiling():
+        # torch 2.11's Dynamo cannot trace vars(module); compiled
+        # FSDP1 needs use_orig_params, whose plain attributes shadow the
+        # registered parameters of the same names: getattr finds them
+        attributes = ((k, getattr(m, k)) for k in m._parameters)
+    else:
+        attributes = ((k, v) for k, v in vars(m).items() if isinstance(v, Tensor))
+    for key, t in (*m._parameters.items(), *attributes):
+        # not FSDP1's own flat parameter (``_flat_param``), the others' storage
+        if t is not None and _narrow(t) and not key.startswith('_'):
+            found[f'{prefix}.{key}' if prefix else key] = t
+    for name, child in m._modules.items():
+        if child is not None:
+            _collect_narrowed(child, f'{prefix}.{name}' if prefix else name, found)
 
 
 @contextmanager

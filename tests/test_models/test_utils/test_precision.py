@@ -90,3 +90,27 @@ def test_a_16_bit_model_runs_through_the_float32_module():
     assert out.dtype == torch.float16
     assert not torch.equal(want, want_shifted)
     torch.testing.assert_close(out.float(), want_shifted.half().float(), rtol=0, atol=0)
+
+
+def test_narrowed_parameters_skips_the_layers_that_widen_their_own():
+    """FSDP's 16-bit parameters: registered ones and plain attributes (FSDP1)
+    of every module down the tree, but none inside a ``Float32*`` layer
+    (which widens its own) nor FSDP1's ``_flat_param``."""
+    from convneur_mm.models.utils.precision import (Float32Linear, narrowed_parameters,
+                                                   widened)
+    inner = nn.Sequential(nn.Linear(2, 2), Float32Linear(2, 2))
+    inner[1].extra = nn.Linear(2, 2)  # a child of a widening layer: left to it
+    root = nn.Module()
+    root.block = inner
+    root.scale = nn.Parameter(torch.ones(2))
+    root.to(torch.bfloat16)
+    inner[1].float()  # stays float32 as its own layer would
+    inner[1].weight.data = inner[1].weight.data.bfloat16()  # FSDP's 16-bit hand-over
+    inner[1].extra.bfloat16()
+    inner[0].shadow = torch.ones(2, dtype=torch.float16)  # FSDP1: a plain attribute
+    inner[0]._flat_param = torch.ones(2, dtype=torch.float16)
+    found = narrowed_parameters(root)
+    assert set(found) == {'scale', 'block.0.weight', 'block.0.bias', 'block.0.shadow'}
+    with widened(root, found):
+        assert root.scale.dtype == torch.float32 and inner[0].shadow.dtype == torch.float32
+    assert root.scale.dtype == torch.bfloat16 and inner[0].shadow.dtype == torch.float16
