@@ -260,20 +260,31 @@ def backward_results() -> Dict[str, dict]:
 
 # the read's backward rows pass on an H200 (triton 3.6) faults with an illegal
 # memory access at its default launch; Triton's known Hopper faults in kernels of
-# several tl.dot (triton-lang/triton#10573, #11366) spare unpipelined or 32-row ones
-READ_BACKWARD_VARIANTS = {'default': {}, 'stages1': dict(num_stages=1), 'rows32': dict(BM=32),
-                          'warps4': dict(num_warps=4)}
+# several tl.dot (triton-lang/triton#10573, #11366) spare unpipelined or 32-row ones.
+# A variant: (its tiles, operand dtype, sizes as _chunk_read_case's). The last three
+# tell where the fault lies: 16-row blocks alone (the tail launch's mma.sync tiles), no
+# tail launch (192-row chunks), float32 operands (no tensor-core instruction at all).
+M3_STAGE1_READ = (1, 4, 4, 196, 784, 128)
+READ_BACKWARD_VARIANTS = {
+    'default': ({}, torch.bfloat16, M3_STAGE1_READ),
+    'stages1': (dict(num_stages=1), torch.bfloat16, M3_STAGE1_READ),
+    'rows32': (dict(BM=32), torch.bfloat16, M3_STAGE1_READ),
+    'warps4': (dict(num_warps=4), torch.bfloat16, M3_STAGE1_READ),
+    'rows16': (dict(BM=16), torch.bfloat16, M3_STAGE1_READ),
+    'whole_blocks': ({}, torch.bfloat16, (1, 4, 4, 192, 768, 128)),
+    'float32': ({}, torch.float32, M3_STAGE1_READ),
+}
 
 
 def read_backward_on_cuda_results() -> dict:
     """(A subprocess: a fault ends it alone) M3's chunk read at stage 1's
-    width on CUDA, bf16 operands, its backward rows pass launched with the
-    options of ``READ_BACKWARD_VARIANTS[$CONVNEUR_READ_VARIANT]``: each
-    input's gradient against float64."""
-    options = READ_BACKWARD_VARIANTS[os.environ['CONVNEUR_READ_VARIANT']]
+    width on CUDA, its backward rows pass launched as
+    ``READ_BACKWARD_VARIANTS[$CONVNEUR_READ_VARIANT]`` says: each input's
+    gradient against float64."""
+    options, dtype, sizes = READ_BACKWARD_VARIANTS[os.environ['CONVNEUR_READ_VARIANT']]
     with launch.forced_tiles('read_backward_rows', **options):
-        return _chunk_read_case(torch.Generator().manual_seed(0), torch.bfloat16, False,
-                                sizes=(1, 4, 4, 196, 784, 128), device='cuda')
+        return _chunk_read_case(torch.Generator().manual_seed(0), dtype, False, sizes=sizes,
+                                device='cuda')
 
 
 # the run of the ``interpreted`` fixture, which the session starts early (tests/interpreted.py)
@@ -439,7 +450,7 @@ def test_projection_backward_on_cuda_at_model_widths(d, heads):
 @pytest.mark.parametrize('variant', [
     pytest.param('default', marks=pytest.mark.xfail(
         strict=True, reason='faults with an illegal memory access on an H200 (triton 3.6)')),
-    'stages1', 'rows32', 'warps4'])
+    *list(READ_BACKWARD_VARIANTS)[1:]])
 def test_the_read_backward_on_cuda_at_m3_width(variant):
     """Each launch variant of the read's backward rows pass in a process of
     its own (a CUDA fault ends its process): which ones compute the float64
