@@ -10,11 +10,15 @@ measured one, per op and for the whole call. The memory's Triton kernels are
 priced one by one (``with_kernel_costs``: their launches' bytes and FLOPs,
 ``kernels.costs``), so each kernel's time stands beside its own roofline.
 
-Four cases profile the four global branches of ConvNeur-M3 (``CASES``): one
+Five cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
 (``'triton'``), the same through PyTorch (``'torch'``), and one bf16
 training step, forward and backward, through PyTorch (``'training'``) and
-through the Triton kernels (``'training_triton'``).
+through the Triton kernels (``'training_triton'``); and M4's through the
+kernels (``'triton_m4'``). Every kernel pads a row's C_m columns to a power of
+two (M4's 160 to 256) and its roofline counts the true ones, so M4's kernels
+against M3's (128, unpadded), each beside its roofline, say what the padding
+costs: what splitting a width into two power-of-two products would win.
 """
 from collections import Counter
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -286,12 +290,13 @@ class Case(NamedTuple):
     note: str
 
 
-def m3_global_branches(device, kernels: str = 'torch', matmul_dtype: str = 'bfloat16'):
-    """The four global branches of ConvNeur-M3 (its public constructor and
-    ``memory_cfg``), on ``device``, with the stage of each."""
+def global_branches(device, kernels: str = 'torch', matmul_dtype: str = 'bfloat16',
+                    arch: str = 'm3'):
+    """The four global branches of ConvNeur-``arch`` (its public constructor
+    and ``memory_cfg``), on ``device``, with the stage of each."""
     from convneur_mm.models import ConvNeur
     torch.manual_seed(0)
-    model = ConvNeur(arch='m3', memory_cfg=dict(kernels=kernels, matmul_dtype=matmul_dtype))
+    model = ConvNeur(arch=arch, memory_cfg=dict(kernels=kernels, matmul_dtype=matmul_dtype))
     branches = [(stage, block.global_branch) for stage, blocks in enumerate(model.stages)
                 for block in blocks if block.global_branch is not None]
     return [(stage, branch.to(device)) for stage, branch in branches]
@@ -311,12 +316,12 @@ def _bf16(device):
 
 
 def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
-                            size: int = M3_SIZE) -> Case:
-    """One call of the four branches with bf16 operands, under bf16 autocast,
-    through ``kernels`` ('torch' or 'triton': CUDA only)."""
+                            size: int = M3_SIZE, arch: str = 'm3') -> Case:
+    """One call of ``arch``'s four branches with bf16 operands, under bf16
+    autocast, through ``kernels`` ('torch' or 'triton': CUDA only)."""
     if kernels == 'triton' and not is_cuda(device):
-        raise ValueError("the 'triton' case needs a CUDA device")
-    branches = m3_global_branches(device, kernels)
+        raise ValueError("the 'triton' cases need a CUDA device")
+    branches = global_branches(device, kernels, arch=arch)
     inputs = branch_inputs(branches, batch, size, device)
 
     def call():
@@ -325,7 +330,8 @@ def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
                 branch(x)
 
     costs = count_costs(call)
-    note = f'the four global branches of M3, batch {batch} at {size}², bf16 operands, {kernels}'
+    note = (f'the four global branches of {arch.upper()}, batch {batch} at {size}², '
+            f'bf16 operands, {kernels}')
     if kernels == 'triton':
         costs, note = _priced_kernels(call, costs, device, note)
     return Case(call, costs, note)
@@ -348,7 +354,7 @@ def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,
     'triton': the Triton kernels and their backward kernels; CUDA only)."""
     if kernels == 'triton' and not is_cuda(device):
         raise ValueError("the 'training_triton' case needs a CUDA device")
-    branches = m3_global_branches(device, kernels)
+    branches = global_branches(device, kernels)
     inputs = branch_inputs(branches, batch, size, device)
     params = [p for _, branch in branches for p in branch.parameters()]
 
@@ -372,6 +378,7 @@ CASES = {
     'torch': lambda **kw: branches_inference_case('torch', **kw),
     'training': branches_training_case,
     'training_triton': lambda **kw: branches_training_case(kernels='triton', **kw),
+    'triton_m4': lambda **kw: branches_inference_case('triton', arch='m4', **kw),
 }
 
 
@@ -396,8 +403,9 @@ def profile_case(name: str, *, device, batch: int = 128, size: int = M3_SIZE,
 
 
 def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = PEAKS[0],
-                     training: bool = False, one_program: bool = False) -> List[dict]:
-    """The Triton kernels that M3's four global branches launch with bf16
+                     training: bool = False, one_program: bool = False,
+                     arch: str = 'm3') -> List[dict]:
+    """The Triton kernels that ``arch``'s four global branches launch with bf16
     operands, in one inference call or (``training``) one training step, per
     stage: GB, GFLOP and roofline ms on ``peak``; with ``one_program``, the
     chunk gradients as one program per chunk (``launch.REPLACES``). Recorded
@@ -405,7 +413,7 @@ def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = P
     is needed; triton must not be in its interpreter."""
     from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES, forced_tiles_of
     one_program_options = {kernel: {} for kernel in REPLACES} if one_program else {}
-    branches = m3_global_branches('meta', kernels='triton')
+    branches = global_branches('meta', kernels='triton', arch=arch)
     rows = []
     for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
         def call(branch=branch, x=x):
@@ -430,9 +438,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     """``--rooflines``: print ``kernel_rooflines`` as a table."""
     import argparse
     parser = argparse.ArgumentParser(
-        description='The memory kernels\' rooflines at M3\'s shapes (no GPU needed); the '
+        description='The memory kernels\' rooflines at a model\'s shapes (no GPU needed); the '
         'profile itself runs in the GPU script (gpu_memory_bench.py --sections profile).')
     parser.add_argument('--rooflines', action='store_true', required=True)
+    parser.add_argument('--arch', default='m3', choices=('m1', 'm2', 'm3', 'm4'))
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--size', type=int, default=M3_SIZE)
     parser.add_argument('--peak', choices=[p.name for p in PEAKS], default=PEAKS[0].name)
@@ -442,7 +451,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                         help='the chunk gradients as one program per chunk, forward and backward')
     args = parser.parse_args(argv)
     peak = next(p for p in PEAKS if p.name == args.peak)
-    rows = kernel_rooflines(args.batch, args.size, peak, args.training, args.one_program)
+    rows = kernel_rooflines(args.batch, args.size, peak, args.training, args.one_program,
+                            args.arch)
     print(markdown_table(('stage', 'kernel', 'GB', 'GFLOP', f'roofline ms ({peak.name})', 'bound'),
                          [(r['stage'], r['kernel'], f'{r["gb"]:.3f}', f'{r["gflop"]:.1f}',
                            f'{r["roofline_ms"]:.3f}', r['bound']) for r in rows]))

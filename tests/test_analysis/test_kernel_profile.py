@@ -97,7 +97,7 @@ def test_branch_cases_profile_on_the_cpu(case):
 
 
 def test_branch_inputs_follow_the_stages():
-    branches = kp.m3_global_branches('cpu')
+    branches = kp.global_branches('cpu')
     assert [stage for stage, _ in branches] == [0, 1, 2, 3]
     inputs = kp.branch_inputs(branches, batch=2, size=224)
     assert [tuple(x.shape[2:]) for x in inputs] == [(56, 56), (28, 28), (14, 14), (7, 7)]
@@ -105,7 +105,7 @@ def test_branch_inputs_follow_the_stages():
 
 
 def test_triton_case_needs_cuda_and_unknown_cases_are_refused():
-    for case in ('triton', 'training_triton'):
+    for case in ('triton', 'training_triton', 'triton_m4'):
         with pytest.raises(ValueError, match='CUDA'):
             kp.profile_case(case, device='cpu', batch=1)
     with pytest.raises(ValueError, match='case must be one of'):
@@ -184,6 +184,20 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
         assert merged[kernel]['gb'] < sum(stage1[k]['gb'] for k in replaced)
     with pytest.raises(SystemExit):
         kp.main([])  # the one task is named
+
+
+def test_kernel_rooflines_count_a_padded_width_by_its_true_columns():
+    """M4's C_m 160 runs in tiles of 256 columns; its roofline counts 160, so
+    the profile's M4 case against M3's shows what the padding costs."""
+    pytest.importorskip('triton')
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+    flops = {arch: {r['kernel']: r['gflop'] for r in kp.kernel_rooflines(batch=2, arch=arch)
+                    if r['stage'] == 1} for arch in ('m3', 'm4')}
+    for kernel in ('grads_rows_kernel', 'grads_cols_kernel', 'read_kernel'):
+        # the same tokens at stage 1; 2·d·4d FLOPs per product and row
+        assert flops['m4'][kernel] == pytest.approx(flops['m3'][kernel] * (160 / 128)**2)
+    assert 'triton_m4' in kp.CASES
 
 
 def test_a_failure_to_price_the_kernels_leaves_the_profile_running(monkeypatch):
