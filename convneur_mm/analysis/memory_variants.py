@@ -36,6 +36,9 @@ BRANCH_VARIANTS = {
     'triton_float32': ({'matmul_dtype': 'float32', 'kernels': 'triton'}, None, False, True),
     'triton_bfloat16': ({'matmul_dtype': 'bfloat16', 'kernels': 'triton'}, None, False, True),
     'bf16_autocast_triton': ({'kernels': 'triton'}, 'bf16', False, True),
+    # GELU's tanh form in the kernels' loops, against the exact form's row above
+    'bf16_autocast_triton_tanh_gelu': ({'kernels': 'triton', 'gelu_approximate': 'tanh'}, 'bf16',
+                                       False, True),
     'working_set_1024': ({'working_set_mib': 1024}, None, False, False),
     'working_set_256': ({'working_set_mib': 256}, None, False, False),
     'working_set_256_bf16_autocast': ({'working_set_mib': 256}, 'bf16', False, False),

@@ -14,8 +14,8 @@ def _rms(x, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _memory_model(w1, w2, g, x):
-    return read_naive(MemoryWeights(w1, w2, g), x)
+def _memory_model(w1, w2, g, x, gelu_approximate='none'):
+    return read_naive(MemoryWeights(w1, w2, g), x, gelu_approximate=gelu_approximate)
 
 
 def reference_memory(mem, x):
@@ -42,7 +42,7 @@ def reference_memory(mem, x):
     num_chunks = math.ceil(n / L)
     for t in range(num_chunks):
         sl = slice(t * L, min((t + 1) * L, n))
-        outputs.append(_memory_model(*weights, queries[:, :, sl]))
+        outputs.append(_memory_model(*weights, queries[:, :, sl], mem.gelu_approximate))
         if t == num_chunks - 1:
             break
         chunk_s = s[:, sl]
@@ -53,7 +53,7 @@ def reference_memory(mem, x):
         rho = torch.sigmoid(summary @ mem.to_lr_modulation.weight.T +
                             mem.to_lr_modulation.bias).view(b, h, -1)
         at = init if mem.update == 'parallel' else weights
-        pred = _memory_model(*at, keys[:, :, sl])
+        pred = _memory_model(*at, keys[:, :, sl], mem.gelu_approximate)
         loss = (theta[:, :, sl] * (pred - values[:, :, sl]).pow(2).mean(-1)).sum()
         grads = torch.autograd.grad(loss, at, create_graph=True)
 

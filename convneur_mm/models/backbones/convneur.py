@@ -35,7 +35,8 @@ DEFAULT_INIT_CFG = [
     dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
 ]
 MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block',
-               'matmul_dtype', 'kernels', 'working_set_mib', 'recompute', 'backward')
+               'matmul_dtype', 'kernels', 'working_set_mib', 'recompute', 'backward',
+               'gelu_approximate')
 STEM_BIAS_STD = .02  # not zero: see ConvNeur._own_init
 
 
@@ -97,8 +98,8 @@ class ConvNeur(BaseModule):
             detection), ``max_lr`` (inner step size: 1 or 1e-3), ``update``
             ('parallel' | 'sequential'), ``heads``, ``scan_block``,
             ``matmul_dtype``, ``kernels``, ``working_set_mib``, ``recompute``,
-            ``backward`` (``NeuralMemory``). None of them but ``dim`` and ``heads``
-            changes the parameter set.
+            ``backward``, ``gelu_approximate`` (``NeuralMemory``). None of them
+            but ``dim`` and ``heads`` changes the parameter set.
         memory_placement: 'stage' (first block of each stage, the paper's
             default), 'block' (every block) or 'none' (local-only ablation).
         fusion: 'gate' (default), 'add' or 'concat' (Table 5 ablations).

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from .memory_ops import MemoryWeights, decay_carry, scan_states, scan_states_triton
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
-from .memory_ops.common import RMS_EPS
+from .memory_ops.common import RMS_EPS, check_gelu_approximate
 from .memory_ops.kernels import cuda_fault, unavailable_reason
 from .memory_ops.kernels.launch import KERNEL_NAMES, cuda_capability
 from .memory_ops.kernels.tuned import auto_path, dtype_name, measured_path
@@ -184,6 +184,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             ``torch.export``). The results agree to rounding; 'closed_form'
             is opt-in until a GPU run has timed it and the demos' bands hold
             with it (docs/advanced_guides/memory_paths.md).
+        gelu_approximate: the memory MLP's GELU, as ``F.gelu``'s
+            ``approximate``: 'none' (exact, erf; the paper's) or 'tanh' (its
+            tanh form, on every path: one exp per element in the kernels'
+            loops). The two differ by at most 5e-4 per activation; a
+            checkpoint trained with one is read with the same.
     """
 
     def __init__(self,
@@ -197,7 +202,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  kernels: str = 'auto',
                  working_set_mib: Optional[int] = None,
                  recompute: bool = False,
-                 backward: str = 'autograd'):
+                 backward: str = 'autograd',
+                 gelu_approximate: str = 'none'):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f'memory dim {dim} is not divisible by heads={heads}')
@@ -223,12 +229,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             raise ValueError(f'recompute must be a bool, got {recompute!r}')
         if backward not in BACKWARDS:
             raise ValueError(f'backward must be one of {BACKWARDS}, got {backward!r}')
+        check_gelu_approximate(gelu_approximate)
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.max_lr, self.update = chunk_size, max_lr, update
         self.scan_block = scan_block
         self.matmul_dtype, self.kernels = matmul_dtype, kernels
         self.working_set_mib, self.recompute = working_set_mib, recompute
-        self.backward = backward
+        self.backward, self.gelu_approximate = backward, gelu_approximate
         hd = self.head_dim
 
         self.store_norm = Float32RMSNorm(dim, eps=RMS_EPS)
@@ -497,7 +504,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         proj = self.project(x, num_updates, plan)
         if num_updates == 0:  # one chunk: every token reads W_0
             out = read(self.initial_state, proj.queries.reshape(h, b * n, hd), mm,
-                       implementation=plan.implementation, backward=plan.backward)
+                       implementation=plan.implementation, backward=plan.backward,
+                       gelu_approximate=self.gelu_approximate)
             if torch.is_grad_enabled():
                 out = out + self._zero_tie()
             return out.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, self.dim)
@@ -514,7 +522,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             carry = None if carry is None else _packed(carry[:, :, :num_updates])
         out = chunk_read(states, proj.queries, L, mm,
                          base=None if carry is None else self.initial_state, carry=carry,
-                         implementation=plan.implementation, backward=plan.backward)
+                         implementation=plan.implementation, backward=plan.backward,
+                         gelu_approximate=self.gelu_approximate)
         return out[:, :n] if plan.shape_generic else out
 
     def _chunk_grads(self, proj: MemoryProjections, plan: MemoryPlan) -> List[Tensor]:
@@ -523,7 +532,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         each (H, B * U, ...)."""
         return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
                                 plan.operand_dtype, implementation=plan.implementation,
-                                backward=plan.backward))
+                                backward=plan.backward,
+                                gelu_approximate=self.gelu_approximate))
 
     def _sequential_write(self, proj: MemoryProjections, plan: MemoryPlan
                           ) -> Tuple[MemoryWeights, Optional[Tensor]]:
@@ -591,7 +601,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                 weights.map(lambda w: w.reshape(h * b, *w.shape[2:])),
                 keys[:, :, t].reshape(h * b, 1, L, hd),
                 values[:, :, t].reshape(h * b, 1, L, hd),
-                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype, backward=backward)
+                token_lr[:, :, t].reshape(h * b, 1, L), operand_dtype, backward=backward,
+                gelu_approximate=self.gelu_approximate)
             surprise = [-_bcast(m[..., t], g) * g.reshape(h, b, *g.shape[2:])
                         for m, g in zip(lr_mod, grads)]
             momentum = [_bcast(eta[..., t], s) * s_prev + s

@@ -126,6 +126,32 @@ def test_read_matches_autograd_of_the_pytorch_ops(heads, dtype, tol):
     assert max(_relative_errors(ours, reference)) < tol
 
 
+def _tanh(fn):
+    """``fn`` with GELU's tanh form."""
+    return lambda *args, **kwargs: fn(*args, gelu_approximate='tanh', **kwargs)
+
+
+def test_the_tanh_form_of_gelu_passes_gradcheck():
+    """The second derivative of GELU's tanh form (the write's backward needs
+    gelu'') and the read's first."""
+    assert _gradcheck(_write(_tanh(chunk_grads_closed_form)), _write_inputs(2, 3, 4, 4))
+    assert _gradcheck(_read(_tanh(read_closed_form)), _read_inputs(2, 3, 4, heads=2))
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_the_tanh_form_matches_autograd_and_differs_from_erf(dtype, tol):
+    """Against autograd through the PyTorch ops with the tanh form; the
+    exact GELU's results differ by more than the agreement (the form is used)."""
+    for wrap, closed, torch_ops, inputs in (
+            (_write, chunk_grads_closed_form, chunk_grads_torch,
+             _write_inputs(2, 3, 7, 16, dtype=dtype)),
+            (_read, read_closed_form, read_torch, _read_inputs(4, 9, 16, 2, dtype=dtype))):
+        ours = _outputs_and_grads(wrap(_tanh(closed)), inputs)
+        assert max(_relative_errors(ours, _outputs_and_grads(wrap(_tanh(torch_ops)),
+                                                             inputs))) < tol
+        assert min(_relative_errors(ours, _outputs_and_grads(wrap(closed), inputs))) > 3 * tol
+
+
 # bfloat16 operands. float32 inputs: the products round as the PyTorch ops'
 # do, so the results agree closer (measured <= 2.5e-4 relative for the
 # chunk gradients, <= 2.4e-6 for the read) than these bounds, and these are

@@ -889,6 +889,27 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
                   if r.kernel == 'read_backward_rows_kernel') == [False, arch >= 90]
 
 
+def test_the_tanh_form_of_gelu_compiles_as_launched_for_a_training_step():
+    """``gelu_approximate='tanh'``: a training step of M3's stage-1 memory
+    (forward and backward, bf16, sm_90) launches every GELU kernel with the
+    tanh form, and each compiles without spills, on tensor cores."""
+    inspect = _inspect()
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(128, chunk_size=196, kernels='triton', matmul_dtype='bfloat16',
+                          gelu_approximate='tanh').train().to('meta')
+    with inspect.recording_launches(90) as launches:
+        memory(torch.empty(128, 3136, 128, device='meta', requires_grad=True)).sum().backward()
+    gelu = [x for x in launches if 'GELU_TANH' in x.kwargs]
+    assert sorted({x.kernel.__name__ for x in gelu}) == [
+        'grads_backward_cols_kernel', 'grads_backward_rows_kernel', 'grads_cols_kernel',
+        'grads_rows_kernel', 'read_backward_cols_kernel', 'read_backward_rows_kernel',
+        'read_kernel']
+    assert all(x.kwargs['GELU_TANH'] is True for x in gelu)
+    for report in inspect.launch_reports(gelu, 90):
+        assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
+        assert report.mma != 'none', report
+
+
 def test_compile_reports_tell_specializations_apart():
     """A kernel compiled without its launch's hints differs from the launch's:
     the report sees what a hand-written signature would miss."""

@@ -41,7 +41,8 @@ def _grad_errors(names: List[str], got: List[torch.Tensor], exact: List[torch.Te
 
 
 def _read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool, m: int = 40,
-               d: int = 24, tiles: dict = None, per_head: int = 3) -> dict:
+               d: int = 24, tiles: dict = None, per_head: int = 3,
+               gelu_approximate: str = 'none') -> dict:
     """One read, its outputs' cotangent random: every input's gradient
     against float64 autograd through ``read_torch``."""
     tiles = tiles or dict(block_rows=16, block_hidden=64)  # a masked hidden block of 96
@@ -62,9 +63,9 @@ def _read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool, m: in
         return fn(MemoryWeights(*tensors[:3]), tensors[-1], operand_dtype, **base, **kwargs)
 
     got, exact = _leaves(inputs), _leaves([t.double() for t in inputs])
-    out = call(read_triton, got, dtype, **tiles)
+    out = call(read_triton, got, dtype, **tiles, gelu_approximate=gelu_approximate)
     out.backward(cotangent)
-    ref = call(read_torch, exact, None)
+    ref = call(read_torch, exact, None, gelu_approximate=gelu_approximate)
     ref.backward(cotangent.double())
     return dict(forward=_rel_err(out, ref.detach()), grads=_grad_errors(names, got, exact))
 
@@ -102,16 +103,18 @@ def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool,
 
 
 def _chunk_grads_case(inputs: List[torch.Tensor], dtype: torch.dtype, tiles: dict,
-                      seed: int = 1, device: str = 'cpu') -> dict:
+                      seed: int = 1, device: str = 'cpu', gelu_approximate: str = 'none') -> dict:
     """The chunk gradients of (w1, w2, g, keys, values, token_lr), their
     outputs' cotangents random: every input's gradient against float64
     autograd through ``chunk_grads_torch`` (a double backward)."""
     gen = torch.Generator().manual_seed(seed)
     got, exact = _leaves(inputs, device), _leaves([t.double() for t in inputs])
-    out = chunk_grads_triton(MemoryWeights(*got[:3]), *got[3:], dtype, **tiles)
+    out = chunk_grads_triton(MemoryWeights(*got[:3]), *got[3:], dtype, **tiles,
+                             gelu_approximate=gelu_approximate)
     cotangents = [torch.randn(t.shape, generator=gen) for t in out]
     torch.autograd.backward(out, [t.to(device) for t in cotangents])
-    ref = chunk_grads_torch(MemoryWeights(*exact[:3]), *exact[3:])
+    ref = chunk_grads_torch(MemoryWeights(*exact[:3]), *exact[3:],
+                            gelu_approximate=gelu_approximate)
     torch.autograd.backward(ref, [t.double() for t in cotangents])
     return dict(forward=max(_rel_err(a.cpu(), b.detach()) for a, b in zip(out, ref)),
                 grads=_grad_errors(['w1', 'w2', 'g', 'keys', 'values', 'token_lr'], got, exact),
@@ -255,6 +258,15 @@ def backward_results() -> Dict[str, dict]:
         results['module_f16_decomposed'] = _module_case('float16', 1e-3)
         # the backward reruns the forward (torch.utils.checkpoint) through the operators
         results['module_f32_recompute'] = _module_case('float32', 1.0, recompute=True)
+        # GELU's tanh form through a training step's kernels: the write's two
+        # passes and the chunk read; below, one program per chunk and the read
+        results['module_f32_tanh'] = _module_case('float32', 1.0, gelu_approximate='tanh')
+    w, keys, values, token_lr = _write_inputs(2, 3, 24, 24, 1.0, seed=24)
+    with _one_program_per_chunk():
+        results['chunk_grads_one_program_tanh'] = _chunk_grads_case(
+            [*w, keys, values, token_lr], torch.float32, dict(block_rows=16),
+            gelu_approximate='tanh')
+    results['read_tanh'] = _read_case(gen, torch.float32, False, gelu_approximate='tanh')
     return results
 
 
@@ -355,12 +367,21 @@ def test_chunk_read_backward_writes_the_queries_gradient_merged(interpreted):
         'w1', 'w2', 'g', 'base_w1', 'base_w2', 'carry', 'queries'}
 
 
+@pytest.mark.parametrize('case', ['chunk_grads_one_program_tanh', 'read_tanh'])
+def test_backward_kernels_take_the_tanh_form_of_gelu(interpreted, case):
+    """Against float64 autograd through the PyTorch ops with the tanh form."""
+    result = interpreted[case]
+    assert result['forward'] < F32_TOL
+    assert max(result['grads'].values()) < F32_TOL, result['grads']
+
+
 def test_read_backward_past_4096_rows_sums_the_pseudo_chunks(interpreted):
     result = interpreted['read_past_4096_rows']
     assert max(result['grads'].values()) < F32_TOL, result['grads']
 
 
-@pytest.mark.parametrize('case', ['module_f32', 'module_f16_decomposed', 'module_f32_recompute'])
+@pytest.mark.parametrize('case', ['module_f32', 'module_f16_decomposed', 'module_f32_recompute',
+                                  'module_f32_tanh'])
 def test_memory_trains_with_the_triton_kernels(interpreted, case):
     result = interpreted[case]
     assert result['plans'] == ['triton', 'torch']

@@ -127,6 +127,41 @@ def test_dispatchers_train_through_the_closed_form_when_asked():
             call(backward='manual')
 
 
+def test_every_pytorch_implementation_and_dispatcher_takes_the_tanh_form_of_gelu():
+    """``gelu_approximate='tanh'`` reaches each implementation (PyTorch, its
+    closed form, the dispatchers) and gives the references' tanh results,
+    which differ from the exact GELU's; an unknown form is an error."""
+    from convneur_mm.models.layers.memory_ops import chunk_grads_closed_form, read_closed_form
+    from convneur_mm.models.layers.memory_ops.chunk_read import chunk_read
+    from convneur_mm.models.layers.memory_ops.read import read
+    gen = torch.Generator().manual_seed(2)
+    groups, chunks, length, d = 2, 3, 5, 6
+    w = _weights(groups, d, gen)
+    keys, values = (torch.randn(groups, chunks, length, d, generator=gen).double()
+                    for _ in range(2))
+    lr = torch.rand(groups, chunks, length, generator=gen).double()
+    want = chunk_grads_naive(w, keys, values, lr, gelu_approximate='tanh')
+    exact = chunk_grads_naive(w, keys, values, lr)
+    assert min((a - b).abs().max() for a, b in zip(want, exact)) > 1e-6
+    for got in (chunk_grads_torch(w, keys, values, lr, gelu_approximate='tanh'),
+                chunk_grads_closed_form(w, keys, values, lr, gelu_approximate='tanh'),
+                chunk_grads(w, keys, values, lr, gelu_approximate='tanh', backward='closed_form')):
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r)
+    x = torch.randn(groups, 7, d, generator=gen).double()
+    want = read_naive(w, x, gelu_approximate='tanh')
+    for fn in (read_torch, read_closed_form, read):
+        torch.testing.assert_close(fn(w, x, gelu_approximate='tanh'), want)
+    states = w.map(lambda t: t.view(1, groups, 1, *t.shape[1:]))
+    queries = x[:, :length].unsqueeze(0)
+    torch.testing.assert_close(
+        chunk_read(states, queries, length, gelu_approximate='tanh'),
+        chunk_read_naive(states, queries, length, gelu_approximate='tanh'))
+    for fn in (read_closed_form, read):
+        with pytest.raises(ValueError, match="gelu_approximate must be one of .*'erf'"):
+            fn(w, x, gelu_approximate='erf')
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_product_takes_operands_already_cast(dtype):
     """An operand already in the operand dtype is not cast again: the same

@@ -50,6 +50,31 @@ def test_fast_path_matches_autograd_reference(update, chunk, tokens, heads, scan
         torch.testing.assert_close(f, s, rtol=0, atol=1e-6, msg=f'gradient of {name}')
 
 
+@pytest.mark.parametrize('update,backward', [('parallel', 'autograd'),
+                                             ('parallel', 'closed_form'),
+                                             ('sequential', 'closed_form')])
+def test_the_tanh_form_of_gelu_matches_the_reference_with_it(update, backward):
+    """``gelu_approximate='tanh'`` on every op of the path (write, scan, read,
+    one-chunk read), outputs and gradients as the reference's tanh model; the
+    exact GELU's outputs differ."""
+    memory = _perturbed_memory(12, seed=7, chunk_size=5, update=update, backward=backward,
+                               gelu_approximate='tanh')
+    for tokens in (23, 4):  # writes, and a single chunk
+        x = torch.randn(2, tokens, 12, dtype=torch.float64, requires_grad=True)
+        out, ref = memory(x), reference_memory(memory, x)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        params = [x] + list(memory.parameters())
+        fast = torch.autograd.grad(out.square().sum(), params)
+        slow = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+        for f, s in zip(fast, slow):
+            torch.testing.assert_close(f, torch.zeros_like(f) if s is None else s, rtol=0,
+                                       atol=1e-6)
+        memory.gelu_approximate = 'none'
+        with torch.no_grad():
+            assert (memory(x) - out).abs().max() > 1e-6
+        memory.gelu_approximate = 'tanh'
+
+
 def test_memory_changes_with_update_mode_and_reads_earlier_chunks():
     par = _perturbed_memory(8, seed=1, chunk_size=4, update='parallel')
     seq = _perturbed_memory(8, seed=1, chunk_size=4, update='sequential')

@@ -8,13 +8,16 @@ and a chunk writes into it by one step on the loss
 ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2``.
 """
 import contextlib
-from typing import Callable, ContextManager, Dict, NamedTuple, Optional
+import math
+from typing import Callable, ContextManager, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 LN_EPS = 1e-5
 RMS_EPS = 1e-6  # the projections' RMSNorms
+# F.gelu's ``approximate``: the exact (erf) GELU, or its tanh form
+GELU_APPROXIMATIONS = ('none', 'tanh')
 
 
 class MemoryWeights(NamedTuple):
@@ -80,16 +83,45 @@ def operand(t: Optional[Tensor], operand_dtype: Optional[torch.dtype]) -> Option
     return t if t is None or operand_dtype is None else t.to(operand_dtype)
 
 
-def gelu_grad_operand(grad: Tensor, pre: Tensor,
-                      operand_dtype: Optional[torch.dtype]) -> Tensor:
+def gelu_grad_operand(grad: Tensor, pre: Tensor, operand_dtype: Optional[torch.dtype],
+                      approximate: str = 'none') -> Tensor:
     """``gelu'(pre) * grad`` outside autograd, for products to read: with
     16-bit operands written in that dtype by the one kernel (computed in
     ``grad``'s dtype, rounded on store: the cast's values without its pass);
-    else in place into ``grad``."""
+    else in place into ``grad``. ``approximate`` as ``F.gelu``'s."""
     if operand_dtype is None or operand_dtype == grad.dtype:
-        return torch.ops.aten.gelu_backward.grad_input(grad, pre, grad_input=grad)
-    out = torch.empty(grad.shape, dtype=operand_dtype, device=grad.device)
-    return torch.ops.aten.gelu_backward.grad_input(grad, pre, grad_input=out)
+        out = grad
+    else:
+        out = torch.empty(grad.shape, dtype=operand_dtype, device=grad.device)
+    return torch.ops.aten.gelu_backward.grad_input(grad, pre, approximate=approximate,
+                                                   grad_input=out)
+
+
+def gelu_second(pre: Tensor, approximate: str) -> Tuple[Tensor, float]:
+    """(t, k) with gelu''(pre) = k t, t a new tensor: the caller folds k into
+    a product it computes anyway. Exact: phi(x) (2 - x^2) = k exp(h) (1 + h),
+    h = -x^2 / 2, k = 2 / sqrt(2 pi), in two passes. Tanh form (x s, s =
+    sigmoid(2u), u = c (x + a x^3)): 2 s (1 - s) (2 u' + 2 x (1 - 2 s) u'^2 + x u''), k = 1."""
+    if approximate == 'none':
+        h = torch.addcmul(torch.zeros((), dtype=pre.dtype, device=pre.device), pre, pre,
+                          value=-0.5)  # -pre^2 / 2 in one pass
+        e = h.exp()
+        return torch.addcmul(e, e, h), 2.0 / math.sqrt(2.0 * math.pi)
+    c, a = math.sqrt(2.0 / math.pi), 0.044715
+    sq = pre * pre
+    s = torch.sigmoid(pre * (1.0 + a * sq) * (2.0 * c))
+    du = (1.0 + 3.0 * a * sq) * c
+    inner = pre * (1.0 - 2.0 * s) * du * du * 2.0 + du * 2.0 + sq * (6.0 * c * a)
+    return s * (1.0 - s) * inner * 2.0, 1.0
+
+
+def check_gelu_approximate(gelu_approximate: str) -> str:
+    """``gelu_approximate`` if it is one of ``GELU_APPROXIMATIONS``, else a
+    ValueError naming them."""
+    if gelu_approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f'gelu_approximate must be one of {GELU_APPROXIMATIONS}, '
+                         f'got {gelu_approximate!r}')
+    return gelu_approximate
 
 
 def ln_backward(grad: Tensor, hidden: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:

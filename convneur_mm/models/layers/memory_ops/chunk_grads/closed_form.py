@@ -18,24 +18,21 @@ where ``LNback(y) = rstd (y - mean(y) - N mean(y N))`` is LayerNorm's input
 gradient (``common.ln_backward``), a linear map of ``y`` that is its own
 adjoint; the chain up to Dh is ``pytorch.output_rows``.
 """
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import (MemoryWeights, check_float, first_order_only, gelu_grad_operand,
-                      ln_backward, no_autocast, operand, product)
+from ..common import (MemoryWeights, check_float, check_gelu_approximate, first_order_only,
+                      gelu_grad_operand, gelu_second, ln_backward, no_autocast, operand,
+                      product)
 from .pytorch import chunk_grads_chain, output_rows
-
-# gelu''(x) = phi(x) (2 - x^2) = 2 / sqrt(2 pi) * exp(h) (1 + h) with h = -x^2 / 2
-_GELU2_SCALE = 2.0 / math.sqrt(2.0 * math.pi)
 
 
 def chunk_grads_closed_form(weights: MemoryWeights, keys: Tensor, values: Tensor,
-                            token_lr: Tensor, operand_dtype: Optional[torch.dtype] = None
-                            ) -> MemoryWeights:
+                            token_lr: Tensor, operand_dtype: Optional[torch.dtype] = None, *,
+                            gelu_approximate: str = 'none') -> MemoryWeights:
     """``chunk_grads_torch`` with a closed-form backward (no double backward).
 
     Gradients flow to ``weights`` (W_0), ``keys``, ``values`` and ``token_lr``.
@@ -47,6 +44,7 @@ def chunk_grads_closed_form(weights: MemoryWeights, keys: Tensor, values: Tensor
         token_lr: (G, C, L) or (G, B, U, L) per-token step sizes theta_i.
         operand_dtype: the products' operand dtype (``product``), forward and
             backward alike; everything else stays in the inputs' dtype.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
 
     Returns:
         The per-chunk gradients (G, C, d, 4d), (G, C, 4d, d), (G, C, d).
@@ -54,7 +52,9 @@ def chunk_grads_closed_form(weights: MemoryWeights, keys: Tensor, values: Tensor
     if keys.dim() == 5:  # U chunks per image: the images' chunks one after another
         keys, values, token_lr = keys.flatten(1, 2), values.flatten(1, 2), token_lr.flatten(1, 2)
     _check_inputs(weights, keys, values, token_lr)
-    return MemoryWeights(*_ChunkGrads.apply(*weights, keys, values, token_lr, operand_dtype))
+    check_gelu_approximate(gelu_approximate)
+    return MemoryWeights(*_ChunkGrads.apply(*weights, keys, values, token_lr, operand_dtype,
+                                            gelu_approximate))
 
 
 def _add_product(total: Optional[Tensor], a: Tensor, b: Tensor, mm: Optional[torch.dtype],
@@ -89,15 +89,17 @@ class _ChunkGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
-                token_lr: Tensor, mm: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor]:
-        ctx.mm = mm
+                token_lr: Tensor, mm: Optional[torch.dtype],
+                approximate: str) -> Tuple[Tensor, Tensor, Tensor]:
+        ctx.mm, ctx.approximate = mm, approximate
         ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
         with no_autocast(keys):
             # H, as wide as the keys, spares the backward a product (as
             # FlashAttention keeps its row statistics); (G, T, 4d) ones are recomputed
             return tuple(chunk_grads_chain(
                 MemoryWeights(w1, w2, g), keys, values, token_lr, mm,
-                lambda hidden: ctx.save_for_backward(w1, w2, g, keys, values, token_lr, hidden)))
+                lambda hidden: ctx.save_for_backward(w1, w2, g, keys, values, token_lr, hidden),
+                approximate))
 
     @staticmethod
     def backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
@@ -105,18 +107,18 @@ class _ChunkGrads(torch.autograd.Function):
         first_order_only('chunk_grads_closed_form')
         w1, w2, g, keys, values, token_lr, hidden = ctx.saved_tensors
         if bar_w1 is None and bar_w2 is None and bar_g is None:
-            return (None, ) * 7
+            return (None, ) * 8
         with no_autocast(keys):
             grads = _chunk_grads_backward(w1, w2, g, keys, values, token_lr, hidden, ctx.mm,
-                                          bar_w1, bar_w2, bar_g)
+                                          bar_w1, bar_w2, bar_g, ctx.approximate)
         return tuple(grad if need else None
-                     for grad, need in zip(grads, ctx.needs_input_grad)) + (None, )
+                     for grad, need in zip(grads, ctx.needs_input_grad)) + (None, None)
 
 
 def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                           token_lr: Tensor, hidden: Tensor, mm: Optional[torch.dtype],
                           bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
-                          bar_g: Optional[Tensor]) -> List[Tensor]:
+                          bar_g: Optional[Tensor], approximate: str = 'none') -> List[Tensor]:
     """The VJP of the chunk gradients: cotangents of (w1, w2, g, keys, values,
     token_lr) from those of the three outputs (None: unused), given H.
     ``bar_x`` is the cotangent of x. With 16-bit operands a tensor that
@@ -127,7 +129,7 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     dtype = keys.dtype  # of every result; the operands may be 16-bit
     keys_op, w1_op, w2_op = (operand(t, mm) for t in (flat_keys, w1, w2))
     pre = product(keys_op, w1_op, mm, dtype)
-    act = operand(F.gelu(pre), mm)
+    act = operand(F.gelu(pre, approximate=approximate), mm)
     rows = output_rows(hidden, flat_keys, values.reshape(g_, c * L, d), g, token_lr)
     w2_t = w2_op.transpose(-1, -2)
     bar_w1, bar_w2 = operand(bar_w1, mm), operand(bar_w2, mm)
@@ -136,20 +138,17 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     if bar_w1 is not None:  # through K^T Dp with Dp = gelu'(P) B, B = Dh w2^T
         back = product(d_hidden, w2_t, mm, dtype)
         # P's term through gelu'(P): gelu''(P) B bar_Dp, here without bar_Dp
-        # and _GELU2_SCALE; gelu''(x) = c exp(h) (1 + h), h = -x^2 / 2
-        h = torch.addcmul(torch.zeros((), dtype=pre.dtype, device=pre.device), pre, pre,
-                          value=-0.5)  # -pre^2 / 2 in one pass
-        e = h.exp()
-        second = torch.addcmul(e, e, h).mul_(back)
-        del h, e
-        d_pre = gelu_grad_operand(back, pre, mm)
+        # and the scale gelu_second leaves to the last product
+        second, second_scale = gelu_second(pre, approximate)
+        second.mul_(back)
+        d_pre = gelu_grad_operand(back, pre, mm, approximate)
         del back
         grad_keys = _by_chunk(d_pre, bar_w1.transpose(-1, -2), mm, dtype)
         del d_pre
         bar_dp = _by_chunk(keys_op, bar_w1, mm, dtype)
         # bar_dp is read again at the end: a new tensor
-        bar_back = (torch.ops.aten.gelu_backward(bar_dp, pre) if mm is None else
-                    gelu_grad_operand(bar_dp, pre, mm))
+        bar_back = (torch.ops.aten.gelu_backward(bar_dp, pre, approximate=approximate)
+                    if mm is None else gelu_grad_operand(bar_dp, pre, mm, approximate))
         bar_dh = product(bar_back, w2_op, mm, dtype)
         bar_w2_total = product(bar_back.transpose(-1, -2), d_hidden, mm, dtype)
         del bar_back
@@ -200,13 +199,14 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
                                 dtype)
     del act, bar_hidden
     if second is None:
-        bar_pre = gelu_grad_operand(bar_act, pre, mm)
+        bar_pre = gelu_grad_operand(bar_act, pre, mm, approximate)
     else:  # the sum written in the operand dtype of the two products that read it
-        bar_pre = torch.ops.aten.gelu_backward.grad_input(bar_act, pre, grad_input=bar_act)
+        bar_pre = torch.ops.aten.gelu_backward.grad_input(bar_act, pre, approximate=approximate,
+                                                          grad_input=bar_act)
         if mm is None:
-            bar_pre.addcmul_(second, bar_dp, value=_GELU2_SCALE)
+            bar_pre.addcmul_(second, bar_dp, value=second_scale)
         else:
-            bar_pre = torch.addcmul(bar_pre, second, bar_dp, value=_GELU2_SCALE,
+            bar_pre = torch.addcmul(bar_pre, second, bar_dp, value=second_scale,
                                     out=torch.empty(bar_pre.shape, dtype=mm,
                                                     device=bar_pre.device))
         del second, bar_dp

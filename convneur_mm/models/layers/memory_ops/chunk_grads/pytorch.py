@@ -58,7 +58,8 @@ def chunk_sums(a: Tensor, b: Tensor, chunks: int, operand_dtype: Optional[torch.
 
 
 def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
-                      operand_dtype: Optional[torch.dtype] = None) -> MemoryWeights:
+                      operand_dtype: Optional[torch.dtype] = None, *,
+                      gelu_approximate: str = 'none') -> MemoryWeights:
     """Closed-form gradient of the weighted reconstruction loss of each chunk.
 
     Args:
@@ -71,6 +72,8 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
         operand_dtype: the products' operand dtype (``product``); the LayerNorm
             statistics and backward, the residual and theta stay in the
             inputs' dtype.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``
+            ('none': exact; 'tanh': its tanh form).
 
     Returns:
         d/dW of ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2`` for every chunk:
@@ -91,12 +94,14 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     """
     if keys.dim() == 5:  # U chunks per image: the images' chunks one after another
         keys, values, token_lr = keys.flatten(1, 2), values.flatten(1, 2), token_lr.flatten(1, 2)
-    return chunk_grads_chain(weights, keys, values, token_lr, operand_dtype)
+    return chunk_grads_chain(weights, keys, values, token_lr, operand_dtype,
+                             gelu_approximate=gelu_approximate)
 
 
 def chunk_grads_chain(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
                       operand_dtype: Optional[torch.dtype],
-                      on_hidden: Optional[Callable[[Tensor], None]] = None) -> MemoryWeights:
+                      on_hidden: Optional[Callable[[Tensor], None]] = None,
+                      gelu_approximate: str = 'none') -> MemoryWeights:
     """``chunk_grads_torch`` on (G, C, L, d) keys and values; ``on_hidden``
     gets the MLP's output H (G, C * L, d) as it is computed (the closed
     form's forward saves it), which is otherwise freed as soon as it is read."""
@@ -108,7 +113,7 @@ def chunk_grads_chain(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     shared = None if torch.is_grad_enabled() else mm
     keys_op, w2 = operand(flat_keys, shared), operand(weights.w2, shared)
     pre = product(keys_op, weights.w1, mm, dtype)
-    act = operand(F.gelu(pre), shared)
+    act = operand(F.gelu(pre, approximate=gelu_approximate), shared)
     hidden = product(act, w2, mm, dtype)
     if on_hidden is not None:
         on_hidden(hidden)
@@ -122,8 +127,8 @@ def chunk_grads_chain(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     back = product(d_hidden, w2.transpose(-1, -2), mm, dtype)
     del d_hidden
     if torch.is_grad_enabled() and (back.requires_grad or pre.requires_grad):
-        d_pre = torch.ops.aten.gelu_backward(back, pre)
+        d_pre = torch.ops.aten.gelu_backward(back, pre, approximate=gelu_approximate)
     else:  # in place, or in operand_dtype: no third float (G, C*L, 4d) tensor
-        d_pre = gelu_grad_operand(back, pre, mm)
+        d_pre = gelu_grad_operand(back, pre, mm, gelu_approximate)
     del pre, back
     return MemoryWeights(chunk_sums(keys_op, d_pre, c, mm, dtype), grad_w2, d_g)

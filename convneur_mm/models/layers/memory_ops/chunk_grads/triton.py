@@ -7,16 +7,17 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
 from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
                               check_runnable, check_span, chosen_kernel, launch_config,
-                              launch_kernel, row_parts, target_arch, tile_config)
+                              gelu_tanh, launch_kernel, row_parts, target_arch, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
                        operand_dtype: Optional[torch.dtype] = None, *,
                        block_rows: Optional[int] = None,
-                       block_hidden: Optional[int] = None) -> MemoryWeights:
+                       block_hidden: Optional[int] = None,
+                       gelu_approximate: str = 'none') -> MemoryWeights:
     """``chunk_grads_torch`` as two kernels. Differentiable: its backward
     kernels recompute the chain (nothing but the inputs is saved; no double
     backward), as ``chunk_grads_closed_form`` derives it.
@@ -46,6 +47,7 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
             bfloat16; None: float32); sums, LayerNorm and GELU stay float32.
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
             the defaults, for tuning and tests.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
 
     Returns:
         float32 gradients of ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2`` per
@@ -59,8 +61,10 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
                      ('token_lr', token_lr, (*lead, 'L')), ('weights.w1', w1, ('G', 'd', 'h')),
                      ('weights.w2', w2, ('G', 'h', 'd')), ('weights.g', g, ('G', 'd'))],
                     operand_dtype, (block_rows, block_hidden))
+    check_gelu_approximate(gelu_approximate)
     return MemoryWeights(*call_kernel_op(_chunk_grads_op, _chunk_grads, w1, w2, g, keys, values,
-                                         token_lr, operand_dtype, block_rows, block_hidden))
+                                         token_lr, operand_dtype, block_rows, block_hidden,
+                                         gelu_approximate))
 
 
 def _sizes(keys: Tensor) -> Tuple[int, int, int, int, int]:
@@ -130,16 +134,18 @@ def _keys_operand(keys: Tensor, operand_dtype: torch.dtype) -> Tensor:
     return torch.empty(keys.shape, device=keys.device, dtype=operand_dtype)
 
 
-def _launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[object, dict]:
-    """``launch_config`` without the decomposed read's constexpr."""
+def _launch_config(operand_dtype: torch.dtype, device: torch.device,
+                   gelu_approximate: str = 'none') -> Tuple[object, dict]:
+    """``launch_config`` without the decomposed read's constexpr, with GELU's."""
     kernels, cfg = launch_config(operand_dtype, device)
     cfg.pop('BASE_PREC')
-    return kernels, cfg
+    return kernels, dict(cfg, GELU_TANH=gelu_tanh(gelu_approximate))
 
 
 def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                  token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
-                 block_hidden: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+                 block_hidden: Optional[int], gelu_approximate: str = 'none'
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The operator's implementation: allocate and launch (checked arguments)."""
     check_runnable(keys, operand_dtype)
     groups, chunks, per_image, length, d = _sizes(keys)
@@ -151,7 +157,7 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
         return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
     _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
-    kernels, cfg = _launch_config(operand_dtype, keys.device)
+    kernels, cfg = _launch_config(operand_dtype, keys.device, gelu_approximate)
     w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     # pass 2 multiplies it in operand_dtype: stored so, it is read as is
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
@@ -197,7 +203,7 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
 def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                           token_lr: Tensor, bar_w1: Tensor, bar_w2: Tensor, bar_g: Tensor,
                           operand_dtype: torch.dtype, block_rows: Optional[int],
-                          block_hidden: Optional[int]
+                          block_hidden: Optional[int], gelu_approximate: str = 'none'
                           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of (w1, w2, g, keys, values, token_lr) from the
     cotangents of the three outputs (checked arguments; keys' gradient
@@ -215,7 +221,7 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
                 grad_lr.zero_())
     _check_spans(keys, values, token_lr)
     arch = target_arch(keys.device)
-    kernels, cfg = _launch_config(operand_dtype, keys.device)
+    kernels, cfg = _launch_config(operand_dtype, keys.device, gelu_approximate)
     w1_op, w2_op = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     bar_w1, bar_w2, bar_g = (t.float() for t in (bar_w1, bar_w2, bar_g))
     # the weights' pass multiplies them in operand_dtype: stored so, read as is
@@ -277,7 +283,8 @@ _chunk_grads_backward_op = torch.library.custom_op('convneur_mm::memory_chunk_gr
 @_chunk_grads_op.register_fake
 def _chunk_grads_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                       token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
-                      block_hidden: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+                      block_hidden: Optional[int], gelu_approximate: str = 'none'
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
     return tuple(keys.new_empty(shape) for shape in _output_shapes(w1, keys))
 
 
@@ -285,7 +292,7 @@ def _chunk_grads_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: T
 def _chunk_grads_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                                token_lr: Tensor, bar_w1: Tensor, bar_w2: Tensor, bar_g: Tensor,
                                operand_dtype: torch.dtype, block_rows: Optional[int],
-                               block_hidden: Optional[int]
+                               block_hidden: Optional[int], gelu_approximate: str = 'none'
                                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(keys.new_empty(t.shape) for t in (w1, w2, g, keys, values, token_lr))
 
@@ -303,7 +310,7 @@ def _backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
             for bar, shape in zip((bar_w1, bar_w2, bar_g), _output_shapes(w1, keys))]
     grads = call_kernel_op(_chunk_grads_backward_op, _chunk_grads_backward, w1, w2, g, keys,
                            values, token_lr, *bars, *ctx.options)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 def _output_shapes(w1: Tensor, keys: Tensor) -> Tuple[Tuple[int, ...], ...]:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import BACKWARDS, MemoryWeights, implementation_of
+from ..common import BACKWARDS, MemoryWeights, check_gelu_approximate, implementation_of
 from .naive import chunk_read_naive
 from .pytorch import chunk_read_torch
 from .triton import chunk_read_triton
@@ -20,14 +20,17 @@ CHUNK_READ_IMPLEMENTATIONS = {'torch': chunk_read_torch, 'triton': chunk_read_tr
 def chunk_read(states: MemoryWeights, queries: Tensor, chunk_size: int,
                operand_dtype: Optional[torch.dtype] = None,
                base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None, *,
-               implementation: str = 'torch', backward: str = 'autograd') -> Tensor:
+               implementation: str = 'torch', backward: str = 'autograd',
+               gelu_approximate: str = 'none') -> Tensor:
     """The chunk read by ``implementation`` ('torch' or 'triton'); the
     arguments as in ``chunk_read_torch``. Returns (B, N, H * d)."""
+    check_gelu_approximate(gelu_approximate)
     fn = implementation_of('chunk_read', CHUNK_READ_IMPLEMENTATIONS, implementation)
     if implementation_of('chunk_read backward', BACKWARDS, backward)(implementation):
         return chunk_read_torch(states, queries, chunk_size, operand_dtype, base, carry,
-                                backward=backward)
-    return fn(states, queries, chunk_size, operand_dtype, base, carry)
+                                backward=backward, gelu_approximate=gelu_approximate)
+    return fn(states, queries, chunk_size, operand_dtype, base, carry,
+              gelu_approximate=gelu_approximate)
 
 
 __all__ = ['CHUNK_READ_IMPLEMENTATIONS', 'chunk_read', 'chunk_read_naive', 'chunk_read_torch',

@@ -14,7 +14,8 @@ from ..read.pytorch import read_torch
 def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
                      operand_dtype: Optional[torch.dtype] = None,
                      base: Optional[MemoryWeights] = None,
-                     carry: Optional[Tensor] = None, *, backward: str = 'autograd') -> Tensor:
+                     carry: Optional[Tensor] = None, *, backward: str = 'autograd',
+                     gelu_approximate: str = 'none') -> Tensor:
     """Token n of head h and image b reads state ``n // chunk_size`` of (h, b);
     the heads merged in the output.
 
@@ -35,6 +36,7 @@ def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
         carry: (H, B, C) a_t of each state, with ``base``.
         backward: 'autograd' (``read_torch``) or 'closed_form'
             (``read_closed_form``: the same read, a hand-derived backward).
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
 
     Returns:
         (B, N, H * d) read-outs.
@@ -47,6 +49,7 @@ def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
     groups = h * b * num_chunks
     read = read_closed_form if backward == 'closed_form' else read_torch
     out = read(states.map(lambda t: t.reshape(groups, *t.shape[3:])),
-                     queries.reshape(groups, chunk_size, hd), operand_dtype, base,
-                     None if carry is None else carry.reshape(groups))
+               queries.reshape(groups, chunk_size, hd), operand_dtype, base,
+               None if carry is None else carry.reshape(groups),
+               gelu_approximate=gelu_approximate)
     return out.reshape(h, b, padded, hd).permute(1, 2, 0, 3).reshape(b, padded, h * hd)[:, :n]

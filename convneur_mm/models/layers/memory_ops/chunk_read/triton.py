@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import MemoryWeights
+from ..common import MemoryWeights, check_gelu_approximate
 from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv,
                               check_arguments, check_decomposed, check_runnable,
                               empty_read_grads, launch_read, launch_read_backward)
@@ -16,7 +16,8 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
                       operand_dtype: Optional[torch.dtype] = None,
                       base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None,
                       *, block_rows: Optional[int] = None,
-                      block_hidden: Optional[int] = None) -> Tensor:
+                      block_hidden: Optional[int] = None,
+                      gelu_approximate: str = 'none') -> Tensor:
     """``chunk_read_torch`` as one kernel. The output is written straight into
     the merged (B, N, H * d) layout, so neither the queries' padding to whole
     chunks nor the heads' merge copies. Differentiable: its backward kernels
@@ -40,6 +41,7 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
         carry: (H, B, C) a_t of each state, with ``base``.
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
             the defaults, for tuning and tests.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
 
     Returns:
         (B, N, H * d) float32 read-outs, heads merged.
@@ -58,15 +60,16 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
     if n > chunks * chunk_size:
         raise ValueError(f'{n} tokens need {cdiv(n, chunk_size)} chunk states of '
                          f'{chunk_size} tokens, got {chunks}')
+    check_gelu_approximate(gelu_approximate)
     bases = (None, None) if base is None else (base.w1, base.w2)
     return call_kernel_op(_chunk_read_op, _chunk_read, w1, w2, g, queries, chunk_size, *bases,
-                          carry, operand_dtype, block_rows, block_hidden)
+                          carry, operand_dtype, block_rows, block_hidden, gelu_approximate)
 
 
 def _chunk_read(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: int,
                 base_w1: Optional[Tensor], base_w2: Optional[Tensor], carry: Optional[Tensor],
                 operand_dtype: torch.dtype, block_rows: Optional[int],
-                block_hidden: Optional[int]) -> Tensor:
+                block_hidden: Optional[int], gelu_approximate: str = 'none') -> Tensor:
     """The operator's implementation: allocate and launch (checked arguments)."""
     check_runnable(queries, operand_dtype)
     heads, batch, n, d = queries.shape
@@ -74,15 +77,15 @@ def _chunk_read(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: 
     out = torch.empty(batch, n, heads * d, device=queries.device, dtype=torch.float32)
     launch_read(MemoryWeights(w1, w2, g), queries,
                 out.view(batch, n, heads, d).permute(2, 0, 1, 3), chunk_size, operand_dtype,
-                base, carry, block_rows, block_hidden)
+                base, carry, block_rows, block_hidden, gelu_approximate)
     return out
 
 
 def _chunk_read_backward(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: int,
                          base_w1: Optional[Tensor], base_w2: Optional[Tensor],
                          carry: Optional[Tensor], grad_out: Tensor, operand_dtype: torch.dtype,
-                         block_rows: Optional[int], block_hidden: Optional[int]
-                         ) -> ReadGrads:
+                         block_rows: Optional[int], block_hidden: Optional[int],
+                         gelu_approximate: str = 'none') -> ReadGrads:
     """The gradients of (w1, w2, g, queries, base_w1, base_w2, carry); the
     last three empty for a read that is not decomposed."""
     check_runnable(queries, operand_dtype)
@@ -92,7 +95,7 @@ def _chunk_read_backward(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chu
     grads = launch_read_backward(MemoryWeights(w1, w2, g), queries,
                                  grad_out.float().unflatten(-1, (heads, d)).permute(2, 0, 1, 3),
                                  grad_queries, chunk_size, operand_dtype, base, carry,
-                                 block_rows, block_hidden)
+                                 block_rows, block_hidden, gelu_approximate)
     return (*grads, grad_queries, *base_read_grads(grads, base, carry, queries))
 
 
@@ -113,7 +116,8 @@ _chunk_read_backward_op = torch.library.custom_op('convneur_mm::memory_chunk_rea
 def _chunk_read_fake(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor, chunk_size: int,
                      base_w1: Optional[Tensor], base_w2: Optional[Tensor],
                      carry: Optional[Tensor], operand_dtype: torch.dtype,
-                     block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
+                     block_rows: Optional[int], block_hidden: Optional[int],
+                     gelu_approximate: str = 'none') -> Tensor:
     heads, batch, n, d = queries.shape
     return queries.new_empty(batch, n, heads * d)
 
@@ -123,8 +127,8 @@ def _chunk_read_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, queries: Tensor
                               chunk_size: int, base_w1: Optional[Tensor],
                               base_w2: Optional[Tensor], carry: Optional[Tensor],
                               grad_out: Tensor, operand_dtype: torch.dtype,
-                              block_rows: Optional[int], block_hidden: Optional[int]
-                              ) -> ReadGrads:
+                              block_rows: Optional[int], block_hidden: Optional[int],
+                              gelu_approximate: str = 'none') -> ReadGrads:
     return empty_read_grads(w1, w2, g, _merged_queries(queries), base_w1, base_w2, carry)
 
 
@@ -141,7 +145,7 @@ def _backward(ctx, grad_out: Tensor) -> tuple:
                                 *ctx.options))
     if base_w1 is None:
         grads[4:] = [None] * 3
-    return (*grads[:4], None, *grads[4:], None, None, None)
+    return (*grads[:4], None, *grads[4:], None, None, None, None)
 
 
 _chunk_read_op.register_autograd(_backward, setup_context=_setup_context)

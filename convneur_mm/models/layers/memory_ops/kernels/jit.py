@@ -11,7 +11,9 @@ weights arrive in DTYPE (the wrappers cast them once per call, so no program
 converts its weight tiles), W_0 of a decomposed read in float32;
 LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
 Feature widths are padded to the power-of-two block ``BD`` and the hidden
-width is walked in ``BH`` blocks, both masked, so any width works.
+width is walked in ``BH`` blocks, both masked, so any width works. GELU is
+exact (erf) unless the GELU_TANH constexpr asks for its tanh form (one exp
+per element, as ``F.gelu(approximate='tanh')``).
 
 Tiles: a product kernel's program serves the ``ITERS`` tiles
 ``program_id * ITERS ...`` in turn (persistent programs, ``launch.launch_kernel``);
@@ -27,16 +29,36 @@ import triton.language as tl
 # module-level values a jit function reads must be constexpr
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_CUBIC = tl.constexpr(0.044715)
 
 
 @triton.jit
-def _gelu(x):
-    # exact (erf) GELU, as F.gelu's default
+def _tanh_form(x):
+    """(s, u') of GELU's tanh form x s: s = sigmoid(2u) = (1 + tanh(u)) / 2,
+    u = sqrt(2 / pi) (x + 0.044715 x^3), as F.gelu(approximate='tanh')."""
+    # tensors lead each product: a module constant on the left is a constexpr
+    # whose product with a tensor the interpreter cannot exponentiate
+    sq = x * x
+    # exp(-2u) capped at e^80 (s is 0 in float32 already): no overflow to inf
+    s = 1.0 / (1.0 + tl.exp(tl.minimum(x * (sq * GELU_CUBIC + 1.0) * SQRT_2_PI * -2.0, 80.0)))
+    return s, (sq * GELU_CUBIC * 3.0 + 1.0) * SQRT_2_PI
+
+
+@triton.jit
+def _gelu(x, GELU_TANH: tl.constexpr):
+    # exact (erf) GELU, as F.gelu's default; GELU_TANH: its tanh form, one exp
+    if GELU_TANH:
+        s, _ = _tanh_form(x)
+        return x * s
     return 0.5 * x * (1.0 + tl.math.erf(x * SQRT1_2))
 
 
 @triton.jit
-def _gelu_grad(x):
+def _gelu_grad(x, GELU_TANH: tl.constexpr):
+    if GELU_TANH:  # s + 2 x s (1 - s) u'
+        s, du = _tanh_form(x)
+        return s + 2.0 * x * s * (1.0 - s) * du
     cdf = 0.5 * (1.0 + tl.math.erf(x * SQRT1_2))
     return cdf + x * tl.exp(-0.5 * x * x) * INV_SQRT_2PI
 
@@ -95,7 +117,7 @@ def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
               b1_ptr, b2_ptr, sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID,
               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
               DTYPE: tl.constexpr, PREC: tl.constexpr,
-              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
     """gelu(x @ w1) @ w2 for a float32 (BM, BD) block of rows; the (BM, BH)
     hidden block lives only in registers. DECOMPOSED: the weights are
     ``carry * base + delta`` (``w1``/``w2`` hold delta) and each product is
@@ -109,7 +131,7 @@ def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
     for h0 in range(0, HID, BH):
         hid = h0 + hcols
         act = _gelu(_pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols,
-                               cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC))
+                               cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC), GELU_TANH)
         mask2 = (hid < HID)[:, None] & cmask[None, :]
         w2 = tl.load(w2_ptr + hid[:, None] * s2_k + cols[None, :] * s2_d, mask=mask2, other=0.0)
         y = tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=y, input_precision=PREC)
@@ -123,7 +145,7 @@ def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
 @triton.jit
 def _cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, carry, acc1, acc2,
                DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
-               BASE_PREC: tl.constexpr):
+               BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
     """One block of rows of a weight-gradient pass over a hidden block j:
     with pre_j = x @ w1[:, j] recomputed and dy the gradient at the MLP's
     output, ``acc1 += x^T (gelu'(pre_j) * (dy @ w2[j]^T))`` (w1's block) and
@@ -134,9 +156,9 @@ def _cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, carry, acc1, acc2,
     if DECOMPOSED:
         pre += carry * tl.dot(x, b1, input_precision=BASE_PREC)
         back += carry * tl.dot(dy, b2t, input_precision=BASE_PREC)
-    d_pre = back * _gelu_grad(pre)
+    d_pre = back * _gelu_grad(pre, GELU_TANH)
     acc1 = tl.dot(tl.trans(xo), d_pre.to(DTYPE), acc=acc1, input_precision=PREC)
-    acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), dyo, acc=acc2, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(_gelu(pre, GELU_TANH).to(DTYPE)), dyo, acc=acc2, input_precision=PREC)
     return acc1, acc2
 
 
@@ -210,7 +232,8 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
                 eps,
                 BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                 DTYPE: tl.constexpr, PREC: tl.constexpr,
-                DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, ITERS: tl.constexpr = 1):
+                DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, ITERS: tl.constexpr = 1,
+                GELU_TANH: tl.constexpr = False):
     """out = x + LN(gelu(x @ w1) @ w2) * (1 + g), token n of (head h, image b)
     reading the weights of chunk n // L. One program per (h, b, chunk, block
     of BM rows of the chunk from its row ``r0``); x, weights and out are
@@ -239,7 +262,7 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
         y = _mlp_rows(x, w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c),
                       w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c), s1_d, s1_k, s2_k, s2_d,
                       b1_ptr + h * sb1_h, b2_ptr + h * sb2_h, sb1_d, sb1_k, sb2_k, sb2_d, carry,
-                      D, HID, BM, BD, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+                      D, HID, BM, BD, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
         normed, _ = _layer_norm_rows(y, cmask, D, eps)
         g = tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
                     other=0.0).to(tl.float32)
@@ -254,7 +277,7 @@ def _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
                 sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
                 slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, eps,
                 BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
-                PREC: tl.constexpr, COPY_KEYS: tl.constexpr):
+                PREC: tl.constexpr, COPY_KEYS: tl.constexpr, GELU_TANH: tl.constexpr):
     """The write's chain over a block of BM rows, row i being row ``lrow[i]``
     of chunk ``crow[i]`` after the chunk ``first`` (of image ``bi``, chunk
     ``ci`` of group ``gi`` in the inputs' strides): stores Dh and (COPY_KEYS)
@@ -268,7 +291,7 @@ def _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
                 mask=mask, other=0.0).to(tl.float32)
     y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
                   w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
-                  False, PREC)
+                  False, PREC, GELU_TANH)
     normed, rstd = _layer_norm_rows(y, cmask, D, eps)
     v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
                 ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
@@ -298,7 +321,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                       loss_scale, eps,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
-                      FLAT: tl.constexpr, ITERS: tl.constexpr = 1):
+                      FLAT: tl.constexpr, ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
     """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
     shared weights, the LayerNorm backward, and
 
@@ -341,7 +364,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                             gi, bi, ci, crow, lrow, rmask, first, L, D, HID,
                             sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
                             slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
-                            sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS)
+                            sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
         cols = tl.arange(0, BD)
         cmask = cols < D
         if FLAT:
@@ -369,7 +392,7 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       loss_scale,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
-                      ITERS: tl.constexpr = 1):
+                      ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
     """Pass 2, per (chunk, block of BH hidden units j): that block's slices
     of the chunk's G1 and G2 (``_write_cols``)."""
     for it in range(ITERS):
@@ -379,14 +402,14 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
         _write_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, w1_ptr + gi * s1_g,
                     w2_ptr + gi * s2_g, g1_ptr, g2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k,
                     s2_k, s2_d, cols, cmask, hid, hmask, L, D, HID, loss_scale, BM, BD, BH,
-                    DTYPE, PREC, TAIL)
+                    DTYPE, PREC, TAIL, GELU_TANH)
 
 
 @triton.jit
 def _write_cols(k_base, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr, chunk, sk_l, sk_d, s1_d, s1_k,
                 s2_k, s2_d, cols, cmask, hid, hmask, L, D, HID, loss_scale, BM: tl.constexpr,
                 BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
-                TAIL: tl.constexpr):
+                TAIL: tl.constexpr, GELU_TANH: tl.constexpr):
     """A chunk's (``k_base``: its keys) slices of G1 and G2 at the hidden
     units ``hid``: walks its rows (BM at a time, the rest TAIL at a time),
     recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
@@ -405,12 +428,13 @@ def _write_cols(k_base, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr, chunk, sk_l, sk_
     whole = L // BM * BM if TAIL < BM else L
     for r0 in range(0, whole, BM):
         acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
-                                w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC)
+                                w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC,
+                                GELU_TANH)
     if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
         for r0 in range(whole, L, TAIL):
             acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
                                     w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
-                                    False, PREC)
+                                    False, PREC, GELU_TANH)
 
     out = chunk * D * HID
     tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
@@ -433,7 +457,8 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
                        loss_scale, eps,
                        BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                        DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
-                       TAIL: tl.constexpr, ITERS: tl.constexpr = 1):
+                       TAIL: tl.constexpr, ITERS: tl.constexpr = 1,
+                       GELU_TANH: tl.constexpr = False):
     """Both passes of a chunk's gradient in one program per chunk:
     ``grads_rows_kernel``'s chain over the chunk's rows (BM at a time, the
     rest TAIL at a time), its Dh and 16-bit keys stored for this program
@@ -454,7 +479,8 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
                                      gi, bi, ci, lrow * 0, lrow, lrow < L, first, L, D, HID,
                                      sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
                                      slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k,
-                                     s2_d, sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS),
+                                     s2_d, sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS,
+                                     GELU_TANH),
                          axis=0)
         if TAIL < BM:
             for r0 in range(whole, L, TAIL):
@@ -464,7 +490,7 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
                                          D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c,
                                          sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d,
                                          s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, eps, TAIL, BD, BH,
-                                         DTYPE, PREC, COPY_KEYS), axis=0)
+                                         DTYPE, PREC, COPY_KEYS, GELU_TANH), axis=0)
         tl.store(dg_ptr + first * D + cols, dg * loss_scale, mask=cmask)
         # the chunk's Dh and keys, stored by all of this program's threads, are read back
         tl.debug_barrier()
@@ -473,7 +499,7 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
             hid = h0 + tl.arange(0, BH)
             _write_cols(k_base, dh_ptr, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, g1_ptr, g2_ptr,
                         first, sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, cols, cmask, hid,
-                        hid < HID, L, D, HID, loss_scale, BM, BD, BH, DTYPE, PREC, TAIL)
+                        hid < HID, L, D, HID, loss_scale, BM, BD, BH, DTYPE, PREC, TAIL, GELU_TANH)
         # the next chunk's rows overwrite nothing this one reads: no second barrier
 
 
@@ -494,7 +520,7 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
                               DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
-                              ITERS: tl.constexpr = 1):
+                              ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
     """The read's backward, per block of BM rows (``read_kernel``'s programs):
     from ``go`` = d loss / d out it recomputes the MLP's output Y and N = LN(Y)
     (nothing was saved), and writes
@@ -531,7 +557,7 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
         b2_base = b2_ptr + h * sb2_h
         y = _mlp_rows(x, w1_base, w2_base, s1_d, s1_k, s2_k, s2_d, b1_base, b2_base,
                       sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID, BM, BD, BH, DTYPE, PREC,
-                      DECOMPOSED, BASE_PREC)
+                      DECOMPOSED, BASE_PREC, GELU_TANH)
         normed, rstd = _layer_norm_rows(y, cmask, D, eps)
         go = tl.load(go_ptr + (h * so_h + b * so_b + first * so_n) +
                      (rows[:, None] * so_n + cols[None, :] * so_d), mask=mask,
@@ -554,8 +580,9 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
                              hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
             back = _times_w2t(dy, dyo, w2_base, s2_k, s2_d, b2_base, sb2_k, sb2_d, carry, cols,
                               cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
-            gx += _times_w1t(back * _gelu_grad(pre), w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k,
-                             carry, cols, cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+            gx += _times_w1t(back * _gelu_grad(pre, GELU_TANH), w1_base, s1_d, s1_k, b1_base,
+                             sb1_d, sb1_k, carry, cols, cmask, hid, HID, DTYPE, PREC, DECOMPOSED,
+                             BASE_PREC)
         tl.store(gx_ptr + (h * sgx_h + b * sgx_b + first * sgx_n) +
                  (rows[:, None] * sgx_n + cols[None, :] * sgx_d), gx, mask=mask)
 
@@ -563,7 +590,8 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
 @triton.jit
 def _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, w1, w2t, b1, b2t,
                carry, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
-               PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr):
+               PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
+               GELU_TANH: tl.constexpr):
     """``_cols_step`` over ROWS rows of chunk c (of N tokens) from row ``r0``:
     its inputs x (a read's tokens, a write's keys; strided) and the gradient
     at the MLP's output ((L, D) rows)."""
@@ -573,10 +601,10 @@ def _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, w1, w2t
     dyo = tl.load(dy_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
     if DECOMPOSED:  # W_0's products take float32 operands
         return _cols_step(x.to(tl.float32), x.to(DTYPE), dyo.to(tl.float32), dyo, w1, w2t, b1,
-                          b2t, carry, acc1, acc2, DTYPE, PREC, True, BASE_PREC)
+                          b2t, carry, acc1, acc2, DTYPE, PREC, True, BASE_PREC, GELU_TANH)
     xo = x.to(DTYPE)
     return _cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC, False,
-                      PREC)
+                      PREC, GELU_TANH)
 
 
 @triton.jit
@@ -592,7 +620,8 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
                               DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
-                              TAIL: tl.constexpr, ITERS: tl.constexpr = 1):
+                              TAIL: tl.constexpr, ITERS: tl.constexpr = 1,
+                              GELU_TANH: tl.constexpr = False):
     """The read's weight gradients, per (state (h, b, c), block of BH hidden
     units j): walks the chunk's rows as ``grads_cols_kernel`` does (the same
     ``_cols_step``) and writes gw1[:, j] = x^T (gelu'(P_j) * (dY @ w2[j]^T))
@@ -625,12 +654,12 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
         for r0 in range(0, whole, BM):
             acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
                                          w1, w2t, b1, b2t, carry, acc1, acc2, BM, DTYPE, PREC,
-                                         DECOMPOSED, BASE_PREC)
+                                         DECOMPOSED, BASE_PREC, GELU_TANH)
         if TAIL < BM:  # as grads_cols_kernel's
             for r0 in range(whole, L, TAIL):
                 acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
                                              cmask, w1, w2t, b1, b2t, carry, acc1, acc2, TAIL,
-                                             DTYPE, PREC, DECOMPOSED, BASE_PREC)
+                                             DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
 
         out = group.to(tl.int64) * D * HID
         tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
@@ -649,7 +678,11 @@ def _times_w2(a, w_ptr, s_k, s_d, cols, cmask, hid, HID, DTYPE: tl.constexpr,
 
 
 @triton.jit
-def _gelu_second(x):
+def _gelu_second(x, GELU_TANH: tl.constexpr):
+    if GELU_TANH:  # 2 s (1 - s) (2 u' + 2 x (1 - 2 s) u'^2 + x u''), u'' = 6 c a x
+        s, du = _tanh_form(x)
+        return s * (1.0 - s) * 2.0 * (du * 2.0 + x * (1.0 - s * 2.0) * du * du * 2.0 +
+                                      x * x * SQRT_2_PI * GELU_CUBIC * 6.0)
     # gelu''(x) = phi(x) (2 - x^2)
     return tl.exp(-0.5 * x * x) * INV_SQRT_2PI * (2.0 - x * x)
 
@@ -663,7 +696,8 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
                          sg_g, sg_d, sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d,
                          sbg_g, sbg_c, sbg_d, eps,
                          BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                         DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr):
+                         DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
+                         GELU_TANH: tl.constexpr):
     """``grads_backward_rows_kernel``'s work on the BM rows from row ``r0`` of
     chunk ``chunk`` (int64; chunk c of group gi, image bi's chunk ci): stores
     their gradients, their share of g's at ``gs``'s row ``slot``, Dh, the
@@ -695,7 +729,7 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
 
     # the forward chain, as grads_rows_kernel computes it
     y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
-                  BH, DTYPE, PREC, False, PREC)
+                  BH, DTYPE, PREC, False, PREC, GELU_TANH)
     normed, rstd = _layer_norm_rows(y, cmask, D, eps)
     coef = lr * (2.0 / D)
     resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
@@ -713,7 +747,7 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
         hid = h0 + hcols
         pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
                          PREC, False, PREC)
-        grad = _gelu_grad(pre)
+        grad = _gelu_grad(pre, GELU_TANH)
         back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
                           DTYPE, PREC, False, PREC)
         bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
@@ -721,7 +755,8 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
         gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
                          DTYPE, PREC, False, PREC)
         bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
-        bar_dh += _times_w2(_gelu(pre), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
+        bar_dh += _times_w2(_gelu(pre, GELU_TANH), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE,
+                            PREC)
 
     # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
     # R = K + N s - V, the output sum D N; LNback is its own adjoint
@@ -758,7 +793,8 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
                              HID, DTYPE, PREC, False, PREC)
         bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
                               DTYPE, PREC, False, PREC)
-        bar_pre = _gelu_grad(pre) * bar_act + _gelu_second(pre) * back * bar_dp
+        bar_pre = (_gelu_grad(pre, GELU_TANH) * bar_act +
+                   _gelu_second(pre, GELU_TANH) * back * bar_dp)
         gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
                          PREC, False, PREC)
     tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
@@ -781,7 +817,8 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                eps,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                DTYPE: tl.constexpr, PREC: tl.constexpr,
-                               COPY_KEYS: tl.constexpr, ITERS: tl.constexpr = 1):
+                               COPY_KEYS: tl.constexpr, ITERS: tl.constexpr = 1,
+                               GELU_TANH: tl.constexpr = False):
     """The chunk gradients' backward, per block of BM rows of a chunk: from
     the cotangents bW1, bW2, bg of the chunk's outputs (K^T Dp, A^T Dh,
     sum D N; notation of ``chunk_grads.closed_form``) it recomputes the chain
@@ -804,13 +841,13 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
             pid.to(tl.int64), L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l,
             sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d,
             sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, BM,
-            BD, BH, DTYPE, PREC, COPY_KEYS)
+            BD, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
 
 
 @triton.jit
 def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t,
                         bw1, bw2t, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, GELU_TANH: tl.constexpr):
     """``grads_backward_cols_kernel``'s sums over ROWS rows of a chunk from row ``r0``."""
     rows = r0 + tl.arange(0, ROWS)
     mask = (rows < L)[:, None] & cmask[None, :]
@@ -820,15 +857,15 @@ def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cm
     dh = tl.load(dh_base + tile, mask=mask, other=0.0)
     bh = tl.load(bh_base + tile, mask=mask, other=0.0)
     pre = tl.dot(k, w1, input_precision=PREC)
-    grad = _gelu_grad(pre)
+    grad = _gelu_grad(pre, GELU_TANH)
     back = tl.dot(dh, w2t, input_precision=PREC)
     bar_dp = tl.dot(k, bw1, input_precision=PREC)
     bar_act = tl.dot(dh, bw2t, input_precision=PREC)
     bar_act = tl.dot(bh, w2t, acc=bar_act, input_precision=PREC)
-    bar_pre = grad * bar_act + _gelu_second(pre) * back * bar_dp
+    bar_pre = grad * bar_act + _gelu_second(pre, GELU_TANH) * back * bar_dp
     acc1 = tl.dot(tl.trans(k), bar_pre.to(DTYPE), acc=acc1, input_precision=PREC)
     acc2 = tl.dot(tl.trans((grad * bar_dp).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
-    acc2 = tl.dot(tl.trans(_gelu(pre).to(DTYPE)), bh, acc=acc2, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(_gelu(pre, GELU_TANH).to(DTYPE)), bh, acc=acc2, input_precision=PREC)
     return acc1, acc2
 
 
@@ -843,7 +880,7 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
                                sb2_g, sb2_c, sb2_k, sb2_d,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
-                               ITERS: tl.constexpr = 1):
+                               ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
     """The shared weights' gradients, per (chunk, block of BH hidden units
     j): walks the chunk's rows, recomputes P_j, and writes the chunk's share
     (summed over chunks by the caller, in a fixed order)
@@ -861,7 +898,7 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
                              bw1_ptr + gi * sb1_g + c * sb1_c, bw2_ptr + gi * sb2_g + c * sb2_c,
                              gw1_ptr, gw2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k, s2_k,
                              s2_d, sb1_d, sb1_k, sb2_k, sb2_d, cols, cmask, hid, hmask, L, D, HID,
-                             BM, BD, BH, DTYPE, PREC, TAIL)
+                             BM, BD, BH, DTYPE, PREC, TAIL, GELU_TANH)
 
 
 @triton.jit
@@ -869,7 +906,7 @@ def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_pt
                          gw2_ptr, chunk, sk_l, sk_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k,
                          sb2_d, cols, cmask, hid, hmask, L, D, HID, BM: tl.constexpr,
                          BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
-                         PREC: tl.constexpr, TAIL: tl.constexpr):
+                         PREC: tl.constexpr, TAIL: tl.constexpr, GELU_TANH: tl.constexpr):
     """``grads_backward_cols_kernel``'s work on the hidden units ``hid`` of
     chunk ``chunk`` (int64; ``k_base`` its keys, the weight pointers at its
     group and its cotangents): walks its rows and stores its shares."""
@@ -890,12 +927,13 @@ def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_pt
     whole = L // BM * BM if TAIL < BM else L
     for r0 in range(0, whole, BM):
         acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
-                                         cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC)
+                                         cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC,
+                                         GELU_TANH)
     if TAIL < BM:  # as grads_cols_kernel's
         for r0 in range(whole, L, TAIL):
             acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
                                              cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
-                                             DTYPE, PREC)
+                                             DTYPE, PREC, GELU_TANH)
 
     out = chunk * D * HID
     tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
@@ -923,7 +961,7 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                 BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                 DTYPE: tl.constexpr, PREC: tl.constexpr,
                                 COPY_KEYS: tl.constexpr, TAIL: tl.constexpr,
-                                ITERS: tl.constexpr = 1):
+                                ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
     """The chunk gradients' backward in one program per chunk, as
     ``grads_chunk_kernel`` runs the forward: ``grads_backward_rows_kernel``'s
     work over the chunk's rows (BM at a time, the rest TAIL at a time; a
@@ -944,7 +982,7 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                 first * slots + r0 // BM, L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b,
                 sv_c, sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
                 sg_g, sg_d, sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c,
-                sbg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS)
+                sbg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
         if TAIL < BM:
             for r0 in range(whole, L, TAIL):
                 _write_backward_rows(
@@ -954,7 +992,7 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                     sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d, slr_g, slr_b, slr_c,
                     slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, sb1_g, sb1_c, sb1_d,
                     sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, TAIL, BD, BH,
-                    DTYPE, PREC, COPY_KEYS)
+                    DTYPE, PREC, COPY_KEYS, GELU_TANH)
         # the chunk's Dh, cotangent and keys, stored by all of this program's threads
         tl.debug_barrier()
         k_base = ko_ptr + (gi * sko_g + bi * sko_b + ci * sko_c)
@@ -965,7 +1003,7 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                  bw2_ptr + gi * sb2_g + c * sb2_c, gw1_ptr, gw2_ptr, first,
                                  sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d,
                                  cols, cmask, hid, hid < HID, L, D, HID, BM, BD, BH, DTYPE, PREC,
-                                 TAIL)
+                                 TAIL, GELU_TANH)
 
 
 @triton.jit

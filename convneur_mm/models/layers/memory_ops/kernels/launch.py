@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import torch
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
 from .availability import (OPERAND_DTYPES, launches_skipped, load_kernels, unavailable_reason,
                            without_launches)
 
@@ -438,6 +438,11 @@ def target_arch(device: torch.device) -> Optional[int]:
     return None if launches_skipped() else cuda_capability(device)
 
 
+def gelu_tanh(gelu_approximate: str) -> bool:
+    """The kernels' GELU_TANH constexpr for ``F.gelu``'s ``approximate``."""
+    return check_gelu_approximate(gelu_approximate) == 'tanh'
+
+
 def launch_config(operand_dtype: torch.dtype, device: torch.device) -> Tuple[object, dict]:
     """The kernels module and the constexprs of an operand dtype.
 
@@ -493,10 +498,10 @@ def _read_operands(weights: MemoryWeights, base: Optional[MemoryWeights],
 def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
                 operand_dtype: torch.dtype, base: Optional[MemoryWeights],
                 carry: Optional[Tensor], block_rows: Optional[int],
-                block_hidden: Optional[int]) -> Tensor:
+                block_hidden: Optional[int], gelu_approximate: str = 'none') -> Tensor:
     """Launch the read kernel: x and out (H, B, N, d), weights (H, B, C, ...),
     base (H, ...) or None, carry (H, B, C) or None; token n reads chunk
-    n // length. Returns ``out``."""
+    n // length; GELU as ``F.gelu(approximate=gelu_approximate)``. Returns ``out``."""
     w1, w2, g, b1, b2, c_strides = _read_operands(weights, base, carry, operand_dtype)
     heads, batch, n, d = x.shape
     chunks, hidden = w1.shape[2], w1.shape[-1]
@@ -515,7 +520,7 @@ def launch_read(weights: MemoryWeights, x: Tensor, out: Tensor, length: int,
             batch, chunks, n, length, d, hidden, row_blocks, r0,
             *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *out.stride(),
             *b1.stride(), *b2.stride(), *c_strides,
-            LN_EPS, DECOMPOSED=decomposed, **cfg)
+            LN_EPS, DECOMPOSED=decomposed, **cfg, GELU_TANH=gelu_tanh(gelu_approximate))
     return out
 
 
@@ -541,7 +546,8 @@ ReadGrads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, grad_x: Tensor,
                          length: int, operand_dtype: torch.dtype, base: Optional[MemoryWeights],
                          carry: Optional[Tensor], block_rows: Optional[int],
-                         block_hidden: Optional[int]) -> MemoryWeights:
+                         block_hidden: Optional[int], gelu_approximate: str = 'none'
+                         ) -> MemoryWeights:
     """Launch the read's two backward kernels, layouts as ``launch_read``'s
     (``grad_out`` as ``out``; ``grad_x`` as ``x``, written). The (tokens, 4d)
     intermediates are recomputed, not saved, as FlashAttention's backward does.
@@ -582,7 +588,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
             batch, chunks, n, length, d, hidden, blocks, r0, slot0, row_blocks,
             *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
             *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
-            LN_EPS, DECOMPOSED=decomposed, **cfg)
+            LN_EPS, DECOMPOSED=decomposed, **cfg, GELU_TANH=gelu_tanh(gelu_approximate))
         slot0 += blocks
     cols = tile_config('read_backward_cols', d, min(length, n), block_rows, block_hidden,
                        operand_dtype, decomposed, arch=arch)
@@ -592,7 +598,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
         x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
         batch, chunks, n, length, d, hidden, hidden_blocks,
         *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
-        DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS)
+        DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu_tanh(gelu_approximate))
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
     return grads
 

@@ -11,15 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import (LN_EPS, MemoryWeights, check_float, first_order_only, gelu_grad_operand,
-                      ln_backward, no_autocast, operand, product)
+from ..common import (LN_EPS, MemoryWeights, check_float, check_gelu_approximate,
+                      first_order_only, gelu_grad_operand, ln_backward, no_autocast, operand,
+                      product)
 from .pytorch import mix
 
 
 def read_closed_form(weights: MemoryWeights, x: Tensor,
                      operand_dtype: Optional[torch.dtype] = None,
                      base: Optional[MemoryWeights] = None,
-                     carry: Optional[Tensor] = None) -> Tensor:
+                     carry: Optional[Tensor] = None, *,
+                     gelu_approximate: str = 'none') -> Tensor:
     """``read_torch`` with a closed-form backward; the arguments as there.
 
     Args:
@@ -30,13 +32,15 @@ def read_closed_form(weights: MemoryWeights, x: Tensor,
         base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d); G = H * k,
             head-major. ``base.g`` is not read.
         carry: (G,) the factor of W_0 in each group's state.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
 
     Returns:
         (G, M, d) in ``x``'s dtype.
     """
     _check_read_inputs(weights, x, base, carry)
+    check_gelu_approximate(gelu_approximate)
     bases = (None, None) if base is None else (base.w1, base.w2)
-    return _Read.apply(*weights, x, *bases, carry, operand_dtype)
+    return _Read.apply(*weights, x, *bases, carry, operand_dtype, gelu_approximate)
 
 
 def _mix_backward(inputs: Tensor, weight: Tensor, base: Optional[Tensor],
@@ -77,13 +81,13 @@ class _Read(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
                 base_w2: Optional[Tensor], carry: Optional[Tensor],
-                mm: Optional[torch.dtype]) -> Tensor:
-        ctx.mm = mm
+                mm: Optional[torch.dtype], approximate: str) -> Tensor:
+        ctx.mm, ctx.approximate = mm, approximate
         with no_autocast(x):
             dtype = x.dtype
             x_op = x if base_w1 is not None else operand(x, mm)
             w1, w2 = operand(w1, mm), operand(w2, mm)
-            act = F.gelu(mix(x_op, w1, base_w1, carry, mm, dtype))
+            act = F.gelu(mix(x_op, w1, base_w1, carry, mm, dtype), approximate=approximate)
             if base_w1 is None:
                 act = operand(act, mm)
             hidden = mix(act, w2, base_w2, carry, mm, dtype)
@@ -96,13 +100,13 @@ class _Read(torch.autograd.Function):
         first_order_only('read_closed_form')
         w1, w2, g, x, base_w1, base_w2, carry, hidden = ctx.saved_tensors
         need = ctx.needs_input_grad
-        mm, dtype = ctx.mm, bar_out.dtype
+        mm, approximate, dtype = ctx.mm, ctx.approximate, bar_out.dtype
         # without W_0 apart, the (G, M, 4d) tensors that only products read
         # are cast once or written in their operand dtype
         plain = base_w1 is None
         with no_autocast(x):
             pre = mix(x, w1, base_w1, carry, mm, dtype)
-            act = F.gelu(pre)
+            act = F.gelu(pre, approximate=approximate)
             if plain:
                 act = operand(act, mm)
             normed, mean, rstd = torch.native_layer_norm(hidden, hidden.shape[-1:], None, None,
@@ -116,15 +120,16 @@ class _Read(torch.autograd.Function):
                 act, w2, base_w2, carry, bar_hidden, mm, (True, need[1], need[5], need[6]),
                 dtype)
             del act, bar_hidden
-            bar_pre = (gelu_grad_operand(bar_act, pre, mm) if plain else
-                       torch.ops.aten.gelu_backward.grad_input(bar_act, pre, grad_input=bar_act))
+            bar_pre = (gelu_grad_operand(bar_act, pre, mm, approximate) if plain else
+                       torch.ops.aten.gelu_backward.grad_input(
+                           bar_act, pre, approximate=approximate, grad_input=bar_act))
             del pre, bar_act
             bar_x, bar_w1, bar_base_w1, bar_carry1 = _mix_backward(
                 x, w1, base_w1, carry, bar_pre, mm, (need[3], need[0], need[4], need[6]), dtype)
             if bar_x is not None:
                 bar_x.add_(bar_out)
             bar_carry = None if bar_carry1 is None else bar_carry1.add_(bar_carry2)
-        return bar_w1, bar_w2, bar_g, bar_x, bar_base_w1, bar_base_w2, bar_carry, None
+        return bar_w1, bar_w2, bar_g, bar_x, bar_base_w1, bar_base_w2, bar_carry, None, None
 
 
 def _check_read_inputs(weights: MemoryWeights, x: Tensor, base: Optional[MemoryWeights],

@@ -9,7 +9,8 @@ from ..common import LN_EPS, MemoryWeights, product
 
 
 def read_torch(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.dtype] = None,
-               base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None) -> Tensor:
+               base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None, *,
+               gelu_approximate: str = 'none') -> Tensor:
     """Read the memory: ``f_W(x)``.
 
     With ``base`` (W_0) and ``carry`` (a_t) the state is decomposed as
@@ -28,13 +29,16 @@ def read_torch(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.
         base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d), where the
             G groups are H heads of G / H groups each, head-major.
         carry: (G,) a_t of each group's state.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``
+            ('none': exact; 'tanh': its tanh form).
 
     Returns:
         (G, M, d) in ``x``'s dtype.
     """
     bases = (None, None) if base is None else (base.w1, base.w2)
-    hidden = mix(F.gelu(mix(x, weights.w1, bases[0], carry, operand_dtype)), weights.w2,
-                 bases[1], carry, operand_dtype)
+    hidden = mix(F.gelu(mix(x, weights.w1, bases[0], carry, operand_dtype),
+                        approximate=gelu_approximate), weights.w2, bases[1], carry,
+                 operand_dtype)
     return x + F.layer_norm(hidden, hidden.shape[-1:], eps=LN_EPS) * (
         1.0 + weights.g.unsqueeze(-2))
 

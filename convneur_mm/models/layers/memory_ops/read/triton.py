@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import MemoryWeights
+from ..common import MemoryWeights, check_gelu_approximate
 from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv,
                               check_arguments, check_decomposed, check_runnable,
                               empty_read_grads, launch_read, launch_read_backward)
@@ -18,7 +18,8 @@ ROWS_PER_PSEUDO_CHUNK = 4096
 
 def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.dtype] = None,
                 base: Optional[MemoryWeights] = None, carry: Optional[Tensor] = None, *,
-                block_rows: Optional[int] = None, block_hidden: Optional[int] = None) -> Tensor:
+                block_rows: Optional[int] = None, block_hidden: Optional[int] = None,
+                gelu_approximate: str = 'none') -> Tensor:
     """``read_torch`` as one kernel: the (tokens, 4d) hidden activations and
     the LayerNorm stay in registers. Differentiable: its backward kernels
     recompute the forward's intermediates (nothing but the inputs is saved).
@@ -37,6 +38,7 @@ def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch
         carry: (G,) a_t of each group's state, with ``base``.
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
             the defaults, for tuning and tests.
+        gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
 
     Returns:
         (G, M, d) float32: ``x + LN(gelu(x @ w1) @ w2) * (1 + g)``.
@@ -51,9 +53,10 @@ def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch
     heads = 1 if base is None else base.w1.shape[0]
     if groups % heads:
         raise ValueError(f'{groups} groups are not a whole number per head of {heads} heads')
+    check_gelu_approximate(gelu_approximate)
     bases = (None, None) if base is None else (base.w1, base.w2)
     return call_kernel_op(_read_op, _read, w1, w2, g, x, *bases, carry, operand_dtype,
-                          block_rows, block_hidden)
+                          block_rows, block_hidden, gelu_approximate)
 
 
 def _layout(groups: int, m: int, heads: int):
@@ -70,7 +73,8 @@ def _layout(groups: int, m: int, heads: int):
 
 def _read(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
           base_w2: Optional[Tensor], carry: Optional[Tensor], operand_dtype: torch.dtype,
-          block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
+          block_rows: Optional[int], block_hidden: Optional[int],
+          gelu_approximate: str = 'none') -> Tensor:
     """The operator's implementation: allocate and launch (checked arguments)."""
     check_runnable(x, operand_dtype)
     groups, m, d = x.shape
@@ -81,14 +85,14 @@ def _read(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor
     launch_read(MemoryWeights(per_chunk(w1), per_chunk(w2), per_chunk(g)), split(x), split(out),
                 length, operand_dtype, base,
                 None if carry is None else split(carry)[:, :, None].expand(-1, -1, chunks),
-                block_rows, block_hidden)
+                block_rows, block_hidden, gelu_approximate)
     return out
 
 
 def _read_backward(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
                    base_w2: Optional[Tensor], carry: Optional[Tensor], grad_out: Tensor,
                    operand_dtype: torch.dtype, block_rows: Optional[int],
-                   block_hidden: Optional[int]) -> ReadGrads:
+                   block_hidden: Optional[int], gelu_approximate: str = 'none') -> ReadGrads:
     """The gradients of (w1, w2, g, x, base_w1, base_w2, carry); the last
     three empty for a read that is not decomposed."""
     check_runnable(x, operand_dtype)
@@ -101,7 +105,7 @@ def _read_backward(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Option
     grads = launch_read_backward(
         MemoryWeights(per_chunk(w1), per_chunk(w2), per_chunk(g)), split(x),
         split(grad_out.float()), split(grad_x), length, operand_dtype, base, carries,
-        block_rows, block_hidden)
+        block_rows, block_hidden, gelu_approximate)
     base_grads = base_read_grads(grads, base, carries, x)
     if base is not None:  # a_t's gradient: each group's pseudo-chunks add up
         base_grads = (*base_grads[:2], base_grads[2].sum(dim=2).flatten())
@@ -118,7 +122,8 @@ _read_backward_op = torch.library.custom_op('convneur_mm::memory_read_backward',
 @_read_op.register_fake
 def _read_fake(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
                base_w2: Optional[Tensor], carry: Optional[Tensor], operand_dtype: torch.dtype,
-               block_rows: Optional[int], block_hidden: Optional[int]) -> Tensor:
+               block_rows: Optional[int], block_hidden: Optional[int],
+               gelu_approximate: str = 'none') -> Tensor:
     return x.new_empty(x.shape)
 
 
@@ -126,7 +131,7 @@ def _read_fake(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[T
 def _read_backward_fake(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Optional[Tensor],
                         base_w2: Optional[Tensor], carry: Optional[Tensor], grad_out: Tensor,
                         operand_dtype: torch.dtype, block_rows: Optional[int],
-                        block_hidden: Optional[int]) -> ReadGrads:
+                        block_hidden: Optional[int], gelu_approximate: str = 'none') -> ReadGrads:
     return empty_read_grads(w1, w2, g, x.new_empty(x.shape), base_w1, base_w2, carry)
 
 
@@ -141,7 +146,7 @@ def _backward(ctx, grad_out: Tensor) -> tuple:
                                 *ctx.options))
     if saved[4] is None:  # not decomposed
         grads[4:] = [None] * 3
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _read_op.register_autograd(_backward, setup_context=_setup_context)
