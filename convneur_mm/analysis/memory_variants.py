@@ -53,7 +53,8 @@ BRANCH_VARIANTS = {
 }
 # the memory variants whose numerics are measured against float64
 NUMERICS_VARIANTS = ('float32', 'torch_float32', 'tf32', 'bf16_autocast', 'matmul_bfloat16',
-                     'triton_float32', 'triton_bfloat16', 'bf16_autocast_triton')
+                     'triton_float32', 'triton_bfloat16', 'bf16_autocast_triton',
+                     'bf16_autocast_triton_tanh_gelu')
 # whole-model rows besides M3 and local-only: the PyTorch path, the bounded
 # working set
 MODEL_VARIANTS = {'M3 kernels=torch': {'kernels': 'torch'},

@@ -185,7 +185,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             is opt-in until a GPU run has timed it and the demos' bands hold
             with it (docs/advanced_guides/memory_paths.md).
         gelu_approximate: the memory MLP's GELU, as ``F.gelu``'s
-            ``approximate``: 'none' (exact, erf; the paper's) or 'tanh' (its
+            ``approximate``: 'none' (exact, erf; the default) or 'tanh' (its
             tanh form, on every path: one exp per element in the kernels'
             loops). The two differ by at most 5e-4 per activation; a
             checkpoint trained with one is read with the same.
