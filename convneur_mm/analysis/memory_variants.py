@@ -134,9 +134,13 @@ def free(device: str) -> None:
 
 
 def memory_settings(memory: torch.nn.Module) -> Dict:
-    """The settings a ``NeuralMemory`` was built with, as ``memory_cfg`` keys."""
-    return dict(chunk_size=memory.chunk_size, max_lr=memory.max_lr, update=memory.update,
-                heads=memory.heads, scan_block=memory.scan_block)
+    """The settings a ``NeuralMemory`` was built with, as ``memory_cfg`` keys
+    (``gelu_approximate`` where not the default: an earlier checkout has none)."""
+    settings = dict(chunk_size=memory.chunk_size, max_lr=memory.max_lr, update=memory.update,
+                    heads=memory.heads, scan_block=memory.scan_block)
+    if getattr(memory, 'gelu_approximate', 'none') != 'none':
+        settings['gelu_approximate'] = memory.gelu_approximate
+    return settings
 
 
 def memory_like(memory: torch.nn.Module, **cfg) -> torch.nn.Module:

@@ -267,6 +267,8 @@ def backward_results() -> Dict[str, dict]:
             [*w, keys, values, token_lr], torch.float32, dict(block_rows=16),
             gelu_approximate='tanh')
     results['read_tanh'] = _read_case(gen, torch.float32, False, gelu_approximate='tanh')
+    results['read_decomposed_tanh'] = _read_case(gen, torch.float32, True,
+                                                 gelu_approximate='tanh')
     return results
 
 
@@ -367,7 +369,8 @@ def test_chunk_read_backward_writes_the_queries_gradient_merged(interpreted):
         'w1', 'w2', 'g', 'base_w1', 'base_w2', 'carry', 'queries'}
 
 
-@pytest.mark.parametrize('case', ['chunk_grads_one_program_tanh', 'read_tanh'])
+@pytest.mark.parametrize('case', ['chunk_grads_one_program_tanh', 'read_tanh',
+                                  'read_decomposed_tanh'])
 def test_backward_kernels_take_the_tanh_form_of_gelu(interpreted, case):
     """Against float64 autograd through the PyTorch ops with the tanh form."""
     result = interpreted[case]

@@ -157,9 +157,11 @@ def test_every_pytorch_implementation_and_dispatcher_takes_the_tanh_form_of_gelu
     torch.testing.assert_close(
         chunk_read(states, queries, length, gelu_approximate='tanh'),
         chunk_read_naive(states, queries, length, gelu_approximate='tanh'))
-    for fn in (read_closed_form, read):
+    for fn in (read_torch, read_closed_form, read_naive, read):
         with pytest.raises(ValueError, match="gelu_approximate must be one of .*'erf'"):
             fn(w, x, gelu_approximate='erf')
+    with pytest.raises(ValueError, match='gelu_approximate'):
+        chunk_grads_torch(w, keys, values, lr, gelu_approximate='erf')
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])

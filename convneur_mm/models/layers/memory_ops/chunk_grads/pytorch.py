@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, gelu_grad_operand, ln_backward, operand, product
+from ..common import (LN_EPS, MemoryWeights, check_gelu_approximate, gelu_grad_operand,
+                      ln_backward, operand, product)
 
 
 class OutputRows(NamedTuple):
@@ -92,6 +93,7 @@ def chunk_grads_torch(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     ``d_pre`` overwrites the product it is computed from (with 16-bit
     operands, ``act`` and ``d_pre`` are written 16-bit: half a tensor each).
     """
+    check_gelu_approximate(gelu_approximate)
     if keys.dim() == 5:  # U chunks per image: the images' chunks one after another
         keys, values, token_lr = keys.flatten(1, 2), values.flatten(1, 2), token_lr.flatten(1, 2)
     return chunk_grads_chain(weights, keys, values, token_lr, operand_dtype,

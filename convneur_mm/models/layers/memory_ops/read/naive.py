@@ -4,7 +4,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
 
 
 def read_naive(weights: MemoryWeights, x: Tensor, base: Optional[MemoryWeights] = None,
@@ -21,6 +21,7 @@ def read_naive(weights: MemoryWeights, x: Tensor, base: Optional[MemoryWeights] 
         carry: (G,) a_t of each group.
         gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
     """
+    check_gelu_approximate(gelu_approximate)
     w1, w2 = weights.w1, weights.w2
     if base is not None:
         per_group = x.shape[0] // base.w1.shape[0]

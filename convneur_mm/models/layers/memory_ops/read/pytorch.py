@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, product
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate, product
 
 
 def read_torch(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.dtype] = None,
@@ -35,6 +35,7 @@ def read_torch(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.
     Returns:
         (G, M, d) in ``x``'s dtype.
     """
+    check_gelu_approximate(gelu_approximate)
     bases = (None, None) if base is None else (base.w1, base.w2)
     hidden = mix(F.gelu(mix(x, weights.w1, bases[0], carry, operand_dtype),
                         approximate=gelu_approximate), weights.w2, bases[1], carry,
