@@ -36,10 +36,10 @@ def _tool():
 class _Memory(nn.Module):
     """A perturbed memory with strong writes: what it reads depends on them."""
 
-    def __init__(self):
+    def __init__(self, **settings):
         super().__init__()
         torch.manual_seed(0)
-        self.memory = NeuralMemory(16, chunk_size=8, max_lr=2.0)
+        self.memory = NeuralMemory(16, chunk_size=8, max_lr=2.0, **settings)
         with torch.no_grad():
             for p in self.memory.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
@@ -69,6 +69,20 @@ def test_exported_memory_matches_pytorch_at_any_number_of_chunks(memory_onnx):
     inputs = [torch.randn(2, n, 16) for n in (32, 8, 5, 21, 72)]
     results = check_onnx(path, module, inputs, atol=1e-5)
     assert [r['shape'][1] for r in results] == [32, 8, 5, 21, 72]
+
+
+@pytest.mark.slow
+def test_the_tanh_form_of_gelu_exports(tmp_path):
+    """``gelu_approximate='tanh'`` in the shape-generic graph: ONNX Runtime
+    computes what PyTorch does, not the exact GELU's outputs."""
+    module = _Memory(gelu_approximate='tanh').eval()
+    path = str(tmp_path / 'tanh.onnx')
+    export_onnx(module, torch.randn(2, 32, 16), path, dynamic_dims=(1, ))
+    inputs = [torch.randn(2, n, 16) for n in (32, 21)]
+    check_onnx(path, module, inputs, atol=1e-5)
+    module.memory.gelu_approximate = 'none'
+    with pytest.raises(ExportCheckError, match='differs from PyTorch'):
+        check_onnx(path, module, inputs, atol=1e-5)
 
 
 @pytest.mark.slow
