@@ -73,8 +73,9 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
     """The config of one run: ``config`` trained for ``iters`` iterations
     (rounded up to whole epochs; at least two, the schedule's warm-up epoch
     and its decay) in ``precision`` from ``seed``, validated every quarter
-    of its epochs (rounded down) and at its end, no checkpoints, the loss logged every iteration, the learning rate scaled
-    to one process's batch where the config names its base batch.
+    of its epochs (rounded down) and at its end, no checkpoints, the loss
+    logged every iteration, the learning rate scaled to one process's batch
+    where the config names its base batch.
 
     Raises:
         ValueError: an unknown precision, float16 without a GPU, a config

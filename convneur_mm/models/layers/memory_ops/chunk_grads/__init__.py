@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import BACKWARDS, MemoryWeights, check_gelu_approximate, implementation_of
+from ..common import BACKWARDS, MemoryWeights, implementation_of
 from .closed_form import chunk_grads_closed_form
 from .naive import chunk_grads_naive
 from .pytorch import chunk_grads_torch
@@ -24,7 +24,6 @@ def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: 
     """The chunks' gradients by ``implementation`` ('torch' or 'triton'); the
     arguments as in ``chunk_grads_torch``. ``backward='closed_form'`` (with
     'torch') trains through ``chunk_grads_closed_form``."""
-    check_gelu_approximate(gelu_approximate)
     fn = implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)
     if implementation_of('chunk_grads backward', BACKWARDS, backward)(implementation):
         fn = chunk_grads_closed_form

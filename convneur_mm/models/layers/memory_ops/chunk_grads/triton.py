@@ -135,7 +135,7 @@ def _keys_operand(keys: Tensor, operand_dtype: torch.dtype) -> Tensor:
 
 
 def _launch_config(operand_dtype: torch.dtype, device: torch.device,
-                   gelu_approximate: str = 'none') -> Tuple[object, dict]:
+                   gelu_approximate: str) -> Tuple[object, dict]:
     """``launch_config`` without the decomposed read's constexpr, with GELU's."""
     kernels, cfg = launch_config(operand_dtype, device)
     cfg.pop('BASE_PREC')

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import BACKWARDS, MemoryWeights, check_gelu_approximate, implementation_of
+from ..common import BACKWARDS, MemoryWeights, implementation_of
 from .naive import chunk_read_naive
 from .pytorch import chunk_read_torch
 from .triton import chunk_read_triton
@@ -24,7 +24,6 @@ def chunk_read(states: MemoryWeights, queries: Tensor, chunk_size: int,
                gelu_approximate: str = 'none') -> Tensor:
     """The chunk read by ``implementation`` ('torch' or 'triton'); the
     arguments as in ``chunk_read_torch``. Returns (B, N, H * d)."""
-    check_gelu_approximate(gelu_approximate)
     fn = implementation_of('chunk_read', CHUNK_READ_IMPLEMENTATIONS, implementation)
     if implementation_of('chunk_read backward', BACKWARDS, backward)(implementation):
         return chunk_read_torch(states, queries, chunk_size, operand_dtype, base, carry,

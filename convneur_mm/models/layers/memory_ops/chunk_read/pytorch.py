@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convneur_mm.models.utils.shapes import known_zero
-from ..common import MemoryWeights, check_gelu_approximate
+from ..common import MemoryWeights
 from ..read.closed_form import read_closed_form
 from ..read.pytorch import read_torch
 
@@ -41,7 +41,6 @@ def chunk_read_torch(states: MemoryWeights, queries: Tensor, chunk_size: int,
     Returns:
         (B, N, H * d) read-outs.
     """
-    check_gelu_approximate(gelu_approximate)
     h, b, n, hd = queries.shape
     num_chunks = states.w1.shape[2]
     padded = num_chunks * chunk_size

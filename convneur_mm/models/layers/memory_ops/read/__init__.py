@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import BACKWARDS, MemoryWeights, check_gelu_approximate, implementation_of
+from ..common import BACKWARDS, MemoryWeights, implementation_of
 from .closed_form import read_closed_form
 from .naive import read_naive
 from .pytorch import read_torch
@@ -23,7 +23,6 @@ def read(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch.dtype]
     """``f_W(x)`` by ``implementation`` ('torch' or 'triton'); the arguments
     as in ``read_torch``. ``backward='closed_form'`` (with 'torch') trains
     through ``read_closed_form``."""
-    check_gelu_approximate(gelu_approximate)
     fn = implementation_of('read', READ_IMPLEMENTATIONS, implementation)
     if implementation_of('read backward', BACKWARDS, backward)(implementation):
         fn = read_closed_form
