@@ -6,6 +6,7 @@ Triton's interpreter (float32 and float16 operands; one subprocess, as in
 ``test_memory_kernels``); their autograd (the backward operators) under
 opcheck; and the plan's choice in training.
 """
+import contextlib
 import json
 import sys
 from typing import Dict, Tuple
@@ -302,6 +303,46 @@ def test_fakes_on_meta_tensors_without_triton():
         outputs = outputs if isinstance(outputs, tuple) else (outputs, )
         want = torch.float16 if name == 'scan' else torch.float32  # the state dtype asked for
         assert all(t.device.type == 'meta' and t.dtype == want for t in outputs), name
+
+
+class _Entered(Exception):
+    """Raised where an operator makes its tensors' device current."""
+
+
+def test_every_operator_launches_on_its_tensors_device(monkeypatch):
+    """Each operator, forward and backward, runs its implementation inside
+    ``on_tensors_device`` of its own arguments (no kernel runs: the probe
+    stops each call there)."""
+    from convneur_mm.models.layers.memory_ops.kernels import launch
+    seen = []
+
+    def probe(*args):
+        seen.append(args)
+        raise _Entered
+
+    monkeypatch.setattr(launch, 'on_tensors_device', probe)
+    names = set()
+    for name, (op, args) in op_cases(torch.float32).items():
+        with pytest.raises(_Entered):
+            op(*args)
+        assert seen.pop()[0] is args[0], name
+        names.add(op.default.name())
+    assert len(names) == 2 * len(OPS)  # every operator and its backward
+
+
+def test_on_tensors_device_makes_the_first_tensors_gpu_current(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from convneur_mm.models.layers.memory_ops.kernels.launch import on_tensors_device
+    current = []
+    monkeypatch.setattr(torch.cuda, 'device', lambda device: current.append(device) or
+                        contextlib.nullcontext())
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        second, first = torch.empty(2, device='cuda:1'), torch.empty(2, device='cuda:0')
+    on_tensors_device(3, None, second, first)
+    assert current == [torch.device('cuda:1')]
+    for args in ((torch.ones(1), second), (torch.ones(1, device='meta'), ), (2, )):
+        on_tensors_device(*args)  # a CPU or meta tensor first, or none: nothing to make current
+    assert current == [torch.device('cuda:1')]
 
 
 def test_the_plan_trains_with_the_kernels_on_request_only():

@@ -1006,5 +1006,25 @@ def test_triton_projections_on_cuda(d, heads):
                 assert _rel_err(a.cpu(), b) < tol, (dtype, name)
 
 
+@pytest.mark.gpu(count=2)
+def test_the_kernels_launch_on_the_memorys_gpu_not_the_current_one():
+    """A memory on cuda:1 while cuda:0 is current (``init_detector(...,
+    device='cuda:1')``): Triton launches on the current device unless the
+    operators make the tensors' one current."""
+    import copy
+    from convneur_mm.models.layers import NeuralMemory
+    torch.manual_seed(0)
+    memory = NeuralMemory(128, chunk_size=196, kernels='triton').eval()
+    x = torch.randn(2, 784, 128)
+    reference = copy.deepcopy(memory).double()
+    reference.kernels = 'torch'
+    torch.cuda.set_device(0)
+    with torch.no_grad():
+        out = memory.to('cuda:1')(x.to('cuda:1'))
+        want = reference(x.double())
+    assert out.device == torch.device('cuda:1')
+    assert _rel_err(out.cpu(), want) < F32_TOL
+
+
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
     print(json.dumps(globals()[sys.argv[1]]()))

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
 from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
-                              check_runnable, check_span, chosen_kernel, launch_config,
-                              gelu_tanh, launch_kernel, row_parts, target_arch, tile_config)
+                              check_runnable, check_span, chosen_kernel, gelu_tanh, kernel_op,
+                              launch_config, launch_kernel, row_parts, target_arch, tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -274,10 +274,8 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
             grad_scale.view(groups, -1, d).sum(dim=1), grad_keys, grad_values, grad_lr)
 
 
-_chunk_grads_op = torch.library.custom_op('convneur_mm::memory_chunk_grads', _chunk_grads,
-                                          mutates_args=())
-_chunk_grads_backward_op = torch.library.custom_op('convneur_mm::memory_chunk_grads_backward',
-                                                   _chunk_grads_backward, mutates_args=())
+_chunk_grads_op = kernel_op('memory_chunk_grads', _chunk_grads)
+_chunk_grads_backward_op = kernel_op('memory_chunk_grads_backward', _chunk_grads_backward)
 
 
 @_chunk_grads_op.register_fake

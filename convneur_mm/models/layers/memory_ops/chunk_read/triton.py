@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from ..common import MemoryWeights, check_gelu_approximate
-from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv,
-                              check_arguments, check_decomposed, check_runnable,
-                              empty_read_grads, launch_read, launch_read_backward)
+from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv, check_arguments,
+                              check_decomposed, check_runnable, empty_read_grads, kernel_op,
+                              launch_read, launch_read_backward)
 
 
 def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
@@ -106,10 +106,8 @@ def _merged_queries(queries: Tensor) -> Tensor:
     return queries.new_empty(batch, n, heads, d, dtype=torch.float32).permute(2, 0, 1, 3)
 
 
-_chunk_read_op = torch.library.custom_op('convneur_mm::memory_chunk_read', _chunk_read,
-                                         mutates_args=())
-_chunk_read_backward_op = torch.library.custom_op('convneur_mm::memory_chunk_read_backward',
-                                                  _chunk_read_backward, mutates_args=())
+_chunk_read_op = kernel_op('memory_chunk_read', _chunk_read)
+_chunk_read_backward_op = kernel_op('memory_chunk_read_backward', _chunk_read_backward)
 
 
 @_chunk_read_op.register_fake

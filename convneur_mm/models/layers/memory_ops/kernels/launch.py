@@ -8,7 +8,9 @@ scan kernel writes inference states that only products read in 16 bits);
 accumulation (float32 operands multiply in IEEE float32, not TF32).
 """
 import contextlib
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+import functools
+from typing import (Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional,
+                    Sequence, Tuple)
 
 import torch
 from torch import Tensor
@@ -66,6 +68,30 @@ def observing_launches() -> Iterator[List[Launch]]:
         yield launches
     finally:
         _observers.pop()
+
+
+def kernel_op(name: str, implementation: Callable) -> Callable:
+    """``implementation`` as the custom operator ``convneur_mm::<name>``
+    (``torch.compile`` keeps it whole, CUDA graphs capture it), which runs
+    with its tensors' GPU current (``on_tensors_device``), wherever it is
+    called from: eagerly, by autograd or by a compiled graph."""
+    @functools.wraps(implementation)  # the schema is read from its signature
+    def on_device(*args, **kwargs):
+        with on_tensors_device(*args, *kwargs.values()):
+            return implementation(*args, **kwargs)
+    return torch.library.custom_op(f'convneur_mm::{name}', on_device, mutates_args=())
+
+
+def on_tensors_device(*args) -> ContextManager:
+    """The first tensor's CUDA device made current: Triton launches on the
+    current device, which need not hold the tensors (a model on ``cuda:1``
+    in a process whose current device is ``cuda:0``). Else a no-op."""
+    for arg in args:
+        if isinstance(arg, Tensor):
+            if arg.device.type == 'cuda':
+                return torch.cuda.device(arg.device)
+            break
+    return contextlib.nullcontext()
 
 
 def call_kernel_op(op: Callable, implementation: Callable, *args):

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launch import (_next_pow2, as_operands, call_kernel_op, cdiv, check_arguments,
-                              check_runnable, check_span, check_tiles, launch_config)
+                              check_runnable, check_span, check_tiles, kernel_op, launch_config)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -208,9 +208,8 @@ def _rows_product(grad: Tensor, x: Tensor) -> Tensor:
     return product(grad.transpose(1, 2), x, grad.dtype, torch.float32).sum(0)
 
 
-_project_op = torch.library.custom_op('convneur_mm::memory_project', _project, mutates_args=())
-_project_backward_op = torch.library.custom_op('convneur_mm::memory_project_backward',
-                                               _project_backward, mutates_args=())
+_project_op = kernel_op('memory_project', _project)
+_project_backward_op = kernel_op('memory_project_backward', _project_backward)
 
 
 @_project_op.register_fake

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from ..common import MemoryWeights, check_gelu_approximate
-from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv,
-                              check_arguments, check_decomposed, check_runnable,
-                              empty_read_grads, launch_read, launch_read_backward)
+from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv, check_arguments,
+                              check_decomposed, check_runnable, empty_read_grads, kernel_op,
+                              launch_read, launch_read_backward)
 
 # rows of one launch "chunk" when a read has no chunks of its own: bounds
 # the int32 offsets inside a tile
@@ -114,9 +114,8 @@ def _read_backward(w1: Tensor, w2: Tensor, g: Tensor, x: Tensor, base_w1: Option
     return (*grads, grad_x, *base_grads)
 
 
-_read_op = torch.library.custom_op('convneur_mm::memory_read', _read, mutates_args=())
-_read_backward_op = torch.library.custom_op('convneur_mm::memory_read_backward', _read_backward,
-                                            mutates_args=())
+_read_op = kernel_op('memory_read', _read)
+_read_backward_op = kernel_op('memory_read_backward', _read_backward)
 
 
 @_read_op.register_fake

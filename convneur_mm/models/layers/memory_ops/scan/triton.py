@@ -6,7 +6,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels.launch import _next_pow2, call_kernel_op, cdiv, check_runnable, launch_config
+from ..kernels.launch import (_next_pow2, call_kernel_op, cdiv, check_runnable, kernel_op,
+                              launch_config)
 
 SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
 
@@ -143,9 +144,8 @@ def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum
             d_initial)
 
 
-_scan_op = torch.library.custom_op('convneur_mm::memory_scan', _scan, mutates_args=())
-_scan_backward_op = torch.library.custom_op('convneur_mm::memory_scan_backward', _scan_backward,
-                                            mutates_args=())
+_scan_op = kernel_op('memory_scan', _scan)
+_scan_backward_op = kernel_op('memory_scan_backward', _scan_backward)
 
 
 @_scan_op.register_fake
