@@ -35,8 +35,12 @@ def setup_benchmark_device(device: str) -> str:
     products not), which would time a convolutional peer (ResNet-50) on
     tensor cores and ConvNeur's pointwise layers and memory products in true
     float32 under the same "float32" heading. Autocast rows are unaffected.
+    The device becomes the current one: CUDA graphs, new streams and
+    Triton's ``do_bench`` act on the current device.
     """
     if is_cuda(device):
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         return (f'{torch.cuda.get_device_name(torch.device(device))}, '
                 'TF32 off (convolutions and matrix products)')

@@ -141,6 +141,8 @@ def test_cuda_benchmarks_time_convolutions_and_products_in_the_same_precision(mo
     """torch's defaults: cuDNN convolutions in TF32, matrix products not."""
     from convneur_mm.analysis.bench_env import setup_benchmark_device
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: f'GPU {device}')
+    current = []
+    monkeypatch.setattr(torch.cuda, 'set_device', current.append)
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
@@ -149,6 +151,7 @@ def test_cuda_benchmarks_time_convolutions_and_products_in_the_same_precision(mo
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert description == 'GPU cuda:1, TF32 off (convolutions and matrix products)'
+    assert current == [torch.device('cuda:1')]  # graphs, streams and do_bench follow it
 
 
 def test_region_timer_times_cuda_kernels_with_events_on_the_device(monkeypatch):
