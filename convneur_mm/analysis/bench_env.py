@@ -39,11 +39,11 @@ def setup_benchmark_device(device: str) -> str:
     Triton's ``do_bench`` act on the current device.
     """
     if is_cuda(device):
-        if torch.device(device).index is not None:
-            torch.cuda.set_device(torch.device(device))
+        cuda = torch.device(device)
+        if cuda.index is not None:
+            torch.cuda.set_device(cuda)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        return (f'{torch.cuda.get_device_name(torch.device(device))}, '
-                'TF32 off (convolutions and matrix products)')
+        return f'{torch.cuda.get_device_name(cuda)}, TF32 off (convolutions and matrix products)'
     malloc = tune_cpu_malloc(force=True)
     return (f'{platform.machine()} CPU ({os.cpu_count()} cores{cpu_isa()}), '
             f'{torch.get_num_threads()} torch threads; {malloc}')

@@ -95,8 +95,7 @@ def on_tensors_device(*args) -> ContextManager:
 
 
 def call_kernel_op(op: Callable, implementation: Callable, *args):
-    """``op(*args)``: a kernel's custom operator (``torch.library.custom_op``,
-    which ``torch.compile`` keeps whole and CUDA graphs capture). Inside
+    """``op(*args)``: a kernel's custom operator (``kernel_op``). Inside
     ``without_launches`` its ``implementation`` itself, so that a count on
     meta tensors sees what the implementation allocates (an operator on
     meta tensors runs its fake, which allocates the results only). Recording
