@@ -6,7 +6,7 @@ the projections' training step, autograd, closed form and Triton operators;
 and each stage's whole global branch (``count_branch_step_bytes``).
 
     python -m convneur_mm.analysis.memory_bytes [--arch m3] [--size 224] [--batch 128]
-        [--time-batch 2] [--step-batch 2] [--rounds 5]
+        [--time-batch 2] [--step-batch 2] [--rounds 5] [--compiled-batch 128]
 
 One step is the forward and backward of each stage's chunk gradients (the
 write, ``chunk_grads_torch``) and read (``read_torch``), called directly at
@@ -20,14 +20,18 @@ arguments and results, and the scratch its kernels write and read again
 (the (T, d) tensors between two passes, per-chunk shares before their sum)
 is not counted.
 ``--step-batch`` also times whole training steps of the backbone, both
-backward passes in turns (``time_backbone_steps``).
+backward passes in turns (``time_backbone_steps``). ``--compiled-batch``
+also counts the branches' step compiled by ``torch.compile``
+(``count_compiled_branch_step_bytes``): Inductor's fused kernels, by its own
+count, running the step for real on the CPU.
 """
 import argparse
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from convneur_mm.analysis.bench_env import median, time_in_turns
+from convneur_mm.analysis.inductor_bytes import InductorByteCounter
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, chunk_grads_triton,
                                                   read_closed_form, read_torch, read_triton)
@@ -237,6 +241,28 @@ def count_projection_bytes(shapes: List[MemoryShape],
     return counts
 
 
+def _branch_steps(arch: str, size: int, batch: int, memory_cfg: Optional[dict],
+                  device: str) -> Iterator[Tuple[torch.nn.Module, torch.Tensor]]:
+    """Each stage's first global branch of ``ConvNeur(arch)`` in training
+    mode on ``device``, with an input of ``batch`` images needing its gradient."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    model = ConvNeur(arch=arch, memory_cfg=memory_cfg).train().to(device)
+    gen = torch.Generator().manual_seed(0)
+    for stage, blocks in enumerate(model.stages):
+        block = next(b for b in blocks if b.global_branch is not None)
+        side = size // 4 // 2**stage
+        shape = (batch, block.local_branch.dwconv.in_channels, side, side)
+        x = (torch.empty(shape, device='meta') if device == 'meta' else
+             torch.randn(shape, generator=gen).to(device))
+        yield block.global_branch, x.requires_grad_()
+
+
+def _train_step(branch: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
+    out = branch(x)
+    # an empty cotangent launches no kernel to count; real tensors need values
+    out.backward(torch.empty_like(out) if out.is_meta else torch.ones_like(out))
+
+
 def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
                             memory_cfg: Optional[dict] = None) -> List[int]:
     """Bytes of one training step (forward and backward, every input's
@@ -244,17 +270,24 @@ def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
     whole (projections, write, scan, read, gates, its 1x1 convolutions), on
     meta tensors. With ``kernels='triton'`` in ``memory_cfg`` the memory's
     operators run their fakes: each counts as its arguments and results."""
-    from convneur_mm.models.backbones.convneur import ConvNeur
-    model = ConvNeur(arch=arch, memory_cfg=memory_cfg).train().to('meta')
     counts = []
-    for stage, blocks in enumerate(model.stages):
-        block = next(b for b in blocks if b.global_branch is not None)
-        side = size // 4 // 2**stage
-        x = torch.empty(batch, block.local_branch.dwconv.in_channels, side, side, device='meta',
-                        requires_grad=True)
+    for branch, x in _branch_steps(arch, size, batch, memory_cfg, 'meta'):
         with AtenOpCounter() as counter:
-            out = block.global_branch(x)
-            out.backward(torch.empty_like(out))
+            _train_step(branch, x)
+        counts.append(counter.total_bytes)
+    return counts
+
+
+def count_compiled_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 2,
+                                     memory_cfg: Optional[dict] = None) -> List[int]:
+    """The step of ``count_branch_step_bytes``, each branch compiled by
+    ``torch.compile`` (Inductor, for the CPU): the bytes its kernels move by
+    Inductor's own count (``InductorByteCounter``), forward and backward
+    graphs. The step runs for real on the CPU, so ``batch`` is a CPU's."""
+    counts = []
+    for branch, x in _branch_steps(arch, size, batch, memory_cfg, 'cpu'):
+        with InductorByteCounter() as counter:
+            _train_step(torch.compile(branch), x)
         counts.append(counter.total_bytes)
     return counts
 
@@ -282,6 +315,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
                         help='batch of the CPU timing of whole training steps of the '
                         'backbone (0: none)')
     parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--compiled-batch', type=int, default=0,
+                        help='batch of the compiled branches\' count, float32 (0: none; it '
+                        'runs the steps: about 10 GB and a few minutes at 128)')
     args = parser.parse_args(argv)
     shapes = backbone_shapes(args.arch, args.size, args.batch)
     results = {}
@@ -304,6 +340,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     _print_table("of the memory's write and read", write_read)
     _print_table('of the projections', projections)
     _print_table('of the global branches, whole', branches)
+    if args.compiled_batch:
+        compiled = []
+        for path, backward in (('autograd', 'autograd'), ('closed form', 'closed_form')):
+            cfg = dict(backward=backward, matmul_dtype='float32')
+            per_stage = count_compiled_branch_step_bytes(args.arch, args.size,
+                                                         args.compiled_batch, cfg)
+            results[f'compiled branches float32 {path}'] = {'total': per_stage}
+            compiled += [('float32', f'{path}, eager', count_branch_step_bytes(
+                args.arch, args.size, args.compiled_batch, cfg)),
+                ('float32', f'{path}, compiled', per_stage)]
+        _print_table(f'of the global branches, whole, at batch {args.compiled_batch}: eager '
+                     "(meta count) and compiled (Inductor's count, its CPU plan)", compiled)
     if args.time_batch:
         shape = shapes[0]._replace(batch=args.time_batch)
         times = time_steps(shape, args.rounds)

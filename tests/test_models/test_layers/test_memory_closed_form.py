@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from convneur_mm.analysis.memory_bytes import (TRITON, MemoryShape,
-                                               count_branch_step_bytes, count_projection_bytes,
-                                               count_step_bytes)
+                                               count_branch_step_bytes,
+                                               count_compiled_branch_step_bytes,
+                                               count_projection_bytes, count_step_bytes)
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, read_closed_form, read_torch)
 
@@ -325,3 +326,14 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
     kernels = count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
                                                           kernels='triton'))
     assert 0 < sum(kernels) < sum(steps['autograd']) / 4
+
+
+@pytest.mark.slow
+def test_compiled_branches_move_fewer_bytes_than_eager_ones():
+    # Inductor's fused kernels, by its own count, each stage's branch compiled
+    for backward in ('autograd', 'closed_form'):
+        cfg = dict(matmul_dtype='float32', backward=backward)
+        compiled = count_compiled_branch_step_bytes('m1', 128, 2, cfg)
+        eager = count_branch_step_bytes('m1', 128, 2, cfg)
+        assert len(compiled) == 4 and min(compiled) > 0
+        assert sum(compiled) < 0.8 * sum(eager), backward
