@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from convneur_mm.analysis.memory_bytes import (TRITON, MemoryShape,
                                                count_branch_step_bytes,
@@ -15,6 +16,7 @@ from convneur_mm.analysis.memory_bytes import (TRITON, MemoryShape,
                                                count_projection_bytes, count_step_bytes)
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, read_closed_form, read_torch)
+from convneur_mm.models.layers.memory_ops.common import gelu_second
 
 
 def _weights(groups: int, d: int, gen: torch.Generator, dtype=torch.float64) -> MemoryWeights:
@@ -337,3 +339,16 @@ def test_compiled_branches_move_fewer_bytes_than_eager_ones():
         eager = count_branch_step_bytes('m1', 128, 2, cfg)
         assert len(compiled) == 4 and min(compiled) > 0
         assert sum(compiled) < 0.8 * sum(eager), backward
+
+
+@pytest.mark.parametrize('approximate', ['none', 'tanh'])
+def test_gelus_second_derivative_is_finite_for_large_float16_inputs(approximate):
+    """x^2 and x^3 overflow float16 where gelu'' is tiny: no NaN there."""
+    x = torch.tensor([-400.0, -60.0, -35.0, -3.0, -0.5, 0.0, 0.7, 2.0, 35.0, 60.0, 400.0],
+                     dtype=torch.float64)
+    want = torch.func.grad(torch.func.grad(
+        lambda t: F.gelu(t, approximate=approximate)))
+    want = torch.stack([want(t) for t in x])
+    t, k = gelu_second(x.half(), approximate)
+    assert t.dtype == torch.float16
+    assert torch.allclose(k * t.double(), want, rtol=1e-2, atol=1e-3), (k * t.double(), want)

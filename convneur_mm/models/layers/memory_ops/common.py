@@ -101,7 +101,12 @@ def gelu_second(pre: Tensor, approximate: str) -> Tuple[Tensor, float]:
     """(t, k) with gelu''(pre) = k t, t a new tensor: the caller folds k into
     a product it computes anyway. Exact: phi(x) (2 - x^2) = k exp(h) (1 + h),
     h = -x^2 / 2, k = 2 / sqrt(2 pi), in two passes. Tanh form (x s, s =
-    sigmoid(2u), u = c (x + a x^3)): 2 s (1 - s) (2 u' + 2 x (1 - 2 s) u'^2 + x u''), k = 1."""
+    sigmoid(2u), u = c (x + a x^3)): 2 s (1 - s) (2 u' + 2 x (1 - 2 s) u'^2 + x u''), k = 1.
+    float16 ``pre`` is computed in float32 and ``t`` cast back: x^2 and x^3
+    overflow float16 (NaN past |x| of about 20 in the tanh form), gelu'' does not."""
+    if pre.dtype == torch.float16:
+        t, k = gelu_second(pre.float(), approximate)
+        return t.to(pre.dtype), k
     if approximate == 'none':
         h = torch.addcmul(torch.zeros((), dtype=pre.dtype, device=pre.device), pre, pre,
                           value=-0.5)  # -pre^2 / 2 in one pass
