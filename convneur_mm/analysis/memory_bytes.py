@@ -283,11 +283,12 @@ def count_compiled_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: i
     """The step of ``count_branch_step_bytes``, each branch compiled by
     ``torch.compile`` (Inductor, for the CPU): the bytes its kernels move by
     Inductor's own count (``InductorByteCounter``), forward and backward
-    graphs. The step runs for real on the CPU, so ``batch`` is a CPU's."""
+    graphs. The step runs for real on the CPU, so ``batch`` is a CPU's.
+    A graph break is an error: code past it would run eagerly, uncounted."""
     counts = []
     for branch, x in _branch_steps(arch, size, batch, memory_cfg, 'cpu'):
         with InductorByteCounter() as counter:
-            _train_step(torch.compile(branch), x)
+            _train_step(torch.compile(branch, fullgraph=True), x)
         counts.append(counter.total_bytes)
     return counts
 

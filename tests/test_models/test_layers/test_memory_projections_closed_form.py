@@ -86,6 +86,28 @@ def test_bfloat16_operands_round_as_the_pytorch_ops():
     assert max(_errors(ours, exact)) > 1e-3
 
 
+def _traced(fn):
+    """``fn`` traced by torch.compile (its compile-time branches taken) and
+    run by AOTAutograd's eager backend: no kernel compiler, float64 exact."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend='aot_eager', fullgraph=True)
+
+
+@pytest.mark.parametrize('shape', SHAPES[:2])
+def test_under_torch_compile_the_gradient_is_joined_from_its_column_groups(shape):
+    """Traced, the product's gradient is a cat of its column groups, not
+    writes into slices of one buffer: the same gradients, with every output
+    used and with each one alone (the others' groups zeros)."""
+    b, n, d, heads, u, L = shape
+    inputs = _inputs(b, n, d, heads)
+    fn = _project(project_closed_form, u, L)
+    for output in (None, *range(5)):
+        pick = fn if output is None else (lambda *t, i=output: fn(*t)[i:i + 1])
+        ours = _outputs_and_grads(_traced(pick), inputs)
+        reference = _outputs_and_grads(pick, inputs)
+        assert max(_errors(ours, reference)) < 1e-12, output
+
+
 def test_without_writes_it_is_the_pytorch_ops():
     inputs = _inputs(2, 6, 8, 2)
     ours = _project(project_closed_form, 0, 8)(*inputs)

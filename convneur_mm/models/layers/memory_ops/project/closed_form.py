@@ -5,7 +5,8 @@ Autograd through ``project_torch`` writes a zero-padded (B, N, 4d + H)
 gradient for each slice of the product it reads and joins them. This
 backward writes each column group's gradient straight into one such buffer
 (in the products' operand dtype, the rows past the written chunks zeroed
-once) and takes it through the two products and x's RMSNorm. First order
+once; under torch.compile one cat of the groups, ``_ProductGradient``) and
+takes it through the two products and x's RMSNorm. First order
 only: differentiating it with ``create_graph=True`` raises.
 
 Notation: n = x rstd(x) (``rstd(t) = (mean(t^2) + eps)^-1/2`` per row),
@@ -18,6 +19,7 @@ are ``p = sum_L A n``; their cotangent q gives the logits ``A (n - p) q``
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..common import RMS_EPS, first_order_only, no_autocast, operand, product
@@ -60,23 +62,26 @@ def _rms_backward(grad: Tensor, normed: Tensor, rstd: Tensor,
     return grad.mul_(rstd) if out is None else _into(out, torch.mul, grad, rstd)
 
 
-def _into(out: Tensor, op, *args: Tensor) -> Tensor:
+def _into(out: Optional[Tensor], op, *args: Tensor) -> Tensor:
     """``op(*args)`` written into ``out``, a strided slice of a larger
     tensor: by ``out=`` in eager mode; under torch.compile, which takes no
-    strided ``out=``, as a copy that Inductor fuses into the op."""
+    strided ``out=``, as a copy that Inductor fuses into the op. None: a new
+    tensor."""
+    if out is None:
+        return op(*args)
     if torch.compiler.is_compiling():
         return out.copy_(op(*args))
     return op(*args, out=out)
 
 
 def _heads_backward(grad: Tensor, raw: Tensor, rstd: Tensor, gamma: Tensor,
-                    out: Tensor) -> Tensor:
+                    out: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Per-head RMSNorm times ``gamma`` (H, hd), from ``grad`` at its output
-    (B, M, H, hd): the raw heads' gradient into ``out``; returns gamma's."""
+    (B, M, H, hd): gamma's gradient, and the raw heads' written into ``out``
+    (None: a new tensor)."""
     normed = raw * rstd
     grad_gamma = (grad * normed).sum((0, 1))
-    _rms_backward(grad * gamma, normed, rstd, out)
-    return grad_gamma
+    return grad_gamma, _rms_backward(grad * gamma, normed, rstd, out)
 
 
 class _Project(torch.autograd.Function):
@@ -133,40 +138,43 @@ def _project_backward(x: Tensor, weight: Tensor, gamma: Tensor, normed: Tensor, 
     b, n, d = x.shape
     heads, T, dtype = gamma.shape[0] // 2, u * L, x.dtype
     # P's gradient, read by two products only: in their operand dtype
-    bar_proj = torch.empty(proj.shape, dtype=mm or dtype, device=x.device)
-    bar_proj[:, T:, d:].zero_()  # keys, values and logits exist for the written rows only
+    columns = _ProductGradient(proj, T, heads, mm or dtype)
     raw = proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
-    bar_heads = bar_proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
     grad_gamma = torch.zeros_like(gamma)
-    for rows, half, bar in ((slice(None), slice(None, heads), bar_queries),
-                            (slice(None, T), slice(heads, None), bar_keys)):
-        if bar is None:
-            bar_heads[:, rows, half].zero_()
-        else:
-            grad_gamma[half] = _heads_backward(bar, raw[:, rows, half], head_rstd[:, rows, half],
-                                               gamma[half], bar_heads[:, rows, half])
-    if bar_values is None:
-        bar_proj[:, :T, 2 * d:3 * d].zero_()
-    else:
-        bar_proj[:, :T, 2 * d:3 * d].copy_(bar_values)
+    for group, rows, half, bar in ((0, slice(None), slice(None, heads), bar_queries),
+                                   (1, slice(None, T), slice(heads, None), bar_keys)):
+        grad = None
+        if bar is not None:
+            out = columns.slot(group, rows)
+            grad_gamma[half], grad = _heads_backward(
+                bar, raw[:, rows, half], head_rstd[:, rows, half], gamma[half],
+                None if out is None else out.unflatten(-1, (heads, -1)))
+        columns.put(group, grad, rows)
+    if bar_values is not None and columns.buffer is not None:
+        columns.slot(2, slice(None, T)).copy_(bar_values)
+    columns.put(2, bar_values, slice(None, T))
     # the step sizes: d/dz max_lr sigmoid(z) = t (1 - t / max_lr)
+    bar_z = None
     if bar_lr is None:
-        bar_proj[:, :T, 4 * d:].zero_()
         grad_lr_bias = token_lr.new_zeros(heads)
     else:
         bar_z = torch.mul(token_lr, -1.0 / max_lr).add_(1.0).mul_(token_lr).mul_(bar_lr)
-        bar_proj[:, :T, 4 * d:].copy_(bar_z)
+        if columns.buffer is not None:
+            columns.slot(4, slice(None, T)).copy_(bar_z)
         grad_lr_bias = bar_z.sum((0, 1))
+    columns.put(4, bar_z, slice(None, T))
     chunks = normed[:, :T].reshape(b, u, L, d)
-    pool_term = None
-    if bar_pooled is None:
-        bar_proj[:, :T, 3 * d:4 * d].zero_()
-    else:
+    pool_term = bar_logits = None
+    if bar_pooled is not None:
         attn = proj[:, :T, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
         bar_p = bar_pooled.unsqueeze(-2)
-        _into(bar_proj[:, :T, 3 * d:4 * d].view(b, u, L, d), torch.mul,
-              (chunks - pooled.unsqueeze(-2)).mul_(bar_p), attn)
+        out = columns.slot(3, slice(None, T))
+        bar_logits = _into(None if out is None else out.view(b, u, L, d), torch.mul,
+                           (chunks - pooled.unsqueeze(-2)).mul_(bar_p), attn)
         pool_term = attn.mul_(bar_p)  # n's share from the pool: A q
+    columns.put(3, bar_logits, slice(None, T))
+    bar_proj = columns.joined()
+    del columns
     # exactly zero: sum_L A (n - p) = p - p (a softmax does not see a shift)
     grad_logits_bias = pooled.new_zeros(d)
     flat = bar_proj.view(1, b * n, -1)
@@ -174,7 +182,59 @@ def _project_backward(x: Tensor, weight: Tensor, gamma: Tensor, normed: Tensor, 
                           dtype)[0]
     bar_normed = product(flat, weight.unsqueeze(0), mm, dtype).view(b, n, d)
     del flat, bar_proj
-    if pool_term is not None:
+    if pool_term is None:
+        pass
+    elif torch.compiler.is_compiling():  # an add into a slice would copy the whole tensor
+        bar_normed = bar_normed + F.pad(pool_term.reshape(b, T, d), (0, 0, 0, n - T))
+    else:
         bar_normed[:, :T].view(b, u, L, d).add_(pool_term)
     grad_x = _rms_backward(bar_normed, normed, rstd)
     return grad_x, grad_weight, torch.cat([grad_logits_bias, grad_lr_bias]), grad_gamma
+
+
+class _ProductGradient:
+    """P's cotangent (B, N, 4d + H), one column group at a time: the queries'
+    heads, the keys', the values, the pool's logits (d columns each) and the
+    step sizes' logits (H); every group but the queries' is zero past the
+    ``written`` rows. Eagerly each group's last kernel writes its slice of
+    one buffer (``slot``); under torch.compile a slice write copies the whole
+    buffer, so the groups are joined by one cat (``joined``), which Inductor
+    lowers to each group's kernel writing its slice."""
+
+    def __init__(self, proj: Tensor, written: int, heads: int, dtype: torch.dtype):
+        self.rows, width = proj.shape[1], proj.shape[2]
+        self._proj, self.written, self.dtype = proj, written, dtype
+        self.widths = [(width - heads) // 4] * 4 + [heads]
+        self.groups: dict = {}
+        self.buffer = None
+        if not torch.compiler.is_compiling():
+            self.buffer = torch.empty(proj.shape, dtype=dtype, device=proj.device)
+            self.buffer[:, written:, self.widths[0]:].zero_()
+
+    def slot(self, group: int, rows: slice) -> Optional[Tensor]:
+        """Eagerly, where ``rows`` of group ``group`` go; compiling, None."""
+        if self.buffer is None:
+            return None
+        start = sum(self.widths[:group])
+        return self.buffer[:, rows, start:start + self.widths[group]]
+
+    def put(self, group: int, grad: Optional[Tensor], rows: slice) -> None:
+        """Group ``group``'s gradient at ``rows``: ``grad`` (eagerly already
+        in its slot), or zeros for None."""
+        if self.buffer is None:
+            count = self.rows if rows == slice(None) else self.written
+            self.groups[group] = (grad.reshape(grad.shape[0], count, self.widths[group])
+                                  if grad is not None else None)
+        elif grad is None:
+            self.slot(group, rows).zero_()
+
+    def joined(self) -> Tensor:
+        if self.buffer is not None:
+            return self.buffer
+        # each group padded to every row, then one cat: a pointwise cat of
+        # pointwise inputs, which Inductor computes in one kernel
+        groups = [self.groups[i] if self.groups[i] is not None else self._proj.new_zeros(
+            self._proj.shape[0], self.rows if i == 0 else self.written, self.widths[i])
+            for i in range(5)]
+        groups[1:] = [F.pad(t, (0, 0, 0, self.rows - self.written)) for t in groups[1:]]
+        return torch.cat(groups, dim=-1).to(self.dtype)
