@@ -141,38 +141,34 @@ def _project_backward(x: Tensor, weight: Tensor, gamma: Tensor, normed: Tensor, 
     columns = _ProductGradient(proj, T, heads, mm or dtype)
     raw = proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
     grad_gamma = torch.zeros_like(gamma)
-    for group, rows, half, bar in ((0, slice(None), slice(None, heads), bar_queries),
-                                   (1, slice(None, T), slice(heads, None), bar_keys)):
+    for group, half, bar in ((0, slice(None, heads), bar_queries),
+                             (1, slice(heads, None), bar_keys)):
         grad = None
         if bar is not None:
-            out = columns.slot(group, rows)
+            rows, out = columns.rows_of(group), columns.slot(group)
             grad_gamma[half], grad = _heads_backward(
                 bar, raw[:, rows, half], head_rstd[:, rows, half], gamma[half],
                 None if out is None else out.unflatten(-1, (heads, -1)))
-        columns.put(group, grad, rows)
-    if bar_values is not None and columns.buffer is not None:
-        columns.slot(2, slice(None, T)).copy_(bar_values)
-    columns.put(2, bar_values, slice(None, T))
+        columns.put(group, grad, in_slot=True)
+    columns.put(2, bar_values)
     # the step sizes: d/dz max_lr sigmoid(z) = t (1 - t / max_lr)
     bar_z = None
     if bar_lr is None:
         grad_lr_bias = token_lr.new_zeros(heads)
     else:
         bar_z = torch.mul(token_lr, -1.0 / max_lr).add_(1.0).mul_(token_lr).mul_(bar_lr)
-        if columns.buffer is not None:
-            columns.slot(4, slice(None, T)).copy_(bar_z)
         grad_lr_bias = bar_z.sum((0, 1))
-    columns.put(4, bar_z, slice(None, T))
+    columns.put(4, bar_z)
     chunks = normed[:, :T].reshape(b, u, L, d)
     pool_term = bar_logits = None
     if bar_pooled is not None:
         attn = proj[:, :T, 3 * d:4 * d].reshape(b, u, L, d).softmax(dim=-2)
         bar_p = bar_pooled.unsqueeze(-2)
-        out = columns.slot(3, slice(None, T))
+        out = columns.slot(3)
         bar_logits = _into(None if out is None else out.view(b, u, L, d), torch.mul,
                            (chunks - pooled.unsqueeze(-2)).mul_(bar_p), attn)
         pool_term = attn.mul_(bar_p)  # n's share from the pool: A q
-    columns.put(3, bar_logits, slice(None, T))
+    columns.put(3, bar_logits, in_slot=True)
     bar_proj = columns.joined()
     del columns
     # exactly zero: sum_L A (n - p) = p - p (a softmax does not see a shift)
@@ -211,22 +207,28 @@ class _ProductGradient:
             self.buffer = torch.empty(proj.shape, dtype=dtype, device=proj.device)
             self.buffer[:, written:, self.widths[0]:].zero_()
 
-    def slot(self, group: int, rows: slice) -> Optional[Tensor]:
-        """Eagerly, where ``rows`` of group ``group`` go; compiling, None."""
+    def rows_of(self, group: int) -> slice:
+        """The rows a group's gradient has: all for the queries, else the written."""
+        return slice(None) if group == 0 else slice(None, self.written)
+
+    def slot(self, group: int) -> Optional[Tensor]:
+        """Eagerly, where group ``group``'s rows go; compiling, None."""
         if self.buffer is None:
             return None
         start = sum(self.widths[:group])
-        return self.buffer[:, rows, start:start + self.widths[group]]
+        return self.buffer[:, self.rows_of(group), start:start + self.widths[group]]
 
-    def put(self, group: int, grad: Optional[Tensor], rows: slice) -> None:
-        """Group ``group``'s gradient at ``rows``: ``grad`` (eagerly already
-        in its slot), or zeros for None."""
+    def put(self, group: int, grad: Optional[Tensor], in_slot: bool = False) -> None:
+        """Group ``group``'s gradient: ``grad`` (``in_slot``: eagerly already
+        written in its slot), or zeros for None."""
         if self.buffer is None:
-            count = self.rows if rows == slice(None) else self.written
+            count = self.rows if group == 0 else self.written
             self.groups[group] = (grad.reshape(grad.shape[0], count, self.widths[group])
                                   if grad is not None else None)
         elif grad is None:
-            self.slot(group, rows).zero_()
+            self.slot(group).zero_()
+        elif not in_slot:
+            self.slot(group).copy_(grad)
 
     def joined(self) -> Tensor:
         if self.buffer is not None:
