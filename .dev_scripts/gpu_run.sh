@@ -39,6 +39,8 @@
 # skipped is recorded and the next one runs; the exit status is then 0.
 # Results: DIR/<section>.log, the files above, DIR/summary.tsv (one line per
 # step: name, status, seconds, limit, command), the table printed at the end.
+# SECTION_S="kernels=170 bench=230" replaces those sections' estimates (a
+# kernels run narrowed by KERNELS_K needs less than the whole one's).
 # --dry-run writes the same plan, logs and summary without running a section
 # or installing anything (on any machine, GPU or not).
 set -uo pipefail
@@ -50,7 +52,12 @@ SECTIONS=(profile bench train tests)
 declare -A ESTIMATE_S=([profile]=65 [bench]=150 [train]=140 [tests]=150 [kernels]=420
                      [tune]=300 [precision]=360)
 
-usage() { sed -n 2,43p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,45p "$0" | sed 's/^# \{0,1\}//'; }
+for pair in ${SECTION_S:-}; do
+    [[ $pair =~ ^([a-z]+)=([0-9]+)$ && -n "${ESTIMATE_S[${BASH_REMATCH[1]}]:-}" ]] || {
+        echo "gpu_run.sh: SECTION_S takes SECTION=SECONDS pairs, not '$pair'" >&2; exit 2; }
+    ESTIMATE_S[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done
 
 RESULTS=gpu_results
 LIMIT_S=600

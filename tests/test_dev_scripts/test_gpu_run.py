@@ -153,3 +153,17 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path, args):
     done = _run(tmp_path, *args)
     assert done.returncode == 2
     assert args[0] in done.stderr or args[-1] in done.stderr
+
+
+def test_section_s_replaces_the_estimates_that_size_each_sections_limit(tmp_path, host_wheels):
+    out = tmp_path / 'results'
+    done = _run(out, '--dry-run', '--limit-s', '500', 'bench', 'kernels', WHEELS=host_wheels,
+                SECTION_S='kernels=170')
+    assert done.returncode == 0, done.stdout + done.stderr
+    by_step = {r['step']: r for r in _summary(out)}
+    # the bench leaves the kernels their 170 s, not the whole run's 420
+    assert int(by_step['bench']['limit_s']) == 500 - 170
+    assert by_step['kernels']['status'] == 'dry-run'
+    for bad in ('kernels=soon', 'nosuch=10'):
+        done = _run(out, '--dry-run', WHEELS=host_wheels, SECTION_S=bad)
+        assert done.returncode == 2 and 'SECTION_S' in done.stderr
