@@ -14,6 +14,7 @@
 #   profile  the memory's kernels under torch.profiler: gpu_memory_bench.py
 #            --sections profile -> profile.json
 #   bench    the neural memory's figures: gpu_memory_bench.py -> bench.json
+#            (its options: BENCH_ARGS, e.g. "--sections branch compiled")
 #   train    training iterations of the real configs beside their peers, and
 #            evaluation: tools/analysis_tools/benchmark.py --task train -> train.json
 #            (its options: TRAIN_ARGS, default "--amp --eval")
@@ -52,7 +53,7 @@ SECTIONS=(profile bench train tests)
 declare -A ESTIMATE_S=([profile]=65 [bench]=150 [train]=140 [tests]=150 [kernels]=420
                      [tune]=300 [precision]=360)
 
-usage() { sed -n 2,45p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,46p "$0" | sed 's/^# \{0,1\}//'; }
 for pair in ${SECTION_S:-}; do
     [[ $pair =~ ^([a-z]+)=([0-9]+)$ && -n "${ESTIMATE_S[${BASH_REMATCH[1]}]:-}" ]] || {
         echo "gpu_run.sh: SECTION_S takes SECTION=SECONDS pairs, not '$pair'" >&2; exit 2; }
@@ -97,8 +98,11 @@ section_command() {  # NAME LIMIT: sets cmd
     # skips, and records, what no longer fits instead of being cut off
     local budget=$(($2 > 30 ? $2 - 15 : $2))
     case $1 in
-        bench) cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --budget-s "$budget"
-                    --out "$RESULTS/bench.json") ;;
+        bench)
+            local extra
+            read -ra extra <<< "${BENCH_ARGS:-}"
+            cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --budget-s "$budget"
+                 --out "$RESULTS/bench.json" "${extra[@]}") ;;
         profile) cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --sections profile
                       --budget-s "$budget" --out "$RESULTS/profile.json") ;;
         train)

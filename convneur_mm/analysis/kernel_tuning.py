@@ -14,7 +14,7 @@ their chosen options; on CUDA its own launches are timed, by the profiler
 (``kernel_seconds``). Each candidate's
 outputs must agree with the start's (``agrees``): a configuration
 that compiles but computes something else is refused, as is one that fails to
-compile (shared memory, registers). A kernel that replaces others
+compile (shared memory, registers); rows past ``launch.row_limit`` are not tried. A kernel that replaces others
 (``launch.REPLACES``: the chunk gradients' one program per chunk) is tuned
 after them, and kept (``TunedTile`` entries make it run in their place) only
 where its chosen options compute what they compute and beat their time by
@@ -51,8 +51,8 @@ from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, fla
 from convneur_mm.analysis.memory_variants import describe_error
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
 from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, forced_tiles,
-                                                                 forced_tiles_of, target_arch,
-                                                                 tile_config)
+                                                                 forced_tiles_of, row_limit,
+                                                                 target_arch, tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
                                                                 MeasuredPath, TunedTile,
                                                                 dtype_name)
@@ -158,6 +158,16 @@ def kernel_seconds(kernel: str, call: Callable[[], object], device, repeats: int
     ms = sum(row['ms'] for row in summary['kernels']
              if row['name'] == name or row['name'].startswith(name + '_'))
     return ms / 1e3 if ms > 0 else None
+
+
+def within_row_limit(axes: Dict[str, Sequence[int]], kernel: str, operand_dtype: torch.dtype,
+                     arch: Optional[int]) -> Dict[str, Sequence[int]]:
+    """``axes`` without the rows past ``launch.row_limit`` on this GPU: a
+    candidate there computes wrong results or faults, which ends the run."""
+    limit = row_limit(kernel, operand_dtype, arch)
+    if limit is None:
+        return axes
+    return dict(axes, BM=tuple(rows for rows in axes['BM'] if rows <= limit))
 
 
 def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict[str, int],
@@ -321,8 +331,9 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                              arch=arch)
         start = {key: config[key] for key in AXES}
         call = calls.triton[OP_OF[kernel]]
-        trials = tune_kernel(kernel, call, start, chosen, device, tol, axes, rounds, deadline,
-                             repeats)
+        trials = tune_kernel(kernel, call, start, chosen, device, tol,
+                             within_row_limit(axes, kernel, operand_dtype, arch), rounds,
+                             deadline, repeats)
         best = best_trial(trials)
         record = result['kernels'][kernel] = {
             'call': OP_OF[kernel], 'start': start, 'chosen': best.options,

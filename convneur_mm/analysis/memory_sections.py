@@ -14,9 +14,9 @@ a function of the suite that returns its JSON record:
   ``max_lr`` 1, 0.2 and 1e-3.
 * ``latency``: batch 1, eager and replayed from a captured CUDA graph.
 * ``compiled``: ``model`` again with backbone and head through
-  ``torch.compile``.
-* ``profile``: ``kernel_profile``'s three cases (the branches' inference with
-  the Triton kernels and with the PyTorch path, their bf16 training step):
+  ``torch.compile``; on CUDA also M3 with ``kernels='triton'`` under bf16.
+* ``profile``: ``kernel_profile``'s cases (the branches' inference with
+  the Triton kernels and with the PyTorch path, their bf16 training steps):
   device time per kernel name beside its roofline. Not a default section.
 
 Every item asks the suite whether it still fits the time budget first and
@@ -247,6 +247,10 @@ def section_compiled(ctx: 'MemorySuite') -> Dict:
                 ctx.m3.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
                                              device=ctx.device),
                 'bf16' if mode == 'bf16_autocast' else None, ctx.device)
+        if mode == 'bf16_autocast' and ctx.cuda:
+            rows['bf16_autocast kernels=triton'] = _compiled_kernels_rows(
+                ctx, backend, models['M3 local-only'], lambda part: ctx.checkpoint(
+                    dict(backend=backend, modes={**rows, 'bf16_autocast kernels=triton': part})))
         del models
         free(ctx.device)
     if ctx.dry:
@@ -255,6 +259,25 @@ def section_compiled(ctx: 'MemorySuite') -> Dict:
                 note='convneur_mm.engine.compile.compile_model (backbone and head), compiled '
                 'anew per mode; first_call_s includes the compilation; graphs: Dynamo graphs '
                 'of both models (two each without breaks: backbone and head)')
+
+
+def _compiled_kernels_rows(ctx: 'MemorySuite', backend: str, local_only: torch.nn.Module,
+                           checkpoint: Callable[[Dict], None]) -> Dict:
+    """M3 with ``kernels='triton'`` compiled (the kernels as custom operators
+    in its graph) against the compiled local-only network already timed: the
+    measurement by which ``'auto'`` may take the kernels under torch.compile."""
+    try:
+        model = build_classifier(ctx.device, ctx.sizes['chunk_size'],
+                                 {'model.backbone.memory_cfg.kernels': 'triton'})
+        model.load_state_dict(ctx.m3.state_dict())
+        compile_model(model, backend=backend)
+        row = _model_rows(ctx, {'M3': model, 'M3 local-only': local_only}, ('bf16_autocast', ),
+                          compiled=True, checkpoint=lambda part: checkpoint(
+                              part['bf16_autocast']))['bf16_autocast']
+    except Exception as exc:  # noqa: BLE001
+        row = dict(status=describe_error(exc))
+        ctx.log(traceback.format_exc())
+    return dict(row, memory_cfg=dict(kernels='triton'))
 
 
 def _autocast_forward(model: torch.nn.Module, x: torch.Tensor,

@@ -100,9 +100,12 @@ def test_path_entries_sum_the_write_and_read_per_mode_as_auto_reads_them():
     assert 'NVIDIA H200' in entries[0].measured
 
 
-def test_calls_that_launch_a_kernel_known_to_fault_on_cuda_are_found():
-    """The read's backward rows pass faults on an H200: its training step
-    (and no other call) is left out on CUDA; off CUDA nothing is."""
+def test_calls_that_launch_a_kernel_known_to_fault_on_cuda_are_found(monkeypatch):
+    """A read's backward kernel listed as faulting: its training step (and
+    no other call) is left out on CUDA; off CUDA nothing is."""
+    from convneur_mm.models.layers.memory_ops.kernels import availability
+    assert kernel_tuning.faulting_calls(True) == {}  # none listed
+    monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read_backward_rows': 'seen somewhere'})
     faulty = kernel_tuning.faulting_calls(True)
     assert list(faulty) == ['read step'] and 'read_backward_rows' in faulty['read step']
     assert kernel_tuning.faulting_calls(False) == {}
@@ -260,3 +263,14 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert result['stopped_at'] is None and result['error'] is None
     assert result['settings']['dry_run'] and result['settings']['operand_dtype'] == 'float16'
     assert '| read | read |' in done.stdout and 'this run had none' in done.stdout
+
+
+def test_rows_past_a_kernels_row_limit_are_not_tried():
+    axes = kernel_tuning.AXES
+    limited = kernel_tuning.within_row_limit(axes, 'read_backward_rows', torch.bfloat16, 90)
+    assert limited['BM'] == (16, 32) and limited['BH'] == axes['BH']
+    for kernel, dtype, arch in (('read', torch.bfloat16, 90),
+                                ('read_backward_rows', torch.float32, 90),
+                                ('read_backward_rows', torch.bfloat16, 80),
+                                ('read_backward_rows', torch.bfloat16, None)):
+        assert kernel_tuning.within_row_limit(axes, kernel, dtype, arch) is axes

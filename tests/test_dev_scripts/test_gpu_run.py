@@ -167,3 +167,9 @@ def test_section_s_replaces_the_estimates_that_size_each_sections_limit(tmp_path
     for bad in ('kernels=soon', 'nosuch=10'):
         done = _run(out, '--dry-run', WHEELS=host_wheels, SECTION_S=bad)
         assert done.returncode == 2 and 'SECTION_S' in done.stderr
+
+
+def test_the_bench_section_takes_its_options(tmp_path, host_wheels):
+    out, row = _only_section(tmp_path, host_wheels, 'bench',
+                             BENCH_ARGS='--sections branch compiled')
+    assert row['command'].rstrip().endswith(f'--out {out}/bench.json --sections branch compiled')

@@ -55,6 +55,24 @@ def test_a_tuned_entry_applies_to_its_kernel_gpu_dtype_and_width_only(monkeypatc
     assert launch.tile_config('read', 128, 196, None, None, BF16, True, arch=90)['BM'] == 128
 
 
+def test_the_reads_backward_rows_stay_within_their_limit_on_sm_90(monkeypatch):
+    """64-row tiles of the read's backward rows pass computed wrong query
+    gradients or faulted on an H200: with 16-bit operands on sm_90 its
+    defaults and a tuned entry take 32 rows; a forced run may take more (to
+    reproduce it), and float32 operands, sm_80 and other kernels keep theirs."""
+    def rows(kernel='read_backward_rows', dtype=BF16, arch=90):
+        return launch.tile_config(kernel, 128, 196, None, None, dtype, arch=arch)['BM']
+
+    assert (rows(), rows(dtype=torch.float16), rows(arch=80)) == (32, 32, 64)
+    assert rows(dtype=torch.float32) == 16 and rows('read') == 64 and rows(arch=None) == 64
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='read_backward_rows', BM=128), ))
+    assert rows() == 32
+    with launch.forced_tiles('read_backward_rows', BM=64):
+        assert rows() == 64
+    assert launch.row_limit('read_backward_rows', BF16, 90) == 32
+    assert launch.row_limit('read_backward_rows', torch.float32, 90) is None
+
+
 def test_precedence_caller_then_forced_then_tuned_and_no_block_past_the_rows(monkeypatch):
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
     with launch.forced_tiles('grads_cols', BM=32, num_warps=2):
@@ -129,15 +147,18 @@ def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
     assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason
 
 
-def test_the_triton_kernels_refuse_to_train_on_a_cuda_gpu(monkeypatch):
-    """The read's backward kernel faults on an H200: kernels='triton' says so
+def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeypatch):
+    """A backward kernel listed in ``CUDA_FAULTS``: kernels='triton' says so
     before a training step instead of killing the process; inference keeps
     the kernels, and 'auto' trains on the PyTorch path."""
     from convneur_mm.models.layers import NeuralMemory, neural_memory
+    from convneur_mm.models.layers.memory_ops.kernels import availability
     monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
     x = torch.randn(1, 20, 16)
     memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16', kernels='triton')
+    assert memory.plan(x).implementation == 'triton'  # none listed: it trains
+    monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read_backward_rows': 'seen somewhere'})
     with pytest.raises(RuntimeError, match='read_backward_rows kernel faults on CUDA GPUs'):
         memory.plan(x)
     with torch.no_grad():
@@ -145,7 +166,6 @@ def test_the_triton_kernels_refuse_to_train_on_a_cuda_gpu(monkeypatch):
     memory.kernels = 'auto'
     assert memory.plan(x).implementation == 'torch'
     # a forward kernel that faulted would refuse inference too
-    from convneur_mm.models.layers.memory_ops.kernels import availability
     monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read': 'seen somewhere'})
     memory.kernels = 'triton'
     with torch.no_grad(), pytest.raises(RuntimeError, match=r'read kernel faults.*seen somewhere'):

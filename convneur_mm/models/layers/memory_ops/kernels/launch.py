@@ -135,6 +135,10 @@ KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows'
 REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm')
+# the most rows a tile of 16-bit operands takes on sm_90 and newer, where more
+# computed wrong query gradients or faulted: the read's backward rows pass at
+# 64 rows on an H200 (triton 3.6), whatever its warps and stages; 32 and 16 were exact
+SM90_ROW_LIMITS = {'read_backward_rows': 32}
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
 
@@ -179,6 +183,15 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f'kernel must be one of {KERNEL_NAMES}, got {kernel!r}')
 
 
+def row_limit(kernel: str, operand_dtype: torch.dtype, arch: Optional[int]) -> Optional[int]:
+    """The most rows a tile of ``kernel`` may take on this GPU
+    (``SM90_ROW_LIMITS``), or None: tuned entries and tuning candidates stay
+    within it; ``forced_tiles`` and a caller's ``block_rows`` do not."""
+    if arch is None or arch < 90 or operand_dtype == torch.float32:
+        return None
+    return SM90_ROW_LIMITS.get(kernel)
+
+
 def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
                 block_hidden: Optional[int], operand_dtype: torch.dtype,
                 decomposed: bool = False, arch: Optional[int] = None) -> dict:
@@ -193,7 +206,8 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     below. 16-bit operands up to 128 wide take 64-row tiles, ``wgmma``'s least
     on sm_90 (the columns passes only there: before sm_90 they spill at 32
     rows and more); float32 operands (CUDA-core products) and the decomposed
-    read (twice the operand tiles) take smaller tiles.
+    read (twice the operand tiles) take smaller tiles; ``row_limit`` caps
+    the defaults and tuned rows where more rows computed wrong results.
 
     Args:
         kernel: one of ``KERNEL_NAMES``.
@@ -238,6 +252,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     config = dict(BM=bm, BD=bd, BH=bh, num_warps=warps, num_stages=2, programs_per_sm=0)
     if arch is not None:
         config.update(tuned_tiles(kernel, arch, operand_dtype, bd, decomposed) or {})
+    config['BM'] = min(config['BM'], row_limit(kernel, operand_dtype, arch) or config['BM'])
     config.update(next((options for name, options in reversed(_forced) if name == kernel), {}))
     config['BM'] = min(config['BM'], max(16, _next_pow2(rows)))  # no block past a chunk's rows
     config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
