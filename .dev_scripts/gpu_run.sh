@@ -50,7 +50,7 @@ cd "$(dirname "$0")/.."
 SECTIONS=(profile bench train tests)
 # seconds on an H200 (the install took 67 more): with the install they fill the
 # default limit; the bench records what it had no time for
-declare -A ESTIMATE_S=([profile]=65 [bench]=150 [train]=140 [tests]=150 [kernels]=420
+declare -A ESTIMATE_S=([profile]=55 [bench]=150 [train]=140 [tests]=150 [kernels]=420
                      [tune]=300 [precision]=360)
 
 usage() { sed -n 2,46p "$0" | sed 's/^# \{0,1\}//'; }

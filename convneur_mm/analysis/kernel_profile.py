@@ -20,6 +20,7 @@ two (M4's 160 to 256) and its roofline counts the true ones, so M4's kernels
 against M3's (128, unpadded), each beside its roofline, say what the padding
 costs: what splitting a width into two power-of-two products would win.
 """
+import re
 from collections import Counter
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -250,6 +251,34 @@ def _ms(value: Optional[float]) -> str:
     return '-' if value is None else f'{value:.3f}'
 
 
+_ATEN_NOISE = re.compile(r'at::native::|\(anonymous namespace\)::|binary_internal::|c10::|'
+                         r'at::TensorIteratorBase&')
+_ATEN_GENERIC = ('vectorized_elementwise_kernel', 'unrolled_elementwise_kernel',
+                 'elementwise_kernel', 'reduce_kernel')
+_ATEN_WORK = re.compile(r'(\w*(?:Functor|_functor|KernelImpl|_kernel_cuda|_cuda_kernel|'
+                        r'_forward_kernel|_backward_kernel)\w*(?:<[\w, ]*>)?)')
+_ATEN_WRAPPERS = ('BinaryFunctor', 'AUnaryFunctor', 'BUnaryFunctor')
+
+
+def short_kernel_name(name: str) -> str:
+    """A CUDA kernel's name as a table shows it: ATen's generic elementwise
+    and reduction kernels by the work they do (their functor) and the
+    element types of its lambda, other kernels without their argument list.
+    ``vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float,
+    float, at::native::binary_internal::MulFunctor<float> >, ...>(...)``:
+    ``vectorized: MulFunctor<float>``."""
+    text = _ATEN_NOISE.sub('', name.removeprefix('void ')).strip()
+    head = re.match(r'[\w:]+', text)
+    if head and head.group(0) in _ATEN_GENERIC:
+        works = [w for w in _ATEN_WORK.findall(text) if not w.startswith(_ATEN_WRAPPERS)]
+        # the element types of its functor's lambda, not the index lambda's (int)
+        types = [t for t in re.findall(r'lambda\(([\w, ]+)\)', text) if t != 'int']
+        kind = head.group(0).replace('_elementwise', '').replace('_kernel', '')
+        if works:
+            return f'{kind}: {works[-1]}' + (f' ({types[-1]})' if types else '')
+    return text.split('(')[0].strip() or name
+
+
 def format_table(summary: dict) -> str:
     """The summary as Markdown for the benchmark notes: the kernels, then
     the ATen ops where they carry a roofline, then the whole call."""
@@ -258,8 +287,8 @@ def format_table(summary: dict) -> str:
              f'{summary["num_kernel_names"]} {unit} names; the top '
              f'{len(summary["kernels"])} take {summary["listed_ms"]:.3f} ms', '',
              markdown_table((unit, 'calls', 'ms', 'share', 'roofline ms'),
-                            [(row['name'], f'{row["count"]:g}', _ms(row['ms']),
-                              f'{row["share"]:.1%}', _ms(row['roofline_ms']))
+                            [(short_kernel_name(row['name']), f'{row["count"]:g}',
+                              _ms(row['ms']), f'{row["share"]:.1%}', _ms(row['roofline_ms']))
                              for row in summary['kernels']])]
     if summary['activity'] == 'cuda' and summary['ops']:
         lines += ['', markdown_table(('ATen op (its kernels)', 'calls', 'ms', 'roofline ms'),

@@ -208,3 +208,29 @@ def test_a_failure_to_price_the_kernels_leaves_the_profile_running(monkeypatch):
     costs = {'aten::mm': kp.OpCost(1, 2, 0)}
     got, note = kp._priced_kernels(lambda: None, costs, 'cuda', 'the case')
     assert got == costs and note.startswith('the case; kernels not priced (AttributeError')
+
+
+@pytest.mark.parametrize('name, short', [
+    ('void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<float, float, '
+     'float, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 3ul> >(int, '
+     'at::native::BinaryFunctor<float, float, float, at::native::binary_internal::MulFunctor'
+     '<float> >, std::array<char*, 3ul>)', 'vectorized: MulFunctor<float>'),
+    ('void at::native::unrolled_elementwise_kernel<at::native::GeluBackwardCUDAKernelImpl('
+     'at::TensorIteratorBase&, at::native::GeluType)::{lambda()#2}::operator()() const::'
+     '{lambda(c10::BFloat16, c10::BFloat16)#1}, std::array<char*, 3ul>, 4>(int, ...)',
+     'unrolled: GeluBackwardCUDAKernelImpl (BFloat16, BFloat16)'),
+    ('void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::'
+     'direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::'
+     '{lambda()#7}::operator()() const::{lambda(float)#1}>(at::TensorIteratorBase&, ...)::'
+     '{lambda(int)#1}>(int, ...)', 'elementwise: direct_copy_kernel_cuda (float)'),
+    ('void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float, at::native::'
+     'func_wrapper_t<float, at::native::sum_functor<float, float, float>::operator()('
+     'at::TensorIterator&)::{lambda(float, float)#1}>, unsigned int, float, 4, 4> >(...)',
+     'reduce: sum_functor<float, float, float> (float, float)'),
+    ('void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>'
+     '(int, float, float const*)', 'vectorized_layer_norm_kernel<float, float, false>'),
+    ('read_kernel', 'read_kernel'),
+    ('Memcpy DtoD (Device -> Device)', 'Memcpy DtoD'),
+])
+def test_kernel_names_are_shortened_to_the_work_they_do(name, short):
+    assert kp.short_kernel_name(name) == short
