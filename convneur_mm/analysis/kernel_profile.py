@@ -10,15 +10,17 @@ measured one, per op and for the whole call. The memory's Triton kernels are
 priced one by one (``with_kernel_costs``: their launches' bytes and FLOPs,
 ``kernels.costs``), so each kernel's time stands beside its own roofline.
 
-Five cases profile the four global branches of ConvNeur-M3 (``CASES``): one
+Six cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
 (``'triton'``), the same through PyTorch (``'torch'``), and one bf16
 training step, forward and backward, through PyTorch (``'training'``) and
-through the Triton kernels (``'training_triton'``); and M4's through the
-kernels (``'triton_m4'``). Every kernel pads a row's C_m columns to a power of
-two (M4's 160 to 256) and its roofline counts the true ones, so M4's kernels
-against M3's (128, unpadded), each beside its roofline, say what the padding
-costs: what splitting a width into two power-of-two products would win.
+through the Triton kernels (``'training_triton'``); and M4's call through the
+kernels (``'triton_m4'``) and through PyTorch (``'torch_m4'``: whether
+``kernels='auto'`` should take the kernels at M4's width). Every kernel pads
+a row's C_m columns to a power of two (M4's 160 to 256) and its roofline
+counts the true ones, so M4's kernels against M3's (128, unpadded), each
+beside its roofline, say what the padding costs: what splitting a width into
+two power-of-two products would win.
 """
 import re
 from collections import Counter
@@ -408,6 +410,7 @@ CASES = {
     'training': branches_training_case,
     'training_triton': lambda **kw: branches_training_case(kernels='triton', **kw),
     'triton_m4': lambda **kw: branches_inference_case('triton', arch='m4', **kw),
+    'torch_m4': lambda **kw: branches_inference_case('torch', arch='m4', **kw),
 }
 
 

@@ -50,7 +50,8 @@ from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, fla
                                                write_read_inputs)
 from convneur_mm.analysis.memory_variants import describe_error
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
-from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, forced_tiles,
+from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, block_width,
+                                                                 forced_tiles,
                                                                  forced_tiles_of, row_limit,
                                                                  target_arch, tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
@@ -405,7 +406,8 @@ def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
                                for key in ('triton_tuned_ms', 'torch_ms'))
         entry = MeasuredPath(arch, dtype_name(operand_dtype), training, round(triton_ms, 3),
                              round(torch_ms, 3), f'an {card}, the write and read at batch '
-                             f'{shape.batch}, {shape.tokens} tokens')
+                             f'{shape.batch}, {shape.tokens} tokens',
+                             block_d=block_width(shape.head_dim))
         lines.append(f'{entry!r},')
     return lines
 

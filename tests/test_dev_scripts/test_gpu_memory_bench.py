@@ -163,7 +163,7 @@ def test_profile_section_runs_on_request_only(tmp_path):
     rows = result['sections']['profile']['rows']
     assert all(rows[name]['status'] == 'skipped: needs CUDA'
                for name in ('triton', 'training_triton', 'triton_m4'))
-    for case in ('torch', 'training'):
+    for case in ('torch', 'training', 'torch_m4'):
         assert rows[case]['status'] == 'ok', rows[case]
         assert rows[case]['case'] == case and rows[case]['kernels']
     assert result['sections']['gemm']['status'].startswith('skipped: not asked')

@@ -167,8 +167,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             residual stay float32 (docs/advanced_guides/memory_paths.md).
         kernels: the implementation of the memory's operations (``memory_ops``):
             'auto' (the Triton kernels in eager CUDA inference where a GPU of
-            the same kind measured them faster, ``kernels.tuned.MEASURED_PATHS``:
-            bf16 operands on sm_90; else PyTorch), 'torch' or 'triton'
+            the same kind measured them faster at the same tiled head width,
+            ``kernels.tuned.MEASURED_PATHS``: bf16 operands on sm_90, C_m up to
+            128; else PyTorch), 'torch' or 'triton'
             (the Triton kernels for every operand dtype, in inference and in
             training, with their backward kernels; an error where they
             cannot run).
@@ -376,8 +377,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         ``torch.compile`` keeps them whole in its graph (custom operators);
         ``torch.export`` keeps the shape-generic PyTorch graph, which ONNX
         needs. 'auto' takes them only where a GPU measured them faster than
-        the PyTorch path for its compute capability, operand dtype and mode
-        (``kernels.tuned.auto_path``): on sm_90 for bf16 inference, the
+        the PyTorch path for its compute capability, operand dtype, mode and
+        tiled head width (``kernels.tuned.auto_path``): on sm_90 for bf16
+        inference up to C_m 128, the
         projection and scan kernels too (``MeasuredPath.every_kernel``); float32
         products stay on cuBLAS, and training on the PyTorch path ('triton'
         takes the kernels wherever they run, Triton's CPU interpreter
@@ -402,16 +404,15 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             return f"{fault}: use kernels='auto' or 'torch'"
         return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
 
-    @staticmethod
-    def _measured_as(x: Tensor, operand_dtype: Optional[torch.dtype]
-                     ) -> Tuple[Optional[int], str, bool]:
-        """(compute capability, operand dtype name, training): the key of this
-        call's ``MEASURED_PATHS`` entry."""
+    def _measured_as(self, x: Tensor, operand_dtype: Optional[torch.dtype]
+                     ) -> Tuple[Optional[int], str, bool, int]:
+        """(compute capability, operand dtype name, training, head width):
+        the key of this call's ``MEASURED_PATHS`` entry."""
         return (cuda_capability(x.device), dtype_name(operand_dtype or torch.float32),
-                torch.is_grad_enabled())
+                torch.is_grad_enabled(), self.head_dim)
 
     def _auto_path(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> Tuple[str, str]:
-        """``auto_path`` for this call's GPU, operand dtype and mode."""
+        """``auto_path`` for this call's GPU, operand dtype, mode and head width."""
         return auto_path(*self._measured_as(x, operand_dtype))
 
     def _auto_takes_every_kernel(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:

@@ -128,15 +128,29 @@ def test_a_bad_tuned_entry_is_refused(changes, match):
 ])
 def test_auto_takes_the_kernels_only_where_a_gpu_measured_them_faster(arch, dtype, training,
                                                                       path, words):
-    got, why = tuned.auto_path(arch, dtype, training)
+    got, why = tuned.auto_path(arch, dtype, training, 128)
     assert got == path and words in why, why
+
+
+def test_a_measurement_speaks_for_the_head_widths_tiled_as_it_was():
+    """M3's measurement (C_m 128) serves M1's and M2's 80 and 96, which the
+    kernels tile as 128 too, and not M4's 160, tiled as 256."""
+    for head_dim in (80, 96, 128):
+        assert tuned.auto_path(90, 'bfloat16', False, head_dim)[0] == 'triton'
+    path, why = tuned.auto_path(90, 'bfloat16', False, 160)
+    assert path == 'torch' and 'no GPU has timed' in why and 'tiled as 256' in why
+    with pytest.raises(ValueError, match='block_d must be a power of two'):
+        tuned.check_measured_paths([tuned.MEASURED_PATHS[0]._replace(block_d=160)])
+    # one entry per width: M4's may sit beside M3's
+    tuned.check_measured_paths([*tuned.MEASURED_PATHS,
+                                tuned.MEASURED_PATHS[0]._replace(block_d=256)])
 
 
 def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
     monkeypatch.setattr(tuned, 'MEASURED_PATHS', tuned.MEASURED_PATHS + (
         tuned.MeasuredPath(80, 'bfloat16', True, 9.0, 10.0, 'a test'), ))
-    assert tuned.auto_path(80, 'bfloat16', True)[0] == 'triton'
-    assert tuned.auto_path(80, 'bfloat16', False)[0] == 'torch'
+    assert tuned.auto_path(80, 'bfloat16', True, 128)[0] == 'triton'
+    assert tuned.auto_path(80, 'bfloat16', False, 128)[0] == 'torch'
 
 
 def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
@@ -176,11 +190,11 @@ def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeyp
 def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):
     """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
     from convneur_mm.models.layers import NeuralMemory, neural_memory
-    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
     monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
     with torch.no_grad():
-        plan = memory.plan(torch.randn(1, 20, 16))
+        plan = memory.plan(torch.randn(1, 20, 128))
     assert plan.implementation == 'triton' and '10.28 ms through the kernels' in plan.reason
     # that measurement timed every kernel: the projections and the scan too
     assert 'every Triton kernel' in plan.reason
@@ -190,13 +204,13 @@ def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatc
 def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and_read_were_timed(
         monkeypatch):
     from convneur_mm.models.layers import NeuralMemory, neural_memory
-    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
     monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
     monkeypatch.setattr(tuned, 'MEASURED_PATHS', (
         tuned.MeasuredPath(90, 'bfloat16', False, 9.0, 10.0, 'a tuning run'), ))
     with torch.no_grad():
-        plan = memory.plan(torch.randn(1, 20, 16))
+        plan = memory.plan(torch.randn(1, 20, 128))
     assert plan.implementation == 'triton' and 'the Triton write and read' in plan.reason
     assert (plan.projections, plan.scan) == ('torch', 'torch')
 

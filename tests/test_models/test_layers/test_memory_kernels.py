@@ -949,7 +949,7 @@ def test_auto_kernels_serve_cuda_inference_in_bfloat16_where_measured():
     # the kernels where a GPU of this kind measured them faster (an H100 or H200)
     from convneur_mm.models.layers.memory_ops.kernels.tuned import auto_path
     major, minor = torch.cuda.get_device_capability()
-    expected = auto_path(major * 10 + minor, 'bfloat16', False)[0]
+    expected = auto_path(major * 10 + minor, 'bfloat16', False, 128)[0]
     assert plan.implementation == expected and plan.operand_dtype == torch.bfloat16, plan
     assert _rel_err(out.cpu(), ref.double().cpu()) < BF16_TOL
 

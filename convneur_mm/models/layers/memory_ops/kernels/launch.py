@@ -118,6 +118,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def block_width(d: int) -> int:
+    """A row of ``d`` columns as the kernels tile it: the next power of two, at least 16."""
+    return max(16, _next_pow2(d))
+
+
 def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
                 names: Tuple[str, str] = ('block_rows', 'block_hidden')) -> None:
     """Tile sizes given by a caller are powers of two >= 16 (``tl.dot``'s least)."""
@@ -225,7 +230,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     _check_kernel(kernel)
     columns = kernel.endswith('_cols')  # a weights' pass, per block of hidden units
     write_backward = kernel.startswith('grads_backward')
-    bd = max(16, _next_pow2(d))
+    bd = block_width(d)
     check_tiles(block_rows, block_hidden)
     warps = 4 if bd <= 128 else 8
     if write_backward and operand_dtype != torch.float32:
@@ -274,7 +279,7 @@ def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
         return True
     if forced & set(REPLACES[kernel]) or arch is None:
         return False
-    return tuned_tiles(kernel, arch, operand_dtype, max(16, _next_pow2(d)), False) is not None
+    return tuned_tiles(kernel, arch, operand_dtype, block_width(d), False) is not None
 
 
 def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:

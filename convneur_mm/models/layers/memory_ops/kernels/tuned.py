@@ -14,7 +14,7 @@ from typing import Dict, Iterable, NamedTuple, Optional, Tuple
 
 import torch
 
-from .launch import KERNEL_NAMES, check_programs_per_sm, check_tiles
+from .launch import KERNEL_NAMES, block_width, check_programs_per_sm, check_tiles
 
 OPERAND_DTYPE_NAMES = ('float32', 'float16', 'bfloat16')
 
@@ -95,6 +95,9 @@ class MeasuredPath(NamedTuple):
         every_kernel: the Triton time includes the projection and scan
             kernels (``kernels='triton'`` whole), so 'auto' takes them too;
             else only the write and read kernels were timed.
+        block_d: the head width measured, padded to a power of two as the
+            kernels tile it (M1-M3's 80, 96 and 128 are 128; M4's 160 is
+            256): an entry speaks for that tiling only.
     """
     arch: int
     operand_dtype: str
@@ -103,6 +106,7 @@ class MeasuredPath(NamedTuple):
     torch_ms: float
     measured: str
     every_kernel: bool = False
+    block_d: int = 128
 
 
 # docs/notes/benchmarks.md, "The memory's kernels on a GPU": the four global
@@ -110,56 +114,61 @@ class MeasuredPath(NamedTuple):
 MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
     MeasuredPath(90, 'bfloat16', False, 10.28, 20.43,
                  'an H200, M3\'s four global branches in inference at batch 128',
-                 every_kernel=True),
+                 every_kernel=True, block_d=128),
     MeasuredPath(90, 'float32', False, 54.48, 28.31,
                  'an H200, M3\'s four global branches in inference at batch 128',
-                 every_kernel=True),
+                 every_kernel=True, block_d=128),
     # a training step under bf16 autocast: the kernels hold 4287 MiB at peak, PyTorch 11462
     MeasuredPath(90, 'bfloat16', True, 77.73, 69.00,
                  'an H200, a training step of M3\'s four global branches at batch 128',
-                 every_kernel=True),
+                 every_kernel=True, block_d=128),
 )
 
 
 def check_measured_paths(entries: Iterable[MeasuredPath]) -> None:
-    """A clear error for an entry with an unknown dtype or a time that is
-    not positive, and for two entries of the same GPU, dtype and mode."""
+    """A clear error for an entry with an unknown dtype, a time that is not
+    positive or a width that is no tile's, and for two entries of the same
+    GPU, dtype, mode and width."""
     seen = set()
     for entry in entries:
         if entry.operand_dtype not in OPERAND_DTYPE_NAMES:
             raise ValueError(f'{entry}: operand_dtype must be one of {OPERAND_DTYPE_NAMES}')
         if not (entry.triton_ms > 0 and entry.torch_ms > 0):
             raise ValueError(f'{entry}: the times must be positive')
-        key = entry[:3]
+        check_tiles(entry.block_d, None, ('block_d', 'BH'))
+        key = (*entry[:3], entry.block_d)
         if key in seen:
             raise ValueError(f'two measured paths for {key}')
         seen.add(key)
 
 
-def measured_path(arch: Optional[int], operand_dtype: str, training: bool
+def measured_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
                   ) -> Optional[MeasuredPath]:
-    """The ``MEASURED_PATHS`` entry of this GPU, operand dtype and mode, or None."""
-    return next((e for e in MEASURED_PATHS if (e.arch, e.operand_dtype, e.training) ==
-                 (arch, operand_dtype, training)), None)
+    """The ``MEASURED_PATHS`` entry of this GPU, operand dtype, mode and
+    tiled head width (``block_width``), or None."""
+    key = (arch, operand_dtype, training, block_width(head_dim))
+    return next((e for e in MEASURED_PATHS if (*e[:3], e.block_d) == key), None)
 
 
-def auto_path(arch: Optional[int], operand_dtype: str, training: bool
+def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
               ) -> Tuple[str, str]:
     """('triton' or 'torch', why) for ``kernels='auto'``: the kernels where
-    an entry of ``MEASURED_PATHS`` for this GPU, operand dtype and mode
-    timed them faster, else the PyTorch path.
+    an entry of ``MEASURED_PATHS`` for this GPU, operand dtype, mode and
+    tiled head width timed them faster, else the PyTorch path.
 
     Args:
         arch: the CUDA GPU's compute capability, or None (no CUDA GPU).
         operand_dtype: the products' operand dtype, by name.
         training: a training call.
+        head_dim: the memory's head width C_m (its padded width decides).
     """
     mode = 'trains' if training else 'runs'
     if arch is None:
         return 'torch', (f"'auto' {mode} on the PyTorch path off NVIDIA's CUDA GPUs "
                          "(kernels='triton' takes the Triton kernels)")
-    entry = measured_path(arch, operand_dtype, training)
-    what = f'sm_{arch} with {operand_dtype} operands'
+    entry = measured_path(arch, operand_dtype, training, head_dim)
+    what = (f'sm_{arch} with {operand_dtype} operands at heads {head_dim} wide (tiled as '
+            f'{block_width(head_dim)})')
     if entry is None:
         return 'torch', (f"'auto' {mode} on the PyTorch path: no GPU has timed the Triton "
                          f"kernels against it on {what} (kernels='triton' takes them)")

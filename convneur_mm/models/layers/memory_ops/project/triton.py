@@ -9,8 +9,9 @@ from torch import Tensor
 
 from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
-from ..kernels.launch import (_next_pow2, as_operands, call_kernel_op, cdiv, check_arguments,
-                              check_runnable, check_span, check_tiles, kernel_op, launch_config)
+from ..kernels.launch import (_next_pow2, as_operands, block_width, call_kernel_op, cdiv,
+                              check_arguments, check_runnable, check_span, check_tiles,
+                              kernel_op, launch_config)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -90,7 +91,7 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     128 with 16-bit operands it spills 368 B (sm_90) and 444 B (sm_80), the
     least found (32 rows: 1 KB; 4 warps: 1.4 KB). Not tuned by timing."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
-    bd = max(16, _next_pow2(d))
+    bd = block_width(d)
     whole_rows = backward or bd <= 128 and operand_dtype != torch.float32
     if backward:
         block_rows = block_rows or 16
