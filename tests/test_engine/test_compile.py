@@ -273,22 +273,33 @@ def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
     pytest.param('cpu', torch.bfloat16, id='cpu-bf16-autocast'),
     # bf16 operands ('auto'), bmm with a float32 output in inference
     on_cuda('cuda', torch.bfloat16, id='cuda-bf16-autocast')])
-def test_backbone_traces_without_graph_breaks(training, device, amp):
+def test_backbone_traces_without_graph_breaks(training, device, amp, monkeypatch):
     """The memory's hot path (write, scan, read) and the blocks are one graph:
     a break makes every block's ``branches`` a frame of its own, one graph per
     block, and past the recompile limit (8) the rest of the blocks run eager.
     In training the projections, the chunk gradients and the chunk read are
-    their closed-form ``autograd.Function`` s, traced inside that graph."""
+    their closed-form ``autograd.Function`` s, traced inside that graph, as
+    are the 16-bit products that autograd differentiates (CUDA's bf16 operands)."""
+    from convneur_mm.models.layers.memory_ops import common
     holder = _tiny_backbone(backward='closed_form').to(device)
     holder.backbone.train(training)
     x = torch.randn(2, 3, 32, 48, device=device)
-    with torch.set_grad_enabled(training), torch.autocast(device, dtype=amp or torch.float32,
-                                                          enabled=amp is not None):
-        explanation = torch._dynamo.explain(holder.backbone)(x)
+    products, apply = [], common._Product16.apply
+    monkeypatch.setattr(common._Product16, 'apply',
+                        lambda *args: products.append(1) or apply(*args))
+
+    def run(fn):
+        with torch.set_grad_enabled(training), torch.autocast(
+                device, dtype=amp or torch.float32, enabled=amp is not None):
+            return fn(x)
+
+    run(holder.backbone)  # eager: the 16-bit products under autograd, counted
+    monkeypatch.undo()
+    explanation = run(torch._dynamo.explain(holder.backbone))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-    closed_form = explanation.graphs[0].code.count('autograd_function_apply(')
-    assert closed_form == (3 if training else 0)
+    functions = explanation.graphs[0].code.count('autograd_function_apply(')
+    assert functions == (3 + len(products) if training else 0)
 
 
 def test_compiled_parts_and_bad_requests():

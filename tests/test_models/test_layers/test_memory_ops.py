@@ -182,18 +182,53 @@ def test_product_takes_operands_already_cast(dtype):
 
 
 def test_products_on_meta_tensors_write_float32_as_on_cuda():
-    """Byte counts on meta tensors are CUDA's: a 16-bit product outside
-    autograd writes float32 itself (no widening cast); under autograd it
-    widens its 16-bit result, on every device."""
+    """Byte counts on meta tensors are CUDA's: a 16-bit product writes
+    float32 itself (no widening cast), and under autograd so do its
+    gradients: the backward casts only the incoming gradient."""
     from convneur_mm.models.layers.memory_ops import product
     from convneur_mm.testing.dispatch_probes import AtenOpCounter
     a, b = torch.empty(2, 5, 6, device='meta'), torch.empty(2, 6, 3, device='meta')
     with AtenOpCounter() as counter:
         assert product(a, b, torch.bfloat16).dtype == torch.float32
     assert counter.kernels == {'_to_copy': 2, 'bmm': 1}
+    a.requires_grad_(), b.requires_grad_()
     with AtenOpCounter() as counter:
-        product(a.requires_grad_(), b, torch.bfloat16)
-    assert counter.kernels == {'_to_copy': 3, 'bmm': 1}
+        out = product(a, b, torch.bfloat16)
+        assert out.dtype == torch.float32
+    assert counter.kernels == {'_to_copy': 2, 'bmm': 1}
+    with AtenOpCounter() as counter:
+        out.backward(torch.empty_like(out))
+    assert counter.kernels == {'_to_copy': 1, 'bmm': 2}
+    assert (a.grad.dtype, b.grad.dtype) == (torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize('operand_dtype', [torch.bfloat16, torch.float16])
+def test_16_bit_products_have_autograds_gradients_through_the_casts(operand_dtype):
+    """On a CPU (16-bit results, widened) the product's own backward
+    computes what autograd through the casts computes, bit for bit; an
+    operand the caller cast already gets its gradient in its dtype; a
+    second-order backward is refused, not silently wrong."""
+    from convneur_mm.models.layers.memory_ops import product
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 5, 8, generator=gen), torch.randn(3, 8, 4, generator=gen)
+    grad = torch.randn(3, 5, 4, generator=gen)
+    want = [t.clone().requires_grad_() for t in (a, b)]
+    torch.bmm(want[0].to(operand_dtype), want[1].to(operand_dtype)).float().backward(grad)
+    got = [t.clone().requires_grad_() for t in (a, b)]
+    out = product(*got, operand_dtype)
+    assert out.dtype == torch.float32 and out.grad_fn.name() == '_Product16Backward'
+    out.backward(grad)
+    for g, w in zip(got, want):
+        assert torch.equal(g.grad, w.grad)
+    a16 = a.to(operand_dtype).requires_grad_()
+    product(a16, got[1], operand_dtype).backward(grad)
+    assert a16.grad.dtype == operand_dtype
+    out = product(*got, operand_dtype)
+    (first, ) = torch.autograd.grad(out.square().sum(), got[0])
+    assert first.shape == a.shape
+    with pytest.raises(RuntimeError, match='first order only'):
+        torch.autograd.grad(product(*got, operand_dtype).square().sum(), got[0],
+                            create_graph=True)
 
 
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16, torch.float16])
