@@ -54,11 +54,6 @@ declare -A ESTIMATE_S=([profile]=55 [bench]=150 [train]=140 [tests]=150 [kernels
                      [tune]=300 [precision]=360)
 
 usage() { sed -n 2,46p "$0" | sed 's/^# \{0,1\}//'; }
-for pair in ${SECTION_S:-}; do
-    [[ $pair =~ ^([a-z]+)=([0-9]+)$ && -n "${ESTIMATE_S[${BASH_REMATCH[1]}]:-}" ]] || {
-        echo "gpu_run.sh: SECTION_S takes SECTION=SECONDS pairs, not '$pair'" >&2; exit 2; }
-    ESTIMATE_S[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
-done
 
 RESULTS=gpu_results
 LIMIT_S=600
@@ -79,6 +74,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 [[ $LIMIT_S =~ ^[0-9]+$ ]] || { echo "gpu_run.sh: --limit-s takes whole seconds, not '$LIMIT_S'" >&2; exit 2; }
+for pair in ${SECTION_S:-}; do
+    [[ $pair =~ ^([a-z]+)=([0-9]+)$ && -n "${ESTIMATE_S[${BASH_REMATCH[1]}]:-}" ]] || {
+        echo "gpu_run.sh: SECTION_S takes SECTION=SECONDS pairs, not '$pair'" >&2; exit 2; }
+    ESTIMATE_S[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+done
 [ ${#chosen[@]} -gt 0 ] || chosen=("${SECTIONS[@]}")
 
 mkdir -p "$RESULTS"

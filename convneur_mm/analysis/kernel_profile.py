@@ -258,8 +258,10 @@ _ATEN_NOISE = re.compile(r'at::native::|\(anonymous namespace\)::|binary_interna
 _ATEN_GENERIC = ('vectorized_elementwise_kernel', 'unrolled_elementwise_kernel',
                  'elementwise_kernel', 'reduce_kernel')
 _ATEN_WORK = re.compile(r'(\w*(?:Functor|_functor|KernelImpl|_kernel_cuda|_cuda_kernel|'
-                        r'_forward_kernel|_backward_kernel)\w*(?:<[\w, ]*>)?)')
-_ATEN_WRAPPERS = ('BinaryFunctor', 'AUnaryFunctor', 'BUnaryFunctor')
+                        r'_forward_kernel|_backward_kernel|_kernel_impl|Ops)\w*(?:<[\w, ]*>)?)')
+# wrappers of a binary functor: tensor with tensor, or with a scalar
+_ATEN_WRAPPERS = {'BinaryFunctor': '', 'AUnaryFunctor': ' by a scalar',
+                  'BUnaryFunctor': ' by a scalar'}
 
 
 def short_kernel_name(name: str) -> str:
@@ -272,13 +274,26 @@ def short_kernel_name(name: str) -> str:
     text = _ATEN_NOISE.sub('', name.removeprefix('void ')).strip()
     head = re.match(r'[\w:]+', text)
     if head and head.group(0) in _ATEN_GENERIC:
-        works = [w for w in _ATEN_WORK.findall(text) if not w.startswith(_ATEN_WRAPPERS)]
+        found = _ATEN_WORK.findall(text)
+        works = [w for w in found if not w.startswith(tuple(_ATEN_WRAPPERS))]
+        wrapper = next((tag for w in found for key, tag in _ATEN_WRAPPERS.items()
+                        if w.startswith(key)), '')
         # the element types of its functor's lambda, not the index lambda's (int)
         types = [t for t in re.findall(r'lambda\(([\w, ]+)\)', text) if t != 'int']
         kind = head.group(0).replace('_elementwise', '').replace('_kernel', '')
         if works:
-            return f'{kind}: {works[-1]}' + (f' ({types[-1]})' if types else '')
-    return text.split('(')[0].strip() or name
+            return (f'{kind}: {works[-1]}{wrapper}' + (f' ({types[-1]})' if types else ''))
+    return _before_arguments(text) or name
+
+
+def _before_arguments(text: str) -> str:
+    """``text`` up to its argument list: the first '(' outside template brackets."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {'<': 1, '>': -1}.get(char, 0)
+        if char == '(' and depth == 0:
+            return text[:i].strip()
+    return text.strip()
 
 
 def format_table(summary: dict) -> str:

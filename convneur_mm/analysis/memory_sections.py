@@ -277,7 +277,10 @@ def _compiled_kernels_rows(ctx: 'MemorySuite', backend: str, local_only: torch.n
     except Exception as exc:  # noqa: BLE001
         row = dict(status=describe_error(exc))
         ctx.log(traceback.format_exc())
-    return dict(row, memory_cfg=dict(kernels='triton'))
+    return dict(row, memory_cfg=dict(kernels='triton'),
+                note="the local-only network is the one compiled for the row before: its "
+                "first_call_s is no compilation; no Dynamo reset between, so M3's own "
+                "graphs count towards the backbone's recompile limit")
 
 
 def _autocast_forward(model: torch.nn.Module, x: torch.Tensor,

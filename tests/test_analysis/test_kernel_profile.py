@@ -229,6 +229,17 @@ def test_a_failure_to_price_the_kernels_leaves_the_profile_running(monkeypatch):
      'reduce: sum_functor<float, float, float> (float, float)'),
     ('void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>'
      '(int, float, float const*)', 'vectorized_layer_norm_kernel<float, float, false>'),
+    ('void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<float, float, '
+     'float, at::native::binary_internal::MulFunctor<float> >, std::array<char*, 2ul> >(int, ...)',
+     'vectorized: MulFunctor<float> by a scalar'),
+    ('void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::'
+     'where_kernel_impl(at::TensorIterator&)::{lambda()#1}::operator()() const::{lambda()#7}::'
+     'operator()() const::{lambda(bool, float, float)#1}, std::array<char*, 4ul> >(int, ...)',
+     'vectorized: where_kernel_impl (bool, float, float)'),
+    ('void gemmSN_TN_kernel<float, 128, 16, 2, 4, 8, 9, false, cublasGemvTensorStridedBatched'
+     '<float const> >(cublasGemmSmallNParams<float>)',
+     'gemmSN_TN_kernel<float, 128, 16, 2, 4, 8, 9, false, cublasGemvTensorStridedBatched'
+     '<float const> >'),
     ('read_kernel', 'read_kernel'),
     ('Memcpy DtoD (Device -> Device)', 'Memcpy DtoD'),
 ])

@@ -168,7 +168,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         kernels: the implementation of the memory's operations (``memory_ops``):
             'auto' (the Triton kernels in eager CUDA inference where a GPU of
             the same kind measured them faster at the same tiled head width,
-            ``kernels.tuned.MEASURED_PATHS``: bf16 operands on sm_90, C_m up to
+            ``kernels.tuned.MEASURED_PATHS``: bf16 operands on sm_90, C_m 65 to
             128; else PyTorch), 'torch' or 'triton'
             (the Triton kernels for every operand dtype, in inference and in
             training, with their backward kernels; an error where they
@@ -379,7 +379,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         needs. 'auto' takes them only where a GPU measured them faster than
         the PyTorch path for its compute capability, operand dtype, mode and
         tiled head width (``kernels.tuned.auto_path``): on sm_90 for bf16
-        inference up to C_m 128, the
+        inference at C_m 65 to 128, the
         projection and scan kernels too (``MeasuredPath.every_kernel``); float32
         products stay on cuBLAS, and training on the PyTorch path ('triton'
         takes the kernels wherever they run, Triton's CPU interpreter

@@ -202,33 +202,38 @@ def test_products_on_meta_tensors_write_float32_as_on_cuda():
     assert (a.grad.dtype, b.grad.dtype) == (torch.float32, torch.float32)
 
 
-@pytest.mark.parametrize('operand_dtype', [torch.bfloat16, torch.float16])
-def test_16_bit_products_have_autograds_gradients_through_the_casts(operand_dtype):
-    """On a CPU (16-bit results, widened) the product's own backward
-    computes what autograd through the casts computes, bit for bit; an
-    operand the caller cast already gets its gradient in its dtype; a
-    second-order backward is refused, not silently wrong."""
+def test_bf16_products_have_autograds_gradients_through_the_casts():
+    """On a CPU (bf16 results, widened) the product's own backward computes
+    what autograd through the casts computes, bit for bit; an operand the
+    caller cast already gets its gradient in its dtype; one that needs no
+    gradient leaves the other operand unsaved; a second-order backward is
+    refused, not silently wrong. float16 operands keep autograd through the
+    casts, whose float16 tensors the fp16-headroom tool hooks."""
     from convneur_mm.models.layers.memory_ops import product
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 5, 8, generator=gen), torch.randn(3, 8, 4, generator=gen)
     grad = torch.randn(3, 5, 4, generator=gen)
     want = [t.clone().requires_grad_() for t in (a, b)]
-    torch.bmm(want[0].to(operand_dtype), want[1].to(operand_dtype)).float().backward(grad)
+    torch.bmm(want[0].bfloat16(), want[1].bfloat16()).float().backward(grad)
     got = [t.clone().requires_grad_() for t in (a, b)]
-    out = product(*got, operand_dtype)
+    out = product(*got, torch.bfloat16)
     assert out.dtype == torch.float32 and out.grad_fn.name() == '_Product16Backward'
     out.backward(grad)
     for g, w in zip(got, want):
         assert torch.equal(g.grad, w.grad)
-    a16 = a.to(operand_dtype).requires_grad_()
-    product(a16, got[1], operand_dtype).backward(grad)
-    assert a16.grad.dtype == operand_dtype
-    out = product(*got, operand_dtype)
-    (first, ) = torch.autograd.grad(out.square().sum(), got[0])
+    a16 = a.bfloat16().requires_grad_()
+    product(a16, got[1], torch.bfloat16).backward(grad)
+    assert a16.grad.dtype == torch.bfloat16
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved = []
+        product(got[0], b, torch.bfloat16)  # b needs no gradient: a16 is not saved
+    assert [t.shape for t in saved] == [b.shape]
+    (first, ) = torch.autograd.grad(product(*got, torch.bfloat16).square().sum(), got[0])
     assert first.shape == a.shape
     with pytest.raises(RuntimeError, match='first order only'):
-        torch.autograd.grad(product(*got, operand_dtype).square().sum(), got[0],
+        torch.autograd.grad(product(*got, torch.bfloat16).square().sum(), got[0],
                             create_graph=True)
+    assert product(*got, torch.float16).grad_fn.name() == 'ToCopyBackward0'
 
 
 @pytest.mark.parametrize('dtype', [None, torch.bfloat16, torch.float16])

@@ -32,7 +32,7 @@ class MemoryWeights(NamedTuple):
 
 # torch >= 2.8 on CUDA: a 16-bit product with a float32 output, no rounding of
 # the accumulator to 16 bits (the overload has no autograd formula: ``_Product16``
-# gives it one); on meta tensors too, so that byte counts there are CUDA's
+# gives it one for bf16 operands); on meta tensors too, so that byte counts there are CUDA's
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
 _OUT_DTYPE_DEVICES = ('cuda', 'meta')
 
@@ -48,8 +48,8 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
     * ``None`` (or the output dtype itself): the plain product;
     * float32 inputs: 16-bit operands on tensor cores (CUDA) or oneDNN (CPU),
       float32 accumulation; the output is float32 (on CUDA and meta tensors
-      ``bmm(..., out_dtype=float32)``, under autograd its gradients too;
-      otherwise the 16-bit output, widened);
+      ``bmm(..., out_dtype=float32)``, under autograd with bf16 operands its
+      gradients too; otherwise the 16-bit output, widened);
     * float64 inputs: the exact products of the operands rounded to
       ``operand_dtype``, accumulated in float64: what a 16-bit GEMM with a
       wide accumulator computes, up to summation order (the CPU tests'
@@ -70,7 +70,10 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
         return torch.bmm(a, b)
     if out_dtype == torch.float64:
         return torch.bmm(a.to(operand_dtype).to(out_dtype), b.to(operand_dtype).to(out_dtype))
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    # float16 operands keep autograd through the casts: their float16 tensors
+    # are what the fp16-headroom tool hooks (bf16 has float32's range)
+    if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+            and operand_dtype == torch.bfloat16):
         return _Product16.apply(a, b, operand_dtype, out_dtype)
     return _wide_bmm(a.to(operand_dtype), b.to(operand_dtype), out_dtype)
 
@@ -87,25 +90,28 @@ def _wide_bmm(a16: Tensor, b16: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 
 class _Product16(torch.autograd.Function):
-    """``product`` with 16-bit operands under autograd: the gradients are
-    16-bit products written in their inputs' dtypes (``_wide_bmm``), where
-    autograd through the casts wrote 16-bit results and widened each in a
-    copy of its own (the forward's output too). It saves the 16-bit operands,
-    as autograd's bmm did; its backward is of first order only."""
+    """``product`` with bf16 operands under autograd: the gradients are
+    bf16 products written in their inputs' dtypes (``_wide_bmm``), where
+    autograd through the casts wrote bf16 results and widened each in a copy
+    of its own (the forward's output too). It saves each 16-bit operand the
+    other's gradient needs, as autograd's bmm did; its backward is of first
+    order only (no ``torch.func`` transforms either)."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, operand_dtype: torch.dtype,
                 out_dtype: torch.dtype) -> Tensor:
         a16, b16 = a.to(operand_dtype), b.to(operand_dtype)
-        ctx.save_for_backward(a16, b16)
+        ctx.save_for_backward(a16 if ctx.needs_input_grad[1] else None,
+                              b16 if ctx.needs_input_grad[0] else None)
         ctx.dtypes = a.dtype, b.dtype
+        ctx.operand_dtype = operand_dtype
         return _wide_bmm(a16, b16, out_dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        first_order_only("the memory's 16-bit products")
+        first_order_only("the memory's bf16 products")
         a16, b16 = ctx.saved_tensors
-        grad16 = grad.to(a16.dtype)
+        grad16 = grad.to(ctx.operand_dtype)
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_a = _wide_bmm(grad16, b16.transpose(1, 2), ctx.dtypes[0])
