@@ -8,7 +8,8 @@ a function of the suite that returns its JSON record:
   each memory variant's (``memory_variants.BRANCH_VARIANTS``) time, peak
   memory growth and error against float32.
 * ``model``: M3 against M3 local-only, called in turns, float32 and bf16
-  autocast, eager: throughput, the branches' time per batch, peak growth.
+  autocast, eager: throughput, the branches' time per batch, peak growth;
+  and a bf16 training step of each (forward, backward, AdamW).
 * ``numerics``: logits against float32 and float64; the memory of stage 1
   against float64 per variant, with the update-contribution error at
   ``max_lr`` 1, 0.2 and 1e-3.
@@ -151,7 +152,6 @@ def _model_rows(ctx: 'MemorySuite', models: Dict[str, torch.nn.Module], modes: S
     x = torch.randn(batch, 3, ctx.sizes['image'], ctx.sizes['image'], device=ctx.device)
     out: Dict = {}
     for mode in modes:
-        context = 'bf16' if mode == 'bf16_autocast' else None
         kind = 'compiled_mode' if compiled else 'model'
         why = ctx.why_not(kind)
         if why:
@@ -159,12 +159,7 @@ def _model_rows(ctx: 'MemorySuite', models: Dict[str, torch.nn.Module], modes: S
             continue
         start = time.monotonic()
         try:
-            fns = {}
-            for name, model in models.items():
-                def fn(model=model):
-                    with torch.inference_mode(), precision(context, ctx.device):
-                        return logits_fn(model)(x)
-                fns[name] = fn
+            fns = {name: _step(model, x, mode, ctx.device) for name, model in models.items()}
             rec = {}
             for name, fn in fns.items():  # the first call: compilation where compiled
                 rec[name] = dict(first_call_s=time_call(fn, ctx.device))
@@ -188,9 +183,38 @@ def _model_rows(ctx: 'MemorySuite', models: Dict[str, torch.nn.Module], modes: S
     return out
 
 
+TRAINING_MODE = 'train_bf16_autocast'
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, mode: str,
+          device: str) -> Callable[[], object]:
+    """One call of ``mode`` on ``model``: inference (``float32``,
+    ``bf16_autocast``), or with ``TRAINING_MODE`` a training step of a copy
+    of it (forward under bf16 autocast, cross-entropy, backward, AdamW),
+    so that the shared models keep their weights."""
+    context = 'bf16' if mode.endswith('bf16_autocast') else None
+    if mode != TRAINING_MODE:
+        def infer():
+            with torch.inference_mode(), precision(context, device):
+                return logits_fn(model)(x)
+        return infer
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    labels = torch.randint(0, model.head.num_classes, (x.shape[0], ), device=device)
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        with precision(context, device):
+            logits = logits_fn(model)(x)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+    return train
+
+
 def section_model(ctx: 'MemorySuite') -> Dict:
     models = {'M3': ctx.m3, 'M3 local-only': ctx.local_only}
-    rows = _model_rows(ctx, models, ('float32', 'bf16_autocast'), compiled=False,
+    # the training step last: the targets' inference rows first, within the budget
+    rows = _model_rows(ctx, models, ('float32', 'bf16_autocast', TRAINING_MODE), compiled=False,
                        checkpoint=lambda rows: ctx.checkpoint(dict(modes=rows)))
     variants: Dict = {}
     for name, cfg in MODEL_VARIANTS.items():
@@ -218,7 +242,8 @@ def section_model(ctx: 'MemorySuite') -> Dict:
         free(ctx.device)
     return dict(batch=ctx.sizes['batch'], image=ctx.sizes['image'], modes=rows,
                 variants=variants, note='M3 and local-only called in turns; median ms per '
-                'batch; peak growth over weights and input')
+                f'batch; peak growth over weights and input; {TRAINING_MODE}: a training step '
+                '(forward under bf16 autocast, cross-entropy, backward, AdamW) of copies')
 
 
 def section_compiled(ctx: 'MemorySuite') -> Dict:

@@ -259,8 +259,9 @@ def _get(node, *keys):
 
 def targets(result: Dict) -> Dict[str, Dict]:
     """The memory's GPU targets, with this run's figures where it measured
-    them. 2577 img/s: M3 under bf16 autocast on an H100 before the
-    tensor-core memory (docs/notes/benchmarks.md)."""
+    them (bf16 autocast, batch 128, 224², ratios against local-only). 2577
+    img/s: M3 under bf16 autocast on an H100 before the tensor-core memory
+    (docs/notes/benchmarks.md)."""
     s = result['sections']
     rows = {}
 
@@ -270,12 +271,18 @@ def targets(result: Dict) -> Dict[str, Dict]:
 
     bf16 = _get(s, 'model', 'modes', 'bf16_autocast')
     f32 = _get(s, 'model', 'modes', 'float32')
+    put('four branches ms per batch, bf16 eager inference', _get(bf16, 'branches_ms'), '<= 3',
+        lambda v: v <= 3)
+    put('four branches ms per training step, bf16 eager',
+        _get(s, 'branch', 'rows', 'train_bf16_autocast', 'ms'), '<= 15', lambda v: v <= 15)
     put('branch overhead over local-only, bf16 eager',
-        _get(bf16, 'overhead_over_local'), '<= 0.15', lambda v: v <= 0.15)
+        _get(bf16, 'overhead_over_local'), '<= 0.20', lambda v: v <= 0.20)
     put('branch overhead over local-only, bf16 compiled',
-        _get(s, 'compiled', 'modes', 'bf16_autocast', 'overhead_over_local'), '<= 0.15',
-        lambda v: v <= 0.15)
-    put('branches ms per batch, bf16 eager', _get(bf16, 'branches_ms'), 'report', None)
+        _get(s, 'compiled', 'modes', 'bf16_autocast', 'overhead_over_local'), '<= 0.50',
+        lambda v: v <= 0.50)
+    put('training step overhead over local-only, bf16 eager',
+        _get(s, 'model', 'modes', 'train_bf16_autocast', 'overhead_over_local'), '<= 0.40',
+        lambda v: v <= 0.40)
     put('M3 img/s, bf16 eager', _get(bf16, 'models', 'M3', 'images_per_s'),
         '>= 2 x 2577 (H100, before)', lambda v: v >= 2 * 2577)
     m3_bf16, m3_f32 = _get(bf16, 'models', 'M3', 'ms'), _get(f32, 'models', 'M3', 'ms')
@@ -285,7 +292,7 @@ def targets(result: Dict) -> Dict[str, Dict]:
         m3p = _get(row, 'models', 'M3', 'peak_growth_mib')
         lop = _get(row, 'models', 'M3 local-only', 'peak_growth_mib')
         put(f'peak inference memory over local-only, {mode}',
-            m3p / lop if m3p and lop else None, '<= 1.1', lambda v: v <= 1.1)
+            m3p / lop if m3p and lop else None, '<= 1.2', lambda v: v <= 1.2)
     put('batch-1 latency over local-only, CUDA graph, bf16',
         _get(s, 'latency', 'rows', 'ratio bf16_autocast', 'graph'), '<= 1.3',
         lambda v: v <= 1.3)

@@ -56,10 +56,13 @@ def test_dry_run_measures_what_a_cpu_can_and_skips_the_cuda_items(dry_run):
     assert all(r['status'] == 'skipped: needs CUDA' for (_, p), r in gemm.items()
                if p == 'tf32')
     assert any(name.startswith('write ') for name, _ in gemm)  # stage 1 writes at 64x64
-    for mode in ('float32', 'bf16_autocast'):
+    for mode in ('float32', 'bf16_autocast', 'train_bf16_autocast'):
         row = sections['model']['modes'][mode]
         assert row['status'] == 'ok'
         assert row['models']['M3']['ms'] > 0 and row['models']['M3 local-only']['ms'] > 0
+    # the training-step target reads the model section's training row
+    assert result['targets']['training step overhead over local-only, bf16 eager']['value'] \
+        == sections['model']['modes']['train_bf16_autocast']['overhead_over_local']
     assert sections['compiled']['backend'] == 'eager'
     assert sections['compiled']['modes']['float32']['status'] == 'ok'
     assert sections['latency']['status'] == 'skipped: needs CUDA'
