@@ -118,9 +118,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def block_width(d: int) -> int:
-    """A row of ``d`` columns as the kernels tile it: the next power of two, at least 16."""
-    return max(16, _next_pow2(d))
+def block_width(n: int) -> int:
+    """``n`` rows or columns as the kernels tile them: the next power of two,
+    at least 16 (``tl.dot``'s least)."""
+    return max(16, _next_pow2(n))
 
 
 def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
@@ -259,7 +260,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         config.update(tuned_tiles(kernel, arch, operand_dtype, bd, decomposed) or {})
     config['BM'] = min(config['BM'], row_limit(kernel, operand_dtype, arch) or config['BM'])
     config.update(next((options for name, options in reversed(_forced) if name == kernel), {}))
-    config['BM'] = min(config['BM'], max(16, _next_pow2(rows)))  # no block past a chunk's rows
+    config['BM'] = min(config['BM'], block_width(rows))  # no block past a chunk's rows
     config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
                    if value is not None})
     return config

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
-from ..kernels.launch import (_next_pow2, as_operands, block_width, call_kernel_op, cdiv,
+from ..kernels.launch import (as_operands, block_width, call_kernel_op, cdiv,
                               check_arguments, check_runnable, check_span, check_tiles,
                               kernel_op, launch_config)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
@@ -95,9 +95,9 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     whole_rows = backward or bd <= 128 and operand_dtype != torch.float32
     if backward:
         block_rows = block_rows or 16
-    return dict(BM=block_rows or min(32 if whole_rows else 16, max(16, _next_pow2(rows))),
+    return dict(BM=block_rows or min(32 if whole_rows else 16, block_width(rows)),
                 BD=bd, BK=min(block_features or (bd if whole_rows else 32), bd),
-                BHD=max(16, _next_pow2(d // heads)), BH=max(16, _next_pow2(heads)),
+                BHD=block_width(d // heads), BH=block_width(heads),
                 num_warps=8, num_stages=1 if backward else 2)
 
 
