@@ -3,6 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test`, each taking whole test files: many tests
+# wait on a child process's one-threaded imports, so two keep two cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-slow test-gpu demo clean-venv
 
@@ -10,9 +13,9 @@ setup:
 	@bash tools/setup/setup_env.sh
 
 # The test command of README.md and .ci/run: all but the tests marked `slow`
-# (pytest.ini's addopts deselects them).
+# (pytest.ini's addopts deselects them), in TEST_WORKERS processes.
 test: setup
-	$(PY) -m pytest tests projects $(PYTEST_ARGS)
+	$(PY) -m pytest tests projects -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Only the tests marked `slow`: probe trainings, soaks, compiled variants.
 test-slow: setup

@@ -10,6 +10,9 @@ GPU tests: marked ``gpu`` (``gpu(count=2)`` for two GPUs). They are skipped,
 with the reason, where fewer GPUs are visible; where there are enough, each
 runs in a child pytest that sees the GPUs the session was started with. A
 test that runs on both takes a ``device`` parameter (tests/devices.py).
+
+Workers: `make test` runs pytest-xdist workers, each taking whole files. They
+share the cores (one OpenMP thread each on 2 cores) and build the wheel once.
 """
 import os
 
@@ -17,10 +20,16 @@ GPU_CHILD = 'CONVNEUR_TEST_GPU_CHILD'  # set in the child that runs one GPU test
 ORIGINAL_VISIBLE = os.environ.get('CUDA_VISIBLE_DEVICES')
 if os.environ.get(GPU_CHILD) != '1':
     os.environ['CUDA_VISIBLE_DEVICES'] = ''  # before torch is imported
+if os.environ.get('PYTEST_XDIST_WORKER') and 'OMP_NUM_THREADS' not in os.environ:
+    # pytest-xdist's workers share the cores, and so do the processes they start:
+    # oversubscribed OpenMP threads spin (tests/threads.py)
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
 
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -74,7 +83,10 @@ def visible_gpus() -> int:
 def pytest_collection_finish(session):
     """Start the interpreter runs that the selected tests' ``interpreted``
     fixtures read (a module's ``INTERPRETED``): each goes on beside the
-    tests before them."""
+    tests before them. Not in pytest-xdist's workers: each collects every
+    test but runs a share, so each run waits for the test that reads it."""
+    if _in_xdist_worker(session.config):
+        return
     for item in session.items:
         run = getattr(getattr(item, 'module', None), 'INTERPRETED', None)
         if run is not None and 'interpreted' in getattr(item, 'fixturenames', ()):
@@ -137,26 +149,51 @@ def repo_root():
     return REPO
 
 
-@pytest.fixture(scope='session')
-def built_wheel(tmp_path_factory):
-    """A wheel of this repository, built once per session."""
-    out = tmp_path_factory.mktemp('wheel')
-    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
-                    '--no-build-isolation', '-q', '-w', str(out), REPO],
-                   check=True, cwd=str(out))
-    wheels = list(out.glob('convneur_mm-*.whl'))
-    assert len(wheels) == 1, wheels
-    return wheels[0]
+def _in_xdist_worker(config) -> bool:
+    # not the environment variable, which a child pytest of a worker inherits
+    return hasattr(config, 'workerinput')
+
+
+def _once_per_run(request, tmp_path_factory, name: str, make) -> str:
+    """``make(folder)`` once per test run, also when pytest-xdist runs it in
+    several workers: they share the run's folder and take turns by a lock,
+    so no two build in the checkout at once. Returns what ``make`` returned."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    if _in_xdist_worker(request.config):
+        base = base.parent  # the run's folder; each worker's own is below it
+    folder = base / name
+    with FileLock(str(folder) + '.lock'):
+        done = folder / 'made'
+        if not done.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            done.write_text(str(make(folder)))
+        return done.read_text()
 
 
 @pytest.fixture(scope='session')
-def installed_wheel(built_wheel, tmp_path_factory) -> str:
+def built_wheel(request, tmp_path_factory):
+    """A wheel of this repository, built once per run."""
+    def build(out):
+        subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
+                        '--no-build-isolation', '-q', '-w', str(out), REPO],
+                       check=True, cwd=str(out))
+        wheels = list(out.glob('convneur_mm-*.whl'))
+        assert len(wheels) == 1, wheels
+        return wheels[0]
+    return Path(_once_per_run(request, tmp_path_factory, 'wheel', build))
+
+
+@pytest.fixture(scope='session')
+def installed_wheel(request, built_wheel, tmp_path_factory) -> str:
     """``built_wheel`` installed (``pip install --target``) into a fresh
-    directory, once per session: put it on PYTHONPATH, read it, don't write."""
-    site = tmp_path_factory.mktemp('wheel_install') / 'site'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q',
-                    '--target', str(site), str(built_wheel)], check=True, cwd=str(site.parent))
-    return str(site)
+    directory, once per run: put it on PYTHONPATH, read it, don't write."""
+    def install(folder):
+        site = folder / 'site'
+        subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q',
+                        '--target', str(site), str(built_wheel)], check=True, cwd=str(folder))
+        return site
+    return _once_per_run(request, tmp_path_factory, 'wheel_install', install)
 
 
 @pytest.fixture(autouse=True)

@@ -136,6 +136,7 @@ def tiny_imagenet(tmp_path_factory) -> str:
     return root
 
 
+@pytest.mark.slow  # a whole training through mim; `mim run` and `mim search` run by default
 def test_mim_train_then_test_editable(editable, tiny_imagenet):
     """``mim train ... --gpus 0`` runs tools/train.py with ``--launcher none``;
     ``mim test ... --checkpoint`` evaluates what it saved."""
@@ -155,6 +156,7 @@ def test_mim_train_then_test_editable(editable, tiny_imagenet):
     assert top1 and 0 <= float(top1.group(1)) <= 100, out[-3000:]
 
 
+@pytest.mark.slow  # MMPretrain's reading of the metafile test_model_index checks
 def test_model_hub_reads_the_wheels_metafile(wheel):
     """Not MIM, but the same installed layout: MMPretrain's hub gets the
     classifiers from the wheel's .mim, configs included."""

@@ -50,7 +50,8 @@ def test_wheel_carries_configs_tools_and_model_index(built_wheel):
     assert not any(n.startswith('convneur_mm/.mim/tools/setup/') for n in names)  # DEV_ONLY
 
 
-def test_sdist_carries_what_the_wheel_build_needs(repo_root, tmp_path):
+def test_sdist_carries_what_the_wheel_build_needs(repo_root, tmp_path, built_wheel):
+    # after the run's one wheel build (built_wheel): both write egg-info in the checkout
     subprocess.run([sys.executable, 'setup.py', '-q', 'sdist', '-d', str(tmp_path)],
                    cwd=repo_root, check=True, capture_output=True)
     sdist, = tmp_path.glob('convneur_mm-*.tar.gz')

@@ -36,7 +36,7 @@ from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, time_call, time_ca
 from convneur_mm.analysis.memory_models import (build_classifier, graph_breaks, graph_latency,
                                                 hooked_inputs, logits_fn)
 from convneur_mm.analysis.memory_variants import (BRANCH_VARIANTS, MAX_LRS, MODEL_VARIANTS,
-                                                  NEEDS_CUDA, NUMERICS_VARIANTS,
+                                                  NEEDS_CUDA, NUMERICS_VARIANTS, TRAINING_MODE,
                                                   backbone_memory_keys, branch_like,
                                                   describe_error, free, gemm_shapes, median_ms,
                                                   memory_like, precision, relative_error,
@@ -181,9 +181,6 @@ def _model_rows(ctx: 'MemorySuite', models: Dict[str, torch.nn.Module], modes: S
         free(ctx.device)
         checkpoint(out)
     return out
-
-
-TRAINING_MODE = 'train_bf16_autocast'
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, mode: str,

@@ -28,8 +28,8 @@ import torch
 from convneur_mm.analysis.bench_env import setup_benchmark_device
 from convneur_mm.analysis.memory_models import (LOCAL_ONLY, build_classifier, global_branches,
                                                 hooked_inputs)
-from convneur_mm.analysis.memory_variants import (backbone_memory_keys, describe_error, free,
-                                                  supported_memory_keys)
+from convneur_mm.analysis.memory_variants import (TRAINING_MODE, backbone_memory_keys,
+                                                  describe_error, free, supported_memory_keys)
 
 SCHEMA = 'convneur_mm.gpu_memory_bench/1'
 SECTIONS = ('gemm', 'branch', 'model', 'numerics', 'latency', 'compiled', 'profile')
@@ -274,14 +274,14 @@ def targets(result: Dict) -> Dict[str, Dict]:
     put('four branches ms per batch, bf16 eager inference', _get(bf16, 'branches_ms'), '<= 3',
         lambda v: v <= 3)
     put('four branches ms per training step, bf16 eager',
-        _get(s, 'branch', 'rows', 'train_bf16_autocast', 'ms'), '<= 15', lambda v: v <= 15)
+        _get(s, 'branch', 'rows', TRAINING_MODE, 'ms'), '<= 15', lambda v: v <= 15)
     put('branch overhead over local-only, bf16 eager',
         _get(bf16, 'overhead_over_local'), '<= 0.20', lambda v: v <= 0.20)
     put('branch overhead over local-only, bf16 compiled',
         _get(s, 'compiled', 'modes', 'bf16_autocast', 'overhead_over_local'), '<= 0.50',
         lambda v: v <= 0.50)
     put('training step overhead over local-only, bf16 eager',
-        _get(s, 'model', 'modes', 'train_bf16_autocast', 'overhead_over_local'), '<= 0.40',
+        _get(s, 'model', 'modes', TRAINING_MODE, 'overhead_over_local'), '<= 0.40',
         lambda v: v <= 0.40)
     put('M3 img/s, bf16 eager', _get(bf16, 'models', 'M3', 'images_per_s'),
         '>= 2 x 2577 (H100, before)', lambda v: v >= 2 * 2577)

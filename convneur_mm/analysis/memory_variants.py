@@ -19,6 +19,8 @@ import torch
 
 MAX_LRS = (1.0, 0.2, 1e-3)
 NEEDS_CUDA = 'skipped: needs CUDA'
+# the bf16 autocast training step: a branch variant and a mode of the model section
+TRAINING_MODE = 'train_bf16_autocast'
 
 # name -> (memory_cfg keys, context, training, needs CUDA). Contexts: 'tf32'
 # (TF32 products and convolutions), 'bf16' (CUDA/CPU bf16 autocast), None.
@@ -44,7 +46,7 @@ BRANCH_VARIANTS = {
     'working_set_256_bf16_autocast': ({'working_set_mib': 256}, 'bf16', False, False),
     'train_float32': ({}, None, True, False),
     'train_recompute': ({'recompute': True}, None, True, False),
-    'train_bf16_autocast': ({}, 'bf16', True, False),
+    TRAINING_MODE: ({}, 'bf16', True, False),
     'train_recompute_bf16_autocast': ({'recompute': True}, 'bf16', True, False),
     'train_closed_form_bf16_autocast': ({'backward': 'closed_form'}, 'bf16', True, False),
     'train_triton_bf16_autocast': ({'kernels': 'triton'}, 'bf16', True, True),

@@ -196,7 +196,9 @@ print(window.mib())
 """
 
 
-@pytest.mark.parametrize('thresholds', [None, str(1 << 30)], ids=['glibc-defaults', 'raised'])
+# raised thresholds are a `slow` case: the same measurement under tools' settings
+@pytest.mark.parametrize('thresholds', [None, pytest.param(str(1 << 30), marks=pytest.mark.slow)],
+                         ids=['glibc-defaults', 'raised'])
 def test_peak_memory_growth_on_cpu_is_what_the_work_added(thresholds):
     """In a fresh process, after a larger earlier peak, and with the malloc
     thresholds that ``cpu_malloc`` exports to children (as in the test suite,

@@ -215,6 +215,7 @@ def test_the_report_says_where_the_time_limit_or_an_error_ended_the_run():
     assert 'The final timings failed: RuntimeError: CUDA error' in report
 
 
+@pytest.mark.slow  # imports triton in a child without the interpreter
 def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_it(capsys):
     env = dict(os.environ)
     env.pop('TRITON_INTERPRET', None)

@@ -128,6 +128,7 @@ def test_missing_data_says_how_to_point_at_it(tmp_path, monkeypatch):
         pt.run_config(pt.DEFAULT_CONFIG, 'float32', 0, 4, str(tmp_path))
 
 
+@pytest.mark.slow  # generates the default tiny set, as a user's first run does
 def test_the_default_configs_missing_data_is_generated_into_the_work_dir(tmp_path,
                                                                         monkeypatch):
     monkeypatch.delenv(pt.DATA_ROOT_VARIABLE, raising=False)

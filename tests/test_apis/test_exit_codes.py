@@ -94,6 +94,7 @@ def test_a_late_abort_cannot_fail_a_finished_run(abort_at_teardown):
     assert "metrics: {'mIoU': 88.0}" in run.stdout
 
 
+@pytest.mark.slow  # validates the planted abort, not our ending
 def test_the_old_ending_fails_on_a_late_abort(abort_at_teardown):
     """Validates the planted abort: without our ending, it turns a finished
     run into a failure, as gloo's race did."""
@@ -118,7 +119,9 @@ def test_runs_under_load_all_exit_0(cpu_load):
 
 
 # ------------------------------------------------ failures exit non-zero
-@pytest.mark.parametrize('how', ['exception', 'abort', 'peer-dies'])
+# the signal and the lost peer are `slow` cases: each is a run as long as the exception's
+@pytest.mark.parametrize('how', ['exception', *(pytest.param(h, marks=pytest.mark.slow)
+                                                for h in ('abort', 'peer-dies'))])
 def test_a_failure_before_the_end_exits_non_zero(how):
     """An exception, a rank dying of a signal (SIGKILL reads the same to
     torchrun as the SIGABRT used here), a collective whose peer is gone."""

@@ -63,7 +63,8 @@ def __getattr__(name):
 """
 
 
-@pytest.mark.parametrize('tool', ['train.py', 'test.py'])
+# test.py is a `slow` case: it shares train.py's check
+@pytest.mark.parametrize('tool', ['train.py', pytest.param('test.py', marks=pytest.mark.slow)])
 def test_tools_stop_with_the_fix_before_anything_else(tmp_path, tool):
     """tools/train.py and tools/test.py on the classification demo beside a
     transformers 5 stand-in (a package and its distribution metadata): exit

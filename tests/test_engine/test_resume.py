@@ -267,7 +267,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny_imagenet, 
         torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize('how', ['path', 'auto'])
+# `--resume PATH` is a `slow` case: `--resume` alone finds the same damaged file
+@pytest.mark.parametrize('how', [pytest.param('path', marks=pytest.mark.slow), 'auto'])
 def test_damaged_checkpoint_is_a_clear_error_not_a_restart(tiny_imagenet, tmp_path, how):
     """A checkpoint cut short (the run killed while writing it), named by
     ``--resume PATH`` or found by ``--resume`` through last_checkpoint."""

@@ -67,8 +67,8 @@ print('inferred', kind)
 '''
 
 
-# the segmentor's case is a `slow` test: the detector's and the classifier's cover the path
-@pytest.mark.parametrize('kind', [pytest.param(k, marks=pytest.mark.slow) if k == 'seg' else k
+# the segmentor's and the classifier's cases are `slow` tests: the detector's covers the path
+@pytest.mark.parametrize('kind', [pytest.param(k, marks=pytest.mark.slow) if k != 'det' else k
                                   for k in DEMOS])
 def test_inferencers_read_our_checkpoints_in_a_fresh_process(kind, tmp_path):
     config = osp.join(REPO, 'configs', DEMOS[kind])

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import warnings
 
+import pytest
+
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 from ..paths import REPO
 
@@ -20,6 +22,7 @@ def _run(args) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a whole tool run for its stderr
 def test_a_tools_stderr_has_no_pkg_resources_lines(tmp_path):
     unfiltered = _run(['-c', LOOK_UP])
     assert unfiltered.returncode == 0, unfiltered.stderr[-2000:]
