@@ -3,8 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# pytest-xdist workers of `make test`, each taking whole test files: many tests
-# wait on a child process's one-threaded imports, so two keep two cores busy.
+# pytest-xdist workers of `make test`, each taking whole test files with one
+# OpenMP thread per core (0: one process, no workers). Two took the suite from
+# 28.8 to about 18 min on 2 cores (docs/notes/benchmarks.md#test-suite).
 TEST_WORKERS ?= 2
 
 .PHONY: setup test test-slow test-gpu demo clean-venv

@@ -157,7 +157,8 @@ def _in_xdist_worker(config) -> bool:
 def _once_per_run(request, tmp_path_factory, name: str, make) -> str:
     """``make(folder)`` once per test run, also when pytest-xdist runs it in
     several workers: they share the run's folder and take turns by a lock,
-    so no two build in the checkout at once. Returns what ``make`` returned."""
+    so no two build in the checkout at once. Returns what ``make`` returned,
+    as text (every worker reads it from the folder)."""
     from filelock import FileLock
     base = tmp_path_factory.getbasetemp()
     if _in_xdist_worker(request.config):
