@@ -119,6 +119,16 @@ def result(what: str, module: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def main(functions: dict) -> None:
+    """A test module's ``__main__`` in the subprocess: print the JSON of its
+    function named by the first argument, run in the interpreter without its
+    repeated set-up (``convneur_mm.testing.interpreter_speed``)."""
+    from convneur_mm.testing.interpreter_speed import lean_interpreter
+    with lean_interpreter():
+        result = functions[sys.argv[1]]()
+    print(json.dumps(result))
+
+
 def stop_all() -> None:
     """Drop the queue and end a run that no test will read (an interrupted
     or failing session); no run starts after this."""

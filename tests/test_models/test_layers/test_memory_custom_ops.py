@@ -7,8 +7,6 @@ Triton's interpreter (float32 and float16 operands; one subprocess, as in
 opcheck; and the plan's choice in training.
 """
 import contextlib
-import json
-import sys
 from typing import Dict, Tuple
 
 import pytest
@@ -20,6 +18,7 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fol
                                                           projection_shapes)
 from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
+from ... import interpreted as interpreted_runs
 from .test_memory_kernels import _run_interpreted
 
 OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project', 'memory_scan')
@@ -357,4 +356,4 @@ def test_the_plan_trains_with_the_kernels_on_request_only():
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
-    print(json.dumps(globals()[sys.argv[1]]()))
+    interpreted_runs.main(globals())

@@ -28,9 +28,7 @@ are checked.
 """
 import contextlib
 import itertools
-import json
 import os
-import sys
 
 import pytest
 import torch
@@ -1033,4 +1031,4 @@ def test_the_kernels_launch_on_the_memorys_gpu_not_the_current_one():
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
-    print(json.dumps(globals()[sys.argv[1]]()))
+    interpreted_runs.main(globals())

@@ -25,6 +25,7 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, pro
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.triton_bounds import checked_accesses
+from ... import interpreted as interpreted_runs
 from ...paths import REPO
 from .test_memory_kernels import (BF16_TOL, F16_TOL, F32_TOL, _rel_err, _run_interpreted,
                                   _weights, _write_inputs)
@@ -512,4 +513,4 @@ def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``
-    print(json.dumps(globals()[sys.argv[1]]()))
+    interpreted_runs.main(globals())
