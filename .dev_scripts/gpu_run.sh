@@ -39,7 +39,8 @@
 # less than its estimate is left. A section that fails, runs out of time or is
 # skipped is recorded and the next one runs; the exit status is then 0.
 # Results: DIR/<section>.log, the files above, DIR/summary.tsv (one line per
-# step: name, status, seconds, limit, command), the table printed at the end.
+# step: name, status, seconds, limit, seconds of the run's limit left when it
+# started, command), the table printed at the end.
 # SECTION_S="kernels=170 bench=230" replaces those sections' estimates (a
 # kernels run narrowed by KERNELS_K needs less than the whole one's).
 # --dry-run writes the same plan, logs and summary without running a section
@@ -53,7 +54,7 @@ SECTIONS=(profile bench train tests)
 declare -A ESTIMATE_S=([profile]=55 [bench]=150 [train]=140 [tests]=150 [kernels]=420
                      [tune]=300 [precision]=360)
 
-usage() { sed -n 2,46p "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n 2,47p "$0" | sed 's/^# \{0,1\}//'; }
 
 RESULTS=gpu_results
 LIMIT_S=600
@@ -86,10 +87,10 @@ RESULTS=$(cd "$RESULTS" && pwd)
 PYTHON=${PYTHON:-python3}
 export PYTHON PYTHONUNBUFFERED=1 DRY_RUN MMCV_OPS
 SUMMARY=$RESULTS/summary.tsv
-printf 'step\tstatus\tseconds\tlimit_s\tcommand\n' > "$SUMMARY"
+printf 'step\tstatus\tseconds\tlimit_s\tleft_s\tcommand\n' > "$SUMMARY"
 
-record() {  # NAME STATUS SECONDS LIMIT COMMAND
-    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$SUMMARY"
+record() {  # NAME STATUS SECONDS LIMIT LEFT COMMAND
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >> "$SUMMARY"
     printf '[gpu_run] %-8s %s in %s s (limit %s s)\n' "$1" "$2" "$3" "$4"
 }
 
@@ -140,7 +141,7 @@ section_command() {  # NAME LIMIT: sets cmd
 # ---------------------------------------------------------------- install
 start=$SECONDS
 if ! source .dev_scripts/install_stack.sh > "$RESULTS/install.log" 2>&1; then
-    record install failed $((SECONDS - start)) - 'source .dev_scripts/install_stack.sh'
+    record install failed $((SECONDS - start)) - "$LIMIT_S" 'source .dev_scripts/install_stack.sh'
     echo "[gpu_run] ================================================================" >&2
     echo "[gpu_run] INSTALL FAILED: the stack or mmcv's CUDA ops do not work here;" >&2
     echo "[gpu_run] no section ran. $RESULTS/install.log ends:" >&2
@@ -150,7 +151,7 @@ if ! source .dev_scripts/install_stack.sh > "$RESULTS/install.log" 2>&1; then
 fi
 tail -n 8 "$RESULTS/install.log"
 record install "$([ "$DRY_RUN" = 1 ] && echo dry-run || echo ok)" $((SECONDS - start)) - \
-    'source .dev_scripts/install_stack.sh'
+    "$LIMIT_S" 'source .dev_scripts/install_stack.sh'
 
 # --------------------------------------------------------------- sections
 deadline=$((start + LIMIT_S))
@@ -166,14 +167,14 @@ for i in "${!chosen[@]}"; do
     section_command "$name" "$limit"
     shown=$(printf '%q ' "${cmd[@]}")
     if [ "$left" -lt "$need" ]; then
-        record "$name" "skipped: ${left} s left, needs about ${need} s" 0 - "$shown"
+        record "$name" "skipped: ${left} s left, needs about ${need} s" 0 - "$left" "$shown"
         continue
     fi
     echo "[gpu_run] $name: $shown"
     begin=$SECONDS
     if [ "$DRY_RUN" = 1 ]; then
         echo "dry run: $shown" > "$RESULTS/$name.log"
-        record "$name" dry-run 0 "$limit" "$shown"
+        record "$name" dry-run 0 "$limit" "$left" "$shown"
         continue
     fi
     timeout --kill-after=5 "$limit" "${cmd[@]}" > "$RESULTS/$name.log" 2>&1
@@ -184,7 +185,7 @@ for i in "${!chosen[@]}"; do
         *) status="failed (exit $rc)" ;;
     esac
     tail -n "${TAIL:-25}" "$RESULTS/$name.log"
-    record "$name" "$status" $((SECONDS - begin)) "$limit" "$shown"
+    record "$name" "$status" $((SECONDS - begin)) "$limit" "$left" "$shown"
 done
 
 echo "[gpu_run] done in $SECONDS s (limit $LIMIT_S s); results in $RESULTS"

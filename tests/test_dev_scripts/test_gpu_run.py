@@ -161,10 +161,10 @@ def test_section_s_replaces_the_estimates_that_size_each_sections_limit(tmp_path
                 SECTION_S='kernels=170')
     assert done.returncode == 0, done.stdout + done.stderr
     by_step = {r['step']: r for r in _summary(out)}
-    # the bench leaves the kernels their 170 s of what the install left (a loaded host
-    # may tick a few seconds between the install's record and the bench's limit)
-    left = 500 - int(by_step['install']['seconds'])
-    assert left - 5 - 170 <= int(by_step['bench']['limit_s']) <= left - 170
+    # the bench leaves the kernels their 170 s of what the install left
+    assert int(by_step['install']['left_s']) == 500
+    assert int(by_step['bench']['limit_s']) == int(by_step['bench']['left_s']) - 170
+    assert int(by_step['bench']['left_s']) <= 500 - int(by_step['install']['seconds'])
     assert by_step['kernels']['status'] == 'dry-run'
     for bad in ('kernels=soon', 'nosuch=10'):
         done = _run(out, '--dry-run', WHEELS=host_wheels, SECTION_S=bad)
