@@ -26,6 +26,7 @@ if os.environ.get('PYTEST_XDIST_WORKER') and 'OMP_NUM_THREADS' not in os.environ
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
     os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
 
+import contextlib  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -33,6 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from convneur_mm.utils.config_metafiles import metafiles_read_once  # noqa: E402
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc  # noqa: E402
 from convneur_mm.utils.cuda_env import detect_nvidia  # noqa: E402
 
@@ -40,24 +42,19 @@ from . import interpreted  # noqa: E402
 from .paths import REPO  # noqa: E402
 
 _gpu_count = None
+_session = contextlib.ExitStack()  # what pytest_configure holds open until the end
 
 
 def pytest_configure(config):
     # the markers (gpu, slow, torch_pinned) are registered in pytest.ini
     # what tools/train.py does on CPU; spawned test processes inherit it
     tune_cpu_malloc()
-    _read_package_metafiles_once()
+    # in-process loads outside load_config too (Config.fromfile, the toolboxes' APIs)
+    _session.enter_context(metafiles_read_once())
 
 
-def _read_package_metafiles_once() -> None:
-    """MMEngine resolves each ``mmdet::``-style base by parsing every metafile
-    of the package (about 0.6 s of YAML, 2-3 s per config); the installed
-    packages do not change during a session, so each metafile is parsed once."""
-    import functools
-
-    from mmengine.config import utils
-    if not hasattr(utils.load, 'cache_info'):  # only ``_get_cfg_metainfo`` calls it, to read
-        utils.load = functools.lru_cache(maxsize=None)(utils.load)
+def pytest_unconfigure(config):
+    _session.close()
 
 
 def _in_gpu_child() -> bool:

@@ -14,6 +14,7 @@ import torch
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 
+from convneur_mm.utils.config_metafiles import metafiles_read_once
 from convneur_mm.utils.paths import config_dir, export_config_dir, is_remote
 
 SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
@@ -37,16 +38,18 @@ def load_config(config: str, cfg_options: Optional[dict] = None,
     """
     check_launcher(launcher)
     export_config_dir()  # lets `{{$CONVNEUR_CONFIGS:}}` bases resolve
-    if '::' in config:
-        from mmengine.hub import get_config
-        cfg = get_config(config)
-    else:
+    if '::' not in config:
         if not osp.isfile(config) and osp.isfile(osp.join(config_dir(), config)):
             config = osp.join(config_dir(), config)
         if not osp.isfile(config):
             raise FileNotFoundError(f'config file not found: {config} (neither a path nor '
                                     f'a file under the shipped configs, {config_dir()})')
-        cfg = Config.fromfile(config)
+    with metafiles_read_once():  # MMEngine parsed them again for each `mmdet::` base
+        if '::' in config:
+            from mmengine.hub import get_config
+            cfg = get_config(config)
+        else:
+            cfg = Config.fromfile(config)
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
