@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import traceback
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -119,14 +119,14 @@ def result(what: str, module: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def main(functions: dict) -> None:
+def main(functions: Dict[str, Callable[[], object]]) -> None:
     """A test module's ``__main__`` in the subprocess: print the JSON of its
     function named by the first argument, run in the interpreter without its
     repeated set-up (``convneur_mm.testing.interpreter_speed``)."""
     from convneur_mm.testing.interpreter_speed import lean_interpreter
     with lean_interpreter():
-        result = functions[sys.argv[1]]()
-    print(json.dumps(result))
+        found = functions[sys.argv[1]]()
+    print(json.dumps(found))
 
 
 def stop_all() -> None:

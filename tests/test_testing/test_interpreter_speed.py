@@ -16,7 +16,7 @@ SCRIPT = r'''
 import json
 import torch, triton, triton.language as tl
 from triton.runtime import interpreter
-from convneur_mm.testing.interpreter_speed import lean_interpreter
+from convneur_mm.testing.interpreter_speed import _interpreter_internals, lean_interpreter
 
 @triton.jit
 def _inner(x):
@@ -52,6 +52,7 @@ def counting(fn):
     calls[0] += 1
     return real(fn)
 interpreter._patch_lang = counting
+originals = (interpreter._get_np_dtype, interpreter.GridExecutor.__call__)
 
 # the lean block first: the plain interpreter's device calls leave tl.core patched
 with lean_interpreter():
@@ -63,11 +64,13 @@ with lean_interpreter():
     except Exception:
         failed = True
     again = run()
-restored = interpreter._patch_lang is counting
+restored = interpreter._patch_lang is counting and originals == (
+    interpreter._get_np_dtype, interpreter.GridExecutor.__call__)
 calls[0] = 0
 plain = run()
 plain_calls = calls[0]
 print(json.dumps(dict(
+    internals=_interpreter_internals() is not None,
     inside=torch.equal(plain, inside), again=torch.equal(plain, again),
     plain_calls=plain_calls, lean_calls=lean_calls, failed=failed, restored=restored,
     reference=(plain - torch.nn.functional.gelu(x @ w)).abs().max().item())))
@@ -82,6 +85,8 @@ def test_the_lean_interpreter_computes_the_same_with_fewer_set_ups():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result['internals']:
+        pytest.skip('this triton lacks the interpreter internals lean_interpreter relies on')
     assert result['reference'] < 1e-4  # the kernel computes gelu(x @ w)
     assert result['inside'] and result['again'], result
     # the plain interpreter patches at the launch and at each device call of
