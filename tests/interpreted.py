@@ -119,6 +119,16 @@ def result(what: str, module: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def run_script(script: str) -> dict:
+    """``python -c script`` with TRITON_INTERPRET=1 (skipped without triton):
+    the JSON of its last printed line; a failure fails the test."""
+    pytest.importorskip('triton')
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=_environment(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(functions: Dict[str, Callable[[], object]]) -> None:
     """A test module's ``__main__`` in the subprocess: print the JSON of its
     function named by the first argument, run in the interpreter without its

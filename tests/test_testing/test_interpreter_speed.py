@@ -1,13 +1,8 @@
 """convneur_mm.testing.interpreter_speed: the interpreter without its repeated
 set-up computes what it computes with it (CPU)."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from ..paths import REPO
+from ..interpreted import run_script
 
 # nested device functions (one through the standard library's tl.zeros, which
 # needs tl.core patched), a product, erf and masks; a launch that fails inside
@@ -78,13 +73,7 @@ print(json.dumps(dict(
 
 
 def test_the_lean_interpreter_computes_the_same_with_fewer_set_ups():
-    pytest.importorskip('triton')
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    done = subprocess.run([sys.executable, '-c', SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(SCRIPT)
     if not result['internals']:
         pytest.skip('this triton lacks the interpreter internals lean_interpreter relies on')
     assert result['reference'] < 1e-4  # the kernel computes gelu(x @ w)

@@ -1,12 +1,5 @@
 """convneur_mm.testing.triton_bounds: the interpreter's accesses checked (CPU)."""
-import json
-import os
-import subprocess
-import sys
-
-import pytest
-
-from ..paths import REPO
+from ..interpreted import run_script
 
 # a copy kernel whose mask lets one element past the end through where asked
 SCRIPT = r'''
@@ -34,12 +27,6 @@ print(json.dumps(dict(found=found, copied=dst.tolist() == src.tolist())))
 
 
 def test_a_load_past_its_tensor_is_caught_and_the_check_ends_with_its_block():
-    pytest.importorskip('triton')
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    done = subprocess.run([sys.executable, '-c', SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(SCRIPT)
     assert result['found']['0'] == 'ok' and result['copied']
     assert 'copy: a load of 1 element(s) outside every tensor' in result['found']['1']
