@@ -16,11 +16,10 @@ batch-128 call with bf16 operands through the fused Triton kernels
 training step, forward and backward, through PyTorch (``'training'``) and
 through the Triton kernels (``'training_triton'``); and M4's call through the
 kernels (``'triton_m4'``) and through PyTorch (``'torch_m4'``: whether
-``kernels='auto'`` should take the kernels at M4's width). Every kernel pads
-a row's C_m columns to a power of two (M4's 160 to 256) and its roofline
-counts the true ones, so M4's kernels against M3's (128, unpadded), each
-beside its roofline, say what the padding costs: what splitting a width into
-two power-of-two products would win.
+``kernels='auto'`` should take the kernels at M4's width). Each roofline
+counts the true columns, so M4's kernels (160 columns as 128 + 32,
+``launch.column_blocks``; the projection's padded to 256) against M3's (128),
+each beside its roofline, say what M4's width costs.
 """
 import re
 from collections import Counter

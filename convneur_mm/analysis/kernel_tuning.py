@@ -357,8 +357,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         if kernel not in REPLACES or record_entry:
             chosen[kernel] = best.options
         if record_entry and arch is not None:
-            entry = TunedTile(kernel, arch, dtype_name(operand_dtype), config['BD'], False,
-                              **best.options)
+            entry = TunedTile(kernel, arch, dtype_name(operand_dtype),
+                              block_width(shape.head_dim), False, **best.options)
             result['entries'].append(f'{entry!r},')
         if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
             result['stopped_at'] = kernel

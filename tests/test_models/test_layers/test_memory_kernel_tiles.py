@@ -395,6 +395,103 @@ def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
                    for r in inspect.launch_reports(launches, arch)}
 
 
+def _m4_stage1_launches(arch: int, train: bool, chosen: tuple = ()):
+    """The launches of a bf16 call (``train``: training step) of C_m 160 at
+    M4's stage 1 (batch 128, 3136 tokens), and their compile reports."""
+    from convneur_mm.models.layers import NeuralMemory
+    inspect = pytest.importorskip('convneur_mm.models.layers.memory_ops.kernels.inspect')
+    try:
+        inspect._triton()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    memory = NeuralMemory(160, chunk_size=196, kernels='triton',
+                          matmul_dtype='bfloat16').to('meta').train(train)
+    x = torch.empty(128, 3136, 160, device='meta', requires_grad=train)
+    with launch.forced_tiles_of({kernel: {} for kernel in chosen}), \
+            launch.recording_launches(arch) as launches, torch.set_grad_enabled(train):
+        out = memory(x)
+        if train:
+            out.sum().backward()
+    return launches, inspect.launch_reports(launches, arch)
+
+
+def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
+    """Every tiled kernel launches as ``SPLIT_TILES`` says (two column blocks
+    where it has an entry), each compiled without spills (but the two the
+    table names, each within its bytes), and the products of 64-row tiles
+    on wgmma on sm_90."""
+    launches, reports = _m4_stage1_launches(arch, train, chosen)
+    table = launch.SPLIT_TILES[(128, 32)][arch]
+    tiled = [x for x in launches if x.kernel.__name__[:-len('_kernel')] in launch.KERNEL_NAMES]
+    assert tiled
+    for x in tiled:
+        kernel = x.kernel.__name__[:-len('_kernel')]
+        split = table.get(kernel)
+        assert (x.kwargs['BD'], x.kwargs['BE']) == ((128, 32) if split else (256, 0)), kernel
+        if split:  # a chunk's rows past the whole blocks: a 16-row tail launch
+            assert x.kwargs['BM'] in (split[0], 16) and x.kwargs['BH'] == split[1], x.kwargs
+    names = {x.kernel.__name__ for x in tiled}
+    for report in reports:
+        if report.kernel not in names:
+            continue  # the projections and the scan: tested at M3's width
+        bound = {('grads_backward_chunk_kernel', 90): 8, ('grads_backward_chunk_kernel', 80): 24,
+                 ('read_backward_cols_kernel', 80): 112}.get((report.kernel, arch), 0)
+        assert report.spill_stores <= bound and report.shared <= 163 * 1024, report
+        if arch >= 90 and report.kernel in ('read_kernel', 'grads_rows_kernel',
+                                            'grads_cols_kernel') and report.wgmma == 0:
+            # only the read's tail launch (16-row blocks) is below wgmma's least
+            assert report.kernel == 'read_kernel', report
+
+
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+def test_m4_inference_kernels_compile_in_two_column_blocks_on_sm_90():
+    """M4's 160 columns as 128 + 32: the read and the chunk gradients' two
+    passes take 64-row tiles on wgmma without spills, where one block of
+    256 columns took 16-row tiles on mma.sync."""
+    _check_split_compiles(90, train=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('one_program', [False, True])
+def test_m4_training_kernels_compile_at_their_split_tiles(arch, one_program):
+    _check_split_compiles(arch, train=True,
+                          chosen=tuple(launch.REPLACES) if one_program else ())
+
+
+def test_column_blocks_split_a_width_where_two_blocks_hold_fewer_columns():
+    blocks = {d: launch.column_blocks(d) for d in (8, 16, 24, 40, 80, 96, 128, 160, 192, 200)}
+    assert blocks == {8: (16, 0), 16: (16, 0), 24: (32, 0), 40: (32, 16), 80: (64, 16),
+                      96: (64, 32), 128: (128, 0), 160: (128, 32), 192: (128, 64),
+                      200: (256, 0)}
+
+
+def test_m4_rows_split_by_default_where_the_table_says():
+    def blocks(kernel, d=160, dtype=BF16, decomposed=False, arch=90):
+        config = launch.tile_config(kernel, d, 196, None, None, dtype, decomposed, arch)
+        return config['BD'], config['BE'], config['BM'], config['BH']
+
+    assert blocks('read') == (128, 32, 64, 32)
+    assert blocks('grads_cols') == (128, 32, 64, 16)
+    assert blocks('grads_rows', arch=80) == (128, 32, 16, 32)
+    assert blocks('grads_rows', arch=None) == (128, 32, 16, 32)  # sm_80's where unknown
+    # float32 operands, a decomposed read, M2's width: one padded block
+    assert blocks('read', dtype=torch.float32)[:2] == (256, 0)
+    assert blocks('read', decomposed=True)[:2] == (256, 0)
+    assert blocks('read', d=96)[:2] == (128, 0)  # M2: one block of 128
+    with launch.forced_tiles('read', split=0):
+        assert blocks('read') == (256, 0, 16, 32)
+    with launch.forced_tiles('read', split=1, BM=32):
+        assert blocks('read', d=96)[:3] == (64, 32, 32)
+    for bad in (2, True):
+        with pytest.raises(ValueError, match='split must be 0 or 1'):
+            with launch.forced_tiles('read', split=bad):
+                pass
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
                     reason='this process runs Triton in its interpreter')

@@ -10,8 +10,12 @@ same source runs on triton 3.6 to 3.9). Products take operands of the
 weights arrive in DTYPE (the wrappers cast them once per call, so no program
 converts its weight tiles), W_0 of a decomposed read in float32;
 LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
-Feature widths are padded to the power-of-two block ``BD`` and the hidden
-width is walked in ``BH`` blocks, both masked, so any width works. GELU is
+A row's features are held in the power-of-two block ``BD`` or, where two
+power-of-two blocks cover fewer columns (``launch.column_blocks``: M4's 160
+as 128 + 32, not 256), in ``BD`` and a second block of ``BE``: products over
+the features add both blocks' products, row statistics both blocks' sums.
+The hidden width is walked in ``BH`` blocks; all are masked, so any width
+works. GELU is
 exact (erf) unless the GELU_TANH constexpr asks for its tanh form (one exp
 per element, as ``F.gelu(approximate='tanh')``).
 
@@ -114,83 +118,174 @@ def _times_w1t(dp, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask,
 
 
 @triton.jit
-def _mlp_rows(x_tile, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
-              b1_ptr, b2_ptr, sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID,
-              BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-              DTYPE: tl.constexpr, PREC: tl.constexpr,
-              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
-    """gelu(x @ w1) @ w2 for a float32 (BM, BD) block of rows; the (BM, BH)
-    hidden block lives only in registers. DECOMPOSED: the weights are
-    ``carry * base + delta`` (``w1``/``w2`` hold delta) and each product is
-    ``carry * (x @ base)`` with float32 operands (BASE_PREC) plus
-    ``x @ delta`` in DTYPE, so a small update survives 16-bit operands."""
+def _columns(D, BD: tl.constexpr, BE: tl.constexpr):
+    """A row's column blocks and their masks: 0..BD and, with BE > 0,
+    BD..BD + BE, a width split into two powers of two (M4's 160 as
+    128 + 32, not padded to 256). Without BE the second repeats the first,
+    and no code reads it: every use of a second block sits under ``BE > 0``."""
     cols = tl.arange(0, BD)
-    hcols = tl.arange(0, BH)
-    cmask = cols < D
-    xo = x_tile.to(DTYPE)
-    y = tl.zeros((BM, BD), dtype=tl.float32)
-    for h0 in range(0, HID, BH):
-        hid = h0 + hcols
-        act = _gelu(_pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols,
-                               cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC), GELU_TANH)
-        mask2 = (hid < HID)[:, None] & cmask[None, :]
-        w2 = tl.load(w2_ptr + hid[:, None] * s2_k + cols[None, :] * s2_d, mask=mask2, other=0.0)
-        y = tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=y, input_precision=PREC)
-        if DECOMPOSED:
-            b2 = tl.load(b2_ptr + hid[:, None] * sb2_k + cols[None, :] * sb2_d, mask=mask2,
-                         other=0.0).to(tl.float32)
-            y += carry * tl.dot(act, b2, input_precision=BASE_PREC)
-    return y
+    cols_b = cols
+    if BE > 0:
+        cols_b = BD + tl.arange(0, BE)
+    return cols, cols < D, cols_b, cols_b < D
 
 
 @triton.jit
-def _cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, carry, acc1, acc2,
-               DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
-               BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
+def _row_sum(a, a_b, BE: tl.constexpr):
+    """Each row's sum over both column blocks."""
+    total = tl.sum(a, axis=1)
+    if BE > 0:
+        total += tl.sum(a_b, axis=1)
+    return total
+
+
+@triton.jit
+def _load_tile(base, rows, s_row, cols, s_col, mask):
+    """A (rows, cols) tile as float32, zero outside ``mask``."""
+    return tl.load(base + (rows[:, None] * s_row + cols[None, :] * s_col), mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _times_w2_into(act, acc, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, cols, cmask, hid,
+                   HID, DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
+                   BASE_PREC: tl.constexpr):
+    """acc + act @ w2[hid, cols]: a hidden block's share of the MLP's output
+    columns ``cols`` (DECOMPOSED: see ``_mlp_rows``)."""
+    mask2 = (hid < HID)[:, None] & cmask[None, :]
+    w2 = tl.load(w2_ptr + hid[:, None] * s2_k + cols[None, :] * s2_d, mask=mask2, other=0.0)
+    acc = tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=acc, input_precision=PREC)
+    if DECOMPOSED:
+        b2 = tl.load(b2_ptr + hid[:, None] * sb2_k + cols[None, :] * sb2_d, mask=mask2,
+                     other=0.0).to(tl.float32)
+        acc += carry * tl.dot(act, b2, input_precision=BASE_PREC)
+    return acc
+
+
+@triton.jit
+def _mlp_rows(x_tile, x_b, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
+              b1_ptr, b2_ptr, sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID,
+              BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
+              DTYPE: tl.constexpr, PREC: tl.constexpr,
+              DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
+    """gelu(x @ w1) @ w2 for a float32 block of rows, (BM, BD) and (BE > 0)
+    its (BM, BE) second column block ``x_b``: returns both blocks of the
+    output. The (BM, BH) hidden block lives only in registers. DECOMPOSED:
+    the weights are ``carry * base + delta`` (``w1``/``w2`` hold delta) and
+    each product is ``carry * (x @ base)`` with float32 operands (BASE_PREC)
+    plus ``x @ delta`` in DTYPE, so a small update survives 16-bit operands."""
+    cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
+    hcols = tl.arange(0, BH)
+    xo = x_tile.to(DTYPE)
+    y = tl.zeros((BM, BD), dtype=tl.float32)
+    xo_b = xo
+    y_b = y
+    if BE > 0:
+        xo_b = x_b.to(DTYPE)
+        y_b = tl.zeros((BM, BE), dtype=tl.float32)
+    for h0 in range(0, HID, BH):
+        hid = h0 + hcols
+        pre = _pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols,
+                         cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        if BE > 0:
+            pre += _pre_block(x_b, xo_b, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols_b,
+                              cmask_b, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        act = _gelu(pre, GELU_TANH)
+        y = _times_w2_into(act, y, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, cols, cmask,
+                           hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        if BE > 0:
+            y_b = _times_w2_into(act, y_b, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry,
+                                 cols_b, cmask_b, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+    return y, y_b
+
+
+@triton.jit
+def _cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, x_b, xo_b, dy_b, dyo_b, w1_b, w2t_b, b1_b,
+               b2t_b, carry, acc1, acc2, acc1_b, acc2_b, BE: tl.constexpr, DTYPE: tl.constexpr,
+               PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
+               GELU_TANH: tl.constexpr):
     """One block of rows of a weight-gradient pass over a hidden block j:
     with pre_j = x @ w1[:, j] recomputed and dy the gradient at the MLP's
     output, ``acc1 += x^T (gelu'(pre_j) * (dy @ w2[j]^T))`` (w1's block) and
-    ``acc2 += gelu(pre_j)^T dy`` (w2's). ``w1`` (BD, BH) and ``w2t`` (BD, BH)
-    in DTYPE; DECOMPOSED: plus carry times float32 ``b1``, ``b2t``."""
+    ``acc2 += gelu(pre_j)^T dy`` (w2's), for the first column block and
+    (BE > 0) the second (``*_b``). ``w1`` (BD, BH) and ``w2t`` (BD, BH) in
+    DTYPE; DECOMPOSED: plus carry times float32 ``b1``, ``b2t``."""
     pre = tl.dot(xo, w1, input_precision=PREC)
     back = tl.dot(dyo, w2t, input_precision=PREC)
     if DECOMPOSED:
         pre += carry * tl.dot(x, b1, input_precision=BASE_PREC)
         back += carry * tl.dot(dy, b2t, input_precision=BASE_PREC)
-    d_pre = back * _gelu_grad(pre, GELU_TANH)
-    acc1 = tl.dot(tl.trans(xo), d_pre.to(DTYPE), acc=acc1, input_precision=PREC)
-    acc2 = tl.dot(tl.trans(_gelu(pre, GELU_TANH).to(DTYPE)), dyo, acc=acc2, input_precision=PREC)
-    return acc1, acc2
+    if BE > 0:
+        pre = tl.dot(xo_b, w1_b, acc=pre, input_precision=PREC)
+        back = tl.dot(dyo_b, w2t_b, acc=back, input_precision=PREC)
+        if DECOMPOSED:
+            pre += carry * tl.dot(x_b, b1_b, input_precision=BASE_PREC)
+            back += carry * tl.dot(dy_b, b2t_b, input_precision=BASE_PREC)
+    d_pre = (back * _gelu_grad(pre, GELU_TANH)).to(DTYPE)
+    act = _gelu(pre, GELU_TANH).to(DTYPE)
+    acc1 = tl.dot(tl.trans(xo), d_pre, acc=acc1, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(act), dyo, acc=acc2, input_precision=PREC)
+    if BE > 0:
+        acc1_b = tl.dot(tl.trans(xo_b), d_pre, acc=acc1_b, input_precision=PREC)
+        acc2_b = tl.dot(tl.trans(act), dyo_b, acc=acc2_b, input_precision=PREC)
+    return acc1, acc2, acc1_b, acc2_b
 
 
 @triton.jit
-def _layer_norm_rows(y, cmask, D, eps):
-    """LayerNorm without affine over the D valid columns; padded columns 0."""
-    mean = tl.sum(y, axis=1) / D
+def _layer_norm_rows(y, y_b, cmask, cmask_b, D, eps, BE: tl.constexpr):
+    """LayerNorm without affine over the D valid columns of both column
+    blocks; padded columns 0. Returns both blocks' normed rows and rstd."""
+    mean = _row_sum(y, y_b, BE) / D
     centered = tl.where(cmask[None, :], y - mean[:, None], 0.0)
-    rstd = tl.math.rsqrt(tl.sum(centered * centered, axis=1) / D + eps)
-    return centered * rstd[:, None], rstd
+    centered_b = centered
+    if BE > 0:
+        centered_b = tl.where(cmask_b[None, :], y_b - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(_row_sum(centered * centered, centered_b * centered_b, BE) / D + eps)
+    return centered * rstd[:, None], centered_b * rstd[:, None], rstd
 
 
 @triton.jit
-def _ln_backward_rows(y, normed, rstd, D):
-    """LayerNorm's input gradient from the gradient ``y`` at its output N:
-    rstd (y - mean(y) - N mean(y N)) (``common.ln_backward``), and mean(y N)."""
-    mean_yn = tl.sum(y * normed, axis=1) / D
-    grad = rstd[:, None] * (y - (tl.sum(y, axis=1) / D)[:, None] - normed * mean_yn[:, None])
-    return grad, mean_yn
+def _ln_backward_rows(y, normed, y_b, normed_b, rstd, D, BE: tl.constexpr):
+    """LayerNorm's input gradient from the gradient ``y`` at its output N,
+    both column blocks: rstd (y - mean(y) - N mean(y N))
+    (``common.ln_backward``), and mean(y N)."""
+    mean_yn = _row_sum(y * normed, y_b * normed_b, BE) / D
+    mean_y = _row_sum(y, y_b, BE) / D
+    grad = rstd[:, None] * (y - mean_y[:, None] - normed * mean_yn[:, None])
+    grad_b = grad
+    if BE > 0:
+        grad_b = rstd[:, None] * (y_b - mean_y[:, None] - normed_b * mean_yn[:, None])
+    return grad, grad_b, mean_yn
 
 
 @triton.jit
-def _output_rows(k, v, coef, normed, rstd, scale, mask, D):
-    """The write loss's chain after the MLP's output, as ``pytorch.output_rows``:
-    R = K + N s - V, D = R c, D s, mean(D s N) and Dh = LNback(D s), zero
-    outside ``mask``; ``coef`` c per row."""
+def _residual_rows(k, v, coef, normed, scale, mask):
+    """The write loss's chain after the LayerNorm, one column block:
+    R = K + N s - V (zero outside ``mask``), D = R c, D s; ``coef`` c per row."""
     resid = tl.where(mask, k + normed * scale[None, :] - v, 0.0)
     d_out = resid * coef[:, None]
-    d_normed = d_out * scale[None, :]
-    d_hidden, ln_y = _ln_backward_rows(d_normed, normed, rstd, D)
-    return resid, d_out, d_normed, ln_y, tl.where(mask, d_hidden, 0.0)
+    return resid, d_out, d_out * scale[None, :]
+
+
+@triton.jit
+def _output_rows(k, v, normed, scale, mask, k_b, v_b, normed_b, scale_b, mask_b, coef, rstd, D,
+                 BE: tl.constexpr):
+    """The write loss's chain after the MLP's output, as
+    ``pytorch.output_rows``, both column blocks: R = K + N s - V, D = R c,
+    D s, mean(D s N) and Dh = LNback(D s), zero outside the masks.
+    Returns (R, D, D s, Dh) of each block, then mean(D s N)."""
+    resid, d_out, d_normed = _residual_rows(k, v, coef, normed, scale, mask)
+    resid_b = resid
+    d_out_b = d_out
+    d_normed_b = d_normed
+    if BE > 0:
+        resid_b, d_out_b, d_normed_b = _residual_rows(k_b, v_b, coef, normed_b, scale_b, mask_b)
+    d_hidden, d_hidden_b, ln_y = _ln_backward_rows(d_normed, normed, d_normed_b, normed_b, rstd,
+                                                   D, BE)
+    d_hidden = tl.where(mask, d_hidden, 0.0)
+    if BE > 0:
+        d_hidden_b = tl.where(mask_b, d_hidden_b, 0.0)
+    return (resid, d_out, d_normed, d_hidden, resid_b, d_out_b, d_normed_b, d_hidden_b, ln_y)
 
 
 @triton.jit
@@ -220,6 +315,14 @@ def _hidden_block(pid, hidden_blocks, D, HID, BD: tl.constexpr, BH: tl.constexpr
 
 
 @triton.jit
+def _read_out(x, normed, g_base, sg_d, o_base, rows, so_n, so_d, cols, cmask, mask):
+    """Stores x + N * (1 + g), one column block of a read's rows."""
+    g = tl.load(g_base + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(o_base + (rows[:, None] * so_n + cols[None, :] * so_d),
+             x + normed * (1.0 + g[None, :]), mask=mask)
+
+
+@triton.jit
 def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr,
                 B, C, N, L, D, HID, row_blocks, r0,
                 sx_h, sx_b, sx_n, sx_d,
@@ -234,13 +337,13 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
                 BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                 DTYPE: tl.constexpr, PREC: tl.constexpr,
                 DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, ITERS: tl.constexpr = 1,
-                GELU_TANH: tl.constexpr = False):
+                GELU_TANH: tl.constexpr = False, BE: tl.constexpr = 0):
     """out = x + LN(gelu(x @ w1) @ w2) * (1 + g), token n of (head h, image b)
     reading the weights of chunk n // L. One program per (h, b, chunk, block
     of BM rows of the chunk from its row ``r0``); x, weights and out are
     addressed by strides, so the caller's layouts (heads split or merged) need
     no copy. DECOMPOSED: see ``_mlp_rows``; base weights per head, carry per
-    (h, b, chunk)."""
+    (h, b, chunk). BE > 0: the columns in two blocks (``_columns``)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
         rb = pid % row_blocks
@@ -249,27 +352,41 @@ def read_kernel(x_ptr, w1_ptr, w2_ptr, g_ptr, out_ptr, b1_ptr, b2_ptr, carry_ptr
 
         rows = r0 + rb * BM + tl.arange(0, BM)  # within the chunk
         rmask = (rows < L) & (c * L + rows < N)
-        cols = tl.arange(0, BD)
-        cmask = cols < D
+        cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
         mask = rmask[:, None] & cmask[None, :]
+        mask_b = rmask[:, None] & cmask_b[None, :]
         first = c64 * L  # the chunk's first token
 
-        x_ptrs = (x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
-                  (rows[:, None] * sx_n + cols[None, :] * sx_d))
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_base = x_ptr + (h * sx_h + b * sx_b + first * sx_n)
+        x = _load_tile(x_base, rows, sx_n, cols, sx_d, mask)
+        x_b = x
+        if BE > 0:
+            x_b = _load_tile(x_base, rows, sx_n, cols_b, sx_d, mask_b)
         carry = 1.0
         if DECOMPOSED:
             carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
-        y = _mlp_rows(x, w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c),
-                      w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c), s1_d, s1_k, s2_k, s2_d,
-                      b1_ptr + h * sb1_h, b2_ptr + h * sb2_h, sb1_d, sb1_k, sb2_k, sb2_d, carry,
-                      D, HID, BM, BD, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
-        normed, _ = _layer_norm_rows(y, cmask, D, eps)
-        g = tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
-                    other=0.0).to(tl.float32)
-        out = x + normed * (1.0 + g[None, :])
-        tl.store(out_ptr + (h * so_h + b * so_b + first * so_n) +
-                 (rows[:, None] * so_n + cols[None, :] * so_d), out, mask=mask)
+        y, y_b = _mlp_rows(x, x_b, w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c),
+                           w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c), s1_d, s1_k, s2_k, s2_d,
+                           b1_ptr + h * sb1_h, b2_ptr + h * sb2_h, sb1_d, sb1_k, sb2_k, sb2_d,
+                           carry, D, HID, BM, BD, BE, BH, DTYPE, PREC, DECOMPOSED, BASE_PREC,
+                           GELU_TANH)
+        normed, normed_b, _ = _layer_norm_rows(y, y_b, cmask, cmask_b, D, eps, BE)
+        g_base = g_ptr + (h * sg_h + b * sg_b + c64 * sg_c)
+        o_base = out_ptr + (h * so_h + b * so_b + first * so_n)
+        _read_out(x, normed, g_base, sg_d, o_base, rows, so_n, so_d, cols, cmask, mask)
+        if BE > 0:
+            _read_out(x_b, normed_b, g_base, sg_d, o_base, rows, so_n, so_d, cols_b, cmask_b,
+                      mask_b)
+
+
+@triton.jit
+def _write_inputs(k_base, v_base, k_rows, v_rows, sk_d, sv_d, g_base, sg_d, cols, cmask, mask):
+    """A write's keys, values and gain 1 + g at one column block (``k_rows``,
+    ``v_rows``: the rows' offsets)."""
+    k = _load_tile(k_base, k_rows, 1, cols, sk_d, mask)
+    v = _load_tile(v_base, v_rows, 1, cols, sv_d, mask)
+    scale = 1.0 + tl.load(g_base + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+    return k, v, scale
 
 
 @triton.jit
@@ -277,37 +394,75 @@ def _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
                 gi, bi, ci, crow, lrow, rmask, first, L, D, HID,
                 sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
                 slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, eps,
-                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
-                PREC: tl.constexpr, COPY_KEYS: tl.constexpr, GELU_TANH: tl.constexpr):
+                BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
+                DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
+                GELU_TANH: tl.constexpr):
     """The write's chain over a block of BM rows, row i being row ``lrow[i]``
     of chunk ``crow[i]`` after the chunk ``first`` (of image ``bi``, chunk
     ``ci`` of group ``gi`` in the inputs' strides): stores Dh and (COPY_KEYS)
     the keys in DTYPE to (G, C, L, D) rows, and returns the rows' D N (zero
-    outside ``rmask``), d_g's terms before ``loss_scale``."""
-    cols = tl.arange(0, BD)
-    cmask = cols < D
+    outside ``rmask``), d_g's terms before ``loss_scale``, of both column blocks."""
+    cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
     mask = rmask[:, None] & cmask[None, :]
-    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                ((crow * sk_c + lrow * sk_l)[:, None] + cols[None, :] * sk_d),
-                mask=mask, other=0.0).to(tl.float32)
-    y = _mlp_rows(k, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
-                  w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BH, DTYPE, PREC,
-                  False, PREC, GELU_TANH)
-    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                ((crow * sv_c + lrow * sv_l)[:, None] + cols[None, :] * sv_d),
-                mask=mask, other=0.0).to(tl.float32)
+    mask_b = rmask[:, None] & cmask_b[None, :]
+    k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
+    v_base = v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c)
+    k_rows = crow * sk_c + lrow * sk_l  # each row's offset, strides inside
+    v_rows = crow * sv_c + lrow * sv_l
+    g_base = g_ptr + gi * sg_g
+    k, v, scale = _write_inputs(k_base, v_base, k_rows, v_rows, sk_d, sv_d, g_base, sg_d, cols,
+                                cmask, mask)
+    k_b = k
+    v_b = v
+    scale_b = scale
+    if BE > 0:
+        k_b, v_b, scale_b = _write_inputs(k_base, v_base, k_rows, v_rows, sk_d, sv_d, g_base,
+                                          sg_d, cols_b, cmask_b, mask_b)
+    y, y_b = _mlp_rows(k, k_b, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d,
+                       w1_ptr, w2_ptr, 0, 0, 0, 0, 1.0, D, HID, BM, BD, BE, BH, DTYPE, PREC,
+                       False, PREC, GELU_TANH)
+    normed, normed_b, rstd = _layer_norm_rows(y, y_b, cmask, cmask_b, D, eps, BE)
     lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) +
                  (crow * slr_c + lrow * slr_l), mask=rmask, other=0.0).to(tl.float32)
-    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
 
-    _, d_out, _, _, d_hidden = _output_rows(k, v, lr, normed, rstd, scale, mask, D)
+    _, d_out, _, d_hidden, _, d_out_b, _, d_hidden_b, _ = _output_rows(
+        k, v, normed, scale, mask, k_b, v_b, normed_b, scale_b, mask_b, lr, rstd, D, BE)
     # rows of (G, C, L, D) tensors: chunk first + crow, row lrow
-    tile = first * L * D + ((crow * L + lrow)[:, None] * D + cols[None, :])
-    tl.store(dh_ptr + tile, d_hidden.to(DTYPE), mask=mask)
+    dh_base = dh_ptr + first * L * D
+    ko_base = ko_ptr + first * L * D
+    rows_at = (crow * L + lrow) * D
+    _store_write_rows(dh_base, ko_base, rows_at, cols, mask, d_hidden, k, DTYPE, COPY_KEYS)
+    share = tl.where(mask, d_out * normed, 0.0)
+    share_b = share
+    if BE > 0:
+        _store_write_rows(dh_base, ko_base, rows_at, cols_b, mask_b, d_hidden_b, k_b, DTYPE,
+                          COPY_KEYS)
+        share_b = tl.where(mask_b, d_out_b * normed_b, 0.0)
+    return share, share_b
+
+
+@triton.jit
+def _store_write_rows(dh_base, ko_base, rows_at, cols, mask, d_hidden, k, DTYPE: tl.constexpr,
+                      COPY_KEYS: tl.constexpr):
+    """Dh and (COPY_KEYS) the keys in DTYPE at one column block of (G, C, L, D)
+    rows (``rows_at``: their offsets from the bases)."""
+    tile = rows_at[:, None] + cols[None, :]
+    tl.store(dh_base + tile, d_hidden.to(DTYPE), mask=mask)
     if COPY_KEYS:
-        tl.store(ko_ptr + tile, k.to(DTYPE), mask=mask)
-    return tl.where(mask, d_out * normed, 0.0)
+        tl.store(ko_base + tile, k.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _store_flat_dg(dg_ptr, share, crow, first, c0, rb, slots, U, L, D, loss_scale, cols, cmask,
+                   BM: tl.constexpr):
+    """A flat rows block's shares of d loss / d g at one column block: the
+    chunk c0 of its first row, and the next if the block reaches it."""
+    in_first = crow == c0
+    dg = tl.sum(tl.where(in_first[:, None], share, 0.0), axis=0) * loss_scale
+    tl.store(dg_ptr + ((first + c0) * slots + (rb - c0 * L // BM)) * D + cols, dg, mask=cmask)
+    dg = tl.sum(tl.where(in_first[:, None], 0.0, share), axis=0) * loss_scale
+    tl.store(dg_ptr + (first + c0 + 1) * slots * D + cols, dg,
+             mask=cmask & ((c0 + 1) * L < (rb + 1) * BM) & (c0 + 1 < U))
 
 
 @triton.jit
@@ -322,7 +477,8 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
                       loss_scale, eps,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
-                      FLAT: tl.constexpr, ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
+                      FLAT: tl.constexpr, ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False,
+                      BE: tl.constexpr = 0):
     """Pass 1 of a chunk's gradient, per block of BM rows: the forward at the
     shared weights, the LayerNorm backward, and
 
@@ -340,6 +496,7 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
     (BM <= L) walks each image's U L rows in blocks that may meet two
     chunks, where a block per chunk would pad each chunk to whole blocks
     (196 rows to 256 in 64-row blocks); else one chunk's rows per block.
+    BE > 0: the columns in two blocks (``_columns``).
     """
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
@@ -361,27 +518,26 @@ def grads_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_pt
             rmask = lrow < L
             crow = lrow * 0
             first = chunk.to(tl.int64)
-        share = _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
-                            gi, bi, ci, crow, lrow, rmask, first, L, D, HID,
-                            sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
-                            slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
-                            sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
-        cols = tl.arange(0, BD)
-        cmask = cols < D
+        share, share_b = _write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
+                                     gi, bi, ci, crow, lrow, rmask, first, L, D, HID,
+                                     sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
+                                     slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k,
+                                     s2_d, sg_g, sg_d, eps, BM, BD, BE, BH, DTYPE, PREC,
+                                     COPY_KEYS, GELU_TANH)
+        cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
         if FLAT:
-            # the chunk c0 of the block's first row, and the next if the block reaches it;
             # slot: the block's place among those that meet the chunk
             c0 = rb * BM // L
-            in_first = crow == c0
-            dg = tl.sum(tl.where(in_first[:, None], share, 0.0), axis=0) * loss_scale
-            tl.store(dg_ptr + ((first + c0) * slots + (rb - c0 * L // BM)) * D + cols, dg,
-                     mask=cmask)
-            dg = tl.sum(tl.where(in_first[:, None], 0.0, share), axis=0) * loss_scale
-            tl.store(dg_ptr + (first + c0 + 1) * slots * D + cols, dg,
-                     mask=cmask & ((c0 + 1) * L < (rb + 1) * BM) & (c0 + 1 < U))
+            _store_flat_dg(dg_ptr, share, crow, first, c0, rb, slots, U, L, D, loss_scale, cols,
+                           cmask, BM)
+            if BE > 0:
+                _store_flat_dg(dg_ptr, share_b, crow, first, c0, rb, slots, U, L, D, loss_scale,
+                               cols_b, cmask_b, BM)
         else:
-            dg = tl.sum(share, axis=0) * loss_scale
-            tl.store(dg_ptr + (chunk.to(tl.int64) * slots + rb) * D + cols, dg, mask=cmask)
+            at = dg_ptr + (chunk.to(tl.int64) * slots + rb) * D
+            tl.store(at + cols, tl.sum(share, axis=0) * loss_scale, mask=cmask)
+            if BE > 0:
+                tl.store(at + cols_b, tl.sum(share_b, axis=0) * loss_scale, mask=cmask_b)
 
 
 @triton.jit
@@ -393,24 +549,44 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
                       loss_scale,
                       BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                       DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
-                      ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
+                      ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False,
+                      BE: tl.constexpr = 0):
     """Pass 2, per (chunk, block of BH hidden units j): that block's slices
     of the chunk's G1 and G2 (``_write_cols``)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        chunk, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        chunk, _, _, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
         gi, c, bi, ci = _chunk_of(chunk, C, U)
         _write_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, w1_ptr + gi * s1_g,
                     w2_ptr + gi * s2_g, g1_ptr, g2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k,
-                    s2_k, s2_d, cols, cmask, hid, hmask, L, D, HID, loss_scale, BM, BD, BH,
+                    s2_k, s2_d, hid, hmask, L, D, HID, loss_scale, BM, BD, BE, BH,
                     DTYPE, PREC, TAIL, GELU_TANH)
 
 
 @triton.jit
+def _weight_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols, cmask, hid, hmask):
+    """w1[cols, hid] and w2[hid, cols]^T, (cols, BH) tiles as stored."""
+    wmask = cmask[:, None] & hmask[None, :]
+    w1 = tl.load(w1_ptr + (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask, other=0.0)
+    w2t = tl.load(w2_ptr + (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask, other=0.0)
+    return w1, w2t
+
+
+@triton.jit
+def _store_weight_grads(g1_ptr, g2_ptr, out, acc1, acc2, scale, D, HID, cols, cmask, hid,
+                        hmask):
+    """One column block of a (D, HID) and a (HID, D) weight gradient from ``out``."""
+    tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * scale,
+             mask=cmask[:, None] & hmask[None, :])
+    tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * scale,
+             mask=hmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _write_cols(k_base, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr, chunk, sk_l, sk_d, s1_d, s1_k,
-                s2_k, s2_d, cols, cmask, hid, hmask, L, D, HID, loss_scale, BM: tl.constexpr,
-                BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
-                TAIL: tl.constexpr, GELU_TANH: tl.constexpr):
+                s2_k, s2_d, hid, hmask, L, D, HID, loss_scale, BM: tl.constexpr,
+                BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
+                PREC: tl.constexpr, TAIL: tl.constexpr, GELU_TANH: tl.constexpr):
     """A chunk's (``k_base``: its keys) slices of G1 and G2 at the hidden
     units ``hid``: walks its rows (BM at a time, the rest TAIL at a time),
     recomputes pre_j = k @ w1[:, j] (cheaper than storing a (T, 4d) tensor),
@@ -418,30 +594,43 @@ def _write_cols(k_base, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr, chunk, sk_l, sk_
 
         G1[:, j] = k^T (gelu'(pre_j) * (dh @ w2[j]^T)),   G2[j] = gelu(pre_j)^T dh.
     """
-    w1 = tl.load(w1_ptr + (cols[:, None] * s1_d + hid[None, :] * s1_k),
-                 mask=cmask[:, None] & hmask[None, :], other=0.0).to(DTYPE)
-    w2t = tl.load(w2_ptr + (hid[None, :] * s2_k + cols[:, None] * s2_d),
-                  mask=hmask[None, :] & cmask[:, None], other=0.0).to(DTYPE)  # (BD, BH)
-
+    cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
+    w1, w2t = _weight_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols, cmask, hid, hmask)
+    w1 = w1.to(DTYPE)
+    w2t = w2t.to(DTYPE)
     acc1 = tl.zeros((BD, BH), dtype=tl.float32)
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    w1_b = w1
+    w2t_b = w2t
+    acc1_b = acc1
+    acc2_b = acc2
+    if BE > 0:
+        w1_b, w2t_b = _weight_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols_b, cmask_b, hid,
+                                    hmask)
+        w1_b = w1_b.to(DTYPE)
+        w2t_b = w2t_b.to(DTYPE)
+        acc1_b = tl.zeros((BE, BH), dtype=tl.float32)
+        acc2_b = tl.zeros((BH, BE), dtype=tl.float32)
     dh_base = dh_ptr + chunk * L * D
     whole = L // BM * BM if TAIL < BM else L
     for r0 in range(0, whole, BM):
-        acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, w1,
-                                w2t, w1, w2t, 1.0, acc1, acc2, BM, DTYPE, PREC, False, PREC,
-                                GELU_TANH)
+        acc1, acc2, acc1_b, acc2_b = _cols_rows(
+            k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, cols_b, cmask_b, w1, w2t,
+            w1, w2t, w1_b, w2t_b, w1_b, w2t_b, 1.0, acc1, acc2, acc1_b, acc2_b, BM, BE, DTYPE,
+            PREC, False, PREC, GELU_TANH)
     if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
         for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _cols_rows(k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask,
-                                    w1, w2t, w1, w2t, 1.0, acc1, acc2, TAIL, DTYPE, PREC,
-                                    False, PREC, GELU_TANH)
+            acc1, acc2, acc1_b, acc2_b = _cols_rows(
+                k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, cols_b, cmask_b, w1,
+                w2t, w1, w2t, w1_b, w2t_b, w1_b, w2t_b, 1.0, acc1, acc2, acc1_b, acc2_b, TAIL, BE,
+                DTYPE, PREC, False, PREC, GELU_TANH)
 
     out = chunk * D * HID
-    tl.store(g1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1 * loss_scale,
-             mask=cmask[:, None] & hmask[None, :])
-    tl.store(g2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2 * loss_scale,
-             mask=hmask[:, None] & cmask[None, :])
+    _store_weight_grads(g1_ptr, g2_ptr, out, acc1, acc2, loss_scale, D, HID, cols, cmask, hid,
+                        hmask)
+    if BE > 0:
+        _store_weight_grads(g1_ptr, g2_ptr, out, acc1_b, acc2_b, loss_scale, D, HID, cols_b,
+                            cmask_b, hid, hmask)
 
 
 @triton.jit
@@ -459,7 +648,7 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
                        BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                        DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
                        TAIL: tl.constexpr, ITERS: tl.constexpr = 1,
-                       GELU_TANH: tl.constexpr = False):
+                       GELU_TANH: tl.constexpr = False, BE: tl.constexpr = 0):
     """Both passes of a chunk's gradient in one program per chunk:
     ``grads_rows_kernel``'s chain over the chunk's rows (BM at a time, the
     rest TAIL at a time), its Dh and 16-bit keys stored for this program
@@ -470,37 +659,46 @@ def grads_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, dg_p
         chunk = tl.program_id(0) * ITERS + it
         gi, c, bi, ci = _chunk_of(chunk, C, U)
         first = chunk.to(tl.int64)
-        cols = tl.arange(0, BD)
-        cmask = cols < D
+        cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
         dg = tl.zeros((BD, ), dtype=tl.float32)
+        dg_b = dg
+        if BE > 0:
+            dg_b = tl.zeros((BE, ), dtype=tl.float32)
         whole = L // BM * BM if TAIL < BM else L
         for r0 in range(0, whole, BM):
             lrow = r0 + tl.arange(0, BM)
-            dg += tl.sum(_write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr,
-                                     gi, bi, ci, lrow * 0, lrow, lrow < L, first, L, D, HID,
-                                     sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d,
-                                     slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k,
-                                     s2_d, sg_g, sg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS,
-                                     GELU_TANH),
-                         axis=0)
+            share, share_b = _write_rows(
+                k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr, gi, bi, ci, lrow * 0,
+                lrow, lrow < L, first, L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c,
+                sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g,
+                sg_d, eps, BM, BD, BE, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
+            dg += tl.sum(share, axis=0)
+            if BE > 0:
+                dg_b += tl.sum(share_b, axis=0)
         if TAIL < BM:
             for r0 in range(whole, L, TAIL):
                 lrow = r0 + tl.arange(0, TAIL)
-                dg += tl.sum(_write_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr,
-                                         ko_ptr, gi, bi, ci, lrow * 0, lrow, lrow < L, first, L,
-                                         D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c,
-                                         sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d,
-                                         s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, eps, TAIL, BD, BH,
-                                         DTYPE, PREC, COPY_KEYS, GELU_TANH), axis=0)
+                share, share_b = _write_rows(
+                    k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, dh_ptr, ko_ptr, gi, bi, ci,
+                    lrow * 0, lrow, lrow < L, first, L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d,
+                    sv_g, sv_b, sv_c, sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k,
+                    s2_g, s2_k, s2_d, sg_g, sg_d, eps, TAIL, BD, BE, BH, DTYPE, PREC, COPY_KEYS,
+                    GELU_TANH)
+                dg += tl.sum(share, axis=0)
+                if BE > 0:
+                    dg_b += tl.sum(share_b, axis=0)
         tl.store(dg_ptr + first * D + cols, dg * loss_scale, mask=cmask)
+        if BE > 0:
+            tl.store(dg_ptr + first * D + cols_b, dg_b * loss_scale, mask=cmask_b)
         # the chunk's Dh and keys, stored by all of this program's threads, are read back
         tl.debug_barrier()
         k_base = ko_ptr + (gi * sko_g + bi * sko_b + ci * sko_c)
         for h0 in range(0, HID, BH):
             hid = h0 + tl.arange(0, BH)
             _write_cols(k_base, dh_ptr, w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, g1_ptr, g2_ptr,
-                        first, sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, cols, cmask, hid,
-                        hid < HID, L, D, HID, loss_scale, BM, BD, BH, DTYPE, PREC, TAIL, GELU_TANH)
+                        first, sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, hid,
+                        hid < HID, L, D, HID, loss_scale, BM, BD, BE, BH, DTYPE, PREC, TAIL,
+                        GELU_TANH)
         # the next chunk's rows overwrite nothing this one reads: no second barrier
 
 
@@ -521,7 +719,8 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
                               BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
                               DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
-                              ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
+                              ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False,
+                              BE: tl.constexpr = 0):
     """The read's backward, per block of BM rows (``read_kernel``'s programs):
     from ``go`` = d loss / d out it recomputes the MLP's output Y and N = LN(Y)
     (nothing was saved), and writes
@@ -531,7 +730,9 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
     * ``dy`` (H, B, C, L, D): dY in DTYPE, for the weights' pass
       (``read_backward_cols_kernel``), which multiplies it in DTYPE;
     * ``dg`` (H * B * C, slots, D): this block's share of sum(go * N), at
-      slot ``slot0`` + its block (the blocks from row ``r0`` of each chunk)."""
+      slot ``slot0`` + its block (the blocks from row ``r0`` of each chunk).
+
+    BE > 0: the columns in two blocks (``_columns``)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
         rb = pid % row_blocks
@@ -540,15 +741,26 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
 
         rows = r0 + rb * BM + tl.arange(0, BM)
         rmask = (rows < L) & (c * L + rows < N)
-        cols = tl.arange(0, BD)
+        cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
         hcols = tl.arange(0, BH)
-        cmask = cols < D
         mask = rmask[:, None] & cmask[None, :]
+        mask_b = rmask[:, None] & cmask_b[None, :]
         first = c64 * L
 
-        x = tl.load(x_ptr + (h * sx_h + b * sx_b + first * sx_n) +
-                    (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask,
-                    other=0.0).to(tl.float32)
+        x_base = x_ptr + (h * sx_h + b * sx_b + first * sx_n)
+        go_base = go_ptr + (h * so_h + b * so_b + first * so_n)
+        g_base = g_ptr + (h * sg_h + b * sg_b + c64 * sg_c)
+        x = _load_tile(x_base, rows, sx_n, cols, sx_d, mask)
+        go = _load_tile(go_base, rows, so_n, cols, so_d, mask)
+        scale = 1.0 + tl.load(g_base + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+        x_b = x
+        go_b = go
+        scale_b = scale
+        if BE > 0:
+            x_b = _load_tile(x_base, rows, sx_n, cols_b, sx_d, mask_b)
+            go_b = _load_tile(go_base, rows, so_n, cols_b, so_d, mask_b)
+            scale_b = 1.0 + tl.load(g_base + cols_b * sg_d, mask=cmask_b,
+                                    other=0.0).to(tl.float32)
         carry = 1.0
         if DECOMPOSED:
             carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
@@ -556,56 +768,86 @@ def read_backward_rows_kernel(x_ptr, go_ptr, w1_ptr, w2_ptr, g_ptr, gx_ptr, dy_p
         w2_base = w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c)
         b1_base = b1_ptr + h * sb1_h
         b2_base = b2_ptr + h * sb2_h
-        y = _mlp_rows(x, w1_base, w2_base, s1_d, s1_k, s2_k, s2_d, b1_base, b2_base,
-                      sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID, BM, BD, BH, DTYPE, PREC,
-                      DECOMPOSED, BASE_PREC, GELU_TANH)
-        normed, rstd = _layer_norm_rows(y, cmask, D, eps)
-        go = tl.load(go_ptr + (h * so_h + b * so_b + first * so_n) +
-                     (rows[:, None] * so_n + cols[None, :] * so_d), mask=mask,
-                     other=0.0).to(tl.float32)
-        tl.store(dg_ptr + (group.to(tl.int64) * slots + slot0 + rb) * D + cols,
-                 tl.sum(go * normed, axis=0), mask=cmask)
-        scale = 1.0 + tl.load(g_ptr + (h * sg_h + b * sg_b + c64 * sg_c) + cols * sg_d, mask=cmask,
-                              other=0.0).to(tl.float32)
-        dy, _ = _ln_backward_rows(go * scale[None, :], normed, rstd, D)
+        y, y_b = _mlp_rows(x, x_b, w1_base, w2_base, s1_d, s1_k, s2_k, s2_d, b1_base, b2_base,
+                           sb1_d, sb1_k, sb2_k, sb2_d, carry, D, HID, BM, BD, BE, BH, DTYPE, PREC,
+                           DECOMPOSED, BASE_PREC, GELU_TANH)
+        normed, normed_b, rstd = _layer_norm_rows(y, y_b, cmask, cmask_b, D, eps, BE)
+        dg_at = dg_ptr + (group.to(tl.int64) * slots + slot0 + rb) * D
+        tl.store(dg_at + cols, tl.sum(go * normed, axis=0), mask=cmask)
+        dy, dy_b, _ = _ln_backward_rows(go * scale[None, :], normed, go_b * scale_b[None, :],
+                                        normed_b, rstd, D, BE)
         dy = tl.where(mask, dy, 0.0)
         dyo = dy.to(DTYPE)
-        tl.store(dy_ptr + group.to(tl.int64) * L * D + (rows[:, None] * D + cols[None, :]), dyo,
-                 mask=mask)
+        dy_base = dy_ptr + group.to(tl.int64) * L * D
+        tl.store(dy_base + (rows[:, None] * D + cols[None, :]), dyo, mask=mask)
+        dyo_b = dyo
+        if BE > 0:
+            tl.store(dg_at + cols_b, tl.sum(go_b * normed_b, axis=0), mask=cmask_b)
+            dy_b = tl.where(mask_b, dy_b, 0.0)
+            dyo_b = dy_b.to(DTYPE)
+            tl.store(dy_base + (rows[:, None] * D + cols_b[None, :]), dyo_b, mask=mask_b)
 
         xo = x.to(DTYPE)
+        xo_b = xo
+        if BE > 0:
+            xo_b = x_b.to(DTYPE)
         gx = go
+        gx_b = go_b
         for h0 in range(0, HID, BH):
             hid = h0 + hcols
             pre = _pre_block(x, xo, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry, cols, cmask,
                              hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
             back = _times_w2t(dy, dyo, w2_base, s2_k, s2_d, b2_base, sb2_k, sb2_d, carry, cols,
                               cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
-            gx += _times_w1t(back * _gelu_grad(pre, GELU_TANH), w1_base, s1_d, s1_k, b1_base,
-                             sb1_d, sb1_k, carry, cols, cmask, hid, HID, DTYPE, PREC, DECOMPOSED,
-                             BASE_PREC)
-        tl.store(gx_ptr + (h * sgx_h + b * sgx_b + first * sgx_n) +
-                 (rows[:, None] * sgx_n + cols[None, :] * sgx_d), gx, mask=mask)
+            if BE > 0:
+                pre += _pre_block(x_b, xo_b, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry,
+                                  cols_b, cmask_b, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+                back += _times_w2t(dy_b, dyo_b, w2_base, s2_k, s2_d, b2_base, sb2_k, sb2_d,
+                                   carry, cols_b, cmask_b, hid, HID, DTYPE, PREC, DECOMPOSED,
+                                   BASE_PREC)
+            d_pre = back * _gelu_grad(pre, GELU_TANH)
+            gx += _times_w1t(d_pre, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry, cols,
+                             cmask, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+            if BE > 0:
+                gx_b += _times_w1t(d_pre, w1_base, s1_d, s1_k, b1_base, sb1_d, sb1_k, carry,
+                                   cols_b, cmask_b, hid, HID, DTYPE, PREC, DECOMPOSED, BASE_PREC)
+        gx_base = gx_ptr + (h * sgx_h + b * sgx_b + first * sgx_n)
+        tl.store(gx_base + (rows[:, None] * sgx_n + cols[None, :] * sgx_d), gx, mask=mask)
+        if BE > 0:
+            tl.store(gx_base + (rows[:, None] * sgx_n + cols_b[None, :] * sgx_d), gx_b,
+                     mask=mask_b)
 
 
 @triton.jit
-def _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, w1, w2t, b1, b2t,
-               carry, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
-               PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
-               GELU_TANH: tl.constexpr):
+def _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, cmask_b, w1,
+               w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b,
+               ROWS: tl.constexpr, BE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+               DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
     """``_cols_step`` over ROWS rows of chunk c (of N tokens) from row ``r0``:
     its inputs x (a read's tokens, a write's keys; strided) and the gradient
-    at the MLP's output ((L, D) rows)."""
+    at the MLP's output ((L, D) rows), both column blocks."""
     rows = r0 + tl.arange(0, ROWS)
-    mask = ((rows < L) & (c * L + rows < N))[:, None] & cmask[None, :]
+    rmask = (rows < L) & (c * L + rows < N)
+    mask = rmask[:, None] & cmask[None, :]
     x = tl.load(x_base + (rows[:, None] * sx_n + cols[None, :] * sx_d), mask=mask, other=0.0)
     dyo = tl.load(dy_base + (rows[:, None] * D + cols[None, :]), mask=mask, other=0.0)
+    x_b = x
+    dyo_b = dyo
+    if BE > 0:
+        mask_b = rmask[:, None] & cmask_b[None, :]
+        x_b = tl.load(x_base + (rows[:, None] * sx_n + cols_b[None, :] * sx_d), mask=mask_b,
+                      other=0.0)
+        dyo_b = tl.load(dy_base + (rows[:, None] * D + cols_b[None, :]), mask=mask_b, other=0.0)
     if DECOMPOSED:  # W_0's products take float32 operands
         return _cols_step(x.to(tl.float32), x.to(DTYPE), dyo.to(tl.float32), dyo, w1, w2t, b1,
-                          b2t, carry, acc1, acc2, DTYPE, PREC, True, BASE_PREC, GELU_TANH)
+                          b2t, x_b.to(tl.float32), x_b.to(DTYPE), dyo_b.to(tl.float32), dyo_b,
+                          w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b, BE, DTYPE,
+                          PREC, True, BASE_PREC, GELU_TANH)
     xo = x.to(DTYPE)
-    return _cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, 1.0, acc1, acc2, DTYPE, PREC, False,
-                      PREC, GELU_TANH)
+    xo_b = x_b.to(DTYPE)
+    return _cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, xo_b, xo_b, dyo_b, dyo_b, w1_b, w2t_b,
+                      w1_b, w2t_b, 1.0, acc1, acc2, acc1_b, acc2_b, BE, DTYPE, PREC, False, PREC,
+                      GELU_TANH)
 
 
 @triton.jit
@@ -622,7 +864,7 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
                               DTYPE: tl.constexpr, PREC: tl.constexpr,
                               DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
                               TAIL: tl.constexpr, ITERS: tl.constexpr = 1,
-                              GELU_TANH: tl.constexpr = False):
+                              GELU_TANH: tl.constexpr = False, BE: tl.constexpr = 0):
     """The read's weight gradients, per (state (h, b, c), block of BH hidden
     units j): walks the chunk's rows as ``grads_cols_kernel`` does (the same
     ``_cols_step``) and writes gw1[:, j] = x^T (gelu'(P_j) * (dY @ w2[j]^T))
@@ -630,48 +872,74 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
     with DECOMPOSED, the gradients of dW (equal to those of W)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        group, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        group, _, _, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
         c, h, b, c64 = _state_of(group, B, C)
-        wmask = cmask[:, None] & hmask[None, :]
-        w1 = tl.load(w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c) +
-                     (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask, other=0.0).to(DTYPE)
-        w2t = tl.load(w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c) +
-                      (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask, other=0.0).to(DTYPE)
+        w1_base = w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c)
+        w2_base = w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c)
+        w1, w2t = _weight_tiles(w1_base, s1_d, s1_k, w2_base, s2_k, s2_d, cols, cmask, hid,
+                                hmask)
+        w1 = w1.to(DTYPE)
+        w2t = w2t.to(DTYPE)
         carry = 1.0
         b1 = w1
         b2t = w2t
         if DECOMPOSED:
             carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
-            b1 = tl.load(b1_ptr + h * sb1_h + (cols[:, None] * sb1_d + hid[None, :] * sb1_k),
-                         mask=wmask, other=0.0).to(tl.float32)
-            b2t = tl.load(b2_ptr + h * sb2_h + (hid[None, :] * sb2_k + cols[:, None] * sb2_d),
-                          mask=wmask, other=0.0).to(tl.float32)
-
+            b1, b2t = _weight_tiles(b1_ptr + h * sb1_h, sb1_d, sb1_k, b2_ptr + h * sb2_h, sb2_k,
+                                    sb2_d, cols, cmask, hid, hmask)
+            b1 = b1.to(tl.float32)
+            b2t = b2t.to(tl.float32)
         acc1 = tl.zeros((BD, BH), dtype=tl.float32)
         acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+        w1_b = w1
+        w2t_b = w2t
+        b1_b = b1
+        b2t_b = b2t
+        acc1_b = acc1
+        acc2_b = acc2
+        if BE > 0:
+            w1_b, w2t_b = _weight_tiles(w1_base, s1_d, s1_k, w2_base, s2_k, s2_d, cols_b, cmask_b,
+                                        hid, hmask)
+            w1_b = w1_b.to(DTYPE)
+            w2t_b = w2t_b.to(DTYPE)
+            b1_b = w1_b
+            b2t_b = w2t_b
+            if DECOMPOSED:
+                b1_b, b2t_b = _weight_tiles(b1_ptr + h * sb1_h, sb1_d, sb1_k, b2_ptr + h * sb2_h,
+                                            sb2_k, sb2_d, cols_b, cmask_b, hid, hmask)
+                b1_b = b1_b.to(tl.float32)
+                b2t_b = b2t_b.to(tl.float32)
+            acc1_b = tl.zeros((BE, BH), dtype=tl.float32)
+            acc2_b = tl.zeros((BH, BE), dtype=tl.float32)
+
         x_base = x_ptr + (h * sx_h + b * sx_b + c64 * L * sx_n)
         dy_base = dy_ptr + group.to(tl.int64) * L * D
         whole = L // BM * BM if TAIL < BM else L
         for r0 in range(0, whole, BM):
-            acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask,
-                                         w1, w2t, b1, b2t, carry, acc1, acc2, BM, DTYPE, PREC,
-                                         DECOMPOSED, BASE_PREC, GELU_TANH)
+            acc1, acc2, acc1_b, acc2_b = _cols_rows(
+                x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, cmask_b, w1,
+                w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b, BM, BE,
+                DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
         if TAIL < BM:  # as grads_cols_kernel's
             for r0 in range(whole, L, TAIL):
-                acc1, acc2 = _cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols,
-                                             cmask, w1, w2t, b1, b2t, carry, acc1, acc2, TAIL,
-                                             DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
+                acc1, acc2, acc1_b, acc2_b = _cols_rows(
+                    x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, cmask_b, w1,
+                    w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b,
+                    TAIL, BE, DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
 
         out = group.to(tl.int64) * D * HID
-        tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
-        tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
-                 mask=hmask[:, None] & cmask[None, :])
+        _store_weight_grads(gw1_ptr, gw2_ptr, out, acc1, acc2, 1.0, D, HID, cols, cmask, hid,
+                            hmask)
+        if BE > 0:
+            _store_weight_grads(gw1_ptr, gw2_ptr, out, acc1_b, acc2_b, 1.0, D, HID, cols_b,
+                                cmask_b, hid, hmask)
 
 
 @triton.jit
 def _times_w2(a, w_ptr, s_k, s_d, cols, cmask, hid, HID, DTYPE: tl.constexpr,
               PREC: tl.constexpr):
-    """a @ w[hid, :], (BM, BH) float32 -> (BM, BD): a hidden block's share of
+    """a @ w[hid, cols], (BM, BH) float32 -> (BM, cols): a hidden block's share of
     a product with a (HID, D) matrix."""
     mask = (hid < HID)[:, None] & cmask[None, :]
     w = tl.load(w_ptr + hid[:, None] * s_k + cols[None, :] * s_d, mask=mask, other=0.0)
@@ -689,6 +957,49 @@ def _gelu_second(x, GELU_TANH: tl.constexpr):
 
 
 @triton.jit
+def _write_backward_inputs(k_base, v_base, rows, sk_l, sk_d, sv_l, sv_d, g_base, sg_d, bg_base,
+                           sbg_d, cols, cmask, mask):
+    """A chunk-gradient backward block's keys, values, gain 1 + g and g's
+    cotangent at one column block."""
+    k = _load_tile(k_base, rows, sk_l, cols, sk_d, mask)
+    v = _load_tile(v_base, rows, sv_l, cols, sv_d, mask)
+    scale = 1.0 + tl.load(g_base + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
+    bar_g = tl.load(bg_base + cols * sbg_d, mask=cmask, other=0.0).to(tl.float32)
+    return k, v, scale, bar_g
+
+
+@triton.jit
+def _cotangent_rows(bar_dn, bar_dh, d_out, d_normed, normed, scale, bar_g, coef, mask, rstd,
+                    ln_y, ln_bar, gk):
+    """The (rows, D) chain back from Dh = LNback(D s), D = R c, R = K + N s - V
+    and the output sum D N, one column block: the cotangents at s (per row),
+    at D, at N, at R, and gk plus R's."""
+    bar_scale = bar_dn * d_out
+    bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
+    bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
+    bar_normed += bar_g[None, :] * d_out
+    bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
+    bar_normed += bar_resid * scale[None, :]
+    bar_scale += bar_resid * normed
+    return bar_scale, bar_d, bar_normed, bar_resid, gk + bar_resid
+
+
+@triton.jit
+def _store_cotangent_rows(bh_ptr, gv_ptr, gs_ptr, at, slot, D, rows, cols, cmask, mask, bar_h,
+                          normed, rstd_term, bar_resid, bar_scale, DTYPE: tl.constexpr):
+    """Stores one column block of the cotangent at the MLP's output (in
+    DTYPE, returned), of the values' gradient and of g's share."""
+    bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
+    bho = bar_h.to(DTYPE)
+    tile = rows[:, None] * D + cols[None, :]
+    tl.store(bh_ptr + at + tile, bho, mask=mask)
+    tl.store(gv_ptr + at + tile, -bar_resid, mask=mask)
+    tl.store(gs_ptr + slot * D + cols, tl.sum(tl.where(mask, bar_scale, 0.0), axis=0),
+             mask=cmask)
+    return bar_h, bho
+
+
+@triton.jit
 def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, bw2_ptr, bg_ptr,
                          gk_ptr, gv_ptr, glr_ptr, gs_ptr, dh_ptr, bh_ptr, ko_ptr,
                          gi, c, bi, ci, chunk, r0, slot, L, D, HID,
@@ -696,90 +1007,123 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
                          slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
                          sg_g, sg_d, sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d,
                          sbg_g, sbg_c, sbg_d, eps,
-                         BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                         DTYPE: tl.constexpr, PREC: tl.constexpr, COPY_KEYS: tl.constexpr,
-                         GELU_TANH: tl.constexpr):
+                         BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+                         BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                         COPY_KEYS: tl.constexpr, GELU_TANH: tl.constexpr):
     """``grads_backward_rows_kernel``'s work on the BM rows from row ``r0`` of
     chunk ``chunk`` (int64; chunk c of group gi, image bi's chunk ci): stores
     their gradients, their share of g's at ``gs``'s row ``slot``, Dh, the
-    cotangent at the MLP's output and (COPY_KEYS) the 16-bit keys."""
+    cotangent at the MLP's output and (COPY_KEYS) the 16-bit keys; both
+    column blocks (``_columns``)."""
     rows = r0 + tl.arange(0, BM)
     rmask = rows < L
-    cols = tl.arange(0, BD)
+    cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
     hcols = tl.arange(0, BH)
-    cmask = cols < D
     mask = rmask[:, None] & cmask[None, :]
-    tile = rows[:, None] * D + cols[None, :]
+    mask_b = rmask[:, None] & cmask_b[None, :]
     out_rows = chunk * L * D
 
-    k = tl.load(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c) +
-                (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
-                other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c) +
-                (rows[:, None] * sv_l + cols[None, :] * sv_d), mask=mask,
-                other=0.0).to(tl.float32)
+    k_base = k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c)
+    v_base = v_ptr + (gi * sv_g + bi * sv_b + ci * sv_c)
+    g_base = g_ptr + gi * sg_g
+    bg_base = bg_ptr + gi * sbg_g + c * sbg_c
+    k, v, scale, bar_g = _write_backward_inputs(k_base, v_base, rows, sk_l, sk_d, sv_l, sv_d,
+                                                g_base, sg_d, bg_base, sbg_d, cols, cmask, mask)
+    k_b = k
+    v_b = v
+    scale_b = scale
+    bar_g_b = bar_g
+    if BE > 0:
+        k_b, v_b, scale_b, bar_g_b = _write_backward_inputs(
+            k_base, v_base, rows, sk_l, sk_d, sv_l, sv_d, g_base, sg_d, bg_base, sbg_d, cols_b,
+            cmask_b, mask_b)
     lr = tl.load(lr_ptr + (gi * slr_g + bi * slr_b + ci * slr_c) + rows * slr_l, mask=rmask,
                  other=0.0).to(tl.float32)
-    scale = 1.0 + tl.load(g_ptr + gi * sg_g + cols * sg_d, mask=cmask, other=0.0).to(tl.float32)
-    bar_g = tl.load(bg_ptr + gi * sbg_g + c * sbg_c + cols * sbg_d, mask=cmask,
-                    other=0.0).to(tl.float32)
     w1 = w1_ptr + gi * s1_g
     w2 = w2_ptr + gi * s2_g
     bw1 = bw1_ptr + gi * sb1_g + c * sb1_c
     bw2 = bw2_ptr + gi * sb2_g + c * sb2_c
 
     # the forward chain, as grads_rows_kernel computes it
-    y = _mlp_rows(k, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID, BM, BD,
-                  BH, DTYPE, PREC, False, PREC, GELU_TANH)
-    normed, rstd = _layer_norm_rows(y, cmask, D, eps)
+    y, y_b = _mlp_rows(k, k_b, w1, w2, s1_d, s1_k, s2_k, s2_d, w1, w2, 0, 0, 0, 0, 1.0, D, HID,
+                       BM, BD, BE, BH, DTYPE, PREC, False, PREC, GELU_TANH)
+    normed, normed_b, rstd = _layer_norm_rows(y, y_b, cmask, cmask_b, D, eps, BE)
     coef = lr * (2.0 / D)
-    resid, d_out, d_normed, ln_y, d_hidden = _output_rows(k, v, coef, normed, rstd, scale, mask,
-                                                           D)
+    (resid, d_out, d_normed, d_hidden, resid_b, d_out_b, d_normed_b, d_hidden_b,
+     ln_y) = _output_rows(k, v, normed, scale, mask, k_b, v_b, normed_b, scale_b, mask_b, coef,
+                          rstd, D, BE)
     dho = d_hidden.to(DTYPE)
-    tl.store(dh_ptr + out_rows + tile, dho, mask=mask)
+    ko = k.to(DTYPE)
+    _store_write_rows(dh_ptr + out_rows, ko_ptr + out_rows, rows * D, cols, mask, d_hidden, k,
+                      DTYPE, COPY_KEYS)
+    dho_b = dho
+    ko_b = ko
+    if BE > 0:
+        dho_b = d_hidden_b.to(DTYPE)
+        ko_b = k_b.to(DTYPE)
+        _store_write_rows(dh_ptr + out_rows, ko_ptr + out_rows, rows * D, cols_b, mask_b,
+                          d_hidden_b, k_b, DTYPE, COPY_KEYS)
 
     # through K^T Dp (Dp = gelu'(P) Dh w2^T) and A^T Dh: the cotangent at Dh
-    ko = k.to(DTYPE)
-    if COPY_KEYS:
-        tl.store(ko_ptr + out_rows + tile, ko, mask=mask)
     gk = tl.zeros((BM, BD), dtype=tl.float32)
     bar_dh = tl.zeros((BM, BD), dtype=tl.float32)
+    gk_b = gk
+    bar_dh_b = bar_dh
+    if BE > 0:
+        gk_b = tl.zeros((BM, BE), dtype=tl.float32)
+        bar_dh_b = tl.zeros((BM, BE), dtype=tl.float32)
     for h0 in range(0, HID, BH):
         hid = h0 + hcols
         pre = _pre_block(k, ko, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
                          PREC, False, PREC)
-        grad = _gelu_grad(pre, GELU_TANH)
         back = _times_w2t(d_hidden, dho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
                           DTYPE, PREC, False, PREC)
         bar_dp = _pre_block(k, ko, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
                             DTYPE, PREC, False, PREC)
+        if BE > 0:
+            pre += _pre_block(k_b, ko_b, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols_b, cmask_b, hid,
+                              HID, DTYPE, PREC, False, PREC)
+            back += _times_w2t(d_hidden_b, dho_b, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols_b, cmask_b,
+                               hid, HID, DTYPE, PREC, False, PREC)
+            bar_dp += _pre_block(k_b, ko_b, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols_b, cmask_b,
+                                 hid, HID, DTYPE, PREC, False, PREC)
+        grad = _gelu_grad(pre, GELU_TANH)
+        act = _gelu(pre, GELU_TANH)
         gk += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols, cmask, hid, HID,
                          DTYPE, PREC, False, PREC)
         bar_dh += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols, cmask, hid, HID, DTYPE, PREC)
-        bar_dh += _times_w2(_gelu(pre, GELU_TANH), bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE,
-                            PREC)
+        bar_dh += _times_w2(act, bw2, sb2_k, sb2_d, cols, cmask, hid, HID, DTYPE, PREC)
+        if BE > 0:
+            gk_b += _times_w1t(grad * back, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols_b, cmask_b,
+                               hid, HID, DTYPE, PREC, False, PREC)
+            bar_dh_b += _times_w2(grad * bar_dp, w2, s2_k, s2_d, cols_b, cmask_b, hid, HID, DTYPE,
+                                  PREC)
+            bar_dh_b += _times_w2(act, bw2, sb2_k, sb2_d, cols_b, cmask_b, hid, HID, DTYPE, PREC)
 
-    # the (rows, D) chain back to R, N and H: Dh = LNback(D s), D = R c,
-    # R = K + N s - V, the output sum D N; LNback is its own adjoint
-    bar_dn, ln_bar = _ln_backward_rows(bar_dh, normed, rstd, D)
-    bar_scale = bar_dn * d_out
-    bar_d = bar_dn * scale[None, :] + bar_g[None, :] * normed
-    bar_normed = (-rstd * ln_y)[:, None] * bar_dh + (-rstd * ln_bar)[:, None] * d_normed
-    bar_normed += bar_g[None, :] * d_out
-    rstd_term = rstd * tl.sum(bar_dh * d_hidden, axis=1) / D
-    bar_resid = tl.where(mask, bar_d * coef[:, None], 0.0)
-    bar_lr = tl.sum(bar_d * resid, axis=1) * (2.0 / D)
-    bar_normed += bar_resid * scale[None, :]
-    bar_scale += bar_resid * normed
-    gk += bar_resid
-    bar_h, _ = _ln_backward_rows(bar_normed, normed, rstd, D)
-    bar_h = tl.where(mask, bar_h - rstd_term[:, None] * normed, 0.0)
-    bho = bar_h.to(DTYPE)
-    tl.store(bh_ptr + out_rows + tile, bho, mask=mask)
-    tl.store(gv_ptr + out_rows + tile, -bar_resid, mask=mask)
+    # the (rows, D) chain back to R, N and H; LNback is its own adjoint
+    bar_dn, bar_dn_b, ln_bar = _ln_backward_rows(bar_dh, normed, bar_dh_b, normed_b, rstd, D, BE)
+    rstd_term = rstd * _row_sum(bar_dh * d_hidden, bar_dh_b * d_hidden_b, BE) / D
+    bar_scale, bar_d, bar_normed, bar_resid, gk = _cotangent_rows(
+        bar_dn, bar_dh, d_out, d_normed, normed, scale, bar_g, coef, mask, rstd, ln_y, ln_bar, gk)
+    bar_scale_b = bar_scale
+    bar_d_b = bar_d
+    bar_normed_b = bar_normed
+    bar_resid_b = bar_resid
+    if BE > 0:
+        bar_scale_b, bar_d_b, bar_normed_b, bar_resid_b, gk_b = _cotangent_rows(
+            bar_dn_b, bar_dh_b, d_out_b, d_normed_b, normed_b, scale_b, bar_g_b, coef, mask_b,
+            rstd, ln_y, ln_bar, gk_b)
+    bar_lr = _row_sum(bar_d * resid, bar_d_b * resid_b, BE) * (2.0 / D)
     tl.store(glr_ptr + chunk * L + rows, bar_lr, mask=rmask)
-    tl.store(gs_ptr + slot * D + cols, tl.sum(tl.where(mask, bar_scale, 0.0), axis=0),
-             mask=cmask)
+    bar_h, bar_h_b, _ = _ln_backward_rows(bar_normed, normed, bar_normed_b, normed_b, rstd, D, BE)
+    bar_h, bho = _store_cotangent_rows(bh_ptr, gv_ptr, gs_ptr, out_rows, slot, D, rows, cols,
+                                       cmask, mask, bar_h, normed, rstd_term, bar_resid,
+                                       bar_scale, DTYPE)
+    bho_b = bho
+    if BE > 0:
+        bar_h_b, bho_b = _store_cotangent_rows(bh_ptr, gv_ptr, gs_ptr, out_rows, slot, D, rows,
+                                               cols_b, cmask_b, mask_b, bar_h_b, normed_b,
+                                               rstd_term, bar_resid_b, bar_scale_b, DTYPE)
 
     # the cotangent at P: gelu'(P) (Dh bW2^T + bH w2^T) + gelu''(P) (Dh w2^T) (K bW1)
     for h0 in range(0, HID, BH):
@@ -794,11 +1138,27 @@ def _write_backward_rows(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr, bw1_ptr, b
                              HID, DTYPE, PREC, False, PREC)
         bar_act += _times_w2t(bar_h, bho, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols, cmask, hid, HID,
                               DTYPE, PREC, False, PREC)
+        if BE > 0:
+            pre += _pre_block(k_b, ko_b, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols_b, cmask_b, hid,
+                              HID, DTYPE, PREC, False, PREC)
+            back += _times_w2t(d_hidden_b, dho_b, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols_b, cmask_b,
+                               hid, HID, DTYPE, PREC, False, PREC)
+            bar_dp += _pre_block(k_b, ko_b, bw1, sb1_d, sb1_k, bw1, 0, 0, 1.0, cols_b, cmask_b,
+                                 hid, HID, DTYPE, PREC, False, PREC)
+            bar_act += _times_w2t(d_hidden_b, dho_b, bw2, sb2_k, sb2_d, bw2, 0, 0, 1.0, cols_b,
+                                  cmask_b, hid, HID, DTYPE, PREC, False, PREC)
+            bar_act += _times_w2t(bar_h_b, bho_b, w2, s2_k, s2_d, w2, 0, 0, 1.0, cols_b, cmask_b,
+                                  hid, HID, DTYPE, PREC, False, PREC)
         bar_pre = (_gelu_grad(pre, GELU_TANH) * bar_act +
                    _gelu_second(pre, GELU_TANH) * back * bar_dp)
         gk += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols, cmask, hid, HID, DTYPE,
                          PREC, False, PREC)
-    tl.store(gk_ptr + out_rows + tile, gk, mask=mask)
+        if BE > 0:
+            gk_b += _times_w1t(bar_pre, w1, s1_d, s1_k, w1, 0, 0, 1.0, cols_b, cmask_b, hid, HID,
+                               DTYPE, PREC, False, PREC)
+    tl.store(gk_ptr + out_rows + (rows[:, None] * D + cols[None, :]), gk, mask=mask)
+    if BE > 0:
+        tl.store(gk_ptr + out_rows + (rows[:, None] * D + cols_b[None, :]), gk_b, mask=mask_b)
 
 
 @triton.jit
@@ -819,7 +1179,7 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                DTYPE: tl.constexpr, PREC: tl.constexpr,
                                COPY_KEYS: tl.constexpr, ITERS: tl.constexpr = 1,
-                               GELU_TANH: tl.constexpr = False):
+                               GELU_TANH: tl.constexpr = False, BE: tl.constexpr = 0):
     """The chunk gradients' backward, per block of BM rows of a chunk: from
     the cotangents bW1, bW2, bg of the chunk's outputs (K^T Dp, A^T Dh,
     sum D N; notation of ``chunk_grads.closed_form``) it recomputes the chain
@@ -842,14 +1202,16 @@ def grads_backward_rows_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
             pid.to(tl.int64), L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l,
             sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d,
             sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, BM,
-            BD, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
+            BD, BE, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
 
 
 @triton.jit
-def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, w1, w2t,
-                        bw1, bw2t, acc1, acc2, ROWS: tl.constexpr, DTYPE: tl.constexpr,
-                        PREC: tl.constexpr, GELU_TANH: tl.constexpr):
-    """``grads_backward_cols_kernel``'s sums over ROWS rows of a chunk from row ``r0``."""
+def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, cols_b,
+                        cmask_b, w1, w2t, bw1, bw2t, w1_b, w2t_b, bw1_b, bw2t_b, acc1, acc2,
+                        acc1_b, acc2_b, ROWS: tl.constexpr, BE: tl.constexpr,
+                        DTYPE: tl.constexpr, PREC: tl.constexpr, GELU_TANH: tl.constexpr):
+    """``grads_backward_cols_kernel``'s sums over ROWS rows of a chunk from
+    row ``r0``, both column blocks."""
     rows = r0 + tl.arange(0, ROWS)
     mask = (rows < L)[:, None] & cmask[None, :]
     k = tl.load(k_base + (rows[:, None] * sk_l + cols[None, :] * sk_d), mask=mask,
@@ -858,16 +1220,37 @@ def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cm
     dh = tl.load(dh_base + tile, mask=mask, other=0.0)
     bh = tl.load(bh_base + tile, mask=mask, other=0.0)
     pre = tl.dot(k, w1, input_precision=PREC)
-    grad = _gelu_grad(pre, GELU_TANH)
     back = tl.dot(dh, w2t, input_precision=PREC)
     bar_dp = tl.dot(k, bw1, input_precision=PREC)
     bar_act = tl.dot(dh, bw2t, input_precision=PREC)
     bar_act = tl.dot(bh, w2t, acc=bar_act, input_precision=PREC)
-    bar_pre = grad * bar_act + _gelu_second(pre, GELU_TANH) * back * bar_dp
-    acc1 = tl.dot(tl.trans(k), bar_pre.to(DTYPE), acc=acc1, input_precision=PREC)
-    acc2 = tl.dot(tl.trans((grad * bar_dp).to(DTYPE)), dh, acc=acc2, input_precision=PREC)
-    acc2 = tl.dot(tl.trans(_gelu(pre, GELU_TANH).to(DTYPE)), bh, acc=acc2, input_precision=PREC)
-    return acc1, acc2
+    k_b = k
+    dh_b = dh
+    bh_b = bh
+    if BE > 0:
+        mask_b = (rows < L)[:, None] & cmask_b[None, :]
+        k_b = tl.load(k_base + (rows[:, None] * sk_l + cols_b[None, :] * sk_d), mask=mask_b,
+                      other=0.0).to(DTYPE)
+        tile_b = rows[:, None] * D + cols_b[None, :]
+        dh_b = tl.load(dh_base + tile_b, mask=mask_b, other=0.0)
+        bh_b = tl.load(bh_base + tile_b, mask=mask_b, other=0.0)
+        pre = tl.dot(k_b, w1_b, acc=pre, input_precision=PREC)
+        back = tl.dot(dh_b, w2t_b, acc=back, input_precision=PREC)
+        bar_dp = tl.dot(k_b, bw1_b, acc=bar_dp, input_precision=PREC)
+        bar_act = tl.dot(dh_b, bw2t_b, acc=bar_act, input_precision=PREC)
+        bar_act = tl.dot(bh_b, w2t_b, acc=bar_act, input_precision=PREC)
+    grad = _gelu_grad(pre, GELU_TANH)
+    bar_pre = (grad * bar_act + _gelu_second(pre, GELU_TANH) * back * bar_dp).to(DTYPE)
+    d_act = (grad * bar_dp).to(DTYPE)
+    act = _gelu(pre, GELU_TANH).to(DTYPE)
+    acc1 = tl.dot(tl.trans(k), bar_pre, acc=acc1, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(d_act), dh, acc=acc2, input_precision=PREC)
+    acc2 = tl.dot(tl.trans(act), bh, acc=acc2, input_precision=PREC)
+    if BE > 0:
+        acc1_b = tl.dot(tl.trans(k_b), bar_pre, acc=acc1_b, input_precision=PREC)
+        acc2_b = tl.dot(tl.trans(d_act), dh_b, acc=acc2_b, input_precision=PREC)
+        acc2_b = tl.dot(tl.trans(act), bh_b, acc=acc2_b, input_precision=PREC)
+    return acc1, acc2, acc1_b, acc2_b
 
 
 @triton.jit
@@ -881,7 +1264,8 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
                                sb2_g, sb2_c, sb2_k, sb2_d,
                                BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
-                               ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
+                               ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False,
+                               BE: tl.constexpr = 0):
     """The shared weights' gradients, per (chunk, block of BH hidden units
     j): walks the chunk's rows, recomputes P_j, and writes the chunk's share
     (summed over chunks by the caller, in a fixed order)
@@ -892,54 +1276,74 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
     (G, C, D, HID) and (G, C, HID, D) float32."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        chunk, cols, cmask, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        chunk, _, _, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
         gi, c, bi, ci = _chunk_of(chunk, C, U)
         _write_backward_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, bh_ptr,
                              w1_ptr + gi * s1_g, w2_ptr + gi * s2_g,
                              bw1_ptr + gi * sb1_g + c * sb1_c, bw2_ptr + gi * sb2_g + c * sb2_c,
                              gw1_ptr, gw2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k, s2_k,
-                             s2_d, sb1_d, sb1_k, sb2_k, sb2_d, cols, cmask, hid, hmask, L, D, HID,
-                             BM, BD, BH, DTYPE, PREC, TAIL, GELU_TANH)
+                             s2_d, sb1_d, sb1_k, sb2_k, sb2_d, hid, hmask, L, D, HID,
+                             BM, BD, BE, BH, DTYPE, PREC, TAIL, GELU_TANH)
+
+
+@triton.jit
+def _backward_weight_tiles(w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, s1_d, s1_k, s2_k, s2_d, sb1_d,
+                           sb1_k, sb2_k, sb2_d, cols, cmask, hid, hmask, DTYPE: tl.constexpr):
+    """w1, w2^T and their cotangents' tiles at one column block, in DTYPE."""
+    w1, w2t = _weight_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols, cmask, hid, hmask)
+    bw1, bw2t = _weight_tiles(bw1_ptr, sb1_d, sb1_k, bw2_ptr, sb2_k, sb2_d, cols, cmask, hid,
+                              hmask)
+    return w1.to(DTYPE), w2t.to(DTYPE), bw1.to(DTYPE), bw2t.to(DTYPE)
 
 
 @triton.jit
 def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, gw1_ptr,
                          gw2_ptr, chunk, sk_l, sk_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k,
-                         sb2_d, cols, cmask, hid, hmask, L, D, HID, BM: tl.constexpr,
-                         BD: tl.constexpr, BH: tl.constexpr, DTYPE: tl.constexpr,
-                         PREC: tl.constexpr, TAIL: tl.constexpr, GELU_TANH: tl.constexpr):
+                         sb2_d, hid, hmask, L, D, HID, BM: tl.constexpr,
+                         BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
+                         DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
+                         GELU_TANH: tl.constexpr):
     """``grads_backward_cols_kernel``'s work on the hidden units ``hid`` of
     chunk ``chunk`` (int64; ``k_base`` its keys, the weight pointers at its
     group and its cotangents): walks its rows and stores its shares."""
-    wmask = cmask[:, None] & hmask[None, :]
-    w1 = tl.load(w1_ptr + (cols[:, None] * s1_d + hid[None, :] * s1_k), mask=wmask,
-                 other=0.0).to(DTYPE)
-    w2t = tl.load(w2_ptr + (hid[None, :] * s2_k + cols[:, None] * s2_d), mask=wmask,
-                  other=0.0).to(DTYPE)
-    bw1 = tl.load(bw1_ptr + (cols[:, None] * sb1_d + hid[None, :] * sb1_k), mask=wmask,
-                  other=0.0).to(DTYPE)
-    bw2t = tl.load(bw2_ptr + (hid[None, :] * sb2_k + cols[:, None] * sb2_d), mask=wmask,
-                   other=0.0).to(DTYPE)
-
+    cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
+    w1, w2t, bw1, bw2t = _backward_weight_tiles(w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, s1_d, s1_k,
+                                                s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d, cols,
+                                                cmask, hid, hmask, DTYPE)
     acc1 = tl.zeros((BD, BH), dtype=tl.float32)
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
+    w1_b = w1
+    w2t_b = w2t
+    bw1_b = bw1
+    bw2t_b = bw2t
+    acc1_b = acc1
+    acc2_b = acc2
+    if BE > 0:
+        w1_b, w2t_b, bw1_b, bw2t_b = _backward_weight_tiles(
+            w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d,
+            cols_b, cmask_b, hid, hmask, DTYPE)
+        acc1_b = tl.zeros((BE, BH), dtype=tl.float32)
+        acc2_b = tl.zeros((BH, BE), dtype=tl.float32)
     dh_base = dh_ptr + chunk * L * D
     bh_base = bh_ptr + chunk * L * D
     whole = L // BM * BM if TAIL < BM else L
     for r0 in range(0, whole, BM):
-        acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols,
-                                         cmask, w1, w2t, bw1, bw2t, acc1, acc2, BM, DTYPE, PREC,
-                                         GELU_TANH)
+        acc1, acc2, acc1_b, acc2_b = _backward_cols_rows(
+            k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, cols_b, cmask_b, w1, w2t,
+            bw1, bw2t, w1_b, w2t_b, bw1_b, bw2t_b, acc1, acc2, acc1_b, acc2_b, BM, BE, DTYPE,
+            PREC, GELU_TANH)
     if TAIL < BM:  # as grads_cols_kernel's
         for r0 in range(whole, L, TAIL):
-            acc1, acc2 = _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D,
-                                             cols, cmask, w1, w2t, bw1, bw2t, acc1, acc2, TAIL,
-                                             DTYPE, PREC, GELU_TANH)
+            acc1, acc2, acc1_b, acc2_b = _backward_cols_rows(
+                k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, cols_b, cmask_b, w1,
+                w2t, bw1, bw2t, w1_b, w2t_b, bw1_b, bw2t_b, acc1, acc2, acc1_b, acc2_b, TAIL, BE,
+                DTYPE, PREC, GELU_TANH)
 
     out = chunk * D * HID
-    tl.store(gw1_ptr + out + (cols[:, None] * HID + hid[None, :]), acc1, mask=wmask)
-    tl.store(gw2_ptr + out + (hid[:, None] * D + cols[None, :]), acc2,
-             mask=hmask[:, None] & cmask[None, :])
+    _store_weight_grads(gw1_ptr, gw2_ptr, out, acc1, acc2, 1.0, D, HID, cols, cmask, hid, hmask)
+    if BE > 0:
+        _store_weight_grads(gw1_ptr, gw2_ptr, out, acc1_b, acc2_b, 1.0, D, HID, cols_b, cmask_b,
+                            hid, hmask)
 
 
 @triton.jit
@@ -962,7 +1366,8 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                 BM: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
                                 DTYPE: tl.constexpr, PREC: tl.constexpr,
                                 COPY_KEYS: tl.constexpr, TAIL: tl.constexpr,
-                                ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False):
+                                ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False,
+                                BE: tl.constexpr = 0):
     """The chunk gradients' backward in one program per chunk, as
     ``grads_chunk_kernel`` runs the forward: ``grads_backward_rows_kernel``'s
     work over the chunk's rows (BM at a time, the rest TAIL at a time; a
@@ -973,8 +1378,6 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
         chunk = tl.program_id(0) * ITERS + it
         gi, c, bi, ci = _chunk_of(chunk, C, U)
         first = chunk.to(tl.int64)
-        cols = tl.arange(0, BD)
-        cmask = cols < D
         whole = L // BM * BM if TAIL < BM else L
         for r0 in range(0, whole, BM):
             _write_backward_rows(
@@ -983,7 +1386,7 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                 first * slots + r0 // BM, L, D, HID, sk_g, sk_b, sk_c, sk_l, sk_d, sv_g, sv_b,
                 sv_c, sv_l, sv_d, slr_g, slr_b, slr_c, slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d,
                 sg_g, sg_d, sb1_g, sb1_c, sb1_d, sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c,
-                sbg_d, eps, BM, BD, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
+                sbg_d, eps, BM, BD, BE, BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
         if TAIL < BM:
             for r0 in range(whole, L, TAIL):
                 _write_backward_rows(
@@ -992,8 +1395,8 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                     r0, first * slots + whole // BM + (r0 - whole) // TAIL, L, D, HID, sk_g,
                     sk_b, sk_c, sk_l, sk_d, sv_g, sv_b, sv_c, sv_l, sv_d, slr_g, slr_b, slr_c,
                     slr_l, s1_g, s1_d, s1_k, s2_g, s2_k, s2_d, sg_g, sg_d, sb1_g, sb1_c, sb1_d,
-                    sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, TAIL, BD, BH,
-                    DTYPE, PREC, COPY_KEYS, GELU_TANH)
+                    sb1_k, sb2_g, sb2_c, sb2_k, sb2_d, sbg_g, sbg_c, sbg_d, eps, TAIL, BD, BE,
+                    BH, DTYPE, PREC, COPY_KEYS, GELU_TANH)
         # the chunk's Dh, cotangent and keys, stored by all of this program's threads
         tl.debug_barrier()
         k_base = ko_ptr + (gi * sko_g + bi * sko_b + ci * sko_c)
@@ -1003,7 +1406,7 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
                                  bw1_ptr + gi * sb1_g + c * sb1_c,
                                  bw2_ptr + gi * sb2_g + c * sb2_c, gw1_ptr, gw2_ptr, first,
                                  sko_l, sko_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d,
-                                 cols, cmask, hid, hid < HID, L, D, HID, BM, BD, BH, DTYPE, PREC,
+                                 hid, hid < HID, L, D, HID, BM, BD, BE, BH, DTYPE, PREC,
                                  TAIL, GELU_TANH)
 
 

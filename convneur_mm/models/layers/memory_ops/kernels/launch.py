@@ -124,6 +124,21 @@ def block_width(n: int) -> int:
     return max(16, _next_pow2(n))
 
 
+def column_blocks(d: int) -> Tuple[int, int]:
+    """(BD, BE): the column blocks of a row of ``d`` features as the
+    kernels hold it. Where two power-of-two blocks cover fewer columns than
+    one, BD is the largest power of two below ``d`` and BE holds the rest
+    (M1's 80 as 64 + 16, M2's 96 as 64 + 32, M4's 160 as 128 + 32, where one
+    block pads to 128, 128 and 256); else one block of ``block_width(d)``
+    columns and BE 0."""
+    one = block_width(d)
+    first = max(16, 1 << (d.bit_length() - 1))
+    if first >= d:
+        return one, 0
+    second = block_width(d - first)
+    return (first, second) if first + second < one else (one, 0)
+
+
 def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
                 names: Tuple[str, str] = ('block_rows', 'block_hidden')) -> None:
     """Tile sizes given by a caller are powers of two >= 16 (``tl.dot``'s least)."""
@@ -140,7 +155,26 @@ KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows'
 # gradients' one program per chunk, for its rows and columns passes, forward and backward
 REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
-_LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm')
+_LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
+# rows held in two column blocks (``column_blocks``) where one padded block
+# takes 16-row tiles: {(BD, BE): {GPU: {kernel: (BM, BH)}}} at 8 warps, the largest
+# tiles that compile without spills for 16-bit operands as a training step launches
+# them (ptxas, triton 3.7), but three that spill less than their padded tiles: the
+# one-program backward 8 B on sm_90 (padded 72) and 24 B on sm_80 (padded 352), and
+# sm_80's read columns pass 112 B (padded 356).
+# 80 and 96 columns stay one block of 128 (their split spilled at 64-row tiles)
+SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
+    (128, 32): {
+        90: {'read': (64, 32), 'grads_rows': (64, 32), 'grads_cols': (64, 16),
+             'read_backward_rows': (16, 32), 'read_backward_cols': (16, 16),
+             'grads_backward_rows': (16, 16), 'grads_backward_cols': (32, 16),
+             'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16)},
+        80: {'read': (64, 32), 'grads_rows': (16, 32), 'grads_cols': (32, 16),
+             'read_backward_rows': (16, 32), 'read_backward_cols': (16, 16),
+             'grads_backward_rows': (16, 32), 'grads_backward_cols': (32, 16),
+             'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16)},
+    },
+}
 # the most rows a tile of 16-bit operands takes on sm_90 and newer, where more
 # computed wrong query gradients or faulted: the read's backward rows pass at
 # 64 rows on an H200 (triton 3.6), whatever its warps and stages; 32 and 16 were exact
@@ -151,13 +185,16 @@ _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles
 @contextlib.contextmanager
 def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     """Launch ``kernel`` with ``options`` (some of BM, BH, num_warps,
-    num_stages, programs_per_sm) instead of its default or tuned tiles,
-    inside the block: how a tuning run tries a configuration. A caller's
-    ``block_rows`` and ``block_hidden`` still take precedence."""
+    num_stages, programs_per_sm, split) instead of its default or tuned tiles,
+    inside the block: how a tuning run tries a configuration. ``split=0``
+    holds a row in one padded block where ``column_blocks`` would take two.
+    A caller's ``block_rows`` and ``block_hidden`` still take precedence."""
     _check_kernel(kernel)
     unknown = set(options) - set(_LAUNCH_OPTIONS)
     if unknown:
         raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
+    if options.get('split', 1) not in (0, 1) or isinstance(options.get('split'), bool):
+        raise ValueError(f'split must be 0 or 1, got {options["split"]!r}')
     check_tiles(options.get('BM'), options.get('BH'), ('BM', 'BH'))
     check_programs_per_sm(options.get('programs_per_sm', 0))
     _forced.append((kernel, options))
@@ -214,10 +251,13 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     rows and more); float32 operands (CUDA-core products) and the decomposed
     read (twice the operand tiles) take smaller tiles; ``row_limit`` caps
     the defaults and tuned rows where more rows computed wrong results.
+    Rows of ``SPLIT_TILES``' widths (M4's 160) are held in two column blocks
+    (``column_blocks``) at that table's tiles, not padded to 256 columns in
+    16-row tiles; ``forced_tiles(kernel, split=0 or 1)`` decides it instead.
 
     Args:
         kernel: one of ``KERNEL_NAMES``.
-        d: the head width (columns, padded to a power of two).
+        d: the head width (its columns).
         rows: the rows of one chunk.
         block_rows, block_hidden: the caller's tile sizes, or None.
         operand_dtype: the products' operand dtype.
@@ -225,28 +265,35 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         arch: the NVIDIA compute capability compiled for (``target_arch``), or None.
 
     Returns:
-        BM, BD, BH, num_warps, num_stages, and programs_per_sm (0: a program
-        per tile; else persistent programs, ``launch_kernel``).
+        BM, BD, BE (the second column block, 0 for none), BH, num_warps,
+        num_stages, and programs_per_sm (0: a program per tile; else
+        persistent programs, ``launch_kernel``).
     """
     _check_kernel(kernel)
     columns = kernel.endswith('_cols')  # a weights' pass, per block of hidden units
     write_backward = kernel.startswith('grads_backward')
-    bd = block_width(d)
+    forced = next((options for name, options in reversed(_forced) if name == kernel), {})
+    split_tiles = _split_tiles(kernel, d, operand_dtype, decomposed, arch)
+    split = forced.get('split', int(split_tiles is not None))
+    bd, be = column_blocks(d) if split else (block_width(d), 0)
+    held = bd + be  # the columns a row's tiles hold
     check_tiles(block_rows, block_hidden)
-    warps = 4 if bd <= 128 else 8
-    if write_backward and operand_dtype != torch.float32:
+    warps = 4 if held <= 128 else 8
+    if split_tiles is not None and be:
+        bm, bh = split_tiles
+    elif write_backward and operand_dtype != torch.float32:
         # its rows pass holds about ten (rows, d) float32 tiles: 16 rows compile
         # without spills at C_m 80-128 for sm_80 and sm_90 (64 spill 670 B)
-        bm, bh, warps = 16, 32, (4 if columns and bd <= 128 else 8)
+        bm, bh, warps = 16, 32, (4 if columns and held <= 128 else 8)
     elif operand_dtype == torch.float32 or decomposed:
         bm, bh = 16, 16
-    elif bd <= 128 and kernel == 'grads_chunk':
+    elif held <= 128 and kernel == 'grads_chunk':
         # both passes in one program: 64-row tiles spill (44 B on sm_90, 224 B on sm_80)
         bm, bh, warps = 32, 32, 8
-    elif bd <= 128 and columns:
+    elif held <= 128 and columns:
         # two accumulators: 4 warps fit 80 KiB of shared memory on sm_90
         bm, bh = (64 if arch is not None and arch >= 90 else 16), 32
-    elif bd <= 128:
+    elif held <= 128:
         # 8 warps keep the row passes' 64-row tiles well below 255 registers
         bm, bh, warps = 64, 32, 8
     else:
@@ -255,15 +302,26 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
             and arch is not None and arch >= 90):
         # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
         warps = 8
-    config = dict(BM=bm, BD=bd, BH=bh, num_warps=warps, num_stages=2, programs_per_sm=0)
+    config = dict(BM=bm, BD=bd, BE=be, BH=bh, num_warps=warps, num_stages=2, programs_per_sm=0)
     if arch is not None:
-        config.update(tuned_tiles(kernel, arch, operand_dtype, bd, decomposed) or {})
+        config.update(tuned_tiles(kernel, arch, operand_dtype, block_width(d), decomposed) or {})
     config['BM'] = min(config['BM'], row_limit(kernel, operand_dtype, arch) or config['BM'])
-    config.update(next((options for name, options in reversed(_forced) if name == kernel), {}))
+    config.update({key: value for key, value in forced.items() if key != 'split'})
     config['BM'] = min(config['BM'], block_width(rows))  # no block past a chunk's rows
     config.update({key: value for key, value in (('BM', block_rows), ('BH', block_hidden))
                    if value is not None})
     return config
+
+
+def _split_tiles(kernel: str, d: int, operand_dtype: torch.dtype, decomposed: bool,
+                 arch: Optional[int]) -> Optional[Tuple[int, int]]:
+    """(BM, BH) of ``SPLIT_TILES`` where ``kernel`` holds a row of ``d``
+    features in two blocks by default (16-bit operands, not a decomposed
+    read; sm_80's entries where the GPU is not known), else None."""
+    if operand_dtype == torch.float32 or decomposed:
+        return None
+    gpus = SPLIT_TILES.get(column_blocks(d), {})
+    return gpus.get(90 if arch is not None and arch >= 90 else 80, {}).get(kernel)
 
 
 def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,

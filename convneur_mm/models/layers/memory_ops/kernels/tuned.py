@@ -31,7 +31,7 @@ class TunedTile(NamedTuple):
         kernel: one of ``launch.KERNEL_NAMES``.
         arch: the compute capability, major * 10 + minor (90: H100, H200).
         operand_dtype: 'float32', 'float16' or 'bfloat16'.
-        block_d: the head width padded to a power of two (``BD``).
+        block_d: the head width padded to a power of two (``block_width``).
         decomposed: a decomposed read's (only the read kernels have one).
         BM, BH: rows and hidden units per tile (powers of two >= 16).
         num_warps, num_stages: Triton's launch options.
@@ -95,9 +95,10 @@ class MeasuredPath(NamedTuple):
         every_kernel: the Triton time includes the projection and scan
             kernels (``kernels='triton'`` whole), so 'auto' takes them too;
             else only the write and read kernels were timed.
-        block_d: the head width measured, padded to a power of two as the
-            kernels tile it (M1-M3's 80, 96 and 128 are 128; M4's 160 is
-            256): an entry speaks for that tiling only.
+        block_d: the head width measured, padded to a power of two
+            (M1-M3's 80, 96 and 128 are 128; M4's 160 is 256, which the
+            kernels hold as 128 + 32 columns): an entry speaks for that
+            width class only.
     """
     arch: int
     operand_dtype: str
