@@ -39,7 +39,7 @@ not the options (the interpreter ignores warps and stages).
 import argparse
 import json
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,7 +51,7 @@ from convneur_mm.analysis.memory_bytes import (MemoryShape, backbone_shapes, fla
 from convneur_mm.analysis.memory_variants import describe_error
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
 from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, block_width,
-                                                                 forced_tiles,
+                                                                 column_blocks, forced_tiles,
                                                                  forced_tiles_of, row_limit,
                                                                  target_arch, tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
@@ -169,6 +169,16 @@ def within_row_limit(axes: Dict[str, Sequence[int]], kernel: str, operand_dtype:
     if limit is None:
         return axes
     return dict(axes, BM=tuple(rows for rows in axes['BM'] if rows <= limit))
+
+
+def with_split_axis(axes: Dict[str, Sequence[int]], start: Dict[str, int], tiles: dict,
+                    head_dim: int) -> Tuple[Dict[str, Sequence[int]], Dict[str, int]]:
+    """``axes`` and ``start`` with ``split`` (a row in one column block or
+    two; the start's as its ``tiles`` hold it) where ``launch.column_blocks``
+    finds two blocks for ``head_dim`` features; elsewhere it changes nothing."""
+    if column_blocks(head_dim)[1] == 0:
+        return axes, start
+    return dict(axes, split=(0, 1)), dict(start, split=int(tiles['BE'] > 0))
 
 
 def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict[str, int],
@@ -330,10 +340,11 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     for kernel in kernels:
         config = tile_config(kernel, shape.head_dim, shape.chunk, None, None, operand_dtype,
                              arch=arch)
-        start = {key: config[key] for key in AXES}
+        kernel_axes, start = with_split_axis(
+            within_row_limit(axes, kernel, operand_dtype, arch),
+            {key: config[key] for key in AXES}, config, shape.head_dim)
         call = calls.triton[OP_OF[kernel]]
-        trials = tune_kernel(kernel, call, start, chosen, device, tol,
-                             within_row_limit(axes, kernel, operand_dtype, arch), rounds,
+        trials = tune_kernel(kernel, call, start, chosen, device, tol, kernel_axes, rounds,
                              deadline, repeats)
         best = best_trial(trials)
         record = result['kernels'][kernel] = {

@@ -275,3 +275,14 @@ def test_rows_past_a_kernels_row_limit_are_not_tried():
                                 ('read_backward_rows', torch.bfloat16, 80),
                                 ('read_backward_rows', torch.bfloat16, None)):
         assert kernel_tuning.within_row_limit(axes, kernel, dtype, arch) is axes
+
+
+def test_the_split_is_tried_only_where_a_width_has_two_column_blocks():
+    axes = kernel_tuning.AXES
+    for d, be in ((160, 32), (96, 0)):
+        tiles = launch.tile_config('read', d, 196, None, None, torch.bfloat16, arch=90)
+        split_axes, start = kernel_tuning.with_split_axis(axes, dict(START), tiles, d)
+        assert split_axes['split'] == (0, 1) and start == dict(START, split=int(be > 0))
+    # 128 columns: one block, whatever the split
+    tiles = launch.tile_config('read', 128, 196, None, None, torch.bfloat16, arch=90)
+    assert kernel_tuning.with_split_axis(axes, dict(START), tiles, 128) == (axes, START)

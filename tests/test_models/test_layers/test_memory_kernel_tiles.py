@@ -469,6 +469,23 @@ def test_column_blocks_split_a_width_where_two_blocks_hold_fewer_columns():
                       200: (256, 0)}
 
 
+def test_a_tuned_entry_decides_the_split(monkeypatch):
+    """Its ``split`` before the defaults (M2's 96 columns in two blocks, M4's
+    160 in one), a forced ``split`` before it; the other options as tuned."""
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (
+        _entry(kernel='read', split=1, BM=32),
+        _entry(kernel='read', block_d=256, split=0, BM=16, BH=32, num_warps=8)))
+    config = launch.tile_config('read', 96, 196, None, None, BF16, arch=90)
+    assert (config['BD'], config['BE'], config['BM'], config['BH']) == (64, 32, 32, 64)
+    config = launch.tile_config('read', 160, 196, None, None, BF16, arch=90)
+    assert (config['BD'], config['BE'], config['BM']) == (256, 0, 16)
+    with launch.forced_tiles('read', split=1):
+        assert launch.tile_config('read', 160, 196, None, None, BF16, arch=90)['BE'] == 32
+    assert launch.tile_config('read', 160, 196, None, None, BF16, arch=80)['BE'] == 32
+    with pytest.raises(ValueError, match='split must be None, 0 or 1'):
+        check_tuned_tiles([_entry(split=2)])
+
+
 def test_m4_rows_split_by_default_where_the_table_says():
     def blocks(kernel, d=160, dtype=BF16, decomposed=False, arch=90):
         config = launch.tile_config(kernel, d, 196, None, None, dtype, decomposed, arch)

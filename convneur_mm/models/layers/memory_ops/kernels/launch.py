@@ -253,7 +253,8 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     the defaults and tuned rows where more rows computed wrong results.
     Rows of ``SPLIT_TILES``' widths (M4's 160) are held in two column blocks
     (``column_blocks``) at that table's tiles, not padded to 256 columns in
-    16-row tiles; ``forced_tiles(kernel, split=0 or 1)`` decides it instead.
+    16-row tiles; a tuned entry's ``split`` or ``forced_tiles(kernel,
+    split=0 or 1)`` decides it instead.
 
     Args:
         kernel: one of ``KERNEL_NAMES``.
@@ -273,8 +274,10 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     columns = kernel.endswith('_cols')  # a weights' pass, per block of hidden units
     write_backward = kernel.startswith('grads_backward')
     forced = next((options for name, options in reversed(_forced) if name == kernel), {})
+    tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
+                                                decomposed) or {}
     split_tiles = _split_tiles(kernel, d, operand_dtype, decomposed, arch)
-    split = forced.get('split', int(split_tiles is not None))
+    split = forced.get('split', tuned.get('split', int(split_tiles is not None)))
     bd, be = column_blocks(d) if split else (block_width(d), 0)
     held = bd + be  # the columns a row's tiles hold
     check_tiles(block_rows, block_hidden)
@@ -303,8 +306,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
         warps = 8
     config = dict(BM=bm, BD=bd, BE=be, BH=bh, num_warps=warps, num_stages=2, programs_per_sm=0)
-    if arch is not None:
-        config.update(tuned_tiles(kernel, arch, operand_dtype, block_width(d), decomposed) or {})
+    config.update({key: value for key, value in tuned.items() if key != 'split'})
     config['BM'] = min(config['BM'], row_limit(kernel, operand_dtype, arch) or config['BM'])
     config.update({key: value for key, value in forced.items() if key != 'split'})
     config['BM'] = min(config['BM'], block_width(rows))  # no block past a chunk's rows

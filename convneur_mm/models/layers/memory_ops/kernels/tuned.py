@@ -37,6 +37,8 @@ class TunedTile(NamedTuple):
         num_warps, num_stages: Triton's launch options.
         programs_per_sm: persistent programs per multiprocessor (0: a
             program per tile).
+        split: 1 or 0 to hold a row in two column blocks or one where
+            ``launch.column_blocks`` finds two; None: the defaults decide.
     """
     kernel: str
     arch: int
@@ -48,10 +50,12 @@ class TunedTile(NamedTuple):
     num_warps: int
     num_stages: int
     programs_per_sm: int = 0
+    split: Optional[int] = None
 
     def options(self) -> Dict[str, int]:
-        return dict(BM=self.BM, BH=self.BH, num_warps=self.num_warps,
-                    num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
+        options = dict(BM=self.BM, BH=self.BH, num_warps=self.num_warps,
+                       num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
+        return options if self.split is None else dict(options, split=self.split)
 
 
 # none measured yet: no GPU has run the tuning since the kernels last changed
@@ -73,6 +77,8 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
             raise ValueError(f'{entry}: num_warps must be a power of two up to 16 and '
                              'num_stages at least 1')
         check_programs_per_sm(entry.programs_per_sm)
+        if entry.split not in (None, 0, 1) or isinstance(entry.split, bool):
+            raise ValueError(f'{entry}: split must be None, 0 or 1')
         key = entry[:5]
         if key in seen:
             raise ValueError(f'two entries for {key}')
