@@ -137,8 +137,10 @@ def _per_image_views(gen: torch.Generator) -> List[torch.Tensor]:
 # masked columns, a masked hidden block, a masked row block, a small step
 WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block_hidden=64)),
                'd16_L8_default_blocks': (1, 2, 8, 16, 1.0, {}),
-               # 40 columns in two blocks, 32 + 16 (``launch.column_blocks``)
-               'd40_L24_small_lr_split': (2, 2, 24, 40, 1e-3, dict(block_rows=16)),
+               'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16)),
+               # 40 columns in two blocks, 32 + 16 (``launch.column_blocks``); 160
+               # hidden units in blocks of 64, the last masked
+               'd40_L24_split': (1, 2, 24, 40, 1.0, dict(block_rows=16, block_hidden=64)),
                # the weights' pass: one 32-row block, then 8 rows in a 16-row step
                'd16_L40_blocks32': (1, 3, 40, 16, 1.0, dict(block_rows=32))}
 
@@ -212,7 +214,7 @@ def _module_case(dtype: str, max_lr: float, **settings) -> dict:
 
 # the write cases that also run as one program per chunk, forward and backward
 # (masked columns and hidden block, a 32-row block and a tail, the projections' views)
-ONE_PROGRAM_CASES = ['d40_L24_small_lr_split', 'd16_L40_blocks32', 'per_image']
+ONE_PROGRAM_CASES = ['d40_L24_split', 'd16_L40_blocks32', 'per_image']
 
 
 def _one_program_per_chunk(split: bool = False):
@@ -386,10 +388,10 @@ def test_split_cases_hold_each_row_in_two_column_blocks(interpreted, tag):
     def launched(case):
         return {tuple(x) for x in interpreted[case]['launched']}
 
-    two_passes = launched(f'chunk_grads_{tag}_d40_L24_small_lr_split')
+    two_passes = launched(f'chunk_grads_{tag}_d40_L24_split')
     assert two_passes == {(f'{k}_kernel', 16) for k in (
         'grads_rows', 'grads_cols', 'grads_backward_rows', 'grads_backward_cols')}
-    assert launched(f'chunk_grads_one_program_{tag}_d40_L24_small_lr_split') == {
+    assert launched(f'chunk_grads_one_program_{tag}_d40_L24_split') == {
         ('grads_chunk_kernel', 16), ('grads_backward_chunk_kernel', 16)}
     reads = {('read_kernel', 16), ('read_backward_rows_kernel', 16),
              ('read_backward_cols_kernel', 16)}

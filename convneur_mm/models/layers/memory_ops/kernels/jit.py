@@ -10,10 +10,11 @@ same source runs on triton 3.6 to 3.9). Products take operands of the
 weights arrive in DTYPE (the wrappers cast them once per call, so no program
 converts its weight tiles), W_0 of a decomposed read in float32;
 LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
-A row's features are held in the power-of-two block ``BD`` or, where two
-power-of-two blocks cover fewer columns (``launch.column_blocks``: M4's 160
-as 128 + 32, not 256), in ``BD`` and a second block of ``BE``: products over
-the features add both blocks' products, row statistics both blocks' sums.
+A row's features are held in the power-of-two block ``BD`` or, where a
+launch passes ``BE > 0``, in ``BD`` and a second block of ``BE``
+(``launch.column_blocks``; ``launch.tile_config`` takes two for M4's 160 as
+128 + 32, not 256): products over the features add both blocks' products,
+row statistics both blocks' sums.
 The hidden width is walked in ``BH`` blocks; all are masked, so any width
 works. GELU is
 exact (erf) unless the GELU_TANH constexpr asks for its tanh form (one exp
@@ -72,8 +73,8 @@ def _gelu_grad(x, GELU_TANH: tl.constexpr):
 def _pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask, hid,
                HID, DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
                BASE_PREC: tl.constexpr):
-    """x @ w1[:, hid] for a (BM, BD) block of rows (``x_tile`` float32, ``xo``
-    the same in DTYPE); DECOMPOSED adds carry * (x @ base1[:, hid]) at float32
+    """x @ w1[cols, hid] for a block of rows at the columns ``cols`` (``x_tile``
+    float32, ``xo`` the same in DTYPE); DECOMPOSED adds carry * (x @ base1[:, hid]) at float32
     accuracy (see ``_mlp_rows``)."""
     mask1 = cmask[:, None] & (hid < HID)[None, :]
     w1 = tl.load(w1_ptr + cols[:, None] * s1_d + hid[None, :] * s1_k, mask=mask1, other=0.0)
@@ -89,8 +90,8 @@ def _pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols
 def _times_w2t(dy, dyo, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, cols, cmask, hid, HID,
                DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
                BASE_PREC: tl.constexpr):
-    """dy @ w2[hid, :]^T, (BM, BD) -> (BM, BH): a gradient at the MLP's output
-    carried to its hidden block (``dy`` float32, ``dyo`` in DTYPE)."""
+    """dy @ w2[hid, cols]^T, (BM, cols) -> (BM, BH): a gradient at the MLP's
+    output carried to its hidden block (``dy`` float32, ``dyo`` in DTYPE)."""
     mask = cmask[:, None] & (hid < HID)[None, :]
     w2t = tl.load(w2_ptr + hid[None, :] * s2_k + cols[:, None] * s2_d, mask=mask, other=0.0)
     out = tl.dot(dyo, w2t.to(DTYPE), input_precision=PREC)
@@ -105,8 +106,8 @@ def _times_w2t(dy, dyo, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, cols, c
 def _times_w1t(dp, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask, hid, HID,
                DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
                BASE_PREC: tl.constexpr):
-    """dp @ w1[:, hid]^T, (BM, BH) float32 -> (BM, BD): a gradient at a hidden
-    block carried to the MLP's input."""
+    """dp @ w1[cols, hid]^T, (BM, BH) float32 -> (BM, cols): a gradient at a
+    hidden block carried to the MLP's input columns ``cols``."""
     mask = (hid < HID)[:, None] & cmask[None, :]
     w1t = tl.load(w1_ptr + hid[:, None] * s1_k + cols[None, :] * s1_d, mask=mask, other=0.0)
     out = tl.dot(dp.to(DTYPE), w1t.to(DTYPE), input_precision=PREC)
@@ -121,8 +122,9 @@ def _times_w1t(dp, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask,
 def _columns(D, BD: tl.constexpr, BE: tl.constexpr):
     """A row's column blocks and their masks: 0..BD and, with BE > 0,
     BD..BD + BE, a width split into two powers of two (M4's 160 as
-    128 + 32, not padded to 256). Without BE the second repeats the first,
-    and no code reads it: every use of a second block sits under ``BE > 0``."""
+    128 + 32, not padded to 256). Without BE the second repeats the first:
+    what is computed from it is only used under ``BE > 0`` (the compiler
+    drops the rest)."""
     cols = tl.arange(0, BD)
     cols_b = cols
     if BE > 0:
@@ -306,12 +308,11 @@ def _chunk_of(chunk, C, U):
 
 
 @triton.jit
-def _hidden_block(pid, hidden_blocks, D, HID, BD: tl.constexpr, BH: tl.constexpr):
-    """A weights' pass tile: its group of rows (``pid // hidden_blocks``), the
-    feature columns and the hidden units of its block, with their masks."""
-    cols = tl.arange(0, BD)
+def _hidden_block(pid, hidden_blocks, HID, BH: tl.constexpr):
+    """A weights' pass tile: its group of rows (``pid // hidden_blocks``) and
+    the hidden units of its block, with their mask."""
     hid = (pid % hidden_blocks) * BH + tl.arange(0, BH)
-    return pid // hidden_blocks, cols, cols < D, hid, hid < HID
+    return pid // hidden_blocks, hid, hid < HID
 
 
 @triton.jit
@@ -555,7 +556,7 @@ def grads_cols_kernel(k_ptr, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr,
     of the chunk's G1 and G2 (``_write_cols``)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        chunk, _, _, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        chunk, hid, hmask = _hidden_block(pid, hidden_blocks, HID, BH)
         gi, c, bi, ci = _chunk_of(chunk, C, U)
         _write_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, w1_ptr + gi * s1_g,
                     w2_ptr + gi * s2_g, g1_ptr, g2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k,
@@ -872,7 +873,7 @@ def read_backward_cols_kernel(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr,
     with DECOMPOSED, the gradients of dW (equal to those of W)."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        group, _, _, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        group, hid, hmask = _hidden_block(pid, hidden_blocks, HID, BH)
         cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
         c, h, b, c64 = _state_of(group, B, C)
         w1_base = w1_ptr + (h * s1_h + b * s1_b + c64 * s1_c)
@@ -1276,7 +1277,7 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
     (G, C, D, HID) and (G, C, HID, D) float32."""
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        chunk, _, _, hid, hmask = _hidden_block(pid, hidden_blocks, D, HID, BD, BH)
+        chunk, hid, hmask = _hidden_block(pid, hidden_blocks, HID, BH)
         gi, c, bi, ci = _chunk_of(chunk, C, U)
         _write_backward_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, bh_ptr,
                              w1_ptr + gi * s1_g, w2_ptr + gi * s2_g,

@@ -125,12 +125,12 @@ def block_width(n: int) -> int:
 
 
 def column_blocks(d: int) -> Tuple[int, int]:
-    """(BD, BE): the column blocks of a row of ``d`` features as the
-    kernels hold it. Where two power-of-two blocks cover fewer columns than
-    one, BD is the largest power of two below ``d`` and BE holds the rest
-    (M1's 80 as 64 + 16, M2's 96 as 64 + 32, M4's 160 as 128 + 32, where one
-    block pads to 128, 128 and 256); else one block of ``block_width(d)``
-    columns and BE 0."""
+    """(BD, BE): the column blocks a kernel holds a row of ``d`` features in
+    when it splits the row. Where two power-of-two blocks cover fewer columns
+    than one, BD is the largest power of two below ``d`` and BE holds the
+    rest (80 as 64 + 16, 96 as 64 + 32, 160 as 128 + 32, where one block pads
+    to 128, 128 and 256); else one block of ``block_width(d)`` columns and BE
+    0. ``tile_config`` splits by default only at ``SPLIT_TILES``' widths."""
     one = block_width(d)
     first = max(16, 1 << (d.bit_length() - 1))
     if first >= d:
@@ -251,10 +251,11 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     rows and more); float32 operands (CUDA-core products) and the decomposed
     read (twice the operand tiles) take smaller tiles; ``row_limit`` caps
     the defaults and tuned rows where more rows computed wrong results.
-    Rows of ``SPLIT_TILES``' widths (M4's 160) are held in two column blocks
-    (``column_blocks``) at that table's tiles, not padded to 256 columns in
-    16-row tiles; a tuned entry's ``split`` or ``forced_tiles(kernel,
-    split=0 or 1)`` decides it instead.
+    With 16-bit operands (not a decomposed read), rows of ``SPLIT_TILES``'
+    widths (M4's 160) are held in two column blocks (``column_blocks``) at
+    that table's tiles, not padded to 256 columns in 16-row tiles; a tuned
+    entry's ``split`` or ``forced_tiles(kernel, split=0 or 1)`` decides it
+    instead.
 
     Args:
         kernel: one of ``KERNEL_NAMES``.

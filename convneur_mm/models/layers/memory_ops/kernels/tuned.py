@@ -38,7 +38,9 @@ class TunedTile(NamedTuple):
         programs_per_sm: persistent programs per multiprocessor (0: a
             program per tile).
         split: 1 or 0 to hold a row in two column blocks or one where
-            ``launch.column_blocks`` finds two; None: the defaults decide.
+            ``launch.column_blocks`` finds two; None: the defaults decide,
+            and the entry's tiles apply to the layout they choose (the
+            tuning tool records ``split`` wherever it timed both).
     """
     kernel: str
     arch: int
