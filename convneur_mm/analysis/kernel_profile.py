@@ -10,16 +10,17 @@ measured one, per op and for the whole call. The memory's Triton kernels are
 priced one by one (``with_kernel_costs``: their launches' bytes and FLOPs,
 ``kernels.costs``), so each kernel's time stands beside its own roofline.
 
-Six cases profile the four global branches of ConvNeur-M3 (``CASES``): one
+Seven cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
 (``'triton'``), the same through PyTorch (``'torch'``), and one bf16
 training step, forward and backward, through PyTorch (``'training'``) and
 through the Triton kernels (``'training_triton'``); and M4's call through the
-kernels (``'triton_m4'``) and through PyTorch (``'torch_m4'``: whether
-``kernels='auto'`` should take the kernels at M4's width). Each roofline
-counts the true columns, so M4's kernels (160 columns as 128 + 32,
-``launch.column_blocks``; the projection's padded to 256) against M3's (128),
-each beside its roofline, say what M4's width costs.
+kernels (``'triton_m4'``), the same with every row in one padded column
+block (``'triton_m4_one_block'``: what two blocks gain) and through PyTorch
+(``'torch_m4'``: whether ``kernels='auto'`` should take the kernels at M4's
+width). Each roofline counts the true columns, so M4's kernels (160 columns
+as 128 + 32, ``launch.column_blocks``; the projection's padded to 256)
+against M3's (128), each beside its roofline, say what M4's width costs.
 """
 import re
 from collections import Counter
@@ -360,23 +361,37 @@ def _bf16(device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def column_blocks_forced(split: Optional[int]):
+    """``forced_tiles`` of every kernel that ``launch.REPLACES`` does not
+    name (forcing one of those would choose it) with ``split``: 0 holds each
+    row in one column block, 1 in two where ``column_blocks`` finds two;
+    None leaves the defaults."""
+    from convneur_mm.models.layers.memory_ops.kernels.launch import (KERNEL_NAMES, REPLACES,
+                                                                     forced_tiles_of)
+    return forced_tiles_of({} if split is None else {
+        kernel: dict(split=split) for kernel in KERNEL_NAMES if kernel not in REPLACES})
+
+
 def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
-                            size: int = M3_SIZE, arch: str = 'm3') -> Case:
+                            size: int = M3_SIZE, arch: str = 'm3',
+                            split: Optional[int] = None) -> Case:
     """One call of ``arch``'s four branches with bf16 operands, under bf16
-    autocast, through ``kernels`` ('torch' or 'triton': CUDA only)."""
+    autocast, through ``kernels`` ('torch' or 'triton': CUDA only); ``split``
+    as ``column_blocks_forced``."""
     if kernels == 'triton' and not is_cuda(device):
         raise ValueError("the 'triton' cases need a CUDA device")
     branches = global_branches(device, kernels, arch=arch)
     inputs = branch_inputs(branches, batch, size, device)
 
     def call():
-        with torch.inference_mode(), _bf16(device):
+        with torch.inference_mode(), _bf16(device), column_blocks_forced(split):
             for (_, branch), x in zip(branches, inputs):
                 branch(x)
 
     costs = count_costs(call)
+    blocks = {None: '', 0: ', rows in one column block', 1: ', rows in two column blocks'}
     note = (f'the four global branches of {arch.upper()}, batch {batch} at {size}², '
-            f'bf16 operands, {kernels}')
+            f'bf16 operands, {kernels}{blocks[split]}')
     if kernels == 'triton':
         costs, note = _priced_kernels(call, costs, device, note)
     return Case(call, costs, note)
@@ -424,6 +439,8 @@ CASES = {
     'training': branches_training_case,
     'training_triton': lambda **kw: branches_training_case(kernels='triton', **kw),
     'triton_m4': lambda **kw: branches_inference_case('triton', arch='m4', **kw),
+    'triton_m4_one_block': lambda **kw: branches_inference_case('triton', arch='m4', split=0,
+                                                                **kw),
     'torch_m4': lambda **kw: branches_inference_case('torch', arch='m4', **kw),
 }
 

@@ -165,7 +165,7 @@ def test_profile_section_runs_on_request_only(tmp_path):
     code, result = memory_suite.run(str(tmp_path / 'p.json'), ['profile'], dry_run=True)
     rows = result['sections']['profile']['rows']
     assert all(rows[name]['status'] == 'skipped: needs CUDA'
-               for name in ('triton', 'training_triton', 'triton_m4'))
+               for name in ('triton', 'training_triton', 'triton_m4', 'triton_m4_one_block'))
     for case in ('torch', 'training', 'torch_m4'):
         assert rows[case]['status'] == 'ok', rows[case]
         assert rows[case]['case'] == case and rows[case]['kernels']
