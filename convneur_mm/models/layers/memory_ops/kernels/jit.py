@@ -14,11 +14,10 @@ A row's features are held in the power-of-two block ``BD`` or, where a
 launch passes ``BE > 0``, in ``BD`` and a second block of ``BE``
 (``launch.column_blocks``; ``launch.tile_config`` takes two for M4's 160 as
 128 + 32, not 256): products over the features add both blocks' products,
-row statistics both blocks' sums.
-The hidden width is walked in ``BH`` blocks; all are masked, so any width
-works. GELU is
-exact (erf) unless the GELU_TANH constexpr asks for its tanh form (one exp
-per element, as ``F.gelu(approximate='tanh')``).
+row statistics both blocks' sums. The hidden width is walked in ``BH``
+blocks; all are masked, so any width works. GELU is exact (erf) unless the
+GELU_TANH constexpr asks for its tanh form (one exp per element, as
+``F.gelu(approximate='tanh')``).
 
 Tiles: a product kernel's program serves the ``ITERS`` tiles
 ``program_id * ITERS ...`` in turn (persistent programs, ``launch.launch_kernel``);
