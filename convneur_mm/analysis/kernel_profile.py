@@ -361,30 +361,20 @@ def _bf16(device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def column_blocks_forced(split: Optional[int]):
-    """``forced_tiles`` of every kernel that ``launch.REPLACES`` does not
-    name (forcing one of those would choose it) with ``split``: 0 holds each
-    row in one column block, 1 in two where ``column_blocks`` finds two;
-    None leaves the defaults."""
-    from convneur_mm.models.layers.memory_ops.kernels.launch import (KERNEL_NAMES, REPLACES,
-                                                                     forced_tiles_of)
-    return forced_tiles_of({} if split is None else {
-        kernel: dict(split=split) for kernel in KERNEL_NAMES if kernel not in REPLACES})
-
-
 def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
                             size: int = M3_SIZE, arch: str = 'm3',
                             split: Optional[int] = None) -> Case:
     """One call of ``arch``'s four branches with bf16 operands, under bf16
     autocast, through ``kernels`` ('torch' or 'triton': CUDA only); ``split``
-    as ``column_blocks_forced``."""
+    as ``launch.forced_column_blocks``."""
     if kernels == 'triton' and not is_cuda(device):
         raise ValueError("the 'triton' cases need a CUDA device")
+    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_column_blocks
     branches = global_branches(device, kernels, arch=arch)
     inputs = branch_inputs(branches, batch, size, device)
 
     def call():
-        with torch.inference_mode(), _bf16(device), column_blocks_forced(split):
+        with torch.inference_mode(), _bf16(device), forced_column_blocks(split):
             for (_, branch), x in zip(branches, inputs):
                 branch(x)
 

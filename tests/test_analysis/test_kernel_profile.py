@@ -246,19 +246,3 @@ def test_a_failure_to_price_the_kernels_leaves_the_profile_running(monkeypatch):
 def test_kernel_names_are_shortened_to_the_work_they_do(name, short):
     assert kp.short_kernel_name(name) == short
 
-
-def test_the_one_block_case_holds_m4s_rows_in_one_column_block():
-    from convneur_mm.models.layers.memory_ops.kernels import launch
-
-    def blocks(kernel='read', d=160):
-        config = launch.tile_config(kernel, d, 196, None, None, torch.bfloat16, arch=90)
-        return config['BD'], config['BE']
-
-    with kp.column_blocks_forced(0):
-        assert blocks() == blocks('grads_backward_cols') == (256, 0)
-        # the one-program kernels are not forced, so not chosen
-        assert not launch.chosen_kernel('grads_chunk', 160, torch.bfloat16, 90)
-    with kp.column_blocks_forced(1):
-        assert blocks(d=96) == (64, 32)
-    with kp.column_blocks_forced(None):
-        assert blocks() == (128, 32)

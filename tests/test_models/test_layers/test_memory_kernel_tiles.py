@@ -9,7 +9,7 @@ import torch
 from convneur_mm.models.layers.memory_ops.kernels import launch, tuned
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile, check_tuned_tiles
 
-from .test_memory_kernels import _run_interpreted
+from .test_memory_kernels import _inspect, _run_interpreted
 
 BF16 = torch.bfloat16
 # the kernels a call launches unless a kernel that replaces some is chosen
@@ -371,22 +371,24 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
         launch.chosen_kernel('grads_rows', 128, BF16, 90)
 
 
+def _stage1_memory(d: int, train: bool):
+    """A bf16 memory of width ``d`` through the kernels on meta tensors, and
+    an input at stage 1 (batch 128, 3136 tokens)."""
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(d, chunk_size=196, kernels='triton',
+                          matmul_dtype='bfloat16').to('meta').train(train)
+    return memory, torch.empty(128, 3136, d, device='meta', requires_grad=train)
+
+
 def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
     """Registers, spills and shared memory of every kernel a bf16 training
     step of C_m 128 at M3's stage 1 (batch 128) launches, compiled as
     launched (ptxas)."""
-    from convneur_mm.models.layers import NeuralMemory
-    inspect = pytest.importorskip('convneur_mm.models.layers.memory_ops.kernels.inspect')
-    try:
-        inspect._triton()
-    except RuntimeError as err:
-        pytest.skip(str(err))
-    memory = NeuralMemory(128, chunk_size=196, kernels='triton',
-                          matmul_dtype='bfloat16').to('meta')
-    x = torch.empty(128, 3136, 128, device='meta', requires_grad=True)
+    inspect = _inspect()
+    memory, x = _stage1_memory(128, train=True)
     forced = {kernel: dict(programs_per_sm=per_sm) for kernel in chosen or _TWO_PASSES}
     with launch.forced_tiles_of(forced), launch.recording_launches(arch) as launches:
-        memory.train()(x).sum().backward()
+        memory(x).sum().backward()
     iters = {}  # the most tiles per program of each kernel's launches (132 multiprocessors)
     for l in launches:
         name = l.kernel.__name__
@@ -398,15 +400,8 @@ def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
 def _m4_stage1_launches(arch: int, train: bool, chosen: tuple = ()):
     """The launches of a bf16 call (``train``: training step) of C_m 160 at
     M4's stage 1 (batch 128, 3136 tokens), and their compile reports."""
-    from convneur_mm.models.layers import NeuralMemory
-    inspect = pytest.importorskip('convneur_mm.models.layers.memory_ops.kernels.inspect')
-    try:
-        inspect._triton()
-    except RuntimeError as err:
-        pytest.skip(str(err))
-    memory = NeuralMemory(160, chunk_size=196, kernels='triton',
-                          matmul_dtype='bfloat16').to('meta').train(train)
-    x = torch.empty(128, 3136, 160, device='meta', requires_grad=train)
+    inspect = _inspect()
+    memory, x = _stage1_memory(160, train)
     with launch.forced_tiles_of({kernel: {} for kernel in chosen}), \
             launch.recording_launches(arch) as launches, torch.set_grad_enabled(train):
         out = memory(x)
@@ -575,6 +570,21 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
         assert iters > 1, kernels
         for a, b in zip(got, base):
             assert ((a - b).abs().max() / b.abs().max()).item() < bound, kernels
+
+
+def test_forced_column_blocks_hold_the_rows_of_every_two_pass_kernel():
+    def blocks(kernel='read', d=160):
+        config = launch.tile_config(kernel, d, 196, None, None, BF16, arch=90)
+        return config['BD'], config['BE']
+
+    with launch.forced_column_blocks(0):
+        assert blocks() == blocks('grads_backward_cols') == (256, 0)
+        # the one-program kernels are not forced, so not chosen
+        assert not launch.chosen_kernel('grads_chunk', 160, BF16, 90)
+    with launch.forced_column_blocks(1):
+        assert blocks(d=96) == (64, 32)
+    with launch.forced_column_blocks(None):
+        assert blocks() == (128, 32)
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``

@@ -229,9 +229,8 @@ def _split_columns(split: bool = True):
     finds two. Yields a list that gets the launches' (kernel, BE), sorted,
     once the block ends."""
     seen = []
-    options = {kernel: dict(split=1) for kernel in launch.KERNEL_NAMES
-               if split and kernel not in launch.REPLACES}
-    with launch.forced_tiles_of(options), launch.observing_launches() as launches:
+    with launch.forced_column_blocks(1 if split else None), \
+            launch.observing_launches() as launches:
         yield seen
     seen.extend(sorted({(x.kernel.__name__, x.kwargs.get('BE', 0)) for x in launches}))
 

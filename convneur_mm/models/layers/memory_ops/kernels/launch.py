@@ -215,6 +215,15 @@ def forced_tiles_of(options: Dict[str, Dict[str, int]]) -> Iterator[None]:
         yield
 
 
+def forced_column_blocks(split: Optional[int]) -> ContextManager[None]:
+    """``forced_tiles`` of every kernel that ``REPLACES`` does not name
+    (forcing one of those would choose it) with ``split``: 0 holds each row
+    in one column block, 1 in two where ``column_blocks`` finds two; None
+    leaves the defaults."""
+    return forced_tiles_of({} if split is None else {
+        kernel: dict(split=split) for kernel in KERNEL_NAMES if kernel not in REPLACES})
+
+
 def check_programs_per_sm(value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f'programs_per_sm must be an int >= 0 (0: a program per tile), '
