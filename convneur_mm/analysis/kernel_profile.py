@@ -19,8 +19,8 @@ kernels (``'triton_m4'``), the same with every row in one padded column
 block (``'triton_m4_one_block'``: what two blocks gain) and through PyTorch
 (``'torch_m4'``: whether ``kernels='auto'`` should take the kernels at M4's
 width). Each roofline counts the true columns, so M4's kernels (160 columns
-as 128 + 32, ``launch.column_blocks``; the projection's padded to 256)
-against M3's (128), each beside its roofline, say what M4's width costs.
+as 128 + 32, ``launch.column_blocks``, the projection's included) against
+M3's (128), each beside its roofline, say what M4's width costs.
 """
 import re
 from collections import Counter

@@ -187,8 +187,9 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
 
 
 def test_kernel_rooflines_count_a_padded_width_by_its_true_columns():
-    """M4's C_m 160 runs in tiles of 256 columns; its roofline counts 160, so
-    the profile's M4 case against M3's shows what the padding costs."""
+    """M4's C_m 160 runs in column blocks of 128 + 32 (one of 256 in the
+    profile's one-block case); its roofline counts 160, so the profile's M4
+    cases against M3's show what the width costs."""
     pytest.importorskip('triton')
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         pytest.skip('this process runs Triton in its interpreter: launches are not recorded')

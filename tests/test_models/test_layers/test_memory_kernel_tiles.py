@@ -414,8 +414,15 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
     """Every tiled kernel launches as ``SPLIT_TILES`` says (two column blocks
     where it has an entry), each compiled without spills (but the two the
     table names, each within its bytes), and the products of 64-row tiles
-    on wgmma on sm_90."""
+    on wgmma on sm_90; in inference the projection kernel as
+    ``PROJECTION_SPLIT`` says, without spills (training projects in PyTorch
+    at this width)."""
+    from convneur_mm.models.layers.memory_ops.project.triton import PROJECTION_SPLIT
     launches, reports = _m4_stage1_launches(arch, train, chosen)
+    projections = [x.kwargs for x in launches if x.kernel.__name__ == 'project_kernel']
+    rows, features = PROJECTION_SPLIT[(128, 32)]
+    assert [tuple(kw[k] for k in ('BD', 'BE', 'BHD', 'BHE', 'BM', 'BK')) for kw in projections] \
+        == ([] if train else [(128, 32, 128, 32, rows, features)])
     table = launch.SPLIT_TILES[(128, 32)][arch]
     tiled = [x for x in launches if x.kernel.__name__[:-len('_kernel')] in launch.KERNEL_NAMES]
     assert tiled
@@ -425,10 +432,10 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
         assert (x.kwargs['BD'], x.kwargs['BE']) == ((128, 32) if split else (256, 0)), kernel
         if split:  # a chunk's rows past the whole blocks: a 16-row tail launch
             assert x.kwargs['BM'] in (split[0], 16) and x.kwargs['BH'] == split[1], x.kwargs
-    names = {x.kernel.__name__ for x in tiled}
+    names = {x.kernel.__name__ for x in tiled} | {'project_kernel'}
     for report in reports:
         if report.kernel not in names:
-            continue  # the projections and the scan: tested at M3's width
+            continue  # the scan: tested at M3's width
         bound = {('grads_backward_chunk_kernel', 90): 8, ('grads_backward_chunk_kernel', 80): 24,
                  ('read_backward_cols_kernel', 80): 112}.get((report.kernel, arch), 0)
         assert report.spill_stores <= bound and report.shared <= 163 * 1024, report
@@ -443,7 +450,8 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
 def test_m4_inference_kernels_compile_in_two_column_blocks_on_sm_90():
     """M4's 160 columns as 128 + 32: the read and the chunk gradients' two
     passes take 64-row tiles on wgmma without spills, where one block of
-    256 columns took 16-row tiles on mma.sync."""
+    256 columns took 16-row tiles on mma.sync; the projections 32-row tiles
+    (16 in one block)."""
     _check_split_compiles(90, train=False)
 
 
@@ -585,6 +593,44 @@ def test_forced_column_blocks_hold_the_rows_of_every_two_pass_kernel():
         assert blocks(d=96) == (64, 32)
     with launch.forced_column_blocks(None):
         assert blocks() == (128, 32)
+    with launch.forced_column_blocks(0):  # the projections' too
+        assert _projection_blocks() == (256, 0, 256, 0)
+    with launch.forced_column_blocks(1):
+        assert _projection_blocks(d=96) == (64, 32, 64, 32)
+
+
+def _projection_blocks(d=160, heads=1, dtype=BF16, features=None, backward=False, tiles=False):
+    from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
+    config = projection_tiles(d, heads, 196, None, features, dtype, backward)
+    return tuple(config[k] for k in ('BD', 'BE', 'BHD', 'BHE') + (('BM', 'BK') if tiles else ()))
+
+
+def test_m4_projections_split_by_default_where_the_table_says():
+    """160 columns with 16-bit operands as 128 + 32 (a head of 160 too,
+    heads of 32 in one block) at ``PROJECTION_SPLIT``'s rows and feature
+    steps; float32 operands, the backward, M3's and M2's widths in one
+    block; ``forced_tiles('project', split=...)`` decides instead, and
+    takes nothing else."""
+    from convneur_mm.models.layers.memory_ops.project.triton import PROJECTION_SPLIT
+    assert _projection_blocks(tiles=True) == (128, 32, 128, 32, *PROJECTION_SPLIT[(128, 32)])
+    assert _projection_blocks(heads=5) == (128, 32, 32, 0)
+    assert _projection_blocks(features=16, tiles=True)[-1] == 16  # a caller's steps first
+    assert _projection_blocks(dtype=torch.float32, tiles=True) == (256, 0, 256, 0, 16, 32)
+    assert _projection_blocks(backward=True) == (256, 0, 256, 0)
+    assert _projection_blocks(d=128, tiles=True) == (128, 0, 128, 0, 32, 128)
+    assert _projection_blocks(d=96) == (128, 0, 128, 0)
+    with launch.forced_tiles('project', split=0):
+        assert _projection_blocks(tiles=True) == (256, 0, 256, 0, 16, 32)
+    with launch.forced_tiles('project', split=1):
+        assert _projection_blocks(d=96, tiles=True) == (64, 32, 64, 32, 32, 64)
+        assert _projection_blocks(d=128) == (128, 0, 128, 0)  # nothing to split
+        assert _projection_blocks(dtype=torch.float32)[:2] == (128, 32)
+    with pytest.raises(ValueError, match='takes only split'):
+        with launch.forced_tiles('project', split=1, BM=16):
+            pass
+    with pytest.raises(ValueError, match='split must be 0 or 1'):
+        with launch.forced_tiles('project', split=2):
+            pass
 
 
 if __name__ == '__main__':  # the interpreter subprocess of ``_run_interpreted``

@@ -308,11 +308,20 @@ def scan_results(gen: torch.Generator) -> dict:
 
 # (batch, tokens, d, heads, L, U, block_rows, block_features): a partial last
 # chunk; two heads of a padded width (12 -> 16); a masked row block; no
-# write; products over 16-feature steps with a masked last one (M4's path)
+# write; products over 16-feature steps with a masked last one (one block of
+# 160 columns' path)
 PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16, None),
                     'd20_L24': (2, 50, 20, 1, 24, 2, None, None),
                     'one_chunk': (1, 6, 16, 1, 8, 0, None, None),
-                    'heads2_d40_steps16': (2, 20, 40, 2, 8, 2, 16, 16)}
+                    'heads2_d40_steps16': (2, 20, 40, 2, 8, 2, 16, 16),
+                    # rows as 32 + 16 columns (``launch.column_blocks``, forced): whole
+                    # rows, the head's columns split too; 16-feature steps (M4's 160
+                    # as 128 + 32), two heads of 20 in one block each
+                    'd40_split': (2, 20, 40, 1, 8, 2, 16, None),
+                    'heads2_d40_split_steps16': (2, 20, 40, 2, 8, 2, 16, 16)}
+# the launches' (BD, BE, BK, BHD, BHE) where a case splits its rows
+PROJECTION_SPLITS = {'d40_split': (32, 16, 32, 32, 16),
+                     'heads2_d40_split_steps16': (32, 16, 16, 32, 0)}
 
 
 def projection_results(gen: torch.Generator) -> dict:
@@ -331,12 +340,16 @@ def projection_results(gen: torch.Generator) -> dict:
         ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)),
                             u, length, 0.5)
         for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
-            got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows,
-                                 block_features=steps)
+            with launch.forced_tiles('project', split=int(name in PROJECTION_SPLITS)), \
+                    launch.observing_launches() as launches:
+                got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows,
+                                     block_features=steps)
             results[f'project_{tag}_{name}'] = dict(
                 exact=max(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
                 shapes=[list(t.shape) for t in got],
-                want=[list(t.shape) for t in ref])
+                want=[list(t.shape) for t in ref],
+                tiles=sorted({tuple(x.kwargs[k] for k in ('BD', 'BE', 'BK', 'BHD', 'BHE'))
+                              for x in launches}))
     return results
 
 
@@ -485,6 +498,10 @@ def test_triton_projections_match_the_layers_in_float64(interpreted, case):
         result = interpreted[f'project_{tag}_{case}']
         assert result['shapes'] == result['want']
         assert result['exact'] < tol, (tag, result)
+        if case in PROJECTION_SPLITS:  # the split cases held their rows in two blocks
+            assert result['tiles'] == [list(PROJECTION_SPLITS[case])], result
+        else:
+            assert all(be == bhe == 0 for _, be, _, _, bhe in result['tiles']), result
 
 
 def test_triton_scan_matches_the_recursion(interpreted):

@@ -1411,18 +1411,34 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
 
 
 @triton.jit
-def _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols, cmask, outs,
-                omask, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
-                DTYPE: tl.constexpr, PREC: tl.constexpr):
+def _whole_rows_times(xo, xo_b, w_ptr, sw_o, sw_i, row0, cols, cmask, cols_b, cmask_b, outs,
+                      omask, BE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """The normed rows ``xo`` (and ``xo_b``, BE > 0), in DTYPE, times
+    w[row0 + outs, :]^T: one product per column block of the features."""
+    w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
+                mask=cmask[:, None] & omask[None, :], other=0.0)
+    acc = tl.dot(xo, w.to(DTYPE), input_precision=PREC)
+    if BE > 0:
+        w_b = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols_b[:, None] * sw_i,
+                      mask=cmask_b[:, None] & omask[None, :], other=0.0)
+        acc = tl.dot(xo_b, w_b.to(DTYPE), acc=acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _rows_times(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols, cmask,
+                cols_b, cmask_b, outs, omask, BM: tl.constexpr, BD: tl.constexpr,
+                BE: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr, DTYPE: tl.constexpr,
+                PREC: tl.constexpr):
     """The rows' normed features times w[row0 + outs, :]^T -> (BM, BO)
-    float32: the projections' outputs ``outs``. BK == BD: one product with
-    ``xo``, the (BM, BD) normed rows in DTYPE; else over BK-wide slices of
-    the features, each reloaded from x (``x_rows`` the rows' pointers) and
-    normed by ``rstd``, so that no (BD, BO) weight tile is held at once."""
+    float32: the projections' outputs ``outs``. BK == BD: whole rows,
+    products with ``xo`` (and ``xo_b``), the normed rows' column blocks in
+    DTYPE; else over BK-wide slices of the features, each reloaded from x
+    (``x_rows`` the rows' pointers) and normed by ``rstd``, so that no
+    (BD, BO) weight tile is held at once."""
     if BK == BD:
-        w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
-                    mask=cmask[:, None] & omask[None, :], other=0.0)
-        acc = tl.dot(xo, w.to(DTYPE), input_precision=PREC)
+        acc = _whole_rows_times(xo, xo_b, w_ptr, sw_o, sw_i, row0, cols, cmask, cols_b, cmask_b,
+                                outs, omask, BE, DTYPE, PREC)
     else:
         acc = tl.zeros((BM, BO), dtype=tl.float32)
         for k0 in range(0, D, BK):
@@ -1437,31 +1453,90 @@ def _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols,
 
 
 @triton.jit
-def _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
-                 row, HD, cols, cmask, hcols, hmask, eps, BM: tl.constexpr, BD: tl.constexpr,
-                 BK: tl.constexpr, BHD: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """One head's queries or keys: RMSNorm over its HD columns of the rows
-    times w[row * HD:(row + 1) * HD]^T, times its gain row ``gamma[row]``."""
-    y = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row * HD, cols, cmask,
-                    hcols, hmask, BM, BD, BK, BHD, DTYPE, PREC)
-    y_rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / HD + eps)
-    gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
-    return y * y_rstd[:, None] * gamma[None, :]
+def _rows_times_blocks(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols,
+                       cmask, cols_b, cmask_b, outs, omask, outs_b, omask_b, BM: tl.constexpr,
+                       BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+                       BOE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """``_rows_times`` of the outputs ``outs`` (BO) and, BOE > 0, of a second
+    block ``outs_b`` (BOE; else the first again), one after the other: one
+    loop over the features for both spilled 1.9 KB at M4's 32-row tiles."""
+    acc = _rows_times(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols,
+                      cmask, cols_b, cmask_b, outs, omask, BM, BD, BE, BK, BO, DTYPE, PREC)
+    acc_b = acc
+    if BOE > 0:
+        acc_b = _rows_times(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0,
+                            cols, cmask, cols_b, cmask_b, outs_b, omask_b, BM, BD, BE, BK, BOE,
+                            DTYPE, PREC)
+    return acc, acc_b
 
 
 @triton.jit
-def _projection_program(C, U, L, D, HD, H, BD: tl.constexpr, BHD: tl.constexpr,
-                        BH: tl.constexpr):
+def _normed_head(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
+                 sg_d, row, HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b,
+                 eps, BM: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
+                 BHD: tl.constexpr, BHE: tl.constexpr, DTYPE: tl.constexpr,
+                 PREC: tl.constexpr):
+    """One head's queries or keys: RMSNorm over its HD columns of the rows
+    times w[row * HD:(row + 1) * HD]^T, times its gain row ``gamma[row]``;
+    the head's columns in one block (BHD) or two (BHD + BHE)."""
+    y, y_b = _rows_times_blocks(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i,
+                                row * HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b,
+                                hmask_b, BM, BD, BE, BK, BHD, BHE, DTYPE, PREC)
+    y_rstd = tl.math.rsqrt(_row_sum(y * y, y_b * y_b, BHE) / HD + eps)
+    gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
+    out = y * y_rstd[:, None] * gamma[None, :]
+    out_b = out
+    if BHE > 0:
+        gamma_b = tl.load(gamma_ptr + row * sg_h + hcols_b * sg_d, mask=hmask_b, other=0.0)
+        out_b = y_b * y_rstd[:, None] * gamma_b[None, :]
+    return out, out_b
+
+
+@triton.jit
+def _store_rows(base, rows, s_n, cols, s_d, y, rmask, cmask, y_b, cols_b, cmask_b,
+                BE: tl.constexpr):
+    """Stores (BM, ...) rows at ``base``, both column blocks."""
+    tl.store(base + rows[:, None] * s_n + cols[None, :] * s_d, y,
+             mask=rmask[:, None] & cmask[None, :])
+    if BE > 0:
+        tl.store(base + rows[:, None] * s_n + cols_b[None, :] * s_d, y_b,
+                 mask=rmask[:, None] & cmask_b[None, :])
+
+
+@triton.jit
+def _pool_step(logits, normed, rmask, running_max, running_sum, pooled):
+    """One block of rows into the pool's online softmax over rows, per
+    feature: the new running max, sum and pooled sum."""
+    logits = tl.where(rmask[:, None], logits, float('-inf'))
+    new_max = tl.maximum(running_max, tl.max(logits, axis=0))
+    rescale = tl.exp(running_max - new_max)
+    p = tl.exp(logits - new_max[None, :])
+    return (new_max, running_sum * rescale + tl.sum(p, axis=0),
+            pooled * rescale + tl.sum(p * normed, axis=0))
+
+
+@triton.jit
+def _store_pool(pool_ptr, lse_ptr, at, offsets, cmask, running_max, running_sum, pooled):
+    """The pool's result and log-sum-exp of one column block of a chunk (its
+    features at ``at + offsets``)."""
+    tl.store(pool_ptr + at + offsets, pooled / running_sum, mask=cmask)
+    tl.store(lse_ptr + at + offsets, running_max + tl.log(running_sum), mask=cmask)
+
+
+@triton.jit
+def _projection_program(C, U, L, D, HD, H, BD: tl.constexpr, BE: tl.constexpr,
+                        BHD: tl.constexpr, BHE: tl.constexpr, BH: tl.constexpr):
     """A projection kernel's program: its chunk c of C, image b, whether the
-    chunk writes (c < U), its first row, and the column ranges with their
-    masks of x (BD), of one head (BHD) and of the step sizes (BH)."""
+    chunk writes (c < U), its first row, and the column blocks with their
+    masks (``_columns``) of x (BD, BE), of one head (BHD, BHE) and of the
+    step sizes (BH)."""
     pid = tl.program_id(0)
     c = pid % C
-    cols = tl.arange(0, BD)
-    hcols = tl.arange(0, BHD)
+    cols, cmask, cols_b, cmask_b = _columns(D, BD, BE)
+    hcols, hmask, hcols_b, hmask_b = _columns(HD, BHD, BHE)
     lcols = tl.arange(0, BH)
-    return (c, (pid // C).to(tl.int64), c < U, c.to(tl.int64) * L, cols, cols < D, hcols,
-            hcols < HD, lcols, lcols < H)
+    return (c, (pid // C).to(tl.int64), c < U, c.to(tl.int64) * L, cols, cmask, cols_b,
+            cmask_b, hcols, hmask, hcols_b, hmask_b, lcols, lcols < H)
 
 
 @triton.jit
@@ -1475,7 +1550,8 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
                    sl_b, sl_n, sl_h,
                    ss_b, ss_u, ss_d,
                    BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr,
-                   BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+                   BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                   BE: tl.constexpr = 0, BHE: tl.constexpr = 0):
     """The projections of one (image, chunk) of L tokens, C chunks per image
     (the last partial): x / rms(x) once per block of rows, each head's
     queries RMS-normed with its gain; for the U written chunks also keys
@@ -1484,63 +1560,79 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
     feature), so the chunk's pooled rows need no second pass; the pool's
     log-sum-exp per feature is stored for the backward. ``w`` (4D + H, D)
     is the folded weight (``project.weights.fold``), in DTYPE; its products
-    take BK features at a time (``_rows_times``)."""
-    c, b, written, first, cols, cmask, hcols, hmask, lcols, lmask = _projection_program(
-        C, U, L, D, HD, H, BD, BHD, BH)
+    take BK features at a time (``_rows_times``). BE > 0 (BHE > 0): rows
+    (a head's columns) in two column blocks (``_columns``)."""
+    c, b, written, first, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, \
+        lcols, lmask = _projection_program(C, U, L, D, HD, H, BD, BE, BHD, BHE, BH)
     x_base = x_ptr + b * sx_b + first * sx_n
-    q_base = q_ptr + b * sq_b + first * sq_n
-    k_base = k_ptr + b * sk_b + first * sk_n
-    v_base = v_ptr + b * sv_b + first * sv_n
-    lr_base = lr_ptr + b * sl_b + first * sl_n
     logits_bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
     lr_bias = tl.load(bias_ptr + D + lcols, mask=lmask, other=0.0)
     running_max = tl.full((BD,), float('-inf'), tl.float32)
     running_sum = tl.zeros((BD,), dtype=tl.float32)
     pooled = tl.zeros((BD,), dtype=tl.float32)
+    logits_bias_b, running_max_b, running_sum_b, pooled_b = (logits_bias, running_max,
+                                                            running_sum, pooled)
+    if BE > 0:
+        logits_bias_b = tl.load(bias_ptr + cols_b, mask=cmask_b, other=0.0)
+        running_max_b = tl.full((BE,), float('-inf'), tl.float32)
+        running_sum_b = tl.zeros((BE,), dtype=tl.float32)
+        pooled_b = tl.zeros((BE,), dtype=tl.float32)
     for r0 in range(0, L, BM):
         i = r0 + tl.arange(0, BM)
         rmask = (i < L) & (first + i < N)
         x_rows = x_base + i * sx_n
-        x = tl.load(x_rows[:, None] + cols[None, :] * sx_d,
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = _load_tile(x_base, i, sx_n, cols, sx_d, rmask[:, None] & cmask[None, :])
+        x_b = x
+        if BE > 0:
+            x_b = _load_tile(x_base, i, sx_n, cols_b, sx_d, rmask[:, None] & cmask_b[None, :])
+        rstd = tl.math.rsqrt(_row_sum(x * x, x_b * x_b, BE) / D + eps)
         normed = x * rstd[:, None]
+        normed_b = x_b * rstd[:, None]
         xo = normed.to(DTYPE)
-        hm = rmask[:, None] & hmask[None, :]
+        xo_b = normed_b.to(DTYPE)
         for head in range(0, H):
-            q = _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
-                             sg_d, head, HD, cols, cmask, hcols, hmask, eps, BM, BD, BK, BHD,
-                             DTYPE, PREC)
-            tl.store(q_base + i[:, None] * sq_n + head * sq_h + hcols[None, :] * sq_d, q, mask=hm)
+            q, q_b = _normed_head(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i,
+                                  gamma_ptr, sg_h, sg_d, head, HD, cols, cmask, cols_b, cmask_b,
+                                  hcols, hmask, hcols_b, hmask_b, eps, BM, BD, BE, BK, BHD, BHE,
+                                  DTYPE, PREC)
+            _store_rows(q_ptr + b * sq_b + first * sq_n + head * sq_h, i, sq_n, hcols, sq_d, q,
+                        rmask, hmask, q_b, hcols_b, hmask_b, BHE)
             if written:
-                k = _normed_head(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamma_ptr,
-                                 sg_h, sg_d, H + head, HD, cols, cmask, hcols, hmask, eps, BM, BD,
-                                 BK, BHD, DTYPE, PREC)
-                tl.store(k_base + i[:, None] * sk_n + head * sk_h + hcols[None, :] * sk_d, k,
-                         mask=hm)
+                k, k_b = _normed_head(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i,
+                                      gamma_ptr, sg_h, sg_d, H + head, HD, cols, cmask, cols_b,
+                                      cmask_b, hcols, hmask, hcols_b, hmask_b, eps, BM, BD, BE,
+                                      BK, BHD, BHE, DTYPE, PREC)
+                _store_rows(k_ptr + b * sk_b + first * sk_n + head * sk_h, i, sk_n, hcols, sk_d,
+                            k, rmask, hmask, k_b, hcols_b, hmask_b, BHE)
         if written:
-            v = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 2 * D, cols,
-                            cmask, cols, cmask, BM, BD, BK, BD, DTYPE, PREC)
-            tl.store(v_base + i[:, None] * sv_n + cols[None, :] * sv_d, v,
-                     mask=rmask[:, None] & cmask[None, :])
-            logits = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 3 * D, cols,
-                                 cmask, cols, cmask, BM, BD, BK, BD, DTYPE,
-                                 PREC) + logits_bias[None, :]
-            logits = tl.where(rmask[:, None], logits, float('-inf'))
-            new_max = tl.maximum(running_max, tl.max(logits, axis=0))
-            rescale = tl.exp(running_max - new_max)
-            p = tl.exp(logits - new_max[None, :])
-            running_sum = running_sum * rescale + tl.sum(p, axis=0)
-            pooled = pooled * rescale + tl.sum(p * normed, axis=0)
-            running_max = new_max
-            lr = _rows_times(xo, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 4 * D, cols,
-                             cmask, lcols, lmask, BM, BD, BK, BH, DTYPE, PREC) + lr_bias[None, :]
-            tl.store(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
-                     max_lr * tl.sigmoid(lr), mask=rmask[:, None] & lmask[None, :])
+            v, v_b = _rows_times_blocks(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o,
+                                        sw_i, 2 * D, cols, cmask, cols_b, cmask_b, cols, cmask,
+                                        cols_b, cmask_b, BM, BD, BE, BK, BD, BE, DTYPE, PREC)
+            _store_rows(v_ptr + b * sv_b + first * sv_n, i, sv_n, cols, sv_d, v, rmask, cmask,
+                        v_b, cols_b, cmask_b, BE)
+            logits, logits_b = _rows_times_blocks(
+                xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 3 * D, cols, cmask,
+                cols_b, cmask_b, cols, cmask, cols_b, cmask_b, BM, BD, BE, BK, BD, BE, DTYPE,
+                PREC)
+            running_max, running_sum, pooled = _pool_step(
+                logits + logits_bias[None, :], normed, rmask, running_max, running_sum, pooled)
+            if BE > 0:
+                running_max_b, running_sum_b, pooled_b = _pool_step(
+                    logits_b + logits_bias_b[None, :], normed_b, rmask, running_max_b,
+                    running_sum_b, pooled_b)
+            lr = _rows_times(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, 4 * D,
+                             cols, cmask, cols_b, cmask_b, lcols, lmask, BM, BD, BE, BK, BH,
+                             DTYPE, PREC)
+            tl.store(lr_ptr + b * sl_b + first * sl_n + i[:, None] * sl_n + lcols[None, :] * sl_h,
+                     max_lr * tl.sigmoid(lr + lr_bias[None, :]),
+                     mask=rmask[:, None] & lmask[None, :])
     if written:
-        pool_at = b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d
-        tl.store(pool_ptr + pool_at, pooled / running_sum, mask=cmask)
-        tl.store(lse_ptr + pool_at, running_max + tl.log(running_sum), mask=cmask)
+        pool_at = b * ss_b + c.to(tl.int64) * ss_u
+        _store_pool(pool_ptr, lse_ptr, pool_at, cols * ss_d, cmask, running_max, running_sum,
+                    pooled)
+        if BE > 0:
+            _store_pool(pool_ptr, lse_ptr, pool_at, cols_b * ss_d, cmask_b, running_max_b,
+                        running_sum_b, pooled_b)
 
 
 @triton.jit
@@ -1599,8 +1691,8 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     weight's gradient is one product of it with x, outside), and per block of
     rows the gains' and the biases' partial sums (``gg``, ``gb``)."""
     pid = tl.program_id(0)
-    c, b, written, first, cols, cmask, hcols, hmask, lcols, lmask = _projection_program(
-        C, U, L, D, HD, H, BD, BHD, BH)
+    c, b, written, first, cols, cmask, _, _, hcols, hmask, _, _, lcols, lmask = \
+        _projection_program(C, U, L, D, HD, H, BD, 0, BHD, 0, BH)
     pool_at = b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d
     # int64 bases of the chunk's rows; int32 offsets inside them
     x_base = x_ptr + b * sx_b + first * sx_n

@@ -156,6 +156,9 @@ KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows'
 REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
+# kernels whose wrappers choose their own tiles (``project.triton.projection_tiles``):
+# ``forced_tiles`` forces only their column blocks (``split``)
+SPLIT_ONLY = ('project', 'project_backward')
 # rows held in two column blocks (``column_blocks``) where one padded block
 # takes 16-row tiles: {(BD, BE): {GPU: {kernel: (BM, BH)}}} at 8 warps, the largest
 # tiles that compile without spills for 16-bit operands as a training step launches
@@ -188,8 +191,14 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     num_stages, programs_per_sm, split) instead of its default or tuned tiles,
     inside the block: how a tuning run tries a configuration. ``split=0``
     holds a row in one padded block where ``column_blocks`` would take two.
-    A caller's ``block_rows`` and ``block_hidden`` still take precedence."""
-    _check_kernel(kernel)
+    A caller's ``block_rows`` and ``block_hidden`` still take precedence.
+    The kernels of ``SPLIT_ONLY`` take ``split`` alone."""
+    if kernel in SPLIT_ONLY:
+        if set(options) - {'split'}:
+            raise ValueError(f'forced_tiles of {kernel!r} takes only split, got '
+                             f'{sorted(options)}')
+    else:
+        _check_kernel(kernel)
     unknown = set(options) - set(_LAUNCH_OPTIONS)
     if unknown:
         raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
@@ -217,11 +226,18 @@ def forced_tiles_of(options: Dict[str, Dict[str, int]]) -> Iterator[None]:
 
 def forced_column_blocks(split: Optional[int]) -> ContextManager[None]:
     """``forced_tiles`` of every kernel that ``REPLACES`` does not name
-    (forcing one of those would choose it) with ``split``: 0 holds each row
-    in one column block, 1 in two where ``column_blocks`` finds two; None
-    leaves the defaults."""
-    return forced_tiles_of({} if split is None else {
-        kernel: dict(split=split) for kernel in KERNEL_NAMES if kernel not in REPLACES})
+    (forcing one of those would choose it), the projections' included, with
+    ``split``: 0 holds each row in one column block, 1 in two where
+    ``column_blocks`` finds two; None leaves the defaults."""
+    kernels = [k for k in KERNEL_NAMES if k not in REPLACES] + list(SPLIT_ONLY)
+    return forced_tiles_of({} if split is None else {k: dict(split=split) for k in kernels})
+
+
+def forced_split(kernel: str) -> Optional[int]:
+    """The ``split`` of the innermost open ``forced_tiles`` of ``kernel``
+    that names one, or None."""
+    return next((options['split'] for name, options in reversed(_forced)
+                 if name == kernel and 'split' in options), None)
 
 
 def check_programs_per_sm(value: int) -> None:

@@ -11,7 +11,7 @@ from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launch import (as_operands, block_width, call_kernel_op, cdiv,
                               check_arguments, check_runnable, check_span, check_tiles,
-                              kernel_op, launch_config)
+                              column_blocks, forced_split, kernel_op, launch_config)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -21,6 +21,11 @@ MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
 # the backward holds whole (d, d) weight tiles (no feature steps): 128 columns
 # keep a 16-bit tile at 32 KiB of shared memory, a float32 one at 64 KiB
 MAX_PROJECTION_BACKWARD_WIDTH = 128
+# rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
+# of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
+# without spills (ptxas, triton 3.7) as a bf16 M4 stage launches them (whole rows
+# spill 304 B at 16 rows; 64 rows 400 B and more)
+PROJECTION_SPLIT = {(128, 32): (32, 32)}
 
 
 def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
@@ -78,26 +83,40 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
 def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
                      block_features: Optional[int], operand_dtype: torch.dtype,
                      backward: bool = False) -> dict:
-    """The projection kernel's tiles: whole rows of x (BD) and of one head
-    (BHD), the step sizes' H columns (BH), BM rows, and BK features per
-    product step. 16-bit operands up to 128 columns: one product per output
-    (BK = BD) at 32 rows and 8 warps, which compile without spills for
-    sm_80 and sm_90 at C_m 128 (64 rows spill 164 B, 4 warps 460 B). Wider
-    rows (M4's 160, padded to 256; a (256, 256) weight tile would need about
-    300 KiB of shared memory) and float32 operands (whole rows spill 10 KB)
-    take 16 rows and 32 features per step: no spills at 128 (float32) and
-    160 (16-bit); float32 at 160 spills 20 to 88 B. The backward
-    (``backward``) takes whole rows at 16 rows, 8 warps and one stage: at C_m
-    128 with 16-bit operands it spills 368 B (sm_90) and 444 B (sm_80), the
-    least found (32 rows: 1 KB; 4 warps: 1.4 KB). Not tuned by timing."""
+    """The projection kernel's tiles: rows of x in the column blocks BD and
+    BE (``launch.column_blocks``; BE 0: one block), one head's columns in
+    BHD and BHE, the step sizes' H columns (BH), BM rows, and BK features
+    per product step (BK == BD: whole rows, one product per column block).
+
+    16-bit operands up to 128 columns: whole rows at 32 rows and 8 warps,
+    which compile without spills for sm_80 and sm_90 at C_m 128 (64 rows
+    spill 164 B, 4 warps 460 B). Rows of ``PROJECTION_SPLIT``'s widths (M4's
+    160 as 128 + 32, not padded to 256) take that table's tiles. Other wider
+    rows (a (256, 256) weight tile would need about 300 KiB of shared
+    memory) and float32 operands (whole rows spill 10 KB) take 16 rows and
+    32 features per step: no spills at 128 (float32) and 160 (16-bit, one
+    block); float32 at 160 spills 20 to 88 B.
+    ``launch.forced_tiles('project', split=0 or 1)`` decides the split
+    instead. The backward (``backward``) takes whole rows in one block at 16
+    rows, 8 warps and one stage: at C_m 128 with 16-bit operands it spills
+    368 B (sm_90) and 444 B (sm_80), the least found (32 rows: 1 KB; 4 warps:
+    1.4 KB). Not tuned by timing."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
-    bd = block_width(d)
-    whole_rows = backward or bd <= 128 and operand_dtype != torch.float32
+    blocks = column_blocks(d)
+    split_tiles = None if backward else PROJECTION_SPLIT.get(blocks)
+    forced = None if backward else forced_split('project')
+    split = (split_tiles is not None and operand_dtype != torch.float32 if forced is None
+             else bool(forced) and blocks[1] > 0)
+    bd, be = blocks if split else (block_width(d), 0)
+    bhd, bhe = column_blocks(d // heads) if split else (block_width(d // heads), 0)
+    whole_rows = backward or bd + be <= 128 and operand_dtype != torch.float32
+    bm, bk = (32 if whole_rows else 16), (bd if whole_rows else 32)
     if backward:
-        block_rows = block_rows or 16
-    return dict(BM=block_rows or min(32 if whole_rows else 16, block_width(rows)),
-                BD=bd, BK=min(block_features or (bd if whole_rows else 32), bd),
-                BHD=block_width(d // heads), BH=block_width(heads),
+        bm = 16
+    elif split and split_tiles is not None:
+        bm, bk = split_tiles
+    return dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
+                BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
                 num_warps=8, num_stages=1 if backward else 2)
 
 
@@ -187,7 +206,8 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
         _check_spans(L, x=x, bar_queries=bar_q, bar_keys=bar_k, bar_values=bar_v,
                      bar_token_lr=bar_lr, grad_x=grad_x, grad_proj=grad_proj)
         kernels, cfg = launch_config(operand_dtype, x.device)
-        tiles.pop('BK')
+        for key in ('BK', 'BE', 'BHE'):
+            tiles.pop(key)
         w = as_operands(weight, operand_dtype)
         kernels.project_backward_kernel[(b * cdiv(n, L),)](
             x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
