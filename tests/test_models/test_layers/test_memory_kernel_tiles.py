@@ -414,15 +414,17 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
     """Every tiled kernel launches as ``SPLIT_TILES`` says (two column blocks
     where it has an entry), each compiled without spills (but the two the
     table names, each within its bytes), and the products of 64-row tiles
-    on wgmma on sm_90; in inference the projection kernel as
-    ``PROJECTION_SPLIT`` says, without spills (training projects in PyTorch
-    at this width)."""
+    on wgmma on sm_90; the projection kernel as ``PROJECTION_SPLIT`` says,
+    without spills, and its backward in two blocks of whole rows, within
+    its bound."""
     from convneur_mm.models.layers.memory_ops.project.triton import PROJECTION_SPLIT
     launches, reports = _m4_stage1_launches(arch, train, chosen)
-    projections = [x.kwargs for x in launches if x.kernel.__name__ == 'project_kernel']
+    tiles = ('BD', 'BE', 'BHD', 'BHE', 'BM', 'BK')
+    projections = [tuple(x.kwargs.get(k) for k in tiles) for x in launches
+                   if x.kernel.__name__.startswith('project')]
     rows, features = PROJECTION_SPLIT[(128, 32)]
-    assert [tuple(kw[k] for k in ('BD', 'BE', 'BHD', 'BHE', 'BM', 'BK')) for kw in projections] \
-        == ([] if train else [(128, 32, 128, 32, rows, features)])
+    assert projections == [(128, 32, 128, 32, rows, features)] + (
+        [(128, 32, 128, 32, 16, None)] if train else [])
     table = launch.SPLIT_TILES[(128, 32)][arch]
     tiled = [x for x in launches if x.kernel.__name__[:-len('_kernel')] in launch.KERNEL_NAMES]
     assert tiled
@@ -432,12 +434,13 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
         assert (x.kwargs['BD'], x.kwargs['BE']) == ((128, 32) if split else (256, 0)), kernel
         if split:  # a chunk's rows past the whole blocks: a 16-row tail launch
             assert x.kwargs['BM'] in (split[0], 16) and x.kwargs['BH'] == split[1], x.kwargs
-    names = {x.kernel.__name__ for x in tiled} | {'project_kernel'}
+    names = {x.kernel.__name__ for x in tiled} | {'project_kernel', 'project_backward_kernel'}
     for report in reports:
         if report.kernel not in names:
             continue  # the scan: tested at M3's width
         bound = {('grads_backward_chunk_kernel', 90): 8, ('grads_backward_chunk_kernel', 80): 24,
-                 ('read_backward_cols_kernel', 80): 112}.get((report.kernel, arch), 0)
+                 ('read_backward_cols_kernel', 80): 112, ('project_backward_kernel', 90): 864,
+                 ('project_backward_kernel', 80): 940}.get((report.kernel, arch), 0)
         assert report.spill_stores <= bound and report.shared <= 163 * 1024, report
         if arch >= 90 and report.kernel in ('read_kernel', 'grads_rows_kernel',
                                             'grads_cols_kernel') and report.wgmma == 0:
@@ -608,7 +611,8 @@ def _projection_blocks(d=160, heads=1, dtype=BF16, features=None, backward=False
 def test_m4_projections_split_by_default_where_the_table_says():
     """160 columns with 16-bit operands as 128 + 32 (a head of 160 too,
     heads of 32 in one block) at ``PROJECTION_SPLIT``'s rows and feature
-    steps; float32 operands, the backward, M3's and M2's widths in one
+    steps; float32 operands, M3's and M2's widths in one block; the
+    backward splits every row wider than 128, which it cannot hold in one
     block; ``forced_tiles('project', split=...)`` decides instead, and
     takes nothing else."""
     from convneur_mm.models.layers.memory_ops.project.triton import PROJECTION_SPLIT
@@ -616,7 +620,17 @@ def test_m4_projections_split_by_default_where_the_table_says():
     assert _projection_blocks(heads=5) == (128, 32, 32, 0)
     assert _projection_blocks(features=16, tiles=True)[-1] == 16  # a caller's steps first
     assert _projection_blocks(dtype=torch.float32, tiles=True) == (256, 0, 256, 0, 16, 32)
-    assert _projection_blocks(backward=True) == (256, 0, 256, 0)
+    # the backward: whole rows of at most 128 columns per block, so wider ones split
+    assert _projection_blocks(backward=True, tiles=True) == (128, 32, 128, 32, 16, 128)
+    assert _projection_blocks(d=128, backward=True) == (128, 0, 128, 0)
+    assert _projection_blocks(d=96, backward=True) == (128, 0, 128, 0)
+    with launch.forced_tiles('project_backward', split=1):
+        assert _projection_blocks(d=96, backward=True) == (64, 32, 64, 32)
+    with launch.forced_tiles('project_backward', split=0), \
+            pytest.raises(ValueError, match='at most 128 columns per block'):
+        _projection_blocks(backward=True)
+    with pytest.raises(ValueError, match='at most 128 columns per block'):
+        _projection_blocks(d=200, backward=True)  # one block of 256
     assert _projection_blocks(d=128, tiles=True) == (128, 0, 128, 0, 32, 128)
     assert _projection_blocks(d=96) == (128, 0, 128, 0)
     with launch.forced_tiles('project', split=0):

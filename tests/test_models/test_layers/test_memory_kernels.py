@@ -663,7 +663,7 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
 
 def test_the_projection_kernels_serve_kernels_triton():
     """kernels='triton' projects with its kernel up to width 256 in
-    inference and 128 in training (its backward's widest), and scans with
+    inference and 160 in training (its backward's widest), and scans with
     its kernel in inference and training; 'auto' (untimed) and wider
     memories project in PyTorch, and a hook on a layer calls the layers."""
     from convneur_mm.models.layers import NeuralMemory
@@ -679,7 +679,10 @@ def test_the_projection_kernels_serve_kernels_triton():
     m4 = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
     x160 = torch.empty(2, 20, 160, device='meta')
     assert projections(m4, x160) == 'triton'
-    assert projections(m4, x160, grad=True) == 'torch'
+    assert projections(m4, x160, grad=True) == 'triton'
+    wider = NeuralMemory(192, chunk_size=8, kernels='triton').to('meta')
+    x192 = torch.empty(2, 20, 192, device='meta')
+    assert (projections(wider, x192), projections(wider, x192, grad=True)) == ('triton', 'torch')
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).scan == 'triton'
     with kernels.without_launches():  # training: the scan kernel has a backward
@@ -899,7 +902,7 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
         'read_backward_cols_kernel', 'read_backward_rows_kernel', 'read_backward_rows_kernel',
         'scan_backward_kernel']
     for report in reports:
-        spills = 512 if report.kernel == 'project_backward_kernel' else 0
+        spills = 384 if report.kernel == 'project_backward_kernel' else 0
         assert report.shared <= 163 * 1024 and report.spill_stores <= spills, report
         if report.kernel != 'scan_backward_kernel':  # element-wise
             assert report.mma != 'none', report

@@ -149,7 +149,9 @@ WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block
 # a masked row block; two heads with a partial chunk that only reads; no writes
 PROJECTION_CASES = {'d20_L24': (2, 50, 20, 1, 24, 2, None),
                     'heads2_d40': (2, 20, 40, 2, 8, 2, 16),
-                    'no_writes': (1, 12, 16, 1, 8, 0, None)}
+                    'no_writes': (1, 12, 16, 1, 8, 0, None),
+                    # rows and the head's columns as 32 + 16 (M4's 160 as 128 + 32)
+                    'd40_split': (2, 20, 40, 1, 8, 2, 16)}
 
 
 def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: int, heads: int,
@@ -268,7 +270,12 @@ def backward_results() -> Dict[str, dict]:
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
         for name, case in PROJECTION_CASES.items():
-            results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
+            split = int(name.endswith('_split'))
+            with launch.forced_tiles_of({k: dict(split=split) for k in launch.SPLIT_ONLY}), \
+                    launch.observing_launches() as launches:
+                results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
+            results[f'project_{tag}_{name}']['launched'] = sorted(
+                {(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE']) for x in launches})
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
@@ -353,6 +360,33 @@ def test_backward_kernels_float32_match_float64(interpreted, case):
     assert max(result['grads'].values()) < F32_TOL, result['grads']
 
 
+def m4_projection_results() -> Dict[str, dict]:
+    """The projections at M4's width, one chunk of 196 tokens at the
+    default tiles (float16: 128 + 32 columns, forward and backward; float32:
+    the backward only), forward and backward against float64, with the
+    launches' (kernel, BE, BHE)."""
+    results = {}
+    for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
+        with launch.observing_launches() as launches:
+            results[tag] = _project_case(torch.Generator().manual_seed(160), dtype, 1, 196, 160,
+                                         1, 196, 1, None)
+        results[tag]['launched'] = sorted({(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE'])
+                                           for x in launches})
+    return results
+
+
+@pytest.mark.slow
+def test_projections_at_m4s_width_in_the_interpreter():
+    """M4's 160 columns through the projection kernels at their default
+    tiles, every gradient against float64 (about 25 s)."""
+    results = _run_interpreted('m4_projection_results', 'test_memory_kernels_backward')
+    for tag, tol, forward_split in (('f32', F32_TOL, 0), ('f16', F16_TOL, 32)):
+        result = results[tag]
+        assert max(result['grads'].values()) < tol, (tag, result['grads'])
+        assert result['launched'] == [['project_backward_kernel', 32, 32],
+                                      ['project_kernel', forward_split, forward_split]]
+
+
 @pytest.mark.parametrize('tag', DTYPES)
 def test_projection_backward_gives_every_parameter_a_gradient(interpreted, tag):
     """Every parameter is checked where it has a gradient (writes: all, and
@@ -362,6 +396,9 @@ def test_projection_backward_gives_every_parameter_a_gradient(interpreted, tag):
         result = interpreted[f'project_{tag}_{name}']
         assert len(result['grads']) == (4 if name == 'no_writes' else 11), result['grads']
         assert result['logits_bias'] < (1e-5 if tag == 'f32' else 1e-2)
+        blocks = 16 if name.endswith('_split') else 0  # the split case split both kernels
+        assert result['launched'] == [[kernel, blocks, blocks] for kernel in (
+            'project_backward_kernel', 'project_kernel')], result['launched']
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -503,10 +540,11 @@ def test_backward_kernels_on_cuda_at_model_widths(d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4)])
+@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
 def test_projection_backward_on_cuda_at_model_widths(d, heads):
-    """The compiled projection backward at M1's and M3's widths, 3136 tokens
-    in chunks of 196, every operand dtype, against float64 layer by layer."""
+    """The compiled projection backward at M1's, M3's and M4's widths (M4's
+    160 as 128 + 32), 3136 tokens in chunks of 196, every operand dtype,
+    against float64 layer by layer."""
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
     for dtype, tol in tolerances.items():
         result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads, 196,

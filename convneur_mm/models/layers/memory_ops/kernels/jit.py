@@ -1636,35 +1636,143 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
 
 
 @triton.jit
-def _weight_rows(w_ptr, sw_o, sw_i, row0, outs, omask, cols, cmask, DTYPE: tl.constexpr):
-    """Rows ``row0 + outs`` of the folded weight, (BO, BD) in DTYPE: the
-    backward's two products with them (x w^T again, and dy w) share one load."""
-    return tl.load(w_ptr + (row0 + outs)[:, None] * sw_o + cols[None, :] * sw_i,
-                   mask=omask[:, None] & cmask[None, :], other=0.0).to(DTYPE)
+def _weight_rows(w_ptr, sw_o, sw_i, row0, outs, omask, cols, cmask, cols_b, cmask_b,
+                 BE: tl.constexpr, DTYPE: tl.constexpr):
+    """Rows ``row0 + outs`` of the folded weight, (BO, BD) in DTYPE, and
+    with BE > 0 their second column block (BO, BE) (else the first again):
+    the backward's two products with them (x w^T again, and dy w) share one
+    load."""
+    w = tl.load(w_ptr + (row0 + outs)[:, None] * sw_o + cols[None, :] * sw_i,
+                mask=omask[:, None] & cmask[None, :], other=0.0).to(DTYPE)
+    w_b = w
+    if BE > 0:
+        w_b = tl.load(w_ptr + (row0 + outs)[:, None] * sw_o + cols_b[None, :] * sw_i,
+                      mask=omask[:, None] & cmask_b[None, :], other=0.0).to(DTYPE)
+    return w, w_b
 
 
 @triton.jit
-def _head_backward(xo, rstd, rmask, bar_n, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
-                   bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, cols, cmask, hcols,
-                   hmask, eps, DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """One head's queries or keys backward: from their cotangent (rows at
-    ``bar_rows``, (BM, 1) pointers) through the gain and the per-head RMSNorm to the product's
-    output; stores it times the rows' rstd into the product-gradient rows
-    ``gp_rows`` and the gain's partial sum at ``gg_ptr``; returns ``bar_n``
-    plus its product with the head's weight rows."""
-    w = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols, hmask, cols, cmask, DTYPE)
+def _times_wt(xo, xo_b, w, w_b, BE: tl.constexpr, PREC: tl.constexpr):
+    """The normed rows (both column blocks) times ``_weight_rows``'s rows^T."""
     y = tl.dot(xo, tl.trans(w), input_precision=PREC)
-    y_rstd = tl.math.rsqrt(tl.sum(y * y, axis=1) / HD + eps)
-    normed = y * y_rstd[:, None]
-    hm = rmask[:, None] & hmask[None, :]
-    bar = tl.load(bar_rows + hcols[None, :] * sb_d, mask=hm, other=0.0)
+    if BE > 0:
+        y = tl.dot(xo_b, tl.trans(w_b), acc=y, input_precision=PREC)
+    return y
+
+
+@triton.jit
+def _plus_times_w(bar, w, w_b, bar_n, bar_n_b, BE: tl.constexpr, DTYPE: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``bar_n`` (both column blocks) plus ``bar`` times ``_weight_rows``'s rows."""
+    bar = bar.to(DTYPE)
+    bar_n = tl.dot(bar, w, acc=bar_n, input_precision=PREC)
+    if BE > 0:
+        bar_n_b = tl.dot(bar, w_b, acc=bar_n_b, input_precision=PREC)
+    return bar_n, bar_n_b
+
+
+@triton.jit
+def _store_product_grad(gp_rows, sgp_f, outs, rmask, omask, bar, rstd, DTYPE: tl.constexpr):
+    """The product's gradient ``bar`` times the rows' rstd, at columns ``outs``."""
+    tl.store(gp_rows[:, None] + outs[None, :] * sgp_f, (bar * rstd[:, None]).to(DTYPE),
+             mask=rmask[:, None] & omask[None, :])
+
+
+@triton.jit
+def _gain_backward(bar_rows, sb_d, hcols, hmask, rmask, normed, gamma_ptr, sg_h, sg_d, gg_ptr,
+                   row, HD):
+    """One column block of a head's cotangent (``bar_rows``, (BM, 1)
+    pointers) back through its gain: stores the gain's partial sum and
+    returns the cotangent times the gain."""
+    bar = tl.load(bar_rows + hcols[None, :] * sb_d, mask=rmask[:, None] & hmask[None, :],
+                  other=0.0)
     gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
     tl.store(gg_ptr + row * HD + hcols, tl.sum(bar * normed, axis=0), mask=hmask)
-    bar = bar * gamma[None, :]
-    bar_y = y_rstd[:, None] * (bar - normed * (tl.sum(bar * normed, axis=1) / HD)[:, None])
-    tl.store(gp_rows[:, None] + (row * HD + hcols)[None, :] * sgp_f,
-             (bar_y * rstd[:, None]).to(DTYPE), mask=hm)
-    return tl.dot(bar_y.to(DTYPE), w, acc=bar_n, input_precision=PREC)
+    return bar * gamma[None, :]
+
+
+@triton.jit
+def _head_backward(xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
+                   sg_d, bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, cols, cmask, cols_b,
+                   cmask_b, hcols, hmask, hcols_b, hmask_b, eps, BE: tl.constexpr,
+                   BHE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """One head's queries or keys backward: from their cotangent (rows at
+    ``bar_rows``, (BM, 1) pointers) through the gain and the per-head
+    RMSNorm to the product's output; stores it times the rows' rstd into the
+    product-gradient rows ``gp_rows`` and the gain's partial sum at
+    ``gg_ptr``; returns ``bar_n`` plus its product with the head's weight
+    rows. The rows' features in one or two column blocks (BE), the head's
+    columns too (BHE)."""
+    w, w_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols, hmask, cols, cmask, cols_b,
+                          cmask_b, BE, DTYPE)
+    y = _times_wt(xo, xo_b, w, w_b, BE, PREC)
+    y_b, wh, wh_b = y, w, w_b
+    if BHE > 0:
+        wh, wh_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols_b, hmask_b, cols, cmask,
+                                cols_b, cmask_b, BE, DTYPE)
+        y_b = _times_wt(xo, xo_b, wh, wh_b, BE, PREC)
+    y_rstd = tl.math.rsqrt(_row_sum(y * y, y_b * y_b, BHE) / HD + eps)
+    normed = y * y_rstd[:, None]
+    normed_b = y_b * y_rstd[:, None]
+    bar = _gain_backward(bar_rows, sb_d, hcols, hmask, rmask, normed, gamma_ptr, sg_h, sg_d,
+                         gg_ptr, row, HD)
+    bar_b = bar
+    if BHE > 0:
+        bar_b = _gain_backward(bar_rows, sb_d, hcols_b, hmask_b, rmask, normed_b, gamma_ptr,
+                               sg_h, sg_d, gg_ptr, row, HD)
+    mean = _row_sum(bar * normed, bar_b * normed_b, BHE) / HD
+    bar_y = y_rstd[:, None] * (bar - normed * mean[:, None])
+    _store_product_grad(gp_rows, sgp_f, row * HD + hcols, rmask, hmask, bar_y, rstd, DTYPE)
+    if BHE > 0:
+        # a head in two blocks: its weight rows reloaded (from L2) for this product
+        # rather than held through the norm's backward
+        w, w_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols, hmask, cols, cmask, cols_b,
+                              cmask_b, BE, DTYPE)
+    bar_n, bar_n_b = _plus_times_w(bar_y, w, w_b, bar_n, bar_n_b, BE, DTYPE, PREC)
+    if BHE > 0:
+        bar_y_b = y_rstd[:, None] * (bar_b - normed_b * mean[:, None])
+        _store_product_grad(gp_rows, sgp_f, row * HD + hcols_b, rmask, hmask_b, bar_y_b, rstd,
+                            DTYPE)
+        wh, wh_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols_b, hmask_b, cols, cmask,
+                                cols_b, cmask_b, BE, DTYPE)
+        bar_n, bar_n_b = _plus_times_w(bar_y_b, wh, wh_b, bar_n, bar_n_b, BE, DTYPE, PREC)
+    return bar_n, bar_n_b
+
+
+@triton.jit
+def _values_pool_backward(xo, xo_b, normed, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i,
+                          bias_ptr, v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d,
+                          bpool_ptr, bpool_at, sp_d, gp_rows, sgp_f, gb_block, D, HD, outs,
+                          omask, cols, cmask, cols_b, cmask_b, BE: tl.constexpr,
+                          DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """The values' and the pool's backward for the features ``outs`` (one
+    column block; ``normed`` its normed rows): stores their product
+    gradients and the logits' bias partial sums; returns the pool's direct
+    term of those features' cotangent, and ``bar_n`` (both column blocks)
+    plus the products with the weight."""
+    ro = rmask[:, None] & omask[None, :]
+    # the values: their cotangent is the product's own
+    bar_v = tl.load(v_rows[:, None] + (outs // HD)[None, :] * sv_h + (outs % HD)[None, :] * sv_d,
+                    mask=ro, other=0.0)
+    w, w_b = _weight_rows(w_ptr, sw_o, sw_i, 2 * D, outs, omask, cols, cmask, cols_b, cmask_b,
+                          BE, DTYPE)
+    _store_product_grad(gp_rows, sgp_f, 2 * D + outs, rmask, omask, bar_v, rstd, DTYPE)
+    bar_n, bar_n_b = _plus_times_w(bar_v, w, w_b, bar_n, bar_n_b, BE, DTYPE, PREC)
+    # the pool: pooled = sum_i a_i n_i with a = softmax over the chunk's rows
+    # (the per-feature vectors loaded here, per block: registers are short)
+    pooled = tl.load(pool_ptr + pool_at + outs * ss_d, mask=omask, other=0.0)
+    lse = tl.load(lse_ptr + pool_at + outs * ss_d, mask=omask, other=0.0)
+    bar_pool = tl.load(bpool_ptr + bpool_at + outs * sp_d, mask=omask, other=0.0)
+    logits_bias = tl.load(bias_ptr + outs, mask=omask, other=0.0)
+    w, w_b = _weight_rows(w_ptr, sw_o, sw_i, 3 * D, outs, omask, cols, cmask, cols_b, cmask_b,
+                          BE, DTYPE)
+    logits = _times_wt(xo, xo_b, w, w_b, BE, PREC) + logits_bias[None, :]
+    a = tl.where(ro, tl.exp(logits - lse[None, :]), 0.0)
+    bar_logits = a * bar_pool[None, :] * (normed - pooled[None, :])
+    _store_product_grad(gp_rows, sgp_f, 3 * D + outs, rmask, omask, bar_logits, rstd, DTYPE)
+    tl.store(gb_block + outs, tl.sum(bar_logits, axis=0), mask=omask)
+    bar_n, bar_n_b = _plus_times_w(bar_logits, w, w_b, bar_n, bar_n_b, BE, DTYPE, PREC)
+    return a * bar_pool[None, :], bar_n, bar_n_b
 
 
 @triton.jit
@@ -1680,9 +1788,11 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
                             sp_b, sp_u, sp_d,
                             sgx_b, sgx_n, sgx_d, sgp_b, sgp_n, sgp_f,
                             BM: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr,
-                            BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+                            BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                            BE: tl.constexpr = 0, BHE: tl.constexpr = 0):
     """``project_kernel``'s backward for one (image, chunk), whole rows per
-    product (BD wide): recomputes each product, takes the cotangents of the
+    product (BD wide, and BE for a second column block; a head's columns
+    BHD and BHE): recomputes each product, takes the cotangents of the
     queries, keys, values, step sizes and pooled rows back through the
     gains, the per-head RMSNorms, the sigmoid and the pool's softmax (from
     the forward's log-sum-exp and pooled rows) to the product's output
@@ -1691,9 +1801,10 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     weight's gradient is one product of it with x, outside), and per block of
     rows the gains' and the biases' partial sums (``gg``, ``gb``)."""
     pid = tl.program_id(0)
-    c, b, written, first, cols, cmask, _, _, hcols, hmask, _, _, lcols, lmask = \
-        _projection_program(C, U, L, D, HD, H, BD, 0, BHD, 0, BH)
-    pool_at = b * ss_b + c.to(tl.int64) * ss_u + cols * ss_d
+    c, b, written, first, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, \
+        lcols, lmask = _projection_program(C, U, L, D, HD, H, BD, BE, BHD, BHE, BH)
+    pool_at = b * ss_b + c.to(tl.int64) * ss_u
+    bpool_at = b * sp_b + c.to(tl.int64) * sp_u
     # int64 bases of the chunk's rows; int32 offsets inside them
     x_base = x_ptr + b * sx_b + first * sx_n
     q_base = bq_ptr + b * sq_b + first * sq_n
@@ -1705,67 +1816,66 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     for r0 in range(0, L, BM):
         i = r0 + tl.arange(0, BM)
         rmask = (i < L) & (first + i < N)
-        x = tl.load(x_base + i[:, None] * sx_n + cols[None, :] * sx_d,
-                    mask=rmask[:, None] & cmask[None, :], other=0.0)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = _load_tile(x_base, i, sx_n, cols, sx_d, rmask[:, None] & cmask[None, :])
+        x_b = x
+        if BE > 0:
+            x_b = _load_tile(x_base, i, sx_n, cols_b, sx_d, rmask[:, None] & cmask_b[None, :])
+        rstd = tl.math.rsqrt(_row_sum(x * x, x_b * x_b, BE) / D + eps)
         normed = x * rstd[:, None]
+        normed_b = x_b * rstd[:, None]
         xo = normed.to(DTYPE)
+        xo_b = normed_b.to(DTYPE)
         gp_rows = gp_base + i * sgp_n
         block = (pid * row_blocks + r0 // BM).to(tl.int64)
         gg_block = gg_ptr + block * 2 * H * HD
         bar_n = tl.zeros((BM, BD), dtype=tl.float32)
+        bar_n_b = bar_n
+        if BE > 0:
+            bar_n_b = tl.zeros((BM, BE), dtype=tl.float32)
         for head in range(0, H):
-            bar_n = _head_backward(xo, rstd, rmask, bar_n, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
-                                   sg_d, q_base + i[:, None] * sq_n + head * sq_h,
-                                   sq_d, gp_rows, sgp_f, gg_block, head, HD, cols, cmask,
-                                   hcols, hmask, eps, DTYPE, PREC)
+            bar_n, bar_n_b = _head_backward(
+                xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
+                q_base + i[:, None] * sq_n + head * sq_h, sq_d, gp_rows, sgp_f, gg_block, head,
+                HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, eps, BE, BHE,
+                DTYPE, PREC)
             if written:
-                bar_n = _head_backward(xo, rstd, rmask, bar_n, w_ptr, sw_o, sw_i, gamma_ptr,
-                                       sg_h, sg_d,
-                                       k_base + i[:, None] * sk_n + head * sk_h,
-                                       sk_d, gp_rows, sgp_f, gg_block, H + head, HD, cols,
-                                       cmask, hcols, hmask, eps, DTYPE, PREC)
+                bar_n, bar_n_b = _head_backward(
+                    xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
+                    sg_d, k_base + i[:, None] * sk_n + head * sk_h, sk_d, gp_rows, sgp_f,
+                    gg_block, H + head, HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b,
+                    hmask_b, eps, BE, BHE, DTYPE, PREC)
         if written:
-            rc = rmask[:, None] & cmask[None, :]
-            # the values: their cotangent is the product's own
-            bar_v = tl.load(v_base + i[:, None] * sv_n + (cols // HD)[None, :] * sv_h
-                            + (cols % HD)[None, :] * sv_d, mask=rc, other=0.0)
-            w = _weight_rows(w_ptr, sw_o, sw_i, 2 * D, cols, cmask, cols, cmask, DTYPE)
-            tl.store(gp_rows[:, None] + (2 * D + cols)[None, :] * sgp_f,
-                     (bar_v * rstd[:, None]).to(DTYPE), mask=rc)
-            bar_n = tl.dot(bar_v.to(DTYPE), w, acc=bar_n, input_precision=PREC)
-            # the pool: pooled = sum_i a_i n_i with a = softmax over the chunk's rows
-            # (the per-feature vectors loaded here, per block: registers are short)
-            pooled = tl.load(pool_ptr + pool_at, mask=cmask, other=0.0)
-            lse = tl.load(lse_ptr + pool_at, mask=cmask, other=0.0)
-            bar_pool = tl.load(bpool_ptr + b * sp_b + c.to(tl.int64) * sp_u + cols * sp_d,
-                               mask=cmask, other=0.0)
-            logits_bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
-            w = _weight_rows(w_ptr, sw_o, sw_i, 3 * D, cols, cmask, cols, cmask, DTYPE)
-            logits = tl.dot(xo, tl.trans(w), input_precision=PREC) + logits_bias[None, :]
-            a = tl.where(rc, tl.exp(logits - lse[None, :]), 0.0)
-            bar_n += a * bar_pool[None, :]
-            bar_logits = a * bar_pool[None, :] * (normed - pooled[None, :])
-            tl.store(gp_rows[:, None] + (3 * D + cols)[None, :] * sgp_f,
-                     (bar_logits * rstd[:, None]).to(DTYPE), mask=rc)
-            bar_n = tl.dot(bar_logits.to(DTYPE), w, acc=bar_n, input_precision=PREC)
-            # the step sizes: max_lr * sigmoid(z)
-            rl = rmask[:, None] & lmask[None, :]
-            w = _weight_rows(w_ptr, sw_o, sw_i, 4 * D, lcols, lmask, cols, cmask, DTYPE)
-            lr_bias = tl.load(bias_ptr + D + lcols, mask=lmask, other=0.0)
-            lr = tl.sigmoid(tl.dot(xo, tl.trans(w), input_precision=PREC) + lr_bias[None, :])
-            bar_lr = tl.load(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
-                             mask=rl, other=0.0) * (max_lr * lr * (1.0 - lr))
-            tl.store(gp_rows[:, None] + (4 * D + lcols)[None, :] * sgp_f,
-                     (bar_lr * rstd[:, None]).to(DTYPE), mask=rl)
-            bar_n = tl.dot(bar_lr.to(DTYPE), w, acc=bar_n, input_precision=PREC)
             gb_block = gb_ptr + block * (D + H)
-            tl.store(gb_block + cols, tl.sum(bar_logits, axis=0), mask=cmask)
+            v_rows = v_base + i * sv_n
+            direct, bar_n, bar_n_b = _values_pool_backward(
+                xo, xo_b, normed, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, bias_ptr,
+                v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr, bpool_at, sp_d,
+                gp_rows, sgp_f, gb_block, D, HD, cols, cmask, cols, cmask, cols_b, cmask_b, BE,
+                DTYPE, PREC)
+            bar_n += direct
+            if BE > 0:
+                direct_b, bar_n, bar_n_b = _values_pool_backward(
+                    xo, xo_b, normed_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i,
+                    bias_ptr, v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr,
+                    bpool_at, sp_d, gp_rows, sgp_f, gb_block, D, HD, cols_b, cmask_b, cols,
+                    cmask, cols_b, cmask_b, BE, DTYPE, PREC)
+                bar_n_b += direct_b
+            # the step sizes: max_lr * sigmoid(z)
+            w, w_b = _weight_rows(w_ptr, sw_o, sw_i, 4 * D, lcols, lmask, cols, cmask, cols_b,
+                                  cmask_b, BE, DTYPE)
+            lr_bias = tl.load(bias_ptr + D + lcols, mask=lmask, other=0.0)
+            lr = tl.sigmoid(_times_wt(xo, xo_b, w, w_b, BE, PREC) + lr_bias[None, :])
+            bar_lr = tl.load(lr_base + i[:, None] * sl_n + lcols[None, :] * sl_h,
+                             mask=rmask[:, None] & lmask[None, :],
+                             other=0.0) * (max_lr * lr * (1.0 - lr))
+            _store_product_grad(gp_rows, sgp_f, 4 * D + lcols, rmask, lmask, bar_lr, rstd, DTYPE)
+            bar_n, bar_n_b = _plus_times_w(bar_lr, w, w_b, bar_n, bar_n_b, BE, DTYPE, PREC)
             tl.store(gb_block + D + lcols, tl.sum(bar_lr, axis=0), mask=lmask)
         # x / rms(x): bar_x = rstd (bar_n - n mean(bar_n n))
-        bar_x = rstd[:, None] * (bar_n - normed * (tl.sum(bar_n * normed, axis=1) / D)[:, None])
-        tl.store(gx_base + i[:, None] * sgx_n + cols[None, :] * sgx_d, bar_x,
-                 mask=rmask[:, None] & cmask[None, :])
+        mean = _row_sum(bar_n * normed, bar_n_b * normed_b, BE) / D
+        _store_rows(gx_base, i, sgx_n, cols, sgx_d,
+                    rstd[:, None] * (bar_n - normed * mean[:, None]), rmask, cmask,
+                    rstd[:, None] * (bar_n_b - normed_b * mean[:, None]), cols_b, cmask_b, BE)
 
 
 @triton.jit

@@ -228,7 +228,8 @@ def forced_column_blocks(split: Optional[int]) -> ContextManager[None]:
     """``forced_tiles`` of every kernel that ``REPLACES`` does not name
     (forcing one of those would choose it), the projections' included, with
     ``split``: 0 holds each row in one column block, 1 in two where
-    ``column_blocks`` finds two; None leaves the defaults."""
+    ``column_blocks`` finds two; None leaves the defaults. The projections'
+    backward holds at most 128 columns per block: 0 there refuses wider rows."""
     kernels = [k for k in KERNEL_NAMES if k not in REPLACES] + list(SPLIT_ONLY)
     return forced_tiles_of({} if split is None else {k: dict(split=split) for k in kernels})
 

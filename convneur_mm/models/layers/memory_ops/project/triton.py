@@ -18,9 +18,10 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 # a program holds whole rows of x and of each head (register tiles): as the
 # other kernels, widths up to 256
 MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
-# the backward holds whole (d, d) weight tiles (no feature steps): 128 columns
-# keep a 16-bit tile at 32 KiB of shared memory, a float32 one at 64 KiB
-MAX_PROJECTION_BACKWARD_WIDTH = 128
+# the backward holds whole weight tiles (no feature steps) of at most 128 columns
+# per column block (a 16-bit (128, 128) tile is 32 KiB of shared memory): wider rows
+# as 128 + a second block, up to M4's 160 (compiled and tested)
+MAX_PROJECTION_BACKWARD_WIDTH = 160
 # rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
 # of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
 # without spills (ptxas, triton 3.7) as a bf16 M4 stage launches them (whole rows
@@ -97,16 +98,24 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     32 features per step: no spills at 128 (float32) and 160 (16-bit, one
     block); float32 at 160 spills 20 to 88 B.
     ``launch.forced_tiles('project', split=0 or 1)`` decides the split
-    instead. The backward (``backward``) takes whole rows in one block at 16
-    rows, 8 warps and one stage: at C_m 128 with 16-bit operands it spills
-    368 B (sm_90) and 444 B (sm_80), the least found (32 rows: 1 KB; 4 warps:
-    1.4 KB). Not tuned by timing."""
+    instead. The backward (``backward``) takes whole rows at 16 rows, 8
+    warps and one stage: at C_m 128 with 16-bit operands it spills 368 B
+    (sm_90) and 444 B (sm_80), the least found (32 rows: 1 KB; 4 warps:
+    1.4 KB). It holds at most 128 columns per block, so wider rows always
+    split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
+    split=1)`` splits narrower ones). Not tuned by timing."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     blocks = column_blocks(d)
     split_tiles = None if backward else PROJECTION_SPLIT.get(blocks)
-    forced = None if backward else forced_split('project')
-    split = (split_tiles is not None and operand_dtype != torch.float32 if forced is None
-             else bool(forced) and blocks[1] > 0)
+    forced = forced_split('project_backward' if backward else 'project')
+    if backward:
+        split = block_width(d) > 128 if forced is None else bool(forced) and blocks[1] > 0
+        if block_width(d) > 128 and not (split and blocks[0] <= 128):
+            raise ValueError(f'the projections\' backward holds rows of at most 128 columns '
+                             f'per block: {d} columns in blocks of {blocks}')
+    else:
+        split = (split_tiles is not None and operand_dtype != torch.float32 if forced is None
+                 else bool(forced) and blocks[1] > 0)
     bd, be = blocks if split else (block_width(d), 0)
     bhd, bhe = column_blocks(d // heads) if split else (block_width(d // heads), 0)
     whole_rows = backward or bd + be <= 128 and operand_dtype != torch.float32
@@ -206,8 +215,7 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
         _check_spans(L, x=x, bar_queries=bar_q, bar_keys=bar_k, bar_values=bar_v,
                      bar_token_lr=bar_lr, grad_x=grad_x, grad_proj=grad_proj)
         kernels, cfg = launch_config(operand_dtype, x.device)
-        for key in ('BK', 'BE', 'BHE'):
-            tiles.pop(key)
+        tiles.pop('BK')
         w = as_operands(weight, operand_dtype)
         kernels.project_backward_kernel[(b * cdiv(n, L),)](
             x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
