@@ -35,8 +35,8 @@ from .memory_ops.common import RMS_EPS, check_gelu_approximate
 from .memory_ops.kernels import cuda_fault, unavailable_reason
 from .memory_ops.kernels.launch import KERNEL_NAMES, cuda_capability
 from .memory_ops.kernels.tuned import auto_path, dtype_name, measured_path
-from .memory_ops.project import (MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH,
-                                 ProjectionWeights, project)
+from .memory_ops.project import (MAX_PROJECTION_WIDTH, ProjectionWeights, project,
+                                 projection_backward_serves)
 from .memory_ops.read import read
 try:
     from torch.distributed.tensor import DTensor
@@ -436,15 +436,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """The plan's ``projections``: 'layers' unless the layers are plain;
         'triton' where the plan takes every kernel (``kernels='triton'``, or
         'auto' where a GPU timed them all), up to their widest row
-        (``MAX_PROJECTION_WIDTH``; in training ``MAX_PROJECTION_BACKWARD_WIDTH``);
-        else 'torch'."""
+        (``MAX_PROJECTION_WIDTH``; in training the widths
+        ``projection_backward_serves``); else 'torch'."""
         if not self._plain_projections():
             return 'layers'
-        widest = (MAX_PROJECTION_BACKWARD_WIDTH if torch.is_grad_enabled() else
-                  MAX_PROJECTION_WIDTH)
-        if every_kernel and self.dim <= widest:
-            return 'triton'
-        return 'torch'
+        served = (projection_backward_serves(self.dim) if torch.is_grad_enabled() else
+                  self.dim <= MAX_PROJECTION_WIDTH)
+        return 'triton' if every_kernel and served else 'torch'
 
     def _plain_projections(self) -> bool:
         """The projection layers are this module's own plain layers

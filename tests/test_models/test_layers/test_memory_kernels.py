@@ -314,14 +314,18 @@ PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16, None),
                     'd20_L24': (2, 50, 20, 1, 24, 2, None, None),
                     'one_chunk': (1, 6, 16, 1, 8, 0, None, None),
                     'heads2_d40_steps16': (2, 20, 40, 2, 8, 2, 16, 16),
-                    # rows as 32 + 16 columns (``launch.column_blocks``, forced): whole
-                    # rows, the head's columns split too; 16-feature steps (M4's 160
-                    # as 128 + 32), two heads of 20 in one block each
+                    # rows in two column blocks (``launch.column_blocks``, forced): 40
+                    # as 32 + 16, the head's columns too; 16-feature steps (M4's path),
+                    # two heads of 20 in one block each; 80 as 64 + 16 (float16: whole
+                    # rows, float32: 32-feature steps), two heads of 40 as 32 + 16 and
+                    # five of 16 in one block each
                     'd40_split': (2, 20, 40, 1, 8, 2, 16, None),
-                    'heads2_d40_split_steps16': (2, 20, 40, 2, 8, 2, 16, 16)}
-# the launches' (BD, BE, BK, BHD, BHE) where a case splits its rows
-PROJECTION_SPLITS = {'d40_split': (32, 16, 32, 32, 16),
-                     'heads2_d40_split_steps16': (32, 16, 16, 32, 0)}
+                    'heads2_d40_split_steps16': (2, 20, 40, 2, 8, 2, 16, 16),
+                    'heads2_d80_split': (1, 20, 80, 2, 8, 2, 16, None),
+                    'heads5_d80_split': (1, 20, 80, 5, 8, 2, 16, None)}
+# the launches' (BD, BE, BHD, BHE) where a case splits its rows
+PROJECTION_SPLITS = {'d40_split': (32, 16, 32, 16), 'heads2_d40_split_steps16': (32, 16, 32, 0),
+                     'heads2_d80_split': (64, 16, 32, 16), 'heads5_d80_split': (64, 16, 16, 0)}
 
 
 def projection_results(gen: torch.Generator) -> dict:
@@ -348,7 +352,7 @@ def projection_results(gen: torch.Generator) -> dict:
                 exact=max(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
                 shapes=[list(t.shape) for t in got],
                 want=[list(t.shape) for t in ref],
-                tiles=sorted({tuple(x.kwargs[k] for k in ('BD', 'BE', 'BK', 'BHD', 'BHE'))
+                tiles=sorted({tuple(x.kwargs[k] for k in ('BD', 'BE', 'BHD', 'BHE'))
                               for x in launches}))
     return results
 
@@ -501,7 +505,7 @@ def test_triton_projections_match_the_layers_in_float64(interpreted, case):
         if case in PROJECTION_SPLITS:  # the split cases held their rows in two blocks
             assert result['tiles'] == [list(PROJECTION_SPLITS[case])], result
         else:
-            assert all(be == bhe == 0 for _, be, _, _, bhe in result['tiles']), result
+            assert all(be == bhe == 0 for _, be, _, bhe in result['tiles']), result
 
 
 def test_triton_scan_matches_the_recursion(interpreted):
@@ -663,7 +667,8 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
 
 def test_the_projection_kernels_serve_kernels_triton():
     """kernels='triton' projects with its kernel up to width 256 in
-    inference and 160 in training (its backward's widest), and scans with
+    inference and in training up to 128 and at M4's 160 (its backward's
+    widths), and scans with
     its kernel in inference and training; 'auto' (untimed) and wider
     memories project in PyTorch, and a hook on a layer calls the layers."""
     from convneur_mm.models.layers import NeuralMemory
@@ -680,9 +685,11 @@ def test_the_projection_kernels_serve_kernels_triton():
     x160 = torch.empty(2, 20, 160, device='meta')
     assert projections(m4, x160) == 'triton'
     assert projections(m4, x160, grad=True) == 'triton'
-    wider = NeuralMemory(192, chunk_size=8, kernels='triton').to('meta')
-    x192 = torch.empty(2, 20, 192, device='meta')
-    assert (projections(wider, x192), projections(wider, x192, grad=True)) == ('triton', 'torch')
+    for d in (144, 192):
+        wider = NeuralMemory(d, chunk_size=8, kernels='triton').to('meta')
+        x_wider = torch.empty(2, 20, d, device='meta')
+        assert (projections(wider, x_wider), projections(wider, x_wider, grad=True)) == (
+            'triton', 'torch')
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).scan == 'triton'
     with kernels.without_launches():  # training: the scan kernel has a backward
@@ -812,10 +819,10 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
                                                          (16, (128 * 16, ))]
     half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
     states = []
-    for launch in launches:
-        signature, constants, attrs, _ = inspect.launch_specialization(launch, arch)
+    for launched in launches:
+        signature, constants, attrs, _ = inspect.launch_specialization(launched, arch)
         # the launch's own specialization: divisibility hints, 16-bit weights
-        name = launch.kernel.__name__
+        name = launched.kernel.__name__
         assert attrs, name
         if name == 'scan_kernel':
             states.append(signature['out_ptr'])
@@ -824,7 +831,7 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
         if name == 'grads_cols_kernel':  # the rows pass's 16-bit copy of the keys
             assert signature['k_ptr'] == half
         if name == 'grads_rows_kernel':  # 46 blocks over each image's 2940 written rows
-            assert launch.kwargs['FLAT'] and launch.grid == (128 * 46, )
+            assert launched.kwargs['FLAT'] and launched.grid == (128 * 46, )
     assert states == [half, half, '*fp32']  # w1, w2, g
     reports = inspect.launch_reports(launches, arch)
     assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)

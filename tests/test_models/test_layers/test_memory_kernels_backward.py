@@ -150,8 +150,15 @@ WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block
 PROJECTION_CASES = {'d20_L24': (2, 50, 20, 1, 24, 2, None),
                     'heads2_d40': (2, 20, 40, 2, 8, 2, 16),
                     'no_writes': (1, 12, 16, 1, 8, 0, None),
-                    # rows and the head's columns as 32 + 16 (M4's 160 as 128 + 32)
-                    'd40_split': (2, 20, 40, 1, 8, 2, 16)}
+                    # rows in two column blocks (M4's 160 as 128 + 32): 40 as 32 + 16,
+                    # the head's columns too; 80 as 64 + 16 with two heads of 40 as
+                    # 32 + 16, and with five heads of 16 in one block each
+                    'd40_split': (2, 20, 40, 1, 8, 2, 16),
+                    'heads2_d80_split': (1, 20, 80, 2, 8, 2, 16),
+                    'heads5_d80_split': (1, 20, 80, 5, 8, 2, 16)}
+# the launches' (BE, BHE) where a case splits its rows
+PROJECTION_SPLITS = {'d40_split': (16, 16), 'heads2_d80_split': (16, 16),
+                     'heads5_d80_split': (16, 0)}
 
 
 def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: int, heads: int,
@@ -270,7 +277,7 @@ def backward_results() -> Dict[str, dict]:
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
         for name, case in PROJECTION_CASES.items():
-            split = int(name.endswith('_split'))
+            split = int(name in PROJECTION_SPLITS)
             with launch.forced_tiles_of({k: dict(split=split) for k in launch.SPLIT_ONLY}), \
                     launch.observing_launches() as launches:
                 results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
@@ -396,8 +403,8 @@ def test_projection_backward_gives_every_parameter_a_gradient(interpreted, tag):
         result = interpreted[f'project_{tag}_{name}']
         assert len(result['grads']) == (4 if name == 'no_writes' else 11), result['grads']
         assert result['logits_bias'] < (1e-5 if tag == 'f32' else 1e-2)
-        blocks = 16 if name.endswith('_split') else 0  # the split case split both kernels
-        assert result['launched'] == [[kernel, blocks, blocks] for kernel in (
+        blocks = list(PROJECTION_SPLITS.get(name, (0, 0)))  # both kernels split alike
+        assert result['launched'] == [[kernel, *blocks] for kernel in (
             'project_backward_kernel', 'project_kernel')], result['launched']
 
 

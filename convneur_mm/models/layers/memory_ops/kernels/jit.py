@@ -12,10 +12,11 @@ converts its weight tiles), W_0 of a decomposed read in float32;
 LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
 A row's features are held in the power-of-two block ``BD`` or, where a
 launch passes ``BE > 0``, in ``BD`` and a second block of ``BE``
-(``launch.column_blocks``; ``launch.tile_config`` takes two for M4's 160 as
-128 + 32, not 256): products over the features add both blocks' products,
-row statistics both blocks' sums. The hidden width is walked in ``BH``
-blocks; all are masked, so any width works. GELU is exact (erf) unless the
+(``launch.column_blocks``; ``launch.tile_config`` and the projections'
+``projection_tiles`` take two for M4's 160 as 128 + 32, not 256):
+products over the features add both blocks' products, row statistics both
+blocks' sums. The hidden width is walked in ``BH`` blocks; all are masked,
+so any width works. GELU is exact (erf) unless the
 GELU_TANH constexpr asks for its tanh form (one exp per element, as
 ``F.gelu(approximate='tanh')``).
 

@@ -14,7 +14,7 @@ from ..common import BACKWARDS, implementation_of
 from .closed_form import project_closed_form
 from .naive import project_naive
 from .pytorch import project_torch
-from .triton import MAX_PROJECTION_BACKWARD_WIDTH, MAX_PROJECTION_WIDTH, project_triton
+from .triton import MAX_PROJECTION_WIDTH, project_triton, projection_backward_serves
 from .weights import FoldedProjections, Projected, ProjectionWeights, fold, projection_shapes
 
 PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
@@ -33,7 +33,6 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
     return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
 
 
-__all__ = ['FoldedProjections', 'MAX_PROJECTION_BACKWARD_WIDTH', 'MAX_PROJECTION_WIDTH',
-           'PROJECT_IMPLEMENTATIONS', 'Projected', 'ProjectionWeights', 'fold', 'project',
-           'project_closed_form', 'project_naive', 'project_torch', 'project_triton',
-           'projection_shapes']
+__all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected',
+           'ProjectionWeights', 'fold', 'project', 'project_closed_form', 'project_naive',
+           'project_torch', 'project_triton', 'projection_backward_serves', 'projection_shapes']

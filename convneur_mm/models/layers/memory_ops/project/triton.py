@@ -19,9 +19,16 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 # other kernels, widths up to 256
 MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
 # the backward holds whole weight tiles (no feature steps) of at most 128 columns
-# per column block (a 16-bit (128, 128) tile is 32 KiB of shared memory): wider rows
-# as 128 + a second block, up to M4's 160 (compiled and tested)
-MAX_PROJECTION_BACKWARD_WIDTH = 160
+# per column block (a 16-bit (128, 128) tile is 32 KiB of shared memory); wider rows
+# only where their split compiled with bounded spills: M4's 160 as 128 + 32 (484 to
+# 940 B, 1 to 5 heads, bf16, sm_80 and sm_90). 144 as 128 + 16 spilled 45 KB, 150 5 KB
+PROJECTION_BACKWARD_SPLIT_WIDTHS = (160, )
+
+
+def projection_backward_serves(d: int) -> bool:
+    """Whether ``project_triton``'s backward kernel takes rows of ``d``
+    columns: up to 128, and ``PROJECTION_BACKWARD_SPLIT_WIDTHS``."""
+    return d <= 128 or d in PROJECTION_BACKWARD_SPLIT_WIDTHS
 # rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
 # of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
 # without spills (ptxas, triton 3.7) as a bf16 M4 stage launches them (whole rows
@@ -38,8 +45,8 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     sizes' sigmoid and the pool's softmax over each written chunk, so that x
     is read once and nothing but the results is written (no (B, N, 4d + H)
     product, no cast of x). The folded weight is cast to ``operand_dtype``
-    once per call. Differentiable up to ``MAX_PROJECTION_BACKWARD_WIDTH``
-    columns: its backward kernel recomputes the products (only x, the
+    once per call. Differentiable at the widths ``projection_backward_serves``:
+    its backward kernel recomputes the products (only x, the
     weights and the pool's (B, U, d) statistics are saved) and writes x's
     gradient and the product's, whose one product with x gives the weight's.
 
@@ -68,10 +75,10 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
                     [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
                      for name, t in weights._asdict().items()], operand_dtype,
                     (block_rows, block_features), tile_names=('block_rows', 'block_features'))
-    if (x.shape[-1] > MAX_PROJECTION_BACKWARD_WIDTH and torch.is_grad_enabled()
+    if (not projection_backward_serves(x.shape[-1]) and torch.is_grad_enabled()
             and (x.requires_grad or any(t.requires_grad for t in weights))):
-        raise ValueError(f'project_triton differentiates widths up to '
-                         f'{MAX_PROJECTION_BACKWARD_WIDTH}, got {x.shape[-1]}: train with '
+        raise ValueError(f'project_triton differentiates widths up to 128 and '
+                         f'{PROJECTION_BACKWARD_SPLIT_WIDTHS}, got {x.shape[-1]}: train with '
                          'project_torch')
     folded = fold(weights)
     *projected, pooled, _ = call_kernel_op(
@@ -96,9 +103,10 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     rows (a (256, 256) weight tile would need about 300 KiB of shared
     memory) and float32 operands (whole rows spill 10 KB) take 16 rows and
     32 features per step: no spills at 128 (float32) and 160 (16-bit, one
-    block); float32 at 160 spills 20 to 88 B.
+    block); float32 at 160 spills 20 to 92 B.
     ``launch.forced_tiles('project', split=0 or 1)`` decides the split
-    instead. The backward (``backward``) takes whole rows at 16 rows, 8
+    instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
+    tiles). The backward (``backward``) takes whole rows at 16 rows, 8
     warps and one stage: at C_m 128 with 16-bit operands it spills 368 B
     (sm_90) and 444 B (sm_80), the least found (32 rows: 1 KB; 4 warps:
     1.4 KB). It holds at most 128 columns per block, so wider rows always
