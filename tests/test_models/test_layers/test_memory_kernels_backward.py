@@ -277,12 +277,10 @@ def backward_results() -> Dict[str, dict]:
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
         for name, case in PROJECTION_CASES.items():
-            split = int(name in PROJECTION_SPLITS)
-            with launch.forced_tiles_of({k: dict(split=split) for k in launch.SPLIT_ONLY}), \
+            with launch.forced_column_blocks(int(name in PROJECTION_SPLITS)), \
                     launch.observing_launches() as launches:
                 results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
-            results[f'project_{tag}_{name}']['launched'] = sorted(
-                {(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE']) for x in launches})
+            results[f'project_{tag}_{name}']['launched'] = _projection_blocks(launches)
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
@@ -377,9 +375,13 @@ def m4_projection_results() -> Dict[str, dict]:
         with launch.observing_launches() as launches:
             results[tag] = _project_case(torch.Generator().manual_seed(160), dtype, 1, 196, 160,
                                          1, 196, 1, None)
-        results[tag]['launched'] = sorted({(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE'])
-                                           for x in launches})
+        results[tag]['launched'] = _projection_blocks(launches)
     return results
+
+
+def _projection_blocks(launches: list) -> list:
+    """The projection launches' (kernel, BE, BHE), sorted, once each."""
+    return sorted({(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE']) for x in launches})
 
 
 @pytest.mark.slow

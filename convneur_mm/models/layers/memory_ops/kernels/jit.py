@@ -1415,7 +1415,9 @@ def grads_backward_chunk_kernel(k_ptr, v_ptr, lr_ptr, w1_ptr, w2_ptr, g_ptr,
 def _whole_rows_times(xo, xo_b, w_ptr, sw_o, sw_i, row0, cols, cmask, cols_b, cmask_b, outs,
                       omask, BE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
     """The normed rows ``xo`` (and ``xo_b``, BE > 0), in DTYPE, times
-    w[row0 + outs, :]^T: one product per column block of the features."""
+    w[row0 + outs, :]^T: one product per column block of the features. The
+    tiles load transposed: ``_times_wt`` of ``_weight_rows`` (the backward's
+    layout) spilled 4 to 12 B at M3's 32-row tiles, where this spills none."""
     w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
                 mask=cmask[:, None] & omask[None, :], other=0.0)
     acc = tl.dot(xo, w.to(DTYPE), input_precision=PREC)

@@ -22,18 +22,20 @@ MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
 # per column block (a 16-bit (128, 128) tile is 32 KiB of shared memory); wider rows
 # only where their split compiled with bounded spills: M4's 160 as 128 + 32 (484 to
 # 940 B, 1 to 5 heads, bf16, sm_80 and sm_90). 144 as 128 + 16 spilled 45 KB, 150 5 KB
+MAX_PROJECTION_BACKWARD_BLOCK = 128
 PROJECTION_BACKWARD_SPLIT_WIDTHS = (160, )
+# rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
+# of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
+# without spills (ptxas, triton 3.7) as a bf16 M4 stage launches them (whole rows
+# spill 276 to 284 B at 16 rows; 64 rows 308 to 860 B)
+PROJECTION_SPLIT = {(128, 32): (32, 32)}
 
 
 def projection_backward_serves(d: int) -> bool:
     """Whether ``project_triton``'s backward kernel takes rows of ``d``
-    columns: up to 128, and ``PROJECTION_BACKWARD_SPLIT_WIDTHS``."""
-    return d <= 128 or d in PROJECTION_BACKWARD_SPLIT_WIDTHS
-# rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
-# of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
-# without spills (ptxas, triton 3.7) as a bf16 M4 stage launches them (whole rows
-# spill 304 B at 16 rows; 64 rows 400 B and more)
-PROJECTION_SPLIT = {(128, 32): (32, 32)}
+    columns: up to ``MAX_PROJECTION_BACKWARD_BLOCK``, and
+    ``PROJECTION_BACKWARD_SPLIT_WIDTHS``."""
+    return d <= MAX_PROJECTION_BACKWARD_BLOCK or d in PROJECTION_BACKWARD_SPLIT_WIDTHS
 
 
 def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
@@ -77,7 +79,8 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
                     (block_rows, block_features), tile_names=('block_rows', 'block_features'))
     if (not projection_backward_serves(x.shape[-1]) and torch.is_grad_enabled()
             and (x.requires_grad or any(t.requires_grad for t in weights))):
-        raise ValueError(f'project_triton differentiates widths up to 128 and '
+        raise ValueError(f'project_triton differentiates widths up to '
+                         f'{MAX_PROJECTION_BACKWARD_BLOCK} and '
                          f'{PROJECTION_BACKWARD_SPLIT_WIDTHS}, got {x.shape[-1]}: train with '
                          'project_torch')
     folded = fold(weights)
@@ -107,20 +110,23 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     ``launch.forced_tiles('project', split=0 or 1)`` decides the split
     instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
     tiles). The backward (``backward``) takes whole rows at 16 rows, 8
-    warps and one stage: at C_m 128 with 16-bit operands it spills 368 B
-    (sm_90) and 444 B (sm_80), the least found (32 rows: 1 KB; 4 warps:
-    1.4 KB). It holds at most 128 columns per block, so wider rows always
-    split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
+    warps and one stage: at C_m 128 with 16-bit operands it spills 320 B
+    (sm_90) and 364 B (sm_80), at 160 864 B and 940 B, the least found (32
+    rows: kilobytes; 4 warps: twice as much). It holds at most
+    ``MAX_PROJECTION_BACKWARD_BLOCK`` columns per block, so wider rows
+    always split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
     split=1)`` splits narrower ones). Not tuned by timing."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     blocks = column_blocks(d)
     split_tiles = None if backward else PROJECTION_SPLIT.get(blocks)
     forced = forced_split('project_backward' if backward else 'project')
     if backward:
-        split = block_width(d) > 128 if forced is None else bool(forced) and blocks[1] > 0
-        if block_width(d) > 128 and not (split and blocks[0] <= 128):
-            raise ValueError(f'the projections\' backward holds rows of at most 128 columns '
-                             f'per block: {d} columns in blocks of {blocks}')
+        wide = block_width(d) > MAX_PROJECTION_BACKWARD_BLOCK
+        split = wide if forced is None else bool(forced) and blocks[1] > 0
+        if wide and not (split and blocks[0] <= MAX_PROJECTION_BACKWARD_BLOCK):
+            raise ValueError(f'the projections\' backward holds rows of at most '
+                             f'{MAX_PROJECTION_BACKWARD_BLOCK} columns per block: {d} columns '
+                             f'in blocks of {blocks}')
     else:
         split = (split_tiles is not None and operand_dtype != torch.float32 if forced is None
                  else bool(forced) and blocks[1] > 0)
