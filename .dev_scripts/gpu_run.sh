@@ -28,7 +28,7 @@
 #            (pytest -m gpu -k KERNELS_K) -> kernels.xml
 #   tune     (only when named) the kernels' launch options chosen by timing at
 #            M3's stage 1, bf16, beside the PyTorch path:
-#            python -m convneur_mm.analysis.kernel_tuning (options: TUNE_ARGS) -> tune.json
+#            python -m benchmarks.kernels.tune (options: TUNE_ARGS) -> tune.json
 #   precision (only when named) bf16 and fp16 against float32 training, M1 on
 #            the tiny ImageNet from three seeds, 300 iterations each: benchmark.py
 #            --task precision (options: PRECISION_ARGS) -> precision.json
@@ -126,7 +126,7 @@ section_command() {  # NAME LIMIT: sets cmd
             # it stops trying candidates at its --limit-s, then times the calls once more
             local extra
             read -ra extra <<< "${TUNE_ARGS:-}"
-            cmd=("$PYTHON" -m convneur_mm.analysis.kernel_tuning
+            cmd=("$PYTHON" -m benchmarks.kernels.tune
                  --limit-s $(($2 > 60 ? $2 - 45 : $2 / 2)) "${extra[@]}"
                  --json "$RESULTS/tune.json") ;;
         precision)

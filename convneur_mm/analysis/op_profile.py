@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from convneur_mm.analysis.bench_env import is_cuda, time_call
+from convneur_mm.analysis.timing import is_cuda, time_call
 
 # Where the time goes: profiler events by name, the first matching pattern wins.
 # Self times partition the profiled time: an op's self time excludes the ops

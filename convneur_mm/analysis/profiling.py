@@ -20,7 +20,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from convneur_mm.analysis.bench_env import PeakMemoryGrowth, is_cuda
+from convneur_mm.analysis.timing import PeakMemoryGrowth, is_cuda
 
 
 class SavedTensorMeter:

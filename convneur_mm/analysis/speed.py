@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from convneur_mm.analysis.bench_env import (PeakMemoryGrowth, RegionTimer, median,
+from convneur_mm.analysis.timing import (PeakMemoryGrowth, RegionTimer, median,
                                             setup_benchmark_device, time_call, time_calls)
 from convneur_mm.analysis.isolated import run_isolated
 from convneur_mm.utils.tables import markdown_table

@@ -7,7 +7,7 @@ import pytest
 
 import convneur_mm
 from convneur_mm.analysis.isolated import run_isolated
-from convneur_mm.analysis.op_counts import OWN_MODULES, count_ops
+from benchmarks.memory.op_counts import OWN_MODULES, count_ops
 from . import checkout_probe
 from ..paths import REPO
 

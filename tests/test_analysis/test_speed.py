@@ -105,7 +105,7 @@ def test_global_branch_timer_records_events_on_the_benchmark_device(monkeypatch)
     """On CUDA the branches are timed by events on the device's stream, read
     after a synchronize of that device (here cuda:1, stubbed)."""
     from convneur_mm.models.layers.global_branch import GlobalBranch
-    from tests.test_analysis.test_bench_env import _FakeCuda
+    from tests.test_analysis.test_timing import _FakeCuda
     model = torch.nn.Sequential(GlobalBranch(8, 8, chunk_size=4), GlobalBranch(8, 8, chunk_size=4))
     cuda = _FakeCuda(monkeypatch, [0.0, 1.0, 5.0, 5.25])  # two branches: 1 s and 0.25 s
     with torch.no_grad():

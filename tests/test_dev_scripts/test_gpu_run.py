@@ -89,7 +89,7 @@ def test_the_tune_section_runs_only_when_named_within_its_limit(tmp_path, host_w
     out, row = _only_section(tmp_path, host_wheels, 'tune', '--limit-s', '400',
                              TUNE_ARGS='--stage 1')
     command = row['command']
-    assert '-m convneur_mm.analysis.kernel_tuning' in command and '--stage 1' in command
+    assert '-m benchmarks.kernels.tune' in command and '--stage 1' in command
     assert f'--json {out}/tune.json' in command
     # it stops trying candidates early enough to time the calls within the section's limit
     limit = int(row['limit_s'])

@@ -76,7 +76,7 @@ def test_checkpointing_per_gpu_batch_exits_1_when_no_batch_fits(tmp_path, capsys
 
 
 def test_train(tmp_path):
-    pytest.importorskip('convneur_mm.analysis.train_throughput',
+    pytest.importorskip('benchmarks.training.throughput',
                         reason='the train task\'s module is not in this tree')
     result = _dry('train', tmp_path, '--jobs', 'cls-m3', '--peers', 'local-only')
     assert 'cls-m3' in result['jobs']

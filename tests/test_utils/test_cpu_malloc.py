@@ -88,7 +88,7 @@ def test_other_c_libraries_are_left_alone(clean_env):
 
 
 def test_benchmarks_report_the_malloc_setting(clean_env):
-    from convneur_mm.analysis.bench_env import setup_benchmark_device
+    from convneur_mm.analysis.timing import setup_benchmark_device
     clean_env.setenv(OPT_OUT_ENV, '0')
     description = setup_benchmark_device('cpu')
     assert 'torch threads' in description and 'defaults kept' in description

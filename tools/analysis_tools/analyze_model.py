@@ -35,7 +35,7 @@ DEFAULTS = dict(size=dict(ops=224, erf=512), batch=dict(ops=1), device=dict(ops=
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from convneur_mm.analysis.ablation_table import DEFAULT_RECIPE
+    from benchmarks.paper.table5 import DEFAULT_RECIPE
     from convneur_mm.analysis.receptive_field import BACKBONES
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,7 +140,7 @@ def ops(args: argparse.Namespace) -> dict:
     import torch
 
     from convneur_mm.analysis.isolated import run_isolated
-    from convneur_mm.analysis.op_counts import (OWN_MODULES, count_ops, describe_part,
+    from benchmarks.memory.op_counts import (OWN_MODULES, count_ops, describe_part,
                                                 format_op_counts, kernel_cuts, memory_cfg_of)
     kwargs = dict(arch=args.arch, stage=args.stage, size=_option(args, 'size', 'ops'),
                   batch=_option(args, 'batch', 'ops'), device=_option(args, 'device', 'ops'),
@@ -212,7 +212,7 @@ def gates(args: argparse.Namespace) -> dict:
 
 
 def ablation_table(args: argparse.Namespace) -> dict:
-    from convneur_mm.analysis.ablation_table import AblationSettings, run_ablation_table
+    from benchmarks.paper.table5 import AblationSettings, run_ablation_table
     settings = AblationSettings(
         rows=args.configs, recipe=args.recipe, data_root=args.data_root, seeds=args.seeds,
         gpus=args.gpus, row_minutes=args.row_minutes, flops_shape=args.flops_shape,

@@ -66,7 +66,7 @@ def speed_arguments(p: argparse.ArgumentParser) -> None:
 
 def speed(args: argparse.Namespace) -> Dict:
     from convneur_mm.analysis import speed as lib
-    from convneur_mm.analysis.bench_env import peak_gemm_rate, setup_benchmark_device
+    from convneur_mm.analysis.timing import peak_gemm_rate, setup_benchmark_device
     device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.dry_run:
         args.models = args.models or ['ConvNeur-M1']
@@ -80,7 +80,7 @@ def speed(args: argparse.Namespace) -> Dict:
 
 
 def compile_arguments(p: argparse.ArgumentParser) -> None:
-    from convneur_mm.analysis.compiled import WORKLOADS
+    from benchmarks.training.compiled import WORKLOADS
     from convneur_mm.analysis.speed import MODELS
     _device(p)
     _dry_run(p)
@@ -97,8 +97,8 @@ def compile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def compile_(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis import compiled as lib
-    from convneur_mm.analysis.bench_env import setup_benchmark_device
+    from benchmarks.training import compiled as lib
+    from convneur_mm.analysis.timing import setup_benchmark_device
     from convneur_mm.analysis.speed import throughput_batch
     device = setup_benchmark_device(args.device)
     dry = args.dry_run  # tiny images, M1, Dynamo tracing only (the 'eager' backend)
@@ -125,7 +125,7 @@ def compile_(args: argparse.Namespace) -> Dict:
 
 
 def onnx_arguments(p: argparse.ArgumentParser) -> None:
-    from convneur_mm.analysis.onnx_latency import MODELS
+    from benchmarks.training.onnx_latency import MODELS
     _dry_run(p)
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     p.add_argument('--repeats', type=positive_int, default=5)
@@ -134,8 +134,8 @@ def onnx_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def onnx(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis import onnx_latency as lib
-    from convneur_mm.analysis.bench_env import setup_benchmark_device
+    from benchmarks.training import onnx_latency as lib
+    from convneur_mm.analysis.timing import setup_benchmark_device
     device = setup_benchmark_device('cpu')
     models, size = (['m1'], 64) if args.dry_run else (args.models, None)
     repeats = 1 if args.dry_run else args.repeats
@@ -153,7 +153,7 @@ def onnx(args: argparse.Namespace) -> Dict:
 
 
 def resolution_arguments(p: argparse.ArgumentParser) -> None:
-    from convneur_mm.analysis.resolution import MODELS
+    from benchmarks.paper.resolution import MODELS
     _device(p)
     _dry_run(p)
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
@@ -168,8 +168,8 @@ def resolution_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolution(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis import resolution as lib
-    from convneur_mm.analysis.bench_env import setup_benchmark_device
+    from benchmarks.paper import resolution as lib
+    from convneur_mm.analysis.timing import setup_benchmark_device
     device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.dry_run:
         args.models, args.sizes, args.iters = ['ConvNeur-M3 local-only'], [32, 64], 1
@@ -209,8 +209,8 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def memory(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis import memory_cost, memory_suite
-    from convneur_mm.analysis.bench_env import setup_benchmark_device
+    from benchmarks.memory import paths as memory_cost, suite as memory_suite
+    from convneur_mm.analysis.timing import setup_benchmark_device
     dry, out = args.dry_run, {}
     if 'paths' in args.sections:
         device = setup_benchmark_device('cpu' if dry else args.device)
@@ -263,8 +263,8 @@ def checkpointing_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def checkpointing(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis import training_memory as lib
-    from convneur_mm.analysis.bench_env import setup_benchmark_device
+    from convneur_mm.analysis import memory_fit as lib
+    from convneur_mm.analysis.timing import setup_benchmark_device
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dry_run:
@@ -296,22 +296,22 @@ def checkpointing(args: argparse.Namespace) -> Dict:
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
-    from convneur_mm.analysis.train_throughput import add_arguments
+    from benchmarks.training.throughput import add_arguments
     add_arguments(p)
 
 
 def train(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis.train_throughput import run_from_args
+    from benchmarks.training.throughput import run_from_args
     return run_from_args(args)
 
 
 def precision_arguments(p: argparse.ArgumentParser) -> None:
-    from convneur_mm.analysis.precision_training import add_arguments
+    from benchmarks.training.precision import add_arguments
     add_arguments(p)
 
 
 def precision(args: argparse.Namespace) -> Dict:
-    from convneur_mm.analysis.precision_training import run_from_args
+    from benchmarks.training.precision import run_from_args
     return run_from_args(args)
 
 

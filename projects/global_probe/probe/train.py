@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .data import ALL_RELATIONS, make_image
 from convneur_mm.models.layers.block import FUSIONS
 from convneur_mm.models.layers.mixers import MIXERS
-from convneur_mm.analysis.bench_env import PeakMemoryGrowth
+from convneur_mm.analysis.timing import PeakMemoryGrowth
 from convneur_mm.utils.cli import positive_float, positive_int
 
 # Two stages of one block: the local branch sees 4 + 24 + 4 + 48 = 80 pixels

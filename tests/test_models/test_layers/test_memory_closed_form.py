@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convneur_mm.analysis.memory_bytes import (TRITON, MemoryShape,
+from benchmarks.memory.bytes import (TRITON, MemoryShape,
                                                count_branch_step_bytes,
                                                count_compiled_branch_step_bytes,
                                                count_projection_bytes, count_step_bytes)

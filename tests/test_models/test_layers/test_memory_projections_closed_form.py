@@ -5,7 +5,7 @@ from typing import List, Optional
 import pytest
 import torch
 
-from convneur_mm.analysis.memory_bytes import PATHS, MemoryShape, count_projection_bytes
+from benchmarks.memory.bytes import PATHS, MemoryShape, count_projection_bytes
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project,
                                                           project_closed_form, project_torch,
                                                           projection_shapes)

@@ -1,0 +1,183 @@
+"""The neural memory's variants, and what measuring them needs.
+
+A variant is a set of ``memory_cfg`` keys (``matmul_dtype``, ``kernels``,
+``working_set_mib``, ``recompute``) with a precision context (TF32 products,
+bf16 autocast or none) and training or inference. ``memory_like`` and
+``branch_like`` build a variant with the weights of a given memory; a key the
+installed ``NeuralMemory`` does not take is reported by ``unsupported``, so
+the benchmarks run at any commit. ``gemm_shapes`` gives the memory's batched
+matrix products at its real shapes.
+"""
+import contextlib
+import copy
+import gc
+import inspect
+import math
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+MAX_LRS = (1.0, 0.2, 1e-3)
+NEEDS_CUDA = 'skipped: needs CUDA'
+# the bf16 autocast training step: a branch variant and a mode of the model section
+TRAINING_MODE = 'train_bf16_autocast'
+
+# name -> (memory_cfg keys, context, training, needs CUDA). Contexts: 'tf32'
+# (TF32 products and convolutions), 'bf16' (CUDA/CPU bf16 autocast), None.
+# 'float32' is the defaults ('auto': Triton kernels where they apply on
+# CUDA), the reference of every row's error; 'torch_float32' the PyTorch path.
+BRANCH_VARIANTS = {
+    'float32': ({}, None, False, False),
+    'torch_float32': ({'kernels': 'torch', 'matmul_dtype': 'float32'}, None, False, False),
+    'tf32': ({}, 'tf32', False, True),
+    'bf16_autocast': ({}, 'bf16', False, False),
+    'matmul_float32': ({'matmul_dtype': 'float32'}, None, False, False),
+    'matmul_bfloat16': ({'matmul_dtype': 'bfloat16'}, None, False, False),
+    'matmul_bfloat16_torch': ({'matmul_dtype': 'bfloat16', 'kernels': 'torch'}, None, False,
+                              False),
+    'triton_float32': ({'matmul_dtype': 'float32', 'kernels': 'triton'}, None, False, True),
+    'triton_bfloat16': ({'matmul_dtype': 'bfloat16', 'kernels': 'triton'}, None, False, True),
+    'bf16_autocast_triton': ({'kernels': 'triton'}, 'bf16', False, True),
+    # GELU's tanh form in the kernels' loops, against the exact form's row above
+    'bf16_autocast_triton_tanh_gelu': ({'kernels': 'triton', 'gelu_approximate': 'tanh'}, 'bf16',
+                                       False, True),
+    'working_set_1024': ({'working_set_mib': 1024}, None, False, False),
+    'working_set_256': ({'working_set_mib': 256}, None, False, False),
+    'working_set_256_bf16_autocast': ({'working_set_mib': 256}, 'bf16', False, False),
+    'train_float32': ({}, None, True, False),
+    'train_recompute': ({'recompute': True}, None, True, False),
+    TRAINING_MODE: ({}, 'bf16', True, False),
+    'train_recompute_bf16_autocast': ({'recompute': True}, 'bf16', True, False),
+    'train_closed_form_bf16_autocast': ({'backward': 'closed_form'}, 'bf16', True, False),
+    'train_triton_bf16_autocast': ({'kernels': 'triton'}, 'bf16', True, True),
+    'train_triton_closed_form_bf16_autocast': ({'kernels': 'triton', 'backward': 'closed_form'},
+                                               'bf16', True, True),
+}
+# the memory variants whose numerics are measured against float64
+NUMERICS_VARIANTS = ('float32', 'torch_float32', 'tf32', 'bf16_autocast', 'matmul_bfloat16',
+                     'triton_float32', 'triton_bfloat16', 'bf16_autocast_triton',
+                     'bf16_autocast_triton_tanh_gelu')
+# whole-model rows besides M3 and local-only: the PyTorch path, the bounded
+# working set
+MODEL_VARIANTS = {'M3 kernels=torch': {'kernels': 'torch'},
+                  'M3 working_set_256': {'working_set_mib': 256}}
+
+
+def describe_error(exc: BaseException) -> str:
+    """``error: <type>: <message>`` on one line, at most 500 characters."""
+    text = f'{type(exc).__name__}: {exc}'.strip()
+    return 'error: ' + ' '.join(text.split())[:500]
+
+
+def supported_memory_keys() -> Optional[List[str]]:
+    """The keyword arguments the installed ``NeuralMemory`` takes (None: any,
+    it takes ``**kwargs``)."""
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    params = inspect.signature(NeuralMemory.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [name for name in params if name != 'self']
+
+
+def backbone_memory_keys() -> Optional[List[str]]:
+    """The ``memory_cfg`` keys the backbone passes on (None: it names none)."""
+    from convneur_mm.models.backbones import convneur
+    keys = getattr(convneur, 'MEMORY_KEYS', None)
+    return list(keys) if keys is not None else None
+
+
+def unsupported(cfg: Dict, keys: Optional[List[str]], who: str = 'NeuralMemory') -> Optional[str]:
+    """Why a variant cannot run at this commit, or None."""
+    missing = [k for k in cfg if keys is not None and k not in keys]
+    if missing:
+        return (f'skipped: {who} here takes no {", ".join(map(repr, missing))} '
+                f'(it takes {", ".join(keys)})')
+    return None
+
+
+@contextlib.contextmanager
+def precision(context: Optional[str], device: str) -> Iterator[None]:
+    """The variant's context: TF32 products, bf16 autocast, or nothing."""
+    if context == 'tf32':
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    elif context == 'bf16':
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def relative_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """||got - want|| / ||want|| over all tensors together, in float64."""
+    num = sum(float((g.double() - w.double()).pow(2).sum()) for g, w in zip(got, want))
+    den = sum(float(w.double().pow(2).sum()) for w in want)
+    return math.sqrt(num / den) if den > 0 else math.nan
+
+
+def median_ms(seconds: List[float]) -> float:
+    """The median of ``seconds``, in ms."""
+    from convneur_mm.analysis.timing import median
+    return median(seconds) * 1e3
+
+
+def free(device: str) -> None:
+    """Collect garbage and hand CUDA's cached blocks back between measurements."""
+    gc.collect()
+    if device.startswith('cuda'):
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # a context broken by a kernel's fault: the next measurement
+            pass              # records that error, and the rows so far are kept
+
+
+def memory_settings(memory: torch.nn.Module) -> Dict:
+    """The settings a ``NeuralMemory`` was built with, as ``memory_cfg`` keys
+    (``gelu_approximate`` where not the default: an earlier checkout has none)."""
+    settings = dict(chunk_size=memory.chunk_size, max_lr=memory.max_lr, update=memory.update,
+                    heads=memory.heads, scan_block=memory.scan_block)
+    if getattr(memory, 'gelu_approximate', 'none') != 'none':
+        settings['gelu_approximate'] = memory.gelu_approximate
+    return settings
+
+
+def memory_like(memory: torch.nn.Module, **cfg) -> torch.nn.Module:
+    """A ``NeuralMemory`` with ``memory``'s weights and settings, ``cfg`` overriding."""
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    twin = NeuralMemory(memory.dim, **{**memory_settings(memory), **cfg})
+    twin.load_state_dict(memory.state_dict())
+    return twin.to(next(memory.parameters()).device)
+
+
+def branch_like(branch: torch.nn.Module, cfg: Dict) -> torch.nn.Module:
+    """A copy of a global branch whose memory takes ``cfg`` on top of its settings."""
+    twin = copy.deepcopy(branch)
+    twin.memory = memory_like(branch.memory, **cfg)
+    return twin
+
+
+def gemm_shapes(memory: torch.nn.Module, batch: int, tokens: int) -> Dict[str, Tuple]:
+    """name -> (groups, m, k, n) of the memory's batched products for
+    ``batch`` images of ``tokens`` tokens each (stage 1). Products with the
+    shared W_0 run as one GEMM over all rows (groups = 1), as in the memory."""
+    d, L = memory.head_dim, memory.chunk_size
+    hidden = 4 * d
+    updates = memory.num_updates(tokens)
+    chunks = updates + 1
+    shapes = {'projection x.W (B*N, d, d)': (1, batch * tokens, d, d),
+              'read q.W1_t per chunk': (batch * chunks, L, d, hidden),
+              'read h.W2_t per chunk': (batch * chunks, L, hidden, d)}
+    if updates:
+        rows = batch * updates * L
+        shapes.update({
+            'write K.W1_0 (B*U*L rows)': (1, rows, d, hidden),
+            'write act.W2_0 (B*U*L rows)': (1, rows, hidden, d),
+            'write per-chunk K^T.d_pre': (batch * updates, d, L, hidden),
+            'write per-chunk act^T.d_hidden': (batch * updates, hidden, L, d),
+            'scan coef.G (w1)': (batch, chunks, updates, d * hidden),
+        })
+    return shapes

@@ -1,0 +1,372 @@
+"""The memory's write and read in one training step, at a backbone's shapes:
+the bytes their ATen ops move and their time, autograd's backward against the
+closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
+bytes of the Triton kernels' operators (``TRITON``), forward and backward;
+the projections' training step, autograd, closed form and Triton operators;
+and each stage's whole global branch (``count_branch_step_bytes``).
+
+    python -m benchmarks.memory.bytes [--arch m3] [--size 224] [--batch 128]
+        [--time-batch 2] [--step-batch 2] [--rounds 5] [--compiled-batch 128]
+
+One step is the forward and backward of each stage's chunk gradients (the
+write, ``chunk_grads_torch``) and read (``read_torch``), called directly at
+the shapes the stage's first global branch gives them with the default memory
+settings (no decomposed read); everything else of the branch (projections,
+scan, gates) is left out, its states and queries are inputs. Bytes are counted on meta
+tensors with ``AtenOpCounter`` (each kernel's tensor arguments and results,
+each read or written once), so a training-sized batch counts in seconds. On
+meta tensors the Triton operators run their fakes: each counts as its
+arguments and results, and the scratch its kernels write and read again
+(the (T, d) tensors between two passes, per-chunk shares before their sum)
+is not counted.
+``--step-batch`` also times whole training steps of the backbone, both
+backward passes in turns (``time_backbone_steps``). ``--compiled-batch``
+also counts the branches' step compiled by ``torch.compile``
+(``count_compiled_branch_step_bytes``): Inductor's fused kernels, by its own
+count, running the step for real on the CPU.
+"""
+import argparse
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from convneur_mm.analysis.timing import median, time_in_turns
+from benchmarks.memory.inductor_bytes import InductorByteCounter
+from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
+                                                  chunk_grads_torch, chunk_grads_triton,
+                                                  read_closed_form, read_torch, read_triton)
+from convneur_mm.testing.dispatch_probes import AtenOpCounter
+
+PATHS = ('autograd', 'closed form')  # the PyTorch path's, counted and timed
+TRITON = 'Triton kernels (operators)'  # counted only: a CPU runs them in the interpreter
+_FUNCTIONS = {'autograd': (chunk_grads_torch, read_torch),
+              'closed form': (chunk_grads_closed_form, read_closed_form),
+              TRITON: (chunk_grads_triton, read_triton)}
+
+
+class MemoryShape(NamedTuple):
+    """One stage's memory at a batch: ``tokens`` N per image in chunks of
+    ``chunk`` L; U = (N - 1) // L chunks write, every chunk reads."""
+    batch: int
+    tokens: int
+    chunk: int
+    heads: int
+    head_dim: int
+
+    @property
+    def writes(self) -> int:
+        return (self.tokens - 1) // self.chunk
+
+
+def backbone_shapes(arch: str = 'm3', size: int = 224, batch: int = 128) -> List[MemoryShape]:
+    """The memory shapes of each stage's global branch of ``ConvNeur(arch)``
+    with its default memory settings, at ``size`` x ``size`` images."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    settings, cfg = ConvNeur.arch_settings[arch], ConvNeur.default_memory_cfg
+    heads = cfg['heads']
+    return [MemoryShape(batch, (size // 4 // 2**stage)**2, cfg['chunk_size'], heads,
+                        settings['memory_dim'] // heads)
+            for stage in range(len(settings['dims']))]
+
+
+class StepInputs(NamedTuple):
+    """A stage's write and read inputs and the cotangents of their outputs.
+
+    ``write``: (W_0, keys, values, token_lr), keys (H, chunks, L, hd), or None
+    where the stage writes nothing; ``read``: (states, queries), states per
+    group (one chunk of L queries each); ``cotangents``: of the write's three
+    per-chunk gradients (if any) and of the read-out, in that order."""
+    write: Optional[tuple]
+    read: tuple
+    cotangents: List[torch.Tensor]
+
+
+def write_read_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
+                      seed: int = 0) -> StepInputs:
+    """Random inputs of a stage's write and read (leaves that require grad),
+    scaled as the memory's: the weights at 1/sqrt(fan-in), positive step sizes.
+
+    Args:
+        shape: the stage's memory (``backbone_shapes``).
+        dtype: the inputs' dtype.
+        device: where the tensors live ('meta' for a count without data).
+        seed: of the random inputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    h, hd, L = shape.heads, shape.head_dim, shape.chunk
+
+    def tensor(*size: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
+        if torch.device(device).type == 'meta':  # no data to draw
+            return torch.empty(size, device=device, dtype=dtype)
+        t = torch.rand(size, generator=gen) if positive else torch.randn(size, generator=gen)
+        return (t * scale).to(device, dtype)
+
+    def leaf(*size: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
+        return tensor(*size, scale=scale, positive=positive).requires_grad_()
+
+    def weights(groups: int) -> MemoryWeights:
+        return MemoryWeights(leaf(groups, hd, 4 * hd, scale=hd**-0.5),
+                             leaf(groups, 4 * hd, hd, scale=(4 * hd)**-0.5),
+                             leaf(groups, hd, scale=0.1))
+
+    chunks = shape.batch * shape.writes
+    if chunks:  # the chunks' gradients at W_0; chunk t reads state t (one group each)
+        write = (weights(h), leaf(h, chunks, L, hd), leaf(h, chunks, L, hd),
+                 leaf(h, chunks, L, positive=True))
+        groups = h * shape.batch * (shape.writes + 1)
+        read = (weights(groups), leaf(groups, L, hd))
+    else:  # one chunk: no write, every token reads W_0
+        write, read = None, (weights(h), leaf(h, shape.batch * shape.tokens, hd))
+    # the outputs' shapes: the write's per-chunk gradients, the read-outs
+    out_shapes = [] if write is None else [(h, chunks, *w.shape[1:]) for w in write[0]]
+    return StepInputs(write, read, [tensor(*size) for size in out_shapes + [read[1].shape]])
+
+
+def write_read_step(shape: MemoryShape, path: str,
+                    operand_dtype: Optional[torch.dtype] = None, dtype=torch.float32,
+                    device='cpu', seed: int = 0) -> Callable[[], None]:
+    """One training step of the stage's write and read: their forward and the
+    gradients of every input (W_0, keys, values, step sizes; states, queries)
+    from fixed output gradients, as a call without arguments.
+
+    Args:
+        shape: the stage's memory (``backbone_shapes``).
+        path: one of ``PATHS`` or ``TRITON``.
+        operand_dtype: the products' operand dtype (``product``).
+        dtype, device, seed: of the inputs (``write_read_inputs``).
+    """
+    write, read, cotangents = write_read_inputs(shape, dtype, device, seed)
+    grads_fn, read_fn = _FUNCTIONS[path]
+    inputs = [t for part in (write or (), read) for t in flat_inputs(part)]
+
+    def step() -> None:
+        outputs = _outputs(write, read, grads_fn, read_fn, operand_dtype)
+        torch.autograd.grad(outputs, inputs, cotangents)
+
+    return step
+
+
+def flat_inputs(part) -> List[torch.Tensor]:
+    """A write's or read's inputs as one list, the weights' tensors first."""
+    return [t for item in part for t in (item if isinstance(item, tuple) else (item, ))]
+
+
+def _outputs(write, read, grads_fn, read_fn, operand_dtype) -> List[torch.Tensor]:
+    outputs = [] if write is None else list(grads_fn(*write, operand_dtype=operand_dtype))
+    return outputs + [read_fn(*read, operand_dtype=operand_dtype)]
+
+
+def count_step_bytes(shapes: List[MemoryShape], operand_dtype: Optional[torch.dtype] = None
+                     ) -> Dict[str, List[int]]:
+    """Bytes the ATen ops of ``write_read_step`` move, per path and stage,
+    counted on meta tensors (float32 inputs), where the products outside
+    autograd write float32 directly as on CUDA (``product``)."""
+    counts: Dict[str, List[int]] = {path: [] for path in PATHS + (TRITON, )}
+    for shape in shapes:
+        for path in PATHS + (TRITON, ):
+            step = write_read_step(shape, path, operand_dtype, device='meta')
+            with AtenOpCounter() as counter:
+                step()
+            counts[path].append(counter.total_bytes)
+    return counts
+
+
+def time_steps(shape: MemoryShape, rounds: int, operand_dtype: Optional[torch.dtype] = None,
+               device='cpu') -> Dict[str, List[float]]:
+    """Seconds of float32 ``write_read_step`` calls per path, in turns."""
+    steps = {path: write_read_step(shape, path, operand_dtype, device=device) for path in PATHS}
+    return time_in_turns(steps, rounds, device, warmup=1)
+
+
+def time_backbone_steps(arch: str = 'm3', batch: int = 2, size: int = 224, rounds: int = 5,
+                        device='cpu') -> Dict[str, List[float]]:
+    """Seconds of training steps (forward, backward, AdamW) of one float32
+    ``ConvNeur(arch)``, its memories' ``backward`` 'closed_form' and
+    'autograd' in turns (``time_in_turns``, one warm-up turn).
+
+    Args:
+        arch: the backbone.
+        batch: images per step.
+        size: their side.
+        rounds: timed turns.
+        device: where to run.
+    """
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    torch.manual_seed(0)
+    model = ConvNeur(arch=arch).to(device).train()
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step(backward: str) -> Callable[[], None]:
+        def run() -> None:
+            for memory in memories:
+                memory.backward = backward
+            optimizer.zero_grad(set_to_none=True)
+            sum(out.mean() for out in model(x)).backward()
+            optimizer.step()
+        return run
+
+    return time_in_turns({path: step(backward) for path, backward in
+                          zip(PATHS, ('autograd', 'closed_form'))}, rounds, device, warmup=1)
+
+
+def count_projection_bytes(shapes: List[MemoryShape],
+                           operand_dtype: Optional[torch.dtype] = None
+                           ) -> Dict[str, List[int]]:
+    """Bytes of one training step of each stage's projections (forward and
+    every input's gradient, on meta tensors): autograd through
+    ``project_torch``, its closed-form backward (``project_closed_form``) and
+    the Triton operators (``TRITON``: each counts as its arguments and
+    results; the backward's product gradient, which its weight GEMMs read,
+    is not counted)."""
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights,
+                                                              project_closed_form, project_torch,
+                                                              project_triton, projection_shapes)
+    functions = dict(zip(PATHS + (TRITON, ), (project_torch, project_closed_form, project_triton)))
+    counts: Dict[str, List[int]] = {path: [] for path in functions}
+    for shape in shapes:
+        b, n, h = shape.batch, shape.tokens, shape.heads
+        d = h * shape.head_dim
+        for path, fn in functions.items():
+            weights = ProjectionWeights(*(torch.empty(*size, device='meta').requires_grad_()
+                                          for size in projection_shapes(d, h)))
+            x = torch.empty(b, n, d, device='meta', requires_grad=True)
+            with AtenOpCounter() as counter:
+                out = fn(x, weights, shape.writes, shape.chunk, 1.0, operand_dtype)
+                out = [t for t in out if t.requires_grad]  # no writes: empty results
+                torch.autograd.backward(out, [torch.empty_like(t) for t in out])
+            counts[path].append(counter.total_bytes)
+    return counts
+
+
+def _branch_steps(arch: str, size: int, batch: int, memory_cfg: Optional[dict],
+                  device: str) -> Iterator[Tuple[torch.nn.Module, torch.Tensor]]:
+    """Each stage's first global branch of ``ConvNeur(arch)`` in training
+    mode on ``device``, with an input of ``batch`` images needing its gradient."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    model = ConvNeur(arch=arch, memory_cfg=memory_cfg).train().to(device)
+    gen = torch.Generator().manual_seed(0)
+    for stage, blocks in enumerate(model.stages):
+        block = next(b for b in blocks if b.global_branch is not None)
+        side = size // 4 // 2**stage
+        shape = (batch, block.local_branch.dwconv.in_channels, side, side)
+        x = (torch.empty(shape, device='meta') if device == 'meta' else
+             torch.randn(shape, generator=gen).to(device))
+        yield block.global_branch, x.requires_grad_()
+
+
+def _train_step(branch: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
+    out = branch(x)
+    # an empty cotangent launches no kernel to count; real tensors need values
+    out.backward(torch.empty_like(out) if out.is_meta else torch.ones_like(out))
+
+
+def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
+                            memory_cfg: Optional[dict] = None) -> List[int]:
+    """Bytes of one training step (forward and backward, every input's
+    gradient) of each stage's first global branch of ``ConvNeur(arch)``,
+    whole (projections, write, scan, read, gates, its 1x1 convolutions), on
+    meta tensors. With ``kernels='triton'`` in ``memory_cfg`` the memory's
+    operators run their fakes: each counts as its arguments and results."""
+    counts = []
+    for branch, x in _branch_steps(arch, size, batch, memory_cfg, 'meta'):
+        with AtenOpCounter() as counter:
+            _train_step(branch, x)
+        counts.append(counter.total_bytes)
+    return counts
+
+
+def count_compiled_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 2,
+                                     memory_cfg: Optional[dict] = None) -> List[int]:
+    """The step of ``count_branch_step_bytes``, each branch compiled by
+    ``torch.compile`` (Inductor, for the CPU): the bytes its kernels move by
+    Inductor's own count (``InductorByteCounter``), forward and backward
+    graphs. The step runs for real on the CPU, so ``batch`` is a CPU's.
+    A graph break is an error: code past it would run eagerly, uncounted."""
+    counts = []
+    for branch, x in _branch_steps(arch, size, batch, memory_cfg, 'cpu'):
+        with InductorByteCounter() as counter:
+            _train_step(torch.compile(branch, fullgraph=True), x)
+        counts.append(counter.total_bytes)
+    return counts
+
+
+def _print_table(title: str, rows: List[Tuple[str, str, List[int]]]) -> None:
+    """A markdown table of GB per stage: rows of (operands, path, bytes per stage)."""
+    stages = len(rows[0][2])
+    print(f'\n{title}\n| operands | path | ' +
+          ' | '.join(f'stage {i + 1}' for i in range(stages)) + ' | total |')
+    print('|---|---|' + '---|' * (stages + 1))
+    for name, path, per_stage in rows:
+        print(f'| {name} | {path} | ' + ' | '.join(f'{b / 1e9:.2f}' for b in per_stage) +
+              f' | {sum(per_stage) / 1e9:.2f} |')
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--time-batch', type=int, default=2,
+                        help='batch of the CPU timing of stage 1 (0: no timing)')
+    parser.add_argument('--step-batch', type=int, default=0,
+                        help='batch of the CPU timing of whole training steps of the '
+                        'backbone (0: none)')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--compiled-batch', type=int, default=0,
+                        help='batch of the compiled branches\' count, float32 (0: none; it '
+                        'runs the steps: about 10 GB and a few minutes at 128)')
+    args = parser.parse_args(argv)
+    shapes = backbone_shapes(args.arch, args.size, args.batch)
+    results = {}
+    write_read, projections, branches = [], [], []
+    for name, mm in (('float32', None), ('bfloat16', torch.bfloat16)):
+        results[name] = counts = count_step_bytes(shapes, mm)
+        write_read += [(name, path, per_stage) for path, per_stage in counts.items()]
+        results[f'projections {name}'] = counts = count_projection_bytes(shapes, mm)
+        projections += [(name, path, per_stage) for path, per_stage in counts.items()]
+    for name in ('float32', 'bfloat16'):
+        for path, cfg in (('autograd', dict(backward='autograd')),
+                          ('closed form', dict(backward='closed_form')),
+                          (TRITON, dict(kernels='triton'))):
+            per_stage = count_branch_step_bytes(args.arch, args.size, args.batch,
+                                                dict(cfg, matmul_dtype=name))
+            results[f'branches {name} {path}'] = {'total': per_stage}
+            branches.append((name, path, per_stage))
+    print(f'ConvNeur-{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}: '
+          'GB moved by one training step (meta count)')
+    _print_table("of the memory's write and read", write_read)
+    _print_table('of the projections', projections)
+    _print_table('of the global branches, whole', branches)
+    if args.compiled_batch:
+        compiled = []
+        for path, backward in (('autograd', 'autograd'), ('closed form', 'closed_form')):
+            cfg = dict(backward=backward, matmul_dtype='float32')
+            per_stage = count_compiled_branch_step_bytes(args.arch, args.size,
+                                                         args.compiled_batch, cfg)
+            results[f'compiled branches float32 {path}'] = {'total': per_stage}
+            compiled += [('float32', f'{path}, eager', count_branch_step_bytes(
+                args.arch, args.size, args.compiled_batch, cfg)),
+                ('float32', f'{path}, compiled', per_stage)]
+        _print_table(f'of the global branches, whole, at batch {args.compiled_batch}: eager '
+                     "(meta count) and compiled (Inductor's count, its CPU plan)", compiled)
+    if args.time_batch:
+        shape = shapes[0]._replace(batch=args.time_batch)
+        times = time_steps(shape, args.rounds)
+        print(f'\nCPU, float32, stage 1 at batch {args.time_batch}: median ms of '
+              f'{args.rounds} steps in turns: ' +
+              ', '.join(f'{path} {median(t) * 1e3:.1f}' for path, t in times.items()))
+    if args.step_batch:
+        times = time_backbone_steps(args.arch, args.step_batch, args.size, args.rounds)
+        print(f'\nCPU, float32, ConvNeur-{args.arch.upper()} training step (forward, backward, '
+              f'AdamW) at batch {args.step_batch}, {args.size}x{args.size}: median ms of '
+              f'{args.rounds} steps in turns: ' +
+              ', '.join(f'{path} {median(t) * 1e3:.1f}' for path, t in times.items()))
+    return results
+
+
+if __name__ == '__main__':
+    main()

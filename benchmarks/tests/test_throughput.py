@@ -1,0 +1,120 @@
+"""The training-throughput benchmark: its configs, batches and a dry run (CPU)."""
+import argparse
+import json
+import math
+
+import pytest
+
+from benchmarks.training import throughput as tt
+from convneur_mm.apis.launch import load_config
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    tt.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_peers_swap_the_backbone_and_the_widths_that_read_it():
+    upernet = tt.JOBS['upernet-m4']
+    resnet = tt.variant_config(upernet, 'resnet50').model
+    assert resnet.backbone.type == 'ResNetV1c'
+    assert resnet.decode_head.in_channels == list(tt.RESNET50_WIDTHS)
+    assert resnet.auxiliary_head.in_channels == tt.RESNET50_WIDTHS[2]  # its in_index
+    convnext = tt.variant_config(upernet, 'convnextv2').model
+    assert (convnext.backbone.type, convnext.backbone.arch) == ('mmpretrain.ConvNeXt', 'nano')
+    assert convnext.decode_head.in_channels == load_config(
+        upernet.config).model.decode_head.in_channels  # nano has M4's widths
+    local = tt.variant_config(upernet, 'local-only').model
+    assert local.backbone.memory_placement == 'none'
+
+
+def test_resnet_peer_downloads_nothing_and_a_classifier_gets_its_pooling():
+    detector = tt.variant_config(tt.JOBS['cascade-m3'], 'resnet50').model
+    assert detector.backbone.init_cfg is None
+    assert detector.neck.in_channels == list(tt.RESNET50_WIDTHS)
+    classifier = tt.variant_config(tt.JOBS['cls-m3'], 'resnet50').model
+    assert classifier.neck.type == 'GlobalAveragePooling'
+    assert classifier.head.in_channels == tt.RESNET50_WIDTHS[-1]
+
+
+def test_training_config_runs_every_iteration_the_same_work():
+    cfg = tt.prepare_training(tt.variant_config(tt.JOBS['cls-m3']), amp=True)
+    assert cfg.optim_wrapper.accumulative_counts == 1 and cfg.optim_wrapper.optimizer.lr == 0
+    assert cfg.optim_wrapper.type == 'convneur_mm.CpuAmpOptimWrapper'  # --amp on this CPU
+
+
+@pytest.mark.parametrize('job, train, test', [
+    ('cascade-m3', (800, 1333), (800, 1333)),
+    ('fpn-m3', (512, 512), (512, 2048)),
+    ('cls-m3', (224, 224), (224, 224)),
+])
+def test_image_sizes_come_from_the_pipelines(job, train, test):
+    assert tt.image_sizes(load_config(tt.JOBS[job].config)) == (train, test)
+
+
+def test_detection_batch_carries_boxes_and_masks_inside_the_image():
+    cfg = load_config(tt.JOBS['cascade-m3'].config)
+    batch = tt.synthetic_batch(cfg, (96, 128), 2, training=True)
+    assert [tuple(x.shape) for x in batch['inputs']] == [(3, 96, 128)] * 2
+    gt = batch['data_samples'][0].gt_instances
+    boxes = gt.bboxes.tensor
+    assert len(gt) == tt.INSTANCES_PER_IMAGE and gt.masks.masks.shape[1:] == (96, 128)
+    assert (boxes[:, :2] < boxes[:, 2:]).all() and (boxes[:, 2:] <= boxes.new_tensor(
+        [128, 96])).all()
+    assert gt.masks.masks.sum() > 0
+
+
+def test_bad_jobs_and_peers_are_refused():
+    with pytest.raises(ValueError, match='job must be one of'):
+        tt.run_job('mask-rcnn')
+    with pytest.raises(ValueError, match='peers must be among'):
+        tt.run_job('fpn-m3', peers=['swin'])
+
+
+def _check_rows(rows, names, key):
+    assert set(rows) == set(names)
+    for name, row in rows.items():
+        assert row['status'] == 'ok', (name, row)
+        assert math.isfinite(row[key]) and row[key] > 0
+        assert row['peak_allocated_bytes'] >= row['held_bytes'] > 0
+        assert row['peak_reserved_bytes'] is None  # not measurable on a CPU
+
+
+def test_dry_run_trains_and_evaluates_every_peer_in_turns(capsys):
+    args = _parse(['--dry-run', '--jobs', 'cls-m3', '--eval'])
+    result = tt.run_from_args(args)
+    job = result['jobs']['cls-m3']
+    names = ['ConvNeur-M3', 'ConvNeur-M3 local-only', 'ConvNeXt-V2-P', 'ResNet-50']
+    assert not job['errors'] and job['batch'] == 1
+    assert job['per_gpu_batch'] == load_config(tt.JOBS['cls-m3'].config).train_dataloader.batch_size
+    _check_rows(job['train'], names, 's_per_iter')
+    for row in job['train'].values():
+        assert len(row['s_all']) == result['iters']
+        assert row['images_per_s'] == pytest.approx(row['batch'] / row['s_per_iter'])
+        assert row['fits_24gb'] == (row['peak_allocated_bytes'] + tt.CONTEXT_BYTES
+                                    <= tt.CARD_BYTES)
+        assert row['vs_local_only'] > 0
+    _check_rows(job['eval'], names, 's_per_image')
+    assert 'cpu' in result['device'].lower()
+    json.dumps(result)  # the GPU script writes it
+    captured = capsys.readouterr()
+    assert all(f'| {name} |' in captured.out for name in names) and 's/image' in captured.out
+    # each job's table also goes to stderr as it ends: a run cut short keeps it
+    assert all(f'| cls-m3 | {name} |' in captured.err for name in names)
+
+
+def test_fits_card_prefers_the_reserved_peak():
+    peak = dict(peak_allocated_bytes=10 * tt.GIB, peak_reserved_bytes=24 * tt.GIB)
+    assert not tt.fits_card(peak)
+    assert tt.fits_card(dict(peak, peak_reserved_bytes=None))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('job', ['cascade-m2', 'cascade-m3', 'fpn-m3', 'upernet-m4'])
+def test_dry_run_of_the_other_jobs(job):
+    result = tt.run(jobs=[job], dry=True, evaluate=True)
+    r = result['jobs'][job]
+    assert not r['errors']
+    assert all(row['status'] == 'ok' for row in list(r['train'].values()) +
+               list(r['eval'].values()))

@@ -1,0 +1,211 @@
+"""Eager against ``torch.compile`` (what ``--compile`` compiles), in one run.
+
+Workloads:
+
+* ``inference``: ImageNet classifiers (``speed.MODELS``; ConvNeur-M3 by
+  default), eval, 224x224, batch 16 on a CPU (128 on CUDA): throughput;
+* ``train``: the ConvNeur-M3 backbone as the S-FPN / UperNet configs set it
+  (chunk 1024, max_lr 0.2, drop path 0.1, four outputs), batch 2 of 512x512,
+  forward + backward of a loss on every output;
+* ``detector``: Cascade Mask R-CNN with ConvNeur-M3 (our COCO config),
+  batch 1 at 800x1333 with 3 boxes and masks, forward with losses +
+  backward: the backbone and FPN compiled, the RoI heads eager.
+
+Each workload builds one model. The compiled variant is ``torch.compile`` of
+the same submodules ``convneur_mm.engine.compile`` compiles for ``--compile``
+(sharing their weights); eager and compiled calls take turns after a warm-up
+(the compiled warm-up is the compilation, reported), and the medians' ratio
+is given. ``amp`` runs both under bf16 (CPU) / fp16 (CUDA) autocast.
+``profile_rows`` (not None) also profiles one eager and one compiled call
+(``op_profile.profile_call``): where the time goes, by category.
+"""
+from contextlib import nullcontext
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from convneur_mm.analysis.timing import median, time_call, time_in_turns
+from convneur_mm.analysis.op_profile import profile_call
+from convneur_mm.analysis.profiling import outputs_loss
+from convneur_mm.engine.compile import (compilable_parts, compile_forward, graphs_compiled,
+                                        part_modules)
+from convneur_mm.utils.tables import markdown_table
+
+WORKLOADS = ('inference', 'train', 'detector')
+
+
+class Workload(NamedTuple):
+    """A model, one call of the work to time, its title and the images per call
+    (None: report seconds per call instead of images/s)."""
+    model: nn.Module
+    step: Callable[[], None]
+    title: str
+    images: Optional[int]
+
+
+class CompiledSwitch:
+    """Switch a model's parts between their eager ``forward`` and the compiled
+    one that ``--compile`` installs (same modules, same weights)."""
+
+    def __init__(self, model: nn.Module, parts: List[str], backend: str = 'inductor'):
+        self.modules = part_modules(model, parts)
+        self.compiled = [compile_forward(m, backend=backend) for m in self.modules]
+
+    def use(self, compiled: bool) -> None:
+        for module, forward in zip(self.modules, self.compiled):
+            if compiled:
+                module.forward = forward
+            else:
+                vars(module).pop('forward', None)
+
+
+def inference_workload(name: str, device: str, batch: int, size: int = 224) -> Workload:
+    """``speed.MODELS[name]`` in eval mode on ``batch`` images of ``size``."""
+    from convneur_mm.analysis.speed import build_classifier
+    fn, model = build_classifier(name)
+    model.to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step():
+        with torch.no_grad():
+            fn(x)
+    return Workload(model, step, f'{name} classifier, eval, batch {batch} x {size}x{size}', batch)
+
+
+def train_workload(device: str, arch: str = 'm3', batch: int = 2, size: int = 512) -> Workload:
+    """The dense-prediction configs' backbone: forward + backward."""
+    from convneur_mm.apis.toolbox import quiet_init
+    from convneur_mm.models import ConvNeur
+    torch.manual_seed(0)
+    backbone = ConvNeur(arch, memory_cfg=dict(chunk_size=1024, max_lr=0.2),
+                        drop_path_rate=0.1, out_indices=(0, 1, 2, 3),
+                        gap_before_final_norm=False)
+    with quiet_init():
+        backbone.init_weights()
+    holder = nn.Module()  # compiled like a model's .backbone part
+    holder.backbone = backbone.to(device).train()
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step():
+        holder.backbone.zero_grad(set_to_none=True)
+        outputs_loss(holder.backbone(x)).backward()
+    return Workload(holder, step, f'ConvNeur-{arch.upper()} backbone (chunk 1024), forward + '
+                    f'backward, batch {batch} x {size}x{size}', None)
+
+
+def detector_workload(device: str, size: Sequence[int] = (800, 1333)) -> Workload:
+    """Cascade Mask R-CNN ConvNeur-M3: losses + backward of one image."""
+    from mmdet.testing import demo_mm_inputs
+
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
+    torch.manual_seed(0)
+    model = build_model(load_config('cascade_rcnn_convneur_m3_1x_coco.py'), init=True)
+    model = model.to(device).train()
+    raw = demo_mm_inputs(1, (3, *size), num_items=[3], num_classes=80, with_mask=True,
+                         device=device)
+    data = model.data_preprocessor(raw, True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.parse_losses(model.loss(data['inputs'], data['data_samples']))
+        loss.backward()
+    return Workload(model, step, 'Cascade Mask R-CNN ConvNeur-M3, training step (losses + '
+                    f'backward), batch 1 x {size[0]}x{size[1]}', None)
+
+
+def compare(model: nn.Module, step: Callable[[], None], repeats: int, device: str,
+            amp: bool = False, profile_rows: Optional[int] = None,
+            backend: str = 'inductor') -> Dict:
+    """Median seconds of ``step`` eager and compiled, taking turns.
+
+    Args:
+        model: the model ``step`` runs; its ``compilable_parts`` are compiled.
+        step: one call of the work.
+        repeats: timed turns.
+        device: where it runs.
+        amp: both under autocast (fp16 on CUDA, bf16 on a CPU).
+        profile_rows: not None: also ``profile_call`` one call of each (and
+            print that many of its events).
+        backend: ``torch.compile``'s backend.
+
+    Returns:
+        ``eager``, ``compiled`` (median seconds), ``compile_s`` (the first
+        compiled call), ``graphs`` (compiled in it), ``parts``; ``profile``.
+    """
+    parts = compilable_parts(model)
+    switch = CompiledSwitch(model, parts, backend)
+    dtype = torch.float16 if device.startswith('cuda') else torch.bfloat16
+    context = ((lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if amp
+               else nullcontext)
+
+    def call(compiled: bool) -> None:
+        switch.use(compiled)
+        with context():
+            step()
+
+    time_call(lambda: call(False), device)  # warm-up
+    graphs = graphs_compiled()
+    compile_seconds = time_call(lambda: call(True), device)
+    graphs = graphs_compiled() - graphs
+    times = time_in_turns({False: lambda: call(False), True: lambda: call(True)}, repeats,
+                          device)
+    result = dict(eager=median(times[False]), compiled=median(times[True]),
+                  compile_s=compile_seconds, graphs=graphs, parts=parts)
+    if profile_rows is not None:
+        result['profile'] = {mode: profile_call(lambda: call(mode == 'compiled'), device,
+                                                profile_rows)
+                             for mode in ('eager', 'compiled')}
+    switch.use(False)
+    return result
+
+
+def run_workloads(workloads: Dict[str, Callable[[], Workload]], repeats: int, device: str,
+                  amp: bool = False, profile_rows: Optional[int] = None,
+                  backend: str = 'inductor', log: Callable[[str], None] = print) -> Dict:
+    """``compare`` of each workload (built by its function), each with an
+    empty Dynamo cache; ``log`` gets each profile table as soon as it exists."""
+    results = {}
+    for name, build in workloads.items():
+        # a fresh Dynamo cache: the workloads share code (ConvNeur.forward), and
+        # another workload's shapes would make this one compile dynamic shapes
+        torch._dynamo.reset()
+        work = build()
+        r = compare(work.model, work.step, repeats, device, amp, profile_rows, backend)
+        results[name] = dict(r, title=work.title, images=work.images)
+        log(f'measured {name}')
+        if profile_rows is not None:  # right away: a later workload may take long or fail
+            log(f'\n{breakdown_table(name, **r["profile"])}\n')
+        del work
+    return results
+
+
+def comparison_table(results: Dict) -> str:
+    """Markdown: each workload's eager and compiled speed, speed-up, compile time."""
+    rows = []
+    for r in results.values():
+        if r['images']:
+            cells = (f'{r["images"] / r["eager"]:.1f} img/s',
+                     f'{r["images"] / r["compiled"]:.1f} img/s')
+        else:
+            cells = (f'{r["eager"]:.2f} s', f'{r["compiled"]:.2f} s')
+        rows.append((r['title'], ', '.join(r['parts']), *cells,
+                     f'{r["eager"] / r["compiled"]:.2f}x', f'{r["compile_s"]:.0f} s',
+                     r['graphs']))
+    return markdown_table(('workload', 'compiled parts', 'eager', 'compiled', 'speed-up',
+                           'compile time', 'graphs'), rows)
+
+
+def breakdown_table(name: str, eager: Dict[str, float], compiled: Dict[str, float]) -> str:
+    """Markdown: seconds and shares per category, eager vs compiled."""
+    total = {'eager': sum(eager.values()), 'compiled': sum(compiled.values())}
+    rows = []
+    for category in eager:
+        e, c = eager[category], compiled[category]
+        rows.append((category, f'{e:.3f} s ({e / total["eager"]:.0%})',
+                     f'{c:.3f} s ({c / total["compiled"]:.0%})', f'{c - e:+.3f} s'))
+    rows.append(('total (profiled call)', f'{total["eager"]:.3f} s',
+                 f'{total["compiled"]:.3f} s', f'{total["compiled"] - total["eager"]:+.3f} s'))
+    return markdown_table((f'{name}: where the time goes', 'eager', 'compiled',
+                           'compiled - eager'), rows)
