@@ -1,4 +1,8 @@
-"""The neural memory's variants, and what measuring them needs.
+"""The lab's measured subjects, built in one place: ConvNeur-M3's ImageNet
+classifier and its local-only network (``build_classifier``), a bare
+``ConvNeur`` backbone (``convneur_backbone``), its global branches with
+inputs of their shapes (``stage_branches``, ``branch_inputs``), and the
+neural memory's variants.
 
 A variant is a set of ``memory_cfg`` keys (``matmul_dtype``, ``kernels``,
 ``working_set_mib``, ``recompute``) with a precision context (TF32 products,
@@ -7,16 +11,22 @@ bf16 autocast or none) and training or inference. ``memory_like`` and
 installed ``NeuralMemory`` does not take is reported by ``unsupported``, so
 the benchmarks run at any commit. ``gemm_shapes`` gives the memory's batched
 matrix products at its real shapes.
+
+The peers of ConvNeur (ConvNeXt-V2, PVTv2, ResNet-50) are the package's
+``analysis.speed.MODELS``, which the user's speed tool times too.
 """
 import contextlib
 import copy
 import gc
 import inspect
 import math
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+M3_CONFIG = 'cls_convneur_m3_300e_in1k.py'
+LOCAL_ONLY = {'model.backbone.memory_placement': 'none'}
+M3_SIZE = 224  # ImageNet's side, the paper's speed protocol
 MAX_LRS = (1.0, 0.2, 1e-3)
 NEEDS_CUDA = 'skipped: needs CUDA'
 # the bf16 autocast training step: a branch variant and a mode of the model section
@@ -181,3 +191,82 @@ def gemm_shapes(memory: torch.nn.Module, batch: int, tokens: int) -> Dict[str, T
             'scan coef.G (w1)': (batch, chunks, updates, d * hidden),
         })
     return shapes
+
+
+def build_classifier(device: str, chunk_size: Optional[int] = None,
+                     options: Optional[Dict] = None) -> torch.nn.Module:
+    """ConvNeur-M3's ImageNet classifier from its config, with the memory's
+    ``chunk_size`` and config ``options`` overriding, on ``device`` in eval mode."""
+    from convneur_mm.apis.launch import load_config
+    from convneur_mm.apis.toolbox import build_model
+    cfg = load_config(M3_CONFIG)
+    if chunk_size:
+        cfg.merge_from_dict({'model.backbone.memory_cfg.chunk_size': chunk_size})
+    if options:
+        cfg.merge_from_dict(options)
+    return build_model(cfg, init=True).to(device).eval()
+
+
+def logits_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images -> logits of a toolbox classifier."""
+    return lambda x: model(x, mode='tensor')
+
+
+def global_branches(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The model's ``GlobalBranch`` modules, in order."""
+    from convneur_mm.models.layers.global_branch import GlobalBranch
+    return [m for m in model.modules() if isinstance(m, GlobalBranch)]
+
+
+def hooked_inputs(model: torch.nn.Module, x: torch.Tensor,
+                  modules: List[torch.nn.Module]) -> List[torch.Tensor]:
+    """The input each of ``modules`` gets in one forward of ``model`` on ``x``."""
+    got: Dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: got.setdefault(id(mod), args[0]))
+             for m in modules]
+    try:
+        with torch.no_grad():
+            logits_fn(model)(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [got[id(m)] for m in modules]
+
+
+def convneur_backbone(arch: str = 'm3', device='cpu', seed: int = 0, **kwargs) -> torch.nn.Module:
+    """``ConvNeur(arch, **kwargs)`` (its public constructor), its weights
+    drawn after ``torch.manual_seed(seed)``, on ``device``.
+
+    Args:
+        arch: m1 to m4.
+        device: where the module goes.
+        seed: the seed of its weights.
+        kwargs: the other constructor arguments (``memory_cfg``, ``memory_placement``...).
+    """
+    from convneur_mm.models import ConvNeur
+    torch.manual_seed(seed)
+    return ConvNeur(arch=arch, **kwargs).to(device)
+
+
+def stage_branches(backbone: torch.nn.Module, first_only: bool = False
+                   ) -> List[Tuple[int, torch.nn.Module]]:
+    """(stage, global branch) of every block of ``backbone`` that has one
+    (``first_only``: each stage's first one)."""
+    found = [(stage, block.global_branch) for stage, blocks in enumerate(backbone.stages)
+             for block in blocks if block.global_branch is not None]
+    if first_only:
+        found = [(stage, branch) for i, (stage, branch) in enumerate(found)
+                 if i == 0 or found[i - 1][0] != stage]
+    return found
+
+
+def branch_inputs(branches: List[Tuple[int, torch.nn.Module]], batch: int, size: int = M3_SIZE,
+                  device='cpu', seed: int = 1) -> List[torch.Tensor]:
+    """Random inputs of each branch's shape at ``batch`` images of ``size``
+    (stage s sees ``size / 4 / 2**s`` pixels a side); on 'meta' empty ones."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, branch.proj_in.in_channels, size // 4 // 2**stage, size // 4 // 2**stage)
+              for stage, branch in branches]
+    if str(device) == 'meta':
+        return [torch.empty(shape, device='meta') for shape in shapes]
+    return [torch.randn(shape, generator=gen).to(device) for shape in shapes]

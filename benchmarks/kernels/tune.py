@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from convneur_mm.analysis.timing import is_cuda, time_kernel
+from convneur_mm.analysis.timing import is_cuda, median, time_calls
 from benchmarks.kernels.profile import (device_peak, profile_kernels, total_cost,
                                                  with_kernel_costs)
 from benchmarks.memory.bytes import (MemoryShape, backbone_shapes, flat_inputs,
@@ -70,6 +70,23 @@ OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols'
          'grads_backward_cols': 'write step', 'grads_chunk': 'write',
          'grads_backward_chunk': 'write step'}
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
+
+
+def time_kernel(fn: Callable[[], object], device='cpu', repeats: int = 5) -> float:
+    """Median seconds of a call that launches a few kernels: on CUDA
+    ``triton.testing.do_bench`` (L2 flushed before each call, as many calls as
+    fit its 100 ms), elsewhere ``time_calls`` after one untimed call.
+
+    Args:
+        fn: the work to time, called without arguments.
+        device: see ``time_call``.
+        repeats: timed calls off CUDA.
+    """
+    if is_cuda(device):
+        from triton.testing import do_bench
+        with torch.cuda.device(torch.device(device)):
+            return do_bench(fn, warmup=25, rep=100, return_mode='median') / 1e3
+    return median(time_calls(fn, repeats, device, warmup=1))
 
 
 def faulting_calls(on_cuda: bool) -> Dict[str, str]:

@@ -1,19 +1,24 @@
-"""The memory's write and read in one training step, at a backbone's shapes:
-the bytes their ATen ops move and their time, autograd's backward against the
+"""The bytes the neural memory moves, counted three ways: the ATen ops a
+global branch or a backbone dispatches (``count_ops``, the ``ops`` case),
+the memory's write and read in one training step at a backbone's shapes
+(``count_step_bytes``, the ``bytes`` case), and what ``torch.compile``'s
+kernels move by Inductor's own count (``InductorByteCounter``).
+
+**The write and read step.** The bytes their ATen ops move and their time, autograd's backward against the
 closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
 bytes of the Triton kernels' operators (``TRITON``), forward and backward;
 the projections' training step, autograd, closed form and Triton operators;
 and each stage's whole global branch (``count_branch_step_bytes``).
 
-    python -m benchmarks.memory.bytes [--arch m3] [--size 224] [--batch 128]
+    python -m benchmarks.run bytes [--arch m3] [--size 224] [--batch 128]
         [--time-batch 2] [--step-batch 2] [--rounds 5] [--compiled-batch 128]
 
 One step is the forward and backward of each stage's chunk gradients (the
 write, ``chunk_grads_torch``) and read (``read_torch``), called directly at
 the shapes the stage's first global branch gives them with the default memory
 settings (no decomposed read); everything else of the branch (projections,
-scan, gates) is left out, its states and queries are inputs. Bytes are counted on meta
-tensors with ``AtenOpCounter`` (each kernel's tensor arguments and results,
+scan, gates) is left out, its states and queries are inputs. Bytes are
+counted on meta tensors with ``AtenOpCounter`` (each kernel's tensor arguments and results,
 each read or written once), so a training-sized batch counts in seconds. On
 meta tensors the Triton operators run their fakes: each counts as its
 arguments and results, and the scratch its kernels write and read again
@@ -24,24 +29,59 @@ backward passes in turns (``time_backbone_steps``). ``--compiled-batch``
 also counts the branches' step compiled by ``torch.compile``
 (``count_compiled_branch_step_bytes``): Inductor's fused kernels, by its own
 count, running the step for real on the CPU.
+
+**Op counts** (``count_ops``): the ATen ops a global branch or a backbone
+dispatches in eager mode, the bytes they move, the most it holds, counted
+with ``AtenOpCounter`` and ``LiveTensorBytes`` of
+``convneur_mm.testing.dispatch_probes``. Ops that return no tensor are left
+out, and views (which launch nothing) are counted apart. Each kernel's tensor
+arguments and results are summed in bytes as if each were read or written
+once: the least memory traffic of the unfused ops. On ``meta`` tensors (no
+data: a training-sized batch in seconds) the ops dispatch as on a CPU, but
+16-bit products outside autograd write float32 directly, as on CUDA
+(``memory_ops.product``), instead of a widening cast.
+With ``kernels='triton'`` on ``meta`` the fused kernels' wrappers allocate
+what they would on a GPU and their launches do nothing: the inference count
+of CUDA's fused path (the wrappers run without their operators' autograd:
+inference counts only). ``count_ops`` imports the model inside, so that
+``isolated.run_isolated`` can run it against an older checkout's package.
+
+**Inductor's count.** ``AtenOpCounter`` prices eager code: one kernel per
+ATen op. Compiled code runs Inductor's kernels instead, each a fusion of
+many ops that reads its inputs and writes its outputs once. ``InductorByteCounter`` reads Inductor's
+own count of each generated kernel's (and each library product's) buffers,
+read or written once, over every graph compiled inside the context: the
+forward's, and the backward's where a backward runs there. The count is the
+plan Inductor made for the device it compiled for (a CPU's fusions, here);
+the code in the context runs for real.
 """
 import argparse
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+import contextlib
+import logging
+from typing import Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
+# Module level: only what an older checkout's run of ``count_ops`` takes from
+# this tree (``OWN_MODULES``); the memory's ops are imported where they are used.
 from convneur_mm.analysis.timing import median, time_in_turns
-from benchmarks.memory.inductor_bytes import InductorByteCounter
-from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
-                                                  chunk_grads_torch, chunk_grads_triton,
-                                                  read_closed_form, read_torch, read_triton)
-from convneur_mm.testing.dispatch_probes import AtenOpCounter
+from convneur_mm.testing.dispatch_probes import AtenOpCounter, LiveTensorBytes
 
 PATHS = ('autograd', 'closed form')  # the PyTorch path's, counted and timed
 TRITON = 'Triton kernels (operators)'  # counted only: a CPU runs them in the interpreter
-_FUNCTIONS = {'autograd': (chunk_grads_torch, read_torch),
-              'closed form': (chunk_grads_closed_form, read_closed_form),
-              TRITON: (chunk_grads_triton, read_triton)}
+PARTS = ('branch', 'backbone', 'local-only')  # what count_ops counts
+# the modules a count against an older checkout takes from this tree
+OWN_MODULES = ('convneur_mm.testing.dispatch_probes', 'convneur_mm.analysis.timing')
+
+
+def _functions(path: str) -> Tuple[Callable, Callable]:
+    """The chunk gradients' and the read's function of ``path``."""
+    from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form,
+                                                      chunk_grads_torch, chunk_grads_triton,
+                                                      read_closed_form, read_torch, read_triton)
+    return {'autograd': (chunk_grads_torch, read_torch),
+            'closed form': (chunk_grads_closed_form, read_closed_form),
+            TRITON: (chunk_grads_triton, read_triton)}[path]
 
 
 class MemoryShape(NamedTuple):
@@ -92,6 +132,7 @@ def write_read_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
         device: where the tensors live ('meta' for a count without data).
         seed: of the random inputs.
     """
+    from convneur_mm.models.layers.memory_ops import MemoryWeights
     gen = torch.Generator().manual_seed(seed)
     h, hd, L = shape.heads, shape.head_dim, shape.chunk
 
@@ -136,7 +177,7 @@ def write_read_step(shape: MemoryShape, path: str,
         dtype, device, seed: of the inputs (``write_read_inputs``).
     """
     write, read, cotangents = write_read_inputs(shape, dtype, device, seed)
-    grads_fn, read_fn = _FUNCTIONS[path]
+    grads_fn, read_fn = _functions(path)
     inputs = [t for part in (write or (), read) for t in flat_inputs(part)]
 
     def step() -> None:
@@ -191,10 +232,9 @@ def time_backbone_steps(arch: str = 'm3', batch: int = 2, size: int = 224, round
         rounds: timed turns.
         device: where to run.
     """
-    from convneur_mm.models.backbones.convneur import ConvNeur
+    from benchmarks.common.subjects import convneur_backbone
     from convneur_mm.models.layers.neural_memory import NeuralMemory
-    torch.manual_seed(0)
-    model = ConvNeur(arch=arch).to(device).train()
+    model = convneur_backbone(arch, device).train()
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -245,16 +285,11 @@ def _branch_steps(arch: str, size: int, batch: int, memory_cfg: Optional[dict],
                   device: str) -> Iterator[Tuple[torch.nn.Module, torch.Tensor]]:
     """Each stage's first global branch of ``ConvNeur(arch)`` in training
     mode on ``device``, with an input of ``batch`` images needing its gradient."""
-    from convneur_mm.models.backbones.convneur import ConvNeur
-    model = ConvNeur(arch=arch, memory_cfg=memory_cfg).train().to(device)
-    gen = torch.Generator().manual_seed(0)
-    for stage, blocks in enumerate(model.stages):
-        block = next(b for b in blocks if b.global_branch is not None)
-        side = size // 4 // 2**stage
-        shape = (batch, block.local_branch.dwconv.in_channels, side, side)
-        x = (torch.empty(shape, device='meta') if device == 'meta' else
-             torch.randn(shape, generator=gen).to(device))
-        yield block.global_branch, x.requires_grad_()
+    from benchmarks.common.subjects import branch_inputs, convneur_backbone, stage_branches
+    model = convneur_backbone(arch, device, memory_cfg=memory_cfg).train()
+    branches = stage_branches(model, first_only=True)
+    for (_, branch), x in zip(branches, branch_inputs(branches, batch, size, device, seed=0)):
+        yield branch, x.requires_grad_()
 
 
 def _train_step(branch: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> None:
@@ -293,6 +328,151 @@ def count_compiled_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: i
     return counts
 
 
+# ------------------------------------------------------------ op counts
+def _kernels_without_launches() -> ContextManager:
+    """The Triton kernels' wrappers checking and allocating as on a GPU, on
+    any device, launching nothing (the memory's ``without_launches``)."""
+    try:
+        from convneur_mm.models.layers.memory_ops.kernels import without_launches
+    except ImportError:  # an older checkout's package (``isolated.run_isolated``)
+        raise ValueError('this package\'s memory cannot run its kernels without launching '
+                         "them: count with kernels='torch'") from None
+    return without_launches()
+
+
+def count_ops(arch: str = 'm3', stage: int = 0, size: int = 224, batch: int = 1,
+              device: str = 'cpu', memory_cfg: Optional[Dict] = None,
+              part: str = 'branch') -> dict:
+    """Kernels, views and bytes of one forward pass, without and with autograd.
+
+    Args:
+        arch: ConvNeur's arch (``'m1'`` ... ``'m4'``).
+        stage: the stage whose first global branch is counted (``part='branch'``).
+        size: the image side; a stage-``s`` branch sees ``size // 4 // 2**s``.
+        batch: the batch.
+        device: ``'cpu'`` or ``'meta'`` (shapes only).
+        memory_cfg: overrides of the memory's ``memory_cfg``.
+        part: ``'branch'`` (the stage's first global branch), ``'backbone'``
+            or ``'local-only'`` (the backbone without global branches).
+
+    Returns:
+        ``{'inference': {...}, 'autograd': {...}}`` (no ``'autograd'`` for
+        the stubbed fused kernels), each with ``kernels``, ``views``,
+        ``by_op``, ``peak_live_bytes``, ``bytes`` and ``bytes_by_op``.
+    """
+    from convneur_mm.models import ConvNeur
+    if part not in PARTS:
+        raise ValueError(f'part must be one of {PARTS}, got {part!r}')
+    if device not in ('cpu', 'meta'):
+        raise ValueError(f"device must be 'cpu' or 'meta', got {device!r}")
+    memory_cfg = memory_cfg or {}
+    stubbed = device == 'meta' and memory_cfg.get('kernels') == 'triton'
+    torch.manual_seed(0)
+    options = dict(memory_placement='none') if part == 'local-only' else {}
+    if memory_cfg:
+        options['memory_cfg'] = memory_cfg
+    model = ConvNeur(arch=arch, **options).eval().to(device)
+    if part == 'branch':
+        block = next(b for b in model.stages[stage] if b.global_branch is not None)
+        channels = block.local_branch.dwconv.in_channels
+        side = size // 4 // 2**stage
+        module, x = block.global_branch, torch.randn(batch, channels, side, side, device=device)
+    else:
+        module, x = model, torch.randn(batch, 3, size, size, device=device)
+    result = {}
+    for grad in (False, ) if stubbed else (False, True):
+        with torch.set_grad_enabled(grad), AtenOpCounter() as counter, \
+                LiveTensorBytes() as live, \
+                _kernels_without_launches() if stubbed else contextlib.nullcontext():
+            module(x)
+        result['autograd' if grad else 'inference'] = dict(
+            kernels=counter.num_kernels, views=counter.num_views,
+            by_op=dict(counter.kernels.most_common()), peak_live_bytes=live.peak,
+            bytes=counter.total_bytes, bytes_by_op=dict(counter.bytes.most_common()))
+    return result
+
+
+def format_op_counts(counts: Dict[str, dict], top: int = 8) -> str:
+    """Markdown: one line per code counted (``{name: count_ops(...)}``), then
+    the ``top`` ops that move the most bytes in inference, of the last one."""
+    lines = ['| code | inference: kernels | views | GB moved | MiB held at most | '
+             'with autograd: kernels | views | GB moved |', '|---|---|---|---|---|---|---|---|']
+    for name, c in counts.items():
+        inf, grad = c['inference'], c.get('autograd')  # none for the stubbed fused kernels
+        autograd = (f'{grad["kernels"]} | {grad["views"]} | {grad["bytes"] / 1e9:.3g}'
+                    if grad else '- | - | -')
+        lines.append(f'| {name} | {inf["kernels"]} | {inf["views"]} | '
+                     f'{inf["bytes"] / 1e9:.3g} | {inf["peak_live_bytes"] / 2**20:.1f} | '
+                     f'{autograd} |')
+    name, inference = list(counts)[-1], list(counts.values())[-1]['inference']
+    lines += ['', f'{name}, inference: the {top} ops that move the most bytes',
+              '| op | calls | GB moved | share |', '|---|---|---|---|']
+    for op, nbytes in list(inference['bytes_by_op'].items())[:top]:
+        lines.append(f'| {op} | {inference["by_op"][op]} | {nbytes / 1e9:.3g} | '
+                     f'{nbytes / max(inference["bytes"], 1):.0%} |')
+    return '\n'.join(lines)
+
+
+def kernel_cuts(before: dict, after: dict) -> Dict[str, float]:
+    """The fraction of kernels ``after`` saves against ``before``, per mode
+    both counted."""
+    return {mode: 1 - after[mode]['kernels'] / before[mode]['kernels']
+            for mode in after if mode in before}
+
+
+def describe_part(part: str, stage: int) -> str:
+    """What ``count_ops`` counts, in words."""
+    return {'branch': f'the first global branch of stage {stage}', 'backbone': 'the backbone',
+            'local-only': 'the local-only backbone'}[part]
+
+
+def memory_cfg_of(matmul_dtype: str = 'auto', kernels: str = 'auto') -> Dict[str, str]:
+    """The ``memory_cfg`` overrides of the given options ('auto': the memory's own)."""
+    return {key: value for key, value in (('matmul_dtype', matmul_dtype),
+                                          ('kernels', kernels)) if value != 'auto'}
+
+
+# ------------------------------------------------------ Inductor's count
+class InductorByteCounter:
+    """Inside the context, ``torch.compile`` compiles afresh (Dynamo reset,
+    no cached graphs: a cached graph is not lowered again, so not counted);
+    on exit ``total_bytes`` holds the bytes its kernels move per call of
+    each compiled graph. Exiting with nothing counted is an error: either
+    nothing compiled, or this torch's Inductor no longer counts."""
+
+    def __init__(self):
+        self.total_bytes = 0
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> 'InductorByteCounter':
+        import torch._functorch.config as functorch_config
+        from torch._inductor import compile_fx
+        from torch._inductor import config as inductor_config
+        from torch._inductor import metrics
+        self._metrics = metrics
+        self._stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+        self._stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+        # Inductor counts a graph's bytes only while this log is on; with no
+        # handler and no propagation its INFO records go nowhere
+        log = compile_fx.inductor_metrics_log
+        self._stack.callback(log.setLevel, log.level)
+        log.setLevel(logging.INFO)
+        torch._dynamo.reset()
+        metrics.reset()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.total_bytes = int(self._metrics.num_bytes_accessed)
+        self._stack.close()
+        torch._dynamo.reset()
+        if kind is None and self.total_bytes <= 0:
+            raise RuntimeError(
+                'Inductor counted no bytes: nothing was compiled inside the context, or '
+                f'torch {torch.__version__} no longer reports torch._inductor.metrics.'
+                'num_bytes_accessed')
+
+
+# ----------------------------------------------------------------- the case
 def _print_table(title: str, rows: List[Tuple[str, str, List[int]]]) -> None:
     """A markdown table of GB per stage: rows of (operands, path, bytes per stage)."""
     stages = len(rows[0][2])

@@ -1,4 +1,4 @@
-"""The memory kernels' roofline costs (``kernels.costs``): FLOPs over the
+"""The memory kernels' roofline costs (``benchmarks.kernels.profile.kernel_costs``): FLOPs over the
 rows each launch serves, each tensor's bytes once per kernel, whatever the
 tiles; launches recorded on meta tensors (the GPU code path's arguments,
 nothing runs) or observed around a real call."""
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
-from convneur_mm.models.layers.memory_ops.kernels import costs, launch
+from benchmarks.kernels import profile as costs
+from convneur_mm.models.layers.memory_ops.kernels import launch
 
 D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial fourth
 PER_ROW = 2 * D * 4 * D  # one product's FLOPs per row

@@ -1,5 +1,6 @@
 """The kernels' tuning search: which candidates it refuses, which it keeps,
 and a dry run of the whole search in Triton's interpreter."""
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from benchmarks.kernels.tune import Trial, agrees, best_trial, tune_kernel
 from convneur_mm.models.layers.memory_ops.kernels import launch
 
 from tests.paths import REPO
+from tests.test_analysis.test_timing import _fake_clock
 
 START = dict(BM=32, BH=32, num_warps=4, num_stages=2)
 
@@ -286,3 +288,18 @@ def test_the_split_is_tried_only_where_a_width_has_two_column_blocks():
     # 128 columns: one block, whatever the split
     tiles = launch.tile_config('read', 128, 196, None, None, torch.bfloat16, arch=90)
     assert kernel_tuning.with_split_axis(axes, dict(START), tiles, 128) == (axes, START)
+
+
+def test_time_kernel_is_the_median_after_a_warm_up_off_cuda_and_do_bench_on_it(monkeypatch):
+    clock = _fake_clock(monkeypatch, [3.0, 1.0, 2.0])
+    calls = []
+    assert kernel_tuning.time_kernel(lambda: calls.append(1), 'cpu', repeats=3) == 2.0
+    assert len(calls) == 4 and not clock
+    import triton.testing
+    asked = []
+    monkeypatch.setattr(triton.testing, 'do_bench',
+                        lambda fn, **kw: asked.append((fn, kw)) or 1.5)  # milliseconds
+    monkeypatch.setattr(torch.cuda, 'device', lambda device: contextlib.nullcontext())
+    work = object()
+    assert kernel_tuning.time_kernel(work, 'cuda:1') == pytest.approx(1.5e-3)
+    assert asked == [(work, dict(warmup=25, rep=100, return_mode='median'))]

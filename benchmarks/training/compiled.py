@@ -1,4 +1,6 @@
-"""Eager against ``torch.compile`` (what ``--compile`` compiles), in one run.
+"""Eager against ``torch.compile`` (what ``--compile`` compiles), in one run
+(the ``compile`` case), and the exported models' batch-1 latency in ONNX
+Runtime beside both (the ``onnx`` case).
 
 Workloads:
 
@@ -18,16 +20,35 @@ the same submodules ``convneur_mm.engine.compile`` compiles for ``--compile``
 is given. ``amp`` runs both under bf16 (CPU) / fp16 (CUDA) autocast.
 ``profile_rows`` (not None) also profiles one eager and one compiled call
 (``op_profile.profile_call``): where the time goes, by category.
+
+**ONNX.** Each model (M1-M4 ImageNet classifiers at 224x224, M2 Semantic FPN at
+512x512, batch 1, random init) is exported as ``tools/deployment/
+pytorch2onnx.py`` exports it (static shape, normalization inside), then the
+same ``DeployableModel`` is timed in PyTorch eager, under ``torch.compile``
+(static shapes; the compile time is the warm-up, reported) and in ONNX Runtime
+on the CPU with as many intra-op threads as torch uses, twice: as ONNX
+Runtime runs by default, its threads spinning for work after a run, and
+with ``spinning=False`` (``convneur_mm.deployment.ort_session``). The
+variants take turns after a warm-up, the spinning session last in each round
+and each round after a rest (spinning threads slow the next PyTorch call);
+medians, with the largest absolute difference of ONNX Runtime's and the
+compiled model's outputs from eager on the timed input.
 """
+import os.path as osp
+import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-from convneur_mm.analysis.timing import median, time_call, time_in_turns
+from benchmarks.common.subjects import convneur_backbone
+from convneur_mm.analysis.memory_fit import outputs_loss
 from convneur_mm.analysis.op_profile import profile_call
-from convneur_mm.analysis.profiling import outputs_loss
+from convneur_mm.analysis.timing import median, time_call, time_in_turns
+from convneur_mm.apis.launch import load_config
+from convneur_mm.apis.toolbox import build_model
+from convneur_mm.deployment import DeployableModel, export_onnx, onnx_outputs, ort_session
 from convneur_mm.engine.compile import (compilable_parts, compile_forward, graphs_compiled,
                                         part_modules)
 from convneur_mm.utils.tables import markdown_table
@@ -76,11 +97,9 @@ def inference_workload(name: str, device: str, batch: int, size: int = 224) -> W
 def train_workload(device: str, arch: str = 'm3', batch: int = 2, size: int = 512) -> Workload:
     """The dense-prediction configs' backbone: forward + backward."""
     from convneur_mm.apis.toolbox import quiet_init
-    from convneur_mm.models import ConvNeur
-    torch.manual_seed(0)
-    backbone = ConvNeur(arch, memory_cfg=dict(chunk_size=1024, max_lr=0.2),
-                        drop_path_rate=0.1, out_indices=(0, 1, 2, 3),
-                        gap_before_final_norm=False)
+    backbone = convneur_backbone(arch, memory_cfg=dict(chunk_size=1024, max_lr=0.2),
+                                 drop_path_rate=0.1, out_indices=(0, 1, 2, 3),
+                                 gap_before_final_norm=False)
     with quiet_init():
         backbone.init_weights()
     holder = nn.Module()  # compiled like a model's .backbone part
@@ -97,9 +116,6 @@ def train_workload(device: str, arch: str = 'm3', batch: int = 2, size: int = 51
 def detector_workload(device: str, size: Sequence[int] = (800, 1333)) -> Workload:
     """Cascade Mask R-CNN ConvNeur-M3: losses + backward of one image."""
     from mmdet.testing import demo_mm_inputs
-
-    from convneur_mm.apis.launch import load_config
-    from convneur_mm.apis.toolbox import build_model
     torch.manual_seed(0)
     model = build_model(load_config('cascade_rcnn_convneur_m3_1x_coco.py'), init=True)
     model = model.to(device).train()
@@ -209,3 +225,72 @@ def breakdown_table(name: str, eager: Dict[str, float], compiled: Dict[str, floa
                  f'{total["compiled"]:.3f} s', f'{total["compiled"] - total["eager"]:+.3f} s'))
     return markdown_table((f'{name}: where the time goes', 'eager', 'compiled',
                            'compiled - eager'), rows)
+
+
+# ------------------------------------------------------------------ ONNX
+# ONNX Runtime's intra-op threads spin for tens of milliseconds after a run and
+# slow the next call of any variant: each round starts after this rest.
+SPIN_SETTLE_S = 0.5
+
+ONNX_MODELS = {'m1': ('cls_convneur_m1_300e_in1k.py', 224),
+          'm2': ('cls_convneur_m2_300e_in1k.py', 224),
+          'm3': ('cls_convneur_m3_300e_in1k.py', 224),
+          'm4': ('cls_convneur_m4_300e_in1k.py', 224),
+          'fpn-m2': ('fpn_convneur_m2_80k_ade20k.py', 512)}
+
+
+def measure_onnx(name: str, repeats: int, out_dir: str, size: Optional[int] = None,
+            backend: str = 'inductor') -> Dict:
+    """Export ``ONNX_MODELS[name]`` into ``out_dir`` and time its four variants.
+
+    Args:
+        name: a key of ``ONNX_MODELS``.
+        repeats: timed turns.
+        out_dir: where the ``.onnx`` file is written.
+        size: the input's side, instead of the model's own.
+        backend: ``torch.compile``'s backend for the compiled variant.
+
+    Returns:
+        ``export_s``, ``compile_s``, ``diffs`` (largest absolute difference
+        from eager), and each variant's median seconds.
+    """
+    config, own_size = ONNX_MODELS[name]
+    size = size or own_size
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    module = DeployableModel(build_model(cfg).eval(), 'model', cfg.default_scope).eval()
+    images = torch.rand(1, 3, size, size) * 255
+    path = osp.join(out_dir, f'{name}.onnx')
+    export_s = time_call(lambda: export_onnx(module, images, path,
+                                             output_names=module.output_names()))
+    threads = torch.get_num_threads()
+    session = ort_session(path, threads=threads)  # ONNX Runtime's default: spinning
+    quiet_session = ort_session(path, threads=threads, spinning=False)
+    compiled = torch.compile(module, dynamic=False, backend=backend)
+    # in this order each round, then SPIN_SETTLE_S of rest: the spinning
+    # session runs last, so that its idle threads slow no other variant
+    runs = {'eager': lambda: module(images), 'compiled': lambda: compiled(images),
+            'onnxruntime, no spinning': lambda: onnx_outputs(quiet_session, images),
+            'onnxruntime': lambda: onnx_outputs(session, images)}
+    with torch.no_grad():
+        want = module(images)
+        compile_s = time_call(runs['compiled'])
+        runs['onnxruntime']()
+        diffs = {'onnxruntime': (onnx_outputs(quiet_session, images)[0] - want).abs().max().item(),
+                 'compiled': (compiled(images) - want).abs().max().item()}
+        times = time_in_turns(runs, repeats, before_round=lambda: time.sleep(SPIN_SETTLE_S))
+    return dict(name=name, size=size, export_s=export_s, compile_s=compile_s,
+                diffs=diffs, **{k: median(v) for k, v in times.items()})
+
+
+def onnx_table(results: List[Dict]) -> str:
+    """Markdown: each model's medians in ms, eager / ORT, differences, set-up times."""
+    rows = [(r['name'], f'{r["size"]}x{r["size"]}', f'{1e3 * r["eager"]:.1f}',
+             f'{1e3 * r["compiled"]:.1f}', f'{1e3 * r["onnxruntime"]:.1f}',
+             f'{1e3 * r["onnxruntime, no spinning"]:.1f}',
+             f'{r["eager"] / r["onnxruntime"]:.2f}x',
+             f'{r["diffs"]["onnxruntime"]:.2g}, {r["diffs"]["compiled"]:.2g}',
+             f'{r["export_s"]:.0f}, {r["compile_s"]:.0f}') for r in results]
+    return markdown_table(('model', 'input', 'eager (ms)', 'compiled (ms)', 'ONNX Runtime (ms)',
+                           'ORT, no spinning (ms)', 'eager / ORT', 'max abs diff ORT, compiled',
+                           'export, compile (s)'), rows)

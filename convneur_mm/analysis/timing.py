@@ -1,5 +1,5 @@
 """One set-up, one description, one synchronization, one peak-memory reading,
-one call timer (and its kernel form), one region timer and one GEMM-rate
+one call timer, one region timer and one GEMM-rate
 probe of the device for every benchmark tool.
 
 Every function takes the device the benchmark runs on. On CUDA that matters:
@@ -248,23 +248,6 @@ def time_in_turns(fns: Dict[Hashable, Callable[[], object]], rounds: int, device
         for name, fn in fns.items():
             times[name].append(time_call(fn, device))
     return times
-
-
-def time_kernel(fn: Callable[[], object], device='cpu', repeats: int = 5) -> float:
-    """Median seconds of a call that launches a few kernels: on CUDA
-    ``triton.testing.do_bench`` (L2 flushed before each call, as many calls as
-    fit its 100 ms), elsewhere ``time_calls`` after one untimed call.
-
-    Args:
-        fn: the work to time, called without arguments.
-        device: see ``time_call``.
-        repeats: timed calls off CUDA.
-    """
-    if is_cuda(device):
-        from triton.testing import do_bench
-        with torch.cuda.device(torch.device(device)):
-            return do_bench(fn, warmup=25, rep=100, return_mode='median') / 1e3
-    return median(time_calls(fn, repeats, device, warmup=1))
 
 
 def median(values: List[float]) -> float:

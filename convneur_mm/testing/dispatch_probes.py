@@ -4,7 +4,7 @@
 follows the storages the ops create and records the most alive at once. Both
 run on any device, ``meta`` included (shapes without data: a training-sized
 batch in seconds). They need torch only, so that
-``benchmarks.memory.op_counts`` can load this file by path into a child
+``benchmarks.memory.bytes`` can load this file by path into a child
 that imports another checkout (``analyze_model.py --tasks ops --before``).
 """
 import weakref
@@ -35,7 +35,7 @@ class AtenOpCounter(TorchDispatchMode):
     each read or written once: the least memory traffic of an unfused op (an
     ``out=`` tensor is written, not read).
 
-    Used by the tests and ``benchmarks.memory.op_counts`` (``analyze_model.py
+    Used by the tests and ``benchmarks.memory.bytes`` (``analyze_model.py
     --tasks ops``) to compare one path of the memory against another by the
     kernels it launches."""
 
@@ -83,7 +83,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
     Used to check ``NeuralMemory.working_set_bytes`` and the write path's
     early frees against the tensors inference really holds, and by
-    ``benchmarks.memory.op_counts``."""
+    ``benchmarks.memory.bytes``."""
 
     def __init__(self, min_bytes: int = 0):
         super().__init__()

@@ -7,9 +7,7 @@ import pytest
 
 import convneur_mm
 from convneur_mm.analysis.isolated import run_isolated
-from benchmarks.memory.op_counts import OWN_MODULES, count_ops
 from . import checkout_probe
-from ..paths import REPO
 
 
 @pytest.fixture
@@ -54,9 +52,3 @@ def test_a_directory_without_the_package_and_a_failing_child_are_errors(checkout
         run_isolated(checkout_probe.module_file, dict(name='os'), str(tmp_path / 'nothing'))
     with pytest.raises(RuntimeError, match='fails on purpose'):
         run_isolated(checkout_probe.fail, {}, str(checkout))
-
-
-@pytest.mark.slow  # a whole op count in a child; the tests beside it check the isolation
-def test_counting_ops_against_this_tree_as_a_checkout_counts_the_same():
-    kwargs = dict(arch='m1', size=64, batch=2, device='meta')
-    assert run_isolated(count_ops, kwargs, REPO, OWN_MODULES) == count_ops(**kwargs)

@@ -1,12 +1,27 @@
-"""Training memory: what checkpointing saves, and the ImageNet per-GPU batch
-estimate that sets the configs' per-GPU batch (its arithmetic, and one
-measurement at a small size)."""
+"""Training memory: the activation meter, what checkpointing saves, and the
+ImageNet per-GPU batch estimate that sets the configs' per-GPU batch (its
+arithmetic, and one measurement at a small size)."""
 import pytest
+import torch
+from torch import nn
 
 from convneur_mm.analysis import memory_fit as memory
+from convneur_mm.analysis.memory_fit import SavedTensorMeter
 from ..threads import one_thread
 
 MIB, GIB = 2**20, 2**30
+
+
+def test_meter_counts_unique_saved_storages_without_parameters():
+    linear = nn.Linear(256, 256, bias=False)
+    x = torch.randn(64, 256, requires_grad=True)
+    with SavedTensorMeter(exclude=linear.parameters(), scopes={'linear': linear}) as meter:
+        hidden = linear(x)  # saves x (and the weight: excluded)
+        out = (hidden.sin() * hidden[:, :1]).sum()  # saves hidden, once, and a view of it
+    assert meter.total_bytes == 2 * 64 * 256 * 4 + 64 * 256 * 4  # x, hidden, sin's product
+    assert meter.by_scope == {'linear': 64 * 256 * 4}
+    out.backward()
+    assert x.grad is not None  # the hooks pass tensors through unchanged
 
 
 def test_checkpointing_keeps_less_and_estimates_the_recomputed_block():

@@ -1,7 +1,6 @@
 """The benchmarks' device helpers: the GEMM-rate yardstick, and CUDA timing
 and memory readings on the device asked for (checked with a stub of
 torch.cuda, since no GPU is available to the test suite)."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -50,21 +49,6 @@ def test_time_calls_waits_for_the_device_and_times_only_after_the_warm_up(monkey
     assert bench_env.median([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError, match='repeats must be at least 1'):
         bench_env.time_calls(work, 0)
-
-
-def test_time_kernel_is_the_median_after_a_warm_up_off_cuda_and_do_bench_on_it(monkeypatch):
-    clock = _fake_clock(monkeypatch, [3.0, 1.0, 2.0])
-    calls = []
-    assert bench_env.time_kernel(lambda: calls.append(1), 'cpu', repeats=3) == 2.0
-    assert len(calls) == 4 and not clock
-    import triton.testing
-    asked = []
-    monkeypatch.setattr(triton.testing, 'do_bench',
-                        lambda fn, **kw: asked.append((fn, kw)) or 1.5)  # milliseconds
-    monkeypatch.setattr(torch.cuda, 'device', lambda device: contextlib.nullcontext())
-    work = object()
-    assert bench_env.time_kernel(work, 'cuda:1') == pytest.approx(1.5e-3)
-    assert asked == [(work, dict(warmup=25, rep=100, return_mode='median'))]
 
 
 def test_time_in_turns_alternates_the_functions_after_untimed_turns(monkeypatch):

@@ -140,7 +140,7 @@ def ops(args: argparse.Namespace) -> dict:
     import torch
 
     from convneur_mm.analysis.isolated import run_isolated
-    from benchmarks.memory.op_counts import (OWN_MODULES, count_ops, describe_part,
+    from benchmarks.memory.bytes import (OWN_MODULES, count_ops, describe_part,
                                                 format_op_counts, kernel_cuts, memory_cfg_of)
     kwargs = dict(arch=args.arch, stage=args.stage, size=_option(args, 'size', 'ops'),
                   batch=_option(args, 'batch', 'ops'), device=_option(args, 'device', 'ops'),

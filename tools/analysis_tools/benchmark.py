@@ -125,7 +125,7 @@ def compile_(args: argparse.Namespace) -> Dict:
 
 
 def onnx_arguments(p: argparse.ArgumentParser) -> None:
-    from benchmarks.training.onnx_latency import MODELS
+    from benchmarks.training.compiled import ONNX_MODELS as MODELS
     _dry_run(p)
     p.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     p.add_argument('--repeats', type=positive_int, default=5)
@@ -134,7 +134,7 @@ def onnx_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def onnx(args: argparse.Namespace) -> Dict:
-    from benchmarks.training import onnx_latency as lib
+    from benchmarks.training import compiled as lib
     from convneur_mm.analysis.timing import setup_benchmark_device
     device = setup_benchmark_device('cpu')
     models, size = (['m1'], 64) if args.dry_run else (args.models, None)
@@ -145,10 +145,10 @@ def onnx(args: argparse.Namespace) -> Dict:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            results.append(lib.measure(name, repeats, args.out_dir or tmp, size,
+            results.append(lib.measure_onnx(name, repeats, args.out_dir or tmp, size,
                                        'eager' if args.dry_run else 'inductor'))
             _log(f'measured {name}')
-    print(lib.table(results))
+    print(lib.onnx_table(results))
     return dict(device=device, results=results)
 
 
@@ -209,6 +209,7 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def memory(args: argparse.Namespace) -> Dict:
+    from benchmarks.common.record import Record
     from benchmarks.memory import paths as memory_cost, suite as memory_suite
     from convneur_mm.analysis.timing import setup_benchmark_device
     dry, out = args.dry_run, {}
@@ -234,7 +235,7 @@ def memory(args: argparse.Namespace) -> Dict:
     if gpu:
         if not dry and not torch.cuda.is_available():
             raise SystemExit(f'the sections {gpu} need CUDA; on a CPU add --dry-run')
-        code, out['suite'] = memory_suite.run(None, gpu, dry, args.batch, args.budget_s,
+        code, out["suite"] = memory_suite.run(Record(None, "memory"), gpu, dry, args.batch, args.budget_s,
                                               sys.argv[1:])
         out['exit_code'] = code
     return out

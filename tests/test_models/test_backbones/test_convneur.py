@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from convneur_mm.models import ConvNeur
-from convneur_mm.analysis.profiling import SavedTensorMeter
+from convneur_mm.analysis.memory_fit import SavedTensorMeter
 from ...devices import DEVICES
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)

@@ -1,6 +1,7 @@
 """The closed-form backward of the chunk gradients and the read: gradcheck in
 float64, agreement with autograd through the PyTorch ops in float64, float32
-and with bfloat16 operands, what they save, and the bytes of a training step.
+and with bfloat16 operands, and what they save (the bytes of a
+training step: benchmarks/tests/test_bytes.py).
 
 Second order is not supported (the outer training needs first order only):
 ``create_graph=True`` raises."""
@@ -10,10 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.memory.bytes import (TRITON, MemoryShape,
-                                               count_branch_step_bytes,
-                                               count_compiled_branch_step_bytes,
-                                               count_projection_bytes, count_step_bytes)
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_closed_form,
                                                   chunk_grads_torch, read_closed_form, read_torch)
 from convneur_mm.models.layers.memory_ops.common import gelu_second
@@ -299,46 +296,6 @@ def test_bad_inputs_get_clear_errors():
                                MemoryWeights(b1, b2, None), carry[:3])
     with pytest.raises(ValueError, match='x must be'):
         read_closed_form(MemoryWeights(r1, r2, rg), x[0])
-
-
-def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
-    # M3's stages 1 and 3 at a small batch: writes and reads, and a read alone
-    shapes = [MemoryShape(batch=2, tokens=56 * 56, chunk=196, heads=1, head_dim=128),
-              MemoryShape(batch=2, tokens=14 * 14, chunk=196, heads=1, head_dim=128)]
-    counts = count_step_bytes(shapes)
-    assert 0 < sum(counts['closed form']) < sum(counts['autograd'])
-    # the Triton operators' arguments and results: no (T, 4d) tensor among them
-    assert 0 < sum(counts[TRITON]) < sum(counts['closed form']) / 4
-    # 16-bit operands: the closed form casts each operand once, or writes it
-    # 16-bit in the kernel that computes it; within 2% of float32's bytes
-    float32 = sum(counts['closed form'])
-    counts = count_step_bytes(shapes, torch.bfloat16)
-    assert 0 < sum(counts['closed form']) < 0.9 * sum(counts['autograd'])  # 0.85 counted
-    assert sum(counts['closed form']) < 1.02 * float32
-    # the projections' step: the kernels save x only and write no (B, N, 4d + H) product
-    counts = count_projection_bytes(shapes, torch.bfloat16)
-    assert 0 < counts[TRITON][0] < counts['autograd'][0] / 8
-    # whole branches, every stage's: the closed form moves fewer in float32
-    steps = {backward: count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
-                                                                   backward=backward))
-             for backward in ('autograd', 'closed_form')}
-    assert len(steps['autograd']) == 4 and min(steps['autograd']) > 0
-    assert sum(steps['closed_form']) < sum(steps['autograd'])
-    # the kernels planned on meta tensors: their operators' fakes, autograd included
-    kernels = count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
-                                                          kernels='triton'))
-    assert 0 < sum(kernels) < sum(steps['autograd']) / 4
-
-
-@pytest.mark.slow
-def test_compiled_branches_move_fewer_bytes_than_eager_ones():
-    # Inductor's fused kernels, by its own count, each stage's branch compiled
-    for backward in ('autograd', 'closed_form'):
-        cfg = dict(matmul_dtype='float32', backward=backward)
-        compiled = count_compiled_branch_step_bytes('m1', 128, 2, cfg)
-        eager = count_branch_step_bytes('m1', 128, 2, cfg)
-        assert len(compiled) == 4 and min(compiled) > 0
-        assert sum(compiled) < 0.8 * sum(eager), backward
 
 
 @pytest.mark.parametrize('approximate', ['none', 'tanh'])

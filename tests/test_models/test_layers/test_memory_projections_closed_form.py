@@ -5,7 +5,6 @@ from typing import List, Optional
 import pytest
 import torch
 
-from benchmarks.memory.bytes import PATHS, MemoryShape, count_projection_bytes
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project,
                                                           project_closed_form, project_torch,
                                                           projection_shapes)
@@ -141,13 +140,3 @@ def test_bad_inputs_get_clear_errors():
         project_closed_form(x[0], ProjectionWeights(*w), 2, 4, 0.7)
     with pytest.raises(ValueError, match='need that many'):
         project_closed_form(x, ProjectionWeights(*w), 3, 4, 0.7)
-
-
-@pytest.mark.parametrize('operand_dtype', [None, torch.bfloat16])
-def test_a_training_step_moves_fewer_bytes(operand_dtype):
-    """M3's stage 1 at batch 2 (meta count): no zero-padded gradient per
-    slice of the product, no concatenation of them."""
-    shape = MemoryShape(batch=2, tokens=56 * 56, chunk=196, heads=1, head_dim=128)
-    counts = count_projection_bytes([shape], operand_dtype)
-    autograd, closed_form = (counts[path][0] for path in PATHS)
-    assert 0 < closed_form < 0.7 * autograd

@@ -1,0 +1,152 @@
+"""benchmarks/memory/bytes.py: the ATen ops, bytes and working set of a
+global branch or a backbone; the bytes of the memory's training step, autograd
+against the closed form and the Triton operators; and Inductor's own byte
+count of compiled code."""
+import pytest
+import torch
+
+from benchmarks.memory.bytes import (OWN_MODULES, PATHS, TRITON, InductorByteCounter,
+                                     MemoryShape, count_branch_step_bytes,
+                                     count_compiled_branch_step_bytes, count_ops,
+                                     count_projection_bytes, count_step_bytes, format_op_counts,
+                                     kernel_cuts)
+from convneur_mm.analysis.isolated import run_isolated
+from convneur_mm.testing.dispatch_probes import AtenOpCounter
+from tests.markdown import table_rows
+from tests.paths import REPO
+
+
+# ------------------------------------------------------------ op counts
+def test_meta_tensors_count_what_the_cpu_counts():
+    """``device='meta'`` (no data: a batch of 128 in seconds) dispatches the
+    same ops with the same shapes as the CPU."""
+    on_cpu, on_meta = (count_ops('m1', 0, 64, 2, device) for device in ('cpu', 'meta'))
+    assert on_meta == on_cpu
+    inference = on_meta['inference']
+    assert inference['bytes'] == sum(inference['bytes_by_op'].values()) > 0
+    assert set(inference['bytes_by_op']) <= set(inference['by_op'])
+
+
+def test_the_fused_kernels_allocations_on_meta_tensors():
+    """``kernels='triton'`` on meta: the wrappers allocate, nothing launches;
+    the fused path holds less than the PyTorch path and has no autograd."""
+    cfg = dict(matmul_dtype='bfloat16')
+    fused = count_ops('m1', 0, 64, 2, 'meta', dict(cfg, kernels='triton'))
+    eager = count_ops('m1', 0, 64, 2, 'meta', dict(cfg, kernels='torch'))
+    assert set(fused) == {'inference'}
+    assert 0 < fused['inference']['peak_live_bytes'] < eager['inference']['peak_live_bytes']
+    assert fused['inference']['kernels'] < eager['inference']['kernels']
+
+
+def test_the_backbone_with_and_without_global_branches():
+    backbone, local = (count_ops('m1', 0, 64, 2, 'meta', part=part)['inference']
+                       for part in ('backbone', 'local-only'))
+    branch = count_ops('m1', 0, 64, 2, 'meta')['inference']
+    assert local['peak_live_bytes'] < backbone['peak_live_bytes']
+    assert local['kernels'] + branch['kernels'] < backbone['kernels']
+
+
+def test_bad_part_or_device_is_an_error():
+    with pytest.raises(ValueError, match='part must be one of'):
+        count_ops('m1', part='stem')
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'meta'"):
+        count_ops('m1', device='cuda')
+
+
+def test_report_and_kernel_cuts():
+    new = count_ops('m1', 0, 64, 2, 'meta')
+    old = {mode: dict(c, kernels=2 * c['kernels']) for mode, c in new.items()}
+    assert kernel_cuts(old, new) == {'inference': 0.5, 'autograd': 0.5}
+    rows = table_rows(format_op_counts({'before': old, 'this tree': new}, top=3))
+    assert [r[0] for r in rows[1:3]] == ['before', 'this tree']
+    assert rows[1][1] == str(old['inference']['kernels'])
+    ops = rows[4:]  # after the second table's header
+    assert len(ops) == 3 and ops[0][0] == next(iter(new['inference']['bytes_by_op']))
+
+
+@pytest.mark.slow  # a whole op count in a child; test_isolated checks the isolation
+def test_counting_ops_against_this_tree_as_a_checkout_counts_the_same():
+    kwargs = dict(arch='m1', size=64, batch=2, device='meta')
+    assert run_isolated(count_ops, kwargs, REPO, OWN_MODULES) == count_ops(**kwargs)
+
+
+# ------------------------------------------------- a training step's bytes
+def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
+    # M3's stages 1 and 3 at a small batch: writes and reads, and a read alone
+    shapes = [MemoryShape(batch=2, tokens=56 * 56, chunk=196, heads=1, head_dim=128),
+              MemoryShape(batch=2, tokens=14 * 14, chunk=196, heads=1, head_dim=128)]
+    counts = count_step_bytes(shapes)
+    assert 0 < sum(counts['closed form']) < sum(counts['autograd'])
+    # the Triton operators' arguments and results: no (T, 4d) tensor among them
+    assert 0 < sum(counts[TRITON]) < sum(counts['closed form']) / 4
+    # 16-bit operands: the closed form casts each operand once, or writes it
+    # 16-bit in the kernel that computes it; within 2% of float32's bytes
+    float32 = sum(counts['closed form'])
+    counts = count_step_bytes(shapes, torch.bfloat16)
+    assert 0 < sum(counts['closed form']) < 0.9 * sum(counts['autograd'])  # 0.85 counted
+    assert sum(counts['closed form']) < 1.02 * float32
+    # the projections' step: the kernels save x only and write no (B, N, 4d + H) product
+    counts = count_projection_bytes(shapes, torch.bfloat16)
+    assert 0 < counts[TRITON][0] < counts['autograd'][0] / 8
+    # whole branches, every stage's: the closed form moves fewer in float32
+    steps = {backward: count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
+                                                                   backward=backward))
+             for backward in ('autograd', 'closed_form')}
+    assert len(steps['autograd']) == 4 and min(steps['autograd']) > 0
+    assert sum(steps['closed_form']) < sum(steps['autograd'])
+    # the kernels planned on meta tensors: their operators' fakes, autograd included
+    kernels = count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
+                                                          kernels='triton'))
+    assert 0 < sum(kernels) < sum(steps['autograd']) / 4
+
+
+@pytest.mark.slow
+def test_compiled_branches_move_fewer_bytes_than_eager_ones():
+    # Inductor's fused kernels, by its own count, each stage's branch compiled
+    for backward in ('autograd', 'closed_form'):
+        cfg = dict(matmul_dtype='float32', backward=backward)
+        compiled = count_compiled_branch_step_bytes('m1', 128, 2, cfg)
+        eager = count_branch_step_bytes('m1', 128, 2, cfg)
+        assert len(compiled) == 4 and min(compiled) > 0
+        assert sum(compiled) < 0.8 * sum(eager), backward
+
+
+@pytest.mark.parametrize('operand_dtype', [None, torch.bfloat16])
+def test_a_training_step_moves_fewer_bytes(operand_dtype):
+    """M3's stage 1 at batch 2 (meta count): no zero-padded gradient per
+    slice of the product, no concatenation of them."""
+    shape = MemoryShape(batch=2, tokens=56 * 56, chunk=196, heads=1, head_dim=128)
+    counts = count_projection_bytes([shape], operand_dtype)
+    autograd, closed_form = (counts[path][0] for path in PATHS)
+    assert 0 < closed_form < 0.7 * autograd
+
+
+# ------------------------------------------------------ Inductor's count
+def _chain(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2.0 + 1.0).relu()
+
+
+def test_a_fused_chain_reads_its_input_and_writes_its_output_once():
+    x = torch.randn(4096)
+    with AtenOpCounter() as eager:
+        _chain(x)
+    assert eager.total_bytes == 3 * 2 * x.nbytes  # three kernels, each reads and writes
+    for _ in range(2):  # the second compile is counted too (no cached graph)
+        with InductorByteCounter() as counter:
+            torch.compile(_chain)(x)
+        assert counter.total_bytes == 2 * x.nbytes
+
+
+def test_a_training_step_counts_the_backward_graph_too():
+    x = torch.randn(4096, requires_grad=True)
+    with InductorByteCounter() as forward:
+        torch.compile(torch.sin)(x.detach())
+    with InductorByteCounter() as step:
+        torch.compile(torch.sin)(x).sum().backward()
+    assert step.total_bytes > forward.total_bytes
+
+
+def test_nothing_compiled_is_an_error_not_zero_bytes():
+    with pytest.raises(RuntimeError, match='counted no bytes'):
+        with InductorByteCounter():
+            _chain(torch.randn(8))
