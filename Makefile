@@ -16,17 +16,17 @@ setup:
 # The test command of README.md and .ci/run: all but the tests marked `slow`
 # (pytest.ini's addopts deselects them), in TEST_WORKERS processes.
 test: setup
-	$(PY) -m pytest tests projects -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest tests projects benchmarks -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Only the tests marked `slow`: probe trainings, soaks, compiled variants.
 test-slow: setup
-	$(PY) -m pytest -m slow tests projects $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow tests projects benchmarks $(PYTEST_ARGS)
 
 # Only the tests marked `gpu`, all in this one process with the GPUs visible
 # (no child pytest per test: that cost about 20 s of imports each on an H100);
 # skipped, with the reason, without enough GPUs.
 test-gpu: setup
-	CONVNEUR_TEST_GPU_CHILD=1 $(PY) -m pytest -m gpu tests projects $(PYTEST_ARGS)
+	CONVNEUR_TEST_GPU_CHILD=1 $(PY) -m pytest -m gpu tests projects benchmarks $(PYTEST_ARGS)
 
 # The main job on the embedded default: tiny COCO / ADE20K / ImageNet sets.
 demo: setup

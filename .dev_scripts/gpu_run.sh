@@ -11,12 +11,12 @@
 # A failure there ends the run at once with exit status 3, before any section.
 #
 # Sections (default: the first four, in this order), with their estimated seconds:
-#   profile  the memory's kernels under torch.profiler: gpu_memory_bench.py
-#            --sections profile -> profile.json
-#   bench    the neural memory's figures: gpu_memory_bench.py -> bench.json
+#   profile  the memory's kernels under torch.profiler: python -m benchmarks.run
+#            memory --sections profile -> profile.json
+#   bench    the neural memory's figures: python -m benchmarks.run memory -> bench.json
 #            (its options: BENCH_ARGS, e.g. "--sections branch compiled")
 #   train    training iterations of the real configs beside their peers, and
-#            evaluation: tools/analysis_tools/benchmark.py --task train -> train.json
+#            evaluation: python -m benchmarks.run train -> train.json
 #            (its options: TRAIN_ARGS, default "--amp --eval")
 #   tests    the GPU tests of `make test-gpu` still to confirm: the backbone's
 #            graph-break check under CUDA bf16 autocast, and with mmcv's CUDA
@@ -28,10 +28,10 @@
 #            (pytest -m gpu -k KERNELS_K) -> kernels.xml
 #   tune     (only when named) the kernels' launch options chosen by timing at
 #            M3's stage 1, bf16, beside the PyTorch path:
-#            python -m benchmarks.kernels.tune (options: TUNE_ARGS) -> tune.json
+#            python -m benchmarks.run tune (options: TUNE_ARGS) -> tune.json
 #   precision (only when named) bf16 and fp16 against float32 training, M1 on
-#            the tiny ImageNet from three seeds, 300 iterations each: benchmark.py
-#            --task precision (options: PRECISION_ARGS) -> precision.json
+#            the tiny ImageNet from three seeds, 300 iterations each: python -m
+#            benchmarks.run precision (options: PRECISION_ARGS) -> precision.json
 #
 # One time limit, --limit-s (default 600), covers the whole run. Each section
 # runs under a timeout of what is left of it less the estimates of the
@@ -102,14 +102,14 @@ section_command() {  # NAME LIMIT: sets cmd
         bench)
             local extra
             read -ra extra <<< "${BENCH_ARGS:-}"
-            cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --budget-s "$budget"
-                 --out "$RESULTS/bench.json" "${extra[@]}") ;;
-        profile) cmd=("$PYTHON" .dev_scripts/gpu_memory_bench.py --sections profile
-                      --budget-s "$budget" --out "$RESULTS/profile.json") ;;
+            cmd=("$PYTHON" -m benchmarks.run memory --budget-s "$budget"
+                 --json "$RESULTS/bench.json" "${extra[@]}") ;;
+        profile) cmd=("$PYTHON" -m benchmarks.run memory --sections profile
+                      --budget-s "$budget" --json "$RESULTS/profile.json") ;;
         train)
             local extra
             read -ra extra <<< "${TRAIN_ARGS:---amp --eval}"
-            cmd=("$PYTHON" tools/analysis_tools/benchmark.py --task train --device cuda
+            cmd=("$PYTHON" -m benchmarks.run train --device cuda
                  "${extra[@]}" --json "$RESULTS/train.json") ;;
         tests)
             # the fp16 detector step and RoIAlign need mmcv's CUDA ops
@@ -126,13 +126,13 @@ section_command() {  # NAME LIMIT: sets cmd
             # it stops trying candidates at its --limit-s, then times the calls once more
             local extra
             read -ra extra <<< "${TUNE_ARGS:-}"
-            cmd=("$PYTHON" -m benchmarks.kernels.tune
+            cmd=("$PYTHON" -m benchmarks.run tune
                  --limit-s $(($2 > 60 ? $2 - 45 : $2 / 2)) "${extra[@]}"
                  --json "$RESULTS/tune.json") ;;
         precision)
             local extra
             read -ra extra <<< "${PRECISION_ARGS:---precisions float32 bfloat16 float16}"
-            cmd=("$PYTHON" tools/analysis_tools/benchmark.py --task precision
+            cmd=("$PYTHON" -m benchmarks.run precision
                  --work-dir "$RESULTS/precision_runs" "${extra[@]}"
                  --json "$RESULTS/precision.json") ;;
     esac

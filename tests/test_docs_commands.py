@@ -1,10 +1,11 @@
 """Every command the manual gives for our Python tools parses with that tool's
 own argparse parser, and no page names a tool that is gone.
 
-The manual: docs/**/*.md, README.md, tools/README.md and projects/**/README.md.
-A command is a ``tools/...py`` script (or a bare tool name such as
-``benchmark.py``) with its arguments, or ``mim run convneur_mm NAME ...``, in a
-fenced or indented code block or in inline code. Placeholders in capitals
+The manual: docs/**/*.md, README.md, tools/README.md, benchmarks/README.md and
+projects/**/README.md. A command is a ``tools/...py`` script (or a bare tool
+name such as ``benchmark.py``) with its arguments, ``mim run convneur_mm NAME
+...``, or the lab's ``python -m benchmarks.run CASE ...``, in a fenced or
+indented code block or in inline code. Placeholders in capitals
 (CONFIG, CKPT, WORK_DIR, PATH) stand for values: only option and task names
 must parse, so a placeholder skips an option's type and choices checks, except
 those of ``--task``.
@@ -24,11 +25,13 @@ import pytest
 from .paths import REPO, import_file
 
 PAGES = sorted({osp.relpath(p, REPO) for pattern in (
-    'docs/**/*.md', 'README.md', 'tools/README.md', 'projects/**/README.md')
+    'docs/**/*.md', 'README.md', 'tools/README.md', 'benchmarks/README.md',
+    'projects/**/README.md')
     for p in glob(osp.join(REPO, pattern), recursive=True)})
 TOOL_DIRS = ('tools', 'tools/analysis_tools', 'tools/model_converters', 'tools/deployment')
 TOOLS = {osp.basename(p): osp.relpath(p, REPO)
          for d in TOOL_DIRS for p in glob(osp.join(REPO, d, '*.py'))}
+LAB_RUNNER = 'benchmarks/run.py'  # ``python -m benchmarks.run``
 # the analysis tools that benchmark.py and analyze_model.py replaced, and the
 # maintainers' scripts that went; a path under these prefixes is the library's
 # module or the script's new home, not the tool
@@ -97,6 +100,8 @@ def commands_in(snippet: str, page: str = '', whole: bool = True) -> List[Comman
             name = words[i + 2] if i + 2 < len(words) else ''
             return [Command(page, f'mim run convneur_mm {name}', _arguments(words[i + 3:]),
                             whole)]
+        if word == 'benchmarks.run' and words[i - 1:i] == ['-m']:
+            return [Command(page, LAB_RUNNER, _arguments(words[i + 1:]), whole)]
         is_tool = word.endswith('.py') and (word.startswith('tools/') or word in TOOLS)
         if is_tool and not word.startswith(('tools/demo/', 'tools/setup/')):
             return [Command(page, word, _arguments(words[i + 1:]), whole)]
@@ -203,6 +208,12 @@ def test_every_task_of_the_two_analysis_tools_has_a_command():
         assert shown == set(_tool(path).TASKS), name
 
 
+def test_every_case_of_the_lab_has_a_command():
+    shown = {parse(LAB_RUNNER, c.argv, c.whole).case for c in COMMANDS
+             if c.script == LAB_RUNNER and c.page == 'benchmarks/README.md'}
+    assert shown - {'CASE'} == set(_tool(LAB_RUNNER).CASES)
+
+
 def removed_names(text: str) -> List[str]:
     """The removed tools ``text`` names."""
     return [m.group(0) for m in REMOVED_PATTERN.finditer(text)
@@ -222,14 +233,16 @@ def test_the_collector_reads_every_form_of_command():
     page = ('```bash\npython tools/train.py CONFIG \\\n  --amp  # comment\n```\n'
             'Then `analyze_model.py --tasks\nops` or `benchmark.py`, and\n\n'
             '    CONVNEUR_X=0 python tools/analysis_tools/benchmark.py --task speed | tee log\n\n'
-            '```\npython -m mim run convneur_mm analyze_model --tasks flops [--shape 224]\n```\n')
+            '```\npython -m mim run convneur_mm analyze_model --tasks flops [--shape 224]\n```\n'
+            'and `python -m benchmarks.run ops --device meta`.\n')
     found = [c for s, whole in code_snippets(page) for c in commands_in(s, '', whole)]
     assert [(c.script, c.argv) for c in found] == [
         ('tools/train.py', ['CONFIG', '--amp']),
         ('mim run convneur_mm analyze_model', ['--tasks', 'flops', '--shape', '224']),
         ('tools/analysis_tools/benchmark.py', ['--task', 'speed']),
-        ('analyze_model.py', ['--tasks', 'ops']), ('benchmark.py', [])]
-    assert [c.whole for c in found] == [True, True, True, False, False]
+        ('analyze_model.py', ['--tasks', 'ops']), ('benchmark.py', []),
+        ('benchmarks/run.py', ['ops', '--device', 'meta'])]
+    assert [c.whole for c in found] == [True, True, True, False, False, False]
     assert script_path(found[1]) == 'tools/analysis_tools/analyze_model.py'
 
 

@@ -12,8 +12,10 @@
 * ``tools/setup`` (the installer) imports nothing from ``convneur_mm``, and at
   module level only the standard library and its own files: it runs before
   the package and the stack are installed;
-* nothing in ``convneur_mm/``, ``tools/`` or a project's code imports
-  ``tests`` (a wheel does not carry it);
+* nothing in ``convneur_mm/``, ``tools/``, ``benchmarks/`` or a project's
+  code imports ``tests`` (a wheel does not carry it);
+* nothing in ``convneur_mm/`` or ``tools/`` imports ``benchmarks`` (the lab
+  measures the package from a checkout; the wheel does not carry it);
 * no tool puts the repository root on ``sys.path``: tools import the
   installed package.
 
@@ -50,7 +52,8 @@ LAYERS = [
 ]
 LAYER = {folder: (folder, allowed, why) for folder, allowed, why in LAYERS}
 INSTALLER = 'tools/setup'
-NO_TESTS_IMPORT = ('convneur_mm', 'tools', '.dev_scripts', 'projects')
+NO_TESTS_IMPORT = ('convneur_mm', 'tools', '.dev_scripts', 'projects', 'benchmarks')
+NO_LAB_IMPORT = ('convneur_mm', 'tools')
 
 
 class Import(NamedTuple):
@@ -171,6 +174,15 @@ def find_tests_imports(root: Path, folders: Iterable[str]) -> List[str]:
             if _within(i.module, 'tests')]
 
 
+def find_lab_imports(root: Path, folders: Iterable[str]) -> List[str]:
+    """Imports of the ``benchmarks`` lab by files under ``folders``."""
+    return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- the package and its tools '
+            'import nothing from benchmarks/: the lab is not shipped'
+            for folder in folders if (root / folder).is_dir()
+            for path in python_files(root, folder) for i in imports_of(path, root)
+            if _within(i.module, 'benchmarks')]
+
+
 class Unresolved(Exception):
     """A path expression the checker cannot evaluate."""
 
@@ -282,6 +294,11 @@ def test_nothing_shipped_or_run_imports_tests():
     assert not found, '\n'.join(found)
 
 
+def test_neither_the_package_nor_its_tools_import_the_lab():
+    found = find_lab_imports(ROOT, NO_LAB_IMPORT)
+    assert not found, '\n'.join(found)
+
+
 def test_no_tool_puts_the_repository_root_on_sys_path():
     found = sys_path_root(ROOT, 'tools')
     assert not found, '\n'.join(line for lines in found.values() for line in lines)
@@ -328,6 +345,10 @@ def bad_tree(tmp_path) -> Path:
     _write(tmp_path, 'tools/good.py', 'import sys, os.path as osp\n'
            'sys.path.insert(0, osp.dirname(osp.abspath(__file__)))\n')
     _write(tmp_path, 'tools/sub/bad_import.py', 'from tests.paths import REPO\n')
+    _write(tmp_path, 'tools/sub/bad_lab.py', 'def f():\n    from benchmarks.common import record\n')
+    _write(tmp_path, 'benchmarks/run.py', 'from convneur_mm.analysis import timing\n')
+    _write(tmp_path, 'benchmarks/bad.py', 'import tests.threads\n')
+    _write(tmp_path, 'benchmarks/tests/test_good.py', 'from tests.paths import REPO\n')
     _write(tmp_path, 'tools/sub/bad_path.py',
            'import os.path as osp, sys\n'
            'ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))\n'
@@ -360,9 +381,12 @@ def test_checker_names_each_bad_import(bad_tree):
         == ['tools/setup/bad.py:1: imports torch at module level']
     assert [line.split(' -- ')[0] for line in installer_sys_path(bad_tree)] == [
         'tools/setup/bad.py:6: changes sys.path']
-    assert find_tests_imports(bad_tree, NO_TESTS_IMPORT) == [
-        'tools/sub/bad_import.py:1: from tests.paths import REPO -- the wheel does not '
-        'carry tests/; shared references live in convneur_mm.testing']
+    assert [line.split(' -- ')[0] for line in find_tests_imports(bad_tree, NO_TESTS_IMPORT)] \
+        == ['tools/sub/bad_import.py:1: from tests.paths import REPO',
+            'benchmarks/bad.py:1: import tests.threads']
+    assert find_lab_imports(bad_tree, NO_LAB_IMPORT) == [
+        'tools/sub/bad_lab.py:2: from benchmarks.common import record -- the package and its '
+        'tools import nothing from benchmarks/: the lab is not shipped']
 
 
 def test_checker_finds_the_repository_root_on_sys_path(bad_tree):

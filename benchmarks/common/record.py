@@ -3,7 +3,7 @@ the environment beside the figures, written as JSON.
 
 ``Record.write`` rewrites the whole file atomically, so a case that measures
 for minutes can write after each step (a run cut short keeps what it
-measured); ``check_writable`` fails at start, not after the measuring.
+measured); the runner checks the path at start (``utils.cli.writable_file``).
 """
 import importlib.util
 import json
@@ -15,25 +15,19 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from benchmarks.common.subjects import (backbone_memory_keys, describe_error,
-                                        supported_memory_keys)
+from benchmarks.common.subjects import backbone_memory_keys, describe_error, supported_memory_keys
 from convneur_mm.analysis.timing import setup_benchmark_device
+
+
+class UsageError(ValueError):
+    """A case's options that do not fit together or this machine: the runner
+    reports it as a usage error (exit 2) before anything is measured."""
 
 
 def device_line(device: str) -> str:
     """The device a case measures on, set up as every benchmark sets it up
     (``timing.setup_benchmark_device``: threads, malloc, TF32 off), in words."""
     return setup_benchmark_device(device)
-
-
-def check_writable(path: str) -> None:
-    """Fail at start, not after minutes of measuring, if ``path`` cannot be written."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    probe = path + '.probe'
-    with open(probe, 'w') as f:
-        f.write('{}')
-    os.remove(probe)
 
 
 def environment(device: str, description: str) -> Dict:

@@ -37,6 +37,7 @@ width). Each roofline counts the true columns, so M4's kernels (160 columns
 as 128 + 32, ``launch.column_blocks``, the projection's included) against
 M3's (128), each beside its roofline, say what M4's width costs.
 """
+import argparse
 import re
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -47,10 +48,12 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import flop_registry
 
+from benchmarks.common.record import Record
 from benchmarks.common.subjects import M3_SIZE, branch_inputs, convneur_backbone, stage_branches
 from convneur_mm.analysis.timing import is_cuda, synchronize
 from convneur_mm.models.layers.memory_ops.kernels.launch import Launch
 from convneur_mm.testing.dispatch_probes import AtenOpCounter, tensors_in
+from convneur_mm.utils.cli import positive_int
 from convneur_mm.utils.tables import markdown_table
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -596,31 +599,26 @@ def _bound(cost: OpCost, peak: DevicePeak) -> str:
     return 'bytes' if cost.bytes / peak.bandwidth >= cost.roofline_s(peak) else 'products'
 
 
-def main(argv: Optional[List[str]] = None) -> List[dict]:
-    """``--rooflines``: print ``kernel_rooflines`` as a table."""
-    import argparse
-    parser = argparse.ArgumentParser(
-        description='The memory kernels\' rooflines at a model\'s shapes (no GPU needed); the '
-        'profile itself runs in the GPU script (gpu_memory_bench.py --sections profile).')
-    parser.add_argument('--rooflines', action='store_true', required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``rooflines`` case's options (the profile itself is the ``memory``
+    case's ``profile`` section: it needs the GPU)."""
     parser.add_argument('--arch', default='m3', choices=('m1', 'm2', 'm3', 'm4'))
-    parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--size', type=int, default=M3_SIZE)
+    parser.add_argument('--batch', type=positive_int, default=128)
+    parser.add_argument('--size', type=positive_int, default=M3_SIZE)
     parser.add_argument('--peak', choices=[p.name for p in PEAKS], default=PEAKS[0].name)
     parser.add_argument('--training', action='store_true',
                         help='a training step\'s kernels (forward and backward)')
     parser.add_argument('--one-program', action='store_true',
                         help='the chunk gradients as one program per chunk, forward and backward')
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
+    """``kernel_rooflines`` printed as a table (no GPU needed; a dry run: batch 2)."""
     peak = next(p for p in PEAKS if p.name == args.peak)
-    rows = kernel_rooflines(args.batch, args.size, peak, args.training, args.one_program,
-                            args.arch)
+    rows = kernel_rooflines(2 if args.dry_run else args.batch, args.size, peak, args.training,
+                            args.one_program, args.arch)
     print(markdown_table(('stage', 'kernel', 'GB', 'GFLOP', f'roofline ms ({peak.name})', 'bound'),
                          [(r['stage'], r['kernel'], f'{r["gb"]:.3f}', f'{r["gflop"]:.1f}',
                            f'{r["roofline_ms"]:.3f}', r['bound']) for r in rows]))
     print(f'\nall kernels: {sum(r["roofline_ms"] for r in rows):.3f} ms at {peak.name}\'s peak')
-    return rows
-
-
-if __name__ == '__main__':
-    main()
+    return dict(peak=peak.name, rows=rows)

@@ -1,7 +1,7 @@
 """Choose the memory kernels' launch options by timing them on the GPU they
 run on, and say where they beat the PyTorch path.
 
-For one stage's shapes (``memory_bytes.backbone_shapes``) each kernel of
+For one stage's shapes (``bytes.backbone_shapes``) each kernel of
 ``launch.KERNEL_NAMES`` is tuned by coordinate descent from the options it
 launches with now: one option at a time (BM, BH, num_warps, num_stages and
 programs_per_sm, persistent programs) takes
@@ -23,9 +23,9 @@ where its chosen options compute what they compute and beat their time by
 a call that launches a kernel known to fault there (``kernels.CUDA_FAULTS``)
 is left out with its kernels (``faulting_calls``), and said so.
 
-    python -m benchmarks.kernels.tune [--arch m3] [--stage 0]
+    python -m benchmarks.run tune [--arch m3] [--stage 0]
         [--batch 128] [--operand-dtype bfloat16] [--json FILE] [--limit-s 300]
-    TRITON_INTERPRET=1 python -m benchmarks.kernels.tune --dry-run  # a CPU
+    TRITON_INTERPRET=1 python -m benchmarks.run tune --dry-run  # a CPU
 
 It prints each kernel's default and chosen options with their times, the
 chosen ones as ``kernels.tuned.TunedTile`` entries to record in
@@ -37,26 +37,24 @@ interpreter at tiny shapes over two values per axis: it checks the search,
 not the options (the interpreter ignores warps and stages).
 """
 import argparse
-import json
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from convneur_mm.analysis.timing import is_cuda, median, time_calls
-from benchmarks.kernels.profile import (device_peak, profile_kernels, total_cost,
-                                                 with_kernel_costs)
-from benchmarks.memory.bytes import (MemoryShape, backbone_shapes, flat_inputs,
-                                               write_read_inputs)
+from benchmarks.common.record import Record, UsageError
 from benchmarks.common.subjects import describe_error
+from benchmarks.kernels.profile import device_peak, profile_kernels, total_cost, with_kernel_costs
+from benchmarks.memory.bytes import MemoryShape, backbone_shapes, flat_inputs, write_read_inputs
+from convneur_mm.analysis.timing import is_cuda, median, time_calls
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
 from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, block_width,
                                                                  column_blocks, forced_tiles,
                                                                  forced_tiles_of, row_limit,
                                                                  target_arch, tile_config)
-from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES,
-                                                                MeasuredPath, TunedTile,
-                                                                dtype_name)
+from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES, MeasuredPath,
+                                                                TunedTile, dtype_name)
+from convneur_mm.utils.cli import positive_float, positive_int
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
         'num_stages': (1, 2, 3, 4), 'programs_per_sm': (0, 1, 2, 4)}
@@ -127,9 +125,8 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
     steps ('write step', 'read step') at ``shape``, through the Triton
     kernels and through the PyTorch path (the steps with the closed-form
     backward), on the same inputs."""
-    from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form,
-                                                      chunk_grads_triton, read_closed_form,
-                                                      read_triton)
+    from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form, chunk_grads_triton,
+                                                      read_closed_form, read_triton)
     write, read, cotangents = write_read_inputs(shape, device=device, seed=seed)
     if write is None:
         raise ValueError(f'{shape} writes no chunk: pick a stage with more tokens than a chunk')
@@ -505,50 +502,42 @@ def _triton_version() -> Optional[str]:
     return triton.__version__
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``tune`` case's options."""
     parser.add_argument('--arch', default='m3')
     parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to tune')
-    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--batch', type=positive_int, default=128)
     parser.add_argument('--operand-dtype', default='bfloat16', choices=sorted(OPERAND_DTYPES))
     parser.add_argument('--kernels', nargs='+', default=list(OP_OF), choices=list(OP_OF))
-    parser.add_argument('--rounds', type=int, default=2)
-    parser.add_argument('--limit-s', type=float, default=None,
+    parser.add_argument('--rounds', type=positive_int, default=2)
+    parser.add_argument('--limit-s', type=positive_float, default=None,
                         help='stop trying candidates after this many seconds')
-    parser.add_argument('--json', help='write the results here')
-    parser.add_argument('--dry-run', action='store_true',
-                        help='a CPU run in Triton\'s interpreter at tiny shapes, float16')
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
+    """``tune_stage`` with the parsed options, its JSON rewritten after each
+    kernel; a dry run is a CPU run in Triton's interpreter at tiny shapes,
+    float16 (started with ``TRITON_INTERPRET=1``)."""
     if args.dry_run:
         from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
         if not load_kernels()[2]:  # triton reads TRITON_INTERPRET once, when it is imported
-            parser.error('--dry-run runs the kernels in Triton\'s interpreter: start it with '
-                         'TRITON_INTERPRET=1 in the environment')
+            raise UsageError('a dry run of tune runs the kernels in Triton\'s interpreter: '
+                             'start it with TRITON_INTERPRET=1 in the environment')
         shape, dtype, device, axes, repeats = DRY_SHAPE, torch.float16, 'cpu', DRY_AXES, 1
     else:
         if not torch.cuda.is_available():
-            parser.error('tuning times the kernels on a CUDA GPU; --dry-run checks it on a CPU')
+            raise UsageError('tune times the kernels on a CUDA GPU; --dry-run checks it on a CPU')
         shapes = backbone_shapes(args.arch, batch=args.batch)
         if not 0 <= args.stage < len(shapes):
-            parser.error(f'--stage must be in [0, {len(shapes) - 1}]')
+            raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
         shape, dtype, device, axes, repeats = (
             shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda', AXES, 5)
     settings = {'shape': shape._asdict(), 'operand_dtype': dtype_name(dtype),
                 'device': (torch.cuda.get_device_name() if device == 'cuda'
                            else 'cpu (Triton interpreter)'),
                 'torch': torch.__version__, 'triton': _triton_version(), 'dry_run': args.dry_run}
-
-    def write(result: Dict) -> None:
-        if args.json:
-            with open(args.json, 'w') as f:
-                json.dump(dict(result, settings=settings), f, indent=1)
-
     result = tune_stage(shape, dtype, device, args.kernels, axes, args.rounds, args.limit_s,
-                        repeats, on_progress=write)
-    write(result)
+                        repeats, on_progress=lambda partial: record.write(
+                            dict(partial, settings=settings)))
     print(format_report(result))
     return dict(result, settings=settings)
-
-
-if __name__ == '__main__':
-    main()

@@ -58,7 +58,7 @@ the code in the context runs for real.
 import argparse
 import contextlib
 import logging
-from typing import Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -66,6 +66,10 @@ import torch
 # this tree (``OWN_MODULES``); the memory's ops are imported where they are used.
 from convneur_mm.analysis.timing import median, time_in_turns
 from convneur_mm.testing.dispatch_probes import AtenOpCounter, LiveTensorBytes
+from convneur_mm.utils.cli import positive_int
+
+if TYPE_CHECKING:  # not at run time: see OWN_MODULES
+    from benchmarks.common.record import Record
 
 PATHS = ('autograd', 'closed form')  # the PyTorch path's, counted and timed
 TRITON = 'Triton kernels (operators)'  # counted only: a CPU runs them in the interpreter
@@ -76,9 +80,9 @@ OWN_MODULES = ('convneur_mm.testing.dispatch_probes', 'convneur_mm.analysis.timi
 
 def _functions(path: str) -> Tuple[Callable, Callable]:
     """The chunk gradients' and the read's function of ``path``."""
-    from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form,
-                                                      chunk_grads_torch, chunk_grads_triton,
-                                                      read_closed_form, read_torch, read_triton)
+    from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form, chunk_grads_torch,
+                                                      chunk_grads_triton, read_closed_form,
+                                                      read_torch, read_triton)
     return {'autograd': (chunk_grads_torch, read_torch),
             'closed form': (chunk_grads_closed_form, read_closed_form),
             TRITON: (chunk_grads_triton, read_triton)}[path]
@@ -484,22 +488,28 @@ def _print_table(title: str, rows: List[Tuple[str, str, List[int]]]) -> None:
               f' | {sum(per_stage) / 1e9:.2f} |')
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bytes`` case's options."""
     parser.add_argument('--arch', default='m3')
-    parser.add_argument('--size', type=int, default=224)
-    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--size', type=positive_int, default=224)
+    parser.add_argument('--batch', type=positive_int, default=128)
     parser.add_argument('--time-batch', type=int, default=2,
                         help='batch of the CPU timing of stage 1 (0: no timing)')
     parser.add_argument('--step-batch', type=int, default=0,
                         help='batch of the CPU timing of whole training steps of the '
                         'backbone (0: none)')
-    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--rounds', type=positive_int, default=5)
     parser.add_argument('--compiled-batch', type=int, default=0,
                         help='batch of the compiled branches\' count, float32 (0: none; it '
                         'runs the steps: about 10 GB and a few minutes at 128)')
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace, record: 'Record') -> Dict[str, Dict[str, List[int]]]:
+    """The counts and timings asked for, printed as tables (a dry run: M1 at
+    batch 2 of 64x64, one timed round, nothing compiled)."""
+    if args.dry_run:
+        args.arch, args.size, args.batch, args.rounds = 'm1', 64, 2, 1
+        args.time_batch, args.step_batch, args.compiled_batch = min(args.time_batch, 1), 0, 0
     shapes = backbone_shapes(args.arch, args.size, args.batch)
     results = {}
     write_read, projections, branches = [], [], []
@@ -548,5 +558,42 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, List[int]]]:
     return results
 
 
-if __name__ == '__main__':
-    main()
+def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``ops`` case's options."""
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--stage', type=int, default=0)
+    parser.add_argument('--size', type=positive_int, default=224)
+    parser.add_argument('--batch', type=positive_int, default=1)
+    parser.add_argument('--device', choices=('cpu', 'meta'), default='cpu')
+    parser.add_argument('--matmul-dtype', choices=('auto', 'float32', 'bfloat16', 'float16'),
+                        default='auto', help='memory_cfg.matmul_dtype')
+    parser.add_argument('--kernels', choices=('auto', 'torch', 'triton'), default='auto',
+                        help="memory_cfg.kernels ('triton' on meta: launches left out)")
+    parser.add_argument('--part', choices=PARTS, default='branch')
+    parser.add_argument('--before', metavar='PATH', help='an older checkout to count too')
+    parser.add_argument('--top', type=positive_int, default=8, help='ops listed')
+
+
+def run_ops(args: argparse.Namespace, record: 'Record') -> Dict[str, dict]:
+    """``count_ops`` of this tree (and of ``--before``), printed as tables
+    with the kernels the tree cuts (a dry run: M1 at batch 1 of 64x64)."""
+    from convneur_mm.analysis.isolated import run_isolated
+    if args.dry_run:
+        args.arch, args.size, args.batch = 'm1', 64, 1
+    kwargs = dict(arch=args.arch, stage=args.stage, size=args.size, batch=args.batch,
+                  device=args.device, memory_cfg=memory_cfg_of(args.matmul_dtype, args.kernels),
+                  part=args.part)
+    counts = {}
+    if args.before:
+        counts[f'before ({args.before})'] = run_isolated(count_ops, kwargs, args.before,
+                                                            OWN_MODULES)
+    counts['this tree'] = count_ops(**kwargs)
+    print(f'ATen ops of {describe_part(args.part, args.stage)}, ConvNeur-{args.arch.upper()}, '
+          f'batch {args.batch} at {args.size}x{args.size}, eager, {args.device}, '
+          f'torch {torch.__version__}')
+    print(format_op_counts(counts, args.top))
+    if args.before:
+        cuts = kernel_cuts(counts[f'before ({args.before})'], counts['this tree'])
+        for mode, cut in cuts.items():
+            print(f'{mode}: {cut:.0%} fewer kernels')
+    return counts

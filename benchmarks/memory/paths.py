@@ -19,25 +19,32 @@ GEMM rate (one large product timed in the same run) the bound holds for any
 kernels.
 
 ``backbone_benchmark`` (float32, CPU): the peak resident-set growth of one
-inference forward (``bench_env.PeakMemoryGrowth``, after a warm-up pass) of
+inference forward (``timing.PeakMemoryGrowth``, after a warm-up pass) of
 the arch's local-only network, of the arch, and of the arch with
 ``memory_cfg.working_set_mib`` (image slices); then its throughput, against
 the package of an older checkout if given. Each measurement runs in a fresh
 process (``isolated.run_isolated``, with ``checkout`` for the older one), the
 codes taking turns round by round.
+
+The runner's cases: ``memory-paths`` and ``memory-backbone``.
 """
+import argparse
 import functools
+import sys
 import os.path as osp
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from convneur_mm.analysis.timing import (PeakMemoryGrowth, RegionTimer, median,
-                                            peak_gemm_rate, setup_benchmark_device,
-                                            synchronize, time_in_turns)
+from convneur_mm.analysis.timing import (PeakMemoryGrowth, RegionTimer, median, peak_gemm_rate,
+                                         setup_benchmark_device, synchronize, time_in_turns)
 from convneur_mm.analysis.isolated import run_isolated
+from convneur_mm.utils.cli import positive_int
+
+if TYPE_CHECKING:  # not at run time: a child of an older checkout loads this file alone
+    from benchmarks.common.record import Record
 
 OURS, REFERENCE = 'ours (closed form, scan)', 'autograd reference'
 
@@ -321,3 +328,58 @@ def backbone_report(r: Dict, device: str) -> str:
         lines.append(f'this tree / before: {medians[f"{arch}, before"] / medians[arch]:.3f}x '
                      'the throughput')
     return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- the cases
+def add_paths_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``memory-paths`` case's options."""
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--batch', type=positive_int, default=8)
+    parser.add_argument('--repeats', type=positive_int, default=7, help='timed turns')
+    parser.add_argument('--tokens', type=positive_int, default=56 * 56)
+    parser.add_argument('--dim', type=positive_int, default=128)
+    parser.add_argument('--chunk', type=positive_int, default=196)
+    parser.add_argument('--update', choices=['parallel', 'sequential'], default='parallel')
+    parser.add_argument('--compile', action='store_true', help='also under torch.compile')
+
+
+def run_paths(args: argparse.Namespace, record: 'Record') -> Dict:
+    """``paths_benchmark`` with the parsed options (a dry run: tiny sizes on
+    the CPU); prints ``paths_report``."""
+    device = 'cpu' if args.dry_run else args.device
+    description = setup_benchmark_device(device)
+    sizes = (dict(batch=2, tokens=64, dim=16, chunk=16, repeats=1, gemm_size=256)
+             if args.dry_run else dict(batch=args.batch, tokens=args.tokens, dim=args.dim,
+                                       chunk=args.chunk, repeats=args.repeats))
+    result = paths_benchmark(device, update=args.update, compile=args.compile, log=_log,
+                             **sizes)
+    print(paths_report(result, description))
+    return dict(result, device=description)
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``memory-backbone`` case's options."""
+    parser.add_argument('--arch', default='m3')
+    parser.add_argument('--batch', type=positive_int, default=8)
+    parser.add_argument('--size', type=positive_int, default=224)
+    parser.add_argument('--working-set-mib', type=positive_int, default=64)
+    parser.add_argument('--before', metavar='PATH', help='also an older checkout')
+    parser.add_argument('--rounds', type=positive_int, default=3)
+    parser.add_argument('--repeats', type=positive_int, default=7,
+                        help='forwards per timing process')
+
+
+def run_backbone(args: argparse.Namespace, record: 'Record') -> Dict:
+    """``backbone_benchmark`` (CPU) with the parsed options (a dry run: one
+    32x32 image, one round); prints ``backbone_report``."""
+    description = setup_benchmark_device('cpu')
+    sizes = (dict(batch=1, size=32, rounds=1, repeats=1) if args.dry_run else
+             dict(batch=args.batch, size=args.size, rounds=args.rounds, repeats=args.repeats))
+    result = backbone_benchmark(args.arch, working_set_mib=args.working_set_mib,
+                                before=args.before, **sizes)
+    print(backbone_report(result, description))
+    return dict(result, device=description)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ The sections, each a function of the suite that returns its JSON record:
 
 An item that fails records ``error: <reason>`` and the section goes on.
 """
+import argparse
 import copy
 import datetime
 import json
@@ -48,11 +49,11 @@ from benchmarks.common.subjects import (BRANCH_VARIANTS, LOCAL_ONLY, MAX_LRS, MO
                                         NEEDS_CUDA, NUMERICS_VARIANTS, TRAINING_MODE,
                                         backbone_memory_keys, branch_like, build_classifier,
                                         describe_error, free, gemm_shapes, global_branches,
-                                        hooked_inputs, logits_fn, median_ms, memory_like,
-                                        precision, relative_error, supported_memory_keys,
-                                        unsupported)
+                                        hooked_inputs, logits_fn, median_ms, memory_like, precision,
+                                        relative_error, supported_memory_keys, unsupported)
 from convneur_mm.analysis.timing import PeakMemoryGrowth, time_call, time_calls, time_in_turns
 from convneur_mm.engine.compile import compile_model, graphs_compiled
+from convneur_mm.utils.cli import non_negative_float, positive_int
 
 SCHEMA = 'convneur_mm.gpu_memory_bench/1'
 SECTIONS = ('gemm', 'branch', 'model', 'numerics', 'latency', 'compiled', 'profile')
@@ -811,3 +812,28 @@ def run(record: Record, sections: Sequence[str] = DEFAULT_SECTIONS, dry_run: boo
     for problem in problems:
         print(f'[memory] schema: {problem}', file=sys.stderr)
     return (1 if failed or problems else 0), ctx.result
+
+
+# ----------------------------------------------------------------- the case
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``memory`` case's options."""
+    parser.add_argument('--sections', nargs='+', choices=SECTIONS,
+                        default=list(DEFAULT_SECTIONS), help='default: all but profile')
+    parser.add_argument('--batch', type=positive_int,
+                        help='throughput batch (default 128; dry run 2)')
+    parser.add_argument('--budget-s', type=non_negative_float,
+                        help=f'seconds the whole run may take (default {DEFAULT_BUDGET_S:.0f}; '
+                        'a dry run: none)')
+
+
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
+    """``run`` with the parsed options, its JSON rewritten after every
+    section; exit code 2 without CUDA outside a dry run."""
+    if not args.dry_run and not torch.cuda.is_available():
+        print('memory: no CUDA device; on a CPU run it with --dry-run', file=sys.stderr)
+        return dict(exit_code=2)
+    code, result = run(record, args.sections, args.dry_run, args.batch, args.budget_s,
+                       record.argv)
+    if record.path:
+        print(f'[memory] wrote {record.path} in {result["elapsed_s"]:.0f} s')
+    return dict(result, exit_code=code)

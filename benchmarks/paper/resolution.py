@@ -9,14 +9,20 @@ would exceed a limit is skipped and reported with the prediction. The report
 gives the fitted exponent of time and of peak memory against pixel count and
 t(2048^2) / t(1024^2), and a figure.
 """
+import argparse
 import math
+import os
+import os.path as osp
+import sys
 import textwrap
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from convneur_mm.analysis.timing import PeakMemoryGrowth, setup_benchmark_device, time_calls
+from benchmarks.common.record import Record
 from convneur_mm.analysis.isolated import run_isolated
+from convneur_mm.analysis.timing import PeakMemoryGrowth, setup_benchmark_device, time_calls
+from convneur_mm.utils.cli import positive_float, positive_int, writable_dir
 
 M3 = dict(type='convneur_mm.ConvNeur', arch='m3', out_indices=(0, 1, 2, 3),
           gap_before_final_norm=False, memory_cfg=dict(chunk_size=4096, max_lr=1e-3))
@@ -192,3 +198,37 @@ def plot(results: List[Dict], path: str, device: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------- the case
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``resolution`` case's options."""
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--sizes', type=positive_int, nargs='+',
+                        default=[224, 512, 1024, 1536, 2048])
+    parser.add_argument('--max-forward-s', type=positive_float, default=120.0,
+                        help='skip sizes predicted to take longer per forward')
+    parser.add_argument('--max-memory-mb', type=positive_float, default=12000.0,
+                        help='skip sizes predicted to need more peak memory')
+    parser.add_argument('--iters', type=positive_int, default=2)
+    parser.add_argument('--out-dir', type=writable_dir, default='work_dirs/resolution_scaling',
+                        help='where the figure goes')
+
+
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
+    """``run_all`` with the parsed options, its table and figure (a dry run:
+    local-only at 32 and 64 pixels, one iteration)."""
+    device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
+    if args.dry_run:
+        args.models, args.sizes, args.iters = ['ConvNeur-M3 local-only'], [32, 64], 1
+    results = run_all(args.models, args.sizes, args.device, args.iters, args.max_forward_s,
+                      args.max_memory_mb, detection_size=not args.dry_run,
+                      log=lambda text: print(text, file=sys.stderr, flush=True))
+    summary = summarize(results)
+    print(f'Device: {device}\n\n{table(results, summary)}')
+    os.makedirs(args.out_dir, exist_ok=True)
+    figure = osp.join(args.out_dir, 'resolution_scaling.png')
+    plot(results, figure, device)
+    print(f'\nplot: {figure}')
+    return dict(device=device, results=results, summary=summary, figure=figure)

@@ -24,6 +24,7 @@ alone (``skip_speed``, then ``speed_only``).
 
 Accuracies on the tiny sets are a smoke test of learning, not ImageNet's.
 """
+import argparse
 import hashlib
 import json
 import math
@@ -37,8 +38,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.common.record import Record
+from convneur_mm.utils.cli import positive_float, positive_int
 from convneur_mm.utils.paths import tools_dir
 
 DEFAULT_RECIPE = 'ablations/recipes/imagenet_tiny_m3.py'
@@ -89,8 +92,9 @@ class AblationSettings:
 
 
 def _repo() -> str:
-    """Where tools/dist_train.sh is: the repository, or the package's .mim."""
-    return osp.dirname(tools_dir())
+    """The checkout the lab runs from: its ``python -c`` children import
+    ``benchmarks`` from there (the lab is not installed)."""
+    return osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def _free_port() -> int:
@@ -141,8 +145,7 @@ def measure_speed(config: str, shape: int, batch: int) -> dict:
     two runs of the table)."""
     import torch
 
-    from convneur_mm.analysis.timing import (PeakMemoryGrowth, setup_benchmark_device,
-                                                time_calls)
+    from convneur_mm.analysis.timing import PeakMemoryGrowth, setup_benchmark_device, time_calls
     from convneur_mm.apis.launch import load_config
     from convneur_mm.apis.toolbox import build_model
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -469,3 +472,49 @@ def run_ablation_table(settings: AblationSettings,
         print(f'incomplete rows: {incomplete}', file=sys.stderr)
         return dict(report, table=text), 1
     return dict(report, table=text), 0
+
+
+# ----------------------------------------------------------------- the case
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``table5`` case's options."""
+    parser.add_argument('rows', nargs='*', metavar='CONFIG',
+                        help='row configs (default: every config of configs/ablations/)')
+    parser.add_argument('--recipe', default=DEFAULT_RECIPE)
+    parser.add_argument('--data-root', help="dataset root (default: the recipe's)")
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--gpus', type=positive_int, default=1, help='training processes')
+    parser.add_argument('--row-minutes', type=positive_float, default=6.0)
+    parser.add_argument('--flops-shape', type=positive_int, default=224)
+    parser.add_argument('--speed-shape', type=positive_int, default=224)
+    parser.add_argument('--speed-batch', type=positive_int, default=16)
+    parser.add_argument('--work-dir', default='work_dirs/ablation_table')
+    parser.add_argument('--title', default='Table 5 rows', help='heading of the plot')
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument('--skip-speed', action='store_true', help='train only')
+    speed.add_argument('--speed-only', action='store_true', help='time the cached rows only')
+    parser.add_argument('--force', action='store_true', help='ignore cached results')
+
+
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
+    """``run_ablation_table`` with the parsed options; exit code 1 where a
+    row failed. A dry run trains and times nothing: each row's parameters
+    and MACs at ``--flops-shape``, the first row alone unless rows are given."""
+    from convneur_mm.analysis.ablations import ablation_configs
+    from convneur_mm.apis.launch import load_config
+    settings = AblationSettings(
+        rows=args.rows, recipe=args.recipe, data_root=args.data_root, seeds=args.seeds,
+        gpus=args.gpus, row_minutes=args.row_minutes, flops_shape=args.flops_shape,
+        speed_shape=args.speed_shape, speed_batch=args.speed_batch, work_dir=args.work_dir,
+        title=args.title, skip_speed=args.skip_speed, speed_only=args.speed_only,
+        force=args.force)
+    if args.dry_run:
+        recipe = load_config(settings.recipe)
+        rows = [Row(config, recipe, settings.data_root or '', osp.abspath(settings.work_dir))
+                for config in (args.rows or ablation_configs()[:1])]
+        costs = {row.name: measure_row(row, settings) for row in rows}
+        for name, cost in costs.items():
+            print(f'{name}: {cost["params"] / 1e6:.2f} M parameters, {cost["paper"] / 1e9:.2f} '
+                  f'GMACs at {settings.flops_shape}x{settings.flops_shape}')
+        return dict(rows=costs)
+    report, code = run_ablation_table(settings, lambda line: print(line, flush=True))
+    return dict(report, exit_code=code)

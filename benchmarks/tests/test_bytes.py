@@ -5,11 +5,10 @@ count of compiled code."""
 import pytest
 import torch
 
-from benchmarks.memory.bytes import (OWN_MODULES, PATHS, TRITON, InductorByteCounter,
-                                     MemoryShape, count_branch_step_bytes,
-                                     count_compiled_branch_step_bytes, count_ops,
-                                     count_projection_bytes, count_step_bytes, format_op_counts,
-                                     kernel_cuts)
+from benchmarks.memory.bytes import (OWN_MODULES, PATHS, TRITON, InductorByteCounter, MemoryShape,
+                                     count_branch_step_bytes, count_compiled_branch_step_bytes,
+                                     count_ops, count_projection_bytes, count_step_bytes,
+                                     format_op_counts, kernel_cuts)
 from convneur_mm.analysis.isolated import run_isolated
 from convneur_mm.testing.dispatch_probes import AtenOpCounter
 from tests.markdown import table_rows

@@ -1,17 +1,19 @@
 """16-bit against float32 training: the runs' configs, the agreement's
 arithmetic and its verdict, and a dry run of the tool (slow)."""
-import argparse
 import os
 import os.path as osp
 
 import pytest
 import torch
 
+from benchmarks import run
+from benchmarks.common.record import Record
 from benchmarks.training import precision as pt
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 
-from tests.paths import import_analysis_tool
 from tests.threads import one_thread
+
+NO_RECORD = Record(None, 'precision')  # nothing written
 
 
 def _run(precision, seed, losses, top1):
@@ -170,10 +172,8 @@ def test_a_run_of_one_epoch_or_an_unknown_precision_is_refused(tiny_root, tmp_pa
     (['--precisions', 'float32', 'int8'], 'precision must be one of'),
 ])
 def test_impossible_seeds_and_precisions_are_usage_errors(argv, says, capsys):
-    parser = argparse.ArgumentParser()
-    pt.add_arguments(parser)
     with pytest.raises(SystemExit) as info:
-        parser.parse_args(argv)
+        run.parse_args(['precision'] + argv)
     assert info.value.code == 2 and says in capsys.readouterr().err
 
 
@@ -196,10 +196,8 @@ def test_a_failed_run_is_recorded_and_the_others_still_train(tiny_root, tmp_path
         return dict(losses=[2.0, 1.0], top1=[50.0], top1_iters=[2], seconds=1.0)
 
     monkeypatch.setattr(pt, 'train_run', fake_train_run)
-    parser = argparse.ArgumentParser()
-    pt.add_arguments(parser)
-    result = pt.run_from_args(parser.parse_args(['--seeds', '0', '1', '--iters', '2',
-                                                 '--work-dir', str(tmp_path)]))
+    result = pt.run_from_args(run.parse_args(['precision', '--seeds', '0', '1', '--iters', '2',
+                                              '--work-dir', str(tmp_path)]), NO_RECORD)
     assert trained == ['float32_seed0', 'bfloat16_seed0', 'float32_seed1', 'bfloat16_seed1']
     assert result['runs'][1]['error'] == 'error: RuntimeError: overflow in a kernel'
     assert result['agreement'] is None and result['exit_code'] == 1
@@ -227,11 +225,10 @@ def test_disagreement_is_exit_code_1_outside_a_dry_run(monkeypatch, capsys):
                     agreement=pt.agreement(runs))
 
     monkeypatch.setattr(pt, 'run', fake_run)
-    parser = argparse.ArgumentParser()
-    pt.add_arguments(parser)
-    assert pt.run_from_args(parser.parse_args([]))['exit_code'] == 1
+    assert pt.run_from_args(run.parse_args(['precision']), NO_RECORD)['exit_code'] == 1
     assert 'does NOT agree' in capsys.readouterr().out
-    assert 'exit_code' not in pt.run_from_args(parser.parse_args(['--dry-run']))
+    assert 'exit_code' not in pt.run_from_args(run.parse_args(['precision', '--dry-run']),
+                                               NO_RECORD)
 
 
 @pytest.mark.gpu
@@ -249,8 +246,8 @@ def test_the_tool_trains_both_precisions_from_each_seed(tmp_path, capsys):
     """Four runs of two iterations of M1 on a generated handful of images."""
     out = tmp_path / 'precision.json'
     with one_thread():
-        result = import_analysis_tool('benchmark').main(
-            ['--task', 'precision', '--dry-run', '--seeds', '0', '1', '--work-dir',
+        result = run.main(
+            ['precision', '--dry-run', '--seeds', '0', '1', '--work-dir',
              str(tmp_path / 'runs'), '--json', str(out), '--figure', str(tmp_path / 'f.png')])
     assert [(r['precision'], r['seed']) for r in result['runs']] == [
         ('float32', 0), ('bfloat16', 0), ('float32', 1), ('bfloat16', 1)]

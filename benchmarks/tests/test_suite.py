@@ -1,41 +1,38 @@
-""".dev_scripts/gpu_memory_bench.py in its CPU dry run: the script a GPU host
-runs without edits, so its set-up, sections and JSON are checked here (its
-figures only mean something on the GPU). The sections are
-``benchmarks.memory.suite``'s; the script only calls it."""
+"""``python -m benchmarks.run memory`` in its CPU dry run: the case a GPU
+host runs without edits (.dev_scripts/gpu_run.sh's bench and profile
+sections), so its set-up, sections and JSON are checked here (its figures only
+mean something on the GPU)."""
 import json
 import os
-import os.path as osp
 import subprocess
 import sys
 
 import pytest
 
-from benchmarks.memory import suite as memory_suite
+from benchmarks import run
+from benchmarks.common.record import Record
 from benchmarks.common.subjects import BRANCH_VARIANTS, unsupported
-from tests.paths import REPO, import_file
+from benchmarks.memory import suite as memory_suite
+from tests.paths import REPO
 from tests.threads import one_thread
-
-SCRIPT = osp.join(REPO, '.dev_scripts', 'gpu_memory_bench.py')
-
-
-def _script():
-    return import_file('gpu_memory_bench', SCRIPT)
 
 
 def _run(*args, timeout=300):
     # one intra-op thread: on 2 shared cores OpenMP's spinning threads made
     # the dry run 3x slower (tests/threads.py)
-    return subprocess.run([sys.executable, SCRIPT, '--dry-run', *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO,
+    return subprocess.run([sys.executable, '-m', 'benchmarks.run', 'memory', '--dry-run',
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 @pytest.fixture(scope='module')
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp('bench') / 'bench.json'
-    done = _run('--out', str(out))
+    done = _run('--json', str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return json.loads(out.read_text()), done.stdout
+    record = json.loads(out.read_text())
+    assert record['case'] == 'memory' and record['argv'][:2] == ['memory', '--dry-run']
+    return record['result'], done.stdout
 
 
 def test_dry_run_writes_a_result_of_the_schema_with_no_failure(dry_run):
@@ -114,10 +111,10 @@ def test_dry_run_numerics_against_float64(dry_run):
 def test_budget_guard_records_what_it_skipped(tmp_path):
     out = tmp_path / 'bench.json'
     with one_thread():
-        code = _script().main(['--dry-run', '--out', str(out), '--budget-s', '0',
-                               '--sections', 'gemm', 'branch'])
-    assert code == 0
-    sections = json.loads(out.read_text())['sections']
+        result = run.main(['memory', '--dry-run', '--json', str(out), '--budget-s', '0',
+                           '--sections', 'gemm', 'branch'])
+    assert result['exit_code'] == 0
+    sections = json.loads(out.read_text())['result']['sections']
     assert sections['model']['status'] == 'skipped: not asked for (--sections)'
     rows = sections['branch']['rows']
     assert rows['float32']['status'].startswith('skipped: budget')
@@ -125,7 +122,7 @@ def test_budget_guard_records_what_it_skipped(tmp_path):
 
 
 def test_budget_estimates_an_item_by_the_last_of_its_kind():
-    suite = memory_suite.MemorySuite(None, dry_run=True, budget_s=1000.0)
+    suite = memory_suite.MemorySuite(Record(None, 'memory'), dry_run=True, budget_s=1000.0)
     assert suite.why_not('model') is None  # nothing measured yet
     suite.last_s['model'] = 5000.0
     assert suite.why_not('model').startswith('skipped: budget')
@@ -135,9 +132,18 @@ def test_budget_estimates_an_item_by_the_last_of_its_kind():
 def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('')
-    assert _script().main(['--dry-run', '--out', str(blocker / 'bench.json')]) == 2
-    assert 'cannot write' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        run.main(['memory', '--dry-run', '--json', str(blocker / 'bench.json')])
+    assert info.value.code == 2
+    assert 'argument --json' in capsys.readouterr().err
     assert not (blocker / 'bench.json').exists()
+
+
+def test_without_cuda_a_measuring_run_exits_2_with_the_way_to_check_it(capsys, monkeypatch):
+    monkeypatch.setattr(memory_suite.torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit) as info:
+        run.main(['memory'])
+    assert info.value.code == 2 and '--dry-run' in capsys.readouterr().err
 
 
 def test_schema_check_and_key_detection_catch_what_they_should():
@@ -162,7 +168,8 @@ def test_profile_section_runs_on_request_only(tmp_path):
     the Triton case says it needs CUDA."""
     assert 'profile' in memory_suite.SECTIONS
     assert 'profile' not in memory_suite.DEFAULT_SECTIONS
-    code, result = memory_suite.run(str(tmp_path / 'p.json'), ['profile'], dry_run=True)
+    code, result = memory_suite.run(Record(str(tmp_path / 'p.json'), 'memory'), ['profile'],
+                                    dry_run=True)
     rows = result['sections']['profile']['rows']
     assert all(rows[name]['status'] == 'skipped: needs CUDA'
                for name in ('triton', 'training_triton', 'triton_m4', 'triton_m4_one_block'))

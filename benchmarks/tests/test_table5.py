@@ -1,6 +1,6 @@
-"""``analyze_model.py --tasks ablation-table`` and
-convneur_mm/analysis/ablation_table.py: a row trained end to end under a
-shrunken recipe, its cache, time bound and exit codes, and the report."""
+"""``python -m benchmarks.run table5`` (benchmarks/paper/table5.py): a row
+trained end to end under a shrunken recipe, its cache, time bound and exit
+codes, and the report; its dry run."""
 import json
 import os
 import os.path as osp
@@ -12,9 +12,8 @@ import pytest
 from benchmarks.paper import table5 as ablation_table
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from tests.markdown import table_rows
-from tests.paths import ANALYSIS_TOOLS, REPO
+from tests.paths import REPO
 
-TOOL = osp.join(ANALYSIS_TOOLS, 'analyze_model.py')
 ROW = osp.join(REPO, 'configs', 'ablations', 'cls_convneur_m3_local_only_300e_in1k.py')
 
 
@@ -34,8 +33,9 @@ def tiny(tmp_path_factory):
 
 
 def _run(tiny, work_dir, *args):
-    cmd = [sys.executable, TOOL, '--tasks', 'ablation-table', ROW, '--recipe', str(tiny / 'recipe.py'), '--data-root',
-           str(tiny / 'data'), '--gpus', '1', '--work-dir', str(work_dir), *args]
+    cmd = [sys.executable, '-m', 'benchmarks.run', 'table5', ROW, '--recipe',
+           str(tiny / 'recipe.py'), '--data-root', str(tiny / 'data'), '--gpus', '1',
+           '--work-dir', str(work_dir), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=REPO))
 

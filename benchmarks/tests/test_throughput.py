@@ -1,18 +1,17 @@
 """The training-throughput benchmark: its configs, batches and a dry run (CPU)."""
-import argparse
 import json
 import math
 
 import pytest
 
+from benchmarks import run
+from benchmarks.common.record import Record
 from benchmarks.training import throughput as tt
 from convneur_mm.apis.launch import load_config
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
-    tt.add_arguments(parser)
-    return parser.parse_args(argv)
+    return run.parse_args(['train'] + argv)
 
 
 def test_peers_swap_the_backbone_and_the_widths_that_read_it():
@@ -83,7 +82,7 @@ def _check_rows(rows, names, key):
 
 def test_dry_run_trains_and_evaluates_every_peer_in_turns(capsys):
     args = _parse(['--dry-run', '--jobs', 'cls-m3', '--eval'])
-    result = tt.run_from_args(args)
+    result = tt.run_from_args(args, Record(None, 'train'))
     job = result['jobs']['cls-m3']
     names = ['ConvNeur-M3', 'ConvNeur-M3 local-only', 'ConvNeXt-V2-P', 'ResNet-50']
     assert not job['errors'] and job['batch'] == 1

@@ -221,7 +221,7 @@ def test_the_report_says_where_the_time_limit_or_an_error_ended_the_run():
 def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_it(capsys):
     env = dict(os.environ)
     env.pop('TRITON_INTERPRET', None)
-    done = subprocess.run([sys.executable, '-m', 'benchmarks.kernels.tune',
+    done = subprocess.run([sys.executable, '-m', 'benchmarks.run', 'tune',
                            '--dry-run'], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=120)
     assert done.returncode == 2 and 'TRITON_INTERPRET=1' in done.stderr
@@ -234,12 +234,14 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     start's results, and the four calls are timed through both paths."""
     out = tmp_path / 'tune.json'
     done = subprocess.run(
-        [sys.executable, '-m', 'benchmarks.kernels.tune', '--dry-run', '--kernels',
+        [sys.executable, '-m', 'benchmarks.run', 'tune', '--dry-run', '--kernels',
          'read', 'grads_backward_cols', 'grads_chunk', '--rounds', '1', '--json', str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=600,
         env=dict(os.environ, TRITON_INTERPRET='1'))
     assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    assert record['case'] == 'tune'
+    result = record['result']
     assert list(result['kernels']) == ['read', 'grads_backward_cols', 'grads_chunk']
     # the one program per chunk, timed against the two passes it would replace
     assert result['kernels']['grads_chunk']['replaced_ms'] > 0

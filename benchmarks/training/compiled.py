@@ -34,7 +34,11 @@ and each round after a rest (spinning threads slow the next PyTorch call);
 medians, with the largest absolute difference of ONNX Runtime's and the
 compiled model's outputs from eager on the timed input.
 """
+import argparse
+import os
 import os.path as osp
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -42,6 +46,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from benchmarks.common.record import Record, device_line
 from benchmarks.common.subjects import convneur_backbone
 from convneur_mm.analysis.memory_fit import outputs_loss
 from convneur_mm.analysis.op_profile import profile_call
@@ -51,6 +56,7 @@ from convneur_mm.apis.toolbox import build_model
 from convneur_mm.deployment import DeployableModel, export_onnx, onnx_outputs, ort_session
 from convneur_mm.engine.compile import (compilable_parts, compile_forward, graphs_compiled,
                                         part_modules)
+from convneur_mm.utils.cli import positive_int, writable_dir
 from convneur_mm.utils.tables import markdown_table
 
 WORKLOADS = ('inference', 'train', 'detector')
@@ -294,3 +300,80 @@ def onnx_table(results: List[Dict]) -> str:
     return markdown_table(('model', 'input', 'eager (ms)', 'compiled (ms)', 'ONNX Runtime (ms)',
                            'ORT, no spinning (ms)', 'eager / ORT', 'max abs diff ORT, compiled',
                            'export, compile (s)'), rows)
+
+
+# ---------------------------------------------------------------- the cases
+def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``compile`` case's options."""
+    from convneur_mm.analysis.speed import MODELS
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--workloads', nargs='+', default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument('--models', nargs='+', default=['ConvNeur-M3'], choices=list(MODELS),
+                        help='the inference workload\'s classifiers')
+    parser.add_argument('--repeats', type=positive_int, default=3)
+    parser.add_argument('--amp', action='store_true')
+    parser.add_argument('--batch', type=positive_int, help='inference batch (CPU 16, CUDA 128)')
+    parser.add_argument('--profile', action='store_true',
+                        help='profile one eager and one compiled call: where the time goes')
+    parser.add_argument('--profile-rows', type=int, default=0,
+                        help='with --profile, also print the N events with most self time')
+
+
+def run_compile(args: argparse.Namespace, record: Record) -> Dict:
+    """The asked workloads eager against compiled (a dry run: tiny images,
+    M1, Dynamo tracing only with the 'eager' backend)."""
+    from convneur_mm.analysis.speed import throughput_batch
+    device = device_line(args.device)
+    dry = args.dry_run
+    batch = 1 if dry else throughput_batch(args.device, args.batch)
+    builders: Dict[str, Callable] = {}
+    for name in args.workloads:
+        if name == 'inference':
+            for model in args.models:
+                builders[f'inference {model}'] = (lambda model=model: inference_workload(
+                    model, args.device, batch, 64 if dry else 224))
+        elif name == 'train':
+            builders['train'] = lambda: train_workload(
+                args.device, *(('m1', 1, 64) if dry else ()))
+        else:
+            builders['detector'] = lambda: detector_workload(
+                args.device, (128, 128) if dry else (800, 1333))
+    print(f'eager vs torch.compile on {device}' + (', under autocast' if args.amp else '')
+          + f'; median of {args.repeats} interleaved runs')
+    results = run_workloads(builders, args.repeats, args.device, args.amp,
+                            args.profile_rows if args.profile else None,
+                            'eager' if dry else 'inductor', log=_log)
+    print(comparison_table(results))
+    return dict(device=device, amp=args.amp, results=results)
+
+
+def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``onnx`` case's options (on the CPU: ONNX Runtime's provider)."""
+    parser.add_argument('--models', nargs='+', default=list(ONNX_MODELS),
+                        choices=list(ONNX_MODELS))
+    parser.add_argument('--repeats', type=positive_int, default=5)
+    parser.add_argument('--out-dir', type=writable_dir,
+                        help='keep the .onnx files here (default: a temporary folder)')
+
+
+def run_onnx(args: argparse.Namespace, record: Record) -> Dict:
+    """``measure_onnx`` of each model (a dry run: M1 at 64x64, one repeat,
+    the 'eager' backend)."""
+    device = device_line('cpu')
+    models, size = (['m1'], 64) if args.dry_run else (args.models, None)
+    repeats = 1 if args.dry_run else args.repeats
+    print(f'batch-1 latency on {device}; median of {repeats} interleaved runs')
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            results.append(measure_onnx(name, repeats, args.out_dir or tmp, size,
+                                        'eager' if args.dry_run else 'inductor'))
+            _log(f'measured {name}')
+    print(onnx_table(results))
+    return dict(device=device, results=results)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ seeds), what a change of seed alone does to the reference. The paired
 differences (the same seed in both precisions) are reported beside it; the
 loss curve is also reported in windows, each window with the same comparison.
 
-    python tools/analysis_tools/benchmark.py --task precision [--precisions float32 bfloat16]
+    python -m benchmarks.run precision [--precisions float32 bfloat16]
         [--seeds 0 1 2] [--iters 300]
 """
 import argparse
@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from convneur_mm.analysis.timing import setup_benchmark_device, time_call
+from benchmarks.common.record import Record
 from benchmarks.common.subjects import describe_error
 from convneur_mm.apis.launch import (build_runner, check_data_paths, enable_amp, load_config,
                                      missing_data_paths, set_randomness)
@@ -376,7 +377,7 @@ def _checked_by(check: Callable[[Sequence], None]) -> type:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This benchmark's options (``benchmark.py --task precision``)."""
+    """This case's options (the runner adds ``--dry-run`` and ``--json``)."""
     parser.add_argument('--config', default=DEFAULT_CONFIG,
                         help='a classification config (default: M1 on the tiny ImageNet)')
     parser.add_argument('--precisions', nargs='+', default=[REFERENCE, 'bfloat16'],
@@ -395,11 +396,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the runs' logs and scalars, one folder per run")
     parser.add_argument('--figure', type=writable_file, metavar='PATH',
                         help='also plot every run\'s loss and top-1 there (.png)')
-    parser.add_argument('--dry-run', action='store_true',
-                        help='two iterations per run on a tiny generated dataset (a check)')
 
 
-def run_from_args(args: argparse.Namespace) -> Dict:
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``run`` with the parsed options; prints the report; exit code 1 where
     a run failed or a precision does not agree (a dry run's verdict is no
     result: exit 0)."""

@@ -47,14 +47,15 @@ import torch
 from mmengine.config import Config, ConfigDict
 from torch import nn
 
-from convneur_mm.analysis.timing import (PeakMemoryGrowth, is_cuda, median,
-                                            setup_benchmark_device, time_in_turns)
+from convneur_mm.analysis.timing import (PeakMemoryGrowth, is_cuda, median, setup_benchmark_device,
+                                         time_in_turns)
+from benchmarks.common.record import Record
 from benchmarks.common.subjects import describe_error
 from convneur_mm.apis.launch import enable_amp, load_config
 from convneur_mm.apis.toolbox import data_sample, build_model, import_toolbox, quiet_init
 from convneur_mm.engine.compile import (accumulative_counts, add_compile_argument,
-                                        bucket_detection_sizes, compile_model,
-                                        find_resize_scale, training_compile_mode)
+                                        bucket_detection_sizes, compile_model, find_resize_scale,
+                                        training_compile_mode)
 from convneur_mm.utils.cli import positive_int
 from convneur_mm.utils.tables import markdown_table
 
@@ -544,7 +545,7 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
 # ------------------------------------------------------------------ CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """This benchmark's options (``tools/analysis_tools/benchmark.py --task train``)."""
+    """This case's options (the runner adds ``--dry-run`` and ``--json``)."""
     parser.add_argument('--jobs', nargs='+', choices=list(JOBS), default=list(JOBS))
     parser.add_argument('--peers', nargs='*', choices=list(PEERS), default=list(PEERS),
                         help='the backbones beside ConvNeur (none: ConvNeur alone)')
@@ -555,14 +556,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_compile_argument(parser)
     parser.add_argument('--iters', type=positive_int, help='timed turns (5; dry run 1)')
     parser.add_argument('--warmup', type=int, help='untimed turns first (2; dry run 0)')
-    parser.add_argument('--dry-run', action='store_true',
-                        help='on the CPU at tiny sizes and batches (checks the set-up)')
     parser.add_argument('--eval', action='store_true',
                         help="also time test_step at the test pipeline's shape and batch")
     parser.add_argument('--device', help='default: cuda where there is one, else cpu')
 
 
-def run_from_args(args: argparse.Namespace) -> dict:
+def run_from_args(args: argparse.Namespace, record: Record) -> dict:
     """``run`` with the parsed options; prints the tables; returns the result."""
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f'--warmup must be >= 0, got {args.warmup}')

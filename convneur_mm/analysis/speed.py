@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from convneur_mm.analysis.timing import (PeakMemoryGrowth, RegionTimer, median,
-                                            setup_benchmark_device, time_call, time_calls)
+                                         setup_benchmark_device, time_call, time_calls)
 from convneur_mm.analysis.isolated import run_isolated
 from convneur_mm.utils.tables import markdown_table
 

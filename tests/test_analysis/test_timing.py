@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from convneur_mm.analysis import timing as bench_env
+from convneur_mm.analysis import timing
 from convneur_mm.analysis.timing import (RegionTimer, peak_gemm_rate, peak_memory_bytes,
                                          reset_peak_memory, synchronize)
 
@@ -20,7 +20,7 @@ def _fake_clock(monkeypatch, durations):
     for duration in durations:
         stamps += [now, now + duration]
         now += duration + 1.0
-    monkeypatch.setattr(bench_env.time, 'perf_counter', lambda: stamps.pop(0))
+    monkeypatch.setattr(timing.time, 'perf_counter', lambda: stamps.pop(0))
     return stamps
 
 
@@ -41,14 +41,14 @@ def test_time_calls_waits_for_the_device_and_times_only_after_the_warm_up(monkey
 
     def work():
         done.append(len(cuda.calls))
-    seconds = bench_env.time_calls(work, 2, 'cuda:1', warmup=1)
+    seconds = timing.time_calls(work, 2, 'cuda:1', warmup=1)
     assert seconds == pytest.approx([2.0, 0.5]) and not clock
     second = torch.device('cuda:1')
     # warm-up without syncs; then sync, work, sync for each timed call
     assert done == [0, 1, 3] and cuda.calls == [('synchronize', second)] * 4
-    assert bench_env.median([3.0, 1.0, 2.0]) == 2.0
+    assert timing.median([3.0, 1.0, 2.0]) == 2.0
     with pytest.raises(ValueError, match='repeats must be at least 1'):
-        bench_env.time_calls(work, 0)
+        timing.time_calls(work, 0)
 
 
 def test_time_in_turns_alternates_the_functions_after_untimed_turns(monkeypatch):
@@ -57,12 +57,12 @@ def test_time_in_turns_alternates_the_functions_after_untimed_turns(monkeypatch)
     clock = _fake_clock(monkeypatch, [1.0, 2.0, 3.0, 4.0])
     calls = []
     fns = {'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}
-    times = bench_env.time_in_turns(fns, 2, warmup=1, before_round=lambda: calls.append('|'))
+    times = timing.time_in_turns(fns, 2, warmup=1, before_round=lambda: calls.append('|'))
     assert times['a'] == pytest.approx([1.0, 3.0]) and times['b'] == pytest.approx([2.0, 4.0])
     assert not clock
     assert calls == ['a', 'b', '|', 'a', 'b', '|', 'a', 'b']
     with pytest.raises(ValueError, match='rounds must be at least 1'):
-        bench_env.time_in_turns(fns, 0)
+        timing.time_in_turns(fns, 0)
 
 
 def test_peak_gemm_rate_is_a_plausible_rate_in_real_time():
@@ -164,7 +164,7 @@ def test_peak_memory_growth_on_cuda_excludes_what_was_allocated_before(monkeypat
     bytes at the peak, 23 already there when it opened."""
     cuda = _FakeCuda(monkeypatch, [])
     monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda device=None: 23)
-    window = bench_env.PeakMemoryGrowth('cuda:1')
+    window = timing.PeakMemoryGrowth('cuda:1')
     assert window.mib() == pytest.approx(100 / 2**20)
     assert ('reset', torch.device('cuda:1')) in cuda.calls
 

@@ -53,9 +53,10 @@ def test_dry_run_plans_every_section_in_order_into_out(tmp_path, host_wheels):
     assert [r['step'] for r in rows] == ['install'] + SECTIONS
     assert all(r['status'] == 'dry-run' for r in rows)
     by_step = {r['step']: r for r in rows}
-    assert f'--out {out}/bench.json' in by_step['bench']['command']
-    assert '--sections profile' in by_step['profile']['command']
-    assert '--task train' in by_step['train']['command']
+    assert '-m benchmarks.run memory ' in by_step['bench']['command']
+    assert f'--json {out}/bench.json' in by_step['bench']['command']
+    assert '-m benchmarks.run memory --sections profile' in by_step['profile']['command']
+    assert '-m benchmarks.run train' in by_step['train']['command']
     assert f'--json {out}/train.json' in by_step['train']['command']
     tests = by_step['tests']['command']
     assert '-m gpu' in tests and 'fp16_amp' in tests and 'roi_align' in tests
@@ -89,7 +90,7 @@ def test_the_tune_section_runs_only_when_named_within_its_limit(tmp_path, host_w
     out, row = _only_section(tmp_path, host_wheels, 'tune', '--limit-s', '400',
                              TUNE_ARGS='--stage 1')
     command = row['command']
-    assert '-m benchmarks.kernels.tune' in command and '--stage 1' in command
+    assert '-m benchmarks.run tune' in command and '--stage 1' in command
     assert f'--json {out}/tune.json' in command
     # it stops trying candidates early enough to time the calls within the section's limit
     limit = int(row['limit_s'])
@@ -99,7 +100,7 @@ def test_the_tune_section_runs_only_when_named_within_its_limit(tmp_path, host_w
 def test_the_precision_section_runs_only_when_named_with_its_options(tmp_path, host_wheels):
     out, row = _only_section(tmp_path, host_wheels, 'precision', PRECISION_ARGS='--seeds 0 1')
     command = row['command']
-    assert 'benchmark.py --task precision' in command and '--seeds 0 1' in command
+    assert '-m benchmarks.run precision' in command and '--seeds 0 1' in command
     assert f'--work-dir {out}/precision_runs' in command
     assert f'--json {out}/precision.json' in command
     default = _only_section(tmp_path / 'default', host_wheels, 'precision')[1]['command']
@@ -145,7 +146,7 @@ def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {r['step']: r['status'] for r in _summary(out)}
     assert rows == {'install': 'ok', 'bench': 'failed (exit 7)', 'tests': 'failed (exit 7)'}
-    assert 'gpu_memory_bench.py' in (out / 'bench.log').read_text()
+    assert '-m benchmarks.run memory' in (out / 'bench.log').read_text()
 
 
 @pytest.mark.parametrize('args', [['bogus'], ['--limit-s', 'soon'], ['--frobnicate']])
@@ -174,4 +175,4 @@ def test_section_s_replaces_the_estimates_that_size_each_sections_limit(tmp_path
 def test_the_bench_section_takes_its_options(tmp_path, host_wheels):
     out, row = _only_section(tmp_path, host_wheels, 'bench',
                              BENCH_ARGS='--sections branch compiled')
-    assert row['command'].rstrip().endswith(f'--out {out}/bench.json --sections branch compiled')
+    assert row['command'].rstrip().endswith(f'--json {out}/bench.json --sections branch compiled')

@@ -17,15 +17,8 @@ DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.p
 # (tool, arguments before the bad option, the option): every count these tools take
 COUNTS = [('benchmark', ['--task', 'speed'], opt)
           for opt in ('--batch', '--iters', '--rounds', '--size')]
-COUNTS += [('benchmark', ['--task', 'memory'], opt)
-           for opt in ('--batch', '--tokens', '--dim', '--chunk', '--repeats', '--rounds')]
 COUNTS += [('benchmark', ['--task', 'checkpointing'], opt)
            for opt in ('--batch', '--chunk-size', '--repeats', '--threads', '--gpus')]
-COUNTS += [('benchmark', ['--task', 'onnx'], '--repeats'),
-           ('benchmark', ['--task', 'compile'], '--repeats'),
-           ('benchmark', ['--task', 'resolution'], '--iters'),
-           ('benchmark', ['--task', 'precision'], '--iters'),
-           ('benchmark', ['--task', 'precision'], '--windows')]
 COUNTS += [('analyze_model', ['--tasks', 'fp16-headroom', DEMO_CONFIG], opt)
            for opt in ('--iters', '--batch', '--top')]
 
@@ -86,16 +79,6 @@ def test_benchmark_json_is_checked_before_measuring(tmp_path, capsys):
     assert 'is a directory' in _usage_error(parse, task + ['--json', str(tmp_path)], capsys)
     out = str(tmp_path / 'speed.json')
     assert parse(task + ['--json', out]).json == out and not osp.exists(out)
-
-
-def test_benchmark_onnx_out_dir_is_checked_before_exporting(tmp_path, capsys):
-    parse = import_analysis_tool('benchmark').parse_args
-    task = ['--task', 'onnx']
-    (tmp_path / 'file').write_text('')
-    err = _usage_error(parse, task + ['--out-dir', str(tmp_path / 'file' / 'onnx')], capsys)
-    assert 'argument --out-dir: cannot make' in err and 'is not a directory' in err
-    new = str(tmp_path / 'a' / 'b')  # made by the tool later, not by the check
-    assert parse(task + ['--out-dir', new]).out_dir == new and not osp.exists(new)
 
 
 def test_fp16_headroom_missing_data_is_a_clear_error_and_leaves_no_temp_dir(

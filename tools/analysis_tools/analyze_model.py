@@ -4,16 +4,15 @@
         [options] [--json PATH]
 
   flops           params and MACs in three conventions (CONFIGs, or --table5)
-  ops             ATen ops, bytes moved and bytes held of a global branch (--before PATH)
   compilations    graphs that --compile builds while evaluating each CONFIG's image sizes
   fp16-headroom   the fp16 loss scale each CONFIG's training step can take
   erf             effective receptive fields of --models
   gates           the Figure 4 gate panels of each CONFIG on --image
-  ablation-table  trains and evaluates the Table 5 rows (CONFIGs: the rows; default all)
 
 Options shared by tasks take each task's default when not given. The
 library functions are in convneur_mm/analysis/; docs/user_guides/useful_tools.md
-says what each task prints.
+says what each task prints. The lab's fixed measurements (the memory's op
+counts, the Table 5 training) run from a checkout: python -m benchmarks.run.
 """
 import argparse
 import json
@@ -24,18 +23,17 @@ from typing import Callable, Dict, List, Optional
 
 from mmengine.config import DictAction
 
-from convneur_mm.utils.cli import positive_float, positive_int, writable_dir, writable_file
+from convneur_mm.utils.cli import positive_int, writable_dir, writable_file
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 
-TASKS = ('flops', 'ops', 'compilations', 'fp16-headroom', 'erf', 'gates', 'ablation-table')
+TASKS = ('flops', 'compilations', 'fp16-headroom', 'erf', 'gates')
 NEEDS_CONFIG = ('compilations', 'fp16-headroom', 'gates')
 # shared options whose default depends on the task
-DEFAULTS = dict(size=dict(ops=224, erf=512), batch=dict(ops=1), device=dict(ops='cpu'),
-                top={'ops': 8, 'fp16-headroom': 5}, num_images=dict(compilations=24, erf=16))
+DEFAULTS = dict(size=dict(erf=512), top={'fp16-headroom': 5},
+                num_images=dict(compilations=24, erf=16))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from benchmarks.paper.table5 import DEFAULT_RECIPE
     from convneur_mm.analysis.receptive_field import BACKBONES
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,25 +44,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                    help='config overrides, key=value (flops, fp16-headroom)')
     p.add_argument('--seed', type=int, default=0, help='compilations, fp16-headroom')
-    p.add_argument('--device', help="ops: cpu or meta (cpu); fp16-headroom: cuda where available")
-    p.add_argument('--batch', type=positive_int, help="ops (1); fp16-headroom (the config's)")
-    p.add_argument('--size', type=positive_int, help='input side: ops (224), erf (512)')
-    p.add_argument('--top', type=positive_int, help='ops listed (8); gradients listed (5)')
+    p.add_argument('--device', help='fp16-headroom: cuda where available')
+    p.add_argument('--batch', type=positive_int, help="fp16-headroom (the config's)")
+    p.add_argument('--size', type=positive_int, help='input side: erf (512)')
+    p.add_argument('--top', type=positive_int, help='gradients listed: fp16-headroom (5)')
     p.add_argument('--num-images', type=positive_int, help='compilations (24), erf (16)')
     p.add_argument('--out-dir', type=writable_dir, default='.',
                    help='where erf.png and gates_CONFIG.png go')
     g = p.add_argument_group('flops')
     g.add_argument('--shape', type=positive_int, nargs='+', help="input H W (or one size)")
     g.add_argument('--table5', action='store_true', help='every row config of configs/ablations/')
-    g = p.add_argument_group('ops')
-    g.add_argument('--arch', default='m3')
-    g.add_argument('--stage', type=int, default=0)
-    g.add_argument('--matmul-dtype', choices=('auto', 'float32', 'bfloat16', 'float16'),
-                   default='auto', help='memory_cfg.matmul_dtype')
-    g.add_argument('--kernels', choices=('auto', 'torch', 'triton'), default='auto',
-                   help="memory_cfg.kernels ('triton' on meta: launches left out)")
-    g.add_argument('--part', choices=('branch', 'backbone', 'local-only'), default='branch')
-    g.add_argument('--before', metavar='PATH', help='an older checkout to count too')
     g = p.add_argument_group('compilations')
     g.add_argument('--long-side', type=positive_int, default=640)
     g.add_argument('--backend', choices=('eager', 'inductor'), default='eager')
@@ -81,21 +70,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument('--checkpoint', help="the config's model weights (default: random)")
     g.add_argument('--short-side', type=positive_int, default=512,
                    help="the image's short side after resizing")
-    g = p.add_argument_group('ablation-table')
-    g.add_argument('--recipe', default=DEFAULT_RECIPE)
-    g.add_argument('--data-root', help="dataset root (default: the recipe's)")
-    g.add_argument('--seeds', type=int, nargs='+', default=[0])
-    g.add_argument('--gpus', type=positive_int, default=1, help='training processes')
-    g.add_argument('--row-minutes', type=positive_float, default=6.0)
-    g.add_argument('--flops-shape', type=positive_int, default=224)
-    g.add_argument('--speed-shape', type=positive_int, default=224)
-    g.add_argument('--speed-batch', type=positive_int, default=16)
-    g.add_argument('--work-dir', default='work_dirs/ablation_table')
-    g.add_argument('--title', default='Table 5 rows', help='heading of the plot')
-    speed = g.add_mutually_exclusive_group()
-    speed.add_argument('--skip-speed', action='store_true', help='train only')
-    speed.add_argument('--speed-only', action='store_true', help='time the cached rows only')
-    g.add_argument('--force', action='store_true', help='ignore cached results')
     args = p.parse_args(argv)
     # ``--tasks flops CONFIG``: argparse gives the config to --tasks
     n = next((i for i, t in enumerate(args.tasks) if t not in TASKS), len(args.tasks))
@@ -110,8 +84,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f'--tasks {task} needs a CONFIG')
     if 'gates' in tasks and not args.image:
         p.error('--tasks gates needs --image')
-    if 'ops' in tasks and (args.device or 'cpu') not in ('cpu', 'meta'):
-        p.error(f"--tasks ops counts on --device cpu or meta, not {args.device}")
     if args.shape and len(args.shape) > 2:
         p.error('--shape takes H W or one size')
     if args.checkpoints and len(args.checkpoints) != len(args.models):
@@ -134,31 +106,6 @@ def flops(args: argparse.Namespace) -> dict:
     report = complexity_report(args.configs, args.shape, args.cfg_options, args.table5)
     print(format_complexity(report))
     return report
-
-
-def ops(args: argparse.Namespace) -> dict:
-    import torch
-
-    from convneur_mm.analysis.isolated import run_isolated
-    from benchmarks.memory.bytes import (OWN_MODULES, count_ops, describe_part,
-                                                format_op_counts, kernel_cuts, memory_cfg_of)
-    kwargs = dict(arch=args.arch, stage=args.stage, size=_option(args, 'size', 'ops'),
-                  batch=_option(args, 'batch', 'ops'), device=_option(args, 'device', 'ops'),
-                  memory_cfg=memory_cfg_of(args.matmul_dtype, args.kernels), part=args.part)
-    counts = {}
-    if args.before:
-        counts[f'before ({args.before})'] = run_isolated(count_ops, kwargs, args.before,
-                                                            OWN_MODULES)
-    counts['this tree'] = count_ops(**kwargs)
-    print(f'ATen ops of {describe_part(args.part, args.stage)}, ConvNeur-{args.arch.upper()}, '
-          f'batch {kwargs["batch"]} at {kwargs["size"]}x{kwargs["size"]}, eager, '
-          f'{kwargs["device"]}, torch {torch.__version__}')
-    print(format_op_counts(counts, _option(args, 'top', 'ops')))
-    if args.before:
-        cuts = kernel_cuts(counts[f'before ({args.before})'], counts['this tree'])
-        for mode, cut in cuts.items():
-            print(f'{mode}: {cut:.0%} fewer kernels')
-    return counts
 
 
 def compilations(args: argparse.Namespace) -> dict:
@@ -211,21 +158,9 @@ def gates(args: argparse.Namespace) -> dict:
     return results
 
 
-def ablation_table(args: argparse.Namespace) -> dict:
-    from benchmarks.paper.table5 import AblationSettings, run_ablation_table
-    settings = AblationSettings(
-        rows=args.configs, recipe=args.recipe, data_root=args.data_root, seeds=args.seeds,
-        gpus=args.gpus, row_minutes=args.row_minutes, flops_shape=args.flops_shape,
-        speed_shape=args.speed_shape, speed_batch=args.speed_batch, work_dir=args.work_dir,
-        title=args.title, skip_speed=args.skip_speed, speed_only=args.speed_only,
-        force=args.force)
-    report, rc = run_ablation_table(settings, _log)
-    return dict(report, rc=rc)
-
-
 RUNNERS: Dict[str, Callable[[argparse.Namespace], dict]] = {
-    'flops': flops, 'ops': ops, 'compilations': compilations, 'fp16-headroom': fp16_headroom,
-    'erf': erf, 'gates': gates, 'ablation-table': ablation_table}
+    'flops': flops, 'compilations': compilations, 'fp16-headroom': fp16_headroom,
+    'erf': erf, 'gates': gates}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -242,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(results, f, indent=1, default=str)
-    return results.get('ablation-table', {}).get('rc', 0)
+    return 0
 
 
 if __name__ == '__main__':
