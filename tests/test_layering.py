@@ -165,22 +165,25 @@ def installer_sys_path(root: Path) -> List[str]:
             for path in python_files(root, INSTALLER) for line, _ in _sys_path_entries(path)]
 
 
-def find_tests_imports(root: Path, folders: Iterable[str]) -> List[str]:
-    """Imports of the ``tests`` package by files under ``folders``."""
-    return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- the wheel does not '
-            'carry tests/; shared references live in convneur_mm.testing'
+def imports_from(root: Path, folders: Iterable[str], package: str, why: str) -> List[str]:
+    """Imports of ``package`` by files under ``folders``: one line each,
+    ``path:line: statement -- why``."""
+    return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- {why}'
             for folder in folders if (root / folder).is_dir()
             for path in python_files(root, folder) for i in imports_of(path, root)
-            if _within(i.module, 'tests')]
+            if _within(i.module, package)]
+
+
+def find_tests_imports(root: Path, folders: Iterable[str]) -> List[str]:
+    """Imports of the ``tests`` package by files under ``folders``."""
+    return imports_from(root, folders, 'tests', 'the wheel does not carry tests/; shared '
+                        'references live in convneur_mm.testing')
 
 
 def find_lab_imports(root: Path, folders: Iterable[str]) -> List[str]:
     """Imports of the ``benchmarks`` lab by files under ``folders``."""
-    return [f'{i.path.relative_to(root)}:{i.line}: {i.statement} -- the package and its tools '
-            'import nothing from benchmarks/: the lab is not shipped'
-            for folder in folders if (root / folder).is_dir()
-            for path in python_files(root, folder) for i in imports_of(path, root)
-            if _within(i.module, 'benchmarks')]
+    return imports_from(root, folders, 'benchmarks', 'the package and its tools import '
+                        'nothing from benchmarks/: the lab is not shipped')
 
 
 class Unresolved(Exception):
