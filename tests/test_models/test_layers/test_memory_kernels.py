@@ -23,7 +23,7 @@ Tolerances, per output:
 The interpreter never sees the GPU code path; the kernels are also compiled
 ahead of time for sm_80 and sm_90 (triton ships ptxas), which needs no GPU,
 each with the specialization of the launch the wrappers make
-(``kernels.inspect``), and ptxas' registers, spills and matrix instructions
+(``benchmarks.kernels.inspect``), and ptxas' registers, spills and matrix instructions
 are checked.
 """
 import contextlib
@@ -758,12 +758,12 @@ def test_tile_span_check_bounds_the_rows_not_the_outer_dims():
 
 
 def _inspect():
-    """``kernels.inspect`` where this process can compile for a GPU ahead of
+    """``benchmarks.kernels.inspect`` where this process can compile for a GPU ahead of
     time (triton ships ptxas), else a skip."""
     pytest.importorskip('triton')
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         pytest.skip('this process runs Triton in its interpreter')
-    from convneur_mm.models.layers.memory_ops.kernels import inspect
+    from benchmarks.kernels import inspect
     try:
         inspect._triton()
     except RuntimeError as err:
