@@ -325,7 +325,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         their ms, ``trials``), ``calls`` (per call: the Triton kernels' ms at
         the default and at the chosen options, the PyTorch path's ms, and
         the kernels' GB, GFLOP and roofline ms at the card's peak,
-        ``kernel_profile.device_peak``; None for a card it does not know),
+        ``profile.device_peak``; None for a card it does not know),
         ``entries`` (the chosen options as ``TunedTile`` source lines, where
         they differ from the start) and ``paths`` (the write and read's
         inference and training times through either path, as

@@ -55,7 +55,7 @@ from convneur_mm.analysis.timing import PeakMemoryGrowth, time_call, time_calls,
 from convneur_mm.engine.compile import compile_model, graphs_compiled
 from convneur_mm.utils.cli import non_negative_float, positive_int
 
-SCHEMA = 'convneur_mm.gpu_memory_bench/1'
+SCHEMA = 'benchmarks.memory/1'
 SECTIONS = ('gemm', 'branch', 'model', 'numerics', 'latency', 'compiled', 'profile')
 # the profile repeats what the others time, under the profiler: asked for on its own
 DEFAULT_SECTIONS = SECTIONS[:-1]

@@ -1,7 +1,7 @@
 """Where a call's time goes: the self time of its profiler events, by category.
 
-One categorization for every benchmark (``compiled.compare``'s profile,
-the GEMM time of ``memory_cost`` and ``speed``): convolutions,
+One categorization for every benchmark (the GEMM time of ``speed``, and the
+lab's compiled and memory-paths profiles): convolutions,
 matrix products, Inductor's compiled regions, mmcv ops, other ATen ops, and
 the rest. Self times partition the profiled time, so the categories add up
 to the call.

@@ -3,9 +3,9 @@
 ``AtenOpCounter`` counts kernels and the bytes they move; ``LiveTensorBytes``
 follows the storages the ops create and records the most alive at once. Both
 run on any device, ``meta`` included (shapes without data: a training-sized
-batch in seconds). They need torch only, so that
-``benchmarks.memory.bytes`` can load this file by path into a child
-that imports another checkout (``analyze_model.py --tasks ops --before``).
+batch in seconds). They need torch only, so that the lab's op counts
+(``python -m benchmarks.run ops --before PATH``) can load this file by path
+into a child that imports another checkout.
 """
 import weakref
 from collections import Counter
@@ -35,9 +35,9 @@ class AtenOpCounter(TorchDispatchMode):
     each read or written once: the least memory traffic of an unfused op (an
     ``out=`` tensor is written, not read).
 
-    Used by the tests and ``benchmarks.memory.bytes`` (``analyze_model.py
-    --tasks ops``) to compare one path of the memory against another by the
-    kernels it launches."""
+    Used by the tests and the lab's op and byte counts (``python -m
+    benchmarks.run ops``) to compare one path of the memory against another by
+    the kernels it launches."""
 
     def __init__(self):
         super().__init__()
