@@ -48,6 +48,8 @@ def test_wheel_carries_configs_tools_and_model_index(built_wheel):
     assert not missing, missing
     assert not any('__pycache__' in n for n in names)
     assert not any(n.startswith('convneur_mm/.mim/tools/setup/') for n in names)  # DEV_ONLY
+    # the lab measures the package from a checkout: it is not shipped
+    assert not any(n.startswith(('benchmarks/', 'convneur_mm/.mim/benchmarks')) for n in names)
 
 
 def test_sdist_carries_what_the_wheel_build_needs(repo_root, tmp_path, built_wheel):
@@ -59,3 +61,4 @@ def test_sdist_carries_what_the_wheel_build_needs(repo_root, tmp_path, built_whe
     missing = set(MIM_FILES + ('requirements.txt', 'requirements/openmmlab.txt', 'setup.py',
                                'README.md')) - names
     assert not missing, missing
+    assert not any(n.startswith('benchmarks/') for n in names)
