@@ -4,8 +4,8 @@ the memory's write and read in one training step at a backbone's shapes
 (``count_step_bytes``, the ``bytes`` case), and what ``torch.compile``'s
 kernels move by Inductor's own count (``InductorByteCounter``).
 
-**The write and read step.** The bytes their ATen ops move and their time, autograd's backward against the
-closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
+**The write and read step.** The bytes their ATen ops move and their time,
+autograd's backward against the closed-form one (``chunk_grads_closed_form``, ``read_closed_form``), and the
 bytes of the Triton kernels' operators (``TRITON``), forward and backward;
 the projections' training step, autograd, closed form and Triton operators;
 and each stage's whole global branch (``count_branch_step_bytes``).
@@ -58,7 +58,8 @@ the code in the context runs for real.
 import argparse
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import (TYPE_CHECKING, Callable, ContextManager, Dict, Iterator, List, NamedTuple,
+                    Optional, Tuple)
 
 import torch
 

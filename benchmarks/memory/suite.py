@@ -1,4 +1,5 @@
-"""The neural memory's GPU benchmark: its sections in one run, one JSON record that is rewritten after every section (a run cut
+"""The neural memory's GPU benchmark (the ``memory`` case): its sections in
+one run, one JSON record that is rewritten after every section (a run cut
 short keeps what it measured), one time budget, and the memory's targets.
 
 The budget is the run's deadline: before each item a section asks
