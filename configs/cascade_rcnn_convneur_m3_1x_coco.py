@@ -49,3 +49,7 @@ test_evaluator = val_evaluator
 optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-4))
 # lr 0.02 is the paper's for a total batch of 8; --auto-scale-lr rescales it.
 auto_scale_lr = dict(enable=False, base_batch_size=8)
+
+# Stop at the first non-finite loss or gradient, naming the iteration, the loss
+# terms and the module group (docs/user_guides/train_and_test.md#non-finite-training).
+custom_hooks = [dict(type='convneur_mm.NonFiniteStopHook')]

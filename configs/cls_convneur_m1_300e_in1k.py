@@ -72,3 +72,7 @@ param_scheduler = [
 ]
 train_cfg = dict(by_epoch=True, max_epochs=300, val_interval=1)
 auto_scale_lr = dict(base_batch_size=8 * batch)  # x accumulate = 4096
+
+# Stop at the first non-finite loss or gradient, naming the iteration, the loss
+# terms and the module group (docs/user_guides/train_and_test.md#non-finite-training).
+custom_hooks = [dict(type='convneur_mm.NonFiniteStopHook')]

@@ -65,3 +65,7 @@ param_scheduler = [
 ]
 # lr 6e-5 is the paper's for a total batch of 16; --auto-scale-lr rescales it.
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# Stop at the first non-finite loss or gradient, naming the iteration, the loss
+# terms and the module group (docs/user_guides/train_and_test.md#non-finite-training).
+custom_hooks = [dict(type='convneur_mm.NonFiniteStopHook')]

@@ -6,6 +6,7 @@ with ``type='convneur_mm.ConvNeur'``: MMEngine imports ``convneur_mm.registry``
 when it meets the scope prefix, and ``locations`` makes each registry import
 the modules that register into it. No toolbox is imported here.
 """
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_CONSTRUCTORS
 from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
@@ -23,4 +24,7 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     locations=['convneur_mm.engine'])
 RUNNERS = Registry(
     'runner', parent=MMENGINE_RUNNERS, scope='convneur_mm',
+    locations=['convneur_mm.engine'])
+HOOKS = Registry(
+    'hook', parent=MMENGINE_HOOKS, scope='convneur_mm',
     locations=['convneur_mm.engine'])

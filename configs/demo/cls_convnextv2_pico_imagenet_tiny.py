@@ -47,7 +47,7 @@ param_scheduler = [
 ]
 train_cfg = dict(max_epochs=max_epochs, val_interval=2)
 # no EMA: at momentum 1e-4 per step, 300 steps leave the average at the init
-custom_hooks = []
+custom_hooks = [dict(type='convneur_mm.NonFiniteStopHook')]
 default_hooks = dict(logger=dict(interval=5),
                      checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
 randomness = dict(seed=0)
