@@ -312,14 +312,14 @@ def test_every_operator_launches_on_its_tensors_device(monkeypatch):
     """Each operator, forward and backward, runs its implementation inside
     ``on_tensors_device`` of its own arguments (no kernel runs: the probe
     stops each call there)."""
-    from convneur_mm.models.layers.memory_ops.kernels import launch
+    from convneur_mm.models.layers.memory_ops.kernels import ops as kernel_ops
     seen = []
 
     def probe(*args):
         seen.append(args)
         raise _Entered
 
-    monkeypatch.setattr(launch, 'on_tensors_device', probe)
+    monkeypatch.setattr(kernel_ops, 'on_tensors_device', probe)
     names = set()
     for name, (op, args) in op_cases(torch.float32).items():
         with pytest.raises(_Entered):
@@ -331,7 +331,7 @@ def test_every_operator_launches_on_its_tensors_device(monkeypatch):
 
 def test_on_tensors_device_makes_the_first_tensors_gpu_current(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from convneur_mm.models.layers.memory_ops.kernels.launch import on_tensors_device
+    from convneur_mm.models.layers.memory_ops.kernels.ops import on_tensors_device
     current = []
     monkeypatch.setattr(torch.cuda, 'device', lambda device: current.append(device) or
                         contextlib.nullcontext())

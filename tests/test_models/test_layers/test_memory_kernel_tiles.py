@@ -6,14 +6,17 @@ import os
 import pytest
 import torch
 
-from convneur_mm.models.layers.memory_ops.kernels import launch, tuned
-from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile, check_tuned_tiles
+from convneur_mm.models.layers.memory_ops import dispatch
+from convneur_mm.models.layers.memory_ops.kernels import launcher, tuned
+from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
+from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
 
 from .test_memory_kernels import _inspect, _run_interpreted
 
 BF16 = torch.bfloat16
 # the kernels a call launches unless a kernel that replaces some is chosen
-_TWO_PASSES = [k for k in launch.KERNEL_NAMES if k not in launch.REPLACES]
+_TWO_PASSES = [k for k in kernel_tiles.KERNEL_NAMES if k not in kernel_tiles.REPLACES]
 
 
 def _entry(**changes) -> TunedTile:
@@ -25,34 +28,34 @@ def _entry(**changes) -> TunedTile:
 
 def test_the_shipped_tables_are_valid():
     check_tuned_tiles(tuned.TUNED_TILES)
-    tuned.check_measured_paths(tuned.MEASURED_PATHS)
+    dispatch.check_measured_paths(tuned.MEASURED_PATHS)
     entry = tuned.MEASURED_PATHS[0]
     with pytest.raises(ValueError, match='two measured paths'):
-        tuned.check_measured_paths([entry, entry._replace(triton_ms=1.0)])
+        dispatch.check_measured_paths([entry, entry._replace(triton_ms=1.0)])
     with pytest.raises(ValueError, match='must be positive'):
-        tuned.check_measured_paths([entry._replace(torch_ms=0.0)])
+        dispatch.check_measured_paths([entry._replace(torch_ms=0.0)])
     with pytest.raises(ValueError, match='operand_dtype must be one of'):
-        tuned.check_measured_paths([entry._replace(operand_dtype='bf16')])
+        dispatch.check_measured_paths([entry._replace(operand_dtype='bf16')])
 
 
 def test_a_tuned_entry_applies_to_its_kernel_gpu_dtype_and_width_only(monkeypatch):
-    default = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
+    default = kernel_tiles.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
-    chosen = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
+    chosen = kernel_tiles.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
     assert chosen == dict(default, BM=128, BH=64, num_warps=8, num_stages=3)
     # another kernel, GPU, dtype, width or read kind; the interpreter (no arch)
-    assert launch.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90) != chosen
+    assert kernel_tiles.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90) != chosen
     for other in (dict(kernel='grads_backward_cols'), dict(arch=80),
                   dict(operand_dtype=torch.float16), dict(d=80 * 2 + 1)):
         args = dict(kernel='grads_cols', d=128, operand_dtype=BF16, arch=90)
         args.update({k: v for k, v in other.items()})
-        config = launch.tile_config(args['kernel'], args['d'], 196, None, None,
+        config = kernel_tiles.tile_config(args['kernel'], args['d'], 196, None, None,
                                     args['operand_dtype'], arch=args['arch'])
         assert (config['BM'], config['num_stages']) != (128, 3), other
-    assert launch.tile_config('grads_cols', 128, 196, None, None, BF16)['num_stages'] == 2
+    assert kernel_tiles.tile_config('grads_cols', 128, 196, None, None, BF16)['num_stages'] == 2
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='read', decomposed=True), ))
-    assert launch.tile_config('read', 128, 196, None, None, BF16, arch=90)['BM'] == 64
-    assert launch.tile_config('read', 128, 196, None, None, BF16, True, arch=90)['BM'] == 128
+    assert kernel_tiles.tile_config('read', 128, 196, None, None, BF16, arch=90)['BM'] == 64
+    assert kernel_tiles.tile_config('read', 128, 196, None, None, BF16, True, arch=90)['BM'] == 128
 
 
 def test_the_reads_backward_rows_stay_within_their_limit_on_sm_90(monkeypatch):
@@ -61,34 +64,34 @@ def test_the_reads_backward_rows_stay_within_their_limit_on_sm_90(monkeypatch):
     defaults and a tuned entry take 32 rows; a forced run may take more (to
     reproduce it), and float32 operands, sm_80 and other kernels keep theirs."""
     def rows(kernel='read_backward_rows', dtype=BF16, arch=90):
-        return launch.tile_config(kernel, 128, 196, None, None, dtype, arch=arch)['BM']
+        return kernel_tiles.tile_config(kernel, 128, 196, None, None, dtype, arch=arch)['BM']
 
     assert (rows(), rows(dtype=torch.float16), rows(arch=80)) == (32, 32, 64)
     assert rows(dtype=torch.float32) == 16 and rows('read') == 64 and rows(arch=None) == 64
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='read_backward_rows', BM=128), ))
     assert rows() == 32
-    with launch.forced_tiles('read_backward_rows', BM=64):
+    with kernel_tiles.forced_tiles('read_backward_rows', BM=64):
         assert rows() == 64
-    assert launch.row_limit('read_backward_rows', BF16, 90) == 32
-    assert launch.row_limit('read_backward_rows', torch.float32, 90) is None
+    assert kernel_tiles.row_limit('read_backward_rows', BF16, 90) == 32
+    assert kernel_tiles.row_limit('read_backward_rows', torch.float32, 90) is None
 
 
 def test_precedence_caller_then_forced_then_tuned_and_no_block_past_the_rows(monkeypatch):
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
-    with launch.forced_tiles('grads_cols', BM=32, num_warps=2):
-        config = launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
+    with kernel_tiles.forced_tiles('grads_cols', BM=32, num_warps=2):
+        config = kernel_tiles.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)
         # the options not forced come from the tuned entry
         assert (config['BM'], config['num_warps'], config['BH'], config['num_stages']) == (
             32, 2, 64, 3)
         # only the kernel named
-        assert launch.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90)['BM'] == 64
-        with launch.forced_tiles('grads_cols', BM=16):  # the innermost wins
-            assert launch.tile_config('grads_cols', 128, 196, None, None, BF16)['BM'] == 16
-        caller = launch.tile_config('grads_cols', 128, 196, 16, 128, BF16, arch=90)
+        assert kernel_tiles.tile_config('grads_rows', 128, 196, None, None, BF16, arch=90)['BM'] == 64
+        with kernel_tiles.forced_tiles('grads_cols', BM=16):  # the innermost wins
+            assert kernel_tiles.tile_config('grads_cols', 128, 196, None, None, BF16)['BM'] == 16
+        caller = kernel_tiles.tile_config('grads_cols', 128, 196, 16, 128, BF16, arch=90)
         assert (caller['BM'], caller['BH']) == (16, 128)
-    assert launch.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)['BM'] == 128
+    assert kernel_tiles.tile_config('grads_cols', 128, 196, None, None, BF16, arch=90)['BM'] == 128
     # a chunk of 20 rows takes 32-row blocks, whatever the table says
-    assert launch.tile_config('grads_cols', 128, 20, None, None, BF16, arch=90)['BM'] == 32
+    assert kernel_tiles.tile_config('grads_cols', 128, 20, None, None, BF16, arch=90)['BM'] == 32
 
 
 @pytest.mark.parametrize('kernel, options, match', [
@@ -98,7 +101,7 @@ def test_precedence_caller_then_forced_then_tuned_and_no_block_past_the_rows(mon
 ])
 def test_forced_tiles_refuses_what_no_launch_takes(kernel, options, match):
     with pytest.raises(ValueError, match=match):
-        with launch.forced_tiles(kernel, **options):
+        with kernel_tiles.forced_tiles(kernel, **options):
             pass
 
 
@@ -128,7 +131,7 @@ def test_a_bad_tuned_entry_is_refused(changes, match):
 ])
 def test_auto_takes_the_kernels_only_where_a_gpu_measured_them_faster(arch, dtype, training,
                                                                       path, words):
-    got, why = tuned.auto_path(arch, dtype, training, 128)
+    got, why = dispatch.auto_path(arch, dtype, training, 128)
     assert got == path and words in why, why
 
 
@@ -136,27 +139,27 @@ def test_a_measurement_speaks_for_the_head_widths_tiled_as_it_was():
     """M3's measurement (C_m 128) serves M1's and M2's 80 and 96, which the
     kernels tile as 128 too, and not M4's 160, tiled as 256."""
     for head_dim in (80, 96, 128):
-        assert tuned.auto_path(90, 'bfloat16', False, head_dim)[0] == 'triton'
-    path, why = tuned.auto_path(90, 'bfloat16', False, 160)
+        assert dispatch.auto_path(90, 'bfloat16', False, head_dim)[0] == 'triton'
+    path, why = dispatch.auto_path(90, 'bfloat16', False, 160)
     assert path == 'torch' and 'no GPU has timed' in why and 'tiled as 256' in why
     with pytest.raises(ValueError, match='block_d must be a power of two'):
-        tuned.check_measured_paths([tuned.MEASURED_PATHS[0]._replace(block_d=160)])
+        dispatch.check_measured_paths([tuned.MEASURED_PATHS[0]._replace(block_d=160)])
     # one entry per width: M4's may sit beside M3's
-    tuned.check_measured_paths([*tuned.MEASURED_PATHS,
+    dispatch.check_measured_paths([*tuned.MEASURED_PATHS,
                                 tuned.MEASURED_PATHS[0]._replace(block_d=256)])
 
 
 def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
     monkeypatch.setattr(tuned, 'MEASURED_PATHS', tuned.MEASURED_PATHS + (
         tuned.MeasuredPath(80, 'bfloat16', True, 9.0, 10.0, 'a test'), ))
-    assert tuned.auto_path(80, 'bfloat16', True, 128)[0] == 'triton'
-    assert tuned.auto_path(80, 'bfloat16', False, 128)[0] == 'torch'
+    assert dispatch.auto_path(80, 'bfloat16', True, 128)[0] == 'triton'
+    assert dispatch.auto_path(80, 'bfloat16', False, 128)[0] == 'torch'
 
 
 def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
-    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    from convneur_mm.models.layers import NeuralMemory
     memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
-    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 80)
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 80)
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
     assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason
@@ -166,10 +169,10 @@ def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeyp
     """A backward kernel listed in ``CUDA_FAULTS``: kernels='triton' says so
     before a training step instead of killing the process; inference keeps
     the kernels, and 'auto' trains on the PyTorch path."""
-    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    from convneur_mm.models.layers import NeuralMemory
     from convneur_mm.models.layers.memory_ops.kernels import availability
-    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
-    monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
     x = torch.randn(1, 20, 16)
     memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16', kernels='triton')
     assert memory.plan(x).implementation == 'triton'  # none listed: it trains
@@ -189,10 +192,10 @@ def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeyp
 
 def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):
     """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
-    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    from convneur_mm.models.layers import NeuralMemory
     memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
-    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
-    monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 128))
     assert plan.implementation == 'triton' and '10.28 ms through the kernels' in plan.reason
@@ -203,10 +206,10 @@ def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatc
 
 def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and_read_were_timed(
         monkeypatch):
-    from convneur_mm.models.layers import NeuralMemory, neural_memory
+    from convneur_mm.models.layers import NeuralMemory
     memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
-    monkeypatch.setattr(neural_memory, 'cuda_capability', lambda device: 90)
-    monkeypatch.setattr(neural_memory, 'unavailable_reason', lambda *args: None)
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
     monkeypatch.setattr(tuned, 'MEASURED_PATHS', (
         tuned.MeasuredPath(90, 'bfloat16', False, 9.0, 10.0, 'a tuning run'), ))
     with torch.no_grad():
@@ -232,7 +235,7 @@ def own_tiles_results() -> dict:
         base = chunk_grads_triton(weights, keys, values, lr, torch.float16)
         errors = {}
         for bh in (16, 64):
-            with launch.forced_tiles('grads_cols', BH=bh):
+            with kernel_tiles.forced_tiles('grads_cols', BH=bh):
                 got = chunk_grads_triton(weights, keys, values, lr, torch.float16)
             errors[bh] = max(((a - b).abs().max() / b.abs().max()).item()
                              for a, b in zip(got, base))
@@ -279,13 +282,13 @@ def persistent_results() -> dict:
 
     def runs(one_program: bool):
         # (results, launches) with a program per tile, then with persistent programs
-        kernels = launch.KERNEL_NAMES if one_program else _TWO_PASSES
-        chosen = list(launch.REPLACES) if one_program else []
+        kernels = kernel_tiles.KERNEL_NAMES if one_program else _TWO_PASSES
+        chosen = list(kernel_tiles.REPLACES) if one_program else []
         out = []
         for per_sm in (0, 2):
             forced = {kernel: dict(programs_per_sm=per_sm)
                       for kernel in (kernels if per_sm else chosen)}
-            with launch.forced_tiles_of(forced), launch.observing_launches() as launches:
+            with kernel_tiles.forced_tiles_of(forced), launcher.observing_launches() as launches:
                 out.append((run(), launches))
         return out
 
@@ -308,12 +311,12 @@ def test_persistent_programs_compute_what_a_program_per_tile_computes():
     result = _run_interpreted('persistent_results', 'test_memory_kernel_tiles')
     assert result['max_diff'] == result['max_diff_one_program'] == 0.0
     launched, one_program = result['launches'], result['launches_one_program']
-    assert {name for name, *_ in launched} == {f'{k}_kernel' for k in launch.KERNEL_NAMES
-                                               if k not in launch.REPLACES}
+    assert {name for name, *_ in launched} == {f'{k}_kernel' for k in kernel_tiles.KERNEL_NAMES
+                                               if k not in kernel_tiles.REPLACES}
     # one program per chunk in place of the rows and columns passes, forward and backward
-    replaced = {f'{k}_kernel' for kernels in launch.REPLACES.values() for k in kernels}
+    replaced = {f'{k}_kernel' for kernels in kernel_tiles.REPLACES.values() for k in kernels}
     assert {name for name, *_ in one_program} == {name for name, *_ in launched} - replaced | {
-        f'{k}_kernel' for k in launch.REPLACES}
+        f'{k}_kernel' for k in kernel_tiles.REPLACES}
     for name, tiles, grid, iters in launched + one_program:
         assert grid * iters == tiles and grid <= max(2, tiles // 2 + 1), (name, tiles, grid)
     assert sum(iters > 1 for *_, iters in launched) >= 6
@@ -321,13 +324,13 @@ def test_persistent_programs_compute_what_a_program_per_tile_computes():
 
 
 def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
-    assert launch.tiles_per_program(100, 0, 132) == 1  # not persistent
-    assert launch.tiles_per_program(100, 2, 132) == 1  # fewer tiles than programs
-    assert launch.tiles_per_program(30720, 2, 132) == 120  # 256 programs of 120 tiles
-    assert launch.tiles_per_program(12, 2, 1) == 6
-    assert launch.tiles_per_program(7919, 2, 132) == 1  # a prime: no even split
+    assert kernel_tiles.tiles_per_program(100, 0, 132) == 1  # not persistent
+    assert kernel_tiles.tiles_per_program(100, 2, 132) == 1  # fewer tiles than programs
+    assert kernel_tiles.tiles_per_program(30720, 2, 132) == 120  # 256 programs of 120 tiles
+    assert kernel_tiles.tiles_per_program(12, 2, 1) == 6
+    assert kernel_tiles.tiles_per_program(7919, 2, 132) == 1  # a prime: no even split
     with pytest.raises(ValueError, match='programs_per_sm must be an int >= 0'):
-        with launch.forced_tiles('read', programs_per_sm=-1):
+        with kernel_tiles.forced_tiles('read', programs_per_sm=-1):
             pass
 
 
@@ -348,7 +351,7 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
 
     def launched(arch: int = 90):
         leaves = [t.requires_grad_() for t in (*weights, keys)]
-        with launch.recording_launches(arch) as launches:
+        with launcher.recording_launches(arch) as launches:
             out = chunk_grads_triton(MemoryWeights(*leaves[:3]), leaves[3], keys, lr, BF16)
             torch.autograd.grad(out, leaves, [torch.ones_like(t) for t in out])
         assert [tuple(t.shape) for t in out] == [(1, 6, 128, 512), (1, 6, 512, 128), (1, 6, 128)]
@@ -358,17 +361,17 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
     two_passes = ['grads_rows_kernel', 'grads_cols_kernel', 'grads_backward_rows_kernel',
                   'grads_backward_cols_kernel']
     assert [name for name, *_ in launched()] == two_passes
-    with launch.forced_tiles('grads_chunk'):
+    with kernel_tiles.forced_tiles('grads_chunk'):
         assert launched()[0] == ('grads_chunk_kernel', (6, ), 32, 8)
-    with launch.forced_tiles('grads_backward_chunk'):
+    with kernel_tiles.forced_tiles('grads_backward_chunk'):
         assert launched()[2:] == [('grads_backward_chunk_kernel', (6, ), 16, 8)]
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='grads_chunk', BM=64), ))
     assert launched()[0] == ('grads_chunk_kernel', (6, ), 64, 8)
     assert [name for name, *_ in launched(80)] == two_passes
-    with launch.forced_tiles('grads_cols'):  # a tuning run timing a replaced kernel
+    with kernel_tiles.forced_tiles('grads_cols'):  # a tuning run timing a replaced kernel
         assert [name for name, *_ in launched()] == two_passes
     with pytest.raises(ValueError, match='kernel must be one of'):
-        launch.chosen_kernel('grads_rows', 128, BF16, 90)
+        kernel_tiles.chosen_kernel('grads_rows', 128, BF16, 90)
 
 
 def _stage1_memory(d: int, train: bool):
@@ -387,7 +390,7 @@ def _stage1_reports(arch: int, per_sm: int, chosen: tuple = ()) -> dict:
     inspect = _inspect()
     memory, x = _stage1_memory(128, train=True)
     forced = {kernel: dict(programs_per_sm=per_sm) for kernel in chosen or _TWO_PASSES}
-    with launch.forced_tiles_of(forced), launch.recording_launches(arch) as launches:
+    with kernel_tiles.forced_tiles_of(forced), launcher.recording_launches(arch) as launches:
         memory(x).sum().backward()
     iters = {}  # the most tiles per program of each kernel's launches (132 multiprocessors)
     for l in launches:
@@ -402,8 +405,8 @@ def _m4_stage1_launches(arch: int, train: bool, chosen: tuple = ()):
     M4's stage 1 (batch 128, 3136 tokens), and their compile reports."""
     inspect = _inspect()
     memory, x = _stage1_memory(160, train)
-    with launch.forced_tiles_of({kernel: {} for kernel in chosen}), \
-            launch.recording_launches(arch) as launches, torch.set_grad_enabled(train):
+    with kernel_tiles.forced_tiles_of({kernel: {} for kernel in chosen}), \
+            launcher.recording_launches(arch) as launches, torch.set_grad_enabled(train):
         out = memory(x)
         if train:
             out.sum().backward()
@@ -425,8 +428,8 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
     rows, features = PROJECTION_SPLIT[(128, 32)]
     assert projections == [(128, 32, 128, 32, rows, features)] + (
         [(128, 32, 128, 32, 16, None)] if train else [])
-    table = launch.SPLIT_TILES[(128, 32)][arch]
-    tiled = [x for x in launches if x.kernel.__name__[:-len('_kernel')] in launch.KERNEL_NAMES]
+    table = kernel_tiles.SPLIT_TILES[(128, 32)][arch]
+    tiled = [x for x in launches if x.kernel.__name__[:-len('_kernel')] in kernel_tiles.KERNEL_NAMES]
     assert tiled
     for x in tiled:
         kernel = x.kernel.__name__[:-len('_kernel')]
@@ -465,11 +468,11 @@ def test_m4_inference_kernels_compile_in_two_column_blocks_on_sm_90():
 @pytest.mark.parametrize('one_program', [False, True])
 def test_m4_training_kernels_compile_at_their_split_tiles(arch, one_program):
     _check_split_compiles(arch, train=True,
-                          chosen=tuple(launch.REPLACES) if one_program else ())
+                          chosen=tuple(kernel_tiles.REPLACES) if one_program else ())
 
 
 def test_column_blocks_split_a_width_where_two_blocks_hold_fewer_columns():
-    blocks = {d: launch.column_blocks(d) for d in (8, 16, 24, 40, 80, 96, 128, 160, 192, 200)}
+    blocks = {d: kernel_tiles.column_blocks(d) for d in (8, 16, 24, 40, 80, 96, 128, 160, 192, 200)}
     assert blocks == {8: (16, 0), 16: (16, 0), 24: (32, 0), 40: (32, 16), 80: (64, 16),
                       96: (64, 32), 128: (128, 0), 160: (128, 32), 192: (128, 64),
                       200: (256, 0)}
@@ -481,20 +484,20 @@ def test_a_tuned_entry_decides_the_split(monkeypatch):
     monkeypatch.setattr(tuned, 'TUNED_TILES', (
         _entry(kernel='read', split=1, BM=32),
         _entry(kernel='read', block_d=256, split=0, BM=16, BH=32, num_warps=8)))
-    config = launch.tile_config('read', 96, 196, None, None, BF16, arch=90)
+    config = kernel_tiles.tile_config('read', 96, 196, None, None, BF16, arch=90)
     assert (config['BD'], config['BE'], config['BM'], config['BH']) == (64, 32, 32, 64)
-    config = launch.tile_config('read', 160, 196, None, None, BF16, arch=90)
+    config = kernel_tiles.tile_config('read', 160, 196, None, None, BF16, arch=90)
     assert (config['BD'], config['BE'], config['BM']) == (256, 0, 16)
-    with launch.forced_tiles('read', split=1):
-        assert launch.tile_config('read', 160, 196, None, None, BF16, arch=90)['BE'] == 32
-    assert launch.tile_config('read', 160, 196, None, None, BF16, arch=80)['BE'] == 32
+    with kernel_tiles.forced_tiles('read', split=1):
+        assert kernel_tiles.tile_config('read', 160, 196, None, None, BF16, arch=90)['BE'] == 32
+    assert kernel_tiles.tile_config('read', 160, 196, None, None, BF16, arch=80)['BE'] == 32
     with pytest.raises(ValueError, match='split must be None, 0 or 1'):
         check_tuned_tiles([_entry(split=2)])
 
 
 def test_m4_rows_split_by_default_where_the_table_says():
     def blocks(kernel, d=160, dtype=BF16, decomposed=False, arch=90):
-        config = launch.tile_config(kernel, d, 196, None, None, dtype, decomposed, arch)
+        config = kernel_tiles.tile_config(kernel, d, 196, None, None, dtype, decomposed, arch)
         return config['BD'], config['BE'], config['BM'], config['BH']
 
     assert blocks('read') == (128, 32, 64, 32)
@@ -505,13 +508,13 @@ def test_m4_rows_split_by_default_where_the_table_says():
     assert blocks('read', dtype=torch.float32)[:2] == (256, 0)
     assert blocks('read', decomposed=True)[:2] == (256, 0)
     assert blocks('read', d=96)[:2] == (128, 0)  # M2: one block of 128
-    with launch.forced_tiles('read', split=0):
+    with kernel_tiles.forced_tiles('read', split=0):
         assert blocks('read') == (256, 0, 16, 32)
-    with launch.forced_tiles('read', split=1, BM=32):
+    with kernel_tiles.forced_tiles('read', split=1, BM=32):
         assert blocks('read', d=96)[:3] == (64, 32, 32)
     for bad in (2, True):
         with pytest.raises(ValueError, match='split must be 0 or 1'):
-            with launch.forced_tiles('read', split=bad):
+            with kernel_tiles.forced_tiles('read', split=bad):
                 pass
 
 
@@ -522,7 +525,7 @@ def test_m4_rows_split_by_default_where_the_table_says():
 def test_one_program_per_chunk_compiles_without_spills_at_its_default_tiles(arch):
     """The chunk gradients' one program per chunk, forward and backward, in
     a bf16 training step at M3's stage 1, compiled as launched."""
-    _, reports = _stage1_reports(arch, 0, chosen=tuple(launch.REPLACES))
+    _, reports = _stage1_reports(arch, 0, chosen=tuple(kernel_tiles.REPLACES))
     merged = {kernel: report for (kernel, _), report in reports.items()
               if kernel.endswith('chunk_kernel')}
     assert set(merged) == {'grads_chunk_kernel', 'grads_backward_chunk_kernel'}
@@ -563,7 +566,7 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
     def run(kernels, per_sm):
         leaves = [t.clone().requires_grad_() for t in inputs]
         forced = {kernel: dict(programs_per_sm=per_sm) for kernel in kernels}
-        with launch.forced_tiles_of(forced), launch.observing_launches() as launches:
+        with kernel_tiles.forced_tiles_of(forced), launcher.observing_launches() as launches:
             out = chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:], BF16)
             bars = [torch.randn(t.shape, generator=gen).cuda() for t in out]
             grads = torch.autograd.grad(out, leaves, bars)
@@ -575,7 +578,7 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
     # the same tiles agree to float32's summation order; one program per chunk has
     # tiles of its own, whose bf16 d_hidden may round one ulp apart (1.3e-3 of the
     # largest gradient on an H200), where a read before the barrier is off by O(1)
-    for kernels, bound in ((_TWO_PASSES, 1e-4), (tuple(launch.REPLACES), 1e-2)):
+    for kernels, bound in ((_TWO_PASSES, 1e-4), (tuple(kernel_tiles.REPLACES), 1e-2)):
         gen.manual_seed(1)
         got, iters = run(kernels, 2)
         assert iters > 1, kernels
@@ -585,20 +588,20 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
 
 def test_forced_column_blocks_hold_the_rows_of_every_two_pass_kernel():
     def blocks(kernel='read', d=160):
-        config = launch.tile_config(kernel, d, 196, None, None, BF16, arch=90)
+        config = kernel_tiles.tile_config(kernel, d, 196, None, None, BF16, arch=90)
         return config['BD'], config['BE']
 
-    with launch.forced_column_blocks(0):
+    with kernel_tiles.forced_column_blocks(0):
         assert blocks() == blocks('grads_backward_cols') == (256, 0)
         # the one-program kernels are not forced, so not chosen
-        assert not launch.chosen_kernel('grads_chunk', 160, BF16, 90)
-    with launch.forced_column_blocks(1):
+        assert not kernel_tiles.chosen_kernel('grads_chunk', 160, BF16, 90)
+    with kernel_tiles.forced_column_blocks(1):
         assert blocks(d=96) == (64, 32)
-    with launch.forced_column_blocks(None):
+    with kernel_tiles.forced_column_blocks(None):
         assert blocks() == (128, 32)
-    with launch.forced_column_blocks(0):  # the projections' too
+    with kernel_tiles.forced_column_blocks(0):  # the projections' too
         assert _projection_blocks() == (256, 0, 256, 0)
-    with launch.forced_column_blocks(1):
+    with kernel_tiles.forced_column_blocks(1):
         assert _projection_blocks(d=96) == (64, 32, 64, 32)
 
 
@@ -624,26 +627,26 @@ def test_m4_projections_split_by_default_where_the_table_says():
     assert _projection_blocks(backward=True, tiles=True) == (128, 32, 128, 32, 16, 128)
     assert _projection_blocks(d=128, backward=True) == (128, 0, 128, 0)
     assert _projection_blocks(d=96, backward=True) == (128, 0, 128, 0)
-    with launch.forced_tiles('project_backward', split=1):
+    with kernel_tiles.forced_tiles('project_backward', split=1):
         assert _projection_blocks(d=96, backward=True) == (64, 32, 64, 32)
-    with launch.forced_tiles('project_backward', split=0), \
+    with kernel_tiles.forced_tiles('project_backward', split=0), \
             pytest.raises(ValueError, match='at most 128 columns per block'):
         _projection_blocks(backward=True)
     with pytest.raises(ValueError, match='at most 128 columns per block'):
         _projection_blocks(d=200, backward=True)  # one block of 256
     assert _projection_blocks(d=128, tiles=True) == (128, 0, 128, 0, 32, 128)
     assert _projection_blocks(d=96) == (128, 0, 128, 0)
-    with launch.forced_tiles('project', split=0):
+    with kernel_tiles.forced_tiles('project', split=0):
         assert _projection_blocks(tiles=True) == (256, 0, 256, 0, 16, 32)
-    with launch.forced_tiles('project', split=1):
+    with kernel_tiles.forced_tiles('project', split=1):
         assert _projection_blocks(d=96, tiles=True) == (64, 32, 64, 32, 32, 64)
         assert _projection_blocks(d=128) == (128, 0, 128, 0)  # nothing to split
         assert _projection_blocks(dtype=torch.float32)[:2] == (128, 32)
     with pytest.raises(ValueError, match='takes only split'):
-        with launch.forced_tiles('project', split=1, BM=16):
+        with kernel_tiles.forced_tiles('project', split=1, BM=16):
             pass
     with pytest.raises(ValueError, match='split must be 0 or 1'):
-        with launch.forced_tiles('project', split=2):
+        with kernel_tiles.forced_tiles('project', split=2):
             pass
 
 

@@ -38,7 +38,10 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_grads_triton, chunk_read_naive,
                                                   chunk_read_triton, kernels, read_torch,
                                                   read_triton)
-from convneur_mm.models.layers.memory_ops.kernels import launch
+from convneur_mm.models.layers.memory_ops.kernels import launcher
+from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels import ops as kernel_ops
+from convneur_mm.models.layers.memory_ops.read.triton import launch_read_backward
 from convneur_mm.testing.dispatch_probes import LiveTensorBytes
 
 from ... import interpreted as interpreted_runs
@@ -165,7 +168,7 @@ def _decomposed_results(gen: torch.Generator, device: str = 'cpu',
 
 # the chunk gradients' two passes (the default), and one program per chunk
 LAYOUTS = [('', contextlib.nullcontext),
-           ('_one_program', lambda: launch.forced_tiles('grads_chunk'))]
+           ('_one_program', lambda: kernel_tiles.forced_tiles('grads_chunk'))]
 
 
 def interpreter_results() -> dict:
@@ -187,7 +190,7 @@ def interpreter_results() -> dict:
         for name, (groups, chunks, length, d, max_lr, blocks) in write_cases.items():
             w, keys, values, token_lr = _write_inputs(groups, chunks, length, d, max_lr, seed=d)
             for (tag, dtype), (layout, chosen) in itertools.product(dtypes.items(), LAYOUTS):
-                with chosen(), launch.observing_launches() as launches:
+                with chosen(), launcher.observing_launches() as launches:
                     got = chunk_grads_triton(w, keys, values, token_lr, dtype, **blocks)
                 results[f'grads{layout}_{tag}_{name}'] = dict(
                     _grads_errors(got, w, keys, values, token_lr),
@@ -314,7 +317,7 @@ PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16, None),
                     'd20_L24': (2, 50, 20, 1, 24, 2, None, None),
                     'one_chunk': (1, 6, 16, 1, 8, 0, None, None),
                     'heads2_d40_steps16': (2, 20, 40, 2, 8, 2, 16, 16),
-                    # rows in two column blocks (``launch.column_blocks``, forced): 40
+                    # rows in two column blocks (``kernel_tiles.column_blocks``, forced): 40
                     # as 32 + 16, the head's columns too; 16-feature steps (M4's path),
                     # two heads of 20 in one block each; 80 as 64 + 16 (float16: whole
                     # rows, float32: 32-feature steps), two heads of 40 as 32 + 16 and
@@ -344,8 +347,8 @@ def projection_results(gen: torch.Generator) -> dict:
         ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)),
                             u, length, 0.5)
         for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
-            with launch.forced_tiles('project', split=int(name in PROJECTION_SPLITS)), \
-                    launch.observing_launches() as launches:
+            with kernel_tiles.forced_tiles('project', split=int(name in PROJECTION_SPLITS)), \
+                    launcher.observing_launches() as launches:
                 got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows,
                                      block_features=steps)
             results[f'project_{tag}_{name}'] = dict(
@@ -631,7 +634,7 @@ def test_triton_implementations_allocate_their_results_and_scratch_only():
     with torch.no_grad(), kernels.without_launches():
         with LiveTensorBytes() as live:
             grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16)
-        row_blocks = -(-length // launch.tile_config('grads_rows', d, length, None, None,
+        row_blocks = -(-length // kernel_tiles.tile_config('grads_rows', d, length, None, None,
                                                      torch.float16)['BM'])
         # the gradient at the MLP's output and the keys in the operand dtype, d_g's
         # shares in float32 (24-row chunks in 32-row blocks: one block per chunk)
@@ -742,7 +745,7 @@ def test_tile_span_check_bounds_the_rows_not_the_outer_dims():
     """Outer dims are addressed by int64 base offsets: a batch of 128 images at
     stage 1 (a group stride of 48M elements) must pass; a chunk whose rows
     alone span 2**31 elements must not. Meta tensors: no memory is allocated."""
-    check_span = launch.check_span
+    check_span = kernel_ops.check_span
 
     def meta(shape, strides):
         return torch.empty_strided(shape, strides, device='meta')
@@ -874,8 +877,8 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
     token_lr = empty(batch, chunks * length, heads).permute(2, 0, 1).unflatten(2, (chunks, length))
     per_chunk = (heads, batch * chunks)
     with inspect.recording_launches(arch) as launches:
-        launch.launch_read_backward(states, merged(), merged(), merged(), length, operand_dtype,
-                                    None, None, None, None)
+        launch_read_backward(states, merged(), merged(), merged(), length, operand_dtype,
+                             None, None, None, None)
         _chunk_grads_backward(empty(heads, d, 4 * d), empty(heads, 4 * d, d), empty(heads, d),
                               proj[..., :d], proj[..., d:], token_lr,
                               empty(*per_chunk, d, 4 * d), empty(*per_chunk, 4 * d, d),
@@ -897,7 +900,7 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
     half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
     # the rows pass's 16-bit copy of the keys
     assert inspect.launch_specialization(cols, arch)[0]['k_ptr'] == half
-    # the read's rows pass: 64-row blocks (32 on sm_90, ``launch.row_limit``),
+    # the read's rows pass: 64-row blocks (32 on sm_90, ``kernel_tiles.row_limit``),
     # then 16 rows for each chunk's last 4
     block = 32 if arch >= 90 else 64
     rows = [x for x in launches if x.kernel.__name__ == 'read_backward_rows_kernel']
@@ -977,7 +980,7 @@ def test_auto_kernels_serve_cuda_inference_in_bfloat16_where_measured():
         memory.kernels = 'torch'
         ref = memory(x)
     # the kernels where a GPU of this kind measured them faster (an H100 or H200)
-    from convneur_mm.models.layers.memory_ops.kernels.tuned import auto_path
+    from convneur_mm.models.layers.memory_ops.dispatch import auto_path
     major, minor = torch.cuda.get_device_capability()
     expected = auto_path(major * 10 + minor, 'bfloat16', False, 128)[0]
     assert plan.implementation == expected and plan.operand_dtype == torch.bfloat16, plan

@@ -20,7 +20,8 @@ import torch
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_torch,
                                                   chunk_grads_triton, chunk_read_torch,
                                                   chunk_read_triton, read_torch, read_triton)
-from convneur_mm.models.layers.memory_ops.kernels import launch
+from convneur_mm.models.layers.memory_ops.kernels import launcher
+from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory
@@ -138,7 +139,7 @@ def _per_image_views(gen: torch.Generator) -> List[torch.Tensor]:
 WRITE_CASES = {'d24_L24_blocks16': (2, 3, 24, 24, 1.0, dict(block_rows=16, block_hidden=64)),
                'd16_L8_default_blocks': (1, 2, 8, 16, 1.0, {}),
                'd20_L24_small_lr': (2, 2, 24, 20, 1e-3, dict(block_rows=16)),
-               # 40 columns in two blocks, 32 + 16 (``launch.column_blocks``); 160
+               # 40 columns in two blocks, 32 + 16 (``kernel_tiles.column_blocks``); 160
                # hidden units in blocks of 64, the last masked
                'd40_L24_split': (1, 2, 24, 40, 1.0, dict(block_rows=16, block_hidden=64)),
                # the weights' pass: one 32-row block, then 8 rows in a 16-row step
@@ -227,8 +228,8 @@ ONE_PROGRAM_CASES = ['d40_L24_split', 'd16_L40_blocks32', 'per_image']
 
 
 def _one_program_per_chunk(split: bool = False):
-    return launch.forced_tiles_of({kernel: dict(split=1) if split else {}
-                                   for kernel in launch.REPLACES})
+    return kernel_tiles.forced_tiles_of({kernel: dict(split=1) if split else {}
+                                   for kernel in kernel_tiles.REPLACES})
 
 
 @contextlib.contextmanager
@@ -238,8 +239,8 @@ def _split_columns(split: bool = True):
     finds two. Yields a list that gets the launches' (kernel, BE), sorted,
     once the block ends."""
     seen = []
-    with launch.forced_column_blocks(1 if split else None), \
-            launch.observing_launches() as launches:
+    with kernel_tiles.forced_column_blocks(1 if split else None), \
+            launcher.observing_launches() as launches:
         yield seen
     seen.extend(sorted({(x.kernel.__name__, x.kwargs.get('BE', 0)) for x in launches}))
 
@@ -258,7 +259,7 @@ def backward_results() -> Dict[str, dict]:
                     [*w, keys, values, token_lr], dtype, tiles)
             results[f'chunk_grads_{tag}_{name}']['launched'] = seen
             if name in ONE_PROGRAM_CASES:
-                with _one_program_per_chunk(split), launch.observing_launches() as launches:
+                with _one_program_per_chunk(split), launcher.observing_launches() as launches:
                     results[f'chunk_grads_one_program_{tag}_{name}'] = _chunk_grads_case(
                         [*w, keys, values, token_lr], dtype, tiles)
                 results[f'chunk_grads_one_program_{tag}_{name}']['launched'] = sorted(
@@ -277,8 +278,8 @@ def backward_results() -> Dict[str, dict]:
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
         for name, case in PROJECTION_CASES.items():
-            with launch.forced_column_blocks(int(name in PROJECTION_SPLITS)), \
-                    launch.observing_launches() as launches:
+            with kernel_tiles.forced_column_blocks(int(name in PROJECTION_SPLITS)), \
+                    launcher.observing_launches() as launches:
                 results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
             results[f'project_{tag}_{name}']['launched'] = _projection_blocks(launches)
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
@@ -314,7 +315,7 @@ def backward_results() -> Dict[str, dict]:
 
 # the read's backward rows pass on an H200 (triton 3.6): 64-row tiles computed wrong
 # query gradients or faulted, whatever their warps, stages or tail launch; 32 and 16
-# rows (``launch.row_limit``'s default there) and float32 operands were exact.
+# rows (``kernel_tiles.row_limit``'s default there) and float32 operands were exact.
 # A variant: (its tiles, operand dtype, sizes as _chunk_read_case's)
 M3_STAGE1_READ = (1, 4, 4, 196, 784, 128)
 # where 64-row tiles of that pass miscompute (elsewhere 'rows64' is its default launch)
@@ -333,7 +334,7 @@ def read_backward_on_cuda_results() -> dict:
     ``READ_BACKWARD_VARIANTS[$CONVNEUR_READ_VARIANT]`` says: each input's
     gradient against float64."""
     options, dtype, sizes = READ_BACKWARD_VARIANTS[os.environ['CONVNEUR_READ_VARIANT']]
-    with launch.forced_tiles('read_backward_rows', **options):
+    with kernel_tiles.forced_tiles('read_backward_rows', **options):
         return _chunk_read_case(torch.Generator().manual_seed(0), dtype, False, sizes=sizes,
                                 device='cuda')
 
@@ -372,7 +373,7 @@ def m4_projection_results() -> Dict[str, dict]:
     launches' (kernel, BE, BHE)."""
     results = {}
     for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
-        with launch.observing_launches() as launches:
+        with launcher.observing_launches() as launches:
             results[tag] = _project_case(torch.Generator().manual_seed(160), dtype, 1, 196, 160,
                                          1, 196, 1, None)
         results[tag]['launched'] = _projection_blocks(launches)
@@ -565,13 +566,13 @@ def test_projection_backward_on_cuda_at_model_widths(d, heads):
 @pytest.mark.parametrize('variant', [
     pytest.param(variant, marks=pytest.mark.xfail(
         _SM90, strict=True, reason='64-row tiles compute wrong query gradients or fault on '
-        'sm_90 (triton 3.6): once this passes, lift launch.SM90_ROW_LIMITS'))
+        'sm_90 (triton 3.6): once this passes, lift kernel_tiles.SM90_ROW_LIMITS'))
     if variant == 'rows64' else variant for variant in READ_BACKWARD_VARIANTS])
 def test_the_read_backward_on_cuda_at_m3_width(variant):
     """Each launch variant of the read's backward rows pass in a process of
     its own (a CUDA fault ends its process): which ones compute the float64
     gradients within bfloat16's tolerance, synchronously launched so that a
-    fault names its kernel. On sm_90 the default is ``launch.row_limit``'s."""
+    fault names its kernel. On sm_90 the default is ``kernel_tiles.row_limit``'s."""
     env = dict(os.environ, CONVNEUR_READ_VARIANT=variant, CUDA_LAUNCH_BLOCKING='1',
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
     done = subprocess.run([sys.executable, '-m', __name__, 'read_backward_on_cuda_results'],
