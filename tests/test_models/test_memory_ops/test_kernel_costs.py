@@ -1,18 +1,17 @@
-"""The memory kernels' roofline costs (``kernels.costs``): FLOPs over the
-rows each launch serves, each tensor's bytes once per kernel, whatever the
-tiles; launches recorded on meta tensors (the GPU code path's arguments,
-nothing runs) or observed around a real call."""
+"""The bytes and FLOPs of the memory's kernel launches (``kernels.costs``): the
+rows each launch serves, each tensor's bytes once per kernel, whatever the tiles."""
 import os
 
 import pytest
 import torch
 
 from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
-from convneur_mm.models.layers.memory_ops.kernels import costs, launcher
-from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels import costs, launcher, tiles as kernel_tiles
 from convneur_mm.models.layers.memory_ops.read.triton import launch_read_backward
 
-D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial fourth
+from .memory_cases import BATCH, D, L, TOKENS
+
+
 PER_ROW = 2 * D * 4 * D  # one product's FLOPs per row
 
 
