@@ -3,6 +3,10 @@ Triton's interpreter (forward and backward), their argument checks, what they
 allocate and save, and on a CUDA GPU at the models' widths."""
 import contextlib
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, pro
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.dispatch_probes import LiveTensorBytes
 
+from ...paths import REPO
 from .memory_cases import (BF16_TOL, CASES, DTYPES, F16_EMULATED_TOL, F16_TOL, F32_TOL, LAYOUTS,
                            _chunk_grads_case, _decomposed_results, _grads64, _half, _norm_err,
                            _one_program_per_chunk, _rel_err, _run_interpreted, _write_inputs)
@@ -361,3 +366,30 @@ def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
                       if p.grad is not None and n != 'pool.to_logits.bias'})
     for name, want in grads[1].items():
         assert _rel_err(grads[0][name], want) < BF16_TOL, name
+
+
+def test_the_package_loads_no_kernels_until_first_use():
+    """Each op's kernels (``memory_ops.<op>.kernels``) and their shared device
+    functions load on first use, never with the package: a TRITON_INTERPRET
+    set before that use still decides how they run."""
+    script = ('import json, sys\n'
+              'import torch\n'
+              'from convneur_mm.models.layers import NeuralMemory\n'
+              'memory = NeuralMemory(16, chunk_size=8).eval()\n'
+              'with torch.no_grad():\n'
+              '    memory(torch.randn(1, 20, 16))\n'
+              "ops = 'convneur_mm.models.layers.memory_ops.'\n"
+              "print(json.dumps(sorted(m for m in sys.modules if m.startswith(ops) and\n"
+              "                        m.rsplit('.', 1)[-1] in ('kernels', 'triton_common')\n"
+              "                        and m != ops + 'kernels')))\n")
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_load_kernels_names_the_ops_it_knows():
+    from convneur_mm.models.layers.memory_ops.kernels.availability import KERNEL_OPS, load_kernels
+    assert KERNEL_OPS == ('read', 'chunk_grads', 'project', 'scan')
+    with pytest.raises(ValueError, match="op must be one of .*'chunk_read'"):
+        load_kernels('chunk_read')  # the chunk read launches the read's kernels
