@@ -90,16 +90,16 @@ def visible_gpus() -> int:
 
 
 def pytest_collection_finish(session):
-    """Start the interpreter runs that the selected tests' ``interpreted``
-    fixtures read (a module's ``INTERPRETED``): each goes on beside the
-    tests before them. Not in pytest-xdist's workers: each collects every
-    test but runs a share, so each run waits for the test that reads it."""
+    """Start the interpreter runs that the selected tests' fixtures read
+    (``interpreted.FIXTURE_RUNS``): each goes on beside the tests before
+    them. Not in pytest-xdist's workers: each collects every test but runs a
+    share, so each run waits for the test that reads it."""
     if _in_xdist_worker(session.config):
         return
     for item in session.items:
-        run = getattr(getattr(item, 'module', None), 'INTERPRETED', None)
-        if run is not None and 'interpreted' in getattr(item, 'fixturenames', ()):
-            interpreted.start(*run)
+        for name in getattr(item, 'fixturenames', ()):
+            if name in interpreted.FIXTURE_RUNS:
+                interpreted.start(*interpreted.FIXTURE_RUNS[name])
 
 
 def pytest_sessionfinish(session):

@@ -3,7 +3,7 @@ subprocess with TRITON_INTERPRET=1 (triton reads it once, when it is first
 imported), its JSON result read back.
 
 Each run takes one core for up to a minute. The session queues the runs that
-its selected tests' ``interpreted`` fixtures need as soon as the tests are
+its selected tests' fixtures need (``FIXTURE_RUNS``) as soon as the tests are
 collected (``tests/conftest.py``), and one background thread works through
 the queue, one run at a time, beside the rest of the suite. A test that needs
 a run waits for it, or runs it itself if the thread has not reached it yet.
@@ -20,7 +20,9 @@ import pytest
 
 from .paths import REPO
 
-Key = Tuple[str, str]  # (function, module)
+Key = Tuple[str, str]  # (function, the module's dotted name)
+# fixture name -> the run it reads; a folder's conftest registers its fixtures' runs
+FIXTURE_RUNS: Dict[str, Key] = {}
 Outcome = Tuple[int, str, str]  # returncode, stdout, stderr
 TIMEOUT_S = 900
 _lock = threading.Condition()
@@ -43,9 +45,8 @@ def _run(key: Key, env: dict) -> Outcome:
     with _lock:
         if _stopped[0]:
             return -1, '', 'the session ended before this run started'
-        child = subprocess.Popen([sys.executable, '-m', f'tests.test_models.test_layers.{module}',
-                                  what], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+        child = subprocess.Popen([sys.executable, '-m', module, what], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _running[key] = child
     try:
         stdout, stderr = child.communicate(timeout=TIMEOUT_S)
@@ -77,8 +78,9 @@ def _work() -> None:
 
 
 def start(what: str, module: str) -> None:
-    """Queue ``tests.test_models.test_layers.<module>``'s function ``what``
-    for the background thread, once (no-op without triton)."""
+    """Queue ``module``'s function ``what`` (``module`` a dotted name, e.g.
+    ``tests.test_models.test_memory_ops.memory_cases``) for the background
+    thread, once (no-op without triton)."""
     global _worker
     try:
         import triton  # noqa: F401

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-from convneur_mm.models.layers.memory_ops.kernels.launch import Launch, recording_launches
+from convneur_mm.models.layers.memory_ops.kernels.launcher import Launch, recording_launches
 
 __all__ = ['CompileReport', 'Launch', 'compile_for', 'launch_reports', 'launch_specialization',
            'recording_launches']

@@ -34,7 +34,7 @@ kernels (``'triton_m4'``), the same with every row in one padded column
 block (``'triton_m4_one_block'``: what two blocks gain) and through PyTorch
 (``'torch_m4'``: whether ``kernels='auto'`` should take the kernels at M4's
 width). Each roofline counts the true columns, so M4's kernels (160 columns
-as 128 + 32, ``launch.column_blocks``, the projection's included) against
+as 128 + 32, ``tiles.column_blocks``, the projection's included) against
 M3's (128), each beside its roofline, say what M4's width costs.
 """
 import argparse
@@ -51,7 +51,7 @@ from torch.utils.flop_counter import flop_registry
 from benchmarks.common.record import Record
 from benchmarks.common.subjects import M3_SIZE, branch_inputs, convneur_backbone, stage_branches
 from convneur_mm.analysis.timing import is_cuda, synchronize
-from convneur_mm.models.layers.memory_ops.kernels.launch import Launch
+from convneur_mm.models.layers.memory_ops.kernels.launcher import Launch
 from convneur_mm.testing.dispatch_probes import AtenOpCounter, tensors_in
 from convneur_mm.utils.cli import positive_int
 from convneur_mm.utils.tables import markdown_table
@@ -261,8 +261,8 @@ def with_kernel_costs(fn: Callable[[], object], costs: Dict[str, OpCost],
     (``observing_launches``), or on meta tensors recorded for sm_90 without
     running (``recording_launches``). The few ATen ops inside the operators
     (the sums of per-block shares, the weights' casts) stay unpriced."""
-    from convneur_mm.models.layers.memory_ops.kernels.launch import (observing_launches,
-                                                                     recording_launches)
+    from convneur_mm.models.layers.memory_ops.kernels.launcher import (
+        observing_launches, recording_launches)
     meta = torch.device(device).type == 'meta'
     with (recording_launches(90) if meta else observing_launches()) as launches:
         fn()  # on meta tensors a training step records its backward's launches too
@@ -481,7 +481,7 @@ def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
     as ``launch.forced_column_blocks``."""
     if kernels == 'triton' and not is_cuda(device):
         raise ValueError("the 'triton' cases need a CUDA device")
-    from convneur_mm.models.layers.memory_ops.kernels.launch import forced_column_blocks
+    from convneur_mm.models.layers.memory_ops.kernels.tiles import forced_column_blocks
     branches = global_branches(device, kernels, arch=arch)
     inputs = branch_inputs(branches, batch, size, device)
 
@@ -576,7 +576,7 @@ def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = P
     chunk gradients as one program per chunk (``launch.REPLACES``). Recorded
     on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs, and none
     is needed; triton must not be in its interpreter."""
-    from convneur_mm.models.layers.memory_ops.kernels.launch import REPLACES, forced_tiles_of
+    from convneur_mm.models.layers.memory_ops.kernels.tiles import REPLACES, forced_tiles_of
     one_program_options = {kernel: {} for kernel in REPLACES} if one_program else {}
     branches = global_branches('meta', kernels='triton', arch=arch)
     rows = []

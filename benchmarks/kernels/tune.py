@@ -48,10 +48,11 @@ from benchmarks.kernels.profile import device_peak, profile_kernels, total_cost,
 from benchmarks.memory.bytes import MemoryShape, backbone_shapes, flat_inputs, write_read_inputs
 from convneur_mm.analysis.timing import is_cuda, median, time_calls
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
-from convneur_mm.models.layers.memory_ops.kernels.launch import (REPLACES, block_width,
-                                                                 column_blocks, forced_tiles,
-                                                                 forced_tiles_of, row_limit,
-                                                                 target_arch, tile_config)
+from convneur_mm.models.layers.memory_ops.kernels.launcher import target_arch
+from convneur_mm.models.layers.memory_ops.kernels.tiles import (REPLACES, block_width,
+                                                                column_blocks, forced_tiles,
+                                                                forced_tiles_of, row_limit,
+                                                                tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES, MeasuredPath,
                                                                 TunedTile, dtype_name)
 from convneur_mm.utils.cli import positive_float, positive_int

@@ -9,7 +9,8 @@ import torch
 
 from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
 from benchmarks.kernels import profile as costs
-from convneur_mm.models.layers.memory_ops.kernels import launch
+from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.read.triton import launch_read_backward
 
 D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial fourth
 PER_ROW = 2 * D * 4 * D  # one product's FLOPs per row
@@ -25,13 +26,13 @@ def _compiled_triton():
 def _memory_costs(dtype: str = 'bfloat16', launched: list = None, **tiles):
     from convneur_mm.models.layers import NeuralMemory
     memory = NeuralMemory(D, chunk_size=L, kernels='triton', matmul_dtype=dtype).eval()
-    with torch.no_grad(), launch.recording_launches(90) as launches:
+    with torch.no_grad(), launcher.recording_launches(90) as launches:
         for kernel, options in tiles.items():
-            launch._forced.append((kernel, options))
+            kernel_tiles._forced.append((kernel, options))
         try:
             memory.to('meta')(torch.empty(BATCH, TOKENS, D, device='meta'))
         finally:
-            del launch._forced[len(launch._forced) - len(tiles):]
+            del kernel_tiles._forced[len(kernel_tiles._forced) - len(tiles):]
     if launched is not None:
         launched += launches
     return costs.kernel_costs(launches)
@@ -70,7 +71,7 @@ def test_a_chunk_read_costs_the_tokens_it_has_whatever_its_states():
     from convneur_mm.models.layers.memory_ops import chunk_read_triton
     meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
     states = MemoryWeights(meta(1, 2, 5, D, 4 * D), meta(1, 2, 5, 4 * D, D), meta(1, 2, 5, D))
-    with torch.no_grad(), launch.recording_launches(90) as launches:
+    with torch.no_grad(), launcher.recording_launches(90) as launches:
         chunk_read_triton(states, meta(1, 2, 2 * L + 5, D), L, torch.bfloat16)  # 5 states, 3 used
     assert costs.kernel_costs(launches)['read_kernel'].flops == 2 * PER_ROW * 2 * (2 * L + 5)
 
@@ -101,7 +102,7 @@ def test_each_tensor_counts_once_and_a_broadcast_dim_once():
     weights = MemoryWeights(torch.empty(1, D, 4 * D, device='meta'),
                             torch.empty(1, 4 * D, D, device='meta'),
                             torch.empty(1, D, device='meta'))
-    with torch.no_grad(), launch.recording_launches(90) as launches:
+    with torch.no_grad(), launcher.recording_launches(90) as launches:
         chunk_grads_triton(weights, keys, keys, keys[..., 0], torch.float32)
     # keys and values are one tensor here: read once
     rows = launches[0]
@@ -120,13 +121,13 @@ def _backward_costs(decomposed: bool = False):
     states = MemoryWeights(meta(1, 2, 4, D, 4 * D), meta(1, 2, 4, 4 * D, D), meta(1, 2, 4, D))
     x = meta(1, 2, TOKENS, D)
     base = MemoryWeights(meta(1, D, 4 * D), meta(1, 4 * D, D), None) if decomposed else None
-    with torch.no_grad(), launch.recording_launches(90) as launches:
+    with torch.no_grad(), launcher.recording_launches(90) as launches:
         if not decomposed:
             grads_triton._chunk_grads_backward(*weights, keys, keys, keys[..., 0],
                                                *(torch.empty_like(w) for w in weights[:2]),
                                                meta(1, 6, D), torch.bfloat16, None, None)
-        launch.launch_read_backward(states, x, x, torch.empty_like(x), L, torch.bfloat16, base,
-                                    meta(1, 2, 4) if decomposed else None, None, None)
+        launch_read_backward(states, x, x, torch.empty_like(x), L, torch.bfloat16, base,
+                             meta(1, 2, 4) if decomposed else None, None, None)
     return costs.kernel_costs(launches)
 
 
@@ -142,7 +143,7 @@ def test_backward_kernels_cost_the_products_their_code_runs():
 
 def test_one_program_per_chunk_backward_costs_both_passes_products_and_fewer_bytes():
     two = _backward_costs()
-    with launch.forced_tiles('grads_backward_chunk'):
+    with kernel_tiles.forced_tiles('grads_backward_chunk'):
         one = _backward_costs()
     merged = one['grads_backward_chunk_kernel']
     assert 'grads_backward_rows_kernel' not in one and 'grads_backward_cols_kernel' not in one
@@ -167,7 +168,7 @@ def test_the_projections_backward_recomputes_every_product_but_the_values():
     images, heads, written = 2, 1, 3 * L
     x, weight = meta(images, TOKENS, D), meta(4 * D + heads, D)
     gamma, bias = meta(2 * heads, D), meta(D + heads)
-    with torch.no_grad(), launch.recording_launches(90) as launches:
+    with torch.no_grad(), launcher.recording_launches(90) as launches:
         pooled, lse = project_triton._project(x, weight, bias, gamma, 3, L, 1.0,
                                               torch.bfloat16, None, None)[4:]
         project_triton._project_backward(
@@ -195,11 +196,11 @@ def test_observed_launches_run_and_are_recorded(monkeypatch):
     class FakeModule:
         read_kernel = FakeKernel()
 
-    monkeypatch.setattr(launch, 'load_kernels', lambda: (FakeModule(), None, True))
-    with launch.observing_launches() as launches:
-        kernels, _ = launch.launch_config(torch.float16, torch.device('cpu'))
+    monkeypatch.setattr(launcher, 'load_kernels', lambda op: (FakeModule(), None, True))
+    with launcher.observing_launches() as launches:
+        kernels, _ = launcher.launch_config('read', torch.float16, torch.device('cpu'))
         kernels.read_kernel[(3, )](1, 2, BM=16)
     assert ran == [((3, ), (1, 2), dict(BM=16))]
     assert [(l.grid, l.args, l.kwargs) for l in launches] == [((3, ), (1, 2), dict(BM=16))]
-    kernels, _ = launch.launch_config(torch.float16, torch.device('cpu'))
+    kernels, _ = launcher.launch_config('read', torch.float16, torch.device('cpu'))
     assert kernels is FakeModule or isinstance(kernels, FakeModule)  # none observing: as is

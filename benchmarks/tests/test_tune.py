@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.kernels import tune as kernel_tuning
 from benchmarks.kernels.tune import Trial, agrees, best_trial, tune_kernel
-from convneur_mm.models.layers.memory_ops.kernels import launch
+from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
 
 from tests.paths import REPO
 from tests.test_analysis.test_timing import _fake_clock
@@ -21,7 +21,7 @@ START = dict(BM=32, BH=32, num_warps=4, num_stages=2)
 
 def _current(option: str) -> int:
     """The option the read kernel would launch with now (forced or default)."""
-    return launch.tile_config('read', 32, 64, None, None, torch.float16)[option]
+    return kernel_tiles.tile_config('read', 32, 64, None, None, torch.float16)[option]
 
 
 def test_agrees_bounds_the_max_relative_difference_and_refuses_non_finite_or_missing():
@@ -63,7 +63,7 @@ def test_the_other_kernels_chosen_options_are_forced_while_one_is_tuned():
     seen = []
 
     def call():
-        seen.append(launch.tile_config('grads_rows', 32, 64, None, None, torch.float16)['BM'])
+        seen.append(kernel_tiles.tile_config('grads_rows', 32, 64, None, None, torch.float16)['BM'])
         return [torch.zeros(1)]
 
     axes = dict(BM=(32, ), BH=(32, ), num_warps=(4, ), num_stages=(2, ))
@@ -159,14 +159,14 @@ def test_a_kernel_that_replaces_others_is_timed_against_their_sum(monkeypatch):
     seen = {}
 
     def seconds(kernel, call, device, repeats):
-        seen[kernel] = (launch.chosen_kernel('grads_chunk', 32, torch.float16, 90),
-                        launch.tile_config('grads_rows', 32, 64, None, None,
+        seen[kernel] = (kernel_tiles.chosen_kernel('grads_chunk', 32, torch.float16, 90),
+                        kernel_tiles.tile_config('grads_rows', 32, 64, None, None,
                                            torch.float16)['BM'])
         return times[kernel]
 
     entry = tuned.TunedTile('grads_chunk', 90, 'float16', 32, False, 32, 32, 8, 2)
     monkeypatch.setattr(tuned, 'TUNED_TILES', (entry, ))
-    assert launch.chosen_kernel('grads_chunk', 32, torch.float16, 90)
+    assert kernel_tiles.chosen_kernel('grads_chunk', 32, torch.float16, 90)
     monkeypatch.setattr(kernel_tuning, 'is_cuda', lambda device: True)
     monkeypatch.setattr(kernel_tuning, 'kernel_seconds', seconds)
     chosen = {'grads_chunk': dict(BM=32), 'grads_rows': dict(BM=16)}
@@ -181,8 +181,8 @@ def test_a_replacing_kernel_must_compute_what_the_replaced_ones_compute(monkeypa
     """Its candidates are checked against its own start only: the one
     chosen is then checked against the kernels it replaces."""
     def call():  # a one-program-per-chunk result off by BM 64
-        one = launch.chosen_kernel('grads_chunk', 32, torch.float16, None)
-        bm = launch.tile_config('grads_chunk', 32, 64, None, None, torch.float16)['BM']
+        one = kernel_tiles.chosen_kernel('grads_chunk', 32, torch.float16, None)
+        bm = kernel_tiles.tile_config('grads_chunk', 32, 64, None, None, torch.float16)['BM']
         return [torch.tensor([1.0 + (one and bm == 64)])]
 
     chosen = {'grads_rows': dict(BM=16)}
@@ -249,7 +249,7 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert isinstance(result['kernels']['grads_chunk']['replaces'], bool)
     shape = kernel_tuning.DRY_SHAPE
     for name, kernel in result['kernels'].items():
-        default = launch.tile_config(name, shape.head_dim, shape.chunk, None, None,
+        default = kernel_tiles.tile_config(name, shape.head_dim, shape.chunk, None, None,
                                      torch.float16)
         assert kernel['start'] == {k: default[k] for k in kernel_tuning.AXES}
         assert kernel['trials'][0] == dict(kernel['start'], ms=kernel['start_ms'], error=None)
@@ -284,11 +284,11 @@ def test_rows_past_a_kernels_row_limit_are_not_tried():
 def test_the_split_is_tried_only_where_a_width_has_two_column_blocks():
     axes = kernel_tuning.AXES
     for d, be in ((160, 32), (96, 0)):
-        tiles = launch.tile_config('read', d, 196, None, None, torch.bfloat16, arch=90)
+        tiles = kernel_tiles.tile_config('read', d, 196, None, None, torch.bfloat16, arch=90)
         split_axes, start = kernel_tuning.with_split_axis(axes, dict(START), tiles, d)
         assert split_axes['split'] == (0, 1) and start == dict(START, split=int(be > 0))
     # 128 columns: one block, whatever the split
-    tiles = launch.tile_config('read', 128, 196, None, None, torch.bfloat16, arch=90)
+    tiles = kernel_tiles.tile_config('read', 128, 196, None, None, torch.bfloat16, arch=90)
     assert kernel_tuning.with_split_axis(axes, dict(START), tiles, 128) == (axes, START)
 
 

@@ -20,7 +20,6 @@ executed on one path (``NeuralMemory.execute``) through the operations of
 ``memory_ops``: projections, ``chunk_grads``, ``scan_states``, ``chunk_read``
 (``read`` for a single chunk), each by the plan's implementation.
 """
-import dataclasses
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -32,11 +31,9 @@ from .memory_ops import MemoryWeights, decay_carry, scan_states, scan_states_tri
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS, check_gelu_approximate
-from .memory_ops.kernels import cuda_fault, unavailable_reason
-from .memory_ops.kernels.launch import KERNEL_NAMES, cuda_capability
-from .memory_ops.kernels.tuned import auto_path, dtype_name, measured_path
-from .memory_ops.project import (MAX_PROJECTION_WIDTH, ProjectionWeights, project,
-                                 projection_backward_serves)
+from .memory_ops.dispatch import (KERNELS, MATMUL_DTYPES, MemoryPlan, PathSettings,
+                                  operand_dtype, plan_memory)
+from .memory_ops.project import ProjectionWeights, project
 from .memory_ops.read import read
 try:
     from torch.distributed.tensor import DTensor
@@ -45,75 +42,11 @@ except ImportError:  # a torch built without distributed support
         pass
 
 from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, KeepsFloat32,
-                                                at_least_float32, autocast_dtype, in_float32,
+                                                at_least_float32, in_float32,
                                                 narrowed_parameters, widened)
 
 UPDATE_MODES = ('parallel', 'sequential')
-# memory_cfg['matmul_dtype'] -> the products' operand dtype (None: float32)
-MATMUL_DTYPES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
-                 'float16': torch.float16}
-KERNELS = ('auto', 'torch', 'triton')
 BACKWARDS = ('closed_form', 'autograd')
-# Below this max_lr a 16-bit read keeps W_0's part apart (the decomposed read,
-# memory_ops.read_torch): at 1e-3 the update is ~0.2% of the state, under
-# bfloat16's rounding of it.
-DECOMPOSE_BELOW_MAX_LR = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPlan:
-    """How one call of ``NeuralMemory`` computes (``NeuralMemory.plan``).
-
-    Attributes:
-        operand_dtype: the matrix products' operand dtype; None: the compute
-            dtype (float32, or float64 for a float64 module).
-        decomposed_read: the states are read as ``a_t * (q @ W_0)`` at full
-            precision plus ``q @ dW_t`` in ``operand_dtype`` (16-bit operands
-            at a small ``max_lr``); the projections then keep full precision.
-        implementation: 'torch' or 'triton', of the chunk gradients and the
-            reads, in inference and training alike (the Triton kernels have
-            backward kernels); the sequential mode's gradients at each
-            image's state are PyTorch's in both.
-        reason: why that implementation.
-        backward: how training differentiates the PyTorch chunk gradients
-            and reads: 'closed_form' (their hand-derived backward: no double
-            backward, no (T, 4d) tensor saved) or 'autograd' (through their
-            ops: inference, 'triton', export, ``backward='autograd'``).
-        images_per_slice: images computed together (``working_set_mib``); the
-            batch when unsliced.
-        shape_generic: one graph for every token count (``torch.export``):
-            the input is padded to whole chunks, every chunk writes and the
-            scan is one block; the same maths.
-        recompute: training saves only the input and recomputes the forward
-            in the backward pass (``torch.utils.checkpoint``).
-        projections: how the projections compute: 'torch', one product
-            with the norms' weights folded in (``memory_ops.project``; their
-            layers are plain: ``plain_layers``); 'triton', that as one Triton
-            kernel with one backward kernel (with ``kernels='triton'``);
-            'layers', each layer called (a hook or FSDP must see it).
-        scan: 'triton' (the scan kernel, step by step; in inference
-            ``w1``'s and ``w2``'s states written in ``operand_dtype``), where
-            ``kernels='triton'`` took the kernels in the parallel mode, or
-            'torch' (matrix products). ``implementation``, ``projections``
-            and ``scan`` are separate choices: a variant of a plan that
-            changes one keeps the others.
-    """
-    operand_dtype: Optional[torch.dtype]
-    decomposed_read: bool
-    implementation: str
-    reason: str
-    backward: str
-    images_per_slice: int
-    shape_generic: bool
-    recompute: bool
-    projections: str
-    scan: str
-
-    @property
-    def projection_dtype(self) -> Optional[torch.dtype]:
-        """The projections' operand dtype: full precision for a decomposed
-        read, whose W_0 part needs queries at full accuracy."""
-        return None if self.decomposed_read else self.operand_dtype
 
 
 class AttentionPool(nn.Module):
@@ -297,19 +230,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     def operand_dtype(self, x: Tensor) -> Optional[torch.dtype]:
         """The products' operand dtype for input ``x`` (None: the compute
-        dtype, float32 or float64), read before autocast is turned off.
-
-        'auto' takes bfloat16 under CUDA bfloat16 autocast only. Under
-        float16 autocast it stays float32: the inner gradients' operands
-        (theta * 2 / d times a residual, 1.6e-5 per unit residual at max_lr
-        1e-3 and d 128) fall below float16's normal range, and the outer
-        backward through 16-bit products would put loss-scaled gradients in
-        float16, which the loss-scale headroom was never measured for. On the
-        CPU float32 products are faster than bfloat16 ones without AMX."""
-        if self.matmul_dtype == 'auto':
-            amp = autocast_dtype('cuda') if x.device.type == 'cuda' else None
-            return torch.bfloat16 if amp == torch.bfloat16 else None
-        return MATMUL_DTYPES[self.matmul_dtype]
+        dtype, float32 or float64), read before autocast is turned off
+        (``dispatch.operand_dtype``)."""
+        return operand_dtype(self.matmul_dtype, x)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (H, B, N, d / H): heads lead, as memory weights do."""
@@ -318,8 +241,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     # ------------------------------------------------------------------ the plan
     def plan(self, x: Tensor) -> MemoryPlan:
-        """How ``forward(x)`` computes here and now: decided once per call,
-        before autocast is turned off (``operand_dtype`` reads it).
+        """How ``forward(x)`` computes here and now (``dispatch.plan_memory``):
+        decided once per call, before autocast is turned off.
 
         Args:
             x: the (B, N, d) input, as ``forward`` gets it.
@@ -328,98 +251,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             RuntimeError: ``kernels='triton'`` where the Triton kernels cannot
                 serve this call (the error names why).
         """
-        operand_dtype = self.operand_dtype(x)
-        implementation, reason = self._implementation(x, operand_dtype)
-        every_kernel = implementation == 'triton' and (
-            self.kernels == 'triton' or self._auto_takes_every_kernel(x, operand_dtype))
-        return MemoryPlan(
-            operand_dtype=operand_dtype,
-            decomposed_read=operand_dtype is not None and self.max_lr < DECOMPOSE_BELOW_MAX_LR,
-            implementation=implementation, reason=reason,
-            backward=self._backward(implementation),
-            images_per_slice=self._images_per_slice(x),
-            shape_generic=torch.compiler.is_exporting(),
-            recompute=self.recompute and self.training and torch.is_grad_enabled(),
-            projections=self._projections(every_kernel),
-            scan='triton' if every_kernel and self.update == 'parallel' else 'torch')
-
-    def _implementation(self, x: Tensor, operand_dtype: Optional[torch.dtype]
-                        ) -> Tuple[str, str]:
-        """('torch' or 'triton', why) by ``kernels``: 'torch' always PyTorch;
-        'auto' the Triton kernels where ``_triton_unavailable`` finds no reason
-        not to; 'triton' likewise, and an error naming the reason otherwise."""
-        if self.kernels == 'torch':
-            return 'torch', "kernels='torch'"
-        why = self._triton_unavailable(x, operand_dtype)
-        if why is None and self.kernels == 'auto':  # the measurement it took them by
-            return 'triton', self._auto_path(x, operand_dtype)[1]
-        if why is None:
-            return 'triton', f'kernels={self.kernels!r} and the Triton kernels can run here'
-        if self.kernels == 'triton':
-            raise RuntimeError(f"memory_cfg kernels='triton', but the fused Triton kernels "
-                               f'cannot run here: {why}')
-        return 'torch', why
-
-    def _backward(self, implementation: str) -> str:
-        """The plan's ``backward``: 'closed_form' where it is asked for and
-        the PyTorch path trains (not under ``torch.export``: its graph keeps
-        plain ATen ops, which ONNX has); else 'autograd'. The Triton kernels
-        train through their own backward kernels."""
-        if (self.backward == 'autograd' or implementation != 'torch' or
-                not torch.is_grad_enabled() or torch.compiler.is_exporting()):
-            return 'autograd'
-        return 'closed_form'
-
-    def _triton_unavailable(self, x: Tensor, operand_dtype: Optional[torch.dtype]
-                            ) -> Optional[str]:
-        """Why the Triton kernels cannot serve this call, or None.
-
-        ``torch.compile`` keeps them whole in its graph (custom operators);
-        ``torch.export`` keeps the shape-generic PyTorch graph, which ONNX
-        needs. 'auto' takes them only where a GPU measured them faster than
-        the PyTorch path for its compute capability, operand dtype, mode and
-        tiled head width (``kernels.tuned.auto_path``): on sm_90 for bf16
-        inference at C_m 65 to 128, the
-        projection and scan kernels too (``MeasuredPath.every_kernel``); float32
-        products stay on cuBLAS, and training on the PyTorch path ('triton'
-        takes the kernels wherever they run, Triton's CPU interpreter
-        included, and trains with their backward kernels)."""
-        if torch.compiler.is_exporting():
-            return 'torch.export keeps the shape-generic PyTorch graph'
-        compute_dtype = at_least_float32(x.dtype)
-        if compute_dtype != torch.float32:
-            return f'they compute float32 memories, not {compute_dtype}'
-        if self.kernels == 'auto' and torch.compiler.is_compiling():
-            # Inductor fuses the PyTorch path's elementwise work: no GPU run has yet
-            # timed the kernels against it, so 'auto' leaves them to 'triton' there
-            return "'auto' keeps the PyTorch path under torch.compile (kernels='triton' asks)"
-        if self.kernels == 'auto':
-            path, why = self._auto_path(x, operand_dtype)
-            if path == 'torch':
-                return why
-        launched = [k for k in KERNEL_NAMES if torch.is_grad_enabled() or 'backward' not in k]
-        fault = cuda_fault(launched)
-        if fault is not None and cuda_capability(x.device) is not None:
-            # refused, not run: a fault kills the process (a training run with it)
-            return f"{fault}: use kernels='auto' or 'torch'"
-        return unavailable_reason(x.device, self.head_dim, operand_dtype or torch.float32)
-
-    def _measured_as(self, x: Tensor, operand_dtype: Optional[torch.dtype]
-                     ) -> Tuple[Optional[int], str, bool, int]:
-        """(compute capability, operand dtype name, training, head width):
-        the key of this call's ``MEASURED_PATHS`` entry."""
-        return (cuda_capability(x.device), dtype_name(operand_dtype or torch.float32),
-                torch.is_grad_enabled(), self.head_dim)
-
-    def _auto_path(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> Tuple[str, str]:
-        """``auto_path`` for this call's GPU, operand dtype, mode and head width."""
-        return auto_path(*self._measured_as(x, operand_dtype))
-
-    def _auto_takes_every_kernel(self, x: Tensor, operand_dtype: Optional[torch.dtype]) -> bool:
-        """Whether the measurement 'auto' took the kernels by timed the
-        projection and scan kernels too (``MeasuredPath.every_kernel``)."""
-        entry = measured_path(*self._measured_as(x, operand_dtype))
-        return entry is not None and entry.every_kernel
+        settings = PathSettings(self.kernels, self.matmul_dtype, self.update, self.max_lr,
+                                self.backward, self.recompute, self.dim, self.head_dim)
+        return plan_memory(x, settings, self.training, self._images_per_slice(x),
+                           self._plain_projections())
 
     def _images_per_slice(self, x: Tensor) -> int:
         """Images per slice for ``working_set_mib`` (the batch when unsliced).
@@ -431,18 +266,6 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             return b
         per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
-
-    def _projections(self, every_kernel: bool) -> str:
-        """The plan's ``projections``: 'layers' unless the layers are plain;
-        'triton' where the plan takes every kernel (``kernels='triton'``, or
-        'auto' where a GPU timed them all), up to their widest row
-        (``MAX_PROJECTION_WIDTH``; in training the widths
-        ``projection_backward_serves``); else 'torch'."""
-        if not self._plain_projections():
-            return 'layers'
-        served = (projection_backward_serves(self.dim) if torch.is_grad_enabled() else
-                  self.dim <= MAX_PROJECTION_WIDTH)
-        return 'triton' if every_kernel and served else 'torch'
 
     def _plain_projections(self) -> bool:
         """The projection layers are this module's own plain layers

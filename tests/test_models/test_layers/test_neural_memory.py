@@ -243,7 +243,7 @@ def _outputs_and_grads(module, x, forward):
 # (update, tokens, settings): chunk 5 and 2 heads; parallel over several
 # chunks, sequential, one chunk (every token reads W_0), recompute, the
 # decomposed read (its plan at a small max_lr, with exact products: 16-bit
-# operands round each backward differently, test_memory_closed_form bounds that)
+# operands round each backward differently, tests/test_models/test_memory_ops bound that)
 BACKWARD_CASES = [('parallel', 23, {}), ('sequential', 23, {}), ('parallel', 4, {}),
                   ('parallel', 23, dict(recompute=True)),
                   ('parallel', 20, dict(matmul_dtype='bfloat16', max_lr=1e-3))]

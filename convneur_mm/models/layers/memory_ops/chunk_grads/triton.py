@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
-from ..kernels.launch import (TAIL_ROWS, as_operands, call_kernel_op, cdiv, check_arguments,
-                              check_runnable, check_span, chosen_kernel, gelu_tanh, kernel_op,
-                              launch_config, launch_kernel, row_parts, target_arch, tile_config)
+from ..kernels.launcher import launch_config, launch_kernel, target_arch
+from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
+                           check_span, gelu_tanh, kernel_op)
+from ..kernels.tiles import TAIL_ROWS, cdiv, chosen_kernel, row_parts, tile_config
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -31,7 +32,7 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
     ``keys @ w1`` and accumulates its slices of the chunk's G1 and G2 in
     float32 registers. No (tokens, 4d) tensor reaches memory, and keys,
     values and step sizes are read where they lie (any strides). Where
-    ``launch.chosen_kernel('grads_chunk', ...)`` (a tuned entry, or
+    ``tiles.chosen_kernel('grads_chunk', ...)`` (a tuned entry, or
     ``forced_tiles('grads_chunk')``), one program per chunk runs both passes
     instead, reading back its own pass-1 results (which L2 may keep); and for
     the backward ``'grads_backward_chunk'`` likewise.
@@ -137,7 +138,7 @@ def _keys_operand(keys: Tensor, operand_dtype: torch.dtype) -> Tensor:
 def _launch_config(operand_dtype: torch.dtype, device: torch.device,
                    gelu_approximate: str) -> Tuple[object, dict]:
     """``launch_config`` without the decomposed read's constexpr, with GELU's."""
-    kernels, cfg = launch_config(operand_dtype, device)
+    kernels, cfg = launch_config('chunk_grads', operand_dtype, device)
     cfg.pop('BASE_PREC')
     return kernels, dict(cfg, GELU_TANH=gelu_tanh(gelu_approximate))
 

@@ -7,9 +7,11 @@ import torch
 from torch import Tensor
 
 from ..common import MemoryWeights, check_gelu_approximate
-from ..kernels.launch import (ReadGrads, base_read_grads, call_kernel_op, cdiv, check_arguments,
-                              check_decomposed, check_runnable, empty_read_grads, kernel_op,
-                              launch_read, launch_read_backward)
+from ..kernels.ops import (call_kernel_op, check_arguments, check_decomposed, check_runnable,
+                           kernel_op)
+from ..kernels.tiles import cdiv
+from ..read.triton import (ReadGrads, base_read_grads, empty_read_grads, launch_read,
+                           launch_read_backward)
 
 
 def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,

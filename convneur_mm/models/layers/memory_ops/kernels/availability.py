@@ -1,6 +1,8 @@
 """Whether the memory's Triton kernels can run, and why not (imports no triton)."""
 import contextlib
 import functools
+import importlib
+from types import ModuleType
 from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
@@ -9,18 +11,20 @@ OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # a program holds whole rows: 256 is the widest row whose tiles compile
 # without register spills (16 rows x 256 float32 accumulators, 8 warps)
 MAX_HEAD_DIM = 256
-JIT_MODULE = 'convneur_mm.models.layers.memory_ops.kernels.jit'
+# the ops with Triton kernels: each op's kernels are the module ``memory_ops.<op>.kernels``
+KERNEL_OPS = ('read', 'chunk_grads', 'project', 'scan')
+OPS_PACKAGE = __name__.rsplit('.', 2)[0]  # memory_ops
 _INTERPRETER_HINT = ('on a CPU they run only in Triton\'s interpreter: set TRITON_INTERPRET=1 '
-                     f'before {JIT_MODULE} is imported')
+                     f'before the kernels ({OPS_PACKAGE}.<op>.kernels) are imported')
 _skipping = [0]  # depth of ``without_launches`` contexts
 # kernels that fault on CUDA GPUs, and where it was seen: the memory refuses to
 # train through them there, and the tuning tool leaves their calls out. None
-# now: the read's backward rows pass faulted at tiles that ``launch.row_limit`` now caps
+# now: the read's backward rows pass faulted at tiles that ``tiles.row_limit`` now caps
 CUDA_FAULTS: Dict[str, str] = {}
 
 
 def cuda_fault(kernels: Iterable[str]) -> Optional[str]:
-    """Why one of ``kernels`` (``launch.KERNEL_NAMES``) cannot run on a
+    """Why one of ``kernels`` (``tiles.KERNEL_NAMES``) cannot run on a
     CUDA GPU (``CUDA_FAULTS``), or None."""
     for kernel in kernels:
         if kernel in CUDA_FAULTS:
@@ -48,19 +52,33 @@ def launches_skipped() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def load_kernels() -> Tuple[object, Optional[str], bool]:
-    """(the ``jit`` kernels module or None, why not, whether it runs in the
-    interpreter); imported once, on first use."""
+def load_kernels(op: str) -> Tuple[Optional[ModuleType], Optional[str], bool]:
+    """(``op``'s kernels module or None, why not, whether it runs in the
+    interpreter); imported once, on first use.
+
+    Args:
+        op: one of ``KERNEL_OPS``.
+    """
+    if op not in KERNEL_OPS:
+        raise ValueError(f'op must be one of {KERNEL_OPS}, got {op!r}')
     try:
         import triton  # noqa: F401
     except ImportError as err:
         return None, f'triton is not installed ({err})', False
     try:
-        from . import jit
+        kernels = importlib.import_module(f'{OPS_PACKAGE}.{op}.kernels')
     except Exception as err:  # a triton too old or broken: say so, never crash 'auto'
         return None, f'the Triton memory kernels failed to import: {err!r}', False
-    interpreted = type(jit.read_kernel).__name__ == 'InterpretedFunction'
-    return jit, None, interpreted
+    interpreted = type(getattr(kernels, kernels.__all__[0])).__name__ == 'InterpretedFunction'
+    return kernels, None, interpreted
+
+
+def _load_every_op() -> Tuple[Optional[str], bool]:
+    """(why an op's kernels cannot load or None, whether they run in the
+    interpreter), having loaded the kernels of every op."""
+    loaded = [load_kernels(op) for op in KERNEL_OPS]
+    why = next((why for _, why, _ in loaded if why is not None), None)
+    return why, loaded[0][2]
 
 
 def _shape_reason(head_dim: Optional[int], operand_dtype: Optional[torch.dtype]
@@ -78,8 +96,8 @@ def _shape_reason(head_dim: Optional[int], operand_dtype: Optional[torch.dtype]
 @functools.lru_cache(maxsize=None)
 @torch.compiler.assume_constant_result
 def _device_reason(device: torch.device, operand_dtype: Optional[torch.dtype]) -> Optional[str]:
-    kernels, why, interpreted = load_kernels()
-    if kernels is None:
+    why, interpreted = _load_every_op()
+    if why is not None:
         return why
     if interpreted:
         if operand_dtype == torch.bfloat16:

@@ -1,20 +1,20 @@
-"""What timing the memory's kernels on GPUs decided: their launch options,
-and where ``kernels='auto'`` takes them.
+"""What timing the memory's kernels on GPUs decided, as plain data: their
+launch options (``TUNED_TILES``) and where ``kernels='auto'`` takes them
+(``MEASURED_PATHS``).
 
-``tile_config`` takes a ``TUNED_TILES`` entry's options for the kernel,
+``tiles.tile_config`` takes a ``TUNED_TILES`` entry's options for the kernel,
 compute capability, operand dtype, padded head width and read kind it names,
 in place of its defaults; a kernel without an entry keeps the defaults, which
 were chosen by compiling (no spills), not by timing. ``kernels='auto'`` takes
 the kernels only where a ``MEASURED_PATHS`` entry shows them faster than the
-PyTorch path (``auto_path``). Entries come from
-``python -m convneur_mm.analysis.kernel_tuning`` run on that GPU, which prints
-both kinds in this form, or from the benchmark notes' measurements.
+PyTorch path (``dispatch.auto_path``). Entries come from
+``python -m benchmarks.run tune`` run on that GPU, which prints
+both kinds in this form, or from the benchmark notes' measurements. This
+module imports nothing of the policies that read it.
 """
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
-
-from .launch import KERNEL_NAMES, block_width, check_programs_per_sm, check_tiles
 
 OPERAND_DTYPE_NAMES = ('float32', 'float16', 'bfloat16')
 
@@ -28,17 +28,17 @@ class TunedTile(NamedTuple):
     """One kernel's measured launch options on one kind of GPU.
 
     Args:
-        kernel: one of ``launch.KERNEL_NAMES``.
+        kernel: one of ``tiles.KERNEL_NAMES``.
         arch: the compute capability, major * 10 + minor (90: H100, H200).
         operand_dtype: 'float32', 'float16' or 'bfloat16'.
-        block_d: the head width padded to a power of two (``block_width``).
+        block_d: the head width padded to a power of two (``tiles.block_width``).
         decomposed: a decomposed read's (only the read kernels have one).
         BM, BH: rows and hidden units per tile (powers of two >= 16).
         num_warps, num_stages: Triton's launch options.
         programs_per_sm: persistent programs per multiprocessor (0: a
             program per tile).
         split: 1 or 0 to hold a row in two column blocks or one where
-            ``launch.column_blocks`` finds two; None: the defaults decide,
+            ``tiles.column_blocks`` finds two; None: the defaults decide,
             and the entry's tiles apply to the layout they choose (the
             tuning tool records ``split`` wherever it timed both).
     """
@@ -62,29 +62,6 @@ class TunedTile(NamedTuple):
 
 # none measured yet: no GPU has run the tuning since the kernels last changed
 TUNED_TILES: Tuple[TunedTile, ...] = ()
-
-
-def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
-    """A clear error for an entry that names no kernel, dtype or valid
-    option, and for two entries of the same kernel and GPU."""
-    seen = set()
-    for entry in entries:
-        if entry.kernel not in KERNEL_NAMES:
-            raise ValueError(f'{entry}: kernel must be one of {KERNEL_NAMES}')
-        if entry.operand_dtype not in OPERAND_DTYPE_NAMES:
-            raise ValueError(f'{entry}: operand_dtype must be one of {OPERAND_DTYPE_NAMES}')
-        check_tiles(entry.BM, entry.BH, ('BM', 'BH'))
-        check_tiles(entry.block_d, None, ('block_d', 'BH'))
-        if entry.num_warps not in (1, 2, 4, 8, 16) or entry.num_stages < 1:
-            raise ValueError(f'{entry}: num_warps must be a power of two up to 16 and '
-                             'num_stages at least 1')
-        check_programs_per_sm(entry.programs_per_sm)
-        if entry.split not in (None, 0, 1) or isinstance(entry.split, bool):
-            raise ValueError(f'{entry}: split must be None, 0 or 1')
-        key = entry[:5]
-        if key in seen:
-            raise ValueError(f'two entries for {key}')
-        seen.add(key)
 
 
 class MeasuredPath(NamedTuple):
@@ -132,58 +109,3 @@ MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
                  'an H200, a training step of M3\'s four global branches at batch 128',
                  every_kernel=True, block_d=128),
 )
-
-
-def check_measured_paths(entries: Iterable[MeasuredPath]) -> None:
-    """A clear error for an entry with an unknown dtype, a time that is not
-    positive or a width that is no tile's, and for two entries of the same
-    GPU, dtype, mode and width."""
-    seen = set()
-    for entry in entries:
-        if entry.operand_dtype not in OPERAND_DTYPE_NAMES:
-            raise ValueError(f'{entry}: operand_dtype must be one of {OPERAND_DTYPE_NAMES}')
-        if not (entry.triton_ms > 0 and entry.torch_ms > 0):
-            raise ValueError(f'{entry}: the times must be positive')
-        check_tiles(entry.block_d, None, ('block_d', 'BH'))
-        key = (*entry[:3], entry.block_d)
-        if key in seen:
-            raise ValueError(f'two measured paths for {key}')
-        seen.add(key)
-
-
-def measured_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
-                  ) -> Optional[MeasuredPath]:
-    """The ``MEASURED_PATHS`` entry of this GPU, operand dtype, mode and
-    tiled head width (``block_width``), or None."""
-    key = (arch, operand_dtype, training, block_width(head_dim))
-    return next((e for e in MEASURED_PATHS if (*e[:3], e.block_d) == key), None)
-
-
-def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
-              ) -> Tuple[str, str]:
-    """('triton' or 'torch', why) for ``kernels='auto'``: the kernels where
-    an entry of ``MEASURED_PATHS`` for this GPU, operand dtype, mode and
-    tiled head width timed them faster, else the PyTorch path.
-
-    Args:
-        arch: the CUDA GPU's compute capability, or None (no CUDA GPU).
-        operand_dtype: the products' operand dtype, by name.
-        training: a training call.
-        head_dim: the memory's head width C_m (its padded width decides).
-    """
-    mode = 'trains' if training else 'runs'
-    if arch is None:
-        return 'torch', (f"'auto' {mode} on the PyTorch path off NVIDIA's CUDA GPUs "
-                         "(kernels='triton' takes the Triton kernels)")
-    entry = measured_path(arch, operand_dtype, training, head_dim)
-    what = (f'sm_{arch} with {operand_dtype} operands at heads {head_dim} wide (tiled as '
-            f'{block_width(head_dim)})')
-    if entry is None:
-        return 'torch', (f"'auto' {mode} on the PyTorch path: no GPU has timed the Triton "
-                         f"kernels against it on {what} (kernels='triton' takes them)")
-    timing = (f'{entry.triton_ms:g} ms through the kernels against {entry.torch_ms:g} ms '
-              f'through PyTorch, on {entry.measured}')
-    if entry.triton_ms < entry.torch_ms:
-        which = 'every Triton kernel' if entry.every_kernel else 'the Triton write and read'
-        return 'triton', f"'auto' takes {which} on {what}: {timing}"
-    return 'torch', f"'auto' {mode} on the PyTorch path on {what}: {timing}"

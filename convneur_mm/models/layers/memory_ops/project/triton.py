@@ -9,9 +9,10 @@ from torch import Tensor
 
 from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
-from ..kernels.launch import (as_operands, block_width, call_kernel_op, cdiv,
-                              check_arguments, check_runnable, check_span, check_tiles,
-                              column_blocks, forced_split, kernel_op, launch_config)
+from ..kernels.launcher import launch_config
+from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
+                           check_span, kernel_op)
+from ..kernels.tiles import block_width, cdiv, check_tiles, column_blocks, forced_split
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -95,7 +96,7 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
                      block_features: Optional[int], operand_dtype: torch.dtype,
                      backward: bool = False) -> dict:
     """The projection kernel's tiles: rows of x in the column blocks BD and
-    BE (``launch.column_blocks``; BE 0: one block), one head's columns in
+    BE (``tiles.column_blocks``; BE 0: one block), one head's columns in
     BHD and BHE, the step sizes' H columns (BH), BM rows, and BK features
     per product step (BK == BD: whole rows, one product per column block).
 
@@ -107,7 +108,7 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     memory) and float32 operands (whole rows spill 10 KB) take 16 rows and
     32 features per step: no spills at 128 (float32) and 160 (16-bit, one
     block); float32 at 160 spills 20 to 92 B.
-    ``launch.forced_tiles('project', split=0 or 1)`` decides the split
+    ``tiles.forced_tiles('project', split=0 or 1)`` decides the split
     instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
     tiles). The backward (``backward``) takes whole rows at 16 rows, 8
     warps and one stage: at C_m 128 with 16-bit operands it spills 320 B
@@ -179,7 +180,7 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates
         _check_spans(L, x=x, queries=queries, keys=keys, values=values, token_lr=token_lr)
         tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features,
                                  operand_dtype)
-        kernels, cfg = launch_config(operand_dtype, x.device)
+        kernels, cfg = launch_config('project', operand_dtype, x.device)
         weight = as_operands(weight, operand_dtype)
         kernels.project_kernel[(b * cdiv(n, L),)](
             x, weight, bias, gamma, queries, keys, values, token_lr, pooled, lse,
@@ -228,7 +229,7 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
         bar_v, bar_lr = bar_values.permute(1, 2, 0, 3), bar_token_lr.permute(1, 2, 0)
         _check_spans(L, x=x, bar_queries=bar_q, bar_keys=bar_k, bar_values=bar_v,
                      bar_token_lr=bar_lr, grad_x=grad_x, grad_proj=grad_proj)
-        kernels, cfg = launch_config(operand_dtype, x.device)
+        kernels, cfg = launch_config('project', operand_dtype, x.device)
         tiles.pop('BK')
         w = as_operands(weight, operand_dtype)
         kernels.project_backward_kernel[(b * cdiv(n, L),)](

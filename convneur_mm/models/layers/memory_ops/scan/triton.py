@@ -6,8 +6,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels.launch import (_next_pow2, call_kernel_op, cdiv, check_runnable, kernel_op,
-                              launch_config)
+from ..kernels.launcher import launch_config
+from ..kernels.ops import call_kernel_op, check_runnable, kernel_op
+from ..kernels.tiles import cdiv, next_pow2
 
 SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
 
@@ -16,7 +17,7 @@ def _block(entries: int) -> Tuple[int, int]:
     """(entries per program, warps): ``SCAN_BLOCK``, or a narrower row's
     power of two (g's C_m entries would leave most of 1024 lanes masked),
     at 256 entries per warp."""
-    bp = min(SCAN_BLOCK, max(32, _next_pow2(entries)))
+    bp = min(SCAN_BLOCK, max(32, next_pow2(entries)))
     return bp, max(1, bp // 256)
 
 
@@ -88,16 +89,25 @@ def _scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
     out = grads.new_empty(n, u + 1, p, dtype=state_dtype)
     _check_steps_span(u, grads, out)
     if out.numel():
-        kernels, _ = launch_config(state_dtype, grads.device)
-        bp, warps = _block(p)
-        blocks = cdiv(p, bp)
-        w0 = grads if initial is None else initial
-        kernels.scan_kernel[(n * blocks,)](
-            grads, lr_mod, log_keep, log_momentum, w0, out, u, p, blocks,
-            *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
-            w0.stride(0), w0.stride(-1), *out.stride(),
-            HAS_INITIAL=initial is not None, BP=bp, num_warps=warps)
+        launch_scan(grads, lr_mod, log_keep, log_momentum, initial, out)
     return out
+
+
+def launch_scan(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
+                initial: Optional[Tensor], out: Tensor) -> None:
+    """Launch the scan kernel: a program per (row, block of ``_block``
+    entries) walks the U steps of ``grads`` (N, U, P), writing the states
+    ``out`` (N, U + 1, P) in its dtype; without ``initial`` W_0 is zero."""
+    n, u, p = grads.shape
+    kernels, _ = launch_config('scan', out.dtype, grads.device)
+    bp, warps = _block(p)
+    blocks = cdiv(p, bp)
+    w0 = grads if initial is None else initial
+    kernels.scan_kernel[(n * blocks,)](
+        grads, lr_mod, log_keep, log_momentum, w0, out, u, p, blocks,
+        *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
+        w0.stride(0), w0.stride(-1), *out.stride(),
+        HAS_INITIAL=initial is not None, BP=bp, num_warps=warps)
 
 
 def _check_steps_span(steps: int, *tensors: Tensor) -> None:
@@ -122,26 +132,39 @@ def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum
     if states.dtype != torch.float32:
         raise RuntimeError(f'the scan kernel trains with float32 states, not {states.dtype}')
     n, u, p = grads.shape
-    bp, warps = _block(p)
-    blocks = cdiv(p, bp)
+    blocks = cdiv(p, _block(p)[0])
     d_grads = grads.new_empty(n, u, p)
     shares = grads.new_empty(3, n, blocks, u)
     d_initial = grads.new_empty(n, p) if initial is not None else grads.new_empty(0)
     _check_steps_span(u, grads, states, grad_states, d_grads)
     if d_grads.numel():
-        kernels, _ = launch_config(torch.float32, grads.device)
-        w0 = d_grads if initial is None else d_initial
-        kernels.scan_backward_kernel[(n * blocks,)](
-            grads, lr_mod, log_keep, log_momentum, states, grad_states, d_grads, w0,
-            shares[0], shares[1], shares[2], u, p, blocks,
-            *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
-            *states.stride(), *grad_states.stride(), *d_grads.stride(),
-            w0.stride(0), w0.stride(-1), HAS_INITIAL=initial is not None, BP=bp,
-            num_warps=warps)
+        launch_scan_backward(grads, lr_mod, log_keep, log_momentum, states, grad_states,
+                             d_grads, None if initial is None else d_initial, shares)
     elif initial is not None:  # no steps: W_0 is the only state
         d_initial.copy_(grad_states[:, 0])
     return (d_grads, shares[0].sum(dim=1), shares[1].sum(dim=1), shares[2].sum(dim=1),
             d_initial)
+
+
+def launch_scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum: Tensor,
+                         states: Tensor, grad_states: Tensor, d_grads: Tensor,
+                         d_initial: Optional[Tensor], shares: Tensor) -> None:
+    """Launch the scan's backward kernel, layouts as ``launch_scan``'s: it
+    walks the steps backwards from the float32 ``states``, writing
+    ``d_grads``, ``d_initial`` (N, P) where W_0 was given, and each block's
+    shares (3, N, blocks, U) of the three gates' gradients."""
+    n, u, p = grads.shape
+    kernels, _ = launch_config('scan', torch.float32, grads.device)
+    bp, warps = _block(p)
+    blocks = cdiv(p, bp)
+    w0 = d_grads if d_initial is None else d_initial
+    kernels.scan_backward_kernel[(n * blocks,)](
+        grads, lr_mod, log_keep, log_momentum, states, grad_states, d_grads, w0,
+        shares[0], shares[1], shares[2], u, p, blocks,
+        *grads.stride(), *lr_mod.stride(), *log_keep.stride(), *log_momentum.stride(),
+        *states.stride(), *grad_states.stride(), *d_grads.stride(),
+        w0.stride(0), w0.stride(-1), HAS_INITIAL=d_initial is not None, BP=bp,
+        num_warps=warps)
 
 
 _scan_op = kernel_op('memory_scan', _scan)

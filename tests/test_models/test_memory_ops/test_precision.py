@@ -1,12 +1,4 @@
-"""The memory's 16-bit products (``matmul_dtype``), emulated in float64.
-
-``product`` on float64 operands rounds them to the 16-bit dtype and
-accumulates the exact products in float64: what a bfloat16 GEMM with a
-float32 accumulator computes, up to summation order. Errors are measured
-against the same memory in float64 and, for the memory's update, against the
-size of the update's contribution to the output (output minus the output of
-W_0 alone), which small step sizes make tiny.
-"""
+"""The memory with 16-bit product operands: the measured error bounds."""
 import dataclasses
 
 import pytest

@@ -1,4 +1,5 @@
-"""The memory's bounded working set: early frees, image slices, recomputation."""
+"""The memory's working set: image slices in inference, recompute in
+training, and the estimate that bounds what inference holds."""
 import dataclasses
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_torch
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.dispatch_probes import LiveTensorBytes
-from .test_neural_memory import CASES, _perturbed_memory
+
+from ..test_layers.test_neural_memory import CASES, _perturbed_memory
 
 
 def _grads_inputs(groups=2, chunks=3, length=16, d=8, dtype=torch.float64):

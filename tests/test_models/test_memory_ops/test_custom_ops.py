@@ -1,0 +1,115 @@
+"""The kernels' custom operators: opcheck, fakes, torch.compile keeping them in
+one graph, and the device they launch on."""
+import contextlib
+
+import pytest
+import torch
+
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+
+from .memory_cases import DIFFERENTIABLE, OPCHECKED, OPS, _on_meta, op_cases
+
+
+@pytest.mark.parametrize('case,tag', OPCHECKED)
+def test_custom_ops_pass_opcheck(custom_op_runs, case, tag):
+    report = custom_op_runs[f'{case}_{tag}']['opcheck']
+    assert report and set(report.values()) == {'SUCCESS'}, report
+
+
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+@pytest.mark.parametrize('case', list(op_cases(torch.float32)))
+def test_fakes_give_the_results_shapes_and_dtypes(custom_op_runs, case, tag):
+    result = custom_op_runs[f'{case}_{tag}']
+    assert result['fake'] == result['real']
+    want = str(torch.float16 if case == 'scan' and tag == 'f16' else torch.float32)
+    assert all(dtype == want for _, dtype in result['real'])
+
+
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+def test_compile_keeps_the_ops_in_one_graph(custom_op_runs, tag):
+    result = custom_op_runs[f'compiled_calls_{tag}']
+    assert result['graph_breaks'] == 0
+    assert result['ops'] == list(OPS)
+    assert result['difference'] == 0
+
+
+def test_a_compiled_memory_runs_the_kernels_inside_its_graph(custom_op_runs):
+    result = custom_op_runs['compiled_memory']
+    assert result['graph_breaks'] == 0
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
+                             'memory_scan']
+    assert result['difference'] < 1e-5
+
+
+@pytest.mark.parametrize('case', DIFFERENTIABLE)
+def test_the_operators_autograd_passes_opcheck(custom_op_runs, case):
+    report = custom_op_runs[f'{case}_grad']['opcheck']
+    assert report and set(report.values()) == {'SUCCESS'}, report
+
+
+def test_a_compiled_training_step_keeps_the_kernels(custom_op_runs):
+    result = custom_op_runs['compiled_training']
+    assert result['graph_breaks'] == 0
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
+                             'memory_scan']
+    assert result['grads'] > 15 and result['difference'] < 1e-5 * result['scale'], result
+
+
+def test_fakes_on_meta_tensors_without_triton():
+    """The fakes need no kernel: meta tensors give the results' shapes."""
+    for name, (op, args) in op_cases(torch.float16).items():
+        outputs = op(*_on_meta(args))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs, )
+        want = torch.float16 if name == 'scan' else torch.float32  # the state dtype asked for
+        assert all(t.device.type == 'meta' and t.dtype == want for t in outputs), name
+
+
+class _Entered(Exception):
+    """Raised where an operator makes its tensors' device current."""
+
+
+def test_every_operator_launches_on_its_tensors_device(monkeypatch):
+    """Each operator, forward and backward, runs its implementation inside
+    ``on_tensors_device`` of its own arguments (no kernel runs: the probe
+    stops each call there)."""
+    from convneur_mm.models.layers.memory_ops.kernels import ops as kernel_ops
+    seen = []
+
+    def probe(*args):
+        seen.append(args)
+        raise _Entered
+
+    monkeypatch.setattr(kernel_ops, 'on_tensors_device', probe)
+    names = set()
+    for name, (op, args) in op_cases(torch.float32).items():
+        with pytest.raises(_Entered):
+            op(*args)
+        assert seen.pop()[0] is args[0], name
+        names.add(op.default.name())
+    assert len(names) == 2 * len(OPS)  # every operator and its backward
+
+
+def test_on_tensors_device_makes_the_first_tensors_gpu_current(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from convneur_mm.models.layers.memory_ops.kernels.ops import on_tensors_device
+    current = []
+    monkeypatch.setattr(torch.cuda, 'device', lambda device: current.append(device) or
+                        contextlib.nullcontext())
+    with FakeTensorMode():  # CUDA tensors without a GPU
+        second, first = torch.empty(2, device='cuda:1'), torch.empty(2, device='cuda:0')
+    on_tensors_device(3, None, second, first)
+    assert current == [torch.device('cuda:1')]
+    for args in ((torch.ones(1), second), (torch.ones(1, device='meta'), ), (2, )):
+        on_tensors_device(*args)  # a CPU or meta tensor first, or none: nothing to make current
+    assert current == [torch.device('cuda:1')]
+
+
+def test_the_plan_trains_with_the_kernels_on_request_only():
+    from convneur_mm.models.layers.memory_ops.kernels import without_launches
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton', backward='closed_form').train()
+    with without_launches():  # plans the kernels anywhere (no launch)
+        plan = memory.plan(torch.randn(1, 20, 16))
+    # the kernels' own backward: the closed form is the PyTorch path's
+    assert (plan.implementation, plan.backward) == ('triton', 'autograd')
+    memory.kernels = 'auto'
+    assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'

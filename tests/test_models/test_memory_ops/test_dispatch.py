@@ -1,0 +1,181 @@
+"""The memory's path policy (``memory_ops.dispatch``): where ``kernels='auto'``
+takes the Triton kernels, what 'triton' refuses, and the plan's reasons."""
+import os
+
+import pytest
+import torch
+
+from convneur_mm.models.layers.memory_ops import chunk_grads_triton, dispatch, kernels
+from convneur_mm.models.layers.memory_ops.kernels import tuned
+from convneur_mm.models.layers.neural_memory import NeuralMemory
+
+from .memory_cases import BF16_TOL, _rel_err, _write_inputs
+
+
+def test_auto_kernels_on_a_cpu_take_the_pytorch_path():
+    from convneur_mm.models.layers import NeuralMemory
+    torch.manual_seed(0)
+    auto = NeuralMemory(16, chunk_size=8, kernels='auto', matmul_dtype='float16').eval()
+    x = torch.randn(2, 20, 16)
+    with torch.no_grad():
+        plan = auto.plan(x)
+        assert plan.implementation == 'torch' and 'CUDA' in plan.reason, plan
+        out = auto(x)
+        auto.kernels = 'torch'
+        torch.testing.assert_close(out, auto(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_an_error():
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
+        memory(torch.randn(2, 20, 16))
+    with pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
+        memory.train()(torch.randn(2, 20, 16))  # training too: the Triton reads
+
+
+def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval().to('meta')
+    x = torch.empty(2, 20, 16, device='meta')
+    with torch.no_grad(), kernels.without_launches():
+        assert memory.plan(x).implementation == 'triton'
+        assert memory(x).shape == x.shape
+    assert not kernels.availability.launches_skipped()  # the context is closed
+
+
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
+                    reason='this process runs Triton in its interpreter')
+def test_kernels_refuse_a_cpu_without_the_interpreter():
+    assert not kernels.kernels_available('cpu')
+    reason = kernels.unavailable_reason('cpu')
+    assert 'TRITON_INTERPRET' in reason or 'triton' in reason
+    w, keys, values, token_lr = _write_inputs(1, 2, 8, 16, 1.0, seed=0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='cannot run'):
+        chunk_grads_triton(w, keys, values, token_lr)
+
+
+@pytest.mark.gpu
+def test_auto_kernels_serve_cuda_inference_in_bfloat16_where_measured():
+    from convneur_mm.models.layers import NeuralMemory
+    torch.manual_seed(0)
+    memory = NeuralMemory(128, chunk_size=196, kernels='auto').cuda().eval()
+    x = torch.randn(4, 784, 128, device='cuda')
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        plan = memory.plan(x)
+        out = memory(x)
+        memory.kernels = 'torch'
+        ref = memory(x)
+    # the kernels where a GPU of this kind measured them faster (an H100 or H200)
+    from convneur_mm.models.layers.memory_ops.dispatch import auto_path
+    major, minor = torch.cuda.get_device_capability()
+    expected = auto_path(major * 10 + minor, 'bfloat16', False, 128)[0]
+    assert plan.implementation == expected and plan.operand_dtype == torch.bfloat16, plan
+    assert _rel_err(out.cpu(), ref.double().cpu()) < BF16_TOL
+
+
+def test_auto_trains_on_the_pytorch_path():
+    memory = NeuralMemory(16, chunk_size=8, kernels='auto').train()
+    plan = memory.plan(torch.randn(1, 20, 16))
+    assert plan.implementation == 'torch' and 'trains on the PyTorch path' in plan.reason
+
+
+@pytest.mark.parametrize('arch, dtype, training, path, words', [
+    (None, 'bfloat16', False, 'torch', "off NVIDIA's CUDA GPUs"),
+    (None, 'float32', True, 'torch', 'trains on the PyTorch path'),
+    (90, 'bfloat16', False, 'triton', '10.28 ms through the kernels against 20.43 ms'),
+    (90, 'float32', False, 'torch', '54.48 ms through the kernels against 28.31 ms'),
+    (90, 'float16', False, 'torch', 'no GPU has timed'),
+    (80, 'bfloat16', False, 'torch', 'on sm_80 with bfloat16 operands'),
+    (90, 'bfloat16', True, 'torch', '77.73 ms through the kernels against 69 ms'),
+    (90, 'float16', True, 'torch', 'trains on the PyTorch path: no GPU has timed'),
+])
+def test_auto_takes_the_kernels_only_where_a_gpu_measured_them_faster(arch, dtype, training,
+                                                                      path, words):
+    got, why = dispatch.auto_path(arch, dtype, training, 128)
+    assert got == path and words in why, why
+
+
+def test_a_measurement_speaks_for_the_head_widths_tiled_as_it_was():
+    """M3's measurement (C_m 128) serves M1's and M2's 80 and 96, which the
+    kernels tile as 128 too, and not M4's 160, tiled as 256."""
+    for head_dim in (80, 96, 128):
+        assert dispatch.auto_path(90, 'bfloat16', False, head_dim)[0] == 'triton'
+    path, why = dispatch.auto_path(90, 'bfloat16', False, 160)
+    assert path == 'torch' and 'no GPU has timed' in why and 'tiled as 256' in why
+    with pytest.raises(ValueError, match='block_d must be a power of two'):
+        dispatch.check_measured_paths([tuned.MEASURED_PATHS[0]._replace(block_d=160)])
+    # one entry per width: M4's may sit beside M3's
+    dispatch.check_measured_paths([*tuned.MEASURED_PATHS,
+                                tuned.MEASURED_PATHS[0]._replace(block_d=256)])
+
+
+def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
+    monkeypatch.setattr(tuned, 'MEASURED_PATHS', tuned.MEASURED_PATHS + (
+        tuned.MeasuredPath(80, 'bfloat16', True, 9.0, 10.0, 'a test'), ))
+    assert dispatch.auto_path(80, 'bfloat16', True, 128)[0] == 'triton'
+    assert dispatch.auto_path(80, 'bfloat16', False, 128)[0] == 'torch'
+
+
+def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 80)
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 20, 16))
+    assert plan.implementation == 'torch' and 'sm_80 with bfloat16' in plan.reason
+
+
+def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeypatch):
+    """A backward kernel listed in ``CUDA_FAULTS``: kernels='triton' says so
+    before a training step instead of killing the process; inference keeps
+    the kernels, and 'auto' trains on the PyTorch path."""
+    from convneur_mm.models.layers import NeuralMemory
+    from convneur_mm.models.layers.memory_ops.kernels import availability
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
+    x = torch.randn(1, 20, 16)
+    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16', kernels='triton')
+    assert memory.plan(x).implementation == 'triton'  # none listed: it trains
+    monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read_backward_rows': 'seen somewhere'})
+    with pytest.raises(RuntimeError, match='read_backward_rows kernel faults on CUDA GPUs'):
+        memory.plan(x)
+    with torch.no_grad():
+        assert memory.plan(x).implementation == 'triton'
+    memory.kernels = 'auto'
+    assert memory.plan(x).implementation == 'torch'
+    # a forward kernel that faulted would refuse inference too
+    monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read': 'seen somewhere'})
+    memory.kernels = 'triton'
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r'read kernel faults.*seen somewhere'):
+        memory.plan(x)
+
+
+def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):
+    """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 20, 128))
+    assert plan.implementation == 'triton' and '10.28 ms through the kernels' in plan.reason
+    # that measurement timed every kernel: the projections and the scan too
+    assert 'every Triton kernel' in plan.reason
+    assert (plan.projections, plan.scan) == ('triton', 'triton')
+
+
+def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and_read_were_timed(
+        monkeypatch):
+    from convneur_mm.models.layers import NeuralMemory
+    memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
+    monkeypatch.setattr(tuned, 'MEASURED_PATHS', (
+        tuned.MeasuredPath(90, 'bfloat16', False, 9.0, 10.0, 'a tuning run'), ))
+    with torch.no_grad():
+        plan = memory.plan(torch.randn(1, 20, 128))
+    assert plan.implementation == 'triton' and 'the Triton write and read' in plan.reason
+    assert (plan.projections, plan.scan) == ('torch', 'torch')

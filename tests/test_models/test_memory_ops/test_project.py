@@ -1,0 +1,379 @@
+"""The projections (norms, projections, pool and gates folded into one product):
+their closed form, their Triton kernels and their column blocks."""
+from typing import List, Optional
+
+import pytest
+import torch
+
+from convneur_mm.models.layers.memory_ops import kernels
+from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project,
+                                                          project_closed_form, project_torch,
+                                                          projection_shapes)
+
+from .memory_cases import (BF16_TOL, DTYPES, F16_TOL, F32_TOL, L, PROJECTION_BACKWARD_CASES,
+                           PROJECTION_BACKWARD_SPLITS, PROJECTION_CASES, PROJECTION_SPLITS,
+                           _project_case, _projection_blocks, _rel_err, _run_interpreted)
+
+
+@pytest.mark.parametrize('case', list(PROJECTION_CASES))
+def test_triton_projections_match_the_layers_in_float64(forward_runs, case):
+    """One kernel for the RMSNorm, every projection, the per-head norms, the
+    step sizes and the chunk summaries, against each layer in turn."""
+    for tag, tol in (('f32', F32_TOL), ('f16', F16_TOL)):
+        result = forward_runs[f'project_{tag}_{case}']
+        assert result['shapes'] == result['want']
+        assert result['exact'] < tol, (tag, result)
+        if case in PROJECTION_SPLITS:  # the split cases held their rows in two blocks
+            assert result['tiles'] == [list(PROJECTION_SPLITS[case])], result
+        else:
+            assert all(be == bhe == 0 for _, be, _, bhe in result['tiles']), result
+
+
+def test_the_projection_kernels_serve_kernels_triton():
+    """kernels='triton' projects with its kernel up to width 256 in
+    inference and in training up to 128 and at M4's 160 (its backward's
+    widths), and scans with
+    its kernel in inference and training; 'auto' (untimed) and wider
+    memories project in PyTorch, and a hook on a layer calls the layers."""
+    from convneur_mm.models.layers import NeuralMemory
+    x = torch.empty(2, 20, 16, device='meta')
+
+    def projections(memory, x=x, grad=False):
+        with torch.set_grad_enabled(grad), kernels.without_launches():
+            return memory.plan(x).projections
+
+    memory = NeuralMemory(16, chunk_size=8, kernels='triton').to('meta')
+    assert projections(memory) == 'triton'
+    assert projections(memory, grad=True) == 'triton'
+    m4 = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
+    x160 = torch.empty(2, 20, 160, device='meta')
+    assert projections(m4, x160) == 'triton'
+    assert projections(m4, x160, grad=True) == 'triton'
+    for d in (144, 192):
+        wider = NeuralMemory(d, chunk_size=8, kernels='triton').to('meta')
+        x_wider = torch.empty(2, 20, d, device='meta')
+        assert (projections(wider, x_wider), projections(wider, x_wider, grad=True)) == (
+            'triton', 'torch')
+    with torch.no_grad(), kernels.without_launches():
+        assert memory.plan(x).scan == 'triton'
+    with kernels.without_launches():  # training: the scan kernel has a backward
+        assert memory.plan(x).scan == 'triton'
+    memory.kernels = 'auto'
+    with torch.no_grad(), kernels.without_launches():
+        assert memory.plan(x).scan == 'torch'  # untimed: 'auto' scans by products
+    assert projections(memory) == 'torch'
+    wide = NeuralMemory(512, heads=2, chunk_size=8, kernels='triton').to('meta')
+    assert projections(wide, torch.empty(2, 20, 512, device='meta')) == 'torch'
+    memory.kernels = 'triton'
+    memory.to_values.register_forward_hook(lambda *args: None)
+    assert projections(memory) == 'layers'
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
+def test_triton_projections_on_cuda(d, heads):
+    """The compiled projection kernel at M1, M3 and M4 widths, 3136 tokens in
+    chunks of 196, every operand dtype, against each layer in float64."""
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_naive,
+                                                              project_triton, projection_shapes)
+    gen = torch.Generator().manual_seed(d)
+    weights = ProjectionWeights(*(torch.randn(*shape, generator=gen) * 0.5
+                                  for shape in projection_shapes(d, heads)))
+    x = torch.randn(2, 3136, d, generator=gen)
+    ref = project_naive(x.double(), ProjectionWeights(*(t.double() for t in weights)), 15, 196,
+                        1.0)
+    on_cuda = ProjectionWeights(*(t.cuda() for t in weights))
+    tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    with torch.no_grad():
+        for dtype, tol in tolerances.items():
+            got = project_triton(x.cuda(), on_cuda, 15, 196, 1.0, dtype)
+            for name, a, b in zip(got._fields, got, ref):
+                assert _rel_err(a.cpu(), b) < tol, (dtype, name)
+
+
+@pytest.mark.slow
+def test_projections_at_m4s_width_in_the_interpreter():
+    """M4's 160 columns through the projection kernels at their default
+    tiles, every gradient against float64 (about 25 s)."""
+    results = _run_interpreted('m4_projection_results')
+    for tag, tol, forward_split in (('f32', F32_TOL, 0), ('f16', F16_TOL, 32)):
+        result = results[tag]
+        assert max(result['grads'].values()) < tol, (tag, result['grads'])
+        assert result['launched'] == [['project_backward_kernel', 32, 32],
+                                      ['project_kernel', forward_split, forward_split]]
+
+
+@pytest.mark.parametrize('tag', DTYPES)
+def test_projection_backward_gives_every_parameter_a_gradient(backward_runs, tag):
+    """Every parameter is checked where it has a gradient (writes: all, and
+    the queries' too without), and the logits' bias, whose gradient is
+    zero, gets rounding noise only."""
+    for name in PROJECTION_BACKWARD_CASES:
+        result = backward_runs[f'project_{tag}_{name}']
+        assert len(result['grads']) == (4 if name == 'no_writes' else 11), result['grads']
+        assert result['logits_bias'] < (1e-5 if tag == 'f32' else 1e-2)
+        blocks = list(PROJECTION_BACKWARD_SPLITS.get(name, (0, 0)))  # both kernels split alike
+        assert result['launched'] == [[kernel, *blocks] for kernel in (
+            'project_backward_kernel', 'project_kernel')], result['launched']
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
+def test_projection_backward_on_cuda_at_model_widths(d, heads):
+    """The compiled projection backward at M1's, M3's and M4's widths (M4's
+    160 as 128 + 32), 3136 tokens in chunks of 196, every operand dtype,
+    against float64 layer by layer."""
+    tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    for dtype, tol in tolerances.items():
+        result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads, 196,
+                               15, None, device='cuda')
+        assert max(result['grads'].values()) < tol, (dtype, result['grads'])
+
+
+def test_m4_projections_split_by_default_where_the_table_says():
+    """160 columns with 16-bit operands as 128 + 32 (a head of 160 too,
+    heads of 32 in one block) at ``PROJECTION_SPLIT``'s rows and feature
+    steps; float32 operands, M3's and M2's widths in one block; the
+    backward splits every row wider than 128, which it cannot hold in one
+    block; ``forced_tiles('project', split=...)`` decides instead, and
+    takes nothing else."""
+    from convneur_mm.models.layers.memory_ops.project.triton import PROJECTION_SPLIT
+    assert _projection_blocks(tiles=True) == (128, 32, 128, 32, *PROJECTION_SPLIT[(128, 32)])
+    assert _projection_blocks(heads=5) == (128, 32, 32, 0)
+    assert _projection_blocks(features=16, tiles=True)[-1] == 16  # a caller's steps first
+    assert _projection_blocks(dtype=torch.float32, tiles=True) == (256, 0, 256, 0, 16, 32)
+    # the backward: whole rows of at most 128 columns per block, so wider ones split
+    assert _projection_blocks(backward=True, tiles=True) == (128, 32, 128, 32, 16, 128)
+    assert _projection_blocks(d=128, backward=True) == (128, 0, 128, 0)
+    assert _projection_blocks(d=96, backward=True) == (128, 0, 128, 0)
+    with kernel_tiles.forced_tiles('project_backward', split=1):
+        assert _projection_blocks(d=96, backward=True) == (64, 32, 64, 32)
+    with kernel_tiles.forced_tiles('project_backward', split=0), \
+            pytest.raises(ValueError, match='at most 128 columns per block'):
+        _projection_blocks(backward=True)
+    with pytest.raises(ValueError, match='at most 128 columns per block'):
+        _projection_blocks(d=200, backward=True)  # one block of 256
+    assert _projection_blocks(d=128, tiles=True) == (128, 0, 128, 0, 32, 128)
+    assert _projection_blocks(d=96) == (128, 0, 128, 0)
+    with kernel_tiles.forced_tiles('project', split=0):
+        assert _projection_blocks(tiles=True) == (256, 0, 256, 0, 16, 32)
+    with kernel_tiles.forced_tiles('project', split=1):
+        assert _projection_blocks(d=96, tiles=True) == (64, 32, 64, 32, 32, 64)
+        assert _projection_blocks(d=128) == (128, 0, 128, 0)  # nothing to split
+        assert _projection_blocks(dtype=torch.float32)[:2] == (128, 32)
+    with pytest.raises(ValueError, match='takes only split'):
+        with kernel_tiles.forced_tiles('project', split=1, BM=16):
+            pass
+    with pytest.raises(ValueError, match='split must be 0 or 1'):
+        with kernel_tiles.forced_tiles('project', split=2):
+            pass
+
+
+# (batch, tokens, width, heads, written chunks, chunk): rows past the written
+# chunks, every row written, one chunk, one head
+SHAPES = [(2, 10, 8, 2, 2, 4), (2, 12, 8, 2, 3, 4), (3, 9, 16, 1, 1, 9), (1, 7, 12, 3, 2, 3)]
+
+
+def _inputs(b: int, n: int, d: int, heads: int, dtype=torch.float64,
+            seed: int = 0) -> List[torch.Tensor]:
+    """x, then the ``ProjectionWeights`` in order, all leaves."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(b, n, d, generator=gen)] + [
+        torch.randn(*size, generator=gen) * 0.5 for size in projection_shapes(d, heads)]
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+def _project(fn, u: int, L: int, mm: Optional[torch.dtype] = None, max_lr: float = 0.7):
+    return lambda x, *w: tuple(fn(x, ProjectionWeights(*w), u, L, max_lr, mm))
+
+
+def _projected_and_grads(fn, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+    outputs = fn(*inputs)
+    gen = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outputs]
+    return list(outputs) + list(torch.autograd.grad(outputs, inputs, cotangents))
+
+
+def _projection_errors(ours: List[torch.Tensor], reference: List[torch.Tensor]) -> List[float]:
+    """Each tensor's error relative to its norm, or to 1 below it: the pool's
+    logits bias has a zero gradient (a softmax does not see a shift), which
+    both compute as rounding noise."""
+    return [((a - b).norm() / max(b.norm(), 1.0)).item() for a, b in zip(ours, reference)]
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_projections_pass_gradcheck(shape):
+    b, n, d, heads, u, L = shape
+    assert torch.autograd.gradcheck(_project(project_closed_form, u, L),
+                                    _inputs(b, n, d, heads), fast_mode=True)
+
+
+@pytest.mark.parametrize('output', range(5))
+def test_gradcheck_with_one_output_alone(output):
+    """Every other output unused: its cotangent comes as None."""
+    fn = _project(project_closed_form, 2, 4)
+    assert torch.autograd.gradcheck(lambda *t: fn(*t)[output], _inputs(2, 10, 8, 2),
+                                    fast_mode=True)
+
+
+def test_gradcheck_of_a_subset_of_inputs():
+    inputs = _inputs(2, 10, 8, 2)
+    for t in inputs[::2]:
+        t.requires_grad_(False)
+    assert torch.autograd.gradcheck(_project(project_closed_form, 2, 4), inputs,
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('shape', SHAPES)
+def test_projections_match_autograd_of_the_pytorch_ops(shape, dtype, tol):
+    b, n, d, heads, u, L = shape
+    inputs = _inputs(b, n, d, heads, dtype)
+    ours = _projected_and_grads(_project(project_closed_form, u, L), inputs)
+    reference = _projected_and_grads(_project(project_torch, u, L), inputs)
+    assert max(_projection_errors(ours, reference)) < tol
+
+
+def test_bfloat16_operands_round_as_the_pytorch_ops():
+    """The same products with the same operands: the two agree far closer
+    (measured <= 8e-6) than either does with float32 operands (>= 1e-3)."""
+    inputs = _inputs(3, 12, 16, 1, torch.float32)
+    ours = _projected_and_grads(_project(project_closed_form, 3, 4, torch.bfloat16), inputs)
+    reference = _projected_and_grads(_project(project_torch, 3, 4, torch.bfloat16), inputs)
+    exact = _projected_and_grads(_project(project_torch, 3, 4), inputs)
+    assert max(_projection_errors(ours, reference)) < 1e-4
+    assert max(_projection_errors(ours, exact)) > 1e-3
+
+
+def _traced(fn):
+    """``fn`` traced by torch.compile (its compile-time branches taken) and
+    run by AOTAutograd's eager backend: no kernel compiler, float64 exact."""
+    torch._dynamo.reset()
+    return torch.compile(fn, backend='aot_eager', fullgraph=True)
+
+
+# the second shape is a `slow` case: one more compilation of the same graph
+@pytest.mark.parametrize('shape', [SHAPES[0], pytest.param(SHAPES[1], marks=pytest.mark.slow)])
+def test_under_torch_compile_the_gradient_is_joined_from_its_column_groups(shape):
+    """Traced, the product's gradient is a cat of its column groups, not
+    writes into slices of one buffer: the same gradients, with every output
+    used and with each one alone (the others' groups zeros)."""
+    b, n, d, heads, u, L = shape
+    inputs = _inputs(b, n, d, heads)
+    fn = _project(project_closed_form, u, L)
+    for output in (None, *range(5)):
+        pick = fn if output is None else (lambda *t, i=output: fn(*t)[i:i + 1])
+        ours = _projected_and_grads(_traced(pick), inputs)
+        reference = _projected_and_grads(pick, inputs)
+        assert max(_projection_errors(ours, reference)) < 1e-12, output
+
+
+def test_without_writes_it_is_the_pytorch_ops():
+    inputs = _inputs(2, 6, 8, 2)
+    ours = _project(project_closed_form, 0, 8)(*inputs)
+    reference = _project(project_torch, 0, 8)(*inputs)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_dispatcher_trains_through_it_when_asked():
+    x, *w = _inputs(2, 10, 8, 2)
+
+    def keys_grad_fn(backward: str) -> str:
+        keys = project(x, ProjectionWeights(*w), 2, 4, 0.7, backward=backward).keys
+        return keys.grad_fn.next_functions[0][0].name()
+
+    assert '_Project' in keys_grad_fn('closed_form')
+    assert '_Project' not in keys_grad_fn('autograd')
+
+
+def test_create_graph_gets_a_clear_error():
+    inputs = _inputs(2, 10, 8, 2)
+    loss = sum(o.pow(2).sum() for o in _project(project_closed_form, 2, 4)(*inputs))
+    with pytest.raises(RuntimeError, match='first order only'):
+        torch.autograd.grad(loss, inputs, create_graph=True)
+
+
+def test_bad_inputs_get_clear_errors():
+    x, *w = _inputs(2, 10, 8, 2)
+    with pytest.raises(ValueError, match='x must be'):
+        project_closed_form(x[0], ProjectionWeights(*w), 2, 4, 0.7)
+    with pytest.raises(ValueError, match='need that many'):
+        project_closed_form(x, ProjectionWeights(*w), 3, 4, 0.7)
+
+
+def _projection_weights(d: int, heads: int, gen: torch.Generator, dtype=torch.float64):
+    from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, projection_shapes
+    return ProjectionWeights(*(torch.randn(*s, generator=gen, dtype=dtype) * 0.5
+                               for s in projection_shapes(d, heads)))
+
+
+@pytest.mark.parametrize('tokens,chunk,heads,updates', [(20, 8, 2, 2), (24, 8, 1, 2),
+                                                        (6, 8, 1, 0), (17, 4, 4, 4)])
+def test_folded_projections_match_the_layers(tokens, chunk, heads, updates):
+    """One product with the norms' weights folded in, against each norm and
+    layer applied in turn (float64), and differentiable in every parameter."""
+    from convneur_mm.models.layers.memory_ops.project import project, project_naive
+    gen = torch.Generator().manual_seed(tokens)
+    weights = _projection_weights(16, heads, gen)
+    x = torch.randn(2, tokens, 16, generator=gen, dtype=torch.float64)
+    got = project(x, weights, updates, chunk, 0.5)
+    ref = project_naive(x, weights, updates, chunk, 0.5)
+    for name, a, b in zip(got._fields, got, ref):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    if updates:
+        leaves = [t.clone().requires_grad_() for t in weights]
+        assert torch.autograd.gradcheck(
+            lambda *w: project(x[:1, :updates * chunk], type(weights)(*w), updates, chunk, 0.5),
+            leaves)
+
+
+def test_projections_refuse_bad_arguments():
+    from convneur_mm.models.layers.memory_ops.project import project, project_triton
+    gen = torch.Generator().manual_seed(0)
+    weights = _projection_weights(16, 2, gen)
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match='written chunks'):
+        project(x, weights, 3, 8, 1.0)  # 24 written tokens of 20
+    with pytest.raises(ValueError, match=r'weights.keys must be \(16, 16\)'):
+        project(x, weights._replace(keys=weights.keys[:8]), 2, 8, 1.0)
+    with pytest.raises(ValueError, match='implementations'):
+        project(x, weights, 2, 8, 1.0, implementation='cuda')
+    with pytest.raises(TypeError, match='float32'):
+        project_triton(x, weights, 2, 8, 1.0)
+    wide = _projection_weights(320, 2, gen, torch.float32)
+    with pytest.raises(ValueError, match='widths up to 256'):
+        project_triton(torch.randn(1, 20, 320), wide, 1, 8, 1.0)
+    with pytest.raises(ValueError, match='block_features must be a power of two'):
+        project_triton(x.float(), type(weights)(*(t.float() for t in weights)), 2, 8, 1.0,
+                       block_features=24)
+    for d in (144, 192):  # past 128, only M4's 160 compiled with bounded spills
+        wider = _projection_weights(d, 1, gen, torch.float32)
+        with pytest.raises(ValueError, match=r'differentiates widths up to 128 and \(160,\)'):
+            project_triton(torch.randn(1, 20, d, requires_grad=True), wider, 1, 8, 1.0)
+
+
+def test_triton_projections_allocate_their_results_only():
+    """What the kernel's wrapper allocates (meta tensors, launches skipped):
+    its results, the pool's log-sum-exp and the summaries' pooled rows, the
+    folded weight and its 16-bit copy, the bias and gains; no copy of x (a
+    strided view) and no (B, N, 4d + H) product."""
+    from convneur_mm.models.layers.memory_ops import kernels
+    from convneur_mm.models.layers.memory_ops.project import project_triton
+    from convneur_mm.testing.dispatch_probes import LiveTensorBytes
+    b, n, d, heads, chunk, updates = 4, 3136, 128, 1, 196, 15
+    weights = _projection_weights(d, heads, torch.Generator().manual_seed(0), torch.float32)
+    weights = type(weights)(*(t.to('meta') for t in weights))
+    x = torch.empty(b, d, n, device='meta').transpose(1, 2)
+    tokens = updates * chunk
+    folded = (4 * d + heads) * d * (4 + 2) + (d + heads) * 4 + 2 * d * 4
+    results = 4 * (b * n * d + 2 * b * tokens * d + b * tokens * heads + 3 * b * updates * d)
+    with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
+        out = project_triton(x, weights, updates, chunk, 1.0, torch.bfloat16)
+    assert [list(t.shape) for t in out] == [[heads, b, n, d], [heads, b, tokens, d],
+                                           [heads, b, tokens, d], [heads, b, tokens],
+                                           [b, updates, d]]
+    assert live.peak <= results + folded, (live.peak, results, folded)
+    assert live.peak >= results
