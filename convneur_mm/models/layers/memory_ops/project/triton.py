@@ -172,23 +172,35 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates
     Returns the heads-leading queries, keys, values and step sizes, the
     pooled rows (before the store norm's weight) and the pool's log-sum-exp."""
     check_runnable(x, operand_dtype)
+    outputs = _outputs(x, gamma.shape[0] // 2, num_updates, chunk_size)
+    if x.numel():
+        launch_project(x, weight, bias, gamma, outputs, num_updates, chunk_size, max_lr,
+                       operand_dtype, block_rows, block_features)
+    queries, keys, values, token_lr, pooled, lse = outputs
+    return (*_as_heads(queries, keys, values, token_lr), pooled, lse)
+
+
+def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
+                   outputs: Tuple[Tensor, ...], num_updates: int, chunk_size: int, max_lr: float,
+                   operand_dtype: torch.dtype, block_rows: Optional[int],
+                   block_features: Optional[int]) -> None:
+    """Launch the projection kernel, a program per (image, chunk) of ``x``
+    (B, N, d), writing ``outputs`` in ``_outputs``' layouts: the queries,
+    keys, values, step sizes, pooled rows and the pool's log-sum-exp."""
+    queries, keys, values, token_lr, pooled, lse = outputs
     b, n, d = x.shape
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]
     L = chunk_size
-    queries, keys, values, token_lr, pooled, lse = _outputs(x, heads, num_updates, L)
-    if x.numel():
-        _check_spans(L, x=x, queries=queries, keys=keys, values=values, token_lr=token_lr)
-        tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features,
-                                 operand_dtype)
-        kernels, cfg = launch_config('project', operand_dtype, x.device)
-        weight = as_operands(weight, operand_dtype)
-        kernels.project_kernel[(b * cdiv(n, L),)](
-            x, weight, bias, gamma, queries, keys, values, token_lr, pooled, lse,
-            n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS,
-            *x.stride(), *weight.stride(), *gamma.stride(),
-            *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
-            *pooled.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
-    return (*_as_heads(queries, keys, values, token_lr), pooled, lse)
+    _check_spans(L, x=x, queries=queries, keys=keys, values=values, token_lr=token_lr)
+    tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features, operand_dtype)
+    kernels, cfg = launch_config('project', operand_dtype, x.device)
+    weight = as_operands(weight, operand_dtype)
+    kernels.project_kernel[(b * cdiv(n, L),)](
+        x, weight, bias, gamma, queries, keys, values, token_lr, pooled, lse,
+        n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS,
+        *x.stride(), *weight.stride(), *gamma.stride(),
+        *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
+        *pooled.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
 
 
 def _check_spans(chunk_size: int, **tensors: Tensor) -> None:
@@ -229,21 +241,45 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
         bar_v, bar_lr = bar_values.permute(1, 2, 0, 3), bar_token_lr.permute(1, 2, 0)
         _check_spans(L, x=x, bar_queries=bar_q, bar_keys=bar_k, bar_values=bar_v,
                      bar_token_lr=bar_lr, grad_x=grad_x, grad_proj=grad_proj)
-        kernels, cfg = launch_config('project', operand_dtype, x.device)
-        tiles.pop('BK')
-        w = as_operands(weight, operand_dtype)
-        kernels.project_backward_kernel[(b * cdiv(n, L),)](
-            x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
-            grad_x, grad_proj, grad_gamma, grad_bias,
-            n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, row_blocks,
-            *x.stride(), *w.stride(), *gamma.stride(), *pooled.stride(),
-            *bar_q.stride(), *bar_k.stride(), *bar_v.stride(), *bar_lr.stride(),
-            *bar_pooled.stride(), *grad_x.stride(), *grad_proj.stride(),
-            DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
+        launch_project_backward(x, weight, bias, gamma, pooled, lse,
+                                (bar_q, bar_k, bar_v, bar_lr, bar_pooled),
+                                (grad_x, grad_proj, grad_gamma, grad_bias), num_updates,
+                                chunk_size, max_lr, operand_dtype, tiles)
     x_op = x.to(operand_dtype)  # one cast for both GEMMs
     grad_weight = torch.cat([_rows_product(grad_proj[..., :d], x_op),
                              _rows_product(grad_proj[:, :tokens, d:], x_op[:, :tokens])])
     return grad_x, grad_weight, grad_bias.sum(0), grad_gamma.sum(0)
+
+
+def launch_project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
+                            pooled: Tensor, lse: Tensor, cotangents: Tuple[Tensor, ...],
+                            grads: Tuple[Tensor, ...], num_updates: int, chunk_size: int,
+                            max_lr: float, operand_dtype: torch.dtype, tiles: dict) -> None:
+    """Launch the projections' backward kernel, a program per (image, chunk)
+    at the backward's ``tiles`` (``projection_tiles(..., backward=True)``).
+
+    Args:
+        cotangents: those of the queries, keys, values, step sizes (in the
+            forward's storage layout) and pooled rows.
+        grads: written: x's, the product's times rstd, and the per-block
+            shares of the gains' and the biases' gradients.
+    """
+    bar_q, bar_k, bar_v, bar_lr, bar_pooled = cotangents
+    grad_x, grad_proj, grad_gamma, grad_bias = grads
+    b, n, d = x.shape
+    heads, hd = gamma.shape[0] // 2, gamma.shape[1]
+    L = chunk_size
+    kernels, cfg = launch_config('project', operand_dtype, x.device)
+    tiles = {key: value for key, value in tiles.items() if key != 'BK'}
+    w = as_operands(weight, operand_dtype)
+    kernels.project_backward_kernel[(b * cdiv(n, L),)](
+        x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
+        grad_x, grad_proj, grad_gamma, grad_bias,
+        n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, cdiv(L, tiles['BM']),
+        *x.stride(), *w.stride(), *gamma.stride(), *pooled.stride(),
+        *bar_q.stride(), *bar_k.stride(), *bar_v.stride(), *bar_lr.stride(),
+        *bar_pooled.stride(), *grad_x.stride(), *grad_proj.stride(),
+        DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
 
 
 def _rows_product(grad: Tensor, x: Tensor) -> Tensor:
