@@ -521,7 +521,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     float16 (started with ``TRITON_INTERPRET=1``)."""
     if args.dry_run:
         from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
-        if not load_kernels()[2]:  # triton reads TRITON_INTERPRET once, when it is imported
+        if not load_kernels('read')[2]:  # triton reads TRITON_INTERPRET once, when it is imported
             raise UsageError('a dry run of tune runs the kernels in Triton\'s interpreter: '
                              'start it with TRITON_INTERPRET=1 in the environment')
         shape, dtype, device, axes, repeats = DRY_SHAPE, torch.float16, 'cpu', DRY_AXES, 1

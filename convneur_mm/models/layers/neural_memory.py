@@ -15,10 +15,11 @@ gradients and reads train through hand-derived backward passes
 in float32 (or float64) even under autocast; its matrix products may take
 16-bit operands (``matmul_dtype``) with float32 accumulation.
 
-A call is decided once (``NeuralMemory.plan``: a ``MemoryPlan``) and then
-executed on one path (``NeuralMemory.execute``) through the operations of
-``memory_ops``: projections, ``chunk_grads``, ``scan_states``, ``chunk_read``
-(``read`` for a single chunk), each by the plan's implementation.
+A call is decided once (``NeuralMemory.plan``, by ``memory_ops.dispatch``: a
+``MemoryPlan``) and then executed on one path (``NeuralMemory.execute``)
+through the operations of ``memory_ops``: projections, ``chunk_grads``,
+``scan_states``, ``chunk_read`` (``read`` for a single chunk), each by the
+plan's implementation.
 """
 from typing import List, NamedTuple, Optional, Tuple
 

@@ -5,8 +5,9 @@ with TRITON_INTERPRET=1 by ``tests/interpreted.py``; this module's
 """
 import contextlib
 import itertools
+import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import pytest
 import torch
@@ -24,6 +25,13 @@ from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.triton_bounds import checked_accesses
 
 from ... import interpreted as interpreted_runs
+
+
+def worst(errors: Iterable) -> float:
+    """The largest of ``errors``, or NaN if any is NaN: Python's ``max`` keeps
+    whichever of a NaN and a number comes first, so a NaN output would pass."""
+    values = [float(e) for e in errors]
+    return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
 
 
 def _run_interpreted(what: str) -> dict:
@@ -102,8 +110,8 @@ def _grads_errors(got: MemoryWeights, w, keys, values, token_lr) -> dict:
     exact = chunk_grads_torch(w.map(torch.Tensor.double), keys.double(), values.double(),
                          token_lr.double())
     half = _grads64(w, keys, values, token_lr, _half)
-    return dict(exact=max(_rel_err(a, b) for a, b in zip(got, exact)),
-                emulated=max(_norm_err(a, b) for a, b in zip(got, half)),
+    return dict(exact=worst(_rel_err(a, b) for a, b in zip(got, exact)),
+                emulated=worst(_norm_err(a, b) for a, b in zip(got, half)),
                 shapes=[list(t.shape) for t in got])
 
 
@@ -192,7 +200,7 @@ def interpreter_results() -> dict:
             w, keys.reshape(groups, -1, length, d), values.reshape(groups, -1, length, d),
             token_lr.reshape(groups, -1, length), torch.float32)
         results['grads_per_image_views'] = dict(
-            difference=max((a - b).abs().max().item() for a, b in zip(views, copies)),
+            difference=worst((a - b).abs().max().item() for a, b in zip(views, copies)),
             shapes=[list(t.shape) for t in views])
         # the rows pass over each image's rows in 16-row blocks, two of them meeting
         # two of an image's 24-row chunks
@@ -261,7 +269,7 @@ def scan_results(gen: torch.Generator) -> dict:
     half = scan_states_triton(list(grads), lr_mod, log_keep, log_momentum, initial,
                               state_dtypes=[torch.float16, torch.float16, torch.float32])
     results = {'scan': dict(
-        exact=max(_rel_err(a, b) for a, b in zip(got, ref)),
+        exact=worst(_rel_err(a, b) for a, b in zip(got, ref)),
         shapes=[list(t.shape) for t in got],
         dtypes=[str(t.dtype) for t in half],
         cast_difference=max((a.to(b.dtype) != b).sum().item() for a, b in zip(got, half)))}
@@ -279,14 +287,14 @@ def scan_results(gen: torch.Generator) -> dict:
     cotangents = [torch.randn(n, u + 1, p, generator=gen) for p in widths]
     exact = gradients(torch.float64, scan_states_naive)
     kernel = gradients(torch.float32, scan_states_triton)
-    results['scan_backward'] = dict(exact=max(_rel_err(a, b) for a, b in zip(kernel, exact)),
+    results['scan_backward'] = dict(exact=worst(_rel_err(a, b) for a, b in zip(kernel, exact)),
                                     count=sum(a is not None for a in kernel))
     # updates 1e-4 of W_0: the momenta must not come from differences of states
     lr_mod, initial = lr_mod * 1e-4, [w * 10 for w in initial[:2]] + [None]
     exact = gradients(torch.float64, scan_states_naive)
     kernel = gradients(torch.float32, scan_states_triton)
     results['scan_backward_small_updates'] = dict(
-        exact=max(_rel_err(a, b) for a, b in zip(kernel, exact)))
+        exact=worst(_rel_err(a, b) for a, b in zip(kernel, exact)))
     return results
 
 
@@ -333,7 +341,7 @@ def projection_results(gen: torch.Generator) -> dict:
                 got = project_triton(x, weights, u, length, 0.5, dtype, block_rows=block_rows,
                                      block_features=steps)
             results[f'project_{tag}_{name}'] = dict(
-                exact=max(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
+                exact=worst(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
                 shapes=[list(t.shape) for t in got],
                 want=[list(t.shape) for t in ref],
                 tiles=sorted({tuple(x.kwargs[k] for k in ('BD', 'BE', 'BHD', 'BHE'))
@@ -490,7 +498,7 @@ def _chunk_grads_case(inputs: List[torch.Tensor], dtype: torch.dtype, tiles: dic
     ref = chunk_grads_torch(MemoryWeights(*exact[:3]), *exact[3:],
                             gelu_approximate=gelu_approximate)
     torch.autograd.backward(ref, [t.double() for t in cotangents])
-    return dict(forward=max(_rel_err(a.cpu(), b.detach()) for a, b in zip(out, ref)),
+    return dict(forward=worst(_rel_err(a.cpu(), b.detach()) for a, b in zip(out, ref)),
                 grads=_grad_errors(['w1', 'w2', 'g', 'keys', 'values', 'token_lr'], got, exact),
                 shapes=[list(t.grad.shape) for t in got[3:]])
 
@@ -761,7 +769,7 @@ def own_tiles_results() -> dict:
         for bh in (16, 64):
             with kernel_tiles.forced_tiles('grads_cols', BH=bh):
                 got = chunk_grads_triton(weights, keys, values, lr, torch.float16)
-            errors[bh] = max(((a - b).abs().max() / b.abs().max()).item()
+            errors[bh] = worst(((a - b).abs().max() / b.abs().max()).item()
                              for a, b in zip(got, base))
     return errors
 
@@ -811,7 +819,7 @@ def persistent_results() -> dict:
     result = {}
     for tag, one_program in (('', False), ('_one_program', True)):
         (base, plain_launches), (persistent, launches) = runs(one_program)
-        result['max_diff' + tag] = max((a - b).abs().max().item()
+        result['max_diff' + tag] = worst((a - b).abs().max().item()
                                        for a, b in zip(base, persistent))
         result['launches' + tag] = [
             [p.kernel.__name__, p.grid[0], l.grid[0], l.kwargs.get('ITERS', 1)]
@@ -968,7 +976,7 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(fn)(*args)
     code = ''.join(graph.code for graph in explanation.graphs)
-    return dict(difference=max((a - b).abs().max().item() for a, b in zip(eager, compiled)),
+    return dict(difference=worst((a - b).abs().max().item() for a, b in zip(eager, compiled)),
                 graph_breaks=explanation.graph_break_count,
                 ops=[op for op in OPS if f'convneur_mm.{op}' in code])
 
@@ -1008,7 +1016,7 @@ def _compiled_training() -> dict:
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(memory)(x)
     code = ''.join(graph.code for graph in explanation.graphs)
-    return dict(difference=max((a - b).abs().max().item() for a, b in zip(eager, compiled)),
+    return dict(difference=worst((a - b).abs().max().item() for a, b in zip(eager, compiled)),
                 scale=max(a.abs().max().item() for a in eager), grads=len(eager),
                 graph_breaks=explanation.graph_break_count,
                 ops=[op for op in OPS if f'convneur_mm.{op}' in code])
@@ -1129,7 +1137,7 @@ def _check_bfloat16(wrap, ours, theirs, inputs: List[torch.Tensor], agreement: f
     rounded = _outputs_and_grads(wrap(ours, torch.bfloat16), inputs)
     reference = _outputs_and_grads(wrap(theirs, torch.bfloat16), inputs)
     if inputs[0].dtype == torch.float32:
-        assert max(_relative_errors(rounded, reference)) < agreement
+        assert worst(_relative_errors(rounded, reference)) < agreement
         float32_operands = _outputs_and_grads(wrap(ours), inputs)
         assert min(_relative_errors(float32_operands, reference)) > agreement
     else:
