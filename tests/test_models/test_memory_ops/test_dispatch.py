@@ -179,3 +179,28 @@ def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and
         plan = memory.plan(torch.randn(1, 20, 128))
     assert plan.implementation == 'triton' and 'the Triton write and read' in plan.reason
     assert (plan.projections, plan.scan) == ('torch', 'torch')
+
+
+def test_the_environment_forces_the_pytorch_path_over_triton_and_auto(monkeypatch):
+    x = torch.empty(2, 20, 16, device='meta')
+    for asked in ('triton', 'auto'):
+        memory = NeuralMemory(16, chunk_size=8, kernels=asked).eval().to('meta')
+        with torch.no_grad(), kernels.without_launches():
+            monkeypatch.setattr(dispatch, 'FORCED_IMPLEMENTATION', 'torch')
+            plan = memory.plan(x)
+            assert (plan.implementation, plan.projections, plan.scan) == ('torch',) * 3, plan
+            assert dispatch.FORCE_ENV in plan.reason
+            monkeypatch.setattr(dispatch, 'FORCED_IMPLEMENTATION', None)
+            if asked == 'triton':  # the same memory takes the kernels without it
+                assert memory.plan(x).implementation == 'triton'
+
+
+@pytest.mark.parametrize('value, forced', [('', None), ('torch', 'torch')])
+def test_the_forcing_variable_takes_torch_or_nothing(value, forced):
+    assert dispatch.forced_implementation({dispatch.FORCE_ENV: value}) == forced
+    assert dispatch.forced_implementation({}) is None
+
+
+def test_a_bad_forcing_value_is_a_clear_error():
+    with pytest.raises(ValueError, match="CONVNEUR_MEMORY_IMPLEMENTATION may only be 'torch'"):
+        dispatch.forced_implementation({dispatch.FORCE_ENV: 'triton'})

@@ -9,6 +9,7 @@ measured paths (``kernels.tuned.MEASURED_PATHS``, where ``kernels='auto'``
 takes the Triton kernels); the memory executes the plan as given.
 """
 import dataclasses
+import os
 from typing import Iterable, NamedTuple, Optional, Tuple
 
 import torch
@@ -30,6 +31,23 @@ KERNELS = ('auto', 'torch', 'triton')
 # memory_ops.read_torch): at 1e-3 the update is ~0.2% of the state, under
 # bfloat16's rounding of it.
 DECOMPOSE_BELOW_MAX_LR = 0.5
+# The environment's override, for a rerun after a kernel faulted on a GPU:
+# 'torch' puts every memory on the PyTorch path whatever its config says.
+FORCE_ENV = 'CONVNEUR_MEMORY_IMPLEMENTATION'
+
+
+def forced_implementation(environ=os.environ) -> Optional[str]:
+    """'torch' where ``CONVNEUR_MEMORY_IMPLEMENTATION=torch`` is set, None
+    where it is unset or empty; any other value is an error."""
+    value = environ.get(FORCE_ENV, '')
+    if value not in ('', 'torch'):
+        raise ValueError(f"{FORCE_ENV} may only be 'torch' (every memory on the PyTorch "
+                         f'path) or unset, got {value!r}')
+    return value or None
+
+
+# read once, at import: the plan is decided inside compiled graphs too
+FORCED_IMPLEMENTATION = forced_implementation()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +190,8 @@ def _implementation(x: Tensor, settings: PathSettings, dtype: Optional[torch.dty
     'auto' the Triton kernels where ``_triton_unavailable`` finds no reason
     not to; 'triton' likewise, and an error naming the reason otherwise."""
     kernels = settings.kernels
+    if FORCED_IMPLEMENTATION == 'torch':
+        return 'torch', f'{FORCE_ENV}=torch in the environment'
     if kernels == 'torch':
         return 'torch', "kernels='torch'"
     why = _triton_unavailable(x, settings, dtype)
