@@ -348,7 +348,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     tol = 1e-5 if operand_dtype == torch.float32 else 2e-3
     arch = target_arch(device)
     result: Dict = {'arch': arch, 'kernels': {}, 'calls': {}, 'entries': [], 'paths': [],
-                    'skipped': skipped, 'stopped_at': None, 'error': None}
+                    'tiles': [], 'measured_paths': [], 'skipped': skipped, 'stopped_at': None,
+                    'error': None}
     default_ms = {name: time_kernel(call, device, repeats) * 1e3
                   for name, call in calls.triton.items()}
     chosen: Dict[str, Dict[str, int]] = {}
@@ -386,6 +387,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             entry = TunedTile(kernel, arch, dtype_name(operand_dtype),
                               block_width(shape.head_dim), False, **best.options)
             result['entries'].append(f'{entry!r},')
+            result['tiles'].append(entry._asdict())
         if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
             result['stopped_at'] = kernel
         if on_progress is not None:
@@ -396,8 +398,10 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         result['error'] = describe_error(error)
         return result
     if arch is not None:  # what kernels='auto' decides by
-        result['paths'] = path_entries(result['calls'], arch, operand_dtype,
-                                       torch.cuda.get_device_name(device), shape)
+        paths = measured_paths(result['calls'], arch, operand_dtype,
+                               torch.cuda.get_device_name(device), shape)
+        result['paths'] = [f'{entry!r},' for entry in paths]
+        result['measured_paths'] = [entry._asdict() for entry in paths]
     return result
 
 
@@ -419,12 +423,12 @@ def _time_calls(result: Dict, calls: Calls, chosen: Dict[str, Dict[str, int]],
             'roofline_ms': cost.roofline_s(peak) * 1e3 if peak else None}
 
 
-def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
-                 shape: MemoryShape) -> List[str]:
-    """``MeasuredPath`` source lines from ``tune_stage``'s ``calls``: the
+def measured_paths(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
+                   shape: MemoryShape) -> List[MeasuredPath]:
+    """``MeasuredPath`` entries from ``tune_stage``'s ``calls``: the
     write and read together, in inference and in a training step, through
     the tuned kernels and through PyTorch."""
-    lines = []
+    entries = []
     for training, names in ((False, ('write', 'read')), (True, ('write step', 'read step'))):
         if not all(name in calls for name in names):  # a call left out (``faulting_calls``)
             continue
@@ -434,8 +438,52 @@ def path_entries(calls: Dict, arch: int, operand_dtype: torch.dtype, card: str,
                              round(torch_ms, 3), f'an {card}, the write and read at batch '
                              f'{shape.batch}, {shape.tokens} tokens',
                              block_d=block_width(shape.head_dim))
-        lines.append(f'{entry!r},')
-    return lines
+        entries.append(entry)
+    return entries
+
+
+def apply_tuned(paths: Sequence[str]) -> Dict[str, int]:
+    """Put the entries that ``tune`` records wrote (``--json``) into this
+    process's ``TUNED_TILES`` and ``MEASURED_PATHS``, in place of the
+    entries they measure again: how a run times the kernels as tuned,
+    before anyone copies the entries into ``kernels/tuned.py``.
+
+    Returns:
+        How many tile and path entries were applied.
+
+    Raises:
+        ValueError: a file that is not a ``tune`` record, or entries that
+            the tables' checks refuse.
+    """
+    import json
+
+    from convneur_mm.models.layers.memory_ops.dispatch import check_measured_paths
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
+    tiles: List[TunedTile] = []
+    paths_: List[MeasuredPath] = []
+    for path in paths:
+        with open(path) as f:
+            record = json.load(f)
+        if record.get('case') != 'tune' or not isinstance(record.get('result'), dict):
+            raise ValueError(f'{path} is not a record of the tune case')
+        tiles += [TunedTile(**entry) for entry in record['result'].get('tiles', [])]
+        paths_ += [MeasuredPath(**entry) for entry in record['result'].get('measured_paths', [])]
+
+    def tile_key(e: TunedTile) -> tuple:
+        return e.kernel, e.arch, e.operand_dtype, e.block_d, e.decomposed
+
+    def path_key(e: MeasuredPath) -> tuple:
+        return (*e[:3], e.block_d)
+
+    new_tiles = {tile_key(e) for e in tiles}
+    new_paths = {path_key(e) for e in paths_}
+    table = tuple(e for e in tuned.TUNED_TILES if tile_key(e) not in new_tiles) + tuple(tiles)
+    measured = tuple(e for e in tuned.MEASURED_PATHS if path_key(e) not in new_paths) + tuple(paths_)
+    check_tuned_tiles(table)
+    check_measured_paths(measured)
+    tuned.TUNED_TILES, tuned.MEASURED_PATHS = table, measured
+    return dict(tiles=len(tiles), measured_paths=len(paths_))
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:

@@ -98,8 +98,10 @@ class MemorySuite:
     """What the sections share: the device, sizes, budget, models and log."""
 
     def __init__(self, record: Record, dry_run: bool = False,
-                 batch: Optional[int] = None, budget_s: Optional[float] = None):
+                 batch: Optional[int] = None, budget_s: Optional[float] = None,
+                 variants: Optional[Sequence[str]] = None):
         self.record = record
+        self.variants = None if variants is None else tuple(variants)
         self.dry = dry_run
         self.device = 'cpu' if self.dry else 'cuda'
         self.cuda = self.device == 'cuda'
@@ -111,7 +113,11 @@ class MemorySuite:
         self.logs: List[str] = []
         self.memory_keys: Optional[List[str]] = None
         self.result: Dict = dict(schema=SCHEMA, dry_run=self.dry, sizes=self.sizes,
-                                 budget_s=budget_s, sections={})
+                                 budget_s=budget_s, variants=variants, sections={})
+
+    def wants(self, variant: str) -> bool:
+        """Whether this run measures ``variant`` (``--variants``; default all)."""
+        return self.variants is None or variant in self.variants
 
     def why_not(self, kind: str) -> Optional[str]:
         """Why the next item of ``kind`` must be skipped (the last one of that
@@ -247,7 +253,12 @@ def section_branch(ctx: MemorySuite) -> Dict:
     rows = {}
     inputs = ctx.branch_inputs
     baseline: Optional[List[torch.Tensor]] = None
+    if not ctx.wants('float32'):  # every row's reference, computed though not asked for
+        with torch.inference_mode():
+            baseline = [b(t).float() for b, t in zip(ctx.m3_branches, inputs)]
     for name, (cfg, context, training, cuda_only) in BRANCH_VARIANTS.items():
+        if not ctx.wants(name):
+            continue
         row = dict(memory_cfg=cfg, context=context, training=training)
         rows[name] = row
         why = (NEEDS_CUDA if cuda_only and not ctx.cuda else
@@ -574,7 +585,7 @@ def _memory_numerics(ctx: MemorySuite, memory: torch.nn.Module, tokens: torch.Te
             contribution = ref - only64(tokens.double())
         rows[f'max_lr={max_lr:g}'] = per_lr = dict(
             update_over_output=float(contribution.norm() / ref.norm()))
-        for name in NUMERICS_VARIANTS:
+        for name in filter(ctx.wants, NUMERICS_VARIANTS):
             cfg, context, _, cuda_only = BRANCH_VARIANTS[name]
             why = (NEEDS_CUDA if cuda_only and not ctx.cuda else unsupported(cfg, ctx.memory_keys))
             if why:
@@ -766,7 +777,8 @@ def print_summary(result: Dict) -> None:
 
 def run(record: Record, sections: Sequence[str] = DEFAULT_SECTIONS, dry_run: bool = False,
         batch: Optional[int] = None, budget_s: Optional[float] = None,
-        argv: Optional[Sequence[str]] = None) -> Tuple[int, Dict]:
+        argv: Optional[Sequence[str]] = None,
+        variants: Optional[Sequence[str]] = None) -> Tuple[int, Dict]:
     """Run the asked ``sections``; print the targets and what failed.
 
     Args:
@@ -777,6 +789,8 @@ def run(record: Record, sections: Sequence[str] = DEFAULT_SECTIONS, dry_run: boo
         budget_s: seconds the whole run may take (None: ``DEFAULT_BUDGET_S``
             on a GPU, no limit in a dry run).
         argv: the command line, recorded in the JSON.
+        variants: the memory variants (``subjects.BRANCH_VARIANTS``) the
+            branch and numerics sections measure (None: all).
 
     Returns:
         The exit status (0: no item failed and the JSON has its schema; 1
@@ -787,7 +801,7 @@ def run(record: Record, sections: Sequence[str] = DEFAULT_SECTIONS, dry_run: boo
         raise ValueError(f'unknown sections {unknown}; known: {SECTIONS}')
     if budget_s is None and not dry_run:
         budget_s = DEFAULT_BUDGET_S
-    ctx = MemorySuite(record, dry_run, batch, budget_s)
+    ctx = MemorySuite(record, dry_run, batch, budget_s, variants)
     ctx.result['started'] = datetime.datetime.now(datetime.timezone.utc).isoformat()
     ctx.result['argv'] = list(argv or [])
     try:
@@ -825,6 +839,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--budget-s', type=non_negative_float,
                         help=f'seconds the whole run may take (default {DEFAULT_BUDGET_S:.0f}; '
                         'a dry run: none)')
+    parser.add_argument('--variants', nargs='+', choices=list(BRANCH_VARIANTS), metavar='NAME',
+                        help='only these memory variants in the branch and numerics sections '
+                        '(default all): the GPU run gives each that launches kernels a process')
+    parser.add_argument('--tuned', nargs='+', default=[], metavar='JSON',
+                        help='tune records whose entries apply (kernels.tune.apply_tuned)')
 
 
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
@@ -833,8 +852,11 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     if not args.dry_run and not torch.cuda.is_available():
         print('memory: no CUDA device; on a CPU run it with --dry-run', file=sys.stderr)
         return dict(exit_code=2)
+    if args.tuned:
+        from benchmarks.kernels.tune import apply_tuned
+        print(f'[memory] tuned entries applied: {apply_tuned(args.tuned)}')
     code, result = run(record, args.sections, args.dry_run, args.batch, args.budget_s,
-                       record.argv)
+                       record.argv, args.variants)
     if record.path:
         print(f'[memory] wrote {record.path} in {result["elapsed_s"]:.0f} s')
     return dict(result, exit_code=code)

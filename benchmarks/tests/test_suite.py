@@ -177,3 +177,15 @@ def test_profile_section_runs_on_request_only(tmp_path):
         assert rows[case]['status'] == 'ok', rows[case]
         assert rows[case]['case'] == case and rows[case]['kernels']
     assert result['sections']['gemm']['status'].startswith('skipped: not asked')
+
+
+def test_variants_narrow_the_branch_and_numerics_rows_beside_their_reference(tmp_path):
+    """What the GPU run does to give one variant a process: its rows alone,
+    their error still against float32, which was not asked for."""
+    code, result = memory_suite.run(Record(str(tmp_path / 'v.json'), 'memory'),
+                                    ['branch'], dry_run=True,
+                                    variants=['matmul_bfloat16', 'train_float32'])
+    rows = result['sections']['branch']['rows']
+    assert code == 0 and list(rows) == ['matmul_bfloat16', 'train_float32'], rows
+    assert rows['matmul_bfloat16']['status'] == 'ok'
+    assert 0 < rows['matmul_bfloat16']['error_vs_float32'] < 0.05

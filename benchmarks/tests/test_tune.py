@@ -89,14 +89,12 @@ def test_a_run_past_its_deadline_tries_the_start_only():
     assert [t.options for t in trials] == [START]
 
 
-def test_path_entries_sum_the_write_and_read_per_mode_as_auto_reads_them():
-    from convneur_mm.models.layers.memory_ops.kernels import tuned
+def test_measured_paths_sum_the_write_and_read_per_mode_as_auto_reads_them():
     calls = {name: dict(triton_default_ms=9.0, triton_tuned_ms=ms, torch_ms=2 * ms)
              for name, ms in (('write', 1.0), ('read', 2.0), ('write step', 4.0),
                               ('read step', 8.0))}
-    lines = kernel_tuning.path_entries(calls, 90, torch.bfloat16, 'NVIDIA H200',
-                                       kernel_tuning.DRY_SHAPE)
-    entries = [eval(line.rstrip(','), {'MeasuredPath': tuned.MeasuredPath}) for line in lines]
+    entries = kernel_tuning.measured_paths(calls, 90, torch.bfloat16, 'NVIDIA H200',
+                                           kernel_tuning.DRY_SHAPE)
     assert [(e.arch, e.operand_dtype, e.training, e.triton_ms, e.torch_ms) for e in entries] == [
         (90, 'bfloat16', False, 3.0, 6.0), (90, 'bfloat16', True, 12.0, 24.0)]
     assert 'NVIDIA H200' in entries[0].measured
@@ -132,9 +130,9 @@ def test_a_call_left_out_takes_its_kernels_and_its_path_entry_with_it(monkeypatc
     assert 'Left out: the read step call and its kernels (why).' in \
         kernel_tuning.format_report(result)
     calls = {name: dict(triton_tuned_ms=1.0, torch_ms=2.0) for name in names[:3]}
-    entries = kernel_tuning.path_entries(calls, 90, torch.bfloat16, 'NVIDIA H200',
-                                         kernel_tuning.DRY_SHAPE)
-    assert len(entries) == 1 and 'False' in entries[0]  # inference only
+    entries = kernel_tuning.measured_paths(calls, 90, torch.bfloat16, 'NVIDIA H200',
+                                           kernel_tuning.DRY_SHAPE)
+    assert [e.training for e in entries] == [False]  # inference only
 
 
 def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
@@ -305,3 +303,44 @@ def test_time_kernel_is_the_median_after_a_warm_up_off_cuda_and_do_bench_on_it(m
     work = object()
     assert kernel_tuning.time_kernel(work, 'cuda:1') == pytest.approx(1.5e-3)
     assert asked == [(work, dict(warmup=25, rep=100, return_mode='median'))]
+
+
+def _tune_record(path, tiles=(), paths=()):
+    import json
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import MeasuredPath, TunedTile
+    path.write_text(json.dumps(dict(case='tune', argv=[], result=dict(
+        tiles=[TunedTile(*t)._asdict() for t in tiles],
+        measured_paths=[MeasuredPath(*p)._asdict() for p in paths]))))
+    return str(path)
+
+
+def test_apply_tuned_puts_a_records_entries_in_place_of_those_it_measures_again(
+        tmp_path, monkeypatch):
+    from convneur_mm.models.layers.memory_ops.kernels import tiles, tuned
+    old = tuned.TunedTile('read', 90, 'bfloat16', 128, False, 16, 32, 4, 2)
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (old, ))
+    monkeypatch.setattr(tuned, 'MEASURED_PATHS', tuned.MEASURED_PATHS)
+    record = _tune_record(tmp_path / 'tune.json',
+                          tiles=[('read', 90, 'bfloat16', 128, False, 32, 64, 8, 3),
+                                 ('grads_rows', 90, 'bfloat16', 128, False, 16, 64, 8, 2, 2)],
+                          paths=[(90, 'bfloat16', True, 1.0, 2.0, 'an H200')])
+    assert kernel_tuning.apply_tuned([record]) == dict(tiles=2, measured_paths=1)
+    assert tiles.tuned_tiles('read', 90, torch.bfloat16, 128, False)['BM'] == 32
+    assert tiles.tuned_tiles('grads_rows', 90, torch.bfloat16, 128, False)['programs_per_sm'] == 2
+    assert [e.triton_ms for e in tuned.MEASURED_PATHS
+            if (e.arch, e.operand_dtype, e.training, e.block_d) == (90, 'bfloat16', True, 128)
+            ] == [1.0]
+
+
+def test_apply_tuned_refuses_what_is_no_tune_record_or_a_bad_entry(tmp_path, monkeypatch):
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    monkeypatch.setattr(tuned, 'TUNED_TILES', ())
+    other = tmp_path / 'memory.json'
+    other.write_text('{"case": "memory", "result": {}}')
+    with pytest.raises(ValueError, match='not a record of the tune case'):
+        kernel_tuning.apply_tuned([str(other)])
+    bad = _tune_record(tmp_path / 'bad.json',
+                       tiles=[('read', 90, 'bfloat16', 128, False, 24, 64, 8, 3)])
+    with pytest.raises(ValueError, match='BM'):
+        kernel_tuning.apply_tuned([bad])
+    assert tuned.TUNED_TILES == ()  # nothing applied
