@@ -46,6 +46,12 @@ CASES: Dict[str, Case] = {
                 'benchmarks.memory.bytes', 'add_ops_arguments', 'run_ops'),
     'rooflines': Case('the memory kernels\' bytes, FLOPs and roofline at a model\'s shapes '
                       '(no GPU)', 'benchmarks.kernels.profile'),
+    'launch': Case('one memory kernel\'s call once, inside the CUDA profiler\'s range, against '
+                   'the PyTorch path: what ncu and compute-sanitizer watch',
+                   'benchmarks.kernels.one_launch'),
+    'gpu': Case('the GPU run: correctness, tuning, Nsight Compute, compute-sanitizer, then the '
+                'figures, a process per step, saved as it goes and resumable',
+                'benchmarks.gpu.session'),
     'tune': Case('the memory kernels\' launch options chosen by timing, beside the PyTorch path',
                  'benchmarks.kernels.tune'),
     'train': Case('training and evaluation iterations of the real configs beside their peers',

@@ -1,0 +1,256 @@
+"""The steps of the GPU run (``python -m benchmarks.run gpu``), in the order a
+lease runs them: the kernels' correctness, their tuning, Nsight Compute and
+compute-sanitizer on them, then the figures.
+
+Each step is one process (a GPU fault breaks the CUDA context of the
+process it happens in, and nothing else), with its seconds estimated on an
+H200 from the first run (Triton's compilation included; ``GPU_SPEED`` scales
+them for other cards). A step whose process may launch the memory's kernels
+through a memory's own plan (``reruns_on_torch``) is run again with
+``CONVNEUR_MEMORY_IMPLEMENTATION=torch`` when it fails: the PyTorch path's
+figures, and the failure, stay on record.
+
+Arguments may hold ``{python}``, ``{out}`` (the results folder) and the
+token ``{tuned}``, which becomes ``--tuned FILE...`` with the tune records
+already in the results folder (nothing where there are none).
+"""
+import dataclasses
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from benchmarks.common.subjects import BRANCH_VARIANTS
+
+MEMORY_OPS_TESTS = 'tests/test_models/test_memory_ops'
+# the kernels furthest from their roofline at M3's stage 1 on an H200 (benchmark
+# notes): three forward, two backward; ``--ncu-kernels`` names others
+NCU_KERNELS = ('grads_rows', 'read', 'grads_cols', 'read_backward_rows',
+               'grads_backward_rows')
+NCU_SECTIONS = ('SpeedOfLight', 'MemoryWorkloadAnalysis', 'MemoryWorkloadAnalysis_Tables',
+                'Occupancy', 'WarpStateStats', 'SourceCounters', 'LaunchStats')
+# the card's speed against an H200 on these steps (an H100 has 0.7x its memory
+# bandwidth; the rest, compilation included, is about the same): estimates / speed
+GPU_SPEED = {'H200': 1.0, 'H100': 0.8}
+UNKNOWN_GPU_SPEED = 0.6
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One process of the GPU run.
+
+    Args:
+        name: 'group/what', unique; the group is the part before the slash.
+        summary: what it measures or checks, in a line.
+        argv: its command line (placeholders: see the module docstring).
+        estimate_s: seconds on an H200, Triton's compilation included.
+        dry_argv: its check on a CPU (``--dry-run``), or None where a CPU can
+            only show the command (Nsight Compute, compute-sanitizer).
+        reruns_on_torch: a failure reruns it on the PyTorch path.
+        env: variables set for it.
+        dry_env: variables set for its check on a CPU.
+    """
+    name: str
+    summary: str
+    argv: Tuple[str, ...]
+    estimate_s: float
+    dry_argv: Optional[Tuple[str, ...]] = None
+    reruns_on_torch: bool = False
+    env: Tuple[Tuple[str, str], ...] = ()
+    dry_env: Tuple[Tuple[str, str], ...] = ()
+
+    @property
+    def group(self) -> str:
+        return self.name.split('/')[0]
+
+# the kernels' checks on a CPU run in Triton's interpreter
+INTERPRETER = (('TRITON_INTERPRET', '1'), )
+
+
+def _lab(*args: str) -> Tuple[str, ...]:
+    return ('{python}', '-m', 'benchmarks.run') + args
+
+
+def _pytest(*args: str) -> Tuple[str, ...]:
+    return ('{python}', '-m', 'pytest', '-p', 'no:cacheprovider', '-rA') + args
+
+
+def correctness_steps() -> List[Step]:
+    """The kernels against float64 on CUDA, forward and backward, at M3's and
+    M4's widths: one process per test file, the read's last (its 64-row
+    variant is the one known to fault)."""
+    gpu = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
+    cases = (('forward', 'test_kernels.py', 'on_cuda_at_model_widths and not backward and '
+              '(128 or 160)', 'the forward kernels in every operand dtype', 60),
+             ('backward', 'test_kernels.py', '(backward_kernels_on_cuda and (128 or 160)) or '
+              'trains_on_cuda', 'the backward kernels, and a memory trained with them', 75),
+             ('project', 'test_project.py', '128 or 160', 'the projection kernel and its '
+              'backward', 40),
+             ('tiles', 'test_tiles.py test_dispatch.py', '', 'persistent programs, and '
+              "'auto' where measured", 30),
+             ('read', 'test_read.py', '', "the read's backward under its launch variants, "
+              '64-row tiles included', 45))
+    steps = []
+    for name, files, keys, summary, seconds in cases:
+        paths = tuple(f'{MEMORY_OPS_TESTS}/{f}' for f in files.split())
+        select = ('-k', keys) if keys else ()
+        steps.append(Step(f'correctness/{name}', summary,
+                          _pytest('-m', 'gpu', *paths, *select,
+                                  '--junitxml', f'{{out}}/correctness_{name}.xml'),
+                          seconds, dry_argv=_pytest('-m', 'gpu', *paths, *select,
+                                                    '--collect-only', '-q'), env=gpu))
+    return steps
+
+
+def tune_steps(limit_s: int = 60) -> List[Step]:
+    """Every kernel the tuner knows, forward and backward, at M3's stage 1
+    (C_m 128) and M4's (160 columns), bf16; each stops trying candidates at
+    ``limit_s`` and then times the calls once more."""
+    return [Step(f'tune/{arch}', f"launch options by timing at {arch.upper()}'s stage 1, "
+                 'beside the PyTorch path',
+                 _lab('tune', '--arch', arch, '--stage', '0', '--limit-s', str(limit_s),
+                      '--json', f'{{out}}/tune_{arch}.json'), limit_s + 50,
+                 dry_argv=_lab('tune', '--dry-run', '--rounds', '1',
+                               '--json', f'{{out}}/tune_{arch}.json'),
+                 dry_env=INTERPRETER)
+            for arch in ('m3', 'm4')]
+
+
+def ncu_steps(kernels: Sequence[str] = NCU_KERNELS) -> List[Step]:
+    """One launch of each kernel under Nsight Compute, with the tuned entries,
+    clocks left alone; the report's details page goes to the log."""
+    steps = []
+    for kernel in kernels:
+        report = f'{{out}}/ncu_{kernel}'
+        sections = [arg for name in NCU_SECTIONS for arg in ('--section', name)]
+        launch = _lab('launch', kernel, '{tuned}')
+        steps.append(Step(
+            f'ncu/{kernel}', f'Nsight Compute on one {kernel}_kernel launch at M3\'s stage 1',
+            ('ncu', '--clock-control', 'none', '--target-processes', 'all',
+             '--profile-from-start', 'off', '--kernel-name', f'regex:^{kernel}_kernel',
+             '--launch-count', '1', *sections, '--print-details', 'all', '--export', report,
+             '--force-overwrite', *launch), 35,
+            dry_argv=_lab('launch', kernel, '--dry-run'), dry_env=INTERPRETER))
+    return steps
+
+
+def sanitizer_steps(kernel: str = 'read_backward_rows', rows: int = 64) -> List[Step]:
+    """compute-sanitizer's memcheck and racecheck on ``kernel`` at ``rows``-row
+    tiles, at a small batch (the tools slow a launch by orders of magnitude)."""
+    return [Step(f'sanitizer/{tool}', f'compute-sanitizer {tool} on {kernel} at {rows}-row tiles',
+                 ('compute-sanitizer', '--tool', tool, '--error-exitcode', '9',
+                  '--print-limit', '20',
+                  *_lab('launch', kernel, '--rows', str(rows), '--batch', '4', '--warmup', '0')),
+                 45, dry_argv=_lab('launch', kernel, '--rows', str(rows), '--dry-run'),
+                 dry_env=INTERPRETER)
+            for tool in ('memcheck', 'racecheck')]
+
+
+def launches_kernels(variant: str) -> bool:
+    """Whether a memory variant's plan may take the Triton kernels on a GPU:
+    it asks for them, or leaves 'auto' to decide with 16-bit operands (the
+    only ones measured paths exist for)."""
+    cfg, context, _, _ = BRANCH_VARIANTS[variant]
+    kernels = cfg.get('kernels', 'auto')
+    return kernels == 'triton' or (kernels == 'auto' and (
+        context == 'bf16' or cfg.get('matmul_dtype') in ('bfloat16', 'float16')))
+
+
+def bench_steps() -> List[Step]:
+    """The memory suite with the tuned entries: the branch variants that may
+    launch kernels one per process, training first, the others together;
+    then M3 against local-only, numerics, batch-1 latency, compiled."""
+    kernel_variants = sorted((v for v in BRANCH_VARIANTS if launches_kernels(v)),
+                             key=lambda v: not BRANCH_VARIANTS[v][2])
+    others = [v for v in BRANCH_VARIANTS if not launches_kernels(v)]
+
+    def memory(name: str, summary: str, seconds: float, sections: Sequence[str],
+               variants: Sequence[str] = ()) -> Step:
+        args = ['--sections', *sections] + (['--variants', *variants] if variants else [])
+        json_path = f'{{out}}/bench_{name.replace("/", "_")}.json'
+        return Step(f'bench/{name}', summary,
+                    _lab('memory', *args, '{tuned}', '--json', json_path), seconds,
+                    dry_argv=_lab('memory', '--dry-run', *args, '--json', json_path),
+                    reruns_on_torch=True)
+
+    steps = [memory(f'branch-{v}', f'the four branches as {v}', 20, ['branch'], [v])
+             for v in kernel_variants]
+    steps.append(memory('branch-others', 'the four branches on the PyTorch path and in '
+                        'float32', 45, ['gemm', 'branch'], others))
+    steps += [memory('model', 'M3 against local-only, eager, inference and a bf16 training '
+                     'step', 45, ['model']),
+              memory('numerics', 'logits and the memory against float64', 30, ['numerics']),
+              memory('latency', 'batch 1, eager and CUDA graphs', 25, ['latency']),
+              memory('compiled', 'M3 against local-only through torch.compile, with the '
+                     'kernels as custom operators', 140, ['compiled'])]
+    return steps
+
+
+def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
+    """What the lease after the first one's steps measures: the kernels
+    under the profiler, the GPU tests still to confirm, training, and
+    16-bit against float32 training."""
+    pinned = '' if torch_pinned else ' and not torch_pinned'
+    gpu = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
+    # the fp16 detector step and RoIAlign need mmcv's CUDA ops
+    keys = 'graph_breaks or fp16_amp or roi_align' if mmcv_ops else 'graph_breaks'
+    tests = _pytest('-m', f'gpu{pinned}', 'tests', 'projects', '-k', keys,
+                    '--continue-on-collection-errors', '--junitxml', '{out}/tests.xml')
+    return [
+        Step('profile/kernels', 'device time per kernel beside its roofline (torch.profiler)',
+             _lab('memory', '--sections', 'profile', '{tuned}', '--json', '{out}/profile.json'),
+             60, dry_argv=_lab('memory', '--dry-run', '--sections', 'profile',
+                               '--json', '{out}/profile.json')),
+        Step('tests/package', 'the GPU tests still to confirm: graph breaks under bf16 '
+             "autocast, the fp16 detector step, RoIAlign (torch_pinned: on the pinned torch)",
+             tests, 150, dry_argv=tests[:-2] + ('--collect-only', '-q'), env=gpu),
+        Step('train/configs', "training iterations of the real configs beside their peers",
+             _lab('train', '--device', 'cuda', '--amp', '--eval', '--json', '{out}/train.json'),
+             140, dry_argv=_lab('train', '--dry-run', '--json', '{out}/train.json'),
+             reruns_on_torch=True),
+        Step('precision/m1', 'bf16 and fp16 against float32 training, M1 on the tiny ImageNet, '
+             'three seeds', _lab('precision', '--work-dir', '{out}/precision_runs',
+                                 '--precisions', 'float32', 'bfloat16', 'float16',
+                                 '--json', '{out}/precision.json'), 360,
+             dry_argv=_lab('precision', '--dry-run', '--work-dir', '{out}/precision_runs',
+                           '--json', '{out}/precision.json')),
+    ]
+
+
+def gpu_steps(torch_pinned: bool = True, ncu_kernels: Sequence[str] = NCU_KERNELS,
+              tune_limit_s: int = 60, mmcv_ops: bool = True) -> List[Step]:
+    """Every step, in order (see the module docstring).
+
+    Args:
+        torch_pinned: the host's torch is the one ``requirements/torch.txt``
+            pins (else the tests that pin torch internals are left out).
+        ncu_kernels: the kernels Nsight Compute profiles.
+        tune_limit_s: seconds each tuning run tries candidates.
+        mmcv_ops: mmcv's CUDA ops are installed (else the tests that need
+            them are left out).
+    """
+    steps = (correctness_steps() + tune_steps(tune_limit_s) + ncu_steps(ncu_kernels) +
+             sanitizer_steps() + bench_steps() + later_steps(torch_pinned, mmcv_ops))
+    names = [s.name for s in steps]
+    assert len(set(names)) == len(names), names
+    return steps
+
+
+def gpu_speed(device_name: Optional[str]) -> float:
+    """``GPU_SPEED`` of a card by its name (``UNKNOWN_GPU_SPEED`` where none matches)."""
+    for card, speed in GPU_SPEED.items():
+        if device_name and card in device_name:
+            return speed
+    return UNKNOWN_GPU_SPEED
+
+
+def expand(argv: Sequence[str], python: str, out: str, tuned: Sequence[str]) -> List[str]:
+    """``argv`` with its placeholders filled."""
+    expanded: List[str] = []
+    for arg in argv:
+        if arg == '{tuned}':
+            expanded += ['--tuned', *tuned] if tuned else []
+        else:
+            expanded.append(arg.replace('{python}', python).replace('{out}', out))
+    return expanded
+
+
+def step_table(steps: Sequence[Step]) -> Dict[str, Step]:
+    return {step.name: step for step in steps}

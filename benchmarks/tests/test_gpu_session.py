@@ -1,0 +1,190 @@
+"""The GPU run's bookkeeping (``benchmarks.gpu``), on the CPU with steps that
+are small Python programs: saved after every step, a failure diagnosed and
+rerun on the PyTorch path, no step started without its time, a resume that
+runs only what is missing; and every real step's command parsed by its case."""
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from benchmarks.gpu import session as gpu_session
+from benchmarks.gpu import steps as gpu_steps
+from benchmarks.gpu.session import Session, finished, read_progress, select
+from benchmarks.gpu.steps import Step
+from benchmarks.run import build_parser
+from convneur_mm.models.layers.memory_ops.dispatch import FORCE_ENV
+from tests.paths import REPO
+
+
+def _py(code: str):
+    return ('{python}', '-c', code)
+
+
+def _step(name, code='pass', estimate_s=1.0, **kw) -> Step:
+    return Step(name, name, _py(code), estimate_s, dry_argv=_py(code), **kw)
+
+
+def _statuses(out):
+    return [(line['step'], line['status']) for line in read_progress(str(out))]
+
+
+def test_each_step_is_saved_and_packed_as_it_finishes_and_a_failure_names_its_kernel(tmp_path):
+    out, tar = tmp_path / 'out', str(tmp_path / 'out.tgz')
+    fault = ("import sys; print('in read_backward_rows_kernel'); "
+             "print('RuntimeError: CUDA error: an illegal memory access'); sys.exit(3)")
+    steps = [_step('a/ok'), _step('b/fault', fault), _step('c/after')]
+    code = Session(str(out), steps, limit_s=None, tar=tar).run()
+    assert code == 1  # a step failed
+    assert _statuses(out) == [('a/ok', 'ok'), ('b/fault', 'failed (exit 3)'), ('c/after', 'ok')]
+    failed = read_progress(str(out))[1]
+    assert failed['kernels_named'] == ['read_backward_rows_kernel']
+    assert failed['error'].startswith('RuntimeError: CUDA error')
+    assert 'illegal memory access' in (out / 'b_fault.log').read_text()
+    with tarfile.open(tar) as packed:
+        names = packed.getnames()
+    assert 'out/progress.jsonl' in names and 'out/c_after.log' in names
+
+
+def test_a_failed_step_that_plans_its_own_path_reruns_on_pytorch(tmp_path):
+    code = (f"import os, sys; sys.exit(0 if os.environ.get('{FORCE_ENV}') == 'torch' else 5)")
+    steps = [_step('bench/x', code, reruns_on_torch=True), _step('bench/y', 'import sys; '
+                                                                 'sys.exit(5)')]
+    Session(str(tmp_path), steps, limit_s=None).run()
+    lines = read_progress(str(tmp_path))
+    assert [(l['step'], l['status'], l['attempt']) for l in lines] == [
+        ('bench/x', 'failed (exit 5)', 'as planned'), ('bench/x', 'ok', 'on PyTorch'),
+        ('bench/y', 'failed (exit 5)', 'as planned')]  # no rerun where it was not asked for
+    assert (tmp_path / 'bench_x.torch.log').exists()
+
+
+def test_no_step_starts_without_its_time_and_a_step_past_its_timeout_is_stopped(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_session, 'TIMEOUT_SLACK_S', 0.0)
+    steps = [_step('a/long', estimate_s=100.0), _step('b/hangs', 'import time; time.sleep(60)',
+                                                      estimate_s=0.5)]
+    session = Session(str(tmp_path), steps, limit_s=30.0, speed=0.5)
+    assert session.need(steps[1]) == 1.0  # a slower card needs more
+    session.run()
+    statuses = _statuses(tmp_path)
+    assert statuses[0] == ('a/long', 'skipped: 30 s left, needs about 200 s')
+    assert statuses[1][1].startswith('timed out after 2 s')
+
+
+def test_a_resume_runs_only_what_is_missing(tmp_path):
+    marker = tmp_path / 'runs.txt'
+    count = f"open({str(marker)!r}, 'a').write('x')"
+    steps = [_step('a/ok', count), _step('b/failed', count + '; import sys; sys.exit(1)'),
+             _step('c/long', count, estimate_s=50.0), _step('d/tool', **{})]
+    steps[3] = Step('d/tool', 'needs a tool', ('no-such-profiler-here', '--x'), 1.0)
+    Session(str(tmp_path), steps, limit_s=20.0).run()
+    assert marker.read_text() == 'xx'
+    assert finished(read_progress(str(tmp_path))) == {'a/ok': 'ok', 'b/failed': 'failed (exit 1)'}
+    assert _statuses(tmp_path)[3] == ('d/tool', 'not run: no-such-profiler-here is not on PATH '
+                                                'here')
+    Session(str(tmp_path), steps, limit_s=None).run()  # a later lease, with time
+    assert marker.read_text() == 'xxx'  # only the step that had been skipped ran
+    Session(str(tmp_path), steps, limit_s=None, retry_failed=True).run()
+    assert marker.read_text() == 'xxxx'  # and now the failed one
+
+
+def test_a_line_cut_short_by_a_kill_is_not_read_back(tmp_path):
+    (tmp_path / gpu_session.PROGRESS).write_text(
+        json.dumps(dict(step='a/ok', status='ok')) + '\n{"step": "b/x", "sta')
+    assert finished(read_progress(str(tmp_path))) == {'a/ok': 'ok'}
+
+
+def test_a_dry_run_checks_each_step_on_the_cpu_and_only_shows_the_host_tools(tmp_path):
+    steps = [_step('a/check', 'import os; assert os.environ["CHECKED"] == "1"',
+                   dry_env=(('CHECKED', '1'), )),
+             Step('b/ncu', 'a profiler', ('ncu', '{python}', '-c', 'pass'), 1.0)]
+    code = Session(str(tmp_path), steps, limit_s=None, dry_run=True).run()
+    assert code == 0
+    assert [s for _, s in _statuses(tmp_path)] == [
+        'ok (dry run)', "dry-run: shown, not run (needs the GPU host's tools)"]
+    assert finished(read_progress(str(tmp_path))) == {}  # a real run does everything
+
+
+def test_later_steps_get_the_tune_records_written_before_them(tmp_path):
+    write = "open({out!r} + '/tune_m3.json', 'w').write('{{}}')".format(out=str(tmp_path))
+    show = Step('b/show', 'x', ('{python}', '-c', 'import sys; print(sys.argv[1:])', '{tuned}'),
+                1.0)
+    Session(str(tmp_path), [_step('a/tune', write), show], limit_s=None).run()
+    assert f"['--tuned', '{tmp_path}/tune_m3.json']" in (tmp_path / 'b_show.log').read_text()
+
+
+def test_select_takes_steps_and_groups_and_refuses_unknown_names():
+    steps = gpu_steps.gpu_steps()
+    chosen = select(steps, ['correctness', 'tune/m3'], ['correctness/read'])
+    assert [s.name for s in chosen] == ['correctness/forward', 'correctness/backward',
+                                        'correctness/project', 'correctness/tiles', 'tune/m3']
+    with pytest.raises(gpu_session.UsageError, match='nosuch'):
+        select(steps, ['nosuch'], [])
+
+
+def test_the_first_run_goes_correctness_tune_ncu_sanitizer_bench_in_that_order():
+    groups = list(dict.fromkeys(s.group for s in gpu_steps.gpu_steps()))
+    assert groups[:5] == ['correctness', 'tune', 'ncu', 'sanitizer', 'bench']
+    names = [s.name for s in gpu_steps.gpu_steps()]
+    assert names.index('correctness/read') == 4  # the step known to fault, last of its group
+    assert [n for n in names if n.startswith('tune/')] == ['tune/m3', 'tune/m4']
+
+
+def test_variants_that_may_launch_kernels_get_a_process_each():
+    assert gpu_steps.launches_kernels('train_triton_bf16_autocast')
+    assert gpu_steps.launches_kernels('bf16_autocast')  # 'auto' with bf16 operands
+    assert not gpu_steps.launches_kernels('matmul_bfloat16_torch')
+    assert not gpu_steps.launches_kernels('float32')
+    bench = [s for s in gpu_steps.gpu_steps() if s.name.startswith('bench/branch-')]
+    assert all(s.reruns_on_torch for s in bench)
+    assert bench[0].name == 'bench/branch-train_bf16_autocast'  # the training rows first
+
+
+def test_the_package_tests_leave_out_the_torch_pinned_ones_on_another_torch():
+    (tests, ) = [s for s in gpu_steps.gpu_steps(torch_pinned=False) if s.group == 'tests']
+    assert 'gpu and not torch_pinned' in tests.argv
+    (tests, ) = [s for s in gpu_steps.gpu_steps(torch_pinned=True) if s.group == 'tests']
+    assert 'gpu' in tests.argv and 'gpu and not torch_pinned' not in tests.argv
+    assert gpu_session.host_torch_is_pinned() in (True, False)
+    (tests, ) = [s for s in gpu_steps.gpu_steps(mmcv_ops=False) if s.group == 'tests']
+    assert tests.argv[tests.argv.index('-k') + 1] == 'graph_breaks'  # no mmcv ops: no RoIAlign
+
+
+def test_an_h100_is_given_more_time_than_an_h200():
+    assert gpu_steps.gpu_speed('NVIDIA H200') == 1.0
+    assert gpu_steps.gpu_speed('NVIDIA H100 80GB HBM3') < 1.0
+    assert gpu_steps.gpu_speed('NVIDIA B200') == gpu_steps.UNKNOWN_GPU_SPEED
+
+
+@pytest.mark.parametrize('dry', [False, True])
+def test_every_lab_command_of_the_plan_parses_with_its_case(tmp_path, dry):
+    """A renamed option or variant fails here, not on the GPU host."""
+    for step in gpu_steps.gpu_steps():
+        argv = step.dry_argv if dry else step.argv
+        if argv is None:
+            continue
+        argv = gpu_steps.expand(argv, sys.executable, str(tmp_path), ['t.json'])
+        if 'benchmarks.run' not in argv:
+            continue
+        args = argv[argv.index('benchmarks.run') + 1:]
+        build_parser(args[0]).parse_args(args)
+
+
+def test_the_gpu_case_runs_a_dry_step_through_the_runner_and_lists_the_steps(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, '-m', 'benchmarks.run', 'gpu', *args],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)
+    listed = run('--out', str(tmp_path / 'l'), '--list')
+    assert listed.returncode == 0 and 'sanitizer/racecheck' in listed.stdout
+    done = run('--out', str(tmp_path / 'd'), '--dry-run', '--only', 'correctness/tiles',
+               '--json', str(tmp_path / 'gpu.json'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / 'gpu.json').read_text())
+    assert [l['status'] for l in record['result']['lines']] == ['ok (dry run)']
+    assert 'collected' in (tmp_path / 'd' / 'correctness_tiles.log').read_text() or \
+        'test_' in (tmp_path / 'd' / 'correctness_tiles.log').read_text()
+    bad = run('--out', str(tmp_path / 'b'), '--only', 'nosuch', '--dry-run')
+    assert bad.returncode == 2 and 'nosuch' in bad.stderr
