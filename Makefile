@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # pytest-xdist workers of `make test`, each taking whole test files with one
-# OpenMP thread per core (0: one process, no workers). Two took the suite from
-# 28.8 to about 18 min on 2 cores (docs/notes/benchmarks.md#test-suite).
+# OpenMP thread per core (0: one process, no workers). Two, for 2 cores: the suite
+# is CPU-bound, so a worker per core is what pays (docs/notes/benchmarks.md#test-suite).
 TEST_WORKERS ?= 2
 
 .PHONY: setup test test-slow test-gpu demo clean-venv
@@ -23,7 +23,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow tests projects benchmarks $(PYTEST_ARGS)
 
 # Only the tests marked `gpu`, all in this one process with the GPUs visible
-# (no child pytest per test: that cost about 20 s of imports each on an H100);
+# (no child pytest per test: each would import the whole stack again);
 # skipped, with the reason, without enough GPUs.
 test-gpu: setup
 	CONVNEUR_TEST_GPU_CHILD=1 $(PY) -m pytest -m gpu tests projects benchmarks $(PYTEST_ARGS)

@@ -4,7 +4,7 @@
 # cosine decay to 1e-6; DeiT-style RandAugment, Mixup, CutMix, Random Erasing
 # and label smoothing (the MMPretrain Swin/DeiT pipeline).
 # The paper's batch of 4096 on its 8 GPUs is 512 images per GPU, which fits no
-# GPU (M3: ~75 GiB of activations under --amp). Here it is 8 GPUs x `batch` x
+# GPU (docs/notes/benchmarks.md#imagenet-per-gpu-memory-estimate). Here it is 8 GPUs x `batch` x
 # `accumulate` (gradient accumulation): `batch` is the largest power of two
 # that fits a 24 GB GPU with --amp (tools/analysis_tools/benchmark.py --task
 # checkpointing --per-gpu-batch, docs/user_guides/cuda.md). Without --amp halve `batch` and double `accumulate`. On another

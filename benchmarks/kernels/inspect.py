@@ -6,7 +6,7 @@ A kernel compiled with a hand-written signature misses what a launch
 specializes (integers equal to 1 become constants, pointers and integers
 divisible by 16 get divisibility hints), which changes registers and spills.
 ``launch_reports`` therefore records the launches the wrappers make for given
-arguments (``launch.recording_launches``) and compiles each with its own
+arguments (``launcher.recording_launches``) and compiles each with its own
 specialization::
 
     with torch.no_grad(), recording_launches(90) as launches:

@@ -10,8 +10,8 @@ measured one, per op and for the whole call. The memory's Triton kernels are
 priced one by one (``with_kernel_costs``: their launches' bytes and FLOPs,
 ``kernel_costs``), so each kernel's time stands beside its own roofline.
 
-A kernel launch (``launch.Launch``, from ``launch.observing_launches``
-around a real call or ``launch.recording_launches`` around one on meta
+A kernel launch (``launcher.Launch``, from ``launcher.observing_launches``
+around a real call or ``launcher.recording_launches`` around one on meta
 tensors) costs
 
 * bytes: each tensor argument once, read or written (its distinct elements:
@@ -478,7 +478,7 @@ def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
                             split: Optional[int] = None) -> Case:
     """One call of ``arch``'s four branches with bf16 operands, under bf16
     autocast, through ``kernels`` ('torch' or 'triton': CUDA only); ``split``
-    as ``launch.forced_column_blocks``."""
+    as ``tiles.forced_column_blocks``."""
     if kernels == 'triton' and not is_cuda(device):
         raise ValueError("the 'triton' cases need a CUDA device")
     from convneur_mm.models.layers.memory_ops.kernels.tiles import forced_column_blocks
@@ -573,7 +573,7 @@ def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = P
     """The Triton kernels that ``arch``'s four global branches launch with bf16
     operands, in one inference call or (``training``) one training step, per
     stage: GB, GFLOP and roofline ms on ``peak``; with ``one_program``, the
-    chunk gradients as one program per chunk (``launch.REPLACES``). Recorded
+    chunk gradients as one program per chunk (``tiles.REPLACES``). Recorded
     on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs, and none
     is needed; triton must not be in its interpreter."""
     from convneur_mm.models.layers.memory_ops.kernels.tiles import REPLACES, forced_tiles_of

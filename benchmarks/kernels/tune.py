@@ -2,7 +2,7 @@
 run on, and say where they beat the PyTorch path.
 
 For one stage's shapes (``bytes.backbone_shapes``) each kernel of
-``launch.KERNEL_NAMES`` is tuned by coordinate descent from the options it
+``tiles.KERNEL_NAMES`` is tuned by coordinate descent from the options it
 launches with now: one option at a time (BM, BH, num_warps, num_stages and
 programs_per_sm, persistent programs) takes
 each value of ``AXES`` while the others stay, the fastest is kept when it
@@ -14,8 +14,8 @@ their chosen options; on CUDA its own launches are timed, by the profiler
 (``kernel_seconds``). Each candidate's
 outputs must agree with the start's (``agrees``): a configuration
 that compiles but computes something else is refused, as is one that fails to
-compile (shared memory, registers); rows past ``launch.row_limit`` are not tried. A kernel that replaces others
-(``launch.REPLACES``: the chunk gradients' one program per chunk) is tuned
+compile (shared memory, registers); rows past ``tiles.row_limit`` are not tried. A kernel that replaces others
+(``tiles.REPLACES``: the chunk gradients' one program per chunk) is tuned
 after them, and kept (``TunedTile`` entries make it run in their place) only
 where its chosen options compute what they compute and beat their time by
 ``MIN_GAIN``. The PyTorch path of each call is timed beside it
@@ -178,7 +178,7 @@ def kernel_seconds(kernel: str, call: Callable[[], object], device, repeats: int
 
 def within_row_limit(axes: Dict[str, Sequence[int]], kernel: str, operand_dtype: torch.dtype,
                      arch: Optional[int]) -> Dict[str, Sequence[int]]:
-    """``axes`` without the rows past ``launch.row_limit`` on this GPU: a
+    """``axes`` without the rows past ``tiles.row_limit`` on this GPU: a
     candidate there computes wrong results or faults, which ends the run."""
     limit = row_limit(kernel, operand_dtype, arch)
     if limit is None:
@@ -189,7 +189,7 @@ def within_row_limit(axes: Dict[str, Sequence[int]], kernel: str, operand_dtype:
 def with_split_axis(axes: Dict[str, Sequence[int]], start: Dict[str, int], tiles: dict,
                     head_dim: int) -> Tuple[Dict[str, Sequence[int]], Dict[str, int]]:
     """``axes`` and ``start`` with ``split`` (a row in one column block or
-    two; the start's as its ``tiles`` hold it) where ``launch.column_blocks``
+    two; the start's as its ``tiles`` hold it) where ``tiles.column_blocks``
     finds two blocks for ``head_dim`` features; elsewhere it changes nothing."""
     if column_blocks(head_dim)[1] == 0:
         return axes, start
@@ -259,7 +259,7 @@ def replaced_seconds(kernel: str, call: Callable[[], object],
                      chosen: Dict[str, Dict[str, int]], device,
                      repeats: int = 5) -> Optional[float]:
     """Seconds of the kernels that ``kernel`` replaces
-    (``launch.REPLACES``), at their ``chosen`` options: their own launches
+    (``tiles.REPLACES``), at their ``chosen`` options: their own launches
     summed on CUDA (None where the profile names one of them not), else the
     whole call's, as ``kernel`` itself is timed."""
     with forced_tiles_of(_replaced_forced(kernel, chosen)):
@@ -313,7 +313,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         operand_dtype: the products' operand dtype.
         device: where to run (CUDA; a CPU runs the interpreter).
         kernels: the kernels to tune, in order (but those that replace
-            others, ``launch.REPLACES``, last).
+            others, ``tiles.REPLACES``, last).
         axes: the values each option may take.
         rounds: walks over the axes at most.
         limit_s: seconds after which no further candidate is tried.

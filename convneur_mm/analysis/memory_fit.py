@@ -17,7 +17,7 @@ training (ConvNeur-M1..M4 at 224x224, ``--amp``) measured with the backbone of
 each config under a CPU stand-in for CUDA's fp16 autocast
 (``fp16_headroom.cuda_fp16_stand_in``: float16 with LayerNorm in float32, as
 CUDA's autocast runs it; CPU bf16 autocast runs LayerNorm in bfloat16 and
-would save about 10% less). Per GPU: the activations per image plus the
+would save less: docs/notes/investigations.md#smaller-decisions-in-the-tools). Per GPU: the activations per image plus the
 largest block's (held a second time while its backward runs), 16 bytes per
 parameter (float32 weights, gradients and AdamW's two moments), and a reserve
 for the CUDA context, workspaces and fragmentation (an assumption, not

@@ -199,8 +199,8 @@ def ort_session(path: str, threads: Optional[int] = None, spinning: bool = True)
     ``spinning=False`` stops the intra-op threads from busy-waiting for
     work after each run (ONNX Runtime's default lets them spin for tens of
     milliseconds): on a machine where PyTorch runs next, the spinning
-    threads made its next call 1.7x slower (ConvNeur-M3, batch 1, 2 cores:
-    114 ms right after a run against 67 ms)."""
+    threads slow its next call down
+    (docs/notes/investigations.md#smaller-decisions-in-the-tools)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     if threads:

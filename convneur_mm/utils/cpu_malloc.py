@@ -4,8 +4,8 @@ glibc serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB under
 its dynamic rule) with fresh ``mmap`` pages, and returns the top of the heap
 to the kernel beyond ``M_TRIM_THRESHOLD``. A CPU forward/backward allocates
 and frees activations of tens of MiB per layer, so each one is page-faulted
-in again on every step: a 48 MiB tensor costs 12k faults, about 15 ms on a
-2-core VM, as much as the 23520x128x512 matrix product that fills it. With
+in again on every step, which can take as long as the matrix product that
+fills it (docs/notes/investigations.md#glibcs-malloc-on-a-cpu). With
 both thresholds raised, freed blocks are reused instead; the process keeps its
 peak heap (it reaches it anyway). PyTorch's CPU tuning guides reach the same
 end by preloading jemalloc or tcmalloc; this needs nothing installed.

@@ -10,8 +10,7 @@ _base_ = ['../../demo/cls_convneur_m1_imagenet_tiny.py']
 
 # Light augmentation: random-resized crop and flip only. RandAugment, Random
 # Erasing, Mixup and CutMix regularize 300 epochs; in a few epochs they slow
-# learning (under the demo's recipe, local-only M3: top-1 25% after 4 epochs,
-# chance 10%).
+# learning (docs/notes/benchmarks.md#table-5-rows-on-the-tiny-imagenet-machine-c).
 train_pipeline = [p for p in _base_.train_pipeline
                   if p['type'] not in ('RandAugment', 'RandomErasing')]
 model = dict(train_cfg=dict(_delete_=True))
@@ -26,11 +25,9 @@ auto_scale_lr = dict(base_batch_size=32)
 # width ratio, as for wider transformers)
 optim_wrapper = dict(optimizer=dict(lr=1e-3))
 
-# 4 epochs (60 steps): warm-up over the first half epoch, cosine to the end.
-# Measured work of one step (32 images, forward + backward, one thread) is
-# 0.9 (local-only) to 4.7 (C_m = 256) CPU seconds, 2.3 on average over the
-# rows: 60 steps x 12 rows is about 28 CPU minutes, plus start-up, FLOP
-# counts and validation (docs/notes/benchmarks.md, Table 5 rows)
+# 4 epochs (60 steps): warm-up over the first half epoch, cosine to the end; the
+# 12 rows train in about half an hour of CPU time
+# (docs/notes/benchmarks.md#table-5-rows-on-the-tiny-imagenet-machine-c)
 max_epochs = 4
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-2, by_epoch=True, end=0.5, convert_to_iter_based=True),

@@ -47,7 +47,8 @@ def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     symbolic (``torch.compile``'s dynamic shapes), so that one graph serves
     every input size instead of the divisibility of the traced one (with
     ``ceil_to``: under symbolic sizes the four stages' nested remainders,
-    (-h) % m, made Inductor's compilation 3x slower)."""
+    (-h) % m, slowed Inductor's compilation down; the figure:
+    docs/notes/investigations.md#smaller-decisions-in-the-model)."""
     h, w = x.shape[-2:]
     pad_h, pad_w = (ceil_to(size, multiple) - size for size in (h, w))
     if known_zero(pad_h, pad_w) and not torch.compiler.is_exporting():

@@ -9,8 +9,8 @@ def spatial_l2_norm(x: Tensor) -> Tensor:
     """The L2 norm over H and W of a (B, H, W, C) map, (B, 1, 1, C).
 
     What ``torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)`` computes,
-    2.4-18x faster on CPU at M3's four GRN shapes (docs/notes/investigations.md): ATen's norm
-    kernel does not vectorize a reduction over outer dims, ``sum`` does.
+    faster on CPU: ATen's norm kernel does not vectorize a reduction over
+    outer dims, ``sum`` does (docs/notes/investigations.md#grns-norm-on-a-cpu).
 
     * Accumulated in float32 (float64 stays float64). float16 is squared in
       float32 (its squares overflow from |x| = 256); bfloat16, which has

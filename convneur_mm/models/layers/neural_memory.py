@@ -575,8 +575,8 @@ def plain_layers(*layers: Tuple[nn.Module, type]) -> bool:
 
 def _has_dtensor(module: nn.Module) -> bool:
     """A parameter of the module or its submodules is a DTensor (sharded)."""
-    # plain loops over the modules' own dicts: ``parameters()`` cost 40 µs per call on
-    # every forward
+    # plain loops over the modules' own dicts: ``parameters()`` costs too much on every
+    # forward (docs/notes/investigations.md#smaller-decisions-in-the-model)
     for p in module._parameters.values():
         if isinstance(p, DTensor):
             return True

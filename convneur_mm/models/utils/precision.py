@@ -120,7 +120,8 @@ def narrowed_parameters(module: nn.Module) -> Dict[str, Tensor]:
 def _collect_narrowed(m: nn.Module, prefix: str, found: Dict[str, Tensor]) -> None:
     """``narrowed_parameters`` of ``m`` (named under ``prefix``) into ``found``,
     pruned at the layers that widen their own: one visit per module on every
-    forward, where a prefix test against each such layer cost about 0.2 ms."""
+    forward, cheaper than a prefix test against each such layer
+    (docs/notes/investigations.md#smaller-decisions-in-the-model)."""
     if getattr(m, 'widens_own_operands', False):
         return
     if torch.compiler.is_compiling():

@@ -71,10 +71,8 @@ SPLIT_ONLY = ('project', 'project_backward')
 # rows held in two column blocks (``column_blocks``) where one padded block
 # takes 16-row tiles: {(BD, BE): {GPU: {kernel: (BM, BH)}}} at 8 warps, the largest
 # tiles that compile without spills for 16-bit operands as a training step launches
-# them (ptxas, triton 3.7), but three that spill less than their padded tiles: the
-# one-program backward 8 B on sm_90 (padded 72) and 24 B on sm_80 (padded 352), and
-# sm_80's read columns pass 112 B (padded 356).
-# 80 and 96 columns stay one block of 128 (their split spilled at 64-row tiles)
+# them, or that spill less than their padded tiles; 80 and 96 columns stay one block
+# of 128, whose split spilled (docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)
 SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
     (128, 32): {
         90: {'read': (64, 32), 'grads_rows': (64, 32), 'grads_cols': (64, 16),
@@ -87,9 +85,9 @@ SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
              'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16)},
     },
 }
-# the most rows a tile of 16-bit operands takes on sm_90 and newer, where more
-# computed wrong query gradients or faulted: the read's backward rows pass at
-# 64 rows on an H200 (triton 3.6), whatever its warps and stages; 32 and 16 were exact
+# the most rows a tile of 16-bit operands takes on sm_90 and newer: the read's backward
+# rows pass at 64 rows faulted or computed wrong query gradients on an H200
+# (docs/notes/benchmarks.md#the-kernels-profiled-and-trained-with-machine-f)
 SM90_ROW_LIMITS = {'read_backward_rows': 32}
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
@@ -221,13 +219,14 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     if split_tiles is not None and be:
         bm, bh = split_tiles
     elif write_backward and operand_dtype != torch.float32:
-        # its rows pass holds about ten (rows, d) float32 tiles: 16 rows compile
-        # without spills at C_m 80-128 for sm_80 and sm_90 (64 spill 670 B)
+        # its rows pass holds about ten (rows, d) float32 tiles: 16 rows compile without
+        # spills (docs/notes/benchmarks.md#the-backward-kernels-compiled-ahead-of-time-machine-h)
         bm, bh, warps = 16, 32, (4 if columns and held <= 128 else 8)
     elif operand_dtype == torch.float32 or decomposed:
         bm, bh = 16, 16
     elif held <= 128 and kernel == 'grads_chunk':
-        # both passes in one program: 64-row tiles spill (44 B on sm_90, 224 B on sm_80)
+        # both passes in one program: 64-row tiles spill
+        # (docs/notes/benchmarks.md#one-program-per-chunk-machine-h)
         bm, bh, warps = 32, 32, 8
     elif held <= 128 and columns:
         # two accumulators: 4 warps fit 80 KiB of shared memory on sm_90
@@ -239,7 +238,8 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         bm, bh = 16, 32
     if (kernel == 'read_backward_cols' and not decomposed and operand_dtype != torch.float32
             and arch is not None and arch >= 90):
-        # per-chunk weight tiles load as float32: 4 warps spill 36 B at C_m 128 (ptxas, triton 3.7)
+        # per-chunk weight tiles load as float32: 4 warps spill at C_m 128
+        # (docs/notes/benchmarks.md#the-backward-kernels-compiled-ahead-of-time-machine-h)
         warps = 8
     config = dict(BM=bm, BD=bd, BE=be, BH=bh, num_warps=warps, num_stages=2, programs_per_sm=0)
     config.update({key: value for key, value in tuned.items() if key != 'split'})

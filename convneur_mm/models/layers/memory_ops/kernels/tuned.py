@@ -95,8 +95,9 @@ class MeasuredPath(NamedTuple):
     block_d: int = 128
 
 
-# docs/notes/benchmarks.md, "The memory's kernels on a GPU": the four global
-# branches of M3 at batch 128, 224², eager, kernels='triton' against 'torch'
+# the four global branches of M3 at batch 128, 224², eager, kernels='triton' against
+# 'torch' (docs/notes/benchmarks.md#the-memorys-kernels-on-a-gpu-machine-f, and the
+# training step: #the-kernels-profiled-and-trained-with-machine-f)
 MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
     MeasuredPath(90, 'bfloat16', False, 10.28, 20.43,
                  'an H200, M3\'s four global branches in inference at batch 128',
@@ -104,7 +105,8 @@ MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
     MeasuredPath(90, 'float32', False, 54.48, 28.31,
                  'an H200, M3\'s four global branches in inference at batch 128',
                  every_kernel=True, block_d=128),
-    # a training step under bf16 autocast: the kernels hold 4287 MiB at peak, PyTorch 11462
+    # a training step under bf16 autocast: slower through the kernels, in about a third
+    # of the PyTorch path's peak memory
     MeasuredPath(90, 'bfloat16', True, 77.73, 69.00,
                  'an H200, a training step of M3\'s four global branches at batch 128',
                  every_kernel=True, block_d=128),

@@ -21,7 +21,7 @@ def _whole_rows_times(xo, xo_b, w_ptr, sw_o, sw_i, row0, cols, cmask, cols_b, cm
     """The normed rows ``xo`` (and ``xo_b``, BE > 0), in DTYPE, times
     w[row0 + outs, :]^T: one product per column block of the features. The
     tiles load transposed: ``_times_wt`` of ``_weight_rows`` (the backward's
-    layout) spilled 4 to 12 B at M3's 32-row tiles, where this spills none."""
+    layout) spilled at M3's 32-row tiles, where this spills none."""
     w = tl.load(w_ptr + (row0 + outs)[None, :] * sw_o + cols[:, None] * sw_i,
                 mask=cmask[:, None] & omask[None, :], other=0.0)
     acc = tl.dot(xo, w.to(DTYPE), input_precision=PREC)
@@ -66,7 +66,8 @@ def _rows_times_blocks(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i
                        BOE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
     """``_rows_times`` of the outputs ``outs`` (BO) and, BOE > 0, of a second
     block ``outs_b`` (BOE; else the first again), one after the other: one
-    loop over the features for both spilled 1.9 KB at M4's 32-row tiles."""
+    loop over the features for both spilled at M4's 32-row tiles
+    (docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)."""
     acc = _rows_times(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, row0, cols,
                       cmask, cols_b, cmask_b, outs, omask, BM, BD, BE, BK, BO, DTYPE, PREC)
     acc_b = acc

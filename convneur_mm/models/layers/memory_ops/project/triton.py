@@ -21,14 +21,14 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
 # the backward holds whole weight tiles (no feature steps) of at most 128 columns
 # per column block (a 16-bit (128, 128) tile is 32 KiB of shared memory); wider rows
-# only where their split compiled with bounded spills: M4's 160 as 128 + 32 (484 to
-# 940 B, 1 to 5 heads, bf16, sm_80 and sm_90). 144 as 128 + 16 spilled 45 KB, 150 5 KB
+# only where their split compiled with bounded spills: M4's 160 as 128 + 32
+# (docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)
 MAX_PROJECTION_BACKWARD_BLOCK = 128
 PROJECTION_BACKWARD_SPLIT_WIDTHS = (160, )
 # rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
 # of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
-# without spills (ptxas, triton 3.7) as a bf16 M4 stage launches them (whole rows
-# spill 276 to 284 B at 16 rows; 64 rows 308 to 860 B)
+# without spills as a bf16 M4 stage launches them (the alternatives' spills:
+# docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)
 PROJECTION_SPLIT = {(128, 32): (32, 32)}
 
 
@@ -101,19 +101,19 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     per product step (BK == BD: whole rows, one product per column block).
 
     16-bit operands up to 128 columns: whole rows at 32 rows and 8 warps,
-    which compile without spills for sm_80 and sm_90 at C_m 128 (64 rows
-    spill 164 B, 4 warps 460 B). Rows of ``PROJECTION_SPLIT``'s widths (M4's
-    160 as 128 + 32, not padded to 256) take that table's tiles. Other wider
-    rows (a (256, 256) weight tile would need about 300 KiB of shared
-    memory) and float32 operands (whole rows spill 10 KB) take 16 rows and
-    32 features per step: no spills at 128 (float32) and 160 (16-bit, one
-    block); float32 at 160 spills 20 to 92 B.
+    which compile without spills for sm_80 and sm_90 at C_m 128 (64 rows or
+    4 warps spill). Rows of ``PROJECTION_SPLIT``'s widths (M4's 160 as
+    128 + 32, not padded to 256) take that table's tiles. Other wider rows
+    (a (256, 256) weight tile would need about 300 KiB of shared memory) and
+    float32 operands (whose whole rows spill) take 16 rows and 32 features
+    per step, which spill nothing at 128.
     ``tiles.forced_tiles('project', split=0 or 1)`` decides the split
     instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
     tiles). The backward (``backward``) takes whole rows at 16 rows, 8
-    warps and one stage: at C_m 128 with 16-bit operands it spills 320 B
-    (sm_90) and 364 B (sm_80), at 160 864 B and 940 B, the least found (32
-    rows: kilobytes; 4 warps: twice as much). It holds at most
+    warps and one stage, the tiles found to spill least with 16-bit
+    operands. The figures of these compiles:
+    docs/notes/benchmarks.md#the-projection-and-scan-kernels-machine-h and
+    #two-column-blocks-at-m4s-width-machine-i. It holds at most
     ``MAX_PROJECTION_BACKWARD_BLOCK`` columns per block, so wider rows
     always split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
     split=1)`` splits narrower ones). Not tuned by timing."""
