@@ -69,17 +69,27 @@ def module_group(name: str) -> str:
     return 'backbone'
 
 
+def _terms(value) -> list:
+    """A loss entry's tensors or numbers: MMDetection's heads give some
+    entries as a list, one term per feature level."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _finite(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value.detach()).all())
-    return math.isfinite(float(value))
+    return all(bool(torch.isfinite(v.detach()).all()) if isinstance(v, torch.Tensor)
+               else math.isfinite(float(v)) for v in _terms(value))
+
+
+def _shown(value) -> float:
+    """A loss entry as MMEngine's ``parse_losses`` logs it: the sum of its terms' means."""
+    return sum(float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
+               for v in _terms(value))
 
 
 def _format_losses(losses: Optional[Dict]) -> str:
     if not losses:
         return 'none recorded'
-    bad = [f'{k}={float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else v}'
-           for k, v in losses.items() if 'loss' in k and not _finite(v)]
+    bad = [f'{k}={_shown(v)}' for k, v in losses.items() if 'loss' in k and not _finite(v)]
     if len(bad) > 1:  # the total beside its terms says nothing more
         bad = [b for b in bad if not b.startswith('loss=')]
     return ', '.join(bad) if bad else 'all finite on this rank'

@@ -44,12 +44,14 @@ class TwoGroupModel(NoisyModel):
         out = self.head(hidden).squeeze(1)
         loss = (out - labels).square().mean()
         bad = self.calls >= self.bad_at
-        if bad and self.what == 'loss':
+        if bad and self.what in ('loss', 'levels'):
             extra = hidden.mean() * float('nan')
         elif bad and self.what == 'constant':  # a NaN term with no gradient
             extra = torch.tensor(float('nan'))
         else:
             extra = hidden.mean() * 0
+        if self.what == 'levels':  # per-level terms in a list, as MMDetection's RPN head gives
+            return dict(loss_fit=loss, loss_levels=[hidden.mean() * 0, extra])
         return dict(loss_fit=loss, loss_extra=extra)
 
 
@@ -129,6 +131,12 @@ def test_a_nan_loss_stops_at_that_iteration_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the step was never applied
     state = torch.load(tmp_path / 'iter_4.pth', weights_only=False)['state_dict']
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_a_nan_in_a_list_of_loss_terms_is_named_with_their_sum(tmp_path):
+    model = TwoGroupModel(bad_at=4, what='levels')
+    with pytest.raises(NonFiniteTrainingError, match=r'iteration 4: loss terms loss_levels=nan;'):
+        _run(tmp_path, model)
 
 
 def test_a_nan_loss_term_without_gradient_stops_after_its_iteration(tmp_path):
