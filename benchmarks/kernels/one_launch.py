@@ -24,9 +24,7 @@ import torch
 
 from benchmarks.common.record import Record, UsageError
 from benchmarks.common.subjects import relative_error
-from benchmarks.kernels.tune import (DRY_SHAPE, OP_OF, OPERAND_DTYPES, apply_tuned,
-                                     stage_calls)
-from benchmarks.memory.bytes import backbone_shapes
+from benchmarks.kernels.tune import OP_OF, OPERAND_DTYPES, apply_tuned, stage_calls, stage_of_args
 from convneur_mm.models.layers.memory_ops.kernels.tiles import forced_tiles
 from convneur_mm.utils.cli import positive_int
 
@@ -89,19 +87,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     Triton's interpreter at the tuner's tiny shape, float16."""
     if args.warmup < 0:
         raise UsageError('--warmup must be >= 0')
-    if args.dry_run:
-        from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
-        if not load_kernels('read')[2]:
-            raise UsageError('a dry run of launch runs the kernels in Triton\'s interpreter: '
-                             'start it with TRITON_INTERPRET=1 in the environment')
-        shape, dtype, device = DRY_SHAPE, torch.float16, 'cpu'
-    else:
-        if not torch.cuda.is_available():
-            raise UsageError('launch runs a kernel on a CUDA GPU; --dry-run checks it on a CPU')
-        shapes = backbone_shapes(args.arch, batch=args.batch)
-        if not 0 <= args.stage < len(shapes):
-            raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
-        shape, dtype, device = shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda'
+    shape, dtype, device = stage_of_args(args, 'launch', 'runs a kernel')
     applied = apply_tuned(args.tuned) if args.tuned else None
     result = launch_once(args.kernel, shape, dtype, device, args.rows, args.warmup)
     result['tuned'] = applied

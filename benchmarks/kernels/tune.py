@@ -563,24 +563,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='stop trying candidates after this many seconds')
 
 
+def stage_of_args(args: argparse.Namespace, case: str, does: str
+                  ) -> Tuple[MemoryShape, torch.dtype, str]:
+    """(shape, operand dtype, device) of a kernel case's options (``--arch``,
+    ``--stage``, ``--batch``, ``--operand-dtype``): on CUDA, or in a dry run
+    the tiny ``DRY_SHAPE`` in float16 in Triton's interpreter, which must be on.
+
+    Raises:
+        UsageError: no CUDA outside a dry run, no interpreter in one, or a
+            stage the model does not have.
+    """
+    if args.dry_run:
+        from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
+        if not load_kernels('read')[2]:  # triton reads TRITON_INTERPRET once, when it is imported
+            raise UsageError(f'a dry run of {case} runs the kernels in Triton\'s interpreter: '
+                             'start it with TRITON_INTERPRET=1 in the environment')
+        return DRY_SHAPE, torch.float16, 'cpu'
+    if not torch.cuda.is_available():
+        raise UsageError(f'{case} {does} on a CUDA GPU; --dry-run checks it on a CPU')
+    shapes = backbone_shapes(args.arch, batch=args.batch)
+    if not 0 <= args.stage < len(shapes):
+        raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
+    return shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda'
+
+
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``tune_stage`` with the parsed options, its JSON rewritten after each
     kernel; a dry run is a CPU run in Triton's interpreter at tiny shapes,
     float16 (started with ``TRITON_INTERPRET=1``)."""
-    if args.dry_run:
-        from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
-        if not load_kernels('read')[2]:  # triton reads TRITON_INTERPRET once, when it is imported
-            raise UsageError('a dry run of tune runs the kernels in Triton\'s interpreter: '
-                             'start it with TRITON_INTERPRET=1 in the environment')
-        shape, dtype, device, axes, repeats = DRY_SHAPE, torch.float16, 'cpu', DRY_AXES, 1
-    else:
-        if not torch.cuda.is_available():
-            raise UsageError('tune times the kernels on a CUDA GPU; --dry-run checks it on a CPU')
-        shapes = backbone_shapes(args.arch, batch=args.batch)
-        if not 0 <= args.stage < len(shapes):
-            raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
-        shape, dtype, device, axes, repeats = (
-            shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda', AXES, 5)
+    shape, dtype, device = stage_of_args(args, 'tune', 'times the kernels')
+    axes, repeats = (DRY_AXES, 1) if args.dry_run else (AXES, 5)
     settings = {'shape': shape._asdict(), 'operand_dtype': dtype_name(dtype),
                 'device': (torch.cuda.get_device_name() if device == 'cuda'
                            else 'cpu (Triton interpreter)'),
