@@ -33,7 +33,7 @@ from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS, check_gelu_approximate
 from .memory_ops.dispatch import (KERNELS, MATMUL_DTYPES, MemoryPlan, PathSettings,
-                                  operand_dtype, plan_memory)
+                                  operand_dtype_for, plan_memory)
 from .memory_ops.project import ProjectionWeights, project
 from .memory_ops.read import read
 try:
@@ -229,11 +229,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         prove that the U * L written tokens fit in N, without a guard."""
         return (num_tokens - 1) // self.chunk_size
 
-    def operand_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+    def operand_dtype_for(self, x: Tensor) -> Optional[torch.dtype]:
         """The products' operand dtype for input ``x`` (None: the compute
         dtype, float32 or float64), read before autocast is turned off
-        (``dispatch.operand_dtype``)."""
-        return operand_dtype(self.matmul_dtype, x)
+        (``dispatch.operand_dtype_for``)."""
+        return operand_dtype_for(self.matmul_dtype, x)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (H, B, N, d / H): heads lead, as memory weights do."""

@@ -139,11 +139,11 @@ def test_bf16_training_step_under_cpu_autocast_has_finite_gradients():
 
 def test_auto_operands_are_float32_off_cuda_and_explicit_ones_hold():
     x = torch.randn(1, 4, 8)
-    assert NeuralMemory(8).operand_dtype(x) is None
+    assert NeuralMemory(8).operand_dtype_for(x) is None
     with torch.autocast('cpu', dtype=torch.bfloat16):  # CPU autocast: float32 products
-        assert NeuralMemory(8).operand_dtype(x) is None
-    assert NeuralMemory(8, matmul_dtype='float16').operand_dtype(x) is torch.float16
-    assert NeuralMemory(8, matmul_dtype='float32').operand_dtype(x) is None
+        assert NeuralMemory(8).operand_dtype_for(x) is None
+    assert NeuralMemory(8, matmul_dtype='float16').operand_dtype_for(x) is torch.float16
+    assert NeuralMemory(8, matmul_dtype='float32').operand_dtype_for(x) is None
 
 
 @pytest.mark.parametrize('kwargs,match', [

@@ -112,7 +112,7 @@ class PathSettings(NamedTuple):
     head_dim: int
 
 
-def operand_dtype(matmul_dtype: str, x: Tensor) -> Optional[torch.dtype]:
+def operand_dtype_for(matmul_dtype: str, x: Tensor) -> Optional[torch.dtype]:
     """The products' operand dtype for input ``x`` (None: the compute
     dtype, float32 or float64), read before autocast is turned off.
 
@@ -150,7 +150,7 @@ def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_sl
         RuntimeError: ``kernels='triton'`` where the Triton kernels cannot
             serve this call (the error names why).
     """
-    dtype = operand_dtype(settings.matmul_dtype, x)
+    dtype = operand_dtype_for(settings.matmul_dtype, x)
     implementation, reason = _implementation(x, settings, dtype)
     every_kernel = implementation == 'triton' and (
         settings.kernels == 'triton' or _auto_takes_every_kernel(x, settings, dtype))
