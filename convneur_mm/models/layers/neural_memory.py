@@ -103,7 +103,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             'bfloat16' or 'float16'. Accumulation, states, momentum, the scan,
             LayerNorm statistics and backward, theta, the gates and the
             residual stay float32 (docs/advanced_guides/memory_paths.md).
-        implementation: the implementation of the memory's operations (``memory_ops``):
+        implementation: which code computes the memory's operations (``memory_ops``):
             'auto' (the Triton kernels in eager CUDA inference where a GPU of
             the same kind measured them faster at the same tiled head width,
             ``kernels.tuned.MEASURED_PATHS``: bf16 operands on sm_90, C_m 65 to
