@@ -4,7 +4,7 @@ classifier and its local-only network (``build_classifier``), a bare
 inputs of their shapes (``stage_branches``, ``branch_inputs``), and the
 neural memory's variants.
 
-A variant is a set of ``memory_cfg`` keys (``matmul_dtype``, ``kernels``,
+A variant is a set of ``memory_cfg`` keys (``operand_dtype``, ``implementation``,
 ``working_set_mib``, ``recompute``) with a precision context (TF32 products,
 bf16 autocast or none) and training or inference. ``memory_like`` and
 ``branch_like`` build a variant with the weights of a given memory; a key the
@@ -38,19 +38,21 @@ TRAINING_MODE = 'train_bf16_autocast'
 # CUDA), the reference of every row's error; 'torch_float32' the PyTorch path.
 BRANCH_VARIANTS = {
     'float32': ({}, None, False, False),
-    'torch_float32': ({'kernels': 'torch', 'matmul_dtype': 'float32'}, None, False, False),
+    'torch_float32': ({'implementation': 'torch', 'operand_dtype': 'float32'}, None, False, False),
     'tf32': ({}, 'tf32', False, True),
     'bf16_autocast': ({}, 'bf16', False, False),
-    'matmul_float32': ({'matmul_dtype': 'float32'}, None, False, False),
-    'matmul_bfloat16': ({'matmul_dtype': 'bfloat16'}, None, False, False),
-    'matmul_bfloat16_torch': ({'matmul_dtype': 'bfloat16', 'kernels': 'torch'}, None, False,
-                              False),
-    'triton_float32': ({'matmul_dtype': 'float32', 'kernels': 'triton'}, None, False, True),
-    'triton_bfloat16': ({'matmul_dtype': 'bfloat16', 'kernels': 'triton'}, None, False, True),
-    'bf16_autocast_triton': ({'kernels': 'triton'}, 'bf16', False, True),
+    'matmul_float32': ({'operand_dtype': 'float32'}, None, False, False),
+    'matmul_bfloat16': ({'operand_dtype': 'bfloat16'}, None, False, False),
+    'matmul_bfloat16_torch': ({'operand_dtype': 'bfloat16', 'implementation': 'torch'}, None,
+                              False, False),
+    'triton_float32': ({'operand_dtype': 'float32', 'implementation': 'triton'}, None, False,
+                       True),
+    'triton_bfloat16': ({'operand_dtype': 'bfloat16', 'implementation': 'triton'}, None, False,
+                        True),
+    'bf16_autocast_triton': ({'implementation': 'triton'}, 'bf16', False, True),
     # GELU's tanh form in the kernels' loops, against the exact form's row above
-    'bf16_autocast_triton_tanh_gelu': ({'kernels': 'triton', 'gelu_approximate': 'tanh'}, 'bf16',
-                                       False, True),
+    'bf16_autocast_triton_tanh_gelu': ({'implementation': 'triton', 'gelu_approximate': 'tanh'},
+                                       'bf16', False, True),
     'working_set_1024': ({'working_set_mib': 1024}, None, False, False),
     'working_set_256': ({'working_set_mib': 256}, None, False, False),
     'working_set_256_bf16_autocast': ({'working_set_mib': 256}, 'bf16', False, False),
@@ -59,9 +61,9 @@ BRANCH_VARIANTS = {
     TRAINING_MODE: ({}, 'bf16', True, False),
     'train_recompute_bf16_autocast': ({'recompute': True}, 'bf16', True, False),
     'train_closed_form_bf16_autocast': ({'backward': 'closed_form'}, 'bf16', True, False),
-    'train_triton_bf16_autocast': ({'kernels': 'triton'}, 'bf16', True, True),
-    'train_triton_closed_form_bf16_autocast': ({'kernels': 'triton', 'backward': 'closed_form'},
-                                               'bf16', True, True),
+    'train_triton_bf16_autocast': ({'implementation': 'triton'}, 'bf16', True, True),
+    'train_triton_closed_form_bf16_autocast': ({'implementation': 'triton',
+                                                'backward': 'closed_form'}, 'bf16', True, True),
 }
 # the memory variants whose numerics are measured against float64
 NUMERICS_VARIANTS = ('float32', 'torch_float32', 'tf32', 'bf16_autocast', 'matmul_bfloat16',
@@ -69,7 +71,7 @@ NUMERICS_VARIANTS = ('float32', 'torch_float32', 'tf32', 'bf16_autocast', 'matmu
                      'bf16_autocast_triton_tanh_gelu')
 # whole-model rows besides M3 and local-only: the PyTorch path, the bounded
 # working set
-MODEL_VARIANTS = {'M3 kernels=torch': {'kernels': 'torch'},
+MODEL_VARIANTS = {'M3 implementation=torch': {'implementation': 'torch'},
                   'M3 working_set_256': {'working_set_mib': 256}}
 
 

@@ -148,9 +148,9 @@ def launches_kernels(variant: str) -> bool:
     it asks for them, or leaves 'auto' to decide with 16-bit operands (the
     only ones measured paths exist for)."""
     cfg, context, _, _ = BRANCH_VARIANTS[variant]
-    kernels = cfg.get('kernels', 'auto')
-    return kernels == 'triton' or (kernels == 'auto' and (
-        context == 'bf16' or cfg.get('matmul_dtype') in ('bfloat16', 'float16')))
+    implementation = cfg.get('implementation', 'auto')
+    return implementation == 'triton' or (implementation == 'auto' and (
+        context == 'bf16' or cfg.get('operand_dtype') in ('bfloat16', 'float16')))
 
 
 def bench_steps() -> List[Step]:

@@ -32,7 +32,7 @@ training step, forward and backward, through PyTorch (``'training'``) and
 through the Triton kernels (``'training_triton'``); and M4's call through the
 kernels (``'triton_m4'``), the same with every row in one padded column
 block (``'triton_m4_one_block'``: what two blocks gain) and through PyTorch
-(``'torch_m4'``: whether ``kernels='auto'`` should take the kernels at M4's
+(``'torch_m4'``: whether ``implementation='auto'`` should take the kernels at M4's
 width). Each roofline counts the true columns, so M4's kernels (160 columns
 as 128 + 32, ``tiles.column_blocks``, the projection's included) against
 M3's (128), each beside its roofline, say what M4's width costs.
@@ -461,28 +461,29 @@ class Case(NamedTuple):
     note: str
 
 
-def global_branches(device, kernels: str = 'torch', matmul_dtype: str = 'bfloat16',
+def global_branches(device, implementation: str = 'torch', operand_dtype: str = 'bfloat16',
                     arch: str = 'm3') -> List[Tuple[int, torch.nn.Module]]:
     """The global branches of ConvNeur-``arch`` with these memory settings,
     on ``device``, with the stage of each."""
     return stage_branches(convneur_backbone(
-        arch, device, memory_cfg=dict(kernels=kernels, matmul_dtype=matmul_dtype)))
+        arch, device, memory_cfg=dict(implementation=implementation,
+                                              operand_dtype=operand_dtype)))
 
 
 def _bf16(device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
-def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
+def branches_inference_case(implementation: str, batch: int = 128, device='cuda',
                             size: int = M3_SIZE, arch: str = 'm3',
                             split: Optional[int] = None) -> Case:
     """One call of ``arch``'s four branches with bf16 operands, under bf16
-    autocast, through ``kernels`` ('torch' or 'triton': CUDA only); ``split``
+    autocast, through ``implementation`` ('torch' or 'triton': CUDA only); ``split``
     as ``tiles.forced_column_blocks``."""
-    if kernels == 'triton' and not is_cuda(device):
+    if implementation == 'triton' and not is_cuda(device):
         raise ValueError("the 'triton' cases need a CUDA device")
     from convneur_mm.models.layers.memory_ops.kernels.tiles import forced_column_blocks
-    branches = global_branches(device, kernels, arch=arch)
+    branches = global_branches(device, implementation, arch=arch)
     inputs = branch_inputs(branches, batch, size, device)
 
     def call():
@@ -493,8 +494,8 @@ def branches_inference_case(kernels: str, batch: int = 128, device='cuda',
     costs = count_costs(call)
     blocks = {None: '', 0: ', rows in one column block', 1: ', rows in two column blocks'}
     note = (f'the four global branches of {arch.upper()}, batch {batch} at {size}², '
-            f'bf16 operands, {kernels}{blocks[split]}')
-    if kernels == 'triton':
+            f'bf16 operands, {implementation}{blocks[split]}')
+    if implementation == 'triton':
         costs, note = _priced_kernels(call, costs, device, note)
     return Case(call, costs, note)
 
@@ -510,13 +511,13 @@ def _priced_kernels(call: Callable[[], object], costs: Dict[str, OpCost], device
 
 
 def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,
-                           kernels: str = 'torch') -> Case:
+                           implementation: str = 'torch') -> Case:
     """One bf16 training step of the four branches: forward and backward
-    under bf16 autocast, bf16 operands, through ``kernels`` ('torch', or
+    under bf16 autocast, bf16 operands, through ``implementation`` ('torch', or
     'triton': the Triton kernels and their backward kernels; CUDA only)."""
-    if kernels == 'triton' and not is_cuda(device):
+    if implementation == 'triton' and not is_cuda(device):
         raise ValueError("the 'training_triton' case needs a CUDA device")
-    branches = global_branches(device, kernels)
+    branches = global_branches(device, implementation)
     inputs = branch_inputs(branches, batch, size, device)
     params = [p for _, branch in branches for p in branch.parameters()]
 
@@ -529,8 +530,8 @@ def branches_training_case(batch: int = 128, device='cuda', size: int = M3_SIZE,
 
     costs = count_costs(call)
     note = (f'one training step (forward + backward) of the four global branches of M3, '
-            f'batch {batch} at {size}², bf16 autocast and operands, {kernels}')
-    if kernels == 'triton':
+            f'batch {batch} at {size}², bf16 autocast and operands, {implementation}')
+    if implementation == 'triton':
         costs, note = _priced_kernels(call, costs, device, note)
     return Case(call, costs, note)
 
@@ -539,7 +540,7 @@ CASES = {
     'triton': lambda **kw: branches_inference_case('triton', **kw),
     'torch': lambda **kw: branches_inference_case('torch', **kw),
     'training': branches_training_case,
-    'training_triton': lambda **kw: branches_training_case(kernels='triton', **kw),
+    'training_triton': lambda **kw: branches_training_case(implementation='triton', **kw),
     'triton_m4': lambda **kw: branches_inference_case('triton', arch='m4', **kw),
     'triton_m4_one_block': lambda **kw: branches_inference_case('triton', arch='m4', split=0,
                                                                 **kw),
@@ -578,7 +579,7 @@ def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = P
     is needed; triton must not be in its interpreter."""
     from convneur_mm.models.layers.memory_ops.kernels.tiles import REPLACES, forced_tiles_of
     one_program_options = {kernel: {} for kernel in REPLACES} if one_program else {}
-    branches = global_branches('meta', kernels='triton', arch=arch)
+    branches = global_branches('meta', implementation='triton', arch=arch)
     rows = []
     for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
         def call(branch=branch, x=x):

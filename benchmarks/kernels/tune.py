@@ -19,7 +19,7 @@ compile (shared memory, registers); rows past ``tiles.row_limit`` are not tried.
 after them, and kept (``TunedTile`` entries make it run in their place) only
 where its chosen options compute what they compute and beat their time by
 ``MIN_GAIN``. The PyTorch path of each call is timed beside it
-(``torch_ms``), the evidence ``kernels='auto'`` needs per operation. On CUDA
+(``torch_ms``), the evidence ``implementation='auto'`` needs per operation. On CUDA
 a call that launches a kernel known to fault there (``kernels.CUDA_FAULTS``)
 is left out with its kernels (``faulting_calls``), and said so.
 
@@ -30,7 +30,7 @@ is left out with its kernels (``faulting_calls``), and said so.
 It prints each kernel's default and chosen options with their times, the
 chosen ones as ``kernels.tuned.TunedTile`` entries to record in
 ``TUNED_TILES``, and the write and read's times through either path as
-``MeasuredPath`` entries, by which ``kernels='auto'`` decides
+``MeasuredPath`` entries, by which ``implementation='auto'`` decides
 (``MEASURED_PATHS``); the PyTorch steps use the closed-form backward (the
 one that moves fewer bytes). ``--dry-run`` runs the same search on a CPU in Triton's
 interpreter at tiny shapes over two values per axis: it checks the search,
@@ -397,7 +397,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     except Exception as error:  # noqa: B902 - a broken CUDA context: keep the search's results
         result['error'] = describe_error(error)
         return result
-    if arch is not None:  # what kernels='auto' decides by
+    if arch is not None:  # what implementation='auto' decides by
         paths = measured_paths(result['calls'], arch, operand_dtype,
                                torch.cuda.get_device_name(device), shape)
         result['paths'] = [f'{entry!r},' for entry in paths]

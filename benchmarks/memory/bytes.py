@@ -40,7 +40,7 @@ once: the least memory traffic of the unfused ops. On ``meta`` tensors (no
 data: a training-sized batch in seconds) the ops dispatch as on a CPU, but
 16-bit products outside autograd write float32 directly, as on CUDA
 (``memory_ops.product``), instead of a widening cast.
-With ``kernels='triton'`` on ``meta`` the fused kernels' wrappers allocate
+With ``implementation='triton'`` on ``meta`` the fused kernels' wrappers allocate
 what they would on a GPU and their launches do nothing: the inference count
 of CUDA's fused path (the wrappers run without their operators' autograd:
 inference counts only). ``count_ops`` imports the model inside, so that
@@ -58,6 +58,7 @@ the code in the context runs for real.
 import argparse
 import contextlib
 import logging
+import sys
 from typing import (TYPE_CHECKING, Callable, ContextManager, Dict, Iterator, List, NamedTuple,
                     Optional, Tuple)
 
@@ -308,7 +309,7 @@ def count_branch_step_bytes(arch: str = 'm3', size: int = 224, batch: int = 128,
     """Bytes of one training step (forward and backward, every input's
     gradient) of each stage's first global branch of ``ConvNeur(arch)``,
     whole (projections, write, scan, read, gates, its 1x1 convolutions), on
-    meta tensors. With ``kernels='triton'`` in ``memory_cfg`` the memory's
+    meta tensors. With ``implementation='triton'`` in ``memory_cfg`` the memory's
     operators run their fakes: each counts as its arguments and results."""
     counts = []
     for branch, x in _branch_steps(arch, size, batch, memory_cfg, 'meta'):
@@ -341,7 +342,7 @@ def _kernels_without_launches() -> ContextManager:
         from convneur_mm.models.layers.memory_ops.kernels import without_launches
     except ImportError:  # an older checkout's package (``isolated.run_isolated``)
         raise ValueError('this package\'s memory cannot run its kernels without launching '
-                         "them: count with kernels='torch'") from None
+                         "them: count with implementation='torch'") from None
     return without_launches()
 
 
@@ -371,11 +372,12 @@ def count_ops(arch: str = 'm3', stage: int = 0, size: int = 224, batch: int = 1,
     if device not in ('cpu', 'meta'):
         raise ValueError(f"device must be 'cpu' or 'meta', got {device!r}")
     memory_cfg = memory_cfg or {}
-    stubbed = device == 'meta' and memory_cfg.get('kernels') == 'triton'
+    stubbed = device == 'meta' and memory_cfg.get('implementation') == 'triton'
     torch.manual_seed(0)
     options = dict(memory_placement='none') if part == 'local-only' else {}
     if memory_cfg:
-        options['memory_cfg'] = memory_cfg
+        keys = getattr(sys.modules[ConvNeur.__module__], 'MEMORY_KEYS', None)
+        options['memory_cfg'] = as_installed(memory_cfg, keys)
     model = ConvNeur(arch=arch, **options).eval().to(device)
     if part == 'branch':
         block = next(b for b in model.stages[stage] if b.global_branch is not None)
@@ -431,10 +433,25 @@ def describe_part(part: str, stage: int) -> str:
             'local-only': 'the local-only backbone'}[part]
 
 
-def memory_cfg_of(matmul_dtype: str = 'auto', kernels: str = 'auto') -> Dict[str, str]:
+# the memory_cfg keys' former names, which an older checkout (``--before``) takes: the
+# package's RENAMED_KEYS inverted, written out since such a checkout has none
+FORMER_KEY_NAMES = {'operand_dtype': 'matmul_dtype', 'implementation': 'kernels'}
+
+
+def as_installed(memory_cfg: Dict, keys: Optional[List[str]]) -> Dict:
+    """``memory_cfg`` with each key the installed backbone does not take
+    under its former name, where the backbone takes that (``keys``: its
+    ``memory_cfg`` keys; None: it names none, and ``memory_cfg`` is kept)."""
+    if keys is None:
+        return dict(memory_cfg)
+    return {FORMER_KEY_NAMES[k] if k not in keys and FORMER_KEY_NAMES.get(k) in keys else k: v
+            for k, v in memory_cfg.items()}
+
+
+def memory_cfg_of(operand_dtype: str = 'auto', implementation: str = 'auto') -> Dict[str, str]:
     """The ``memory_cfg`` overrides of the given options ('auto': the memory's own)."""
-    return {key: value for key, value in (('matmul_dtype', matmul_dtype),
-                                          ('kernels', kernels)) if value != 'auto'}
+    return {key: value for key, value in (('operand_dtype', operand_dtype),
+                                          ('implementation', implementation)) if value != 'auto'}
 
 
 # ------------------------------------------------------ Inductor's count
@@ -522,9 +539,9 @@ def run_from_args(args: argparse.Namespace, record: 'Record') -> Dict[str, Dict[
     for name in ('float32', 'bfloat16'):
         for path, cfg in (('autograd', dict(backward='autograd')),
                           ('closed form', dict(backward='closed_form')),
-                          (TRITON, dict(kernels='triton'))):
+                          (TRITON, dict(implementation='triton'))):
             per_stage = count_branch_step_bytes(args.arch, args.size, args.batch,
-                                                dict(cfg, matmul_dtype=name))
+                                                dict(cfg, operand_dtype=name))
             results[f'branches {name} {path}'] = {'total': per_stage}
             branches.append((name, path, per_stage))
     print(f'ConvNeur-{args.arch.upper()}, batch {args.batch} at {args.size}x{args.size}: '
@@ -535,7 +552,7 @@ def run_from_args(args: argparse.Namespace, record: 'Record') -> Dict[str, Dict[
     if args.compiled_batch:
         compiled = []
         for path, backward in (('autograd', 'autograd'), ('closed form', 'closed_form')):
-            cfg = dict(backward=backward, matmul_dtype='float32')
+            cfg = dict(backward=backward, operand_dtype='float32')
             per_stage = count_compiled_branch_step_bytes(args.arch, args.size,
                                                          args.compiled_batch, cfg)
             results[f'compiled branches float32 {path}'] = {'total': per_stage}
@@ -566,10 +583,13 @@ def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--size', type=positive_int, default=224)
     parser.add_argument('--batch', type=positive_int, default=1)
     parser.add_argument('--device', choices=('cpu', 'meta'), default='cpu')
-    parser.add_argument('--matmul-dtype', choices=('auto', 'float32', 'bfloat16', 'float16'),
-                        default='auto', help='memory_cfg.matmul_dtype')
-    parser.add_argument('--kernels', choices=('auto', 'torch', 'triton'), default='auto',
-                        help="memory_cfg.kernels ('triton' on meta: launches left out)")
+    # --matmul-dtype and --kernels: the keys' former names, which older notes' commands use
+    parser.add_argument('--operand-dtype', '--matmul-dtype', dest='operand_dtype',
+                        choices=('auto', 'float32', 'bfloat16', 'float16'), default='auto',
+                        help='memory_cfg.operand_dtype')
+    parser.add_argument('--implementation', '--kernels', dest='implementation',
+                        choices=('auto', 'torch', 'triton'), default='auto',
+                        help="memory_cfg.implementation ('triton' on meta: launches left out)")
     parser.add_argument('--part', choices=PARTS, default='branch')
     parser.add_argument('--before', metavar='PATH', help='an older checkout to count too')
     parser.add_argument('--top', type=positive_int, default=8, help='ops listed')
@@ -581,9 +601,9 @@ def run_ops(args: argparse.Namespace, record: 'Record') -> Dict[str, dict]:
     from convneur_mm.analysis.isolated import run_isolated
     if args.dry_run:
         args.arch, args.size, args.batch = 'm1', 64, 1
+    memory_cfg = memory_cfg_of(args.operand_dtype, args.implementation)
     kwargs = dict(arch=args.arch, stage=args.stage, size=args.size, batch=args.batch,
-                  device=args.device, memory_cfg=memory_cfg_of(args.matmul_dtype, args.kernels),
-                  part=args.part)
+                  device=args.device, memory_cfg=memory_cfg, part=args.part)
     counts = {}
     if args.before:
         counts[f'before ({args.before})'] = run_isolated(count_ops, kwargs, args.before,

@@ -26,7 +26,7 @@ The sections, each a function of the suite that returns its JSON record:
   ``max_lr`` 1, 0.2 and 1e-3.
 * ``latency``: batch 1, eager and replayed from a captured CUDA graph.
 * ``compiled``: ``model`` again with backbone and head through
-  ``torch.compile``; on CUDA also M3 with ``kernels='triton'`` under bf16.
+  ``torch.compile``; on CUDA also M3 with ``implementation='triton'`` under bf16.
 * ``profile``: ``kernels.profile``'s cases (the branches' inference with
   the Triton kernels and with the PyTorch path, their bf16 training steps):
   device time per kernel name beside its roofline. Not a default section.
@@ -438,9 +438,10 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                                              device=ctx.device),
                 'bf16' if mode == 'bf16_autocast' else None, ctx.device)
         if mode == 'bf16_autocast' and ctx.cuda:
-            rows['bf16_autocast kernels=triton'] = _compiled_kernels_rows(
+            kernels_row = 'bf16_autocast implementation=triton'
+            rows[kernels_row] = _compiled_kernels_rows(
                 ctx, backend, models['M3 local-only'], lambda part: ctx.checkpoint(
-                    dict(backend=backend, modes={**rows, 'bf16_autocast kernels=triton': part})))
+                    dict(backend=backend, modes={**rows, kernels_row: part})))
         del models
         free(ctx.device)
     if ctx.dry:
@@ -453,12 +454,12 @@ def section_compiled(ctx: MemorySuite) -> Dict:
 
 def _compiled_kernels_rows(ctx: MemorySuite, backend: str, local_only: torch.nn.Module,
                            checkpoint: Callable[[Dict], None]) -> Dict:
-    """M3 with ``kernels='triton'`` compiled (the kernels as custom operators
+    """M3 with ``implementation='triton'`` compiled (the kernels as custom operators
     in its graph) against the compiled local-only network already timed: the
     measurement by which ``'auto'`` may take the kernels under torch.compile."""
     try:
         model = build_classifier(ctx.device, ctx.sizes['chunk_size'],
-                                 {'model.backbone.memory_cfg.kernels': 'triton'})
+                                 {'model.backbone.memory_cfg.implementation': 'triton'})
         model.load_state_dict(ctx.m3.state_dict())
         compile_model(model, backend=backend)
         row = _model_rows(ctx, {'M3': model, 'M3 local-only': local_only}, ('bf16_autocast', ),
@@ -467,7 +468,7 @@ def _compiled_kernels_rows(ctx: MemorySuite, backend: str, local_only: torch.nn.
     except Exception as exc:  # noqa: BLE001
         row = dict(status=describe_error(exc))
         ctx.log(traceback.format_exc())
-    return dict(row, memory_cfg=dict(kernels='triton'),
+    return dict(row, memory_cfg=dict(implementation='triton'),
                 note="the local-only network is the one compiled for the row before: its "
                 "first_call_s is no compilation; no Dynamo reset between, so M3's own "
                 "graphs count towards the backbone's recompile limit")

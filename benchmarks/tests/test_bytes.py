@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmarks.memory.bytes import (OWN_MODULES, PATHS, TRITON, InductorByteCounter, MemoryShape,
-                                     count_branch_step_bytes, count_compiled_branch_step_bytes,
+                                     as_installed, count_branch_step_bytes, count_compiled_branch_step_bytes,
                                      count_ops, count_projection_bytes, count_step_bytes,
                                      format_op_counts, kernel_cuts)
 from convneur_mm.analysis.isolated import run_isolated
@@ -26,12 +26,25 @@ def test_meta_tensors_count_what_the_cpu_counts():
     assert set(inference['bytes_by_op']) <= set(inference['by_op'])
 
 
+def test_an_older_backbone_gets_the_memory_keys_former_names():
+    """``--before`` a checkout whose backbone takes ``matmul_dtype`` and
+    ``kernels``: the counted memory_cfg reaches it under those names."""
+    cfg = dict(operand_dtype='bfloat16', implementation='triton', recompute=True)
+    older = ['matmul_dtype', 'kernels', 'recompute']
+    assert as_installed(cfg, older) == dict(matmul_dtype='bfloat16', kernels='triton',
+                                            recompute=True)
+    assert as_installed(cfg, older + ['operand_dtype', 'implementation']) == cfg
+    assert as_installed(cfg, None) == cfg
+    # a backbone that takes neither name refuses the key by its new name
+    assert as_installed(cfg, ['recompute']) == cfg
+
+
 def test_the_fused_kernels_allocations_on_meta_tensors():
-    """``kernels='triton'`` on meta: the wrappers allocate, nothing launches;
+    """``implementation='triton'`` on meta: the wrappers allocate, nothing launches;
     the fused path holds less than the PyTorch path and has no autograd."""
-    cfg = dict(matmul_dtype='bfloat16')
-    fused = count_ops('m1', 0, 64, 2, 'meta', dict(cfg, kernels='triton'))
-    eager = count_ops('m1', 0, 64, 2, 'meta', dict(cfg, kernels='torch'))
+    cfg = dict(operand_dtype='bfloat16')
+    fused = count_ops('m1', 0, 64, 2, 'meta', dict(cfg, implementation='triton'))
+    eager = count_ops('m1', 0, 64, 2, 'meta', dict(cfg, implementation='torch'))
     assert set(fused) == {'inference'}
     assert 0 < fused['inference']['peak_live_bytes'] < eager['inference']['peak_live_bytes']
     assert fused['inference']['kernels'] < eager['inference']['kernels']
@@ -88,14 +101,14 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
     counts = count_projection_bytes(shapes, torch.bfloat16)
     assert 0 < counts[TRITON][0] < counts['autograd'][0] / 8
     # whole branches, every stage's: the closed form moves fewer in float32
-    steps = {backward: count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
+    steps = {backward: count_branch_step_bytes('m1', 128, 2, dict(operand_dtype='float32',
                                                                    backward=backward))
              for backward in ('autograd', 'closed_form')}
     assert len(steps['autograd']) == 4 and min(steps['autograd']) > 0
     assert sum(steps['closed_form']) < sum(steps['autograd'])
     # the kernels planned on meta tensors: their operators' fakes, autograd included
-    kernels = count_branch_step_bytes('m1', 128, 2, dict(matmul_dtype='float32',
-                                                          kernels='triton'))
+    kernels = count_branch_step_bytes('m1', 128, 2, dict(operand_dtype='float32',
+                                                          implementation='triton'))
     assert 0 < sum(kernels) < sum(steps['autograd']) / 4
 
 
@@ -103,7 +116,7 @@ def test_a_training_step_moves_fewer_bytes_with_the_closed_form():
 def test_compiled_branches_move_fewer_bytes_than_eager_ones():
     # Inductor's fused kernels, by its own count, each stage's branch compiled
     for backward in ('autograd', 'closed_form'):
-        cfg = dict(matmul_dtype='float32', backward=backward)
+        cfg = dict(operand_dtype='float32', backward=backward)
         compiled = count_compiled_branch_step_bytes('m1', 128, 2, cfg)
         eager = count_branch_step_bytes('m1', 128, 2, cfg)
         assert len(compiled) == 4 and min(compiled) > 0

@@ -25,7 +25,7 @@ def _compiled_triton():
 
 def _memory_costs(dtype: str = 'bfloat16', launched: list = None, **tiles):
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(D, chunk_size=L, kernels='triton', matmul_dtype=dtype).eval()
+    memory = NeuralMemory(D, chunk_size=L, implementation='triton', operand_dtype=dtype).eval()
     with torch.no_grad(), launcher.recording_launches(90) as launches:
         for kernel, options in tiles.items():
             kernel_tiles._forced.append((kernel, options))

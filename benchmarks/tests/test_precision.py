@@ -105,11 +105,11 @@ def test_run_configs_train_whole_epochs_in_their_precision(tiny_root, tmp_path, 
     assert f32.default_hooks.logger.interval == 1
     assert f32.auto_scale_lr == dict(base_batch_size=64, enable=True)  # the demo's 2 x 32
     assert f32.optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapper'
-    assert f32.model.backbone.memory_cfg.get('matmul_dtype', 'auto') == 'auto'
+    assert f32.model.backbone.memory_cfg.get('operand_dtype', 'auto') == 'auto'
     assert f32.work_dir.endswith('float32_seed3') and f32.experiment_name == 'float32_seed3'
     bf16 = pt.run_config(pt.DEFAULT_CONFIG, 'bfloat16', 3, 9, str(tmp_path))
     assert bf16.optim_wrapper.type == 'convneur_mm.CpuAmpOptimWrapper'
-    assert bf16.model.backbone.memory_cfg.matmul_dtype == 'bfloat16'
+    assert bf16.model.backbone.memory_cfg.operand_dtype == 'bfloat16'
     assert bf16.model.backbone.memory_cfg.chunk_size == 196  # the rest of it kept
 
 
@@ -118,7 +118,7 @@ def test_bf16_sets_the_memorys_products_without_memory_cfg_and_spares_other_back
     monkeypatch.setenv(pt.DATA_ROOT_VARIABLE, tiny_root)
     bare = pt.run_config(pt.DEFAULT_CONFIG, 'bfloat16', 0, 2, str(tmp_path),
                          {'model.backbone.memory_cfg': None})
-    assert bare.model.backbone.memory_cfg == dict(matmul_dtype='bfloat16')
+    assert bare.model.backbone.memory_cfg == dict(operand_dtype='bfloat16')
     resnet = pt.run_config(pt.DEFAULT_CONFIG, 'bfloat16', 0, 2, str(tmp_path),
                            {'model.backbone': dict(_delete_=True, type='ResNet', depth=18)})
     assert 'memory_cfg' not in resnet.model.backbone

@@ -5,7 +5,7 @@ Each run is what ``tools/train.py CONFIG --seed S`` runs (``load_config``,
 ``set_randomness``, ``build_runner``), for ``iters`` iterations. 'bfloat16'
 adds ``--amp --amp-dtype bfloat16`` (``enable_amp``: MMEngine's
 AmpOptimWrapper on a GPU, bf16 autocast on a CPU) and takes the memory's
-products in bf16 (``memory_cfg.matmul_dtype``, as 'auto' does under CUDA bf16
+products in bf16 (``memory_cfg.operand_dtype``, as 'auto' does under CUDA bf16
 autocast, so that a CPU run trains the same products). 'float16' (GPUs only)
 is ``--amp`` as users run it: fp16 autocast with a dynamic loss scale, the
 memory's products in float32 ('auto''s rule under fp16). Runs differ in
@@ -113,7 +113,7 @@ def run_config(config: str, precision: str, seed: int, iters: int, work_dir: str
     if precision == 'bfloat16' and 'ConvNeur' in str(cfg.model.backbone.get('type')):
         # a new dict: ConfigDict.setdefault would store a copy of a given default
         cfg.model.backbone.memory_cfg = dict(cfg.model.backbone.get('memory_cfg') or {},
-                                             matmul_dtype='bfloat16')
+                                             operand_dtype='bfloat16')
     set_randomness(cfg, seed)
     return cfg
 

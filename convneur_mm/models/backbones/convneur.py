@@ -20,10 +20,11 @@ from torch import Tensor, nn
 from ...registry import MODELS
 from ..layers.block import ConvNeurBlock
 from ..layers.mixers import SELF_INITIALIZED, resolve_mixer_cfg
-from ..layers.neural_memory import UPDATE_MODES
+from ..layers.neural_memory import RENAMED_KEYS, UPDATE_MODES
 from ..layers.norms import LayerNorm2d
 from ..utils.precision import Float32Conv2d, in_float32
 from ..utils.pretrained import load_pretrained_backbone
+from ..utils.renamed_keys import with_renamed_keys
 from ..utils.shapes import ceil_to, known_zero
 from ..utils.warm_start import ConvNeXtV2CheckpointError, warm_start_blocks
 
@@ -35,7 +36,7 @@ DEFAULT_INIT_CFG = [
     dict(type='Constant', layer=['LayerNorm'], val=1., bias=0.),
 ]
 MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block',
-               'matmul_dtype', 'kernels', 'working_set_mib', 'recompute', 'backward',
+               'operand_dtype', 'implementation', 'working_set_mib', 'recompute', 'backward',
                'gelu_approximate')
 STEM_BIAS_STD = .02  # not zero: see ConvNeur._own_init
 
@@ -98,9 +99,11 @@ class ConvNeur(BaseModule):
             by default), ``chunk_size`` (196 for classification, 4096 for
             detection), ``max_lr`` (inner step size: 1 or 1e-3), ``update``
             ('parallel' | 'sequential'), ``heads``, ``scan_block``,
-            ``matmul_dtype``, ``kernels``, ``working_set_mib``, ``recompute``,
-            ``backward``, ``gelu_approximate`` (``NeuralMemory``). None of them
-            but ``dim`` and ``heads`` changes the parameter set.
+            ``operand_dtype``, ``implementation``, ``working_set_mib``,
+            ``recompute``, ``backward``, ``gelu_approximate`` (``NeuralMemory``;
+            its deprecated names ``matmul_dtype`` and ``kernels`` are read as
+            the new ones, with a warning). None of them but ``dim`` and
+            ``heads`` changes the parameter set.
         memory_placement: 'stage' (first block of each stage, the paper's
             default), 'block' (every block) or 'none' (local-only ablation).
         fusion: 'gate' (default), 'add' or 'concat' (Table 5 ablations).
@@ -229,7 +232,9 @@ class ConvNeur(BaseModule):
 
     @classmethod
     def _parse_memory_cfg(cls, memory_cfg: Optional[dict], memory_dim: int) -> dict:
-        memory_cfg = dict(memory_cfg or {})
+        # stacklevel 4: the warning points at whoever built the backbone
+        memory_cfg = with_renamed_keys(memory_cfg or {}, RENAMED_KEYS, 'memory_cfg',
+                                       stacklevel=4)
         unknown = set(memory_cfg) - set(MEMORY_KEYS)
         if unknown:
             raise ValueError(f'unknown memory_cfg keys {sorted(unknown)}; '

@@ -13,7 +13,7 @@ module is one differentiable graph for the outer training; the chunk
 gradients and reads train through hand-derived backward passes
 (``backward``), with no double backward. The inner loop runs
 in float32 (or float64) even under autocast; its matrix products may take
-16-bit operands (``matmul_dtype``) with float32 accumulation.
+16-bit operands (``operand_dtype``) with float32 accumulation.
 
 A call is decided once (``NeuralMemory.plan``, by ``memory_ops.dispatch``: a
 ``MemoryPlan``) and then executed on one path (``NeuralMemory.execute``)
@@ -32,8 +32,8 @@ from .memory_ops import MemoryWeights, decay_carry, scan_states, scan_states_tri
 from .memory_ops.chunk_grads import chunk_grads
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS, check_gelu_approximate
-from .memory_ops.dispatch import (KERNELS, MATMUL_DTYPES, MemoryPlan, PathSettings,
-                                  operand_dtype, plan_memory)
+from .memory_ops.dispatch import (IMPLEMENTATION_CHOICES, OPERAND_DTYPE_CHOICES, MemoryPlan,
+                                  PathSettings, operand_dtype_for, plan_memory)
 from .memory_ops.project import ProjectionWeights, project
 from .memory_ops.read import read
 try:
@@ -45,9 +45,12 @@ except ImportError:  # a torch built without distributed support
 from convneur_mm.models.utils.precision import (Float32Linear, Float32RMSNorm, KeepsFloat32,
                                                 at_least_float32, in_float32,
                                                 narrowed_parameters, widened)
+from convneur_mm.models.utils.renamed_keys import accepts_renamed_keys
 
 UPDATE_MODES = ('parallel', 'sequential')
 BACKWARDS = ('closed_form', 'autograd')
+# old name -> new name: the old names are still accepted, with a DeprecationWarning
+RENAMED_KEYS = {'matmul_dtype': 'operand_dtype', 'kernels': 'implementation'}
 
 
 class AttentionPool(nn.Module):
@@ -83,6 +86,7 @@ class MemoryProjections(NamedTuple):
     lr_mod: Optional[Tensor] = None
 
 
+@accepts_renamed_keys(RENAMED_KEYS)
 class NeuralMemory(KeepsFloat32, nn.Module):
     """Neural memory on a (B, N, d) token sequence, one state per image.
 
@@ -94,12 +98,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         update: 'parallel' or 'sequential' (see module docstring).
         scan_block: chunks whose states come from one matrix product
             (longer sequences are chained block by block).
-        matmul_dtype: the dtype of the matrix products' operands: 'auto'
+        operand_dtype: the dtype of the matrix products' operands: 'auto'
             (bfloat16 under CUDA bfloat16 autocast, else float32), 'float32',
             'bfloat16' or 'float16'. Accumulation, states, momentum, the scan,
             LayerNorm statistics and backward, theta, the gates and the
             residual stay float32 (docs/advanced_guides/memory_paths.md).
-        kernels: the implementation of the memory's operations (``memory_ops``):
+        implementation: which code computes the memory's operations (``memory_ops``):
             'auto' (the Triton kernels in eager CUDA inference where a GPU of
             the same kind measured them faster at the same tiled head width,
             ``kernels.tuned.MEASURED_PATHS``: bf16 operands on sm_90, C_m 65 to
@@ -124,6 +128,10 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             tanh form, on every path: one exp per element in the kernels'
             loops). The two differ by at most 5e-4 per activation; a
             checkpoint trained with one is read with the same.
+
+    ``matmul_dtype`` and ``kernels``, the former names of ``operand_dtype``
+    and ``implementation`` (``RENAMED_KEYS``), are still accepted, as
+    arguments and attributes, with a ``DeprecationWarning``.
     """
 
     def __init__(self,
@@ -133,8 +141,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  heads: int = 1,
                  update: str = 'parallel',
                  scan_block: int = 64,
-                 matmul_dtype: str = 'auto',
-                 kernels: str = 'auto',
+                 operand_dtype: str = 'auto',
+                 implementation: str = 'auto',
                  working_set_mib: Optional[int] = None,
                  recompute: bool = False,
                  backward: str = 'autograd',
@@ -150,11 +158,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             raise ValueError(f'max_lr must be > 0, got {max_lr}')
         if scan_block < 1:
             raise ValueError(f'scan_block must be >= 1, got {scan_block}')
-        if matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f'matmul_dtype must be one of {tuple(MATMUL_DTYPES)}, '
-                             f'got {matmul_dtype!r}')
-        if kernels not in KERNELS:
-            raise ValueError(f'kernels must be one of {KERNELS}, got {kernels!r}')
+        if operand_dtype not in OPERAND_DTYPE_CHOICES:
+            raise ValueError(f'operand_dtype must be one of {tuple(OPERAND_DTYPE_CHOICES)}, '
+                             f'got {operand_dtype!r}')
+        if implementation not in IMPLEMENTATION_CHOICES:
+            raise ValueError(f'implementation must be one of {IMPLEMENTATION_CHOICES}, '
+                             f'got {implementation!r}')
         if working_set_mib is not None and (isinstance(working_set_mib, bool) or
                                             not isinstance(working_set_mib, int) or
                                             working_set_mib < 1):
@@ -168,7 +177,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.max_lr, self.update = chunk_size, max_lr, update
         self.scan_block = scan_block
-        self.matmul_dtype, self.kernels = matmul_dtype, kernels
+        self.operand_dtype, self.implementation = operand_dtype, implementation
         self.working_set_mib, self.recompute = working_set_mib, recompute
         self.backward, self.gelu_approximate = backward, gelu_approximate
         hd = self.head_dim
@@ -229,11 +238,11 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         prove that the U * L written tokens fit in N, without a guard."""
         return (num_tokens - 1) // self.chunk_size
 
-    def operand_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+    def operand_dtype_for(self, x: Tensor) -> Optional[torch.dtype]:
         """The products' operand dtype for input ``x`` (None: the compute
         dtype, float32 or float64), read before autocast is turned off
-        (``dispatch.operand_dtype``)."""
-        return operand_dtype(self.matmul_dtype, x)
+        (``dispatch.operand_dtype_for``)."""
+        return operand_dtype_for(self.operand_dtype, x)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """(B, N, d) -> (H, B, N, d / H): heads lead, as memory weights do."""
@@ -249,11 +258,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             x: the (B, N, d) input, as ``forward`` gets it.
 
         Raises:
-            RuntimeError: ``kernels='triton'`` where the Triton kernels cannot
-                serve this call (the error names why).
+            RuntimeError: ``implementation='triton'`` where the Triton kernels
+                cannot serve this call (the error names why).
         """
-        settings = PathSettings(self.kernels, self.matmul_dtype, self.update, self.max_lr,
-                                self.backward, self.recompute, self.dim, self.head_dim)
+        settings = PathSettings(self.implementation, self.operand_dtype, self.update,
+                                self.max_lr, self.backward, self.recompute, self.dim,
+                                self.head_dim)
         return plan_memory(x, settings, self.training, self._images_per_slice(x),
                            self._plain_projections())
 

@@ -238,6 +238,23 @@ def test_bad_arguments_give_clear_errors(kwargs, error, match):
         ConvNeur(**kwargs)
 
 
+def test_memory_cfg_takes_the_former_key_names_with_a_warning():
+    """A config written with ``matmul_dtype`` and ``kernels`` builds the same
+    memories under the new names; giving a former name beside its new one
+    is an error."""
+    with pytest.warns(DeprecationWarning, match="memory_cfg: 'kernels' is deprecated; use "
+                                                "'implementation'") as record:
+        model = _tiny(memory_cfg=dict(chunk_size=16, matmul_dtype='bfloat16', kernels='torch'))
+    assert {w.filename for w in record} == {__file__}  # the warning points at the caller
+    assert model.memory_cfg['operand_dtype'] == 'bfloat16'
+    assert 'matmul_dtype' not in model.memory_cfg and 'kernels' not in model.memory_cfg
+    memories = [m for m in model.modules() if type(m).__name__ == 'NeuralMemory']
+    assert memories and all((m.operand_dtype, m.implementation) == ('bfloat16', 'torch')
+                            for m in memories)
+    with pytest.raises(ValueError, match="memory_cfg got both 'kernels' and 'implementation'"):
+        ConvNeur(arch='m1', memory_cfg=dict(kernels='torch', implementation='torch'))
+
+
 def test_registered_in_our_scope():
     from mmengine.registry import DefaultScope
 

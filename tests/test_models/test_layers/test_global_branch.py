@@ -23,7 +23,7 @@ def test_input_projection_gradients_do_not_overflow_under_autocast(mixer, dtype,
     max_lr 1 on an H200) is not this test's subject."""
     torch.manual_seed(0)
     branch = GlobalBranch(16, 8, mixer, _small_cfg(mixer), **MEMORY,
-                          matmul_dtype='float32').to(device)
+                          operand_dtype='float32').to(device)
     x = torch.randn(2, 16, 12, 16, device=device)
     upstream = torch.randn(2, 16, 12, 16, device=device) + 1
     proj_in_dtypes = []

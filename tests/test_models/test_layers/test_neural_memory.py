@@ -135,6 +135,43 @@ def test_bad_memory_settings_are_refused(kwargs, match):
         NeuralMemory(**kwargs)
 
 
+def test_former_key_names_still_work_with_a_warning():
+    """``matmul_dtype`` and ``kernels`` (the former names of ``operand_dtype``
+    and ``implementation``) build the same memory, each with a
+    ``DeprecationWarning`` naming its new key and pointing at the caller."""
+    with pytest.warns(DeprecationWarning) as record:
+        old = NeuralMemory(8, chunk_size=4, matmul_dtype='bfloat16', kernels='torch')
+    assert [str(w.message) for w in record] == [
+        "NeuralMemory: 'matmul_dtype' is deprecated; use 'operand_dtype' (the same values)",
+        "NeuralMemory: 'kernels' is deprecated; use 'implementation' (the same values)"]
+    assert {w.filename for w in record} == {__file__}
+    new = NeuralMemory(8, chunk_size=4, operand_dtype='bfloat16', implementation='torch')
+    assert (old.operand_dtype, old.implementation) == ('bfloat16', 'torch')
+    x = torch.randn(2, 12, 8)
+    assert old.plan(x) == new.plan(x)
+    with pytest.warns(DeprecationWarning, match='use NeuralMemory.implementation'):
+        old.kernels = 'auto'  # a script setting the former attribute still steers the path
+    assert old.implementation == 'auto'
+    with pytest.warns(DeprecationWarning, match='use NeuralMemory.operand_dtype'):
+        assert old.matmul_dtype == 'bfloat16'
+
+
+@pytest.mark.parametrize('old,new', [('matmul_dtype', 'operand_dtype'),
+                                     ('kernels', 'implementation')])
+def test_a_former_key_beside_its_new_one_is_an_error(old, new):
+    value = {'operand_dtype': 'float32', 'implementation': 'torch'}[new]
+    with pytest.raises(ValueError, match=f"both '{old}' and '{new}'"):
+        NeuralMemory(8, **{old: value, new: value})
+
+
+@pytest.mark.parametrize('old,new,bad', [('matmul_dtype', 'operand_dtype', 'fp8'),
+                                         ('kernels', 'implementation', 'cuda')])
+def test_a_bad_value_under_a_former_key_names_the_new_key(old, new, bad):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError,
+                                                         match=f'{new} must be one of'):
+        NeuralMemory(8, **{old: bad})
+
+
 @pytest.mark.parametrize('shape_generic', [False, True])
 @pytest.mark.parametrize('chunk,tokens,heads,scan_block', CASES)
 def test_folded_projections_equal_the_layers(chunk, tokens, heads, scan_block, shape_generic):
@@ -169,15 +206,15 @@ def test_memory_state_dict_keys_are_unchanged():
 
 
 def test_plan_is_decided_once_from_the_settings_and_the_call():
-    memory = NeuralMemory(8, chunk_size=4, max_lr=1e-3, matmul_dtype='bfloat16',
-                          kernels='torch', working_set_mib=1, recompute=True).eval()
+    memory = NeuralMemory(8, chunk_size=4, max_lr=1e-3, operand_dtype='bfloat16',
+                          implementation='torch', working_set_mib=1, recompute=True).eval()
     memory.working_set_bytes = lambda n, e=4: 2**20  # one image per MiB
     x = torch.randn(3, 16, 8)
     with torch.no_grad():
         plan = memory.plan(x)
     assert plan.operand_dtype == torch.bfloat16
     assert plan.decomposed_read and plan.projection_dtype is None  # max_lr < 0.5
-    assert (plan.implementation, plan.reason) == ('torch', "kernels='torch'")
+    assert (plan.implementation, plan.reason) == ('torch', "implementation='torch'")
     assert plan.images_per_slice == 1 and plan.projections == 'torch'
     assert not plan.recompute and not plan.shape_generic
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -196,7 +233,7 @@ def test_a_sharded_parameter_keeps_the_projections_as_layers(tmp_path):
     the projections to the layers: their weights cannot be folded directly."""
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
-    memory = NeuralMemory(8, chunk_size=4, kernels='torch').eval()
+    memory = NeuralMemory(8, chunk_size=4, implementation='torch').eval()
     x = torch.randn(1, 16, 8)
     assert memory.plan(x).projections == 'torch'
     dist.init_process_group('gloo', store=dist.FileStore(str(tmp_path / 'store'), 1),
@@ -246,7 +283,7 @@ def _outputs_and_grads(module, x, forward):
 # operands round each backward differently, tests/test_models/test_memory_ops bound that)
 BACKWARD_CASES = [('parallel', 23, {}), ('sequential', 23, {}), ('parallel', 4, {}),
                   ('parallel', 23, dict(recompute=True)),
-                  ('parallel', 20, dict(matmul_dtype='bfloat16', max_lr=1e-3))]
+                  ('parallel', 20, dict(operand_dtype='bfloat16', max_lr=1e-3))]
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])

@@ -368,7 +368,7 @@ def model_width_results() -> dict:
 
 
 def module_results() -> dict:
-    """``NeuralMemory(kernels='triton')`` against ``kernels='torch'`` and
+    """``NeuralMemory(implementation='triton')`` against ``implementation='torch'`` and
     float64, end to end on the CPU in the interpreter: {case: errors}."""
     import copy
 
@@ -378,17 +378,17 @@ def module_results() -> dict:
         'one_chunk': dict(dim=16, chunk_size=8, tokens=6),
         'sequential': dict(dim=16, chunk_size=8, tokens=20, update='sequential'),
         'decomposed_f16': dict(dim=16, chunk_size=8, tokens=20, max_lr=1e-3,
-                               matmul_dtype='float16'),
+                               operand_dtype='float16'),
     }
     results = {}
     for name, cfg in cases.items():
         tokens = cfg.pop('tokens')
         torch.manual_seed(0)
-        ref = NeuralMemory(**cfg, kernels='torch').eval()
+        ref = NeuralMemory(**cfg, implementation='torch').eval()
         triton = copy.deepcopy(ref)
-        triton.kernels = 'triton'
+        triton.implementation = 'triton'
         exact = copy.deepcopy(ref).double()
-        exact.matmul_dtype = 'float32'
+        exact.operand_dtype = 'float32'
         x = torch.randn(2, tokens, cfg['dim'])
         with torch.no_grad():
             out = triton(x)
@@ -570,17 +570,17 @@ def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: i
 
 
 def _module_case(dtype: str, max_lr: float, **settings) -> dict:
-    """``NeuralMemory(kernels='triton')`` in training against ``'torch'``:
+    """``NeuralMemory(implementation='triton')`` in training against ``'torch'``:
     the plan, the output and every parameter's and the input's gradient."""
     import copy
     torch.manual_seed(0)
-    torch_path = NeuralMemory(32, heads=2, chunk_size=8, max_lr=max_lr, kernels='torch',
-                              matmul_dtype=dtype, **settings).train()
+    torch_path = NeuralMemory(32, heads=2, chunk_size=8, max_lr=max_lr, implementation='torch',
+                              operand_dtype=dtype, **settings).train()
     with torch.no_grad():  # W_0 and the gates away from their zero init: all paths matter
         for p in torch_path.parameters():
             p.add_(0.05 * torch.randn_like(p))
     triton_path = copy.deepcopy(torch_path)
-    triton_path.kernels = 'triton'
+    triton_path.implementation = 'triton'
     x = torch.randn(2, 20, 32)
     cotangent = torch.randn(2, 20, 32)
     results = {}
@@ -982,10 +982,10 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
 
 
 def _compiled_memory() -> dict:
-    """``NeuralMemory(kernels='triton')`` in inference, compiled with
+    """``NeuralMemory(implementation='triton')`` in inference, compiled with
     ``fullgraph=True``: the plan takes the kernels inside the graph."""
     torch.manual_seed(0)
-    memory = NeuralMemory(16, heads=2, chunk_size=8, kernels='triton').eval()
+    memory = NeuralMemory(16, heads=2, chunk_size=8, implementation='triton').eval()
     x = torch.randn(2, 20, 16)
     with torch.no_grad():
         eager = memory(x)
@@ -999,11 +999,11 @@ def _compiled_memory() -> dict:
 
 
 def _compiled_training() -> dict:
-    """``NeuralMemory(kernels='triton')`` in training, compiled with
+    """``NeuralMemory(implementation='triton')`` in training, compiled with
     ``fullgraph=True``: the kernels and their backward operators inside the
     graphs, the gradients as eager's."""
     torch.manual_seed(0)
-    memory = NeuralMemory(16, heads=2, chunk_size=8, kernels='triton').train()
+    memory = NeuralMemory(16, heads=2, chunk_size=8, implementation='triton').train()
     x = torch.randn(2, 20, 16)
 
     def grads(module):

@@ -21,8 +21,8 @@ def _stage_launches(d: int, operand_dtype: torch.dtype, arch: int, batch: int = 
     inspect = _inspect()
     from convneur_mm.models.layers import NeuralMemory
     dtype = str(operand_dtype).split('.')[-1]
-    memory = NeuralMemory(d, chunk_size=196, max_lr=max_lr, kernels='triton',
-                          matmul_dtype=dtype).eval().to('meta')
+    memory = NeuralMemory(d, chunk_size=196, max_lr=max_lr, implementation='triton',
+                          operand_dtype=dtype).eval().to('meta')
     with torch.no_grad(), inspect.recording_launches(arch) as launches:
         memory(torch.empty(batch, tokens, d, device='meta'))
     return inspect, launches
@@ -167,7 +167,7 @@ def test_the_tanh_form_of_gelu_compiles_as_launched_for_a_training_step():
     tanh form, and each compiles without spills, on tensor cores."""
     inspect = _inspect()
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(128, chunk_size=196, kernels='triton', matmul_dtype='bfloat16',
+    memory = NeuralMemory(128, chunk_size=196, implementation='triton', operand_dtype='bfloat16',
                           gelu_approximate='tanh').train().to('meta')
     with inspect.recording_launches(90) as launches:
         memory(torch.empty(128, 3136, 128, device='meta', requires_grad=True)).sum().backward()
@@ -210,8 +210,8 @@ def _stage1_memory(d: int, train: bool):
     """A bf16 memory of width ``d`` through the kernels on meta tensors, and
     an input at stage 1 (batch 128, 3136 tokens)."""
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(d, chunk_size=196, kernels='triton',
-                          matmul_dtype='bfloat16').to('meta').train(train)
+    memory = NeuralMemory(d, chunk_size=196, implementation='triton',
+                          operand_dtype='bfloat16').to('meta').train(train)
     return memory, torch.empty(128, 3136, d, device='meta', requires_grad=train)
 
 

@@ -106,10 +106,10 @@ def test_on_tensors_device_makes_the_first_tensors_gpu_current(monkeypatch):
 
 def test_the_plan_trains_with_the_kernels_on_request_only():
     from convneur_mm.models.layers.memory_ops.kernels import without_launches
-    memory = NeuralMemory(16, chunk_size=8, kernels='triton', backward='closed_form').train()
+    memory = NeuralMemory(16, chunk_size=8, implementation='triton', backward='closed_form').train()
     with without_launches():  # plans the kernels anywhere (no launch)
         plan = memory.plan(torch.randn(1, 20, 16))
     # the kernels' own backward: the closed form is the PyTorch path's
     assert (plan.implementation, plan.backward) == ('triton', 'autograd')
-    memory.kernels = 'auto'
+    memory.implementation = 'auto'
     assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'

@@ -1,4 +1,4 @@
-"""The memory's path policy (``memory_ops.dispatch``): where ``kernels='auto'``
+"""The memory's path policy (``memory_ops.dispatch``): where ``implementation='auto'``
 takes the Triton kernels, what 'triton' refuses, and the plan's reasons."""
 import os
 
@@ -15,13 +15,13 @@ from .memory_cases import BF16_TOL, _rel_err, _write_inputs
 def test_auto_kernels_on_a_cpu_take_the_pytorch_path():
     from convneur_mm.models.layers import NeuralMemory
     torch.manual_seed(0)
-    auto = NeuralMemory(16, chunk_size=8, kernels='auto', matmul_dtype='float16').eval()
+    auto = NeuralMemory(16, chunk_size=8, implementation='auto', operand_dtype='float16').eval()
     x = torch.randn(2, 20, 16)
     with torch.no_grad():
         plan = auto.plan(x)
         assert plan.implementation == 'torch' and 'CUDA' in plan.reason, plan
         out = auto(x)
-        auto.kernels = 'torch'
+        auto.implementation = 'torch'
         torch.testing.assert_close(out, auto(x), rtol=0, atol=0)
 
 
@@ -29,16 +29,17 @@ def test_auto_kernels_on_a_cpu_take_the_pytorch_path():
                     reason='this process runs Triton in its interpreter')
 def test_triton_kernels_on_a_cpu_without_the_interpreter_are_an_error():
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
+    memory = NeuralMemory(16, chunk_size=8, implementation='triton').eval()
+    refused = "implementation='triton'.*(CUDA|triton)"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=refused):
         memory(torch.randn(2, 20, 16))
-    with pytest.raises(RuntimeError, match="kernels='triton'.*(CUDA|triton)"):
+    with pytest.raises(RuntimeError, match=refused):
         memory.train()(torch.randn(2, 20, 16))  # training too: the Triton reads
 
 
 def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(16, chunk_size=8, kernels='triton').eval().to('meta')
+    memory = NeuralMemory(16, chunk_size=8, implementation='triton').eval().to('meta')
     x = torch.empty(2, 20, 16, device='meta')
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).implementation == 'triton'
@@ -61,12 +62,12 @@ def test_kernels_refuse_a_cpu_without_the_interpreter():
 def test_auto_kernels_serve_cuda_inference_in_bfloat16_where_measured():
     from convneur_mm.models.layers import NeuralMemory
     torch.manual_seed(0)
-    memory = NeuralMemory(128, chunk_size=196, kernels='auto').cuda().eval()
+    memory = NeuralMemory(128, chunk_size=196, implementation='auto').cuda().eval()
     x = torch.randn(4, 784, 128, device='cuda')
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
         plan = memory.plan(x)
         out = memory(x)
-        memory.kernels = 'torch'
+        memory.implementation = 'torch'
         ref = memory(x)
     # the kernels where a GPU of this kind measured them faster (an H100 or H200)
     from convneur_mm.models.layers.memory_ops.dispatch import auto_path
@@ -77,7 +78,7 @@ def test_auto_kernels_serve_cuda_inference_in_bfloat16_where_measured():
 
 
 def test_auto_trains_on_the_pytorch_path():
-    memory = NeuralMemory(16, chunk_size=8, kernels='auto').train()
+    memory = NeuralMemory(16, chunk_size=8, implementation='auto').train()
     plan = memory.plan(torch.randn(1, 20, 16))
     assert plan.implementation == 'torch' and 'trains on the PyTorch path' in plan.reason
 
@@ -121,7 +122,7 @@ def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
 
 def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').eval()
+    memory = NeuralMemory(16, chunk_size=8, operand_dtype='bfloat16').eval()
     monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 80)
     with torch.no_grad():
         plan = memory.plan(torch.randn(1, 20, 16))
@@ -129,7 +130,7 @@ def test_the_memory_asks_auto_path_for_its_gpu(monkeypatch):
 
 
 def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeypatch):
-    """A backward kernel listed in ``CUDA_FAULTS``: kernels='triton' says so
+    """A backward kernel listed in ``CUDA_FAULTS``: implementation='triton' says so
     before a training step instead of killing the process; inference keeps
     the kernels, and 'auto' trains on the PyTorch path."""
     from convneur_mm.models.layers import NeuralMemory
@@ -137,18 +138,18 @@ def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeyp
     monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
     x = torch.randn(1, 20, 16)
-    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16', kernels='triton')
+    memory = NeuralMemory(16, chunk_size=8, operand_dtype='bfloat16', implementation='triton')
     assert memory.plan(x).implementation == 'triton'  # none listed: it trains
     monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read_backward_rows': 'seen somewhere'})
     with pytest.raises(RuntimeError, match='read_backward_rows kernel faults on CUDA GPUs'):
         memory.plan(x)
     with torch.no_grad():
         assert memory.plan(x).implementation == 'triton'
-    memory.kernels = 'auto'
+    memory.implementation = 'auto'
     assert memory.plan(x).implementation == 'torch'
     # a forward kernel that faulted would refuse inference too
     monkeypatch.setattr(availability, 'CUDA_FAULTS', {'read': 'seen somewhere'})
-    memory.kernels = 'triton'
+    memory.implementation = 'triton'
     with torch.no_grad(), pytest.raises(RuntimeError, match=r'read kernel faults.*seen somewhere'):
         memory.plan(x)
 
@@ -156,7 +157,7 @@ def test_the_triton_kernels_refuse_to_train_through_a_kernel_that_faults(monkeyp
 def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatch):
     """On a CPU in Triton's interpreter, as if it were an sm_90 GPU."""
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
+    memory = NeuralMemory(128, chunk_size=8, operand_dtype='bfloat16').eval()
     monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
     with torch.no_grad():
@@ -170,7 +171,7 @@ def test_a_plan_that_auto_takes_the_kernels_by_quotes_the_measurement(monkeypatc
 def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and_read_were_timed(
         monkeypatch):
     from convneur_mm.models.layers import NeuralMemory
-    memory = NeuralMemory(128, chunk_size=8, matmul_dtype='bfloat16').eval()
+    memory = NeuralMemory(128, chunk_size=8, operand_dtype='bfloat16').eval()
     monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
     monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
     monkeypatch.setattr(tuned, 'MEASURED_PATHS', (
@@ -184,7 +185,7 @@ def test_auto_keeps_the_projections_and_scan_on_pytorch_where_only_the_write_and
 def test_the_environment_forces_the_pytorch_path_over_triton_and_auto(monkeypatch):
     x = torch.empty(2, 20, 16, device='meta')
     for asked in ('triton', 'auto'):
-        memory = NeuralMemory(16, chunk_size=8, kernels=asked).eval().to('meta')
+        memory = NeuralMemory(16, chunk_size=8, implementation=asked).eval().to('meta')
         with torch.no_grad(), kernels.without_launches():
             monkeypatch.setattr(dispatch, 'FORCED_IMPLEMENTATION', 'torch')
             plan = memory.plan(x)

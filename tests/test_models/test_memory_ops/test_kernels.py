@@ -52,7 +52,7 @@ def interpreted_modules(forward_runs):
 
 @pytest.mark.parametrize('case', ['two_heads', 'one_chunk', 'sequential'])
 def test_memory_with_triton_kernels_matches_the_pytorch_path(interpreted_modules, case):
-    # kernels='triton' runs them in the interpreter on a CPU: the whole
+    # implementation='triton' runs them in the interpreter on a CPU: the whole
     # module, written chunks, merged heads and the single-chunk read
     errors = interpreted_modules[case]
     assert errors['vs_torch'] < F32_TOL and errors['exact'] < F32_TOL, errors
@@ -213,10 +213,10 @@ def test_the_kernels_launch_on_the_memorys_gpu_not_the_current_one():
     import copy
     from convneur_mm.models.layers import NeuralMemory
     torch.manual_seed(0)
-    memory = NeuralMemory(128, chunk_size=196, kernels='triton').eval()
+    memory = NeuralMemory(128, chunk_size=196, implementation='triton').eval()
     x = torch.randn(2, 784, 128)
     reference = copy.deepcopy(memory).double()
-    reference.kernels = 'torch'
+    reference.implementation = 'torch'
     torch.cuda.set_device(0)
     with torch.no_grad():
         out = memory.to('cuda:1')(x.to('cuda:1'))
@@ -346,21 +346,21 @@ def test_backward_kernels_on_cuda_at_model_widths(d):
 
 @pytest.mark.gpu
 def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
-    """M3's memory width under bf16 autocast: ``kernels='triton'`` against
+    """M3's memory width under bf16 autocast: ``implementation='triton'`` against
     the PyTorch path, every gradient within bfloat16's tolerance."""
     import copy
     torch.manual_seed(0)
-    ref = NeuralMemory(128, chunk_size=196, kernels='torch').cuda().train()
+    ref = NeuralMemory(128, chunk_size=196, implementation='torch').cuda().train()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     fused = copy.deepcopy(ref)
-    fused.kernels = 'triton'
+    fused.implementation = 'triton'
     x = torch.randn(4, 784, 128, device='cuda')
     grads = []
     for memory in (fused, ref):
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            assert memory.plan(x).implementation == memory.kernels
+            assert memory.plan(x).implementation == memory.implementation
             memory(x).float().square().mean().backward()
         grads.append({n: p.grad.double().cpu() for n, p in memory.named_parameters()
                       if p.grad is not None and n != 'pool.to_logits.bias'})

@@ -9,10 +9,10 @@ from convneur_mm.models.layers.memory_ops import product
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 
 
-def _memory(max_lr, update='parallel', matmul_dtype='bfloat16', dim=16, chunk=8, heads=1):
+def _memory(max_lr, update='parallel', operand_dtype='bfloat16', dim=16, chunk=8, heads=1):
     torch.manual_seed(0)
     memory = NeuralMemory(dim, chunk_size=chunk, max_lr=max_lr, update=update, heads=heads,
-                          matmul_dtype=matmul_dtype).double()
+                          operand_dtype=operand_dtype).double()
     with torch.no_grad():  # move every parameter off its special init value
         for p in memory.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -65,7 +65,7 @@ TANH_GELU_BOUND = 1e-3
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
 @pytest.mark.parametrize('max_lr', sorted(BF16_BOUNDS))
 def test_the_tanh_form_of_gelu_stays_within_bfloat16s_tolerance(max_lr, update):
-    memory = _memory(max_lr, update, matmul_dtype='float32')
+    memory = _memory(max_lr, update, operand_dtype='float32')
     x = torch.randn(2, 40, memory.dim, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_a_naive_bf16_read_loses_a_small_update():
 
 def test_fp16_operands_emulated():
     # measured 3.9e-6 and 5.1e-5
-    output_error, update_error = _errors(_memory(1e-3, matmul_dtype='float16', heads=2))
+    output_error, update_error = _errors(_memory(1e-3, operand_dtype='float16', heads=2))
     assert output_error < 1.5e-5 and update_error < 2e-4
 
 
@@ -120,7 +120,7 @@ class _ProductDtypes(TorchDispatchMode):
 def test_bf16_training_step_under_cpu_autocast_has_finite_gradients():
     """Real bfloat16 products (oneDNN), float32 state, under CPU autocast."""
     torch.manual_seed(0)
-    memory = NeuralMemory(16, chunk_size=8, matmul_dtype='bfloat16').train()
+    memory = NeuralMemory(16, chunk_size=8, operand_dtype='bfloat16').train()
     x = torch.randn(2, 40, 16, requires_grad=True)
     dtypes = _ProductDtypes()
     with torch.autocast('cpu', dtype=torch.bfloat16), dtypes:
@@ -131,7 +131,7 @@ def test_bf16_training_step_under_cpu_autocast_has_finite_gradients():
     for name, p in memory.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert torch.isfinite(x.grad).all()
-    memory.matmul_dtype = 'float32'
+    memory.operand_dtype = 'float32'
     with torch.no_grad():
         want = memory(x)
     assert ((out.float() - want).norm() / want.norm()).item() < 1e-2
@@ -139,16 +139,16 @@ def test_bf16_training_step_under_cpu_autocast_has_finite_gradients():
 
 def test_auto_operands_are_float32_off_cuda_and_explicit_ones_hold():
     x = torch.randn(1, 4, 8)
-    assert NeuralMemory(8).operand_dtype(x) is None
+    assert NeuralMemory(8).operand_dtype_for(x) is None
     with torch.autocast('cpu', dtype=torch.bfloat16):  # CPU autocast: float32 products
-        assert NeuralMemory(8).operand_dtype(x) is None
-    assert NeuralMemory(8, matmul_dtype='float16').operand_dtype(x) is torch.float16
-    assert NeuralMemory(8, matmul_dtype='float32').operand_dtype(x) is None
+        assert NeuralMemory(8).operand_dtype_for(x) is None
+    assert NeuralMemory(8, operand_dtype='float16').operand_dtype_for(x) is torch.float16
+    assert NeuralMemory(8, operand_dtype='float32').operand_dtype_for(x) is None
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(matmul_dtype='fp8'), 'matmul_dtype'),
-    (dict(kernels='cuda'), 'kernels'),
+    (dict(operand_dtype='fp8'), 'operand_dtype'),
+    (dict(implementation='cuda'), 'implementation'),
     (dict(working_set_mib=0), 'working_set_mib'),
     (dict(working_set_mib=1.5), 'working_set_mib'),
     (dict(recompute='yes'), 'recompute'),
@@ -160,6 +160,6 @@ def test_bad_new_settings_are_refused(kwargs, match):
 
 
 def test_triton_kernels_where_they_cannot_run_are_a_clear_error():
-    memory = NeuralMemory(8, chunk_size=4, kernels='triton')
+    memory = NeuralMemory(8, chunk_size=4, implementation='triton')
     with pytest.raises(RuntimeError, match='triton'):
         memory(torch.randn(1, 8, 8))

@@ -31,7 +31,7 @@ def test_triton_projections_match_the_layers_in_float64(forward_runs, case):
 
 
 def test_the_projection_kernels_serve_kernels_triton():
-    """kernels='triton' projects with its kernel up to width 256 in
+    """implementation='triton' projects with its kernel up to width 256 in
     inference and in training up to 128 and at M4's 160 (its backward's
     widths), and scans with
     its kernel in inference and training; 'auto' (untimed) and wider
@@ -43,15 +43,15 @@ def test_the_projection_kernels_serve_kernels_triton():
         with torch.set_grad_enabled(grad), kernels.without_launches():
             return memory.plan(x).projections
 
-    memory = NeuralMemory(16, chunk_size=8, kernels='triton').to('meta')
+    memory = NeuralMemory(16, chunk_size=8, implementation='triton').to('meta')
     assert projections(memory) == 'triton'
     assert projections(memory, grad=True) == 'triton'
-    m4 = NeuralMemory(160, chunk_size=8, kernels='triton').to('meta')
+    m4 = NeuralMemory(160, chunk_size=8, implementation='triton').to('meta')
     x160 = torch.empty(2, 20, 160, device='meta')
     assert projections(m4, x160) == 'triton'
     assert projections(m4, x160, grad=True) == 'triton'
     for d in (144, 192):
-        wider = NeuralMemory(d, chunk_size=8, kernels='triton').to('meta')
+        wider = NeuralMemory(d, chunk_size=8, implementation='triton').to('meta')
         x_wider = torch.empty(2, 20, d, device='meta')
         assert (projections(wider, x_wider), projections(wider, x_wider, grad=True)) == (
             'triton', 'torch')
@@ -59,13 +59,13 @@ def test_the_projection_kernels_serve_kernels_triton():
         assert memory.plan(x).scan == 'triton'
     with kernels.without_launches():  # training: the scan kernel has a backward
         assert memory.plan(x).scan == 'triton'
-    memory.kernels = 'auto'
+    memory.implementation = 'auto'
     with torch.no_grad(), kernels.without_launches():
         assert memory.plan(x).scan == 'torch'  # untimed: 'auto' scans by products
     assert projections(memory) == 'torch'
-    wide = NeuralMemory(512, heads=2, chunk_size=8, kernels='triton').to('meta')
+    wide = NeuralMemory(512, heads=2, chunk_size=8, implementation='triton').to('meta')
     assert projections(wide, torch.empty(2, 20, 512, device='meta')) == 'torch'
-    memory.kernels = 'triton'
+    memory.implementation = 'triton'
     memory.to_values.register_forward_hook(lambda *args: None)
     assert projections(memory) == 'layers'
 

@@ -85,7 +85,7 @@ def test_image_slices_keep_16_bit_operands(max_lr, update, monkeypatch):
     each slice computes with them, so sliced equals unsliced, and both
     differ from the exact products by more than the comparison's bound."""
     memory = _perturbed_memory(12, seed=5, chunk_size=5, heads=2, update=update,
-                               max_lr=max_lr, matmul_dtype='bfloat16')
+                               max_lr=max_lr, operand_dtype='bfloat16')
     x = torch.randn(4, 23, 12, dtype=torch.float64)
     monkeypatch.setattr(NeuralMemory, 'working_set_bytes', lambda self, n, e=4: 2**20)
     with torch.no_grad():
@@ -123,12 +123,12 @@ def _saved_bytes(fn):
     return out, sum(saved)
 
 
-@pytest.mark.parametrize('matmul_dtype', ['auto', 'bfloat16'])
+@pytest.mark.parametrize('operand_dtype', ['auto', 'bfloat16'])
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
-def test_recompute_saves_only_the_input_and_trains_the_same(update, matmul_dtype):
+def test_recompute_saves_only_the_input_and_trains_the_same(update, operand_dtype):
     """Also with bfloat16 operands (emulated in float64): the recomputed
     forward keeps them, where float32 ones would change every gradient."""
-    cfg = dict(chunk_size=5, heads=2, update=update, matmul_dtype=matmul_dtype)
+    cfg = dict(chunk_size=5, heads=2, update=update, operand_dtype=operand_dtype)
     plain = _perturbed_memory(12, seed=4, **cfg).train()
     again = _perturbed_memory(12, seed=4, recompute=True, **cfg).train()
     x = torch.randn(2, 23, 12, dtype=torch.float64, requires_grad=True)
@@ -146,15 +146,15 @@ def test_recompute_saves_only_the_input_and_trains_the_same(update, matmul_dtype
 
 def test_backbone_memory_cfg_reaches_every_memory():
     from convneur_mm.models import ConvNeur
-    cfg = dict(matmul_dtype='bfloat16', kernels='torch', working_set_mib=64, recompute=True)
+    cfg = dict(operand_dtype='bfloat16', implementation='torch', working_set_mib=64, recompute=True)
     model = ConvNeur(arch=dict(depths=[1, 1], dims=[8, 16], memory_dim=8), memory_cfg=cfg)
     memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     assert memories
     for memory in memories:
         assert {k: getattr(memory, k) for k in cfg} == cfg
-    with pytest.raises(ValueError, match='matmul_dtype'):
+    with pytest.raises(ValueError, match='operand_dtype'):
         ConvNeur(arch=dict(depths=[1], dims=[8], memory_dim=8),
-                 memory_cfg=dict(matmul_dtype='half'))
+                 memory_cfg=dict(operand_dtype='half'))
 
 
 def test_live_tensor_bytes_follows_storages_not_tensors():
@@ -184,7 +184,7 @@ def _held_per_image(memory: NeuralMemory, num_tokens: int) -> float:
     return (peaks[1] - peaks[0]) / 2
 
 
-@pytest.mark.parametrize('dim,heads,chunk,tokens,update,matmul_dtype', [
+@pytest.mark.parametrize('dim,heads,chunk,tokens,update,operand_dtype', [
     (128, 1, 196, 3136, 'parallel', 'float32'),  # M3's first stage
     (128, 1, 196, 784, 'parallel', 'float32'),
     (64, 2, 16, 3136, 'parallel', 'float32'),  # several scan blocks
@@ -195,12 +195,12 @@ def _held_per_image(memory: NeuralMemory, num_tokens: int) -> float:
     (64, 1, 49, 40, 'parallel', 'float32'),  # one chunk: W_0 only
 ])
 def test_working_set_estimate_bounds_what_inference_holds(dim, heads, chunk, tokens, update,
-                                                          matmul_dtype):
+                                                          operand_dtype):
     """The slices' estimate is at least what one image's inference holds at
     once (a budget is kept) and at most 1.6x (slices are not needlessly
     small); on tensors without data, so M3's sizes take no time."""
     memory = NeuralMemory(dim, chunk_size=chunk, heads=heads, update=update,
-                          matmul_dtype=matmul_dtype).eval().to('meta')
+                          operand_dtype=operand_dtype).eval().to('meta')
     held = _held_per_image(memory, tokens)
     estimate = memory.working_set_bytes(tokens)
     assert held <= estimate <= 1.6 * held, (estimate, held)

@@ -26,8 +26,8 @@ without ``torch.autograd.grad`` in the forward pass. Their training form
 ``torch.autograd.Function`` whose backward is derived by hand (no double
 backward): ``chunk_grads_closed_form``, ``read_closed_form``, which
 ``chunk_read_torch`` reads through. The Triton ones are custom operators
-(``torch.ops.convneur_mm``, kept whole by ``torch.compile``; ``kernels`` says
-where they run) with backward kernels of their own; the references take
+(``torch.ops.convneur_mm``, kept whole by ``torch.compile``; the memory's
+``implementation`` says where they run) with backward kernels of their own; the references take
 exact products in their inputs' dtype (float64 in the tests). ``common`` holds what
 they share: ``MemoryWeights``, ``product`` (the products' operand dtype),
 ``LN_EPS``, ``RMS_EPS``, ``ln_backward`` and the closed forms' checks.

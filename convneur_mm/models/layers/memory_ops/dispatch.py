@@ -5,7 +5,7 @@ the products' operand dtype, the implementation of the chunk gradients and
 reads ('torch' or 'triton', and why), how training differentiates them,
 and how the projections and the scan compute. It reads the memory's
 settings (``PathSettings``), the device, the kernels' availability and the
-measured paths (``kernels.tuned.MEASURED_PATHS``, where ``kernels='auto'``
+measured paths (``kernels.tuned.MEASURED_PATHS``, where ``implementation='auto'``
 takes the Triton kernels); the memory executes the plan as given.
 """
 import dataclasses
@@ -23,10 +23,10 @@ from .kernels.tiles import KERNEL_NAMES, block_width, check_tiles
 from .kernels.tuned import OPERAND_DTYPE_NAMES, MeasuredPath, dtype_name
 from .project import MAX_PROJECTION_WIDTH, projection_backward_serves
 
-# memory_cfg['matmul_dtype'] -> the products' operand dtype (None: float32)
-MATMUL_DTYPES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
+# memory_cfg['operand_dtype'] -> the products' operand dtype (None: float32)
+OPERAND_DTYPE_CHOICES = {'auto': None, 'float32': None, 'bfloat16': torch.bfloat16,
                  'float16': torch.float16}
-KERNELS = ('auto', 'torch', 'triton')
+IMPLEMENTATION_CHOICES = ('auto', 'torch', 'triton')
 # Below this max_lr a 16-bit read keeps W_0's part apart (the decomposed read,
 # memory_ops.read_torch): at 1e-3 the update is ~0.2% of the state, under
 # bfloat16's rounding of it.
@@ -79,11 +79,11 @@ class MemoryPlan:
         projections: how the projections compute: 'torch', one product
             with the norms' weights folded in (``memory_ops.project``; their
             layers are plain: ``plain_layers``); 'triton', that as one Triton
-            kernel with one backward kernel (with ``kernels='triton'``);
+            kernel with one backward kernel (with ``implementation='triton'``);
             'layers', each layer called (a hook or FSDP must see it).
         scan: 'triton' (the scan kernel, step by step; in inference
             ``w1``'s and ``w2``'s states written in ``operand_dtype``), where
-            ``kernels='triton'`` took the kernels in the parallel mode, or
+            ``implementation='triton'`` took the kernels in the parallel mode, or
             'torch' (matrix products). ``implementation``, ``projections``
             and ``scan`` are separate choices: a variant of a plan that
             changes one keeps the others.
@@ -111,8 +111,8 @@ class PathSettings(NamedTuple):
     arguments of the same names).
 
     Args:
-        kernels: 'auto', 'torch' or 'triton' (``KERNELS``).
-        matmul_dtype: a key of ``MATMUL_DTYPES``.
+        implementation: 'auto', 'torch' or 'triton' (``IMPLEMENTATION_CHOICES``).
+        operand_dtype: a key of ``OPERAND_DTYPE_CHOICES``.
         update: 'parallel' or 'sequential'.
         max_lr: the inner-loop step size.
         backward: 'autograd' or 'closed_form'.
@@ -120,8 +120,8 @@ class PathSettings(NamedTuple):
         dim: the memory's width C_m.
         head_dim: one head's width.
     """
-    kernels: str
-    matmul_dtype: str
+    implementation: str
+    operand_dtype: str
     update: str
     max_lr: float
     backward: str
@@ -130,7 +130,7 @@ class PathSettings(NamedTuple):
     head_dim: int
 
 
-def operand_dtype(matmul_dtype: str, x: Tensor) -> Optional[torch.dtype]:
+def operand_dtype_for(setting: str, x: Tensor) -> Optional[torch.dtype]:
     """The products' operand dtype for input ``x`` (None: the compute
     dtype, float32 or float64), read before autocast is turned off.
 
@@ -143,13 +143,13 @@ def operand_dtype(matmul_dtype: str, x: Tensor) -> Optional[torch.dtype]:
     CPU float32 products are faster than bfloat16 ones without AMX.
 
     Args:
-        matmul_dtype: a key of ``MATMUL_DTYPES``.
+        setting: the memory's ``operand_dtype``, a key of ``OPERAND_DTYPE_CHOICES``.
         x: the memory's input.
     """
-    if matmul_dtype == 'auto':
+    if setting == 'auto':
         amp = autocast_dtype('cuda') if x.device.type == 'cuda' else None
         return torch.bfloat16 if amp == torch.bfloat16 else None
-    return MATMUL_DTYPES[matmul_dtype]
+    return OPERAND_DTYPE_CHOICES[setting]
 
 
 def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_slice: int,
@@ -165,13 +165,13 @@ def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_sl
             so their weights may be folded together.
 
     Raises:
-        RuntimeError: ``kernels='triton'`` where the Triton kernels cannot
+        RuntimeError: ``implementation='triton'`` where the Triton kernels cannot
             serve this call (the error names why).
     """
-    dtype = operand_dtype(settings.matmul_dtype, x)
+    dtype = operand_dtype_for(settings.operand_dtype, x)
     implementation, reason = _implementation(x, settings, dtype)
     every_kernel = implementation == 'triton' and (
-        settings.kernels == 'triton' or _auto_takes_every_kernel(x, settings, dtype))
+        settings.implementation == 'triton' or _auto_takes_every_kernel(x, settings, dtype))
     return MemoryPlan(
         operand_dtype=dtype,
         decomposed_read=dtype is not None and settings.max_lr < DECOMPOSE_BELOW_MAX_LR,
@@ -186,21 +186,21 @@ def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_sl
 
 def _implementation(x: Tensor, settings: PathSettings, dtype: Optional[torch.dtype]
                     ) -> Tuple[str, str]:
-    """('torch' or 'triton', why) by ``kernels``: 'torch' always PyTorch;
+    """('torch' or 'triton', why) by ``implementation``: 'torch' always PyTorch;
     'auto' the Triton kernels where ``_triton_unavailable`` finds no reason
     not to; 'triton' likewise, and an error naming the reason otherwise."""
-    kernels = settings.kernels
+    asked = settings.implementation
     if FORCED_IMPLEMENTATION == 'torch':
         return 'torch', f'{FORCE_ENV}=torch in the environment'
-    if kernels == 'torch':
-        return 'torch', "kernels='torch'"
+    if asked == 'torch':
+        return 'torch', "implementation='torch'"
     why = _triton_unavailable(x, settings, dtype)
-    if why is None and kernels == 'auto':  # the measurement it took them by
+    if why is None and asked == 'auto':  # the measurement it took them by
         return 'triton', auto_path(*_measured_as(x, settings, dtype))[1]
     if why is None:
-        return 'triton', f'kernels={kernels!r} and the Triton kernels can run here'
-    if kernels == 'triton':
-        raise RuntimeError(f"memory_cfg kernels='triton', but the fused Triton kernels "
+        return 'triton', f'implementation={asked!r} and the Triton kernels can run here'
+    if asked == 'triton':
+        raise RuntimeError(f"memory_cfg implementation='triton', but the fused Triton kernels "
                            f'cannot run here: {why}')
     return 'torch', why
 
@@ -235,11 +235,11 @@ def _triton_unavailable(x: Tensor, settings: PathSettings, dtype: Optional[torch
     compute_dtype = at_least_float32(x.dtype)
     if compute_dtype != torch.float32:
         return f'they compute float32 memories, not {compute_dtype}'
-    if settings.kernels == 'auto' and torch.compiler.is_compiling():
+    if settings.implementation == 'auto' and torch.compiler.is_compiling():
         # Inductor fuses the PyTorch path's elementwise work: no GPU run has yet
         # timed the kernels against it, so 'auto' leaves them to 'triton' there
-        return "'auto' keeps the PyTorch path under torch.compile (kernels='triton' asks)"
-    if settings.kernels == 'auto':
+        return "'auto' keeps the PyTorch path under torch.compile (implementation='triton' asks)"
+    if settings.implementation == 'auto':
         path, why = auto_path(*_measured_as(x, settings, dtype))
         if path == 'torch':
             return why
@@ -247,7 +247,7 @@ def _triton_unavailable(x: Tensor, settings: PathSettings, dtype: Optional[torch
     fault = cuda_fault(launched)
     if fault is not None and cuda_capability(x.device) is not None:
         # refused, not run: a fault kills the process (a training run with it)
-        return f"{fault}: use kernels='auto' or 'torch'"
+        return f"{fault}: use implementation='auto' or 'torch'"
     return unavailable_reason(x.device, settings.head_dim, dtype or torch.float32)
 
 
@@ -269,7 +269,7 @@ def _auto_takes_every_kernel(x: Tensor, settings: PathSettings,
 
 def _projections(settings: PathSettings, every_kernel: bool, plain_projections: bool) -> str:
     """The plan's ``projections``: 'layers' unless the layers are plain;
-    'triton' where the plan takes every kernel (``kernels='triton'``, or
+    'triton' where the plan takes every kernel (``implementation='triton'``, or
     'auto' where a GPU timed them all), up to their widest row
     (``MAX_PROJECTION_WIDTH``; in training the widths
     ``projection_backward_serves``); else 'torch'."""
@@ -308,7 +308,7 @@ def measured_path(arch: Optional[int], operand_dtype: str, training: bool, head_
 
 def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
               ) -> Tuple[str, str]:
-    """('triton' or 'torch', why) for ``kernels='auto'``: the kernels where
+    """('triton' or 'torch', why) for ``implementation='auto'``: the kernels where
     an entry of ``MEASURED_PATHS`` for this GPU, operand dtype, mode and
     tiled head width timed them faster, else the PyTorch path.
 
@@ -321,13 +321,13 @@ def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim:
     mode = 'trains' if training else 'runs'
     if arch is None:
         return 'torch', (f"'auto' {mode} on the PyTorch path off NVIDIA's CUDA GPUs "
-                         "(kernels='triton' takes the Triton kernels)")
+                         "(implementation='triton' takes the Triton kernels)")
     entry = measured_path(arch, operand_dtype, training, head_dim)
     what = (f'sm_{arch} with {operand_dtype} operands at heads {head_dim} wide (tiled as '
             f'{block_width(head_dim)})')
     if entry is None:
         return 'torch', (f"'auto' {mode} on the PyTorch path: no GPU has timed the Triton "
-                         f"kernels against it on {what} (kernels='triton' takes them)")
+                         f"kernels against it on {what} (implementation='triton' takes them)")
     timing = (f'{entry.triton_ms:g} ms through the kernels against {entry.torch_ms:g} ms '
               f'through PyTorch, on {entry.measured}')
     if entry.triton_ms < entry.torch_ms:

@@ -1,14 +1,14 @@
 """What timing the memory's kernels on GPUs decided, as plain data: their
-launch options (``TUNED_TILES``) and where ``kernels='auto'`` takes them
+launch options (``TUNED_TILES``) and where ``implementation='auto'`` takes them
 (``MEASURED_PATHS``).
 
 ``tiles.tile_config`` takes a ``TUNED_TILES`` entry's options for the kernel,
 compute capability, operand dtype, padded head width and read kind it names,
 in place of its defaults; a kernel without an entry keeps the defaults, which
-were chosen by compiling (no spills), not by timing. ``kernels='auto'`` takes
-the kernels only where a ``MEASURED_PATHS`` entry shows them faster than the
-PyTorch path (``dispatch.auto_path``). Entries come from
-``python -m benchmarks.run tune`` run on that GPU, which prints
+were chosen by compiling (no spills), not by timing.
+``implementation='auto'`` takes the kernels only where a ``MEASURED_PATHS``
+entry shows them faster than the PyTorch path (``dispatch.auto_path``).
+Entries come from ``python -m benchmarks.run tune`` run on that GPU, which prints
 both kinds in this form, or from the benchmark notes' measurements. This
 module imports nothing of the policies that read it.
 """
@@ -78,8 +78,8 @@ class MeasuredPath(NamedTuple):
         triton_ms, torch_ms: the two paths' times.
         measured: what was timed, on which card.
         every_kernel: the Triton time includes the projection and scan
-            kernels (``kernels='triton'`` whole), so 'auto' takes them too;
-            else only the write and read kernels were timed.
+            kernels (``implementation='triton'`` whole), so 'auto' takes
+            them too; else only the write and read kernels were timed.
         block_d: the head width measured, padded to a power of two
             (M1-M3's 80, 96 and 128 are 128; M4's 160 is 256, which the
             kernels hold as 128 + 32 columns): an entry speaks for that
@@ -95,7 +95,7 @@ class MeasuredPath(NamedTuple):
     block_d: int = 128
 
 
-# the four global branches of M3 at batch 128, 224², eager, kernels='triton' against
+# the four global branches of M3 at batch 128, 224², eager, implementation='triton' against
 # 'torch' (docs/notes/benchmarks.md#the-memorys-kernels-on-a-gpu-machine-f, and the
 # training step: #the-kernels-profiled-and-trained-with-machine-f)
 MEASURED_PATHS: Tuple[MeasuredPath, ...] = (
