@@ -114,8 +114,8 @@ def _entry(variant, seed, text, status):
 
 def _result(runs, variants=('autograd', 'local'), seeds=(0, 1), dry=False):
     return dict(demo='detection', config=DETECTION.config, length=2, unit='epoch',
-                processes=2, clip=False, extra=[], seeds=list(seeds), variants=list(variants),
-                dry=dry, runs=runs)
+                report_every=0, processes=2, clip=False, extra=[], seeds=list(seeds),
+                variants=list(variants), dry=dry, runs=runs)
 
 
 def test_the_table_has_a_row_per_seed_and_a_column_per_variant():
@@ -197,8 +197,8 @@ def _write_run(root, norms, window=3, clip=None, seed=3):
 
 def test_the_figure_plots_every_group_of_both_runs(tmp_path, capsys):
     diverging = _write_run(tmp_path / 'noclip', {
-        'backbone.stem': [1.0, 2.0, 4.0, 1e3, 1e6], 'backbone.stage1.global': [0.1, 0.2, 0.1, 5.0, 1e8],
-        'neck': [3.0, 3.0, 5.0, 1e4, 1e7]})
+        'backbone.stem': [1.0, 2.0, 4.0, 1e3, 1e6],
+        'backbone.stage1.global': [0.1, 0.2, 0.1, 5.0, 1e8], 'neck': [3.0, 3.0, 5.0, 1e4, 1e7]})
     healthy = _write_run(tmp_path / 'clip', {
         'backbone.stem': [1.0, 2.0, 1.5, 1.0, 1.2, 1.0], 'neck': [3.0, 2.0, 2.5, 2.0, 2.0, 2.0],
         'backbone.stage1.local': [0.5] * 6}, clip=dict(max_norm=35), window=2)

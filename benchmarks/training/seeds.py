@@ -244,10 +244,27 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
         on_run: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Every (seed, variant) run of ``demo``, one after another.
 
+    Args:
+        demo: a name in ``DEMOS``.
+        seeds: ``randomness.seed`` of the runs.
+        variants: names in ``VARIANTS``.
+        length: epochs (iterations for an iteration-based demo) of each run;
+            None: the demo's default.
+        clip: keep the config's gradient clipping.
+        work_dir: a folder per run under it, its output in ``train.log``.
+        extra: ``--cfg-options`` for every run, after the variant's.
+        checkpoint: keep the config's checkpoints.
+        processes: ``tools/dist_train.sh``'s GPUS.
+        dry_run: train nothing.
+        on_run: called with the result so far after each run.
+
     Every variant's options are checked on the config first (``check_options``),
     so that a bad option stops the call before any run trains. A dry run
-    trains nothing: it builds and checks every command. ``on_run`` gets the
-    result so far after each run (a sweep cut short keeps what it measured).
+    trains nothing: it builds and checks every command. Missing data is
+    generated first (``_data_root``).
+
+    Raises:
+        ValueError: an option the config refuses, before any run trains.
     """
     spec = DEMOS[demo]
     length = length or spec.length
@@ -255,7 +272,8 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
         check_options(spec, run_options(spec, variant, 0, length, clip, extra, checkpoint))
     root, present = _data_root(spec, dry_run)
     result = dict(demo=demo, config=spec.config, length=length,
-                  unit='epoch' if spec.by_epoch else 'iteration', processes=processes,
+                  unit='epoch' if spec.by_epoch else 'iteration',
+                  report_every=spec.report_every, processes=processes,
                   clip=clip, extra=list(extra), seeds=list(seeds), variants=list(variants),
                   data_root=root, data_present=present, work_dir=work_dir, dry=dry_run, runs=[])
     for seed in seeds:
@@ -323,8 +341,9 @@ def format_report(result: Dict) -> str:
             + ('clipping as configured' if result['clip'] else 'no gradient clipping')
             + (f', {" ".join(result["extra"])}' if result['extra'] else '')
             + ('; dry run: nothing trained' if result['dry'] else ''))
-    when = 'epoch' if unit == 'epoch' else 'reported iteration'
-    lines = [head, f'the logged loss at each {when}\'s end; the first non-finite iteration',
+    when = ('each epoch\'s end' if unit == 'epoch'
+            else f'every {result["report_every"]} iterations')
+    lines = [head, f'the logged loss at {when}; the first non-finite iteration',
              '', markdown_table(['seed', *result['variants']],
                                 [(seed, *(run_cell(runs.get((seed, v)))
                                           for v in result['variants']))
