@@ -58,6 +58,9 @@ CASES: Dict[str, Case] = {
                   'benchmarks.training.throughput'),
     'precision': Case('16-bit against float32 training from the same seeds: loss and top-1',
                       'benchmarks.training.precision'),
+    'seeds': Case('a demo\'s first epochs from each seed, per variant (autograd, closed form, '
+                  'local-only): losses, first non-finite iteration, the hook\'s stop; '
+                  '--plot: gradient norms per module group', 'benchmarks.training.seeds'),
     'compile': Case('eager against torch.compile: inference, backbone and detector training '
                     'steps', 'benchmarks.training.compiled', 'add_compile_arguments',
                     'run_compile'),

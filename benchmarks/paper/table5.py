@@ -33,13 +33,13 @@ import os.path as osp
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.common.launch import launch_env
 from benchmarks.common.record import Record
 from convneur_mm.utils.cli import positive_float, positive_int
 from convneur_mm.utils.paths import tools_dir
@@ -95,12 +95,6 @@ def _repo() -> str:
     """The checkout the lab runs from: its ``python -c`` children import
     ``benchmarks`` from there (the lab is not installed)."""
     return osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _load(path: str) -> Optional[dict]:
@@ -216,7 +210,7 @@ def train_row(row: Row, seed: int, settings: AblationSettings, label: str,
     cmd = [sys.executable, '-c', CHILD_CODE, 'bash',
            osp.join(tools_dir(), 'dist_train.sh'), row.config, str(settings.gpus),
            '--work-dir', work_dir, '--seed', str(seed), '--auto-scale-lr']
-    env = dict(os.environ, PORT=str(_free_port()), PYTHON=sys.executable)
+    env = launch_env()
     os.makedirs(work_dir, exist_ok=True)
     log_path = osp.join(work_dir, 'train.log')
     start = time.time()

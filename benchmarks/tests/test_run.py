@@ -1,7 +1,8 @@
 """``python -m benchmarks.run``: one registry of cases, their options checked
 at start (usage errors, exit 2), and each case's dry run on the CPU, its
 record written to ``--json``. The GPU suite's dry run is test_suite.py's,
-the tuner's test_tune.py's, the precision case's test_precision.py's."""
+the tuner's test_tune.py's, the precision case's test_precision.py's, the
+seeds case's test_seeds.py's."""
 import json
 import os.path as osp
 
@@ -17,7 +18,8 @@ COUNTS += [('memory-backbone', opt) for opt in ('--batch', '--size', '--rounds',
 COUNTS += [('memory', '--batch'), ('onnx', '--repeats'), ('compile', '--repeats'),
            ('resolution', '--iters'), ('precision', '--iters'), ('precision', '--windows'),
            ('bytes', '--batch'), ('ops', '--size'), ('rooflines', '--batch'),
-           ('tune', '--rounds'), ('table5', '--gpus')]
+           ('tune', '--rounds'), ('table5', '--gpus'), ('seeds', '--length'),
+           ('seeds', '--processes')]
 
 
 def _usage_error(argv, capsys) -> str:
