@@ -5,9 +5,8 @@ with TRITON_INTERPRET=1 by ``tests/interpreted.py``; this module's
 """
 import contextlib
 import itertools
-import math
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -22,16 +21,10 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fol
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
+from convneur_mm.testing.errors import least, worst
 from convneur_mm.testing.triton_bounds import checked_accesses
 
 from ... import interpreted as interpreted_runs
-
-
-def worst(errors: Iterable) -> float:
-    """The largest of ``errors``, or NaN if any is NaN: Python's ``max`` keeps
-    whichever of a NaN and a number comes first, so a NaN output would pass."""
-    values = [float(e) for e in errors]
-    return math.nan if any(math.isnan(v) for v in values) else max(values, default=0.0)
 
 
 def _run_interpreted(what: str) -> dict:
@@ -1017,7 +1010,7 @@ def _compiled_training() -> dict:
     explanation = torch._dynamo.explain(memory)(x)
     code = ''.join(graph.code for graph in explanation.graphs)
     return dict(difference=worst((a - b).abs().max().item() for a, b in zip(eager, compiled)),
-                scale=max(a.abs().max().item() for a in eager), grads=len(eager),
+                scale=worst(a.abs().max() for a in eager), grads=len(eager),
                 graph_breaks=explanation.graph_break_count,
                 ops=[op for op in OPS if f'convneur_mm.{op}' in code])
 
@@ -1139,7 +1132,7 @@ def _check_bfloat16(wrap, ours, theirs, inputs: List[torch.Tensor], agreement: f
     if inputs[0].dtype == torch.float32:
         assert worst(_relative_errors(rounded, reference)) < agreement
         float32_operands = _outputs_and_grads(wrap(ours), inputs)
-        assert min(_relative_errors(float32_operands, reference)) > agreement
+        assert least(_relative_errors(float32_operands, reference)) > agreement
     else:
         exact = _outputs_and_grads(wrap(theirs), inputs)
         for our_error, their_error in zip(_relative_errors(rounded, exact),

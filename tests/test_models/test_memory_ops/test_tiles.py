@@ -9,9 +9,9 @@ from convneur_mm.models.layers.memory_ops import dispatch
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles, tuned
 from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
+from convneur_mm.testing.errors import worst
 
 from .memory_cases import BF16, _TWO_PASSES, _projection_blocks, _run_interpreted, _write_inputs
-from .memory_cases import worst
 
 
 def _entry(**changes) -> TunedTile:
