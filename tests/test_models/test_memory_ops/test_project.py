@@ -132,6 +132,16 @@ def test_projection_backward_on_cuda_at_model_widths(d, heads):
         assert worst(result['grads'].values()) < tol, (dtype, result['grads'])
 
 
+def test_the_projection_backward_serves_up_to_128_columns_and_m4s_160():
+    """Its rows of at most ``MAX_PROJECTION_BACKWARD_BLOCK`` (128) columns, the
+    boundary included, and the split widths (M4's 160); no width beside them."""
+    from convneur_mm.models.layers.memory_ops.project import projection_backward_serves
+    from convneur_mm.models.layers.memory_ops.project.triton import (
+        MAX_PROJECTION_BACKWARD_BLOCK, PROJECTION_BACKWARD_SPLIT_WIDTHS)
+    assert (MAX_PROJECTION_BACKWARD_BLOCK, PROJECTION_BACKWARD_SPLIT_WIDTHS) == (128, (160, ))
+    served = {d: projection_backward_serves(d) for d in (16, 127, 128, 129, 144, 159, 160, 161)}
+    assert served == {16: True, 127: True, 128: True, 129: False, 144: False, 159: False,
+                      160: True, 161: False}
 def test_m4_projections_split_by_default_where_the_table_says():
     """160 columns with 16-bit operands as 128 + 32 (a head of 160 too,
     heads of 32 in one block) at ``PROJECTION_SPLIT``'s rows and feature

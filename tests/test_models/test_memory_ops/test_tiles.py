@@ -71,6 +71,19 @@ def test_the_reads_backward_rows_stay_within_their_limit_on_sm_90(monkeypatch):
     assert kernel_tiles.row_limit('read_backward_rows', torch.float32, 90) is None
 
 
+@pytest.mark.parametrize('arch', [100, 120])
+def test_the_sm_90_row_limit_holds_on_newer_gpus(arch, monkeypatch):
+    """Nobody has checked 64-row tiles of the read's backward rows pass past
+    sm_90: the 32-row guard applies there too, to the defaults and a tuned entry."""
+    assert kernel_tiles.row_limit('read_backward_rows', BF16, arch) == 32
+    assert kernel_tiles.tile_config('read_backward_rows', 128, 196, None, None, BF16,
+                                    arch=arch)['BM'] == 32
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (
+        _entry(kernel='read_backward_rows', arch=arch, BM=128), ))
+    assert kernel_tiles.tile_config('read_backward_rows', 128, 196, None, None, BF16,
+                                    arch=arch)['BM'] == 32
+
+
 def test_precedence_caller_then_forced_then_tuned_and_no_block_past_the_rows(monkeypatch):
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(), ))
     with kernel_tiles.forced_tiles('grads_cols', BM=32, num_warps=2):
@@ -113,6 +126,17 @@ def test_a_bad_tuned_entry_is_refused(changes, match):
         check_tuned_tiles([_entry(**changes)])
     with pytest.raises(ValueError, match='two entries for'):
         check_tuned_tiles([_entry(), _entry(BM=16)])
+
+
+def test_a_plain_and_a_decomposed_entry_of_one_kernel_are_both_valid(monkeypatch):
+    """The read's plain and decomposed kinds tile apart: an entry each for
+    the same kernel, GPU, dtype and width is no duplicate, and each applies to its kind."""
+    plain, decomposed = _entry(kernel='read', BM=32), _entry(kernel='read', decomposed=True, BM=16)
+    check_tuned_tiles([plain, decomposed])
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (plain, decomposed))
+    rows = [kernel_tiles.tile_config('read', 128, 196, None, None, BF16, kind, arch=90)['BM']
+            for kind in (False, True)]
+    assert rows == [32, 16]
 
 
 def test_the_weights_pass_launches_by_its_own_tiles():
