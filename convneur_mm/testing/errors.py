@@ -7,7 +7,7 @@ from typing import Iterable, List
 
 
 def _floats(errors: Iterable) -> List[float]:
-    return [float(e) for e in errors]
+    return [float(e.detach()) if hasattr(e, 'detach') else float(e) for e in errors]
 
 
 def worst(errors: Iterable) -> float:
