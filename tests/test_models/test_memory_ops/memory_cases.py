@@ -22,7 +22,7 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fol
 from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.errors import least, worst
-from convneur_mm.testing.triton_bounds import checked_accesses
+from convneur_mm.testing.triton_bounds import checked_accesses, nan_filled_allocations
 
 from ... import interpreted as interpreted_runs
 
@@ -778,19 +778,18 @@ def persistent_results(operand_dtype: str = 'f16', programs: Tuple[int, ...] = P
                        ) -> dict:
     """(Interpreter) the chunk gradients (6 chunks of 16 rows) and a chunk
     read (6 states), forward and backward, with a program per tile and with
-    ``PERSISTENT_PROGRAMS`` persistent programs: through the two passes, and
-    the gradients through one program per chunk (the read's kernels are the
-    same there). Allocations start as NaN (an unwritten tile shows) and
-    accesses are bounds-checked. Per layout: whether the per-tile results
-    are finite, the largest difference of each persistent run from them
-    (NaN if any is), and each launch's [kernel, tiles, programs, tiles per
-    program]; and ``programs``.
+    each of ``programs`` persistent programs per multiprocessor: through the
+    two passes, and the gradients through one program per chunk (the read's
+    kernels are the same there). Allocations start as NaN (an unwritten tile
+    shows) and accesses are bounds-checked. Per layout: whether the per-tile
+    results are finite, the largest difference of each persistent run from
+    them (NaN if any is), and each launch's [kernel, tiles, programs, tiles
+    per program]; and ``programs``.
 
     Args:
         operand_dtype: a key of ``DTYPES``.
         programs: the persistent runs' programs per multiprocessor.
     """
-    from convneur_mm.testing.triton_bounds import nan_filled_allocations
     dtype = DTYPES[operand_dtype]
     gen = torch.Generator().manual_seed(0)
     d, L, chunks = 16, 16, 6
