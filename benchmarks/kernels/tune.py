@@ -109,7 +109,8 @@ def agrees(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], tol: float
         if a.shape != b.shape or not torch.isfinite(a).all():
             return False
         scale = b.abs().max().clamp_min(1e-30)
-        if ((a.double() - b.double()).abs().max() / scale).item() > tol:
+        # not `> tol`: a NaN reference (a start that miscomputes) must refuse too
+        if not ((a.double() - b.double()).abs().max() / scale).item() <= tol:
             return False
     return len(got) == len(want)
 

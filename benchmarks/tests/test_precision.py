@@ -1,5 +1,6 @@
 """16-bit against float32 training: the runs' configs, the agreement's
 arithmetic and its verdict, and a dry run of the tool (slow)."""
+import math
 import os
 import os.path as osp
 
@@ -52,6 +53,14 @@ def test_a_shift_beyond_the_seeds_spread_disagrees_and_one_within_agrees():
     assert all(not w['within'] for w in far['curve'])
     top1 = pt.agreement(_runs(top1_shift=-3.0))['against_float32']['bfloat16']
     assert not top1['agree'] and top1['late_loss']['within'] and not top1['top1']['within']
+
+
+def test_a_diverged_seed_shows_as_nan_and_disagrees():
+    runs = _runs()
+    runs[2]['losses'][-1] = float('nan')  # float32's seed 1 diverged at its last iteration
+    late = pt.agreement(runs)['against_float32']['bfloat16']['late_loss']
+    assert math.isnan(late['float32']['range']) and math.isnan(late['spread'])
+    assert not late['within']
 
 
 def test_the_yardstick_is_float32s_spread_not_a_noisier_precisions():

@@ -30,6 +30,7 @@ def test_agrees_bounds_the_max_relative_difference_and_refuses_non_finite_or_mis
     assert agrees([want[0] + 1e-6, want[1]], want, 1e-5)
     assert not agrees([want[0] + 1e-4, want[1]], want, 1e-5)
     assert not agrees([torch.tensor([1.0, float('nan')]), want[1]], want, 1e-5)
+    assert not agrees(want, [torch.tensor([1.0, float('nan')]), want[1]], 1e-5)
     assert not agrees([want[0], torch.ones(4)], want, 1e-5)
     assert not agrees(want[:1], want, 1e-5)
 

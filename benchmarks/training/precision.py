@@ -45,6 +45,7 @@ from benchmarks.common.record import Record
 from benchmarks.common.subjects import describe_error
 from convneur_mm.apis.launch import (build_runner, check_data_paths, enable_amp, load_config,
                                      missing_data_paths, set_randomness)
+from convneur_mm.testing.errors import least, worst
 from convneur_mm.utils.cli import positive_int, writable_dir, writable_file
 from convneur_mm.utils.tables import markdown_table
 
@@ -144,7 +145,8 @@ def _spread_and_gap(values: Dict[str, List[float]]) -> Dict:
     """Per precision (float32 and one other) its seeds' mean and range, and
     ``paired``: the other's value less float32's, seed by seed; the gap
     between the two means, and whether it is within float32's range."""
-    out = {p: dict(mean=sum(v) / len(v), range=max(v) - min(v)) for p, v in values.items()}
+    # NaN-aware: a diverged seed's NaN must show in the range, not be skipped by max/min
+    out = {p: dict(mean=sum(v) / len(v), range=worst(v) - least(v)) for p, v in values.items()}
     other = next(p for p in values if p != REFERENCE)
     gap = abs(out[REFERENCE]['mean'] - out[other]['mean'])
     spread = out[REFERENCE]['range']

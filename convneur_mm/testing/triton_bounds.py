@@ -14,13 +14,21 @@ address::
 
 Only the interpreter's launches are checked; it patches the interpreter's
 classes for the duration of the block (not thread-safe).
+
+A tile that no program writes is the other silent fault: its output keeps
+whatever the allocator handed back, often the right values of an earlier
+run. Inside ``nan_filled_allocations()`` new floating tensors start as NaN,
+so an unwritten tile shows in any NaN-aware comparison.
 """
 import contextlib
+import math
 from typing import Iterator, List, Tuple
+from unittest import mock
 
 import numpy as np
+import torch
 
-__all__ = ['OutOfBoundsAccess', 'checked_accesses']
+__all__ = ['OutOfBoundsAccess', 'checked_accesses', 'nan_filled_allocations']
 
 
 class OutOfBoundsAccess(RuntimeError):
@@ -84,3 +92,19 @@ def checked_accesses() -> Iterator[None]:
     finally:
         (executor._init_args_hst, builder.create_masked_load,
          builder.create_masked_store) = saved
+
+
+@contextlib.contextmanager
+def nan_filled_allocations() -> Iterator[None]:
+    """Inside the block, ``torch.empty``, ``torch.empty_like`` and
+    ``Tensor.new_empty`` return floating tensors filled with NaN (see the
+    module's docstring); other dtypes as usual. Not thread-safe."""
+    def filled(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    with mock.patch.object(torch, 'empty', lambda *a, **k: filled(empty(*a, **k))), \
+            mock.patch.object(torch, 'empty_like', lambda *a, **k: filled(empty_like(*a, **k))), \
+            mock.patch.object(torch.Tensor, 'new_empty',
+                              lambda self, *a, **k: filled(new_empty(self, *a, **k))):
+        yield

@@ -10,6 +10,7 @@ from convneur_mm.models import ConvNeur
 from convneur_mm.models.layers.mixers import MIXERS
 from convneur_mm.apis.launch import load_config
 from convneur_mm.apis.toolbox import build_model, dummy_batch
+from convneur_mm.testing.errors import worst
 from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
 from ...devices import DEVICES, on_cuda
 
@@ -181,7 +182,7 @@ def _fsdp_mixed_precision_step(rank, world_size, cuda=False):
                     if p.grad is not None:
                         grad = p.grad.full_tensor() if kind.startswith('fully_shard') else p.grad
                         assert torch.isfinite(grad).all(), (kind, mixer, dtype, name)
-                errors[kind, mixer, dtype] = max(
+                errors[kind, mixer, dtype] = worst(
                     ((o.float() - r).abs().max() / r.abs().max()).item()
                     for o, r in zip(outs, reference))
     return errors

@@ -6,11 +6,11 @@ import torch
 from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form, chunk_grads_naive,
                                                   chunk_grads_torch)
 from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads
+from convneur_mm.testing.errors import worst
 
 from .memory_cases import (F16_EMULATED_TOL, F16_TOL, F32_TOL, GRADS_BF16_AGREEMENT, LAYOUTS,
                            _check_bfloat16, _gradcheck, _op_weights, _outputs_and_grads,
                            _relative_errors, _write, _write_inputs64)
-from .memory_cases import worst
 
 
 # L 24 in 16-row blocks: over each image's rows, blocks meeting two chunks;

@@ -9,10 +9,10 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_clo
                                                   chunk_grads_torch, read_closed_form, read_torch)
 from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads
 from convneur_mm.models.layers.memory_ops.common import gelu_second
+from convneur_mm.testing.errors import least, worst
 
 from .memory_cases import (L, _gradcheck, _outputs_and_grads, _read, _read_inputs,
                            _relative_errors, _write, _write_inputs64)
-from .memory_cases import worst
 
 
 def test_gradcheck_of_a_subset_of_inputs():
@@ -33,23 +33,27 @@ def _tanh(fn):
 
 def test_the_tanh_form_of_gelu_passes_gradcheck():
     """The second derivative of GELU's tanh form (the write's backward needs
-    gelu'') and the read's first."""
+    gelu'') and the read's first, plain and decomposed (their backward
+    takes gelu' on two branches)."""
     assert _gradcheck(_write(_tanh(chunk_grads_closed_form)), _write_inputs64(2, 3, 4, 4))
-    assert _gradcheck(_read(_tanh(read_closed_form)), _read_inputs(2, 3, 4, heads=2))
+    for heads in (None, 2):
+        assert _gradcheck(_read(_tanh(read_closed_form)), _read_inputs(2, 3, 4, heads=heads))
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_the_tanh_form_matches_autograd_and_differs_from_erf(dtype, tol):
     """Against autograd through the PyTorch ops with the tanh form; the
-    exact GELU's results differ by more than the agreement (the form is used)."""
+    exact GELU's results differ by more than the agreement (the form is used):
+    the write, and the read plain and decomposed."""
     for wrap, closed, torch_ops, inputs in (
             (_write, chunk_grads_closed_form, chunk_grads_torch,
              _write_inputs64(2, 3, 7, 16, dtype=dtype)),
+            (_read, read_closed_form, read_torch, _read_inputs(4, 9, 16, None, dtype=dtype)),
             (_read, read_closed_form, read_torch, _read_inputs(4, 9, 16, 2, dtype=dtype))):
         ours = _outputs_and_grads(wrap(_tanh(closed)), inputs)
         assert worst(_relative_errors(ours, _outputs_and_grads(wrap(_tanh(torch_ops)),
                                                              inputs))) < tol
-        assert min(_relative_errors(ours, _outputs_and_grads(wrap(closed), inputs))) > 3 * tol
+        assert least(_relative_errors(ours, _outputs_and_grads(wrap(closed), inputs))) > 3 * tol
 
 
 @pytest.mark.parametrize('what', ['write', 'read'])

@@ -205,3 +205,58 @@ def test_the_forcing_variable_takes_torch_or_nothing(value, forced):
 def test_a_bad_forcing_value_is_a_clear_error():
     with pytest.raises(ValueError, match="CONVNEUR_MEMORY_IMPLEMENTATION may only be 'torch'"):
         dispatch.forced_implementation({dispatch.FORCE_ENV: 'triton'})
+
+
+def _as_if_on_sm_90(monkeypatch) -> None:
+    """The plan's view of an sm_90 CUDA GPU where the kernels can run: on a
+    CPU, the dispatch's capability and availability answers faked."""
+    monkeypatch.setattr(dispatch, 'cuda_capability', lambda device: 90)
+    monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
+
+
+def test_auto_keeps_the_pytorch_path_under_torch_compile_on_a_measured_gpu(monkeypatch):
+    """bf16 inference on sm_90, where a GPU measured the kernels faster:
+    eager takes them, and 'auto' traced by torch.compile keeps the PyTorch
+    path (Inductor fuses it; nobody has timed the kernels against that)."""
+    _as_if_on_sm_90(monkeypatch)
+    memory = NeuralMemory(128, chunk_size=8, operand_dtype='bfloat16').eval()
+    x = torch.randn(1, 20, 128)
+    with torch.no_grad():
+        assert memory.plan(x).implementation == 'triton'  # the measurement decides
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        plan = memory.plan(x)
+    assert plan.operand_dtype == torch.bfloat16
+    assert plan.implementation == 'torch' and 'under torch.compile' in plan.reason, plan
+    assert (plan.projections, plan.scan) == ('torch', 'torch')
+    memory.implementation = 'triton'  # asked for: traced as custom operators
+    with torch.no_grad():
+        assert memory.plan(x).implementation == 'triton'
+
+
+def test_a_sequential_memory_never_reports_the_scan_kernel(monkeypatch):
+    """The sequential mode takes each chunk's gradient at the previous state,
+    with no scan: with implementation='triton' its plan says 'torch' for the scan
+    (the parallel mode's says 'triton'), in inference and training."""
+    _as_if_on_sm_90(monkeypatch)
+    x = torch.randn(1, 20, 16)
+    for update, scan in (('sequential', 'torch'), ('parallel', 'triton')):
+        memory = NeuralMemory(16, chunk_size=8, update=update, implementation='triton')
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                plan = memory.plan(x)
+            assert (plan.implementation, plan.scan) == ('triton', scan), (update, grad, plan)
+
+
+def test_auto_picks_its_measurement_by_grad_mode_not_the_modules_mode(monkeypatch):
+    """The shipped sm_90 bf16 measurements: inference took the kernels, a
+    training step did not. An eval module under grad computes a training
+    step's work, and a train module under no_grad an inference's."""
+    _as_if_on_sm_90(monkeypatch)
+    x = torch.randn(1, 20, 128)
+    memory = NeuralMemory(128, chunk_size=8, operand_dtype='bfloat16')
+    with torch.enable_grad():
+        plan = memory.eval().plan(x)
+    assert plan.implementation == 'torch' and '77.73 ms' in plan.reason, plan
+    with torch.no_grad():
+        plan = memory.train().plan(x)
+    assert plan.implementation == 'triton' and '10.28 ms' in plan.reason, plan
