@@ -17,6 +17,7 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_read_torch, chunk_read_triton, kernels,
                                                   read_torch, read_triton)
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fold, project_naive,
                                                           project_triton, projection_shapes)
 from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
@@ -840,6 +841,66 @@ def persistent_float32_results() -> dict:
     """``persistent_results`` with float32 operands: their tiles are smaller, 24
     of the columns passes' run as 8 x 3 too."""
     return persistent_results('f32', PERSISTENT_PROGRAMS + (8, ))
+
+
+# The interpreter has no bfloat16: a bf16 entry is re-checked at its tiles in float16
+INTERPRETED_DTYPE = {'float32': 'float32', 'float16': 'float16', 'bfloat16': 'float16'}
+# stand-ins at the interpreter's widths, so that the re-check runs while
+# TUNED_TILES holds no entry: a persistent plain one, a decomposed read, a backward
+STAND_IN_ENTRIES = (
+    TunedTile('grads_rows', 90, 'bfloat16', 16, False, 16, 16, 4, 2, 2),
+    TunedTile('read', 90, 'float16', 16, True, 16, 16, 4, 2),
+    TunedTile('read_backward_rows', 90, 'bfloat16', 16, False, 32, 16, 4, 2))
+
+
+def tuned_entry_results() -> dict:
+    """(Interpreter) each ``tuned.TUNED_TILES`` entry, and ``STAND_IN_ENTRIES``,
+    forced at its tiles: a memory of its padded width (one head, C_m =
+    ``block_d``) through the kernels, forward and backward, in its operand
+    dtype (``INTERPRETED_DTYPE``), against the same memory in float64 on the
+    PyTorch path: {entry: [the worst, over the output, the input's and the
+    parameters' gradients, of the kernels' norm-relative error over what is
+    allowed: ``F16_TOL``, or twice the PyTorch path's own error in that dtype
+    where a sum that nearly cancels makes that larger; whether the entry's
+    kernel launched at its tiles]}."""
+    import copy
+
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    results = {}
+    for entry in tuple(tuned.TUNED_TILES) + STAND_IN_ENTRIES:
+        torch.manual_seed(0)
+        max_lr = 1e-3 if entry.decomposed else 1.0  # below 0.5 16-bit reads decompose
+        chunk = max(16, entry.BM)  # a tile takes at most a chunk's rows
+        memory = NeuralMemory(entry.block_d, chunk_size=chunk, max_lr=max_lr,
+                              implementation='triton',
+                              operand_dtype=INTERPRETED_DTYPE[entry.operand_dtype]).train()
+        exact = copy.deepcopy(memory).double()
+        exact.implementation, exact.operand_dtype = 'torch', 'auto'
+        torch_path = copy.deepcopy(memory)
+        torch_path.implementation = 'torch'
+        x = torch.randn(2, 2 * chunk + 8, entry.block_d)  # two written chunks and a part
+        bar = torch.randn_like(x)
+
+        def step(module, dtype):
+            inp = x.to(dtype).requires_grad_()
+            with kernel_tiles.forced_tiles(entry.kernel, **entry.options()):  # backward too
+                out = module(inp)
+                grads = torch.autograd.grad(out, [inp] + list(module.parameters()),
+                                            bar.to(dtype), allow_unused=True)
+            return [out] + [g for g in grads if g is not None]
+
+        with nan_filled_allocations(), launcher.observing_launches() as launches:
+            got = step(memory, torch.float32)
+        at_tiles = any(x.kernel.__name__ == f'{entry.kernel}_kernel' and
+                       (x.kwargs.get('BM'), x.kwargs.get('BH')) == (entry.BM, entry.BH)
+                       for x in launches)
+        want = step(exact, torch.float64)
+        rounded = step(torch_path, torch.float32)
+        # pool.to_logits.bias: a shift under the softmax, its exact gradient zero
+        results[repr(entry)] = [worst(_norm_err(g, w) / max(F16_TOL, 2 * _norm_err(r, w))
+                                      for g, r, w in zip(got, rounded, want)
+                                      if w.norm() > 1e-9), at_tiles]
+    return results
 
 
 def _projection_blocks(d=160, heads=1, dtype=BF16, features=None, backward=False, tiles=False):

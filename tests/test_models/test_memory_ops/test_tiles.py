@@ -334,3 +334,15 @@ def test_forced_column_blocks_hold_the_rows_of_every_two_pass_kernel():
         assert _projection_blocks() == (256, 0, 256, 0)
     with kernel_tiles.forced_column_blocks(1):
         assert _projection_blocks(d=96) == (64, 32, 64, 32)
+
+
+def test_each_tuned_entry_computes_at_its_tiles_what_float64_does():
+    """Every ``TUNED_TILES`` entry (and two stand-ins while it holds none)
+    re-checked in the interpreter at its tiles: a GPU's timing chose them,
+    only a float64 reference says they compute the memory."""
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    from .memory_cases import STAND_IN_ENTRIES
+    errors = _run_interpreted('tuned_entry_results')
+    assert len(errors) == len(tuned.TUNED_TILES) + len(STAND_IN_ENTRIES)
+    for entry, (over_allowed, at_tiles) in errors.items():
+        assert over_allowed <= 1 and at_tiles, (entry, over_allowed, at_tiles)  # NaN fails too
