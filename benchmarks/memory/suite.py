@@ -634,6 +634,7 @@ def section_profile(ctx: MemorySuite) -> Dict:
             rows[name] = dict(status=describe_error(exc))
             ctx.log(traceback.format_exc())
         free(ctx.device)
+        ctx.checkpoint(dict(rows=rows))
     return dict(rows=rows)
 
 

@@ -189,3 +189,16 @@ def test_variants_narrow_the_branch_and_numerics_rows_beside_their_reference(tmp
     assert code == 0 and list(rows) == ['matmul_bfloat16', 'train_float32'], rows
     assert rows['matmul_bfloat16']['status'] == 'ok'
     assert 0 < rows['matmul_bfloat16']['error_vs_float32'] < 0.05
+
+
+def test_the_profile_section_saves_after_every_case(monkeypatch):
+    from benchmarks.kernels import profile
+    monkeypatch.setattr(profile, 'CASES', {'torch': None, 'training': None})
+    monkeypatch.setattr(profile, 'profile_case', lambda name, **kw: dict(case=name))
+    suite = memory_suite.MemorySuite(Record(None, 'memory'), dry_run=True)
+    suite.section, suite.section_start = 'profile', 0.0
+    saved = []
+    monkeypatch.setattr(suite, 'write', lambda: saved.append(
+        list(suite.result['sections']['profile']['rows'])))
+    memory_suite.section_profile(suite)
+    assert saved == [['torch'], ['torch', 'training']]

@@ -117,3 +117,17 @@ def test_dry_run_of_the_other_jobs(job):
     assert not r['errors']
     assert all(row['status'] == 'ok' for row in list(r['train'].values()) +
                list(r['eval'].values()))
+
+
+def test_the_record_is_written_after_every_job(tmp_path, monkeypatch):
+    """A run cut short (a GPU run's timeout) keeps the jobs it measured."""
+    seen = []
+    monkeypatch.setattr(tt, 'run_job', lambda name, *args: dict(
+        train={}, eval=None, errors={}, config=name))
+    monkeypatch.setattr(tt, 'format_tables', lambda result: '')
+    record = Record(str(tmp_path / 'train.json'), 'train')
+    monkeypatch.setattr(record, 'write', lambda result: seen.append(list(result['jobs'])))
+    args = run.build_parser('train').parse_args(['train', '--dry-run', '--jobs', 'cls-m3',
+                                                 'fpn-m3', '--peers'])
+    tt.run_from_args(args, record)
+    assert seen == [['cls-m3'], ['cls-m3', 'fpn-m3']]

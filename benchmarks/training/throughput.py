@@ -566,6 +566,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> dict:
     if args.warmup is not None and args.warmup < 0:
         raise ValueError(f'--warmup must be >= 0, got {args.warmup}')
     def print_last_job(out: dict) -> None:
+        record.write(out)  # a run cut short keeps the jobs it measured
         name, job = list(out['jobs'].items())[-1]
         print(format_tables(dict(out, jobs={name: job})), file=sys.stderr, flush=True)
 
