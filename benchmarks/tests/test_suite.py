@@ -129,6 +129,14 @@ def test_budget_estimates_an_item_by_the_last_of_its_kind():
     assert suite.why_not('branch_variant') is None
 
 
+def test_a_compiled_mode_does_not_start_without_its_first_estimate_on_a_gpu():
+    suite = memory_suite.MemorySuite(Record(None, 'memory'), dry_run=True, budget_s=30.0)
+    assert suite.why_not('compiled_mode') is None  # a dry run has no GPU estimate
+    suite.dry = False
+    assert 'needs about 60 s' in suite.why_not('compiled_mode')
+    assert suite.why_not('model') is None
+
+
 def test_an_unwritable_output_fails_before_any_work(tmp_path, capsys):
     blocker = tmp_path / 'file'
     blocker.write_text('')
