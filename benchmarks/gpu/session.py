@@ -9,28 +9,33 @@ each step in a process of its own, saved as it goes and resumable.
   log) and, with ``--tar``, the whole folder is packed again; the steps'
   own JSON records are rewritten after each of their cases. A run killed at
   any point keeps every finished step.
-* **A fault takes one step.** A step that fails is diagnosed from its log
-  (the last error line, the kernels it names); one whose memories plan
-  their own path (``Step.reruns_on_torch``) is run again with
-  ``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, and both results are kept.
+* **A fault takes one step.** A step that fails or hangs is diagnosed from
+  its log (the last error line, the memory kernels it names); one whose
+  memories plan their own path (``Step.reruns_on_torch``) is run again with
+  ``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, its records beside the first
+  attempt's (``*.torch.json``). A step that exits 0 without its report
+  (Nsight Compute's) or with no test run counts as failed.
 * **No step starts without its time.** A step starts only where the time
   left holds its estimate (scaled by ``steps.gpu_speed`` for the card), and
-  runs under a timeout of twice that; else it is recorded as skipped.
+  runs under a timeout of twice that and 30 s; then its whole process group
+  is stopped. A memory bench gets that time as its own ``--budget-s``.
 * **A resume runs only what is missing.** Run again with the same ``--out``:
-  steps already ok or failed are kept; skipped, timed-out and never-run
-  steps run (``--retry-failed`` runs the failed ones again too).
+  steps whose planned attempt ended ok or failed are kept; skipped,
+  timed-out and never-run steps run (``--retry-failed``: the failed ones too).
 * **Dry mode.** ``--dry-run`` runs each step's CPU check instead (the lab's
   dry runs, pytest's collection, the kernels in Triton's interpreter) under
   the same bookkeeping; Nsight Compute and compute-sanitizer are only shown.
 
-The exit status is 1 where a step of this run failed, else 0.
+The exit status is 1 where a step of this run failed or timed out, else 0.
 """
 import argparse
 import json
+import math
 import os
 import os.path as osp
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -46,11 +51,12 @@ PROGRESS = 'progress.jsonl'
 TIMEOUT_FACTOR = 2.0
 TIMEOUT_SLACK_S = 30.0
 DRY_TIMEOUT_S = 900.0  # a CPU's check has no GPU estimate to go by
+KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL, to a timed-out step's whole process group
 # statuses a resume runs again: the step did not finish
 MISSING = ('skipped', 'timed out', 'not run')
-_KERNEL = re.compile(r'\b(\w+_kernel)\b')
-_ERROR = re.compile(r'^(\w+(Error|Exception)|CUDA error|RuntimeError|AssertionError|FAILED|'
-                    r'=+ (Invalid|Race|ERROR)).*', re.M)
+_KERNEL = re.compile(r'\b(\w+)_kernel\b')
+_ERROR = re.compile(r'^(?:E +)?((\w+(Error|Exception)|CUDA error|FAILED|ERROR|==ERROR==|'
+                    r'========= (Invalid|Race|Error|Program hit)).*)', re.M)
 
 
 def read_progress(out: str) -> List[Dict]:
@@ -70,31 +76,75 @@ def read_progress(out: str) -> List[Dict]:
 
 
 def finished(progress: Sequence[Dict], retry_failed: bool = False) -> Dict[str, str]:
-    """{step: status} of the steps a resume keeps."""
-    kept = {}
+    """{step: status} of the steps a resume keeps, by each step's last
+    planned attempt (its rerun on PyTorch never decides); dry runs' lines
+    are no GPU results."""
+    last: Dict[str, str] = {}
     for line in progress:
-        status = line['status']
-        if status.startswith(MISSING) or line.get('dry_run'):
-            continue  # a dry run's checks are no GPU results
-        if retry_failed and not status.startswith('ok'):
+        if line.get('dry_run') or line.get('attempt', 'as planned') != 'as planned':
             continue
-        kept.setdefault(line['step'], status)
-    return kept
+        last[line['step']] = line['status']
+    return {step: status for step, status in last.items()
+            if not status.startswith(MISSING) and not (retry_failed and status != 'ok')}
 
 
-def diagnose(log: str) -> Dict[str, object]:
-    """The last error line of a failed step's log and the kernels it names."""
-    errors = [m.group(0) for m in _ERROR.finditer(log)]
-    named = sorted(set(_KERNEL.findall(log[-20000:])))
+def diagnose(log: str, kernel_names: Sequence[str] = ()) -> Dict[str, object]:
+    """The last error line of a failed step's log and the memory kernels it
+    names (``kernel_names``, without their ``_kernel``)."""
+    errors = [m.group(1) for m in _ERROR.finditer(log)]
+    named = sorted({f'{name}_kernel' for name in _KERNEL.findall(log[-20000:])
+                    if name in kernel_names})
     return dict(error=errors[-1][:300] if errors else None, kernels_named=named)
 
 
-def pack(out: str, tar_path: str) -> None:
-    """``out`` as a gzipped tar at ``tar_path``, atomically."""
+def pack(out: str, tar_path: str) -> Optional[str]:
+    """``out`` as a gzipped tar at ``tar_path``, atomically; why it could
+    not be packed, or None."""
     tmp = tar_path + '.tmp'
-    with tarfile.open(tmp, 'w:gz') as tar:
-        tar.add(out, arcname=osp.basename(osp.normpath(out)))
-    os.replace(tmp, tar_path)
+    try:
+        with tarfile.open(tmp, 'w:gz') as tar:
+            tar.add(out, arcname=osp.basename(osp.normpath(out)))
+        os.replace(tmp, tar_path)
+    except OSError as exc:  # a full disk must not end the run: the folder stays
+        return f'{type(exc).__name__}: {exc}'
+    return None
+
+
+def junit_counts(path: str) -> Optional[Dict[str, int]]:
+    """{tests, skipped, failed} of a pytest JUnit XML (None: none there)."""
+    import xml.etree.ElementTree as ElementTree
+    if not osp.exists(path):
+        return None
+    suites = ElementTree.parse(path).getroot().iter('testsuite')
+    counts = dict(tests=0, skipped=0, failed=0)
+    for suite in suites:
+        counts['tests'] += int(suite.get('tests', 0))
+        counts['skipped'] += int(suite.get('skipped', 0))
+        counts['failed'] += int(suite.get('failures', 0)) + int(suite.get('errors', 0))
+    return counts
+
+
+def run_in_group(command: Sequence[str], log, env: Dict[str, str], timeout: float
+                 ) -> Optional[int]:
+    """``command``'s exit status, or None where it ran past ``timeout``: then
+    its whole process group is stopped (ncu's, compute-sanitizer's and
+    torchrun's children would hold the GPU otherwise)."""
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, **env), start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return None
 
 
 class Session:
@@ -103,22 +153,24 @@ class Session:
     Args:
         out: the results folder (created; a resume reads it).
         steps: the steps, in order.
-        limit_s: seconds this run may take; None: no limit.
+        deadline: when this run must end, in ``clock`` seconds; None: never.
         python: the interpreter of the steps' ``{python}``.
         dry_run: run the steps' CPU checks.
         speed: the card's speed against an H200 (``steps.gpu_speed``).
-        tar: pack ``out`` here after every step (None: not).
+        tar: pack ``out`` here after every step that ran (None: not).
         retry_failed: a resume runs failed steps again.
-        clock: seconds, monotonic (a test's fake).
+        clock: seconds since the epoch (a test's fake).
     """
 
-    def __init__(self, out: str, steps: Sequence[Step], limit_s: Optional[float],
+    def __init__(self, out: str, steps: Sequence[Step], deadline: Optional[float],
                  python: str = sys.executable, dry_run: bool = False, speed: float = 1.0,
                  tar: Optional[str] = None, retry_failed: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time):
         self.out = osp.abspath(out)
+        if tar and osp.abspath(tar).startswith(self.out + os.sep):
+            raise UsageError(f'--tar {tar} lies inside --out {out}: it would pack itself')
         self.steps = list(steps)
-        self.limit_s = limit_s
+        self.deadline = deadline
         self.python = python
         self.dry = dry_run
         self.speed = speed
@@ -128,11 +180,11 @@ class Session:
         self.kept = finished(read_progress(self.out), retry_failed)
         self.start = clock()
         self.lines: List[Dict] = []
+        from benchmarks.gpu.steps import MEMORY_KERNELS
+        self.kernel_names = MEMORY_KERNELS
 
     def left(self) -> float:
-        if self.limit_s is None:
-            return float('inf')
-        return self.limit_s - (self.clock() - self.start)
+        return float('inf') if self.deadline is None else self.deadline - self.clock()
 
     def timeout(self, left: float, need: float) -> float:
         """A step's timeout: twice its estimate and a slack, within what is left."""
@@ -151,25 +203,33 @@ class Session:
                   for k, v in fields.items()}  # no limit: JSON has no infinity
         line = dict(step=step.name, status=status, dry_run=self.dry, **fields)
         self.lines.append(line)
-        with open(osp.join(self.out, PROGRESS), 'a') as f:
-            f.write(json.dumps(line, default=str) + '\n')
+        path = osp.join(self.out, PROGRESS)
+        # a line cut short by a kill must not swallow this one
+        torn = osp.exists(path) and osp.getsize(path) > 0 and not _ends_with_newline(path)
+        with open(path, 'a') as f:
+            f.write(('\n' if torn else '') + json.dumps(line, default=str) + '\n')
             f.flush()
             os.fsync(f.fileno())
         seconds = fields.get('seconds')
         print(f'[gpu] {step.name:32s} {status}' + (f' in {seconds:.0f} s' if seconds else ''),
               flush=True)
-        if self.tar:
-            pack(self.out, self.tar)
         return line
 
+    def pack(self) -> None:
+        if self.tar:
+            why = pack(self.out, self.tar)
+            if why:
+                print(f'[gpu] could not pack {self.out} into {self.tar}: {why}', flush=True)
+
     def run(self) -> int:
-        """Every step in order; 1 where one failed in this run, else 0."""
+        """Every step in order; 1 where one failed or timed out in this run, else 0."""
         failed = False
         for step in self.steps:
             if step.name in self.kept:
                 print(f'[gpu] {step.name:32s} kept from an earlier run: {self.kept[step.name]}')
                 continue
             failed |= self.run_step(step)
+        self.pack()
         self.summary()
         return 1 if failed else 0
 
@@ -188,7 +248,9 @@ class Session:
                         command=shown)
             return False
         status = self.attempt(step, argv, env, left, need, 'as planned')
-        if status.startswith('failed') and step.reruns_on_torch and not self.dry:
+        self.pack()
+        bad = not status.startswith(('ok', 'not run'))
+        if bad and step.reruns_on_torch and not self.dry:
             left = self.left()
             if left < need:
                 self.record(step, f'skipped: its rerun on PyTorch ({left:.0f} s left)',
@@ -196,41 +258,59 @@ class Session:
             else:
                 self.attempt(step, argv, dict(env, **{FORCE_ENV: 'torch'}), left, need,
                              'on PyTorch')
-        return status.startswith('failed')
+                self.pack()
+        return bad
 
     def attempt(self, step: Step, argv: Sequence[str], env: Dict[str, str], left: float,
                 need: float, attempt: str) -> str:
-        command = expand(argv, self.python, self.out, self.tuned())
+        timeout = self.timeout(left, need)
         suffix = '' if attempt == 'as planned' else '.torch'
+        # the step's own time, less a margin to write its record, as a case's --budget-s
+        budget = max(timeout - TIMEOUT_SLACK_S / 2, 1.0)
+        command = expand(argv, self.python, self.out, self.tuned(), budget, suffix)
         log_path = osp.join(self.out, step.name.replace('/', '_') + suffix + '.log')
         if shutil.which(command[0]) is None:
             return self.record(step, f'not run: {command[0]} is not on PATH here',
                                command=' '.join(command), attempt=attempt)['status']
-        timeout = self.timeout(left, need)
         begin = self.clock()
         with open(log_path, 'w') as log:
             log.write('$ ' + ' '.join(f'{k}={v}' for k, v in env.items()) +
                       ' '.join(command) + '\n')
             log.flush()
-            try:
-                rc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                    env=dict(os.environ, **env), timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = run_in_group(command, log, env, timeout)
+            if rc == 0 and step.then and not self.dry:  # e.g. the report's details page
+                then = expand(step.then, self.python, self.out, self.tuned(), budget, suffix)
+                log.write('$ ' + ' '.join(then) + '\n')
+                log.flush()
+                rc = run_in_group(then, log, {}, max(timeout - (self.clock() - begin), 1.0))
         seconds = self.clock() - begin
-        if rc is None:
-            status = f'timed out after {timeout:.0f} s'
-        elif rc == 0:
-            status = 'ok' if not self.dry else 'ok (dry run)'
-        else:
-            status = f'failed (exit {rc})'
+        status = self.outcome(step, rc, timeout, suffix)
         fields = dict(seconds=seconds, limit_s=timeout, left_s=left, attempt=attempt,
                       command=' '.join(command), log=osp.basename(log_path))
-        if rc != 0:
+        if status != 'ok' and not status.startswith('ok (dry run)'):
             with open(log_path, errors='replace') as log:
-                fields.update(diagnose(log.read()))
+                fields.update(diagnose(log.read(), self.kernel_names))
         self.record(step, status, **fields)
         return status
+
+    def outcome(self, step: Step, rc: Optional[int], timeout: float, suffix: str) -> str:
+        """A finished process's status: its exit, then what it must have left."""
+        if rc is None:
+            return f'timed out after {timeout:.0f} s'
+        if rc != 0:
+            return f'failed (exit {rc})'
+        if self.dry:
+            return 'ok (dry run)'
+        if step.report:
+            report = expand([step.report], self.python, self.out, [], None, suffix)[0]
+            if not osp.exists(report):
+                return f'failed: no {osp.basename(report)} written (nothing profiled?)'
+        if step.junit:
+            counts = junit_counts(expand([step.junit], self.python, self.out, [], None,
+                                         suffix)[0])
+            if counts is None or counts['tests'] - counts['skipped'] == 0:
+                return f'failed: no test ran ({counts})'
+        return 'ok'
 
     def summary(self) -> None:
         """The steps of this run, a line each."""
@@ -258,6 +338,12 @@ def select(steps: Sequence[Step], only: Sequence[str], skip: Sequence[str]) -> L
     return [s for s in steps if (not only or named(s, only)) and not named(s, skip)]
 
 
+def _ends_with_newline(path: str) -> bool:
+    with open(path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b'\n'
+
+
 def host_torch_is_pinned() -> bool:
     """Whether this torch is the one ``requirements/torch.txt`` pins."""
     import torch
@@ -271,7 +357,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``gpu`` case's options."""
     parser.add_argument('--out', required=True, help='the results folder (a resume reads it)')
     parser.add_argument('--limit-s', type=positive_float,
-                        help='seconds this run may take (default: no limit)')
+                        help='seconds this run may take from its start (default: no limit)')
+    parser.add_argument('--deadline', type=positive_float, metavar='EPOCH_S',
+                        help='when this run must end, in seconds since the epoch (a caller '
+                        "that spent some of its time already: gpu_run.sh's install)")
     parser.add_argument('--only', nargs='+', default=[], metavar='STEP',
                         help='only these steps or groups (e.g. correctness tune/m3)')
     parser.add_argument('--skip', nargs='+', default=[], metavar='STEP')
@@ -294,8 +383,9 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     steps = select(gpu_steps(host_torch_is_pinned(), args.ncu_kernels, args.tune_limit_s,
                              not args.no_mmcv_ops), args.only, args.skip)
     if args.list:
+        width = max(len(step.name) for step in steps) if steps else 0
         for step in steps:
-            print(f'{step.name:32s} {step.estimate_s:5.0f} s  {step.summary}')
+            print(f'{step.name:{width}s} {step.estimate_s:5.0f} s  {step.summary}')
         return dict(steps=[s.name for s in steps])
     speed, device = 1.0, 'cpu (dry run)'
     if not args.dry_run:
@@ -304,9 +394,13 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
             raise UsageError('the gpu case runs on a CUDA GPU; --dry-run checks it on a CPU')
         device = torch.cuda.get_device_name()
         speed = gpu_speed(device)
-    print(f'[gpu] {len(steps)} steps on {device} (speed {speed:g} of an H200), limit '
-          f"{args.limit_s or 'none'} s, into {args.out}", flush=True)
-    session = Session(args.out, steps, args.limit_s, dry_run=args.dry_run, speed=speed,
+    deadline = args.deadline
+    if args.limit_s is not None:
+        deadline = min(deadline or math.inf, time.time() + args.limit_s)
+    left = 'no limit' if deadline is None else f'{deadline - time.time():.0f} s left'
+    print(f'[gpu] {len(steps)} steps on {device} (speed {speed:g} of an H200), {left}, '
+          f'into {args.out}', flush=True)
+    session = Session(args.out, steps, deadline, dry_run=args.dry_run, speed=speed,
                       tar=args.tar, retry_failed=args.retry_failed)
     code = session.run()
     return dict(device=device, speed=speed, lines=session.lines,

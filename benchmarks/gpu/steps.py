@@ -10,14 +10,16 @@ through a memory's own plan (``reruns_on_torch``) is run again with
 ``CONVNEUR_MEMORY_IMPLEMENTATION=torch`` when it fails: the PyTorch path's
 figures, and the failure, stay on record.
 
-Arguments may hold ``{python}``, ``{out}`` (the results folder) and the
-token ``{tuned}``, which becomes ``--tuned FILE...`` with the tune records
-already in the results folder (nothing where there are none).
+Arguments may hold ``{python}``, ``{out}`` (the results folder),
+``{budget}`` (the step's seconds, as a case's ``--budget-s``) and the token
+``{tuned}``, which becomes ``--tuned FILE...`` with the tune records already
+in the results folder (nothing where there are none).
 """
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.common.subjects import BRANCH_VARIANTS
+from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES
 
 MEMORY_OPS_TESTS = 'tests/test_models/test_memory_ops'
 # the kernels furthest from their roofline at M3's stage 1 on an H200 (benchmark
@@ -30,6 +32,10 @@ NCU_SECTIONS = ('SpeedOfLight', 'MemoryWorkloadAnalysis', 'MemoryWorkloadAnalysi
 # bandwidth; the rest, compilation included, is about the same): estimates / speed
 GPU_SPEED = {'H200': 1.0, 'H100': 0.8}
 UNKNOWN_GPU_SPEED = 0.6
+# the memory's Triton kernels, as a failed step's log may name them (``<name>_kernel``)
+MEMORY_KERNELS = KERNEL_NAMES + ('project', 'project_backward', 'scan', 'scan_backward')
+# tests/conftest.py runs a ``gpu`` test in this process where this is set (no child per test)
+GPU_CHILD = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,9 @@ class Step:
         reruns_on_torch: a failure reruns it on the PyTorch path.
         env: variables set for it.
         dry_env: variables set for its check on a CPU.
+        report: a file it must write (else it failed, whatever its exit).
+        junit: its JUnit XML: it failed where no test in it ran.
+        then: a command run after it succeeds, into the same log.
     """
     name: str
     summary: str
@@ -55,6 +64,9 @@ class Step:
     reruns_on_torch: bool = False
     env: Tuple[Tuple[str, str], ...] = ()
     dry_env: Tuple[Tuple[str, str], ...] = ()
+    report: Optional[str] = None
+    junit: Optional[str] = None
+    then: Optional[Tuple[str, ...]] = None
 
     @property
     def group(self) -> str:
@@ -76,7 +88,6 @@ def correctness_steps() -> List[Step]:
     """The kernels against float64 on CUDA, forward and backward, at M3's and
     M4's widths: one process per test file, the read's last (its 64-row
     variant is the one known to fault)."""
-    gpu = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
     cases = (('forward', 'test_kernels.py', 'on_cuda_at_model_widths and not backward and '
               '(128 or 160)', 'the forward kernels in every operand dtype', 60),
              ('backward', 'test_kernels.py', '(backward_kernels_on_cuda and (128 or 160)) or '
@@ -91,11 +102,12 @@ def correctness_steps() -> List[Step]:
     for name, files, keys, summary, seconds in cases:
         paths = tuple(f'{MEMORY_OPS_TESTS}/{f}' for f in files.split())
         select = ('-k', keys) if keys else ()
+        junit = f'{{out}}/correctness_{name}.xml'
         steps.append(Step(f'correctness/{name}', summary,
-                          _pytest('-m', 'gpu', *paths, *select,
-                                  '--junitxml', f'{{out}}/correctness_{name}.xml'),
+                          _pytest('-m', 'gpu', *paths, *select, '--junitxml', junit),
                           seconds, dry_argv=_pytest('-m', 'gpu', *paths, *select,
-                                                    '--collect-only', '-q'), env=gpu))
+                                                    '--collect-only', '-q'),
+                          env=GPU_CHILD, junit=junit))
     return steps
 
 
@@ -115,7 +127,9 @@ def tune_steps(limit_s: int = 60) -> List[Step]:
 
 def ncu_steps(kernels: Sequence[str] = NCU_KERNELS) -> List[Step]:
     """One launch of each kernel under Nsight Compute, with the tuned entries,
-    clocks left alone; the report's details page goes to the log."""
+    clocks left alone, into ``ncu_<kernel>.ncu-rep``; then the report's
+    details page, read back from it, into the log. A run that profiled no
+    launch writes no report, and fails."""
     steps = []
     for kernel in kernels:
         report = f'{{out}}/ncu_{kernel}'
@@ -125,21 +139,26 @@ def ncu_steps(kernels: Sequence[str] = NCU_KERNELS) -> List[Step]:
             f'ncu/{kernel}', f'Nsight Compute on one {kernel}_kernel launch at M3\'s stage 1',
             ('ncu', '--clock-control', 'none', '--target-processes', 'all',
              '--profile-from-start', 'off', '--kernel-name', f'regex:^{kernel}_kernel',
-             '--launch-count', '1', *sections, '--print-details', 'all', '--export', report,
-             '--force-overwrite', *launch), 35,
-            dry_argv=_lab('launch', kernel, '--dry-run'), dry_env=INTERPRETER))
+             '--launch-count', '1', *sections, '--export', report, '--force-overwrite',
+             *launch), 35,
+            dry_argv=_lab('launch', kernel, '--dry-run'), dry_env=INTERPRETER,
+            report=report + '.ncu-rep',
+            then=('ncu', '--import', report + '.ncu-rep', '--page', 'details')))
     return steps
 
 
 def sanitizer_steps(kernel: str = 'read_backward_rows', rows: int = 64) -> List[Step]:
     """compute-sanitizer's memcheck and racecheck on ``kernel`` at ``rows``-row
-    tiles, at a small batch (the tools slow a launch by orders of magnitude)."""
+    tiles, at a small batch (the tools slow a launch by orders of magnitude).
+    PyTorch's caching allocator is off: memcheck sees an access past a tensor
+    only where no other block of a cached segment lies there; the API errors
+    that PyTorch and Triton expect (an event not ready) are not reported."""
     return [Step(f'sanitizer/{tool}', f'compute-sanitizer {tool} on {kernel} at {rows}-row tiles',
                  ('compute-sanitizer', '--tool', tool, '--error-exitcode', '9',
-                  '--print-limit', '20',
+                  '--report-api-errors', 'no', '--print-limit', '20',
                   *_lab('launch', kernel, '--rows', str(rows), '--batch', '4', '--warmup', '0')),
                  45, dry_argv=_lab('launch', kernel, '--rows', str(rows), '--dry-run'),
-                 dry_env=INTERPRETER)
+                 env=(('PYTORCH_NO_CUDA_MEMORY_CACHING', '1'), ), dry_env=INTERPRETER)
             for tool in ('memcheck', 'racecheck')]
 
 
@@ -166,7 +185,8 @@ def bench_steps() -> List[Step]:
         args = ['--sections', *sections] + (['--variants', *variants] if variants else [])
         json_path = f'{{out}}/bench_{name.replace("/", "_")}.json'
         return Step(f'bench/{name}', summary,
-                    _lab('memory', *args, '{tuned}', '--json', json_path), seconds,
+                    _lab('memory', *args, '{tuned}', '--budget-s', '{budget}',
+                         '--json', json_path), seconds,
                     dry_argv=_lab('memory', '--dry-run', *args, '--json', json_path),
                     reruns_on_torch=True)
 
@@ -188,19 +208,20 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
     under the profiler, the GPU tests still to confirm, training, and
     16-bit against float32 training."""
     pinned = '' if torch_pinned else ' and not torch_pinned'
-    gpu = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
     # the fp16 detector step and RoIAlign need mmcv's CUDA ops
     keys = 'graph_breaks or fp16_amp or roi_align' if mmcv_ops else 'graph_breaks'
     tests = _pytest('-m', f'gpu{pinned}', 'tests', 'projects', '-k', keys,
                     '--continue-on-collection-errors', '--junitxml', '{out}/tests.xml')
     return [
         Step('profile/kernels', 'device time per kernel beside its roofline (torch.profiler)',
-             _lab('memory', '--sections', 'profile', '{tuned}', '--json', '{out}/profile.json'),
+             _lab('memory', '--sections', 'profile', '{tuned}', '--budget-s', '{budget}',
+                  '--json', '{out}/profile.json'),
              60, dry_argv=_lab('memory', '--dry-run', '--sections', 'profile',
                                '--json', '{out}/profile.json')),
         Step('tests/package', 'the GPU tests still to confirm: graph breaks under bf16 '
              "autocast, the fp16 detector step, RoIAlign (torch_pinned: on the pinned torch)",
-             tests, 150, dry_argv=tests[:-2] + ('--collect-only', '-q'), env=gpu),
+             tests, 150, dry_argv=tests[:-2] + ('--collect-only', '-q'), env=GPU_CHILD,
+             junit='{out}/tests.xml'),
         Step('train/configs', "training iterations of the real configs beside their peers",
              _lab('train', '--device', 'cuda', '--amp', '--eval', '--json', '{out}/train.json'),
              140, dry_argv=_lab('train', '--dry-run', '--json', '{out}/train.json'),
@@ -241,16 +262,21 @@ def gpu_speed(device_name: Optional[str]) -> float:
     return UNKNOWN_GPU_SPEED
 
 
-def expand(argv: Sequence[str], python: str, out: str, tuned: Sequence[str]) -> List[str]:
-    """``argv`` with its placeholders filled."""
+def expand(argv: Sequence[str], python: str, out: str, tuned: Sequence[str],
+           budget_s: Optional[float] = None, suffix: str = '') -> List[str]:
+    """``argv`` with its placeholders filled; ``suffix`` goes before the
+    extension of each JSON or XML file in ``{out}`` (a rerun's records stand
+    beside the first attempt's)."""
     expanded: List[str] = []
     for arg in argv:
         if arg == '{tuned}':
             expanded += ['--tuned', *tuned] if tuned else []
-        else:
-            expanded.append(arg.replace('{python}', python).replace('{out}', out))
+            continue
+        if suffix and arg.startswith('{out}/') and arg.endswith(('.json', '.xml')):
+            stem, dot, ext = arg.rpartition('.')
+            arg = f'{stem}{suffix}.{ext}'
+        arg = arg.replace('{python}', python).replace('{out}', out)
+        if '{budget}' in arg:
+            arg = arg.replace('{budget}', '0' if budget_s is None else f'{budget_s:.0f}')
+        expanded.append(arg)
     return expanded
-
-
-def step_table(steps: Sequence[Step]) -> Dict[str, Step]:
-    return {step.name: step for step in steps}

@@ -8,6 +8,7 @@ import os.path as osp
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -29,6 +30,10 @@ def _step(name, code='pass', estimate_s=1.0, **kw) -> Step:
     return Step(name, name, _py(code), estimate_s, dry_argv=_py(code), **kw)
 
 
+def _in(seconds):
+    return time.time() + seconds
+
+
 def _statuses(out):
     return [(line['step'], line['status']) for line in read_progress(str(out))]
 
@@ -38,7 +43,7 @@ def test_each_step_is_saved_and_packed_as_it_finishes_and_a_failure_names_its_ke
     fault = ("import sys; print('in read_backward_rows_kernel'); "
              "print('RuntimeError: CUDA error: an illegal memory access'); sys.exit(3)")
     steps = [_step('a/ok'), _step('b/fault', fault), _step('c/after')]
-    code = Session(str(out), steps, limit_s=None, tar=tar).run()
+    code = Session(str(out), steps, deadline=None, tar=tar).run()
     assert code == 1  # a step failed
     assert _statuses(out) == [('a/ok', 'ok'), ('b/fault', 'failed (exit 3)'), ('c/after', 'ok')]
     failed = read_progress(str(out))[1]
@@ -52,27 +57,43 @@ def test_each_step_is_saved_and_packed_as_it_finishes_and_a_failure_names_its_ke
 
 def test_a_failed_step_that_plans_its_own_path_reruns_on_pytorch(tmp_path):
     code = (f"import os, sys; sys.exit(0 if os.environ.get('{FORCE_ENV}') == 'torch' else 5)")
-    steps = [_step('bench/x', code, reruns_on_torch=True), _step('bench/y', 'import sys; '
-                                                                 'sys.exit(5)')]
-    Session(str(tmp_path), steps, limit_s=None).run()
+    write = ("import sys; open(sys.argv[1], 'w').write('x'); " + code)
+    steps = [Step('bench/x', 'x', ('{python}', '-c', write, '{out}/bench_x.json'), 1.0,
+                  reruns_on_torch=True),
+             _step('bench/y', 'import sys; sys.exit(5)')]
+    Session(str(tmp_path), steps, deadline=None).run()
     lines = read_progress(str(tmp_path))
     assert [(l['step'], l['status'], l['attempt']) for l in lines] == [
         ('bench/x', 'failed (exit 5)', 'as planned'), ('bench/x', 'ok', 'on PyTorch'),
         ('bench/y', 'failed (exit 5)', 'as planned')]  # no rerun where it was not asked for
     assert (tmp_path / 'bench_x.torch.log').exists()
+    # the rerun's record beside the first attempt's, not over it
+    assert (tmp_path / 'bench_x.json').exists() and (tmp_path / 'bench_x.torch.json').exists()
+    # the planned attempt decides a resume: a failed one is retried on request
+    assert finished(lines) == {'bench/x': 'failed (exit 5)', 'bench/y': 'failed (exit 5)'}
+    assert finished(lines, retry_failed=True) == {}
 
 
 def test_no_step_starts_without_its_time_and_a_step_past_its_timeout_is_stopped(
         tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_session, 'TIMEOUT_SLACK_S', 0.0)
-    steps = [_step('a/long', estimate_s=100.0), _step('b/hangs', 'import time; time.sleep(60)',
-                                                      estimate_s=0.5)]
-    session = Session(str(tmp_path), steps, limit_s=30.0, speed=0.5)
+    marker = tmp_path / 'orphan.txt'
+    child = tmp_path / 'child.py'  # a child that outlives its step, as ncu's and torchrun's do
+    child.write_text(f'import time\ntime.sleep(4)\nopen({str(marker)!r}, "w").write("alive")\n')
+    orphan = (f'import subprocess, sys, time; subprocess.Popen([sys.executable, {str(child)!r}]); '
+              'time.sleep(60)')
+    steps = [_step('a/long', estimate_s=100.0), _step('b/hangs', orphan, estimate_s=0.5,
+                                                      reruns_on_torch=True)]
+    session = Session(str(tmp_path), steps, deadline=_in(30.0), speed=0.5)
     assert session.need(steps[1]) == 1.0  # a slower card needs more
-    session.run()
+    assert session.run() == 1  # a hang is a failure
     statuses = _statuses(tmp_path)
-    assert statuses[0] == ('a/long', 'skipped: 30 s left, needs about 200 s')
+    assert statuses[0][0] == 'a/long' and statuses[0][1].startswith('skipped: ')
+    assert 'needs about 200 s' in statuses[0][1]
     assert statuses[1][1].startswith('timed out after 2 s')
+    assert statuses[2] == ('b/hangs', statuses[2][1]) and statuses[2][1].startswith('timed out')
+    time.sleep(5)
+    assert not marker.exists()  # the step's whole process group was stopped
 
 
 def test_a_resume_runs_only_what_is_missing(tmp_path):
@@ -81,28 +102,68 @@ def test_a_resume_runs_only_what_is_missing(tmp_path):
     steps = [_step('a/ok', count), _step('b/failed', count + '; import sys; sys.exit(1)'),
              _step('c/long', count, estimate_s=50.0), _step('d/tool', **{})]
     steps[3] = Step('d/tool', 'needs a tool', ('no-such-profiler-here', '--x'), 1.0)
-    Session(str(tmp_path), steps, limit_s=20.0).run()
+    Session(str(tmp_path), steps, deadline=_in(20.0)).run()
     assert marker.read_text() == 'xx'
     assert finished(read_progress(str(tmp_path))) == {'a/ok': 'ok', 'b/failed': 'failed (exit 1)'}
     assert _statuses(tmp_path)[3] == ('d/tool', 'not run: no-such-profiler-here is not on PATH '
                                                 'here')
-    Session(str(tmp_path), steps, limit_s=None).run()  # a later lease, with time
+    Session(str(tmp_path), steps, deadline=None).run()  # a later lease, with time
     assert marker.read_text() == 'xxx'  # only the step that had been skipped ran
-    Session(str(tmp_path), steps, limit_s=None, retry_failed=True).run()
+    Session(str(tmp_path), steps, deadline=None, retry_failed=True).run()
     assert marker.read_text() == 'xxxx'  # and now the failed one
 
 
-def test_a_line_cut_short_by_a_kill_is_not_read_back(tmp_path):
+def test_a_line_cut_short_by_a_kill_is_not_read_back_nor_swallows_the_next(tmp_path):
     (tmp_path / gpu_session.PROGRESS).write_text(
         json.dumps(dict(step='a/ok', status='ok')) + '\n{"step": "b/x", "sta')
     assert finished(read_progress(str(tmp_path))) == {'a/ok': 'ok'}
+    Session(str(tmp_path), [_step('a/ok'), _step('c/next')], deadline=None).run()
+    assert finished(read_progress(str(tmp_path))) == {'a/ok': 'ok', 'c/next': 'ok'}
+
+
+def test_a_step_without_its_report_or_with_no_test_run_failed(tmp_path):
+    xml = ('<testsuites><testsuite tests="2" skipped="2" failures="0" errors="0">'
+           '</testsuite></testsuites>')
+    skipped = f"open({str(tmp_path)!r} + '/t.xml', 'w').write({xml!r})"
+    steps = [Step('ncu/x', 'x', _py('pass'), 1.0, report='{out}/ncu_x.ncu-rep'),
+             Step('tests/x', 'x', _py(skipped), 1.0, junit='{out}/t.xml')]
+    assert Session(str(tmp_path), steps, deadline=None).run() == 1
+    assert [s for _, s in _statuses(tmp_path)] == [
+        'failed: no ncu_x.ncu-rep written (nothing profiled?)',
+        "failed: no test ran ({'tests': 2, 'skipped': 2, 'failed': 0})"]
+
+
+def test_the_diagnosis_finds_pytests_ncus_and_the_sanitizers_errors_and_names_only_kernels():
+    log = ('  File "launcher.py", in launch_kernel\n    read_backward_rows_kernel[grid](...)\n'
+           'E   RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered\n')
+    found = gpu_session.diagnose(log, gpu_steps.MEMORY_KERNELS)
+    assert found == dict(error='RuntimeError: Triton Error [CUDA]: an illegal memory access '
+                         'was encountered', kernels_named=['read_backward_rows_kernel'])
+    assert gpu_session.diagnose('==ERROR== Failed to profile', ())['error'] == \
+        '==ERROR== Failed to profile'
+    assert gpu_session.diagnose('========= Invalid __global__ read of size 2', ())['error'] \
+        .startswith('========= Invalid')
+
+
+def test_a_tar_inside_the_results_is_refused_and_a_failed_pack_does_not_end_the_run(tmp_path):
+    with pytest.raises(gpu_session.UsageError, match='pack itself'):
+        Session(str(tmp_path), [], deadline=None, tar=str(tmp_path / 'r.tgz'))
+    code = Session(str(tmp_path / 'out'), [_step('a/ok')], deadline=None,
+                   tar=str(tmp_path / 'no_such_dir' / 'r.tgz')).run()
+    assert code == 0 and _statuses(tmp_path / 'out') == [('a/ok', 'ok')]
+
+
+def test_a_steps_budget_and_a_reruns_records_are_filled_in():
+    argv = ('{python}', '--budget-s', '{budget}', '--json', '{out}/b.json', '{tuned}')
+    assert gpu_steps.expand(argv, 'py', '/o', ['t.json'], 95.4, '.torch') == [
+        'py', '--budget-s', '95', '--json', '/o/b.torch.json', '--tuned', 't.json']
 
 
 def test_a_dry_run_checks_each_step_on_the_cpu_and_only_shows_the_host_tools(tmp_path):
     steps = [_step('a/check', 'import os; assert os.environ["CHECKED"] == "1"',
                    dry_env=(('CHECKED', '1'), )),
              Step('b/ncu', 'a profiler', ('ncu', '{python}', '-c', 'pass'), 1.0)]
-    code = Session(str(tmp_path), steps, limit_s=None, dry_run=True).run()
+    code = Session(str(tmp_path), steps, deadline=None, dry_run=True).run()
     assert code == 0
     assert [s for _, s in _statuses(tmp_path)] == [
         'ok (dry run)', "dry-run: shown, not run (needs the GPU host's tools)"]
@@ -113,7 +174,7 @@ def test_later_steps_get_the_tune_records_written_before_them(tmp_path):
     write = "open({out!r} + '/tune_m3.json', 'w').write('{{}}')".format(out=str(tmp_path))
     show = Step('b/show', 'x', ('{python}', '-c', 'import sys; print(sys.argv[1:])', '{tuned}'),
                 1.0)
-    Session(str(tmp_path), [_step('a/tune', write), show], limit_s=None).run()
+    Session(str(tmp_path), [_step('a/tune', write), show], deadline=None).run()
     assert f"['--tuned', '{tmp_path}/tune_m3.json']" in (tmp_path / 'b_show.log').read_text()
 
 
@@ -142,6 +203,7 @@ def test_variants_that_may_launch_kernels_get_a_process_each():
     bench = [s for s in gpu_steps.gpu_steps() if s.name.startswith('bench/branch-')]
     assert all(s.reruns_on_torch for s in bench)
     assert bench[0].name == 'bench/branch-train_bf16_autocast'  # the training rows first
+    assert all('{budget}' in s.argv for s in bench)
 
 
 def test_the_package_tests_leave_out_the_torch_pinned_ones_on_another_torch():
@@ -187,7 +249,7 @@ def test_the_gpu_case_runs_a_dry_step_through_the_runner_and_lists_the_steps(tmp
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((tmp_path / 'gpu.json').read_text())
     assert [l['status'] for l in record['result']['lines']] == ['ok (dry run)']
-    assert 'collected' in (tmp_path / 'd' / 'correctness_tiles.log').read_text() or \
-        'test_' in (tmp_path / 'd' / 'correctness_tiles.log').read_text()
+    assert 'test_persistent_programs_on_cuda' in \
+        (tmp_path / 'd' / 'correctness_tiles.log').read_text()
     bad = run('--out', str(tmp_path / 'b'), '--only', 'nosuch', '--dry-run')
     assert bad.returncode == 2 and 'nosuch' in bad.stderr

@@ -270,3 +270,11 @@ def test_a_diverging_run_is_stopped_by_the_hook_and_parsed(tmp_path, monkeypatch
     assert entry['exit_status'] != 0 and entry['first_nonfinite'] == 2, entry
     assert entry['stop_message'].startswith('non-finite training at iteration 2 (epoch 1)')
     assert entry['stop_group'] and sd.run_verdict(entry) == 'stopped'
+
+
+def test_a_crash_after_a_nan_without_the_hooks_error_is_no_stop():
+    crash = dict(first_nonfinite=40, exit_status=1, stop_message=None)
+    assert sd.run_verdict(crash) == 'failed'
+    assert sd.run_verdict(dict(crash, stop_message='non-finite training at iteration 40')) == \
+        'stopped'
+    assert sd.run_verdict(dict(crash, exit_status=0)) == 'unstopped'

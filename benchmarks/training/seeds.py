@@ -323,12 +323,15 @@ VERDICTS = ('trained', 'stopped', 'unstopped', 'failed')
 
 
 def run_verdict(entry: Dict) -> str:
-    """'trained', 'stopped' (a non-finite value, and the run exited non-zero),
-    'unstopped' (non-finite, exit 0: the guard failed) or 'failed'."""
+    """'trained', 'stopped' (a non-finite value, and NonFiniteStopHook's
+    error ended the run), 'unstopped' (non-finite, exit 0: the guard failed)
+    or 'failed' (any other end: a crash after a NaN is no stop)."""
     bad, status = entry['first_nonfinite'] is not None, entry['exit_status']
-    if bad:
-        return 'stopped' if status != 0 else 'unstopped'
-    return 'trained' if status == 0 else 'failed'
+    if bad and status == 0:
+        return 'unstopped'
+    if bad and entry.get('stop_message'):
+        return 'stopped'
+    return 'trained' if status == 0 and not bad else 'failed'
 
 
 def format_report(result: Dict) -> str:

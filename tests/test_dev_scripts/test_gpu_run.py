@@ -8,6 +8,7 @@ import os.path as osp
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -84,7 +85,8 @@ def test_the_gpu_cases_exit_status_is_the_runs(tmp_path):
                 WHEELS=str(tmp_path / 'no_wheels'))
     assert done.returncode == 7, done.stdout + done.stderr
     assert 'fake python: -m benchmarks.run gpu --out' in done.stdout
-    assert '--no-mmcv-ops' in done.stdout and '--limit-s' in done.stdout
+    deadline = int(done.stdout.split('--deadline ')[1].split()[0])
+    assert '--no-mmcv-ops' in done.stdout and 0 < deadline - time.time() <= 520
 
 
 @pytest.mark.parametrize('args', [['bogus'], ['--limit-s', 'soon'], ['--frobnicate']])

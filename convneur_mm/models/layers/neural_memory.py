@@ -49,7 +49,7 @@ from convneur_mm.models.utils.renamed_keys import accepts_renamed_keys
 
 UPDATE_MODES = ('parallel', 'sequential')
 BACKWARDS = ('closed_form', 'autograd')
-# old name -> new name: the old names are still accepted, with a DeprecationWarning
+# old name -> new name: the old names are still accepted, with a FutureWarning
 RENAMED_KEYS = {'matmul_dtype': 'operand_dtype', 'kernels': 'implementation'}
 
 
@@ -131,7 +131,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     ``matmul_dtype`` and ``kernels``, the former names of ``operand_dtype``
     and ``implementation`` (``RENAMED_KEYS``), are still accepted, as
-    arguments and attributes, with a ``DeprecationWarning``.
+    arguments and attributes, with a ``FutureWarning``.
     """
 
     def __init__(self,

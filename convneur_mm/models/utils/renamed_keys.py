@@ -1,5 +1,5 @@
 """Renamed configuration keys: an old name keeps working, as an argument
-and as an attribute, with a ``DeprecationWarning`` naming the new one (as
+and as an attribute, with a ``FutureWarning`` naming the new one (as
 MMEngine's ``deprecated_api_warning`` does), and an old name given beside
 its new one is an error."""
 import functools
@@ -31,7 +31,7 @@ def with_renamed_keys(kwargs: Mapping[str, Any], renamed: Mapping[str, str], own
             raise ValueError(f'{owner} got both {old!r} and {new!r}: {old!r} is the '
                              f'deprecated name of {new!r}; give {new!r} alone')
         warnings.warn(f'{owner}: {old!r} is deprecated; use {new!r} (the same values)',
-                      DeprecationWarning, stacklevel=stacklevel)
+                      FutureWarning, stacklevel=stacklevel)
         out[new] = out.pop(old)
     return out
 
@@ -40,7 +40,7 @@ def accepts_renamed_keys(renamed: Mapping[str, str]) -> Callable[[Type], Type]:
     """Decorate a class so that its constructor takes the old keyword names
     of ``renamed`` (``with_renamed_keys``) and its instances read and write
     the old attribute names as the new ones, each with a
-    ``DeprecationWarning``: a script that sets the old attribute keeps
+    ``FutureWarning``: a script that sets the old attribute keeps
     working instead of setting an attribute nothing reads.
 
     Args:
@@ -64,14 +64,14 @@ def accepts_renamed_keys(renamed: Mapping[str, str]) -> Callable[[Type], Type]:
 
 class _RenamedAttribute:
     """An instance attribute's old name: reads and writes the new one, with
-    a ``DeprecationWarning``."""
+    a ``FutureWarning``."""
 
     def __init__(self, owner: str, old: str, new: str):
         self.owner, self.old, self.new = owner, old, new
 
     def _warn(self, stacklevel: int) -> None:
         warnings.warn(f'{self.owner}.{self.old} is deprecated; use {self.owner}.{self.new}',
-                      DeprecationWarning, stacklevel=stacklevel)
+                      FutureWarning, stacklevel=stacklevel)
 
     def __get__(self, instance: Any, owner: Optional[type] = None) -> Any:
         if instance is None:

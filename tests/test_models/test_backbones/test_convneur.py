@@ -243,7 +243,7 @@ def test_memory_cfg_takes_the_former_key_names_with_a_warning():
     """A config written with ``matmul_dtype`` and ``kernels`` builds the same
     memories under the new names; giving a former name beside its new one
     is an error."""
-    with pytest.warns(DeprecationWarning, match="memory_cfg: 'kernels' is deprecated; use "
+    with pytest.warns(FutureWarning, match="memory_cfg: 'kernels' is deprecated; use "
                                                 "'implementation'") as record:
         model = _tiny(memory_cfg=dict(chunk_size=16, matmul_dtype='bfloat16', kernels='torch'))
     assert {w.filename for w in record} == {__file__}  # the warning points at the caller

@@ -139,8 +139,8 @@ def test_bad_memory_settings_are_refused(kwargs, match):
 def test_former_key_names_still_work_with_a_warning():
     """``matmul_dtype`` and ``kernels`` (the former names of ``operand_dtype``
     and ``implementation``) build the same memory, each with a
-    ``DeprecationWarning`` naming its new key and pointing at the caller."""
-    with pytest.warns(DeprecationWarning) as record:
+    ``FutureWarning`` naming its new key and pointing at the caller."""
+    with pytest.warns(FutureWarning) as record:
         old = NeuralMemory(8, chunk_size=4, matmul_dtype='bfloat16', kernels='torch')
     assert [str(w.message) for w in record] == [
         "NeuralMemory: 'matmul_dtype' is deprecated; use 'operand_dtype' (the same values)",
@@ -150,10 +150,10 @@ def test_former_key_names_still_work_with_a_warning():
     assert (old.operand_dtype, old.implementation) == ('bfloat16', 'torch')
     x = torch.randn(2, 12, 8)
     assert old.plan(x) == new.plan(x)
-    with pytest.warns(DeprecationWarning, match='use NeuralMemory.implementation'):
+    with pytest.warns(FutureWarning, match='use NeuralMemory.implementation'):
         old.kernels = 'auto'  # a script setting the former attribute still steers the path
     assert old.implementation == 'auto'
-    with pytest.warns(DeprecationWarning, match='use NeuralMemory.operand_dtype'):
+    with pytest.warns(FutureWarning, match='use NeuralMemory.operand_dtype'):
         assert old.matmul_dtype == 'bfloat16'
 
 
@@ -168,7 +168,7 @@ def test_a_former_key_beside_its_new_one_is_an_error(old, new):
 @pytest.mark.parametrize('old,new,bad', [('matmul_dtype', 'operand_dtype', 'fp8'),
                                          ('kernels', 'implementation', 'cuda')])
 def test_a_bad_value_under_a_former_key_names_the_new_key(old, new, bad):
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError,
+    with pytest.warns(FutureWarning), pytest.raises(ValueError,
                                                          match=f'{new} must be one of'):
         NeuralMemory(8, **{old: bad})
 

@@ -845,6 +845,8 @@ def persistent_float32_results() -> dict:
 
 # The interpreter has no bfloat16: a bf16 entry is re-checked at its tiles in float16
 INTERPRETED_DTYPE = {'float32': 'float32', 'float16': 'float16', 'bfloat16': 'float16'}
+# the model width an entry's padded width speaks for: 256 is M4's 160 as 128 + 32 columns
+MODEL_WIDTH = {256: 160}
 # stand-ins at the interpreter's widths, so that the re-check runs while
 # TUNED_TILES holds no entry: a persistent plain one, a decomposed read, a backward
 STAND_IN_ENTRIES = (
@@ -855,8 +857,9 @@ STAND_IN_ENTRIES = (
 
 def tuned_entry_results() -> dict:
     """(Interpreter) each ``tuned.TUNED_TILES`` entry, and ``STAND_IN_ENTRIES``,
-    forced at its tiles: a memory of its padded width (one head, C_m =
-    ``block_d``) through the kernels, forward and backward, in its operand
+    forced at its tiles: a memory of the width it serves (one head, C_m =
+    ``block_d``, M4's 160 for 256), chunks of two tiles and a part (196 rows
+    end in a part too), through the kernels, forward and backward, in its operand
     dtype (``INTERPRETED_DTYPE``), against the same memory in float64 on the
     PyTorch path: {entry: [the worst, over the output, the input's and the
     parameters' gradients, of the kernels' norm-relative error over what is
@@ -870,15 +873,15 @@ def tuned_entry_results() -> dict:
     for entry in tuple(tuned.TUNED_TILES) + STAND_IN_ENTRIES:
         torch.manual_seed(0)
         max_lr = 1e-3 if entry.decomposed else 1.0  # below 0.5 16-bit reads decompose
-        chunk = max(16, entry.BM)  # a tile takes at most a chunk's rows
-        memory = NeuralMemory(entry.block_d, chunk_size=chunk, max_lr=max_lr,
+        chunk, d = 2 * entry.BM + 4, MODEL_WIDTH.get(entry.block_d, entry.block_d)
+        memory = NeuralMemory(d, chunk_size=chunk, max_lr=max_lr,
                               implementation='triton',
                               operand_dtype=INTERPRETED_DTYPE[entry.operand_dtype]).train()
         exact = copy.deepcopy(memory).double()
         exact.implementation, exact.operand_dtype = 'torch', 'auto'
         torch_path = copy.deepcopy(memory)
         torch_path.implementation = 'torch'
-        x = torch.randn(2, 2 * chunk + 8, entry.block_d)  # two written chunks and a part
+        x = torch.randn(2, 2 * chunk + 8, d)  # two written chunks and a part
         bar = torch.randn_like(x)
 
         def step(module, dtype):
