@@ -702,6 +702,20 @@ READ_BACKWARD_VARIANTS = {
 }
 
 
+def read_backward_rows64_interpreted_results() -> dict:
+    """(Interpreter) the GPU's failing case, ``READ_BACKWARD_VARIANTS['rows64']``
+    at M3's stage-1 sizes, in float16 (the interpreter has no bfloat16), with
+    new tensors NaN-filled and every access bounds-checked: each input's
+    gradient against float64, beside the same at 32 rows."""
+    results = {}
+    for name, rows in (('rows64', 64), ('rows32', 32)):
+        with kernel_tiles.forced_tiles('read_backward_rows', BM=rows), \
+                nan_filled_allocations(), checked_accesses():
+            results[name] = _chunk_read_case(torch.Generator().manual_seed(0), torch.float16,
+                                             False, sizes=M3_STAGE1_READ)
+    return results
+
+
 def read_backward_on_cuda_results() -> dict:
     """(A subprocess: a fault ends it alone) M3's chunk read at stage 1's
     width on CUDA, its backward rows pass launched as
