@@ -43,7 +43,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from benchmarks.common.record import Record, UsageError
-from benchmarks.gpu.steps import NCU_KERNELS, Step, expand, gpu_speed, gpu_steps
+from benchmarks.gpu.steps import MEMORY_KERNELS, NCU_KERNELS, Step, expand, gpu_speed, gpu_steps
 from convneur_mm.models.layers.memory_ops.dispatch import FORCE_ENV
 from convneur_mm.utils.cli import positive_float, positive_int
 
@@ -126,9 +126,12 @@ def junit_counts(path: str) -> Optional[Dict[str, int]]:
 
 def run_in_group(command: Sequence[str], log, env: Dict[str, str], timeout: float
                  ) -> Optional[int]:
-    """``command``'s exit status, or None where it ran past ``timeout``: then
-    its whole process group is stopped (ncu's, compute-sanitizer's and
+    """``command``'s exit status (the command, then its output, into
+    ``log``), or None where it ran past ``timeout``: then its whole process
+    group is stopped (ncu's, compute-sanitizer's and
     torchrun's children would hold the GPU otherwise)."""
+    log.write('$ ' + ' '.join([f'{k}={v}' for k, v in env.items()] + list(command)) + '\n')
+    log.flush()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, **env), start_new_session=True)
     try:
@@ -180,8 +183,6 @@ class Session:
         self.kept = finished(read_progress(self.out), retry_failed)
         self.start = clock()
         self.lines: List[Dict] = []
-        from benchmarks.gpu.steps import MEMORY_KERNELS
-        self.kernel_names = MEMORY_KERNELS
 
     def left(self) -> float:
         return float('inf') if self.deadline is None else self.deadline - self.clock()
@@ -189,6 +190,10 @@ class Session:
     def timeout(self, left: float, need: float) -> float:
         """A step's timeout: twice its estimate and a slack, within what is left."""
         return min(left, DRY_TIMEOUT_S if self.dry else need * TIMEOUT_FACTOR + TIMEOUT_SLACK_S)
+
+    def path(self, template: str, suffix: str = '') -> str:
+        """A step's file, its placeholders filled."""
+        return expand([template], self.python, self.out, [], suffix=suffix)[0]
 
     def need(self, step: Step) -> float:
         return step.estimate_s / self.speed
@@ -267,29 +272,25 @@ class Session:
         suffix = '' if attempt == 'as planned' else '.torch'
         # the step's own time, less a margin to write its record, as a case's --budget-s
         budget = max(timeout - TIMEOUT_SLACK_S / 2, 1.0)
-        command = expand(argv, self.python, self.out, self.tuned(), budget, suffix)
+        tuned = self.tuned()
+        command = expand(argv, self.python, self.out, tuned, budget, suffix)
         log_path = osp.join(self.out, step.name.replace('/', '_') + suffix + '.log')
         if shutil.which(command[0]) is None:
             return self.record(step, f'not run: {command[0]} is not on PATH here',
                                command=' '.join(command), attempt=attempt)['status']
         begin = self.clock()
         with open(log_path, 'w') as log:
-            log.write('$ ' + ' '.join(f'{k}={v}' for k, v in env.items()) +
-                      ' '.join(command) + '\n')
-            log.flush()
             rc = run_in_group(command, log, env, timeout)
             if rc == 0 and step.then and not self.dry:  # e.g. the report's details page
-                then = expand(step.then, self.python, self.out, self.tuned(), budget, suffix)
-                log.write('$ ' + ' '.join(then) + '\n')
-                log.flush()
+                then = expand(step.then, self.python, self.out, tuned, budget, suffix)
                 rc = run_in_group(then, log, {}, max(timeout - (self.clock() - begin), 1.0))
         seconds = self.clock() - begin
         status = self.outcome(step, rc, timeout, suffix)
         fields = dict(seconds=seconds, limit_s=timeout, left_s=left, attempt=attempt,
                       command=' '.join(command), log=osp.basename(log_path))
-        if status != 'ok' and not status.startswith('ok (dry run)'):
+        if not status.startswith('ok'):
             with open(log_path, errors='replace') as log:
-                fields.update(diagnose(log.read(), self.kernel_names))
+                fields.update(diagnose(log.read(), MEMORY_KERNELS))
         self.record(step, status, **fields)
         return status
 
@@ -302,12 +303,11 @@ class Session:
         if self.dry:
             return 'ok (dry run)'
         if step.report:
-            report = expand([step.report], self.python, self.out, [], None, suffix)[0]
+            report = self.path(step.report, suffix)
             if not osp.exists(report):
                 return f'failed: no {osp.basename(report)} written (nothing profiled?)'
         if step.junit:
-            counts = junit_counts(expand([step.junit], self.python, self.out, [], None,
-                                         suffix)[0])
+            counts = junit_counts(self.path(step.junit, suffix))
             if counts is None or counts['tests'] - counts['skipped'] == 0:
                 return f'failed: no test ran ({counts})'
         return 'ok'

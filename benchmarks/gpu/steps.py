@@ -16,7 +16,7 @@ Arguments may hold ``{python}``, ``{out}`` (the results folder),
 in the results folder (nothing where there are none).
 """
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from benchmarks.common.subjects import BRANCH_VARIANTS
 from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES
@@ -36,6 +36,8 @@ UNKNOWN_GPU_SPEED = 0.6
 MEMORY_KERNELS = KERNEL_NAMES + ('project', 'project_backward', 'scan', 'scan_backward')
 # tests/conftest.py runs a ``gpu`` test in this process where this is set (no child per test)
 GPU_CHILD = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
+# the kernels' checks on a CPU run in Triton's interpreter
+INTERPRETER = (('TRITON_INTERPRET', '1'), )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,6 @@ class Step:
     @property
     def group(self) -> str:
         return self.name.split('/')[0]
-
-# the kernels' checks on a CPU run in Triton's interpreter
-INTERPRETER = (('TRITON_INTERPRET', '1'), )
 
 
 def _lab(*args: str) -> Tuple[str, ...]:
@@ -183,7 +182,7 @@ def bench_steps() -> List[Step]:
     def memory(name: str, summary: str, seconds: float, sections: Sequence[str],
                variants: Sequence[str] = ()) -> Step:
         args = ['--sections', *sections] + (['--variants', *variants] if variants else [])
-        json_path = f'{{out}}/bench_{name.replace("/", "_")}.json'
+        json_path = f'{{out}}/bench_{name}.json'
         return Step(f'bench/{name}', summary,
                     _lab('memory', *args, '{tuned}', '--budget-s', '{budget}',
                          '--json', json_path), seconds,
@@ -273,7 +272,7 @@ def expand(argv: Sequence[str], python: str, out: str, tuned: Sequence[str],
             expanded += ['--tuned', *tuned] if tuned else []
             continue
         if suffix and arg.startswith('{out}/') and arg.endswith(('.json', '.xml')):
-            stem, dot, ext = arg.rpartition('.')
+            stem, _, ext = arg.rpartition('.')
             arg = f'{stem}{suffix}.{ext}'
         arg = arg.replace('{python}', python).replace('{out}', out)
         if '{budget}' in arg:

@@ -462,29 +462,26 @@ def apply_tuned(paths: Sequence[str]) -> Dict[str, int]:
     from convneur_mm.models.layers.memory_ops.kernels import tuned
     from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
     tiles: List[TunedTile] = []
-    paths_: List[MeasuredPath] = []
+    measured: List[MeasuredPath] = []
     for path in paths:
         with open(path) as f:
             record = json.load(f)
         if record.get('case') != 'tune' or not isinstance(record.get('result'), dict):
             raise ValueError(f'{path} is not a record of the tune case')
         tiles += [TunedTile(**entry) for entry in record['result'].get('tiles', [])]
-        paths_ += [MeasuredPath(**entry) for entry in record['result'].get('measured_paths', [])]
+        measured += [MeasuredPath(**entry)
+                     for entry in record['result'].get('measured_paths', [])]
 
-    def tile_key(e: TunedTile) -> tuple:
-        return e.kernel, e.arch, e.operand_dtype, e.block_d, e.decomposed
+    def replaced(table: tuple, entries: list) -> tuple:
+        new = {e.key() for e in entries}
+        return tuple(e for e in table if e.key() not in new) + tuple(entries)
 
-    def path_key(e: MeasuredPath) -> tuple:
-        return (*e[:3], e.block_d)
-
-    new_tiles = {tile_key(e) for e in tiles}
-    new_paths = {path_key(e) for e in paths_}
-    table = tuple(e for e in tuned.TUNED_TILES if tile_key(e) not in new_tiles) + tuple(tiles)
-    measured = tuple(e for e in tuned.MEASURED_PATHS if path_key(e) not in new_paths) + tuple(paths_)
-    check_tuned_tiles(table)
-    check_measured_paths(measured)
-    tuned.TUNED_TILES, tuned.MEASURED_PATHS = table, measured
-    return dict(tiles=len(tiles), measured_paths=len(paths_))
+    tile_table = replaced(tuned.TUNED_TILES, tiles)
+    path_table = replaced(tuned.MEASURED_PATHS, measured)
+    check_tuned_tiles(tile_table)
+    check_measured_paths(path_table)
+    tuned.TUNED_TILES, tuned.MEASURED_PATHS = tile_table, path_table
+    return dict(tiles=len(tiles), measured_paths=len(measured))
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:

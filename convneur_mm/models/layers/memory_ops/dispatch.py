@@ -291,7 +291,7 @@ def check_measured_paths(entries: Iterable[MeasuredPath]) -> None:
         if not (entry.triton_ms > 0 and entry.torch_ms > 0):
             raise ValueError(f'{entry}: the times must be positive')
         check_tiles(entry.block_d, None, ('block_d', 'BH'))
-        key = (*entry[:3], entry.block_d)
+        key = entry.key()
         if key in seen:
             raise ValueError(f'two measured paths for {key}')
         seen.add(key)
@@ -303,7 +303,7 @@ def measured_path(arch: Optional[int], operand_dtype: str, training: bool, head_
     tiled head width (``block_width``), or None."""
     key = (arch, operand_dtype, training, block_width(head_dim))
     # read at each call: a patched table counts
-    return next((e for e in tuned.MEASURED_PATHS if (*e[:3], e.block_d) == key), None)
+    return next((e for e in tuned.MEASURED_PATHS if e.key() == key), None)
 
 
 def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int

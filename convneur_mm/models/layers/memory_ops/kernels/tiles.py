@@ -298,10 +298,9 @@ def tuned_tiles(kernel: str, arch: int, operand_dtype: torch.dtype, block_d: int
                 decomposed: bool) -> Optional[dict]:
     """The launch options ``tuned.TUNED_TILES`` records for a kernel on a
     GPU of compute capability ``arch``, or None where none was measured."""
+    key = (kernel, arch, dtype_name(operand_dtype), block_d, decomposed)
     for entry in tuned.TUNED_TILES:  # read at each call: a patched table counts
-        if (entry.kernel, entry.arch, entry.operand_dtype, entry.block_d,
-                entry.decomposed) == (kernel, arch, dtype_name(operand_dtype), block_d,
-                                      decomposed):
+        if entry.key() == key:
             return entry.options()
     return None
 
@@ -323,7 +322,7 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
         check_programs_per_sm(entry.programs_per_sm)
         if entry.split not in (None, 0, 1) or isinstance(entry.split, bool):
             raise ValueError(f'{entry}: split must be None, 0 or 1')
-        key = entry[:5]
+        key = entry.key()
         if key in seen:
             raise ValueError(f'two entries for {key}')
         seen.add(key)

@@ -59,6 +59,10 @@ class TunedTile(NamedTuple):
                        num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
         return options if self.split is None else dict(options, split=self.split)
 
+    def key(self) -> Tuple[str, int, str, int, bool]:
+        """What the entry is for: one table entry per key."""
+        return self.kernel, self.arch, self.operand_dtype, self.block_d, self.decomposed
+
 
 # none measured yet: no GPU has run the tuning since the kernels last changed
 TUNED_TILES: Tuple[TunedTile, ...] = ()
@@ -93,6 +97,10 @@ class MeasuredPath(NamedTuple):
     measured: str
     every_kernel: bool = False
     block_d: int = 128
+
+    def key(self) -> Tuple[int, str, bool, int]:
+        """What the entry is for: one table entry per key."""
+        return self.arch, self.operand_dtype, self.training, self.block_d
 
 
 # the four global branches of M3 at batch 128, 224², eager, implementation='triton' against
