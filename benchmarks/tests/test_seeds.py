@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from benchmarks import run
 from benchmarks.common.record import Record
@@ -278,3 +279,92 @@ def test_a_crash_after_a_nan_without_the_hooks_error_is_no_stop():
     assert sd.run_verdict(dict(crash, stop_message='non-finite training at iteration 40')) == \
         'stopped'
     assert sd.run_verdict(dict(crash, exit_status=0)) == 'unstopped'
+
+
+def test_the_detection_demos_peer_swaps_in_convnextv2_pico_and_only_there():
+    options = sd.run_options(DETECTION, 'convnextv2_pico', 0, 3)
+    assert options[options.index('model.backbone._delete_=True') + 1] == \
+        'model.backbone.type=mmpretrain.ConvNeXt'
+    assert 'model.backbone.arch=pico' in options
+    with pytest.raises(ValueError, match='variant must be one of'):
+        sd.run_options(sd.DEMOS['classification'], 'convnextv2_pico', 0, 3)
+    assert sd.all_variants() == ['autograd', 'closed_form', 'local', 'convnextv2_pico']
+
+
+def test_the_peers_options_build_its_backbone_under_the_detector():
+    """The options replace the whole backbone dict: MMPretrain's ConvNeXt-V2-P
+    (its widths M3's, so the neck fits) builds, and its groups are named."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    from convneur_mm.engine.finite_check import module_groups
+    cfg = sd.check_options(DETECTION, sd.run_options(DETECTION, 'convnextv2_pico', 0, 3))
+    assert set(cfg.model.backbone) == {'type', 'arch', 'use_grn', 'layer_scale_init_value',
+                                       'out_indices', 'drop_path_rate',
+                                       'gap_before_final_norm'}
+    init_default_scope('mmdet')
+    backbone = MODELS.build(cfg.model.backbone)
+    assert type(backbone).__name__ == 'ConvNeXt' and backbone.arch_settings['pico']
+    groups = module_groups(_Detector(backbone))
+    assert {'backbone.stem', 'backbone.stage1.local', 'backbone.stage4.local'} <= set(groups)
+
+
+class _Detector(torch.nn.Module):
+    """A backbone where a detector holds it."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+
+def _metrics_log(top1, top5=100.0):
+    return ('## cls.py @ epoch_16.pth\n| metric | value |\n|---|---|\n'
+            f'| accuracy/top1 | {top1} |\n| accuracy/top5 | {top5} |\n')
+
+
+@pytest.mark.parametrize('top1,status,verdict,cell', [
+    (72.0, 0, 'in band', '0.5; accuracy/top1 72, accuracy/top5 100'),
+    (41.0, 0, 'outside band', 'OUTSIDE: accuracy/top1 41 is outside its band 60-90'),
+    (None, 1, 'failed', 'no metrics; test failed (exit 1)'),
+])
+def test_an_evaluated_run_is_tested_on_its_last_checkpoint_and_banded(
+        tmp_path, monkeypatch, top1, status, verdict, cell):
+    run_dir = tmp_path / 'autograd_s0'
+    run_dir.mkdir()
+    (run_dir / 'epoch_16.pth').write_bytes(b'x')
+    (run_dir / 'last_checkpoint').write_text(str(run_dir / 'epoch_16.pth'))
+    commands = []
+
+    def fake_run(command, stdout, stderr, env):
+        commands.append(command)
+        stdout.write('' if top1 is None else _metrics_log(top1))
+        return type('Done', (), {'returncode': status})()
+
+    monkeypatch.setattr(sd.subprocess, 'run', fake_run)
+    tested = sd.evaluate_one('classification', str(run_dir), ['a.b=1'], {}, processes=2)
+    (command, ) = commands
+    assert command[0].endswith('tools/dist_test.sh') and command[2:] == [
+        str(run_dir / 'epoch_16.pth'), '2', '--work-dir', str(run_dir / 'test'),
+        '--cfg-options', 'a.b=1']
+    assert not (run_dir / 'epoch_16.pth').exists()  # not kept
+    entry = dict(sd.parse_log(HEALTHY)._asdict(), exit_status=0, **tested)
+    entry['losses'][-1] = 0.5
+    assert sd.run_verdict(entry) == verdict and cell in sd.run_cell(entry)
+
+
+def test_a_run_without_a_checkpoint_fails_its_evaluation(tmp_path):
+    tested = sd.evaluate_one('classification', str(tmp_path), [], {})
+    entry = dict(sd.parse_log(HEALTHY)._asdict(), exit_status=0, **tested)
+    assert sd.run_verdict(entry) == 'failed' and 'no checkpoint' in sd.run_cell(entry)
+
+
+def test_evaluating_trains_the_configs_schedule_and_keeps_its_checkpoint(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setenv(DETECTION.data_variable, str(tmp_path / 'nowhere'))
+    with one_thread():
+        result = run.main(['seeds', '--dry-run', '--evaluate', '--seeds', '0',
+                           '--variants', 'local', '--work-dir', str(tmp_path / 'runs')])
+    (entry, ) = result['runs']
+    assert 'max_epochs' not in entry['command'] and sd.NO_CHECKPOINT not in entry['command']
+    assert result['length'] == 8 and result['evaluate']
+    assert '8 epochs, each run tested and checked against its band' in capsys.readouterr().out

@@ -6,11 +6,12 @@ train_cfg.max_epochs=N randomness.seed=S default_hooks.logger.interval=1
 custom_hooks.0.log_group_norms=True`` plus the variant's options, in a work
 dir of its own. The variants of a ConvNeur demo: ``autograd`` (the config as
 it is), ``closed_form`` (the memory's closed-form backward) and ``local`` (no
-global branch). ``--no-clip`` drops the config's gradient clipping. From each
-run's output it keeps the logged loss at each epoch's end (MMEngine's running
-mean over its log processor's window), the first iteration with a non-finite
-loss or gradient, the exit status and ``NonFiniteStopHook``'s message with
-the module group it names.
+global branch); the detection demo also trains ``convnextv2_pico``, its
+backbone swapped for MMPretrain's ConvNeXt-V2-P. ``--no-clip`` drops the
+config's gradient clipping. From each run's output it keeps the logged loss
+at each epoch's end (MMEngine's running mean over its log processor's
+window), the first iteration with a non-finite loss or gradient, the exit
+status and ``NonFiniteStopHook``'s message with the module group it names.
 
 ``--plot DIVERGING HEALTHY`` draws instead the gradient norm of each module
 group per iteration of two runs already trained, from their ``scalars.json``.
@@ -21,6 +22,7 @@ group per iteration of two runs already trained, from their ``scalars.json``.
 """
 import argparse
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -30,14 +32,18 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from benchmarks.common.launch import launch_env
 from benchmarks.common.record import Record, UsageError
 from convneur_mm.engine.finite_check import NonFiniteTrainingError
 from convneur_mm.utils.cli import positive_int, writable_dir, writable_file
 from convneur_mm.utils.paths import config_path, tools_dir
+
+if TYPE_CHECKING:
+    from mmengine.config import Config
 from convneur_mm.utils.tables import markdown_table
 
 
@@ -55,6 +61,8 @@ class Demo:
         length: the default length of a run, in the schedule's unit.
         report_every: an iteration-based run's loss is reported every so many iterations.
         auto_scale_lr: the demo trains with ``--auto-scale-lr``.
+        peers: other backbones the demo can train instead of its ConvNeur,
+            by variant name: the options that swap it in.
     """
     config: str
     data_variable: str
@@ -65,12 +73,22 @@ class Demo:
     length: int = 3
     report_every: int = 0
     auto_scale_lr: bool = True
+    peers: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
 
+
+# ConvNeXt-V2-P (MMPretrain's, from scratch): the local branch's own network,
+# without the memory, as a peer; its widths are M3's, so the detector's neck fits.
+CONVNEXTV2_PICO = ('model.backbone._delete_=True', 'model.backbone.type=mmpretrain.ConvNeXt',
+                   'model.backbone.arch=pico', 'model.backbone.use_grn=True',
+                   'model.backbone.layer_scale_init_value=0.',
+                   'model.backbone.out_indices=[0,1,2,3]', 'model.backbone.drop_path_rate=0.1',
+                   'model.backbone.gap_before_final_norm=False')
 
 DEMOS: Dict[str, Demo] = {
     'detection': Demo('demo/cascade_rcnn_convneur_m3_coco_tiny.py', 'COCO_TINY_ROOT',
                       'data/coco_tiny/', 'convneur_mm.demo_data.coco',
-                      'annotations/instances_val2017.json'),
+                      'annotations/instances_val2017.json',
+                      peers={'convnextv2_pico': CONVNEXTV2_PICO}),
     'segmentation': Demo('demo/fpn_convneur_m2_ade20k_tiny.py', 'ADE20K_TINY_ROOT',
                          'data/ade20k_tiny/', 'convneur_mm.demo_data.ade20k',
                          'sceneCategories.txt', by_epoch=False, length=80, report_every=20,
@@ -81,6 +99,7 @@ DEMOS: Dict[str, Demo] = {
 }
 
 # every demo's backbone is a ConvNeur: the same three variants serve them all
+# (a demo's peers add theirs)
 VARIANTS: Dict[str, Tuple[str, ...]] = {
     'autograd': (),
     'closed_form': ('model.backbone.memory_cfg.backward=closed_form', ),
@@ -108,19 +127,37 @@ def run_options(demo: Demo, variant: str, seed: int, length: int, clip: bool = T
         demo: the demo trained.
         variant: a name in ``VARIANTS``.
         seed: ``randomness.seed``.
-        length: epochs (iterations for an iteration-based demo) to train.
+        length: epochs (iterations for an iteration-based demo) to train;
+            None: the config's schedule.
         clip: keep the config's gradient clipping.
         extra: more options, last (they win).
         checkpoint: keep the config's checkpoints.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f'variant must be one of {list(VARIANTS)}, got {variant!r}')
     unit = 'max_epochs' if demo.by_epoch else 'max_iters'
-    options = [f'train_cfg.{unit}={length}', f'randomness.seed={seed}',
-               'default_hooks.logger.interval=1', 'custom_hooks.0.log_group_norms=True']
+    options = [] if length is None else [f'train_cfg.{unit}={length}']
+    options += [f'randomness.seed={seed}', 'default_hooks.logger.interval=1',
+                'custom_hooks.0.log_group_norms=True']
     options += [] if checkpoint else [NO_CHECKPOINT]
     options += [] if clip else [NO_CLIP]
-    return options + list(VARIANTS[variant]) + list(extra)
+    return options + list(variant_options(demo, variant)) + list(extra)
+
+
+def variant_options(demo: Demo, variant: str) -> Tuple[str, ...]:
+    """The options that make ``variant`` of ``demo``'s model.
+
+    Raises:
+        ValueError: a variant neither a ConvNeur variant nor one of the demo's peers.
+    """
+    known = {**VARIANTS, **demo.peers}
+    if variant not in known:
+        raise ValueError(f'{demo.config}: variant must be one of {list(known)}, got {variant!r}')
+    return known[variant]
+
+
+def all_variants() -> List[str]:
+    """Every variant some demo trains: the ConvNeur ones, then the peers."""
+    peers = [p for demo in DEMOS.values() for p in demo.peers]
+    return list(VARIANTS) + list(dict.fromkeys(peers))
 
 
 def run_command(demo: Demo, work_dir: str, options: Sequence[str],
@@ -132,9 +169,35 @@ def run_command(demo: Demo, work_dir: str, options: Sequence[str],
     return command + ['--cfg-options', *options]
 
 
-def check_options(demo: Demo, options: Sequence[str]) -> None:
-    """Loads the config with ``options`` as tools/train.py does, and checks
-    that ``custom_hooks.0`` is the hook whose group norms the runs log.
+def test_command(demo: Demo, checkpoint: str, work_dir: str, options: Sequence[str],
+                 processes: int = PROCESSES) -> List[str]:
+    """``tools/dist_test.sh`` on the demo's config and ``checkpoint`` with the
+    variant's model ``options``, into ``work_dir``."""
+    return [osp.join(tools_dir(), 'dist_test.sh'), config_path(demo.config), checkpoint,
+            str(processes), '--work-dir', work_dir, '--cfg-options', *options]
+
+
+def band_checker() -> ModuleType:
+    """``tools/demo/check_band.py`` (a script, not a module): the demos' bands
+    and how a test log's metrics are read."""
+    path = osp.join(tools_dir(), 'demo', 'check_band.py')
+    spec = importlib.util.spec_from_file_location('convneur_check_band', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def schedule_length(demo: Demo) -> int:
+    """The demo config's own schedule: its epochs (iterations)."""
+    from convneur_mm.apis.launch import load_config
+    train_cfg = load_config(demo.config).train_cfg
+    return train_cfg['max_epochs' if demo.by_epoch else 'max_iters']
+
+
+def check_options(demo: Demo, options: Sequence[str]) -> 'Config':
+    """Loads the config with ``options`` as tools/train.py does, checks that
+    ``custom_hooks.0`` is the hook whose group norms the runs log, and
+    returns the config.
 
     Raises:
         ValueError: the config's first custom hook is not ``NonFiniteStopHook``.
@@ -147,6 +210,7 @@ def check_options(demo: Demo, options: Sequence[str]) -> None:
     if not str(hooks[0].get('type', '')).endswith(HOOK):
         raise ValueError(f'{demo.config}: custom_hooks.0 is {hooks[0].get("type")!r}, not '
                          f'{HOOK}: the runs would not log their group norms')
+    return cfg
 
 
 def _loss(value: str) -> float:
@@ -237,19 +301,46 @@ def train_one(command: Sequence[str], log_path: str, env: Dict[str, str],
     return dict(parsed._asdict(), exit_status=status, seconds=time.time() - start)
 
 
+def evaluate_one(demo: str, run_dir: str, options: Sequence[str], env: Dict[str, str],
+                 processes: int = PROCESSES, keep_checkpoints: bool = False) -> Dict:
+    """Tests a trained run's last checkpoint as the demo's script does, its
+    output into ``test.log``: the metrics, what lies outside the demo's band
+    (``tools/demo/check_band.py``, whose bands are named as ``DEMOS``) and
+    the exit status. The checkpoints are deleted after it unless kept."""
+    pointer = osp.join(run_dir, 'last_checkpoint')
+    if not osp.isfile(pointer):
+        return dict(test_exit_status=None, metrics={}, band_problems=['no checkpoint'])
+    with open(pointer) as f:
+        checkpoint = f.read().strip()
+    command = test_command(DEMOS[demo], checkpoint, osp.join(run_dir, 'test'), options,
+                           processes)
+    log_path = osp.join(run_dir, 'test.log')
+    with open(log_path, 'w') as log:
+        status = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                env=env).returncode
+    checker = band_checker()
+    with open(log_path, errors='replace') as log:
+        metrics = checker.read_metrics(log.read())
+    if not keep_checkpoints:
+        for path in glob.glob(osp.join(run_dir, '*.pth')):
+            os.remove(path)
+    return dict(test_exit_status=status, metrics=metrics,
+                band_problems=checker.problems(demo, metrics))
+
+
 def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
         variants: Sequence[str] = tuple(VARIANTS), length: Optional[int] = None,
         clip: bool = True, work_dir: str = 'work_dirs/seeds', extra: Sequence[str] = (),
         checkpoint: bool = False, processes: int = PROCESSES, dry_run: bool = False,
-        on_run: Optional[Callable[[Dict], None]] = None) -> Dict:
+        on_run: Optional[Callable[[Dict], None]] = None, evaluate: bool = False) -> Dict:
     """Every (seed, variant) run of ``demo``, one after another.
 
     Args:
         demo: a name in ``DEMOS``.
         seeds: ``randomness.seed`` of the runs.
-        variants: names in ``VARIANTS``.
+        variants: names in ``VARIANTS`` or the demo's ``peers``.
         length: epochs (iterations for an iteration-based demo) of each run;
-            None: the demo's default.
+            None: the demo's default (with ``evaluate``, the config's schedule).
         clip: keep the config's gradient clipping.
         work_dir: a folder per run under it, its output in ``train.log``.
         extra: ``--cfg-options`` for every run, after the variant's.
@@ -257,6 +348,8 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
         processes: ``tools/dist_train.sh``'s GPUS.
         dry_run: train nothing.
         on_run: called with the result so far after each run.
+        evaluate: test each run's last checkpoint as the demo script does and
+            check its metrics against the demo's band (``evaluate_one``).
 
     Every variant's options are checked on the config first (``check_options``),
     so that a bad option stops the call before any run trains. A dry run
@@ -267,11 +360,14 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
         ValueError: an option the config refuses, before any run trains.
     """
     spec = DEMOS[demo]
-    length = length or spec.length
+    length = length or (None if evaluate else spec.length)
+    # evaluating needs the last checkpoint: kept while it is tested
+    saved = checkpoint or evaluate
     for variant in variants:
-        check_options(spec, run_options(spec, variant, 0, length, clip, extra, checkpoint))
+        check_options(spec, run_options(spec, variant, 0, length, clip, extra, saved))
     root, present = _data_root(spec, dry_run)
-    result = dict(demo=demo, config=spec.config, length=length,
+    result = dict(demo=demo, config=spec.config, length=length or schedule_length(spec),
+                  evaluate=evaluate,
                   unit='epoch' if spec.by_epoch else 'iteration',
                   report_every=spec.report_every, processes=processes,
                   clip=clip, extra=list(extra), seeds=list(seeds), variants=list(variants),
@@ -280,7 +376,7 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
         for variant in variants:
             name = _run_name(variant, seed, clip)
             run_dir = osp.join(work_dir, name)
-            options = run_options(spec, variant, seed, length, clip, extra, checkpoint)
+            options = run_options(spec, variant, seed, length, clip, extra, saved)
             command = run_command(spec, run_dir, options, processes)
             entry = dict(variant=variant, seed=seed, command=shlex.join(command),
                          work_dir=run_dir)
@@ -288,6 +384,10 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
                 env = launch_env(**{spec.data_variable: root})
                 entry.update(train_one(command, osp.join(run_dir, 'train.log'), env,
                                        spec.report_every))
+                if evaluate and entry['exit_status'] == 0:
+                    model = list(variant_options(spec, variant)) + list(extra)
+                    entry.update(evaluate_one(demo, run_dir, model, env, processes,
+                                              checkpoint))
             result['runs'].append(entry)
             if on_run is not None:
                 on_run(result)
@@ -308,6 +408,8 @@ def run_cell(entry: Optional[Dict]) -> str:
         return '-'
     if 'exit_status' not in entry:
         return 'not trained'
+    if 'metrics' in entry:
+        return evaluated_cell(entry)
     cell = ', '.join(_format_loss(v) for v in entry['losses']) or 'no epoch ended'
     if entry['first_nonfinite'] is not None:
         group = f' in {entry["stop_group"]}' if entry['stop_group'] else ''
@@ -319,19 +421,40 @@ def run_cell(entry: Optional[Dict]) -> str:
     return cell
 
 
-VERDICTS = ('trained', 'stopped', 'unstopped', 'failed')
+def evaluated_cell(entry: Dict) -> str:
+    """A trained and tested run: its last logged loss and its metrics, then
+    what lies outside the band or how its test failed."""
+    loss = _format_loss(entry['losses'][-1]) if entry['losses'] else 'no loss logged'
+    metrics = ', '.join(f'{k} {v:g}' for k, v in entry['metrics'].items())
+    cell = f'{loss}; {metrics or "no metrics"}'
+    if entry['test_exit_status']:
+        cell += f'; test failed (exit {entry["test_exit_status"]})'
+    elif entry['band_problems']:
+        cell += '; OUTSIDE: ' + ', '.join(entry['band_problems'])
+    return cell
+
+
+VERDICTS = ('trained', 'in band', 'outside band', 'stopped', 'unstopped', 'failed')
 
 
 def run_verdict(entry: Dict) -> str:
     """'trained', 'stopped' (a non-finite value, and NonFiniteStopHook's
     error ended the run), 'unstopped' (non-finite, exit 0: the guard failed)
-    or 'failed' (any other end: a crash after a NaN is no stop)."""
+    or 'failed' (any other end: a crash after a NaN is no stop). A trained
+    run that was evaluated is 'in band' or 'outside band' ('failed' where
+    its test failed)."""
     bad, status = entry['first_nonfinite'] is not None, entry['exit_status']
     if bad and status == 0:
         return 'unstopped'
     if bad and entry.get('stop_message'):
         return 'stopped'
-    return 'trained' if status == 0 and not bad else 'failed'
+    if status != 0 or bad:
+        return 'failed'
+    if 'metrics' not in entry:
+        return 'trained'
+    if entry['test_exit_status'] != 0:
+        return 'failed'
+    return 'outside band' if entry['band_problems'] else 'in band'
 
 
 def format_report(result: Dict) -> str:
@@ -339,14 +462,18 @@ def format_report(result: Dict) -> str:
     variant how many of its runs met a non-finite value."""
     runs = {(r['seed'], r['variant']): r for r in result['runs']}
     unit = result['unit']
-    head = (f'{result["config"]}, {result["processes"]} processes, the first '
-            f'{result["length"]} {unit}s, '
+    length = f'{result["length"]} {unit}s'
+    head = (f'{result["config"]}, {result["processes"]} processes, '
+            + (f'{length}, each run tested and checked against its band, '
+               if result.get('evaluate') else f'the first {length}, ')
             + ('clipping as configured' if result['clip'] else 'no gradient clipping')
             + (f', {" ".join(result["extra"])}' if result['extra'] else '')
             + ('; dry run: nothing trained' if result['dry'] else ''))
     when = ('each epoch\'s end' if unit == 'epoch'
             else f'every {result["report_every"]} iterations')
-    lines = [head, f'the logged loss at {when}; the first non-finite iteration',
+    shown = ('the last logged loss and the metrics' if result.get('evaluate')
+             else f'the logged loss at {when}')
+    lines = [head, f'{shown}; the first non-finite iteration',
              '', markdown_table(['seed', *result['variants']],
                                 [(seed, *(run_cell(runs.get((seed, v)))
                                           for v in result['variants']))
@@ -524,16 +651,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='the demo whose config trains')
     parser.add_argument('--seeds', nargs='+', type=int, default=list(range(10)),
                         help='randomness.seed of the runs (default 0-9)')
-    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS),
+    parser.add_argument('--variants', nargs='+', choices=all_variants(), default=list(VARIANTS),
                         help='autograd: the config as it is; closed_form: the memory\'s '
-                        'closed-form backward; local: no global branch')
+                        'closed-form backward; local: no global branch; convnextv2_pico '
+                        '(detection): MMPretrain\'s ConvNeXt-V2-P for the backbone '
+                        '(default: the first three)')
     parser.add_argument('--length', type=positive_int,
                         help='epochs of each run (an iteration-based demo: iterations); '
-                        'default: detection and classification 3, segmentation 80')
+                        'default: detection and classification 3, segmentation 80; with '
+                        '--evaluate, the config\'s schedule')
     parser.add_argument('--no-clip', action='store_true',
                         help=f'drop the config\'s gradient clipping ({NO_CLIP})')
     parser.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='more options for every run, after the variant\'s')
+    parser.add_argument('--evaluate', action='store_true',
+                        help='train the config\'s whole schedule (unless --length), test '
+                        'the last checkpoint as the demo script does and check its metrics '
+                        'against the demo\'s band (tools/demo/check_band.py)')
     parser.add_argument('--keep-checkpoints', action='store_true',
                         help='keep the config\'s checkpoints (about 0.5 GB a detection run)')
     parser.add_argument('--processes', type=positive_int, default=PROCESSES,
@@ -574,7 +708,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     try:
         result = run(args.demo, args.seeds, args.variants, args.length, not args.no_clip,
                      args.work_dir, args.cfg_options, args.keep_checkpoints, args.processes,
-                     args.dry_run, on_run=progress)
+                     args.dry_run, on_run=progress, evaluate=args.evaluate)
     except ValueError as e:
         raise UsageError(str(e)) from e
     print(format_report(result))
