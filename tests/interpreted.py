@@ -134,8 +134,8 @@ def run_script(script: str) -> dict:
 def main(functions: Dict[str, Callable[[], object]]) -> None:
     """A test module's ``__main__`` in the subprocess: print the JSON of its
     function named by the first argument, run in the interpreter without its
-    repeated set-up (``convneur_mm.testing.interpreter_speed``)."""
-    from convneur_mm.testing.interpreter_speed import lean_interpreter
+    repeated set-up (``tests.interpreter_speed``)."""
+    from tests.interpreter_speed import lean_interpreter
     with lean_interpreter():
         found = functions[sys.argv[1]]()
     print(json.dumps(found))

@@ -1,4 +1,4 @@
-"""convneur_mm.testing.interpreter_speed: the interpreter without its repeated
+"""tests.interpreter_speed: the interpreter without its repeated
 set-up computes what it computes with it (CPU)."""
 import pytest
 
@@ -11,7 +11,7 @@ SCRIPT = r'''
 import json
 import torch, triton, triton.language as tl
 from triton.runtime import interpreter
-from convneur_mm.testing.interpreter_speed import _interpreter_internals, lean_interpreter
+from tests.interpreter_speed import _interpreter_internals, lean_interpreter
 
 @triton.jit
 def _inner(x):

@@ -1,11 +1,11 @@
-"""convneur_mm.testing.triton_bounds: the interpreter's accesses checked (CPU)."""
+"""tests.triton_bounds: the interpreter's accesses checked (CPU)."""
 from ..interpreted import run_script
 
 # a copy kernel whose mask lets one element past the end through where asked
 SCRIPT = r'''
 import json, sys
 import torch, triton, triton.language as tl
-from convneur_mm.testing.triton_bounds import checked_accesses
+from tests.triton_bounds import checked_accesses
 
 @triton.jit
 def copy(src, dst, n, SLACK: tl.constexpr, BLOCK: tl.constexpr):
