@@ -221,9 +221,11 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              "autocast, the fp16 detector step, RoIAlign (torch_pinned: on the pinned torch)",
              tests, 150, dry_argv=tests[:-2] + ('--collect-only', '-q'), env=GPU_CHILD,
              junit='{out}/tests.xml'),
-        Step('train/configs', "training iterations of the real configs beside their peers",
-             _lab('train', '--device', 'cuda', '--amp', '--eval', '--json', '{out}/train.json'),
-             140, dry_argv=_lab('train', '--dry-run', '--json', '{out}/train.json'),
+        Step('train/configs', "training iterations of the real configs beside their peers, "
+             "and with NonFiniteStopHook",
+             _lab('train', '--device', 'cuda', '--amp', '--eval', '--guarded',
+                  '--json', '{out}/train.json'),
+             170, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
              reruns_on_torch=True),
         Step('precision/m1', 'bf16 and fp16 against float32 training, M1 on the tiny ImageNet, '
              'three seeds', _lab('precision', '--work-dir', '{out}/precision_runs',

@@ -131,3 +131,26 @@ def test_the_record_is_written_after_every_job(tmp_path, monkeypatch):
                                                  'fpn-m3', '--peers'])
     tt.run_from_args(args, record)
     assert seen == [['cls-m3'], ['cls-m3', 'fpn-m3']]
+
+
+def test_the_guarded_variant_runs_the_hooks_checks_in_the_same_turns(capsys):
+    """--guarded adds ConvNeur with NonFiniteStopHook, timed beside it; its
+    steps really check: a NaN weight stops the guarded step, not the plain one."""
+    from convneur_mm.engine.finite_check import NonFiniteTrainingError
+    args = _parse(['--dry-run', '--jobs', 'cls-m3', '--peers', '--guarded'])
+    job = tt.run_from_args(args, Record(None, 'train'))['jobs']['cls-m3']
+    _check_rows(job['train'], ['ConvNeur-M3', 'ConvNeur-M3 + NonFiniteStopHook'], 's_per_iter')
+    row = job['train']['ConvNeur-M3 + NonFiniteStopHook']
+    assert row['vs_unguarded'] == pytest.approx(
+        row['s_per_iter'] / job['train']['ConvNeur-M3']['s_per_iter'])
+    assert 'ConvNeur-M3 + NonFiniteStopHook takes' in capsys.readouterr().out
+
+    cfg = tt.prepare_training(tt.variant_config(tt.JOBS['cls-m3']))
+    data = tt.synthetic_batch(cfg, (64, 64), 1, True)
+    plain = tt.build_variant('M3', cfg, 'cpu')
+    guarded = tt.guard(tt.build_variant('M3', cfg, 'cpu'))
+    for variant in (plain, guarded):
+        next(variant.model.parameters()).data.fill_(float('nan'))
+    plain.model.train_step(data, plain.optim_wrapper)
+    with pytest.raises(NonFiniteTrainingError, match='non-finite training at iteration 1'):
+        guarded.after_step(guarded.model.train_step(data, guarded.optim_wrapper))

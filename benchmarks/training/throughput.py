@@ -290,11 +290,35 @@ def _add_ground_truth(sample, cfg: Config, size: Tuple[int, int], gen: torch.Gen
 # ------------------------------------------------------------------ variants
 
 class Variant(NamedTuple):
-    """A built model and its optimizer wrapper, with the config they came from."""
+    """A built model and its optimizer wrapper, with the config they came
+    from; ``after_step`` (``guard``) takes each step's outputs."""
     name: str
     cfg: Config
     model: nn.Module
     optim_wrapper: object
+    after_step: Optional[Callable[[dict], None]] = None
+
+
+GUARDED = ' + NonFiniteStopHook'
+
+
+def guard(variant: Variant, log_group_norms: bool = False) -> Variant:
+    """The variant with the configs' ``NonFiniteStopHook`` driven as the
+    runner drives it: ``before_train`` puts its gradient check before every
+    optimizer step and its loss recorder on the forward; its loss check runs
+    after each step."""
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from convneur_mm.engine.finite_check import NonFiniteStopHook
+    hook = NonFiniteStopHook(log_group_norms=log_group_norms)
+    runner = SimpleNamespace(model=variant.model, optim_wrapper=variant.optim_wrapper,
+                             message_hub=MessageHub.get_current_instance(), iter=0, epoch=0)
+    hook.before_train(runner)
+    return variant._replace(
+        name=variant.name + GUARDED,
+        after_step=lambda outputs: hook.after_train_iter(runner, 0, outputs=outputs))
 
 
 def build_variant(name: str, cfg: Config, device, compile_mode: Optional[str] = None,
@@ -373,6 +397,8 @@ def measure_training(variants: List[Variant], data: dict, batch: int, device, it
     for v in variants:
         v.model.train()
         steps[v.name] = (lambda v=v: v.model.train_step(data, v.optim_wrapper))
+        if v.after_step is not None:
+            steps[v.name] = (lambda v=v, step=steps[v.name]: v.after_step(step()))
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -421,7 +447,7 @@ def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, 
 def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = False,
             amp_dtype: Optional[str] = None, compile_mode: Optional[str] = None,
             backend: str = 'inductor', iters: int = 5, warmup: int = 2,
-            evaluate: bool = False, dry: bool = False) -> dict:
+            evaluate: bool = False, dry: bool = False, guarded: bool = False) -> dict:
     """One job of ``JOBS``: its config and peers built, trained in turns
     and, with ``evaluate``, evaluated in turns.
 
@@ -437,6 +463,9 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
         iters, warmup: timed and untimed turns.
         evaluate: also time ``test_step`` at the test pipeline's shape and batch.
         dry: tiny images (``DRY_SIZES``) and batches (``DRY_BATCH``).
+        guarded: also train ConvNeur, eager, with ``NonFiniteStopHook``
+            (``guard``), a model of its own timed in the same turns; its row
+            gives ``vs_unguarded``.
 
     Returns:
         The job's settings and, per variant, its ``train`` (and ``eval``)
@@ -474,6 +503,8 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
                     cfg.model.test_cfg.rcnn.score_thr = 0.0  # max_per_img detections kept
                 prepare_training(cfg, amp, amp_dtype, mode)
                 variants.append(build_variant(label, cfg, device, mode, backend, accumulation))
+                if guarded and peer is None and mode is None:
+                    variants.append(guard(build_variant(label, cfg, device)))
             except Exception as exc:  # noqa: BLE001  (the other variants still run)
                 result['errors'][label] = describe_error(exc)
     if not variants:
@@ -492,6 +523,9 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
             local_only + (' compiled' if name.endswith(' compiled') else ''), {})
         if row.get('status') == 'ok' and reference.get('status') == 'ok':
             row['vs_local_only'] = row['s_per_iter'] / reference['s_per_iter']
+        plain = result['train'].get(name[:-len(GUARDED)], {})
+        if name.endswith(GUARDED) and row.get('status') == 'ok' and plain.get('status') == 'ok':
+            row['vs_unguarded'] = row['s_per_iter'] / plain['s_per_iter']
     del variants
     gc.collect()
     if is_cuda(device):
@@ -512,7 +546,8 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
         device: Optional[str] = None, amp: bool = False, amp_dtype: Optional[str] = None,
         compile_mode: Optional[str] = None, backend: str = 'inductor',
         iters: Optional[int] = None, warmup: Optional[int] = None, evaluate: bool = False,
-        dry: bool = False, on_job: Optional[Callable[[dict], None]] = None) -> dict:
+        dry: bool = False, on_job: Optional[Callable[[dict], None]] = None,
+        guarded: bool = False) -> dict:
     """Every job of ``jobs`` (``run_job``), with the device line.
 
     Args:
@@ -536,7 +571,7 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
                jobs={})
     for name in jobs:
         out['jobs'][name] = run_job(name, peers, device, amp, amp_dtype, compile_mode, backend,
-                                    iters, warmup, evaluate, dry)
+                                    iters, warmup, evaluate, dry, guarded)
         if on_job is not None:
             on_job(out)
     return out
@@ -559,6 +594,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--eval', action='store_true',
                         help="also time test_step at the test pipeline's shape and batch")
     parser.add_argument('--device', help='default: cuda where there is one, else cpu')
+    parser.add_argument('--guarded', action='store_true',
+                        help='also ConvNeur with the configs\' NonFiniteStopHook, timed in '
+                        'the same turns: its cost per iteration')
 
 
 def run_from_args(args: argparse.Namespace, record: Record) -> dict:
@@ -572,7 +610,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> dict:
 
     result = run(args.jobs, args.peers, args.device, args.amp, args.amp_dtype, args.compile,
                  'eager' if args.dry_run and args.compile else 'inductor', args.iters,
-                 args.warmup, args.eval, args.dry_run, print_last_job)
+                 args.warmup, args.eval, args.dry_run, print_last_job, args.guarded)
     print(format_tables(result))
     return result
 
@@ -585,7 +623,7 @@ def format_tables(result: dict) -> str:
     """The training table, then the evaluation table where there is one."""
     lines = [f'device: {result["device"]}; torch {result["torch"]}'
              + ('; dry run' if result['dry'] else '')]
-    train, evaluation = [], []
+    train, evaluation, guards = [], [], []
     for job, r in result['jobs'].items():
         for name, row in r['train'].items():
             if row.get('status') != 'ok':
@@ -596,6 +634,9 @@ def format_tables(result: dict) -> str:
                           _gib(row['peak_allocated_bytes']), _gib(row['peak_reserved_bytes']),
                           'yes' if row['fits_24gb'] else 'no', row['batch'],
                           '-' if ratio is None else f'{ratio:.2f}x'))
+            if 'vs_unguarded' in row:
+                guards.append(f'{job}: {name} takes {row["vs_unguarded"]:.3f}x the unguarded '
+                              f'model\'s s/iter ({row["s_per_iter"] - r["train"][name[:-len(GUARDED)]]["s_per_iter"]:+.4g} s)')
         for name, error in r['errors'].items():
             train.append((job, name, error, *['-'] * 6))
         for name, row in (r['eval'] or {}).items():
@@ -606,6 +647,7 @@ def format_tables(result: dict) -> str:
     lines.append(markdown_table(('job', 'model', 's/iter', 'images/s', 'peak allocated GiB',
                                  'peak reserved GiB', 'fits 24 GB', 'batch',
                                  'vs local-only'), train))
+    lines += [''] + guards if guards else []
     if evaluation:
         lines += ['', markdown_table(('job', 'model', 's/image', 'batch', 'peak allocated GiB',
                                       'peak reserved GiB'), evaluation)]
