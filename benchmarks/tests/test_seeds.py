@@ -346,10 +346,15 @@ def test_an_evaluated_run_is_tested_on_its_last_checkpoint_and_banded(
     assert command[0].endswith('tools/dist_test.sh') and command[2:] == [
         str(run_dir / 'epoch_16.pth'), '2', '--work-dir', str(run_dir / 'test'),
         '--cfg-options', 'a.b=1']
-    assert not (run_dir / 'epoch_16.pth').exists()  # not kept
+    assert (run_dir / 'epoch_16.pth').exists() == bool(status)  # kept to test again
     entry = dict(sd.parse_log(HEALTHY)._asdict(), exit_status=0, **tested)
     entry['losses'][-1] = 0.5
     assert sd.run_verdict(entry) == verdict and cell in sd.run_cell(entry)
+
+
+def test_a_variant_without_options_tests_without_cfg_options():
+    """``--cfg-options`` with no value is an error of tools/test.py."""
+    assert sd.test_command(DETECTION, 'c.pth', 'w', [])[-2:] == ['--work-dir', 'w']
 
 
 def test_a_run_without_a_checkpoint_fails_its_evaluation(tmp_path):

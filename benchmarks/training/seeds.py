@@ -173,8 +173,9 @@ def test_command(demo: Demo, checkpoint: str, work_dir: str, options: Sequence[s
                  processes: int = PROCESSES) -> List[str]:
     """``tools/dist_test.sh`` on the demo's config and ``checkpoint`` with the
     variant's model ``options``, into ``work_dir``."""
-    return [osp.join(tools_dir(), 'dist_test.sh'), config_path(demo.config), checkpoint,
-            str(processes), '--work-dir', work_dir, '--cfg-options', *options]
+    command = [osp.join(tools_dir(), 'dist_test.sh'), config_path(demo.config), checkpoint,
+               str(processes), '--work-dir', work_dir]
+    return command + (['--cfg-options', *options] if options else [])
 
 
 def band_checker() -> ModuleType:
@@ -306,7 +307,8 @@ def evaluate_one(demo: str, run_dir: str, options: Sequence[str], env: Dict[str,
     """Tests a trained run's last checkpoint as the demo's script does, its
     output into ``test.log``: the metrics, what lies outside the demo's band
     (``tools/demo/check_band.py``, whose bands are named as ``DEMOS``) and
-    the exit status. The checkpoints are deleted after it unless kept."""
+    the exit status. The checkpoints are deleted after a test that passed,
+    unless kept."""
     pointer = osp.join(run_dir, 'last_checkpoint')
     if not osp.isfile(pointer):
         return dict(test_exit_status=None, metrics={}, band_problems=['no checkpoint'])
@@ -321,7 +323,7 @@ def evaluate_one(demo: str, run_dir: str, options: Sequence[str], env: Dict[str,
     checker = band_checker()
     with open(log_path, errors='replace') as log:
         metrics = checker.read_metrics(log.read())
-    if not keep_checkpoints:
+    if status == 0 and not keep_checkpoints:
         for path in glob.glob(osp.join(run_dir, '*.pth')):
             os.remove(path)
     return dict(test_exit_status=status, metrics=metrics,
