@@ -4,10 +4,12 @@ the running means undone and the gradient-norm figure, the dry run, and one
 real diverging run (slow)."""
 import json
 import math
+import os
 import random
 
 import pytest
 import torch
+from mmengine.config import ConfigDict
 
 from benchmarks import run
 from benchmarks.common.record import Record
@@ -148,7 +150,8 @@ def test_the_record_is_written_after_every_run_and_failures_are_exit_1(tmp_path,
         return dict(sd.parse_log(text)._asdict(), exit_status=status, seconds=1.0)
 
     monkeypatch.setattr(sd, 'train_one', fake_train_one)
-    monkeypatch.setattr(sd, 'check_options', lambda demo, options: None)
+    monkeypatch.setattr(sd, 'check_options',
+                        lambda demo, options: ConfigDict(train_cfg=dict(max_epochs=2)))
     monkeypatch.setenv(DETECTION.data_variable, str(tmp_path / 'data'))
     (tmp_path / 'data' / 'annotations').mkdir(parents=True)
     (tmp_path / 'data' / DETECTION.data_marker).write_text('{}')
@@ -360,7 +363,37 @@ def test_a_variant_without_options_tests_without_cfg_options():
 def test_a_run_without_a_checkpoint_fails_its_evaluation(tmp_path):
     tested = sd.evaluate_one('classification', str(tmp_path), [], {})
     entry = dict(sd.parse_log(HEALTHY)._asdict(), exit_status=0, **tested)
-    assert sd.run_verdict(entry) == 'failed' and 'no checkpoint' in sd.run_cell(entry)
+    assert sd.run_verdict(entry) == 'failed'
+    assert sd.run_cell(entry) == '4.1; not tested: no last_checkpoint'
+
+
+def test_only_a_run_that_trained_is_tested_and_never_an_old_sweeps_checkpoint(
+        tmp_path, monkeypatch):
+    """A stopped, unstopped or failed run is not evaluated (its cell keeps
+    the NaN); a pointer an earlier sweep left is removed before training."""
+    outputs = iter([(HEALTHY, 0), (STOPPED, 1), (NAN, 0), (HEALTHY, 1)])
+    tested, pointers = [], []
+    runs = tmp_path / 'runs'
+
+    def fake_train_one(command, log_path, env, report_every=0):
+        pointers.append(os.path.exists(os.path.join(os.path.dirname(log_path),
+                                                    'last_checkpoint')))
+        text, status = next(outputs)
+        return dict(sd.parse_log(text)._asdict(), exit_status=status, seconds=1.0)
+
+    monkeypatch.setattr(sd, 'train_one', fake_train_one)
+    monkeypatch.setattr(sd, 'evaluate_one', lambda demo, run_dir, *a: tested.append(run_dir)
+                        or dict(test_exit_status=0, metrics={'bbox AP': 80.0},
+                                band_problems=[]))
+    monkeypatch.setattr(sd, '_data_root', lambda spec, dry: ('data', True))
+    (runs / 'autograd_s0').mkdir(parents=True)
+    (runs / 'autograd_s0' / 'last_checkpoint').write_text('old.pth')
+    result = sd.run('detection', seeds=[0, 1], variants=['autograd', 'local'],
+                    work_dir=str(runs), evaluate=True)
+    assert pointers == [False] * 4 and tested == [str(runs / 'autograd_s0')]
+    assert [sd.run_verdict(r) for r in result['runs']] == ['in band', 'stopped', 'unstopped',
+                                                           'failed']
+    assert 'NaN; non-finite at 4, NOT stopped' in sd.run_cell(result['runs'][2])
 
 
 def test_evaluating_trains_the_configs_schedule_and_keeps_its_checkpoint(tmp_path, capsys,

@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import run
 from benchmarks.common.record import Record
@@ -149,8 +150,17 @@ def test_the_guarded_variant_runs_the_hooks_checks_in_the_same_turns(capsys):
     data = tt.synthetic_batch(cfg, (64, 64), 1, True)
     plain = tt.build_variant('M3', cfg, 'cpu')
     guarded = tt.guard(tt.build_variant('M3', cfg, 'cpu'))
-    for variant in (plain, guarded):
+    with pytest.raises(NonFiniteTrainingError, match='loss terms loss=nan'):  # the loss check
+        guarded.after_step({'loss': torch.tensor(float('nan'))})
+    calls = []
+    counted = guarded._replace(after_step=lambda outputs: calls.append(sorted(outputs)))
+    rows = tt.measure_training([plain, counted], data, 1, 'cpu', iters=2, warmup=1)
+    assert len(calls) == 4 and 'loss' in calls[0]  # warm-up, memory window, 2 timed turns
+    assert rows['M3']['status'] == 'ok'
+
+    for variant in (plain, guarded):  # the gradient check, before the optimizer's step
         next(variant.model.parameters()).data.fill_(float('nan'))
-    plain.model.train_step(data, plain.optim_wrapper)
-    with pytest.raises(NonFiniteTrainingError, match='non-finite training at iteration 1'):
-        guarded.after_step(guarded.model.train_step(data, guarded.optim_wrapper))
+    rows = tt.measure_training([plain, guarded], data, 1, 'cpu', iters=1, warmup=0)
+    assert rows['M3']['status'] == 'ok'  # unguarded, a NaN trains on
+    assert rows['M3' + tt.GUARDED]['status'].startswith(
+        'stopped by NonFiniteStopHook: non-finite training at iteration 1')

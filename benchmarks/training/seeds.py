@@ -12,12 +12,14 @@ config's gradient clipping. From each run's output it keeps the logged loss
 at each epoch's end (MMEngine's running mean over its log processor's
 window), the first iteration with a non-finite loss or gradient, the exit
 status and ``NonFiniteStopHook``'s message with the module group it names.
+``--evaluate`` trains the config's whole schedule instead, tests each run
+that trained and checks its metrics against the demo's acceptance band.
 
 ``--plot DIVERGING HEALTHY`` draws instead the gradient norm of each module
 group per iteration of two runs already trained, from their ``scalars.json``.
 
     python -m benchmarks.run seeds [--demo detection] [--seeds 0 1 ...]
-        [--variants autograd closed_form local] [--length 3] [--no-clip]
+        [--variants autograd closed_form local] [--length 3] [--no-clip] [--evaluate]
     python -m benchmarks.run seeds --plot DIVERGING_RUN HEALTHY_RUN --figure grad_norms.png
 """
 import argparse
@@ -41,10 +43,10 @@ from benchmarks.common.record import Record, UsageError
 from convneur_mm.engine.finite_check import NonFiniteTrainingError
 from convneur_mm.utils.cli import positive_int, writable_dir, writable_file
 from convneur_mm.utils.paths import config_path, tools_dir
-
-if TYPE_CHECKING:
-    from mmengine.config import Config
 from convneur_mm.utils.tables import markdown_table
+
+if TYPE_CHECKING:  # a type only: the config module loads when a config does
+    from mmengine.config import Config
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class Demo:
     length: int = 3
     report_every: int = 0
     auto_scale_lr: bool = True
-    peers: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    peers: Dict[str, Tuple[str, ...]] = field(default_factory=dict, hash=False)
 
 
 # ConvNeXt-V2-P (MMPretrain's, from scratch): the local branch's own network,
@@ -119,13 +121,13 @@ _STOP = re.compile(NonFiniteTrainingError.__name__ + r': (non-finite training at
 _GROUP = re.compile(r"first non-finite gradient in group '([^']+)'")
 
 
-def run_options(demo: Demo, variant: str, seed: int, length: int, clip: bool = True,
+def run_options(demo: Demo, variant: str, seed: int, length: Optional[int], clip: bool = True,
                 extra: Sequence[str] = (), checkpoint: bool = False) -> List[str]:
     """The ``--cfg-options`` of one run, as ``key=value`` words.
 
     Args:
         demo: the demo trained.
-        variant: a name in ``VARIANTS``.
+        variant: a name in ``VARIANTS`` or the demo's ``peers``.
         seed: ``randomness.seed``.
         length: epochs (iterations for an iteration-based demo) to train;
             None: the config's schedule.
@@ -144,6 +146,10 @@ def run_options(demo: Demo, variant: str, seed: int, length: int, clip: bool = T
 
 def variant_options(demo: Demo, variant: str) -> Tuple[str, ...]:
     """The options that make ``variant`` of ``demo``'s model.
+
+    Args:
+        demo: the demo trained.
+        variant: a name in ``VARIANTS`` or the demo's ``peers``.
 
     Raises:
         ValueError: a variant neither a ConvNeur variant nor one of the demo's peers.
@@ -186,13 +192,6 @@ def band_checker() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def schedule_length(demo: Demo) -> int:
-    """The demo config's own schedule: its epochs (iterations)."""
-    from convneur_mm.apis.launch import load_config
-    train_cfg = load_config(demo.config).train_cfg
-    return train_cfg['max_epochs' if demo.by_epoch else 'max_iters']
 
 
 def check_options(demo: Demo, options: Sequence[str]) -> 'Config':
@@ -307,11 +306,21 @@ def evaluate_one(demo: str, run_dir: str, options: Sequence[str], env: Dict[str,
     """Tests a trained run's last checkpoint as the demo's script does, its
     output into ``test.log``: the metrics, what lies outside the demo's band
     (``tools/demo/check_band.py``, whose bands are named as ``DEMOS``) and
-    the exit status. The checkpoints are deleted after a test that passed,
-    unless kept."""
+    the exit status; ``not_tested`` where the run left no checkpoint.
+
+    Args:
+        demo: a name in ``DEMOS``.
+        run_dir: the run's work dir (its ``last_checkpoint``).
+        options: the variant's model options (``--cfg-options``).
+        env: the launcher's environment (``launch_env``).
+        processes: ``tools/dist_test.sh``'s GPUS.
+        keep_checkpoints: keep them after a test that passed (one that
+            failed keeps them always, to be tested again).
+    """
     pointer = osp.join(run_dir, 'last_checkpoint')
     if not osp.isfile(pointer):
-        return dict(test_exit_status=None, metrics={}, band_problems=['no checkpoint'])
+        return dict(test_exit_status=None, metrics={}, band_problems=[],
+                    not_tested='no last_checkpoint')
     with open(pointer) as f:
         checkpoint = f.read().strip()
     command = test_command(DEMOS[demo], checkpoint, osp.join(run_dir, 'test'), options,
@@ -328,6 +337,11 @@ def evaluate_one(demo: str, run_dir: str, options: Sequence[str], env: Dict[str,
             os.remove(path)
     return dict(test_exit_status=status, metrics=metrics,
                 band_problems=checker.problems(demo, metrics))
+
+
+def _remove(path: str) -> None:
+    if osp.exists(path):
+        os.remove(path)
 
 
 def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
@@ -365,10 +379,11 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
     length = length or (None if evaluate else spec.length)
     # evaluating needs the last checkpoint: kept while it is tested
     saved = checkpoint or evaluate
-    for variant in variants:
-        check_options(spec, run_options(spec, variant, 0, length, clip, extra, saved))
+    schedules = [check_options(spec, run_options(spec, variant, 0, length, clip, extra, saved))
+                 .train_cfg['max_epochs' if spec.by_epoch else 'max_iters']
+                 for variant in variants]
     root, present = _data_root(spec, dry_run)
-    result = dict(demo=demo, config=spec.config, length=length or schedule_length(spec),
+    result = dict(demo=demo, config=spec.config, length=schedules[0] if schedules else length,
                   evaluate=evaluate,
                   unit='epoch' if spec.by_epoch else 'iteration',
                   report_every=spec.report_every, processes=processes,
@@ -384,9 +399,11 @@ def run(demo: str = 'detection', seeds: Sequence[int] = tuple(range(10)),
                          work_dir=run_dir)
             if not dry_run:
                 env = launch_env(**{spec.data_variable: root})
+                if evaluate:  # a pointer left by an earlier sweep is not this run's
+                    _remove(osp.join(run_dir, 'last_checkpoint'))
                 entry.update(train_one(command, osp.join(run_dir, 'train.log'), env,
                                        spec.report_every))
-                if evaluate and entry['exit_status'] == 0:
+                if evaluate and run_verdict(entry) == 'trained':
                     model = list(variant_options(spec, variant)) + list(extra)
                     entry.update(evaluate_one(demo, run_dir, model, env, processes,
                                               checkpoint))
@@ -427,6 +444,8 @@ def evaluated_cell(entry: Dict) -> str:
     """A trained and tested run: its last logged loss and its metrics, then
     what lies outside the band or how its test failed."""
     loss = _format_loss(entry['losses'][-1]) if entry['losses'] else 'no loss logged'
+    if entry.get('not_tested'):
+        return f'{loss}; not tested: {entry["not_tested"]}'
     metrics = ', '.join(f'{k} {v:g}' for k, v in entry['metrics'].items())
     cell = f'{loss}; {metrics or "no metrics"}'
     if entry['test_exit_status']:
@@ -686,8 +705,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``run`` (or ``plot_grad_norms`` with ``--plot``) with the parsed
     options; prints the table. Exit code 1 where a run failed without a
-    non-finite value, or met one and was not stopped: a run that diverged
-    and stopped is a finding, not a failure."""
+    non-finite value, or met one and was not stopped, or its test failed: a
+    run that diverged and stopped, or tested outside its band, is a
+    finding, not a failure."""
     if args.plot:
         missing = [p for p in args.plot if not osp.exists(p)]
         if missing:

@@ -302,17 +302,17 @@ class Variant(NamedTuple):
 GUARDED = ' + NonFiniteStopHook'
 
 
-def guard(variant: Variant, log_group_norms: bool = False) -> Variant:
-    """The variant with the configs' ``NonFiniteStopHook`` driven as the
-    runner drives it: ``before_train`` puts its gradient check before every
-    optimizer step and its loss recorder on the forward; its loss check runs
-    after each step."""
+def guard(variant: Variant) -> Variant:
+    """The variant with the configs' ``NonFiniteStopHook`` (as they set it:
+    no group norms) driven as the runner drives it: ``before_train`` puts its
+    gradient check before every optimizer step and its loss recorder on the
+    forward; its loss check runs after each step."""
     from types import SimpleNamespace
 
     from mmengine.logging import MessageHub
 
     from convneur_mm.engine.finite_check import NonFiniteStopHook
-    hook = NonFiniteStopHook(log_group_norms=log_group_norms)
+    hook = NonFiniteStopHook()
     runner = SimpleNamespace(model=variant.model, optim_wrapper=variant.optim_wrapper,
                              message_hub=MessageHub.get_current_instance(), iter=0, epoch=0)
     hook.before_train(runner)
@@ -386,19 +386,33 @@ def _refill(device) -> int:
     return 1 if is_cuda(device) else 0
 
 
+def _guarded_step(v: Variant, data: dict, stops: Dict[str, str]) -> Callable[[], None]:
+    """A guarded variant's step: a stop of its hook is recorded in ``stops``
+    (its row then says so) instead of ending the other variants' turns."""
+    from convneur_mm.engine.finite_check import NonFiniteTrainingError
+
+    def step() -> None:
+        try:
+            v.after_step(v.model.train_step(data, v.optim_wrapper))
+        except NonFiniteTrainingError as error:
+            stops.setdefault(v.name, f'stopped by NonFiniteStopHook: {error}')
+    return step
+
+
 def measure_training(variants: List[Variant], data: dict, batch: int, device, iters: int,
                      warmup: int) -> Dict[str, dict]:
     """s/iter, images/s and peak memory of ``train_step`` on ``data``, the
     variants in turns: ``warmup`` untimed turns, then one memory window per
     variant, then ``iters`` timed turns (on CUDA after one untimed turn that
-    refills the cache the windows emptied)."""
+    refills the cache the windows emptied). A guarded variant's step ends
+    with its hook's loss check (``after_step``)."""
     rows: Dict[str, dict] = {}
-    steps = {}
+    steps, stops = {}, {}
     for v in variants:
         v.model.train()
         steps[v.name] = (lambda v=v: v.model.train_step(data, v.optim_wrapper))
         if v.after_step is not None:
-            steps[v.name] = (lambda v=v, step=steps[v.name]: v.after_step(step()))
+            steps[v.name] = _guarded_step(v, data, stops)
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -408,7 +422,8 @@ def measure_training(variants: List[Variant], data: dict, batch: int, device, it
     times = time_in_turns(steps, iters, device, warmup=_refill(device))
     for name, seconds in times.items():
         s = median(seconds)
-        rows[name].update(status='ok', s_per_iter=s, s_all=seconds, images_per_s=batch / s)
+        rows[name].update(status=stops.get(name, 'ok'), s_per_iter=s, s_all=seconds,
+                          images_per_s=batch / s)
     return rows
 
 
@@ -427,6 +442,7 @@ def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, 
                 v.model.test_step(data)
         return call
 
+    variants = [v for v in variants if v.after_step is None]  # the hook only trains
     steps = {}
     for v in variants:
         v.model.eval()
@@ -503,10 +519,14 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
                     cfg.model.test_cfg.rcnn.score_thr = 0.0  # max_per_img detections kept
                 prepare_training(cfg, amp, amp_dtype, mode)
                 variants.append(build_variant(label, cfg, device, mode, backend, accumulation))
-                if guarded and peer is None and mode is None:
-                    variants.append(guard(build_variant(label, cfg, device)))
             except Exception as exc:  # noqa: BLE001  (the other variants still run)
                 result['errors'][label] = describe_error(exc)
+                continue
+            if guarded and peer is None and mode is None:
+                try:
+                    variants.append(guard(build_variant(label, cfg, device)))
+                except Exception as exc:  # noqa: BLE001
+                    result['errors'][label + GUARDED] = describe_error(exc)
     if not variants:
         return result
     if evaluate:
@@ -635,8 +655,9 @@ def format_tables(result: dict) -> str:
                           'yes' if row['fits_24gb'] else 'no', row['batch'],
                           '-' if ratio is None else f'{ratio:.2f}x'))
             if 'vs_unguarded' in row:
+                extra = row['s_per_iter'] - r['train'][name[:-len(GUARDED)]]['s_per_iter']
                 guards.append(f'{job}: {name} takes {row["vs_unguarded"]:.3f}x the unguarded '
-                              f'model\'s s/iter ({row["s_per_iter"] - r["train"][name[:-len(GUARDED)]]["s_per_iter"]:+.4g} s)')
+                              f'model\'s s/iter ({extra:+.4g} s)')
         for name, error in r['errors'].items():
             train.append((job, name, error, *['-'] * 6))
         for name, row in (r['eval'] or {}).items():
