@@ -17,7 +17,9 @@
 * nothing in ``convneur_mm/`` or ``tools/`` imports ``benchmarks`` (the lab
   measures the package from a checkout; the wheel does not carry it);
 * no tool puts the repository root on ``sys.path``: tools import the
-  installed package.
+  installed package;
+* no circle: no module of ``convneur_mm/`` or ``benchmarks/`` imports,
+  through any chain, one that imports it back.
 
 Every import counts, also one inside a function and
 ``importlib.import_module('...')`` with a literal name.
@@ -54,6 +56,7 @@ LAYER = {folder: (folder, allowed, why) for folder, allowed, why in LAYERS}
 INSTALLER = 'tools/setup'
 NO_TESTS_IMPORT = ('convneur_mm', 'tools', '.dev_scripts', 'projects', 'benchmarks')
 NO_LAB_IMPORT = ('convneur_mm', 'tools')
+NO_CIRCLES = ('convneur_mm', 'benchmarks')
 
 
 class Import(NamedTuple):
@@ -186,6 +189,48 @@ def find_lab_imports(root: Path, folders: Iterable[str]) -> List[str]:
                         'nothing from benchmarks/: the lab is not shipped')
 
 
+def _module_of(name: str, modules: Dict[str, Path]) -> Optional[str]:
+    """The module an imported name lives in: its longest prefix that is one
+    of ``modules`` (``from a.b import f`` names ``a.b.f``, in ``a.b``)."""
+    parts = name.split('.')
+    while parts and '.'.join(parts) not in modules:
+        parts.pop()
+    return '.'.join(parts) or None
+
+
+def import_cycles(root: Path, folders: Iterable[str]) -> List[List[str]]:
+    """The circles among the modules under ``folders``: each set of modules
+    that reach one another through their imports (Tarjan's strongly
+    connected components of more than one module), sorted."""
+    modules = {module_name(p, root): p for folder in folders for p in python_files(root, folder)}
+    graph = {name: sorted({_module_of(i.module, modules) for i in imports_of(path, root)}
+                          - {None, name}) for name, path in modules.items()}
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    cycles: List[List[str]] = []
+
+    def visit(name: str) -> None:
+        index[name] = low[name] = len(index)
+        stack.append(name)
+        for other in graph[name]:
+            if other not in index:
+                visit(other)
+                low[name] = min(low[name], low[other])
+            elif other in stack:
+                low[name] = min(low[name], index[other])
+        if low[name] == index[name]:
+            component = stack[stack.index(name):]
+            del stack[stack.index(name):]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    return sorted(cycles)
+
+
 class Unresolved(Exception):
     """A path expression the checker cannot evaluate."""
 
@@ -302,6 +347,11 @@ def test_neither_the_package_nor_its_tools_import_the_lab():
     assert not found, '\n'.join(found)
 
 
+def test_no_circle_among_the_packages_modules_or_the_labs():
+    found = import_cycles(ROOT, NO_CIRCLES)
+    assert not found, '\n'.join(' <-> '.join(cycle) for cycle in found)
+
+
 def test_no_tool_puts_the_repository_root_on_sys_path():
     found = sys_path_root(ROOT, 'tools')
     assert not found, '\n'.join(line for lines in found.values() for line in lines)
@@ -405,3 +455,15 @@ def test_relative_import_beyond_the_package_is_an_error(tmp_path):
     _write(tmp_path, 'convneur_mm/x.py', 'from ... import y\n')
     with pytest.raises(ValueError, match='beyond the top package'):
         list(imports_of(tmp_path / 'convneur_mm' / 'x.py', tmp_path))
+
+
+def test_a_circle_through_a_function_level_import_is_found(tmp_path):
+    package = tmp_path / 'pkg'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    (package / 'a.py').write_text('from pkg import b\n')
+    (package / 'b.py').write_text('def f():\n    from pkg.a import g\n')
+    (package / 'c.py').write_text('from pkg.a import h\nimport pkg.b\n')
+    assert import_cycles(tmp_path, ['pkg']) == [['pkg.a', 'pkg.b']]
+    (package / 'b.py').write_text('def f():\n    return 1\n')
+    assert import_cycles(tmp_path, ['pkg']) == []
