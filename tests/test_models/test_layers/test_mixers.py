@@ -35,7 +35,7 @@ import torch
 from convneur_mm.models.layers.block import ConvNeurBlock
 from convneur_mm.models.layers.global_branch import GlobalBranch
 from convneur_mm.models.layers.mixers import MIXERS, resolve_mixer_cfg
-from tests import mixer_reference as ref
+from ... import mixer_reference as ref
 from ...devices import DEVICES
 
 MEMORY = dict(chunk_size=8, max_lr=1.0, update='parallel', heads=2)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from convneur_mm.models.layers.mixers.wkv import bi_wkv
-from tests.mixer_reference import bi_wkv as bi_wkv_definition
-from tests.mixer_reference import bi_wkv_recurrence
+from ...mixer_reference import bi_wkv as bi_wkv_definition
+from ...mixer_reference import bi_wkv_recurrence
 
 
 def _inputs(b, n, c, key_scale=1.0, decay_scale=3.0, seed=0, dtype=torch.float32):

@@ -23,9 +23,9 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fol
 from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.errors import least, worst
-from tests.triton_bounds import checked_accesses, nan_filled_allocations
 
 from ... import interpreted as interpreted_runs
+from ...triton_bounds import checked_accesses, nan_filled_allocations
 
 
 def _run_interpreted(what: str) -> dict:
