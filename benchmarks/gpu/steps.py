@@ -158,7 +158,25 @@ def sanitizer_steps(kernel: str = 'read_backward_rows', rows: int = 64) -> List[
                   *_lab('launch', kernel, '--rows', str(rows), '--batch', '4', '--warmup', '0')),
                  45, dry_argv=_lab('launch', kernel, '--rows', str(rows), '--dry-run'),
                  env=(('PYTORCH_NO_CUDA_MEMORY_CACHING', '1'), ), dry_env=INTERPRETER)
-            for tool in ('memcheck', 'racecheck')]
+            for tool in ('memcheck', 'racecheck')] + repro_steps()
+
+
+def repro_steps() -> List[Step]:
+    """The minimal kernel standing for the read's backward rows pass
+    (``benchmarks.kernels.repro``): every launch variant, a process each, then
+    memcheck on the pass's default at 64 rows. Faults and wrong results are
+    its findings (recorded, exit 0): a fault here and not in our kernel's
+    code says the compiler's."""
+    one = ('--rows', '64', '--warps', '8', '--stages', '2')
+    return [Step('sanitizer/repro', 'the minimal chained-product kernel at 64, 32 and 16 rows '
+                 'against float64', _lab('repro', '--json', '{out}/repro.json'), 45,
+                 dry_argv=_lab('repro', '--dry-run', *one), dry_env=INTERPRETER),
+            Step('sanitizer/repro-memcheck', 'compute-sanitizer memcheck on the minimal kernel '
+                 'at 64-row tiles', ('compute-sanitizer', '--tool', 'memcheck',
+                                     '--error-exitcode', '9', '--report-api-errors', 'no',
+                                     '--print-limit', '20', *_lab('repro', *one)), 30,
+                 dry_argv=_lab('repro', '--dry-run', *one),
+                 env=(('PYTORCH_NO_CUDA_MEMORY_CACHING', '1'), ), dry_env=INTERPRETER)]
 
 
 def launches_kernels(variant: str) -> bool:

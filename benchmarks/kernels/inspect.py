@@ -28,7 +28,7 @@ from torch import Tensor
 from convneur_mm.models.layers.memory_ops.kernels.launcher import Launch, recording_launches
 
 __all__ = ['CompileReport', 'Launch', 'compile_for', 'launch_reports', 'launch_specialization',
-           'recording_launches']
+           'matrix_layouts', 'recording_launches']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +124,7 @@ def launch_specialization(launch: Launch, arch: int) -> Tuple[dict, dict, dict, 
 
 _SPILLS = re.compile(r'(\d+) bytes spill stores, (\d+) bytes spill loads')
 _REGISTERS = re.compile(r'Used (\d+) registers')
+_MMA_LAYOUT = re.compile(r'nvidia_mma<\{[^}]*\}>')
 
 
 def compile_for(arch: int, kernel, signature: dict, constants: dict,
@@ -138,16 +139,13 @@ def compile_for(arch: int, kernel, signature: dict, constants: dict,
         attrs: {path: [['tt.divisibility', 16]], ...}, the launch's hints.
         options: compile options (``num_warps``, ``num_stages``).
     """
-    api = _triton()
-    knobs = api['knobs']
+    knobs = _triton()['knobs']
     log = io.StringIO()
     # ptxas prints its -v report only when asked, and only when it runs
     with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
         knobs.nvidia.dump_ptxas_log = True
         knobs.compilation.always_compile = True
-        compiled = api['triton'].compile(
-            api['ASTSource'](kernel, signature, constexprs=constants, attrs=attrs),
-            target=api['GPUTarget']('cuda', arch, 32), options=options or {})
+        compiled = _compile(arch, kernel, signature, constants, attrs, options)
     text = log.getvalue()
     registers = _REGISTERS.search(text)
     if registers is None:
@@ -161,6 +159,23 @@ def compile_for(arch: int, kernel, signature: dict, constants: dict,
                          num_stages=compiled.metadata.num_stages,
                          wgmma=len(re.findall(r'\bwgmma\.mma_async', ptx)),
                          mma_sync=len(re.findall(r'\bmma\.sync', ptx)))
+
+
+def _compile(arch: int, kernel, signature: dict, constants: dict, attrs: Optional[dict],
+             options: Optional[dict]):
+    api = _triton()
+    return api['triton'].compile(
+        api['ASTSource'](kernel, signature, constexprs=constants, attrs=attrs),
+        target=api['GPUTarget']('cuda', arch, 32), options=options or {})
+
+
+def matrix_layouts(arch: int, kernel, signature: dict, constants: dict,
+                   attrs: Optional[dict] = None, options: Optional[dict] = None) -> List[str]:
+    """The matrix layouts (``#ttg.nvidia_mma<{...}>``: the MMA version, the
+    warps per CTA, the instruction's shape) in ``kernel``'s TTGIR for
+    sm_``arch``, in order of appearance; arguments as ``compile_for``'s."""
+    ttgir = _compile(arch, kernel, signature, constants, attrs, options).asm['ttgir']
+    return _MMA_LAYOUT.findall(ttgir)
 
 
 def launch_reports(launches: Sequence[Launch], arch: int) -> List[CompileReport]:

@@ -1,0 +1,102 @@
+"""The ``repro`` case: a minimal kernel that stands for the read's backward
+rows pass at 64-row tiles. Its logic is exact in the interpreter; it compiles
+for sm_90 to the pass's matrix layouts; faults and wrong results are findings."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.kernels import repro
+from tests.paths import REPO
+from tests.test_models.test_memory_ops.memory_cases import _inspect
+
+
+def test_a_dry_run_of_one_variant_agrees_with_float64_in_the_interpreter(tmp_path):
+    out = tmp_path / 'repro.json'
+    done = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.run', 'repro', '--rows', '64', '--warps', '8',
+         '--stages', '2', '--dry-run', '--json', str(out)], capture_output=True, text=True,
+        cwd=REPO, timeout=600, env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())['result']
+    # 80 rows: a whole 64-row tile and a masked one, each row written
+    assert result['agrees'] and 0 < result['error'] < 1e-3, result
+
+
+def _pass_layouts(rows: int, warps: int):
+    """The read's backward rows pass at M3's stage-1 width, forced to
+    ``rows``-row tiles and ``warps`` warps, as it compiles for sm_90."""
+    inspect = _inspect()
+    from convneur_mm.models.layers.memory_ops import MemoryWeights
+    from convneur_mm.models.layers.memory_ops.kernels.tiles import forced_tiles
+    from convneur_mm.models.layers.memory_ops.read.triton import launch_read_backward
+    heads, batch, chunks, length, d = 1, 4, 4, 196, repro.D
+    empty = lambda *shape: torch.empty(*shape, device='meta')  # noqa: E731
+    states = MemoryWeights(empty(heads, batch, chunks, d, 4 * d),
+                           empty(heads, batch, chunks, 4 * d, d), empty(heads, batch, chunks, d))
+    merged = lambda: empty(batch, chunks * length, heads * d).view(  # noqa: E731
+        batch, -1, heads, d).permute(2, 0, 1, 3)
+    with forced_tiles('read_backward_rows', num_warps=warps), \
+            inspect.recording_launches(90) as launches:
+        launch_read_backward(states, merged(), merged(), merged(), length, torch.bfloat16,
+                             None, None, rows, None)
+    launch = next(x for x in launches if x.kernel.__name__ == 'read_backward_rows_kernel'
+                  and x.kwargs['BM'] == rows)
+    assert launch.kwargs['num_warps'] == warps and launch.kwargs['BH'] == repro.BLOCK_HIDDEN
+    return inspect.matrix_layouts(90, launch.kernel, *inspect.launch_specialization(launch, 90))
+
+
+def test_the_repro_compiles_to_the_passs_matrix_layouts_for_sm_90():
+    """At 64 rows and 8 warps both take Hopper's wgmma with the same layouts:
+    the chained products' warps all along the rows (8 x 16 rows over a
+    64-row tile), the last product's 4 x 2; at 32 rows neither takes wgmma."""
+    default = repro.Variant(64, 8, 2)
+    layouts = repro.matrix_layouts(default)
+    assert sorted(set(layouts)) == sorted(set(_pass_layouts(64, 8)))
+    assert any('versionMajor = 3' in x and 'warpsPerCTA = [8, 1]' in x for x in layouts)
+    assert all('versionMajor = 2' in x for x in repro.matrix_layouts(repro.Variant(32, 8, 2)))
+
+
+def _done(stdout='', stderr='', code=0):
+    return subprocess.CompletedProcess([], code, stdout, stderr)
+
+
+def test_faults_and_wrong_results_are_findings_and_a_variant_that_cannot_run_fails(
+        monkeypatch, capsys):
+    outputs = iter([
+        _done(stderr='RuntimeError: CUDA error: an illegal memory access was encountered',
+              code=1),
+        _done('[repro] 64 rows, 8 warps, 1 stages: error 8.900e-01\n'),
+        _done('[repro] 64 rows, 4 warps, 2 stages: error nan\n'),
+        _done('[repro] 32 rows, 8 warps, 2 stages: error 3.000e-03\n'),
+        _done(stderr='triton.compiler.errors.CompilationError: at 12:4', code=1)])
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return next(outputs)
+
+    monkeypatch.setattr(repro.subprocess, 'run', fake_run)
+    entries = repro.run_all(repro.VARIANTS, dry_run=True)
+    assert [e['verdict'] for e in entries] == ['fault', 'wrong', 'wrong', 'agrees', 'failed']
+    # each variant in a child of its own, with its options
+    assert [argv[argv.index('--rows') + 1:] for argv in calls][0] == [
+        '64', '--warps', '8', '--stages', '2', '--dry-run']
+    assert len(calls) == len(repro.VARIANTS)
+    assert '64 rows, 8 warps, 2 stages: fault' in capsys.readouterr().out
+
+
+def test_the_options_go_together_and_a_real_run_needs_a_gpu(capsys, monkeypatch):
+    from benchmarks.run import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(['repro', '--rows', '64'])
+    assert exit_info.value.code == 2
+    assert '--rows, --warps and --stages go together' in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['repro'])
+    assert exit_info.value.code == 2
+    assert 'runs on a CUDA GPU' in capsys.readouterr().err
