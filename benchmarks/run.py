@@ -49,6 +49,9 @@ CASES: Dict[str, Case] = {
     'launch': Case('one memory kernel\'s call once, inside the CUDA profiler\'s range, against '
                    'the PyTorch path: what ncu and compute-sanitizer watch',
                    'benchmarks.kernels.one_launch'),
+    'aot': Case('the memory kernels compiled ahead of time for a GPU (no GPU needed): registers, '
+                'spills, shared memory, matrix products and those computed twice',
+                'benchmarks.kernels.aot'),
     'repro': Case('a minimal kernel standing for the read\'s backward rows pass at 64-row '
                   'tiles: each launch variant against float64, a process each',
                   'benchmarks.kernels.repro'),

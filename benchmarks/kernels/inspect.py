@@ -27,8 +27,38 @@ from torch import Tensor
 
 from convneur_mm.models.layers.memory_ops.kernels.launcher import Launch, recording_launches
 
-__all__ = ['CompileReport', 'Launch', 'compile_for', 'launch_reports', 'launch_specialization',
-           'matrix_layouts', 'recording_launches']
+__all__ = ['CompileReport', 'Launch', 'Product', 'compile_for', 'launch_reports',
+           'launch_specialization', 'products', 'products_of', 'recording_launches']
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One matrix product of a compiled kernel, as its TTGIR lays it out.
+
+    Args:
+        rows, cols: the result's shape.
+        version: 3 for Hopper's ``wgmma``, 2 for ``mma.sync``.
+        warps: warps along the rows and the columns (``warpsPerCTA``).
+        instr: the instruction's shape per warp (``instrShape``).
+    """
+    rows: int
+    cols: int
+    version: int
+    warps: Tuple[int, int]
+    instr: Tuple[int, ...]
+
+    @property
+    def copies(self) -> int:
+        """How many times each element of the result is computed: warps laid
+        past the tile's rows or columns repeat it (a warp covers 16 rows)."""
+        cols_per_warp = self.instr[1] if self.version == 3 else 8
+        return (max(1, self.warps[0] * 16 // self.rows)
+                * max(1, self.warps[1] * cols_per_warp // self.cols))
+
+    def __str__(self) -> str:
+        kind = f'wgmma n{self.instr[1]}' if self.version == 3 else 'mma.sync'
+        copies = f', {self.copies} copies' if self.copies > 1 else ''
+        return f'{self.rows}x{self.cols} on {kind}, warps {list(self.warps)}{copies}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +74,7 @@ class CompileReport:
         num_warps, num_stages: the launch options.
         wgmma, mma_sync: how many ``wgmma.mma_async`` (Hopper's warpgroup
             products) and ``mma.sync`` (warp products) the PTX holds.
+        products: the TTGIR's matrix products (``Product``).
     """
     kernel: str
     arch: int
@@ -55,6 +86,7 @@ class CompileReport:
     num_stages: int
     wgmma: int
     mma_sync: int
+    products: Tuple[Product, ...] = ()
 
     @property
     def mma(self) -> str:
@@ -67,7 +99,12 @@ class CompileReport:
                 f'{self.spill_stores} B spill stores, {self.spill_loads} B spill loads, '
                 f'{self.shared // 1024} KiB shared, {self.num_warps} warps, '
                 f'{self.num_stages} stages, {self.mma} ({self.wgmma} wgmma, '
-                f'{self.mma_sync} mma.sync in the PTX)')
+                f'{self.mma_sync} mma.sync in the PTX)' + self._repeated())
+
+    def _repeated(self) -> str:
+        repeated = sum(p.copies > 1 for p in self.products)
+        return f'; {repeated} of {len(self.products)} products computed more than once' \
+            if repeated else ''
 
 
 class _Pointer:
@@ -124,7 +161,11 @@ def launch_specialization(launch: Launch, arch: int) -> Tuple[dict, dict, dict, 
 
 _SPILLS = re.compile(r'(\d+) bytes spill stores, (\d+) bytes spill loads')
 _REGISTERS = re.compile(r'Used (\d+) registers')
-_MMA_LAYOUT = re.compile(r'nvidia_mma<\{[^}]*\}>')
+_MMA_LAYOUT = re.compile(r'^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+), '
+                         r'versionMinor = \d+, warpsPerCTA = \[(\d+), (\d+)\], '
+                         r'instrShape = \[([\d, ]+)\]\}>', re.M)
+_PRODUCT = re.compile(r'= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, '
+                      r'(#mma\d*)>')
 
 
 def compile_for(arch: int, kernel, signature: dict, constants: dict,
@@ -158,7 +199,8 @@ def compile_for(arch: int, kernel, signature: dict, constants: dict,
                          shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
                          num_stages=compiled.metadata.num_stages,
                          wgmma=len(re.findall(r'\bwgmma\.mma_async', ptx)),
-                         mma_sync=len(re.findall(r'\bmma\.sync', ptx)))
+                         mma_sync=len(re.findall(r'\bmma\.sync', ptx)),
+                         products=tuple(products_of(compiled.asm['ttgir'])))
 
 
 def _compile(arch: int, kernel, signature: dict, constants: dict, attrs: Optional[dict],
@@ -169,13 +211,20 @@ def _compile(arch: int, kernel, signature: dict, constants: dict, attrs: Optiona
         target=api['GPUTarget']('cuda', arch, 32), options=options or {})
 
 
-def matrix_layouts(arch: int, kernel, signature: dict, constants: dict,
-                   attrs: Optional[dict] = None, options: Optional[dict] = None) -> List[str]:
-    """The matrix layouts (``#ttg.nvidia_mma<{...}>``: the MMA version, the
-    warps per CTA, the instruction's shape) in ``kernel``'s TTGIR for
-    sm_``arch``, in order of appearance; arguments as ``compile_for``'s."""
-    ttgir = _compile(arch, kernel, signature, constants, attrs, options).asm['ttgir']
-    return _MMA_LAYOUT.findall(ttgir)
+def products_of(ttgir: str) -> List[Product]:
+    """The matrix products (``tt.dot``, ``ttng.warp_group_dot``) of a
+    kernel's TTGIR, in order, with their layouts."""
+    layouts = {name: (int(version), (int(wm), int(wn)), tuple(map(int, instr.split(','))))
+               for name, version, wm, wn, instr in _MMA_LAYOUT.findall(ttgir)}
+    return [Product(int(rows), int(cols), *layouts[name])
+            for rows, cols, name in _PRODUCT.findall(ttgir)]
+
+
+def products(arch: int, kernel, signature: dict, constants: dict,
+             attrs: Optional[dict] = None, options: Optional[dict] = None) -> List[Product]:
+    """``products_of`` ``kernel`` compiled for sm_``arch`` (arguments as
+    ``compile_for``'s), without ptxas."""
+    return products_of(_compile(arch, kernel, signature, constants, attrs, options).asm['ttgir'])
 
 
 def launch_reports(launches: Sequence[Launch], arch: int) -> List[CompileReport]:

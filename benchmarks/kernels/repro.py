@@ -189,13 +189,13 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     return dict(variants=entries, exit_code=1 if failed else 0)
 
 
-def matrix_layouts(variant: Variant, arch: int = 90) -> List[str]:
-    """The matrix layouts the kernel compiles to for sm_``arch`` at
-    ``variant``, bf16 (``inspect.matrix_layouts``; no GPU needed)."""
-    from benchmarks.kernels.inspect import matrix_layouts
+def products(variant: Variant, arch: int = 90) -> List:
+    """The kernel's matrix products and their layouts compiled for
+    sm_``arch`` at ``variant``, bf16 (``inspect.products``; no GPU needed)."""
+    from benchmarks.kernels.inspect import products
     signature = dict(x_ptr='*bf16', dy_ptr='*bf16', w1_ptr='*bf16', w2_ptr='*bf16',
                      gx_ptr='*fp32', N='i32', D='constexpr', HID='constexpr', BM='constexpr',
                      BH='constexpr')
     constants = dict(D=D, HID=HIDDEN, BM=variant.rows, BH=BLOCK_HIDDEN)
-    return matrix_layouts(arch, chained_dot_kernel, signature, constants,
-                          options=dict(num_warps=variant.warps, num_stages=variant.stages))
+    return products(arch, chained_dot_kernel, signature, constants,
+                    options=dict(num_warps=variant.warps, num_stages=variant.stages))

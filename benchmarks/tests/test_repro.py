@@ -26,7 +26,7 @@ def test_a_dry_run_of_one_variant_agrees_with_float64_in_the_interpreter(tmp_pat
     assert result['agrees'] and 0 < result['error'] < 1e-3, result
 
 
-def _pass_layouts(rows: int, warps: int):
+def _pass_products(rows: int, warps: int):
     """The read's backward rows pass at M3's stage-1 width, forced to
     ``rows``-row tiles and ``warps`` warps, as it compiles for sm_90."""
     inspect = _inspect()
@@ -46,18 +46,26 @@ def _pass_layouts(rows: int, warps: int):
     launch = next(x for x in launches if x.kernel.__name__ == 'read_backward_rows_kernel'
                   and x.kwargs['BM'] == rows)
     assert launch.kwargs['num_warps'] == warps and launch.kwargs['BH'] == repro.BLOCK_HIDDEN
-    return inspect.matrix_layouts(90, launch.kernel, *inspect.launch_specialization(launch, 90))
+    return inspect.products(90, launch.kernel, *inspect.launch_specialization(launch, 90))
 
 
-def test_the_repro_compiles_to_the_passs_matrix_layouts_for_sm_90():
-    """At 64 rows and 8 warps both take Hopper's wgmma with the same layouts:
-    the chained products' warps all along the rows (8 x 16 rows over a
-    64-row tile), the last product's 4 x 2; at 32 rows neither takes wgmma."""
-    default = repro.Variant(64, 8, 2)
-    layouts = repro.matrix_layouts(default)
-    assert sorted(set(layouts)) == sorted(set(_pass_layouts(64, 8)))
-    assert any('versionMajor = 3' in x and 'warpsPerCTA = [8, 1]' in x for x in layouts)
-    assert all('versionMajor = 2' in x for x in repro.matrix_layouts(repro.Variant(32, 8, 2)))
+def _layouts(products):
+    return sorted({(p.rows, p.cols, p.version, p.warps, p.instr) for p in products})
+
+
+@pytest.mark.parametrize('warps', [8, 4])
+def test_the_repro_compiles_to_the_passs_products_for_sm_90(warps):
+    """At 64 rows both take Hopper's wgmma with the same layouts. At 8 warps
+    the two chained products put every warp along the rows, 8 x 16 rows over
+    a 64-row tile: each of their elements is computed twice."""
+    mine = repro.products(repro.Variant(64, warps, 2))
+    assert _layouts(mine) == _layouts(_pass_products(64, warps))
+    assert all(p.version == 3 for p in mine)
+    assert sorted(p.copies for p in mine) == ([1, 1, 1] if warps == 4 else [1, 2, 2])
+
+
+def test_at_32_rows_the_repro_leaves_wgmma_as_the_pass_does():
+    assert {p.version for p in repro.products(repro.Variant(32, 8, 2))} == {2}
 
 
 def _done(stdout='', stderr='', code=0):

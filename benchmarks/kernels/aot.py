@@ -1,0 +1,114 @@
+"""The memory's kernels compiled ahead of time for an NVIDIA GPU, as a stage
+launches them, and what the compiler made of each (``inspect.CompileReport``):
+registers, spills, shared memory, and each matrix product's layout, with the
+products that a layout computes more than once (warps laid past a tile's
+rows or columns). No GPU is needed: the launches are recorded on meta
+tensors and triton's own ptxas compiles them.
+
+    python -m benchmarks.run aot                       # M3's stage 1, bf16, sm_90
+    python -m benchmarks.run aot --gpu-arch 80 --calls read 'read step'
+    python -m benchmarks.run aot --calls read --force read BM=128 num_warps=8
+    python -m benchmarks.run aot --dry-run             # the tiny shape, the read only
+"""
+import argparse
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from benchmarks.common.record import Record, UsageError
+from benchmarks.kernels.tune import DRY_SHAPE, OPERAND_DTYPES, stage_calls
+from benchmarks.memory.bytes import MemoryShape, backbone_shapes
+from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES, forced_tiles_of
+from convneur_mm.utils.cli import positive_int
+
+CALLS = ('write', 'read', 'write step', 'read step')
+
+
+def stage_reports(shape: MemoryShape, operand_dtype: torch.dtype, arch: int,
+                  calls: Sequence[str] = CALLS,
+                  forced: Optional[Dict[str, Dict[str, int]]] = None) -> List:
+    """A ``CompileReport`` per distinct launch that ``calls`` (the tuner's:
+    the write's and the read's forward and training steps) make at
+    ``shape``, compiled for sm_``arch``; ``forced``: ``{kernel: options}``
+    launched instead of their defaults (``tiles.forced_tiles_of``)."""
+    from benchmarks.kernels import inspect
+    made = stage_calls(shape, operand_dtype, 'meta')
+    with forced_tiles_of(forced or {}), inspect.recording_launches(arch) as launches:
+        for name in calls:
+            made.triton[name]()
+    return inspect.launch_reports(launches, arch)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``aot`` case's options."""
+    parser.add_argument('--arch', default='m3', help='the model whose stage to compile')
+    parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to use')
+    parser.add_argument('--batch', type=positive_int, default=128)
+    parser.add_argument('--operand-dtype', default='bfloat16', choices=sorted(OPERAND_DTYPES))
+    parser.add_argument('--gpu-arch', type=positive_int, default=90,
+                        help='the compute capability compiled for (major * 10 + minor)')
+    parser.add_argument('--calls', nargs='+', choices=CALLS, default=list(CALLS))
+    parser.add_argument('--force', nargs='+', action='append', default=[],
+                        metavar='KERNEL KEY=VALUE',
+                        help="a kernel's launch options instead of its defaults, e.g. "
+                        '--force read BM=128 num_warps=8 (repeatable)')
+
+
+def forced_options(force: Sequence[Sequence[str]]) -> Dict[str, Dict[str, int]]:
+    """``--force``'s groups as ``{kernel: {option: value}}``.
+
+    Raises:
+        UsageError: an unknown kernel, or an option not KEY=integer.
+    """
+    forced = {}
+    for kernel, *pairs in force:
+        if kernel not in KERNEL_NAMES:
+            raise UsageError(f'--force: unknown kernel {kernel!r}; known: '
+                             f'{", ".join(KERNEL_NAMES)}')
+        options = {}
+        for pair in pairs:
+            key, _, value = pair.partition('=')
+            if not value.isdigit():
+                raise UsageError(f'--force {kernel}: {pair!r} is not KEY=integer')
+            options[key] = int(value)
+        forced[kernel] = options
+    return forced
+
+
+def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
+    """``stage_reports`` with the parsed options, a line per kernel launch;
+    a dry run compiles the read's forward at the tuner's tiny shape."""
+    if args.dry_run:
+        shape, calls = DRY_SHAPE, ['read']
+    else:
+        shapes = backbone_shapes(args.arch, batch=args.batch)
+        if not 0 <= args.stage < len(shapes):
+            raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
+        shape, calls = shapes[args.stage], args.calls
+    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+        raise UsageError('aot compiles the kernels: start it without TRITON_INTERPRET')
+    from benchmarks.kernels.inspect import _triton
+    try:
+        _triton()
+    except RuntimeError as err:  # a triton without an ahead-of-time compiler
+        raise UsageError(str(err)) from err
+    forced = forced_options(args.force)
+    try:
+        reports = stage_reports(shape, OPERAND_DTYPES[args.operand_dtype], args.gpu_arch, calls,
+                                forced)
+    except ValueError as err:  # a launch option forced_tiles refuses
+        raise UsageError(str(err)) from err
+    for report in reports:
+        print(report)
+        for product in report.products:
+            print(f'    {product}')
+    return dict(shape=shape._asdict(), operand_dtype=args.operand_dtype, arch=args.gpu_arch,
+                calls=list(calls), forced=forced, reports=[_as_dict(r) for r in reports])
+
+
+def _as_dict(report) -> Dict:
+    out = dataclasses.asdict(report)
+    out['products'] = [dict(dataclasses.asdict(p), copies=p.copies) for p in report.products]
+    return out

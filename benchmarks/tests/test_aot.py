@@ -1,0 +1,51 @@
+"""The ``aot`` case: the kernels a stage launches, compiled for a GPU on the
+CPU, each with its products and how many times each is computed."""
+import json
+
+import pytest
+
+from benchmarks import run
+from tests.test_models.test_memory_ops.memory_cases import _inspect
+
+
+def test_a_dry_run_compiles_the_reads_launches_and_records_their_products(tmp_path, capsys):
+    _inspect()  # a triton that compiles ahead of time, outside the interpreter
+    path = tmp_path / 'aot.json'
+    run.main(['aot', '--dry-run', '--json', str(path)])
+    result = json.loads(path.read_text())['result']
+    assert result['calls'] == ['read'] and result['arch'] == 90
+    kernels = [r['kernel'] for r in result['reports']]
+    assert kernels and set(kernels) == {'read_kernel'}, kernels
+    for report in result['reports']:
+        assert report['registers'] > 0 and report['products'], report
+        assert all(p['copies'] >= 1 and p['version'] in (2, 3) for p in report['products'])
+    assert 'read_kernel sm_90' in capsys.readouterr().out
+
+
+def test_the_interpreter_is_refused_with_the_reason(monkeypatch, capsys):
+    monkeypatch.setenv('TRITON_INTERPRET', '1')
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(['aot', '--dry-run'])
+    assert exit_info.value.code == 2
+    assert 'without TRITON_INTERPRET' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('force,message', [
+    (['nosuch', 'BM=16'], "unknown kernel 'nosuch'"),
+    (['read', 'BM=x'], "'BM=x' is not KEY=integer"),
+    (['read', 'XX=3'], 'forced_tiles takes')])
+def test_bad_forced_options_are_refused_with_the_reason(force, message, capsys):
+    _inspect()
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(['aot', '--dry-run', '--force', *force])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_forced_options_are_compiled_and_recorded(tmp_path):
+    _inspect()
+    path = tmp_path / 'aot.json'
+    run.main(['aot', '--dry-run', '--force', 'read', 'BM=16', 'num_warps=2', '--json', str(path)])
+    result = json.loads(path.read_text())['result']
+    assert result['forced'] == {'read': {'BM': 16, 'num_warps': 2}}
+    assert {r['num_warps'] for r in result['reports']} == {2}
