@@ -169,7 +169,7 @@ def repro_steps() -> List[Step]:
     code says the compiler's."""
     one = ('--rows', '64', '--warps', '8', '--stages', '2')
     return [Step('sanitizer/repro', 'the minimal chained-product kernel at 64, 32 and 16 rows '
-                 'against float64', _lab('repro', '--json', '{out}/repro.json'), 45,
+                 'against float64', _lab('repro', '--json', '{out}/repro.json'), 65,
                  dry_argv=_lab('repro', '--dry-run', *one), dry_env=INTERPRETER),
             Step('sanitizer/repro-memcheck', 'compute-sanitizer memcheck on the minimal kernel '
                  'at 64-row tiles', ('compute-sanitizer', '--tool', 'memcheck',

@@ -13,6 +13,7 @@ tensors and triton's own ptxas compiles them.
 import argparse
 import dataclasses
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -70,7 +71,7 @@ def forced_options(force: Sequence[Sequence[str]]) -> Dict[str, Dict[str, int]]:
         options = {}
         for pair in pairs:
             key, _, value = pair.partition('=')
-            if not value.isdigit():
+            if not re.fullmatch(r'[0-9]+', value):
                 raise UsageError(f'--force {kernel}: {pair!r} is not KEY=integer')
             options[key] = int(value)
         forced[kernel] = options
@@ -95,11 +96,13 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     except RuntimeError as err:  # a triton without an ahead-of-time compiler
         raise UsageError(str(err)) from err
     forced = forced_options(args.force)
-    try:
-        reports = stage_reports(shape, OPERAND_DTYPES[args.operand_dtype], args.gpu_arch, calls,
-                                forced)
-    except ValueError as err:  # a launch option forced_tiles refuses
+    try:  # an option forced_tiles refuses, before anything compiles
+        with forced_tiles_of(forced):
+            pass
+    except ValueError as err:
         raise UsageError(str(err)) from err
+    reports = stage_reports(shape, OPERAND_DTYPES[args.operand_dtype], args.gpu_arch, calls,
+                            forced)
     for report in reports:
         print(report)
         for product in report.products:

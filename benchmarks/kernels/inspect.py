@@ -164,7 +164,8 @@ _REGISTERS = re.compile(r'Used (\d+) registers')
 _MMA_LAYOUT = re.compile(r'^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = (\d+), '
                          r'versionMinor = \d+, warpsPerCTA = \[(\d+), (\d+)\], '
                          r'instrShape = \[([\d, ]+)\]\}>', re.M)
-_PRODUCT = re.compile(r'= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, '
+# two-dimensional results only (a batched product's third size is not a dtype)
+_PRODUCT = re.compile(r'= (?:tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x[a-z]\w*, '
                       r'(#mma\d*)>')
 
 
@@ -216,14 +217,18 @@ def products_of(ttgir: str) -> List[Product]:
     kernel's TTGIR, in order, with their layouts."""
     layouts = {name: (int(version), (int(wm), int(wn)), tuple(map(int, instr.split(','))))
                for name, version, wm, wn, instr in _MMA_LAYOUT.findall(ttgir)}
-    return [Product(int(rows), int(cols), *layouts[name])
-            for rows, cols, name in _PRODUCT.findall(ttgir)]
+    found = _PRODUCT.findall(ttgir)
+    unknown = sorted({name for _, _, name in found} - set(layouts))
+    if unknown:
+        raise ValueError(f'products laid out as {unknown}, which this TTGIR defines in a form '
+                         'inspect does not read (a newer triton?)')
+    return [Product(int(rows), int(cols), *layouts[name]) for rows, cols, name in found]
 
 
 def products(arch: int, kernel, signature: dict, constants: dict,
              attrs: Optional[dict] = None, options: Optional[dict] = None) -> List[Product]:
     """``products_of`` ``kernel`` compiled for sm_``arch`` (arguments as
-    ``compile_for``'s), without ptxas."""
+    ``compile_for``'s; ptxas runs, its report unread)."""
     return products_of(_compile(arch, kernel, signature, constants, attrs, options).asm['ttgir'])
 
 

@@ -33,6 +33,7 @@ def test_the_interpreter_is_refused_with_the_reason(monkeypatch, capsys):
 @pytest.mark.parametrize('force,message', [
     (['nosuch', 'BM=16'], "unknown kernel 'nosuch'"),
     (['read', 'BM=x'], "'BM=x' is not KEY=integer"),
+    (['read', 'BM=\u00b2'], 'is not KEY=integer'),
     (['read', 'XX=3'], 'forced_tiles takes')])
 def test_bad_forced_options_are_refused_with_the_reason(force, message, capsys):
     _inspect()

@@ -1,5 +1,7 @@
 """``benchmarks.kernels.inspect``'s reading of a kernel's TTGIR: its matrix
 products, their layouts, and how many times a layout computes each element."""
+import pytest
+
 from benchmarks.kernels.inspect import CompileReport, Product, products_of
 
 TTGIR = '''#blocked = #ttg.blocked<{sizePerThread = [1, 8], threadsPerWarp = [4, 8], warpsPerCTA = [8, 1], order = [1, 0]}>
@@ -31,3 +33,12 @@ def test_a_report_counts_the_products_computed_more_than_once():
     assert str(report).endswith('; 2 of 3 products computed more than once')
     alone = CompileReport('k', 90, 168, 0, 0, 49152, 8, 2, 18, 0, found[1:2])
     assert 'more than once' not in str(alone)
+
+
+def test_a_batched_product_is_left_out_and_an_unread_layout_is_an_error():
+    batched = TTGIR.replace('-> tensor<64x32xf32, #mma>', '-> tensor<2x64x32xf32, #mma>')
+    assert [(p.rows, p.cols) for p in products_of(batched)] == [(64, 128), (32, 128)]
+    renamed = TTGIR.replace('#mma2 = #ttg.nvidia_mma<{versionMajor = 2,',
+                            '#mma2 = #ttg.nvidia_mma<{versionMajor = 2, cgaLayout = [1],')
+    with pytest.raises(ValueError, match="laid out as \\['#mma2'\\]"):
+        products_of(renamed)

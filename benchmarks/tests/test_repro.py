@@ -72,29 +72,61 @@ def _done(stdout='', stderr='', code=0):
     return subprocess.CompletedProcess([], code, stdout, stderr)
 
 
-def test_faults_and_wrong_results_are_findings_and_a_variant_that_cannot_run_fails(
+def test_faults_hangs_and_wrong_results_are_findings_and_a_variant_that_cannot_run_fails(
         monkeypatch, capsys):
     outputs = iter([
         _done(stderr='RuntimeError: CUDA error: an illegal memory access was encountered',
               code=1),
         _done('[repro] 64 rows, 8 warps, 1 stages: error 8.900e-01\n'),
-        _done('[repro] 64 rows, 4 warps, 2 stages: error nan\n'),
+        subprocess.TimeoutExpired(['child'], 25),
         _done('[repro] 32 rows, 8 warps, 2 stages: error 3.000e-03\n'),
         _done(stderr='triton.compiler.errors.CompilationError: at 12:4', code=1)])
-    calls = []
+    calls, written = [], []
 
     def fake_run(argv, **kwargs):
         calls.append(argv)
-        return next(outputs)
+        out = next(outputs)
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     monkeypatch.setattr(repro.subprocess, 'run', fake_run)
-    entries = repro.run_all(repro.VARIANTS, dry_run=True)
-    assert [e['verdict'] for e in entries] == ['fault', 'wrong', 'wrong', 'agrees', 'failed']
+    entries = repro.run_all(repro.VARIANTS, dry_run=True,
+                            on_entry=lambda done: written.append(len(done)))
+    assert [e['verdict'] for e in entries] == ['fault', 'wrong', 'hang', 'agrees', 'failed']
+    assert written == [1, 2, 3, 4, 5]  # the record, after every variant
     # each variant in a child of its own, with its options
-    assert [argv[argv.index('--rows') + 1:] for argv in calls][0] == [
+    assert calls[0][calls[0].index('--rows') + 1:] == [
         '64', '--warps', '8', '--stages', '2', '--dry-run']
     assert len(calls) == len(repro.VARIANTS)
     assert '64 rows, 8 warps, 2 stages: fault' in capsys.readouterr().out
+    # a child killed by a signal (SIGSEGV, SIGABRT) faulted, whatever it printed
+    assert repro.verdict(dict(agrees=None, exit_status=-11, output='')) == 'fault'
+    assert repro.verdict(dict(agrees=None, exit_status=1, output='NameError')) == 'failed'
+
+
+def test_a_wrong_pre_in_one_tile_fails_where_rounding_does_not():
+    """The inputs put GELU's argument where its derivative varies, and the
+    error is the worst row's: one 64-row tile whose ``x w1`` is off by a few
+    percent shows, 16-bit rounding of d_pre does not."""
+    x, dy, w1, w2 = (t.double() for t in repro.inputs(512, repro.HIDDEN, torch.float32))
+    want = repro.reference(x, dy, w1, w2)
+    pre = x @ w1
+
+    def gx_of(pre, round_d_pre=False):
+        phi = torch.exp(-0.5 * pre * pre) / (2 * torch.pi) ** 0.5
+        d_pre = (dy @ w2.T) * (0.5 * (1 + torch.erf(pre / 2 ** 0.5)) + pre * phi)
+        if round_d_pre:
+            d_pre = d_pre.to(torch.bfloat16).double()
+        return d_pre @ w1.T
+
+    assert repro.row_error(gx_of(pre, round_d_pre=True), want) < repro.TOLERANCE / 2
+    off = pre.clone()
+    off[:64] *= 1.05
+    assert repro.row_error(gx_of(off), want) > repro.TOLERANCE
+    gx = want.clone()
+    gx[70, 3] = float('nan')
+    assert repro.row_error(gx, want) != repro.row_error(gx, want)  # NaN
 
 
 def test_the_options_go_together_and_a_real_run_needs_a_gpu(capsys, monkeypatch):
@@ -108,3 +140,8 @@ def test_the_options_go_together_and_a_real_run_needs_a_gpu(capsys, monkeypatch)
         main(['repro'])
     assert exit_info.value.code == 2
     assert 'runs on a CUDA GPU' in capsys.readouterr().err
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(['repro', '--dry-run'])
+    assert exit_info.value.code == 2
+    assert 'start it with TRITON_INTERPRET=1' in capsys.readouterr().err
