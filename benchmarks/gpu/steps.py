@@ -38,6 +38,8 @@ MEMORY_KERNELS = KERNEL_NAMES + ('project', 'project_backward', 'scan', 'scan_ba
 GPU_CHILD = (('CONVNEUR_TEST_GPU_CHILD', '1'), )
 # the kernels' checks on a CPU run in Triton's interpreter
 INTERPRETER = (('TRITON_INTERPRET', '1'), )
+# memcheck sees an access past a tensor only where no cached block lies there
+NO_ALLOCATOR_CACHE = (('PYTORCH_NO_CUDA_MEMORY_CACHING', '1'), )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +155,18 @@ def sanitizer_steps(kernel: str = 'read_backward_rows', rows: int = 64) -> List[
     only where no other block of a cached segment lies there; the API errors
     that PyTorch and Triton expect (an event not ready) are not reported."""
     return [Step(f'sanitizer/{tool}', f'compute-sanitizer {tool} on {kernel} at {rows}-row tiles',
-                 ('compute-sanitizer', '--tool', tool, '--error-exitcode', '9',
-                  '--report-api-errors', 'no', '--print-limit', '20',
-                  *_lab('launch', kernel, '--rows', str(rows), '--batch', '4', '--warmup', '0')),
+                 _sanitized(tool, 'launch', kernel, '--rows', str(rows), '--batch', '4',
+                            '--warmup', '0'),
                  45, dry_argv=_lab('launch', kernel, '--rows', str(rows), '--dry-run'),
-                 env=(('PYTORCH_NO_CUDA_MEMORY_CACHING', '1'), ), dry_env=INTERPRETER)
+                 env=NO_ALLOCATOR_CACHE, dry_env=INTERPRETER)
             for tool in ('memcheck', 'racecheck')] + repro_steps()
+
+
+def _sanitized(tool: str, *lab_args: str) -> Tuple[str, ...]:
+    """A lab command under compute-sanitizer's ``tool``: exit 9 on an error it
+    finds, the API errors PyTorch and Triton expect (an event not ready) unreported."""
+    return ('compute-sanitizer', '--tool', tool, '--error-exitcode', '9',
+            '--report-api-errors', 'no', '--print-limit', '20', *_lab(*lab_args))
 
 
 def repro_steps() -> List[Step]:
@@ -172,11 +180,9 @@ def repro_steps() -> List[Step]:
                  'against float64', _lab('repro', '--json', '{out}/repro.json'), 65,
                  dry_argv=_lab('repro', '--dry-run', *one), dry_env=INTERPRETER),
             Step('sanitizer/repro-memcheck', 'compute-sanitizer memcheck on the minimal kernel '
-                 'at 64-row tiles', ('compute-sanitizer', '--tool', 'memcheck',
-                                     '--error-exitcode', '9', '--report-api-errors', 'no',
-                                     '--print-limit', '20', *_lab('repro', *one)), 30,
-                 dry_argv=_lab('repro', '--dry-run', *one),
-                 env=(('PYTORCH_NO_CUDA_MEMORY_CACHING', '1'), ), dry_env=INTERPRETER)]
+                 'at 64-row tiles', _sanitized('memcheck', 'repro', *one), 30,
+                 dry_argv=_lab('repro', '--dry-run', *one), env=NO_ALLOCATOR_CACHE,
+                 dry_env=INTERPRETER)]
 
 
 def launches_kernels(variant: str) -> bool:

@@ -19,8 +19,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from benchmarks.common.record import Record, UsageError
-from benchmarks.kernels.tune import DRY_SHAPE, OPERAND_DTYPES, stage_calls
-from benchmarks.memory.bytes import MemoryShape, backbone_shapes
+from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_arguments, stage_calls,
+                                     stage_shape)
+from benchmarks.memory.bytes import MemoryShape
 from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES, forced_tiles_of
 from convneur_mm.utils.cli import positive_int
 
@@ -44,10 +45,7 @@ def stage_reports(shape: MemoryShape, operand_dtype: torch.dtype, arch: int,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``aot`` case's options."""
-    parser.add_argument('--arch', default='m3', help='the model whose stage to compile')
-    parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to use')
-    parser.add_argument('--batch', type=positive_int, default=128)
-    parser.add_argument('--operand-dtype', default='bfloat16', choices=sorted(OPERAND_DTYPES))
+    add_stage_arguments(parser)
     parser.add_argument('--gpu-arch', type=positive_int, default=90,
                         help='the compute capability compiled for (major * 10 + minor)')
     parser.add_argument('--calls', nargs='+', choices=CALLS, default=list(CALLS))
@@ -84,10 +82,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     if args.dry_run:
         shape, calls = DRY_SHAPE, ['read']
     else:
-        shapes = backbone_shapes(args.arch, batch=args.batch)
-        if not 0 <= args.stage < len(shapes):
-            raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
-        shape, calls = shapes[args.stage], args.calls
+        shape, calls = stage_shape(args), args.calls
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         raise UsageError('aot compiles the kernels: start it without TRITON_INTERPRET')
     from benchmarks.kernels.inspect import _triton

@@ -24,7 +24,8 @@ import torch
 
 from benchmarks.common.record import Record, UsageError
 from benchmarks.common.subjects import relative_error
-from benchmarks.kernels.tune import OP_OF, OPERAND_DTYPES, apply_tuned, stage_calls, stage_of_args
+from benchmarks.kernels.tune import (OP_OF, add_stage_arguments, apply_tuned, stage_calls,
+                                     stage_of_args)
 from convneur_mm.models.layers.memory_ops.kernels.tiles import forced_tiles
 from convneur_mm.utils.cli import positive_int
 
@@ -72,10 +73,7 @@ def launch_once(kernel: str, shape, operand_dtype: torch.dtype, device, rows=Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``launch`` case's options."""
     parser.add_argument('kernel', choices=list(OP_OF), help='the kernel whose call runs')
-    parser.add_argument('--arch', default='m3')
-    parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to use')
-    parser.add_argument('--batch', type=positive_int, default=128)
-    parser.add_argument('--operand-dtype', default='bfloat16', choices=sorted(OPERAND_DTYPES))
+    add_stage_arguments(parser)
     parser.add_argument('--rows', type=positive_int, help="the tile's rows (BM)")
     parser.add_argument('--warmup', type=int, default=1, help='calls before the watched one')
     parser.add_argument('--tuned', nargs='+', default=[], metavar='JSON',

@@ -131,8 +131,11 @@ def run_variant(variant: Variant, device, dtype: torch.dtype = torch.bfloat16,
             num_warps=variant.warps, num_stages=variant.stages)
         errors.append(row_error(gx, want))  # synchronizes: a fault surfaces at its launch
     error = math.nan if any(math.isnan(e) for e in errors) else max(errors)
-    return dict(variant=variant._asdict(), error=error, launches=repeats,
-                agrees=not math.isnan(error) and error <= TOLERANCE)
+    return dict(variant=variant._asdict(), error=error, launches=repeats, agrees=_agrees(error))
+
+
+def _agrees(error: float) -> bool:
+    return not math.isnan(error) and error <= TOLERANCE
 
 
 def verdict(entry: Dict) -> str:
@@ -160,7 +163,7 @@ def _parse_child(done: subprocess.CompletedProcess) -> Dict:
     for line in reversed(done.stdout.splitlines()):
         if line.startswith('[repro] ') and ' error ' in line:
             error = float(line.rsplit(' error ', 1)[1].split()[0])
-            return dict(error=error, agrees=not math.isnan(error) and error <= TOLERANCE)
+            return dict(error=error, agrees=_agrees(error))
     return dict(agrees=None, exit_status=done.returncode,
                 output=(done.stdout + done.stderr)[-2000:])
 

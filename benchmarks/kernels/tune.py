@@ -549,12 +549,18 @@ def _triton_version() -> Optional[str]:
     return triton.__version__
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``tune`` case's options."""
+def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming a model's stage and its operands (``stage_shape``),
+    shared by the kernel cases."""
     parser.add_argument('--arch', default='m3')
-    parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to tune')
+    parser.add_argument('--stage', type=int, default=0, help='0-based stage whose shapes to use')
     parser.add_argument('--batch', type=positive_int, default=128)
     parser.add_argument('--operand-dtype', default='bfloat16', choices=sorted(OPERAND_DTYPES))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``tune`` case's options."""
+    add_stage_arguments(parser)
     parser.add_argument('--kernels', nargs='+', default=list(OP_OF), choices=list(OP_OF))
     parser.add_argument('--rounds', type=positive_int, default=2)
     parser.add_argument('--limit-s', type=positive_float, default=None,
@@ -579,10 +585,19 @@ def stage_of_args(args: argparse.Namespace, case: str, does: str
         return DRY_SHAPE, torch.float16, 'cpu'
     if not torch.cuda.is_available():
         raise UsageError(f'{case} {does} on a CUDA GPU; --dry-run checks it on a CPU')
+    return stage_shape(args), OPERAND_DTYPES[args.operand_dtype], 'cuda'
+
+
+def stage_shape(args: argparse.Namespace) -> MemoryShape:
+    """The shape of ``--arch``'s stage ``--stage`` at ``--batch``.
+
+    Raises:
+        UsageError: a stage the model does not have.
+    """
     shapes = backbone_shapes(args.arch, batch=args.batch)
     if not 0 <= args.stage < len(shapes):
         raise UsageError(f'--stage must be in [0, {len(shapes) - 1}]')
-    return shapes[args.stage], OPERAND_DTYPES[args.operand_dtype], 'cuda'
+    return shapes[args.stage]
 
 
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
