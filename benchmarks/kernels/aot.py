@@ -3,22 +3,27 @@ launches them, and what the compiler made of each (``inspect.CompileReport``):
 registers, spills, shared memory, and each matrix product's layout, with the
 products that a layout computes more than once (warps laid past a tile's
 rows or columns). No GPU is needed: the launches are recorded on meta
-tensors and triton's own ptxas compiles them.
+tensors and triton's own ptxas compiles them. The calls 'branch' and
+'branch step' run a whole global branch of the stage (its projections and
+scan too), in inference and in a training step.
 
     python -m benchmarks.run aot                       # M3's stage 1, bf16, sm_90
+    python -m benchmarks.run aot --calls branch 'branch step' --stage 3
     python -m benchmarks.run aot --gpu-arch 80 --calls read 'read step'
     python -m benchmarks.run aot --calls read --force read BM=128 num_warps=8
     python -m benchmarks.run aot --dry-run             # the tiny shape, the read only
+    python -m benchmarks.run aot --dry-run --calls 'branch step'  # M3's stage 1 at batch 2
 """
 import argparse
 import dataclasses
 import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from benchmarks.common.record import Record, UsageError
+from benchmarks.common.subjects import M3_SIZE, branch_inputs, convneur_backbone, stage_branches
 from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_arguments, stage_calls,
                                      stage_shape)
 from benchmarks.memory.bytes import MemoryShape
@@ -26,20 +31,52 @@ from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES, for
 from convneur_mm.utils.cli import positive_int
 
 CALLS = ('write', 'read', 'write step', 'read step')
+BRANCH_CALLS = ('branch', 'branch step')
+
+
+def branch_calls(arch: str, stage: int, batch: int, operand_dtype: str
+                 ) -> Dict[str, Callable[[], None]]:
+    """'branch' and 'branch step': the first global branch of ``arch``'s
+    ``stage`` on meta tensors through the kernels with ``operand_dtype``
+    operands, in inference and in a training step (forward and backward),
+    at ``batch`` images of the speed protocol's side (as
+    ``profile.kernel_rooflines`` records them: the memory computes in float32
+    whatever the autocast)."""
+    backbone = convneur_backbone(arch, 'meta', memory_cfg=dict(implementation='triton',
+                                                               operand_dtype=operand_dtype))
+    branches = [found for found in stage_branches(backbone, first_only=True) if found[0] == stage]
+    x, = branch_inputs(branches, batch, M3_SIZE, 'meta')  # every stage has one
+    branch = branches[0][1]
+
+    def inference() -> None:
+        with torch.inference_mode():
+            branch(x)
+
+    def step() -> None:  # on meta tensors the backward's launches are recorded too
+        branch(x.detach().requires_grad_()).float().sum().backward()
+
+    return {'branch': inference, 'branch step': step}
 
 
 def stage_reports(shape: MemoryShape, operand_dtype: torch.dtype, arch: int,
                   calls: Sequence[str] = CALLS,
-                  forced: Optional[Dict[str, Dict[str, int]]] = None) -> List:
+                  forced: Optional[Dict[str, Dict[str, int]]] = None,
+                  branch: Optional[Callable[[], Dict[str, Callable[[], None]]]] = None
+                  ) -> List:
     """A ``CompileReport`` per distinct launch that ``calls`` (the tuner's:
-    the write's and the read's forward and training steps) make at
+    the write's and the read's forward and training steps; with ``branch``,
+    which makes ``branch_calls``, also 'branch' and 'branch step') make at
     ``shape``, compiled for sm_``arch``; ``forced``: ``{kernel: options}``
     launched instead of their defaults (``tiles.forced_tiles_of``)."""
     from benchmarks.kernels import inspect
-    made = stage_calls(shape, operand_dtype, 'meta')
+    made = {}  # built only where asked: a stage of one chunk has no write to call
+    if set(calls) & set(CALLS):
+        made.update(stage_calls(shape, operand_dtype, 'meta').triton)
+    if set(calls) & set(BRANCH_CALLS):
+        made.update(branch())
     with forced_tiles_of(forced or {}), inspect.recording_launches(arch) as launches:
         for name in calls:
-            made.triton[name]()
+            made[name]()
     return inspect.launch_reports(launches, arch)
 
 
@@ -48,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser)
     parser.add_argument('--gpu-arch', type=positive_int, default=90,
                         help='the compute capability compiled for (major * 10 + minor)')
-    parser.add_argument('--calls', nargs='+', choices=CALLS, default=list(CALLS))
+    parser.add_argument('--calls', nargs='+', choices=CALLS + BRANCH_CALLS, default=None,
+                        help=f'the launches to compile (default: {" ".join(CALLS)})')
     parser.add_argument('--force', nargs='+', action='append', default=[],
                         metavar='KERNEL KEY=VALUE',
                         help="a kernel's launch options instead of its defaults, e.g. "
@@ -79,10 +117,10 @@ def forced_options(force: Sequence[Sequence[str]]) -> Dict[str, Dict[str, int]]:
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``stage_reports`` with the parsed options, a line per kernel launch;
     a dry run compiles the read's forward at the tuner's tiny shape."""
-    if args.dry_run:
-        shape, calls = DRY_SHAPE, ['read']
+    if args.dry_run:  # the read unless --calls names others
+        shape, calls = DRY_SHAPE, args.calls or ['read']
     else:
-        shape, calls = stage_shape(args), args.calls
+        shape, calls = stage_shape(args), args.calls or list(CALLS)
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         raise UsageError('aot compiles the kernels: start it without TRITON_INTERPRET')
     from benchmarks.kernels.inspect import _triton
@@ -96,8 +134,10 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
             pass
     except ValueError as err:
         raise UsageError(str(err)) from err
+    batch, stage = (DRY_SHAPE.batch, 0) if args.dry_run else (args.batch, args.stage)
     reports = stage_reports(shape, OPERAND_DTYPES[args.operand_dtype], args.gpu_arch, calls,
-                            forced)
+                            forced, lambda: branch_calls(args.arch, stage, batch,
+                                                         args.operand_dtype))
     for report in reports:
         print(report)
         for product in report.products:

@@ -50,3 +50,30 @@ def test_forced_options_are_compiled_and_recorded(tmp_path):
     result = json.loads(path.read_text())['result']
     assert result['forced'] == {'read': {'BM': 16, 'num_warps': 2}}
     assert {r['num_warps'] for r in result['reports']} == {2}
+
+
+@pytest.mark.slow  # some thirty compiles
+def test_a_branch_step_compiles_every_kernel_a_training_step_launches(tmp_path):
+    """The projections, the scan, the chunk gradients and the read, forward
+    and backward: the kernels the write's and read's calls alone miss."""
+    _inspect()
+    path = tmp_path / 'aot.json'
+    run.main(['aot', '--dry-run', '--calls', 'branch', 'branch step', '--json', str(path)])
+    result = json.loads(path.read_text())['result']
+    kernels = {r['kernel'] for r in result['reports']}
+    assert {'project_kernel', 'scan_kernel', 'read_kernel', 'project_backward_kernel',
+            'scan_backward_kernel', 'read_backward_rows_kernel'} <= kernels, kernels
+    assert any(k.startswith('grads_backward') for k in kernels), kernels
+
+
+
+def test_a_stage_of_one_chunk_compiles_its_branch_without_a_write(tmp_path):
+    """Its projections and read, forward and backward; no chunk gradients."""
+    _inspect()
+    path = tmp_path / 'aot.json'
+    run.main(['aot', '--stage', '3', '--batch', '2', '--calls', 'branch step', '--json',
+              str(path)])
+    kernels = {r['kernel'] for r in json.loads(path.read_text())['result']['reports']}
+    assert {'project_kernel', 'read_kernel', 'project_backward_kernel',
+            'read_backward_rows_kernel'} <= kernels, kernels
+    assert not any(k.startswith('grads') for k in kernels), kernels
