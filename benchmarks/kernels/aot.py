@@ -123,6 +123,10 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
         shape, calls = stage_shape(args), args.calls or list(CALLS)
     if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
         raise UsageError('aot compiles the kernels: start it without TRITON_INTERPRET')
+    if shape.writes == 0 and set(calls) & set(CALLS):
+        raise UsageError(f'stage {args.stage} of {args.arch} holds one chunk and writes nothing: '
+                         f"--calls {' '.join(CALLS)} need a write; 'branch' and 'branch step' "
+                         'compile what it runs')
     from benchmarks.kernels.inspect import _triton
     try:
         _triton()

@@ -77,3 +77,11 @@ def test_a_stage_of_one_chunk_compiles_its_branch_without_a_write(tmp_path):
     assert {'project_kernel', 'read_kernel', 'project_backward_kernel',
             'read_backward_rows_kernel'} <= kernels, kernels
     assert not any(k.startswith('grads') for k in kernels), kernels
+
+
+def test_the_writes_calls_at_a_stage_of_one_chunk_are_refused_with_the_way_to_run_it(capsys):
+    _inspect()
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(['aot', '--stage', '3', '--batch', '2', '--calls', 'read'])
+    assert exit_info.value.code == 2
+    assert "holds one chunk and writes nothing" in capsys.readouterr().err
