@@ -23,7 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from benchmarks.common.record import Record, UsageError
-from benchmarks.common.subjects import M3_SIZE, branch_inputs, convneur_backbone, stage_branches
+from benchmarks.common.subjects import M3_SIZE, branch_inputs
+from benchmarks.kernels.profile import global_branches
 from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_arguments, stage_calls,
                                      stage_shape)
 from benchmarks.memory.bytes import MemoryShape
@@ -42,9 +43,8 @@ def branch_calls(arch: str, stage: int, batch: int, operand_dtype: str
     at ``batch`` images of the speed protocol's side (as
     ``profile.kernel_rooflines`` records them: the memory computes in float32
     whatever the autocast)."""
-    backbone = convneur_backbone(arch, 'meta', memory_cfg=dict(implementation='triton',
-                                                               operand_dtype=operand_dtype))
-    branches = [found for found in stage_branches(backbone, first_only=True) if found[0] == stage]
+    branches = [found for found in global_branches('meta', 'triton', operand_dtype, arch)
+                if found[0] == stage][:1]
     x, = branch_inputs(branches, batch, M3_SIZE, 'meta')  # every stage has one
     branch = branches[0][1]
 

@@ -66,7 +66,6 @@ def test_a_branch_step_compiles_every_kernel_a_training_step_launches(tmp_path):
     assert any(k.startswith('grads_backward') for k in kernels), kernels
 
 
-
 def test_a_stage_of_one_chunk_compiles_its_branch_without_a_write(tmp_path):
     """Its projections and read, forward and backward; no chunk gradients."""
     _inspect()
