@@ -89,24 +89,11 @@ def visible_gpus() -> int:
     return _gpu_count
 
 
-def pytest_collection_finish(session):
-    """Start the interpreter runs that the selected tests' fixtures read
-    (``interpreted.FIXTURE_RUNS``): each goes on beside the tests before
-    them. Not in pytest-xdist's workers: each collects every test but runs a
-    share, so each run waits for the test that reads it."""
-    if _in_xdist_worker(session.config):
-        return
-    for item in session.items:
-        for name in getattr(item, 'fixturenames', ()):
-            if name in interpreted.FIXTURE_RUNS:
-                interpreted.start(*interpreted.FIXTURE_RUNS[name])
-
-
-def pytest_sessionfinish(session):
-    interpreted.stop_all()
-
-
 def pytest_collection_modifyitems(config, items):
+    # the files that read interpreter runs go last: the runs are made beside the others
+    late = {item.path for item in items
+            if interpreted.wanted([getattr(item, 'fixturenames', ())])}
+    items.sort(key=lambda item: item.path in late)  # stable
     for item in items:
         marker = item.get_closest_marker('gpu')
         if marker is None:
@@ -163,16 +150,33 @@ def _in_xdist_worker(config) -> bool:
     return hasattr(config, 'workerinput')
 
 
+def _run_folder(request, tmp_path_factory) -> Path:
+    """The test run's folder: under pytest-xdist, the workers' shared one."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if _in_xdist_worker(request.config) else base
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _interpreter_runs(request, tmp_path_factory):
+    """Make the interpreter runs that the selected tests' fixtures read
+    (``interpreted.FIXTURE_RUNS``) beside the tests, once per test run: each
+    pytest-xdist worker makes its share, and ends what it makes at its end."""
+    keys = interpreted.wanted(getattr(item, 'fixturenames', ()) for item in request.session.items)
+    if _in_xdist_worker(request.config):
+        worker = request.config.workerinput
+        keys = keys[int(worker['workerid'][len('gw'):])::worker['workercount']]
+    interpreted.SESSION.begin(_run_folder(request, tmp_path_factory) / 'interpreter-runs', keys)
+    yield
+    interpreted.SESSION.stop_all()
+
+
 def _once_per_run(request, tmp_path_factory, name: str, make) -> str:
     """``make(folder)`` once per test run, also when pytest-xdist runs it in
     several workers: they share the run's folder and take turns by a lock,
     so no two build in the checkout at once. Returns what ``make`` returned,
     as text (every worker reads it from the folder)."""
     from filelock import FileLock
-    base = tmp_path_factory.getbasetemp()
-    if _in_xdist_worker(request.config):
-        base = base.parent  # the run's folder; each worker's own is below it
-    folder = base / name
+    folder = _run_folder(request, tmp_path_factory) / name
     with FileLock(str(folder) + '.lock'):
         done = folder / 'made'
         if not done.exists():

@@ -10,7 +10,10 @@ to two fifths of the interpreter's time. Inside ``lean_interpreter()``:
 - a device function's call inside a launch skips the patching when its
   language modules are already patched for that launch (the launch's own
   patching, and restoring, are unchanged);
-- the dtype table is built once.
+- the dtype table is built once;
+- integer arithmetic skips the overflow check, which took a third of the
+  backward kernels' time and is thrown away: without ``debug=True`` its
+  ``device_assert`` asserts nothing.
 
 What a kernel computes is unchanged: the patches a skipped call would make
 are the ones in place. Without the interpreter internals this relies on
@@ -36,7 +39,8 @@ def _interpreter_internals():
         from triton.runtime import interpreter
     except ImportError:
         return None
-    needed = ('_patch_lang', '_LangPatchScope', '_get_np_dtype', 'GridExecutor')
+    needed = ('_patch_lang', '_LangPatchScope', '_get_np_dtype', 'GridExecutor',
+              'interpreter_builder')
     return interpreter if all(hasattr(interpreter, name) for name in needed) else None
 
 
@@ -48,6 +52,8 @@ def lean_interpreter() -> Iterator[None]:
     if interpreter is None:
         yield
         return
+    import dataclasses
+
     import triton.language as tl
 
     executor = interpreter.GridExecutor
@@ -89,10 +95,15 @@ def lean_interpreter() -> Iterator[None]:
             dtypes[element] = np_dtype(element)
         return dtypes[element]
 
+    builder = interpreter.interpreter_builder
+    options = builder.options
     executor.__call__ = tracked_launch
     interpreter._patch_lang, interpreter._get_np_dtype = lean_patch_lang, cached_np_dtype
+    if hasattr(options, 'sanitize_overflow'):
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
     try:
         yield
     finally:
         executor.__call__ = launch
         interpreter._patch_lang, interpreter._get_np_dtype = patch_lang, np_dtype
+        builder.options = options

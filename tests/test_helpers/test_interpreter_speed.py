@@ -1,5 +1,5 @@
 """tests.interpreter_speed: the interpreter without its repeated
-set-up computes what it computes with it (CPU)."""
+set-up and its overflow check computes what it computes with them (CPU)."""
 import pytest
 
 from ..interpreted import run_script
@@ -33,6 +33,15 @@ def kernel(x_ptr, w_ptr, out_ptr, m, n, FAIL: tl.constexpr, BLOCK: tl.constexpr)
                 mask=(cols < n)[:, None] & (cols < n)[None, :], other=0.0)
     tl.store(out_ptr + rows[:, None] * n + cols[None, :], _middle(x, w, BLOCK), mask=mask)
 
+@triton.jit
+def wrapping(out_ptr, big):
+    tl.store(out_ptr, big * 4)  # an int32 argument of 2**30: wraps to 0
+
+def wrapped():
+    out = torch.ones(1, dtype=torch.int32)
+    wrapping[(1, )](out, 2 ** 30)
+    return out.item()
+
 gen = torch.Generator().manual_seed(0)
 x, w = torch.randn(40, 20, generator=gen), torch.randn(20, 20, generator=gen)
 
@@ -47,7 +56,8 @@ def counting(fn):
     calls[0] += 1
     return real(fn)
 interpreter._patch_lang = counting
-originals = (interpreter._get_np_dtype, interpreter.GridExecutor.__call__)
+originals = (interpreter._get_np_dtype, interpreter.GridExecutor.__call__,
+             interpreter.interpreter_builder.options)
 
 # the lean block first: the plain interpreter's device calls leave tl.core patched
 with lean_interpreter():
@@ -59,12 +69,16 @@ with lean_interpreter():
     except Exception:
         failed = True
     again = run()
+    lean_wrapped = wrapped()
 restored = interpreter._patch_lang is counting and originals == (
-    interpreter._get_np_dtype, interpreter.GridExecutor.__call__)
+    interpreter._get_np_dtype, interpreter.GridExecutor.__call__,
+    interpreter.interpreter_builder.options)
 calls[0] = 0
 plain = run()
 plain_calls = calls[0]
+plain_wrapped = wrapped()
 print(json.dumps(dict(
+    lean_wrapped=lean_wrapped, plain_wrapped=plain_wrapped,
     internals=_interpreter_internals() is not None,
     inside=torch.equal(plain, inside), again=torch.equal(plain, again),
     plain_calls=plain_calls, lean_calls=lean_calls, failed=failed, restored=restored,
@@ -82,3 +96,5 @@ def test_the_lean_interpreter_computes_the_same_with_fewer_set_ups():
     # each of the 2 programs; the lean one at the launch, and once for tl.core
     assert result['plain_calls'] >= 1 + 2 * 2 and result['lean_calls'] <= 2, result
     assert result['failed'] and result['restored'], result
+    # without the overflow check an int32 product wraps as it did with it
+    assert result['plain_wrapped'] == result['lean_wrapped'] == 0, result
