@@ -47,14 +47,17 @@ def host_wheels(tmp_path):
 
 def test_a_dry_run_installs_nothing_and_runs_the_gpu_cases_checks_into_out(tmp_path,
                                                                            host_wheels):
-    out, tar = tmp_path / 'results', tmp_path / 'results.tgz'
+    out, tar, record = tmp_path / 'results', tmp_path / 'results.tgz', tmp_path / 'gpu.json'
     done = _run(out, '--dry-run', '--limit-s', '400', '--tar', str(tar), '--',
-                '--only', 'correctness/tiles', WHEELS=host_wheels)
+                '--only', 'correctness/tiles', '--json', str(record), WHEELS=host_wheels)
     assert done.returncode == 0, done.stdout + done.stderr
     assert 'mmcv-2.1.0' in (out / 'install.log').read_text()
     (line, ) = _progress(out)
     assert (line['step'], line['status'], line['dry_run']) == ('correctness/tiles',
                                                               'ok (dry run)', True)
+    lines = json.loads(record.read_text())['result']['lines']
+    assert [l['status'] for l in lines] == ['ok (dry run)']
+    assert 'test_persistent_programs_on_cuda' in (out / 'correctness_tiles.log').read_text()
     # the gpu case got what the install left of the limit
     assert 0 < line['left_s'] <= 400 and tar.exists()
 
