@@ -90,7 +90,8 @@ def visible_gpus() -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    # the files that read interpreter runs go last: the runs are made beside the others
+    # the files that read interpreter runs go last, so that in one process the runs are
+    # made beside the others (pytest-xdist's loadfile sends the largest files first anyway)
     late = {item.path for item in items
             if interpreted.wanted([getattr(item, 'fixturenames', ())])}
     items.sort(key=lambda item: item.path in late)  # stable

@@ -7,8 +7,8 @@ test run, also under pytest-xdist: its outcome lands in the run's folder
 (``begin``), beside a lock that whoever makes it holds. At its first test a
 session queues the runs that its selected tests' fixtures read
 (``FIXTURE_RUNS``), each worker its share, and a background thread works
-through them beside the suite; the files that read them run last
-(``tests/conftest.py``). A test that needs a run reads its outcome, waits on
+through them beside the suite; in a single process the files that read
+them run last (``tests/conftest.py``). A test that needs a run reads its outcome, waits on
 its lock, or makes it itself where nobody has.
 """
 import json

@@ -27,6 +27,7 @@ It patches the interpreter's module and launcher for the duration of the
 block (not thread-safe).
 """
 import contextlib
+import dataclasses
 import inspect
 from typing import Callable, Dict, FrozenSet, Iterator, List, Set
 
@@ -52,8 +53,6 @@ def lean_interpreter() -> Iterator[None]:
     if interpreter is None:
         yield
         return
-    import dataclasses
-
     import triton.language as tl
 
     executor = interpreter.GridExecutor

@@ -34,7 +34,7 @@ def test_a_run_is_made_once_for_every_worker_that_reads_it(tmp_path, two_workers
     maker, reader = two_workers
     maker.begin(tmp_path, [KEY])
     reader.begin(tmp_path, [])
-    read_first = reader.result(*KEY)  # waits for the maker's run
+    read_first = reader.result(*KEY)  # waits for the maker's run, or makes it first
     assert maker.result(*KEY) == read_first
     assert [path.name for path in tmp_path.glob('*.json')] == [f'{__name__}.process_results.json']
 
