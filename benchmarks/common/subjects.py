@@ -60,10 +60,11 @@ BRANCH_VARIANTS = {
     'train_recompute': ({'recompute': True}, None, True, False),
     TRAINING_MODE: ({}, 'bf16', True, False),
     'train_recompute_bf16_autocast': ({'recompute': True}, 'bf16', True, False),
-    'train_closed_form_bf16_autocast': ({'backward': 'closed_form'}, 'bf16', True, False),
+    # the default backward is the closed form: autograd's is the row beside it
+    'train_autograd_bf16_autocast': ({'backward': 'autograd'}, 'bf16', True, False),
     'train_triton_bf16_autocast': ({'implementation': 'triton'}, 'bf16', True, True),
-    'train_triton_closed_form_bf16_autocast': ({'implementation': 'triton',
-                                                'backward': 'closed_form'}, 'bf16', True, True),
+    'train_triton_autograd_bf16_autocast': ({'implementation': 'triton',
+                                             'backward': 'autograd'}, 'bf16', True, True),
 }
 # the memory variants whose numerics are measured against float64
 NUMERICS_VARIANTS = ('float32', 'torch_float32', 'tf32', 'bf16_autocast', 'matmul_bfloat16',

@@ -82,7 +82,7 @@ def test_an_iteration_based_run_reports_every_so_many_iterations():
 
 
 @pytest.mark.parametrize('variant,own', [
-    ('autograd', []),
+    ('autograd', ['model.backbone.memory_cfg.backward=autograd']),
     ('closed_form', ['model.backbone.memory_cfg.backward=closed_form']),
     ('local', ['model.backbone.memory_placement=none']),
 ])

@@ -4,9 +4,9 @@ of its model, one run after another, as a user launches them.
 Each run is ``tools/dist_train.sh CONFIG 2 [--auto-scale-lr] --cfg-options
 train_cfg.max_epochs=N randomness.seed=S default_hooks.logger.interval=1
 custom_hooks.0.log_group_norms=True`` plus the variant's options, in a work
-dir of its own. The variants of a ConvNeur demo: ``autograd`` (the config as
-it is), ``closed_form`` (the memory's closed-form backward) and ``local`` (no
-global branch); the detection demo also trains ``convnextv2_pico``, its
+dir of its own. The variants of a ConvNeur demo: ``autograd`` and
+``closed_form`` (the memory's two backwards; the closed form is the default)
+and ``local`` (no global branch); the detection demo also trains ``convnextv2_pico``, its
 backbone swapped for MMPretrain's ConvNeXt-V2-P. ``--no-clip`` drops the
 config's gradient clipping. From each run's output it keeps the logged loss
 at each epoch's end (MMEngine's running mean over its log processor's
@@ -103,7 +103,7 @@ DEMOS: Dict[str, Demo] = {
 # every demo's backbone is a ConvNeur: the same three variants serve them all
 # (a demo's peers add theirs)
 VARIANTS: Dict[str, Tuple[str, ...]] = {
-    'autograd': (),
+    'autograd': ('model.backbone.memory_cfg.backward=autograd', ),
     'closed_form': ('model.backbone.memory_cfg.backward=closed_form', ),
     'local': ('model.backbone.memory_placement=none', ),
 }
@@ -673,8 +673,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--seeds', nargs='+', type=int, default=list(range(10)),
                         help='randomness.seed of the runs (default 0-9)')
     parser.add_argument('--variants', nargs='+', choices=all_variants(), default=list(VARIANTS),
-                        help='autograd: the config as it is; closed_form: the memory\'s '
-                        'closed-form backward; local: no global branch; convnextv2_pico '
+                        help='autograd: the memory\'s autograd backward; closed_form: its '
+                        'closed-form backward (the default); local: no global branch; '
+                        'convnextv2_pico '
                         '(detection): MMPretrain\'s ConvNeXt-V2-P for the backbone '
                         '(default: the first three)')
     parser.add_argument('--length', type=positive_int,

@@ -116,13 +116,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             the same. None: the whole batch at once.
         recompute: in training, save only the memory's input and recompute
             its inner forward in the backward pass.
-        backward: how training differentiates the chunk gradients and reads
-            of the PyTorch path: 'autograd' (through their ops, the double
-            backward of the inner gradient included) or 'closed_form' (their
-            hand-derived backward, wherever they train except under
-            ``torch.export``). The results agree to rounding; 'closed_form'
-            is opt-in until a GPU run has timed it and the demos' bands hold
-            with it (docs/advanced_guides/memory_paths.md).
+        backward: how training differentiates the projections, chunk
+            gradients and reads of the PyTorch path: 'closed_form' (the
+            default: their hand-derived backward, wherever they train except
+            under ``torch.export``) or 'autograd' (through their ops, the
+            double backward of the inner gradient included). The results
+            agree to rounding; the closed form saves less and trained faster
+            on an H200. Either is of first order where the memory writes
+            (docs/advanced_guides/memory_paths.md).
         gelu_approximate: the memory MLP's GELU, as ``F.gelu``'s
             ``approximate``: 'none' (exact, erf; the default) or 'tanh' (its
             tanh form, on every path: one exp per element in the kernels'
@@ -145,7 +146,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  implementation: str = 'auto',
                  working_set_mib: Optional[int] = None,
                  recompute: bool = False,
-                 backward: str = 'autograd',
+                 backward: str = 'closed_form',
                  gelu_approximate: str = 'none'):
         super().__init__()
         if dim % heads != 0:

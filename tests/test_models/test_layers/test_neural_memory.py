@@ -323,10 +323,38 @@ def test_closed_form_backward_equals_autograd_in_a_backbone(dtype, tol):
 def test_plan_backward():
     memory = NeuralMemory(8, chunk_size=4).train()
     x = torch.randn(1, 12, 8)
-    assert memory.plan(x).backward == 'autograd'  # the default
-    memory.backward = 'closed_form'
-    assert memory.plan(x).backward == 'closed_form'
+    assert memory.plan(x).backward == 'closed_form'  # the default
     with torch.no_grad():  # nothing to differentiate: the plain forward
         assert memory.plan(x).backward == 'autograd'
+    memory.backward = 'autograd'
+    assert memory.plan(x).backward == 'autograd'
     with pytest.raises(ValueError, match='backward'):
         NeuralMemory(8, backward='manual')
+
+
+@pytest.mark.parametrize('backward', ['closed_form', 'autograd'])
+def test_second_order_gradients_are_refused_where_the_memory_writes(backward):
+    """The memory differentiates to first order: through a write,
+    ``create_graph=True`` (a gradient penalty) is an error on either backward,
+    not a wrong answer (autograd's would be off: PyTorch's LayerNorm, in the
+    write's gradient, has wrong third derivatives). First-order gradients and a
+    plain training step are unchanged."""
+    memory = _perturbed_memory(8, seed=0, chunk_size=4, backward=backward).train()
+    x = torch.randn(1, 12, 8, dtype=torch.float64, requires_grad=True)
+    (grad, ) = torch.autograd.grad(memory(x).square().sum(), x)
+    assert grad.shape == x.shape
+    with pytest.raises(RuntimeError, match='first order only'):
+        torch.autograd.grad(memory(x).square().sum(), x, create_graph=True)
+
+
+def test_second_order_gradients_are_exact_where_the_memory_only_reads():
+    """One chunk writes nothing: autograd's backward differentiates twice,
+    exactly (a gradient penalty against finite differences)."""
+    memory = _perturbed_memory(8, seed=0, chunk_size=12, backward='autograd').train()
+    x = torch.randn(1, 12, 8, dtype=torch.float64, requires_grad=True)
+
+    def penalty(inputs):
+        (g, ) = torch.autograd.grad(memory(inputs).square().sum(), inputs, create_graph=True)
+        return g.square().sum()
+
+    assert torch.autograd.gradcheck(penalty, (x, ))

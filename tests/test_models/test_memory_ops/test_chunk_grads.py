@@ -119,3 +119,32 @@ def test_closed_form_grads_match_autograd_per_chunk():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="chunk_grads has the implementations .* got 'cuda'"):
         chunk_grads(w, keys, values, lr, implementation='cuda')
+
+
+@pytest.mark.torch_pinned
+def test_pytorch_layer_norm_still_has_wrong_third_derivatives():
+    """Why the write's gradient refuses a second differentiation on every path
+    (``chunk_grads.pytorch.output_rows``): ATen differentiates its LayerNorm
+    backward a second time as if the statistics were constants
+    (pytorch/pytorch#175754). Where this fails, a torch has fixed it and the
+    guard can go."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+
+    def layer_norm_grad(inputs):
+        (g, ) = torch.autograd.grad(torch.nn.functional.layer_norm(inputs, (6, )).pow(3).sum(),
+                                    inputs, create_graph=True)
+        return g
+
+    assert torch.autograd.gradcheck(layer_norm_grad, (x, ))  # second derivatives: exact
+    assert not torch.autograd.gradgradcheck(layer_norm_grad, (x, ), raise_exception=False)
+
+
+def test_the_write_refuses_a_second_differentiation():
+    inputs = _write_inputs64(1, 2, 3, 4)
+    write = _write(chunk_grads_torch)
+    first = torch.autograd.grad(sum(o.square().sum() for o in write(*inputs)), inputs)
+    assert [f.shape for f in first] == [i.shape for i in inputs]  # first order: as before
+    with pytest.raises(RuntimeError, match='write has a backward of first order only'):
+        torch.autograd.grad(sum(o.square().sum() for o in write(*inputs)), inputs,
+                            create_graph=True)

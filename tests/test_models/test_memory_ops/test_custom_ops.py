@@ -1,6 +1,8 @@
 """The kernels' custom operators: opcheck, fakes, torch.compile keeping them in
 one graph, and the device they launch on."""
 import contextlib
+import importlib
+import inspect
 
 import pytest
 import torch
@@ -113,3 +115,18 @@ def test_the_plan_trains_with_the_kernels_on_request_only():
     assert (plan.implementation, plan.backward) == ('triton', 'autograd')
     memory.implementation = 'auto'
     assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'
+
+
+@pytest.mark.parametrize('op', ['chunk_grads', 'chunk_read', 'project', 'read', 'scan'])
+def test_each_kernels_backward_refuses_create_graph(op):
+    """The backward kernels are of first order: differentiated with
+    ``create_graph=True`` each operator's backward is an error before it
+    launches anything, not a gradient taken as a constant."""
+    backward = importlib.import_module(
+        f'convneur_mm.models.layers.memory_ops.{op}.triton')._backward
+    nothing = [None] * len(inspect.signature(backward).parameters)  # ctx and cotangents
+    with torch.enable_grad(), pytest.raises(RuntimeError,
+                                            match=f'memory_{op} has a backward of first order'):
+        backward(*nothing)
+    with torch.no_grad(), pytest.raises(AttributeError):  # as autograd calls it: on to the kernels
+        backward(*nothing)

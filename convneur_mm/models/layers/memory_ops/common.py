@@ -191,12 +191,35 @@ def no_autocast(like: Tensor) -> ContextManager:
     return torch.autocast(kind, enabled=False)
 
 
-def first_order_only(name: str) -> None:
-    """An error for a closed-form backward differentiated again: autograd
+def first_order_only(name: str, why: str = '') -> None:
+    """An error for a backward of first order differentiated again: autograd
     runs a backward with gradients enabled only for ``create_graph=True``."""
     if torch.is_grad_enabled():
-        raise RuntimeError(f'{name} has a backward of first order only: differentiate it '
-                           'without create_graph=True')
+        raise RuntimeError(f'{name} has a backward of first order only{why}: differentiate '
+                           'it without create_graph=True')
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity, whose backward refuses ``create_graph=True``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, name: str, why: str) -> Tensor:
+        ctx.name, ctx.why = name, why
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        first_order_only(ctx.name, ctx.why)
+        return grad, None, None
+
+
+def first_order_guard(x: Tensor, name: str, why: str = '') -> Tensor:
+    """``x``, whose gradient autograd computes as before but refuses to
+    differentiate again (``first_order_only``); ``x`` itself where autograd
+    records nothing, or under ``torch.export``, whose graph keeps ATen ops."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_exporting():
+        return x
+    return _FirstOrderOnly.apply(x, name, why)
 
 
 def check_float(**tensors: Tensor) -> None:

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import (LN_EPS, MemoryWeights, check_gelu_approximate, gelu_grad_operand,
-                      ln_backward, operand, product)
+from ..common import (LN_EPS, MemoryWeights, check_gelu_approximate, first_order_guard,
+                      gelu_grad_operand, ln_backward, operand, product)
+
+# why the write's gradient is not differentiated twice, on any path
+WHY_FIRST_ORDER = " (PyTorch's LayerNorm gives wrong third derivatives)"
 
 
 class OutputRows(NamedTuple):
@@ -44,7 +47,10 @@ def output_rows(hidden: Tensor, flat_keys: Tensor, flat_values: Tensor, g: Tenso
     resid = torch.addcmul(flat_keys - flat_values, normed, scale)
     d_out = resid * coef
     d_normed = d_out * scale
-    d_hidden = ln_backward(d_normed, hidden, mean, rstd)
+    # ATen differentiates its LayerNorm backward once exactly, but a second time as if the
+    # statistics were constants (pytorch/pytorch#175754): an error, not a wrong answer
+    d_hidden = first_order_guard(ln_backward(d_normed, hidden, mean, rstd),
+                                 "the memory's write", WHY_FIRST_ORDER)
     return OutputRows(normed, mean, rstd, scale, coef, resid, d_out, d_normed, d_hidden)
 
 

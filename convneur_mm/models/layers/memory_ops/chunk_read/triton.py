@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import MemoryWeights, check_gelu_approximate
+from ..common import MemoryWeights, check_gelu_approximate, first_order_only
 from ..kernels.ops import (call_kernel_op, check_arguments, check_decomposed, check_runnable,
                            kernel_op)
 from ..kernels.tiles import cdiv
@@ -139,6 +139,7 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
+    first_order_only('convneur_mm::memory_chunk_read')  # its kernels: first order
     w1, w2, g, queries, base_w1, base_w2, carry = ctx.saved_tensors
     grads = list(call_kernel_op(_chunk_read_backward_op, _chunk_read_backward, w1, w2, g,
                                 queries, ctx.chunk_size, base_w1, base_w2, carry, grad_out,

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import RMS_EPS, product
+from ..common import RMS_EPS, first_order_only, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launcher import launch_config
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
@@ -319,6 +319,7 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
+    first_order_only('convneur_mm::memory_project')  # its kernels: first order
     x, weight, bias, gamma, pooled, lse = ctx.saved_tensors
     num_updates, chunk_size, max_lr, operand_dtype, block_rows, _ = ctx.options
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate, first_order_only
 from ..kernels.launcher import launch_config, launch_kernel, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_decomposed,
                            check_runnable, check_span, gelu_tanh, kernel_op)
@@ -304,6 +304,7 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
+    first_order_only('convneur_mm::memory_read')  # its kernels: first order
     saved = ctx.saved_tensors
     grads = list(call_kernel_op(_read_backward_op, _read_backward, *saved, grad_out,
                                 *ctx.options))

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..common import first_order_only
 from ..kernels.launcher import launch_config
 from ..kernels.ops import call_kernel_op, check_runnable, kernel_op
 from ..kernels.tiles import cdiv, next_pow2
@@ -192,6 +193,7 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad_states: Tensor) -> tuple:
+    first_order_only('convneur_mm::memory_scan')  # its kernels: first order
     grads, lr_mod, log_keep, log_momentum, initial, states = ctx.saved_tensors
     d = call_kernel_op(_scan_backward_op, _scan_backward, grads, lr_mod, log_keep, log_momentum,
                        initial, states, grad_states)
