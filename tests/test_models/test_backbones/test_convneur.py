@@ -6,6 +6,7 @@ from convneur_mm.models import ConvNeur
 from convneur_mm.analysis.memory_fit import SavedTensorMeter
 from convneur_mm.testing.errors import worst
 from ...devices import DEVICES
+from .learning import dead_parameters
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 
@@ -131,20 +132,22 @@ def test_with_cp_saves_fewer_activations_for_backward():
     assert 0 < saved[True] < 0.2 * saved[False], saved
 
 
-def _grads_after_step(chunk_size, update='parallel'):
+def _after_step(chunk_size, update='parallel'):
     model = _tiny(memory_cfg=dict(chunk_size=chunk_size, update=update),
                   out_indices=(0, 1, 2, 3), gap_before_final_norm=False).train()
     outs = model(torch.randn(2, 3, 128, 128))
     sum(o.square().mean() for o in outs).backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+    return model
+
+
+def _grads_after_step(chunk_size, update='parallel'):
+    return {n: p.grad for n, p in _after_step(chunk_size, update).named_parameters()}
 
 
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
 def test_every_parameter_learns_when_each_stage_has_three_chunks(update):
     # stage 4 of a 128x128 image has 4x4 = 16 tokens: chunk 5 gives 4 chunks
-    grads = _grads_after_step(chunk_size=5, update=update)
-    dead = [n for n, g in grads.items() if g is None or torch.count_nonzero(g) == 0]
-    assert dead == []
+    assert dead_parameters(_after_step(chunk_size=5, update=update)) == []
 
 
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])

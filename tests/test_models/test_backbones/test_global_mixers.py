@@ -13,6 +13,7 @@ from convneur_mm.apis.toolbox import build_model, dummy_batch
 from convneur_mm.testing.errors import worst
 from ...test_engine.dist_utils import ddp_sgd_steps, run_distributed
 from ...devices import DEVICES, on_cuda
+from .learning import dead_parameters
 
 TINY = dict(depths=[1, 2, 1, 1], dims=[8, 16, 24, 32], memory_dim=8)
 NEW = ['cbam', 'nonlocal', 'rwkv', 'titans']
@@ -56,9 +57,7 @@ def test_every_parameter_learns(mixer):
     model = _perturb(_tiny(mixer)).train()
     outs = model(torch.randn(2, 3, 128, 128))
     sum(o.square().mean() for o in outs).backward()
-    dead = [n for n, p in model.named_parameters()
-            if p.grad is None or torch.count_nonzero(p.grad) == 0]
-    assert dead == []
+    assert dead_parameters(model) == []
     assert hasattr(model.stages[0][0].global_branch, MIXERS[mixer].attribute)
 
 

@@ -246,6 +246,19 @@ def test_projections_match_autograd_of_the_pytorch_ops(shape, dtype, tol):
     assert worst(_projection_errors(ours, reference)) < tol
 
 
+@pytest.mark.parametrize('mm', [None, torch.bfloat16])
+def test_a_permuted_map_projects_as_a_contiguous_one(mm):
+    """x as a global branch hands it over: (B, C, H, W) viewed as (B, N, C),
+    whose rows are not contiguous."""
+    b, n, d, heads, u, L = SHAPES[0]
+    inputs = _inputs(b, n, d, heads)
+    permuted = inputs[0].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not permuted.is_contiguous()
+    ours = _projected_and_grads(_project(project_closed_form, u, L, mm), [permuted] + inputs[1:])
+    reference = _projected_and_grads(_project(project_closed_form, u, L, mm), inputs)
+    assert worst(_projection_errors(ours, reference)) == 0
+
+
 def test_bfloat16_operands_round_as_the_pytorch_ops():
     """The same products with the same operands: the two agree far closer
     (measured <= 8e-6) than either does with float32 operands (>= 1e-3)."""

@@ -38,9 +38,11 @@ def project_closed_form(x: Tensor, weights: ProjectionWeights, num_updates: int,
         return project_torch(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
     heads = weights.query_gamma.shape[0]
     folded = fold(weights)
+    # the product and its gradients read the rows flat: a permuted map (B, C, H, W ->
+    # B, N, C) is copied once, as ``project_torch``'s reshape copies it
     queries, keys, values, token_lr, pooled = _Project.apply(
-        x, folded.weight, folded.bias, folded.gamma, num_updates, chunk_size, max_lr,
-        operand_dtype)
+        x.contiguous(), folded.weight, folded.bias, folded.gamma, num_updates, chunk_size,
+        max_lr, operand_dtype)
     return Projected(queries.permute(2, 0, 1, 3), keys.permute(2, 0, 1, 3),
                      values.unflatten(-1, (heads, -1)).permute(2, 0, 1, 3),
                      token_lr.permute(2, 0, 1), pooled * weights.store_norm)
