@@ -248,8 +248,8 @@ def test_projections_match_autograd_of_the_pytorch_ops(shape, dtype, tol):
 
 @pytest.mark.parametrize('mm', [None, torch.bfloat16])
 def test_a_permuted_map_projects_as_a_contiguous_one(mm):
-    """x as a global branch hands it over: (B, C, H, W) viewed as (B, N, C),
-    whose rows are not contiguous."""
+    """x as a global branch whose projections are not plain layers (a hook on
+    them) hands it over: (B, C, H, W) viewed as (B, N, C), rows not contiguous."""
     b, n, d, heads, u, L = SHAPES[0]
     inputs = _inputs(b, n, d, heads)
     permuted = inputs[0].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
