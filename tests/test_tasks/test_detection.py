@@ -235,6 +235,9 @@ def _same_prediction(dumped: dict, instances) -> bool:
 
 
 # ------------------------------------------------------------- bad input
+# `slow`: the message is checked in-process (tests/test_apis/test_launch.py); this is
+# train.py's wiring end to end, a process importing the stack (about 20 s of a worker)
+@pytest.mark.slow
 def test_missing_data_root_names_the_path(tmp_path):
     missing = str(tmp_path / 'no_coco') + '/'
     result = _run(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir', str(tmp_path),

@@ -277,6 +277,8 @@ def test_a_checkpoint_that_does_not_fit_stops_the_evaluation(demo_checkpoint, ad
     assert not _metrics(mismatch.stdout)  # nothing evaluated
 
 
+# `slow`: a whole evaluation again, 12 passes an image (about 25 s of a worker)
+@pytest.mark.slow
 def test_tta_loads_the_checkpoint_into_the_tta_model(demo_checkpoint, untrained_scores,
                                                      ade20k_tiny, tmp_path, monkeypatch):
     """Test-time augmentation (6 scales x 2 flips, 12 forward passes an image:
