@@ -9,9 +9,11 @@ import pytest
 TOOLBOXES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
-def test_package_imports_no_toolbox():
+def test_package_imports_no_toolbox_and_no_dynamo():
+    # Dynamo is a second of every process that imports it (tools, workers)
     code = ('import sys, convneur_mm, convneur_mm.models, convneur_mm.engine; '
             f'bad = sorted({{m.split(".")[0] for m in sys.modules}} & {set(TOOLBOXES)}); '
+            "bad += [m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules]; "
             'assert not bad, bad; print(convneur_mm.__version__)')
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from convneur_mm.utils.compiler_marks import assume_constant_result
 
-@torch.compiler.assume_constant_result
+
+@assume_constant_result
 def _deterministic_warn_only() -> bool:
     """``use_deterministic_algorithms(True, warn_only=True)`` is in force.
 

@@ -7,6 +7,8 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 
+from convneur_mm.utils.compiler_marks import assume_constant_result
+
 OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # a program holds whole rows: 256 is the widest row whose tiles compile
 # without register spills (16 rows x 256 float32 accumulators, 8 warps)
@@ -94,7 +96,7 @@ def _shape_reason(head_dim: Optional[int], operand_dtype: Optional[torch.dtype]
 # a fact of the process, not of the tensors: torch.compile takes its value
 # while tracing instead of tracing the import of triton
 @functools.lru_cache(maxsize=None)
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _device_reason(device: torch.device, operand_dtype: Optional[torch.dtype]) -> Optional[str]:
     why, interpreted = _load_every_op()
     if why is not None:
