@@ -16,7 +16,6 @@ scan too), in inference and in a training step.
 """
 import argparse
 import dataclasses
-import os
 import re
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -28,6 +27,7 @@ from benchmarks.kernels.profile import global_branches
 from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_arguments, stage_calls,
                                      stage_shape)
 from benchmarks.memory.bytes import MemoryShape
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES, forced_tiles_of
 from convneur_mm.utils.cli import positive_int
 
@@ -121,7 +121,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
         shape, calls = DRY_SHAPE, args.calls or ['read']
     else:
         shape, calls = stage_shape(args), args.calls or list(CALLS)
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         raise UsageError('aot compiles the kernels: start it without TRITON_INTERPRET')
     if shape.writes == 0 and set(calls) & set(CALLS):
         raise UsageError(f'stage {args.stage} of {args.arch} holds one chunk and writes nothing: '

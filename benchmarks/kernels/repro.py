@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.common.record import Record, UsageError
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.utils.cli import positive_int
 
 
@@ -204,7 +205,7 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     chosen = [args.rows, args.warps, args.stages]
     if any(v is not None for v in chosen) and None in chosen:
         raise UsageError('--rows, --warps and --stages go together (or none, for every variant)')
-    interpreted = os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+    interpreted = interpreter_requested()
     if args.dry_run and not interpreted:
         raise UsageError('a dry run of repro runs the kernel in Triton\'s interpreter: start it '
                          'with TRITON_INTERPRET=1 in the environment')

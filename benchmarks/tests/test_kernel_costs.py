@@ -2,7 +2,6 @@
 rows each launch serves, each tensor's bytes once per kernel, whatever the
 tiles; launches recorded on meta tensors (the GPU code path's arguments,
 nothing runs) or observed around a real call."""
-import os
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
 from benchmarks.kernels import profile as costs
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.read.triton import launch_read_backward
 
 D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial fourth
@@ -19,7 +19,7 @@ PER_ROW = 2 * D * 4 * D  # one product's FLOPs per row
 @pytest.fixture(autouse=True)
 def _compiled_triton():
     pytest.importorskip('triton')
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
 
 

@@ -1,6 +1,5 @@
 """The kernel profile's summary, its costs and rooflines, and its cases (CPU)."""
 import json
-import os
 import math
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 from benchmarks import run
 from benchmarks.kernels import profile as kp
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 
 # a made-up card whose ceilings make both bounds easy to tell apart
 PEAK = kp.DevicePeak('test card', bandwidth=1e9, half_flops=4e9, float_flops=1e9)
@@ -118,7 +118,7 @@ def test_the_memory_operators_are_priced_by_the_kernels_they_launch():
     ``with_kernel_costs`` puts each of its kernels in its place, by the name
     the profiler gives it (a compiler's suffix allowed)."""
     pytest.importorskip('triton')
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
     from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
     meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
@@ -150,7 +150,7 @@ def test_the_memory_operators_are_priced_by_the_kernels_they_launch():
 
 def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
     pytest.importorskip('triton')
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
     rows = run.main(['rooflines', '--batch', '2', '--peak', 'H100 SXM'])['rows']
     by_stage = {}
@@ -190,7 +190,7 @@ def test_kernel_rooflines_count_a_padded_width_by_its_true_columns():
     profile's one-block case); its roofline counts 160, so the profile's M4
     cases against M3's show what the width costs."""
     pytest.importorskip('triton')
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
     flops = {arch: {r['kernel']: r['gflop'] for r in kp.kernel_rooflines(batch=2, arch=arch)
                     if r['stage'] == 1} for arch in ('m3', 'm4')}

@@ -17,6 +17,7 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_read_torch, chunk_read_triton, kernels,
                                                   read_torch, read_triton)
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, fold, project_naive,
                                                           project_triton, projection_shapes)
@@ -395,7 +396,7 @@ def _inspect():
     """``benchmarks.kernels.inspect`` where this process can compile for a GPU ahead of
     time (triton ships ptxas), else a skip."""
     pytest.importorskip('triton')
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         pytest.skip('this process runs Triton in its interpreter')
     from benchmarks.kernels import inspect
     try:

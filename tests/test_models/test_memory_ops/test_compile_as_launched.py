@@ -1,12 +1,12 @@
 """The kernels compiled ahead of time for sm_80 and sm_90 as their wrappers
 launch them (``benchmarks.kernels.inspect``): no spills, matrix instructions, every width."""
-import os
 
 import pytest
 import torch
 
 from convneur_mm.models.layers.memory_ops import MemoryWeights
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.read.triton import launch_read_backward
 
 from .memory_cases import _TWO_PASSES, _inspect
@@ -284,8 +284,7 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
             assert report.kernel == 'read_kernel', report
 
 
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
-                    reason='this process runs Triton in its interpreter')
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 def test_m4_inference_kernels_compile_in_two_column_blocks_on_sm_90():
     """M4's 160 columns as 128 + 32: the read and the chunk gradients' two
     passes take 64-row tiles on wgmma without spills, where one block of
@@ -295,8 +294,7 @@ def test_m4_inference_kernels_compile_in_two_column_blocks_on_sm_90():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
-                    reason='this process runs Triton in its interpreter')
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 @pytest.mark.parametrize('arch', [80, 90])
 @pytest.mark.parametrize('one_program', [False, True])
 def test_m4_training_kernels_compile_at_their_split_tiles(arch, one_program):
@@ -305,8 +303,7 @@ def test_m4_training_kernels_compile_at_their_split_tiles(arch, one_program):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
-                    reason='this process runs Triton in its interpreter')
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 @pytest.mark.parametrize('arch', [80, 90])
 def test_one_program_per_chunk_compiles_without_spills_at_its_default_tiles(arch):
     """The chunk gradients' one program per chunk, forward and backward, in
@@ -320,8 +317,7 @@ def test_one_program_per_chunk_compiles_without_spills_at_its_default_tiles(arch
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
-                    reason='this process runs Triton in its interpreter')
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 def test_persistent_programs_compile_within_the_shared_memory_and_a_spill_bound():
     """The loop over a program's tiles costs registers: at the default tiles
     some kernels spill (up to 204 B on an sm_90 of 132 multiprocessors),

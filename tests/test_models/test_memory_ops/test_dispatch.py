@@ -1,12 +1,12 @@
 """The memory's path policy (``memory_ops.dispatch``): where ``implementation='auto'``
 takes the Triton kernels, what 'triton' refuses, and the plan's reasons."""
-import os
 
 import pytest
 import torch
 
 from convneur_mm.models.layers.memory_ops import chunk_grads_triton, dispatch, kernels
 from convneur_mm.models.layers.memory_ops.kernels import tuned
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 
 from .memory_cases import BF16_TOL, _rel_err, _write_inputs
@@ -25,8 +25,7 @@ def test_auto_kernels_on_a_cpu_take_the_pytorch_path():
         torch.testing.assert_close(out, auto(x), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
-                    reason='this process runs Triton in its interpreter')
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 def test_triton_kernels_on_a_cpu_without_the_interpreter_are_an_error():
     from convneur_mm.models.layers import NeuralMemory
     memory = NeuralMemory(16, chunk_size=8, implementation='triton').eval()
@@ -47,8 +46,7 @@ def test_without_launches_lets_a_memory_plan_the_triton_kernels_anywhere():
     assert not kernels.availability.launches_skipped()  # the context is closed
 
 
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'),
-                    reason='this process runs Triton in its interpreter')
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 def test_kernels_refuse_a_cpu_without_the_interpreter():
     assert not kernels.kernels_available('cpu')
     reason = kernels.unavailable_reason('cpu')

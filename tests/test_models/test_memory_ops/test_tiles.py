@@ -1,12 +1,12 @@
 """The kernels' tile policy (``kernels.tiles``): defaults, tuned and forced
 tiles, column blocks and persistent programs."""
-import os
 
 import pytest
 import torch
 
 from convneur_mm.models.layers.memory_ops import dispatch
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles, tuned
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
 from convneur_mm.testing.errors import worst
@@ -200,7 +200,7 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
     in place of the rows and columns passes; elsewhere the two passes run
     (recorded on meta tensors for sm_90, a training step)."""
     pytest.importorskip('triton')
-    if os.environ.get('TRITON_INTERPRET', '0') not in ('', '0'):
+    if interpreter_requested():
         pytest.skip('recording compiles no kernel, but needs triton outside its interpreter')
     from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
     meta = dict(device='meta')

@@ -2,6 +2,7 @@
 import contextlib
 import functools
 import importlib
+import os
 from types import ModuleType
 from typing import Dict, Iterable, Iterator, Optional, Tuple
 
@@ -51,6 +52,12 @@ def without_launches() -> Iterator[None]:
 def launches_skipped() -> bool:
     """Whether a ``without_launches`` context is open."""
     return _skipping[0] > 0
+
+
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter (triton
+    reads it once, when it is first imported)."""
+    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
 
 
 @functools.lru_cache(maxsize=None)
