@@ -345,11 +345,17 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def host_torch_is_pinned() -> bool:
-    """Whether this torch is the one ``requirements/torch.txt`` pins."""
+    """Whether this torch is the one ``requirements/torch.txt`` pins, read by
+    the installer's own reader (``tools/setup`` is scripts, not a package)."""
+    import importlib.util
+
     import torch
-    pin_file = osp.join(osp.dirname(__file__), '..', '..', 'requirements', 'torch.txt')
-    with open(pin_file) as f:
-        pins = dict(re.findall(r'^(\w+)=+([\w.+]+)', f.read(), re.M))
+    repo = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        'convneur_setup_common', osp.join(repo, 'tools', 'setup', 'setup_common.py'))
+    setup_common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_common)
+    pins = setup_common.read_pins(osp.join(repo, 'requirements', 'torch.txt'))
     return torch.__version__.split('+')[0] == pins.get('torch')
 
 

@@ -211,9 +211,17 @@ def test_the_package_tests_leave_out_the_torch_pinned_ones_on_another_torch():
     assert 'gpu and not torch_pinned' in tests.argv
     (tests, ) = [s for s in gpu_steps.gpu_steps(torch_pinned=True) if s.group == 'tests']
     assert 'gpu' in tests.argv and 'gpu and not torch_pinned' not in tests.argv
-    assert gpu_session.host_torch_is_pinned() in (True, False)
     (tests, ) = [s for s in gpu_steps.gpu_steps(mmcv_ops=False) if s.group == 'tests']
     assert tests.argv[tests.argv.index('-k') + 1] == 'graph_breaks'  # no mmcv ops: no RoIAlign
+
+
+def test_the_host_torch_is_pinned_only_at_the_pinned_version(monkeypatch):
+    with open(osp.join(REPO, 'requirements', 'torch.txt')) as f:
+        (pin, ) = [line.split('===')[1].strip() for line in f if line.startswith('torch===')]
+    monkeypatch.setattr(torch, '__version__', f'{pin}+cu130')  # the pin's CUDA build
+    assert gpu_session.host_torch_is_pinned()
+    monkeypatch.setattr(torch, '__version__', '2.11.0+cu130')
+    assert not gpu_session.host_torch_is_pinned()
 
 
 def test_an_h100_is_given_more_time_than_an_h200():

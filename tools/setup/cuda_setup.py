@@ -36,7 +36,7 @@ from cuda_archs import (arch_list_codes, default_arch_list, runs_on, torch_arch_
                         torch_cuda_archs)
 from cuda_toolkit import build_env, compiler_requirements
 from mmcv_check import check_install, probe_mmcv
-from setup_common import ALLOW_CPU, DOCS, TORCH_BUILD, TORCH_INDEX, SetupError
+from setup_common import ALLOW_CPU, DOCS, TORCH_BUILD, TORCH_INDEX, SetupError, read_pins
 
 TORCH_INDEX_DEFAULT = 'https://download.pytorch.org/whl/{build}'
 TORCH_PACKAGES = ('torch', 'torchvision')
@@ -44,17 +44,6 @@ PROC_VERSION = '/proc/driver/nvidia/version'
 
 
 # ------------------------------------------------------------------- torch
-def read_pins(path: str) -> Dict[str, str]:
-    """``name===version`` / ``name==version`` lines of a requirements file."""
-    pins = {}
-    with open(path) as f:
-        for line in f:
-            match = re.match(r'\s*([A-Za-z0-9_.-]+)\s*={2,3}\s*([^\s#;]+)', line)
-            if match:
-                pins[match.group(1).lower()] = match.group(2)
-    return pins
-
-
 def split_local(version: Optional[str]) -> Tuple[Optional[str], str]:
     """'2.13.0+cu126' -> ('2.13.0', 'cu126')."""
     if version is None:
