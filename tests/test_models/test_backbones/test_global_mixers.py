@@ -212,7 +212,6 @@ def _ddp_every_mixer(rank, world_size):
     return {mixer: _two_ddp_steps(rank, world_size, mixer) for mixer in NEW}
 
 
-@pytest.mark.slow  # two gloo processes; the single-process tests above check each mixer's use
 def test_two_process_ddp_without_unused_parameter_search():
     """Two gloo processes, find_unused_parameters=False: DDP raises if any
     parameter got no gradient; the replicas must stay identical."""
