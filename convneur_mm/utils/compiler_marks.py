@@ -4,7 +4,7 @@ from typing import Callable, TypeVar
 Fn = TypeVar('Fn', bound=Callable)
 
 # the mark torch.compiler.assume_constant_result sets: that decorator imports
-# torch._dynamo first, about a second of every process that imports the models
+# torch._dynamo first, about 1.7 s of every process that imports the models (a CPU)
 DYNAMO_CONSTANT_MARK = '_dynamo_marked_constant'
 
 
