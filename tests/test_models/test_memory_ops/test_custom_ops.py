@@ -1,15 +1,13 @@
 """The kernels' custom operators: opcheck, fakes, torch.compile keeping them in
 one graph, and the device they launch on."""
 import contextlib
-import importlib
-import inspect
 
 import pytest
 import torch
 
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 
-from .memory_cases import DIFFERENTIABLE, OPCHECKED, OPS, _on_meta, op_cases
+from .memory_cases import DIFFERENTIABLE, OPCHECKED, OPS, _on_meta, _requiring_grad, op_cases
 
 
 @pytest.mark.parametrize('case,tag', OPCHECKED)
@@ -117,16 +115,22 @@ def test_the_plan_trains_with_the_kernels_on_request_only():
     assert memory.plan(torch.randn(1, 20, 16)).implementation == 'torch'
 
 
-@pytest.mark.parametrize('op', ['chunk_grads', 'chunk_read', 'project', 'read', 'scan'])
-def test_each_kernels_backward_refuses_create_graph(op):
-    """The backward kernels are of first order: differentiated with
-    ``create_graph=True`` each operator's backward is an error before it
-    launches anything, not a gradient taken as a constant."""
-    backward = importlib.import_module(
-        f'convneur_mm.models.layers.memory_ops.{op}.triton')._backward
-    nothing = [None] * len(inspect.signature(backward).parameters)  # ctx and cotangents
-    with torch.enable_grad(), pytest.raises(RuntimeError,
-                                            match=f'memory_{op} has a backward of first order'):
-        backward(*nothing)
-    with torch.no_grad(), pytest.raises(AttributeError):  # as autograd calls it: on to the kernels
-        backward(*nothing)
+@pytest.mark.parametrize('case', DIFFERENTIABLE)
+def test_each_kernels_backward_refuses_create_graph(case):
+    """The backward kernels are of first order: through each operator's
+    registered autograd, on meta tensors (fakes, no kernel), a first-order
+    gradient runs its backward operator, and ``create_graph=True`` is an
+    error naming the operator, not a gradient taken as a constant."""
+    op, args = op_cases(torch.float32)[case]
+    leaves = _requiring_grad(_on_meta(args))
+    inputs = [a for a in leaves if isinstance(a, torch.Tensor)]
+
+    def loss() -> torch.Tensor:
+        outputs = op(*leaves)
+        return sum(t.sum() for t in (outputs if isinstance(outputs, tuple) else (outputs, )))
+
+    grads = torch.autograd.grad(loss(), inputs, allow_unused=True)
+    assert all(g is None or (g.is_meta and g.shape == t.shape) for g, t in zip(grads, inputs))
+    assert any(g is not None for g in grads)
+    with pytest.raises(RuntimeError, match=f'{op.default.name()} has a backward of first order'):
+        torch.autograd.grad(loss(), inputs, create_graph=True, allow_unused=True)

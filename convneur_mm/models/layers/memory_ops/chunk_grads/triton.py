@@ -7,10 +7,10 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, check_gelu_approximate, first_order_only
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
 from ..kernels.launcher import launch_config, launch_kernel, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
-                           check_span, gelu_tanh, kernel_op)
+                           check_span, gelu_tanh, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import TAIL_ROWS, cdiv, chosen_kernel, row_parts, tile_config
 
 
@@ -303,7 +303,6 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
               bar_g: Optional[Tensor]) -> tuple:
-    first_order_only('convneur_mm::memory_chunk_grads')  # its kernels: first order
     w1, w2, g, keys, values, token_lr = ctx.saved_tensors
     # an unused output's cotangent may come as None: its zeros
     bars = [torch.zeros(shape, device=keys.device) if bar is None else bar
@@ -320,4 +319,4 @@ def _output_shapes(w1: Tensor, keys: Tensor) -> Tuple[Tuple[int, ...], ...]:
     return (groups, chunks, d, hidden), (groups, chunks, hidden, d), (groups, chunks, d)
 
 
-_chunk_grads_op.register_autograd(_backward, setup_context=_setup_context)
+register_first_order_autograd(_chunk_grads_op, _backward, _setup_context)

@@ -6,9 +6,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common import MemoryWeights, check_gelu_approximate, first_order_only
+from ..common import MemoryWeights, check_gelu_approximate
 from ..kernels.ops import (call_kernel_op, check_arguments, check_decomposed, check_runnable,
-                           kernel_op)
+                           kernel_op, register_first_order_autograd)
 from ..kernels.tiles import cdiv
 from ..read.triton import (ReadGrads, base_read_grads, empty_read_grads, launch_read,
                            launch_read_backward)
@@ -139,7 +139,6 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
-    first_order_only('convneur_mm::memory_chunk_read')  # its kernels: first order
     w1, w2, g, queries, base_w1, base_w2, carry = ctx.saved_tensors
     grads = list(call_kernel_op(_chunk_read_backward_op, _chunk_read_backward, w1, w2, g,
                                 queries, ctx.chunk_size, base_w1, base_w2, carry, grad_out,
@@ -149,4 +148,4 @@ def _backward(ctx, grad_out: Tensor) -> tuple:
     return (*grads[:4], None, *grads[4:], None, None, None, None)
 
 
-_chunk_read_op.register_autograd(_backward, setup_context=_setup_context)
+register_first_order_autograd(_chunk_read_op, _backward, _setup_context)

@@ -10,12 +10,12 @@ float32, not TF32).
 """
 import contextlib
 import functools
-from typing import Callable, ContextManager, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ..common import MemoryWeights, check_gelu_approximate
+from ..common import MemoryWeights, check_gelu_approximate, first_order_only
 from .availability import OPERAND_DTYPES, launches_skipped, unavailable_reason
 from .launcher import recording
 from .tiles import check_tiles
@@ -30,7 +30,29 @@ def kernel_op(name: str, implementation: Callable) -> Callable:
     def on_device(*args, **kwargs):
         with on_tensors_device(*args, *kwargs.values()):
             return implementation(*args, **kwargs)
-    return torch.library.custom_op(f'convneur_mm::{name}', on_device, mutates_args=())
+    qualname = f'convneur_mm::{name}'
+    op = torch.library.custom_op(qualname, on_device, mutates_args=())
+    _QUALNAMES[op] = qualname  # ``CustomOpDef`` names itself only in private attributes
+    return op
+
+
+_QUALNAMES: Dict[Callable, str] = {}
+
+
+def register_first_order_autograd(op: Callable, backward: Callable,
+                                  setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)`` for a
+    ``kernel_op`` whose backward launches kernels of first order: differentiated
+    with ``create_graph=True`` it is an error naming the operator
+    (``first_order_only``) before anything launches."""
+    qualname = _QUALNAMES[op]
+
+    @functools.wraps(backward)
+    def first_order(ctx, *cotangents):
+        first_order_only(qualname)
+        return backward(ctx, *cotangents)
+
+    op.register_autograd(first_order, setup_context=setup_context)
 
 
 def on_tensors_device(*args) -> ContextManager:

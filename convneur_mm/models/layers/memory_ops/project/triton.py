@@ -7,11 +7,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import RMS_EPS, first_order_only, product
+from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launcher import launch_config
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
-                           check_span, kernel_op)
+                           check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import block_width, cdiv, check_tiles, column_blocks, forced_split
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
@@ -319,7 +319,6 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
 
 
 def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
-    first_order_only('convneur_mm::memory_project')  # its kernels: first order
     x, weight, bias, gamma, pooled, lse = ctx.saved_tensors
     num_updates, chunk_size, max_lr, operand_dtype, block_rows, _ = ctx.options
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]
@@ -336,4 +335,4 @@ def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
     return (*grads, None, None, None, None, None, None)
 
 
-_project_op.register_autograd(_backward, setup_context=_setup_context)
+register_first_order_autograd(_project_op, _backward, _setup_context)

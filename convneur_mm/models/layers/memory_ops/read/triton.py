@@ -8,10 +8,11 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, check_gelu_approximate, first_order_only
+from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
 from ..kernels.launcher import launch_config, launch_kernel, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_decomposed,
-                           check_runnable, check_span, gelu_tanh, kernel_op)
+                           check_runnable, check_span, gelu_tanh, kernel_op,
+                           register_first_order_autograd)
 from ..kernels.tiles import TAIL_ROWS, cdiv, row_parts, tile_config
 
 # rows of one launch "chunk" when a read has no chunks of its own: bounds
@@ -304,7 +305,6 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad_out: Tensor) -> tuple:
-    first_order_only('convneur_mm::memory_read')  # its kernels: first order
     saved = ctx.saved_tensors
     grads = list(call_kernel_op(_read_backward_op, _read_backward, *saved, grad_out,
                                 *ctx.options))
@@ -313,4 +313,4 @@ def _backward(ctx, grad_out: Tensor) -> tuple:
     return (*grads, None, None, None, None)
 
 
-_read_op.register_autograd(_backward, setup_context=_setup_context)
+register_first_order_autograd(_read_op, _backward, _setup_context)

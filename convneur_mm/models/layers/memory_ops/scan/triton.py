@@ -6,9 +6,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..common import first_order_only
 from ..kernels.launcher import launch_config
-from ..kernels.ops import call_kernel_op, check_runnable, kernel_op
+from ..kernels.ops import (call_kernel_op, check_runnable, kernel_op,
+                           register_first_order_autograd)
 from ..kernels.tiles import cdiv, next_pow2
 
 SCAN_BLOCK = 1024  # entries per program: a row of states is walked in blocks
@@ -193,11 +193,10 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
 
 
 def _backward(ctx, grad_states: Tensor) -> tuple:
-    first_order_only('convneur_mm::memory_scan')  # its kernels: first order
     grads, lr_mod, log_keep, log_momentum, initial, states = ctx.saved_tensors
     d = call_kernel_op(_scan_backward_op, _scan_backward, grads, lr_mod, log_keep, log_momentum,
                        initial, states, grad_states)
     return (*d[:4], None if initial is None else d[4], None)
 
 
-_scan_op.register_autograd(_backward, setup_context=_setup_context)
+register_first_order_autograd(_scan_op, _backward, _setup_context)
