@@ -228,8 +228,9 @@ def bench_steps() -> List[Step]:
 
 def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
     """What the lease after the first one's steps measures: the kernels
-    under the profiler, the GPU tests still to confirm, training, and
-    16-bit against float32 training."""
+    under the profiler, the GPU tests still to confirm, training (fp16 with
+    the peers, bf16 and compiled against local-only), and 16-bit against
+    float32 training."""
     pinned = '' if torch_pinned else ' and not torch_pinned'
     # the fp16 detector step and RoIAlign need mmcv's CUDA ops
     keys = 'graph_breaks or fp16_amp or roi_align' if mmcv_ops else 'graph_breaks'
@@ -246,10 +247,25 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              tests, 150, dry_argv=tests[:-2] + ('--collect-only', '-q'), env=GPU_CHILD,
              junit='{out}/tests.xml'),
         Step('train/configs', "training iterations of the real configs beside their peers, "
-             "and with NonFiniteStopHook",
+             "and with NonFiniteStopHook (fp16 autocast, as tools/train.py --amp)",
              _lab('train', '--device', 'cuda', '--amp', '--eval', '--guarded',
                   '--json', '{out}/train.json'),
-             170, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
+             230, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
+             reruns_on_torch=True),
+        Step('train/bf16', 'the real configs against local-only under bf16 autocast '
+             '(--amp-dtype bfloat16), beside the fp16 rows',
+             _lab('train', '--device', 'cuda', '--amp', '--amp-dtype', 'bfloat16', '--peers',
+                  'local-only', '--json', '{out}/train_bf16.json'),
+             110, dry_argv=_lab('train', '--dry-run', '--jobs', 'cls-m3', '--peers',
+                                'local-only', '--json', '{out}/train_bf16.json'),
+             reruns_on_torch=True),
+        Step('train/compiled', 'the ImageNet and ADE20K configs against local-only, both '
+             'compiled as tools/train.py --compile compiles them (fp16 autocast)',
+             _lab('train', '--device', 'cuda', '--amp', '--compile', '--jobs', 'cls-m3',
+                  'fpn-m3', 'upernet-m4', '--peers', 'local-only',
+                  '--json', '{out}/train_compiled.json'),
+             300, dry_argv=_lab('train', '--dry-run', '--compile', '--jobs', 'cls-m3',
+                                '--peers', 'local-only', '--json', '{out}/train_compiled.json'),
              reruns_on_torch=True),
         Step('precision/m1', 'bf16 and fp16 against float32 training, M1 on the tiny ImageNet, '
              'three seeds', _lab('precision', '--work-dir', '{out}/precision_runs',

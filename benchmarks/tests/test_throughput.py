@@ -91,6 +91,7 @@ def test_dry_run_trains_and_evaluates_every_peer_in_turns(capsys):
     _check_rows(job['train'], names, 's_per_iter')
     for row in job['train'].values():
         assert len(row['s_all']) == result['iters']
+        assert row['spread'] == tt.relative_spread(row['s_all'])
         assert row['images_per_s'] == pytest.approx(row['batch'] / row['s_per_iter'])
         assert row['fits_24gb'] == (row['peak_allocated_bytes'] + tt.CONTEXT_BYTES
                                     <= tt.CARD_BYTES)
@@ -100,6 +101,7 @@ def test_dry_run_trains_and_evaluates_every_peer_in_turns(capsys):
     json.dumps(result)  # the GPU script writes it
     captured = capsys.readouterr()
     assert all(f'| {name} |' in captured.out for name in names) and 's/image' in captured.out
+    assert "| s/iter | spread |" in captured.out and "| s/image | spread |" in captured.out
     # each job's table also goes to stderr as it ends: a run cut short keeps it
     assert all(f'| cls-m3 | {name} |' in captured.err for name in names)
 

@@ -47,8 +47,8 @@ import torch
 from mmengine.config import Config, ConfigDict
 from torch import nn
 
-from convneur_mm.analysis.timing import (PeakMemoryGrowth, is_cuda, median, setup_benchmark_device,
-                                         time_in_turns)
+from convneur_mm.analysis.timing import (PeakMemoryGrowth, is_cuda, median, relative_spread,
+                                         setup_benchmark_device, time_in_turns)
 from benchmarks.common.record import Record
 from benchmarks.common.subjects import describe_error
 from convneur_mm.apis.launch import enable_amp, load_config
@@ -94,6 +94,9 @@ PEERS = ('local-only', 'convnextv2', 'resnet50')
 DRY_SIZES = {'mmdet': ((96, 128), (96, 128)), 'mmseg': ((64, 64), (64, 128)),
              'mmpretrain': ((64, 64), (64, 64))}
 DRY_ITERS, DRY_WARMUP = 1, 0
+# timed turns: enough for a median and its spread that five turns did not give
+# (Cascade M2 then timed slower than the larger M3)
+ITERS = 20
 # UperNet's pyramid pooling pools to 1x1, where BatchNorm in training needs
 # more than one image
 DRY_BATCH = {'mmdet': 1, 'mmseg': 2, 'mmpretrain': 1}
@@ -423,7 +426,7 @@ def measure_training(variants: List[Variant], data: dict, batch: int, device, it
     for name, seconds in times.items():
         s = median(seconds)
         rows[name].update(status=stops.get(name, 'ok'), s_per_iter=s, s_all=seconds,
-                          images_per_s=batch / s)
+                          spread=relative_spread(seconds), images_per_s=batch / s)
     return rows
 
 
@@ -454,7 +457,7 @@ def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, 
             for v in variants}
     for name, seconds in time_in_turns(steps, iters, device, warmup=_refill(device)).items():
         rows[name].update(status='ok', batch=batch, s_per_image=median(seconds) / batch,
-                          s_all=seconds)
+                          s_all=seconds, spread=relative_spread(seconds))
     return rows
 
 
@@ -462,7 +465,7 @@ def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, 
 
 def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = False,
             amp_dtype: Optional[str] = None, compile_mode: Optional[str] = None,
-            backend: str = 'inductor', iters: int = 5, warmup: int = 2,
+            backend: str = 'inductor', iters: int = ITERS, warmup: int = 2,
             evaluate: bool = False, dry: bool = False, guarded: bool = False) -> dict:
     """One job of ``JOBS``: its config and peers built, trained in turns
     and, with ``evaluate``, evaluated in turns.
@@ -573,7 +576,7 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
     Args:
         device: default CUDA where there is one, else the CPU; the CPU in
             the dry mode.
-        iters, warmup: default 5 and 2; 1 and 0 in the dry mode.
+        iters, warmup: default ``ITERS`` and 2; 1 and 0 in the dry mode.
         on_job: called after each job with the result so far, its last job
             the one just measured (a run cut short keeps what it printed).
         Others: see ``run_job``.
@@ -584,7 +587,7 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
         raise ValueError(f'--amp on {device} of a machine '
                          f'{"with" if torch.cuda.is_available() else "without"} a GPU: '
                          'tools/train.py trains on the GPU where there is one')
-    iters = iters or (DRY_ITERS if dry else 5)
+    iters = iters or (DRY_ITERS if dry else ITERS)
     warmup = (DRY_WARMUP if dry else 2) if warmup is None else warmup
     out = dict(device=setup_benchmark_device(device), torch=torch.__version__, dry=dry,
                iters=iters, warmup=warmup, card_bytes=CARD_BYTES, context_bytes=CONTEXT_BYTES,
@@ -609,7 +612,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'],
                         help='autocast dtype for --amp (GPU default float16)')
     add_compile_argument(parser)
-    parser.add_argument('--iters', type=positive_int, help='timed turns (5; dry run 1)')
+    parser.add_argument('--iters', type=positive_int,
+                        help=f'timed turns ({ITERS}; dry run {DRY_ITERS})')
     parser.add_argument('--warmup', type=int, help='untimed turns first (2; dry run 0)')
     parser.add_argument('--eval', action='store_true',
                         help="also time test_step at the test pipeline's shape and batch")
@@ -635,6 +639,10 @@ def run_from_args(args: argparse.Namespace, record: Record) -> dict:
     return result
 
 
+def _percent(fraction: float) -> str:
+    return f'{100 * fraction:.1f}%'
+
+
 def _gib(value: Optional[float]) -> str:
     return '-' if value is None else f'{value / GIB:.2f}'
 
@@ -647,10 +655,11 @@ def format_tables(result: dict) -> str:
     for job, r in result['jobs'].items():
         for name, row in r['train'].items():
             if row.get('status') != 'ok':
-                train.append((job, name, row.get('status'), *['-'] * 6))
+                train.append((job, name, row.get('status'), *['-'] * 7))
                 continue
             ratio = row.get('vs_local_only')
-            train.append((job, name, f'{row["s_per_iter"]:.4g}', f'{row["images_per_s"]:.3g}',
+            train.append((job, name, f'{row["s_per_iter"]:.4g}', _percent(row['spread']),
+                          f'{row["images_per_s"]:.3g}',
                           _gib(row['peak_allocated_bytes']), _gib(row['peak_reserved_bytes']),
                           'yes' if row['fits_24gb'] else 'no', row['batch'],
                           '-' if ratio is None else f'{ratio:.2f}x'))
@@ -659,18 +668,21 @@ def format_tables(result: dict) -> str:
                 guards.append(f'{job}: {name} takes {row["vs_unguarded"]:.3f}x the unguarded '
                               f'model\'s s/iter ({extra:+.4g} s)')
         for name, error in r['errors'].items():
-            train.append((job, name, error, *['-'] * 6))
+            train.append((job, name, error, *['-'] * 7))
         for name, row in (r['eval'] or {}).items():
-            evaluation.append((job, name, f'{row["s_per_image"]:.4g}' if 's_per_image' in row
-                               else row.get('status'), row.get('batch', '-'),
+            timed = 's_per_image' in row
+            evaluation.append((job, name, f'{row["s_per_image"]:.4g}' if timed
+                               else row.get('status'),
+                               _percent(row['spread']) if timed else '-', row.get('batch', '-'),
                                _gib(row.get('peak_allocated_bytes')),
                                _gib(row.get('peak_reserved_bytes'))))
-    lines.append(markdown_table(('job', 'model', 's/iter', 'images/s', 'peak allocated GiB',
-                                 'peak reserved GiB', 'fits 24 GB', 'batch',
-                                 'vs local-only'), train))
+    lines.append(markdown_table(('job', 'model', 's/iter', 'spread', 'images/s',
+                                 'peak allocated GiB', 'peak reserved GiB', 'fits 24 GB',
+                                 'batch', 'vs local-only'), train))
     lines += [''] + guards if guards else []
     if evaluation:
-        lines += ['', markdown_table(('job', 'model', 's/image', 'batch', 'peak allocated GiB',
-                                      'peak reserved GiB'), evaluation)]
+        lines += ['', markdown_table(('job', 'model', 's/image', 'spread', 'batch',
+                                      'peak allocated GiB', 'peak reserved GiB'), evaluation)]
+    lines.append('spread: the timed turns\' interquartile range over their median')
     return '\n'.join(lines)
 

@@ -11,6 +11,7 @@ its work.
 """
 import os
 import platform
+import statistics
 import time
 from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
@@ -255,6 +256,17 @@ def median(values: List[float]) -> float:
     if not values:
         raise ValueError('median of no values')
     return sorted(values)[len(values) // 2]
+
+
+def relative_spread(values: List[float]) -> float:
+    """The interquartile range over the median (``median``): how far repeated
+    timings of one work disagree, robust to a single stall; 0 for one value."""
+    if not values:
+        raise ValueError('spread of no values')
+    if len(values) == 1:
+        return 0.0
+    lower, _, upper = statistics.quantiles(values, n=4, method='inclusive')
+    return (upper - lower) / median(values)
 
 
 def peak_gemm_rate(device: str, size: int = 2048, repeats: int = 10) -> float:

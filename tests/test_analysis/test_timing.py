@@ -51,6 +51,18 @@ def test_time_calls_waits_for_the_device_and_times_only_after_the_warm_up(monkey
         timing.time_calls(work, 0)
 
 
+def test_relative_spread_is_the_interquartile_range_over_the_median():
+    """One stall among twenty turns leaves the spread where the other turns
+    put it; a drift that moves half the turns shows."""
+    steady = [1.0, 1.02, 0.98, 1.01, 0.99] * 4
+    assert timing.relative_spread(steady) == pytest.approx(0.02)
+    assert timing.relative_spread(steady[:-1] + [5.0]) < 0.025  # its range: 400%
+    assert timing.relative_spread([1.0] * 10 + [2.0] * 10) == pytest.approx(0.5)
+    assert timing.relative_spread([0.3]) == 0.0
+    with pytest.raises(ValueError, match='spread of no values'):
+        timing.relative_spread([])
+
+
 def test_time_in_turns_alternates_the_functions_after_untimed_turns(monkeypatch):
     """Compared work takes turns (a b a b), warm-up turns untimed, a pause
     before each timed turn: what every benchmark that compares variants uses."""
