@@ -11,6 +11,7 @@ scan too), in inference and in a training step.
     python -m benchmarks.run aot --calls branch 'branch step' --stage 3
     python -m benchmarks.run aot --gpu-arch 80 --calls read 'read step'
     python -m benchmarks.run aot --calls read --force read BM=128 num_warps=8
+    python -m benchmarks.run aot --calls 'branch step' --force project_backward num_warps=4
     python -m benchmarks.run aot --dry-run             # the tiny shape, the read only
     python -m benchmarks.run aot --dry-run --calls 'branch step'  # M3's stage 1 at batch 2
 """
@@ -28,7 +29,8 @@ from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_argume
                                      stage_shape)
 from benchmarks.memory.bytes import MemoryShape
 from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
-from convneur_mm.models.layers.memory_ops.kernels.tiles import KERNEL_NAMES, forced_tiles_of
+from convneur_mm.models.layers.memory_ops.kernels.tiles import (KERNEL_NAMES, PROJECTION_KERNELS,
+                                                                forced_tiles_of)
 from convneur_mm.utils.cli import positive_int
 
 CALLS = ('write', 'read', 'write step', 'read step')
@@ -101,9 +103,9 @@ def forced_options(force: Sequence[Sequence[str]]) -> Dict[str, Dict[str, int]]:
     """
     forced = {}
     for kernel, *pairs in force:
-        if kernel not in KERNEL_NAMES:
+        if kernel not in KERNEL_NAMES + PROJECTION_KERNELS:
             raise UsageError(f'--force: unknown kernel {kernel!r}; known: '
-                             f'{", ".join(KERNEL_NAMES)}')
+                             f'{", ".join(KERNEL_NAMES + PROJECTION_KERNELS)}')
         options = {}
         for pair in pairs:
             key, _, value = pair.partition('=')

@@ -34,7 +34,8 @@ def test_the_interpreter_is_refused_with_the_reason(monkeypatch, capsys):
     (['nosuch', 'BM=16'], "unknown kernel 'nosuch'"),
     (['read', 'BM=x'], "'BM=x' is not KEY=integer"),
     (['read', 'BM=\u00b2'], 'is not KEY=integer'),
-    (['read', 'XX=3'], 'forced_tiles takes')])
+    (['read', 'XX=3'], 'forced_tiles takes'),
+    (['project', 'BH=16'], "forced_tiles of 'project' takes")])
 def test_bad_forced_options_are_refused_with_the_reason(force, message, capsys):
     _inspect()
     with pytest.raises(SystemExit) as exit_info:
@@ -50,6 +51,19 @@ def test_forced_options_are_compiled_and_recorded(tmp_path):
     result = json.loads(path.read_text())['result']
     assert result['forced'] == {'read': {'BM': 16, 'num_warps': 2}}
     assert {r['num_warps'] for r in result['reports']} == {2}
+
+
+def test_the_projections_launch_options_are_forced_too(tmp_path):
+    """``--force project_backward ...`` compiles the projections' backward at
+    those options (its other kernels at theirs)."""
+    _inspect()
+    path = tmp_path / 'aot.json'
+    run.main(['aot', '--stage', '3', '--batch', '2', '--calls', 'branch step', '--force',
+              'project_backward', 'num_warps=4', '--json', str(path)])
+    result = json.loads(path.read_text())['result']
+    warps = {r['kernel']: r['num_warps'] for r in result['reports']}
+    assert result['forced'] == {'project_backward': {'num_warps': 4}}
+    assert warps['project_backward_kernel'] == 4 and warps['project_kernel'] == 8, warps
 
 
 @pytest.mark.slow  # some thirty compiles

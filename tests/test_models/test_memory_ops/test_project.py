@@ -147,8 +147,7 @@ def test_m4_projections_split_by_default_where_the_table_says():
     heads of 32 in one block) at ``PROJECTION_SPLIT``'s rows and feature
     steps; float32 operands, M3's and M2's widths in one block; the
     backward splits every row wider than 128, which it cannot hold in one
-    block; ``forced_tiles('project', split=...)`` decides instead, and
-    takes nothing else."""
+    block; ``forced_tiles('project', split=...)`` decides instead."""
     from convneur_mm.models.layers.memory_ops.project.triton import PROJECTION_SPLIT
     assert _projection_blocks(tiles=True) == (128, 32, 128, 32, *PROJECTION_SPLIT[(128, 32)])
     assert _projection_blocks(heads=5) == (128, 32, 32, 0)
@@ -173,12 +172,38 @@ def test_m4_projections_split_by_default_where_the_table_says():
         assert _projection_blocks(d=96, tiles=True) == (64, 32, 64, 32, 32, 64)
         assert _projection_blocks(d=128) == (128, 0, 128, 0)  # nothing to split
         assert _projection_blocks(dtype=torch.float32)[:2] == (128, 32)
-    with pytest.raises(ValueError, match='takes only split'):
-        with kernel_tiles.forced_tiles('project', split=1, BM=16):
-            pass
     with pytest.raises(ValueError, match='split must be 0 or 1'):
         with kernel_tiles.forced_tiles('project', split=2):
             pass
+
+
+@pytest.mark.parametrize('kernel', ['project', 'project_backward'])
+def test_forced_tiles_set_the_projections_rows_warps_and_stages(kernel):
+    """As for the other kernels (how ``aot --force`` compiles a variant): the
+    rows, warps and stages of the innermost ``forced_tiles``, a caller's
+    rows first, no more rows than a chunk has; hidden units and persistent
+    programs, which the projections have none of, are refused."""
+    from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
+    backward = kernel == 'project_backward'
+
+    def launch(rows=196, block_rows=None):
+        config = projection_tiles(160, 1, rows, block_rows, None, torch.bfloat16, backward)
+        return config['BM'], config['num_warps'], config['num_stages'], config['BE']
+
+    default = launch()
+    assert default == ((16, 8, 1, 32) if backward else (32, 8, 2, 32))
+    with kernel_tiles.forced_tiles(kernel, BM=64, num_warps=4, num_stages=3):
+        assert launch() == (64, 4, 3, 32)
+        assert launch(block_rows=16)[0] == 16 and launch(rows=20)[0] == 32
+        with kernel_tiles.forced_tiles(kernel, num_warps=2):  # the innermost alone
+            assert launch() == (default[0], 2, default[2], 32)
+    other = 'project' if backward else 'project_backward'
+    with kernel_tiles.forced_tiles(other, BM=64, num_warps=4, num_stages=3):
+        assert launch() == default
+    for option in ('BH', 'programs_per_sm'):
+        with pytest.raises(ValueError, match=f"forced_tiles of '{kernel}' takes"):
+            with kernel_tiles.forced_tiles(kernel, **{option: 16}):
+                pass
 
 
 # (batch, tokens, width, heads, written chunks, chunk): rows past the written

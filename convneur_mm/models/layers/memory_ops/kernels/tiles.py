@@ -65,9 +65,10 @@ KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows'
 REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
-# kernels whose wrappers choose their own tiles (``project.triton.projection_tiles``):
-# ``forced_tiles`` forces only their column blocks (``split``)
-SPLIT_ONLY = ('project', 'project_backward')
+# kernels whose wrappers choose their own tiles (``project.triton.projection_tiles``), which
+# ``forced_tiles`` forces as it forces the others' but for BH and persistent programs
+PROJECTION_KERNELS = ('project', 'project_backward')
+PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split')
 # rows held in two column blocks (``column_blocks``) where one padded block
 # takes 16-row tiles: {(BD, BE): {GPU: {kernel: (BM, BH)}}} at 8 warps, the largest
 # tiles that compile without spills for 16-bit operands as a training step launches
@@ -99,10 +100,10 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     inside the block: how a tuning run tries a configuration. ``split=0``
     holds a row in one padded block where ``column_blocks`` would take two.
     A caller's ``block_rows`` and ``block_hidden`` still take precedence.
-    The kernels of ``SPLIT_ONLY`` take ``split`` alone."""
-    if kernel in SPLIT_ONLY:
-        if set(options) - {'split'}:
-            raise ValueError(f'forced_tiles of {kernel!r} takes only split, got '
+    The kernels of ``PROJECTION_KERNELS`` take ``PROJECTION_OPTIONS``."""
+    if kernel in PROJECTION_KERNELS:
+        if set(options) - set(PROJECTION_OPTIONS):
+            raise ValueError(f'forced_tiles of {kernel!r} takes {PROJECTION_OPTIONS}, got '
                              f'{sorted(options)}')
     else:
         _check_kernel(kernel)
@@ -137,8 +138,13 @@ def forced_column_blocks(split: Optional[int]) -> ContextManager[None]:
     ``split``: 0 holds each row in one column block, 1 in two where
     ``column_blocks`` finds two; None leaves the defaults. The projections'
     backward holds at most 128 columns per block: 0 there refuses wider rows."""
-    kernels = [k for k in KERNEL_NAMES if k not in REPLACES] + list(SPLIT_ONLY)
+    kernels = [k for k in KERNEL_NAMES if k not in REPLACES] + list(PROJECTION_KERNELS)
     return forced_tiles_of({} if split is None else {k: dict(split=split) for k in kernels})
+
+
+def forced_options(kernel: str) -> Dict[str, int]:
+    """The options of the innermost open ``forced_tiles`` of ``kernel`` ({}: none)."""
+    return next((options for name, options in reversed(_forced) if name == kernel), {})
 
 
 def forced_split(kernel: str) -> Optional[int]:
@@ -207,7 +213,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     _check_kernel(kernel)
     columns = kernel.endswith('_cols')  # a weights' pass, per block of hidden units
     write_backward = kernel.startswith('grads_backward')
-    forced = next((options for name, options in reversed(_forced) if name == kernel), {})
+    forced = forced_options(kernel)
     tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
                                                 decomposed) or {}
     split_tiles = _split_tiles(kernel, d, operand_dtype, decomposed, arch)

@@ -12,7 +12,8 @@ from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launcher import launch_config
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, kernel_op, register_first_order_autograd)
-from ..kernels.tiles import block_width, cdiv, check_tiles, column_blocks, forced_split
+from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
+                             forced_split)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -116,21 +117,24 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     #two-column-blocks-at-m4s-width-machine-i. It holds at most
     ``MAX_PROJECTION_BACKWARD_BLOCK`` columns per block, so wider rows
     always split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
-    split=1)`` splits narrower ones). Not tuned by timing."""
+    split=1)`` splits narrower ones). Not tuned by timing: ``forced_tiles``
+    may set BM, num_warps and num_stages (a caller's ``block_rows`` first)."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
+    kernel = 'project_backward' if backward else 'project'
+    forced = forced_options(kernel)
     blocks = column_blocks(d)
     split_tiles = None if backward else PROJECTION_SPLIT.get(blocks)
-    forced = forced_split('project_backward' if backward else 'project')
+    forced_blocks = forced_split(kernel)
     if backward:
         wide = block_width(d) > MAX_PROJECTION_BACKWARD_BLOCK
-        split = wide if forced is None else bool(forced) and blocks[1] > 0
+        split = wide if forced_blocks is None else bool(forced_blocks) and blocks[1] > 0
         if wide and not (split and blocks[0] <= MAX_PROJECTION_BACKWARD_BLOCK):
             raise ValueError(f'the projections\' backward holds rows of at most '
                              f'{MAX_PROJECTION_BACKWARD_BLOCK} columns per block: {d} columns '
                              f'in blocks of {blocks}')
     else:
-        split = (split_tiles is not None and operand_dtype != torch.float32 if forced is None
-                 else bool(forced) and blocks[1] > 0)
+        split = (split_tiles is not None and operand_dtype != torch.float32
+                 if forced_blocks is None else bool(forced_blocks) and blocks[1] > 0)
     bd, be = blocks if split else (block_width(d), 0)
     bhd, bhe = column_blocks(d // heads) if split else (block_width(d // heads), 0)
     whole_rows = backward or bd + be <= 128 and operand_dtype != torch.float32
@@ -139,9 +143,11 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
         bm = 16
     elif split and split_tiles is not None:
         bm, bk = split_tiles
+    bm = forced.get('BM', bm)
     return dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
                 BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
-                num_warps=8, num_stages=1 if backward else 2)
+                num_warps=forced.get('num_warps', 8),
+                num_stages=forced.get('num_stages', 1 if backward else 2))
 
 
 def _outputs(x: Tensor, heads: int, updates: int, chunk_size: int) -> Tuple[Tensor, ...]:
