@@ -2,9 +2,10 @@
 run on, and say where they beat the PyTorch path.
 
 For one stage's shapes (``bytes.backbone_shapes``) each kernel of
-``tiles.KERNEL_NAMES`` is tuned by coordinate descent from the options it
-launches with now: one option at a time (BM, BH, num_warps, num_stages and
-programs_per_sm, persistent programs) takes
+``tiles.KERNEL_NAMES`` and the projections' two (``tiles.PROJECTION_KERNELS``)
+is tuned by coordinate descent from the options it launches with now: one
+option at a time (BM, BH, num_warps, num_stages and programs_per_sm,
+persistent programs; the projections' ``PROJECTION_AXES``) takes
 each value of ``AXES`` while the others stay, the fastest is kept when it
 gains at least ``MIN_GAIN``, and the axes are walked again until a round gains
 nothing (or ``rounds`` end). A kernel runs in the call that launches it
@@ -45,14 +46,15 @@ import torch
 from benchmarks.common.record import Record, UsageError
 from benchmarks.common.subjects import describe_error
 from benchmarks.kernels.profile import device_peak, profile_kernels, total_cost, with_kernel_costs
-from benchmarks.memory.bytes import MemoryShape, backbone_shapes, flat_inputs, write_read_inputs
+from benchmarks.memory.bytes import (MemoryShape, backbone_shapes, flat_inputs, projection_inputs,
+                                     write_read_inputs)
 from convneur_mm.analysis.timing import is_cuda, median, time_calls
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
 from convneur_mm.models.layers.memory_ops.kernels.launcher import target_arch
-from convneur_mm.models.layers.memory_ops.kernels.tiles import (REPLACES, block_width,
-                                                                column_blocks, forced_tiles,
-                                                                forced_tiles_of, row_limit,
-                                                                tile_config)
+from convneur_mm.models.layers.memory_ops.kernels.tiles import (PROJECTION_KERNELS, REPLACES,
+                                                                block_width, column_blocks,
+                                                                forced_tiles, forced_tiles_of,
+                                                                row_limit, tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES, MeasuredPath,
                                                                 TunedTile, dtype_name)
 from convneur_mm.utils.cli import positive_float, positive_int
@@ -66,8 +68,11 @@ MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card meas
 # the call that launches each kernel: an operation's forward or its training step
 OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols': 'read step',
          'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
-         'grads_backward_cols': 'write step', 'grads_chunk': 'write',
+         'grads_backward_cols': 'write step', 'project': 'project',
+         'project_backward': 'project step', 'grads_chunk': 'write',
          'grads_backward_chunk': 'write step'}
+# the projections' options: no hidden units, no persistent programs
+PROJECTION_AXES = ('BM', 'num_warps', 'num_stages')
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
 
 
@@ -123,17 +128,27 @@ class Calls(NamedTuple):
 
 def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
                 seed: int = 0) -> Calls:
-    """The write's and the read's forward ('write', 'read') and training
-    steps ('write step', 'read step') at ``shape``, through the Triton
-    kernels and through the PyTorch path (the steps with the closed-form
-    backward), on the same inputs."""
+    """The write's, the read's and the projections' forward ('write',
+    'read', 'project') and training steps ('write step', 'read step',
+    'project step') at ``shape`` (the projections at the backbone's default
+    ``max_lr``), through the Triton kernels and through the PyTorch path
+    (the steps with the closed-form backward), on the same inputs."""
+    from convneur_mm.models.backbones.convneur import ConvNeur
     from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form, chunk_grads_triton,
                                                       read_closed_form, read_triton)
+    from convneur_mm.models.layers.memory_ops.project import (project_closed_form, project_torch,
+                                                              project_triton)
     write, read, cotangents = write_read_inputs(shape, device=device, seed=seed)
     if write is None:
         raise ValueError(f'{shape} writes no chunk: pick a stage with more tokens than a chunk')
+    x, weights, bars = projection_inputs(shape, device=device, seed=seed)
+    projected = (x, weights, shape.writes, shape.chunk, ConvNeur.default_memory_cfg['max_lr'])
+    # the pool's logits bias shifts a feature's logits alike over a chunk's rows, which its
+    # softmax ignores: its gradient is zero but for rounding, no result to compare
+    projection_grads = [x] + [t for name, t in weights._asdict().items() if name != 'logits_bias']
 
-    def calls(grads_fn, read_fn) -> Dict[str, Callable[[], List[torch.Tensor]]]:
+    def calls(grads_fn, read_fn, project_fn, project_step_fn
+              ) -> Dict[str, Callable[[], List[torch.Tensor]]]:
         def forward(fn, args) -> Callable[[], List[torch.Tensor]]:
             def call():
                 with torch.no_grad():
@@ -150,10 +165,13 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
 
         return {'write': forward(grads_fn, write), 'read': forward(read_fn, read),
                 'write step': step(grads_fn, write, flat_inputs(write), cotangents[:3]),
-                'read step': step(read_fn, read, flat_inputs(read), cotangents[3:])}
+                'read step': step(read_fn, read, flat_inputs(read), cotangents[3:]),
+                'project': forward(project_fn, projected),
+                'project step': step(project_step_fn, projected, projection_grads, bars)}
 
-    return Calls(calls(chunk_grads_triton, read_triton),
-                 calls(chunk_grads_closed_form, read_closed_form))
+    return Calls(calls(chunk_grads_triton, read_triton, project_triton, project_triton),
+                 calls(chunk_grads_closed_form, read_closed_form, project_torch,
+                       project_closed_form))
 
 
 class Trial(NamedTuple):
@@ -195,6 +213,27 @@ def with_split_axis(axes: Dict[str, Sequence[int]], start: Dict[str, int], tiles
     if column_blocks(head_dim)[1] == 0:
         return axes, start
     return dict(axes, split=(0, 1)), dict(start, split=int(tiles['BE'] > 0))
+
+
+def kernel_start(kernel: str, shape: MemoryShape, operand_dtype: torch.dtype,
+                 arch: Optional[int], axes: Dict[str, Sequence[int]]
+                 ) -> Tuple[Dict[str, Sequence[int]], Dict[str, int], int]:
+    """The axes ``kernel``'s search walks at ``shape``, its start (the options
+    it launches with now) and the width its entries name (``TunedTile.block_d``):
+    a head's, or for the projections (``PROJECTION_AXES`` only) a whole row."""
+    if kernel in PROJECTION_KERNELS:
+        from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
+        width = shape.heads * shape.head_dim
+        config = projection_tiles(width, shape.heads, min(shape.chunk, shape.tokens), None, None,
+                                  operand_dtype, kernel == 'project_backward', arch)
+        kernel_axes = {axis: axes[axis] for axis in PROJECTION_AXES}
+    else:
+        width = shape.head_dim
+        config = tile_config(kernel, width, shape.chunk, None, None, operand_dtype, arch=arch)
+        kernel_axes = within_row_limit(axes, kernel, operand_dtype, arch)
+    kernel_axes, start = with_split_axis(kernel_axes, {axis: config[axis] for axis in kernel_axes},
+                                         config, width)
+    return kernel_axes, start, width
 
 
 def tune_kernel(kernel: str, call: Callable[[], List[torch.Tensor]], start: Dict[str, int],
@@ -355,11 +394,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                   for name, call in calls.triton.items()}
     chosen: Dict[str, Dict[str, int]] = {}
     for kernel in kernels:
-        config = tile_config(kernel, shape.head_dim, shape.chunk, None, None, operand_dtype,
-                             arch=arch)
-        kernel_axes, start = with_split_axis(
-            within_row_limit(axes, kernel, operand_dtype, arch),
-            {key: config[key] for key in AXES}, config, shape.head_dim)
+        kernel_axes, start, width = kernel_start(kernel, shape, operand_dtype, arch, axes)
         call = calls.triton[OP_OF[kernel]]
         trials = tune_kernel(kernel, call, start, chosen, device, tol, kernel_axes, rounds,
                              deadline, repeats)
@@ -385,8 +420,10 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         if kernel not in REPLACES or record_entry:
             chosen[kernel] = best.options
         if record_entry and arch is not None:
-            entry = TunedTile(kernel, arch, dtype_name(operand_dtype),
-                              block_width(shape.head_dim), False, **best.options)
+            # the projections have no hidden units (BH 16 stands for none) nor persistent programs
+            options = dict(BH=16, programs_per_sm=0, **best.options)
+            entry = TunedTile(kernel, arch, dtype_name(operand_dtype), block_width(width), False,
+                              **options)
             result['entries'].append(f'{entry!r},')
             result['tiles'].append(entry._asdict())
         if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
@@ -495,7 +532,8 @@ def format_report(result: Dict) -> str:
     def options(o: Dict[str, int]) -> str:
         persistent = (f", {o['programs_per_sm']} programs/SM" if o.get('programs_per_sm')
                       else '')
-        return (f"BM {o['BM']}, BH {o['BH']}, {o['num_warps']} warps, {o['num_stages']} stages"
+        hidden = f", BH {o['BH']}" if 'BH' in o else ''  # the projections have none
+        return (f"BM {o['BM']}{hidden}, {o['num_warps']} warps, {o['num_stages']} stages"
                 + persistent)
 
     def ms(value: Optional[float]) -> str:

@@ -169,6 +169,45 @@ def write_read_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
     return StepInputs(write, read, [tensor(*size) for size in out_shapes + [read[1].shape]])
 
 
+class ProjectionInputs(NamedTuple):
+    """A stage's projection inputs: ``x`` (B, N, d), the layers' ``weights``
+    (``ProjectionWeights``), leaves that require grad, and the cotangents of
+    the five results (``Projected``'s shapes)."""
+    x: torch.Tensor
+    weights: tuple
+    cotangents: List[torch.Tensor]
+
+
+def projection_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
+                      seed: int = 0) -> ProjectionInputs:
+    """Random inputs of a stage's projections, scaled as the layers': the
+    products' weights at 1/sqrt(fan-in), the norms' weights near one, the
+    biases and zero-centred gains near zero. ``device`` 'meta': no data."""
+    from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, projection_shapes
+    gen = torch.Generator().manual_seed(seed)
+    h, hd, L = shape.heads, shape.head_dim, shape.chunk
+    d, b, n, tokens = h * hd, shape.batch, shape.tokens, shape.writes * shape.chunk
+
+    def tensor(*size: int, scale: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+        if torch.device(device).type == 'meta':
+            return torch.empty(size, device=device, dtype=dtype)
+        return (torch.randn(size, generator=gen) * scale + mean).to(device, dtype)
+
+    def weight(name: str, size: tuple) -> torch.Tensor:
+        if name.endswith('norm'):
+            return tensor(*size, scale=0.1, mean=1.0)
+        if name.endswith(('bias', 'gamma')):
+            return tensor(*size, scale=0.1)
+        return tensor(*size, scale=d**-0.5)
+
+    weights = ProjectionWeights(*(weight(name, size).requires_grad_() for name, size in
+                                  projection_shapes(d, h)._asdict().items()))
+    x = tensor(b, n, d).requires_grad_()
+    cotangents = [tensor(h, b, n, hd), tensor(h, b, tokens, hd), tensor(h, b, tokens, hd),
+                  tensor(h, b, tokens), tensor(b, shape.writes, d)]
+    return ProjectionInputs(x, weights, cotangents)
+
+
 def write_read_step(shape: MemoryShape, path: str,
                     operand_dtype: Optional[torch.dtype] = None, dtype=torch.float32,
                     device='cpu', seed: int = 0) -> Callable[[], None]:
@@ -267,18 +306,13 @@ def count_projection_bytes(shapes: List[MemoryShape],
     the Triton operators (``TRITON``: each counts as its arguments and
     results; the backward's product gradient, which its weight GEMMs read,
     is not counted)."""
-    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights,
-                                                              project_closed_form, project_torch,
-                                                              project_triton, projection_shapes)
+    from convneur_mm.models.layers.memory_ops.project import (project_closed_form, project_torch,
+                                                              project_triton)
     functions = dict(zip(PATHS + (TRITON, ), (project_torch, project_closed_form, project_triton)))
     counts: Dict[str, List[int]] = {path: [] for path in functions}
     for shape in shapes:
-        b, n, h = shape.batch, shape.tokens, shape.heads
-        d = h * shape.head_dim
         for path, fn in functions.items():
-            weights = ProjectionWeights(*(torch.empty(*size, device='meta').requires_grad_()
-                                          for size in projection_shapes(d, h)))
-            x = torch.empty(b, n, d, device='meta', requires_grad=True)
+            x, weights, _ = projection_inputs(shape, device='meta')
             with AtenOpCounter() as counter:
                 out = fn(x, weights, shape.writes, shape.chunk, 1.0, operand_dtype)
                 out = [t for t in out if t.requires_grad]  # no writes: empty results

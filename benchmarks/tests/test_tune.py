@@ -228,34 +228,39 @@ def test_tuning_on_a_cpu_without_the_interpreter_is_refused_with_the_way_to_run_
 
 @pytest.mark.slow  # about 30 s: the interpreter runs every call of the search
 def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
-    """Three kernels, two forward and one backward, at tiny shapes: each
-    starts from the options it launches with, every candidate computes the
-    start's results, and the four calls are timed through both paths."""
+    """Four kernels, two forward and two backward (one the projections'), at
+    tiny shapes: each starts from the options it launches with, every
+    candidate computes the start's results, and the six calls are timed
+    through both paths."""
     out = tmp_path / 'tune.json'
     done = subprocess.run(
         [sys.executable, '-m', 'benchmarks.run', 'tune', '--dry-run', '--kernels',
-         'read', 'grads_backward_cols', 'grads_chunk', '--rounds', '1', '--json', str(out)],
+         'read', 'grads_backward_cols', 'project_backward', 'grads_chunk', '--rounds', '1',
+         '--json', str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=600,
         env=dict(os.environ, TRITON_INTERPRET='1'))
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads(out.read_text())
     assert record['case'] == 'tune'
     result = record['result']
-    assert list(result['kernels']) == ['read', 'grads_backward_cols', 'grads_chunk']
+    assert list(result['kernels']) == ['read', 'grads_backward_cols', 'project_backward',
+                                       'grads_chunk']
     # the one program per chunk, timed against the two passes it would replace
     assert result['kernels']['grads_chunk']['replaced_ms'] > 0
     assert result['kernels']['grads_chunk']['agrees_with_replaced'] is True
     assert isinstance(result['kernels']['grads_chunk']['replaces'], bool)
     shape = kernel_tuning.DRY_SHAPE
     for name, kernel in result['kernels'].items():
-        default = kernel_tiles.tile_config(name, shape.head_dim, shape.chunk, None, None,
-                                     torch.float16)
-        assert kernel['start'] == {k: default[k] for k in kernel_tuning.AXES}
+        axes, start, _ = kernel_tuning.kernel_start(name, shape, torch.float16, None,
+                                                    kernel_tuning.DRY_AXES)
+        assert kernel['start'] == start and set(start) == set(axes)
         assert kernel['trials'][0] == dict(kernel['start'], ms=kernel['start_ms'], error=None)
         assert len(kernel['trials']) > 1
         assert all(t['error'] is None and t['ms'] > 0 for t in kernel['trials'])
     assert result['kernels']['grads_backward_cols']['call'] == 'write step'
-    assert set(result['calls']) == {'write', 'read', 'write step', 'read step'}
+    assert result['kernels']['project_backward']['call'] == 'project step'
+    assert set(result['calls']) == {'write', 'read', 'write step', 'read step', 'project',
+                                    'project step'}
     for call in result['calls'].values():
         # the kernels observed while they ran in the interpreter; no peak for a CPU
         assert call.pop('roofline_ms') is None
@@ -267,6 +272,27 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert result['stopped_at'] is None and result['error'] is None
     assert result['settings']['dry_run'] and result['settings']['operand_dtype'] == 'float16'
     assert '| read | read |' in done.stdout and 'this run had none' in done.stdout
+
+
+def test_the_projections_start_from_their_wrappers_tiles_on_their_own_axes():
+    """No hidden units or persistent programs; M4's split tried; their
+    entries name the memory's whole width."""
+    from benchmarks.memory.bytes import MemoryShape
+    shape = MemoryShape(batch=128, tokens=3136, chunk=196, heads=1, head_dim=160)
+    axes, start, width = kernel_tuning.kernel_start('project_backward', shape, torch.bfloat16,
+                                                    90, kernel_tuning.AXES)
+    assert (width, axes['split']) == (160, (0, 1))
+    assert set(axes) == {*kernel_tuning.PROJECTION_AXES, 'split'}
+    assert start == dict(BM=16, num_warps=8, num_stages=1, split=1)
+    axes, start, _ = kernel_tuning.kernel_start('project', shape._replace(head_dim=128),
+                                                torch.bfloat16, 90, kernel_tuning.AXES)
+    assert set(axes) == set(kernel_tuning.PROJECTION_AXES)
+    assert start == dict(BM=32, num_warps=8, num_stages=2)
+    axes, start, width = kernel_tuning.kernel_start('read', shape, torch.bfloat16, 90,
+                                                    kernel_tuning.AXES)
+    assert width == 160 and 'BH' in axes and 'BH' in start
+    assert [kernel_tuning.OP_OF[k] for k in ('project', 'project_backward')] == [
+        'project', 'project step']
 
 
 def test_rows_past_a_kernels_row_limit_are_not_tried():

@@ -206,6 +206,34 @@ def test_forced_tiles_set_the_projections_rows_warps_and_stages(kernel):
                 pass
 
 
+def test_a_tuned_entry_sets_the_projections_launch_on_its_gpu_only(monkeypatch):
+    """A ``TUNED_TILES`` entry of a projection kernel sets its rows, warps,
+    stages and split for its GPU and operand dtype; ``forced_tiles`` comes
+    first; the table refuses what the projections cannot launch."""
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
+    from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
+    entry = TunedTile('project_backward', 90, 'bfloat16', 256, False, 32, 16, 4, 2, split=1)
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (entry, ))
+
+    def launch(arch, dtype=torch.bfloat16):
+        config = projection_tiles(160, 1, 196, None, None, dtype, True, arch)
+        return config['BM'], config['num_warps'], config['num_stages']
+
+    assert entry.options() == dict(BM=32, num_warps=4, num_stages=2, split=1)
+    assert launch(90) == (32, 4, 2)
+    assert launch(80) == launch(None) == launch(90, torch.float16) == (16, 8, 1)
+    with kernel_tiles.forced_tiles('project_backward', num_warps=8):
+        assert launch(90) == (32, 8, 2)
+    kernel_tiles.check_tuned_tiles((entry, ))
+    for bad, message in ((entry._replace(split=0), 'in two blocks only'),
+                         (entry._replace(programs_per_sm=2), 'no decomposed or persistent'),
+                         (entry._replace(decomposed=True), 'no decomposed or persistent'),
+                         (entry._replace(kernel='projection'), 'kernel must be one of')):
+        with pytest.raises(ValueError, match=message):
+            kernel_tiles.check_tuned_tiles((bad, ))
+
+
 # (batch, tokens, width, heads, written chunks, chunk): rows past the written
 # chunks, every row written, one chunk, one head
 SHAPES = [(2, 10, 8, 2, 2, 4), (2, 12, 8, 2, 3, 4), (3, 9, 16, 1, 1, 9), (1, 7, 12, 3, 2, 3)]

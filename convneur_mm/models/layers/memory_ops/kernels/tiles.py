@@ -11,7 +11,7 @@ from typing import ContextManager, Dict, Iterable, Iterator, List, Optional, Tup
 import torch
 
 from . import tuned
-from .tuned import OPERAND_DTYPE_NAMES, TunedTile, dtype_name
+from .tuned import OPERAND_DTYPE_NAMES, PROJECTION_KERNELS, TunedTile, dtype_name
 
 # the weights' passes walk a chunk's rows past its whole blocks in steps of
 # tl.dot's least rows: 196 rows in 64-row blocks multiply 208 rows, not 256
@@ -65,9 +65,7 @@ KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows'
 REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
-# kernels whose wrappers choose their own tiles (``project.triton.projection_tiles``), which
-# ``forced_tiles`` forces as it forces the others' but for BH and persistent programs
-PROJECTION_KERNELS = ('project', 'project_backward')
+# what ``forced_tiles`` forces of ``PROJECTION_KERNELS`` (their wrappers choose their tiles)
 PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split')
 # rows held in two column blocks (``column_blocks``) where one padded block
 # takes 16-row tiles: {(BD, BE): {GPU: {kernel: (BM, BH)}}} at 8 warps, the largest
@@ -316,8 +314,13 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
     option, and for two entries of the same kernel and GPU."""
     seen = set()
     for entry in entries:
-        if entry.kernel not in KERNEL_NAMES:
-            raise ValueError(f'{entry}: kernel must be one of {KERNEL_NAMES}')
+        if entry.kernel not in KERNEL_NAMES + PROJECTION_KERNELS:
+            raise ValueError(f'{entry}: kernel must be one of {KERNEL_NAMES + PROJECTION_KERNELS}')
+        if entry.kernel in PROJECTION_KERNELS and (entry.decomposed or entry.programs_per_sm):
+            raise ValueError(f'{entry}: the projections have no decomposed or persistent launch')
+        if entry.kernel == 'project_backward' and entry.split == 0 and entry.block_d > 128:
+            raise ValueError(f'{entry}: the projections\' backward holds rows wider than 128 '
+                             'columns in two blocks only')
         if entry.operand_dtype not in OPERAND_DTYPE_NAMES:
             raise ValueError(f'{entry}: operand_dtype must be one of {OPERAND_DTYPE_NAMES}')
         check_tiles(entry.BM, entry.BH, ('BM', 'BH'))

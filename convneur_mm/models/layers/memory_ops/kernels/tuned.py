@@ -17,6 +17,9 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 OPERAND_DTYPE_NAMES = ('float32', 'float16', 'bfloat16')
+# the kernels whose wrappers choose their tiles (``project.triton.projection_tiles``):
+# rows, warps, stages and the split, no hidden units or persistent programs
+PROJECTION_KERNELS = ('project', 'project_backward')
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -28,12 +31,16 @@ class TunedTile(NamedTuple):
     """One kernel's measured launch options on one kind of GPU.
 
     Args:
-        kernel: one of ``tiles.KERNEL_NAMES``.
+        kernel: one of ``tiles.KERNEL_NAMES``, or of ``PROJECTION_KERNELS``
+            (``project.triton.projection_tiles`` reads their BM, warps,
+            stages and split).
         arch: the compute capability, major * 10 + minor (90: H100, H200).
         operand_dtype: 'float32', 'float16' or 'bfloat16'.
-        block_d: the head width padded to a power of two (``tiles.block_width``).
+        block_d: the head width padded to a power of two (``tiles.block_width``);
+            the projections': the memory's whole width.
         decomposed: a decomposed read's (only the read kernels have one).
-        BM, BH: rows and hidden units per tile (powers of two >= 16).
+        BM, BH: rows and hidden units per tile (powers of two >= 16); the
+            projections have no hidden units (BH 16 stands for none).
         num_warps, num_stages: Triton's launch options.
         programs_per_sm: persistent programs per multiprocessor (0: a
             program per tile).
@@ -55,8 +62,10 @@ class TunedTile(NamedTuple):
     split: Optional[int] = None
 
     def options(self) -> Dict[str, int]:
-        options = dict(BM=self.BM, BH=self.BH, num_warps=self.num_warps,
-                       num_stages=self.num_stages, programs_per_sm=self.programs_per_sm)
+        """The launch options the entry sets (``tiles.forced_tiles``' keywords)."""
+        options = dict(BM=self.BM, num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.kernel not in PROJECTION_KERNELS:
+            options.update(BH=self.BH, programs_per_sm=self.programs_per_sm)
         return options if self.split is None else dict(options, split=self.split)
 
     def key(self) -> Tuple[str, int, str, int, bool]:

@@ -9,11 +9,11 @@ from torch import Tensor
 
 from ..common import RMS_EPS, product
 from ..kernels.availability import MAX_HEAD_DIM
-from ..kernels.launcher import launch_config
+from ..kernels.launcher import launch_config, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
-                             forced_split)
+                             forced_split, tuned_tiles)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -95,7 +95,7 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
 
 def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
                      block_features: Optional[int], operand_dtype: torch.dtype,
-                     backward: bool = False) -> dict:
+                     backward: bool = False, arch: Optional[int] = None) -> dict:
     """The projection kernel's tiles: rows of x in the column blocks BD and
     BE (``tiles.column_blocks``; BE 0: one block), one head's columns in
     BHD and BHE, the step sizes' H columns (BH), BM rows, and BK features
@@ -117,24 +117,30 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     #two-column-blocks-at-m4s-width-machine-i. It holds at most
     ``MAX_PROJECTION_BACKWARD_BLOCK`` columns per block, so wider rows
     always split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
-    split=1)`` splits narrower ones). Not tuned by timing: ``forced_tiles``
-    may set BM, num_warps and num_stages (a caller's ``block_rows`` first)."""
+    split=1)`` splits narrower ones). A ``tuned.TUNED_TILES`` entry of the
+    kernel ('project' or 'project_backward') for the GPU of compute
+    capability ``arch`` sets BM, num_warps, num_stages and the split in
+    place of these defaults; ``tiles.forced_tiles`` sets them in place of
+    both; a caller's ``block_rows`` comes first."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     kernel = 'project_backward' if backward else 'project'
-    forced = forced_options(kernel)
+    tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
+                                                False) or {}
+    launch = {**tuned, **forced_options(kernel)}
     blocks = column_blocks(d)
     split_tiles = None if backward else PROJECTION_SPLIT.get(blocks)
     forced_blocks = forced_split(kernel)
+    chosen_split = tuned.get('split') if forced_blocks is None else forced_blocks
     if backward:
         wide = block_width(d) > MAX_PROJECTION_BACKWARD_BLOCK
-        split = wide if forced_blocks is None else bool(forced_blocks) and blocks[1] > 0
+        split = wide if chosen_split is None else bool(chosen_split) and blocks[1] > 0
         if wide and not (split and blocks[0] <= MAX_PROJECTION_BACKWARD_BLOCK):
             raise ValueError(f'the projections\' backward holds rows of at most '
                              f'{MAX_PROJECTION_BACKWARD_BLOCK} columns per block: {d} columns '
                              f'in blocks of {blocks}')
     else:
         split = (split_tiles is not None and operand_dtype != torch.float32
-                 if forced_blocks is None else bool(forced_blocks) and blocks[1] > 0)
+                 if chosen_split is None else bool(chosen_split) and blocks[1] > 0)
     bd, be = blocks if split else (block_width(d), 0)
     bhd, bhe = column_blocks(d // heads) if split else (block_width(d // heads), 0)
     whole_rows = backward or bd + be <= 128 and operand_dtype != torch.float32
@@ -143,11 +149,11 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
         bm = 16
     elif split and split_tiles is not None:
         bm, bk = split_tiles
-    bm = forced.get('BM', bm)
+    bm = launch.get('BM', bm)
     return dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
                 BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
-                num_warps=forced.get('num_warps', 8),
-                num_stages=forced.get('num_stages', 1 if backward else 2))
+                num_warps=launch.get('num_warps', 8),
+                num_stages=launch.get('num_stages', 1 if backward else 2))
 
 
 def _outputs(x: Tensor, heads: int, updates: int, chunk_size: int) -> Tuple[Tensor, ...]:
@@ -198,7 +204,8 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]
     L = chunk_size
     _check_spans(L, x=x, queries=queries, keys=keys, values=values, token_lr=token_lr)
-    tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features, operand_dtype)
+    tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features, operand_dtype,
+                             arch=target_arch(x.device))
     kernels, cfg = launch_config('project', operand_dtype, x.device)
     weight = as_operands(weight, operand_dtype)
     kernels.project_kernel[(b * cdiv(n, L),)](
@@ -236,7 +243,7 @@ def _project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, po
     # its rows 16-byte aligned for the tensor cores (4d + H is odd for one head)
     grad_proj = x.new_empty(b, n, cdiv(outs, 8) * 8, dtype=operand_dtype)[..., :outs]
     tiles = projection_tiles(d, heads, min(L, n), block_rows, None, operand_dtype,
-                             backward=True)
+                             backward=True, arch=target_arch(x.device))
     row_blocks = cdiv(L, tiles['BM'])
     blocks = b * cdiv(n, L) * row_blocks
     grad_gamma = torch.zeros(blocks, 2 * heads, hd, device=x.device, dtype=torch.float32)
