@@ -250,7 +250,7 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              "and with NonFiniteStopHook (fp16 autocast, as tools/train.py --amp)",
              _lab('train', '--device', 'cuda', '--amp', '--eval', '--guarded',
                   '--json', '{out}/train.json'),
-             230, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
+             260, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
              reruns_on_torch=True),
         Step('train/bf16', 'the real configs against local-only under bf16 autocast '
              '(--amp-dtype bfloat16), beside the fp16 rows',

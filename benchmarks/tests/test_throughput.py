@@ -159,6 +159,12 @@ def test_the_guarded_variant_runs_the_hooks_checks_in_the_same_turns(capsys):
     rows = tt.measure_training([plain, counted], data, 1, 'cpu', iters=2, warmup=1)
     assert len(calls) == 4 and 'loss' in calls[0]  # warm-up, memory window, 2 timed turns
     assert rows['M3']['status'] == 'ok'
+    # two turns: half their difference over the upper one
+    first, second = rows['M3']['s_all']
+    assert rows['M3']['spread'] == pytest.approx(abs(first - second) / 2 / max(first, second))
+    assert rows['M3']['spread'] > 0
+    evaluated = tt.measure_evaluation([plain], data, 1, 'cpu', iters=3, warmup=0)['M3']
+    assert evaluated['spread'] == tt.relative_spread(evaluated['s_all']) > 0
 
     for variant in (plain, guarded):  # the gradient check, before the optimizer's step
         next(variant.model.parameters()).data.fill_(float('nan'))

@@ -260,7 +260,8 @@ def median(values: List[float]) -> float:
 
 def relative_spread(values: List[float]) -> float:
     """The interquartile range over the median (``median``): how far repeated
-    timings of one work disagree, robust to a single stall; 0 for one value."""
+    timings of one work disagree; over a dozen or more, one stall barely moves
+    it (over four, it may span it); 0 for one value."""
     if not values:
         raise ValueError('spread of no values')
     if len(values) == 1:

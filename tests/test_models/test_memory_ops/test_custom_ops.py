@@ -134,3 +134,9 @@ def test_each_kernels_backward_refuses_create_graph(case):
     assert any(g is not None for g in grads)
     with pytest.raises(RuntimeError, match=f'{op.default.name()} has a backward of first order'):
         torch.autograd.grad(loss(), inputs, create_graph=True, allow_unused=True)
+
+
+def test_only_a_kernel_op_gets_a_first_order_backward():
+    from convneur_mm.models.layers.memory_ops.kernels.ops import register_first_order_autograd
+    with pytest.raises(ValueError, match='is no kernel_op'):
+        register_first_order_autograd(len, lambda ctx, grad: grad, lambda ctx, i, o: None)

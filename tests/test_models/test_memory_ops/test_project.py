@@ -197,6 +197,8 @@ def test_forced_tiles_set_the_projections_rows_warps_and_stages(kernel):
         assert launch(block_rows=16)[0] == 16 and launch(rows=20)[0] == 32
         with kernel_tiles.forced_tiles(kernel, num_warps=2):  # the innermost alone
             assert launch() == (default[0], 2, default[2], 32)
+    with kernel_tiles.forced_tiles(kernel, split=1), kernel_tiles.forced_tiles(kernel, BM=64):
+        assert launch()[0] == 64  # nothing of the outer block, as for the other kernels
     other = 'project' if backward else 'project_backward'
     with kernel_tiles.forced_tiles(other, BM=64, num_warps=4, num_stages=3):
         assert launch() == default

@@ -45,6 +45,8 @@ def register_first_order_autograd(op: Callable, backward: Callable,
     ``kernel_op`` whose backward launches kernels of first order: differentiated
     with ``create_graph=True`` it is an error naming the operator
     (``first_order_only``) before anything launches."""
+    if op not in _QUALNAMES:
+        raise ValueError(f'{op!r} is no kernel_op: its name is not known')
     qualname = _QUALNAMES[op]
 
     @functools.wraps(backward)

@@ -98,6 +98,8 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     inside the block: how a tuning run tries a configuration. ``split=0``
     holds a row in one padded block where ``column_blocks`` would take two.
     A caller's ``block_rows`` and ``block_hidden`` still take precedence.
+    Nested blocks of one kernel do not merge: the innermost one's options
+    are the kernel's (``forced_options``).
     The kernels of ``PROJECTION_KERNELS`` take ``PROJECTION_OPTIONS``."""
     if kernel in PROJECTION_KERNELS:
         if set(options) - set(PROJECTION_OPTIONS):
@@ -143,13 +145,6 @@ def forced_column_blocks(split: Optional[int]) -> ContextManager[None]:
 def forced_options(kernel: str) -> Dict[str, int]:
     """The options of the innermost open ``forced_tiles`` of ``kernel`` ({}: none)."""
     return next((options for name, options in reversed(_forced) if name == kernel), {})
-
-
-def forced_split(kernel: str) -> Optional[int]:
-    """The ``split`` of the innermost open ``forced_tiles`` of ``kernel``
-    that names one, or None."""
-    return next((options['split'] for name, options in reversed(_forced)
-                 if name == kernel and 'split' in options), None)
 
 
 def check_programs_per_sm(value: int) -> None:

@@ -13,7 +13,7 @@ from ..kernels.launcher import launch_config, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
-                             forced_split, tuned_tiles)
+                             tuned_tiles)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -126,11 +126,11 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     kernel = 'project_backward' if backward else 'project'
     tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
                                                 False) or {}
-    launch = {**tuned, **forced_options(kernel)}
+    forced = forced_options(kernel)
+    launch = {**tuned, **forced}
     blocks = column_blocks(d)
     split_tiles = None if backward else PROJECTION_SPLIT.get(blocks)
-    forced_blocks = forced_split(kernel)
-    chosen_split = tuned.get('split') if forced_blocks is None else forced_blocks
+    chosen_split = forced.get('split', tuned.get('split'))
     if backward:
         wide = block_width(d) > MAX_PROJECTION_BACKWARD_BLOCK
         split = wide if chosen_split is None else bool(chosen_split) and blocks[1] > 0
