@@ -129,6 +129,33 @@ def test_budget_estimates_an_item_by_the_last_of_its_kind():
     assert suite.why_not('branch_variant') is None
 
 
+def _compiled_row(m3_ms, status='ok'):
+    return dict(status=status, models={'M3': dict(ms=m3_ms), 'M3 local-only': dict(ms=4.0)},
+                overhead_over_local=(m3_ms - 4.0) / 4.0)
+
+
+def test_the_compiled_section_gives_the_entry_auto_reads_under_compile():
+    """Both compiled rows ok: a ``MeasuredPath`` with ``compiled=True`` that
+    the path policy accepts, the kernels' row its Triton time; either row
+    not ok: none. The target takes the faster row, as a measured 'auto' does."""
+    from convneur_mm.models.layers.memory_ops.dispatch import check_measured_paths
+    kernels = 'bf16_autocast implementation=triton'
+    modes = {'bf16_autocast': _compiled_row(12.0), kernels: _compiled_row(6.0)}
+    entry = memory_suite.compiled_measured_path(modes, (9, 0), 'NVIDIA H200', 128)
+    assert (entry.arch, entry.operand_dtype, entry.training, entry.compiled) == (
+        90, 'bfloat16', False, True)
+    assert (entry.triton_ms, entry.torch_ms, entry.block_d, entry.every_kernel) == (
+        6.0, 12.0, 128, True)
+    assert 'H200' in entry.measured
+    check_measured_paths([entry])
+    for broken in ('bf16_autocast', kernels):
+        assert memory_suite.compiled_measured_path(
+            dict(modes, **{broken: dict(status='error: x')}), (9, 0), 'a card', 128) is None
+    result = dict(sections=dict(compiled=dict(modes=modes)))
+    assert memory_suite.targets(result)['branch overhead over local-only, bf16 compiled'][
+        'value'] == 0.5
+
+
 def test_a_compiled_mode_does_not_start_without_its_first_estimate_on_a_gpu():
     suite = memory_suite.MemorySuite(Record(None, 'memory'), dry_run=True, budget_s=30.0)
     assert suite.why_not('compiled_mode') is None  # a dry run has no GPU estimate

@@ -109,6 +109,9 @@ def test_a_measurement_speaks_for_the_head_widths_tiled_as_it_was():
     # one entry per width: M4's may sit beside M3's
     dispatch.check_measured_paths([*tuned.MEASURED_PATHS,
                                 tuned.MEASURED_PATHS[0]._replace(block_d=256)])
+    # and a compiled one beside the eager one
+    dispatch.check_measured_paths([*tuned.MEASURED_PATHS,
+                                tuned.MEASURED_PATHS[0]._replace(compiled=True)])
 
 
 def test_a_new_measurement_decides_auto_for_its_gpu_and_mode(monkeypatch):
@@ -225,10 +228,33 @@ def test_auto_keeps_the_pytorch_path_under_torch_compile_on_a_measured_gpu(monke
         plan = memory.plan(x)
     assert plan.operand_dtype == torch.bfloat16
     assert plan.implementation == 'torch' and 'under torch.compile' in plan.reason, plan
+    assert 'inside a compiled graph' in plan.reason
     assert (plan.projections, plan.scan) == ('torch', 'torch')
     memory.implementation = 'triton'  # asked for: traced as custom operators
     with torch.no_grad():
         assert memory.plan(x).implementation == 'triton'
+
+
+@pytest.mark.parametrize('triton_ms, path', [(5.0, 'triton'), (15.0, 'torch')])
+def test_a_compiled_measurement_decides_auto_under_torch_compile_only(monkeypatch, triton_ms,
+                                                                      path):
+    """An entry timed inside a compiled graph decides a compiled call, the
+    projections and scan with it, and nothing of an eager call."""
+    _as_if_on_sm_90(monkeypatch)
+    compiled = tuned.MeasuredPath(90, 'bfloat16', False, triton_ms, 10.0, 'a compiled test',
+                                  every_kernel=True, compiled=True)
+    monkeypatch.setattr(tuned, 'MEASURED_PATHS', (compiled, ))
+    memory = NeuralMemory(128, chunk_size=8, operand_dtype='bfloat16').eval()
+    x = torch.randn(1, 20, 128)
+    with torch.no_grad():
+        eager = memory.plan(x)
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        plan = memory.plan(x)
+    assert eager.implementation == 'torch' and 'no GPU has timed' in eager.reason, eager
+    assert plan.implementation == path and 'a compiled test' in plan.reason, plan
+    assert (plan.projections, plan.scan) == (path, path)
+    assert dispatch.auto_path(90, 'bfloat16', False, 128, compiled=True)[0] == path
+    assert dispatch.auto_path(90, 'bfloat16', True, 128, compiled=True)[0] == 'torch'
 
 
 def test_a_sequential_memory_never_reports_the_scan_kernel(monkeypatch):

@@ -223,11 +223,11 @@ def _triton_unavailable(x: Tensor, settings: PathSettings, dtype: Optional[torch
     ``torch.compile`` keeps them whole in its graph (custom operators);
     ``torch.export`` keeps the shape-generic PyTorch graph, which ONNX
     needs. 'auto' takes them only where a GPU measured them faster than
-    the PyTorch path for its compute capability, operand dtype, mode and
-    tiled head width (``auto_path``): on sm_90 for bf16 inference at C_m
-    65 to 128, the projection and scan kernels too
-    (``MeasuredPath.every_kernel``); float32 products stay on cuBLAS, and
-    training on the PyTorch path ('triton' takes the kernels wherever they
+    the PyTorch path for its compute capability, operand dtype, mode,
+    tiled head width and compilation (``auto_path``): on sm_90 for eager bf16
+    inference at C_m 65 to 128, the projection and scan kernels too
+    (``MeasuredPath.every_kernel``); float32 products stay on cuBLAS,
+    training and compiled calls on the PyTorch path ('triton' takes the kernels wherever they
     run, Triton's CPU interpreter included, and trains with their backward
     kernels)."""
     if torch.compiler.is_exporting():
@@ -235,10 +235,6 @@ def _triton_unavailable(x: Tensor, settings: PathSettings, dtype: Optional[torch
     compute_dtype = at_least_float32(x.dtype)
     if compute_dtype != torch.float32:
         return f'they compute float32 memories, not {compute_dtype}'
-    if settings.implementation == 'auto' and torch.compiler.is_compiling():
-        # Inductor fuses the PyTorch path's elementwise work: no GPU run has yet
-        # timed the kernels against it, so 'auto' leaves them to 'triton' there
-        return "'auto' keeps the PyTorch path under torch.compile (implementation='triton' asks)"
     if settings.implementation == 'auto':
         path, why = auto_path(*_measured_as(x, settings, dtype))
         if path == 'torch':
@@ -252,11 +248,13 @@ def _triton_unavailable(x: Tensor, settings: PathSettings, dtype: Optional[torch
 
 
 def _measured_as(x: Tensor, settings: PathSettings, dtype: Optional[torch.dtype]
-                 ) -> Tuple[Optional[int], str, bool, int]:
-    """(compute capability, operand dtype name, training, head width):
-    the key of this call's ``MEASURED_PATHS`` entry."""
+                 ) -> Tuple[Optional[int], str, bool, int, bool]:
+    """(compute capability, operand dtype name, training, head width,
+    compiled): the key of this call's ``MEASURED_PATHS`` entry; Inductor
+    fuses the PyTorch path's elementwise work, so a compiled call reads the
+    entries timed compiled."""
     return (cuda_capability(x.device), dtype_name(dtype or torch.float32),
-            torch.is_grad_enabled(), settings.head_dim)
+            torch.is_grad_enabled(), settings.head_dim, torch.compiler.is_compiling())
 
 
 def _auto_takes_every_kernel(x: Tensor, settings: PathSettings,
@@ -283,7 +281,7 @@ def _projections(settings: PathSettings, every_kernel: bool, plain_projections: 
 def check_measured_paths(entries: Iterable[MeasuredPath]) -> None:
     """A clear error for an entry with an unknown dtype, a time that is not
     positive or a width that is no tile's, and for two entries of the same
-    GPU, dtype, mode and width."""
+    GPU, dtype, mode, width and compilation."""
     seen = set()
     for entry in entries:
         if entry.operand_dtype not in OPERAND_DTYPE_NAMES:
@@ -297,37 +295,40 @@ def check_measured_paths(entries: Iterable[MeasuredPath]) -> None:
         seen.add(key)
 
 
-def measured_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
-                  ) -> Optional[MeasuredPath]:
-    """The ``MEASURED_PATHS`` entry of this GPU, operand dtype, mode and
-    tiled head width (``block_width``), or None."""
-    key = (arch, operand_dtype, training, block_width(head_dim))
+def measured_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int,
+                  compiled: bool = False) -> Optional[MeasuredPath]:
+    """The ``MEASURED_PATHS`` entry of this GPU, operand dtype, mode, tiled
+    head width (``block_width``) and compilation, or None."""
+    key = (arch, operand_dtype, training, block_width(head_dim), compiled)
     # read at each call: a patched table counts
     return next((e for e in tuned.MEASURED_PATHS if e.key() == key), None)
 
 
-def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int
-              ) -> Tuple[str, str]:
+def auto_path(arch: Optional[int], operand_dtype: str, training: bool, head_dim: int,
+              compiled: bool = False) -> Tuple[str, str]:
     """('triton' or 'torch', why) for ``implementation='auto'``: the kernels where
-    an entry of ``MEASURED_PATHS`` for this GPU, operand dtype, mode and
-    tiled head width timed them faster, else the PyTorch path.
+    an entry of ``MEASURED_PATHS`` for this GPU, operand dtype, mode, tiled
+    head width and compilation timed them faster, else the PyTorch path.
 
     Args:
         arch: the CUDA GPU's compute capability, or None (no CUDA GPU).
         operand_dtype: the products' operand dtype, by name.
         training: a training call.
         head_dim: the memory's head width C_m (its padded width decides).
+        compiled: a call traced by ``torch.compile``.
     """
-    mode = 'trains' if training else 'runs'
+    mode = ('trains' if training else 'runs') + (' under torch.compile' if compiled else '')
     if arch is None:
         return 'torch', (f"'auto' {mode} on the PyTorch path off NVIDIA's CUDA GPUs "
                          "(implementation='triton' takes the Triton kernels)")
-    entry = measured_path(arch, operand_dtype, training, head_dim)
+    entry = measured_path(arch, operand_dtype, training, head_dim, compiled)
     what = (f'sm_{arch} with {operand_dtype} operands at heads {head_dim} wide (tiled as '
             f'{block_width(head_dim)})')
     if entry is None:
+        inside = ' inside a compiled graph' if compiled else ''
         return 'torch', (f"'auto' {mode} on the PyTorch path: no GPU has timed the Triton "
-                         f"kernels against it on {what} (implementation='triton' takes them)")
+                         f"kernels against it{inside} on {what} (implementation='triton' "
+                         'takes them)')
     timing = (f'{entry.triton_ms:g} ms through the kernels against {entry.torch_ms:g} ms '
               f'through PyTorch, on {entry.measured}')
     if entry.triton_ms < entry.torch_ms:

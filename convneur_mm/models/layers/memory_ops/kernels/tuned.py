@@ -97,6 +97,10 @@ class MeasuredPath(NamedTuple):
             (M1-M3's 80, 96 and 128 are 128; M4's 160 is 256, which the
             kernels hold as 128 + 32 columns): an entry speaks for that
             width class only.
+        compiled: both paths timed inside ``torch.compile``'s graph (the
+            kernels as custom operators, the PyTorch path fused by
+            Inductor): 'auto' under torch.compile reads only such entries,
+            eager calls only the others.
     """
     arch: int
     operand_dtype: str
@@ -106,10 +110,11 @@ class MeasuredPath(NamedTuple):
     measured: str
     every_kernel: bool = False
     block_d: int = 128
+    compiled: bool = False
 
-    def key(self) -> Tuple[int, str, bool, int]:
+    def key(self) -> Tuple[int, str, bool, int, bool]:
         """What the entry is for: one table entry per key."""
-        return self.arch, self.operand_dtype, self.training, self.block_d
+        return self.arch, self.operand_dtype, self.training, self.block_d, self.compiled
 
 
 # the four global branches of M3 at batch 128, 224², eager, implementation='triton' against
