@@ -253,19 +253,22 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              260, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
              reruns_on_torch=True),
         Step('train/bf16', 'the real configs against local-only under bf16 autocast '
-             '(--amp-dtype bfloat16), beside the fp16 rows',
+             '(--amp-dtype bfloat16), beside the fp16 rows, ConvNeur on its default path '
+             'and on the Triton kernels',
              _lab('train', '--device', 'cuda', '--amp', '--amp-dtype', 'bfloat16', '--peers',
-                  'local-only', '--json', '{out}/train_bf16.json'),
-             110, dry_argv=_lab('train', '--dry-run', '--jobs', 'cls-m3', '--peers',
-                                'local-only', '--json', '{out}/train_bf16.json'),
+                  'local-only', 'kernels', '--json', '{out}/train_bf16.json'),
+             150, dry_argv=_lab('train', '--dry-run', '--jobs', 'cls-m3', '--peers',
+                                'local-only', 'kernels', '--json', '{out}/train_bf16.json'),
              reruns_on_torch=True),
-        Step('train/compiled', 'the ImageNet and ADE20K configs against local-only, both '
-             'compiled as tools/train.py --compile compiles them (fp16 autocast)',
-             _lab('train', '--device', 'cuda', '--amp', '--compile', '--jobs', 'cls-m3',
-                  'fpn-m3', 'upernet-m4', '--peers', 'local-only',
-                  '--json', '{out}/train_compiled.json'),
-             300, dry_argv=_lab('train', '--dry-run', '--compile', '--jobs', 'cls-m3',
-                                '--peers', 'local-only', '--json', '{out}/train_compiled.json'),
+        Step('train/compiled', 'the ImageNet and ADE20K configs against local-only, all '
+             'compiled as tools/train.py --compile compiles them (bf16 autocast), ConvNeur '
+             'on its default path and with the kernels in its graph',
+             _lab('train', '--device', 'cuda', '--amp', '--amp-dtype', 'bfloat16',
+                  '--compile', '--jobs', 'cls-m3', 'fpn-m3', 'upernet-m4', '--peers',
+                  'local-only', 'kernels', '--json', '{out}/train_compiled.json'),
+             400, dry_argv=_lab('train', '--dry-run', '--compile', '--jobs', 'cls-m3',
+                                '--peers', 'local-only', 'kernels',
+                                '--json', '{out}/train_compiled.json'),
              reruns_on_torch=True),
         Step('precision/m1', 'bf16 and fp16 against float32 training, M1 on the tiny ImageNet, '
              'three seeds', _lab('precision', '--work-dir', '{out}/precision_runs',

@@ -27,6 +27,25 @@ def test_peers_swap_the_backbone_and_the_widths_that_read_it():
         upernet.config).model.decode_head.in_channels  # nano has M4's widths
     local = tt.variant_config(upernet, 'local-only').model
     assert local.backbone.memory_placement == 'none'
+    kernels = tt.variant_config(upernet, 'kernels').model.backbone
+    base = load_config(upernet.config).model.backbone
+    assert kernels.memory_cfg.implementation == 'triton'
+    assert {k: v for k, v in kernels.memory_cfg.items() if k != 'implementation'} == {
+        k: v for k, v in base.memory_cfg.items() if k != 'implementation'}
+
+
+def test_the_kernels_row_is_asked_for_and_skipped_where_they_cannot_run(monkeypatch):
+    """Not a default peer; on a CPU without the interpreter its row says why
+    it was not timed, and the other variants train in their turns."""
+    assert 'kernels' not in _parse([]).peers
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    monkeypatch.setattr(tt, '_kernels_unavailable', lambda device: 'no GPU here')
+    job = tt.run_job('cls-m3', ('local-only', 'kernels'), dry=True, iters=1, warmup=0)
+    assert job['errors'] == {
+        'ConvNeur-M3 kernels': 'skipped: the kernels cannot run here (no GPU here)'}
+    assert set(job['train']) == {'ConvNeur-M3', 'ConvNeur-M3 local-only'}
+    assert all(row['status'] == 'ok' for row in job['train'].values())
+    assert tt._kernels_unavailable('cpu') is not None  # no interpreter in this process
 
 
 def test_resnet_peer_downloads_nothing_and_a_classifier_gets_its_pooling():

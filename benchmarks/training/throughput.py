@@ -17,7 +17,9 @@ forward, loss, backward and the optimizer step, data loading excluded. The
 peers (``PEERS``) are config overrides of the same job: ConvNeur local-only
 (``memory_placement='none'``), MMPretrain's ConvNeXt-V2 of the same widths
 and the base config's ResNet-50, the neck's and heads' input widths changed
-to match. All variants of a job live on the device together and are timed in
+to match (``DEFAULT_PEERS``), and on request ConvNeur with every memory on
+the Triton kernels (``kernels``: the training path 'auto' would take where
+a GPU measured it faster), skipped where they cannot run. All variants of a job live on the device together and are timed in
 turns (``time_in_turns``).
 
 Two choices keep every timed iteration the same work: the learning rate is
@@ -87,7 +89,9 @@ JOBS = {
     'cls-m3': Job('cls_convneur_m3_300e_in1k.py', 'mmpretrain::_base_/models/resnet50.py',
                   'pico'),
 }
-PEERS = ('local-only', 'convnextv2', 'resnet50')
+PEERS = ('local-only', 'convnextv2', 'resnet50', 'kernels')
+# the peers a run takes unless told: the kernels' row only where asked (a GPU's)
+DEFAULT_PEERS = PEERS[:3]
 
 # the dry mode's (train, test) image sizes, (H, W): stage 1 still has
 # several memory chunks at the classification and segmentation chunk sizes
@@ -151,12 +155,17 @@ def variant_config(job: Job, peer: Optional[str] = None) -> Config:
     """The job's config, or a peer's (``PEERS``): local-only by the
     backbone's ``memory_placement``; ConvNeXt-V2 and ResNet-50 swapped in for
     the backbone (ResNet-50 as the base config has it, its checkpoint left
-    out: nothing downloads), the widths that read it changed to match."""
+    out: nothing downloads), the widths that read it changed to match;
+    'kernels': ConvNeur with ``memory_cfg.implementation='triton'`` (every
+    memory through the Triton kernels and their backward kernels, whatever
+    'auto' would take)."""
     cfg = load_config(job.config)
     if peer is None:
         return cfg
     if peer == 'local-only':
         cfg.merge_from_dict({'model.backbone.memory_placement': 'none'})
+    elif peer == 'kernels':
+        cfg.merge_from_dict({'model.backbone.memory_cfg.implementation': 'triton'})
     elif peer == 'convnextv2':
         if job.convnextv2 is None:
             raise ValueError(f'{job.config} has no ConvNeXt-V2 of its widths')
@@ -177,9 +186,11 @@ def variant_config(job: Job, peer: Optional[str] = None) -> Config:
 
 
 def variant_name(job: Job, peer: Optional[str], arch: str) -> str:
-    """'ConvNeur-M3', 'ConvNeur-M3 local-only', 'ConvNeXt-V2-P', 'ResNet-50'."""
+    """'ConvNeur-M3', 'ConvNeur-M3 local-only', 'ConvNeXt-V2-P', 'ResNet-50',
+    'ConvNeur-M3 kernels'."""
     arch = arch.upper()
     return {None: f'ConvNeur-{arch}', 'local-only': f'ConvNeur-{arch} local-only',
+            'kernels': f'ConvNeur-{arch} kernels',
             'convnextv2': f'ConvNeXt-V2-{CONVNEXTV2_NAMES.get(job.convnextv2, "?")}',
             'resnet50': 'ResNet-50'}[peer]
 
@@ -463,7 +474,7 @@ def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, 
 
 # ------------------------------------------------------------------ jobs
 
-def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = False,
+def run_job(name: str, peers: Sequence[str] = DEFAULT_PEERS, device='cpu', amp: bool = False,
             amp_dtype: Optional[str] = None, compile_mode: Optional[str] = None,
             backend: str = 'inductor', iters: int = ITERS, warmup: int = 2,
             evaluate: bool = False, dry: bool = False, guarded: bool = False) -> dict:
@@ -511,6 +522,10 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
         if peer == 'convnextv2' and job.convnextv2 is None:
             continue
         title = variant_name(job, peer, arch)
+        why = _kernels_unavailable(device) if peer == 'kernels' else None
+        if why is not None:  # a failing step would end every variant's turns
+            result['errors'][title] = f'skipped: the kernels cannot run here ({why})'
+            continue
         for mode in (None, compile_mode) if compile_mode else (None, ):
             label = f'{title} compiled' if mode else title
             try:
@@ -556,6 +571,12 @@ def run_job(name: str, peers: Sequence[str] = PEERS, device='cpu', amp: bool = F
     return result
 
 
+def _kernels_unavailable(device) -> Optional[str]:
+    """Why the memory's Triton kernels cannot run on ``device``, or None."""
+    from convneur_mm.models.layers.memory_ops.kernels import unavailable_reason
+    return unavailable_reason(device)
+
+
 def _guarded(measure) -> dict:
     """The rows of ``measure()``, or one ``error`` row where it fails: a
     failed evaluation keeps the training figures, a failed job the others'."""
@@ -565,7 +586,7 @@ def _guarded(measure) -> dict:
         return {'all': dict(status=describe_error(exc))}
 
 
-def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
+def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = DEFAULT_PEERS,
         device: Optional[str] = None, amp: bool = False, amp_dtype: Optional[str] = None,
         compile_mode: Optional[str] = None, backend: str = 'inductor',
         iters: Optional[int] = None, warmup: Optional[int] = None, evaluate: bool = False,
@@ -605,8 +626,10 @@ def run(jobs: Sequence[str] = tuple(JOBS), peers: Sequence[str] = PEERS,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This case's options (the runner adds ``--dry-run`` and ``--json``)."""
     parser.add_argument('--jobs', nargs='+', choices=list(JOBS), default=list(JOBS))
-    parser.add_argument('--peers', nargs='*', choices=list(PEERS), default=list(PEERS),
-                        help='the backbones beside ConvNeur (none: ConvNeur alone)')
+    parser.add_argument('--peers', nargs='*', choices=list(PEERS), default=list(DEFAULT_PEERS),
+                        help='the backbones beside ConvNeur (none: ConvNeur alone; '
+                        f'default {" ".join(DEFAULT_PEERS)}); kernels: ConvNeur with '
+                        "memory_cfg.implementation='triton'")
     parser.add_argument('--amp', action='store_true',
                         help="mixed precision as tools/train.py's --amp")
     parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'],
