@@ -421,7 +421,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             chosen[kernel] = best.options
         if record_entry and arch is not None:
             # the projections have no hidden units (BH 16 stands for none) nor persistent programs
-            options = dict(BH=16, programs_per_sm=0, **best.options)
+            none = dict(BH=16, programs_per_sm=0) if kernel in PROJECTION_KERNELS else {}
+            options = {**none, **best.options}
             entry = TunedTile(kernel, arch, dtype_name(operand_dtype), block_width(width), False,
                               **options)
             result['entries'].append(f'{entry!r},')

@@ -295,6 +295,32 @@ def test_the_projections_start_from_their_wrappers_tiles_on_their_own_axes():
         'project', 'project step']
 
 
+@pytest.mark.parametrize('kernel', ['read', 'project_backward'])
+def test_a_gain_on_a_gpu_is_recorded_as_an_entry_the_tables_accept(monkeypatch, kernel):
+    """As on a GPU (a compute capability, candidates timed): the faster
+    options become a ``TunedTile`` that ``apply_tuned``'s checks accept and
+    that sets them again; the projections' without hidden units."""
+    from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
+    monkeypatch.setattr(kernel_tuning, 'target_arch', lambda device: 80)
+    monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda *args, **kwargs: 1e-3)
+    monkeypatch.setattr(kernel_tuning, '_time_calls', lambda *args, **kwargs: None)
+    monkeypatch.setattr(kernel_tuning, 'measured_paths', lambda *args, **kwargs: [])
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'a card')
+
+    def faster_with_other_warps(kernel, call, start, *args, **kwargs):
+        return [Trial(start, 2e-3), Trial(dict(start, num_warps=12 - start['num_warps']), 1e-3)]
+
+    monkeypatch.setattr(kernel_tuning, 'tune_kernel', faster_with_other_warps)
+    result = kernel_tuning.tune_stage(kernel_tuning.DRY_SHAPE, torch.float16, 'cpu', [kernel])
+    entry = TunedTile(**result['tiles'][0])
+    check_tuned_tiles([entry])
+    chosen = result['kernels'][kernel]['chosen']
+    assert entry.options() == chosen and (entry.kernel, entry.arch) == (kernel, 80)
+    assert ('BH' in chosen) == (kernel == 'read')
+    assert result['entries'] == [f'{entry!r},']
+
+
 def test_rows_past_a_kernels_row_limit_are_not_tried():
     axes = kernel_tuning.AXES
     limited = kernel_tuning.within_row_limit(axes, 'read_backward_rows', torch.bfloat16, 90)
