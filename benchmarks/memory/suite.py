@@ -444,10 +444,13 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                                 ctx.checkpoint(dict(backend=backend, modes={**rows, **part}))))
         if rows[mode]['status'] == 'ok':
             rows[mode]['graphs'] = graphs_compiled() - before
+            timed = copy.deepcopy(ctx.m3)  # the path the row timed, not 'auto''s
+            _on_pytorch_path(timed)
             rows[mode]['graph_breaks'] = graph_breaks(
-                ctx.m3.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
-                                             device=ctx.device),
+                timed.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
+                                            device=ctx.device),
                 'bf16' if mode == 'bf16_autocast' else None, ctx.device)
+            del timed
         if mode == 'bf16_autocast' and ctx.cuda:
             kernels_row = 'bf16_autocast implementation=triton'
             rows[kernels_row] = _compiled_kernels_rows(
@@ -506,6 +509,10 @@ def _compiled_kernels_rows(ctx: MemorySuite, backend: str, local_only: torch.nn.
     """M3 with ``implementation='triton'`` compiled (the kernels as custom operators
     in its graph) against the compiled local-only network already timed: the
     measurement by which ``'auto'`` may take the kernels under torch.compile."""
+    from convneur_mm.models.layers.memory_ops import dispatch
+    if dispatch.FORCED_IMPLEMENTATION == 'torch':  # it would time the PyTorch path again
+        return dict(status=f'skipped: {dispatch.FORCE_ENV}=torch puts every memory on the '
+                    'PyTorch path')
     try:
         model = build_classifier(ctx.device, ctx.sizes['chunk_size'],
                                  {'model.backbone.memory_cfg.implementation': 'triton'})

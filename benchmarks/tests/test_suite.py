@@ -134,10 +134,11 @@ def _compiled_row(m3_ms, status='ok'):
                 overhead_over_local=(m3_ms - 4.0) / 4.0)
 
 
-def test_the_compiled_section_gives_the_entry_auto_reads_under_compile():
+def test_the_compiled_section_gives_the_entry_auto_reads_under_compile(monkeypatch):
     """Both compiled rows ok: a ``MeasuredPath`` with ``compiled=True`` that
     the path policy accepts, the kernels' row its Triton time; either row
     not ok: none. The target takes the faster row, as a measured 'auto' does."""
+    from convneur_mm.models.layers.memory_ops import dispatch
     from convneur_mm.models.layers.memory_ops.dispatch import check_measured_paths
     kernels = 'bf16_autocast implementation=triton'
     modes = {'bf16_autocast': _compiled_row(12.0), kernels: _compiled_row(6.0)}
@@ -151,6 +152,13 @@ def test_the_compiled_section_gives_the_entry_auto_reads_under_compile():
     for broken in ('bf16_autocast', kernels):
         assert memory_suite.compiled_measured_path(
             dict(modes, **{broken: dict(status='error: x')}), (9, 0), 'a card', 128) is None
+    # a rerun on the PyTorch path (after a fault) times no kernels' row, so gives no entry
+    monkeypatch.setattr(dispatch, 'FORCED_IMPLEMENTATION', 'torch')
+    row = memory_suite._compiled_kernels_rows(None, 'inductor', None, lambda part: None)
+    assert row['status'] == ('skipped: CONVNEUR_MEMORY_IMPLEMENTATION=torch puts every memory '
+                             'on the PyTorch path')
+    assert memory_suite.compiled_measured_path(dict(modes, **{kernels: row}), (9, 0), 'a card',
+                                               128) is None
     result = dict(sections=dict(compiled=dict(modes=modes)))
     assert memory_suite.targets(result)['branch overhead over local-only, bf16 compiled'][
         'value'] == 0.5

@@ -37,15 +37,18 @@ def test_peers_swap_the_backbone_and_the_widths_that_read_it():
 def test_the_kernels_row_is_asked_for_and_skipped_where_they_cannot_run(monkeypatch):
     """Not a default peer; on a CPU without the interpreter its row says why
     it was not timed, and the other variants train in their turns."""
+    from convneur_mm.models.layers.memory_ops import dispatch
     assert 'kernels' not in _parse([]).peers
-    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    assert tt._kernels_unavailable('cpu') is not None  # no interpreter in this process
+    # a rerun on the PyTorch path would time it under the kernels' name
+    monkeypatch.setattr(dispatch, 'FORCED_IMPLEMENTATION', 'torch')
+    assert 'CONVNEUR_MEMORY_IMPLEMENTATION=torch' in tt._kernels_unavailable('cuda')
     monkeypatch.setattr(tt, '_kernels_unavailable', lambda device: 'no GPU here')
     job = tt.run_job('cls-m3', ('local-only', 'kernels'), dry=True, iters=1, warmup=0)
     assert job['errors'] == {
         'ConvNeur-M3 kernels': 'skipped: the kernels cannot run here (no GPU here)'}
     assert set(job['train']) == {'ConvNeur-M3', 'ConvNeur-M3 local-only'}
     assert all(row['status'] == 'ok' for row in job['train'].values())
-    assert tt._kernels_unavailable('cpu') is not None  # no interpreter in this process
 
 
 def test_resnet_peer_downloads_nothing_and_a_classifier_gets_its_pooling():

@@ -572,8 +572,13 @@ def run_job(name: str, peers: Sequence[str] = DEFAULT_PEERS, device='cpu', amp: 
 
 
 def _kernels_unavailable(device) -> Optional[str]:
-    """Why the memory's Triton kernels cannot run on ``device``, or None."""
+    """Why the memory's Triton kernels cannot run on ``device``, or None;
+    under ``CONVNEUR_MEMORY_IMPLEMENTATION=torch`` (a rerun after a fault) a
+    'kernels' row would time the PyTorch path under the kernels' name."""
+    from convneur_mm.models.layers.memory_ops import dispatch
     from convneur_mm.models.layers.memory_ops.kernels import unavailable_reason
+    if dispatch.FORCED_IMPLEMENTATION == 'torch':
+        return f'{dispatch.FORCE_ENV}=torch puts every memory on the PyTorch path'
     return unavailable_reason(device)
 
 
