@@ -363,11 +363,17 @@ class NeuralMemory(KeepsFloat32, nn.Module):
     def _chunk_grads(self, proj: MemoryProjections, plan: MemoryPlan) -> List[Tensor]:
         """The parallel mode's chunk gradients, all taken at W_0 in one call,
         from the projections' views of each image's U chunks: w1, w2, g,
-        each (H, B * U, ...)."""
+        each (H, B * U, ...). In inference through the kernels, w1's and
+        w2's are written in the dtype the scan writes their states in
+        (``_scan_state_dtypes``): half their memory with 16-bit operands."""
+        grads_dtype = None
+        if plan.implementation == 'triton' and plan.scan == 'triton':
+            grads_dtype = _scan_state_dtypes(plan)[0]
         return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
                                 plan.operand_dtype, implementation=plan.implementation,
                                 backward=plan.backward,
-                                gelu_approximate=self.gelu_approximate))
+                                gelu_approximate=self.gelu_approximate,
+                                grads_dtype=grads_dtype))
 
     def _sequential_write(self, proj: MemoryProjections, plan: MemoryPlan
                           ) -> Tuple[MemoryWeights, Optional[Tensor]]:
@@ -402,12 +408,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         grads.clear()  # the caller's list too: scan_states frees each gradient once scanned
         gates = (proj.lr_mod.reshape(-1, h * b, u), log_keep, proj.log_momentum.reshape(h * b, u))
         if plan.scan == 'triton':
-            # in inference w1's and w2's states, read by products only, are written in
-            # their operand dtype; training keeps them float32 for the read's gradients
-            operands = (plan.operand_dtype or torch.float32) if not torch.is_grad_enabled() \
-                else torch.float32
             scanned = scan_states_triton(flat, *gates, starts,
-                                         state_dtypes=(operands, operands, torch.float32))
+                                         state_dtypes=_scan_state_dtypes(plan))
         else:
             scanned = scan_states(flat, *gates, starts, scan_block)
         states = [s.reshape(h, b, u + 1, *init.shape[1:]) for s, init in zip(scanned, w0)]
@@ -600,6 +602,15 @@ def _has_dtensor(module: nn.Module) -> bool:
 def _traced() -> bool:
     """Inside torch.compile or torch.export: such graphs keep one eager-equivalent path."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def _scan_state_dtypes(plan: MemoryPlan) -> Tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """The scan kernel's state dtypes of w1, w2 and g: in inference w1's and
+    w2's, read by products only, in their operand dtype; training keeps them
+    float32 for the read's gradients."""
+    operands = torch.float32 if torch.is_grad_enabled() else (plan.operand_dtype or
+                                                              torch.float32)
+    return operands, operands, torch.float32
 
 
 def _per_image_chunks(proj: MemoryProjections) -> Tuple[Tensor, Tensor, Tensor]:

@@ -374,6 +374,8 @@ def module_results() -> dict:
         'sequential': dict(dim=16, chunk_size=8, tokens=20, update='sequential'),
         'decomposed_f16': dict(dim=16, chunk_size=8, tokens=20, max_lr=1e-3,
                                operand_dtype='float16'),
+        # the chunk gradients, as their states, in float16 between the kernels
+        'plain_f16': dict(dim=16, chunk_size=8, tokens=20, operand_dtype='float16'),
     }
     results = {}
     for name, cfg in cases.items():

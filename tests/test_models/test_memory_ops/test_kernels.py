@@ -66,6 +66,30 @@ def test_memory_with_triton_kernels_in_float16_decomposed(interpreted_modules):
     assert errors['vs_torch'] < 1e-4 and errors['exact'] < 1e-4, errors
 
 
+def test_memory_with_triton_kernels_in_float16_writes_16_bit_chunk_gradients(
+        interpreted_modules):
+    # in inference the kernels hand the scan w1's and w2's gradients in float16, as
+    # it writes their states: within float16's tolerance of the float32 gradients
+    errors = interpreted_modules['plain_f16']
+    assert errors['vs_torch'] < F16_TOL and errors['exact'] < F16_TOL, errors
+
+
+def test_16_bit_chunk_gradients_serve_inference_only():
+    """Written in the operand dtype outside autograd (w1's and w2's; g's
+    stays float32), refused where autograd records and in another dtype."""
+    w, keys, values, token_lr = _meta_projections()
+    with torch.no_grad(), kernels.without_launches():
+        grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16,
+                                   grads_dtype=torch.float16)
+        assert [t.dtype for t in grads] == [torch.float16, torch.float16, torch.float32]
+        with pytest.raises(ValueError, match='grads_dtype must be float32 or the operand'):
+            chunk_grads_triton(w, keys, values, token_lr, torch.float16,
+                               grads_dtype=torch.bfloat16)
+    with kernels.without_launches(), pytest.raises(RuntimeError, match='train in float32'):
+        chunk_grads_triton(w._replace(w1=w.w1.requires_grad_()), keys, values, token_lr,
+                           torch.float16, grads_dtype=torch.float16)
+
+
 def test_float16_emulation_tells_operand_rounding_apart():
     # the emulated check is only worth its tolerance if float16 rounding moves
     # the result far more than it: exact and emulated references must differ

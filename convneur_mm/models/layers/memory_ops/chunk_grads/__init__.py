@@ -20,13 +20,22 @@ CHUNK_GRADS_IMPLEMENTATIONS = {'torch': chunk_grads_torch, 'triton': chunk_grads
 def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
                 operand_dtype: Optional[torch.dtype] = None, *,
                 implementation: str = 'torch', backward: str = 'autograd',
-                gelu_approximate: str = 'none') -> MemoryWeights:
+                gelu_approximate: str = 'none',
+                grads_dtype: Optional[torch.dtype] = None) -> MemoryWeights:
     """The chunks' gradients by ``implementation`` ('torch' or 'triton'); the
     arguments as in ``chunk_grads_torch``. ``backward='closed_form'`` (with
-    'torch') trains through ``chunk_grads_closed_form``."""
+    'torch') trains through ``chunk_grads_closed_form``. ``grads_dtype``
+    (the Triton kernels only: ``chunk_grads_triton``'s) writes w1's and w2's
+    gradients in a 16-bit operand dtype in inference."""
     fn = implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)
     if implementation_of('chunk_grads backward', BACKWARDS, backward)(implementation):
         fn = chunk_grads_closed_form
+    if grads_dtype not in (None, torch.float32):
+        if fn is not chunk_grads_triton:
+            raise ValueError(f'grads_dtype {grads_dtype} takes the Triton kernels, not '
+                             f'implementation={implementation!r}')
+        return fn(weights, keys, values, token_lr, operand_dtype,
+                  gelu_approximate=gelu_approximate, grads_dtype=grads_dtype)
     return fn(weights, keys, values, token_lr, operand_dtype, gelu_approximate=gelu_approximate)
 
 

@@ -18,7 +18,8 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
                        operand_dtype: Optional[torch.dtype] = None, *,
                        block_rows: Optional[int] = None,
                        block_hidden: Optional[int] = None,
-                       gelu_approximate: str = 'none') -> MemoryWeights:
+                       gelu_approximate: str = 'none',
+                       grads_dtype: Optional[torch.dtype] = None) -> MemoryWeights:
     """``chunk_grads_torch`` as two kernels. Differentiable: its backward
     kernels recompute the chain (nothing but the inputs is saved; no double
     backward), as ``chunk_grads_closed_form`` derives it.
@@ -49,10 +50,14 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
             the defaults, for tuning and tests.
         gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
+        grads_dtype: the dtype w1's and w2's gradients are written in: None
+            or float32; or, outside autograd, a 16-bit ``operand_dtype`` for
+            a reader that only sums them into 16-bit states (the inference
+            scan), at half their memory.
 
     Returns:
-        float32 gradients of ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2`` per
-        chunk: (G, C, d, 4d), (G, C, 4d, d), (G, C, d).
+        gradients of ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2`` per chunk:
+        (G, C, d, 4d), (G, C, 4d, d) in ``grads_dtype``, (G, C, d) float32.
     """
     w1, w2, g = weights
     operand_dtype = operand_dtype or torch.float32
@@ -63,9 +68,17 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
                      ('weights.w2', w2, ('G', 'h', 'd')), ('weights.g', g, ('G', 'd'))],
                     operand_dtype, (block_rows, block_hidden))
     check_gelu_approximate(gelu_approximate)
+    grads_dtype = grads_dtype or torch.float32
+    if grads_dtype not in (torch.float32, operand_dtype):
+        raise ValueError(f'grads_dtype must be float32 or the operand dtype {operand_dtype}, '
+                         f'got {grads_dtype}')
+    if grads_dtype != torch.float32 and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (w1, w2, g, keys, values, token_lr)):
+        raise RuntimeError('the chunk gradients train in float32: a 16-bit grads_dtype serves '
+                           'inference')
     return MemoryWeights(*call_kernel_op(_chunk_grads_op, _chunk_grads, w1, w2, g, keys, values,
                                          token_lr, operand_dtype, block_rows, block_hidden,
-                                         gelu_approximate))
+                                         gelu_approximate, grads_dtype))
 
 
 def _sizes(keys: Tensor) -> Tuple[int, int, int, int, int]:
@@ -145,15 +158,17 @@ def _launch_config(operand_dtype: torch.dtype, device: torch.device,
 
 def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                  token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
-                 block_hidden: Optional[int], gelu_approximate: str = 'none'
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The operator's implementation: allocate and launch (checked arguments)."""
+                 block_hidden: Optional[int], gelu_approximate: str = 'none',
+                 grads_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
+    """The operator's implementation: allocate and launch (checked arguments).
+    The kernels' stores write their float32 sums in ``grads_dtype``."""
     check_runnable(keys, operand_dtype)
     groups, chunks, per_image, length, d = _sizes(keys)
     strides = _strides_of(keys)
     hidden = w1.shape[-1]
     opts = dict(device=keys.device, dtype=torch.float32)
-    g1, g2 = (torch.empty(shape, **opts) for shape in _output_shapes(w1, keys)[:2])
+    g1, g2 = (torch.empty(shape, device=keys.device, dtype=grads_dtype)
+              for shape in _output_shapes(w1, keys)[:2])
     if groups * chunks == 0 or length == 0 or hidden == 0 or d == 0:
         return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
     _check_spans(keys, values, token_lr)
@@ -282,9 +297,12 @@ _chunk_grads_backward_op = kernel_op('memory_chunk_grads_backward', _chunk_grads
 @_chunk_grads_op.register_fake
 def _chunk_grads_fake(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                       token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
-                      block_hidden: Optional[int], gelu_approximate: str = 'none'
+                      block_hidden: Optional[int], gelu_approximate: str = 'none',
+                      grads_dtype: torch.dtype = torch.float32
                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(keys.new_empty(shape) for shape in _output_shapes(w1, keys))
+    shapes = _output_shapes(w1, keys)
+    return (*(keys.new_empty(shape, dtype=grads_dtype) for shape in shapes[:2]),
+            keys.new_empty(shapes[2]))
 
 
 @_chunk_grads_backward_op.register_fake
@@ -307,9 +325,10 @@ def _backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
     # an unused output's cotangent may come as None: its zeros
     bars = [torch.zeros(shape, device=keys.device) if bar is None else bar
             for bar, shape in zip((bar_w1, bar_w2, bar_g), _output_shapes(w1, keys))]
+    # the options but grads_dtype, float32 wherever autograd records (chunk_grads_triton)
     grads = call_kernel_op(_chunk_grads_backward_op, _chunk_grads_backward, w1, w2, g, keys,
-                           values, token_lr, *bars, *ctx.options)
-    return (*grads, None, None, None, None)
+                           values, token_lr, *bars, *ctx.options[:4])
+    return (*grads, None, None, None, None, None)
 
 
 def _output_shapes(w1: Tensor, keys: Tensor) -> Tuple[Tuple[int, ...], ...]:

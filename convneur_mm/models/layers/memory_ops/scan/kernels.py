@@ -35,7 +35,8 @@ def scan_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w0_ptr, out_ptr, U, P, bl
         keep = tl.exp(tl.load(keep_ptr + n * sk_n + t * sk_u))
         eta = tl.exp(tl.load(momentum_ptr + n * sm_n + t * sm_u))
         rho = tl.load(lr_ptr + n * sl_n + t * sl_u)
-        s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0)
+        # a gradient may come in a 16-bit dtype (inference): summed in float32
+        s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0).to(tl.float32)
         w = keep * w + s
         tl.store(out + (t + 1) * so_u, w.to(out_ptr.dtype.element_ty), mask=mask)
 

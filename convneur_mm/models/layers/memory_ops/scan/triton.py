@@ -36,7 +36,8 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     arguments as ``scan_states``' (no ``block_size``: no blocks).
 
     Args:
-        grads: K gradients (N, U, P_k), float32. The list is consumed as
+        grads: K gradients (N, U, P_k), float32, or in the dtype of their
+            16-bit state (inference). The list is consumed as
             ``scan_states`` consumes it.
         lr_mod: (K, N, U) rho_t of each tensor.
         log_keep, log_momentum: (N, U) log(1 - alpha_t), log(eta_t).
@@ -70,7 +71,10 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
             raise ValueError(f'grads[{i}] must be ({n}, {u}, P), got {tuple(g.shape)}')
         if w0 is not None and w0.shape != (n, g.shape[2]):
             raise ValueError(f'initial[{i}] must be {(n, g.shape[2])}, got {tuple(w0.shape)}')
-        for name, t in (('grads', g), ('lr_mod', rho), ('log_keep', log_keep),
+        if g.dtype not in (torch.float32, dtype):
+            raise TypeError(f'the scan kernel takes float32 grads, or grads in their states\' '
+                            f'dtype {dtype}; got {g.dtype}')
+        for name, t in (('lr_mod', rho), ('log_keep', log_keep),
                         ('log_momentum', log_momentum)) + ((('initial', w0),) if w0 is not None
                                                            else ()):
             if t.dtype != torch.float32:
