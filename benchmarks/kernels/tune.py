@@ -38,6 +38,7 @@ interpreter at tiny shapes over two values per axis: it checks the search,
 not the options (the interpreter ignores warps and stages).
 """
 import argparse
+import functools
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -132,7 +133,9 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
     'read', 'project') and training steps ('write step', 'read step',
     'project step') at ``shape`` (the projections at the backbone's default
     ``max_lr``), through the Triton kernels and through the PyTorch path
-    (the steps with the closed-form backward), on the same inputs."""
+    (the steps with the closed-form backward), on the same inputs. The
+    Triton write writes w1's and w2's gradients in the operand dtype, as
+    inference does."""
     from convneur_mm.models.backbones.convneur import ConvNeur
     from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form, chunk_grads_triton,
                                                       read_closed_form, read_triton)
@@ -147,7 +150,7 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
     # softmax ignores: its gradient is zero but for rounding, no result to compare
     projection_grads = [x] + [t for name, t in weights._asdict().items() if name != 'logits_bias']
 
-    def calls(grads_fn, read_fn, project_fn, project_step_fn
+    def calls(write_fn, grads_fn, read_fn, project_fn, project_step_fn
               ) -> Dict[str, Callable[[], List[torch.Tensor]]]:
         def forward(fn, args) -> Callable[[], List[torch.Tensor]]:
             def call():
@@ -163,15 +166,19 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
                 return list(torch.autograd.grad(outs, grads_of, bars))
             return call
 
-        return {'write': forward(grads_fn, write), 'read': forward(read_fn, read),
+        return {'write': forward(write_fn, write), 'read': forward(read_fn, read),
                 'write step': step(grads_fn, write, flat_inputs(write), cotangents[:3]),
                 'read step': step(read_fn, read, flat_inputs(read), cotangents[3:]),
                 'project': forward(project_fn, projected),
                 'project step': step(project_step_fn, projected, projection_grads, bars)}
 
-    return Calls(calls(chunk_grads_triton, read_triton, project_triton, project_triton),
-                 calls(chunk_grads_closed_form, read_closed_form, project_torch,
-                       project_closed_form))
+    # the write in inference as the memory runs it: w1's and w2's gradients in the
+    # operand dtype their 16-bit states take
+    write_triton = functools.partial(chunk_grads_triton, grads_dtype=operand_dtype)
+    return Calls(calls(write_triton, chunk_grads_triton, read_triton, project_triton,
+                       project_triton),
+                 calls(chunk_grads_closed_form, chunk_grads_closed_form, read_closed_form,
+                       project_torch, project_closed_form))
 
 
 class Trial(NamedTuple):

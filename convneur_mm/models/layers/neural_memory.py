@@ -365,9 +365,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         from the projections' views of each image's U chunks: w1, w2, g,
         each (H, B * U, ...). In inference through the kernels, w1's and
         w2's are written in the dtype the scan writes their states in
-        (``_scan_state_dtypes``): half their memory with 16-bit operands."""
+        (``_scan_state_dtypes``): half their memory with 16-bit operands
+        (but float16 with a decomposed read)."""
         grads_dtype = None
-        if plan.implementation == 'triton' and plan.scan == 'triton':
+        # float16 at a decomposed read's small max_lr: most updates below its normal range
+        if (plan.implementation == 'triton' and plan.scan == 'triton' and
+                not (plan.decomposed_read and plan.operand_dtype == torch.float16)):
             grads_dtype = _scan_state_dtypes(plan)[0]
         return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
                                 plan.operand_dtype, implementation=plan.implementation,

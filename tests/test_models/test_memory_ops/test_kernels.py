@@ -74,6 +74,35 @@ def test_memory_with_triton_kernels_in_float16_writes_16_bit_chunk_gradients(
     assert errors['vs_torch'] < F16_TOL and errors['exact'] < F16_TOL, errors
 
 
+@pytest.mark.parametrize('max_lr, operand_dtype, want', [
+    (1.0, 'bfloat16', torch.bfloat16), (1.0, 'float16', torch.float16),
+    (1e-3, 'bfloat16', torch.bfloat16), (1e-3, 'float16', torch.float32),
+    (1.0, 'float32', torch.float32)])
+def test_the_memory_hands_the_scan_16_bit_chunk_gradients_in_inference(
+        monkeypatch, max_lr, operand_dtype, want):
+    """Through the kernels in inference: w1's and w2's chunk gradients in
+    their states' dtype, but float16 at a decomposed read's small max_lr
+    (subnormal updates); float32 in training."""
+    from convneur_mm.models.layers import neural_memory
+    seen = []
+
+    def recorded(*args, **kwargs):
+        out = chunk_grads(*args, **kwargs)
+        seen.append(out.w1.dtype)
+        return out
+
+    from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads
+    monkeypatch.setattr(neural_memory, 'chunk_grads', recorded)
+    memory = NeuralMemory(16, chunk_size=8, max_lr=max_lr, operand_dtype=operand_dtype,
+                          implementation='triton').to('meta')
+    x = torch.randn(2, 20, 16, device='meta')
+    with kernels.without_launches():
+        with torch.no_grad():
+            memory.eval()(x)
+        memory.train()(x.requires_grad_())
+    assert seen == [want, torch.float32]
+
+
 def test_16_bit_chunk_gradients_serve_inference_only():
     """Written in the operand dtype outside autograd (w1's and w2's; g's
     stays float32), refused where autograd records and in another dtype."""
