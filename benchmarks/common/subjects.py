@@ -76,6 +76,16 @@ MODEL_VARIANTS = {'M3 implementation=torch': {'implementation': 'torch'},
                   'M3 working_set_256': {'working_set_mib': 256}}
 
 
+def pytorch_path_forced() -> Optional[str]:
+    """Why no memory runs the Triton kernels in this process, whatever it
+    asks (``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, a rerun after a fault),
+    or None: a row timed then would be the PyTorch path's under another name."""
+    from convneur_mm.models.layers.memory_ops import dispatch
+    if dispatch.FORCED_IMPLEMENTATION == 'torch':
+        return f'{dispatch.FORCE_ENV}=torch puts every memory on the PyTorch path'
+    return None
+
+
 def describe_error(exc: BaseException) -> str:
     """``error: <type>: <message>`` on one line, at most 500 characters."""
     text = f'{type(exc).__name__}: {exc}'.strip()

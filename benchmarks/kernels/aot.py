@@ -29,8 +29,7 @@ from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_argume
                                      stage_shape)
 from benchmarks.memory.bytes import MemoryShape
 from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
-from convneur_mm.models.layers.memory_ops.kernels.tiles import (KERNEL_NAMES, PROJECTION_KERNELS,
-                                                                forced_tiles_of)
+from convneur_mm.models.layers.memory_ops.kernels.tiles import TUNED_KERNELS, forced_tiles_of
 from convneur_mm.utils.cli import positive_int
 
 CALLS = ('write', 'read', 'write step', 'read step')
@@ -103,9 +102,9 @@ def forced_options(force: Sequence[Sequence[str]]) -> Dict[str, Dict[str, int]]:
     """
     forced = {}
     for kernel, *pairs in force:
-        if kernel not in KERNEL_NAMES + PROJECTION_KERNELS:
+        if kernel not in TUNED_KERNELS:
             raise UsageError(f'--force: unknown kernel {kernel!r}; known: '
-                             f'{", ".join(KERNEL_NAMES + PROJECTION_KERNELS)}')
+                             f'{", ".join(TUNED_KERNELS)}')
         options = {}
         for pair in pairs:
             key, _, value = pair.partition('=')

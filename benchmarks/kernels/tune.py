@@ -52,7 +52,8 @@ from benchmarks.memory.bytes import (MemoryShape, backbone_shapes, flat_inputs, 
 from convneur_mm.analysis.timing import is_cuda, median, time_calls
 from convneur_mm.models.layers.memory_ops.kernels import cuda_fault
 from convneur_mm.models.layers.memory_ops.kernels.launcher import target_arch
-from convneur_mm.models.layers.memory_ops.kernels.tiles import (PROJECTION_KERNELS, REPLACES,
+from convneur_mm.models.layers.memory_ops.kernels.tiles import (PROJECTION_KERNELS,
+                                                                PROJECTION_OPTIONS, REPLACES,
                                                                 block_width, column_blocks,
                                                                 forced_tiles, forced_tiles_of,
                                                                 row_limit, tile_config)
@@ -62,6 +63,8 @@ from convneur_mm.utils.cli import positive_float, positive_int
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
         'num_stages': (1, 2, 3, 4), 'programs_per_sm': (0, 1, 2, 4)}
+# the projections' axes: no hidden units, no persistent programs; the split as the others'
+PROJECTION_AXES = tuple(option for option in PROJECTION_OPTIONS if option in AXES)
 DRY_AXES = {'BM': (16, 32), 'BH': (16, 32), 'num_warps': (4, ), 'num_stages': (2, ),
             'programs_per_sm': (0, 2)}
 DRY_SHAPE = MemoryShape(batch=2, tokens=41, chunk=20, heads=1, head_dim=16)
@@ -72,8 +75,6 @@ OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols'
          'grads_backward_cols': 'write step', 'project': 'project',
          'project_backward': 'project step', 'grads_chunk': 'write',
          'grads_backward_chunk': 'write step'}
-# the projections' options: no hidden units, no persistent programs
-PROJECTION_AXES = ('BM', 'num_warps', 'num_stages')
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
 
 

@@ -127,6 +127,21 @@ class StepInputs(NamedTuple):
     cotangents: List[torch.Tensor]
 
 
+def _drawing(dtype, device, seed: int) -> Callable[..., torch.Tensor]:
+    """``tensor(*size, scale=1, mean=0, positive=False)``: random tensors from
+    one generator seeded with ``seed``, normal (or uniform on [0, 1) where
+    ``positive``) times ``scale`` plus ``mean``; on 'meta' no data is drawn."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(*size: int, scale: float = 1.0, mean: float = 0.0,
+               positive: bool = False) -> torch.Tensor:
+        if torch.device(device).type == 'meta':  # no data to draw
+            return torch.empty(size, device=device, dtype=dtype)
+        t = torch.rand(size, generator=gen) if positive else torch.randn(size, generator=gen)
+        return (t * scale + mean).to(device, dtype)
+    return tensor
+
+
 def write_read_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
                       seed: int = 0) -> StepInputs:
     """Random inputs of a stage's write and read (leaves that require grad),
@@ -139,14 +154,8 @@ def write_read_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
         seed: of the random inputs.
     """
     from convneur_mm.models.layers.memory_ops import MemoryWeights
-    gen = torch.Generator().manual_seed(seed)
     h, hd, L = shape.heads, shape.head_dim, shape.chunk
-
-    def tensor(*size: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
-        if torch.device(device).type == 'meta':  # no data to draw
-            return torch.empty(size, device=device, dtype=dtype)
-        t = torch.rand(size, generator=gen) if positive else torch.randn(size, generator=gen)
-        return (t * scale).to(device, dtype)
+    tensor = _drawing(dtype, device, seed)
 
     def leaf(*size: int, scale: float = 1.0, positive: bool = False) -> torch.Tensor:
         return tensor(*size, scale=scale, positive=positive).requires_grad_()
@@ -184,14 +193,9 @@ def projection_inputs(shape: MemoryShape, dtype=torch.float32, device='cpu',
     products' weights at 1/sqrt(fan-in), the norms' weights near one, the
     biases and zero-centred gains near zero. ``device`` 'meta': no data."""
     from convneur_mm.models.layers.memory_ops.project import ProjectionWeights, projection_shapes
-    gen = torch.Generator().manual_seed(seed)
-    h, hd, L = shape.heads, shape.head_dim, shape.chunk
+    h, hd = shape.heads, shape.head_dim
     d, b, n, tokens = h * hd, shape.batch, shape.tokens, shape.writes * shape.chunk
-
-    def tensor(*size: int, scale: float = 1.0, mean: float = 0.0) -> torch.Tensor:
-        if torch.device(device).type == 'meta':
-            return torch.empty(size, device=device, dtype=dtype)
-        return (torch.randn(size, generator=gen) * scale + mean).to(device, dtype)
+    tensor = _drawing(dtype, device, seed)
 
     def weight(name: str, size: tuple) -> torch.Tensor:
         if name.endswith('norm'):

@@ -54,7 +54,8 @@ from benchmarks.common.subjects import (BRANCH_VARIANTS, LOCAL_ONLY, MAX_LRS, MO
                                         backbone_memory_keys, branch_like, build_classifier,
                                         describe_error, free, gemm_shapes, global_branches,
                                         hooked_inputs, logits_fn, median_ms, memory_like, precision,
-                                        relative_error, supported_memory_keys, unsupported)
+                                        pytorch_path_forced, relative_error,
+                                        supported_memory_keys, unsupported)
 from convneur_mm.analysis.timing import PeakMemoryGrowth, time_call, time_calls, time_in_turns
 from convneur_mm.engine.compile import compile_model, graphs_compiled
 from convneur_mm.utils.cli import non_negative_float, positive_int
@@ -428,15 +429,17 @@ def section_compiled(ctx: MemorySuite) -> Dict:
     modes = ('float32', ) if ctx.dry else ('bf16_autocast', 'float32')
     rows: Dict = {}
     paths: List = []  # the MeasuredPath that 'auto' under torch.compile reads
+    # the PyTorch path, whatever 'auto' takes under torch.compile: the reference
+    # that the kernels' row and its MeasuredPath are measured against
+    reference = copy.deepcopy(ctx.m3)
+    _on_pytorch_path(reference)
     for mode in modes:
         # a run compiles for one precision: an empty Dynamo cache and fresh
         # copies per mode, so that one mode's graphs do not use up the other's
         # recompile limit (then the rest runs eager)
         torch._dynamo.reset()
-        models = {'M3': copy.deepcopy(ctx.m3), 'M3 local-only': copy.deepcopy(ctx.local_only)}
-        # the PyTorch path, whatever 'auto' takes under torch.compile: the reference
-        # that the kernels' row and its MeasuredPath are measured against
-        _on_pytorch_path(models['M3'])
+        models = {'M3': copy.deepcopy(reference),
+                  'M3 local-only': copy.deepcopy(ctx.local_only)}
         for model in models.values():
             compile_model(model, backend=backend)
         before = graphs_compiled()
@@ -444,13 +447,10 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                                 ctx.checkpoint(dict(backend=backend, modes={**rows, **part}))))
         if rows[mode]['status'] == 'ok':
             rows[mode]['graphs'] = graphs_compiled() - before
-            timed = copy.deepcopy(ctx.m3)  # the path the row timed, not 'auto''s
-            _on_pytorch_path(timed)
-            rows[mode]['graph_breaks'] = graph_breaks(
-                timed.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
-                                            device=ctx.device),
+            rows[mode]['graph_breaks'] = graph_breaks(  # of the path the row timed
+                reference.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
+                                                device=ctx.device),
                 'bf16' if mode == 'bf16_autocast' else None, ctx.device)
-            del timed
         if mode == 'bf16_autocast' and ctx.cuda:
             kernels_row = 'bf16_autocast implementation=triton'
             rows[kernels_row] = _compiled_kernels_rows(
@@ -458,12 +458,13 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                     dict(backend=backend, modes={**rows, kernels_row: part})))
             entry = compiled_measured_path(rows, torch.cuda.get_device_capability(ctx.device),
                                            torch.cuda.get_device_name(ctx.device),
-                                           ctx.sizes['batch'])
+                                           ctx.sizes['batch'], _memories(reference)[0].head_dim)
             if entry is not None:
                 paths.append(entry)
                 print(f'[memory] MEASURED_PATHS entry: {entry!r},', file=sys.stderr)
         del models
         free(ctx.device)
+    del reference
     if ctx.dry:
         rows['bf16_autocast'] = dict(status='skipped: dry run (one traced mode checks the path)')
     return dict(backend=backend, mode='default', batch=ctx.sizes['batch'], modes=rows,
@@ -474,34 +475,36 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                 'of both models (two each without breaks: backbone and head)')
 
 
+def _memories(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """``model``'s ``NeuralMemory`` modules, in order."""
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    return [m for m in model.modules() if isinstance(m, NeuralMemory)]
+
+
 def _on_pytorch_path(model: torch.nn.Module) -> None:
     """Every memory of ``model`` with ``implementation='torch'``."""
-    from convneur_mm.models.layers.neural_memory import NeuralMemory
-    for module in model.modules():
-        if isinstance(module, NeuralMemory):
-            module.implementation = 'torch'
+    for memory in _memories(model):
+        memory.implementation = 'torch'
 
 
 def compiled_measured_path(modes: Dict, capability: Tuple[int, int], card: str,
-                           batch: int) -> Optional['MeasuredPath']:
+                           batch: int, head_dim: int) -> Optional['MeasuredPath']:
     """The ``MeasuredPath`` (``compiled=True``) by which 'auto' decides under
     torch.compile: M3 compiled with every kernel in its graph
     (``_compiled_kernels_rows``) against M3 compiled on the PyTorch path, bf16
-    inference, as ``section_compiled``'s ``modes`` timed them; None where
-    either row did not end ok."""
-    from convneur_mm.models.backbones.convneur import ConvNeur
+    inference, as ``section_compiled``'s ``modes`` timed them, for its
+    memories' ``head_dim``; None where either row did not end ok."""
     from convneur_mm.models.layers.memory_ops.kernels.tiles import block_width
     from convneur_mm.models.layers.memory_ops.kernels.tuned import MeasuredPath
     torch_row, kernels_row = (modes.get(name, {}) for name in (
         'bf16_autocast', 'bf16_autocast implementation=triton'))
     if torch_row.get('status') != 'ok' or kernels_row.get('status') != 'ok':
         return None
-    width = ConvNeur.arch_settings['m3']['memory_dim'] // ConvNeur.default_memory_cfg['heads']
     return MeasuredPath(capability[0] * 10 + capability[1], 'bfloat16', False,
                         round(kernels_row['models']['M3']['ms'], 3),
                         round(torch_row['models']['M3']['ms'], 3),
                         f'an {card}, M3 compiled whole in inference at batch {batch}',
-                        every_kernel=True, block_d=block_width(width), compiled=True)
+                        every_kernel=True, block_d=block_width(head_dim), compiled=True)
 
 
 def _compiled_kernels_rows(ctx: MemorySuite, backend: str, local_only: torch.nn.Module,
@@ -509,10 +512,9 @@ def _compiled_kernels_rows(ctx: MemorySuite, backend: str, local_only: torch.nn.
     """M3 with ``implementation='triton'`` compiled (the kernels as custom operators
     in its graph) against the compiled local-only network already timed: the
     measurement by which ``'auto'`` may take the kernels under torch.compile."""
-    from convneur_mm.models.layers.memory_ops import dispatch
-    if dispatch.FORCED_IMPLEMENTATION == 'torch':  # it would time the PyTorch path again
-        return dict(status=f'skipped: {dispatch.FORCE_ENV}=torch puts every memory on the '
-                    'PyTorch path')
+    forced = pytorch_path_forced()
+    if forced is not None:
+        return dict(status=f'skipped: {forced}')
     try:
         model = build_classifier(ctx.device, ctx.sizes['chunk_size'],
                                  {'model.backbone.memory_cfg.implementation': 'triton'})

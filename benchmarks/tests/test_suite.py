@@ -142,7 +142,7 @@ def test_the_compiled_section_gives_the_entry_auto_reads_under_compile(monkeypat
     from convneur_mm.models.layers.memory_ops.dispatch import check_measured_paths
     kernels = 'bf16_autocast implementation=triton'
     modes = {'bf16_autocast': _compiled_row(12.0), kernels: _compiled_row(6.0)}
-    entry = memory_suite.compiled_measured_path(modes, (9, 0), 'NVIDIA H200', 128)
+    entry = memory_suite.compiled_measured_path(modes, (9, 0), 'NVIDIA H200', 128, 128)
     assert (entry.arch, entry.operand_dtype, entry.training, entry.compiled) == (
         90, 'bfloat16', False, True)
     assert (entry.triton_ms, entry.torch_ms, entry.block_d, entry.every_kernel) == (
@@ -151,14 +151,15 @@ def test_the_compiled_section_gives_the_entry_auto_reads_under_compile(monkeypat
     check_measured_paths([entry])
     for broken in ('bf16_autocast', kernels):
         assert memory_suite.compiled_measured_path(
-            dict(modes, **{broken: dict(status='error: x')}), (9, 0), 'a card', 128) is None
+            dict(modes, **{broken: dict(status='error: x')}), (9, 0), 'a card', 128,
+            128) is None
     # a rerun on the PyTorch path (after a fault) times no kernels' row, so gives no entry
     monkeypatch.setattr(dispatch, 'FORCED_IMPLEMENTATION', 'torch')
     row = memory_suite._compiled_kernels_rows(None, 'inductor', None, lambda part: None)
     assert row['status'] == ('skipped: CONVNEUR_MEMORY_IMPLEMENTATION=torch puts every memory '
                              'on the PyTorch path')
     assert memory_suite.compiled_measured_path(dict(modes, **{kernels: row}), (9, 0), 'a card',
-                                               128) is None
+                                               128, 128) is None
     result = dict(sections=dict(compiled=dict(modes=modes)))
     assert memory_suite.targets(result)['branch overhead over local-only, bf16 compiled'][
         'value'] == 0.5

@@ -19,8 +19,8 @@ peers (``PEERS``) are config overrides of the same job: ConvNeur local-only
 and the base config's ResNet-50, the neck's and heads' input widths changed
 to match (``DEFAULT_PEERS``), and on request ConvNeur with every memory on
 the Triton kernels (``kernels``: the training path 'auto' would take where
-a GPU measured it faster), skipped where they cannot run. All variants of a job live on the device together and are timed in
-turns (``time_in_turns``).
+a GPU measured it faster), skipped where they cannot run. All variants of a
+job live on the device together and are timed in turns (``time_in_turns``).
 
 Two choices keep every timed iteration the same work: the learning rate is
 0 (the weights stay at their initialization, so a random-init detector does
@@ -52,7 +52,7 @@ from torch import nn
 from convneur_mm.analysis.timing import (PeakMemoryGrowth, is_cuda, median, relative_spread,
                                          setup_benchmark_device, time_in_turns)
 from benchmarks.common.record import Record
-from benchmarks.common.subjects import describe_error
+from benchmarks.common.subjects import describe_error, pytorch_path_forced
 from convneur_mm.apis.launch import enable_amp, load_config
 from convneur_mm.apis.toolbox import data_sample, build_model, import_toolbox, quiet_init
 from convneur_mm.engine.compile import (accumulative_counts, add_compile_argument,
@@ -575,11 +575,8 @@ def _kernels_unavailable(device) -> Optional[str]:
     """Why the memory's Triton kernels cannot run on ``device``, or None;
     under ``CONVNEUR_MEMORY_IMPLEMENTATION=torch`` (a rerun after a fault) a
     'kernels' row would time the PyTorch path under the kernels' name."""
-    from convneur_mm.models.layers.memory_ops import dispatch
     from convneur_mm.models.layers.memory_ops.kernels import unavailable_reason
-    if dispatch.FORCED_IMPLEMENTATION == 'torch':
-        return f'{dispatch.FORCE_ENV}=torch puts every memory on the PyTorch path'
-    return unavailable_reason(device)
+    return pytorch_path_forced() or unavailable_reason(device)
 
 
 def _guarded(measure) -> dict:

@@ -30,13 +30,13 @@ def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: 
     fn = implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)
     if implementation_of('chunk_grads backward', BACKWARDS, backward)(implementation):
         fn = chunk_grads_closed_form
+    options = dict(gelu_approximate=gelu_approximate)
     if grads_dtype not in (None, torch.float32):
         if fn is not chunk_grads_triton:
             raise ValueError(f'grads_dtype {grads_dtype} takes the Triton kernels, not '
                              f'implementation={implementation!r}')
-        return fn(weights, keys, values, token_lr, operand_dtype,
-                  gelu_approximate=gelu_approximate, grads_dtype=grads_dtype)
-    return fn(weights, keys, values, token_lr, operand_dtype, gelu_approximate=gelu_approximate)
+        options['grads_dtype'] = grads_dtype
+    return fn(weights, keys, values, token_lr, operand_dtype, **options)
 
 
 __all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'chunk_grads', 'chunk_grads_closed_form',

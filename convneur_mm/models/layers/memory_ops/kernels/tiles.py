@@ -67,6 +67,8 @@ REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
 # what ``forced_tiles`` forces of ``PROJECTION_KERNELS`` (their wrappers choose their tiles)
 PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split')
+# every kernel that ``forced_tiles`` and ``tuned.TUNED_TILES`` entries set
+TUNED_KERNELS = KERNEL_NAMES + PROJECTION_KERNELS
 # rows held in two column blocks (``column_blocks``) where one padded block
 # takes 16-row tiles: {(BD, BE): {GPU: {kernel: (BM, BH)}}} at 8 warps, the largest
 # tiles that compile without spills for 16-bit operands as a training step launches
@@ -309,8 +311,8 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
     option, and for two entries of the same kernel and GPU."""
     seen = set()
     for entry in entries:
-        if entry.kernel not in KERNEL_NAMES + PROJECTION_KERNELS:
-            raise ValueError(f'{entry}: kernel must be one of {KERNEL_NAMES + PROJECTION_KERNELS}')
+        if entry.kernel not in TUNED_KERNELS:
+            raise ValueError(f'{entry}: kernel must be one of {TUNED_KERNELS}')
         if entry.kernel in PROJECTION_KERNELS and (entry.decomposed or entry.programs_per_sm):
             raise ValueError(f'{entry}: the projections have no decomposed or persistent launch')
         if entry.kernel == 'project_backward' and entry.split == 0 and entry.block_d > 128:
