@@ -91,6 +91,16 @@ class LiveTensorBytes(TorchDispatchMode):
         self._storages: Dict[int, List[int]] = {}  # storage -> [tensors, bytes]
         self.live = self.peak = self.most_storages = 0
 
+    @staticmethod
+    def key(t: torch.Tensor) -> int:
+        """The key of the storage ``t`` views, for ``holds`` (a key keeps
+        nothing alive)."""
+        return t.untyped_storage()._cdata
+
+    def holds(self, key: int) -> bool:
+        """Whether the storage of ``key`` (``key(t)``) is counted and alive."""
+        return key in self._storages
+
     def _release(self, key: int) -> None:
         entry = self._storages[key]
         entry[0] -= 1
@@ -102,11 +112,11 @@ class LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         made_before = None
         for t in tensors_in(out):
-            key = t.untyped_storage()._cdata
+            key = self.key(t)
             entry = self._storages.get(key)
             if entry is None:
                 if made_before is None:
-                    made_before = {a.untyped_storage()._cdata for a in tensors_in((args, kwargs))}
+                    made_before = {self.key(a) for a in tensors_in((args, kwargs))}
                 nbytes = t.untyped_storage().nbytes()
                 if key in made_before or nbytes < self.min_bytes:  # made outside, or small
                     continue

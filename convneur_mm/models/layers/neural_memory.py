@@ -21,7 +21,7 @@ through the operations of ``memory_ops``: projections, ``chunk_grads``,
 ``scan_states``, ``chunk_read`` (``read`` for a single chunk), each by the
 plan's implementation.
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .memory_ops import MemoryWeights, decay_carry, scan_states, scan_states_triton
-from .memory_ops.chunk_grads import chunk_grads
+from .memory_ops.chunk_grads import chunk_grads, chunk_grads_triton_staged
 from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS, check_gelu_approximate
 from .memory_ops.dispatch import (IMPLEMENTATION_CHOICES, OPERAND_DTYPE_CHOICES, MemoryPlan,
@@ -344,10 +344,13 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                 out = out + self._zero_tie()
             return out.reshape(h, b, n, hd).permute(1, 2, 0, 3).reshape(b, n, self.dim)
         if self.update == 'parallel':
-            grads = self._chunk_grads(proj, plan)
-            # keys' half of qk stays (queries share it); the values and step
-            # sizes go before the scan: only queries and gates are read on
+            write = self._chunk_grads(proj, plan)
+            # keys, values and step sizes go before the scan (in inference
+            # through the kernels, before w1's and w2's gradients exist): only
+            # queries and gates are read on
             proj = proj._replace(keys=None, values=None, token_lr=None)
+            grads = write()
+            del write  # and with it the kernels' scratch
             states, carry = self._scan(grads, proj, plan)
         else:
             states, carry = self._sequential_write(proj, plan)
@@ -360,23 +363,31 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                          gelu_approximate=self.gelu_approximate)
         return out[:, :n] if plan.shape_generic else out
 
-    def _chunk_grads(self, proj: MemoryProjections, plan: MemoryPlan) -> List[Tensor]:
+    def _chunk_grads(self, proj: MemoryProjections, plan: MemoryPlan
+                     ) -> Callable[[], List[Tensor]]:
         """The parallel mode's chunk gradients, all taken at W_0 in one call,
         from the projections' views of each image's U chunks: w1, w2, g,
-        each (H, B * U, ...). In inference through the kernels, w1's and
-        w2's are written in the dtype the scan writes their states in
-        (``_scan_state_dtypes``): half their memory with 16-bit operands
-        (but float16 with a decomposed read)."""
+        each (H, B * U, ...), returned by the callable this returns. In
+        inference through the kernels this call runs their rows pass and the
+        callable their weights' pass (``chunk_grads_triton_staged``), so that
+        keys, values and step sizes can go before w1's and w2's gradients are
+        allocated; and those are written in the dtype the scan writes their
+        states in (``_scan_state_dtypes``): half their memory with 16-bit
+        operands (but float16 with a decomposed read)."""
+        args = (self.initial_state, *_per_image_chunks(proj), plan.operand_dtype)
         grads_dtype = None
         # float16 at a decomposed read's small max_lr: most updates below its normal range
         if (plan.implementation == 'triton' and plan.scan == 'triton' and
                 not (plan.decomposed_read and plan.operand_dtype == torch.float16)):
             grads_dtype = _scan_state_dtypes(plan)[0]
-        return list(chunk_grads(self.initial_state, *_per_image_chunks(proj),
-                                plan.operand_dtype, implementation=plan.implementation,
-                                backward=plan.backward,
-                                gelu_approximate=self.gelu_approximate,
-                                grads_dtype=grads_dtype))
+        if plan.implementation == 'triton' and not torch.is_grad_enabled() and not _traced():
+            weights_pass = chunk_grads_triton_staged(
+                *args, gelu_approximate=self.gelu_approximate, grads_dtype=grads_dtype)
+            return lambda: list(weights_pass())
+        grads = list(chunk_grads(*args, implementation=plan.implementation,
+                                 backward=plan.backward, gelu_approximate=self.gelu_approximate,
+                                 grads_dtype=grads_dtype))
+        return lambda: grads
 
     def _sequential_write(self, proj: MemoryProjections, plan: MemoryPlan
                           ) -> Tuple[MemoryWeights, Optional[Tensor]]:

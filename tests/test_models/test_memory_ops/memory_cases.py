@@ -16,6 +16,7 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_grads_triton, chunk_read_naive,
                                                   chunk_read_torch, chunk_read_triton, kernels,
                                                   read_torch, read_triton)
+from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads_triton_staged
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
 from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
@@ -210,6 +211,14 @@ def interpreter_results() -> dict:
                 got = chunk_grads_triton(w, keys, values, token_lr, dtype, block_rows=16)
             results[f'grads{layout}_{tag}_per_image_rows'] = _grads_errors(
                 got, w, *(t.flatten(1, 2) for t in (keys, values, token_lr)))
+        # inference's two calls: the operator's launches, the operator's results
+        for tag, dtype in dtypes.items():
+            whole = chunk_grads_triton(w, keys, values, token_lr, dtype, grads_dtype=dtype)
+            staged = chunk_grads_triton_staged(w, keys, values, token_lr, dtype,
+                                               grads_dtype=dtype)()
+            results[f'grads_staged_{tag}'] = dict(
+                equal=[torch.equal(a, b) for a, b in zip(whole, staged)],
+                dtypes=[str(t.dtype) for t in staged])
 
         w, x = _weights(2, 24, gen), torch.randn(2, 40, 24, generator=gen)
         # 40 rows in 16-row blocks; in one 32-row block and then 8 in a 16-row one

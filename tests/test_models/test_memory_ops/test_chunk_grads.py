@@ -40,6 +40,14 @@ def test_triton_grads_float16_operands(forward_runs, case, layout):
     assert errors['exact'] < F16_TOL
 
 
+@pytest.mark.parametrize('tag, dtype', [('f32', 'torch.float32'), ('f16', 'torch.float16')])
+def test_staged_chunk_grads_equal_the_operators(forward_runs, tag, dtype):
+    """Inference's two calls (``chunk_grads_triton_staged``) give the
+    operator's gradients exactly, w1's and w2's in ``grads_dtype``."""
+    run = forward_runs[f'grads_staged_{tag}']
+    assert run == dict(equal=[True] * 3, dtypes=[dtype, dtype, 'torch.float32'])
+
+
 def test_the_rows_pass_walks_each_images_rows():
     """Blocks over each image's U L rows where a block meets at most two
     chunks: M3's stage 1 takes 46 blocks of 64 rows per image (2944 rows for

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_torch,
                                                   chunk_grads_triton, chunk_read_triton, kernels,
                                                   read_torch, read_triton)
+from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads_triton_staged
 from convneur_mm.models.layers.memory_ops.kernels import ops as kernel_ops, tiles as kernel_tiles
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_triton,
                                                           projection_shapes)
@@ -84,15 +86,23 @@ def test_the_memory_hands_the_scan_16_bit_chunk_gradients_in_inference(
     their states' dtype, but float16 at a decomposed read's small max_lr
     (subnormal updates); float32 in training."""
     from convneur_mm.models.layers import neural_memory
+    from convneur_mm.models.layers.memory_ops.chunk_grads import (chunk_grads,
+                                                                  chunk_grads_triton_staged)
     seen = []
 
     def recorded(*args, **kwargs):
-        out = chunk_grads(*args, **kwargs)
-        seen.append(out.w1.dtype)
-        return out
+        return recorded_grads(chunk_grads(*args, **kwargs))
 
-    from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads
+    def recorded_staged(*args, **kwargs):  # inference: the two passes in two calls
+        weights_pass = chunk_grads_triton_staged(*args, **kwargs)
+        return lambda: recorded_grads(weights_pass())
+
+    def recorded_grads(grads):
+        seen.append(grads.w1.dtype)
+        return grads
+
     monkeypatch.setattr(neural_memory, 'chunk_grads', recorded)
+    monkeypatch.setattr(neural_memory, 'chunk_grads_triton_staged', recorded_staged)
     memory = NeuralMemory(16, chunk_size=8, max_lr=max_lr, operand_dtype=operand_dtype,
                           implementation='triton').to('meta')
     x = torch.randn(2, 20, 16, device='meta')
@@ -117,6 +127,65 @@ def test_16_bit_chunk_gradients_serve_inference_only():
     with kernels.without_launches(), pytest.raises(RuntimeError, match='train in float32'):
         chunk_grads_triton(w._replace(w1=w.w1.requires_grad_()), keys, values, token_lr,
                            torch.float16, grads_dtype=torch.float16)
+
+
+def test_staged_chunk_grads_let_the_caller_free_keys_values_and_step_sizes():
+    """In two calls, the weights' pass holds none of the rows pass's inputs
+    (with 16-bit operands): the caller's last reference frees them before
+    w1's and w2's gradients are allocated. Refused where autograd records
+    and under torch.compile."""
+    w = _meta_projections()[0]
+    groups, images, chunks, length, d = 2, 3, 2, 24, 16
+    proj_bytes = images * chunks * length * groups * (2 * d + 1) * 4
+    with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
+        proj = torch.empty(images, chunks * length, groups, 2 * d + 1, device='meta')
+        written = proj.permute(2, 0, 1, 3).unflatten(2, (chunks, length))
+        weights_pass = chunk_grads_triton_staged(w, written[..., :d], written[..., d:2 * d],
+                                                 written[..., 2 * d], torch.float16,
+                                                 grads_dtype=torch.float16)
+        held = live.live
+        del proj, written
+        assert live.live == held - proj_bytes
+        grads = weights_pass()
+        assert [t.dtype for t in grads] == [torch.float16, torch.float16, torch.float32]
+        assert [list(t.shape) for t in grads] == [[groups, images * chunks, d, 4 * d],
+                                                  [groups, images * chunks, 4 * d, d],
+                                                  [groups, images * chunks, d]]
+    keys, values, token_lr = _meta_projections()[1:]
+    with kernels.without_launches(), pytest.raises(RuntimeError, match='serves inference'):
+        chunk_grads_triton_staged(w._replace(g=w.g.requires_grad_()), keys, values, token_lr)
+    with torch.no_grad(), kernels.without_launches(), pytest.raises(RuntimeError,
+                                                                   match='torch.compile'):
+        with mock.patch.object(torch.compiler, 'is_compiling', lambda: True):
+            chunk_grads_triton_staged(w, keys, values, token_lr)
+
+
+@pytest.mark.parametrize('operand_dtype', ['bfloat16', 'float32'])
+def test_the_memory_frees_its_projections_before_its_weights_gradients(monkeypatch,
+                                                                      operand_dtype):
+    """In inference through the kernels the memory drops the keys, values
+    and step sizes between the two passes (float32 keys stay: the weights'
+    pass reads them)."""
+    from convneur_mm.models.layers import neural_memory
+    inputs, alive = [], []
+
+    def staged(weights, keys, values, token_lr, *args, **kwargs):
+        inputs.extend(live.key(t) for t in (keys, values, token_lr))
+        weights_pass = chunk_grads_triton_staged(weights, keys, values, token_lr, *args,
+                                                 **kwargs)
+
+        def later():
+            alive.extend(live.holds(key) for key in inputs)
+            return weights_pass()
+        return later
+
+    monkeypatch.setattr(neural_memory, 'chunk_grads_triton_staged', staged)
+    memory = NeuralMemory(16, chunk_size=8, operand_dtype=operand_dtype,
+                          implementation='triton').to('meta').eval()
+    with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
+        memory(torch.randn(2, 20, 16, device='meta'))
+    assert all(live.holds(key) is False for key in inputs)
+    assert alive == [operand_dtype == 'float32', False, False]
 
 
 def test_float16_emulation_tells_operand_rounding_apart():
@@ -153,21 +222,18 @@ def test_triton_implementations_allocate_their_results_and_scratch_only():
     """The wrappers read their arguments where they lie: what they allocate
     (counted on meta tensors, launches skipped) is their results, the
     gradients' documented scratch (the (tokens, d) gradient at the MLP's
-    output and, with 16-bit operands, the keys, both in the operand dtype,
-    and the per-row-block sums of d_g) and one cast of the weights to 16-bit
-    operands (broadcast states cast once); a copy of an argument would add
-    its bytes."""
+    output and, with 16-bit operands, the keys, both in the operand dtype;
+    the per-row-block shares of d_g are summed and gone before w1's and w2's
+    gradients exist) and one cast of the weights to 16-bit operands
+    (broadcast states cast once); a copy of an argument would add its bytes."""
     w, keys, values, token_lr = _meta_projections()
     groups, images, chunks, length, d = keys.shape
     cast = (w.w1.numel() + w.w2.numel()) * 2
     with torch.no_grad(), kernels.without_launches():
         with LiveTensorBytes() as live:
             grads = chunk_grads_triton(w, keys, values, token_lr, torch.float16)
-        row_blocks = -(-length // kernel_tiles.tile_config('grads_rows', d, length, None, None,
-                                                     torch.float16)['BM'])
-        # the gradient at the MLP's output and the keys in the operand dtype, d_g's
-        # shares in float32 (24-row chunks in 32-row blocks: one block per chunk)
-        scratch = groups * images * chunks * (length * 2 * 2 + row_blocks * 4) * d
+        # the gradient at the MLP's output and the keys in the operand dtype
+        scratch = groups * images * chunks * length * 2 * 2 * d
         assert [list(t.shape) for t in grads] == [[groups, images * chunks, d, 4 * d],
                                                   [groups, images * chunks, 4 * d, d],
                                                   [groups, images * chunks, d]]

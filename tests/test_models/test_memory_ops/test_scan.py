@@ -90,3 +90,19 @@ def test_triton_scan_refuses_bad_arguments_and_allocates_its_states_only():
         states = scan_states_triton(*args, state_dtypes=[torch.bfloat16])
     assert states[0].shape == (n, u + 1, p) and states[0].dtype == torch.bfloat16
     assert live.peak == n * (u + 1) * p * 2
+
+
+def test_triton_scan_frees_each_gradient_once_scanned():
+    """Handed over in a list, w1's gradient goes before w2's state exists: at
+    the peak one gradient and two states (M3's stage 1: 240 MiB less)."""
+    from convneur_mm.models.layers.memory_ops import kernels
+    from convneur_mm.models.layers.memory_ops.scan import scan_states_triton
+    from convneur_mm.testing.dispatch_probes import LiveTensorBytes
+    n, u, p = 4, 5, 4096
+    gates = [torch.empty(*shape, device='meta') for shape in ((2, n, u), (n, u), (n, u))]
+    with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
+        grads = [torch.empty(n, u, p, device='meta', dtype=torch.bfloat16) for _ in range(2)]
+        states = scan_states_triton(grads, *gates, [None] * 2, state_dtypes=[torch.bfloat16] * 2)
+        assert grads == [None, None]
+        assert live.live == 2 * n * (u + 1) * p * 2
+    assert live.peak == n * u * p * 2 + 2 * n * (u + 1) * p * 2

@@ -2,7 +2,8 @@
 ``chunk_grads(weights, keys, values, token_lr, operand_dtype)`` in PyTorch
 (``chunk_grads_torch``; for training ``chunk_grads_closed_form``, the same
 forward with a hand-derived backward), Triton (``chunk_grads_triton``,
-with backward kernels) and by autograd (``chunk_grads_naive``, the reference)."""
+with backward kernels; ``chunk_grads_triton_staged`` in inference, its two
+passes in two calls) and by autograd (``chunk_grads_naive``, the reference)."""
 from typing import Optional
 
 import torch
@@ -12,7 +13,7 @@ from ..common import BACKWARDS, MemoryWeights, implementation_of
 from .closed_form import chunk_grads_closed_form
 from .naive import chunk_grads_naive
 from .pytorch import chunk_grads_torch
-from .triton import chunk_grads_triton
+from .triton import chunk_grads_triton, chunk_grads_triton_staged
 
 CHUNK_GRADS_IMPLEMENTATIONS = {'torch': chunk_grads_torch, 'triton': chunk_grads_triton}
 
@@ -40,4 +41,5 @@ def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: 
 
 
 __all__ = ['CHUNK_GRADS_IMPLEMENTATIONS', 'chunk_grads', 'chunk_grads_closed_form',
-           'chunk_grads_naive', 'chunk_grads_torch', 'chunk_grads_triton']
+           'chunk_grads_naive', 'chunk_grads_torch', 'chunk_grads_triton',
+           'chunk_grads_triton_staged']

@@ -1,7 +1,8 @@
 """Every chunk's write gradient as two Triton kernels (or, where chosen, one
 program per chunk that runs both), a custom operator
 ``torch.ops.convneur_mm.memory_chunk_grads`` whose backward is two more
-(``torch.ops.convneur_mm.memory_chunk_grads_backward``)."""
+(``torch.ops.convneur_mm.memory_chunk_grads_backward``); in inference its two
+passes also in two calls (``chunk_grads_triton_staged``)."""
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -60,6 +61,48 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
         (G, C, d, 4d), (G, C, 4d, d) in ``grads_dtype``, (G, C, d) float32.
     """
     w1, w2, g = weights
+    operand_dtype, grads_dtype = _checked(weights, keys, values, token_lr, operand_dtype,
+                                          block_rows, block_hidden, gelu_approximate,
+                                          grads_dtype)
+    return MemoryWeights(*call_kernel_op(_chunk_grads_op, _chunk_grads, w1, w2, g, keys, values,
+                                         token_lr, operand_dtype, block_rows, block_hidden,
+                                         gelu_approximate, grads_dtype))
+
+
+def chunk_grads_triton_staged(weights: MemoryWeights, keys: Tensor, values: Tensor,
+                              token_lr: Tensor, operand_dtype: Optional[torch.dtype] = None, *,
+                              gelu_approximate: str = 'none',
+                              grads_dtype: Optional[torch.dtype] = None
+                              ) -> Callable[[], MemoryWeights]:
+    """``chunk_grads_triton`` in inference, in two steps, so that the caller
+    can free the keys, values and step sizes before w1's and w2's gradients,
+    the largest results, are allocated. This call checks the arguments and
+    runs the rows pass, which reads them; the callable it returns runs the
+    weights' pass and returns the gradients (``chunk_grads_triton``'s, the
+    same launches). With 16-bit operands the weights' pass reads the rows
+    pass's copy of the keys; float32 keys it reads, and so keeps, where they
+    lie. Outside autograd and graph capture by ``torch.compile`` only."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, keys, values,
+                                                                  token_lr)):
+        raise RuntimeError('chunk_grads_triton_staged serves inference: train through '
+                           'chunk_grads_triton')
+    if torch.compiler.is_compiling():
+        raise RuntimeError('chunk_grads_triton_staged calls no operator: under torch.compile '
+                           'call chunk_grads_triton')
+    operand_dtype, grads_dtype = _checked(weights, keys, values, token_lr, operand_dtype,
+                                          None, None, gelu_approximate, grads_dtype)
+    weights_pass = _staged(*weights, keys, values, token_lr, operand_dtype, None, None,
+                           gelu_approximate, grads_dtype)
+    return lambda: MemoryWeights(*weights_pass())
+
+
+def _checked(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
+             operand_dtype: Optional[torch.dtype], block_rows: Optional[int],
+             block_hidden: Optional[int], gelu_approximate: str,
+             grads_dtype: Optional[torch.dtype]) -> Tuple[torch.dtype, torch.dtype]:
+    """``chunk_grads_triton``'s checks of its arguments; the operand dtype and
+    ``grads_dtype``, their defaults filled in."""
+    w1, w2, g = weights
     operand_dtype = operand_dtype or torch.float32
     per_image_chunks = keys.dim() == 5
     lead = ('G', 'B', 'U') if per_image_chunks else ('G', 'C')
@@ -76,9 +119,7 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
             t.requires_grad for t in (w1, w2, g, keys, values, token_lr)):
         raise RuntimeError('the chunk gradients train in float32: a 16-bit grads_dtype serves '
                            'inference')
-    return MemoryWeights(*call_kernel_op(_chunk_grads_op, _chunk_grads, w1, w2, g, keys, values,
-                                         token_lr, operand_dtype, block_rows, block_hidden,
-                                         gelu_approximate, grads_dtype))
+    return operand_dtype, grads_dtype
 
 
 def _sizes(keys: Tensor) -> Tuple[int, int, int, int, int]:
@@ -160,37 +201,61 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
                  token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
                  block_hidden: Optional[int], gelu_approximate: str = 'none',
                  grads_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
-    """The operator's implementation: allocate and launch (checked arguments).
-    The kernels' stores write their float32 sums in ``grads_dtype``."""
+    """The operator's implementation: both passes at once (``_staged``)."""
+    return _staged(w1, w2, g, keys, values, token_lr, operand_dtype, block_rows,
+                   block_hidden, gelu_approximate, grads_dtype)()
+
+
+GradsPass = Callable[[], Tuple[Tensor, Tensor, Tensor]]
+
+
+def _staged(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
+            token_lr: Tensor, operand_dtype: torch.dtype, block_rows: Optional[int],
+            block_hidden: Optional[int], gelu_approximate: str = 'none',
+            grads_dtype: torch.dtype = torch.float32) -> GradsPass:
+    """Allocate and launch (checked arguments) the rows pass now, and return
+    the weights' pass, which allocates w1's and w2's gradients (written in
+    ``grads_dtype``) and reads the rows pass's results, not keys, values or
+    step sizes (but float32 keys, its operands). The one-program-per-chunk
+    kernel runs both passes now."""
     check_runnable(keys, operand_dtype)
     groups, chunks, per_image, length, d = _sizes(keys)
     strides = _strides_of(keys)
     hidden = w1.shape[-1]
     opts = dict(device=keys.device, dtype=torch.float32)
-    g1, g2 = (torch.empty(shape, device=keys.device, dtype=grads_dtype)
-              for shape in _output_shapes(w1, keys)[:2])
+    shapes = _output_shapes(w1, keys)
+    device = keys.device
+
+    def new_grads() -> Tuple[Tensor, Tensor]:
+        return tuple(torch.empty(shape, device=device, dtype=grads_dtype)
+                     for shape in shapes[:2])
+
     if groups * chunks == 0 or length == 0 or hidden == 0 or d == 0:
-        return g1.zero_(), g2.zero_(), torch.zeros(groups, chunks, d, **opts)
+        zeros = (*(t.zero_() for t in new_grads()), torch.zeros(groups, chunks, d, **opts))
+        return lambda: zeros
     _check_spans(keys, values, token_lr)
-    arch = target_arch(keys.device)
-    kernels, cfg = _launch_config(operand_dtype, keys.device, gelu_approximate)
+    arch = target_arch(device)
+    kernels, cfg = _launch_config(operand_dtype, device, gelu_approximate)
     w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     # pass 2 multiplies it in operand_dtype: stored so, it is read as is
-    d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
+    d_hidden = torch.empty(groups, chunks, length, d, device=device, dtype=operand_dtype)
     keys_op = _keys_operand(keys, operand_dtype)
+    copy_keys = keys_op is not keys
     loss_scale = 2.0 / d
     if chosen_kernel('grads_chunk', d, operand_dtype, arch):  # both passes, a program per chunk
         tiles = tile_config('grads_chunk', d, length, block_rows, block_hidden, operand_dtype,
                             arch=arch)
+        g1, g2 = new_grads()
         d_g = torch.empty(groups * chunks, d, **opts)
         launch_kernel(
-            kernels.grads_chunk_kernel, groups * chunks, tiles, keys.device,
+            kernels.grads_chunk_kernel, groups * chunks, tiles, device,
             keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op, g1, g2,
             chunks, per_image, length, d, hidden,
             *strides(keys), *strides(values), *strides(token_lr), *strides(keys_op),
             *w1.stride(), *w2.stride(), *g.stride(),
-            loss_scale, LN_EPS, **cfg, COPY_KEYS=keys_op is not keys, TAIL=TAIL_ROWS)
-        return g1, g2, d_g.view(groups, chunks, d)
+            loss_scale, LN_EPS, **cfg, COPY_KEYS=copy_keys, TAIL=TAIL_ROWS)
+        done = g1, g2, d_g.view(groups, chunks, d)
+        return lambda: done
     tiles = tile_config('grads_rows', d, length, block_rows, block_hidden, operand_dtype,
                         arch=arch)
     # the weights' pass has tiles of its own: its grid counts its hidden blocks
@@ -199,21 +264,27 @@ def _chunk_grads(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor
     hidden_blocks = cdiv(hidden, cols['BH'])
     rows = _row_blocks(keys, values, token_lr, tiles['BM'])
     # d_g's shares, one slot per block that meets a chunk; zeros where none does
-    d_g = torch.zeros(groups * chunks, rows.slots, d, **opts)
+    d_g_shares = torch.zeros(groups * chunks, rows.slots, d, **opts)
     launch_kernel(
-        kernels.grads_rows_kernel, groups * rows.blocks_per_group, tiles, keys.device,
-        keys, values, token_lr, w1, w2, g, d_hidden, d_g, keys_op,
+        kernels.grads_rows_kernel, groups * rows.blocks_per_group, tiles, device,
+        keys, values, token_lr, w1, w2, g, d_hidden, d_g_shares, keys_op,
         chunks, per_image, length, d, hidden, rows.blocks, rows.slots,
         *strides(keys), *strides(values), *strides(token_lr),
         *w1.stride(), *w2.stride(), *g.stride(),
-        loss_scale, LN_EPS, **cfg, COPY_KEYS=keys_op is not keys, FLAT=rows.flat)
-    launch_kernel(
-        kernels.grads_cols_kernel, groups * chunks * hidden_blocks, cols, keys.device,
-        keys_op, d_hidden, w1, w2, g1, g2,
-        chunks, per_image, length, d, hidden, hidden_blocks,
-        *strides(keys_op), *w1.stride(), *w2.stride(),
-        loss_scale, **cfg, TAIL=TAIL_ROWS)
-    return g1, g2, d_g.sum(dim=1).view(groups, chunks, d)
+        loss_scale, LN_EPS, **cfg, COPY_KEYS=copy_keys, FLAT=rows.flat)
+    d_g = d_g_shares.sum(dim=1).view(groups, chunks, d)
+
+    def weights_pass() -> Tuple[Tensor, Tensor, Tensor]:
+        g1, g2 = new_grads()
+        launch_kernel(
+            kernels.grads_cols_kernel, groups * chunks * hidden_blocks, cols, device,
+            keys_op, d_hidden, w1, w2, g1, g2,
+            chunks, per_image, length, d, hidden, hidden_blocks,
+            *strides(keys_op), *w1.stride(), *w2.stride(),
+            loss_scale, **cfg, TAIL=TAIL_ROWS)
+        return g1, g2, d_g
+
+    return weights_pass
 
 
 def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,

@@ -64,6 +64,7 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
             any(dtype != torch.float32 for dtype in dtypes)):
         raise RuntimeError('the scan kernel trains with float32 states: 16-bit state_dtypes '
                            'serve inference')
+    del tensors  # it holds every gradient: each must go once scanned
     states = []
     for i, (rho, w0, dtype) in enumerate(zip(lr_mod, initial, dtypes)):
         g, grads[i] = grads[i], None
