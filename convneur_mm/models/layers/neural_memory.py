@@ -21,6 +21,7 @@ through the operations of ``memory_ops``: projections, ``chunk_grads``,
 ``scan_states``, ``chunk_read`` (``read`` for a single chunk), each by the
 plan's implementation.
 """
+import dataclasses
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -265,18 +266,21 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         settings = PathSettings(self.implementation, self.operand_dtype, self.update,
                                 self.max_lr, self.backward, self.recompute, self.dim,
                                 self.head_dim)
-        return plan_memory(x, settings, self.training, self._images_per_slice(x),
-                           self._plain_projections())
+        plan = plan_memory(x, settings, self.training, x.shape[0], self._plain_projections())
+        images = self._images_per_slice(x, plan)
+        return plan if images == x.shape[0] else dataclasses.replace(plan,
+                                                                     images_per_slice=images)
 
-    def _images_per_slice(self, x: Tensor) -> int:
-        """Images per slice for ``working_set_mib`` (the batch when unsliced).
+    def _images_per_slice(self, x: Tensor, plan: MemoryPlan) -> int:
+        """Images per slice for ``working_set_mib`` (the batch when unsliced),
+        priced for ``plan``'s path.
 
         Only eager inference slices: traced graphs (compile, export) keep one
         path, and autograd would keep every slice's tensors anyway."""
         b, n, _ = x.shape
         if self.working_set_mib is None or torch.is_grad_enabled() or b == 1 or _traced():
             return b
-        per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize)
+        per_image = self.working_set_bytes(n, at_least_float32(x.dtype).itemsize, plan)
         return max(1, min(b, (self.working_set_mib * 2**20) // per_image))
 
     def _plain_projections(self) -> bool:
@@ -375,11 +379,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         states in (``_scan_state_dtypes``): half their memory with 16-bit
         operands (but float16 with a decomposed read)."""
         args = (self.initial_state, *_per_image_chunks(proj), plan.operand_dtype)
-        grads_dtype = None
-        # float16 at a decomposed read's small max_lr: most updates below its normal range
-        if (plan.implementation == 'triton' and plan.scan == 'triton' and
-                not (plan.decomposed_read and plan.operand_dtype == torch.float16)):
-            grads_dtype = _scan_state_dtypes(plan)[0]
+        grads_dtype = _grads_dtype(plan)
         if plan.implementation == 'triton' and not torch.is_grad_enabled() and not _traced():
             weights_pass = chunk_grads_triton_staged(
                 *args, gelu_approximate=self.gelu_approximate, grads_dtype=grads_dtype)
@@ -463,9 +463,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         states = MemoryWeights(*(torch.stack(ts, dim=2) for ts in zip(*history)))
         return states, decay_carry(log_keep)
 
-    def working_set_bytes(self, num_tokens: int, element_size: int = 4) -> int:
+    def working_set_bytes(self, num_tokens: int, element_size: int = 4,
+                          plan: Optional[MemoryPlan] = None) -> int:
         """Estimated peak bytes of one image's inference at ``num_tokens``
-        (the PyTorch path): the largest of its phases, each counting the
+        on ``plan``'s path: through every kernel (``_kernels_working_set``)
+        where the plan takes them all, else (and without a plan) the PyTorch
+        path's, which bounds the others: the largest of its phases, each counting the
         tensors alive together, as ``testing.LiveTensorBytes`` measures them:
         the projections (with the pool's temporaries), the write (queries,
         keys, values and step sizes kept; its (T, d)-wide and two (T, 4d)
@@ -473,6 +476,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         states), the read (states and two (N, 4d) tensors). 10% on top
         covers 16-bit operand copies. Per image: constants (the folded
         projection weights) do not grow with the batch."""
+        if plan is not None and plan.scan == 'triton' and plan.projections == 'triton':
+            return self._kernels_working_set(num_tokens, plan)
         d, h, n, L = self.dim, self.heads, num_tokens, self.chunk_size
         u = self.num_updates(n)
         if u == 0:  # every token reads W_0: queries, the read's wide tensors
@@ -492,6 +497,32 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                         queries_keys + (u + 2 + held_grads) * state)
         read = queries_keys + (u + 1) * state + 10 * d * (u + 1) * L
         return int(1.1 * max(project, write, read)) * element_size
+
+    def _kernels_working_set(self, num_tokens: int, plan: MemoryPlan) -> int:
+        """``working_set_bytes`` through every kernel: the largest of the
+        projections' results, the gradients' rows pass (its scratch beside
+        them), their weights' pass (keys, values and step sizes gone but
+        float32 keys), the scan (each gradient freed once scanned) and the
+        read; the queries throughout. 10% on top, as the PyTorch path's."""
+        d, h, n, L = self.dim, self.heads, num_tokens, self.chunk_size
+        u = self.num_updates(n)
+        queries = out = 4 * d * n
+        if u == 0:
+            return int(1.1 * (queries + out))
+        written = u * L
+        operand = (plan.operand_dtype or torch.float32).itemsize
+        projections = (2 * d + h) * written * 4 + 2 * d * u * 4
+        # the gradient at the MLP's output and, with 16-bit operands, the keys' copy
+        scratch = (2 if operand < 4 else 1) * d * written * operand
+        float32_keys = d * written * 4 if operand == 4 else 0
+        weights = 4 * d * d // h  # one chunk's w1 (or w2), all heads
+        with torch.no_grad():  # inference's dtypes
+            grads_dtype, state_dtype = _grads_dtype(plan), _scan_state_dtypes(plan)[0]
+        grads = u * weights * (grads_dtype or torch.float32).itemsize + d * u * 4
+        states = (u + 1) * (weights * state_dtype.itemsize + d * 4)
+        phases = (projections, projections + scratch, float32_keys + scratch + 2 * grads,
+                  grads + states + max(grads, states), 2 * states + out)
+        return int(1.1 * (queries + max(phases)))
 
     def _zero_tie(self) -> Tensor:
         """A zero that depends on the write-path parameters.
@@ -625,6 +656,17 @@ def _scan_state_dtypes(plan: MemoryPlan) -> Tuple[torch.dtype, torch.dtype, torc
     operands = torch.float32 if torch.is_grad_enabled() else (plan.operand_dtype or
                                                               torch.float32)
     return operands, operands, torch.float32
+
+
+def _grads_dtype(plan: MemoryPlan) -> Optional[torch.dtype]:
+    """The dtype the kernels write w1's and w2's chunk gradients in: their
+    scan states' (``_scan_state_dtypes``) where the scan kernel reads them,
+    but float32 for float16 at a decomposed read's small max_lr (most
+    updates below its normal range); None (float32) elsewhere."""
+    if (plan.implementation == 'triton' and plan.scan == 'triton' and
+            not (plan.decomposed_read and plan.operand_dtype == torch.float16)):
+        return _scan_state_dtypes(plan)[0]
+    return None
 
 
 def _per_image_chunks(proj: MemoryProjections) -> Tuple[Tensor, Tensor, Tensor]:

@@ -209,7 +209,7 @@ def test_memory_state_dict_keys_are_unchanged():
 def test_plan_is_decided_once_from_the_settings_and_the_call():
     memory = NeuralMemory(8, chunk_size=4, max_lr=1e-3, operand_dtype='bfloat16',
                           implementation='torch', working_set_mib=1, recompute=True).eval()
-    memory.working_set_bytes = lambda n, e=4: 2**20  # one image per MiB
+    memory.working_set_bytes = lambda n, e=4, plan=None: 2**20  # one image per MiB
     x = torch.randn(3, 16, 8)
     with torch.no_grad():
         plan = memory.plan(x)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_torch
+from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_torch, kernels
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 from convneur_mm.testing.dispatch_probes import LiveTensorBytes
 
@@ -60,7 +60,7 @@ def test_image_slices_give_the_unsliced_result(chunk, tokens, heads, scan_block,
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randn(4, tokens, 12, dtype=torch.float64)
     # one image's working set is a MiB here: the budget fits ``slices`` images
-    monkeypatch.setattr(NeuralMemory, 'working_set_bytes', lambda self, n, e=4: 2**20)
+    monkeypatch.setattr(NeuralMemory, 'working_set_bytes', lambda self, n, e=4, plan=None: 2**20)
     results = {}
     for dtype in (torch.float64, torch.float32):
         memory, x = memory.to(dtype), x.to(dtype)
@@ -88,7 +88,7 @@ def test_image_slices_keep_16_bit_operands(max_lr, update, monkeypatch):
     memory = _perturbed_memory(12, seed=5, chunk_size=5, heads=2, update=update,
                                max_lr=max_lr, operand_dtype='bfloat16')
     x = torch.randn(4, 23, 12, dtype=torch.float64)
-    monkeypatch.setattr(NeuralMemory, 'working_set_bytes', lambda self, n, e=4: 2**20)
+    monkeypatch.setattr(NeuralMemory, 'working_set_bytes', lambda self, n, e=4, plan=None: 2**20)
     with torch.no_grad():
         whole = memory(x)
         exact = memory.execute(x, dataclasses.replace(
@@ -104,7 +104,7 @@ def test_image_slices_keep_16_bit_operands(max_lr, update, monkeypatch):
 def test_slices_only_in_eager_inference():
     memory = NeuralMemory(8, chunk_size=4, working_set_mib=1)
     x = torch.randn(3, 16, 8)
-    memory.working_set_bytes = lambda n, e=4: 2**20
+    memory.working_set_bytes = lambda n, e=4, plan=None: 2**20
     with torch.no_grad():
         assert memory.plan(x).images_per_slice == 1
     assert memory.plan(x).images_per_slice == 3  # autograd on: one pass
@@ -173,16 +173,17 @@ def test_live_tensor_bytes_follows_storages_not_tensors():
     del b, c
 
 
-def _held_per_image(memory: NeuralMemory, num_tokens: int) -> float:
+def _held_per_image(memory: NeuralMemory, num_tokens: int, batches=(2, 4)) -> float:
     """Bytes that inference holds at most per image: the growth from batch 2
-    to 4, halved, so that per-call constants (folded weights) cancel."""
+    to 4 (``batches``) over the images added, so that per-call constants
+    (folded weights) cancel."""
     peaks = []
-    for batch in (2, 4):
+    for batch in batches:
         x = torch.randn(batch, num_tokens, memory.dim, device='meta')
         with torch.no_grad(), LiveTensorBytes() as live:
             memory(x)
         peaks.append(live.peak)
-    return (peaks[1] - peaks[0]) / 2
+    return (peaks[1] - peaks[0]) / (batches[1] - batches[0])
 
 
 @pytest.mark.parametrize('dim,heads,chunk,tokens,update,operand_dtype', [
@@ -205,3 +206,32 @@ def test_working_set_estimate_bounds_what_inference_holds(dim, heads, chunk, tok
     held = _held_per_image(memory, tokens)
     estimate = memory.working_set_bytes(tokens)
     assert held <= estimate <= 1.6 * held, (estimate, held)
+
+
+@pytest.mark.parametrize('dim,heads,chunk,tokens,operand_dtype,max_lr', [
+    (128, 1, 196, 3136, 'bfloat16', 1.0),  # M3's first stage
+    (160, 1, 196, 3136, 'bfloat16', 1.0),  # M4's
+    (64, 2, 16, 3136, 'float32', 1.0),  # float32 keys stay for the weights' pass
+    (128, 2, 16, 1000, 'float16', 1e-3),  # float32 gradients: float16, a decomposed read
+    (64, 1, 49, 40, 'bfloat16', 1.0),  # one chunk: W_0 only
+])
+def test_working_set_estimate_prices_the_kernels_path(dim, heads, chunk, tokens, operand_dtype,
+                                                      max_lr):
+    """Through every kernel the estimate is at least what one image's
+    inference holds and at most 1.2x (the PyTorch path's estimate, up to 4
+    times that at M3's first stage, would slice needlessly small), and
+    ``working_set_mib`` slices by it."""
+    memory = NeuralMemory(dim, chunk_size=chunk, heads=heads, operand_dtype=operand_dtype,
+                          max_lr=max_lr, implementation='triton').eval().to('meta')
+    x = torch.empty(64, tokens, dim, device='meta')
+    with kernels.without_launches():
+        held = _held_per_image(memory, tokens, batches=(4, 8))
+        with torch.no_grad():
+            plan = memory.plan(x)
+            estimate = memory.working_set_bytes(tokens, plan=plan)
+            memory.working_set_mib = 16
+            sliced = memory.plan(x).images_per_slice
+    assert plan.scan == plan.projections == 'triton'
+    assert held <= estimate <= 1.2 * held, (estimate, held)
+    assert sliced == max(1, min(64, 16 * 2**20 // estimate))
+    assert memory.working_set_bytes(tokens) > estimate  # the PyTorch path's
