@@ -66,11 +66,12 @@ CUSTOM_OPS_PREFIX = 'convneur_mm::'  # the memory's operators: their kernels are
 PRODUCTS = {'read_kernel': 2, 'read_backward_rows_kernel': 5, 'read_backward_cols_kernel': 4,
             'grads_rows_kernel': 2, 'grads_cols_kernel': 4, 'grads_backward_rows_kernel': 14,
             'grads_backward_cols_kernel': 8, 'grads_chunk_kernel': 6,
-            'grads_backward_chunk_kernel': 22}
+            'grads_backward_chunk_kernel': 22, 'read_backward_chunk_kernel': 9}
 BASE_PRODUCTS = {'read_kernel': 2, 'read_backward_rows_kernel': 5,
-                 'read_backward_cols_kernel': 2}
+                 'read_backward_cols_kernel': 2, 'read_backward_chunk_kernel': 7}
 TF32X3_AS_HALF = 6
-_READS = ('read_kernel', 'read_backward_rows_kernel', 'read_backward_cols_kernel')
+_READS = ('read_kernel', 'read_backward_rows_kernel', 'read_backward_cols_kernel',
+          'read_backward_chunk_kernel')
 
 
 class KernelCost(NamedTuple):
@@ -97,21 +98,23 @@ def _arguments(launch: Launch) -> dict:
     return dict(zip(launch.kernel.arg_names, launch.args), **launch.kwargs)
 
 
-def _read_rows(a: dict, tiles: int, columns: bool) -> int:
+def _read_rows(a: dict, tiles: int, name: str) -> int:
     """The token rows a read kernel's launch serves: per (head, image) and
     chunk, those of its rows from ``r0`` on that its row blocks cover
-    (every row for the columns pass)."""
+    (every row for the columns pass and one program per state)."""
     C, N, L = a['C'], a['N'], a['L']
-    blocks = a['hidden_blocks'] if columns else a['row_blocks']
+    rows_pass = name in ('read_kernel', 'read_backward_rows_kernel')
+    blocks = {'read_backward_cols_kernel': a.get('hidden_blocks'),
+              'read_backward_chunk_kernel': 1}.get(name, a.get('row_blocks'))
     states = tiles // blocks
-    first, end = (0, L) if columns else (a['r0'], a['r0'] + a['row_blocks'] * a['BM'])
+    first, end = (a['r0'], a['r0'] + a['row_blocks'] * a['BM']) if rows_pass else (0, L)
     valid = [max(0, min(L, N - c * L)) for c in range(C)]  # a chunk past N reads nothing
     return states // C * sum(max(0, min(v, end) - first) for v in valid)
 
 
 def _rows_of(name: str, a: dict, grid: int) -> int:
     if name in _READS:  # a program serves ITERS tiles (persistent programs)
-        return _read_rows(a, grid * a.get('ITERS', 1), name == 'read_backward_cols_kernel')
+        return _read_rows(a, grid * a.get('ITERS', 1), name)
     keys = a['k_ptr']  # the chunk gradients: every key row, once per launch
     return keys.numel() // keys.shape[-1]
 
@@ -574,7 +577,8 @@ def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = P
     """The Triton kernels that ``arch``'s four global branches launch with bf16
     operands, in one inference call or (``training``) one training step, per
     stage: GB, GFLOP and roofline ms on ``peak``; with ``one_program``, the
-    chunk gradients as one program per chunk (``tiles.REPLACES``). Recorded
+    chunk gradients and the chunk read's backward as one program per chunk
+    (``tiles.REPLACES``). Recorded
     on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs, and none
     is needed; triton must not be in its interpreter."""
     from convneur_mm.models.layers.memory_ops.kernels.tiles import REPLACES, forced_tiles_of

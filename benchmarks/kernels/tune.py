@@ -16,7 +16,8 @@ their chosen options; on CUDA its own launches are timed, by the profiler
 outputs must agree with the start's (``agrees``): a configuration
 that compiles but computes something else is refused, as is one that fails to
 compile (shared memory, registers); rows past ``tiles.row_limit`` are not tried. A kernel that replaces others
-(``tiles.REPLACES``: the chunk gradients' one program per chunk) is tuned
+(``tiles.REPLACES``: one program per chunk for the chunk gradients and the
+read's backward) is tuned
 after them, and kept (``TunedTile`` entries make it run in their place) only
 where its chosen options compute what they compute and beat their time by
 ``MIN_GAIN``. The PyTorch path of each call is timed beside it
@@ -74,7 +75,7 @@ OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols'
          'grads_rows': 'write', 'grads_cols': 'write', 'grads_backward_rows': 'write step',
          'grads_backward_cols': 'write step', 'project': 'project',
          'project_backward': 'project step', 'grads_chunk': 'write',
-         'grads_backward_chunk': 'write step'}
+         'grads_backward_chunk': 'write step', 'read_backward_chunk': 'read step'}
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
 
 

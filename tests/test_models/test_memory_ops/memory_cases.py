@@ -663,6 +663,7 @@ def backward_results() -> Dict[str, dict]:
         results[f'read_decomposed_{tag}'] = _read_case(gen, dtype, decomposed=True)
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
+        results.update(_read_one_program_results(tag, dtype))
         for name, case in PROJECTION_BACKWARD_CASES.items():
             with kernel_tiles.forced_column_blocks(int(name in PROJECTION_BACKWARD_SPLITS)), \
                     launcher.observing_launches() as launches:
@@ -696,6 +697,27 @@ def backward_results() -> Dict[str, dict]:
                                                      torch.float32, True, d=40,
                                                      gelu_approximate='tanh')
     results['read_decomposed_tanh']['launched'] = seen
+    return results
+
+
+def _read_one_program_results(tag: str, dtype: torch.dtype) -> Dict[str, dict]:
+    """The read's backward as one program per state, each case with the
+    launches' (kernel, BE): the chunk read's partial last chunk, decomposed
+    too; 40-row chunks as a 32-row block and a tail, also with 40 columns as
+    32 + 16. Their own seed: the cases before draw as they did."""
+    gen = torch.Generator().manual_seed(9)
+    cases = {'chunk_read_one_program': ({}, lambda: _chunk_read_case(gen, dtype, False)),
+             'chunk_read_one_program_decomposed': ({}, lambda: _chunk_read_case(gen, dtype, True)),
+             'chunk_read_one_program_tail': (dict(BM=32), lambda: _chunk_read_case(
+                 gen, dtype, False, sizes=(1, 2, 3, 40, 100, 24))),
+             'chunk_read_one_program_split': (dict(BM=32, split=1), lambda: _chunk_read_case(
+                 gen, dtype, False, sizes=(1, 2, 2, 40, 80, 40)))}
+    results = {}
+    for name, (options, case) in cases.items():
+        with _split_columns('split' in options) as seen, \
+                kernel_tiles.forced_tiles('read_backward_chunk', **options):
+            results[f'{name}_{tag}'] = case()
+        results[f'{name}_{tag}']['launched'] = seen
     return results
 
 
@@ -740,7 +762,8 @@ def read_backward_on_cuda_results() -> dict:
 
 
 CASES = ['read', 'read_rows32', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
-         'chunk_grads_per_image',
+         'chunk_read_one_program', 'chunk_read_one_program_decomposed',
+         'chunk_read_one_program_tail', 'chunk_read_one_program_split', 'chunk_grads_per_image',
          *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES),
          *(f'chunk_grads_one_program_{{}}_{name}' for name in ONE_PROGRAM_CASES),
          *(f'project_{{}}_{name}' for name in PROJECTION_BACKWARD_CASES)]
@@ -806,8 +829,8 @@ def persistent_results(operand_dtype: str = 'f16', programs: Tuple[int, ...] = P
     """(Interpreter) the chunk gradients (6 chunks of 16 rows) and a chunk
     read (6 states), forward and backward, with a program per tile and with
     each of ``programs`` persistent programs per multiprocessor: through the
-    two passes, and the gradients through one program per chunk (the read's
-    kernels are the same there). Allocations start as NaN (an unwritten tile
+    two passes, and through one program per chunk (the read's backward per
+    state). Allocations start as NaN (an unwritten tile
     shows) and accesses are bounds-checked. Per layout: whether the per-tile
     results are finite, the largest difference of each persistent run from
     them (NaN if any is), and each launch's [kernel, tiles, programs, tiles
@@ -835,12 +858,11 @@ def persistent_results(operand_dtype: str = 'f16', programs: Tuple[int, ...] = P
     cotangents = [rand(1, chunks, d, 4 * d), rand(1, chunks, 4 * d, d), rand(1, chunks, d),
                   rand(2, 3 * L - 4, d)]  # the read merges the heads: (B, N, H d)
 
-    def run(with_read: bool):
-        leaves = [t.clone().requires_grad_() for t in inputs[:6 + 4 * with_read]]
+    def run():
+        leaves = [t.clone().requires_grad_() for t in inputs]
         outputs = list(chunk_grads_triton(MemoryWeights(*leaves[:3]), *leaves[3:6], dtype))
-        if with_read:
-            outputs.append(chunk_read_triton(MemoryWeights(*leaves[6:9]), leaves[9], L, dtype))
-        return outputs + list(torch.autograd.grad(outputs, leaves, cotangents[:len(outputs)]))
+        outputs.append(chunk_read_triton(MemoryWeights(*leaves[6:9]), leaves[9], L, dtype))
+        return outputs + list(torch.autograd.grad(outputs, leaves, cotangents))
 
     result = {'programs': list(programs)}
     for layout, one_program in (('two_passes', False), ('one_program', True)):
@@ -849,13 +871,13 @@ def persistent_results(operand_dtype: str = 'f16', programs: Tuple[int, ...] = P
         case = result[layout] = {}
         with nan_filled_allocations(), checked_accesses():
             with kernel_tiles.forced_tiles_of(chosen), launcher.observing_launches() as plain:
-                base = run(not one_program)
+                base = run()
             case['finite'] = all(bool(torch.isfinite(t).all()) for t in base)
             for per_sm in programs:
                 forced = {kernel: dict(programs_per_sm=per_sm) for kernel in kernels}
                 with kernel_tiles.forced_tiles_of(forced), \
                         launcher.observing_launches() as launches:
-                    got = run(not one_program)
+                    got = run()
                 case[f'max_diff_{per_sm}'] = worst((a - b).abs().max() for a, b in zip(base, got))
                 case[f'launches_{per_sm}'] = [
                     [p.kernel.__name__, p.grid[0], x.grid[0], x.kwargs.get('ITERS', 1)]
@@ -875,12 +897,13 @@ INTERPRETED_DTYPE = {'float32': 'float32', 'float16': 'float16', 'bfloat16': 'fl
 MODEL_WIDTH = {256: 160}
 # stand-ins at the interpreter's widths, so that the re-check runs while
 # TUNED_TILES holds no entry: a persistent plain one, a decomposed read, a backward,
-# the projections' backward
+# the projections' backward, a kernel that replaces two (the read's backward per state)
 STAND_IN_ENTRIES = (
     TunedTile('grads_rows', 90, 'bfloat16', 16, False, 16, 16, 4, 2, 2),
     TunedTile('read', 90, 'float16', 16, True, 16, 16, 4, 2),
     TunedTile('read_backward_rows', 90, 'bfloat16', 16, False, 32, 16, 4, 2),
-    TunedTile('project_backward', 90, 'bfloat16', 16, False, 32, 16, 4, 2))
+    TunedTile('project_backward', 90, 'bfloat16', 16, False, 32, 16, 4, 2),
+    TunedTile('read_backward_chunk', 90, 'bfloat16', 16, False, 16, 16, 8, 2))
 
 
 def tuned_entry_results() -> dict:

@@ -275,6 +275,7 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
         if report.kernel not in names:
             continue  # the scan: tested at M3's width
         bound = {('grads_backward_chunk_kernel', 90): 8, ('grads_backward_chunk_kernel', 80): 24,
+                 ('read_backward_chunk_kernel', 80): 32,
                  ('read_backward_cols_kernel', 80): 112, ('project_backward_kernel', 90): 864,
                  ('project_backward_kernel', 80): 940}.get((report.kernel, arch), 0)
         assert report.spill_stores <= bound and report.shared <= 163 * 1024, report
@@ -306,12 +307,14 @@ def test_m4_training_kernels_compile_at_their_split_tiles(arch, one_program):
 @pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
 @pytest.mark.parametrize('arch', [80, 90])
 def test_one_program_per_chunk_compiles_without_spills_at_its_default_tiles(arch):
-    """The chunk gradients' one program per chunk, forward and backward, in
-    a bf16 training step at M3's stage 1, compiled as launched."""
+    """The chunk gradients' one program per chunk, forward and backward, and
+    the read's backward as one program per state, in a bf16 training step at
+    M3's stage 1, compiled as launched."""
     _, reports = _stage1_reports(arch, 0, chosen=tuple(kernel_tiles.REPLACES))
     merged = {kernel: report for (kernel, _), report in reports.items()
               if kernel.endswith('chunk_kernel')}
-    assert set(merged) == {'grads_chunk_kernel', 'grads_backward_chunk_kernel'}
+    assert set(merged) == {'grads_chunk_kernel', 'grads_backward_chunk_kernel',
+                           'read_backward_chunk_kernel'}
     for kernel, (registers, spills, shared) in merged.items():
         assert spills == 0 and shared <= 163 * 1024, (kernel, registers, spills, shared)
 

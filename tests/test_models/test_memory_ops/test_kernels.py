@@ -25,8 +25,9 @@ from convneur_mm.testing.errors import least, worst
 
 from ...paths import REPO
 from .memory_cases import (BF16_TOL, CASES, DTYPES, F16_EMULATED_TOL, F16_TOL, F32_TOL, LAYOUTS,
-                           _chunk_grads_case, _decomposed_results, _grads64, _half, _norm_err,
-                           _one_program_per_chunk, _rel_err, _run_interpreted, _write_inputs)
+                           _chunk_grads_case, _chunk_read_case, _decomposed_results, _grads64,
+                           _half, _norm_err, _one_program_per_chunk, _rel_err, _run_interpreted,
+                           _write_inputs)
 
 
 def _identity(t):
@@ -382,6 +383,12 @@ def test_split_cases_hold_each_row_in_two_column_blocks(backward_runs, tag):
     reads = {('read_kernel', 16), ('read_backward_rows_kernel', 16),
              ('read_backward_cols_kernel', 16)}
     assert launched(f'read_rows32_{tag}') == reads
+    assert launched(f'chunk_read_one_program_split_{tag}') == {
+        ('read_kernel', 16), ('read_backward_chunk_kernel', 16)}
+    for case in ('chunk_read_one_program', 'chunk_read_one_program_decomposed',
+                 'chunk_read_one_program_tail'):
+        assert launched(f'{case}_{tag}') == {('read_kernel', 0),
+                                            ('read_backward_chunk_kernel', 0)}, case
     assert launched('read_decomposed_tanh') == reads
     assert all(be == 0 for _, be in launched(f'chunk_grads_{tag}_d24_L24_blocks16'))
 
@@ -452,8 +459,8 @@ def test_the_kernels_save_only_their_inputs():
 def test_backward_kernels_on_cuda_at_model_widths(d):
     """The compiled backward kernels at M1..M4 widths, L = 196, every operand
     dtype (bfloat16 only here: the interpreter cannot), against float64; the
-    chunk gradients also as one program per chunk, whose programs read back
-    their own stores past a barrier."""
+    chunk gradients and the chunk read's backward also as one program per
+    chunk, whose programs read back their own stores past a barrier."""
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
     w, keys, values, token_lr = _write_inputs(2, 3, 196, d, 1.0, seed=d)
     for dtype, tol in tolerances.items():
@@ -461,7 +468,12 @@ def test_backward_kernels_on_cuda_at_model_widths(d):
             with layout():
                 result = _chunk_grads_case([*w, keys, values, token_lr], dtype, {},
                                            device='cuda')
+                # 144 states: as many programs as a GPU's multiprocessors, or the read
+                # keeps its two passes
+                read = _chunk_read_case(torch.Generator().manual_seed(d), dtype, False,
+                                        sizes=(1, 12, 12, 196, 2300, d), device='cuda')
             assert worst(result['grads'].values()) < tol, (dtype, layout, result['grads'])
+            assert worst(read['grads'].values()) < tol, (dtype, layout, read['grads'])
 
 
 @pytest.mark.gpu

@@ -154,7 +154,7 @@ def _check_persistent_runs(result: dict) -> None:
     wrong one of them leaves tiles unwritten (NaN) or reads past its tensors."""
     two_passes, one_program = result['two_passes'], result['one_program']
     expected = {'two_passes': {f'{k}_kernel' for k in _TWO_PASSES},
-                'one_program': {f'{k}_kernel' for k in kernel_tiles.REPLACES}}
+                'one_program': {f'{k}_kernel' for k in (*kernel_tiles.REPLACES, 'read')}}
     for layout, case in (('two_passes', two_passes), ('one_program', one_program)):
         assert case['finite'], layout
         layouts = {}
@@ -232,6 +232,47 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
         assert [name for name, *_ in launched()] == two_passes
     with pytest.raises(ValueError, match='kernel must be one of'):
         kernel_tiles.chosen_kernel('grads_rows', 128, BF16, 90)
+
+
+def test_the_reads_backward_runs_as_one_program_per_state_where_states_fill_the_gpu(
+        monkeypatch):
+    """The read's backward takes one program per state where chosen (forced,
+    or a tuned entry for the GPU) and its states are at least the GPU's
+    multiprocessors (132 on the sm_90 recorded here); fewer states, as a
+    head's single state read by 8192 tokens in two pseudo-chunks, keep the
+    two passes (recorded on meta tensors)."""
+    pytest.importorskip('triton')
+    if interpreter_requested():
+        pytest.skip('recording compiles no kernel, but needs triton outside its interpreter')
+    from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_read_triton,
+                                                      read_triton)
+    meta = dict(device='meta')
+
+    def launched(chunked: bool = True, arch: int = 90):
+        lead = (1, 12, 12) if chunked else (1, )  # 144 states, or 1
+        tokens = (12, 12 * 196) if chunked else (1, 8192)
+        leaves = [torch.empty(*lead, 128, 512, **meta), torch.empty(*lead, 512, 128, **meta),
+                  torch.empty(*lead, 128, **meta), torch.empty(1, *tokens, 128, **meta)]
+        leaves = [t.requires_grad_() for t in leaves]
+        with launcher.recording_launches(arch) as launches:
+            if chunked:
+                out = chunk_read_triton(MemoryWeights(*leaves[:3]), leaves[3], 196, BF16)
+            else:
+                out = read_triton(MemoryWeights(*leaves[:3]), leaves[3][0], BF16)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return [(x.kernel.__name__, x.grid, x.kwargs['BM']) for x in launches
+                if 'backward' in x.kernel.__name__]
+
+    two_passes = ['read_backward_rows_kernel', 'read_backward_rows_kernel',
+                  'read_backward_cols_kernel']  # 196 rows: 32-row blocks and a tail
+    assert [name for name, *_ in launched()] == two_passes
+    with kernel_tiles.forced_tiles('read_backward_chunk'):
+        assert launched() == [('read_backward_chunk_kernel', (144, ), 32)]
+        assert [name for name, *_ in launched(chunked=False)] == [
+            'read_backward_rows_kernel', 'read_backward_cols_kernel']
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='read_backward_chunk', BM=16), ))
+    assert launched() == [('read_backward_chunk_kernel', (144, ), 16)]
+    assert [name for name, *_ in launched(arch=80)] == two_passes
 
 
 def test_column_blocks_split_a_width_where_two_blocks_hold_fewer_columns():
@@ -337,7 +378,7 @@ def test_forced_column_blocks_hold_the_rows_of_every_two_pass_kernel():
 
 
 def test_each_tuned_entry_computes_at_its_tiles_what_float64_does():
-    """Every ``TUNED_TILES`` entry (and two stand-ins while it holds none)
+    """Every ``TUNED_TILES`` entry (and stand-ins while it holds none)
     re-checked in the interpreter at its tiles: a GPU's timing chose them,
     only a float64 reference says they compute the memory."""
     from convneur_mm.models.layers.memory_ops.kernels import tuned

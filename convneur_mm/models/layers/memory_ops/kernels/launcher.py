@@ -68,7 +68,7 @@ def recording() -> bool:
 _RECORDED_PROCESSORS = {80: 108, 90: 132}
 
 
-def _processors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     """The multiprocessors persistent programs spread over: the CUDA
     device's, a recording's GPU's, else one (the interpreter, where only the
     arithmetic is checked)."""
@@ -84,10 +84,10 @@ def launch_kernel(kernel, programs: int, tiles: dict, device: torch.device, *arg
     """``kernel[grid](*args, **tiles, **kwargs)`` for a kernel of
     ``programs`` tiles: a program per tile, or with ``tiles['programs_per_sm']``
     persistent programs, each serving ``ITERS`` consecutive tiles
-    (``tiles_per_program`` over ``_processors``). ``ITERS`` is a compile-time
+    (``tiles_per_program`` over ``multiprocessors``). ``ITERS`` is a compile-time
     constant: a persistent kernel compiles once per count of tiles per program."""
     options = {key: value for key, value in tiles.items() if key != 'programs_per_sm'}
-    iters = tiles_per_program(programs, tiles.get('programs_per_sm', 0), _processors(device))
+    iters = tiles_per_program(programs, tiles.get('programs_per_sm', 0), multiprocessors(device))
     if iters > 1:  # else the kernels' default, which compiles without the loop
         options['ITERS'] = iters
     kernel[(programs // iters, )](*args, **options, **kwargs)

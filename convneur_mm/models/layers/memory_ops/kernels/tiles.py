@@ -59,11 +59,13 @@ def check_tiles(block_rows: Optional[int], block_hidden: Optional[int],
 # the kernels whose tiles ``tile_config`` decides, by the name a tuned tile names
 KERNEL_NAMES = ('read', 'read_backward_rows', 'read_backward_cols', 'grads_rows', 'grads_cols',
                 'grads_backward_rows', 'grads_backward_cols', 'grads_chunk',
-                'grads_backward_chunk')
-# kernels that replace others only where chosen (``chosen_kernel``): the chunk
-# gradients' one program per chunk, for its rows and columns passes, forward and backward
+                'grads_backward_chunk', 'read_backward_chunk')
+# kernels that replace others only where chosen (``chosen_kernel``): one program
+# per chunk for the rows and columns passes of the chunk gradients, forward and
+# backward, and of the read's backward
 REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
-            'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols')}
+            'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols'),
+            'read_backward_chunk': ('read_backward_rows', 'read_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
 # what ``forced_tiles`` forces of ``PROJECTION_KERNELS`` (their wrappers choose their tiles)
 PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split')
@@ -79,17 +81,20 @@ SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
         90: {'read': (64, 32), 'grads_rows': (64, 32), 'grads_cols': (64, 16),
              'read_backward_rows': (16, 32), 'read_backward_cols': (16, 16),
              'grads_backward_rows': (16, 16), 'grads_backward_cols': (32, 16),
-             'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16)},
+             'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16),
+             'read_backward_chunk': (16, 16)},
         80: {'read': (64, 32), 'grads_rows': (16, 32), 'grads_cols': (32, 16),
              'read_backward_rows': (16, 32), 'read_backward_cols': (16, 16),
              'grads_backward_rows': (16, 32), 'grads_backward_cols': (32, 16),
-             'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16)},
+             'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16),
+             'read_backward_chunk': (16, 16)},
     },
 }
 # the most rows a tile of 16-bit operands takes on sm_90 and newer: the read's backward
 # rows pass at 64 rows faulted or computed wrong query gradients on an H200
-# (docs/notes/benchmarks.md#the-kernels-profiled-and-trained-with-machine-f)
-SM90_ROW_LIMITS = {'read_backward_rows': 32}
+# (docs/notes/benchmarks.md#the-kernels-profiled-and-trained-with-machine-f); its
+# one program per state runs the same rows code
+SM90_ROW_LIMITS = {'read_backward_rows': 32, 'read_backward_chunk': 32}
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
 
@@ -225,6 +230,10 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
         bm, bh, warps = 16, 32, (4 if columns and held <= 128 else 8)
     elif operand_dtype == torch.float32 or decomposed:
         bm, bh = 16, 16
+    elif held <= 128 and kernel == 'read_backward_chunk':
+        # both passes in one program: 32 rows spill on sm_80, sm_90 takes row_limit's 32
+        # (docs/notes/benchmarks.md#the-reads-backward-as-one-program-per-state-machine-k)
+        bm, bh, warps = (32 if arch is not None and arch >= 90 else 16), 32, 8
     elif held <= 128 and kernel == 'grads_chunk':
         # both passes in one program: 64-row tiles spill
         # (docs/notes/benchmarks.md#one-program-per-chunk-machine-h)
@@ -264,12 +273,13 @@ def _split_tiles(kernel: str, d: int, operand_dtype: torch.dtype, decomposed: bo
 
 
 def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
-                  arch: Optional[int]) -> bool:
+                  arch: Optional[int], decomposed: bool = False) -> bool:
     """Whether ``kernel`` (one of ``REPLACES``) runs in place of the kernels
     it replaces: inside its ``forced_tiles``, or where ``tuned.TUNED_TILES``
     has an entry for it on this GPU (a tuning run records one only where it
-    timed the kernel faster than those it replaces) and no ``forced_tiles``
-    of a replaced kernel is open (a tuning run timing that one)."""
+    timed the kernel faster than those it replaces; for a decomposed read,
+    ``decomposed``, an entry timed so) and no ``forced_tiles`` of a replaced
+    kernel is open (a tuning run timing that one)."""
     if kernel not in REPLACES:
         raise ValueError(f'kernel must be one of {tuple(REPLACES)}, got {kernel!r}')
     forced = {name for name, _ in _forced}
@@ -277,7 +287,7 @@ def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
         return True
     if forced & set(REPLACES[kernel]) or arch is None:
         return False
-    return tuned_tiles(kernel, arch, operand_dtype, block_width(d), False) is not None
+    return tuned_tiles(kernel, arch, operand_dtype, block_width(d), decomposed) is not None
 
 
 def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:

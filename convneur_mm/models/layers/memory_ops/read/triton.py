@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
-from ..kernels.launcher import launch_config, launch_kernel, target_arch
+from ..kernels.launcher import launch_config, launch_kernel, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_decomposed,
                            check_runnable, check_span, gelu_tanh, kernel_op,
                            register_first_order_autograd)
-from ..kernels.tiles import TAIL_ROWS, cdiv, row_parts, tile_config
+from ..kernels.tiles import TAIL_ROWS, cdiv, chosen_kernel, row_parts, tile_config
 
 # rows of one launch "chunk" when a read has no chunks of its own: bounds
 # the int32 offsets inside a tile
@@ -86,7 +86,12 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
                          block_hidden: Optional[int], gelu_approximate: str = 'none'
                          ) -> MemoryWeights:
     """Launch the read's two backward kernels, layouts as ``launch_read``'s
-    (``grad_out`` as ``out``; ``grad_x`` as ``x``, written). The (tokens, 4d)
+    (``grad_out`` as ``out``; ``grad_x`` as ``x``, written), or where
+    ``tiles.chosen_kernel('read_backward_chunk', ...)`` one program per state
+    that runs both, if the states are at least the GPU's multiprocessors: a
+    head's single state read by thousands of tokens (M3's stages 3 and 4)
+    comes as a few pseudo-chunks of 4096 rows, a program each of which
+    would leave most of a GPU idle. The (tokens, 4d)
     intermediates are recomputed, not saved, as FlashAttention's backward does.
 
     Returns:
@@ -108,15 +113,29 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     check_span('the gradient at the MLP output', length, x.new_empty(0, d))
     decomposed = base is not None
     arch = target_arch(x.device)
-    tiles = tile_config('read_backward_rows', d, min(length, n), block_rows, block_hidden,
-                        operand_dtype, decomposed, arch=arch)
+    rows = min(length, n)  # a chunk's rows, as launched
+    one_program = (heads * batch * chunks >= multiprocessors(x.device) and
+                   chosen_kernel('read_backward_chunk', d, operand_dtype, arch, decomposed))
+    tiles = tile_config('read_backward_chunk' if one_program else 'read_backward_rows', d, rows,
+                        block_rows, block_hidden, operand_dtype, decomposed, arch=arch)
     kernels, cfg = launch_config('read', operand_dtype, x.device)
-    parts = row_parts(min(length, n), tiles)
+    parts = row_parts(rows, tiles)
     states = heads * batch * chunks
     d_out = torch.empty(heads, batch, chunks, length, d, device=x.device, dtype=operand_dtype)
     # each block's share of g's gradient, summed in a fixed order below
     row_blocks = sum(blocks for _, blocks, _ in parts)
     d_g = torch.empty(states, row_blocks, d, **opts)
+    gelu = gelu_tanh(gelu_approximate)
+    if one_program:  # both passes, a program per state
+        launch_kernel(
+            kernels.read_backward_chunk_kernel, states, tiles, x.device,
+            x, grad_out, w1, w2, g, grad_x, d_out, d_g, grads.w1, grads.w2, b1, b2,
+            carry if decomposed else x, batch, chunks, n, length, rows, d, hidden, row_blocks,
+            *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
+            *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
+            LN_EPS, DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu)
+        torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
+        return grads
     slot0 = 0
     for r0, blocks, part in parts:
         launch_kernel(
@@ -125,7 +144,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
             batch, chunks, n, length, d, hidden, blocks, r0, slot0, row_blocks,
             *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
             *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
-            LN_EPS, DECOMPOSED=decomposed, **cfg, GELU_TANH=gelu_tanh(gelu_approximate))
+            LN_EPS, DECOMPOSED=decomposed, **cfg, GELU_TANH=gelu)
         slot0 += blocks
     cols = tile_config('read_backward_cols', d, min(length, n), block_rows, block_hidden,
                        operand_dtype, decomposed, arch=arch)
@@ -135,7 +154,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
         x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
         batch, chunks, n, length, d, hidden, hidden_blocks,
         *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
-        DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu_tanh(gelu_approximate))
+        DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu)
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
     return grads
 
