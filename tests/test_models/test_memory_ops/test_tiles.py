@@ -196,9 +196,10 @@ def test_tiles_per_program_divide_the_tiles_among_the_persistent_programs():
 
 def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
     """The chunk gradients' one program per chunk, forward and backward, runs
-    inside its ``forced_tiles`` or where a tuned entry names it for the GPU,
-    in place of the rows and columns passes; elsewhere the two passes run
-    (recorded on meta tensors for sm_90, a training step)."""
+    inside its ``forced_tiles``, or where a tuned entry names it for the GPU
+    and its chunks are at least the GPU's multiprocessors (132 on the sm_90
+    recorded here), in place of the rows and columns passes; elsewhere the
+    two passes run (recorded on meta tensors, a training step)."""
     pytest.importorskip('triton')
     if interpreter_requested():
         pytest.skip('recording compiles no kernel, but needs triton outside its interpreter')
@@ -206,15 +207,16 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
     meta = dict(device='meta')
     weights = MemoryWeights(torch.empty(1, 128, 512, **meta), torch.empty(1, 512, 128, **meta),
                             torch.empty(1, 128, **meta))
-    keys = torch.empty(1, 6, 196, 128, **meta)
-    lr = torch.empty(1, 6, 196, **meta)
 
-    def launched(arch: int = 90):
+    def launched(arch: int = 90, chunks: int = 132):
+        keys = torch.empty(1, chunks, 196, 128, **meta)
+        lr = torch.empty(1, chunks, 196, **meta)
         leaves = [t.requires_grad_() for t in (*weights, keys)]
         with launcher.recording_launches(arch) as launches:
             out = chunk_grads_triton(MemoryWeights(*leaves[:3]), leaves[3], keys, lr, BF16)
             torch.autograd.grad(out, leaves, [torch.ones_like(t) for t in out])
-        assert [tuple(t.shape) for t in out] == [(1, 6, 128, 512), (1, 6, 512, 128), (1, 6, 128)]
+        assert [tuple(t.shape) for t in out] == [(1, chunks, 128, 512), (1, chunks, 512, 128),
+                                                 (1, chunks, 128)]
         return [(x.kernel.__name__, x.grid, x.kwargs['BM'], x.kwargs['num_warps'])
                 for x in launches]
 
@@ -222,11 +224,12 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
                   'grads_backward_cols_kernel']
     assert [name for name, *_ in launched()] == two_passes
     with kernel_tiles.forced_tiles('grads_chunk'):
-        assert launched()[0] == ('grads_chunk_kernel', (6, ), 32, 8)
+        assert launched(chunks=6)[0] == ('grads_chunk_kernel', (6, ), 32, 8)
     with kernel_tiles.forced_tiles('grads_backward_chunk'):
-        assert launched()[2:] == [('grads_backward_chunk_kernel', (6, ), 16, 8)]
+        assert launched(chunks=6)[2:] == [('grads_backward_chunk_kernel', (6, ), 16, 8)]
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='grads_chunk', BM=64), ))
-    assert launched()[0] == ('grads_chunk_kernel', (6, ), 64, 8)
+    assert launched()[0] == ('grads_chunk_kernel', (132, ), 64, 8)
+    assert [name for name, *_ in launched(chunks=131)] == two_passes  # 131 programs
     assert [name for name, *_ in launched(80)] == two_passes
     with kernel_tiles.forced_tiles('grads_cols'):  # a tuning run timing a replaced kernel
         assert [name for name, *_ in launched()] == two_passes
@@ -234,13 +237,12 @@ def test_one_program_per_chunk_replaces_both_passes_where_chosen(monkeypatch):
         kernel_tiles.chosen_kernel('grads_rows', 128, BF16, 90)
 
 
-def test_the_reads_backward_runs_as_one_program_per_state_where_states_fill_the_gpu(
-        monkeypatch):
-    """The read's backward takes one program per state where chosen (forced,
-    or a tuned entry for the GPU) and its states are at least the GPU's
-    multiprocessors (132 on the sm_90 recorded here); fewer states, as a
-    head's single state read by 8192 tokens in two pseudo-chunks, keep the
-    two passes (recorded on meta tensors)."""
+def test_the_reads_backward_runs_as_one_program_per_state_where_chosen(monkeypatch):
+    """The read's backward takes one program per state inside its
+    ``forced_tiles``, or where a tuned entry names it for the GPU and its
+    states are at least the GPU's multiprocessors (132 on the sm_90 recorded
+    here): a head's single state read by 8192 tokens in two pseudo-chunks
+    keeps the two passes (recorded on meta tensors)."""
     pytest.importorskip('triton')
     if interpreter_requested():
         pytest.skip('recording compiles no kernel, but needs triton outside its interpreter')
@@ -268,10 +270,11 @@ def test_the_reads_backward_runs_as_one_program_per_state_where_states_fill_the_
     assert [name for name, *_ in launched()] == two_passes
     with kernel_tiles.forced_tiles('read_backward_chunk'):
         assert launched() == [('read_backward_chunk_kernel', (144, ), 32)]
-        assert [name for name, *_ in launched(chunked=False)] == [
-            'read_backward_rows_kernel', 'read_backward_cols_kernel']
+        assert launched(chunked=False) == [('read_backward_chunk_kernel', (2, ), 32)]
     monkeypatch.setattr(tuned, 'TUNED_TILES', (_entry(kernel='read_backward_chunk', BM=16), ))
     assert launched() == [('read_backward_chunk_kernel', (144, ), 16)]
+    assert [name for name, *_ in launched(chunked=False)] == [
+        'read_backward_rows_kernel', 'read_backward_cols_kernel']
     assert [name for name, *_ in launched(arch=80)] == two_passes
 
 

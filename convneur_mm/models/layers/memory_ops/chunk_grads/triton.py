@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
-from ..kernels.launcher import launch_config, launch_kernel, target_arch
+from ..kernels.launcher import launch_config, launch_kernel, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, gelu_tanh, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import TAIL_ROWS, cdiv, chosen_kernel, row_parts, tile_config
@@ -242,7 +242,9 @@ def _staged(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
     keys_op = _keys_operand(keys, operand_dtype)
     copy_keys = keys_op is not keys
     loss_scale = 2.0 / d
-    if chosen_kernel('grads_chunk', d, operand_dtype, arch):  # both passes, a program per chunk
+    # both passes, a program per chunk
+    if chosen_kernel('grads_chunk', d, operand_dtype, arch, False, groups * chunks,
+                     multiprocessors(device)):
         tiles = tile_config('grads_chunk', d, length, block_rows, block_hidden, operand_dtype,
                             arch=arch)
         g1, g2 = new_grads()
@@ -318,7 +320,8 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     # per-chunk shares of the weights' gradients, summed in a fixed order: deterministic
     grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
     grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
-    if chosen_kernel('grads_backward_chunk', d, operand_dtype, arch):  # a program per chunk
+    if chosen_kernel('grads_backward_chunk', d, operand_dtype, arch, False, groups * chunks,
+                     multiprocessors(keys.device)):  # a program per chunk
         tiles = tile_config('grads_backward_chunk', d, length, block_rows, block_hidden,
                             operand_dtype, arch=arch)
         # a share of g's gradient per block of rows: whole blocks, then TAIL_ROWS at a time

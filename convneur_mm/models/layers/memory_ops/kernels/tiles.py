@@ -273,19 +273,23 @@ def _split_tiles(kernel: str, d: int, operand_dtype: torch.dtype, decomposed: bo
 
 
 def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
-                  arch: Optional[int], decomposed: bool = False) -> bool:
+                  arch: Optional[int], decomposed: bool = False, programs: int = 0,
+                  processors: int = 0) -> bool:
     """Whether ``kernel`` (one of ``REPLACES``) runs in place of the kernels
     it replaces: inside its ``forced_tiles``, or where ``tuned.TUNED_TILES``
     has an entry for it on this GPU (a tuning run records one only where it
     timed the kernel faster than those it replaces; for a decomposed read,
-    ``decomposed``, an entry timed so) and no ``forced_tiles`` of a replaced
-    kernel is open (a tuning run timing that one)."""
+    ``decomposed``, an entry timed so), its ``programs`` (one per chunk) are
+    at least the GPU's ``processors`` (fewer would leave multiprocessors idle
+    that the two passes' many more programs fill: a batch of one image, a
+    head's single state in a few pseudo-chunks), and no ``forced_tiles`` of
+    a replaced kernel is open (a tuning run timing that one)."""
     if kernel not in REPLACES:
         raise ValueError(f'kernel must be one of {tuple(REPLACES)}, got {kernel!r}')
     forced = {name for name, _ in _forced}
     if kernel in forced:
         return True
-    if forced & set(REPLACES[kernel]) or arch is None:
+    if forced & set(REPLACES[kernel]) or arch is None or programs < processors:
         return False
     return tuned_tiles(kernel, arch, operand_dtype, block_width(d), decomposed) is not None
 

@@ -88,10 +88,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     """Launch the read's two backward kernels, layouts as ``launch_read``'s
     (``grad_out`` as ``out``; ``grad_x`` as ``x``, written), or where
     ``tiles.chosen_kernel('read_backward_chunk', ...)`` one program per state
-    that runs both, if the states are at least the GPU's multiprocessors: a
-    head's single state read by thousands of tokens (M3's stages 3 and 4)
-    comes as a few pseudo-chunks of 4096 rows, a program each of which
-    would leave most of a GPU idle. The (tokens, 4d)
+    that runs both. The (tokens, 4d)
     intermediates are recomputed, not saved, as FlashAttention's backward does.
 
     Returns:
@@ -114,13 +111,13 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     decomposed = base is not None
     arch = target_arch(x.device)
     rows = min(length, n)  # a chunk's rows, as launched
-    one_program = (heads * batch * chunks >= multiprocessors(x.device) and
-                   chosen_kernel('read_backward_chunk', d, operand_dtype, arch, decomposed))
+    states = heads * batch * chunks
+    one_program = chosen_kernel('read_backward_chunk', d, operand_dtype, arch, decomposed,
+                                states, multiprocessors(x.device))
     tiles = tile_config('read_backward_chunk' if one_program else 'read_backward_rows', d, rows,
                         block_rows, block_hidden, operand_dtype, decomposed, arch=arch)
     kernels, cfg = launch_config('read', operand_dtype, x.device)
     parts = row_parts(rows, tiles)
-    states = heads * batch * chunks
     d_out = torch.empty(heads, batch, chunks, length, d, device=x.device, dtype=operand_dtype)
     # each block's share of g's gradient, summed in a fixed order below
     row_blocks = sum(blocks for _, blocks, _ in parts)
