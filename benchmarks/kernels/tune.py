@@ -15,10 +15,10 @@ their chosen options; on CUDA its own launches are timed, by the profiler
 (``kernel_seconds``). Each candidate's
 outputs must agree with the start's (``agrees``): a configuration
 that compiles but computes something else is refused, as is one that fails to
-compile (shared memory, registers); rows past ``tiles.row_limit`` are not tried. A kernel that replaces others
-(``tiles.REPLACES``: one program per chunk for the chunk gradients and the
-read's backward) is tuned
-after them, and kept (``TunedTile`` entries make it run in their place) only
+compile (shared memory, registers); rows past ``tiles.row_limit`` are not
+tried. A kernel that replaces others (``tiles.REPLACES``: one program per
+chunk for the chunk gradients and the read's backward) is tuned after them,
+and kept (``TunedTile`` entries make it run in their place) only
 where its chosen options compute what they compute and beat their time by
 ``MIN_GAIN``. The PyTorch path of each call is timed beside it
 (``torch_ms``), the evidence ``implementation='auto'`` needs per operation. On CUDA
