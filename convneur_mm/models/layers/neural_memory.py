@@ -296,7 +296,19 @@ class NeuralMemory(KeepsFloat32, nn.Module):
 
     # ------------------------------------------------------------------ the path
     def forward(self, x: Tensor) -> Tensor:
-        """(B, N, d) -> (B, N, d): ``execute(x, plan(x))``."""
+        """(B, N, d) -> (B, N, d): ``execute(x, plan(x))``.
+
+        Raises:
+            RuntimeError: under a ``torch.func`` transform (``vmap``, ``grad``,
+                ``jacrev``, ...), which neither path supports.
+        """
+        if not _traced() and _functorch_transforms_active():
+            # its Functions and kernels have no batching rules, and its backward
+            # is of first order only, where torch.func.grad differentiates twice
+            raise RuntimeError(
+                'NeuralMemory does not run under torch.func transforms (vmap, grad, jacrev, '
+                '...): batch the images instead (it takes (B, N, d)) and differentiate with '
+                'torch.autograd, to first order')
         return self.execute(x, self.plan(x))
 
     def execute(self, x: Tensor, plan: MemoryPlan) -> Tensor:
@@ -642,6 +654,13 @@ def _has_dtensor(module: nn.Module) -> bool:
         if child is not None and _has_dtensor(child):
             return True
     return False
+
+
+def _functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform is running (torch's own check; False
+    where this torch has none)."""
+    active = getattr(torch._C, '_are_functorch_transforms_active', None)
+    return bool(active is not None and active())
 
 
 def _traced() -> bool:

@@ -358,3 +358,20 @@ def test_second_order_gradients_are_exact_where_the_memory_only_reads():
         return g.square().sum()
 
     assert torch.autograd.gradcheck(penalty, (x, ))
+
+
+@pytest.mark.parametrize('transform', ['vmap', 'grad'])
+def test_torch_func_transforms_get_a_clear_error(transform):
+    """Neither path has batching rules, and the backward is of first order
+    only (``torch.func.grad`` differentiates twice): a clear error instead of
+    torch's about autograd.Function internals; ``functional_call`` alone runs."""
+    memory = NeuralMemory(16, chunk_size=8).eval()
+    x = torch.randn(3, 1, 20, 16)
+    params = dict(memory.named_parameters())
+    calls = {'vmap': lambda: torch.func.vmap(memory)(x),
+             'grad': lambda: torch.func.grad(
+                 lambda p: torch.func.functional_call(memory, p, (x[0], )).sum())(params)}
+    with pytest.raises(RuntimeError, match='does not run under torch.func transforms'):
+        calls[transform]()
+    out = torch.func.functional_call(memory, params, (x[0], ))
+    torch.testing.assert_close(out, memory(x[0]))
