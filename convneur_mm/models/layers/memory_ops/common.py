@@ -72,8 +72,7 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
         return torch.bmm(a.to(operand_dtype).to(out_dtype), b.to(operand_dtype).to(out_dtype))
     # float16 operands keep autograd through the casts: their float16 tensors
     # are what the fp16-headroom tool hooks (bf16 has float32's range)
-    if (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-            and operand_dtype == torch.bfloat16):
+    if autograd_records(a, b) and operand_dtype == torch.bfloat16:
         return _Product16.apply(a, b, operand_dtype, out_dtype)
     return _wide_bmm(a.to(operand_dtype), b.to(operand_dtype), out_dtype)
 
@@ -191,6 +190,12 @@ def no_autocast(like: Tensor) -> ContextManager:
     return torch.autocast(kind, enabled=False)
 
 
+def autograd_records(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors`` (None entries skipped):
+    gradients enabled and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def first_order_only(name: str, why: str = '') -> None:
     """An error for a backward of first order differentiated again: autograd
     runs a backward with gradients enabled only for ``create_graph=True``."""
@@ -217,7 +222,7 @@ def first_order_guard(x: Tensor, name: str, why: str = '') -> Tensor:
     """``x``, whose gradient autograd computes as before but refuses to
     differentiate again (``first_order_only``); ``x`` itself where autograd
     records nothing, or under ``torch.export``, whose graph keeps ATen ops."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_exporting():
+    if not autograd_records(x) or torch.compiler.is_exporting():
         return x
     return _FirstOrderOnly.apply(x, name, why)
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..common import (LN_EPS, MemoryWeights, check_gelu_approximate, first_order_guard,
-                      gelu_grad_operand, ln_backward, operand, product)
+from ..common import (LN_EPS, MemoryWeights, autograd_records, check_gelu_approximate,
+                      first_order_guard, gelu_grad_operand, ln_backward, operand, product)
 
 # why the write's gradient is not differentiated twice, on any path
 WHY_FIRST_ORDER = " (PyTorch's LayerNorm gives wrong third derivatives)"
@@ -134,7 +134,7 @@ def chunk_grads_chain(weights: MemoryWeights, keys: Tensor, values: Tensor, toke
     del act
     back = product(d_hidden, w2.transpose(-1, -2), mm, dtype)
     del d_hidden
-    if torch.is_grad_enabled() and (back.requires_grad or pre.requires_grad):
+    if autograd_records(back, pre):
         d_pre = torch.ops.aten.gelu_backward(back, pre, approximate=gelu_approximate)
     else:  # in place, or in operand_dtype: no third float (G, C*L, 4d) tensor
         d_pre = gelu_grad_operand(back, pre, mm, gelu_approximate)

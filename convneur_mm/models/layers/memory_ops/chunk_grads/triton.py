@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import LN_EPS, MemoryWeights, check_gelu_approximate
+from ..common import LN_EPS, MemoryWeights, autograd_records, check_gelu_approximate
 from ..kernels.launcher import launch_config, launch_kernel, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, gelu_tanh, kernel_op, register_first_order_autograd)
@@ -82,8 +82,7 @@ def chunk_grads_triton_staged(weights: MemoryWeights, keys: Tensor, values: Tens
     same launches). With 16-bit operands the weights' pass reads the rows
     pass's copy of the keys; float32 keys it reads, and so keeps, where they
     lie. Outside autograd and graph capture by ``torch.compile`` only."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, keys, values,
-                                                                  token_lr)):
+    if autograd_records(*weights, keys, values, token_lr):
         raise RuntimeError('chunk_grads_triton_staged serves inference: train through '
                            'chunk_grads_triton')
     if torch.compiler.is_compiling():
@@ -115,8 +114,7 @@ def _checked(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Ten
     if grads_dtype not in (torch.float32, operand_dtype):
         raise ValueError(f'grads_dtype must be float32 or the operand dtype {operand_dtype}, '
                          f'got {grads_dtype}')
-    if grads_dtype != torch.float32 and torch.is_grad_enabled() and any(
-            t.requires_grad for t in (w1, w2, g, keys, values, token_lr)):
+    if grads_dtype != torch.float32 and autograd_records(w1, w2, g, keys, values, token_lr):
         raise RuntimeError('the chunk gradients train in float32: a 16-bit grads_dtype serves '
                            'inference')
     return operand_dtype, grads_dtype

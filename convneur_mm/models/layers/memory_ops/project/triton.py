@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..common import RMS_EPS, product
+from ..common import RMS_EPS, autograd_records, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launcher import launch_config, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
@@ -79,8 +79,7 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
                     [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
                      for name, t in weights._asdict().items()], operand_dtype,
                     (block_rows, block_features), tile_names=('block_rows', 'block_features'))
-    if (not projection_backward_serves(x.shape[-1]) and torch.is_grad_enabled()
-            and (x.requires_grad or any(t.requires_grad for t in weights))):
+    if not projection_backward_serves(x.shape[-1]) and autograd_records(x, *weights):
         raise ValueError(f'project_triton differentiates widths up to '
                          f'{MAX_PROJECTION_BACKWARD_BLOCK} and '
                          f'{PROJECTION_BACKWARD_SPLIT_WIDTHS}, got {x.shape[-1]}: train with '

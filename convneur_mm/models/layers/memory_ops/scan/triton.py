@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..common import autograd_records
 from ..kernels.launcher import launch_config
 from ..kernels.ops import (call_kernel_op, check_runnable, kernel_op,
                            register_first_order_autograd)
@@ -60,8 +61,7 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     if any(t.device != log_keep.device for t in tensors):
         raise ValueError('the scan kernel takes tensors on one device, got '
                          f'{sorted({str(t.device) for t in tensors})}')
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and
-            any(dtype != torch.float32 for dtype in dtypes)):
+    if autograd_records(*tensors) and any(dtype != torch.float32 for dtype in dtypes):
         raise RuntimeError('the scan kernel trains with float32 states: 16-bit state_dtypes '
                            'serve inference')
     del tensors  # it holds every gradient: each must go once scanned
