@@ -76,6 +76,12 @@ MODEL_VARIANTS = {'M3 implementation=torch': {'implementation': 'torch'},
                   'M3 working_set_256': {'working_set_mib': 256}}
 
 
+def memories_of(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """``model``'s ``NeuralMemory`` modules, in order."""
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    return [m for m in model.modules() if isinstance(m, NeuralMemory)]
+
+
 def pytorch_path_forced() -> Optional[str]:
     """Why no memory runs the Triton kernels in this process, whatever it
     asks (``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, a rerun after a fault),

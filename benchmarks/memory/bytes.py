@@ -281,10 +281,9 @@ def time_backbone_steps(arch: str = 'm3', batch: int = 2, size: int = 224, round
         rounds: timed turns.
         device: where to run.
     """
-    from benchmarks.common.subjects import convneur_backbone
-    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    from benchmarks.common.subjects import convneur_backbone, memories_of
     model = convneur_backbone(arch, device).train()
-    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    memories = memories_of(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     x = torch.randn(batch, 3, size, size, device=device)
 

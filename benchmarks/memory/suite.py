@@ -44,7 +44,7 @@ import math
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,12 +53,15 @@ from benchmarks.common.subjects import (BRANCH_VARIANTS, LOCAL_ONLY, MAX_LRS, MO
                                         NEEDS_CUDA, NUMERICS_VARIANTS, TRAINING_MODE,
                                         backbone_memory_keys, branch_like, build_classifier,
                                         describe_error, free, gemm_shapes, global_branches,
-                                        hooked_inputs, logits_fn, median_ms, memory_like, precision,
-                                        pytorch_path_forced, relative_error,
-                                        supported_memory_keys, unsupported)
+                                        hooked_inputs, logits_fn, median_ms, memories_of,
+                                        memory_like, precision, pytorch_path_forced,
+                                        relative_error, supported_memory_keys, unsupported)
 from convneur_mm.analysis.timing import PeakMemoryGrowth, time_call, time_calls, time_in_turns
 from convneur_mm.engine.compile import compile_model, graphs_compiled
 from convneur_mm.utils.cli import non_negative_float, positive_int
+
+if TYPE_CHECKING:  # not at run time: the memory imports where it is used
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import MeasuredPath
 
 SCHEMA = 'benchmarks.memory/1'
 SECTIONS = ('gemm', 'branch', 'model', 'numerics', 'latency', 'compiled', 'profile')
@@ -458,7 +461,7 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                     dict(backend=backend, modes={**rows, kernels_row: part})))
             entry = compiled_measured_path(rows, torch.cuda.get_device_capability(ctx.device),
                                            torch.cuda.get_device_name(ctx.device),
-                                           ctx.sizes['batch'], _memories(reference)[0].head_dim)
+                                           ctx.sizes['batch'], memories_of(reference)[0].head_dim)
             if entry is not None:
                 paths.append(entry)
                 print(f'[memory] MEASURED_PATHS entry: {entry!r},', file=sys.stderr)
@@ -475,15 +478,9 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                 'of both models (two each without breaks: backbone and head)')
 
 
-def _memories(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """``model``'s ``NeuralMemory`` modules, in order."""
-    from convneur_mm.models.layers.neural_memory import NeuralMemory
-    return [m for m in model.modules() if isinstance(m, NeuralMemory)]
-
-
 def _on_pytorch_path(model: torch.nn.Module) -> None:
     """Every memory of ``model`` with ``implementation='torch'``."""
-    for memory in _memories(model):
+    for memory in memories_of(model):
         memory.implementation = 'torch'
 
 

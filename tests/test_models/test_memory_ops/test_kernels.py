@@ -16,7 +16,7 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_grads_triton, chunk_read_triton, kernels,
                                                   read_torch, read_triton)
 from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads_triton_staged
-from convneur_mm.models.layers.memory_ops.kernels import ops as kernel_ops, tiles as kernel_tiles
+from convneur_mm.models.layers.memory_ops.kernels import ops as kernel_ops
 from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project_triton,
                                                           projection_shapes)
 from convneur_mm.models.layers.neural_memory import NeuralMemory

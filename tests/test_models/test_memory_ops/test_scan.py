@@ -104,5 +104,6 @@ def test_triton_scan_frees_each_gradient_once_scanned():
         grads = [torch.empty(n, u, p, device='meta', dtype=torch.bfloat16) for _ in range(2)]
         states = scan_states_triton(grads, *gates, [None] * 2, state_dtypes=[torch.bfloat16] * 2)
         assert grads == [None, None]
+        assert [tuple(s.shape) for s in states] == [(n, u + 1, p)] * 2  # alive: counted below
         assert live.live == 2 * n * (u + 1) * p * 2
     assert live.peak == n * u * p * 2 + 2 * n * (u + 1) * p * 2

@@ -123,35 +123,35 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     row_blocks = sum(blocks for _, blocks, _ in parts)
     d_g = torch.empty(states, row_blocks, d, **opts)
     gelu = gelu_tanh(gelu_approximate)
+    carry_arg = carry if decomposed else x  # any pointer where the read is not decomposed
     if one_program:  # both passes, a program per state
         launch_kernel(
             kernels.read_backward_chunk_kernel, states, tiles, x.device,
-            x, grad_out, w1, w2, g, grad_x, d_out, d_g, grads.w1, grads.w2, b1, b2,
-            carry if decomposed else x, batch, chunks, n, length, rows, d, hidden, row_blocks,
+            x, grad_out, w1, w2, g, grad_x, d_out, d_g, grads.w1, grads.w2, b1, b2, carry_arg,
+            batch, chunks, n, length, rows, d, hidden, row_blocks,
             *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
             *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
             LN_EPS, DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu)
-        torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
-        return grads
-    slot0 = 0
-    for r0, blocks, part in parts:
+    else:
+        slot0 = 0
+        for r0, blocks, part in parts:
+            launch_kernel(
+                kernels.read_backward_rows_kernel, states * blocks, part, x.device,
+                x, grad_out, w1, w2, g, grad_x, d_out, d_g, b1, b2, carry_arg,
+                batch, chunks, n, length, d, hidden, blocks, r0, slot0, row_blocks,
+                *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
+                *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
+                LN_EPS, DECOMPOSED=decomposed, **cfg, GELU_TANH=gelu)
+            slot0 += blocks
+        cols = tile_config('read_backward_cols', d, rows, block_rows, block_hidden,
+                           operand_dtype, decomposed, arch=arch)
+        hidden_blocks = cdiv(hidden, cols['BH'])
         launch_kernel(
-            kernels.read_backward_rows_kernel, states * blocks, part, x.device,
-            x, grad_out, w1, w2, g, grad_x, d_out, d_g, b1, b2, carry if decomposed else x,
-            batch, chunks, n, length, d, hidden, blocks, r0, slot0, row_blocks,
-            *x.stride(), *w1.stride(), *w2.stride(), *g.stride(), *grad_out.stride(),
-            *grad_x.stride(), *b1.stride(), *b2.stride(), *c_strides,
-            LN_EPS, DECOMPOSED=decomposed, **cfg, GELU_TANH=gelu)
-        slot0 += blocks
-    cols = tile_config('read_backward_cols', d, min(length, n), block_rows, block_hidden,
-                       operand_dtype, decomposed, arch=arch)
-    hidden_blocks = cdiv(hidden, cols['BH'])
-    launch_kernel(
-        kernels.read_backward_cols_kernel, states * hidden_blocks, cols, x.device,
-        x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry if decomposed else x,
-        batch, chunks, n, length, d, hidden, hidden_blocks,
-        *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
-        DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu)
+            kernels.read_backward_cols_kernel, states * hidden_blocks, cols, x.device,
+            x, d_out, w1, w2, grads.w1, grads.w2, b1, b2, carry_arg,
+            batch, chunks, n, length, d, hidden, hidden_blocks,
+            *x.stride(), *w1.stride(), *w2.stride(), *b1.stride(), *b2.stride(), *c_strides,
+            DECOMPOSED=decomposed, **cfg, TAIL=TAIL_ROWS, GELU_TANH=gelu)
     torch.sum(d_g.view(heads, batch, chunks, row_blocks, d), dim=3, out=grads.g)
     return grads
 
