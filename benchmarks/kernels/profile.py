@@ -140,12 +140,15 @@ def _projection_flops(a: dict, backward: bool) -> int:
     columns), the written rows' other columns (keys, values, pool logits,
     step sizes). The backward recomputes each product but the values' (their
     cotangent is the product's own) and multiplies the product's gradient by
-    the weight."""
+    the weight; in blocks of output features (BO > 0) with heads in two
+    column blocks (BHE > 0) it computes the heads' (queries', keys')
+    products twice, for their norms' statistics first."""
     x, w = a['x_ptr'], a['w_ptr']
     images, tokens, d = x.shape
     written, others = a['U'] * a['L'], w.shape[0] - d
     if backward:
-        return 2 * d * images * (2 * tokens * d + written * (2 * others - d))
+        heads_again = tokens * d + written * d if a.get('BO') and a.get('BHE') else 0
+        return 2 * d * images * (2 * tokens * d + written * (2 * others - d) + heads_again)
     return 2 * d * images * (tokens * d + written * others)
 
 

@@ -63,11 +63,12 @@ from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NA
 from convneur_mm.utils.cli import positive_float, positive_int
 
 AXES = {'BM': (16, 32, 64, 128), 'BH': (16, 32, 64, 128), 'num_warps': (4, 8),
-        'num_stages': (1, 2, 3, 4), 'programs_per_sm': (0, 1, 2, 4)}
-# the projections' axes: no hidden units, no persistent programs; the split as the others'
+        'num_stages': (1, 2, 3, 4), 'programs_per_sm': (0, 1, 2, 4), 'BO': (0, 32, 64)}
+# the projections' axes: no hidden units, no persistent programs; the split as the
+# others'; the backward's output block (BO) too
 PROJECTION_AXES = tuple(option for option in PROJECTION_OPTIONS if option in AXES)
 DRY_AXES = {'BM': (16, 32), 'BH': (16, 32), 'num_warps': (4, ), 'num_stages': (2, ),
-            'programs_per_sm': (0, 2)}
+            'programs_per_sm': (0, 2), 'BO': (0, 16)}
 DRY_SHAPE = MemoryShape(batch=2, tokens=41, chunk=20, heads=1, head_dim=16)
 MIN_GAIN = 0.03  # a smaller gain is not worth an entry that only this card measured
 # the call that launches each kernel: an operation's forward or its training step
@@ -235,11 +236,13 @@ def kernel_start(kernel: str, shape: MemoryShape, operand_dtype: torch.dtype,
         width = shape.heads * shape.head_dim
         config = projection_tiles(width, shape.heads, min(shape.chunk, shape.tokens), None, None,
                                   operand_dtype, kernel == 'project_backward', arch)
-        kernel_axes = {axis: axes[axis] for axis in PROJECTION_AXES}
+        kernel_axes = {axis: axes[axis] for axis in PROJECTION_AXES
+                       if axis != 'BO' or kernel == 'project_backward'}
     else:
         width = shape.head_dim
         config = tile_config(kernel, width, shape.chunk, None, None, operand_dtype, arch=arch)
-        kernel_axes = within_row_limit(axes, kernel, operand_dtype, arch)
+        kernel_axes = within_row_limit({axis: values for axis, values in axes.items()
+                                        if axis != 'BO'}, kernel, operand_dtype, arch)
     kernel_axes, start = with_split_axis(kernel_axes, {axis: config[axis] for axis in kernel_axes},
                                          config, width)
     return kernel_axes, start, width
@@ -543,8 +546,9 @@ def format_report(result: Dict) -> str:
         persistent = (f", {o['programs_per_sm']} programs/SM" if o.get('programs_per_sm')
                       else '')
         hidden = f", BH {o['BH']}" if 'BH' in o else ''  # the projections have none
-        return (f"BM {o['BM']}{hidden}, {o['num_warps']} warps, {o['num_stages']} stages"
-                + persistent)
+        outputs = f", BO {o['BO']}" if 'BO' in o else ''  # the projections' backward's
+        return (f"BM {o['BM']}{hidden}{outputs}, {o['num_warps']} warps, "
+                f"{o['num_stages']} stages" + persistent)
 
     def ms(value: Optional[float]) -> str:
         return 'refused' if value is None else f'{value:.3f}'

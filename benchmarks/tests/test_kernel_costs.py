@@ -175,26 +175,35 @@ def test_the_decomposed_reads_base_products_count_as_six_16_bit_ones():
         assert decomposed[name].half_flops == decomposed[name].flops
 
 
-def test_the_projections_backward_recomputes_every_product_but_the_values():
+# whole rows; blocks of output features, the head in one column block; and in two
+# (40 columns as 32 + 16), whose products the backward computes twice
+@pytest.mark.parametrize('output_block,d,split', [(0, D, 0), (16, D, 0), (16, 40, 1)])
+def test_the_projections_backward_recomputes_every_product_but_the_values(output_block, d,
+                                                                           split):
     from convneur_mm.models.layers.memory_ops.project import triton as project_triton
     meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
     images, heads, written = 2, 1, 3 * L
-    x, weight = meta(images, TOKENS, D), meta(4 * D + heads, D)
-    gamma, bias = meta(2 * heads, D), meta(D + heads)
-    with torch.no_grad(), launcher.recording_launches(90) as launches:
+    x, weight = meta(images, TOKENS, d), meta(4 * d + heads, d)
+    gamma, bias = meta(2 * heads, d), meta(d + heads)
+    with torch.no_grad(), launcher.recording_launches(90) as launches, \
+            kernel_tiles.forced_tiles('project', split=split), \
+            kernel_tiles.forced_tiles('project_backward', BO=output_block, split=split):
         pooled, lse = project_triton._project(x, weight, bias, gamma, 3, L, 1.0,
                                               torch.bfloat16, None, None)[4:]
         project_triton._project_backward(
-            x, weight, bias, gamma, pooled, lse, meta(heads, images, TOKENS, D),
-            meta(heads, images, written, D), meta(heads, images, written, D),
-            meta(heads, images, written), meta(images, 3, D), 3, L, 1.0, torch.bfloat16, None)
+            x, weight, bias, gamma, pooled, lse, meta(heads, images, TOKENS, d),
+            meta(heads, images, written, d), meta(heads, images, written, d),
+            meta(heads, images, written), meta(images, 3, d), 3, L, 1.0, torch.bfloat16, None)
     got = costs.kernel_costs(launches)
     # forward: every row's queries, the written rows' keys, values, logits, step sizes
-    forward = 2 * D * images * (TOKENS * D + written * (3 * D + heads))
+    forward = 2 * d * images * (TOKENS * d + written * (3 * d + heads))
     assert got['project_kernel'].flops == forward
-    # backward: those products again but the values', and the gradient times the weight
+    # backward: those products again but the values', and the gradient times the weight;
+    # a head in two column blocks, in blocks of output features: the queries' and keys'
+    # a third time
+    heads_again = 2 * d * images * (TOKENS * d + written * d) if output_block and split else 0
     assert got['project_backward_kernel'].flops == (
-        forward - 2 * D * images * written * D + forward)
+        forward - 2 * d * images * written * d + forward + heads_again)
 
 
 def test_observed_launches_run_and_are_recorded(monkeypatch):

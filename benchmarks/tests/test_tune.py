@@ -192,13 +192,13 @@ def test_a_replacing_kernel_must_compute_what_the_replaced_ones_compute(monkeypa
 def test_the_report_says_whether_a_replacing_kernel_replaces():
     record = dict(call='write', start=START, chosen=START, start_ms=1.0, chosen_ms=1.0,
                   trials=[dict(START, ms=1.0, error=None)], replaced_ms=2.0)
-    for replaces, agrees, error, verdict in (
+    for replaces, agreed, error, verdict in (
             (True, True, None, 'it replaces them'), (False, True, None, 'they stay'),
             (False, False, None, 'they stay (its results differ'),
             (False, False, 'RuntimeError: CUDA error', 'they stay (the comparison failed: '
              'RuntimeError: CUDA error)')):
         result = dict(arch=None, kernels={'grads_chunk': dict(
-                          record, replaces=replaces, agrees_with_replaced=agrees, error=error)},
+                          record, replaces=replaces, agrees_with_replaced=agreed, error=error)},
                       calls={}, entries=[], paths=[], stopped_at=None, error=None)
         assert (f'grads_chunk: 1.000 ms against 2.000 ms for the kernels it replaces: '
                 f'{verdict}') in kernel_tuning.format_report(result)
@@ -275,22 +275,23 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
 
 
 def test_the_projections_start_from_their_wrappers_tiles_on_their_own_axes():
-    """No hidden units or persistent programs; M4's split tried; their
-    entries name the memory's whole width."""
+    """No hidden units or persistent programs; M4's split tried, and the
+    backward's output block; their entries name the memory's whole width."""
     from benchmarks.memory.bytes import MemoryShape
     shape = MemoryShape(batch=128, tokens=3136, chunk=196, heads=1, head_dim=160)
     axes, start, width = kernel_tuning.kernel_start('project_backward', shape, torch.bfloat16,
                                                     90, kernel_tuning.AXES)
     assert (width, axes['split']) == (160, (0, 1))
     assert set(axes) == {*kernel_tuning.PROJECTION_AXES, 'split'}
-    assert start == dict(BM=16, num_warps=8, num_stages=1, split=1)
+    assert start == dict(BM=16, num_warps=8, num_stages=1, split=1, BO=32)
+    assert axes['BO'] == (0, 32, 64)  # whole rows against blocks of output features
     axes, start, _ = kernel_tuning.kernel_start('project', shape._replace(head_dim=128),
                                                 torch.bfloat16, 90, kernel_tuning.AXES)
-    assert set(axes) == set(kernel_tuning.PROJECTION_AXES)
+    assert set(axes) == set(kernel_tuning.PROJECTION_AXES) - {'BO'}
     assert start == dict(BM=32, num_warps=8, num_stages=2)
     axes, start, width = kernel_tuning.kernel_start('read', shape, torch.bfloat16, 90,
                                                     kernel_tuning.AXES)
-    assert width == 160 and 'BH' in axes and 'BH' in start
+    assert width == 160 and 'BH' in axes and 'BH' in start and 'BO' not in axes
     assert [kernel_tuning.OP_OF[k] for k in ('project', 'project_backward')] == [
         'project', 'project step']
 

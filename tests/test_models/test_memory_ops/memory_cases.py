@@ -546,6 +546,9 @@ PROJECTION_BACKWARD_CASES = {'d20_L24': (2, 50, 20, 1, 24, 2, None),
 # the launches' (BE, BHE) where a case splits its rows
 PROJECTION_BACKWARD_SPLITS = {'d40_split': (16, 16), 'heads2_d80_split': (16, 16),
                      'heads5_d80_split': (16, 0)}
+# the backward's output features per product that every case also runs at, beside
+# its default: whole rows, and blocks of 16 (40 columns as 16 + 16 + 8 masked)
+PROJECTION_OUTPUT_BLOCKS = (0, 16)
 
 
 def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: int, heads: int,
@@ -665,10 +668,20 @@ def backward_results() -> Dict[str, dict]:
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
         results.update(_read_one_program_results(tag, dtype))
         for name, case in PROJECTION_BACKWARD_CASES.items():
-            with kernel_tiles.forced_column_blocks(int(name in PROJECTION_BACKWARD_SPLITS)), \
+            split = int(name in PROJECTION_BACKWARD_SPLITS)
+            with kernel_tiles.forced_column_blocks(split), \
                     launcher.observing_launches() as launches:
                 results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
             results[f'project_{tag}_{name}']['launched'] = _launched_projection_blocks(launches)
+            results[f'project_{tag}_{name}']['output_blocks'] = _launched_output_blocks(launches)
+            for block in PROJECTION_OUTPUT_BLOCKS:
+                key = f'project_{tag}_{name}_BO{block}'
+                with kernel_tiles.forced_column_blocks(split), \
+                        kernel_tiles.forced_tiles('project_backward', split=split, BO=block), \
+                        launcher.observing_launches() as launches:
+                    results[key] = _project_case(gen, dtype, *case)
+                results[key]['launched'] = _launched_projection_blocks(launches)
+                results[key]['output_blocks'] = _launched_output_blocks(launches)
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
@@ -766,7 +779,9 @@ CASES = ['read', 'read_rows32', 'read_decomposed', 'chunk_read', 'chunk_read_dec
          'chunk_read_one_program_tail', 'chunk_read_one_program_split', 'chunk_grads_per_image',
          *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES),
          *(f'chunk_grads_one_program_{{}}_{name}' for name in ONE_PROGRAM_CASES),
-         *(f'project_{{}}_{name}' for name in PROJECTION_BACKWARD_CASES)]
+         *(f'project_{{}}_{name}' for name in PROJECTION_BACKWARD_CASES),
+         *(f'project_{{}}_{name}_BO{block}' for name in PROJECTION_BACKWARD_CASES
+           for block in PROJECTION_OUTPUT_BLOCKS)]
 
 
 def m4_projection_results() -> Dict[str, dict]:
@@ -786,6 +801,12 @@ def m4_projection_results() -> Dict[str, dict]:
 def _launched_projection_blocks(launches: list) -> list:
     """The projection launches' (kernel, BE, BHE), sorted, once each."""
     return sorted({(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE']) for x in launches})
+
+
+def _launched_output_blocks(launches: list) -> list:
+    """The projections' backward launches' BO, sorted, once each."""
+    return sorted({x.kwargs['BO'] for x in launches
+                   if x.kernel.__name__ == 'project_backward_kernel'})
 
 
 BF16 = torch.bfloat16

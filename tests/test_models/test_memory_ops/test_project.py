@@ -12,9 +12,10 @@ from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, pro
                                                           projection_shapes)
 from convneur_mm.testing.errors import worst
 
-from .memory_cases import (BF16_TOL, DTYPES, F16_TOL, F32_TOL, L, PROJECTION_BACKWARD_CASES,
-                           PROJECTION_BACKWARD_SPLITS, PROJECTION_CASES, PROJECTION_SPLITS,
-                           _project_case, _projection_blocks, _rel_err, _run_interpreted)
+from .memory_cases import (BF16_TOL, DTYPES, F16_TOL, F32_TOL, PROJECTION_BACKWARD_CASES,
+                           PROJECTION_BACKWARD_SPLITS, PROJECTION_CASES, PROJECTION_OUTPUT_BLOCKS,
+                           PROJECTION_SPLITS, _project_case, _projection_blocks, _rel_err,
+                           _run_interpreted)
 
 
 @pytest.mark.parametrize('case', list(PROJECTION_CASES))
@@ -119,6 +120,24 @@ def test_projection_backward_gives_every_parameter_a_gradient(backward_runs, tag
             'project_backward_kernel', 'project_kernel')], result['launched']
 
 
+@pytest.mark.parametrize('tag', DTYPES)
+def test_projection_backward_runs_in_blocks_of_output_features(backward_runs, tag):
+    """By default the backward's products take 32 output features at a
+    time (a 16- or 20-column row: one block of its width); each case also
+    ran forced to whole rows and to blocks of 16, split as by default (the
+    float64 tests bound every run's errors)."""
+    from convneur_mm.models.layers.memory_ops.project.triton import (
+        PROJECTION_BACKWARD_OUTPUT_BLOCK)
+    assert PROJECTION_BACKWARD_OUTPUT_BLOCK == 32
+    for name, case in PROJECTION_BACKWARD_CASES.items():
+        width = kernel_tiles.block_width(case[2])
+        assert backward_runs[f'project_{tag}_{name}']['output_blocks'] == [min(32, width)]
+        for block in PROJECTION_OUTPUT_BLOCKS:
+            result = backward_runs[f'project_{tag}_{name}_BO{block}']
+            assert result['output_blocks'] == [block], (name, result)
+            assert result['launched'] == backward_runs[f'project_{tag}_{name}']['launched']
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
 def test_projection_backward_on_cuda_at_model_widths(d, heads):
@@ -202,10 +221,44 @@ def test_forced_tiles_set_the_projections_rows_warps_and_stages(kernel):
     other = 'project' if backward else 'project_backward'
     with kernel_tiles.forced_tiles(other, BM=64, num_warps=4, num_stages=3):
         assert launch() == default
-    for option in ('BH', 'programs_per_sm'):
+    for option in ('BH', 'programs_per_sm') + (() if backward else ('BO', )):
         with pytest.raises(ValueError, match=f"forced_tiles of '{kernel}' takes"):
             with kernel_tiles.forced_tiles(kernel, **{option: 16}):
                 pass
+
+
+def test_the_projections_backward_takes_its_output_block_from_forced_and_tuned_tiles(
+        monkeypatch):
+    """BO, the backward's output features per product: 32 by default, no
+    more than the row's padded width; ``forced_tiles`` and a tuned entry set
+    it (0: whole rows); anything but 0 or a power of two >= 16 is refused."""
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
+    from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
+
+    def block(d=160, arch=None):
+        return projection_tiles(d, 1, 196, None, None, torch.bfloat16, True, arch)['BO']
+
+    assert (block(), block(128), block(20), block(16)) == (32, 32, 32, 16)
+    assert 'BO' not in projection_tiles(160, 1, 196, None, None, torch.bfloat16)
+    with kernel_tiles.forced_tiles('project_backward', BO=0):
+        assert block() == 0
+    with kernel_tiles.forced_tiles('project_backward', BO=64):
+        assert (block(), block(20)) == (64, 32)
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match='BO must be a power of two >= 16'):
+            with kernel_tiles.forced_tiles('project_backward', BO=bad):
+                pass
+    entry = TunedTile('project_backward', 90, 'bfloat16', 256, False, 16, 16, 8, 1, BO=0)
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (entry, ))
+    assert entry.options() == dict(BM=16, num_warps=8, num_stages=1, BO=0)
+    assert (block(arch=90), block(arch=80)) == (0, 32)
+    assert 'BO' not in entry._replace(BO=None).options()  # the default decides
+    kernel_tiles.check_tuned_tiles((entry, ))
+    for bad, message in ((entry._replace(BO=24), 'BO must be a power of two'),
+                         (entry._replace(kernel='project'), "the projections' backward's")):
+        with pytest.raises(ValueError, match=message):
+            kernel_tiles.check_tuned_tiles((bad, ))
 
 
 def test_a_tuned_entry_sets_the_projections_launch_on_its_gpu_only(monkeypatch):

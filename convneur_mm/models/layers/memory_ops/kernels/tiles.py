@@ -67,8 +67,9 @@ REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'grads_backward_chunk': ('grads_backward_rows', 'grads_backward_cols'),
             'read_backward_chunk': ('read_backward_rows', 'read_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
-# what ``forced_tiles`` forces of ``PROJECTION_KERNELS`` (their wrappers choose their tiles)
-PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split')
+# what ``forced_tiles`` forces of ``PROJECTION_KERNELS`` (their wrappers choose their
+# tiles); BO, output features per product, is the projections' backward's alone
+PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split', 'BO')
 # every kernel that ``forced_tiles`` and ``tuned.TUNED_TILES`` entries set
 TUNED_KERNELS = KERNEL_NAMES + PROJECTION_KERNELS
 # rows held in two column blocks (``column_blocks``) where one padded block
@@ -107,16 +108,20 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     A caller's ``block_rows`` and ``block_hidden`` still take precedence.
     Nested blocks of one kernel do not merge: the innermost one's options
     are the kernel's (``forced_options``).
-    The kernels of ``PROJECTION_KERNELS`` take ``PROJECTION_OPTIONS``."""
+    The kernels of ``PROJECTION_KERNELS`` take ``PROJECTION_OPTIONS`` (BO:
+    the projections' backward's output features per product, 0 for whole
+    rows; ``check_output_block``)."""
     if kernel in PROJECTION_KERNELS:
-        if set(options) - set(PROJECTION_OPTIONS):
-            raise ValueError(f'forced_tiles of {kernel!r} takes {PROJECTION_OPTIONS}, got '
+        allowed = PROJECTION_OPTIONS if kernel == 'project_backward' else PROJECTION_OPTIONS[:-1]
+        if set(options) - set(allowed):
+            raise ValueError(f'forced_tiles of {kernel!r} takes {allowed}, got '
                              f'{sorted(options)}')
+        check_output_block(options.get('BO', 0))
     else:
         _check_kernel(kernel)
-    unknown = set(options) - set(_LAUNCH_OPTIONS)
-    if unknown:
-        raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
+        unknown = set(options) - set(_LAUNCH_OPTIONS)
+        if unknown:
+            raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
     if options.get('split', 1) not in (0, 1) or isinstance(options.get('split'), bool):
         raise ValueError(f'split must be 0 or 1, got {options["split"]!r}')
     check_tiles(options.get('BM'), options.get('BH'), ('BM', 'BH'))
@@ -126,6 +131,12 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+def check_output_block(value: Optional[int]) -> None:
+    """The projections' backward's BO: 0 (whole rows) or a power of two >= 16."""
+    if value not in (None, 0):
+        check_tiles(value, None, ('BO', 'BH'))
 
 
 @contextlib.contextmanager
@@ -329,6 +340,9 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
             raise ValueError(f'{entry}: kernel must be one of {TUNED_KERNELS}')
         if entry.kernel in PROJECTION_KERNELS and (entry.decomposed or entry.programs_per_sm):
             raise ValueError(f'{entry}: the projections have no decomposed or persistent launch')
+        if entry.BO is not None and entry.kernel != 'project_backward':
+            raise ValueError(f'{entry}: BO is the projections\' backward\'s option only')
+        check_output_block(entry.BO)
         if entry.kernel == 'project_backward' and entry.split == 0 and entry.block_d > 128:
             raise ValueError(f'{entry}: the projections\' backward holds rows wider than 128 '
                              'columns in two blocks only')

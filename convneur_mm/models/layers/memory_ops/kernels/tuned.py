@@ -48,6 +48,8 @@ class TunedTile(NamedTuple):
             ``tiles.column_blocks`` finds two; None: the defaults decide,
             and the entry's tiles apply to the layout they choose (the
             tuning tool records ``split`` wherever it timed both).
+        BO: the projections' backward's output features per product (0:
+            whole rows; None: the defaults decide).
     """
     kernel: str
     arch: int
@@ -60,12 +62,15 @@ class TunedTile(NamedTuple):
     num_stages: int
     programs_per_sm: int = 0
     split: Optional[int] = None
+    BO: Optional[int] = None
 
     def options(self) -> Dict[str, int]:
         """The launch options the entry sets (``tiles.forced_tiles``' keywords)."""
         options = dict(BM=self.BM, num_warps=self.num_warps, num_stages=self.num_stages)
         if self.kernel not in PROJECTION_KERNELS:
             options.update(BH=self.BH, programs_per_sm=self.programs_per_sm)
+        if self.BO is not None:
+            options.update(BO=self.BO)
         return options if self.split is None else dict(options, split=self.split)
 
     def key(self) -> Tuple[str, int, str, int, bool]:

@@ -300,17 +300,87 @@ def _gain_backward(bar_rows, sb_d, hcols, hmask, rmask, normed, gamma_ptr, sg_h,
 
 
 @triton.jit
+def _head_block_sums(xo, xo_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, bar_rows, sb_d, rmask,
+                     row, HD, outs, omask, cols, cmask, cols_b, cmask_b, BE: tl.constexpr,
+                     DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """A head's columns ``outs`` (one block of them): their product y and
+    its row sums of y * y and of cotangent * gain * y, the statistics of
+    the head's RMSNorm and of its backward."""
+    w, w_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, outs, omask, cols, cmask, cols_b,
+                          cmask_b, BE, DTYPE)
+    y = _times_wt(xo, xo_b, w, w_b, BE, PREC)
+    bar = tl.load(bar_rows + outs[None, :] * sb_d, mask=rmask[:, None] & omask[None, :],
+                  other=0.0)
+    gamma = tl.load(gamma_ptr + row * sg_h + outs * sg_d, mask=omask, other=0.0)
+    return tl.sum(y * y, axis=1), tl.sum(bar * gamma[None, :] * y, axis=1)
+
+
+@triton.jit
+def _head_block_backward(xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr,
+                         sg_h, sg_d, bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, outs,
+                         omask, cols, cmask, cols_b, cmask_b, y_rstd, mean, BE: tl.constexpr,
+                         DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """A head's columns ``outs`` backward, given its RMSNorm's ``y_rstd``
+    and ``mean`` (``_head_block_sums`` of every block): recomputes their
+    product, stores their product gradient and gain sums, and returns
+    ``bar_n`` plus their product with the weight rows."""
+    w, w_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, outs, omask, cols, cmask, cols_b,
+                          cmask_b, BE, DTYPE)
+    normed = _times_wt(xo, xo_b, w, w_b, BE, PREC) * y_rstd[:, None]
+    bar = _gain_backward(bar_rows, sb_d, outs, omask, rmask, normed, gamma_ptr, sg_h, sg_d,
+                         gg_ptr, row, HD)
+    bar_y = y_rstd[:, None] * (bar - normed * mean[:, None])
+    _store_product_grad(gp_rows, sgp_f, row * HD + outs, rmask, omask, bar_y, rstd, DTYPE)
+    return _plus_times_w(bar_y, w, w_b, bar_n, bar_n_b, BE, DTYPE, PREC)
+
+
+@triton.jit
+def _head_backward_blocks(xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr,
+                          sg_h, sg_d, bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, cols,
+                          cmask, cols_b, cmask_b, eps, BE: tl.constexpr, BO: tl.constexpr,
+                          DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """``_head_backward`` over the head's columns in blocks of BO: a first
+    pass sums the RMSNorm's statistics, a second recomputes each block's
+    product for its backward, so that no (HD, d) weight tile is held."""
+    squares = tl.zeros_like(rstd)
+    dots = tl.zeros_like(rstd)
+    for o0 in range(0, HD, BO):
+        outs = o0 + tl.arange(0, BO)
+        block_squares, block_dots = _head_block_sums(
+            xo, xo_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, bar_rows, sb_d, rmask, row, HD,
+            outs, outs < HD, cols, cmask, cols_b, cmask_b, BE, DTYPE, PREC)
+        squares += block_squares
+        dots += block_dots
+    y_rstd = tl.math.rsqrt(squares / HD + eps)
+    mean = y_rstd * dots / HD  # of cotangent * gain * normed, as _head_backward's
+    for o0 in range(0, HD, BO):
+        outs = o0 + tl.arange(0, BO)
+        bar_n, bar_n_b = _head_block_backward(
+            xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
+            bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, outs, outs < HD, cols, cmask,
+            cols_b, cmask_b, y_rstd, mean, BE, DTYPE, PREC)
+    return bar_n, bar_n_b
+
+
+@triton.jit
 def _head_backward(xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
                    sg_d, bar_rows, sb_d, gp_rows, sgp_f, gg_ptr, row, HD, cols, cmask, cols_b,
                    cmask_b, hcols, hmask, hcols_b, hmask_b, eps, BE: tl.constexpr,
-                   BHE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+                   BHE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                   BO: tl.constexpr):
     """One head's queries or keys backward: from their cotangent (rows at
     ``bar_rows``, (BM, 1) pointers) through the gain and the per-head
     RMSNorm to the product's output; stores it times the rows' rstd into the
     product-gradient rows ``gp_rows`` and the gain's partial sum at
     ``gg_ptr``; returns ``bar_n`` plus its product with the head's weight
     rows. The rows' features in one or two column blocks (BE), the head's
-    columns too (BHE)."""
+    columns too (BHE). BO > 0 and a head in two blocks: ``_head_backward_blocks``
+    (in one block of up to 128 columns it compiles without spills as it is)."""
+    if BO > 0 and BHE > 0:
+        return _head_backward_blocks(xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i,
+                                     gamma_ptr, sg_h, sg_d, bar_rows, sb_d, gp_rows, sgp_f,
+                                     gg_ptr, row, HD, cols, cmask, cols_b, cmask_b, eps, BE, BO,
+                                     DTYPE, PREC)
     w, w_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, hcols, hmask, cols, cmask, cols_b,
                           cmask_b, BE, DTYPE)
     y = _times_wt(xo, xo_b, w, w_b, BE, PREC)
@@ -384,6 +454,29 @@ def _values_pool_backward(xo, xo_b, normed, rstd, rmask, bar_n, bar_n_b, w_ptr, 
 
 
 @triton.jit
+def _values_pool_blocks(xo, xo_b, x_base, i, sx_n, sx_d, rstd, rmask, bar_n, bar_n_b, w_ptr,
+                        sw_o, sw_i, bias_ptr, v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at,
+                        ss_d, bpool_ptr, bpool_at, sp_d, gp_rows, sgp_f, gb_block, gx_base,
+                        sgx_n, sgx_d, D, HD, cols, cmask, cols_b, cmask_b, BE: tl.constexpr,
+                        BO: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """``_values_pool_backward`` over the features in blocks of BO, each
+    block's normed rows reloaded from x: holds (BO, d) weight tiles, not
+    (d, d). The pool's direct terms are parked in x's gradient rows
+    (``gx_base``), to be added once the rows' products are done."""
+    for o0 in range(0, D, BO):
+        outs = o0 + tl.arange(0, BO)
+        omask = outs < D
+        ro = rmask[:, None] & omask[None, :]
+        normed = load_tile(x_base, i, sx_n, outs, sx_d, ro) * rstd[:, None]
+        direct, bar_n, bar_n_b = _values_pool_backward(
+            xo, xo_b, normed, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, bias_ptr, v_rows,
+            sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr, bpool_at, sp_d, gp_rows,
+            sgp_f, gb_block, D, HD, outs, omask, cols, cmask, cols_b, cmask_b, BE, DTYPE, PREC)
+        tl.store(gx_base + i[:, None] * sgx_n + outs[None, :] * sgx_d, direct, mask=ro)
+    return bar_n, bar_n_b
+
+
+@triton.jit
 def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr,
                             bq_ptr, bk_ptr, bv_ptr, blr_ptr, bpool_ptr,
                             gx_ptr, gp_ptr, gg_ptr, gb_ptr,
@@ -397,7 +490,8 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
                             sgx_b, sgx_n, sgx_d, sgp_b, sgp_n, sgp_f,
                             BM: tl.constexpr, BD: tl.constexpr, BHD: tl.constexpr,
                             BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
-                            BE: tl.constexpr = 0, BHE: tl.constexpr = 0):
+                            BE: tl.constexpr = 0, BHE: tl.constexpr = 0,
+                            BO: tl.constexpr = 0):
     """``project_kernel``'s backward for one (image, chunk), whole rows per
     product (BD wide, and BE for a second column block; a head's columns
     BHD and BHE): recomputes each product, takes the cotangents of the
@@ -407,7 +501,13 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     ``dy``, and from there to x through the RMSNorm. Writes x's gradient,
     ``dy`` times the rows' rstd into ``gp`` (B, N, 4D + H) in DTYPE (the
     weight's gradient is one product of it with x, outside), and per block of
-    rows the gains' and the biases' partial sums (``gg``, ``gb``)."""
+    rows the gains' and the biases' partial sums (``gg``, ``gb``). BO > 0:
+    the values' and pool logits' products, and those of a head held in two
+    column blocks (BHE > 0), take BO output features at a time
+    (``_values_pool_blocks``, ``_head_backward_blocks``): whole (d, d)
+    weight tiles spilled at 255 registers. The written rows' terms
+    come before the heads': fewer tiles live across the heads' loop, fewer
+    spills."""
     pid = tl.program_id(0)
     c, b, written, first, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, \
         lcols, lmask = _projection_program(C, U, L, D, HD, H, BD, BE, BHD, BHE, BH)
@@ -440,34 +540,29 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
         bar_n_b = bar_n
         if BE > 0:
             bar_n_b = tl.zeros((BM, BE), dtype=tl.float32)
-        for head in range(0, H):
-            bar_n, bar_n_b = _head_backward(
-                xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
-                q_base + i[:, None] * sq_n + head * sq_h, sq_d, gp_rows, sgp_f, gg_block, head,
-                HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, eps, BE, BHE,
-                DTYPE, PREC)
-            if written:
-                bar_n, bar_n_b = _head_backward(
-                    xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
-                    sg_d, k_base + i[:, None] * sk_n + head * sk_h, sk_d, gp_rows, sgp_f,
-                    gg_block, H + head, HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b,
-                    hmask_b, eps, BE, BHE, DTYPE, PREC)
         if written:
             gb_block = gb_ptr + block * (D + H)
             v_rows = v_base + i * sv_n
-            direct, bar_n, bar_n_b = _values_pool_backward(
-                xo, xo_b, normed, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, bias_ptr,
-                v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr, bpool_at, sp_d,
-                gp_rows, sgp_f, gb_block, D, HD, cols, cmask, cols, cmask, cols_b, cmask_b, BE,
-                DTYPE, PREC)
-            bar_n += direct
-            if BE > 0:
-                direct_b, bar_n, bar_n_b = _values_pool_backward(
-                    xo, xo_b, normed_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i,
-                    bias_ptr, v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr,
-                    bpool_at, sp_d, gp_rows, sgp_f, gb_block, D, HD, cols_b, cmask_b, cols,
-                    cmask, cols_b, cmask_b, BE, DTYPE, PREC)
-                bar_n_b += direct_b
+            if BO > 0:
+                bar_n, bar_n_b = _values_pool_blocks(
+                    xo, xo_b, x_base, i, sx_n, sx_d, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o,
+                    sw_i, bias_ptr, v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d,
+                    bpool_ptr, bpool_at, sp_d, gp_rows, sgp_f, gb_block, gx_base, sgx_n, sgx_d,
+                    D, HD, cols, cmask, cols_b, cmask_b, BE, BO, DTYPE, PREC)
+            else:
+                direct, bar_n, bar_n_b = _values_pool_backward(
+                    xo, xo_b, normed, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, bias_ptr,
+                    v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr, bpool_at,
+                    sp_d, gp_rows, sgp_f, gb_block, D, HD, cols, cmask, cols, cmask, cols_b,
+                    cmask_b, BE, DTYPE, PREC)
+                bar_n += direct
+                if BE > 0:
+                    direct_b, bar_n, bar_n_b = _values_pool_backward(
+                        xo, xo_b, normed_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i,
+                        bias_ptr, v_rows, sv_h, sv_d, pool_ptr, lse_ptr, pool_at, ss_d, bpool_ptr,
+                        bpool_at, sp_d, gp_rows, sgp_f, gb_block, D, HD, cols_b, cmask_b, cols,
+                        cmask, cols_b, cmask_b, BE, DTYPE, PREC)
+                    bar_n_b += direct_b
             # the step sizes: max_lr * sigmoid(z)
             w, w_b = _weight_rows(w_ptr, sw_o, sw_i, 4 * D, lcols, lmask, cols, cmask, cols_b,
                                   cmask_b, BE, DTYPE)
@@ -479,6 +574,24 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
             _store_product_grad(gp_rows, sgp_f, 4 * D + lcols, rmask, lmask, bar_lr, rstd, DTYPE)
             bar_n, bar_n_b = _plus_times_w(bar_lr, w, w_b, bar_n, bar_n_b, BE, DTYPE, PREC)
             tl.store(gb_block + D + lcols, tl.sum(bar_lr, axis=0), mask=lmask)
+            if BO > 0:  # the parked direct terms, stored by other threads
+                tl.debug_barrier()
+                bar_n += load_tile(gx_base, i, sgx_n, cols, sgx_d, rmask[:, None] & cmask[None, :])
+                if BE > 0:
+                    bar_n_b += load_tile(gx_base, i, sgx_n, cols_b, sgx_d,
+                                         rmask[:, None] & cmask_b[None, :])
+        for head in range(0, H):
+            bar_n, bar_n_b = _head_backward(
+                xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
+                q_base + i[:, None] * sq_n + head * sq_h, sq_d, gp_rows, sgp_f, gg_block, head,
+                HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, eps, BE, BHE,
+                DTYPE, PREC, BO)
+            if written:
+                bar_n, bar_n_b = _head_backward(
+                    xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h,
+                    sg_d, k_base + i[:, None] * sk_n + head * sk_h, sk_d, gp_rows, sgp_f,
+                    gg_block, H + head, HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b,
+                    hmask_b, eps, BE, BHE, DTYPE, PREC, BO)
         # x / rms(x): bar_x = rstd (bar_n - n mean(bar_n n))
         mean = row_sum(bar_n * normed, bar_n_b * normed_b, BE) / D
         _store_rows(gx_base, i, sgx_n, cols, sgx_d,

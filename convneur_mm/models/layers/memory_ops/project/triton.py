@@ -26,6 +26,11 @@ MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
 # (docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)
 MAX_PROJECTION_BACKWARD_BLOCK = 128
 PROJECTION_BACKWARD_SPLIT_WIDTHS = (160, )
+# output features per product of the backward's values, pool logits and split heads
+# (``project_backward_kernel``'s BO): the block at which M3's and M4's training steps
+# compile without spills for sm_80 and sm_90, where whole rows spilled
+# (docs/notes/benchmarks.md#the-projections-backward-in-blocks-of-output-features-machine-k)
+PROJECTION_BACKWARD_OUTPUT_BLOCK = 32
 # rows held in two column blocks by default (16-bit operands): {(BD, BE): (BM, BK)}
 # of the forward at 8 warps, sm_80 and sm_90 alike: the largest tiles that compile
 # without spills as a bf16 M4 stage launches them (the alternatives' spills:
@@ -109,8 +114,9 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     per step, which spill nothing at 128.
     ``tiles.forced_tiles('project', split=0 or 1)`` decides the split
     instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
-    tiles). The backward (``backward``) takes whole rows at 16 rows, 8
-    warps and one stage, the tiles found to spill least with 16-bit
+    tiles). The backward (``backward``) takes 16 rows, 8 warps, one stage
+    and ``PROJECTION_BACKWARD_OUTPUT_BLOCK`` output features per product
+    (BO; 0: whole rows), the tiles that compile without spills with 16-bit
     operands. The figures of these compiles:
     docs/notes/benchmarks.md#the-projection-and-scan-kernels-machine-h and
     #two-column-blocks-at-m4s-width-machine-i. It holds at most
@@ -118,9 +124,9 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     always split (M4's 160 as 128 + 32; ``forced_tiles('project_backward',
     split=1)`` splits narrower ones). A ``tuned.TUNED_TILES`` entry of the
     kernel ('project' or 'project_backward') for the GPU of compute
-    capability ``arch`` sets BM, num_warps, num_stages and the split in
-    place of these defaults; ``tiles.forced_tiles`` sets them in place of
-    both; a caller's ``block_rows`` comes first."""
+    capability ``arch`` sets BM, num_warps, num_stages, the split and the
+    backward's BO in place of these defaults; ``tiles.forced_tiles`` sets
+    them in place of both; a caller's ``block_rows`` comes first."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     kernel = 'project_backward' if backward else 'project'
     tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
@@ -149,10 +155,13 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     elif split and split_tiles is not None:
         bm, bk = split_tiles
     bm = launch.get('BM', bm)
-    return dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
-                BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
-                num_warps=launch.get('num_warps', 8),
-                num_stages=launch.get('num_stages', 1 if backward else 2))
+    tiles = dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
+                 BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
+                 num_warps=launch.get('num_warps', 8),
+                 num_stages=launch.get('num_stages', 1 if backward else 2))
+    if backward:  # no block past the row's width
+        tiles['BO'] = min(launch.get('BO', PROJECTION_BACKWARD_OUTPUT_BLOCK), block_width(d))
+    return tiles
 
 
 def _outputs(x: Tensor, heads: int, updates: int, chunk_size: int) -> Tuple[Tensor, ...]:
