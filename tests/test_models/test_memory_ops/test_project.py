@@ -139,15 +139,20 @@ def test_projection_backward_runs_in_blocks_of_output_features(backward_runs, ta
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('output_block', [None, 0])
 @pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
-def test_projection_backward_on_cuda_at_model_widths(d, heads):
+def test_projection_backward_on_cuda_at_model_widths(d, heads, output_block):
     """The compiled projection backward at M1's, M3's and M4's widths (M4's
     160 as 128 + 32), 3136 tokens in chunks of 196, every operand dtype,
-    against float64 layer by layer."""
+    against float64 layer by layer: in blocks of output features (the
+    default, whose pool terms cross threads through memory and a barrier)
+    and in whole rows (BO 0), which the tuner may choose."""
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
+    forced = {} if output_block is None else dict(BO=output_block)
     for dtype, tol in tolerances.items():
-        result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads, 196,
-                               15, None, device='cuda')
+        with kernel_tiles.forced_tiles('project_backward', **forced):
+            result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads,
+                                   196, 15, None, device='cuda')
         assert worst(result['grads'].values()) < tol, (dtype, result['grads'])
 
 
