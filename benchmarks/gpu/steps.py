@@ -94,7 +94,7 @@ def correctness_steps() -> List[Step]:
              ('backward', 'test_kernels.py', '(backward_kernels_on_cuda and (128 or 160)) or '
               'trains_on_cuda', 'the backward kernels, and a memory trained with them', 75),
              ('project', 'test_project.py', '128 or 160', 'the projection kernel and its '
-              'backward', 60),
+              'backward', 75),
              ('tiles', 'test_tiles.py test_dispatch.py', '', 'persistent programs, and '
               "'auto' where measured", 30),
              ('read', 'test_read.py', '', "the read's backward under its launch variants, "

@@ -139,16 +139,17 @@ def test_projection_backward_runs_in_blocks_of_output_features(backward_runs, ta
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('output_block', [None, 0])
+@pytest.mark.parametrize('forced', [{}, dict(BO=0), dict(BO=64, num_stages=3)],
+                         ids=['default', 'whole_rows', 'BO64_stages3'])
 @pytest.mark.parametrize('d,heads', [(80, 1), (128, 1), (128, 4), (160, 1)])
-def test_projection_backward_on_cuda_at_model_widths(d, heads, output_block):
+def test_projection_backward_on_cuda_at_model_widths(d, heads, forced):
     """The compiled projection backward at M1's, M3's and M4's widths (M4's
     160 as 128 + 32), 3136 tokens in chunks of 196, every operand dtype,
     against float64 layer by layer: in blocks of output features (the
-    default, whose pool terms cross threads through memory and a barrier)
-    and in whole rows (BO 0), which the tuner may choose."""
+    default, whose pool terms cross threads through memory and barriers),
+    in whole rows (BO 0), and in blocks of 64 pipelined over three stages,
+    which the tuner may choose."""
     tolerances = {torch.float32: F32_TOL, torch.float16: F16_TOL, torch.bfloat16: BF16_TOL}
-    forced = {} if output_block is None else dict(BO=output_block)
     for dtype, tol in tolerances.items():
         with kernel_tiles.forced_tiles('project_backward', **forced):
             result = _project_case(torch.Generator().manual_seed(d), dtype, 2, 3136, d, heads,
@@ -250,8 +251,8 @@ def test_the_projections_backward_takes_its_output_block_from_forced_and_tuned_t
         assert block() == 0
     with kernel_tiles.forced_tiles('project_backward', BO=64):
         assert (block(), block(20)) == (64, 32)
-    for bad in (8, 48):
-        with pytest.raises(ValueError, match='BO must be a power of two >= 16'):
+    for bad in (8, 48, None, True, 32.0):
+        with pytest.raises(ValueError, match='BO must be'):
             with kernel_tiles.forced_tiles('project_backward', BO=bad):
                 pass
     entry = TunedTile('project_backward', 90, 'bfloat16', 256, False, 16, 16, 8, 1, BO=0)

@@ -68,8 +68,9 @@ REPLACES = {'grads_chunk': ('grads_rows', 'grads_cols'),
             'read_backward_chunk': ('read_backward_rows', 'read_backward_cols')}
 _LAUNCH_OPTIONS = ('BM', 'BH', 'num_warps', 'num_stages', 'programs_per_sm', 'split')
 # what ``forced_tiles`` forces of ``PROJECTION_KERNELS`` (their wrappers choose their
-# tiles); BO, output features per product, is the projections' backward's alone
-PROJECTION_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split', 'BO')
+# tiles): the forward's options, and the backward's also BO, output features per product
+PROJECTION_FORWARD_OPTIONS = ('BM', 'num_warps', 'num_stages', 'split')
+PROJECTION_OPTIONS = PROJECTION_FORWARD_OPTIONS + ('BO', )
 # every kernel that ``forced_tiles`` and ``tuned.TUNED_TILES`` entries set
 TUNED_KERNELS = KERNEL_NAMES + PROJECTION_KERNELS
 # rows held in two column blocks (``column_blocks``) where one padded block
@@ -108,15 +109,17 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     A caller's ``block_rows`` and ``block_hidden`` still take precedence.
     Nested blocks of one kernel do not merge: the innermost one's options
     are the kernel's (``forced_options``).
-    The kernels of ``PROJECTION_KERNELS`` take ``PROJECTION_OPTIONS`` (BO:
-    the projections' backward's output features per product, 0 for whole
-    rows; ``check_output_block``)."""
+    'project' takes ``PROJECTION_FORWARD_OPTIONS``, 'project_backward'
+    ``PROJECTION_OPTIONS`` (also BO, its output features per product, 0 for
+    whole rows; ``check_output_block``)."""
     if kernel in PROJECTION_KERNELS:
-        allowed = PROJECTION_OPTIONS if kernel == 'project_backward' else PROJECTION_OPTIONS[:-1]
+        allowed = PROJECTION_OPTIONS if kernel == 'project_backward' else \
+            PROJECTION_FORWARD_OPTIONS
         if set(options) - set(allowed):
             raise ValueError(f'forced_tiles of {kernel!r} takes {allowed}, got '
                              f'{sorted(options)}')
-        check_output_block(options.get('BO', 0))
+        if 'BO' in options:
+            check_output_block(options['BO'])
     else:
         _check_kernel(kernel)
         unknown = set(options) - set(_LAUNCH_OPTIONS)
@@ -133,9 +136,11 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
         _forced.pop()
 
 
-def check_output_block(value: Optional[int]) -> None:
+def check_output_block(value: int) -> None:
     """The projections' backward's BO: 0 (whole rows) or a power of two >= 16."""
-    if value not in (None, 0):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'BO must be 0 or a power of two >= 16, got {value!r}')
+    if value:
         check_tiles(value, None, ('BO', 'BH'))
 
 
@@ -342,7 +347,8 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
             raise ValueError(f'{entry}: the projections have no decomposed or persistent launch')
         if entry.BO is not None and entry.kernel != 'project_backward':
             raise ValueError(f'{entry}: BO is the projections\' backward\'s option only')
-        check_output_block(entry.BO)
+        if entry.BO is not None:
+            check_output_block(entry.BO)
         if entry.kernel == 'project_backward' and entry.split == 0 and entry.block_d > 128:
             raise ValueError(f'{entry}: the projections\' backward holds rows wider than 128 '
                              'columns in two blocks only')

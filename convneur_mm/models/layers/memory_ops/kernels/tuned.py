@@ -18,7 +18,8 @@ import torch
 
 OPERAND_DTYPE_NAMES = ('float32', 'float16', 'bfloat16')
 # the kernels whose wrappers choose their tiles (``project.triton.projection_tiles``):
-# rows, warps, stages and the split, no hidden units or persistent programs
+# rows, warps, stages, the split and the backward's output block, no hidden units or
+# persistent programs
 PROJECTION_KERNELS = ('project', 'project_backward')
 
 
@@ -33,7 +34,7 @@ class TunedTile(NamedTuple):
     Args:
         kernel: one of ``tiles.KERNEL_NAMES``, or of ``PROJECTION_KERNELS``
             (``project.triton.projection_tiles`` reads their BM, warps,
-            stages and split).
+            stages and split, and the backward's BO).
         arch: the compute capability, major * 10 + minor (90: H100, H200).
         operand_dtype: 'float32', 'float16' or 'bfloat16'.
         block_d: the head width padded to a power of two (``tiles.block_width``);

@@ -462,7 +462,8 @@ def _values_pool_blocks(xo, xo_b, x_base, i, sx_n, sx_d, rstd, rmask, bar_n, bar
     """``_values_pool_backward`` over the features in blocks of BO, each
     block's normed rows reloaded from x: holds (BO, d) weight tiles, not
     (d, d). The pool's direct terms are parked in x's gradient rows
-    (``gx_base``), to be added once the rows' products are done."""
+    (``gx_base``) and added back after the step sizes' product, before
+    the heads'."""
     for o0 in range(0, D, BO):
         outs = o0 + tl.arange(0, BO)
         omask = outs < D
@@ -492,9 +493,9 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
                             BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
                             BE: tl.constexpr = 0, BHE: tl.constexpr = 0,
                             BO: tl.constexpr = 0):
-    """``project_kernel``'s backward for one (image, chunk), whole rows per
-    product (BD wide, and BE for a second column block; a head's columns
-    BHD and BHE): recomputes each product, takes the cotangents of the
+    """``project_kernel``'s backward for one (image, chunk), rows of BD
+    columns (and BE for a second column block; a head's columns BHD and
+    BHE), each product over whole rows of inputs: recomputes each product, takes the cotangents of the
     queries, keys, values, step sizes and pooled rows back through the
     gains, the per-head RMSNorms, the sigmoid and the pool's softmax (from
     the forward's log-sum-exp and pooled rows) to the product's output
@@ -592,6 +593,8 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
                     sg_d, k_base + i[:, None] * sk_n + head * sk_h, sk_d, gp_rows, sgp_f,
                     gg_block, H + head, HD, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b,
                     hmask_b, eps, BE, BHE, DTYPE, PREC, BO)
+        if BO > 0:  # every parked term loaded back before x's gradient overwrites it
+            tl.debug_barrier()
         # x / rms(x): bar_x = rstd (bar_n - n mean(bar_n n))
         mean = row_sum(bar_n * normed, bar_n_b * normed_b, BE) / D
         _store_rows(gx_base, i, sgx_n, cols, sgx_d,
