@@ -57,7 +57,8 @@ from convneur_mm.models.layers.memory_ops.kernels.tiles import (PROJECTION_KERNE
                                                                 PROJECTION_OPTIONS, REPLACES,
                                                                 block_width, column_blocks,
                                                                 forced_tiles, forced_tiles_of,
-                                                                row_limit, tile_config)
+                                                                kernel_options, row_limit,
+                                                                tile_config)
 from convneur_mm.models.layers.memory_ops.kernels.tuned import (OPERAND_DTYPE_NAMES, MeasuredPath,
                                                                 TunedTile, dtype_name)
 from convneur_mm.utils.cli import positive_float, positive_int
@@ -230,19 +231,19 @@ def kernel_start(kernel: str, shape: MemoryShape, operand_dtype: torch.dtype,
                  ) -> Tuple[Dict[str, Sequence[int]], Dict[str, int], int]:
     """The axes ``kernel``'s search walks at ``shape``, its start (the options
     it launches with now) and the width its entries name (``TunedTile.block_d``):
-    a head's, or for the projections (``PROJECTION_AXES`` only) a whole row."""
+    a head's, or for the projections a whole row. Each kernel walks the axes
+    it takes (``tiles.kernel_options``: the projections' ``PROJECTION_AXES``)."""
+    kernel_axes = {axis: values for axis, values in axes.items()
+                   if axis in kernel_options(kernel)}
     if kernel in PROJECTION_KERNELS:
         from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
         width = shape.heads * shape.head_dim
         config = projection_tiles(width, shape.heads, min(shape.chunk, shape.tokens), None, None,
                                   operand_dtype, kernel == 'project_backward', arch)
-        kernel_axes = {axis: axes[axis] for axis in PROJECTION_AXES
-                       if axis != 'BO' or kernel == 'project_backward'}
     else:
         width = shape.head_dim
         config = tile_config(kernel, width, shape.chunk, None, None, operand_dtype, arch=arch)
-        kernel_axes = within_row_limit({axis: values for axis, values in axes.items()
-                                        if axis != 'BO'}, kernel, operand_dtype, arch)
+        kernel_axes = within_row_limit(kernel_axes, kernel, operand_dtype, arch)
     kernel_axes, start = with_split_axis(kernel_axes, {axis: config[axis] for axis in kernel_axes},
                                          config, width)
     return kernel_axes, start, width

@@ -112,19 +112,14 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
     'project' takes ``PROJECTION_FORWARD_OPTIONS``, 'project_backward'
     ``PROJECTION_OPTIONS`` (also BO, its output features per product, 0 for
     whole rows; ``check_output_block``)."""
-    if kernel in PROJECTION_KERNELS:
-        allowed = PROJECTION_OPTIONS if kernel == 'project_backward' else \
-            PROJECTION_FORWARD_OPTIONS
-        if set(options) - set(allowed):
-            raise ValueError(f'forced_tiles of {kernel!r} takes {allowed}, got '
-                             f'{sorted(options)}')
-        if 'BO' in options:
-            check_output_block(options['BO'])
-    else:
-        _check_kernel(kernel)
-        unknown = set(options) - set(_LAUNCH_OPTIONS)
-        if unknown:
-            raise ValueError(f'forced_tiles takes {_LAUNCH_OPTIONS}, got {sorted(unknown)}')
+    allowed = kernel_options(kernel)
+    unknown = set(options) - set(allowed)
+    if unknown and kernel in PROJECTION_KERNELS:
+        raise ValueError(f'forced_tiles of {kernel!r} takes {allowed}, got {sorted(options)}')
+    if unknown:
+        raise ValueError(f'forced_tiles takes {allowed}, got {sorted(unknown)}')
+    if 'BO' in options:
+        check_output_block(options['BO'])
     if options.get('split', 1) not in (0, 1) or isinstance(options.get('split'), bool):
         raise ValueError(f'split must be 0 or 1, got {options["split"]!r}')
     check_tiles(options.get('BM'), options.get('BH'), ('BM', 'BH'))
@@ -134,6 +129,18 @@ def forced_tiles(kernel: str, **options: int) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+def kernel_options(kernel: str) -> Tuple[str, ...]:
+    """The launch options ``forced_tiles`` sets of ``kernel`` (and the
+    tuner searches): 'project' takes ``PROJECTION_FORWARD_OPTIONS``,
+    'project_backward' ``PROJECTION_OPTIONS``, the others ``_LAUNCH_OPTIONS``."""
+    if kernel == 'project_backward':
+        return PROJECTION_OPTIONS
+    if kernel in PROJECTION_KERNELS:
+        return PROJECTION_FORWARD_OPTIONS
+    _check_kernel(kernel)
+    return _LAUNCH_OPTIONS
 
 
 def check_output_block(value: int) -> None:
