@@ -101,6 +101,17 @@ def _normed_head(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i, gamm
 
 
 @triton.jit
+def _load_rows(base, rows, s_n, cols, s_d, rmask, cmask, cols_b, cmask_b, BE: tl.constexpr):
+    """(BM, ...) rows at ``base`` as float32, both column blocks (BE 0:
+    the first again), as ``_store_rows`` stores them."""
+    y = load_tile(base, rows, s_n, cols, s_d, rmask[:, None] & cmask[None, :])
+    y_b = y
+    if BE > 0:
+        y_b = load_tile(base, rows, s_n, cols_b, s_d, rmask[:, None] & cmask_b[None, :])
+    return y, y_b
+
+
+@triton.jit
 def _store_rows(base, rows, s_n, cols, s_d, y, rmask, cmask, y_b, cols_b, cmask_b,
                 BE: tl.constexpr):
     """Stores (BM, ...) rows at ``base``, both column blocks."""
@@ -189,10 +200,7 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
         i = r0 + tl.arange(0, BM)
         rmask = (i < L) & (first + i < N)
         x_rows = x_base + i * sx_n
-        x = load_tile(x_base, i, sx_n, cols, sx_d, rmask[:, None] & cmask[None, :])
-        x_b = x
-        if BE > 0:
-            x_b = load_tile(x_base, i, sx_n, cols_b, sx_d, rmask[:, None] & cmask_b[None, :])
+        x, x_b = _load_rows(x_base, i, sx_n, cols, sx_d, rmask, cmask, cols_b, cmask_b, BE)
         rstd = tl.math.rsqrt(row_sum(x * x, x_b * x_b, BE) / D + eps)
         normed = x * rstd[:, None]
         normed_b = x_b * rstd[:, None]
@@ -287,14 +295,22 @@ def _store_product_grad(gp_rows, sgp_f, outs, rmask, omask, bar, rstd, DTYPE: tl
 
 
 @triton.jit
+def _head_cotangent(bar_rows, sb_d, hcols, hmask, rmask, gamma_ptr, sg_h, sg_d, row):
+    """One column block of a head's cotangent (``bar_rows``, (BM, 1)
+    pointers) and of its gain row."""
+    bar = tl.load(bar_rows + hcols[None, :] * sb_d, mask=rmask[:, None] & hmask[None, :],
+                  other=0.0)
+    return bar, tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
+
+
+@triton.jit
 def _gain_backward(bar_rows, sb_d, hcols, hmask, rmask, normed, gamma_ptr, sg_h, sg_d, gg_ptr,
                    row, HD):
     """One column block of a head's cotangent (``bar_rows``, (BM, 1)
     pointers) back through its gain: stores the gain's partial sum and
     returns the cotangent times the gain."""
-    bar = tl.load(bar_rows + hcols[None, :] * sb_d, mask=rmask[:, None] & hmask[None, :],
-                  other=0.0)
-    gamma = tl.load(gamma_ptr + row * sg_h + hcols * sg_d, mask=hmask, other=0.0)
+    bar, gamma = _head_cotangent(bar_rows, sb_d, hcols, hmask, rmask, gamma_ptr, sg_h, sg_d,
+                                 row)
     tl.store(gg_ptr + row * HD + hcols, tl.sum(bar * normed, axis=0), mask=hmask)
     return bar * gamma[None, :]
 
@@ -309,9 +325,7 @@ def _head_block_sums(xo, xo_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, bar_row
     w, w_b = _weight_rows(w_ptr, sw_o, sw_i, row * HD, outs, omask, cols, cmask, cols_b,
                           cmask_b, BE, DTYPE)
     y = _times_wt(xo, xo_b, w, w_b, BE, PREC)
-    bar = tl.load(bar_rows + outs[None, :] * sb_d, mask=rmask[:, None] & omask[None, :],
-                  other=0.0)
-    gamma = tl.load(gamma_ptr + row * sg_h + outs * sg_d, mask=omask, other=0.0)
+    bar, gamma = _head_cotangent(bar_rows, sb_d, outs, omask, rmask, gamma_ptr, sg_h, sg_d, row)
     return tl.sum(y * y, axis=1), tl.sum(bar * gamma[None, :] * y, axis=1)
 
 
@@ -525,10 +539,7 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     for r0 in range(0, L, BM):
         i = r0 + tl.arange(0, BM)
         rmask = (i < L) & (first + i < N)
-        x = load_tile(x_base, i, sx_n, cols, sx_d, rmask[:, None] & cmask[None, :])
-        x_b = x
-        if BE > 0:
-            x_b = load_tile(x_base, i, sx_n, cols_b, sx_d, rmask[:, None] & cmask_b[None, :])
+        x, x_b = _load_rows(x_base, i, sx_n, cols, sx_d, rmask, cmask, cols_b, cmask_b, BE)
         rstd = tl.math.rsqrt(row_sum(x * x, x_b * x_b, BE) / D + eps)
         normed = x * rstd[:, None]
         normed_b = x_b * rstd[:, None]
@@ -577,10 +588,11 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
             tl.store(gb_block + D + lcols, tl.sum(bar_lr, axis=0), mask=lmask)
             if BO > 0:  # the parked direct terms, stored by other threads
                 tl.debug_barrier()
-                bar_n += load_tile(gx_base, i, sgx_n, cols, sgx_d, rmask[:, None] & cmask[None, :])
+                direct, direct_b = _load_rows(gx_base, i, sgx_n, cols, sgx_d, rmask, cmask,
+                                              cols_b, cmask_b, BE)
+                bar_n += direct
                 if BE > 0:
-                    bar_n_b += load_tile(gx_base, i, sgx_n, cols_b, sgx_d,
-                                         rmask[:, None] & cmask_b[None, :])
+                    bar_n_b += direct_b
         for head in range(0, H):
             bar_n, bar_n_b = _head_backward(
                 xo, xo_b, rstd, rmask, bar_n, bar_n_b, w_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d,
