@@ -669,19 +669,16 @@ def backward_results() -> Dict[str, dict]:
         results.update(_read_one_program_results(tag, dtype))
         for name, case in PROJECTION_BACKWARD_CASES.items():
             split = int(name in PROJECTION_BACKWARD_SPLITS)
-            with kernel_tiles.forced_column_blocks(split), \
-                    launcher.observing_launches() as launches:
-                results[f'project_{tag}_{name}'] = _project_case(gen, dtype, *case)
-            results[f'project_{tag}_{name}']['launched'] = _launched_projection_blocks(launches)
-            results[f'project_{tag}_{name}']['output_blocks'] = _launched_output_blocks(launches)
-            for block in PROJECTION_OUTPUT_BLOCKS:
-                key = f'project_{tag}_{name}_BO{block}'
+            # the default output block, then each of PROJECTION_OUTPUT_BLOCKS
+            for suffix, block in [('', {})] + [(f'_BO{b}', dict(BO=b))
+                                               for b in PROJECTION_OUTPUT_BLOCKS]:
+                key = f'project_{tag}_{name}{suffix}'
                 with kernel_tiles.forced_column_blocks(split), \
-                        kernel_tiles.forced_tiles('project_backward', split=split, BO=block), \
+                        kernel_tiles.forced_tiles('project_backward', split=split, **block), \
                         launcher.observing_launches() as launches:
                     results[key] = _project_case(gen, dtype, *case)
-                results[key]['launched'] = _launched_projection_blocks(launches)
-                results[key]['output_blocks'] = _launched_output_blocks(launches)
+                results[key].update(launched=_launched_projection_blocks(launches),
+                                    output_blocks=_launched_output_blocks(launches))
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
