@@ -352,7 +352,7 @@ def check_tuned_tiles(entries: Iterable[TunedTile]) -> None:
             raise ValueError(f'{entry}: kernel must be one of {TUNED_KERNELS}')
         if entry.kernel in PROJECTION_KERNELS and (entry.decomposed or entry.programs_per_sm):
             raise ValueError(f'{entry}: the projections have no decomposed or persistent launch')
-        if entry.BO is not None and entry.kernel != 'project_backward':
+        if entry.BO is not None and 'BO' not in kernel_options(entry.kernel):
             raise ValueError(f'{entry}: BO is the projections\' backward\'s option only')
         if entry.BO is not None:
             check_output_block(entry.BO)
