@@ -387,9 +387,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         inference through the kernels this call runs their rows pass and the
         callable their weights' pass (``chunk_grads_triton_staged``), so that
         keys, values and step sizes can go before w1's and w2's gradients are
-        allocated; and those are written in the dtype the scan writes their
-        states in (``_scan_state_dtypes``): half their memory with 16-bit
-        operands (but float16 with a decomposed read)."""
+        allocated. Those are written in the dtype the scan writes their
+        states in (``_grads_dtype``): with 16-bit operands, half their bytes."""
         args = (self.initial_state, *_per_image_chunks(proj), plan.operand_dtype)
         grads_dtype = _grads_dtype(plan)
         if plan.implementation == 'triton' and not torch.is_grad_enabled() and not _traced():
@@ -668,12 +667,20 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
+# the operand dtypes whose scan states and chunk gradients train in that dtype:
+# bfloat16 has float32's range, where a loss-scaled cotangent of a whole state may
+# overflow float16
+TRAINING_STATE_DTYPES = (torch.bfloat16, )
+
+
 def _scan_state_dtypes(plan: MemoryPlan) -> Tuple[torch.dtype, torch.dtype, torch.dtype]:
-    """The scan kernel's state dtypes of w1, w2 and g: in inference w1's and
-    w2's, read by products only, in their operand dtype; training keeps them
-    float32 for the read's gradients."""
-    operands = torch.float32 if torch.is_grad_enabled() else (plan.operand_dtype or
-                                                              torch.float32)
+    """The scan kernel's state dtypes of w1, w2 and g: w1's and w2's, read by
+    products only, in their operand dtype (the rounding the products gave
+    them anyway), and so their cotangents; in training float32 but for
+    ``TRAINING_STATE_DTYPES``."""
+    operands = plan.operand_dtype or torch.float32
+    if torch.is_grad_enabled() and operands not in TRAINING_STATE_DTYPES:
+        operands = torch.float32
     return operands, operands, torch.float32
 
 

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 from typing import Dict, List, Optional, Tuple
+from unittest import mock
 
 import pytest
 import torch
@@ -293,6 +294,21 @@ def scan_results(gen: torch.Generator) -> dict:
     kernel = gradients(torch.float32, scan_states_triton)
     results['scan_backward'] = dict(exact=worst(_rel_err(a, b) for a, b in zip(kernel, exact)),
                                     count=sum(a is not None for a in kernel))
+    # bfloat16 training's (in float16): two gradients and so their states and
+    # cotangents 16-bit; float64 takes the same rounded gradients and cotangents
+    full = grads, cotangents
+    grads, cotangents = ([t.half() if i < 2 else t for i, t in enumerate(ts)] for ts in full)
+    exact = gradients(torch.float64, scan_states_naive)
+    leaves = [t.detach().clone().requires_grad_()
+              for t in (*grads, lr_mod, log_keep, log_momentum, *initial[:2])]
+    with torch.enable_grad():
+        states = scan_states_triton(list(leaves[:3]), *leaves[3:6], [*leaves[6:], None],
+                                    state_dtypes=[torch.float16, torch.float16, torch.float32])
+        torch.autograd.backward(states, cotangents)
+    results['scan_backward_16_bit'] = dict(
+        exact=[_rel_err(a.grad, b) for a, b in zip(leaves, exact)],
+        dtypes=[str(t.grad.dtype) for t in leaves])
+    grads, cotangents = full
     # updates 1e-4 of W_0: the momenta must not come from differences of states
     lr_mod, initial = lr_mod * 1e-4, [w * 10 for w in initial[:2]] + [None]
     exact = gradients(torch.float64, scan_states_naive)
@@ -459,13 +475,17 @@ def _read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool, m: in
 
 
 def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool,
-                     sizes: tuple = (2, 2, 3, 16, 40, 16), device: str = 'cpu') -> dict:
+                     sizes: tuple = (2, 2, 3, 16, 40, 16), device: str = 'cpu',
+                     state_dtype: torch.dtype = torch.float32) -> dict:
     """The chunk read (``sizes``: heads, batch, chunks, length, tokens, d; by
     default 40 tokens in chunks of 16, a partial last chunk), heads merged:
-    every input's gradient, and the queries' in the merged layout."""
+    every input's gradient, and the queries' in the merged layout; w1's and
+    w2's states in ``state_dtype`` (float64's reference reads them rounded),
+    and the dtypes of their gradients."""
     heads, batch, chunks, length, n, d = sizes
     lead = (heads, batch, chunks)
     states = [t.view(*lead, *t.shape[1:]) for t in _weights(heads * batch * chunks, d, gen)]
+    states[:2] = [t.to(state_dtype) for t in states[:2]]
     inputs, names = states, ['w1', 'w2', 'g']
     if decomposed:
         inputs = [*(t * 1e-2 for t in states), *_weights(heads, d, gen)[:2],
@@ -487,26 +507,30 @@ def _chunk_read_case(gen: torch.Generator, dtype: torch.dtype, decomposed: bool,
     ref.backward(cotangent.double())
     return dict(forward=_rel_err(out.cpu(), ref.detach()),
                 grads=_grad_errors(names + ['queries'], got, exact),
-                queries_grad_merged=got[-1].grad.permute(1, 2, 0, 3).is_contiguous())
+                queries_grad_merged=got[-1].grad.permute(1, 2, 0, 3).is_contiguous(),
+                grad_dtypes=[str(t.grad.dtype) for t in got[:2]])
 
 
 def _chunk_grads_case(inputs: List[torch.Tensor], dtype: torch.dtype, tiles: dict,
-                      seed: int = 1, device: str = 'cpu', gelu_approximate: str = 'none') -> dict:
+                      seed: int = 1, device: str = 'cpu', gelu_approximate: str = 'none',
+                      grads_dtype: Optional[torch.dtype] = None) -> dict:
     """The chunk gradients of (w1, w2, g, keys, values, token_lr), their
-    outputs' cotangents random: every input's gradient against float64
-    autograd through ``chunk_grads_torch`` (a double backward)."""
+    outputs' cotangents random (in the outputs' dtypes): every input's
+    gradient against float64 autograd through ``chunk_grads_torch`` (a
+    double backward)."""
     gen = torch.Generator().manual_seed(seed)
     got, exact = _leaves(inputs, device), _leaves([t.double() for t in inputs])
     out = chunk_grads_triton(MemoryWeights(*got[:3]), *got[3:], dtype, **tiles,
-                             gelu_approximate=gelu_approximate)
-    cotangents = [torch.randn(t.shape, generator=gen) for t in out]
+                             gelu_approximate=gelu_approximate, grads_dtype=grads_dtype)
+    cotangents = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in out]
     torch.autograd.backward(out, [t.to(device) for t in cotangents])
     ref = chunk_grads_torch(MemoryWeights(*exact[:3]), *exact[3:],
                             gelu_approximate=gelu_approximate)
     torch.autograd.backward(ref, [t.double() for t in cotangents])
     return dict(forward=worst(_rel_err(a.cpu(), b.detach()) for a, b in zip(out, ref)),
                 grads=_grad_errors(['w1', 'w2', 'g', 'keys', 'values', 'token_lr'], got, exact),
-                shapes=[list(t.grad.shape) for t in got[3:]])
+                shapes=[list(t.grad.shape) for t in got[3:]],
+                dtypes=[str(t.dtype) for t in out])
 
 
 def _per_image_views(gen: torch.Generator) -> List[torch.Tensor]:
@@ -679,6 +703,7 @@ def backward_results() -> Dict[str, dict]:
                     results[key] = _project_case(gen, dtype, *case)
                 results[key].update(launched=_launched_projection_blocks(launches),
                                     output_blocks=_launched_output_blocks(launches))
+    results.update(_16_bit_training_results())
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
@@ -707,6 +732,33 @@ def backward_results() -> Dict[str, dict]:
                                                      torch.float32, True, d=40,
                                                      gelu_approximate='tanh')
     results['read_decomposed_tanh']['launched'] = seen
+    return results
+
+
+def _16_bit_training_results() -> Dict[str, dict]:
+    """bfloat16 training's 16-bit chunk gradients and states, in float16 (the
+    interpreter has no bfloat16): the chunk gradients' and the chunk read's
+    backward (both passes, and one program per chunk or state), and a memory
+    trained with them. Their own seed: the cases before draw as they did."""
+    from convneur_mm.models.layers import neural_memory
+    f16 = torch.float16
+    results = {}
+    w, keys, values, token_lr = _write_inputs(2, 3, 24, 24, 1.0, seed=24)
+    for tag, layout in (('', contextlib.nullcontext), ('_one_program', _one_program_per_chunk)):
+        with layout():
+            results[f'chunk_grads{tag}_f16_grads'] = _chunk_grads_case(
+                [*w, keys, values, token_lr], f16, dict(block_rows=16), grads_dtype=f16)
+            for decomposed in (False, True):
+                name = f'chunk_read{tag}{"_decomposed" * decomposed}_f16_states'
+                results[name] = _chunk_read_case(torch.Generator().manual_seed(5), f16,
+                                                 decomposed, state_dtype=f16)
+    # the memory, with float16 let in as bfloat16 is: the scan's states as launched
+    for name, max_lr in (('module_f16_states', 1.0), ('module_f16_states_decomposed', 1e-3)):
+        with checked_accesses(), launcher.observing_launches() as launches, \
+                mock.patch.object(neural_memory, 'TRAINING_STATE_DTYPES', (f16, )):
+            results[name] = _module_case('float16', max_lr)
+        results[name]['scan_states'] = sorted(
+            {str(x.args[5].dtype) for x in launches if x.kernel.__name__ == 'scan_kernel'})
     return results
 
 
@@ -1072,7 +1124,30 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         cotangents = [torch.randn(shape, generator=gen) for shape in shapes]
         cases[f'{name}_backward'] = (backward, (*args[:tensor_args], *cotangents,
                                                 *args[tensor_args:]))
+    if dtype == torch.float16:  # bf16 training's 16-bit states and chunk gradients
+        cases.update(_16_bit_backward_cases(cases, gen))
     return cases
+
+
+# the backward operators' cases at 16-bit states and chunk gradients (``op_cases``'
+# float16 cases only): each gradient of a 16-bit input comes in its dtype
+SIXTEEN_BIT_BACKWARDS = ('scan_backward_16_bit', 'chunk_read_backward_16_bit',
+                         'chunk_grads_backward_16_bit')
+
+
+def _16_bit_backward_cases(cases: dict, gen: torch.Generator) -> dict:
+    """``SIXTEEN_BIT_BACKWARDS`` from the float16 cases: the scan's gradients,
+    states and cotangents, the chunk read's w1 and w2 states and the chunk
+    gradients' w1 and w2 cotangents in float16."""
+    half = lambda t: t.half()  # noqa: E731
+    op, args = cases['scan_backward']
+    scan = (half(args[0]), *args[1:5], half(args[5]), half(args[6]))
+    op_read, read = cases['chunk_read_backward']
+    op_grads, grads = cases['chunk_grads_backward']
+    return {'scan_backward_16_bit': (op, scan),
+            'chunk_read_backward_16_bit': (op_read, (half(read[0]), half(read[1]), *read[2:])),
+            'chunk_grads_backward_16_bit': (op_grads, (*grads[:6], half(grads[6]),
+                                                       half(grads[7]), *grads[8:]))}
 
 
 def _scan_args(gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -1183,7 +1258,8 @@ def _opcheck(op, args) -> dict:
 OPCHECKED = [(case, tag) for tag in ('f32', 'f16') for case in op_cases(torch.float32)
              if tag == 'f32' or case in ('chunk_grads', 'chunk_grads_per_image', 'read',
                                          'read_decomposed', 'chunk_read',
-                                         'chunk_read_decomposed')]
+                                         'chunk_read_decomposed')] + [
+    (case, 'f16') for case in SIXTEEN_BIT_BACKWARDS]
 
 
 def custom_op_results() -> dict:

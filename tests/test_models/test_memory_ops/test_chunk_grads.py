@@ -77,6 +77,17 @@ def test_one_program_per_chunk_runs_in_place_of_both_passes(backward_runs):
     assert launched == [['grads_backward_chunk_kernel', 0], ['grads_chunk_kernel', 0]]
 
 
+@pytest.mark.parametrize('layout', ['', '_one_program'])
+def test_chunk_grads_train_with_16_bit_gradients(backward_runs, layout):
+    """w1's and w2's gradients in float16 (bfloat16 training's, which the
+    interpreter lacks), their cotangents too: within float16's tolerance of
+    float64, both passes and one program per chunk."""
+    result = backward_runs[f'chunk_grads{layout}_f16_grads']
+    assert result['dtypes'] == ['torch.float16', 'torch.float16', 'torch.float32']
+    assert result['forward'] < F16_TOL
+    assert max(result['grads'].values()) < F16_TOL, result['grads']
+
+
 def test_chunk_grads_backward_gives_the_inputs_shapes(backward_runs):
     # per-image views (G, B, U, L, d) get gradients of their own shape
     assert backward_runs['chunk_grads_per_image_f32']['shapes'] == [

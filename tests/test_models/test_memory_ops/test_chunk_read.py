@@ -22,6 +22,20 @@ def test_chunk_read_backward_writes_the_queries_gradient_merged(backward_runs):
         'w1', 'w2', 'g', 'base_w1', 'base_w2', 'carry', 'queries'}
 
 
+@pytest.mark.parametrize('decomposed', ['', '_decomposed'])
+@pytest.mark.parametrize('layout', ['', '_one_program'])
+def test_chunk_read_trains_on_16_bit_states(backward_runs, layout, decomposed):
+    """w1's and w2's states in float16 (bfloat16 training's): their
+    gradients come in float16, within its tolerance of float64 reading the
+    same states, both passes and one program per state; a decomposed read's
+    W_0 and a_t gradients too (summed from the float32 ones)."""
+    result = backward_runs[f'chunk_read{layout}{decomposed}_f16_states']
+    assert result['grad_dtypes'] == ['torch.float16', 'torch.float16']
+    assert len(result['grads']) == (7 if decomposed else 4)
+    assert result['forward'] < F16_TOL
+    assert max(result['grads'].values()) < F16_TOL, result['grads']
+
+
 @pytest.mark.parametrize('decomposed', [False, True])
 def test_chunk_read_matches_its_reference(decomposed):
     """Token n reads state n // L (a partial last chunk), heads merged; the

@@ -98,16 +98,21 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
     tensor-core products, and wgmma for the read's columns pass on sm_90 (the write's rows
     pass takes 16-row tiles, below wgmma's 64, to hold its tiles without
     spilling). The projections' backward too, its products in blocks of 32
-    output features (whole rows spilled 320 bytes)."""
+    output features (whole rows spilled 320 bytes). w1's and w2's states,
+    chunk gradients and their cotangents in the dtype training keeps them in
+    (``neural_memory.TRAINING_STATE_DTYPES``: bf16's own, float16's float32)."""
     from convneur_mm.models.layers.memory_ops.chunk_grads.triton import _chunk_grads_backward
+    from convneur_mm.models.layers.neural_memory import TRAINING_STATE_DTYPES
     from convneur_mm.models.layers.memory_ops.project.triton import _project_backward
     from convneur_mm.models.layers.memory_ops.scan.triton import _scan_backward
     inspect = _inspect()
     heads, batch, chunks, length, d = 1, 128, 16, 196, 128
     meta = dict(device='meta')
     empty = lambda *shape: torch.empty(*shape, **meta)  # noqa: E731
-    states = MemoryWeights(empty(heads, batch, chunks, d, 4 * d),
-                           empty(heads, batch, chunks, 4 * d, d), empty(heads, batch, chunks, d))
+    state_dtype = operand_dtype if operand_dtype in TRAINING_STATE_DTYPES else torch.float32
+    weight = lambda *shape: torch.empty(*shape, **meta, dtype=state_dtype)  # noqa: E731
+    states = MemoryWeights(weight(heads, batch, chunks, d, 4 * d),
+                           weight(heads, batch, chunks, 4 * d, d), empty(heads, batch, chunks, d))
     merged = lambda: empty(batch, chunks * length, heads * d).view(  # noqa: E731
         batch, -1, heads, d).permute(2, 0, 1, 3)
     proj = empty(batch, chunks * length, heads, 2 * d).permute(2, 0, 1, 3).unflatten(
@@ -119,13 +124,13 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
                              None, None, None, None)
         _chunk_grads_backward(empty(heads, d, 4 * d), empty(heads, 4 * d, d), empty(heads, d),
                               proj[..., :d], proj[..., d:], token_lr,
-                              empty(*per_chunk, d, 4 * d), empty(*per_chunk, 4 * d, d),
+                              weight(*per_chunk, d, 4 * d), weight(*per_chunk, 4 * d, d),
                               empty(*per_chunk, d), operand_dtype, None, None)
         # w1's scan: (H B, U, d 4d) gradients, U + 1 states
         rows, size = heads * batch, d * 4 * d
-        _scan_backward(empty(rows, chunks - 1, size), empty(rows, chunks - 1),
+        _scan_backward(weight(rows, chunks - 1, size), empty(rows, chunks - 1),
                        empty(rows, chunks - 1), empty(rows, chunks - 1), empty(rows, size),
-                       empty(rows, chunks, size), empty(rows, chunks, size))
+                       weight(rows, chunks, size), weight(rows, chunks, size))
         # the projections of 15 written chunks of the 16, cotangents as autograd gives them
         tokens, updates = (chunks - 1) * length, chunks - 1
         _project_backward(empty(batch, chunks * length, d), empty(4 * d + heads, d),
@@ -136,8 +141,10 @@ def test_backward_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch)
                           updates, length, 1.0, operand_dtype, None)
     cols = next(x for x in launches if x.kernel.__name__ == 'grads_backward_cols_kernel')
     half = '*bf16' if operand_dtype == torch.bfloat16 else '*fp16'
-    # the rows pass's 16-bit copy of the keys
-    assert inspect.launch_specialization(cols, arch)[0]['k_ptr'] == half
+    # the rows pass's 16-bit copy of the keys; the states' cotangents as trained
+    signature = inspect.launch_specialization(cols, arch)[0]
+    assert signature['k_ptr'] == half
+    assert signature['bw1_ptr'] == ('*bf16' if state_dtype == torch.bfloat16 else '*fp32')
     # the read's rows pass: 64-row blocks (32 on sm_90, ``kernel_tiles.row_limit``),
     # then 16 rows for each chunk's last 4
     block = 32 if arch >= 90 else 64
@@ -273,7 +280,8 @@ def _check_split_compiles(arch: int, train: bool, chosen: tuple = ()) -> None:
     for report in reports:
         if report.kernel not in names:
             continue  # the scan: tested at M3's width
-        bound = {('grads_backward_chunk_kernel', 90): 8, ('grads_backward_chunk_kernel', 80): 24,
+        # the one-program kernels are chosen only where a GPU timed them faster
+        bound = {('grads_backward_chunk_kernel', 90): 16, ('grads_backward_chunk_kernel', 80): 24,
                  ('read_backward_chunk_kernel', 80): 32,
                  ('read_backward_cols_kernel', 80): 112}.get((report.kernel, arch), 0)
         assert report.spill_stores <= bound and report.shared <= 163 * 1024, report

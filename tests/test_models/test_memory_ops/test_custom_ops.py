@@ -7,7 +7,8 @@ import torch
 
 from convneur_mm.models.layers.neural_memory import NeuralMemory
 
-from .memory_cases import DIFFERENTIABLE, OPCHECKED, OPS, _on_meta, _requiring_grad, op_cases
+from .memory_cases import (DIFFERENTIABLE, OPCHECKED, OPS, SIXTEEN_BIT_BACKWARDS, _on_meta,
+                           _requiring_grad, op_cases)
 
 
 @pytest.mark.parametrize('case,tag', OPCHECKED)
@@ -23,6 +24,18 @@ def test_fakes_give_the_results_shapes_and_dtypes(custom_op_runs, case, tag):
     assert result['fake'] == result['real']
     want = str(torch.float16 if case == 'scan' and tag == 'f16' else torch.float32)
     assert all(dtype == want for _, dtype in result['real'])
+
+
+@pytest.mark.parametrize('case', SIXTEEN_BIT_BACKWARDS)
+def test_backward_fakes_give_16_bit_inputs_16_bit_gradients(custom_op_runs, case):
+    """bf16 training's (float16 here): the scan's gradients, the chunk read's
+    states and the chunk gradients' cotangents 16-bit; the gradient of
+    each 16-bit input comes in its dtype, fake and real alike."""
+    result = custom_op_runs[f'{case}_f16']
+    assert result['fake'] == result['real']
+    halves = [i for i, (_, dtype) in enumerate(result['real']) if dtype == str(torch.float16)]
+    assert halves == {'scan_backward_16_bit': [0], 'chunk_read_backward_16_bit': [0, 1],
+                      'chunk_grads_backward_16_bit': []}[case], result['real']
 
 
 @pytest.mark.parametrize('tag', ['f32', 'f16'])
@@ -60,8 +73,11 @@ def test_fakes_on_meta_tensors_without_triton():
     for name, (op, args) in op_cases(torch.float16).items():
         outputs = op(*_on_meta(args))
         outputs = outputs if isinstance(outputs, tuple) else (outputs, )
-        want = torch.float16 if name == 'scan' else torch.float32  # the state dtype asked for
-        assert all(t.device.type == 'meta' and t.dtype == want for t in outputs), name
+        # the state dtype asked for; a 16-bit input's gradient in its dtype
+        halves = {'scan': 1, 'scan_backward_16_bit': 1, 'chunk_read_backward_16_bit': 2}
+        assert all(t.device.type == 'meta' for t in outputs), name
+        assert [t.dtype for t in outputs] == [torch.float16] * halves.get(name, 0) + [
+            torch.float32] * (len(outputs) - halves.get(name, 0)), name
 
 
 class _Entered(Exception):

@@ -27,7 +27,7 @@ def chunk_grads(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: 
     arguments as in ``chunk_grads_torch``. ``backward='closed_form'`` (with
     'torch') trains through ``chunk_grads_closed_form``. ``grads_dtype``
     (the Triton kernels only: ``chunk_grads_triton``'s) writes w1's and w2's
-    gradients in a 16-bit operand dtype in inference."""
+    gradients in a 16-bit operand dtype."""
     fn = implementation_of('chunk_grads', CHUNK_GRADS_IMPLEMENTATIONS, implementation)
     if implementation_of('chunk_grads backward', BACKWARDS, backward)(implementation):
         fn = chunk_grads_closed_form

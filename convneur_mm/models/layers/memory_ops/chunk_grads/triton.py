@@ -52,9 +52,9 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
             the defaults, for tuning and tests.
         gelu_approximate: the MLP's GELU, ``F.gelu``'s ``approximate``.
         grads_dtype: the dtype w1's and w2's gradients are written in: None
-            or float32; or, outside autograd, a 16-bit ``operand_dtype`` for
-            a reader that only sums them into 16-bit states (the inference
-            scan), at half their memory.
+            or float32; or a 16-bit ``operand_dtype`` for a reader that only
+            sums them into states (the scan kernel), at half their bytes.
+            Their cotangents may come in either dtype.
 
     Returns:
         gradients of ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2`` per chunk:
@@ -114,9 +114,6 @@ def _checked(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Ten
     if grads_dtype not in (torch.float32, operand_dtype):
         raise ValueError(f'grads_dtype must be float32 or the operand dtype {operand_dtype}, '
                          f'got {grads_dtype}')
-    if grads_dtype != torch.float32 and autograd_records(w1, w2, g, keys, values, token_lr):
-        raise RuntimeError('the chunk gradients train in float32: a 16-bit grads_dtype serves '
-                           'inference')
     return operand_dtype, grads_dtype
 
 
@@ -310,7 +307,9 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     arch = target_arch(keys.device)
     kernels, cfg = _launch_config(operand_dtype, keys.device, gelu_approximate)
     w1_op, w2_op = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
-    bar_w1, bar_w2, bar_g = (t.float() for t in (bar_w1, bar_w2, bar_g))
+    # w1's and w2's cotangents are read as they come (16-bit where the gradients were):
+    # the kernels take them as product operands
+    bar_g = bar_g.float()
     # the weights' pass multiplies them in operand_dtype: stored so, read as is
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     bar_hidden = torch.empty_like(d_hidden)
@@ -397,7 +396,7 @@ def _backward(ctx, bar_w1: Optional[Tensor], bar_w2: Optional[Tensor],
     # an unused output's cotangent may come as None: its zeros
     bars = [torch.zeros(shape, device=keys.device) if bar is None else bar
             for bar, shape in zip((bar_w1, bar_w2, bar_g), _output_shapes(w1, keys))]
-    # the options but grads_dtype, float32 wherever autograd records (chunk_grads_triton)
+    # the options but grads_dtype: the cotangents come in the gradients' dtypes
     grads = call_kernel_op(_chunk_grads_backward_op, _chunk_grads_backward, w1, w2, g, keys,
                            values, token_lr, *bars, *ctx.options[:4])
     return (*grads, None, None, None, None, None)

@@ -92,16 +92,19 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     intermediates are recomputed, not saved, as FlashAttention's backward does.
 
     Returns:
-        The weights' gradients per state, float32 (H, B, C, d, 4d),
-        (H, B, C, 4d, d), (H, B, C, d) (with ``base``: those of dW_t, equal to
-        those of the whole state).
+        The weights' gradients per state, (H, B, C, d, 4d), (H, B, C, 4d, d)
+        in the states' dtypes (float32 with ``base``: those of dW_t, equal
+        to those of the whole state, which W_0's and a_t's sum), and
+        (H, B, C, d) float32.
     """
     w1, w2, g, b1, b2, c_strides = _read_operands(weights, base, carry, operand_dtype)
     heads, batch, n, d = x.shape
     chunks, hidden = w1.shape[2], w1.shape[-1]
     opts = dict(device=x.device, dtype=torch.float32)
-    grads = MemoryWeights(torch.empty(heads, batch, chunks, d, hidden, **opts),
-                          torch.empty(heads, batch, chunks, hidden, d, **opts),
+    grads = MemoryWeights(*(torch.empty(shape, device=x.device,
+                                        dtype=torch.float32 if base is not None else t.dtype)
+                            for shape, t in (((heads, batch, chunks, d, hidden), weights.w1),
+                                             ((heads, batch, chunks, hidden, d), weights.w2))),
                           torch.empty(heads, batch, chunks, d, **opts))
     if grad_x.numel() == 0 or hidden == 0:
         return grads.map(torch.Tensor.zero_)
@@ -173,8 +176,10 @@ def empty_read_grads(w1: Tensor, w2: Tensor, g: Tensor, grad_inputs: Tensor,
     ``grad_inputs`` the inputs' gradient as the operator lays it out."""
     new = grad_inputs.new_empty
     like = lambda t: new(0) if t is None else new(t.shape)  # noqa: E731
-    return (new(w1.shape), new(w2.shape), new(g.shape), grad_inputs, like(base_w1),
-            like(base_w2), like(carry))
+    # the states' gradients in their dtypes (``launch_read_backward``'s)
+    state = lambda t: new(t.shape, dtype=t.dtype if base_w1 is None else None)  # noqa: E731
+    return (state(w1), state(w2), new(g.shape), grad_inputs, like(base_w1), like(base_w2),
+            like(carry))
 
 
 def decomposed_read_grads(grads: MemoryWeights, base: MemoryWeights, carry: Tensor

@@ -35,7 +35,7 @@ def scan_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w0_ptr, out_ptr, U, P, bl
         keep = tl.exp(tl.load(keep_ptr + n * sk_n + t * sk_u))
         eta = tl.exp(tl.load(momentum_ptr + n * sm_n + t * sm_u))
         rho = tl.load(lr_ptr + n * sl_n + t * sl_u)
-        # a gradient may come in a 16-bit dtype (inference): summed in float32
+        # a gradient may come in its 16-bit state dtype: summed in float32
         s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0).to(tl.float32)
         w = keep * w + s
         tl.store(out + (t + 1) * so_u, w.to(out_ptr.dtype.element_ty), mask=mask)
@@ -56,7 +56,9 @@ def scan_backward_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w_ptr, bar_ptr,
     read first) and the block's shares of the gates' gradients,
     -<M_t, G_t> (rho_t), keep_t <A_t, W_{t-1}> (log keep_t) and
     eta_t <M_t, S_{t-1}> (log eta_t), written per block (summed in a fixed
-    order by the wrapper); A_0 is W_0's gradient."""
+    order by the wrapper); A_0 is W_0's gradient. Gradients, states, their
+    cotangents and dG may be 16-bit (bf16 training): each loads as float32,
+    and the momenta parked in dG's storage are rounded to its dtype."""
     pid = tl.program_id(0)
     n = (pid // blocks).to(tl.int64)
     block = pid % blocks
@@ -70,8 +72,8 @@ def scan_backward_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w_ptr, bar_ptr,
     for t in range(0, U):  # S_{t+1} into d_row[t]
         eta = tl.exp(tl.load(momentum_ptr + n * sm_n + t * sm_u))
         rho = tl.load(lr_ptr + n * sl_n + t * sl_u)
-        s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0)
-        tl.store(d_row + t * sd_u, s, mask=mask)
+        s = eta * s - rho * tl.load(g_row + t * sg_u, mask=mask, other=0.0).to(tl.float32)
+        tl.store(d_row + t * sd_u, s.to(d_g_ptr.dtype.element_ty), mask=mask)
     shares = (n * blocks + block) * U  # (N, blocks, U) gate shares
     adj_w = tl.zeros((BP,), dtype=tl.float32)
     adj_s = tl.zeros((BP,), dtype=tl.float32)
@@ -82,19 +84,20 @@ def scan_backward_kernel(g_ptr, lr_ptr, keep_ptr, momentum_ptr, w_ptr, bar_ptr,
         keep = tl.exp(tl.load(keep_ptr + n * sk_n + (t - 1) * sk_u))
         eta = tl.exp(tl.load(momentum_ptr + n * sm_n + (t - 1) * sm_u))
         rho = tl.load(lr_ptr + n * sl_n + (t - 1) * sl_u)
-        adj_w = tl.load(bar_row + t * sb_u, mask=mask, other=0.0) + keep_next * adj_w
+        adj_w = tl.load(bar_row + t * sb_u, mask=mask, other=0.0).to(tl.float32) + \
+            keep_next * adj_w
         adj_s = adj_w + eta_next * adj_s
-        grad = tl.load(g_row + (t - 1) * sg_u, mask=mask, other=0.0)
-        w_prev = tl.load(w_row + (t - 1) * sw_u, mask=mask, other=0.0)
+        grad = tl.load(g_row + (t - 1) * sg_u, mask=mask, other=0.0).to(tl.float32)
+        w_prev = tl.load(w_row + (t - 1) * sw_u, mask=mask, other=0.0).to(tl.float32)
         s_prev = tl.zeros((BP,), dtype=tl.float32)  # S_0 = 0
         if t > 1:  # S_{t-1}, at d_row[t - 2]: overwritten by dG_{t-1} only at step t - 1
-            s_prev = tl.load(d_row + (t - 2) * sd_u, mask=mask, other=0.0)
-        tl.store(d_row + (t - 1) * sd_u, -rho * adj_s, mask=mask)
+            s_prev = tl.load(d_row + (t - 2) * sd_u, mask=mask, other=0.0).to(tl.float32)
+        tl.store(d_row + (t - 1) * sd_u, (-rho * adj_s).to(d_g_ptr.dtype.element_ty), mask=mask)
         tl.store(d_lr_ptr + shares + t - 1, -tl.sum(adj_s * grad, axis=0))
         tl.store(d_keep_ptr + shares + t - 1, keep * tl.sum(adj_w * w_prev, axis=0))
         tl.store(d_momentum_ptr + shares + t - 1, eta * tl.sum(adj_s * s_prev, axis=0))
         keep_next = keep
         eta_next = eta
     if HAS_INITIAL:
-        adj_w = tl.load(bar_row, mask=mask, other=0.0) + keep_next * adj_w
+        adj_w = tl.load(bar_row, mask=mask, other=0.0).to(tl.float32) + keep_next * adj_w
         tl.store(d_w0_ptr + n * s0_n + p * s0_p, adj_w, mask=mask)

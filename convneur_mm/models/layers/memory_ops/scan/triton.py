@@ -6,7 +6,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..common import autograd_records
 from ..kernels.launcher import launch_config
 from ..kernels.ops import (call_kernel_op, check_runnable, kernel_op,
                            register_first_order_autograd)
@@ -31,20 +30,20 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     reading each gradient once and writing each state once, in its
     ``state_dtypes`` entry: a state that only products read can be written
     straight in their 16-bit operand dtype (the same rounding as a cast of
-    the float32 state). No (U, U) decay matrix is built. Differentiable with
-    float32 states: its backward kernel reruns the momenta and walks the
-    steps backwards from the saved states (nothing else is saved). The
-    arguments as ``scan_states``' (no ``block_size``: no blocks).
+    the float32 state). No (U, U) decay matrix is built. Differentiable: its
+    backward kernel reruns the momenta and walks the steps backwards from
+    the saved states (nothing else is saved), in float32 whatever the
+    states' and gradients' dtypes; the gradients' gradient comes in theirs.
+    The arguments as ``scan_states``' (no ``block_size``: no blocks).
 
     Args:
         grads: K gradients (N, U, P_k), float32, or in the dtype of their
-            16-bit state (inference). The list is consumed as
-            ``scan_states`` consumes it.
+            16-bit state. The list is consumed as ``scan_states`` consumes it.
         lr_mod: (K, N, U) rho_t of each tensor.
         log_keep, log_momentum: (N, U) log(1 - alpha_t), log(eta_t).
         initial: K W_0 (N, P_k), or None entries (the updates alone).
         state_dtypes: K dtypes of the states (float32, float16, bfloat16);
-            None: float32. 16-bit states serve inference only.
+            None: float32.
 
     Returns:
         K states (N, U + 1, P_k).
@@ -61,9 +60,6 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
     if any(t.device != log_keep.device for t in tensors):
         raise ValueError('the scan kernel takes tensors on one device, got '
                          f'{sorted({str(t.device) for t in tensors})}')
-    if autograd_records(*tensors) and any(dtype != torch.float32 for dtype in dtypes):
-        raise RuntimeError('the scan kernel trains with float32 states: 16-bit state_dtypes '
-                           'serve inference')
     del tensors  # it holds every gradient: each must go once scanned
     states = []
     for i, (rho, w0, dtype) in enumerate(zip(lr_mod, initial, dtypes)):
@@ -135,13 +131,12 @@ def _scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_momentum
     last empty without ``initial``. The gates' gradients are per-block shares
     summed in a fixed order (deterministic)."""
     check_runnable(grads, torch.float32, whole_rows=False)
-    if states.dtype != torch.float32:
-        raise RuntimeError(f'the scan kernel trains with float32 states, not {states.dtype}')
     n, u, p = grads.shape
     blocks = cdiv(p, _block(p)[0])
-    d_grads = grads.new_empty(n, u, p)
-    shares = grads.new_empty(3, n, blocks, u)
-    d_initial = grads.new_empty(n, p) if initial is not None else grads.new_empty(0)
+    d_grads = grads.new_empty(n, u, p)  # in the gradients' dtype, as autograd returns it
+    opts = dict(device=grads.device, dtype=torch.float32)
+    shares = torch.empty(3, n, blocks, u, **opts)
+    d_initial = torch.empty(n, p, **opts) if initial is not None else torch.empty(0, **opts)
     _check_steps_span(u, grads, states, grad_states, d_grads)
     if d_grads.numel():
         launch_scan_backward(grads, lr_mod, log_keep, log_momentum, states, grad_states,
@@ -156,9 +151,9 @@ def launch_scan_backward(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_mo
                          states: Tensor, grad_states: Tensor, d_grads: Tensor,
                          d_initial: Optional[Tensor], shares: Tensor) -> None:
     """Launch the scan's backward kernel, layouts as ``launch_scan``'s: it
-    walks the steps backwards from the float32 ``states``, writing
-    ``d_grads``, ``d_initial`` (N, P) where W_0 was given, and each block's
-    shares (3, N, blocks, U) of the three gates' gradients."""
+    walks the steps backwards from the saved ``states``, writing ``d_grads``
+    (in its dtype), ``d_initial`` (N, P) where W_0 was given, and each
+    block's float32 shares (3, N, blocks, U) of the three gates' gradients."""
     n, u, p = grads.shape
     kernels, _ = launch_config('scan', torch.float32, grads.device)
     bp, warps = _block(p)
@@ -189,8 +184,9 @@ def _scan_backward_fake(grads: Tensor, lr_mod: Tensor, log_keep: Tensor, log_mom
                         initial: Optional[Tensor], states: Tensor, grad_states: Tensor
                         ) -> ScanGrads:
     n, u, p = grads.shape
-    new = grads.new_empty
-    return new(n, u, p), new(n, u), new(n, u), new(n, u), new(0) if initial is None else new(n, p)
+    new = lambda *shape: grads.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return (grads.new_empty(n, u, p), new(n, u), new(n, u), new(n, u),
+            new(0) if initial is None else new(n, p))
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
