@@ -724,6 +724,16 @@ def backward_results() -> Dict[str, dict]:
         results['chunk_grads_one_program_tanh'] = _chunk_grads_case(
             [*w, keys, values, token_lr], torch.float32, dict(block_rows=16),
             gelu_approximate='tanh')
+    # the backward's columns pass summing 2 chunks per program: 3 chunks as 2 + 1
+    from convneur_mm.models.layers.memory_ops.chunk_grads import triton as chunk_grads_module
+    with mock.patch.object(chunk_grads_module, 'MAX_BACKWARD_COLS_CHUNKS', 2), \
+            launcher.observing_launches() as launches:
+        results['chunk_grads_cols_chunks2'] = _chunk_grads_case(
+            [*w, keys, values, token_lr], torch.float32, dict(block_rows=16))
+    # (programs, chunk blocks, chunks per program, the shares' blocks)
+    results['chunk_grads_cols_chunks2']['launched'] = [
+        [x.grid[0], *x.args[15:17], x.args[7].shape[1]] for x in launches
+        if x.kernel.__name__ == 'grads_backward_cols_kernel']
     results['read_tanh'] = _read_case(gen, torch.float32, False, gelu_approximate='tanh')
     # the decomposed read in two column blocks; its own seed: the carry's gradient, a
     # sum that cancels, is 1e-6 to 1.3e-5 off float64 across draws, split or not
@@ -935,11 +945,15 @@ def persistent_results(operand_dtype: str = 'f16', programs: Tuple[int, ...] = P
         return outputs + list(torch.autograd.grad(outputs, leaves, cotangents))
 
     result = {'programs': list(programs)}
+    # the backward's columns pass at two chunks per program: 3 x 4 tiles (chunk blocks x
+    # hidden blocks), which the persistent runs split both ways too
+    from convneur_mm.models.layers.memory_ops.chunk_grads import triton as chunk_grads_module
+    patched = mock.patch.object(chunk_grads_module, 'MAX_BACKWARD_COLS_CHUNKS', 2)
     for layout, one_program in (('two_passes', False), ('one_program', True)):
         kernels = kernel_tiles.KERNEL_NAMES if one_program else _TWO_PASSES
         chosen = {kernel: {} for kernel in kernel_tiles.REPLACES} if one_program else {}
         case = result[layout] = {}
-        with nan_filled_allocations(), checked_accesses():
+        with nan_filled_allocations(), checked_accesses(), patched:
             with kernel_tiles.forced_tiles_of(chosen), launcher.observing_launches() as plain:
                 base = run()
             case['finite'] = all(bool(torch.isfinite(t).all()) for t in base)

@@ -77,6 +77,25 @@ def test_one_program_per_chunk_runs_in_place_of_both_passes(backward_runs):
     assert launched == [['grads_backward_chunk_kernel', 0], ['grads_chunk_kernel', 0]]
 
 
+def test_chunk_grads_backward_sums_chunks_in_one_program(backward_runs):
+    """The columns pass sums several chunks' shares of the weights'
+    gradients per program: 3 chunks at 2 per program as 2 + 1 (the last
+    block short), the shares' blocks summed to float64's gradients."""
+    result = backward_runs['chunk_grads_cols_chunks2']
+    hidden_blocks = 96 // 16  # d 24: 96 hidden units in blocks of 16
+    assert result['launched'] == [[2 * 2 * hidden_blocks, 2, 2, 2]]  # two groups
+    assert max(result['grads'].values()) < F32_TOL, result['grads']
+
+
+def test_backward_columns_take_chunks_per_program_by_the_gpus_programs():
+    from convneur_mm.models.layers.memory_ops.chunk_grads.triton import backward_cols_chunks
+    # M3's stage 1 at batch 128 (1920 chunks, 32 hidden blocks) on 132 multiprocessors
+    assert backward_cols_chunks(1920 * 32, 1920, 132) == 16
+    assert backward_cols_chunks(384 * 32, 384, 132) == 16  # its stage 2
+    assert backward_cols_chunks(16 * 32, 16, 132) == 1  # batch 1: a program per chunk
+    assert backward_cols_chunks(12 * 2, 3, 1) == 3  # never past a group's chunks
+
+
 @pytest.mark.parametrize('layout', ['', '_one_program'])
 def test_chunk_grads_train_with_16_bit_gradients(backward_runs, layout):
     """w1's and w2's gradients in float16 (bfloat16 training's, which the

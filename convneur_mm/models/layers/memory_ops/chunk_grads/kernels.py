@@ -681,7 +681,7 @@ def _backward_cols_rows(k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cm
 @triton.jit
 def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr,
                                gw1_ptr, gw2_ptr,
-                               C, U, L, D, HID, hidden_blocks,
+                               C, U, L, D, HID, hidden_blocks, chunk_blocks, chunks_per_program,
                                sk_g, sk_b, sk_c, sk_l, sk_d,
                                s1_g, s1_d, s1_k,
                                s2_g, s2_k, s2_d,
@@ -691,64 +691,83 @@ def grads_backward_cols_kernel(k_ptr, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, b
                                DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
                                ITERS: tl.constexpr = 1, GELU_TANH: tl.constexpr = False,
                                BE: tl.constexpr = 0):
-    """The shared weights' gradients, per (chunk, block of BH hidden units
-    j): walks the chunk's rows, recomputes P_j, and writes the chunk's share
-    (summed over chunks by the caller, in a fixed order)
+    """The shared weights' gradients, per (block of ``chunks_per_program``
+    chunks of a group, block of BH hidden units j): walks each chunk's rows,
+    recomputes P_j, and writes the sum of its chunks' shares (summed over the
+    blocks by the caller, in a fixed order)
 
         gw1[:, j] = K^T (gelu'(P_j) (Dh bW2[j]^T + bH w2[j]^T) + gelu''(P_j) B_j (K bW1[:, j]))
         gw2[j] = (gelu'(P_j) (K bW1[:, j]))^T Dh + gelu(P_j)^T bH,   B_j = Dh w2[j]^T,
 
-    (G, C, D, HID) and (G, C, HID, D) float32."""
+    (G, chunk_blocks, D, HID) and (G, chunk_blocks, HID, D) float32."""
+    cols, cmask, cols_b, cmask_b = columns(D, BD, BE)
     for it in range(ITERS):
         pid = tl.program_id(0) * ITERS + it
-        chunk, hid, hmask = hidden_block(pid, hidden_blocks, HID, BH)
-        gi, c, bi, ci = _chunk_of(chunk, C, U)
-        _write_backward_cols(k_ptr + (gi * sk_g + bi * sk_b + ci * sk_c), dh_ptr, bh_ptr,
-                             w1_ptr + gi * s1_g, w2_ptr + gi * s2_g,
-                             bw1_ptr + gi * sb1_g + c * sb1_c, bw2_ptr + gi * sb2_g + c * sb2_c,
-                             gw1_ptr, gw2_ptr, chunk.to(tl.int64), sk_l, sk_d, s1_d, s1_k, s2_k,
-                             s2_d, sb1_d, sb1_k, sb2_k, sb2_d, hid, hmask, L, D, HID,
-                             BM, BD, BE, BH, DTYPE, PREC, TAIL, GELU_TANH)
+        block, hid, hmask = hidden_block(pid, hidden_blocks, HID, BH)
+        gi = block // chunk_blocks
+        c0 = (block % chunk_blocks) * chunks_per_program
+        w1, w2t, w1_b, w2t_b, acc1, acc2, acc1_b, acc2_b = _backward_cols_start(
+            w1_ptr + gi * s1_g, w2_ptr + gi * s2_g, s1_d, s1_k, s2_k, s2_d, cols, cmask, cols_b,
+            cmask_b, hid, hmask, BD, BE, BH, DTYPE)
+        for i in range(c0, tl.minimum(c0 + chunks_per_program, C)):
+            chunk = (gi * C + i).to(tl.int64)
+            g64, c, bi, ci = _chunk_of(chunk, C, U)
+            acc1, acc2, acc1_b, acc2_b = _backward_cols_chunk(
+                k_ptr + (g64 * sk_g + bi * sk_b + ci * sk_c), dh_ptr, bh_ptr, w1, w2t, w1_b,
+                w2t_b, bw1_ptr + g64 * sb1_g + c * sb1_c, bw2_ptr + g64 * sb2_g + c * sb2_c,
+                chunk, sk_l, sk_d, sb1_d, sb1_k, sb2_k, sb2_d, cols, cmask, cols_b, cmask_b, hid,
+                hmask, acc1, acc2, acc1_b, acc2_b, L, D, BM, BE, DTYPE, PREC, TAIL, GELU_TANH)
+        _store_backward_cols(gw1_ptr, gw2_ptr, block.to(tl.int64) * D * HID, acc1, acc2,
+                             acc1_b, acc2_b, D, HID, cols, cmask, cols_b, cmask_b, hid, hmask,
+                             BE)
 
 
 @triton.jit
-def _backward_weight_tiles(w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, s1_d, s1_k, s2_k, s2_d, sb1_d,
-                           sb1_k, sb2_k, sb2_d, cols, cmask, hid, hmask, DTYPE: tl.constexpr):
-    """w1, w2^T and their cotangents' tiles at one column block, in DTYPE."""
+def _operand_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols, cmask, hid, hmask,
+                   DTYPE: tl.constexpr):
+    """``weight_tiles`` (w1[cols, hid] and w2[hid, cols]^T) in DTYPE."""
     w1, w2t = weight_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols, cmask, hid, hmask)
-    bw1, bw2t = weight_tiles(bw1_ptr, sb1_d, sb1_k, bw2_ptr, sb2_k, sb2_d, cols, cmask, hid,
-                              hmask)
-    return w1.to(DTYPE), w2t.to(DTYPE), bw1.to(DTYPE), bw2t.to(DTYPE)
+    return w1.to(DTYPE), w2t.to(DTYPE)
 
 
 @triton.jit
-def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, gw1_ptr,
-                         gw2_ptr, chunk, sk_l, sk_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k,
-                         sb2_d, hid, hmask, L, D, HID, BM: tl.constexpr,
-                         BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
-                         DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
-                         GELU_TANH: tl.constexpr):
-    """``grads_backward_cols_kernel``'s work on the hidden units ``hid`` of
-    chunk ``chunk`` (int64; ``k_base`` its keys, the weight pointers at its
-    group and its cotangents): walks its rows and stores its shares."""
-    cols, cmask, cols_b, cmask_b = columns(D, BD, BE)
-    w1, w2t, bw1, bw2t = _backward_weight_tiles(w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, s1_d, s1_k,
-                                                s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d, cols,
-                                                cmask, hid, hmask, DTYPE)
+def _backward_cols_start(w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d, cols, cmask, cols_b, cmask_b,
+                         hid, hmask, BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
+                         DTYPE: tl.constexpr):
+    """The shared weights' tiles at both column blocks, and the weights'
+    gradients' zero accumulators, for the hidden units ``hid``."""
+    w1, w2t = _operand_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols, cmask, hid, hmask,
+                             DTYPE)
     acc1 = tl.zeros((BD, BH), dtype=tl.float32)
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
     w1_b = w1
     w2t_b = w2t
-    bw1_b = bw1
-    bw2t_b = bw2t
     acc1_b = acc1
     acc2_b = acc2
     if BE > 0:
-        w1_b, w2t_b, bw1_b, bw2t_b = _backward_weight_tiles(
-            w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k, sb2_d,
-            cols_b, cmask_b, hid, hmask, DTYPE)
+        w1_b, w2t_b = _operand_tiles(w1_ptr, s1_d, s1_k, w2_ptr, s2_k, s2_d, cols_b, cmask_b,
+                                     hid, hmask, DTYPE)
         acc1_b = tl.zeros((BE, BH), dtype=tl.float32)
         acc2_b = tl.zeros((BH, BE), dtype=tl.float32)
+    return w1, w2t, w1_b, w2t_b, acc1, acc2, acc1_b, acc2_b
+
+
+@triton.jit
+def _backward_cols_chunk(k_base, dh_ptr, bh_ptr, w1, w2t, w1_b, w2t_b, bw1_ptr, bw2_ptr, chunk,
+                         sk_l, sk_d, sb1_d, sb1_k, sb2_k, sb2_d, cols, cmask, cols_b, cmask_b,
+                         hid, hmask, acc1, acc2, acc1_b, acc2_b, L, D, BM: tl.constexpr,
+                         BE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                         TAIL: tl.constexpr, GELU_TANH: tl.constexpr):
+    """One chunk's shares of the weights' gradients at the hidden units
+    ``hid``, added to the accumulators: chunk ``chunk`` (int64; ``k_base``
+    its keys, ``bw1_ptr`` and ``bw2_ptr`` its cotangents) walked by its rows."""
+    bw1, bw2t = _operand_tiles(bw1_ptr, sb1_d, sb1_k, bw2_ptr, sb2_k, sb2_d, cols, cmask, hid,
+                               hmask, DTYPE)
+    bw1_b = bw1
+    bw2t_b = bw2t
+    if BE > 0:
+        bw1_b, bw2t_b = _operand_tiles(bw1_ptr, sb1_d, sb1_k, bw2_ptr, sb2_k, sb2_d, cols_b,
+                                       cmask_b, hid, hmask, DTYPE)
     dh_base = dh_ptr + chunk * L * D
     bh_base = bh_ptr + chunk * L * D
     whole = L // BM * BM if TAIL < BM else L
@@ -763,12 +782,40 @@ def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_pt
                 k_base, dh_base, bh_base, sk_l, sk_d, r0, L, D, cols, cmask, cols_b, cmask_b, w1,
                 w2t, bw1, bw2t, w1_b, w2t_b, bw1_b, bw2t_b, acc1, acc2, acc1_b, acc2_b, TAIL, BE,
                 DTYPE, PREC, GELU_TANH)
+    return acc1, acc2, acc1_b, acc2_b
 
-    out = chunk * D * HID
+
+@triton.jit
+def _store_backward_cols(gw1_ptr, gw2_ptr, out, acc1, acc2, acc1_b, acc2_b, D, HID, cols, cmask,
+                         cols_b, cmask_b, hid, hmask, BE: tl.constexpr):
+    """The weights' gradients' shares at ``out`` (the element offset of their
+    (D, HID) and (HID, D) slice), both column blocks."""
     store_weight_grads(gw1_ptr, gw2_ptr, out, acc1, acc2, 1.0, D, HID, cols, cmask, hid, hmask)
     if BE > 0:
         store_weight_grads(gw1_ptr, gw2_ptr, out, acc1_b, acc2_b, 1.0, D, HID, cols_b, cmask_b,
                             hid, hmask)
+
+
+@triton.jit
+def _write_backward_cols(k_base, dh_ptr, bh_ptr, w1_ptr, w2_ptr, bw1_ptr, bw2_ptr, gw1_ptr,
+                         gw2_ptr, chunk, sk_l, sk_d, s1_d, s1_k, s2_k, s2_d, sb1_d, sb1_k, sb2_k,
+                         sb2_d, hid, hmask, L, D, HID, BM: tl.constexpr,
+                         BD: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
+                         DTYPE: tl.constexpr, PREC: tl.constexpr, TAIL: tl.constexpr,
+                         GELU_TANH: tl.constexpr):
+    """``grads_backward_cols_kernel``'s work on the hidden units ``hid`` of
+    the one chunk ``chunk`` (int64; ``k_base`` its keys, the weight pointers
+    at its group and its cotangents): walks its rows and stores its shares."""
+    cols, cmask, cols_b, cmask_b = columns(D, BD, BE)
+    w1, w2t, w1_b, w2t_b, acc1, acc2, acc1_b, acc2_b = _backward_cols_start(
+        w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d, cols, cmask, cols_b, cmask_b, hid, hmask, BD, BE,
+        BH, DTYPE)
+    acc1, acc2, acc1_b, acc2_b = _backward_cols_chunk(
+        k_base, dh_ptr, bh_ptr, w1, w2t, w1_b, w2t_b, bw1_ptr, bw2_ptr, chunk, sk_l, sk_d, sb1_d,
+        sb1_k, sb2_k, sb2_d, cols, cmask, cols_b, cmask_b, hid, hmask, acc1, acc2, acc1_b,
+        acc2_b, L, D, BM, BE, DTYPE, PREC, TAIL, GELU_TANH)
+    _store_backward_cols(gw1_ptr, gw2_ptr, chunk * D * HID, acc1, acc2, acc1_b, acc2_b, D, HID,
+                         cols, cmask, cols_b, cmask_b, hid, hmask, BE)
 
 
 @triton.jit

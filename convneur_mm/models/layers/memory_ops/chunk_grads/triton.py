@@ -284,6 +284,22 @@ def _staged(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
     return weights_pass
 
 
+# the backward's columns pass sums up to this many chunks' shares of the weights'
+# gradients in one program (in a fixed order) where the GPU keeps at least
+# BACKWARD_COLS_WAVES programs per multiprocessor: fewer shares to write and sum
+MAX_BACKWARD_COLS_CHUNKS = 16
+BACKWARD_COLS_WAVES = 4
+
+
+def backward_cols_chunks(tiles: int, chunks: int, processors: int) -> int:
+    """Chunks per program of the backward's columns pass, of ``tiles``
+    (group, chunk, hidden block) tiles over ``chunks`` chunks per group:
+    as many as keep ``BACKWARD_COLS_WAVES`` programs per multiprocessor, at
+    most ``MAX_BACKWARD_COLS_CHUNKS``, at least one."""
+    return max(1, min(MAX_BACKWARD_COLS_CHUNKS, chunks,
+                      tiles // (BACKWARD_COLS_WAVES * processors)))
+
+
 def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
                           token_lr: Tensor, bar_w1: Tensor, bar_w2: Tensor, bar_g: Tensor,
                           operand_dtype: torch.dtype, block_rows: Optional[int],
@@ -314,9 +330,13 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     d_hidden = torch.empty(groups, chunks, length, d, device=keys.device, dtype=operand_dtype)
     bar_hidden = torch.empty_like(d_hidden)
     keys_op = _keys_operand(keys, operand_dtype)
-    # per-chunk shares of the weights' gradients, summed in a fixed order: deterministic
-    grad_w1 = torch.empty(groups, chunks, d, hidden, **opts)
-    grad_w2 = torch.empty(groups, chunks, hidden, d, **opts)
+
+    def weight_shares(blocks: int) -> Tuple[Tensor, Tensor]:
+        """The weights' gradients' shares of ``blocks`` blocks of each group's
+        chunks, summed in a fixed order: deterministic."""
+        return (torch.empty(groups, blocks, d, hidden, **opts),
+                torch.empty(groups, blocks, hidden, d, **opts))
+
     if chosen_kernel('grads_backward_chunk', d, operand_dtype, arch, False, groups * chunks,
                      multiprocessors(keys.device)):  # a program per chunk
         tiles = tile_config('grads_backward_chunk', d, length, block_rows, block_hidden,
@@ -324,6 +344,7 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
         # a share of g's gradient per block of rows: whole blocks, then TAIL_ROWS at a time
         slots = sum(blocks for _, blocks, _ in row_parts(length, tiles))
         grad_scale = torch.empty(groups * chunks, slots, d, **opts)
+        grad_w1, grad_w2 = weight_shares(chunks)
         launch_kernel(
             kernels.grads_backward_chunk_kernel, groups * chunks, tiles, keys.device,
             keys, values, token_lr, w1_op, w2_op, g, bar_w1, bar_w2, bar_g,
@@ -351,10 +372,14 @@ def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, value
     cols = tile_config('grads_backward_cols', d, length, block_rows, block_hidden,
                        operand_dtype, arch=arch)
     hidden_blocks = cdiv(hidden, cols['BH'])
+    per_program = backward_cols_chunks(groups * chunks * hidden_blocks, chunks,
+                                       multiprocessors(keys.device))
+    chunk_blocks = cdiv(chunks, per_program)
+    grad_w1, grad_w2 = weight_shares(chunk_blocks)
     launch_kernel(
-        kernels.grads_backward_cols_kernel, groups * chunks * hidden_blocks, cols, keys.device,
-        keys_op, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1, grad_w2,
-        chunks, per_image, length, d, hidden, hidden_blocks,
+        kernels.grads_backward_cols_kernel, groups * chunk_blocks * hidden_blocks, cols,
+        keys.device, keys_op, d_hidden, bar_hidden, w1_op, w2_op, bar_w1, bar_w2, grad_w1,
+        grad_w2, chunks, per_image, length, d, hidden, hidden_blocks, chunk_blocks, per_program,
         *strides(keys_op), *w1_op.stride(), *w2_op.stride(), *bar_w1.stride(),
         *bar_w2.stride(), **cfg, TAIL=TAIL_ROWS)
     return (grad_w1.sum(dim=1), grad_w2.sum(dim=1),

@@ -79,16 +79,18 @@ TUNED_KERNELS = KERNEL_NAMES + PROJECTION_KERNELS
 # them, or that spill less than their padded tiles; 80 and 96 columns stay one block
 # of 128, whose split spilled (docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)
 SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
+    # the backward's columns pass at 16 rows: at 32 its loop over a program's chunks
+    # spilled 80 B (sm_90) and 188 B (sm_80)
     (128, 32): {
         90: {'read': (64, 32), 'grads_rows': (64, 32), 'grads_cols': (64, 16),
              'read_backward_rows': (16, 32), 'read_backward_cols': (16, 16),
-             'grads_backward_rows': (16, 16), 'grads_backward_cols': (32, 16),
+             'grads_backward_rows': (16, 16), 'grads_backward_cols': (16, 16),
              'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16),
              'read_backward_chunk': (16, 16)},
         # the read at 32 rows: at 64 its 16-bit states spilled 76 B
         80: {'read': (32, 32), 'grads_rows': (16, 32), 'grads_cols': (32, 16),
              'read_backward_rows': (16, 32), 'read_backward_cols': (16, 16),
-             'grads_backward_rows': (16, 32), 'grads_backward_cols': (32, 16),
+             'grads_backward_rows': (16, 32), 'grads_backward_cols': (16, 16),
              'grads_chunk': (16, 16), 'grads_backward_chunk': (16, 16),
              'read_backward_chunk': (16, 16)},
     },
