@@ -1235,12 +1235,20 @@ def _compiled_memory() -> dict:
                 ops=[op for op in OPS if f'convneur_mm.{op}' in code])
 
 
-def _compiled_training() -> dict:
+def _compiled_training(operand_dtype: str = 'float32') -> dict:
     """``NeuralMemory(implementation='triton')`` in training, compiled with
     ``fullgraph=True``: the kernels and their backward operators inside the
-    graphs, the gradients as eager's."""
+    graphs, the gradients as eager's. ``'float16'`` trains on 16-bit states
+    and chunk gradients, as bfloat16 does (``TRAINING_STATE_DTYPES``)."""
+    from convneur_mm.models.layers import neural_memory
+    with mock.patch.object(neural_memory, 'TRAINING_STATE_DTYPES', (torch.float16, )):
+        return _compiled_training_step(operand_dtype)
+
+
+def _compiled_training_step(operand_dtype: str) -> dict:
     torch.manual_seed(0)
-    memory = NeuralMemory(16, heads=2, chunk_size=8, implementation='triton').train()
+    memory = NeuralMemory(16, heads=2, chunk_size=8, implementation='triton',
+                          operand_dtype=operand_dtype).train()
     x = torch.randn(2, 20, 16)
 
     def grads(module):
@@ -1291,6 +1299,7 @@ def custom_op_results() -> dict:
         results[f'compiled_calls_{tag}'] = _compiled_calls(dtype)
     results['compiled_memory'] = _compiled_memory()
     results['compiled_training'] = _compiled_training()
+    results['compiled_training_f16_states'] = _compiled_training('float16')
     return results
 
 

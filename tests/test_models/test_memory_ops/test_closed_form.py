@@ -11,8 +11,8 @@ from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads
 from convneur_mm.models.layers.memory_ops.common import gelu_second
 from convneur_mm.testing.errors import least, worst
 
-from .memory_cases import (L, _gradcheck, _outputs_and_grads, _read, _read_inputs,
-                           _relative_errors, _write, _write_inputs64)
+from .memory_cases import (_gradcheck, _outputs_and_grads, _read, _read_inputs, _relative_errors,
+                           _write, _write_inputs64)
 
 
 def test_gradcheck_of_a_subset_of_inputs():

@@ -60,8 +60,11 @@ def test_the_operators_autograd_passes_opcheck(custom_op_runs, case):
     assert report and set(report.values()) == {'SUCCESS'}, report
 
 
-def test_a_compiled_training_step_keeps_the_kernels(custom_op_runs):
-    result = custom_op_runs['compiled_training']
+@pytest.mark.parametrize('case', ['compiled_training', 'compiled_training_f16_states'])
+def test_a_compiled_training_step_keeps_the_kernels(custom_op_runs, case):
+    """Also on 16-bit states and chunk gradients (bf16 training's, float16
+    here): the graphs take their cotangents' dtypes from the fakes."""
+    result = custom_op_runs[case]
     assert result['graph_breaks'] == 0
     assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
                              'memory_scan']

@@ -333,7 +333,6 @@ def test_persistent_programs_on_cuda_compute_what_a_program_per_tile_computes():
     whose programs read back their own stores past a barrier, each against
     the two passes with a program per tile."""
     from convneur_mm.models.layers.memory_ops import MemoryWeights, chunk_grads_triton
-    from .memory_cases import _write_inputs
     weights, keys, values, lr = _write_inputs(2, 300, 196, 128, 1.0, seed=0)
     inputs = [t.cuda() for t in (*weights, keys, values, lr)]
     gen = torch.Generator().manual_seed(1)
