@@ -20,7 +20,7 @@ import copy
 import gc
 import inspect
 import math
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -279,12 +279,15 @@ def stage_branches(backbone: torch.nn.Module, first_only: bool = False
     return found
 
 
-def branch_inputs(branches: List[Tuple[int, torch.nn.Module]], batch: int, size: int = M3_SIZE,
-                  device='cpu', seed: int = 1) -> List[torch.Tensor]:
+def branch_inputs(branches: List[Tuple[int, torch.nn.Module]], batch: int,
+                  size: Union[int, Tuple[int, int]] = M3_SIZE, device='cpu',
+                  seed: int = 1) -> List[torch.Tensor]:
     """Random inputs of each branch's shape at ``batch`` images of ``size``
-    (stage s sees ``size / 4 / 2**s`` pixels a side); on 'meta' empty ones."""
+    (a side, or (H, W); stage s sees ``H / 4 / 2**s`` by ``W / 4 / 2**s``
+    pixels); on 'meta' empty ones."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, branch.proj_in.in_channels, size // 4 // 2**stage, size // 4 // 2**stage)
+    height, width = (size, size) if isinstance(size, int) else size
+    shapes = [(batch, branch.proj_in.in_channels, height // 4 // 2**stage, width // 4 // 2**stage)
               for stage, branch in branches]
     if str(device) == 'meta':
         return [torch.empty(shape, device='meta') for shape in shapes]

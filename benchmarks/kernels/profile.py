@@ -40,7 +40,7 @@ M3's (128), each beside its roofline, say what M4's width costs.
 import argparse
 import re
 from collections import Counter
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -468,12 +468,13 @@ class Case(NamedTuple):
 
 
 def global_branches(device, implementation: str = 'torch', operand_dtype: str = 'bfloat16',
-                    arch: str = 'm3') -> List[Tuple[int, torch.nn.Module]]:
-    """The global branches of ConvNeur-``arch`` with these memory settings,
-    on ``device``, with the stage of each."""
+                    arch: str = 'm3', memory_cfg: Optional[dict] = None
+                    ) -> List[Tuple[int, torch.nn.Module]]:
+    """The global branches of ConvNeur-``arch`` with these memory settings
+    (over ``memory_cfg``'s), on ``device``, with the stage of each."""
     return stage_branches(convneur_backbone(
-        arch, device, memory_cfg=dict(implementation=implementation,
-                                              operand_dtype=operand_dtype)))
+        arch, device, memory_cfg=dict(memory_cfg or {}, implementation=implementation,
+                                      operand_dtype=operand_dtype)))
 
 
 def _bf16(device):
@@ -574,19 +575,22 @@ def profile_case(name: str, *, device, batch: int = 128, size: int = M3_SIZE,
     return summary
 
 
-def kernel_rooflines(batch: int = 128, size: int = M3_SIZE, peak: DevicePeak = PEAKS[0],
-                     training: bool = False, one_program: bool = False,
-                     arch: str = 'm3') -> List[dict]:
+def kernel_rooflines(batch: int = 128, size: Union[int, Tuple[int, int]] = M3_SIZE,
+                     peak: DevicePeak = PEAKS[0], training: bool = False,
+                     one_program: bool = False, arch: str = 'm3',
+                     memory_cfg: Optional[dict] = None) -> List[dict]:
     """The Triton kernels that ``arch``'s four global branches launch with bf16
     operands, in one inference call or (``training``) one training step, per
-    stage: GB, GFLOP and roofline ms on ``peak``; with ``one_program``, the
+    stage: GB, GFLOP and roofline ms on ``peak``; at ``batch`` images of
+    ``size`` (a side, or (H, W)), with ``memory_cfg``'s memory settings (a
+    config's chunk size and ``max_lr``); with ``one_program``, the
     chunk gradients and the chunk read's backward as one program per chunk
     (``tiles.REPLACES``). Recorded
     on meta tensors for sm_90 (``with_kernel_costs``): no GPU runs, and none
     is needed; triton must not be in its interpreter."""
     from convneur_mm.models.layers.memory_ops.kernels.tiles import REPLACES, forced_tiles_of
     one_program_options = {kernel: {} for kernel in REPLACES} if one_program else {}
-    branches = global_branches('meta', implementation='triton', arch=arch)
+    branches = global_branches('meta', implementation='triton', arch=arch, memory_cfg=memory_cfg)
     rows = []
     for (stage, branch), x in zip(branches, branch_inputs(branches, batch, size, 'meta')):
         def call(branch=branch, x=x):
@@ -607,12 +611,29 @@ def _bound(cost: OpCost, peak: DevicePeak) -> str:
     return 'bytes' if cost.bytes / peak.bandwidth >= cost.roofline_s(peak) else 'products'
 
 
+def job_shapes(job: str) -> dict:
+    """``kernel_rooflines``' arch, memory settings, batch and (H, W) of a
+    real config's training (``throughput.JOBS``): its backbone's, its per-GPU
+    batch and its largest training image."""
+    from benchmarks.training.throughput import JOBS, image_sizes
+    from convneur_mm.apis.launch import load_config
+    cfg = load_config(JOBS[job].config)
+    backbone = cfg.model.backbone
+    return dict(arch=backbone.arch, memory_cfg=dict(backbone.get('memory_cfg') or {}),
+                batch=cfg.train_dataloader.batch_size, size=tuple(image_sizes(cfg)[0]))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``rooflines`` case's options (the profile itself is the ``memory``
     case's ``profile`` section: it needs the GPU)."""
+    from benchmarks.training.throughput import JOBS
     parser.add_argument('--arch', default='m3', choices=('m1', 'm2', 'm3', 'm4'))
-    parser.add_argument('--batch', type=positive_int, default=128)
+    parser.add_argument('--batch', type=positive_int, default=None, help='default: 128')
     parser.add_argument('--size', type=positive_int, default=M3_SIZE)
+    parser.add_argument('--job', choices=sorted(JOBS),
+                        help="a real config's shapes in place of --arch and --size: its "
+                             "backbone, memory settings, per-GPU batch (unless --batch) and "
+                             "largest training image")
     parser.add_argument('--peak', choices=[p.name for p in PEAKS], default=PEAKS[0].name)
     parser.add_argument('--training', action='store_true',
                         help='a training step\'s kernels (forward and backward)')
@@ -623,8 +644,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``kernel_rooflines`` printed as a table (no GPU needed; a dry run: batch 2)."""
     peak = next(p for p in PEAKS if p.name == args.peak)
-    rows = kernel_rooflines(2 if args.dry_run else args.batch, args.size, peak, args.training,
-                            args.one_program, args.arch)
+    shapes = job_shapes(args.job) if args.job else dict(arch=args.arch, size=args.size,
+                                                        batch=128, memory_cfg=None)
+    batch = 2 if args.dry_run else args.batch or shapes['batch']
+    if args.job:
+        print(f"{args.job}: ConvNeur-{shapes['arch'].upper()}, batch {batch} at "
+              f"{shapes['size'][0]}x{shapes['size'][1]}, memory {shapes['memory_cfg']}\n")
+    rows = kernel_rooflines(batch, shapes['size'], peak, args.training, args.one_program,
+                            shapes['arch'], shapes['memory_cfg'])
     print(markdown_table(('stage', 'kernel', 'GB', 'GFLOP', f'roofline ms ({peak.name})', 'bound'),
                          [(r['stage'], r['kernel'], f'{r["gb"]:.3f}', f'{r["gflop"]:.1f}',
                            f'{r["roofline_ms"]:.3f}', r['bound']) for r in rows]))

@@ -188,6 +188,20 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
         assert merged[kernel]['gb'] < sum(stage1[k]['gb'] for k in replaced)
 
 
+def test_kernel_rooflines_take_a_real_configs_shapes(capsys):
+    """``--job``: the config's backbone, memory settings, per-GPU batch and
+    largest training image (COCO's 800x1333 at chunks of 4096)."""
+    pytest.importorskip('triton')
+    if interpreter_requested():
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+    assert kp.job_shapes('cascade-m3') == dict(
+        arch='m3', memory_cfg=dict(chunk_size=4096, max_lr=1e-3), batch=2, size=(800, 1333))
+    rows = run.main(['rooflines', '--job', 'fpn-m3', '--batch', '1'])['rows']
+    assert 'fpn-m3: ConvNeur-M3, batch 1 at 512x512' in capsys.readouterr().out
+    # 128 x 128 tokens at stage 1 in chunks of 1024: 16 chunks, the write's kernels run
+    assert {'grads_rows_kernel', 'scan_kernel'} <= {r['kernel'] for r in rows if r['stage'] == 1}
+
+
 def test_kernel_rooflines_count_a_padded_width_by_its_true_columns():
     """M4's C_m 160 runs in column blocks of 128 + 32 (one of 256 in the
     profile's one-block case); its roofline counts 160, so the profile's M4
