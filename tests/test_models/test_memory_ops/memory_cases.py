@@ -704,6 +704,7 @@ def backward_results() -> Dict[str, dict]:
                 results[key].update(launched=_launched_projection_blocks(launches),
                                     output_blocks=_launched_output_blocks(launches))
     results.update(_16_bit_training_results())
+    results.update(_projection_row_group_results())
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's
     # weights, and their gradients must add up
     results['read_past_4096_rows'] = _read_case(gen, torch.float32, False, m=4096 + 40, d=16,
@@ -745,6 +746,25 @@ def backward_results() -> Dict[str, dict]:
     return results
 
 
+def _projection_row_group_results() -> Dict[str, dict]:
+    """The projections with each chunk's rows over several programs (as at
+    COCO's chunks of 4096, forced here by asking for 64 programs per
+    multiprocessor): 2 images, chunks of 40 rows (two written, a last one of
+    10), forward and backward against float64; 16-row blocks as 3 groups,
+    the default ones (32 rows forward, 16 backward) as 2 and 3. Each case
+    with its launches' (kernel, programs). Their own seed."""
+    from convneur_mm.models.layers.memory_ops.project import triton as project_module
+    results = {}
+    for tag, dtype in DTYPES.items():
+        for name, block_rows in (('', None), ('_rows16', 16)):
+            with mock.patch.object(project_module, 'PROJECTION_WAVES', 64), \
+                    launcher.observing_launches() as launches:
+                case = results[f'project_groups_{tag}{name}'] = _project_case(
+                    torch.Generator().manual_seed(3), dtype, 2, 90, 16, 1, 40, 2, block_rows)
+            case['launched'] = [[x.kernel.__name__, x.grid[0]] for x in launches]
+    return results
+
+
 def _16_bit_training_results() -> Dict[str, dict]:
     """bfloat16 training's 16-bit chunk gradients and states, in float16 (the
     interpreter has no bfloat16): the chunk gradients' and the chunk read's
@@ -762,13 +782,21 @@ def _16_bit_training_results() -> Dict[str, dict]:
                 name = f'chunk_read{tag}{"_decomposed" * decomposed}_f16_states'
                 results[name] = _chunk_read_case(torch.Generator().manual_seed(5), f16,
                                                  decomposed, state_dtype=f16)
-    # the memory, with float16 let in as bfloat16 is: the scan's states as launched
+    # the memory, with float16 let in as bfloat16 is (its chunk gradients 16-bit at a
+    # decomposed read too, as bfloat16's): the scan's gradients and states as launched
+    def grads_dtype(plan):
+        every_kernel = plan.implementation == 'triton' and plan.scan == 'triton'
+        return neural_memory._scan_state_dtypes(plan)[0] if every_kernel else None
+
     for name, max_lr in (('module_f16_states', 1.0), ('module_f16_states_decomposed', 1e-3)):
         with checked_accesses(), launcher.observing_launches() as launches, \
-                mock.patch.object(neural_memory, 'TRAINING_STATE_DTYPES', (f16, )):
+                mock.patch.object(neural_memory, 'TRAINING_STATE_DTYPES', (f16, )), \
+                mock.patch.object(neural_memory, '_grads_dtype', grads_dtype):
             results[name] = _module_case('float16', max_lr)
         results[name]['scan_states'] = sorted(
             {str(x.args[5].dtype) for x in launches if x.kernel.__name__ == 'scan_kernel'})
+        results[name]['scan_grads'] = sorted(
+            {str(x.args[0].dtype) for x in launches if x.kernel.__name__ == 'scan_kernel'})
     return results
 
 
@@ -1235,20 +1263,21 @@ def _compiled_memory() -> dict:
                 ops=[op for op in OPS if f'convneur_mm.{op}' in code])
 
 
-def _compiled_training(operand_dtype: str = 'float32') -> dict:
+def _compiled_training(operand_dtype: str = 'float32', max_lr: float = 1.0) -> dict:
     """``NeuralMemory(implementation='triton')`` in training, compiled with
     ``fullgraph=True``: the kernels and their backward operators inside the
     graphs, the gradients as eager's. ``'float16'`` trains on 16-bit states
-    and chunk gradients, as bfloat16 does (``TRAINING_STATE_DTYPES``)."""
+    and chunk gradients, as bfloat16 does (``TRAINING_STATE_DTYPES``); a
+    ``max_lr`` below 0.5 decomposes the read."""
     from convneur_mm.models.layers import neural_memory
     with mock.patch.object(neural_memory, 'TRAINING_STATE_DTYPES', (torch.float16, )):
-        return _compiled_training_step(operand_dtype)
+        return _compiled_training_step(operand_dtype, max_lr)
 
 
-def _compiled_training_step(operand_dtype: str) -> dict:
+def _compiled_training_step(operand_dtype: str, max_lr: float) -> dict:
     torch.manual_seed(0)
     memory = NeuralMemory(16, heads=2, chunk_size=8, implementation='triton',
-                          operand_dtype=operand_dtype).train()
+                          operand_dtype=operand_dtype, max_lr=max_lr).train()
     x = torch.randn(2, 20, 16)
 
     def grads(module):
@@ -1300,6 +1329,7 @@ def custom_op_results() -> dict:
     results['compiled_memory'] = _compiled_memory()
     results['compiled_training'] = _compiled_training()
     results['compiled_training_f16_states'] = _compiled_training('float16')
+    results['compiled_training_f16_states_decomposed'] = _compiled_training('float16', 1e-3)
     return results
 
 

@@ -89,10 +89,10 @@ def test_chunk_grads_backward_sums_chunks_in_one_program(backward_runs):
 
 def test_backward_columns_take_chunks_per_program_by_the_gpus_programs():
     from convneur_mm.models.layers.memory_ops.chunk_grads.triton import backward_cols_chunks
-    # M3's stage 1 at batch 128 (1920 chunks, 32 hidden blocks) on 132 multiprocessors
-    assert backward_cols_chunks(1920 * 32, 1920, 132) == 16
-    assert backward_cols_chunks(384 * 32, 384, 132) == 16  # its stage 2
-    assert backward_cols_chunks(16 * 32, 16, 132) == 1  # batch 1: a program per chunk
+    # M3's stage 1 at batch 128 (1920 chunks, 16 hidden blocks) on 132 multiprocessors
+    assert backward_cols_chunks(1920 * 16, 1920, 132) == 16
+    assert backward_cols_chunks(384 * 16, 384, 132) == 11  # its stage 2
+    assert backward_cols_chunks(16 * 16, 16, 132) == 1  # batch 1: a program per chunk
     assert backward_cols_chunks(12 * 2, 3, 1) == 3  # never past a group's chunks
 
 

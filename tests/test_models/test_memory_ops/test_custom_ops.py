@@ -60,7 +60,8 @@ def test_the_operators_autograd_passes_opcheck(custom_op_runs, case):
     assert report and set(report.values()) == {'SUCCESS'}, report
 
 
-@pytest.mark.parametrize('case', ['compiled_training', 'compiled_training_f16_states'])
+@pytest.mark.parametrize('case', ['compiled_training', 'compiled_training_f16_states',
+                                  'compiled_training_f16_states_decomposed'])
 def test_a_compiled_training_step_keeps_the_kernels(custom_op_runs, case):
     """Also on 16-bit states and chunk gradients (bf16 training's, float16
     here): the graphs take their cotangents' dtypes from the fakes."""

@@ -120,6 +120,32 @@ def test_projection_backward_gives_every_parameter_a_gradient(backward_runs, tag
             'project_backward_kernel', 'project_kernel')], result['launched']
 
 
+@pytest.mark.parametrize('rows', ['', '_rows16'])
+@pytest.mark.parametrize('tag', DTYPES)
+def test_projections_split_a_chunks_rows_over_programs(backward_runs, tag, rows):
+    """Where an image's chunks are too few programs, each chunk's rows go to
+    several: 6 (image, chunk) pairs of 40 rows in 3 groups of 16 rows (the
+    float16 forward's 32-row blocks in 2), each group pooling its own rows,
+    merged by their log-sum-exps; the backward's groups are independent.
+    Forward and backward against float64."""
+    result = backward_runs[f'project_groups_{tag}{rows}']
+    forward_groups = 2 if tag == 'f16' and not rows else 3
+    assert result['launched'] == [['project_kernel', 6 * forward_groups],
+                                  ['project_backward_kernel', 6 * 3]]
+    assert len(result['grads']) == 11
+    assert worst(result['grads'].values()) < (1e-5 if tag == 'f32' else F16_TOL), result
+    assert result['logits_bias'] < (1e-5 if tag == 'f32' else 1e-2)
+
+
+def test_projection_row_groups_keep_the_gpu_busy():
+    from convneur_mm.models.layers.memory_ops.project.triton import projection_row_groups
+    # COCO at 2 images (17 chunks of 4096 rows, 128 blocks of 32) on 132 multiprocessors
+    assert projection_row_groups(34, 128, 132) == (16, 8)
+    assert projection_row_groups(2048, 7, 132) == (1, 7)  # ImageNet's batch of 128
+    assert projection_row_groups(1, 3, 132) == (3, 1)  # never an empty group
+    assert projection_row_groups(3, 5, 1) == (2, 3)  # 3 + 2 row blocks
+
+
 @pytest.mark.parametrize('tag', DTYPES)
 def test_projection_backward_runs_in_blocks_of_output_features(backward_runs, tag):
     """By default the backward's products take 32 output features at a

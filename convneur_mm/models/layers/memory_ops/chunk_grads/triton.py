@@ -54,7 +54,8 @@ def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, tok
         grads_dtype: the dtype w1's and w2's gradients are written in: None
             or float32; or a 16-bit ``operand_dtype`` for a reader that only
             sums them into states (the scan kernel), at half their bytes.
-            Their cotangents may come in either dtype.
+            Their cotangents may come in either dtype. The memory trains on
+            16-bit ones with bfloat16 only (``neural_memory._grads_dtype``).
 
     Returns:
         gradients of ``sum_i theta_i / d * ||f_W(k_i) - v_i||^2`` per chunk:

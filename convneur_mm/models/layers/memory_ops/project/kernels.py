@@ -143,31 +143,37 @@ def _store_pool(pool_ptr, lse_ptr, at, offsets, cmask, running_max, running_sum,
 
 
 @triton.jit
-def _projection_program(C, U, L, D, HD, H, BD: tl.constexpr, BE: tl.constexpr,
-                        BHD: tl.constexpr, BHE: tl.constexpr, BH: tl.constexpr):
-    """A projection kernel's program: its chunk c of C, image b, whether the
-    chunk writes (c < U), its first row, and the column blocks with their
-    masks (``columns``) of x (BD, BE), of one head (BHD, BHE) and of the
-    step sizes (BH)."""
-    pid = tl.program_id(0)
+def _projection_program(C, U, L, D, HD, H, groups, group_rows, BD: tl.constexpr,
+                        BE: tl.constexpr, BHD: tl.constexpr, BHE: tl.constexpr,
+                        BH: tl.constexpr):
+    """A projection kernel's program, one of ``groups`` per (image, chunk),
+    each taking ``group_rows`` of its rows: its (image, chunk) index, chunk
+    c of C, image b, whether the chunk writes (c < U), its first row, its
+    group and the group's rows [r_start, r_end), and the column blocks with
+    their masks (``columns``) of x (BD, BE), of one head (BHD, BHE) and of
+    the step sizes (BH)."""
+    pid = tl.program_id(0) // groups
+    group = tl.program_id(0) % groups
     c = pid % C
+    r_start = group * group_rows
     cols, cmask, cols_b, cmask_b = columns(D, BD, BE)
     hcols, hmask, hcols_b, hmask_b = columns(HD, BHD, BHE)
     lcols = tl.arange(0, BH)
-    return (c, (pid // C).to(tl.int64), c < U, c.to(tl.int64) * L, cols, cmask, cols_b,
-            cmask_b, hcols, hmask, hcols_b, hmask_b, lcols, lcols < H)
+    return (pid, c, (pid // C).to(tl.int64), c < U, c.to(tl.int64) * L, group, r_start,
+            tl.minimum(r_start + group_rows, L), cols, cmask, cols_b, cmask_b, hcols, hmask,
+            hcols_b, hmask_b, lcols, lcols < H)
 
 
 @triton.jit
 def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
                    q_ptr, k_ptr, v_ptr, lr_ptr, pool_ptr, lse_ptr,
-                   N, L, C, U, D, H, HD, max_lr, eps,
+                   N, L, C, U, D, H, HD, max_lr, eps, groups, group_rows,
                    sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d,
                    sq_b, sq_n, sq_h, sq_d,
                    sk_b, sk_n, sk_h, sk_d,
                    sv_b, sv_n, sv_d,
                    sl_b, sl_n, sl_h,
-                   ss_b, ss_u, ss_d,
+                   ss_b, ss_u, ss_g, ss_d,
                    BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr,
                    BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
                    BE: tl.constexpr = 0, BHE: tl.constexpr = 0):
@@ -180,9 +186,13 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
     log-sum-exp per feature is stored for the backward. ``w`` (4D + H, D)
     is the folded weight (``project.weights.fold``), in DTYPE; its products
     take BK features at a time (``_rows_times``). BE > 0 (BHE > 0): rows
-    (a head's columns) in two column blocks (``columns``)."""
-    c, b, written, first, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, \
-        lcols, lmask = _projection_program(C, U, L, D, HD, H, BD, BE, BHD, BHE, BH)
+    (a head's columns) in two column blocks (``columns``). With ``groups``
+    programs per (image, chunk), each takes ``group_rows`` of its rows and
+    stores its own pooled rows and log-sum-exp (at ``ss_g`` apart), which
+    the caller merges."""
+    _, c, b, written, first, group, r_start, r_end, cols, cmask, cols_b, cmask_b, hcols, \
+        hmask, hcols_b, hmask_b, lcols, lmask = _projection_program(
+            C, U, L, D, HD, H, groups, group_rows, BD, BE, BHD, BHE, BH)
     x_base = x_ptr + b * sx_b + first * sx_n
     logits_bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0)
     lr_bias = tl.load(bias_ptr + D + lcols, mask=lmask, other=0.0)
@@ -196,9 +206,9 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
         running_max_b = tl.full((BE,), float('-inf'), tl.float32)
         running_sum_b = tl.zeros((BE,), dtype=tl.float32)
         pooled_b = tl.zeros((BE,), dtype=tl.float32)
-    for r0 in range(0, L, BM):
+    for r0 in range(r_start, r_end, BM):
         i = r0 + tl.arange(0, BM)
-        rmask = (i < L) & (first + i < N)
+        rmask = (i < r_end) & (first + i < N)
         x_rows = x_base + i * sx_n
         x, x_b = _load_rows(x_base, i, sx_n, cols, sx_d, rmask, cmask, cols_b, cmask_b, BE)
         rstd = tl.math.rsqrt(row_sum(x * x, x_b * x_b, BE) / D + eps)
@@ -243,7 +253,7 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
                      max_lr * tl.sigmoid(lr + lr_bias[None, :]),
                      mask=rmask[:, None] & lmask[None, :])
     if written:
-        pool_at = b * ss_b + c.to(tl.int64) * ss_u
+        pool_at = b * ss_b + c.to(tl.int64) * ss_u + group * ss_g
         _store_pool(pool_ptr, lse_ptr, pool_at, cols * ss_d, cmask, running_max, running_sum,
                     pooled)
         if BE > 0:
@@ -495,7 +505,8 @@ def _values_pool_blocks(xo, xo_b, x_base, i, sx_n, sx_d, rstd, rmask, bar_n, bar
 def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr,
                             bq_ptr, bk_ptr, bv_ptr, blr_ptr, bpool_ptr,
                             gx_ptr, gp_ptr, gg_ptr, gb_ptr,
-                            N, L, C, U, D, H, HD, max_lr, eps, row_blocks,
+                            N, L, C, U, D, H, HD, max_lr, eps, row_blocks, groups,
+                            group_rows,
                             sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d, ss_b, ss_u, ss_d,
                             sq_b, sq_n, sq_h, sq_d,
                             sk_b, sk_n, sk_h, sk_d,
@@ -522,10 +533,11 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     (``_values_pool_blocks``, ``_head_backward_blocks``): whole (d, d)
     weight tiles spilled at 255 registers. The written rows' terms
     come before the heads': fewer tiles live across the heads' loop, fewer
-    spills."""
-    pid = tl.program_id(0)
-    c, b, written, first, cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b, \
-        lcols, lmask = _projection_program(C, U, L, D, HD, H, BD, BE, BHD, BHE, BH)
+    spills. With ``groups`` programs per (image, chunk), each takes
+    ``group_rows`` of its rows (a multiple of BM)."""
+    pid, c, b, written, first, _, r_start, r_end, cols, cmask, cols_b, cmask_b, hcols, hmask, \
+        hcols_b, hmask_b, lcols, lmask = _projection_program(
+            C, U, L, D, HD, H, groups, group_rows, BD, BE, BHD, BHE, BH)
     pool_at = b * ss_b + c.to(tl.int64) * ss_u
     bpool_at = b * sp_b + c.to(tl.int64) * sp_u
     # int64 bases of the chunk's rows; int32 offsets inside them
@@ -536,9 +548,9 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
     lr_base = blr_ptr + b * sl_b + first * sl_n
     gp_base = gp_ptr + b * sgp_b + first * sgp_n
     gx_base = gx_ptr + b * sgx_b + first * sgx_n
-    for r0 in range(0, L, BM):
+    for r0 in range(r_start, r_end, BM):
         i = r0 + tl.arange(0, BM)
-        rmask = (i < L) & (first + i < N)
+        rmask = (i < r_end) & (first + i < N)
         x, x_b = _load_rows(x_base, i, sx_n, cols, sx_d, rmask, cmask, cols_b, cmask_b, BE)
         rstd = tl.math.rsqrt(row_sum(x * x, x_b * x_b, BE) / D + eps)
         normed = x * rstd[:, None]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..common import RMS_EPS, autograd_records, product
 from ..kernels.availability import MAX_HEAD_DIM
-from ..kernels.launcher import launch_config, target_arch
+from ..kernels.launcher import launch_config, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
@@ -38,6 +38,22 @@ PROJECTION_BACKWARD_OUTPUT_BLOCK = 32
 PROJECTION_SPLIT = {(128, 32): (32, 32)}
 
 
+# programs per multiprocessor the projection kernels keep at least where a chunk's rows
+# allow: a chunk's rows go to several programs where its images' chunks are too few
+# (COCO's chunks of 4096 at 2 images: 34 programs without)
+PROJECTION_WAVES = 4
+
+
+def projection_row_groups(programs: int, row_blocks: int, processors: int) -> Tuple[int, int]:
+    """(groups, row blocks per group) of each (image, chunk)'s ``row_blocks``
+    where ``programs`` (image, chunk) pairs run on ``processors``
+    multiprocessors: as many groups as keep ``PROJECTION_WAVES`` programs
+    per multiprocessor, each of whole row blocks, no group empty."""
+    wanted = min(row_blocks, max(1, cdiv(PROJECTION_WAVES * processors, programs)))
+    per_group = cdiv(row_blocks, wanted)
+    return cdiv(row_blocks, per_group), per_group
+
+
 def projection_backward_serves(d: int) -> bool:
     """Whether ``project_triton``'s backward kernel takes rows of ``d``
     columns: up to ``MAX_PROJECTION_BACKWARD_BLOCK``, and
@@ -49,7 +65,7 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
                    max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
                    block_rows: Optional[int] = None,
                    block_features: Optional[int] = None) -> Projected:
-    """``project_torch`` as one kernel per (image, chunk): the RMSNorm, every
+    """``project_torch`` as one kernel over each (image, chunk): the RMSNorm, every
     projection's product, the queries' and keys' per-head RMSNorms, the step
     sizes' sigmoid and the pool's softmax over each written chunk, so that x
     is read once and nothing but the results is written (no (B, N, 4d + H)
@@ -204,9 +220,11 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                    outputs: Tuple[Tensor, ...], num_updates: int, chunk_size: int, max_lr: float,
                    operand_dtype: torch.dtype, block_rows: Optional[int],
                    block_features: Optional[int]) -> None:
-    """Launch the projection kernel, a program per (image, chunk) of ``x``
-    (B, N, d), writing ``outputs`` in ``_outputs``' layouts: the queries,
-    keys, values, step sizes, pooled rows and the pool's log-sum-exp."""
+    """Launch the projection kernel, ``projection_row_groups`` programs per
+    (image, chunk) of ``x`` (B, N, d), writing ``outputs`` in ``_outputs``'
+    layouts: the queries, keys, values, step sizes, pooled rows and the
+    pool's log-sum-exp (with several groups, each group's pooled rows and
+    log-sum-exp merged by their log-sum-exps)."""
     queries, keys, values, token_lr, pooled, lse = outputs
     b, n, d = x.shape
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]
@@ -216,12 +234,21 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                              arch=target_arch(x.device))
     kernels, cfg = launch_config('project', operand_dtype, x.device)
     weight = as_operands(weight, operand_dtype)
-    kernels.project_kernel[(b * cdiv(n, L),)](
-        x, weight, bias, gamma, queries, keys, values, token_lr, pooled, lse,
-        n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS,
-        *x.stride(), *weight.stride(), *gamma.stride(),
+    programs = b * cdiv(n, L)
+    groups, per_group = projection_row_groups(programs, cdiv(min(L, n), tiles['BM']),
+                                               multiprocessors(x.device))
+    # each group's pooled rows and log-sum-exp, merged below where the rows are split
+    pool_out, lse_out = (pooled[:, :, None], lse[:, :, None]) if groups == 1 else (
+        pooled.new_empty(b, num_updates, groups, d) for _ in range(2))
+    kernels.project_kernel[(programs * groups,)](
+        x, weight, bias, gamma, queries, keys, values, token_lr, pool_out, lse_out,
+        n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, groups,
+        per_group * tiles['BM'], *x.stride(), *weight.stride(), *gamma.stride(),
         *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
-        *pooled.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
+        *pool_out.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
+    if groups > 1 and num_updates:
+        torch.logsumexp(lse_out, dim=2, out=lse)
+        torch.sum(pool_out * (lse_out - lse[:, :, None]).exp(), dim=2, out=pooled)
 
 
 def _check_spans(chunk_size: int, **tensors: Tensor) -> None:
@@ -276,8 +303,9 @@ def launch_project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tens
                             pooled: Tensor, lse: Tensor, cotangents: Tuple[Tensor, ...],
                             grads: Tuple[Tensor, ...], num_updates: int, chunk_size: int,
                             max_lr: float, operand_dtype: torch.dtype, tiles: dict) -> None:
-    """Launch the projections' backward kernel, a program per (image, chunk)
-    at the backward's ``tiles`` (``projection_tiles(..., backward=True)``).
+    """Launch the projections' backward kernel, ``projection_row_groups``
+    programs per (image, chunk) at the backward's ``tiles``
+    (``projection_tiles(..., backward=True)``).
 
     Args:
         cotangents: those of the queries, keys, values, step sizes (in the
@@ -293,10 +321,14 @@ def launch_project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tens
     kernels, cfg = launch_config('project', operand_dtype, x.device)
     tiles = {key: value for key, value in tiles.items() if key != 'BK'}
     w = as_operands(weight, operand_dtype)
-    kernels.project_backward_kernel[(b * cdiv(n, L),)](
+    programs = b * cdiv(n, L)
+    groups, per_group = projection_row_groups(programs, cdiv(min(L, n), tiles['BM']),
+                                              multiprocessors(x.device))
+    kernels.project_backward_kernel[(programs * groups,)](
         x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
         grad_x, grad_proj, grad_gamma, grad_bias,
         n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, cdiv(L, tiles['BM']),
+        groups, per_group * tiles['BM'],
         *x.stride(), *w.stride(), *gamma.stride(), *pooled.stride(),
         *bar_q.stride(), *bar_k.stride(), *bar_v.stride(), *bar_lr.stride(),
         *bar_pooled.stride(), *grad_x.stride(), *grad_proj.stride(),

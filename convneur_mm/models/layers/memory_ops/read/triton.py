@@ -39,7 +39,7 @@ def _read_operands(weights: MemoryWeights, base: Optional[MemoryWeights],
     if w1.shape[2] == 1 or 0 in w1.stride():
         # W_0 (one state, or broadcast over images) is cast once; per-chunk states are
         # not copied (a 16-bit copy would add half their bytes to the peak): the scan
-        # kernel writes them in 16 bits in inference, else they load as float32
+        # kernel writes them in the operand dtype, else they load as float32
         w1, w2 = as_operands(w1, operand_dtype), as_operands(w2, operand_dtype)
     if base is None:
         return _ReadOperands(w1, w2, g, w1[:, 0, 0], w2[:, 0, 0], (0, 0, 0))

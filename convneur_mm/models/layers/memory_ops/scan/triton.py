@@ -43,7 +43,8 @@ def scan_states_triton(grads: List[Optional[Tensor]], lr_mod: Tensor, log_keep: 
         log_keep, log_momentum: (N, U) log(1 - alpha_t), log(eta_t).
         initial: K W_0 (N, P_k), or None entries (the updates alone).
         state_dtypes: K dtypes of the states (float32, float16, bfloat16);
-            None: float32.
+            None: float32. The memory trains on 16-bit states with bfloat16
+            only (``neural_memory.TRAINING_STATE_DTYPES``).
 
     Returns:
         K states (N, U + 1, P_k).
