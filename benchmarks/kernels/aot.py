@@ -14,17 +14,19 @@ scan too), in inference and in a training step.
     python -m benchmarks.run aot --calls 'branch step' --force project_backward num_warps=4
     python -m benchmarks.run aot --dry-run             # the tiny shape, the read only
     python -m benchmarks.run aot --dry-run --calls 'branch step'  # M3's stage 1 at batch 2
+    python -m benchmarks.run aot --job cascade-m3      # a config's shapes, its branch
+    python -m benchmarks.run aot --calls 'project step' --operand-dtype float32
 """
 import argparse
 import dataclasses
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from benchmarks.common.record import Record, UsageError
 from benchmarks.common.subjects import M3_SIZE, branch_inputs
-from benchmarks.kernels.profile import global_branches
+from benchmarks.kernels.profile import global_branches, job_shapes
 from benchmarks.kernels.tune import (DRY_SHAPE, OPERAND_DTYPES, add_stage_arguments, stage_calls,
                                      stage_shape)
 from benchmarks.memory.bytes import MemoryShape
@@ -33,20 +35,24 @@ from convneur_mm.models.layers.memory_ops.kernels.tiles import TUNED_KERNELS, fo
 from convneur_mm.utils.cli import positive_int
 
 CALLS = ('write', 'read', 'write step', 'read step')
+# the projections alone (the tuner's calls too), compiled only where asked
+PROJECTION_CALLS = ('project', 'project step')
 BRANCH_CALLS = ('branch', 'branch step')
 
 
-def branch_calls(arch: str, stage: int, batch: int, operand_dtype: str
-                 ) -> Dict[str, Callable[[], None]]:
+def branch_calls(arch: str, stage: int, batch: int, operand_dtype: str,
+                 memory_cfg: Optional[dict] = None,
+                 size: Union[int, Tuple[int, int]] = M3_SIZE) -> Dict[str, Callable[[], None]]:
     """'branch' and 'branch step': the first global branch of ``arch``'s
     ``stage`` on meta tensors through the kernels with ``operand_dtype``
-    operands, in inference and in a training step (forward and backward),
-    at ``batch`` images of the speed protocol's side (as
-    ``profile.kernel_rooflines`` records them: the memory computes in float32
-    whatever the autocast)."""
-    branches = [found for found in global_branches('meta', 'triton', operand_dtype, arch)
+    operands (and ``memory_cfg``'s other settings), in inference and in a
+    training step (forward and backward), at ``batch`` images of ``size``
+    (the speed protocol's side by default; as ``profile.kernel_rooflines``
+    records them: the memory computes in float32 whatever the autocast)."""
+    branches = [found for found in global_branches('meta', 'triton', operand_dtype, arch,
+                                                   memory_cfg)
                 if found[0] == stage][:1]
-    x, = branch_inputs(branches, batch, M3_SIZE, 'meta')  # every stage has one
+    x, = branch_inputs(branches, batch, size, 'meta')  # every stage has one
     branch = branches[0][1]
 
     def inference() -> None:
@@ -71,7 +77,7 @@ def stage_reports(shape: MemoryShape, operand_dtype: torch.dtype, arch: int,
     launched instead of their defaults (``tiles.forced_tiles_of``)."""
     from benchmarks.kernels import inspect
     made = {}  # built only where asked: a stage of one chunk has no write to call
-    if set(calls) & set(CALLS):
+    if set(calls) & set(CALLS + PROJECTION_CALLS):
         made.update(stage_calls(shape, operand_dtype, 'meta').triton)
     if set(calls) & set(BRANCH_CALLS):
         made.update(branch())
@@ -86,8 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser)
     parser.add_argument('--gpu-arch', type=positive_int, default=90,
                         help='the compute capability compiled for (major * 10 + minor)')
-    parser.add_argument('--calls', nargs='+', choices=CALLS + BRANCH_CALLS, default=None,
+    parser.add_argument('--calls', nargs='+', choices=CALLS + PROJECTION_CALLS + BRANCH_CALLS,
+                        default=None,
                         help=f'the launches to compile (default: {" ".join(CALLS)})')
+    from benchmarks.training.throughput import JOBS
+    parser.add_argument('--job', choices=sorted(JOBS),
+                        help="a real config's shapes for the 'branch' calls (the default "
+                             'calls then): its backbone, memory settings, per-GPU batch and '
+                             'largest training image')
     parser.add_argument('--force', nargs='+', action='append', default=[],
                         metavar='KERNEL KEY=VALUE',
                         help="a kernel's launch options instead of its defaults, e.g. "
@@ -118,16 +130,23 @@ def forced_options(force: Sequence[Sequence[str]]) -> Dict[str, Dict[str, int]]:
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``stage_reports`` with the parsed options, a line per kernel launch;
     a dry run compiles the read's forward at the tuner's tiny shape."""
+    job = job_shapes(args.job) if args.job else None
+    if job and not set(args.calls or BRANCH_CALLS) <= set(BRANCH_CALLS):
+        raise UsageError(f"--job takes the calls {' '.join(BRANCH_CALLS)}: a whole branch at "
+                         "the config's shapes")
     if args.dry_run:  # the read unless --calls names others
         shape, calls = DRY_SHAPE, args.calls or ['read']
+    elif job:
+        args.arch = job['arch']
+        shape, calls = stage_shape(args), args.calls or list(BRANCH_CALLS)
     else:
         shape, calls = stage_shape(args), args.calls or list(CALLS)
     if interpreter_requested():
         raise UsageError('aot compiles the kernels: start it without TRITON_INTERPRET')
-    if shape.writes == 0 and set(calls) & set(CALLS):
+    if shape.writes == 0 and set(calls) & set(CALLS + PROJECTION_CALLS):
         raise UsageError(f'stage {args.stage} of {args.arch} holds one chunk and writes nothing: '
-                         f"--calls {' '.join(CALLS)} need a write; 'branch' and 'branch step' "
-                         'compile what it runs')
+                         f"--calls {' '.join(CALLS + PROJECTION_CALLS)} need a write; 'branch' "
+                         "and 'branch step' compile what it runs")
     from benchmarks.kernels.inspect import _triton
     try:
         _triton()
@@ -140,9 +159,12 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     except ValueError as err:
         raise UsageError(str(err)) from err
     batch, stage = (DRY_SHAPE.batch, 0) if args.dry_run else (args.batch, args.stage)
+    memory_cfg, size = None, M3_SIZE
+    if job and not args.dry_run:
+        batch, memory_cfg, size = job['batch'], job['memory_cfg'], job['size']
     reports = stage_reports(shape, OPERAND_DTYPES[args.operand_dtype], args.gpu_arch, calls,
                             forced, lambda: branch_calls(args.arch, stage, batch,
-                                                         args.operand_dtype))
+                                                         args.operand_dtype, memory_cfg, size))
     for report in reports:
         print(report)
         for product in report.products:

@@ -98,3 +98,21 @@ def test_the_writes_calls_at_a_stage_of_one_chunk_are_refused_with_the_way_to_ru
         run.main(['aot', '--stage', '3', '--batch', '2', '--calls', 'read'])
     assert exit_info.value.code == 2
     assert "holds one chunk and writes nothing" in capsys.readouterr().err
+
+
+def test_a_job_takes_the_branch_calls_only(capsys):
+    _inspect()
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(['aot', '--job', 'cascade-m3', '--calls', 'read'])
+    assert exit_info.value.code == 2
+    assert "--job takes the calls branch branch step" in capsys.readouterr().err
+
+
+def test_the_projections_compile_alone_as_the_tuner_calls_them(tmp_path):
+    """``--calls 'project step'``: the projections' forward and backward
+    kernels, nothing else."""
+    _inspect()
+    path = tmp_path / 'aot.json'
+    run.main(['aot', '--dry-run', '--calls', 'project step', '--json', str(path)])
+    kernels = {r['kernel'] for r in json.loads(path.read_text())['result']['reports']}
+    assert kernels == {'project_kernel', 'project_backward_kernel'}, kernels

@@ -215,6 +215,25 @@ def _as_if_on_sm_90(monkeypatch) -> None:
     monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
 
 
+@pytest.mark.parametrize('operand_dtype, max_lr, training_kernel', [
+    ('bfloat16', 1.0, True), ('float32', 1.0, True), ('bfloat16', 1e-3, False)])
+def test_a_decomposed_read_trains_its_projections_through_pytorch(
+        monkeypatch, operand_dtype, max_lr, training_kernel):
+    """With 16-bit operands a decomposed read's projections take float32
+    products, whose backward kernel spills kilobytes a thread: training
+    projects through PyTorch, inference keeps the kernel. float32 operands,
+    asked for in full, keep the kernels."""
+    _as_if_on_sm_90(monkeypatch)
+    memory = NeuralMemory(128, chunk_size=8, operand_dtype=operand_dtype, max_lr=max_lr,
+                          implementation='triton')
+    x = torch.randn(1, 20, 128)
+    with torch.no_grad():
+        assert memory.eval().plan(x).projections == 'triton'
+    plan = memory.train().plan(x.requires_grad_())
+    assert (plan.implementation, plan.scan) == ('triton', 'triton')
+    assert plan.projections == ('triton' if training_kernel else 'torch')
+
+
 def test_auto_keeps_the_pytorch_path_under_torch_compile_on_a_measured_gpu(monkeypatch):
     """bf16 inference on sm_90, where a GPU measured the kernels faster:
     eager takes them, and 'auto' traced by torch.compile keeps the PyTorch

@@ -172,15 +172,16 @@ def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_sl
     implementation, reason = _implementation(x, settings, dtype)
     every_kernel = implementation == 'triton' and (
         settings.implementation == 'triton' or _auto_takes_every_kernel(x, settings, dtype))
+    decomposed = dtype is not None and settings.max_lr < DECOMPOSE_BELOW_MAX_LR
     return MemoryPlan(
         operand_dtype=dtype,
-        decomposed_read=dtype is not None and settings.max_lr < DECOMPOSE_BELOW_MAX_LR,
+        decomposed_read=decomposed,
         implementation=implementation, reason=reason,
         backward=_backward(settings, implementation),
         images_per_slice=images_per_slice,
         shape_generic=torch.compiler.is_exporting(),
         recompute=settings.recompute and training and torch.is_grad_enabled(),
-        projections=_projections(settings, every_kernel, plain_projections),
+        projections=_projections(settings, every_kernel, plain_projections, decomposed),
         scan='triton' if every_kernel and settings.update == 'parallel' else 'torch')
 
 
@@ -265,16 +266,21 @@ def _auto_takes_every_kernel(x: Tensor, settings: PathSettings,
     return entry is not None and entry.every_kernel
 
 
-def _projections(settings: PathSettings, every_kernel: bool, plain_projections: bool) -> str:
+def _projections(settings: PathSettings, every_kernel: bool, plain_projections: bool,
+                 decomposed: bool) -> str:
     """The plan's ``projections``: 'layers' unless the layers are plain;
     'triton' where the plan takes every kernel (``implementation='triton'``, or
     'auto' where a GPU timed them all), up to their widest row
     (``MAX_PROJECTION_WIDTH``; in training the widths
-    ``projection_backward_serves``); else 'torch'."""
+    ``projection_backward_serves``, but not for a decomposed read: 16-bit
+    operands asked for speed, and its projections' float32 products spill
+    kilobytes per thread in the backward kernel at every launch option,
+    docs/notes/benchmarks.md#the-kernels-rooflines-at-the-real-configs-shapes-machine-k);
+    else 'torch'."""
     if not plain_projections:
         return 'layers'
-    served = (projection_backward_serves(settings.dim) if torch.is_grad_enabled() else
-              settings.dim <= MAX_PROJECTION_WIDTH)
+    served = (projection_backward_serves(settings.dim) and not decomposed
+              if torch.is_grad_enabled() else settings.dim <= MAX_PROJECTION_WIDTH)
     return 'triton' if every_kernel and served else 'torch'
 
 
