@@ -139,8 +139,8 @@ def test_projections_split_a_chunks_rows_over_programs(backward_runs, tag, rows)
 
 def test_projection_row_groups_keep_the_gpu_busy():
     from convneur_mm.models.layers.memory_ops.project.triton import projection_row_groups
-    # COCO at 2 images (17 chunks of 4096 rows, 128 blocks of 32) on 132 multiprocessors
-    assert projection_row_groups(34, 128, 132) == (16, 8)
+    # COCO at 2 images (17 chunks of 4096 rows, 256 blocks of 16) on 132 multiprocessors
+    assert projection_row_groups(34, 256, 132) == (16, 16)
     assert projection_row_groups(2048, 7, 132) == (1, 7)  # ImageNet's batch of 128
     assert projection_row_groups(1, 3, 132) == (3, 1)  # never an empty group
     assert projection_row_groups(3, 5, 1) == (2, 3)  # 3 + 2 row blocks

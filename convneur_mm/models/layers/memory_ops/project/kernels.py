@@ -177,8 +177,9 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
                    BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr,
                    BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
                    BE: tl.constexpr = 0, BHE: tl.constexpr = 0):
-    """The projections of one (image, chunk) of L tokens, C chunks per image
-    (the last partial): x / rms(x) once per block of rows, each head's
+    """The projections of (a group of rows of) one (image, chunk) of L
+    tokens, C chunks per image (the last partial): x / rms(x) once per block
+    of rows, each head's
     queries RMS-normed with its gain; for the U written chunks also keys
     (likewise), values, the step sizes ``max_lr * sigmoid`` and the pool's
     softmax over the chunk's rows, online (a running max and sum per
@@ -518,9 +519,10 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
                             BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
                             BE: tl.constexpr = 0, BHE: tl.constexpr = 0,
                             BO: tl.constexpr = 0):
-    """``project_kernel``'s backward for one (image, chunk), rows of BD
-    columns (and BE for a second column block; a head's columns BHD and
-    BHE), each product over whole rows of inputs: recomputes each product, takes the cotangents of the
+    """``project_kernel``'s backward for (a group of rows of) one (image,
+    chunk), rows of BD columns (and BE for a second column block; a head's
+    columns BHD and BHE), each product over whole rows of inputs: recomputes
+    each product, takes the cotangents of the
     queries, keys, values, step sizes and pooled rows back through the
     gains, the per-head RMSNorms, the sigmoid and the pool's softmax (from
     the forward's log-sum-exp and pooled rows) to the product's output
