@@ -753,11 +753,10 @@ def _projection_row_group_results() -> Dict[str, dict]:
     10), forward and backward against float64; 16-row blocks as 3 groups,
     the default ones (32 rows forward, 16 backward) as 2 and 3. Each case
     with its launches' (kernel, programs). Their own seed."""
-    from convneur_mm.models.layers.memory_ops.project import triton as project_module
     results = {}
     for tag, dtype in DTYPES.items():
         for name, block_rows in (('', None), ('_rows16', 16)):
-            with mock.patch.object(project_module, 'PROJECTION_WAVES', 64), \
+            with mock.patch.object(kernel_tiles, 'MIN_PROGRAMS_PER_SM', 64), \
                     launcher.observing_launches() as launches:
                 case = results[f'project_groups_{tag}{name}'] = _project_case(
                     torch.Generator().manual_seed(3), dtype, 2, 90, 16, 1, 40, 2, block_rows)

@@ -12,7 +12,8 @@ from ..common import LN_EPS, MemoryWeights, autograd_records, check_gelu_approxi
 from ..kernels.launcher import launch_config, launch_kernel, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, gelu_tanh, kernel_op, register_first_order_autograd)
-from ..kernels.tiles import TAIL_ROWS, cdiv, chosen_kernel, row_parts, tile_config
+from ..kernels.tiles import (TAIL_ROWS, cdiv, chosen_kernel, least_programs, row_parts,
+                             tile_config)
 
 
 def chunk_grads_triton(weights: MemoryWeights, keys: Tensor, values: Tensor, token_lr: Tensor,
@@ -286,19 +287,17 @@ def _staged(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,
 
 
 # the backward's columns pass sums up to this many chunks' shares of the weights'
-# gradients in one program (in a fixed order) where the GPU keeps at least
-# BACKWARD_COLS_WAVES programs per multiprocessor: fewer shares to write and sum
+# gradients in one program (in a fixed order) where the grid keeps its least
+# programs (``tiles.least_programs``): fewer shares to write and sum
 MAX_BACKWARD_COLS_CHUNKS = 16
-BACKWARD_COLS_WAVES = 4
 
 
 def backward_cols_chunks(tiles: int, chunks: int, processors: int) -> int:
     """Chunks per program of the backward's columns pass, of ``tiles``
     (group, chunk, hidden block) tiles over ``chunks`` chunks per group:
-    as many as keep ``BACKWARD_COLS_WAVES`` programs per multiprocessor, at
-    most ``MAX_BACKWARD_COLS_CHUNKS``, at least one."""
-    return max(1, min(MAX_BACKWARD_COLS_CHUNKS, chunks,
-                      tiles // (BACKWARD_COLS_WAVES * processors)))
+    as many as keep ``tiles.least_programs``, at most
+    ``MAX_BACKWARD_COLS_CHUNKS``, at least one."""
+    return max(1, min(MAX_BACKWARD_COLS_CHUNKS, chunks, tiles // least_programs(processors)))
 
 
 def _chunk_grads_backward(w1: Tensor, w2: Tensor, g: Tensor, keys: Tensor, values: Tensor,

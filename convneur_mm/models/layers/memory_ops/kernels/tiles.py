@@ -320,6 +320,18 @@ def chosen_kernel(kernel: str, d: int, operand_dtype: torch.dtype,
     return tuned_tiles(kernel, arch, operand_dtype, block_width(d), decomposed) is not None
 
 
+# programs per multiprocessor a kernel keeps at least where it may trade programs for
+# work per program (the projections' row groups, the chunk gradients' backward columns
+# pass summing several chunks): fewer and the GPU idles
+MIN_PROGRAMS_PER_SM = 4
+
+
+def least_programs(processors: int) -> int:
+    """The programs a grid keeps at least on ``processors`` multiprocessors
+    (``MIN_PROGRAMS_PER_SM`` each)."""
+    return MIN_PROGRAMS_PER_SM * processors
+
+
 def tiles_per_program(programs: int, per_sm: int, processors: int) -> int:
     """How many of a kernel's ``programs`` tiles each program serves: 1, or
     with ``per_sm`` persistent programs per multiprocessor the least divisor

@@ -13,7 +13,7 @@ from ..kernels.launcher import launch_config, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
-                             tuned_tiles)
+                             least_programs, tuned_tiles)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
@@ -38,20 +38,27 @@ PROJECTION_BACKWARD_OUTPUT_BLOCK = 32
 PROJECTION_SPLIT = {(128, 32): (32, 32)}
 
 
-# programs per multiprocessor the projection kernels keep at least where a chunk's rows
-# allow: a chunk's rows go to several programs where its images' chunks are too few
-# (COCO's chunks of 4096 at 2 images: 34 programs without)
-PROJECTION_WAVES = 4
-
-
 def projection_row_groups(programs: int, row_blocks: int, processors: int) -> Tuple[int, int]:
     """(groups, row blocks per group) of each (image, chunk)'s ``row_blocks``
     where ``programs`` (image, chunk) pairs run on ``processors``
-    multiprocessors: as many groups as keep ``PROJECTION_WAVES`` programs
-    per multiprocessor, each of whole row blocks, no group empty."""
-    wanted = min(row_blocks, max(1, cdiv(PROJECTION_WAVES * processors, programs)))
+    multiprocessors: as many groups as keep ``tiles.least_programs`` (a
+    chunk's rows go to several programs where the images' chunks are too
+    few: COCO's chunks of 4096 at 2 images gave 34), each of whole row
+    blocks, no group empty."""
+    wanted = min(row_blocks, max(1, cdiv(least_programs(processors), programs)))
     per_group = cdiv(row_blocks, wanted)
     return cdiv(row_blocks, per_group), per_group
+
+
+def _row_grid(x: Tensor, chunk_size: int, block_rows: int) -> Tuple[int, int, int]:
+    """A projection kernel's (image, chunk) pairs of ``x`` (B, N, d) in
+    chunks of ``chunk_size``, their row groups (``projection_row_groups``,
+    blocks of ``block_rows``) and the rows of a group."""
+    b, n, _ = x.shape
+    programs = b * cdiv(n, chunk_size)
+    groups, per_group = projection_row_groups(programs, cdiv(min(chunk_size, n), block_rows),
+                                              multiprocessors(x.device))
+    return programs, groups, per_group * block_rows
 
 
 def projection_backward_serves(d: int) -> bool:
@@ -234,16 +241,14 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                              arch=target_arch(x.device))
     kernels, cfg = launch_config('project', operand_dtype, x.device)
     weight = as_operands(weight, operand_dtype)
-    programs = b * cdiv(n, L)
-    groups, per_group = projection_row_groups(programs, cdiv(min(L, n), tiles['BM']),
-                                               multiprocessors(x.device))
+    programs, groups, group_rows = _row_grid(x, L, tiles['BM'])
     # each group's pooled rows and log-sum-exp, merged below where the rows are split
     pool_out, lse_out = (pooled[:, :, None], lse[:, :, None]) if groups == 1 else (
         pooled.new_empty(b, num_updates, groups, d) for _ in range(2))
     kernels.project_kernel[(programs * groups,)](
         x, weight, bias, gamma, queries, keys, values, token_lr, pool_out, lse_out,
         n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, groups,
-        per_group * tiles['BM'], *x.stride(), *weight.stride(), *gamma.stride(),
+        group_rows, *x.stride(), *weight.stride(), *gamma.stride(),
         *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
         *pool_out.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
     if groups > 1 and num_updates:
@@ -321,14 +326,12 @@ def launch_project_backward(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tens
     kernels, cfg = launch_config('project', operand_dtype, x.device)
     tiles = {key: value for key, value in tiles.items() if key != 'BK'}
     w = as_operands(weight, operand_dtype)
-    programs = b * cdiv(n, L)
-    groups, per_group = projection_row_groups(programs, cdiv(min(L, n), tiles['BM']),
-                                              multiprocessors(x.device))
+    programs, groups, group_rows = _row_grid(x, L, tiles['BM'])
     kernels.project_backward_kernel[(programs * groups,)](
         x, w, bias, gamma, pooled, lse, bar_q, bar_k, bar_v, bar_lr, bar_pooled,
         grad_x, grad_proj, grad_gamma, grad_bias,
         n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, cdiv(L, tiles['BM']),
-        groups, per_group * tiles['BM'],
+        groups, group_rows,
         *x.stride(), *w.stride(), *gamma.stride(), *pooled.stride(),
         *bar_q.stride(), *bar_k.stride(), *bar_v.stride(), *bar_lr.stride(),
         *bar_pooled.stride(), *grad_x.stride(), *grad_proj.stride(),

@@ -102,7 +102,7 @@ def launch_read_backward(weights: MemoryWeights, x: Tensor, grad_out: Tensor, gr
     chunks, hidden = w1.shape[2], w1.shape[-1]
     opts = dict(device=x.device, dtype=torch.float32)
     grads = MemoryWeights(*(torch.empty(shape, device=x.device,
-                                        dtype=torch.float32 if base is not None else t.dtype)
+                                        dtype=state_grad_dtype(t, base is not None))
                             for shape, t in (((heads, batch, chunks, d, hidden), weights.w1),
                                              ((heads, batch, chunks, hidden, d), weights.w2))),
                           torch.empty(heads, batch, chunks, d, **opts))
@@ -169,6 +169,12 @@ def base_read_grads(grads: MemoryWeights, base: Optional[MemoryWeights],
     return decomposed_read_grads(grads, base, carry)
 
 
+def state_grad_dtype(state: Tensor, decomposed: bool) -> torch.dtype:
+    """The dtype of w1's or w2's per-state gradient: the state's, but
+    float32 for a decomposed read (W_0's and a_t's gradients sum it)."""
+    return torch.float32 if decomposed else state.dtype
+
+
 def empty_read_grads(w1: Tensor, w2: Tensor, g: Tensor, grad_inputs: Tensor,
                      base_w1: Optional[Tensor], base_w2: Optional[Tensor],
                      carry: Optional[Tensor]) -> ReadGrads:
@@ -176,8 +182,7 @@ def empty_read_grads(w1: Tensor, w2: Tensor, g: Tensor, grad_inputs: Tensor,
     ``grad_inputs`` the inputs' gradient as the operator lays it out."""
     new = grad_inputs.new_empty
     like = lambda t: new(0) if t is None else new(t.shape)  # noqa: E731
-    # the states' gradients in their dtypes (``launch_read_backward``'s)
-    state = lambda t: new(t.shape, dtype=t.dtype if base_w1 is None else None)  # noqa: E731
+    state = lambda t: new(t.shape, dtype=state_grad_dtype(t, base_w1 is not None))  # noqa: E731
     return (state(w1), state(w2), new(g.shape), grad_inputs, like(base_w1), like(base_w2),
             like(carry))
 
