@@ -23,7 +23,8 @@ tensors) costs
   projections), at the 16-bit tensor-core rate where the operands are
   16-bit. The decomposed read's W_0 products (``tf32x3``: three TF32
   products, each at half the 16-bit rate) count as six 16-bit ones, in both
-  totals. The scan is elementwise: bytes only.
+  totals, as do the exact queries of its projections. The scan is
+  elementwise: bytes only.
 
 Seven cases profile the four global branches of ConvNeur-M3 (``CASES``): one
 batch-128 call with bf16 operands through the fused Triton kernels
@@ -131,7 +132,17 @@ def launch_flops(launch: Launch) -> Tuple[int, int]:
         return flops + base, (flops if half else 0) + base
     if name in ('project_kernel', 'project_backward_kernel'):
         flops = _projection_flops(a, backward=name == 'project_backward_kernel')
-        return flops, flops if half else 0
+        if not half:
+            return flops, 0
+        if str(a.get('QDTYPE', a['DTYPE'])) != 'fp32':
+            return flops, flops
+        # exact queries: float32 operands for every row's queries
+        x = a['x_ptr']
+        queries = 2 * x.shape[-1] ** 2 * x.shape[0] * x.shape[1]
+        if a.get('QPREC') == 'tf32x3':
+            exact = flops - queries + TF32X3_AS_HALF * queries
+            return exact, exact
+        return flops, flops - queries
     return 0, 0  # the scan: elementwise
 
 

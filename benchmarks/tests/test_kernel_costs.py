@@ -189,7 +189,7 @@ def test_the_projections_backward_recomputes_every_product_but_the_values(output
             kernel_tiles.forced_tiles('project', split=split), \
             kernel_tiles.forced_tiles('project_backward', BO=output_block, split=split):
         pooled, lse = project_triton._project(x, weight, bias, gamma, 3, L, 1.0,
-                                              torch.bfloat16, None, None)[4:]
+                                              torch.bfloat16, False, None, None)[4:]
         project_triton._project_backward(
             x, weight, bias, gamma, pooled, lse, meta(heads, images, TOKENS, d),
             meta(heads, images, written, d), meta(heads, images, written, d),
@@ -226,3 +226,22 @@ def test_observed_launches_run_and_are_recorded(monkeypatch):
     assert [(l.grid, l.args, l.kwargs) for l in launches] == [((3, ), (1, 2), dict(BM=16))]
     kernels, _ = launcher.launch_config('read', torch.float16, torch.device('cpu'))
     assert kernels is FakeModule or isinstance(kernels, FakeModule)  # none observing: as is
+
+
+def test_exact_queries_count_at_the_decomposed_reads_base_rate():
+    """float32 queries beside bf16 others (tf32x3 on sm_90): every row's
+    queries count six 16-bit products, the rest as before."""
+    from convneur_mm.models.layers.memory_ops.project import triton as project_triton
+    meta = lambda *shape: torch.empty(shape, device='meta')  # noqa: E731
+    images = 2
+    x, weight, gamma, bias = meta(images, TOKENS, D), meta(4 * D + 1, D), meta(2, D), meta(D + 1)
+    got = {}
+    for exact in (False, True):
+        with torch.no_grad(), launcher.recording_launches(90) as launches:
+            project_triton._project(x, weight, bias, gamma, 3, L, 1.0, torch.bfloat16, exact,
+                                    None, None)
+        got[exact] = costs.kernel_costs(launches)['project_kernel']
+    queries = 2 * D * images * TOKENS * D
+    assert got[True].flops == got[False].flops + 5 * queries
+    assert got[True].half_flops == got[True].flops
+    assert got[False].half_flops == got[False].flops

@@ -564,14 +564,14 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         Args:
             x: (B, N, d) in the compute dtype.
             num_updates: the chunks that write.
-            plan: the call's plan (``projections``, ``projection_dtype``,
-                ``backward``).
+            plan: the call's plan (``projections``, ``operand_dtype``,
+                ``decomposed_read``: its queries exact, ``backward``).
         """
         if plan.projections == 'layers':
             return self._project_layers(x, num_updates)
         out = project(x, self.projection_weights(x.dtype), num_updates, self.chunk_size,
-                      self.max_lr, plan.projection_dtype, implementation=plan.projections,
-                      backward=plan.backward)
+                      self.max_lr, plan.operand_dtype, plan.decomposed_read,
+                      implementation=plan.projections, backward=plan.backward)
         if num_updates == 0:
             return MemoryProjections(out.queries)
         return MemoryProjections(out.queries, out.keys, out.values, out.token_lr,

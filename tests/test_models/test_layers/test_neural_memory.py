@@ -214,7 +214,7 @@ def test_plan_is_decided_once_from_the_settings_and_the_call():
     with torch.no_grad():
         plan = memory.plan(x)
     assert plan.operand_dtype == torch.bfloat16
-    assert plan.decomposed_read and plan.projection_dtype is None  # max_lr < 0.5
+    assert plan.decomposed_read  # max_lr < 0.5: the projections' queries exact
     assert (plan.implementation, plan.reason) == ('torch', "implementation='torch'")
     assert plan.images_per_slice == 1 and plan.projections == 'torch'
     assert not plan.recompute and not plan.shape_generic

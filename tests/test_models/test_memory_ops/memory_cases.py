@@ -335,6 +335,9 @@ PROJECTION_CASES = {'heads2_d24': (2, 20, 24, 2, 8, 2, 16, None),
                     'heads2_d40_split_steps16': (2, 20, 40, 2, 8, 2, 16, 16),
                     'heads2_d80_split': (1, 20, 80, 2, 8, 2, 16, None),
                     'heads5_d80_split': (1, 20, 80, 5, 8, 2, 16, None)}
+# the cases that also run with exact queries (``project_triton``'s ``exact_queries``):
+# one block, 16-feature steps, two column blocks
+EXACT_QUERY_CASES = ('heads2_d24', 'heads2_d40_steps16', 'heads2_d80_split')
 # the launches' (BD, BE, BHD, BHE) where a case splits its rows
 PROJECTION_SPLITS = {'d40_split': (32, 16, 32, 16), 'heads2_d40_split_steps16': (32, 16, 32, 0),
                      'heads2_d80_split': (64, 16, 32, 16), 'heads5_d80_split': (64, 16, 16, 0)}
@@ -362,10 +365,20 @@ def projection_results(gen: torch.Generator) -> dict:
                                      block_features=steps)
             results[f'project_{tag}_{name}'] = dict(
                 exact=worst(_rel_err(g, r) for g, r in zip(got, ref) if r.numel()),
+                queries=_rel_err(got.queries, ref.queries),
                 shapes=[list(t.shape) for t in got],
                 want=[list(t.shape) for t in ref],
                 tiles=sorted({tuple(x.kwargs[k] for k in ('BD', 'BE', 'BHD', 'BHE'))
                               for x in launches}))
+        if name in EXACT_QUERY_CASES:  # float32 queries beside float16 others
+            with kernel_tiles.forced_tiles('project', split=int(name in PROJECTION_SPLITS)), \
+                    launcher.observing_launches() as launches:
+                got = project_triton(x, weights, u, length, 0.5, torch.float16, True,
+                                     block_rows=block_rows, block_features=steps)
+            results[f'project_exact_queries_{name}'] = dict(
+                queries=_rel_err(got.queries, ref.queries),
+                others=worst(_rel_err(g, r) for g, r in zip(got[1:], ref[1:]) if r.numel()),
+                query_steps=sorted({x.kwargs['QBK'] for x in launches}))
     return results
 
 
@@ -1126,8 +1139,10 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         'chunk_read_decomposed': (ops.memory_chunk_read, (
             *(t * 1e-2 for t in states), queries, length, *w[:2],
             torch.rand(heads, batch, chunks, generator=gen), dtype, *tiles)),
-        'project': (ops.memory_project, (*project_args, 2, 8, 0.5, dtype, 16, None)),
-        'project_one_chunk': (ops.memory_project, (*project_args, 0, 32, 0.5, dtype, None, None)),
+        # exact queries (float32 beside 16-bit others; a no-op with float32 operands)
+        'project': (ops.memory_project, (*project_args, 2, 8, 0.5, dtype, True, 16, None)),
+        'project_one_chunk': (ops.memory_project, (*project_args, 0, 32, 0.5, dtype, False, None,
+                                                   None)),
         # the states of 3 steps of (N = 4, P = 40) weights, from W_0 and from zero
         'scan': (ops.memory_scan, (*_scan_args(gen), torch.randn(4, 40, generator=gen), dtype)),
         'scan_updates': (ops.memory_scan, (*_scan_args(gen), None, torch.float32)),
@@ -1148,7 +1163,7 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
                 (heads, batch, updates * length_, hd), (heads, batch, updates * length_, hd),
                 (heads, batch, updates * length_), (batch, updates, d)))
             cases['project_backward'] = (ops.memory_project_backward,
-                                         (*args[:4], pooled, lse, *bars, *args[4:9]))
+                                         (*args[:4], pooled, lse, *bars, *args[4:8], args[9]))
             continue
         if name.startswith('chunk_grads'):
             groups, chunks, d = args[0].shape[0], token_lr.shape[1], args[0].shape[1]

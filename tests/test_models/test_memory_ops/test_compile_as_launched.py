@@ -339,3 +339,23 @@ def test_persistent_programs_compile_within_the_shared_memory_and_a_spill_bound(
     for key, (registers, spills, shared) in persistent.items():
         assert shared == plain[key][2] and spills <= max(plain[key][1], 256), (
             key, persistent[key], plain[key])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(interpreter_requested(), reason='this process runs Triton in its interpreter')
+@pytest.mark.parametrize('arch', [80, 90])
+@pytest.mark.parametrize('d', [128, 160])
+def test_exact_queries_compile_without_spills(arch, d):
+    """A decomposed read's projections (float32 queries beside bf16 others)
+    at the COCO and ADE20K configs' chunks, as launched: 16-row tiles."""
+    inspect = _inspect()
+    from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights,
+                                                              project_triton, projection_shapes)
+    weights = ProjectionWeights(*(torch.empty(shape, device='meta')
+                                  for shape in projection_shapes(d, 1)))
+    x = torch.empty(2, 4096, d, device='meta')
+    with torch.no_grad(), inspect.recording_launches(arch) as launches:
+        project_triton(x, weights, 4, 1024, 1e-3, torch.bfloat16, True)
+    assert [(x.kwargs['BM'], x.kwargs['QBK']) for x in launches] == [(16, 32)]
+    report, = inspect.launch_reports(launches, arch)
+    assert report.spill_stores == 0 and report.shared <= 163 * 1024, report

@@ -67,9 +67,7 @@ def test_a_compiled_training_step_keeps_the_kernels(custom_op_runs, case):
     here): the graphs take their cotangents' dtypes from the fakes."""
     result = custom_op_runs[case]
     assert result['graph_breaks'] == 0
-    # a decomposed read trains its projections through PyTorch
-    projections = [] if case.endswith('_decomposed') else ['memory_project']
-    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', *projections,
+    assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
                              'memory_scan']
     assert result['grads'] > 15 and result['difference'] < 1e-5 * result['scale'], result
 

@@ -215,14 +215,13 @@ def _as_if_on_sm_90(monkeypatch) -> None:
     monkeypatch.setattr(dispatch, 'unavailable_reason', lambda *args: None)
 
 
-@pytest.mark.parametrize('operand_dtype, max_lr, training_kernel', [
-    ('bfloat16', 1.0, True), ('float32', 1.0, True), ('bfloat16', 1e-3, False)])
-def test_a_decomposed_read_trains_its_projections_through_pytorch(
-        monkeypatch, operand_dtype, max_lr, training_kernel):
-    """With 16-bit operands a decomposed read's projections take float32
-    products, whose backward kernel spills kilobytes a thread: training
-    projects through PyTorch, inference keeps the kernel. float32 operands,
-    asked for in full, keep the kernels."""
+@pytest.mark.parametrize('operand_dtype, max_lr', [
+    ('bfloat16', 1.0), ('float32', 1.0), ('bfloat16', 1e-3)])
+def test_the_projection_kernels_train_a_decomposed_read_too(monkeypatch, operand_dtype,
+                                                            max_lr):
+    """A decomposed read (16-bit operands, a small max_lr) asks the
+    projections for exact queries only: their backward keeps 16-bit
+    products, which compile without spills, so training keeps the kernel."""
     _as_if_on_sm_90(monkeypatch)
     memory = NeuralMemory(128, chunk_size=8, operand_dtype=operand_dtype, max_lr=max_lr,
                           implementation='triton')
@@ -230,8 +229,8 @@ def test_a_decomposed_read_trains_its_projections_through_pytorch(
     with torch.no_grad():
         assert memory.eval().plan(x).projections == 'triton'
     plan = memory.train().plan(x.requires_grad_())
-    assert (plan.implementation, plan.scan) == ('triton', 'triton')
-    assert plan.projections == ('triton' if training_kernel else 'torch')
+    assert (plan.implementation, plan.scan, plan.projections) == ('triton', 'triton', 'triton')
+    assert plan.decomposed_read == (max_lr < 1)
 
 
 def test_auto_keeps_the_pytorch_path_under_torch_compile_on_a_measured_gpu(monkeypatch):

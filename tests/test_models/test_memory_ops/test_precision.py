@@ -40,10 +40,12 @@ def _errors(memory, tokens=40, **plan_changes):
 
 
 # (output error, update-contribution error) bounds per step size, about 3.5x
-# the errors measured here (both update modes agree within 5%): 4e-3 and 5e-3
-# at max_lr 1, 1.1e-3 and 1.9e-3 at 0.2, 1.2e-5 and 1.6e-4 at 1e-3. One bound
-# for every step size would let the small ones lose 60-800x of their accuracy.
-BF16_BOUNDS = {1.0: (1.5e-2, 1.5e-2), 0.2: (4e-3, 7e-3), 1e-3: (4e-5, 6e-4)}
+# the errors measured here (the sequential update's, up to 25% above the
+# parallel's): 4.2e-3 and 4.9e-3 at max_lr 1, 1.8e-3 and 3.0e-3 at 0.2, 2.4e-5
+# and 3.2e-4 at 1e-3 (the decomposed read's keys and values from 16-bit
+# operands). One bound for every step size would let the small ones lose
+# 60-400x of their accuracy.
+BF16_BOUNDS = {1.0: (1.5e-2, 1.5e-2), 0.2: (6e-3, 1e-2), 1e-3: (8e-5, 1.1e-3)}
 
 
 @pytest.mark.parametrize('update', ['parallel', 'sequential'])
@@ -87,7 +89,7 @@ def test_a_naive_bf16_read_loses_a_small_update():
 
 
 def test_fp16_operands_emulated():
-    # measured 3.9e-6 and 5.1e-5
+    # measured 4.4e-6 and 5.7e-5
     output_error, update_error = _errors(_memory(1e-3, operand_dtype='float16', heads=2))
     assert output_error < 1.5e-5 and update_error < 2e-4
 

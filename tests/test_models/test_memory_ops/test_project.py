@@ -7,15 +7,15 @@ import torch
 
 from convneur_mm.models.layers.memory_ops import kernels
 from convneur_mm.models.layers.memory_ops.kernels import tiles as kernel_tiles
-from convneur_mm.models.layers.memory_ops.project import (ProjectionWeights, project,
+from convneur_mm.models.layers.memory_ops.project import (Projected, ProjectionWeights, project,
                                                           project_closed_form, project_torch,
                                                           projection_shapes)
 from convneur_mm.testing.errors import worst
 
-from .memory_cases import (BF16_TOL, DTYPES, F16_TOL, F32_TOL, PROJECTION_BACKWARD_CASES,
-                           PROJECTION_BACKWARD_SPLITS, PROJECTION_CASES, PROJECTION_OUTPUT_BLOCKS,
-                           PROJECTION_SPLITS, _project_case, _projection_blocks, _rel_err,
-                           _run_interpreted)
+from .memory_cases import (BF16_TOL, DTYPES, EXACT_QUERY_CASES, F16_TOL, F32_TOL,
+                           PROJECTION_BACKWARD_CASES, PROJECTION_BACKWARD_SPLITS,
+                           PROJECTION_CASES, PROJECTION_OUTPUT_BLOCKS, PROJECTION_SPLITS,
+                           _project_case, _projection_blocks, _rel_err, _run_interpreted)
 
 
 @pytest.mark.parametrize('case', list(PROJECTION_CASES))
@@ -30,6 +30,36 @@ def test_triton_projections_match_the_layers_in_float64(forward_runs, case):
             assert result['tiles'] == [list(PROJECTION_SPLITS[case])], result
         else:
             assert all(be == bhe == 0 for _, be, _, bhe in result['tiles']), result
+
+
+@pytest.mark.parametrize('case', EXACT_QUERY_CASES)
+def test_triton_projections_with_exact_queries(forward_runs, case):
+    """float16 operands but float32 queries (a decomposed read's): the
+    queries at float32's accuracy, in steps of 32 features (the given 16),
+    where float16 operands round them 100 times further; the others at
+    float16's."""
+    result = forward_runs[f'project_exact_queries_{case}']
+    assert result['queries'] < F32_TOL, result
+    assert result['others'] < F16_TOL, result
+    assert forward_runs[f'project_f16_{case}']['queries'] > 100 * result['queries']
+    assert result['query_steps'] == [16 if 'steps16' in case else 32], result
+
+
+def test_exact_queries_take_16_row_tiles_and_32_feature_steps():
+    """Their defaults (32 rows spilled); the others keep whole rows at
+    C_m 128 and 32-feature steps at M4's split 160; a tuned or forced BM
+    comes first."""
+    from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
+
+    def tiles(d, exact=True, **force):
+        with kernel_tiles.forced_tiles('project', **force):
+            config = projection_tiles(d, 1, 1024, None, None, torch.bfloat16,
+                                      exact_queries=exact)
+        return config['BM'], config['BK'], config['QBK']
+
+    assert tiles(128) == (16, 128, 32) and tiles(128, False) == (32, 128, 128)
+    assert tiles(160) == (16, 32, 32) and tiles(160, False) == (32, 32, 32)
+    assert tiles(128, BM=32) == (32, 128, 32)
 
 
 def test_the_projection_kernels_serve_kernels_triton():
@@ -431,6 +461,43 @@ def test_under_torch_compile_the_gradient_is_joined_from_its_column_groups(shape
         ours = _projected_and_grads(_traced(pick), inputs)
         reference = _projected_and_grads(pick, inputs)
         assert worst(_projection_errors(ours, reference)) < 1e-12, output
+
+
+@pytest.mark.parametrize('fn', [project_torch, project_closed_form])
+@pytest.mark.parametrize('shape', SHAPES[:2] + [(2, 6, 8, 2, 0, 8)])
+def test_exact_queries_keep_only_the_queries_at_full_precision(fn, shape):
+    """A decomposed read's projections: the queries as with full-precision
+    operands, every other output as with the 16-bit ones (float64 inputs:
+    ``product`` rounds the operands as a GPU does)."""
+    b, n, d, heads, u, L = shape
+    inputs = _inputs(b, n, d, heads)
+    exact = _project(fn, u, L)(*inputs)
+    rounded = _project(fn, u, L, torch.bfloat16)(*inputs)
+    mixed = tuple(fn(inputs[0], ProjectionWeights(*inputs[1:]), u, L, 0.7, torch.bfloat16,
+                     True))
+    torch.testing.assert_close(mixed[0], exact[0], rtol=0, atol=1e-12)
+    assert (mixed[0] - rounded[0]).abs().max() > 1e-3  # bf16 rounding is what they avoid
+    for name, got, want in zip(Projected._fields[1:], mixed[1:], rounded[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=name)
+
+
+def test_exact_queries_train_as_the_pytorch_ops():
+    """The closed form's backward keeps 16-bit products (the gradients'
+    accuracy of 16-bit training): within bf16's rounding of autograd through
+    project_torch's two products (float32 queries), and no closer to it
+    than the plain bf16 projections' gradients are."""
+    inputs = _inputs(*SHAPES[1][:4], torch.float32)
+    u, L = SHAPES[1][4:]
+
+    def grads(fn, exact_queries):
+        return _projected_and_grads(lambda x, *w: tuple(fn(
+            x, ProjectionWeights(*w), u, L, 0.7, torch.bfloat16, exact_queries)), inputs)
+
+    ours, reference = grads(project_closed_form, True), grads(project_torch, True)
+    assert worst(_projection_errors(ours[:5], reference[:5])) < 1e-6
+    assert worst(_projection_errors(ours[5:], reference[5:])) < 2e-2
+    plain = grads(project_closed_form, False)
+    assert _projection_errors(ours[:1], plain[:1])[0] > 1e-3  # the queries differ
 
 
 def test_without_writes_it_is_the_pytorch_ops():

@@ -59,7 +59,8 @@ class MemoryPlan:
             dtype (float32, or float64 for a float64 module).
         decomposed_read: the states are read as ``a_t * (q @ W_0)`` at full
             precision plus ``q @ dW_t`` in ``operand_dtype`` (16-bit operands
-            at a small ``max_lr``); the projections then keep full precision.
+            at a small ``max_lr``); the projections then compute the queries
+            at full precision (``exact_queries``).
         implementation: 'torch' or 'triton', of the chunk gradients and the
             reads, in inference and training alike (the Triton kernels have
             backward kernels); the sequential mode's gradients at each
@@ -98,12 +99,6 @@ class MemoryPlan:
     recompute: bool
     projections: str
     scan: str
-
-    @property
-    def projection_dtype(self) -> Optional[torch.dtype]:
-        """The projections' operand dtype: full precision for a decomposed
-        read, whose W_0 part needs queries at full accuracy."""
-        return None if self.decomposed_read else self.operand_dtype
 
 
 class PathSettings(NamedTuple):
@@ -181,7 +176,7 @@ def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_sl
         images_per_slice=images_per_slice,
         shape_generic=torch.compiler.is_exporting(),
         recompute=settings.recompute and training and torch.is_grad_enabled(),
-        projections=_projections(settings, every_kernel, plain_projections, decomposed),
+        projections=_projections(settings, every_kernel, plain_projections),
         scan='triton' if every_kernel and settings.update == 'parallel' else 'torch')
 
 
@@ -266,21 +261,16 @@ def _auto_takes_every_kernel(x: Tensor, settings: PathSettings,
     return entry is not None and entry.every_kernel
 
 
-def _projections(settings: PathSettings, every_kernel: bool, plain_projections: bool,
-                 decomposed: bool) -> str:
+def _projections(settings: PathSettings, every_kernel: bool, plain_projections: bool) -> str:
     """The plan's ``projections``: 'layers' unless the layers are plain;
     'triton' where the plan takes every kernel (``implementation='triton'``, or
     'auto' where a GPU timed them all), up to their widest row
     (``MAX_PROJECTION_WIDTH``; in training the widths
-    ``projection_backward_serves``, but not for a decomposed read: 16-bit
-    operands asked for speed, and its projections' float32 products spill
-    kilobytes per thread in the backward kernel at every launch option,
-    docs/notes/benchmarks.md#the-kernels-rooflines-at-the-real-configs-shapes-machine-k);
-    else 'torch'."""
+    ``projection_backward_serves``); else 'torch'."""
     if not plain_projections:
         return 'layers'
-    served = (projection_backward_serves(settings.dim) and not decomposed
-              if torch.is_grad_enabled() else settings.dim <= MAX_PROJECTION_WIDTH)
+    served = (projection_backward_serves(settings.dim) if torch.is_grad_enabled()
+              else settings.dim <= MAX_PROJECTION_WIDTH)
     return 'triton' if every_kernel and served else 'torch'
 
 

@@ -29,20 +29,24 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 
 def project_closed_form(x: Tensor, weights: ProjectionWeights, num_updates: int,
                         chunk_size: int, max_lr: float,
-                        operand_dtype: Optional[torch.dtype] = None) -> Projected:
+                        operand_dtype: Optional[torch.dtype] = None,
+                        exact_queries: bool = False) -> Projected:
     """``project_torch`` with a closed-form backward; the arguments and
-    results as there. Gradients flow to ``x`` and every weight. Without
-    writes (``num_updates`` 0: queries alone) it is ``project_torch``."""
+    results as there. Gradients flow to ``x`` and every weight; the
+    backward's products take ``operand_dtype`` whatever ``exact_queries``
+    (the gradients' accuracy of any 16-bit training). Without writes
+    (``num_updates`` 0: queries alone) it is ``project_torch``."""
     check_projection_arguments(x, weights, num_updates, chunk_size)
     if num_updates == 0:
-        return project_torch(x, weights, num_updates, chunk_size, max_lr, operand_dtype)
+        return project_torch(x, weights, num_updates, chunk_size, max_lr, operand_dtype,
+                             exact_queries)
     heads = weights.query_gamma.shape[0]
     folded = fold(weights)
     # the product and its gradients read the rows flat: a permuted map (B, C, H, W ->
     # B, N, C) is copied once, as ``project_torch``'s reshape copies it
     queries, keys, values, token_lr, pooled = _Project.apply(
         x.contiguous(), folded.weight, folded.bias, folded.gamma, num_updates, chunk_size,
-        max_lr, operand_dtype)
+        max_lr, operand_dtype, exact_queries)
     return Projected(queries.permute(2, 0, 1, 3), keys.permute(2, 0, 1, 3),
                      values.unflatten(-1, (heads, -1)).permute(2, 0, 1, 3),
                      token_lr.permute(2, 0, 1), pooled * weights.store_norm)
@@ -92,7 +96,7 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, u: int, L: int,
-                max_lr: float, mm: Optional[torch.dtype]
+                max_lr: float, mm: Optional[torch.dtype], exact_queries: bool
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)  # an unused output costs no zero tensor
         ctx.options = (u, L, max_lr, mm)
@@ -103,6 +107,11 @@ class _Project(torch.autograd.Function):
             normed = x * rstd
             proj = product(operand(normed, mm).view(1, b * n, d), weight.t().unsqueeze(0), mm,
                            x.dtype).view(b, n, -1)
+            if exact_queries and mm is not None:
+                # the queries again at full precision: one more (d, d) product beats
+                # splitting proj, which the backward reads whole
+                proj[..., :d] = product(normed.view(1, b * n, d), weight[:d].t().unsqueeze(0),
+                                        None, x.dtype).view(b, n, d)
             proj[..., 3 * d:].add_(bias)  # the logits' and step sizes' biases
             raw = proj[..., :2 * d].unflatten(-1, (2 * heads, -1))
             head_rstd = _rstd(raw)
@@ -127,7 +136,7 @@ class _Project(torch.autograd.Function):
                                       token_lr, pooled, u, L, max_lr, mm,
                                       (bar_queries, bar_keys, bar_values, bar_lr, bar_pooled))
         return tuple(grad if need else None
-                     for grad, need in zip(grads, ctx.needs_input_grad)) + (None, ) * 4
+                     for grad, need in zip(grads, ctx.needs_input_grad)) + (None, ) * 5
 
 
 def _project_backward(x: Tensor, weight: Tensor, gamma: Tensor, normed: Tensor, rstd: Tensor,

@@ -165,7 +165,7 @@ def _projection_program(C, U, L, D, HD, H, groups, group_rows, BD: tl.constexpr,
 
 
 @triton.jit
-def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
+def project_kernel(x_ptr, w_ptr, wq_ptr, bias_ptr, gamma_ptr,
                    q_ptr, k_ptr, v_ptr, lr_ptr, pool_ptr, lse_ptr,
                    N, L, C, U, D, H, HD, max_lr, eps, groups, group_rows,
                    sx_b, sx_n, sx_d, sw_o, sw_i, sg_h, sg_d,
@@ -176,6 +176,7 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
                    ss_b, ss_u, ss_g, ss_d,
                    BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr,
                    BH: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
+                   QDTYPE: tl.constexpr, QPREC: tl.constexpr, QBK: tl.constexpr,
                    BE: tl.constexpr = 0, BHE: tl.constexpr = 0):
     """The projections of (a group of rows of) one (image, chunk) of L
     tokens, C chunks per image (the last partial): x / rms(x) once per block
@@ -186,7 +187,9 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
     feature), so the chunk's pooled rows need no second pass; the pool's
     log-sum-exp per feature is stored for the backward. ``w`` (4D + H, D)
     is the folded weight (``project.weights.fold``), in DTYPE; its products
-    take BK features at a time (``_rows_times``). BE > 0 (BHE > 0): rows
+    take BK features at a time (``_rows_times``). The queries' product
+    reads ``wq`` (w in QDTYPE, w's strides) at QPREC, QBK features at a time
+    (exact queries: float32 beside 16-bit others). BE > 0 (BHE > 0): rows
     (a head's columns) in two column blocks (``columns``). With ``groups``
     programs per (image, chunk), each takes ``group_rows`` of its rows and
     stores its own pooled rows and log-sum-exp (at ``ss_g`` apart), which
@@ -218,10 +221,10 @@ def project_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr,
         xo = normed.to(DTYPE)
         xo_b = normed_b.to(DTYPE)
         for head in range(0, H):
-            q, q_b = _normed_head(xo, xo_b, x_rows, sx_d, rstd, rmask, D, w_ptr, sw_o, sw_i,
-                                  gamma_ptr, sg_h, sg_d, head, HD, cols, cmask, cols_b, cmask_b,
-                                  hcols, hmask, hcols_b, hmask_b, eps, BM, BD, BE, BK, BHD, BHE,
-                                  DTYPE, PREC)
+            q, q_b = _normed_head(normed.to(QDTYPE), normed_b.to(QDTYPE), x_rows, sx_d, rstd,
+                                  rmask, D, wq_ptr, sw_o, sw_i, gamma_ptr, sg_h, sg_d, head, HD,
+                                  cols, cmask, cols_b, cmask_b, hcols, hmask, hcols_b, hmask_b,
+                                  eps, BM, BD, BE, QBK, BHD, BHE, QDTYPE, QPREC)
             _store_rows(q_ptr + b * sq_b + first * sq_n + head * sq_h, i, sq_n, hcols, sq_d, q,
                         rmask, hmask, q_b, hcols_b, hmask_b, BHE)
             if written:

@@ -69,8 +69,8 @@ def projection_backward_serves(d: int) -> bool:
 
 
 def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
-                   max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
-                   block_rows: Optional[int] = None,
+                   max_lr: float, operand_dtype: Optional[torch.dtype] = None,
+                   exact_queries: bool = False, *, block_rows: Optional[int] = None,
                    block_features: Optional[int] = None) -> Projected:
     """``project_torch`` as one kernel over each (image, chunk): the RMSNorm, every
     projection's product, the queries' and keys' per-head RMSNorms, the step
@@ -89,6 +89,12 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
         operand_dtype: the products' operand dtype (float32, float16,
             bfloat16; None: float32); the norms, gains, sigmoid and softmax
             stay float32.
+        exact_queries: the queries' product at float32 accuracy (on GPUs
+            with TF32 three TF32 products, ``tf32x3``, on tensor cores), the
+            others in ``operand_dtype``: a decomposed read's W_0 part reads
+            the queries at full accuracy. The backward's products take
+            ``operand_dtype`` whatever this says (the gradients' accuracy of
+            any 16-bit training; float32 ones spilled kilobytes per thread).
         block_rows: rows per tile (a power of two >= 16), for tests and tuning.
         block_features: features per product step (a power of two >= 16;
             None: ``projection_tiles``'), for tests and tuning.
@@ -115,14 +121,15 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     folded = fold(weights)
     *projected, pooled, _ = call_kernel_op(
         _project_op, _project, x, folded.weight, folded.bias, folded.gamma, num_updates,
-        chunk_size, float(max_lr), operand_dtype, block_rows, block_features)
+        chunk_size, float(max_lr), operand_dtype, exact_queries, block_rows, block_features)
     # the store norm's weight applies after the pool's sum: one (B, U, d) product
     return Projected(*projected, pooled * weights.store_norm)
 
 
 def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
                      block_features: Optional[int], operand_dtype: torch.dtype,
-                     backward: bool = False, arch: Optional[int] = None) -> dict:
+                     backward: bool = False, arch: Optional[int] = None,
+                     exact_queries: bool = False) -> dict:
     """The projection kernel's tiles: rows of x in the column blocks BD and
     BE (``tiles.column_blocks``; BE 0: one block), one head's columns in
     BHD and BHE, the step sizes' H columns (BH), BM rows, and BK features
@@ -134,7 +141,10 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     128 + 32, not padded to 256) take that table's tiles. Other wider rows
     (a (256, 256) weight tile would need about 300 KiB of shared memory) and
     float32 operands (whose whole rows spill) take 16 rows and 32 features
-    per step, which spill nothing at 128.
+    per step, which spill nothing at 128. The forward's queries take QBK
+    features per step: BK, or with ``exact_queries`` (float32 queries
+    beside 16-bit others) 32 in 16-row tiles, which compile without spills
+    at C_m 128 and 160 for sm_80 and sm_90 (32 rows spilled 32 to 300 B).
     ``tiles.forced_tiles('project', split=0 or 1)`` decides the split
     instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
     tiles). The backward (``backward``) takes 16 rows, 8 warps, one stage
@@ -173,10 +183,13 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     bhd, bhe = column_blocks(d // heads) if split else (block_width(d // heads), 0)
     whole_rows = backward or bd + be <= 128 and operand_dtype != torch.float32
     bm, bk = (32 if whole_rows else 16), (bd if whole_rows else 32)
+    exact = exact_queries and not backward and operand_dtype != torch.float32
     if backward:
         bm = 16
     elif split and split_tiles is not None:
         bm, bk = split_tiles
+    if exact:  # float32 queries beside 16-bit others spilled at 32 rows (sm_80; M4 on sm_90)
+        bm = 16
     bm = launch.get('BM', bm)
     tiles = dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
                  BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
@@ -184,6 +197,8 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
                  num_stages=launch.get('num_stages', 1 if backward else 2))
     if backward:  # no block past the row's width
         tiles['BO'] = min(launch.get('BO', PROJECTION_BACKWARD_OUTPUT_BLOCK), block_width(d))
+    else:
+        tiles['QBK'] = min(block_features or 32, bd) if exact else tiles['BK']
     return tiles
 
 
@@ -209,7 +224,7 @@ ProjectResults = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates: int,
-             chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
+             chunk_size: int, max_lr: float, operand_dtype: torch.dtype, exact_queries: bool,
              block_rows: Optional[int], block_features: Optional[int]) -> ProjectResults:
     """The operator's implementation: allocate and launch (checked arguments).
     Returns the heads-leading queries, keys, values and step sizes, the
@@ -218,7 +233,7 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates
     outputs = _outputs(x, gamma.shape[0] // 2, num_updates, chunk_size)
     if x.numel():
         launch_project(x, weight, bias, gamma, outputs, num_updates, chunk_size, max_lr,
-                       operand_dtype, block_rows, block_features)
+                       operand_dtype, block_rows, block_features, exact_queries)
     queries, keys, values, token_lr, pooled, lse = outputs
     return (*_as_heads(queries, keys, values, token_lr), pooled, lse)
 
@@ -226,7 +241,7 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates
 def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
                    outputs: Tuple[Tensor, ...], num_updates: int, chunk_size: int, max_lr: float,
                    operand_dtype: torch.dtype, block_rows: Optional[int],
-                   block_features: Optional[int]) -> None:
+                   block_features: Optional[int], exact_queries: bool = False) -> None:
     """Launch the projection kernel, ``projection_row_groups`` programs per
     (image, chunk) of ``x`` (B, N, d), writing ``outputs`` in ``_outputs``'
     layouts: the queries, keys, values, step sizes, pooled rows and the
@@ -238,19 +253,27 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
     L = chunk_size
     _check_spans(L, x=x, queries=queries, keys=keys, values=values, token_lr=token_lr)
     tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features, operand_dtype,
-                             arch=target_arch(x.device))
+                             arch=target_arch(x.device), exact_queries=exact_queries)
     kernels, cfg = launch_config('project', operand_dtype, x.device)
-    weight = as_operands(weight, operand_dtype)
+    exact = exact_queries and operand_dtype != torch.float32
+    operands = as_operands(weight, operand_dtype)
+    # exact queries: float32 operands at the decomposed read's W_0 precision, the
+    # weight in both dtypes read at one set of strides
+    query_cfg = launch_config('project', torch.float32, x.device)[1] if exact else cfg
+    query_weight, weight = ((weight.contiguous(), operands.contiguous()) if exact
+                            else (operands, operands))
     programs, groups, group_rows = _row_grid(x, L, tiles['BM'])
     # each group's pooled rows and log-sum-exp, merged below where the rows are split
     pool_out, lse_out = (pooled[:, :, None], lse[:, :, None]) if groups == 1 else (
         pooled.new_empty(b, num_updates, groups, d) for _ in range(2))
     kernels.project_kernel[(programs * groups,)](
-        x, weight, bias, gamma, queries, keys, values, token_lr, pool_out, lse_out,
+        x, weight, query_weight, bias, gamma, queries, keys, values, token_lr, pool_out, lse_out,
         n, L, cdiv(n, L), num_updates, d, heads, hd, max_lr, RMS_EPS, groups,
         group_rows, *x.stride(), *weight.stride(), *gamma.stride(),
         *queries.stride(), *keys.stride(), *values.stride(), *token_lr.stride(),
-        *pool_out.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'], **tiles)
+        *pool_out.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'],
+        QDTYPE=query_cfg['DTYPE'], QPREC=query_cfg['BASE_PREC' if exact else 'PREC'],
+        **tiles)
     if groups > 1 and num_updates:
         torch.logsumexp(lse_out, dim=2, out=lse)
         torch.sum(pool_out * (lse_out - lse[:, :, None]).exp(), dim=2, out=pooled)
@@ -351,8 +374,8 @@ _project_backward_op = kernel_op('memory_project_backward', _project_backward)
 @_project_op.register_fake
 def _project_fake(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor, num_updates: int,
                   chunk_size: int, max_lr: float, operand_dtype: torch.dtype,
-                  block_rows: Optional[int], block_features: Optional[int]
-                  ) -> ProjectResults:
+                  exact_queries: bool, block_rows: Optional[int],
+                  block_features: Optional[int]) -> ProjectResults:
     outputs = _outputs(x, gamma.shape[0] // 2, num_updates, chunk_size)
     return (*_as_heads(*outputs[:4]), *outputs[4:])
 
@@ -370,13 +393,14 @@ def _project_backward_fake(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tenso
 
 def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     x, weight, bias, gamma, *options = inputs
-    ctx.options = options  # num_updates, chunk_size, max_lr, operand_dtype, block_rows, -
+    # num_updates, chunk_size, max_lr, operand_dtype, exact_queries, block_rows, -
+    ctx.options = options
     ctx.save_for_backward(x, weight, bias, gamma, output[4], output[5])
 
 
 def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
     x, weight, bias, gamma, pooled, lse = ctx.saved_tensors
-    num_updates, chunk_size, max_lr, operand_dtype, block_rows, _ = ctx.options
+    num_updates, chunk_size, max_lr, operand_dtype, _, block_rows, _ = ctx.options
     heads, hd = gamma.shape[0] // 2, gamma.shape[1]
     b, n, d = x.shape
     tokens = num_updates * chunk_size
@@ -388,7 +412,7 @@ def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
     grads = call_kernel_op(_project_backward_op, _project_backward, x, weight, bias, gamma,
                            pooled, lse, *bars, num_updates, chunk_size, max_lr, operand_dtype,
                            block_rows)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 register_first_order_autograd(_project_op, _backward, _setup_context)
