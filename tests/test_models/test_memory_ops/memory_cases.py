@@ -701,6 +701,11 @@ def backward_results() -> Dict[str, dict]:
                                                        tiles=dict(block_rows=32, block_hidden=64))
         results[f'read_rows32_{tag}']['launched'] = seen
         results[f'read_decomposed_{tag}'] = _read_case(gen, dtype, decomposed=True)
+        # 40 columns as 32 + 16 (M4's 160 as 128 + 32: a decomposed read splits too)
+        with _split_columns() as seen:
+            results[f'read_decomposed_split_{tag}'] = _read_case(
+                torch.Generator().manual_seed(1), dtype, decomposed=True, d=40)
+        results[f'read_decomposed_split_{tag}']['launched'] = seen
         results[f'chunk_read_{tag}'] = _chunk_read_case(gen, dtype, decomposed=False)
         results[f'chunk_read_decomposed_{tag}'] = _chunk_read_case(gen, dtype, decomposed=True)
         results.update(_read_one_program_results(tag, dtype))
@@ -873,7 +878,8 @@ def read_backward_on_cuda_results() -> dict:
                                 device='cuda')
 
 
-CASES = ['read', 'read_rows32', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
+CASES = ['read', 'read_rows32', 'read_decomposed', 'read_decomposed_split', 'chunk_read',
+         'chunk_read_decomposed',
          'chunk_read_one_program', 'chunk_read_one_program_decomposed',
          'chunk_read_one_program_tail', 'chunk_read_one_program_split', 'chunk_grads_per_image',
          *(f'chunk_grads_{{}}_{name}' for name in WRITE_CASES),

@@ -311,10 +311,15 @@ def test_m4_rows_split_by_default_where_the_table_says():
     assert blocks('grads_cols') == (128, 32, 64, 16)
     assert blocks('grads_rows', arch=80) == (128, 32, 16, 32)
     assert blocks('grads_rows', arch=None) == (128, 32, 16, 32)  # sm_80's where unknown
-    # float32 operands, a decomposed read, M2's width: one padded block
+    # a decomposed read in two blocks too, at its own small tiles, on either GPU
+    for kernel in ('read', 'read_backward_rows', 'read_backward_cols'):
+        for arch in (80, 90, None):
+            assert blocks(kernel, decomposed=True, arch=arch) == (128, 32, 16, 16)
+    # float32 operands, M2's width: one padded block
     assert blocks('read', dtype=torch.float32)[:2] == (256, 0)
-    assert blocks('read', decomposed=True)[:2] == (256, 0)
+    assert blocks('read', dtype=torch.float32, decomposed=True)[:2] == (256, 0)
     assert blocks('read', d=96)[:2] == (128, 0)  # M2: one block of 128
+    assert blocks('read', d=96, decomposed=True)[:2] == (128, 0)
     with kernel_tiles.forced_tiles('read', split=0):
         assert blocks('read') == (256, 0, 16, 32)
     with kernel_tiles.forced_tiles('read', split=1, BM=32):

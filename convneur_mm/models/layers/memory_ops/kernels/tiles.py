@@ -100,6 +100,11 @@ SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
 # (docs/notes/benchmarks.md#the-kernels-profiled-and-trained-with-machine-f); its
 # one program per state runs the same rows code
 SM90_ROW_LIMITS = {'read_backward_rows': 32, 'read_backward_chunk': 32}
+# a decomposed read's (BM, BH) at ``SPLIT_TILES``' widths, on either GPU: its float32
+# W_0 tiles beside the 16-bit ones in one padded block of 256 spilled 132 B (the read)
+# to 6.5 KB (its backward's columns pass, sm_80); split, 0 to 416 B
+# (docs/notes/benchmarks.md#a-decomposed-read-at-m4s-width-in-two-column-blocks-machine-k)
+DECOMPOSED_SPLIT_TILES = (16, 16)
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``
 
 
@@ -216,11 +221,11 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     rows and more); float32 operands (CUDA-core products) and the decomposed
     read (twice the operand tiles) take smaller tiles; ``row_limit`` caps
     the defaults and tuned rows where more rows computed wrong results.
-    With 16-bit operands (not a decomposed read), rows of ``SPLIT_TILES``'
-    widths (M4's 160) are held in two column blocks (``column_blocks``) at
-    that table's tiles, not padded to 256 columns in 16-row tiles; a tuned
-    entry's ``split`` or ``forced_tiles(kernel, split=0 or 1)`` decides it
-    instead.
+    With 16-bit operands, rows of ``SPLIT_TILES``' widths (M4's 160) are
+    held in two column blocks (``column_blocks``) at that table's tiles (a
+    decomposed read at ``DECOMPOSED_SPLIT_TILES``), not padded to 256
+    columns in 16-row tiles; a tuned entry's ``split`` or
+    ``forced_tiles(kernel, split=0 or 1)`` decides it instead.
 
     Args:
         kernel: one of ``KERNEL_NAMES``.
@@ -290,11 +295,14 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
 def _split_tiles(kernel: str, d: int, operand_dtype: torch.dtype, decomposed: bool,
                  arch: Optional[int]) -> Optional[Tuple[int, int]]:
     """(BM, BH) of ``SPLIT_TILES`` where ``kernel`` holds a row of ``d``
-    features in two blocks by default (16-bit operands, not a decomposed
-    read; sm_80's entries where the GPU is not known), else None."""
-    if operand_dtype == torch.float32 or decomposed:
+    features in two blocks by default (16-bit operands; sm_80's entries
+    where the GPU is not known; a decomposed read ``DECOMPOSED_SPLIT_TILES``),
+    else None."""
+    if operand_dtype == torch.float32:
         return None
     gpus = SPLIT_TILES.get(column_blocks(d), {})
+    if decomposed:
+        return DECOMPOSED_SPLIT_TILES if gpus else None
     return gpus.get(90 if arch is not None and arch >= 90 else 80, {}).get(kernel)
 
 
