@@ -158,8 +158,8 @@ def variant_config(job: Job, peer: Optional[str] = None) -> Config:
     out: nothing downloads), the widths that read it changed to match;
     'kernels': ConvNeur with ``memory_cfg.implementation='triton'`` (every
     memory through the Triton kernels and their backward kernels, whatever
-    'auto' would take; a decomposed read's projections train through
-    PyTorch)."""
+    'auto' would take; a decomposed read's projections too, their queries
+    exact)."""
     cfg = load_config(job.config)
     if peer is None:
         return cfg

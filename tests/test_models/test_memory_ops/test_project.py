@@ -45,21 +45,26 @@ def test_triton_projections_with_exact_queries(forward_runs, case):
     assert result['query_steps'] == [16 if 'steps16' in case else 32], result
 
 
-def test_exact_queries_take_16_row_tiles_and_32_feature_steps():
+def test_exact_queries_take_16_row_tiles_and_32_feature_steps(monkeypatch):
     """Their defaults (32 rows spilled); the others keep whole rows at
-    C_m 128 and 32-feature steps at M4's split 160; a tuned or forced BM
-    comes first."""
+    C_m 128 and 32-feature steps at M4's split 160; a forced BM comes
+    first, a tuned entry (timed without them) does not apply."""
+    from convneur_mm.models.layers.memory_ops.kernels import tuned
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
     from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
 
-    def tiles(d, exact=True, **force):
+    def tiles(d, exact=True, arch=None, **force):
         with kernel_tiles.forced_tiles('project', **force):
             config = projection_tiles(d, 1, 1024, None, None, torch.bfloat16,
-                                      exact_queries=exact)
+                                      arch=arch, exact_queries=exact)
         return config['BM'], config['BK'], config['QBK']
 
     assert tiles(128) == (16, 128, 32) and tiles(128, False) == (32, 128, 128)
     assert tiles(160) == (16, 32, 32) and tiles(160, False) == (32, 32, 32)
     assert tiles(128, BM=32) == (32, 128, 32)
+    monkeypatch.setattr(tuned, 'TUNED_TILES', (
+        TunedTile('project', 90, 'bfloat16', 128, False, 64, 16, 8, 2), ))
+    assert tiles(128, False, 90)[0] == 64 and tiles(128, True, 90)[0] == 16
 
 
 def test_the_projection_kernels_serve_kernels_triton():

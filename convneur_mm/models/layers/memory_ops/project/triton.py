@@ -158,12 +158,15 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     split=1)`` splits narrower ones). A ``tuned.TUNED_TILES`` entry of the
     kernel ('project' or 'project_backward') for the GPU of compute
     capability ``arch`` sets BM, num_warps, num_stages, the split and the
-    backward's BO in place of these defaults; ``tiles.forced_tiles`` sets
-    them in place of both; a caller's ``block_rows`` comes first."""
+    backward's BO in place of these defaults (not for exact queries, which
+    no entry was timed with); ``tiles.forced_tiles`` sets them in place of
+    both; a caller's ``block_rows`` comes first."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     kernel = 'project_backward' if backward else 'project'
+    exact = exact_queries and not backward and operand_dtype != torch.float32
+    # exact queries look up the decomposed kind, which the projections have no entries of
     tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
-                                                False) or {}
+                                                exact) or {}
     forced = forced_options(kernel)
     launch = {**tuned, **forced}
     blocks = column_blocks(d)
@@ -183,7 +186,6 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     bhd, bhe = column_blocks(d // heads) if split else (block_width(d // heads), 0)
     whole_rows = backward or bd + be <= 128 and operand_dtype != torch.float32
     bm, bk = (32 if whole_rows else 16), (bd if whole_rows else 32)
-    exact = exact_queries and not backward and operand_dtype != torch.float32
     if backward:
         bm = 16
     elif split and split_tiles is not None:
