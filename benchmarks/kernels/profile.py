@@ -21,9 +21,10 @@ tensors) costs
 * FLOPs: its products over the rows it serves, not the padded tile rows:
   ``PRODUCTS[kernel]`` products of 2·d·4d FLOPs per row (2·d·outs for the
   projections), at the 16-bit tensor-core rate where the operands are
-  16-bit. The decomposed read's W_0 products (``tf32x3``: three TF32
-  products, each at half the 16-bit rate) count as six 16-bit ones, in both
-  totals, as do the exact queries of its projections. The scan is
+  16-bit. The decomposed read's products with its whole state (float32
+  operands, ``tf32x3``: three TF32 products, each at half the 16-bit rate)
+  count as six 16-bit ones, in both totals, as do the exact queries of its
+  projections. The scan is
   elementwise: bytes only.
 
 Seven cases profile the four global branches of ConvNeur-M3 (``CASES``): one
@@ -62,8 +63,9 @@ CUSTOM_OPS_PREFIX = 'convneur_mm::'  # the memory's operators: their kernels are
 
 
 # ------------------------------------------------------ the kernels' costs
-# products of 2·d·4d FLOPs per row, as each kernel's code runs them (the
-# decomposed read's W_0 products apart: ``BASE_PRODUCTS``)
+# products of 2·d·4d FLOPs per row, as each kernel's code runs them; of those, the
+# decomposed read's products with its whole state a_t W_0 + dW (``BASE_PRODUCTS``)
+# take float32 operands
 PRODUCTS = {'read_kernel': 2, 'read_backward_rows_kernel': 5, 'read_backward_cols_kernel': 4,
             'grads_rows_kernel': 2, 'grads_cols_kernel': 4, 'grads_backward_rows_kernel': 14,
             'grads_backward_cols_kernel': 8, 'grads_chunk_kernel': 6,
@@ -126,9 +128,9 @@ def launch_flops(launch: Launch) -> Tuple[int, int]:
     half = str(a.get('DTYPE')) != 'fp32'
     if name in PRODUCTS:
         per_row = 2 * a['D'] * a['HID'] * _rows_of(name, a, launch.grid[0])
-        flops = PRODUCTS[name] * per_row
-        base = (TF32X3_AS_HALF * BASE_PRODUCTS.get(name, 0) * per_row
-                if a.get('DECOMPOSED') else 0)
+        whole = BASE_PRODUCTS.get(name, 0) if a.get('DECOMPOSED') else 0
+        flops = (PRODUCTS[name] - whole) * per_row
+        base = TF32X3_AS_HALF * whole * per_row
         return flops + base, (flops if half else 0) + base
     if name in ('project_kernel', 'project_backward_kernel'):
         flops = _projection_flops(a, backward=name == 'project_backward_kernel')

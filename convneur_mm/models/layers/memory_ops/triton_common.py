@@ -9,7 +9,8 @@ Every kernel is plain pointer arithmetic with masks (no block pointers, so the
 same source runs on triton 3.6 to 3.9). Products take operands of the
 ``DTYPE`` constexpr (float32, float16 or bfloat16) and accumulate in float32;
 weights arrive in DTYPE (the wrappers cast them once per call, so no program
-converts its weight tiles), W_0 of a decomposed read in float32;
+converts its weight tiles), W_0 of a decomposed read in float32 (its whole
+state ``a_t W_0 + dW`` formed in float32 registers, ``whole_state``);
 LayerNorm statistics, GELU, the residual and the loss weighting stay float32.
 A row's features are held in the power-of-two block ``BD`` or, where a
 launch passes ``BE > 0``, in ``BD`` and a second block of ``BE``
@@ -71,20 +72,27 @@ def gelu_grad(x, GELU_TANH: tl.constexpr):
 
 
 @triton.jit
+def whole_state(base, delta, carry):
+    """A decomposed state's tile ``carry * base + delta`` in float32: one
+    product at float32 accuracy where ``carry * (x @ base)`` and a 16-bit
+    ``x @ delta`` took two (a 16-bit delta tile and its product fewer held)."""
+    return carry * base.to(tl.float32) + delta.to(tl.float32)
+
+
+@triton.jit
 def pre_block(x_tile, xo, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask, hid,
                HID, DTYPE: tl.constexpr, PREC: tl.constexpr, DECOMPOSED: tl.constexpr,
                BASE_PREC: tl.constexpr):
     """x @ w1[cols, hid] for a block of rows at the columns ``cols`` (``x_tile``
-    float32, ``xo`` the same in DTYPE); DECOMPOSED adds carry * (x @ base1[:, hid]) at float32
-    accuracy (see ``mlp_rows``)."""
+    float32, ``xo`` the same in DTYPE); DECOMPOSED: x @ (carry * base1 + w1)[:, hid] at
+    float32 accuracy (see ``mlp_rows``)."""
     mask1 = cmask[:, None] & (hid < HID)[None, :]
     w1 = tl.load(w1_ptr + cols[:, None] * s1_d + hid[None, :] * s1_k, mask=mask1, other=0.0)
-    pre = tl.dot(xo, w1.to(DTYPE), input_precision=PREC)
     if DECOMPOSED:
         b1 = tl.load(b1_ptr + cols[:, None] * sb1_d + hid[None, :] * sb1_k, mask=mask1,
-                     other=0.0).to(tl.float32)
-        pre += carry * tl.dot(x_tile, b1, input_precision=BASE_PREC)
-    return pre
+                     other=0.0)
+        return tl.dot(x_tile, whole_state(b1, w1, carry), input_precision=BASE_PREC)
+    return tl.dot(xo, w1.to(DTYPE), input_precision=PREC)
 
 
 @triton.jit
@@ -95,12 +103,11 @@ def times_w2t(dy, dyo, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, cols, cm
     output carried to its hidden block (``dy`` float32, ``dyo`` in DTYPE)."""
     mask = cmask[:, None] & (hid < HID)[None, :]
     w2t = tl.load(w2_ptr + hid[None, :] * s2_k + cols[:, None] * s2_d, mask=mask, other=0.0)
-    out = tl.dot(dyo, w2t.to(DTYPE), input_precision=PREC)
     if DECOMPOSED:
         b2t = tl.load(b2_ptr + hid[None, :] * sb2_k + cols[:, None] * sb2_d, mask=mask,
-                      other=0.0).to(tl.float32)
-        out += carry * tl.dot(dy, b2t, input_precision=BASE_PREC)
-    return out
+                      other=0.0)
+        return tl.dot(dy, whole_state(b2t, w2t, carry), input_precision=BASE_PREC)
+    return tl.dot(dyo, w2t.to(DTYPE), input_precision=PREC)
 
 
 @triton.jit
@@ -111,12 +118,11 @@ def times_w1t(dp, w1_ptr, s1_d, s1_k, b1_ptr, sb1_d, sb1_k, carry, cols, cmask, 
     hidden block carried to the MLP's input columns ``cols``."""
     mask = (hid < HID)[:, None] & cmask[None, :]
     w1t = tl.load(w1_ptr + hid[:, None] * s1_k + cols[None, :] * s1_d, mask=mask, other=0.0)
-    out = tl.dot(dp.to(DTYPE), w1t.to(DTYPE), input_precision=PREC)
     if DECOMPOSED:
         b1t = tl.load(b1_ptr + hid[:, None] * sb1_k + cols[None, :] * sb1_d, mask=mask,
-                      other=0.0).to(tl.float32)
-        out += carry * tl.dot(dp, b1t, input_precision=BASE_PREC)
-    return out
+                      other=0.0)
+        return tl.dot(dp, whole_state(b1t, w1t, carry), input_precision=BASE_PREC)
+    return tl.dot(dp.to(DTYPE), w1t.to(DTYPE), input_precision=PREC)
 
 
 @triton.jit
@@ -157,12 +163,11 @@ def times_w2_into(act, acc, w2_ptr, s2_k, s2_d, b2_ptr, sb2_k, sb2_d, carry, col
     columns ``cols`` (DECOMPOSED: see ``mlp_rows``)."""
     mask2 = (hid < HID)[:, None] & cmask[None, :]
     w2 = tl.load(w2_ptr + hid[:, None] * s2_k + cols[None, :] * s2_d, mask=mask2, other=0.0)
-    acc = tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=acc, input_precision=PREC)
     if DECOMPOSED:
         b2 = tl.load(b2_ptr + hid[:, None] * sb2_k + cols[None, :] * sb2_d, mask=mask2,
-                     other=0.0).to(tl.float32)
-        acc += carry * tl.dot(act, b2, input_precision=BASE_PREC)
-    return acc
+                     other=0.0)
+        return tl.dot(act, whole_state(b2, w2, carry), acc=acc, input_precision=BASE_PREC)
+    return tl.dot(act.to(DTYPE), w2.to(DTYPE), acc=acc, input_precision=PREC)
 
 
 @triton.jit
@@ -174,9 +179,10 @@ def mlp_rows(x_tile, x_b, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
     """gelu(x @ w1) @ w2 for a float32 block of rows, (BM, BD) and (BE > 0)
     its (BM, BE) second column block ``x_b``: returns both blocks of the
     output. The (BM, BH) hidden block lives only in registers. DECOMPOSED:
-    the weights are ``carry * base + delta`` (``w1``/``w2`` hold delta) and
-    each product is ``carry * (x @ base)`` with float32 operands (BASE_PREC)
-    plus ``x @ delta`` in DTYPE, so a small update survives 16-bit operands."""
+    the weights are ``carry * base + delta`` (``w1``/``w2`` hold delta), formed
+    tile by tile in float32 registers (``whole_state``), and each product
+    takes float32 operands (BASE_PREC), so a small update survives 16-bit
+    operands."""
     cols, cmask, cols_b, cmask_b = columns(D, BD, BE)
     hcols = tl.arange(0, BH)
     xo = x_tile.to(DTYPE)
@@ -204,7 +210,7 @@ def mlp_rows(x_tile, x_b, w1_ptr, w2_ptr, s1_d, s1_k, s2_k, s2_d,
 
 @triton.jit
 def cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, x_b, xo_b, dy_b, dyo_b, w1_b, w2t_b, b1_b,
-               b2t_b, carry, acc1, acc2, acc1_b, acc2_b, BE: tl.constexpr, DTYPE: tl.constexpr,
+               b2t_b, acc1, acc2, acc1_b, acc2_b, BE: tl.constexpr, DTYPE: tl.constexpr,
                PREC: tl.constexpr, DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr,
                GELU_TANH: tl.constexpr):
     """One block of rows of a weight-gradient pass over a hidden block j:
@@ -212,18 +218,21 @@ def cols_step(x, xo, dy, dyo, w1, w2t, b1, b2t, x_b, xo_b, dy_b, dyo_b, w1_b, w2
     output, ``acc1 += x^T (gelu'(pre_j) * (dy @ w2[j]^T))`` (w1's block) and
     ``acc2 += gelu(pre_j)^T dy`` (w2's), for the first column block and
     (BE > 0) the second (``*_b``). ``w1`` (BD, BH) and ``w2t`` (BD, BH) in
-    DTYPE; DECOMPOSED: plus carry times float32 ``b1``, ``b2t``."""
-    pre = tl.dot(xo, w1, input_precision=PREC)
-    back = tl.dot(dyo, w2t, input_precision=PREC)
+    DTYPE; DECOMPOSED: the float32 whole states ``b1``, ``b2t``
+    (``whole_state``) times float32 ``x``, ``dy`` at BASE_PREC instead."""
     if DECOMPOSED:
-        pre += carry * tl.dot(x, b1, input_precision=BASE_PREC)
-        back += carry * tl.dot(dy, b2t, input_precision=BASE_PREC)
+        pre = tl.dot(x, b1, input_precision=BASE_PREC)
+        back = tl.dot(dy, b2t, input_precision=BASE_PREC)
+    else:
+        pre = tl.dot(xo, w1, input_precision=PREC)
+        back = tl.dot(dyo, w2t, input_precision=PREC)
     if BE > 0:
-        pre = tl.dot(xo_b, w1_b, acc=pre, input_precision=PREC)
-        back = tl.dot(dyo_b, w2t_b, acc=back, input_precision=PREC)
         if DECOMPOSED:
-            pre += carry * tl.dot(x_b, b1_b, input_precision=BASE_PREC)
-            back += carry * tl.dot(dy_b, b2t_b, input_precision=BASE_PREC)
+            pre = tl.dot(x_b, b1_b, acc=pre, input_precision=BASE_PREC)
+            back = tl.dot(dy_b, b2t_b, acc=back, input_precision=BASE_PREC)
+        else:
+            pre = tl.dot(xo_b, w1_b, acc=pre, input_precision=PREC)
+            back = tl.dot(dyo_b, w2t_b, acc=back, input_precision=PREC)
     d_pre = (back * gelu_grad(pre, GELU_TANH)).to(DTYPE)
     act = gelu(pre, GELU_TANH).to(DTYPE)
     acc1 = tl.dot(tl.trans(xo), d_pre, acc=acc1, input_precision=PREC)
@@ -290,12 +299,13 @@ def store_weight_grads(g1_ptr, g2_ptr, out, acc1, acc2, scale, D, HID, cols, cma
 
 @triton.jit
 def cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, cmask_b, w1,
-               w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b,
+               w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, acc1, acc2, acc1_b, acc2_b,
                ROWS: tl.constexpr, BE: tl.constexpr, DTYPE: tl.constexpr, PREC: tl.constexpr,
                DECOMPOSED: tl.constexpr, BASE_PREC: tl.constexpr, GELU_TANH: tl.constexpr):
     """``cols_step`` over ROWS rows of chunk c (of N tokens) from row ``r0``:
     its inputs x (a read's tokens, a write's keys; strided) and the gradient
-    at the MLP's output ((L, D) rows), both column blocks."""
+    at the MLP's output ((L, D) rows), both column blocks; DECOMPOSED: ``b1``,
+    ``b2t`` (and ``*_b``) the float32 whole states (``whole_state``)."""
     rows = r0 + tl.arange(0, ROWS)
     rmask = (rows < L) & (c * L + rows < N)
     mask = rmask[:, None] & cmask[None, :]
@@ -308,13 +318,13 @@ def cols_rows(x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, 
         x_b = tl.load(x_base + (rows[:, None] * sx_n + cols_b[None, :] * sx_d), mask=mask_b,
                       other=0.0)
         dyo_b = tl.load(dy_base + (rows[:, None] * D + cols_b[None, :]), mask=mask_b, other=0.0)
-    if DECOMPOSED:  # W_0's products take float32 operands
+    if DECOMPOSED:  # the whole states' products take float32 operands
         return cols_step(x.to(tl.float32), x.to(DTYPE), dyo.to(tl.float32), dyo, w1, w2t, b1,
                           b2t, x_b.to(tl.float32), x_b.to(DTYPE), dyo_b.to(tl.float32), dyo_b,
-                          w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b, BE, DTYPE,
+                          w1_b, w2t_b, b1_b, b2t_b, acc1, acc2, acc1_b, acc2_b, BE, DTYPE,
                           PREC, True, BASE_PREC, GELU_TANH)
     xo = x.to(DTYPE)
     xo_b = x_b.to(DTYPE)
     return cols_step(xo, xo, dyo, dyo, w1, w2t, w1, w2t, xo_b, xo_b, dyo_b, dyo_b, w1_b, w2t_b,
-                      w1_b, w2t_b, 1.0, acc1, acc2, acc1_b, acc2_b, BE, DTYPE, PREC, False, PREC,
+                      w1_b, w2t_b, acc1, acc2, acc1_b, acc2_b, BE, DTYPE, PREC, False, PREC,
                       GELU_TANH)

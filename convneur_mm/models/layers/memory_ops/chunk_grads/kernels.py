@@ -276,13 +276,13 @@ def _write_cols(k_base, dh_ptr, w1_ptr, w2_ptr, g1_ptr, g2_ptr, chunk, sk_l, sk_
     for r0 in range(0, whole, BM):
         acc1, acc2, acc1_b, acc2_b = cols_rows(
             k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, cols_b, cmask_b, w1, w2t,
-            w1, w2t, w1_b, w2t_b, w1_b, w2t_b, 1.0, acc1, acc2, acc1_b, acc2_b, BM, BE, DTYPE,
+            w1, w2t, w1_b, w2t_b, w1_b, w2t_b, acc1, acc2, acc1_b, acc2_b, BM, BE, DTYPE,
             PREC, False, PREC, GELU_TANH)
     if TAIL < BM:  # the rows past the whole blocks, TAIL at a time: 196 take 208, not 256
         for r0 in range(whole, L, TAIL):
             acc1, acc2, acc1_b, acc2_b = cols_rows(
                 k_base, dh_base, sk_l, sk_d, r0, 0, L, L, D, cols, cmask, cols_b, cmask_b, w1,
-                w2t, w1, w2t, w1_b, w2t_b, w1_b, w2t_b, 1.0, acc1, acc2, acc1_b, acc2_b, TAIL, BE,
+                w2t, w1, w2t, w1_b, w2t_b, w1_b, w2t_b, acc1, acc2, acc1_b, acc2_b, TAIL, BE,
                 DTYPE, PREC, False, PREC, GELU_TANH)
 
     out = chunk * D * HID

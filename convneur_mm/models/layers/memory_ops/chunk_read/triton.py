@@ -38,8 +38,9 @@ def chunk_read_triton(states: MemoryWeights, queries: Tensor, chunk_size: int,
             bfloat16; None: float32); sums, LayerNorm, GELU and the residual
             stay float32.
         base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d): the read is
-            then ``carry * (q @ W_0)`` at float32 accuracy plus ``q @ dW`` in
-            ``operand_dtype``.
+            then ``q @ (carry * W_0 + dW)`` at float32 accuracy, the kernels
+            forming that state tile by tile in float32 registers (the
+            backward's weight gradients keep ``operand_dtype``).
         carry: (H, B, C) a_t of each state, with ``base``.
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
             the defaults, for tuning and tests.

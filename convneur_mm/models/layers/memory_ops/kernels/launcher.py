@@ -151,7 +151,7 @@ def launch_config(op: str, operand_dtype: torch.dtype, device: torch.device
     constexprs of an operand dtype.
 
     float32 operands multiply in IEEE float32 (as the PyTorch path with TF32
-    off). The W_0 part of a decomposed read needs float32 accuracy at tensor
+    off). The whole state of a decomposed read needs float32 accuracy at tensor
     core speed: three TF32 products (``tf32x3``) on NVIDIA GPUs that have
     TF32, IEEE float32 elsewhere (and in the interpreter, which ignores it)."""
     recording = _recorders[-1] if _recorders else None

@@ -101,8 +101,8 @@ SPLIT_TILES: Dict[Tuple[int, int], Dict[int, Dict[str, Tuple[int, int]]]] = {
 # one program per state runs the same rows code
 SM90_ROW_LIMITS = {'read_backward_rows': 32, 'read_backward_chunk': 32}
 # a decomposed read's (BM, BH) at ``SPLIT_TILES``' widths, on either GPU: its float32
-# W_0 tiles beside the 16-bit ones in one padded block of 256 spilled 132 B (the read)
-# to 6.5 KB (its backward's columns pass, sm_80); split, 0 to 416 B
+# whole-state tiles in one padded block of 256 spilled 32 B (the read) to 1.25 KB (its
+# backward's columns pass, sm_80); split, 0 but 276 B there
 # (docs/notes/benchmarks.md#a-decomposed-read-at-m4s-width-in-two-column-blocks-machine-k)
 DECOMPOSED_SPLIT_TILES = (16, 16)
 _forced: List[Tuple[str, dict]] = []  # (kernel, options) of open ``forced_tiles``

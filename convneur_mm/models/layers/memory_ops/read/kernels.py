@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..triton_common import (cols_rows, columns, gelu_grad, hidden_block, layer_norm_rows,
                              ln_backward_rows, load_tile, mlp_rows, pre_block, store_weight_grads,
-                             times_w1t, times_w2t, weight_tiles)
+                             times_w1t, times_w2t, weight_tiles, whole_state)
 
 __all__ = ['read_kernel', 'read_backward_rows_kernel', 'read_backward_cols_kernel',
            'read_backward_chunk_kernel']
@@ -295,17 +295,17 @@ def _cols_backward(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr, b1_ptr, b2_p
     w2_base = w2_ptr + (h * s2_h + b * s2_b + c64 * s2_c)
     w1, w2t = weight_tiles(w1_base, s1_d, s1_k, w2_base, s2_k, s2_d, cols, cmask, hid,
                             hmask)
-    w1 = w1.to(DTYPE)
-    w2t = w2t.to(DTYPE)
     carry = 1.0
     b1 = w1
     b2t = w2t
-    if DECOMPOSED:
+    if DECOMPOSED:  # the whole states in float32, from dW as stored
         carry = tl.load(carry_ptr + (h * sc_h + b * sc_b + c64 * sc_c)).to(tl.float32)
         b1, b2t = weight_tiles(b1_ptr + h * sb1_h, sb1_d, sb1_k, b2_ptr + h * sb2_h, sb2_k,
                                 sb2_d, cols, cmask, hid, hmask)
-        b1 = b1.to(tl.float32)
-        b2t = b2t.to(tl.float32)
+        b1 = whole_state(b1, w1, carry)
+        b2t = whole_state(b2t, w2t, carry)
+    w1 = w1.to(DTYPE)
+    w2t = w2t.to(DTYPE)
     acc1 = tl.zeros((BD, BH), dtype=tl.float32)
     acc2 = tl.zeros((BH, BD), dtype=tl.float32)
     w1_b = w1
@@ -317,15 +317,15 @@ def _cols_backward(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr, b1_ptr, b2_p
     if BE > 0:
         w1_b, w2t_b = weight_tiles(w1_base, s1_d, s1_k, w2_base, s2_k, s2_d, cols_b, cmask_b,
                                     hid, hmask)
-        w1_b = w1_b.to(DTYPE)
-        w2t_b = w2t_b.to(DTYPE)
         b1_b = w1_b
         b2t_b = w2t_b
         if DECOMPOSED:
             b1_b, b2t_b = weight_tiles(b1_ptr + h * sb1_h, sb1_d, sb1_k, b2_ptr + h * sb2_h,
                                         sb2_k, sb2_d, cols_b, cmask_b, hid, hmask)
-            b1_b = b1_b.to(tl.float32)
-            b2t_b = b2t_b.to(tl.float32)
+            b1_b = whole_state(b1_b, w1_b, carry)
+            b2t_b = whole_state(b2t_b, w2t_b, carry)
+        w1_b = w1_b.to(DTYPE)
+        w2t_b = w2t_b.to(DTYPE)
         acc1_b = tl.zeros((BE, BH), dtype=tl.float32)
         acc2_b = tl.zeros((BH, BE), dtype=tl.float32)
 
@@ -335,13 +335,13 @@ def _cols_backward(x_ptr, dy_ptr, w1_ptr, w2_ptr, gw1_ptr, gw2_ptr, b1_ptr, b2_p
     for r0 in range(0, whole, BM):
         acc1, acc2, acc1_b, acc2_b = cols_rows(
             x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, cmask_b, w1,
-            w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b, BM, BE,
+            w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, acc1, acc2, acc1_b, acc2_b, BM, BE,
             DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
     if TAIL < BM:  # as grads_cols_kernel's
         for r0 in range(whole, L, TAIL):
             acc1, acc2, acc1_b, acc2_b = cols_rows(
                 x_base, dy_base, sx_n, sx_d, r0, c, L, N, D, cols, cmask, cols_b, cmask_b, w1,
-                w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, carry, acc1, acc2, acc1_b, acc2_b,
+                w2t, b1, b2t, w1_b, w2t_b, b1_b, b2t_b, acc1, acc2, acc1_b, acc2_b,
                 TAIL, BE, DTYPE, PREC, DECOMPOSED, BASE_PREC, GELU_TANH)
 
     out = group.to(tl.int64) * D * HID

@@ -224,8 +224,9 @@ def read_triton(weights: MemoryWeights, x: Tensor, operand_dtype: Optional[torch
             stay float32.
         base: W_0 per head, ``w1`` (H, d, 4d), ``w2`` (H, 4d, d), the G groups
             being H heads of G / H groups each, head-major: the read is then
-            ``carry * (x @ W_0)`` at float32 accuracy plus ``x @ dW`` in
-            ``operand_dtype``, as in ``read_torch``.
+            ``x @ (carry * W_0 + dW)`` at float32 accuracy (``read_torch``
+            computes ``carry * (x @ W_0)`` plus a 16-bit ``x @ dW``; the
+            kernels form the state tile by tile in float32 registers).
         carry: (G,) a_t of each group's state, with ``base``.
         block_rows, block_hidden: tile sizes (powers of two >= 16) overriding
             the defaults, for tuning and tests.
