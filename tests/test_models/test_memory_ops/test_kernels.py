@@ -487,12 +487,15 @@ def test_backward_kernels_on_cuda_at_model_widths(d):
 
 
 @pytest.mark.gpu
-def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
+@pytest.mark.parametrize('max_lr', [1.0, 1e-3])
+def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16(max_lr):
     """M3's memory width under bf16 autocast: ``implementation='triton'`` against
-    the PyTorch path, every gradient within bfloat16's tolerance."""
+    the PyTorch path, every gradient within bfloat16's tolerance; at ``max_lr``
+    1e-3 a decomposed read (its whole states and the projections' exact
+    queries in ``tf32x3``)."""
     import copy
     torch.manual_seed(0)
-    ref = NeuralMemory(128, chunk_size=196, implementation='torch').cuda().train()
+    ref = NeuralMemory(128, chunk_size=196, max_lr=max_lr, implementation='torch').cuda().train()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -502,7 +505,9 @@ def test_a_memory_trains_on_cuda_with_the_kernels_in_bfloat16():
     grads = []
     for memory in (fused, ref):
         with torch.autocast('cuda', dtype=torch.bfloat16):
-            assert memory.plan(x).implementation == memory.implementation
+            plan = memory.plan(x)
+            assert plan.implementation == memory.implementation
+            assert plan.decomposed_read == (max_lr < 1)
             memory(x).float().square().mean().backward()
         grads.append({n: p.grad.double().cpu() for n, p in memory.named_parameters()
                       if p.grad is not None and n != 'pool.to_logits.bias'})
