@@ -27,7 +27,14 @@ is left out with its kernels (``faulting_calls``), and said so.
 
     python -m benchmarks.run tune [--arch m3] [--stage 0]
         [--batch 128] [--operand-dtype bfloat16] [--json FILE] [--limit-s 300]
+    python -m benchmarks.run tune --job upernet-m4  # a real config's stage 1
     TRITON_INTERPRET=1 python -m benchmarks.run tune --dry-run  # a CPU
+
+``--job`` takes a real config's shapes (its per-GPU batch, largest training
+image and memory settings); where its ``max_lr`` makes the read decomposed
+(16-bit operands below ``dispatch.DECOMPOSE_BELOW_MAX_LR``: the COCO and
+ADE20K configs) it tunes the decomposed read's kernels, whose entries are
+their own kind (``TunedTile.decomposed``), and nothing else.
 
 It prints each kernel's default and chosen options with their times, the
 chosen ones as ``kernels.tuned.TunedTile`` entries to record in
@@ -79,6 +86,8 @@ OP_OF = {'read': 'read', 'read_backward_rows': 'read step', 'read_backward_cols'
          'project_backward': 'project step', 'grads_chunk': 'write',
          'grads_backward_chunk': 'write step', 'read_backward_chunk': 'read step'}
 OPERAND_DTYPES = {name: getattr(torch, name) for name in OPERAND_DTYPE_NAMES}
+# the kernels a decomposed read launches (a read's own kind of tuned entries)
+DECOMPOSED_KERNELS = ('read', 'read_backward_rows', 'read_backward_cols', 'read_backward_chunk')
 
 
 def time_kernel(fn: Callable[[], object], device='cpu', repeats: int = 5) -> float:
@@ -132,14 +141,15 @@ class Calls(NamedTuple):
 
 
 def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
-                seed: int = 0) -> Calls:
+                seed: int = 0, decomposed: bool = False) -> Calls:
     """The write's, the read's and the projections' forward ('write',
     'read', 'project') and training steps ('write step', 'read step',
     'project step') at ``shape`` (the projections at the backbone's default
     ``max_lr``), through the Triton kernels and through the PyTorch path
     (the steps with the closed-form backward), on the same inputs. The
     Triton write writes w1's and w2's gradients in the operand dtype, as
-    inference does."""
+    inference does. ``decomposed``: the read is a decomposed one
+    (``decomposed_read``), its states an update on W_0."""
     from convneur_mm.models.backbones.convneur import ConvNeur
     from convneur_mm.models.layers.memory_ops import (chunk_grads_closed_form, chunk_grads_triton,
                                                       read_closed_form, read_triton)
@@ -148,6 +158,12 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
     write, read, cotangents = write_read_inputs(shape, device=device, seed=seed)
     if write is None:
         raise ValueError(f'{shape} writes no chunk: pick a stage with more tokens than a chunk')
+    read_of = lambda fn: fn  # noqa: E731
+    read_grads = flat_inputs(read)
+    if decomposed:
+        read, base, carry = decomposed_read(read, shape.heads, seed)
+        read_of = functools.partial(functools.partial, base=base, carry=carry)
+        read_grads = flat_inputs(read) + [base.w1, base.w2, carry]
     x, weights, bars = projection_inputs(shape, device=device, seed=seed)
     projected = (x, weights, shape.writes, shape.chunk, ConvNeur.default_memory_cfg['max_lr'])
     # the pool's logits bias shifts a feature's logits alike over a chunk's rows, which its
@@ -170,9 +186,10 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
                 return list(torch.autograd.grad(outs, grads_of, bars))
             return call
 
+        read_fn = read_of(read_fn)
         return {'write': forward(write_fn, write), 'read': forward(read_fn, read),
                 'write step': step(grads_fn, write, flat_inputs(write), cotangents[:3]),
-                'read step': step(read_fn, read, flat_inputs(read), cotangents[3:]),
+                'read step': step(read_fn, read, read_grads, cotangents[3:]),
                 'project': forward(project_fn, projected),
                 'project step': step(project_step_fn, projected, projection_grads, bars)}
 
@@ -183,6 +200,24 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
                        project_triton),
                  calls(chunk_grads_closed_form, chunk_grads_closed_form, read_closed_form,
                        project_torch, project_closed_form))
+
+
+def decomposed_read(read: tuple, heads: int, seed: int = 0) -> Tuple[tuple, object, torch.Tensor]:
+    """A stage's read inputs (``write_read_inputs``) as a decomposed read's:
+    the states' w1 and w2 an update 2e-3 of their scale (``max_lr`` 1e-3's
+    order), W_0 per head at the states' scale, a_t in [0.5, 1); leaves."""
+    from convneur_mm.models.layers.memory_ops import MemoryWeights
+    weights, x = read
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(x.device).requires_grad_()
+
+    delta = MemoryWeights(leaf(weights.w1 * 2e-3), leaf(weights.w2 * 2e-3), weights.g)
+    base = MemoryWeights(*(leaf(torch.randn((heads, *w.shape[1:]), generator=gen) *
+                                w.shape[1]**-0.5) for w in (weights.w1, weights.w2)), None)
+    carry = leaf(0.5 + 0.5 * torch.rand(weights.w1.shape[0], generator=gen))
+    return (delta, x), base, carry
 
 
 class Trial(NamedTuple):
@@ -227,12 +262,13 @@ def with_split_axis(axes: Dict[str, Sequence[int]], start: Dict[str, int], tiles
 
 
 def kernel_start(kernel: str, shape: MemoryShape, operand_dtype: torch.dtype,
-                 arch: Optional[int], axes: Dict[str, Sequence[int]]
+                 arch: Optional[int], axes: Dict[str, Sequence[int]], decomposed: bool = False
                  ) -> Tuple[Dict[str, Sequence[int]], Dict[str, int], int]:
     """The axes ``kernel``'s search walks at ``shape``, its start (the options
     it launches with now) and the width its entries name (``TunedTile.block_d``):
     a head's, or for the projections a whole row. Each kernel walks the axes
-    it takes (``tiles.kernel_options``: the projections' ``PROJECTION_AXES``)."""
+    it takes (``tiles.kernel_options``: the projections' ``PROJECTION_AXES``);
+    ``decomposed``: a decomposed read's kernel."""
     kernel_axes = {axis: values for axis, values in axes.items()
                    if axis in kernel_options(kernel)}
     if kernel in PROJECTION_KERNELS:
@@ -242,7 +278,8 @@ def kernel_start(kernel: str, shape: MemoryShape, operand_dtype: torch.dtype,
                                   operand_dtype, kernel == 'project_backward', arch)
     else:
         width = shape.head_dim
-        config = tile_config(kernel, width, shape.chunk, None, None, operand_dtype, arch=arch)
+        config = tile_config(kernel, width, shape.chunk, None, None, operand_dtype, decomposed,
+                             arch)
         kernel_axes = within_row_limit(kernel_axes, kernel, operand_dtype, arch)
     kernel_axes, start = with_split_axis(kernel_axes, {axis: config[axis] for axis in kernel_axes},
                                          config, width)
@@ -358,7 +395,8 @@ def best_trial(trials: List[Trial]) -> Trial:
 def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                kernels: Sequence[str] = tuple(OP_OF), axes: Dict[str, Sequence[int]] = AXES,
                rounds: int = 2, limit_s: Optional[float] = None, repeats: int = 5,
-               on_progress: Optional[Callable[[Dict], None]] = None) -> Dict:
+               on_progress: Optional[Callable[[Dict], None]] = None,
+               decomposed: bool = False) -> Dict:
     """Tune ``kernels`` in order at ``shape`` (see the module docstring).
 
     Args:
@@ -373,6 +411,9 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
         repeats: timed calls per candidate off CUDA (``time_kernel``).
         on_progress: called with the results so far after each kernel (a
             run that fails later keeps what it found).
+        decomposed: tune a decomposed read's kernels (``DECOMPOSED_KERNELS``,
+            of ``kernels``; their entries are ``TunedTile.decomposed`` ones)
+            and measure no path (``MeasuredPath`` has no decomposed kind).
 
     Returns:
         A JSON-able dict: ``kernels`` (per kernel: ``start``, ``chosen``,
@@ -390,14 +431,19 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     """
     device = torch.device(device)
     # a kernel that replaces others is compared with them at their chosen options
+    if decomposed:
+        kernels = [kernel for kernel in kernels if kernel in DECOMPOSED_KERNELS]
     kernels = sorted(kernels, key=lambda kernel: kernel in REPLACES)
     deadline = None if limit_s is None else time.monotonic() + limit_s
-    calls = stage_calls(shape, operand_dtype, device)
+    calls = stage_calls(shape, operand_dtype, device, decomposed=decomposed)
     # a fault ends the process and every result with it: such calls are left out
     skipped = faulting_calls(is_cuda(device))
     calls = Calls(*({name: call for name, call in group.items() if name not in skipped}
                     for group in calls))
     kernels = [kernel for kernel in kernels if OP_OF[kernel] not in skipped]
+    if decomposed:  # only the read's calls: no path is measured
+        calls = Calls(*({name: call for name, call in group.items() if name.startswith('read')}
+                        for group in calls))
     tol = 1e-5 if operand_dtype == torch.float32 else 2e-3
     arch = target_arch(device)
     result: Dict = {'arch': arch, 'kernels': {}, 'calls': {}, 'entries': [], 'paths': [],
@@ -407,7 +453,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
                   for name, call in calls.triton.items()}
     chosen: Dict[str, Dict[str, int]] = {}
     for kernel in kernels:
-        kernel_axes, start, width = kernel_start(kernel, shape, operand_dtype, arch, axes)
+        kernel_axes, start, width = kernel_start(kernel, shape, operand_dtype, arch, axes,
+                                                 decomposed)
         call = calls.triton[OP_OF[kernel]]
         trials = tune_kernel(kernel, call, start, chosen, device, tol, kernel_axes, rounds,
                              deadline, repeats)
@@ -436,8 +483,8 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             # the projections have no hidden units (BH 16 stands for none) nor persistent programs
             none = dict(BH=16, programs_per_sm=0) if kernel in PROJECTION_KERNELS else {}
             options = {**none, **best.options}
-            entry = TunedTile(kernel, arch, dtype_name(operand_dtype), block_width(width), False,
-                              **options)
+            entry = TunedTile(kernel, arch, dtype_name(operand_dtype), block_width(width),
+                              decomposed, **options)
             result['entries'].append(f'{entry!r},')
             result['tiles'].append(entry._asdict())
         if deadline is not None and time.monotonic() > deadline and not result['stopped_at']:
@@ -449,7 +496,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     except Exception as error:  # noqa: B902 - a broken CUDA context: keep the search's results
         result['error'] = describe_error(error)
         return result
-    if arch is not None:  # what implementation='auto' decides by
+    if arch is not None and not decomposed:  # what implementation='auto' decides by
         paths = measured_paths(result['calls'], arch, operand_dtype,
                                torch.cuda.get_device_name(device), shape)
         result['paths'] = [f'{entry!r},' for entry in paths]
@@ -614,7 +661,12 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``tune`` case's options."""
     add_stage_arguments(parser)
+    from benchmarks.training.throughput import JOBS
     parser.add_argument('--kernels', nargs='+', default=list(OP_OF), choices=list(OP_OF))
+    parser.add_argument('--job', choices=sorted(JOBS),
+                        help="a real config's stage --stage in place of --arch and --batch: "
+                             'its per-GPU batch, largest training image and memory settings; '
+                             'a decomposed read (its max_lr) tunes that read\'s kernels only')
     parser.add_argument('--rounds', type=positive_int, default=2)
     parser.add_argument('--limit-s', type=positive_float, default=None,
                         help='stop trying candidates after this many seconds')
@@ -653,18 +705,47 @@ def stage_shape(args: argparse.Namespace) -> MemoryShape:
     return shapes[args.stage]
 
 
+def job_stage(job: str, stage: int) -> Tuple[MemoryShape, float]:
+    """A real config's (``profile.job_shapes``) memory at stage ``stage``
+    and its ``max_lr``: its per-GPU batch, its largest training image's
+    tokens there, its chunks and heads.
+
+    Raises:
+        UsageError: a stage the model does not have.
+    """
+    from benchmarks.kernels.profile import job_shapes
+    from convneur_mm.models.backbones.convneur import ConvNeur
+    shapes = job_shapes(job)
+    settings = ConvNeur.arch_settings[shapes['arch']]
+    if not 0 <= stage < len(settings['dims']):
+        raise UsageError(f"--stage must be in [0, {len(settings['dims']) - 1}]")
+    cfg = {**ConvNeur.default_memory_cfg, **shapes['memory_cfg']}
+    height, width = shapes['size']
+    tokens = (height // 4 // 2**stage) * (width // 4 // 2**stage)
+    return MemoryShape(shapes['batch'], tokens, cfg['chunk_size'], cfg['heads'],
+                       settings['memory_dim'] // cfg['heads']), cfg['max_lr']
+
+
 def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``tune_stage`` with the parsed options, its JSON rewritten after each
     kernel; a dry run is a CPU run in Triton's interpreter at tiny shapes,
-    float16 (started with ``TRITON_INTERPRET=1``)."""
+    float16 (started with ``TRITON_INTERPRET=1``; with ``--job``, of that
+    job's kind of read)."""
+    from convneur_mm.models.layers.memory_ops.dispatch import DECOMPOSE_BELOW_MAX_LR
     shape, dtype, device = stage_of_args(args, 'tune', 'times the kernels')
+    decomposed = False
+    if args.job:
+        job_shape, max_lr = job_stage(args.job, args.stage)
+        shape = shape if args.dry_run else job_shape
+        decomposed = dtype != torch.float32 and max_lr < DECOMPOSE_BELOW_MAX_LR
     axes, repeats = (DRY_AXES, 1) if args.dry_run else (AXES, 5)
-    settings = {'shape': shape._asdict(), 'operand_dtype': dtype_name(dtype),
+    settings = {'shape': shape._asdict(), 'job': args.job, 'decomposed': decomposed,
+                'operand_dtype': dtype_name(dtype),
                 'device': (torch.cuda.get_device_name() if device == 'cuda'
                            else 'cpu (Triton interpreter)'),
                 'torch': torch.__version__, 'triton': _triton_version(), 'dry_run': args.dry_run}
     result = tune_stage(shape, dtype, device, args.kernels, axes, args.rounds, args.limit_s,
                         repeats, on_progress=lambda partial: record.write(
-                            dict(partial, settings=settings)))
+                            dict(partial, settings=settings)), decomposed=decomposed)
     print(format_report(result))
     return dict(result, settings=settings)

@@ -3,7 +3,6 @@ are small Python programs: saved after every step, a failure diagnosed and
 rerun on the PyTorch path, no step started without its time, a resume that
 runs only what is missing; and every real step's command parsed by its case."""
 import json
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -192,7 +191,8 @@ def test_the_first_run_goes_correctness_tune_ncu_sanitizer_bench_in_that_order()
     assert groups[:5] == ['correctness', 'tune', 'ncu', 'sanitizer', 'bench']
     names = [s.name for s in gpu_steps.gpu_steps()]
     assert names.index('correctness/read') == 4  # the step known to fault, last of its group
-    assert [n for n in names if n.startswith('tune/')] == ['tune/m3', 'tune/m4']
+    assert [n for n in names if n.startswith('tune/')] == ['tune/m3', 'tune/m4',
+                                                          'tune/cascade-m3', 'tune/upernet-m4']
 
 
 def test_variants_that_may_launch_kernels_get_a_process_each():

@@ -274,6 +274,24 @@ def test_a_dry_run_tunes_in_the_interpreter_and_reports_every_call(tmp_path):
     assert '| read | read |' in done.stdout and 'this run had none' in done.stdout
 
 
+@pytest.mark.slow  # the interpreter runs the read's search
+def test_a_dry_run_of_a_decomposed_jobs_read(tmp_path):
+    """``--job fpn-m3`` (max_lr 0.2, float16 operands): the decomposed read's
+    kernels, each candidate agreeing with the start, and their calls only."""
+    out = tmp_path / 'tune.json'
+    done = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.run', 'tune', '--dry-run', '--job', 'fpn-m3',
+         '--kernels', 'read', 'grads_rows', '--rounds', '1', '--json', str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env=dict(os.environ, TRITON_INTERPRET='1'))
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())['result']
+    assert result['settings']['decomposed'] and result['settings']['job'] == 'fpn-m3'
+    assert list(result['kernels']) == ['read'] and set(result['calls']) == {'read', 'read step'}
+    trials = result['kernels']['read']['trials']
+    assert len(trials) > 1 and all(t['error'] is None and t['ms'] > 0 for t in trials)
+
+
 def test_the_projections_start_from_their_wrappers_tiles_on_their_own_axes():
     """No hidden units or persistent programs; M4's split tried, and the
     backward's output block; their entries name the memory's whole width."""
@@ -320,6 +338,51 @@ def test_a_gain_on_a_gpu_is_recorded_as_an_entry_the_tables_accept(monkeypatch, 
     assert entry.options() == chosen and (entry.kernel, entry.arch) == (kernel, 80)
     assert ('BH' in chosen) == (kernel == 'read')
     assert result['entries'] == [f'{entry!r},']
+
+
+def test_a_decomposed_read_is_tuned_alone_into_its_own_kind_of_entries(monkeypatch):
+    """``decomposed``: of the kernels asked for, the decomposed read's only,
+    from its own defaults, recorded as decomposed entries, no path measured."""
+    from convneur_mm.models.layers.memory_ops.kernels.tiles import check_tuned_tiles
+    from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
+    monkeypatch.setattr(kernel_tuning, 'target_arch', lambda device: 90)
+    monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda *args, **kwargs: 1e-3)
+    monkeypatch.setattr(kernel_tuning, '_time_calls', lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'a card')
+    starts = []
+
+    def faster_with_other_warps(kernel, call, start, *args, **kwargs):
+        starts.append((kernel, start))
+        return [Trial(start, 2e-3), Trial(dict(start, num_warps=12 - start['num_warps']), 1e-3)]
+
+    monkeypatch.setattr(kernel_tuning, 'tune_kernel', faster_with_other_warps)
+    shape = kernel_tuning.DRY_SHAPE._replace(head_dim=160)
+    result = kernel_tuning.tune_stage(shape, torch.bfloat16, 'cpu',
+                                      ['grads_rows', 'read', 'read_backward_cols', 'project'],
+                                      decomposed=True)
+    assert list(result['kernels']) == ['read', 'read_backward_cols']
+    for kernel, start in starts:  # M4's split at the decomposed read's own tiles
+        config = kernel_tiles.tile_config(kernel, 160, shape.chunk, None, None, torch.bfloat16,
+                                          True, 90)
+        assert start == dict(BM=config['BM'], BH=config['BH'], num_warps=config['num_warps'],
+                             num_stages=2, programs_per_sm=0, split=1) and config['BH'] == 16
+    entries = [TunedTile(**tile) for tile in result['tiles']]
+    check_tuned_tiles(entries)
+    assert [(e.kernel, e.decomposed) for e in entries] == [('read', True),
+                                                           ('read_backward_cols', True)]
+    assert result['paths'] == [] and result['measured_paths'] == []
+
+
+def test_a_jobs_stage_is_its_configs_memory_at_its_largest_image():
+    from benchmarks.common.record import UsageError
+    shape, max_lr = kernel_tuning.job_stage('cascade-m3', 0)
+    assert (shape.batch, shape.tokens, shape.chunk, shape.head_dim, max_lr) == (
+        2, 200 * 333, 4096, 128, 1e-3)  # 800 x 1333, chunks of 4096
+    shape, max_lr = kernel_tuning.job_stage('upernet-m4', 1)
+    assert (shape.batch, shape.tokens, shape.chunk, shape.head_dim, max_lr) == (
+        4, 64 * 64, 1024, 160, 0.2)
+    with pytest.raises(UsageError, match='--stage must be in'):
+        kernel_tuning.job_stage('fpn-m3', 4)
 
 
 def test_rows_past_a_kernels_row_limit_are_not_tried():
