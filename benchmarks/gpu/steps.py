@@ -119,27 +119,30 @@ DECOMPOSED_TUNE_JOBS = ('cascade-m3', 'upernet-m4')
 
 def tune_steps(limit_s: int = 60) -> List[Step]:
     """Every kernel the tuner knows, forward and backward, at M3's stage 1
-    (C_m 128) and M4's (160 columns), bf16; then the decomposed read's
-    kernels at ``DECOMPOSED_TUNE_JOBS``' stage 1. Each stops trying
-    candidates at ``limit_s`` (the decomposed reads half) and then times
-    the calls once more."""
-    steps = [Step(f'tune/{arch}', f"launch options by timing at {arch.upper()}'s stage 1, "
-                  'beside the PyTorch path',
-                  _lab('tune', '--arch', arch, '--stage', '0', '--limit-s', str(limit_s),
-                       '--json', f'{{out}}/tune_{arch}.json'), limit_s + 50,
-                  dry_argv=_lab('tune', '--dry-run', '--rounds', '1',
-                                '--json', f'{{out}}/tune_{arch}.json'),
-                  dry_env=INTERPRETER)
-             for arch in ('m3', 'm4')]
+    (C_m 128) and M4's (160 columns), bf16; each stops trying candidates at
+    ``limit_s`` and then times the calls once more."""
+    return [Step(f'tune/{arch}', f"launch options by timing at {arch.upper()}'s stage 1, "
+                 'beside the PyTorch path',
+                 _lab('tune', '--arch', arch, '--stage', '0', '--limit-s', str(limit_s),
+                      '--json', f'{{out}}/tune_{arch}.json'), limit_s + 50,
+                 dry_argv=_lab('tune', '--dry-run', '--rounds', '1',
+                               '--json', f'{{out}}/tune_{arch}.json'),
+                 dry_env=INTERPRETER)
+            for arch in ('m3', 'm4')]
+
+
+def decomposed_tune_steps(limit_s: int = 60) -> List[Step]:
+    """The decomposed read's kernels at ``DECOMPOSED_TUNE_JOBS``' stage 1
+    (``tune --job``), half ``limit_s`` of candidates each: after the
+    profilers, which the first run must reach, and before the bench."""
     limit = max(1, limit_s // 2)
-    steps += [Step(f'tune/{job}', f"the decomposed read's launch options at {job}'s stage 1",
-                   _lab('tune', '--job', job, '--stage', '0', '--limit-s', str(limit),
-                        '--json', f'{{out}}/tune_{job}.json'), limit + 40,
-                   dry_argv=_lab('tune', '--dry-run', '--job', job, '--kernels', 'read',
-                                 '--rounds', '1', '--json', f'{{out}}/tune_{job}.json'),
-                   dry_env=INTERPRETER)
-              for job in DECOMPOSED_TUNE_JOBS]
-    return steps
+    return [Step(f'tune/{job}', f"the decomposed read's launch options at {job}'s stage 1",
+                 _lab('tune', '--job', job, '--stage', '0', '--limit-s', str(limit),
+                      '--json', f'{{out}}/tune_{job}.json'), limit + 40,
+                 dry_argv=_lab('tune', '--dry-run', '--job', job, '--kernels', 'read',
+                               '--rounds', '1', '--json', f'{{out}}/tune_{job}.json'),
+                 dry_env=INTERPRETER)
+            for job in DECOMPOSED_TUNE_JOBS]
 
 
 def ncu_steps(kernels: Sequence[str] = NCU_KERNELS) -> List[Step]:
@@ -308,7 +311,8 @@ def gpu_steps(torch_pinned: bool = True, ncu_kernels: Sequence[str] = NCU_KERNEL
             them are left out).
     """
     steps = (correctness_steps() + tune_steps(tune_limit_s) + ncu_steps(ncu_kernels) +
-             sanitizer_steps() + bench_steps() + later_steps(torch_pinned, mmcv_ops))
+             sanitizer_steps() + decomposed_tune_steps(tune_limit_s) + bench_steps() +
+             later_steps(torch_pinned, mmcv_ops))
     names = [s.name for s in steps]
     assert len(set(names)) == len(names), names
     return steps

@@ -193,6 +193,9 @@ def test_the_first_run_goes_correctness_tune_ncu_sanitizer_bench_in_that_order()
     assert names.index('correctness/read') == 4  # the step known to fault, last of its group
     assert [n for n in names if n.startswith('tune/')] == ['tune/m3', 'tune/m4',
                                                           'tune/cascade-m3', 'tune/upernet-m4']
+    # the decomposed reads' tuning after the profilers, before the bench
+    assert (names.index('sanitizer/repro-memcheck') < names.index('tune/cascade-m3')
+            < names.index('bench/model')), names
 
 
 def test_variants_that_may_launch_kernels_get_a_process_each():
