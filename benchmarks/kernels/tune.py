@@ -738,6 +738,10 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
         job_shape, max_lr = job_stage(args.job, args.stage)
         shape = shape if args.dry_run else job_shape
         decomposed = dtype != torch.float32 and max_lr < DECOMPOSE_BELOW_MAX_LR
+        where = ("a dry run's tiny shape" if args.dry_run else
+                 "the config's batch and image, not --arch's or --batch's")
+        print(f'{args.job}, stage {args.stage}: {shape} ({where}), max_lr {max_lr}: '
+              + ("the decomposed read's kernels" if decomposed else 'the kernels asked for'))
     axes, repeats = (DRY_AXES, 1) if args.dry_run else (AXES, 5)
     settings = {'shape': shape._asdict(), 'job': args.job, 'decomposed': decomposed,
                 'operand_dtype': dtype_name(dtype),

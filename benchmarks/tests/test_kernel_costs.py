@@ -247,3 +247,9 @@ def test_exact_queries_count_at_the_decomposed_reads_base_rate():
     assert got[True].flops == got[False].flops + 5 * queries
     assert got[True].half_flops == got[True].flops
     assert got[False].half_flops == got[False].flops
+    # a GPU without TF32: the queries' products in IEEE float32, off the 16-bit rate
+    with torch.no_grad(), launcher.recording_launches(75) as launches:
+        project_triton._project(x, weight, bias, gamma, 3, L, 1.0, torch.bfloat16, True,
+                                None, None)
+    ieee = costs.kernel_costs(launches)['project_kernel']
+    assert ieee.flops == got[False].flops and ieee.half_flops == ieee.flops - queries

@@ -570,7 +570,7 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         if plan.projections == 'layers':
             return self._project_layers(x, num_updates)
         out = project(x, self.projection_weights(x.dtype), num_updates, self.chunk_size,
-                      self.max_lr, plan.operand_dtype, plan.decomposed_read,
+                      self.max_lr, plan.operand_dtype, exact_queries=plan.decomposed_read,
                       implementation=plan.projections, backward=plan.backward)
         if num_updates == 0:
             return MemoryProjections(out.queries)

@@ -206,6 +206,26 @@ def test_memory_state_dict_keys_are_unchanged():
         'to_lr_modulation.weight', 'to_lr_modulation.bias', 'init_w1', 'init_w2', 'init_g'}
 
 
+@pytest.mark.parametrize('max_lr, operand_dtype, exact', [
+    (1e-3, 'bfloat16', True), (1.0, 'bfloat16', False), (1e-3, 'float32', False)])
+def test_a_decomposed_read_asks_the_projections_for_exact_queries(monkeypatch, max_lr,
+                                                                  operand_dtype, exact):
+    from convneur_mm.models.layers import neural_memory
+    seen = []
+    real = neural_memory.project
+
+    def project(*args, **kwargs):
+        seen.append((args[5], kwargs['exact_queries']))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(neural_memory, 'project', project)
+    memory = NeuralMemory(8, chunk_size=4, max_lr=max_lr, operand_dtype=operand_dtype).eval()
+    with torch.no_grad():
+        memory(torch.randn(2, 10, 8))
+    dtype = None if operand_dtype == 'float32' else torch.bfloat16
+    assert seen == [(dtype, exact)]
+
+
 def test_plan_is_decided_once_from_the_settings_and_the_call():
     memory = NeuralMemory(8, chunk_size=4, max_lr=1e-3, operand_dtype='bfloat16',
                           implementation='torch', working_set_mib=1, recompute=True).eval()

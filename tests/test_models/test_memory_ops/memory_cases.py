@@ -373,8 +373,9 @@ def projection_results(gen: torch.Generator) -> dict:
         if name in EXACT_QUERY_CASES:  # float32 queries beside float16 others
             with kernel_tiles.forced_tiles('project', split=int(name in PROJECTION_SPLITS)), \
                     launcher.observing_launches() as launches:
-                got = project_triton(x, weights, u, length, 0.5, torch.float16, True,
-                                     block_rows=block_rows, block_features=steps)
+                got = project_triton(x, weights, u, length, 0.5, torch.float16,
+                                     exact_queries=True, block_rows=block_rows,
+                                     block_features=steps)
             results[f'project_exact_queries_{name}'] = dict(
                 queries=_rel_err(got.queries, ref.queries),
                 others=worst(_rel_err(g, r) for g, r in zip(got[1:], ref[1:]) if r.numel()),
@@ -615,6 +616,28 @@ def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: i
                                           logits.abs().max().clamp_min(1e-30)).item())
 
 
+def _exact_queries_backward() -> dict:
+    """``project_triton`` with and without exact queries (float16 operands,
+    two heads, a partial chunk), one set of cotangents: the backward, which
+    multiplies in the operand dtype either way, must give the same
+    gradients; the forward's queries differ."""
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(*shape, generator=gen) * 0.5 for shape in projection_shapes(24, 2)]
+    x = torch.randn(2, 20, 24, generator=gen)
+    outputs, grads = [], []
+    cotangents = None
+    for exact in (False, True):
+        leaves = _leaves(weights + [x])
+        out = project_triton(leaves[-1], ProjectionWeights(*leaves[:-1]), 2, 8, 0.5,
+                             torch.float16, exact_queries=exact)
+        cotangents = cotangents or [torch.randn(t.shape, generator=gen) for t in out]
+        torch.autograd.backward(list(out), cotangents)
+        outputs.append(out.queries.detach())
+        grads.append([t.grad for t in leaves])
+    return dict(grads_apart=max((a - b).abs().max().item() for a, b in zip(*grads)),
+                queries_apart=(outputs[0] - outputs[1]).abs().max().item())
+
+
 def _module_case(dtype: str, max_lr: float, **settings) -> dict:
     """``NeuralMemory(implementation='triton')`` in training against ``'torch'``:
     the plan, the output and every parameter's and the input's gradient."""
@@ -721,6 +744,7 @@ def backward_results() -> Dict[str, dict]:
                     results[key] = _project_case(gen, dtype, *case)
                 results[key].update(launched=_launched_projection_blocks(launches),
                                     output_blocks=_launched_output_blocks(launches))
+    results['project_exact_queries_backward'] = _exact_queries_backward()
     results.update(_16_bit_training_results())
     results.update(_projection_row_group_results())
     # more than 4096 rows per group: pseudo-chunks of 4096 share the group's

@@ -355,7 +355,7 @@ def test_exact_queries_compile_without_spills(arch, d):
                                   for shape in projection_shapes(d, 1)))
     x = torch.empty(2, 4096, d, device='meta')
     with torch.no_grad(), inspect.recording_launches(arch) as launches:
-        project_triton(x, weights, 4, 1024, 1e-3, torch.bfloat16, True)
+        project_triton(x, weights, 4, 1024, 1e-3, torch.bfloat16, exact_queries=True)
     assert [(x.kwargs['BM'], x.kwargs['QBK']) for x in launches] == [(16, 32)]
     report, = inspect.launch_reports(launches, arch)
     assert report.spill_stores == 0 and report.shared <= 163 * 1024, report

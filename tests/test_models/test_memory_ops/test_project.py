@@ -67,6 +67,13 @@ def test_exact_queries_take_16_row_tiles_and_32_feature_steps(monkeypatch):
     assert tiles(128, False, 90)[0] == 64 and tiles(128, True, 90)[0] == 16
 
 
+def test_exact_queries_leave_the_backward_kernel_as_it_was(backward_runs):
+    """Its products stay in the operand dtype: the same gradients bit for
+    bit, from queries that differ."""
+    result = backward_runs['project_exact_queries_backward']
+    assert result['grads_apart'] == 0 and result['queries_apart'] > 1e-5, result
+
+
 def test_the_projection_kernels_serve_kernels_triton():
     """implementation='triton' projects with its kernel up to width 256 in
     inference and in training up to 128 and at M4's 160 (its backward's
@@ -479,7 +486,7 @@ def test_exact_queries_keep_only_the_queries_at_full_precision(fn, shape):
     exact = _project(fn, u, L)(*inputs)
     rounded = _project(fn, u, L, torch.bfloat16)(*inputs)
     mixed = tuple(fn(inputs[0], ProjectionWeights(*inputs[1:]), u, L, 0.7, torch.bfloat16,
-                     True))
+                     exact_queries=True))
     torch.testing.assert_close(mixed[0], exact[0], rtol=0, atol=1e-12)
     assert (mixed[0] - rounded[0]).abs().max() > 1e-3  # bf16 rounding is what they avoid
     for name, got, want in zip(Projected._fields[1:], mixed[1:], rounded[1:]):
@@ -496,7 +503,8 @@ def test_exact_queries_train_as_the_pytorch_ops():
 
     def grads(fn, exact_queries):
         return _projected_and_grads(lambda x, *w: tuple(fn(
-            x, ProjectionWeights(*w), u, L, 0.7, torch.bfloat16, exact_queries)), inputs)
+            x, ProjectionWeights(*w), u, L, 0.7, torch.bfloat16,
+            exact_queries=exact_queries)), inputs)
 
     ours, reference = grads(project_closed_form, True), grads(project_torch, True)
     assert worst(_projection_errors(ours[:5], reference[:5])) < 1e-6
@@ -577,6 +585,9 @@ def test_projections_refuse_bad_arguments():
         project(x, weights._replace(keys=weights.keys[:8]), 2, 8, 1.0)
     with pytest.raises(ValueError, match='implementations'):
         project(x, weights, 2, 8, 1.0, implementation='cuda')
+    for fn in (project, project_torch, project_closed_form, project_triton):
+        with pytest.raises(TypeError, match='positional'):  # exact_queries by name only
+            fn(x, weights, 2, 8, 1.0, torch.bfloat16, 16)
     with pytest.raises(TypeError, match='float32'):
         project_triton(x, weights, 2, 8, 1.0)
     wide = _projection_weights(320, 2, gen, torch.float32)

@@ -219,7 +219,7 @@ def tile_config(kernel: str, d: int, rows: int, block_rows: Optional[int],
     below. 16-bit operands up to 128 wide take 64-row tiles, ``wgmma``'s least
     on sm_90 (the columns passes only there: before sm_90 they spill at 32
     rows and more); float32 operands (CUDA-core products) and the decomposed
-    read (twice the operand tiles) take smaller tiles; ``row_limit`` caps
+    read (float32 whole-state tiles) take smaller tiles; ``row_limit`` caps
     the defaults and tuned rows where more rows computed wrong results.
     With 16-bit operands, rows of ``SPLIT_TILES``' widths (M4's 160) are
     held in two column blocks (``column_blocks``) at that table's tiles (a

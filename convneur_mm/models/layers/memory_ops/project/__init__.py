@@ -1,6 +1,6 @@
 """The projections: x (B, N, d) to the memory's queries, keys, values, step
 sizes and chunk summaries, ``project(x, weights, num_updates, chunk_size,
-max_lr, operand_dtype, exact_queries)`` in PyTorch (``project_torch``, one
+max_lr, operand_dtype, exact_queries=...)`` in PyTorch (``project_torch``, one
 product with the norms' weights folded in; differentiable; for training
 ``project_closed_form``, the same forward with a hand-derived backward),
 Triton (``project_triton``, one kernel, and one for its backward) and
@@ -21,8 +21,8 @@ PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
 
 
 def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
-            max_lr: float, operand_dtype: Optional[torch.dtype] = None,
-            exact_queries: bool = False, *, implementation: str = 'torch',
+            max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
+            exact_queries: bool = False, implementation: str = 'torch',
             backward: str = 'autograd') -> Projected:
     """The projections by ``implementation`` ('torch' or 'triton'); the
     arguments as in ``project_torch`` (``project_triton`` itself takes the
@@ -31,7 +31,8 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
     fn = implementation_of('project', PROJECT_IMPLEMENTATIONS, implementation)
     if implementation_of('project backward', BACKWARDS, backward)(implementation):
         fn = project_closed_form
-    return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype, exact_queries)
+    return fn(x, weights, num_updates, chunk_size, max_lr, operand_dtype,
+              exact_queries=exact_queries)
 
 
 __all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected',

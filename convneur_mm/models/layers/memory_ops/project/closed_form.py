@@ -29,7 +29,7 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 
 def project_closed_form(x: Tensor, weights: ProjectionWeights, num_updates: int,
                         chunk_size: int, max_lr: float,
-                        operand_dtype: Optional[torch.dtype] = None,
+                        operand_dtype: Optional[torch.dtype] = None, *,
                         exact_queries: bool = False) -> Projected:
     """``project_torch`` with a closed-form backward; the arguments and
     results as there. Gradients flow to ``x`` and every weight; the
@@ -39,7 +39,7 @@ def project_closed_form(x: Tensor, weights: ProjectionWeights, num_updates: int,
     check_projection_arguments(x, weights, num_updates, chunk_size)
     if num_updates == 0:
         return project_torch(x, weights, num_updates, chunk_size, max_lr, operand_dtype,
-                             exact_queries)
+                             exact_queries=exact_queries)
     heads = weights.query_gamma.shape[0]
     folded = fold(weights)
     # the product and its gradients read the rows flat: a permuted map (B, C, H, W ->

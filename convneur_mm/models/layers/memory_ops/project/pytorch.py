@@ -11,7 +11,7 @@ from .weights import Projected, ProjectionWeights, check_projection_arguments, f
 
 
 def project_torch(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
-                  max_lr: float, operand_dtype: Optional[torch.dtype] = None,
+                  max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
                   exact_queries: bool = False) -> Projected:
     """The memory's projections of ``x``: one RMSNorm statistic shared by both
     norms, one product of x / rms(x) by every projection's weight, one RMSNorm
@@ -31,10 +31,11 @@ def project_torch(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk
             each product in its own precision).
 
     Returns:
-        ``Projected``: queries and keys as views of one RMS-normed tensor,
-        values a view of the (B, N, 4d + H) product (in inference a copy, so
-        that the product is freed on return), step sizes and the chunk
-        summaries.
+        ``Projected``: queries and keys as views of one RMS-normed tensor
+        (with ``exact_queries`` two), values a view of the (B, N, 4d + H)
+        product (with ``exact_queries`` of the written rows' (B, T, 3d + H)
+        one; in inference a copy, so that the product is freed on return),
+        step sizes and the chunk summaries.
     """
     check_projection_arguments(x, weights, num_updates, chunk_size)
     b, n, d = x.shape

@@ -69,8 +69,8 @@ def projection_backward_serves(d: int) -> bool:
 
 
 def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size: int,
-                   max_lr: float, operand_dtype: Optional[torch.dtype] = None,
-                   exact_queries: bool = False, *, block_rows: Optional[int] = None,
+                   max_lr: float, operand_dtype: Optional[torch.dtype] = None, *,
+                   exact_queries: bool = False, block_rows: Optional[int] = None,
                    block_features: Optional[int] = None) -> Projected:
     """``project_torch`` as one kernel over each (image, chunk): the RMSNorm, every
     projection's product, the queries' and keys' per-head RMSNorms, the step
@@ -93,8 +93,9 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
             with TF32 three TF32 products, ``tf32x3``, on tensor cores), the
             others in ``operand_dtype``: a decomposed read's W_0 part reads
             the queries at full accuracy. The backward's products take
-            ``operand_dtype`` whatever this says (the gradients' accuracy of
-            any 16-bit training; float32 ones spilled kilobytes per thread).
+            ``operand_dtype`` whatever this says, the queries' recomputed one
+            too (the gradients of a 16-bit forward, the accuracy of any
+            16-bit training; float32 ones spilled kilobytes per thread).
         block_rows: rows per tile (a power of two >= 16), for tests and tuning.
         block_features: features per product step (a power of two >= 16;
             None: ``projection_tiles``'), for tests and tuning.
