@@ -115,9 +115,8 @@ def test_calls_that_launch_a_kernel_known_to_fault_on_cuda_are_found(monkeypatch
 def test_a_call_left_out_takes_its_kernels_and_its_path_entry_with_it(monkeypatch):
     names = ('write', 'read', 'write step', 'read step')
     timed = []
-    monkeypatch.setattr(kernel_tuning, 'stage_calls', lambda *args: kernel_tuning.Calls(
-        {name: (lambda: [torch.ones(1)]) for name in names},
-        {name: (lambda: [torch.ones(1)]) for name in names}))
+    monkeypatch.setattr(kernel_tuning, 'stage_calls', lambda *args, **kwargs: kernel_tuning.Calls(
+        *({name: (lambda: [torch.ones(1)]) for name in names} for _ in range(2))))
     monkeypatch.setattr(kernel_tuning, 'faulting_calls', lambda on_cuda: {'read step': 'why'})
     monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda call, device, repeats: 1e-3)
     monkeypatch.setattr(kernel_tuning, 'tune_kernel',
