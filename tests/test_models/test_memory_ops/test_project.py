@@ -35,20 +35,21 @@ def test_triton_projections_match_the_layers_in_float64(forward_runs, case):
 @pytest.mark.parametrize('case', EXACT_QUERY_CASES)
 def test_triton_projections_with_exact_queries(forward_runs, case):
     """float16 operands but float32 queries (a decomposed read's): the
-    queries at float32's accuracy, in steps of 32 features (the given 16),
-    where float16 operands round them 100 times further; the others at
-    float16's."""
+    queries at float32's accuracy, in steps of 16 features (32 where a row
+    is split), where float16 operands round them 100 times further; the
+    others at float16's."""
     result = forward_runs[f'project_exact_queries_{case}']
     assert result['queries'] < F32_TOL, result
     assert result['others'] < F16_TOL, result
     assert forward_runs[f'project_f16_{case}']['queries'] > 100 * result['queries']
-    assert result['query_steps'] == [16 if 'steps16' in case else 32], result
+    assert result['query_steps'] == [32 if case.endswith('split') else 16], result
 
 
-def test_exact_queries_take_16_row_tiles_and_32_feature_steps(monkeypatch):
-    """Their defaults (32 rows spilled); the others keep whole rows at
-    C_m 128 and 32-feature steps at M4's split 160; a forced BM comes
-    first, a tuned entry (timed without them) does not apply."""
+def test_exact_queries_take_their_own_rows_and_feature_steps(monkeypatch):
+    """``EXACT_QUERY_TILES``: 16-feature steps at C_m 128's 32 rows, and
+    32 in 16-row tiles at M4's split 160 (the others' whole rows and
+    32-feature steps kept); a forced BM comes first, a tuned entry (timed
+    without them) does not apply."""
     from convneur_mm.models.layers.memory_ops.kernels import tuned
     from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
     from convneur_mm.models.layers.memory_ops.project.triton import projection_tiles
@@ -59,12 +60,12 @@ def test_exact_queries_take_16_row_tiles_and_32_feature_steps(monkeypatch):
                                       arch=arch, exact_queries=exact)
         return config['BM'], config['BK'], config['QBK']
 
-    assert tiles(128) == (16, 128, 32) and tiles(128, False) == (32, 128, 128)
+    assert tiles(128) == (32, 128, 16) and tiles(128, False) == (32, 128, 128)
     assert tiles(160) == (16, 32, 32) and tiles(160, False) == (32, 32, 32)
-    assert tiles(128, BM=32) == (32, 128, 32)
+    assert tiles(128, BM=16) == (16, 128, 16)
     monkeypatch.setattr(tuned, 'TUNED_TILES', (
         TunedTile('project', 90, 'bfloat16', 128, False, 64, 16, 8, 2), ))
-    assert tiles(128, False, 90)[0] == 64 and tiles(128, True, 90)[0] == 16
+    assert tiles(128, False, 90)[0] == 64 and tiles(128, True, 90)[0] == 32
 
 
 def test_exact_queries_leave_the_backward_kernel_as_it_was(backward_runs):

@@ -36,6 +36,12 @@ PROJECTION_BACKWARD_OUTPUT_BLOCK = 32
 # without spills as a bf16 M4 stage launches them (the alternatives' spills:
 # docs/notes/benchmarks.md#two-column-blocks-at-m4s-width-machine-i)
 PROJECTION_SPLIT = {(128, 32): (32, 32)}
+# exact queries' (BM at most, QBK): rows, and the float32 queries' features per step, by
+# whether a row is in two column blocks; the largest rows that compile without spills for
+# sm_80 and sm_90 at C_m 128 and 160 (32 rows at 32 features spilled 32 to 300 B; M4's
+# at 16 features 28 B on sm_80)
+# (docs/notes/benchmarks.md#a-decomposed-reads-projections-exact-queries-machine-k)
+EXACT_QUERY_TILES = {False: (32, 16), True: (16, 32)}
 
 
 def projection_row_groups(programs: int, row_blocks: int, processors: int) -> Tuple[int, int]:
@@ -144,8 +150,7 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     float32 operands (whose whole rows spill) take 16 rows and 32 features
     per step, which spill nothing at 128. The forward's queries take QBK
     features per step: BK, or with ``exact_queries`` (float32 queries
-    beside 16-bit others) 32 in 16-row tiles, which compile without spills
-    at C_m 128 and 160 for sm_80 and sm_90 (32 rows spilled 32 to 300 B).
+    beside 16-bit others) ``EXACT_QUERY_TILES``' (at most those rows).
     ``tiles.forced_tiles('project', split=0 or 1)`` decides the split
     instead (split at ``PROJECTION_SPLIT``'s widths, float32 too takes its
     tiles). The backward (``backward``) takes 16 rows, 8 warps, one stage
@@ -191,8 +196,10 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
         bm = 16
     elif split and split_tiles is not None:
         bm, bk = split_tiles
-    if exact:  # float32 queries beside 16-bit others spilled at 32 rows (sm_80; M4 on sm_90)
-        bm = 16
+    query_steps = bk
+    if exact:
+        rows, query_steps = EXACT_QUERY_TILES[bool(be)]
+        bm = min(bm, rows)
     bm = launch.get('BM', bm)
     tiles = dict(BM=block_rows or min(bm, block_width(rows)), BD=bd, BE=be,
                  BK=min(block_features or bk, bd), BHD=bhd, BHE=bhe, BH=block_width(heads),
@@ -201,7 +208,7 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     if backward:  # no block past the row's width
         tiles['BO'] = min(launch.get('BO', PROJECTION_BACKWARD_OUTPUT_BLOCK), block_width(d))
     else:
-        tiles['QBK'] = min(block_features or 32, bd) if exact else tiles['BK']
+        tiles['QBK'] = min(block_features or query_steps, bd) if exact else tiles['BK']
     return tiles
 
 
