@@ -148,6 +148,22 @@ def test_auto_operands_are_float32_off_cuda_and_explicit_ones_hold():
     assert NeuralMemory(8, operand_dtype='float32').operand_dtype_for(x) is None
 
 
+def test_bf16_operands_asked_for_hold_and_train_under_float16_autocast():
+    """Under fp16 autocast (``--amp``), where 'auto' keeps float32 products,
+    ``operand_dtype='bfloat16'`` takes bf16 ones (a decomposed read at a
+    small max_lr), and the step's gradients stay finite float32."""
+    memory = NeuralMemory(16, chunk_size=8, max_lr=1e-3, operand_dtype='bfloat16')
+    x = torch.randn(2, 20, 16, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.float16):
+        plan = memory.plan(x)
+        out = memory(x)
+    assert (plan.operand_dtype, plan.decomposed_read) == (torch.bfloat16, True)
+    out.float().square().mean().backward()
+    grads = [x.grad] + [p.grad for p in memory.parameters() if p.grad is not None]
+    assert len(grads) > 15
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(operand_dtype='fp8'), 'operand_dtype'),
     (dict(implementation='cuda'), 'implementation'),
