@@ -158,12 +158,11 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
     write, read, cotangents = write_read_inputs(shape, device=device, seed=seed)
     if write is None:
         raise ValueError(f'{shape} writes no chunk: pick a stage with more tokens than a chunk')
-    read_of = lambda fn: fn  # noqa: E731
-    read_grads = flat_inputs(read)
+    read_options, read_grads = {}, flat_inputs(read)
     if decomposed:
         read, base, carry = decomposed_read(read, shape.heads, seed)
-        read_of = functools.partial(functools.partial, base=base, carry=carry)
-        read_grads = flat_inputs(read) + [base.w1, base.w2, carry]
+        read_options, read_grads = dict(base=base, carry=carry), flat_inputs(read) + [
+            base.w1, base.w2, carry]
     x, weights, bars = projection_inputs(shape, device=device, seed=seed)
     projected = (x, weights, shape.writes, shape.chunk, ConvNeur.default_memory_cfg['max_lr'])
     # the pool's logits bias shifts a feature's logits alike over a chunk's rows, which its
@@ -186,7 +185,7 @@ def stage_calls(shape: MemoryShape, operand_dtype: torch.dtype, device,
                 return list(torch.autograd.grad(outs, grads_of, bars))
             return call
 
-        read_fn = read_of(read_fn)
+        read_fn = functools.partial(read_fn, **read_options)
         return {'write': forward(write_fn, write), 'read': forward(read_fn, read),
                 'write step': step(grads_fn, write, flat_inputs(write), cotangents[:3]),
                 'read step': step(read_fn, read, read_grads, cotangents[3:]),

@@ -167,10 +167,9 @@ def plan_memory(x: Tensor, settings: PathSettings, training: bool, images_per_sl
     implementation, reason = _implementation(x, settings, dtype)
     every_kernel = implementation == 'triton' and (
         settings.implementation == 'triton' or _auto_takes_every_kernel(x, settings, dtype))
-    decomposed = dtype is not None and settings.max_lr < DECOMPOSE_BELOW_MAX_LR
     return MemoryPlan(
         operand_dtype=dtype,
-        decomposed_read=decomposed,
+        decomposed_read=dtype is not None and settings.max_lr < DECOMPOSE_BELOW_MAX_LR,
         implementation=implementation, reason=reason,
         backward=_backward(settings, implementation),
         images_per_slice=images_per_slice,

@@ -67,6 +67,12 @@ def _row_grid(x: Tensor, chunk_size: int, block_rows: int) -> Tuple[int, int, in
     return programs, groups, per_group * block_rows
 
 
+def _takes_exact_queries(exact_queries: bool, operand_dtype: torch.dtype) -> bool:
+    """Whether the forward's queries take float32 operands beside the
+    others': asked for, and the others 16-bit (float32 ones are exact)."""
+    return exact_queries and operand_dtype != torch.float32
+
+
 def projection_backward_serves(d: int) -> bool:
     """Whether ``project_triton``'s backward kernel takes rows of ``d``
     columns: up to ``MAX_PROJECTION_BACKWARD_BLOCK``, and
@@ -169,7 +175,7 @@ def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
     both; a caller's ``block_rows`` comes first."""
     check_tiles(block_rows, block_features, ('block_rows', 'block_features'))
     kernel = 'project_backward' if backward else 'project'
-    exact = exact_queries and not backward and operand_dtype != torch.float32
+    exact = not backward and _takes_exact_queries(exact_queries, operand_dtype)
     # exact queries look up the decomposed kind, which the projections have no entries of
     tuned = {} if arch is None else tuned_tiles(kernel, arch, operand_dtype, block_width(d),
                                                 exact) or {}
@@ -265,7 +271,7 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
     tiles = projection_tiles(d, heads, min(L, n), block_rows, block_features, operand_dtype,
                              arch=target_arch(x.device), exact_queries=exact_queries)
     kernels, cfg = launch_config('project', operand_dtype, x.device)
-    exact = exact_queries and operand_dtype != torch.float32
+    exact = _takes_exact_queries(exact_queries, operand_dtype)
     operands = as_operands(weight, operand_dtype)
     # exact queries: float32 operands at the decomposed read's W_0 precision, the
     # weight in both dtypes read at one set of strides
