@@ -145,7 +145,10 @@ def launch_flops(launch: Launch) -> Tuple[int, int]:
             exact = flops - queries + TF32X3_AS_HALF * queries
             return exact, exact
         return flops, flops - queries
-    return 0, 0  # the scan: elementwise
+    if name == 'gates_kernel':  # the three gate layers' float32 products
+        summary, outs = a['s_ptr'], a['wd_ptr'].shape[0] * (2 + a['K'])
+        return 2 * summary.shape[-1] * outs * a['R'], 0
+    return 0, 0  # the scan and the pool's merge: elementwise
 
 
 def _projection_flops(a: dict, backward: bool) -> int:

@@ -158,7 +158,7 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
         by_stage.setdefault(row['stage'], set()).add(row['kernel'])
         assert row['roofline_ms'] > 0 and row['bound'] in ('bytes', 'products')
     # stages 1 and 2 write chunks; 3 and 4 (one chunk each) only read W_0
-    assert by_stage[1] == by_stage[2] == {'project_kernel', 'grads_rows_kernel',
+    assert by_stage[1] == by_stage[2] == {'project_kernel', 'gates_kernel', 'grads_rows_kernel',
                                           'grads_cols_kernel', 'scan_kernel', 'read_kernel'}
     assert by_stage[3] == by_stage[4] == {'project_kernel', 'read_kernel'}
     out = capsys.readouterr().out

@@ -35,6 +35,7 @@ from .memory_ops.chunk_read import chunk_read
 from .memory_ops.common import RMS_EPS, check_gelu_approximate
 from .memory_ops.dispatch import (IMPLEMENTATION_CHOICES, OPERAND_DTYPE_CHOICES, MemoryPlan,
                                   PathSettings, operand_dtype_for, plan_memory)
+from .memory_ops.gates import GateWeights, chunk_gates, gates_from_logits, packed
 from .memory_ops.project import ProjectionWeights, project
 from .memory_ops.read import read
 try:
@@ -371,8 +372,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         else:
             states, carry = self._sequential_write(proj, plan)
         if plan.shape_generic:  # W_C is unread
-            states = states.map(lambda t: _packed(t[:, :, :num_updates]))
-            carry = None if carry is None else _packed(carry[:, :, :num_updates])
+            states = states.map(lambda t: packed(t[:, :, :num_updates]))
+            carry = None if carry is None else packed(carry[:, :, :num_updates])
         out = chunk_read(states, proj.queries, L, mm,
                          base=None if carry is None else self.initial_state, carry=carry,
                          implementation=plan.implementation, backward=plan.backward,
@@ -574,9 +575,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                       implementation=plan.projections, backward=plan.backward)
         if num_updates == 0:
             return MemoryProjections(out.queries)
-        return MemoryProjections(out.queries, out.keys, out.values, out.token_lr,
-                                 *self._gates(self._gate_logits(out.summary), x.shape[0],
-                                              num_updates))
+        gates = chunk_gates(out.summary, self.gate_weights(out.summary.dtype),
+                            implementation=plan.projections)
+        return MemoryProjections(out.queries, out.keys, out.values, out.token_lr, *gates)
 
     def _project_layers(self, x: Tensor, u: int) -> MemoryProjections:
         """``project`` by calling each layer (the reference of the folded one)."""
@@ -593,7 +594,8 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         summary = self.pool(s.reshape(b, u, L, self.dim))  # (B, U, d)
         gates = torch.cat([self.to_decay(summary), self.to_momentum(summary),
                            self.to_lr_modulation(summary)], dim=-1)
-        return MemoryProjections(queries, keys, values, token_lr, *self._gates(gates, b, u))
+        return MemoryProjections(queries, keys, values, token_lr,
+                                 *gates_from_logits(gates, self.heads))
 
     def projection_weights(self, dtype: torch.dtype) -> ProjectionWeights:
         """The projection layers' parameters for ``memory_ops.project``, in
@@ -605,24 +607,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
             self.pool.to_logits.bias, self.to_token_lr.weight, self.to_token_lr.bias,
             self.query_gamma, self.key_gamma)))
 
-    def _gate_logits(self, summary: Tensor) -> Tensor:
-        """(B, U, d) chunk summaries -> (B, U, 5H) decay, momentum and
-        lr-modulation logits, as one product."""
-        layers = (self.to_decay, self.to_momentum, self.to_lr_modulation)
-        return F.linear(summary, torch.cat([m.weight.to(summary.dtype) for m in layers]),
-                        torch.cat([m.bias.to(summary.dtype) for m in layers]))
-
-    def _gates(self, gates: Tensor, b: int, u: int) -> Tuple[Tensor, Tensor, Tensor]:
-        """(B, U, 5H) decay, momentum and lr-modulation logits -> log(1 - alpha)
-        and log(eta), (H, B, U), and rho, (3, H, B, U).
-
-        Stored (H, B, U): flattening them to (H * B, U) is then a view for any
-        U, with nothing for symbolic shapes to guard on."""
-        h = self.heads
-        log_keep = _packed(F.logsigmoid(-gates[..., :h]).permute(2, 0, 1))
-        log_momentum = _packed(F.logsigmoid(gates[..., h:2 * h]).permute(2, 0, 1))
-        lr_mod = torch.sigmoid(gates[..., 2 * h:]).view(b, u, h, len(MemoryWeights._fields))
-        return log_keep, log_momentum, _packed(lr_mod.permute(3, 2, 0, 1))
+    def gate_weights(self, dtype: torch.dtype) -> GateWeights:
+        """The gate layers' parameters for ``memory_ops.gates``, in ``dtype``
+        (as ``projection_weights``)."""
+        return GateWeights(*(t.to(dtype) for layer in (
+            self.to_decay, self.to_momentum, self.to_lr_modulation)
+            for t in (layer.weight, layer.bias)))
 
 
 def plain_layers(*layers: Tuple[nn.Module, type]) -> bool:
@@ -702,12 +692,6 @@ def _per_image_chunks(proj: MemoryProjections) -> Tuple[Tensor, Tensor, Tensor]:
     L = proj.keys.shape[2] // u
     return (proj.keys.unflatten(2, (u, L)), proj.values.unflatten(2, (u, L)),
             proj.token_lr.unflatten(2, (u, L)))
-
-
-def _packed(t: Tensor) -> Tensor:
-    """A contiguous copy (``.contiguous()`` would first ask whether ``t`` is
-    contiguous, a question about its sizes that symbolic shapes guard on)."""
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _bcast(coef: Tensor, like: Tensor) -> Tensor:

@@ -18,6 +18,8 @@ from convneur_mm.models.layers.memory_ops import (MemoryWeights, chunk_grads_tor
                                                   chunk_read_torch, chunk_read_triton, kernels,
                                                   read_torch, read_triton)
 from convneur_mm.models.layers.memory_ops.chunk_grads import chunk_grads_triton_staged
+from convneur_mm.models.layers.memory_ops.gates import (GateWeights, chunk_gates_naive,
+                                                        chunk_gates_triton)
 from convneur_mm.models.layers.memory_ops.kernels import launcher, tiles as kernel_tiles
 from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.models.layers.memory_ops.kernels.tuned import TunedTile
@@ -253,7 +255,61 @@ def interpreter_results() -> dict:
             finite=bool(torch.isfinite(out).all()))
         results.update(projection_results(gen))
         results.update(scan_results(gen))
+        results.update(gates_results(gen))
     results['modules'] = module_results()  # one subprocess: imports are most of its time
+    return results
+
+
+# (images, chunks, d, heads): one chunk; several row blocks with a partial last one
+# and a width past one 64-feature step; M4's width at four heads
+GATES_CASES = {'b1_u1_d16_h1': (1, 1, 16, 1), 'b3_u7_d80_h2': (3, 7, 80, 2),
+               'b2_u15_d160_h4': (2, 15, 160, 4)}
+
+
+def _gates_cases(gen: torch.Generator) -> dict:
+    """``gates_results``' ``GATES_CASES``, forward and backward."""
+    results = {}
+    for name, (b, u, d, heads) in GATES_CASES.items():
+        summary = torch.randn(b, d, u, generator=gen).transpose(1, 2)
+        weights = _gate_args(heads, d, gen)
+        leaves = _leaves([summary, *weights])
+        got = chunk_gates_triton(leaves[0], GateWeights(*leaves[1:]))
+        exact_leaves = _leaves([summary, *weights])
+        exact = chunk_gates_naive(exact_leaves[0].double(),
+                                  GateWeights(*(t.double() for t in exact_leaves[1:])))
+        cotangents = [torch.randn(t.shape, generator=gen) for t in got]
+        grads = torch.autograd.grad(got, leaves, cotangents)
+        exact_grads = torch.autograd.grad(exact, exact_leaves, [c.double() for c in cotangents])
+        results[f'gates_{name}'] = dict(
+            forward=[_rel_err(a, e) for a, e in zip(got, exact)],
+            backward=[_rel_err(a, e) for a, e in zip(grads, exact_grads)],
+            shapes=[list(t.shape) for t in got], contiguous=all(t.is_contiguous() for t in got))
+    return results
+
+
+def gates_results(gen: torch.Generator) -> dict:
+    """``chunk_gates_triton`` against ``chunk_gates_naive`` in float64,
+    forward and backward, on strided summaries: the worst relative error of
+    each output and gradient; and at logits of +-40, where the naive form's
+    log(1 - sigmoid) is -inf, against the stable form."""
+    results = {}
+    with torch.enable_grad():
+        results.update(_gates_cases(gen))
+    # logits -40 and +40 for each gate: exp(-40) is below float32's 1 + eps
+    weights = GateWeights(*(torch.zeros(rows, *cols) for rows in (1, 1, 3) for cols in ((16,), ())))
+    summary = torch.zeros(2, 1, 16)
+    summary[:, 0, 0] = torch.tensor([-40.0, 40.0])
+    for w in (weights.decay, weights.momentum, weights.lr_modulation):
+        w[:, 0] = 1.0
+    with torch.no_grad():
+        got = chunk_gates_triton(summary, weights)
+    z = summary[:, 0, 0].double()
+    stable = [F.logsigmoid(-z), F.logsigmoid(z), torch.sigmoid(z)]
+    # each element against its own size: log(sigmoid(40)) is -4.2e-18
+    results['gates_extreme_logits'] = dict(elementwise=worst(
+        ((a.double() - e).abs() / e.abs()).max().item()
+        for a, e in zip((got.log_keep[0, :, 0], got.log_momentum[0, :, 0],
+                         got.lr_mod[0, 0, :, 0]), stable)))
     return results
 
 
@@ -1120,11 +1176,12 @@ def _projection_blocks(d=160, heads=1, dtype=BF16, features=None, backward=False
 D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial fourth
 
 
-OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project', 'memory_scan')
+OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project', 'memory_scan',
+       'memory_gates')
 # the cases whose autograd and backward operator opcheck runs (the per-image
 # views' backward is checked against float64 in test_memory_kernels_backward)
 DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
-                  'project', 'scan', 'scan_updates')
+                  'project', 'scan', 'scan_updates', 'gates')
 
 
 def _case_weights(lead: Tuple[int, ...], d: int, gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
@@ -1176,10 +1233,15 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         # the states of 3 steps of (N = 4, P = 40) weights, from W_0 and from zero
         'scan': (ops.memory_scan, (*_scan_args(gen), torch.randn(4, 40, generator=gen), dtype)),
         'scan_updates': (ops.memory_scan, (*_scan_args(gen), None, torch.float32)),
+        # 3 chunks' summaries as a strided view; float32 whatever the operands
+        'gates': (ops.memory_gates, (torch.randn(batch, d, 3, generator=gen).transpose(1, 2),
+                                     *_gate_args(heads, d, gen))),
     }
     # the backward operators: the forward's tensors, then the outputs' cotangents
     for name in DIFFERENTIABLE:
         op, args = cases[name]
+        if name == 'gates':  # its backward is PyTorch's: no operator
+            continue
         if name.startswith('scan'):  # its backward takes the saved states too (float32)
             n, u, p = args[0].shape
             states, bar = (torch.randn(n, u + 1, p, generator=gen) for _ in range(2))
@@ -1236,6 +1298,13 @@ def _16_bit_backward_cases(cases: dict, gen: torch.Generator) -> dict:
                                                        half(grads[7]), *grads[8:]))}
 
 
+def _gate_args(heads: int, d: int, gen: torch.Generator) -> GateWeights:
+    """The gate layers' weights and biases at ``heads`` heads of width ``d``."""
+    return GateWeights(*(torch.randn(rows, *cols, generator=gen) * scale
+                         for rows in (heads, heads, 3 * heads)
+                         for cols, scale in (((d, ), d**-0.5), ((), 1.0))))
+
+
 def _scan_args(gen: torch.Generator) -> Tuple[torch.Tensor, ...]:
     """Gradients (4, 3, 40) as a strided view, rho, log(1 - alpha), log(eta)."""
     gates = torch.nn.functional.logsigmoid(torch.randn(2, 4, 3, generator=gen))
@@ -1276,8 +1345,9 @@ def _compiled_calls(dtype: torch.dtype) -> dict:
         scanned = scan_states_triton([grads[0].flatten(2)], token_lr[None, :, :, 0],
                                      token_lr[..., 1], token_lr[..., 2], [None],
                                      state_dtypes=[dtype])
+        gates = chunk_gates_triton(*cases['gates'][1][:1], GateWeights(*cases['gates'][1][1:]))
         return (*grads, read, chunked, *project_triton(x, projection, 2, 8, 1.0, dtype),
-                *scanned)
+                *scanned, *gates)
 
     args = (w1, w2, g, keys, values, token_lr, queries)
     eager = fn(*args)

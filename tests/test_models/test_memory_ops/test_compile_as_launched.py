@@ -38,7 +38,8 @@ def _compile_stage(d: int, operand_dtype: torch.dtype, arch: int, **stage):
 
 
 # the product kernels, launched once each; the scan's runs once per weight tensor
-KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel']
+KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel',
+                'gates_kernel']
 SCAN_LAUNCHES = ['scan_kernel'] * 3
 
 
@@ -67,6 +68,8 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
         assert attrs, name
         if name == 'scan_kernel':
             states.append(signature['out_ptr'])
+        elif name == 'gates_kernel':  # float32 summaries and weights
+            assert signature['wd_ptr'] == '*fp32'
         else:
             assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == half, name
         if name == 'grads_cols_kernel':  # the rows pass's 16-bit copy of the keys
@@ -78,8 +81,8 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
     assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
-        if report.kernel in ('scan_kernel', 'read_kernel'):
-            continue  # element-wise; the reads below
+        if report.kernel in ('scan_kernel', 'read_kernel', 'gates_kernel'):
+            continue  # element-wise or float32 (IEEE) products; the reads below
         # the projections' 32-row tiles (64 spill) are below wgmma's least
         wgmma = arch >= 90 and report.kernel != 'project_kernel'
         assert (report.wgmma > 0) == wgmma and report.mma != 'none', report

@@ -537,6 +537,6 @@ def test_the_package_loads_no_kernels_until_first_use():
 
 def test_load_kernels_names_the_ops_it_knows():
     from convneur_mm.models.layers.memory_ops.kernels.availability import KERNEL_OPS, load_kernels
-    assert KERNEL_OPS == ('read', 'chunk_grads', 'project', 'scan')
+    assert KERNEL_OPS == ('read', 'chunk_grads', 'project', 'scan', 'gates')
     with pytest.raises(ValueError, match="op must be one of .*'chunk_read'"):
         load_kernels('chunk_read')  # the chunk read launches the read's kernels

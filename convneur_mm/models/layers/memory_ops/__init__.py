@@ -14,10 +14,13 @@ implementations (the layout of flash-linear-attention's ``ops``):
   ``chunk_read_naive``;
 * ``project`` (x to queries, keys, values, step sizes and chunk summaries):
   ``project_torch`` (the norms' weights folded into one product),
-  ``project_triton`` (one kernel; a second for its backward), ``project_naive``.
+  ``project_triton`` (one kernel; a second for its backward), ``project_naive``;
+* ``gates`` (a chunk summary to its decay, momentum and step-size
+  modulation): ``chunk_gates_torch`` (one product), ``chunk_gates_triton``
+  (one kernel, a PyTorch backward), ``chunk_gates_naive``.
 
 Each operation is a subpackage; ``read.read``, ``chunk_grads.chunk_grads``,
-``chunk_read.chunk_read`` and ``project.project`` call the implementation
+``chunk_read.chunk_read``, ``project.project`` and ``gates.chunk_gates`` call the implementation
 named by their ``implementation`` argument ('torch' or 'triton'). The PyTorch
 implementations are plain differentiable tensor ops, batched over any leading
 dimensions, so the outer training differentiates through the inner update

@@ -15,7 +15,7 @@ OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # without register spills (16 rows x 256 float32 accumulators, 8 warps)
 MAX_HEAD_DIM = 256
 # the ops with Triton kernels: each op's kernels are the module ``memory_ops.<op>.kernels``
-KERNEL_OPS = ('read', 'chunk_grads', 'project', 'scan')
+KERNEL_OPS = ('read', 'chunk_grads', 'project', 'scan', 'gates')
 OPS_PACKAGE = __name__.rsplit('.', 2)[0]  # memory_ops
 _INTERPRETER_HINT = ('on a CPU they run only in Triton\'s interpreter: set TRITON_INTERPRET=1 '
                      f'before the kernels ({OPS_PACKAGE}.<op>.kernels) are imported')
