@@ -173,7 +173,9 @@ def test_projections_split_a_chunks_rows_over_programs(backward_runs, tag, rows)
     Forward and backward against float64."""
     result = backward_runs[f'project_groups_{tag}{rows}']
     forward_groups = 2 if tag == 'f16' and not rows else 3
+    # the groups' pooled rows merged by one launch per (image, written chunk)
     assert result['launched'] == [['project_kernel', 6 * forward_groups],
+                                  ['pool_merge_kernel', 2 * 2],
                                   ['project_backward_kernel', 6 * 3]]
     assert len(result['grads']) == 11
     assert worst(result['grads'].values()) < (1e-5 if tag == 'f32' else F16_TOL), result

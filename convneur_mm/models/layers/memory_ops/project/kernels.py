@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..triton_common import (columns, load_tile, row_sum)
 
-__all__ = ['project_kernel', 'project_backward_kernel']
+__all__ = ['project_kernel', 'project_backward_kernel', 'pool_merge_kernel']
 
 
 @triton.jit
@@ -629,3 +629,25 @@ def project_backward_kernel(x_ptr, w_ptr, bias_ptr, gamma_ptr, pool_ptr, lse_ptr
         _store_rows(gx_base, i, sgx_n, cols, sgx_d,
                     rstd[:, None] * (bar_n - normed * mean[:, None]), rmask, cmask,
                     rstd[:, None] * (bar_n_b - normed_b * mean[:, None]), cols_b, cmask_b, BE)
+
+
+@triton.jit
+def pool_merge_kernel(pool_ptr, lse_ptr, pooled_ptr, out_lse_ptr, G, D, BD: tl.constexpr):
+    """One (image, chunk)'s BD features of its G row groups' pooled rows and
+    log-sum-exps, (G, D) each, merged by their log-sum-exps: the chunk's
+    log-sum-exp and its pooled row, (D). Every tensor contiguous."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = cols < D
+    groups = row * G * D + cols
+    top = tl.full((BD, ), float('-inf'), dtype=tl.float32)
+    for g in range(0, G):
+        top = tl.maximum(top, tl.load(lse_ptr + groups + g * D, mask=mask, other=0.0))
+    total = tl.zeros((BD, ), dtype=tl.float32)
+    acc = tl.zeros((BD, ), dtype=tl.float32)
+    for g in range(0, G):
+        share = tl.exp(tl.load(lse_ptr + groups + g * D, mask=mask, other=0.0) - top)
+        total += share
+        acc += share * tl.load(pool_ptr + groups + g * D, mask=mask, other=0.0)
+    tl.store(out_lse_ptr + row * D + cols, top + tl.log(total), mask=mask)
+    tl.store(pooled_ptr + row * D + cols, acc / total, mask=mask)

@@ -13,13 +13,15 @@ from ..kernels.launcher import launch_config, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
                            check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
-                             least_programs, tuned_tiles)
+                             least_programs, next_pow2, tuned_tiles)
 from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
 
 
 # a program holds whole rows of x and of each head (register tiles): as the
 # other kernels, widths up to 256
 MAX_PROJECTION_WIDTH = MAX_HEAD_DIM
+# features per program of the row groups' merge: a whole row up to 256
+POOL_MERGE_FEATURES = 256
 # the backward holds whole weight tiles (no feature steps) of at most 128 columns
 # per column block (a 16-bit (128, 128) tile is 32 KiB of shared memory); wider rows
 # only where their split compiled with bounded spills: M4's 160 as 128 + 32
@@ -290,9 +292,10 @@ def launch_project(x: Tensor, weight: Tensor, bias: Tensor, gamma: Tensor,
         *pool_out.stride(), DTYPE=cfg['DTYPE'], PREC=cfg['PREC'],
         QDTYPE=query_cfg['DTYPE'], QPREC=query_cfg['BASE_PREC' if exact else 'PREC'],
         **tiles)
-    if groups > 1 and num_updates:
-        torch.logsumexp(lse_out, dim=2, out=lse)
-        torch.sum(pool_out * (lse_out - lse[:, :, None]).exp(), dim=2, out=pooled)
+    if groups > 1 and num_updates:  # one launch where logsumexp, exp and sum took five
+        merge_width = min(next_pow2(d), POOL_MERGE_FEATURES)
+        kernels.pool_merge_kernel[(b * num_updates, cdiv(d, merge_width))](
+            pool_out, lse_out, pooled, lse, groups, d, BD=merge_width)
 
 
 def _check_spans(chunk_size: int, **tensors: Tensor) -> None:
