@@ -43,7 +43,11 @@ data: a training-sized batch in seconds) the ops dispatch as on a CPU, but
 With ``implementation='triton'`` on ``meta`` the fused kernels' wrappers allocate
 what they would on a GPU and their launches do nothing: the inference count
 of CUDA's fused path (the wrappers run without their operators' autograd:
-inference counts only). ``count_ops`` imports the model inside, so that
+inference counts only). Where compiled Triton is installed, a second call
+records what an sm_90 GPU of 132 multiprocessors would launch, ATen kernels
+and Triton launches (its grids sized for that GPU: a chunk's projections in
+row groups at a small batch): every kernel a GPU launches, what bounds a
+small batch's time. ``count_ops`` imports the model inside, so that
 ``isolated.run_isolated`` can run it against an older checkout's package.
 
 **Inductor's count.** ``AtenOpCounter`` prices eager code: one kernel per
@@ -59,6 +63,7 @@ import argparse
 import contextlib
 import logging
 import sys
+from collections import Counter
 from typing import (TYPE_CHECKING, Callable, ContextManager, Dict, Iterator, List, NamedTuple,
                     Optional, Tuple)
 
@@ -383,6 +388,26 @@ def _kernels_without_launches() -> ContextManager:
     return without_launches()
 
 
+def _gpu_launches(call: Callable[[], object]) -> Optional[Tuple[int, Dict[str, int]]]:
+    """(ATen kernels, Triton launches by kernel) of ``call`` as an sm_90 GPU of 132
+    multiprocessors would launch them: its launches recorded
+    (``recording_launches``: compiled Triton, not its interpreter), which
+    also sizes grids by that GPU (a chunk's projections in row groups at a
+    small batch); None where they cannot be recorded. A call of its own: a
+    recording holds every launch's tensors, which the live bytes must not see."""
+    try:
+        from convneur_mm.models.layers.memory_ops.kernels.availability import load_kernels
+        from convneur_mm.models.layers.memory_ops.kernels.launcher import recording_launches
+    except ImportError:  # an older checkout's package, without recordings
+        return None
+    kernels, _, interpreted = load_kernels('read')
+    if kernels is None or interpreted:
+        return None
+    with recording_launches(90) as launches, AtenOpCounter() as counter:
+        call()
+    return counter.num_kernels, dict(Counter(x.kernel.__name__ for x in launches))
+
+
 def count_ops(arch: str = 'm3', stage: int = 0, size: int = 224, batch: int = 1,
               device: str = 'cpu', memory_cfg: Optional[Dict] = None,
               part: str = 'branch') -> dict:
@@ -433,19 +458,27 @@ def count_ops(arch: str = 'm3', stage: int = 0, size: int = 224, batch: int = 1,
             kernels=counter.num_kernels, views=counter.num_views,
             by_op=dict(counter.kernels.most_common()), peak_live_bytes=live.peak,
             bytes=counter.total_bytes, bytes_by_op=dict(counter.bytes.most_common()))
+    if stubbed:
+        with torch.no_grad():
+            result['inference']['gpu_launches'] = _gpu_launches(lambda: module(x))
     return result
 
 
 def format_op_counts(counts: Dict[str, dict], top: int = 8) -> str:
     """Markdown: one line per code counted (``{name: count_ops(...)}``), then
     the ``top`` ops that move the most bytes in inference, of the last one."""
-    lines = ['| code | inference: kernels | views | GB moved | MiB held at most | '
-             'with autograd: kernels | views | GB moved |', '|---|---|---|---|---|---|---|---|']
+    lines = ['| code | inference: kernels | on an sm_90 GPU: ATen + Triton launches | views | '
+             'GB moved | MiB held at most | with autograd: kernels | views | GB moved |',
+             '|---|---|---|---|---|---|---|---|---|']
     for name, c in counts.items():
         inf, grad = c['inference'], c.get('autograd')  # none for the stubbed fused kernels
         autograd = (f'{grad["kernels"]} | {grad["views"]} | {grad["bytes"] / 1e9:.3g}'
                     if grad else '- | - | -')
-        lines.append(f'| {name} | {inf["kernels"]} | {inf["views"]} | '
+        gpu = inf.get('gpu_launches') or '-'  # recorded for the fused kernels only
+        if gpu != '-':
+            triton = sum(gpu[1].values())
+            gpu = f'{gpu[0]} + {triton} = {gpu[0] + triton}'
+        lines.append(f'| {name} | {inf["kernels"]} | {gpu} | {inf["views"]} | '
                      f'{inf["bytes"] / 1e9:.3g} | {inf["peak_live_bytes"] / 2**20:.1f} | '
                      f'{autograd} |')
     name, inference = list(counts)[-1], list(counts.values())[-1]['inference']
@@ -626,7 +659,8 @@ def add_ops_arguments(parser: argparse.ArgumentParser) -> None:
                         help='memory_cfg.operand_dtype')
     parser.add_argument('--implementation', '--kernels', dest='implementation',
                         choices=('auto', 'torch', 'triton'), default='auto',
-                        help="memory_cfg.implementation ('triton' on meta: launches left out)")
+                        help="memory_cfg.implementation ('triton' on meta: launches "
+                        'recorded, not run)')
     parser.add_argument('--part', choices=PARTS, default='branch')
     parser.add_argument('--before', metavar='PATH', help='an older checkout to count too')
     parser.add_argument('--top', type=positive_int, default=8, help='ops listed')

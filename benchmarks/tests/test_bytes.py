@@ -10,6 +10,7 @@ from benchmarks.memory.bytes import (OWN_MODULES, PATHS, TRITON, InductorByteCou
                                      count_ops, count_projection_bytes, count_step_bytes,
                                      format_op_counts, kernel_cuts)
 from convneur_mm.analysis.isolated import run_isolated
+from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.testing.dispatch_probes import AtenOpCounter
 from tests.markdown import table_rows
 from tests.paths import REPO
@@ -48,6 +49,26 @@ def test_the_fused_kernels_allocations_on_meta_tensors():
     assert set(fused) == {'inference'}
     assert 0 < fused['inference']['peak_live_bytes'] < eager['inference']['peak_live_bytes']
     assert fused['inference']['kernels'] < eager['inference']['kernels']
+
+
+def test_the_fused_path_counts_what_a_gpu_launches():
+    """Recorded for an sm_90 GPU at batch 1: the projections' row groups
+    merged by one launch, the gates one launch, and none of the PyTorch
+    ops they replace."""
+    pytest.importorskip('triton')
+    if interpreter_requested():
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+    cfg = dict(operand_dtype='bfloat16', implementation='triton')
+    inference = count_ops('m1', 0, 64, 1, 'meta', cfg)['inference']
+    aten, triton = inference['gpu_launches']
+    assert triton == {'project_kernel': 1, 'pool_merge_kernel': 1, 'gates_kernel': 1,
+                      'grads_rows_kernel': 1, 'grads_cols_kernel': 1, 'scan_kernel': 3,
+                      'read_kernel': 2}
+    assert aten == inference['kernels']
+    assert not {'logsumexp', 'exp', 'addmm', 'log_sigmoid_forward', 'sigmoid',
+                'clone'} & set(inference['by_op'])
+    assert f'| {aten} + 10 = {aten + 10} |' in format_op_counts({'this tree': dict(
+        inference=inference)})
 
 
 def test_the_backbone_with_and_without_global_branches():
