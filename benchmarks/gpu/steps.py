@@ -93,8 +93,8 @@ def correctness_steps() -> List[Step]:
               '(128 or 160)', 'the forward kernels in every operand dtype', 60),
              ('backward', 'test_kernels.py', '(backward_kernels_on_cuda and (128 or 160)) or '
               'trains_on_cuda', 'the backward kernels, and a memory trained with them', 75),
-             ('project', 'test_project.py', '128 or 160', 'the projection kernel and its '
-              'backward', 75),
+             ('project', 'test_project.py test_gates.py', '128 or 160', 'the projection '
+              'kernel and its backward, and the gates kernel', 75),
              ('tiles', 'test_tiles.py test_dispatch.py', '', 'persistent programs, and '
               "'auto' where measured", 30),
              ('read', 'test_read.py', '', "the read's backward under its launch variants, "
