@@ -65,7 +65,7 @@ def test_the_fused_path_counts_what_a_gpu_launches():
                       'grads_rows_kernel': 1, 'grads_cols_kernel': 1, 'scan_kernel': 3,
                       'read_kernel': 2}
     assert aten == inference['kernels']
-    assert not {'logsumexp', 'exp', 'addmm', 'log_sigmoid_forward', 'sigmoid',
+    assert not {'logsumexp', 'exp', 'addmm', 'neg', 'log_sigmoid_forward', 'sigmoid',
                 'clone'} & set(inference['by_op'])
     assert f'| {aten} + 10 = {aten + 10} |' in format_op_counts({'this tree': dict(
         inference=inference)})

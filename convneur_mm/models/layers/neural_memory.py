@@ -559,8 +559,9 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         weights into one product of every projection, computed at run time
         from the unchanged parameters (the same maths in fewer kernels; it
         trains through its closed-form backward where ``plan.backward`` says
-        so); 'triton' computes that in one kernel, and one for its backward;
-        'layers' calls each layer.
+        so); 'triton' computes that in one kernel, and one for its backward,
+        and the gates in one more (``memory_ops.gates``); 'layers' calls
+        each layer.
 
         Args:
             x: (B, N, d) in the compute dtype.

@@ -647,8 +647,8 @@ PROJECTION_OUTPUT_BLOCKS = (0, 16)
 
 def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: int, heads: int,
                   length: int, updates: int, block_rows: int, device: str = 'cpu') -> dict:
-    """The projections of a strided x, every result's cotangent random: x's
-    and every parameter's gradient against float64 autograd through
+    """The projections of a strided x, every result's cotangent random: the
+    results' errors, and x's and every parameter's gradient against float64 autograd through
     ``project_naive``. The pool's softmax runs over a chunk's tokens, so its
     logits' bias has a zero gradient: only its size against the logits' is kept."""
     weights = [torch.randn(*shape, generator=gen) * 0.5 for shape in projection_shapes(d, heads)]
@@ -669,7 +669,9 @@ def _project_case(gen: torch.Generator, dtype: torch.dtype, b: int, n: int, d: i
                                                           'query_gamma')}
     logits = got[names.index('logits')].grad.cpu()
     return dict(grads=grads, logits_bias=(got[bias].grad.cpu().abs().max() /
-                                          logits.abs().max().clamp_min(1e-30)).item())
+                                          logits.abs().max().clamp_min(1e-30)).item(),
+                outputs={name: _rel_err(o.detach().cpu(), r.detach())
+                         for name, o, r in zip(ref._fields, out, ref) if r.numel()})
 
 
 def _exact_queries_backward() -> dict:

@@ -45,9 +45,12 @@ def test_gates_refuse_bad_arguments():
         chunk_gates_torch(summary[0], weights)
     with pytest.raises(ValueError, match=r'weights.momentum must be \(2, 16\)'):
         chunk_gates_torch(summary, weights._replace(momentum=torch.zeros(2, 8)))
-    with pytest.raises(ValueError, match='not a multiple of the 2 heads'):
-        chunk_gates_torch(summary, weights._replace(lr_modulation=torch.zeros(5, 16),
-                                                    lr_modulation_bias=torch.zeros(5)))
+    for rows in (5, 0):
+        with pytest.raises(ValueError, match='not a positive multiple of the 2 heads'):
+            chunk_gates_torch(summary, weights._replace(lr_modulation=torch.zeros(rows, 16),
+                                                        lr_modulation_bias=torch.zeros(rows)))
+    with pytest.raises(ValueError, match='at least one head'):
+        chunk_gates_torch(summary, weights._replace(decay=torch.zeros(0, 16)))
     with pytest.raises(TypeError, match='summary is torch.float64'):
         chunk_gates_triton(summary.double(), weights)
     with pytest.raises(ValueError, match=r"chunk_gates has the implementations \('torch', "
@@ -59,9 +62,12 @@ def test_gates_refuse_bad_arguments():
 @pytest.mark.parametrize('d,heads', [(128, 1), (160, 4)])
 def test_triton_gates_on_cuda(d, heads):
     """The compiled gates kernel at M3's and M4's widths, a batch of 128
-    images' 15 written chunks, forward and backward against float64."""
+    images' 15 written chunks, forward and backward against float64; one
+    image's summaries scaled to logits of tens, where the GPU's fast exp
+    meets log(1 - sigmoid) near 0 and -|z|."""
     gen = torch.Generator().manual_seed(d)
     summary = torch.randn(128, 15, d, generator=gen)
+    summary[0] *= 100.0
     weights = _gate_args(heads, d, gen)
     leaves = [t.cuda().requires_grad_() for t in (summary, *weights)]
     got = chunk_gates_triton(leaves[0], GateWeights(*leaves[1:]))

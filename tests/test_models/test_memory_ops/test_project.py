@@ -180,6 +180,9 @@ def test_projections_split_a_chunks_rows_over_programs(backward_runs, tag, rows)
     assert len(result['grads']) == 11
     assert worst(result['grads'].values()) < (1e-5 if tag == 'f32' else F16_TOL), result
     assert result['logits_bias'] < (1e-5 if tag == 'f32' else 1e-2)
+    # the merged summaries among the results
+    assert set(result['outputs']) == {'queries', 'keys', 'values', 'token_lr', 'summary'}
+    assert worst(result['outputs'].values()) < (1e-5 if tag == 'f32' else F16_TOL), result
 
 
 def test_projection_row_groups_keep_the_gpu_busy():

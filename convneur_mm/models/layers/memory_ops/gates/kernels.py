@@ -64,6 +64,8 @@ def gates_kernel(s_ptr, wd_ptr, bd_ptr, wm_ptr, bm_ptr, wl_ptr, bl_ptr,
     decay += tl.load(bd_ptr + heads * sbd, mask=hmask, other=0.0)[None, :]
     momentum += tl.load(bm_ptr + heads * sbm, mask=hmask, other=0.0)[None, :]
     lr += tl.load(bl_ptr + outs * sbl, mask=lmask, other=0.0)[None, :]
+    # int64 offsets: H B U and K H B U entries may pass 2**31 where B U does not
+    rows = rows.to(tl.int64)
     at = heads[None, :] * R + rows[:, None]
     mask = rmask[:, None] & hmask[None, :]
     tl.store(keep_ptr + at, _log_sigmoid(-decay), mask=mask)

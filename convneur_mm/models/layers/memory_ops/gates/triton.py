@@ -29,7 +29,6 @@ def chunk_gates_triton(summary: Tensor, weights: GateWeights) -> ChunkGates:
         ``ChunkGates``, float32, contiguous.
     """
     check_gate_arguments(summary, weights)
-    heads, k = gate_sizes(weights)
     check_arguments([('summary', summary, ('B', 'U', 'd'))] +
                     [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
                      for name, t in weights._asdict().items()], torch.float32, (None, None))
@@ -50,7 +49,7 @@ def _gates(summary: Tensor, decay: Tensor, decay_bias: Tensor, momentum: Tensor,
     check_runnable(summary, torch.float32, whole_rows=False)  # features walked in steps
     outputs = tuple(summary.new_empty(shape)
                     for shape in _output_shapes(summary, decay, lr_modulation))
-    if outputs[2].numel():
+    if outputs[0].numel():
         launch_gates(summary, GateWeights(decay, decay_bias, momentum, momentum_bias,
                                           lr_modulation, lr_modulation_bias), *outputs)
     return outputs
@@ -93,7 +92,8 @@ def _backward(ctx, bar_keep: Optional[Tensor], bar_momentum: Optional[Tensor],
               bar_lr: Optional[Tensor]) -> tuple:
     """The logits recomputed (one small product), then by hand: d/dz of
     log(1 - sigmoid(z)) is -sigmoid(z), of log(sigmoid(z)) sigmoid(-z), of
-    sigmoid(z) sigmoid(z) (1 - sigmoid(z))."""
+    sigmoid(z) sigmoid(z) (1 - sigmoid(z)). Its products are PyTorch's, as
+    the PyTorch path's backward (TF32 where a user allows it)."""
     summary, *params = ctx.saved_tensors
     w = GateWeights(*params)
     heads, k = gate_sizes(w)

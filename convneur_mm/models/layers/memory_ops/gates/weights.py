@@ -37,9 +37,12 @@ def check_gate_arguments(summary: Tensor, weights: GateWeights) -> None:
         raise ValueError(f'summary must be (B, U, d), got shape {tuple(summary.shape)}')
     d = summary.shape[-1]
     heads, k = gate_sizes(weights)
-    if heads == 0 or weights.lr_modulation.shape[0] % heads:
-        raise ValueError(f'weights.lr_modulation has {weights.lr_modulation.shape[0]} rows: '
-                         f'not a multiple of the {heads} heads')
+    rows = weights.lr_modulation.shape[0]
+    if heads == 0:
+        raise ValueError('weights.decay has no rows: the gates need at least one head')
+    if rows == 0 or rows % heads:
+        raise ValueError(f'weights.lr_modulation has {rows} rows: not a positive multiple of '
+                         f'the {heads} heads')
     shapes = dict(decay=(heads, d), decay_bias=(heads, ), momentum=(heads, d),
                   momentum_bias=(heads, ), lr_modulation=(k * heads, d),
                   lr_modulation_bias=(k * heads, ))

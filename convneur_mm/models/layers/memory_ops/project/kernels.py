@@ -643,6 +643,8 @@ def pool_merge_kernel(pool_ptr, lse_ptr, pooled_ptr, out_lse_ptr, G, D, BD: tl.c
     top = tl.full((BD, ), float('-inf'), dtype=tl.float32)
     for g in range(0, G):
         top = tl.maximum(top, tl.load(lse_ptr + groups + g * D, mask=mask, other=0.0))
+    # every group at -inf (no row): -inf, as logsumexp gives, not -inf - -inf
+    top = tl.where(top == float('-inf'), 0.0, top)
     total = tl.zeros((BD, ), dtype=tl.float32)
     acc = tl.zeros((BD, ), dtype=tl.float32)
     for g in range(0, G):
