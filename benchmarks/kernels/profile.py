@@ -148,7 +148,7 @@ def launch_flops(launch: Launch) -> Tuple[int, int]:
     if name == 'gates_kernel':  # the three gate layers' float32 products
         summary, outs = a['s_ptr'], a['wd_ptr'].shape[0] * (2 + a['K'])
         return 2 * summary.shape[-1] * outs * a['R'], 0
-    return 0, 0  # the scan and the pool's merge: elementwise
+    return 0, 0  # the scan, the pool's merge and the fold: elementwise
 
 
 def _projection_flops(a: dict, backward: bool) -> int:

@@ -52,22 +52,23 @@ def test_the_fused_kernels_allocations_on_meta_tensors():
 
 
 def test_the_fused_path_counts_what_a_gpu_launches():
-    """Recorded for an sm_90 GPU at batch 1: the projections' row groups
-    merged by one launch, the gates one launch, and none of the PyTorch
-    ops they replace."""
+    """Recorded for an sm_90 GPU at batch 1: the projections' weights folded
+    by one launch, their row groups merged by one, the gates one launch, and
+    none of the PyTorch ops they replace (but W_0's casts)."""
     pytest.importorskip('triton')
     if interpreter_requested():
         pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
     cfg = dict(operand_dtype='bfloat16', implementation='triton')
     inference = count_ops('m1', 0, 64, 1, 'meta', cfg)['inference']
     aten, triton = inference['gpu_launches']
-    assert triton == {'project_kernel': 1, 'pool_merge_kernel': 1, 'gates_kernel': 1,
-                      'grads_rows_kernel': 1, 'grads_cols_kernel': 1, 'scan_kernel': 3,
-                      'read_kernel': 2}
+    assert triton == {'fold_kernel': 1, 'project_kernel': 1, 'pool_merge_kernel': 1,
+                      'gates_kernel': 1, 'grads_rows_kernel': 1, 'grads_cols_kernel': 1,
+                      'scan_kernel': 3, 'read_kernel': 2}
     assert aten == inference['kernels']
-    assert not {'logsumexp', 'exp', 'addmm', 'neg', 'log_sigmoid_forward', 'sigmoid',
-                'clone'} & set(inference['by_op'])
-    assert f'| {aten} + 10 = {aten + 10} |' in format_op_counts({'this tree': dict(
+    assert not {'cat', 'add', 'logsumexp', 'exp', 'addmm', 'neg', 'log_sigmoid_forward',
+                'sigmoid', 'clone'} & set(inference['by_op'])
+    assert inference['by_op']['_to_copy'] == 2  # W_0's w1 and w2
+    assert f'| {aten} + 11 = {aten + 11} |' in format_op_counts({'this tree': dict(
         inference=inference)})
 
 

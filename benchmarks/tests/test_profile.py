@@ -158,17 +158,19 @@ def test_kernel_rooflines_list_each_stages_kernels_without_a_gpu(capsys):
         by_stage.setdefault(row['stage'], set()).add(row['kernel'])
         assert row['roofline_ms'] > 0 and row['bound'] in ('bytes', 'products')
     # stages 1 and 2 write chunks; 3 and 4 (one chunk each) only read W_0; at batch 2
-    # a chunk's projections take several programs, whose pooled rows one launch merges
-    assert by_stage[1] == by_stage[2] == {'project_kernel', 'pool_merge_kernel', 'gates_kernel',
-                                          'grads_rows_kernel', 'grads_cols_kernel',
-                                          'scan_kernel', 'read_kernel'}
-    assert by_stage[3] == by_stage[4] == {'project_kernel', 'read_kernel'}
+    # a chunk's projections take several programs, whose pooled rows one launch merges;
+    # inference folds the projections' weights in one launch
+    assert by_stage[1] == by_stage[2] == {'fold_kernel', 'project_kernel', 'pool_merge_kernel',
+                                          'gates_kernel', 'grads_rows_kernel',
+                                          'grads_cols_kernel', 'scan_kernel', 'read_kernel'}
+    assert by_stage[3] == by_stage[4] == {'fold_kernel', 'project_kernel', 'read_kernel'}
     out = capsys.readouterr().out
     assert '| 1 | grads_cols_kernel |' in out and "at H100 SXM's peak" in out
     # a training step records its backward kernels too, on meta tensors
     training = run.main(['rooflines', '--training', '--batch', '2'])['rows']
     stage1 = {r['kernel']: r for r in training if r['stage'] == 1}
-    assert set(stage1) == by_stage[1] | {
+    # training differentiates PyTorch's fold
+    assert set(stage1) == by_stage[1] - {'fold_kernel'} | {
         'project_backward_kernel', 'grads_backward_rows_kernel', 'grads_backward_cols_kernel',
         'scan_backward_kernel', 'read_backward_rows_kernel', 'read_backward_cols_kernel'}
     # 14 products per written row against the forward's 2

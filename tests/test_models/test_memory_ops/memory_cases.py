@@ -256,7 +256,28 @@ def interpreter_results() -> dict:
         results.update(projection_results(gen))
         results.update(scan_results(gen))
         results.update(gates_results(gen))
+        results.update(fold_results(gen))
     results['modules'] = module_results()  # one subprocess: imports are most of its time
+    return results
+
+
+def fold_results(gen: torch.Generator) -> dict:
+    """``fold_triton`` against ``fold`` and its cast, bit for bit, at three
+    widths (M4's 160 too), the store norm and the keys as strided views."""
+    from convneur_mm.models.layers.memory_ops.project.triton import fold_triton
+    results = {}
+    for d, heads in ((16, 1), (40, 2), (160, 4)):
+        w = ProjectionWeights(*(torch.randn(*shape, generator=gen)
+                                for shape in projection_shapes(d, heads)))
+        w = w._replace(store_norm=torch.stack([w.store_norm, torch.zeros(d)], dim=1)[:, 0],
+                       keys=w.keys.t().contiguous().t())
+        want = fold(w)
+        for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
+            got = fold_triton(w, dtype)
+            results[f'fold_{tag}_d{d}'] = dict(
+                dtypes=[str(t.dtype) for t in got],
+                equal=[torch.equal(got.weight, want.weight.to(dtype)),
+                       torch.equal(got.bias, want.bias), torch.equal(got.gamma, want.gamma)])
     return results
 
 
@@ -425,7 +446,7 @@ def projection_results(gen: torch.Generator) -> dict:
                 shapes=[list(t.shape) for t in got],
                 want=[list(t.shape) for t in ref],
                 tiles=sorted({tuple(x.kwargs[k] for k in ('BD', 'BE', 'BHD', 'BHE'))
-                              for x in launches}))
+                              for x in _projection_launches(launches)}))
         if name in EXACT_QUERY_CASES:  # float32 queries beside float16 others
             with kernel_tiles.forced_tiles('project', split=int(name in PROJECTION_SPLITS)), \
                     launcher.observing_launches() as launches:
@@ -435,7 +456,7 @@ def projection_results(gen: torch.Generator) -> dict:
             results[f'project_exact_queries_{name}'] = dict(
                 queries=_rel_err(got.queries, ref.queries),
                 others=worst(_rel_err(g, r) for g, r in zip(got[1:], ref[1:]) if r.numel()),
-                query_steps=sorted({x.kwargs['QBK'] for x in launches}))
+                query_steps=sorted({x.kwargs['QBK'] for x in _projection_launches(launches)}))
     return results
 
 
@@ -985,11 +1006,16 @@ def m4_projection_results() -> Dict[str, dict]:
     return results
 
 
+def _projection_launches(launches: list) -> list:
+    """The projection kernels' launches, forward and backward: not the
+    fold's or the row groups' merge."""
+    return [x for x in launches if x.kernel.__name__.startswith('project')]
+
+
 def _launched_projection_blocks(launches: list) -> list:
-    """The projection launches' (kernel, BE, BHE), sorted, once each (not
-    the row groups' merge)."""
-    return sorted({(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE']) for x in launches
-                   if x.kernel.__name__ != 'pool_merge_kernel'})
+    """The projection launches' (kernel, BE, BHE), sorted, once each."""
+    return sorted({(x.kernel.__name__, x.kwargs['BE'], x.kwargs['BHE'])
+                   for x in _projection_launches(launches)})
 
 
 def _launched_output_blocks(launches: list) -> list:
@@ -1181,7 +1207,7 @@ D, L, BATCH, TOKENS = 32, 40, 2, 3 * 40 + 5  # three written chunks, a partial f
 
 
 OPS = ('memory_chunk_grads', 'memory_read', 'memory_chunk_read', 'memory_project', 'memory_scan',
-       'memory_gates')
+       'memory_gates', 'memory_fold')
 # the cases whose autograd and backward operator opcheck runs (the per-image
 # views' backward is checked against float64 in test_memory_kernels_backward)
 DIFFERENTIABLE = ('chunk_grads', 'read', 'read_decomposed', 'chunk_read', 'chunk_read_decomposed',
@@ -1240,6 +1266,8 @@ def op_cases(dtype: torch.dtype, seed: int = 0) -> Dict[str, Tuple[object, tuple
         # 3 chunks' summaries as a strided view; float32 whatever the operands
         'gates': (ops.memory_gates, (torch.randn(batch, d, 3, generator=gen).transpose(1, 2),
                                      *_gate_args(heads, d, gen))),
+        # inference's fold, the weight in the operand dtype
+        'fold': (ops.memory_fold, (*projection, dtype)),
     }
     # the backward operators: the forward's tensors, then the outputs' cotangents
     for name in DIFFERENTIABLE:

@@ -39,7 +39,7 @@ def _compile_stage(d: int, operand_dtype: torch.dtype, arch: int, **stage):
 
 # the product kernels, launched once each; the scan's runs once per weight tensor
 KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel',
-                'gates_kernel']
+                'gates_kernel', 'fold_kernel']
 SCAN_LAUNCHES = ['scan_kernel'] * 3
 
 
@@ -70,6 +70,8 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
             states.append(signature['out_ptr'])
         elif name == 'gates_kernel':  # float32 summaries and weights
             assert signature['wd_ptr'] == '*fp32'
+        elif name == 'fold_kernel':  # the folded weight written in 16 bits: no cast
+            assert signature['w_ptr'] == half and signature['q_ptr'] == '*fp32'
         else:
             assert signature['w_ptr' if name == 'project_kernel' else 'w1_ptr'] == half, name
         if name == 'grads_cols_kernel':  # the rows pass's 16-bit copy of the keys
@@ -81,7 +83,7 @@ def test_kernels_compile_as_launched_at_m3_stage_1(operand_dtype, arch):
     assert {r.kernel for r in reports} == set(KERNEL_NAMES + SCAN_LAUNCHES)
     for report in reports:
         assert report.shared <= 163 * 1024 and report.spill_stores == 0, report
-        if report.kernel in ('scan_kernel', 'read_kernel', 'gates_kernel'):
+        if report.kernel in ('scan_kernel', 'read_kernel', 'gates_kernel', 'fold_kernel'):
             continue  # element-wise or float32 (IEEE) products; the reads below
         # the projections' 32-row tiles (64 spill) are below wgmma's least
         wgmma = arch >= 90 and report.kernel != 'project_kernel'
@@ -360,9 +362,11 @@ def test_exact_queries_compile_without_spills(arch, d):
     x = torch.empty(2, 4096, d, device='meta')
     with torch.no_grad(), inspect.recording_launches(arch) as launches:
         project_triton(x, weights, 4, 1024, 1e-3, torch.bfloat16, exact_queries=True)
-    # a chunk's rows in several programs at 2 images: their pooled rows merged in one launch
-    assert [x.kernel.__name__ for x in launches] == ['project_kernel', 'pool_merge_kernel']
-    launches = launches[:1]
+    # the weights folded in one launch (exact queries: float32); a chunk's rows in
+    # several programs at 2 images, their pooled rows merged in one launch
+    assert [x.kernel.__name__ for x in launches] == ['fold_kernel', 'project_kernel',
+                                                     'pool_merge_kernel']
+    launches = launches[1:2]
     assert [(x.kwargs['BM'], x.kwargs['QBK']) for x in launches] == [
         (16, 32) if d == 160 else (32, 16)]
     report, = inspect.launch_reports(launches, arch)

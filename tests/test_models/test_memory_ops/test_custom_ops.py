@@ -22,8 +22,10 @@ def test_custom_ops_pass_opcheck(custom_op_runs, case, tag):
 def test_fakes_give_the_results_shapes_and_dtypes(custom_op_runs, case, tag):
     result = custom_op_runs[f'{case}_{tag}']
     assert result['fake'] == result['real']
-    want = str(torch.float16 if case == 'scan' and tag == 'f16' else torch.float32)
-    assert all(dtype == want for _, dtype in result['real'])
+    # the scan's states and the fold's weight in the 16-bit dtype asked for
+    halves = {'scan': 1, 'fold': 1}.get(case, 0) if tag == 'f16' else 0
+    dtypes = [dtype for _, dtype in result['real']]
+    assert dtypes == [str(torch.float16)] * halves + [str(torch.float32)] * (len(dtypes) - halves)
 
 
 @pytest.mark.parametrize('case', SIXTEEN_BIT_BACKWARDS)
@@ -50,7 +52,7 @@ def test_a_compiled_memory_runs_the_kernels_inside_its_graph(custom_op_runs):
     result = custom_op_runs['compiled_memory']
     assert result['graph_breaks'] == 0
     assert result['ops'] == ['memory_chunk_grads', 'memory_chunk_read', 'memory_project',
-                             'memory_scan', 'memory_gates']
+                             'memory_scan', 'memory_gates', 'memory_fold']
     assert result['difference'] < 1e-5
 
 
@@ -78,7 +80,8 @@ def test_fakes_on_meta_tensors_without_triton():
         outputs = op(*_on_meta(args))
         outputs = outputs if isinstance(outputs, tuple) else (outputs, )
         # the state dtype asked for; a 16-bit input's gradient in its dtype
-        halves = {'scan': 1, 'scan_backward_16_bit': 1, 'chunk_read_backward_16_bit': 2}
+        halves = {'scan': 1, 'fold': 1, 'scan_backward_16_bit': 1,
+                  'chunk_read_backward_16_bit': 2}
         assert all(t.device.type == 'meta' for t in outputs), name
         assert [t.dtype for t in outputs] == [torch.float16] * halves.get(name, 0) + [
             torch.float32] * (len(outputs) - halves.get(name, 0)), name
@@ -106,8 +109,8 @@ def test_every_operator_launches_on_its_tensors_device(monkeypatch):
             op(*args)
         assert seen.pop()[0] is args[0], name
         names.add(op.default.name())
-    # every operator and its backward, but the gates' (PyTorch's)
-    assert len(names) == 2 * len(OPS) - 1
+    # every operator and its backward, but the gates' (PyTorch's) and the fold's (none)
+    assert len(names) == 2 * len(OPS) - 2
 
 
 def test_on_tensors_device_makes_the_first_tensors_gpu_current(monkeypatch):

@@ -630,3 +630,38 @@ def test_triton_projections_allocate_their_results_only():
                                            [b, updates, d]]
     assert live.peak <= results + folded, (live.peak, results, folded)
     assert live.peak >= results
+
+
+@pytest.mark.parametrize('d', [16, 40, 160])
+@pytest.mark.parametrize('tag', ['f32', 'f16'])
+def test_the_fold_kernel_gives_folds_results_bit_for_bit(forward_runs, tag, d):
+    """Inference's fold in one launch: the weight in the dtype asked for, as
+    ``fold`` and a cast give it, the bias and gains float32, bit for bit."""
+    result = forward_runs[f'fold_{tag}_d{d}']
+    assert result['dtypes'] == [str(torch.float16 if tag == 'f16' else torch.float32),
+                                str(torch.float32), str(torch.float32)]
+    assert result['equal'] == [True, True, True]
+
+
+def test_the_fold_kernel_refuses_to_be_differentiated():
+    from convneur_mm.models.layers.memory_ops.project.triton import fold_triton
+    weights = ProjectionWeights(*(torch.zeros(shape, requires_grad=True)
+                                  for shape in projection_shapes(16, 1)))
+    with pytest.raises(ValueError, match='fold_triton has no backward: differentiate fold'):
+        fold_triton(weights)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('d,heads', [(128, 1), (160, 4)])
+def test_the_fold_kernel_on_cuda(d, heads):
+    """The compiled fold at M3's and M4's widths, in every operand dtype:
+    ``fold`` and its cast, bit for bit."""
+    from convneur_mm.models.layers.memory_ops.project import fold, fold_triton
+    gen = torch.Generator().manual_seed(d)
+    weights = ProjectionWeights(*(torch.randn(*shape, generator=gen).cuda()
+                                  for shape in projection_shapes(d, heads)))
+    want = fold(weights)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = fold_triton(weights, dtype)
+        assert torch.equal(got.weight, want.weight.to(dtype)), dtype
+        assert torch.equal(got.bias, want.bias) and torch.equal(got.gamma, want.gamma)

@@ -3,8 +3,9 @@ sizes and chunk summaries, ``project(x, weights, num_updates, chunk_size,
 max_lr, operand_dtype, exact_queries=...)`` in PyTorch (``project_torch``, one
 product with the norms' weights folded in; differentiable; for training
 ``project_closed_form``, the same forward with a hand-derived backward),
-Triton (``project_triton``, one kernel, and one for its backward) and
-plainly, layer by layer (``project_naive``, the reference)."""
+Triton (``project_triton``, one kernel, and one for its backward; in
+inference ``fold_triton`` folds the weights in one more) and plainly, layer
+by layer (``project_naive``, the reference)."""
 from typing import Optional
 
 import torch
@@ -14,7 +15,8 @@ from ..common import BACKWARDS, implementation_of
 from .closed_form import project_closed_form
 from .naive import project_naive
 from .pytorch import project_torch
-from .triton import MAX_PROJECTION_WIDTH, project_triton, projection_backward_serves
+from .triton import (MAX_PROJECTION_WIDTH, fold_triton, project_triton,
+                     projection_backward_serves)
 from .weights import FoldedProjections, Projected, ProjectionWeights, fold, projection_shapes
 
 PROJECT_IMPLEMENTATIONS = {'torch': project_torch, 'triton': project_triton}
@@ -36,5 +38,6 @@ def project(x: Tensor, weights: ProjectionWeights, num_updates: int, chunk_size:
 
 
 __all__ = ['FoldedProjections', 'MAX_PROJECTION_WIDTH', 'PROJECT_IMPLEMENTATIONS', 'Projected',
-           'ProjectionWeights', 'fold', 'project', 'project_closed_form', 'project_naive',
-           'project_torch', 'project_triton', 'projection_backward_serves', 'projection_shapes']
+           'ProjectionWeights', 'fold', 'fold_triton', 'project', 'project_closed_form',
+           'project_naive', 'project_torch', 'project_triton', 'projection_backward_serves',
+           'projection_shapes']

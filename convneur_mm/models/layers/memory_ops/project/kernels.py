@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..triton_common import (columns, load_tile, row_sum)
 
-__all__ = ['project_kernel', 'project_backward_kernel', 'pool_merge_kernel']
+__all__ = ['project_kernel', 'project_backward_kernel', 'pool_merge_kernel', 'fold_kernel']
 
 
 @triton.jit
@@ -653,3 +653,45 @@ def pool_merge_kernel(pool_ptr, lse_ptr, pooled_ptr, out_lse_ptr, G, D, BD: tl.c
         acc += share * tl.load(pool_ptr + groups + g * D, mask=mask, other=0.0)
     tl.store(out_lse_ptr + row * D + cols, top + tl.log(total), mask=mask)
     tl.store(pooled_ptr + row * D + cols, acc / total, mask=mask)
+
+
+@triton.jit
+def fold_kernel(rn_ptr, sn_ptr, q_ptr, k_ptr, v_ptr, l_ptr, lb_ptr, t_ptr, tb_ptr, qg_ptr,
+                kg_ptr, w_ptr, b_ptr, g_ptr, D, H, HD,
+                s_rn, s_sn, sq_o, sq_i, sk_o, sk_i, sv_o, sv_i, sl_o, sl_i, s_lb, st_o, st_i,
+                s_tb, sqg_h, sqg_d, skg_h, skg_d, sw_o, sw_i,
+                BD: tl.constexpr, BHD: tl.constexpr):
+    """Row ``pid`` of the folded weight (4D + H, D), in its dtype: its
+    layer's row times its norm's weight (``project.weights.fold``); the
+    first D + H programs also write an entry of the bias (the logits' and
+    the step sizes'), the first 2H a row of the gains (1 + gamma)."""
+    o = tl.program_id(0)
+    cols = tl.arange(0, BD)
+    cmask = cols < D
+    if o < D:
+        row = tl.load(q_ptr + o * sq_o + cols * sq_i, mask=cmask, other=0.0)
+        norm = tl.load(rn_ptr + cols * s_rn, mask=cmask, other=0.0)
+    else:
+        norm = tl.load(sn_ptr + cols * s_sn, mask=cmask, other=0.0)
+        if o < 2 * D:
+            row = tl.load(k_ptr + (o - D) * sk_o + cols * sk_i, mask=cmask, other=0.0)
+        elif o < 3 * D:
+            row = tl.load(v_ptr + (o - 2 * D) * sv_o + cols * sv_i, mask=cmask, other=0.0)
+        elif o < 4 * D:
+            row = tl.load(l_ptr + (o - 3 * D) * sl_o + cols * sl_i, mask=cmask, other=0.0)
+        else:
+            row = tl.load(t_ptr + (o - 4 * D) * st_o + cols * st_i, mask=cmask, other=0.0)
+    tl.store(w_ptr + o * sw_o + cols * sw_i, (row * norm).to(w_ptr.dtype.element_ty),
+             mask=cmask)
+    if o < D:
+        tl.store(b_ptr + o, tl.load(lb_ptr + o * s_lb))
+    elif o < D + H:
+        tl.store(b_ptr + o, tl.load(tb_ptr + (o - D) * s_tb))
+    hcols = tl.arange(0, BHD)
+    hmask = hcols < HD
+    if o < H:
+        gain = tl.load(qg_ptr + o * sqg_h + hcols * sqg_d, mask=hmask, other=0.0)
+        tl.store(g_ptr + o * HD + hcols, 1.0 + gain, mask=hmask)
+    elif o < 2 * H:
+        gain = tl.load(kg_ptr + (o - H) * skg_h + hcols * skg_d, mask=hmask, other=0.0)
+        tl.store(g_ptr + o * HD + hcols, 1.0 + gain, mask=hmask)

@@ -14,7 +14,8 @@ from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_r
                            check_span, kernel_op, register_first_order_autograd)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
                              least_programs, next_pow2, tuned_tiles)
-from .weights import Projected, ProjectionWeights, check_projection_arguments, fold
+from .weights import (FoldedProjections, Projected, ProjectionWeights,
+                      check_projection_arguments, fold)
 
 
 # a program holds whole rows of x and of each head (register tiles): as the
@@ -91,7 +92,8 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     sizes' sigmoid and the pool's softmax over each written chunk, so that x
     is read once and nothing but the results is written (no (B, N, 4d + H)
     product, no cast of x). The folded weight is cast to ``operand_dtype``
-    once per call. Differentiable at the widths ``projection_backward_serves``:
+    once per call; in inference one launch folds it in that dtype
+    (``fold_triton``). Differentiable at the widths ``projection_backward_serves``:
     its backward kernel recomputes the products (only x, the
     weights and the pool's (B, U, d) statistics are saved) and writes x's
     gradient and the product's, whose one product with x gives the weight's.
@@ -133,12 +135,61 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
                          f'{MAX_PROJECTION_BACKWARD_BLOCK} and '
                          f'{PROJECTION_BACKWARD_SPLIT_WIDTHS}, got {x.shape[-1]}: train with '
                          'project_torch')
-    folded = fold(weights)
+    # in inference one launch folds the weights, in the operand dtype where no float32
+    # queries read them (seven ops and a cast in PyTorch); training differentiates ``fold``
+    exact = _takes_exact_queries(exact_queries, operand_dtype)
+    folded = (fold(weights) if autograd_records(x, *weights) else
+              fold_triton(weights, torch.float32 if exact else operand_dtype))
     *projected, pooled, _ = call_kernel_op(
         _project_op, _project, x, folded.weight, folded.bias, folded.gamma, num_updates,
         chunk_size, float(max_lr), operand_dtype, exact_queries, block_rows, block_features)
     # the store norm's weight applies after the pool's sum: one (B, U, d) product
     return Projected(*projected, pooled * weights.store_norm)
+
+
+def fold_triton(weights: ProjectionWeights, dtype: torch.dtype = torch.float32
+                ) -> FoldedProjections:
+    """``fold`` in one launch, the weight written in ``dtype`` (float32 or
+    the products' 16-bit operand dtype: the cast the projections would
+    make), the bias and gains in float32. Not differentiable: inference's
+    fold, where seven small ops and a cast took eight launches.
+
+    Args:
+        weights: the parameters, float32, on one device (``project_triton``'s checks).
+        dtype: the folded weight's dtype.
+    """
+    if autograd_records(*weights):
+        raise ValueError('fold_triton has no backward: differentiate fold')
+    return FoldedProjections(*call_kernel_op(_fold_op, _fold, *weights, dtype))
+
+
+def _fold_shapes(queries: Tensor, token_lr: Tensor, query_gamma: Tensor
+                 ) -> Tuple[Tuple[int, ...], ...]:
+    d, heads = queries.shape[0], token_lr.shape[0]
+    return (4 * d + heads, d), (d + heads, ), (2 * heads, query_gamma.shape[1])
+
+
+def _fold(retrieve_norm: Tensor, store_norm: Tensor, queries: Tensor, keys: Tensor,
+          values: Tensor, logits: Tensor, logits_bias: Tensor, token_lr: Tensor,
+          token_lr_bias: Tensor, query_gamma: Tensor, key_gamma: Tensor, dtype: torch.dtype
+          ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The operator's implementation: allocate and launch, a program per row
+    of the folded weight."""
+    check_runnable(queries, dtype)
+    w_shape, b_shape, g_shape = _fold_shapes(queries, token_lr, query_gamma)
+    weight = queries.new_empty(w_shape, dtype=dtype)
+    bias, gamma = queries.new_empty(b_shape), queries.new_empty(g_shape)
+    d, heads, hd = queries.shape[0], token_lr.shape[0], query_gamma.shape[1]
+    if weight.numel():
+        kernels, _ = launch_config('project', dtype, queries.device)
+        kernels.fold_kernel[(w_shape[0], )](
+            retrieve_norm, store_norm, queries, keys, values, logits, logits_bias, token_lr,
+            token_lr_bias, query_gamma, key_gamma, weight, bias, gamma, d, heads, hd,
+            retrieve_norm.stride(0), store_norm.stride(0), *queries.stride(), *keys.stride(),
+            *values.stride(), *logits.stride(), logits_bias.stride(0), *token_lr.stride(),
+            token_lr_bias.stride(0), *query_gamma.stride(), *key_gamma.stride(),
+            *weight.stride(), BD=next_pow2(d), BHD=next_pow2(hd), num_warps=2)
+    return weight, bias, gamma
 
 
 def projection_tiles(d: int, heads: int, rows: int, block_rows: Optional[int],
@@ -387,6 +438,17 @@ def _rows_product(grad: Tensor, x: Tensor) -> Tensor:
 
 
 _project_op = kernel_op('memory_project', _project)
+_fold_op = kernel_op('memory_fold', _fold)
+
+
+@_fold_op.register_fake
+def _fold_fake(retrieve_norm: Tensor, store_norm: Tensor, queries: Tensor, keys: Tensor,
+               values: Tensor, logits: Tensor, logits_bias: Tensor, token_lr: Tensor,
+               token_lr_bias: Tensor, query_gamma: Tensor, key_gamma: Tensor,
+               dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    w_shape, b_shape, g_shape = _fold_shapes(queries, token_lr, query_gamma)
+    return (queries.new_empty(w_shape, dtype=dtype), queries.new_empty(b_shape),
+            queries.new_empty(g_shape))
 _project_backward_op = kernel_op('memory_project_backward', _project_backward)
 
 
