@@ -263,7 +263,8 @@ def interpreter_results() -> dict:
 
 def fold_results(gen: torch.Generator) -> dict:
     """``fold_triton`` against ``fold`` and its cast, bit for bit, at three
-    widths (M4's 160 too), the store norm and the keys as strided views."""
+    widths (M4's 160 too), the store norm and the keys as strided views; and
+    the projections at M4's width through either fold (``fold_either_way``)."""
     from convneur_mm.models.layers.memory_ops.project.triton import fold_triton
     results = {}
     for d, heads in ((16, 1), (40, 2), (160, 4)):
@@ -278,6 +279,18 @@ def fold_results(gen: torch.Generator) -> dict:
                 dtypes=[str(t.dtype) for t in got],
                 equal=[torch.equal(got.weight, want.weight.to(dtype)),
                        torch.equal(got.bias, want.bias), torch.equal(got.gamma, want.gamma)])
+    # the projections through either fold (M4's width, the last): with autograd
+    # ``fold``, without the kernel's
+    x = torch.randn(2, 40, d, generator=gen)
+    same = {}
+    for tag, exact in (('f16', False), ('f16_exact_queries', True)):
+        with torch.enable_grad():
+            trained = project_triton(x, ProjectionWeights(*_leaves(list(w))), 2, 16, 0.5,
+                                     torch.float16, exact_queries=exact)
+        with torch.no_grad():
+            inferred = project_triton(x, w, 2, 16, 0.5, torch.float16, exact_queries=exact)
+        same[tag] = all(torch.equal(a.detach(), b) for a, b in zip(trained, inferred))
+    results['fold_either_way'] = same
     return results
 
 

@@ -37,7 +37,8 @@ def _compile_stage(d: int, operand_dtype: torch.dtype, arch: int, **stage):
     return reports
 
 
-# the product kernels, launched once each; the scan's runs once per weight tensor
+# the kernels launched once each (the products', the gates' and the fold's); the
+# scan's runs once per weight tensor
 KERNEL_NAMES = ['grads_rows_kernel', 'grads_cols_kernel', 'read_kernel', 'project_kernel',
                 'gates_kernel', 'fold_kernel']
 SCAN_LAUNCHES = ['scan_kernel'] * 3

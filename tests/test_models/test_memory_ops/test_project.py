@@ -609,10 +609,11 @@ def test_projections_refuse_bad_arguments():
 
 
 def test_triton_projections_allocate_their_results_only():
-    """What the kernel's wrapper allocates (meta tensors, launches skipped):
-    its results, the pool's log-sum-exp and the summaries' pooled rows, the
-    folded weight and its 16-bit copy, the bias and gains; no copy of x (a
-    strided view) and no (B, N, 4d + H) product."""
+    """What the kernel's wrapper allocates in inference (meta tensors,
+    launches skipped): its results, the pool's log-sum-exp and the
+    summaries' pooled rows, the folded weight written in 16 bits (no
+    float32 fold beside it), the bias and gains; no copy of x (a strided
+    view) and no (B, N, 4d + H) product."""
     from convneur_mm.models.layers.memory_ops import kernels
     from convneur_mm.models.layers.memory_ops.project import project_triton
     from convneur_mm.testing.dispatch_probes import LiveTensorBytes
@@ -621,7 +622,7 @@ def test_triton_projections_allocate_their_results_only():
     weights = type(weights)(*(t.to('meta') for t in weights))
     x = torch.empty(b, d, n, device='meta').transpose(1, 2)
     tokens = updates * chunk
-    folded = (4 * d + heads) * d * (4 + 2) + (d + heads) * 4 + 2 * d * 4
+    folded = (4 * d + heads) * d * 2 + (d + heads) * 4 + 2 * d * 4
     results = 4 * (b * n * d + 2 * b * tokens * d + b * tokens * heads + 3 * b * updates * d)
     with torch.no_grad(), kernels.without_launches(), LiveTensorBytes() as live:
         out = project_triton(x, weights, updates, chunk, 1.0, torch.bfloat16)
@@ -643,23 +644,38 @@ def test_the_fold_kernel_gives_folds_results_bit_for_bit(forward_runs, tag, d):
     assert result['equal'] == [True, True, True]
 
 
-def test_the_fold_kernel_refuses_to_be_differentiated():
+def test_the_fold_kernel_refuses_bad_arguments():
     from convneur_mm.models.layers.memory_ops.project.triton import fold_triton
     weights = ProjectionWeights(*(torch.zeros(shape, requires_grad=True)
                                   for shape in projection_shapes(16, 1)))
     with pytest.raises(ValueError, match='fold_triton has no backward: differentiate fold'):
         fold_triton(weights)
+    weights = ProjectionWeights(*(t.detach() for t in weights))
+    with pytest.raises(ValueError, match=r'weights.values must be \(16, 16\)'):
+        fold_triton(weights._replace(values=torch.zeros(16, 8)))
+    with pytest.raises(TypeError, match='weights.logits_bias is torch.float16'):
+        fold_triton(weights._replace(logits_bias=weights.logits_bias.half()))
+
+
+def test_the_projections_give_the_same_results_with_either_fold(forward_runs):
+    """In inference the fold kernel's weight, with autograd PyTorch's fold
+    and its cast: the projection kernel's results bit for bit, float16
+    operands with and without exact queries."""
+    assert forward_runs['fold_either_way'] == {'f16': True, 'f16_exact_queries': True}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('d,heads', [(128, 1), (160, 4)])
 def test_the_fold_kernel_on_cuda(d, heads):
-    """The compiled fold at M3's and M4's widths, in every operand dtype:
-    ``fold`` and its cast, bit for bit."""
+    """The compiled fold at M3's and M4's widths, in every operand dtype,
+    the keys and the store norm as strided views: ``fold`` and its cast,
+    bit for bit."""
     from convneur_mm.models.layers.memory_ops.project import fold, fold_triton
     gen = torch.Generator().manual_seed(d)
     weights = ProjectionWeights(*(torch.randn(*shape, generator=gen).cuda()
                                   for shape in projection_shapes(d, heads)))
+    weights = weights._replace(keys=weights.keys.t().contiguous().t(),
+                               store_norm=weights.store_norm.repeat(2)[::2])
     want = fold(weights)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         got = fold_triton(weights, dtype)

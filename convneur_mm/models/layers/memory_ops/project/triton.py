@@ -15,7 +15,7 @@ from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_r
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
                              least_programs, next_pow2, tuned_tiles)
 from .weights import (FoldedProjections, Projected, ProjectionWeights,
-                      check_projection_arguments, fold)
+                      check_projection_arguments, fold, projection_shapes)
 
 
 # a program holds whole rows of x and of each head (register tiles): as the
@@ -93,7 +93,7 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     is read once and nothing but the results is written (no (B, N, 4d + H)
     product, no cast of x). The folded weight is cast to ``operand_dtype``
     once per call; in inference one launch folds it in that dtype
-    (``fold_triton``). Differentiable at the widths ``projection_backward_serves``:
+    (``fold_triton``; exact queries: in float32, then cast). Differentiable at the widths ``projection_backward_serves``:
     its backward kernel recomputes the products (only x, the
     weights and the pool's (B, U, d) statistics are saved) and writes x's
     gradient and the product's, whose one product with x gives the weight's.
@@ -155,11 +155,18 @@ def fold_triton(weights: ProjectionWeights, dtype: torch.dtype = torch.float32
     fold, where seven small ops and a cast took eight launches.
 
     Args:
-        weights: the parameters, float32, on one device (``project_triton``'s checks).
+        weights: the parameters, float32, on one device.
         dtype: the folded weight's dtype.
     """
     if autograd_records(*weights):
         raise ValueError('fold_triton has no backward: differentiate fold')
+    d, heads = weights.queries.shape[0], weights.query_gamma.shape[0]
+    for name, shape in projection_shapes(d, heads)._asdict().items():
+        if tuple(getattr(weights, name).shape) != shape:
+            raise ValueError(f'weights.{name} must be {shape} for queries of {d} rows and '
+                             f'{heads} heads, got {tuple(getattr(weights, name).shape)}')
+    check_arguments([(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
+                     for name, t in weights._asdict().items()], torch.float32, (None, None))
     return FoldedProjections(*call_kernel_op(_fold_op, _fold, *weights, dtype))
 
 
@@ -438,17 +445,6 @@ def _rows_product(grad: Tensor, x: Tensor) -> Tensor:
 
 
 _project_op = kernel_op('memory_project', _project)
-_fold_op = kernel_op('memory_fold', _fold)
-
-
-@_fold_op.register_fake
-def _fold_fake(retrieve_norm: Tensor, store_norm: Tensor, queries: Tensor, keys: Tensor,
-               values: Tensor, logits: Tensor, logits_bias: Tensor, token_lr: Tensor,
-               token_lr_bias: Tensor, query_gamma: Tensor, key_gamma: Tensor,
-               dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    w_shape, b_shape, g_shape = _fold_shapes(queries, token_lr, query_gamma)
-    return (queries.new_empty(w_shape, dtype=dtype), queries.new_empty(b_shape),
-            queries.new_empty(g_shape))
 _project_backward_op = kernel_op('memory_project_backward', _project_backward)
 
 
@@ -497,3 +493,16 @@ def _backward(ctx, *cotangents: Optional[Tensor]) -> tuple:
 
 
 register_first_order_autograd(_project_op, _backward, _setup_context)
+
+
+_fold_op = kernel_op('memory_fold', _fold)
+
+
+@_fold_op.register_fake
+def _fold_fake(retrieve_norm: Tensor, store_norm: Tensor, queries: Tensor, keys: Tensor,
+               values: Tensor, logits: Tensor, logits_bias: Tensor, token_lr: Tensor,
+               token_lr_bias: Tensor, query_gamma: Tensor, key_gamma: Tensor,
+               dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    w_shape, b_shape, g_shape = _fold_shapes(queries, token_lr, query_gamma)
+    return (queries.new_empty(w_shape, dtype=dtype), queries.new_empty(b_shape),
+            queries.new_empty(g_shape))
