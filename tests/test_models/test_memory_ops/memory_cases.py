@@ -274,7 +274,9 @@ def fold_results(gen: torch.Generator) -> dict:
                        keys=w.keys.t().contiguous().t())
         want = fold(w)
         for tag, dtype in (('f32', torch.float32), ('f16', torch.float16)):
-            got = fold_triton(w, dtype)
+            # every access bounds-checked, new tensors NaN: an unwritten entry fails ``equal``
+            with nan_filled_allocations(), checked_accesses():
+                got = fold_triton(w, dtype)
             results[f'fold_{tag}_d{d}'] = dict(
                 dtypes=[str(t.dtype) for t in got],
                 equal=[torch.equal(got.weight, want.weight.to(dtype)),
@@ -327,7 +329,8 @@ def gates_results(gen: torch.Generator) -> dict:
     each output and gradient; and at logits of +-40, where the naive form's
     log(1 - sigmoid) is -inf, against the stable form."""
     results = {}
-    with torch.enable_grad():
+    # every access bounds-checked, new tensors NaN: every output written
+    with torch.enable_grad(), nan_filled_allocations(), checked_accesses():
         results.update(_gates_cases(gen))
     # logits -40 and +40 for each gate: exp(-40) is below float32's 1 + eps
     weights = GateWeights(*(torch.zeros(rows, *cols) for rows in (1, 1, 3) for cols in ((16,), ())))
@@ -890,8 +893,10 @@ def _projection_row_group_results() -> Dict[str, dict]:
     results = {}
     for tag, dtype in DTYPES.items():
         for name, block_rows in (('', None), ('_rows16', 16)):
+            # every access bounds-checked, new tensors NaN: the merge writes every pooled row
             with mock.patch.object(kernel_tiles, 'MIN_PROGRAMS_PER_SM', 64), \
-                    launcher.observing_launches() as launches:
+                    launcher.observing_launches() as launches, nan_filled_allocations(), \
+                    checked_accesses():
                 case = results[f'project_groups_{tag}{name}'] = _project_case(
                     torch.Generator().manual_seed(3), dtype, 2, 90, 16, 1, 40, 2, block_rows)
             case['launched'] = [[x.kernel.__name__, x.grid[0]] for x in launches]
