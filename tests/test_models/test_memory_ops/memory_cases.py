@@ -302,24 +302,31 @@ GATES_CASES = {'b1_u1_d16_h1': (1, 1, 16, 1), 'b3_u7_d80_h2': (3, 7, 80, 2),
                'b2_u15_d160_h4': (2, 15, 160, 4)}
 
 
+def gates_errors(summary: torch.Tensor, weights: GateWeights, gen: torch.Generator,
+                 device: str = 'cpu') -> dict:
+    """``chunk_gates_triton`` on ``device`` against ``chunk_gates_naive`` in
+    float64, forward and backward (random cotangents from ``gen``): each
+    output's and gradient's relative error, the outputs' shapes and whether
+    they are contiguous."""
+    leaves = _leaves([summary, *weights], device)
+    got = chunk_gates_triton(leaves[0], GateWeights(*leaves[1:]))
+    exact_leaves = _leaves([t.double() for t in (summary, *weights)])
+    exact = chunk_gates_naive(exact_leaves[0], GateWeights(*exact_leaves[1:]))
+    cotangents = [torch.randn(t.shape, generator=gen) for t in got]
+    grads = torch.autograd.grad(got, leaves, [c.to(device) for c in cotangents])
+    exact_grads = torch.autograd.grad(exact, exact_leaves, [c.double() for c in cotangents])
+    return dict(forward=[_rel_err(a.cpu(), e) for a, e in zip(got, exact)],
+                backward=[_rel_err(a.cpu(), e) for a, e in zip(grads, exact_grads)],
+                shapes=[list(t.shape) for t in got],
+                contiguous=all(t.is_contiguous() for t in got))
+
+
 def _gates_cases(gen: torch.Generator) -> dict:
-    """``gates_results``' ``GATES_CASES``, forward and backward."""
+    """``gates_results``' ``GATES_CASES`` (``gates_errors``)."""
     results = {}
     for name, (b, u, d, heads) in GATES_CASES.items():
         summary = torch.randn(b, d, u, generator=gen).transpose(1, 2)
-        weights = _gate_args(heads, d, gen)
-        leaves = _leaves([summary, *weights])
-        got = chunk_gates_triton(leaves[0], GateWeights(*leaves[1:]))
-        exact_leaves = _leaves([summary, *weights])
-        exact = chunk_gates_naive(exact_leaves[0].double(),
-                                  GateWeights(*(t.double() for t in exact_leaves[1:])))
-        cotangents = [torch.randn(t.shape, generator=gen) for t in got]
-        grads = torch.autograd.grad(got, leaves, cotangents)
-        exact_grads = torch.autograd.grad(exact, exact_leaves, [c.double() for c in cotangents])
-        results[f'gates_{name}'] = dict(
-            forward=[_rel_err(a, e) for a, e in zip(got, exact)],
-            backward=[_rel_err(a, e) for a, e in zip(grads, exact_grads)],
-            shapes=[list(t.shape) for t in got], contiguous=all(t.is_contiguous() for t in got))
+        results[f'gates_{name}'] = gates_errors(summary, _gate_args(heads, d, gen), gen)
     return results
 
 

@@ -7,7 +7,7 @@ from convneur_mm.models.layers.memory_ops.gates import (GateWeights, chunk_gates
                                                         chunk_gates_naive, chunk_gates_torch,
                                                         chunk_gates_triton)
 
-from .memory_cases import F32_TOL, GATES_CASES, _gate_args
+from .memory_cases import F32_TOL, GATES_CASES, _gate_args, gates_errors
 
 
 @pytest.mark.parametrize('case', list(GATES_CASES))
@@ -68,13 +68,5 @@ def test_triton_gates_on_cuda(d, heads):
     gen = torch.Generator().manual_seed(d)
     summary = torch.randn(128, 15, d, generator=gen)
     summary[0] *= 100.0
-    weights = _gate_args(heads, d, gen)
-    leaves = [t.cuda().requires_grad_() for t in (summary, *weights)]
-    got = chunk_gates_triton(leaves[0], GateWeights(*leaves[1:]))
-    exact_leaves = [t.double().requires_grad_() for t in (summary, *weights)]
-    exact = chunk_gates_naive(exact_leaves[0], GateWeights(*exact_leaves[1:]))
-    cotangents = [torch.randn(t.shape, generator=gen) for t in got]
-    grads = torch.autograd.grad(got, leaves, [c.cuda() for c in cotangents])
-    exact_grads = torch.autograd.grad(exact, exact_leaves, [c.double() for c in cotangents])
-    for a, e in zip((*got, *grads), (*exact, *exact_grads)):
-        assert ((a.double().cpu() - e).abs().max() / e.abs().max()).item() < F32_TOL
+    errors = gates_errors(summary, _gate_args(heads, d, gen), gen, 'cuda')
+    assert max(errors['forward'] + errors['backward']) < F32_TOL, errors

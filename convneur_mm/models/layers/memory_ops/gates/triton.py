@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..kernels.launcher import launch_config
 from ..kernels.ops import (call_kernel_op, check_arguments, check_runnable, kernel_op,
-                           register_first_order_autograd)
+                           register_first_order_autograd, weight_arguments)
 from ..kernels.tiles import cdiv, next_pow2
 from .weights import ChunkGates, GateWeights, check_gate_arguments, gate_sizes
 
@@ -29,9 +29,8 @@ def chunk_gates_triton(summary: Tensor, weights: GateWeights) -> ChunkGates:
         ``ChunkGates``, float32, contiguous.
     """
     check_gate_arguments(summary, weights)
-    check_arguments([('summary', summary, ('B', 'U', 'd'))] +
-                    [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
-                     for name, t in weights._asdict().items()], torch.float32, (None, None))
+    check_arguments([('summary', summary, ('B', 'U', 'd'))] + weight_arguments(weights),
+                    torch.float32, (None, None))
     return ChunkGates(*call_kernel_op(_gates_op, _gates, summary, *weights))
 
 

@@ -10,7 +10,7 @@ float32, not TF32).
 """
 import contextlib
 import functools
-from typing import Callable, ContextManager, Dict, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -137,6 +137,13 @@ def check_arguments(tensors: Sequence[Tuple[str, Tensor, Tuple[str, ...]]],
             raise ValueError(f'{name} is on {t.device}, {tensors[0][0]} on {first.device}')
     if operand_dtype not in OPERAND_DTYPES:
         raise ValueError(f'operand_dtype must be one of {OPERAND_DTYPES}, got {operand_dtype}')
+
+
+def weight_arguments(weights: Tuple[Tensor, ...]) -> List[Tuple[str, Tensor, Tuple[str, ...]]]:
+    """``check_arguments``' entries of a named tuple of parameters: each
+    ``weights.<name>`` with sizes of its own (its op checks their shapes)."""
+    return [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
+            for name, t in weights._asdict().items()]
 
 
 def check_decomposed(base: Optional[MemoryWeights], carry: Optional[Tensor], heads_dim: str,

@@ -11,11 +11,12 @@ from ..common import RMS_EPS, autograd_records, product
 from ..kernels.availability import MAX_HEAD_DIM
 from ..kernels.launcher import launch_config, multiprocessors, target_arch
 from ..kernels.ops import (as_operands, call_kernel_op, check_arguments, check_runnable,
-                           check_span, kernel_op, register_first_order_autograd)
+                           check_span, kernel_op, register_first_order_autograd,
+                           weight_arguments)
 from ..kernels.tiles import (block_width, cdiv, check_tiles, column_blocks, forced_options,
                              least_programs, next_pow2, tuned_tiles)
 from .weights import (FoldedProjections, Projected, ProjectionWeights,
-                      check_projection_arguments, fold, projection_shapes)
+                      check_projection_arguments, check_projection_shapes, fold)
 
 
 # a program holds whole rows of x and of each head (register tiles): as the
@@ -93,10 +94,11 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     is read once and nothing but the results is written (no (B, N, 4d + H)
     product, no cast of x). The folded weight is cast to ``operand_dtype``
     once per call; in inference one launch folds it in that dtype
-    (``fold_triton``; exact queries: in float32, then cast). Differentiable at the widths ``projection_backward_serves``:
-    its backward kernel recomputes the products (only x, the
-    weights and the pool's (B, U, d) statistics are saved) and writes x's
-    gradient and the product's, whose one product with x gives the weight's.
+    (``fold_triton``; exact queries: in float32, then cast). Differentiable
+    at the widths ``projection_backward_serves``: its backward kernel
+    recomputes the products (only x, the weights and the pool's (B, U, d)
+    statistics are saved) and writes x's gradient and the product's, whose
+    one product with x gives the weight's.
 
     Args:
         x: (B, N, d) float32, any strides.
@@ -126,9 +128,7 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
         raise ValueError(f'project_triton takes widths up to {MAX_PROJECTION_WIDTH}, got '
                          f'{x.shape[-1]}: use project_torch')
     operand_dtype = operand_dtype or torch.float32
-    check_arguments([('x', x, ('B', 'N', 'd'))] +
-                    [(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
-                     for name, t in weights._asdict().items()], operand_dtype,
+    check_arguments([('x', x, ('B', 'N', 'd'))] + weight_arguments(weights), operand_dtype,
                     (block_rows, block_features), tile_names=('block_rows', 'block_features'))
     if not projection_backward_serves(x.shape[-1]) and autograd_records(x, *weights):
         raise ValueError(f'project_triton differentiates widths up to '
@@ -139,7 +139,7 @@ def project_triton(x: Tensor, weights: ProjectionWeights, num_updates: int, chun
     # queries read them (seven ops and a cast in PyTorch); training differentiates ``fold``
     exact = _takes_exact_queries(exact_queries, operand_dtype)
     folded = (fold(weights) if autograd_records(x, *weights) else
-              fold_triton(weights, torch.float32 if exact else operand_dtype))
+              _fold_launched(weights, torch.float32 if exact else operand_dtype))
     *projected, pooled, _ = call_kernel_op(
         _project_op, _project, x, folded.weight, folded.bias, folded.gamma, num_updates,
         chunk_size, float(max_lr), operand_dtype, exact_queries, block_rows, block_features)
@@ -160,13 +160,13 @@ def fold_triton(weights: ProjectionWeights, dtype: torch.dtype = torch.float32
     """
     if autograd_records(*weights):
         raise ValueError('fold_triton has no backward: differentiate fold')
-    d, heads = weights.queries.shape[0], weights.query_gamma.shape[0]
-    for name, shape in projection_shapes(d, heads)._asdict().items():
-        if tuple(getattr(weights, name).shape) != shape:
-            raise ValueError(f'weights.{name} must be {shape} for queries of {d} rows and '
-                             f'{heads} heads, got {tuple(getattr(weights, name).shape)}')
-    check_arguments([(f'weights.{name}', t, tuple(f'{name}{i}' for i in range(t.dim())))
-                     for name, t in weights._asdict().items()], torch.float32, (None, None))
+    check_projection_shapes(weights, weights.queries.shape[-1])
+    check_arguments(weight_arguments(weights), torch.float32, (None, None))
+    return _fold_launched(weights, dtype)
+
+
+def _fold_launched(weights: ProjectionWeights, dtype: torch.dtype) -> FoldedProjections:
+    """``fold_triton`` of checked weights (``project_triton`` has checked them)."""
     return FoldedProjections(*call_kernel_op(_fold_op, _fold, *weights, dtype))
 
 

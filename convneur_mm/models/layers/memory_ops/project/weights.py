@@ -69,6 +69,17 @@ def projection_shapes(d: int, heads: int) -> ProjectionWeights:
         query_gamma=(heads, d // heads), key_gamma=(heads, d // heads))
 
 
+def check_projection_shapes(weights: ProjectionWeights, d: int) -> None:
+    """Each parameter's shape for width ``d`` and the gains' heads: an error
+    naming the parameter."""
+    heads = weights.query_gamma.shape[0]
+    for name, shape in projection_shapes(d, heads)._asdict().items():
+        got = tuple(getattr(weights, name).shape)
+        if got != shape:
+            raise ValueError(f'weights.{name} must be {shape} for width {d} and '
+                             f'{heads} heads, got {got}')
+
+
 def check_projection_arguments(x: Tensor, weights: ProjectionWeights, num_updates: int,
                                chunk_size: int) -> None:
     """Shapes and counts of a ``project`` call: an error naming the argument."""
@@ -76,11 +87,7 @@ def check_projection_arguments(x: Tensor, weights: ProjectionWeights, num_update
         raise ValueError(f'x must be (B, N, d), got shape {tuple(x.shape)}')
     d = x.shape[-1]
     heads = weights.query_gamma.shape[0]
-    for name, shape in projection_shapes(d, heads)._asdict().items():
-        got = tuple(getattr(weights, name).shape)
-        if got != shape:
-            raise ValueError(f'weights.{name} must be {shape} for x of width {d} and '
-                             f'{heads} heads, got {got}')
+    check_projection_shapes(weights, d)
     if d % heads:
         raise ValueError(f'x of width {d} does not split into {heads} heads')
     if chunk_size < 1:
