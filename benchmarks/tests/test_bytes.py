@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from benchmarks.memory.bytes import (OWN_MODULES, PATHS, TRITON, InductorByteCounter, MemoryShape,
-                                     as_installed, count_branch_step_bytes, count_compiled_branch_step_bytes,
-                                     count_ops, count_projection_bytes, count_step_bytes,
-                                     format_op_counts, kernel_cuts)
+                                     _gpu_launches, as_installed, count_branch_step_bytes,
+                                     count_compiled_branch_step_bytes, count_ops,
+                                     count_projection_bytes, count_step_bytes, format_op_counts,
+                                     kernel_cuts)
 from convneur_mm.analysis.isolated import run_isolated
 from convneur_mm.models.layers.memory_ops.kernels.availability import interpreter_requested
 from convneur_mm.testing.dispatch_probes import AtenOpCounter
@@ -70,6 +71,26 @@ def test_the_fused_path_counts_what_a_gpu_launches():
     assert inference['by_op']['_to_copy'] == 2  # W_0's w1 and w2
     assert f'| {aten} + 11 = {aten + 11} |' in format_op_counts({'this tree': dict(
         inference=inference)})
+    # a branch that reads W_0 only: no pooled rows, so their store-norm product
+    # launches nothing (an empty result), and neither do the chunk gradients
+    read_only = count_ops('m1', 3, 64, 1, 'meta', cfg)['inference']
+    assert 'mul' not in read_only['by_op']
+    assert set(read_only['gpu_launches'][1]) == {'fold_kernel', 'project_kernel', 'read_kernel'}
+
+
+def test_an_empty_grid_counts_as_no_launch():
+    """Triton's launcher skips a grid without programs, and so does the count."""
+    pytest.importorskip('triton')
+    if interpreter_requested():
+        pytest.skip('this process runs Triton in its interpreter: launches are not recorded')
+    from convneur_mm.models.layers.memory_ops.kernels.launcher import launch_config
+
+    def call():
+        kernels, _ = launch_config('scan', torch.float32, torch.device('meta'))
+        kernels.scan_kernel[(0, )]()  # recorded, not run: no arguments needed
+        kernels.scan_kernel[(2, )]()
+
+    assert _gpu_launches(call) == (0, {'scan_kernel': 1})
 
 
 def test_the_backbone_with_and_without_global_branches():

@@ -30,7 +30,8 @@ class AtenOpCounter(TorchDispatchMode):
     """Counts the ATen ops dispatched inside the context (eager mode), by
     name: ``kernels`` those that return a tensor and compute (what a GPU launches), ``views``
     the aliasing ones (views, reshapes, detach), which launch nothing;
-    allocations (``empty``) count as neither.
+    allocations (``empty``) and ops whose results are all empty count as
+    neither (ATen launches no kernel for a result without elements).
     ``bytes``: per kernel op, the bytes of its tensor arguments and results,
     each read or written once: the least memory traffic of an unfused op (an
     ``out=`` tensor is written, not read).
@@ -49,8 +50,8 @@ class AtenOpCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outs = tensors_in(out)
         name = str(func.overloadpacket.__name__)
-        # ops that return no tensor (``promote_types``) compute nothing on a device
-        if outs and name not in _ALLOCATIONS:
+        # ops that return no tensor (``promote_types``) or only empty ones compute nothing
+        if outs and name not in _ALLOCATIONS and (func.is_view or any(t.numel() for t in outs)):
             (self.views if func.is_view else self.kernels)[name] += 1
             if not func.is_view:
                 written = {id(t) for t in outs}

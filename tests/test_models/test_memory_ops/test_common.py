@@ -149,3 +149,18 @@ def test_op_counter_counts_allocations_as_nothing_and_out_tensors_as_written():
     assert counter.kernels == {'gelu_backward': 1, 'add_': 1}
     # two float32 arguments read, the bfloat16 result written; add_ reads self twice, writes it
     assert counter.bytes == {'gelu_backward': 2 * 40 + 20, 'add_': 3 * 40}
+
+
+def test_op_counter_counts_ops_with_empty_results_as_nothing():
+    """A GPU launches no kernel for a result without elements: a product of
+    an empty operand into a non-empty result (zeros) still counts."""
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
+    empty, full = torch.empty(1, 0, 4, device='meta'), torch.empty(1, 3, 4, device='meta')
+    with AtenOpCounter() as counter:
+        empty * 2
+        empty.sum(dim=1)  # (1, 4) of zeros: a fill
+        torch.bmm(full, torch.empty(1, 4, 0, device='meta'))
+        torch.bmm(torch.empty(1, 3, 0, device='meta'), empty)  # inner size 0: zeros
+        empty.view(4, 0)
+    assert counter.kernels == {'sum': 1, 'bmm': 1}
+    assert counter.views == {'view': 1}
