@@ -86,6 +86,34 @@ def test_products_on_meta_tensors_write_float32_as_on_cuda():
     assert (a.grad.dtype, b.grad.dtype) == (torch.float32, torch.float32)
 
 
+def test_float16_products_under_autograd_differentiate_on_cuda_devices():
+    """CUDA's (and meta's) float32-output product has no derivative: float16
+    operands under autograd take the 16-bit product, widened, as on a CPU;
+    outside autograd the float32 output."""
+    from convneur_mm.models.layers.memory_ops import product
+    from convneur_mm.testing.dispatch_probes import AtenOpCounter
+    a, b = (torch.empty(2, 5, 6, device='meta', requires_grad=True),
+            torch.empty(2, 6, 3, device='meta', requires_grad=True))
+    with AtenOpCounter() as counter:
+        out = product(a, b, torch.float16)
+    assert out.dtype == torch.float32 and counter.kernels == {'_to_copy': 3, 'bmm': 1}
+    out.backward(torch.empty_like(out))
+    assert (a.grad.dtype, b.grad.dtype) == (torch.float32, torch.float32)
+    with torch.no_grad(), AtenOpCounter() as counter:
+        assert product(a, b, torch.float16).dtype == torch.float32
+    assert counter.kernels == {'_to_copy': 2, 'bmm': 1}
+
+
+def test_a_float16_memory_trains_with_autograd_on_cuda_devices():
+    """The memory's autograd backward with float16 operands, on meta
+    tensors (the products CUDA runs): every parameter gets a gradient."""
+    from convneur_mm.models.layers.neural_memory import NeuralMemory
+    memory = NeuralMemory(32, chunk_size=8, heads=2, operand_dtype='float16',
+                          implementation='torch', backward='autograd').to('meta')
+    memory(torch.empty(2, 20, 32, device='meta')).sum().backward()
+    assert all(p.grad is not None for p in memory.parameters() if p.requires_grad)
+
+
 def test_bf16_products_have_autograds_gradients_through_the_casts():
     """On a CPU (bf16 results, widened) the product's own backward computes
     what autograd through the casts computes, bit for bit; an operand the

@@ -32,7 +32,8 @@ class MemoryWeights(NamedTuple):
 
 # torch >= 2.8 on CUDA: a 16-bit product with a float32 output, no rounding of
 # the accumulator to 16 bits (the overload has no autograd formula: ``_Product16``
-# gives it one for bf16 operands); on meta tensors too, so that byte counts there are CUDA's
+# gives it one for bf16 operands, and float16 ones under autograd take the 16-bit
+# output, widened); on meta tensors too, so that byte counts there are CUDA's
 _BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, 'dtype')
 _OUT_DTYPE_DEVICES = ('cuda', 'meta')
 
@@ -79,11 +80,13 @@ def product(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None,
 
 def _wide_bmm(a16: Tensor, b16: Tensor, out_dtype: torch.dtype) -> Tensor:
     """``a16 @ b16`` (16-bit operands) in ``out_dtype``: accumulated in
-    float32 and written so where the device can (``bmm.dtype``), else the
-    16-bit result widened."""
+    float32 and written so where the device can (``bmm.dtype``) and autograd
+    records nothing (the overload has no derivative), else the 16-bit result
+    widened."""
     if out_dtype == a16.dtype:
         return torch.bmm(a16, b16)
-    if _BMM_OUT_DTYPE and a16.device.type in _OUT_DTYPE_DEVICES and out_dtype == torch.float32:
+    if (_BMM_OUT_DTYPE and a16.device.type in _OUT_DTYPE_DEVICES and out_dtype == torch.float32
+            and not autograd_records(a16, b16)):
         return torch.ops.aten.bmm.dtype(a16, b16, torch.float32)
     return torch.bmm(a16, b16).to(out_dtype)
 
