@@ -66,11 +66,11 @@ def gates_kernel(s_ptr, wd_ptr, bd_ptr, wm_ptr, bm_ptr, wl_ptr, bl_ptr,
     lr += tl.load(bl_ptr + outs * sbl, mask=lmask, other=0.0)[None, :]
     # int64 offsets: H B U and K H B U entries may pass 2**31 where B U does not
     rows = rows.to(tl.int64)
-    at = heads[None, :] * R + rows[:, None]
+    at = heads.to(tl.int64)[None, :] * R + rows[:, None]
     mask = rmask[:, None] & hmask[None, :]
     tl.store(keep_ptr + at, _log_sigmoid(-decay), mask=mask)
     tl.store(momentum_ptr + at, _log_sigmoid(momentum), mask=mask)
     # column h K + k of the modulation's logits is tensor k's rho of head h
-    slot = (outs % K) * H + outs // K
+    slot = ((outs % K) * H + outs // K).to(tl.int64)
     tl.store(lr_ptr + slot[None, :] * R + rows[:, None], tl.sigmoid(lr),
              mask=rmask[:, None] & lmask[None, :])
