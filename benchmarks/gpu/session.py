@@ -14,14 +14,19 @@ each step in a process of its own, saved as it goes and resumable.
   memories plan their own path (``Step.reruns_on_torch``) is run again with
   ``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, its records beside the first
   attempt's (``*.torch.json``). A step that exits 0 without its report
-  (Nsight Compute's) or with no test run counts as failed.
+  (Nsight Compute's) or with no test run counts as failed; one whose record
+  shows items skipped for time (a memory bench's budget) is partial.
 * **No step starts without its time.** A step starts only where the time
   left holds its estimate (scaled by ``steps.gpu_speed`` for the card), and
   runs under a timeout of twice that and 30 s; then its whole process group
   is stopped. A memory bench gets that time as its own ``--budget-s``.
 * **A resume runs only what is missing.** Run again with the same ``--out``:
   steps whose planned attempt ended ok or failed are kept; skipped,
-  timed-out and never-run steps run (``--retry-failed``: the failed ones too).
+  timed-out, partial and never-run steps run (``--retry-failed``: the failed
+  ones too).
+* **A stopped run stops its step.** On SIGTERM (``timeout``'s) the running
+  step's process group is stopped, the step recorded as timed out and the
+  folder packed before the run exits.
 * **Dry mode.** ``--dry-run`` runs each step's CPU check instead (the lab's
   dry runs, pytest's collection, the kernels in Triton's interpreter) under
   the same bookkeeping; Nsight Compute and compute-sanitizer are only shown.
@@ -39,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -52,8 +58,10 @@ TIMEOUT_FACTOR = 2.0
 TIMEOUT_SLACK_S = 30.0
 DRY_TIMEOUT_S = 900.0  # a CPU's check has no GPU estimate to go by
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL, to a timed-out step's whole process group
-# statuses a resume runs again: the step did not finish
-MISSING = ('skipped', 'timed out', 'not run')
+# statuses a resume runs again: the step did not finish, or skipped items for time
+MISSING = ('skipped', 'timed out', 'not run', 'partial')
+# how a memory bench records an item its budget left out (``suite.Budget``)
+SKIPPED_FOR_TIME = 'skipped: budget'
 _KERNEL = re.compile(r'\b(\w+)_kernel\b')
 _ERROR = re.compile(r'^(?:E +)?((\w+(Error|Exception)|CUDA error|FAILED|ERROR|==ERROR==|'
                     r'========= (Invalid|Race|Error|Program hit)).*)', re.M)
@@ -137,17 +145,54 @@ def run_in_group(command: Sequence[str], log, env: Dict[str, str], timeout: floa
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _stop_group(proc)
         return None
+    except Stopped:  # the run itself is ending: so must its step
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to ``proc``'s whole process group, then SIGKILL after a grace."""
+    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Stopped(BaseException):
+    """The run received SIGTERM (a ``BaseException``: no step's handler swallows it)."""
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped()
+
+
+def skipped_for_time(path: str) -> int:
+    """How many items a step's JSON record says its budget left out (0
+    where there is no record)."""
+    if not osp.exists(path):
+        return 0
+    with open(path) as f:
+        try:
+            record = json.load(f)
+        except ValueError:
+            return 0
+
+    def count(node) -> int:
+        if isinstance(node, dict):
+            return sum(count(v) for v in node.values())
+        if isinstance(node, list):
+            return sum(count(v) for v in node)
+        return int(isinstance(node, str) and node.startswith(SKIPPED_FOR_TIME))
+
+    return count(record)
 
 
 class Session:
@@ -227,13 +272,26 @@ class Session:
                 print(f'[gpu] could not pack {self.out} into {self.tar}: {why}', flush=True)
 
     def run(self) -> int:
-        """Every step in order; 1 where one failed or timed out in this run, else 0."""
+        """Every step in order; 1 where one failed or timed out in this run, or
+        the run was stopped (SIGTERM), else 0."""
         failed = False
-        for step in self.steps:
-            if step.name in self.kept:
-                print(f'[gpu] {step.name:32s} kept from an earlier run: {self.kept[step.name]}')
-                continue
-            failed |= self.run_step(step)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
+        step = None
+        try:
+            for step in self.steps:
+                if step.name in self.kept:
+                    print(f'[gpu] {step.name:32s} kept from an earlier run: '
+                          f'{self.kept[step.name]}')
+                    continue
+                failed |= self.run_step(step)
+        except Stopped:
+            failed = True
+            if step is not None:
+                self.record(step, 'timed out: the run was stopped (SIGTERM)')
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
         self.pack()
         self.summary()
         return 1 if failed else 0
@@ -254,7 +312,7 @@ class Session:
             return False
         status = self.attempt(step, argv, env, left, need, 'as planned')
         self.pack()
-        bad = not status.startswith(('ok', 'not run'))
+        bad = not status.startswith(('ok', 'not run', 'partial'))
         if bad and step.reruns_on_torch and not self.dry:
             left = self.left()
             if left < need:
@@ -310,6 +368,10 @@ class Session:
             counts = junit_counts(self.path(step.junit, suffix))
             if counts is None or counts['tests'] - counts['skipped'] == 0:
                 return f'failed: no test ran ({counts})'
+        if step.record:
+            skipped = skipped_for_time(self.path(step.record, suffix))
+            if skipped:
+                return f'partial: {skipped} items skipped for time'
         return 'ok'
 
     def summary(self) -> None:

@@ -1,6 +1,8 @@
 """The steps of the GPU run (``python -m benchmarks.run gpu``), in the order a
-lease runs them: the kernels' correctness, their tuning, Nsight Compute and
-compute-sanitizer on them, then the figures.
+lease runs them: the forward, backward and projection kernels' correctness,
+Nsight Compute and compute-sanitizer on them (a first lease reaches them
+after its install), the rest of the correctness checks, the tuning, then the
+figures.
 
 Each step is one process (a GPU fault breaks the CUDA context of the
 process it happens in, and nothing else), with its seconds estimated on an
@@ -58,6 +60,7 @@ class Step:
         dry_env: variables set for its check on a CPU.
         report: a file it must write (else it failed, whatever its exit).
         junit: its JUnit XML: it failed where no test in it ran.
+        record: its JSON record: partial where it says items were skipped for time.
         then: a command run after it succeeds, into the same log.
     """
     name: str
@@ -70,6 +73,7 @@ class Step:
     dry_env: Tuple[Tuple[str, str], ...] = ()
     report: Optional[str] = None
     junit: Optional[str] = None
+    record: Optional[str] = None
     then: Optional[Tuple[str, ...]] = None
 
     @property
@@ -85,6 +89,11 @@ def _pytest(*args: str) -> Tuple[str, ...]:
     return ('{python}', '-m', 'pytest', '-p', 'no:cacheprovider', '-rA') + args
 
 
+# the correctness steps before the profilers: the kernels they profile, and the
+# projections and gates beneath every call (a first lease then reaches ncu and memcheck)
+FIRST_CHECKS = ('correctness/forward', 'correctness/backward', 'correctness/project')
+
+
 def correctness_steps() -> List[Step]:
     """The kernels against float64 on CUDA, forward and backward, at M3's and
     M4's widths: one process per test file, the read's last (its 64-row
@@ -98,7 +107,7 @@ def correctness_steps() -> List[Step]:
              ('tiles', 'test_tiles.py test_dispatch.py', '', 'persistent programs, and '
               "'auto' where measured", 30),
              ('read', 'test_read.py', '', "the read's backward under its launch variants, "
-              '64-row tiles included', 45))
+              '64-row tiles included', 100))
     steps = []
     for name, files, keys, summary, seconds in cases:
         paths = tuple(f'{MEMORY_OPS_TESTS}/{f}' for f in files.split())
@@ -133,8 +142,8 @@ def tune_steps(limit_s: int = 60) -> List[Step]:
 
 def decomposed_tune_steps(limit_s: int = 60) -> List[Step]:
     """The decomposed read's kernels at ``DECOMPOSED_TUNE_JOBS``' stage 1
-    (``tune --job``), half ``limit_s`` of candidates each: after the
-    profilers, which the first run must reach, and before the bench."""
+    (``tune --job``), half ``limit_s`` of candidates each: after the other
+    tuning, before the bench."""
     limit = max(1, limit_s // 2)
     return [Step(f'tune/{job}', f"the decomposed read's launch options at {job}'s stage 1",
                  _lab('tune', '--job', job, '--stage', '0', '--limit-s', str(limit),
@@ -178,7 +187,7 @@ def sanitizer_steps(kernel: str = 'read_backward_rows', rows: int = 64) -> List[
                             '--warmup', '0'),
                  45, dry_argv=_lab('launch', kernel, '--rows', str(rows), '--dry-run'),
                  env=NO_ALLOCATOR_CACHE, dry_env=INTERPRETER)
-            for tool in ('memcheck', 'racecheck')] + repro_steps()
+            for tool in ('memcheck', 'racecheck')]
 
 
 def _sanitized(tool: str, *lab_args: str) -> Tuple[str, ...]:
@@ -230,7 +239,7 @@ def bench_steps() -> List[Step]:
                     _lab('memory', *args, '{tuned}', '--budget-s', '{budget}',
                          '--json', json_path), seconds,
                     dry_argv=_lab('memory', '--dry-run', *args, '--json', json_path),
-                    reruns_on_torch=True)
+                    reruns_on_torch=True, record=json_path)
 
     steps = [memory(f'branch-{v}', f'the four branches as {v}', 20, ['branch'], [v])
              for v in kernel_variants]
@@ -260,7 +269,8 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              _lab('memory', '--sections', 'profile', '{tuned}', '--budget-s', '{budget}',
                   '--json', '{out}/profile.json'),
              60, dry_argv=_lab('memory', '--dry-run', '--sections', 'profile',
-                               '--json', '{out}/profile.json')),
+                               '--json', '{out}/profile.json'),
+             record='{out}/profile.json'),
         Step('tests/package', 'the GPU tests still to confirm: graph breaks under bf16 '
              "autocast, the fp16 detector step, RoIAlign (torch_pinned: on the pinned torch)",
              tests, 150, dry_argv=tests[:-2] + ('--collect-only', '-q'), env=GPU_CHILD,
@@ -310,8 +320,11 @@ def gpu_steps(torch_pinned: bool = True, ncu_kernels: Sequence[str] = NCU_KERNEL
         mmcv_ops: mmcv's CUDA ops are installed (else the tests that need
             them are left out).
     """
-    steps = (correctness_steps() + tune_steps(tune_limit_s) + ncu_steps(ncu_kernels) +
-             sanitizer_steps() + decomposed_tune_steps(tune_limit_s) + bench_steps() +
+    correctness = correctness_steps()
+    first = [s for s in correctness if s.name in FIRST_CHECKS]
+    steps = (first + ncu_steps(ncu_kernels) + sanitizer_steps() +
+             [s for s in correctness if s not in first] + repro_steps() +
+             tune_steps(tune_limit_s) + decomposed_tune_steps(tune_limit_s) + bench_steps() +
              later_steps(torch_pinned, mmcv_ops))
     names = [s.name for s in steps]
     assert len(set(names)) == len(names), names

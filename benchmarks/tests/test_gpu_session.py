@@ -186,16 +186,64 @@ def test_select_takes_steps_and_groups_and_refuses_unknown_names():
         select(steps, ['nosuch'], [])
 
 
-def test_the_first_run_goes_correctness_tune_ncu_sanitizer_bench_in_that_order():
-    groups = list(dict.fromkeys(s.group for s in gpu_steps.gpu_steps()))
-    assert groups[:5] == ['correctness', 'tune', 'ncu', 'sanitizer', 'bench']
+def test_a_first_lease_reaches_the_profilers_after_the_kernels_it_profiles_are_checked():
     names = [s.name for s in gpu_steps.gpu_steps()]
-    assert names.index('correctness/read') == 4  # the step known to fault, last of its group
-    assert [n for n in names if n.startswith('tune/')] == ['tune/m3', 'tune/m4',
-                                                          'tune/cascade-m3', 'tune/upernet-m4']
-    # the decomposed reads' tuning after the profilers, before the bench
-    assert (names.index('sanitizer/repro-memcheck') < names.index('tune/cascade-m3')
-            < names.index('bench/model')), names
+    groups = list(dict.fromkeys(s.group for s in gpu_steps.gpu_steps()))
+    assert groups[:4] == ['correctness', 'ncu', 'sanitizer', 'tune']
+    assert names[:3] == list(gpu_steps.FIRST_CHECKS)
+    assert names[3:10] == [f'ncu/{k}' for k in gpu_steps.NCU_KERNELS] + [
+        'sanitizer/memcheck', 'sanitizer/racecheck']
+    # the read's launch variants (one known to fault) and the minimal kernel, then tuning
+    assert names[10:14] == ['correctness/tiles', 'correctness/read', 'sanitizer/repro',
+                            'sanitizer/repro-memcheck']
+    assert [n for n in names if n.startswith('tune/')] == names[14:18] == [
+        'tune/m3', 'tune/m4', 'tune/cascade-m3', 'tune/upernet-m4']
+    assert names.index('tune/upernet-m4') < names.index('bench/model')
+    # an H200's install (67 s with mmcv's ops) leaves the three checks, the five
+    # profiles and memcheck within gpu_run.sh's default limit of 520 s
+    estimates = {s.name: s.estimate_s for s in gpu_steps.gpu_steps()}
+    assert 67 + sum(estimates[n] for n in names[:9]) <= 520
+
+
+def test_a_step_whose_record_skipped_items_for_time_is_partial_and_resumed(tmp_path):
+    record = tmp_path / 'bench_x.json'
+    write = (f"import json; json.dump(dict(result=dict(sections=dict(branch=dict(rows=["
+             f"'ok', 'skipped: budget (3 s left, needs about 20 s)'])))), "
+             f"open({str(record)!r}, 'w'))")
+    steps = [Step('bench/x', 'x', _py(write), 1.0, reruns_on_torch=True,
+                  record='{out}/bench_x.json')]
+    assert Session(str(tmp_path), steps, deadline=None).run() == 0  # not a failure
+    assert _statuses(tmp_path) == [('bench/x', 'partial: 1 items skipped for time')]  # no rerun
+    assert finished(read_progress(str(tmp_path))) == {}  # a resume runs it again
+    assert gpu_session.skipped_for_time(str(tmp_path / 'none.json')) == 0
+
+
+def test_a_stopped_run_stops_its_step_records_it_and_packs(tmp_path):
+    import os
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip('signal handlers are set in the main thread only')
+    tar = str(tmp_path / 'out.tgz')
+    marker = tmp_path / 'survived.txt'
+    child = f'import time; time.sleep(6); open({str(marker)!r}, "w").write("alive")'
+    steps = [_step('a/ok'), _step('b/long', child, estimate_s=100.0), _step('c/never')]
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    begin = time.time()
+    try:
+        code = Session(str(tmp_path / 'out'), steps, deadline=None, tar=tar).run()
+    finally:
+        timer.cancel()
+    assert code == 1 and time.time() - begin < 6
+    assert _statuses(tmp_path / 'out') == [
+        ('a/ok', 'ok'), ('b/long', 'timed out: the run was stopped (SIGTERM)')]
+    assert finished(read_progress(str(tmp_path / 'out'))) == {'a/ok': 'ok'}
+    with tarfile.open(tar) as packed:
+        assert 'out/b_long.log' in packed.getnames()
+    time.sleep(4)
+    assert not marker.exists()  # the step's process group was stopped
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_variants_that_may_launch_kernels_get_a_process_each():
