@@ -9,13 +9,14 @@
 # First the stack is installed from .dev_scripts/wheels beside the host's
 # torch (install_stack.sh; without that folder the host's Python is used as
 # it is) and mmcv's CUDA ops are checked: nms and RoIAlign on CUDA tensors.
-# A failure there ends the run at once with exit status 3, before any step.
+# A failure there ends the run at once with exit status 3, before any step
+# (with --tar, DIR and its install.log packed there).
 #
 # Then the lab's GPU run, `python -m benchmarks.run gpu --out DIR`, with what
 # is left of --limit-s (default 520: within nine minutes, the install and the
 # last packing included):
-# the kernels' correctness, their tuning, Nsight Compute and compute-sanitizer
-# on them, then the figures, each step a process of its own, each saved as it
+# the kernels' correctness, Nsight Compute and compute-sanitizer on them,
+# their tuning, then the figures, each step a process of its own, each saved as it
 # finishes (DIR/progress.jsonl, DIR/<step>.log, the steps' JSON), and the
 # folder packed to --tar PATH after every step. Run it again with the same
 # --out to resume: only what is missing runs. Options after `--` go to the gpu
@@ -63,6 +64,8 @@ if ! source .dev_scripts/install_stack.sh > "$RESULTS/install.log" 2>&1; then
     echo "[gpu_run] no step ran. $RESULTS/install.log ends:" >&2
     tail -n 30 "$RESULTS/install.log" >&2
     echo "[gpu_run] ================================================================" >&2
+    # the install's log comes back with the results
+    [ -n "$TAR" ] && tar czf "$TAR" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
     exit 3
 fi
 tail -n 8 "$RESULTS/install.log"

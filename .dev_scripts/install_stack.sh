@@ -11,18 +11,27 @@
 #               mmcv.ops: the detectors and the tests that need them fail)
 #   DRY_RUN=1   says what it would install and check, and does neither
 #   PYTHON      the host's interpreter (default python3)
+#   INSTALL_STEP_TIMEOUT_S  the most each install or check command may take (300)
 # Returns non-zero with the reason on any failure.
 
 _convneur_install() {
     local repo=$PWD py=${PYTHON:-python3} wheels=${WHEELS:-$PWD/.dev_scripts/wheels}
     local site=${CONVNEUR_SITE:-/tmp/convneur_site} setup=tools/setup/cuda_setup.py
     local tag w stack=() mmcv_wheel='' flavor_file='' host_flavor wheel_flavor
+    # a hung pip or CUDA check must not take the whole run's time
+    local limit=(timeout "${INSTALL_STEP_TIMEOUT_S:-300}")
     tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])') || {
         echo "[install] error: no Python '$py' here (set PYTHON)"; return 1; }
     if ls "$wheels"/*.whl > /dev/null 2>&1; then
         for w in "$wheels"/*.whl; do
             case $(basename "$w") in mmcv-*) ;; *) stack+=("$w") ;; esac
         done
+        if [ ${#stack[@]} -eq 0 ]; then
+            echo "[install] error: $wheels holds mmcv's wheel but none of the stack's."
+            echo "[install] Download them on a machine with PyPI first: bash" \
+                 ".dev_scripts/download_stack.sh --python $("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+            return 1
+        fi
         if [ "${MMCV_OPS:-1}" != 0 ]; then
             mmcv_wheel=$(ls "$wheels"/mmcv-*-"$tag"-"$tag"-*.whl 2> /dev/null | head -1)
             if [ -z "$mmcv_wheel" ]; then
@@ -46,10 +55,10 @@ _convneur_install() {
         mkdir -p "$site/transformers-0.0.dist-info"
         printf 'Metadata-Version: 2.1\nName: transformers\nVersion: 0.0\n' \
             > "$site/transformers-0.0.dist-info/METADATA"
-        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$site" "${stack[@]}" || return 1
+        "${limit[@]}" "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$site" "${stack[@]}" || return 1
         if [ -n "$mmcv_wheel" ]; then
-            "$py" -m pip install -q --no-index --find-links "$wheels" --only-binary=:all: \
+            "${limit[@]}" "$py" -m pip install -q --no-index --find-links "$wheels" --only-binary=:all: \
                 --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$mmcv_wheel" \
                 || return 1
         else
@@ -82,9 +91,9 @@ _convneur_install() {
         # the wheel's recorded flavor, or the host's for an mmcv installed here
         wheel_flavor=$host_flavor
         [ -n "$flavor_file" ] && wheel_flavor=$(tail -n 1 "$flavor_file")
-        "$py" "$setup" check "$wheel_flavor" || return 1
+        "${limit[@]}" "$py" "$setup" check "$wheel_flavor" || return 1
     fi
-    "$py" -c "import torch, mmcv, mmdet, mmseg, mmpretrain.models; print('[install] torch',
+    "${limit[@]}" "$py" -c "import torch, mmcv, mmdet, mmseg, mmpretrain.models; print('[install] torch',
 torch.__version__, 'mmcv', mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg',
 mmseg.__version__, 'mmpretrain', mmpretrain.__version__)" || return 1
 }

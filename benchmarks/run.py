@@ -55,7 +55,7 @@ CASES: Dict[str, Case] = {
     'repro': Case('a minimal kernel standing for the read\'s backward rows pass at 64-row '
                   'tiles: each launch variant against float64, a process each',
                   'benchmarks.kernels.repro'),
-    'gpu': Case('the GPU run: correctness, tuning, Nsight Compute, compute-sanitizer, then the '
+    'gpu': Case('the GPU run: correctness, Nsight Compute, compute-sanitizer, tuning, then the '
                 'figures, a process per step, saved as it goes and resumable',
                 'benchmarks.gpu.session'),
     'tune': Case('the memory kernels\' launch options chosen by timing, beside the PyTorch path',

@@ -8,6 +8,7 @@ import os.path as osp
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -76,6 +77,19 @@ def test_an_mmcv_wheel_for_another_python_stops_the_run_before_any_step(tmp_path
     assert done.returncode == 3
     assert 'INSTALL FAILED' in done.stderr and 'build_mmcv_cuda_wheel.sh' in done.stderr
     assert not (out / 'progress.jsonl').exists()
+
+
+def test_a_wheel_folder_without_the_stacks_wheels_stops_the_run_and_packs_its_log(tmp_path):
+    tag = 'cp%d%d' % sys.version_info[:2]
+    mmcv = f'mmcv-2.1.0-{tag}-{tag}-linux_x86_64'
+    wheels = _wheels(tmp_path / 'wheels', f'{mmcv}.whl', f'{mmcv}.flavor.json')
+    out, tar = tmp_path / 'results', tmp_path / 'results.tgz'
+    done = _run(out, '--dry-run', '--tar', str(tar), WHEELS=wheels)
+    assert done.returncode == 3
+    assert 'none of the stack' in done.stderr and 'download_stack.sh' in done.stderr
+    assert not (out / 'progress.jsonl').exists()
+    with tarfile.open(tar) as packed:
+        assert 'results/install.log' in packed.getnames()
 
 
 def test_the_gpu_cases_exit_status_is_the_runs(tmp_path):
