@@ -58,6 +58,7 @@ TIMEOUT_FACTOR = 2.0
 TIMEOUT_SLACK_S = 30.0
 DRY_TIMEOUT_S = 900.0  # a CPU's check has no GPU estimate to go by
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL, to a timed-out step's whole process group
+THEN_LEAST_S = 20.0  # the least time a step's follow-up command (``Step.then``) gets
 # statuses a resume runs again: the step did not finish, or skipped items for time
 MISSING = ('skipped', 'timed out', 'not run', 'partial')
 # how a memory bench records an item its budget left out (``suite.Budget``)
@@ -339,9 +340,12 @@ class Session:
         begin = self.clock()
         with open(log_path, 'w') as log:
             rc = run_in_group(command, log, env, timeout)
-            if rc == 0 and step.then and not self.dry:  # e.g. the report's details page
+            written = step.report is None or osp.exists(self.path(step.report, suffix))
+            if rc == 0 and written and step.then and not self.dry:  # the report's details page
                 then = expand(step.then, self.python, self.out, tuned, budget, suffix)
-                rc = run_in_group(then, log, {}, max(timeout - (self.clock() - begin), 1.0))
+                # reading a report back is quick: a step that used its time still gets it
+                rc = run_in_group(then, log, {}, max(timeout - (self.clock() - begin),
+                                                     THEN_LEAST_S))
         seconds = self.clock() - begin
         status = self.outcome(step, rc, timeout, suffix)
         fields = dict(seconds=seconds, limit_s=timeout, left_s=left, attempt=attempt,

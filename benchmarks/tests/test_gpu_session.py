@@ -124,7 +124,9 @@ def test_a_step_without_its_report_or_with_no_test_run_failed(tmp_path):
     xml = ('<testsuites><testsuite tests="2" skipped="2" failures="0" errors="0">'
            '</testsuite></testsuites>')
     skipped = f"open({str(tmp_path)!r} + '/t.xml', 'w').write({xml!r})"
-    steps = [Step('ncu/x', 'x', _py('pass'), 1.0, report='{out}/ncu_x.ncu-rep'),
+    # the report's reading back (``then``) runs only where the report was written
+    steps = [Step('ncu/x', 'x', _py('pass'), 1.0, report='{out}/ncu_x.ncu-rep',
+                  then=_py('import sys; sys.exit(4)')),
              Step('tests/x', 'x', _py(skipped), 1.0, junit='{out}/t.xml')]
     assert Session(str(tmp_path), steps, deadline=None).run() == 1
     assert [s for _, s in _statuses(tmp_path)] == [
