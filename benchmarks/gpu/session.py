@@ -6,9 +6,10 @@ each step in a process of its own, saved as it goes and resumable.
 
 * **Saved as it goes.** After every step a line goes to
   ``OUT/progress.jsonl`` (the step, its status, seconds, the command, its
-  log) and, with ``--tar``, the whole folder is packed again; the steps'
-  own JSON records are rewritten after each of their cases. A run killed at
-  any point keeps every finished step.
+  log) and, with ``--tar``, the whole folder is packed again, within
+  ``--tar-limit-mib`` (the largest Nsight Compute reports left out first,
+  each named in the tar); the steps' own JSON records are rewritten after
+  each of their cases. A run killed at any point keeps every finished step.
 * **A fault takes one step.** A step that fails or hangs is diagnosed from
   its log (the last error line, the memory kernels it names); one whose
   memories plan their own path (``Step.reruns_on_torch``) is run again with
@@ -34,6 +35,7 @@ each step in a process of its own, saved as it goes and resumable.
 The exit status is 1 where a step of this run failed or timed out, else 0.
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -61,6 +63,11 @@ KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL, to a timed-out step's whole process
 THEN_LEAST_S = 20.0  # the least time a step's follow-up command (``Step.then``) gets
 # statuses a resume runs again: the step did not finish, or skipped items for time
 MISSING = ('skipped', 'timed out', 'not run', 'partial')
+# a GPU host returns files of at most 16 MiB: the tar keeps under this by default,
+# leaving out the largest profiler reports (whose details pages are in the logs)
+TAR_LIMIT_MIB = 15
+LARGE_REPORTS = ('.ncu-rep', )
+LEFT_OUT = 'left_out_of_tar.txt'
 # how a memory bench records an item its budget left out (``suite.Budget``)
 SKIPPED_FOR_TIME = 'skipped: budget'
 _KERNEL = re.compile(r'\b(\w+)_kernel\b')
@@ -106,17 +113,45 @@ def diagnose(log: str, kernel_names: Sequence[str] = ()) -> Dict[str, object]:
     return dict(error=errors[-1][:300] if errors else None, kernels_named=named)
 
 
-def pack(out: str, tar_path: str) -> Optional[str]:
-    """``out`` as a gzipped tar at ``tar_path``, atomically; why it could
-    not be packed, or None."""
+def pack(out: str, tar_path: str, limit_bytes: Optional[int] = None) -> Optional[str]:
+    """``out`` as a gzipped tar at ``tar_path``, atomically, within
+    ``limit_bytes`` where given (a GPU host may return no larger file): the
+    largest profiler reports (``LARGE_REPORTS``) are left out, each named in
+    the tar's ``LEFT_OUT``, until it fits. What could not be packed or was left
+    out, or None."""
     tmp = tar_path + '.tmp'
+    reports = sorted((osp.join(root, name) for root, _, names in os.walk(out) for name in names
+                      if name.endswith(LARGE_REPORTS)), key=osp.getsize, reverse=True)
+    left_out: List[str] = []
     try:
-        with tarfile.open(tmp, 'w:gz') as tar:
-            tar.add(out, arcname=osp.basename(osp.normpath(out)))
+        while True:
+            _write_tar(out, tmp, left_out)
+            if limit_bytes is None or osp.getsize(tmp) <= limit_bytes or not reports:
+                break
+            left_out.append(reports.pop(0))
         os.replace(tmp, tar_path)
     except OSError as exc:  # a full disk must not end the run: the folder stays
         return f'{type(exc).__name__}: {exc}'
-    return None
+    too_large = limit_bytes is not None and osp.getsize(tar_path) > limit_bytes
+    notes = ([f'left out {len(left_out)} reports to stay within {limit_bytes} bytes']
+             if left_out else []) + (['still larger than the limit'] if too_large else [])
+    return '; '.join(notes) or None
+
+
+def _write_tar(out: str, path: str, left_out: Sequence[str]) -> None:
+    """``out`` into a gzipped tar at ``path``, without ``left_out``, which
+    ``LEFT_OUT`` names."""
+    arcname = osp.basename(osp.normpath(out))
+    skipped = {osp.relpath(p, osp.dirname(osp.normpath(out))) for p in left_out}
+    with tarfile.open(path, 'w:gz') as tar:
+        tar.add(out, arcname=arcname,
+                filter=lambda info: None if info.name in skipped else info)
+        if left_out:
+            text = ''.join(f'{osp.relpath(p, out)}\t{osp.getsize(p)} bytes\n'
+                           for p in left_out).encode()
+            info = tarfile.TarInfo(f'{arcname}/{LEFT_OUT}')
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
 
 
 def junit_counts(path: str) -> Optional[Dict[str, int]]:
@@ -207,13 +242,15 @@ class Session:
         dry_run: run the steps' CPU checks.
         speed: the card's speed against an H200 (``steps.gpu_speed``).
         tar: pack ``out`` here after every step that ran (None: not).
+        tar_limit: the tar's most bytes (None: no limit; see ``pack``).
         retry_failed: a resume runs failed steps again.
         clock: seconds since the epoch (a test's fake).
     """
 
     def __init__(self, out: str, steps: Sequence[Step], deadline: Optional[float],
                  python: str = sys.executable, dry_run: bool = False, speed: float = 1.0,
-                 tar: Optional[str] = None, retry_failed: bool = False,
+                 tar: Optional[str] = None, tar_limit: Optional[int] = None,
+                 retry_failed: bool = False,
                  clock: Callable[[], float] = time.time):
         self.out = osp.abspath(out)
         if tar and osp.abspath(tar).startswith(self.out + os.sep):
@@ -224,6 +261,7 @@ class Session:
         self.dry = dry_run
         self.speed = speed
         self.tar = tar
+        self.tar_limit = tar_limit
         self.clock = clock
         os.makedirs(self.out, exist_ok=True)
         self.kept = finished(read_progress(self.out), retry_failed)
@@ -268,9 +306,9 @@ class Session:
 
     def pack(self) -> None:
         if self.tar:
-            why = pack(self.out, self.tar)
-            if why:
-                print(f'[gpu] could not pack {self.out} into {self.tar}: {why}', flush=True)
+            note = pack(self.out, self.tar, self.tar_limit)
+            if note:
+                print(f'[gpu] packing {self.out} into {self.tar}: {note}', flush=True)
 
     def run(self) -> int:
         """Every step in order; 1 where one failed or timed out in this run, or
@@ -439,6 +477,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--retry-failed', action='store_true',
                         help='a resume runs the failed steps again too')
     parser.add_argument('--tar', help='pack the results folder here after every step')
+    parser.add_argument('--tar-limit-mib', type=positive_float, default=TAR_LIMIT_MIB,
+                        help='the tar\'s most MiB: the largest profiler reports are left out '
+                        f'until it fits (default {TAR_LIMIT_MIB}: a GPU host returns files of '
+                        'at most 16 MiB)')
     parser.add_argument('--ncu-kernels', nargs='+', default=list(NCU_KERNELS), metavar='KERNEL')
     parser.add_argument('--tune-limit-s', type=positive_int, default=60)
     parser.add_argument('--no-mmcv-ops', action='store_true',
@@ -473,7 +515,8 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     print(f'[gpu] {len(steps)} steps on {device} (speed {speed:g} of an H200), {left}, '
           f'into {args.out}', flush=True)
     session = Session(args.out, steps, deadline, dry_run=args.dry_run, speed=speed,
-                      tar=args.tar, retry_failed=args.retry_failed)
+                      tar=args.tar, tar_limit=int(args.tar_limit_mib * 2**20),
+                      retry_failed=args.retry_failed)
     code = session.run()
     return dict(device=device, speed=speed, lines=session.lines,
                 progress=osp.join(session.out, PROGRESS), exit_code=code)

@@ -154,6 +154,27 @@ def test_a_tar_inside_the_results_is_refused_and_a_failed_pack_does_not_end_the_
     assert code == 0 and _statuses(tmp_path / 'out') == [('a/ok', 'ok')]
 
 
+def test_the_tar_keeps_within_its_limit_leaving_out_the_largest_reports(tmp_path):
+    import os
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'progress.jsonl').write_text('{}\n')
+    for name, size in (('ncu_a.ncu-rep', 300_000), ('ncu_b.ncu-rep', 100_000)):
+        (out / name).write_bytes(os.urandom(size))  # incompressible, as a report nearly is
+    tar = str(tmp_path / 'out.tgz')
+    note = gpu_session.pack(str(out), tar, limit_bytes=250_000)
+    assert note == 'left out 1 reports to stay within 250000 bytes'
+    with tarfile.open(tar) as packed:
+        names = packed.getnames()
+        left = packed.extractfile('out/left_out_of_tar.txt').read().decode()
+    assert 'out/ncu_b.ncu-rep' in names and 'out/ncu_a.ncu-rep' not in names
+    assert left == 'ncu_a.ncu-rep\t300000 bytes\n' and osp.getsize(tar) <= 250_000
+    assert gpu_session.pack(str(out), tar) is None  # no limit: everything
+    with tarfile.open(tar) as packed:
+        assert 'out/ncu_a.ncu-rep' in packed.getnames()
+    assert gpu_session.pack(str(out), tar, limit_bytes=100).endswith('still larger than the limit')
+
+
 def test_a_steps_budget_and_a_reruns_records_are_filled_in():
     argv = ('{python}', '--budget-s', '{budget}', '--json', '{out}/b.json', '{tuned}')
     assert gpu_steps.expand(argv, 'py', '/o', ['t.json'], 95.4, '.torch') == [
