@@ -117,37 +117,47 @@ def pack(out: str, tar_path: str, limit_bytes: Optional[int] = None) -> Optional
     """``out`` as a gzipped tar at ``tar_path``, atomically, within
     ``limit_bytes`` where given (a GPU host may return no larger file): the
     largest profiler reports (``LARGE_REPORTS``) are left out, each named in
-    the tar's ``LEFT_OUT``, until it fits. What could not be packed or was left
-    out, or None."""
+    the tar's ``LEFT_OUT``, until it fits, and copied beside the tar where
+    each is within the limit. What could not be packed or was left out, or
+    None."""
     tmp = tar_path + '.tmp'
     reports = sorted((osp.join(root, name) for root, _, names in os.walk(out) for name in names
                       if name.endswith(LARGE_REPORTS)), key=osp.getsize, reverse=True)
     left_out: List[str] = []
     try:
         while True:
-            _write_tar(out, tmp, left_out)
+            _write_tar(out, tmp, left_out, limit_bytes or math.inf)
             if limit_bytes is None or osp.getsize(tmp) <= limit_bytes or not reports:
                 break
             left_out.append(reports.pop(0))
         os.replace(tmp, tar_path)
     except OSError as exc:  # a full disk must not end the run: the folder stays
         return f'{type(exc).__name__}: {exc}'
+    beside = [p for p in left_out if osp.getsize(p) <= limit_bytes]
+    try:
+        for path in beside:
+            shutil.copyfile(path, osp.join(osp.dirname(osp.abspath(tar_path)),
+                                           osp.basename(path)))
+    except OSError as exc:
+        return f'{type(exc).__name__} copying the reports left out: {exc}'
     too_large = limit_bytes is not None and osp.getsize(tar_path) > limit_bytes
-    notes = ([f'left out {len(left_out)} reports to stay within {limit_bytes} bytes']
-             if left_out else []) + (['still larger than the limit'] if too_large else [])
+    notes = ([f'left out {len(left_out)} reports to stay within {limit_bytes} bytes '
+              f'({len(beside)} copied beside it)'] if left_out else []) + (
+                  ['still larger than the limit'] if too_large else [])
     return '; '.join(notes) or None
 
 
-def _write_tar(out: str, path: str, left_out: Sequence[str]) -> None:
+def _write_tar(out: str, path: str, left_out: Sequence[str], limit: float) -> None:
     """``out`` into a gzipped tar at ``path``, without ``left_out``, which
-    ``LEFT_OUT`` names."""
+    ``LEFT_OUT`` names (and where each within ``limit`` bytes is copied)."""
     arcname = osp.basename(osp.normpath(out))
     skipped = {osp.relpath(p, osp.dirname(osp.normpath(out))) for p in left_out}
     with tarfile.open(path, 'w:gz') as tar:
         tar.add(out, arcname=arcname,
                 filter=lambda info: None if info.name in skipped else info)
         if left_out:
-            text = ''.join(f'{osp.relpath(p, out)}\t{osp.getsize(p)} bytes\n'
+            text = ''.join(f'{osp.relpath(p, out)}\t{osp.getsize(p)} bytes'
+                           f'{"" if osp.getsize(p) > limit else ", beside the tar"}\n'
                            for p in left_out).encode()
             info = tarfile.TarInfo(f'{arcname}/{LEFT_OUT}')
             info.size = len(text)

@@ -163,12 +163,17 @@ def test_the_tar_keeps_within_its_limit_leaving_out_the_largest_reports(tmp_path
         (out / name).write_bytes(os.urandom(size))  # incompressible, as a report nearly is
     tar = str(tmp_path / 'out.tgz')
     note = gpu_session.pack(str(out), tar, limit_bytes=250_000)
-    assert note == 'left out 1 reports to stay within 250000 bytes'
+    assert note == 'left out 1 reports to stay within 250000 bytes (0 copied beside it)'
     with tarfile.open(tar) as packed:
         names = packed.getnames()
         left = packed.extractfile('out/left_out_of_tar.txt').read().decode()
     assert 'out/ncu_b.ncu-rep' in names and 'out/ncu_a.ncu-rep' not in names
     assert left == 'ncu_a.ncu-rep\t300000 bytes\n' and osp.getsize(tar) <= 250_000
+    # a report within the limit, left out, comes back as a file of its own
+    (out / 'ncu_c.ncu-rep').write_bytes(os.urandom(200_000))
+    assert gpu_session.pack(str(out), tar, limit_bytes=250_000).startswith('left out 2')
+    assert (tmp_path / 'ncu_c.ncu-rep').read_bytes() == (out / 'ncu_c.ncu-rep').read_bytes()
+    assert not (tmp_path / 'ncu_a.ncu-rep').exists()
     assert gpu_session.pack(str(out), tar) is None  # no limit: everything
     with tarfile.open(tar) as packed:
         assert 'out/ncu_a.ncu-rep' in packed.getnames()
