@@ -19,7 +19,7 @@ from convneur_mm.apis.reporting import format_metrics, enable_visualization
 from convneur_mm.engine.wrapping import enable_tta, inner_model
 from convneur_mm.models.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
-from convneur_mm.utils.cuda_env import check_cuda
+from convneur_mm.utils.cuda_env import run_on_checked_device
 from convneur_mm.utils.paths import is_remote
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 from convneur_mm.apis.toolbox import check_toolbox
@@ -50,7 +50,8 @@ def main():
     silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     args = parse_args()
     set_local_rank(args.local_rank)  # first: check_cuda probes mmcv on this rank's GPU
-    check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
+    # NVIDIA GPUs that torch cannot use: stop (CONVNEUR_ALLOW_CPU=1: on with them hidden)
+    run_on_checked_device()
     print_log(tune_cpu_malloc(), logger='current')
     if not is_remote(args.checkpoint) and not osp.isfile(args.checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')

@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 PROC_VERSION = '/proc/driver/nvidia/version'
 ALLOW_CPU = 'CONVNEUR_ALLOW_CPU'
@@ -237,3 +238,18 @@ def check_cuda(env: Mapping[str, str] = os.environ, proc_path: str = PROC_VERSIO
         warnings.warn(f'{problem} Running on the CPU ({ALLOW_CPU}=1).')
         return 'cpu'
     raise CudaUnavailableError(f'{problem} To run on the CPU anyway, set {ALLOW_CPU}=1.')
+
+
+def run_on_checked_device(env: Mapping[str, str] = os.environ,
+                          execve: Callable[..., None] = os.execve) -> str:
+    """``check_cuda`` for a tool that builds a runner. Where it chose the
+    CPU beside GPUs that torch sees (``CONVNEUR_ALLOW_CPU=1``), this process
+    starts again with the GPUs hidden (``CUDA_VISIBLE_DEVICES=''``, which
+    torch reads once, at its first CUDA call): MMEngine, DDP and autocast
+    would take the GPUs otherwise. Returns 'cuda' or 'cpu'."""
+    import torch
+    device = check_cuda(env)
+    if device == 'cpu' and not gpus_hidden(env) and torch.cuda.is_available():
+        argv = list(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))
+        execve(sys.executable, argv, dict(env, CUDA_VISIBLE_DEVICES=''))
+    return device

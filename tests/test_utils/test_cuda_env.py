@@ -1,6 +1,8 @@
 """No silent CPU fallback: the checks' inputs are stubbed (a fake
 /proc driver file, a fake nvidia-smi, capability lists), so every branch runs
 on this machine without a GPU."""
+import sys
+
 import pytest
 import torch
 
@@ -176,3 +178,26 @@ def test_probe_runs_on_the_ranks_own_gpu(monkeypatch):
     assert cuda_env._probe_device({'LOCAL_RANK': '2'}) == torch.device('cuda', 2)
     assert cuda_env._probe_device({'SLURM_LOCALID': '5'}) == torch.device('cuda', 1)
     assert cuda_env._probe_device({}) == torch.device('cuda')
+
+
+@pytest.mark.parametrize('chosen,env,restarts', [
+    ('cpu', {'CONVNEUR_ALLOW_CPU': '1'}, True),  # GPUs torch sees, not to be used
+    ('cpu', {'CUDA_VISIBLE_DEVICES': ''}, False),  # hidden already
+    ('cuda', {}, False),
+])
+def test_the_cpu_chosen_beside_visible_gpus_restarts_with_them_hidden(monkeypatch, chosen, env,
+                                                                       restarts):
+    """CONVNEUR_ALLOW_CPU=1 beside GPUs torch can see but not use: the tool
+    starts again with CUDA_VISIBLE_DEVICES='' (torch reads it once), so
+    that MMEngine, DDP and autocast do not take the GPUs."""
+    monkeypatch.setattr(cuda_env, 'check_cuda', lambda env: chosen)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    calls = []
+    device = cuda_env.run_on_checked_device(env, lambda *args: calls.append(args))
+    assert device == chosen
+    if not restarts:
+        assert calls == []
+        return
+    ((executable, argv, new_env), ) = calls
+    assert argv[1:] == sys.orig_argv[1:] and executable == sys.executable
+    assert new_env == dict(env, CUDA_VISIBLE_DEVICES='')
