@@ -17,7 +17,7 @@ from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_d
                                      enable_amp, load_config, prepare_deterministic,
                                      set_local_rank, set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
-from convneur_mm.utils.cuda_env import check_cuda
+from convneur_mm.utils.cuda_env import run_on_checked_device
 from convneur_mm.utils.paths import is_remote
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 from convneur_mm.apis.toolbox import check_toolbox
@@ -41,7 +41,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--deterministic', action='store_true',
                         help='deterministic algorithms (reproducible, slower)')
     add_launch_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.amp_dtype and not args.amp:
+        parser.error('--amp-dtype takes effect with --amp only: add --amp')
+    return args
 
 
 def main():
@@ -50,7 +53,8 @@ def main():
     if args.deterministic:
         prepare_deterministic()  # before CUDA starts
     set_local_rank(args.local_rank)  # first: check_cuda probes mmcv on this rank's GPU
-    check_cuda()  # NVIDIA GPUs that torch cannot use: stop, never fall back to the CPU
+    # NVIDIA GPUs that torch cannot use: stop (CONVNEUR_ALLOW_CPU=1: on with them hidden)
+    run_on_checked_device()
     print_log(tune_cpu_malloc(), logger='current')
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     check_toolbox(cfg)  # a toolbox that cannot import: a clear error, not a deep one

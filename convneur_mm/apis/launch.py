@@ -179,12 +179,21 @@ def data_root_variables(filename: Optional[str]) -> List[str]:
 
 
 def enable_amp(cfg: Config, dtype: Optional[str] = None) -> None:
-    """Mixed precision: MMEngine's AmpOptimWrapper on GPU, bf16 autocast on CPU."""
+    """Mixed precision: MMEngine's AmpOptimWrapper on GPU, bf16 autocast on CPU.
+    A config that has an AmpOptimWrapper keeps its dtype and loss scale but
+    for ``dtype``, where given (as MMDetection's ``--amp`` keeps it)."""
     if torch.cuda.is_available():
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.dtype = dtype or 'float16'
-        if cfg.optim_wrapper.dtype == 'float16':
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+        wrapper = cfg.optim_wrapper
+        if wrapper.get('type') == 'AmpOptimWrapper':
+            if dtype is not None:
+                wrapper.dtype = dtype
+            if wrapper.get('dtype', 'float16') in (None, 'float16'):
+                wrapper.setdefault('loss_scale', 'dynamic')
+            return
+        wrapper.type = 'AmpOptimWrapper'
+        wrapper.dtype = dtype or 'float16'
+        if wrapper.dtype == 'float16':
+            wrapper.loss_scale = 'dynamic'
     else:
         if dtype not in (None, 'bfloat16'):
             raise ValueError(f'--amp on the CPU supports bfloat16 only, got {dtype}')
@@ -282,10 +291,20 @@ def build_runner(cfg: Config, training: bool = True):
     return runner
 
 
+# where MPI launchers (Open MPI, MPICH and Intel MPI) put a process's local rank
+MPI_LOCAL_RANKS = ('OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID')
+
+
 def set_local_rank(local_rank: Optional[int]) -> None:
     """``--local_rank`` (``torch.distributed.launch``) as ``LOCAL_RANK``, when
     given: a default of 0 would send Slurm's and MPI's ranks, whose local
     rank is in ``SLURM_LOCALID`` / ``OMPI_COMM_WORLD_LOCAL_RANK``, to GPU 0
-    for ``check_cuda``'s probe."""
+    for ``check_cuda``'s probe. An MPI launch's local rank becomes
+    ``LOCAL_RANK`` too: MMEngine's MPI set-up leaves it unset, and its DDP
+    wrapper reads it for the rank's GPU."""
     if local_rank is not None:
         os.environ.setdefault('LOCAL_RANK', str(local_rank))
+    for name in MPI_LOCAL_RANKS:
+        if name in os.environ:
+            os.environ.setdefault('LOCAL_RANK', os.environ[name])
+            break

@@ -54,6 +54,30 @@ def test_local_rank_is_set_only_when_given(monkeypatch):
     assert os.environ['LOCAL_RANK'] == '5'
 
 
+def test_an_mpi_launchs_local_rank_becomes_local_rank(monkeypatch):
+    """MMEngine's MPI set-up leaves LOCAL_RANK unset, which its DDP wrapper
+    reads for the rank's GPU: Open MPI's local rank stands in, and never
+    over a launcher's own."""
+    monkeypatch.delenv('LOCAL_RANK', raising=False)
+    monkeypatch.setenv('OMPI_COMM_WORLD_LOCAL_RANK', '2')
+    set_local_rank(None)
+    assert os.environ['LOCAL_RANK'] == '2'
+    monkeypatch.setenv('LOCAL_RANK', '6')  # torchrun's
+    set_local_rank(None)
+    assert os.environ['LOCAL_RANK'] == '6'
+
+
+def test_amp_dtype_without_amp_is_refused(monkeypatch, capsys):
+    module = import_tool('train')
+    monkeypatch.setattr(sys, 'argv', ['train.py', 'config.py', '--amp-dtype', 'bfloat16'])
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args()
+    assert stop.value.code == 2 and 'add --amp' in capsys.readouterr().err
+    monkeypatch.setattr(sys, 'argv', ['train.py', 'config.py', '--amp', '--amp-dtype',
+                                      'bfloat16'])
+    assert module.parse_args().amp_dtype == 'bfloat16'
+
+
 @pytest.mark.parametrize('tool', ['train', 'test'])
 def test_the_tools_local_rank_defaults_to_none(tool, monkeypatch):
     module = import_tool(tool)

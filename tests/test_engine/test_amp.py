@@ -104,6 +104,22 @@ def test_amp_wrapper_follows_the_device(monkeypatch, cuda, dtype, expect):
     assert (wrapper.type, wrapper.get('dtype'), wrapper.get('loss_scale')) == expect
 
 
+@pytest.mark.parametrize('dtype,expect', [
+    (None, ('bfloat16', None)),  # the config's own, kept
+    ('float16', ('float16', 'dynamic')),  # the flag's, with a loss scale
+])
+def test_amp_keeps_a_configs_own_mixed_precision_but_for_the_dtype_asked(monkeypatch, dtype,
+                                                                         expect):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    cfg = load_config(DEMO)
+    cfg.optim_wrapper.type, cfg.optim_wrapper.dtype = 'AmpOptimWrapper', 'bfloat16'
+    enable_amp(cfg, dtype)
+    assert (cfg.optim_wrapper.dtype, cfg.optim_wrapper.get('loss_scale')) == expect
+    cfg.optim_wrapper.dtype, cfg.optim_wrapper.loss_scale = 'float16', 512.0
+    enable_amp(cfg)
+    assert (cfg.optim_wrapper.dtype, cfg.optim_wrapper.loss_scale) == ('float16', 512.0)
+
+
 def test_amp_on_the_cpu_refuses_fp16(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(ValueError, match='bfloat16 only'):
