@@ -27,7 +27,8 @@ launch_usage_error() {
 
 # launch_torchrun GPUS TOOL ARGS...: GPUS processes per node of TOOL under
 # torchrun (NCCL on CUDA machines, gloo on CPU-only ones), the multi-node
-# variables NNODES, NODE_RANK, MASTER_ADDR and PORT with single-node defaults.
+# variables NNODES, NODE_RANK, MASTER_ADDR and PORT (else MASTER_PORT) with
+# single-node defaults.
 # The tool imports the installed package: nothing is put on PYTHONPATH.
 launch_torchrun() {
     local gpus=$1
@@ -40,7 +41,7 @@ launch_torchrun() {
         --node_rank="${NODE_RANK:-0}" \
         --master_addr="${MASTER_ADDR:-127.0.0.1}" \
         --nproc_per_node="$gpus" \
-        --master_port="${PORT:-29500}" \
+        --master_port="${PORT:-${MASTER_PORT:-29500}}" \
         "$@"
 }
 

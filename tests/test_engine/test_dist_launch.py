@@ -161,6 +161,17 @@ def test_dist_scripts_pass_the_multi_node_variables_to_torchrun(tmp_path):
     assert usage.returncode == 2 and 'usage:' in usage.stderr
 
 
+def test_an_exported_master_port_is_taken_where_port_is_not_set(tmp_path):
+    fake_python = _script(tmp_path / 'python', ECHO)
+    for extra, port in (({'MASTER_PORT': '29600'}, '29600'),
+                        ({'MASTER_PORT': '29600', 'PORT': '29512'}, '29512')):
+        run = subprocess.run([osp.join(TOOLS, 'dist_train.sh'), 'cfg.py', '2'],
+                             env=_clean_env(PYTHON=fake_python, **extra), capture_output=True,
+                             text=True)
+        assert run.returncode == 0, run.stderr
+        assert f'--master_port={port}' in _lines(run.stdout)
+
+
 def test_slurm_scripts_build_mmdetection_srun_lines(tmp_path):
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()

@@ -27,6 +27,18 @@ def test_each_task_lists_its_own_options(capsys):
     assert '--per-gpu-batch' in out and '--sections' not in out
 
 
+@pytest.mark.parametrize('cuda,args,device', [(True, ['--dry-run'], 'cpu'), (True, [], 'cuda'),
+                                               (False, [], 'cpu'),
+                                               (True, ['--dry-run', '--device', 'cuda'], 'cuda')])
+def test_a_dry_run_takes_the_cpu_unless_a_device_is_named(monkeypatch, cuda, args, device):
+    import torch
+    tool = import_analysis_tool('benchmark')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
+    parsed = tool.parse_args(['--task', 'checkpointing', *args])
+    tool._resolve_device(parsed)
+    assert parsed.device == device
+
+
 def _dry(task: str, tmp_path, *args: str) -> dict:
     """``--task task --dry-run`` with ``--json``: the JSON written."""
     path = tmp_path / f'{task}.json'

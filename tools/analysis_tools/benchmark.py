@@ -29,7 +29,15 @@ TASKS = ('speed', 'checkpointing')
 
 
 def _device(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', help="default: 'cuda' where there is one, else 'cpu' "
+                   "(--dry-run: 'cpu')")
+
+
+def _resolve_device(args: argparse.Namespace) -> None:
+    """``--device``'s default: the CPU for a dry run (a check at tiny sizes),
+    else CUDA where there is one."""
+    if args.device is None:
+        args.device = 'cpu' if args.dry_run or not torch.cuda.is_available() else 'cuda'
 
 
 def _dry_run(p: argparse.ArgumentParser) -> None:
@@ -52,6 +60,7 @@ def speed_arguments(p: argparse.ArgumentParser) -> None:
 def speed(args: argparse.Namespace) -> Dict:
     from convneur_mm.analysis import speed as lib
     from convneur_mm.analysis.timing import peak_gemm_rate, setup_benchmark_device
+    _resolve_device(args)
     device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.dry_run:
         args.models = args.models or ['ConvNeur-M1']
@@ -89,6 +98,7 @@ def checkpointing_arguments(p: argparse.ArgumentParser) -> None:
 def checkpointing(args: argparse.Namespace) -> Dict:
     from convneur_mm.analysis import memory_fit as lib
     from convneur_mm.analysis.timing import setup_benchmark_device
+    _resolve_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dry_run:
