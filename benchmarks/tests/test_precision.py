@@ -266,3 +266,24 @@ def test_the_tool_trains_both_precisions_from_each_seed(tmp_path, capsys):
     assert f32 != bf16 and f32 == pytest.approx(bf16, rel=2e-2)  # bf16 ran, close
     assert out.exists() and 'bfloat16 agrees with float32' in capsys.readouterr().out
     assert (tmp_path / 'f.png').stat().st_size > 0
+
+
+def test_each_run_is_written_as_it_ends(tmp_path, monkeypatch):
+    """A case killed before its last run keeps the runs it trained."""
+    import argparse
+    import json
+    written = []
+
+    def runs_then_killed(*args, on_run, **kwargs):
+        on_run(_run('float32', 0, [2.0, 1.0], 80.0))
+        written.append(json.loads((tmp_path / 'p.json').read_text()))
+        raise KeyboardInterrupt  # the session's timeout, as it would stop the case
+
+    monkeypatch.setattr(pt, 'run', runs_then_killed)
+    args = argparse.Namespace(config=None, precisions=['float32', 'bfloat16'], seeds=[0, 1],
+                              iters=2, work_dir=str(tmp_path), windows=None, dry_run=False,
+                              figure=None)
+    with pytest.raises(KeyboardInterrupt):
+        pt.run_from_args(args, Record(str(tmp_path / 'p.json'), 'precision'))
+    (record, ) = written
+    assert record['result']['partial'] and record['result']['runs'][0]['top1'] == [80.0]

@@ -404,10 +404,14 @@ def run_from_args(args: argparse.Namespace, record: Record) -> Dict:
     """``run`` with the parsed options; prints the report; exit code 1 where
     a run failed or a precision does not agree (a dry run's verdict is no
     result: exit 0)."""
+    done: List[Dict] = []
+
     def print_run(r: Dict) -> None:
         print(f'{r["precision"]} seed {r["seed"]}: ' + (r['error'] if 'error' in r else
               f'loss {r["losses"][0]:.3f} -> {r["losses"][-1]:.3f}, top-1 '
               f'{r["top1"][-1]:.1f}, {r["seconds"]:.0f} s'), file=sys.stderr, flush=True)
+        done.append(r)
+        record.write(dict(runs=done, partial=True))  # a run cut short keeps the runs it trained
 
     result = run(args.config, args.precisions, args.seeds, args.iters, args.work_dir, args.windows,
                  dry_run=args.dry_run, on_run=print_run)
