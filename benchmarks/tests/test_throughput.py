@@ -194,3 +194,27 @@ def test_the_guarded_variant_runs_the_hooks_checks_in_the_same_turns(capsys):
     assert rows['M3']['status'] == 'ok'  # unguarded, a NaN trains on
     assert rows['M3' + tt.GUARDED]['status'].startswith(
         'stopped by NonFiniteStopHook: non-finite training at iteration 1')
+
+
+def test_a_variant_that_fails_ends_its_row_only():
+    """A variant's compile error or OOM, in the warm-up or its memory
+    window: its row records it, the other variants are timed."""
+    class Model(torch.nn.Module):
+        def __init__(self, fail_after: int):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+            self.calls, self.fail_after = 0, fail_after
+
+        def train_step(self, data, optim_wrapper):
+            self.calls += 1
+            if self.calls > self.fail_after:
+                raise RuntimeError('CUDA out of memory (a stand-in)')
+            return {}
+
+    variants = [tt.Variant('ok', None, Model(10 ** 6), None),
+                tt.Variant('fails in the warm-up', None, Model(0), None),
+                tt.Variant('fails in its window', None, Model(1), None)]
+    rows = tt.measure_training(variants, {}, 2, 'cpu', iters=2, warmup=1)
+    assert rows['ok']['status'] == 'ok' and rows['ok']['s_per_iter'] > 0
+    for name in ('fails in the warm-up', 'fails in its window'):
+        assert rows[name]['status'].startswith('error: RuntimeError: CUDA out of memory')

@@ -428,18 +428,40 @@ def measure_training(variants: List[Variant], data: dict, batch: int, device, it
         steps[v.name] = (lambda v=v: v.model.train_step(data, v.optim_wrapper))
         if v.after_step is not None:
             steps[v.name] = _guarded_step(v, data, stops)
+    failed: Dict[str, str] = {}
     for _ in range(warmup):
-        for step in steps.values():
-            step()
+        for name, step in list(steps.items()):
+            _or_failed(step, name, steps, failed)
     for v in variants:
-        peak = measure_peak(steps[v.name], device, held_bytes(v.model, v.optim_wrapper, data))
-        rows[v.name] = dict(peak, fits_24gb=fits_card(peak), batch=batch)
-    times = time_in_turns(steps, iters, device, warmup=_refill(device))
+        if v.name in steps:
+            peak = _or_failed(lambda v=v: measure_peak(
+                steps[v.name], device, held_bytes(v.model, v.optim_wrapper, data)),
+                v.name, steps, failed)
+            if v.name in steps:
+                rows[v.name] = dict(peak, fits_24gb=fits_card(peak), batch=batch)
+    times = time_in_turns(steps, iters, device, warmup=_refill(device)) if steps else {}
     for name, seconds in times.items():
         s = median(seconds)
         rows[name].update(status=stops.get(name, 'ok'), s_per_iter=s, s_all=seconds,
                           spread=relative_spread(seconds), images_per_s=batch / s)
+    rows.update({name: dict(status=why, batch=batch) for name, why in failed.items()})
     return rows
+
+
+def _or_failed(call: Callable[[], object], name: str, steps: Dict[str, Callable[[], None]],
+               failed: Dict[str, str]) -> object:
+    """``call()``; where it raises (a variant's compile error or OOM), the
+    variant ``name`` leaves ``steps`` with its error in ``failed``: its row
+    says so, and the other variants' rows stand."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - recorded in the variant's row
+        failed[name] = describe_error(exc)
+        del steps[name]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an OOM's leftovers must not crowd the others
+        return None
 
 
 def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, iters: int,
