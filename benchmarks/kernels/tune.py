@@ -448,8 +448,15 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
     result: Dict = {'arch': arch, 'kernels': {}, 'calls': {}, 'entries': [], 'paths': [],
                     'tiles': [], 'measured_paths': [], 'skipped': skipped, 'stopped_at': None,
                     'error': None}
-    default_ms = {name: time_kernel(call, device, repeats) * 1e3
-                  for name, call in calls.triton.items()}
+    default_ms: Dict[str, Optional[float]] = {}
+    for name, call in calls.triton.items():  # a call that fails here is recorded, not fatal
+        try:
+            default_ms[name] = time_kernel(call, device, repeats) * 1e3
+        except Exception as error:  # noqa: B902 - reported; its kernels' trials say more
+            default_ms[name] = None
+            result.setdefault('call_errors', {})[name] = describe_error(error)
+    if on_progress is not None:
+        on_progress(result)
     chosen: Dict[str, Dict[str, int]] = {}
     for kernel in kernels:
         kernel_axes, start, width = kernel_start(kernel, shape, operand_dtype, arch, axes,
@@ -464,7 +471,10 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
             'trials': [dict(t.options, ms=_ms(t.seconds), error=t.error) for t in trials]}
         record_entry = best.options != start
         if kernel in REPLACES:  # it runs, and gets an entry, only where it beats those it replaces
-            replaced = replaced_seconds(kernel, call, chosen, device, repeats)
+            try:
+                replaced = replaced_seconds(kernel, call, chosen, device, repeats)
+            except Exception as error:  # noqa: B902 - reported; then no entry
+                replaced, record['error'] = None, describe_error(error)
             record['replaced_ms'] = _ms(replaced)
             try:
                 record['agrees_with_replaced'] = (best.seconds is not None and
@@ -504,7 +514,7 @@ def tune_stage(shape: MemoryShape, operand_dtype: torch.dtype, device,
 
 
 def _time_calls(result: Dict, calls: Calls, chosen: Dict[str, Dict[str, int]],
-                default_ms: Dict[str, float], device, repeats: int) -> None:
+                default_ms: Dict[str, Optional[float]], device, repeats: int) -> None:
     """``result['calls']``: each call through the chosen and the default
     options, through PyTorch, and its kernels' roofline."""
     with forced_tiles_of(chosen):

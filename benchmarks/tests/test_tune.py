@@ -148,6 +148,31 @@ def test_kernel_seconds_on_cuda_sum_the_kernels_own_launches(monkeypatch):
     assert kernel_tuning.kernel_seconds('read', None, 'cuda', by_kernel=False) == 42.0
 
 
+def test_a_call_that_fails_at_its_defaults_is_recorded_and_the_run_goes_on(monkeypatch):
+    """A default launch that fails (a compile error at a GPU's tiles) leaves a
+    record written before any kernel is tuned, and the others still tune."""
+    names = ('write', 'read', 'write step', 'read step')
+
+    def failing():
+        raise RuntimeError('out of resources: shared memory')
+
+    monkeypatch.setattr(kernel_tuning, 'stage_calls', lambda *args, **kwargs: kernel_tuning.Calls(
+        *({name: failing if name == 'read' else (lambda: [torch.ones(1)]) for name in names}
+          for _ in range(2))))
+    monkeypatch.setattr(kernel_tuning, 'time_kernel', lambda call, device, repeats: (
+        call(), 1e-3)[1])
+    monkeypatch.setattr(kernel_tuning, 'tune_kernel',
+                        lambda kernel, call, start, *args: [Trial(start, 1e-3)])
+    monkeypatch.setattr(kernel_tuning, '_time_calls', lambda *args: None)
+    progress = []
+    result = kernel_tuning.tune_stage(
+        kernel_tuning.DRY_SHAPE, torch.float16, 'cpu', kernels=['read', 'grads_rows'],
+        on_progress=lambda r: progress.append(dict(r.get('call_errors', {}))))
+    assert 'out of resources' in result['call_errors']['read']
+    assert progress[0] == result['call_errors']  # written before the first kernel's search
+    assert list(result['kernels']) == ['read', 'grads_rows']
+
+
 def test_a_kernel_that_replaces_others_is_timed_against_their_sum(monkeypatch):
     """The chunk gradients' one program per chunk against its rows and
     columns passes at their chosen options (itself not chosen meanwhile, not
