@@ -206,13 +206,20 @@ PEAKS = (
 
 def device_peak(device) -> Optional[DevicePeak]:
     """The ``PEAKS`` entry of ``device``'s card, read from its name; None for
-    a CPU or a card not in the table (an H100 PCIe or NVL has other ceilings)."""
+    a CPU or a card not in the table (an H100 PCIe or NVL, or an H200 NVL, has
+    other ceilings)."""
     if not is_cuda(device):
         return None
-    name = torch.cuda.get_device_name(torch.device(device))
+    return peak_of(torch.cuda.get_device_name(torch.device(device)))
+
+
+def peak_of(name: str) -> Optional[DevicePeak]:
+    """``device_peak`` by the card's name."""
+    if any(part in name for part in ('PCIe', 'NVL')):
+        return None
     if 'H200' in name:
         return PEAKS[0]
-    if 'H100' in name and not any(part in name for part in ('PCIe', 'NVL')):
+    if 'H100' in name:
         return PEAKS[1]
     return None
 

@@ -450,10 +450,6 @@ def section_compiled(ctx: MemorySuite) -> Dict:
                                 ctx.checkpoint(dict(backend=backend, modes={**rows, **part}))))
         if rows[mode]['status'] == 'ok':
             rows[mode]['graphs'] = graphs_compiled() - before
-            rows[mode]['graph_breaks'] = graph_breaks(  # of the path the row timed
-                reference.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
-                                                device=ctx.device),
-                'bf16' if mode == 'bf16_autocast' else None, ctx.device)
         if mode == 'bf16_autocast' and ctx.cuda:
             kernels_row = 'bf16_autocast implementation=triton'
             rows[kernels_row] = _compiled_kernels_rows(
@@ -465,6 +461,13 @@ def section_compiled(ctx: MemorySuite) -> Dict:
             if entry is not None:
                 paths.append(entry)
                 print(f'[memory] MEASURED_PATHS entry: {entry!r},', file=sys.stderr)
+        # after the kernels' row, which reuses this mode's compiled local-only
+        # network: explaining resets Dynamo, which would compile it again there
+        if rows[mode]['status'] == 'ok':
+            rows[mode]['graph_breaks'] = graph_breaks(  # of the path the row timed
+                reference.backbone, torch.randn(2, 3, ctx.sizes['image'], ctx.sizes['image'],
+                                                device=ctx.device),
+                'bf16' if mode == 'bf16_autocast' else None, ctx.device)
         del models
         free(ctx.device)
     del reference

@@ -47,7 +47,8 @@ def test_roofline_takes_the_slower_of_bytes_and_products():
 
 def test_device_peak_reads_the_card_name(monkeypatch):
     for name, expected in (('NVIDIA H200', 'H200'), ('NVIDIA H100 80GB HBM3', 'H100 SXM'),
-                           ('NVIDIA H100 PCIe', None), ('NVIDIA GeForce RTX 3090', None)):
+                           ('NVIDIA H100 PCIe', None), ('NVIDIA H200 NVL', None),
+                           ('NVIDIA GeForce RTX 3090', None)):
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device, name=name: name)
         peak = kp.device_peak('cuda')
         assert (peak.name if peak else None) == expected
