@@ -303,15 +303,17 @@ GATES_CASES = {'b1_u1_d16_h1': (1, 1, 16, 1), 'b3_u7_d80_h2': (3, 7, 80, 2),
 
 
 def gates_errors(summary: torch.Tensor, weights: GateWeights, gen: torch.Generator,
-                 device: str = 'cpu') -> dict:
-    """``chunk_gates_triton`` on ``device`` against ``chunk_gates_naive`` in
+                 device: str = 'cpu', reference=chunk_gates_naive) -> dict:
+    """``chunk_gates_triton`` on ``device`` against ``reference`` in
     float64, forward and backward (random cotangents from ``gen``): each
     output's and gradient's relative error, the outputs' shapes and whether
-    they are contiguous."""
+    they are contiguous. Past logits of about 30 the naive form's
+    log(1 - sigmoid) loses float64's digits (-inf past 37): there the
+    reference is ``chunk_gates_torch``'s stable form."""
     leaves = _leaves([summary, *weights], device)
     got = chunk_gates_triton(leaves[0], GateWeights(*leaves[1:]))
     exact_leaves = _leaves([t.double() for t in (summary, *weights)])
-    exact = chunk_gates_naive(exact_leaves[0], GateWeights(*exact_leaves[1:]))
+    exact = reference(exact_leaves[0], GateWeights(*exact_leaves[1:]))
     cotangents = [torch.randn(t.shape, generator=gen) for t in got]
     grads = torch.autograd.grad(got, leaves, [c.to(device) for c in cotangents])
     exact_grads = torch.autograd.grad(exact, exact_leaves, [c.double() for c in cotangents])
