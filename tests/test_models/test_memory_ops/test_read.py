@@ -12,6 +12,7 @@ from convneur_mm.models.layers.memory_ops import read_closed_form, read_torch
 from convneur_mm.testing.errors import worst
 
 from ...paths import REPO
+from . import memory_cases
 from .memory_cases import (BF16_TOL, F16_EMULATED_TOL, F16_TOL, F32_TOL, READ_BACKWARD_VARIANTS,
                            READ_BF16_AGREEMENT, _check_bfloat16, _gradcheck, _outputs_and_grads,
                            _read, _read_inputs, _relative_errors, _run_interpreted)
@@ -49,10 +50,21 @@ def test_read_backward_past_4096_rows_sums_the_pseudo_chunks(backward_runs):
     assert worst(result['grads'].values()) < F32_TOL, result['grads']
 
 
+def _read_backward_child(variant: str) -> subprocess.CompletedProcess:
+    """``memory_cases.read_backward_on_cuda_results`` at ``variant`` in a
+    process of its own (a CUDA fault ends it alone), launches synchronous."""
+    env = dict(os.environ, CONVNEUR_READ_VARIANT=variant, CUDA_LAUNCH_BLOCKING='1',
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
+    return subprocess.run([sys.executable, '-m', memory_cases.__name__,
+                           'read_backward_on_cuda_results'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize('variant', [
     pytest.param(variant, marks=pytest.mark.xfail(
-        _SM90, strict=True, reason='64-row tiles compute wrong query gradients or fault on '
+        _SM90, strict=True, raises=AssertionError,
+        reason='64-row tiles compute wrong query gradients or fault on '
         'sm_90 (triton 3.6): once this passes, lift kernel_tiles.SM90_ROW_LIMITS'))
     if variant == 'rows64' else variant for variant in READ_BACKWARD_VARIANTS])
 def test_the_read_backward_on_cuda_at_m3_width(variant):
@@ -60,13 +72,19 @@ def test_the_read_backward_on_cuda_at_m3_width(variant):
     its own (a CUDA fault ends its process): which ones compute the float64
     gradients within bfloat16's tolerance, synchronously launched so that a
     fault names its kernel. On sm_90 the default is ``kernel_tiles.row_limit``'s."""
-    env = dict(os.environ, CONVNEUR_READ_VARIANT=variant, CUDA_LAUNCH_BLOCKING='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')])))
-    done = subprocess.run([sys.executable, '-m', __name__, 'read_backward_on_cuda_results'],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = _read_backward_child(variant)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert worst(result['grads'].values()) < BF16_TOL, result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the GPU test runs the child itself')
+def test_the_read_backward_childs_case_runs_and_asks_for_cuda():
+    """The GPU test's child runs its case (a child that ran nothing would
+    exit 0 with no result): without a GPU it stops at its first CUDA tensor."""
+    done = _read_backward_child('float32')
+    assert done.returncode != 0 and 'read_backward_on_cuda_results' in done.stderr, \
+        done.stderr[-3000:]
 
 
 @pytest.mark.slow  # about 3 minutes: 784 tokens of 128 channels in the interpreter, twice
