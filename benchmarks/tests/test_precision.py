@@ -240,8 +240,7 @@ def test_disagreement_is_exit_code_1_outside_a_dry_run(monkeypatch, capsys):
                                                NO_RECORD)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='float16 trains on a GPU')
+@pytest.mark.gpu  # the mark, not a skipif: the parent hides the GPUs from its own torch
 def test_float16_trains_under_amp_on_cuda(tmp_path):
     """Two iterations per run under fp16 --amp (AmpOptimWrapper, dynamic loss scale)."""
     result = pt.run(precisions=('float32', 'float16'), seeds=(0, 1), dry_run=True,

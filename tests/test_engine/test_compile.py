@@ -273,8 +273,10 @@ def test_torch_without_isolated_recompiles_compiles_with_a_warning(monkeypatch):
     compile_mod._warn_shared_recompile_limit.cache_clear()
 
 
-@pytest.mark.torch_pinned
-@pytest.mark.parametrize('training', [True, False])
+# training counts the closed-form Functions in the graph: torch 2.11 traces none of
+# them (a version's tracing, not the GPU's); inference holds on other versions too
+@pytest.mark.parametrize('training', [pytest.param(True, marks=pytest.mark.torch_pinned),
+                                      False])
 @pytest.mark.parametrize('device,amp', [
     pytest.param('cpu', None, id='cpu-float32'),
     pytest.param('cpu', torch.bfloat16, id='cpu-bf16-autocast'),
