@@ -13,7 +13,7 @@ import convneur_mm  # noqa: F401  (checkpoint allow-list, registry)
 from convneur_mm.engine.compile import add_compile_argument, compile_runner_model
 from convneur_mm.apis.exit import exit_successfully
 from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_data_paths,
-                                     load_config, set_local_rank)
+                                     empty_datasets_explained, load_config, set_local_rank)
 from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.apis.reporting import format_metrics, enable_visualization
 from convneur_mm.engine.wrapping import enable_tta, inner_model
@@ -77,7 +77,8 @@ def main():
         compile_runner_model(runner, args.compile, training=False)
     if args.out:
         runner.test_evaluator.metrics.append(prediction_dumper(cfg.default_scope, args.out))
-    metrics = runner.test()
+    with empty_datasets_explained():
+        metrics = runner.test()
     if runner.rank == 0:
         print(format_metrics(metrics, title=f'{osp.basename(args.config)} @ '
                                             f'{osp.basename(args.checkpoint)}'))

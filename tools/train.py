@@ -14,8 +14,8 @@ from convneur_mm.engine.compile import (add_compile_argument, bucket_detection_s
                                         compile_runner_model)
 from convneur_mm.apis.exit import exit_successfully
 from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_data_paths,
-                                     enable_amp, load_config, prepare_deterministic,
-                                     set_local_rank, set_randomness)
+                                     empty_datasets_explained, enable_amp, load_config,
+                                     prepare_deterministic, set_local_rank, set_randomness)
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import run_on_checked_device
 from convneur_mm.utils.paths import is_remote
@@ -78,7 +78,8 @@ def main():
     runner = build_runner(cfg)
     if args.compile:
         compile_runner_model(runner, args.compile)
-    runner.train()
+    with empty_datasets_explained():
+        runner.train()
     # the work is done and written: exit 0, never a late abort at interpreter
     # tear-down (a PyTorch race: convneur_mm/apis/exit.py)
     exit_successfully()

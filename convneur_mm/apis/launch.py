@@ -3,12 +3,13 @@ analysis library and the tests), and what ``tools/train.py`` and
 ``tools/test.py`` share around the runner: their launch options, checks that
 fail early with the offending path, AMP selection and the runner."""
 import argparse
+import contextlib
 import logging
 import os
 import os.path as osp
 import re
 import warnings
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import torch
 from mmengine.config import Config, DictAction
@@ -149,6 +150,26 @@ def check_data_paths(cfg: Config, splits: Iterable[str] = SPLITS) -> None:
         raise FileNotFoundError(
             'the dataset named by the config is not there:\n  ' + '\n  '.join(missing) +
             f'\nPoint the config at your data: {" or ".join(ways)}')
+
+
+# what MMEngine's dataset raises where it holds no sample (numpy, concatenating none)
+_EMPTY_DATASET = 'need at least one array to concatenate'
+
+
+@contextlib.contextmanager
+def empty_datasets_explained() -> Iterator[None]:
+    """A run's datasets are built inside: one that holds no sample stops
+    with what to check, not numpy's words about concatenating."""
+    try:
+        yield
+    except ValueError as error:
+        if _EMPTY_DATASET not in str(error):
+            raise
+        raise ValueError(
+            'a dataset of the config holds no sample: check its data_root, ann_file and '
+            'data_prefix (or img_suffix), and that its metainfo classes name the '
+            "annotations' categories (filter_cfg=dict(filter_empty_gt=True) drops every "
+            f'image without one). MMEngine said: {error}') from error
 
 
 _VARIABLE = re.compile(r'\{\{\s*\$(\w+)\s*(?::([^}]*))?\}\}')

@@ -143,3 +143,25 @@ def test_one_loader_for_paths_shipped_names_and_toolbox_configs(tmp_path, monkey
     assert toolbox.work_dir == './work_dirs/resnet18_8xb32_in1k'
     with pytest.raises(FileNotFoundError, match='no_such.py .neither a path nor a file under'):
         load_config('no_such.py')
+
+
+def test_a_dataset_without_samples_says_what_to_check(tmp_path):
+    """COCO's classes over annotations that name none of them: every image
+    filtered out, and the error names the settings to check."""
+    import mmdet.datasets  # noqa: F401  (registers CocoDataset)
+    from mmdet.registry import DATASETS
+
+    from convneur_mm.apis.launch import empty_datasets_explained
+    from convneur_mm.demo_data.coco import generate_coco_tiny
+    generate_coco_tiny(str(tmp_path), num_train=2, num_val=2)
+    dataset = dict(type='CocoDataset', data_root=str(tmp_path),
+                   ann_file='annotations/instances_train2017.json',
+                   data_prefix=dict(img='train2017/'), metainfo=dict(classes=('unicorn', )),
+                   filter_cfg=dict(filter_empty_gt=True), pipeline=[])
+    with pytest.raises(ValueError, match='holds no sample: check its data_root') as error:
+        with empty_datasets_explained():
+            DATASETS.build(dataset)
+    assert 'need at least one array' in str(error.value)
+    with pytest.raises(ValueError, match='^other$'):
+        with empty_datasets_explained():
+            raise ValueError('other')
