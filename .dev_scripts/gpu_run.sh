@@ -77,4 +77,6 @@ args=(--out "$RESULTS" --deadline "$((START_EPOCH + LIMIT_S))")
 [ -n "$TAR" ] && args+=(--tar "$TAR")
 [ "$DRY_RUN" = 1 ] && args+=(--dry-run)
 [ "$MMCV_OPS" = 1 ] || args+=(--no-mmcv-ops)
-"$PYTHON" -m benchmarks.run gpu "${args[@]}" "$@"
+# exec: an outer timeout's SIGTERM reaches the gpu case itself, which stops its
+# step and packs before it exits (a bash in between would exit at once)
+exec "$PYTHON" -m benchmarks.run gpu "${args[@]}" "$@"

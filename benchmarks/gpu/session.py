@@ -23,8 +23,8 @@ each step in a process of its own, saved as it goes and resumable.
   is stopped. A memory bench gets that time as its own ``--budget-s``.
 * **A resume runs only what is missing.** Run again with the same ``--out``:
   steps whose planned attempt ended ok or failed are kept; skipped,
-  timed-out, partial and never-run steps run (``--retry-failed``: the failed
-  ones too).
+  timed-out, partial (with twice its estimate, once) and never-run steps run
+  (``--retry-failed``: the failed ones too).
 * **A stopped run stops its step.** On SIGTERM (``timeout``'s) the running
   step's process group is stopped, the step recorded as timed out and the
   folder packed before the run exits.
@@ -63,6 +63,8 @@ KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL, to a timed-out step's whole process
 THEN_LEAST_S = 20.0  # the least time a step's follow-up command (``Step.then``) gets
 # statuses a resume runs again: the step did not finish, or skipped items for time
 MISSING = ('skipped', 'timed out', 'not run', 'partial')
+# a partial step's tries (the later with twice its estimate) before a resume keeps it
+PARTIAL_TRIES = 2
 # a GPU host returns files of at most 16 MiB: the tar keeps under this by default,
 # leaving out the largest profiler reports (whose details pages are in the logs)
 TAR_LIMIT_MIB = 15
@@ -94,14 +96,27 @@ def read_progress(out: str) -> List[Dict]:
 def finished(progress: Sequence[Dict], retry_failed: bool = False) -> Dict[str, str]:
     """{step: status} of the steps a resume keeps, by each step's last
     planned attempt (its rerun on PyTorch never decides); dry runs' lines
-    are no GPU results."""
+    are no GPU results. A step partial ``PARTIAL_TRIES`` times is kept: its
+    estimate, not its time, is short."""
     last: Dict[str, str] = {}
     for line in progress:
         if line.get('dry_run') or line.get('attempt', 'as planned') != 'as planned':
             continue
         last[line['step']] = line['status']
+    partial = partial_tries(progress)
     return {step: status for step, status in last.items()
-            if not status.startswith(MISSING) and not (retry_failed and status != 'ok')}
+            if (not status.startswith(MISSING) or partial.get(step, 0) >= PARTIAL_TRIES)
+            and not (retry_failed and status != 'ok')}
+
+
+def partial_tries(progress: Sequence[Dict]) -> Dict[str, int]:
+    """{step: how many of its planned attempts were partial}."""
+    tries: Dict[str, int] = {}
+    for line in progress:
+        if (not line.get('dry_run') and line.get('attempt', 'as planned') == 'as planned'
+                and line['status'].startswith('partial')):
+            tries[line['step']] = tries.get(line['step'], 0) + 1
+    return tries
 
 
 def diagnose(log: str, kernel_names: Sequence[str] = ()) -> Dict[str, object]:
@@ -274,7 +289,9 @@ class Session:
         self.tar_limit = tar_limit
         self.clock = clock
         os.makedirs(self.out, exist_ok=True)
-        self.kept = finished(read_progress(self.out), retry_failed)
+        progress = read_progress(self.out)
+        self.kept = finished(progress, retry_failed)
+        self.partial = partial_tries(progress)
         self.start = clock()
         self.lines: List[Dict] = []
 
@@ -290,7 +307,8 @@ class Session:
         return expand([template], self.python, self.out, [], suffix=suffix)[0]
 
     def need(self, step: Step) -> float:
-        return step.estimate_s / self.speed
+        """Its estimate for this card; twice that where a try of it was partial."""
+        return step.estimate_s / self.speed * (2 if self.partial.get(step.name) else 1)
 
     def tuned(self) -> List[str]:
         """The tune records in ``out`` now (a later step's ``{tuned}``)."""
@@ -326,21 +344,24 @@ class Session:
         failed = False
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
-        step = None
+        step, lines_before = None, 0
         try:
             for step in self.steps:
                 if step.name in self.kept:
                     print(f'[gpu] {step.name:32s} kept from an earlier run: '
                           f'{self.kept[step.name]}')
                     continue
+                lines_before = len(self.lines)
                 failed |= self.run_step(step)
         except Stopped:
             failed = True
-            if step is not None:
+            # a step whose planned attempt was recorded keeps its outcome
+            if step is not None and len(self.lines) == lines_before:
                 self.record(step, 'timed out: the run was stopped (SIGTERM)')
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
+            if main:  # a handler set from C reads as None: the default stands for it
+                signal.signal(signal.SIGTERM,
+                              signal.SIG_DFL if previous is None else previous)
         self.pack()
         self.summary()
         return 1 if failed else 0
@@ -391,9 +412,10 @@ class Session:
             written = step.report is None or osp.exists(self.path(step.report, suffix))
             if rc == 0 and written and step.then and not self.dry:  # the report's details page
                 then = expand(step.then, self.python, self.out, tuned, budget, suffix)
-                # reading a report back is quick: a step that used its time still gets it
-                rc = run_in_group(then, log, {}, max(timeout - (self.clock() - begin),
-                                                     THEN_LEAST_S))
+                # reading a report back is quick: a step that used its time still gets
+                # some, within the run's deadline
+                rc = run_in_group(then, log, {}, max(
+                    timeout - (self.clock() - begin), min(THEN_LEAST_S, self.left()), 1.0))
         seconds = self.clock() - begin
         status = self.outcome(step, rc, timeout, suffix)
         fields = dict(seconds=seconds, limit_s=timeout, left_s=left, attempt=attempt,

@@ -254,24 +254,68 @@ def test_a_stopped_run_stops_its_step_records_it_and_packs(tmp_path):
         pytest.skip('signal handlers are set in the main thread only')
     tar = str(tmp_path / 'out.tgz')
     marker = tmp_path / 'survived.txt'
-    child = f'import time; time.sleep(6); open({str(marker)!r}, "w").write("alive")'
+    # the step writes the marker 5 s after it starts, unless its group is stopped
+    child = f'import time; time.sleep(5); open({str(marker)!r}, "w").write("alive")'
     steps = [_step('a/ok'), _step('b/long', child, estimate_s=100.0), _step('c/never')]
-    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
+    handler = signal.getsignal(signal.SIGTERM)
+    session = Session(str(tmp_path / 'out'), steps, deadline=None, tar=tar)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    session.run_step = _after_first(session.run_step, timer.start)  # SIGTERM within b/long
     begin = time.time()
     try:
-        code = Session(str(tmp_path / 'out'), steps, deadline=None, tar=tar).run()
+        code = session.run()
     finally:
         timer.cancel()
-    assert code == 1 and time.time() - begin < 6
+    assert code == 1 and time.time() - begin < 5
     assert _statuses(tmp_path / 'out') == [
         ('a/ok', 'ok'), ('b/long', 'timed out: the run was stopped (SIGTERM)')]
     assert finished(read_progress(str(tmp_path / 'out'))) == {'a/ok': 'ok'}
     with tarfile.open(tar) as packed:
         assert 'out/b_long.log' in packed.getnames()
-    time.sleep(4)
+    time.sleep(max(0.0, begin + 7 - time.time()))
     assert not marker.exists()  # the step's process group was stopped
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def _after_first(run_step, then):
+    """``run_step`` that calls ``then`` once its first step has ended."""
+    done = []
+
+    def wrapped(step):
+        if done:
+            then()
+        done.append(step)
+        return run_step(step)
+    return wrapped
+
+
+def test_a_stop_after_a_step_was_recorded_keeps_its_outcome(tmp_path):
+    """SIGTERM while the folder is packed after a step: the step keeps its
+    recorded outcome (a resume does not run it again)."""
+    session = Session(str(tmp_path), [_step('a/ok')], deadline=None)
+    packs = []
+
+    def stopped_while_packing():  # the first pack, after the step; not the last
+        packs.append(1)
+        if len(packs) == 1:
+            raise gpu_session.Stopped()
+
+    session.pack = stopped_while_packing
+    assert session.run() == 1
+    assert _statuses(tmp_path) == [('a/ok', 'ok')]
+
+
+def test_a_partial_step_is_tried_again_with_twice_its_estimate_then_kept(tmp_path):
+    record = tmp_path / 'bench_x.json'
+    write = (f"import json; json.dump(dict(rows=['skipped: budget (1 s left)']), "
+             f"open({str(record)!r}, 'w'))")
+    steps = [Step('bench/x', 'x', _py(write), 10.0, record='{out}/bench_x.json')]
+    Session(str(tmp_path), steps, deadline=None).run()
+    again = Session(str(tmp_path), steps, deadline=None)
+    assert 'bench/x' not in again.kept and again.need(steps[0]) == 20.0
+    again.run()
+    assert finished(read_progress(str(tmp_path))) == {
+        'bench/x': 'partial: 1 items skipped for time'}  # twice partial: kept
 
 
 def test_variants_that_may_launch_kernels_get_a_process_each():

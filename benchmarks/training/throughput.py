@@ -450,18 +450,21 @@ def measure_training(variants: List[Variant], data: dict, batch: int, device, it
 
 def _or_failed(call: Callable[[], object], name: str, steps: Dict[str, Callable[[], None]],
                failed: Dict[str, str]) -> object:
-    """``call()``; where it raises (a variant's compile error or OOM), the
-    variant ``name`` leaves ``steps`` with its error in ``failed``: its row
-    says so, and the other variants' rows stand."""
+    """``call()``; where it raises (a variant's compile error or OOM in the
+    warm-up or its memory window), the variant ``name`` leaves ``steps``
+    with its error in ``failed``: its row says so, and the other variants'
+    rows stand."""
     try:
         return call()
     except Exception as exc:  # noqa: BLE001 - recorded in the variant's row
         failed[name] = describe_error(exc)
         del steps[name]
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # an OOM's leftovers must not crowd the others
-        return None
+    # out of the handler, whose traceback holds the failed step's tensors: an
+    # OOM's leftovers must not crowd the others
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return None
 
 
 def measure_evaluation(variants: List[Variant], data: dict, batch: int, device, iters: int,

@@ -312,15 +312,15 @@ def build_runner(cfg: Config, training: bool = True):
     return runner
 
 
-# where MPI launchers (Open MPI, MPICH and Intel MPI) put a process's local rank
-MPI_LOCAL_RANKS = ('OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID')
+# where Open MPI puts a process's local rank (MMEngine's MPI set-up reads Open MPI's only)
+MPI_LOCAL_RANKS = ('OMPI_COMM_WORLD_LOCAL_RANK', )
 
 
 def set_local_rank(local_rank: Optional[int]) -> None:
     """``--local_rank`` (``torch.distributed.launch``) as ``LOCAL_RANK``, when
     given: a default of 0 would send Slurm's and MPI's ranks, whose local
     rank is in ``SLURM_LOCALID`` / ``OMPI_COMM_WORLD_LOCAL_RANK``, to GPU 0
-    for ``check_cuda``'s probe. An MPI launch's local rank becomes
+    for ``check_cuda``'s probe. An Open MPI launch's local rank becomes
     ``LOCAL_RANK`` too: MMEngine's MPI set-up leaves it unset, and its DDP
     wrapper reads it for the rank's GPU."""
     if local_rank is not None:
