@@ -48,7 +48,8 @@ import sys
 import tarfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from collections import Counter
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from benchmarks.common.record import Record, UsageError
 from benchmarks.gpu.steps import MEMORY_KERNELS, NCU_KERNELS, Step, expand, gpu_speed, gpu_steps
@@ -98,11 +99,7 @@ def finished(progress: Sequence[Dict], retry_failed: bool = False) -> Dict[str, 
     planned attempt (its rerun on PyTorch never decides); dry runs' lines
     are no GPU results. A step partial ``PARTIAL_TRIES`` times is kept: its
     estimate, not its time, is short."""
-    last: Dict[str, str] = {}
-    for line in progress:
-        if line.get('dry_run') or line.get('attempt', 'as planned') != 'as planned':
-            continue
-        last[line['step']] = line['status']
+    last = {line['step']: line['status'] for line in _planned(progress)}
     partial = partial_tries(progress)
     return {step: status for step, status in last.items()
             if (not status.startswith(MISSING) or partial.get(step, 0) >= PARTIAL_TRIES)
@@ -111,12 +108,15 @@ def finished(progress: Sequence[Dict], retry_failed: bool = False) -> Dict[str, 
 
 def partial_tries(progress: Sequence[Dict]) -> Dict[str, int]:
     """{step: how many of its planned attempts were partial}."""
-    tries: Dict[str, int] = {}
-    for line in progress:
-        if (not line.get('dry_run') and line.get('attempt', 'as planned') == 'as planned'
-                and line['status'].startswith('partial')):
-            tries[line['step']] = tries.get(line['step'], 0) + 1
-    return tries
+    return dict(Counter(line['step'] for line in _planned(progress)
+                        if line['status'].startswith('partial')))
+
+
+def _planned(progress: Sequence[Dict]) -> Iterator[Dict]:
+    """The lines of steps' planned attempts on a GPU (not their reruns on
+    PyTorch, not dry runs), in order."""
+    return (line for line in progress
+            if not line.get('dry_run') and line.get('attempt', 'as planned') == 'as planned')
 
 
 def diagnose(log: str, kernel_names: Sequence[str] = ()) -> Dict[str, object]:
@@ -136,44 +136,46 @@ def pack(out: str, tar_path: str, limit_bytes: Optional[int] = None) -> Optional
     each is within the limit. What could not be packed or was left out, or
     None."""
     tmp = tar_path + '.tmp'
-    reports = sorted((osp.join(root, name) for root, _, names in os.walk(out) for name in names
-                      if name.endswith(LARGE_REPORTS)), key=osp.getsize, reverse=True)
-    left_out: List[str] = []
+    sizes = {osp.join(root, name): osp.getsize(osp.join(root, name))
+             for root, _, names in os.walk(out) for name in names
+             if name.endswith(LARGE_REPORTS)}
+    reports = sorted(sizes, key=sizes.get, reverse=True)
+    limit = math.inf if limit_bytes is None else limit_bytes
+    left_out: Dict[str, str] = {}  # each report left out, and its line in LEFT_OUT
     try:
         while True:
-            _write_tar(out, tmp, left_out, limit_bytes or math.inf)
-            if limit_bytes is None or osp.getsize(tmp) <= limit_bytes or not reports:
+            _write_tar(out, tmp, left_out)
+            if osp.getsize(tmp) <= limit or not reports:
                 break
-            left_out.append(reports.pop(0))
+            path = reports.pop(0)
+            left_out[path] = (f'{osp.relpath(path, out)}\t{sizes[path]} bytes'
+                              f'{", beside the tar" if sizes[path] <= limit else ""}\n')
         os.replace(tmp, tar_path)
     except OSError as exc:  # a full disk must not end the run: the folder stays
         return f'{type(exc).__name__}: {exc}'
-    beside = [p for p in left_out if osp.getsize(p) <= limit_bytes]
+    beside = [path for path in left_out if sizes[path] <= limit]
     try:
         for path in beside:
             shutil.copyfile(path, osp.join(osp.dirname(osp.abspath(tar_path)),
                                            osp.basename(path)))
     except OSError as exc:
         return f'{type(exc).__name__} copying the reports left out: {exc}'
-    too_large = limit_bytes is not None and osp.getsize(tar_path) > limit_bytes
     notes = ([f'left out {len(left_out)} reports to stay within {limit_bytes} bytes '
               f'({len(beside)} copied beside it)'] if left_out else []) + (
-                  ['still larger than the limit'] if too_large else [])
+                  ['still larger than the limit'] if osp.getsize(tar_path) > limit else [])
     return '; '.join(notes) or None
 
 
-def _write_tar(out: str, path: str, left_out: Sequence[str], limit: float) -> None:
-    """``out`` into a gzipped tar at ``path``, without ``left_out``, which
-    ``LEFT_OUT`` names (and where each within ``limit`` bytes is copied)."""
+def _write_tar(out: str, path: str, left_out: Dict[str, str]) -> None:
+    """``out`` into a gzipped tar at ``path``, without the files of
+    ``left_out``, whose lines make the tar's ``LEFT_OUT``."""
     arcname = osp.basename(osp.normpath(out))
     skipped = {osp.relpath(p, osp.dirname(osp.normpath(out))) for p in left_out}
     with tarfile.open(path, 'w:gz') as tar:
         tar.add(out, arcname=arcname,
                 filter=lambda info: None if info.name in skipped else info)
         if left_out:
-            text = ''.join(f'{osp.relpath(p, out)}\t{osp.getsize(p)} bytes'
-                           f'{"" if osp.getsize(p) > limit else ", beside the tar"}\n'
-                           for p in left_out).encode()
+            text = ''.join(left_out.values()).encode()
             info = tarfile.TarInfo(f'{arcname}/{LEFT_OUT}')
             info.size = len(text)
             tar.addfile(info, io.BytesIO(text))
