@@ -17,10 +17,12 @@
 _convneur_install() {
     local repo=$PWD py=${PYTHON:-python3} wheels=${WHEELS:-$PWD/.dev_scripts/wheels}
     local site=${CONVNEUR_SITE:-/tmp/convneur_site} setup=tools/setup/cuda_setup.py
-    local tag w stack=() mmcv_wheel='' flavor_file='' host_flavor wheel_flavor
+    local tag version w stack=() mmcv_wheel='' flavor_file='' host_flavor wheel_flavor
     # a hung pip or CUDA check must not take the whole run's time
     local limit=(timeout "${INSTALL_STEP_TIMEOUT_S:-300}")
-    tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])') || {
+    # the wheels' tag (cp312) and the version download_stack.sh takes (3.12)
+    read -r tag version < <("$py" -c 'import sys; v = sys.version_info[:2]
+print("cp%d%d %d.%d" % (v + v))') || {
         echo "[install] error: no Python '$py' here (set PYTHON)"; return 1; }
     if ls "$wheels"/*.whl > /dev/null 2>&1; then
         for w in "$wheels"/*.whl; do
@@ -29,7 +31,7 @@ _convneur_install() {
         if [ ${#stack[@]} -eq 0 ]; then
             echo "[install] error: $wheels holds mmcv's wheel but none of the stack's."
             echo "[install] Download them on a machine with PyPI first: bash" \
-                 ".dev_scripts/download_stack.sh --python $("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+                 ".dev_scripts/download_stack.sh --python $version"
             return 1
         fi
         if [ "${MMCV_OPS:-1}" != 0 ]; then
@@ -37,7 +39,7 @@ _convneur_install() {
             if [ -z "$mmcv_wheel" ]; then
                 echo "[install] error: $wheels holds no mmcv CUDA wheel for this Python ($tag)."
                 echo "[install] Build one on a machine with PyPI: bash .dev_scripts/build_mmcv_cuda_wheel.sh" \
-                     "--python $("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+                     "--python $version" \
                      "--torch $("$py" -c 'import torch; print(torch.__version__)' 2> /dev/null || echo VERSION)"
                 return 1
             fi
