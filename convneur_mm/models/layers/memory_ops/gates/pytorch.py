@@ -1,4 +1,6 @@
 """The gates in PyTorch: the three layers as one product, differentiable."""
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,10 +21,15 @@ def chunk_gates_torch(summary: Tensor, weights: GateWeights) -> ChunkGates:
         ``ChunkGates`` in ``summary``'s dtype.
     """
     check_gate_arguments(summary, weights)
+    return gates_from_logits(F.linear(summary, *stacked(weights)), gate_sizes(weights)[0])
+
+
+def stacked(weights: GateWeights) -> Tuple[Tensor, Tensor]:
+    """The three layers as one: their weights' rows and their biases, in the
+    logits' order (decay, momentum, step-size modulation)."""
     w = weights
-    logits = F.linear(summary, torch.cat([w.decay, w.momentum, w.lr_modulation]),
-                      torch.cat([w.decay_bias, w.momentum_bias, w.lr_modulation_bias]))
-    return gates_from_logits(logits, gate_sizes(w)[0])
+    return (torch.cat([w.decay, w.momentum, w.lr_modulation]),
+            torch.cat([w.decay_bias, w.momentum_bias, w.lr_modulation_bias]))
 
 
 def gates_from_logits(logits: Tensor, heads: int) -> ChunkGates:

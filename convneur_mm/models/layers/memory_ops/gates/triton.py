@@ -11,6 +11,7 @@ from ..kernels.launcher import launch_config
 from ..kernels.ops import (call_kernel_op, check_arguments, check_runnable, kernel_op,
                            register_first_order_autograd, weight_arguments)
 from ..kernels.tiles import cdiv, next_pow2
+from .pytorch import stacked
 from .weights import ChunkGates, GateWeights, check_gate_arguments, gate_sizes
 
 GATES_ROWS = 16  # (image, chunk) rows per program: the products' least tile
@@ -96,9 +97,8 @@ def _backward(ctx, bar_keep: Optional[Tensor], bar_momentum: Optional[Tensor],
     summary, *params = ctx.saved_tensors
     w = GateWeights(*params)
     heads, k = gate_sizes(w)
-    weight = torch.cat([w.decay, w.momentum, w.lr_modulation])
-    z = torch.addmm(torch.cat([w.decay_bias, w.momentum_bias, w.lr_modulation_bias]),
-                    summary.flatten(0, 1), weight.t())
+    weight, bias = stacked(w)
+    z = torch.addmm(bias, summary.flatten(0, 1), weight.t())
     rows = z.shape[0]
 
     def cotangent(bar: Optional[Tensor], shape: tuple) -> Tensor:
