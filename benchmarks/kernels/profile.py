@@ -210,11 +210,7 @@ def device_peak(device) -> Optional[DevicePeak]:
     other ceilings)."""
     if not is_cuda(device):
         return None
-    return peak_of(torch.cuda.get_device_name(torch.device(device)))
-
-
-def peak_of(name: str) -> Optional[DevicePeak]:
-    """``device_peak`` by the card's name."""
+    name = torch.cuda.get_device_name(torch.device(device))
     if any(part in name for part in ('PCIe', 'NVL')):
         return None
     if 'H200' in name:

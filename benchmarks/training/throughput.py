@@ -433,12 +433,13 @@ def measure_training(variants: List[Variant], data: dict, batch: int, device, it
         for name, step in list(steps.items()):
             _or_failed(step, name, steps, failed)
     for v in variants:
-        if v.name in steps:
-            peak = _or_failed(lambda v=v: measure_peak(
-                steps[v.name], device, held_bytes(v.model, v.optim_wrapper, data)),
-                v.name, steps, failed)
-            if v.name in steps:
-                rows[v.name] = dict(peak, fits_24gb=fits_card(peak), batch=batch)
+        if v.name not in steps:  # failed in the warm-up
+            continue
+        peak = _or_failed(lambda v=v: measure_peak(
+            steps[v.name], device, held_bytes(v.model, v.optim_wrapper, data)),
+            v.name, steps, failed)
+        if peak is not None:
+            rows[v.name] = dict(peak, fits_24gb=fits_card(peak), batch=batch)
     times = time_in_turns(steps, iters, device, warmup=_refill(device)) if steps else {}
     for name, seconds in times.items():
         s = median(seconds)

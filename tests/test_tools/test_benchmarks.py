@@ -35,7 +35,6 @@ def test_a_dry_run_takes_the_cpu_unless_a_device_is_named(monkeypatch, cuda, arg
     tool = import_analysis_tool('benchmark')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: cuda)
     parsed = tool.parse_args(['--task', 'checkpointing', *args])
-    tool._resolve_device(parsed)
     assert parsed.device == device
 
 

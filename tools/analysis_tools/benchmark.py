@@ -60,7 +60,6 @@ def speed_arguments(p: argparse.ArgumentParser) -> None:
 def speed(args: argparse.Namespace) -> Dict:
     from convneur_mm.analysis import speed as lib
     from convneur_mm.analysis.timing import peak_gemm_rate, setup_benchmark_device
-    _resolve_device(args)
     device = setup_benchmark_device(args.device)  # workers inherit the malloc tuning
     if args.dry_run:
         args.models = args.models or ['ConvNeur-M1']
@@ -98,7 +97,6 @@ def checkpointing_arguments(p: argparse.ArgumentParser) -> None:
 def checkpointing(args: argparse.Namespace) -> Dict:
     from convneur_mm.analysis import memory_fit as lib
     from convneur_mm.analysis.timing import setup_benchmark_device
-    _resolve_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dry_run:
@@ -154,7 +152,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument('--task', choices=TASKS)
     known, _ = first.parse_known_args(argv)
-    return build_parser(known.task).parse_args(argv)
+    args = build_parser(known.task).parse_args(argv)
+    _resolve_device(args)  # every task has --device and --dry-run
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
