@@ -127,7 +127,7 @@ setup(
     long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.9',
+    python_requires='>=3.10',
     packages=find_packages(include=[PACKAGE, f'{PACKAGE}.*']),
     cmdclass={'build_py': BuildPyWithMim, 'develop': DevelopWithMim},
     # The stack is installed by tools/setup/setup_env.sh (or requirements.txt plus

@@ -250,6 +250,6 @@ def run_on_checked_device(env: Mapping[str, str] = os.environ,
     import torch
     device = check_cuda(env)
     if device == 'cpu' and not gpus_hidden(env) and torch.cuda.is_available():
-        argv = list(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))
+        argv = list(sys.orig_argv)  # the interpreter's flags too
         execve(sys.executable, argv, dict(env, CUDA_VISIBLE_DEVICES=''))
     return device

@@ -400,3 +400,30 @@ def test_nvidia_hardware_is_found_by_its_driver_or_nvidia_smi(tmp_path):
     assert not cuda_setup.nvidia_present(str(tmp_path / 'missing'), str(smi))
     smi.write_text('#!/bin/sh\necho "NVIDIA H100 80GB HBM3"\n')
     assert cuda_setup.nvidia_present(str(tmp_path / 'missing'), str(smi))
+
+
+@pytest.mark.parametrize('version,existing_venv', [('3.9.18', False), ('3.13.1', False),
+                                                   ('3.9.18', True)])
+def test_an_interpreter_the_pins_have_no_wheels_for_is_refused_up_front(tmp_path, version,
+                                                                         existing_venv):
+    """The pins (torch 2.13, numpy < 2) have wheels for Python 3.10 to 3.12:
+    another interpreter stops the set-up before it makes or touches a venv,
+    saying which Python to use; a venv made with one is named for removal."""
+    import subprocess
+    major_minor = tuple(int(part) for part in version.split('.')[:2])
+    fake = tmp_path / 'python_fake'
+    fake.write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "Python {version}"; exit 0; }}\n'
+                    f'[ "$1" = -c ] && exec {sys.executable} -c "import sys; '
+                    f'sys.version_info = {major_minor}; $2"\nexit 97\n')
+    fake.chmod(0o755)
+    venv = tmp_path / 'venv'
+    env = dict(os.environ, VENV=str(venv), PYTHON=str(fake if not existing_venv else 'python3'))
+    if existing_venv:
+        (venv / 'bin').mkdir(parents=True)
+        (venv / 'bin' / 'python').symlink_to(fake)
+    run = subprocess.run(['bash', osp.join(SETUP, 'setup_env.sh')], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert 'needs Python 3.10 to 3.12' in run.stderr and f'Python {version}' in run.stderr
+    assert ('remove ' + str(venv)) in run.stderr if existing_venv else not venv.exists()
+    assert 'preparing' not in run.stdout

@@ -34,6 +34,17 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ]; then
 fi
 
 started=$(date +%s)
+# The pins have wheels for CPython 3.10-3.12 only (torch 2.13: 3.10+; numpy < 2:
+# up to 3.12); elsewhere pip would stop deep in the install or build numpy.
+interpreter=$PYTHON
+[ -x "$VENV/bin/python" ] && interpreter="$VENV/bin/python"
+if ! "$interpreter" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))'; then
+    hint="run again with PYTHON=python3.12 (or python3.10, python3.11)"
+    [ "$interpreter" = "$PYTHON" ] || hint="remove $VENV (made with it) and $hint"
+    echo "[setup] error: the pinned stack needs Python 3.10 to 3.12;" \
+         "$interpreter is $("$interpreter" --version 2>&1): $hint." >&2
+    exit 2
+fi
 echo "[setup] preparing $VENV with $($PYTHON --version)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 py="$VENV/bin/python"
