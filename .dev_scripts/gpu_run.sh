@@ -10,7 +10,7 @@
 # torch (install_stack.sh; without that folder the host's Python is used as
 # it is) and mmcv's CUDA ops are checked: nms and RoIAlign on CUDA tensors.
 # A failure there ends the run at once with exit status 3, before any step
-# (with --tar, DIR and its install.log packed there).
+# (with --tar, DIR/install.log alone packed there).
 #
 # Then the lab's GPU run, `python -m benchmarks.run gpu --out DIR`, with what
 # is left of --limit-s (default 520: within nine minutes, the install and the
@@ -64,8 +64,9 @@ if ! source .dev_scripts/install_stack.sh > "$RESULTS/install.log" 2>&1; then
     echo "[gpu_run] no step ran. $RESULTS/install.log ends:" >&2
     tail -n 30 "$RESULTS/install.log" >&2
     echo "[gpu_run] ================================================================" >&2
-    # the install's log comes back with the results
-    [ -n "$TAR" ] && tar czf "$TAR" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+    # the install's log alone comes back: a resumed folder's reports could pass
+    # the size the tar must keep within
+    [ -n "$TAR" ] && tar czf "$TAR" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")/install.log"
     exit 3
 fi
 tail -n 8 "$RESULTS/install.log"

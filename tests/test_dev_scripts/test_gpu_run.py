@@ -84,12 +84,14 @@ def test_a_wheel_folder_without_the_stacks_wheels_stops_the_run_and_packs_its_lo
     mmcv = f'mmcv-2.1.0-{tag}-{tag}-linux_x86_64'
     wheels = _wheels(tmp_path / 'wheels', f'{mmcv}.whl', f'{mmcv}.flavor.json')
     out, tar = tmp_path / 'results', tmp_path / 'results.tgz'
+    out.mkdir()
+    (out / 'ncu_read.ncu-rep').write_bytes(b'a resumed run\'s report')
     done = _run(out, '--dry-run', '--tar', str(tar), WHEELS=wheels)
     assert done.returncode == 3
     assert 'none of the stack' in done.stderr and 'download_stack.sh' in done.stderr
     assert not (out / 'progress.jsonl').exists()
-    with tarfile.open(tar) as packed:
-        assert 'results/install.log' in packed.getnames()
+    with tarfile.open(tar) as packed:  # the log alone: a resumed folder's reports stay out
+        assert packed.getnames() == ['results/install.log']
 
 
 def test_the_gpu_cases_exit_status_is_the_runs(tmp_path):
