@@ -15,8 +15,9 @@ each step in a process of its own, saved as it goes and resumable.
   memories plan their own path (``Step.reruns_on_torch``) is run again with
   ``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, its records beside the first
   attempt's (``*.torch.json``). A step that exits 0 without its report
-  (Nsight Compute's) or with no test run counts as failed; one whose record
-  shows items skipped for time (a memory bench's budget) is partial.
+  (Nsight Compute's), with no test run or with a failed row in its record
+  (a case records a row's error and goes on) counts as failed; one whose
+  record shows items skipped for time (a memory bench's budget) is partial.
 * **No step starts without its time.** A step starts only where the time
   left holds its estimate (scaled by ``steps.gpu_speed`` for the card), and
   runs under a timeout of twice that and 30 s; then its whole process group
@@ -49,7 +50,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from benchmarks.common.record import Record, UsageError
 from benchmarks.gpu.steps import MEMORY_KERNELS, NCU_KERNELS, Step, expand, gpu_speed, gpu_steps
@@ -73,6 +74,10 @@ LARGE_REPORTS = ('.ncu-rep', )
 LEFT_OUT = 'left_out_of_tar.txt'
 # how a memory bench records an item its budget left out (``suite.Budget``)
 SKIPPED_FOR_TIME = 'skipped: budget'
+# how a case records a row that failed and let the others run (``describe_error``),
+# and the keys it records it under
+ROW_ERROR = 'error: '
+ROW_ERROR_KEYS = ('status', 'error', 'errors')
 _KERNEL = re.compile(r'\b(\w+)_kernel\b')
 _ERROR = re.compile(r'^(?:E +)?((\w+(Error|Exception)|CUDA error|FAILED|ERROR|==ERROR==|'
                     r'========= (Invalid|Race|Error|Program hit)).*)', re.M)
@@ -237,25 +242,36 @@ def _raise_stopped(signum, frame) -> None:
     raise Stopped()
 
 
-def skipped_for_time(path: str) -> int:
-    """How many items a step's JSON record says its budget left out (0
-    where there is no record)."""
+def record_items(path: str) -> Tuple[int, List[str]]:
+    """What a step's JSON record says of its items (0 and [] where there is
+    no record): how many its budget left out, and each row's error (a
+    ``status``, ``error`` or ``errors`` entry of ``describe_error``'s form).
+    A case records a row that fails and goes on, exit 0; where a GPU fault
+    broke the CUDA context, every later row fails too."""
     if not osp.exists(path):
-        return 0
+        return 0, []
     with open(path) as f:
         try:
             record = json.load(f)
         except ValueError:
-            return 0
+            return 0, []
+    skipped, errors = 0, []
 
-    def count(node) -> int:
+    def walk(node, key=None) -> None:
+        nonlocal skipped
         if isinstance(node, dict):
-            return sum(count(v) for v in node.values())
-        if isinstance(node, list):
-            return sum(count(v) for v in node)
-        return int(isinstance(node, str) and node.startswith(SKIPPED_FOR_TIME))
+            for k, v in node.items():
+                walk(v, key if key == 'errors' else k)  # {'errors': {row: why}}
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif isinstance(node, str):
+            skipped += node.startswith(SKIPPED_FOR_TIME)
+            if key in ROW_ERROR_KEYS and node.startswith(ROW_ERROR):
+                errors.append(node)
 
-    return count(record)
+    walk(record)
+    return skipped, errors
 
 
 class Session:
@@ -445,7 +461,9 @@ class Session:
             if counts is None or counts['tests'] - counts['skipped'] == 0:
                 return f'failed: no test ran ({counts})'
         if step.record:
-            skipped = skipped_for_time(self.path(step.record, suffix))
+            skipped, errors = record_items(self.path(step.record, suffix))
+            if errors:  # a failure: on a GPU, a rerun on PyTorch where the step has one
+                return f'failed: {len(errors)} rows failed, the first with {errors[0][:200]}'
             if skipped:
                 return f'partial: {skipped} items skipped for time'
         return 'ok'

@@ -60,7 +60,8 @@ class Step:
         dry_env: variables set for its check on a CPU.
         report: a file it must write (else it failed, whatever its exit).
         junit: its JUnit XML: it failed where no test in it ran.
-        record: its JSON record: partial where it says items were skipped for time.
+        record: its JSON record: failed where a row's status is an error, else
+            partial where it says items were skipped for time.
         then: a command run after it succeeds, into the same log.
     """
     name: str
@@ -280,7 +281,7 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              _lab('train', '--device', 'cuda', '--amp', '--eval', '--guarded',
                   '--json', '{out}/train.json'),
              260, dry_argv=_lab('train', '--dry-run', '--guarded', '--json', '{out}/train.json'),
-             reruns_on_torch=True),
+             reruns_on_torch=True, record='{out}/train.json'),
         Step('train/bf16', 'the real configs against local-only under bf16 autocast '
              '(--amp-dtype bfloat16), beside the fp16 rows, ConvNeur on its default path '
              'and on the Triton kernels',
@@ -288,7 +289,7 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
                   'local-only', 'kernels', '--json', '{out}/train_bf16.json'),
              150, dry_argv=_lab('train', '--dry-run', '--jobs', 'cls-m3', '--peers',
                                 'local-only', 'kernels', '--json', '{out}/train_bf16.json'),
-             reruns_on_torch=True),
+             reruns_on_torch=True, record='{out}/train_bf16.json'),
         Step('train/compiled', 'the ImageNet and ADE20K configs against local-only, all '
              'compiled as tools/train.py --compile compiles them (bf16 autocast), ConvNeur '
              'on its default path and with the kernels in its graph',
@@ -298,13 +299,14 @@ def later_steps(torch_pinned: bool, mmcv_ops: bool = True) -> List[Step]:
              400, dry_argv=_lab('train', '--dry-run', '--compile', '--jobs', 'cls-m3',
                                 '--peers', 'local-only', 'kernels',
                                 '--json', '{out}/train_compiled.json'),
-             reruns_on_torch=True),
+             reruns_on_torch=True, record='{out}/train_compiled.json'),
         Step('precision/m1', 'bf16 and fp16 against float32 training, M1 on the tiny ImageNet, '
              'three seeds', _lab('precision', '--work-dir', '{out}/precision_runs',
                                  '--precisions', 'float32', 'bfloat16', 'float16',
                                  '--json', '{out}/precision.json'), 360,
              dry_argv=_lab('precision', '--dry-run', '--work-dir', '{out}/precision_runs',
-                           '--json', '{out}/precision.json')),
+                           '--json', '{out}/precision.json'),
+             record='{out}/precision.json'),
     ]
 
 

@@ -243,7 +243,28 @@ def test_a_step_whose_record_skipped_items_for_time_is_partial_and_resumed(tmp_p
     assert Session(str(tmp_path), steps, deadline=None).run() == 0  # not a failure
     assert _statuses(tmp_path) == [('bench/x', 'partial: 1 items skipped for time')]  # no rerun
     assert finished(read_progress(str(tmp_path))) == {}  # a resume runs it again
-    assert gpu_session.skipped_for_time(str(tmp_path / 'none.json')) == 0
+    assert gpu_session.record_items(str(tmp_path / 'none.json')) == (0, [])
+
+
+def test_a_step_whose_record_holds_a_failed_row_fails_and_reruns_on_pytorch(tmp_path):
+    """A case records a row's error and exits 0 (a train variant's CUDA fault
+    fails every later row too): the step failed, and reruns on PyTorch."""
+    write = ("import json, os, sys; torch = os.environ.get('%s') == 'torch'; "
+             "rows = dict(train={'M3': dict(status='ok'), 'M3 kernels': dict(status='ok' if "
+             "torch else 'error: RuntimeError: CUDA error: an illegal memory access')}, "
+             "errors={'M3 kernels': 'skipped: the kernels cannot run here (forced)'}); "
+             "json.dump(dict(result=dict(jobs=dict(cls=rows))), open(sys.argv[1], 'w'))"
+             % FORCE_ENV)
+    steps = [Step('train/x', 'x', ('{python}', '-c', write, '{out}/train_x.json'), 1.0,
+                  reruns_on_torch=True, record='{out}/train_x.json')]
+    assert Session(str(tmp_path), steps, deadline=None).run() == 1
+    assert _statuses(tmp_path) == [
+        ('train/x', 'failed: 1 rows failed, the first with error: RuntimeError: CUDA error: '
+         'an illegal memory access'), ('train/x', 'ok')]
+    built = tmp_path / 'built.json'  # a variant that failed to build, in 'errors'
+    built.write_text(json.dumps(dict(result=dict(errors={'M3 compiled': 'error: a', 'M4': 'ok'},
+                                                 runs=[dict(error='error: b')]))))
+    assert gpu_session.record_items(str(built)) == (0, ['error: a', 'error: b'])
 
 
 def test_a_stopped_run_stops_its_step_records_it_and_packs(tmp_path):
