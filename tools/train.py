@@ -16,6 +16,8 @@ from convneur_mm.apis.exit import exit_successfully
 from convneur_mm.apis.launch import (add_launch_arguments, build_runner, check_data_paths,
                                      empty_datasets_explained, enable_amp, load_config,
                                      prepare_deterministic, set_local_rank, set_randomness)
+from convneur_mm.engine.wrapping import inner_model
+from convneur_mm.models.utils.pretrained import check_checkpoint_fits
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import run_on_checked_device
 from convneur_mm.utils.paths import is_remote
@@ -76,6 +78,11 @@ def main():
     if args.compile:
         bucket_detection_sizes(cfg)
     runner = build_runner(cfg)
+    if cfg.get('load_from'):
+        # MMEngine loads load_from without strict and only logs what does not fit: a
+        # backbone left at its initialization (a resume: any part) is an error here
+        check_checkpoint_fits(inner_model(runner.model), cfg.load_from,
+                              backbone_only=not cfg.get('resume'))
     if args.compile:
         compile_runner_model(runner, args.compile)
     with empty_datasets_explained():

@@ -277,6 +277,22 @@ def test_a_checkpoint_that_does_not_fit_stops_the_evaluation(demo_checkpoint, ad
     assert not _metrics(mismatch.stdout)  # nothing evaluated
 
 
+def test_a_load_from_whose_backbone_does_not_fit_stops_the_training(demo_checkpoint,
+                                                                     ade20k_tiny, tmp_path,
+                                                                     monkeypatch):
+    """MMEngine loads load_from without strict and logs the mismatches: the
+    global branches would train on from their initialization, silently."""
+    monkeypatch.setenv('ADE20K_TINY_ROOT', ade20k_tiny)
+    mismatch = _tool(osp.join(REPO, 'tools', 'train.py'), DEMO, '--work-dir',
+                     str(tmp_path / 'mismatch'), '--cfg-options', f'load_from={demo_checkpoint}',
+                     'model.backbone.memory_cfg.dim=64')
+    assert mismatch.returncode != 0
+    assert 'CheckpointMismatchError' in mismatch.stderr, mismatch.stderr[-3000:]
+    assert 'does not fit the backbone of this config' in mismatch.stderr
+    assert 'global_branch' in mismatch.stderr and "init_cfg" in mismatch.stderr
+    assert 'Iter(train)' not in mismatch.stdout + mismatch.stderr  # nothing trained
+
+
 # `slow`: a whole evaluation again, 12 passes an image (about 25 s of a worker)
 @pytest.mark.slow
 def test_tta_loads_the_checkpoint_into_the_tta_model(demo_checkpoint, untrained_scores,

@@ -46,12 +46,18 @@ def _short(keys: Iterable[str], limit: int = 20) -> str:
     return ', '.join(keys[:limit]) + more
 
 
-def compare_state_dicts(model: nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:
-    """Human-readable problems of loading ``state`` into ``model`` (empty if none)."""
+def compare_state_dicts(model: nn.Module, state: Dict[str, torch.Tensor],
+                        absent_ok: Optional[re.Pattern] = None) -> List[str]:
+    """Human-readable problems of loading ``state`` into ``model`` (empty if
+    none); keys matching ``absent_ok`` may be missing or unexpected (their
+    shapes are still compared)."""
     own = model.state_dict()
     problems = []
     missing = set(own) - set(state)
     unexpected = set(state) - set(own)
+    if absent_ok is not None:
+        missing = {k for k in missing if not absent_ok.match(k)}
+        unexpected = {k for k in unexpected if not absent_ok.match(k)}
     if missing:
         problems.append(f'{len(missing)} missing keys: {_short(missing)}')
     if unexpected:
@@ -63,16 +69,32 @@ def compare_state_dicts(model: nn.Module, state: Dict[str, torch.Tensor]) -> Lis
     return problems
 
 
-def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
+def check_checkpoint_fits(model: nn.Module, checkpoint: str, backbone_only: bool = False
+                          ) -> None:
     """Raise ``CheckpointMismatchError`` unless the checkpoint's state dict has
-    exactly the keys and shapes of ``model`` (an evaluation must not run on a
-    half-loaded model: MMEngine's ``load_from`` only logs what does not fit)."""
+    exactly the keys and shapes of ``model`` (an evaluation or a resume must
+    not run on a half-loaded model: MMEngine's ``load_from`` only logs what
+    does not fit).
+
+    Args:
+        backbone_only: compare ``model.backbone`` with the checkpoint's
+            ``backbone.`` keys only, output norms (``norm0``..) allowed to be
+            absent on either side: what a training's ``load_from`` must
+            load, where another task's head may differ.
+    """
     state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'))
-    problems = compare_state_dicts(model, state)
+    if backbone_only and hasattr(model, 'backbone'):
+        prefix = 'backbone.'
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        problems = compare_state_dicts(model.backbone, state, OUTPUT_NORM)
+        where = 'the backbone of this config'
+        hint = ('\nTo load what fits on purpose, load it as the backbone\'s init_cfg '
+                "(type='Pretrained', prefix='backbone.', strict=False) instead.")
+    else:
+        problems, where, hint = compare_state_dicts(model, state), 'the model of this config', ''
     if problems:
         raise CheckpointMismatchError(
-            f'checkpoint {checkpoint} does not fit the model of this config:\n  ' +
-            '\n  '.join(problems))
+            f'checkpoint {checkpoint} does not fit {where}:\n  ' + '\n  '.join(problems) + hint)
 
 
 def load_pretrained_backbone(model: nn.Module, checkpoint: str, prefix: str = '',
