@@ -18,6 +18,7 @@ from convneur_mm.engine.dump import prediction_dumper
 from convneur_mm.apis.reporting import format_metrics, enable_visualization
 from convneur_mm.engine.wrapping import enable_tta, inner_model
 from convneur_mm.models.utils.pretrained import check_checkpoint_fits
+from convneur_mm.utils.cli import check_writable
 from convneur_mm.utils.cpu_malloc import tune_cpu_malloc
 from convneur_mm.utils.cuda_env import run_on_checked_device
 from convneur_mm.utils.paths import is_remote
@@ -25,13 +26,28 @@ from convneur_mm.utils.third_party_warnings import silence_known_third_party_war
 from convneur_mm.apis.toolbox import check_toolbox
 
 
+def prediction_file(text: str) -> str:
+    """argparse type of --out: checked before the evaluation, which would
+    otherwise run to its end and then fail to write."""
+    if not text.endswith(('.pkl', '.pickle')):
+        raise argparse.ArgumentTypeError(f'must end with .pkl or .pickle, got {text}')
+    try:
+        if osp.isdir(text):
+            raise ValueError(f'{text} is a directory')
+        check_writable(osp.dirname(osp.abspath(text)), directory=True)  # MMEngine makes it
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Evaluate a ConvNeur checkpoint')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file (or URL); must fit the model exactly')
     parser.add_argument('--work-dir', help='where evaluation logs go')
-    parser.add_argument('--out', help='dump predictions to this .pkl file (masks as RLE, '
-                        'segmentation as label maps)')
+    parser.add_argument('--out', type=prediction_file,
+                        help='dump predictions to this .pkl file (masks as RLE, '
+                        'segmentation as label maps; missing directories are made)')
     parser.add_argument('--show', action='store_true', help='display predictions')
     parser.add_argument('--show-dir', help='save drawn predictions to this directory')
     parser.add_argument('--wait-time', type=float, default=2, help='--show interval (s)')
@@ -66,8 +82,6 @@ def main():
         cfg.test_cfg = dict(cfg.get('test_cfg') or {}, fp16=True)
     if args.show or args.show_dir:
         enable_visualization(cfg, args.show_dir, args.show, args.wait_time, args.show_interval)
-    if args.out and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out must end with .pkl or .pickle, got {args.out}')
     if args.tta:
         enable_tta(cfg)
         print_log(f'--tta: {cfg.model.type} on the config\'s tta_pipeline', logger='current')

@@ -10,7 +10,7 @@ import pytest
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from projects.global_probe.probe import train as probe
-from ..paths import REPO, import_analysis_tool
+from ..paths import REPO, import_analysis_tool, import_tool
 
 DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
 
@@ -79,6 +79,21 @@ def test_benchmark_json_is_checked_before_measuring(tmp_path, capsys):
     assert 'is a directory' in _usage_error(parse, task + ['--json', str(tmp_path)], capsys)
     out = str(tmp_path / 'speed.json')
     assert parse(task + ['--json', out]).json == out and not osp.exists(out)
+
+
+def test_test_py_checks_out_before_the_evaluation(tmp_path, capsys):
+    """test.py dumps its predictions after the whole evaluation: a path it
+    cannot write would lose it."""
+    parse = import_tool('test').parse_args
+    start = [DEMO_CONFIG, 'epoch_1.pth', '--out']
+    assert 'must end with .pkl' in _usage_error(parse, start + ['preds.json'], capsys)
+    (tmp_path / 'x.pkl').mkdir()
+    assert 'is a directory' in _usage_error(parse, start + [str(tmp_path / 'x.pkl')], capsys)
+    (tmp_path / 'file').write_text('')
+    assert 'is not a directory' in _usage_error(
+        parse, start + [str(tmp_path / 'file' / 'preds.pkl')], capsys)
+    out = str(tmp_path / 'new' / 'preds.pkl')  # MMEngine makes the missing directory
+    assert parse(start + [out]).out == out
 
 
 def test_fp16_headroom_missing_data_is_a_clear_error_and_leaves_no_temp_dir(
