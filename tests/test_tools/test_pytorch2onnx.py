@@ -177,6 +177,8 @@ def test_tool_exits_non_zero_when_the_check_fails(monkeypatch, tmp_path, capsys)
 @pytest.mark.parametrize('options, message', [
     (['--check-shape', '96', '96'], '--check-shape is the second check size of a --dynamic'),
     (['--batch', '0'], 'must be a positive integer, got 0'),
+    (['--shape', '0', '224'], 'argument --shape: must be a positive integer, got 0'),
+    (['--dynamic', '--check-shape', '64', '-1'], 'argument --check-shape: must be a positive'),
     (['--out', '/nonexistent/folder/m1.onnx'], 'the directory /nonexistent/folder does not exist'),
 ])
 def test_impossible_options_stop_before_the_export(options, message, monkeypatch, tmp_path,

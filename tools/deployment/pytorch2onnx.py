@@ -39,13 +39,13 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', nargs='?', help='weights (default: random init)')
     parser.add_argument('--out', required=True, type=writable_file,
                         help='the .onnx file to write')
-    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--shape', type=positive_int, nargs=2, metavar=('H', 'W'),
                         help='export input size (classification 224 224, segmentation '
                         'the crop size)')
     parser.add_argument('--batch', type=positive_int, default=1)
     parser.add_argument('--dynamic', action='store_true', help='symbolic height and width')
     parser.add_argument('--backbone-only', action='store_true')
-    parser.add_argument('--check-shape', type=int, nargs=2, metavar=('H', 'W'),
+    parser.add_argument('--check-shape', type=positive_int, nargs=2, metavar=('H', 'W'),
                         help='second check size with --dynamic (default: chosen so that '
                         'some memory gets another number of chunks)')
     parser.add_argument('--atol', type=float, default=1e-4)

@@ -41,6 +41,10 @@ MEMORY_KEYS = ('dim', 'chunk_size', 'max_lr', 'update', 'heads', 'scan_block',
 STEM_BIAS_STD = .02  # not zero: see ConvNeur._own_init
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad bottom/right so that a stride-``multiple`` conv sees every pixel.
 
@@ -178,8 +182,13 @@ class ConvNeur(BaseModule):
         self.frozen_stages = frozen_stages
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate}')
+        for name, value in (('gap_before_final_norm', gap_before_final_norm),
+                            ('with_cp', with_cp)):
+            if not isinstance(value, bool):
+                raise ValueError(f'{name} must be a bool, got {value!r}')
         self.gap_before_final_norm = gap_before_final_norm
         self.with_cp = with_cp
+        self.in_channels = in_channels
         if global_init not in GLOBAL_INITS:
             raise ValueError(f'global_init must be one of {GLOBAL_INITS}, got {global_init!r}')
         if global_init == 'warm' and fusion == 'concat':
@@ -225,9 +234,17 @@ class ConvNeur(BaseModule):
         missing = {'depths', 'dims', 'memory_dim'} - set(arch)
         if missing:
             raise ValueError(f'arch dict is missing {sorted(missing)}; got {sorted(arch)}')
+        unknown = set(arch) - {'depths', 'dims', 'memory_dim'}
+        if unknown:
+            raise ValueError(f'arch dict has unknown keys {sorted(unknown)}; it takes '
+                             'depths, dims and memory_dim')
         if len(arch['depths']) != len(arch['dims']) or not arch['depths']:
             raise ValueError(f'arch depths {arch["depths"]} and dims {arch["dims"]} '
                              'must be non-empty and of the same length')
+        for name, values in (('depths', arch['depths']), ('dims', arch['dims']),
+                             ('memory_dim', [arch['memory_dim']])):
+            if not all(_positive_int(v) for v in values):
+                raise ValueError(f'arch {name} must be ints >= 1, got {arch[name]!r}')
         return arch
 
     @classmethod
@@ -279,6 +296,9 @@ class ConvNeur(BaseModule):
         and would silently pool scrambled features for the RoI heads;
         open-mmlab/mmcv#2203).
         """
+        if x.dim() != 4 or x.shape[1] != self.in_channels or not x.is_floating_point():
+            raise ValueError(f'ConvNeur takes floating-point (B, {self.in_channels}, H, W) '
+                             f'images, got {x.dtype} of shape {tuple(x.shape)}')
         outs = []
         for i, stage in enumerate(self.stages):
             x = self.downsample_layers[i](x)

@@ -41,7 +41,7 @@ class BucketPad(nn.Module):
                  img_pad_value: int = 0, mask_pad_value: int = 0,
                  seg_pad_value: int = 255) -> None:
         super().__init__()
-        if not buckets or any(int(b) != b or b <= 0 for b in buckets):
+        if not buckets or any(isinstance(b, bool) or int(b) != b or b <= 0 for b in buckets):
             raise ValueError(f'buckets must be positive integers, got {buckets!r}')
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.pad_kwargs = dict(pad_mask=pad_mask, pad_seg=pad_seg, img_pad_value=img_pad_value,

@@ -22,6 +22,8 @@ through the operations of ``memory_ops``: projections, ``chunk_grads``,
 plan's implementation.
 """
 import dataclasses
+import math
+import numbers
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -151,16 +153,17 @@ class NeuralMemory(KeepsFloat32, nn.Module):
                  backward: str = 'closed_form',
                  gelu_approximate: str = 'none'):
         super().__init__()
+        for name, value in dict(dim=dim, heads=heads, chunk_size=chunk_size,
+                                scan_block=scan_block).items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f'{name} must be an int >= 1, got {value!r}')
         if dim % heads != 0:
             raise ValueError(f'memory dim {dim} is not divisible by heads={heads}')
         if update not in UPDATE_MODES:
             raise ValueError(f'update must be one of {UPDATE_MODES}, got {update!r}')
-        if chunk_size < 1:
-            raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
-        if not max_lr > 0:
-            raise ValueError(f'max_lr must be > 0, got {max_lr}')
-        if scan_block < 1:
-            raise ValueError(f'scan_block must be >= 1, got {scan_block}')
+        if isinstance(max_lr, bool) or not isinstance(max_lr, numbers.Real) or not (
+                0 < max_lr < math.inf):
+            raise ValueError(f'max_lr must be a finite number > 0, got {max_lr!r}')
         if operand_dtype not in OPERAND_DTYPE_CHOICES:
             raise ValueError(f'operand_dtype must be one of {tuple(OPERAND_DTYPE_CHOICES)}, '
                              f'got {operand_dtype!r}')
@@ -300,9 +303,12 @@ class NeuralMemory(KeepsFloat32, nn.Module):
         """(B, N, d) -> (B, N, d): ``execute(x, plan(x))``.
 
         Raises:
+            TypeError: ``x`` is not floating-point.
             RuntimeError: under a ``torch.func`` transform (``vmap``, ``grad``,
                 ``jacrev``, ...), which neither path supports.
         """
+        if not x.is_floating_point():
+            raise TypeError(f'NeuralMemory takes floating-point features, got {x.dtype}')
         if not _traced() and _functorch_transforms_active():
             # its Functions and kernels have no batching rules, and its backward
             # is of first order only, where torch.func.grad differentiates twice

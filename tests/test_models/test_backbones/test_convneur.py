@@ -219,6 +219,14 @@ def test_layer_depths_increase_through_the_network():
 @pytest.mark.parametrize('kwargs,error,match', [
     (dict(arch='m5'), ValueError, "Unknown ConvNeur arch 'm5'"),
     (dict(arch=dict(depths=[1], dims=[8])), ValueError, 'memory_dim'),
+    (dict(arch=dict(depths=[-1, 1], dims=[8, 16], memory_dim=8)), ValueError,
+     'arch depths must be ints >= 1'),
+    (dict(arch=dict(depths=[1, 1], dims=[8, 0], memory_dim=8)), ValueError, 'arch dims'),
+    (dict(arch=dict(depths=[1], dims=[8], memory_dim=8.0)), ValueError, 'arch memory_dim'),
+    (dict(arch=dict(depths=[1], dims=[8], memory_dim=8, depth=2)), ValueError,
+     "unknown keys \\['depth'\\]"),
+    (dict(with_cp='no'), ValueError, 'with_cp must be a bool'),
+    (dict(gap_before_final_norm='False'), ValueError, 'gap_before_final_norm must be a bool'),
     (dict(out_indices=4), ValueError, 'out_indices'),
     (dict(out_indices=(0, -4)), ValueError, 'twice'),
     (dict(out_indices=()), ValueError, 'out_indices'),
@@ -338,3 +346,10 @@ def test_a_float64_stem_stays_float64_under_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 32, 32, dtype=torch.float64))[0]
     assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize('x', [torch.zeros(3, 32, 32), torch.zeros(1, 1, 32, 32),
+                               torch.zeros(1, 3, 32, 32, dtype=torch.uint8)])
+def test_images_of_another_layout_or_dtype_are_a_clear_error(x):
+    with pytest.raises(ValueError, match=r'takes floating-point \(B, 3, H, W\) images, got'):
+        _tiny()(x)

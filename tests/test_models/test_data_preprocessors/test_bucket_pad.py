@@ -16,7 +16,7 @@ def test_bucket_side_is_the_smallest_bucket_that_holds_the_size():
     assert bucket_side(1400, COCO_BUCKETS) == 1400  # above every bucket: kept, never cropped
 
 
-@pytest.mark.parametrize('buckets', [(), (800, 0), (800.5, )])
+@pytest.mark.parametrize('buckets', [(), (800, 0), (800.5, ), (True, )])
 def test_bad_buckets_are_refused(buckets):
     with pytest.raises(ValueError, match='positive integers'):
         BucketPad(buckets)

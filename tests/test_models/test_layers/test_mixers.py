@@ -109,6 +109,15 @@ def test_titans_segments_default_to_the_memory_chunk():
 
 
 @pytest.mark.parametrize('mixer,cfg,match', [
+    ('titans', dict(heads=2, head_dim=4, segment_len=0), 'needs segment_len'),
+    ('attention', dict(heads=0), 'heads must be an int >= 1, got 0'),
+])
+def test_a_zero_is_refused_not_taken_for_the_default(mixer, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        GlobalBranch(6, 8, mixer, cfg, heads=4, chunk_size=5)
+
+
+@pytest.mark.parametrize('mixer,cfg,match', [
     ('cbam', dict(ratio=4), r"unknown mixer_cfg keys \['ratio'\] for global_mixer='cbam'; "
                             r"valid keys are \['reduction', 'kernel_size'\]"),
     ('memory', dict(heads=2), 'it takes none .its settings are in memory_cfg'),

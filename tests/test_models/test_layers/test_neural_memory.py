@@ -130,10 +130,24 @@ def test_inner_loop_stays_float32_under_autocast():
     (dict(dim=8, update='fast'), 'update'),
     (dict(dim=8, chunk_size=0), 'chunk_size'),
     (dict(dim=8, max_lr=0), 'max_lr'),
+    (dict(dim=8, max_lr=float('inf')), 'max_lr must be a finite number'),
+    (dict(dim=8, max_lr=float('nan')), 'max_lr'),
+    (dict(dim=8, max_lr='1e-3'), 'max_lr'),
+    (dict(dim=8, chunk_size=2.5), 'chunk_size must be an int'),
+    (dict(dim=8, chunk_size=True), 'chunk_size must be an int'),
+    (dict(dim=8, scan_block=2.5), 'scan_block'),
+    (dict(dim=8, heads=0), 'heads must be an int >= 1'),
+    (dict(dim=8, heads=2.0), 'heads'),
+    (dict(dim=0), 'dim must be an int >= 1'),
 ])
 def test_bad_memory_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NeuralMemory(**kwargs)
+
+
+def test_integer_features_are_refused_not_truncated():
+    with pytest.raises(TypeError, match='floating-point features, got torch.int64'):
+        NeuralMemory(8, chunk_size=4)(torch.ones(1, 8, 8, dtype=torch.long))
 
 
 def test_former_key_names_still_work_with_a_warning():

@@ -32,7 +32,7 @@ class MixerSpec(NamedTuple):
 
 def _attention(dim: int, memory_cfg: dict, heads: Optional[int] = None) -> nn.Module:
     # before mixer_cfg existed the attention took memory_cfg's heads; it still does by default
-    return GlobalSelfAttention(dim, heads or memory_cfg.get('heads', 1))
+    return GlobalSelfAttention(dim, memory_cfg.get('heads', 1) if heads is None else heads)
 
 
 MIXERS: Dict[str, MixerSpec] = {

@@ -57,7 +57,9 @@ class GlobalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int = 1):
         super().__init__()
-        if heads < 1 or dim % heads != 0:
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f'attention heads must be an int >= 1, got {heads!r}')
+        if dim % heads != 0:
             raise ValueError(f'attention dim {dim} is not divisible by heads={heads}')
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)

@@ -93,7 +93,8 @@ class TitansMAC(nn.Module):
         super().__init__()
         self.memory = NeuralMemory(dim, **memory_cfg)
         self.attention = SegmentedAttention(
-            dim, segment_len or self.memory.chunk_size, heads, head_dim, persistent_tokens)
+            dim, self.memory.chunk_size if segment_len is None else segment_len, heads,
+            head_dim, persistent_tokens)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.memory(x)
