@@ -67,6 +67,34 @@ def test_fast_tasks_in_one_call_write_one_json(tmp_path, capsys):
     assert panels is not None and panels.shape[1] > panels.shape[0]  # 4 columns x 3 rows
 
 
+@pytest.mark.parametrize('argv,error', [
+    (['--tasks', 'flops', 'gates', 'a.py', '--image', '/nonexistent.png'],
+     'argument --image: not found: /nonexistent.png'),
+    (['--tasks', 'gates', 'a.py', '--image', __file__, '--checkpoint', 'no.pth'],
+     'argument --checkpoint: not found: no.pth'),
+    (['--tasks', 'erf', '--models', 'ConvNeur-M3', '--checkpoints', 'no.pth'],
+     'argument --checkpoints: not found'),
+    (['--tasks', 'erf', '--image-dir', '/nonexistent'], 'argument --image-dir: not found'),
+])
+def test_a_later_tasks_missing_input_stops_the_run_before_the_first_task(argv, error, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(analyze_model, 'RUNNERS', {})  # no task may run
+    assert analyze_model.main(argv) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_a_failing_task_keeps_the_earlier_tasks_results(tmp_path, monkeypatch):
+    out = tmp_path / 'out.json'
+
+    def fails(args):
+        raise RuntimeError('the second task failed')
+    monkeypatch.setitem(analyze_model.RUNNERS, 'erf', fails)
+    with pytest.raises(RuntimeError, match='the second task failed'):
+        analyze_model.main(['--tasks', 'flops', 'erf', 'cls_convneur_m1_300e_in1k.py',
+                            '--shape', '64', '--json', str(out)])
+    assert list(json.loads(out.read_text())) == ['flops']
+
+
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, osp.join(ANALYSIS_TOOLS, script), *args],
                           capture_output=True, text=True, cwd=REPO,

@@ -81,6 +81,16 @@ def test_benchmark_json_is_checked_before_measuring(tmp_path, capsys):
     assert parse(task + ['--json', out]).json == out and not osp.exists(out)
 
 
+def test_an_unknown_arch_is_a_usage_error_dry_run_or_not(capsys):
+    parse = import_analysis_tool('benchmark').parse_args
+    for extra in ([], ['--dry-run']):
+        err = _usage_error(parse, ['--task', 'checkpointing', '--arch', 'm9', *extra], capsys)
+        assert "argument --arch: invalid choice: 'm9'" in err
+    err = _usage_error(parse, ['--task', 'checkpointing', '--per-gpu-batch', '--archs', 'm1',
+                               'M2'], capsys)
+    assert "argument --archs: invalid choice: 'M2'" in err
+
+
 def test_test_py_checks_out_before_the_evaluation(tmp_path, capsys):
     """test.py dumps its predictions after the whole evaluation: a path it
     cannot write would lose it."""

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 from mmengine.config import DictAction
 
 from convneur_mm.utils.cli import positive_int, writable_dir, writable_file
+from convneur_mm.utils.paths import is_remote
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 
 TASKS = ('flops', 'compilations', 'fp16-headroom', 'erf', 'gates')
@@ -89,6 +90,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.checkpoints and len(args.checkpoints) != len(args.models):
         p.error('--checkpoints: give one per --models entry, or none')
     return args
+
+
+def missing_input(args: argparse.Namespace) -> Optional[str]:
+    """The first input file or folder given that is not there: checked before
+    the first task, so that a later task's typo does not end the run after
+    the earlier tasks' minutes."""
+    for option, paths, is_there in (('--image', [args.image], osp.isfile),
+                                    ('--checkpoint', [args.checkpoint], osp.isfile),
+                                    ('--checkpoints', args.checkpoints, osp.isfile),
+                                    ('--image-dir', [args.image_dir], osp.isdir)):
+        for path in paths:
+            if path and not is_remote(path) and not is_there(path):
+                return f'argument {option}: not found: {path}'
+    return None
 
 
 def _option(args: argparse.Namespace, name: str, task: str):
@@ -166,6 +181,10 @@ RUNNERS: Dict[str, Callable[[argparse.Namespace], dict]] = {
 def main(argv: Optional[List[str]] = None) -> int:
     silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     args = parse_args(argv)
+    missing = missing_input(args)
+    if missing:
+        print(f'analyze_model.py: error: {missing}', file=sys.stderr)
+        return 2
     if {'erf', 'gates'} & set(args.tasks):
         os.makedirs(args.out_dir, exist_ok=True)
     results = {}
@@ -174,9 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print('\n' * bool(i) + f'## {task}', flush=True)
         results[task] = RUNNERS[task](args)
         sys.stdout.flush()
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1, default=str)
+        if args.json:  # after each task: a later one's failure keeps the results so far
+            with open(args.json, 'w') as f:
+                json.dump(results, f, indent=1, default=str)
     return 0
 
 

@@ -22,10 +22,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from convneur_mm.models.backbones.convneur import ConvNeur
 from convneur_mm.utils.cli import non_negative_float, positive_float, positive_int, writable_file
 from convneur_mm.utils.third_party_warnings import silence_known_third_party_warnings
 
 TASKS = ('speed', 'checkpointing')
+
+
+ARCHS = tuple(ConvNeur.arch_settings)
 
 
 def _device(p: argparse.ArgumentParser) -> None:
@@ -74,8 +78,9 @@ def speed(args: argparse.Namespace) -> Dict:
 
 def checkpointing_arguments(p: argparse.ArgumentParser) -> None:
     _device(p)
-    _dry_run(p)
-    p.add_argument('--arch', default='m3')
+    p.add_argument('--dry-run', action='store_true',
+                   help='tiny sizes on the CPU: M1, batch 1, 64x64, one repeat')
+    p.add_argument('--arch', default='m3', choices=ARCHS)
     p.add_argument('--batch', type=positive_int, default=2, help='images per measurement')
     p.add_argument('--size', type=positive_int, nargs=2, metavar=('H', 'W'),
                    help='default 512 512 (--per-gpu-batch: 224 224)')
@@ -86,7 +91,7 @@ def checkpointing_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--threads', type=positive_int, help='torch intra-op threads (CPU)')
     p.add_argument('--per-gpu-batch', action='store_true', help='instead: the per-GPU batch '
                    'of ImageNet training under --amp that fits a card, per arch')
-    p.add_argument('--archs', nargs='+', default=['m1', 'm2', 'm3', 'm4'],
+    p.add_argument('--archs', nargs='+', default=list(ARCHS), choices=ARCHS,
                    help='--per-gpu-batch')
     p.add_argument('--gpu-gib', type=positive_float, default=24.0, help='--per-gpu-batch')
     p.add_argument('--reserve-gib', type=non_negative_float, default=3.0,
