@@ -248,6 +248,33 @@ def _write_split(root: str, split: str, num_images: int, seed: int) -> List[str]
     return paths
 
 
+def _remove_previous_tiny_set(root: str) -> None:
+    """MMSegmentation's ADE20K dataset lists every image of a split's folder:
+    a smaller set written over a larger one would train on both. The files a
+    previous run wrote (its scene list names each, all 'street') are removed
+    first; a folder holding images that list does not name is refused."""
+    present = {osp.join(kind(root, split), name)
+               for split in SPLITS for kind in (image_dir, annotation_dir)
+               if osp.isdir(kind(root, split)) for name in os.listdir(kind(root, split))}
+    if not present:
+        return
+    scenes = osp.join(root, SCENE_FILE)
+    stems = []
+    if osp.isfile(scenes):
+        with open(scenes) as f:
+            stems = [line.split() for line in f if line.strip()]
+    ours = {osp.join(kind(root, split), stem + ext)
+            for stem, *scene in stems if scene == ['street']
+            for split, part in SPLITS.items() if stem.startswith(f'ADE_{part}_')
+            for kind, ext in ((image_dir, '.jpg'), (annotation_dir, '.png'))}
+    if any(scene != ['street'] for _, *scene in stems) or not present <= ours:
+        raise FileExistsError(
+            f'{root} holds {len(present - ours) or len(present)} files that no earlier run of '
+            'this generator wrote (an ADE20K copy?): give an empty or new folder')
+    for path in present:
+        os.remove(path)
+
+
 def generate_ade20k_tiny(out_dir: str, num_train: int = 64, num_val: int = 16,
                          seed: int = 0) -> Dict[str, List[str]]:
     """Write the tiny dataset under ``out_dir``; returns {split: image paths}.
@@ -258,6 +285,7 @@ def generate_ade20k_tiny(out_dir: str, num_train: int = 64, num_val: int = 16,
     if num_train < 1 or num_val < 1:
         raise ValueError(f'need at least 1 image per split, got train={num_train}, '
                          f'val={num_val}')
+    _remove_previous_tiny_set(out_dir)
     counts = dict(training=num_train, validation=num_val)
     paths = {split: _write_split(out_dir, split, counts[split], seed) for split in SPLITS}
     # ADE20K's per-image scene list; written last, so scripts can test completeness

@@ -23,7 +23,11 @@ def generator_main(generate: Callable[..., dict], argv: Optional[List[str]] = No
             parser.add_argument('--' + name.replace('_', '-'), type=type(param.default),
                                 default=param.default,
                                 help=f'default: {param.default}')
-    written = generate(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    try:
+        written = generate(**vars(args))
+    except (ValueError, FileExistsError) as error:  # bad sizes, a folder not ours
+        parser.exit(2, f'{parser.prog}: error: {error}\n')
     for split, what in written.items():
         if isinstance(what, (list, tuple)):  # image files
             what = f'{len(what)} images in {osp.dirname(what[0])}'

@@ -158,6 +158,19 @@ def test_list_form_pretrained_init_cfg_loads_strictly(converted, tmp_path):
                                 prefix='backbone.')]).init_weights()
 
 
+def test_a_dense_checkpoint_loads_strictly_into_fewer_out_indices(converted):
+    """A backbone with fewer outputs has no place for the other stages'
+    output norms: they are left out; every other key is still checked."""
+    state = torch.load(converted, map_location='cpu', weights_only=False)['state_dict']
+    backbone = ConvNeur('m3', out_indices=(1, 3), gap_before_final_norm=False,
+                        init_cfg=dict(type='Pretrained', checkpoint=converted,
+                                      prefix='backbone.'))
+    backbone.init_weights()
+    own = backbone.state_dict()
+    assert 'norm0.weight' not in own and 'norm1.weight' in own
+    assert all(torch.equal(own[k], state['backbone.' + k]) for k in own)
+
+
 def test_non_strict_load_gives_missing_tensors_the_documented_init(converted, tmp_path):
     checkpoint = torch.load(converted, map_location='cpu', weights_only=False)
     for name in ('weight', 'bias'):

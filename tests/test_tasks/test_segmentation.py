@@ -170,6 +170,22 @@ def test_tiny_ade20k_is_deterministic(tmp_path):
     assert labels(first) != labels(other)
 
 
+def test_a_smaller_tiny_ade20k_replaces_a_larger_one_and_real_data_is_refused(tmp_path):
+    """MMSegmentation lists a split's whole folder: a set written over a larger
+    one would train on both. Files no earlier run wrote are never removed."""
+    root = str(tmp_path / 'ade')
+    generate_ade20k_tiny(root, num_train=3, num_val=2)
+    again = generate_ade20k_tiny(root, num_train=1, num_val=1)
+    for split, kind in (('training', 'images'), ('validation', 'annotations')):
+        assert len(os.listdir(osp.join(root, kind, split))) == 1
+    assert [osp.basename(p) for p in again['training']] == ['ADE_train_00000001.jpg']
+    foreign = osp.join(root, 'images', 'training', 'ADE_train_00000099.jpg')
+    open(foreign, 'wb').close()
+    with pytest.raises(FileExistsError, match='1 files that no earlier run'):
+        generate_ade20k_tiny(root, num_train=1, num_val=1)
+    assert osp.exists(foreign) and osp.exists(again['training'][0])
+
+
 # --------------------------------------------------- training on the CPU
 def test_real_config_trains_one_iteration_and_infers_on_cpu(ade20k_tiny, tmp_path):
     """The real S-FPN config (512 crops, SyncBN heads) in one CPU process."""

@@ -288,6 +288,17 @@ def test_cli_names_the_global_branches_left_at_init(tmp_path, capsys):
     assert 'missing' not in out
 
 
+def test_cli_says_when_a_classifiers_source_has_no_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    _, _, checkpoint = build_source('mmpretrain', 'atto')
+    headless = dict(checkpoint, state_dict={k: v for k, v in checkpoint['state_dict'].items()
+                                            if not k.startswith('head.')})
+    for name, state, note in (('whole', checkpoint, False), ('headless', headless, True)):
+        src = save_source('mmpretrain', state, tmp_path, name)
+        tool.main([src, str(tmp_path / f'{name}.pth'), '--task', 'cls'])
+        assert ('holds no head' in capsys.readouterr().out) == note, name
+
+
 def _fails(argv: list) -> str:
     with pytest.raises(SystemExit) as err:
         tool.main(argv)

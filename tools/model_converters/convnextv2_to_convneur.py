@@ -106,6 +106,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f'  ConvNeur-{backbone["arch"].upper()}, memory placement '
           f'{backbone["memory_placement"]}, task {meta["task"]}: copied '
           f'{meta["copied_keys"]} tensors')
+    if meta['task'] == 'cls' and not meta['head_keys']:
+        print(f'  note: {args.src} holds no head: a config that loads the head from it '
+              '(configs/convnextv2/cls_*) needs --cfg-options model.head.init_cfg=None')
     if meta['left_at_init']:
         print(f'  left at their initialization ({meta["initialization"]}), '
               f'{len(meta["left_at_init"])} global branches: ' + ', '.join(meta['left_at_init']))

@@ -372,8 +372,9 @@ class ConvNeur(BaseModule):
                       'model.backbone.init_cfg.checkpoint=PATH to load weights.',
                       logger='current', level=logging.WARNING)
             return
+        # a dense checkpoint's output norms of other out_indices have no place here
         meta = load_pretrained_backbone(self, cfg['checkpoint'], cfg.get('prefix', ''),
-                                        strict=cfg.get('strict', True))
+                                        strict=cfg.get('strict', True), skip_unexpected=True)
         if self.global_init == 'warm':
             self._warm_start(cfg['checkpoint'], meta, cfg.get('prefix', ''))
 
