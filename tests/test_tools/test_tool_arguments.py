@@ -10,7 +10,7 @@ import pytest
 
 from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from projects.global_probe.probe import train as probe
-from ..paths import REPO, import_analysis_tool, import_tool
+from ..paths import REPO, import_analysis_tool, import_file, import_tool
 
 DEMO_CONFIG = osp.join(REPO, 'configs', 'demo', 'cls_convneur_m1_imagenet_tiny.py')
 
@@ -152,6 +152,35 @@ def test_shell_tools_help(script, starts, tmp_path):
         assert result.stdout.startswith('usage:') and osp.basename(script) in result.stdout
         assert starts not in result.stdout + result.stderr
     assert not list(tmp_path.iterdir())
+
+
+DEMO_SCRIPTS = [osp.join(REPO, 'tools', 'demo', f'{task}.sh')
+                for task in ('detection', 'segmentation', 'classification')]
+SETUP_SCRIPTS = [osp.join(REPO, 'tools', 'setup', f'{name}.sh')
+                 for name in ('run_demo', 'setup_env')]
+
+
+@pytest.mark.parametrize('script', DEMO_SCRIPTS + SETUP_SCRIPTS)
+def test_demo_and_setup_scripts_answer_help_and_refuse_options(script, tmp_path):
+    """``--help`` printed the header, not a demo run into a WORK_DIR named
+    '--help' (nor a set-up); an option is no WORK_DIR either."""
+    for flag in ('--help', '-h'):
+        result = _run(script, flag, cwd=tmp_path, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split()[0] in ('The', 'Create', 'Classification'), result.stdout[:200]
+        assert '[' not in result.stderr and 'set -e' not in result.stdout
+    refused = _run(script, '--work-dir', cwd=tmp_path, timeout=30)
+    assert refused.returncode == 2 and 'unknown option --work-dir' in refused.stderr
+    too_many = _run(script, 'a', 'b', cwd=tmp_path, timeout=30)
+    assert too_many.returncode == 2 and 'takes at most' in too_many.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoke_answers_help(capsys):
+    smoke = import_file('smoke', osp.join(REPO, 'tools', 'demo', 'smoke.py'))
+    with pytest.raises(SystemExit) as exit_info:
+        smoke.main(['--help'])
+    assert exit_info.value.code == 0 and 'usage: ' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('script,starts', [(SOAK, '[soak]')])

@@ -11,6 +11,8 @@
 # (data/imagenet_tiny, generated if missing), PORT (torchrun's, a free one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tools/usage.sh
+usage_or_die 1 "$@"
 source tools/demo/common.sh
 export IMAGENET_TINY_ROOT=${IMAGENET_TINY_ROOT:-data/imagenet_tiny}  # read by the config
 WORK_DIR=${1:-work_dirs/demo_classification}

@@ -10,6 +10,8 @@
 # (data/ade20k_tiny/, generated if missing), PORT (torchrun's, a free one).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tools/usage.sh
+usage_or_die 1 "$@"
 source tools/demo/common.sh
 export ADE20K_TINY_ROOT=${ADE20K_TINY_ROOT:-data/ade20k_tiny/}  # read by the config
 CONFIG=configs/demo/fpn_convneur_m2_ade20k_tiny.py

@@ -1,5 +1,6 @@
 """Build a detector, a segmentor and a classifier from the shipped configs and
 run one forward pass of each on the CPU (seconds; no data needed)."""
+import argparse
 import time
 
 import torch
@@ -23,7 +24,8 @@ def describe(sample) -> str:
 
 
 @torch.no_grad()
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)  # --help; no options
     silence_known_third_party_warnings()  # the stack's known noise, not ours to act on
     torch.manual_seed(0)
     for name in CONFIGS:

@@ -10,6 +10,8 @@
 # stop the others; the job then ends with a list of the failures and exit 1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tools/usage.sh
+usage_or_die 0 "$@"
 export PYTHON=${PYTHON:-.venv/bin/python}
 DEMOS=${DEMOS:-smoke detection segmentation classification}
 for demo in $DEMOS; do

@@ -18,6 +18,8 @@
 #   CONVNEUR_ALLOW_CPU=1         set up for the CPU on a machine whose GPUs torch cannot use
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tools/usage.sh
+usage_or_die 0 "$@"
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
