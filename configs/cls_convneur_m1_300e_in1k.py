@@ -5,8 +5,8 @@
 # and label smoothing (the MMPretrain Swin/DeiT pipeline).
 # The paper's batch of 4096 on its 8 GPUs is 512 images per GPU, which fits no
 # GPU (docs/notes/benchmarks.md#imagenet-per-gpu-memory-estimate). Here it is 8 GPUs x `batch` x
-# `accumulate` (gradient accumulation): `batch` is the largest power of two
-# that fits a 24 GB GPU with --amp (tools/analysis_tools/benchmark.py --task
+# `accumulate` (gradient accumulation): `batch` fits a 24 GB GPU with --amp,
+# with a margin, by an estimate (tools/analysis_tools/benchmark.py --task
 # checkpointing --per-gpu-batch, docs/user_guides/cuda.md). Without --amp halve `batch` and double `accumulate`. On another
 # number of GPUs pass --auto-scale-lr: base_batch_size is the batch of one
 # optimizer step on 8 GPUs divided by `accumulate`, so MMEngine's linear rule

@@ -102,6 +102,24 @@ def load_from_local(filename: str, map_location=None) -> dict:
         ) from None
 
 
+def _history_buffer_method(owner, name: str):
+    """What a checkpoint pickled without ``convneur_mm`` asks of ``getattr``:
+    a statistics method of ``HistoryBuffer`` (``getattr(HistoryBuffer,
+    'min')``), and nothing else; registered as ``builtins.getattr`` for the
+    weights-only unpickler only, where a general getattr would reach any
+    object's attributes."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if owner is HistoryBuffer and name in HISTORY_BUFFER_METHODS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'getattr({getattr(owner, "__name__", type(owner).__name__)}, {name!r}) is outside the '
+        'weights-only allow-list: only HistoryBuffer\'s statistics methods are allowed')
+
+
+# the statistics MMEngine's HistoryBuffer registers itself (``_statistics_methods``)
+HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+
+
 def _reduce_history_buffer(buffer):
     state = {k: v for k, v in vars(buffer).items() if k != 'statistics_methods'}
     return type(buffer), (), state
@@ -119,5 +137,11 @@ def install() -> None:
     from mmengine.runner.checkpoint import CheckpointLoader
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
     torch.serialization.add_safe_globals(allowed_globals())
+    # a Runner checkpoint written without convneur_mm pickles its statistics table
+    # as getattr(HistoryBuffer, name): a getattr of that form only (torch >= 2.5)
+    try:
+        torch.serialization.add_safe_globals([(_history_buffer_method, 'builtins.getattr')])
+    except TypeError:  # an older torch, whose add_safe_globals takes no names
+        pass
     CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
     _installed = True

@@ -68,6 +68,31 @@ def test_allow_list_is_what_makes_runner_checkpoints_load(tmp_path):
     assert result.returncode != 0 and 'HistoryBuffer' in result.stderr
 
 
+PLAIN_MMENGINE_CHECKPOINT = """
+import sys, torch
+from mmengine.logging import MessageHub
+hub = MessageHub.get_instance('plain')
+hub.update_scalar('train/loss', 1.5)
+torch.save(dict(state_dict={'w': torch.zeros(2)}, message_hub=hub.state_dict()), sys.argv[1])
+"""
+
+
+def test_a_runner_checkpoint_written_without_convneur_mm_loads(tmp_path):
+    """Its statistics table pickles as getattr(HistoryBuffer, 'min'): that
+    getattr, and no other, is allowed."""
+    path = tmp_path / 'plain.pth'
+    subprocess.run([sys.executable, '-c', PLAIN_MMENGINE_CHECKPOINT, str(path)], check=True)
+    scalars = _load_checkpoint(str(path))['message_hub']['log_scalars']
+    assert scalars['train/loss'].statistics('mean') == 1.5
+    from mmengine.logging import HistoryBuffer
+    import collections
+    # getattr(cls, name) of another method, or of another allowed class
+    for other in ({'f': HistoryBuffer.update}, {'f': collections.OrderedDict.fromkeys}):
+        torch.save(other, str(tmp_path / 'other.pth'))
+        with pytest.raises(UnsafeCheckpointError, match='only HistoryBuffer.s statistics'):
+            _load_checkpoint(str(tmp_path / 'other.pth'))
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker
