@@ -4,6 +4,7 @@
     tools/dist_test.sh CONFIG CHECKPOINT GPUS [ARGS]
 """
 import argparse
+import os
 import os.path as osp
 from typing import List, Optional
 
@@ -31,9 +32,13 @@ def prediction_file(text: str) -> str:
     otherwise run to its end and then fail to write."""
     if not text.endswith(('.pkl', '.pickle')):
         raise argparse.ArgumentTypeError(f'must end with .pkl or .pickle, got {text}')
+    if is_remote(text):  # the backend's to check
+        return text
     try:
         if osp.isdir(text):
             raise ValueError(f'{text} is a directory')
+        if osp.exists(text) and not os.access(text, os.W_OK):
+            raise ValueError(f'{text} is not writable')
         check_writable(osp.dirname(osp.abspath(text)), directory=True)  # MMEngine makes it
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None

@@ -16,8 +16,9 @@ each step in a process of its own, saved as it goes and resumable.
   ``CONVNEUR_MEMORY_IMPLEMENTATION=torch``, its records beside the first
   attempt's (``*.torch.json``). A step that exits 0 without its report
   (Nsight Compute's), with no test run or with a failed row in its record
-  (a case records a row's error and goes on) counts as failed; one whose
-  record shows items skipped for time (a memory bench's budget) is partial.
+  (a case records a row's error and goes on) counts as failed, and reruns
+  on PyTorch only where a row's error is a GPU fault; one whose record shows
+  items skipped for time (a memory bench's budget) is partial.
 * **No step starts without its time.** A step starts only where the time
   left holds its estimate (scaled by ``steps.gpu_speed`` for the card), and
   runs under a timeout of twice that and 30 s; then its whole process group
@@ -78,6 +79,12 @@ SKIPPED_FOR_TIME = 'skipped: budget'
 # and the keys it records it under
 ROW_ERROR = 'error: '
 ROW_ERROR_KEYS = ('status', 'error', 'errors')
+# a row error that says the GPU faulted (every later CUDA call then fails too), where
+# a row's own OOM or compile error does not: only a fault reruns the step on PyTorch
+GPU_FAULT = re.compile(r'CUDA error|illegal (memory )?(access|address|instruction)|'
+                       r'misaligned address|unspecified launch failure|device-side assert',
+                       re.I)
+NO_FAULT = 'no GPU fault'
 _KERNEL = re.compile(r'\b(\w+)_kernel\b')
 _ERROR = re.compile(r'^(?:E +)?((\w+(Error|Exception)|CUDA error|FAILED|ERROR|==ERROR==|'
                     r'========= (Invalid|Race|Error|Program hit)).*)', re.M)
@@ -401,7 +408,7 @@ class Session:
         status = self.attempt(step, argv, env, left, need, 'as planned')
         self.pack()
         bad = not status.startswith(('ok', 'not run', 'partial'))
-        if bad and step.reruns_on_torch and not self.dry:
+        if bad and step.reruns_on_torch and not self.dry and NO_FAULT not in status:
             left = self.left()
             if left < need:
                 self.record(step, f'skipped: its rerun on PyTorch ({left:.0f} s left)',
@@ -462,8 +469,11 @@ class Session:
                 return f'failed: no test ran ({counts})'
         if step.record:
             skipped, errors = record_items(self.path(step.record, suffix))
-            if errors:  # a failure: on a GPU, a rerun on PyTorch where the step has one
-                return f'failed: {len(errors)} rows failed, the first with {errors[0][:200]}'
+            if errors:
+                fault = [e for e in errors if GPU_FAULT.search(e)]
+                return (f'failed: {len(errors)} rows failed'
+                        + ('' if fault else f' ({NO_FAULT})')
+                        + f', the first with {(fault or errors)[0][:200]}')
             if skipped:
                 return f'partial: {skipped} items skipped for time'
         return 'ok'

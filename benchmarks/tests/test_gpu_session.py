@@ -261,6 +261,15 @@ def test_a_step_whose_record_holds_a_failed_row_fails_and_reruns_on_pytorch(tmp_
     assert _statuses(tmp_path) == [
         ('train/x', 'failed: 1 rows failed, the first with error: RuntimeError: CUDA error: '
          'an illegal memory access'), ('train/x', 'ok')]
+    # a row's own failure (an OOM) is recorded as failed, and costs no rerun
+    oom = write.replace('CUDA error: an illegal memory access',
+                        'OutOfMemoryError: CUDA out of memory').replace("'ok' if torch else ", '')
+    out = tmp_path / 'oom'
+    steps = [Step('train/x', 'x', ('{python}', '-c', oom, '{out}/train_x.json'), 1.0,
+                  reruns_on_torch=True, record='{out}/train_x.json')]
+    assert Session(str(out), steps, deadline=None).run() == 1
+    assert _statuses(out) == [('train/x', 'failed: 1 rows failed (no GPU fault), the first with '
+                                          'error: RuntimeError: OutOfMemoryError: CUDA out of memory')]
     built = tmp_path / 'built.json'  # a variant that failed to build, in 'errors'
     built.write_text(json.dumps(dict(result=dict(errors={'M3 compiled': 'error: a', 'M4': 'ok'},
                                                  runs=[dict(error='error: b')]))))

@@ -20,6 +20,7 @@ unannotated pixels.
 """
 import os
 import os.path as osp
+import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
@@ -248,29 +249,40 @@ def _write_split(root: str, split: str, num_images: int, seed: int) -> List[str]
     return paths
 
 
-def _remove_previous_tiny_set(root: str) -> None:
+# written first into a folder this generator fills: a later run may then remove
+# what an earlier one wrote, finished or interrupted, and nothing else
+MARKER = '.convneur_tiny_ade20k'
+_OWN_FILE = re.compile(r'ADE_(train|val)_\d{8}\.(jpg|png)$')
+
+
+def _claim_folder(root: str) -> None:
     """MMSegmentation's ADE20K dataset lists every image of a split's folder:
-    a smaller set written over a larger one would train on both. The files a
-    previous run wrote (its scene list names each, all 'street') are removed
-    first; a folder holding images that list does not name is refused."""
+    a smaller set written over a larger one would train on both. A folder
+    this generator wrote before (its marker, or a complete older set whose
+    scene list names each file, all 'street') has those files removed; one
+    holding files it did not write is refused, the marker written first."""
     present = {osp.join(kind(root, split), name)
                for split in SPLITS for kind in (image_dir, annotation_dir)
                if osp.isdir(kind(root, split)) for name in os.listdir(kind(root, split))}
-    if not present:
-        return
     scenes = osp.join(root, SCENE_FILE)
     stems = []
     if osp.isfile(scenes):
         with open(scenes) as f:
             stems = [line.split() for line in f if line.strip()]
-    ours = {osp.join(kind(root, split), stem + ext)
-            for stem, *scene in stems if scene == ['street']
-            for split, part in SPLITS.items() if stem.startswith(f'ADE_{part}_')
-            for kind, ext in ((image_dir, '.jpg'), (annotation_dir, '.png'))}
-    if any(scene != ['street'] for _, *scene in stems) or not present <= ours:
+    older_set = bool(stems) and all(scene == ['street'] for _, *scene in stems) and present == {
+        osp.join(kind(root, split), stem + ext) for stem, *_ in stems
+        for split, part in SPLITS.items() if stem.startswith(f'ADE_{part}_')
+        for kind, ext in ((image_dir, '.jpg'), (annotation_dir, '.png'))}
+    ours = osp.isfile(osp.join(root, MARKER)) or older_set
+    foreign = {p for p in present if not (ours and _OWN_FILE.match(osp.basename(p)))}
+    if foreign:
         raise FileExistsError(
-            f'{root} holds {len(present - ours) or len(present)} files that no earlier run of '
-            'this generator wrote (an ADE20K copy?): give an empty or new folder')
+            f'{root} holds {len(foreign)} files that no earlier run of this generator wrote '
+            '(an ADE20K copy?): give an empty or new folder')
+    os.makedirs(root, exist_ok=True)
+    open(osp.join(root, MARKER), 'w').close()
+    if osp.isfile(scenes):  # first: a run stopped from here on is regenerated, not used
+        os.remove(scenes)
     for path in present:
         os.remove(path)
 
@@ -285,7 +297,7 @@ def generate_ade20k_tiny(out_dir: str, num_train: int = 64, num_val: int = 16,
     if num_train < 1 or num_val < 1:
         raise ValueError(f'need at least 1 image per split, got train={num_train}, '
                          f'val={num_val}')
-    _remove_previous_tiny_set(out_dir)
+    _claim_folder(out_dir)
     counts = dict(training=num_train, validation=num_val)
     paths = {split: _write_split(out_dir, split, counts[split], seed) for split in SPLITS}
     # ADE20K's per-image scene list; written last, so scripts can test completeness

@@ -10,10 +10,12 @@ replace MMEngine's local-file loader with one that names the refused type.
 One more thing stands in the way: ``HistoryBuffer.__getstate__`` pickles its
 class-level table of statistics functions, which pickle encodes as
 ``builtins.getattr(HistoryBuffer, 'min')``. Allowing ``getattr`` would open
-the weights-only unpickler far beyond our types, so instead a ``copyreg``
-reducer (the standard way to define pickling for a class one does not own)
-writes HistoryBuffers without that table; loading rebuilds it from the class,
-where MMEngine keeps it anyway.
+the weights-only unpickler far beyond our types, so a ``copyreg`` reducer (the
+standard way to define pickling for a class one does not own) writes
+HistoryBuffers without that table; loading rebuilds it from the class, where
+MMEngine keeps it anyway. A checkpoint written without ``convneur_mm`` still
+holds the table: for it, ``builtins.getattr`` is a function that returns
+HistoryBuffer's four statistics methods and refuses anything else (torch >= 2.6).
 """
 import copyreg
 import hashlib
@@ -138,10 +140,9 @@ def install() -> None:
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
     torch.serialization.add_safe_globals(allowed_globals())
     # a Runner checkpoint written without convneur_mm pickles its statistics table
-    # as getattr(HistoryBuffer, name): a getattr of that form only (torch >= 2.5)
-    try:
+    # as getattr(HistoryBuffer, name): a getattr of that form only. Named globals
+    # came with torch 2.6; an older one would store the pair and fail every load.
+    if torch.__version__ >= '2.6':
         torch.serialization.add_safe_globals([(_history_buffer_method, 'builtins.getattr')])
-    except TypeError:  # an older torch, whose add_safe_globals takes no names
-        pass
     CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local)
     _installed = True

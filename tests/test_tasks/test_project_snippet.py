@@ -1,7 +1,8 @@
 """The README's backbone snippet (also docs/user_guides/use_in_your_project.md),
 as written, in an MMDetection and an MMSegmentation base config of a user's
 project: the model builds, loads a converter's ``backbone.`` checkpoint and
-gives its neck four maps."""
+gives its neck four maps; and as the guide words it for bases without a neck
+(UperNet, an MMPretrain classifier)."""
 import re
 
 import pytest
@@ -50,3 +51,37 @@ def test_the_snippet_builds_loads_and_feeds_the_neck(scope, page, snippet, tmp_p
     with torch.no_grad():
         maps = model.extract_feat(torch.randn(1, 3, 64, 64))
     assert len(maps) >= 4 and all(m.dim() == 4 for m in maps)
+
+
+# use_in_your_project.md's words for the bases without a neck, as config lines
+WITHOUT_NECK = {
+    'mmseg::_base_/models/upernet_r50.py': (
+        'model.update(pretrained=None, decode_head=dict(in_channels=[64, 128, 256, 512]), '
+        'auxiliary_head=dict(in_channels=256))\n', 'mmseg'),
+    'mmpretrain::_base_/models/resnet50.py': (
+        "model.update(neck=None, head=dict(in_channels=512))\n"
+        "model['backbone'].update(out_indices=(3, ), gap_before_final_norm=True)\n", 'mmpretrain'),
+}
+
+
+@pytest.mark.parametrize('base', sorted(WITHOUT_NECK))
+def test_the_snippet_without_its_neck_line_in_a_base_without_a_neck(base, tmp_path):
+    lines, scope = WITHOUT_NECK[base]
+    page = open(f'{REPO}/docs/user_guides/use_in_your_project.md').read()
+    assert 'decode_head=dict(in_channels=[64, 128, 256, 512])' in page and '`neck=None`' in page
+    _, snippet = next(_snippets())
+    snippet = re.sub(r',\n    neck=dict\(.*\)\)', ')', snippet)  # the neck line dropped
+    assert 'neck=dict' not in snippet
+    snippet = snippet.replace("init_cfg=dict(type='Pretrained', checkpoint='m3.pth', "
+                              "prefix='backbone.')", 'init_cfg=None')
+    config = tmp_path / 'mine.py'
+    config.write_text(f'_base_ = [{base!r}]\n' + snippet + lines)
+    cfg = Config.fromfile(str(config))
+    cfg.default_scope = scope
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        if scope == 'mmpretrain':
+            out = model(torch.randn(1, 3, 64, 64), mode='tensor')
+            assert out.shape == (1, 1000)
+        else:
+            assert len(model.extract_feat(torch.randn(1, 3, 64, 64))) == 4

@@ -172,18 +172,29 @@ def test_tiny_ade20k_is_deterministic(tmp_path):
 
 def test_a_smaller_tiny_ade20k_replaces_a_larger_one_and_real_data_is_refused(tmp_path):
     """MMSegmentation lists a split's whole folder: a set written over a larger
-    one would train on both. Files no earlier run wrote are never removed."""
+    one would train on both. Files no run of the generator wrote are never
+    removed; an interrupted run's are."""
     root = str(tmp_path / 'ade')
     generate_ade20k_tiny(root, num_train=3, num_val=2)
     again = generate_ade20k_tiny(root, num_train=1, num_val=1)
     for split, kind in (('training', 'images'), ('validation', 'annotations')):
         assert len(os.listdir(osp.join(root, kind, split))) == 1
     assert [osp.basename(p) for p in again['training']] == ['ADE_train_00000001.jpg']
-    foreign = osp.join(root, 'images', 'training', 'ADE_train_00000099.jpg')
+    os.remove(osp.join(root, 'sceneCategories.txt'))  # a run stopped before its last file
+    generate_ade20k_tiny(root, num_train=2, num_val=1)
+    assert len(os.listdir(osp.join(root, 'images', 'training'))) == 2
+    foreign = osp.join(root, 'images', 'training', 'mine.jpg')
     open(foreign, 'wb').close()
     with pytest.raises(FileExistsError, match='1 files that no earlier run'):
         generate_ade20k_tiny(root, num_train=1, num_val=1)
     assert osp.exists(foreign) and osp.exists(again['training'][0])
+    # an ADE20K copy: its file names are the generator's, but not its marker
+    real = tmp_path / 'ADEChallengeData2016' / 'images' / 'training'
+    real.mkdir(parents=True)
+    (real / 'ADE_train_00000001.jpg').write_bytes(b'a real image')
+    with pytest.raises(FileExistsError, match='an ADE20K copy'):
+        generate_ade20k_tiny(str(tmp_path / 'ADEChallengeData2016'), num_train=1, num_val=1)
+    assert (real / 'ADE_train_00000001.jpg').read_bytes() == b'a real image'
 
 
 # --------------------------------------------------- training on the CPU

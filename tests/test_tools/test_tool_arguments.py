@@ -104,6 +104,12 @@ def test_test_py_checks_out_before_the_evaluation(tmp_path, capsys):
         parse, start + [str(tmp_path / 'file' / 'preds.pkl')], capsys)
     out = str(tmp_path / 'new' / 'preds.pkl')  # MMEngine makes the missing directory
     assert parse(start + [out]).out == out
+    assert parse(start + ['s3://bucket/preds.pkl']).out == 's3://bucket/preds.pkl'
+    if os.geteuid() != 0:  # root writes a read-only file
+        locked = tmp_path / 'locked.pkl'
+        locked.write_text('')
+        locked.chmod(0o444)
+        assert 'is not writable' in _usage_error(parse, start + [str(locked)], capsys)
 
 
 def test_fp16_headroom_missing_data_is_a_clear_error_and_leaves_no_temp_dir(
@@ -164,11 +170,12 @@ SETUP_SCRIPTS = [osp.join(REPO, 'tools', 'setup', f'{name}.sh')
 def test_demo_and_setup_scripts_answer_help_and_refuse_options(script, tmp_path):
     """``--help`` printed the header, not a demo run into a WORK_DIR named
     '--help' (nor a set-up); an option is no WORK_DIR either."""
-    for flag in ('--help', '-h'):
-        result = _run(script, flag, cwd=tmp_path, timeout=30)
+    # by an absolute path, and by a relative one (the script changes directory)
+    for flag, path in (('--help', script), ('-h', osp.relpath(script, tmp_path))):
+        result = _run(path, flag, cwd=tmp_path, timeout=30)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split()[0] in ('The', 'Create', 'Classification'), result.stdout[:200]
-        assert '[' not in result.stderr and 'set -e' not in result.stdout
+        assert not result.stderr and 'set -e' not in result.stdout
     refused = _run(script, '--work-dir', cwd=tmp_path, timeout=30)
     assert refused.returncode == 2 and 'unknown option --work-dir' in refused.stderr
     too_many = _run(script, 'a', 'b', cwd=tmp_path, timeout=30)

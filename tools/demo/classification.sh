@@ -10,9 +10,9 @@
 # Variables: PYTHON (.venv/bin/python), GPUS (processes, 2), IMAGENET_TINY_ROOT
 # (data/imagenet_tiny, generated if missing), PORT (torchrun's, a free one).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-source tools/usage.sh
+source "$(dirname "$0")/../usage.sh"  # before the cd: it reads "$0"
 usage_or_die 1 "$@"
+cd "$(dirname "$0")/../.."
 source tools/demo/common.sh
 export IMAGENET_TINY_ROOT=${IMAGENET_TINY_ROOT:-data/imagenet_tiny}  # read by the config
 WORK_DIR=${1:-work_dirs/demo_classification}

@@ -10,9 +10,9 @@
 # Variables: PYTHON (.venv/bin/python), GPUS (processes, 2), COCO_TINY_ROOT
 # (data/coco_tiny/, generated if missing), PORT (torchrun's, a free one).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-source tools/usage.sh
+source "$(dirname "$0")/../usage.sh"  # before the cd: it reads "$0"
 usage_or_die 1 "$@"
+cd "$(dirname "$0")/../.."
 source tools/demo/common.sh
 export COCO_TINY_ROOT=${COCO_TINY_ROOT:-data/coco_tiny/}  # read by the config
 CONFIG=configs/demo/cascade_rcnn_convneur_m3_coco_tiny.py

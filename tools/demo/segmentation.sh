@@ -9,9 +9,9 @@
 # Variables: PYTHON (.venv/bin/python), GPUS (processes, 2), ADE20K_TINY_ROOT
 # (data/ade20k_tiny/, generated if missing), PORT (torchrun's, a free one).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-source tools/usage.sh
+source "$(dirname "$0")/../usage.sh"  # before the cd: it reads "$0"
 usage_or_die 1 "$@"
+cd "$(dirname "$0")/../.."
 source tools/demo/common.sh
 export ADE20K_TINY_ROOT=${ADE20K_TINY_ROOT:-data/ade20k_tiny/}  # read by the config
 CONFIG=configs/demo/fpn_convneur_m2_ade20k_tiny.py

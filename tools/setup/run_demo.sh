@@ -9,9 +9,9 @@
 # DEMOS="segmentation classification" runs a subset. A failed demo does not
 # stop the others; the job then ends with a list of the failures and exit 1.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-source tools/usage.sh
+source "$(dirname "$0")/../usage.sh"  # before the cd: it reads "$0"
 usage_or_die 0 "$@"
+cd "$(dirname "$0")/../.."
 export PYTHON=${PYTHON:-.venv/bin/python}
 DEMOS=${DEMOS:-smoke detection segmentation classification}
 for demo in $DEMOS; do

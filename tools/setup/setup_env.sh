@@ -17,9 +17,9 @@
 #   CONVNEUR_TORCH_INDEX         where to get that build (default: PyTorch's index)
 #   CONVNEUR_ALLOW_CPU=1         set up for the CPU on a machine whose GPUs torch cannot use
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-source tools/usage.sh
+source "$(dirname "$0")/../usage.sh"  # before the cd: it reads "$0"
 usage_or_die 0 "$@"
+cd "$(dirname "$0")/../.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}

@@ -80,10 +80,13 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str, backbone_only: bool
         backbone_only: compare ``model.backbone`` with the checkpoint's
             ``backbone.`` keys only, output norms (``norm0``..) allowed to be
             absent on either side: what a training's ``load_from`` must
-            load, where another task's head may differ.
+            load, where another task's head may differ. A model without a
+            ``backbone`` is not checked.
     """
+    if backbone_only and not hasattr(model, 'backbone'):
+        return
     state = extract_state_dict(_load_checkpoint(checkpoint, map_location='cpu'))
-    if backbone_only and hasattr(model, 'backbone'):
+    if backbone_only:
         prefix = 'backbone.'
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         problems = compare_state_dicts(model.backbone, state, OUTPUT_NORM)

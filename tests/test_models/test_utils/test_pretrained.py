@@ -41,3 +41,10 @@ def test_output_norms_may_be_absent_but_the_backbone_must_fit(tmp_path):
     with pytest.raises(CheckpointMismatchError, match='missing keys: .*stages'):
         check_checkpoint_fits(_Detector(classes=3), str(tmp_path / 'head.pth'),
                               backbone_only=True)
+
+
+def test_a_model_without_a_backbone_is_left_to_mmengine_for_a_load_from(tmp_path):
+    checkpoint = _saved(nn.Linear(2, 3), tmp_path / 'other.pth')
+    check_checkpoint_fits(nn.Linear(4, 3), checkpoint, backbone_only=True)  # nothing of ours
+    with pytest.raises(CheckpointMismatchError, match='shape mismatches'):
+        check_checkpoint_fits(nn.Linear(4, 3), checkpoint)
