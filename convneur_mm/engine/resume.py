@@ -13,7 +13,8 @@ samplers and workers advance as before, then restore the states before the
 first batch not yet trained. ``RngStateHook`` also puts training's states
 back after a validation, which draws from the generators too. The states are
 stored as bytes: ``map_location`` moves tensors to the GPU, and torch's RNG
-setters take CPU tensors only.
+setters take CPU tensors only. The loops also agree on stopping across ranks
+(``agreed_stop``).
 """
 import logging
 import random
@@ -21,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from mmengine.dist import all_gather_object, get_rank, get_world_size
+from mmengine.dist import all_gather_object, all_reduce, get_rank, get_world_size, is_distributed
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
@@ -140,26 +141,74 @@ class _RestoreRngBeforeBatch:
         return getattr(self._iterator, name)
 
 
+def agreed_stop(loop) -> bool:
+    """``loop.stop_training``, made every rank's where any rank's is set: a
+    rank whose own hook stopped it would otherwise wait at the run's end
+    while the others wait for it in the next step's collectives, until the
+    process group's timeout (30 minutes)."""
+    if not is_distributed():
+        return bool(loop.stop_training)
+    flag = torch.tensor([float(bool(loop.stop_training))])
+    all_reduce(flag, op='max')
+    if flag.item() and not loop.stop_training:
+        print_log('another rank stopped the training loop: stopping here too',
+                  logger='current', level=logging.WARNING)
+    loop.stop_training = bool(flag.item())
+    return loop.stop_training
+
+
 class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
     """MMEngine's loop (which skips the batches trained before the checkpoint),
-    with the generators restored to the checkpoint's states after the skip."""
+    with the generators restored to the checkpoint's states after the skip,
+    and the decision to stop agreed by every rank after each iteration (one
+    scalar all-reduce; NonFiniteStopHook reads one back per iteration too)."""
 
     def run(self):
         state = _pop_resumed_rng_state(self.runner)
         if state is not None:
             self.dataloader_iterator = _RestoreRngBeforeBatch(
                 self.dataloader_iterator, self._iter, state)
-        return super().run()
+        # MMEngine 0.10.7's IterBasedTrainLoop.run, with agreed_stop in its condition
+        self.runner.call_hook('before_train')
+        self.runner.call_hook('before_train_epoch')
+        if self._iter > 0:
+            print_log(f'Advance dataloader {self._iter} steps to skip data that has '
+                      'already been trained', logger='current', level=logging.WARNING)
+            for _ in range(self._iter):
+                next(self.dataloader_iterator)
+        while self._iter < self._max_iters and not agreed_stop(self):
+            self.runner.model.train()
+            data_batch = next(self.dataloader_iterator)
+            self.run_iter(data_batch)
+            self._decide_current_val_interval()
+            if (self.runner.val_loop is not None and self._iter >= self.val_begin
+                    and (self._iter % self.val_interval == 0
+                         or self._iter == self._max_iters)):
+                self.runner.val_loop.run()
+        self.runner.call_hook('after_train_epoch')
+        self.runner.call_hook('after_train')
+        return self.runner.model
 
 
 class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
     """MMEngine's loop; resumed in the middle of an epoch, it skips the batches
     of that epoch trained before the checkpoint instead of training them again,
-    and restores the checkpoint's generator states after the skip."""
+    and restores the checkpoint's generator states after the skip. The
+    decision to stop is agreed by every rank before each epoch."""
 
     def run(self):
         self._resumed_epoch = self._iter > 0  # only the first epoch run may be partial
-        return super().run()
+        # MMEngine 0.10.7's EpochBasedTrainLoop.run, with agreed_stop in its condition
+        self.runner.call_hook('before_train')
+        while self._epoch < self._max_epochs and not agreed_stop(self):
+            self.run_epoch()
+            self._decide_current_val_interval()
+            if (self.runner.val_loop is not None and self._epoch >= self.val_begin
+                    and (self._epoch % self.val_interval == 0
+                         or self._epoch == self._max_epochs)):
+                self.runner.val_loop.run()
+        self.runner.call_hook('after_train')
+        return self.runner.model
 
     def run_epoch(self) -> None:
         state = _pop_resumed_rng_state(self.runner)

@@ -377,3 +377,26 @@ def test_a_validation_that_raised_leaves_no_training_states_behind():
     assert runner.training_rng_state is not None
     hook.before_train(runner)  # runner.train() again, in the same process
     assert runner.training_rng_state is None
+
+
+@pytest.mark.parametrize('by_epoch', [True, False], ids=['epoch-based', 'iter-based'])
+def test_a_stop_on_another_rank_stops_this_one(tmp_path, monkeypatch, by_epoch):
+    """A hook that stops one rank's loop alone left it waiting at the run's
+    end, the others in their next step's collectives, until the process
+    group's timeout. The loops agree before each epoch (each iteration):
+    here the stand-in for the other ranks stops at its third agreement."""
+    from convneur_mm.engine import resume
+    calls = []
+
+    def other_rank_stops_at_the_third(flag, op):
+        assert op == 'max'
+        calls.append(float(flag))
+        if len(calls) >= 3:
+            flag.fill_(1.0)
+    monkeypatch.setattr(resume, 'is_distributed', lambda: True)
+    monkeypatch.setattr(resume, 'all_reduce', other_rank_stops_at_the_third)
+    losses = _toy_run(ConvNeurRunner, tmp_path, by_epoch,
+                      checkpoint=dict(interval=100, by_epoch=False))
+    # two epochs of 6 iterations, or two iterations, then every rank stops
+    assert sorted(losses) == list(range(1, 13 if by_epoch else 3))
+    assert calls == [0.0, 0.0, 0.0]
