@@ -9,13 +9,15 @@ the first module group whose gradient is non-finite (``module_group``).
 With ``log_group_norms=True`` it also logs each group's gradient norm every
 iteration, the per-group view a diverging run needs.
 """
+import logging
 import math
 import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from mmengine.dist import all_reduce, is_distributed
+from mmengine.dist import all_gather, is_distributed
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 from torch import nn
@@ -166,7 +168,7 @@ class NonFiniteStopHook(Hook):
             return
         bad = [i for i, n in zip(indices, norms.tolist()) if not math.isfinite(n)]
         groups = list(dict.fromkeys(self._groups[i] for i in bad))
-        raise NonFiniteTrainingError(
+        self._stop(
             f'non-finite training at {self._where()}: loss terms '
             f'{_format_losses(self._losses)}; first non-finite gradient in group '
             f'{groups[0]!r} (parameter {self._names[bad[0]]}); non-finite in '
@@ -180,23 +182,32 @@ class NonFiniteStopHook(Hook):
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         collapsed = scale is not None and scale < self.min_loss_scale
         flags = torch.tensor([float(bad), float(collapsed)])
+        bad_ranks = [0] if bad else []
         if is_distributed():  # a NaN on one rank stops every rank, none left in a collective
             device = next(iter(self._params)).device if self._params else flags.device
-            flags = flags.to(device)
-            all_reduce(flags)
+            # gathered, not summed: the message names the ranks whose loss was not finite
+            every = torch.stack(all_gather(flags.to(device))).cpu()
+            bad_ranks = [r for r, f in enumerate(every[:, 0].tolist()) if f]
+            flags = every.max(0).values
         bad, collapsed = (bool(f) for f in flags.tolist())
         if not (bad or collapsed):
             self._losses = None
             return
         reasons = [f'loss terms {_format_losses(losses)}'] if bad else []
         if bad and all(_finite(v) for k, v in losses.items() if 'loss' in k):
-            reasons = ['a loss term on another rank']
+            reasons = [f'a loss term on rank {", ".join(map(str, bad_ranks))}']
         if collapsed:
             reasons.append(f'the fp16 loss scale fell to {scale} (< {self.min_loss_scale}): '
                            'gradients overflow at every scale')
-        raise NonFiniteTrainingError(
-            f'non-finite training at {self._where()}: {"; ".join(reasons)}; no checkpoint '
-            'is written after it')
+        self._stop(f'non-finite training at {self._where()}: {"; ".join(reasons)}; no '
+                   'checkpoint is written after it')
+
+    @staticmethod
+    def _stop(message: str) -> None:
+        """Raise with ``message``, logged first: the work dir's log then says
+        why the run ended, where the traceback goes to stderr only."""
+        print_log(message, logger='current', level=logging.ERROR)
+        raise NonFiniteTrainingError(message)
 
 
 def module_groups(model: nn.Module) -> Dict[str, Sequence[str]]:

@@ -193,6 +193,25 @@ def test_a_collapsed_fp16_loss_scale_stops_the_run(tmp_path):
         hook.after_train_iter(runner, 0, outputs=dict(loss=torch.tensor(1.0)))
 
 
+def test_a_loss_not_finite_on_another_rank_is_named_and_logged(monkeypatch, caplog):
+    """Every rank stops; the message names the rank whose loss was not finite
+    (it said 'another rank'), and the work dir's log gets it, where the
+    traceback goes to stderr only."""
+    from convneur_mm.engine import finite_check
+    monkeypatch.setattr(finite_check, 'is_distributed', lambda: True)
+    monkeypatch.setattr(finite_check, 'all_gather',  # ranks 0 (this one), 1 and 2
+                        lambda flags: [flags, torch.tensor([1.0, 0.0]), flags.clone()])
+    runner = type('Runner', (), dict(iter=6, epoch=0, optim_wrapper=None))()
+    hook = NonFiniteStopHook()
+    hook._runner, hook._params = runner, []
+    logged = []
+    monkeypatch.setattr(finite_check, 'print_log',
+                        lambda message, **kwargs: logged.append((message, kwargs['level'])))
+    with pytest.raises(NonFiniteTrainingError, match='a loss term on rank 1;'):
+        hook.after_train_iter(runner, 0, outputs=dict(loss=torch.tensor(1.0)))
+    assert logged and 'a loss term on rank 1' in logged[0][0] and logged[0][1] == 40
+
+
 def test_a_diverging_two_process_launch_exits_non_zero_naming_the_group(ade20k_tiny, tmp_path):
     """The S-FPN demo through tools/dist_train.sh (2 gloo processes), its loss
     weighted by NaN: both ranks stop at iteration 1, the launcher fails."""
