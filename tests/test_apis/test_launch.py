@@ -150,6 +150,7 @@ def test_a_dataset_without_samples_says_what_to_check(tmp_path):
     filtered out, and the error names the settings to check."""
     import mmdet.datasets  # noqa: F401  (registers CocoDataset)
     from mmdet.registry import DATASETS
+    from mmengine.registry import DefaultScope
 
     from convneur_mm.apis.launch import empty_datasets_explained
     from convneur_mm.demo_data.coco import generate_coco_tiny
@@ -158,8 +159,9 @@ def test_a_dataset_without_samples_says_what_to_check(tmp_path):
                    ann_file='annotations/instances_train2017.json',
                    data_prefix=dict(img='train2017/'), metainfo=dict(classes=('unicorn', )),
                    filter_cfg=dict(filter_empty_gt=True), pipeline=[])
+    # the scope whose registry builds it, whatever an earlier test in this process left
     with pytest.raises(ValueError, match='holds no sample: check its data_root') as error:
-        with empty_datasets_explained():
+        with empty_datasets_explained(), DefaultScope.overwrite_default_scope('mmdet'):
             DATASETS.build(dataset)
     assert 'need at least one array' in str(error.value)
     for elsewhere in ('other', 'need at least one array to concatenate'):  # not a dataset's

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 
 from convneur_mm.apis.toolbox import build_model
 from convneur_mm.models.backbones import ConvNeur
@@ -15,6 +16,14 @@ from tests.paths import REPO
 
 BASES = {'mmdet': 'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',
          'mmseg': 'mmseg::_base_/models/fpn_r50.py'}
+
+
+@pytest.fixture(autouse=True)
+def _scope_left_as_found():
+    """build_model makes its toolbox the default scope: the next test in this
+    process must not build in it."""
+    with DefaultScope.overwrite_default_scope('mmengine'):
+        yield
 
 
 def _snippets():
