@@ -157,6 +157,15 @@ def agreed_stop(loop) -> bool:
     return loop.stop_training
 
 
+def _validate_if_due(loop, done: int, last: int) -> None:
+    """MMEngine's validation after an iteration (epoch), as both its loops
+    decide it: ``done`` iterations (epochs) trained of ``last``."""
+    loop._decide_current_val_interval()
+    if (loop.runner.val_loop is not None and done >= loop.val_begin
+            and (done % loop.val_interval == 0 or done == last)):
+        loop.runner.val_loop.run()
+
+
 class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
     """MMEngine's loop (which skips the batches trained before the checkpoint),
     with the generators restored to the checkpoint's states after the skip,
@@ -180,11 +189,7 @@ class ResumableIterBasedTrainLoop(IterBasedTrainLoop):
             self.runner.model.train()
             data_batch = next(self.dataloader_iterator)
             self.run_iter(data_batch)
-            self._decide_current_val_interval()
-            if (self.runner.val_loop is not None and self._iter >= self.val_begin
-                    and (self._iter % self.val_interval == 0
-                         or self._iter == self._max_iters)):
-                self.runner.val_loop.run()
+            _validate_if_due(self, self._iter, self._max_iters)
         self.runner.call_hook('after_train_epoch')
         self.runner.call_hook('after_train')
         return self.runner.model
@@ -202,11 +207,7 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
         self.runner.call_hook('before_train')
         while self._epoch < self._max_epochs and not agreed_stop(self):
             self.run_epoch()
-            self._decide_current_val_interval()
-            if (self.runner.val_loop is not None and self._epoch >= self.val_begin
-                    and (self._epoch % self.val_interval == 0
-                         or self._epoch == self._max_epochs)):
-                self.runner.val_loop.run()
+            _validate_if_due(self, self._epoch, self._max_epochs)
         self.runner.call_hook('after_train')
         return self.runner.model
 
