@@ -78,11 +78,10 @@ def main():
     if args.compile:
         bucket_detection_sizes(cfg)
     runner = build_runner(cfg)
-    if cfg.get('load_from'):
+    if cfg.get('load_from') and not cfg.get('resume'):  # a resume: ConvNeurRunner.resume
         # MMEngine loads load_from without strict and only logs what does not fit: a
-        # backbone left at its initialization (a resume: any part) is an error here
-        check_checkpoint_fits(inner_model(runner.model), cfg.load_from,
-                              backbone_only=not cfg.get('resume'))
+        # backbone left at its initialization is an error here
+        check_checkpoint_fits(inner_model(runner.model), cfg.load_from, backbone_only=True)
     if args.compile:
         compile_runner_model(runner, args.compile)
     with empty_datasets_explained():

@@ -31,10 +31,12 @@ from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop, Runner
 from mmengine.model.utils import convert_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
+from convneur_mm.models.utils.pretrained import check_checkpoint_fits
 from convneur_mm.registry import RUNNERS
 from .checkpoint_hook import PART_SUFFIX, SafeCheckpointHook, replace_durably, writes_locally
 from .cpu_sync_bn import convert_to_cpu_sync_bn
 from .resume import RESUMABLE_LOOPS, RngStateHook, gather_rng_states
+from .wrapping import inner_model
 
 
 def _slurm_env_to_torch_env(port=None) -> None:
@@ -149,6 +151,9 @@ class ConvNeurRunner(Runner):
                 f'{osp.join(self.work_dir, "last_checkpoint")} names no checkpoint (empty: '
                 'was its run killed while writing it?); resume from one by path: '
                 '--resume PATH')
+        # MMEngine resumes without strict, and a model of another config then fails deep
+        # in the optimizer's state, or trains on half-loaded
+        check_checkpoint_fits(inner_model(self.model), filename)
         self.is_resuming = True
         try:
             super().resume(filename, *args, **kwargs)

@@ -33,6 +33,7 @@ from convneur_mm.demo_data.imagenet import generate_imagenet_tiny
 from convneur_mm.engine.resume import (RNG_KEY, RngStateHook, capture_rng_state,
                                        gather_rng_states, rank_state, restore_rng_state)
 from convneur_mm.engine.runner import ConvNeurRunner
+from convneur_mm.models.utils.pretrained import CheckpointMismatchError
 from convneur_mm.utils.checkpoint_safety import CorruptCheckpointError
 from ..devices import DEVICES
 from ..paths import REPO
@@ -85,7 +86,8 @@ class LossRecorder(Hook):
 
 
 def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run', validate=False,
-             randomness=dict(seed=0), checkpoint=dict(interval=3, by_epoch=False)):
+             randomness=dict(seed=0), checkpoint=dict(interval=3, by_epoch=False),
+             model_cls=None, resume=None):
     """18 iterations, a checkpoint every 3; ``validate``: a validation after
     each epoch (every 3 iterations when iteration-based), its data as
     random as the training's."""
@@ -100,7 +102,8 @@ def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run', valid
                                        sampler=dict(type='DefaultSampler', shuffle=True)),
                    val_cfg=dict(), val_evaluator=[PredictionCount()])
     runner = runner_cls(
-        model=NoisyModel(), work_dir=str(work_dir), experiment_name=f'{name}_{time.time()}',
+        model=(model_cls or NoisyModel)(), work_dir=str(work_dir),
+        experiment_name=f'{name}_{time.time()}',
         train_dataloader=dict(dataset=NoisyData(), batch_size=2, collate_fn=default_collate,
                               sampler=dict(type='DefaultSampler' if by_epoch else
                                            'InfiniteSampler', shuffle=True)),
@@ -111,7 +114,8 @@ def _toy_run(runner_cls, work_dir, by_epoch, resume_from=None, name='run', valid
                              milestones=[1, 2] if by_epoch else [6, 12]),
         train_cfg=loop, custom_hooks=[recorder],
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', **checkpoint)),
-        randomness=randomness, load_from=resume_from, resume=resume_from is not None,
+        randomness=randomness, load_from=resume_from,
+        resume=resume_from is not None if resume is None else resume,
         default_scope='mmengine', **val)
     runner.train()
     return recorder.losses
@@ -296,6 +300,28 @@ def test_missing_resume_checkpoint_names_the_path(tiny_imagenet, tmp_path):
     assert result.returncode != 0
     assert f'checkpoint to resume from not found: {missing}' in result.stderr
     assert CorruptCheckpointError.__name__ not in result.stderr
+
+
+class WiderModel(NoisyModel):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 3)
+
+
+@pytest.mark.parametrize('how', ['path', 'last_checkpoint'])
+def test_a_checkpoint_of_another_model_stops_the_resume(tmp_path, how):
+    """MMEngine resumes without strict: another config's checkpoint failed
+    deep in the optimizer's state, or trained on half-loaded. Resumed by
+    path or from the work dir's last_checkpoint, it stops first."""
+    _toy_run(ConvNeurRunner, tmp_path, by_epoch=False)
+    last = (tmp_path / 'last_checkpoint').read_text().strip()
+    with pytest.raises(CheckpointMismatchError, match='shape mismatches: linear.weight'):
+        if how == 'path':
+            _toy_run(ConvNeurRunner, tmp_path / 'other', by_epoch=False, resume_from=last,
+                     model_cls=WiderModel)
+        else:
+            _toy_run(ConvNeurRunner, tmp_path, by_epoch=False, model_cls=WiderModel,
+                     resume=True)
 
 
 # ------------------------------------------- generator states on CUDA machines
