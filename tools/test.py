@@ -4,7 +4,6 @@
     tools/dist_test.sh CONFIG CHECKPOINT GPUS [ARGS]
 """
 import argparse
-import os
 import os.path as osp
 from typing import List, Optional
 
@@ -34,12 +33,12 @@ def prediction_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f'must end with .pkl or .pickle, got {text}')
     if is_remote(text):  # the backend's to check
         return text
+    parent = osp.dirname(osp.abspath(text))
     try:
-        if osp.isdir(text):
-            raise ValueError(f'{text} is a directory')
-        if osp.exists(text) and not os.access(text, os.W_OK):
-            raise ValueError(f'{text} is not writable')
-        check_writable(osp.dirname(osp.abspath(text)), directory=True)  # MMEngine makes it
+        if osp.isdir(parent):  # a directory in the way, a read-only file
+            check_writable(text)
+        else:  # MMEngine makes the missing directories
+            check_writable(parent, directory=True)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text

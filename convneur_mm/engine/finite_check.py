@@ -182,7 +182,7 @@ class NonFiniteStopHook(Hook):
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         collapsed = scale is not None and scale < self.min_loss_scale
         flags = torch.tensor([float(bad), float(collapsed)])
-        bad_ranks = [0] if bad else []
+        bad_ranks = []  # named only where the bad loss is another rank's
         if is_distributed():  # a NaN on one rank stops every rank, none left in a collective
             device = next(iter(self._params)).device if self._params else flags.device
             # gathered, not summed: the message names the ranks whose loss was not finite

@@ -150,11 +150,12 @@ def agreed_stop(loop) -> bool:
         return bool(loop.stop_training)
     flag = torch.tensor([float(bool(loop.stop_training))])
     all_reduce(flag, op='max')
-    if flag.item() and not loop.stop_training:
+    stop = bool(flag.item())
+    if stop and not loop.stop_training:
         print_log('another rank stopped the training loop: stopping here too',
                   logger='current', level=logging.WARNING)
-    loop.stop_training = bool(flag.item())
-    return loop.stop_training
+    loop.stop_training = stop
+    return stop
 
 
 def _validate_if_due(loop, done: int, last: int) -> None:
